@@ -1,0 +1,26 @@
+"""Health of the parts the service needs: database and broker."""
+
+from __future__ import annotations
+
+from django.db import connection
+
+from config.celery import app as celery_app
+
+
+def check_database() -> str | None:
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+            cursor.fetchone()
+    except Exception as exc:  # noqa: BLE001 - any failure means unhealthy
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def check_broker(timeout: int = 2) -> str | None:
+    try:
+        with celery_app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=timeout)
+    except Exception as exc:  # noqa: BLE001
+        return f"{type(exc).__name__}: {exc}"
+    return None

@@ -1,0 +1,5 @@
+from django.apps import AppConfig
+
+
+class FhirGatewayConfig(AppConfig):
+    name = "fhir_gateway"

@@ -1,0 +1,1 @@
+"""Referral workflow (issue 3): not built yet."""

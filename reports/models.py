@@ -1,0 +1,1 @@
+"""Reduced-transfer reports (issue 5): not built yet."""
