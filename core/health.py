@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from django.conf import settings
 from django.db import connection
-
-from config.celery import app as celery_app
+from kombu import Connection
 
 
 def check_database() -> str | None:
@@ -17,9 +17,9 @@ def check_database() -> str | None:
     return None
 
 
-def check_broker(timeout: int = 2) -> str | None:
+def check_broker(url: str | None = None, timeout: int = 2) -> str | None:
     try:
-        with celery_app.connection_for_write() as conn:
+        with Connection(url or settings.CELERY_BROKER_URL, connect_timeout=timeout) as conn:
             conn.ensure_connection(max_retries=1, timeout=timeout)
     except Exception as exc:  # noqa: BLE001
         return f"{type(exc).__name__}: {exc}"

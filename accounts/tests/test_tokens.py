@@ -34,9 +34,7 @@ def test_revoked_token_is_refused() -> None:
     issued = api_token_issue(user=user)
 
     assert api_tokens_revoke(user=user) == 1
-    response = APIClient().get(
-        "/api/v1/specialties/", HTTP_AUTHORIZATION=f"Bearer {issued.raw}"
-    )
+    response = APIClient().get("/api/v1/specialties/", HTTP_AUTHORIZATION=f"Bearer {issued.raw}")
 
     assert response.status_code == 401
     assert response.json()["code"] == "authentication_failed"
@@ -48,9 +46,7 @@ def test_expired_token_is_refused() -> None:
         expires_at=timezone.now() - timedelta(seconds=1)
     )
 
-    response = APIClient().get(
-        "/api/v1/specialties/", HTTP_AUTHORIZATION=f"Bearer {issued.raw}"
-    )
+    response = APIClient().get("/api/v1/specialties/", HTTP_AUTHORIZATION=f"Bearer {issued.raw}")
 
     assert response.status_code == 401
 

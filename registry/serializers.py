@@ -1,0 +1,320 @@
+"""Input parsing and output shaping for the registry API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rest_framework import serializers
+
+from registry.models import (
+    AdministrativeArea,
+    ChangeRequest,
+    ConsultMode,
+    Country,
+    Department,
+    Endpoint,
+    Facility,
+    FacilityRevision,
+    Practitioner,
+    Specialty,
+    SupportLink,
+)
+
+
+class CountrySerializer(serializers.ModelSerializer[Country]):
+    class Meta:
+        model = Country
+        fields = ["code", "name", "name_local"]
+
+
+class AreaSerializer(serializers.ModelSerializer[AdministrativeArea]):
+    country = serializers.CharField(source="country.code", read_only=True)
+
+    class Meta:
+        model = AdministrativeArea
+        fields = ["id", "country", "parent", "level", "code", "name", "name_local"]
+
+
+class SpecialtySerializer(serializers.ModelSerializer[Specialty]):
+    class Meta:
+        model = Specialty
+        fields = ["system", "code", "display"]
+
+
+class AreaRefSerializer(serializers.Serializer[AdministrativeArea]):
+    id = serializers.IntegerField()
+    name = serializers.CharField()
+
+
+class IdentifierSerializer(serializers.Serializer[dict[str, str]]):
+    system = serializers.CharField(max_length=255)
+    value = serializers.CharField(max_length=255)
+
+
+class FacilitySerializer(serializers.ModelSerializer[Facility]):
+    country = serializers.CharField(source="country.code")
+    area = AreaRefSerializer(allow_null=True)
+    province = AreaRefSerializer(allow_null=True)
+    parent = serializers.CharField(  # type: ignore[assignment]
+        source="parent.code", allow_null=True, default=None
+    )
+    identifiers = IdentifierSerializer(many=True)
+
+    class Meta:
+        model = Facility
+        fields = [
+            "id",
+            "code",
+            "name",
+            "name_local",
+            "country",
+            "area",
+            "province",
+            "tier",
+            "facility_type",
+            "ownership",
+            "operational_status",
+            "latitude",
+            "longitude",
+            "parent",
+            "languages",
+            "beds",
+            "is_remote",
+            "identifiers",
+            "updated_at",
+        ]
+
+
+class FacilityInputSerializer(serializers.Serializer[dict[str, Any]]):
+    """Parses a facility create/update (also the payload of a change request)."""
+
+    code = serializers.RegexField(r"^[A-Za-z0-9._:\-]{1,64}$")
+    name = serializers.CharField(max_length=255)
+    name_local = serializers.CharField(max_length=255, required=False, allow_blank=True)
+    country = serializers.SlugRelatedField(slug_field="code", queryset=Country.objects.all())
+    area = serializers.PrimaryKeyRelatedField(
+        queryset=AdministrativeArea.objects.all(), required=False, allow_null=True
+    )
+    tier = serializers.ChoiceField(choices=Facility._meta.get_field("tier").choices or [])
+    facility_type = serializers.CharField(max_length=100, required=False, allow_blank=True)
+    ownership = serializers.ChoiceField(
+        choices=Facility._meta.get_field("ownership").choices or [], required=False
+    )
+    operational_status = serializers.ChoiceField(
+        choices=Facility._meta.get_field("operational_status").choices or [], required=False
+    )
+    latitude = serializers.FloatField(min_value=-90, max_value=90, required=False, allow_null=True)
+    longitude = serializers.FloatField(
+        min_value=-180, max_value=180, required=False, allow_null=True
+    )
+    parent = serializers.SlugRelatedField(  # type: ignore[assignment]
+        slug_field="code", queryset=Facility.objects.all(), required=False, allow_null=True
+    )
+    languages = serializers.ListField(
+        child=serializers.RegexField(r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})*$"),
+        required=False,
+        max_length=20,
+    )
+    beds = serializers.IntegerField(min_value=0, required=False, allow_null=True)
+    is_remote = serializers.BooleanField(required=False)
+    identifiers = IdentifierSerializer(many=True, required=False)
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        instance: Facility | None = self.context.get("instance")
+        lat = attrs.get("latitude", instance.latitude if instance else None)
+        lon = attrs.get("longitude", instance.longitude if instance else None)
+        if (lat is None) != (lon is None):
+            raise serializers.ValidationError(
+                {"latitude": "Give both latitude and longitude, or neither."}
+            )
+        country = attrs.get("country", instance.country if instance else None)
+        area = attrs.get("area", instance.area if instance else None)
+        if area is not None and country is not None and area.country_id != country.pk:
+            raise serializers.ValidationError({"area": "The area is in another country."})
+        parent = attrs.get("parent")
+        if parent is not None and instance is not None and parent.pk == instance.pk:
+            raise serializers.ValidationError({"parent": "A facility cannot be its own parent."})
+        identifiers = attrs.get("identifiers") or []
+        systems = [i["system"] for i in identifiers]
+        if len(systems) != len(set(systems)):
+            raise serializers.ValidationError({"identifiers": "At most one identifier per system."})
+        return attrs
+
+
+class DepartmentSerializer(serializers.ModelSerializer[Department]):
+    facility = serializers.SerializerMethodField()
+    specialty = SpecialtySerializer()
+    modes = serializers.ListField(child=serializers.CharField(), read_only=True)
+
+    class Meta:
+        model = Department
+        fields = [
+            "id",
+            "facility",
+            "specialty",
+            "name",
+            "modes",
+            "accepting",
+            "daily_capacity",
+            "sla_hours",
+            "languages",
+            "updated_at",
+        ]
+
+    def get_facility(self, obj: Department) -> dict[str, Any]:
+        f = obj.facility
+        return {
+            "id": f.pk,
+            "code": f.code,
+            "name": f.name,
+            "tier": f.tier,
+            "country": f.country.code,
+        }
+
+
+class DepartmentInputSerializer(serializers.Serializer[dict[str, Any]]):
+    facility = serializers.PrimaryKeyRelatedField(queryset=Facility.objects.all())
+    specialty = serializers.SlugRelatedField(slug_field="code", queryset=Specialty.objects.all())
+    name = serializers.CharField(max_length=255)
+    modes = serializers.ListField(
+        child=serializers.ChoiceField(choices=ConsultMode.choices), min_length=1, max_length=3
+    )
+    accepting = serializers.BooleanField(required=False)
+    daily_capacity = serializers.IntegerField(min_value=0, required=False)
+    sla_hours = serializers.IntegerField(min_value=1, max_value=24 * 30, required=False)
+    languages = serializers.ListField(child=serializers.CharField(max_length=16), required=False)
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        modes = attrs.pop("modes", None)
+        if modes is not None:
+            attrs["offers_async"] = ConsultMode.ASYNC in modes
+            attrs["offers_live"] = ConsultMode.LIVE in modes
+            attrs["offers_transfer"] = ConsultMode.TRANSFER in modes
+        return attrs
+
+
+class NearbyQuerySerializer(serializers.Serializer[dict[str, Any]]):
+    specialty = serializers.CharField(max_length=32)
+    lat = serializers.FloatField(min_value=-90, max_value=90, required=False)
+    lon = serializers.FloatField(min_value=-180, max_value=180, required=False)
+    facility = serializers.PrimaryKeyRelatedField(queryset=Facility.objects.all(), required=False)
+    radius_km = serializers.FloatField(min_value=0.1, max_value=5000, default=100)
+    mode = serializers.ChoiceField(choices=ConsultMode.choices, required=False)
+    limit = serializers.IntegerField(min_value=1, max_value=500, default=50)
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        facility: Facility | None = attrs.get("facility")
+        if facility is not None:
+            if not facility.has_coordinates:
+                raise serializers.ValidationError({"facility": "This facility has no coordinates."})
+            attrs["lat"], attrs["lon"] = facility.latitude, facility.longitude
+        elif "lat" not in attrs or "lon" not in attrs:
+            raise serializers.ValidationError("Give lat and lon, or a facility.")
+        return attrs
+
+
+class NearbyDepartmentSerializer(serializers.Serializer[dict[str, Any]]):
+    department_id = serializers.IntegerField()
+    department_name = serializers.CharField()
+    facility_id = serializers.IntegerField()
+    facility_code = serializers.CharField()
+    facility_name = serializers.CharField()
+    facility_tier = serializers.IntegerField()
+    country = serializers.CharField()
+    specialty_code = serializers.CharField()
+    specialty_display = serializers.CharField()
+    modes = serializers.ListField(child=serializers.CharField())
+    accepting = serializers.BooleanField()
+    distance_km = serializers.FloatField()
+
+
+class PractitionerSerializer(serializers.ModelSerializer[Practitioner]):
+    roles = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Practitioner
+        fields = ["id", "family_name", "given_name", "languages", "active", "roles"]
+
+    def get_roles(self, obj: Practitioner) -> list[dict[str, Any]]:
+        return [
+            {"facility": r.facility_id, "department": r.department_id, "code": r.code}
+            for r in obj.roles.all()
+        ]
+
+
+class EndpointSerializer(serializers.ModelSerializer[Endpoint]):
+    class Meta:
+        model = Endpoint
+        # auth_secret_ref is deliberately absent: it names where a credential lives.
+        fields = ["id", "facility", "name", "base_url", "fhir_version", "status", "auth_type"]
+
+
+class SupportLinkSerializer(serializers.ModelSerializer[SupportLink]):
+    specialties = serializers.SlugRelatedField(
+        slug_field="code", many=True, queryset=Specialty.objects.all(), required=False
+    )
+
+    class Meta:
+        model = SupportLink
+        fields = [
+            "id",
+            "hub",
+            "spoke",
+            "specialties",
+            "valid_from",
+            "valid_to",
+            "is_cross_border",
+            "agreement_reference",
+            "identifiable_data_allowed",
+            "active",
+        ]
+        read_only_fields = ["is_cross_border"]
+        validators: list[Any] = []  # the service reports duplicates as 409
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        valid_from = attrs.get("valid_from", getattr(self.instance, "valid_from", None))
+        valid_to = attrs.get("valid_to", getattr(self.instance, "valid_to", None))
+        if valid_from and valid_to and valid_to < valid_from:
+            raise serializers.ValidationError({"valid_to": "Must not be before valid_from."})
+        return attrs
+
+
+class ChangeRequestSerializer(serializers.ModelSerializer[ChangeRequest]):
+    proposed_by = serializers.CharField(source="proposed_by.username", read_only=True)
+    reviewed_by = serializers.CharField(
+        source="reviewed_by.username", read_only=True, allow_null=True, default=None
+    )
+
+    class Meta:
+        model = ChangeRequest
+        fields = [
+            "id",
+            "facility",
+            "payload",
+            "status",
+            "proposed_by",
+            "proposed_at",
+            "reviewed_by",
+            "reviewed_at",
+            "review_comment",
+        ]
+        read_only_fields = fields
+
+
+class ChangeRequestInputSerializer(serializers.Serializer[dict[str, Any]]):
+    facility = serializers.PrimaryKeyRelatedField(
+        queryset=Facility.objects.all(), required=False, allow_null=True
+    )
+    payload = serializers.DictField()
+
+
+class ReviewInputSerializer(serializers.Serializer[dict[str, Any]]):
+    comment = serializers.CharField(required=False, allow_blank=True, default="")
+
+
+class FacilityRevisionSerializer(serializers.ModelSerializer[FacilityRevision]):
+    changed_by = serializers.CharField(source="changed_by.username", allow_null=True, default=None)
+
+    class Meta:
+        model = FacilityRevision
+        fields = ["id", "changed_at", "changed_by", "source", "change_request", "changes"]
