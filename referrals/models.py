@@ -1,1 +1,277 @@
-"""Referral workflow (issue 3): not built yet."""
+"""Referrals: a lower-tier facility asks an upper-tier department for help.
+
+The state lives on ``Referral.state``; every change of it is an append-only
+``ReferralEvent`` (the event log is the truth: reports and FHIR Task history derive from
+it). The allowed changes are defined once, in ``referrals.workflow.TRANSITIONS``.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+from registry.models import ConsultMode
+
+
+class ReferralState(models.TextChoices):
+    DRAFT = "draft", "Draft"
+    SUBMITTED = "submitted", "Submitted"
+    ACCEPTED = "accepted", "Accepted"
+    DECLINED = "declined", "Declined"
+    CANCELLED = "cancelled", "Cancelled"
+    EXPIRED = "expired", "Expired"
+    INFO_REQUESTED = "info_requested", "Information requested"
+    SCHEDULED = "scheduled", "Conference scheduled"
+    IN_CONFERENCE = "in_conference", "In conference"
+    ADVISED = "advised", "Advised"
+    CLOSED_LOCAL = "closed_local", "Closed locally (transfer avoided)"
+    TRANSFER_REQUESTED = "transfer_requested", "Transfer requested"
+    TRANSFER_ACCEPTED = "transfer_accepted", "Transfer accepted"
+    IN_TRANSIT = "in_transit", "In transit"
+    ARRIVED = "arrived", "Arrived"
+    COMPLETED = "completed", "Completed"
+
+
+class Priority(models.IntegerChoices):
+    """Stored as a rank so that ``ORDER BY priority`` is stat > asap > urgent > routine and
+    the worklist index serves the sort. The label is the FHIR request-priority code."""
+
+    STAT = 1, "stat"
+    ASAP = 2, "asap"
+    URGENT = 3, "urgent"
+    ROUTINE = 4, "routine"
+
+    @classmethod
+    def from_code(cls, code: str) -> Priority:
+        for member in cls:
+            if member.label == code:
+                return member
+        raise ValueError(code)
+
+
+class PatientSex(models.TextChoices):
+    FEMALE = "female", "Female"
+    MALE = "male", "Male"
+    OTHER = "other", "Other"
+    UNKNOWN = "unknown", "Unknown"
+
+
+class DeclineReason(models.TextChoices):
+    OUTSIDE_SPECIALTY = "outside_specialty", "Outside the department's specialty"
+    NO_CAPACITY = "no_capacity", "No capacity"
+    INSUFFICIENT_INFORMATION = "insufficient_information", "Insufficient information"
+    NOT_INDICATED = "not_indicated", "Referral not indicated"
+    OTHER = "other", "Other"
+
+
+class Disposition(models.TextChoices):
+    MANAGE_LOCALLY = "manage_locally", "Manage locally"
+    TRANSFER = "transfer", "Transfer the patient"
+    FURTHER_TESTS = "further_tests", "Further tests"
+    FOLLOW_UP = "follow_up", "Follow-up consultation"
+
+
+class CloseOutOutcome(models.TextChoices):
+    AVOIDED = "avoided", "Transfer / face-to-face referral avoided"
+    STILL_NEEDED = "still_needed", "Transfer / face-to-face referral still needed"
+    NOT_APPLICABLE = "not_applicable", "Not applicable"
+
+
+def new_filler_id() -> str:
+    # Random, not the row id: it can be set before the INSERT (one write per intake) and
+    # does not reveal volumes to other facilities.
+    return "CSL-" + uuid.uuid4().hex.upper()
+
+
+class Referral(models.Model):
+    placer_system = models.CharField(
+        max_length=255, help_text="identifier system of the sender's order (FHIR placer)"
+    )
+    placer_value = models.CharField(max_length=255)
+    filler_id = models.CharField(max_length=40, unique=True, default=new_filler_id)
+    requester_facility = models.ForeignKey(
+        "registry.Facility", on_delete=models.PROTECT, related_name="outgoing_referrals"
+    )
+    requester = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="submitted_referrals",
+    )
+    requester_practitioner = models.ForeignKey(
+        "registry.Practitioner",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="referrals",
+    )
+    # Minimum necessary: a pseudonymous id the sender can resolve, no names.
+    patient_ref = models.CharField(max_length=128, blank=True)
+    patient_sex = models.CharField(
+        max_length=10, choices=PatientSex.choices, default=PatientSex.UNKNOWN
+    )
+    patient_birth_year = models.PositiveSmallIntegerField(null=True, blank=True)
+    specialty = models.ForeignKey(
+        "registry.Specialty", on_delete=models.PROTECT, related_name="referrals"
+    )
+    mode = models.CharField(max_length=10, choices=ConsultMode.choices, default=ConsultMode.ASYNC)
+    priority = models.PositiveSmallIntegerField(choices=Priority.choices, default=Priority.ROUTINE)
+    clinical_question = models.TextField()
+    assigned_department = models.ForeignKey(
+        "registry.Department",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="incoming_referrals",
+    )
+    deadline = models.DateTimeField(null=True, blank=True)
+    campaign = models.CharField(max_length=100, blank=True)
+    state = models.CharField(
+        max_length=20, choices=ReferralState.choices, default=ReferralState.DRAFT
+    )
+    # Number of events recorded; the ETag, and the If-Match / expected_version check.
+    version = models.PositiveIntegerField(default=0)
+    parent_referral = models.ForeignKey(
+        "self",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="counter_referrals",
+        help_text="the referral this one answers (counter-referral back down)",
+    )
+    # Live conference (set by the `schedule` transition).
+    conference_at = models.DateTimeField(null=True, blank=True)
+    conference_url = models.URLField(max_length=500, blank=True)
+    conference_experts = models.ManyToManyField(
+        settings.AUTH_USER_MODEL, blank=True, related_name="conference_referrals"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            # Idempotent intake: a retried submission finds the first one.
+            models.UniqueConstraint(
+                fields=["requester_facility", "placer_system", "placer_value"],
+                name="referral_unique_placer_per_facility",
+            ),
+            models.CheckConstraint(
+                condition=~Q(parent_referral=models.F("id")), name="referral_not_own_parent"
+            ),
+        ]
+        indexes = [
+            models.Index(
+                fields=["assigned_department", "state", "priority", "deadline"],
+                name="referral_worklist",
+            ),
+            models.Index(fields=["requester_facility", "created_at"], name="referral_outgoing"),
+            models.Index(fields=["state", "deadline"], name="referral_state_deadline"),
+        ]
+
+    def __str__(self) -> str:
+        return self.filler_id
+
+    @property
+    def priority_code(self) -> str:
+        return str(Priority(self.priority).label)
+
+
+class ActorSide(models.TextChoices):
+    REQUESTER = "requester", "Requesting facility"
+    ASSIGNEE = "assignee", "Assigned department"
+    SYSTEM = "system", "System"
+
+
+class ReferralEvent(models.Model):
+    """One transition of one referral. Append-only: never updated, never deleted."""
+
+    referral = models.ForeignKey(Referral, on_delete=models.PROTECT, related_name="events")
+    seq = models.PositiveIntegerField(help_text="1, 2, … per referral; equals the new version")
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="referral_events",
+    )
+    actor_side = models.CharField(max_length=10, choices=ActorSide.choices)
+    at = models.DateTimeField(default=timezone.now)
+    action = models.CharField(max_length=32)
+    from_state = models.CharField(max_length=20, choices=ReferralState.choices)
+    to_state = models.CharField(max_length=20, choices=ReferralState.choices)
+    # The department assigned after the event: reports group response times by it.
+    department = models.ForeignKey(
+        "registry.Department",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="referral_events",
+    )
+    reason = models.TextField(blank=True)
+    payload = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["referral", "seq"]
+        constraints = [
+            models.UniqueConstraint(fields=["referral", "seq"], name="referral_event_unique_seq"),
+        ]
+        indexes = [models.Index(fields=["action", "at"], name="referral_event_action_at")]
+
+    def __str__(self) -> str:
+        return f"{self.referral_id}#{self.seq} {self.action}"
+
+
+class ConsultNote(models.Model):
+    referral = models.ForeignKey(Referral, on_delete=models.CASCADE, related_name="consult_notes")
+    author = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    disposition = models.CharField(max_length=20, choices=Disposition.choices)
+    text = models.TextField()
+    conference_minutes = models.TextField(blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["referral", "created_at", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.referral_id}: {self.disposition}"
+
+
+class Message(models.Model):
+    referral = models.ForeignKey(Referral, on_delete=models.CASCADE, related_name="messages")
+    author = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    text = models.TextField()
+    in_response_to = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="responses"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["referral", "created_at", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.referral_id}: message {self.pk}"
+
+
+class CloseOut(models.Model):
+    """The mandatory close-out question: was a transfer originally considered, and is it
+    now avoided? The avoided-transfer share in reports is computed from these."""
+
+    referral = models.OneToOneField(Referral, on_delete=models.CASCADE, related_name="close_out")
+    transfer_originally_considered = models.BooleanField()
+    outcome = models.CharField(max_length=20, choices=CloseOutOutcome.choices)
+    answered_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    answered_at = models.DateTimeField(default=timezone.now)
+
+    def __str__(self) -> str:
+        return f"{self.referral_id}: {self.outcome}"

@@ -1,0 +1,234 @@
+"""Input parsing and output shapes for the referral API. Action inputs are generated from
+``workflow.TRANSITIONS`` so the OpenAPI schema always matches the table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from referrals.models import (
+    CloseOut,
+    CloseOutOutcome,
+    ConsultNote,
+    Disposition,
+    Message,
+    PatientSex,
+    Priority,
+    Referral,
+    ReferralEvent,
+)
+from referrals.workflow import InputField, Transition
+from registry.models import ConsultMode, Department, Specialty
+
+PRIORITY_CODES = [str(p.label) for p in Priority]
+
+
+class PatientSerializer(serializers.Serializer[Any]):
+    ref = serializers.CharField(max_length=128, required=False, allow_blank=True, default="")
+    sex = serializers.ChoiceField(choices=PatientSex.choices, default=PatientSex.UNKNOWN)
+    birth_year = serializers.IntegerField(
+        min_value=1900, max_value=2100, required=False, allow_null=True, default=None
+    )
+
+
+class ReferralSubmitSerializer(serializers.Serializer[Any]):
+    placer_system = serializers.CharField(max_length=255)
+    placer_value = serializers.CharField(max_length=255)
+    specialty = serializers.CharField(help_text="SNOMED CT specialty code, e.g. 394537008")
+    specialty_system = serializers.CharField(default=Specialty.SNOMED)
+    # Values only (no labels): registry's `modes` already owns the labelled ConsultMode enum
+    # in the schema, and two names for one choice set is a schema warning.
+    mode = serializers.ChoiceField(choices=list(ConsultMode.values), default=ConsultMode.ASYNC)
+    priority = serializers.ChoiceField(choices=PRIORITY_CODES, default="routine")
+    clinical_question = serializers.CharField(max_length=20_000)
+    patient = PatientSerializer(required=False)
+    department = serializers.PrimaryKeyRelatedField(
+        queryset=Department.objects.select_related("facility"),
+        required=False,
+        allow_null=True,
+        help_text="the department asked; empty = routing decides (later)",
+    )
+    campaign = serializers.CharField(max_length=100, required=False, allow_blank=True, default="")
+    draft = serializers.BooleanField(default=False)
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        try:
+            attrs["specialty"] = Specialty.objects.get(
+                system=attrs.pop("specialty_system"), code=attrs["specialty"]
+            )
+        except Specialty.DoesNotExist as exc:
+            raise serializers.ValidationError({"specialty": "unknown specialty code"}) from exc
+        attrs["priority"] = Priority.from_code(attrs["priority"])
+        return attrs
+
+
+_FIELD_KINDS: dict[str, Any] = {
+    "text": lambda f: serializers.CharField(max_length=20_000, help_text=f.help),
+    "choice": lambda f: serializers.ChoiceField(choices=list(f.choices), help_text=f.help),
+    "bool": lambda f: serializers.BooleanField(help_text=f.help),
+    "datetime": lambda f: serializers.DateTimeField(help_text=f.help),
+    "department": lambda f: serializers.IntegerField(help_text=f.help or "department id"),
+    "users": lambda f: serializers.ListField(
+        child=serializers.IntegerField(), min_length=1, help_text=f.help
+    ),
+    "url": lambda f: serializers.URLField(max_length=500, help_text=f.help),
+}
+
+
+def _field(spec: InputField) -> serializers.Field[Any, Any, Any, Any]:
+    field: serializers.Field[Any, Any, Any, Any] = _FIELD_KINDS[spec.kind](spec)
+    field.required = spec.required
+    return field
+
+
+def action_input_serializer(transition: Transition) -> type[serializers.Serializer[Any]] | None:
+    if not transition.inputs:
+        return None
+    name = "".join(part.title() for part in transition.action.split("_")) + "InputSerializer"
+    fields = {spec.name: _field(spec) for spec in transition.inputs}
+    return type(name, (serializers.Serializer,), fields)
+
+
+class SpecialtyRefSerializer(serializers.Serializer[Any]):
+    system = serializers.CharField()
+    code = serializers.CharField()
+    display = serializers.CharField()
+
+
+class FacilityRefSerializer(serializers.Serializer[Any]):
+    id = serializers.IntegerField()
+    code = serializers.CharField()
+    name = serializers.CharField()
+
+
+class DepartmentRefSerializer(serializers.Serializer[Any]):
+    id = serializers.IntegerField()
+    name = serializers.CharField()
+    facility = FacilityRefSerializer()
+
+
+class ReferralListSerializer(serializers.ModelSerializer[Referral]):
+    priority = serializers.ChoiceField(source="priority_code", choices=PRIORITY_CODES)
+    mode = serializers.ChoiceField(choices=list(ConsultMode.values))
+    specialty = SpecialtyRefSerializer()
+    requester_facility = FacilityRefSerializer()
+    assigned_department = DepartmentRefSerializer(allow_null=True)
+
+    class Meta:
+        model = Referral
+        fields = [
+            "id",
+            "filler_id",
+            "placer_system",
+            "placer_value",
+            "state",
+            "version",
+            "priority",
+            "mode",
+            "specialty",
+            "requester_facility",
+            "assigned_department",
+            "deadline",
+            "campaign",
+            "parent_referral",
+            "created_at",
+        ]
+
+
+class ReferralEventSerializer(serializers.ModelSerializer[ReferralEvent]):
+    actor = serializers.CharField(source="actor.username", default=None)
+    # Plain strings: one shared state enum in the schema, not one per field name.
+    from_state = serializers.CharField(help_text="a referral state")
+    to_state = serializers.CharField(help_text="a referral state")
+
+    class Meta:
+        model = ReferralEvent
+        fields = [
+            "seq",
+            "at",
+            "action",
+            "from_state",
+            "to_state",
+            "actor",
+            "actor_side",
+            "department",
+            "reason",
+            "payload",
+        ]
+
+
+class ConsultNoteSerializer(serializers.ModelSerializer[ConsultNote]):
+    # Same choice set as the action inputs, so the schema has one DispositionEnum.
+    disposition = serializers.ChoiceField(choices=list(Disposition.values))
+
+    class Meta:
+        model = ConsultNote
+        fields = ["id", "author", "disposition", "text", "conference_minutes", "created_at"]
+
+
+class MessageSerializer(serializers.ModelSerializer[Message]):
+    class Meta:
+        model = Message
+        fields = ["id", "author", "text", "in_response_to", "created_at"]
+
+
+class CloseOutSerializer(serializers.ModelSerializer[CloseOut]):
+    outcome = serializers.ChoiceField(choices=list(CloseOutOutcome.values))
+
+    class Meta:
+        model = CloseOut
+        fields = ["transfer_originally_considered", "outcome", "answered_by", "answered_at"]
+
+
+class ReferralDetailSerializer(ReferralListSerializer):
+    patient = serializers.SerializerMethodField()
+    conference = serializers.SerializerMethodField()
+    events = ReferralEventSerializer(many=True)
+    consult_notes = ConsultNoteSerializer(many=True)
+    messages = MessageSerializer(many=True)
+    close_out = serializers.SerializerMethodField()
+    available_actions = serializers.SerializerMethodField()
+
+    class Meta(ReferralListSerializer.Meta):
+        fields = [
+            *ReferralListSerializer.Meta.fields,
+            "clinical_question",
+            "patient",
+            "conference",
+            "updated_at",
+            "events",
+            "consult_notes",
+            "messages",
+            "close_out",
+            "available_actions",
+        ]
+
+    @extend_schema_field(PatientSerializer)
+    def get_patient(self, obj: Referral) -> dict[str, Any]:
+        return {
+            "ref": obj.patient_ref,
+            "sex": obj.patient_sex,
+            "birth_year": obj.patient_birth_year,
+        }
+
+    @extend_schema_field(OpenApiTypes.OBJECT)
+    def get_conference(self, obj: Referral) -> dict[str, Any] | None:
+        if obj.conference_at is None:
+            return None
+        return {
+            "at": obj.conference_at.isoformat(),
+            "url": obj.conference_url,
+            "experts": sorted(u.pk for u in obj.conference_experts.all()),
+        }
+
+    @extend_schema_field(CloseOutSerializer(allow_null=True))
+    def get_close_out(self, obj: Referral) -> dict[str, Any] | None:
+        close_out = getattr(obj, "close_out", None)
+        return CloseOutSerializer(close_out).data if close_out is not None else None
+
+    @extend_schema_field(serializers.ListField(child=serializers.CharField()))
+    def get_available_actions(self, obj: Referral) -> list[str]:
+        return list(self.context.get("available_actions", []))

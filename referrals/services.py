@@ -1,0 +1,631 @@
+"""Writes to referrals. Every state change goes through ``referral_transition`` (or the
+intake, ``referral_submit``), which enforces ``workflow.TRANSITIONS`` under a row lock and
+appends one ``ReferralEvent`` per change in the same transaction."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.core.exceptions import ValidationError
+from django.core.validators import URLValidator
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+from django.utils.dateparse import parse_datetime
+
+from accounts.models import User
+from core.errors import ApplicationError, Conflict, NotFound, PermissionDenied
+from referrals.models import (
+    ActorSide,
+    CloseOut,
+    ConsultNote,
+    Message,
+    PatientSex,
+    Priority,
+    Referral,
+    ReferralEvent,
+    ReferralState,
+)
+from referrals.selectors import referral_scope_filter, user_department_ids
+from referrals.workflow import (
+    GUARDS,
+    TRANSITIONS,
+    TRANSITIONS_BY_ACTION,
+    InputField,
+    Transition,
+)
+from registry.models import ConsultMode, Department, Facility, Practitioner, Specialty
+
+# The acceptance deadline is the department's SLA, shortened for urgent cases.
+PRIORITY_MAX_HOURS: dict[int, int | None] = {
+    Priority.STAT: 1,
+    Priority.ASAP: 4,
+    Priority.URGENT: 24,
+    Priority.ROUTINE: None,
+}
+COUNTER_REFERRAL_SYSTEM = "urn:consilium:counter-referral"
+MAX_TEXT = 20_000
+
+
+def referral_deadline(*, department: Department, priority: int, start: datetime) -> datetime:
+    hours = department.sla_hours
+    cap = PRIORITY_MAX_HOURS.get(priority)
+    if cap is not None:
+        hours = min(hours, cap)
+    return start + timedelta(hours=hours)
+
+
+# --- who is acting -----------------------------------------------------------------------
+
+
+def actor_sides(user: User | None, referral: Referral) -> frozenset[str]:
+    if user is None:
+        return frozenset({ActorSide.SYSTEM.value})
+    sides: set[str] = set()
+    if user.facility_id is not None and user.facility_id == referral.requester_facility_id:
+        sides.add(ActorSide.REQUESTER.value)
+    if referral.assigned_department_id in user_department_ids(user):
+        sides.add(ActorSide.ASSIGNEE.value)
+    return frozenset(sides)
+
+
+def _permission_problem(
+    transition: Transition, user: User | None, referral: Referral
+) -> str | None:
+    if transition.side not in actor_sides(user, referral):
+        side = ActorSide(transition.side).label.lower()
+        return f"Only the {side} may {transition.action.replace('_', ' ')} this referral."
+    if user is not None and not (user.role_names() & transition.roles):
+        return f"Your role may not {transition.action.replace('_', ' ')} referrals."
+    return None
+
+
+def referral_available_actions(
+    user: User | None, referral: Referral, *, now: datetime | None = None
+) -> list[str]:
+    """The actions the caller may take now (input-dependent guard checks aside)."""
+    now = now or timezone.now()
+    available = []
+    for transition in TRANSITIONS:
+        if transition.side == ActorSide.SYSTEM and user is not None:
+            continue
+        if referral.state not in transition.sources:
+            continue
+        if _permission_problem(transition, user, referral) is not None:
+            continue
+        guard = GUARDS[transition.guard] if transition.guard else None
+        if guard is not None and guard(referral, None, now) is not None:
+            continue
+        available.append(transition.action)
+    return available
+
+
+# --- inputs ------------------------------------------------------------------------------
+
+
+def _parse_text(field: InputField, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("a non-empty text is required")
+    if len(value) > MAX_TEXT:
+        raise ValueError(f"at most {MAX_TEXT} characters")
+    return value.strip()
+
+
+def _parse_choice(field: InputField, value: Any) -> str:
+    if value not in field.choices:
+        raise ValueError(f"one of {', '.join(field.choices)}")
+    return str(value)
+
+
+def _parse_bool(field: InputField, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("true or false")
+    return value
+
+
+def _parse_datetime(field: InputField, value: Any) -> datetime:
+    parsed = parse_datetime(value) if isinstance(value, str) else value
+    if not isinstance(parsed, datetime) or timezone.is_naive(parsed):
+        raise ValueError("an ISO 8601 date-time with a time zone")
+    return parsed
+
+
+def _parse_department(field: InputField, value: Any) -> Department:
+    if isinstance(value, Department):
+        return value
+    try:
+        return Department.objects.select_related("facility").get(pk=int(value))
+    except (TypeError, ValueError, Department.DoesNotExist) as exc:
+        raise ValueError("an existing department id") from exc
+
+
+def _parse_users(field: InputField, value: Any) -> list[User]:
+    if not isinstance(value, list | tuple) or not value:
+        raise ValueError("a non-empty list of user ids")
+    try:
+        ids = {int(v.pk if isinstance(v, User) else v) for v in value}
+    except (TypeError, ValueError) as exc:
+        raise ValueError("a list of user ids") from exc
+    users = list(User.objects.filter(pk__in=ids, is_active=True))
+    if len(users) != len(ids):
+        raise ValueError("unknown or inactive user ids")
+    return users
+
+
+def _parse_url(field: InputField, value: Any) -> str:
+    try:
+        URLValidator(schemes=["https", "http"])(value)
+    except ValidationError as exc:
+        raise ValueError("an http(s) URL") from exc
+    return str(value)
+
+
+PARSERS: dict[str, Callable[[InputField, Any], Any]] = {
+    "text": _parse_text,
+    "choice": _parse_choice,
+    "bool": _parse_bool,
+    "datetime": _parse_datetime,
+    "department": _parse_department,
+    "users": _parse_users,
+    "url": _parse_url,
+}
+
+
+def parse_inputs(transition: Transition, raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Check and convert an action's inputs; a 400 lists every problem at once."""
+    errors: dict[str, str] = {}
+    known = {f.name for f in transition.inputs}
+    for name in raw:
+        if name not in known:
+            errors[name] = "not an input of this action"
+    data: dict[str, Any] = {}
+    for field in transition.inputs:
+        value = raw.get(field.name)
+        if value is None or value == "":
+            if field.required:
+                errors[field.name] = "required"
+            continue
+        try:
+            data[field.name] = PARSERS[field.kind](field, value)
+        except ValueError as exc:
+            errors[field.name] = str(exc)
+    if errors:
+        raise ApplicationError(
+            f"Invalid input for {transition.action}.", code="invalid", extra={"errors": errors}
+        )
+    return data
+
+
+# --- effects: what each action changes besides the state ---------------------------------
+
+Effect = Callable[[Referral, User | None, dict[str, Any], datetime], dict[str, Any]]
+
+
+def _effect_submit(
+    referral: Referral, actor: User | None, data: dict[str, Any], now: datetime
+) -> dict[str, Any]:
+    if referral.assigned_department is not None:
+        referral.deadline = referral_deadline(
+            department=referral.assigned_department, priority=referral.priority, start=now
+        )
+    return {"department_id": referral.assigned_department_id}
+
+
+def _effect_decline(
+    referral: Referral, actor: User | None, data: dict[str, Any], now: datetime
+) -> dict[str, Any]:
+    return {"reason_code": data["reason_code"], "department_id": referral.assigned_department_id}
+
+
+def _effect_forward(
+    referral: Referral, actor: User | None, data: dict[str, Any], now: datetime
+) -> dict[str, Any]:
+    department: Department = data["department"]
+    previous = referral.assigned_department_id
+    referral.assigned_department = department
+    # The new department gets its own SLA from now; access moves with the assignment.
+    referral.deadline = referral_deadline(
+        department=department, priority=referral.priority, start=now
+    )
+    return {"from_department_id": previous, "department_id": department.pk}
+
+
+def _effect_request_info(
+    referral: Referral, actor: User | None, data: dict[str, Any], now: datetime
+) -> dict[str, Any]:
+    message = Message.objects.create(
+        referral=referral, author=actor, text=data["question"], created_at=now
+    )
+    return {"message_id": message.pk}
+
+
+def _effect_provide_info(
+    referral: Referral, actor: User | None, data: dict[str, Any], now: datetime
+) -> dict[str, Any]:
+    question = (
+        ReferralEvent.objects.filter(referral=referral, action="request_info")
+        .order_by("-seq")
+        .values_list("payload__message_id", flat=True)
+        .first()
+    )
+    message = Message.objects.create(
+        referral=referral,
+        author=actor,
+        text=data["text"],
+        in_response_to_id=question,
+        created_at=now,
+    )
+    return {"message_id": message.pk, "in_response_to": question}
+
+
+def _effect_schedule(
+    referral: Referral, actor: User | None, data: dict[str, Any], now: datetime
+) -> dict[str, Any]:
+    referral.conference_at = data["scheduled_at"]
+    referral.conference_url = data["video_url"]
+    experts: list[User] = data["experts"]
+    referral.conference_experts.set(experts)
+    return {
+        "scheduled_at": data["scheduled_at"].isoformat(),
+        "video_url": data["video_url"],
+        "experts": sorted(u.pk for u in experts),
+    }
+
+
+def _consult_note(
+    referral: Referral, actor: User | None, data: dict[str, Any], now: datetime
+) -> dict[str, Any]:
+    note = ConsultNote.objects.create(
+        referral=referral,
+        author=actor,
+        disposition=data["disposition"],
+        text=data["text"],
+        conference_minutes=data.get("minutes", ""),
+        created_at=now,
+    )
+    return {"consult_note_id": note.pk, "disposition": note.disposition}
+
+
+def _effect_close_local(
+    referral: Referral, actor: User | None, data: dict[str, Any], now: datetime
+) -> dict[str, Any]:
+    CloseOut.objects.create(
+        referral=referral,
+        transfer_originally_considered=data["transfer_originally_considered"],
+        outcome=data["outcome"],
+        answered_by=actor,
+        answered_at=now,
+    )
+    return {
+        "transfer_originally_considered": data["transfer_originally_considered"],
+        "outcome": data["outcome"],
+    }
+
+
+def _effect_counter_refer(
+    referral: Referral, actor: User | None, data: dict[str, Any], now: datetime
+) -> dict[str, Any]:
+    department: Department = data["department"]
+    assert referral.assigned_department is not None  # the guard side check implies it
+    sequence = referral.counter_referrals.count() + 1
+    child = _referral_create(
+        actor=actor,
+        requester_facility=referral.assigned_department.facility,
+        placer_system=COUNTER_REFERRAL_SYSTEM,
+        placer_value=f"{referral.filler_id}/{sequence}",
+        specialty=department.specialty,
+        clinical_question=data["clinical_question"],
+        mode=ConsultMode.ASYNC,
+        priority=Priority.ROUTINE,
+        patient_ref=referral.patient_ref,
+        patient_sex=referral.patient_sex,
+        patient_birth_year=referral.patient_birth_year,
+        department=department,
+        campaign=referral.campaign,
+        parent_referral=referral,
+        draft=False,
+        now=now,
+    )
+    return {"counter_referral_id": child.pk, "department_id": department.pk}
+
+
+def _no_effect(
+    referral: Referral, actor: User | None, data: dict[str, Any], now: datetime
+) -> dict[str, Any]:
+    return {}
+
+
+EFFECTS: dict[str, Effect] = {
+    "submit": _effect_submit,
+    "decline": _effect_decline,
+    "forward": _effect_forward,
+    "request_info": _effect_request_info,
+    "provide_info": _effect_provide_info,
+    "schedule": _effect_schedule,
+    "finish_conference": _consult_note,
+    "advise": _consult_note,
+    "close_local": _effect_close_local,
+    "counter_refer": _effect_counter_refer,
+}
+
+# Inputs stored as the event's free-text reason.
+REASON_INPUTS = ("reason", "note")
+
+
+def _apply(
+    *,
+    referral: Referral,
+    transition: Transition,
+    actor: User | None,
+    side: str,
+    data: dict[str, Any],
+    now: datetime,
+) -> ReferralEvent:
+    """Change the state, run the effect, bump the version, append the event. The caller
+    holds the row lock and has checked everything."""
+    from_state = referral.state
+    payload = EFFECTS.get(transition.action, _no_effect)(referral, actor, data, now)
+    referral.state = transition.target_from(from_state)
+    referral.version += 1
+    referral.save()
+    reason = next((data[name] for name in REASON_INPUTS if data.get(name)), "")
+    return ReferralEvent.objects.create(
+        referral=referral,
+        seq=referral.version,
+        actor=actor,
+        actor_side=side,
+        at=now,
+        action=transition.action,
+        from_state=from_state,
+        to_state=referral.state,
+        department_id=referral.assigned_department_id,
+        reason=reason,
+        payload=payload,
+    )
+
+
+def _state_conflict(referral: Referral, message: str, code: str) -> Conflict:
+    return Conflict(
+        message, code=code, extra={"state": referral.state, "version": referral.version}
+    )
+
+
+def referral_transition(
+    *,
+    actor: User | None,
+    referral_id: int,
+    action: str,
+    expected_version: int | None = None,
+    now: datetime | None = None,
+    **inputs: Any,
+) -> Referral:
+    """Take one action on a referral. ``actor`` None is the system (deadline job).
+
+    Refusals raise and change nothing: 404 outside the caller's scope, 403 for the wrong
+    side or role, 409 (code ``version_mismatch``) when ``expected_version`` is stale,
+    409 (``transition_not_allowed``) from the wrong state, 400 for bad inputs, 409
+    (``guard_failed``) when the guard says no."""
+    transition = TRANSITIONS_BY_ACTION.get(action)
+    if transition is None:
+        raise ApplicationError(f"Unknown action {action!r}.", code="unknown_action")
+    now = now or timezone.now()
+    with transaction.atomic():
+        queryset = Referral.objects.select_for_update()
+        if actor is not None:
+            scope = referral_scope_filter(actor)
+            if scope is None:
+                raise NotFound("No such referral.")
+            queryset = queryset.filter(scope)
+        try:
+            referral = queryset.get(pk=referral_id)
+        except Referral.DoesNotExist as exc:
+            raise NotFound("No such referral.") from exc
+
+        problem = _permission_problem(transition, actor, referral)
+        if problem is not None:
+            raise PermissionDenied(problem)
+        if expected_version is not None and expected_version != referral.version:
+            raise _state_conflict(
+                referral,
+                f"The referral changed (version {referral.version}, you had {expected_version}).",
+                "version_mismatch",
+            )
+        if referral.state not in transition.sources:
+            raise _state_conflict(
+                referral,
+                f"Cannot {action.replace('_', ' ')} a referral that is {referral.state}.",
+                "transition_not_allowed",
+            )
+        data = parse_inputs(transition, inputs)
+        if transition.guard is not None:
+            refusal = GUARDS[transition.guard](referral, data, now)
+            if refusal is not None:
+                raise _state_conflict(referral, refusal, "guard_failed")
+        side = transition.side
+        _apply(referral=referral, transition=transition, actor=actor, side=side, data=data, now=now)
+    return referral
+
+
+def referral_expire_overdue(*, now: datetime | None = None, limit: int = 500) -> list[int]:
+    """Expire submitted referrals whose deadline passed (run by the deadline job; safe to
+    run twice: an already-moved referral is skipped)."""
+    now = now or timezone.now()
+    ids = list(
+        Referral.objects.filter(state=ReferralState.SUBMITTED, deadline__lte=now)
+        .order_by("deadline")
+        .values_list("pk", flat=True)[:limit]
+    )
+    expired = []
+    for referral_id in ids:
+        try:
+            referral_transition(actor=None, referral_id=referral_id, action="expire", now=now)
+        except ApplicationError:
+            continue  # accepted (or otherwise moved) meanwhile
+        expired.append(referral_id)
+    return expired
+
+
+# --- intake ------------------------------------------------------------------------------
+
+
+def _referral_create(
+    *,
+    actor: User | None,
+    requester_facility: Facility,
+    placer_system: str,
+    placer_value: str,
+    specialty: Specialty,
+    clinical_question: str,
+    mode: str,
+    priority: int,
+    patient_ref: str,
+    patient_sex: str,
+    patient_birth_year: int | None,
+    department: Department | None,
+    campaign: str,
+    parent_referral: Referral | None = None,
+    requester_practitioner: Practitioner | None = None,
+    draft: bool,
+    now: datetime,
+) -> Referral:
+    referral = Referral.objects.create(
+        placer_system=placer_system,
+        placer_value=placer_value,
+        requester_facility=requester_facility,
+        requester=actor,
+        requester_practitioner=requester_practitioner,
+        patient_ref=patient_ref,
+        patient_sex=patient_sex,
+        patient_birth_year=patient_birth_year,
+        specialty=specialty,
+        mode=mode,
+        priority=priority,
+        clinical_question=clinical_question,
+        assigned_department=department,
+        campaign=campaign,
+        parent_referral=parent_referral,
+        state=ReferralState.DRAFT,
+        created_at=now,
+    )
+    if not draft:
+        _apply(
+            referral=referral,
+            transition=TRANSITIONS_BY_ACTION["submit"],
+            actor=actor,
+            side=ActorSide.REQUESTER,
+            data={},
+            now=now,
+        )
+    return referral
+
+
+def _find_existing(
+    requester_facility: Facility, placer_system: str, placer_value: str
+) -> Referral | None:
+    return Referral.objects.filter(
+        requester_facility=requester_facility,
+        placer_system=placer_system,
+        placer_value=placer_value,
+    ).first()
+
+
+def referral_submit(
+    *,
+    actor: User,
+    requester_facility: Facility,
+    placer_system: str,
+    placer_value: str,
+    specialty: Specialty,
+    clinical_question: str,
+    mode: str = ConsultMode.ASYNC,
+    priority: int = Priority.ROUTINE,
+    patient_ref: str = "",
+    patient_sex: str = PatientSex.UNKNOWN,
+    patient_birth_year: int | None = None,
+    requester_practitioner: Practitioner | None = None,
+    department: Department | None = None,
+    campaign: str = "",
+    draft: bool = False,
+    now: datetime | None = None,
+) -> tuple[Referral, bool]:
+    """Intake. Idempotent: the same placer identifier from the same facility returns the
+    existing referral and ``created`` False (offline sites retry), whatever else differs."""
+    now = now or timezone.now()
+    submit = TRANSITIONS_BY_ACTION["submit"]
+    if actor.facility_id != requester_facility.pk or not (actor.role_names() & submit.roles):
+        raise PermissionDenied("You may only submit referrals for your own facility.")
+    if not placer_system or not placer_value:
+        raise ApplicationError("A placer identifier (system and value) is required.")
+    existing = _find_existing(requester_facility, placer_system, placer_value)
+    if existing is not None:
+        return existing, False
+    if not clinical_question.strip():
+        raise ApplicationError("A clinical question is required.")
+    if department is not None:
+        if department.specialty_id != specialty.pk:
+            raise ApplicationError("The department does not offer the requested specialty.")
+        if mode not in department.modes:
+            raise ApplicationError(f"The department does not offer {mode} consults.")
+        if not department.accepting:
+            raise Conflict("That department is not accepting referrals.", code="not_accepting")
+    try:
+        with transaction.atomic():
+            referral = _referral_create(
+                actor=actor,
+                requester_facility=requester_facility,
+                placer_system=placer_system,
+                placer_value=placer_value,
+                specialty=specialty,
+                clinical_question=clinical_question,
+                mode=mode,
+                priority=priority,
+                patient_ref=patient_ref,
+                patient_sex=patient_sex,
+                patient_birth_year=patient_birth_year,
+                requester_practitioner=requester_practitioner,
+                department=department,
+                campaign=campaign,
+                draft=draft,
+                now=now,
+            )
+    except IntegrityError:
+        # A concurrent retry of the same submission won the insert.
+        existing = _find_existing(requester_facility, placer_system, placer_value)
+        if existing is None:
+            raise
+        return existing, False
+    return referral, True
+
+
+# --- named wrappers ----------------------------------------------------------------------
+
+
+def _wrapper(action: str) -> Callable[..., Referral]:
+    def run(
+        *, actor: User | None, referral_id: int, expected_version: int | None = None, **inputs: Any
+    ) -> Referral:
+        return referral_transition(
+            actor=actor,
+            referral_id=referral_id,
+            action=action,
+            expected_version=expected_version,
+            **inputs,
+        )
+
+    run.__name__ = f"referral_{action}"
+    run.__doc__ = f"Take the {action!r} action (see workflow.TRANSITIONS)."
+    return run
+
+
+referral_accept = _wrapper("accept")
+referral_decline = _wrapper("decline")
+referral_forward = _wrapper("forward")
+referral_cancel = _wrapper("cancel")
+referral_request_info = _wrapper("request_info")
+referral_provide_info = _wrapper("provide_info")
+referral_schedule = _wrapper("schedule")
+referral_advise = _wrapper("advise")
+referral_close_local = _wrapper("close_local")
+referral_request_transfer = _wrapper("request_transfer")
+referral_counter_refer = _wrapper("counter_refer")

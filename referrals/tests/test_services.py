@@ -1,0 +1,253 @@
+"""Intake, scope and race safety."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+
+from core.errors import ApplicationError, Conflict, NotFound, PermissionDenied
+from referrals import selectors, services
+from referrals.models import Priority, Referral, ReferralEvent, ReferralState
+from referrals.tests.conftest import World
+
+
+def test_submit_creates_a_submitted_referral_with_deadline_and_event(world: World) -> None:
+    referral, created = services.referral_submit(
+        actor=world.referrer,
+        requester_facility=world.district,
+        placer_system="urn:his",
+        placer_value="A1",
+        specialty=world.paeds,
+        clinical_question="Rash",
+        priority=Priority.URGENT,
+        department=world.hub_paeds,
+    )
+    assert created
+    assert (referral.state, referral.version) == ("submitted", 1)
+    assert referral.filler_id.startswith("CSL-")
+    # urgent caps the department's 48 h SLA at 24 h
+    assert referral.deadline is not None
+    assert (referral.deadline - referral.created_at).total_seconds() == 24 * 3600
+    event = ReferralEvent.objects.get(referral=referral)
+    assert (event.seq, event.action, event.from_state, event.to_state) == (
+        1,
+        "submit",
+        "draft",
+        "submitted",
+    )
+
+
+def test_resubmission_returns_the_existing_referral(world: World) -> None:
+    first = world.submit(placer_value="SAME")
+    again, created = services.referral_submit(
+        actor=world.referrer,
+        requester_facility=world.district,
+        placer_system="urn:district-his",
+        placer_value="SAME",
+        specialty=world.paeds,
+        clinical_question="different text, same order",
+    )
+    assert not created
+    assert again.pk == first.pk
+    assert Referral.objects.filter(placer_value="SAME").count() == 1
+    assert ReferralEvent.objects.filter(referral=first).count() == 1
+
+
+def test_same_placer_id_from_another_facility_is_another_referral(world: World) -> None:
+    world.submit(placer_value="SAME")
+    other = world.submit(
+        placer_value="SAME", actor=world.foreign_referrer, requester_facility=world.foreign_district
+    )
+    assert other.requester_facility == world.foreign_district
+    assert Referral.objects.filter(placer_value="SAME").count() == 2
+
+
+def test_submit_for_another_facility_is_refused(world: World) -> None:
+    with pytest.raises(PermissionDenied):
+        world.submit(actor=world.foreign_referrer)
+    with pytest.raises(PermissionDenied):
+        world.submit(actor=world.ministry)
+    assert Referral.objects.count() == 0
+
+
+def test_submit_to_a_department_of_another_specialty_is_refused(world: World) -> None:
+    from registry.models import Specialty
+
+    cardio = Specialty.objects.create(code="394579002", display="Cardiology")
+    with pytest.raises(ApplicationError):
+        world.submit(specialty=cardio)
+    assert Referral.objects.count() == 0
+
+
+def test_submit_to_a_closed_department_is_a_conflict(world: World) -> None:
+    world.hub_paeds.accepting = False
+    world.hub_paeds.save()
+    with pytest.raises(Conflict):
+        world.submit()
+
+
+def test_draft_then_submit(world: World) -> None:
+    referral = world.submit(draft=True)
+    assert (referral.state, referral.version, referral.deadline) == ("draft", 0, None)
+    referral = world.act(referral, "submit")
+    assert (referral.state, referral.version) == ("submitted", 1)
+    assert referral.deadline is not None
+
+
+# --- scope -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("who", "visible"),
+    [
+        ("referrer", True),
+        ("consultant", True),
+        ("foreign_referrer", False),
+        ("consultant2", False),
+        ("ministry", False),
+        ("ministry_at_hub", False),
+        ("district_consultant", True),  # staff of the requesting facility
+    ],
+)
+def test_referral_get_for_user_scope(world: World, who: str, visible: bool) -> None:
+    referral = world.referral_in(ReferralState.SUBMITTED)
+    user = getattr(world, who)
+    if visible:
+        assert selectors.referral_get_for_user(user, referral.pk).pk == referral.pk
+    else:
+        with pytest.raises(NotFound):
+            selectors.referral_get_for_user(user, referral.pk)
+
+
+@pytest.mark.parametrize("who", ["foreign_referrer", "consultant2", "ministry", "ministry_at_hub"])
+def test_acting_outside_ones_scope_is_not_found(world: World, who: str) -> None:
+    referral = world.referral_in(ReferralState.SUBMITTED)
+    with pytest.raises(NotFound):
+        services.referral_transition(
+            actor=getattr(world, who), referral_id=referral.pk, action="accept"
+        )
+    assert Referral.objects.get(pk=referral.pk).state == "submitted"
+
+
+def test_bad_ids_are_not_found(world: World) -> None:
+    for bad in ("abc", None, 999999):
+        with pytest.raises(NotFound):
+            selectors.referral_get_for_user(world.referrer, bad)
+
+
+def test_worklist_order_and_scope(world: World) -> None:
+    routine = world.submit(priority=Priority.ROUTINE)
+    stat = world.submit(priority=Priority.STAT)
+    urgent = world.submit(priority=Priority.URGENT)
+    asap = world.submit(priority=Priority.ASAP)
+    declined = world.referral_in(ReferralState.DECLINED)
+    rows = list(selectors.referral_worklist(world.consultant, world.hub_paeds))
+    assert [r.pk for r in rows] == [stat.pk, asap.pk, urgent.pk, routine.pk]
+    assert declined.pk not in [r.pk for r in rows]
+    with pytest.raises(NotFound):
+        selectors.referral_worklist(world.consultant2, world.hub_paeds)
+    with pytest.raises(NotFound):
+        selectors.referral_worklist(world.ministry_at_hub, world.hub_paeds)
+
+
+def test_outgoing_lists_own_facility_newest_first(world: World) -> None:
+    first = world.submit()
+    second = world.submit()
+    world.submit(actor=world.foreign_referrer, requester_facility=world.foreign_district)
+    assert [r.pk for r in selectors.referral_outgoing(world.referrer)] == [second.pk, first.pk]
+    assert list(selectors.referral_outgoing(world.ministry)) == []
+
+
+def _touch(rows: list[Referral]) -> list[Any]:
+    return [
+        (r.requester_facility.name, r.specialty.display, r.assigned_department.facility.name)
+        for r in rows
+        if r.assigned_department is not None
+    ]
+
+
+def test_worklist_query_count_does_not_grow_with_rows(world: World) -> None:
+    world.submit()
+    # department ids and roles are cached on the user for the request
+    selectors.user_department_ids(world.consultant)
+    world.consultant.role_names()
+    with CaptureQueriesContext(connection) as one:
+        _touch(list(selectors.referral_worklist(world.consultant)))
+    for _ in range(10):
+        world.submit()
+    with CaptureQueriesContext(connection) as eleven:
+        assert len(_touch(list(selectors.referral_worklist(world.consultant)))) == 11
+    assert len(one.captured_queries) == len(eleven.captured_queries) == 1
+
+
+# --- races -------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_twenty_parallel_accepts_exactly_one_wins(world: World) -> None:
+    referral = world.referral_in(ReferralState.SUBMITTED)
+    barrier = threading.Barrier(20)
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def accept() -> None:
+        try:
+            barrier.wait()
+            services.referral_transition(
+                actor=world.consultant, referral_id=referral.pk, action="accept"
+            )
+            result = "ok"
+        except Conflict as exc:
+            result = f"conflict:{exc.extra['state']}"
+        except Exception as exc:  # noqa: BLE001  # report, don't hang the test
+            result = f"error:{exc!r}"
+        finally:
+            connection.close()
+        with lock:
+            outcomes.append(result)
+
+    threads = [threading.Thread(target=accept) for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sorted(outcomes) == ["conflict:accepted"] * 19 + ["ok"]
+    referral.refresh_from_db()
+    assert (referral.state, referral.version) == ("accepted", 2)
+    assert ReferralEvent.objects.filter(referral=referral, action="accept").count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_parallel_identical_submissions_create_one_referral(world: World) -> None:
+    barrier = threading.Barrier(10)
+    created: list[bool] = []
+    lock = threading.Lock()
+
+    def submit() -> None:
+        try:
+            barrier.wait()
+            _, was_created = services.referral_submit(
+                actor=world.referrer,
+                requester_facility=world.district,
+                placer_system="urn:his",
+                placer_value="RETRY-1",
+                specialty=world.paeds,
+                clinical_question="q",
+                department=world.hub_paeds,
+            )
+            with lock:
+                created.append(was_created)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=submit) for _ in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sorted(created) == [False] * 9 + [True]
+    assert Referral.objects.filter(placer_value="RETRY-1").count() == 1

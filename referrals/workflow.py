@@ -1,0 +1,366 @@
+"""The referral state machine: ONE table, ``TRANSITIONS``, defines every allowed change.
+
+Services enforce it, the API lists and exposes it (one URL per action), and
+``manage.py state_machine_doc`` renders docs/state-machine.md from it. This module is
+pure: no database writes, so it can be imported anywhere (docs, tests, the FHIR mapping).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from accounts.roles import Role
+from referrals.models import (
+    ActorSide,
+    CloseOutOutcome,
+    DeclineReason,
+    Disposition,
+    Referral,
+    ReferralState,
+)
+
+S = ReferralState
+
+# Who acts for each side. Ministry officials and stewards are on neither side.
+REQUESTER_ROLES = frozenset({Role.REFERRER.value, Role.COORDINATOR.value})
+REQUESTER_OR_SYSTEM_ROLES = REQUESTER_ROLES | {Role.MEMBER_SYSTEM.value}
+ASSIGNEE_ROLES = frozenset({Role.CONSULTANT.value, Role.COORDINATOR.value})
+NO_ROLES: frozenset[str] = frozenset()
+
+TERMINAL_STATES = frozenset({S.DECLINED, S.CANCELLED, S.EXPIRED, S.CLOSED_LOCAL, S.COMPLETED})
+# States a case is "finished" in: it may spawn a counter-referral back down.
+FINISHED_STATES = frozenset({S.ADVISED, S.CLOSED_LOCAL, S.COMPLETED})
+
+
+@dataclass(frozen=True)
+class InputField:
+    """One input of an action. ``kind`` decides how services parse it and how the API
+    serializer and the OpenAPI schema describe it."""
+
+    name: str
+    kind: str  # text | choice | bool | datetime | department | users | url
+    required: bool = True
+    choices: tuple[str, ...] = ()
+    help: str = ""
+
+
+# A guard answers "why not?" (a message) or None when the action may go ahead.
+# ``data`` is None when only the referral is known (listing available actions); the
+# input-dependent part of a guard runs when the action is actually attempted.
+Guard = Callable[[Referral, Mapping[str, Any] | None, datetime], str | None]
+
+
+def _guard_forward_target(
+    referral: Referral, data: Mapping[str, Any] | None, now: datetime
+) -> str | None:
+    if data is None:
+        return None
+    department = data["department"]
+    if department.pk == referral.assigned_department_id:
+        return "The referral is already assigned to that department."
+    if not department.accepting:
+        return "That department is not accepting referrals."
+    if department.facility_id == referral.requester_facility_id:
+        return "A referral cannot be forwarded to the requesting facility."
+    return None
+
+
+def _guard_conference_in_future(
+    referral: Referral, data: Mapping[str, Any] | None, now: datetime
+) -> str | None:
+    if data is not None and data["scheduled_at"] <= now:
+        return "The conference must be scheduled in the future."
+    return None
+
+
+def _guard_department_offers_transfer(
+    referral: Referral, data: Mapping[str, Any] | None, now: datetime
+) -> str | None:
+    department = referral.assigned_department
+    if department is None or not department.offers_transfer:
+        return "The assigned department does not receive transfers."
+    return None
+
+
+def _guard_deadline_passed(
+    referral: Referral, data: Mapping[str, Any] | None, now: datetime
+) -> str | None:
+    if referral.deadline is None or referral.deadline > now:
+        return "The deadline has not passed."
+    return None
+
+
+def _guard_counter_department(
+    referral: Referral, data: Mapping[str, Any] | None, now: datetime
+) -> str | None:
+    if data is None:
+        return None
+    department = data["department"]
+    if department.facility_id != referral.requester_facility_id:
+        return "A counter-referral goes to a department of the original requesting facility."
+    if not department.accepting:
+        return "That department is not accepting referrals."
+    return None
+
+
+GUARDS: dict[str, Guard] = {
+    "forward_target_valid": _guard_forward_target,
+    "conference_in_future": _guard_conference_in_future,
+    "department_offers_transfer": _guard_department_offers_transfer,
+    "deadline_passed": _guard_deadline_passed,
+    "counter_department_at_requester": _guard_counter_department,
+}
+
+GUARD_DESCRIPTIONS: dict[str, str] = {
+    "forward_target_valid": "target department differs, accepts, and is not the requester",
+    "conference_in_future": "scheduled_at is in the future",
+    "department_offers_transfer": "assigned department receives transfers",
+    "deadline_passed": "deadline has passed",
+    "counter_department_at_requester": "department belongs to the original requester, accepting",
+}
+
+
+def _choices(enum: Any) -> tuple[str, ...]:
+    return tuple(str(value) for value in enum.values)
+
+
+NOTE = InputField("note", "text", required=False)
+
+
+@dataclass(frozen=True)
+class Transition:
+    action: str
+    sources: frozenset[str]
+    # None: the state does not change (counter_refer leaves the original where it is).
+    target: str | None
+    side: str  # ActorSide
+    roles: frozenset[str]
+    inputs: tuple[InputField, ...] = ()
+    guard: str | None = None
+    records: str = "event"
+    description: str = ""
+
+    def target_from(self, state: str) -> str:
+        return self.target if self.target is not None else state
+
+    @property
+    def required_inputs(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.inputs if f.required)
+
+
+TRANSITIONS: tuple[Transition, ...] = (
+    Transition(
+        "submit",
+        frozenset({S.DRAFT}),
+        S.SUBMITTED,
+        ActorSide.REQUESTER,
+        REQUESTER_OR_SYSTEM_ROLES,
+        description="Send the referral to its department (or to routing when none is chosen).",
+    ),
+    Transition(
+        "accept",
+        frozenset({S.SUBMITTED}),
+        S.ACCEPTED,
+        ActorSide.ASSIGNEE,
+        ASSIGNEE_ROLES,
+        description="The department takes the case.",
+    ),
+    Transition(
+        "decline",
+        frozenset({S.SUBMITTED}),
+        S.DECLINED,
+        ActorSide.ASSIGNEE,
+        ASSIGNEE_ROLES,
+        inputs=(InputField("reason_code", "choice", choices=_choices(DeclineReason)), NOTE),
+        description="Terminal for now; re-routing to the next candidate is a later slice.",
+    ),
+    Transition(
+        "forward",
+        frozenset({S.SUBMITTED, S.ACCEPTED}),
+        S.SUBMITTED,
+        ActorSide.ASSIGNEE,
+        ASSIGNEE_ROLES,
+        inputs=(InputField("department", "department"), InputField("reason", "text")),
+        guard="forward_target_valid",
+        description="Hand the case to another department; it starts again as submitted there.",
+    ),
+    Transition(
+        "cancel",
+        frozenset({S.DRAFT, S.SUBMITTED, S.ACCEPTED, S.INFO_REQUESTED, S.SCHEDULED}),
+        S.CANCELLED,
+        ActorSide.REQUESTER,
+        REQUESTER_OR_SYSTEM_ROLES,
+        inputs=(InputField("reason", "text"),),
+    ),
+    Transition(
+        "request_info",
+        frozenset({S.ACCEPTED}),
+        S.INFO_REQUESTED,
+        ActorSide.ASSIGNEE,
+        ASSIGNEE_ROLES,
+        inputs=(InputField("question", "text"),),
+        records="event + Message",
+    ),
+    Transition(
+        "provide_info",
+        frozenset({S.INFO_REQUESTED}),
+        S.ACCEPTED,
+        ActorSide.REQUESTER,
+        REQUESTER_OR_SYSTEM_ROLES,
+        inputs=(InputField("text", "text"),),
+        records="event + Message (in response to the question)",
+    ),
+    Transition(
+        "schedule",
+        frozenset({S.ACCEPTED, S.SCHEDULED}),
+        S.SCHEDULED,
+        ActorSide.ASSIGNEE,
+        ASSIGNEE_ROLES,
+        inputs=(
+            InputField("scheduled_at", "datetime"),
+            InputField("experts", "users", help="user ids of the experts invited"),
+            InputField("video_url", "url"),
+        ),
+        guard="conference_in_future",
+        records="event + conference time, experts, link on the referral",
+        description="Plan a live case conference (again from scheduled = reschedule).",
+    ),
+    Transition(
+        "start_conference",
+        frozenset({S.SCHEDULED}),
+        S.IN_CONFERENCE,
+        ActorSide.ASSIGNEE,
+        ASSIGNEE_ROLES,
+    ),
+    Transition(
+        "finish_conference",
+        frozenset({S.IN_CONFERENCE}),
+        S.ADVISED,
+        ActorSide.ASSIGNEE,
+        ASSIGNEE_ROLES,
+        inputs=(
+            InputField("minutes", "text"),
+            InputField("disposition", "choice", choices=_choices(Disposition)),
+            InputField("text", "text", help="the advice"),
+        ),
+        records="event + ConsultNote with minutes",
+    ),
+    Transition(
+        "advise",
+        frozenset({S.ACCEPTED}),
+        S.ADVISED,
+        ActorSide.ASSIGNEE,
+        ASSIGNEE_ROLES,
+        inputs=(
+            InputField("disposition", "choice", choices=_choices(Disposition)),
+            InputField("text", "text", help="the advice"),
+        ),
+        records="event + ConsultNote",
+        description="Asynchronous advice (e-consult).",
+    ),
+    Transition(
+        "close_local",
+        frozenset({S.ADVISED}),
+        S.CLOSED_LOCAL,
+        ActorSide.REQUESTER,
+        REQUESTER_ROLES,
+        inputs=(
+            InputField("transfer_originally_considered", "bool"),
+            InputField("outcome", "choice", choices=_choices(CloseOutOutcome)),
+        ),
+        records="event + CloseOut",
+        description="The requester manages the patient locally and answers the close-out.",
+    ),
+    Transition(
+        "request_transfer",
+        frozenset({S.ADVISED}),
+        S.TRANSFER_REQUESTED,
+        ActorSide.REQUESTER,
+        REQUESTER_ROLES,
+        inputs=(InputField("reason", "text"),),
+        guard="department_offers_transfer",
+    ),
+    Transition(
+        "accept_transfer",
+        frozenset({S.TRANSFER_REQUESTED}),
+        S.TRANSFER_ACCEPTED,
+        ActorSide.ASSIGNEE,
+        ASSIGNEE_ROLES,
+        inputs=(NOTE,),
+    ),
+    Transition(
+        "depart",
+        frozenset({S.TRANSFER_ACCEPTED}),
+        S.IN_TRANSIT,
+        ActorSide.REQUESTER,
+        REQUESTER_ROLES,
+        inputs=(NOTE,),
+    ),
+    Transition(
+        "arrive",
+        frozenset({S.IN_TRANSIT}),
+        S.ARRIVED,
+        ActorSide.ASSIGNEE,
+        ASSIGNEE_ROLES,
+        inputs=(NOTE,),
+    ),
+    Transition(
+        "complete",
+        frozenset({S.ARRIVED}),
+        S.COMPLETED,
+        ActorSide.ASSIGNEE,
+        ASSIGNEE_ROLES,
+        inputs=(NOTE,),
+    ),
+    Transition(
+        "expire",
+        frozenset({S.SUBMITTED}),
+        S.EXPIRED,
+        ActorSide.SYSTEM,
+        NO_ROLES,
+        guard="deadline_passed",
+        description="Deadline job: not accepted in time. Re-routing is a later slice.",
+    ),
+    Transition(
+        "counter_refer",
+        FINISHED_STATES,
+        None,
+        ActorSide.ASSIGNEE,
+        ASSIGNEE_ROLES,
+        inputs=(InputField("department", "department"), InputField("clinical_question", "text")),
+        guard="counter_department_at_requester",
+        records="event + a new linked Referral (submitted) back down",
+        description="Refer back down; the original keeps its state.",
+    ),
+)
+
+TRANSITIONS_BY_ACTION: dict[str, Transition] = {t.action: t for t in TRANSITIONS}
+ACTIONS: tuple[str, ...] = tuple(TRANSITIONS_BY_ACTION)
+INITIAL_STATE = S.DRAFT
+
+
+def transition_for(action: str) -> Transition | None:
+    return TRANSITIONS_BY_ACTION.get(action)
+
+
+def check_table() -> list[str]:
+    """Problems in the table (a test asserts there are none)."""
+    problems: list[str] = []
+    states = set(S.values)
+    if len(TRANSITIONS_BY_ACTION) != len(TRANSITIONS):
+        problems.append("duplicate action names")
+    for t in TRANSITIONS:
+        if not t.sources <= states:
+            problems.append(f"{t.action}: unknown source state")
+        if t.target is not None and t.target not in states:
+            problems.append(f"{t.action}: unknown target state")
+        if t.guard is not None and t.guard not in GUARDS:
+            problems.append(f"{t.action}: unknown guard {t.guard}")
+        if t.sources & TERMINAL_STATES and t.target is not None:
+            problems.append(f"{t.action}: leaves a terminal state")
+        if (t.side == ActorSide.SYSTEM) != (not t.roles):
+            problems.append(f"{t.action}: only system actions have no roles")
+    return problems
