@@ -283,6 +283,7 @@ class ChangeRequestViewSet(
         parser = ChangeRequestInputSerializer(data=request.data)
         parser.is_valid(raise_exception=True)
         facility = parser.validated_data.get("facility")
+        services.change_request_check_may_propose(actor=_user(request), facility=facility)
         # Validate now so a steward never approves something that cannot be applied.
         self._parse_payload(facility, parser.validated_data["payload"])
         change_request = services.change_request_propose(

@@ -8,6 +8,7 @@ OrganizationAffiliation.
 from __future__ import annotations
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import F, Q
@@ -146,6 +147,8 @@ class Facility(models.Model):
             models.CheckConstraint(
                 condition=Q(latitude__isnull=True, longitude__isnull=True)
                 | Q(
+                    latitude__isnull=False,
+                    longitude__isnull=False,
                     latitude__gte=-90,
                     latitude__lte=90,
                     longitude__gte=-180,
@@ -162,6 +165,11 @@ class Facility(models.Model):
     def save(self, *args: object, **kwargs: object) -> None:
         self.search_name = search_key(f"{self.name} {self.name_local}")
         super().save(*args, **kwargs)  # type: ignore[arg-type]
+
+    def clean(self) -> None:
+        # Mirrors the database check so forms and services report it as a field error.
+        if (self.latitude is None) != (self.longitude is None):
+            raise ValidationError({"latitude": "Give both latitude and longitude, or neither."})
 
     @property
     def is_active(self) -> bool:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+from django.utils import timezone
 from rest_framework import serializers
 
 from registry.models import (
@@ -19,6 +21,19 @@ from registry.models import (
     Specialty,
     SupportLink,
 )
+
+
+class FiniteFloatField(serializers.FloatField):
+    """A float that is a number: "NaN" and "Infinity" parse as floats and NaN slips past
+    min/max checks, so they are refused here."""
+
+    default_error_messages = {"not_finite": "A finite number is required."}
+
+    def to_internal_value(self, data: Any) -> float:
+        value = super().to_internal_value(data)
+        if not math.isfinite(value):
+            self.fail("not_finite")
+        return value
 
 
 class CountrySerializer(serializers.ModelSerializer[Country]):
@@ -103,10 +118,8 @@ class FacilityInputSerializer(serializers.Serializer[dict[str, Any]]):
     operational_status = serializers.ChoiceField(
         choices=Facility._meta.get_field("operational_status").choices or [], required=False
     )
-    latitude = serializers.FloatField(min_value=-90, max_value=90, required=False, allow_null=True)
-    longitude = serializers.FloatField(
-        min_value=-180, max_value=180, required=False, allow_null=True
-    )
+    latitude = FiniteFloatField(min_value=-90, max_value=90, required=False, allow_null=True)
+    longitude = FiniteFloatField(min_value=-180, max_value=180, required=False, allow_null=True)
     parent = serializers.SlugRelatedField(  # type: ignore[assignment]
         slug_field="code", queryset=Facility.objects.all(), required=False, allow_null=True
     )
@@ -195,10 +208,10 @@ class DepartmentInputSerializer(serializers.Serializer[dict[str, Any]]):
 
 class NearbyQuerySerializer(serializers.Serializer[dict[str, Any]]):
     specialty = serializers.CharField(max_length=32)
-    lat = serializers.FloatField(min_value=-90, max_value=90, required=False)
-    lon = serializers.FloatField(min_value=-180, max_value=180, required=False)
+    lat = FiniteFloatField(min_value=-90, max_value=90, required=False)
+    lon = FiniteFloatField(min_value=-180, max_value=180, required=False)
     facility = serializers.PrimaryKeyRelatedField(queryset=Facility.objects.all(), required=False)
-    radius_km = serializers.FloatField(min_value=0.1, max_value=5000, default=100)
+    radius_km = FiniteFloatField(min_value=0.1, max_value=5000, default=100)
     mode = serializers.ChoiceField(choices=ConsultMode.choices, required=False)
     limit = serializers.IntegerField(min_value=1, max_value=500, default=50)
 
@@ -272,7 +285,11 @@ class SupportLinkSerializer(serializers.ModelSerializer[SupportLink]):
         validators: list[Any] = []  # the service reports duplicates as 409
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
-        valid_from = attrs.get("valid_from", getattr(self.instance, "valid_from", None))
+        # A new link without valid_from starts today (the model default).
+        valid_from = (
+            attrs.get("valid_from", getattr(self.instance, "valid_from", None))
+            or timezone.localdate()
+        )
         valid_to = attrs.get("valid_to", getattr(self.instance, "valid_to", None))
         if valid_from and valid_to and valid_to < valid_from:
             raise serializers.ValidationError({"valid_to": "Must not be before valid_from."})

@@ -130,6 +130,9 @@ def facility_update(
     before = facility_snapshot(facility)
     fields = dict(data)
     identifiers = fields.pop("identifiers", None)
+    code = fields.get("code", facility.code)
+    if code != facility.code and Facility.objects.filter(code=code).exists():
+        raise Conflict(f"A facility with code {code!r} already exists.")
     for name, value in fields.items():
         setattr(facility, name, value)
     facility.province = area_province(facility.area)
@@ -152,10 +155,10 @@ def facility_update(
 # --- change requests: proposed by a facility admin, applied when a steward approves ---------
 
 
-@transaction.atomic
-def change_request_propose(
-    *, actor: User, facility: Facility | None, payload: Mapping[str, Any]
-) -> ChangeRequest:
+def change_request_check_may_propose(*, actor: User, facility: Facility | None) -> None:
+    """Raises PermissionDenied unless ``actor`` may propose a change to ``facility`` (None: a
+    new facility). Callers check this before validating the payload, so a refused caller
+    learns nothing about it."""
     if not (actor.has_role(Role.FACILITY_ADMIN) or is_steward(actor)):
         raise PermissionDenied("Only facility administrators may propose registry changes.")
     if (
@@ -164,6 +167,13 @@ def change_request_propose(
         and (actor.facility_id is None or actor.facility_id != facility.pk)
     ):
         raise PermissionDenied("A facility administrator may only propose changes to own facility.")
+
+
+@transaction.atomic
+def change_request_propose(
+    *, actor: User, facility: Facility | None, payload: Mapping[str, Any]
+) -> ChangeRequest:
+    change_request_check_may_propose(actor=actor, facility=facility)
     return ChangeRequest.objects.create(facility=facility, payload=dict(payload), proposed_by=actor)
 
 
