@@ -3,3 +3,10 @@ from django.apps import AppConfig
 
 class FhirGatewayConfig(AppConfig):
     name = "fhir_gateway"
+    verbose_name = "FHIR gateway"
+
+    def ready(self) -> None:
+        # The handler registry is what /fhir routes to and what /fhir/metadata declares.
+        from fhir_gateway import registry_resources
+
+        registry_resources.register_all()

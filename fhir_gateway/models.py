@@ -1,1 +1,155 @@
-"""FHIR gateway (issue 4): not built yet. The only package that imports fhir.resources."""
+"""Stored FHIR resources (decision 2) and the outbound outbox (decision 1)."""
+
+from __future__ import annotations
+
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+
+class FhirResource(models.Model):
+    """One version of one resource, stored as the exact JSON bytes we serve.
+
+    ``json_r4``/``json_r5`` hold the same version rendered in R4 and R5 (either may be empty
+    when no rendering in that version exists); ``fhir_version`` is the version it was written
+    in. Reads splice these texts into answers; nothing on the read path re-serialises.
+    """
+
+    resource_type = models.CharField(max_length=64)
+    logical_id = models.CharField(max_length=64)
+    version_id = models.PositiveIntegerField()
+    last_updated = models.DateTimeField(default=timezone.now)
+    fhir_version = models.CharField(max_length=3, default="4.0")
+    json_r4 = models.TextField(blank=True)
+    json_r5 = models.TextField(blank=True)
+    # sha256 of the content without meta: a projection stores a new version only on change.
+    content_hash = models.CharField(max_length=64, blank=True)
+    is_current = models.BooleanField(default=True)
+    deleted = models.BooleanField(default=False)
+    # The registry row a projected resource comes from (joins searches to registry tables).
+    source_pk = models.BigIntegerField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["resource_type", "logical_id", "version_id"],
+                name="fhir_resource_unique_version",
+            ),
+            models.UniqueConstraint(
+                fields=["resource_type", "logical_id"],
+                condition=Q(is_current=True),
+                name="fhir_resource_one_current",
+            ),
+        ]
+        indexes = [
+            models.Index(
+                fields=["resource_type", "source_pk"],
+                condition=Q(is_current=True),
+                name="fhir_resource_current_source",
+            ),
+            models.Index(
+                fields=["resource_type", "last_updated"],
+                condition=Q(is_current=True),
+                name="fhir_resource_current_updated",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.resource_type}/{self.logical_id}/_history/{self.version_id}"
+
+    def json_for(self, version: str) -> str:
+        return self.json_r5 if version == "5.0" else self.json_r4
+
+
+class FhirSearchToken(models.Model):
+    """A token/reference value of the current version of a resource, for searches."""
+
+    resource = models.ForeignKey(FhirResource, on_delete=models.CASCADE, related_name="tokens")
+    resource_type = models.CharField(max_length=64)
+    param = models.CharField(max_length=64)
+    system = models.CharField(max_length=255, blank=True)
+    value = models.CharField(max_length=255)
+
+    class Meta:
+        indexes = [models.Index(fields=["resource_type", "param", "value", "system"])]
+
+    def __str__(self) -> str:
+        return f"{self.resource_type}.{self.param}={self.system}|{self.value}"
+
+
+class OutboxMessage(models.Model):
+    """A resource version a member must receive, written in the same transaction as the change.
+
+    Messages of one aggregate (e.g. "referral:123") are delivered in ``seq`` order: a message
+    goes out only once every earlier one of its aggregate is delivered.
+    """
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "Pending"
+        IN_FLIGHT = "in_flight", "In flight"
+        DELIVERED = "delivered", "Delivered"
+        FAILED = "failed", "Failed (will retry)"
+        DEAD = "dead", "Dead (needs a person)"
+
+    class Method(models.TextChoices):
+        PUT = "PUT", "PUT"
+        POST = "POST", "POST"
+
+    endpoint = models.ForeignKey(
+        "registry.Endpoint", on_delete=models.PROTECT, related_name="outbox_messages"
+    )
+    aggregate_key = models.CharField(max_length=100)
+    seq = models.PositiveIntegerField()
+    resource_type = models.CharField(max_length=64)
+    logical_id = models.CharField(max_length=64)
+    version_id = models.PositiveIntegerField(null=True, blank=True)
+    # A fixed payload (JSON text) when the message does not send a stored resource version.
+    payload = models.TextField(blank=True)
+    payload_fhir_version = models.CharField(max_length=3, blank=True)
+    http_method = models.CharField(max_length=6, choices=Method.choices, default=Method.PUT)
+    idempotency_key = models.CharField(max_length=100, unique=True)
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
+    attempts = models.PositiveIntegerField(default=0)
+    next_attempt_at = models.DateTimeField(default=timezone.now)
+    claimed_at = models.DateTimeField(null=True, blank=True)
+    claim_token = models.CharField(max_length=32, blank=True)
+    last_error = models.TextField(blank=True)
+    last_status_code = models.PositiveIntegerField(null=True, blank=True)
+    replay_of = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="replays"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["aggregate_key", "seq"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["aggregate_key", "seq"], name="outbox_unique_seq_per_aggregate"
+            ),
+        ]
+        indexes = [
+            # Due work: the sweep's scan.
+            models.Index(
+                fields=["next_attempt_at"],
+                condition=Q(status__in=["pending", "failed"]),
+                name="outbox_due",
+            ),
+            models.Index(
+                fields=["claimed_at"], condition=Q(status="in_flight"), name="outbox_in_flight"
+            ),
+            models.Index(fields=["status", "created_at"], name="outbox_status_created"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.aggregate_key}#{self.seq} {self.resource_type}/{self.logical_id}"
+
+
+class ProjectionCheckpoint(models.Model):
+    """Where the registry projection got to (its next run projects changes since then)."""
+
+    name = models.CharField(max_length=50, unique=True)
+    watermark = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"{self.name} @ {self.watermark:%Y-%m-%d %H:%M:%S}"

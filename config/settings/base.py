@@ -167,7 +167,23 @@ CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
-CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {}
+CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
+    # FHIR gateway: retries, lost schedules and expired leases of the outbox.
+    "fhir-outbox-sweep": {"task": "fhir_gateway.outbox_sweep", "schedule": 10.0},
+    # FHIR gateway: registry -> stored mCSD resources (new versions only on change).
+    "fhir-project-registry": {"task": "fhir_gateway.project_registry", "schedule": 60.0},
+    # Referrals: deadline notices, then re-route/expire; re-route recent declines.
+    "referrals-escalate": {"task": "referrals.tasks.referrals_escalate", "schedule": 60.0},
+}
+# Referral deadlines and routing (referrals/escalation.py, referrals/routing.py).
+REFERRAL_ESCALATION_AUTO_FORWARD = env.bool("REFERRAL_ESCALATION_AUTO_FORWARD", default=True)
+REFERRAL_ESCALATION_GRACE_MINUTES = env.int("REFERRAL_ESCALATION_GRACE_MINUTES", default=60)
+REFERRAL_DECLINE_AUTO_REROUTE = env.bool("REFERRAL_DECLINE_AUTO_REROUTE", default=True)
+REFERRAL_DECLINE_REROUTE_WINDOW_MINUTES = env.int(
+    "REFERRAL_DECLINE_REROUTE_WINDOW_MINUTES", default=60
+)
+REFERRAL_ROUTING_CACHE_SECONDS = env.int("REFERRAL_ROUTING_CACHE_SECONDS", default=60)
+REFERRAL_ROUTING_STATS_SECONDS = env.int("REFERRAL_ROUTING_STATS_SECONDS", default=300)
 CELERY_TIMEZONE = "UTC"
 
 LOG_LEVEL = env.str("LOG_LEVEL", default="INFO")
@@ -200,3 +216,29 @@ DEFAULT_FROM_EMAIL = env.str("DEFAULT_FROM_EMAIL", default="consilium@localhost"
 
 # Registry
 REGISTRY_IMPORT_BATCH_SIZE = env.int("REGISTRY_IMPORT_BATCH_SIZE", default=1000)
+
+# Referral attachments: largest case file accepted (bytes; over it: 413). 20 MiB default.
+ATTACHMENT_MAX_BYTES = env.int("ATTACHMENT_MAX_BYTES", default=20 * 1024 * 1024)
+# Audit log: take the client address from X-Forwarded-For (only behind a trusted proxy
+# that sets it); otherwise REMOTE_ADDR.
+AUDIT_TRUST_X_FORWARDED_FOR = env.bool("AUDIT_TRUST_X_FORWARDED_FOR", default=False)
+
+# Reports (issue 5, docs/metrics.md): small-cell suppression for aggregate-only (ministry)
+# views, the verification window of avoided transfers, travel cost per km by requester
+# country (ISO code=amount, "default" for the rest), the time zone that decides report
+# days, and the watermark job that keeps the rollups up to date.
+REPORTS_MIN_CELL = env.int("REPORTS_MIN_CELL", default=5)
+REPORTS_VERIFY_DAYS = env.int("REPORTS_VERIFY_DAYS", default=30)
+REPORTS_COST_PER_KM: dict[str, float] = {
+    code: float(amount)
+    for code, amount in env.dict("REPORTS_COST_PER_KM", default={"default": "0.3"}).items()
+}
+REPORTS_CURRENCY = env.str("REPORTS_CURRENCY", default="USD")
+REPORTS_TIME_ZONE = env.str("REPORTS_TIME_ZONE", default=TIME_ZONE)
+REPORTS_UPKEEP_INTERVAL = env.float("REPORTS_UPKEEP_INTERVAL", default=10.0)
+REPORTS_UPKEEP_BATCH = env.int("REPORTS_UPKEEP_BATCH", default=5000)
+REPORTS_GAP_TIMEOUT = env.int("REPORTS_GAP_TIMEOUT", default=300)
+CELERY_BEAT_SCHEDULE["reports-catch-up"] = {
+    "task": "reports.catch_up",
+    "schedule": REPORTS_UPKEEP_INTERVAL,
+}

@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+from django.contrib import admin, messages
+from django.db.models import QuerySet
+from django.http import HttpRequest
+
+from fhir_gateway.delivery import outbox_replay, outbox_retry
+from fhir_gateway.models import FhirResource, OutboxMessage
+
+
+@admin.register(OutboxMessage)
+class OutboxMessageAdmin(admin.ModelAdmin[OutboxMessage]):
+    list_display = (
+        "id",
+        "aggregate_key",
+        "seq",
+        "resource_type",
+        "logical_id",
+        "version_id",
+        "endpoint",
+        "status",
+        "attempts",
+        "next_attempt_at",
+        "last_status_code",
+        "delivered_at",
+    )
+    list_filter = ("status", "resource_type")
+    search_fields = ("aggregate_key", "idempotency_key", "logical_id")
+    list_select_related = ("endpoint",)
+    ordering = ("-id",)
+    readonly_fields = [f.name for f in OutboxMessage._meta.get_fields() if f.concrete]
+    actions = ("retry_messages", "replay_messages")
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    @admin.action(description="Retry now (dead or failed messages)")
+    def retry_messages(self, request: HttpRequest, queryset: QuerySet[OutboxMessage]) -> None:
+        done = sum(outbox_retry(message_id=m.pk) for m in queryset)
+        self.message_user(request, f"{done} message(s) queued again.", messages.SUCCESS)
+
+    @admin.action(description="Replay (send delivered messages again)")
+    def replay_messages(self, request: HttpRequest, queryset: QuerySet[OutboxMessage]) -> None:
+        done = sum(outbox_replay(message_id=m.pk) is not None for m in queryset.order_by("seq"))
+        self.message_user(request, f"{done} message(s) queued for replay.", messages.SUCCESS)
+
+
+@admin.register(FhirResource)
+class FhirResourceAdmin(admin.ModelAdmin[FhirResource]):
+    list_display = (
+        "resource_type",
+        "logical_id",
+        "version_id",
+        "last_updated",
+        "fhir_version",
+        "is_current",
+        "deleted",
+    )
+    list_filter = ("resource_type", "is_current", "deleted")
+    search_fields = ("logical_id",)
+    readonly_fields = [f.name for f in FhirResource._meta.get_fields() if f.concrete]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False

@@ -1,0 +1,85 @@
+"""The CapabilityStatement, generated from the handler registry the router uses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fhir_gateway import handlers
+from fhir_gateway.handlers import COMMON_SEARCH_PARAMS, HANDLERS
+from fhir_gateway.versions import DEFAULT_VERSION, FHIR_JSON, RELEASE, SUPPORTED_VERSIONS
+
+# The date this statement's shape last changed (CapabilityStatement.date is required).
+_STATEMENT_DATE = "2025-01-01"
+
+
+def capability_statement(version: str, *, base: str) -> dict[str, Any]:
+    resources: list[dict[str, Any]] = []
+    for resource_type in sorted(HANDLERS):
+        handler = HANDLERS[resource_type]
+        entry: dict[str, Any] = {"type": resource_type}
+        if handler.profile:
+            entry["profile"] = handler.profile
+        if handler.documentation:
+            entry["documentation"] = handler.documentation
+        entry["interaction"] = [{"code": code} for code in handler.interactions]
+        entry["versioning"] = "versioned-update"
+        entry["readHistory"] = handler.supports(handlers.VREAD)
+        entry["updateCreate"] = False
+        entry["conditionalCreate"] = handler.conditional_create
+        entry["conditionalRead"] = "not-supported"
+        entry["conditionalUpdate"] = False
+        entry["conditionalDelete"] = "not-supported"
+        if handler.supports(handlers.SEARCH):
+            params = [*COMMON_SEARCH_PARAMS, *handler.search_params]
+            entry["searchParam"] = [
+                {
+                    "name": p.name,
+                    **({"definition": p.definition} if p.definition else {}),
+                    "type": p.type,
+                    "documentation": p.documentation,
+                }
+                for p in params
+            ]
+        resources.append(entry)
+    return {
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": _STATEMENT_DATE,
+        "publisher": "Consilium",
+        "kind": "instance",
+        "software": {"name": "Consilium FHIR gateway"},
+        "implementation": {"description": "Consilium referral network", "url": base},
+        "fhirVersion": RELEASE[version],
+        "format": [FHIR_JSON, "json"],
+        "rest": [
+            {
+                "mode": "server",
+                "documentation": (
+                    f"FHIR versions {', '.join(SUPPORTED_VERSIONS)} (fhirVersion media-type "
+                    f"parameter; default {DEFAULT_VERSION}). Bearer tokens only."
+                ),
+                "security": {
+                    "cors": False,
+                    "description": "Authorization: Bearer <token> (issue_token).",
+                },
+                "resource": resources,
+                "operation": [
+                    {
+                        "name": "versions",
+                        "definition": "http://hl7.org/fhir/OperationDefinition/"
+                        "CapabilityStatement-versions",
+                    }
+                ],
+            }
+        ],
+    }
+
+
+def versions_parameters() -> dict[str, Any]:
+    return {
+        "resourceType": "Parameters",
+        "parameter": [
+            *({"name": "version", "valueCode": v} for v in SUPPORTED_VERSIONS),
+            {"name": "default", "valueCode": DEFAULT_VERSION},
+        ],
+    }

@@ -1,0 +1,164 @@
+"""The registry of resource handlers: what the router serves and what /metadata declares.
+
+Each supported resource type registers one ``ResourceHandler``; the views route only to
+registered types and interactions, and the CapabilityStatement is generated from the same
+objects, so the two cannot drift.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from django.db.models import QuerySet
+
+from fhir_gateway import storage
+from fhir_gateway.models import FhirResource
+
+if TYPE_CHECKING:
+    from accounts.models import User
+
+READ = "read"
+VREAD = "vread"
+HISTORY = "history-instance"
+SEARCH = "search-type"
+CREATE = "create"
+UPDATE = "update"
+DELETE = "delete"
+
+
+@dataclass(frozen=True)
+class SearchParam:
+    name: str
+    type: str  # FHIR search parameter type: string, token, reference, date, special
+    documentation: str
+    definition: str = ""
+
+
+# Parameters the views evaluate for every searchable type.
+COMMON_SEARCH_PARAMS: tuple[SearchParam, ...] = (
+    SearchParam("_id", "token", "Logical id.", "http://hl7.org/fhir/SearchParameter/Resource-id"),
+    SearchParam(
+        "_lastUpdated",
+        "date",
+        "When the version was stored; prefixes eq, ge, gt, le, lt.",
+        "http://hl7.org/fhir/SearchParameter/Resource-lastUpdated",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class WriteRequest:
+    user: User
+    resource_type: str
+    resource: dict[str, Any]
+    fhir_version: str
+    logical_id: str | None = None
+    if_match: str | None = None
+    if_none_exist: str | None = None
+
+
+# Returns the current rows matching the handler's own parameters (values already split).
+SearchFunc = Callable[["User", dict[str, list[str]]], QuerySet[FhirResource]]
+WriteFunc = Callable[[WriteRequest], storage.WriteResult]
+DeleteFunc = Callable[["User", str, str | None], FhirResource | None]
+
+
+@dataclass
+class ResourceHandler:
+    resource_type: str
+    interactions: tuple[str, ...]
+    documentation: str = ""
+    profile: str = ""
+    search_params: tuple[SearchParam, ...] = ()
+    search: SearchFunc | None = None
+    create: WriteFunc | None = None
+    update: WriteFunc | None = None
+    delete: DeleteFunc | None = None
+    conditional_create: bool = False
+    # Ordering of search results (stable, for paging).
+    order_by: tuple[str, ...] = ("logical_id",)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def supports(self, interaction: str) -> bool:
+        return interaction in self.interactions
+
+    def param(self, name: str) -> SearchParam | None:
+        for p in (*COMMON_SEARCH_PARAMS, *self.search_params):
+            if p.name == name:
+                return p
+        return None
+
+
+HANDLERS: dict[str, ResourceHandler] = {}
+
+
+def register(handler: ResourceHandler) -> ResourceHandler:
+    HANDLERS[handler.resource_type] = handler
+    return handler
+
+
+def unregister(resource_type: str) -> None:
+    HANDLERS.pop(resource_type, None)
+
+
+# --------------------------------------------------------------------------- stored types
+
+
+def stored_resource_handler(
+    resource_type: str,
+    *,
+    interactions: tuple[str, ...] = (READ, VREAD, HISTORY, SEARCH, CREATE, UPDATE, DELETE),
+    documentation: str = "",
+) -> ResourceHandler:
+    """A handler that keeps resources only in the FHIR store (no domain mapping).
+
+    Searchable by ``identifier``. The referral types will have their own handlers that call
+    the referral services; this one is the plain storage path (and what tests exercise).
+    """
+
+    def search(user: User, params: dict[str, list[str]]) -> QuerySet[FhirResource]:
+        criteria = [(name, value) for name, values in params.items() for value in values]
+        return storage.rows_matching_tokens(resource_type, criteria)
+
+    def create(req: WriteRequest) -> storage.WriteResult:
+        return storage.resource_create(
+            resource=req.resource,
+            fhir_version=req.fhir_version,
+            if_none_exist=req.if_none_exist,
+        )
+
+    def update(req: WriteRequest) -> storage.WriteResult:
+        assert req.logical_id is not None
+        return storage.resource_update(
+            resource_type=resource_type,
+            logical_id=req.logical_id,
+            resource=req.resource,
+            fhir_version=req.fhir_version,
+            if_match=req.if_match,
+        )
+
+    def delete(user: User, logical_id: str, if_match: str | None) -> FhirResource | None:
+        return storage.resource_delete(
+            resource_type=resource_type, logical_id=logical_id, if_match=if_match
+        )
+
+    return ResourceHandler(
+        resource_type=resource_type,
+        interactions=interactions,
+        documentation=documentation,
+        search_params=(
+            SearchParam(
+                "identifier",
+                "token",
+                "An identifier of the resource (system|value).",
+                f"http://hl7.org/fhir/SearchParameter/{resource_type}-identifier",
+            ),
+        ),
+        search=search,
+        create=create if CREATE in interactions else None,
+        update=update if UPDATE in interactions else None,
+        delete=delete if DELETE in interactions else None,
+        conditional_create=CREATE in interactions,
+    )

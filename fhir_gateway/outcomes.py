@@ -1,0 +1,134 @@
+"""OperationOutcome answers: every error under /fhir is one of these.
+
+``FhirError`` is what gateway code raises; ``core.errors.ApplicationError`` (raised by the
+domain services) is turned into the same shape by ``outcome_for_application_error``. Both go
+through ``outcome_response``, the one place that writes an error answer.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from django.http import HttpResponse
+
+from core.errors import ApplicationError
+from core.logging import current_request_id
+
+_FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+
+# The issue type (http://hl7.org/fhir/issue-type) that goes with each HTTP status we produce.
+ISSUE_CODE_FOR_STATUS: dict[int, str] = {
+    400: "invalid",
+    401: "login",
+    403: "forbidden",
+    404: "not-found",
+    405: "not-supported",
+    406: "not-supported",
+    409: "conflict",
+    410: "deleted",
+    412: "conflict",
+    413: "too-costly",
+    415: "not-supported",
+    422: "business-rule",
+    500: "exception",
+}
+
+# Issue types an ApplicationError may name directly in ``code`` (otherwise the status decides).
+_ISSUE_TYPES = frozenset(
+    {
+        "invalid",
+        "structure",
+        "required",
+        "value",
+        "invariant",
+        "security",
+        "login",
+        "unknown",
+        "expired",
+        "forbidden",
+        "suppressed",
+        "processing",
+        "not-supported",
+        "duplicate",
+        "multiple-matches",
+        "not-found",
+        "deleted",
+        "too-long",
+        "code-invalid",
+        "extension",
+        "too-costly",
+        "business-rule",
+        "conflict",
+        "transient",
+        "lock-error",
+        "no-store",
+        "exception",
+        "timeout",
+        "incomplete",
+        "throttled",
+        "informational",
+    }
+)
+
+
+class FhirError(Exception):
+    """An error answered with an OperationOutcome."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        diagnostics: str,
+        *,
+        expression: list[str] | None = None,
+        headers: Mapping[str, str] | None = None,
+        severity: str = "error",
+    ) -> None:
+        super().__init__(diagnostics)
+        self.status = status
+        self.code = code
+        self.diagnostics = diagnostics
+        self.expression = expression
+        self.headers = dict(headers or {})
+        self.severity = severity
+
+
+def operation_outcome(
+    code: str,
+    diagnostics: str,
+    *,
+    severity: str = "error",
+    expression: list[str] | None = None,
+) -> dict[str, Any]:
+    issue: dict[str, Any] = {"severity": severity, "code": code, "diagnostics": diagnostics}
+    if expression:
+        issue["expression"] = expression
+    outcome: dict[str, Any] = {"resourceType": "OperationOutcome", "issue": [issue]}
+    request_id = current_request_id()
+    if request_id and _FHIR_ID.match(request_id):
+        # Lets an integrator quote the id that our logs carry.
+        outcome["id"] = request_id
+    return outcome
+
+
+def outcome_for_application_error(exc: ApplicationError) -> FhirError:
+    status = exc.status_code if exc.status_code in ISSUE_CODE_FOR_STATUS else 400
+    code = exc.code if exc.code in _ISSUE_TYPES else ISSUE_CODE_FOR_STATUS[status]
+    if status == 422 and code == "invalid":
+        code = "business-rule"
+    return FhirError(status, code, exc.message)
+
+
+def outcome_response(error: FhirError, *, content_type: str) -> HttpResponse:
+    body = operation_outcome(
+        error.code, error.diagnostics, severity=error.severity, expression=error.expression
+    )
+    response = HttpResponse(
+        json.dumps(body, ensure_ascii=False), status=error.status, content_type=content_type
+    )
+    for name, value in error.headers.items():
+        response[name] = value
+    return response

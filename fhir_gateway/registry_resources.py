@@ -1,0 +1,521 @@
+"""Read + search handlers for the registry resources (IHE mCSD).
+
+Searches find registry primary keys with queries on the registry tables, then answer the
+stored JSON of those ids (``FhirResource.source_pk``) in one SQL statement.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from django.db.models import Q, QuerySet
+
+from fhir_gateway.handlers import (
+    HISTORY,
+    READ,
+    SEARCH,
+    VREAD,
+    ResourceHandler,
+    SearchParam,
+    register,
+)
+from fhir_gateway.models import FhirResource
+from fhir_gateway.outcomes import FhirError
+from fhir_gateway.registry_projection import (
+    CONSILIUM,
+    FACILITY_CODE_SYSTEM,
+    MCSD_TYPES,
+    ORGANIZATION_TYPE,
+    PRACTITIONER_ROLE_SYSTEM,
+    TIER_SYSTEM,
+)
+from fhir_gateway.storage import current_rows, parse_token
+from registry.geo import bounding_box, haversine_km
+from registry.models import (
+    Department,
+    Endpoint,
+    Facility,
+    OperationalStatus,
+    PractitionerRole,
+    SupportLink,
+)
+from registry.selectors import facility_queryset
+from registry.text import search_key
+
+if TYPE_CHECKING:
+    from accounts.models import User
+
+REGISTRY_INTERACTIONS = (READ, VREAD, HISTORY, SEARCH)
+_NUMERIC = re.compile(r"^[0-9]{1,18}$")
+_NOTHING = Q(pk__in=[])
+
+# A filter: (registry queryset, one value which may hold comma-separated alternatives) -> Q.
+Filter = Callable[[str], Q]
+
+
+def _alternatives(raw: str) -> list[str]:
+    return [part for part in raw.split(",") if part != ""]
+
+
+def _any(raw: str, one: Callable[[str], Q]) -> Q:
+    condition = _NOTHING
+    for value in _alternatives(raw):
+        condition |= one(value)
+    return condition
+
+
+def reference_pk(raw: str, resource_type: str) -> int | None:
+    """'Organization/12', '12' or an absolute URL -> 12; None when it cannot be ours."""
+    value = raw.rstrip("/")
+    if "/" in value:
+        parts = value.split("/")
+        if len(parts) >= 2 and parts[-2] == "_history":
+            parts = parts[:-2]
+        if len(parts) < 2 or parts[-2] != resource_type:
+            return None
+        value = parts[-1]
+    return int(value) if _NUMERIC.match(value) else None
+
+
+def _reference(field: str, resource_type: str) -> Filter:
+    def build(raw: str) -> Q:
+        def one(value: str) -> Q:
+            pk = reference_pk(value, resource_type)
+            return Q(**{field: pk}) if pk is not None else _NOTHING
+
+        return _any(raw, one)
+
+    return build
+
+
+def _boolean(field_true: Callable[[bool], Q]) -> Filter:
+    def build(raw: str) -> Q:
+        def one(value: str) -> Q:
+            _system, code = parse_token(value)
+            if code not in {"true", "false"}:
+                raise FhirError(400, "invalid", f"{value!r} is not true or false.")
+            return field_true(code == "true")
+
+        return _any(raw, one)
+
+    return build
+
+
+def _specialty(prefix: str) -> Filter:
+    def build(raw: str) -> Q:
+        def one(value: str) -> Q:
+            system, code = parse_token(value)
+            condition = Q(**{f"{prefix}code": code})
+            if system:
+                condition &= Q(**{f"{prefix}system": system})
+            return condition
+
+        return _any(raw, one)
+
+    return build
+
+
+def _facility_name(raw: str) -> Q:
+    return _any(raw, lambda value: Q(search_name__contains=search_key(value)))
+
+
+def _facility_identifier(raw: str) -> Q:
+    def one(value: str) -> Q:
+        system, code = parse_token(value)
+        condition = _NOTHING
+        if system is None or system == FACILITY_CODE_SYSTEM:
+            condition |= Q(code=code)
+        if system is None:
+            condition |= Q(identifiers__value=code)
+        elif system:
+            condition |= Q(identifiers__system=system, identifiers__value=code)
+        return condition
+
+    return _any(raw, one)
+
+
+def _facility_type(raw: str) -> Q:
+    def one(value: str) -> Q:
+        system, code = parse_token(value)
+        if system in {None, TIER_SYSTEM} and code in {"1", "2", "3", "4"}:
+            return Q(tier=int(code))
+        if (system in {None, MCSD_TYPES} and code == "facility") or (
+            system in {None, ORGANIZATION_TYPE} and code == "prov"
+        ):
+            return ~_NOTHING
+        return _NOTHING
+
+    return _any(raw, one)
+
+
+def _country(prefix: str = "") -> Filter:
+    def build(raw: str) -> Q:
+        return _any(
+            raw,
+            lambda v: Q(**{f"{prefix}country__code__iexact": v})
+            | Q(**{f"{prefix}country__name__istartswith": v}),
+        )
+
+    return build
+
+
+def _location_status(raw: str) -> Q:
+    statuses = {
+        "active": [OperationalStatus.ACTIVE],
+        "suspended": [OperationalStatus.SUSPENDED],
+        "inactive": [OperationalStatus.INACTIVE, OperationalStatus.CLOSED],
+    }
+
+    def one(value: str) -> Q:
+        _system, code = parse_token(value)
+        return Q(operational_status__in=statuses[code]) if code in statuses else _NOTHING
+
+    return _any(raw, one)
+
+
+def _near(raw: str) -> Q:
+    """near=lat|lon|distance|units (units km; distance defaults to 50 km)."""
+    parts = raw.split("|")
+    try:
+        lat, lon = float(parts[0]), float(parts[1])
+        distance = float(parts[2]) if len(parts) > 2 and parts[2] else 50.0
+    except (ValueError, IndexError) as exc:
+        raise FhirError(400, "invalid", f"near {raw!r} is not lat|lon|distance|km.") from exc
+    units = parts[3] if len(parts) > 3 else "km"
+    if units not in {"km", ""}:
+        raise FhirError(400, "not-supported", f"near distance unit {units!r}: use km.")
+    if not (-90 <= lat <= 90 and -180 <= lon <= 180 and 0 <= distance <= 20_000):
+        raise FhirError(400, "invalid", f"near {raw!r} is out of range.")
+    min_lat, max_lat, min_lon, max_lon = bounding_box(lat, lon, distance)
+    rows = facility_queryset().filter(latitude__gte=min_lat, latitude__lte=max_lat)
+    if min_lon is not None and max_lon is not None:
+        rows = rows.filter(longitude__gte=min_lon, longitude__lte=max_lon)
+    found = [
+        pk
+        for pk, flat, flon in rows.values_list("pk", "latitude", "longitude")
+        if flat is not None and flon is not None and haversine_km(lat, lon, flat, flon) <= distance
+    ]
+    return Q(pk__in=found)
+
+
+def _department_name(raw: str) -> Q:
+    # Department has no stored search key: compare normalised names (one column scan).
+    def one(value: str) -> Q:
+        wanted = search_key(value)
+        ids = [
+            pk
+            for pk, name in Department.objects.values_list("pk", "name")
+            if wanted in search_key(name)
+        ]
+        return Q(pk__in=ids)
+
+    return _any(raw, one)
+
+
+def _role_code(raw: str) -> Q:
+    def one(value: str) -> Q:
+        system, code = parse_token(value)
+        return Q(code=code) if system in {None, PRACTITIONER_ROLE_SYSTEM} else _NOTHING
+
+    return _any(raw, one)
+
+
+def _registry_search(
+    resource_type: str,
+    base: Callable[[], QuerySet[Any]],
+    filters: dict[str, Filter],
+) -> Callable[[User, dict[str, list[str]]], QuerySet[FhirResource]]:
+    def search(user: User, params: dict[str, list[str]]) -> QuerySet[FhirResource]:
+        rows = current_rows(resource_type)
+        if not params:
+            return rows
+        registry_rows = base()
+        for name, values in params.items():
+            for value in values:  # repeated parameters AND, commas OR
+                registry_rows = registry_rows.filter(filters[name](value))
+        return rows.filter(source_pk__in=registry_rows.values("pk"))
+
+    return search
+
+
+def _handler(
+    resource_type: str,
+    documentation: str,
+    base: Callable[[], QuerySet[Any]],
+    params: list[tuple[SearchParam, Filter]],
+) -> ResourceHandler:
+    return ResourceHandler(
+        resource_type=resource_type,
+        interactions=REGISTRY_INTERACTIONS,
+        documentation=documentation,
+        search_params=tuple(p for p, _ in params),
+        search=_registry_search(resource_type, base, {p.name: f for p, f in params}),
+        order_by=("source_pk",),
+    )
+
+
+def _sp(name: str, type_: str, doc: str, resource_type: str, definition: str = "") -> SearchParam:
+    return SearchParam(
+        name,
+        type_,
+        doc,
+        definition or f"http://hl7.org/fhir/SearchParameter/{resource_type}-{name}",
+    )
+
+
+_ACTIVE_FACILITY = _boolean(
+    lambda on: Q(operational_status=OperationalStatus.ACTIVE)
+    if on
+    else ~Q(operational_status=OperationalStatus.ACTIVE)
+)
+
+HANDLERS: tuple[ResourceHandler, ...] = (
+    _handler(
+        "Organization",
+        "A facility (mCSD Facility Organization). Read-only: the registry is the source.",
+        Facility.objects.all,
+        [
+            (
+                _sp(
+                    "name",
+                    "string",
+                    "Accent-insensitive contains on name and local name.",
+                    "Organization",
+                ),
+                _facility_name,
+            ),
+            (
+                _sp(
+                    "identifier",
+                    "token",
+                    "Facility code or any registered identifier.",
+                    "Organization",
+                ),
+                _facility_identifier,
+            ),
+            (
+                _sp(
+                    "type", "token", f"Tier ({TIER_SYSTEM}|1..4), or facility/prov.", "Organization"
+                ),
+                _facility_type,
+            ),
+            (
+                _sp(
+                    "address-country",
+                    "string",
+                    "ISO 3166 code (exact) or country name (starts with).",
+                    "Organization",
+                ),
+                _country(),
+            ),
+            (
+                _sp("partof", "reference", "Parent facility.", "Organization"),
+                _reference("parent_id", "Organization"),
+            ),
+            (_sp("active", "token", "true: operational.", "Organization"), _ACTIVE_FACILITY),
+        ],
+    ),
+    _handler(
+        "Location",
+        "A facility's site (mCSD Facility Location). Read-only.",
+        Facility.objects.all,
+        [
+            (
+                _sp(
+                    "name",
+                    "string",
+                    "Accent-insensitive contains on name and local name.",
+                    "Location",
+                ),
+                _facility_name,
+            ),
+            (
+                _sp(
+                    "identifier", "token", "Facility code or any registered identifier.", "Location"
+                ),
+                _facility_identifier,
+            ),
+            (
+                _sp(
+                    "address-country",
+                    "string",
+                    "ISO 3166 code (exact) or country name (starts with).",
+                    "Location",
+                ),
+                _country(),
+            ),
+            (
+                _sp("organization", "reference", "The facility's Organization.", "Location"),
+                _reference("pk", "Organization"),
+            ),
+            (
+                _sp("partof", "reference", "Parent facility's Location.", "Location"),
+                _reference("parent_id", "Location"),
+            ),
+            (
+                _sp("status", "token", "active | suspended | inactive.", "Location"),
+                _location_status,
+            ),
+            (
+                _sp(
+                    "near",
+                    "special",
+                    "lat|lon|distance|km (distance defaults to 50 km).",
+                    "Location",
+                ),
+                _near,
+            ),
+        ],
+    ),
+    _handler(
+        "HealthcareService",
+        "A department: a facility's service for one specialty. Read-only.",
+        Department.objects.all,
+        [
+            (
+                _sp(
+                    "name",
+                    "string",
+                    "Accent-insensitive contains on the department name.",
+                    "HealthcareService",
+                ),
+                _department_name,
+            ),
+            (
+                _sp(
+                    "organization", "reference", "The facility's Organization.", "HealthcareService"
+                ),
+                _reference("facility_id", "Organization"),
+            ),
+            (
+                _sp("location", "reference", "The facility's Location.", "HealthcareService"),
+                _reference("facility_id", "Location"),
+            ),
+            (
+                _sp("specialty", "token", "SNOMED CT practice-setting code.", "HealthcareService"),
+                _specialty("specialty__"),
+            ),
+            (
+                _sp(
+                    "address-country",
+                    "string",
+                    "Country of the facility.",
+                    "HealthcareService",
+                    f"{CONSILIUM}/SearchParameter/HealthcareService-address-country",
+                ),
+                _country("facility__"),
+            ),
+            (
+                _sp("active", "token", "true: the facility is operational.", "HealthcareService"),
+                _boolean(
+                    lambda on: Q(facility__operational_status=OperationalStatus.ACTIVE)
+                    if on
+                    else ~Q(facility__operational_status=OperationalStatus.ACTIVE)
+                ),
+            ),
+        ],
+    ),
+    _handler(
+        "Endpoint",
+        "A member system's FHIR base URL. Read-only.",
+        Endpoint.objects.all,
+        [
+            (
+                _sp("organization", "reference", "The facility's Organization.", "Endpoint"),
+                _reference("facility_id", "Organization"),
+            ),
+            (
+                _sp("status", "token", "active | suspended | error | off.", "Endpoint"),
+                lambda raw: _any(raw, lambda v: Q(status=parse_token(v)[1])),
+            ),
+        ],
+    ),
+    _handler(
+        "OrganizationAffiliation",
+        "A support link: the hub (organization) supports the spoke (participatingOrganization).",
+        SupportLink.objects.all,
+        [
+            (
+                _sp("primary-organization", "reference", "The hub.", "OrganizationAffiliation"),
+                _reference("hub_id", "Organization"),
+            ),
+            (
+                _sp(
+                    "participating-organization",
+                    "reference",
+                    "The spoke.",
+                    "OrganizationAffiliation",
+                ),
+                _reference("spoke_id", "Organization"),
+            ),
+            (
+                _sp(
+                    "specialty",
+                    "token",
+                    "A supported specialty (SNOMED CT).",
+                    "OrganizationAffiliation",
+                ),
+                _specialty("specialties__"),
+            ),
+            (
+                _sp("active", "token", "true | false.", "OrganizationAffiliation"),
+                _boolean(lambda on: Q(active=on)),
+            ),
+        ],
+    ),
+    _handler(
+        "PractitionerRole",
+        "A practitioner's role at a facility (and department). Read-only.",
+        PractitionerRole.objects.all,
+        [
+            (
+                _sp(
+                    "organization", "reference", "The facility's Organization.", "PractitionerRole"
+                ),
+                _reference("facility_id", "Organization"),
+            ),
+            (
+                _sp("location", "reference", "The facility's Location.", "PractitionerRole"),
+                _reference("facility_id", "Location"),
+            ),
+            (
+                _sp(
+                    "service",
+                    "reference",
+                    "The department's HealthcareService.",
+                    "PractitionerRole",
+                ),
+                _reference("department_id", "HealthcareService"),
+            ),
+            (
+                _sp(
+                    "specialty",
+                    "token",
+                    "The department's specialty (SNOMED CT).",
+                    "PractitionerRole",
+                ),
+                _specialty("department__specialty__"),
+            ),
+            (
+                _sp(
+                    "role",
+                    "token",
+                    "consultant | doctor | nurse | coordinator.",
+                    "PractitionerRole",
+                ),
+                _role_code,
+            ),
+            (
+                _sp("active", "token", "true | false.", "PractitionerRole"),
+                _boolean(lambda on: Q(active=on)),
+            ),
+        ],
+    ),
+)
+
+
+def register_all() -> None:
+    for handler in HANDLERS:
+        register(handler)

@@ -1,0 +1,415 @@
+"""Stored canonical JSON (decision 2): every version we serve is validated and serialised
+once, when written; reads return the stored text.
+
+Writes: ``resource_create`` (with ``If-None-Exist``), ``resource_update`` (with ``If-Match``),
+``resource_delete`` and ``store_version`` (the primitive the registry projection uses).
+Reads: ``resource_current``, ``resource_version``, ``resource_history``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import parse_qsl
+
+import pydantic
+from django.db import connection, transaction
+from django.db.models import QuerySet
+from django.utils import timezone
+
+from fhir_gateway.codes import check_bound_codes
+from fhir_gateway.conversion import render_for_version
+from fhir_gateway.models import FhirResource, FhirSearchToken
+from fhir_gateway.outcomes import FhirError
+from fhir_gateway.versions import SUPPORTED_VERSIONS, model_class
+
+FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+_ETAG = re.compile(r'^\s*(?:W/)?"?([0-9]{1,9})"?\s*$')
+
+TokenList = list[tuple[str, str, str]]  # (param, system, value)
+TokenExtractor = Callable[[dict[str, Any]], TokenList]
+
+
+def dumps(obj: Any) -> str:
+    """Compact JSON; the one serialiser for JSON we build ourselves."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def content_hash(resource: dict[str, Any]) -> str:
+    """sha256 of a resource without ``meta`` (what changes when the content changes)."""
+    body = {k: v for k, v in resource.items() if k != "meta"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def fhir_instant(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate_resource(resource: dict[str, Any], version: str) -> Any:
+    """Validate with the fhir.resources model of ``version``; 400/422 OperationOutcome if not.
+
+    Returns the model instance (the caller serialises it once).
+    """
+    resource_type = resource.get("resourceType")
+    if not isinstance(resource_type, str) or not resource_type:
+        raise FhirError(400, "structure", "The body has no resourceType.")
+    try:
+        cls = model_class(resource_type, version)
+    except (ValueError, KeyError) as exc:
+        raise FhirError(400, "invalid", f"Unknown resource type {resource_type!r}.") from exc
+    try:
+        model = cls.model_validate(resource)
+    except pydantic.ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "__root__")
+        raise FhirError(
+            400,
+            "structure",
+            f"{resource_type} is not valid FHIR {version}: "
+            f"{where + ': ' if where else ''}{first.get('msg', 'invalid')}"
+            + (f" ({len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""),
+            expression=[f"{resource_type}.{where}"] if where else None,
+        ) from exc
+    except (ValueError, TypeError) as exc:
+        raise FhirError(400, "structure", f"{resource_type} is not valid: {exc}") from exc
+    check_bound_codes(resource, version)
+    return model
+
+
+def _with_meta(resource: dict[str, Any], version_id: int, moment: datetime) -> dict[str, Any]:
+    meta = dict(resource.get("meta") or {})
+    meta["versionId"] = str(version_id)
+    meta["lastUpdated"] = fhir_instant(moment)
+    out = {"resourceType": resource["resourceType"]}
+    if "id" in resource:
+        out["id"] = resource["id"]
+    out["meta"] = meta
+    out.update({k: v for k, v in resource.items() if k not in out})
+    return out
+
+
+def render_all(resource: dict[str, Any], version: str, *, validate: bool = True) -> dict[str, str]:
+    """Validated, serialised text of a resource in every version it can be rendered in."""
+    texts: dict[str, str] = {}
+    for target in SUPPORTED_VERSIONS:
+        rendered = render_for_version(resource, version, target)
+        if rendered is None:
+            continue
+        if validate:
+            model = validate_resource(rendered, target)
+            texts[target] = model.model_dump_json(exclude_none=True)
+        else:
+            texts[target] = dumps(rendered)
+    return texts
+
+
+# --------------------------------------------------------------------------- tokens
+
+# Extra token params per resource type: (the params it yields, the extractor).
+# ``identifier`` is indexed for every type.
+TOKEN_EXTRACTORS: dict[str, tuple[frozenset[str], TokenExtractor]] = {}
+
+
+def _identifier_tokens(resource: dict[str, Any]) -> TokenList:
+    found = resource.get("identifier")
+    items = found if isinstance(found, list) else [found] if isinstance(found, dict) else []
+    return [
+        ("identifier", str(i.get("system") or ""), str(i["value"]))
+        for i in items
+        if isinstance(i, dict) and i.get("value")
+    ]
+
+
+def indexed_params(resource_type: str) -> set[str]:
+    params = {"identifier"}
+    if resource_type in TOKEN_EXTRACTORS:
+        params |= TOKEN_EXTRACTORS[resource_type][0]
+    return params
+
+
+def _index_tokens(
+    row: FhirResource, resource: dict[str, Any] | None, previous_pk: int | None
+) -> None:
+    # Tokens describe current versions only.
+    if previous_pk is not None:
+        FhirSearchToken.objects.filter(resource_id=previous_pk).delete()
+    if resource is None:
+        return
+    tokens = _identifier_tokens(resource)
+    if row.resource_type in TOKEN_EXTRACTORS:
+        tokens += TOKEN_EXTRACTORS[row.resource_type][1](resource)
+    FhirSearchToken.objects.bulk_create(
+        FhirSearchToken(
+            resource=row,
+            resource_type=row.resource_type,
+            param=param,
+            system=system[:255],
+            value=value[:255],
+        )
+        for param, system, value in dict.fromkeys(tokens)
+    )
+
+
+def parse_token(raw: str) -> tuple[str | None, str]:
+    """'system|value' -> (system, value); '|value' -> ('', value); 'value' -> (None, value)."""
+    if "|" in raw:
+        system, _, value = raw.partition("|")
+        return system, value
+    return None, raw
+
+
+def current_rows(resource_type: str) -> QuerySet[FhirResource]:
+    return FhirResource.objects.filter(resource_type=resource_type, is_current=True, deleted=False)
+
+
+def rows_matching_tokens(
+    resource_type: str, criteria: Iterable[tuple[str, str]]
+) -> QuerySet[FhirResource]:
+    """Current resources matching every (param, token) criterion (values OR-ed by commas)."""
+    rows = current_rows(resource_type)
+    for param, raw in criteria:
+        if param not in indexed_params(resource_type):
+            raise FhirError(
+                400, "not-supported", f"Cannot search {resource_type} by {param!r} here."
+            )
+        tokens = FhirSearchToken.objects.filter(resource_type=resource_type, param=param)
+        matched = FhirSearchToken.objects.none()
+        for alternative in raw.split(","):
+            system, value = parse_token(alternative)
+            one = tokens.filter(value=value)
+            if system is not None:
+                one = one.filter(system=system)
+            matched = matched | one
+        rows = rows.filter(pk__in=matched.values("resource_id"))
+    return rows
+
+
+# --------------------------------------------------------------------------- writes
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    row: FhirResource
+    created: bool  # a new resource (201) rather than a new version or an existing match
+
+
+def _lock(key: str) -> None:
+    """A transaction-scoped lock on a name (PostgreSQL); SQLite serialises writers anyway."""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", [key])
+
+
+def _locked_current(resource_type: str, logical_id: str) -> FhirResource | None:
+    return (
+        FhirResource.objects.select_for_update()
+        .filter(resource_type=resource_type, logical_id=logical_id, is_current=True)
+        .first()
+    )
+
+
+def store_version(
+    *,
+    resource_type: str,
+    logical_id: str,
+    resource: dict[str, Any] | None,
+    fhir_version: str,
+    renderings: dict[str, dict[str, Any]] | None = None,
+    validate: bool = True,
+    source_pk: int | None = None,
+    hash_value: str = "",
+    expected_version: int | None = None,
+    now: datetime | None = None,
+) -> FhirResource:
+    """Append a version (``resource=None`` for a deletion). Call inside ``transaction.atomic``.
+
+    ``renderings`` gives the resource per FHIR version when the caller built them itself
+    (the projection); otherwise they come from ``resource`` via ``render_for_version``.
+    ``expected_version`` (from If-Match) must equal the current version or 412.
+    """
+    if not FHIR_ID.match(logical_id):
+        raise FhirError(400, "invalid", f"{logical_id!r} is not a valid FHIR id.")
+    now = now or timezone.now()
+    # Stored at the precision meta.lastUpdated shows, so the column and the JSON agree.
+    now = now.replace(microsecond=now.microsecond // 1000 * 1000)
+    _lock(f"fhir:{resource_type}/{logical_id}")
+    current = _locked_current(resource_type, logical_id)
+    if expected_version is not None:
+        actual = current.version_id if current else None
+        if actual != expected_version:
+            raise FhirError(
+                412,
+                "conflict",
+                f"{resource_type}/{logical_id} is at version {actual or 'none'}, "
+                f"not {expected_version}.",
+            )
+    version_id = (current.version_id if current else 0) + 1
+    texts: dict[str, str] = {}
+    if resource is not None:
+        if renderings is None:
+            source = _with_meta({**resource, "id": logical_id}, version_id, now)
+            texts = render_all(source, fhir_version, validate=validate)
+        else:
+            for target, rendered in renderings.items():
+                source = _with_meta({**rendered, "id": logical_id}, version_id, now)
+                if validate:
+                    model = validate_resource(source, target)
+                    texts[target] = model.model_dump_json(exclude_none=True)
+                else:
+                    texts[target] = dumps(source)
+    if current is not None:
+        FhirResource.objects.filter(pk=current.pk).update(is_current=False)
+    row = FhirResource.objects.create(
+        resource_type=resource_type,
+        logical_id=logical_id,
+        version_id=version_id,
+        last_updated=now,
+        fhir_version=fhir_version,
+        json_r4=texts.get("4.0", ""),
+        json_r5=texts.get("5.0", ""),
+        content_hash=hash_value,
+        is_current=True,
+        deleted=resource is None,
+        source_pk=source_pk if source_pk is not None else (current.source_pk if current else None),
+    )
+    _index_tokens(row, resource, current.pk if current else None)
+    return row
+
+
+def parse_if_match(raw: str) -> int:
+    match = _ETAG.match(raw)
+    if not match:
+        raise FhirError(400, "invalid", f'If-Match {raw!r} is not a version ETag (W/"3").')
+    return int(match.group(1))
+
+
+def resource_create(
+    *,
+    resource: dict[str, Any],
+    fhir_version: str,
+    if_none_exist: str | None = None,
+    logical_id: str | None = None,
+) -> WriteResult:
+    """Create a resource (server-assigned id unless given).
+
+    With ``If-None-Exist`` (a search on indexed tokens, e.g. ``identifier=sys|123``): one
+    match answers that resource and stores nothing; several matches are 412.
+    """
+    resource_type = str(resource.get("resourceType", ""))
+    with transaction.atomic():
+        if if_none_exist:
+            criteria = parse_qsl(if_none_exist.lstrip("?"), keep_blank_values=True)
+            if not criteria:
+                raise FhirError(400, "invalid", "If-None-Exist has no search parameters.")
+            # Two concurrent creates with the same criteria must not both create.
+            _lock(f"fhir-create:{resource_type}?{sorted(criteria)}")
+            matches = list(rows_matching_tokens(resource_type, criteria)[:2])
+            if len(matches) > 1:
+                raise FhirError(
+                    412, "multiple-matches", f"If-None-Exist {if_none_exist!r} matches several."
+                )
+            if matches:
+                return WriteResult(matches[0], created=False)
+        row = store_version(
+            resource_type=resource_type,
+            logical_id=logical_id or uuid.uuid4().hex,
+            resource=resource,
+            fhir_version=fhir_version,
+        )
+    return WriteResult(row, created=True)
+
+
+def resource_update(
+    *,
+    resource_type: str,
+    logical_id: str,
+    resource: dict[str, Any],
+    fhir_version: str,
+    if_match: str | None = None,
+) -> WriteResult:
+    """A new version of an existing resource; 404 when there is none, 412 on If-Match."""
+    expected = parse_if_match(if_match) if if_match else None
+    with transaction.atomic():
+        exists = FhirResource.objects.filter(
+            resource_type=resource_type, logical_id=logical_id
+        ).exists()
+        if not exists:
+            raise FhirError(
+                404, "not-found", f"{resource_type}/{logical_id} does not exist; create it."
+            )
+        row = store_version(
+            resource_type=resource_type,
+            logical_id=logical_id,
+            resource=resource,
+            fhir_version=fhir_version,
+            expected_version=expected,
+        )
+    return WriteResult(row, created=False)
+
+
+def resource_delete(
+    *, resource_type: str, logical_id: str, if_match: str | None = None
+) -> FhirResource | None:
+    """Append a deletion version; None when the resource does not exist or is deleted."""
+    expected = parse_if_match(if_match) if if_match else None
+    with transaction.atomic():
+        current = _locked_current(resource_type, logical_id)
+        if current is None or current.deleted:
+            return None
+        return store_version(
+            resource_type=resource_type,
+            logical_id=logical_id,
+            resource=None,
+            fhir_version=current.fhir_version,
+            expected_version=expected,
+        )
+
+
+# --------------------------------------------------------------------------- reads
+
+
+def resource_current(resource_type: str, logical_id: str) -> FhirResource:
+    row = FhirResource.objects.filter(
+        resource_type=resource_type, logical_id=logical_id, is_current=True
+    ).first()
+    if row is None:
+        raise FhirError(404, "not-found", f"{resource_type}/{logical_id} is not known.")
+    if row.deleted:
+        raise FhirError(
+            410,
+            "deleted",
+            f"{resource_type}/{logical_id} was deleted.",
+            headers={"ETag": f'W/"{row.version_id}"'},
+        )
+    return row
+
+
+def resource_version(resource_type: str, logical_id: str, version_id: int) -> FhirResource:
+    row = FhirResource.objects.filter(
+        resource_type=resource_type, logical_id=logical_id, version_id=version_id
+    ).first()
+    if row is None:
+        raise FhirError(
+            404, "not-found", f"{resource_type}/{logical_id} has no version {version_id}."
+        )
+    if row.deleted:
+        raise FhirError(
+            410, "deleted", f"Version {version_id} of {resource_type}/{logical_id} is a deletion."
+        )
+    return row
+
+
+def resource_history(resource_type: str, logical_id: str) -> QuerySet[FhirResource]:
+    rows = FhirResource.objects.filter(resource_type=resource_type, logical_id=logical_id)
+    if not rows.exists():
+        raise FhirError(404, "not-found", f"{resource_type}/{logical_id} is not known.")
+    return rows.order_by("-version_id")

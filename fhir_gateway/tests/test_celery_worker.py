@@ -1,0 +1,80 @@
+"""Delivery through a real broker (Redis from settings) and a real Celery worker."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+from celery.contrib.testing.worker import start_worker
+from celery.signals import task_postrun
+from django.db import connections, transaction
+
+from config.celery import app
+from fhir_gateway.delivery import outbox_enqueue
+from fhir_gateway.models import OutboxMessage
+from fhir_gateway.storage import store_version
+from fhir_gateway.tasks import deliver_outbox
+from tests.factories import EndpointFactory
+
+
+def _close_worker_connections(**kwargs: object) -> None:
+    # The worker thread's own connection would outlive the test and block DB teardown.
+    connections.close_all()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_committed_change_is_delivered_in_order_by_a_real_worker(stub_member, settings):
+    stub = stub_member([500])  # the first attempt fails; the sweep-free path still recovers
+    settings.FHIR_OUTBOX_BACKOFF_BASE_SECONDS = 0
+    endpoint = EndpointFactory.create(base_url=stub.base_url)
+    # A queue of our own, so the worker takes no one else's tasks from the shared Redis.
+    queue = f"fhir-test-{uuid.uuid4().hex}"
+    routes = app.conf.task_routes
+    app.conf.task_routes = {deliver_outbox.name: {"queue": queue}}
+    task_postrun.connect(_close_worker_connections, weak=False)
+    try:
+        with start_worker(app, pool="solo", queues=[queue], perform_ping_check=False):
+            with transaction.atomic():
+                messages = []
+                for n in range(3):
+                    row = store_version(
+                        resource_type="Communication",
+                        logical_id=f"w{n}",
+                        resource={"resourceType": "Communication", "status": "completed"},
+                        fhir_version="4.0",
+                    )
+                    messages.append(
+                        outbox_enqueue(
+                            endpoint=endpoint,
+                            aggregate_key="referral:worker",
+                            resource_type="Communication",
+                            logical_id=row.logical_id,
+                            version_id=row.version_id,
+                        )
+                    )
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                statuses = list(
+                    OutboxMessage.objects.order_by("seq").values_list("status", flat=True)
+                )
+                if statuses[0] == "failed":
+                    # The retry is the beat sweep's job; act as beat once.
+                    from fhir_gateway.tasks import outbox_sweep
+
+                    outbox_sweep()
+                if statuses == ["delivered"] * 3:
+                    break
+                time.sleep(0.1)
+    finally:
+        task_postrun.disconnect(_close_worker_connections)
+        app.conf.task_routes = routes
+    assert statuses == ["delivered"] * 3
+    keys = [m.idempotency_key for m in messages]
+    assert stub.applied == keys
+    assert [r["path"] for r in stub.requests] == [
+        "/fhir/Communication/w0",
+        "/fhir/Communication/w0",
+        "/fhir/Communication/w1",
+        "/fhir/Communication/w2",
+    ]

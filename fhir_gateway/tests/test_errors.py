@@ -1,0 +1,290 @@
+"""Every error under /fhir is an OperationOutcome with the right status and issue code."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from core.errors import ApplicationError, Conflict, NotFound, PermissionDenied
+from fhir_gateway.handlers import HANDLERS
+from fhir_gateway.models import FhirResource
+from fhir_gateway.tests.conftest import FHIR_R4, FhirClient, outcome_issue
+from registry.models import Facility
+from tests.factories import UserFactory
+
+COMM = {"resourceType": "Communication", "status": "completed"}
+
+
+def _stored() -> int:
+    return FhirResource.objects.count()
+
+
+# --------------------------------------------------------------------------- 401
+
+
+def test_missing_token_is_401_with_www_authenticate(anonymous, network):
+    response = anonymous.get(f"/fhir/Organization/{network.hub.pk}")
+    assert response.status_code == 401
+    assert response["WWW-Authenticate"] == 'Bearer realm="fhir"'
+    assert outcome_issue(response)["code"] == "login"
+
+
+@pytest.mark.parametrize("header", ["Bearer nope", "Basic dXNlcjpwdw==", "Bearer", "Token abc"])
+def test_bad_token_is_401(network, header):
+    response = FhirClient(None).get(f"/fhir/Organization/{network.hub.pk}", Authorization=header)
+    assert response.status_code == 401
+    assert response["WWW-Authenticate"].startswith('Bearer realm="fhir"')
+    assert outcome_issue(response)["code"] == "login"
+
+
+def test_token_of_inactive_user_is_401(db, network):
+    from accounts.services import api_token_issue
+
+    user = UserFactory.create(is_active=False)
+    client = FhirClient(api_token_issue(user=user).raw)
+    response = client.get(f"/fhir/Organization/{network.hub.pk}")
+    assert response.status_code == 401
+    assert 'error="invalid_token"' in response["WWW-Authenticate"]
+
+
+def test_write_without_token_is_401_and_stores_nothing(anonymous, communication_type):
+    response = anonymous.post("/fhir/Communication", COMM)
+    assert response.status_code == 401
+    assert _stored() == 0
+
+
+def test_metadata_and_versions_need_no_token(anonymous):
+    assert anonymous.get("/fhir/metadata").status_code == 200
+    assert anonymous.get("/fhir/$versions").status_code == 200
+
+
+# --------------------------------------------------------------------------- 400
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (b"{not json", "structure"),
+        (b"  ", "structure"),
+        (b"[1, 2]", "structure"),
+        (b'"Communication"', "structure"),
+        (b"[" * 100_000, "structure"),
+        (json.dumps({"resourceType": "Patient"}).encode(), "invalid"),
+        (json.dumps({"status": "completed"}).encode(), "invalid"),
+        # Not valid FHIR for the model: an unknown element, a wrong type.
+        (json.dumps({**COMM, "bogus": 1}).encode(), "structure"),
+        (json.dumps({**COMM, "sent": "yesterday"}).encode(), "structure"),
+    ],
+)
+def test_bad_body_is_400_and_stores_nothing(fhir, communication_type, body, code):
+    response = fhir.post("/fhir/Communication", body)
+    assert response.status_code == 400
+    assert outcome_issue(response)["code"] == code
+    assert _stored() == 0
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "_count=abc",
+        "_count=-1",
+        "_offset=x",
+        "_total=maybe",
+        "_lastUpdated=yesterday",
+        "_lastUpdated=sa2024-01-01",
+        "near=abc",
+        "near=91|0|10|km",
+        "near=10|10|5|mi",
+        "active=maybe",
+    ],
+)
+def test_bad_search_parameters_are_400(fhir, network, query):
+    resource = "Location" if query.startswith("near") else "Organization"
+    response = fhir.get(f"/fhir/{resource}?{query}")
+    assert response.status_code == 400
+    assert outcome_issue(response)["code"] in {"invalid", "not-supported"}
+
+
+def test_unknown_search_parameter_is_ignored_unless_strict(fhir, network):
+    lenient = fhir.get("/fhir/Organization?colour=blue")
+    assert lenient.status_code == 200
+    assert lenient["X-FHIR-Ignored-Parameters"] == "colour"
+    assert json.loads(lenient.content)["link"][0]["url"].endswith("/fhir/Organization?_count=50")
+    strict = fhir.get("/fhir/Organization?colour=blue", Prefer="handling=strict")
+    assert strict.status_code == 400
+    assert outcome_issue(strict)["code"] == "not-supported"
+
+
+@pytest.mark.parametrize("path", ["/fhir/Organization/bad_id!", "/fhir/Organization/1/_history/x"])
+def test_malformed_ids_are_400(fhir, network, path):
+    response = fhir.get(path)
+    assert response.status_code == 400
+    assert outcome_issue(response)["code"] == "invalid"
+
+
+def test_update_with_mismatched_id_is_400_and_changes_nothing(fhir, communication_type):
+    created = fhir.post("/fhir/Communication", COMM)
+    logical_id = json.loads(created.content)["id"]
+    response = fhir.put(
+        f"/fhir/Communication/{logical_id}", {**COMM, "id": "other", "status": "stopped"}
+    )
+    assert response.status_code == 400
+    assert outcome_issue(response)["code"] == "invalid"
+    assert FhirResource.objects.get(logical_id=logical_id).version_id == 1
+
+
+# --------------------------------------------------------------------------- 403/404/405/409
+
+
+def _raising_handler(monkeypatch: Any, exc: Exception) -> None:
+    def search(user: Any, params: Any) -> Any:
+        raise exc
+
+    monkeypatch.setattr(HANDLERS["Organization"], "search", search)
+
+
+@pytest.mark.parametrize(
+    ("exc", "status", "code"),
+    [
+        (PermissionDenied("Not your facility."), 403, "forbidden"),
+        (NotFound("No such department."), 404, "not-found"),
+        (Conflict("Already accepted by another department."), 409, "conflict"),
+        (ApplicationError("Deadline passed.", status_code=422), 422, "business-rule"),
+        (ApplicationError("Bad input."), 400, "invalid"),
+    ],
+)
+def test_application_errors_become_operation_outcomes(
+    fhir, network, monkeypatch, exc, status, code
+):
+    _raising_handler(monkeypatch, exc)
+    response = fhir.get("/fhir/Organization")
+    assert response.status_code == status
+    issue = outcome_issue(response)
+    assert issue["code"] == code
+    assert issue["diagnostics"] == str(exc)
+
+
+def test_unexpected_error_is_500_operation_outcome(fhir, network, monkeypatch):
+    _raising_handler(monkeypatch, ZeroDivisionError("boom"))
+    response = fhir.get("/fhir/Organization")
+    assert response.status_code == 500
+    issue = outcome_issue(response)
+    assert issue["code"] == "exception"
+    assert "boom" not in issue["diagnostics"]
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/fhir/Nonsense", "/fhir/Nonsense/1", "/fhir/patient", "/fhir/Patient", "/fhir/a/b/c/d/e"],
+)
+def test_unknown_paths_and_types_are_404(fhir, path):
+    response = fhir.get(path)
+    assert response.status_code == 404
+    assert outcome_issue(response)["code"] == "not-found"
+
+
+def test_unknown_id_is_404(fhir, network):
+    response = fhir.get("/fhir/Organization/999999")
+    assert response.status_code == 404
+    assert outcome_issue(response)["code"] == "not-found"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("POST", "/fhir/Organization", "GET"),
+        ("PUT", "/fhir/Organization/{pk}", "GET"),
+        ("DELETE", "/fhir/Organization/{pk}", "GET"),
+        ("PATCH", "/fhir/Organization/{pk}", "GET"),
+        ("POST", "/fhir/metadata", "GET"),
+        ("GET", "/fhir", ""),
+    ],
+)
+def test_unsupported_interactions_are_405(fhir, network, method, path, allow):
+    before = _stored()
+    response = fhir.request(method, path.format(pk=network.hub.pk))
+    assert response.status_code == 405
+    assert response["Allow"] == allow
+    assert outcome_issue(response)["code"] == "not-supported"
+    assert _stored() == before
+
+
+def test_integrity_error_is_409(fhir, communication_type, monkeypatch):
+    from django.db import IntegrityError
+
+    def create(req: Any) -> Any:
+        raise IntegrityError("duplicate key")
+
+    monkeypatch.setattr(communication_type, "create", create)
+    response = fhir.post("/fhir/Communication", COMM)
+    assert response.status_code == 409
+    assert outcome_issue(response)["code"] == "conflict"
+
+
+# --------------------------------------------------------------------------- 410/412/413/422
+
+
+def test_deleted_registry_resource_is_410(fhir, network):
+    from fhir_gateway.registry_projection import project_registry
+
+    pk = network.lao.pk
+    Facility.objects.filter(pk=pk).delete()
+    project_registry()
+    response = fhir.get(f"/fhir/Organization/{pk}")
+    assert response.status_code == 410
+    assert outcome_issue(response)["code"] == "deleted"
+    assert response["ETag"] == 'W/"2"'
+    # Earlier versions stay readable; the deletion version itself is 410.
+    assert fhir.get(f"/fhir/Organization/{pk}/_history/1").status_code == 200
+    assert fhir.get(f"/fhir/Organization/{pk}/_history/2").status_code == 410
+
+
+def test_if_match_mismatch_is_412_and_changes_nothing(fhir, communication_type):
+    created = fhir.post("/fhir/Communication", COMM)
+    logical_id = json.loads(created.content)["id"]
+    body = {**COMM, "id": logical_id, "status": "stopped"}
+    response = fhir.put(f"/fhir/Communication/{logical_id}", body, **{"If-Match": 'W/"7"'})
+    assert response.status_code == 412
+    assert outcome_issue(response)["code"] == "conflict"
+    row = FhirResource.objects.get(logical_id=logical_id, is_current=True)
+    assert (row.version_id, json.loads(row.json_r4)["status"]) == (1, "completed")
+
+
+def test_malformed_if_match_is_400(fhir, communication_type):
+    created = fhir.post("/fhir/Communication", COMM)
+    logical_id = json.loads(created.content)["id"]
+    body = {**COMM, "id": logical_id}
+    response = fhir.put(f"/fhir/Communication/{logical_id}", body, **{"If-Match": "banana"})
+    assert response.status_code == 400
+
+
+def test_body_over_the_limit_is_413_and_stores_nothing(fhir, communication_type, settings):
+    settings.FHIR_MAX_BODY_BYTES = 1000
+    body = {**COMM, "note": [{"text": "x" * 2000}]}
+    response = fhir.post("/fhir/Communication", body)
+    assert response.status_code == 413
+    assert outcome_issue(response)["code"] == "too-costly"
+    assert _stored() == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "element"),
+    [
+        ({**COMM, "status": "done"}, "Communication.status"),
+        ({**COMM, "priority": "whenever"}, "Communication.priority"),
+    ],
+)
+def test_code_outside_required_value_set_is_422(fhir, communication_type, body, element):
+    response = fhir.post("/fhir/Communication", body)
+    assert response.status_code == 422
+    issue = outcome_issue(response)
+    assert issue["code"] == "code-invalid"
+    assert issue["expression"] == [element]
+    assert _stored() == 0
+
+
+def test_every_error_answer_is_fhir_json(fhir):
+    response = fhir.get("/fhir/Nonsense")
+    assert response["Content-Type"] == FHIR_R4

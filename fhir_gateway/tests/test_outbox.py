@@ -1,0 +1,345 @@
+"""Outbox delivery to real stub member servers on 127.0.0.1 that fail, time out and recover."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+import pytest
+from django.db import transaction
+from django.utils import timezone
+
+from fhir_gateway import delivery
+from fhir_gateway.delivery import (
+    backoff_seconds,
+    outbox_due_ids,
+    outbox_enqueue,
+    outbox_replay,
+    outbox_retry,
+)
+from fhir_gateway.models import FhirResource, OutboxMessage
+from fhir_gateway.storage import store_version
+from fhir_gateway.tasks import deliver_outbox, outbox_sweep
+from registry.models import Endpoint
+from tests.factories import EndpointFactory
+
+Status = OutboxMessage.Status
+
+
+@pytest.fixture(autouse=True)
+def _fast_retries(settings):
+    settings.FHIR_OUTBOX_BACKOFF_BASE_SECONDS = 0
+    settings.FHIR_OUTBOX_MAX_ATTEMPTS = 4
+    settings.FHIR_OUTBOX_TIMEOUT_SECONDS = 0.5
+
+
+def _resource(logical_id: str, status: str = "completed") -> FhirResource:
+    with transaction.atomic():
+        return store_version(
+            resource_type="Communication",
+            logical_id=logical_id,
+            resource={"resourceType": "Communication", "status": status},
+            fhir_version="4.0",
+        )
+
+
+def _enqueue(endpoint: Endpoint, aggregate: str, row: FhirResource) -> OutboxMessage:
+    with transaction.atomic():
+        return outbox_enqueue(
+            endpoint=endpoint,
+            aggregate_key=aggregate,
+            resource_type=row.resource_type,
+            logical_id=row.logical_id,
+            version_id=row.version_id,
+        )
+
+
+def _drain(max_rounds: int = 50) -> int:
+    """What beat + workers do: run the sweep's due list through the task, until quiet."""
+    rounds = 0
+    while rounds < max_rounds:
+        due = outbox_due_ids()
+        if not due:
+            break
+        for message_id in due:
+            deliver_outbox(message_id)  # the task body, run in this process
+        rounds += 1
+    return rounds
+
+
+@pytest.mark.django_db(transaction=True)
+def test_enqueue_refuses_to_run_outside_a_transaction():
+    endpoint = EndpointFactory.create()
+    with pytest.raises(RuntimeError):
+        outbox_enqueue(
+            endpoint=endpoint,
+            aggregate_key="referral:1",
+            resource_type="Task",
+            logical_id="1",
+            version_id=1,
+        )
+
+
+def test_enqueue_is_rolled_back_with_the_change(db):
+    endpoint = EndpointFactory.create()
+    row = _resource("c1")
+    with pytest.raises(ZeroDivisionError), transaction.atomic():
+        outbox_enqueue(
+            endpoint=endpoint,
+            aggregate_key="referral:1",
+            resource_type="Communication",
+            logical_id=row.logical_id,
+            version_id=row.version_id,
+        )
+        raise ZeroDivisionError
+    assert OutboxMessage.objects.count() == 0
+
+
+def test_enqueue_schedules_delivery_on_commit_only(
+    db, django_capture_on_commit_callbacks, monkeypatch
+):
+    scheduled: list[int] = []
+    monkeypatch.setattr(delivery, "schedule_delivery", scheduled.append)
+    endpoint = EndpointFactory.create()
+    row = _resource("c1")
+    with django_capture_on_commit_callbacks(execute=True) as callbacks:
+        message = _enqueue(endpoint, "referral:1", row)
+        assert scheduled == []
+    assert len(callbacks) == 1
+    assert scheduled == [message.pk]
+    assert (message.seq, message.status) == (1, Status.PENDING)
+
+
+def test_delivery_puts_the_stored_bytes_with_version_and_idempotency_key(db, stub_member):
+    stub = stub_member()
+    endpoint = EndpointFactory.create(base_url=stub.base_url)
+    row = _resource("c1")
+    message = _enqueue(endpoint, "referral:1", row)
+    assert deliver_outbox(message.pk) == "delivered"
+    message.refresh_from_db()
+    assert (message.status, message.attempts, message.last_status_code) == (
+        Status.DELIVERED,
+        1,
+        200,
+    )
+    assert message.delivered_at is not None
+    [request] = stub.requests
+    assert request["method"] == "PUT"
+    assert request["path"] == "/fhir/Communication/c1"
+    assert request["content_type"] == "application/fhir+json; fhirVersion=4.0"
+    assert request["key"] == message.idempotency_key
+    assert request["body"] == row.json_r4.encode()
+    # Running the task again changes nothing: it is not claimable any more.
+    assert deliver_outbox(message.pk) == "skipped"
+    assert len(stub.requests) == 1
+
+
+def test_r5_endpoint_receives_the_r5_rendering(db, stub_member):
+    stub = stub_member()
+    endpoint = EndpointFactory.create(base_url=stub.base_url, fhir_version="5.0")
+    with transaction.atomic():
+        row = store_version(
+            resource_type="Communication",
+            logical_id="c5",
+            resource={"resourceType": "Communication", "status": "completed"},
+            fhir_version="5.0",
+        )
+        message = outbox_enqueue(
+            endpoint=endpoint,
+            aggregate_key="a",
+            resource_type="Communication",
+            logical_id="c5",
+            version_id=row.version_id,
+        )
+    assert deliver_outbox(message.pk) == "delivered"
+    assert stub.requests[0]["content_type"] == "application/fhir+json; fhirVersion=5.0"
+    assert stub.requests[0]["body"] == row.json_r5.encode()
+
+
+def test_failures_and_a_timeout_then_recovery_lose_nothing_and_apply_once(db, stub_member):
+    # 500, then a request that is applied but answered too late, then 503, then fine.
+    stub = stub_member([500, ("slow", 1.5), 503])
+    endpoint = EndpointFactory.create(base_url=stub.base_url)
+    message = _enqueue(endpoint, "referral:1", _resource("c1"))
+    _drain()
+    message.refresh_from_db()
+    assert message.status == Status.DELIVERED
+    assert message.attempts == 4
+    assert [r["key"] for r in stub.requests] == [message.idempotency_key] * 4
+    # The member applied the change exactly once although it saw it three times.
+    assert stub.applied == [message.idempotency_key]
+
+
+def test_order_is_kept_per_aggregate_and_other_aggregates_proceed(db, stub_member):
+    stub = stub_member([500, 500])  # the first two requests fail: both are A#1 (a0)
+    endpoint = EndpointFactory.create(base_url=stub.base_url)
+    a = [_enqueue(endpoint, "referral:A", _resource(f"a{i}")) for i in range(3)]
+    b = [_enqueue(endpoint, "referral:B", _resource(f"b{i}")) for i in range(2)]
+    # Only the heads are due at first.
+    assert sorted(outbox_due_ids()) == sorted([a[0].pk, b[0].pk])
+    assert deliver_outbox(a[1].pk) == "skipped"  # not the head of its aggregate
+    assert stub.requests == []
+    assert deliver_outbox(a[0].pk) == "failed"
+    assert deliver_outbox(a[0].pk) == "failed"
+    assert sorted(outbox_due_ids()) == sorted([a[0].pk, b[0].pk])
+    assert deliver_outbox(b[0].pk) == "delivered"
+    assert deliver_outbox(b[1].pk) == "delivered"  # B is not held up by A
+    _drain()
+    keys = {m.idempotency_key: m for m in a + b}
+    applied_a = [keys[k].logical_id for k in stub.applied if keys[k].aggregate_key == "referral:A"]
+    assert applied_a == ["a0", "a1", "a2"]
+    sent_a = [
+        keys[r["key"]].logical_id
+        for r in stub.requests
+        if keys[r["key"]].aggregate_key == "referral:A"
+    ]
+    assert sent_a == ["a0", "a0", "a0", "a1", "a2"]  # nothing after a0 went out before it
+    assert set(OutboxMessage.objects.values_list("status", flat=True)) == {Status.DELIVERED}
+
+
+def test_dead_letter_after_max_attempts_blocks_its_aggregate_until_retried(db, stub_member):
+    stub = stub_member([500] * 4)
+    endpoint = EndpointFactory.create(base_url=stub.base_url)
+    first = _enqueue(endpoint, "referral:1", _resource("c1"))
+    second = _enqueue(endpoint, "referral:1", _resource("c2"))
+    _drain()
+    first.refresh_from_db()
+    second.refresh_from_db()
+    assert (first.status, first.attempts) == (Status.DEAD, 4)
+    assert first.last_error.startswith("HTTP 500")
+    assert second.status == Status.PENDING
+    assert len(stub.requests) == 4
+    assert outbox_due_ids() == []
+    # The member is fixed; an operator retries.
+    assert outbox_retry(message_id=first.pk) is True
+    assert outbox_retry(message_id=second.pk) is False  # not dead or failed
+    _drain()
+    first.refresh_from_db()
+    second.refresh_from_db()
+    assert (first.status, second.status) == (Status.DELIVERED, Status.DELIVERED)
+    assert [r["path"] for r in stub.requests[4:]] == [
+        "/fhir/Communication/c1",
+        "/fhir/Communication/c2",
+    ]
+
+
+def test_permanent_4xx_is_dead_at_once(db, stub_member):
+    stub = stub_member([422])
+    endpoint = EndpointFactory.create(base_url=stub.base_url)
+    message = _enqueue(endpoint, "referral:1", _resource("c1"))
+    assert deliver_outbox(message.pk) == "dead"
+    message.refresh_from_db()
+    assert (message.status, message.attempts, message.last_status_code) == (Status.DEAD, 1, 422)
+
+
+def test_unreachable_member_is_retried_with_backoff(db, settings):
+    settings.FHIR_OUTBOX_BACKOFF_BASE_SECONDS = 60
+    endpoint = EndpointFactory.create(base_url="http://127.0.0.1:9/fhir")  # discard port: refused
+    message = _enqueue(endpoint, "referral:1", _resource("c1"))
+    before = timezone.now()
+    assert deliver_outbox(message.pk) == "failed"
+    message.refresh_from_db()
+    assert message.status == Status.FAILED
+    assert "Error" in message.last_error
+    assert before <= message.next_attempt_at <= before + timedelta(seconds=61)
+    assert message.pk not in outbox_due_ids()
+    assert message.pk in outbox_due_ids(now=timezone.now() + timedelta(seconds=61))
+
+
+def test_backoff_is_full_jitter_under_the_cap(settings):
+    settings.FHIR_OUTBOX_BACKOFF_BASE_SECONDS = 2
+    settings.FHIR_OUTBOX_BACKOFF_CAP_SECONDS = 100
+    samples = [backoff_seconds(attempt) for attempt in (1, 3, 20) for _ in range(200)]
+    assert all(0 <= s <= 100 for s in samples)
+    assert max(backoff_seconds(1) for _ in range(200)) <= 2
+    assert max(backoff_seconds(20) for _ in range(500)) > 50  # reaches towards the cap
+
+
+def test_worker_killed_mid_delivery_loses_nothing(db, stub_member, settings):
+    stub = stub_member()
+    endpoint = EndpointFactory.create(base_url=stub.base_url)
+    message = _enqueue(endpoint, "referral:1", _resource("c1"))
+    # A worker claims the message and dies before sending.
+    assert delivery._claim(message.pk, timezone.now()) is not None
+    message.refresh_from_db()
+    assert message.status == Status.IN_FLIGHT
+    assert outbox_due_ids() == []  # its lease still runs
+    settings.FHIR_OUTBOX_LEASE_SECONDS = 0
+    assert outbox_due_ids() == [message.pk]
+    assert deliver_outbox(message.pk) == "delivered"
+    assert stub.applied == [message.idempotency_key]
+
+
+def test_replay_sends_a_delivered_message_again_with_a_new_key(db, stub_member):
+    stub = stub_member()
+    endpoint = EndpointFactory.create(base_url=stub.base_url)
+    original = _enqueue(endpoint, "referral:1", _resource("c1"))
+    deliver_outbox(original.pk)
+    assert outbox_replay(message_id=original.pk + 1000) is None
+    replay = outbox_replay(message_id=original.pk)
+    assert replay is not None
+    assert (replay.seq, replay.replay_of_id) == (2, original.pk)
+    assert replay.idempotency_key != original.idempotency_key
+    _drain()
+    assert stub.applied == [original.idempotency_key, replay.idempotency_key]
+    assert stub.bodies[original.idempotency_key] == stub.bodies[replay.idempotency_key]
+
+
+def test_inactive_endpoint_holds_messages(db, stub_member):
+    stub = stub_member()
+    endpoint = EndpointFactory.create(base_url=stub.base_url, status=Endpoint.Status.SUSPENDED)
+    message = _enqueue(endpoint, "referral:1", _resource("c1"))
+    assert outbox_due_ids() == []
+    assert deliver_outbox(message.pk) == "skipped"
+    Endpoint.objects.filter(pk=endpoint.pk).update(status=Endpoint.Status.ACTIVE)
+    assert deliver_outbox(message.pk) == "delivered"
+    assert len(stub.requests) == 1
+
+
+def test_unsupported_endpoint_version_is_dead_with_a_reason(db):
+    endpoint = EndpointFactory.create(fhir_version="4.3")
+    message = _enqueue(endpoint, "referral:1", _resource("c1"))
+    assert deliver_outbox(message.pk) == "skipped"
+    message.refresh_from_db()
+    assert message.status == Status.DEAD
+    assert message.last_error == "the endpoint speaks FHIR 4.3, which we do not send"
+
+
+def test_bearer_secret_comes_from_the_environment(db, stub_member, monkeypatch):
+    monkeypatch.setenv("CODAO_FHIR_TOKEN", "s3cret")
+    stub = stub_member()
+    endpoint = EndpointFactory.create(
+        base_url=stub.base_url, auth_type="bearer", auth_secret_ref="CODAO_FHIR_TOKEN"
+    )
+    message = _enqueue(endpoint, "referral:1", _resource("c1"))
+    deliver_outbox(message.pk)
+    assert stub.requests[0]["authorization"] == "Bearer s3cret"
+
+
+def test_payload_message_posts_the_payload(db, stub_member):
+    stub = stub_member()
+    endpoint = EndpointFactory.create(base_url=stub.base_url)
+    payload = {"resourceType": "Communication", "status": "completed"}
+    with transaction.atomic():
+        message = outbox_enqueue(
+            endpoint=endpoint,
+            aggregate_key="x",
+            resource_type="Communication",
+            logical_id="n1",
+            payload=payload,
+            payload_fhir_version="4.0",
+            http_method="POST",
+        )
+    deliver_outbox(message.pk)
+    assert (stub.requests[0]["method"], stub.requests[0]["path"]) == ("POST", "/fhir/Communication")
+    assert json.loads(stub.requests[0]["body"]) == payload
+
+
+def test_sweep_task_hands_due_messages_to_workers(db, monkeypatch):
+    scheduled: list[int] = []
+    monkeypatch.setattr("fhir_gateway.tasks.schedule_delivery", scheduled.append)
+    endpoint = EndpointFactory.create()
+    head = _enqueue(endpoint, "referral:1", _resource("c1"))
+    _enqueue(endpoint, "referral:1", _resource("c2"))
+    assert outbox_sweep() == 1
+    assert scheduled == [head.pk]

@@ -1,0 +1,365 @@
+"""Registry resources (IHE mCSD): projection, read, vread, history, search, paging."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from pathlib import Path
+from urllib.parse import quote, urlsplit
+
+import pytest
+from django.core.management import call_command
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from fhir_gateway.models import FhirResource, ProjectionCheckpoint
+from fhir_gateway.registry_projection import project_registry, project_registry_incremental
+from fhir_gateway.tests.conftest import FHIR_R5, outcome_issue
+from fhir_gateway.versions import model_class
+from registry.models import Department, Facility
+from tests.factories import CARDIOLOGY, PEDIATRICS, FacilityFactory
+
+EXAMPLES = Path("/work/shared/fhir-examples")
+R4_EXAMPLES = [
+    "Organization-f001.json",
+    "Organization-hl7.json",
+    "Location-1.json",
+    "HealthcareService-example.json",
+    "Endpoint-example.json",
+    "OrganizationAffiliation-example.json",
+    "PractitionerRole-example.json",
+]
+R5_EXAMPLES = [
+    "organization-example-f001-burgers.json",
+    "location-example.json",
+    "healthcareservice-example.json",
+    "endpoint-example.json",
+    "organizationaffiliation-example.json",
+    "practitionerrole-example.json",
+]
+
+
+def _ids(response) -> list[str]:
+    bundle = json.loads(response.content)
+    return [e["resource"]["id"] for e in bundle.get("entry", [])]
+
+
+def _current(resource_type: str, pk: int) -> FhirResource:
+    return FhirResource.objects.get(
+        resource_type=resource_type, logical_id=str(pk), is_current=True
+    )
+
+
+# --------------------------------------------------------------------------- examples
+
+
+@pytest.mark.parametrize(
+    ("version", "name"), [("4.0", n) for n in R4_EXAMPLES] + [("5.0", n) for n in R5_EXAMPLES]
+)
+def test_official_examples_parse_and_posting_them_is_405(fhir, version, name):
+    folder = "R4" if version == "4.0" else "R5"
+    body = json.loads((EXAMPLES / folder / name).read_text())
+    model = model_class(body["resourceType"], version).model_validate(body)
+    assert model.get_resource_type() == body["resourceType"]
+    response = fhir.post(
+        f"/fhir/{body['resourceType']}",
+        body,
+        content_type=f"application/fhir+json; fhirVersion={version}",
+    )
+    assert response.status_code == 405
+    assert response["Allow"] == "GET"
+    assert outcome_issue(response)["code"] == "not-supported"
+    assert not FhirResource.objects.filter(resource_type=body["resourceType"]).exists()
+
+
+# --------------------------------------------------------------------------- projection
+
+
+def test_projection_renders_every_row_valid_in_r4_and_r5(network):
+    rows = FhirResource.objects.filter(is_current=True)
+    assert sorted(rows.values_list("resource_type", flat=True)) == sorted(
+        ["Organization"] * 3
+        + ["Location"] * 3
+        + ["HealthcareService"] * 2
+        + ["Endpoint", "OrganizationAffiliation", "PractitionerRole"]
+    )
+    for row in rows:
+        model_class(row.resource_type, "4.0").model_validate(json.loads(row.json_r4))
+        model_class(row.resource_type, "5.0").model_validate(json.loads(row.json_r5))
+
+
+def test_mapping_of_a_facility_department_link_and_endpoint(network):
+    org = json.loads(_current("Organization", network.spoke.pk).json_r4)
+    assert org["identifier"][0] == {
+        "system": "https://consilium.example.org/fhir/sid/facility-code",
+        "value": "CODAO",
+    }
+    assert org["partOf"] == {"reference": f"Organization/{network.hub.pk}"}
+    assert org["address"] == [{"use": "work", "country": "VN"}]
+    org5 = json.loads(_current("Organization", network.spoke.pk).json_r5)
+    assert "address" not in org5
+    assert org5["contact"] == [{"address": {"use": "work", "country": "VN"}}]
+    loc = json.loads(_current("Location", network.spoke.pk).json_r4)
+    assert loc["position"] == {"longitude": 106.6, "latitude": 8.6833}
+    assert loc["managingOrganization"] == {"reference": f"Organization/{network.spoke.pk}"}
+    service = json.loads(_current("HealthcareService", network.pediatrics.pk).json_r4)
+    assert service["specialty"] == [
+        {
+            "coding": [
+                {
+                    "system": "http://snomed.info/sct",
+                    "code": PEDIATRICS,
+                    "display": "Pediatric specialty",
+                }
+            ]
+        }
+    ]
+    assert service["providedBy"] == {"reference": f"Organization/{network.hub.pk}"}
+    affiliation = json.loads(_current("OrganizationAffiliation", network.link.pk).json_r4)
+    assert affiliation["organization"] == {"reference": f"Organization/{network.hub.pk}"}
+    assert affiliation["participatingOrganization"] == {
+        "reference": f"Organization/{network.spoke.pk}"
+    }
+    assert affiliation["period"] == {"start": network.link.valid_from.isoformat()}
+    assert [c["coding"][0]["code"] for c in affiliation["specialty"]] == [PEDIATRICS]
+    endpoint4 = json.loads(_current("Endpoint", network.endpoint.pk).json_r4)
+    endpoint5 = json.loads(_current("Endpoint", network.endpoint.pk).json_r5)
+    assert endpoint4["connectionType"]["code"] == "hl7-fhir-rest"
+    assert endpoint5["connectionType"][0]["coding"][0]["code"] == "hl7-fhir-rest"
+    assert endpoint4["address"] == endpoint5["address"] == "https://codao.example.org/fhir"
+
+
+def test_projection_stores_a_new_version_only_on_change(network):
+    before = FhirResource.objects.count()
+    report = project_registry()
+    assert report.created == report.updated == report.deleted == {}
+    assert FhirResource.objects.count() == before
+    Facility.objects.filter(pk=network.spoke.pk).update(name="TTYT Côn Đảo")
+    network.spoke.refresh_from_db()
+    report = project_registry()
+    assert report.updated == {"Organization": 1, "Location": 1}
+    row = _current("Organization", network.spoke.pk)
+    assert (row.version_id, json.loads(row.json_r4)["name"]) == (2, "TTYT Côn Đảo")
+
+
+def test_incremental_projection_uses_the_checkpoint(network):
+    project_registry_incremental()
+    checkpoint = ProjectionCheckpoint.objects.get()
+    # A facility changed long ago (before the overlap) is not looked at again...
+    Facility.objects.filter(pk=network.lao.pk).update(
+        name="Renamed", updated_at=timezone.now() - timedelta(days=1)
+    )
+    project_registry_incremental()
+    assert _current("Organization", network.lao.pk).version_id == 1
+    # ...one changed since is.
+    Facility.objects.filter(pk=network.lao.pk).update(updated_at=timezone.now())
+    project_registry_incremental()
+    assert _current("Organization", network.lao.pk).version_id == 2
+    assert ProjectionCheckpoint.objects.get().watermark > checkpoint.watermark
+
+
+def test_deleted_department_becomes_a_deletion_version(fhir, network):
+    pk = network.cardiology.pk
+    Department.objects.filter(pk=pk).delete()
+    report = project_registry()
+    assert report.deleted == {"HealthcareService": 1}
+    assert fhir.get(f"/fhir/HealthcareService/{pk}").status_code == 410
+    assert _ids(fhir.get("/fhir/HealthcareService")) == [str(network.pediatrics.pk)]
+
+
+def test_management_command(network, capsys):
+    call_command("fhir_project_registry")
+    assert capsys.readouterr().out == (
+        "created: none\nupdated: none\ndeleted: none\nunchanged: Endpoint 1, "
+        "HealthcareService 2, Location 3, Organization 3, OrganizationAffiliation 1, "
+        "PractitionerRole 1\n"
+    )
+
+
+# --------------------------------------------------------------------------- reads
+
+
+def test_read_returns_the_stored_bytes_without_fhir_resources(fhir, network, no_serialisation):
+    for rtype, pk in [
+        ("Organization", network.hub.pk),
+        ("HealthcareService", network.pediatrics.pk),
+    ]:
+        row = _current(rtype, pk)
+        r4 = fhir.get(f"/fhir/{rtype}/{pk}")
+        r5 = fhir.get(f"/fhir/{rtype}/{pk}", Accept=FHIR_R5)
+        assert r4.content == row.json_r4.encode()
+        assert r5.content == row.json_r5.encode()
+        assert r4["ETag"] == 'W/"1"'
+        search = fhir.get(f"/fhir/{rtype}?_id={pk}")
+        assert row.json_r4.encode() in search.content
+        history = fhir.get(f"/fhir/{rtype}/{pk}/_history")
+        assert row.json_r4.encode() in history.content
+
+
+def test_search_runs_in_constant_queries(fhir, network):
+    for n in range(20):
+        FacilityFactory.create(code=f"X{n}", name=f"Nhi {n}")
+    project_registry()
+    fhir.get("/fhir/Organization?_count=1")  # the token's last_used_at is written once
+    with CaptureQueriesContext(connection) as small:
+        fhir.get("/fhir/Organization?name=nhi&_count=2")
+    with CaptureQueriesContext(connection) as large:
+        fhir.get("/fhir/Organization?name=nhi&_count=20")
+    assert len(small) == len(large) <= 5
+
+
+# --------------------------------------------------------------------------- searches
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("name=benh vien nhi", ["hub"]),
+        ("name=Bệnh Viện", ["hub"]),
+        ("name:contains=children", ["hub"]),
+        ("name=con dao", ["spoke"]),
+        ("name=nhi,mahosot", ["hub", "lao"]),
+        ("identifier=CODAO", ["spoke"]),
+        ("identifier=https://moh.gov.vn/fac|01-001", ["hub"]),
+        ("identifier=https://consilium.example.org/fhir/sid/facility-code|BVNTU", ["hub"]),
+        ("identifier=https://other|BVNTU", []),
+        ("type=https://consilium.example.org/fhir/CodeSystem/facility-tier|1", ["hub", "lao"]),
+        ("type=3", ["spoke"]),
+        ("address-country=LA", ["lao"]),
+        ("address-country=lao", ["lao"]),
+        ("partof=Organization/{hub}", ["spoke"]),
+        ("partof={hub}", ["spoke"]),
+        ("partof=http://elsewhere/fhir/Organization/{hub}", ["spoke"]),
+        ("partof=Location/{hub}", []),
+        ("partof=abc", []),
+        ("name=nhi&address-country=LA", []),
+        ("_id={spoke},{lao}", ["spoke", "lao"]),
+    ],
+)
+def test_organization_searches(fhir, network, query, expected):
+    names = {"hub": network.hub.pk, "spoke": network.spoke.pk, "lao": network.lao.pk}
+    response = fhir.get("/fhir/Organization?" + query.format(**names))
+    assert response.status_code == 200
+    assert _ids(response) == [str(names[n]) for n in sorted(expected, key=lambda n: names[n])]
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("near=21.03|105.80|5|km", ["hub"]),
+        ("near=21.03|105.80|1500", ["hub", "spoke", "lao"]),
+        ("near=8.68|106.6|10", ["spoke"]),
+        ("near=0|0|10|km", []),
+        ("organization=Organization/{lao}", ["lao"]),
+        ("status=active", ["hub", "spoke", "lao", "member"]),
+        ("status=inactive", []),
+        ("address-country=VN&near=21.03|105.80|1500", ["hub", "spoke"]),
+    ],
+)
+def test_location_searches(fhir, network, query, expected):
+    names = {"hub": network.hub.pk, "spoke": network.spoke.pk, "lao": network.lao.pk}
+    names["member"] = Facility.objects.get(code="MEMBER").pk  # the caller's own, no coordinates
+    response = fhir.get("/fhir/Location?" + query.format(**names))
+    assert response.status_code == 200
+    assert _ids(response) == [str(names[n]) for n in sorted(expected, key=lambda n: names[n])]
+
+
+def test_healthcare_service_and_other_searches(fhir, network):
+    ped, card = str(network.pediatrics.pk), str(network.cardiology.pk)
+    hub = network.hub.pk
+    assert _ids(
+        fhir.get(f"/fhir/HealthcareService?specialty=http://snomed.info/sct|{PEDIATRICS}")
+    ) == [ped]
+    assert _ids(fhir.get(f"/fhir/HealthcareService?specialty={CARDIOLOGY}")) == [card]
+    assert _ids(fhir.get(f"/fhir/HealthcareService?organization={hub}")) == [ped, card]
+    assert _ids(fhir.get(f"/fhir/HealthcareService?location=Location/{hub}")) == [ped, card]
+    assert _ids(fhir.get("/fhir/HealthcareService?name=khoa nhi")) == [ped]
+    assert _ids(fhir.get(f"/fhir/HealthcareService?organization={network.lao.pk}")) == []
+    link = str(network.link.pk)
+    assert _ids(fhir.get(f"/fhir/OrganizationAffiliation?primary-organization={hub}")) == [link]
+    assert _ids(fhir.get(f"/fhir/OrganizationAffiliation?participating-organization={hub}")) == []
+    assert _ids(fhir.get(f"/fhir/OrganizationAffiliation?specialty={PEDIATRICS}")) == [link]
+    assert _ids(fhir.get(f"/fhir/OrganizationAffiliation?specialty={CARDIOLOGY}")) == []
+    assert _ids(fhir.get(f"/fhir/Endpoint?organization={network.spoke.pk}")) == [
+        str(network.endpoint.pk)
+    ]
+    assert _ids(fhir.get("/fhir/Endpoint?status=off")) == []
+    role = str(network.role.pk)
+    assert _ids(fhir.get(f"/fhir/PractitionerRole?service={ped}")) == [role]
+    assert _ids(fhir.get(f"/fhir/PractitionerRole?specialty={PEDIATRICS}&role=consultant")) == [
+        role
+    ]
+    assert _ids(fhir.get("/fhir/PractitionerRole?role=nurse")) == []
+
+
+def test_paging_walks_every_result_once(fhir, network):
+    for n in range(7):
+        FacilityFactory.create(code=f"P{n}", name=f"Paging {n}")
+    project_registry()
+    url = "/fhir/Organization?name=paging&_count=3"
+    seen: list[str] = []
+    totals = set()
+    pages = 0
+    while url:
+        bundle = json.loads(fhir.get(url).content)
+        totals.add(bundle["total"])
+        seen += [e["resource"]["id"] for e in bundle.get("entry", [])]
+        nxt = [link["url"] for link in bundle["link"] if link["relation"] == "next"]
+        url = "" if not nxt else urlsplit(nxt[0])._replace(scheme="", netloc="").geturl()
+        pages += 1
+    expected = sorted(
+        FacilityFactory._meta.model.objects.filter(code__startswith="P").values_list(
+            "pk", flat=True
+        )
+    )
+    assert seen == [str(pk) for pk in expected]
+    assert (pages, totals) == (3, {7})
+
+
+def test_count_is_capped_and_total_none_omits_total(fhir, network):
+    bundle = json.loads(fhir.get("/fhir/Organization?_count=100000").content)
+    assert bundle["link"][0]["url"].endswith("_count=500")
+    none = json.loads(fhir.get("/fhir/Organization?_total=none").content)
+    assert "total" not in none
+    assert len(none["entry"]) == 4
+    zero = json.loads(fhir.get("/fhir/Organization?_count=0").content)
+    assert (zero["total"], "entry" in zero) == (4, False)
+
+
+def test_last_updated_filters(fhir, network):
+    Facility.objects.filter(pk=network.lao.pk).update(name="Mahosot")
+    project_registry()
+    changed = _current("Organization", network.lao.pk).last_updated
+    stamp = quote((changed - timedelta(milliseconds=1)).isoformat())
+    assert _ids(fhir.get(f"/fhir/Organization?_lastUpdated=gt{stamp}")) == [str(network.lao.pk)]
+    assert str(network.lao.pk) not in _ids(fhir.get(f"/fhir/Organization?_lastUpdated=lt{stamp}"))
+    today = changed.date().isoformat()
+    assert len(_ids(fhir.get(f"/fhir/Organization?_lastUpdated={today}"))) == 4
+    assert _ids(fhir.get("/fhir/Organization?_lastUpdated=le2000-01")) == []
+    assert len(_ids(fhir.get("/fhir/Organization?_lastUpdated=ge2000&_lastUpdated=lt2999"))) == 4
+
+
+def test_search_in_r5_returns_r5_renderings(fhir, network):
+    response = fhir.get(f"/fhir/Organization?_id={network.hub.pk}", Accept=FHIR_R5)
+    assert response["Content-Type"] == FHIR_R5
+    assert _current("Organization", network.hub.pk).json_r5.encode() in response.content
+    model_class("Bundle", "5.0").model_validate(json.loads(response.content))
+
+
+def test_bundles_validate(fhir, network):
+    bundle = json.loads(fhir.get("/fhir/Organization").content)
+    model_class("Bundle", "4.0").model_validate(bundle)
+    history = json.loads(fhir.get(f"/fhir/Organization/{network.hub.pk}/_history").content)
+    model_class("Bundle", "4.0").model_validate(history)
+
+
+def test_post_search(fhir, network):
+    response = fhir.client.post(
+        "/fhir/Organization/_search",
+        data="name=mahosot",
+        content_type="application/x-www-form-urlencoded",
+        headers={"Authorization": f"Bearer {fhir.token}"},
+    )
+    assert response.status_code == 200
+    assert _ids(response) == [str(network.lao.pk)]

@@ -1,0 +1,21 @@
+"""Routes under /fhir (included as ``^fhir(?:/|$)``: patterns start after "/fhir/")."""
+
+from django.urls import re_path
+
+from fhir_gateway import views
+
+_TYPE = r"(?P<resource_type>[^/]+)"
+_ID = r"(?P<logical_id>[^/]+)"
+
+app_name = "fhir"
+urlpatterns = [
+    re_path(r"^$", views.root, name="root"),
+    re_path(r"^metadata/?$", views.metadata, name="metadata"),
+    re_path(r"^\$versions/?$", views.versions, name="versions"),
+    re_path(rf"^{_TYPE}/?$", views.type_level, name="type"),
+    re_path(rf"^{_TYPE}/_search/?$", views.search_post, name="search"),
+    re_path(rf"^{_TYPE}/{_ID}/?$", views.instance, name="instance"),
+    re_path(rf"^{_TYPE}/{_ID}/_history/?$", views.history, name="history"),
+    re_path(rf"^{_TYPE}/{_ID}/_history/(?P<version_id>[^/]+)/?$", views.vread, name="vread"),
+    re_path(r"^(?P<rest>.*)$", views.unknown, name="unknown"),
+]

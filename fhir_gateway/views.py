@@ -1,0 +1,649 @@
+"""The FHIR REST interface under /fhir: plain Django views, bearer-only, CSRF-exempt.
+
+Every answer is FHIR JSON in the negotiated version; every error is an OperationOutcome
+(``_fhir_view`` is the one place that turns exceptions into answers). Reads and searches
+splice stored JSON text into the answer; nothing here serialises through fhir.resources.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import re
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
+
+from django.conf import settings
+from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.core.exceptions import RequestDataTooBig
+from django.db import IntegrityError
+from django.db.models import Q
+from django.http import Http404, HttpRequest, HttpResponse
+from django.utils import timezone
+from django.utils.http import http_date
+from django.views.decorators.csrf import csrf_exempt
+from rest_framework import exceptions as drf_exceptions
+
+from accounts.authentication import user_for_bearer
+from core.errors import ApplicationError
+from fhir_gateway import capability, handlers
+from fhir_gateway.handlers import HANDLERS, ResourceHandler, WriteRequest
+from fhir_gateway.models import FhirResource
+from fhir_gateway.outcomes import FhirError, outcome_for_application_error, outcome_response
+from fhir_gateway.storage import (
+    FHIR_ID,
+    dumps,
+    fhir_instant,
+    resource_current,
+    resource_history,
+    resource_version,
+)
+from fhir_gateway.versions import (
+    DEFAULT_VERSION,
+    body_version,
+    media_type_for,
+    response_version,
+)
+
+if TYPE_CHECKING:
+    from accounts.models import User
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_COUNT = 50
+MAX_COUNT = 500
+_RESOURCE_TYPE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
+_RESULT_PARAMS = frozenset({"_count", "_offset", "_total", "_format", "_pretty"})
+_DATE = re.compile(
+    r"^(?P<prefix>eq|ne|gt|lt|ge|le|sa|eb|ap)?"
+    r"(?P<year>\d{4})(?:-(?P<month>\d{2})(?:-(?P<day>\d{2})"
+    r"(?:T(?P<time>\d{2}:\d{2}(?::\d{2}(?:\.\d{1,9})?)?)(?P<tz>Z|[+-]\d{2}:\d{2})?)?)?)?$"
+)
+
+
+@dataclass(frozen=True)
+class FhirRequest:
+    request: HttpRequest
+    version: str
+    user: User | None
+
+    @property
+    def base(self) -> str:
+        return self.request.build_absolute_uri("/fhir")
+
+
+def _max_body_bytes() -> int:
+    return int(getattr(settings, "FHIR_MAX_BODY_BYTES", settings.DATA_UPLOAD_MAX_MEMORY_SIZE))
+
+
+def _authenticate(request: HttpRequest) -> User:
+    header = request.headers.get("Authorization", "")
+    scheme, _, raw = header.partition(" ")
+    if scheme.lower() != "bearer" or not raw.strip():
+        raise FhirError(
+            401,
+            "login",
+            "Authentication required: send Authorization: Bearer <token>.",
+            headers={"WWW-Authenticate": 'Bearer realm="fhir"'},
+        )
+    try:
+        user, _token = user_for_bearer(raw.strip())
+    except drf_exceptions.AuthenticationFailed as exc:
+        raise FhirError(
+            401,
+            "login",
+            str(exc.detail),
+            headers={"WWW-Authenticate": 'Bearer realm="fhir", error="invalid_token"'},
+        ) from exc
+    return user
+
+
+ViewFunc = Callable[..., HttpResponse]
+
+
+def _fhir_view(
+    *, public: bool = False, methods: tuple[str, ...] = ("GET",)
+) -> Callable[[ViewFunc], ViewFunc]:
+    """Negotiates the version, authenticates, and answers every error as OperationOutcome."""
+
+    def decorate(view: ViewFunc) -> ViewFunc:
+        @csrf_exempt
+        @functools.wraps(view)
+        def wrapped(request: HttpRequest, **kwargs: str) -> HttpResponse:
+            content_type = media_type_for(DEFAULT_VERSION)
+            try:
+                version = response_version(request)
+                content_type = media_type_for(version)
+                if request.method not in methods:
+                    raise FhirError(
+                        405,
+                        "not-supported",
+                        f"{request.method} is not supported here.",
+                        headers={"Allow": ", ".join(methods)},
+                    )
+                user = None if public else _authenticate(request)
+                response = view(FhirRequest(request, version, user), **kwargs)
+            except FhirError as exc:
+                response = outcome_response(exc, content_type=content_type)
+            except ApplicationError as exc:
+                response = outcome_response(
+                    outcome_for_application_error(exc), content_type=content_type
+                )
+            except DjangoPermissionDenied as exc:
+                response = outcome_response(
+                    FhirError(403, "forbidden", str(exc) or "Not allowed."),
+                    content_type=content_type,
+                )
+            except Http404 as exc:
+                response = outcome_response(
+                    FhirError(404, "not-found", str(exc) or "Not found."),
+                    content_type=content_type,
+                )
+            except RequestDataTooBig:
+                response = outcome_response(_too_large(), content_type=content_type)
+            except IntegrityError:
+                logger.info("integrity error under /fhir turned into 409", exc_info=True)
+                response = outcome_response(
+                    FhirError(409, "conflict", "The change conflicts with stored data."),
+                    content_type=content_type,
+                )
+            except Exception:  # the last line of defence: still an OperationOutcome
+                logger.exception("unexpected error under /fhir")
+                response = outcome_response(
+                    FhirError(500, "exception", "Internal error; quote the request id."),
+                    content_type=content_type,
+                )
+            response.headers.setdefault("Vary", "Accept")
+            return response
+
+        return wrapped
+
+    return decorate
+
+
+def _too_large() -> FhirError:
+    return FhirError(
+        413, "too-costly", f"The request body is larger than {_max_body_bytes()} bytes."
+    )
+
+
+def _handler(resource_type: str) -> ResourceHandler:
+    handler = HANDLERS.get(resource_type) if _RESOURCE_TYPE.match(resource_type) else None
+    if handler is None:
+        raise FhirError(404, "not-found", f"Resource type {resource_type!r} is not supported.")
+    return handler
+
+
+def _require(handler: ResourceHandler, interaction: str, allow: list[str]) -> None:
+    if not handler.supports(interaction):
+        raise FhirError(
+            405,
+            "not-supported",
+            f"{interaction} is not supported for {handler.resource_type}.",
+            headers={"Allow": ", ".join(allow) or "OPTIONS"},
+        )
+
+
+def _check_id(logical_id: str) -> None:
+    if not FHIR_ID.match(logical_id):
+        raise FhirError(400, "invalid", f"{logical_id!r} is not a valid FHIR id.")
+
+
+def _json_body(request: HttpRequest) -> dict[str, Any]:
+    limit = _max_body_bytes()
+    try:
+        declared = int(request.META.get("CONTENT_LENGTH") or 0)
+    except ValueError as exc:
+        raise FhirError(400, "structure", "Content-Length is not a number.") from exc
+    if declared > limit:
+        raise _too_large()
+    raw = request.body
+    if len(raw) > limit:
+        raise _too_large()
+    if not raw.strip():
+        raise FhirError(400, "structure", "The request body is empty.")
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise FhirError(400, "structure", f"The body is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise FhirError(400, "structure", "The body must be a JSON object (a FHIR resource).")
+    return data
+
+
+def _resource_response(
+    ctx: FhirRequest, row: FhirResource, *, status: int = 200, location: bool = False
+) -> HttpResponse:
+    text = row.json_for(ctx.version)
+    if not text:
+        raise FhirError(
+            406,
+            "not-supported",
+            f"{row.resource_type}/{row.logical_id} has no FHIR {ctx.version} rendering.",
+        )
+    response = HttpResponse(text, status=status, content_type=media_type_for(ctx.version))
+    response["ETag"] = f'W/"{row.version_id}"'
+    response["Last-Modified"] = http_date(row.last_updated.timestamp())
+    if location:
+        response["Location"] = (
+            f"{ctx.base}/{row.resource_type}/{row.logical_id}/_history/{row.version_id}"
+        )
+    return response
+
+
+def _allowed_instance_methods(handler: ResourceHandler) -> list[str]:
+    methods = ["GET"] if handler.supports(handlers.READ) else []
+    if handler.supports(handlers.UPDATE):
+        methods.append("PUT")
+    if handler.supports(handlers.DELETE):
+        methods.append("DELETE")
+    return methods
+
+
+def _allowed_type_methods(handler: ResourceHandler) -> list[str]:
+    methods = ["GET"] if handler.supports(handlers.SEARCH) else []
+    if handler.supports(handlers.CREATE):
+        methods.append("POST")
+    return methods
+
+
+# --------------------------------------------------------------------------- system level
+
+
+@_fhir_view(public=True, methods=("GET", "POST"))
+def root(ctx: FhirRequest) -> HttpResponse:
+    # Transaction Bundles (POST /fhir) come with the referral mapping.
+    raise FhirError(
+        405,
+        "not-supported",
+        "No system-level interaction is supported yet; see /fhir/metadata.",
+        headers={"Allow": ""},
+    )
+
+
+@_fhir_view(public=True)
+def metadata(ctx: FhirRequest) -> HttpResponse:
+    body = capability.capability_statement(ctx.version, base=ctx.base)
+    return HttpResponse(dumps(body), content_type=media_type_for(ctx.version))
+
+
+@_fhir_view(public=True)
+def versions(ctx: FhirRequest) -> HttpResponse:
+    return HttpResponse(
+        dumps(capability.versions_parameters()), content_type=media_type_for(ctx.version)
+    )
+
+
+@_fhir_view(public=True, methods=("GET", "POST", "PUT", "DELETE", "PATCH"))
+def unknown(ctx: FhirRequest, rest: str = "") -> HttpResponse:
+    raise FhirError(404, "not-found", f"/fhir/{rest} is not a FHIR interaction we serve.")
+
+
+# --------------------------------------------------------------------------- type level
+
+
+@_fhir_view(methods=("GET", "POST", "PUT", "DELETE", "PATCH"))
+def type_level(ctx: FhirRequest, resource_type: str) -> HttpResponse:
+    handler = _handler(resource_type)
+    allow = _allowed_type_methods(handler)
+    if ctx.request.method == "GET":
+        _require(handler, handlers.SEARCH, allow)
+        return _search(ctx, handler, _query_params(ctx.request.GET.lists()))
+    if ctx.request.method == "POST":
+        _require(handler, handlers.CREATE, allow)
+        return _create(ctx, handler)
+    raise FhirError(
+        405,
+        "not-supported",
+        f"{ctx.request.method} is not supported on /{resource_type}.",
+        headers={"Allow": ", ".join(allow)},
+    )
+
+
+@_fhir_view(methods=("POST",))
+def search_post(ctx: FhirRequest, resource_type: str) -> HttpResponse:
+    handler = _handler(resource_type)
+    _require(handler, handlers.SEARCH, _allowed_type_methods(handler))
+    if ctx.request.content_type != "application/x-www-form-urlencoded":
+        raise FhirError(
+            415, "not-supported", "POST _search takes application/x-www-form-urlencoded."
+        )
+    pairs = [*ctx.request.GET.lists(), *ctx.request.POST.lists()]
+    return _search(ctx, handler, _query_params(pairs))
+
+
+def _create(ctx: FhirRequest, handler: ResourceHandler) -> HttpResponse:
+    assert handler.create is not None and ctx.user is not None
+    version = body_version(ctx.request, default=ctx.version)
+    resource = _json_body(ctx.request)
+    if resource.get("resourceType") != handler.resource_type:
+        raise FhirError(
+            400,
+            "invalid",
+            f"The body is a {resource.get('resourceType')!r}, not a {handler.resource_type}.",
+        )
+    result = handler.create(
+        WriteRequest(
+            user=ctx.user,
+            resource_type=handler.resource_type,
+            resource=resource,
+            fhir_version=version,
+            if_none_exist=ctx.request.headers.get("If-None-Exist"),
+        )
+    )
+    return _write_response(ctx, result.row, status=201 if result.created else 200)
+
+
+def _write_response(ctx: FhirRequest, row: FhirResource, *, status: int) -> HttpResponse:
+    prefer = ctx.request.headers.get("Prefer", "")
+    if "return=minimal" in prefer or not row.json_for(ctx.version):
+        response = HttpResponse(status=status)
+        response["ETag"] = f'W/"{row.version_id}"'
+        response["Last-Modified"] = http_date(row.last_updated.timestamp())
+        response["Location"] = (
+            f"{ctx.base}/{row.resource_type}/{row.logical_id}/_history/{row.version_id}"
+        )
+        return response
+    return _resource_response(ctx, row, status=status, location=True)
+
+
+# --------------------------------------------------------------------------- instance level
+
+
+@_fhir_view(methods=("GET", "PUT", "DELETE", "POST", "PATCH"))
+def instance(ctx: FhirRequest, resource_type: str, logical_id: str) -> HttpResponse:
+    handler = _handler(resource_type)
+    _check_id(logical_id)
+    allow = _allowed_instance_methods(handler)
+    method = ctx.request.method
+    if method == "GET":
+        _require(handler, handlers.READ, allow)
+        row = _read(handler, logical_id)
+        if ctx.request.headers.get("If-None-Match", "").strip() == f'W/"{row.version_id}"':
+            not_modified = HttpResponse(status=304)
+            not_modified["ETag"] = f'W/"{row.version_id}"'
+            return not_modified
+        return _resource_response(ctx, row)
+    if method == "PUT":
+        _require(handler, handlers.UPDATE, allow)
+        assert handler.update is not None and ctx.user is not None
+        version = body_version(ctx.request, default=ctx.version)
+        resource = _json_body(ctx.request)
+        if resource.get("resourceType") != resource_type:
+            raise FhirError(
+                400,
+                "invalid",
+                f"The body is a {resource.get('resourceType')!r}, not a {resource_type}.",
+            )
+        if resource.get("id") != logical_id:
+            raise FhirError(
+                400, "invalid", f"The body's id must be {logical_id!r} (the id in the URL)."
+            )
+        result = handler.update(
+            WriteRequest(
+                user=ctx.user,
+                resource_type=resource_type,
+                resource=resource,
+                fhir_version=version,
+                logical_id=logical_id,
+                if_match=ctx.request.headers.get("If-Match"),
+            )
+        )
+        return _write_response(ctx, result.row, status=200)
+    if method == "DELETE":
+        _require(handler, handlers.DELETE, allow)
+        assert handler.delete is not None and ctx.user is not None
+        deleted = handler.delete(ctx.user, logical_id, ctx.request.headers.get("If-Match"))
+        if (
+            deleted is None
+            and not FhirResource.objects.filter(
+                resource_type=resource_type, logical_id=logical_id
+            ).exists()
+        ):
+            raise FhirError(404, "not-found", f"{resource_type}/{logical_id} is not known.")
+        return HttpResponse(status=204)
+    raise FhirError(
+        405,
+        "not-supported",
+        f"{method} is not supported on /{resource_type}/{{id}}.",
+        headers={"Allow": ", ".join(allow)},
+    )
+
+
+def _read(handler: ResourceHandler, logical_id: str) -> FhirResource:
+    return resource_current(handler.resource_type, logical_id)
+
+
+@_fhir_view()
+def vread(ctx: FhirRequest, resource_type: str, logical_id: str, version_id: str) -> HttpResponse:
+    handler = _handler(resource_type)
+    _check_id(logical_id)
+    _require(handler, handlers.VREAD, _allowed_instance_methods(handler))
+    if not version_id.isdigit() or len(version_id) > 9:
+        raise FhirError(400, "invalid", f"{version_id!r} is not a version id.")
+    return _resource_response(ctx, resource_version(resource_type, logical_id, int(version_id)))
+
+
+@_fhir_view()
+def history(ctx: FhirRequest, resource_type: str, logical_id: str) -> HttpResponse:
+    handler = _handler(resource_type)
+    _check_id(logical_id)
+    _require(handler, handlers.HISTORY, _allowed_instance_methods(handler))
+    count, offset = _paging(ctx.request.GET)
+    rows = resource_history(resource_type, logical_id)
+    total = rows.count()
+    page = list(rows[offset : offset + count])
+    entries = []
+    for row in page:
+        url = f"{ctx.base}/{resource_type}/{logical_id}"
+        if row.deleted:
+            request_part = {"method": "DELETE", "url": f"{resource_type}/{logical_id}"}
+            response_part = {"status": "204 No Content", "etag": f'W/"{row.version_id}"'}
+        else:
+            first = row.version_id == 1
+            request_part = {
+                "method": "POST" if first else "PUT",
+                "url": resource_type if first else f"{resource_type}/{logical_id}",
+            }
+            response_part = {
+                "status": "201 Created" if first else "200 OK",
+                "etag": f'W/"{row.version_id}"',
+                "lastModified": fhir_instant(row.last_updated),
+            }
+        text = "" if row.deleted else row.json_for(ctx.version)
+        entry = '{"fullUrl":' + json.dumps(url)
+        if text:
+            entry += ',"resource":' + text
+        entry += ',"request":' + dumps(request_part) + ',"response":' + dumps(response_part) + "}"
+        entries.append(entry)
+    self_url = f"{ctx.base}/{resource_type}/{logical_id}/_history"
+    links = _links(self_url, {}, count, offset, total, len(page))
+    return _bundle_response(ctx, "history", total, links, entries)
+
+
+# --------------------------------------------------------------------------- search
+
+
+def _query_params(pairs: Any) -> dict[str, list[str]]:
+    params: dict[str, list[str]] = {}
+    for name, values in pairs:
+        params.setdefault(name, []).extend(values)
+    return params
+
+
+def _int_param(query: Any, name: str, default: int) -> int:
+    raw = query.get(name)
+    if raw is None or raw == "":
+        return default
+    if not str(raw).isdigit() or len(str(raw)) > 9:
+        raise FhirError(400, "invalid", f"{name} must be a non-negative integer, not {raw!r}.")
+    return int(raw)
+
+
+def _paging(query: Any) -> tuple[int, int]:
+    count = min(_int_param(query, "_count", DEFAULT_COUNT), MAX_COUNT)
+    return count, _int_param(query, "_offset", 0)
+
+
+def _date_range(raw: str) -> tuple[str, datetime, datetime]:
+    """'ge2024-05' -> ('ge', start, end) with end exclusive, in UTC."""
+    match = _DATE.match(raw)
+    if not match:
+        raise FhirError(400, "invalid", f"_lastUpdated {raw!r} is not a FHIR date search value.")
+    prefix = match.group("prefix") or "eq"
+    if prefix not in {"eq", "gt", "lt", "ge", "le"}:
+        raise FhirError(400, "not-supported", f"Date prefix {prefix!r} is not supported.")
+    year, month, day = match.group("year"), match.group("month"), match.group("day")
+    try:
+        if match.group("time"):
+            text = f"{year}-{month}-{day}T{match.group('time')}{match.group('tz') or 'Z'}"
+            start = datetime.fromisoformat(text.replace("Z", "+00:00"))
+            if start.tzinfo is None:
+                raise FhirError(400, "invalid", f"{raw!r} needs a time zone.")
+            clock = match.group("time")
+            if "." in clock:  # the range a value of that precision covers
+                digits = min(len(clock.split(".")[1]), 6)
+                precision = timedelta(microseconds=10 ** (6 - digits))
+            elif clock.count(":") >= 2:
+                precision = timedelta(seconds=1)
+            else:
+                precision = timedelta(minutes=1)
+            end = start + precision
+        elif day:
+            start = datetime(int(year), int(month), int(day), tzinfo=UTC)
+            end = start + timedelta(days=1)
+        elif month:
+            start = datetime(int(year), int(month), 1, tzinfo=UTC)
+            end = (start + timedelta(days=32)).replace(day=1)
+        else:
+            start = datetime(int(year), 1, 1, tzinfo=UTC)
+            end = start.replace(year=start.year + 1)
+    except ValueError as exc:
+        raise FhirError(400, "invalid", f"_lastUpdated {raw!r} is not a valid date.") from exc
+    return prefix, start, end
+
+
+def _last_updated_filter(values: list[str]) -> Q:
+    condition = Q()
+    for raw in values:
+        prefix, start, end = _date_range(raw)
+        condition &= {
+            "eq": Q(last_updated__gte=start, last_updated__lt=end),
+            "ge": Q(last_updated__gte=start),
+            "gt": Q(last_updated__gte=end),
+            "le": Q(last_updated__lt=end),
+            "lt": Q(last_updated__lt=start),
+        }[prefix]
+    return condition
+
+
+def _search(
+    ctx: FhirRequest, handler: ResourceHandler, params: dict[str, list[str]]
+) -> HttpResponse:
+    assert handler.search is not None and ctx.user is not None
+    strict = "handling=strict" in ctx.request.headers.get("Prefer", "").replace(" ", "")
+    count, offset = _paging({k: v[-1] for k, v in params.items() if v})
+    total_mode = (params.get("_total") or ["accurate"])[-1]
+    if total_mode not in {"none", "estimate", "accurate"}:
+        raise FhirError(400, "invalid", "_total must be none, estimate or accurate.")
+    own: dict[str, list[str]] = {}
+    used: dict[str, list[str]] = {}
+    ignored: list[str] = []
+    for name, values in params.items():
+        values = [v for v in values if v != ""]
+        if name in _RESULT_PARAMS or not values:
+            continue
+        base_name, _, modifier = name.partition(":")
+        param = handler.param(base_name)
+        if param is None or (modifier and not (param.type == "string" and modifier == "contains")):
+            ignored.append(name)
+            continue
+        used[name] = values
+        if base_name not in {"_id", "_lastUpdated"}:
+            own.setdefault(base_name, []).extend(values)
+    if ignored and strict:
+        raise FhirError(
+            400, "not-supported", f"Unknown search parameters: {', '.join(sorted(ignored))}."
+        )
+    rows = handler.search(ctx.user, own)
+    if "_id" in used:
+        ids = [i for v in used["_id"] for i in v.split(",")]
+        rows = rows.filter(logical_id__in=ids)
+    if "_lastUpdated" in used:
+        rows = rows.filter(_last_updated_filter(used["_lastUpdated"]))
+    column = "json_r5" if ctx.version == "5.0" else "json_r4"
+    rows = rows.exclude(**{column: ""})
+    total = rows.count() if total_mode != "none" or offset else None
+    page = list(
+        rows.order_by(*handler.order_by).values_list("resource_type", "logical_id", column)[
+            offset : offset + count
+        ]
+    )
+    entries = [
+        '{"fullUrl":'
+        + json.dumps(f"{ctx.base}/{rtype}/{lid}")
+        + ',"resource":'
+        + text
+        + ',"search":{"mode":"match"}}'
+        for rtype, lid, text in page
+    ]
+    self_url = f"{ctx.base}/{handler.resource_type}"
+    links = _links(self_url, used, count, offset, total, len(page))
+    response = _bundle_response(
+        ctx, "searchset", total if total_mode != "none" else None, links, entries
+    )
+    if ignored:
+        response["X-FHIR-Ignored-Parameters"] = ",".join(sorted(ignored))
+    return response
+
+
+def _links(
+    self_url: str,
+    used: dict[str, list[str]],
+    count: int,
+    offset: int,
+    total: int | None,
+    page_len: int,
+) -> list[dict[str, str]]:
+    def url(at: int) -> str:
+        query = [(k, v) for k, vs in sorted(used.items()) for v in vs]
+        query += [("_count", str(count))]
+        if at:
+            query.append(("_offset", str(at)))
+        return f"{self_url}?{urlencode(query)}"
+
+    links = [{"relation": "self", "url": url(offset)}]
+    more = (offset + page_len < total) if total is not None else page_len == count
+    if more and count > 0:
+        links.append({"relation": "next", "url": url(offset + count)})
+    if offset > 0:
+        links.append({"relation": "previous", "url": url(max(0, offset - count))})
+    return links
+
+
+def _bundle_response(
+    ctx: FhirRequest,
+    bundle_type: str,
+    total: int | None,
+    links: list[dict[str, str]],
+    entries: list[str],
+) -> HttpResponse:
+    head: dict[str, Any] = {
+        "resourceType": "Bundle",
+        "id": uuid.uuid4().hex,
+        "meta": {"lastUpdated": fhir_instant(timezone.now())},
+        "type": bundle_type,
+    }
+    if total is not None:
+        head["total"] = total
+    head["link"] = links
+    text = dumps(head)[:-1]
+    if entries:
+        text += ',"entry":[' + ",".join(entries) + "]"
+    text += "}"
+    return HttpResponse(text, content_type=media_type_for(ctx.version))
