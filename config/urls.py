@@ -15,5 +15,7 @@ urlpatterns = [
     path("api/v1/", include("registry.urls")),
     re_path(r"^fhir(?:/|$)", include("fhir_gateway.urls")),  # FHIR base is /fhir
     path("api/v1/", include("referrals.urls")),
+    path("api/v1/reports/", include("reports.urls")),
+    path("reports/", include("reports.web_urls")),
     path("", include("core.urls")),
 ]

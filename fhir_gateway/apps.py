@@ -7,6 +7,7 @@ class FhirGatewayConfig(AppConfig):
 
     def ready(self) -> None:
         # The handler registry is what /fhir routes to and what /fhir/metadata declares.
-        from fhir_gateway import registry_resources
+        from fhir_gateway import referral_resources, registry_resources
 
         registry_resources.register_all()
+        referral_resources.register_all()

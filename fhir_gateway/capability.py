@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fhir_gateway import handlers
-from fhir_gateway.handlers import COMMON_SEARCH_PARAMS, HANDLERS
+from fhir_gateway.handlers import COMMON_SEARCH_PARAMS, HANDLERS, SYSTEM_INTERACTIONS
 from fhir_gateway.versions import DEFAULT_VERSION, FHIR_JSON, RELEASE, SUPPORTED_VERSIONS
 
 # The date this statement's shape last changed (CapabilityStatement.date is required).
@@ -31,6 +31,8 @@ def capability_statement(version: str, *, base: str) -> dict[str, Any]:
         entry["conditionalDelete"] = "not-supported"
         if handler.supports(handlers.SEARCH):
             params = [*COMMON_SEARCH_PARAMS, *handler.search_params]
+            if handler.includes:
+                entry["searchInclude"] = sorted(handler.includes)
             entry["searchParam"] = [
                 {
                     "name": p.name,
@@ -63,6 +65,11 @@ def capability_statement(version: str, *, base: str) -> dict[str, Any]:
                     "description": "Authorization: Bearer <token> (issue_token).",
                 },
                 "resource": resources,
+                **(
+                    {"interaction": [{"code": code} for code in sorted(SYSTEM_INTERACTIONS)]}
+                    if SYSTEM_INTERACTIONS
+                    else {}
+                ),
                 "operation": [
                     {
                         "name": "versions",

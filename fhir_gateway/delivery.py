@@ -74,10 +74,14 @@ def outbox_enqueue(
     payload_fhir_version: str = "",
     http_method: str = OutboxMessage.Method.PUT,
     idempotency_key: str | None = None,
+    schedule: bool = True,
 ) -> OutboxMessage:
     """Add a message at the end of its aggregate. Must run inside the caller's transaction.
 
     Either a stored resource version (``version_id``) or a fixed ``payload`` is sent.
+    ``schedule=False`` when the caller already scheduled an earlier message of the same
+    aggregate in this transaction: each delivery schedules the next of its aggregate, so
+    one task per aggregate and transaction is enough (the sweep is the safety net).
     """
     if not connection.in_atomic_block:
         raise RuntimeError("outbox_enqueue must run inside the transaction of the change.")
@@ -109,8 +113,50 @@ def outbox_enqueue(
         http_method=http_method,
         idempotency_key=idempotency_key or uuid.uuid4().hex,
     )
-    transaction.on_commit(lambda: schedule_delivery(message.pk))
+    if schedule:
+        transaction.on_commit(lambda: schedule_delivery(message.pk))
     return message
+
+
+def outbox_enqueue_versions(
+    *,
+    aggregate_key: str,
+    items: list[tuple[Endpoint, FhirResource]],
+) -> list[OutboxMessage]:
+    """Several stored versions at the end of one aggregate, in order: one lock, one seq
+    query, one INSERT, one scheduled task (each delivery schedules the next of its
+    aggregate). Same contract as ``outbox_enqueue``; idempotency key
+    ``<type>-<id>-<version>-<endpoint>``."""
+    if not connection.in_atomic_block:
+        raise RuntimeError("outbox_enqueue must run inside the transaction of the change.")
+    if not items:
+        return []
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", [f"outbox:{aggregate_key}"]
+            )
+    last = (
+        OutboxMessage.objects.filter(aggregate_key=aggregate_key)
+        .order_by("-seq")
+        .values_list("seq", flat=True)
+        .first()
+    ) or 0
+    messages = OutboxMessage.objects.bulk_create(
+        OutboxMessage(
+            endpoint=endpoint,
+            aggregate_key=aggregate_key,
+            seq=last + offset,
+            resource_type=row.resource_type,
+            logical_id=row.logical_id,
+            version_id=row.version_id,
+            idempotency_key=f"{row.resource_type}-{row.logical_id}-{row.version_id}-{endpoint.pk}",
+        )
+        for offset, (endpoint, row) in enumerate(items, start=1)
+    )
+    head = messages[0].pk
+    transaction.on_commit(lambda: schedule_delivery(head))
+    return messages
 
 
 def schedule_delivery(message_id: int) -> None:

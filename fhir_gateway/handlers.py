@@ -63,6 +63,12 @@ class WriteRequest:
 SearchFunc = Callable[["User", dict[str, list[str]]], QuerySet[FhirResource]]
 WriteFunc = Callable[[WriteRequest], storage.WriteResult]
 DeleteFunc = Callable[["User", str, str | None], FhirResource | None]
+# Rows (any version) of the type the user may see; None: everyone authenticated sees all.
+VisibleFunc = Callable[["User"], QuerySet[FhirResource]]
+# ``_include`` target rows for the logical ids of a result page.
+IncludeFunc = Callable[["User", list[str]], QuerySet[FhirResource]]
+# POST /fhir: (user, Bundle, body version, answer version, base URL) -> Bundle JSON text.
+TransactionFunc = Callable[["User", dict[str, Any], str, str, str], str]
 
 
 @dataclass
@@ -77,6 +83,11 @@ class ResourceHandler:
     update: WriteFunc | None = None
     delete: DeleteFunc | None = None
     conditional_create: bool = False
+    visible: VisibleFunc | None = None
+    # Every stored version has both renderings: searches skip the "has a rendering" filter
+    # (comparing the TOASTed text with '' reads every candidate row's JSON).
+    renders_all_versions: bool = False
+    includes: dict[str, IncludeFunc] = field(default_factory=dict)
     # Ordering of search results (stable, for paging).
     order_by: tuple[str, ...] = ("logical_id",)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -92,6 +103,9 @@ class ResourceHandler:
 
 
 HANDLERS: dict[str, ResourceHandler] = {}
+
+# System-level interactions (``transaction``) and their implementation.
+SYSTEM_INTERACTIONS: dict[str, TransactionFunc] = {}
 
 
 def register(handler: ResourceHandler) -> ResourceHandler:

@@ -229,12 +229,15 @@ def store_version(
     hash_value: str = "",
     expected_version: int | None = None,
     now: datetime | None = None,
+    index_tokens: bool = True,
 ) -> FhirResource:
     """Append a version (``resource=None`` for a deletion). Call inside ``transaction.atomic``.
 
     ``renderings`` gives the resource per FHIR version when the caller built them itself
     (the projection); otherwise they come from ``resource`` via ``render_for_version``.
     ``expected_version`` (from If-Match) must equal the current version or 412.
+    ``index_tokens=False`` for types whose searches do not use the token table (the
+    referral resources search the referral tables).
     """
     if not FHIR_ID.match(logical_id):
         raise FhirError(400, "invalid", f"{logical_id!r} is not a valid FHIR id.")
@@ -281,7 +284,8 @@ def store_version(
         deleted=resource is None,
         source_pk=source_pk if source_pk is not None else (current.source_pk if current else None),
     )
-    _index_tokens(row, resource, current.pk if current else None)
+    if index_tokens:
+        _index_tokens(row, resource, current.pk if current else None)
     return row
 
 

@@ -58,7 +58,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_COUNT = 50
 MAX_COUNT = 500
 _RESOURCE_TYPE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
-_RESULT_PARAMS = frozenset({"_count", "_offset", "_total", "_format", "_pretty"})
+_RESULT_PARAMS = frozenset({"_count", "_offset", "_total", "_format", "_pretty", "_include"})
 _DATE = re.compile(
     r"^(?P<prefix>eq|ne|gt|lt|ge|le|sa|eb|ap)?"
     r"(?P<year>\d{4})(?:-(?P<month>\d{2})(?:-(?P<day>\d{2})"
@@ -257,13 +257,21 @@ def _allowed_type_methods(handler: ResourceHandler) -> list[str]:
 
 @_fhir_view(public=True, methods=("GET", "POST"))
 def root(ctx: FhirRequest) -> HttpResponse:
-    # Transaction Bundles (POST /fhir) come with the referral mapping.
-    raise FhirError(
-        405,
-        "not-supported",
-        "No system-level interaction is supported yet; see /fhir/metadata.",
-        headers={"Allow": ""},
-    )
+    transaction_func = handlers.SYSTEM_INTERACTIONS.get("transaction")
+    if ctx.request.method != "POST" or transaction_func is None:
+        raise FhirError(
+            405,
+            "not-supported",
+            "Only POST of a transaction Bundle is supported here; see /fhir/metadata.",
+            headers={"Allow": "POST" if transaction_func else ""},
+        )
+    user = _authenticate(ctx.request)
+    version = body_version(ctx.request, default=ctx.version)
+    bundle = _json_body(ctx.request)
+    if bundle.get("resourceType") != "Bundle":
+        raise FhirError(400, "invalid", "POST /fhir takes a Bundle of type transaction.")
+    text = transaction_func(user, bundle, version, ctx.version, ctx.base)
+    return HttpResponse(text, content_type=media_type_for(ctx.version))
 
 
 @_fhir_view(public=True)
@@ -363,7 +371,7 @@ def instance(ctx: FhirRequest, resource_type: str, logical_id: str) -> HttpRespo
     method = ctx.request.method
     if method == "GET":
         _require(handler, handlers.READ, allow)
-        row = _read(handler, logical_id)
+        row = _read(handler, logical_id, ctx.user)
         if ctx.request.headers.get("If-None-Match", "").strip() == f'W/"{row.version_id}"':
             not_modified = HttpResponse(status=304)
             not_modified["ETag"] = f'W/"{row.version_id}"'
@@ -415,7 +423,16 @@ def instance(ctx: FhirRequest, resource_type: str, logical_id: str) -> HttpRespo
     )
 
 
-def _read(handler: ResourceHandler, logical_id: str) -> FhirResource:
+def _check_visible(handler: ResourceHandler, logical_id: str, user: User | None) -> None:
+    """Outside the caller's scope a resource is "not found" (ids leak nothing)."""
+    if handler.visible is None:
+        return
+    if user is None or not handler.visible(user).filter(logical_id=logical_id).exists():
+        raise FhirError(404, "not-found", f"{handler.resource_type}/{logical_id} is not known.")
+
+
+def _read(handler: ResourceHandler, logical_id: str, user: User | None) -> FhirResource:
+    _check_visible(handler, logical_id, user)
     return resource_current(handler.resource_type, logical_id)
 
 
@@ -426,6 +443,7 @@ def vread(ctx: FhirRequest, resource_type: str, logical_id: str, version_id: str
     _require(handler, handlers.VREAD, _allowed_instance_methods(handler))
     if not version_id.isdigit() or len(version_id) > 9:
         raise FhirError(400, "invalid", f"{version_id!r} is not a version id.")
+    _check_visible(handler, logical_id, ctx.user)
     return _resource_response(ctx, resource_version(resource_type, logical_id, int(version_id)))
 
 
@@ -435,6 +453,7 @@ def history(ctx: FhirRequest, resource_type: str, logical_id: str) -> HttpRespon
     _check_id(logical_id)
     _require(handler, handlers.HISTORY, _allowed_instance_methods(handler))
     count, offset = _paging(ctx.request.GET)
+    _check_visible(handler, logical_id, ctx.user)
     rows = resource_history(resource_type, logical_id)
     total = rows.count()
     page = list(rows[offset : offset + count])
@@ -577,7 +596,8 @@ def _search(
     if "_lastUpdated" in used:
         rows = rows.filter(_last_updated_filter(used["_lastUpdated"]))
     column = "json_r5" if ctx.version == "5.0" else "json_r4"
-    rows = rows.exclude(**{column: ""})
+    if not handler.renders_all_versions:
+        rows = rows.exclude(**{column: ""})
     total = rows.count() if total_mode != "none" or offset else None
     page = list(
         rows.order_by(*handler.order_by).values_list("resource_type", "logical_id", column)[
@@ -592,6 +612,25 @@ def _search(
         + ',"search":{"mode":"match"}}'
         for rtype, lid, text in page
     ]
+    for include in params.get("_include") or []:
+        include_func = handler.includes.get(include)
+        if include_func is None:
+            if strict:
+                raise FhirError(400, "not-supported", f"_include={include} is not supported.")
+            ignored.append(f"_include={include}")
+            continue
+        used.setdefault("_include", []).append(include)
+        included = include_func(ctx.user, [lid for _t, lid, _x in page]).exclude(**{column: ""})
+        entries += [
+            '{"fullUrl":'
+            + json.dumps(f"{ctx.base}/{rtype}/{lid}")
+            + ',"resource":'
+            + text
+            + ',"search":{"mode":"include"}}'
+            for rtype, lid, text in included.order_by("resource_type", "logical_id").values_list(
+                "resource_type", "logical_id", column
+            )
+        ]
     self_url = f"{ctx.base}/{handler.resource_type}"
     links = _links(self_url, used, count, offset, total, len(page))
     response = _bundle_response(

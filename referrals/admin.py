@@ -3,7 +3,7 @@ from __future__ import annotations
 from django.contrib import admin
 from django.http import HttpRequest
 
-from referrals.models import Referral, ReferralEvent
+from referrals.models import AuditEntry, Referral, ReferralEvent
 
 EVENT_FIELDS = (
     "seq",
@@ -44,4 +44,24 @@ class ReferralAdmin(admin.ModelAdmin[Referral]):
         return False
 
     def has_delete_permission(self, request: HttpRequest, obj: Referral | None = None) -> bool:
+        return False
+
+
+@admin.register(AuditEntry)
+class AuditEntryAdmin(admin.ModelAdmin[AuditEntry]):
+    # Append-only: readable by superusers, never changed or deleted here.
+    list_display = ["at", "user", "action", "object_type", "object_id", "referral_id", "ip_address"]
+    list_filter = ["action", "object_type"]
+    search_fields = ["=referral_id", "=object_id", "user__username", "request_id"]
+    list_select_related = ["user"]
+    date_hierarchy = "at"
+    readonly_fields = [f.name for f in AuditEntry._meta.fields]
+
+    def has_change_permission(self, request: HttpRequest, obj: AuditEntry | None = None) -> bool:
+        return False
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: AuditEntry | None = None) -> bool:
         return False

@@ -15,14 +15,16 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from accounts.models import User
-from core.errors import ApplicationError, Conflict
+from core.errors import ApplicationError, Conflict, NotFound
 from core.pagination import Pagination
-from referrals import selectors, services
-from referrals.models import Referral, ReferralState
+from referrals import routing, selectors, services
+from referrals.audit import audit_record
+from referrals.models import AuditAction, Referral, ReferralState
 from referrals.serializers import (
     ReferralDetailSerializer,
     ReferralListSerializer,
     ReferralSubmitSerializer,
+    SuggestionSerializer,
     action_input_serializer,
 )
 from referrals.workflow import TRANSITIONS, Transition
@@ -98,6 +100,7 @@ class ReferralSubmitApi(APIView):
             patient_birth_year=patient.get("birth_year"),
             **data,
         )
+        audit_record(request, AuditAction.CREATE if created else AuditAction.READ, [referral.pk])
         return _detail_response(
             user, referral.pk, status.HTTP_201_CREATED if created else status.HTTP_200_OK
         )
@@ -110,6 +113,7 @@ class _ListApi(APIView):
         paginator = Pagination()
         page = paginator.paginate_queryset(queryset, request, view=self)
         assert page is not None
+        audit_record(request, AuditAction.READ, [r.pk for r in page])  # one INSERT per page
         return paginator.get_paginated_response(ReferralListSerializer(page, many=True).data)
 
 
@@ -166,7 +170,9 @@ class ReferralDetailApi(APIView):
         responses={200: ReferralDetailSerializer, 404: PROBLEM},
     )
     def get(self, request: Request, pk: int) -> Response:
-        return _detail_response(_user(request), pk)
+        response = _detail_response(_user(request), pk)
+        audit_record(request, AuditAction.READ, [pk])
+        return response
 
 
 class ReferralActionApi(APIView):
@@ -184,7 +190,7 @@ class ReferralActionApi(APIView):
             inputs = dict(parser.validated_data)
         user = _user(request)
         try:
-            services.referral_transition(
+            referral = services.referral_transition(
                 actor=user,
                 referral_id=pk,
                 action=self.transition.action,
@@ -197,7 +203,14 @@ class ReferralActionApi(APIView):
                     exc.message, code="precondition_failed", status_code=412, extra=exc.extra
                 ) from exc
             raise
-        return _detail_response(user, pk)
+        audit_record(request, AuditAction.TRANSITION, [pk], detail=self.transition.action)
+        try:
+            return _detail_response(user, pk)
+        except NotFound:
+            # The action took the case out of the caller's scope (forward to another
+            # department): confirm it without showing the referral any more.
+            body = {"id": referral.pk, "state": referral.state, "version": referral.version}
+            return Response(body, headers={"ETag": _etag(referral)})
 
 
 def _action_view(transition: Transition) -> type[ReferralActionApi]:
@@ -236,3 +249,18 @@ def _action_view(transition: Transition) -> type[ReferralActionApi]:
 ACTION_VIEWS: dict[str, type[ReferralActionApi]] = {
     t.action: _action_view(t) for t in TRANSITIONS if t.side != "system"
 }
+
+
+class ReferralSuggestionsApi(APIView):
+    permission_classes = [IsAuthenticated]
+
+    @extend_schema(
+        operation_id="referrals_suggestions",
+        responses={200: SuggestionSerializer(many=True), 404: PROBLEM},
+        description="Routing candidates for this referral, best first, with reasons and "
+        "score (departments already tried are left out).",
+    )
+    def get(self, request: Request, pk: int) -> Response:
+        referral = selectors.referral_get_for_user(_user(request), pk)
+        suggestions = routing.suggest_departments(referral)
+        return Response(SuggestionSerializer(suggestions, many=True).data)

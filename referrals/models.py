@@ -13,6 +13,7 @@ from django.conf import settings
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
+from guardian.models import UserObjectPermissionBase
 
 from registry.models import ConsultMode
 
@@ -130,6 +131,9 @@ class Referral(models.Model):
         related_name="incoming_referrals",
     )
     deadline = models.DateTimeField(null=True, blank=True)
+    # When the current department got the case (submit/forward/reroute): routing counts a
+    # department's load today from it (index below) without reading the event log.
+    assigned_at = models.DateTimeField(null=True, blank=True)
     campaign = models.CharField(max_length=100, blank=True)
     state = models.CharField(
         max_length=20, choices=ReferralState.choices, default=ReferralState.DRAFT
@@ -171,6 +175,9 @@ class Referral(models.Model):
             ),
             models.Index(fields=["requester_facility", "created_at"], name="referral_outgoing"),
             models.Index(fields=["state", "deadline"], name="referral_state_deadline"),
+            models.Index(
+                fields=["assigned_department", "assigned_at"], name="referral_department_load"
+            ),
         ]
 
     def __str__(self) -> str:
@@ -275,3 +282,109 @@ class CloseOut(models.Model):
 
     def __str__(self) -> str:
         return f"{self.referral_id}: {self.outcome}"
+
+
+# --- attachments, notifications, audit, explicit grants (see docs/permissions.md) --------
+
+
+def attachment_upload_to(instance: Attachment, filename: str) -> str:
+    # Never the client's name in a path: a random name per file, grouped by referral.
+    return f"attachments/{instance.referral_id}/{uuid.uuid4().hex}"
+
+
+class Attachment(models.Model):
+    """A case file (PDF, JPEG, PNG, DICOM). ``content_type`` is sniffed from the bytes."""
+
+    referral = models.ForeignKey(Referral, on_delete=models.PROTECT, related_name="attachments")
+    uploaded_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    file = models.FileField(upload_to=attachment_upload_to, max_length=255)
+    original_name = models.CharField(max_length=255)
+    content_type = models.CharField(max_length=100)
+    size = models.PositiveBigIntegerField()
+    sha256 = models.CharField(max_length=64)
+    created = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["referral", "created", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.referral_id}: {self.original_name}"
+
+
+class Notification(models.Model):
+    """An in-app notice about one event to one user (also e-mailed when they have an
+    address). Unique per (recipient, event): the notify task is safe to run twice."""
+
+    recipient = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="notifications"
+    )
+    referral = models.ForeignKey(Referral, on_delete=models.CASCADE, related_name="+")
+    event = models.ForeignKey(ReferralEvent, on_delete=models.CASCADE, related_name="+")
+    kind = models.CharField(max_length=32)
+    text = models.TextField()
+    created = models.DateTimeField(default=timezone.now)
+    read_at = models.DateTimeField(null=True, blank=True)
+    emailed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created", "-id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["recipient", "event"], name="notification_once_per_recipient_event"
+            ),
+        ]
+        indexes = [models.Index(fields=["recipient", "read_at", "-created"])]
+
+    def __str__(self) -> str:
+        return f"{self.recipient_id}: {self.kind} {self.referral_id}"
+
+
+class AuditAction(models.TextChoices):
+    READ = "read", "Read"
+    CREATE = "create", "Create"
+    UPDATE = "update", "Update"
+    DOWNLOAD = "download", "Download"
+    TRANSITION = "transition", "Transition"
+
+
+class AuditEntry(models.Model):
+    """Who read or wrote which patient data, when, from where. Append-only.
+
+    ``referral_id`` is a plain column (no foreign key): the log outlives and never blocks
+    the rows it talks about, and writing it never locks them."""
+
+    at = models.DateTimeField(default=timezone.now)
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    action = models.CharField(max_length=12, choices=AuditAction.choices)
+    object_type = models.CharField(max_length=32)
+    object_id = models.CharField(max_length=64)
+    referral_id = models.BigIntegerField(null=True)
+    detail = models.CharField(max_length=64, blank=True)
+    ip_address = models.GenericIPAddressField(null=True)
+    user_agent = models.CharField(max_length=255, blank=True)
+    request_id = models.CharField(max_length=64, blank=True)
+
+    class Meta:
+        ordering = ["-at", "-id"]
+        verbose_name_plural = "audit entries"
+        indexes = [
+            models.Index(fields=["referral_id", "at"], name="audit_referral_at"),
+            models.Index(fields=["user", "at"], name="audit_user_at"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.at:%Y-%m-%d %H:%M:%S} {self.user_id} {self.action} {self.object_type}"
+
+
+class ReferralUserObjectPermission(UserObjectPermissionBase):
+    """django-guardian grants on referrals with a real foreign key (direct, indexed,
+    joinable) instead of the generic varchar ``object_pk``."""
+
+    content_object = models.ForeignKey(Referral, on_delete=models.CASCADE)
+
+    class Meta(UserObjectPermissionBase.Meta):
+        abstract = False

@@ -13,6 +13,7 @@ from accounts.models import User
 from accounts.roles import Role
 from core.errors import NotFound
 from referrals.models import Referral, ReferralEvent, ReferralState
+from referrals.permissions import referral_grant_filter, referral_region_filter
 from referrals.workflow import TERMINAL_STATES
 from registry.models import Department
 
@@ -47,7 +48,12 @@ def referral_scope_filter(user: User) -> Q | None:
     department_ids = user_department_ids(user)
     if department_ids:
         scope |= Q(assigned_department_id__in=department_ids)
-    return scope or None
+    # Beyond the relationships: coordinators' region and explicit guardian grants
+    # (invited conference experts); subqueries, still no joins. docs/permissions.md.
+    region = referral_region_filter(user)
+    if region is not None:
+        scope |= region
+    return scope | referral_grant_filter(user)
 
 
 def referral_visible(user: User) -> QuerySet[Referral]:
@@ -120,7 +126,9 @@ def referral_worklist(
         if department_id not in department_ids:
             raise NotFound("No such department.")
         department_ids = frozenset({department_id})
-    queryset = Referral.objects.filter(
-        assigned_department_id__in=department_ids, state__in=states or OPEN_STATES
-    )
+    scope = Q(assigned_department_id__in=department_ids)
+    if department is None:
+        # Conferences the user is invited to as an expert (guardian grants), same query.
+        scope |= referral_grant_filter(user)
+    queryset = Referral.objects.filter(scope, state__in=states or OPEN_STATES)
     return _list_queryset(queryset).order_by("priority", "deadline", "id")

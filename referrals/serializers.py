@@ -49,7 +49,8 @@ class ReferralSubmitSerializer(serializers.Serializer[Any]):
         queryset=Department.objects.select_related("facility"),
         required=False,
         allow_null=True,
-        help_text="the department asked; empty = routing decides (later)",
+        help_text="the department asked (must be a routing candidate: GET "
+        "/referrals/{id}/suggestions/); empty = routing assigns the best candidate",
     )
     campaign = serializers.CharField(max_length=100, required=False, allow_blank=True, default="")
     draft = serializers.BooleanField(default=False)
@@ -80,6 +81,9 @@ _FIELD_KINDS: dict[str, Any] = {
 
 def _field(spec: InputField) -> serializers.Field[Any, Any, Any, Any]:
     field: serializers.Field[Any, Any, Any, Any] = _FIELD_KINDS[spec.kind](spec)
+    # Through the constructor kwargs: a serializer deep-copies its declared fields by
+    # re-creating them from those, so setting ``field.required`` afterwards was lost.
+    field._kwargs["required"] = spec.required  # type: ignore[attr-defined]
     field.required = spec.required
     return field
 
@@ -232,3 +236,22 @@ class ReferralDetailSerializer(ReferralListSerializer):
     @extend_schema_field(serializers.ListField(child=serializers.CharField()))
     def get_available_actions(self, obj: Referral) -> list[str]:
         return list(self.context.get("available_actions", []))
+
+
+class SuggestionSerializer(serializers.Serializer[Any]):
+    """One routing candidate (``referrals.routing.Suggestion``)."""
+
+    department_id = serializers.IntegerField()
+    department_name = serializers.CharField()
+    facility_id = serializers.IntegerField()
+    facility_name = serializers.CharField()
+    facility_tier = serializers.IntegerField()
+    country = serializers.CharField()
+    score = serializers.FloatField()
+    allowed = serializers.BooleanField(
+        help_text="false: reachable only without identifiable patient data"
+    )
+    reasons = serializers.ListField(child=serializers.CharField())
+    distance_km = serializers.FloatField(allow_null=True)
+    capacity_left = serializers.IntegerField()
+    median_response_hours = serializers.FloatField(allow_null=True)

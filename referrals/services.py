@@ -27,9 +27,12 @@ from referrals.models import (
     ReferralEvent,
     ReferralState,
 )
+from referrals.notifications import notify_transition_later
+from referrals.permissions import referral_experts_grant, referral_grants_revoke
 from referrals.selectors import referral_scope_filter, user_department_ids
 from referrals.workflow import (
     GUARDS,
+    TERMINAL_STATES,
     TRANSITIONS,
     TRANSITIONS_BY_ACTION,
     InputField,
@@ -205,16 +208,34 @@ Effect = Callable[[Referral, User | None, dict[str, Any], datetime], dict[str, A
 def _effect_submit(
     referral: Referral, actor: User | None, data: dict[str, Any], now: datetime
 ) -> dict[str, Any]:
+    routed: dict[str, Any] | None = None
+    if referral.assigned_department is None:
+        # No department chosen: routing assigns the best candidate; with none the
+        # referral stays submitted and unassigned (the deadline job retries it).
+        from referrals.routing import best_department
+
+        best = best_department(referral, now=now)
+        if best is not None:
+            referral.assigned_department = Department.objects.get(pk=best.department_id)
+            routed = best.as_payload()
     if referral.assigned_department is not None:
+        referral.assigned_at = now
         referral.deadline = referral_deadline(
             department=referral.assigned_department, priority=referral.priority, start=now
         )
-    return {"department_id": referral.assigned_department_id}
+    payload: dict[str, Any] = {"department_id": referral.assigned_department_id}
+    if routed is not None:
+        payload["routing"] = routed
+    return payload
 
 
 def _effect_decline(
     referral: Referral, actor: User | None, data: dict[str, Any], now: datetime
 ) -> dict[str, Any]:
+    # After commit, routing offers the case to the next candidate (referrals.escalation).
+    from referrals.escalation import reroute_declined_later
+
+    transaction.on_commit(lambda: reroute_declined_later(referral.pk))
     return {"reason_code": data["reason_code"], "department_id": referral.assigned_department_id}
 
 
@@ -224,11 +245,31 @@ def _effect_forward(
     department: Department = data["department"]
     previous = referral.assigned_department_id
     referral.assigned_department = department
+    referral.assigned_at = now
     # The new department gets its own SLA from now; access moves with the assignment.
     referral.deadline = referral_deadline(
         department=department, priority=referral.priority, start=now
     )
     return {"from_department_id": previous, "department_id": department.pk}
+
+
+def _effect_reroute(
+    referral: Referral, actor: User | None, data: dict[str, Any], now: datetime
+) -> dict[str, Any]:
+    payload = _effect_forward(referral, actor, data, now)
+    if data.get("routing"):
+        payload["routing"] = data["routing"]
+    return payload
+
+
+def _effect_escalation_notify(
+    referral: Referral, actor: User | None, data: dict[str, Any], now: datetime
+) -> dict[str, Any]:
+    assert referral.deadline is not None  # the guard checked it passed
+    return {
+        "department_id": referral.assigned_department_id,
+        "deadline": referral.deadline.isoformat(),
+    }
 
 
 def _effect_request_info(
@@ -266,6 +307,7 @@ def _effect_schedule(
     referral.conference_url = data["video_url"]
     experts: list[User] = data["experts"]
     referral.conference_experts.set(experts)
+    referral_experts_grant(referral=referral, experts=experts)  # guardian view grants
     return {
         "scheduled_at": data["scheduled_at"].isoformat(),
         "video_url": data["video_url"],
@@ -347,6 +389,8 @@ EFFECTS: dict[str, Effect] = {
     "advise": _consult_note,
     "close_local": _effect_close_local,
     "counter_refer": _effect_counter_refer,
+    "reroute": _effect_reroute,
+    "escalation_notify": _effect_escalation_notify,
 }
 
 # Inputs stored as the event's free-text reason.
@@ -370,7 +414,9 @@ def _apply(
     referral.version += 1
     referral.save()
     reason = next((data[name] for name in REASON_INPUTS if data.get(name)), "")
-    return ReferralEvent.objects.create(
+    if referral.state in TERMINAL_STATES and referral.conference_at is not None:
+        referral_grants_revoke(referral=referral)  # invited experts lose access at the end
+    event = ReferralEvent.objects.create(
         referral=referral,
         seq=referral.version,
         actor=actor,
@@ -383,6 +429,13 @@ def _apply(
         reason=reason,
         payload=payload,
     )
+    transaction.on_commit(lambda: notify_transition_later(event.pk))
+    # FHIR projection + outbox in this transaction (decisions 1, 2); imported here so the
+    # referral domain does not load the FHIR gateway at import time.
+    from fhir_gateway.publish import referral_changed
+
+    referral_changed(referral=referral, event=event)
+    return event
 
 
 def _state_conflict(referral: Referral, message: str, code: str) -> Conflict:
@@ -445,6 +498,36 @@ def referral_transition(
         side = transition.side
         _apply(referral=referral, transition=transition, actor=actor, side=side, data=data, now=now)
     return referral
+
+
+def referral_system_transition(
+    *, referral: Referral, action: str, now: datetime, **data: Any
+) -> ReferralEvent:
+    """Take a system action on a referral the caller has already locked (``SELECT ... FOR
+    UPDATE``, e.g. with SKIP LOCKED) in the current transaction. Used by the deadline job
+    and routing, which also record details a public input cannot carry (``routing``).
+    Checks the table (system side, source state, guard) like ``referral_transition``."""
+    transition = TRANSITIONS_BY_ACTION[action]
+    if transition.side != ActorSide.SYSTEM:
+        raise ApplicationError(f"{action} is not a system action.", code="unknown_action")
+    if referral.state not in transition.sources:
+        raise _state_conflict(
+            referral,
+            f"Cannot {action.replace('_', ' ')} a referral that is {referral.state}.",
+            "transition_not_allowed",
+        )
+    if transition.guard is not None:
+        refusal = GUARDS[transition.guard](referral, data, now)
+        if refusal is not None:
+            raise _state_conflict(referral, refusal, "guard_failed")
+    return _apply(
+        referral=referral,
+        transition=transition,
+        actor=None,
+        side=ActorSide.SYSTEM,
+        data=data,
+        now=now,
+    )
 
 
 def referral_expire_overdue(*, now: datetime | None = None, limit: int = 500) -> list[int]:
@@ -569,6 +652,17 @@ def referral_submit(
             raise ApplicationError(f"The department does not offer {mode} consults.")
         if not department.accepting:
             raise Conflict("That department is not accepting referrals.", code="not_accepting")
+        from referrals.routing import candidate_check
+
+        probe = Referral(
+            requester_facility=requester_facility,
+            specialty=specialty,
+            mode=mode,
+            patient_ref=patient_ref,
+        )
+        _, problem = candidate_check(probe, department.pk, now=now)
+        if problem is not None:
+            raise ApplicationError(problem, code="department_not_candidate")
     try:
         with transaction.atomic():
             referral = _referral_create(
@@ -629,3 +723,45 @@ referral_advise = _wrapper("advise")
 referral_close_local = _wrapper("close_local")
 referral_request_transfer = _wrapper("request_transfer")
 referral_counter_refer = _wrapper("counter_refer")
+
+
+# --- messages outside a transition ---------------------------------------------------------
+
+
+def referral_message_post(
+    *, actor: User, referral_id: int, text: str, in_response_to_id: int | None = None
+) -> tuple[Referral, Message]:
+    """A message between the two parties that changes no state (no event). Either side of
+    a referral that is not finished may post; 404 outside the caller's scope."""
+    text = text.strip() if isinstance(text, str) else ""
+    if not text:
+        raise ApplicationError("A message needs a text.", code="invalid")
+    if len(text) > MAX_TEXT:
+        raise ApplicationError(f"A message has at most {MAX_TEXT} characters.", code="invalid")
+    with transaction.atomic():
+        scope = referral_scope_filter(actor)
+        if scope is None:
+            raise NotFound("No such referral.")
+        try:
+            referral = Referral.objects.select_for_update().filter(scope).get(pk=referral_id)
+        except Referral.DoesNotExist as exc:
+            raise NotFound("No such referral.") from exc
+        if not actor_sides(actor, referral):
+            raise PermissionDenied("Only the two parties of a referral may post messages.")
+        if referral.state in TERMINAL_STATES:
+            raise Conflict(
+                f"Messages cannot be posted on a referral that is {referral.state}.",
+                code="transition_not_allowed",
+            )
+        if (
+            in_response_to_id is not None
+            and not Message.objects.filter(pk=in_response_to_id, referral=referral).exists()
+        ):
+            raise ApplicationError("inResponseTo is not a message of this referral.")
+        message = Message.objects.create(
+            referral=referral, author=actor, text=text, in_response_to_id=in_response_to_id
+        )
+        from fhir_gateway.publish import message_posted
+
+        message_posted(referral=referral, message=message)
+    return referral, message

@@ -1,11 +1,12 @@
-"""Celery tasks for referrals. Not yet in CELERY_BEAT_SCHEDULE (config is the lead's):
-add {"referrals-expire-overdue": {"task": "referrals.tasks.referrals_expire_overdue",
-"schedule": 60.0}} to wire the deadline job."""
+"""Celery tasks for referrals. The deadline job ``referrals_escalate`` runs every minute
+(CELERY_BEAT_SCHEDULE); ``referrals_expire_overdue`` is the older expire-only job, kept for
+callers that want it."""
 
 from __future__ import annotations
 
 from celery import shared_task
 
+from referrals.escalation import referral_escalate_overdue, referral_reroute_declined
 from referrals.services import referral_expire_overdue
 
 
@@ -13,3 +14,22 @@ from referrals.services import referral_expire_overdue
 def referrals_expire_overdue(self: object) -> int:
     # Safe to run twice: an expired or accepted referral is skipped by the transition check.
     return len(referral_expire_overdue())
+
+
+@shared_task(bind=True, max_retries=5, retry_backoff=True, acks_late=True)
+def referrals_escalate(self: object) -> dict[str, int]:
+    """Notify, then re-route or expire overdue referrals; re-route recent declines.
+    Safe to run twice, also at the same time (SKIP LOCKED, re-checked under the lock)."""
+    result = referral_escalate_overdue()
+    return {
+        "notified": len(result.notified),
+        "rerouted": len(result.rerouted),
+        "expired": len(result.expired),
+        "routed": len(result.routed),
+    }
+
+
+@shared_task(bind=True, max_retries=5, retry_backoff=True, acks_late=True)
+def referrals_reroute_declined(self: object, referral_id: int) -> bool:
+    # Safe to run twice: a referral that is no longer declined is skipped.
+    return referral_reroute_declined(referral_id=referral_id)

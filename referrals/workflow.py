@@ -28,9 +28,14 @@ S = ReferralState
 REQUESTER_ROLES = frozenset({Role.REFERRER.value, Role.COORDINATOR.value})
 REQUESTER_OR_SYSTEM_ROLES = REQUESTER_ROLES | {Role.MEMBER_SYSTEM.value}
 ASSIGNEE_ROLES = frozenset({Role.CONSULTANT.value, Role.COORDINATOR.value})
+# A department's hospital system may take the actions FHIR carries (Task.status, the
+# consult note, Communications); see docs/fhir.md.
+ASSIGNEE_OR_SYSTEM_ROLES = ASSIGNEE_ROLES | {Role.MEMBER_SYSTEM.value}
 NO_ROLES: frozenset[str] = frozenset()
 
 TERMINAL_STATES = frozenset({S.DECLINED, S.CANCELLED, S.EXPIRED, S.CLOSED_LOCAL, S.COMPLETED})
+# Terminal for people; only the system may reopen these (reroute after a decline).
+REOPENABLE_BY_SYSTEM = frozenset({S.DECLINED})
 # States a case is "finished" in: it may spawn a counter-referral back down.
 FINISHED_STATES = frozenset({S.ADVISED, S.CLOSED_LOCAL, S.COMPLETED})
 
@@ -165,7 +170,7 @@ TRANSITIONS: tuple[Transition, ...] = (
         frozenset({S.SUBMITTED}),
         S.ACCEPTED,
         ActorSide.ASSIGNEE,
-        ASSIGNEE_ROLES,
+        ASSIGNEE_OR_SYSTEM_ROLES,
         description="The department takes the case.",
     ),
     Transition(
@@ -173,9 +178,10 @@ TRANSITIONS: tuple[Transition, ...] = (
         frozenset({S.SUBMITTED}),
         S.DECLINED,
         ActorSide.ASSIGNEE,
-        ASSIGNEE_ROLES,
+        ASSIGNEE_OR_SYSTEM_ROLES,
         inputs=(InputField("reason_code", "choice", choices=_choices(DeclineReason)), NOTE),
-        description="Terminal for now; re-routing to the next candidate is a later slice.",
+        description="The system then offers it to the next routing candidate (reroute); "
+        "with none left it stays declined.",
     ),
     Transition(
         "forward",
@@ -200,7 +206,7 @@ TRANSITIONS: tuple[Transition, ...] = (
         frozenset({S.ACCEPTED}),
         S.INFO_REQUESTED,
         ActorSide.ASSIGNEE,
-        ASSIGNEE_ROLES,
+        ASSIGNEE_OR_SYSTEM_ROLES,
         inputs=(InputField("question", "text"),),
         records="event + Message",
     ),
@@ -253,7 +259,7 @@ TRANSITIONS: tuple[Transition, ...] = (
         frozenset({S.ACCEPTED}),
         S.ADVISED,
         ActorSide.ASSIGNEE,
-        ASSIGNEE_ROLES,
+        ASSIGNEE_OR_SYSTEM_ROLES,
         inputs=(
             InputField("disposition", "choice", choices=_choices(Disposition)),
             InputField("text", "text", help="the advice"),
@@ -322,7 +328,30 @@ TRANSITIONS: tuple[Transition, ...] = (
         ActorSide.SYSTEM,
         NO_ROLES,
         guard="deadline_passed",
-        description="Deadline job: not accepted in time. Re-routing is a later slice.",
+        description="Deadline job: not accepted within deadline + grace and no routing "
+        "candidate left (or auto-forward off).",
+    ),
+    Transition(
+        "escalation_notify",
+        frozenset({S.SUBMITTED}),
+        None,
+        ActorSide.SYSTEM,
+        NO_ROLES,
+        guard="deadline_passed",
+        records="event (notice to the department; the state does not change)",
+        description="Deadline job: the deadline passed; the department is warned first.",
+    ),
+    Transition(
+        "reroute",
+        frozenset({S.SUBMITTED, S.DECLINED}),
+        S.SUBMITTED,
+        ActorSide.SYSTEM,
+        NO_ROLES,
+        inputs=(InputField("department", "department"), InputField("reason", "text")),
+        guard="forward_target_valid",
+        records="event with the routing score and reasons",
+        description="Routing hands the case to the next candidate department: after "
+        "deadline + grace (escalation) or after a decline.",
     ),
     Transition(
         "counter_refer",
@@ -359,7 +388,8 @@ def check_table() -> list[str]:
             problems.append(f"{t.action}: unknown target state")
         if t.guard is not None and t.guard not in GUARDS:
             problems.append(f"{t.action}: unknown guard {t.guard}")
-        if t.sources & TERMINAL_STATES and t.target is not None:
+        reopenable = REOPENABLE_BY_SYSTEM if t.side == ActorSide.SYSTEM else frozenset()
+        if t.sources & (TERMINAL_STATES - reopenable) and t.target is not None:
             problems.append(f"{t.action}: leaves a terminal state")
         if (t.side == ActorSide.SYSTEM) != (not t.roles):
             problems.append(f"{t.action}: only system actions have no roles")

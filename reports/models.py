@@ -1,1 +1,167 @@
-"""Reduced-transfer reports (issue 5): not built yet."""
+"""Reduced-transfer reports (issue 5): tables derived from the referral event log.
+
+Nothing here is the truth: ``referrals.ReferralEvent`` is. These tables are maintained by
+the watermark job (``reports.services.reports_catch_up``) and can be dropped and rebuilt
+at any time (``manage.py rebuild_reports``). They hold ids, not foreign keys: rollups must
+never block a registry delete, and rebuilding them must not need constraint checks.
+
+- ``DailyRollup``: additive counters per (local day, requester facility, department,
+  specialty, campaign). Week/month/quarter/year and country/province/tier/hub slices are
+  sums over it. Requester country/province/tier, the hub facility and the border flag are
+  copied onto the row when the event is applied, so report queries need no joins.
+- ``ReferralFact``: one row per referral with its milestones. Medians and percentiles
+  cannot be summed from rollups; they are computed over these rows. Verified avoided
+  transfers are decided from them at query time (the window is a setting).
+- ``UpkeepState``: the watermark (highest event id applied) and the ids skipped as gaps.
+"""
+
+from __future__ import annotations
+
+from django.db import models
+
+# The counters of a DailyRollup row, in the order the docs list them.
+COUNTERS: tuple[str, ...] = (
+    "submitted",
+    "accepted",
+    "declined",
+    "forwarded",
+    "cancelled",
+    "expired",
+    "advised",
+    "closed_local",
+    "transfer_considered",
+    "avoided",
+    "transfer_requested",
+    "transfer_completed",
+    "counter_referrals",
+    "sla_due",
+    "sla_met",
+)
+# Dimension columns of a DailyRollup row that identify it (the upsert key).
+ROLLUP_KEY: tuple[str, ...] = (
+    "day",
+    "requester_facility_id",
+    "department_id",
+    "specialty_id",
+    "campaign",
+)
+# Dimension columns copied from the registry when the row is first written.
+ROLLUP_ATTRIBUTES: tuple[str, ...] = (
+    "country_id",
+    "province_id",
+    "tier",
+    "hub_facility_id",
+    "cross_border",
+)
+
+
+class DailyRollup(models.Model):
+    day = models.DateField(help_text="local date (REPORTS_TIME_ZONE) of the events")
+    requester_facility_id = models.BigIntegerField()
+    # 0 = no department (not routed yet); hub_facility_id 0 likewise.
+    department_id = models.BigIntegerField(default=0)
+    specialty_id = models.BigIntegerField()
+    campaign = models.CharField(max_length=100, blank=True, default="")
+    country_id = models.BigIntegerField()
+    province_id = models.BigIntegerField(default=0)
+    tier = models.PositiveSmallIntegerField()
+    hub_facility_id = models.BigIntegerField(default=0)
+    cross_border = models.BooleanField(default=False)
+
+    submitted = models.IntegerField(default=0)
+    accepted = models.IntegerField(default=0)
+    declined = models.IntegerField(default=0)
+    forwarded = models.IntegerField(default=0)
+    cancelled = models.IntegerField(default=0)
+    expired = models.IntegerField(default=0)
+    advised = models.IntegerField(default=0)
+    closed_local = models.IntegerField(default=0)
+    transfer_considered = models.IntegerField(default=0)
+    avoided = models.IntegerField(default=0)
+    transfer_requested = models.IntegerField(default=0)
+    transfer_completed = models.IntegerField(default=0)
+    counter_referrals = models.IntegerField(default=0)
+    sla_due = models.IntegerField(default=0, help_text="accept + decline + expire events")
+    sla_met = models.IntegerField(default=0, help_text="accepts/declines within the SLA")
+    travel_km = models.FloatField(default=0.0, help_text="round trips avoided, km")
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=list(ROLLUP_KEY), name="report_rollup_key"),
+        ]
+        indexes = [
+            models.Index(fields=["day", "country_id"], name="report_rollup_day_country"),
+            models.Index(fields=["province_id", "day"], name="report_rollup_province"),
+            models.Index(fields=["hub_facility_id", "day"], name="report_rollup_hub"),
+            models.Index(fields=["specialty_id", "day"], name="report_rollup_specialty"),
+            models.Index(fields=["requester_facility_id", "day"], name="report_rollup_facility"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.day} f{self.requester_facility_id} d{self.department_id}"
+
+
+class ReferralFact(models.Model):
+    """One referral's milestones (for percentiles and verification)."""
+
+    referral_id = models.BigIntegerField(primary_key=True)
+    requester_facility_id = models.BigIntegerField()
+    country_id = models.BigIntegerField()
+    province_id = models.BigIntegerField(default=0)
+    tier = models.PositiveSmallIntegerField()
+    specialty_id = models.BigIntegerField()
+    campaign = models.CharField(max_length=100, blank=True, default="")
+    # The sender's pseudonymous patient id; with the requester facility it names a patient.
+    patient_ref = models.CharField(max_length=128, blank=True, default="")
+    department_id = models.BigIntegerField(default=0)
+    hub_facility_id = models.BigIntegerField(default=0)
+    cross_border = models.BooleanField(default=False)
+
+    submitted_at = models.DateTimeField(null=True)
+    assigned_at = models.DateTimeField(null=True, help_text="last submit/forward")
+    accepted_at = models.DateTimeField(null=True)
+    accepted_day = models.DateField(null=True)
+    accept_seconds = models.FloatField(null=True, help_text="accept - assigned_at")
+    advised_at = models.DateTimeField(null=True)
+    advised_day = models.DateField(null=True)
+    advice_seconds = models.FloatField(null=True, help_text="first advice - submitted_at")
+    closed_at = models.DateTimeField(null=True)
+    closed_day = models.DateField(null=True)
+    avoided = models.BooleanField(default=False)
+    travel_km = models.FloatField(default=0.0)
+    transfer_requested_at = models.DateTimeField(null=True)
+    # Earliest new referral or transfer of the same patient and specialty after closed_at
+    # (only tracked for avoided transfers).
+    followup_at = models.DateTimeField(null=True)
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["accepted_day"], name="report_fact_accepted_day"),
+            models.Index(fields=["advised_day"], name="report_fact_advised_day"),
+            models.Index(
+                fields=["closed_day"],
+                name="report_fact_avoided_day",
+                condition=models.Q(avoided=True),
+            ),
+            models.Index(
+                fields=["requester_facility_id", "patient_ref", "specialty_id"],
+                name="report_fact_patient",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"fact {self.referral_id}"
+
+
+class UpkeepState(models.Model):
+    """A single row (pk 1): how far the event log has been applied."""
+
+    watermark = models.BigIntegerField(default=0, help_text="highest event id applied")
+    # {event id: first seen (epoch seconds)} ids below the watermark not yet visible: a
+    # transaction that took the id had not committed yet (or rolled back).
+    gaps = models.JSONField(default=dict, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    events_applied = models.BigIntegerField(default=0)
+
+    def __str__(self) -> str:
+        return f"watermark {self.watermark}"

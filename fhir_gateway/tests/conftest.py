@@ -257,3 +257,7 @@ def stub_member() -> Iterator[Callable[..., StubMember]]:
     for server in servers:
         server.shutdown()
         server.server_close()
+
+
+# The referral network of the referral mapping tests (defined beside its builders).
+from fhir_gateway.tests.referral_world import world  # noqa: E402, F401

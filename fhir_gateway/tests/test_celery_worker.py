@@ -53,21 +53,23 @@ def test_committed_change_is_delivered_in_order_by_a_real_worker(stub_member, se
                             version_id=row.version_id,
                         )
                     )
-            deadline = time.monotonic() + 20
+            # Under load the first hand-over can be slow; beat sweeps every 10 s in
+            # production, so acting as beat here (through the broker) is what would happen.
+            started = time.monotonic()
+            deadline = started + 60
             while time.monotonic() < deadline:
                 statuses = list(
                     OutboxMessage.objects.order_by("seq").values_list("status", flat=True)
                 )
-                if statuses[0] == "failed":
-                    # The retry is the beat sweep's job; act as beat once.
+                if statuses == ["delivered"] * 3:
+                    break
+                if statuses[0] == "failed" or time.monotonic() - started > 10:
                     from fhir_gateway.tasks import outbox_sweep
 
                     outbox_sweep()
-                if statuses == ["delivered"] * 3:
-                    break
-                time.sleep(0.1)
+                time.sleep(0.2)
     finally:
-        task_postrun.disconnect(_close_worker_connections)
+        task_postrun.disconnect(_close_worker_connections)  # type: ignore[attr-defined]
         app.conf.task_routes = routes
     assert statuses == ["delivered"] * 3
     keys = [m.idempotency_key for m in messages]

@@ -177,7 +177,7 @@ def test_unexpected_error_is_500_operation_outcome(fhir, network, monkeypatch):
 
 @pytest.mark.parametrize(
     "path",
-    ["/fhir/Nonsense", "/fhir/Nonsense/1", "/fhir/patient", "/fhir/Patient", "/fhir/a/b/c/d/e"],
+    ["/fhir/Nonsense", "/fhir/Nonsense/1", "/fhir/patient", "/fhir/Binary", "/fhir/a/b/c/d/e"],
 )
 def test_unknown_paths_and_types_are_404(fhir, path):
     response = fhir.get(path)
@@ -199,7 +199,9 @@ def test_unknown_id_is_404(fhir, network):
         ("DELETE", "/fhir/Organization/{pk}", "GET"),
         ("PATCH", "/fhir/Organization/{pk}", "GET"),
         ("POST", "/fhir/metadata", "GET"),
-        ("GET", "/fhir", ""),
+        ("GET", "/fhir", "POST"),
+        ("GET", "/fhir/Patient", "OPTIONS"),
+        ("PUT", "/fhir/Patient/x", "GET"),
     ],
 )
 def test_unsupported_interactions_are_405(fhir, network, method, path, allow):

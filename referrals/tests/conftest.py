@@ -67,6 +67,7 @@ class World:
         inputs: dict[str, dict[str, Any]] = {
             "decline": {"reason_code": "no_capacity", "note": "full today"},
             "forward": {"department": self.hub2_paeds.pk, "reason": "closer to the patient"},
+            "reroute": {"department": self.hub2_paeds.pk, "reason": "next candidate"},
             "cancel": {"reason": "patient improved"},
             "request_info": {"question": "Latest blood count?"},
             "provide_info": {"text": "Hb 9.1"},
@@ -106,7 +107,7 @@ class World:
         return referral
 
     def act(self, referral: Referral, action: str, **extra: Any) -> Referral:
-        if action == "expire":
+        if action in ("expire", "escalation_notify"):
             Referral.objects.filter(pk=referral.pk).update(
                 deadline=timezone.now() - timedelta(minutes=1)
             )

@@ -86,7 +86,7 @@ class ReferralLifecycle(RuleBasedStateMachine):
             )
         except ApplicationError:
             # Only an input-dependent guard may still refuse an offered action.
-            assert action in {"forward", "counter_refer"}
+            assert action in {"forward", "reroute", "counter_refer"}
             assert self._snapshot() == before
 
     @rule()
@@ -112,10 +112,12 @@ class ReferralLifecycle(RuleBasedStateMachine):
 
     @invariant()
     def deadline_follows_the_last_assignment(self) -> None:
-        # The deadline is set by the last submit/forward: its time + the (capped) SLA.
+        # The deadline is set by the last submit/forward/reroute: its time + the (capped) SLA.
         referral = Referral.objects.select_related("assigned_department").get(pk=self.referral.pk)
         assigned = (
-            ReferralEvent.objects.filter(referral=referral, action__in=["submit", "forward"])
+            ReferralEvent.objects.filter(
+                referral=referral, action__in=["submit", "forward", "reroute"]
+            )
             .order_by("-seq")
             .first()
         )

@@ -1,0 +1,373 @@
+"""FHIR gateway benchmarks, each printed beside the raw PostgreSQL insert rate of the run.
+
+    DATABASE_URL=postgres://postgres@127.0.0.1:5432/consilium_bench_fhir \\
+        .venv/bin/python bench/fhir.py [--bundles 200] [--clients 1,8,32] [--workers 4]
+
+- ingest: transaction Bundles (Patient + ServiceRequest + Task) POSTed to gunicorn on
+  127.0.0.1 by 1/8/32 client threads (one keep-alive session each): bundles/s, p50, p99;
+  beside the raw rate of durable single-row JSONB INSERTs at the same concurrency.
+- search: ``GET /fhir/Task?owner=…&status=requested&_count=50`` p50/p95 over the referrals
+  the ingest stored (plus ``--extra`` more submitted through the services first).
+- projection: the cost the write path adds (``publish.referral_changed`` as stored, and
+  the same renderings validated + serialised with fhir.resources, for decision 2).
+- outbound: ``--messages`` outbox messages delivered by ``--delivery-threads`` threads to a
+  local stub member (ThreadingHTTPServer answering 200): deliveries/s.
+
+Migrates the database it is given and creates its own small network (two facilities, one
+department, member-system accounts, endpoints pointing at the stub).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+# This file is named fhir.py: its own folder must not shadow the ``fhir`` package.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.base")
+os.environ.setdefault("DEBUG", "1")
+
+import django  # noqa: E402
+
+django.setup()
+
+import psycopg  # noqa: E402
+import requests  # noqa: E402
+from django.core.management import call_command  # noqa: E402
+from django.db import connection, transaction  # noqa: E402
+
+from accounts.models import User  # noqa: E402
+from accounts.roles import Role  # noqa: E402
+from accounts.services import api_token_issue  # noqa: E402
+from fhir_gateway import delivery, publish, storage  # noqa: E402
+from fhir_gateway.models import OutboxMessage  # noqa: E402
+from referrals.models import Referral, ReferralEvent  # noqa: E402
+from registry.models import Country, Department, Endpoint, Facility, Specialty  # noqa: E402
+
+PEDIATRICS = "394537008"
+FHIR_R4 = "application/fhir+json; fhirVersion=4.0"
+
+
+def pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def run_threads(n: int, work: Callable[[int], list[float]]) -> tuple[float, list[float]]:
+    results: list[list[float]] = [[] for _ in range(n)]
+
+    def run(i: int) -> None:
+        results[i] = work(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    samples = [s for r in results for s in r]
+    return len(samples) / elapsed, samples
+
+
+# --------------------------------------------------------------------------- baseline
+
+
+def raw_insert_rate(dsn: str, clients: int, per_client: int) -> float:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS bench_raw_insert (id bigserial PRIMARY KEY, doc jsonb)"
+        )
+    doc = json.dumps({"resourceType": "Task", "status": "requested", "note": "x" * 200})
+
+    def work(_i: int) -> list[float]:
+        out = []
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            for _ in range(per_client):
+                t = time.perf_counter()
+                conn.execute("INSERT INTO bench_raw_insert (doc) VALUES (%s)", [doc])
+                out.append((time.perf_counter() - t) * 1000)
+        return out
+
+    rate, _ = run_threads(clients, work)
+    return rate
+
+
+# --------------------------------------------------------------------------- stub member
+
+
+class _Stub(BaseHTTPRequestHandler):
+    def _ok(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_PUT = _ok
+    do_POST = _ok
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return
+
+
+def start_stub() -> tuple[ThreadingHTTPServer, str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Stub)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}/fhir"
+
+
+# --------------------------------------------------------------------------- network
+
+
+def network(stub_url: str) -> tuple[User, User, Department, Facility]:
+    from django.contrib.auth.models import Group
+
+    run = uuid.uuid4().hex[:8]
+    country, _ = Country.objects.get_or_create(code="VN", defaults={"name": "Viet Nam"})
+    specialty, _ = Specialty.objects.get_or_create(
+        system=Specialty.SNOMED, code=PEDIATRICS, defaults={"display": "Pediatric specialty"}
+    )
+    hub = Facility.objects.create(code=f"HUB-{run}", name="Bench hub", country=country, tier=1)
+    spoke = Facility.objects.create(
+        code=f"SPOKE-{run}", name="Bench spoke", country=country, tier=3, parent=hub
+    )
+    department = Department.objects.create(
+        facility=hub, specialty=specialty, name="Bench pediatrics", offers_async=True,
+        accepting=True, daily_capacity=10**6,
+    )  # fmt: skip
+    group, _ = Group.objects.get_or_create(name=str(Role.MEMBER_SYSTEM))
+    submitter = User.objects.create(username=f"bench-sub-{run}", facility=spoke)
+    consultant = User.objects.create(username=f"bench-con-{run}", facility=hub)
+    for user in (submitter, consultant):
+        user.groups.add(group)
+    consultant.departments.add(department)
+    for facility, version in ((spoke, "4.0"), (hub, "5.0")):
+        Endpoint.objects.create(
+            facility=facility, base_url=f"{stub_url}/{facility.code}", fhir_version=version
+        )
+    return submitter, consultant, department, spoke
+
+
+def bundle(spoke: Facility, department: Department) -> dict[str, Any]:
+    placer = uuid.uuid4().hex
+    patient = {"resourceType": "Patient", "gender": "female", "birthDate": "2020"}
+    order = {
+        "resourceType": "ServiceRequest",
+        "identifier": [{"system": "https://bench.example.org/sid/referral", "value": placer}],
+        "status": "active",
+        "intent": "order",
+        "priority": "routine",
+        "subject": {"reference": "urn:uuid:p"},
+        "requester": {"reference": f"Organization/{spoke.pk}"},
+        "performerType": {"coding": [{"system": "http://snomed.info/sct", "code": PEDIATRICS}]},
+        "performer": [{"reference": f"HealthcareService/{department.pk}"}],
+        "reasonCode": [{"text": "Bench question"}],
+    }
+    task = {
+        "resourceType": "Task",
+        "status": "requested",
+        "intent": "order",
+        "focus": {"reference": "urn:uuid:s"},
+    }
+    return {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {"fullUrl": f"urn:uuid:{k}", "resource": r, "request": {"method": "POST", "url": t}}
+            for k, r, t in (("p", patient, "Patient"), ("s", order, "ServiceRequest"),
+                            ("t", task, "Task"))
+        ],
+    }  # fmt: skip
+
+
+# --------------------------------------------------------------------------- benches
+
+
+def start_gunicorn(workers: int, port: int) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "DEBUG": "0", "SECRET_KEY": "bench-" + uuid.uuid4().hex,
+           "ALLOWED_HOSTS": "127.0.0.1", "SECURE_HSTS_SECONDS": "0",
+           # A real broker, as in production (tasks pile up unconsumed in db 15).
+           "CELERY_BROKER_URL": os.environ.get("BENCH_BROKER_URL", "redis://127.0.0.1:6379/15")}  # fmt: skip
+    process = subprocess.Popen(
+        [str(ROOT / ".venv/bin/gunicorn"), "config.wsgi", "-w", str(workers), "-b",
+         f"127.0.0.1:{port}", "--log-level", "warning"],
+        cwd=ROOT, env=env,
+    )  # fmt: skip
+    for _ in range(100):
+        try:
+            requests.get(f"http://127.0.0.1:{port}/fhir/metadata", timeout=30)
+            return process
+        except requests.RequestException:
+            time.sleep(0.2)
+    process.terminate()
+    raise SystemExit("gunicorn did not start")
+
+
+def ingest(
+    base: str, token: str, clients: int, per_client: int, payload: Callable[[], dict]
+) -> tuple[float, list[float]]:
+    def work(_i: int) -> list[float]:
+        session = requests.Session()
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": FHIR_R4}
+        out = []
+        for _ in range(per_client):
+            body = json.dumps(payload())
+            t = time.perf_counter()
+            response = session.post(f"{base}/fhir", data=body, headers=headers)
+            out.append((time.perf_counter() - t) * 1000)
+            if response.status_code != 200:
+                raise SystemExit(f"ingest failed: {response.status_code} {response.text[:300]}")
+        return out
+
+    return run_threads(clients, work)
+
+
+def search(base: str, token: str, department: Department, n: int) -> list[float]:
+    session = requests.Session()
+    headers = {"Authorization": f"Bearer {token}", "Accept": FHIR_R4}
+    url = f"{base}/fhir/Task?owner=HealthcareService/{department.pk}&status=requested&_count=50"
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        response = session.get(url, headers=headers)
+        out.append((time.perf_counter() - t) * 1000)
+        assert response.status_code == 200, response.text[:300]
+    return out
+
+
+def projection_cost(n: int) -> tuple[float, float]:
+    """ms per referral_changed as stored vs. with fhir.resources validation + dumps."""
+    referrals = list(Referral.objects.order_by("-pk")[:n])
+    events = {e.referral_id: e for e in ReferralEvent.objects.filter(referral__in=referrals)}
+    as_stored: list[float] = []
+    validated: list[float] = []
+    for referral in referrals:
+        event = events[referral.pk]
+        with transaction.atomic():
+            t = time.perf_counter()
+            publish.referral_changed(referral=referral, event=event)
+            as_stored.append((time.perf_counter() - t) * 1000)
+            transaction.set_rollback(True)
+        from fhir_gateway import referral_mapping as m
+
+        t = time.perf_counter()
+        for build in (
+            m.referral_to_patient(referral),
+            m.referral_to_service_request(referral),
+            m.referral_to_task(referral, m.TaskContext(last_modified=event.at)),
+        ):
+            for version, resource in build.items():
+                storage.validate_resource(resource, version).model_dump_json(exclude_none=True)
+        validated.append((time.perf_counter() - t) * 1000 + as_stored[-1])
+    return statistics.median(as_stored), statistics.median(validated)
+
+
+def outbound(stub_url: str, messages: int, threads: int) -> float:
+    endpoint = Endpoint.objects.filter(base_url__startswith=stub_url).first()
+    assert endpoint is not None
+    row = storage.current_rows("Task").first()
+    assert row is not None
+    with transaction.atomic():
+        ids = [
+            delivery.outbox_enqueue(
+                endpoint=endpoint,
+                aggregate_key=f"bench:{uuid.uuid4().hex}",
+                resource_type="Task",
+                logical_id=row.logical_id,
+                version_id=row.version_id,
+            ).pk
+            for _ in range(messages)
+        ]
+        transaction.on_commit(lambda: None)
+    chunks = [ids[i::threads] for i in range(threads)]
+
+    def work(i: int) -> list[float]:
+        from django.db import connections
+
+        out = []
+        for message_id in chunks[i]:
+            t = time.perf_counter()
+            delivery.outbox_deliver(message_id=message_id)
+            out.append((time.perf_counter() - t) * 1000)
+        connections.close_all()
+        return out
+
+    rate, _ = run_threads(threads, work)
+    delivered = OutboxMessage.objects.filter(pk__in=ids, status="delivered").count()
+    assert delivered == messages, f"{delivered}/{messages} delivered"
+    return rate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--bundles", type=int, default=200, help="per concurrency level")
+    parser.add_argument("--clients", default="1,8,32")
+    parser.add_argument("--workers", type=int, default=4, help="gunicorn workers")
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--searches", type=int, default=300)
+    parser.add_argument("--messages", type=int, default=2000)
+    parser.add_argument("--delivery-threads", type=int, default=8)
+    args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+
+    call_command("migrate", verbosity=0)
+    dsn = connection.get_connection_params()
+    conninfo = psycopg.conninfo.make_conninfo(
+        **{k: v for k, v in dsn.items() if k in ("host", "port", "user", "password", "dbname")}
+    )
+    stub, stub_url = start_stub()
+    submitter, consultant, department, spoke = network(stub_url)
+    sub_token = api_token_issue(user=submitter, name="bench").raw
+    con_token = api_token_issue(user=consultant, name="bench").raw
+    # Deliveries are timed separately; ingest must not feed a broker that is not running.
+    delivery.schedule_delivery = lambda message_id: None
+    server = start_gunicorn(args.workers, args.port)
+    base = f"http://127.0.0.1:{args.port}"
+    try:
+        print(f"{'clients':>7} {'bundles/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'raw INSERT/s':>13} "
+              f"{'ratio':>6}")  # fmt: skip
+        for clients in (int(c) for c in args.clients.split(",")):
+            per = max(1, args.bundles // clients)
+            rate, samples = ingest(base, sub_token, clients, per, lambda: bundle(spoke, department))
+            raw = raw_insert_rate(conninfo, clients, max(50, per * 4))
+            print(f"{clients:>7} {rate:>10.1f} {pct(samples, 0.5):>8.1f} {pct(samples, 0.99):>8.1f} "
+                  f"{raw:>13.0f} {rate / raw:>6.3f}")  # fmt: skip
+        stored = Referral.objects.filter(assigned_department=department).count()
+        samples = search(base, con_token, department, args.searches)
+        print(f"Task search over {stored} referrals of the department "
+              f"(total Task rows {storage.current_rows('Task').count()}): "
+              f"p50 {pct(samples, 0.5):.1f} ms, p95 {pct(samples, 0.95):.1f} ms")  # fmt: skip
+    finally:
+        server.terminate()
+        server.wait(10)
+    stored_ms, validated_ms = projection_cost(50)
+    print(
+        f"projection per submit: {stored_ms:.2f} ms as stored (dicts, no validation); "
+        f"{validated_ms:.2f} ms with fhir.resources validate + dump of the 6 renderings"
+    )
+    # The stub endpoints were already given messages by the ingest; deliver a fresh batch.
+    rate = outbound(stub_url, args.messages, args.delivery_threads)
+    raw = raw_insert_rate(conninfo, args.delivery_threads, 200)
+    print(
+        f"outbound: {rate:.0f} deliveries/s with {args.delivery_threads} threads "
+        f"(raw INSERT/s at that concurrency: {raw:.0f})"
+    )
+    stub.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Projection on write (decisions 1 and 2): every referral change stores the new FHIR
+versions and the outbox messages in the transaction of the ``ReferralEvent``.
+
+``referrals.services`` calls ``referral_changed`` right after it appends an event; a FHIR
+write that creates no event (a plain message) calls ``message_posted``. Resources are built
+as JSON dicts by ``referral_mapping`` and stored without a fhir.resources round trip (the
+tests validate every rendering with the R4B and R5 models); the write path therefore adds
+a handful of INSERTs and no serialisation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db.models import Q
+
+from fhir_gateway import referral_mapping as m
+from fhir_gateway.delivery import outbox_enqueue_versions
+from fhir_gateway.models import FhirResource
+from fhir_gateway.storage import content_hash, store_version
+from referrals.models import ConsultNote, Message, Referral, ReferralEvent, ReferralState
+from registry.models import Endpoint
+
+
+def aggregate_key(referral: Referral) -> str:
+    return f"referral:{referral.pk}"
+
+
+def _store_if_changed(
+    referral: Referral,
+    renderings: dict[str, dict[str, Any]],
+    *,
+    current_hashes: dict[tuple[str, str], str],
+    force: bool = False,
+) -> FhirResource | None:
+    r4 = renderings[m.R4]
+    resource_type, logical_id = r4["resourceType"], r4["id"]
+    digest = content_hash(r4)
+    if not force and current_hashes.get((resource_type, logical_id)) == digest:
+        return None
+    return store_version(
+        resource_type=resource_type,
+        logical_id=logical_id,
+        resource=r4,
+        fhir_version=m.R4,
+        renderings=renderings,
+        validate=False,
+        source_pk=referral.pk,
+        hash_value=digest,
+        index_tokens=False,
+    )
+
+
+def _current_hashes(referral: Referral, ids: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
+    condition = Q()
+    for resource_type, logical_id in ids:
+        condition |= Q(resource_type=resource_type, logical_id=logical_id)
+    rows = FhirResource.objects.filter(condition, is_current=True).values_list(
+        "resource_type", "logical_id", "content_hash"
+    )
+    return {(t, i): h for t, i, h in rows}
+
+
+def member_endpoints(referral: Referral) -> list[Endpoint]:
+    """The active endpoints of both parties (each receives its own FHIR version)."""
+    facility_ids = [referral.requester_facility_id]
+    if referral.assigned_department_id is not None:
+        department = referral.assigned_department
+        assert department is not None
+        facility_ids.append(department.facility_id)
+    return list(
+        Endpoint.objects.filter(
+            facility_id__in=facility_ids, status=Endpoint.Status.ACTIVE
+        ).order_by("pk")
+    )
+
+
+def _enqueue(referral: Referral, rows: list[FhirResource]) -> None:
+    if rows:
+        outbox_enqueue_versions(
+            aggregate_key=aggregate_key(referral),
+            items=[(endpoint, row) for endpoint in member_endpoints(referral) for row in rows],
+        )
+
+
+def _task_context(referral: Referral, event: ReferralEvent) -> m.TaskContext:
+    code, text = "", ""
+    if referral.state == ReferralState.DECLINED and event.action == "decline":
+        code, text = str(event.payload.get("reason_code") or ""), event.reason
+    elif referral.state == ReferralState.CANCELLED and event.action == "cancel":
+        text = event.reason
+    notes = list(
+        ConsultNote.objects.filter(referral=referral).order_by("pk").values_list("pk", flat=True)
+    )
+    return m.TaskContext(
+        last_modified=event.at,
+        status_reason_code=code,
+        status_reason_text=text,
+        consult_note_ids=notes,
+    )
+
+
+def referral_changed(*, referral: Referral, event: ReferralEvent) -> list[FhirResource]:
+    """Store the referral's new FHIR versions and enqueue them for both members.
+
+    Runs inside the transaction that wrote ``event``. The Task gets a version on every
+    event (its version id then equals ``referral.version``, which is what If-Match checks);
+    Patient and ServiceRequest only when their content changed.
+    """
+    if referral.state == ReferralState.DRAFT:
+        return []  # drafts are not shared
+    patient = m.referral_to_patient(referral)
+    order = m.referral_to_service_request(referral)
+    task = m.referral_to_task(referral, _task_context(referral, event))
+    extra: list[dict[str, dict[str, Any]]] = []
+    author_facility = event.actor.facility_id if event.actor is not None else None
+    message_pk = event.payload.get("message_id")
+    if message_pk:
+        message = Message.objects.get(pk=message_pk)
+        extra.append(
+            m.message_to_communication(referral, message, author_facility_id=author_facility)
+        )
+    note_pk = event.payload.get("consult_note_id")
+    if note_pk:
+        note = ConsultNote.objects.get(pk=note_pk)
+        extra.append(
+            m.consult_note_to_document_reference(referral, note, author_facility_id=author_facility)
+        )
+    ids = [(r[m.R4]["resourceType"], r[m.R4]["id"]) for r in (patient, order)]
+    hashes = _current_hashes(referral, ids)
+    rows = [
+        row
+        for row in (
+            _store_if_changed(referral, patient, current_hashes=hashes),
+            _store_if_changed(referral, order, current_hashes=hashes),
+            *(_store_if_changed(referral, r, current_hashes={}, force=True) for r in extra),
+            _store_if_changed(referral, task, current_hashes={}, force=True),
+        )
+        if row is not None
+    ]
+    _enqueue(referral, rows)
+    return rows
+
+
+def message_posted(*, referral: Referral, message: Message) -> FhirResource:
+    """A message outside any transition (no event): its Communication, for both members."""
+    author_facility = message.author.facility_id if message.author is not None else None
+    rendering = m.message_to_communication(referral, message, author_facility_id=author_facility)
+    row = _store_if_changed(referral, rendering, current_hashes={}, force=True)
+    assert row is not None
+    _enqueue(referral, [row])
+    return row

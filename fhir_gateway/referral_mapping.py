@@ -1,0 +1,631 @@
+"""Referral <-> FHIR, as plain functions over JSON dicts (the domain never sees FHIR models).
+
+Outbound: ``referral_to_service_request``, ``referral_to_task``, ``referral_to_patient``,
+``message_to_communication``, ``consult_note_to_document_reference`` build the resource per
+FHIR version (``{"4.0": {...}, "5.0": {...}}``) straight from the domain rows. They are not
+validated on the write path (decision 2 measured: building dicts costs microseconds, a
+fhir.resources validation ~1 ms per resource); the tests validate every rendering with the
+R4B and R5 models.
+
+Inbound: ``service_request_to_intake`` / ``patient_to_intake`` read what we keep of a
+member's resources; ``task_to_transition`` turns a Task update into a workflow action.
+See docs/fhir.md "Referral mapping" for the tables.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from fhir_gateway.outcomes import FhirError
+from fhir_gateway.registry_projection import CONSILIUM, CONSULT_MODE_SYSTEM
+from fhir_gateway.storage import fhir_instant
+from referrals.models import (
+    ConsultNote,
+    DeclineReason,
+    Disposition,
+    Message,
+    PatientSex,
+    Priority,
+    Referral,
+    ReferralState,
+)
+from registry.models import ConsultMode
+
+S = ReferralState
+R4 = "4.0"
+R5 = "5.0"
+VERSIONS = (R4, R5)
+
+SNOMED = "http://snomed.info/sct"
+LOINC = "http://loinc.org"
+V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
+BSER_BUSINESS_STATUS = "http://hl7.org/fhir/us/bser/CodeSystem/TaskBusinessStatusCS"
+REFERRAL_STATE_SYSTEM = f"{CONSILIUM}/CodeSystem/referral-state"
+DECLINE_REASON_SYSTEM = f"{CONSILIUM}/CodeSystem/decline-reason"
+DISPOSITION_SYSTEM = f"{CONSILIUM}/CodeSystem/consult-disposition"
+DISPOSITION_EXTENSION = f"{CONSILIUM}/StructureDefinition/consult-disposition"
+FILLER_SYSTEM = f"{CONSILIUM}/sid/referral"
+CONSULT_NOTE_CODE = "11488-4"
+REFERRAL_CATEGORY = {"system": SNOMED, "code": "3457005", "display": "Patient referral"}
+
+# Task.status for each referral state (docs/fhir.md has the table and the reasons).
+TASK_STATUS: dict[str, str] = {
+    S.DRAFT: "draft",
+    S.SUBMITTED: "requested",
+    S.ACCEPTED: "accepted",
+    S.DECLINED: "rejected",
+    S.CANCELLED: "cancelled",
+    S.EXPIRED: "failed",
+    S.INFO_REQUESTED: "on-hold",
+    S.SCHEDULED: "in-progress",
+    S.IN_CONFERENCE: "in-progress",
+    # Advice given, but the requester still closes out (or asks for a transfer).
+    S.ADVISED: "in-progress",
+    S.CLOSED_LOCAL: "completed",
+    S.TRANSFER_REQUESTED: "in-progress",
+    S.TRANSFER_ACCEPTED: "in-progress",
+    S.IN_TRANSIT: "in-progress",
+    S.ARRIVED: "in-progress",
+    S.COMPLETED: "completed",
+}
+
+# BSeR Task business-status codes (STU1) where one means our state; ours otherwise.
+BSER_CODES: dict[str, tuple[str, str]] = {
+    S.SUBMITTED: ("2.0", "Service Request Created"),
+    S.ACCEPTED: ("3.0", "Service Request Accepted"),
+    S.DECLINED: ("4.0", "Service Request Declined"),
+    S.CANCELLED: ("6.0", "Service Request Fulfillment Cancelled"),
+    S.CLOSED_LOCAL: ("7.0", "Service Request Fulfillment Completed"),
+    S.COMPLETED: ("7.0", "Service Request Fulfillment Completed"),
+}
+
+
+def service_request_status(state: str) -> str:
+    if state == S.DRAFT:
+        return "draft"
+    if state in (S.DECLINED, S.CANCELLED, S.EXPIRED):
+        return "revoked"
+    if state in (S.CLOSED_LOCAL, S.COMPLETED):
+        return "completed"
+    return "active"
+
+
+def task_statuses_for(status: str) -> list[str]:
+    """The referral states a Task.status search value stands for."""
+    return [state for state, code in TASK_STATUS.items() if code == status]
+
+
+# --------------------------------------------------------------------------- ids / refs
+
+
+def task_id(referral: Referral) -> str:
+    return referral.filler_id
+
+
+service_request_id = task_id
+patient_id = task_id
+
+
+def message_id(referral: Referral, message_pk: int) -> str:
+    return f"{referral.filler_id}-msg-{message_pk}"
+
+
+def note_id(referral: Referral, note_pk: int) -> str:
+    return f"{referral.filler_id}-note-{note_pk}"
+
+
+def _ref(resource_type: str, logical_id: Any, display: str = "") -> dict[str, str]:
+    out = {"reference": f"{resource_type}/{logical_id}"}
+    if display:
+        out["display"] = display
+    return out
+
+
+def _coding(system: str, code: str, display: str = "") -> dict[str, str]:
+    out = {"system": system, "code": code}
+    if display:
+        out["display"] = display
+    return out
+
+
+def _identifiers(referral: Referral) -> list[dict[str, Any]]:
+    return [
+        {
+            "use": "usual",
+            "type": {"coding": [_coding(V2_0203, "PLAC", "Placer Identifier")]},
+            "system": referral.placer_system,
+            "value": referral.placer_value,
+        },
+        {
+            "use": "official",
+            "type": {"coding": [_coding(V2_0203, "FILL", "Filler Identifier")]},
+            "system": FILLER_SYSTEM,
+            "value": referral.filler_id,
+        },
+    ]
+
+
+def _specialty_concept(referral: Referral) -> dict[str, Any]:
+    specialty = referral.specialty
+    return {"coding": [_coding(specialty.system, specialty.code, specialty.display)]}
+
+
+def _mode_concept(referral: Referral) -> dict[str, Any]:
+    return {
+        "coding": [_coding(CONSULT_MODE_SYSTEM, referral.mode, ConsultMode(referral.mode).label)]
+    }
+
+
+# --------------------------------------------------------------------------- outbound
+
+
+def referral_to_service_request(referral: Referral) -> dict[str, dict[str, Any]]:
+    """The order: what is asked, of which specialty, by whom, for whom."""
+    rid = service_request_id(referral)
+    common: dict[str, Any] = {
+        "resourceType": "ServiceRequest",
+        "id": rid,
+        "identifier": _identifiers(referral),
+        "status": service_request_status(referral.state),
+        "intent": "order",
+        "category": [{"coding": [dict(REFERRAL_CATEGORY)]}],
+        "priority": Priority(referral.priority).label,
+    }
+    tail: dict[str, Any] = {
+        "subject": _ref("Patient", patient_id(referral)),
+        "authoredOn": fhir_instant(referral.created_at),
+        "requester": _ref("Organization", referral.requester_facility_id),
+        "performerType": _specialty_concept(referral),
+    }
+    if referral.assigned_department_id is not None:
+        tail["performer"] = [_ref("HealthcareService", referral.assigned_department_id)]
+    question = {"text": referral.clinical_question}
+    r4 = {**common, "code": _mode_concept(referral), **tail, "reasonCode": [question]}
+    r5 = {**common, "code": {"concept": _mode_concept(referral)}, **tail}
+    r5["reason"] = [{"concept": question}]
+    return {R4: r4, R5: r5}
+
+
+def _business_status(state: str) -> dict[str, Any]:
+    codings = [_coding(REFERRAL_STATE_SYSTEM, state, S(state).label)]
+    if state in BSER_CODES:
+        code, display = BSER_CODES[state]
+        codings.append(_coding(BSER_BUSINESS_STATUS, code, display))
+    return {"coding": codings, "text": S(state).label}
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """What the Task shows besides the referral row (from the event log)."""
+
+    last_modified: datetime
+    status_reason_code: str = ""
+    status_reason_text: str = ""
+    consult_note_ids: list[int] = field(default_factory=list)
+
+
+def referral_to_task(referral: Referral, context: TaskContext) -> dict[str, dict[str, Any]]:
+    """The workflow: who must act, in which state, until when."""
+    tid = task_id(referral)
+    base: dict[str, Any] = {
+        "resourceType": "Task",
+        "id": tid,
+        "identifier": _identifiers(referral),
+        "status": TASK_STATUS[referral.state],
+    }
+    reason: dict[str, Any] | None = None
+    if referral.state in (S.DECLINED, S.CANCELLED) and (
+        context.status_reason_code or context.status_reason_text
+    ):
+        reason = {}
+        if context.status_reason_code:
+            label = dict(DeclineReason.choices).get(context.status_reason_code, "")
+            reason["coding"] = [
+                _coding(DECLINE_REASON_SYSTEM, context.status_reason_code, str(label))
+            ]
+        if context.status_reason_text:
+            reason["text"] = context.status_reason_text
+    rest: dict[str, Any] = {
+        "businessStatus": _business_status(referral.state),
+        "intent": "order",
+        "priority": Priority(referral.priority).label,
+        "focus": _ref("ServiceRequest", service_request_id(referral)),
+        "for": _ref("Patient", patient_id(referral)),
+        "authoredOn": fhir_instant(referral.created_at),
+        "lastModified": fhir_instant(context.last_modified),
+        "requester": _ref("Organization", referral.requester_facility_id),
+    }
+    if referral.assigned_department_id is not None:
+        rest["owner"] = _ref("HealthcareService", referral.assigned_department_id)
+    if referral.deadline is not None:
+        rest["restriction"] = {"period": {"end": fhir_instant(referral.deadline)}}
+    if context.consult_note_ids:
+        rest["output"] = [
+            {
+                "type": {"coding": [_coding(LOINC, CONSULT_NOTE_CODE, "Consult note")]},
+                "valueReference": _ref("DocumentReference", note_id(referral, pk)),
+            }
+            for pk in context.consult_note_ids
+        ]
+    r4 = dict(base)
+    r5 = dict(base)
+    if reason is not None:
+        r4["statusReason"] = reason
+        r5["statusReason"] = {"concept": reason}
+    r4.update(rest)
+    r5.update(rest)
+    # R4 names the asked specialty in performerType; R5 in requestedPerformer.
+    r4["performerType"] = [_specialty_concept(referral)]
+    r5["requestedPerformer"] = [{"concept": _specialty_concept(referral)}]
+    return {R4: r4, R5: r5}
+
+
+def referral_to_patient(referral: Referral) -> dict[str, dict[str, Any]]:
+    """Minimum necessary: the sender's pseudonymous identifier, gender, birth year."""
+    patient: dict[str, Any] = {"resourceType": "Patient", "id": patient_id(referral)}
+    if referral.patient_ref:
+        system, sep, value = referral.patient_ref.rpartition("|")
+        patient["identifier"] = [{"system": system, "value": value} if sep else {"value": value}]
+    patient["gender"] = referral.patient_sex or PatientSex.UNKNOWN
+    if referral.patient_birth_year:
+        patient["birthDate"] = f"{referral.patient_birth_year:04d}"
+    return {R4: patient, R5: dict(patient)}
+
+
+def _author_ref(referral: Referral, author_facility_id: int | None) -> dict[str, str] | None:
+    return _ref("Organization", author_facility_id) if author_facility_id else None
+
+
+def message_to_communication(
+    referral: Referral, message: Message, *, author_facility_id: int | None
+) -> dict[str, dict[str, Any]]:
+    base: dict[str, Any] = {
+        "resourceType": "Communication",
+        "id": message_id(referral, message.pk),
+        "partOf": [_ref("Task", task_id(referral))],
+    }
+    if message.in_response_to_id:
+        base["inResponseTo"] = [
+            _ref("Communication", message_id(referral, message.in_response_to_id))
+        ]
+    base.update(
+        {
+            "status": "completed",
+            "subject": _ref("Patient", patient_id(referral)),
+            "sent": fhir_instant(message.created_at),
+        }
+    )
+    sender = _author_ref(referral, author_facility_id)
+    if sender:
+        base["sender"] = sender
+    r4 = {**base, "payload": [{"contentString": message.text}]}
+    data = base64.b64encode(message.text.encode()).decode()
+    r5 = {
+        **base,
+        "payload": [
+            {"contentAttachment": {"contentType": "text/plain; charset=utf-8", "data": data}}
+        ],
+    }
+    return {R4: r4, R5: r5}
+
+
+def consult_note_to_document_reference(
+    referral: Referral, note: ConsultNote, *, author_facility_id: int | None
+) -> dict[str, dict[str, Any]]:
+    base: dict[str, Any] = {
+        "resourceType": "DocumentReference",
+        "id": note_id(referral, note.pk),
+        "extension": [{"url": DISPOSITION_EXTENSION, "valueCode": note.disposition}],
+        "status": "current",
+        "docStatus": "final",
+        "type": {"coding": [_coding(LOINC, CONSULT_NOTE_CODE, "Consult note")]},
+        "subject": _ref("Patient", patient_id(referral)),
+        "date": fhir_instant(note.created_at),
+    }
+    author = _author_ref(referral, author_facility_id)
+    if author:
+        base["author"] = [author]
+    base["description"] = Disposition(note.disposition).label
+    content = [
+        {
+            "attachment": {
+                "contentType": "text/plain; charset=utf-8",
+                "data": base64.b64encode(note.text.encode()).decode(),
+                "title": "Consult note",
+            }
+        }
+    ]
+    order = _ref("ServiceRequest", service_request_id(referral))
+    r4 = {**base, "content": content, "context": {"related": [order]}}
+    r5 = {**base, "basedOn": [order], "content": content}
+    return {R4: r4, R5: r5}
+
+
+# --------------------------------------------------------------------------- inbound
+
+
+def reference_of(value: Any) -> str:
+    return str(value.get("reference") or "") if isinstance(value, dict) else ""
+
+
+def split_reference(reference: str) -> tuple[str, str]:
+    """'…/HealthcareService/12' or 'HealthcareService/12/_history/3' -> (type, id)."""
+    parts = [p for p in reference.split("/") if p]
+    if len(parts) >= 4 and parts[-2] == "_history":
+        parts = parts[:-2]
+    if len(parts) < 2:
+        return "", reference
+    return parts[-2], parts[-1]
+
+
+def _concepts(resource: dict[str, Any], element: str, version: str) -> list[dict[str, Any]]:
+    """CodeableConcepts of an element (R5 CodeableReference unwrapped)."""
+    raw = resource.get(element)
+    items = raw if isinstance(raw, list) else [raw] if isinstance(raw, dict) else []
+    out = []
+    for item in items:
+        if not isinstance(item, dict):
+            continue
+        concept = item.get("concept") if "concept" in item else item
+        if isinstance(concept, dict):
+            out.append(concept)
+    return out
+
+
+def _concept_text(concept: dict[str, Any]) -> str:
+    if concept.get("text"):
+        return str(concept["text"])
+    return "; ".join(
+        str(c.get("display") or c.get("code"))
+        for c in concept.get("coding") or []
+        if isinstance(c, dict) and (c.get("display") or c.get("code"))
+    )
+
+
+def codes_of(concepts: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    return [
+        (str(c.get("system") or ""), str(c.get("code") or ""))
+        for concept in concepts
+        for c in concept.get("coding") or []
+        if isinstance(c, dict) and c.get("code")
+    ]
+
+
+@dataclass
+class Intake:
+    """What we keep of a member's ServiceRequest (+ Patient, + Task)."""
+
+    placer_system: str
+    placer_value: str
+    specialty_codes: list[tuple[str, str]]
+    clinical_question: str
+    priority: int
+    mode: str
+    requester_reference: str
+    performer_references: list[str]
+    patient_ref: str = ""
+    patient_sex: str = PatientSex.UNKNOWN
+    patient_birth_year: int | None = None
+
+
+def placer_identifier(resource: dict[str, Any]) -> tuple[str, str] | None:
+    """The identifier typed PLAC, else the first with system and value."""
+    candidates = [i for i in resource.get("identifier") or [] if isinstance(i, dict)]
+    for ident in candidates:
+        codes = [c.get("code") for c in (ident.get("type") or {}).get("coding") or []]
+        if "PLAC" in codes and ident.get("system") and ident.get("value"):
+            return str(ident["system"]), str(ident["value"])
+    for ident in candidates:
+        if ident.get("system") and ident.get("value") and ident.get("system") != FILLER_SYSTEM:
+            return str(ident["system"]), str(ident["value"])
+    return None
+
+
+def service_request_to_intake(resource: dict[str, Any], version: str) -> Intake:
+    """Raise 422 with the element at fault when the order does not fit our rules."""
+    if resource.get("intent") not in ("order", "original-order", "proposal", "plan"):
+        raise FhirError(
+            422,
+            "business-rule",
+            "ServiceRequest.intent must be order (a referral is an order).",
+            expression=["ServiceRequest.intent"],
+        )
+    if resource.get("status") not in ("active", "draft"):
+        raise FhirError(
+            422,
+            "business-rule",
+            f"A new referral's ServiceRequest.status must be active (or draft), "
+            f"not {resource.get('status')!r}.",
+            expression=["ServiceRequest.status"],
+        )
+    placer = placer_identifier(resource)
+    if placer is None:
+        raise FhirError(
+            422,
+            "required",
+            "ServiceRequest.identifier needs the placer identifier (system and value, type "
+            "PLAC): it makes resubmission idempotent.",
+            expression=["ServiceRequest.identifier"],
+        )
+    specialty = codes_of(_concepts(resource, "performerType", version))
+    if not specialty:
+        raise FhirError(
+            422,
+            "required",
+            "ServiceRequest.performerType must name the requested specialty as a SNOMED CT "
+            "practice-setting code (e.g. http://snomed.info/sct|394537008 Pediatric specialty).",
+            expression=["ServiceRequest.performerType"],
+        )
+    element = "reasonCode" if version == R4 else "reason"
+    texts = [_concept_text(c) for c in _concepts(resource, element, version)]
+    texts += [str(n.get("text")) for n in resource.get("note") or [] if isinstance(n, dict)]
+    question = "\n".join(t for t in texts if t and t != "None").strip()
+    if not question:
+        raise FhirError(
+            422,
+            "required",
+            f"The clinical question is required: ServiceRequest.{element}.text or "
+            "ServiceRequest.note.text.",
+            expression=[f"ServiceRequest.{element}"],
+        )
+    mode = ConsultMode.ASYNC.value
+    code = resource.get("code")
+    concept = code.get("concept") if isinstance(code, dict) and version == R5 else code
+    for system, value in codes_of([concept] if isinstance(concept, dict) else []):
+        if system == CONSULT_MODE_SYSTEM and value in ConsultMode.values:
+            mode = value
+    performers = [reference_of(p) for p in resource.get("performer") or []]
+    return Intake(
+        placer_system=placer[0],
+        placer_value=placer[1],
+        specialty_codes=specialty,
+        clinical_question=question,
+        priority=Priority.from_code(str(resource.get("priority") or "routine")).value,
+        mode=mode,
+        requester_reference=reference_of(resource.get("requester")),
+        performer_references=[p for p in performers if p],
+    )
+
+
+def patient_into_intake(intake: Intake, patient: dict[str, Any]) -> None:
+    """Minimum necessary: identifier (pseudonymous), gender, birth year; the rest dropped."""
+    for ident in patient.get("identifier") or []:
+        if isinstance(ident, dict) and ident.get("value"):
+            system = str(ident.get("system") or "")
+            ref = f"{system}|{ident['value']}" if system else str(ident["value"])
+            if len(ref) > 128:
+                raise FhirError(
+                    422,
+                    "too-long",
+                    "Patient.identifier (system|value) must be at most 128 characters.",
+                    expression=["Patient.identifier"],
+                )
+            intake.patient_ref = ref
+            break
+    gender = patient.get("gender")
+    if gender in PatientSex.values:
+        intake.patient_sex = str(gender)
+    birth = str(patient.get("birthDate") or "")
+    if len(birth) >= 4 and birth[:4].isdigit():
+        intake.patient_birth_year = int(birth[:4])
+
+
+# Task elements a member may change with PUT (everything else must stay as we sent it).
+TASK_MUTABLE = frozenset({"meta", "text", "status", "statusReason", "lastModified", "output"})
+
+
+@dataclass(frozen=True)
+class TaskChange:
+    action: str
+    inputs: dict[str, Any]
+
+
+def _status_reason(resource: dict[str, Any], version: str) -> tuple[str, str]:
+    concepts = _concepts(resource, "statusReason", version)
+    code = ""
+    for system, value in codes_of(concepts):
+        if system == DECLINE_REASON_SYSTEM and value in DeclineReason.values:
+            code = value
+    text = "; ".join(t for t in (_concept_text(c) for c in concepts) if t)
+    return code, text
+
+
+def task_to_transition(
+    current: dict[str, Any], incoming: dict[str, Any], version: str
+) -> TaskChange:
+    """The workflow action a Task update asks for; 422 for any other change."""
+    changed = sorted(
+        key
+        for key in set(current) | set(incoming)
+        if key not in TASK_MUTABLE and current.get(key) != incoming.get(key)
+    )
+    if changed:
+        raise FhirError(
+            422,
+            "business-rule",
+            "Only Task.status (with statusReason) may be changed by an update; "
+            f"changed: {', '.join(changed)}.",
+            expression=[f"Task.{name}" for name in changed],
+        )
+    if current.get("output") != incoming.get("output"):
+        raise FhirError(
+            422,
+            "business-rule",
+            "Task.output is set by the server: POST the consult note as a DocumentReference "
+            "(LOINC 11488-4) based on the referral instead.",
+            expression=["Task.output"],
+        )
+    new_status = incoming.get("status")
+    if new_status == current.get("status"):
+        raise FhirError(
+            422,
+            "business-rule",
+            f"Task.status is already {new_status!r}: nothing to do.",
+            expression=["Task.status"],
+        )
+    code, text = _status_reason(incoming, version)
+    if new_status == "accepted":
+        return TaskChange("accept", {})
+    if new_status == "rejected":
+        inputs: dict[str, Any] = {"reason_code": code or DeclineReason.OTHER.value}
+        if text:
+            inputs["note"] = text
+        return TaskChange("decline", inputs)
+    if new_status == "cancelled":
+        return TaskChange("cancel", {"reason": text or "Cancelled by the requester's system."})
+    raise FhirError(
+        422,
+        "business-rule",
+        f"Task.status {new_status!r} cannot be set by a member: use accepted, rejected "
+        "(with statusReason) or cancelled.",
+        expression=["Task.status"],
+    )
+
+
+def communication_text(resource: dict[str, Any]) -> str:
+    """The text of a Communication: R4 contentString, R5 text attachment or concept text."""
+    parts: list[str] = []
+    for payload in resource.get("payload") or []:
+        if not isinstance(payload, dict):
+            continue
+        if payload.get("contentString"):
+            parts.append(str(payload["contentString"]))
+        attachment = payload.get("contentAttachment")
+        if isinstance(attachment, dict):
+            parts.append(attachment_text(attachment, "Communication.payload"))
+        concept = payload.get("contentCodeableConcept")
+        if isinstance(concept, dict) and _concept_text(concept):
+            parts.append(_concept_text(concept))
+    return "\n".join(p for p in parts if p).strip()
+
+
+def attachment_bytes(attachment: dict[str, Any], where: str) -> bytes:
+    try:
+        return base64.b64decode(str(attachment.get("data") or ""), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise FhirError(400, "structure", f"{where}.data is not base64.") from exc
+
+
+def attachment_text(attachment: dict[str, Any], where: str) -> str:
+    content_type = str(attachment.get("contentType") or "text/plain")
+    if not content_type.startswith("text/"):
+        return str(attachment.get("title") or "")
+    try:
+        return attachment_bytes(attachment, where).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FhirError(400, "structure", f"{where}.data is not UTF-8 text.") from exc
+
+
+def disposition_of(resource: dict[str, Any]) -> str:
+    """The consult note's disposition: our extension, else a category coding of ours."""
+    for ext in resource.get("extension") or []:
+        if isinstance(ext, dict) and ext.get("url") == DISPOSITION_EXTENSION:
+            return str(ext.get("valueCode") or "")
+    for system, code in codes_of(_concepts(resource, "category", R4)):
+        if system == DISPOSITION_SYSTEM:
+            return code
+    return ""

@@ -1,0 +1,757 @@
+"""The referral resources under /fhir: ServiceRequest, Task, Patient, Communication,
+DocumentReference, and transaction Bundles at POST /fhir.
+
+Writes parse the member's resource (``referral_mapping``), call the referral services
+(which project the new FHIR versions and the outbox messages in their transaction through
+``publish``) and answer the stored version. Reads and searches answer stored JSON; the
+scope is the referral scope (``referrals.selectors.referral_visible``) joined through
+``FhirResource.source_pk`` = referral id, so a member sees only referrals its facility is
+party to; anything else is 404.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl
+
+from django.core.files.uploadedfile import SimpleUploadedFile
+from django.db import transaction
+from django.db.models import Q, QuerySet
+
+from core.errors import ApplicationError, Conflict
+from fhir_gateway import handlers
+from fhir_gateway import referral_mapping as m
+from fhir_gateway.handlers import ResourceHandler, SearchParam, WriteRequest
+from fhir_gateway.models import FhirResource
+from fhir_gateway.outcomes import FhirError
+from fhir_gateway.registry_resources import reference_pk
+from fhir_gateway.storage import (
+    WriteResult,
+    current_rows,
+    dumps,
+    fhir_instant,
+    parse_if_match,
+    parse_token,
+    resource_current,
+    validate_resource,
+)
+from referrals.models import Referral, ReferralEvent, ReferralState
+from referrals.selectors import referral_visible
+from referrals.services import (
+    actor_sides,
+    referral_message_post,
+    referral_submit,
+    referral_transition,
+)
+from registry.models import Department, Specialty
+
+if TYPE_CHECKING:
+    from accounts.models import User
+
+_NOTHING = Q(pk__in=[])
+_DATE_PREFIXES = {"eq", "gt", "lt", "ge", "le"}
+
+
+# --------------------------------------------------------------------------- scope
+
+
+def _visible_referrals(user: User) -> QuerySet[Referral]:
+    return referral_visible(user)
+
+
+def _scoped(resource_type: str, user: User, referrals: QuerySet[Referral] | None = None) -> Any:
+    rows = current_rows(resource_type)
+    source = referrals if referrals is not None else _visible_referrals(user)
+    return rows.filter(source_pk__in=source.values("pk"))
+
+
+def _visible(resource_type: str) -> Callable[[User], QuerySet[FhirResource]]:
+    def visible(user: User) -> QuerySet[FhirResource]:
+        return FhirResource.objects.filter(
+            resource_type=resource_type, source_pk__in=_visible_referrals(user).values("pk")
+        )
+
+    return visible
+
+
+def _referral_by_filler(user: User, logical_id: str) -> Referral:
+    referral = (
+        _visible_referrals(user)
+        .select_related("assigned_department", "requester_facility")
+        .filter(filler_id=logical_id)
+        .first()
+    )
+    if referral is None:
+        raise FhirError(404, "not-found", f"Referral {logical_id} is not known.")
+    return referral
+
+
+# --------------------------------------------------------------------------- search
+
+
+def _alternatives(raw: str) -> list[str]:
+    return [v for v in raw.split(",") if v]
+
+
+def _any(raw: str, one: Callable[[str], Q]) -> Q:
+    condition = _NOTHING
+    for value in _alternatives(raw):
+        condition |= one(value)
+    return condition
+
+
+def _ref_id(value: str, resource_type: str) -> str | None:
+    kind, logical_id = m.split_reference(value)
+    if kind and kind != resource_type:
+        return None
+    return logical_id
+
+
+def _by_pk(field: str, resource_type: str) -> Callable[[str], Q]:
+    def build(raw: str) -> Q:
+        def one(value: str) -> Q:
+            pk = reference_pk(value, resource_type)
+            return Q(**{field: pk}) if pk is not None else _NOTHING
+
+        return _any(raw, one)
+
+    return build
+
+
+def _by_filler(resource_type: str) -> Callable[[str], Q]:
+    def build(raw: str) -> Q:
+        def one(value: str) -> Q:
+            logical_id = _ref_id(value, resource_type)
+            return Q(filler_id=logical_id) if logical_id else _NOTHING
+
+        return _any(raw, one)
+
+    return build
+
+
+def _task_status(raw: str) -> Q:
+    return _any(raw, lambda v: Q(state__in=m.task_statuses_for(parse_token(v)[1])))
+
+
+def _service_request_status(raw: str) -> Q:
+    def one(value: str) -> Q:
+        code = parse_token(value)[1]
+        return Q(state__in=[s for s in ReferralState.values if m.service_request_status(s) == code])
+
+    return _any(raw, one)
+
+
+def _business_status(raw: str) -> Q:
+    def one(value: str) -> Q:
+        system, code = parse_token(value)
+        states: list[str] = []
+        if system in (None, "", m.REFERRAL_STATE_SYSTEM) and code in ReferralState.values:
+            states.append(code)
+        if system in (None, "", m.BSER_BUSINESS_STATUS):
+            states += [s for s, (c, _d) in m.BSER_CODES.items() if c == code]
+        return Q(state__in=states)
+
+    return _any(raw, one)
+
+
+def _identifier(raw: str) -> Q:
+    def one(value: str) -> Q:
+        system, code = parse_token(value)
+        filler = Q(filler_id=code) if system in (None, m.FILLER_SYSTEM) else _NOTHING
+        placer = Q(placer_value=code)
+        if system is not None:
+            placer &= Q(placer_system=system)
+        return filler | placer
+
+    return _any(raw, one)
+
+
+def _authored_on(raw: str) -> Q:
+    from fhir_gateway.views import _date_range
+
+    prefix, start, end = _date_range(raw)
+    return {
+        "eq": Q(created_at__gte=start, created_at__lt=end),
+        "ge": Q(created_at__gte=start),
+        "gt": Q(created_at__gte=end),
+        "le": Q(created_at__lt=end),
+        "lt": Q(created_at__lt=start),
+    }[prefix]
+
+
+Filter = Callable[[str], Q]
+
+TASK_FILTERS: dict[str, Filter] = {
+    "owner": _by_pk("assigned_department_id", "HealthcareService"),
+    "requester": _by_pk("requester_facility_id", "Organization"),
+    "status": _task_status,
+    "business-status": _business_status,
+    "focus": _by_filler("ServiceRequest"),
+    "patient": _by_filler("Patient"),
+    "authored-on": _authored_on,
+    "identifier": _identifier,
+}
+SERVICE_REQUEST_FILTERS: dict[str, Filter] = {
+    "requester": _by_pk("requester_facility_id", "Organization"),
+    "performer": _by_pk("assigned_department_id", "HealthcareService"),
+    "status": _service_request_status,
+    "identifier": _identifier,
+    "patient": _by_filler("Patient"),
+}
+COMMUNICATION_FILTERS: dict[str, Filter] = {"part-of": _by_filler("Task")}
+
+
+def _search(resource_type: str, filters: dict[str, Filter]) -> handlers.SearchFunc:
+    def search(user: User, params: dict[str, list[str]]) -> QuerySet[FhirResource]:
+        referrals = _visible_referrals(user)
+        for name, values in params.items():
+            for raw in values:
+                if "\x00" in raw:
+                    raise FhirError(400, "invalid", f"{name} contains a NUL character.")
+                referrals = referrals.filter(filters[name](raw))
+        return _scoped(resource_type, user, referrals)
+
+    return search
+
+
+def _include_focus(user: User, task_ids: list[str]) -> QuerySet[FhirResource]:
+    return _scoped("ServiceRequest", user).filter(logical_id__in=task_ids)
+
+
+# --------------------------------------------------------------------------- intake
+
+
+def _caller_facility(user: User) -> int:
+    if user.facility_id is None:
+        raise FhirError(403, "forbidden", "Your account belongs to no facility.")
+    return int(user.facility_id)
+
+
+def _check_requester(user: User, reference: str, where: str) -> None:
+    """The requesting facility is the caller's own; naming another one is refused."""
+    if not reference:
+        return
+    kind, logical_id = m.split_reference(reference)
+    if kind == "Organization" and logical_id != str(_caller_facility(user)):
+        raise FhirError(
+            403,
+            "forbidden",
+            f"{where} names Organization/{logical_id}; you may only request for your own "
+            f"facility (Organization/{user.facility_id}).",
+            expression=[where],
+        )
+
+
+def _specialty(intake: m.Intake) -> Specialty:
+    codes = [code for system, code in intake.specialty_codes if system in ("", Specialty.SNOMED)]
+    specialty = Specialty.objects.filter(system=Specialty.SNOMED, code__in=codes).first()
+    if specialty is None:
+        raise FhirError(
+            422,
+            "code-invalid",
+            "ServiceRequest.performerType has no SNOMED CT practice-setting specialty we "
+            f"know ({', '.join(f'{s}|{c}' for s, c in intake.specialty_codes)}).",
+            expression=["ServiceRequest.performerType"],
+        )
+    return specialty
+
+
+def _department(references: list[str], where: str) -> Department | None:
+    for reference in references:
+        kind, _logical_id = m.split_reference(reference)
+        if kind != "HealthcareService":
+            continue
+        pk = reference_pk(reference, "HealthcareService")
+        department = Department.objects.filter(pk=pk).first() if pk is not None else None
+        if department is None:
+            raise FhirError(
+                422,
+                "business-rule",
+                f"{where} {reference} is not a department of the network.",
+                expression=[where],
+            )
+        return department
+    return None
+
+
+def _if_none_exist_referral(user: User, if_none_exist: str) -> Referral | None:
+    criteria = parse_qsl(if_none_exist.lstrip("?"), keep_blank_values=True)
+    if not criteria or any(name != "identifier" for name, _v in criteria):
+        raise FhirError(
+            400,
+            "not-supported",
+            "If-None-Exist on ServiceRequest takes identifier=<system>|<value> only.",
+        )
+    condition = Q()
+    for _name, value in criteria:
+        condition &= _identifier(value)
+    matches = list(
+        Referral.objects.filter(condition, requester_facility_id=_caller_facility(user))[:2]
+    )
+    if len(matches) > 1:
+        raise FhirError(
+            412, "multiple-matches", f"If-None-Exist {if_none_exist!r} matches several."
+        )
+    return matches[0] if matches else None
+
+
+def _submit(user: User, intake: m.Intake, department: Department | None) -> tuple[Referral, bool]:
+    from registry.models import Facility
+
+    facility = Facility.objects.get(pk=_caller_facility(user))
+    return referral_submit(
+        actor=user,
+        requester_facility=facility,
+        placer_system=intake.placer_system,
+        placer_value=intake.placer_value,
+        specialty=_specialty(intake),
+        clinical_question=intake.clinical_question,
+        mode=intake.mode,
+        priority=intake.priority,
+        patient_ref=intake.patient_ref,
+        patient_sex=intake.patient_sex,
+        patient_birth_year=intake.patient_birth_year,
+        department=department,
+    )
+
+
+def _service_request_create(req: WriteRequest) -> WriteResult:
+    validate_resource(req.resource, req.fhir_version)
+    _check_requester(
+        req.user, m.reference_of(req.resource.get("requester")), "ServiceRequest.requester"
+    )
+    intake = m.service_request_to_intake(req.resource, req.fhir_version)
+    with transaction.atomic():
+        if req.if_none_exist:
+            existing = _if_none_exist_referral(req.user, req.if_none_exist)
+            if existing is not None:
+                return WriteResult(_current("ServiceRequest", existing.filler_id), created=False)
+        department = _department(intake.performer_references, "ServiceRequest.performer")
+        referral, created = _submit(req.user, intake, department)
+    return WriteResult(_current("ServiceRequest", referral.filler_id), created=created)
+
+
+def _current(resource_type: str, logical_id: str) -> FhirResource:
+    return resource_current(resource_type, logical_id)
+
+
+# --------------------------------------------------------------------------- workflow
+
+
+def _transition(
+    user: User, referral: Referral, action: str, expected: int | None, **inputs: Any
+) -> Referral:
+    try:
+        return referral_transition(
+            actor=user,
+            referral_id=referral.pk,
+            action=action,
+            expected_version=expected,
+            **inputs,
+        )
+    except Conflict as exc:
+        if exc.code == "version_mismatch":
+            raise FhirError(412, "conflict", exc.message) from exc
+        raise
+    except ApplicationError as exc:
+        if exc.status_code == 400:
+            errors = exc.extra.get("errors") or {}
+            detail = "; ".join(f"{k}: {v}" for k, v in errors.items())
+            raise FhirError(422, "business-rule", f"{exc.message} {detail}".strip()) from exc
+        raise
+
+
+def _task_update(req: WriteRequest) -> WriteResult:
+    assert req.logical_id is not None
+    validate_resource(req.resource, req.fhir_version)
+    referral = _referral_by_filler(req.user, req.logical_id)
+    row = _current("Task", req.logical_id)
+    expected_task = parse_if_match(req.if_match) if req.if_match else None
+    if expected_task is not None and expected_task != row.version_id:
+        raise FhirError(
+            412,
+            "conflict",
+            f"Task/{req.logical_id} is at version {row.version_id}, not {expected_task}.",
+        )
+    current = json.loads(row.json_for(req.fhir_version) or row.json_r4)
+    change = m.task_to_transition(current, req.resource, req.fhir_version)
+    # Task versions follow the referral's events one to one: the Task version read is the
+    # referral version the member saw.
+    expected = referral.version if expected_task is not None else None
+    _transition(req.user, referral, change.action, expected, **change.inputs)
+    return WriteResult(_current("Task", req.logical_id), created=False)
+
+
+def _referral_from_references(user: User, references: list[str], where: str) -> Referral:
+    for reference in references:
+        kind, logical_id = m.split_reference(reference)
+        if kind in ("Task", "ServiceRequest"):
+            return _referral_by_filler(user, logical_id)
+    raise FhirError(
+        422,
+        "required",
+        f"{where} must reference the referral's Task or ServiceRequest.",
+        expression=[where],
+    )
+
+
+def _latest_payload(referral: Referral, key: str) -> Any:
+    return (
+        ReferralEvent.objects.filter(referral=referral)
+        .order_by("-seq")
+        .values_list(f"payload__{key}", flat=True)
+        .first()
+    )
+
+
+def _communication_create(req: WriteRequest) -> WriteResult:
+    validate_resource(req.resource, req.fhir_version)
+    if req.resource.get("status") not in (None, "completed", "in-progress"):
+        raise FhirError(
+            422,
+            "business-rule",
+            "Communication.status must be completed (a sent message).",
+            expression=["Communication.status"],
+        )
+    part_of = [m.reference_of(r) for r in req.resource.get("partOf") or []]
+    referral = _referral_from_references(req.user, part_of, "Communication.partOf")
+    text = m.communication_text(req.resource)
+    if not text:
+        raise FhirError(
+            422,
+            "required",
+            "Communication.payload needs the message text (R4 contentString; R5 a text/plain "
+            "contentAttachment or contentCodeableConcept.text).",
+            expression=["Communication.payload"],
+        )
+    answered: int | None = None
+    for reference in req.resource.get("inResponseTo") or []:
+        _kind, logical_id = m.split_reference(m.reference_of(reference))
+        prefix = f"{referral.filler_id}-msg-"
+        if logical_id.startswith(prefix) and logical_id[len(prefix) :].isdigit():
+            answered = int(logical_id[len(prefix) :])
+        else:
+            raise FhirError(
+                422,
+                "business-rule",
+                "Communication.inResponseTo must be a Communication of this referral.",
+                expression=["Communication.inResponseTo"],
+            )
+    sides = actor_sides(req.user, referral)
+    with transaction.atomic():
+        if "assignee" in sides and referral.state == ReferralState.ACCEPTED and answered is None:
+            referral = _transition(req.user, referral, "request_info", None, question=text)
+            pk = _latest_payload(referral, "message_id")
+        elif "requester" in sides and referral.state == ReferralState.INFO_REQUESTED:
+            referral = _transition(req.user, referral, "provide_info", None, text=text)
+            pk = _latest_payload(referral, "message_id")
+        else:
+            referral, message = referral_message_post(
+                actor=req.user, referral_id=referral.pk, text=text, in_response_to_id=answered
+            )
+            pk = message.pk
+    return WriteResult(_current("Communication", m.message_id(referral, int(pk))), created=True)
+
+
+def _is_consult_note(resource: dict[str, Any]) -> bool:
+    codes = m.codes_of([resource.get("type") or {}])
+    return (m.LOINC, m.CONSULT_NOTE_CODE) in codes
+
+
+def _document_references(resource: dict[str, Any]) -> list[str]:
+    context = resource.get("context")
+    if isinstance(context, dict):  # R4: context.related
+        refs = [m.reference_of(r) for r in context.get("related") or []]
+    else:  # R5: context is a list of references
+        refs = [m.reference_of(r) for r in context or []]
+    refs += [m.reference_of(r) for r in resource.get("basedOn") or []]
+    return [r for r in refs if r]
+
+
+def _document_reference_create(req: WriteRequest) -> WriteResult:
+    validate_resource(req.resource, req.fhir_version)
+    referral = _referral_from_references(
+        req.user,
+        _document_references(req.resource),
+        "DocumentReference.context.related"
+        if req.fhir_version == m.R4
+        else "DocumentReference.basedOn",
+    )
+    return _document_reference_for(req.user, referral, req.resource)
+
+
+def _document_reference_for(
+    user: User, referral: Referral, resource: dict[str, Any]
+) -> WriteResult:
+    contents = [c.get("attachment") or {} for c in resource.get("content") or []]
+    if not _is_consult_note(resource):
+        return _attachment_store(user, referral, contents)
+    disposition = m.disposition_of(resource)
+    text = "\n".join(
+        m.attachment_text(a, "DocumentReference.content.attachment") for a in contents
+    ).strip() or str(resource.get("description") or "")
+    with transaction.atomic():
+        referral = _transition(
+            user, referral, "advise", None, disposition=disposition or None, text=text
+        )
+        pk = _latest_payload(referral, "consult_note_id")
+    return WriteResult(_current("DocumentReference", m.note_id(referral, int(pk))), created=True)
+
+
+def _attachment_store(
+    user: User, referral: Referral, contents: list[dict[str, Any]]
+) -> WriteResult:
+    """A case file: stored by the referral attachments service; its DocumentReference
+    (metadata only) is stored here. The bytes are not served over FHIR (no Binary yet)."""
+    from fhir_gateway.storage import store_version
+    from referrals.attachments import attachment_upload
+
+    if len(contents) != 1 or not contents[0].get("data"):
+        raise FhirError(
+            422,
+            "business-rule",
+            "A DocumentReference that is not a consult note (LOINC 11488-4) must carry one "
+            "file inline (content.attachment.data).",
+            expression=["DocumentReference.content"],
+        )
+    attachment = contents[0]
+    data = m.attachment_bytes(attachment, "DocumentReference.content.attachment")
+    name = str(attachment.get("title") or "attachment")
+    upload = SimpleUploadedFile(name, data, content_type=str(attachment.get("contentType") or ""))
+    stored = attachment_upload(actor=user, referral_id=referral.pk, upload=upload)
+    doc: dict[str, Any] = {
+        "resourceType": "DocumentReference",
+        "id": f"{referral.filler_id}-att-{stored.pk}",
+        "status": "current",
+        "subject": {"reference": f"Patient/{referral.filler_id}"},
+        "date": fhir_instant(stored.created),
+        "content": [
+            {
+                "attachment": {
+                    "contentType": stored.content_type,
+                    "size": stored.size,
+                    "title": stored.original_name,
+                }
+            }
+        ],
+    }
+    order = {"reference": f"ServiceRequest/{referral.filler_id}"}
+    renderings = {
+        m.R4: {**doc, "context": {"related": [order]}},
+        m.R5: {**doc, "basedOn": [order]},
+    }
+    with transaction.atomic():
+        row = store_version(
+            resource_type="DocumentReference",
+            logical_id=doc["id"],
+            resource=renderings[m.R4],
+            fhir_version=m.R4,
+            renderings=renderings,
+            validate=False,
+            source_pk=referral.pk,
+            index_tokens=False,
+        )
+    return WriteResult(row, created=True)
+
+
+# --------------------------------------------------------------------------- transaction
+
+
+_BUNDLE_TYPES = ("Patient", "ServiceRequest", "Task", "DocumentReference")
+
+
+def transaction_bundle(
+    user: User, bundle: dict[str, Any], version: str, answer_version: str, base: str
+) -> str:
+    """One referral per transaction: Patient + ServiceRequest (+ Task, + DocumentReference).
+
+    All or nothing: any refusal rolls everything back and answers the OperationOutcome.
+    """
+    if bundle.get("type") != "transaction":
+        raise FhirError(
+            422,
+            "not-supported",
+            f"Bundle.type {bundle.get('type')!r}: only transaction is supported.",
+        )
+    entries = [e for e in bundle.get("entry") or [] if isinstance(e, dict)]
+    by_type: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+    for index, entry in enumerate(entries):
+        resource = entry.get("resource") or {}
+        method = (entry.get("request") or {}).get("method")
+        rtype = resource.get("resourceType") if isinstance(resource, dict) else None
+        if method != "POST" or rtype not in _BUNDLE_TYPES:
+            raise FhirError(
+                422,
+                "not-supported",
+                f"Bundle.entry[{index}]: {method} {rtype or 'without resource'} — a transaction "
+                "here is one referral: POST Patient, ServiceRequest, Task, DocumentReference.",
+                expression=[f"Bundle.entry[{index}]"],
+            )
+        by_type.setdefault(str(rtype), []).append((index, resource))
+    if len(by_type.get("ServiceRequest", [])) != 1:
+        raise FhirError(
+            422,
+            "business-rule",
+            "A transaction must hold exactly one ServiceRequest (the referral).",
+        )
+    if any(len(by_type.get(t, [])) > 1 for t in ("Patient", "Task")):
+        raise FhirError(422, "business-rule", "At most one Patient and one Task per transaction.")
+    for entry in entries:
+        validate_resource(entry["resource"], version)
+    sr_index, service_request = by_type["ServiceRequest"][0]
+    _check_requester(
+        user, m.reference_of(service_request.get("requester")), "ServiceRequest.requester"
+    )
+    intake = m.service_request_to_intake(service_request, version)
+    task = by_type.get("Task", [(None, {})])[0][1]
+    if task:
+        _check_requester(user, m.reference_of(task.get("requester")), "Task.requester")
+    patient = by_type.get("Patient", [(None, {})])[0][1]
+    if patient:
+        m.patient_into_intake(intake, patient)
+    with transaction.atomic():
+        department = _department(intake.performer_references, "ServiceRequest.performer")
+        if department is None and task:
+            department = _department([m.reference_of(task.get("owner"))], "Task.owner")
+        referral, created = _submit(user, intake, department)
+        outcomes: dict[int, tuple[FhirResource, str]] = {}
+        status = "201 Created" if created else "200 OK"
+        sr_row = _current("ServiceRequest", referral.filler_id)
+        outcomes[sr_index] = (sr_row, status)
+        for rtype in ("Patient", "Task"):
+            for index, _res in by_type.get(rtype, []):
+                outcomes[index] = (_current(rtype, referral.filler_id), status)
+        for index, document in by_type.get("DocumentReference", []):
+            if created:
+                result = _document_reference_for(user, referral, document)
+                outcomes[index] = (result.row, "201 Created")
+            else:
+                outcomes[index] = (sr_row, "200 OK")
+    return _transaction_response(entries, outcomes, answer_version, base)
+
+
+def _transaction_response(
+    entries: list[dict[str, Any]],
+    outcomes: dict[int, tuple[FhirResource, str]],
+    version: str,
+    base: str,
+) -> str:
+    parts = []
+    for index in range(len(entries)):
+        row, status = outcomes[index]
+        text = row.json_for(version)
+        location = f"{row.resource_type}/{row.logical_id}/_history/{row.version_id}"
+        response = {
+            "status": status,
+            "location": location,
+            "etag": f'W/"{row.version_id}"',
+            "lastModified": fhir_instant(row.last_updated),
+        }
+        entry = '{"fullUrl":' + json.dumps(f"{base}/{row.resource_type}/{row.logical_id}")
+        if text:
+            entry += ',"resource":' + text
+        entry += ',"response":' + dumps(response) + "}"
+        parts.append(entry)
+    head = {
+        "resourceType": "Bundle",
+        "id": uuid.uuid4().hex,
+        "type": "transaction-response",
+    }
+    return dumps(head)[:-1] + ',"entry":[' + ",".join(parts) + "]}"
+
+
+# --------------------------------------------------------------------------- registration
+
+
+def _sp(name: str, type_: str, doc: str, resource_type: str) -> SearchParam:
+    return SearchParam(
+        name, type_, doc, f"http://hl7.org/fhir/SearchParameter/{resource_type}-{name}"
+    )
+
+
+def referral_handlers() -> list[ResourceHandler]:
+    r, v, h, s, c, u = (
+        handlers.READ,
+        handlers.VREAD,
+        handlers.HISTORY,
+        handlers.SEARCH,
+        handlers.CREATE,
+        handlers.UPDATE,
+    )
+    return [
+        ResourceHandler(
+            "ServiceRequest",
+            (r, v, h, s, c),
+            documentation="A referral (the order). Create = submit; conditional create with "
+            "If-None-Exist: identifier=<placer system>|<value> is idempotent.",
+            search_params=(
+                _sp("requester", "reference", "Requesting Organization.", "ServiceRequest"),
+                _sp("performer", "reference", "Assigned HealthcareService.", "ServiceRequest"),
+                _sp("status", "token", "active | draft | revoked | completed.", "ServiceRequest"),
+                _sp("identifier", "token", "Placer or filler identifier.", "ServiceRequest"),
+                _sp("patient", "reference", "The referral's Patient.", "ServiceRequest"),
+            ),
+            search=_search("ServiceRequest", SERVICE_REQUEST_FILTERS),
+            create=_service_request_create,
+            conditional_create=True,
+            renders_all_versions=True,
+            visible=_visible("ServiceRequest"),
+        ),
+        ResourceHandler(
+            "Task",
+            (r, v, h, s, u),
+            documentation="The referral's workflow. Update with If-Match: status accepted | "
+            "rejected (+statusReason) | cancelled; nothing else may change.",
+            search_params=(
+                _sp("owner", "reference", "Assigned HealthcareService.", "Task"),
+                _sp("requester", "reference", "Requesting Organization.", "Task"),
+                _sp("status", "token", "Task.status.", "Task"),
+                _sp("business-status", "token", "Our state or the BSeR code.", "Task"),
+                _sp("focus", "reference", "The ServiceRequest.", "Task"),
+                _sp("patient", "reference", "The Patient (Task.for).", "Task"),
+                _sp("authored-on", "date", "When the referral was created.", "Task"),
+                _sp("identifier", "token", "Placer or filler identifier.", "Task"),
+            ),
+            search=_search("Task", TASK_FILTERS),
+            update=_task_update,
+            renders_all_versions=True,
+            visible=_visible("Task"),
+            includes={"Task:focus": _include_focus},
+        ),
+        ResourceHandler(
+            "Patient",
+            (r, v),
+            documentation="Only as part of a referral; minimum necessary (identifier, gender, "
+            "birth year).",
+            renders_all_versions=True,
+            visible=_visible("Patient"),
+        ),
+        ResourceHandler(
+            "Communication",
+            (r, v, s, c),
+            documentation="Messages of a referral: partOf = its Task; inResponseTo.",
+            search_params=(_sp("part-of", "reference", "The referral's Task.", "Communication"),),
+            search=_search("Communication", COMMUNICATION_FILTERS),
+            create=_communication_create,
+            renders_all_versions=True,
+            visible=_visible("Communication"),
+        ),
+        ResourceHandler(
+            "DocumentReference",
+            (r, v, c),
+            documentation="Consult note (LOINC 11488-4, disposition extension) = advise; "
+            "other documents = case files (inline data).",
+            create=_document_reference_create,
+            renders_all_versions=True,
+            visible=_visible("DocumentReference"),
+        ),
+    ]
+
+
+def register_all() -> None:
+    for handler in referral_handlers():
+        handlers.register(handler)
+    handlers.SYSTEM_INTERACTIONS["transaction"] = transaction_bundle

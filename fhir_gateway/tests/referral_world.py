@@ -1,0 +1,159 @@
+"""A referral network for the FHIR referral tests: an R4 district hospital system submits,
+an R5 system of the central children's hospital (pediatrics) answers."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from accounts.models import User
+from accounts.roles import Role
+from accounts.services import api_token_issue
+from fhir_gateway.tests.conftest import FHIR_R4, FHIR_R5, FhirClient, Network
+from registry.models import Endpoint
+from tests.factories import PEDIATRICS, EndpointFactory, UserFactory
+
+PLACER = "https://codao.example.org/sid/referral"
+PATIENT_SYSTEM = "https://codao.example.org/sid/pseudonym"
+
+
+@dataclass
+class World:
+    network: Network
+    submitter: User
+    consultant: User
+    outsider: User
+    r4: FhirClient  # the submitter's system (R4)
+    r5: FhirClient  # the consultant system (R5)
+    other: FhirClient  # a member system of an unrelated facility
+    spoke_endpoint: Endpoint
+    hub_endpoint: Endpoint
+
+
+def _client(user: User, version: str) -> FhirClient:
+    client = FhirClient(api_token_issue(user=user, name="t").raw)
+    client.version = version  # type: ignore[attr-defined]
+    return client
+
+
+@pytest.fixture
+def world(network: Network) -> World:
+    submitter = UserFactory.create(facility=network.spoke, roles=[Role.MEMBER_SYSTEM])
+    consultant = UserFactory.create(facility=network.hub, roles=[Role.MEMBER_SYSTEM])
+    consultant.departments.add(network.pediatrics)
+    outsider = UserFactory.create(facility=network.lao, roles=[Role.MEMBER_SYSTEM])
+    hub_endpoint = EndpointFactory.create(
+        facility=network.hub,
+        base_url="https://nhi.example.org/fhir",
+        fhir_version=Endpoint.FhirVersion.R5,
+    )
+    return World(
+        network,
+        submitter,
+        consultant,
+        outsider,
+        _client(submitter, FHIR_R4),
+        _client(consultant, FHIR_R5),
+        _client(outsider, FHIR_R4),
+        network.endpoint,
+        hub_endpoint,
+    )
+
+
+def service_request(
+    world: World,
+    placer: str = "SR-1",
+    *,
+    version: str = "4.0",
+    subject: str = "urn:uuid:patient-1",
+    performer: bool = True,
+    requester: str | None = None,
+) -> dict[str, Any]:
+    resource: dict[str, Any] = {
+        "resourceType": "ServiceRequest",
+        "identifier": [
+            {
+                "type": {
+                    "coding": [
+                        {"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "PLAC"}
+                    ]
+                },
+                "system": PLACER,
+                "value": placer,
+            }
+        ],
+        "status": "active",
+        "intent": "order",
+        "priority": "urgent",
+        "subject": {"reference": subject},
+        "requester": {"reference": requester or f"Organization/{world.network.spoke.pk}"},
+        "performerType": {
+            "coding": [
+                {"system": "http://snomed.info/sct", "code": PEDIATRICS, "display": "Pediatric"}
+            ]
+        },
+    }
+    question = {"text": "3-year-old, fever 5 days, rash: Kawasaki disease?"}
+    if version == "4.0":
+        resource["reasonCode"] = [question]
+    else:
+        resource["reason"] = [{"concept": question}]
+    if performer:
+        resource["performer"] = [{"reference": f"HealthcareService/{world.network.pediatrics.pk}"}]
+    return resource
+
+
+def patient() -> dict[str, Any]:
+    return {
+        "resourceType": "Patient",
+        "identifier": [{"system": PATIENT_SYSTEM, "value": "P-0042"}],
+        "name": [{"family": "Nguyen", "given": ["An"]}],  # not kept (minimum necessary)
+        "gender": "female",
+        "birthDate": "2022-03-14",
+    }
+
+
+def transaction(world: World, placer: str = "SR-1", **kwargs: Any) -> dict[str, Any]:
+    version = kwargs.pop("version", "4.0")
+    entries: list[dict[str, Any]] = [
+        {"fullUrl": "urn:uuid:patient-1", "resource": patient()},
+        {
+            "fullUrl": "urn:uuid:sr-1",
+            "resource": service_request(world, placer, version=version, **kwargs),
+        },
+        {
+            "fullUrl": "urn:uuid:task-1",
+            "resource": {
+                "resourceType": "Task",
+                "status": "requested",
+                "intent": "order",
+                "focus": {"reference": "urn:uuid:sr-1"},
+                "for": {"reference": "urn:uuid:patient-1"},
+                "requester": {"reference": f"Organization/{world.network.spoke.pk}"},
+            },
+        },
+    ]
+    for entry in entries:
+        entry["request"] = {"method": "POST", "url": entry["resource"]["resourceType"]}
+    return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+
+
+def body(response: Any) -> dict[str, Any]:
+    parsed: dict[str, Any] = json.loads(response.content)
+    return parsed
+
+
+def submit(world: World, placer: str = "SR-1") -> dict[str, Any]:
+    response = world.r4.post("/fhir", transaction(world, placer), content_type=FHIR_R4)
+    assert response.status_code == 200, response.content
+    return body(response)
+
+
+def task_of(bundle: dict[str, Any]) -> dict[str, Any]:
+    return next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Task")
+
+
+__all__ = ["FHIR_R4", "FHIR_R5"]

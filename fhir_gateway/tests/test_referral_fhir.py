@@ -1,0 +1,561 @@
+"""The referral resources over FHIR: intake, workflow, reads, scope, outbox (R4 and R5)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from fhir_gateway import referral_mapping as m
+from fhir_gateway.models import FhirResource, OutboxMessage
+from fhir_gateway.storage import validate_resource
+from fhir_gateway.tests.conftest import FHIR_R4, FHIR_R5, outcome_issue
+from fhir_gateway.tests.referral_world import (
+    PLACER,
+    World,
+    body,
+    service_request,
+    submit,
+    task_of,
+    transaction,
+)
+from referrals.models import Referral, ReferralState
+
+pytestmark = pytest.mark.django_db
+
+
+def _task(world: World, bundle: dict[str, Any]) -> str:
+    return str(task_of(bundle)["id"])
+
+
+def _get(client: Any, path: str, version: str = FHIR_R4) -> dict[str, Any]:
+    response = client.get(path, Accept=version)
+    assert response.status_code == 200, response.content
+    return body(response)
+
+
+def _put_task(client: Any, task: dict[str, Any], version: str, etag: str | None) -> Any:
+    headers = {"If-Match": etag} if etag else {}
+    return client.put(
+        f"/fhir/Task/{task['id']}", task, content_type=version, Accept=version, **headers
+    )
+
+
+# --------------------------------------------------------------------------- intake
+
+
+def test_transaction_creates_the_referral_and_answers_the_assigned_owner(world: World) -> None:
+    bundle = submit(world)
+
+    assert bundle["type"] == "transaction-response"
+    assert [e["response"]["status"] for e in bundle["entry"]] == ["201 Created"] * 3
+    referral = Referral.objects.get()
+    assert referral.state == ReferralState.SUBMITTED
+    assert referral.assigned_department == world.network.pediatrics
+    assert (referral.patient_ref, referral.patient_sex, referral.patient_birth_year) == (
+        "https://codao.example.org/sid/pseudonym|P-0042",
+        "female",
+        2022,
+    )
+    patient, order, task = (e["resource"] for e in bundle["entry"])
+    assert patient == {
+        "resourceType": "Patient",
+        "id": referral.filler_id,
+        "meta": patient["meta"],
+        "identifier": [{"system": "https://codao.example.org/sid/pseudonym", "value": "P-0042"}],
+        "gender": "female",
+        "birthDate": "2022",
+    }
+    assert order["performerType"]["coding"][0]["code"] == "394537008"
+    assert order["reasonCode"] == [{"text": "3-year-old, fever 5 days, rash: Kawasaki disease?"}]
+    assert task["status"] == "requested"
+    assert task["owner"] == {"reference": f"HealthcareService/{world.network.pediatrics.pk}"}
+    assert task["focus"] == {"reference": f"ServiceRequest/{referral.filler_id}"}
+    assert task["restriction"]["period"]["end"]
+    assert {
+        "system": m.BSER_BUSINESS_STATUS,
+        "code": "2.0",
+        "display": "Service Request Created",
+    } in task["businessStatus"]["coding"]
+    assert task["meta"]["versionId"] == str(referral.version)
+
+
+def test_transaction_enqueues_each_endpoint_in_its_version(world: World) -> None:
+    submit(world)
+
+    referral = Referral.objects.get()
+    messages = list(OutboxMessage.objects.order_by("seq"))
+    assert {m.aggregate_key for m in messages} == {f"referral:{referral.pk}"}
+    assert [(x.endpoint_id, x.resource_type) for x in messages] == [
+        (e.pk, t)
+        for e in sorted([world.spoke_endpoint, world.hub_endpoint], key=lambda e: e.pk)
+        for t in ("Patient", "ServiceRequest", "Task")
+    ]
+    # Both renderings exist for every version delivered.
+    for row in FhirResource.objects.filter(source_pk=referral.pk):
+        assert row.json_r4 and row.json_r5
+
+
+def test_resubmitted_transaction_answers_the_existing_referral(world: World) -> None:
+    first = submit(world)
+    again = submit(world)
+
+    assert Referral.objects.count() == 1
+    assert [e["response"]["status"] for e in again["entry"]] == ["200 OK"] * 3
+    assert _task(world, again) == _task(world, first)
+    assert FhirResource.objects.filter(resource_type="Task").count() == 1
+
+
+def test_transaction_is_all_or_nothing(world: World) -> None:
+    bundle = transaction(world)
+    bundle["entry"].append(
+        {
+            "resource": {
+                "resourceType": "DocumentReference",
+                "status": "current",
+                "content": [
+                    {"attachment": {"contentType": "application/pdf", "data": "bm90IGEgcGRm"}}
+                ],
+            },
+            "request": {"method": "POST", "url": "DocumentReference"},
+        }
+    )
+
+    response = world.r4.post("/fhir", bundle)
+
+    assert response.status_code in (400, 415, 422), response.content
+    assert outcome_issue(response)["severity"] == "error"
+    assert Referral.objects.count() == 0
+    assert not FhirResource.objects.filter(
+        resource_type__in=["Task", "ServiceRequest", "Patient"]
+    ).exists()
+    assert OutboxMessage.objects.count() == 0
+
+
+def test_requester_of_another_facility_is_refused(world: World) -> None:
+    bundle = transaction(world, requester=f"Organization/{world.network.hub.pk}")
+
+    response = world.r4.post("/fhir", bundle)
+
+    assert response.status_code == 403
+    issue = outcome_issue(response)
+    assert issue["code"] == "forbidden"
+    assert "only request for your own facility" in issue["diagnostics"]
+    assert Referral.objects.count() == 0
+
+
+def test_no_performer_type_is_422(world: World) -> None:
+    resource = service_request(world)
+    del resource["performerType"]
+
+    response = world.r4.post("/fhir/ServiceRequest", resource)
+
+    assert response.status_code == 422
+    issue = outcome_issue(response)
+    assert issue["expression"] == ["ServiceRequest.performerType"]
+    assert "SNOMED CT practice-setting" in issue["diagnostics"]
+    assert Referral.objects.count() == 0
+
+
+def test_not_a_bundle_transaction_is_refused(world: World) -> None:
+    bundle = transaction(world)
+    bundle["type"] = "batch"
+    response = world.r4.post("/fhir", bundle)
+    assert response.status_code == 422
+    assert "only transaction" in outcome_issue(response)["diagnostics"]
+
+
+def test_conditional_create_is_idempotent(world: World) -> None:
+    resource = service_request(world, "SR-9", subject="Patient/unknown")
+    condition = f"identifier={PLACER}|SR-9"
+
+    first = world.r4.post("/fhir/ServiceRequest", resource, **{"If-None-Exist": condition})
+    second = world.r4.post("/fhir/ServiceRequest", resource, **{"If-None-Exist": condition})
+
+    assert (first.status_code, second.status_code) == (201, 200)
+    assert body(first)["id"] == body(second)["id"]
+    assert first["Location"].endswith("/_history/1")
+    assert Referral.objects.count() == 1
+
+
+def test_r5_submission_routes_without_a_chosen_department(world: World) -> None:
+    bundle = transaction(world, version="5.0", performer=False)
+    del bundle["entry"][2]["resource"]["requester"]
+
+    response = world.r4.post("/fhir", bundle, content_type=FHIR_R5, Accept=FHIR_R5)
+
+    assert response.status_code == 200, response.content
+    task = task_of(body(response))
+    assert task["owner"] == {"reference": f"HealthcareService/{world.network.pediatrics.pk}"}
+    assert task["requestedPerformer"][0]["concept"]["coding"][0]["code"] == "394537008"
+    order = body(response)["entry"][1]["resource"]
+    assert order["reason"] == [
+        {"concept": {"text": "3-year-old, fever 5 days, rash: Kawasaki disease?"}}
+    ]
+
+
+# --------------------------------------------------------------------------- workflow
+
+
+def test_owner_accepts_over_r5_and_the_requester_reads_it_in_r4(world: World) -> None:
+    task_id = _task(world, submit(world))
+    task = _get(world.r5, f"/fhir/Task/{task_id}", FHIR_R5)
+    task["status"] = "accepted"
+
+    response = _put_task(world.r5, task, FHIR_R5, 'W/"1"')
+
+    assert response.status_code == 200, response.content
+    assert body(response)["status"] == "accepted"
+    assert Referral.objects.get().state == ReferralState.ACCEPTED
+    seen = _get(world.r4, f"/fhir/Task/{task_id}")
+    assert (seen["status"], seen["meta"]["versionId"]) == ("accepted", "2")
+    assert seen["businessStatus"]["coding"][0]["code"] == "accepted"
+
+
+def test_stale_if_match_is_412_and_changes_nothing(world: World) -> None:
+    task_id = _task(world, submit(world))
+    task = _get(world.r5, f"/fhir/Task/{task_id}", FHIR_R5)
+    task["status"] = "accepted"
+
+    response = _put_task(world.r5, task, FHIR_R5, 'W/"7"')
+
+    assert response.status_code == 412
+    assert outcome_issue(response)["code"] == "conflict"
+    assert Referral.objects.get().state == ReferralState.SUBMITTED
+
+
+def test_other_task_changes_are_422(world: World) -> None:
+    task_id = _task(world, submit(world))
+    task = _get(world.r5, f"/fhir/Task/{task_id}", FHIR_R5)
+    task["status"] = "accepted"
+    task["priority"] = "stat"
+
+    response = _put_task(world.r5, task, FHIR_R5, 'W/"1"')
+
+    assert response.status_code == 422
+    assert outcome_issue(response)["expression"] == ["Task.priority"]
+    assert Referral.objects.get().state == ReferralState.SUBMITTED
+
+
+def test_owner_rejects_with_a_status_reason(world: World) -> None:
+    task_id = _task(world, submit(world))
+    task = _get(world.r4, f"/fhir/Task/{task_id}")  # the consultant system may speak R4 too
+    task["status"] = "rejected"
+    task["statusReason"] = {
+        "coding": [{"system": m.DECLINE_REASON_SYSTEM, "code": "no_capacity"}],
+        "text": "Ward full this week",
+    }
+
+    response = _put_task(world.r5, task, FHIR_R4, 'W/"1"')
+
+    assert response.status_code == 200, response.content
+    referral = Referral.objects.get()
+    assert referral.state in (
+        ReferralState.DECLINED,
+        ReferralState.SUBMITTED,
+    )  # reroute after commit
+    declined = json.loads(FhirResource.objects.get(resource_type="Task", version_id=2).json_r5)
+    assert declined["status"] == "rejected"
+    assert declined["statusReason"] == {
+        "concept": {
+            "coding": [
+                {"system": m.DECLINE_REASON_SYSTEM, "code": "no_capacity", "display": "No capacity"}
+            ],
+            "text": "Ward full this week",
+        }
+    }
+
+
+def test_only_the_owner_accepts_and_the_requester_cancels(world: World) -> None:
+    task_id = _task(world, submit(world))
+    task = _get(world.r4, f"/fhir/Task/{task_id}")
+
+    task["status"] = "accepted"
+    refused = _put_task(world.r4, task, FHIR_R4, 'W/"1"')
+    task["status"] = "cancelled"
+    task["statusReason"] = {"text": "Patient improved"}
+    cancelled = _put_task(world.r4, task, FHIR_R4, 'W/"1"')
+
+    assert refused.status_code == 403
+    assert cancelled.status_code == 200, cancelled.content
+    assert body(cancelled)["status"] == "cancelled"
+    assert body(cancelled)["statusReason"] == {"text": "Patient improved"}
+
+
+def test_communications_request_and_provide_information(world: World) -> None:
+    task_id = _task(world, submit(world))
+    task = _get(world.r5, f"/fhir/Task/{task_id}", FHIR_R5)
+    task["status"] = "accepted"
+    assert _put_task(world.r5, task, FHIR_R5, 'W/"1"').status_code == 200
+    question = {
+        "resourceType": "Communication",
+        "status": "completed",
+        "partOf": [{"reference": f"Task/{task_id}"}],
+        "payload": [{"contentCodeableConcept": {"text": "Echocardiogram done?"}}],
+    }
+
+    asked = world.r5.post("/fhir/Communication", question, content_type=FHIR_R5, Accept=FHIR_R5)
+    assert asked.status_code == 201, asked.content
+    assert _get(world.r4, f"/fhir/Task/{task_id}")["status"] == "on-hold"
+    answer = {
+        "resourceType": "Communication",
+        "status": "completed",
+        "partOf": [{"reference": f"Task/{task_id}"}],
+        "inResponseTo": [{"reference": f"Communication/{body(asked)['id']}"}],
+        "payload": [{"contentString": "Not yet; tomorrow."}],
+    }
+    answered = world.r4.post("/fhir/Communication", answer)
+
+    assert answered.status_code == 201, answered.content
+    assert body(answered)["inResponseTo"] == answer["inResponseTo"]
+    assert body(answered)["payload"] == answer["payload"]
+    assert _get(world.r4, f"/fhir/Task/{task_id}")["status"] == "accepted"
+    found = _get(world.r5, f"/fhir/Communication?part-of=Task/{task_id}", FHIR_R5)
+    assert found["total"] == 2
+    assert Referral.objects.get().messages.count() == 2
+
+
+def test_consult_note_advises_and_is_task_output(world: World) -> None:
+    task_id = _task(world, submit(world))
+    task = _get(world.r5, f"/fhir/Task/{task_id}", FHIR_R5)
+    task["status"] = "accepted"
+    assert _put_task(world.r5, task, FHIR_R5, 'W/"1"').status_code == 200
+    note = {
+        "resourceType": "DocumentReference",
+        "extension": [{"url": m.DISPOSITION_EXTENSION, "valueCode": "manage_locally"}],
+        "status": "current",
+        "type": {"coding": [{"system": "http://loinc.org", "code": "11488-4"}]},
+        "basedOn": [{"reference": f"ServiceRequest/{task_id}"}],
+        "content": [{"attachment": {"contentType": "text/plain", "data": "SVZJRyAyZy9rZw=="}}],
+    }
+
+    response = world.r5.post("/fhir/DocumentReference", note, content_type=FHIR_R5, Accept=FHIR_R5)
+
+    assert response.status_code == 201, response.content
+    referral = Referral.objects.get()
+    assert referral.state == ReferralState.ADVISED
+    assert referral.consult_notes.get().text == "IVIG 2g/kg"
+    seen = _get(world.r4, f"/fhir/Task/{task_id}")
+    assert seen["output"] == [
+        {
+            "type": {
+                "coding": [
+                    {"system": "http://loinc.org", "code": "11488-4", "display": "Consult note"}
+                ]
+            },
+            "valueReference": {"reference": f"DocumentReference/{body(response)['id']}"},
+        }
+    ]
+    r4_note = _get(world.r4, f"/fhir/DocumentReference/{body(response)['id']}")
+    assert r4_note["context"]["related"] == [{"reference": f"ServiceRequest/{task_id}"}]
+
+
+def test_consult_note_without_disposition_is_422(world: World) -> None:
+    task_id = _task(world, submit(world))
+    task = _get(world.r5, f"/fhir/Task/{task_id}", FHIR_R5)
+    task["status"] = "accepted"
+    _put_task(world.r5, task, FHIR_R5, 'W/"1"')
+    note = {
+        "resourceType": "DocumentReference",
+        "status": "current",
+        "type": {"coding": [{"system": "http://loinc.org", "code": "11488-4"}]},
+        "context": {"related": [{"reference": f"Task/{task_id}"}]},
+        "content": [{"attachment": {"contentType": "text/plain", "data": "SVZJRw=="}}],
+    }
+    response = world.r5.post("/fhir/DocumentReference", note)
+    assert response.status_code == 422
+    assert "disposition" in outcome_issue(response)["diagnostics"]
+    assert Referral.objects.get().state == ReferralState.ACCEPTED
+
+
+# --------------------------------------------------------------------------- reads
+
+
+def test_outsiders_get_404_and_empty_searches(world: World) -> None:
+    task_id = _task(world, submit(world))
+
+    for path in (
+        f"/fhir/Task/{task_id}",
+        f"/fhir/Task/{task_id}/_history/1",
+        f"/fhir/Patient/{task_id}",
+        f"/fhir/ServiceRequest/{task_id}",
+        f"/fhir/Task/{task_id}/_history",
+    ):
+        response = world.other.get(path)
+        assert response.status_code == 404, path
+    assert _get(world.other, "/fhir/Task")["total"] == 0
+    assert _get(world.other, "/fhir/ServiceRequest")["total"] == 0
+
+
+def test_task_searches(world: World) -> None:
+    first = _task(world, submit(world, "A"))
+    second = _task(world, submit(world, "B"))
+    task = _get(world.r5, f"/fhir/Task/{second}", FHIR_R5)
+    task["status"] = "accepted"
+    _put_task(world.r5, task, FHIR_R5, 'W/"1"')
+    owner = f"HealthcareService/{world.network.pediatrics.pk}"
+
+    def ids(query: str) -> list[str]:
+        found = _get(world.r5, f"/fhir/Task?{query}", FHIR_R5)
+        return sorted(
+            e["resource"]["id"] for e in found.get("entry", []) if e["search"]["mode"] == "match"
+        )
+
+    assert ids(f"owner={owner}") == sorted([first, second])
+    assert ids("status=requested") == [first]
+    assert ids("status=accepted,requested") == sorted([first, second])
+    assert ids(f"business-status={m.BSER_BUSINESS_STATUS}|3.0") == [second]
+    assert ids("business-status=submitted") == [first]
+    assert ids(f"focus=ServiceRequest/{first}") == [first]
+    assert ids(f"patient=Patient/{second}") == [second]
+    assert ids(f"requester=Organization/{world.network.spoke.pk}") == sorted([first, second])
+    assert ids("authored-on=ge2000-01-01") == sorted([first, second])
+    assert ids("authored-on=lt2000-01-01") == []
+    assert ids("_lastUpdated=ge2000-01-01&status=accepted") == [second]
+    assert ids(f"identifier={PLACER}|A") == [first]
+    page = _get(world.r5, "/fhir/Task?_count=1", FHIR_R5)
+    assert page["total"] == 2 and len(page["entry"]) == 1
+    assert [link["relation"] for link in page["link"]] == ["self", "next"]
+    included = _get(world.r5, f"/fhir/Task?_id={first}&_include=Task:focus", FHIR_R5)
+    assert [(e["resource"]["resourceType"], e["search"]["mode"]) for e in included["entry"]] == [
+        ("Task", "match"),
+        ("ServiceRequest", "include"),
+    ]
+
+
+def test_service_request_searches(world: World) -> None:
+    first = _task(world, submit(world, "A"))
+
+    def total(query: str) -> int:
+        return int(_get(world.r4, f"/fhir/ServiceRequest?{query}")["total"])
+
+    assert total(f"requester=Organization/{world.network.spoke.pk}") == 1
+    assert total(f"performer=HealthcareService/{world.network.pediatrics.pk}") == 1
+    assert total(f"performer=HealthcareService/{world.network.cardiology.pk}") == 0
+    assert total("status=active") == 1
+    assert total("status=revoked") == 0
+    assert total(f"identifier={PLACER}|A") == 1
+    assert total(f"identifier={m.FILLER_SYSTEM}|{first}") == 1
+
+
+def test_task_history_lists_every_state(world: World) -> None:
+    task_id = _task(world, submit(world))
+    task = _get(world.r5, f"/fhir/Task/{task_id}", FHIR_R5)
+    task["status"] = "accepted"
+    _put_task(world.r5, task, FHIR_R5, 'W/"1"')
+
+    history = _get(world.r4, f"/fhir/Task/{task_id}/_history")
+
+    assert [e["resource"]["status"] for e in history["entry"]] == ["accepted", "requested"]
+    assert _get(world.r4, f"/fhir/Task/{task_id}/_history/1")["status"] == "requested"
+
+
+def test_every_stored_rendering_validates_in_its_version(world: World) -> None:
+    """The write path stores built JSON without validating; this proves it is valid."""
+    task_id = _task(world, submit(world, "A"))
+    task = _get(world.r5, f"/fhir/Task/{task_id}", FHIR_R5)
+    task["status"] = "accepted"
+    _put_task(world.r5, task, FHIR_R5, 'W/"1"')
+    world.r5.post(
+        "/fhir/Communication",
+        {
+            "resourceType": "Communication",
+            "status": "completed",
+            "partOf": [{"reference": f"Task/{task_id}"}],
+            "payload": [{"contentString": "Q?"}],
+        },
+    )
+    world.r4.post(
+        "/fhir/Communication",
+        {
+            "resourceType": "Communication",
+            "status": "completed",
+            "partOf": [{"reference": f"Task/{task_id}"}],
+            "payload": [{"contentString": "A."}],
+        },
+    )
+    world.r5.post(
+        "/fhir/DocumentReference",
+        {
+            "resourceType": "DocumentReference",
+            "status": "current",
+            "extension": [{"url": m.DISPOSITION_EXTENSION, "valueCode": "transfer"}],
+            "type": {"coding": [{"system": "http://loinc.org", "code": "11488-4"}]},
+            "context": {"related": [{"reference": f"Task/{task_id}"}]},
+            "content": [{"attachment": {"contentType": "text/plain", "data": "VHJhbnNmZXI="}}],
+        },
+    )
+    other = _get(world.r4, f"/fhir/Task/{_task(world, submit(world, 'B'))}")
+    other["status"] = "cancelled"
+    _put_task(world.r4, other, FHIR_R4, None)
+
+    rows = list(
+        FhirResource.objects.filter(source_pk__isnull=False).exclude(
+            resource_type__in=[
+                "Organization",
+                "Location",
+                "HealthcareService",
+                "Endpoint",
+                "OrganizationAffiliation",
+                "PractitionerRole",
+            ]
+        )
+    )
+    assert {r.resource_type for r in rows} == {
+        "Patient",
+        "ServiceRequest",
+        "Task",
+        "Communication",
+        "DocumentReference",
+    }
+    for row in rows:
+        for version, text in (("4.0", row.json_r4), ("5.0", row.json_r5)):
+            validate_resource(json.loads(text), version)
+
+
+def test_every_declared_referral_interaction_and_search_param_is_served(world: World) -> None:
+    """Driven by /metadata: every interaction and search parameter of the referral types."""
+    task_id = _task(world, submit(world))
+    world.r4.post(
+        "/fhir/Communication",
+        {
+            "resourceType": "Communication",
+            "status": "completed",
+            "partOf": [{"reference": f"Task/{task_id}"}],
+            "payload": [{"contentString": "Hello"}],
+        },
+    )
+    communication = FhirResource.objects.get(resource_type="Communication").logical_id
+    statement = _get(world.r4, "/fhir/metadata")
+    samples = {
+        "Task": task_id,
+        "ServiceRequest": task_id,
+        "Patient": task_id,
+        "Communication": communication,
+    }
+    values = {"token": "x", "reference": "Organization/1", "date": "ge2020-01-01"}
+    seen = set()
+    for entry in statement["rest"][0]["resource"]:
+        rtype = entry["type"]
+        if rtype not in samples:
+            continue
+        seen.add(rtype)
+        pk = samples[rtype]
+        paths = {
+            "read": f"/fhir/{rtype}/{pk}",
+            "vread": f"/fhir/{rtype}/{pk}/_history/1",
+            "history-instance": f"/fhir/{rtype}/{pk}/_history",
+            "search-type": f"/fhir/{rtype}",
+        }
+        for interaction in entry["interaction"]:
+            if interaction["code"] in paths:
+                response = world.r4.get(paths[interaction["code"]])
+                assert response.status_code == 200, (rtype, interaction)
+        for param in entry.get("searchParam", []):
+            response = world.r4.get(
+                f"/fhir/{rtype}?{param['name']}={values[param['type']]}",
+                Prefer="handling=strict",
+            )
+            assert response.status_code == 200, (rtype, param["name"], response.content)
+    assert seen == set(samples)

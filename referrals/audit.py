@@ -1,0 +1,76 @@
+"""Audit of patient data: who read or wrote which referral, when, from where.
+
+Recorded explicitly by the API views (not middleware, not signals) with
+``audit_record(request, action, referral_ids, ...)`` once the data is about to be sent or
+has been written. Decisions (docs/permissions.md):
+
+- One row per referral, also on list pages: a page of 50 is ONE bulk INSERT (constant
+  query count), and "who saw referral X" stays a single indexed lookup
+  (``audit_referral_at``) instead of a search inside arrays of ids.
+- Refusals (404/403) carry no patient data and are not recorded here.
+- Ministry officials never see patient data; nothing is recorded for them (and the
+  helper refuses to, in case a view is ever wrong).
+- The log is append-only: no update/delete path in code, read-only in the admin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from django.conf import settings
+from django.http import HttpRequest
+from rest_framework.request import Request
+
+from accounts.models import User
+from accounts.roles import Role
+from core.logging import current_request_id
+from referrals.models import AuditAction, AuditEntry
+
+USER_AGENT_MAX = 255
+
+
+def _client_ip(request: HttpRequest | Request) -> str | None:
+    meta = request.META
+    if getattr(settings, "AUDIT_TRUST_X_FORWARDED_FOR", False):
+        forwarded = meta.get("HTTP_X_FORWARDED_FOR", "")
+        if forwarded:
+            return str(forwarded.split(",")[0].strip()) or None
+    return meta.get("REMOTE_ADDR") or None
+
+
+def audit_record(
+    request: HttpRequest | Request,
+    action: AuditAction | str,
+    referral_ids: Iterable[int],
+    *,
+    object_type: str = "referral",
+    object_id: str | int | None = None,
+    detail: str = "",
+) -> list[AuditEntry]:
+    """Append one entry per referral id (one INSERT). ``object_id`` defaults to the
+    referral id; pass it for sub-objects (an attachment)."""
+    user = request.user
+    if not isinstance(user, User) or user.has_role(Role.MINISTRY):
+        return []
+    ids = list(dict.fromkeys(int(i) for i in referral_ids))
+    if not ids:
+        return []
+    ip = _client_ip(request)
+    agent = str(request.META.get("HTTP_USER_AGENT", ""))[:USER_AGENT_MAX]
+    request_id = (current_request_id() or "")[:64]
+    return AuditEntry.objects.bulk_create(
+        [
+            AuditEntry(
+                user=user,
+                action=str(action),
+                object_type=object_type,
+                object_id=str(object_id if object_id is not None else referral_id),
+                referral_id=referral_id,
+                detail=detail[:64],
+                ip_address=ip,
+                user_agent=agent,
+                request_id=request_id,
+            )
+            for referral_id in ids
+        ]
+    )

@@ -1,0 +1,259 @@
+"""Notifications to the people involved in a referral: in-app list + e-mail.
+
+Flow: ``services._apply`` writes the ``ReferralEvent`` and registers
+``transaction.on_commit(notify_transition_later(event.pk))``; after the commit the Celery
+task ``referrals.notify_transition(event_id)`` works out the audience from ``AUDIENCES``,
+writes one ``Notification`` per recipient (unique per recipient and event, so a second
+run inserts nothing) and e-mails those not yet e-mailed (``emailed_at``, rows locked with
+SKIP LOCKED, so two concurrent runs never send twice).
+
+Texts carry the filler id, the action and the new state only: no patient data goes into
+e-mail or the in-app list (the referral itself is behind the scoped getter).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import shared_task
+from django.conf import settings
+from django.core.mail import send_mail
+from django.db import transaction
+from django.db.models import Q, QuerySet
+from django.utils import timezone
+from drf_spectacular.utils import OpenApiResponse, extend_schema
+from rest_framework import serializers
+from rest_framework.permissions import IsAuthenticated
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from accounts.models import User
+from accounts.roles import Role
+from core.errors import NotFound
+from core.pagination import Pagination
+from referrals.models import Notification, ReferralEvent, ReferralState
+
+logger = logging.getLogger(__name__)
+
+# Audiences: who hears about each action (the actor never notifies themselves).
+#   assignee  = staff of the department assigned after the event (the new one on forward)
+#   requester = the user who submitted + the referrers of the requesting facility
+#   experts   = the experts invited to the live case conference
+ASSIGNEE = "assignee"
+REQUESTER = "requester"
+EXPERTS = "experts"
+
+AUDIENCES: dict[str, tuple[str, ...]] = {
+    "submit": (ASSIGNEE,),
+    "forward": (ASSIGNEE, REQUESTER),
+    # Deadline job: the department is warned first; re-routing tells both sides.
+    "escalation_notify": (ASSIGNEE,),
+    "reroute": (ASSIGNEE, REQUESTER),
+    "expire": (REQUESTER,),
+    "accept": (REQUESTER,),
+    "decline": (REQUESTER,),
+    "request_info": (REQUESTER,),
+    "provide_info": (ASSIGNEE,),
+    "schedule": (REQUESTER, EXPERTS),
+    "start_conference": (REQUESTER, EXPERTS),
+    "finish_conference": (REQUESTER, EXPERTS),
+    "advise": (REQUESTER,),
+    "cancel": (ASSIGNEE, EXPERTS),
+    "close_local": (ASSIGNEE,),
+    "request_transfer": (ASSIGNEE,),
+    "accept_transfer": (REQUESTER,),
+    "depart": (ASSIGNEE,),
+    "arrive": (REQUESTER,),
+    "complete": (REQUESTER,),
+    "counter_refer": (REQUESTER,),
+}
+# An action added to the workflow later and not listed above: tell both sides.
+DEFAULT_AUDIENCE: tuple[str, ...] = (ASSIGNEE, REQUESTER)
+
+
+def audience_for(action: str) -> tuple[str, ...]:
+    return AUDIENCES.get(action, DEFAULT_AUDIENCE)
+
+
+def _recipients_query(event: ReferralEvent) -> QuerySet[User]:
+    referral = event.referral
+    audience = audience_for(event.action)
+    who = Q(pk__in=[])
+    if ASSIGNEE in audience and event.department_id is not None:
+        who |= Q(departments=event.department_id)
+    if REQUESTER in audience:
+        who |= Q(facility_id=referral.requester_facility_id, groups__name=Role.REFERRER.value)
+        if referral.requester_id is not None:
+            who |= Q(pk=referral.requester_id)
+    if EXPERTS in audience:
+        who |= Q(conference_referrals=referral.pk)
+    recipients = (
+        User.objects.filter(who, is_active=True)
+        # Ministry officials never receive anything about a single referral.
+        .exclude(groups__name=Role.MINISTRY.value)
+        .distinct()
+    )
+    if event.actor_id is not None:
+        recipients = recipients.exclude(pk=event.actor_id)
+    return recipients
+
+
+def notification_recipients(event: ReferralEvent) -> list[User]:
+    return list(_recipients_query(event).order_by("pk"))
+
+
+def notification_text(event: ReferralEvent) -> str:
+    action = event.action.replace("_", " ")
+    state = ReferralState(event.to_state).label if event.to_state else event.to_state
+    return f"Referral {event.referral.filler_id}: {action} — now {state}."
+
+
+def notify_event(*, event_id: int) -> int:
+    """Write the notifications of one event and e-mail them. Safe to run twice (and
+    concurrently): returns the number of e-mails sent by this run."""
+    try:
+        event = ReferralEvent.objects.select_related("referral").get(pk=event_id)
+    except ReferralEvent.DoesNotExist:
+        logger.warning("notify: no event %s", event_id)
+        return 0
+    text = notification_text(event)
+    Notification.objects.bulk_create(
+        [
+            Notification(
+                recipient=user,
+                referral_id=event.referral_id,
+                event=event,
+                kind=event.action,
+                text=text,
+                created=event.at,
+            )
+            for user in notification_recipients(event)
+        ],
+        ignore_conflicts=True,
+    )
+    return _email_pending(event)
+
+
+def _email_pending(event: ReferralEvent) -> int:
+    sent = 0
+    with transaction.atomic():
+        pending = (
+            Notification.objects.select_for_update(skip_locked=True, of=("self",))
+            .filter(event=event, emailed_at__isnull=True)
+            .exclude(recipient__email="")
+            .select_related("recipient")
+            .order_by("pk")
+        )
+        for notification in pending:
+            send_mail(
+                subject=f"[Consilium] {event.referral.filler_id}: {event.action.replace('_', ' ')}",
+                message=f"{notification.text}\n\n/api/v1/referrals/{event.referral_id}/\n",
+                from_email=settings.DEFAULT_FROM_EMAIL,
+                recipient_list=[notification.recipient.email],
+            )
+            # Marked one by one: a failure later retries only the rest.
+            Notification.objects.filter(pk=notification.pk).update(emailed_at=timezone.now())
+            sent += 1
+    return sent
+
+
+@shared_task(
+    name="referrals.notify_transition",
+    bind=True,
+    autoretry_for=(Exception,),
+    retry_backoff=True,
+    max_retries=5,
+    acks_late=True,
+)
+def notify_transition(self: Any, event_id: int) -> int:
+    return notify_event(event_id=event_id)
+
+
+def notify_transition_later(event_id: int) -> None:
+    """Queue the task (called from ``transaction.on_commit``). The transition has
+    committed already: a broker outage must not turn it into an error for the caller."""
+    try:
+        notify_transition.delay(event_id)
+    except Exception:  # the broker is down; the event stays the record
+        logger.exception("could not queue notifications for event %s", event_id)
+
+
+# --- reads and the in-app API ------------------------------------------------------------
+
+
+def notification_list(user: User, *, unread: bool | None = None) -> QuerySet[Notification]:
+    """The user's own notifications, newest first."""
+    queryset = Notification.objects.filter(recipient_id=user.pk)
+    if unread is True:
+        queryset = queryset.filter(read_at__isnull=True)
+    elif unread is False:
+        queryset = queryset.filter(read_at__isnull=False)
+    return queryset.select_related("referral").order_by("-created", "-id")
+
+
+def notification_mark_read(*, user: User, notification_id: int) -> Notification:
+    """Mark one of the user's own notifications read (idempotent: keeps the first time)."""
+    try:
+        notification = Notification.objects.select_related("referral").get(
+            pk=notification_id, recipient_id=user.pk
+        )
+    except Notification.DoesNotExist as exc:
+        raise NotFound("No such notification.") from exc
+    if notification.read_at is None:
+        notification.read_at = timezone.now()
+        notification.save(update_fields=["read_at"])
+    return notification
+
+
+class NotificationSerializer(serializers.ModelSerializer[Notification]):
+    filler_id = serializers.CharField(source="referral.filler_id")
+
+    class Meta:
+        model = Notification
+        fields = ["id", "referral", "filler_id", "kind", "text", "created", "read_at"]
+
+
+class NotificationQuerySerializer(serializers.Serializer[Any]):
+    unread = serializers.BooleanField(required=False, allow_null=True, default=None)
+
+
+def _user(request: Request) -> User:
+    assert isinstance(request.user, User)
+    return request.user
+
+
+class NotificationListApi(APIView):
+    permission_classes = [IsAuthenticated]
+
+    @extend_schema(
+        operation_id="notifications_list",
+        parameters=[NotificationQuerySerializer],
+        responses=NotificationSerializer(many=True),
+        description="Your own notifications, newest first; ?unread=true for unread only.",
+    )
+    def get(self, request: Request) -> Response:
+        query = NotificationQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        paginator = Pagination()
+        page = paginator.paginate_queryset(
+            notification_list(_user(request), unread=query.validated_data.get("unread")),
+            request,
+            view=self,
+        )
+        assert page is not None
+        return paginator.get_paginated_response(NotificationSerializer(page, many=True).data)
+
+
+class NotificationReadApi(APIView):
+    permission_classes = [IsAuthenticated]
+
+    @extend_schema(
+        operation_id="notifications_read",
+        request=None,
+        responses={200: NotificationSerializer, 404: OpenApiResponse(description="not yours")},
+    )
+    def post(self, request: Request, pk: int) -> Response:
+        notification = notification_mark_read(user=_user(request), notification_id=pk)
+        return Response(NotificationSerializer(notification).data)

@@ -1,0 +1,177 @@
+"""Audit of patient data: exact rows for detail, lists, download, transitions, intake."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.files.uploadedfile import SimpleUploadedFile
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from rest_framework.test import APIClient
+
+from accounts.models import User
+from referrals import attachments
+from referrals.models import AuditEntry, ReferralState
+from referrals.tests.conftest import World
+
+PDF = b"%PDF-1.7\n" + b"1" * 50
+HEADERS: dict[str, Any] = {"HTTP_USER_AGENT": "Consilium-Test/1.0", "HTTP_X_REQUEST_ID": "req-42"}
+
+
+def client_for(user: User) -> APIClient:
+    client = APIClient()
+    client.force_authenticate(user)
+    return client
+
+
+def rows() -> list[tuple[Any, ...]]:
+    return list(
+        AuditEntry.objects.order_by("id").values_list(
+            "user__username",
+            "action",
+            "object_type",
+            "object_id",
+            "referral_id",
+            "detail",
+            "ip_address",
+            "user_agent",
+            "request_id",
+        )
+    )
+
+
+def test_detail_read_is_one_exact_row(world: World) -> None:
+    referral = world.submit()
+    response = client_for(world.consultant).get(f"/api/v1/referrals/{referral.pk}/", **HEADERS)
+    assert response.status_code == 200
+    assert rows() == [
+        (
+            "consultant",
+            "read",
+            "referral",
+            str(referral.pk),
+            referral.pk,
+            "",
+            "127.0.0.1",
+            "Consilium-Test/1.0",
+            "req-42",
+        )
+    ]
+
+
+def test_refused_read_records_nothing(world: World) -> None:
+    referral = world.submit()
+    assert (
+        client_for(world.foreign_referrer).get(f"/api/v1/referrals/{referral.pk}/").status_code
+        == 404
+    )
+    assert (
+        client_for(world.ministry_at_hub).get(f"/api/v1/referrals/{referral.pk}/").status_code
+        == 404
+    )
+    assert rows() == []
+
+
+def test_transition_is_one_row_naming_the_action(world: World) -> None:
+    referral = world.submit()
+    response = client_for(world.consultant).post(
+        f"/api/v1/referrals/{referral.pk}/accept/", **HEADERS
+    )
+    assert response.status_code == 200
+    assert rows() == [
+        (
+            "consultant",
+            "transition",
+            "referral",
+            str(referral.pk),
+            referral.pk,
+            "accept",
+            "127.0.0.1",
+            "Consilium-Test/1.0",
+            "req-42",
+        )
+    ]
+
+
+def test_intake_is_create_then_read_on_the_idempotent_retry(world: World) -> None:
+    body = {
+        "placer_system": "urn:his",
+        "placer_value": "A-1",
+        "specialty": world.paeds.code,
+        "clinical_question": "Cough.",
+        "department": world.hub_paeds.pk,
+    }
+    client = client_for(world.referrer)
+    first = client.post("/api/v1/referrals/", body, format="json")
+    again = client.post("/api/v1/referrals/", body, format="json")
+    assert (first.status_code, again.status_code) == (201, 200)
+    pk = first.json()["id"]
+    assert [(r[1], r[4]) for r in rows()] == [("create", pk), ("read", pk)]
+
+
+def test_download_and_upload_and_file_list_rows(world: World) -> None:
+    referral = world.referral_in(ReferralState.ACCEPTED)
+    client = client_for(world.referrer)
+    created = client.post(
+        f"/api/v1/referrals/{referral.pk}/attachments/",
+        {"file": SimpleUploadedFile("a.pdf", PDF, content_type="application/pdf")},
+        format="multipart",
+    )
+    aid = created.json()["id"]
+    client.get(f"/api/v1/referrals/{referral.pk}/attachments/")
+    client_for(world.consultant).get(f"/api/v1/referrals/{referral.pk}/attachments/{aid}/")
+    assert [r[:6] for r in rows()] == [
+        ("referrer", "create", "attachment", str(aid), referral.pk, ""),
+        ("referrer", "read", "attachment_list", str(referral.pk), referral.pk, ""),
+        ("consultant", "download", "attachment", str(aid), referral.pk, ""),
+    ]
+
+
+def test_list_page_is_one_row_per_referral_in_one_insert(world: World) -> None:
+    referrals = [world.submit() for _ in range(3)]
+    client = client_for(world.consultant)
+    with CaptureQueriesContext(connection) as queries:
+        assert client.get("/api/v1/referrals/worklist/").status_code == 200
+    inserts = [
+        q for q in queries.captured_queries if 'INSERT INTO "referrals_auditentry"' in q["sql"]
+    ]
+    assert len(inserts) == 1
+    assert sorted(r[4] for r in rows()) == sorted(r.pk for r in referrals)
+    assert {r[:3] for r in rows()} == {("consultant", "read", "referral")}
+
+
+def test_user_agent_is_truncated_and_forwarded_for_only_when_trusted(
+    world: World, settings: Any
+) -> None:
+    referral = world.submit()
+    client = client_for(world.referrer)
+    headers: dict[str, Any] = {
+        "HTTP_USER_AGENT": "A" * 1000,
+        "HTTP_X_FORWARDED_FOR": "203.0.113.9, 10.0.0.1",
+    }
+    client.get(f"/api/v1/referrals/{referral.pk}/", **headers)
+    settings.AUDIT_TRUST_X_FORWARDED_FOR = True
+    client.get(f"/api/v1/referrals/{referral.pk}/", **headers)
+    assert [(r[6], len(r[7])) for r in rows()] == [("127.0.0.1", 255), ("203.0.113.9", 255)]
+
+
+def test_helper_never_records_for_ministry(world: World, rf: Any) -> None:
+    from referrals.audit import audit_record
+
+    request = rf.get("/")
+    request.user = world.ministry_at_hub
+    assert audit_record(request, "read", [1, 2]) == []
+    assert not AuditEntry.objects.exists()
+    request.user = world.consultant
+    assert len(audit_record(request, "read", [1, 1, 2])) == 2  # de-duplicated
+
+
+def test_attachment_service_alone_does_not_audit(world: World) -> None:
+    """The audit is the API's explicit call (the request is what it records)."""
+    referral = world.referral_in(ReferralState.ACCEPTED)
+    attachments.attachment_upload(
+        actor=world.referrer,
+        referral_id=referral.pk,
+        upload=SimpleUploadedFile("a.pdf", PDF, content_type="application/pdf"),
+    )
+    assert rows() == []

@@ -1,0 +1,170 @@
+"""Notifications: the right people, after commit, exactly once; in-app list and read."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from django.contrib.auth.models import Group
+from django.core import mail
+from rest_framework.test import APIClient
+
+from accounts.models import User
+from accounts.roles import Role
+from config.celery import app as celery_app
+from referrals import notifications, services
+from referrals.models import Notification, Referral, ReferralEvent, ReferralState
+from referrals.notifications import AUDIENCES, notify_transition
+from referrals.tests.conftest import World
+from referrals.workflow import TRANSITIONS
+
+
+@pytest.fixture
+def eager() -> Iterator[None]:
+    """Tasks run in-process when queued (the on-commit hook calls ``.delay``)."""
+    previous = celery_app.conf.task_always_eager
+    celery_app.conf.task_always_eager = True
+    yield
+    celery_app.conf.task_always_eager = previous
+
+
+@pytest.fixture
+def emails(world: World) -> World:
+    for user in (world.referrer, world.consultant, world.consultant2, world.ministry_at_hub):
+        User.objects.filter(pk=user.pk).update(email=f"{user.username}@example.org")
+    return world
+
+
+def recipients(event: ReferralEvent) -> set[str]:
+    return set(
+        Notification.objects.filter(event=event).values_list("recipient__username", flat=True)
+    )
+
+
+def last_event(referral: Referral) -> ReferralEvent:
+    event = ReferralEvent.objects.filter(referral=referral).order_by("seq").last()
+    assert event is not None
+    return event
+
+
+def test_every_action_of_the_table_has_an_audience() -> None:
+    assert {t.action for t in TRANSITIONS} <= set(AUDIENCES)
+
+
+def test_submit_notifies_the_department_after_commit_not_the_actor_nor_ministry(
+    emails: World, eager: None, django_capture_on_commit_callbacks: Callable[..., Any]
+) -> None:
+    world = emails
+    with django_capture_on_commit_callbacks(execute=True) as callbacks:
+        referral = world.submit()
+        assert not Notification.objects.exists()  # nothing before the commit
+    assert len(callbacks) == 1
+    event = last_event(referral)
+    assert recipients(event) == {"consultant"}
+    assert [m.to for m in mail.outbox] == [["consultant@example.org"]]
+    assert referral.filler_id in mail.outbox[0].subject
+    # No patient data in the e-mail or the in-app text.
+    assert "Fever" not in mail.outbox[0].body
+    assert (
+        Notification.objects.get().text == f"Referral {referral.filler_id}: submit — now Submitted."
+    )
+
+
+def test_accept_notifies_the_requester_and_the_facilitys_referrers(
+    world: World, eager: None, django_capture_on_commit_callbacks: Callable[..., Any]
+) -> None:
+    colleague = User.objects.create_user(username="colleague", facility=world.district)
+    colleague.groups.add(Group.objects.get_or_create(name=Role.REFERRER.value)[0])
+    admin = User.objects.create_user(username="fac-admin", facility=world.district)
+    admin.groups.add(Group.objects.get_or_create(name=Role.FACILITY_ADMIN.value)[0])
+    referral = world.submit()
+    with django_capture_on_commit_callbacks(execute=True):
+        world.act(referral, "accept")
+    assert recipients(last_event(referral)) == {"referrer", "colleague"}
+
+
+def test_forward_notifies_the_new_department_and_the_requester(
+    world: World, eager: None, django_capture_on_commit_callbacks: Callable[..., Any]
+) -> None:
+    referral = world.submit()
+    with django_capture_on_commit_callbacks(execute=True):
+        world.act(referral, "forward")
+    assert recipients(last_event(referral)) == {"consultant2", "referrer"}
+
+
+def test_schedule_notifies_the_requester_and_the_invited_experts(
+    world: World, eager: None, django_capture_on_commit_callbacks: Callable[..., Any]
+) -> None:
+    referral = world.referral_in(ReferralState.ACCEPTED)
+    with django_capture_on_commit_callbacks(execute=True):
+        world.act(referral, "schedule")  # experts: consultant (the actor) and consultant2
+    assert recipients(last_event(referral)) == {"referrer", "consultant2"}
+
+
+def test_running_the_task_twice_notifies_and_mails_exactly_once(emails: World) -> None:
+    world = emails
+    referral = world.submit()
+    event = last_event(referral)
+    assert notify_transition.apply(args=(event.pk,)).get() == 1
+    assert notify_transition.apply(args=(event.pk,)).get() == 0
+    assert notifications.notify_event(event_id=event.pk) == 0
+    assert Notification.objects.filter(event=event).count() == 1
+    assert len(mail.outbox) == 1
+
+
+def test_a_rolled_back_transition_notifies_nobody(
+    world: World, eager: None, django_capture_on_commit_callbacks: Callable[..., Any]
+) -> None:
+    referral = world.submit()
+    with (
+        django_capture_on_commit_callbacks(execute=True) as callbacks,
+        pytest.raises(Exception, match="Cannot"),
+    ):
+        services.referral_transition(
+            actor=world.consultant,
+            referral_id=referral.pk,
+            action="advise",
+            disposition="manage_locally",
+            text="x",
+        )
+    assert callbacks == []
+    assert not Notification.objects.exists()
+
+
+def test_a_broker_outage_does_not_fail_the_committed_transition(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def down(*args: Any, **kwargs: Any) -> None:
+        raise ConnectionError("broker down")
+
+    monkeypatch.setattr(notify_transition, "delay", down)
+    notifications.notify_transition_later(123)  # logs, does not raise
+
+
+def test_missing_event_is_a_no_op(db: None) -> None:
+    assert notifications.notify_event(event_id=987654) == 0
+
+
+def test_in_app_list_is_own_only_with_unread_filter_and_read(world: World) -> None:
+    referral = world.submit()
+    world.act(referral, "accept")
+    world.act(referral, "request_info")
+    for event in ReferralEvent.objects.filter(referral=referral):
+        notifications.notify_event(event_id=event.pk)
+    client = APIClient()
+    client.force_authenticate(world.referrer)
+    listing = client.get("/api/v1/notifications/").json()
+    assert [n["kind"] for n in listing["results"]] == ["request_info", "accept"]
+    first = listing["results"][1]
+    assert first["filler_id"] == referral.filler_id
+    assert client.post(f"/api/v1/notifications/{first['id']}/read/").json()["read_at"]
+    unread = client.get("/api/v1/notifications/?unread=true").json()["results"]
+    assert [n["kind"] for n in unread] == ["request_info"]
+    read = client.get("/api/v1/notifications/?unread=false").json()["results"]
+    assert [n["kind"] for n in read] == ["accept"]
+    # Someone else's notification is not found, and stays unread.
+    theirs = Notification.objects.get(recipient=world.consultant)
+    assert client.post(f"/api/v1/notifications/{theirs.pk}/read/").status_code == 404
+    theirs.refresh_from_db()
+    assert theirs.read_at is None

@@ -1,0 +1,97 @@
+"""CSV and XLSX renderings of report tables (DRF renderers: ``?format=csv|xlsx``).
+
+A table is ``{"rows": [...], "total": {...}}``; the total becomes the last line, labelled
+TOTAL. A suppressed value is written as the text ``suppressed`` so a spreadsheet never
+mistakes it for zero.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Mapping
+from typing import Any
+
+from openpyxl import Workbook
+from rest_framework.renderers import BaseRenderer
+
+SUPPRESSED = "suppressed"
+
+
+def table_lines(data: Any) -> list[list[Any]]:
+    """Header + lines for a report table (or key/value lines for anything else)."""
+    if not isinstance(data, dict):
+        return [["value"], [data]]
+    rows: list[dict[str, Any]] | None = data.get("rows")
+    if rows is None:
+        flat = {**data.get("counts", {}), **data.get("response_times", {})} or data
+        return [["name", "value"], *([k, _cell(v)] for k, v in flat.items() if k != "suppressed")]
+    total = data.get("total")
+    everything = [*rows, *([total] if total else [])]
+    columns: list[str] = []
+    for row in everything:
+        for key in row:
+            if key not in columns and key != "suppressed":
+                columns.append(key)
+    lines: list[list[Any]] = [columns]
+    for row in rows:
+        lines.append([_value(row, c) for c in columns])
+    if total:
+        line = [_value(total, c) for c in columns]
+        line[0] = "TOTAL" if columns and columns[0] not in total else line[0]
+        lines.append(line)
+    return lines
+
+
+def _value(row: dict[str, Any], column: str) -> Any:
+    if column in row.get("suppressed", ()):
+        return SUPPRESSED
+    return _cell(row.get(column, ""))
+
+
+def _cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, list | dict):
+        return str(value)
+    return value
+
+
+class CSVRenderer(BaseRenderer):
+    media_type = "text/csv"
+    format = "csv"
+    charset = "utf-8"
+
+    def render(
+        self,
+        data: Any,
+        accepted_media_type: str | None = None,
+        renderer_context: Mapping[str, Any] | None = None,
+    ) -> bytes:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerows(table_lines(data))
+        return buffer.getvalue().encode("utf-8")
+
+
+class XLSXRenderer(BaseRenderer):
+    media_type = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
+    format = "xlsx"
+    charset = None
+    render_style = "binary"
+
+    def render(
+        self,
+        data: Any,
+        accepted_media_type: str | None = None,
+        renderer_context: Mapping[str, Any] | None = None,
+    ) -> bytes:
+        workbook = Workbook()
+        sheet = workbook.active
+        assert sheet is not None
+        sheet.title = "report"
+        for line in table_lines(data):
+            sheet.append(line)
+        buffer = io.BytesIO()
+        workbook.save(buffer)
+        return buffer.getvalue()

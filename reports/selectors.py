@@ -1,0 +1,785 @@
+"""Reads of the report tables: filters, the caller's scope, tables, drill-down.
+
+Counts come from ``DailyRollup`` (sums); percentiles and verified avoided transfers from
+``ReferralFact`` rows. Every read goes through ``report_scope_for(user)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import date, datetime, time, timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import connection
+from django.db.models import (
+    Aggregate,
+    Count,
+    DateField,
+    Expression,
+    F,
+    FloatField,
+    Q,
+    QuerySet,
+    Sum,
+)
+from django.db.models.functions import Trunc
+from django.utils import timezone
+
+from accounts.models import User
+from accounts.roles import Role
+from core.errors import ApplicationError, PermissionDenied
+from referrals.models import ReferralEvent
+from referrals.selectors import referral_visible, user_department_ids
+from registry.models import AdministrativeArea, Country, Facility, Specialty, Tier
+from reports.metrics import METRICS, METRICS_BY_CODE
+from reports.models import COUNTERS, DailyRollup, ReferralFact
+from reports.services import (
+    REASSIGNING,
+    _departments_of,
+    _load_departments,
+    report_time_zone,
+)
+from reports.suppression import suppress_table
+
+PERIODS = ("day", "week", "month", "quarter", "year")
+# Grouping name -> column on both DailyRollup and ReferralFact.
+GROUP_COLUMNS: dict[str, str] = {
+    "country": "country_id",
+    "province": "province_id",
+    "tier": "tier",
+    "facility": "requester_facility_id",
+    "hub": "hub_facility_id",
+    "specialty": "specialty_id",
+    "campaign": "campaign",
+    "cross_border": "cross_border",
+}
+GROUPINGS = ("period", *GROUP_COLUMNS)
+LOWER_TIERS = (Tier.DISTRICT, Tier.COMMUNE)
+DRILL_LIMIT = 10_000
+
+
+def min_cell() -> int:
+    return int(getattr(settings, "REPORTS_MIN_CELL", 5))
+
+
+def verify_days() -> int:
+    return int(getattr(settings, "REPORTS_VERIFY_DAYS", 30))
+
+
+def cost_per_km() -> dict[str, float]:
+    return dict(getattr(settings, "REPORTS_COST_PER_KM", {}) or {})
+
+
+# --- filters ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReportFilters:
+    period: str = "month"
+    date_from: date | None = None
+    date_to: date | None = None
+    country_id: int | None = None
+    province_id: int | None = None
+    tier: int | None = None
+    facility_id: int | None = None
+    hub_id: int | None = None
+    specialty_id: int | None = None
+    campaign: str | None = None
+    cross_border: bool | None = None
+    by: tuple[str, ...] = field(default=())
+
+    def query(self) -> Q:
+        """Dimension filters (not the dates) on rollup or fact columns."""
+        q = Q()
+        for name, column in (
+            ("country_id", "country_id"),
+            ("province_id", "province_id"),
+            ("tier", "tier"),
+            ("facility_id", "requester_facility_id"),
+            ("hub_id", "hub_facility_id"),
+            ("specialty_id", "specialty_id"),
+            ("campaign", "campaign"),
+            ("cross_border", "cross_border"),
+        ):
+            value = getattr(self, name)
+            if value is not None:
+                q &= Q(**{column: value})
+        return q
+
+    def dates(self, column: str) -> Q:
+        q = Q()
+        if self.date_from is not None:
+            q &= Q(**{f"{column}__gte": self.date_from})
+        if self.date_to is not None:
+            q &= Q(**{f"{column}__lte": self.date_to})
+        return q
+
+
+def _int(params: Mapping[str, Any], name: str, errors: dict[str, str]) -> int | None:
+    raw = params.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        return int(raw)
+    except (TypeError, ValueError):
+        errors[name] = "an integer id"
+        return None
+
+
+def _date(params: Mapping[str, Any], name: str, errors: dict[str, str]) -> date | None:
+    raw = params.get(name)
+    if raw in (None, ""):
+        return None
+    try:
+        return date.fromisoformat(str(raw))
+    except ValueError:
+        errors[name] = "a date YYYY-MM-DD"
+        return None
+
+
+def filters_parse(params: Mapping[str, Any], *, allow_by: bool = True) -> ReportFilters:
+    """Query parameters -> filters; a 400 lists every problem at once."""
+    errors: dict[str, str] = {}
+    period = str(params.get("period") or "month")
+    if period not in PERIODS:
+        errors["period"] = f"one of {', '.join(PERIODS)}"
+    country_id = None
+    country = params.get("country")
+    if country:
+        country_id = (
+            Country.objects.filter(code=str(country).upper()).values_list("id", flat=True).first()
+        )
+        if country_id is None:
+            errors["country"] = "an ISO 3166-1 alpha-2 code of a country in the registry"
+    specialty_id = None
+    specialty = params.get("specialty")
+    if specialty:
+        specialty_id = (
+            Specialty.objects.filter(code=str(specialty)).values_list("id", flat=True).first()
+        )
+        if specialty_id is None:
+            errors["specialty"] = "a SNOMED CT specialty code in the registry"
+    tier = _int(params, "tier", errors)
+    if tier is not None and tier not in Tier.values:
+        errors["tier"] = "1, 2, 3 or 4"
+    cross_border: bool | None = None
+    raw_border = params.get("cross_border")
+    if raw_border not in (None, ""):
+        value = str(raw_border).lower()
+        if value in ("1", "true", "yes"):
+            cross_border = True
+        elif value in ("0", "false", "no"):
+            cross_border = False
+        else:
+            errors["cross_border"] = "true or false"
+    by: tuple[str, ...] = ()
+    raw_by = params.get("by")
+    if raw_by and allow_by:
+        by = tuple(b for b in str(raw_by).split(",") if b)
+        unknown = [b for b in by if b not in GROUPINGS]
+        if unknown:
+            errors["by"] = f"comma-separated, of {', '.join(GROUPINGS)}"
+    filters = ReportFilters(
+        period=period,
+        date_from=_date(params, "from", errors),
+        date_to=_date(params, "to", errors),
+        country_id=country_id,
+        province_id=_int(params, "province", errors),
+        tier=tier,
+        facility_id=_int(params, "facility", errors),
+        hub_id=_int(params, "hub", errors),
+        specialty_id=specialty_id,
+        campaign=params.get("campaign") or None,
+        cross_border=cross_border,
+        by=by,
+    )
+    if filters.date_from and filters.date_to and filters.date_from > filters.date_to:
+        errors["to"] = "on or after from"
+    if errors:
+        raise ApplicationError("Invalid report filters.", extra={"errors": errors})
+    return filters
+
+
+# --- scope --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReportScope:
+    """What a user may see: rows matching ``q`` (None: every row); ``aggregate_only``:
+    suppressed figures, no drill-down, one grouping at a time."""
+
+    q: Q | None
+    aggregate_only: bool
+    requester_facility_id: int | None = None
+    hub_facility_id: int | None = None
+    department_ids: frozenset[int] = frozenset()
+
+    def allows(self, requester_facility_id: int, department_id: int, hub_id: int) -> bool:
+        if self.q is None:
+            return True
+        return (
+            requester_facility_id == self.requester_facility_id
+            or hub_id == self.hub_facility_id
+            or department_id in self.department_ids
+        )
+
+
+def report_scope_for(user: User) -> ReportScope:
+    """Ministry: everything, aggregates only. Referrer: their facility's referrals.
+    Consultant: their departments'. Coordinator: their facility's, both directions."""
+    if not user.is_active:
+        raise PermissionDenied("Reports are not available to this account.")
+    if user.has_role(Role.MINISTRY):
+        return ReportScope(q=None, aggregate_only=True)
+    if user.is_superuser:
+        return ReportScope(q=None, aggregate_only=False)
+    facility_id = user.facility_id
+    requester = facility_id if user.has_role(Role.REFERRER, Role.COORDINATOR) else None
+    hub = facility_id if user.has_role(Role.COORDINATOR) else None
+    departments = (
+        user_department_ids(user)
+        if user.has_role(Role.CONSULTANT, Role.COORDINATOR)
+        else frozenset()
+    )
+    parts: list[Q] = []
+    if requester is not None:
+        parts.append(Q(requester_facility_id=requester))
+    if hub is not None:
+        parts.append(Q(hub_facility_id=hub))
+    if departments:
+        parts.append(Q(department_id__in=departments))
+    if not parts:
+        raise PermissionDenied("Reports are not available to this account.")
+    q = parts[0]
+    for part in parts[1:]:
+        q |= part
+    return ReportScope(
+        q=q,
+        aggregate_only=False,
+        requester_facility_id=requester,
+        hub_facility_id=hub,
+        department_ids=departments,
+    )
+
+
+def _check_groupings(scope: ReportScope, by: tuple[str, ...]) -> None:
+    # Two groupings at once would publish cells whose margins other queries publish:
+    # complementary suppression only holds within one table.
+    if scope.aggregate_only and len(by) > 1:
+        raise ApplicationError(
+            "Aggregate-only accounts may group by one dimension at a time.",
+            extra={"errors": {"by": "one grouping"}},
+        )
+
+
+def _grouped(queryset: QuerySet[Any], names: list[str], **aggregates: Any) -> list[dict[str, Any]]:
+    """GROUP BY ``names`` (no names: one row over everything, possibly all zeros)."""
+    if not names:
+        return [queryset.aggregate(**aggregates)]
+    return list(queryset.values(*names).annotate(**aggregates).order_by())
+
+
+def _scoped(queryset: QuerySet[Any], scope: ReportScope) -> QuerySet[Any]:
+    return queryset if scope.q is None else queryset.filter(scope.q)
+
+
+# --- labels -------------------------------------------------------------------------------
+
+
+def _period_label(period: str, start: date) -> str:
+    if period == "day":
+        return start.isoformat()
+    if period == "week":
+        iso = start.isocalendar()
+        return f"{iso.year}-W{iso.week:02d}"
+    if period == "month":
+        return f"{start.year}-{start.month:02d}"
+    if period == "quarter":
+        return f"{start.year}-Q{(start.month - 1) // 3 + 1}"
+    return str(start.year)
+
+
+def _labels(grouping: str, ids: set[Any]) -> dict[Any, str]:
+    ids = {i for i in ids if i is not None}
+    if grouping == "country":
+        return {c.pk: c.code for c in Country.objects.filter(pk__in=ids)}
+    if grouping == "province":
+        labels = dict(AdministrativeArea.objects.filter(pk__in=ids).values_list("id", "name"))
+        labels[0] = "(no province)"
+        return labels
+    if grouping in ("facility", "hub"):
+        labels = dict(Facility.objects.filter(pk__in=ids).values_list("id", "name"))
+        labels[0] = "(not routed)"
+        return labels
+    if grouping == "specialty":
+        return dict(Specialty.objects.filter(pk__in=ids).values_list("id", "display"))
+    if grouping == "tier":
+        return {i: str(Tier(i).label) for i in ids}
+    if grouping == "cross_border":
+        return {True: "cross-border", False: "domestic"}
+    return {i: (i or "(no campaign)") for i in ids}
+
+
+def _label_rows(rows: list[dict[str, Any]], by: tuple[str, ...], period: str) -> None:
+    for grouping in by:
+        if grouping == "period":
+            for row in rows:
+                start = row.pop("_period")
+                row["period"] = row["period_label"] = _period_label(period, start)
+                row["period_start"] = start.isoformat()
+            continue
+        column = GROUP_COLUMNS[grouping]
+        labels = _labels(grouping, {row[column] for row in rows})
+        for row in rows:
+            value = row.pop(column)
+            row[grouping] = value
+            row[f"{grouping}_label"] = labels.get(value, str(value))
+
+
+def _group_fields(
+    by: tuple[str, ...], period: str, day_column: str
+) -> tuple[dict[str, Any], list[str]]:
+    annotations: dict[str, Any] = {}
+    names: list[str] = []
+    for grouping in by:
+        if grouping == "period":
+            annotations["_period"] = Trunc(day_column, period, output_field=DateField())
+            names.append("_period")
+        else:
+            names.append(GROUP_COLUMNS[grouping])
+    return annotations, names
+
+
+def _sort_key(by: tuple[str, ...]) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
+    def key(row: dict[str, Any]) -> tuple[Any, ...]:
+        parts: list[Any] = []
+        for grouping in by:
+            if grouping == "period":
+                parts.append(row["period_start"])
+            else:
+                parts.append(str(row.get(f"{grouping}_label", "")))
+        return tuple(parts)
+
+    return key
+
+
+# --- counts (rollups) ---------------------------------------------------------------------
+
+
+def _rate(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or not denominator:
+        return None
+    return round(numerator / denominator, 4)
+
+
+def _finish_counts(row: dict[str, Any], costs: dict[str, float], codes: dict[int, str]) -> None:
+    per_country: dict[int, float] = row.pop("_km_by_country", {})
+    default = costs.get("default", 0.0)
+    row["travel_km"] = round(sum(per_country.values()), 1)
+    row["travel_cost"] = round(
+        sum(km * costs.get(codes.get(c, ""), default) for c, km in per_country.items()), 2
+    )
+    row["avoidance_rate"] = _rate(row["avoided"], row["transfer_considered"])
+    row["sla_share"] = _rate(row["sla_met"], row["sla_due"])
+
+
+def _verification_counts(
+    scope: ReportScope, filters: ReportFilters, by: tuple[str, ...], now: datetime
+) -> dict[tuple[Any, ...], dict[str, int]]:
+    window = timedelta(days=verify_days())
+    followed = Q(followup_at__isnull=False, followup_at__lte=F("closed_at") + window)
+    known = ~Q(patient_ref="")
+    queryset = _scoped(ReferralFact.objects.filter(avoided=True), scope).filter(
+        filters.query(), filters.dates("closed_day")
+    )
+    annotations, names = _group_fields(by, filters.period, "closed_day")
+    rows = _grouped(
+        queryset.annotate(**annotations),
+        names,
+        avoided_verified=Count(
+            "referral_id", filter=known & ~followed & Q(closed_at__lte=now - window)
+        ),
+        avoided_pending=Count(
+            "referral_id", filter=known & ~followed & Q(closed_at__gt=now - window)
+        ),
+    )
+    return {
+        tuple(r[n] for n in names): {
+            "avoided_verified": r["avoided_verified"],
+            "avoided_pending": r["avoided_pending"],
+        }
+        for r in rows
+    }
+
+
+def report_counts(
+    user: User, filters: ReportFilters, *, now: datetime | None = None
+) -> dict[str, Any]:
+    """Counts and rates per group (``filters.by``), with a total row."""
+    scope = report_scope_for(user)
+    by = filters.by
+    _check_groupings(scope, by)
+    now = now or timezone.now()
+    annotations, names = _group_fields(by, filters.period, "day")
+    queryset = _scoped(DailyRollup.objects.all(), scope).filter(
+        filters.query(), filters.dates("day")
+    )
+    sums = {c: Sum(c) for c in COUNTERS}
+    raw = (
+        queryset.annotate(**annotations)
+        .values(*names, "country_id")
+        .annotate(**sums, _km=Sum("travel_km"))
+        .order_by()
+    )
+    groups: dict[tuple[Any, ...], dict[str, Any]] = {}
+    countries: set[int] = set()
+    for r in raw:
+        key = tuple(r[n] for n in names)
+        row = groups.get(key)
+        if row is None:
+            row = groups[key] = {n: r[n] for n in names}
+            row.update(dict.fromkeys(COUNTERS, 0))
+            row["_km_by_country"] = {}
+        for c in COUNTERS:
+            row[c] += r[c] or 0
+        row["_km_by_country"][r["country_id"]] = row["_km_by_country"].get(r["country_id"], 0.0) + (
+            r["_km"] or 0.0
+        )
+        countries.add(r["country_id"])
+    verification = _verification_counts(scope, filters, by, now)
+    for key, values in verification.items():
+        if key not in groups:
+            groups[key] = dict(zip(names, key, strict=True))
+            groups[key].update(dict.fromkeys(COUNTERS, 0))
+            groups[key]["_km_by_country"] = {}
+        groups[key].update(values)
+    codes = dict(Country.objects.filter(pk__in=countries).values_list("id", "code"))
+    costs = cost_per_km()
+    total: dict[str, Any] = dict.fromkeys(COUNTERS, 0)
+    total["_km_by_country"] = {}
+    total["avoided_verified"] = total["avoided_pending"] = 0
+    rows = []
+    for row in groups.values():
+        row.setdefault("avoided_verified", 0)
+        row.setdefault("avoided_pending", 0)
+        for c in (*COUNTERS, "avoided_verified", "avoided_pending"):
+            total[c] += row[c]
+        for country, km in row["_km_by_country"].items():
+            total["_km_by_country"][country] = total["_km_by_country"].get(country, 0.0) + km
+        _finish_counts(row, costs, codes)
+        rows.append(row)
+    _finish_counts(total, costs, codes)
+    _label_rows(rows, by, filters.period)
+    rows.sort(key=_sort_key(by))
+    result = {"by": list(by), "period": filters.period, "rows": rows, "total": total}
+    if scope.aggregate_only:
+        _suppress_counts(result)
+    return result
+
+
+def _suppress_counts(result: dict[str, Any]) -> None:
+    counts = [*COUNTERS, "avoided_verified", "avoided_pending"]
+    derived: dict[str, tuple[str, ...]] = {
+        "avoidance_rate": ("avoided", "transfer_considered"),
+        "sla_share": ("sla_due", "sla_met"),
+        "travel_km": ("avoided",),
+        "travel_cost": ("avoided",),
+    }
+    suppress_table(
+        result["rows"], result["total"], counts=counts, derived=derived, min_cell=min_cell()
+    )
+    result["suppression"] = {"min_cell": min_cell()}
+
+
+# --- response times (facts) ---------------------------------------------------------------
+
+
+class PercentileCont(Aggregate):
+    """PostgreSQL's ordered-set aggregate percentile_cont(p) WITHIN GROUP (ORDER BY x)."""
+
+    function = "percentile_cont"
+    template = "%(function)s(%(fraction)s) WITHIN GROUP (ORDER BY %(expressions)s)"
+    output_field = FloatField()
+
+    def __init__(self, expression: str | Expression, fraction: float, **extra: Any) -> None:
+        super().__init__(expression, fraction=float(fraction), **extra)
+
+
+def percentile_cont(values: list[float], fraction: float) -> float | None:
+    """The same interpolation as PostgreSQL's percentile_cont (the SQLite fallback)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    position = fraction * (len(ordered) - 1)
+    lower = int(position)
+    upper = min(lower + 1, len(ordered) - 1)
+    return ordered[lower] + (ordered[upper] - ordered[lower]) * (position - lower)
+
+
+def _durations(
+    queryset: QuerySet[Any], names: list[str], annotations: dict[str, Any], value: str
+) -> dict[tuple[Any, ...], dict[str, Any]]:
+    grouped = queryset.annotate(**annotations)
+    out: dict[tuple[Any, ...], dict[str, Any]] = {}
+    if connection.vendor == "postgresql":
+        for r in _grouped(
+            grouped,
+            names,
+            n=Count(value),
+            p50=PercentileCont(value, 0.5),
+            p90=PercentileCont(value, 0.9),
+        ):
+            out[tuple(r[n] for n in names)] = {"n": r["n"], "p50": r["p50"], "p90": r["p90"]}
+        return out
+    buckets: dict[tuple[Any, ...], list[float]] = {}
+    for r in grouped.values(*names, value):
+        buckets.setdefault(tuple(r[n] for n in names), []).append(r[value])
+    for key, values in buckets.items():
+        out[key] = {
+            "n": len(values),
+            "p50": percentile_cont(values, 0.5),
+            "p90": percentile_cont(values, 0.9),
+        }
+    return out
+
+
+def _hours(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds / 3600, 2)
+
+
+def report_response_times(user: User, filters: ReportFilters) -> dict[str, Any]:
+    """Median and p90 time to accept and to advice per group, in hours."""
+    scope = report_scope_for(user)
+    by = filters.by
+    _check_groupings(scope, by)
+    base = _scoped(ReferralFact.objects.all(), scope).filter(filters.query())
+    parts = {}
+    for prefix, value, day in (
+        ("accept", "accept_seconds", "accepted_day"),
+        ("advice", "advice_seconds", "advised_day"),
+    ):
+        annotations, names = _group_fields(by, filters.period, day)
+        queryset = base.filter(filters.dates(day), **{f"{value}__isnull": False})
+        parts[prefix] = (_durations(queryset, names, annotations, value), names)
+        total_annotations, _ = _group_fields((), filters.period, day)
+        parts[f"{prefix}_total"] = (_durations(queryset, [], total_annotations, value), [])
+    groups: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for prefix in ("accept", "advice"):
+        values, names = parts[prefix]
+        for key, stats in values.items():
+            row = groups.setdefault(key, dict(zip(names, key, strict=True)))
+            row[f"{prefix}_n"] = stats["n"]
+            row[f"{prefix}_median_hours"] = _hours(stats["p50"])
+            row[f"{prefix}_p90_hours"] = _hours(stats["p90"])
+    total: dict[str, Any] = {}
+    for prefix in ("accept", "advice"):
+        stats = parts[f"{prefix}_total"][0].get((), {"n": 0, "p50": None, "p90": None})
+        total[f"{prefix}_n"] = stats["n"]
+        total[f"{prefix}_median_hours"] = _hours(stats["p50"])
+        total[f"{prefix}_p90_hours"] = _hours(stats["p90"])
+    rows = list(groups.values())
+    for row in rows:
+        for prefix in ("accept", "advice"):
+            row.setdefault(f"{prefix}_n", 0)
+            row.setdefault(f"{prefix}_median_hours", None)
+            row.setdefault(f"{prefix}_p90_hours", None)
+    _label_rows(rows, by, filters.period)
+    rows.sort(key=_sort_key(by))
+    result = {"by": list(by), "period": filters.period, "rows": rows, "total": total}
+    if scope.aggregate_only:
+        suppress_table(
+            rows,
+            total,
+            counts=["accept_n", "advice_n"],
+            derived={
+                "accept_median_hours": ("accept_n",),
+                "accept_p90_hours": ("accept_n",),
+                "advice_median_hours": ("advice_n",),
+                "advice_p90_hours": ("advice_n",),
+            },
+            min_cell=min_cell(),
+        )
+        result["suppression"] = {"min_cell": min_cell()}
+    return result
+
+
+# --- capacity building --------------------------------------------------------------------
+
+
+def report_capacity(user: User, filters: ReportFilters) -> dict[str, Any]:
+    """Per lower-tier requester facility and specialty and period: the share of its cases
+    resolved locally = closed_local / (closed_local + transfer_requested)."""
+    scope = report_scope_for(user)
+    by = ("facility", "specialty", "period")
+    annotations, names = _group_fields(by, filters.period, "day")
+    queryset = _scoped(DailyRollup.objects.all(), scope).filter(
+        filters.query(), filters.dates("day")
+    )
+    if filters.tier is None:
+        queryset = queryset.filter(tier__in=LOWER_TIERS)
+    rows = list(
+        queryset.annotate(**annotations)
+        .values(*names)
+        .annotate(closed_local=Sum("closed_local"), transfer_requested=Sum("transfer_requested"))
+        .filter(Q(closed_local__gt=0) | Q(transfer_requested__gt=0))
+        .order_by()
+    )
+    for row in rows:
+        row["resolved_locally_share"] = _rate(
+            row["closed_local"], row["closed_local"] + row["transfer_requested"]
+        )
+    _label_rows(rows, by, filters.period)
+    rows.sort(key=_sort_key(by))
+    result: dict[str, Any] = {"by": list(by), "period": filters.period, "rows": rows}
+    if scope.aggregate_only:
+        # No totals are published with this table; per-facility totals are (report_counts
+        # by facility), so each cell is protected on its own and the share goes with it.
+        suppress_table(
+            rows,
+            None,
+            counts=["closed_local", "transfer_requested"],
+            derived={"resolved_locally_share": ("closed_local", "transfer_requested")},
+            min_cell=min_cell(),
+        )
+        result["suppression"] = {"min_cell": min_cell()}
+    return result
+
+
+# --- drill-down ---------------------------------------------------------------------------
+
+DRILL_ACTIONS: dict[str, tuple[str, ...]] = {
+    "submit": ("submit",),
+    "accept": ("accept",),
+    "decline": ("decline",),
+    "forward": ("forward", "reroute"),
+    "cancel": ("cancel",),
+    "expire": ("expire",),
+    "advice": ("advise", "finish_conference"),
+    "close_local": ("close_local",),
+    "considered": ("close_local",),
+    "avoided": ("close_local",),
+    "request_transfer": ("request_transfer",),
+    "complete": ("complete",),
+    "counter_refer": ("counter_refer",),
+}
+
+
+def _local_range(filters: ReportFilters) -> Q:
+    zone = report_time_zone()
+    q = Q()
+    if filters.date_from is not None:
+        q &= Q(at__gte=datetime.combine(filters.date_from, time.min, tzinfo=zone))
+    if filters.date_to is not None:
+        q &= Q(at__lt=datetime.combine(filters.date_to + timedelta(days=1), time.min, tzinfo=zone))
+    return q
+
+
+def report_drilldown(
+    user: User, filters: ReportFilters, metric: str, *, now: datetime | None = None
+) -> dict[str, Any]:
+    """The referral ids behind one figure (never for aggregate-only accounts)."""
+    scope = report_scope_for(user)
+    if scope.aggregate_only:
+        raise PermissionDenied("Aggregate-only accounts cannot list referrals.")
+    definition = METRICS_BY_CODE.get(metric)
+    if definition is None or not definition.drill:
+        drillable = ", ".join(m.code for m in METRICS if m.drill)
+        raise ApplicationError(
+            "Unknown metric.", extra={"errors": {"metric": f"one of {drillable}"}}
+        )
+    visible = referral_visible(user).values("pk")
+    if definition.drill in ("avoided_verified", "avoided_pending"):
+        now = now or timezone.now()
+        window = timedelta(days=verify_days())
+        followed = Q(followup_at__isnull=False, followup_at__lte=F("closed_at") + window)
+        timing = (
+            Q(closed_at__lte=now - window)
+            if definition.drill == "avoided_verified"
+            else Q(closed_at__gt=now - window)
+        )
+        facts = (
+            _scoped(ReferralFact.objects.filter(avoided=True), scope)
+            .filter(filters.query(), filters.dates("closed_day"))
+            .filter(timing, ~followed, ~Q(patient_ref=""), referral_id__in=visible)
+        )
+        ids = sorted(facts.values_list("referral_id", flat=True)[:DRILL_LIMIT])
+        return {"metric": metric, "count": len(ids), "referral_ids": ids}
+    events: list[dict[str, Any]] = list(
+        ReferralEvent.objects.filter(  # type: ignore[arg-type]
+            _local_range(filters),
+            action__in=DRILL_ACTIONS[definition.drill],
+            referral_id__in=visible,
+        )
+        .filter(_referral_filters(filters))
+        .values(
+            "referral_id",
+            "action",
+            "department_id",
+            "payload",
+            "referral__requester_facility_id",
+            "referral__requester_facility__country_id",
+        )
+    )
+    departments = _load_departments(_departments_of(events))
+    found: set[int] = set()
+    for ev in events:
+        payload = ev["payload"] or {}
+        if definition.drill in ("considered", "avoided") and not payload.get(
+            "transfer_originally_considered"
+        ):
+            continue
+        if definition.drill == "avoided" and payload.get("outcome") != "avoided":
+            continue
+        department_id = int(ev["department_id"] or 0)
+        if ev["action"] in REASSIGNING:
+            department_id = int(payload.get("from_department_id") or department_id)
+        department = departments.get(department_id)
+        hub_id = department.facility_id if department else 0
+        border = bool(
+            department and department.country_id != ev["referral__requester_facility__country_id"]
+        )
+        if filters.hub_id is not None and hub_id != filters.hub_id:
+            continue
+        if filters.cross_border is not None and border != filters.cross_border:
+            continue
+        if not scope.allows(ev["referral__requester_facility_id"], department_id, hub_id):
+            continue
+        found.add(ev["referral_id"])
+    ordered = sorted(found)[:DRILL_LIMIT]
+    return {"metric": metric, "count": len(ordered), "referral_ids": ordered}
+
+
+def _referral_filters(filters: ReportFilters) -> Q:
+    q = Q()
+    prefix = "referral__requester_facility__"
+    if filters.country_id is not None:
+        q &= Q(**{f"{prefix}country_id": filters.country_id})
+    if filters.province_id is not None:
+        q &= Q(**{f"{prefix}province_id": filters.province_id})
+    if filters.tier is not None:
+        q &= Q(**{f"{prefix}tier": filters.tier})
+    if filters.facility_id is not None:
+        q &= Q(referral__requester_facility_id=filters.facility_id)
+    if filters.specialty_id is not None:
+        q &= Q(referral__specialty_id=filters.specialty_id)
+    if filters.campaign is not None:
+        q &= Q(referral__campaign=filters.campaign)
+    return q
+
+
+def report_summary(user: User, filters: ReportFilters) -> dict[str, Any]:
+    """Headline figures: the totals of counts and response times."""
+    plain = replace(filters, by=())
+    counts = report_counts(user, plain)
+    times = report_response_times(user, plain)
+    return {
+        "counts": counts["total"],
+        "response_times": times["total"],
+        "suppression": counts.get("suppression"),
+    }
+
+
+def currency() -> str:
+    return str(getattr(settings, "REPORTS_CURRENCY", "USD"))

@@ -1,0 +1,458 @@
+"""Upkeep of the report tables from the referral event log.
+
+Decision (docs/metrics.md, "Upkeep"): a **watermark job**, not a hook in the referral
+transaction. Ingest pays nothing; the job (Celery beat, every REPORTS_UPKEEP_INTERVAL
+seconds, and ``manage.py rebuild_reports --catch-up``) applies events with id above the
+watermark in batches, with a handful of set-based statements per batch. Events whose id
+was skipped (their transaction had not committed when a later id was read) are remembered
+as gaps and applied when they appear; gaps older than REPORTS_GAP_TIMEOUT are dropped
+(their transaction rolled back).
+
+Applying an event is order-independent across referrals (within a referral events arrive
+in seq order: the row lock serialises them), which is what makes the rebuild, which walks
+the log referral by referral, give the same tables as the job, which walks it by id.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.db.models import Max, Q
+
+from referrals.models import ReferralEvent
+from registry.geo import haversine_km
+from registry.models import Department
+from reports.models import (
+    COUNTERS,
+    ROLLUP_ATTRIBUTES,
+    ROLLUP_KEY,
+    DailyRollup,
+    ReferralFact,
+    UpkeepState,
+)
+
+logger = logging.getLogger(__name__)
+
+# Which counter an action adds one to (close_local adds more, see _apply_event).
+ACTION_COUNTERS: dict[str, str] = {
+    "submit": "submitted",
+    "accept": "accepted",
+    "decline": "declined",
+    "forward": "forwarded",
+    "reroute": "forwarded",
+    "cancel": "cancelled",
+    "expire": "expired",
+    "advise": "advised",
+    "finish_conference": "advised",
+    "close_local": "closed_local",
+    "request_transfer": "transfer_requested",
+    "complete": "transfer_completed",
+    "counter_refer": "counter_referrals",
+}
+ADVICE_ACTIONS = frozenset({"advise", "finish_conference"})
+# Actions that hand the case to another department (counted against the previous one).
+REASSIGNING = frozenset({"forward", "reroute"})
+SLA_ANSWERS = frozenset({"accept", "decline"})
+SLA_DUE = frozenset({"accept", "decline", "expire"})
+
+EVENT_FIELDS = (
+    "id",
+    "referral_id",
+    "seq",
+    "at",
+    "action",
+    "department_id",
+    "payload",
+    "referral__requester_facility_id",
+    "referral__specialty_id",
+    "referral__campaign",
+    "referral__patient_ref",
+    "referral__requester_facility__country_id",
+    "referral__requester_facility__province_id",
+    "referral__requester_facility__tier",
+    "referral__requester_facility__latitude",
+    "referral__requester_facility__longitude",
+)
+
+FACT_UPDATE_FIELDS = [f.name for f in ReferralFact._meta.concrete_fields if f.name != "referral_id"]
+
+
+def report_time_zone() -> ZoneInfo:
+    return ZoneInfo(getattr(settings, "REPORTS_TIME_ZONE", "") or settings.TIME_ZONE)
+
+
+@dataclass(frozen=True)
+class DepartmentInfo:
+    facility_id: int
+    sla_hours: int
+    country_id: int
+    latitude: float | None
+    longitude: float | None
+
+
+@dataclass
+class Batch:
+    """What one pass over a list of events changes, before it is written."""
+
+    zone: ZoneInfo
+    departments: dict[int, DepartmentInfo]
+    facts: dict[int, ReferralFact]
+    rollups: dict[tuple[Any, ...], dict[str, Any]] = field(default_factory=dict)
+    # (requester facility, patient_ref, specialty) whose verification must be recomputed.
+    patient_keys: set[tuple[int, str, int]] = field(default_factory=set)
+    touched: set[int] = field(default_factory=set)
+
+
+def _day(batch: Batch, at: datetime) -> date:
+    return at.astimezone(batch.zone).date()
+
+
+def _new_fact(ev: dict[str, Any]) -> ReferralFact:
+    return ReferralFact(
+        referral_id=ev["referral_id"],
+        requester_facility_id=ev["referral__requester_facility_id"],
+        country_id=ev["referral__requester_facility__country_id"],
+        province_id=ev["referral__requester_facility__province_id"] or 0,
+        tier=ev["referral__requester_facility__tier"],
+        specialty_id=ev["referral__specialty_id"],
+        campaign=ev["referral__campaign"] or "",
+        patient_ref=ev["referral__patient_ref"] or "",
+    )
+
+
+def travel_round_trip_km(ev: dict[str, Any], department: DepartmentInfo | None) -> float:
+    lat = ev["referral__requester_facility__latitude"]
+    lon = ev["referral__requester_facility__longitude"]
+    if department is None or department.latitude is None or department.longitude is None:
+        return 0.0
+    if lat is None or lon is None:
+        return 0.0
+    return 2 * haversine_km(lat, lon, department.latitude, department.longitude)
+
+
+def _rollup_row(batch: Batch, ev: dict[str, Any], department_id: int) -> dict[str, Any]:
+    department = batch.departments.get(department_id)
+    country_id = ev["referral__requester_facility__country_id"]
+    key = (
+        _day(batch, ev["at"]),
+        ev["referral__requester_facility_id"],
+        department_id,
+        ev["referral__specialty_id"],
+        ev["referral__campaign"] or "",
+    )
+    row = batch.rollups.get(key)
+    if row is None:
+        row = dict(zip(ROLLUP_KEY, key, strict=True))
+        row.update(
+            country_id=country_id,
+            province_id=ev["referral__requester_facility__province_id"] or 0,
+            tier=ev["referral__requester_facility__tier"],
+            hub_facility_id=department.facility_id if department else 0,
+            cross_border=bool(department and department.country_id != country_id),
+            travel_km=0.0,
+        )
+        row.update(dict.fromkeys(COUNTERS, 0))
+        batch.rollups[key] = row
+    return row
+
+
+def _apply_event(batch: Batch, ev: dict[str, Any]) -> None:
+    """Apply one event to its referral's fact row and to the day's rollup row."""
+    action: str = ev["action"]
+    at: datetime = ev["at"]
+    payload: dict[str, Any] = ev["payload"] or {}
+    fact = batch.facts.get(ev["referral_id"])
+    if fact is None:
+        fact = batch.facts[ev["referral_id"]] = _new_fact(ev)
+    batch.touched.add(fact.referral_id)
+
+    # The department the event is counted against: the one that acted (a forward or
+    # reroute is counted against the department that had the case).
+    department_id = int(ev["department_id"] or 0)
+    if action in REASSIGNING:
+        department_id = int(payload.get("from_department_id") or department_id)
+    department = batch.departments.get(department_id)
+
+    if ev["department_id"]:
+        current = batch.departments.get(ev["department_id"])
+        fact.department_id = ev["department_id"]
+        fact.hub_facility_id = current.facility_id if current else 0
+        fact.cross_border = bool(current and current.country_id != fact.country_id)
+
+    counter = ACTION_COUNTERS.get(action)
+    row = _rollup_row(batch, ev, department_id) if counter or action in SLA_DUE else None
+    if row is not None and counter:
+        row[counter] += 1
+
+    if action == "submit":
+        if fact.submitted_at is None:
+            fact.submitted_at = at
+            batch.patient_keys.add(
+                (fact.requester_facility_id, fact.patient_ref, fact.specialty_id)
+            )
+        fact.assigned_at = at
+    elif action in REASSIGNING:
+        fact.assigned_at = at
+    elif action == "accept":
+        fact.accepted_at = at
+        fact.accepted_day = _day(batch, at)
+        start = fact.assigned_at or fact.submitted_at or at
+        fact.accept_seconds = (at - start).total_seconds()
+    elif action in ADVICE_ACTIONS and fact.advised_at is None:
+        fact.advised_at = at
+        fact.advised_day = _day(batch, at)
+        fact.advice_seconds = (at - (fact.submitted_at or at)).total_seconds()
+    elif action == "close_local":
+        fact.closed_at = at
+        fact.closed_day = _day(batch, at)
+        considered = bool(payload.get("transfer_originally_considered"))
+        assert row is not None
+        if considered:
+            row["transfer_considered"] += 1
+            if payload.get("outcome") == "avoided":
+                km = travel_round_trip_km(ev, department)
+                row["avoided"] += 1
+                row["travel_km"] += km
+                fact.avoided = True
+                fact.travel_km = km
+                batch.patient_keys.add(
+                    (fact.requester_facility_id, fact.patient_ref, fact.specialty_id)
+                )
+    elif action == "request_transfer" and fact.transfer_requested_at is None:
+        fact.transfer_requested_at = at
+        batch.patient_keys.add((fact.requester_facility_id, fact.patient_ref, fact.specialty_id))
+
+    if action in SLA_DUE:
+        assert row is not None
+        row["sla_due"] += 1
+        if action in SLA_ANSWERS and department is not None:
+            start = fact.assigned_at or fact.submitted_at or at
+            if (at - start).total_seconds() <= department.sla_hours * 3600:
+                row["sla_met"] += 1
+
+
+def _load_departments(ids: Iterable[int]) -> dict[int, DepartmentInfo]:
+    wanted = {i for i in ids if i}
+    if not wanted:
+        return {}
+    rows = Department.objects.filter(pk__in=wanted).values_list(
+        "id",
+        "facility_id",
+        "sla_hours",
+        "facility__country_id",
+        "facility__latitude",
+        "facility__longitude",
+    )
+    return {r[0]: DepartmentInfo(*r[1:]) for r in rows}
+
+
+def _departments_of(events: list[dict[str, Any]]) -> set[int]:
+    ids: set[int] = set()
+    for ev in events:
+        if ev["department_id"]:
+            ids.add(ev["department_id"])
+        if ev["action"] in REASSIGNING and ev["payload"]:
+            previous = ev["payload"].get("from_department_id")
+            if previous:
+                ids.add(int(previous))
+    return ids
+
+
+def _write_rollups(rollups: Iterable[dict[str, Any]]) -> None:
+    rows = list(rollups)
+    if not rows:
+        return
+    table = DailyRollup._meta.db_table
+    columns = [*ROLLUP_KEY, *ROLLUP_ATTRIBUTES, *COUNTERS, "travel_km"]
+    sums = [*COUNTERS, "travel_km"]
+    qn = connection.ops.quote_name
+    sql = (
+        f"INSERT INTO {qn(table)} ({', '.join(qn(c) for c in columns)}) "  # noqa: S608
+        f"VALUES ({', '.join(['%s'] * len(columns))}) "
+        f"ON CONFLICT ({', '.join(qn(c) for c in ROLLUP_KEY)}) DO UPDATE SET "
+        + ", ".join(f"{qn(c)} = {qn(table)}.{qn(c)} + EXCLUDED.{qn(c)}" for c in sums)
+    )
+    with connection.cursor() as cursor:
+        cursor.executemany(sql, [[row[c] for c in columns] for row in rows])
+
+
+def _resolve_followups(keys: set[tuple[int, str, int]]) -> None:
+    """Recompute ``followup_at`` of the avoided transfers of these patients: the earliest
+    new referral (first submission) or transfer request of the same patient and specialty
+    after the close-out. A pure function of the fact rows, so order does not matter."""
+    keys = {k for k in keys if k[1]}  # no patient_ref: cannot be followed (never verified)
+    if not keys:
+        return
+    facts = ReferralFact.objects.filter(
+        requester_facility_id__in={k[0] for k in keys},
+        patient_ref__in={k[1] for k in keys},
+        specialty_id__in={k[2] for k in keys},
+    ).only(
+        "referral_id",
+        "requester_facility_id",
+        "patient_ref",
+        "specialty_id",
+        "avoided",
+        "closed_at",
+        "submitted_at",
+        "transfer_requested_at",
+        "followup_at",
+    )
+    by_patient: dict[tuple[int, str, int], list[ReferralFact]] = {}
+    for fact in facts:
+        key = (fact.requester_facility_id, fact.patient_ref, fact.specialty_id)
+        if key in keys:
+            by_patient.setdefault(key, []).append(fact)
+    changed: list[ReferralFact] = []
+    for group in by_patient.values():
+        moments = [
+            moment
+            for f in group
+            for moment in (f.submitted_at, f.transfer_requested_at)
+            if moment is not None
+        ]
+        for fact in group:
+            if not fact.avoided or fact.closed_at is None:
+                continue
+            closed_at = fact.closed_at
+            later = [m for m in moments if m > closed_at]
+            followup = min(later) if later else None
+            if followup != fact.followup_at:
+                fact.followup_at = followup
+                changed.append(fact)
+    if changed:
+        ReferralFact.objects.bulk_update(changed, ["followup_at"], batch_size=1000)
+
+
+def _apply_events(events: list[dict[str, Any]], zone: ZoneInfo) -> int:
+    """Apply events (ordered by seq within each referral) and write the results."""
+    if not events:
+        return 0
+    referral_ids = {ev["referral_id"] for ev in events}
+    batch = Batch(
+        zone=zone,
+        departments=_load_departments(_departments_of(events)),
+        facts=ReferralFact.objects.in_bulk(list(referral_ids)),
+    )
+    for ev in events:
+        _apply_event(batch, ev)
+    ReferralFact.objects.bulk_create(
+        [batch.facts[i] for i in sorted(batch.touched)],
+        update_conflicts=True,
+        unique_fields=["referral_id"],
+        update_fields=FACT_UPDATE_FIELDS,
+        batch_size=1000,
+    )
+    _write_rollups(batch.rollups.values())
+    _resolve_followups(batch.patient_keys)
+    return len(events)
+
+
+def _setting(name: str, default: int) -> int:
+    return int(getattr(settings, name, default))
+
+
+def _state_for_update() -> UpkeepState:
+    UpkeepState.objects.get_or_create(pk=1)
+    return UpkeepState.objects.select_for_update().get(pk=1)
+
+
+def reports_catch_up_batch(*, batch_size: int | None = None, now: float | None = None) -> int:
+    """Apply the next batch of events above the watermark (and any gaps that appeared).
+    Returns the number of events applied. Safe to run concurrently: the state row lock
+    serialises runners."""
+    batch_size = batch_size or _setting("REPORTS_UPKEEP_BATCH", 5000)
+    now = now if now is not None else time.time()
+    zone = report_time_zone()
+    with transaction.atomic():
+        state = _state_for_update()
+        gaps: dict[str, float] = dict(state.gaps or {})
+        events = list(
+            ReferralEvent.objects.filter(id__gt=state.watermark)
+            .order_by("id")
+            .values(*EVENT_FIELDS)[:batch_size]
+        )
+        late: list[dict[str, Any]] = []
+        if gaps:
+            late = list(
+                ReferralEvent.objects.filter(id__in=[int(i) for i in gaps])
+                .order_by("id")
+                .values(*EVENT_FIELDS)
+            )
+            for ev in late:
+                gaps.pop(str(ev["id"]), None)
+        timeout = _setting("REPORTS_GAP_TIMEOUT", 300)
+        gaps = {i: seen for i, seen in gaps.items() if now - seen < timeout}
+        if events:
+            seen_ids = [ev["id"] for ev in events]
+            missing_ids = sorted(set(range(state.watermark + 1, seen_ids[-1])) - set(seen_ids))
+            if len(missing_ids) <= 10_000:
+                gaps.update({str(i): now for i in missing_ids})
+            else:
+                logger.warning("reports upkeep: %d skipped event ids ignored", len(missing_ids))
+            state.watermark = seen_ids[-1]
+        applied = _apply_events(late + events, zone)
+        state.gaps = gaps
+        state.events_applied += applied
+        state.save()
+    return applied
+
+
+def reports_catch_up(*, batch_size: int | None = None, max_batches: int | None = None) -> int:
+    """Apply every event above the watermark, batch by batch (the Celery beat task)."""
+    total = 0
+    batches = 0
+    while True:
+        applied = reports_catch_up_batch(batch_size=batch_size)
+        total += applied
+        batches += 1
+        if applied == 0 or (max_batches is not None and batches >= max_batches):
+            return total
+
+
+def reports_rebuild(*, chunk_referrals: int = 5000) -> int:
+    """Recompute every report table from the event log (referral by referral).
+
+    Holds the upkeep lock, so the job waits; events committed after the rebuild read its
+    high mark are picked up by the next catch-up, as are in-flight ids (recorded as gaps).
+    """
+    zone = report_time_zone()
+    applied = 0
+    with transaction.atomic():
+        state = _state_for_update()
+        high = ReferralEvent.objects.aggregate(m=Max("id"))["m"] or 0
+        DailyRollup.objects.all().delete()
+        ReferralFact.objects.all().delete()
+        referral_ids = list(
+            ReferralEvent.objects.filter(id__lte=high)
+            .order_by("referral_id")
+            .values_list("referral_id", flat=True)
+            .distinct()
+        )
+        for start in range(0, len(referral_ids), chunk_referrals):
+            chunk = referral_ids[start : start + chunk_referrals]
+            events = list(
+                ReferralEvent.objects.filter(
+                    Q(referral_id__gte=chunk[0], referral_id__lte=chunk[-1]), id__lte=high
+                )
+                .order_by("referral_id", "seq")
+                .values(*EVENT_FIELDS)
+            )
+            applied += _apply_events(events, zone)
+        # Ids just below the high mark may belong to transactions still in flight.
+        recent = set(range(max(1, high - 1000), high + 1))
+        present = set(ReferralEvent.objects.filter(id__in=recent).values_list("id", flat=True))
+        now = time.time()
+        state.watermark = high
+        state.gaps = {str(i): now for i in sorted(recent - present)}
+        state.events_applied = applied
+        state.save()
+    return applied

@@ -1,0 +1,129 @@
+"""The dashboard at /reports/: server-rendered, inline SVG charts, a CSV link per chart."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+from urllib.parse import urlencode
+
+from django.contrib.auth.decorators import login_required
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import render
+from django.urls import reverse
+
+from accounts.models import User
+from core.errors import ApplicationError
+from registry.models import Country, Specialty, Tier
+from reports import charts, selectors
+from reports.models import DailyRollup
+
+FORM_FIELDS = ("period", "from", "to", "country", "tier", "specialty", "campaign")
+
+
+def _csv_link(name: str, params: dict[str, str], **extra: str) -> str:
+    query = {**params, **extra, "format": "csv"}
+    return f"{reverse(name)}?{urlencode(query)}"
+
+
+def _label(row: dict[str, Any], grouping: str) -> str:
+    return str(row.get(f"{grouping}_label", ""))
+
+
+@login_required
+def dashboard(request: HttpRequest) -> HttpResponse:
+    user = request.user
+    assert isinstance(user, User)
+    params = {k: str(request.GET[k]) for k in FORM_FIELDS if request.GET.get(k)}
+    try:
+        filters = selectors.filters_parse(params, allow_by=False)
+        scope = selectors.report_scope_for(user)
+    except ApplicationError as exc:
+        status = exc.status_code
+        return render(
+            request,
+            "reports/dashboard.html",
+            {"error": exc.message, "errors": exc.extra.get("errors", {})},
+            status=status,
+        )
+    summary = selectors.report_summary(user, filters)
+    trend = selectors.report_counts(user, replace(filters, by=("period",)))
+    provinces = selectors.report_counts(user, replace(filters, by=("province",)))
+    hubs = selectors.report_counts(user, replace(filters, by=("hub",)))
+    times = selectors.report_response_times(user, replace(filters, by=("specialty",)))
+
+    periods = [r["period"] for r in trend["rows"]]
+    trend_chart = charts.column_chart(
+        "chart-trend",
+        "Referrals submitted and transfers avoided per period",
+        periods,
+        [
+            charts.Series("Submitted", [r["submitted"] for r in trend["rows"]]),
+            charts.Series("Transfers avoided", [r["avoided"] for r in trend["rows"]]),
+        ],
+    )
+    province_chart = charts.bar_chart(
+        "chart-province",
+        "Transfers avoided and travel avoided by province",
+        [_label(r, "province") for r in provinces["rows"]],
+        [
+            charts.Series("Avoided", [r["avoided"] for r in provinces["rows"]]),
+            charts.Series("Verified", [r["avoided_verified"] for r in provinces["rows"]]),
+        ],
+    )
+    hub_chart = charts.bar_chart(
+        "chart-hub",
+        "Transfers avoided by hub hospital",
+        [_label(r, "hub") for r in hubs["rows"]],
+        [
+            charts.Series("Avoided", [r["avoided"] for r in hubs["rows"]]),
+            charts.Series("Verified", [r["avoided_verified"] for r in hubs["rows"]]),
+        ],
+    )
+    times_chart = charts.bar_chart(
+        "chart-times",
+        "Time to accept by specialty (hours)",
+        [_label(r, "specialty") for r in times["rows"]],
+        [
+            charts.Series("Median", [r["accept_median_hours"] for r in times["rows"]]),
+            charts.Series("90th percentile", [r["accept_p90_hours"] for r in times["rows"]]),
+        ],
+        unit=" h",
+    )
+    campaigns = sorted(
+        c
+        for c in DailyRollup.objects.exclude(campaign="")
+        .values_list("campaign", flat=True)
+        .distinct()
+    )
+    context = {
+        "filters": params,
+        "aggregate_only": scope.aggregate_only,
+        "min_cell": selectors.min_cell(),
+        "verify_days": selectors.verify_days(),
+        "counts": summary["counts"],
+        "times": summary["response_times"],
+        "trend": trend,
+        "provinces": provinces,
+        "hubs": hubs,
+        "response_times": times,
+        "trend_chart": trend_chart,
+        "province_chart": province_chart,
+        "hub_chart": hub_chart,
+        "times_chart": times_chart,
+        "csv": {
+            "trend": _csv_link("report-counts", params, by="period"),
+            "province": _csv_link("report-counts", params, by="province"),
+            "hub": _csv_link("report-counts", params, by="hub"),
+            "times": _csv_link("report-response-times", params, by="specialty"),
+            "summary": _csv_link("report-summary", params),
+        },
+        "periods": selectors.PERIODS,
+        "countries": Country.objects.order_by("code"),
+        "tiers": Tier.choices,
+        "specialties": Specialty.objects.filter(
+            id__in=DailyRollup.objects.values("specialty_id")
+        ).order_by("display"),
+        "campaigns": campaigns,
+        "currency": selectors.currency(),
+    }
+    return render(request, "reports/dashboard.html", context)
