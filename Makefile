@@ -29,7 +29,7 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	DJANGO_SETTINGS_MODULE=config.settings.test $(BIN)/mypy .
-	DEBUG=1 $(BIN)/python manage.py makemigrations --check --dry-run
+	mkdir -p var && DEBUG=1 $(BIN)/python manage.py makemigrations --check --dry-run
 
 docs: venv
 	DEBUG=1 $(BIN)/python manage.py spectacular --file var/openapi.yaml
