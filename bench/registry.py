@@ -1,4 +1,4 @@
-"""Registry benchmarks: bulk import (and, later, distance search) on a dedicated database.
+"""Registry benchmarks: bulk import and distance search on a dedicated database.
 
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/consilium_bench .venv/bin/python bench/registry.py
 
@@ -354,6 +354,125 @@ def print_table(title: str, figures: list[Figure]) -> None:
         )
 
 
+# --- distance search ------------------------------------------------------------------------
+
+SEARCH_QUERIES = int(os.environ.get("BENCH_SEARCH_QUERIES", "500"))
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def search_figures() -> None:
+    """Departments offering a specialty within R km of a lower-tier facility, nearest first,
+    on the national-scale demo network; beside a raw primary-key SELECT (the floor of any
+    query) measured in the same run."""
+    import psycopg
+    from django.conf import settings
+    from django.test import Client
+
+    from accounts.models import User
+    from accounts.services import api_token_issue
+    from registry.demo import demo_seed
+    from registry.models import Facility, Tier
+    from registry.selectors import departments_near
+
+    clear_registry()
+    started = time.perf_counter()
+    demo_seed(scale="national")
+    seeded = time.perf_counter() - started
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE")  # fresh statistics after the bulk load, as autovacuum would
+    facilities = Facility.objects.count()
+    rng = random.Random(7)
+    origins = [
+        (pk, float(lat), float(lon))
+        for pk, lat, lon in Facility.objects.filter(
+            tier__gte=Tier.DISTRICT, latitude__isnull=False
+        ).values_list("id", "latitude", "longitude")
+        if lat is not None and lon is not None
+    ]
+    sample = [rng.choice(origins) for _ in range(SEARCH_QUERIES)]
+    specialties = ["394537008", "394579002", "394802001", "394609007"]
+
+    db = settings.DATABASES["default"]
+    raw = psycopg.connect(
+        dbname=db["NAME"], user=db["USER"] or None, host=db["HOST"] or None, port=db["PORT"] or None
+    )
+    raw_times: list[float] = []
+    with raw:
+        for pk, _, _ in sample:
+            t = time.perf_counter()
+            raw.execute("SELECT id, name FROM registry_facility WHERE id = %s", [pk]).fetchone()
+            raw_times.append((time.perf_counter() - t) * 1000)
+
+    rows: list[tuple[str, float, float, float]] = []
+    for radius in (50.0, 150.0, 400.0):
+        times: list[float] = []
+        found = 0
+        for n, (_, lat, lon) in enumerate(sample):
+            t = time.perf_counter()
+            result = departments_near(
+                specialty_code=specialties[n % len(specialties)],
+                latitude=lat,
+                longitude=lon,
+                radius_km=radius,
+            )
+            times.append((time.perf_counter() - t) * 1000)
+            found += len(result)
+        rows.append(
+            (
+                f"selector, radius {radius:.0f} km",
+                _percentile(times, 0.5),
+                _percentile(times, 0.95),
+                found / len(sample),
+            )
+        )
+
+    user = User.objects.create_user(username="bench-search")
+    token = api_token_issue(user=user).raw
+    client = Client(HTTP_AUTHORIZATION=f"Bearer {token}")
+    times = []
+    for n, (pk, _, _) in enumerate(sample):
+        t = time.perf_counter()
+        response = client.get(
+            "/api/v1/departments/nearby/",
+            {
+                "specialty": specialties[n % len(specialties)],
+                "facility": str(pk),
+                "radius_km": "150",
+            },
+        )
+        times.append((time.perf_counter() - t) * 1000)
+        assert response.status_code == 200, response.content
+    rows.append(
+        (
+            "API GET /departments/nearby/, 150 km (in-process)",
+            _percentile(times, 0.5),
+            _percentile(times, 0.95),
+            float("nan"),
+        )
+    )
+
+    print(
+        f"\nDistance search at national scale ({facilities:,} facilities, seeded in "
+        f"{seeded:.1f} s; {SEARCH_QUERIES} queries from lower-tier facilities)"
+    )
+    print("| case | p50 ms | p95 ms | departments found (mean) | p95 / raw PK SELECT p95 |")
+    print("|---|---:|---:|---:|---:|")
+    raw_p95 = _percentile(raw_times, 0.95)
+    print(
+        f"| raw psycopg PK SELECT (baseline) | {_percentile(raw_times, 0.5):.3f} | "
+        f"{raw_p95:.3f} | - | 1.0 |"
+    )
+    for case, p50, p95, mean_found in rows:
+        found_text = "-" if mean_found != mean_found else f"{mean_found:.1f}"
+        print(f"| {case} | {p50:.3f} | {p95:.3f} | {found_text} | {p95 / raw_p95:.1f} |")
+
+
 SECTIONS: list[tuple[str, Callable[[Path], list[Figure]]]] = [
     (
         "Facility import (manage.py import_facilities --mapping kenya_kmhfl --skip-invalid)",
@@ -366,8 +485,10 @@ def main() -> None:
     prepare_database()
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="consilium-bench-") as tmp:
-        for title, section in SECTIONS:
-            print_table(title, section(Path(tmp)))
+        if os.environ.get("BENCH_SKIP_IMPORT") != "1":
+            for title, section in SECTIONS:
+                print_table(title, section(Path(tmp)))
+    search_figures()
     print(
         f"\n{os.cpu_count()} CPUs, 1-minute load average {load_before:.1f} before, "
         f"{os.getloadavg()[0]:.1f} after; best of {REPEAT} runs (BENCH_REPEAT)."

@@ -118,7 +118,7 @@ def departments_near(
         rows = rows.filter(**{MODE_FLAGS[mode]: True})
     if exclude_facility_id is not None:
         rows = rows.exclude(facility_id=exclude_facility_id)
-    values = rows.values_list(
+    values = rows.order_by().values_list(
         "id",
         "name",
         "facility_id",
