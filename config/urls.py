@@ -17,5 +17,6 @@ urlpatterns = [
     path("api/v1/", include("referrals.urls")),
     path("api/v1/reports/", include("reports.urls")),
     path("reports/", include("reports.web_urls")),
+    path("referrals/", include("referrals.web_urls")),
     path("", include("core.urls")),
 ]

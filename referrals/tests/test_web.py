@@ -1,0 +1,432 @@
+"""The clinicians' web pages (referrals/web.py) through Django's test client."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from django.db import connection
+from django.test import Client
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from accounts.models import User
+from referrals import services
+from referrals.models import AuditEntry, CloseOut, ConsultNote, Message, Referral
+from referrals.tests.conftest import World
+
+pytestmark = pytest.mark.django_db
+
+
+def client_for(user: User | None) -> Client:
+    client = Client()
+    if user is not None:
+        client.force_login(user)
+    return client
+
+
+def new_referral_form(world: World, **overrides: Any) -> dict[str, Any]:
+    data = {
+        "placer_value": str(uuid.uuid4()),
+        "specialty": str(world.paeds.pk),
+        "mode": "async",
+        "priority": "3",
+        "clinical_question": "Fever for 5 days in a 2-year-old.",
+        "patient_ref": "P-123",
+        "patient_sex": "female",
+        "patient_birth_year": "2023",
+    }
+    data.update(overrides)
+    return data
+
+
+def action_post(referral: Referral, action: str, version: int | None = None, **inputs: Any):
+    data = {f"{action}-expected_version": referral.version if version is None else version}
+    data.update({f"{action}-{name}": value for name, value in inputs.items()})
+    return data
+
+
+# --- home -------------------------------------------------------------------------------------
+
+
+def test_home_links_by_role(world: World) -> None:
+    body = client_for(world.referrer).get("/").content.decode()
+    assert "Registry" in body  # the registry summary stays
+    assert 'href="/referrals/new/"' in body and 'href="/referrals/outgoing/"' in body
+    assert 'href="/reports/"' in body and "/referrals/worklist/" not in body
+
+    body = client_for(world.consultant).get("/").content.decode()
+    assert f'href="/referrals/worklist/?department={world.hub_paeds.pk}"' in body
+    assert "/referrals/new/" not in body
+
+    body = client_for(world.ministry).get("/").content.decode()
+    assert 'href="/reports/"' in body
+    assert "/referrals/" not in body
+
+
+def test_pages_need_a_login(world: World) -> None:
+    referral = world.submit()
+    for url in ("/", "/referrals/new/", "/referrals/outgoing/", f"/referrals/{referral.pk}/"):
+        response = Client().get(url)
+        assert response.status_code == 302
+        assert response["Location"].startswith("/accounts/login/")
+
+
+# --- new referral ---------------------------------------------------------------------------
+
+
+def test_new_referral_form_lists_specialties(world: World) -> None:
+    response = client_for(world.referrer).get("/referrals/new/")
+    assert response.status_code == 200
+    body = response.content.decode()
+    assert '<label for="id_specialty">' in body
+    assert f'<option value="{world.paeds.pk}">Pediatric specialty</option>' in body
+    assert 'name="placer_value"' in body
+
+
+def test_submit_creates_exactly_one_referral_and_is_idempotent(world: World) -> None:
+    client = client_for(world.referrer)
+    data = new_referral_form(world)
+    response = client.post("/referrals/new/", data)
+    assert response.status_code == 303
+    referral = Referral.objects.get()
+    assert response["Location"] == f"/referrals/{referral.pk}/"
+    assert referral.state == "submitted"
+    assert referral.placer_system == "urn:consilium:web"
+    assert referral.placer_value == data["placer_value"]
+    assert referral.requester_facility == world.district
+    assert referral.requester == world.referrer
+    assert referral.priority == 3 and referral.patient_birth_year == 2023
+    # Routing assigned an upper-tier paediatrics department.
+    assert referral.assigned_department in (world.hub_paeds, world.hub2_paeds)
+    assert AuditEntry.objects.filter(referral_id=referral.pk, action="create").count() == 1
+
+    # The same form again (double click, back button): still one referral.
+    again = client.post("/referrals/new/", data)
+    assert again.status_code == 303 and again["Location"] == response["Location"]
+    assert Referral.objects.count() == 1
+
+    page = client.get(response["Location"])
+    assert "was submitted" in page.content.decode() or "already submitted" in page.content.decode()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field", "message"),
+    [
+        ({"clinical_question": "   "}, "clinical_question", "required"),
+        ({"specialty": ""}, "specialty", "required"),
+        ({"specialty": "999999"}, "specialty", "Select a valid choice"),
+        ({"priority": "9"}, "priority", "Select a valid choice"),
+        ({"patient_birth_year": "3000"}, "patient_birth_year", "less than or equal"),
+        ({"placer_value": "not-a-uuid"}, "__all__", "The form was damaged"),
+    ],
+)
+def test_submit_validation_errors(
+    world: World, overrides: dict[str, str], field: str, message: str
+) -> None:
+    response = client_for(world.referrer).post(
+        "/referrals/new/", new_referral_form(world, **overrides)
+    )
+    assert response.status_code == 400
+    body = response.content.decode()
+    assert "The referral was not submitted" in body
+    assert message in body
+    assert field in response.context["form"].errors
+    assert Referral.objects.count() == 0
+
+
+def test_submit_only_for_referrers_with_a_facility(world: World) -> None:
+    response = client_for(world.consultant).post("/referrals/new/", new_referral_form(world))
+    assert response.status_code == 403
+    assert "Only referring clinicians" in response.content.decode()
+    no_facility = User.objects.create_user(username="nofac", password="x")
+    no_facility.groups.add(*world.referrer.groups.all())
+    assert client_for(no_facility).get("/referrals/new/").status_code == 403
+    assert client_for(world.ministry).get("/referrals/new/").status_code == 404
+    assert Referral.objects.count() == 0
+
+
+# --- lists -----------------------------------------------------------------------------------
+
+
+def test_outgoing_and_worklist_tables(world: World) -> None:
+    referral = world.submit(priority=1)
+    body = client_for(world.referrer).get("/referrals/outgoing/").content.decode()
+    assert "<caption>Outgoing referrals" in body
+    assert referral.filler_id in body and "Paediatrics C1" in body
+
+    filtered = client_for(world.referrer).get("/referrals/outgoing/?state=advised")
+    assert referral.filler_id not in filtered.content.decode()
+    assert "in state advised" in filtered.content.decode()
+
+    client = client_for(world.consultant)
+    for url in ("/referrals/worklist/", f"/referrals/worklist/?department={world.hub_paeds.pk}"):
+        response = client.get(url)
+        assert response.status_code == 200
+        body = response.content.decode()
+        assert "<caption>Open referrals" in body
+        assert referral.filler_id in body and world.district.name in body and "stat" in body
+
+    # Another department's consultant sees nothing of it.
+    assert (
+        referral.filler_id
+        not in client_for(world.consultant2).get("/referrals/worklist/").content.decode()
+    )
+    assert (
+        referral.filler_id
+        not in client_for(world.foreign_referrer).get("/referrals/outgoing/").content.decode()
+    )
+
+
+def test_worklist_of_a_department_one_does_not_work_in_is_404(world: World) -> None:
+    client = client_for(world.consultant)
+    assert client.get(f"/referrals/worklist/?department={world.hub2_paeds.pk}").status_code == 404
+    assert client.get("/referrals/worklist/?department=abc").status_code == 404
+    ministry = client_for(world.ministry_at_hub)
+    assert ministry.get("/referrals/worklist/").status_code == 404
+    assert ministry.get(f"/referrals/worklist/?department={world.hub_paeds.pk}").status_code == 404
+    assert ministry.get("/referrals/outgoing/").status_code == 404
+
+
+def _queries(client: Client, url: str) -> int:
+    with CaptureQueriesContext(connection) as captured:
+        response = client.get(url)
+    assert response.status_code == 200
+    return len(captured)
+
+
+@pytest.mark.parametrize("page", ["/referrals/outgoing/", "/referrals/worklist/"])
+def test_list_query_count_is_constant(world: World, page: str) -> None:
+    user = world.referrer if "outgoing" in page else world.consultant
+    client = client_for(user)
+    for _ in range(2):
+        world.submit()
+    few = _queries(client, page)
+    for _ in range(25):
+        world.submit()
+    many = _queries(client, page)
+    assert many == few
+    assert len(client.get(page).context["page"].object_list) == 27
+
+
+def test_lists_are_paginated_by_50(world: World) -> None:
+    for _ in range(51):
+        world.submit()
+    client = client_for(world.referrer)
+    first = client.get("/referrals/outgoing/")
+    assert len(first.context["page"].object_list) == 50
+    assert 'rel="next"' in first.content.decode()
+    second = client.get("/referrals/outgoing/?page=2")
+    assert len(second.context["page"].object_list) == 1
+
+
+# --- detail --------------------------------------------------------------------------------------
+
+
+def test_detail_is_404_outside_scope_and_for_ministry(world: World) -> None:
+    referral = world.submit()
+    url = f"/referrals/{referral.pk}/"
+    for user in (world.foreign_referrer, world.consultant2, world.ministry, world.ministry_at_hub):
+        assert client_for(user).get(url).status_code == 404, user.username
+        post = client_for(user).post(f"{url}actions/accept/", action_post(referral, "accept"))
+        assert post.status_code == 404, user.username
+    assert client_for(world.referrer).get("/referrals/999999/").status_code == 404
+    assert Referral.objects.get(pk=referral.pk).state == "submitted"
+    assert not AuditEntry.objects.filter(user__in=[world.ministry, world.ministry_at_hub]).exists()
+
+
+def test_detail_shows_the_case_and_is_audited(world: World) -> None:
+    referral = world.act(world.act(world.submit(), "accept"), "request_info")
+    response = client_for(world.referrer).get(f"/referrals/{referral.pk}/")
+    assert response.status_code == 200
+    body = response.content.decode()
+    assert referral.filler_id in body
+    assert "Fever for 5 days" in body
+    assert "<caption>Every change of this referral" in body
+    assert "Latest blood count?" in body  # the question, as a message
+    # The requester may answer or cancel; the textarea is labelled.
+    assert 'id="action-provide_info"' in body and 'id="action-cancel"' in body
+    assert '<label for="id_provide_info-text">' in body
+    assert 'id="action-accept"' not in body
+    assert AuditEntry.objects.filter(
+        referral_id=referral.pk, user=world.referrer, action="read"
+    ).exists()
+
+
+def test_action_forms_are_generated_from_the_table(world: World) -> None:
+    referral = world.submit()
+    body = client_for(world.consultant).get(f"/referrals/{referral.pk}/").content.decode()
+    for action in ("accept", "decline", "forward"):
+        assert f'id="action-{action}"' in body
+    assert '<select name="decline-reason_code"' in body
+    assert '<option value="no_capacity">No capacity</option>' in body
+    # Forward: a department select with the other paediatrics department.
+    assert '<select name="forward-department"' in body
+    assert f'<option value="{world.hub2_paeds.pk}">' in body
+    assert f'name="accept-expected_version" value="{referral.version}"' in body
+
+    accepted = world.act(referral, "accept")
+    body = client_for(world.consultant).get(f"/referrals/{accepted.pk}/").content.decode()
+    assert 'type="datetime-local"' in body  # schedule
+    assert '<select name="schedule-experts"' in body and "multiple" in body
+    assert '<select name="advise-disposition"' in body
+
+
+def test_consultant_accepts_and_advises(world: World) -> None:
+    referral = world.submit()
+    client = client_for(world.consultant)
+    url = f"/referrals/{referral.pk}/"
+    response = client.post(f"{url}actions/accept/", action_post(referral, "accept"))
+    assert response.status_code == 303 and response["Location"] == url
+    referral.refresh_from_db()
+    assert referral.state == "accepted"
+    assert AuditEntry.objects.filter(action="transition", detail="accept").count() == 1
+
+    response = client.post(
+        f"{url}actions/advise/",
+        action_post(referral, "advise", disposition="manage_locally", text="Oral antibiotics."),
+    )
+    assert response.status_code == 303
+    referral.refresh_from_db()
+    assert referral.state == "advised"
+    assert ConsultNote.objects.get(referral=referral).text == "Oral antibiotics."
+    assert "Oral antibiotics." in client.get(url).content.decode()
+
+
+def test_close_local_checkbox(world: World) -> None:
+    referral = world.referral_in("advised")
+    response = client_for(world.referrer).post(
+        f"/referrals/{referral.pk}/actions/close_local/",
+        action_post(referral, "close_local", outcome="avoided"),  # box not ticked
+    )
+    assert response.status_code == 303
+    close_out = CloseOut.objects.get(referral=referral)
+    assert close_out.transfer_originally_considered is False
+    assert close_out.outcome == "avoided"
+
+
+def test_stale_version_shows_a_clear_message_and_changes_nothing(world: World) -> None:
+    referral = world.submit()
+    stale_version = referral.version
+    # Someone else accepts meanwhile (through the service).
+    services.referral_transition(actor=world.consultant, referral_id=referral.pk, action="accept")
+    response = client_for(world.consultant).post(
+        f"/referrals/{referral.pk}/actions/decline/",
+        action_post(referral, "decline", version=stale_version, reason_code="no_capacity"),
+    )
+    assert response.status_code == 409
+    body = response.content.decode()
+    assert "changed by someone else" in body and "reload the page" in body
+    referral.refresh_from_db()
+    assert referral.state == "accepted" and referral.version == stale_version + 1
+    # The page shows the current state and its actions.
+    assert 'id="action-advise"' in body
+
+
+def test_form_errors_change_nothing(world: World) -> None:
+    referral = world.act(world.submit(), "accept")
+    response = client_for(world.consultant).post(
+        f"/referrals/{referral.pk}/actions/advise/",
+        action_post(referral, "advise", disposition="nonsense", text=""),
+    )
+    assert response.status_code == 400
+    body = response.content.decode()
+    assert "nothing was changed" in body
+    assert "This field is required." in body and "Select a valid choice" in body
+    referral.refresh_from_db()
+    assert referral.state == "accepted"
+    assert not ConsultNote.objects.exists()
+
+
+def test_bad_expected_version_is_a_form_error_not_a_500(world: World) -> None:
+    referral = world.submit()
+    response = client_for(world.consultant).post(
+        f"/referrals/{referral.pk}/actions/accept/", {"accept-expected_version": "x"}
+    )
+    assert response.status_code == 400
+    assert "The form was damaged" in response.content.decode()
+    assert Referral.objects.get(pk=referral.pk).state == "submitted"
+
+
+def test_application_errors_are_shown_and_change_nothing(world: World) -> None:
+    referral = world.act(world.submit(), "accept")
+    client = client_for(world.consultant)
+    past = (timezone.now() - timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M")
+    response = client.post(
+        f"/referrals/{referral.pk}/actions/schedule/",
+        action_post(
+            referral,
+            "schedule",
+            scheduled_at=past,
+            experts=[world.consultant.pk],
+            video_url="https://meet.example.org/x",
+        ),
+    )
+    assert response.status_code == 409
+    assert "must be scheduled in the future" in response.content.decode()
+    referral.refresh_from_db()
+    assert referral.state == "accepted" and referral.conference_at is None
+
+    # The wrong side: the referrer cannot accept (403, with the service's message).
+    submitted = world.submit()
+    response = client_for(world.referrer).post(
+        f"/referrals/{submitted.pk}/actions/accept/", action_post(submitted, "accept")
+    )
+    assert response.status_code == 403
+    assert "Only the assigned department may accept" in response.content.decode()
+    # Not allowed from the state; unknown and system actions.
+    response = client.post(
+        f"/referrals/{referral.pk}/actions/accept/", action_post(referral, "accept")
+    )
+    assert response.status_code == 409 and "Cannot accept" in response.content.decode()
+    assert client.post(f"/referrals/{referral.pk}/actions/nope/", {}).status_code == 404
+    assert client.post(f"/referrals/{referral.pk}/actions/expire/", {}).status_code == 404
+    assert client.get(f"/referrals/{referral.pk}/actions/accept/").status_code == 405
+
+
+def test_schedule_in_the_future_with_experts(world: World) -> None:
+    referral = world.act(world.submit(), "accept")
+    future = (timezone.now() + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M")
+    response = client_for(world.consultant).post(
+        f"/referrals/{referral.pk}/actions/schedule/",
+        action_post(
+            referral,
+            "schedule",
+            scheduled_at=future,
+            experts=[world.consultant.pk, world.consultant2.pk],
+            video_url="https://meet.example.org/x",
+        ),
+    )
+    assert response.status_code == 303
+    referral.refresh_from_db()
+    assert referral.state == "scheduled"
+    assert set(referral.conference_experts.values_list("pk", flat=True)) == {
+        world.consultant.pk,
+        world.consultant2.pk,
+    }
+
+
+def test_forward_moves_the_case_out_of_scope(world: World) -> None:
+    referral = world.submit()
+    response = client_for(world.consultant).post(
+        f"/referrals/{referral.pk}/actions/forward/",
+        action_post(referral, "forward", department=world.hub2_paeds.pk, reason="closer"),
+    )
+    assert response.status_code == 303 and response["Location"] == "/referrals/worklist/"
+    referral.refresh_from_db()
+    assert referral.assigned_department == world.hub2_paeds
+    assert client_for(world.consultant).get(f"/referrals/{referral.pk}/").status_code == 404
+
+
+def test_messages(world: World) -> None:
+    referral = world.submit()
+    client = client_for(world.referrer)
+    response = client.post(f"/referrals/{referral.pk}/messages/", {"text": "X-ray attached."})
+    assert response.status_code == 303
+    assert Message.objects.get(referral=referral).text == "X-ray attached."
+    assert client.post(f"/referrals/{referral.pk}/messages/", {"text": " "}).status_code == 400
+    outsider = client_for(world.foreign_referrer)
+    assert outsider.post(f"/referrals/{referral.pk}/messages/", {"text": "hi"}).status_code == 404
+    assert Message.objects.count() == 1

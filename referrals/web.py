@@ -1,0 +1,536 @@
+"""Server-rendered pages for clinicians (session login, plain forms, no JavaScript).
+
+Thin like ``apis.py``: parse a form, call one service or selector, render. Every referral
+is loaded through ``selectors.referral_get_for_user`` (404 outside one's scope, always
+404 for ministry officials); every state change goes through ``services.referral_submit``
+or ``services.referral_transition``. The action forms are generated from
+``workflow.TRANSITIONS``, so a new input in the table appears here without a template
+change.
+
+Two reads live here rather than in ``selectors.py`` (another change owns that file): the
+department choices of an action form and the conference expert choices. The forward form
+lists the specialty's departments rather than routing's ranked suggestions: it costs one
+plain query per page and does not depend on the routing engine.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from typing import Any
+from urllib.parse import urlencode
+
+from django import forms
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.paginator import Page, Paginator
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
+from django.shortcuts import render
+from django.urls import reverse
+from django.utils import timezone
+from django.views.decorators.http import require_http_methods, require_POST
+
+from accounts.models import User
+from accounts.roles import Role
+from core.errors import ApplicationError, Conflict, NotFound
+from referrals import selectors, services
+from referrals.audit import audit_record
+from referrals.models import (
+    AuditAction,
+    CloseOutOutcome,
+    DeclineReason,
+    Disposition,
+    PatientSex,
+    Priority,
+    Referral,
+    ReferralState,
+)
+from referrals.workflow import TERMINAL_STATES, TRANSITIONS_BY_ACTION, InputField, Transition
+from registry.models import ConsultMode, Department, Specialty
+
+WEB_PLACER_SYSTEM = "urn:consilium:web"
+PAGE_SIZE = 50
+# A select longer than this is unusable; the API takes any id.
+MAX_CHOICES = 300
+MAX_TEXT = services.MAX_TEXT
+STALE_MESSAGE = (
+    "This referral was changed by someone else after you opened it (it is now at version "
+    "{version}, you had {expected}). Nothing was changed: reload the page, check the "
+    "current state, and try again."
+)
+# Labels for the choice inputs of the table (the table keeps only the values).
+CHOICE_LABELS: dict[str, str] = {
+    **dict(DeclineReason.choices),
+    **dict(Disposition.choices),
+    **dict(CloseOutOutcome.choices),
+}
+FIELD_LABELS: dict[str, str] = {
+    "reason_code": "Reason",
+    "note": "Note",
+    "department": "Department",
+    "reason": "Reason",
+    "question": "Question to the requester",
+    "text": "Text",
+    "scheduled_at": "Conference date and time (UTC)",
+    "experts": "Experts invited",
+    "video_url": "Video link",
+    "minutes": "Conference minutes",
+    "disposition": "Disposition",
+    "transfer_originally_considered": "A transfer was originally considered for this patient",
+    "outcome": "Close-out: is a transfer / face-to-face referral now avoided?",
+    "clinical_question": "Clinical question",
+}
+ACTION_LABELS: dict[str, str] = {
+    "accept": "Accept",
+    "decline": "Decline",
+    "forward": "Forward to another department",
+    "cancel": "Cancel the referral",
+    "request_info": "Ask for more information",
+    "provide_info": "Provide the information asked",
+    "schedule": "Schedule a live conference",
+    "start_conference": "Start the conference",
+    "finish_conference": "Finish the conference with a consult note",
+    "advise": "Advise (consult note)",
+    "close_local": "Close locally (answer the close-out)",
+    "request_transfer": "Request a transfer",
+    "accept_transfer": "Accept the transfer",
+    "depart": "Patient departed",
+    "arrive": "Patient arrived",
+    "complete": "Complete",
+    "counter_refer": "Refer back down (counter-referral)",
+}
+
+
+def _user(request: HttpRequest) -> User:
+    user = request.user
+    assert isinstance(user, User)
+    return user
+
+
+def _sees_referrals(user: User) -> bool:
+    return user.is_active and not user.has_role(Role.MINISTRY)
+
+
+def _may_submit(user: User) -> bool:
+    return user.facility_id is not None and user.has_role(Role.REFERRER) and _sees_referrals(user)
+
+
+def action_label(action: str) -> str:
+    return ACTION_LABELS.get(action, action.replace("_", " ").capitalize())
+
+
+# --- the new-referral form -------------------------------------------------------------------
+
+
+class ReferralNewForm(forms.Form):
+    # Generated when the form is shown: submitting the same form twice (double click, back
+    # button, a retry on a bad connection) finds the first referral (idempotent intake).
+    placer_value = forms.UUIDField(widget=forms.HiddenInput)
+    specialty = forms.ModelChoiceField(
+        queryset=Specialty.objects.order_by("display"), empty_label="Choose a specialty"
+    )
+    mode = forms.ChoiceField(choices=ConsultMode.choices, initial=ConsultMode.ASYNC)
+    priority = forms.TypedChoiceField(
+        choices=Priority.choices, coerce=int, initial=Priority.ROUTINE
+    )
+    clinical_question = forms.CharField(
+        max_length=MAX_TEXT, widget=forms.Textarea(attrs={"rows": 6, "cols": 70})
+    )
+    patient_ref = forms.CharField(
+        label="Patient reference (pseudonymous)",
+        max_length=128,
+        required=False,
+        help_text="An identifier only your hospital can resolve; never a name. Leave it "
+        "empty to send a de-identified case.",
+    )
+    patient_sex = forms.ChoiceField(
+        label="Patient sex", choices=PatientSex.choices, initial=PatientSex.UNKNOWN
+    )
+    patient_birth_year = forms.IntegerField(
+        label="Patient birth year", min_value=1900, max_value=2100, required=False
+    )
+
+    def clean_clinical_question(self) -> str:
+        value = str(self.cleaned_data["clinical_question"]).strip()
+        if not value:
+            raise forms.ValidationError("A clinical question is required.")
+        return value
+
+    def clean_patient_birth_year(self) -> int | None:
+        value: int | None = self.cleaned_data.get("patient_birth_year")
+        if value is not None and value > timezone.now().year:
+            raise forms.ValidationError("The birth year cannot be in the future.")
+        return value
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def referral_new(request: HttpRequest) -> HttpResponse:
+    user = _user(request)
+    if not _sees_referrals(user):
+        raise Http404("No such page.")
+    if not _may_submit(user):
+        return render(
+            request,
+            "referrals/forbidden.html",
+            {"reason": "Only referring clinicians of a facility can submit referrals."},
+            status=403,
+        )
+    if request.method == "GET":
+        form = ReferralNewForm(initial={"placer_value": uuid.uuid4()})
+        return render(request, "referrals/new.html", {"form": form})
+    form = ReferralNewForm(request.POST)
+    if not form.is_valid():
+        if "placer_value" in form.errors:
+            # A damaged hidden token: a fresh one, so the corrected form can be sent.
+            repaired = request.POST.copy()
+            repaired["placer_value"] = str(uuid.uuid4())
+            form = ReferralNewForm(repaired)
+            form.is_valid()
+            form.add_error(None, "The form was damaged (no valid submission identifier).")
+        return render(request, "referrals/new.html", {"form": form}, status=400)
+    data: dict[str, Any] = form.cleaned_data
+    assert user.facility is not None
+    try:
+        referral, created = services.referral_submit(
+            actor=user,
+            requester_facility=user.facility,
+            placer_system=WEB_PLACER_SYSTEM,
+            placer_value=str(data["placer_value"]),
+            specialty=data["specialty"],
+            clinical_question=data["clinical_question"],
+            mode=data["mode"],
+            priority=data["priority"],
+            patient_ref=data["patient_ref"],
+            patient_sex=data["patient_sex"],
+            patient_birth_year=data["patient_birth_year"],
+        )
+    except ApplicationError as exc:
+        form.add_error(None, exc.message)
+        return render(request, "referrals/new.html", {"form": form}, status=exc.status_code)
+    audit_record(request, AuditAction.CREATE if created else AuditAction.READ, [referral.pk])
+    if created:
+        if referral.assigned_department_id is None:
+            messages.warning(
+                request,
+                f"Referral {referral.filler_id} was submitted, but no department can take "
+                "it yet; it will be routed again.",
+            )
+        else:
+            messages.success(request, f"Referral {referral.filler_id} was submitted.")
+    else:
+        messages.info(request, f"This form was already submitted as {referral.filler_id}.")
+    return HttpResponseRedirect(reverse("web-referral-detail", args=[referral.pk]), status=303)
+
+
+# --- lists -------------------------------------------------------------------------------------
+
+
+def _page(request: HttpRequest, queryset: Any) -> Page[Referral]:
+    paginator = Paginator(queryset, PAGE_SIZE)
+    page = paginator.get_page(request.GET.get("page"))
+    # Same rule as the API: one audit row per referral shown, one INSERT per page.
+    audit_record(request, AuditAction.READ, [r.pk for r in page.object_list])
+    return page
+
+
+def _state_param(request: HttpRequest) -> str | None:
+    state = request.GET.get("state") or None
+    return state if state in ReferralState.values else None
+
+
+@login_required
+def referral_outgoing_page(request: HttpRequest) -> HttpResponse:
+    user = _user(request)
+    if not _sees_referrals(user):
+        raise Http404("No such page.")
+    state = _state_param(request)
+    page = _page(request, selectors.referral_outgoing(user, state=state))
+    caption = "Outgoing referrals" + (f" in state {state}" if state else "")
+    return render(
+        request,
+        "referrals/outgoing.html",
+        {
+            "page": page,
+            "caption": caption,
+            "query": urlencode({"state": state}) if state else "",
+            "may_submit": _may_submit(user),
+            "now": timezone.now(),
+        },
+    )
+
+
+@login_required
+def referral_worklist_page(request: HttpRequest) -> HttpResponse:
+    user = _user(request)
+    if not _sees_referrals(user):
+        raise Http404("No such page.")
+    raw = request.GET.get("department") or None
+    department_id: int | None = None
+    if raw is not None:
+        try:
+            department_id = int(raw)
+        except ValueError as exc:
+            raise Http404("No such department.") from exc
+    try:
+        queryset = selectors.referral_worklist(user, department_id)
+    except NotFound as exc:
+        raise Http404(exc.message) from exc
+    departments = list(
+        user.departments.select_related("facility", "specialty").order_by("name", "id")
+    )
+    current = next((d for d in departments if d.pk == department_id), None)
+    page = _page(request, queryset)
+    return render(
+        request,
+        "referrals/worklist.html",
+        {
+            "page": page,
+            "departments": departments,
+            "department": current,
+            "query": urlencode({"department": department_id}) if department_id else "",
+            "now": timezone.now(),
+        },
+    )
+
+
+# --- detail and actions ------------------------------------------------------------------------
+
+
+def _department_label(department: Department) -> str:
+    return f"{department.name} — {department.facility.name}"
+
+
+def department_choices(referral: Referral, transition: Transition) -> list[tuple[str, str]]:
+    """The departments offered for a department input (local read: see the module doc).
+
+    counter_refer: accepting departments of the original requesting facility. Otherwise
+    (forward): accepting departments of the referral's specialty at other facilities,
+    upper tiers first; the action's guard still has the last word."""
+    departments = Department.objects.filter(accepting=True).select_related("facility")
+    if transition.action == "counter_refer":
+        departments = departments.filter(facility_id=referral.requester_facility_id)
+        ordered = departments.order_by("name", "id")
+    else:
+        departments = departments.filter(specialty_id=referral.specialty_id).exclude(
+            facility_id=referral.requester_facility_id
+        )
+        if referral.assigned_department_id is not None:
+            departments = departments.exclude(pk=referral.assigned_department_id)
+        ordered = departments.order_by("facility__tier", "facility__name", "id")
+    return [(str(d.pk), _department_label(d)) for d in ordered[:MAX_CHOICES]]
+
+
+def expert_choices(referral: Referral) -> list[tuple[str, str]]:
+    """Consultants working in a department of the referral's specialty (local read)."""
+    users = (
+        User.objects.filter(
+            is_active=True,
+            groups__name=Role.CONSULTANT.value,
+            departments__specialty_id=referral.specialty_id,
+        )
+        .select_related("facility")
+        .distinct()
+        .order_by("username")[:MAX_CHOICES]
+    )
+    return [
+        (
+            str(u.pk),
+            f"{u.get_full_name() or u.username}{' — ' + u.facility.name if u.facility else ''}",
+        )
+        for u in users
+    ]
+
+
+def _choice_label(value: str) -> str:
+    return str(CHOICE_LABELS.get(value, value.replace("_", " ")))
+
+
+def _form_field(spec: InputField, referral: Referral, transition: Transition) -> forms.Field:
+    label = FIELD_LABELS.get(spec.name, spec.name.replace("_", " ").capitalize())
+    common: dict[str, Any] = {"label": label, "required": spec.required, "help_text": spec.help}
+    if spec.kind == "text":
+        return forms.CharField(
+            max_length=MAX_TEXT, widget=forms.Textarea(attrs={"rows": 4, "cols": 60}), **common
+        )
+    if spec.kind == "choice":
+        choices = [(c, _choice_label(c)) for c in spec.choices]
+        if not spec.required:
+            choices = [("", "—"), *choices]
+        return forms.ChoiceField(choices=choices, **common)
+    if spec.kind == "bool":
+        # A checkbox: unticked is an answer (False), so it is never "required".
+        return forms.BooleanField(label=label, required=False, help_text=spec.help)
+    if spec.kind == "datetime":
+        return forms.DateTimeField(
+            widget=forms.DateTimeInput(attrs={"type": "datetime-local"}, format="%Y-%m-%dT%H:%M"),
+            input_formats=["%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S"],
+            **common,
+        )
+    if spec.kind == "department":
+        return forms.TypedChoiceField(
+            choices=[("", "Choose a department"), *department_choices(referral, transition)],
+            coerce=int,
+            **common,
+        )
+    if spec.kind == "users":
+        return forms.TypedMultipleChoiceField(
+            choices=expert_choices(referral), coerce=int, **common
+        )
+    if spec.kind == "url":
+        return forms.URLField(max_length=500, assume_scheme="https", **common)
+    raise ValueError(f"unknown input kind {spec.kind}")  # pragma: no cover
+
+
+class ActionForm(forms.Form):
+    expected_version = forms.IntegerField(widget=forms.HiddenInput, min_value=0)
+
+    def __init__(
+        self, *args: Any, referral: Referral, transition: Transition, **kwargs: Any
+    ) -> None:
+        kwargs.setdefault("prefix", transition.action)
+        kwargs.setdefault("initial", {"expected_version": referral.version})
+        super().__init__(*args, **kwargs)
+        self.transition = transition
+        self.action = transition.action
+        self.label = action_label(transition.action)
+        self.description = transition.description
+        for spec in transition.inputs:
+            self.fields[spec.name] = _form_field(spec, referral, transition)
+
+    def inputs(self) -> dict[str, Any]:
+        """The cleaned inputs for ``referral_transition`` (empty optional ones left out)."""
+        data: dict[str, Any] = {}
+        for spec in self.transition.inputs:
+            value = self.cleaned_data.get(spec.name)
+            if spec.kind == "bool":
+                data[spec.name] = bool(value)
+            elif value not in (None, "", []):
+                data[spec.name] = value
+        return data
+
+
+def _authors(referral: Referral) -> dict[int, User]:
+    ids = {n.author_id for n in referral.consult_notes.all()} | {
+        m.author_id for m in referral.messages.all()
+    }
+    ids.discard(None)
+    if not ids:
+        return {}
+    return {u.pk: u for u in User.objects.filter(pk__in=ids)}
+
+
+def _named(items: Iterable[Any], authors: dict[int, User]) -> list[dict[str, Any]]:
+    return [{"item": item, "author": authors.get(item.author_id)} for item in items]
+
+
+def _render_detail(
+    request: HttpRequest,
+    user: User,
+    referral: Referral,
+    *,
+    bound: ActionForm | None = None,
+    error: str | None = None,
+    status: int = 200,
+) -> HttpResponse:
+    forms_by_action = []
+    for action in services.referral_available_actions(user, referral):
+        if bound is not None and bound.action == action:
+            forms_by_action.append(bound)
+        else:
+            forms_by_action.append(
+                ActionForm(referral=referral, transition=TRANSITIONS_BY_ACTION[action])
+            )
+    authors = _authors(referral)
+    context = {
+        "referral": referral,
+        "events": list(referral.events.all()),
+        "notes": _named(referral.consult_notes.all(), authors),
+        "messages_": _named(referral.messages.all(), authors),
+        "experts": list(referral.conference_experts.all()),
+        "close_out": getattr(referral, "close_out", None),
+        "can_message": bool(services.actor_sides(user, referral))
+        and referral.state not in TERMINAL_STATES,
+        "action_forms": forms_by_action,
+        "error": error,
+        "now": timezone.now(),
+    }
+    audit_record(request, AuditAction.READ, [referral.pk])
+    return render(request, "referrals/detail.html", context, status=status)
+
+
+def _get(user: User, referral_id: int) -> Referral:
+    try:
+        return selectors.referral_get_for_user(user, referral_id)
+    except NotFound as exc:
+        raise Http404(exc.message) from exc
+
+
+@login_required
+def referral_detail_page(request: HttpRequest, pk: int) -> HttpResponse:
+    user = _user(request)
+    return _render_detail(request, user, _get(user, pk))
+
+
+@login_required
+@require_POST
+def referral_action(request: HttpRequest, pk: int, action: str) -> HttpResponse:
+    user = _user(request)
+    referral = _get(user, pk)
+    transition = TRANSITIONS_BY_ACTION.get(action)
+    if transition is None or transition.side == "system":
+        raise Http404("No such action.")
+    form = ActionForm(request.POST, referral=referral, transition=transition)
+    if not form.is_valid():
+        error = "Please correct the errors below; nothing was changed."
+        return _render_detail(request, user, referral, bound=form, error=error, status=400)
+    expected: int = form.cleaned_data["expected_version"]
+    try:
+        services.referral_transition(
+            actor=user,
+            referral_id=referral.pk,
+            action=action,
+            expected_version=expected,
+            **form.inputs(),
+        )
+    except Conflict as exc:
+        fresh = _get(user, pk)
+        if exc.code == "version_mismatch":
+            message = STALE_MESSAGE.format(version=fresh.version, expected=expected)
+            # The fresh page, not the stale form: the user must see what changed.
+            return _render_detail(request, user, fresh, error=message, status=409)
+        return _render_detail(request, user, fresh, error=exc.message, status=409)
+    except NotFound as exc:
+        raise Http404(exc.message) from exc
+    except ApplicationError as exc:
+        for name, problem in exc.extra.get("errors", {}).items():
+            form.add_error(name if name in form.fields else None, str(problem))
+        return _render_detail(
+            request, user, referral, bound=form, error=exc.message, status=exc.status_code
+        )
+    audit_record(request, AuditAction.TRANSITION, [referral.pk], detail=action)
+    messages.success(request, f"{action_label(action)}: done.")
+    try:
+        selectors.referral_get_for_user(user, pk)
+    except NotFound:
+        # The action took the case out of the user's scope (forwarded elsewhere).
+        return HttpResponseRedirect(reverse("web-referral-worklist"), status=303)
+    return HttpResponseRedirect(reverse("web-referral-detail", args=[pk]), status=303)
+
+
+@login_required
+@require_POST
+def referral_message(request: HttpRequest, pk: int) -> HttpResponse:
+    """A message to the other side that changes no state (``referral_message_post``)."""
+    user = _user(request)
+    referral = _get(user, pk)
+    text = str(request.POST.get("text", ""))
+    try:
+        services.referral_message_post(actor=user, referral_id=referral.pk, text=text)
+    except NotFound as exc:
+        raise Http404(exc.message) from exc
+    except ApplicationError as exc:
+        return _render_detail(request, user, referral, error=exc.message, status=exc.status_code)
+    audit_record(request, AuditAction.CREATE, [referral.pk], object_type="message")
+    messages.success(request, "Message sent.")
+    return HttpResponseRedirect(reverse("web-referral-detail", args=[pk]) + "#messages", status=303)
