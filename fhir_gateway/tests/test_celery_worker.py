@@ -18,6 +18,14 @@ from fhir_gateway.tasks import deliver_outbox
 from tests.factories import EndpointFactory
 
 
+def _route(routes: object) -> None:
+    # Celery builds its router once per process, from the routes of that moment: an earlier
+    # test that sent any task would otherwise keep this queue out of the router.
+    app.conf.task_routes = routes
+    app.amqp.flush_routes()
+    app.amqp.__dict__.pop("router", None)
+
+
 def _close_worker_connections(**kwargs: object) -> None:
     # The worker thread's own connection would outlive the test and block DB teardown.
     connections.close_all()
@@ -31,7 +39,7 @@ def test_committed_change_is_delivered_in_order_by_a_real_worker(stub_member, se
     # A queue of our own, so the worker takes no one else's tasks from the shared Redis.
     queue = f"fhir-test-{uuid.uuid4().hex}"
     routes = app.conf.task_routes
-    app.conf.task_routes = {deliver_outbox.name: {"queue": queue}}
+    _route({deliver_outbox.name: {"queue": queue}})
     task_postrun.connect(_close_worker_connections, weak=False)
     try:
         with start_worker(app, pool="solo", queues=[queue], perform_ping_check=False):
@@ -70,7 +78,7 @@ def test_committed_change_is_delivered_in_order_by_a_real_worker(stub_member, se
                 time.sleep(0.2)
     finally:
         task_postrun.disconnect(_close_worker_connections)  # type: ignore[attr-defined]
-        app.conf.task_routes = routes
+        _route(routes)
     assert statuses == ["delivered"] * 3
     keys = [m.idempotency_key for m in messages]
     assert stub.applied == keys
