@@ -22,7 +22,7 @@ def _route(routes: object) -> None:
     # Celery builds its router once per process, from the routes of that moment: an earlier
     # test that sent any task would otherwise keep this queue out of the router.
     app.conf.task_routes = routes
-    app.amqp.flush_routes()
+    app.amqp.flush_routes()  # type: ignore[attr-defined]
     app.amqp.__dict__.pop("router", None)
 
 
