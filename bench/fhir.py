@@ -7,11 +7,13 @@
   127.0.0.1 by 1/8/32 client threads (one keep-alive session each): bundles/s, p50, p99;
   beside the raw rate of durable single-row JSONB INSERTs at the same concurrency.
 - search: ``GET /fhir/Task?owner=…&status=requested&_count=50`` p50/p95 over the referrals
-  the ingest stored (plus ``--extra`` more submitted through the services first).
+  the ingest stored; at scale: seed with ``bench/fhir_seed.py --referrals 1000000`` and pass
+  ``--only search --search-department <the id it prints>``.
 - projection: the cost the write path adds (``publish.referral_changed`` as stored, and
   the same renderings validated + serialised with fhir.resources, for decision 2).
 - outbound: ``--messages`` outbox messages delivered by ``--delivery-threads`` threads to a
-  local stub member (ThreadingHTTPServer answering 200): deliveries/s.
+  local stub member (bench/stub_member.py: asyncio, HTTP/1.1 keep-alive, in its own process)
+  through ``delivery.outbox_drain`` in ``--delivery-procs`` processes: deliveries/s.
 
 Migrates the database it is given and creates its own small network (two facilities, one
 department, member-system accounts, endpoints pointing at the stub).
@@ -29,7 +31,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,7 @@ from accounts.models import User  # noqa: E402
 from accounts.roles import Role  # noqa: E402
 from accounts.services import api_token_issue  # noqa: E402
 from fhir_gateway import delivery, publish, storage  # noqa: E402
-from fhir_gateway.models import OutboxMessage  # noqa: E402
+from fhir_gateway.models import FhirResource, OutboxMessage  # noqa: E402
 from referrals.models import Referral, ReferralEvent  # noqa: E402
 from registry.models import Country, Department, Endpoint, Facility, Specialty  # noqa: E402
 
@@ -109,25 +110,23 @@ def raw_insert_rate(dsn: str, clients: int, per_client: int) -> float:
 # --------------------------------------------------------------------------- stub member
 
 
-class _Stub(BaseHTTPRequestHandler):
-    def _ok(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        self.send_response(200)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
+def start_stub(port: int) -> tuple[subprocess.Popen[str], str]:
+    """The member stub in its own process (asyncio, HTTP/1.1 keep-alive): bench/stub_member.py."""
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench/stub_member.py"), str(port)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    if process.stdout.readline().strip() != "ready":
+        raise SystemExit("stub member did not start")
+    return process, f"http://127.0.0.1:{port}/fhir"
 
-    do_PUT = _ok
-    do_POST = _ok
 
-    def log_message(self, format: str, *args: Any) -> None:
-        return
-
-
-def start_stub() -> tuple[ThreadingHTTPServer, str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Stub)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_address[1]}/fhir"
+def stop_stub(process: subprocess.Popen[str]) -> int:
+    process.terminate()
+    out, _ = process.communicate(timeout=10)
+    return int(out.strip() or 0)
 
 
 # --------------------------------------------------------------------------- network
@@ -258,6 +257,9 @@ def projection_cost(n: int) -> tuple[float, float]:
     for referral in referrals:
         event = events[referral.pk]
         with transaction.atomic():
+            # As at submission: nothing of the referral stored or queued yet (rolled back).
+            FhirResource.objects.filter(source_pk=referral.pk).delete()
+            OutboxMessage.objects.filter(aggregate_key=publish.aggregate_key(referral)).delete()
             t = time.perf_counter()
             publish.referral_changed(referral=referral, event=event)
             as_stored.append((time.perf_counter() - t) * 1000)
@@ -276,40 +278,53 @@ def projection_cost(n: int) -> tuple[float, float]:
     return statistics.median(as_stored), statistics.median(validated)
 
 
-def outbound(stub_url: str, messages: int, threads: int) -> float:
+def outbound(stub_url: str, messages: int, threads: int, procs: int, batch: int) -> float:
+    """Deliveries/s of the batch path (``delivery.outbox_drain``) in ``procs`` processes of
+    ``threads`` sender threads each: every due message is delivered (the fresh batch plus
+    what the ingest enqueued), and the fresh batch must all be delivered."""
+    import multiprocessing
+
+    from django.db import connections
+
     endpoint = Endpoint.objects.filter(base_url__startswith=stub_url).first()
     assert endpoint is not None
     row = storage.current_rows("Task").first()
     assert row is not None
     with transaction.atomic():
         ids = [
-            delivery.outbox_enqueue(
-                endpoint=endpoint,
-                aggregate_key=f"bench:{uuid.uuid4().hex}",
-                resource_type="Task",
-                logical_id=row.logical_id,
-                version_id=row.version_id,
-            ).pk
-            for _ in range(messages)
+            m.pk
+            for m in OutboxMessage.objects.bulk_create(
+                OutboxMessage(
+                    endpoint=endpoint,
+                    aggregate_key=f"bench:{uuid.uuid4().hex}",
+                    seq=1,
+                    resource_type="Task",
+                    logical_id=row.logical_id,
+                    version_id=row.version_id,
+                    idempotency_key=uuid.uuid4().hex,
+                )
+                for _ in range(messages)
+            )
         ]
-        transaction.on_commit(lambda: None)
-    chunks = [ids[i::threads] for i in range(threads)]
+    before = OutboxMessage.objects.filter(status="delivered").count()
+    connections.close_all()
+    context = multiprocessing.get_context("fork")
 
-    def work(i: int) -> list[float]:
-        from django.db import connections
-
-        out = []
-        for message_id in chunks[i]:
-            t = time.perf_counter()
-            delivery.outbox_deliver(message_id=message_id)
-            out.append((time.perf_counter() - t) * 1000)
+    def drain() -> None:
+        delivery.outbox_drain(limit=batch, concurrency=threads)
         connections.close_all()
-        return out
 
-    rate, _ = run_threads(threads, work)
+    start = time.perf_counter()
+    workers = [context.Process(target=drain) for _ in range(procs)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    elapsed = time.perf_counter() - start
+    done = OutboxMessage.objects.filter(status="delivered").count() - before
     delivered = OutboxMessage.objects.filter(pk__in=ids, status="delivered").count()
     assert delivered == messages, f"{delivered}/{messages} delivered"
-    return rate
+    return done / elapsed
 
 
 def main() -> None:
@@ -320,7 +335,13 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--searches", type=int, default=300)
     parser.add_argument("--messages", type=int, default=2000)
-    parser.add_argument("--delivery-threads", type=int, default=8)
+    parser.add_argument("--delivery-threads", type=int, default=16, help="per process")
+    parser.add_argument("--delivery-procs", type=int, default=2)
+    parser.add_argument("--delivery-batch", type=int, default=500)
+    parser.add_argument("--stub-port", type=int, default=8766)
+    parser.add_argument("--search-department", type=int, default=0,
+                        help="search this department's worklist (e.g. after bench/fhir_seed.py)")  # fmt: skip
+    parser.add_argument("--only", default="", help="comma list: ingest,search,projection,outbound")
     args = parser.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
 
@@ -329,44 +350,68 @@ def main() -> None:
     conninfo = psycopg.conninfo.make_conninfo(
         **{k: v for k, v in dsn.items() if k in ("host", "port", "user", "password", "dbname")}
     )
-    stub, stub_url = start_stub()
+    stub, stub_url = start_stub(args.stub_port)
     submitter, consultant, department, spoke = network(stub_url)
     sub_token = api_token_issue(user=submitter, name="bench").raw
     con_token = api_token_issue(user=consultant, name="bench").raw
     # Deliveries are timed separately; ingest must not feed a broker that is not running.
     delivery.schedule_delivery = lambda message_id: None
-    server = start_gunicorn(args.workers, args.port)
+    only = set(filter(None, args.only.split(",")))
+
+    def want(name: str) -> bool:
+        return not only or name in only
+
     base = f"http://127.0.0.1:{args.port}"
-    try:
-        print(f"{'clients':>7} {'bundles/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'raw INSERT/s':>13} "
-              f"{'ratio':>6}")  # fmt: skip
-        for clients in (int(c) for c in args.clients.split(",")):
-            per = max(1, args.bundles // clients)
-            rate, samples = ingest(base, sub_token, clients, per, lambda: bundle(spoke, department))
-            raw = raw_insert_rate(conninfo, clients, max(50, per * 4))
-            print(f"{clients:>7} {rate:>10.1f} {pct(samples, 0.5):>8.1f} {pct(samples, 0.99):>8.1f} "
-                  f"{raw:>13.0f} {rate / raw:>6.3f}")  # fmt: skip
-        stored = Referral.objects.filter(assigned_department=department).count()
-        samples = search(base, con_token, department, args.searches)
-        print(f"Task search over {stored} referrals of the department "
-              f"(total Task rows {storage.current_rows('Task').count()}): "
-              f"p50 {pct(samples, 0.5):.1f} ms, p95 {pct(samples, 0.95):.1f} ms")  # fmt: skip
-    finally:
-        server.terminate()
-        server.wait(10)
-    stored_ms, validated_ms = projection_cost(50)
-    print(
-        f"projection per submit: {stored_ms:.2f} ms as stored (dicts, no validation); "
-        f"{validated_ms:.2f} ms with fhir.resources validate + dump of the 6 renderings"
-    )
-    # The stub endpoints were already given messages by the ingest; deliver a fresh batch.
-    rate = outbound(stub_url, args.messages, args.delivery_threads)
-    raw = raw_insert_rate(conninfo, args.delivery_threads, 200)
-    print(
-        f"outbound: {rate:.0f} deliveries/s with {args.delivery_threads} threads "
-        f"(raw INSERT/s at that concurrency: {raw:.0f})"
-    )
-    stub.shutdown()
+    if want("ingest") or want("search"):
+        server = start_gunicorn(args.workers, args.port)
+        try:
+            if want("ingest"):
+                print(f"{'clients':>7} {'bundles/s':>10} {'p50 ms':>8} {'p99 ms':>8} "
+                      f"{'raw INSERT/s':>13} {'ratio':>6}")  # fmt: skip
+                for clients in (int(c) for c in args.clients.split(",")):
+                    per = max(1, args.bundles // clients)
+                    rate, samples = ingest(
+                        base, sub_token, clients, per, lambda: bundle(spoke, department)
+                    )
+                    raw = raw_insert_rate(conninfo, clients, max(50, per * 4))
+                    print(f"{clients:>7} {rate:>10.1f} {pct(samples, 0.5):>8.1f} "
+                          f"{pct(samples, 0.99):>8.1f} {raw:>13.0f} {rate / raw:>6.3f}")  # fmt: skip
+            if want("search"):
+                search_department, search_token = department, con_token
+                if args.search_department:
+                    search_department = Department.objects.get(pk=args.search_department)
+                    user = User.objects.filter(departments=search_department).first()
+                    assert user is not None, "no member-system user linked to that department"
+                    search_token = api_token_issue(user=user, name="bench").raw
+                stored = Referral.objects.filter(
+                    assigned_department=search_department, state="submitted"
+                ).count()
+                samples = search(base, search_token, search_department, args.searches)
+                print(f"Task search owner+status=requested (_count=50) over {stored} submitted "
+                      f"referrals of the department; {Referral.objects.count()} referrals, "
+                      f"{storage.current_rows('Task').count()} current Task rows: "
+                      f"p50 {pct(samples, 0.5):.1f} ms, p95 {pct(samples, 0.95):.1f} ms")  # fmt: skip
+        finally:
+            server.terminate()
+            server.wait(10)
+    if want("projection"):
+        stored_ms, validated_ms = projection_cost(50)
+        print(
+            f"projection per submit: {stored_ms:.2f} ms as stored (dicts, no validation); "
+            f"{validated_ms:.2f} ms with fhir.resources validate + dump of the 6 renderings"
+        )
+    if want("outbound"):
+        # The stub endpoints were already given messages by the ingest; deliver a fresh batch.
+        rate = outbound(
+            stub_url, args.messages, args.delivery_threads, args.delivery_procs, args.delivery_batch
+        )
+        raw = raw_insert_rate(conninfo, args.delivery_threads, 200)
+        print(
+            f"outbound: {rate:.0f} deliveries/s, {args.delivery_procs} processes x "
+            f"{args.delivery_threads} threads, batches of {args.delivery_batch} "
+            f"(raw INSERT/s at {args.delivery_threads} clients: {raw:.0f})"
+        )
+    print(f"stub answered {stop_stub(stub)} requests")
 
 
 if __name__ == "__main__":

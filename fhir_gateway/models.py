@@ -52,6 +52,15 @@ class FhirResource(models.Model):
                 condition=Q(is_current=True),
                 name="fhir_resource_current_updated",
             ),
+            # Searches scoped by source (referral / registry row): the count and the page's
+            # sort key come from the index alone (index-only scan); the JSON of the page's
+            # rows is then read by primary key (views._search).
+            models.Index(
+                fields=["resource_type", "source_pk"],
+                include=["logical_id", "id"],
+                condition=Q(is_current=True, deleted=False),
+                name="fhir_resource_live_source",
+            ),
         ]
 
     def __str__(self) -> str:

@@ -17,7 +17,7 @@ from django.db.models import Q
 from fhir_gateway import referral_mapping as m
 from fhir_gateway.delivery import outbox_enqueue_versions
 from fhir_gateway.models import FhirResource
-from fhir_gateway.storage import content_hash, store_version
+from fhir_gateway.storage import content_hash, store_first_versions, store_version
 from referrals.models import ConsultNote, Message, Referral, ReferralEvent, ReferralState
 from registry.models import Endpoint
 
@@ -75,11 +75,12 @@ def member_endpoints(referral: Referral) -> list[Endpoint]:
     )
 
 
-def _enqueue(referral: Referral, rows: list[FhirResource]) -> None:
+def _enqueue(referral: Referral, rows: list[FhirResource], *, first: bool = False) -> None:
     if rows:
         outbox_enqueue_versions(
             aggregate_key=aggregate_key(referral),
             items=[(endpoint, row) for endpoint in member_endpoints(referral) for row in rows],
+            new_aggregate=first,
         )
 
 
@@ -89,8 +90,14 @@ def _task_context(referral: Referral, event: ReferralEvent) -> m.TaskContext:
         code, text = str(event.payload.get("reason_code") or ""), event.reason
     elif referral.state == ReferralState.CANCELLED and event.action == "cancel":
         text = event.reason
-    notes = list(
-        ConsultNote.objects.filter(referral=referral).order_by("pk").values_list("pk", flat=True)
+    notes = (
+        []
+        if referral.version <= 1  # created in this transaction: no consult note yet
+        else list(
+            ConsultNote.objects.filter(referral=referral)
+            .order_by("pk")
+            .values_list("pk", flat=True)
+        )
     )
     return m.TaskContext(
         last_modified=event.at,
@@ -126,6 +133,16 @@ def referral_changed(*, referral: Referral, event: ReferralEvent) -> list[FhirRe
         extra.append(
             m.consult_note_to_document_reference(referral, note, author_facility_id=author_facility)
         )
+    if referral.version == 1 and not extra:
+        # Created (not as a draft) in this transaction: nothing of it is stored or queued
+        # yet. Version 1 of the three resources in one INSERT, the messages in another.
+        rows = store_first_versions(
+            [(r, content_hash(r[m.R4])) for r in (patient, order, task)],
+            fhir_version=m.R4,
+            source_pk=referral.pk,
+        )
+        _enqueue(referral, rows, first=True)
+        return rows
     ids = [(r[m.R4]["resourceType"], r[m.R4]["id"]) for r in (patient, order)]
     hashes = _current_hashes(referral, ids)
     rows = [

@@ -619,11 +619,21 @@ def transaction_bundle(
         referral, created = _submit(user, intake, department)
         outcomes: dict[int, tuple[FhirResource, str]] = {}
         status = "201 Created" if created else "200 OK"
-        sr_row = _current("ServiceRequest", referral.filler_id)
+        wanted = ["ServiceRequest"] + [t for t in ("Patient", "Task") if by_type.get(t)]
+        current = {
+            row.resource_type: row
+            for row in FhirResource.objects.filter(
+                resource_type__in=wanted, logical_id=referral.filler_id, is_current=True
+            )
+        }
+        for rtype in wanted:  # missing (404) or deleted (410): answered as _current does
+            if rtype not in current or current[rtype].deleted:
+                _current(rtype, referral.filler_id)
+        sr_row = current["ServiceRequest"]
         outcomes[sr_index] = (sr_row, status)
         for rtype in ("Patient", "Task"):
             for index, _res in by_type.get(rtype, []):
-                outcomes[index] = (_current(rtype, referral.filler_id), status)
+                outcomes[index] = (current[rtype], status)
         for index, document in by_type.get("DocumentReference", []):
             if created:
                 result = _document_reference_for(user, referral, document)

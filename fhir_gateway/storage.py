@@ -289,6 +289,48 @@ def store_version(
     return row
 
 
+def store_first_versions(
+    items: list[tuple[dict[str, dict[str, Any]], str]],
+    *,
+    fhir_version: str,
+    source_pk: int | None = None,
+    now: datetime | None = None,
+) -> list[FhirResource]:
+    """Version 1 of several resources that cannot exist yet (ids minted in this
+    transaction, e.g. a new referral's filler id), in one INSERT: no advisory lock and no
+    current-row lookup. Each item is (renderings per FHIR version, content hash); stored
+    without validation like ``store_version(validate=False, index_tokens=False)``. The
+    unique constraints still refuse a duplicate (IntegrityError → 409)."""
+    now = now or timezone.now()
+    now = now.replace(microsecond=now.microsecond // 1000 * 1000)
+    rows = []
+    for renderings, hash_value in items:
+        first = next(iter(renderings.values()))
+        resource_type, logical_id = first["resourceType"], first["id"]
+        if not FHIR_ID.match(logical_id):
+            raise FhirError(400, "invalid", f"{logical_id!r} is not a valid FHIR id.")
+        texts = {
+            target: dumps(_with_meta({**rendered, "id": logical_id}, 1, now))
+            for target, rendered in renderings.items()
+        }
+        rows.append(
+            FhirResource(
+                resource_type=resource_type,
+                logical_id=logical_id,
+                version_id=1,
+                last_updated=now,
+                fhir_version=fhir_version,
+                json_r4=texts.get("4.0", ""),
+                json_r5=texts.get("5.0", ""),
+                content_hash=hash_value,
+                is_current=True,
+                deleted=False,
+                source_pk=source_pk,
+            )
+        )
+    return FhirResource.objects.bulk_create(rows)
+
+
 def parse_if_match(raw: str) -> int:
     match = _ETAG.match(raw)
     if not match:

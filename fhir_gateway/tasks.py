@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from fhir_gateway.delivery import outbox_deliver, outbox_due_ids, schedule_delivery
+from fhir_gateway.delivery import (
+    outbox_deliver,
+    outbox_drain,
+    outbox_due_ids,
+    schedule_delivery,
+)
 from fhir_gateway.registry_projection import project_registry_incremental
 
 
@@ -20,6 +25,13 @@ def outbox_sweep() -> int:
     for message_id in due:
         schedule_delivery(message_id)
     return len(due)
+
+
+@shared_task(name="fhir_gateway.outbox_drain", ignore_result=True)
+def outbox_drain_task(limit: int = 500) -> int:
+    """Bulk path: claim batches across aggregates, send concurrently (keep-alive pool),
+    record outcomes in bulk, until nothing is due. For backlogs (after an outage)."""
+    return outbox_drain(limit=limit).delivered
 
 
 @shared_task(name="fhir_gateway.project_registry", ignore_result=True)

@@ -599,10 +599,14 @@ def _search(
     if not handler.renders_all_versions:
         rows = rows.exclude(**{column: ""})
     total = rows.count() if total_mode != "none" or offset else None
+    # The page's primary keys first (sorted and cut from the index where it covers the
+    # sort key), then the JSON of just those rows: the text columns of the other matches
+    # are never read.
+    page_pks = rows.order_by(*handler.order_by).values("pk")[offset : offset + count]
     page = list(
-        rows.order_by(*handler.order_by).values_list("resource_type", "logical_id", column)[
-            offset : offset + count
-        ]
+        FhirResource.objects.filter(pk__in=page_pks)
+        .order_by(*handler.order_by)
+        .values_list("resource_type", "logical_id", column)
     )
     entries = [
         '{"fullUrl":'

@@ -88,6 +88,23 @@ def new_filler_id() -> str:
     return "CSL-" + uuid.uuid4().hex.upper()
 
 
+# The states a department's worklist shows (neither draft nor terminal). Spelled out here
+# for the partial worklist index; ``selectors.OPEN_STATES`` derives the same set from the
+# workflow table and a test keeps the two equal (else the index would silently go unused).
+WORKLIST_STATES: tuple[str, ...] = (
+    ReferralState.SUBMITTED,
+    ReferralState.ACCEPTED,
+    ReferralState.INFO_REQUESTED,
+    ReferralState.SCHEDULED,
+    ReferralState.IN_CONFERENCE,
+    ReferralState.ADVISED,
+    ReferralState.TRANSFER_REQUESTED,
+    ReferralState.TRANSFER_ACCEPTED,
+    ReferralState.IN_TRANSIT,
+    ReferralState.ARRIVED,
+)
+
+
 class Referral(models.Model):
     placer_system = models.CharField(
         max_length=255, help_text="identifier system of the sender's order (FHIR placer)"
@@ -172,6 +189,14 @@ class Referral(models.Model):
             models.Index(
                 fields=["assigned_department", "state", "priority", "deadline"],
                 name="referral_worklist",
+            ),
+            # The open worklist of one department in its exact order (priority, deadline,
+            # id): a page is an index range scan that stops after 50 rows, whatever the
+            # number of open cases. Partial: open rows only (small, cheap to keep up).
+            models.Index(
+                fields=["assigned_department", "priority", "deadline", "id"],
+                name="referral_open_worklist",
+                condition=Q(state__in=WORKLIST_STATES),
             ),
             models.Index(fields=["requester_facility", "created_at"], name="referral_outgoing"),
             models.Index(fields=["state", "deadline"], name="referral_state_deadline"),

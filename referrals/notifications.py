@@ -31,6 +31,7 @@ from rest_framework.views import APIView
 
 from accounts.models import User
 from accounts.roles import Role
+from core.dispatch import send_later
 from core.errors import NotFound
 from core.pagination import Pagination
 from referrals.models import Notification, ReferralEvent, ReferralState
@@ -171,13 +172,18 @@ def notify_transition(self: Any, event_id: int) -> int:
     return notify_event(event_id=event_id)
 
 
-def notify_transition_later(event_id: int) -> None:
-    """Queue the task (called from ``transaction.on_commit``). The transition has
-    committed already: a broker outage must not turn it into an error for the caller."""
+def _queue_notifications(event_id: int) -> None:
     try:
         notify_transition.delay(event_id)
     except Exception:  # the broker is down; the event stays the record
         logger.exception("could not queue notifications for event %s", event_id)
+
+
+def notify_transition_later(event_id: int) -> None:
+    """Queue the task (called from ``transaction.on_commit``), off the request thread
+    (``core.dispatch``: the caller does not wait for the broker). The transition has
+    committed already: a broker outage must not turn it into an error for the caller."""
+    send_later(_queue_notifications, event_id)
 
 
 # --- reads and the in-app API ------------------------------------------------------------

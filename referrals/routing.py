@@ -33,13 +33,16 @@ are full, the least bad one still answers. Ties: nearer first, then the lower id
 
 Speed (p95 <= 2 ms at national scale): the registry side (departments by specialty, every
 facility's tier/country/coordinates/languages, support links by spoke) is held in memory
-per process; it is rebuilt when the department table changes (count, max id, max
-``updated_at``: one tiny query per call) and at the latest every
+per process; it is rebuilt when the department table changes (its watermark: count, max id,
+accepting count, max ``updated_at``) and at the latest every
 ``REFERRAL_ROUTING_CACHE_SECONDS`` (facility and link edits). Median response times come
 from one grouped query over ``ReferralEvent`` cached for ``REFERRAL_ROUTING_STATS_SECONDS``.
-Per call, only the live load (one grouped COUNT on the ``referral_department_load`` index)
-and the referral's tried departments (one indexed query, skipped for a new referral) hit
-the database.
+Per call, ONE query (``_live_state``, three ``UNION ALL`` parts) reads what must be live:
+the department watermark (221 rows at national scale), today's load of the candidate
+departments (grouped COUNT on the ``referral_department_load`` index) and the referral's
+tried departments (its events; left out for a new referral). So a department edit, also a
+bulk ``UPDATE``, is seen by the next call in every process (no staleness); only when the
+watermark moved does a call rebuild the snapshot and ask again (a second query).
 """
 
 from __future__ import annotations
@@ -54,7 +57,6 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connection
-from django.db.models import Count, Max, Q
 from django.utils import timezone
 
 from referrals.models import Referral, ReferralEvent
@@ -171,12 +173,20 @@ def routing_cache_clear() -> None:
         _stats = None
 
 
+# ``accepting`` is counted too: it is often flipped with a bulk UPDATE (no updated_at).
+# One SQL text for both readers (``_watermark``, ``_live_state``), so the tuples compare.
+_DEPARTMENT_TABLE = Department._meta.db_table
+_WATERMARK_SQL = (
+    "SELECT 0, COUNT(*), MAX(id), SUM(CASE WHEN accepting THEN 1 ELSE 0 END), MAX(updated_at) "
+    "FROM " + _DEPARTMENT_TABLE
+)
+
+
 def _watermark() -> tuple[Any, ...]:
-    # ``accepting`` is counted too: it is often flipped with a bulk UPDATE (no updated_at).
-    row = Department.objects.aggregate(
-        n=Count("id"), i=Max("id"), u=Max("updated_at"), a=Count("id", filter=Q(accepting=True))
-    )
-    return (row["n"], row["i"], row["u"], row["a"])
+    with connection.cursor() as cursor:
+        cursor.execute(_WATERMARK_SQL)
+        row = cursor.fetchone()
+    return tuple(row[1:])
 
 
 def _build_network(watermark: tuple[Any, ...]) -> _Network:
@@ -274,18 +284,19 @@ def _build_network(watermark: tuple[Any, ...]) -> _Network:
     )
 
 
-def _current_network() -> _Network:
+def _current_network(watermark: tuple[Any, ...] | None = None) -> _Network:
+    """The snapshot; rebuilt when missing, older than the TTL, or when ``watermark`` (the
+    department table's, read by the caller) differs from the one it was built at."""
     global _network
-    watermark = _watermark()
     ttl = float(getattr(settings, "REFERRAL_ROUTING_CACHE_SECONDS", 60))
     network = _network
     if (
         network is None
-        or network.watermark != watermark
+        or (watermark is not None and network.watermark != watermark)
         or time.monotonic() - network.built_at > ttl
     ):
         with _lock:
-            network = _build_network(watermark)
+            network = _build_network(watermark if watermark is not None else _watermark())
             _network = network
     return network
 
@@ -342,32 +353,47 @@ def _current_stats(now: datetime) -> dict[int, float]:
     return stats.median_hours
 
 
-def _tried_departments(referral: Referral) -> set[int]:
-    tried: set[int] = set()
-    if referral.assigned_department_id is not None:
-        tried.add(referral.assigned_department_id)
-    if referral.pk is not None and referral.version > 0:
-        tried.update(
-            ReferralEvent.objects.filter(referral_id=referral.pk, department_id__isnull=False)
-            .values_list("department_id", flat=True)
-            .distinct()
-        )
-    return tried
+@dataclass
+class _Live:
+    watermark: tuple[Any, ...]
+    load: dict[int, int]  # referrals assigned since local midnight, per department
+    tried: set[int]  # departments in the referral's events
 
 
-def _load_today(department_ids: list[int], now: datetime) -> dict[int, int]:
-    """Referrals assigned to each department since local midnight: one grouped COUNT."""
+def _live_state(referral: Referral, department_ids: list[int], now: datetime) -> _Live:
+    """The per-call reads in one round trip: the department watermark, today's load of
+    ``department_ids`` (grouped COUNT, ``referral_department_load`` index) and the tried
+    departments (skipped for a new referral)."""
     local = timezone.localtime(now)
     day_start = local.replace(hour=0, minute=0, second=0, microsecond=0)
-    rows = (
-        Referral.objects.filter(
-            assigned_department_id__in=department_ids, assigned_at__gte=day_start
+    parts: list[str] = [_WATERMARK_SQL]
+    params: list[int | datetime] = []
+    if department_ids:
+        marks = ", ".join(["%s"] * len(department_ids))
+        parts.append(
+            f"SELECT 1, assigned_department_id, COUNT(*), NULL, NULL "  # noqa: S608
+            f"FROM {Referral._meta.db_table} WHERE assigned_department_id IN ({marks}) "
+            "AND assigned_at >= %s GROUP BY assigned_department_id"
         )
-        .values_list("assigned_department_id")
-        .annotate(n=Count("id"))
-        .order_by()
-    )
-    return dict(rows)
+        params += [*department_ids, day_start]
+    if referral.pk is not None and referral.version > 0:
+        parts.append(
+            f"SELECT 2, department_id, NULL, NULL, NULL "  # noqa: S608
+            f"FROM {ReferralEvent._meta.db_table} "
+            "WHERE referral_id = %s AND department_id IS NOT NULL GROUP BY department_id"
+        )
+        params.append(referral.pk)
+    live = _Live(watermark=(), load={}, tried=set())
+    with connection.cursor() as cursor:
+        cursor.execute(" UNION ALL ".join(parts), params)
+        for kind, a, b, c, d in cursor.fetchall():
+            if kind == 0:
+                live.watermark = (a, b, c, d)
+            elif kind == 1:
+                live.load[a] = b
+            else:
+                live.tried.add(a)
+    return live
 
 
 def is_identifiable(referral: Referral) -> bool:
@@ -390,18 +416,32 @@ def suggest_departments(
     a whole history with it, from the registry alone."""
     now = now or timezone.now()
     network = _current_network() if live or _network is None else _network
+
+    def offering(network: _Network) -> list[_Department]:
+        return [
+            d
+            for d in network.by_specialty.get(referral.specialty_id, ())
+            if d.accepting
+            and referral.mode in d.modes
+            and d.facility_id != referral.requester_facility_id
+        ]
+
+    offers = offering(network)
+    load: dict[int, int] = {}
+    tried = set(exclude)
+    if referral.assigned_department_id is not None:
+        tried.add(referral.assigned_department_id)
+    if live:
+        state = _live_state(referral, [d.id for d in offers], now)
+        if state.watermark != network.watermark:  # a department changed: rebuild, ask again
+            network = _current_network(state.watermark)
+            offers = offering(network)
+            state = _live_state(referral, [d.id for d in offers], now)
+        load, tried = state.load, tried | state.tried
     requester = network.facilities.get(referral.requester_facility_id)
     if requester is None:
         return []
-    tried = (_tried_departments(referral) if live else set()) | set(exclude)
-    pool = [
-        d
-        for d in network.by_specialty.get(referral.specialty_id, ())
-        if d.accepting
-        and referral.mode in d.modes
-        and d.facility_id != referral.requester_facility_id
-        and d.id not in tried
-    ]
+    pool = [d for d in offers if d.id not in tried]
     if not pool:
         return []
     day = timezone.localdate(now)
@@ -443,7 +483,6 @@ def suggest_departments(
     if not eligible:
         return []
 
-    load = _load_today([d.id for d, *_ in eligible], now) if live else {}
     medians = _current_stats(now) if live else {}
     suggestions: list[Suggestion] = []
     for d, reasons, score, allowed in eligible:

@@ -95,10 +95,26 @@ def referral_get_for_user(user: User, referral_id: Any) -> Referral:
         raise NotFound("No such referral.") from exc
 
 
+# What a list row shows (API list serializer, web tables): the referral without its
+# clinical question, and the few columns of the joined rows. Loading whole facilities
+# (coordinates, languages, timestamps) cost more Python time than the query itself.
+_LIST_FIELDS: tuple[str, ...] = (
+    *(f.name for f in Referral._meta.concrete_fields if f.name != "clinical_question"),
+    "requester_facility__code",
+    "requester_facility__name",
+    "specialty__system",
+    "specialty__code",
+    "specialty__display",
+    "assigned_department__name",
+    "assigned_department__facility__code",
+    "assigned_department__facility__name",
+)
+
+
 def _list_queryset(queryset: QuerySet[Referral]) -> QuerySet[Referral]:
     return queryset.select_related(
         "requester_facility", "specialty", "assigned_department__facility"
-    )
+    ).only(*_LIST_FIELDS)
 
 
 def referral_outgoing(user: User, *, state: str | None = None) -> QuerySet[Referral]:

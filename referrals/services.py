@@ -464,7 +464,11 @@ def referral_transition(
         raise ApplicationError(f"Unknown action {action!r}.", code="unknown_action")
     now = now or timezone.now()
     with transaction.atomic():
-        queryset = Referral.objects.select_for_update()
+        # The FHIR projection reads the specialty and the department (endpoints): loaded
+        # with the locked row (only the referral row is locked).
+        queryset = Referral.objects.select_for_update(of=("self",)).select_related(
+            "specialty", "assigned_department"
+        )
         if actor is not None:
             scope = referral_scope_filter(actor)
             if scope is None:
@@ -572,7 +576,9 @@ def _referral_create(
     draft: bool,
     now: datetime,
 ) -> Referral:
-    referral = Referral.objects.create(
+    # Built unsaved: a draft is inserted here, a submission by ``_apply`` (one INSERT of
+    # the submitted row instead of an INSERT of the draft and an UPDATE).
+    referral = Referral(
         placer_system=placer_system,
         placer_value=placer_value,
         requester_facility=requester_facility,
@@ -591,7 +597,9 @@ def _referral_create(
         state=ReferralState.DRAFT,
         created_at=now,
     )
-    if not draft:
+    if draft:
+        referral.save(force_insert=True)
+    else:
         _apply(
             referral=referral,
             transition=TRANSITIONS_BY_ACTION["submit"],

@@ -343,3 +343,110 @@ def test_sweep_task_hands_due_messages_to_workers(db, monkeypatch):
     _enqueue(endpoint, "referral:1", _resource("c2"))
     assert outbox_sweep() == 1
     assert scheduled == [head.pk]
+
+
+# --------------------------------------------------------------------------- batch path
+
+
+def _batch_drain(**kwargs: object) -> delivery.BatchReport:
+    return delivery.outbox_drain(limit=50, concurrency=4, max_batches=50, **kwargs)
+
+
+def test_batch_keeps_order_per_aggregate_and_applies_once(db, stub_member):
+    stub = stub_member([500, ("slow", 1.5), 503])  # the first three requests fail
+    endpoint = EndpointFactory.create(base_url=stub.base_url)
+    messages = {
+        agg: [_enqueue(endpoint, f"referral:{agg}", _resource(f"{agg}{i}")) for i in range(4)]
+        for agg in "ABCDEF"
+    }
+    report = _batch_drain()
+    assert report.delivered == 24
+    assert set(OutboxMessage.objects.values_list("status", flat=True)) == {Status.DELIVERED}
+    by_key = {m.idempotency_key: m for ms in messages.values() for m in ms}
+    for agg in messages:
+        sent = [by_key[r["key"]].logical_id for r in stub.requests if r["key"] in by_key]
+        sent = [lid for lid in sent if lid.startswith(agg)]
+        # Order kept: each message only after the previous one of its aggregate, even
+        # when one failed and was retried (it is repeated, never overtaken).
+        deduped = [lid for i, lid in enumerate(sent) if i == 0 or sent[i - 1] != lid]
+        assert deduped == [f"{agg}{i}" for i in range(4)]
+        applied = [
+            by_key[k].logical_id for k in stub.applied if by_key[k].aggregate_key.endswith(agg)
+        ]
+        assert applied == [f"{agg}{i}" for i in range(4)]
+    assert sorted(stub.applied) == sorted(by_key)  # each applied exactly once
+
+
+def test_batch_failure_releases_the_rest_of_the_run_without_counting_attempts(db, stub_member):
+    stub = stub_member([500])
+    endpoint = EndpointFactory.create(base_url=stub.base_url)
+    first = _enqueue(endpoint, "referral:1", _resource("c1"))
+    second = _enqueue(endpoint, "referral:1", _resource("c2"))
+    report = delivery.outbox_deliver_batch(limit=10, concurrency=1)
+    assert (report.claimed, report.failed, report.released, report.delivered) == (2, 1, 1, 0)
+    first.refresh_from_db()
+    second.refresh_from_db()
+    assert (first.status, first.attempts, first.claim_token) == (Status.FAILED, 1, "")
+    assert (second.status, second.attempts, second.claim_token) == (Status.PENDING, 0, "")
+    assert [r["path"] for r in stub.requests] == ["/fhir/Communication/c1"]
+    _batch_drain()
+    first.refresh_from_db()
+    second.refresh_from_db()
+    assert (first.status, second.status) == (Status.DELIVERED, Status.DELIVERED)
+    assert stub.applied == [first.idempotency_key, second.idempotency_key]
+
+
+def test_batch_skips_held_aggregates_dead_heads_and_inactive_endpoints(db, stub_member):
+    stub = stub_member([422])
+    endpoint = EndpointFactory.create(base_url=stub.base_url)
+    dead_head = _enqueue(endpoint, "referral:1", _resource("c1"))
+    behind = _enqueue(endpoint, "referral:1", _resource("c2"))
+    suspended = EndpointFactory.create(base_url=stub.base_url, status=Endpoint.Status.SUSPENDED)
+    waiting = _enqueue(suspended, "referral:2", _resource("c3"))
+    after_waiting = _enqueue(endpoint, "referral:2", _resource("c4"))
+    _batch_drain()
+    statuses = {
+        m.pk: OutboxMessage.objects.get(pk=m.pk).status
+        for m in (dead_head, behind, waiting, after_waiting)
+    }
+    assert statuses == {
+        dead_head.pk: Status.DEAD,
+        behind.pk: Status.PENDING,
+        waiting.pk: Status.PENDING,
+        after_waiting.pk: Status.PENDING,
+    }
+    assert [r["path"] for r in stub.requests] == ["/fhir/Communication/c1"]
+
+
+def test_batch_reclaims_an_expired_lease_and_only_the_claimant_records(db, stub_member, settings):
+    stub = stub_member()
+    endpoint = EndpointFactory.create(base_url=stub.base_url)
+    message = _enqueue(endpoint, "referral:1", _resource("c1"))
+    assert delivery._claim(message.pk, timezone.now()) is not None  # a worker dies here
+    assert delivery.outbox_deliver_batch(limit=10).claimed == 0  # lease still runs
+    settings.FHIR_OUTBOX_LEASE_SECONDS = 0
+    assert delivery.outbox_deliver_batch(limit=10).delivered == 1
+    message.refresh_from_db()
+    assert (message.status, message.attempts) == (Status.DELIVERED, 2)
+    assert stub.applied == [message.idempotency_key]
+
+
+def test_batch_unsupported_version_is_dead_and_r5_gets_its_rendering(db, stub_member):
+    stub = stub_member()
+    r5 = EndpointFactory.create(base_url=stub.base_url, fhir_version="5.0")
+    old = EndpointFactory.create(base_url=stub.base_url, fhir_version="4.3")
+    with transaction.atomic():
+        row = store_version(
+            resource_type="Communication",
+            logical_id="c5",
+            resource={"resourceType": "Communication", "status": "completed"},
+            fhir_version="5.0",
+        )
+    good = _enqueue(r5, "referral:1", row)
+    bad = _enqueue(old, "referral:2", row)
+    report = _batch_drain()
+    assert (report.delivered, report.dead) == (1, 1)
+    bad.refresh_from_db()
+    assert bad.status == Status.DEAD and "4.3" in bad.last_error
+    assert stub.requests[0]["body"] == row.json_r5.encode()
+    assert stub.applied == [good.idempotency_key]

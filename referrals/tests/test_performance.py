@@ -1,0 +1,129 @@
+"""Cost guards of the hot paths (issue 3 targets): queries per submit, per transition and
+per routing call, the plan of a department's worklist page, and the background sends."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+
+from core import dispatch
+from referrals import routing, selectors, services
+from referrals.models import WORKLIST_STATES, Referral
+from referrals.tests.conftest import World
+
+
+def test_the_worklist_index_covers_exactly_the_open_states() -> None:
+    # The partial index is used only when the query's states imply its condition.
+    assert set(WORKLIST_STATES) == set(selectors.OPEN_STATES)
+
+
+def test_department_worklist_page_is_an_ordered_index_range_scan(world: World) -> None:
+    for _ in range(3):
+        world.submit()
+    queryset = selectors.referral_worklist(world.consultant, world.hub_paeds.pk)[:50]
+    with connection.cursor() as cursor:
+        # Tiny tables favour a sequential scan; forbid it and sorting to see whether the
+        # index can serve the filter and the ORDER BY on its own.
+        cursor.execute("SET LOCAL enable_seqscan = off")
+        cursor.execute("SET LOCAL enable_sort = off")
+        cursor.execute("SET LOCAL enable_bitmapscan = off")
+        sql, params = queryset.query.sql_with_params()
+        cursor.execute(f"EXPLAIN {sql}", params)
+        plan = "\n".join(row[0] for row in cursor.fetchall())
+    assert "referral_open_worklist" in plan, plan
+    assert "Sort" not in plan, plan
+    assert [r.pk for r in queryset] == [
+        r.pk
+        for r in Referral.objects.filter(assigned_department=world.hub_paeds).order_by(
+            "priority", "deadline", "id"
+        )
+    ]
+
+
+def test_submit_and_accept_query_counts(world: World) -> None:
+    world.submit()  # the routing snapshot and statistics are per process: warm them
+    with CaptureQueriesContext(connection) as submit:
+        referral = world.submit()
+    with CaptureQueriesContext(connection) as accept:
+        services.referral_transition(
+            actor=world.consultant, referral_id=referral.pk, action="accept"
+        )
+    # submit: idempotency lookup, routing (one query), one INSERT of the referral, the
+    # event, the FHIR projection (Patient, ServiceRequest, Task, outbox) and BEGIN/COMMIT.
+    assert len(submit.captured_queries) <= 22, [q["sql"] for q in submit.captured_queries]
+    # accept: roles, departments, the locked row with specialty and department, UPDATE,
+    # event, FHIR Task version and outbox; no lazy loads.
+    assert len(accept.captured_queries) <= 17, [q["sql"] for q in accept.captured_queries]
+    sqls = [q["sql"] for q in accept.captured_queries]
+    assert not any(s.startswith('SELECT "registry_specialty"') for s in sqls)
+    assert not any(
+        s.startswith('SELECT "registry_department"') and "accounts_user_departments" not in s
+        for s in sqls
+    )
+
+
+def test_routing_is_one_query_per_warm_call(world: World) -> None:
+    routing.routing_cache_clear()
+    referral = world.submit(department=None)
+    assert referral.assigned_department_id is not None
+    routing.suggest_departments(referral)  # warm
+    with CaptureQueriesContext(connection) as one:
+        routing.suggest_departments(referral)
+    assert len(one.captured_queries) == 1
+    probe = Referral(
+        requester_facility=world.district, specialty=world.paeds, mode="async", patient_ref=""
+    )
+    with CaptureQueriesContext(connection) as new:
+        routing.suggest_departments(probe)
+    assert len(new.captured_queries) == 1
+
+
+def test_background_sends_leave_the_calling_thread(settings: Any) -> None:
+    settings.CELERY_SEND_IN_BACKGROUND = True
+    seen: list[tuple[str, int]] = []
+    release = threading.Event()
+
+    def send(n: int) -> None:
+        release.wait(5)
+        seen.append((threading.current_thread().name, n))
+
+    def fail(n: int) -> None:
+        raise ConnectionError("broker down")
+
+    dispatch.send_later(fail, 0)  # logged on the thread, never raised to the caller
+    dispatch.send_later(send, 1)
+    dispatch.send_later(send, 2)
+    assert seen == []  # the caller did not wait
+    release.set()
+    assert dispatch.flush(timeout=5)
+    assert seen == [("consilium-send", 1), ("consilium-send", 2)]
+
+
+def test_inline_sends_when_configured(settings: Any) -> None:
+    settings.CELERY_SEND_IN_BACKGROUND = False
+    seen: list[str] = []
+    dispatch.send_later(lambda: seen.append(threading.current_thread().name))
+    assert seen == [threading.current_thread().name]
+
+
+@pytest.mark.parametrize("department", [True, False])
+def test_a_draft_is_inserted_once_and_a_submission_once(world: World, department: bool) -> None:
+    extra: dict[str, Any] = {} if department else {"department": None}
+    with CaptureQueriesContext(connection) as draft:
+        world.submit(draft=True, **extra)
+    with CaptureQueriesContext(connection) as submitted:
+        referral = world.submit(**extra)
+    for captured in (draft, submitted):
+        writes = [
+            q["sql"].split(" ")[0]
+            for q in captured.captured_queries
+            if '"referrals_referral"' in q["sql"].split(" (")[0]
+            and q["sql"].startswith(("INSERT", "UPDATE"))
+        ]
+        assert writes == ["INSERT"]
+    assert (referral.state, referral.version) == ("submitted", 1)
+    assert Referral.objects.get(pk=referral.pk).state == "submitted"
