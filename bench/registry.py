@@ -409,6 +409,9 @@ def search_figures() -> None:
             raw.execute("SELECT id, name FROM registry_facility WHERE id = %s", [pk]).fetchone()
             raw_times.append((time.perf_counter() - t) * 1000)
 
+    for _, lat, lon in sample[:50]:  # warm-up: connection, query compilation, caches
+        departments_near(specialty_code=specialties[0], latitude=lat, longitude=lon, radius_km=150)
+
     rows: list[tuple[str, float, float, float]] = []
     for radius in (50.0, 150.0, 400.0):
         times: list[float] = []
