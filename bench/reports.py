@@ -48,7 +48,13 @@ from registry.models import (  # noqa: E402
     Specialty,
     Tier,
 )
-from reports.models import DailyRollup, ReferralFact, UpkeepState  # noqa: E402
+from reports.models import (  # noqa: E402
+    DailyRollup,
+    DurationHistogram,
+    MonthlyRollup,
+    ReferralFact,
+    UpkeepState,
+)
 from reports.selectors import (  # noqa: E402
     filters_parse,
     report_capacity,
@@ -65,7 +71,7 @@ DAYS = 730
 
 def wipe() -> None:
     with connection.cursor() as cursor:
-        for model in (DailyRollup, ReferralFact, UpkeepState):
+        for model in (DailyRollup, MonthlyRollup, DurationHistogram, ReferralFact, UpkeepState):
             cursor.execute(f"TRUNCATE {model._meta.db_table}")
         cursor.execute(
             f"TRUNCATE {ReferralEvent._meta.db_table}, {Referral._meta.db_table} CASCADE"
@@ -386,10 +392,18 @@ def main() -> None:
             f"rebuild_reports: {applied:,} events in {rebuild:.0f} s "
             f"({applied / rebuild:,.0f} events/s)"
         )
+    with connection.cursor() as cursor:
+        for model in (DailyRollup, MonthlyRollup, DurationHistogram, ReferralFact):
+            cursor.execute(f"ANALYZE {model._meta.db_table}")
     rollups = DailyRollup.objects.count()
+    monthly = MonthlyRollup.objects.count()
+    cells = DurationHistogram.objects.count()
     facts = ReferralFact.objects.count()
     events = ReferralEvent.objects.count()
-    print(f"\n{events:,} events, {facts:,} fact rows, {rollups:,} rollup rows\n")
+    print(
+        f"\n{events:,} events, {facts:,} fact rows, {rollups:,} daily rollup rows, "
+        f"{monthly:,} monthly rollup rows, {cells:,} histogram cells\n"
+    )
     print(f"{'slice (ministry, suppressed)':50} {'median ms':>10} {'p95 ms':>10}")
     for name, med, p in query_bench(args.repeat):
         print(f"{name:50} {med:10.1f} {p:10.1f}")

@@ -12,6 +12,11 @@ never block a registry delete, and rebuilding them must not need constraint chec
 - ``ReferralFact``: one row per referral with its milestones. Medians and percentiles
   cannot be summed from rollups; they are computed over these rows. Verified avoided
   transfers are decided from them at query time (the window is a setting).
+- ``MonthlyRollup``: the same counters per (local month, requester country, province,
+  tier, hub facility, specialty, campaign, cross-border) -- no facility or department, so
+  ~40x fewer rows; national/province/hub slices over whole months read it.
+- ``DurationHistogram``: per (month of the milestone, the fact's dimensions above, metric,
+  log bucket) the number of referrals: approximate national percentiles (docs/metrics.md).
 - ``UpkeepState``: the watermark (highest event id applied) and the ids skipped as gaps.
 """
 
@@ -101,6 +106,111 @@ class DailyRollup(models.Model):
         return f"{self.day} f{self.requester_facility_id} d{self.department_id}"
 
 
+# Dimension columns of a MonthlyRollup row (the upsert key); the same counters.
+MONTHLY_KEY: tuple[str, ...] = (
+    "month",
+    "country_id",
+    "province_id",
+    "tier",
+    "hub_facility_id",
+    "specialty_id",
+    "campaign",
+    "cross_border",
+)
+
+
+class MonthlyRollup(models.Model):
+    """DailyRollup summed over the month, the requester facility and the department."""
+
+    month = models.DateField(help_text="first day of the local month")
+    country_id = models.BigIntegerField()
+    province_id = models.BigIntegerField(default=0)
+    tier = models.PositiveSmallIntegerField()
+    hub_facility_id = models.BigIntegerField(default=0)
+    specialty_id = models.BigIntegerField()
+    campaign = models.CharField(max_length=100, blank=True, default="")
+    cross_border = models.BooleanField(default=False)
+
+    submitted = models.IntegerField(default=0)
+    accepted = models.IntegerField(default=0)
+    declined = models.IntegerField(default=0)
+    forwarded = models.IntegerField(default=0)
+    cancelled = models.IntegerField(default=0)
+    expired = models.IntegerField(default=0)
+    advised = models.IntegerField(default=0)
+    closed_local = models.IntegerField(default=0)
+    transfer_considered = models.IntegerField(default=0)
+    avoided = models.IntegerField(default=0)
+    transfer_requested = models.IntegerField(default=0)
+    transfer_completed = models.IntegerField(default=0)
+    counter_referrals = models.IntegerField(default=0)
+    sla_due = models.IntegerField(default=0)
+    sla_met = models.IntegerField(default=0)
+    travel_km = models.FloatField(default=0.0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=list(MONTHLY_KEY), name="report_monthly_key"),
+        ]
+        indexes = [
+            models.Index(fields=["month"], name="report_monthly_month"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.month} c{self.country_id} h{self.hub_facility_id}"
+
+
+# DurationHistogram.metric
+ACCEPT = 1
+ADVICE = 2
+# Avoided transfers with a patient_ref, by month of closed_day; bucket = days from the
+# close-out to the follow-up, rounded up (0: no follow-up). See docs/metrics.md.
+FOLLOWUP = 3
+FOLLOWUP_MAX_DAYS = 32_000
+# Histogram dimensions (the upsert key with month, metric and bucket).
+HISTOGRAM_DIMENSIONS: tuple[str, ...] = (
+    "country_id",
+    "province_id",
+    "tier",
+    "hub_facility_id",
+    "specialty_id",
+    "campaign",
+    "cross_border",
+)
+HISTOGRAM_KEY: tuple[str, ...] = ("month", "metric", *HISTOGRAM_DIMENSIONS, "bucket")
+
+
+class DurationHistogram(models.Model):
+    """How many referrals' time to accept (metric 1, month of ``accepted_day``) or time to
+    advice (2, month of ``advised_day``) fall in each log-spaced bucket
+    (``reports.histogram``), by the fact row's dimensions; metric 3 (FOLLOWUP): avoided
+    transfers by month of ``closed_day`` and whole days to the follow-up. Kept equal to a GROUP BY over
+    ReferralFact: each batch subtracts a touched fact's old contribution and adds its new."""
+
+    month = models.DateField()
+    metric = models.PositiveSmallIntegerField()
+    country_id = models.BigIntegerField()
+    province_id = models.BigIntegerField(default=0)
+    tier = models.PositiveSmallIntegerField()
+    hub_facility_id = models.BigIntegerField(default=0)
+    specialty_id = models.BigIntegerField()
+    campaign = models.CharField(max_length=100, blank=True, default="")
+    cross_border = models.BooleanField(default=False)
+    bucket = models.SmallIntegerField()
+    n = models.IntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=list(HISTOGRAM_KEY), name="report_histogram_key"),
+        ]
+        indexes = [
+            models.Index(fields=["metric", "month"], name="report_histogram_month"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.month} m{self.metric} b{self.bucket}: {self.n}"
+
+
 class ReferralFact(models.Model):
     """One referral's milestones (for percentiles and verification)."""
 
@@ -141,6 +251,17 @@ class ReferralFact(models.Model):
             models.Index(
                 fields=["closed_day"],
                 name="report_fact_avoided_day",
+                condition=models.Q(avoided=True),
+            ),
+            # Verification counts of one province / hub over days (the daily path).
+            models.Index(
+                fields=["province_id", "closed_day"],
+                name="report_fact_avoided_province",
+                condition=models.Q(avoided=True),
+            ),
+            models.Index(
+                fields=["hub_facility_id", "closed_day"],
+                name="report_fact_avoided_hub",
                 condition=models.Q(avoided=True),
             ),
             models.Index(

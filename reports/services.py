@@ -16,7 +16,9 @@ the log referral by referral, give the same tables as the job, which walks it by
 from __future__ import annotations
 
 import logging
+import math
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -30,11 +32,20 @@ from django.db.models import Max, Q
 from referrals.models import ReferralEvent
 from registry.geo import haversine_km
 from registry.models import Department
+from reports.histogram import bucket_of
 from reports.models import (
+    ACCEPT,
+    ADVICE,
     COUNTERS,
+    FOLLOWUP,
+    FOLLOWUP_MAX_DAYS,
+    HISTOGRAM_KEY,
+    MONTHLY_KEY,
     ROLLUP_ATTRIBUTES,
     ROLLUP_KEY,
     DailyRollup,
+    DurationHistogram,
+    MonthlyRollup,
     ReferralFact,
     UpkeepState,
 )
@@ -266,22 +277,115 @@ def _departments_of(events: list[dict[str, Any]]) -> set[int]:
     return ids
 
 
-def _write_rollups(rollups: Iterable[dict[str, Any]]) -> None:
-    rows = list(rollups)
+def _upsert(
+    table: str, key: tuple[str, ...], columns: list[str], sums: list[str], rows: list[list[Any]]
+) -> None:
+    """INSERT ... ON CONFLICT (key) DO UPDATE SET c = c + EXCLUDED.c for each of ``sums``."""
     if not rows:
         return
-    table = DailyRollup._meta.db_table
-    columns = [*ROLLUP_KEY, *ROLLUP_ATTRIBUTES, *COUNTERS, "travel_km"]
-    sums = [*COUNTERS, "travel_km"]
     qn = connection.ops.quote_name
     sql = (
         f"INSERT INTO {qn(table)} ({', '.join(qn(c) for c in columns)}) "  # noqa: S608
         f"VALUES ({', '.join(['%s'] * len(columns))}) "
-        f"ON CONFLICT ({', '.join(qn(c) for c in ROLLUP_KEY)}) DO UPDATE SET "
+        f"ON CONFLICT ({', '.join(qn(c) for c in key)}) DO UPDATE SET "
         + ", ".join(f"{qn(c)} = {qn(table)}.{qn(c)} + EXCLUDED.{qn(c)}" for c in sums)
     )
     with connection.cursor() as cursor:
-        cursor.executemany(sql, [[row[c] for c in columns] for row in rows])
+        cursor.executemany(sql, rows)
+
+
+def _write_rollups(rollups: Iterable[dict[str, Any]]) -> None:
+    """The day rows, and the same counters summed into the month rows (same transaction)."""
+    rows = list(rollups)
+    if not rows:
+        return
+    sums = [*COUNTERS, "travel_km"]
+    columns = [*ROLLUP_KEY, *ROLLUP_ATTRIBUTES, *sums]
+    _upsert(
+        DailyRollup._meta.db_table,
+        ROLLUP_KEY,
+        columns,
+        sums,
+        [[r[c] for c in columns] for r in rows],
+    )
+    months: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for row in rows:
+        key = (row["day"].replace(day=1), *(row[c] for c in MONTHLY_KEY[1:]))
+        month = months.get(key)
+        if month is None:
+            month = months[key] = dict(zip(MONTHLY_KEY, key, strict=True))
+            month.update(dict.fromkeys(sums, 0))
+        for c in sums:
+            month[c] += row[c]
+    monthly_columns = [*MONTHLY_KEY, *sums]
+    _upsert(
+        MonthlyRollup._meta.db_table,
+        MONTHLY_KEY,
+        monthly_columns,
+        sums,
+        [[m[c] for c in monthly_columns] for m in months.values()],
+    )
+
+
+def _histogram_keys(fact: ReferralFact) -> list[tuple[Any, ...]]:
+    """The DurationHistogram cells (HISTOGRAM_KEY without n) this fact row counts in."""
+    dimensions = (
+        fact.country_id,
+        fact.province_id,
+        fact.tier,
+        fact.hub_facility_id,
+        fact.specialty_id,
+        fact.campaign,
+        fact.cross_border,
+    )
+    keys = []
+    if fact.accept_seconds is not None and fact.accepted_day is not None:
+        month = fact.accepted_day.replace(day=1)
+        keys.append((month, ACCEPT, *dimensions, bucket_of(fact.accept_seconds)))
+    if fact.advice_seconds is not None and fact.advised_day is not None:
+        month = fact.advised_day.replace(day=1)
+        keys.append((month, ADVICE, *dimensions, bucket_of(fact.advice_seconds)))
+    followup = _followup_key(fact)
+    if followup is not None:
+        keys.append(followup)
+    return keys
+
+
+def _followup_key(fact: ReferralFact) -> tuple[Any, ...] | None:
+    """An avoided transfer that can be followed, by closed month and whole days to the
+    follow-up (0 = none): followed within W days <=> 0 < bucket <= W, exactly."""
+    if not fact.avoided or not fact.patient_ref or fact.closed_at is None:
+        return None
+    if fact.closed_day is None:
+        return None
+    days = 0
+    if fact.followup_at is not None:
+        gap = (fact.followup_at - fact.closed_at).total_seconds()
+        days = min(max(1, math.ceil(gap / 86400)), FOLLOWUP_MAX_DAYS)
+    return (
+        fact.closed_day.replace(day=1),
+        FOLLOWUP,
+        fact.country_id,
+        fact.province_id,
+        fact.tier,
+        fact.hub_facility_id,
+        fact.specialty_id,
+        fact.campaign,
+        fact.cross_border,
+        days,
+    )
+
+
+def _write_histograms(delta: Counter[tuple[Any, ...]]) -> None:
+    """Add the count changes (cells that drop to 0 stay, with n = 0)."""
+    columns = [*HISTOGRAM_KEY, "n"]
+    _upsert(
+        DurationHistogram._meta.db_table,
+        HISTOGRAM_KEY,
+        columns,
+        ["n"],
+        [[*key, n] for key, n in sorted(delta.items(), key=repr) if n],
+    )
 
 
 def _resolve_followups(keys: set[tuple[int, str, int]]) -> None:
@@ -302,9 +406,16 @@ def _resolve_followups(keys: set[tuple[int, str, int]]) -> None:
         "specialty_id",
         "avoided",
         "closed_at",
+        "closed_day",
         "submitted_at",
         "transfer_requested_at",
         "followup_at",
+        "country_id",
+        "province_id",
+        "tier",
+        "hub_facility_id",
+        "campaign",
+        "cross_border",
     )
     by_patient: dict[tuple[int, str, int], list[ReferralFact]] = {}
     for fact in facts:
@@ -312,6 +423,7 @@ def _resolve_followups(keys: set[tuple[int, str, int]]) -> None:
         if key in keys:
             by_patient.setdefault(key, []).append(fact)
     changed: list[ReferralFact] = []
+    delta: Counter[tuple[Any, ...]] = Counter()
     for group in by_patient.values():
         moments = [
             moment
@@ -326,10 +438,13 @@ def _resolve_followups(keys: set[tuple[int, str, int]]) -> None:
             later = [m for m in moments if m > closed_at]
             followup = min(later) if later else None
             if followup != fact.followup_at:
+                delta.subtract([k for k in [_followup_key(fact)] if k is not None])
                 fact.followup_at = followup
+                delta.update([k for k in [_followup_key(fact)] if k is not None])
                 changed.append(fact)
     if changed:
         ReferralFact.objects.bulk_update(changed, ["followup_at"], batch_size=1000)
+        _write_histograms(delta)
 
 
 def _apply_events(events: list[dict[str, Any]], zone: ZoneInfo) -> int:
@@ -342,8 +457,14 @@ def _apply_events(events: list[dict[str, Any]], zone: ZoneInfo) -> int:
         departments=_load_departments(_departments_of(events)),
         facts=ReferralFact.objects.in_bulk(list(referral_ids)),
     )
+    # Histogram cells before the batch (the fact rows are changed in place).
+    histogram: Counter[tuple[Any, ...]] = Counter()
+    for fact in batch.facts.values():
+        histogram.subtract(_histogram_keys(fact))
     for ev in events:
         _apply_event(batch, ev)
+    for fact in batch.facts.values():
+        histogram.update(_histogram_keys(fact))
     ReferralFact.objects.bulk_create(
         [batch.facts[i] for i in sorted(batch.touched)],
         update_conflicts=True,
@@ -352,6 +473,7 @@ def _apply_events(events: list[dict[str, Any]], zone: ZoneInfo) -> int:
         batch_size=1000,
     )
     _write_rollups(batch.rollups.values())
+    _write_histograms(histogram)
     _resolve_followups(batch.patient_keys)
     return len(events)
 
@@ -429,8 +551,8 @@ def reports_rebuild(*, chunk_referrals: int = 5000) -> int:
     with transaction.atomic():
         state = _state_for_update()
         high = ReferralEvent.objects.aggregate(m=Max("id"))["m"] or 0
-        DailyRollup.objects.all().delete()
-        ReferralFact.objects.all().delete()
+        for model in (DailyRollup, MonthlyRollup, DurationHistogram, ReferralFact):
+            model.objects.all().delete()
         referral_ids = list(
             ReferralEvent.objects.filter(id__lte=high)
             .order_by("referral_id")

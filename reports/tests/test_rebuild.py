@@ -5,7 +5,12 @@ referrals.services.
 The suite runs 300 simulated referrals (~1,600 events): intake through the real services
 costs ~25 ms per transition here (routing), 2,000 referrals took 260 s. REPORTS_SIM_SUITE
 changes the suite's count; REPORTS_SIM_COUNT=50000 runs the issue's 50,000 (slow-marked).
-bench/reports.py checks the same equality on 1,000,000 bulk-generated referrals.
+
+The issue's acceptance check, ``test_rebuild_equals_incremental_on_bulk_simulated_referrals``,
+writes SUITE_BULK_COUNT (10,000; the 50,000 variant is opt-in, see below) referrals with ``referrals.simulation.simulate_bulk`` (COPY, the lifecycle
+model of ``manage.py simulate_referrals --bulk``), runs catch-up batches of uneven size
+after every written batch, then rebuilds; daily and monthly rollups, histograms and facts
+must be identical.
 """
 
 from __future__ import annotations
@@ -16,7 +21,11 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from django.db import connection
+from django.utils import timezone
 
+from referrals import routing, simulation
+from referrals.tests.conftest import world  # noqa: F401  (the fixture)
 from reports.services import reports_catch_up, reports_catch_up_batch, reports_rebuild
 from reports.tests.scenario import Driver, Network, at, build_network
 from reports.tests.test_scenario import _snapshot
@@ -111,9 +120,67 @@ def test_rebuild_equals_incremental_on_a_simulated_network(report_settings: Any)
     _run(int(os.environ.get("REPORTS_SIM_SUITE", "300")), report_settings)
 
 
+# The issue asks for 50,000. Measured on the 2-core box with other suites running (load
+# 6-14): 10,000 referrals (55,000 events) take 50-80 s; 50,000 (276,519 events) passed in
+# 7 min at load 7 and ~10 min at load 14 (bulk write 100 s, catch-up 220 s, rebuild 215 s,
+# snapshots 55 s), over the ~2.5 min this suite may spend on it. The suite runs SUITE_BULK_COUNT; REPORTS_BULK_50K=1 runs the 50,000.
+SUITE_BULK_COUNT = int(os.environ.get("REPORTS_SIM_COUNT", "10000"))
+bulk_simulation = pytest.mark.skipif(
+    connection.vendor != "postgresql", reason="the bulk simulation path writes with COPY"
+)
+
+
+def _run_bulk(count: int) -> None:
+    routing.routing_cache_clear()
+    rng = random.Random(5)
+
+    def catch_up_while_inserting(_written: int) -> None:
+        # Incremental upkeep between inserted batches, in uneven batch sizes.
+        for _ in range(rng.randint(1, 4)):
+            reports_catch_up_batch(batch_size=rng.randint(500, 8000))
+
+    written = simulation.simulate_bulk(
+        count=count,
+        seed=11,
+        days=400,
+        batch=2500,
+        now=timezone.now(),
+        progress=catch_up_while_inserting,
+    )
+    assert written >= count
+    reports_catch_up()
+    incremental = _snapshot()
+    assert sum(r[ROLLUP_SUBMITTED] for r in incremental[0]) >= count
+    assert len(incremental[1]) == written
+    assert len(incremental[2]) > 12  # several months
+    assert len(incremental[3]) > 0
+
+    reports_rebuild()
+
+    rebuilt = _snapshot()
+    for name, before, after in zip(
+        ("daily", "facts", "monthly", "histograms"), incremental, rebuilt, strict=True
+    ):
+        assert before == after, name
+
+
+@bulk_simulation
+def test_rebuild_equals_incremental_on_bulk_simulated_referrals(
+    world: Any,  # noqa: F811
+    report_settings: Any,
+) -> None:
+    _run_bulk(SUITE_BULK_COUNT)
+
+
+@bulk_simulation
 @pytest.mark.slow
 @pytest.mark.skipif(
-    not os.environ.get("REPORTS_SIM_COUNT"), reason="set REPORTS_SIM_COUNT=50000 to run"
+    not os.environ.get("REPORTS_BULK_50K"),
+    reason="opt-in (REPORTS_BULK_50K=1): the issue's 50,000 bulk referrals take 7-10 min "
+    "on 2 busy cores, over the suite budget; the suite runs the same check on 10,000",
 )
-def test_rebuild_equals_incremental_at_scale(report_settings: Any) -> None:
-    _run(int(os.environ["REPORTS_SIM_COUNT"]), report_settings)
+def test_rebuild_equals_incremental_on_50000_bulk_simulated_referrals(
+    world: Any,  # noqa: F811
+    report_settings: Any,
+) -> None:
+    _run_bulk(50_000)

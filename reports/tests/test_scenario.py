@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import pytest
 
 from accounts.models import User
-from reports.models import DailyRollup, ReferralFact
+from reports.models import (
+    COUNTERS,
+    HISTOGRAM_KEY,
+    MONTHLY_KEY,
+    ROLLUP_KEY,
+    DailyRollup,
+    DurationHistogram,
+    MonthlyRollup,
+    ReferralFact,
+)
 from reports.selectors import (
     filters_parse,
     report_capacity,
@@ -15,7 +25,7 @@ from reports.selectors import (
     report_drilldown,
     report_response_times,
 )
-from reports.services import reports_catch_up, reports_rebuild
+from reports.services import _histogram_keys, reports_catch_up, reports_rebuild
 from reports.tests.scenario import NOW, UNIT_KM, Network
 
 pytestmark = pytest.mark.django_db
@@ -239,19 +249,48 @@ def test_drilldown_lists_the_referrals_behind_a_figure(scenario: Network) -> Non
     assert expired["referral_ids"] == [r[10].pk]
 
 
-def _snapshot() -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
-    rollups = [
+def _rows(model: Any, order: tuple[str, ...], **filters: Any) -> list[tuple[Any, ...]]:
+    fields = [f.name for f in model._meta.concrete_fields if f.name != "id"]
+    return [
         tuple(v if not isinstance(v, float) else round(v, 6) for v in row)
-        for row in DailyRollup.objects.order_by(
-            "day", "requester_facility_id", "department_id", "specialty_id", "campaign"
-        ).values_list(*[f.name for f in DailyRollup._meta.concrete_fields if f.name != "id"])
+        for row in model.objects.filter(**filters).order_by(*order).values_list(*fields)
     ]
-    facts = list(
-        ReferralFact.objects.order_by("referral_id").values_list(
-            *[f.name for f in ReferralFact._meta.concrete_fields]
-        )
-    )
-    return rollups, facts
+
+
+def _dicts(queryset: Any) -> list[dict[str, Any]]:
+    return [dict(row) for row in queryset.values()]
+
+
+def _snapshot() -> tuple[list[tuple[Any, ...]], ...]:
+    """(daily rollups, facts, monthly rollups, non-empty histogram cells); checks that the
+    month rows are the day rows summed and the histograms a GROUP BY of the facts."""
+    rollups = _rows(DailyRollup, ROLLUP_KEY)
+    facts = _rows(ReferralFact, ("referral_id",))
+    monthly = _rows(MonthlyRollup, MONTHLY_KEY)
+    histograms = _rows(DurationHistogram, HISTOGRAM_KEY, n__gt=0)
+    assert DurationHistogram.objects.filter(n__lt=0).count() == 0
+    sums = [*COUNTERS, "travel_km"]
+    expected: dict[tuple[Any, ...], list[float]] = {}
+    for row in _dicts(DailyRollup.objects.all()):
+        key = (row["day"].replace(day=1), *(row[c] for c in MONTHLY_KEY[1:]))
+        totals = expected.setdefault(key, [0] * len(sums))
+        for i, c in enumerate(sums):
+            totals[i] += row[c]
+    actual = {
+        tuple(row[c] for c in MONTHLY_KEY): [row[c] for c in sums]
+        for row in _dicts(MonthlyRollup.objects.all())
+    }
+    assert actual.keys() == expected.keys()
+    for key, values in expected.items():
+        assert actual[key] == pytest.approx(values), key
+    cells: Counter[tuple[Any, ...]] = Counter()
+    for fact in ReferralFact.objects.all():
+        cells.update(_histogram_keys(fact))
+    assert {
+        tuple(row[c] for c in HISTOGRAM_KEY): row["n"]
+        for row in _dicts(DurationHistogram.objects.filter(n__gt=0))
+    } == dict(cells)
+    return rollups, facts, monthly, histograms
 
 
 def test_rebuild_gives_the_same_tables_as_the_job(scenario: Network) -> None:
