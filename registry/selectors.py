@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TypedDict
 
+from django.db import connection
 from django.db.models import QuerySet
 
 from registry.geo import bounding_box, haversine_km
@@ -14,6 +15,7 @@ from registry.models import (
     Department,
     Facility,
     OperationalStatus,
+    Specialty,
     SupportLink,
     Tier,
 )
@@ -104,37 +106,46 @@ def departments_near(
     distance is computed for the few that remain.
     """
     min_lat, max_lat, min_lon, max_lon = bounding_box(latitude, longitude, radius_km)
-    rows = Department.objects.filter(
-        specialty__code=specialty_code,
-        facility__operational_status=OperationalStatus.ACTIVE,
-        facility__latitude__gte=min_lat,
-        facility__latitude__lte=max_lat,
-    )
+    # Hand-written SQL: this runs on every routing screen and the ORM's query building cost
+    # several times the query itself. Only constants are formatted in; values are parameters.
+    department, facility = Department._meta.db_table, Facility._meta.db_table
+    specialty, country = Specialty._meta.db_table, Country._meta.db_table
+    where = [
+        "s.code = %s",
+        "f.operational_status = %s",
+        "f.latitude >= %s",
+        "f.latitude <= %s",
+    ]
+    params: list[bool | int | float | str] = [
+        specialty_code,
+        str(OperationalStatus.ACTIVE),
+        min_lat,
+        max_lat,
+    ]
     if min_lon is not None and max_lon is not None:
-        rows = rows.filter(facility__longitude__gte=min_lon, facility__longitude__lte=max_lon)
+        where += ["f.longitude >= %s", "f.longitude <= %s"]
+        params += [min_lon, max_lon]
     if accepting is not None:
-        rows = rows.filter(accepting=accepting)
+        where.append("d.accepting = %s")
+        params.append(accepting)
     if mode is not None:
-        rows = rows.filter(**{MODE_FLAGS[mode]: True})
+        where.append(f"d.{MODE_FLAGS[mode]} = %s")
+        params.append(True)
     if exclude_facility_id is not None:
-        rows = rows.exclude(facility_id=exclude_facility_id)
-    values = rows.order_by().values_list(
-        "id",
-        "name",
-        "facility_id",
-        "facility__code",
-        "facility__name",
-        "facility__tier",
-        "facility__country__code",
-        "specialty__code",
-        "specialty__display",
-        "offers_async",
-        "offers_live",
-        "offers_transfer",
-        "accepting",
-        "facility__latitude",
-        "facility__longitude",
+        where.append("d.facility_id <> %s")
+        params.append(exclude_facility_id)
+    columns = (
+        "d.id, d.name, d.facility_id, f.code, f.name, f.tier, c.code, s.code, s.display,"
+        " d.offers_async, d.offers_live, d.offers_transfer, d.accepting, f.latitude, f.longitude"
     )
+    tables = (
+        f"{department} d JOIN {facility} f ON f.id = d.facility_id"
+        f" JOIN {specialty} s ON s.id = d.specialty_id JOIN {country} c ON c.id = f.country_id"
+    )
+    sql = f"SELECT {columns} FROM {tables} WHERE {' AND '.join(where)}"  # noqa: S608
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        values = cursor.fetchall()
     found: list[NearbyDepartment] = []
     for row in values:
         lat, lon = row[13], row[14]
@@ -143,7 +154,7 @@ def departments_near(
         distance = haversine_km(latitude, longitude, lat, lon)
         if distance > radius_km:
             continue
-        modes = [m for m, on in zip(MODE_FLAGS, row[9:12], strict=True) if on]
+        modes = [str(m) for m, on in zip(MODE_FLAGS, row[9:12], strict=True) if on]
         found.append(
             {
                 "department_id": row[0],
@@ -156,7 +167,7 @@ def departments_near(
                 "specialty_code": row[7],
                 "specialty_display": row[8],
                 "modes": modes,
-                "accepting": row[12],
+                "accepting": bool(row[12]),
                 "distance_km": round(distance, 3),
             }
         )
