@@ -32,8 +32,9 @@ from tests.factories import (
     FacilityIdentifierFactory,
     SpecialtyFactory,
 )
+from tests.shared_data import FHIR_EXAMPLES
 
-EXAMPLES = Path("/work/shared/fhir-examples/R4")
+EXAMPLES = FHIR_EXAMPLES / "R4"
 OFFICIAL = [
     "Organization-f001.json",
     "Organization-hl7.json",

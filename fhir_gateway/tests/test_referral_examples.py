@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,10 +19,11 @@ from fhir_gateway.tests.referral_world import (
     task_of,
 )
 from referrals.models import Referral
+from tests.shared_data import FHIR_EXAMPLES
 
 pytestmark = pytest.mark.django_db
 
-EXAMPLES = Path("/work/shared/fhir-examples")
+EXAMPLES = FHIR_EXAMPLES
 TYPES = ("ServiceRequest", "Task", "Patient", "Communication", "DocumentReference", "Bundle")
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from datetime import timedelta
-from pathlib import Path
 from urllib.parse import quote, urlsplit
 
 import pytest
@@ -19,8 +18,9 @@ from fhir_gateway.tests.conftest import FHIR_R5, outcome_issue
 from fhir_gateway.versions import model_class
 from registry.models import Department, Facility
 from tests.factories import CARDIOLOGY, PEDIATRICS, FacilityFactory
+from tests.shared_data import FHIR_EXAMPLES
 
-EXAMPLES = Path("/work/shared/fhir-examples")
+EXAMPLES = FHIR_EXAMPLES
 R4_EXAMPLES = [
     "Organization-f001.json",
     "Organization-hl7.json",

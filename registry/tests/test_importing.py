@@ -35,12 +35,13 @@ from tests.factories import (
     FacilityIdentifierFactory,
     SpecialtyFactory,
 )
+from tests.shared_data import KENYA_CSV
 
 DATA = Path(__file__).parent / "data"
 KENYA_SMALL = DATA / "kenya_small.csv"
 VN_CSV = DATA / "vn_hospitals.csv"
 VN_MAPPING = DATA / "vn_hospitals_mapping.json"
-KENYA_FULL = Path("/work/shared/data/kenya_kmhfl_2020-05.csv")
+KENYA_FULL = KENYA_CSV
 KMHFL_ID = "https://kmhfl.health.go.ke/facility-id"
 MFL_CODE = "https://kmhfl.health.go.ke/mfl-code"
 MOH_VN = "https://moh.gov.vn/facility-code"
