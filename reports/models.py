@@ -60,18 +60,8 @@ ROLLUP_ATTRIBUTES: tuple[str, ...] = (
 )
 
 
-class DailyRollup(models.Model):
-    day = models.DateField(help_text="local date (REPORTS_TIME_ZONE) of the events")
-    requester_facility_id = models.BigIntegerField()
-    # 0 = no department (not routed yet); hub_facility_id 0 likewise.
-    department_id = models.BigIntegerField(default=0)
-    specialty_id = models.BigIntegerField()
-    campaign = models.CharField(max_length=100, blank=True, default="")
-    country_id = models.BigIntegerField()
-    province_id = models.BigIntegerField(default=0)
-    tier = models.PositiveSmallIntegerField()
-    hub_facility_id = models.BigIntegerField(default=0)
-    cross_border = models.BooleanField(default=False)
+class RollupCounters(models.Model):
+    """The counters of both rollups (names in COUNTERS, plus travel_km)."""
 
     submitted = models.IntegerField(default=0)
     accepted = models.IntegerField(default=0)
@@ -89,6 +79,23 @@ class DailyRollup(models.Model):
     sla_due = models.IntegerField(default=0, help_text="accept + decline + expire events")
     sla_met = models.IntegerField(default=0, help_text="accepts/declines within the SLA")
     travel_km = models.FloatField(default=0.0, help_text="round trips avoided, km")
+
+    class Meta:
+        abstract = True
+
+
+class DailyRollup(RollupCounters):
+    day = models.DateField(help_text="local date (REPORTS_TIME_ZONE) of the events")
+    requester_facility_id = models.BigIntegerField()
+    # 0 = no department (not routed yet); hub_facility_id 0 likewise.
+    department_id = models.BigIntegerField(default=0)
+    specialty_id = models.BigIntegerField()
+    campaign = models.CharField(max_length=100, blank=True, default="")
+    country_id = models.BigIntegerField()
+    province_id = models.BigIntegerField(default=0)
+    tier = models.PositiveSmallIntegerField()
+    hub_facility_id = models.BigIntegerField(default=0)
+    cross_border = models.BooleanField(default=False)
 
     class Meta:
         constraints = [
@@ -119,7 +126,7 @@ MONTHLY_KEY: tuple[str, ...] = (
 )
 
 
-class MonthlyRollup(models.Model):
+class MonthlyRollup(RollupCounters):
     """DailyRollup summed over the month, the requester facility and the department."""
 
     month = models.DateField(help_text="first day of the local month")
@@ -130,23 +137,6 @@ class MonthlyRollup(models.Model):
     specialty_id = models.BigIntegerField()
     campaign = models.CharField(max_length=100, blank=True, default="")
     cross_border = models.BooleanField(default=False)
-
-    submitted = models.IntegerField(default=0)
-    accepted = models.IntegerField(default=0)
-    declined = models.IntegerField(default=0)
-    forwarded = models.IntegerField(default=0)
-    cancelled = models.IntegerField(default=0)
-    expired = models.IntegerField(default=0)
-    advised = models.IntegerField(default=0)
-    closed_local = models.IntegerField(default=0)
-    transfer_considered = models.IntegerField(default=0)
-    avoided = models.IntegerField(default=0)
-    transfer_requested = models.IntegerField(default=0)
-    transfer_completed = models.IntegerField(default=0)
-    counter_referrals = models.IntegerField(default=0)
-    sla_due = models.IntegerField(default=0)
-    sla_met = models.IntegerField(default=0)
-    travel_km = models.FloatField(default=0.0)
 
     class Meta:
         constraints = [
