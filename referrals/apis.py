@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.db.models import QuerySet
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import serializers, status
 from rest_framework.permissions import IsAuthenticated
@@ -21,11 +22,13 @@ from referrals import routing, selectors, services
 from referrals.audit import audit_record
 from referrals.models import AuditAction, Referral, ReferralState
 from referrals.serializers import (
+    LIST_COLUMNS,
     ReferralDetailSerializer,
     ReferralListSerializer,
     ReferralSubmitSerializer,
     SuggestionSerializer,
     action_input_serializer,
+    referral_list_data,
 )
 from referrals.workflow import TRANSITIONS, Transition
 
@@ -109,12 +112,13 @@ class ReferralSubmitApi(APIView):
 class _ListApi(APIView):
     permission_classes = [IsAuthenticated]
 
-    def _page(self, request: Request, queryset: Any) -> Response:
+    def _page(self, request: Request, queryset: QuerySet[Referral]) -> Response:
         paginator = Pagination()
-        page = paginator.paginate_queryset(queryset, request, view=self)
+        page = paginator.paginate_queryset(queryset.values_list(*LIST_COLUMNS), request, view=self)
         assert page is not None
-        audit_record(request, AuditAction.READ, [r.pk for r in page])  # one INSERT per page
-        return paginator.get_paginated_response(ReferralListSerializer(page, many=True).data)
+        data = referral_list_data(page)
+        audit_record(request, AuditAction.READ, [r["id"] for r in data])  # one INSERT per page
+        return paginator.get_paginated_response(data)
 
 
 class StateQuerySerializer(serializers.Serializer[Any]):

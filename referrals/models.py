@@ -360,10 +360,34 @@ class Notification(models.Model):
                 fields=["recipient", "event"], name="notification_once_per_recipient_event"
             ),
         ]
-        indexes = [models.Index(fields=["recipient", "read_at", "-created"])]
+        indexes = [
+            models.Index(fields=["recipient", "read_at", "-created"]),
+            # The e-mail sweep's scan: only the rows still waiting for their e-mail.
+            models.Index(
+                fields=["created"],
+                condition=models.Q(emailed_at__isnull=True),
+                name="notification_email_pending",
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"{self.recipient_id}: {self.kind} {self.referral_id}"
+
+
+class DepartmentResponseTime(models.Model):
+    """Median hours from assignment to accept per department over the last 30 days, for
+    routing. Written by the beat job ``referrals.response_times_refresh`` (one grouped
+    query over the event log), read by routing: the heavy query never runs in a request."""
+
+    department = models.OneToOneField(
+        "registry.Department", on_delete=models.CASCADE, primary_key=True, related_name="+"
+    )
+    median_hours = models.FloatField()
+    samples = models.PositiveIntegerField()
+    computed_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"{self.department_id}: {self.median_hours:.1f} h"
 
 
 class AuditAction(models.TextChoices):

@@ -1,11 +1,23 @@
 """Notifications to the people involved in a referral: in-app list + e-mail.
 
-Flow: ``services._apply`` writes the ``ReferralEvent`` and registers
-``transaction.on_commit(notify_transition_later(event.pk))``; after the commit the Celery
-task ``referrals.notify_transition(event_id)`` works out the audience from ``AUDIENCES``,
-writes one ``Notification`` per recipient (unique per recipient and event, so a second
-run inserts nothing) and e-mails those not yet e-mailed (``emailed_at``, rows locked with
-SKIP LOCKED, so two concurrent runs never send twice).
+Flow (nothing is lost when the broker or a process fails):
+
+1. ``services._apply`` writes the ``ReferralEvent`` and, in the same transaction,
+   ``notify_in_transaction`` works out the audience from ``AUDIENCES`` and writes one
+   ``Notification`` per recipient (unique per recipient and event). The in-app list is
+   therefore exactly as durable as the transition: both commit or neither does.
+2. After the commit, ``notify_transition_later(event.pk)`` queues the Celery task
+   ``referrals.notify_transition(event_id)``, which e-mails the event's notifications not
+   yet e-mailed (``emailed_at``; rows locked with SKIP LOCKED, so two concurrent runs never
+   send twice).
+3. When that hand-off is lost (broker down at commit, process killed before the
+   background sender ran, task failed five times), the beat job
+   ``referrals.notification_email_sweep`` sends what is still pending and older than
+   ``NOTIFICATION_EMAIL_GRACE_SECONDS``, up to ``NOTIFICATION_EMAIL_MAX_AGE_HOURS`` old
+   (older notices stay in-app only: a day-old e-mail about a deadline helps nobody).
+
+Delivery of e-mail is at least once: a process killed between the SMTP hand-off and the
+``emailed_at`` update sends that one e-mail again.
 
 Texts carry the filler id, the action and the new state only: no patient data goes into
 e-mail or the in-app list (the referral itself is behind the scoped getter).
@@ -14,6 +26,7 @@ e-mail or the in-app list (the referral itself is behind the scoped getter).
 from __future__ import annotations
 
 import logging
+from datetime import datetime, timedelta
 from typing import Any
 
 from celery import shared_task
@@ -34,7 +47,7 @@ from accounts.roles import Role
 from core.dispatch import send_later
 from core.errors import NotFound
 from core.pagination import Pagination
-from referrals.models import Notification, ReferralEvent, ReferralState
+from referrals.models import Notification, Referral, ReferralEvent, ReferralState
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +91,8 @@ def audience_for(action: str) -> tuple[str, ...]:
     return AUDIENCES.get(action, DEFAULT_AUDIENCE)
 
 
-def _recipients_query(event: ReferralEvent) -> QuerySet[User]:
-    referral = event.referral
+def _recipients_query(event: ReferralEvent, referral: Referral | None = None) -> QuerySet[User]:
+    referral = referral if referral is not None else event.referral
     audience = audience_for(event.action)
     who = Q(pk__in=[])
     if ASSIGNEE in audience and event.department_id is not None:
@@ -105,35 +118,46 @@ def notification_recipients(event: ReferralEvent) -> list[User]:
     return list(_recipients_query(event).order_by("pk"))
 
 
-def notification_text(event: ReferralEvent) -> str:
+def notification_text(event: ReferralEvent, referral: Referral | None = None) -> str:
+    referral = referral if referral is not None else event.referral
     action = event.action.replace("_", " ")
     state = ReferralState(event.to_state).label if event.to_state else event.to_state
-    return f"Referral {event.referral.filler_id}: {action} — now {state}."
+    return f"Referral {referral.filler_id}: {action} — now {state}."
+
+
+def notify_in_transaction(event: ReferralEvent, referral: Referral) -> int:
+    """Write the in-app notifications of ``event`` (call inside the transition's
+    transaction). Returns how many rows were written; a second call writes none."""
+    text = notification_text(event, referral)
+    created = Notification.objects.bulk_create(
+        [
+            Notification(
+                recipient_id=user_id,
+                referral_id=referral.pk,
+                event_id=event.pk,
+                kind=event.action,
+                text=text,
+                created=event.at,
+            )
+            for user_id in _recipients_query(event, referral).values_list("pk", flat=True)
+        ],
+        ignore_conflicts=True,
+    )
+    return len(created)
 
 
 def notify_event(*, event_id: int) -> int:
-    """Write the notifications of one event and e-mail them. Safe to run twice (and
-    concurrently): returns the number of e-mails sent by this run."""
+    """Make sure the notifications of one event exist, and e-mail those not yet e-mailed.
+    Safe to run twice and concurrently: returns the number of e-mails sent by this run."""
     try:
         event = ReferralEvent.objects.select_related("referral").get(pk=event_id)
     except ReferralEvent.DoesNotExist:
         logger.warning("notify: no event %s", event_id)
         return 0
-    text = notification_text(event)
-    Notification.objects.bulk_create(
-        [
-            Notification(
-                recipient=user,
-                referral_id=event.referral_id,
-                event=event,
-                kind=event.action,
-                text=text,
-                created=event.at,
-            )
-            for user in notification_recipients(event)
-        ],
-        ignore_conflicts=True,
-    )
+    if not Notification.objects.filter(event_id=event.pk).exists():
+        # Events written before notifications moved into the transaction, or by a path
+        # that bypassed ``services._apply``: derive them now (idempotent).
+        notify_in_transaction(event, event.referral)
     return _email_pending(event)
 
 
@@ -184,6 +208,35 @@ def notify_transition_later(event_id: int) -> None:
     (``core.dispatch``: the caller does not wait for the broker). The transition has
     committed already: a broker outage must not turn it into an error for the caller."""
     send_later(_queue_notifications, event_id)
+
+
+def notification_email_sweep(*, now: datetime | None = None, limit: int = 500) -> int:
+    """E-mail the notifications whose after-commit hand-off was lost: pending, with an
+    address, older than the grace period and younger than the maximum age. Returns the
+    number of e-mails sent."""
+    now = now or timezone.now()
+    grace = timedelta(seconds=float(getattr(settings, "NOTIFICATION_EMAIL_GRACE_SECONDS", 60)))
+    max_age = timedelta(hours=float(getattr(settings, "NOTIFICATION_EMAIL_MAX_AGE_HOURS", 24)))
+    event_ids = list(
+        Notification.objects.filter(
+            emailed_at__isnull=True, created__lte=now - grace, created__gte=now - max_age
+        )
+        .exclude(recipient__email="")
+        .order_by("event_id")
+        .values_list("event_id", flat=True)
+        .distinct()[:limit]
+    )
+    sent = 0
+    for event in ReferralEvent.objects.filter(pk__in=event_ids).select_related("referral"):
+        sent += _email_pending(event)
+    if sent:
+        logger.info("notification e-mail sweep sent %s", sent, extra={"sent": sent})
+    return sent
+
+
+@shared_task(name="referrals.notification_email_sweep", ignore_result=True)
+def notification_email_sweep_task() -> int:
+    return notification_email_sweep()
 
 
 # --- reads and the in-app API ------------------------------------------------------------

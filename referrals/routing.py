@@ -36,7 +36,10 @@ facility's tier/country/coordinates/languages, support links by spoke) is held i
 per process; it is rebuilt when the department table changes (its watermark: count, max id,
 accepting count, max ``updated_at``) and at the latest every
 ``REFERRAL_ROUTING_CACHE_SECONDS`` (facility and link edits). Median response times come
-from one grouped query over ``ReferralEvent`` cached for ``REFERRAL_ROUTING_STATS_SECONDS``.
+from ``DepartmentResponseTime``, which the beat job ``referrals.response_times_refresh``
+recomputes every ``REFERRAL_ROUTING_STATS_SECONDS`` with one grouped query over the event
+log (seconds at 1M referrals): a request only reads the small table, at most once per
+``REFERRAL_ROUTING_CACHE_SECONDS`` per process.
 Per call, ONE query (``_live_state``, three ``UNION ALL`` parts) reads what must be live:
 the department watermark (221 rows at national scale), today's load of the candidate
 departments (grouped COUNT on the ``referral_department_load`` index) and the referral's
@@ -56,10 +59,10 @@ from datetime import date, datetime, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import connection
+from django.db import connection, transaction
 from django.utils import timezone
 
-from referrals.models import Referral, ReferralEvent
+from referrals.models import DepartmentResponseTime, Referral, ReferralEvent
 from registry.geo import haversine_km
 from registry.models import Department, Facility, OperationalStatus, SupportLink
 
@@ -301,7 +304,7 @@ def _current_network(watermark: tuple[Any, ...] | None = None) -> _Network:
     return network
 
 
-def _median_response_hours(now: datetime) -> dict[int, float]:
+def _median_response_hours(now: datetime) -> dict[int, tuple[float, int]]:
     """Median hours from assignment (submit/forward/reroute) to accept, per department,
     over the last 30 days: one grouped query."""
     since = now - RESPONSE_WINDOW
@@ -320,7 +323,8 @@ def _median_response_hours(now: datetime) -> dict[int, float]:
                 f"""
                 SELECT department_id,
                        percentile_cont(0.5) WITHIN GROUP (
-                           ORDER BY EXTRACT(EPOCH FROM at - prev_at)) / 3600.0
+                           ORDER BY EXTRACT(EPOCH FROM at - prev_at)) / 3600.0,
+                       COUNT(*)
                 FROM ({inner}) AS e
                 WHERE action = 'accept' AND prev_action IN ({assigning})
                   AND department_id IS NOT NULL
@@ -328,7 +332,7 @@ def _median_response_hours(now: datetime) -> dict[int, float]:
                 """,  # noqa: S608
                 [since, now],
             )
-            return {dep: float(hours) for dep, hours in cursor.fetchall()}
+            return {dep: (float(hours), n) for dep, hours, n in cursor.fetchall()}
         cursor.execute(
             f"SELECT department_id, at, prev_at FROM ({inner}) AS e "  # noqa: S608
             f"WHERE action = 'accept' AND prev_action IN ({assigning}) "
@@ -340,15 +344,44 @@ def _median_response_hours(now: datetime) -> dict[int, float]:
             if isinstance(at, str):  # SQLite without converters
                 at, prev_at = datetime.fromisoformat(at), datetime.fromisoformat(prev_at)
             samples[dep].append((at - prev_at).total_seconds() / 3600)
-        return {dep: statistics.median(values) for dep, values in samples.items()}
+        return {dep: (statistics.median(values), len(values)) for dep, values in samples.items()}
 
 
-def _current_stats(now: datetime) -> dict[int, float]:
+def response_times_refresh(*, now: datetime | None = None) -> int:
+    """Recompute ``DepartmentResponseTime`` from the event log (the beat job). Replaces the
+    table in one transaction; returns the number of departments with a median."""
+    now = now or timezone.now()
+    medians = _median_response_hours(now)
+    with transaction.atomic():
+        DepartmentResponseTime.objects.exclude(department_id__in=list(medians)).delete()
+        DepartmentResponseTime.objects.bulk_create(
+            [
+                DepartmentResponseTime(
+                    department_id=dep, median_hours=hours, samples=n, computed_at=now
+                )
+                for dep, (hours, n) in medians.items()
+            ],
+            update_conflicts=True,
+            unique_fields=["department"],
+            update_fields=["median_hours", "samples", "computed_at"],
+        )
     global _stats
-    ttl = float(getattr(settings, "REFERRAL_ROUTING_STATS_SECONDS", 300))
+    _stats = None  # this process sees the new figures at once
+    return len(medians)
+
+
+def _current_stats() -> dict[int, float]:
+    """The stored medians, re-read at most every ``REFERRAL_ROUTING_CACHE_SECONDS``."""
+    global _stats
+    ttl = float(getattr(settings, "REFERRAL_ROUTING_CACHE_SECONDS", 60))
     stats = _stats
     if stats is None or time.monotonic() - stats.built_at > ttl:
-        stats = _Stats(built_at=time.monotonic(), median_hours=_median_response_hours(now))
+        stats = _Stats(
+            built_at=time.monotonic(),
+            median_hours=dict(
+                DepartmentResponseTime.objects.values_list("department_id", "median_hours")
+            ),
+        )
         _stats = stats
     return stats.median_hours
 
@@ -483,7 +516,7 @@ def suggest_departments(
     if not eligible:
         return []
 
-    medians = _current_stats(now) if live else {}
+    medians = _current_stats() if live else {}
     suggestions: list[Suggestion] = []
     for d, reasons, score, allowed in eligible:
         left = max(0, d.daily_capacity - load.get(d.id, 0))

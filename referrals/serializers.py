@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from datetime import datetime, tzinfo
 from typing import Any
 
+from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
@@ -140,6 +143,115 @@ class ReferralListSerializer(serializers.ModelSerializer[Referral]):
             "parent_referral",
             "created_at",
         ]
+
+
+# The list rows (worklist, outgoing) are built from plain tuples, not through the
+# serializer above: for a 50-row page, model instances plus DRF's per-field machinery cost
+# several times the query (docs/performance.md). ``ReferralListSerializer`` stays the
+# documented schema; a test keeps both outputs identical.
+LIST_COLUMNS: tuple[str, ...] = (
+    "id",
+    "filler_id",
+    "placer_system",
+    "placer_value",
+    "state",
+    "version",
+    "priority",
+    "mode",
+    "specialty__system",
+    "specialty__code",
+    "specialty__display",
+    "requester_facility_id",
+    "requester_facility__code",
+    "requester_facility__name",
+    "assigned_department_id",
+    "assigned_department__name",
+    "assigned_department__facility_id",
+    "assigned_department__facility__code",
+    "assigned_department__facility__name",
+    "deadline",
+    "campaign",
+    "parent_referral_id",
+    "created_at",
+)
+_PRIORITY_CODE: dict[int, str] = {int(p.value): str(p.label) for p in Priority}
+
+
+def _iso(value: datetime | None, zone: tzinfo) -> str | None:
+    """What DRF's DateTimeField renders (ISO 8601 in the current time zone, UTC as Z)."""
+    if value is None:
+        return None
+    text = value.astimezone(zone).isoformat()
+    return text[:-6] + "Z" if text.endswith("+00:00") else text
+
+
+def referral_list_data(rows: Iterable[tuple[Any, ...]]) -> list[dict[str, Any]]:
+    """The list representation of rows read with ``values_list(*LIST_COLUMNS)``."""
+    zone = timezone.get_current_timezone()
+    data = []
+    for (
+        pk,
+        filler_id,
+        placer_system,
+        placer_value,
+        state,
+        version,
+        priority,
+        mode,
+        specialty_system,
+        specialty_code,
+        specialty_display,
+        requester_id,
+        requester_code,
+        requester_name,
+        department_id,
+        department_name,
+        department_facility_id,
+        department_facility_code,
+        department_facility_name,
+        deadline,
+        campaign,
+        parent_id,
+        created_at,
+    ) in rows:
+        data.append(
+            {
+                "id": pk,
+                "filler_id": str(filler_id),
+                "placer_system": placer_system,
+                "placer_value": placer_value,
+                "state": state,
+                "version": version,
+                "priority": _PRIORITY_CODE[priority],
+                "mode": mode,
+                "specialty": {
+                    "system": specialty_system,
+                    "code": specialty_code,
+                    "display": specialty_display,
+                },
+                "requester_facility": {
+                    "id": requester_id,
+                    "code": requester_code,
+                    "name": requester_name,
+                },
+                "assigned_department": None
+                if department_id is None
+                else {
+                    "id": department_id,
+                    "name": department_name,
+                    "facility": {
+                        "id": department_facility_id,
+                        "code": department_facility_code,
+                        "name": department_facility_name,
+                    },
+                },
+                "deadline": _iso(deadline, zone),
+                "campaign": campaign,
+                "parent_referral": parent_id,
+                "created_at": _iso(created_at, zone),
+            }
+        )
+    return data
 
 
 class ReferralEventSerializer(serializers.ModelSerializer[ReferralEvent]):

@@ -27,7 +27,7 @@ from referrals.models import (
     ReferralEvent,
     ReferralState,
 )
-from referrals.notifications import notify_transition_later
+from referrals.notifications import notify_in_transaction, notify_transition_later
 from referrals.permissions import referral_experts_grant, referral_grants_revoke
 from referrals.selectors import referral_scope_filter, user_department_ids
 from referrals.workflow import (
@@ -429,6 +429,9 @@ def _apply(
         reason=reason,
         payload=payload,
     )
+    # In-app notifications commit with the event; e-mail goes after the commit (and a beat
+    # sweep catches a lost hand-off). See referrals/notifications.py.
+    notify_in_transaction(event, referral)
     transaction.on_commit(lambda: notify_transition_later(event.pk))
     # FHIR projection + outbox in this transaction (decisions 1, 2); imported here so the
     # referral domain does not load the FHIR gateway at import time.

@@ -7,6 +7,7 @@ from __future__ import annotations
 from celery import shared_task
 
 from referrals.escalation import referral_escalate_overdue, referral_reroute_declined
+from referrals.routing import response_times_refresh
 from referrals.services import referral_expire_overdue
 
 
@@ -33,3 +34,9 @@ def referrals_escalate(self: object) -> dict[str, int]:
 def referrals_reroute_declined(self: object, referral_id: int) -> bool:
     # Safe to run twice: a referral that is no longer declined is skipped.
     return referral_reroute_declined(referral_id=referral_id)
+
+
+@shared_task(name="referrals.response_times_refresh", ignore_result=True)
+def referrals_response_times_refresh() -> int:
+    """Routing's median response times (one grouped query over 30 days of events)."""
+    return response_times_refresh()

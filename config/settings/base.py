@@ -192,6 +192,18 @@ REFERRAL_DECLINE_REROUTE_WINDOW_MINUTES = env.int(
 )
 REFERRAL_ROUTING_CACHE_SECONDS = env.int("REFERRAL_ROUTING_CACHE_SECONDS", default=60)
 REFERRAL_ROUTING_STATS_SECONDS = env.int("REFERRAL_ROUTING_STATS_SECONDS", default=300)
+# Notification e-mails whose after-commit hand-off was lost are sent by a sweep.
+NOTIFICATION_EMAIL_GRACE_SECONDS = env.int("NOTIFICATION_EMAIL_GRACE_SECONDS", default=60)
+NOTIFICATION_EMAIL_MAX_AGE_HOURS = env.int("NOTIFICATION_EMAIL_MAX_AGE_HOURS", default=24)
+CELERY_BEAT_SCHEDULE["referrals-response-times"] = {
+    "task": "referrals.response_times_refresh",
+    "schedule": float(REFERRAL_ROUTING_STATS_SECONDS),
+}
+CELERY_BEAT_SCHEDULE["referrals-notification-email-sweep"] = {
+    "task": "referrals.notification_email_sweep",
+    "schedule": 60.0,
+    "options": {"expires": 120.0},
+}
 CELERY_TIMEZONE = "UTC"
 
 LOG_LEVEL = env.str("LOG_LEVEL", default="INFO")

@@ -1,13 +1,17 @@
-"""Notifications: the right people, after commit, exactly once; in-app list and read."""
+"""Notifications: the right people; in-app rows commit with the transition, e-mail after
+the commit, exactly once; a lost hand-off is caught by the sweep; in-app list and read."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from django.contrib.auth.models import Group
 from django.core import mail
+from django.db import transaction
+from django.utils import timezone
 from rest_framework.test import APIClient
 
 from accounts.models import User
@@ -52,13 +56,15 @@ def test_every_action_of_the_table_has_an_audience() -> None:
     assert {t.action for t in TRANSITIONS} <= set(AUDIENCES)
 
 
-def test_submit_notifies_the_department_after_commit_not_the_actor_nor_ministry(
+def test_submit_notifies_the_department_in_the_transaction_and_mails_after_commit(
     emails: World, eager: None, django_capture_on_commit_callbacks: Callable[..., Any]
 ) -> None:
     world = emails
     with django_capture_on_commit_callbacks(execute=True) as callbacks:
         referral = world.submit()
-        assert not Notification.objects.exists()  # nothing before the commit
+        # The in-app row is written with the event; the e-mail waits for the commit.
+        assert Notification.objects.filter(emailed_at__isnull=True).count() == 1
+        assert mail.outbox == []
     assert len(callbacks) == 1
     event = last_event(referral)
     assert recipients(event) == {"consultant"}
@@ -129,7 +135,20 @@ def test_a_rolled_back_transition_notifies_nobody(
             text="x",
         )
     assert callbacks == []
-    assert not Notification.objects.exists()
+    # Only the submit's notification exists: the refused advise wrote nothing.
+    assert list(Notification.objects.values_list("kind", flat=True)) == ["submit"]
+    # A transition applied and then rolled back takes its notifications with it.
+    with (
+        django_capture_on_commit_callbacks(execute=True) as callbacks,
+        pytest.raises(RuntimeError),
+        transaction.atomic(),
+    ):
+        world.act(referral, "accept")
+        assert Notification.objects.filter(kind="accept").exists()
+        raise RuntimeError("the caller's transaction fails after the transition")
+    assert callbacks == []
+    assert list(Notification.objects.values_list("kind", flat=True)) == ["submit"]
+    assert Referral.objects.get(pk=referral.pk).state == ReferralState.SUBMITTED
 
 
 def test_a_broker_outage_does_not_fail_the_committed_transition(
@@ -140,6 +159,72 @@ def test_a_broker_outage_does_not_fail_the_committed_transition(
 
     monkeypatch.setattr(notify_transition, "delay", down)
     notifications.notify_transition_later(123)  # logs, does not raise
+
+
+def test_a_lost_hand_off_loses_nothing_the_sweep_mails_it_once(
+    emails: World,
+    monkeypatch: pytest.MonkeyPatch,
+    django_capture_on_commit_callbacks: Callable[..., Any],
+) -> None:
+    world = emails
+
+    def down(*args: Any, **kwargs: Any) -> None:
+        raise ConnectionError("broker down")
+
+    monkeypatch.setattr(notify_transition, "delay", down)
+    with django_capture_on_commit_callbacks(execute=True):
+        referral = world.submit()
+    with django_capture_on_commit_callbacks(execute=True):
+        world.act(referral, "accept")
+    # The broker was down at both commits: no e-mail, but the in-app rows are there.
+    assert mail.outbox == []
+    pending = Notification.objects.filter(emailed_at__isnull=True)
+    assert sorted(pending.values_list("kind", "recipient__username")) == [
+        ("accept", "referrer"),
+        ("submit", "consultant"),
+    ]
+    # Within the grace period the sweep leaves them to the (maybe late) task.
+    assert notifications.notification_email_sweep() == 0
+    later = timezone.now() + timedelta(minutes=5)
+    assert notifications.notification_email_sweep(now=later) == 2
+    assert sorted(m.to[0] for m in mail.outbox) == [
+        "consultant@example.org",
+        "referrer@example.org",
+    ]
+    assert not Notification.objects.filter(emailed_at__isnull=True).exists()
+    # A second sweep, and the late task, send nothing more.
+    assert notifications.notification_email_sweep(now=later) == 0
+    assert notifications.notify_event(event_id=last_event(referral).pk) == 0
+    assert len(mail.outbox) == 2
+
+
+def test_the_sweep_leaves_old_and_address_less_notifications_in_app_only(
+    emails: World,
+) -> None:
+    world = emails
+    referral = world.submit()  # consultant has an address
+    User.objects.filter(pk=world.referrer.pk).update(email="")
+    world.act(referral, "accept")  # referrer has none now
+    assert Notification.objects.count() == 2
+    too_late = timezone.now() + timedelta(hours=25)
+    assert notifications.notification_email_sweep(now=too_late) == 0
+    assert mail.outbox == []
+    in_time = timezone.now() + timedelta(minutes=5)
+    assert notifications.notification_email_sweep(now=in_time) == 1
+    assert [m.to for m in mail.outbox] == [["consultant@example.org"]]
+    # The address-less recipient keeps the in-app notice, unsent.
+    assert Notification.objects.get(recipient=world.referrer).emailed_at is None
+
+
+def test_the_task_derives_missing_rows_for_events_written_without_them(
+    emails: World,
+) -> None:
+    world = emails
+    referral = world.submit()
+    event = last_event(referral)
+    Notification.objects.all().delete()  # as for an event from before this change
+    assert notifications.notify_event(event_id=event.pk) == 1
+    assert recipients(event) == {"consultant"}
 
 
 def test_missing_event_is_a_no_op(db: None) -> None:

@@ -16,7 +16,7 @@ from accounts.models import User
 from accounts.roles import Role
 from core.errors import ApplicationError
 from referrals import routing, services
-from referrals.models import Referral, ReferralEvent
+from referrals.models import DepartmentResponseTime, Referral, ReferralEvent
 from registry.geo import haversine_km
 from registry.models import Country, Department, Facility, Specialty, SupportLink, Tier
 
@@ -283,9 +283,26 @@ def test_median_response_time_from_events(net: Net) -> None:
         actor=consultant, referral_id=referral.pk, action="accept", now=t0 + timedelta(hours=3)
     )
     routing.routing_cache_clear()
+    # Requests never run the grouped query: before the beat job, no median is known.
+    before = {s.department_id: s for s in routing.suggest_departments(probe(net))}
+    assert before[net.central_paeds.pk].median_response_hours is None
+    assert "no_recent_responses" in before[net.central_paeds.pk].reasons
+    assert routing.response_times_refresh() == 1
+    stored = DepartmentResponseTime.objects.get()
+    assert (stored.department_id, stored.median_hours, stored.samples) == (
+        net.central_paeds.pk,
+        3.0,
+        1,
+    )
     ranked = {s.department_id: s for s in routing.suggest_departments(probe(net))}
     assert ranked[net.central_paeds.pk].median_response_hours == 3.0
     assert "median_response_h:3.0" in ranked[net.central_paeds.pk].reasons
+    # A department without accepts in the window loses its stored median on refresh.
+    DepartmentResponseTime.objects.create(
+        department=net.central2_paeds, median_hours=9.0, samples=4, computed_at=t0
+    )
+    assert routing.response_times_refresh(now=timezone.now() + timedelta(days=40)) == 0
+    assert not DepartmentResponseTime.objects.exists()
 
 
 def test_suggestions_endpoint(net: Net) -> None:

@@ -1,0 +1,68 @@
+"""The list rows (worklist, outgoing) are built from tuples by ``referral_list_data``, not
+through ``ReferralListSerializer``; the serializer stays the documented schema. Both must
+give the same JSON for every kind of row."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django.test import override_settings
+from django.utils import timezone
+from rest_framework.test import APIClient
+
+from referrals.models import Priority, Referral, ReferralState
+from referrals.serializers import LIST_COLUMNS, ReferralListSerializer, referral_list_data
+from referrals.tests.conftest import World
+
+
+def _as_json(data: Any) -> Any:
+    return json.loads(json.dumps(data))
+
+
+def _both(queryset: Any) -> tuple[Any, Any]:
+    fast = referral_list_data(queryset.values_list(*LIST_COLUMNS))
+    reference = ReferralListSerializer(list(queryset), many=True).data
+    return _as_json(fast), _as_json(reference)
+
+
+def _varied(world: World) -> None:
+    world.submit(draft=True, department=None)  # no department, no deadline
+    world.submit(priority=Priority.STAT)
+    world.referral_in(ReferralState.ACCEPTED)
+    world.referral_in(ReferralState.CLOSED_LOCAL)
+    world.submit(campaign="dengue-2026")
+
+
+def test_the_fast_rows_equal_the_serializer_for_every_kind_of_row(world: World) -> None:
+    _varied(world)
+    queryset = Referral.objects.order_by("id")
+    fast, reference = _both(queryset)
+    assert len(fast) == Referral.objects.count() >= 4
+    assert fast == reference
+    kinds = {(r["assigned_department"] is None, r["deadline"] is None) for r in fast}
+    assert (True, True) in kinds  # the draft
+    assert (False, False) in kinds
+    assert {r["campaign"] for r in fast} >= {"", "dengue-2026"}
+    assert list(fast[0]) == list(ReferralListSerializer.Meta.fields)
+
+
+@override_settings(TIME_ZONE="Asia/Ho_Chi_Minh")
+def test_the_fast_rows_render_times_in_the_current_zone_like_drf(world: World) -> None:
+    world.submit()
+    with timezone.override("Asia/Ho_Chi_Minh"):
+        fast, reference = _both(Referral.objects.order_by("id"))
+    assert fast == reference
+    assert fast[0]["created_at"].endswith("+07:00")
+
+
+def test_the_worklist_endpoint_serves_the_documented_shape(world: World) -> None:
+    referral = world.submit()
+    client = APIClient()
+    client.force_authenticate(world.consultant)
+    response = client.get("/api/v1/referrals/worklist/")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["count"] == 1
+    expected = _as_json(ReferralListSerializer(Referral.objects.get(pk=referral.pk)).data)
+    assert body["results"] == [expected]
