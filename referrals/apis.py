@@ -114,9 +114,9 @@ class _ListApi(APIView):
 
     def _page(self, request: Request, queryset: QuerySet[Referral]) -> Response:
         paginator = Pagination()
-        page = paginator.paginate_queryset(queryset.values_list(*LIST_COLUMNS), request, view=self)
-        assert page is not None
-        data = referral_list_data(page)
+        data = referral_list_data(
+            paginator.paginate_rows(queryset, LIST_COLUMNS, request, view=self)
+        )
         audit_record(request, AuditAction.READ, [r["id"] for r in data])  # one INSERT per page
         return paginator.get_paginated_response(data)
 

@@ -374,6 +374,25 @@ class Notification(models.Model):
         return f"{self.recipient_id}: {self.kind} {self.referral_id}"
 
 
+class DepartmentDayLoad(models.Model):
+    """Referrals currently assigned to a department, by the local day they were assigned
+    (routing's live load); kept in the transitions' transactions. See referrals/load.py."""
+
+    department = models.ForeignKey(
+        "registry.Department", on_delete=models.CASCADE, related_name="+"
+    )
+    day = models.DateField()
+    assigned = models.IntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["department", "day"], name="department_day_load_once")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.department_id} {self.day}: {self.assigned}"
+
+
 class DepartmentResponseTime(models.Model):
     """Median hours from assignment to accept per department over the last 30 days, for
     routing. Written by the beat job ``referrals.response_times_refresh`` (one grouped

@@ -42,8 +42,8 @@ log (seconds at 1M referrals): a request only reads the small table, at most onc
 ``REFERRAL_ROUTING_CACHE_SECONDS`` per process.
 Per call, ONE query (``_live_state``, three ``UNION ALL`` parts) reads what must be live:
 the department watermark (221 rows at national scale), today's load of the candidate
-departments (grouped COUNT on the ``referral_department_load`` index) and the referral's
-tried departments (its events; left out for a new referral). So a department edit, also a
+departments (their ``DepartmentDayLoad`` rows, kept by the transitions: referrals/load.py)
+and the referral's tried departments (its events; left out for a new referral). So a department edit, also a
 bulk ``UPDATE``, is seen by the next call in every process (no staleness); only when the
 watermark moved does a call rebuild the snapshot and ask again (a second query).
 """
@@ -62,7 +62,7 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
-from referrals.models import DepartmentResponseTime, Referral, ReferralEvent
+from referrals.models import DepartmentDayLoad, DepartmentResponseTime, Referral, ReferralEvent
 from registry.geo import haversine_km
 from registry.models import Department, Facility, OperationalStatus, SupportLink
 
@@ -395,20 +395,18 @@ class _Live:
 
 def _live_state(referral: Referral, department_ids: list[int], now: datetime) -> _Live:
     """The per-call reads in one round trip: the department watermark, today's load of
-    ``department_ids`` (grouped COUNT, ``referral_department_load`` index) and the tried
+    ``department_ids`` (``DepartmentDayLoad`` rows, referrals/load.py) and the tried
     departments (skipped for a new referral)."""
-    local = timezone.localtime(now)
-    day_start = local.replace(hour=0, minute=0, second=0, microsecond=0)
     parts: list[str] = [_WATERMARK_SQL]
-    params: list[int | datetime] = []
+    params: list[int | date] = []
     if department_ids:
         marks = ", ".join(["%s"] * len(department_ids))
         parts.append(
-            f"SELECT 1, assigned_department_id, COUNT(*), NULL, NULL "  # noqa: S608
-            f"FROM {Referral._meta.db_table} WHERE assigned_department_id IN ({marks}) "
-            "AND assigned_at >= %s GROUP BY assigned_department_id"
+            f"SELECT 1, department_id, assigned, NULL, NULL "  # noqa: S608
+            f"FROM {DepartmentDayLoad._meta.db_table} WHERE day = %s "
+            f"AND department_id IN ({marks})"
         )
-        params += [*department_ids, day_start]
+        params += [timezone.localdate(now), *department_ids]
     if referral.pk is not None and referral.version > 0:
         parts.append(
             f"SELECT 2, department_id, NULL, NULL, NULL "  # noqa: S608

@@ -25,11 +25,7 @@ OPEN_STATES: tuple[str, ...] = tuple(
 
 def user_department_ids(user: User) -> frozenset[int]:
     """The departments a user works in, cached on the user object for the request."""
-    cached: frozenset[int] | None = getattr(user, "_department_ids", None)
-    if cached is None:
-        cached = frozenset(user.departments.values_list("id", flat=True))
-        user._department_ids = cached  # type: ignore[attr-defined]
-    return cached
+    return user.department_ids()
 
 
 def _sees_patient_data(user: User) -> bool:

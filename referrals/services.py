@@ -16,6 +16,7 @@ from django.utils.dateparse import parse_datetime
 
 from accounts.models import User
 from core.errors import ApplicationError, Conflict, NotFound, PermissionDenied
+from referrals.load import department_load_move, load_slot
 from referrals.models import (
     ActorSide,
     CloseOut,
@@ -409,6 +410,7 @@ def _apply(
     """Change the state, run the effect, bump the version, append the event. The caller
     holds the row lock and has checked everything."""
     from_state = referral.state
+    load_before = load_slot(referral)
     payload = EFFECTS.get(transition.action, _no_effect)(referral, actor, data, now)
     referral.state = transition.target_from(from_state)
     referral.version += 1
@@ -438,6 +440,8 @@ def _apply(
     from fhir_gateway.publish import referral_changed
 
     referral_changed(referral=referral, event=event)
+    # Routing's live load, last: its counter row stays locked only until the commit.
+    department_load_move(before=load_before, after=load_slot(referral))
     return event
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from celery import shared_task
 
 from referrals.escalation import referral_escalate_overdue, referral_reroute_declined
+from referrals.load import department_load_prune
 from referrals.routing import response_times_refresh
 from referrals.services import referral_expire_overdue
 
@@ -38,5 +39,7 @@ def referrals_reroute_declined(self: object, referral_id: int) -> bool:
 
 @shared_task(name="referrals.response_times_refresh", ignore_result=True)
 def referrals_response_times_refresh() -> int:
-    """Routing's median response times (one grouped query over 30 days of events)."""
+    """Routing's median response times (one grouped query over 30 days of events); also
+    prunes the load counters of past days."""
+    department_load_prune()
     return response_times_refresh()

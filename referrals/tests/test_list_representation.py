@@ -66,3 +66,23 @@ def test_the_worklist_endpoint_serves_the_documented_shape(world: World) -> None
     assert body["count"] == 1
     expected = _as_json(ReferralListSerializer(Referral.objects.get(pk=referral.pk)).data)
     assert body["results"] == [expected]
+
+
+def test_list_pages_count_and_refuse_a_page_beyond_the_end(world: World) -> None:
+    for _ in range(3):
+        world.submit()
+    client = APIClient()
+    client.force_authenticate(world.referrer)
+    first = client.get("/api/v1/referrals/outgoing/?page_size=2").json()
+    assert first["count"] == 3
+    assert len(first["results"]) == 2
+    assert first["next"].endswith("page=2&page_size=2")
+    second = client.get(first["next"]).json()
+    assert [r["id"] for r in second["results"]] == [
+        r.pk for r in Referral.objects.order_by("-created_at", "-id")[2:]
+    ]
+    assert second["next"] is None
+    for bad in ("9", "abc", "0"):
+        response = client.get(f"/api/v1/referrals/outgoing/?page_size=2&page={bad}")
+        assert response.status_code == 404, bad
+        assert response["Content-Type"].startswith("application/problem+json")

@@ -10,7 +10,8 @@ import pytest
 from django.utils import timezone
 
 from referrals import routing, simulation
-from referrals.models import CloseOut, Referral, ReferralEvent
+from referrals.load import department_load_matches
+from referrals.models import CloseOut, DepartmentDayLoad, Referral, ReferralEvent
 from referrals.tests.conftest import World
 from referrals.workflow import INITIAL_STATE, TRANSITIONS_BY_ACTION
 
@@ -45,6 +46,8 @@ def test_service_path_lifecycles_replay(world: World) -> None:
     referrals = Referral.objects.filter(placer_system=simulation.PLACER_SYSTEM)
     assert referrals.count() == 40
     assert_events_replay(Referral.objects.all())
+    # Routing's load counters, kept by the transitions, equal a fresh count.
+    assert department_load_matches()
 
 
 def test_bulk_path_lifecycles_replay_and_are_deterministic(world: World) -> None:
@@ -56,6 +59,9 @@ def test_bulk_path_lifecycles_replay_and_are_deterministic(world: World) -> None
     assert_events_replay(referrals)
     # close-outs match the close_local events
     assert CloseOut.objects.count() == ReferralEvent.objects.filter(action="close_local").count()
+    # The bulk path bypasses the services; it derives the load counters at the end.
+    assert DepartmentDayLoad.objects.exists()
+    assert department_load_matches()
 
     def fingerprint() -> list[tuple[str, ...]]:
         return [

@@ -13,6 +13,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_stat
 from accounts.models import User
 from core.errors import ApplicationError
 from referrals import services
+from referrals.load import department_load_matches
 from referrals.models import Referral, ReferralEvent
 from referrals.tests.conftest import World
 from referrals.workflow import ACTIONS, INITIAL_STATE, TRANSITIONS_BY_ACTION
@@ -129,6 +130,11 @@ class ReferralLifecycle(RuleBasedStateMachine):
         )
         moved_by_test = referral.deadline is not None and referral.deadline < timezone.now()
         assert referral.deadline == expected or moved_by_test
+
+    @invariant()
+    def load_counters_equal_a_count(self) -> None:
+        # Routing's per-day load counters (referrals/load.py) follow every (re)assignment.
+        assert department_load_matches()
 
 
 def test_random_lifecycles_keep_the_invariants(world: World) -> None:
