@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.db.models import QuerySet
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import serializers, status
 from rest_framework.permissions import IsAuthenticated
@@ -18,11 +17,11 @@ from rest_framework.views import APIView
 from accounts.models import User
 from core.errors import ApplicationError, Conflict, NotFound
 from core.pagination import Pagination
+from core.rows import QueryRows, SqlRows
 from referrals import routing, selectors, services
 from referrals.audit import audit_record
 from referrals.models import AuditAction, Referral, ReferralState
 from referrals.serializers import (
-    LIST_COLUMNS,
     ReferralDetailSerializer,
     ReferralListSerializer,
     ReferralSubmitSerializer,
@@ -112,11 +111,9 @@ class ReferralSubmitApi(APIView):
 class _ListApi(APIView):
     permission_classes = [IsAuthenticated]
 
-    def _page(self, request: Request, queryset: QuerySet[Referral]) -> Response:
+    def _page(self, request: Request, rows: QueryRows | SqlRows) -> Response:
         paginator = Pagination()
-        data = referral_list_data(
-            paginator.paginate_rows(queryset, LIST_COLUMNS, request, view=self)
-        )
+        data = referral_list_data(paginator.paginate_rows(rows, request, view=self))
         audit_record(request, AuditAction.READ, [r["id"] for r in data])  # one INSERT per page
         return paginator.get_paginated_response(data)
 
@@ -140,7 +137,9 @@ class ReferralOutgoingApi(_ListApi):
         query.is_valid(raise_exception=True)
         return self._page(
             request,
-            selectors.referral_outgoing(_user(request), state=query.validated_data.get("state")),
+            selectors.referral_outgoing_rows(
+                _user(request), state=query.validated_data.get("state")
+            ),
         )
 
 
@@ -158,7 +157,7 @@ class ReferralWorklistApi(_ListApi):
         state = query.validated_data.get("state")
         return self._page(
             request,
-            selectors.referral_worklist(
+            selectors.referral_worklist_rows(
                 _user(request),
                 query.validated_data.get("department"),
                 states=(state,) if state else None,

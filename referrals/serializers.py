@@ -149,31 +149,6 @@ class ReferralListSerializer(serializers.ModelSerializer[Referral]):
 # serializer above: for a 50-row page, model instances plus DRF's per-field machinery cost
 # several times the query (docs/performance.md). ``ReferralListSerializer`` stays the
 # documented schema; a test keeps both outputs identical.
-LIST_COLUMNS: tuple[str, ...] = (
-    "id",
-    "filler_id",
-    "placer_system",
-    "placer_value",
-    "state",
-    "version",
-    "priority",
-    "mode",
-    "specialty__system",
-    "specialty__code",
-    "specialty__display",
-    "requester_facility_id",
-    "requester_facility__code",
-    "requester_facility__name",
-    "assigned_department_id",
-    "assigned_department__name",
-    "assigned_department__facility_id",
-    "assigned_department__facility__code",
-    "assigned_department__facility__name",
-    "deadline",
-    "campaign",
-    "parent_referral_id",
-    "created_at",
-)
 _PRIORITY_CODE: dict[int, str] = {int(p.value): str(p.label) for p in Priority}
 
 
@@ -186,7 +161,7 @@ def _iso(value: datetime | None, zone: tzinfo) -> str | None:
 
 
 def referral_list_data(rows: Iterable[tuple[Any, ...]]) -> list[dict[str, Any]]:
-    """The list representation of rows read with ``values_list(*LIST_COLUMNS)``."""
+    """The list representation of rows in ``selectors.LIST_COLUMNS`` order."""
     zone = timezone.get_current_timezone()
     data = []
     for (

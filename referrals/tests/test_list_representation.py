@@ -7,12 +7,17 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 from django.test import override_settings
 from django.utils import timezone
 from rest_framework.test import APIClient
 
+from accounts.models import User
+from core.errors import NotFound
+from referrals import selectors
 from referrals.models import Priority, Referral, ReferralState
-from referrals.serializers import LIST_COLUMNS, ReferralListSerializer, referral_list_data
+from referrals.selectors import LIST_COLUMNS
+from referrals.serializers import ReferralListSerializer, referral_list_data
 from referrals.tests.conftest import World
 
 
@@ -86,3 +91,49 @@ def test_list_pages_count_and_refuse_a_page_beyond_the_end(world: World) -> None
         response = client.get(f"/api/v1/referrals/outgoing/?page_size=2&page={bad}")
         assert response.status_code == 404, bad
         assert response["Content-Type"].startswith("application/problem+json")
+
+
+def _orm(user: User, department: int | None, states: tuple[str, ...] | None) -> list[Any]:
+    queryset = selectors.referral_worklist(user, department, states=states)
+    return list(queryset.values_list(*LIST_COLUMNS))
+
+
+@pytest.mark.parametrize("vendor_sql", [True, False], ids=["hand-written", "orm-fallback"])
+def test_the_worklist_rows_equal_the_orm_selector_in_every_scope(
+    world: World, vendor_sql: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not vendor_sql:  # what SQLite (make run) uses
+        monkeypatch.setattr(selectors.connection, "vendor", "sqlite")
+    for priority in (Priority.ROUTINE, Priority.STAT, Priority.URGENT):
+        world.submit(priority=priority)
+    world.referral_in(ReferralState.ACCEPTED)
+    world.referral_in(ReferralState.CLOSED_LOCAL)  # terminal: not on a worklist
+    forwarded = world.submit()
+    world.act(forwarded, "forward")  # now hub2's
+    conference = world.referral_in(ReferralState.SCHEDULED)  # consultant2 invited (grant)
+    cases = [
+        (world.consultant, None, None),
+        (world.consultant, world.hub_paeds.pk, None),
+        (world.consultant, world.hub_paeds.pk, (ReferralState.ACCEPTED.value,)),
+        (world.consultant2, None, None),  # own department + the conference grant
+        (world.consultant2, world.hub2_paeds.pk, None),  # a department: no grants
+    ]
+    for user, department, states in cases:
+        fresh = User.objects.get(pk=user.pk)
+        rows = selectors.referral_worklist_rows(fresh, department, states=states)
+        expected = _orm(fresh, department, states)
+        assert rows.count() == len(expected) > 0, (user.username, department, states)
+        assert rows[0 : len(expected) + 5] == expected
+        assert rows[1:3] == expected[1:3]
+    consultant2 = User.objects.get(pk=world.consultant2.pk)
+    ids = [r[0] for r in selectors.referral_worklist_rows(consultant2)[0:50]]
+    assert conference.pk in ids and forwarded.pk in ids
+    # Outside one's departments: not found, as the ORM selector.
+    with pytest.raises(NotFound):
+        selectors.referral_worklist_rows(consultant2, world.hub_paeds.pk)
+
+
+def test_a_user_without_departments_or_grants_has_an_empty_worklist(world: World) -> None:
+    world.submit()
+    rows = selectors.referral_worklist_rows(User.objects.get(pk=world.referrer.pk))
+    assert (rows.count(), rows[0:50]) == (0, [])
