@@ -5,17 +5,36 @@ from __future__ import annotations
 from typing import Any
 
 from fhir_gateway import handlers
-from fhir_gateway.handlers import COMMON_SEARCH_PARAMS, HANDLERS, SYSTEM_INTERACTIONS
+from fhir_gateway.handlers import (
+    COMMON_SEARCH_PARAMS,
+    HANDLERS,
+    SYSTEM_INTERACTIONS,
+    Operation,
+    operations_of,
+)
 from fhir_gateway.versions import DEFAULT_VERSION, FHIR_JSON, RELEASE, SUPPORTED_VERSIONS
 
 # The date this statement's shape last changed (CapabilityStatement.date is required).
 _STATEMENT_DATE = "2025-01-01"
 
 
+def _operation_entries(operations: list[Operation], version: str) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": op.name,
+            "definition": op.definition_for(version),
+            **({"documentation": op.documentation} if op.documentation else {}),
+        }
+        for op in operations
+    ]
+
+
 def capability_statement(version: str, *, base: str) -> dict[str, Any]:
     resources: list[dict[str, Any]] = []
     for resource_type in sorted(HANDLERS):
         handler = HANDLERS[resource_type]
+        if version not in handler.fhir_versions:
+            continue
         entry: dict[str, Any] = {"type": resource_type}
         if handler.profile:
             entry["profile"] = handler.profile
@@ -42,6 +61,9 @@ def capability_statement(version: str, *, base: str) -> dict[str, Any]:
                 }
                 for p in params
             ]
+        operations = operations_of(resource_type, version)
+        if operations:
+            entry["operation"] = _operation_entries(operations, version)
         resources.append(entry)
     return {
         "resourceType": "CapabilityStatement",
@@ -75,7 +97,8 @@ def capability_statement(version: str, *, base: str) -> dict[str, Any]:
                         "name": "versions",
                         "definition": "http://hl7.org/fhir/OperationDefinition/"
                         "CapabilityStatement-versions",
-                    }
+                    },
+                    *_operation_entries(operations_of(None, version), version),
                 ],
             }
         ],

@@ -6,6 +6,11 @@ one message (``SELECT ... FOR UPDATE SKIP LOCKED``), sends it outside any transa
 records the outcome; a message whose worker died stays ``in_flight`` until its lease expires
 and is then claimed again. Messages of one aggregate go out in ``seq`` order; each carries
 its idempotency key, so a member that saw a request whose answer we lost applies it once.
+
+Two paths claim messages: ``outbox_deliver`` (task ``deliver_outbox``), the on-commit
+hand-off of one message; and ``outbox_drain`` (task ``outbox_drain``, run by beat every
+10 s), which claims batches of every due message — retries, lost hand-offs, expired
+leases — and is the only thing that retries a failed message.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import base64
 import json
 import logging
 import secrets
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -129,7 +135,7 @@ def outbox_enqueue(
     Either a stored resource version (``version_id``) or a fixed ``payload`` is sent.
     ``schedule=False`` when the caller already scheduled an earlier message of the same
     aggregate in this transaction: each delivery schedules the next of its aggregate, so
-    one task per aggregate and transaction is enough (the sweep is the safety net).
+    one task per aggregate and transaction is enough (beat's drain is the safety net).
     """
     if not connection.in_atomic_block:
         raise RuntimeError("outbox_enqueue must run inside the transaction of the change.")
@@ -215,13 +221,13 @@ def outbox_enqueue_versions(
 
 
 def schedule_delivery(message_id: int) -> None:
-    """Hand a message to a worker now; if the broker is down the sweep finds it later."""
+    """Hand a message to a worker now; if the broker is down beat's drain finds it later."""
     from fhir_gateway.tasks import deliver_outbox
 
     try:
         deliver_outbox.apply_async((message_id,), retry=False)
     except (BrokerError, OSError):
-        logger.warning("broker unavailable; outbox sweep will deliver", extra={"id": message_id})
+        logger.warning("broker unavailable; the beat drain will deliver", extra={"id": message_id})
 
 
 # --------------------------------------------------------------------------- deliver
@@ -643,13 +649,27 @@ def outbox_deliver_batch(
 
 
 def outbox_drain(
-    *, limit: int = 500, concurrency: int | None = None, max_batches: int = 1000
+    *,
+    limit: int = 500,
+    concurrency: int | None = None,
+    max_batches: int = 1000,
+    max_seconds: float | None = None,
 ) -> BatchReport:
-    """Deliver batches until nothing is due now (or ``max_batches``); one thread pool."""
+    """Deliver batches until nothing is due now, ``max_batches`` ran, or ``max_seconds``
+    passed (checked between batches); one thread pool for all of them.
+
+    This is beat's path (``fhir_gateway.outbox_drain``): retries whose backoff ran out,
+    messages whose on-commit hand-off was lost, and ``in_flight`` messages whose lease
+    expired are all "due" to ``_claim_batch``; failures go through ``_record_failure``
+    (backoff, dead after ``FHIR_OUTBOX_MAX_ATTEMPTS``) and unsendable messages are
+    dead-lettered while claiming. ``max_seconds`` keeps one beat run from outliving the
+    next, so drains do not pile up on the workers' slots under a steady backlog.
+    """
     from concurrent.futures import ThreadPoolExecutor
 
     total = BatchReport()
     workers = concurrency or int(_setting("FHIR_OUTBOX_CONCURRENCY", 16))
+    deadline = None if max_seconds is None else time.monotonic() + max_seconds
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for _ in range(max_batches):
             report = outbox_deliver_batch(limit=limit, executor=pool)
@@ -657,24 +677,9 @@ def outbox_drain(
                 setattr(total, field, getattr(total, field) + getattr(report, field))
             if not report.claimed and not report.dead:
                 break
+            if deadline is not None and time.monotonic() >= deadline:
+                break
     return total
-
-
-def outbox_due_ids(*, limit: int = 500, now: datetime | None = None) -> list[int]:
-    """Messages a worker may deliver now: due, head of their aggregate, endpoint active."""
-    now = now or timezone.now()
-    earlier = OutboxMessage.objects.filter(
-        aggregate_key=OuterRef("aggregate_key"), seq__lt=OuterRef("seq")
-    ).exclude(status=Status.DELIVERED)
-    due = Q(status__in=(Status.PENDING, Status.FAILED), next_attempt_at__lte=now) | Q(
-        status=Status.IN_FLIGHT, claimed_at__lt=now - lease()
-    )
-    return list(
-        OutboxMessage.objects.filter(due, endpoint__status=Endpoint.Status.ACTIVE)
-        .filter(~Exists(earlier))
-        .order_by("next_attempt_at", "pk")
-        .values_list("pk", flat=True)[:limit]
-    )
 
 
 # --------------------------------------------------------------------------- operator actions

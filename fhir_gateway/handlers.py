@@ -15,8 +15,12 @@ from django.db.models import QuerySet
 
 from fhir_gateway import storage
 from fhir_gateway.models import FhirResource
+from fhir_gateway.versions import SUPPORTED_VERSIONS
 
 if TYPE_CHECKING:
+    from django.http import HttpRequest
+    from django.http.response import HttpResponseBase
+
     from accounts.models import User
 
 READ = "read"
@@ -59,6 +63,18 @@ class WriteRequest:
     if_none_exist: str | None = None
 
 
+@dataclass(frozen=True)
+class RawRead:
+    """A read answered by the handler itself (Binary: the bytes are not stored JSON)."""
+
+    request: HttpRequest
+    user: User
+    logical_id: str
+    version: str  # the negotiated FHIR version (DEFAULT_VERSION when Accept is not FHIR)
+
+
+RawReadFunc = Callable[[RawRead], "HttpResponseBase"]
+
 # Returns the current rows matching the handler's own parameters (values already split).
 SearchFunc = Callable[["User", dict[str, list[str]]], QuerySet[FhirResource]]
 WriteFunc = Callable[[WriteRequest], storage.WriteResult]
@@ -90,6 +106,10 @@ class ResourceHandler:
     includes: dict[str, IncludeFunc] = field(default_factory=dict)
     # Ordering of search results (stable, for paging).
     order_by: tuple[str, ...] = ("logical_id",)
+    # Reads answered by the handler (any Accept: the handler negotiates), not stored JSON.
+    raw_read: RawReadFunc | None = None
+    # The FHIR versions the type exists in (SubscriptionTopic is R5 only): elsewhere 404.
+    fhir_versions: tuple[str, ...] = SUPPORTED_VERSIONS
     extra: dict[str, Any] = field(default_factory=dict)
 
     def supports(self, interaction: str) -> bool:
@@ -106,6 +126,72 @@ HANDLERS: dict[str, ResourceHandler] = {}
 
 # System-level interactions (``transaction``) and their implementation.
 SYSTEM_INTERACTIONS: dict[str, TransactionFunc] = {}
+
+
+# --------------------------------------------------------------------------- operations
+
+SYSTEM_LEVEL = "system"
+TYPE_LEVEL = "type"
+INSTANCE_LEVEL = "instance"
+
+
+@dataclass(frozen=True)
+class OperationCall:
+    """One call of a FHIR operation, as the views parsed it."""
+
+    user: User
+    version: str  # the answer's FHIR version
+    base: str  # e.g. https://host/fhir
+    params: dict[str, list[str]]  # query parameters (GET)
+    resource_type: str | None = None
+    logical_id: str | None = None
+    accept: str = ""  # the raw Accept header (Binary-style answers decide on it)
+
+
+@dataclass(frozen=True)
+class OperationAnswer:
+    """FHIR JSON text (``body``) in the call's version, or raw bytes with their own type."""
+
+    body: str | bytes
+    status: int = 200
+    content_type: str | None = None  # None: FHIR JSON of the call's version
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+OperationFunc = Callable[[OperationCall], OperationAnswer]
+
+
+@dataclass(frozen=True)
+class Operation:
+    name: str  # without the "$"
+    level: str  # SYSTEM_LEVEL, TYPE_LEVEL or INSTANCE_LEVEL
+    func: OperationFunc
+    definition: str  # canonical URL of the OperationDefinition
+    documentation: str = ""
+    resource_type: str | None = None  # for type and instance level
+    fhir_versions: tuple[str, ...] = SUPPORTED_VERSIONS
+    definition_r4: str = ""  # another definition in R4 (e.g. the Subscriptions Backport's)
+
+    def definition_for(self, version: str) -> str:
+        return self.definition_r4 if version == "4.0" and self.definition_r4 else self.definition
+
+
+# (level, resource type or "", name) -> operation; routed by the views, listed by /metadata.
+OPERATIONS: dict[tuple[str, str, str], Operation] = {}
+
+
+def register_operation(operation: Operation) -> Operation:
+    OPERATIONS[(operation.level, operation.resource_type or "", operation.name)] = operation
+    return operation
+
+
+def operations_of(resource_type: str | None, version: str) -> list[Operation]:
+    """The operations declared on a type (or, for None, at system level) in ``version``."""
+    return [
+        op
+        for (_level, rtype, _name), op in sorted(OPERATIONS.items())
+        if (rtype or None) == resource_type and version in op.fhir_versions
+    ]
 
 
 def register(handler: ResourceHandler) -> ResourceHandler:

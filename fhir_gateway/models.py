@@ -1,4 +1,4 @@
-"""Stored FHIR resources (decision 2) and the outbound outbox (decision 1)."""
+"""Stored FHIR resources (decision 2), the outbound outbox (decision 1) and the pull feed."""
 
 from __future__ import annotations
 
@@ -138,7 +138,7 @@ class OutboxMessage(models.Model):
             ),
         ]
         indexes = [
-            # Due work: the sweep's scan.
+            # Due work: the drain's first scan (delivery._claim_batch).
             models.Index(
                 fields=["next_attempt_at"],
                 condition=Q(status__in=["pending", "failed"]),
@@ -162,3 +162,54 @@ class ProjectionCheckpoint(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} @ {self.watermark:%Y-%m-%d %H:%M:%S}"
+
+
+class FeedEvent(models.Model):
+    """A stored version a party facility must hear of, for members that pull ($events).
+
+    Written by ``publish`` in the transaction of the change, one row per stored version
+    and party facility (the outbox's messages without endpoints). ``number`` is the
+    facility's dense event number, assigned only after the row committed, under a
+    per-facility lock (``feed.feed_number``): a row that commits later always gets a higher
+    number than every number already handed out, whatever its id.
+    """
+
+    facility_id = models.BigIntegerField()  # plain column: no lock on the registry row
+    number = models.BigIntegerField(null=True, blank=True)
+    resource_type = models.CharField(max_length=64)
+    logical_id = models.CharField(max_length=64)
+    version_id = models.PositiveIntegerField()
+    referral_id = models.BigIntegerField(null=True, blank=True)
+    occurred_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["facility_id", "number"], name="feed_unique_number_per_facility"
+            ),
+        ]
+        indexes = [
+            # Rows still to be numbered, in numbering order (small: recent rows only).
+            models.Index(
+                fields=["facility_id", "id"],
+                condition=Q(number__isnull=True),
+                name="feed_unnumbered",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        number = self.number if self.number is not None else "?"
+        return f"{self.facility_id}#{number} {self.resource_type}/{self.logical_id}"
+
+
+class FeedSubscription(models.Model):
+    """The feed state of a stored ``Subscription`` resource: whose it is and the
+    facility's last event number when it was created (its events come after)."""
+
+    logical_id = models.CharField(max_length=64, unique=True)
+    facility_id = models.BigIntegerField()
+    start_number = models.BigIntegerField(default=0)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    def __str__(self) -> str:
+        return f"Subscription/{self.logical_id} ({self.facility_id} after #{self.start_number})"

@@ -16,6 +16,7 @@ from django.db.models import Q
 
 from fhir_gateway import referral_mapping as m
 from fhir_gateway.delivery import outbox_enqueue_versions
+from fhir_gateway.feed import feed_record
 from fhir_gateway.models import FhirResource
 from fhir_gateway.storage import content_hash, store_first_versions, store_version
 from referrals.models import ConsultNote, Message, Referral, ReferralEvent, ReferralState
@@ -61,27 +62,42 @@ def _current_hashes(referral: Referral, ids: list[tuple[str, str]]) -> dict[tupl
     return {(t, i): h for t, i, h in rows}
 
 
-def member_endpoints(referral: Referral) -> list[Endpoint]:
-    """The active endpoints of both parties (each receives its own FHIR version)."""
-    facility_ids = [referral.requester_facility_id]
+def party_facility_ids(referral: Referral) -> list[int]:
+    """The requester facility and the assigned department's facility (once each)."""
+    facility_ids = [int(referral.requester_facility_id)]
     if referral.assigned_department_id is not None:
         department = referral.assigned_department
         assert department is not None
-        facility_ids.append(department.facility_id)
+        if department.facility_id not in facility_ids:
+            facility_ids.append(int(department.facility_id))
+    return facility_ids
+
+
+def member_endpoints(referral: Referral, facility_ids: list[int] | None = None) -> list[Endpoint]:
+    """The active endpoints of both parties (each receives its own FHIR version)."""
     return list(
         Endpoint.objects.filter(
-            facility_id__in=facility_ids, status=Endpoint.Status.ACTIVE
+            facility_id__in=facility_ids or party_facility_ids(referral),
+            status=Endpoint.Status.ACTIVE,
         ).order_by("pk")
     )
 
 
 def _enqueue(referral: Referral, rows: list[FhirResource], *, first: bool = False) -> None:
+    """Outbox messages for the parties' endpoints (push) and feed rows for the parties
+    (pull, ``$events``), in the transaction of the change."""
     if rows:
+        facility_ids = party_facility_ids(referral)
         outbox_enqueue_versions(
             aggregate_key=aggregate_key(referral),
-            items=[(endpoint, row) for endpoint in member_endpoints(referral) for row in rows],
+            items=[
+                (endpoint, row)
+                for endpoint in member_endpoints(referral, facility_ids)
+                for row in rows
+            ],
             new_aggregate=first,
         )
+        feed_record(facility_ids=facility_ids, rows=rows, referral_id=referral.pk)
 
 
 def _task_context(referral: Referral, event: ReferralEvent) -> m.TaskContext:

@@ -33,6 +33,7 @@ from referrals.models import (
     Referral,
     ReferralState,
 )
+from referrals.workflow import TRANSITIONS_BY_ACTION
 from registry.models import ConsultMode
 
 S = ReferralState
@@ -515,7 +516,41 @@ def patient_into_intake(intake: Intake, patient: dict[str, Any]) -> None:
 
 
 # Task elements a member may change with PUT (everything else must stay as we sent it).
-TASK_MUTABLE = frozenset({"meta", "text", "status", "statusReason", "lastModified", "output"})
+TASK_MUTABLE = frozenset(
+    {
+        "meta",
+        "text",
+        "status",
+        "statusReason",
+        "businessStatus",
+        "input",
+        "owner",
+        "lastModified",
+        "output",
+    }
+)
+# Codes of Task.input carrying an action's inputs (the transition's input names, "-" for
+# "_"): scheduled-at, experts, video-url, transfer-originally-considered, outcome.
+TASK_INPUT_SYSTEM = f"{CONSILIUM}/CodeSystem/task-input"
+USER_SYSTEM = f"{CONSILIUM}/sid/user"
+# A new businessStatus (a code of REFERRAL_STATE_SYSTEM) asks for the one action that leads
+# there. Not here: accept / decline / cancel (Task.status), advise (a consult note),
+# request_info / provide_info (Communications), forward (a new Task.owner).
+BUSINESS_STATUS_ACTIONS: dict[str, str] = {
+    S.SCHEDULED: "schedule",
+    S.CLOSED_LOCAL: "close_local",
+    S.TRANSFER_REQUESTED: "request_transfer",
+    S.TRANSFER_ACCEPTED: "accept_transfer",
+    S.IN_TRANSIT: "depart",
+    S.ARRIVED: "arrive",
+    S.COMPLETED: "complete",
+}
+# Task.status values that carry an action themselves (with a consistent businessStatus).
+_STATUS_ACTIONS: dict[str, str] = {
+    S.ACCEPTED: "accepted",
+    S.DECLINED: "rejected",
+    S.CANCELLED: "cancelled",
+}
 
 
 @dataclass(frozen=True)
@@ -534,10 +569,93 @@ def _status_reason(resource: dict[str, Any], version: str) -> tuple[str, str]:
     return code, text
 
 
+def business_state(resource: dict[str, Any]) -> str | None:
+    """Our referral state in Task.businessStatus (REFERRAL_STATE_SYSTEM), if any."""
+    concept = resource.get("businessStatus")
+    codings = concept.get("coding") or [] if isinstance(concept, dict) else []
+    for coding in codings:
+        if (
+            isinstance(coding, dict)
+            and coding.get("system") == REFERRAL_STATE_SYSTEM
+            and coding.get("code") in ReferralState.values
+        ):
+            return str(coding["code"])
+    return None
+
+
+def _input_value(item: dict[str, Any], where: str) -> Any:
+    for key, value in item.items():
+        if not key.startswith("value"):
+            continue
+        if key == "valueCoding" and isinstance(value, dict):
+            return value.get("code")
+        if key == "valueIdentifier" and isinstance(value, dict):
+            if value.get("system") not in (None, USER_SYSTEM):
+                raise FhirError(
+                    422,
+                    "business-rule",
+                    f"{where}: an expert is an identifier of {USER_SYSTEM}.",
+                    expression=[where],
+                )
+            return value.get("value")
+        return value
+    raise FhirError(422, "required", f"{where} has no value.", expression=[where])
+
+
+def _task_inputs(action: str, incoming: dict[str, Any], text: str) -> dict[str, Any]:
+    """The action's inputs: its reason / note from statusReason text, the others from
+    Task.input (our codes); 422 for an input the action does not take."""
+    transition = TRANSITIONS_BY_ACTION[action]
+    given: dict[str, list[Any]] = {}
+    for index, item in enumerate(incoming.get("input") or []):
+        where = f"Task.input[{index}]"
+        codings = ((item or {}).get("type") or {}).get("coding") or []
+        codes = [c.get("code") for c in codings if c.get("system") == TASK_INPUT_SYSTEM]
+        if not codes:
+            raise FhirError(
+                422,
+                "business-rule",
+                f"{where}.type must be a code of {TASK_INPUT_SYSTEM}.",
+                expression=[f"{where}.type"],
+            )
+        given.setdefault(str(codes[0]), []).append(_input_value(item, where))
+    names = {f.name.replace("_", "-"): f for f in transition.inputs}
+    unknown = sorted(set(given) - set(names) | (set(given) & {"reason", "note"}))
+    if unknown:
+        raise FhirError(
+            422,
+            "business-rule",
+            f"{action} takes no Task.input {', '.join(unknown)} (reasons and notes go in "
+            "Task.statusReason.text).",
+            expression=["Task.input"],
+        )
+    inputs: dict[str, Any] = {}
+    for code, input_field in names.items():
+        if input_field.name in ("reason", "note"):
+            if text:
+                inputs[input_field.name] = text
+        elif input_field.kind == "users":
+            inputs[input_field.name] = given.get(code, [])
+        elif code in given:
+            inputs[input_field.name] = given[code][0]
+    return inputs
+
+
+def _refuse(message: str, element: str) -> FhirError:
+    return FhirError(422, "business-rule", message, expression=[element])
+
+
 def task_to_transition(
     current: dict[str, Any], incoming: dict[str, Any], version: str
 ) -> TaskChange:
-    """The workflow action a Task update asks for; 422 for any other change."""
+    """The workflow action a Task update asks for; 422 for any other change.
+
+    - Task.status accepted / rejected / cancelled: accept / decline / cancel;
+    - a new Task.owner (a HealthcareService) with statusReason text: forward;
+    - a new businessStatus (our referral-state code): the action leading to that state
+      (BUSINESS_STATUS_ACTIONS), its inputs in Task.input, its reason / note in
+      statusReason text; Task.status may stay or become the new state's status.
+    """
     changed = sorted(
         key
         for key in set(current) | set(incoming)
@@ -547,8 +665,8 @@ def task_to_transition(
         raise FhirError(
             422,
             "business-rule",
-            "Only Task.status (with statusReason) may be changed by an update; "
-            f"changed: {', '.join(changed)}.",
+            "Only Task.status, businessStatus and owner (with statusReason and input) may be "
+            f"changed by an update; changed: {', '.join(changed)}.",
             expression=[f"Task.{name}" for name in changed],
         )
     if current.get("output") != incoming.get("output"):
@@ -559,15 +677,57 @@ def task_to_transition(
             "(LOINC 11488-4) based on the referral instead.",
             expression=["Task.output"],
         )
-    new_status = incoming.get("status")
-    if new_status == current.get("status"):
-        raise FhirError(
-            422,
-            "business-rule",
-            f"Task.status is already {new_status!r}: nothing to do.",
-            expression=["Task.status"],
-        )
     code, text = _status_reason(incoming, version)
+    old_status, new_status = current.get("status"), incoming.get("status")
+    old_state, new_state = business_state(current), business_state(incoming)
+    if current.get("businessStatus") != incoming.get("businessStatus") and new_state is None:
+        raise _refuse(
+            f"Task.businessStatus must carry a code of {REFERRAL_STATE_SYSTEM} (our states).",
+            "Task.businessStatus",
+        )
+    if reference_of(current.get("owner")) != reference_of(incoming.get("owner")):
+        kind, department = split_reference(reference_of(incoming.get("owner")))
+        if kind != "HealthcareService" or not (department.isascii() and department.isdigit()):
+            raise _refuse(
+                "Task.owner must be a HealthcareService (the new department).", "Task.owner"
+            )
+        if new_state not in (old_state, S.SUBMITTED) or new_status not in (old_status, "requested"):
+            raise _refuse(
+                "A new Task.owner forwards the referral: it starts again as submitted there; "
+                "change nothing else.",
+                "Task.owner",
+            )
+        if not text:
+            raise _refuse(
+                "A forward needs its reason in Task.statusReason.text.", "Task.statusReason"
+            )
+        return TaskChange("forward", {"department": department, "reason": text})
+    # A new state reached by Task.status itself (accepted + status accepted) is the status
+    # path below; any other new state is the action leading there.
+    if (
+        new_state is not None
+        and new_state != old_state
+        and _STATUS_ACTIONS.get(new_state) != new_status
+    ):
+        action = BUSINESS_STATUS_ACTIONS.get(new_state)
+        if action is None:
+            raise _refuse(
+                f"Task.businessStatus {new_state!r} cannot be set by an update: use "
+                f"{', '.join(BUSINESS_STATUS_ACTIONS)} (accepted / rejected / cancelled go "
+                "by Task.status, advice by a consult note, a forward by Task.owner).",
+                "Task.businessStatus",
+            )
+        if new_status not in (old_status, TASK_STATUS[new_state]):
+            raise _refuse(
+                f"Task.status {new_status!r} does not go with businessStatus {new_state!r} "
+                f"({TASK_STATUS[new_state]!r}).",
+                "Task.status",
+            )
+        return TaskChange(action, _task_inputs(action, incoming, text))
+    if incoming.get("input"):
+        raise _refuse("Task.input goes with a businessStatus change only.", "Task.input")
+    if new_status == old_status:
+        raise _refuse(f"Task.status is already {new_status!r}: nothing to do.", "Task.status")
     if new_status == "accepted":
         return TaskChange("accept", {})
     if new_status == "rejected":
@@ -577,12 +737,10 @@ def task_to_transition(
         return TaskChange("decline", inputs)
     if new_status == "cancelled":
         return TaskChange("cancel", {"reason": text or "Cancelled by the requester's system."})
-    raise FhirError(
-        422,
-        "business-rule",
+    raise _refuse(
         f"Task.status {new_status!r} cannot be set by a member: use accepted, rejected "
-        "(with statusReason) or cancelled.",
-        expression=["Task.status"],
+        "(with statusReason) or cancelled, or change Task.businessStatus / Task.owner.",
+        "Task.status",
     )
 
 

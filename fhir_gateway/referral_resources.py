@@ -11,6 +11,8 @@ party to; anything else is 404.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import uuid
 from collections.abc import Callable
@@ -505,7 +507,9 @@ def _attachment_store(
     user: User, referral: Referral, contents: list[dict[str, Any]]
 ) -> WriteResult:
     """A case file: stored by the referral attachments service; its DocumentReference
-    (metadata only) is stored here. The bytes are not served over FHIR (no Binary yet)."""
+    (metadata, and the url of its bytes: ``Binary/<same id>``, see ``binary``) is stored
+    here."""
+    from fhir_gateway.binary import binary_id
     from fhir_gateway.storage import store_version
     from referrals.attachments import attachment_upload
 
@@ -522,9 +526,10 @@ def _attachment_store(
     name = str(attachment.get("title") or "attachment")
     upload = SimpleUploadedFile(name, data, content_type=str(attachment.get("contentType") or ""))
     stored = attachment_upload(actor=user, referral_id=referral.pk, upload=upload)
+    doc_id = binary_id(referral.filler_id, stored.pk)
     doc: dict[str, Any] = {
         "resourceType": "DocumentReference",
-        "id": f"{referral.filler_id}-att-{stored.pk}",
+        "id": doc_id,
         "status": "current",
         "subject": {"reference": f"Patient/{referral.filler_id}"},
         "date": fhir_instant(stored.created),
@@ -532,7 +537,11 @@ def _attachment_store(
             {
                 "attachment": {
                     "contentType": stored.content_type,
+                    # Relative: resolved against the server's base, like a reference.
+                    "url": f"Binary/{doc_id}",
                     "size": stored.size,
+                    # FHIR's hash is SHA-1 (base64); the store keeps SHA-256 for itself.
+                    "hash": base64.b64encode(hashlib.sha1(data).digest()).decode("ascii"),  # noqa: S324
                     "title": stored.original_name,
                 }
             }
@@ -714,7 +723,9 @@ def referral_handlers() -> list[ResourceHandler]:
             "Task",
             (r, v, h, s, u),
             documentation="The referral's workflow. Update with If-Match: status accepted | "
-            "rejected (+statusReason) | cancelled; nothing else may change.",
+            "rejected (+statusReason) | cancelled; owner (+statusReason) = forward; "
+            "businessStatus scheduled | closed_local | transfer_requested | "
+            "transfer_accepted | in_transit | arrived | completed (+input, statusReason).",
             search_params=(
                 _sp("owner", "reference", "Assigned HealthcareService.", "Task"),
                 _sp("requester", "reference", "Requesting Organization.", "Task"),

@@ -4,34 +4,27 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from fhir_gateway.delivery import (
-    outbox_deliver,
-    outbox_drain,
-    outbox_due_ids,
-    schedule_delivery,
-)
+from fhir_gateway.delivery import outbox_deliver, outbox_drain
 from fhir_gateway.registry_projection import project_registry_incremental
+
+# One beat run of the drain stops starting batches after this long, so it ends before the
+# next one is due (config/settings/base.py schedules it every 10 s).
+DRAIN_BEAT_SECONDS = 8.0
 
 
 @shared_task(name="fhir_gateway.deliver_outbox", ignore_result=True)
 def deliver_outbox(message_id: int) -> str:
+    """The on-commit hand-off: one message, right after its change committed (each
+    delivery schedules the next of its aggregate). Everything it misses, beat drains."""
     return outbox_deliver(message_id=message_id)
 
 
-@shared_task(name="fhir_gateway.outbox_sweep", ignore_result=True)
-def outbox_sweep() -> int:
-    """Hand every due message to a worker (retries, lost schedules, expired leases)."""
-    due = outbox_due_ids()
-    for message_id in due:
-        schedule_delivery(message_id)
-    return len(due)
-
-
 @shared_task(name="fhir_gateway.outbox_drain", ignore_result=True)
-def outbox_drain_task(limit: int = 500) -> int:
-    """Bulk path: claim batches across aggregates, send concurrently (keep-alive pool),
-    record outcomes in bulk, until nothing is due. For backlogs (after an outage)."""
-    return outbox_drain(limit=limit).delivered
+def outbox_drain_task(limit: int = 500, max_seconds: float | None = DRAIN_BEAT_SECONDS) -> int:
+    """Beat's outbox task: claim batches of due messages across aggregates (retries, lost
+    hand-offs, expired leases), send them concurrently on keep-alive connections, record
+    outcomes in bulk (backoff, dead-lettering), until nothing is due or ``max_seconds``."""
+    return outbox_drain(limit=limit, max_seconds=max_seconds).delivered
 
 
 @shared_task(name="fhir_gateway.project_registry", ignore_result=True)

@@ -109,6 +109,33 @@ def response_version(request: HttpRequest) -> str:
     raise FhirError(406, "not-supported", f"Cannot answer in {accept!r}; use {FHIR_JSON}.")
 
 
+def binary_answer_version(request: HttpRequest, content_type: str) -> str | None:
+    """How to answer a read of a Binary whose bytes are ``content_type``: the FHIR version
+    of a ``Binary`` resource (base64 data) when ``_format`` or the preferred ``Accept``
+    range is FHIR JSON; None for the raw bytes (no Accept, ``*/*``, the type or its
+    ``type/*``); 406 when the caller accepts neither."""
+    if request.GET.get("_format") is not None:
+        return response_version(request)
+    accept = request.headers.get("Accept", "").strip()
+    if not accept:
+        return None
+    ranges = [r for r in (_parse_media_range(p) for p in accept.split(",")) if r is not None]
+    ranges.sort(key=lambda r: r.q, reverse=True)  # stable: header order among equals
+    main = content_type.partition("/")[0]
+    for media_range in ranges:
+        if media_range.q <= 0:
+            continue
+        if media_range.media_type in _JSON_TYPES:
+            return _version_of(media_range, status=406)
+        if media_range.media_type in {"*/*", f"{main}/*", content_type}:
+            return None
+    raise FhirError(
+        406,
+        "not-supported",
+        f"Cannot answer in {accept!r}: this Binary is {content_type} (or ask for {FHIR_JSON}).",
+    )
+
+
 def _version_of(media_range: MediaRange, *, status: int) -> str:
     raw = media_range.params.get("fhirversion")
     if raw is None:

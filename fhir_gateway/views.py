@@ -24,6 +24,7 @@ from django.core.exceptions import RequestDataTooBig
 from django.db import IntegrityError
 from django.db.models import Q
 from django.http import Http404, HttpRequest, HttpResponse
+from django.http.response import HttpResponseBase
 from django.utils import timezone
 from django.utils.http import http_date
 from django.views.decorators.csrf import csrf_exempt
@@ -71,6 +72,9 @@ class FhirRequest:
     request: HttpRequest
     version: str
     user: User | None
+    # With ``lenient_accept``: the 406 Accept would have caused, for views to raise unless
+    # the handler negotiates itself (Binary).
+    accept_error: FhirError | None = None
 
     @property
     def base(self) -> str:
@@ -103,21 +107,31 @@ def _authenticate(request: HttpRequest) -> User:
     return user
 
 
-ViewFunc = Callable[..., HttpResponse]
+ViewFunc = Callable[..., HttpResponseBase]
 
 
 def _fhir_view(
-    *, public: bool = False, methods: tuple[str, ...] = ("GET",)
+    *, public: bool = False, methods: tuple[str, ...] = ("GET",), lenient_accept: bool = False
 ) -> Callable[[ViewFunc], ViewFunc]:
-    """Negotiates the version, authenticates, and answers every error as OperationOutcome."""
+    """Negotiates the version, authenticates, and answers every error as OperationOutcome.
+
+    ``lenient_accept``: an Accept we cannot answer in FHIR JSON does not fail here; the view
+    gets ``accept_error`` (a Binary read answers raw bytes for ``Accept: application/pdf``).
+    """
 
     def decorate(view: ViewFunc) -> ViewFunc:
         @csrf_exempt
         @functools.wraps(view)
-        def wrapped(request: HttpRequest, **kwargs: str) -> HttpResponse:
+        def wrapped(request: HttpRequest, **kwargs: str) -> HttpResponseBase:
             content_type = media_type_for(DEFAULT_VERSION)
+            accept_error: FhirError | None = None
             try:
-                version = response_version(request)
+                try:
+                    version = response_version(request)
+                except FhirError as exc:
+                    if not (lenient_accept and exc.status == 406):
+                        raise
+                    version, accept_error = DEFAULT_VERSION, exc
                 content_type = media_type_for(version)
                 if request.method not in methods:
                     raise FhirError(
@@ -127,7 +141,7 @@ def _fhir_view(
                         headers={"Allow": ", ".join(methods)},
                     )
                 user = None if public else _authenticate(request)
-                response = view(FhirRequest(request, version, user), **kwargs)
+                response = view(FhirRequest(request, version, user, accept_error), **kwargs)
             except FhirError as exc:
                 response = outcome_response(exc, content_type=content_type)
             except ApplicationError as exc:
@@ -172,10 +186,16 @@ def _too_large() -> FhirError:
     )
 
 
-def _handler(resource_type: str) -> ResourceHandler:
+def _handler(resource_type: str, version: str) -> ResourceHandler:
     handler = HANDLERS.get(resource_type) if _RESOURCE_TYPE.match(resource_type) else None
     if handler is None:
         raise FhirError(404, "not-found", f"Resource type {resource_type!r} is not supported.")
+    if version not in handler.fhir_versions:
+        raise FhirError(
+            404,
+            "not-found",
+            f"{resource_type} is not served in FHIR {version} (it has no such type).",
+        )
     return handler
 
 
@@ -292,12 +312,72 @@ def unknown(ctx: FhirRequest, rest: str = "") -> HttpResponse:
     raise FhirError(404, "not-found", f"/fhir/{rest} is not a FHIR interaction we serve.")
 
 
+# --------------------------------------------------------------------------- operations
+
+
+def _operation(
+    ctx: FhirRequest,
+    level: str,
+    name: str,
+    resource_type: str | None = None,
+    logical_id: str | None = None,
+) -> HttpResponse:
+    if resource_type is not None:
+        _handler(resource_type, ctx.version)
+    if logical_id is not None:
+        _check_id(logical_id)
+    operation = handlers.OPERATIONS.get((level, resource_type or "", name))
+    where = f"/{resource_type}" if resource_type else ""
+    where += "/{id}" if logical_id is not None else ""
+    if operation is None or ctx.version not in operation.fhir_versions:
+        raise FhirError(
+            404, "not-found", f"${name} is not an operation we serve on {where or '/'}."
+        )
+    assert ctx.user is not None
+    answer = operation.func(
+        handlers.OperationCall(
+            user=ctx.user,
+            version=ctx.version,
+            base=ctx.base,
+            params=_query_params(ctx.request.GET.lists()),
+            resource_type=resource_type,
+            logical_id=logical_id,
+            accept=ctx.request.headers.get("Accept", ""),
+        )
+    )
+    response = HttpResponse(
+        answer.body,
+        status=answer.status,
+        content_type=answer.content_type or media_type_for(ctx.version),
+    )
+    for header, value in answer.headers.items():
+        response[header] = value
+    return response
+
+
+@_fhir_view()
+def system_operation(ctx: FhirRequest, operation: str) -> HttpResponse:
+    return _operation(ctx, handlers.SYSTEM_LEVEL, operation)
+
+
+@_fhir_view()
+def type_operation(ctx: FhirRequest, resource_type: str, operation: str) -> HttpResponse:
+    return _operation(ctx, handlers.TYPE_LEVEL, operation, resource_type)
+
+
+@_fhir_view()
+def instance_operation(
+    ctx: FhirRequest, resource_type: str, logical_id: str, operation: str
+) -> HttpResponse:
+    return _operation(ctx, handlers.INSTANCE_LEVEL, operation, resource_type, logical_id)
+
+
 # --------------------------------------------------------------------------- type level
 
 
 @_fhir_view(methods=("GET", "POST", "PUT", "DELETE", "PATCH"))
 def type_level(ctx: FhirRequest, resource_type: str) -> HttpResponse:
-    handler = _handler(resource_type)
+    handler = _handler(resource_type, ctx.version)
     allow = _allowed_type_methods(handler)
     if ctx.request.method == "GET":
         _require(handler, handlers.SEARCH, allow)
@@ -315,7 +395,7 @@ def type_level(ctx: FhirRequest, resource_type: str) -> HttpResponse:
 
 @_fhir_view(methods=("POST",))
 def search_post(ctx: FhirRequest, resource_type: str) -> HttpResponse:
-    handler = _handler(resource_type)
+    handler = _handler(resource_type, ctx.version)
     _require(handler, handlers.SEARCH, _allowed_type_methods(handler))
     if ctx.request.content_type != "application/x-www-form-urlencoded":
         raise FhirError(
@@ -363,12 +443,19 @@ def _write_response(ctx: FhirRequest, row: FhirResource, *, status: int) -> Http
 # --------------------------------------------------------------------------- instance level
 
 
-@_fhir_view(methods=("GET", "PUT", "DELETE", "POST", "PATCH"))
-def instance(ctx: FhirRequest, resource_type: str, logical_id: str) -> HttpResponse:
-    handler = _handler(resource_type)
+@_fhir_view(methods=("GET", "PUT", "DELETE", "POST", "PATCH"), lenient_accept=True)
+def instance(ctx: FhirRequest, resource_type: str, logical_id: str) -> HttpResponseBase:
+    method = ctx.request.method
+    raw = HANDLERS.get(resource_type)
+    if ctx.accept_error is not None and not (method == "GET" and raw and raw.raw_read):
+        raise ctx.accept_error
+    handler = _handler(resource_type, ctx.version)
     _check_id(logical_id)
     allow = _allowed_instance_methods(handler)
-    method = ctx.request.method
+    if method == "GET" and handler.raw_read is not None:
+        _require(handler, handlers.READ, allow)
+        assert ctx.user is not None
+        return handler.raw_read(handlers.RawRead(ctx.request, ctx.user, logical_id, ctx.version))
     if method == "GET":
         _require(handler, handlers.READ, allow)
         row = _read(handler, logical_id, ctx.user)
@@ -438,7 +525,7 @@ def _read(handler: ResourceHandler, logical_id: str, user: User | None) -> FhirR
 
 @_fhir_view()
 def vread(ctx: FhirRequest, resource_type: str, logical_id: str, version_id: str) -> HttpResponse:
-    handler = _handler(resource_type)
+    handler = _handler(resource_type, ctx.version)
     _check_id(logical_id)
     _require(handler, handlers.VREAD, _allowed_instance_methods(handler))
     if not version_id.isdigit() or len(version_id) > 9:
@@ -449,7 +536,7 @@ def vread(ctx: FhirRequest, resource_type: str, logical_id: str, version_id: str
 
 @_fhir_view()
 def history(ctx: FhirRequest, resource_type: str, logical_id: str) -> HttpResponse:
-    handler = _handler(resource_type)
+    handler = _handler(resource_type, ctx.version)
     _check_id(logical_id)
     _require(handler, handlers.HISTORY, _allowed_instance_methods(handler))
     count, offset = _paging(ctx.request.GET)

@@ -176,8 +176,13 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_SEND_IN_BACKGROUND = env.bool("CELERY_SEND_IN_BACKGROUND", default=True)
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
-    # FHIR gateway: retries, lost schedules and expired leases of the outbox.
-    "fhir-outbox-sweep": {"task": "fhir_gateway.outbox_sweep", "schedule": 10.0},
+    # FHIR gateway: the outbox's batch drain (retries, lost hand-offs, expired leases,
+    # dead-lettering). A run left queued while the workers were down expires unrun.
+    "fhir-outbox-drain": {
+        "task": "fhir_gateway.outbox_drain",
+        "schedule": 10.0,
+        "options": {"expires": 30.0},
+    },
     # FHIR gateway: registry -> stored mCSD resources (new versions only on change).
     "fhir-project-registry": {"task": "fhir_gateway.project_registry", "schedule": 60.0},
     # Referrals: deadline notices, then re-route/expire; re-route recent declines.

@@ -177,7 +177,13 @@ def test_unexpected_error_is_500_operation_outcome(fhir, network, monkeypatch):
 
 @pytest.mark.parametrize(
     "path",
-    ["/fhir/Nonsense", "/fhir/Nonsense/1", "/fhir/patient", "/fhir/Binary", "/fhir/a/b/c/d/e"],
+    [
+        "/fhir/Nonsense",
+        "/fhir/Nonsense/1",
+        "/fhir/patient",
+        "/fhir/Practitioner",
+        "/fhir/a/b/c/d/e",
+    ],
 )
 def test_unknown_paths_and_types_are_404(fhir, path):
     response = fhir.get(path)

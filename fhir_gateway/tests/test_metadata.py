@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from fhir_gateway.handlers import HANDLERS
+from fhir_gateway.handlers import HANDLERS, OPERATIONS
 from fhir_gateway.tests.conftest import FHIR_R4, FHIR_R5
 from fhir_gateway.versions import model_class
 
@@ -20,6 +20,11 @@ REGISTRY_TYPES = [
 ]
 # Served by the referral mapping (walked by test_referral_fhir with a referral in scope).
 REFERRAL_TYPES = ["Communication", "DocumentReference", "Patient", "ServiceRequest", "Task"]
+# Case-file bytes (walked by test_binary with a case file in scope) and the report Measures
+# (walked by test_measures with a reporting account).
+WALKED_ELSEWHERE = ["Binary", "Measure"]
+# The pull feed (walked by test_subscriptions with a Subscription of the caller's facility).
+FEED_TYPES = {"4.0": ["Subscription"], "5.0": ["Subscription", "SubscriptionTopic"]}
 
 
 @pytest.mark.parametrize(
@@ -34,15 +39,17 @@ def test_capability_statement_is_valid_in_the_requested_version(
     model_class("CapabilityStatement", version).model_validate(body)
     assert body["fhirVersion"] == release
     assert [r["type"] for r in body["rest"][0]["resource"]] == sorted(
-        REGISTRY_TYPES + REFERRAL_TYPES
+        REGISTRY_TYPES + REFERRAL_TYPES + WALKED_ELSEWHERE + FEED_TYPES[version]
     )
     assert body["rest"][0]["interaction"] == [{"code": "transaction"}]
+    assert [o["name"] for o in body["rest"][0]["operation"]] == ["versions", "events"]
 
 
-def test_capability_lists_exactly_the_routed_handlers(anonymous):
-    body = json.loads(anonymous.get("/fhir/metadata").content)
+@pytest.mark.parametrize(("accept", "version"), [(FHIR_R4, "4.0"), (FHIR_R5, "5.0")])
+def test_capability_lists_exactly_the_routed_handlers(anonymous, accept, version):
+    body = json.loads(anonymous.get("/fhir/metadata", Accept=accept).content)
     declared = {r["type"]: r for r in body["rest"][0]["resource"]}
-    assert set(declared) == set(HANDLERS)
+    assert set(declared) == {t for t, h in HANDLERS.items() if version in h.fhir_versions}
     for resource_type, entry in declared.items():
         handler = HANDLERS[resource_type]
         assert [i["code"] for i in entry["interaction"]] == list(handler.interactions)
@@ -51,6 +58,22 @@ def test_capability_lists_exactly_the_routed_handlers(anonymous):
             if handler.search is not None
             else []
         )
+    operations = {
+        (level, rtype, name)
+        for (level, rtype, name), op in OPERATIONS.items()
+        if version in op.fhir_versions
+    }
+    listed = {("system", "", o["name"]) for o in body["rest"][0]["operation"]} - {
+        ("system", "", "versions")
+    }
+    for rtype, entry in declared.items():
+        listed |= {
+            (level, rtype, o["name"])
+            for o in entry.get("operation", [])
+            for level in ("type", "instance")
+            if (level, rtype, o["name"]) in OPERATIONS
+        }
+    assert listed == operations
     assert declared["Organization"]["interaction"] == [
         {"code": "read"},
         {"code": "vread"},
@@ -89,7 +112,7 @@ def test_every_declared_interaction_and_search_param_is_served(fhir, network):
         "special": "21|105|10|km",
     }
     for entry in body["rest"][0]["resource"]:
-        if entry["type"] in REFERRAL_TYPES:
+        if entry["type"] in REFERRAL_TYPES + WALKED_ELSEWHERE + FEED_TYPES["4.0"]:
             continue
         rtype, pk = entry["type"], samples[entry["type"]]
         paths = {
@@ -109,6 +132,11 @@ def test_every_declared_interaction_and_search_param_is_served(fhir, network):
 def test_types_not_declared_are_not_routed(fhir):
     body = json.loads(fhir.get("/fhir/metadata").content)
     declared = {r["type"] for r in body["rest"][0]["resource"]}
-    for rtype in ["Practitioner", "Binary", "Subscription", "Encounter"]:
+    for rtype in ["Practitioner", "Encounter", "SubscriptionTopic"]:
         assert rtype not in declared
         assert fhir.get(f"/fhir/{rtype}").status_code == 404
+        assert fhir.get(f"/fhir/{rtype}/1/$events").status_code == 404
+    # Operations not declared are not routed either.
+    assert fhir.get("/fhir/$everything").status_code == 404
+    assert fhir.get("/fhir/Organization/$events").status_code == 404
+    assert fhir.get("/fhir/Organization/1/$status").status_code == 404

@@ -12,14 +12,13 @@ from django.utils import timezone
 from fhir_gateway import delivery
 from fhir_gateway.delivery import (
     backoff_seconds,
-    outbox_due_ids,
     outbox_enqueue,
     outbox_replay,
     outbox_retry,
 )
 from fhir_gateway.models import FhirResource, OutboxMessage
 from fhir_gateway.storage import store_version
-from fhir_gateway.tasks import deliver_outbox, outbox_sweep
+from fhir_gateway.tasks import deliver_outbox, outbox_drain_task
 from registry.models import Endpoint
 from tests.factories import EndpointFactory
 
@@ -54,17 +53,9 @@ def _enqueue(endpoint: Endpoint, aggregate: str, row: FhirResource) -> OutboxMes
         )
 
 
-def _drain(max_rounds: int = 50) -> int:
-    """What beat + workers do: run the sweep's due list through the task, until quiet."""
-    rounds = 0
-    while rounds < max_rounds:
-        due = outbox_due_ids()
-        if not due:
-            break
-        for message_id in due:
-            deliver_outbox(message_id)  # the task body, run in this process
-        rounds += 1
-    return rounds
+def _drain() -> int:
+    """What beat does every 10 s: the drain task's body, run in this process."""
+    return outbox_drain_task()
 
 
 @pytest.mark.django_db(transaction=True)
@@ -175,13 +166,10 @@ def test_order_is_kept_per_aggregate_and_other_aggregates_proceed(db, stub_membe
     endpoint = EndpointFactory.create(base_url=stub.base_url)
     a = [_enqueue(endpoint, "referral:A", _resource(f"a{i}")) for i in range(3)]
     b = [_enqueue(endpoint, "referral:B", _resource(f"b{i}")) for i in range(2)]
-    # Only the heads are due at first.
-    assert sorted(outbox_due_ids()) == sorted([a[0].pk, b[0].pk])
     assert deliver_outbox(a[1].pk) == "skipped"  # not the head of its aggregate
     assert stub.requests == []
     assert deliver_outbox(a[0].pk) == "failed"
     assert deliver_outbox(a[0].pk) == "failed"
-    assert sorted(outbox_due_ids()) == sorted([a[0].pk, b[0].pk])
     assert deliver_outbox(b[0].pk) == "delivered"
     assert deliver_outbox(b[1].pk) == "delivered"  # B is not held up by A
     _drain()
@@ -209,7 +197,10 @@ def test_dead_letter_after_max_attempts_blocks_its_aggregate_until_retried(db, s
     assert first.last_error.startswith("HTTP 500")
     assert second.status == Status.PENDING
     assert len(stub.requests) == 4
-    assert outbox_due_ids() == []
+    assert _drain() == 0  # nothing is due: the dead head holds its aggregate
+    assert len(stub.requests) == 4
+    second.refresh_from_db()
+    assert (second.status, second.attempts) == (Status.PENDING, 0)
     # The member is fixed; an operator retries.
     assert outbox_retry(message_id=first.pk) is True
     assert outbox_retry(message_id=second.pk) is False  # not dead or failed
@@ -242,8 +233,15 @@ def test_unreachable_member_is_retried_with_backoff(db, settings):
     assert message.status == Status.FAILED
     assert "Error" in message.last_error
     assert before <= message.next_attempt_at <= before + timedelta(seconds=61)
-    assert message.pk not in outbox_due_ids()
-    assert message.pk in outbox_due_ids(now=timezone.now() + timedelta(seconds=61))
+    if message.next_attempt_at > timezone.now() + timedelta(seconds=1):
+        _drain()  # not due yet: the drain leaves it alone
+        message.refresh_from_db()
+        assert (message.status, message.attempts) == (Status.FAILED, 1)
+    # Its backoff ran out: beat's drain tries again (and is refused again).
+    OutboxMessage.objects.filter(pk=message.pk).update(next_attempt_at=timezone.now())
+    _drain()
+    message.refresh_from_db()
+    assert (message.status, message.attempts) == (Status.FAILED, 2)
 
 
 def test_backoff_is_full_jitter_under_the_cap(settings):
@@ -263,9 +261,11 @@ def test_worker_killed_mid_delivery_loses_nothing(db, stub_member, settings):
     assert delivery._claim(message.pk, timezone.now()) is not None
     message.refresh_from_db()
     assert message.status == Status.IN_FLIGHT
-    assert outbox_due_ids() == []  # its lease still runs
+    assert deliver_outbox(message.pk) == "skipped"  # its lease still runs
+    assert _drain() == 0
+    assert stub.requests == []
     settings.FHIR_OUTBOX_LEASE_SECONDS = 0
-    assert outbox_due_ids() == [message.pk]
+    # The broker redelivers the dead worker's task (acks late): it takes the row over.
     assert deliver_outbox(message.pk) == "delivered"
     assert stub.applied == [message.idempotency_key]
 
@@ -289,8 +289,10 @@ def test_inactive_endpoint_holds_messages(db, stub_member):
     stub = stub_member()
     endpoint = EndpointFactory.create(base_url=stub.base_url, status=Endpoint.Status.SUSPENDED)
     message = _enqueue(endpoint, "referral:1", _resource("c1"))
-    assert outbox_due_ids() == []
+    assert _drain() == 0
     assert deliver_outbox(message.pk) == "skipped"
+    message.refresh_from_db()
+    assert (message.status, message.attempts) == (Status.PENDING, 0)
     Endpoint.objects.filter(pk=endpoint.pk).update(status=Endpoint.Status.ACTIVE)
     assert deliver_outbox(message.pk) == "delivered"
     assert len(stub.requests) == 1
@@ -335,21 +337,63 @@ def test_payload_message_posts_the_payload(db, stub_member):
     assert json.loads(stub.requests[0]["body"]) == payload
 
 
-def test_sweep_task_hands_due_messages_to_workers(db, monkeypatch):
-    scheduled: list[int] = []
-    monkeypatch.setattr("fhir_gateway.tasks.schedule_delivery", scheduled.append)
-    endpoint = EndpointFactory.create()
-    head = _enqueue(endpoint, "referral:1", _resource("c1"))
-    _enqueue(endpoint, "referral:1", _resource("c2"))
-    assert outbox_sweep() == 1
-    assert scheduled == [head.pk]
+def test_beat_runs_the_registered_drain_task_and_no_sweep(settings):
+    from config.celery import app
+
+    tasks = {entry["task"] for entry in settings.CELERY_BEAT_SCHEDULE.values()}
+    assert "fhir_gateway.outbox_drain" in tasks
+    assert "fhir_gateway.outbox_sweep" not in tasks
+    assert app.tasks["fhir_gateway.outbox_drain"].name == outbox_drain_task.name
+    assert "fhir_gateway.outbox_sweep" not in app.tasks
+
+
+def test_beat_drain_recovers_leases_retries_lost_handoffs_and_dead_letters(
+    db, stub_member, settings
+):
+    ok = stub_member([500])  # F's first attempt, below
+    broken = stub_member([500] * 10)
+    good = EndpointFactory.create(base_url=ok.base_url)
+    bad = EndpointFactory.create(base_url=broken.base_url)
+    leased = _enqueue(good, "referral:L", _resource("l1"))
+    assert delivery._claim(leased.pk, timezone.now()) is not None  # its worker dies
+    failed = _enqueue(good, "referral:F", _resource("f1"))
+    assert deliver_outbox(failed.pk) == "failed"
+    lost = _enqueue(good, "referral:P", _resource("p1"))  # on-commit hand-off never ran
+    doomed = _enqueue(bad, "referral:D", _resource("d1"))
+    behind = _enqueue(bad, "referral:D", _resource("d2"))
+    settings.FHIR_OUTBOX_LEASE_SECONDS = 0
+
+    assert outbox_drain_task() == 3
+
+    status = dict(OutboxMessage.objects.values_list("pk", "status"))
+    assert status == {
+        leased.pk: Status.DELIVERED,
+        failed.pk: Status.DELIVERED,
+        lost.pk: Status.DELIVERED,
+        doomed.pk: Status.DEAD,
+        behind.pk: Status.PENDING,
+    }
+    assert OutboxMessage.objects.get(pk=doomed.pk).attempts == 4
+    assert sorted(ok.applied) == sorted(m.idempotency_key for m in (leased, failed, lost))
+    assert [r["path"] for r in broken.requests] == ["/fhir/Communication/d1"] * 4
+
+
+def test_a_drain_stops_starting_batches_after_its_time_budget(db, stub_member):
+    stub = stub_member()
+    endpoint = EndpointFactory.create(base_url=stub.base_url)
+    for n in range(3):
+        _enqueue(endpoint, f"referral:{n}", _resource(f"c{n}"))
+    report = delivery.outbox_drain(limit=1, concurrency=1, max_seconds=0)
+    assert (report.claimed, report.delivered) == (1, 1)
+    assert OutboxMessage.objects.filter(status=Status.PENDING).count() == 2
+    assert outbox_drain_task(limit=1, max_seconds=None) == 2
 
 
 # --------------------------------------------------------------------------- batch path
 
 
-def _batch_drain(**kwargs: object) -> delivery.BatchReport:
-    return delivery.outbox_drain(limit=50, concurrency=4, max_batches=50, **kwargs)
+def _batch_drain() -> delivery.BatchReport:
+    return delivery.outbox_drain(limit=50, concurrency=4, max_batches=50)
 
 
 def test_batch_keeps_order_per_aggregate_and_applies_once(db, stub_member):

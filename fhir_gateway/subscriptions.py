@@ -1,0 +1,669 @@
+"""Topic-based Subscriptions for members that cannot receive pushes: they poll.
+
+R5 (``Subscription``, ``SubscriptionTopic``, ``SubscriptionStatus``, the ``subscription-
+notification`` Bundle) and R4 through the Subscriptions R5 Backport IG (``Subscription.criteria``
+= the topic URL, a ``history`` Bundle whose first entry is a ``Parameters`` status).
+
+What is offered, and no more:
+
+- one topic, ``SubscriptionTopic/referral`` (R5 only; in R4 the topic is its canonical URL):
+  every stored version of a referral's resources a party facility is told about;
+- Subscriptions of one's own facility (member systems only): create, read, vread, search,
+  delete. Channel ``rest-hook`` with **no endpoint** and content ``id-only``: they are pulled
+  with ``$events``. Push to a member is the registry Endpoint's outbox delivery
+  (``delivery``), not a Subscription's; an endpoint, filters, an ``end`` or another content
+  are refused (422) rather than accepted and ignored;
+- ``Subscription/{id}/$events`` (eventsSinceNumber / eventsUntilNumber / _count / content),
+  ``Subscription/{id}/$status``, and ``/fhir/$events?since=<number>`` for the whole facility.
+
+Events are the facility's feed (``feed``): event numbers are the facility's, dense and
+increasing; a Subscription's events are those numbered after its creation.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
+
+from django.db import transaction
+from django.db.models import QuerySet
+from django.utils import timezone
+
+from accounts.roles import Role
+from fhir_gateway import handlers
+from fhir_gateway.feed import MAX_NUMBER, FeedItem, feed_last_number, feed_number, feed_page
+from fhir_gateway.handlers import (
+    Operation,
+    OperationAnswer,
+    OperationCall,
+    ResourceHandler,
+    WriteRequest,
+)
+from fhir_gateway.models import FeedSubscription, FhirResource
+from fhir_gateway.outcomes import FhirError
+from fhir_gateway.registry_projection import CONSILIUM
+from fhir_gateway.storage import (
+    WriteResult,
+    _lock,
+    content_hash,
+    current_rows,
+    dumps,
+    fhir_instant,
+    resource_current,
+    resource_delete,
+    store_version,
+    validate_resource,
+)
+from fhir_gateway.versions import R4, R5
+
+if TYPE_CHECKING:
+    from accounts.models import User
+
+TOPIC_ID = "referral"
+TOPIC_URL = f"{CONSILIUM}/SubscriptionTopic/{TOPIC_ID}"
+_TOPIC_DATE = "2026-11-25"  # when the topic's definition last changed
+CHANNEL_TYPES = "http://terminology.hl7.org/CodeSystem/subscription-channel-type"
+BACKPORT = "http://hl7.org/fhir/uv/subscriptions-backport"
+BACKPORT_SUBSCRIPTION = f"{BACKPORT}/StructureDefinition/backport-subscription"
+PAYLOAD_CONTENT = f"{BACKPORT}/StructureDefinition/backport-payload-content"
+FILTER_CRITERIA = f"{BACKPORT}/StructureDefinition/backport-filter-criteria"
+STATUS_R4_PROFILE = f"{BACKPORT}/StructureDefinition/backport-subscription-status-r4"
+NOTIFICATION_R4_PROFILE = f"{BACKPORT}/StructureDefinition/backport-subscription-notification-r4"
+EVENT_NUMBER_EXTENSION = f"{CONSILIUM}/StructureDefinition/feed-event-number"
+FHIR_JSON = "application/fhir+json"
+DEFAULT_REASON = "Referral events for a member system that polls $events."
+DEFAULT_COUNT = 50
+MAX_COUNT = 500
+
+# What the topic covers: what ``publish`` stores and the outbox pushes to a party's members.
+_TRIGGERS: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    (
+        "Task",
+        ("create", "update"),
+        "Every referral event: a new Task version (its version = the referral's version).",
+    ),
+    ("ServiceRequest", ("create", "update"), "The referral (order) changed."),
+    ("Patient", ("create", "update"), "The referral's patient (minimum necessary) changed."),
+    ("Communication", ("create",), "A message on the referral."),
+    ("DocumentReference", ("create",), "A consult note (advice)."),
+)
+
+
+def topic_resource() -> dict[str, Any]:
+    return {
+        "resourceType": "SubscriptionTopic",
+        "id": TOPIC_ID,
+        "url": TOPIC_URL,
+        "version": "1",
+        "title": "Referral changes",
+        "status": "active",
+        "date": _TOPIC_DATE,
+        "publisher": "Consilium",
+        "description": (
+            "Every stored version of a referral's resources that a party facility (the "
+            "requester and the assigned department's facility) is told about: what the outbox "
+            "pushes to the facility's registered Endpoints. Notifications are id-only; poll "
+            "Subscription/{id}/$events."
+        ),
+        "resourceTrigger": [
+            {
+                "description": description,
+                "resource": f"http://hl7.org/fhir/StructureDefinition/{resource_type}",
+                "supportedInteraction": list(interactions),
+            }
+            for resource_type, interactions, description in _TRIGGERS
+        ],
+        "notificationShape": [
+            {"resource": f"http://hl7.org/fhir/StructureDefinition/{resource_type}"}
+            for resource_type, _i, _d in _TRIGGERS
+        ],
+    }
+
+
+def _ensure_topic() -> None:
+    """The topic is stored like every served resource; (re)stored when its definition
+    changed (first use after a deployment), so reads splice stored JSON as elsewhere."""
+    resource = topic_resource()
+    digest = content_hash(resource)
+
+    def stored() -> str | None:
+        return (
+            FhirResource.objects.filter(
+                resource_type="SubscriptionTopic", logical_id=TOPIC_ID, is_current=True
+            )
+            .values_list("content_hash", flat=True)
+            .first()
+        )
+
+    if stored() == digest:
+        return
+    with transaction.atomic():
+        _lock(f"fhir:SubscriptionTopic/{TOPIC_ID}")
+        if stored() == digest:  # another request stored it meanwhile
+            return
+        store_version(
+            resource_type="SubscriptionTopic",
+            logical_id=TOPIC_ID,
+            resource=resource,
+            fhir_version=R5,
+            renderings={R5: resource},
+            hash_value=digest,
+            index_tokens=False,
+        )
+
+
+def _topic_visible(user: User) -> QuerySet[FhirResource]:
+    _ensure_topic()
+    return FhirResource.objects.filter(resource_type="SubscriptionTopic")
+
+
+def _topic_search(user: User, params: dict[str, list[str]]) -> QuerySet[FhirResource]:
+    _ensure_topic()
+    rows = current_rows("SubscriptionTopic")
+    for value in params.get("url", []):
+        rows = rows.filter(logical_id=TOPIC_ID) if TOPIC_URL in value.split(",") else rows.none()
+    return rows
+
+
+# --------------------------------------------------------------------------- who
+
+
+def _is_member_system(user: User) -> bool:
+    return (
+        user.facility_id is not None
+        and user.has_role(Role.MEMBER_SYSTEM)
+        and not user.has_role(Role.MINISTRY)
+    )
+
+
+def _feed_facility(user: User) -> int:
+    """The caller's facility, whose feed it reads; only member systems of a facility."""
+    if not _is_member_system(user):
+        raise FhirError(
+            403,
+            "forbidden",
+            "Subscriptions and $events are for member systems (role member-system) of a facility.",
+        )
+    return int(user.facility_id)  # type: ignore[arg-type]
+
+
+def _subscription_visible(user: User) -> QuerySet[FhirResource]:
+    if not _is_member_system(user):
+        return FhirResource.objects.none()
+    return FhirResource.objects.filter(resource_type="Subscription", source_pk=user.facility_id)
+
+
+def _subscription_search(user: User, params: dict[str, list[str]]) -> QuerySet[FhirResource]:
+    if not _is_member_system(user):
+        return FhirResource.objects.none()
+    rows = current_rows("Subscription").filter(source_pk=user.facility_id)
+    for value in params.get("status", []):
+        if "active" not in [v.rpartition("|")[2] for v in value.split(",")]:
+            rows = rows.none()  # every stored Subscription is active until deleted
+    return rows
+
+
+# --------------------------------------------------------------------------- create
+
+
+def _refuse(element: str, detail: str) -> FhirError:
+    return FhirError(422, "not-supported", f"{element}: {detail}", expression=[element])
+
+
+def _extensions(element: Any, url: str) -> list[dict[str, Any]]:
+    if not isinstance(element, dict):
+        return []
+    return [
+        e for e in element.get("extension") or [] if isinstance(e, dict) and e.get("url") == url
+    ]
+
+
+def _check_content(value: Any, element: str) -> None:
+    if value not in (None, "id-only"):
+        raise _refuse(element, f"content {value!r} is not offered; notifications are id-only.")
+
+
+def _check_r4(resource: dict[str, Any]) -> None:
+    if resource.get("criteria") != TOPIC_URL:
+        raise _refuse(
+            "Subscription.criteria",
+            f"must be the topic {TOPIC_URL} (topic-based Subscriptions, R5 Backport IG); "
+            "query criteria are not supported.",
+        )
+    if _extensions(resource.get("_criteria"), FILTER_CRITERIA):
+        raise _refuse("Subscription.criteria", "filters are not supported (all events).")
+    channel = resource.get("channel") or {}
+    if channel.get("type") != "rest-hook" or (channel.get("_type") or {}).get("extension"):
+        raise _refuse("Subscription.channel.type", "only rest-hook (pulled with $events).")
+    if channel.get("endpoint"):
+        raise _refuse(
+            "Subscription.channel.endpoint",
+            "Subscriptions here are pulled with $events; pushes go to your facility's "
+            "registered Endpoint (the outbox). Leave the endpoint out.",
+        )
+    if channel.get("payload") not in (None, FHIR_JSON):
+        raise _refuse("Subscription.channel.payload", f"only {FHIR_JSON}.")
+    for extension in _extensions(channel.get("_payload"), PAYLOAD_CONTENT):
+        _check_content(extension.get("valueCode"), "Subscription.channel.payload")
+
+
+def _check_r5(resource: dict[str, Any]) -> None:
+    if resource.get("topic") != TOPIC_URL:
+        raise _refuse("Subscription.topic", f"the only topic is {TOPIC_URL}.")
+    if resource.get("filterBy"):
+        raise _refuse("Subscription.filterBy", "filters are not supported (all events).")
+    channel = resource.get("channelType") or {}
+    if channel.get("code") != "rest-hook" or channel.get("system") not in (None, CHANNEL_TYPES):
+        raise _refuse("Subscription.channelType", "only rest-hook (pulled with $events).")
+    if resource.get("endpoint"):
+        raise _refuse(
+            "Subscription.endpoint",
+            "Subscriptions here are pulled with $events; pushes go to your facility's "
+            "registered Endpoint (the outbox). Leave the endpoint out.",
+        )
+    if resource.get("contentType") not in (None, FHIR_JSON):
+        raise _refuse("Subscription.contentType", f"only {FHIR_JSON}.")
+    _check_content(resource.get("content"), "Subscription.content")
+
+
+def _renderings(
+    logical_id: str, facility_id: int, reason: str, name: str
+) -> dict[str, dict[str, Any]]:
+    r4: dict[str, Any] = {
+        "resourceType": "Subscription",
+        "id": logical_id,
+        "meta": {"profile": [BACKPORT_SUBSCRIPTION]},
+        "status": "active",
+        "reason": reason or DEFAULT_REASON,
+        "criteria": TOPIC_URL,
+        "channel": {
+            "type": "rest-hook",
+            "payload": FHIR_JSON,
+            "_payload": {"extension": [{"url": PAYLOAD_CONTENT, "valueCode": "id-only"}]},
+        },
+    }
+    r5: dict[str, Any] = {
+        "resourceType": "Subscription",
+        "id": logical_id,
+        **({"name": name} if name else {}),
+        "status": "active",
+        "topic": TOPIC_URL,
+        "managingEntity": {"reference": f"Organization/{facility_id}"},
+        **({"reason": reason} if reason else {}),
+        "channelType": {"system": CHANNEL_TYPES, "code": "rest-hook"},
+        "contentType": FHIR_JSON,
+        "content": "id-only",
+    }
+    return {R4: r4, R5: r5}
+
+
+def _subscription_create(req: WriteRequest) -> WriteResult:
+    facility = _feed_facility(req.user)
+    validate_resource(req.resource, req.fhir_version)
+    if req.resource.get("end"):
+        raise _refuse("Subscription.end", "not supported; delete the Subscription instead.")
+    (_check_r4 if req.fhir_version == R4 else _check_r5)(req.resource)
+    logical_id = uuid.uuid4().hex
+    renderings = _renderings(
+        logical_id,
+        facility,
+        str(req.resource.get("reason") or ""),
+        str(req.resource.get("name") or ""),
+    )
+    with transaction.atomic():
+        feed_number(facility)
+        start = feed_last_number(facility)
+        row = store_version(
+            resource_type="Subscription",
+            logical_id=logical_id,
+            resource=renderings[req.fhir_version],
+            fhir_version=req.fhir_version,
+            renderings=renderings,
+            source_pk=facility,
+            index_tokens=False,
+        )
+        FeedSubscription.objects.create(
+            logical_id=logical_id, facility_id=facility, start_number=start
+        )
+    return WriteResult(row, created=True)
+
+
+def _subscription_delete(user: User, logical_id: str, if_match: str | None) -> FhirResource | None:
+    if not _subscription_visible(user).filter(logical_id=logical_id).exists():
+        raise FhirError(404, "not-found", f"Subscription/{logical_id} is not known.")
+    return resource_delete(resource_type="Subscription", logical_id=logical_id, if_match=if_match)
+
+
+# --------------------------------------------------------------------------- operations
+
+
+def _last(params: dict[str, list[str]], name: str) -> str | None:
+    values = [v for v in params.get(name, []) if v != ""]
+    return values[-1] if values else None
+
+
+def _number(params: dict[str, list[str]], name: str) -> int | None:
+    raw = _last(params, name)
+    if raw is None:
+        return None
+    if not raw.isdigit() or not raw.isascii() or int(raw) > MAX_NUMBER:
+        raise FhirError(
+            400, "invalid", f"{name} must be an event number (0 or more), not {raw[:40]!r}."
+        )
+    return int(raw)
+
+
+def _count(params: dict[str, list[str]]) -> int:
+    count = _number(params, "_count")
+    return DEFAULT_COUNT if count is None else min(count, MAX_COUNT)
+
+
+def _content(params: dict[str, list[str]]) -> str:
+    content = _last(params, "content") or "id-only"
+    if content not in ("id-only", "empty", "full-resource"):
+        raise FhirError(400, "invalid", "content must be empty, id-only or full-resource.")
+    # full-resource is a hint a server may ignore (R5): the member reads each version itself.
+    return "empty" if content == "empty" else "id-only"
+
+
+def _subscription(call: OperationCall) -> FeedSubscription:
+    assert call.logical_id is not None
+    facility = _feed_facility(call.user)
+    if not _subscription_visible(call.user).filter(logical_id=call.logical_id).exists():
+        raise FhirError(404, "not-found", f"Subscription/{call.logical_id} is not known.")
+    resource_current("Subscription", call.logical_id)  # 410 once deleted
+    state = FeedSubscription.objects.filter(
+        logical_id=call.logical_id, facility_id=facility
+    ).first()
+    if state is None:  # stored without feed state: not one of ours
+        raise FhirError(404, "not-found", f"Subscription/{call.logical_id} is not known.")
+    return state
+
+
+def _entry(base: str, item: FeedItem) -> dict[str, Any]:
+    first = item.version_id == 1
+    path = f"{item.resource_type}/{item.logical_id}"
+    return {
+        "fullUrl": f"{base}/{path}",
+        "request": {
+            "method": "POST" if first else "PUT",
+            "url": item.resource_type if first else path,
+        },
+        "response": {
+            "status": "201 Created" if first else "200 OK",
+            "etag": f'W/"{item.version_id}"',
+            "lastModified": fhir_instant(item.occurred_at),
+        },
+    }
+
+
+def _focus(base: str, item: FeedItem) -> str:
+    return f"{base}/{item.resource_type}/{item.logical_id}/_history/{item.version_id}"
+
+
+def _status_resource(
+    version: str,
+    *,
+    base: str,
+    subscription_id: str,
+    kind: str,
+    since_start: int,
+    events: list[FeedItem] | None = None,
+    with_focus: bool = True,
+) -> dict[str, Any]:
+    status_id = uuid.uuid4().hex
+    subscription = f"{base}/Subscription/{subscription_id}"
+    events = events or []
+    if version == R5:
+        return {
+            "resourceType": "SubscriptionStatus",
+            "id": status_id,
+            "status": "active",
+            "type": kind,
+            "eventsSinceSubscriptionStart": str(since_start),
+            **(
+                {
+                    "notificationEvent": [
+                        {
+                            "eventNumber": str(item.number),
+                            "timestamp": fhir_instant(item.occurred_at),
+                            **({"focus": {"reference": _focus(base, item)}} if with_focus else {}),
+                        }
+                        for item in events
+                    ]
+                }
+                if events
+                else {}
+            ),
+            "subscription": {"reference": subscription},
+            "topic": TOPIC_URL,
+        }
+    parameters: list[dict[str, Any]] = [
+        {"name": "subscription", "valueReference": {"reference": subscription}},
+        {"name": "topic", "valueCanonical": TOPIC_URL},
+        {"name": "status", "valueCode": "active"},
+        {"name": "type", "valueCode": kind},
+        {"name": "events-since-subscription-start", "valueString": str(since_start)},
+    ]
+    for item in events:
+        part: list[dict[str, Any]] = [
+            {"name": "event-number", "valueString": str(item.number)},
+            {"name": "timestamp", "valueInstant": fhir_instant(item.occurred_at)},
+        ]
+        if with_focus:
+            part.append({"name": "focus", "valueReference": {"reference": _focus(base, item)}})
+        parameters.append({"name": "notification-event", "part": part})
+    return {
+        "resourceType": "Parameters",
+        "id": status_id,
+        "meta": {"profile": [STATUS_R4_PROFILE]},
+        "parameter": parameters,
+    }
+
+
+def _bundle(
+    bundle_type: str,
+    links: list[dict[str, str]],
+    entries: list[dict[str, Any]],
+    *,
+    profile: str = "",
+    total: int | None = None,
+) -> str:
+    now = fhir_instant(timezone.now())
+    bundle: dict[str, Any] = {
+        "resourceType": "Bundle",
+        "id": uuid.uuid4().hex,
+        "meta": {**({"profile": [profile]} if profile else {}), "lastUpdated": now},
+        "type": bundle_type,
+        "timestamp": now,
+    }
+    if total is not None:
+        bundle["total"] = total
+    bundle["link"] = links
+    if entries:
+        bundle["entry"] = entries
+    return dumps(bundle)
+
+
+def _link(relation: str, url: str, query: list[tuple[str, str]]) -> dict[str, str]:
+    return {"relation": relation, "url": f"{url}?{urlencode(query)}" if query else url}
+
+
+def subscription_events(call: OperationCall) -> OperationAnswer:
+    """``GET Subscription/{id}/$events``: the subscription's events, oldest first."""
+    state = _subscription(call)
+    since = _number(call.params, "eventsSinceNumber")
+    until = _number(call.params, "eventsUntilNumber")
+    count = _count(call.params)
+    content = _content(call.params)
+    feed_number(state.facility_id)
+    first = max(since if since is not None else 0, state.start_number + 1)
+    items, more = feed_page(state.facility_id, first=first, last=until, count=count)
+    since_start = max(0, feed_last_number(state.facility_id) - state.start_number)
+    status = _status_resource(
+        call.version,
+        base=call.base,
+        subscription_id=str(call.logical_id),
+        kind="query-event",
+        since_start=since_start,
+        events=items,
+        with_focus=content != "empty",
+    )
+    url = f"{call.base}/Subscription/{call.logical_id}/$events"
+    bound = [("eventsUntilNumber", str(until))] if until is not None else []
+    links = [
+        _link("self", url, [("eventsSinceNumber", str(first)), *bound, ("_count", str(count))])
+    ]
+    if more and items:
+        links.append(
+            _link(
+                "next",
+                url,
+                [("eventsSinceNumber", str(items[-1].number + 1)), *bound, ("_count", str(count))],
+            )
+        )
+    status_entry: dict[str, Any] = {"fullUrl": f"urn:uuid:{status['id']}", "resource": status}
+    if call.version == R4:
+        # A history Bundle's entries carry request/response (bdl-3); entry 0 as the
+        # Backport IG shows it: the $status call that would return this status.
+        status_entry["request"] = {
+            "method": "GET",
+            "url": f"{call.base}/Subscription/{call.logical_id}/$status",
+        }
+        status_entry["response"] = {"status": "200"}
+    entries = [status_entry]
+    if content != "empty":
+        entries += [_entry(call.base, item) for item in items]
+    if call.version == R4:
+        return OperationAnswer(_bundle("history", links, entries, profile=NOTIFICATION_R4_PROFILE))
+    return OperationAnswer(_bundle("subscription-notification", links, entries))
+
+
+def subscription_status(call: OperationCall) -> OperationAnswer:
+    """``GET Subscription/{id}/$status``: a searchset Bundle with the status."""
+    state = _subscription(call)
+    feed_number(state.facility_id)
+    since_start = max(0, feed_last_number(state.facility_id) - state.start_number)
+    status = _status_resource(
+        call.version,
+        base=call.base,
+        subscription_id=str(call.logical_id),
+        kind="query-status",
+        since_start=since_start,
+    )
+    url = f"{call.base}/Subscription/{call.logical_id}/$status"
+    entry = {"fullUrl": f"urn:uuid:{status['id']}", "resource": status, "search": {"mode": "match"}}
+    return OperationAnswer(_bundle("searchset", [_link("self", url, [])], [entry], total=1))
+
+
+def facility_events(call: OperationCall) -> OperationAnswer:
+    """``GET /fhir/$events?since=<number>&_count=n``: the caller's facility feed after
+    event ``since`` (0: from the beginning), as an id-only history Bundle. Each entry
+    carries its event number (extension); poll again with the last one."""
+    facility = _feed_facility(call.user)
+    since = _number(call.params, "since") or 0
+    count = _count(call.params)
+    feed_number(facility)
+    items, more = feed_page(facility, first=since + 1, count=count)
+    url = f"{call.base}/$events"
+    links = [_link("self", url, [("since", str(since)), ("_count", str(count))])]
+    if more and items:
+        links.append(_link("next", url, [("since", str(items[-1].number)), ("_count", str(count))]))
+    entries = [
+        {
+            "extension": [{"url": EVENT_NUMBER_EXTENSION, "valueString": str(item.number)}],
+            **_entry(call.base, item),
+        }
+        for item in items
+    ]
+    return OperationAnswer(_bundle("history", links, entries))
+
+
+# --------------------------------------------------------------------------- registration
+
+
+def register_all() -> None:
+    r, v, s, c, d = (
+        handlers.READ,
+        handlers.VREAD,
+        handlers.SEARCH,
+        handlers.CREATE,
+        handlers.DELETE,
+    )
+    handlers.register(
+        ResourceHandler(
+            "SubscriptionTopic",
+            (r, v, s),
+            documentation=f"One topic, {TOPIC_URL}: referral changes (R5 only; in R4 the "
+            "topic is its canonical URL).",
+            search_params=(
+                handlers.SearchParam(
+                    "url",
+                    "uri",
+                    "The topic's canonical URL.",
+                    "http://hl7.org/fhir/SearchParameter/SubscriptionTopic-url",
+                ),
+            ),
+            search=_topic_search,
+            visible=_topic_visible,
+            renders_all_versions=True,
+            fhir_versions=(R5,),
+        )
+    )
+    handlers.register(
+        ResourceHandler(
+            "Subscription",
+            (r, v, s, c, d),
+            documentation="Your facility's Subscriptions to the referral topic (member "
+            "systems): rest-hook without endpoint, id-only, pulled with $events.",
+            profile="",
+            search_params=(
+                handlers.SearchParam(
+                    "status",
+                    "token",
+                    "active (every stored Subscription is active until deleted).",
+                    "http://hl7.org/fhir/SearchParameter/Subscription-status",
+                ),
+            ),
+            search=_subscription_search,
+            create=_subscription_create,
+            delete=_subscription_delete,
+            visible=_subscription_visible,
+            renders_all_versions=True,
+        )
+    )
+    handlers.register_operation(
+        Operation(
+            name="events",
+            level=handlers.INSTANCE_LEVEL,
+            resource_type="Subscription",
+            func=subscription_events,
+            definition="http://hl7.org/fhir/OperationDefinition/Subscription-events",
+            definition_r4=f"{BACKPORT}/OperationDefinition/backport-subscription-events",
+            documentation="Events numbered after the Subscription's creation: "
+            "eventsSinceNumber, eventsUntilNumber (inclusive), _count (50, max 500), "
+            "content id-only | empty.",
+        )
+    )
+    handlers.register_operation(
+        Operation(
+            name="status",
+            level=handlers.INSTANCE_LEVEL,
+            resource_type="Subscription",
+            func=subscription_status,
+            definition="http://hl7.org/fhir/OperationDefinition/Subscription-status",
+            definition_r4=f"{BACKPORT}/OperationDefinition/backport-subscription-status",
+        )
+    )
+    handlers.register_operation(
+        Operation(
+            name="events",
+            level=handlers.SYSTEM_LEVEL,
+            func=facility_events,
+            definition=f"{CONSILIUM}/OperationDefinition/facility-events",
+            documentation="Your facility's feed after event number `since` (0 = from the "
+            "start), id-only history Bundle, _count (50, max 500); each entry's "
+            "extension feed-event-number is the cursor for the next call.",
+        )
+    )

@@ -1,0 +1,67 @@
+"""The feed under `make run` (SQLite): migrations apply and rows are numbered by id."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SCRIPT = """
+from django.db import transaction
+from django.utils import timezone
+from fhir_gateway.feed import feed_last_number, feed_number, feed_page, feed_record
+from fhir_gateway.models import FhirResource
+
+rows = [
+    FhirResource(resource_type="Task", logical_id=f"T{n}", version_id=1, last_updated=timezone.now())
+    for n in range(3)
+]
+with transaction.atomic():
+    feed_record(facility_ids=[7, 8], rows=rows[:2], referral_id=None)
+print("numbered", feed_number(7))
+with transaction.atomic():
+    feed_record(facility_ids=[7], rows=rows[2:], referral_id=None)
+print("numbered", feed_number(7), feed_number(7))
+items, more = feed_page(7, first=2, count=10)
+print("page", [(i.number, i.logical_id) for i in items], more)
+print("last", feed_last_number(7), feed_last_number(8))
+"""
+
+
+@pytest.mark.slow
+def test_feed_numbers_by_id_on_sqlite(tmp_path: Path) -> None:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in {"DATABASE_URL", "CELERY_BROKER_URL", "DJANGO_SETTINGS_MODULE"}
+    }
+    env.update(
+        {"DEBUG": "1", "VAR_DIR": str(tmp_path), "DJANGO_SETTINGS_MODULE": "config.settings.base"}
+    )
+
+    def manage(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "manage.py", *args],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+
+    migrate = manage("migrate", "--noinput", "-v", "0")
+    assert migrate.returncode == 0, migrate.stderr
+    run = manage("shell", "--no-imports", "-c", SCRIPT)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == [
+        "numbered 2",
+        "numbered 1 0",
+        "page [(2, 'T1'), (3, 'T2')] False",
+        "last 3 0",
+    ]

@@ -1,0 +1,598 @@
+"""The pull feed: Subscriptions, $events and $status (R4 Backport and R5), scope, order."""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+from django.db import connections, transaction
+
+from accounts.roles import Role
+from accounts.services import api_token_issue
+from fhir_gateway.models import FeedEvent, FeedSubscription, FhirResource
+from fhir_gateway.subscriptions import (
+    CHANNEL_TYPES,
+    EVENT_NUMBER_EXTENSION,
+    NOTIFICATION_R4_PROFILE,
+    PAYLOAD_CONTENT,
+    STATUS_R4_PROFILE,
+    TOPIC_URL,
+)
+from fhir_gateway.tests.conftest import FHIR_R4, FHIR_R5, FhirClient, outcome_issue
+from fhir_gateway.tests.referral_world import World, body, submit, task_of
+from fhir_gateway.tests.referral_world import transaction as bundle
+from fhir_gateway.versions import model_class
+from referrals.models import Referral
+from referrals.services import referral_transition
+from tests.factories import SupportLinkFactory, UserFactory
+
+pytestmark = pytest.mark.django_db
+
+
+def _r4_subscription(**changes: Any) -> dict[str, Any]:
+    resource: dict[str, Any] = {
+        "resourceType": "Subscription",
+        "status": "requested",
+        "reason": "Our HIS cannot receive pushes; it polls.",
+        "criteria": TOPIC_URL,
+        "channel": {
+            "type": "rest-hook",
+            "payload": "application/fhir+json",
+            "_payload": {"extension": [{"url": PAYLOAD_CONTENT, "valueCode": "id-only"}]},
+        },
+    }
+    resource.update(changes)
+    return resource
+
+
+def _r5_subscription(**changes: Any) -> dict[str, Any]:
+    resource: dict[str, Any] = {
+        "resourceType": "Subscription",
+        "status": "requested",
+        "name": "worklist-poller",
+        "topic": TOPIC_URL,
+        "channelType": {"system": CHANNEL_TYPES, "code": "rest-hook"},
+        "content": "id-only",
+    }
+    resource.update(changes)
+    return resource
+
+
+def _subscribe(client: FhirClient, version: str = FHIR_R4) -> str:
+    resource = _r4_subscription() if version == FHIR_R4 else _r5_subscription()
+    response = client.post("/fhir/Subscription", resource, content_type=version, Accept=version)
+    assert response.status_code == 201, response.content
+    return str(body(response)["id"])
+
+
+def _get(client: FhirClient, path: str, version: str = FHIR_R4, status: int = 200) -> Any:
+    response = client.get(path, Accept=version)
+    assert response.status_code == status, response.content
+    return body(response)
+
+
+def _accept(world: World, task_id: str) -> None:
+    referral = Referral.objects.get(filler_id=task_id)
+    referral_transition(actor=world.consultant, referral_id=referral.pk, action="accept")
+
+
+def _numbers(notification: dict[str, Any], version: str) -> list[int]:
+    status = notification["entry"][0]["resource"]
+    if version == FHIR_R5:
+        return [int(e["eventNumber"]) for e in status.get("notificationEvent", [])]
+    return [
+        int(part["valueString"])
+        for p in status["parameter"]
+        if p["name"] == "notification-event"
+        for part in p["part"]
+        if part["name"] == "event-number"
+    ]
+
+
+def _ids(notification: dict[str, Any]) -> list[tuple[str, str]]:
+    """(fullUrl path, etag) of the id-only entries after the status."""
+    return [
+        (urlsplit(e["fullUrl"]).path.removeprefix("/fhir/"), e["response"]["etag"])
+        for e in notification["entry"][1:]
+    ]
+
+
+def _lao_transaction(world: World, placer: str) -> dict[str, Any]:
+    lao = f"Organization/{world.network.lao.pk}"
+    submission = bundle(world, placer, requester=lao)
+    submission["entry"][2]["resource"]["requester"] = {"reference": lao}
+    return submission
+
+
+# --------------------------------------------------------------------------- feed rows
+
+
+def test_publication_writes_one_feed_row_per_stored_version_and_party_facility(world: World):
+    task_id = str(task_of(submit(world))["id"])
+    _accept(world, task_id)
+
+    rows = set(
+        FeedEvent.objects.values_list("facility_id", "resource_type", "logical_id", "version_id")
+    )
+    spoke, hub = world.network.spoke.pk, world.network.hub.pk
+    expected = {
+        (facility, rtype, task_id, version)
+        for facility in (spoke, hub)
+        for rtype, version in (("Patient", 1), ("ServiceRequest", 1), ("Task", 1), ("Task", 2))
+    }
+    assert rows == expected
+    # Numbered only when read (after commit).
+    assert not FeedEvent.objects.filter(number__isnull=False).exists()
+
+
+# --------------------------------------------------------------------------- Subscription CRUD
+
+
+def test_member_subscribes_in_r4_and_reads_it_in_both_versions(world: World):
+    response = world.r4.post("/fhir/Subscription", _r4_subscription())
+
+    assert response.status_code == 201, response.content
+    created = body(response)
+    assert response["Location"].endswith(f"/fhir/Subscription/{created['id']}/_history/1")
+    assert (created["status"], created["criteria"]) == ("active", TOPIC_URL)
+    model_class("Subscription", "4.0").model_validate(created)
+    r5 = _get(world.r4, f"/fhir/Subscription/{created['id']}", FHIR_R5)
+    model_class("Subscription", "5.0").model_validate(r5)
+    assert (r5["topic"], r5["content"], r5["channelType"]["code"]) == (
+        TOPIC_URL,
+        "id-only",
+        "rest-hook",
+    )
+    assert "endpoint" not in r5
+    assert r5["managingEntity"] == {"reference": f"Organization/{world.network.spoke.pk}"}
+    found = _get(world.r4, "/fhir/Subscription")
+    assert [e["resource"]["id"] for e in found["entry"]] == [created["id"]]
+    assert _get(world.r4, "/fhir/Subscription?status=active")["total"] == 1
+    assert _get(world.r4, "/fhir/Subscription?status=off")["total"] == 0
+    state = FeedSubscription.objects.get()
+    assert (state.logical_id, state.facility_id) == (created["id"], world.network.spoke.pk)
+
+
+def test_others_subscriptions_are_404_and_refused_actions_change_nothing(world: World):
+    sub = _subscribe(world.r4)
+    before = list(FhirResource.objects.filter(resource_type="Subscription").values_list("pk"))
+
+    for client in (world.other, world.r5):  # another facility; the referral's other party
+        assert client.get(f"/fhir/Subscription/{sub}").status_code == 404
+        assert client.get(f"/fhir/Subscription/{sub}/_history/1").status_code == 404
+        assert client.get(f"/fhir/Subscription/{sub}/$events").status_code == 404
+        assert client.get(f"/fhir/Subscription/{sub}/$status").status_code == 404
+        response = client.delete(f"/fhir/Subscription/{sub}")
+        assert response.status_code == 404
+        assert outcome_issue(response)["code"] == "not-found"
+        assert _get(client, "/fhir/Subscription")["total"] == 0
+
+    assert list(FhirResource.objects.filter(resource_type="Subscription").values_list("pk")) == (
+        before
+    )
+    assert _get(world.r4, f"/fhir/Subscription/{sub}")["status"] == "active"
+
+
+def test_deleted_subscription_is_gone(world: World):
+    sub = _subscribe(world.r4)
+
+    assert world.r4.delete(f"/fhir/Subscription/{sub}").status_code == 204
+
+    assert world.r4.get(f"/fhir/Subscription/{sub}").status_code == 410
+    assert world.r4.get(f"/fhir/Subscription/{sub}/$events").status_code == 410
+    assert _get(world.r4, "/fhir/Subscription")["total"] == 0
+
+
+@pytest.mark.parametrize(
+    ("version", "resource", "element"),
+    [
+        (FHIR_R4, _r4_subscription(criteria="Task?status=requested"), "Subscription.criteria"),
+        (
+            FHIR_R4,
+            _r4_subscription(
+                channel={"type": "rest-hook", "endpoint": "https://his.example.org/notify"}
+            ),
+            "Subscription.channel.endpoint",
+        ),
+        (FHIR_R4, _r4_subscription(channel={"type": "websocket"}), "Subscription.channel.type"),
+        (
+            FHIR_R4,
+            _r4_subscription(
+                channel={
+                    "type": "rest-hook",
+                    "_payload": {
+                        "extension": [{"url": PAYLOAD_CONTENT, "valueCode": "full-resource"}]
+                    },
+                }
+            ),
+            "Subscription.channel.payload",
+        ),
+        (FHIR_R4, _r4_subscription(end="2030-01-01T00:00:00Z"), "Subscription.end"),
+        (FHIR_R5, _r5_subscription(topic="http://example.org/Topic/x"), "Subscription.topic"),
+        (
+            FHIR_R5,
+            _r5_subscription(endpoint="https://his.example.org/notify"),
+            "Subscription.endpoint",
+        ),
+        (
+            FHIR_R5,
+            _r5_subscription(filterBy=[{"filterParameter": "status", "value": "requested"}]),
+            "Subscription.filterBy",
+        ),
+        (FHIR_R5, _r5_subscription(content="full-resource"), "Subscription.content"),
+        (
+            FHIR_R5,
+            _r5_subscription(channelType={"system": CHANNEL_TYPES, "code": "email"}),
+            "Subscription.channelType",
+        ),
+    ],
+)
+def test_what_we_do_not_offer_is_refused_and_nothing_is_stored(
+    world: World, version: str, resource: dict[str, Any], element: str
+):
+    response = world.r4.post("/fhir/Subscription", resource, content_type=version, Accept=version)
+
+    assert response.status_code == 422, response.content
+    issue = outcome_issue(response)
+    assert (issue["code"], issue["expression"]) == ("not-supported", [element])
+    assert not FhirResource.objects.filter(resource_type="Subscription").exists()
+    assert not FeedSubscription.objects.exists()
+
+
+@pytest.mark.parametrize("role", [Role.REFERRER, Role.MINISTRY])
+def test_only_member_systems_subscribe_and_poll(world: World, role: Role):
+    person = UserFactory.create(facility=world.network.spoke, roles=[role])
+    client = FhirClient(api_token_issue(user=person, name="t").raw)
+    sub = _subscribe(world.r4)
+
+    response = client.post("/fhir/Subscription", _r4_subscription())
+
+    assert response.status_code == 403
+    assert outcome_issue(response)["code"] == "forbidden"
+    assert FhirResource.objects.filter(resource_type="Subscription").count() == 1
+    assert client.get("/fhir/$events").status_code == 403
+    assert client.get(f"/fhir/Subscription/{sub}").status_code == 404
+    assert client.get(f"/fhir/Subscription/{sub}/$events").status_code == 403
+
+
+def test_invalid_subscription_is_400_not_500(world: World):
+    response = world.r4.post("/fhir/Subscription", _r4_subscription(channel="rest-hook"))
+
+    assert response.status_code == 400
+    assert outcome_issue(response)["code"] == "structure"
+    assert not FhirResource.objects.filter(resource_type="Subscription").exists()
+
+
+# --------------------------------------------------------------------------- $events shapes
+
+
+def test_r5_events_are_an_id_only_subscription_notification(world: World):
+    sub = _subscribe(world.r5, FHIR_R5)  # the consultant system (hub)
+    task_id = str(task_of(submit(world))["id"])
+    _accept(world, task_id)
+
+    notification = _get(world.r5, f"/fhir/Subscription/{sub}/$events", FHIR_R5)
+
+    model_class("Bundle", "5.0").model_validate(notification)
+    assert notification["type"] == "subscription-notification"
+    status = notification["entry"][0]["resource"]
+    assert status["resourceType"] == "SubscriptionStatus"
+    assert (status["type"], status["status"], status["topic"]) == (
+        "query-event",
+        "active",
+        TOPIC_URL,
+    )
+    assert status["eventsSinceSubscriptionStart"] == "4"
+    assert status["subscription"]["reference"].endswith(f"/fhir/Subscription/{sub}")
+    assert _numbers(notification, FHIR_R5) == [1, 2, 3, 4]
+    assert sorted(_ids(notification)) == sorted(
+        [
+            (f"Patient/{task_id}", 'W/"1"'),
+            (f"ServiceRequest/{task_id}", 'W/"1"'),
+            (f"Task/{task_id}", 'W/"1"'),
+            (f"Task/{task_id}", 'W/"2"'),
+        ]
+    )
+    last = notification["entry"][-1]
+    assert last["request"] == {"method": "PUT", "url": f"Task/{task_id}"}
+    assert "resource" not in last  # id-only
+    focus = status["notificationEvent"][-1]["focus"]["reference"]
+    assert focus.endswith(f"/fhir/Task/{task_id}/_history/2")
+    # The member reads what it was told about.
+    assert _get(world.r5, urlsplit(focus).path, FHIR_R5)["status"] == "accepted"
+
+
+def test_r4_events_follow_the_backport_ig(world: World):
+    sub = _subscribe(world.r4)  # the submitter system (spoke)
+    task_id = str(task_of(submit(world))["id"])
+    _accept(world, task_id)
+
+    notification = _get(world.r4, f"/fhir/Subscription/{sub}/$events")
+
+    model_class("Bundle", "4.0").model_validate(notification)
+    assert notification["type"] == "history"
+    assert notification["meta"]["profile"] == [NOTIFICATION_R4_PROFILE]
+    first = notification["entry"][0]
+    assert first["resource"]["resourceType"] == "Parameters"
+    assert first["resource"]["meta"]["profile"] == [STATUS_R4_PROFILE]
+    assert first["request"]["url"].endswith(f"/fhir/Subscription/{sub}/$status")
+    parameters = {p["name"]: p for p in first["resource"]["parameter"]}
+    assert parameters["topic"]["valueCanonical"] == TOPIC_URL
+    assert parameters["type"]["valueCode"] == "query-event"
+    assert parameters["events-since-subscription-start"]["valueString"] == "4"
+    assert _numbers(notification, FHIR_R4) == [1, 2, 3, 4]
+    assert _ids(notification)[-1] == (f"Task/{task_id}", 'W/"2"')
+    assert all("resource" not in e for e in notification["entry"][1:])
+
+
+@pytest.mark.parametrize("version", [FHIR_R4, FHIR_R5])
+def test_status_operation(world: World, version: str):
+    sub = _subscribe(world.r4)
+    submit(world)
+
+    found = _get(world.r4, f"/fhir/Subscription/{sub}/$status", version)
+
+    model_class("Bundle", version[-3:]).model_validate(found)
+    assert (found["type"], found["total"]) == ("searchset", 1)
+    status = found["entry"][0]["resource"]
+    if version == FHIR_R5:
+        assert (status["type"], status["eventsSinceSubscriptionStart"]) == ("query-status", "3")
+    else:
+        parameters = {p["name"]: p for p in status["parameter"]}
+        assert parameters["type"]["valueCode"] == "query-status"
+        assert parameters["events-since-subscription-start"]["valueString"] == "3"
+
+
+# --------------------------------------------------------------------------- paging, bounds
+
+
+def test_events_page_and_bound_by_number(world: World):
+    sub = _subscribe(world.r5, FHIR_R5)
+    for n in range(2):
+        _accept(world, str(task_of(submit(world, f"SR-{n}"))["id"]))  # 4 events each
+
+    page = _get(world.r5, f"/fhir/Subscription/{sub}/$events?_count=3", FHIR_R5)
+    seen = _numbers(page, FHIR_R5)
+    while next_link := [link for link in page["link"] if link["relation"] == "next"]:
+        url = urlsplit(next_link[0]["url"])
+        page = _get(world.r5, f"{url.path}?{url.query}", FHIR_R5)
+        seen += _numbers(page, FHIR_R5)
+    assert seen == list(range(1, 9))
+
+    bounded = _get(
+        world.r5,
+        f"/fhir/Subscription/{sub}/$events?eventsSinceNumber=3&eventsUntilNumber=5",
+        FHIR_R5,
+    )
+    assert _numbers(bounded, FHIR_R5) == [3, 4, 5]
+    assert len(bounded["entry"]) == 4
+    empty = _get(world.r5, f"/fhir/Subscription/{sub}/$events?content=empty", FHIR_R5)
+    assert len(empty["entry"]) == 1  # the status only
+    assert all("focus" not in e for e in empty["entry"][0]["resource"]["notificationEvent"])
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "eventsSinceNumber=abc",
+        "eventsSinceNumber=-1",
+        "eventsSinceNumber=1.5",
+        "eventsUntilNumber=99999999999999999999",
+        "eventsSinceNumber=%EF%BC%91",  # a full-width digit one
+        "_count=x",
+        "content=everything",
+    ],
+)
+def test_bad_event_numbers_are_400_and_number_nothing(world: World, query: str):
+    sub = _subscribe(world.r4)
+    submit(world)
+
+    response = world.r4.get(f"/fhir/Subscription/{sub}/$events?{query}")
+
+    assert response.status_code == 400
+    assert outcome_issue(response)["code"] == "invalid"
+    assert not FeedEvent.objects.filter(number__isnull=False).exists()
+
+
+@pytest.mark.parametrize("since", ["abc", "-3", "1e3", "18446744073709551616"])
+def test_bad_feed_cursor_is_400(world: World, since: str):
+    submit(world)
+
+    response = world.r4.get(f"/fhir/$events?since={since}")
+
+    assert response.status_code == 400
+    assert outcome_issue(response)["code"] == "invalid"
+    assert not FeedEvent.objects.filter(number__isnull=False).exists()
+
+
+# --------------------------------------------------------------------------- scope
+
+
+def test_another_facilitys_events_never_appear(world: World):
+    spoke_sub = _subscribe(world.r4)
+    lao_sub = _subscribe(world.other)
+    SupportLinkFactory.create(  # Lao may refer to the hub too (across a border)
+        hub=world.network.hub,
+        spoke=world.network.lao,
+        specialties=[world.network.pediatrics.specialty],
+        agreement_reference="MoU VN-LA 2024/7",
+    )
+    ours = str(task_of(submit(world))["id"])
+    response = world.other.post("/fhir", _lao_transaction(world, "L-1"))
+    assert response.status_code == 200, response.content
+    theirs = str(task_of(body(response))["id"])
+    assert ours != theirs
+
+    def logical_ids(client: FhirClient, path: str) -> set[str]:
+        return {p.rpartition("/")[2] for p, _etag in _ids(_get(client, path))}
+
+    assert logical_ids(world.r4, f"/fhir/Subscription/{spoke_sub}/$events") == {ours}
+    assert logical_ids(world.other, f"/fhir/Subscription/{lao_sub}/$events") == {theirs}
+    hub = {
+        urlsplit(e["fullUrl"]).path.rpartition("/")[2]
+        for e in _get(world.r5, "/fhir/$events").get("entry", [])
+    }
+    assert hub == {ours, theirs}  # the hub is a party to both
+    spoke = _get(world.r4, "/fhir/$events")
+    assert {urlsplit(e["fullUrl"]).path.rpartition("/")[2] for e in spoke["entry"]} == {ours}
+
+
+def test_a_subscription_sees_only_events_after_it_was_created(world: World):
+    before = str(task_of(submit(world, "SR-before"))["id"])
+    sub = _subscribe(world.r4)
+    after = str(task_of(submit(world, "SR-after"))["id"])
+
+    notification = _get(world.r4, f"/fhir/Subscription/{sub}/$events")
+
+    assert {p.rpartition("/")[2] for p, _e in _ids(notification)} == {after}
+    assert _numbers(notification, FHIR_R4) == [4, 5, 6]  # the facility's numbers
+    assert before != after
+
+
+# --------------------------------------------------------------------------- system $events
+
+
+@pytest.mark.parametrize("version", [FHIR_R4, FHIR_R5])
+def test_facility_feed_replays_from_any_cursor(world: World, version: str):
+    _accept(world, str(task_of(submit(world))["id"]))
+
+    everything = _get(world.r4, "/fhir/$events", version)
+    model_class("Bundle", version[-3:]).model_validate(everything)
+    assert everything["type"] == "history"
+
+    def numbers(page: dict[str, Any]) -> list[int]:
+        return [
+            int(x["valueString"])
+            for e in page.get("entry", [])
+            for x in e["extension"]
+            if x["url"] == EVENT_NUMBER_EXTENSION
+        ]
+
+    assert numbers(everything) == [1, 2, 3, 4]
+    assert numbers(_get(world.r4, "/fhir/$events?since=2", version)) == [3, 4]
+    assert (
+        _get(world.r4, "/fhir/$events?since=2", version)["entry"]
+        == (_get(world.r4, "/fhir/$events?since=2", version)["entry"])
+    )
+    first = _get(world.r4, "/fhir/$events?since=0&_count=3", version)
+    assert numbers(first) == [1, 2, 3]
+    [next_link] = [link["url"] for link in first["link"] if link["relation"] == "next"]
+    assert next_link.endswith("/fhir/$events?since=3&_count=3")
+    assert numbers(_get(world.r4, "/fhir/$events?since=4", version)) == []
+
+
+# --------------------------------------------------------------------------- order
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_transaction_that_commits_later_never_lands_behind_a_served_number(world: World):
+    """Two real connections. A writes its feed rows first (lower ids) but commits last; B
+    writes and commits in between and is served. Paging by id, a reader past B would have
+    lost A for good; here A, once committed, comes after everything already served."""
+    sub = _subscribe(world.r5, FHIR_R5)
+    first = str(task_of(submit(world, "SR-A"))["id"])
+    second = str(task_of(submit(world, "SR-B"))["id"])
+    events = f"/fhir/Subscription/{sub}/$events"
+    assert _numbers(_get(world.r5, events, FHIR_R5), FHIR_R5) == [1, 2, 3, 4, 5, 6]
+
+    written, release, failures = threading.Event(), threading.Event(), []
+
+    def slow_transaction() -> None:
+        try:
+            with transaction.atomic():
+                _accept(world, first)
+                written.set()
+                assert release.wait(30)
+        except Exception as exc:  # noqa: BLE001 - handed to the test thread
+            failures.append(exc)
+            written.set()
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=slow_transaction)
+    thread.start()
+    try:
+        assert written.wait(30) and not failures
+        assert not FeedEvent.objects.filter(logical_id=first, version_id=2).exists()  # unseen
+        _accept(world, second)  # B: its own transaction, committed now
+        while_a_runs = _get(world.r5, f"{events}?eventsSinceNumber=7", FHIR_R5)
+        system = _get(world.r5, "/fhir/$events?since=6", FHIR_R5)
+    finally:
+        release.set()
+        thread.join(30)
+    assert not failures
+    assert _numbers(while_a_runs, FHIR_R5) == [7]
+    assert _ids(while_a_runs) == [(f"Task/{second}", 'W/"2"')]
+    assert [urlsplit(e["fullUrl"]).path for e in system["entry"]] == [f"/fhir/Task/{second}"]
+
+    after = _get(world.r5, f"{events}?eventsSinceNumber=8", FHIR_R5)
+
+    assert _numbers(after, FHIR_R5) == [8]
+    assert _ids(after) == [(f"Task/{first}", 'W/"2"')]
+    hub = world.network.hub.pk
+    a_row = FeedEvent.objects.get(facility_id=hub, logical_id=first, version_id=2)
+    b_row = FeedEvent.objects.get(facility_id=hub, logical_id=second, version_id=2)
+    assert a_row.id < b_row.id and a_row.number == 8 and b_row.number == 7
+    # Replaying from the start: every event once, numbers dense.
+    replay = _get(world.r5, f"{events}?eventsSinceNumber=1", FHIR_R5)
+    assert _numbers(replay, FHIR_R5) == list(range(1, 9))
+    assert len(set(_ids(replay))) == 8
+
+
+# --------------------------------------------------------------------------- topic, metadata
+
+
+def test_topic_is_served_in_r5_and_stored_once(world: World):
+    topic = _get(world.r5, "/fhir/SubscriptionTopic/referral", FHIR_R5)
+    model_class("SubscriptionTopic", "5.0").model_validate(topic)
+    assert topic["url"] == TOPIC_URL
+    assert {t["resource"].rpartition("/")[2] for t in topic["resourceTrigger"]} >= {"Task"}
+    found = _get(world.r5, f"/fhir/SubscriptionTopic?url={TOPIC_URL}", FHIR_R5)
+    assert found["total"] == 1
+    assert _get(world.r5, "/fhir/SubscriptionTopic?url=http://x.org/t", FHIR_R5)["total"] == 0
+    assert world.r4.get("/fhir/SubscriptionTopic/referral", Accept=FHIR_R4).status_code == 404
+    assert FhirResource.objects.filter(resource_type="SubscriptionTopic").count() == 1
+
+
+@pytest.mark.parametrize("version", [FHIR_R4, FHIR_R5])
+def test_every_declared_feed_interaction_and_operation_is_served(world: World, version: str):
+    sub = _subscribe(world.r5, FHIR_R5)
+    statement = _get(world.r5, "/fhir/metadata", version)
+    samples = {"Subscription": sub, "SubscriptionTopic": "referral"}
+    values = {"token": "active", "uri": TOPIC_URL, "date": "ge2020-01-01"}
+    checked = []
+    for entry in statement["rest"][0]["resource"]:
+        rtype = entry["type"]
+        if rtype not in samples:
+            continue
+        paths = {
+            "read": f"/fhir/{rtype}/{samples[rtype]}",
+            "vread": f"/fhir/{rtype}/{samples[rtype]}/_history/1",
+            "search-type": f"/fhir/{rtype}",
+        }
+        for interaction in entry["interaction"]:
+            if interaction["code"] in paths:
+                assert world.r5.get(paths[interaction["code"]], Accept=version).status_code == 200
+                checked.append((rtype, interaction["code"]))
+        for param in entry.get("searchParam", []):
+            response = world.r5.get(
+                f"/fhir/{rtype}?{param['name']}={values.get(param['type'], sub)}",
+                Accept=version,
+                Prefer="handling=strict",
+            )
+            assert response.status_code == 200, (rtype, param["name"], response.content)
+        for operation in entry.get("operation", []):
+            path = f"/fhir/{rtype}/{samples[rtype]}/${operation['name']}"
+            assert world.r5.get(path, Accept=version).status_code == 200, path
+            checked.append((rtype, operation["name"]))
+    for operation in statement["rest"][0]["operation"]:
+        assert world.r5.get(f"/fhir/${operation['name']}", Accept=version).status_code == 200
+    assert ("Subscription", "events") in checked and ("Subscription", "status") in checked
+    assert (("SubscriptionTopic", "read") in checked) == (version == FHIR_R5)
+    assert (
+        json.loads(world.r5.get(f"/fhir/Subscription/{sub}/$nothing").content)["resourceType"]
+        == "OperationOutcome"
+    )
