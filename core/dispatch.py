@@ -8,7 +8,7 @@ broker is down. ``send_later(fn, *args)`` gives the call to one daemon thread pe
 instead, which makes the sends one after the other (no lock contention on SQLite).
 
 Durability is unchanged in kind: a send was already lost when the process died between the
-commit and the ``.delay()`` (the committed rows stay the record; the FHIR outbox sweep picks
+commit and the ``.delay()`` (the committed rows stay the record; the FHIR outbox drain picks
 up undelivered messages). The window grows from microseconds to the queue's drain time;
 ``atexit`` drains the queue (for at most ``DRAIN_SECONDS``) on a normal exit.
 

@@ -28,8 +28,9 @@ S = ReferralState
 REQUESTER_ROLES = frozenset({Role.REFERRER.value, Role.COORDINATOR.value})
 REQUESTER_OR_SYSTEM_ROLES = REQUESTER_ROLES | {Role.MEMBER_SYSTEM.value}
 ASSIGNEE_ROLES = frozenset({Role.CONSULTANT.value, Role.COORDINATOR.value})
-# A department's hospital system may take the actions FHIR carries (Task.status, the
-# consult note, Communications); see docs/fhir.md.
+# A hospital system may take the actions FHIR carries (Task.status / owner /
+# businessStatus, the consult note, Communications); see docs/fhir.md. Live-conference
+# steps (start/finish) and counter-referral stay with clinicians.
 ASSIGNEE_OR_SYSTEM_ROLES = ASSIGNEE_ROLES | {Role.MEMBER_SYSTEM.value}
 NO_ROLES: frozenset[str] = frozenset()
 
@@ -188,7 +189,7 @@ TRANSITIONS: tuple[Transition, ...] = (
         frozenset({S.SUBMITTED, S.ACCEPTED}),
         S.SUBMITTED,
         ActorSide.ASSIGNEE,
-        ASSIGNEE_ROLES,
+        ASSIGNEE_OR_SYSTEM_ROLES,
         inputs=(InputField("department", "department"), InputField("reason", "text")),
         guard="forward_target_valid",
         description="Hand the case to another department; it starts again as submitted there.",
@@ -224,7 +225,7 @@ TRANSITIONS: tuple[Transition, ...] = (
         frozenset({S.ACCEPTED, S.SCHEDULED}),
         S.SCHEDULED,
         ActorSide.ASSIGNEE,
-        ASSIGNEE_ROLES,
+        ASSIGNEE_OR_SYSTEM_ROLES,
         inputs=(
             InputField("scheduled_at", "datetime"),
             InputField("experts", "users", help="user ids of the experts invited"),
@@ -272,7 +273,7 @@ TRANSITIONS: tuple[Transition, ...] = (
         frozenset({S.ADVISED}),
         S.CLOSED_LOCAL,
         ActorSide.REQUESTER,
-        REQUESTER_ROLES,
+        REQUESTER_OR_SYSTEM_ROLES,
         inputs=(
             InputField("transfer_originally_considered", "bool"),
             InputField("outcome", "choice", choices=_choices(CloseOutOutcome)),
@@ -285,7 +286,7 @@ TRANSITIONS: tuple[Transition, ...] = (
         frozenset({S.ADVISED}),
         S.TRANSFER_REQUESTED,
         ActorSide.REQUESTER,
-        REQUESTER_ROLES,
+        REQUESTER_OR_SYSTEM_ROLES,
         inputs=(InputField("reason", "text"),),
         guard="department_offers_transfer",
     ),
@@ -294,7 +295,7 @@ TRANSITIONS: tuple[Transition, ...] = (
         frozenset({S.TRANSFER_REQUESTED}),
         S.TRANSFER_ACCEPTED,
         ActorSide.ASSIGNEE,
-        ASSIGNEE_ROLES,
+        ASSIGNEE_OR_SYSTEM_ROLES,
         inputs=(NOTE,),
     ),
     Transition(
@@ -302,7 +303,7 @@ TRANSITIONS: tuple[Transition, ...] = (
         frozenset({S.TRANSFER_ACCEPTED}),
         S.IN_TRANSIT,
         ActorSide.REQUESTER,
-        REQUESTER_ROLES,
+        REQUESTER_OR_SYSTEM_ROLES,
         inputs=(NOTE,),
     ),
     Transition(
@@ -310,7 +311,7 @@ TRANSITIONS: tuple[Transition, ...] = (
         frozenset({S.IN_TRANSIT}),
         S.ARRIVED,
         ActorSide.ASSIGNEE,
-        ASSIGNEE_ROLES,
+        ASSIGNEE_OR_SYSTEM_ROLES,
         inputs=(NOTE,),
     ),
     Transition(
@@ -318,7 +319,7 @@ TRANSITIONS: tuple[Transition, ...] = (
         frozenset({S.ARRIVED}),
         S.COMPLETED,
         ActorSide.ASSIGNEE,
-        ASSIGNEE_ROLES,
+        ASSIGNEE_OR_SYSTEM_ROLES,
         inputs=(NOTE,),
     ),
     Transition(

@@ -227,8 +227,8 @@ def test_wrong_side_wrong_state_and_wrong_role_are_refused_and_change_nothing(
 
     wrong_side = _update(people["consultant"], task_id, _state(S.TRANSFER_REQUESTED, "Why not."))
     wrong_state = _update(people["consultant"], task_id, _state(S.ARRIVED))
-    # Member systems hold no role for these actions (referrals/workflow.py).
-    system = _update(world.r4, task_id, _state(S.TRANSFER_REQUESTED, "Needs surgery."))
+    # The consultant's member system is on the wrong side for a transfer request.
+    system = _update(world.r5, task_id, _state(S.TRANSFER_REQUESTED, "Needs surgery."))
     no_change = _update(world.r4, task_id, lambda t: None)
 
     assert wrong_side.status_code == 403
@@ -238,6 +238,10 @@ def test_wrong_side_wrong_state_and_wrong_role_are_refused_and_change_nothing(
     assert no_change.status_code == 422  # nothing asked: nothing to do
     assert world.other.put(f"/fhir/Task/{task_id}", _task(world.r4, task_id)).status_code == 404
     assert _snapshot(task_id) == before
+    # The requester's member system holds the role (referrals/workflow.py): it may.
+    requested = _update(world.r4, task_id, _state(S.TRANSFER_REQUESTED, "Needs surgery."))
+    assert requested.status_code == 200
+    assert Referral.objects.get(filler_id=task_id).state == S.TRANSFER_REQUESTED
 
 
 @pytest.mark.parametrize(
