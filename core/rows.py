@@ -30,6 +30,24 @@ class QueryRows:
         return list(self.queryset.values_list(*self.columns)[window])
 
 
+def _fetch(sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+    """Run a statement that is the same text on every call. On PostgreSQL it is a server-side
+    prepared statement of the (persistent, ``CONN_MAX_AGE``) connection: planned once per
+    connection instead of per call — a page of a five-table join planned in ~1.4 ms and ran in
+    ~0.4 ms. Such statements bypass Django's cursor wrapper (no debug SQL log). Their texts
+    must hold only constants; values go in ``params``."""
+    if connection.vendor != "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            return list(cursor.fetchall())
+    connection.ensure_connection()
+    raw = connection.connection
+    assert raw is not None
+    with raw.cursor() as cursor:  # psycopg's server-side binding cursor
+        cursor.execute(sql, params, prepare=True)
+        return list(cursor.fetchall())
+
+
 class SqlRows:
     """``count_sql`` gives one integer; ``page_sql`` the ordered rows (without LIMIT)."""
 
@@ -46,10 +64,8 @@ class SqlRows:
         self.page_params = list(page_params if page_params is not None else params)
 
     def count(self) -> int:
-        with connection.cursor() as cursor:
-            cursor.execute(self.count_sql, self.params)
-            row = cursor.fetchone()
-        return int(row[0]) if row else 0
+        rows = _fetch(self.count_sql, self.params)
+        return int(rows[0][0]) if rows else 0
 
     def __len__(self) -> int:
         return self.count()
@@ -58,9 +74,6 @@ class SqlRows:
         start = window.start or 0
         if window.stop is None or window.step not in (None, 1) or start < 0:
             raise ValueError("SqlRows takes a bounded forward slice")
-        with connection.cursor() as cursor:
-            cursor.execute(
-                f"{self.page_sql} LIMIT %s OFFSET %s",
-                [*self.page_params, window.stop - start, start],
-            )
-            return list(cursor.fetchall())
+        return _fetch(
+            f"{self.page_sql} LIMIT %s OFFSET %s", [*self.page_params, window.stop - start, start]
+        )

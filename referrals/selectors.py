@@ -226,10 +226,13 @@ def referral_worklist_rows(
         params += [user.pk, VIEW_REFERRAL]
     if not parts:
         parts.append("FALSE")
-    # The states as literals (client-side binding): the planner then proves the partial
-    # index ``referral_open_worklist`` applies.
-    where = f"({' OR '.join(parts)}) AND r.state IN ({', '.join(['%s'] * len(wanted))})"
-    params += list(wanted)
+    # The states as literals (enum values, checked), not parameters: also in a prepared
+    # statement's generic plan the planner then proves the partial index
+    # ``referral_open_worklist`` applies.
+    if not set(wanted) <= set(ReferralState.values):
+        raise ValueError(f"unknown states: {sorted(set(wanted) - set(ReferralState.values))}")
+    literals = ", ".join(f"'{state}'" for state in sorted(wanted))
+    where = f"({' OR '.join(parts)}) AND r.state IN ({literals})"
     return SqlRows(
         count_sql=f"SELECT COUNT(*) FROM {_R} r WHERE {where}",  # noqa: S608
         page_sql=f"{_WORKLIST_SELECT} WHERE {where} ORDER BY r.priority, r.deadline, r.id",

@@ -11,6 +11,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from core import dispatch
+from core.rows import SqlRows
 from referrals import routing, selectors, services
 from referrals.models import WORKLIST_STATES, Referral
 from referrals.tests.conftest import World
@@ -127,3 +128,37 @@ def test_a_draft_is_inserted_once_and_a_submission_once(world: World, department
         assert writes == ["INSERT"]
     assert (referral.state, referral.version) == ("submitted", 1)
     assert Referral.objects.get(pk=referral.pk).state == "submitted"
+
+
+def test_the_hand_written_worklist_page_keeps_the_index_in_a_generic_plan(world: World) -> None:
+    # The page is a prepared statement: after a few runs PostgreSQL may use a generic plan
+    # (parameters unknown). The states are literals, so even that plan can use the partial
+    # index, ordered, without a sort.
+    for _ in range(3):
+        world.submit()
+    rows = selectors.referral_worklist_rows(world.consultant, world.hub_paeds.pk)
+    assert isinstance(rows, SqlRows)
+    sql = f"{rows.page_sql} LIMIT %s OFFSET %s"
+    parts = sql.split("%s")
+    numbered = "".join(f"{part}${n}" for n, part in enumerate(parts[:-1], 1)) + parts[-1]
+    params = [*rows.page_params, 50, 0]
+    with connection.cursor() as cursor:
+        cursor.execute("SET LOCAL enable_seqscan = off")
+        cursor.execute("SET LOCAL enable_sort = off")
+        cursor.execute("SET LOCAL enable_bitmapscan = off")
+        cursor.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        cursor.execute(f"PREPARE worklist_probe AS {numbered}")
+        try:
+            marks = ", ".join(["%s"] * len(params))
+            cursor.execute(f"EXPLAIN EXECUTE worklist_probe({marks})", params)
+            plan = "\n".join(row[0] for row in cursor.fetchall())
+        finally:
+            cursor.execute("DEALLOCATE worklist_probe")
+    assert "referral_open_worklist" in plan, plan
+    assert "Sort" not in plan, plan
+    assert [r[0] for r in rows[0:50]] == [
+        r.pk
+        for r in Referral.objects.filter(assigned_department=world.hub_paeds).order_by(
+            "priority", "deadline", "id"
+        )
+    ]
