@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import psycopg
 from django.db import connection
 from django.db.models import QuerySet
 
@@ -43,7 +44,9 @@ def _fetch(sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
     connection.ensure_connection()
     raw = connection.connection
     assert raw is not None
-    with raw.cursor() as cursor:  # psycopg's server-side binding cursor
+    # Django gives its connections a client-side binding cursor factory; prepared
+    # statements need psycopg's server-side binding ``Cursor``.
+    with psycopg.Cursor(raw) as cursor:
         cursor.execute(sql, params, prepare=True)
         return list(cursor.fetchall())
 
@@ -74,6 +77,7 @@ class SqlRows:
         start = window.start or 0
         if window.stop is None or window.step not in (None, 1) or start < 0:
             raise ValueError("SqlRows takes a bounded forward slice")
-        return _fetch(
-            f"{self.page_sql} LIMIT %s OFFSET %s", [*self.page_params, window.stop - start, start]
-        )
+        # LIMIT/OFFSET as literals (ints): with them as parameters a prepared statement's
+        # generic plan assumes a large share of the rows and picks joins for all of them.
+        limit, offset = int(window.stop - start), int(start)
+        return _fetch(f"{self.page_sql} LIMIT {limit} OFFSET {offset}", self.page_params)

@@ -138,10 +138,10 @@ def test_the_hand_written_worklist_page_keeps_the_index_in_a_generic_plan(world:
         world.submit()
     rows = selectors.referral_worklist_rows(world.consultant, world.hub_paeds.pk)
     assert isinstance(rows, SqlRows)
-    sql = f"{rows.page_sql} LIMIT %s OFFSET %s"
+    sql = f"{rows.page_sql} LIMIT 50 OFFSET 0"  # as core.rows.SqlRows runs it
     parts = sql.split("%s")
     numbered = "".join(f"{part}${n}" for n, part in enumerate(parts[:-1], 1)) + parts[-1]
-    params = [*rows.page_params, 50, 0]
+    params = list(rows.page_params)
     with connection.cursor() as cursor:
         cursor.execute("SET LOCAL enable_seqscan = off")
         cursor.execute("SET LOCAL enable_sort = off")
@@ -162,3 +162,19 @@ def test_the_hand_written_worklist_page_keeps_the_index_in_a_generic_plan(world:
             "priority", "deadline", "id"
         )
     ]
+
+
+def test_the_worklist_statements_are_prepared_once_per_connection(world: World) -> None:
+    world.submit()
+    rows = selectors.referral_worklist_rows(world.consultant, world.hub_paeds.pk)
+    for _ in range(3):
+        assert rows.count() == 1
+        assert len(rows[0:50]) == 1
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT statement FROM pg_prepared_statements")
+        prepared = [row[0] for row in cursor.fetchall()]
+    page = [s for s in prepared if "ORDER BY r.priority, r.deadline, r.id LIMIT 50 OFFSET 0" in s]
+    count = [s for s in prepared if s.startswith("SELECT COUNT(*) FROM referrals_referral r")]
+    assert (len(page), len(count)) == (1, 1), prepared
+    # Django's own statements (the submit above: dozens) are never prepared.
+    assert len(prepared) == 2, prepared
