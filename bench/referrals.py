@@ -84,19 +84,25 @@ def submit_throughput(threads: int, per_thread: int) -> float:
     specialty = Specialty.objects.get(code="394537008")
     barrier = threading.Barrier(threads + 1)
 
+    errors: list[Exception] = []
+
     def work() -> None:
         me = User.objects.get(pk=user.pk)
         barrier.wait()
-        for _ in range(per_thread):
-            services.referral_submit(
-                actor=me,
-                requester_facility=facility,
-                placer_system="urn:bench",
-                placer_value=uuid.uuid4().hex,
-                specialty=specialty,
-                clinical_question="Fever for 5 days.",
-            )
-        connections.close_all()
+        try:
+            for _ in range(per_thread):
+                services.referral_submit(
+                    actor=me,
+                    requester_facility=facility,
+                    placer_system="urn:bench",
+                    placer_value=uuid.uuid4().hex,
+                    specialty=specialty,
+                    clinical_question="Fever for 5 days.",
+                )
+        except Exception as exc:  # noqa: BLE001 - a failed submit fails the bench
+            errors.append(exc)
+        finally:
+            connections.close_all()
 
     workers = [threading.Thread(target=work) for _ in range(threads)]
     for w in workers:
@@ -105,7 +111,10 @@ def submit_throughput(threads: int, per_thread: int) -> float:
     start = time.perf_counter()
     for w in workers:
         w.join()
-    return threads * per_thread / (time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    if errors:
+        raise SystemExit(f"{len(errors)} submit thread(s) failed: {errors[0]!r}")
+    return threads * per_thread / elapsed
 
 
 def worklist_user() -> tuple[User, int]:
