@@ -18,7 +18,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from django.conf import settings
+from django.db import connection
 from django.http import HttpRequest
+from django.utils import timezone
 from rest_framework.request import Request
 
 from accounts.models import User
@@ -38,6 +40,17 @@ def _client_ip(request: HttpRequest | Request) -> str | None:
     return meta.get("REMOTE_ADDR") or None
 
 
+_AUDIT_TABLE = AuditEntry._meta.db_table
+# PostgreSQL: the page's entries in one statement and one round trip (no BEGIN/COMMIT
+# around it in autocommit), one row per element of the id array.
+_AUDIT_INSERT = (
+    f"INSERT INTO {_AUDIT_TABLE} (at, user_id, action, object_type, object_id, referral_id, "  # noqa: S608
+    "detail, ip_address, user_agent, request_id) "
+    "SELECT %s, %s, %s, %s, COALESCE(%s, r::text), r, %s, %s::inet, %s, %s "
+    "FROM unnest(%s::bigint[]) AS r"
+)
+
+
 def audit_record(
     request: HttpRequest | Request,
     action: AuditAction | str,
@@ -46,25 +59,44 @@ def audit_record(
     object_type: str = "referral",
     object_id: str | int | None = None,
     detail: str = "",
-) -> list[AuditEntry]:
-    """Append one entry per referral id (one INSERT). ``object_id`` defaults to the
-    referral id; pass it for sub-objects (an attachment)."""
+) -> int:
+    """Append one entry per referral id (one INSERT); returns how many. ``object_id``
+    defaults to the referral id; pass it for sub-objects (an attachment)."""
     user = request.user
     if not isinstance(user, User) or user.has_role(Role.MINISTRY):
-        return []
+        return 0
     ids = list(dict.fromkeys(int(i) for i in referral_ids))
     if not ids:
-        return []
+        return 0
     ip = _client_ip(request)
     agent = str(request.META.get("HTTP_USER_AGENT", ""))[:USER_AGENT_MAX]
     request_id = (current_request_id() or "")[:64]
-    return AuditEntry.objects.bulk_create(
+    fixed_id = str(object_id) if object_id is not None else None
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute(
+                _AUDIT_INSERT,
+                [
+                    timezone.now(),
+                    user.pk,
+                    str(action),
+                    object_type,
+                    fixed_id,
+                    detail[:64],
+                    ip,
+                    agent,
+                    request_id,
+                    ids,
+                ],
+            )
+        return len(ids)
+    AuditEntry.objects.bulk_create(
         [
             AuditEntry(
                 user=user,
                 action=str(action),
                 object_type=object_type,
-                object_id=str(object_id if object_id is not None else referral_id),
+                object_id=fixed_id if fixed_id is not None else str(referral_id),
                 referral_id=referral_id,
                 detail=detail[:64],
                 ip_address=ip,
@@ -74,3 +106,4 @@ def audit_record(
             for referral_id in ids
         ]
     )
+    return len(ids)
