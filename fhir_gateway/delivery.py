@@ -11,6 +11,12 @@ Two paths claim messages: ``outbox_deliver`` (task ``deliver_outbox``), the on-c
 hand-off of one message; and ``outbox_drain`` (task ``outbox_drain``, run by beat every
 10 s), which claims batches of every due message — retries, lost hand-offs, expired
 leases — and is the only thing that retries a failed message.
+
+Retention (``outbox_prune``, beat task ``fhir_gateway.retention_prune``): delivered
+messages are deleted once delivered more than ``FHIR_OUTBOX_RETENTION_DAYS`` ago. Nothing
+else is: pending, in-flight and failed messages are work still to do, and a dead message
+holds its aggregate until a person retries it (deleting it would let the messages behind
+it go out as if it had been sent).
 """
 
 from __future__ import annotations
@@ -718,3 +724,38 @@ def outbox_replay(*, message_id: int) -> OutboxMessage | None:
         replay.replay_of = original
         replay.save(update_fields=["replay_of"])
     return replay
+
+
+# --------------------------------------------------------------------------- retention
+
+
+def outbox_prune(*, before: datetime, limit: int) -> int:
+    """Delete up to ``limit`` messages delivered before ``before``, oldest first, in one
+    transaction. Returns how many (fewer than ``limit``: nothing older is left, apart from
+    rows another transaction holds).
+
+    Only ``delivered`` rows: the filter is in the SELECT (rows locked, ``SKIP LOCKED``)
+    and again in the DELETE. The scan walks the index ``outbox_status_created``
+    (status, created_at): ``delivered_at`` ≥ ``created_at``, so every row delivered before
+    the cutoff was also created before it. Replays keep their row; their ``replay_of``
+    link to a pruned original is cleared first (the FK is ``SET NULL`` in Django only).
+    """
+    with transaction.atomic():
+        ids = list(
+            OutboxMessage.objects.select_for_update(skip_locked=True)
+            .filter(status=Status.DELIVERED, created_at__lt=before, delivered_at__lt=before)
+            .order_by("created_at")
+            .values_list("pk", flat=True)[:limit]
+        )
+        if not ids:
+            return 0
+        OutboxMessage.objects.filter(replay_of_id__in=ids).update(replay_of=None)
+        table = connection.ops.quote_name(OutboxMessage._meta.db_table)
+        marks = ", ".join(["%s"] * len(ids))
+        with connection.cursor() as cursor:
+            # Raw: the ORM's delete() would load every row to emulate SET NULL on replays.
+            cursor.execute(
+                f"DELETE FROM {table} WHERE status = %s AND id IN ({marks})",  # noqa: S608
+                [Status.DELIVERED, *ids],
+            )
+            return int(cursor.rowcount)

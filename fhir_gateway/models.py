@@ -195,11 +195,36 @@ class FeedEvent(models.Model):
                 condition=Q(number__isnull=True),
                 name="feed_unnumbered",
             ),
+            # Retention (feed.feed_prune): the oldest numbered rows, in order, so each
+            # batch reads only what it deletes. Partial: a row enters it once, when it is
+            # numbered (the numbering UPDATE writes every index entry of the row anyway).
+            models.Index(
+                fields=["occurred_at"],
+                condition=Q(number__isnull=False),
+                name="feed_numbered_occurred",
+            ),
         ]
 
     def __str__(self) -> str:
         number = self.number if self.number is not None else "?"
         return f"{self.facility_id}#{number} {self.resource_type}/{self.logical_id}"
+
+
+class FeedHorizon(models.Model):
+    """How far retention pruned a facility's feed: every event numbered up to
+    ``pruned_through`` may be gone (``feed.feed_prune``).
+
+    Numbering continues above it even when every row of the facility was pruned, and a
+    member asking for a number at or below it is told the events are no longer kept
+    (410) instead of silently getting the oldest that are.
+    """
+
+    facility_id = models.BigIntegerField(unique=True)
+    pruned_through = models.BigIntegerField(default=0)
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    def __str__(self) -> str:
+        return f"{self.facility_id} pruned through #{self.pruned_through}"
 
 
 class FeedSubscription(models.Model):

@@ -86,8 +86,10 @@ class FhirError(Exception):
         expression: list[str] | None = None,
         headers: Mapping[str, str] | None = None,
         severity: str = "error",
+        extension: list[dict[str, Any]] | None = None,
     ) -> None:
         super().__init__(diagnostics)
+        self.extension = extension  # on the issue: machine-readable detail
         self.status = status
         self.code = code
         self.diagnostics = diagnostics
@@ -102,8 +104,11 @@ def operation_outcome(
     *,
     severity: str = "error",
     expression: list[str] | None = None,
+    extension: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     issue: dict[str, Any] = {"severity": severity, "code": code, "diagnostics": diagnostics}
+    if extension:
+        issue = {"extension": extension, **issue}
     if expression:
         issue["expression"] = expression
     outcome: dict[str, Any] = {"resourceType": "OperationOutcome", "issue": [issue]}
@@ -124,7 +129,11 @@ def outcome_for_application_error(exc: ApplicationError) -> FhirError:
 
 def outcome_response(error: FhirError, *, content_type: str) -> HttpResponse:
     body = operation_outcome(
-        error.code, error.diagnostics, severity=error.severity, expression=error.expression
+        error.code,
+        error.diagnostics,
+        severity=error.severity,
+        expression=error.expression,
+        extension=error.extension,
     )
     response = HttpResponse(
         json.dumps(body, ensure_ascii=False), status=error.status, content_type=content_type

@@ -32,7 +32,14 @@ from django.utils import timezone
 
 from accounts.roles import Role
 from fhir_gateway import handlers
-from fhir_gateway.feed import MAX_NUMBER, FeedItem, feed_last_number, feed_number, feed_page
+from fhir_gateway.feed import (
+    MAX_NUMBER,
+    FeedItem,
+    feed_last_number,
+    feed_number,
+    feed_page,
+    feed_pruned_through,
+)
 from fhir_gateway.handlers import (
     Operation,
     OperationAnswer,
@@ -43,6 +50,7 @@ from fhir_gateway.handlers import (
 from fhir_gateway.models import FeedSubscription, FhirResource
 from fhir_gateway.outcomes import FhirError
 from fhir_gateway.registry_projection import CONSILIUM
+from fhir_gateway.retention import feed_retention_days
 from fhir_gateway.storage import (
     WriteResult,
     _lock,
@@ -71,6 +79,8 @@ FILTER_CRITERIA = f"{BACKPORT}/StructureDefinition/backport-filter-criteria"
 STATUS_R4_PROFILE = f"{BACKPORT}/StructureDefinition/backport-subscription-status-r4"
 NOTIFICATION_R4_PROFILE = f"{BACKPORT}/StructureDefinition/backport-subscription-notification-r4"
 EVENT_NUMBER_EXTENSION = f"{CONSILIUM}/StructureDefinition/feed-event-number"
+# On the 410 issue when asked events retention pruned: the oldest event number still kept.
+OLDEST_EVENT_EXTENSION = f"{CONSILIUM}/StructureDefinition/feed-oldest-event-number"
 FHIR_JSON = "application/fhir+json"
 DEFAULT_REASON = "Referral events for a member system that polls $events."
 DEFAULT_COUNT = 50
@@ -367,6 +377,28 @@ def _content(params: dict[str, list[str]]) -> str:
     return "empty" if content == "empty" else "id-only"
 
 
+def _refuse_pruned(facility_id: int, first: int, *, cursor: str) -> None:
+    """410 when event ``first`` may have been pruned (the member named a number it
+    expects): serving the oldest kept events instead would hide the gap. Checked
+    **after** the page was read, so a prune committing in between cannot slip a gap
+    into an answer (it can only turn it into this 410)."""
+    pruned = feed_pruned_through(facility_id)
+    if first > pruned:
+        return
+    oldest = pruned + 1
+    # eventsSinceNumber is inclusive (the oldest kept); since= is the last one seen.
+    resume = f"{cursor}={oldest if cursor == 'eventsSinceNumber' else pruned}"
+    raise FhirError(
+        410,
+        "deleted",
+        f"Events up to number {pruned} of this feed are no longer kept (events are kept "
+        f"{feed_retention_days()} days); event {first} is one of them. The oldest event "
+        f"still available is {oldest}: read the current state of the referrals you follow "
+        f"(e.g. search Task by _lastUpdated), then continue with {resume}.",
+        extension=[{"url": OLDEST_EVENT_EXTENSION, "valueString": str(oldest)}],
+    )
+
+
 def _subscription(call: OperationCall) -> FeedSubscription:
     assert call.logical_id is not None
     facility = _feed_facility(call.user)
@@ -499,7 +531,10 @@ def subscription_events(call: OperationCall) -> OperationAnswer:
     content = _content(call.params)
     feed_number(state.facility_id)
     first = max(since if since is not None else 0, state.start_number + 1)
+    if since is None:  # no number asked for: from the oldest event still kept
+        first = max(first, feed_pruned_through(state.facility_id) + 1)
     items, more = feed_page(state.facility_id, first=first, last=until, count=count)
+    _refuse_pruned(state.facility_id, first, cursor="eventsSinceNumber")
     since_start = max(0, feed_last_number(state.facility_id) - state.start_number)
     status = _status_resource(
         call.version,
@@ -559,13 +594,18 @@ def subscription_status(call: OperationCall) -> OperationAnswer:
 
 def facility_events(call: OperationCall) -> OperationAnswer:
     """``GET /fhir/$events?since=<number>&_count=n``: the caller's facility feed after
-    event ``since`` (0: from the beginning), as an id-only history Bundle. Each entry
-    carries its event number (extension); poll again with the last one."""
+    event ``since`` (none: from the oldest event still kept), as an id-only history
+    Bundle. Each entry carries its event number (extension); poll again with the last
+    one. A ``since`` behind the retention is 410 (``_refuse_pruned``)."""
     facility = _feed_facility(call.user)
-    since = _number(call.params, "since") or 0
+    asked = _number(call.params, "since")
     count = _count(call.params)
     feed_number(facility)
+    # No cursor: from the oldest event still kept. A cursor: from it, or 410 if pruned.
+    since = asked if asked is not None else feed_pruned_through(facility)
     items, more = feed_page(facility, first=since + 1, count=count)
+    if asked is not None:
+        _refuse_pruned(facility, since + 1, cursor="since")
     url = f"{call.base}/$events"
     links = [_link("self", url, [("since", str(since)), ("_count", str(count))])]
     if more and items:
@@ -643,7 +683,8 @@ def register_all() -> None:
             definition_r4=f"{BACKPORT}/OperationDefinition/backport-subscription-events",
             documentation="Events numbered after the Subscription's creation: "
             "eventsSinceNumber, eventsUntilNumber (inclusive), _count (50, max 500), "
-            "content id-only | empty.",
+            "content id-only | empty. Numbers older than the feed's retention: 410, with "
+            "the oldest kept number (extension feed-oldest-event-number).",
         )
     )
     handlers.register_operation(
@@ -664,6 +705,7 @@ def register_all() -> None:
             definition=f"{CONSILIUM}/OperationDefinition/facility-events",
             documentation="Your facility's feed after event number `since` (0 = from the "
             "start), id-only history Bundle, _count (50, max 500); each entry's "
-            "extension feed-event-number is the cursor for the next call.",
+            "extension feed-event-number is the cursor for the next call. A cursor older "
+            "than the feed's retention: 410 (extension feed-oldest-event-number).",
         )
     )

@@ -6,10 +6,13 @@ from celery import shared_task
 
 from fhir_gateway.delivery import outbox_deliver, outbox_drain
 from fhir_gateway.registry_projection import project_registry_incremental
+from fhir_gateway.retention import retention_prune
 
 # One beat run of the drain stops starting batches after this long, so it ends before the
 # next one is due (config/settings/base.py schedules it every 10 s).
 DRAIN_BEAT_SECONDS = 8.0
+# One hourly retention run stops starting batches after this long (the next run goes on).
+RETENTION_BEAT_SECONDS = 120.0
 
 
 @shared_task(name="fhir_gateway.deliver_outbox", ignore_result=True)
@@ -31,3 +34,17 @@ def outbox_drain_task(limit: int = 500, max_seconds: float | None = DRAIN_BEAT_S
 def project_registry_task() -> dict[str, dict[str, int]]:
     report = project_registry_incremental()
     return {"created": report.created, "updated": report.updated, "deleted": report.deleted}
+
+
+@shared_task(name="fhir_gateway.retention_prune", ignore_result=True)
+def retention_prune_task(max_seconds: float | None = RETENTION_BEAT_SECONDS) -> dict[str, int]:
+    """Beat's hourly retention: delivered outbox messages and feed events older than their
+    retention, in batches, until done or ``max_seconds``. Safe to run twice (each batch
+    skips rows another run holds)."""
+    report = retention_prune(max_seconds=max_seconds)
+    return {
+        "outbox_deleted": report.outbox_deleted,
+        "feed_numbered": report.feed_numbered,
+        "feed_deleted": report.feed_deleted,
+        "finished": int(report.finished),
+    }

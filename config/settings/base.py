@@ -216,6 +216,15 @@ CELERY_BEAT_SCHEDULE["referrals-notification-email-sweep"] = {
     "schedule": 60.0,
     "options": {"expires": 120.0},
 }
+# FHIR gateway retention (fhir_gateway/retention.py): delivered outbox messages and pull-feed
+# events older than these many days are pruned hourly (0 or less: kept forever).
+FHIR_OUTBOX_RETENTION_DAYS = env.int("FHIR_OUTBOX_RETENTION_DAYS", default=30)
+FHIR_FEED_RETENTION_DAYS = env.int("FHIR_FEED_RETENTION_DAYS", default=30)
+CELERY_BEAT_SCHEDULE["fhir-retention"] = {
+    "task": "fhir_gateway.retention_prune",
+    "schedule": 3600.0,
+    "options": {"expires": 1800.0},
+}
 CELERY_TIMEZONE = "UTC"
 
 LOG_LEVEL = env.str("LOG_LEVEL", default="INFO")

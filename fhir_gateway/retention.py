@@ -1,0 +1,81 @@
+"""Retention of the outbox and the pull feed: what is finished and old enough goes.
+
+``retention_prune`` is beat's hourly job (task ``fhir_gateway.retention_prune``). It
+alternates batches of ``delivery.outbox_prune`` (delivered messages older than
+``FHIR_OUTBOX_RETENTION_DAYS``) and ``feed.feed_prune`` (numbered feed events older than
+``FHIR_FEED_RETENTION_DAYS``, after numbering every unnumbered row), each batch its own
+short transaction of at most ``batch_size`` rows, until both are done or ``max_seconds``
+passed (checked between batches: one run does not hold a worker slot for long, the next
+hour's run goes on). A retention of 0 days or less keeps that table forever.
+
+Never deleted: outbox messages that are pending, in flight or failed (work to do), and
+dead ones (they hold their aggregate until a person retries them; see docs/fhir.md).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.utils import timezone
+
+from fhir_gateway.delivery import outbox_prune
+from fhir_gateway.feed import feed_number_all, feed_prune
+
+BATCH_SIZE = 5000
+
+
+def outbox_retention_days() -> int:
+    return int(getattr(settings, "FHIR_OUTBOX_RETENTION_DAYS", 30))
+
+
+def feed_retention_days() -> int:
+    return int(getattr(settings, "FHIR_FEED_RETENTION_DAYS", 30))
+
+
+@dataclass
+class RetentionReport:
+    outbox_deleted: int = 0
+    feed_numbered: int = 0
+    feed_deleted: int = 0
+    batches: int = 0
+    finished: bool = False  # False: the time budget ran out first
+
+
+def _cutoff(now: datetime, days: int) -> datetime | None:
+    return now - timedelta(days=days) if days > 0 else None
+
+
+def retention_prune(
+    *,
+    batch_size: int = BATCH_SIZE,
+    max_seconds: float | None = None,
+    now: datetime | None = None,
+) -> RetentionReport:
+    """Prune the outbox and the feed together, in bounded batches (see the module)."""
+    now = now or timezone.now()
+    deadline = None if max_seconds is None else time.monotonic() + max_seconds
+    outbox_before = _cutoff(now, outbox_retention_days())
+    feed_before = _cutoff(now, feed_retention_days())
+    report = RetentionReport()
+    if feed_before is not None:
+        report.feed_numbered = feed_number_all()
+    outbox_done = outbox_before is None
+    feed_done = feed_before is None
+    while not (outbox_done and feed_done):
+        if outbox_before is not None and not outbox_done:
+            deleted = outbox_prune(before=outbox_before, limit=batch_size)
+            report.outbox_deleted += deleted
+            report.batches += 1
+            outbox_done = deleted < batch_size
+        if feed_before is not None and not feed_done:
+            deleted = feed_prune(before=feed_before, limit=batch_size)
+            report.feed_deleted += deleted
+            report.batches += 1
+            feed_done = deleted < batch_size
+        if deadline is not None and time.monotonic() >= deadline:
+            break
+    report.finished = outbox_done and feed_done
+    return report
