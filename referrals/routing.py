@@ -55,7 +55,7 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from django.conf import settings
@@ -341,10 +341,16 @@ def _median_response_hours(now: datetime) -> dict[int, tuple[float, int]]:
         )
         samples: dict[int, list[float]] = defaultdict(list)
         for dep, at, prev_at in cursor.fetchall():
-            if isinstance(at, str):  # SQLite without converters
-                at, prev_at = datetime.fromisoformat(at), datetime.fromisoformat(prev_at)
+            # SQLite converts the column but not the window function's result.
+            at, prev_at = _as_datetime(at), _as_datetime(prev_at)
             samples[dep].append((at - prev_at).total_seconds() / 3600)
         return {dep: (statistics.median(values), len(values)) for dep, values in samples.items()}
+
+
+def _as_datetime(value: datetime | str) -> datetime:
+    """SQLite hands raw-SQL times back naive (stored in UTC) or as text."""
+    parsed = value if isinstance(value, datetime) else datetime.fromisoformat(value)
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
 
 
 def response_times_refresh(*, now: datetime | None = None) -> int:
