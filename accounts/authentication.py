@@ -24,7 +24,6 @@ def user_for_bearer(raw: str) -> tuple[User, ApiToken]:
     now = timezone.now()
     if token.last_used_at is None or now - token.last_used_at > _LAST_USED_GRANULARITY:
         ApiToken.objects.filter(pk=token.pk).update(last_used_at=now)
-    token.user.load_memberships()
     return token.user, token
 
 

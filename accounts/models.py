@@ -23,11 +23,14 @@ class User(AbstractUser):
     )
     departments = models.ManyToManyField("registry.Department", blank=True, related_name="staff")
 
+    # Roles and departments are read together, once per user object (per request), by the
+    # first call that needs either: one query instead of two for the many requests that
+    # need both (scope checks), none for those that need neither.
     def role_names(self) -> frozenset[str]:
         cached: frozenset[str] | None = getattr(self, "_role_names", None)
         if cached is None:
-            cached = frozenset(self.groups.values_list("name", flat=True))
-            self._role_names = cached
+            self.load_memberships()
+            cached = self._role_names
         return cached
 
     def has_role(self, *roles: Role) -> bool:
@@ -37,13 +40,17 @@ class User(AbstractUser):
         """The departments the user works in, cached on the object for the request."""
         cached: frozenset[int] | None = getattr(self, "_department_ids", None)
         if cached is None:
-            cached = frozenset(self.departments.values_list("id", flat=True))
-            self._department_ids = cached
+            self.load_memberships()
+            cached = self._department_ids
         return cached
 
+    def forget_memberships(self) -> None:
+        """Drop the cached roles and departments (after changing them on this object)."""
+        self.__dict__.pop("_role_names", None)
+        self.__dict__.pop("_department_ids", None)
+
     def load_memberships(self) -> None:
-        """Fill the role and department caches with one query instead of two (the bearer
-        authentication calls it: nearly every API request needs both)."""
+        """(Re)read roles and departments into the caches with one query."""
         groups = User.groups.through._meta.db_table
         group = User.groups.field.related_model._meta.db_table  # type: ignore[union-attr]
         departments = User.departments.through._meta.db_table

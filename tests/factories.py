@@ -169,8 +169,8 @@ class UserFactory(DjangoModelFactory[User]):
             return
         groups = role_groups()
         obj.groups.add(*(groups[Role(role)] for role in extracted))
-        # has_role() caches the names on the instance; forget what it saw before.
-        obj.__dict__.pop("_role_names", None)
+        # has_role() caches roles and departments on the instance; forget what it saw.
+        obj.forget_memberships()
 
 
 class PractitionerFactory(DjangoModelFactory[Practitioner]):
