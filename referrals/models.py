@@ -382,11 +382,16 @@ class DepartmentDayLoad(models.Model):
         "registry.Department", on_delete=models.CASCADE, related_name="+"
     )
     day = models.DateField()
+    # Concurrent intake to one department spreads over SHARDS rows (referral id modulo),
+    # so transactions do not queue on one row lock until their commit; readers sum them.
+    shard = models.PositiveSmallIntegerField(default=0)
     assigned = models.IntegerField(default=0)
 
     class Meta:
         constraints = [
-            models.UniqueConstraint(fields=["department", "day"], name="department_day_load_once")
+            models.UniqueConstraint(
+                fields=["department", "day", "shard"], name="department_day_load_once"
+            )
         ]
 
     def __str__(self) -> str:

@@ -408,9 +408,9 @@ def _live_state(referral: Referral, department_ids: list[int], now: datetime) ->
     if department_ids:
         marks = ", ".join(["%s"] * len(department_ids))
         parts.append(
-            f"SELECT 1, department_id, assigned, NULL, NULL "  # noqa: S608
+            f"SELECT 1, department_id, SUM(assigned), NULL, NULL "  # noqa: S608
             f"FROM {DepartmentDayLoad._meta.db_table} WHERE day = %s "
-            f"AND department_id IN ({marks})"
+            f"AND department_id IN ({marks}) GROUP BY department_id"
         )
         params += [timezone.localdate(now), *department_ids]
     if referral.pk is not None and referral.version > 0:

@@ -441,7 +441,7 @@ def _apply(
 
     referral_changed(referral=referral, event=event)
     # Routing's live load, last: its counter row stays locked only until the commit.
-    department_load_move(before=load_before, after=load_slot(referral))
+    department_load_move(before=load_before, after=load_slot(referral), referral_id=referral.pk)
     return event
 
 

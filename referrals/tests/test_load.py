@@ -124,3 +124,14 @@ def test_the_rebuild_command_reports_and_repairs(world: World) -> None:
     assert department_load_matches()
     with pytest.raises(CommandError):
         call_command("rebuild_department_load", "--days", "-1")
+
+
+def test_a_busy_department_spreads_over_shards_and_still_sums(world: World) -> None:
+    for _ in range(6):
+        world.submit()
+    shards = set(
+        DepartmentDayLoad.objects.filter(department=world.hub_paeds).values_list("shard", flat=True)
+    )
+    assert len(shards) > 1  # consecutive ids land in different rows
+    assert today(world) == {world.hub_paeds.pk: 6}
+    assert department_load_matches()
