@@ -33,7 +33,7 @@ import django
 django.setup()
 
 from django.contrib.auth.models import Group  # noqa: E402
-from django.db import connection  # noqa: E402
+from django.db import connection, transaction  # noqa: E402
 
 from accounts.models import User  # noqa: E402
 from accounts.roles import Role  # noqa: E402
@@ -53,6 +53,7 @@ from reports.models import (  # noqa: E402
     DurationHistogram,
     MonthlyRollup,
     ReferralFact,
+    SegmentRollup,
     UpkeepState,
 )
 from reports.selectors import (  # noqa: E402
@@ -62,7 +63,7 @@ from reports.selectors import (  # noqa: E402
     report_response_times,
     report_summary,
 )
-from reports.services import reports_catch_up, reports_rebuild  # noqa: E402
+from reports.services import REPORT_TABLES, reports_catch_up, reports_rebuild  # noqa: E402
 
 SPECIALTIES = ["394537008", "394579002", "394591006", "394585009", "394609007"]
 START = date(2024, 1, 1)
@@ -71,7 +72,7 @@ DAYS = 730
 
 def wipe() -> None:
     with connection.cursor() as cursor:
-        for model in (DailyRollup, MonthlyRollup, DurationHistogram, ReferralFact, UpkeepState):
+        for model in (*REPORT_TABLES, UpkeepState):
             cursor.execute(f"TRUNCATE {model._meta.db_table}")
         cursor.execute(
             f"TRUNCATE {ReferralEvent._meta.db_table}, {Referral._meta.db_table} CASCADE"
@@ -131,8 +132,17 @@ def network() -> tuple[list[Facility], list[Department]]:
     return lower, departments
 
 
-def generate(count: int, lower: list[Facility], departments: list[Department]) -> None:
-    """``count`` referrals and their events, in SQL."""
+def generate(
+    count: int,
+    lower: list[Facility],
+    departments: list[Department],
+    chunk: int = 500_000,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """``count`` referrals and their events, in SQL, ``chunk`` referrals per statement
+    group (one transaction each, so a long generation shows progress). Submission times
+    are a permutation of the 2-year span (g * 1000003 mod count), so every chunk covers
+    the whole span: a generation stopped early is a smaller uniform network."""
     params: dict[str, Any] = {
         "n": count,
         "facs": [f.pk for f in lower],
@@ -143,67 +153,68 @@ def generate(count: int, lower: list[Facility], departments: list[Department]) -
         "patients": max(count // 3, 1),
     }
     r, e = Referral._meta.db_table, ReferralEvent._meta.db_table
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"""
-            INSERT INTO {r} (placer_system, placer_value, filler_id, patient_ref, patient_sex,
-                mode, priority, clinical_question, campaign, state, version, conference_url,
-                created_at, updated_at, requester_facility_id, specialty_id,
-                assigned_department_id)
-            SELECT 'urn:bench', g::text, 'BENCH-' || g, 'p' || (g %% %(patients)s),
-                'unknown', 'async', 4, 'q', CASE WHEN g %% 10 = 0 THEN 'campaign-a' ELSE '' END,
-                'submitted', 1, '',
-                %(start)s + make_interval(secs => (g::float8 / %(n)s) * %(span)s),
-                now(),
-                (%(facs)s::bigint[])[1 + (g::bigint * 7919) %% cardinality(%(facs)s::bigint[])],
-                (%(specs)s::bigint[])[1 + (g::bigint * 104729) %% cardinality(%(depts)s::bigint[])],
-                (%(depts)s::bigint[])[1 + (g::bigint * 104729) %% cardinality(%(depts)s::bigint[])]
-            FROM generate_series(1, %(n)s) AS g
-            """,
-            params,
-        )
-        # Lifecycles by id mod 20: 0 decline, 1 cancel, 2 expire, 3-4 transfer, else close.
-        steps = [
-            (1, "submit", "draft", "submitted", "TRUE", 0, "'{}'"),
-            (2, "decline", "submitted", "declined", "id % 20 = 0", 5, "'{}'"),
-            (2, "cancel", "submitted", "cancelled", "id % 20 = 1", 3, "'{}'"),
-            (2, "expire", "submitted", "expired", "id % 20 = 2", 49, "'{}'"),
-            (2, "accept", "submitted", "accepted", "id % 20 >= 3", 1 + 0, "'{}'"),
-            (3, "advise", "accepted", "advised", "id % 20 >= 3", 8, "'{}'"),
-            (
-                4,
-                "request_transfer",
-                "advised",
-                "transfer_requested",
-                "id % 20 IN (3, 4)",
-                9,
-                "'{}'",
-            ),
-            (5, "complete", "transfer_requested", "completed", "id % 20 IN (3, 4)", 30, "'{}'"),
-            (
-                4,
-                "close_local",
-                "advised",
-                "closed_local",
-                "id % 20 >= 5",
-                30,
-                """jsonb_build_object('transfer_originally_considered', id % 3 <> 0,
-                'outcome', CASE WHEN id % 4 <> 0 THEN 'avoided' ELSE 'still_needed' END)""",
-            ),
-        ]
-        for seq, action, source, target, where, hours, payload in steps:
-            # Hours vary per referral so percentiles are not degenerate.
+    # Lifecycles by id mod 20: 0 decline, 1 cancel, 2 expire, 3-4 transfer, else close.
+    steps = [
+        (1, "submit", "draft", "submitted", "TRUE", 0, "'{}'"),
+        (2, "decline", "submitted", "declined", "id % 20 = 0", 5, "'{}'"),
+        (2, "cancel", "submitted", "cancelled", "id % 20 = 1", 3, "'{}'"),
+        (2, "expire", "submitted", "expired", "id % 20 = 2", 49, "'{}'"),
+        (2, "accept", "submitted", "accepted", "id % 20 >= 3", 1 + 0, "'{}'"),
+        (3, "advise", "accepted", "advised", "id % 20 >= 3", 8, "'{}'"),
+        (4, "request_transfer", "advised", "transfer_requested", "id % 20 IN (3, 4)", 9, "'{}'"),
+        (5, "complete", "transfer_requested", "completed", "id % 20 IN (3, 4)", 30, "'{}'"),
+        (
+            4,
+            "close_local",
+            "advised",
+            "closed_local",
+            "id % 20 >= 5",
+            30,
+            """jsonb_build_object('transfer_originally_considered', id % 3 <> 0,
+            'outcome', CASE WHEN id % 4 <> 0 THEN 'avoided' ELSE 'still_needed' END)""",
+        ),
+    ]
+    for first in range(1, count + 1, chunk):
+        last = min(first + chunk - 1, count)
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute(f"SELECT coalesce(max(id), 0) FROM {r}")
+            (low,) = cursor.fetchone()
             cursor.execute(
                 f"""
-                INSERT INTO {e} (referral_id, seq, actor_side, at, action, from_state,
-                    to_state, department_id, reason, payload)
-                SELECT id, {seq}, 'system',
-                    created_at + make_interval(secs => ({hours} + (id % 37)) * 3600.0),
-                    '{action}', '{source}', '{target}', assigned_department_id, '',
-                    {payload}
-                FROM {r} WHERE placer_system = 'urn:bench' AND {where}
-                """
+                INSERT INTO {r} (placer_system, placer_value, filler_id, patient_ref,
+                    patient_sex, mode, priority, clinical_question, campaign, state, version,
+                    conference_url, created_at, updated_at, requester_facility_id,
+                    specialty_id, assigned_department_id)
+                SELECT 'urn:bench', g::text, 'BENCH-' || g, 'p' || (g %% %(patients)s),
+                    'unknown', 'async', 4, 'q',
+                    CASE WHEN g %% 10 = 0 THEN 'campaign-a' ELSE '' END,
+                    'submitted', 1, '',
+                    %(start)s + make_interval(
+                        secs => ((g::bigint * 1000003) %% %(n)s)::float8 / %(n)s * %(span)s),
+                    now(),
+                    (%(facs)s::bigint[])[1 + (g::bigint * 7919) %% cardinality(%(facs)s::bigint[])],
+                    (%(specs)s::bigint[])[1 + (g::bigint * 104729) %% cardinality(%(depts)s::bigint[])],
+                    (%(depts)s::bigint[])[1 + (g::bigint * 104729) %% cardinality(%(depts)s::bigint[])]
+                FROM generate_series(%(first)s, %(last)s) AS g
+                """,
+                {**params, "first": first, "last": last},
             )
+            for seq, action, source, target, where, hours, payload in steps:
+                # Hours vary per referral so percentiles are not degenerate.
+                cursor.execute(
+                    f"""
+                    INSERT INTO {e} (referral_id, seq, actor_side, at, action, from_state,
+                        to_state, department_id, reason, payload)
+                    SELECT id, {seq}, 'system',
+                        created_at + make_interval(secs => ({hours} + (id % 37)) * 3600.0),
+                        '{action}', '{source}', '{target}', assigned_department_id, '',
+                        {payload}
+                    FROM {r} WHERE id > {int(low)} AND {where}
+                    """
+                )
+        if progress:
+            progress(last)
+    with connection.cursor() as cursor:
         cursor.execute(f"ANALYZE {r}; ANALYZE {e}")
 
 
@@ -377,14 +388,32 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=30)
     parser.add_argument("--ingest", type=int, default=300)
     parser.add_argument("--skip-generate", action="store_true")
+    parser.add_argument("--generate-only", action="store_true")
+    parser.add_argument("--skip-rebuild", action="store_true")
+    parser.add_argument(
+        "--pid-file", help="append this process's and its PostgreSQL backend's pids here"
+    )
     args = parser.parse_args()
 
+    if args.pid_file:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_backend_pid()")
+            (backend,) = cursor.fetchone()
+        with open(args.pid_file, "a") as pids:
+            pids.write(f"{os.getpid()}\n{backend}\n")
     lower, departments = network()
     if not args.skip_generate:
         wipe()
         t = time.perf_counter()
-        generate(args.referrals, lower, departments)
+
+        def progress(done: int) -> None:
+            print(f"  {done:,} referrals, {time.perf_counter() - t:.0f} s", flush=True)
+
+        generate(args.referrals, lower, departments, progress=progress)
         print(f"generated {args.referrals:,} referrals in {time.perf_counter() - t:.0f} s")
+        if args.generate_only:
+            return
+    if not args.skip_rebuild:
         t = time.perf_counter()
         applied = reports_rebuild()
         rebuild = time.perf_counter() - t
@@ -393,16 +422,20 @@ def main() -> None:
             f"({applied / rebuild:,.0f} events/s)"
         )
     with connection.cursor() as cursor:
-        for model in (DailyRollup, MonthlyRollup, DurationHistogram, ReferralFact):
-            cursor.execute(f"ANALYZE {model._meta.db_table}")
+        # What autovacuum does after a rebuild (statistics, and the visibility map that
+        # index-only scans need).
+        for model in REPORT_TABLES:
+            cursor.execute(f"VACUUM ANALYZE {model._meta.db_table}")
     rollups = DailyRollup.objects.count()
     monthly = MonthlyRollup.objects.count()
+    segments = SegmentRollup.objects.count()
     cells = DurationHistogram.objects.count()
     facts = ReferralFact.objects.count()
     events = ReferralEvent.objects.count()
     print(
         f"\n{events:,} events, {facts:,} fact rows, {rollups:,} daily rollup rows, "
-        f"{monthly:,} monthly rollup rows, {cells:,} histogram cells\n"
+        f"{monthly:,} monthly rollup rows, {segments:,} segment rollup rows, "
+        f"{cells:,} histogram cells\n"
     )
     print(f"{'slice (ministry, suppressed)':50} {'median ms':>10} {'p95 ms':>10}")
     for name, med, p in query_bench(args.repeat):

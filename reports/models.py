@@ -15,12 +15,17 @@ never block a registry delete, and rebuilding them must not need constraint chec
 - ``MonthlyRollup``: the same counters per (local month, requester country, province,
   tier, hub facility, specialty, campaign, cross-border) -- no facility or department, so
   ~40x fewer rows; national/province/hub slices over whole months read it.
+- ``SegmentRollup``: the same counters per (segment = the days of one ISO week within one
+  month, requester facility, specialty, campaign): province and facility slices by
+  week/month/quarter/year and capacity read it; its size does not grow with referrals.
 - ``DurationHistogram``: per (month of the milestone, the fact's dimensions above, metric,
   log bucket) the number of referrals: approximate national percentiles (docs/metrics.md).
 - ``UpkeepState``: the watermark (highest event id applied) and the ids skipped as gaps.
 """
 
 from __future__ import annotations
+
+from datetime import date, timedelta
 
 from django.db import models
 
@@ -150,6 +155,54 @@ class MonthlyRollup(RollupCounters):
         return f"{self.month} c{self.country_id} h{self.hub_facility_id}"
 
 
+# Dimension columns of a SegmentRollup row (the upsert key); the same counters.
+SEGMENT_KEY: tuple[str, ...] = (
+    "segment",
+    "requester_facility_id",
+    "specialty_id",
+    "campaign",
+    "country_id",
+    "province_id",
+    "tier",
+)
+
+
+def segment_of(day: date) -> date:
+    """The first day of ``day``'s segment: the days of one ISO week within one month.
+    A segment lies inside one week, one month, one quarter and one year, so any of those
+    periods is a union of whole segments."""
+    return max(day - timedelta(days=day.weekday()), day.replace(day=1))
+
+
+class SegmentRollup(RollupCounters):
+    """DailyRollup summed over a segment (see ``segment_of``) and over the department and
+    hub: per requester facility, specialty and campaign. At most ~128 segments a year
+    per (facility, specialty, campaign), whatever the number of referrals: province and
+    facility slices by week/month/quarter/year (and capacity) read it."""
+
+    segment = models.DateField(help_text="first day of the segment (see segment_of)")
+    requester_facility_id = models.BigIntegerField()
+    specialty_id = models.BigIntegerField()
+    campaign = models.CharField(max_length=100, blank=True, default="")
+    country_id = models.BigIntegerField()
+    province_id = models.BigIntegerField(default=0)
+    tier = models.PositiveSmallIntegerField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=list(SEGMENT_KEY), name="report_segment_key"),
+        ]
+        indexes = [
+            models.Index(fields=["province_id", "segment"], name="report_segment_province"),
+            models.Index(
+                fields=["requester_facility_id", "segment"], name="report_segment_facility"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.segment} f{self.requester_facility_id} s{self.specialty_id}"
+
+
 # DurationHistogram.metric
 ACCEPT = 1
 ADVICE = 2
@@ -243,11 +296,19 @@ class ReferralFact(models.Model):
                 name="report_fact_avoided_day",
                 condition=models.Q(avoided=True),
             ),
-            # Verification counts of one province / hub over days (the daily path).
+            # Verification counts of one province / facility / hub over days (the daily
+            # path): index-only scans, the counts read only these columns.
             models.Index(
                 fields=["province_id", "closed_day"],
                 name="report_fact_avoided_province",
                 condition=models.Q(avoided=True),
+                include=["patient_ref", "closed_at", "followup_at"],
+            ),
+            models.Index(
+                fields=["requester_facility_id", "closed_day"],
+                name="report_fact_avoided_facility",
+                condition=models.Q(avoided=True),
+                include=["patient_ref", "closed_at", "followup_at"],
             ),
             models.Index(
                 fields=["hub_facility_id", "closed_day"],

@@ -44,6 +44,7 @@ from reports.models import (
     DurationHistogram,
     MonthlyRollup,
     ReferralFact,
+    SegmentRollup,
 )
 from reports.services import (
     REASSIGNING,
@@ -294,7 +295,7 @@ def _grouped(queryset: QuerySet[Any], names: list[str], **aggregates: Any) -> li
 def _whole_months(scope: ReportScope, filters: ReportFilters) -> bool:
     """Can the month-grain tables answer? Every row visible (no per-facility/department
     scope), no requester-facility filter, whole months, periods no finer than a month."""
-    if scope.q is not None or filters.facility_id is not None:
+    if scope.q is not None or filters.facility_id is not None or "facility" in filters.by:
         return False
     if "period" in filters.by and filters.period in ("day", "week"):
         return False
@@ -303,10 +304,34 @@ def _whole_months(scope: ReportScope, filters: ReportFilters) -> bool:
     return filters.date_to is None or (filters.date_to + timedelta(days=1)).day == 1
 
 
-def _rollup_source(scope: ReportScope, filters: ReportFilters) -> tuple[QuerySet[Any], str]:
+def _whole_segments(scope: ReportScope, filters: ReportFilters, by: tuple[str, ...]) -> bool:
+    """Can SegmentRollup answer? It has no department or hub: every row visible or only
+    the caller's own requester facility's; no hub or border filter or grouping; periods
+    no finer than a week; ``from`` on a Monday or a 1st, ``to`` on a Sunday or a month's
+    last day (so the range is made of whole segments)."""
+    if scope.q is not None and (scope.hub_facility_id is not None or scope.department_ids):
+        return False
+    if filters.hub_id is not None or filters.cross_border is not None:
+        return False
+    if "hub" in by or "cross_border" in by:
+        return False
+    if "period" in by and filters.period == "day":
+        return False
+    start, end = filters.date_from, filters.date_to
+    if start is not None and start.weekday() != 0 and start.day != 1:
+        return False
+    return end is None or end.weekday() == 6 or (end + timedelta(days=1)).day == 1
+
+
+def _rollup_source(
+    scope: ReportScope, filters: ReportFilters, by: tuple[str, ...] | None = None
+) -> tuple[QuerySet[Any], str]:
     """The coarsest rollup that answers the query exactly, and its date column."""
-    if _whole_months(scope, filters):
+    by = filters.by if by is None else by
+    if _whole_months(scope, filters) and "facility" not in by:
         return MonthlyRollup.objects.all(), "month"
+    if _whole_segments(scope, filters, by):
+        return _scoped(SegmentRollup.objects.all(), scope), "segment"
     return _scoped(DailyRollup.objects.all(), scope), "day"
 
 
@@ -374,7 +399,11 @@ def _group_fields(
     names: list[str] = []
     for grouping in by:
         if grouping == "period":
-            annotations["_period"] = Trunc(day_column, period, output_field=DateField())
+            if day_column == "month" and period == "month":
+                # Already the first of the month: skip date_trunc's per-row timestamptz cast.
+                annotations["_period"] = F(day_column)
+            else:
+                annotations["_period"] = Trunc(day_column, period, output_field=DateField())
             names.append("_period")
         else:
             names.append(GROUP_COLUMNS[grouping])
@@ -463,11 +492,13 @@ def _verification_counts(
     rows = _grouped(
         queryset.annotate(**annotations),
         names,
+        # closed_day (never null on an avoided fact), not the pk: the covering indexes
+        # hold it, so one province's or facility's count is an index-only scan.
         avoided_verified=Count(
-            "referral_id", filter=known & ~followed & Q(closed_at__lte=now - window)
+            "closed_day", filter=known & ~followed & Q(closed_at__lte=now - window)
         ),
         avoided_pending=Count(
-            "referral_id", filter=known & ~followed & Q(closed_at__gt=now - window)
+            "closed_day", filter=known & ~followed & Q(closed_at__gt=now - window)
         ),
     )
     for r in rows:
@@ -712,10 +743,9 @@ def report_capacity(user: User, filters: ReportFilters) -> dict[str, Any]:
     resolved locally = closed_local / (closed_local + transfer_requested)."""
     scope = report_scope_for(user)
     by = ("facility", "specialty", "period")
-    annotations, names = _group_fields(by, filters.period, "day")
-    queryset = _scoped(DailyRollup.objects.all(), scope).filter(
-        filters.query(), filters.dates("day")
-    )
+    source, day_column = _rollup_source(scope, filters, by)
+    annotations, names = _group_fields(by, filters.period, day_column)
+    queryset = source.filter(filters.query(), filters.dates(day_column))
     if filters.tier is None:
         queryset = queryset.filter(tier__in=LOWER_TIERS)
     rows = list(

@@ -9,8 +9,10 @@ as gaps and applied when they appear; gaps older than REPORTS_GAP_TIMEOUT are dr
 (their transaction rolled back).
 
 Applying an event is order-independent across referrals (within a referral events arrive
-in seq order: the row lock serialises them), which is what makes the rebuild, which walks
-the log referral by referral, give the same tables as the job, which walks it by id.
+in seq order: the row lock serialises them), which is what makes the rebuild give the same
+tables as the job, which walks the log by id: on PostgreSQL the rebuild is set-based SQL
+(``reports.rebuild``), elsewhere it walks the log referral by referral through the same
+``_apply_event``.
 """
 
 from __future__ import annotations
@@ -43,11 +45,14 @@ from reports.models import (
     MONTHLY_KEY,
     ROLLUP_ATTRIBUTES,
     ROLLUP_KEY,
+    SEGMENT_KEY,
     DailyRollup,
     DurationHistogram,
     MonthlyRollup,
     ReferralFact,
+    SegmentRollup,
     UpkeepState,
+    segment_of,
 )
 
 logger = logging.getLogger(__name__)
@@ -92,6 +97,9 @@ EVENT_FIELDS = (
     "referral__requester_facility__latitude",
     "referral__requester_facility__longitude",
 )
+
+# Every table derived from the log (emptied and refilled by a rebuild).
+REPORT_TABLES = (DailyRollup, MonthlyRollup, SegmentRollup, DurationHistogram, ReferralFact)
 
 FACT_UPDATE_FIELDS = [f.name for f in ReferralFact._meta.concrete_fields if f.name != "referral_id"]
 
@@ -139,14 +147,30 @@ def _new_fact(ev: dict[str, Any]) -> ReferralFact:
     )
 
 
+# Distances are kept in multiples of 1/1024 km (~1 m): sums of such numbers are exact in
+# binary floating point (far below 2**43 km), so a rollup's travel_km is the same whatever
+# the order and batching of the additions -- the job, the Python and the SQL rebuild give
+# bit-identical tables.
+KM_QUANTUM = 1024
+
+
 def travel_round_trip_km(ev: dict[str, Any], department: DepartmentInfo | None) -> float:
-    lat = ev["referral__requester_facility__latitude"]
-    lon = ev["referral__requester_facility__longitude"]
+    return round_trip_km(
+        ev["referral__requester_facility__latitude"],
+        ev["referral__requester_facility__longitude"],
+        department,
+    )
+
+
+def round_trip_km(lat: float | None, lon: float | None, department: DepartmentInfo | None) -> float:
+    """2 x great-circle km from the requester to the department's facility (0 when a
+    coordinate is missing), rounded to 1/KM_QUANTUM km."""
     if department is None or department.latitude is None or department.longitude is None:
         return 0.0
     if lat is None or lon is None:
         return 0.0
-    return 2 * haversine_km(lat, lon, department.latitude, department.longitude)
+    km = 2 * haversine_km(lat, lon, department.latitude, department.longitude)
+    return round(km * KM_QUANTUM) / KM_QUANTUM
 
 
 def _rollup_row(batch: Batch, ev: dict[str, Any], department_id: int) -> dict[str, Any]:
@@ -278,20 +302,57 @@ def _departments_of(events: list[dict[str, Any]]) -> set[int]:
 
 
 def _upsert(
-    table: str, key: tuple[str, ...], columns: list[str], sums: list[str], rows: list[list[Any]]
+    table: str,
+    key: tuple[str, ...],
+    columns: list[str],
+    sums: list[str],
+    rows: list[list[Any]],
+    *,
+    replace: bool = False,
 ) -> None:
-    """INSERT ... ON CONFLICT (key) DO UPDATE SET c = c + EXCLUDED.c for each of ``sums``."""
+    """INSERT ... ON CONFLICT (key) DO UPDATE SET c = c + EXCLUDED.c for each of ``sums``
+    (``replace``: c = EXCLUDED.c). ``rows`` must have distinct keys. On PostgreSQL one
+    statement over unnest() arrays (a statement per row, or Django's multi-row VALUES,
+    cost several times more at a 5,000-event batch)."""
     if not rows:
         return
     qn = connection.ops.quote_name
-    sql = (
-        f"INSERT INTO {qn(table)} ({', '.join(qn(c) for c in columns)}) "  # noqa: S608
-        f"VALUES ({', '.join(['%s'] * len(columns))}) "
-        f"ON CONFLICT ({', '.join(qn(c) for c in key)}) DO UPDATE SET "
-        + ", ".join(f"{qn(c)} = {qn(table)}.{qn(c)} + EXCLUDED.{qn(c)}" for c in sums)
+    assignments = [
+        f"{qn(c)} = EXCLUDED.{qn(c)}"
+        if replace
+        else f"{qn(c)} = {qn(table)}.{qn(c)} + EXCLUDED.{qn(c)}"
+        for c in sums
+    ]
+    conflict = (
+        f"ON CONFLICT ({', '.join(qn(c) for c in key)}) DO UPDATE SET {', '.join(assignments)}"
     )
+    into = f"INSERT INTO {qn(table)} ({', '.join(qn(c) for c in columns)}) "
     with connection.cursor() as cursor:
-        cursor.executemany(sql, rows)
+        if connection.vendor == "postgresql":
+            types = _column_types(table)
+            arrays = ", ".join(f"%s::{types[c]}[]" for c in columns)
+            cursor.execute(
+                f"{into} SELECT * FROM unnest({arrays}) {conflict}",  # noqa: S608
+                [list(values) for values in zip(*rows, strict=True)],
+            )
+            return
+        placeholders = ", ".join(["%s"] * len(columns))
+        cursor.executemany(f"{into} VALUES ({placeholders}) {conflict}", rows)
+
+
+_TYPES: dict[str, dict[str, str]] = {}
+
+
+def _column_types(table: str) -> dict[str, str]:
+    """Column -> PostgreSQL type of a report table (for the unnest() casts)."""
+    if table not in _TYPES:
+        model = next(
+            m
+            for m in (DailyRollup, MonthlyRollup, SegmentRollup, DurationHistogram, ReferralFact)
+            if m._meta.db_table == table
+        )
+        _TYPES[table] = {f.column: str(f.db_type(connection)) for f in model._meta.concrete_fields}
+    return _TYPES[table]
 
 
 def _write_rollups(rollups: Iterable[dict[str, Any]]) -> None:
@@ -324,6 +385,47 @@ def _write_rollups(rollups: Iterable[dict[str, Any]]) -> None:
         monthly_columns,
         sums,
         [[m[c] for c in monthly_columns] for m in months.values()],
+    )
+    segments: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for row in rows:
+        key = (segment_of(row["day"]), *(row[c] for c in SEGMENT_KEY[1:]))
+        segment = segments.get(key)
+        if segment is None:
+            segment = segments[key] = dict(zip(SEGMENT_KEY, key, strict=True))
+            segment.update(dict.fromkeys(sums, 0))
+        for c in sums:
+            segment[c] += row[c]
+    segment_columns = [*SEGMENT_KEY, *sums]
+    _upsert(
+        SegmentRollup._meta.db_table,
+        SEGMENT_KEY,
+        segment_columns,
+        sums,
+        [[m[c] for c in segment_columns] for m in segments.values()],
+    )
+
+
+FACT_COLUMNS = [f.column for f in ReferralFact._meta.concrete_fields]
+
+
+def _write_facts(facts: list[ReferralFact]) -> None:
+    """Insert or overwrite these fact rows."""
+    if connection.vendor != "postgresql":
+        ReferralFact.objects.bulk_create(
+            facts,
+            update_conflicts=True,
+            unique_fields=["referral_id"],
+            update_fields=FACT_UPDATE_FIELDS,
+            batch_size=1000,
+        )
+        return
+    _upsert(
+        ReferralFact._meta.db_table,
+        ("referral_id",),
+        FACT_COLUMNS,
+        [c for c in FACT_COLUMNS if c != "referral_id"],
+        [[getattr(fact, c) for c in FACT_COLUMNS] for fact in facts],
+        replace=True,
     )
 
 
@@ -395,28 +497,23 @@ def _resolve_followups(keys: set[tuple[int, str, int]]) -> None:
     keys = {k for k in keys if k[1]}  # no patient_ref: cannot be followed (never verified)
     if not keys:
         return
-    facts = ReferralFact.objects.filter(
-        requester_facility_id__in={k[0] for k in keys},
-        patient_ref__in={k[1] for k in keys},
-        specialty_id__in={k[2] for k in keys},
-    ).only(
-        "referral_id",
-        "requester_facility_id",
-        "patient_ref",
-        "specialty_id",
-        "avoided",
-        "closed_at",
-        "closed_day",
-        "submitted_at",
-        "transfer_requested_at",
-        "followup_at",
-        "country_id",
-        "province_id",
-        "tier",
-        "hub_facility_id",
-        "campaign",
-        "cross_border",
-    )
+    facts: Iterable[ReferralFact]
+    if connection.vendor == "postgresql":
+        # Exactly these keys (three IN lists would select their cross product).
+        ordered = sorted(keys)
+        facts = ReferralFact.objects.raw(
+            f"SELECT f.* FROM {ReferralFact._meta.db_table} f"  # noqa: S608
+            " JOIN unnest(%s::bigint[], %s::text[], %s::bigint[]) AS k (fac, ref, spec)"
+            " ON f.requester_facility_id = k.fac AND f.patient_ref = k.ref"
+            " AND f.specialty_id = k.spec",
+            [[k[0] for k in ordered], [k[1] for k in ordered], [k[2] for k in ordered]],
+        )
+    else:
+        facts = ReferralFact.objects.filter(
+            requester_facility_id__in={k[0] for k in keys},
+            patient_ref__in={k[1] for k in keys},
+            specialty_id__in={k[2] for k in keys},
+        )
     by_patient: dict[tuple[int, str, int], list[ReferralFact]] = {}
     for fact in facts:
         key = (fact.requester_facility_id, fact.patient_ref, fact.specialty_id)
@@ -442,9 +539,19 @@ def _resolve_followups(keys: set[tuple[int, str, int]]) -> None:
                 fact.followup_at = followup
                 delta.update([k for k in [_followup_key(fact)] if k is not None])
                 changed.append(fact)
-    if changed:
+    if not changed:
+        return
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"UPDATE {ReferralFact._meta.db_table} f SET followup_at = u.at"  # noqa: S608
+                " FROM unnest(%s::bigint[], %s::timestamptz[]) AS u (id, at)"
+                " WHERE f.referral_id = u.id",
+                [[f.referral_id for f in changed], [f.followup_at for f in changed]],
+            )
+    else:
         ReferralFact.objects.bulk_update(changed, ["followup_at"], batch_size=1000)
-        _write_histograms(delta)
+    _write_histograms(delta)
 
 
 def _apply_events(events: list[dict[str, Any]], zone: ZoneInfo) -> int:
@@ -465,13 +572,7 @@ def _apply_events(events: list[dict[str, Any]], zone: ZoneInfo) -> int:
         _apply_event(batch, ev)
     for fact in batch.facts.values():
         histogram.update(_histogram_keys(fact))
-    ReferralFact.objects.bulk_create(
-        [batch.facts[i] for i in sorted(batch.touched)],
-        update_conflicts=True,
-        unique_fields=["referral_id"],
-        update_fields=FACT_UPDATE_FIELDS,
-        batch_size=1000,
-    )
+    _write_facts([batch.facts[i] for i in sorted(batch.touched)])
     _write_rollups(batch.rollups.values())
     _write_histograms(histogram)
     _resolve_followups(batch.patient_keys)
@@ -540,35 +641,42 @@ def reports_catch_up(*, batch_size: int | None = None, max_batches: int | None =
             return total
 
 
-def reports_rebuild(*, chunk_referrals: int = 5000) -> int:
-    """Recompute every report table from the event log (referral by referral).
+def reports_rebuild(*, chunk_referrals: int = 5000, method: str = "auto") -> int:
+    """Recompute every report table from the event log.
 
-    Holds the upkeep lock, so the job waits; events committed after the rebuild read its
-    high mark are picked up by the next catch-up, as are in-flight ids (recorded as gaps).
+    ``method``: "sql" (PostgreSQL: set-based, ``reports.rebuild``), "python" (the log
+    walked referral by referral through ``_apply_event``; SQLite), "auto" (sql on
+    PostgreSQL). Both give identical tables (tested). Holds the upkeep lock, so the job
+    waits; events committed after the rebuild read its high mark are picked up by the
+    next catch-up, as are in-flight ids (recorded as gaps).
     """
+    if method == "auto":
+        method = "sql" if connection.vendor == "postgresql" else "python"
+    if method not in ("sql", "python"):
+        raise ValueError(f"unknown rebuild method {method!r}")
     zone = report_time_zone()
     applied = 0
     with transaction.atomic():
         state = _state_for_update()
         high = ReferralEvent.objects.aggregate(m=Max("id"))["m"] or 0
-        for model in (DailyRollup, MonthlyRollup, DurationHistogram, ReferralFact):
-            model.objects.all().delete()
-        referral_ids = list(
-            ReferralEvent.objects.filter(id__lte=high)
-            .order_by("referral_id")
-            .values_list("referral_id", flat=True)
-            .distinct()
-        )
-        for start in range(0, len(referral_ids), chunk_referrals):
-            chunk = referral_ids[start : start + chunk_referrals]
-            events = list(
-                ReferralEvent.objects.filter(
-                    Q(referral_id__gte=chunk[0], referral_id__lte=chunk[-1]), id__lte=high
-                )
-                .order_by("referral_id", "seq")
-                .values(*EVENT_FIELDS)
+        if method == "sql":
+            from reports.rebuild import rebuild_in_sql
+
+            with connection.cursor() as cursor:
+                for model in REPORT_TABLES:
+                    cursor.execute(f"TRUNCATE {connection.ops.quote_name(model._meta.db_table)}")
+            departments = _load_departments(Department.objects.values_list("id", flat=True))
+            applied = rebuild_in_sql(
+                high=high,
+                zone=zone,
+                km_of=lambda lat, lon, department_id: round_trip_km(
+                    lat, lon, departments.get(department_id)
+                ),
             )
-            applied += _apply_events(events, zone)
+        else:
+            for model in REPORT_TABLES:
+                model.objects.all().delete()
+            applied = _rebuild_in_python(high, zone, chunk_referrals)
         # Ids just below the high mark may belong to transactions still in flight.
         recent = set(range(max(1, high - 1000), high + 1))
         present = set(ReferralEvent.objects.filter(id__in=recent).values_list("id", flat=True))
@@ -577,4 +685,25 @@ def reports_rebuild(*, chunk_referrals: int = 5000) -> int:
         state.gaps = {str(i): now for i in sorted(recent - present)}
         state.events_applied = applied
         state.save()
+    return applied
+
+
+def _rebuild_in_python(high: int, zone: ZoneInfo, chunk_referrals: int) -> int:
+    applied = 0
+    referral_ids = list(
+        ReferralEvent.objects.filter(id__lte=high)
+        .order_by("referral_id")
+        .values_list("referral_id", flat=True)
+        .distinct()
+    )
+    for start in range(0, len(referral_ids), chunk_referrals):
+        chunk = referral_ids[start : start + chunk_referrals]
+        events = list(
+            ReferralEvent.objects.filter(
+                Q(referral_id__gte=chunk[0], referral_id__lte=chunk[-1]), id__lte=high
+            )
+            .order_by("referral_id", "seq")
+            .values(*EVENT_FIELDS)
+        )
+        applied += _apply_events(events, zone)
     return applied

@@ -101,3 +101,68 @@ def test_histogram_percentile_error_bound() -> None:
     assert histogram.percentile([], 0.5) is None
     assert histogram.bucket_of(-5) == 0 and histogram.bucket_of(59.9) == 0
     assert histogram.bucket_of(60) == 1
+
+
+SEGMENT_QUERIES: list[dict[str, str]] = [
+    {"by": "period", "period": "week"},
+    {"by": "period", "period": "week", "from": "2025-01-06", "to": "2025-03-09"},
+    {"by": "period", "period": "month", "from": "2025-01-13", "to": "2025-02-28"},
+    {"by": "province", "from": "2025-02-01", "to": "2025-03-16"},
+    {"by": "facility"},
+    {"by": "specialty", "from": "2025-01-01", "to": "2025-12-31"},
+    {"by": "campaign", "period": "quarter"},
+]
+
+
+def _segments_and_days(
+    monkeypatch: Any, fn: Any, user: User, params: dict[str, str], **kw: Any
+) -> tuple[Any, Any]:
+    segment = fn(user, filters_parse(params), **kw)
+    with monkeypatch.context() as m:
+        m.setattr(selectors, "_whole_segments", lambda *_: False)
+        m.setattr(selectors, "_whole_months", lambda *_: False)
+        day = fn(user, filters_parse(params), **kw)
+    return segment, day
+
+
+@pytest.mark.parametrize("params", SEGMENT_QUERIES)
+def test_segment_table_gives_the_day_path_counts(
+    scenario: Network, monkeypatch: Any, params: dict[str, str]
+) -> None:
+    """SegmentRollup (week-within-month rows per facility) answers exactly what the day
+    rows answer, for the ministry (suppressed), a superuser and a referrer (own facility)."""
+    analyst = User.objects.create_superuser(username="analyst-s", password="pw-analyst")
+    referrer = Driver(scenario).referrer_of(scenario.d1)
+    for user in (analyst, scenario.ministry, referrer):
+        scope = selectors.report_scope_for(user)
+        if scope.aggregate_only and "," in params.get("by", ""):
+            continue
+        filters = filters_parse(params)
+        _, column = selectors._rollup_source(scope, filters)
+        if column != "month":
+            assert column == "segment", (params, user)
+        segment, day = _segments_and_days(monkeypatch, report_counts, user, params, now=NOW)
+        assert segment == day
+        capacity, capacity_days = _segments_and_days(
+            monkeypatch, selectors.report_capacity, user, params
+        )
+        assert capacity == capacity_days
+        assert selectors._rollup_source(scope, filters, ("facility", "specialty", "period"))[1] == (
+            "segment" if filters.period != "day" else "day"
+        )
+
+
+def test_queries_the_segment_table_cannot_answer_use_the_day_rows(scenario: Network) -> None:
+    ministry = selectors.report_scope_for(scenario.ministry)
+    consultant = selectors.report_scope_for(scenario.consultant_h1)
+    for scope, params in (
+        (ministry, {"from": "2025-02-04"}),  # a Tuesday, not a 1st
+        (ministry, {"to": "2025-02-27"}),  # a Thursday, not a month's end
+        (ministry, {"by": "period", "period": "day"}),
+        (ministry, {"hub": str(scenario.h1.pk), "from": "2025-02-03"}),
+        (ministry, {"by": "hub", "from": "2025-02-03"}),
+        (ministry, {"cross_border": "true", "from": "2025-02-03"}),
+        (consultant, {}),  # scoped by department: the segment rows have none
+    ):
+        filters = filters_parse(params)
+        assert selectors._rollup_source(scope, filters)[1] == "day", params
