@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from django.utils import timezone
 from rest_framework import authentication, exceptions
@@ -11,20 +11,31 @@ from accounts.models import ApiToken, User
 _LAST_USED_GRANULARITY = timedelta(minutes=5)
 
 
+# The user by the token's hash, in one hand-written statement: every API and FHIR request
+# runs it, and the ORM's three-table select_related version took ~4 ms a call (compiling
+# and building three models) for a 0.2 ms query. Same rule as ``ApiToken.objects.usable()``:
+# not revoked, not expired, active user.
+_USER_BY_TOKEN_SQL = (
+    f"SELECT u.*, t.id AS token_id, t.last_used_at AS token_last_used_at "  # noqa: S608
+    f"FROM {User._meta.db_table} u JOIN {ApiToken._meta.db_table} t ON t.user_id = u.id "
+    "WHERE t.key_hash = %s AND t.revoked_at IS NULL AND t.expires_at > %s AND u.is_active"
+)
+
+
 def user_for_bearer(raw: str) -> tuple[User, ApiToken]:
-    """Resolve a raw bearer token; raises AuthenticationFailed when unusable."""
-    token = (
-        ApiToken.objects.usable()
-        .select_related("user", "user__facility")
-        .filter(key_hash=ApiToken.hash(raw))
-        .first()
-    )
-    if token is None:
-        raise exceptions.AuthenticationFailed("Invalid, expired or revoked token.")
+    """Resolve a raw bearer token; raises AuthenticationFailed when unusable. The token
+    returned (DRF's ``request.auth``) has its id, user and last use loaded."""
     now = timezone.now()
-    if token.last_used_at is None or now - token.last_used_at > _LAST_USED_GRANULARITY:
-        ApiToken.objects.filter(pk=token.pk).update(last_used_at=now)
-    return token.user, token
+    found = list(User.objects.raw(_USER_BY_TOKEN_SQL, [ApiToken.hash(raw), now]))
+    if not found:
+        raise exceptions.AuthenticationFailed("Invalid, expired or revoked token.")
+    user = found[0]
+    token_id: int = user.token_id  # type: ignore[attr-defined]
+    last_used_at: datetime | None = user.token_last_used_at  # type: ignore[attr-defined]
+    if last_used_at is None or now - last_used_at > _LAST_USED_GRANULARITY:
+        ApiToken.objects.filter(pk=token_id).update(last_used_at=now)
+        last_used_at = now
+    return user, ApiToken(id=token_id, user=user, last_used_at=last_used_at)
 
 
 class BearerTokenAuthentication(authentication.BaseAuthentication):

@@ -65,3 +65,18 @@ def test_issue_token_for_unknown_user_fails_clearly() -> None:
     with pytest.raises(CommandError, match="No user named 'ghost'"):
         call_command("issue_token", "ghost")
     assert ApiToken.objects.count() == 0
+
+
+def test_an_inactive_users_token_is_refused_and_last_use_is_stamped() -> None:
+    user = _user()
+    issued = api_token_issue(user=user)
+    client = APIClient()
+    ok = client.get("/api/v1/specialties/", HTTP_AUTHORIZATION=f"Bearer {issued.raw}")
+    assert ok.status_code == 200
+    token = ApiToken.objects.get(pk=issued.token.pk)
+    assert token.last_used_at is not None
+    User.objects.filter(pk=user.pk).update(is_active=False)
+    refused = client.get("/api/v1/specialties/", HTTP_AUTHORIZATION=f"Bearer {issued.raw}")
+    assert refused.status_code == 401
+    # The refusal changed nothing on the token.
+    assert ApiToken.objects.get(pk=token.pk).last_used_at == token.last_used_at
