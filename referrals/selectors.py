@@ -26,11 +26,6 @@ OPEN_STATES: tuple[str, ...] = tuple(
 )
 
 
-def user_department_ids(user: User) -> frozenset[int]:
-    """The departments a user works in, cached on the user object for the request."""
-    return user.department_ids()
-
-
 def _sees_patient_data(user: User) -> bool:
     # Ministry officials work with aggregates only, whatever else they are attached to.
     return user.is_active and not user.has_role(Role.MINISTRY)
@@ -44,7 +39,7 @@ def referral_scope_filter(user: User) -> Q | None:
     scope = Q()
     if user.facility_id is not None:
         scope |= Q(requester_facility_id=user.facility_id)
-    department_ids = user_department_ids(user)
+    department_ids = user.department_ids()
     if department_ids:
         scope |= Q(assigned_department_id__in=department_ids)
     # Beyond the relationships: coordinators' region and explicit guardian grants
@@ -161,7 +156,7 @@ def _worklist_departments(
     NotFound for a department the user does not work in (or for ministry users)."""
     if not _sees_patient_data(user):
         raise NotFound("No such department.")
-    department_ids = user_department_ids(user)
+    department_ids = user.department_ids()
     if department is None:
         # Conferences the user is invited to as an expert (guardian grants), same query.
         return department_ids, True

@@ -30,7 +30,7 @@ from referrals.models import (
 )
 from referrals.notifications import notify_in_transaction, notify_transition_later
 from referrals.permissions import referral_experts_grant, referral_grants_revoke
-from referrals.selectors import referral_scope_filter, user_department_ids
+from referrals.selectors import referral_scope_filter
 from referrals.workflow import (
     GUARDS,
     TERMINAL_STATES,
@@ -69,7 +69,7 @@ def actor_sides(user: User | None, referral: Referral) -> frozenset[str]:
     sides: set[str] = set()
     if user.facility_id is not None and user.facility_id == referral.requester_facility_id:
         sides.add(ActorSide.REQUESTER.value)
-    if referral.assigned_department_id in user_department_ids(user):
+    if referral.assigned_department_id in user.department_ids():
         sides.add(ActorSide.ASSIGNEE.value)
     return frozenset(sides)
 

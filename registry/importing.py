@@ -48,6 +48,7 @@ from registry.models import (
     Specialty,
     Tier,
 )
+from registry.services import facility_snapshot
 from registry.text import search_key
 
 # Facility.code seen as an identifier: exports carry it under this system, and a record
@@ -61,25 +62,6 @@ CODE_MAX_LENGTH = 64
 AREA_LEVELS = 3
 
 FieldValue = str | int | float | bool | list[str] | None
-
-# Facility fields in revisions, named like registry.services.TRACKED_FIELDS (FKs by *_id).
-TRACKED_FIELDS: tuple[str, ...] = (
-    "code",
-    "name",
-    "name_local",
-    "country_id",
-    "area_id",
-    "tier",
-    "facility_type",
-    "ownership",
-    "operational_status",
-    "latitude",
-    "longitude",
-    "parent_id",
-    "languages",
-    "beds",
-    "is_remote",
-)
 
 
 class TextSink(Protocol):
@@ -1487,7 +1469,7 @@ class FacilityImport:
                     f"facility with {_key_text(key)} (facility codes never change)",
                 )
                 return None
-            before: dict[str, object] | None = {n: getattr(facility, n) for n in TRACKED_FIELDS}
+            before: dict[str, object] | None = facility_snapshot(facility)
         else:
             code = record["code"] if "code" in record else _derived_code(record)
             column = record.get("code_column") or _key_column(record, keys[0])
@@ -1620,7 +1602,7 @@ class FacilityImport:
         for p in planned:
             if p.before is None:
                 continue
-            diff = _diff(p.before, _tracked(p.facility))
+            diff = _diff(p.before, facility_snapshot(p.facility))
             if diff or p.identifiers_after is not None:
                 changed.append(p)
             if not diff:
@@ -1701,7 +1683,7 @@ class FacilityImport:
     def _save_revisions(self, planned: list[_Planned]) -> None:
         revisions: list[tuple[object, ...]] = []
         for p in planned:
-            after = _tracked(p.facility)
+            after = facility_snapshot(p.facility)
             if p.before is None:
                 changes = {k: [None, v] for k, v in after.items() if v is not None}
             else:
@@ -1847,10 +1829,6 @@ def _key_text(key: tuple[str, str]) -> str:
 
 def _derived_code(record: FacilityRecord) -> str:
     return record.get("code_prefix", "") + record["identifiers"][0]["value"]
-
-
-def _tracked(facility: Facility) -> dict[str, object]:
-    return {name: getattr(facility, name) for name in TRACKED_FIELDS}
 
 
 def _diff(before: Mapping[str, object], after: Mapping[str, object]) -> dict[str, list[object]]:

@@ -31,7 +31,7 @@ from accounts.models import User
 from accounts.roles import Role
 from core.errors import ApplicationError, PermissionDenied
 from referrals.models import ReferralEvent
-from referrals.selectors import referral_visible, user_department_ids
+from referrals.selectors import referral_visible
 from registry.models import AdministrativeArea, Country, Facility, Specialty, Tier
 from reports import histogram
 from reports.metrics import METRICS, METRICS_BY_CODE
@@ -250,9 +250,7 @@ def report_scope_for(user: User) -> ReportScope:
     requester = facility_id if user.has_role(Role.REFERRER, Role.COORDINATOR) else None
     hub = facility_id if user.has_role(Role.COORDINATOR) else None
     departments = (
-        user_department_ids(user)
-        if user.has_role(Role.CONSULTANT, Role.COORDINATOR)
-        else frozenset()
+        user.department_ids() if user.has_role(Role.CONSULTANT, Role.COORDINATOR) else frozenset()
     )
     parts: list[Q] = []
     if requester is not None:

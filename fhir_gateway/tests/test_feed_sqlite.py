@@ -3,14 +3,11 @@ retention prunes them (the horizon upsert and the numbering base use SQLite's MA
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.sqlite_run import sqlite_manage
 
 SCRIPT = """
 from django.db import transaction
@@ -43,26 +40,7 @@ print("after", feed_number(7), feed_last_number(7), feed_page(7, first=1, count=
 
 @pytest.mark.slow
 def test_feed_numbers_by_id_on_sqlite(tmp_path: Path) -> None:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in {"DATABASE_URL", "CELERY_BROKER_URL", "DJANGO_SETTINGS_MODULE"}
-    }
-    env.update(
-        {"DEBUG": "1", "VAR_DIR": str(tmp_path), "DJANGO_SETTINGS_MODULE": "config.settings.base"}
-    )
-
-    def manage(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "manage.py", *args],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
-
+    manage = sqlite_manage(tmp_path)
     migrate = manage("migrate", "--noinput", "-v", "0")
     assert migrate.returncode == 0, migrate.stderr
     run = manage("shell", "--no-imports", "-c", SCRIPT)

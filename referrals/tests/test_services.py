@@ -172,9 +172,8 @@ def _touch(rows: list[Referral]) -> list[Any]:
 
 def test_worklist_query_count_does_not_grow_with_rows(world: World) -> None:
     world.submit()
-    # department ids and roles are cached on the user for the request
-    selectors.user_department_ids(world.consultant)
-    world.consultant.role_names()
+    # department ids and roles are cached on the user for the request (one read for both)
+    world.consultant.department_ids()
     with CaptureQueriesContext(connection) as one:
         _touch(list(selectors.referral_worklist(world.consultant)))
     for _ in range(10):
