@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Iterable
 from datetime import datetime
 
 from django.contrib.auth.models import AbstractUser
@@ -63,8 +64,15 @@ class User(AbstractUser):
                 [self.pk, self.pk],
             )
             rows = cursor.fetchall()
-        self._role_names = frozenset(name for kind, name, _ in rows if kind == 0)
-        self._department_ids = frozenset(dep for kind, _, dep in rows if kind == 1)
+        self.set_memberships(
+            [name for kind, name, _ in rows if kind == 0],
+            [dep for kind, _, dep in rows if kind == 1],
+        )
+
+    def set_memberships(self, role_names: Iterable[str], department_ids: Iterable[int]) -> None:
+        """Fill the caches from a query that already read them (bearer authentication)."""
+        self._role_names = frozenset(role_names)
+        self._department_ids = frozenset(department_ids)
 
 
 def _hash_token(raw: str) -> str:

@@ -31,7 +31,7 @@ class QueryRows:
         return list(self.queryset.values_list(*self.columns)[window])
 
 
-def _fetch(sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+def fetch_prepared(sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
     """Run a statement that is the same text on every call. On PostgreSQL it is a server-side
     prepared statement of the (persistent, ``CONN_MAX_AGE``) connection: planned once per
     connection instead of per call — a page of a five-table join planned in ~1.4 ms and ran in
@@ -67,7 +67,7 @@ class SqlRows:
         self.page_params = list(page_params if page_params is not None else params)
 
     def count(self) -> int:
-        rows = _fetch(self.count_sql, self.params)
+        rows = fetch_prepared(self.count_sql, self.params)
         return int(rows[0][0]) if rows else 0
 
     def __len__(self) -> int:
@@ -80,4 +80,4 @@ class SqlRows:
         # LIMIT/OFFSET as literals (ints): with them as parameters a prepared statement's
         # generic plan assumes a large share of the rows and picks joins for all of them.
         limit, offset = int(window.stop - start), int(start)
-        return _fetch(f"{self.page_sql} LIMIT {limit} OFFSET {offset}", self.page_params)
+        return fetch_prepared(f"{self.page_sql} LIMIT {limit} OFFSET {offset}", self.page_params)

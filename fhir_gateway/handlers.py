@@ -77,6 +77,9 @@ RawReadFunc = Callable[[RawRead], "HttpResponseBase"]
 
 # Returns the current rows matching the handler's own parameters (values already split).
 SearchFunc = Callable[["User", dict[str, list[str]]], QuerySet[FhirResource]]
+# The same search as hand-written SQL ("FROM … WHERE …" over current rows ``f``, and its
+# parameters), or None when these parameters need the ORM path (PostgreSQL only).
+SearchSqlFunc = Callable[["User", dict[str, list[str]]], "tuple[str, list[Any]] | None"]
 WriteFunc = Callable[[WriteRequest], storage.WriteResult]
 DeleteFunc = Callable[["User", str, str | None], FhirResource | None]
 # Rows (any version) of the type the user may see; None: everyone authenticated sees all.
@@ -95,6 +98,7 @@ class ResourceHandler:
     profile: str = ""
     search_params: tuple[SearchParam, ...] = ()
     search: SearchFunc | None = None
+    search_sql: SearchSqlFunc | None = None
     create: WriteFunc | None = None
     update: WriteFunc | None = None
     delete: DeleteFunc | None = None

@@ -21,7 +21,7 @@ from urllib.parse import urlencode
 from django.conf import settings
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.core.exceptions import RequestDataTooBig
-from django.db import IntegrityError
+from django.db import IntegrityError, connection
 from django.db.models import Q
 from django.http import Http404, HttpRequest, HttpResponse
 from django.http.response import HttpResponseBase
@@ -32,6 +32,7 @@ from rest_framework import exceptions as drf_exceptions
 
 from accounts.authentication import user_for_bearer
 from core.errors import ApplicationError
+from core.rows import fetch_prepared
 from fhir_gateway import capability, handlers
 from fhir_gateway.handlers import HANDLERS, ResourceHandler, WriteRequest
 from fhir_gateway.models import FhirResource
@@ -676,25 +677,30 @@ def _search(
         raise FhirError(
             400, "not-supported", f"Unknown search parameters: {', '.join(sorted(ignored))}."
         )
-    rows = handler.search(ctx.user, own)
-    if "_id" in used:
-        ids = [i for v in used["_id"] for i in v.split(",")]
-        rows = rows.filter(logical_id__in=ids)
-    if "_lastUpdated" in used:
-        rows = rows.filter(_last_updated_filter(used["_lastUpdated"]))
     column = "json_r5" if ctx.version == "5.0" else "json_r4"
-    if not handler.renders_all_versions:
-        rows = rows.exclude(**{column: ""})
-    total = rows.count() if total_mode != "none" or offset else None
-    # The page's primary keys first (sorted and cut from the index where it covers the
-    # sort key), then the JSON of just those rows: the text columns of the other matches
-    # are never read.
-    page_pks = rows.order_by(*handler.order_by).values("pk")[offset : offset + count]
-    page = list(
-        FhirResource.objects.filter(pk__in=page_pks)
-        .order_by(*handler.order_by)
-        .values_list("resource_type", "logical_id", column)
-    )
+    want_total = total_mode != "none" or offset > 0
+    hand_written = _search_by_sql(ctx.user, handler, own, used, column, count, offset, want_total)
+    if hand_written is not None:
+        total, page = hand_written
+    else:
+        rows = handler.search(ctx.user, own)
+        if "_id" in used:
+            ids = [i for v in used["_id"] for i in v.split(",")]
+            rows = rows.filter(logical_id__in=ids)
+        if "_lastUpdated" in used:
+            rows = rows.filter(_last_updated_filter(used["_lastUpdated"]))
+        if not handler.renders_all_versions:
+            rows = rows.exclude(**{column: ""})
+        total = rows.count() if want_total else None
+        # The page's primary keys first (sorted and cut from the index where it covers the
+        # sort key), then the JSON of just those rows: the text columns of the other
+        # matches are never read.
+        page_pks = rows.order_by(*handler.order_by).values("pk")[offset : offset + count]
+        page = list(
+            FhirResource.objects.filter(pk__in=page_pks)
+            .order_by(*handler.order_by)
+            .values_list("resource_type", "logical_id", column)
+        )
     entries = [
         '{"fullUrl":'
         + json.dumps(f"{ctx.base}/{rtype}/{lid}")
@@ -730,6 +736,56 @@ def _search(
     if ignored:
         response["X-FHIR-Ignored-Parameters"] = ",".join(sorted(ignored))
     return response
+
+
+def _search_by_sql(
+    user: User,
+    handler: ResourceHandler,
+    own: dict[str, list[str]],
+    used: dict[str, list[str]],
+    column: str,
+    count: int,
+    offset: int,
+    want_total: bool,
+) -> tuple[int | None, list[tuple[Any, ...]]] | None:
+    """The search as one prepared statement (the count beside the page) when the handler
+    can state it in SQL (``search_sql``): the hot worklist polls skip the ORM's query
+    building, PostgreSQL's planning and a round trip (docs/performance.md). None: use the
+    ORM path."""
+    if (
+        handler.search_sql is None
+        or connection.vendor != "postgresql"
+        or handler.order_by != ("logical_id",)
+        or "_id" in used
+        or "_lastUpdated" in used
+    ):
+        return None
+    found = handler.search_sql(user, own)
+    if found is None:
+        return None
+    body, params = found
+    if not handler.renders_all_versions:
+        body += f" AND f.{column} <> ''"
+    # LIMIT/OFFSET as literals (ints) so the prepared plan is a top-N one; the JSON is
+    # read only for the page's rows.
+    page_ids = f"SELECT f.id {body} ORDER BY f.logical_id LIMIT {int(count)} OFFSET {int(offset)}"
+    table = FhirResource._meta.db_table
+    if not want_total:
+        rows = fetch_prepared(
+            f"SELECT x.resource_type, x.logical_id, x.{column} FROM {table} x "  # noqa: S608
+            f"WHERE x.id IN ({page_ids}) ORDER BY x.logical_id",
+            params,
+        )
+        return None, rows
+    # The count and the page in one statement: one row even for an empty page.
+    rows = fetch_prepared(
+        f"SELECT p.resource_type, p.logical_id, p.{column}, c.n "  # noqa: S608
+        f"FROM (SELECT count(*) AS n {body}) c LEFT JOIN LATERAL ("
+        f"SELECT x.resource_type, x.logical_id, x.{column} FROM {table} x "
+        f"WHERE x.id IN ({page_ids})) p ON TRUE ORDER BY p.logical_id",
+        params + params,
+    )
+    return int(rows[0][3]), [row[:3] for row in rows if row[1] is not None]
 
 
 def _links(

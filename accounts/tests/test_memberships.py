@@ -41,3 +41,30 @@ def test_a_user_with_neither_and_forgetting_re_reads(django_assert_num_queries: 
     user.forget_memberships()
     with django_assert_num_queries(1):
         assert user.department_ids() == {department.pk}
+
+
+def test_bearer_authentication_reads_the_memberships_in_its_own_statement(
+    django_assert_num_queries: Any,
+) -> None:
+    from django.db import connection
+
+    from accounts.authentication import user_for_bearer
+    from accounts.services import api_token_issue
+
+    user = UserFactory.create(roles=[Role.CONSULTANT, Role.MEMBER_SYSTEM])
+    first, second = DepartmentFactory.create(), DepartmentFactory.create()
+    user.departments.add(first, second)
+    lonely = UserFactory.create()
+    for who, roles, departments in (
+        (user, {Role.CONSULTANT.value, Role.MEMBER_SYSTEM.value}, {first.pk, second.pk}),
+        (lonely, set(), set()),
+    ):
+        raw = api_token_issue(user=who, name="t").raw
+        user_for_bearer(raw)  # stamps last use: later calls are one statement
+        postgres = connection.vendor == "postgresql"
+        with django_assert_num_queries(1 if postgres else 2):
+            found, _token = user_for_bearer(raw)
+            assert (found.role_names(), found.department_ids()) == (roles, departments)
+        # The same as the separate read.
+        found.forget_memberships()
+        assert (found.role_names(), found.department_ids()) == (roles, departments)

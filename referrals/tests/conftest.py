@@ -140,6 +140,10 @@ def _user(
 
 @pytest.fixture
 def world(db: Any) -> World:
+    return build_world()
+
+
+def build_world() -> World:
     country = Country.objects.create(code="VN", name="Viet Nam")
     paeds = Specialty.objects.create(code="394537008", display="Pediatric specialty")
     district = Facility.objects.create(

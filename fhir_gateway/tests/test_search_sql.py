@@ -1,0 +1,168 @@
+"""The hand-written FHIR searches (``ResourceHandler.search_sql``, two prepared statements)
+find exactly what the ORM searches (``ResourceHandler.search``) find, in the same order,
+for every kind of user and every parameter they take; parameters they cannot state fall
+back to the ORM."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from django.db import connection
+
+from accounts.models import User
+from accounts.roles import Role
+from fhir_gateway import views
+from fhir_gateway.handlers import HANDLERS
+from referrals import services
+from referrals.models import Referral, ReferralState
+from referrals.permissions import referral_experts_grant
+from referrals.tests.conftest import World, _user, build_world
+from referrals.tests.people import people_around
+
+pytestmark = pytest.mark.skipif(
+    connection.vendor != "postgresql", reason="the hand-written searches are PostgreSQL only"
+)
+
+
+def _orm(user: User, resource_type: str, params: dict[str, list[str]]) -> list[str]:
+    handler = HANDLERS[resource_type]
+    assert handler.search is not None
+    return list(
+        handler.search(user, params).order_by("logical_id").values_list("logical_id", flat=True)
+    )
+
+
+def _sql(
+    user: User, resource_type: str, params: dict[str, list[str]]
+) -> tuple[int | None, list[str]]:
+    found = views._search_by_sql(
+        user, HANDLERS[resource_type], params, {}, "json_r4", 500, 0, want_total=True
+    )
+    assert found is not None, (resource_type, params)
+    total, page = found
+    return total, [logical_id for _type, logical_id, _json in page]
+
+
+@pytest.fixture
+def world(db: Any) -> World:
+    """The referral tests' network (the FHIR tests' own ``world`` is another one)."""
+    return build_world()
+
+
+@pytest.fixture
+def users(world: World) -> dict[str, User]:
+    people = people_around(world)
+    return {
+        **people.users,
+        "district_consultant": world.district_consultant,
+        "nobody": _user("nobody", Role.REFERRER, None),
+    }
+
+
+def test_hand_written_searches_equal_the_orm_for_every_user_and_parameter(
+    world: World, users: dict[str, User]
+) -> None:
+    submitted = world.submit()
+    world.referral_in(ReferralState.ACCEPTED)
+    world.referral_in(ReferralState.DECLINED)
+    forwarded = world.submit()
+    world.act(forwarded, "forward")
+    conference = world.referral_in(ReferralState.SCHEDULED)
+    referral_experts_grant(referral=conference, experts=[users["invited_expert"]])
+    world.submit(actor=world.foreign_referrer, requester_facility=world.foreign_district)
+    services.referral_message_post(actor=world.consultant, referral_id=submitted.pk, text="Weight?")
+    ids = {r.pk: r.filler_id for r in Referral.objects.all()}
+    hub, district = world.hub_paeds.pk, world.district.pk
+    task_cases: list[dict[str, list[str]]] = [
+        {},
+        {"owner": [f"HealthcareService/{hub}"]},
+        {"owner": [f"HealthcareService/{hub}"], "status": ["requested"]},
+        {"owner": [f"{hub},HealthcareService/{world.hub2_paeds.pk}"]},
+        {"owner": ["Organization/1"]},  # wrong type: nothing
+        {"owner": ["not-a-reference"]},
+        {"status": ["requested,accepted"]},
+        {"status": ["rejected"]},
+        {"business-status": ["scheduled"]},
+        {"requester": [f"Organization/{district}"], "status": ["requested"]},
+        {"focus": [f"ServiceRequest/{ids[submitted.pk]}"]},
+        {"status": ["requested"], "owner": [f"HealthcareService/{hub}", f"{hub}"]},
+    ]
+    sr_cases: list[dict[str, list[str]]] = [
+        {},
+        {"performer": [f"HealthcareService/{hub}"]},
+        {"status": ["active"]},
+        {"requester": [f"Organization/{district}"]},
+    ]
+    communication_cases: list[dict[str, list[str]]] = [
+        {},
+        {"part-of": [f"Task/{ids[submitted.pk]}"]},
+    ]
+    nonempty = 0
+    for name, user in users.items():
+        for resource_type, cases in (
+            ("Task", task_cases),
+            ("ServiceRequest", sr_cases),
+            ("Communication", communication_cases),
+        ):
+            for params in cases:
+                fresh = User.objects.get(pk=user.pk)
+                expected = _orm(fresh, resource_type, params)
+                total, found = _sql(User.objects.get(pk=user.pk), resource_type, params)
+                assert (total, found) == (len(expected), expected), (name, resource_type, params)
+                nonempty += bool(expected)
+    assert nonempty > 30
+
+
+def test_parameters_sql_cannot_state_fall_back_to_the_orm(world: World) -> None:
+    world.submit()
+    handler = HANDLERS["Task"]
+    assert handler.search_sql is not None
+    user = User.objects.get(pk=world.consultant.pk)
+    assert handler.search_sql(user, {"authored-on": ["ge2020-01-01"]}) is None
+    assert handler.search_sql(user, {"identifier": ["urn:district-his|SR-1"]}) is None
+    used: dict[str, list[str]] = {"_lastUpdated": ["ge2020-01-01"]}
+    assert views._search_by_sql(user, handler, {}, used, "json_r4", 50, 0, True) is None
+
+
+def test_the_endpoint_pages_the_hand_written_search_like_the_orm(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same Bundle (totals, links, entries) with the SQL path and with it switched off."""
+    from django.test import Client
+
+    from accounts.services import api_token_issue
+
+    for _ in range(7):
+        world.submit()
+    token = api_token_issue(user=world.consultant, name="t").raw
+    client = Client()
+    url = f"/fhir/Task?owner=HealthcareService/{world.hub_paeds.pk}&status=requested&_count=3"
+
+    def pages(path: str) -> list[dict[str, Any]]:
+        out = []
+        while path:
+            response = client.get(path, HTTP_AUTHORIZATION=f"Bearer {token}")
+            assert response.status_code == 200, response.content
+            bundle = response.json()
+            bundle.pop("id"), bundle.pop("meta")
+            out.append(bundle)
+            path = next((k["url"] for k in bundle["link"] if k["relation"] == "next"), "")
+        return out
+
+    calls: list[int] = []
+    original = views._search_by_sql
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        result = original(*args, **kwargs)
+        calls.append(result is not None)
+        return result
+
+    monkeypatch.setattr(views, "_search_by_sql", counting)
+    fast = pages(url)
+    assert calls and all(calls)
+    monkeypatch.setattr(views, "_search_by_sql", lambda *a, **k: None)
+    slow = pages(url)
+    assert fast == slow
+    assert [b["total"] for b in fast] == [7, 7, 7]
+    assert sum(len(b["entry"]) for b in fast) == 7
