@@ -444,13 +444,17 @@ def suggest_departments(
     now: datetime | None = None,
     exclude: set[int] | frozenset[int] = frozenset(),
     live: bool = True,
+    only: int | None = None,
 ) -> list[Suggestion]:
     """Candidate departments for ``referral``, best first (allowed ones before the ones an
     identifiable referral may not reach). ``referral`` may be unsaved (intake).
 
     ``exclude``: more departments to leave out (an unsaved referral has no events).
     ``live`` False skips the per-call queries (load, statistics): the bulk simulation ranks
-    a whole history with it, from the registry alone."""
+    a whole history with it, from the registry alone.
+    ``only``: judge just that department (its suggestion, or nothing): the same rules and
+    score, without ranking every other candidate (checking a department the requester
+    chose)."""
     now = now or timezone.now()
     network = _current_network() if live or _network is None else _network
 
@@ -461,6 +465,7 @@ def suggest_departments(
             if d.accepting
             and referral.mode in d.modes
             and d.facility_id != referral.requester_facility_id
+            and (only is None or d.id == only)
         ]
 
     offers = offering(network)
@@ -595,7 +600,7 @@ def candidate_check(
     referral: Referral, department_id: int, *, now: datetime | None = None
 ) -> tuple[Suggestion | None, str | None]:
     """Is ``department_id`` a department the requester may choose? (suggestion, problem)."""
-    for suggestion in suggest_departments(referral, limit=None, now=now):
+    for suggestion in suggest_departments(referral, limit=None, now=now, only=department_id):
         if suggestion.department_id == department_id:
             if not suggestion.allowed:
                 return suggestion, (

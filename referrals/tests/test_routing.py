@@ -337,3 +337,34 @@ def test_submit_api_refuses_a_non_candidate_department(net: Net) -> None:
     created = client.post("/api/v1/referrals/", body, format="json")
     assert created.status_code == 201
     assert created.json()["assigned_department"]["id"] == net.provincial_paeds.pk
+
+
+def test_judging_one_department_equals_its_entry_in_the_full_ranking(net: Net) -> None:
+    """``only`` (candidate_check) gives exactly the suggestion the full ranking gives that
+    department (same score and reasons, load and tried departments included), or nothing
+    where the ranking leaves it out."""
+    Department.objects.filter(pk=net.provincial_paeds.pk).update(daily_capacity=3)
+    submit(net, 1, department=net.provincial_paeds)
+    tried = submit(net, 2, department=net.central_paeds)
+    departments = list(Department.objects.values_list("pk", flat=True))
+    probes = [
+        probe(net),
+        probe(net, patient_ref="P-9"),
+        probe(net, mode="live"),
+        probe(net, net.lao),
+        probe(net, net.lao, patient_ref="P-8"),
+        probe(net, net.central),
+        Referral.objects.get(pk=tried.pk),  # its assigned department is excluded
+    ]
+    compared = 0
+    for referral in probes:
+        full = {s.department_id: s for s in routing.suggest_departments(referral, limit=None)}
+        for department_id in departments:
+            alone = routing.suggest_departments(referral, limit=None, only=department_id)
+            assert alone == ([full[department_id]] if department_id in full else []), (
+                referral.requester_facility_id,
+                referral.patient_ref,
+                department_id,
+            )
+            compared += department_id in full
+    assert compared >= 8
