@@ -20,6 +20,7 @@ from fhir_gateway.feed import feed_record
 from fhir_gateway.models import FhirResource
 from fhir_gateway.storage import content_hash, store_first_versions, store_version
 from referrals.models import ConsultNote, Message, Referral, ReferralEvent, ReferralState
+from referrals.workflow import FINISHED_STATES
 from registry.models import Endpoint
 
 
@@ -115,11 +116,29 @@ def _task_context(referral: Referral, event: ReferralEvent) -> m.TaskContext:
             .values_list("pk", flat=True)
         )
     )
+    # The planned conference (Task.input) and the counter-referrals (Task.output): read
+    # only in the states that show them, so the other events pay no query.
+    experts = (
+        list(referral.conference_experts.order_by("pk").values_list("pk", flat=True))
+        if referral.state in m.CONFERENCE_STATES and referral.conference_at is not None
+        else []
+    )
+    counter_referrals = (
+        list(
+            Referral.objects.filter(parent_referral=referral)
+            .order_by("pk")
+            .values_list("filler_id", flat=True)
+        )
+        if referral.state in FINISHED_STATES and referral.version > 1
+        else []
+    )
     return m.TaskContext(
         last_modified=event.at,
         status_reason_code=code,
         status_reason_text=text,
         consult_note_ids=notes,
+        conference_expert_ids=experts,
+        counter_referral_ids=counter_referrals,
     )
 
 

@@ -8,7 +8,9 @@ fhir.resources validation ~1 ms per resource); the tests validate every renderin
 R4B and R5 models.
 
 Inbound: ``service_request_to_intake`` / ``patient_to_intake`` read what we keep of a
-member's resources; ``task_to_transition`` turns a Task update into a workflow action.
+member's resources; ``service_request_to_counter_referral`` reads a ServiceRequest
+``basedOn`` one of ours (counter-referral); ``task_to_transition`` turns a Task update into
+a workflow action.
 See docs/fhir.md "Referral mapping" for the tables.
 """
 
@@ -19,6 +21,8 @@ import binascii
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+
+from django.utils.dateparse import parse_datetime
 
 from fhir_gateway.outcomes import FhirError
 from fhir_gateway.registry_projection import CONSILIUM, CONSULT_MODE_SYSTEM
@@ -33,7 +37,7 @@ from referrals.models import (
     Referral,
     ReferralState,
 )
-from referrals.workflow import TRANSITIONS_BY_ACTION
+from referrals.workflow import FINISHED_STATES, TRANSITIONS_BY_ACTION
 from registry.models import ConsultMode
 
 S = ReferralState
@@ -51,6 +55,12 @@ DISPOSITION_SYSTEM = f"{CONSILIUM}/CodeSystem/consult-disposition"
 DISPOSITION_EXTENSION = f"{CONSILIUM}/StructureDefinition/consult-disposition"
 FILLER_SYSTEM = f"{CONSILIUM}/sid/referral"
 CONSULT_NOTE_CODE = "11488-4"
+# Task.input / Task.output codes of ours. Inputs: the transition's input names with "-".
+TASK_INPUT_SYSTEM = f"{CONSILIUM}/CodeSystem/task-input"
+TASK_OUTPUT_SYSTEM = f"{CONSILIUM}/CodeSystem/task-output"
+USER_SYSTEM = f"{CONSILIUM}/sid/user"
+# States in which the Task shows the planned conference (time, experts, link) in Task.input.
+CONFERENCE_STATES = frozenset({S.SCHEDULED, S.IN_CONFERENCE})
 REFERRAL_CATEGORY = {"system": SNOMED, "code": "3457005", "display": "Patient referral"}
 
 # Task.status for each referral state (docs/fhir.md has the table and the reasons).
@@ -164,6 +174,16 @@ def _mode_concept(referral: Referral) -> dict[str, Any]:
 # --------------------------------------------------------------------------- outbound
 
 
+def _based_on(referral: Referral) -> dict[str, Any]:
+    """A counter-referral is based on the order it answers (one query for a child loaded
+    without its parent; none for the others)."""
+    if referral.parent_referral_id is None:
+        return {}
+    parent = referral.parent_referral
+    assert parent is not None
+    return {"basedOn": [_ref("ServiceRequest", service_request_id(parent))]}
+
+
 def referral_to_service_request(referral: Referral) -> dict[str, dict[str, Any]]:
     """The order: what is asked, of which specialty, by whom, for whom."""
     rid = service_request_id(referral)
@@ -171,6 +191,7 @@ def referral_to_service_request(referral: Referral) -> dict[str, dict[str, Any]]
         "resourceType": "ServiceRequest",
         "id": rid,
         "identifier": _identifiers(referral),
+        **_based_on(referral),
         "status": service_request_status(referral.state),
         "intent": "order",
         "category": [{"coding": [dict(REFERRAL_CATEGORY)]}],
@@ -207,6 +228,28 @@ class TaskContext:
     status_reason_code: str = ""
     status_reason_text: str = ""
     consult_note_ids: list[int] = field(default_factory=list)
+    # Read only in CONFERENCE_STATES / FINISHED_STATES (publish skips the queries otherwise).
+    conference_expert_ids: list[int] = field(default_factory=list)
+    counter_referral_ids: list[str] = field(default_factory=list)  # their filler ids
+
+
+def _task_input(code: str, **value: Any) -> dict[str, Any]:
+    return {"type": {"coding": [_coding(TASK_INPUT_SYSTEM, code)]}, **value}
+
+
+def conference_inputs(referral: Referral, expert_ids: list[int]) -> list[dict[str, Any]]:
+    """The planned conference as the schedule action's Task.input: a member changes these
+    on a scheduled Task to reschedule (``task_to_transition``)."""
+    if referral.state not in CONFERENCE_STATES or referral.conference_at is None:
+        return []
+    inputs = [_task_input("scheduled-at", valueDateTime=fhir_instant(referral.conference_at))]
+    inputs += [
+        _task_input("experts", valueIdentifier={"system": USER_SYSTEM, "value": str(pk)})
+        for pk in sorted(expert_ids)
+    ]
+    if referral.conference_url:
+        inputs.append(_task_input("video-url", valueUrl=referral.conference_url))
+    return inputs
 
 
 def referral_to_task(referral: Referral, context: TaskContext) -> dict[str, dict[str, Any]]:
@@ -244,14 +287,28 @@ def referral_to_task(referral: Referral, context: TaskContext) -> dict[str, dict
         rest["owner"] = _ref("HealthcareService", referral.assigned_department_id)
     if referral.deadline is not None:
         rest["restriction"] = {"period": {"end": fhir_instant(referral.deadline)}}
-    if context.consult_note_ids:
-        rest["output"] = [
+    inputs = conference_inputs(referral, context.conference_expert_ids)
+    if inputs:
+        rest["input"] = inputs
+    outputs = [
+        {
+            "type": {"coding": [_coding(LOINC, CONSULT_NOTE_CODE, "Consult note")]},
+            "valueReference": _ref("DocumentReference", note_id(referral, pk)),
+        }
+        for pk in context.consult_note_ids
+    ]
+    if referral.state in FINISHED_STATES:
+        outputs += [
             {
-                "type": {"coding": [_coding(LOINC, CONSULT_NOTE_CODE, "Consult note")]},
-                "valueReference": _ref("DocumentReference", note_id(referral, pk)),
+                "type": {
+                    "coding": [_coding(TASK_OUTPUT_SYSTEM, "counter-referral", "Counter-referral")]
+                },
+                "valueReference": _ref("ServiceRequest", filler),
             }
-            for pk in context.consult_note_ids
+            for filler in context.counter_referral_ids
         ]
+    if outputs:
+        rest["output"] = outputs
     r4 = dict(base)
     r5 = dict(base)
     if reason is not None:
@@ -426,8 +483,33 @@ def placer_identifier(resource: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
-def service_request_to_intake(resource: dict[str, Any], version: str) -> Intake:
-    """Raise 422 with the element at fault when the order does not fit our rules."""
+def _clinical_question(resource: dict[str, Any], version: str) -> str:
+    element = "reasonCode" if version == R4 else "reason"
+    texts = [_concept_text(c) for c in _concepts(resource, element, version)]
+    texts += [str(n.get("text")) for n in resource.get("note") or [] if isinstance(n, dict)]
+    question = "\n".join(t for t in texts if t and t != "None").strip()
+    if not question:
+        raise FhirError(
+            422,
+            "required",
+            f"The clinical question is required: ServiceRequest.{element}.text or "
+            "ServiceRequest.note.text.",
+            expression=[f"ServiceRequest.{element}"],
+        )
+    return question
+
+
+def _consult_mode(resource: dict[str, Any], version: str) -> str:
+    """The consult mode named in ServiceRequest.code, if any (async when absent)."""
+    code = resource.get("code")
+    concept = code.get("concept") if isinstance(code, dict) and version == R5 else code
+    for system, value in codes_of([concept] if isinstance(concept, dict) else []):
+        if system == CONSULT_MODE_SYSTEM and value in ConsultMode.values:
+            return str(value)
+    return ConsultMode.ASYNC.value
+
+
+def _check_intent(resource: dict[str, Any]) -> None:
     if resource.get("intent") not in ("order", "original-order", "proposal", "plan"):
         raise FhirError(
             422,
@@ -435,6 +517,103 @@ def service_request_to_intake(resource: dict[str, Any], version: str) -> Intake:
             "ServiceRequest.intent must be order (a referral is an order).",
             expression=["ServiceRequest.intent"],
         )
+
+
+def based_on_referral(resource: dict[str, Any]) -> str | None:
+    """The id of the ServiceRequest (one of our referrals) this one is ``basedOn``: then it
+    is a counter-referral. References to anything else (a CarePlan) are not ours to read."""
+    ids = [
+        logical_id
+        for kind, logical_id in (
+            split_reference(reference_of(r)) for r in resource.get("basedOn") or []
+        )
+        if kind == "ServiceRequest"
+    ]
+    if len(ids) > 1:
+        raise FhirError(
+            422,
+            "business-rule",
+            "ServiceRequest.basedOn names several ServiceRequests; a counter-referral answers "
+            "one referral.",
+            expression=["ServiceRequest.basedOn"],
+        )
+    return ids[0] if ids else None
+
+
+@dataclass(frozen=True)
+class CounterReferralAsk:
+    """What a counter-referral ServiceRequest asks (``counter_refer``'s inputs)."""
+
+    original_id: str
+    performer_references: list[str]
+    clinical_question: str
+    specialty_codes: list[tuple[str, str]]
+    subject_reference: str
+    requester_reference: str
+
+
+def service_request_to_counter_referral(
+    resource: dict[str, Any], version: str
+) -> CounterReferralAsk:
+    """A ServiceRequest ``basedOn`` one of our referrals, from its assigned department's
+    system: refer the patient back down. 422 naming the element for what the
+    ``counter_refer`` action cannot carry (it is routine and asynchronous)."""
+    original_id = based_on_referral(resource)
+    assert original_id is not None
+    _check_intent(resource)
+    if resource.get("status") != "active":
+        raise FhirError(
+            422,
+            "business-rule",
+            f"A counter-referral's ServiceRequest.status must be active, not "
+            f"{resource.get('status')!r}.",
+            expression=["ServiceRequest.status"],
+        )
+    if str(resource.get("priority") or "routine") != "routine":
+        raise FhirError(
+            422,
+            "business-rule",
+            "A counter-referral is routine (the referral services set its priority).",
+            expression=["ServiceRequest.priority"],
+        )
+    if _consult_mode(resource, version) != ConsultMode.ASYNC.value:
+        raise FhirError(
+            422,
+            "business-rule",
+            "A counter-referral is an asynchronous consult (code async or none).",
+            expression=["ServiceRequest.code"],
+        )
+    performers = [reference_of(p) for p in resource.get("performer") or []]
+    performers = [p for p in performers if split_reference(p)[0] == "HealthcareService"]
+    if not performers:
+        raise FhirError(
+            422,
+            "required",
+            "ServiceRequest.performer must name the department (HealthcareService) of the "
+            "original requesting facility that takes the patient back.",
+            expression=["ServiceRequest.performer"],
+        )
+    return CounterReferralAsk(
+        original_id=original_id,
+        performer_references=performers,
+        clinical_question=_clinical_question(resource, version),
+        specialty_codes=codes_of(_concepts(resource, "performerType", version)),
+        subject_reference=reference_of(resource.get("subject")),
+        requester_reference=reference_of(resource.get("requester")),
+    )
+
+
+def service_request_to_intake(resource: dict[str, Any], version: str) -> Intake:
+    """Raise 422 with the element at fault when the order does not fit our rules."""
+    if based_on_referral(resource) is not None:
+        raise FhirError(
+            422,
+            "business-rule",
+            "A ServiceRequest basedOn one of our referrals is a counter-referral: POST it to "
+            "ServiceRequest on its own, not in a transaction.",
+            expression=["ServiceRequest.basedOn"],
+        )
+    _check_intent(resource)
     if resource.get("status") not in ("active", "draft"):
         raise FhirError(
             422,
@@ -461,24 +640,8 @@ def service_request_to_intake(resource: dict[str, Any], version: str) -> Intake:
             "practice-setting code (e.g. http://snomed.info/sct|394537008 Pediatric specialty).",
             expression=["ServiceRequest.performerType"],
         )
-    element = "reasonCode" if version == R4 else "reason"
-    texts = [_concept_text(c) for c in _concepts(resource, element, version)]
-    texts += [str(n.get("text")) for n in resource.get("note") or [] if isinstance(n, dict)]
-    question = "\n".join(t for t in texts if t and t != "None").strip()
-    if not question:
-        raise FhirError(
-            422,
-            "required",
-            f"The clinical question is required: ServiceRequest.{element}.text or "
-            "ServiceRequest.note.text.",
-            expression=[f"ServiceRequest.{element}"],
-        )
-    mode = ConsultMode.ASYNC.value
-    code = resource.get("code")
-    concept = code.get("concept") if isinstance(code, dict) and version == R5 else code
-    for system, value in codes_of([concept] if isinstance(concept, dict) else []):
-        if system == CONSULT_MODE_SYSTEM and value in ConsultMode.values:
-            mode = value
+    question = _clinical_question(resource, version)
+    mode = _consult_mode(resource, version)
     performers = [reference_of(p) for p in resource.get("performer") or []]
     return Intake(
         placer_system=placer[0],
@@ -529,15 +692,19 @@ TASK_MUTABLE = frozenset(
         "output",
     }
 )
-# Codes of Task.input carrying an action's inputs (the transition's input names, "-" for
-# "_"): scheduled-at, experts, video-url, transfer-originally-considered, outcome.
-TASK_INPUT_SYSTEM = f"{CONSILIUM}/CodeSystem/task-input"
-USER_SYSTEM = f"{CONSILIUM}/sid/user"
+# Codes of Task.input (TASK_INPUT_SYSTEM) carry an action's inputs (the transition's input
+# names, "-" for "_"): scheduled-at, experts, video-url, minutes, disposition, text,
+# transfer-originally-considered, outcome.
 # A new businessStatus (a code of REFERRAL_STATE_SYSTEM) asks for the one action that leads
 # there. Not here: accept / decline / cancel (Task.status), advise (a consult note),
-# request_info / provide_info (Communications), forward (a new Task.owner).
+# request_info / provide_info (Communications), forward (a new Task.owner), counter_refer
+# (a new ServiceRequest basedOn the referral), reschedule (new conference inputs on a
+# scheduled Task).
 BUSINESS_STATUS_ACTIONS: dict[str, str] = {
     S.SCHEDULED: "schedule",
+    S.IN_CONFERENCE: "start_conference",
+    # Only from in_conference; e-consult advice (from accepted) is a consult note.
+    S.ADVISED: "finish_conference",
     S.CLOSED_LOCAL: "close_local",
     S.TRANSFER_REQUESTED: "request_transfer",
     S.TRANSFER_ACCEPTED: "accept_transfer",
@@ -551,6 +718,8 @@ _STATUS_ACTIONS: dict[str, str] = {
     S.DECLINED: "rejected",
     S.CANCELLED: "cancelled",
 }
+# The inputs a reschedule may change (the schedule action's, shown on a scheduled Task).
+_CONFERENCE_INPUTS = ("scheduled-at", "experts", "video-url")
 
 
 @dataclass(frozen=True)
@@ -602,15 +771,37 @@ def _input_value(item: dict[str, Any], where: str) -> Any:
     raise FhirError(422, "required", f"{where} has no value.", expression=[where])
 
 
-def _task_inputs(action: str, incoming: dict[str, Any], text: str) -> dict[str, Any]:
-    """The action's inputs: its reason / note from statusReason text, the others from
-    Task.input (our codes); 422 for an input the action does not take."""
-    transition = TRANSITIONS_BY_ACTION[action]
-    given: dict[str, list[Any]] = {}
-    for index, item in enumerate(incoming.get("input") or []):
+@dataclass(frozen=True)
+class _Input:
+    code: str
+    value: Any
+
+    def same(self, other: _Input) -> bool:
+        """Equal values; a date-time equal as an instant (a client may re-format it)."""
+        if self.code != other.code:
+            return False
+        if self.code == "scheduled-at" and isinstance(self.value, str):
+            try:
+                mine, theirs = parse_datetime(self.value), parse_datetime(str(other.value))
+            except ValueError:  # well-formed but impossible: the service says why
+                mine = theirs = None
+            if mine is not None and theirs is not None:
+                return mine == theirs
+        return bool(self.value == other.value)
+
+
+def _read_inputs(resource: dict[str, Any]) -> list[_Input]:
+    """Task.input as (our code, value); 422 for an item without our code or a value."""
+    out = []
+    for index, item in enumerate(resource.get("input") or []):
         where = f"Task.input[{index}]"
-        codings = ((item or {}).get("type") or {}).get("coding") or []
-        codes = [c.get("code") for c in codings if c.get("system") == TASK_INPUT_SYSTEM]
+        item = item if isinstance(item, dict) else {}
+        codings = (item.get("type") or {}).get("coding") or []
+        codes = [
+            c.get("code")
+            for c in codings
+            if isinstance(c, dict) and c.get("system") == TASK_INPUT_SYSTEM
+        ]
         if not codes:
             raise FhirError(
                 422,
@@ -618,9 +809,24 @@ def _task_inputs(action: str, incoming: dict[str, Any], text: str) -> dict[str, 
                 f"{where}.type must be a code of {TASK_INPUT_SYSTEM}.",
                 expression=[f"{where}.type"],
             )
-        given.setdefault(str(codes[0]), []).append(_input_value(item, where))
+        out.append(_Input(str(codes[0]), _input_value(item, where)))
+    return out
+
+
+def _not_in(items: list[_Input], shown: list[_Input]) -> list[_Input]:
+    """The items a member added: what the server showed (echoed back) is not an input."""
+    return [item for item in items if not any(item.same(s) for s in shown)]
+
+
+def _task_inputs(action: str, given: list[_Input], text: str) -> dict[str, Any]:
+    """The action's inputs: its reason / note from statusReason text, the others from
+    Task.input (our codes); 422 for an input the action does not take."""
+    transition = TRANSITIONS_BY_ACTION[action]
+    by_code: dict[str, list[Any]] = {}
+    for item in given:
+        by_code.setdefault(item.code, []).append(item.value)
     names = {f.name.replace("_", "-"): f for f in transition.inputs}
-    unknown = sorted(set(given) - set(names) | (set(given) & {"reason", "note"}))
+    unknown = sorted(set(by_code) - set(names) | (set(by_code) & {"reason", "note"}))
     if unknown:
         raise FhirError(
             422,
@@ -635,10 +841,21 @@ def _task_inputs(action: str, incoming: dict[str, Any], text: str) -> dict[str, 
             if text:
                 inputs[input_field.name] = text
         elif input_field.kind == "users":
-            inputs[input_field.name] = given.get(code, [])
-        elif code in given:
-            inputs[input_field.name] = given[code][0]
+            inputs[input_field.name] = by_code.get(code, [])
+        elif code in by_code:
+            inputs[input_field.name] = by_code[code][0]
     return inputs
+
+
+def _reschedule(shown: list[_Input], sent: list[_Input]) -> list[_Input] | None:
+    """The conference a member asks for by changing a scheduled Task's inputs: per code, what
+    it sent, else what the Task shows (so sending only a new scheduled-at is enough). None
+    when that is the conference already planned."""
+    sent_codes = {item.code for item in sent}
+    wanted = [item for item in shown if item.code not in sent_codes] + sent
+    if len(wanted) == len(shown) and not _not_in(wanted, shown) and not _not_in(shown, wanted):
+        return None
+    return wanted
 
 
 def _refuse(message: str, element: str) -> FhirError:
@@ -654,7 +871,12 @@ def task_to_transition(
     - a new Task.owner (a HealthcareService) with statusReason text: forward;
     - a new businessStatus (our referral-state code): the action leading to that state
       (BUSINESS_STATUS_ACTIONS), its inputs in Task.input, its reason / note in
-      statusReason text; Task.status may stay or become the new state's status.
+      statusReason text; Task.status may stay or become the new state's status;
+    - on a scheduled Task, new conference inputs (scheduled-at, experts, video-url) with
+      everything else unchanged: schedule again (reschedule).
+
+    Task.input items the server shows (the planned conference) and the member echoes back
+    are not inputs; only new or changed ones are.
     """
     changed = sorted(
         key
@@ -674,12 +896,15 @@ def task_to_transition(
             422,
             "business-rule",
             "Task.output is set by the server: POST the consult note as a DocumentReference "
-            "(LOINC 11488-4) based on the referral instead.",
+            "(LOINC 11488-4) based on the referral, a counter-referral as a ServiceRequest "
+            "basedOn it, instead.",
             expression=["Task.output"],
         )
     code, text = _status_reason(incoming, version)
     old_status, new_status = current.get("status"), incoming.get("status")
     old_state, new_state = business_state(current), business_state(incoming)
+    shown, sent = _read_inputs(current), _read_inputs(incoming)
+    added = _not_in(sent, shown)
     if current.get("businessStatus") != incoming.get("businessStatus") and new_state is None:
         raise _refuse(
             f"Task.businessStatus must carry a code of {REFERRAL_STATE_SYSTEM} (our states).",
@@ -717,15 +942,30 @@ def task_to_transition(
                 "by Task.status, advice by a consult note, a forward by Task.owner).",
                 "Task.businessStatus",
             )
+        if action == "finish_conference" and old_state != S.IN_CONFERENCE:
+            raise _refuse(
+                "Task.businessStatus advised ends a live conference (from in_conference); "
+                "e-consult advice is a consult note: POST a DocumentReference (LOINC 11488-4) "
+                "based on the referral.",
+                "Task.businessStatus",
+            )
         if new_status not in (old_status, TASK_STATUS[new_state]):
             raise _refuse(
                 f"Task.status {new_status!r} does not go with businessStatus {new_state!r} "
                 f"({TASK_STATUS[new_state]!r}).",
                 "Task.status",
             )
-        return TaskChange(action, _task_inputs(action, incoming, text))
-    if incoming.get("input"):
-        raise _refuse("Task.input goes with a businessStatus change only.", "Task.input")
+        return TaskChange(action, _task_inputs(action, added, text))
+    if old_state == S.SCHEDULED and new_state == old_state and new_status == old_status:
+        wanted = _reschedule(shown, sent)
+        if wanted is not None:
+            return TaskChange("schedule", _task_inputs("schedule", wanted, text))
+    if added:
+        raise _refuse(
+            "Task.input goes with a businessStatus change (or, on a scheduled Task, changes "
+            f"the conference: {', '.join(_CONFERENCE_INPUTS)}) only.",
+            "Task.input",
+        )
     if new_status == old_status:
         raise _refuse(f"Task.status is already {new_status!r}: nothing to do.", "Task.status")
     if new_status == "accepted":

@@ -391,12 +391,17 @@ def _service_request_create(req: WriteRequest) -> WriteResult:
     _check_requester(
         req.user, m.reference_of(req.resource.get("requester")), "ServiceRequest.requester"
     )
-    intake = m.service_request_to_intake(req.resource, req.fhir_version)
+    counter = m.based_on_referral(req.resource) is not None
+    ask = m.service_request_to_counter_referral(req.resource, req.fhir_version) if counter else None
+    intake = None if counter else m.service_request_to_intake(req.resource, req.fhir_version)
     with transaction.atomic():
         if req.if_none_exist:
             existing = _if_none_exist_referral(req.user, req.if_none_exist)
             if existing is not None:
                 return WriteResult(_current("ServiceRequest", existing.filler_id), created=False)
+        if ask is not None:
+            return _counter_referral_create(req.user, ask)
+        assert intake is not None
         department = _department(intake.performer_references, "ServiceRequest.performer")
         referral, created = _submit(req.user, intake, department)
     return WriteResult(_current("ServiceRequest", referral.filler_id), created=created)
@@ -423,6 +428,10 @@ def _transition(
     except Conflict as exc:
         if exc.code == "version_mismatch":
             raise FhirError(412, "conflict", exc.message) from exc
+        if exc.code == "guard_failed":
+            # The inputs break a rule of the action (a conference in the past, a department
+            # that does not accept): a business rule, FHIR's 422. The wrong state stays 409.
+            raise FhirError(422, "business-rule", exc.message) from exc
         raise
     except ApplicationError as exc:
         if exc.status_code == 400:
@@ -451,6 +460,46 @@ def _task_update(req: WriteRequest) -> WriteResult:
     expected = referral.version if expected_task is not None else None
     _transition(req.user, referral, change.action, expected, **change.inputs)
     return WriteResult(_current("Task", req.logical_id), created=False)
+
+
+def _counter_referral_create(user: User, ask: m.CounterReferralAsk) -> WriteResult:
+    """counter_refer on the referral the ServiceRequest is based on; the answer is the new
+    referral's ServiceRequest (its Task and Patient have the same id)."""
+    original = _referral_by_filler(user, ask.original_id)
+    kind, patient = m.split_reference(ask.subject_reference)
+    if kind == "Patient" and patient != m.patient_id(original):
+        raise FhirError(
+            422,
+            "business-rule",
+            f"A counter-referral is for the referral's patient (Patient/"
+            f"{m.patient_id(original)}), not Patient/{patient}.",
+            expression=["ServiceRequest.subject"],
+        )
+    department = _department(ask.performer_references, "ServiceRequest.performer")
+    assert department is not None  # the mapping requires a HealthcareService
+    specialty = department.specialty
+    if ask.specialty_codes and (specialty.system, specialty.code) not in [
+        (system or Specialty.SNOMED, code) for system, code in ask.specialty_codes
+    ]:
+        raise FhirError(
+            422,
+            "business-rule",
+            f"ServiceRequest.performerType does not name the specialty of "
+            f"HealthcareService/{department.pk} ({specialty.system}|{specialty.code}).",
+            expression=["ServiceRequest.performerType"],
+        )
+    referral = _transition(
+        user,
+        original,
+        "counter_refer",
+        None,
+        department=department,
+        clinical_question=ask.clinical_question,
+    )
+    child = Referral.objects.values_list("filler_id", flat=True).get(
+        pk=_latest_payload(referral, "counter_referral_id")
+    )
+    return WriteResult(_current("ServiceRequest", child), created=True)
 
 
 def _referral_from_references(user: User, references: list[str], where: str) -> Referral:
@@ -771,7 +820,9 @@ def referral_handlers() -> list[ResourceHandler]:
             "ServiceRequest",
             (r, v, h, s, c),
             documentation="A referral (the order). Create = submit; conditional create with "
-            "If-None-Exist: identifier=<placer system>|<value> is idempotent.",
+            "If-None-Exist: identifier=<placer system>|<value> is idempotent. Create with "
+            "basedOn = ServiceRequest/<id> (performer = a department of its requester) = "
+            "counter-referral of that referral.",
             search_params=(
                 _sp("requester", "reference", "Requesting Organization.", "ServiceRequest"),
                 _sp("performer", "reference", "Assigned HealthcareService.", "ServiceRequest"),
@@ -791,8 +842,10 @@ def referral_handlers() -> list[ResourceHandler]:
             (r, v, h, s, u),
             documentation="The referral's workflow. Update with If-Match: status accepted | "
             "rejected (+statusReason) | cancelled; owner (+statusReason) = forward; "
-            "businessStatus scheduled | closed_local | transfer_requested | "
-            "transfer_accepted | in_transit | arrived | completed (+input, statusReason).",
+            "businessStatus scheduled | in_conference | advised (from in_conference) | "
+            "closed_local | transfer_requested | transfer_accepted | in_transit | arrived | "
+            "completed (+input, statusReason); a scheduled Task with a new input scheduled-at "
+            "/ experts / video-url = reschedule.",
             search_params=(
                 _sp("owner", "reference", "Assigned HealthcareService.", "Task"),
                 _sp("requester", "reference", "Requesting Organization.", "Task"),

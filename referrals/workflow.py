@@ -29,8 +29,8 @@ REQUESTER_ROLES = frozenset({Role.REFERRER.value, Role.COORDINATOR.value})
 REQUESTER_OR_SYSTEM_ROLES = REQUESTER_ROLES | {Role.MEMBER_SYSTEM.value}
 ASSIGNEE_ROLES = frozenset({Role.CONSULTANT.value, Role.COORDINATOR.value})
 # A hospital system may take the actions FHIR carries (Task.status / owner /
-# businessStatus, the consult note, Communications); see docs/fhir.md. Live-conference
-# steps (start/finish) and counter-referral stay with clinicians.
+# businessStatus / input, the consult note, Communications, a counter-referral
+# ServiceRequest); see docs/fhir.md.
 ASSIGNEE_OR_SYSTEM_ROLES = ASSIGNEE_ROLES | {Role.MEMBER_SYSTEM.value}
 NO_ROLES: frozenset[str] = frozenset()
 
@@ -240,14 +240,14 @@ TRANSITIONS: tuple[Transition, ...] = (
         frozenset({S.SCHEDULED}),
         S.IN_CONFERENCE,
         ActorSide.ASSIGNEE,
-        ASSIGNEE_ROLES,
+        ASSIGNEE_OR_SYSTEM_ROLES,
     ),
     Transition(
         "finish_conference",
         frozenset({S.IN_CONFERENCE}),
         S.ADVISED,
         ActorSide.ASSIGNEE,
-        ASSIGNEE_ROLES,
+        ASSIGNEE_OR_SYSTEM_ROLES,
         inputs=(
             InputField("minutes", "text"),
             InputField("disposition", "choice", choices=_choices(Disposition)),
@@ -359,7 +359,7 @@ TRANSITIONS: tuple[Transition, ...] = (
         FINISHED_STATES,
         None,
         ActorSide.ASSIGNEE,
-        ASSIGNEE_ROLES,
+        ASSIGNEE_OR_SYSTEM_ROLES,
         inputs=(InputField("department", "department"), InputField("clinical_question", "text")),
         guard="counter_department_at_requester",
         records="event + a new linked Referral (submitted) back down",

@@ -1,19 +1,25 @@
 """End to end with a real FHIR client library (fhirpy) against the running server:
-an R4 district hospital system submits, an R5 consultant system answers."""
+an R4 district hospital system submits, an R5 consultant system answers; a consultant's
+app runs the live conference and refers the patient back down (counter-referral)."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pytest
+from django.utils import timezone
 from fhirpy import SyncFHIRClient
 
+from accounts.models import User
+from accounts.roles import Role
 from accounts.services import api_token_issue
 from fhir_gateway import referral_mapping as m
 from fhir_gateway.models import OutboxMessage
 from fhir_gateway.tests.conftest import FHIR_R5
 from fhir_gateway.tests.referral_world import World, transaction
 from referrals.models import Referral, ReferralState
+from tests.factories import NEUROLOGY, DepartmentFactory, SpecialtyFactory, UserFactory
 
 
 def _client(live_server: Any, user: Any, **headers: str) -> SyncFHIRClient:
@@ -21,6 +27,31 @@ def _client(live_server: Any, user: Any, **headers: str) -> SyncFHIRClient:
     return SyncFHIRClient(
         f"{live_server.url}/fhir", authorization=f"Bearer {token}", extra_headers=headers or None
     )
+
+
+def _consultant(world: World) -> User:
+    """A consultant of the assigned department (start / finish / counter-referral are
+    consultant or coordinator actions; their app uses their token)."""
+    user = UserFactory.create(facility=world.network.hub, roles=[Role.CONSULTANT])
+    user.departments.add(world.network.pediatrics)
+    return user
+
+
+def _put_task(live_server: Any, user: Any, task: Any, **headers: str) -> Any:
+    """PUT the Task with If-Match on the version it was read at (fhirpy's save)."""
+    version = task["meta"]["versionId"]
+    client = _client(live_server, user, **headers, **{"If-Match": f'W/"{version}"'})
+    saved = client.resource("Task", **task.serialize())
+    saved.save()
+    return saved
+
+
+def _state_coding(state: str) -> dict[str, Any]:
+    return {"coding": [{"system": m.REFERRAL_STATE_SYSTEM, "code": state}]}
+
+
+def _input(code: str, **value: Any) -> dict[str, Any]:
+    return {"type": {"coding": [{"system": m.TASK_INPUT_SYSTEM, "code": code}]}, **value}
 
 
 @pytest.mark.django_db(transaction=True)
@@ -103,3 +134,104 @@ def test_full_lifecycle_r4_submitter_r5_consultant(live_server: Any, world: Worl
     assert [v for t, v in by_endpoint["4.0"] if t == "Task"] == [1, 2, 3, 4, 5]
     assert ("DocumentReference", 1) in by_endpoint["5.0"]
     assert sum(1 for t, _v in by_endpoint["5.0"] if t == "Communication") == 2
+
+    # The consultant's app refers the patient back down to a department of the district
+    # hospital: a new ServiceRequest basedOn the referral (R4 here).
+    neurology = DepartmentFactory.create(
+        facility=world.network.spoke, specialty=SpecialtyFactory.create(code=NEUROLOGY)
+    )
+    app = _client(live_server, _consultant(world))
+    back = app.resource(
+        "ServiceRequest",
+        status="active",
+        intent="order",
+        basedOn=[{"reference": f"ServiceRequest/{task_id}"}],
+        subject={"reference": f"Patient/{task_id}"},
+        performer=[{"reference": f"HealthcareService/{neurology.pk}"}],
+        reasonCode=[{"text": "Follow-up echocardiogram in 6 weeks."}],
+    )
+    back.save()
+    child = Referral.objects.get(parent_referral=referral)
+    assert back.id == child.filler_id
+    assert back.serialize()["basedOn"] == [{"reference": f"ServiceRequest/{task_id}"}]
+    new_task = app.reference("Task", back.id).to_resource()
+    assert (new_task["status"], new_task["owner"]["reference"]) == (
+        "requested",
+        f"HealthcareService/{neurology.pk}",
+    )
+    seen = submitter.reference("Task", task_id).to_resource()
+    assert seen["output"][-1]["valueReference"]["reference"] == f"ServiceRequest/{back.id}"
+    # The district hospital's system is sent the new referral (it is the receiver now).
+    assert sorted(
+        OutboxMessage.objects.filter(
+            aggregate_key=f"referral:{child.pk}", endpoint=world.spoke_endpoint
+        ).values_list("resource_type", flat=True)
+    ) == ["Patient", "ServiceRequest", "Task"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_live_conference_lifecycle_over_task_updates(live_server: Any, world: World) -> None:
+    submitter = _client(live_server, world.submitter)
+    r5 = {"Accept": FHIR_R5, "Content-Type": FHIR_R5}
+    consultant = _consultant(world)
+    app = _client(live_server, consultant, **r5)
+    answer = submitter.execute("", method="post", data=transaction(world, "E2E-2"))
+    task_id = answer["entry"][2]["resource"]["id"]
+
+    # The consultant system accepts; the consultant's app schedules the conference.
+    task = app.reference("Task", task_id).to_resource()
+    task["status"] = "accepted"
+    _put_task(live_server, world.consultant, task, **r5)
+    task = app.reference("Task", task_id).to_resource()
+    at = (timezone.now() + timedelta(days=1)).replace(microsecond=0)
+    task["businessStatus"] = _state_coding("scheduled")
+    task["input"] = [
+        _input("scheduled-at", valueDateTime=at.isoformat()),
+        _input("experts", valueIdentifier={"system": m.USER_SYSTEM, "value": str(consultant.pk)}),
+        _input("video-url", valueUrl="https://meet.example.org/e2e"),
+    ]
+    scheduled = _put_task(live_server, consultant, task, **r5)
+    assert scheduled["status"] == "in-progress"
+
+    # Reschedule: the Task shows the conference; change its time.
+    task = app.reference("Task", task_id).to_resource()
+    later = at + timedelta(days=2)
+    task["input"][0]["valueDateTime"] = later.isoformat()
+    _put_task(live_server, consultant, task, **r5)
+    assert Referral.objects.get().conference_at == later
+
+    # Start and finish the conference.
+    task = app.reference("Task", task_id).to_resource()
+    task["businessStatus"] = _state_coding("in_conference")
+    started = _put_task(live_server, consultant, task, **r5)
+    assert started["businessStatus"]["coding"][0]["code"] == "in_conference"
+    task = app.reference("Task", task_id).to_resource()
+    task["businessStatus"] = _state_coding("advised")
+    task["input"] = [
+        *task["input"],
+        _input("minutes", valueString="Echo reviewed together."),
+        _input("disposition", valueCode="manage_locally"),
+        _input("text", valueString="IVIG + aspirin; echo in 2 weeks."),
+    ]
+    finished = _put_task(live_server, consultant, task, **r5)
+    assert (finished["status"], finished["businessStatus"]["coding"][0]["code"]) == (
+        "in-progress",
+        "advised",
+    )
+
+    # The R4 submitter sees the advice as the Task's output and can close out.
+    seen = submitter.reference("Task", task_id).to_resource()
+    note_ref = seen["output"][0]["valueReference"]["reference"]
+    assert submitter.reference(*note_ref.split("/")).to_resource()["description"]
+    referral = Referral.objects.get()
+    assert referral.state == ReferralState.ADVISED
+    assert referral.consult_notes.get().conference_minutes == "Echo reviewed together."
+    actions = list(referral.events.order_by("seq").values_list("action", flat=True))
+    assert actions == [
+        "submit",
+        "accept",
+        "schedule",
+        "schedule",
+        "start_conference",
+        "finish_conference",
+    ]

@@ -1,0 +1,730 @@
+"""The live conference and the counter-referral over FHIR: reschedule (new conference
+inputs on a scheduled Task), start / finish (Task.businessStatus in_conference / advised)
+and counter-referral (a new ServiceRequest basedOn the referral)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+from django.utils import timezone
+
+from accounts.models import User
+from accounts.roles import Role
+from accounts.services import api_token_issue
+from fhir_gateway import referral_mapping as m
+from fhir_gateway.models import FhirResource, OutboxMessage
+from fhir_gateway.storage import validate_resource
+from fhir_gateway.tests.conftest import FHIR_R4, FHIR_R5, FhirClient, outcome_issue
+from fhir_gateway.tests.referral_world import World, body, submit, task_of, transaction
+from referrals.models import ConsultNote, Referral, ReferralEvent, ReferralState
+from registry.models import Department
+from tests.factories import NEUROLOGY, DepartmentFactory, SpecialtyFactory, UserFactory
+
+pytestmark = pytest.mark.django_db
+
+S = ReferralState
+VERSIONS = [FHIR_R4, FHIR_R5]
+MEDIA_VERSION = {FHIR_R4: m.R4, FHIR_R5: m.R5}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _client(user: User) -> FhirClient:
+    return FhirClient(api_token_issue(user=user, name="t").raw)
+
+
+@pytest.fixture
+def people(world: World) -> dict[str, Any]:
+    """The two member systems of ``world`` take every step (start / finish / counter-referral
+    included: ``ASSIGNEE_OR_SYSTEM_ROLES`` in referrals/workflow.py); a consultant of the hub
+    is the expert invited to the conference."""
+    consultant = UserFactory.create(facility=world.network.hub, roles=[Role.CONSULTANT])
+    consultant.departments.add(world.network.pediatrics)
+    return {
+        "referrer": _client(world.submitter),
+        "consultant": _client(world.consultant),
+        "consultant_user": consultant,
+    }
+
+
+@pytest.fixture
+def spoke_neurology(world: World) -> Department:
+    """A department of the original requester: where a counter-referral goes back to."""
+    return DepartmentFactory.create(
+        facility=world.network.spoke, specialty=SpecialtyFactory.create(code=NEUROLOGY)
+    )
+
+
+def _task(client: FhirClient, task_id: str, version: str = FHIR_R4) -> dict[str, Any]:
+    response = client.get(f"/fhir/Task/{task_id}", Accept=version)
+    assert response.status_code == 200, response.content
+    return body(response)
+
+
+def _update(
+    client: FhirClient,
+    task_id: str,
+    change: Callable[[dict[str, Any]], object],
+    version: str = FHIR_R4,
+    if_match: str | None = None,
+) -> Any:
+    task = _task(client, task_id, version)
+    changed = copy.deepcopy(task)
+    change(changed)
+    return client.put(
+        f"/fhir/Task/{task_id}",
+        changed,
+        content_type=version,
+        Accept=version,
+        **{"If-Match": if_match or f'W/"{task["meta"]["versionId"]}"'},
+    )
+
+
+def _input(code: str, **value: Any) -> dict[str, Any]:
+    return {"type": {"coding": [{"system": m.TASK_INPUT_SYSTEM, "code": code}]}, **value}
+
+
+def _business(
+    state: str, inputs: list[dict[str, Any]] | None = None, status: str | None = None
+) -> Callable[[dict[str, Any]], None]:
+    """A new businessStatus (+ inputs added to what the Task shows, + a Task.status)."""
+
+    def change(task: dict[str, Any]) -> None:
+        task["businessStatus"] = {"coding": [{"system": m.REFERRAL_STATE_SYSTEM, "code": state}]}
+        if inputs:
+            task["input"] = [*task.get("input", []), *inputs]
+        if status:
+            task["status"] = status
+
+    return change
+
+
+def _set_input(code: str, **value: Any) -> Callable[[dict[str, Any]], None]:
+    """Replace the value of one input the Task shows (the others echoed back)."""
+
+    def change(task: dict[str, Any]) -> None:
+        for item in task["input"]:
+            if item["type"]["coding"][0]["code"] == code:
+                item.pop(next(k for k in item if k.startswith("value")))
+                item.update(value)
+
+    return change
+
+
+def _later(days: int) -> datetime:
+    return (timezone.now() + timedelta(days=days)).replace(microsecond=0)
+
+
+def _accepted(world: World, placer: str = "SR-1") -> str:
+    task_id = str(task_of(submit(world, placer))["id"])
+    response = _update(world.r5, task_id, lambda t: t.update(status="accepted"), FHIR_R5)
+    assert response.status_code == 200, response.content
+    return task_id
+
+
+def _scheduled(world: World, people: dict[str, Any], at: datetime | None = None) -> str:
+    task_id = _accepted(world)
+    expert = people["consultant_user"]
+    response = _update(
+        people["consultant"],
+        task_id,
+        _business(
+            S.SCHEDULED,
+            [
+                _input("scheduled-at", valueDateTime=(at or _later(1)).isoformat()),
+                _input(
+                    "experts", valueIdentifier={"system": m.USER_SYSTEM, "value": str(expert.pk)}
+                ),
+                _input("video-url", valueUrl="https://meet.example.org/room-42"),
+            ],
+        ),
+    )
+    assert response.status_code == 200, response.content
+    return task_id
+
+
+def _in_conference(world: World, people: dict[str, Any]) -> str:
+    task_id = _scheduled(world, people)
+    response = _update(people["consultant"], task_id, _business(S.IN_CONFERENCE))
+    assert response.status_code == 200, response.content
+    return task_id
+
+
+def _advised(world: World) -> str:
+    """Accepted, then e-consult advice (a consult note): a finished case."""
+    task_id = _accepted(world)
+    note = {
+        "resourceType": "DocumentReference",
+        "extension": [{"url": m.DISPOSITION_EXTENSION, "valueCode": "manage_locally"}],
+        "status": "current",
+        "type": {"coding": [{"system": "http://loinc.org", "code": "11488-4"}]},
+        "basedOn": [{"reference": f"ServiceRequest/{task_id}"}],
+        "content": [{"attachment": {"contentType": "text/plain", "data": "SVZJRyAyZy9rZw=="}}],
+    }
+    response = world.r5.post("/fhir/DocumentReference", note, content_type=FHIR_R5, Accept=FHIR_R5)
+    assert response.status_code == 201, response.content
+    return task_id
+
+
+def _snapshot(task_id: str) -> tuple[Any, ...]:
+    """Everything a refused update must leave as it was."""
+    referral = Referral.objects.get(filler_id=task_id)
+    task = FhirResource.objects.get(resource_type="Task", logical_id=task_id, is_current=True)
+    return (
+        referral.state,
+        referral.version,
+        ReferralEvent.objects.filter(referral=referral).count(),
+        task.version_id,
+        referral.conference_at,
+        referral.conference_url,
+        sorted(referral.conference_experts.values_list("pk", flat=True)),
+        Referral.objects.count(),
+        ConsultNote.objects.count(),
+        OutboxMessage.objects.count(),
+    )
+
+
+def _codes(task: dict[str, Any], element: str) -> list[str]:
+    return [item["type"]["coding"][0]["code"] for item in task.get(element, [])]
+
+
+def _validates(resource: dict[str, Any], media: str) -> None:
+    validate_resource(resource, MEDIA_VERSION[media])
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def test_business_status_reaches_the_conference_states():
+    assert m.BUSINESS_STATUS_ACTIONS[S.IN_CONFERENCE] == "start_conference"
+    assert m.BUSINESS_STATUS_ACTIONS[S.ADVISED] == "finish_conference"
+    assert m.TASK_STATUS[S.SCHEDULED] == m.TASK_STATUS[S.IN_CONFERENCE] == "in-progress"
+
+
+# --------------------------------------------------------------------------- reschedule
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_scheduled_task_shows_the_planned_conference(
+    world: World, people: dict[str, Any], version: str
+):
+    at = _later(1)
+    task_id = _scheduled(world, people, at)
+
+    task = _task(world.r4, task_id, version)
+
+    _validates(task, version)
+    expert = people["consultant_user"]
+    assert task["input"] == [
+        _input("scheduled-at", valueDateTime=m.fhir_instant(at)),
+        _input("experts", valueIdentifier={"system": m.USER_SYSTEM, "value": str(expert.pk)}),
+        _input("video-url", valueUrl="https://meet.example.org/room-42"),
+    ]
+    assert (task["status"], m.business_state(task)) == ("in-progress", S.SCHEDULED)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_assignee_reschedules_by_changing_the_conference_time(
+    world: World, people: dict[str, Any], version: str
+):
+    task_id = _scheduled(world, people)
+    later = _later(3)
+
+    response = _update(
+        people["consultant"],
+        task_id,
+        _set_input("scheduled-at", valueDateTime=later.isoformat()),
+        version,
+    )
+
+    assert response.status_code == 200, response.content
+    task = json.loads(response.content)
+    _validates(task, version)
+    assert (task["status"], m.business_state(task)) == ("in-progress", S.SCHEDULED)
+    assert task["input"][0]["valueDateTime"] == m.fhir_instant(later)
+    referral = Referral.objects.get(filler_id=task_id)
+    assert (referral.state, referral.conference_at) == (S.SCHEDULED, later)
+    assert referral.conference_url == "https://meet.example.org/room-42"  # unchanged
+    assert list(referral.conference_experts.all()) == [people["consultant_user"]]
+    schedules = ReferralEvent.objects.filter(referral=referral, action="schedule")
+    assert [(e.from_state, e.to_state) for e in schedules.order_by("seq")] == [
+        (S.ACCEPTED, S.SCHEDULED),
+        (S.SCHEDULED, S.SCHEDULED),
+    ]
+    assert int(task["meta"]["versionId"]) == referral.version
+
+
+def test_sending_only_a_new_video_link_keeps_the_rest(world: World, people: dict[str, Any]):
+    at = _later(1)
+    task_id = _scheduled(world, people, at)
+
+    response = _update(
+        people["consultant"],
+        task_id,
+        lambda t: t.update(input=[_input("video-url", valueUrl="https://meet.example.org/b")]),
+        FHIR_R5,
+    )
+
+    assert response.status_code == 200, response.content
+    referral = Referral.objects.get(filler_id=task_id)
+    assert (referral.conference_at, referral.conference_url) == (at, "https://meet.example.org/b")
+    assert list(referral.conference_experts.all()) == [people["consultant_user"]]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_reschedule_refusals_change_nothing(world: World, people: dict[str, Any], version: str):
+    task_id = _scheduled(world, people)
+    before = _snapshot(task_id)
+    consultant = people["consultant"]
+
+    past = _update(
+        consultant,
+        task_id,
+        _set_input("scheduled-at", valueDateTime="2020-01-01T10:00:00Z"),
+        version,
+    )
+    invalid = _update(
+        consultant, task_id, _set_input("scheduled-at", valueDateTime="2031-02-03"), version
+    )
+    bad_url = _update(consultant, task_id, _set_input("video-url", valueUrl="ftp://x"), version)
+    stray = _update(
+        consultant,
+        task_id,
+        lambda t: t["input"].append(_input("minutes", valueString="Too early.")),
+        version,
+    )
+    unchanged = _update(consultant, task_id, lambda t: None, version)
+    dropped = _update(consultant, task_id, lambda t: t.pop("input"), version)
+    with_status = _update(
+        consultant,
+        task_id,
+        lambda t: (
+            _set_input("scheduled-at", valueDateTime=_later(2).isoformat())(t),
+            t.update(status="completed"),
+        ),
+        version,
+    )
+    wrong_side = _update(
+        people["referrer"],
+        task_id,
+        _set_input("scheduled-at", valueDateTime=_later(2).isoformat()),
+        version,
+    )
+    stale = _update(
+        consultant,
+        task_id,
+        _set_input("scheduled-at", valueDateTime=_later(2).isoformat()),
+        version,
+        if_match='W/"1"',
+    )
+    outsider = world.other.put(f"/fhir/Task/{task_id}", _task(world.r4, task_id))
+
+    for response in (past, invalid, bad_url, stray, unchanged, dropped, with_status):
+        assert response.status_code == 422, response.content
+        assert outcome_issue(response)["code"] == "business-rule"
+    assert "future" in outcome_issue(past)["diagnostics"]
+    assert "scheduled_at" in outcome_issue(invalid)["diagnostics"]
+    assert "video_url" in outcome_issue(bad_url)["diagnostics"]
+    assert "minutes" in outcome_issue(stray)["diagnostics"]
+    assert "nothing to do" in outcome_issue(unchanged)["diagnostics"]
+    assert "nothing to do" in outcome_issue(dropped)["diagnostics"]
+    assert outcome_issue(with_status)["expression"] == ["Task.input"]
+    assert (wrong_side.status_code, outcome_issue(wrong_side)["code"]) == (403, "forbidden")
+    assert (stale.status_code, outcome_issue(stale)["code"]) == (412, "conflict")
+    assert outsider.status_code == 404
+    assert _snapshot(task_id) == before
+
+
+def test_conference_inputs_on_a_task_that_is_not_scheduled_are_refused(
+    world: World, people: dict[str, Any]
+):
+    task_id = _accepted(world)
+    before = _snapshot(task_id)
+
+    response = _update(
+        people["consultant"],
+        task_id,
+        lambda t: t.update(input=[_input("scheduled-at", valueDateTime=_later(1).isoformat())]),
+    )
+
+    assert response.status_code == 422, response.content
+    assert outcome_issue(response)["expression"] == ["Task.input"]
+    assert _snapshot(task_id) == before
+
+
+# --------------------------------------------------------------------------- start / finish
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_assignee_starts_and_finishes_the_conference(
+    world: World, people: dict[str, Any], version: str
+):
+    task_id = _scheduled(world, people)
+
+    started = _update(people["consultant"], task_id, _business(S.IN_CONFERENCE), version)
+
+    assert started.status_code == 200, started.content
+    task = json.loads(started.content)
+    _validates(task, version)
+    assert (task["status"], m.business_state(task)) == ("in-progress", S.IN_CONFERENCE)
+    assert _codes(task, "input") == ["scheduled-at", "experts", "video-url"]
+    assert Referral.objects.get(filler_id=task_id).state == S.IN_CONFERENCE
+
+    finished = _update(
+        people["consultant"],
+        task_id,
+        _business(
+            S.ADVISED,
+            [
+                _input("minutes", valueString="Echo reviewed; IVIG agreed."),
+                _input(
+                    "disposition",
+                    valueCoding={"system": m.DISPOSITION_SYSTEM, "code": "manage_locally"},
+                ),
+                _input("text", valueString="IVIG 2 g/kg + aspirin; echo in 2 weeks."),
+            ],
+            status="in-progress",
+        ),
+        version,
+    )
+
+    assert finished.status_code == 200, finished.content
+    task = json.loads(finished.content)
+    _validates(task, version)
+    assert (task["status"], m.business_state(task)) == ("in-progress", S.ADVISED)
+    assert "input" not in task  # the conference is over; the note is the output
+    referral = Referral.objects.get(filler_id=task_id)
+    note = referral.consult_notes.get()
+    assert (note.disposition, note.conference_minutes, note.text) == (
+        "manage_locally",
+        "Echo reviewed; IVIG agreed.",
+        "IVIG 2 g/kg + aspirin; echo in 2 weeks.",
+    )
+    assert task["output"][0]["valueReference"]["reference"] == (
+        f"DocumentReference/{m.note_id(referral, note.pk)}"
+    )
+    actions = ReferralEvent.objects.filter(referral=referral).order_by("seq")
+    assert list(actions.values_list("action", flat=True))[-2:] == [
+        "start_conference",
+        "finish_conference",
+    ]
+    # Both members are sent the new Task versions and the consult note.
+    sent = OutboxMessage.objects.filter(aggregate_key=f"referral:{referral.pk}")
+    for endpoint in (world.spoke_endpoint, world.hub_endpoint):
+        mine = sent.filter(endpoint=endpoint)
+        assert set(mine.filter(resource_type="Task").values_list("version_id", flat=True)) == set(
+            range(1, referral.version + 1)
+        )
+        assert mine.filter(resource_type="DocumentReference").count() == 1
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_finish_needs_its_inputs_and_refusals_change_nothing(
+    world: World, people: dict[str, Any], version: str
+):
+    task_id = _in_conference(world, people)
+    before = _snapshot(task_id)
+    consultant = people["consultant"]
+    minutes = _input("minutes", valueString="Discussed.")
+    advice = _input("text", valueString="Manage locally.")
+    disposition = _input("disposition", valueCode="manage_locally")
+
+    missing = _update(consultant, task_id, _business(S.ADVISED, [minutes, advice]), version)
+    bad_code = _update(
+        consultant,
+        task_id,
+        _business(S.ADVISED, [minutes, advice, _input("disposition", valueCode="pray")]),
+        version,
+    )
+    stray = _update(
+        consultant,
+        task_id,
+        _business(S.ADVISED, [minutes, advice, disposition, _input("outcome", valueCode="x")]),
+        version,
+    )
+    wrong_status = _update(
+        consultant,
+        task_id,
+        _business(S.ADVISED, [minutes, advice, disposition], status="completed"),
+        version,
+    )
+    wrong_side = _update(
+        people["referrer"], task_id, _business(S.ADVISED, [minutes, advice, disposition]), version
+    )
+    stale = _update(
+        consultant,
+        task_id,
+        _business(S.ADVISED, [minutes, advice, disposition]),
+        version,
+        if_match='W/"2"',
+    )
+
+    for response in (missing, bad_code, stray, wrong_status):
+        assert response.status_code == 422, response.content
+        assert outcome_issue(response)["code"] == "business-rule"
+    assert "disposition" in outcome_issue(missing)["diagnostics"]
+    assert "disposition" in outcome_issue(bad_code)["diagnostics"]
+    assert outcome_issue(stray)["expression"] == ["Task.input"]
+    assert outcome_issue(wrong_status)["expression"] == ["Task.status"]
+    assert wrong_side.status_code == 403
+    assert stale.status_code == 412
+    assert _snapshot(task_id) == before
+
+
+def test_start_and_finish_from_the_wrong_state_change_nothing(world: World, people: dict[str, Any]):
+    task_id = _accepted(world)
+    before = _snapshot(task_id)
+
+    start = _update(people["consultant"], task_id, _business(S.IN_CONFERENCE))
+    finish = _update(
+        people["consultant"],
+        task_id,
+        _business(
+            S.ADVISED,
+            [
+                _input("minutes", valueString="-"),
+                _input("disposition", valueCode="manage_locally"),
+                _input("text", valueString="-"),
+            ],
+        ),
+    )
+
+    assert start.status_code == 409  # the service: not from accepted
+    assert "accepted" in outcome_issue(start)["diagnostics"]
+    # advised from accepted is e-consult advice: a consult note, not a Task update.
+    assert finish.status_code == 422
+    assert outcome_issue(finish)["expression"] == ["Task.businessStatus"]
+    assert "DocumentReference" in outcome_issue(finish)["diagnostics"]
+    assert _snapshot(task_id) == before
+
+
+def test_requester_cannot_start_the_conference(world: World, people: dict[str, Any]):
+    task_id = _scheduled(world, people)
+    before = _snapshot(task_id)
+
+    for client in (people["referrer"], world.r4):
+        response = _update(client, task_id, _business(S.IN_CONFERENCE), FHIR_R5)
+        assert (response.status_code, outcome_issue(response)["code"]) == (403, "forbidden")
+    assert _snapshot(task_id) == before
+
+
+def test_a_cancel_of_a_scheduled_task_echoing_its_inputs_still_cancels(
+    world: World, people: dict[str, Any]
+):
+    task_id = _scheduled(world, people)
+
+    response = _update(
+        world.r4,
+        task_id,
+        lambda t: t.update(status="cancelled", statusReason={"text": "Transferred elsewhere."}),
+    )
+
+    assert response.status_code == 200, response.content
+    task = json.loads(response.content)
+    assert (task["status"], "input" in task) == ("cancelled", False)
+    assert Referral.objects.get(filler_id=task_id).state == S.CANCELLED
+
+
+# --------------------------------------------------------------------------- counter-referral
+
+
+def _counter_referral(
+    world: World, task_id: str, department: Department, version: str = FHIR_R4, **changes: Any
+) -> dict[str, Any]:
+    resource: dict[str, Any] = {
+        "resourceType": "ServiceRequest",
+        "status": "active",
+        "intent": "order",
+        "basedOn": [{"reference": f"ServiceRequest/{task_id}"}],
+        "subject": {"reference": f"Patient/{task_id}"},
+        "requester": {"reference": f"Organization/{world.network.hub.pk}"},
+        "performer": [{"reference": f"HealthcareService/{department.pk}"}],
+    }
+    question = {"text": "Follow-up EEG after the febrile seizure, please."}
+    if version == FHIR_R4:
+        resource["reasonCode"] = [question]
+    else:
+        resource["reason"] = [{"concept": question}]
+    resource.update(changes)
+    return {k: v for k, v in resource.items() if v is not None}
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_assignee_counter_refers_with_a_service_request_based_on_the_referral(
+    world: World, people: dict[str, Any], spoke_neurology: Department, version: str
+):
+    task_id = _advised(world)
+    original = Referral.objects.get(filler_id=task_id)
+    resource = _counter_referral(world, task_id, spoke_neurology, version)
+
+    response = people["consultant"].post(
+        "/fhir/ServiceRequest", resource, content_type=version, Accept=version
+    )
+
+    assert response.status_code == 201, response.content
+    created = json.loads(response.content)
+    _validates(created, version)
+    child = Referral.objects.get(parent_referral=original)
+    assert created["id"] == child.filler_id
+    assert response["Location"].endswith(f"/ServiceRequest/{child.filler_id}/_history/1")
+    assert created["basedOn"] == [{"reference": f"ServiceRequest/{task_id}"}]
+    assert created["requester"] == {"reference": f"Organization/{world.network.hub.pk}"}
+    assert created["performer"] == [{"reference": f"HealthcareService/{spoke_neurology.pk}"}]
+    assert (created["status"], created["priority"]) == ("active", "routine")
+    # The new referral's Task (same id), submitted to the spoke's department.
+    new_task = _task(people["consultant"], child.filler_id, version)
+    _validates(new_task, version)
+    assert (new_task["status"], m.business_state(new_task)) == ("requested", S.SUBMITTED)
+    assert new_task["owner"] == {"reference": f"HealthcareService/{spoke_neurology.pk}"}
+    assert new_task["focus"] == {"reference": f"ServiceRequest/{child.filler_id}"}
+    assert (child.state, child.clinical_question, child.patient_ref) == (
+        S.SUBMITTED,
+        "Follow-up EEG after the febrile seizure, please.",
+        original.patient_ref,
+    )
+    # The original keeps its state; its Task names the counter-referral in Task.output.
+    original.refresh_from_db()
+    assert original.state == S.ADVISED
+    task = _task(world.r4, task_id, version)
+    _validates(task, version)
+    assert task["output"][-1] == {
+        "type": {
+            "coding": [
+                {
+                    "system": m.TASK_OUTPUT_SYSTEM,
+                    "code": "counter-referral",
+                    "display": "Counter-referral",
+                }
+            ]
+        },
+        "valueReference": {"reference": f"ServiceRequest/{child.filler_id}"},
+    }
+    assert int(task["meta"]["versionId"]) == original.version
+
+
+def test_the_counter_referral_is_published_to_both_members(
+    world: World, people: dict[str, Any], spoke_neurology: Department
+):
+    task_id = _advised(world)
+
+    response = people["consultant"].post(
+        "/fhir/ServiceRequest", _counter_referral(world, task_id, spoke_neurology)
+    )
+
+    assert response.status_code == 201, response.content
+    child = Referral.objects.get(filler_id=json.loads(response.content)["id"])
+    sent = OutboxMessage.objects.filter(aggregate_key=f"referral:{child.pk}")
+    for endpoint in (world.spoke_endpoint, world.hub_endpoint):  # receiver, sender
+        assert sorted(
+            sent.filter(endpoint=endpoint).values_list("resource_type", "logical_id", "version_id")
+        ) == [
+            ("Patient", child.filler_id, 1),
+            ("ServiceRequest", child.filler_id, 1),
+            ("Task", child.filler_id, 1),
+        ]
+    original = Referral.objects.get(filler_id=task_id)
+    latest = OutboxMessage.objects.filter(
+        aggregate_key=f"referral:{original.pk}", resource_type="Task", version_id=original.version
+    )
+    assert latest.count() == 2  # the original's new Task version, to both members
+
+
+def test_a_conditional_counter_referral_is_made_once(
+    world: World, people: dict[str, Any], spoke_neurology: Department
+):
+    task_id = _advised(world)
+    condition = {"If-None-Exist": f"identifier=urn:consilium:counter-referral|{task_id}/1"}
+
+    first = people["consultant"].post(
+        "/fhir/ServiceRequest", _counter_referral(world, task_id, spoke_neurology), **condition
+    )
+    again = people["consultant"].post(
+        "/fhir/ServiceRequest", _counter_referral(world, task_id, spoke_neurology), **condition
+    )
+
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert json.loads(first.content)["id"] == json.loads(again.content)["id"]
+    assert Referral.objects.filter(parent_referral__filler_id=task_id).count() == 1
+
+
+def test_counter_referral_refusals_change_nothing(
+    world: World, people: dict[str, Any], spoke_neurology: Department
+):
+    task_id = _advised(world)
+    before = _snapshot(task_id)
+    consultant = people["consultant"]
+
+    def post(client: FhirClient, **changes: Any) -> Any:
+        return client.post(
+            "/fhir/ServiceRequest", _counter_referral(world, task_id, spoke_neurology, **changes)
+        )
+
+    hub_department = post(
+        consultant, performer=[{"reference": f"HealthcareService/{world.network.cardiology.pk}"}]
+    )
+    no_performer = post(consultant, performer=None)
+    no_question = post(consultant, reasonCode=None)
+    urgent = post(consultant, priority="urgent")
+    other_patient = post(consultant, subject={"reference": "Patient/someone-else"})
+    wrong_specialty = post(
+        consultant,
+        performerType={"coding": [{"system": "http://snomed.info/sct", "code": "394537008"}]},
+    )
+    wrong_side = post(people["referrer"], requester=None)
+    other_organization = post(people["referrer"])  # names the hub as requester
+    outsider = post(world.other, requester=None)
+    unknown = post(consultant, basedOn=[{"reference": "ServiceRequest/CSL-NOPE"}])
+
+    for response in (hub_department, no_performer, no_question, urgent, other_patient):
+        assert response.status_code == 422, response.content
+    assert wrong_specialty.status_code == 422
+    assert "requesting facility" in outcome_issue(hub_department)["diagnostics"]
+    assert outcome_issue(no_performer)["expression"] == ["ServiceRequest.performer"]
+    assert outcome_issue(urgent)["expression"] == ["ServiceRequest.priority"]
+    assert outcome_issue(other_patient)["expression"] == ["ServiceRequest.subject"]
+    assert outcome_issue(wrong_specialty)["expression"] == ["ServiceRequest.performerType"]
+    assert (wrong_side.status_code, outcome_issue(wrong_side)["code"]) == (403, "forbidden")
+    assert other_organization.status_code == 403
+    assert outsider.status_code == 404
+    assert unknown.status_code == 404
+    assert _snapshot(task_id) == before
+    assert not Referral.objects.filter(parent_referral__isnull=False).exists()
+
+
+def test_counter_referral_of_a_case_not_finished_is_refused(
+    world: World, people: dict[str, Any], spoke_neurology: Department
+):
+    task_id = _accepted(world)
+    before = _snapshot(task_id)
+
+    response = people["consultant"].post(
+        "/fhir/ServiceRequest", _counter_referral(world, task_id, spoke_neurology)
+    )
+
+    assert response.status_code == 409
+    assert "accepted" in outcome_issue(response)["diagnostics"]
+    assert _snapshot(task_id) == before
+
+
+def test_a_counter_referral_cannot_come_in_a_transaction(world: World, spoke_neurology: Department):
+    task_id = _advised(world)
+    bundle = transaction(world, "SR-2")
+    bundle["entry"][1]["resource"]["basedOn"] = [{"reference": f"ServiceRequest/{task_id}"}]
+    before = Referral.objects.count()
+
+    response = world.r4.post("/fhir", bundle)
+
+    assert response.status_code == 422
+    assert outcome_issue(response)["expression"] == ["ServiceRequest.basedOn"]
+    assert Referral.objects.count() == before
+
+
+def test_a_based_on_care_plan_is_not_a_counter_referral():
+    resource = {"basedOn": [{"reference": "CarePlan/gpvisit"}, {"display": "An order"}]}
+    assert m.based_on_referral(resource) is None
