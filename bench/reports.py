@@ -52,6 +52,8 @@ from reports.models import (  # noqa: E402
     DailyRollup,
     DurationHistogram,
     MonthlyRollup,
+    NationalHistogram,
+    NationalMonthlyRollup,
     ReferralFact,
     SegmentRollup,
     UpkeepState,
@@ -430,12 +432,15 @@ def main() -> None:
     monthly = MonthlyRollup.objects.count()
     segments = SegmentRollup.objects.count()
     cells = DurationHistogram.objects.count()
+    national = NationalMonthlyRollup.objects.count()
+    national_cells = NationalHistogram.objects.count()
     facts = ReferralFact.objects.count()
     events = ReferralEvent.objects.count()
     print(
         f"\n{events:,} events, {facts:,} fact rows, {rollups:,} daily rollup rows, "
         f"{monthly:,} monthly rollup rows, {segments:,} segment rollup rows, "
-        f"{cells:,} histogram cells\n"
+        f"{cells:,} histogram cells, {national:,} national monthly rollup rows, "
+        f"{national_cells:,} national histogram cells\n"
     )
     print(f"{'slice (ministry, suppressed)':50} {'median ms':>10} {'p95 ms':>10}")
     for name, med, p in query_bench(args.repeat):

@@ -20,6 +20,9 @@ never block a registry delete, and rebuilding them must not need constraint chec
   week/month/quarter/year and capacity read it; its size does not grow with referrals.
 - ``DurationHistogram``: per (month of the milestone, the fact's dimensions above, metric,
   log bucket) the number of referrals: approximate national percentiles (docs/metrics.md).
+- ``NationalMonthlyRollup`` / ``NationalHistogram``: MonthlyRollup / DurationHistogram
+  summed over province and hub (far fewer rows): month-grain queries that neither filter
+  nor group by province or hub (the national headlines and trends) read them.
 - ``UpkeepState``: the watermark (highest event id applied) and the ids skipped as gaps.
 """
 
@@ -155,6 +158,38 @@ class MonthlyRollup(RollupCounters):
         return f"{self.month} c{self.country_id} h{self.hub_facility_id}"
 
 
+# Dimension columns of a NationalMonthlyRollup row (the upsert key); the same counters.
+NATIONAL_KEY: tuple[str, ...] = (
+    "month",
+    "country_id",
+    "tier",
+    "specialty_id",
+    "campaign",
+    "cross_border",
+)
+
+
+class NationalMonthlyRollup(RollupCounters):
+    """MonthlyRollup summed over province and hub: kept equal to that GROUP BY by the same
+    batch (same transaction) and by the rebuild."""
+
+    month = models.DateField(help_text="first day of the local month")
+    country_id = models.BigIntegerField()
+    tier = models.PositiveSmallIntegerField()
+    specialty_id = models.BigIntegerField()
+    campaign = models.CharField(max_length=100, blank=True, default="")
+    cross_border = models.BooleanField(default=False)
+
+    class Meta:
+        constraints = [
+            # Leads with month: also the index of a month-range scan.
+            models.UniqueConstraint(fields=list(NATIONAL_KEY), name="report_national_key"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.month} c{self.country_id} s{self.specialty_id}"
+
+
 # Dimension columns of a SegmentRollup row (the upsert key); the same counters.
 SEGMENT_KEY: tuple[str, ...] = (
     "segment",
@@ -248,6 +283,50 @@ class DurationHistogram(models.Model):
         ]
         indexes = [
             models.Index(fields=["metric", "month"], name="report_histogram_month"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.month} m{self.metric} b{self.bucket}: {self.n}"
+
+
+# NationalHistogram: the histogram dimensions without province and hub.
+NATIONAL_HISTOGRAM_DIMENSIONS: tuple[str, ...] = (
+    "country_id",
+    "tier",
+    "specialty_id",
+    "campaign",
+    "cross_border",
+)
+NATIONAL_HISTOGRAM_KEY: tuple[str, ...] = (
+    "month",
+    "metric",
+    *NATIONAL_HISTOGRAM_DIMENSIONS,
+    "bucket",
+)
+
+
+class NationalHistogram(models.Model):
+    """DurationHistogram summed over province and hub, kept so by the same deltas (same
+    transaction) and by the rebuild. Cells that fall to 0 stay with n = 0, as there."""
+
+    month = models.DateField()
+    metric = models.PositiveSmallIntegerField()
+    country_id = models.BigIntegerField()
+    tier = models.PositiveSmallIntegerField()
+    specialty_id = models.BigIntegerField()
+    campaign = models.CharField(max_length=100, blank=True, default="")
+    cross_border = models.BooleanField(default=False)
+    bucket = models.SmallIntegerField()
+    n = models.IntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=list(NATIONAL_HISTOGRAM_KEY), name="report_national_histogram_key"
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["metric", "month"], name="report_national_hist_month"),
         ]
 
     def __str__(self) -> str:

@@ -37,10 +37,14 @@ from reports.models import (
     COUNTERS,
     FOLLOWUP,
     FOLLOWUP_MAX_DAYS,
+    NATIONAL_HISTOGRAM_KEY,
+    NATIONAL_KEY,
     SEGMENT_KEY,
     DailyRollup,
     DurationHistogram,
     MonthlyRollup,
+    NationalHistogram,
+    NationalMonthlyRollup,
     ReferralFact,
     SegmentRollup,
 )
@@ -131,8 +135,10 @@ def rebuild_in_sql(*, high: int, zone: ZoneInfo, km_of: Any) -> int:
     qn = connection.ops.quote_name
     daily = DailyRollup._meta.db_table
     monthly = MonthlyRollup._meta.db_table
+    national = NationalMonthlyRollup._meta.db_table
     segments = SegmentRollup._meta.db_table
     histograms = DurationHistogram._meta.db_table
+    national_histograms = NationalHistogram._meta.db_table
     facts = ReferralFact._meta.db_table
     considered = _truthy("e.payload -> 'transfer_originally_considered'")
     avoided = "e.payload -> 'outcome' = '\"avoided\"'::jsonb"
@@ -147,7 +153,7 @@ def rebuild_in_sql(*, high: int, zone: ZoneInfo, km_of: Any) -> int:
         cursor.execute(
             "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = current_schema()"
             " AND tablename = ANY(%s) AND indexname NOT IN (SELECT conname FROM pg_constraint)",
-            [[daily, monthly, segments, histograms, facts]],
+            [[daily, monthly, national, segments, histograms, national_histograms, facts]],
         )
         indexes = cursor.fetchall()
         for name, _definition in indexes:
@@ -240,6 +246,18 @@ def rebuild_in_sql(*, high: int, zone: ZoneInfo, km_of: Any) -> int:
             FROM {daily}
             GROUP BY 1, 2, 3, 4, 5, 6, 7, 8
             ORDER BY 1, 2, 3, 4, 5, 6, 7, 8
+            """  # noqa: S608
+        )
+        # The national month rows: the month rows summed over province and hub.
+        national_key = ", ".join(NATIONAL_KEY)
+        cursor.execute(
+            f"""
+            INSERT INTO {national} ({national_key}, {counters}, travel_km)
+            SELECT {national_key},
+                {", ".join(f"sum({qn(c)})" for c in COUNTERS)}, sum(travel_km)
+            FROM {monthly}
+            GROUP BY {national_key}
+            ORDER BY {national_key}
             """  # noqa: S608
         )
         segment_key = ", ".join(SEGMENT_KEY[1:])
@@ -375,6 +393,16 @@ def rebuild_in_sql(*, high: int, zone: ZoneInfo, km_of: Any) -> int:
             ORDER BY month, metric, {dimensions}, bucket
             """,  # noqa: S608
             {"t": list(bucket_thresholds())},
+        )
+        national_cell = ", ".join(NATIONAL_HISTOGRAM_KEY)
+        cursor.execute(
+            f"""
+            INSERT INTO {national_histograms} ({national_cell}, n)
+            SELECT {national_cell}, sum(n)
+            FROM {histograms}
+            GROUP BY {national_cell}
+            ORDER BY {national_cell}
+            """  # noqa: S608
         )
         cursor.execute(_DROP_TEMPS)
         for _name, definition in indexes:

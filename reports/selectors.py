@@ -43,6 +43,8 @@ from reports.models import (
     DailyRollup,
     DurationHistogram,
     MonthlyRollup,
+    NationalHistogram,
+    NationalMonthlyRollup,
     ReferralFact,
     SegmentRollup,
 )
@@ -321,13 +323,35 @@ def _whole_segments(scope: ReportScope, filters: ReportFilters, by: tuple[str, .
     return end is None or end.weekday() == 6 or (end + timedelta(days=1)).day == 1
 
 
+@dataclass(frozen=True)
+class MonthTables:
+    """The month-grain rollup and histogram rows a whole-month query reads."""
+
+    rollup: QuerySet[Any]
+    histogram: QuerySet[Any]
+
+
+def _month_tables(filters: ReportFilters, by: tuple[str, ...]) -> MonthTables:
+    """For a query the month tables answer (``_whole_months``): the national tables (no
+    province or hub column, far fewer rows) unless the query filters or groups by
+    province or hub; then MonthlyRollup and DurationHistogram. The one place that decides."""
+    if (
+        filters.province_id is None
+        and filters.hub_id is None
+        and "province" not in by
+        and "hub" not in by
+    ):
+        return MonthTables(NationalMonthlyRollup.objects.all(), NationalHistogram.objects.all())
+    return MonthTables(MonthlyRollup.objects.all(), DurationHistogram.objects.all())
+
+
 def _rollup_source(
     scope: ReportScope, filters: ReportFilters, by: tuple[str, ...] | None = None
 ) -> tuple[QuerySet[Any], str]:
     """The coarsest rollup that answers the query exactly, and its date column."""
     by = filters.by if by is None else by
     if _whole_months(scope, filters) and "facility" not in by:
-        return MonthlyRollup.objects.all(), "month"
+        return _month_tables(filters, by).rollup, "month"
     if _whole_segments(scope, filters, by):
         return _scoped(SegmentRollup.objects.all(), scope), "segment"
     return _scoped(DailyRollup.objects.all(), scope), "day"
@@ -458,7 +482,7 @@ def _verification_counts(
     if _whole_months(scope, filters):
         # Months whose every close-out is at least W before now are settled: nothing is
         # pending there, and "followed within W" is "0 < whole days to follow-up <= W"
-        # (DurationHistogram, metric FOLLOWUP). Later months are read from the facts.
+        # (the month histogram, metric FOLLOWUP). Later months are read from the facts.
         cutoff = _first_unsettled_month(now - window)
         if filters.date_to is None or filters.date_to >= cutoff:
             fact_filters = replace(filters, date_from=max(cutoff, filters.date_from or cutoff))
@@ -467,14 +491,16 @@ def _verification_counts(
         settled_to = min(cutoff - timedelta(days=1), filters.date_to or cutoff)
         annotations, names = _group_fields(by, filters.period, "month")
         for r in _grouped(
-            DurationHistogram.objects.filter(
+            _month_tables(filters, by)
+            .histogram.filter(
                 filters.query(),
                 filters.dates("month"),
                 ~Q(bucket__gte=1, bucket__lte=verify_days()),
                 month__lte=settled_to,
                 metric=FOLLOWUP,
                 n__gt=0,
-            ).annotate(**annotations),
+            )
+            .annotate(**annotations),
             names,
             avoided_verified=Sum("n"),
         ):
@@ -640,11 +666,14 @@ def _durations(
 
 
 def _histogram_durations(
-    filters: ReportFilters, metric: int, names: list[str], annotations: dict[str, Any]
+    filters: ReportFilters, metric: int, by: tuple[str, ...]
 ) -> dict[tuple[Any, ...], dict[str, Any]]:
-    """Approximate percentiles from DurationHistogram (within 4.4 % + 30 s of exact)."""
+    """Approximate percentiles from the month histogram (within 4.4 % + 30 s of exact),
+    grouped by ``by``."""
+    annotations, names = _group_fields(by, filters.period, "month")
     queryset = (
-        DurationHistogram.objects.filter(filters.query(), filters.dates("month"), metric=metric)
+        _month_tables(filters, by)
+        .histogram.filter(filters.query(), filters.dates("month"), metric=metric)
         .annotate(**annotations)
         .values(*names, "bucket")
         .annotate(count=Sum("n"))
@@ -683,9 +712,9 @@ def report_response_times(user: User, filters: ReportFilters) -> dict[str, Any]:
         ("advice", "advice_seconds", "advised_day", ADVICE),
     ):
         if approximate:
-            annotations, names = _group_fields(by, filters.period, "month")
-            parts[prefix] = (_histogram_durations(filters, metric, names, annotations), names)
-            parts[f"{prefix}_total"] = (_histogram_durations(filters, metric, [], {}), [])
+            _, names = _group_fields(by, filters.period, "month")
+            parts[prefix] = (_histogram_durations(filters, metric, by), names)
+            parts[f"{prefix}_total"] = (_histogram_durations(filters, metric, ()), [])
             continue
         annotations, names = _group_fields(by, filters.period, day)
         queryset = base.filter(filters.dates(day), **{f"{value}__isnull": False})

@@ -43,12 +43,16 @@ from reports.models import (
     FOLLOWUP_MAX_DAYS,
     HISTOGRAM_KEY,
     MONTHLY_KEY,
+    NATIONAL_HISTOGRAM_KEY,
+    NATIONAL_KEY,
     ROLLUP_ATTRIBUTES,
     ROLLUP_KEY,
     SEGMENT_KEY,
     DailyRollup,
     DurationHistogram,
     MonthlyRollup,
+    NationalHistogram,
+    NationalMonthlyRollup,
     ReferralFact,
     SegmentRollup,
     UpkeepState,
@@ -99,7 +103,15 @@ EVENT_FIELDS = (
 )
 
 # Every table derived from the log (emptied and refilled by a rebuild).
-REPORT_TABLES = (DailyRollup, MonthlyRollup, SegmentRollup, DurationHistogram, ReferralFact)
+REPORT_TABLES = (
+    DailyRollup,
+    MonthlyRollup,
+    NationalMonthlyRollup,
+    SegmentRollup,
+    DurationHistogram,
+    NationalHistogram,
+    ReferralFact,
+)
 
 FACT_UPDATE_FIELDS = [f.name for f in ReferralFact._meta.concrete_fields if f.name != "referral_id"]
 
@@ -346,17 +358,30 @@ _TYPES: dict[str, dict[str, str]] = {}
 def _column_types(table: str) -> dict[str, str]:
     """Column -> PostgreSQL type of a report table (for the unnest() casts)."""
     if table not in _TYPES:
-        model = next(
-            m
-            for m in (DailyRollup, MonthlyRollup, SegmentRollup, DurationHistogram, ReferralFact)
-            if m._meta.db_table == table
-        )
+        model = next(m for m in REPORT_TABLES if m._meta.db_table == table)
         _TYPES[table] = {f.column: str(f.db_type(connection)) for f in model._meta.concrete_fields}
     return _TYPES[table]
 
 
+def _summed(
+    rows: Iterable[dict[str, Any]], key: tuple[str, ...], sums: list[str]
+) -> list[dict[str, Any]]:
+    """``rows`` summed by ``key`` (columns of the rows)."""
+    out: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for row in rows:
+        values = tuple(row[c] for c in key)
+        total = out.get(values)
+        if total is None:
+            total = out[values] = dict(zip(key, values, strict=True))
+            total.update(dict.fromkeys(sums, 0))
+        for c in sums:
+            total[c] += row[c]
+    return list(out.values())
+
+
 def _write_rollups(rollups: Iterable[dict[str, Any]]) -> None:
-    """The day rows, and the same counters summed into the month rows (same transaction)."""
+    """The day rows, and the same counters summed into the month, national month and
+    segment rows (same transaction)."""
     rows = list(rollups)
     if not rows:
         return
@@ -385,6 +410,14 @@ def _write_rollups(rollups: Iterable[dict[str, Any]]) -> None:
         monthly_columns,
         sums,
         [[m[c] for c in monthly_columns] for m in months.values()],
+    )
+    national_columns = [*NATIONAL_KEY, *sums]
+    _upsert(
+        NationalMonthlyRollup._meta.db_table,
+        NATIONAL_KEY,
+        national_columns,
+        sums,
+        [[m[c] for c in national_columns] for m in _summed(months.values(), NATIONAL_KEY, sums)],
     )
     segments: dict[tuple[Any, ...], dict[str, Any]] = {}
     for row in rows:
@@ -478,8 +511,13 @@ def _followup_key(fact: ReferralFact) -> tuple[Any, ...] | None:
     )
 
 
+# Positions in HISTOGRAM_KEY of the NATIONAL_HISTOGRAM_KEY columns.
+_NATIONAL_CELL = tuple(HISTOGRAM_KEY.index(c) for c in NATIONAL_HISTOGRAM_KEY)
+
+
 def _write_histograms(delta: Counter[tuple[Any, ...]]) -> None:
-    """Add the count changes (cells that drop to 0 stay, with n = 0)."""
+    """Add the count changes to the cells and to the national cells they sum into (cells
+    that drop to 0 stay, with n = 0)."""
     columns = [*HISTOGRAM_KEY, "n"]
     _upsert(
         DurationHistogram._meta.db_table,
@@ -487,6 +525,16 @@ def _write_histograms(delta: Counter[tuple[Any, ...]]) -> None:
         columns,
         ["n"],
         [[*key, n] for key, n in sorted(delta.items(), key=repr) if n],
+    )
+    national: Counter[tuple[Any, ...]] = Counter()
+    for key, n in delta.items():
+        national[tuple(key[i] for i in _NATIONAL_CELL)] += n
+    _upsert(
+        NationalHistogram._meta.db_table,
+        NATIONAL_HISTOGRAM_KEY,
+        [*NATIONAL_HISTOGRAM_KEY, "n"],
+        ["n"],
+        [[*key, n] for key, n in sorted(national.items(), key=repr) if n],
     )
 
 

@@ -6,8 +6,9 @@
 - The issue's acceptance check: 50,000 referrals written by the bulk simulation
   (``referrals.simulation.simulate_bulk``: COPY, the lifecycle model of
   ``manage.py simulate_referrals --bulk``), the watermark job run between the written
-  batches as production runs it, then ``reports_rebuild``; daily and monthly rollups,
-  facts and histogram cells compared in SQL (``EXCEPT ALL`` both ways, floats exactly).
+  batches as production runs it, then ``reports_rebuild``; daily, monthly, national
+  monthly and segment rollups, facts, histogram and national histogram cells compared in
+  SQL (``EXCEPT ALL`` both ways, floats exactly).
 - SQL rebuild == Python rebuild on 3,000 bulk referrals.
 """
 
@@ -35,12 +36,16 @@ from reports.models import (
     FOLLOWUP,
     HISTOGRAM_KEY,
     MONTHLY_KEY,
+    NATIONAL_HISTOGRAM_KEY,
+    NATIONAL_KEY,
     ROLLUP_ATTRIBUTES,
     ROLLUP_KEY,
     SEGMENT_KEY,
     DailyRollup,
     DurationHistogram,
     MonthlyRollup,
+    NationalHistogram,
+    NationalMonthlyRollup,
     ReferralFact,
     SegmentRollup,
     UpkeepState,
@@ -134,8 +139,10 @@ TABLES: tuple[tuple[Any, tuple[str, ...]], ...] = (
     (DailyRollup, ROLLUP_KEY),
     (ReferralFact, ("referral_id",)),
     (MonthlyRollup, MONTHLY_KEY),
+    (NationalMonthlyRollup, NATIONAL_KEY),
     (SegmentRollup, SEGMENT_KEY),
     (DurationHistogram, HISTOGRAM_KEY),
+    (NationalHistogram, NATIONAL_HISTOGRAM_KEY),
 )
 
 
@@ -145,7 +152,7 @@ def _columns(model: Any) -> list[str]:
 
 def _source(model: Any) -> str:
     # Histogram cells that fell to n = 0 are ignored by every query (a rebuild drops them).
-    where = " WHERE n > 0" if model is DurationHistogram else ""
+    where = " WHERE n > 0" if model in (DurationHistogram, NationalHistogram) else ""
     return f"SELECT {', '.join(_columns(model))} FROM {model._meta.db_table}{where}"  # noqa: S608
 
 
@@ -191,8 +198,9 @@ def _assert_identical(tag: str) -> None:
 
 
 def _assert_derived_tables_consistent() -> None:
-    """Month and segment rows = day rows summed; histogram cells = a GROUP BY of the facts
-    (the Python definition, ``services._histogram_keys``)."""
+    """Month and segment rows = day rows summed; national month rows = month rows summed;
+    histogram cells = a GROUP BY of the facts (the Python definition,
+    ``services._histogram_keys``); national cells = histogram cells summed."""
     sums = [*COUNTERS, "travel_km"]
     expected: dict[tuple[Any, ...], list[Any]] = {}
     for row in DailyRollup.objects.values(*ROLLUP_KEY, *ROLLUP_ATTRIBUTES, *sums):
@@ -216,6 +224,16 @@ def _assert_derived_tables_consistent() -> None:
         for row in SegmentRollup.objects.values(*SEGMENT_KEY, *sums)
     }
     assert actual == expected
+    expected = {}
+    for row in MonthlyRollup.objects.values(*MONTHLY_KEY, *sums):
+        totals = expected.setdefault(tuple(row[c] for c in NATIONAL_KEY), [0] * len(sums))
+        for i, c in enumerate(sums):
+            totals[i] += row[c]
+    actual = {
+        tuple(row[c] for c in NATIONAL_KEY): [row[c] for c in sums]
+        for row in NationalMonthlyRollup.objects.values(*NATIONAL_KEY, *sums)
+    }
+    assert actual == expected
     cells: Counter[tuple[Any, ...]] = Counter()
     for fact in ReferralFact.objects.all().iterator(chunk_size=5000):
         cells.update(_histogram_keys(fact))
@@ -225,6 +243,14 @@ def _assert_derived_tables_consistent() -> None:
     }
     assert stored == dict(cells)
     assert not DurationHistogram.objects.filter(n__lt=0).exists()
+    national: Counter[tuple[Any, ...]] = Counter()
+    for key, n in stored.items():
+        national[tuple(key[HISTOGRAM_KEY.index(c)] for c in NATIONAL_HISTOGRAM_KEY)] += n
+    assert {
+        tuple(row[c] for c in NATIONAL_HISTOGRAM_KEY): row["n"]
+        for row in NationalHistogram.objects.filter(n__gt=0).values(*NATIONAL_HISTOGRAM_KEY, "n")
+    } == dict(national)
+    assert not NationalHistogram.objects.filter(n__lt=0).exists()
 
 
 def _submitted() -> int:

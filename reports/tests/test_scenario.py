@@ -12,10 +12,14 @@ from reports.models import (
     COUNTERS,
     HISTOGRAM_KEY,
     MONTHLY_KEY,
+    NATIONAL_HISTOGRAM_KEY,
+    NATIONAL_KEY,
     ROLLUP_KEY,
     DailyRollup,
     DurationHistogram,
     MonthlyRollup,
+    NationalHistogram,
+    NationalMonthlyRollup,
     ReferralFact,
 )
 from reports.selectors import (
@@ -262,13 +266,18 @@ def _dicts(queryset: Any) -> list[dict[str, Any]]:
 
 
 def _snapshot() -> tuple[list[tuple[Any, ...]], ...]:
-    """(daily rollups, facts, monthly rollups, non-empty histogram cells); checks that the
-    month rows are the day rows summed and the histograms a GROUP BY of the facts."""
+    """(daily rollups, facts, monthly rollups, non-empty histogram cells, national monthly
+    rollups, non-empty national cells); checks that the month rows are the day rows summed,
+    the histograms a GROUP BY of the facts and the national tables the month tables summed
+    over province and hub."""
     rollups = _rows(DailyRollup, ROLLUP_KEY)
     facts = _rows(ReferralFact, ("referral_id",))
     monthly = _rows(MonthlyRollup, MONTHLY_KEY)
     histograms = _rows(DurationHistogram, HISTOGRAM_KEY, n__gt=0)
+    national = _rows(NationalMonthlyRollup, NATIONAL_KEY)
+    national_cells = _rows(NationalHistogram, NATIONAL_HISTOGRAM_KEY, n__gt=0)
     assert DurationHistogram.objects.filter(n__lt=0).count() == 0
+    assert NationalHistogram.objects.filter(n__lt=0).count() == 0
     sums = [*COUNTERS, "travel_km"]
     expected: dict[tuple[Any, ...], list[float]] = {}
     for row in _dicts(DailyRollup.objects.all()):
@@ -290,7 +299,27 @@ def _snapshot() -> tuple[list[tuple[Any, ...]], ...]:
         tuple(row[c] for c in HISTOGRAM_KEY): row["n"]
         for row in _dicts(DurationHistogram.objects.filter(n__gt=0))
     } == dict(cells)
-    return rollups, facts, monthly, histograms
+    expected = {}
+    for row in _dicts(MonthlyRollup.objects.all()):
+        totals = expected.setdefault(tuple(row[c] for c in NATIONAL_KEY), [0] * len(sums))
+        for i, c in enumerate(sums):
+            totals[i] += row[c]
+    actual = {
+        tuple(row[c] for c in NATIONAL_KEY): [row[c] for c in sums]
+        for row in _dicts(NationalMonthlyRollup.objects.all())
+    }
+    assert actual == expected  # exact: km are multiples of 1/1024
+    summed: Counter[tuple[Any, ...]] = Counter()
+    for fact in ReferralFact.objects.all():
+        summed.update(
+            tuple(key[HISTOGRAM_KEY.index(c)] for c in NATIONAL_HISTOGRAM_KEY)
+            for key in _histogram_keys(fact)
+        )
+    assert {
+        tuple(row[c] for c in NATIONAL_HISTOGRAM_KEY): row["n"]
+        for row in _dicts(NationalHistogram.objects.filter(n__gt=0))
+    } == dict(summed)
+    return rollups, facts, monthly, histograms, national, national_cells
 
 
 def test_rebuild_gives_the_same_tables_as_the_job(scenario: Network) -> None:
