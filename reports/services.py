@@ -702,6 +702,8 @@ def reports_rebuild(*, chunk_referrals: int = 5000, method: str = "auto") -> int
         method = "sql" if connection.vendor == "postgresql" else "python"
     if method not in ("sql", "python"):
         raise ValueError(f"unknown rebuild method {method!r}")
+    if method == "sql" and connection.vendor != "postgresql":
+        raise ValueError("the SQL rebuild needs PostgreSQL; use method='python'")
     zone = report_time_zone()
     applied = 0
     with transaction.atomic():

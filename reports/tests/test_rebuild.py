@@ -260,6 +260,10 @@ def _submitted() -> int:
 # --- driven through referrals.services ----------------------------------------------------
 
 
+@pytest.mark.skipif(
+    connection.vendor != "postgresql",
+    reason="compares with PostgreSQL's EXCEPT ALL and runs the SQL rebuild (PostgreSQL only)",
+)
 def test_rebuild_equals_incremental_on_a_simulated_network(report_settings: Any) -> None:
     """Forwards, declines, expiries, transfers and follow-ups through the real services;
     the job's tables == the SQL rebuild's == the Python rebuild's, exactly."""
@@ -397,3 +401,9 @@ def test_sql_histogram_buckets_equal_bucket_of_at_every_boundary() -> None:
         )
         buckets = [row[0] for row in cursor.fetchall()]
     assert buckets == [bucket_of(x) for x in probes]
+
+
+def test_the_sql_rebuild_refuses_sqlite_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(connection, "vendor", "sqlite")
+    with pytest.raises(ValueError, match="needs PostgreSQL"):
+        reports_rebuild(method="sql")
