@@ -521,11 +521,15 @@ def _check_intent(resource: dict[str, Any]) -> None:
 
 def based_on_referral(resource: dict[str, Any]) -> str | None:
     """The id of the ServiceRequest (one of our referrals) this one is ``basedOn``: then it
-    is a counter-referral. References to anything else (a CarePlan) are not ours to read."""
+    is a counter-referral. Only a relative reference (``ServiceRequest/<id>``) points at this
+    server; an absolute URL (the member's own order) and anything else (a CarePlan) are not
+    ours to read and are ignored, as for any ServiceRequest."""
     ids = [
         logical_id
         for kind, logical_id in (
-            split_reference(reference_of(r)) for r in resource.get("basedOn") or []
+            split_reference(reference)
+            for reference in (reference_of(r) for r in resource.get("basedOn") or [])
+            if "://" not in reference and not reference.startswith("urn:")
         )
         if kind == "ServiceRequest"
     ]

@@ -44,6 +44,7 @@ from fhir_gateway.storage import (
 from referrals.models import Referral, ReferralEvent, ReferralState
 from referrals.selectors import referral_scope_sql, referral_visible
 from referrals.services import (
+    COUNTER_REFERRAL_SYSTEM,
     actor_sides,
     referral_message_post,
     referral_submit,
@@ -366,6 +367,39 @@ def _if_none_exist_referral(user: User, if_none_exist: str) -> Referral | None:
     return matches[0] if matches else None
 
 
+def _if_none_exist_counter_referral(
+    user: User, ask: m.CounterReferralAsk, if_none_exist: str
+) -> str | None:
+    """``identifier=urn:consilium:counter-referral|<original id>/<n>``: the n-th
+    counter-referral of the referral the ServiceRequest is based on (its id), or None when n
+    is the next one (create it). Any other n, or another referral, is refused (412), so a
+    retry can never make a second one. The original's row is locked first: two retries of
+    the same request wait for each other."""
+    criteria = parse_qsl(if_none_exist.lstrip("?"), keep_blank_values=True)
+    prefix = f"{COUNTER_REFERRAL_SYSTEM}|{ask.original_id}/"
+    value = criteria[0][1] if len(criteria) == 1 and criteria[0][0] == "identifier" else ""
+    number = value[len(prefix) :] if value.startswith(prefix) else ""
+    if not number.isdigit() or int(number) < 1:
+        raise FhirError(
+            412,
+            "business-rule",
+            f"If-None-Exist on a counter-referral takes identifier={prefix}<n> only (the n-th "
+            "counter-referral of the referral in basedOn).",
+        )
+    original = _referral_by_filler(user, ask.original_id)
+    list(Referral.objects.select_for_update().filter(pk=original.pk).values_list("pk"))
+    made = dict(original.counter_referrals.values_list("placer_value", "filler_id"))
+    found = made.get(f"{ask.original_id}/{int(number)}")
+    if found is None and int(number) != len(made) + 1:
+        raise FhirError(
+            412,
+            "business-rule",
+            f"Referral {ask.original_id} has {len(made)} counter-referral(s): "
+            f"If-None-Exist names number {int(number)}; the next is {len(made) + 1}.",
+        )
+    return found
+
+
 def _submit(user: User, intake: m.Intake, department: Department | None) -> tuple[Referral, bool]:
     from registry.models import Facility
 
@@ -395,12 +429,16 @@ def _service_request_create(req: WriteRequest) -> WriteResult:
     ask = m.service_request_to_counter_referral(req.resource, req.fhir_version) if counter else None
     intake = None if counter else m.service_request_to_intake(req.resource, req.fhir_version)
     with transaction.atomic():
+        if ask is not None:
+            if req.if_none_exist:
+                made = _if_none_exist_counter_referral(req.user, ask, req.if_none_exist)
+                if made is not None:
+                    return WriteResult(_current("ServiceRequest", made), created=False)
+            return _counter_referral_create(req.user, ask)
         if req.if_none_exist:
             existing = _if_none_exist_referral(req.user, req.if_none_exist)
             if existing is not None:
                 return WriteResult(_current("ServiceRequest", existing.filler_id), created=False)
-        if ask is not None:
-            return _counter_referral_create(req.user, ask)
         assert intake is not None
         department = _department(intake.performer_references, "ServiceRequest.performer")
         referral, created = _submit(req.user, intake, department)

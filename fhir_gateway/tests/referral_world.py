@@ -3,7 +3,9 @@ an R5 system of the central children's hospital (pediatrics) answers."""
 
 from __future__ import annotations
 
+import copy
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +14,7 @@ import pytest
 from accounts.models import User
 from accounts.roles import Role
 from accounts.services import api_token_issue
+from fhir_gateway import referral_mapping as m
 from fhir_gateway.tests.conftest import FHIR_R4, FHIR_R5, FhirClient, Network
 from registry.models import Endpoint
 from tests.factories import PEDIATRICS, EndpointFactory, UserFactory
@@ -154,6 +157,74 @@ def submit(world: World, placer: str = "SR-1") -> dict[str, Any]:
 
 def task_of(bundle: dict[str, Any]) -> dict[str, Any]:
     return next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Task")
+
+
+# --- the Task workflow over FHIR (test_task_workflow, test_task_conference_counter) ----
+
+
+def member_client(user: User) -> FhirClient:
+    return FhirClient(api_token_issue(user=user, name="t").raw)
+
+
+def read_task(client: FhirClient, task_id: str, version: str = FHIR_R4) -> dict[str, Any]:
+    response = client.get(f"/fhir/Task/{task_id}", Accept=version)
+    assert response.status_code == 200, response.content
+    return body(response)
+
+
+def update_task(
+    client: FhirClient,
+    task_id: str,
+    change: Callable[[dict[str, Any]], object],
+    version: str = FHIR_R4,
+    if_match: str | None = None,
+) -> Any:
+    """Read the Task, apply ``change`` to a copy, PUT it back with If-Match (the version
+    read, unless ``if_match`` says otherwise)."""
+    task = read_task(client, task_id, version)
+    changed = copy.deepcopy(task)
+    change(changed)
+    return client.put(
+        f"/fhir/Task/{task_id}",
+        changed,
+        content_type=version,
+        Accept=version,
+        **{"If-Match": if_match or f'W/"{task["meta"]["versionId"]}"'},
+    )
+
+
+def task_input(code: str, **value: Any) -> dict[str, Any]:
+    return {"type": {"coding": [{"system": m.TASK_INPUT_SYSTEM, "code": code}]}, **value}
+
+
+def consult_note(task_id: str) -> dict[str, Any]:
+    """The consultant's advice as a DocumentReference (LOINC 11488-4) for ``task_id``."""
+    return {
+        "resourceType": "DocumentReference",
+        "extension": [{"url": m.DISPOSITION_EXTENSION, "valueCode": "manage_locally"}],
+        "status": "current",
+        "type": {"coding": [{"system": "http://loinc.org", "code": "11488-4"}]},
+        "basedOn": [{"reference": f"ServiceRequest/{task_id}"}],
+        "content": [{"attachment": {"contentType": "text/plain", "data": "SVZJRyAyZy9rZw=="}}],
+    }
+
+
+def accepted(world: World, placer: str = "SR-1") -> str:
+    """A referral submitted by the R4 system and accepted by the R5 one: its Task id."""
+    task_id = str(task_of(submit(world, placer))["id"])
+    response = update_task(world.r5, task_id, lambda t: t.update(status="accepted"), FHIR_R5)
+    assert response.status_code == 200, response.content
+    return task_id
+
+
+def advised(world: World, placer: str = "SR-1") -> str:
+    """Accepted, then e-consult advice (a consult note): a finished case."""
+    task_id = accepted(world, placer)
+    response = world.r5.post(
+        "/fhir/DocumentReference", consult_note(task_id), content_type=FHIR_R5, Accept=FHIR_R5
+    )
+    assert response.status_code == 201, response.content
+    return task_id
 
 
 __all__ = ["FHIR_R4", "FHIR_R5"]

@@ -4,7 +4,6 @@ and counter-referral (a new ServiceRequest basedOn the referral)."""
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -13,14 +12,21 @@ from typing import Any
 import pytest
 from django.utils import timezone
 
-from accounts.models import User
 from accounts.roles import Role
-from accounts.services import api_token_issue
 from fhir_gateway import referral_mapping as m
 from fhir_gateway.models import FhirResource, OutboxMessage
 from fhir_gateway.storage import validate_resource
 from fhir_gateway.tests.conftest import FHIR_R4, FHIR_R5, FhirClient, outcome_issue
-from fhir_gateway.tests.referral_world import World, body, submit, task_of, transaction
+from fhir_gateway.tests.referral_world import (
+    World,
+    accepted,
+    advised,
+    member_client,
+    read_task,
+    task_input,
+    transaction,
+    update_task,
+)
 from referrals.models import ConsultNote, Referral, ReferralEvent, ReferralState
 from registry.models import Department
 from tests.factories import NEUROLOGY, DepartmentFactory, SpecialtyFactory, UserFactory
@@ -35,10 +41,6 @@ MEDIA_VERSION = {FHIR_R4: m.R4, FHIR_R5: m.R5}
 # --------------------------------------------------------------------------- helpers
 
 
-def _client(user: User) -> FhirClient:
-    return FhirClient(api_token_issue(user=user, name="t").raw)
-
-
 @pytest.fixture
 def people(world: World) -> dict[str, Any]:
     """The two member systems of ``world`` take every step (start / finish / counter-referral
@@ -47,8 +49,8 @@ def people(world: World) -> dict[str, Any]:
     consultant = UserFactory.create(facility=world.network.hub, roles=[Role.CONSULTANT])
     consultant.departments.add(world.network.pediatrics)
     return {
-        "referrer": _client(world.submitter),
-        "consultant": _client(world.consultant),
+        "referrer": member_client(world.submitter),
+        "consultant": member_client(world.consultant),
         "consultant_user": consultant,
     }
 
@@ -59,35 +61,6 @@ def spoke_neurology(world: World) -> Department:
     return DepartmentFactory.create(
         facility=world.network.spoke, specialty=SpecialtyFactory.create(code=NEUROLOGY)
     )
-
-
-def _task(client: FhirClient, task_id: str, version: str = FHIR_R4) -> dict[str, Any]:
-    response = client.get(f"/fhir/Task/{task_id}", Accept=version)
-    assert response.status_code == 200, response.content
-    return body(response)
-
-
-def _update(
-    client: FhirClient,
-    task_id: str,
-    change: Callable[[dict[str, Any]], object],
-    version: str = FHIR_R4,
-    if_match: str | None = None,
-) -> Any:
-    task = _task(client, task_id, version)
-    changed = copy.deepcopy(task)
-    change(changed)
-    return client.put(
-        f"/fhir/Task/{task_id}",
-        changed,
-        content_type=version,
-        Accept=version,
-        **{"If-Match": if_match or f'W/"{task["meta"]["versionId"]}"'},
-    )
-
-
-def _input(code: str, **value: Any) -> dict[str, Any]:
-    return {"type": {"coding": [{"system": m.TASK_INPUT_SYSTEM, "code": code}]}, **value}
 
 
 def _business(
@@ -121,27 +94,20 @@ def _later(days: int) -> datetime:
     return (timezone.now() + timedelta(days=days)).replace(microsecond=0)
 
 
-def _accepted(world: World, placer: str = "SR-1") -> str:
-    task_id = str(task_of(submit(world, placer))["id"])
-    response = _update(world.r5, task_id, lambda t: t.update(status="accepted"), FHIR_R5)
-    assert response.status_code == 200, response.content
-    return task_id
-
-
 def _scheduled(world: World, people: dict[str, Any], at: datetime | None = None) -> str:
-    task_id = _accepted(world)
+    task_id = accepted(world)
     expert = people["consultant_user"]
-    response = _update(
+    response = update_task(
         people["consultant"],
         task_id,
         _business(
             S.SCHEDULED,
             [
-                _input("scheduled-at", valueDateTime=(at or _later(1)).isoformat()),
-                _input(
+                task_input("scheduled-at", valueDateTime=(at or _later(1)).isoformat()),
+                task_input(
                     "experts", valueIdentifier={"system": m.USER_SYSTEM, "value": str(expert.pk)}
                 ),
-                _input("video-url", valueUrl="https://meet.example.org/room-42"),
+                task_input("video-url", valueUrl="https://meet.example.org/room-42"),
             ],
         ),
     )
@@ -151,24 +117,8 @@ def _scheduled(world: World, people: dict[str, Any], at: datetime | None = None)
 
 def _in_conference(world: World, people: dict[str, Any]) -> str:
     task_id = _scheduled(world, people)
-    response = _update(people["consultant"], task_id, _business(S.IN_CONFERENCE))
+    response = update_task(people["consultant"], task_id, _business(S.IN_CONFERENCE))
     assert response.status_code == 200, response.content
-    return task_id
-
-
-def _advised(world: World) -> str:
-    """Accepted, then e-consult advice (a consult note): a finished case."""
-    task_id = _accepted(world)
-    note = {
-        "resourceType": "DocumentReference",
-        "extension": [{"url": m.DISPOSITION_EXTENSION, "valueCode": "manage_locally"}],
-        "status": "current",
-        "type": {"coding": [{"system": "http://loinc.org", "code": "11488-4"}]},
-        "basedOn": [{"reference": f"ServiceRequest/{task_id}"}],
-        "content": [{"attachment": {"contentType": "text/plain", "data": "SVZJRyAyZy9rZw=="}}],
-    }
-    response = world.r5.post("/fhir/DocumentReference", note, content_type=FHIR_R5, Accept=FHIR_R5)
-    assert response.status_code == 201, response.content
     return task_id
 
 
@@ -217,14 +167,14 @@ def test_a_scheduled_task_shows_the_planned_conference(
     at = _later(1)
     task_id = _scheduled(world, people, at)
 
-    task = _task(world.r4, task_id, version)
+    task = read_task(world.r4, task_id, version)
 
     _validates(task, version)
     expert = people["consultant_user"]
     assert task["input"] == [
-        _input("scheduled-at", valueDateTime=m.fhir_instant(at)),
-        _input("experts", valueIdentifier={"system": m.USER_SYSTEM, "value": str(expert.pk)}),
-        _input("video-url", valueUrl="https://meet.example.org/room-42"),
+        task_input("scheduled-at", valueDateTime=m.fhir_instant(at)),
+        task_input("experts", valueIdentifier={"system": m.USER_SYSTEM, "value": str(expert.pk)}),
+        task_input("video-url", valueUrl="https://meet.example.org/room-42"),
     ]
     assert (task["status"], m.business_state(task)) == ("in-progress", S.SCHEDULED)
 
@@ -236,7 +186,7 @@ def test_assignee_reschedules_by_changing_the_conference_time(
     task_id = _scheduled(world, people)
     later = _later(3)
 
-    response = _update(
+    response = update_task(
         people["consultant"],
         task_id,
         _set_input("scheduled-at", valueDateTime=later.isoformat()),
@@ -264,10 +214,10 @@ def test_sending_only_a_new_video_link_keeps_the_rest(world: World, people: dict
     at = _later(1)
     task_id = _scheduled(world, people, at)
 
-    response = _update(
+    response = update_task(
         people["consultant"],
         task_id,
-        lambda t: t.update(input=[_input("video-url", valueUrl="https://meet.example.org/b")]),
+        lambda t: t.update(input=[task_input("video-url", valueUrl="https://meet.example.org/b")]),
         FHIR_R5,
     )
 
@@ -283,25 +233,25 @@ def test_reschedule_refusals_change_nothing(world: World, people: dict[str, Any]
     before = _snapshot(task_id)
     consultant = people["consultant"]
 
-    past = _update(
+    past = update_task(
         consultant,
         task_id,
         _set_input("scheduled-at", valueDateTime="2020-01-01T10:00:00Z"),
         version,
     )
-    invalid = _update(
+    invalid = update_task(
         consultant, task_id, _set_input("scheduled-at", valueDateTime="2031-02-03"), version
     )
-    bad_url = _update(consultant, task_id, _set_input("video-url", valueUrl="ftp://x"), version)
-    stray = _update(
+    bad_url = update_task(consultant, task_id, _set_input("video-url", valueUrl="ftp://x"), version)
+    stray = update_task(
         consultant,
         task_id,
-        lambda t: t["input"].append(_input("minutes", valueString="Too early.")),
+        lambda t: t["input"].append(task_input("minutes", valueString="Too early.")),
         version,
     )
-    unchanged = _update(consultant, task_id, lambda t: None, version)
-    dropped = _update(consultant, task_id, lambda t: t.pop("input"), version)
-    with_status = _update(
+    unchanged = update_task(consultant, task_id, lambda t: None, version)
+    dropped = update_task(consultant, task_id, lambda t: t.pop("input"), version)
+    with_status = update_task(
         consultant,
         task_id,
         lambda t: (
@@ -310,20 +260,20 @@ def test_reschedule_refusals_change_nothing(world: World, people: dict[str, Any]
         ),
         version,
     )
-    wrong_side = _update(
+    wrong_side = update_task(
         people["referrer"],
         task_id,
         _set_input("scheduled-at", valueDateTime=_later(2).isoformat()),
         version,
     )
-    stale = _update(
+    stale = update_task(
         consultant,
         task_id,
         _set_input("scheduled-at", valueDateTime=_later(2).isoformat()),
         version,
         if_match='W/"1"',
     )
-    outsider = world.other.put(f"/fhir/Task/{task_id}", _task(world.r4, task_id))
+    outsider = world.other.put(f"/fhir/Task/{task_id}", read_task(world.r4, task_id))
 
     for response in (past, invalid, bad_url, stray, unchanged, dropped, with_status):
         assert response.status_code == 422, response.content
@@ -344,13 +294,13 @@ def test_reschedule_refusals_change_nothing(world: World, people: dict[str, Any]
 def test_conference_inputs_on_a_task_that_is_not_scheduled_are_refused(
     world: World, people: dict[str, Any]
 ):
-    task_id = _accepted(world)
+    task_id = accepted(world)
     before = _snapshot(task_id)
 
-    response = _update(
+    response = update_task(
         people["consultant"],
         task_id,
-        lambda t: t.update(input=[_input("scheduled-at", valueDateTime=_later(1).isoformat())]),
+        lambda t: t.update(input=[task_input("scheduled-at", valueDateTime=_later(1).isoformat())]),
     )
 
     assert response.status_code == 422, response.content
@@ -367,7 +317,7 @@ def test_assignee_starts_and_finishes_the_conference(
 ):
     task_id = _scheduled(world, people)
 
-    started = _update(people["consultant"], task_id, _business(S.IN_CONFERENCE), version)
+    started = update_task(people["consultant"], task_id, _business(S.IN_CONFERENCE), version)
 
     assert started.status_code == 200, started.content
     task = json.loads(started.content)
@@ -376,18 +326,18 @@ def test_assignee_starts_and_finishes_the_conference(
     assert _codes(task, "input") == ["scheduled-at", "experts", "video-url"]
     assert Referral.objects.get(filler_id=task_id).state == S.IN_CONFERENCE
 
-    finished = _update(
+    finished = update_task(
         people["consultant"],
         task_id,
         _business(
             S.ADVISED,
             [
-                _input("minutes", valueString="Echo reviewed; IVIG agreed."),
-                _input(
+                task_input("minutes", valueString="Echo reviewed; IVIG agreed."),
+                task_input(
                     "disposition",
                     valueCoding={"system": m.DISPOSITION_SYSTEM, "code": "manage_locally"},
                 ),
-                _input("text", valueString="IVIG 2 g/kg + aspirin; echo in 2 weeks."),
+                task_input("text", valueString="IVIG 2 g/kg + aspirin; echo in 2 weeks."),
             ],
             status="in-progress",
         ),
@@ -431,33 +381,33 @@ def test_finish_needs_its_inputs_and_refusals_change_nothing(
     task_id = _in_conference(world, people)
     before = _snapshot(task_id)
     consultant = people["consultant"]
-    minutes = _input("minutes", valueString="Discussed.")
-    advice = _input("text", valueString="Manage locally.")
-    disposition = _input("disposition", valueCode="manage_locally")
+    minutes = task_input("minutes", valueString="Discussed.")
+    advice = task_input("text", valueString="Manage locally.")
+    disposition = task_input("disposition", valueCode="manage_locally")
 
-    missing = _update(consultant, task_id, _business(S.ADVISED, [minutes, advice]), version)
-    bad_code = _update(
+    missing = update_task(consultant, task_id, _business(S.ADVISED, [minutes, advice]), version)
+    bad_code = update_task(
         consultant,
         task_id,
-        _business(S.ADVISED, [minutes, advice, _input("disposition", valueCode="pray")]),
+        _business(S.ADVISED, [minutes, advice, task_input("disposition", valueCode="pray")]),
         version,
     )
-    stray = _update(
+    stray = update_task(
         consultant,
         task_id,
-        _business(S.ADVISED, [minutes, advice, disposition, _input("outcome", valueCode="x")]),
+        _business(S.ADVISED, [minutes, advice, disposition, task_input("outcome", valueCode="x")]),
         version,
     )
-    wrong_status = _update(
+    wrong_status = update_task(
         consultant,
         task_id,
         _business(S.ADVISED, [minutes, advice, disposition], status="completed"),
         version,
     )
-    wrong_side = _update(
+    wrong_side = update_task(
         people["referrer"], task_id, _business(S.ADVISED, [minutes, advice, disposition]), version
     )
-    stale = _update(
+    stale = update_task(
         consultant,
         task_id,
         _business(S.ADVISED, [minutes, advice, disposition]),
@@ -478,19 +428,19 @@ def test_finish_needs_its_inputs_and_refusals_change_nothing(
 
 
 def test_start_and_finish_from_the_wrong_state_change_nothing(world: World, people: dict[str, Any]):
-    task_id = _accepted(world)
+    task_id = accepted(world)
     before = _snapshot(task_id)
 
-    start = _update(people["consultant"], task_id, _business(S.IN_CONFERENCE))
-    finish = _update(
+    start = update_task(people["consultant"], task_id, _business(S.IN_CONFERENCE))
+    finish = update_task(
         people["consultant"],
         task_id,
         _business(
             S.ADVISED,
             [
-                _input("minutes", valueString="-"),
-                _input("disposition", valueCode="manage_locally"),
-                _input("text", valueString="-"),
+                task_input("minutes", valueString="-"),
+                task_input("disposition", valueCode="manage_locally"),
+                task_input("text", valueString="-"),
             ],
         ),
     )
@@ -509,7 +459,7 @@ def test_requester_cannot_start_the_conference(world: World, people: dict[str, A
     before = _snapshot(task_id)
 
     for client in (people["referrer"], world.r4):
-        response = _update(client, task_id, _business(S.IN_CONFERENCE), FHIR_R5)
+        response = update_task(client, task_id, _business(S.IN_CONFERENCE), FHIR_R5)
         assert (response.status_code, outcome_issue(response)["code"]) == (403, "forbidden")
     assert _snapshot(task_id) == before
 
@@ -519,7 +469,7 @@ def test_a_cancel_of_a_scheduled_task_echoing_its_inputs_still_cancels(
 ):
     task_id = _scheduled(world, people)
 
-    response = _update(
+    response = update_task(
         world.r4,
         task_id,
         lambda t: t.update(status="cancelled", statusReason={"text": "Transferred elsewhere."}),
@@ -559,7 +509,7 @@ def _counter_referral(
 def test_assignee_counter_refers_with_a_service_request_based_on_the_referral(
     world: World, people: dict[str, Any], spoke_neurology: Department, version: str
 ):
-    task_id = _advised(world)
+    task_id = advised(world)
     original = Referral.objects.get(filler_id=task_id)
     resource = _counter_referral(world, task_id, spoke_neurology, version)
 
@@ -578,7 +528,7 @@ def test_assignee_counter_refers_with_a_service_request_based_on_the_referral(
     assert created["performer"] == [{"reference": f"HealthcareService/{spoke_neurology.pk}"}]
     assert (created["status"], created["priority"]) == ("active", "routine")
     # The new referral's Task (same id), submitted to the spoke's department.
-    new_task = _task(people["consultant"], child.filler_id, version)
+    new_task = read_task(people["consultant"], child.filler_id, version)
     _validates(new_task, version)
     assert (new_task["status"], m.business_state(new_task)) == ("requested", S.SUBMITTED)
     assert new_task["owner"] == {"reference": f"HealthcareService/{spoke_neurology.pk}"}
@@ -591,7 +541,7 @@ def test_assignee_counter_refers_with_a_service_request_based_on_the_referral(
     # The original keeps its state; its Task names the counter-referral in Task.output.
     original.refresh_from_db()
     assert original.state == S.ADVISED
-    task = _task(world.r4, task_id, version)
+    task = read_task(world.r4, task_id, version)
     _validates(task, version)
     assert task["output"][-1] == {
         "type": {
@@ -611,7 +561,7 @@ def test_assignee_counter_refers_with_a_service_request_based_on_the_referral(
 def test_the_counter_referral_is_published_to_both_members(
     world: World, people: dict[str, Any], spoke_neurology: Department
 ):
-    task_id = _advised(world)
+    task_id = advised(world)
 
     response = people["consultant"].post(
         "/fhir/ServiceRequest", _counter_referral(world, task_id, spoke_neurology)
@@ -638,7 +588,7 @@ def test_the_counter_referral_is_published_to_both_members(
 def test_a_conditional_counter_referral_is_made_once(
     world: World, people: dict[str, Any], spoke_neurology: Department
 ):
-    task_id = _advised(world)
+    task_id = advised(world)
     condition = {"If-None-Exist": f"identifier=urn:consilium:counter-referral|{task_id}/1"}
 
     first = people["consultant"].post(
@@ -652,11 +602,60 @@ def test_a_conditional_counter_referral_is_made_once(
     assert json.loads(first.content)["id"] == json.loads(again.content)["id"]
     assert Referral.objects.filter(parent_referral__filler_id=task_id).count() == 1
 
+    # The second one, then its retry: one more, not two.
+    second = {"If-None-Exist": f"identifier=urn:consilium:counter-referral|{task_id}/2"}
+    made = people["consultant"].post(
+        "/fhir/ServiceRequest", _counter_referral(world, task_id, spoke_neurology), **second
+    )
+    retried = people["consultant"].post(
+        "/fhir/ServiceRequest", _counter_referral(world, task_id, spoke_neurology), **second
+    )
+    assert (made.status_code, retried.status_code) == (201, 200)
+    assert json.loads(made.content)["id"] == json.loads(retried.content)["id"]
+    assert json.loads(made.content)["id"] != json.loads(first.content)["id"]
+    assert Referral.objects.filter(parent_referral__filler_id=task_id).count() == 2
+
+
+def test_a_conditional_counter_referral_naming_another_number_or_referral_is_refused(
+    world: World, people: dict[str, Any], spoke_neurology: Department
+):
+    """A condition that could not find the one this request makes is refused (412): a
+    retry of it would otherwise make another counter-referral every time."""
+    task_id = advised(world)
+    other_id = advised(world, "SR-2")
+    before = (_snapshot(task_id), Referral.objects.count(), OutboxMessage.objects.count())
+    for value in (
+        f"urn:consilium:counter-referral|{task_id}/2",  # none yet: the next is 1
+        f"urn:consilium:counter-referral|{task_id}/0",
+        f"urn:consilium:counter-referral|{other_id}/1",  # not the referral in basedOn
+        f"{m.FILLER_SYSTEM}|{task_id}",
+    ):
+        response = people["consultant"].post(
+            "/fhir/ServiceRequest",
+            _counter_referral(world, task_id, spoke_neurology),
+            **{"If-None-Exist": f"identifier={value}"},
+        )
+        assert response.status_code == 412, (value, response.content)
+        assert outcome_issue(response)["code"] == "business-rule"
+    assert (_snapshot(task_id), Referral.objects.count(), OutboxMessage.objects.count()) == before
+
+
+def test_based_on_the_members_own_order_is_an_ordinary_submission(world: World):
+    """Only a relative ``ServiceRequest/<id>`` points at this server: a basedOn URL of the
+    member's own system is ignored, as for any ServiceRequest (not a counter-referral)."""
+    bundle = transaction(world, "SR-OWN")
+    order = bundle["entry"][1]["resource"]
+    order["basedOn"] = [{"reference": "https://his.example.org/fhir/ServiceRequest/123"}]
+    response = world.r4.post("/fhir", bundle, content_type=FHIR_R4)
+    assert response.status_code == 200, response.content
+    referral = Referral.objects.get(placer_value="SR-OWN")
+    assert referral.parent_referral_id is None
+
 
 def test_counter_referral_refusals_change_nothing(
     world: World, people: dict[str, Any], spoke_neurology: Department
 ):
-    task_id = _advised(world)
+    task_id = advised(world)
     before = _snapshot(task_id)
     consultant = people["consultant"]
 
@@ -700,7 +699,7 @@ def test_counter_referral_refusals_change_nothing(
 def test_counter_referral_of_a_case_not_finished_is_refused(
     world: World, people: dict[str, Any], spoke_neurology: Department
 ):
-    task_id = _accepted(world)
+    task_id = accepted(world)
     before = _snapshot(task_id)
 
     response = people["consultant"].post(
@@ -713,7 +712,7 @@ def test_counter_referral_of_a_case_not_finished_is_refused(
 
 
 def test_a_counter_referral_cannot_come_in_a_transaction(world: World, spoke_neurology: Department):
-    task_id = _advised(world)
+    task_id = advised(world)
     bundle = transaction(world, "SR-2")
     bundle["entry"][1]["resource"]["basedOn"] = [{"reference": f"ServiceRequest/{task_id}"}]
     before = Referral.objects.count()
