@@ -15,6 +15,7 @@ from fhir_gateway.tests.referral_world import (
     PLACER,
     World,
     body,
+    consult_note,
     service_request,
     submit,
     task_of,
@@ -321,14 +322,7 @@ def test_consult_note_advises_and_is_task_output(world: World) -> None:
     task = _get(world.r5, f"/fhir/Task/{task_id}", FHIR_R5)
     task["status"] = "accepted"
     assert _put_task(world.r5, task, FHIR_R5, 'W/"1"').status_code == 200
-    note = {
-        "resourceType": "DocumentReference",
-        "extension": [{"url": m.DISPOSITION_EXTENSION, "valueCode": "manage_locally"}],
-        "status": "current",
-        "type": {"coding": [{"system": "http://loinc.org", "code": "11488-4"}]},
-        "basedOn": [{"reference": f"ServiceRequest/{task_id}"}],
-        "content": [{"attachment": {"contentType": "text/plain", "data": "SVZJRyAyZy9rZw=="}}],
-    }
+    note = consult_note(task_id)
 
     response = world.r5.post("/fhir/DocumentReference", note, content_type=FHIR_R5, Accept=FHIR_R5)
 

@@ -3,7 +3,6 @@ close_local with the close-out answer and the transfer steps (Task.businessStatu
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Callable
 from datetime import timedelta
@@ -12,12 +11,19 @@ from typing import Any
 import pytest
 from django.utils import timezone
 
-from accounts.models import User
 from accounts.roles import Role
-from accounts.services import api_token_issue
 from fhir_gateway import referral_mapping as m
 from fhir_gateway.tests.conftest import FHIR_R4, FHIR_R5, FhirClient, outcome_issue
-from fhir_gateway.tests.referral_world import World, submit, task_of
+from fhir_gateway.tests.referral_world import (
+    World,
+    advised,
+    member_client,
+    read_task,
+    submit,
+    task_input,
+    task_of,
+    update_task,
+)
 from referrals.models import CloseOut, Referral, ReferralEvent, ReferralState
 from referrals.workflow import TRANSITIONS_BY_ACTION
 from registry.models import Department
@@ -35,39 +41,10 @@ def people(world: World) -> dict[str, FhirClient]:
     consultant = UserFactory.create(facility=world.network.hub, roles=[Role.CONSULTANT])
     consultant.departments.add(world.network.pediatrics)
     return {
-        "referrer": _client(referrer),
-        "consultant": _client(consultant),
+        "referrer": member_client(referrer),
+        "consultant": member_client(consultant),
         "consultant_user": consultant,  # type: ignore[dict-item]
     }
-
-
-def _client(user: User) -> FhirClient:
-    return FhirClient(api_token_issue(user=user, name="t").raw)
-
-
-def _task(client: FhirClient, task_id: str, version: str = FHIR_R4) -> dict[str, Any]:
-    response = client.get(f"/fhir/Task/{task_id}", Accept=version)
-    assert response.status_code == 200, response.content
-    task: dict[str, Any] = json.loads(response.content)
-    return task
-
-
-def _update(
-    client: FhirClient,
-    task_id: str,
-    change: Callable[[dict[str, Any]], None],
-    version: str = FHIR_R4,
-) -> Any:
-    task = _task(client, task_id, version)
-    changed = copy.deepcopy(task)
-    change(changed)
-    return client.put(
-        f"/fhir/Task/{task_id}",
-        changed,
-        content_type=version,
-        Accept=version,
-        **{"If-Match": f'W/"{task["meta"]["versionId"]}"'},
-    )
 
 
 def _state(
@@ -85,29 +62,6 @@ def _state(
             task["input"] = inputs
 
     return change
-
-
-def _input(code: str, **value: Any) -> dict[str, Any]:
-    return {"type": {"coding": [{"system": m.TASK_INPUT_SYSTEM, "code": code}]}, **value}
-
-
-def _accepted_and_advised(world: World) -> str:
-    task_id = str(task_of(submit(world))["id"])
-    assert (
-        _update(world.r5, task_id, lambda t: t.update(status="accepted"), FHIR_R5).status_code
-        == 200
-    )
-    note = {
-        "resourceType": "DocumentReference",
-        "extension": [{"url": m.DISPOSITION_EXTENSION, "valueCode": "manage_locally"}],
-        "status": "current",
-        "type": {"coding": [{"system": "http://loinc.org", "code": "11488-4"}]},
-        "basedOn": [{"reference": f"ServiceRequest/{task_id}"}],
-        "content": [{"attachment": {"contentType": "text/plain", "data": "SVZJRyAyZy9rZw=="}}],
-    }
-    response = world.r5.post("/fhir/DocumentReference", note, content_type=FHIR_R5, Accept=FHIR_R5)
-    assert response.status_code == 201, response.content
-    return task_id
 
 
 def _snapshot(task_id: str) -> tuple[str, int, int]:
@@ -130,16 +84,16 @@ def test_every_business_status_action_leads_to_that_state():
 def test_requester_closes_locally_with_the_close_out_answer(
     world: World, people: dict[str, Any], version: str
 ):
-    task_id = _accepted_and_advised(world)
+    task_id = advised(world)
 
-    response = _update(
+    response = update_task(
         people["referrer"],
         task_id,
         _state(
             S.CLOSED_LOCAL,
             inputs=[
-                _input("transfer-originally-considered", valueBoolean=True),
-                _input("outcome", valueCode="avoided"),
+                task_input("transfer-originally-considered", valueBoolean=True),
+                task_input("outcome", valueCode="avoided"),
             ],
         ),
         version,
@@ -156,26 +110,27 @@ def test_requester_closes_locally_with_the_close_out_answer(
 def test_close_out_needs_its_answer_and_changes_nothing_without(
     world: World, people: dict[str, Any]
 ):
-    task_id = _accepted_and_advised(world)
+    task_id = advised(world)
     before = _snapshot(task_id)
 
-    missing = _update(people["referrer"], task_id, _state(S.CLOSED_LOCAL))
-    wrong = _update(
+    missing = update_task(people["referrer"], task_id, _state(S.CLOSED_LOCAL))
+    wrong = update_task(
         people["referrer"],
         task_id,
         _state(
             S.CLOSED_LOCAL,
             inputs=[
-                _input("transfer-originally-considered", valueString="yes"),
-                _input("outcome", valueCode="avoided"),
+                task_input("transfer-originally-considered", valueString="yes"),
+                task_input("outcome", valueCode="avoided"),
             ],
         ),
     )
-    stray = _update(
+    stray = update_task(
         people["referrer"],
         task_id,
         _state(
-            S.CLOSED_LOCAL, inputs=[_input("scheduled-at", valueDateTime="2030-01-01T10:00:00Z")]
+            S.CLOSED_LOCAL,
+            inputs=[task_input("scheduled-at", valueDateTime="2030-01-01T10:00:00Z")],
         ),
     )
 
@@ -191,7 +146,7 @@ def test_close_out_needs_its_answer_and_changes_nothing_without(
 
 def test_the_transfer_steps_each_side_in_turn(world: World, people: dict[str, Any]):
     Department.objects.filter(pk=world.network.pediatrics.pk).update(offers_transfer=True)
-    task_id = _accepted_and_advised(world)
+    task_id = advised(world)
     steps = [
         ("referrer", S.TRANSFER_REQUESTED, "Needs surgery.", "in-progress"),
         ("consultant", S.TRANSFER_ACCEPTED, "Bed 12 ready.", "in-progress"),
@@ -200,7 +155,9 @@ def test_the_transfer_steps_each_side_in_turn(world: World, people: dict[str, An
         ("consultant", S.COMPLETED, "", "completed"),
     ]
     for who, state, reason, status in steps:
-        response = _update(people[who], task_id, _state(state, reason, version=FHIR_R5), FHIR_R5)
+        response = update_task(
+            people[who], task_id, _state(state, reason, version=FHIR_R5), FHIR_R5
+        )
         assert response.status_code == 200, (state, response.content)
         task = json.loads(response.content)
         assert (m.business_state(task), task["status"]) == (state, status)
@@ -222,24 +179,26 @@ def test_wrong_side_wrong_state_and_wrong_role_are_refused_and_change_nothing(
     world: World, people: dict[str, Any]
 ):
     Department.objects.filter(pk=world.network.pediatrics.pk).update(offers_transfer=True)
-    task_id = _accepted_and_advised(world)
+    task_id = advised(world)
     before = _snapshot(task_id)
 
-    wrong_side = _update(people["consultant"], task_id, _state(S.TRANSFER_REQUESTED, "Why not."))
-    wrong_state = _update(people["consultant"], task_id, _state(S.ARRIVED))
+    wrong_side = update_task(
+        people["consultant"], task_id, _state(S.TRANSFER_REQUESTED, "Why not.")
+    )
+    wrong_state = update_task(people["consultant"], task_id, _state(S.ARRIVED))
     # The consultant's member system is on the wrong side for a transfer request.
-    system = _update(world.r5, task_id, _state(S.TRANSFER_REQUESTED, "Needs surgery."))
-    no_change = _update(world.r4, task_id, lambda t: None)
+    system = update_task(world.r5, task_id, _state(S.TRANSFER_REQUESTED, "Needs surgery."))
+    no_change = update_task(world.r4, task_id, lambda t: None)
 
     assert wrong_side.status_code == 403
     assert wrong_state.status_code == 409
     assert system.status_code == 403
     assert outcome_issue(system)["code"] == "forbidden"
     assert no_change.status_code == 422  # nothing asked: nothing to do
-    assert world.other.put(f"/fhir/Task/{task_id}", _task(world.r4, task_id)).status_code == 404
+    assert world.other.put(f"/fhir/Task/{task_id}", read_task(world.r4, task_id)).status_code == 404
     assert _snapshot(task_id) == before
     # The requester's member system holds the role (referrals/workflow.py): it may.
-    requested = _update(world.r4, task_id, _state(S.TRANSFER_REQUESTED, "Needs surgery."))
+    requested = update_task(world.r4, task_id, _state(S.TRANSFER_REQUESTED, "Needs surgery."))
     assert requested.status_code == 200
     assert Referral.objects.get(filler_id=task_id).state == S.TRANSFER_REQUESTED
 
@@ -258,7 +217,7 @@ def test_wrong_side_wrong_state_and_wrong_role_are_refused_and_change_nothing(
             "Task.status",
         ),
         (
-            lambda t: t.update(input=[_input("outcome", valueCode="avoided")]),
+            lambda t: t.update(input=[task_input("outcome", valueCode="avoided")]),
             "Task.input",
         ),
         (
@@ -270,10 +229,10 @@ def test_wrong_side_wrong_state_and_wrong_role_are_refused_and_change_nothing(
 def test_updates_we_cannot_map_are_422_and_change_nothing(
     world: World, people: dict[str, Any], change: Any, element: str
 ):
-    task_id = _accepted_and_advised(world)
+    task_id = advised(world)
     before = _snapshot(task_id)
 
-    response = _update(people["referrer"], task_id, change)
+    response = update_task(people["referrer"], task_id, change)
 
     assert response.status_code == 422, response.content
     assert outcome_issue(response)["expression"] == [element]
@@ -285,21 +244,21 @@ def test_updates_we_cannot_map_are_422_and_change_nothing(
 
 def test_assignee_schedules_a_live_conference(world: World, people: dict[str, Any]):
     task_id = str(task_of(submit(world))["id"])
-    _update(world.r5, task_id, lambda t: t.update(status="accepted"), FHIR_R5)
+    update_task(world.r5, task_id, lambda t: t.update(status="accepted"), FHIR_R5)
     expert = people["consultant_user"]
     at = (timezone.now() + timedelta(days=1)).replace(microsecond=0)
 
-    response = _update(
+    response = update_task(
         people["consultant"],
         task_id,
         _state(
             S.SCHEDULED,
             inputs=[
-                _input("scheduled-at", valueDateTime=at.isoformat()),
-                _input(
+                task_input("scheduled-at", valueDateTime=at.isoformat()),
+                task_input(
                     "experts", valueIdentifier={"system": m.USER_SYSTEM, "value": str(expert.pk)}
                 ),
-                _input("video-url", valueUrl="https://meet.example.org/room-42"),
+                task_input("video-url", valueUrl="https://meet.example.org/room-42"),
             ],
         ),
     )
@@ -312,12 +271,12 @@ def test_assignee_schedules_a_live_conference(world: World, people: dict[str, An
         "https://meet.example.org/room-42",
     )
     assert list(referral.conference_experts.all()) == [expert]
-    past = _update(
+    past = update_task(
         people["consultant"],
         task_id,
         _state(
             S.SCHEDULED,
-            inputs=[_input("scheduled-at", valueDateTime="2020-01-01T10:00:00Z")],
+            inputs=[task_input("scheduled-at", valueDateTime="2020-01-01T10:00:00Z")],
         ),
     )
     assert past.status_code == 422  # a reschedule into the past: nothing rescheduled
@@ -332,7 +291,7 @@ def test_assignee_forwards_by_changing_the_owner(world: World, people: dict[str,
         task["owner"] = {"reference": f"HealthcareService/{cardiology.pk}"}
         task["statusReason"] = {"text": "Murmur: cardiology first."}
 
-    response = _update(people["consultant"], task_id, forward)
+    response = update_task(people["consultant"], task_id, forward)
 
     assert response.status_code == 200, response.content
     task = json.loads(response.content)
@@ -352,12 +311,12 @@ def test_forward_needs_a_reason_and_a_healthcare_service(world: World, people: d
     before = _snapshot(task_id)
     cardiology = world.network.cardiology
 
-    no_reason = _update(
+    no_reason = update_task(
         people["consultant"],
         task_id,
         lambda t: t.update(owner={"reference": f"HealthcareService/{cardiology.pk}"}),
     )
-    to_organization = _update(
+    to_organization = update_task(
         people["consultant"],
         task_id,
         lambda t: t.update(
@@ -365,7 +324,7 @@ def test_forward_needs_a_reason_and_a_healthcare_service(world: World, people: d
             statusReason={"text": "Elsewhere."},
         ),
     )
-    by_requester = _update(
+    by_requester = update_task(
         people["referrer"],
         task_id,
         lambda t: t.update(
@@ -393,7 +352,7 @@ def test_status_driven_actions_still_work_with_a_consistent_business_status(worl
         task["status"] = "accepted"
         _state(S.ACCEPTED)(task)
 
-    response = _update(world.r5, task_id, accept, FHIR_R5)
+    response = update_task(world.r5, task_id, accept, FHIR_R5)
 
     assert response.status_code == 200, response.content
     assert Referral.objects.get(filler_id=task_id).state == S.ACCEPTED
