@@ -15,6 +15,11 @@ HISTOGRAM_KEY = ("month", "metric", "country_id", "tier", "specialty_id", "campa
 def fill(apps, schema_editor):  # type: ignore[no-untyped-def]
     """The national tables from the existing month rows and histogram cells, summed over
     province and hub (no rebuild needed; a GROUP BY in the database on any vendor)."""
+    UpkeepState = apps.get_model("reports", "UpkeepState")
+    # The upkeep job's lock (reports.services._state_for_update): no batch lands in the
+    # month tables between this read and the migration's commit.
+    UpkeepState.objects.get_or_create(pk=1)
+    list(UpkeepState.objects.select_for_update().filter(pk=1))
     MonthlyRollup = apps.get_model("reports", "MonthlyRollup")
     DurationHistogram = apps.get_model("reports", "DurationHistogram")
     NationalMonthlyRollup = apps.get_model("reports", "NationalMonthlyRollup")
