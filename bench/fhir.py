@@ -6,6 +6,9 @@
 - ingest: transaction Bundles (Patient + ServiceRequest + Task) POSTed to gunicorn on
   127.0.0.1 by 1/8/32 client threads (one keep-alive session each): bundles/s, p50, p99;
   beside the raw rate of durable single-row JSONB INSERTs at the same concurrency.
+- async: the same Bundles with ``Prefer: respond-async``: accepted/s, p50, p99 of the 202
+  (the job stored), beside the raw rate; then the rate at which ``--drain-procs`` processes
+  apply the stored jobs (``intake.intake_drain``), every one checked to have made its referral.
 - search: ``GET /fhir/Task?owner=…&status=requested&_count=50`` p50/p95 over the referrals
   the ingest stored; at scale: seed with ``bench/fhir_seed.py --referrals 1000000`` and pass
   ``--only search --search-department <the id it prints>``.
@@ -217,18 +220,30 @@ def start_gunicorn(workers: int, port: int) -> subprocess.Popen[bytes]:
 
 
 def ingest(
-    base: str, token: str, clients: int, per_client: int, payload: Callable[[], dict]
+    base: str,
+    token: str,
+    clients: int,
+    per_client: int,
+    payload: Callable[[], dict],
+    *,
+    respond_async: bool = False,
 ) -> tuple[float, list[float]]:
+    """POST transaction Bundles; with ``respond_async`` (``Prefer: respond-async``) each
+    answer is the 202 of a stored job, which ``drain_intake`` applies afterwards."""
+    expected = 202 if respond_async else 200
+
     def work(_i: int) -> list[float]:
         session = requests.Session()
         headers = {"Authorization": f"Bearer {token}", "Content-Type": FHIR_R4}
+        if respond_async:
+            headers["Prefer"] = "respond-async"
         out = []
         for _ in range(per_client):
             body = json.dumps(payload())
             t = time.perf_counter()
             response = session.post(f"{base}/fhir", data=body, headers=headers)
             out.append((time.perf_counter() - t) * 1000)
-            if response.status_code != 200:
+            if response.status_code != expected:
                 raise SystemExit(f"ingest failed: {response.status_code} {response.text[:300]}")
         return out
 
@@ -327,6 +342,41 @@ def outbound(stub_url: str, messages: int, threads: int, procs: int, batch: int)
     return done / elapsed
 
 
+def drain_intake(procs: int) -> tuple[int, float]:
+    """Apply every pending asynchronous job with ``intake.intake_drain`` (the work of the
+    ``intake_process`` task) in ``procs`` processes; all must end ``done`` with a 200
+    answer. Returns (jobs applied, jobs/s)."""
+    import multiprocessing
+
+    from django.db import connections
+
+    from fhir_gateway.intake import intake_drain
+    from fhir_gateway.models import IntakeJob
+
+    pending = IntakeJob.objects.filter(status="pending").count()
+    before = Referral.objects.count()
+    connections.close_all()
+    context = multiprocessing.get_context("fork")
+
+    def drain() -> None:
+        intake_drain()
+        connections.close_all()
+
+    start = time.perf_counter()
+    workers = [context.Process(target=drain) for _ in range(procs)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    elapsed = time.perf_counter() - start
+    left = IntakeJob.objects.filter(status="pending").count()
+    refused = IntakeJob.objects.exclude(result_status=200).exclude(status="pending").count()
+    created = Referral.objects.count() - before
+    assert (left, refused, created) == (0, 0, pending), (left, refused, created, pending)
+    IntakeJob.objects.all().delete()
+    return pending, pending / elapsed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--bundles", type=int, default=200, help="per concurrency level")
@@ -341,7 +391,10 @@ def main() -> None:
     parser.add_argument("--stub-port", type=int, default=8766)
     parser.add_argument("--search-department", type=int, default=0,
                         help="search this department's worklist (e.g. after bench/fhir_seed.py)")  # fmt: skip
-    parser.add_argument("--only", default="", help="comma list: ingest,search,projection,outbound")
+    parser.add_argument("--drain-procs", type=int, default=2,
+                        help="processes applying asynchronous Bundles (--only async)")  # fmt: skip
+    parser.add_argument("--only", default="",
+                        help="comma list: ingest,async,search,projection,outbound")  # fmt: skip
     args = parser.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
 
@@ -362,7 +415,7 @@ def main() -> None:
         return not only or name in only
 
     base = f"http://127.0.0.1:{args.port}"
-    if want("ingest") or want("search"):
+    if want("ingest") or want("async") or want("search"):
         server = start_gunicorn(args.workers, args.port)
         try:
             if want("ingest"):
@@ -376,6 +429,24 @@ def main() -> None:
                     raw = raw_insert_rate(conninfo, clients, max(50, per * 4))
                     print(f"{clients:>7} {rate:>10.1f} {pct(samples, 0.5):>8.1f} "
                           f"{pct(samples, 0.99):>8.1f} {raw:>13.0f} {rate / raw:>6.3f}")  # fmt: skip
+            if want("async"):
+                print(
+                    "asynchronous intake (Prefer: respond-async): the 202 of a stored job, "
+                    f"then the jobs applied by {args.drain_procs} processes (intake_drain)"
+                )
+                print(f"{'clients':>7} {'accepted/s':>10} {'p50 ms':>8} {'p99 ms':>8} "
+                      f"{'raw INSERT/s':>13} {'ratio':>6} {'applied/s':>10}")  # fmt: skip
+                for clients in (int(c) for c in args.clients.split(",")):
+                    per = max(1, args.bundles // clients)
+                    rate, samples = ingest(
+                        base, sub_token, clients, per, lambda: bundle(spoke, department),
+                        respond_async=True,
+                    )  # fmt: skip
+                    raw = raw_insert_rate(conninfo, clients, max(50, per * 4))
+                    _applied, applied_rate = drain_intake(args.drain_procs)
+                    print(f"{clients:>7} {rate:>10.1f} {pct(samples, 0.5):>8.1f} "
+                          f"{pct(samples, 0.99):>8.1f} {raw:>13.0f} {rate / raw:>6.3f} "
+                          f"{applied_rate:>10.1f}")  # fmt: skip
             if want("search"):
                 search_department, search_token = department, con_token
                 if args.search_department:

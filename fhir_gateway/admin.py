@@ -5,7 +5,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from fhir_gateway.delivery import outbox_replay, outbox_retry
-from fhir_gateway.models import FhirResource, OutboxMessage
+from fhir_gateway.models import FhirResource, IntakeJob, OutboxMessage
 
 
 @admin.register(OutboxMessage)
@@ -59,6 +59,30 @@ class FhirResourceAdmin(admin.ModelAdmin[FhirResource]):
     list_filter = ("resource_type", "is_current", "deleted")
     search_fields = ("logical_id",)
     readonly_fields = [f.name for f in FhirResource._meta.get_fields() if f.concrete]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+
+@admin.register(IntakeJob)
+class IntakeJobAdmin(admin.ModelAdmin[IntakeJob]):
+    """Asynchronous transaction Bundles (``Prefer: respond-async``): what is waiting, what
+    was answered, and what failed unexpectedly (``last_error``)."""
+
+    list_display = (
+        "id",
+        "user",
+        "status",
+        "result_status",
+        "attempts",
+        "created_at",
+        "finished_at",
+    )
+    list_filter = ("status", "result_status")
+    search_fields = ("id", "user__username")
+    list_select_related = ("user",)
+    ordering = ("-created_at",)
+    readonly_fields = [f.name for f in IntakeJob._meta.get_fields() if f.concrete]
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False

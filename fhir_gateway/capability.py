@@ -80,7 +80,11 @@ def capability_statement(version: str, *, base: str) -> dict[str, Any]:
                 "mode": "server",
                 "documentation": (
                     f"FHIR versions {', '.join(SUPPORTED_VERSIONS)} (fhirVersion media-type "
-                    f"parameter; default {DEFAULT_VERSION}). Bearer tokens only."
+                    f"parameter; default {DEFAULT_VERSION}). Bearer tokens only. A transaction "
+                    "Bundle sent with Prefer: respond-async is answered 202 with "
+                    "Content-Location [base]/_async/<id>: poll it (202 until applied, then 200 "
+                    "with a batch-response Bundle holding the transaction's answer); DELETE "
+                    "cancels."
                 ),
                 "security": {
                     "cors": False,

@@ -1,7 +1,11 @@
-"""Stored FHIR resources (decision 2), the outbound outbox (decision 1) and the pull feed."""
+"""Stored FHIR resources (decision 2), the outbound outbox (decision 1), the pull feed and
+asynchronous intake jobs."""
 
 from __future__ import annotations
 
+import uuid
+
+from django.conf import settings
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
@@ -238,3 +242,49 @@ class FeedSubscription(models.Model):
 
     def __str__(self) -> str:
         return f"Subscription/{self.logical_id} ({self.facility_id} after #{self.start_number})"
+
+
+class IntakeJob(models.Model):
+    """A transaction Bundle accepted with ``Prefer: respond-async`` (fhir_gateway/intake.py).
+
+    The request body is kept as it came; a worker applies it later, as the caller, in one
+    database transaction with this row's completion, so a job is applied exactly once.
+    ``result`` is the answer the synchronous request would have had (a transaction-response
+    Bundle or an OperationOutcome, in ``answer_version``) and ``result_status`` its status.
+    """
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "Pending"
+        DONE = "done", "Done"
+        CANCELLED = "cancelled", "Cancelled"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="fhir_intake_jobs"
+    )
+    body = models.TextField()
+    fhir_version = models.CharField(max_length=3)
+    answer_version = models.CharField(max_length=3)
+    base = models.CharField(max_length=500)
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
+    attempts = models.PositiveIntegerField(default=0)
+    last_error = models.TextField(blank=True)
+    result_status = models.PositiveIntegerField(null=True, blank=True)
+    result = models.TextField(blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [
+            # Work to do, oldest first (intake.intake_drain).
+            models.Index(
+                fields=["created_at"], condition=Q(status="pending"), name="intake_pending"
+            ),
+            # Retention of finished jobs (intake.intake_prune).
+            models.Index(
+                fields=["finished_at"], condition=~Q(status="pending"), name="intake_finished"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"intake {self.pk} ({self.status})"

@@ -12,7 +12,9 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from django.http import HttpResponse
+from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.db import IntegrityError
+from django.http import Http404, HttpResponse
 
 from core.errors import ApplicationError
 from core.logging import current_request_id
@@ -127,16 +129,37 @@ def outcome_for_application_error(exc: ApplicationError) -> FhirError:
     return FhirError(status, code, exc.message)
 
 
-def outcome_response(error: FhirError, *, content_type: str) -> HttpResponse:
-    body = operation_outcome(
+def fhir_error_for(exc: Exception) -> FhirError | None:
+    """The answer to an exception the gateway or the services raise; None for anything else
+    (a bug: the caller logs it and answers 500)."""
+    if isinstance(exc, FhirError):
+        return exc
+    if isinstance(exc, ApplicationError):
+        return outcome_for_application_error(exc)
+    if isinstance(exc, DjangoPermissionDenied):
+        return FhirError(403, "forbidden", str(exc) or "Not allowed.")
+    if isinstance(exc, Http404):
+        return FhirError(404, "not-found", str(exc) or "Not found.")
+    if isinstance(exc, IntegrityError):
+        return FhirError(409, "conflict", "The change conflicts with stored data.")
+    return None
+
+
+def outcome_body(error: FhirError) -> dict[str, Any]:
+    return operation_outcome(
         error.code,
         error.diagnostics,
         severity=error.severity,
         expression=error.expression,
         extension=error.extension,
     )
+
+
+def outcome_response(error: FhirError, *, content_type: str) -> HttpResponse:
     response = HttpResponse(
-        json.dumps(body, ensure_ascii=False), status=error.status, content_type=content_type
+        json.dumps(outcome_body(error), ensure_ascii=False),
+        status=error.status,
+        content_type=content_type,
     )
     for name, value in error.headers.items():
         response[name] = value

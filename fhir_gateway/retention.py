@@ -1,4 +1,4 @@
-"""Retention of the outbox and the pull feed: what is finished and old enough goes.
+"""Retention of the outbox, the pull feed and intake jobs: what is finished and old enough goes.
 
 ``retention_prune`` is beat's hourly job (task ``fhir_gateway.retention_prune``). It
 alternates batches of ``delivery.outbox_prune`` (delivered messages older than
@@ -6,10 +6,13 @@ alternates batches of ``delivery.outbox_prune`` (delivered messages older than
 ``FHIR_FEED_RETENTION_DAYS``, after numbering every unnumbered row), each batch its own
 short transaction of at most ``batch_size`` rows, until both are done or ``max_seconds``
 passed (checked between batches: one run does not hold a worker slot for long, the next
-hour's run goes on). A retention of 0 days or less keeps that table forever.
+hour's run goes on). A retention of 0 days or less keeps that table forever. Finished
+asynchronous intake jobs (``intake.intake_prune``) go ``FHIR_INTAKE_RETENTION_DAYS`` after
+they finished.
 
 Never deleted: outbox messages that are pending, in flight or failed (work to do), and
-dead ones (they hold their aggregate until a person retries them; see docs/fhir.md).
+dead ones (they hold their aggregate until a person retries them; see docs/fhir.md); intake
+jobs still pending.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from django.utils import timezone
 
 from fhir_gateway.delivery import outbox_prune
 from fhir_gateway.feed import feed_number_all, feed_prune
+from fhir_gateway.intake import intake_prune
+from fhir_gateway.intake import retention_days as intake_retention_days
 
 BATCH_SIZE = 5000
 
@@ -40,6 +45,7 @@ class RetentionReport:
     outbox_deleted: int = 0
     feed_numbered: int = 0
     feed_deleted: int = 0
+    intake_deleted: int = 0
     batches: int = 0
     finished: bool = False  # False: the time budget ran out first
 
@@ -59,12 +65,14 @@ def retention_prune(
     deadline = None if max_seconds is None else time.monotonic() + max_seconds
     outbox_before = _cutoff(now, outbox_retention_days())
     feed_before = _cutoff(now, feed_retention_days())
+    intake_before = _cutoff(now, intake_retention_days())
     report = RetentionReport()
     if feed_before is not None:
         report.feed_numbered = feed_number_all()
     outbox_done = outbox_before is None
     feed_done = feed_before is None
-    while not (outbox_done and feed_done):
+    intake_done = intake_before is None
+    while not (outbox_done and feed_done and intake_done):
         if outbox_before is not None and not outbox_done:
             deleted = outbox_prune(before=outbox_before, limit=batch_size)
             report.outbox_deleted += deleted
@@ -75,7 +83,12 @@ def retention_prune(
             report.feed_deleted += deleted
             report.batches += 1
             feed_done = deleted < batch_size
+        if intake_before is not None and not intake_done:
+            deleted = intake_prune(before=intake_before, limit=batch_size)
+            report.intake_deleted += deleted
+            report.batches += 1
+            intake_done = deleted < batch_size
         if deadline is not None and time.monotonic() >= deadline:
             break
-    report.finished = outbox_done and feed_done
+    report.finished = outbox_done and feed_done and intake_done
     return report

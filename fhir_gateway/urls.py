@@ -13,6 +13,7 @@ urlpatterns = [
     re_path(r"^$", views.root, name="root"),
     re_path(r"^metadata/?$", views.metadata, name="metadata"),
     re_path(r"^\$versions/?$", views.versions, name="versions"),
+    re_path(r"^_async/(?P<job_id>[^/]+)/?$", views.async_status, name="async-status"),
     re_path(rf"^{_OP}/?$", views.system_operation, name="system-operation"),
     re_path(rf"^{_TYPE}/{_OP}/?$", views.type_operation, name="type-operation"),
     re_path(rf"^{_TYPE}/{_ID}/{_OP}/?$", views.instance_operation, name="instance-operation"),

@@ -19,11 +19,10 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 from django.conf import settings
-from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.core.exceptions import RequestDataTooBig
 from django.db import IntegrityError, connection
 from django.db.models import Q
-from django.http import Http404, HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse
 from django.http.response import HttpResponseBase
 from django.utils import timezone
 from django.utils.http import http_date
@@ -31,12 +30,11 @@ from django.views.decorators.csrf import csrf_exempt
 from rest_framework import exceptions as drf_exceptions
 
 from accounts.authentication import user_for_bearer
-from core.errors import ApplicationError
 from core.rows import fetch_prepared
-from fhir_gateway import capability, handlers
+from fhir_gateway import capability, handlers, intake
 from fhir_gateway.handlers import HANDLERS, ResourceHandler, WriteRequest
 from fhir_gateway.models import FhirResource
-from fhir_gateway.outcomes import FhirError, outcome_for_application_error, outcome_response
+from fhir_gateway.outcomes import FhirError, fhir_error_for, outcome_response
 from fhir_gateway.storage import (
     FHIR_ID,
     dumps,
@@ -143,36 +141,16 @@ def _fhir_view(
                     )
                 user = None if public else _authenticate(request)
                 response = view(FhirRequest(request, version, user, accept_error), **kwargs)
-            except FhirError as exc:
-                response = outcome_response(exc, content_type=content_type)
-            except ApplicationError as exc:
-                response = outcome_response(
-                    outcome_for_application_error(exc), content_type=content_type
-                )
-            except DjangoPermissionDenied as exc:
-                response = outcome_response(
-                    FhirError(403, "forbidden", str(exc) or "Not allowed."),
-                    content_type=content_type,
-                )
-            except Http404 as exc:
-                response = outcome_response(
-                    FhirError(404, "not-found", str(exc) or "Not found."),
-                    content_type=content_type,
-                )
             except RequestDataTooBig:
                 response = outcome_response(_too_large(), content_type=content_type)
-            except IntegrityError:
-                logger.info("integrity error under /fhir turned into 409", exc_info=True)
-                response = outcome_response(
-                    FhirError(409, "conflict", "The change conflicts with stored data."),
-                    content_type=content_type,
-                )
-            except Exception:  # the last line of defence: still an OperationOutcome
-                logger.exception("unexpected error under /fhir")
-                response = outcome_response(
-                    FhirError(500, "exception", "Internal error; quote the request id."),
-                    content_type=content_type,
-                )
+            except Exception as exc:
+                error = fhir_error_for(exc)
+                if error is None:  # the last line of defence: still an OperationOutcome
+                    logger.exception("unexpected error under /fhir")
+                    error = FhirError(500, "exception", "Internal error; quote the request id.")
+                elif isinstance(exc, IntegrityError):
+                    logger.info("integrity error under /fhir turned into 409", exc_info=True)
+                response = outcome_response(error, content_type=content_type)
             response.headers.setdefault("Vary", "Accept")
             return response
 
@@ -291,8 +269,59 @@ def root(ctx: FhirRequest) -> HttpResponse:
     bundle = _json_body(ctx.request)
     if bundle.get("resourceType") != "Bundle":
         raise FhirError(400, "invalid", "POST /fhir takes a Bundle of type transaction.")
+    if _prefers_async(ctx.request):
+        return _accept_async(ctx, user, bundle, version)
     text = transaction_func(user, bundle, version, ctx.version, ctx.base)
     return HttpResponse(text, content_type=media_type_for(ctx.version))
+
+
+def _prefers_async(request: HttpRequest) -> bool:
+    """``Prefer: respond-async`` (RFC 7240), alone or among other preferences."""
+    header = request.headers.get("Prefer", "")
+    return any(part.split(";")[0].strip().lower() == "respond-async" for part in header.split(","))
+
+
+def _accept_async(
+    ctx: FhirRequest, user: User, bundle: dict[str, Any], version: str
+) -> HttpResponse:
+    """Store the Bundle and answer 202 with where to poll (fhir_gateway/intake.py)."""
+    if bundle.get("type") != "transaction":
+        raise FhirError(
+            422,
+            "not-supported",
+            f"Bundle.type {bundle.get('type')!r}: only transaction is supported.",
+        )
+    try:
+        body = ctx.request.body.decode("utf-8")
+    except UnicodeDecodeError:
+        body = json.dumps(bundle, ensure_ascii=False)
+    job = intake.intake_accept(
+        user=user, body=body, fhir_version=version, answer_version=ctx.version, base=ctx.base
+    )
+    location = intake.poll_url(ctx.base, job)
+    outcome = FhirError(
+        202, "informational", f"Accepted; poll {location} for the answer.", severity="information"
+    )
+    response = outcome_response(outcome, content_type=media_type_for(ctx.version))
+    response["Content-Location"] = location
+    return response
+
+
+@_fhir_view(methods=("GET", "DELETE"))
+def async_status(ctx: FhirRequest, job_id: str) -> HttpResponse:
+    """The polling location of an asynchronous request: 202 while pending, then 200 with
+    the batch-response Bundle; DELETE cancels or forgets (202)."""
+    assert ctx.user is not None
+    if ctx.request.method == "DELETE":
+        intake.intake_cancel(user=ctx.user, job_id=job_id)
+        return HttpResponse(status=202)
+    answer = intake.intake_poll(user=ctx.user, job_id=job_id)
+    response = HttpResponse(
+        answer.body, status=answer.status, content_type=media_type_for(answer.version)
+    )
+    for name, value in answer.headers.items():
+        response[name] = value
+    return response
 
 
 @_fhir_view(public=True)

@@ -190,6 +190,12 @@ CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
         "schedule": 10.0,
         "options": {"expires": 30.0},
     },
+    # FHIR gateway: asynchronous transaction Bundles whose hand-off was lost or failed.
+    "fhir-intake-drain": {
+        "task": "fhir_gateway.intake_drain",
+        "schedule": 10.0,
+        "options": {"expires": 30.0},
+    },
     # FHIR gateway: registry -> stored mCSD resources (new versions only on change).
     "fhir-project-registry": {"task": "fhir_gateway.project_registry", "schedule": 60.0},
     # Referrals: deadline notices, then re-route/expire; re-route recent declines.
@@ -220,6 +226,9 @@ CELERY_BEAT_SCHEDULE["referrals-notification-email-sweep"] = {
 # events older than these many days are pruned hourly (0 or less: kept forever).
 FHIR_OUTBOX_RETENTION_DAYS = env.int("FHIR_OUTBOX_RETENTION_DAYS", default=30)
 FHIR_FEED_RETENTION_DAYS = env.int("FHIR_FEED_RETENTION_DAYS", default=30)
+# Finished asynchronous intake jobs (their answers) are kept this many days for polling.
+FHIR_INTAKE_RETENTION_DAYS = env.int("FHIR_INTAKE_RETENTION_DAYS", default=7)
+FHIR_INTAKE_MAX_ATTEMPTS = env.int("FHIR_INTAKE_MAX_ATTEMPTS", default=5)
 CELERY_BEAT_SCHEDULE["fhir-retention"] = {
     "task": "fhir_gateway.retention_prune",
     "schedule": 3600.0,

@@ -8,6 +8,31 @@ import pytest
 
 from tests.sqlite_run import sqlite_manage
 
+INTAKE_SCRIPT = """
+import json
+from accounts.models import User
+from fhir_gateway.intake import intake_accept, intake_drain, intake_poll
+user = User.objects.get(username="demo-member-system")
+bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+    {"fullUrl": "urn:uuid:p1", "request": {"method": "POST", "url": "Patient"},
+     "resource": {"resourceType": "Patient", "gender": "female", "birthDate": "2022"}},
+    {"fullUrl": "urn:uuid:s1", "request": {"method": "POST", "url": "ServiceRequest"},
+     "resource": {"resourceType": "ServiceRequest", "status": "active", "intent": "order",
+                  "subject": {"reference": "urn:uuid:p1"},
+                  "identifier": [{"system": "https://demo/sid/referral", "value": "A-1"}],
+                  "performerType": {"coding": [{"system": "http://snomed.info/sct",
+                                                "code": "394537008"}]},
+                  "reasonCode": [{"text": "Fever 5 days"}]}}]}
+job = intake_accept(user=user, body=json.dumps(bundle), fhir_version="4.0",
+                    answer_version="4.0", base="http://127.0.0.1:8000/fhir")
+print("pending", intake_poll(user=user, job_id=str(job.pk)).status)
+print("drained", intake_drain())
+answer = json.loads(intake_poll(user=user, job_id=str(job.pk)).body)
+entry = answer["entry"][0]
+print("answer", entry["response"]["status"].split()[0],
+      entry["resource"]["entry"][1]["response"]["status"])
+"""
+
 
 @pytest.mark.slow
 def test_migrate_and_seed_demo_on_sqlite(tmp_path: Path) -> None:
@@ -29,6 +54,11 @@ def test_migrate_and_seed_demo_on_sqlite(tmp_path: Path) -> None:
     load = manage("rebuild_department_load", "--all")
     assert load.returncode == 0, load.stderr
     assert "already matched" in load.stdout, load.stdout
+    # An asynchronous FHIR transaction (Prefer: respond-async) is stored, applied by the
+    # drain (no SELECT ... FOR UPDATE on SQLite) and answered.
+    intake = manage("shell", "--no-imports", "-c", INTAKE_SCRIPT)
+    assert intake.returncode == 0, intake.stderr
+    assert intake.stdout.splitlines() == ["pending 202", "drained 1", "answer 200 201 Created"]
     check = manage("check", "--fail-level", "WARNING")
     assert check.returncode == 0, check.stdout + check.stderr
     assert (tmp_path / "consilium.sqlite3").exists()

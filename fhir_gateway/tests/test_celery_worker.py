@@ -12,9 +12,12 @@ from django.db import connections, transaction
 
 from config.celery import app
 from fhir_gateway.delivery import outbox_enqueue
-from fhir_gateway.models import OutboxMessage
+from fhir_gateway.models import IntakeJob, OutboxMessage
 from fhir_gateway.storage import store_version
-from fhir_gateway.tasks import deliver_outbox, outbox_drain_task
+from fhir_gateway.tasks import deliver_outbox, intake_process_task, outbox_drain_task
+from fhir_gateway.tests.referral_world import World, body
+from fhir_gateway.tests.referral_world import transaction as referral_bundle
+from referrals.models import Referral
 from tests.factories import EndpointFactory
 
 
@@ -91,3 +94,30 @@ def test_committed_change_is_delivered_in_order_by_a_real_worker(stub_member, se
         "/fhir/Communication/w1",
         "/fhir/Communication/w2",
     ]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_async_bundle_is_applied_by_a_real_worker(world: World) -> None:
+    """Prefer: respond-async end to end: the kick-off's on-commit hand-off goes through the
+    broker to a worker, which applies the Bundle; polling then answers it."""
+    queue = f"fhir-test-{uuid.uuid4().hex}"
+    routes = app.conf.task_routes
+    _route({intake_process_task.name: {"queue": queue}})
+    task_postrun.connect(_close_worker_connections, weak=False)
+    try:
+        with start_worker(app, pool="solo", queues=[queue], perform_ping_check=False):
+            kick_off = world.r4.post("/fhir", referral_bundle(world), Prefer="respond-async")
+            assert kick_off.status_code == 202, kick_off.content
+            path = str(kick_off["Content-Location"]).removeprefix("http://testserver")
+            deadline = time.monotonic() + 60
+            while (poll := world.r4.get(path)).status_code == 202:
+                assert time.monotonic() < deadline, "the worker did not apply the Bundle"
+                time.sleep(0.1)
+    finally:
+        task_postrun.disconnect(_close_worker_connections)  # type: ignore[attr-defined]
+        _route(routes)
+    assert poll.status_code == 200, poll.content
+    (entry,) = body(poll)["entry"]
+    assert [e["response"]["status"] for e in entry["resource"]["entry"]] == ["201 Created"] * 3
+    assert Referral.objects.count() == 1
+    assert IntakeJob.objects.get().status == IntakeJob.Status.DONE

@@ -127,6 +127,7 @@ def test_batches_loop_until_done_and_stop_at_the_time_budget(db):
 def test_a_retention_of_zero_days_keeps_everything(db, settings):
     settings.FHIR_OUTBOX_RETENTION_DAYS = 0
     settings.FHIR_FEED_RETENTION_DAYS = 0
+    settings.FHIR_INTAKE_RETENTION_DAYS = 0
     endpoint = EndpointFactory.create()
     _message(endpoint, Status.DELIVERED, timedelta(days=4000))
     _feed_rows(facility=5, count=3, age=timedelta(days=4000))
@@ -320,6 +321,7 @@ def test_the_task_prunes_both_tables(db):
 
     assert retention_prune_task() == {
         "outbox_deleted": 1,
+        "intake_deleted": 0,
         "feed_numbered": 2,
         "feed_deleted": 2,
         "finished": 1,

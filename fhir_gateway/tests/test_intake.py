@@ -1,0 +1,417 @@
+"""Asynchronous transaction Bundles (Prefer: respond-async): accept, apply once, poll, cancel."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from django.db import connection, connections
+from django.utils import timezone
+
+from fhir_gateway import handlers
+from fhir_gateway.intake import intake_drain, intake_process
+from fhir_gateway.models import FhirResource, IntakeJob, OutboxMessage
+from fhir_gateway.retention import retention_prune
+from fhir_gateway.tests.conftest import FHIR_R4, FHIR_R5, FhirClient, outcome_issue
+from fhir_gateway.tests.referral_world import World, body, member_client, transaction
+from referrals.models import Referral
+from tests.factories import UserFactory
+
+ASYNC = {"Prefer": "respond-async"}
+
+
+def _kick_off(client: FhirClient, bundle: Any, **headers: str) -> str:
+    response = client.post("/fhir", bundle, **{**ASYNC, **headers})
+    assert response.status_code == 202, response.content
+    issue = outcome_issue(response)
+    assert issue["severity"] == "information"
+    location = str(response["Content-Location"])
+    assert location.startswith("http://testserver/fhir/_async/")
+    assert location in issue["diagnostics"]
+    return location.removeprefix("http://testserver")
+
+
+def _job(path: str) -> IntakeJob:
+    return IntakeJob.objects.get(pk=path.rsplit("/", 1)[1])
+
+
+def _answer(client: FhirClient, path: str, **headers: str) -> dict[str, Any]:
+    """The one entry of the finished job's batch-response Bundle."""
+    response = client.get(path, **headers)
+    assert response.status_code == 200, response.content
+    answer = body(response)
+    assert answer["resourceType"] == "Bundle"
+    assert answer["type"] == "batch-response"
+    assert answer["timestamp"].endswith("Z")
+    (entry,) = answer["entry"]
+    return dict(entry)
+
+
+def _referral_rows() -> tuple[int, int, int]:
+    return (
+        Referral.objects.count(),
+        FhirResource.objects.filter(
+            resource_type__in=["Patient", "ServiceRequest", "Task"]
+        ).count(),
+        OutboxMessage.objects.count(),
+    )
+
+
+# --------------------------------------------------------------------------- the pattern
+
+
+@pytest.mark.django_db
+def test_bundle_is_accepted_then_applied_once_and_answered(world: World) -> None:
+    path = _kick_off(world.r4, transaction(world), Prefer="return=minimal, respond-async")
+
+    assert _referral_rows() == (0, 0, 0)  # nothing applied at the kick-off
+    pending = world.r4.get(path)
+    assert pending.status_code == 202
+    assert pending["Retry-After"] == "1"
+    assert pending.content == b""
+
+    assert intake_process(job_id=_job(path).pk) == "done"
+    assert intake_process(job_id=_job(path).pk) == "skipped"  # applied once
+
+    entry = _answer(world.r4, path)
+    assert entry["response"] == {"status": "200 OK"}
+    result = entry["resource"]
+    assert result["type"] == "transaction-response"
+    assert [e["response"]["status"] for e in result["entry"]] == ["201 Created"] * 3
+    referral = Referral.objects.get()
+    assert referral.placer_value == "SR-1"
+    assert referral.assigned_department == world.network.pediatrics
+    # What the answer holds reads back equal.
+    for item in result["entry"]:
+        location = item["response"]["location"].split("/_history/")[0]
+        read = world.r4.get(f"/fhir/{location}", Accept=FHIR_R4)
+        assert body(read) == item["resource"]
+    job = _job(path)
+    assert (job.status, job.result_status, job.attempts) == ("done", 200, 0)
+
+
+@pytest.mark.django_db
+def test_answer_comes_in_the_version_the_kick_off_accepted(world: World) -> None:
+    path = _kick_off(world.r4, transaction(world), Accept=FHIR_R5)
+    intake_process(job_id=_job(path).pk)
+
+    response = world.r4.get(path)  # the poll's own Accept does not change the answer
+    assert response["Content-Type"] == FHIR_R5
+    result = body(response)["entry"][0]["resource"]
+    order = next(
+        e["resource"] for e in result["entry"] if e["resource"]["resourceType"] == "ServiceRequest"
+    )
+    assert "reason" in order and "reasonCode" not in order  # R5 shape
+    assert order["code"]["concept"]  # CodeableReference in R5
+
+
+@pytest.mark.django_db
+def test_refusal_when_applied_is_answered_with_its_outcome_and_changes_nothing(
+    world: World,
+) -> None:
+    bundle = transaction(world, requester=f"Organization/{world.network.hub.pk}")
+    path = _kick_off(world.r4, bundle)
+
+    assert intake_process(job_id=_job(path).pk) == "refused"
+
+    entry = _answer(world.r4, path)
+    assert "resource" not in entry
+    assert entry["response"]["status"] == "403 Forbidden"
+    issue = entry["response"]["outcome"]["issue"][0]
+    assert issue["code"] == "forbidden"
+    assert "only request for your own facility" in issue["diagnostics"]
+    assert _referral_rows() == (0, 0, 0)
+    assert _job(path).result_status == 403
+
+
+@pytest.mark.django_db
+def test_resent_bundle_is_applied_once(world: World) -> None:
+    first = _kick_off(world.r4, transaction(world))
+    again = _kick_off(world.r4, transaction(world))  # the 202 of the first was lost
+
+    assert intake_drain() == 2
+
+    statuses = [
+        [e["response"]["status"] for e in _answer(world.r4, path)["resource"]["entry"]]
+        for path in (first, again)
+    ]
+    assert statuses == [["201 Created"] * 3, ["200 OK"] * 3]
+    assert Referral.objects.count() == 1
+    assert FhirResource.objects.filter(resource_type="Task").count() == 1
+
+
+@pytest.mark.django_db
+def test_drain_applies_every_pending_job_oldest_first(world: World) -> None:
+    paths = [_kick_off(world.r4, transaction(world, f"SR-{n}")) for n in range(3)]
+    IntakeJob.objects.filter(pk=_job(paths[0]).pk).update(
+        created_at=timezone.now() + timedelta(seconds=5)
+    )  # the first sent is now the newest
+
+    assert intake_drain(limit=2) == 3
+    assert intake_drain() == 0
+
+    order = list(Referral.objects.order_by("pk").values_list("placer_value", flat=True))
+    assert order == ["SR-1", "SR-2", "SR-0"]
+    assert set(IntakeJob.objects.values_list("status", flat=True)) == {"done"}
+
+
+# --------------------------------------------------------------------------- refusals at kick-off
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("change", "status", "code"),
+    [
+        ("not-json", 400, "structure"),
+        ("not-a-bundle", 400, "invalid"),
+        ("batch", 422, "not-supported"),
+        ("no-token", 401, "login"),
+        ("bad-token", 401, "login"),
+        ("no-facility", 403, "forbidden"),
+        ("fhir-3", 415, "not-supported"),
+    ],
+)
+def test_kick_off_refusals_store_nothing(world: World, change: str, status: int, code: str) -> None:
+    client, content_type = world.r4, FHIR_R4
+    data: dict[str, Any] | str = transaction(world)
+    if change == "not-json":
+        data = "{not json"
+    elif change == "not-a-bundle":
+        data = {"resourceType": "Patient"}
+    elif change == "batch":
+        data = {**transaction(world), "type": "batch"}
+    elif change == "no-token":
+        client = FhirClient(None)
+    elif change == "bad-token":
+        client = FhirClient("nope")
+    elif change == "no-facility":
+        client = member_client(UserFactory.create(facility=None))
+    elif change == "fhir-3":
+        content_type = "application/fhir+json; fhirVersion=3.0"
+
+    response = client.post("/fhir", data, content_type=content_type, **ASYNC)
+
+    assert response.status_code == status, response.content
+    assert outcome_issue(response)["code"] == code
+    assert "Content-Location" not in response
+    assert IntakeJob.objects.count() == 0
+    assert _referral_rows() == (0, 0, 0)
+
+
+@pytest.mark.django_db
+def test_too_large_bundle_is_413_without_a_job(world: World, settings: Any) -> None:
+    settings.FHIR_MAX_BODY_BYTES = 200
+    response = world.r4.post("/fhir", transaction(world), **ASYNC)
+    assert response.status_code == 413
+    assert IntakeJob.objects.count() == 0
+
+
+# --------------------------------------------------------------------------- poll and cancel
+
+
+@pytest.mark.django_db
+def test_only_the_sender_may_poll_or_cancel(world: World) -> None:
+    path = _kick_off(world.r4, transaction(world))
+    colleague = member_client(world.submitter.__class__.objects.get(pk=world.submitter.pk))
+
+    for client in (world.other, world.r5):
+        assert client.get(path).status_code == 404
+        assert client.delete(path).status_code == 404
+    assert colleague.get(path).status_code == 202  # the same account, another token
+    assert world.r4.get("/fhir/_async/not-a-uuid").status_code == 404
+    assert world.r4.get("/fhir/_async/00000000-0000-0000-0000-000000000000").status_code == 404
+    assert FhirClient(None).get(path).status_code == 401
+    assert _job(path).status == "pending"
+
+
+@pytest.mark.django_db
+def test_cancelled_job_is_never_applied(world: World) -> None:
+    path = _kick_off(world.r4, transaction(world))
+
+    assert world.r4.delete(path).status_code == 202
+
+    assert world.r4.get(path).status_code == 404
+    assert world.r4.delete(path).status_code == 404
+    assert intake_process(job_id=_job(path).pk) == "skipped"
+    assert intake_drain() == 0
+    assert _referral_rows() == (0, 0, 0)
+    assert _job(path).status == "cancelled"
+
+
+@pytest.mark.django_db
+def test_deleting_a_finished_job_forgets_its_answer_not_the_referral(world: World) -> None:
+    path = _kick_off(world.r4, transaction(world))
+    intake_process(job_id=_job(path).pk)
+
+    assert world.r4.delete(path).status_code == 202
+
+    assert world.r4.get(path).status_code == 404
+    assert IntakeJob.objects.count() == 0
+    assert Referral.objects.count() == 1
+
+
+@pytest.mark.django_db
+def test_post_and_put_on_the_poll_location_are_405(world: World) -> None:
+    path = _kick_off(world.r4, transaction(world))
+    response = world.r4.post(path, {})
+    assert response.status_code == 405
+    assert response["Allow"] == "GET, DELETE"
+    assert _job(path).status == "pending"
+
+
+# --------------------------------------------------------------------------- failures
+
+
+@pytest.mark.django_db
+def test_unexpected_error_keeps_the_job_then_finishes_it_with_500(
+    world: World, monkeypatch: pytest.MonkeyPatch, settings: Any
+) -> None:
+    settings.FHIR_INTAKE_MAX_ATTEMPTS = 2
+    real = handlers.SYSTEM_INTERACTIONS["transaction"]
+
+    def applies_then_breaks(*args: Any) -> str:
+        real(*args)  # the referral is written ...
+        raise RuntimeError("disk on fire")  # ... and the bug rolls it back
+
+    monkeypatch.setitem(handlers.SYSTEM_INTERACTIONS, "transaction", applies_then_breaks)
+    path = _kick_off(world.r4, transaction(world))
+
+    assert intake_process(job_id=_job(path).pk) == "error"
+    job = _job(path)
+    assert (job.status, job.attempts, job.last_error) == (
+        "pending",
+        1,
+        "RuntimeError: disk on fire",
+    )
+    assert _referral_rows() == (0, 0, 0)
+    assert world.r4.get(path).status_code == 202
+    assert intake_drain() == 1  # the second attempt is the last
+
+    entry = _answer(world.r4, path)
+    assert entry["response"]["status"] == "500 Internal Server Error"
+    assert entry["response"]["outcome"]["issue"][0]["code"] == "exception"
+    assert str(job.pk) in entry["response"]["outcome"]["issue"][0]["diagnostics"]
+    assert _referral_rows() == (0, 0, 0)
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+
+def _hold_while_applying(
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[threading.Event, threading.Event, list[int]]:
+    """Make the next apply stop half-way (its writes done, not committed) until released."""
+    started, release = threading.Event(), threading.Event()
+    backend: list[int] = []
+    real = handlers.SYSTEM_INTERACTIONS["transaction"]
+
+    def slow(*args: Any) -> str:
+        text = real(*args)
+        backend.append(connection.connection.info.backend_pid)
+        started.set()
+        release.wait(30)
+        return text
+
+    monkeypatch.setitem(handlers.SYSTEM_INTERACTIONS, "transaction", slow)
+    return started, release, backend
+
+
+def _in_thread(fn: Any, results: list[Any]) -> threading.Thread:
+    def run() -> None:
+        try:
+            results.append(fn())
+        except Exception as exc:  # noqa: BLE001 (recorded for the assertion)
+            results.append(exc)
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_job_being_applied_is_skipped_by_others_and_cannot_be_cancelled(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _kick_off(world.r4, transaction(world))
+    job_id = _job(path).pk
+    started, release, _backend = _hold_while_applying(monkeypatch)
+    results: list[Any] = []
+    worker = _in_thread(lambda: intake_process(job_id=job_id), results)
+    try:
+        assert started.wait(30)
+        assert intake_process(job_id=job_id) == "skipped"
+        assert intake_drain() == 0
+        refused = world.r4.delete(path)
+        assert refused.status_code == 409
+        assert outcome_issue(refused)["code"] == "conflict"
+        assert world.r4.get(path).status_code == 202
+    finally:
+        release.set()
+        worker.join(30)
+    assert results == ["done"]
+    assert Referral.objects.count() == 1
+    assert _job(path).status == "done"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_worker_killed_half_way_loses_nothing_and_applies_once(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _kick_off(world.r4, transaction(world))
+    job_id = _job(path).pk
+    started, release, backend = _hold_while_applying(monkeypatch)
+    results: list[Any] = []
+    worker = _in_thread(lambda: intake_process(job_id=job_id), results)
+    try:
+        assert started.wait(30)
+        with connection.cursor() as cursor:  # the worker's session dies mid-transaction
+            cursor.execute("SELECT pg_terminate_backend(%s)", [backend[0]])
+    finally:
+        release.set()
+        worker.join(30)
+    assert results and results[0] != "done"
+    assert _referral_rows() == (0, 0, 0)
+    assert _job(path).status == "pending"
+
+    monkeypatch.undo()
+    assert intake_drain() == 1
+    assert Referral.objects.count() == 1
+    assert [e["response"]["status"] for e in _answer(world.r4, path)["resource"]["entry"]] == [
+        "201 Created"
+    ] * 3
+
+
+# --------------------------------------------------------------------------- retention, beat
+
+
+@pytest.mark.django_db
+def test_retention_forgets_old_answers_and_keeps_pending_jobs(world: World) -> None:
+    old, recent, waiting = (_kick_off(world.r4, transaction(world, f"SR-{n}")) for n in range(3))
+    intake_process(job_id=_job(old).pk)
+    intake_process(job_id=_job(recent).pk)
+    long_ago = timezone.now() - timedelta(days=8)
+    IntakeJob.objects.filter(pk=_job(old).pk).update(finished_at=long_ago)
+    IntakeJob.objects.filter(pk=_job(waiting).pk).update(created_at=long_ago)
+
+    report = retention_prune()
+
+    assert report.intake_deleted == 1
+    assert set(IntakeJob.objects.values_list("pk", flat=True)) == {
+        _job(recent).pk,
+        _job(waiting).pk,
+    }
+    assert Referral.objects.count() == 2
+
+
+def test_beat_drains_the_intake(settings: Any) -> None:
+    from config.celery import app
+    from fhir_gateway.tasks import intake_drain_task, intake_process_task
+
+    entry = settings.CELERY_BEAT_SCHEDULE["fhir-intake-drain"]
+    assert entry["task"] == intake_drain_task.name == "fhir_gateway.intake_drain"
+    assert entry["options"]["expires"] > entry["schedule"]
+    assert app.tasks["fhir_gateway.intake_process"].name == intake_process_task.name
