@@ -107,3 +107,47 @@ def flush(timeout: float = DRAIN_SECONDS) -> bool:
 
 
 atexit.register(flush)
+
+
+class Coalesced:
+    """A call that many commits ask for and one run answers: ``request()`` after each
+    commit; ``fn()`` then runs on a thread of its own, at most once per ``min_interval``
+    seconds, and always *after* the latest request (so every commit is followed by a run
+    that can see it, within ``min_interval`` plus the run's own time).
+
+    For hand-offs whose task finds its own work (e.g. a drain that applies every pending
+    job): under a burst, one broker message serves many commits instead of one each. Inline
+    (tests, eager Celery) ``request()`` runs ``fn`` at once, as ``send_later`` does.
+    """
+
+    def __init__(self, fn: Callable[[], Any], *, min_interval: float) -> None:
+        self.fn = fn
+        self.min_interval = min_interval
+        self._wanted = threading.Event()
+        self._lock = threading.Lock()
+        self._pid: int | None = None
+
+    def request(self) -> None:
+        if _inline():
+            _run(self.fn, ())
+            return
+        pid = os.getpid()
+        if self._pid != pid:  # first use, or first after a fork: this process's own thread
+            with self._lock:
+                if self._pid != pid:
+                    self._wanted = threading.Event()
+                    threading.Thread(
+                        target=self._loop,
+                        args=(self._wanted,),
+                        name=f"consilium-coalesced-{getattr(self.fn, '__name__', 'fn')}",
+                        daemon=True,
+                    ).start()
+                    self._pid = pid
+        self._wanted.set()
+
+    def _loop(self, wanted: threading.Event) -> None:
+        while True:
+            wanted.wait()
+            wanted.clear()  # before the run: a request from now on gets a run after this one
+            _run(self.fn, ())
+            time.sleep(self.min_interval)

@@ -17,10 +17,14 @@ Nothing is lost or applied twice:
 - a worker applies a job inside one database transaction that also marks it done, holding
   the row (``SELECT ... FOR UPDATE SKIP LOCKED``): a second worker skips it, and a worker
   killed half-way rolls everything back, leaving the job pending for the next;
-- the on-commit hand-off (task ``fhir_gateway.intake_process``) can be lost with the
-  broker; beat's ``fhir_gateway.intake_drain`` (every 10 s) applies every pending job;
-- an unexpected error (a bug) leaves the job pending with ``attempts`` counted; after
-  ``FHIR_INTAKE_MAX_ATTEMPTS`` it is finished with a 500 OperationOutcome.
+- the hand-off to the workers is task ``fhir_gateway.intake_drain``, which applies every
+  due job (oldest first; workers share them with ``SKIP LOCKED``); a web process sends it
+  at most every ``KICK_SECONDS`` after the commits it serves (``core.dispatch.Coalesced``),
+  so a burst costs one broker message per 50 ms, not one per Bundle. Hand-offs lost with
+  the broker are made up by beat, which runs the same task every 10 s;
+- an unexpected error (a bug) leaves the job pending with ``attempts`` counted, retried
+  after a backoff (10 s, 20 s, ...); after ``FHIR_INTAKE_MAX_ATTEMPTS`` it is finished
+  with a 500 OperationOutcome.
 
 Retention: finished jobs (done or cancelled) go ``FHIR_INTAKE_RETENTION_DAYS`` after they
 finished (``intake_prune``, part of beat's hourly retention); pending ones never do.
@@ -35,17 +39,19 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import QuerySet
 from django.utils import timezone
 from kombu.exceptions import OperationalError as BrokerError
 
-from core.dispatch import send_later
+from core.dispatch import Coalesced
 from fhir_gateway import handlers
 from fhir_gateway.models import IntakeJob
 from fhir_gateway.outcomes import FhirError, fhir_error_for, outcome_body
@@ -80,32 +86,45 @@ def intake_accept(
 ) -> IntakeJob:
     """Store a transaction Bundle to be applied later; the caller checked that ``body`` is
     a JSON Bundle. Refusals that need nothing but the caller come now (no facility: 403;
-    not a transaction: 422, as the synchronous answer would be); the rest at processing."""
+    not a transaction: 422, as the synchronous answer would be); the rest at processing.
+
+    One INSERT, committed by itself (no BEGIN/COMMIT round trips), then the coalesced
+    hand-off to the workers."""
     if user.facility_id is None:
         raise FhirError(403, "forbidden", "Your account belongs to no facility.")
-    with transaction.atomic():
-        job = IntakeJob.objects.create(
-            user=user,
-            body=body,
-            fhir_version=fhir_version,
-            answer_version=answer_version,
-            base=base,
-        )
-        transaction.on_commit(lambda: send_later(schedule_intake, str(job.pk)))
+    job = IntakeJob.objects.create(
+        user=user,
+        body=body,
+        fhir_version=fhir_version,
+        answer_version=answer_version,
+        base=base,
+    )
+    transaction.on_commit(_kick.request)  # at once unless the caller holds a transaction
     return job
 
 
-def schedule_intake(job_id: str) -> None:
-    """Hand a job to a worker now; if the broker is down beat's drain applies it later."""
-    from fhir_gateway.tasks import intake_process_task
+def _send_drain() -> None:
+    """Ask a worker to drain the intake; if the broker is down beat's drain does it."""
+    from fhir_gateway.tasks import intake_drain_task
 
     try:
-        intake_process_task.apply_async((job_id,), retry=False)
+        intake_drain_task.apply_async(retry=False)
     except (BrokerError, OSError):
-        logger.warning("broker unavailable; the beat drain will apply it", extra={"id": job_id})
+        logger.warning("broker unavailable; the beat drain will apply pending Bundles")
+
+
+# One broker message per KICK_SECONDS at most per web process, sent after the commits it
+# serves: under a burst, each drain task applies many jobs.
+KICK_SECONDS = 0.05
+_kick = Coalesced(_send_drain, min_interval=KICK_SECONDS)
 
 
 # --------------------------------------------------------------------------- process
+
+
+def backoff_seconds(attempts: int) -> float:
+    """After an unexpected error: 10 s, 20 s, 40 s ... (at most an hour)."""
+    return float(min(3600, 10 * 2 ** max(0, attempts - 1)))
 
 
 def _apply(job: IntakeJob) -> tuple[int, str]:
@@ -125,19 +144,16 @@ def _apply(job: IntakeJob) -> tuple[int, str]:
     return 200, text
 
 
-def intake_process(*, job_id: str | uuid.UUID) -> str:
-    """Apply one pending job and finish it, in one transaction; safe to run twice and
-    concurrently (a job another worker holds is skipped). Returns what happened."""
+def _process(claim: Callable[[], IntakeJob | None]) -> tuple[uuid.UUID | None, str]:
+    """Claim a job (locked, ``SKIP LOCKED``), apply it and finish it in one transaction.
+    Returns (job id or None when there was nothing to claim, what happened)."""
+    job_id: uuid.UUID | None = None
     try:
         with transaction.atomic():
-            job = (
-                IntakeJob.objects.select_for_update(skip_locked=True, of=("self",))
-                .select_related("user")
-                .filter(pk=job_id, status=Status.PENDING)
-                .first()
-            )
+            job = claim()
             if job is None:
-                return "skipped"
+                return None, "skipped"
+            job_id = job.pk
             result_status, result = _apply(job)
             IntakeJob.objects.filter(pk=job.pk).update(
                 status=Status.DONE,
@@ -146,12 +162,36 @@ def intake_process(*, job_id: str | uuid.UUID) -> str:
                 finished_at=timezone.now(),
             )
     except Exception as exc:
+        if job_id is None:
+            raise
         logger.exception("intake job failed", extra={"id": str(job_id)})
-        return _record_crash(job_id, exc)
-    return "done" if result_status == 200 else "refused"
+        return job_id, _record_crash(job_id, exc)
+    return job_id, "done" if result_status == 200 else "refused"
 
 
-def _record_crash(job_id: str | uuid.UUID, exc: Exception) -> str:
+def _pending() -> QuerySet[IntakeJob]:
+    return IntakeJob.objects.select_for_update(skip_locked=True, of=("self",)).select_related(
+        "user"
+    )
+
+
+def intake_process(*, job_id: str | uuid.UUID) -> str:
+    """Apply one pending job now (even before its backoff ran out) and finish it; safe to
+    run twice and concurrently (a job another worker holds is skipped)."""
+    return _process(lambda: _pending().filter(pk=job_id, status=Status.PENDING).first())[1]
+
+
+def intake_process_next() -> tuple[uuid.UUID | None, str]:
+    """Apply the oldest due job no one else holds; (None, "skipped") when there is none."""
+    return _process(
+        lambda: _pending()
+        .filter(status=Status.PENDING, next_attempt_at__lte=timezone.now())
+        .order_by("next_attempt_at")
+        .first()
+    )
+
+
+def _record_crash(job_id: uuid.UUID, exc: Exception) -> str:
     with transaction.atomic():
         job = (
             IntakeJob.objects.select_for_update(skip_locked=True)
@@ -162,7 +202,8 @@ def _record_crash(job_id: str | uuid.UUID, exc: Exception) -> str:
             return "skipped"
         job.attempts += 1
         job.last_error = f"{type(exc).__name__}: {exc}"[:2000]
-        fields = ["attempts", "last_error"]
+        job.next_attempt_at = timezone.now() + timedelta(seconds=backoff_seconds(job.attempts))
+        fields = ["attempts", "last_error", "next_attempt_at"]
         if job.attempts >= max_attempts():
             error = FhirError(
                 500,
@@ -177,29 +218,21 @@ def _record_crash(job_id: str | uuid.UUID, exc: Exception) -> str:
     return "failed" if job.status == Status.DONE else "error"
 
 
-def intake_drain(*, limit: int = 100, max_seconds: float | None = None) -> int:
-    """Apply pending jobs, oldest first, until none is left, ``limit`` per batch, or
-    ``max_seconds`` passed (checked between jobs). Beat's path for lost hand-offs and
-    retries after an unexpected error; returns how many jobs it finished."""
+def intake_drain(*, max_jobs: int | None = None, max_seconds: float | None = None) -> int:
+    """Apply due jobs, oldest first, until none is due, ``max_jobs`` were tried or
+    ``max_seconds`` passed (checked between jobs). Workers running it at once share the
+    work (each claims with ``SKIP LOCKED``). Returns how many jobs it finished."""
     deadline = None if max_seconds is None else time.monotonic() + max_seconds
-    finished = 0
-    tried: set[uuid.UUID] = set()
-    while True:
-        batch = [
-            job_id
-            for job_id in IntakeJob.objects.filter(status=Status.PENDING)
-            .order_by("created_at")
-            .values_list("pk", flat=True)[: limit + len(tried)]
-            if job_id not in tried
-        ][:limit]
-        if not batch:
-            return finished
-        for job_id in batch:
-            tried.add(job_id)  # one try per drain: a job that keeps failing waits for the next
-            if intake_process(job_id=job_id) in ("done", "refused", "failed"):
-                finished += 1
-            if deadline is not None and time.monotonic() >= deadline:
-                return finished
+    finished = tried = 0
+    while max_jobs is None or tried < max_jobs:
+        job_id, outcome = intake_process_next()
+        if job_id is None:
+            break
+        tried += 1
+        finished += outcome in ("done", "refused", "failed")
+        if deadline is not None and time.monotonic() >= deadline:
+            break
+    return finished
 
 
 # --------------------------------------------------------------------------- poll / cancel

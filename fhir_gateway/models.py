@@ -268,6 +268,8 @@ class IntakeJob(models.Model):
     base = models.CharField(max_length=500)
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
     attempts = models.PositiveIntegerField(default=0)
+    # Not before this (after an unexpected error: backoff); new jobs: when they came.
+    next_attempt_at = models.DateTimeField(default=timezone.now)
     last_error = models.TextField(blank=True)
     result_status = models.PositiveIntegerField(null=True, blank=True)
     result = models.TextField(blank=True)
@@ -276,9 +278,9 @@ class IntakeJob(models.Model):
 
     class Meta:
         indexes = [
-            # Work to do, oldest first (intake.intake_drain).
+            # Work to do, oldest due first (intake.intake_process_next).
             models.Index(
-                fields=["created_at"], condition=Q(status="pending"), name="intake_pending"
+                fields=["next_attempt_at"], condition=Q(status="pending"), name="intake_due"
             ),
             # Retention of finished jobs (intake.intake_prune).
             models.Index(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from celery import shared_task
 
 from fhir_gateway.delivery import outbox_deliver, outbox_drain
-from fhir_gateway.intake import intake_drain, intake_process
+from fhir_gateway.intake import intake_drain
 from fhir_gateway.registry_projection import project_registry_incremental
 from fhir_gateway.retention import retention_prune
 
@@ -31,17 +31,11 @@ def outbox_drain_task(limit: int = 500, max_seconds: float | None = DRAIN_BEAT_S
     return outbox_drain(limit=limit, max_seconds=max_seconds).delivered
 
 
-@shared_task(name="fhir_gateway.intake_process", ignore_result=True)
-def intake_process_task(job_id: str) -> str:
-    """The on-commit hand-off of an asynchronous transaction Bundle: apply it (as its
-    sender) and finish the job in one transaction. Everything it misses, beat drains."""
-    return intake_process(job_id=job_id)
-
-
 @shared_task(name="fhir_gateway.intake_drain", ignore_result=True)
 def intake_drain_task(max_seconds: float | None = DRAIN_BEAT_SECONDS) -> int:
-    """Beat's intake task: apply pending asynchronous Bundles whose hand-off was lost or
-    whose last attempt failed unexpectedly, oldest first, until none or ``max_seconds``."""
+    """Apply due asynchronous Bundles (``Prefer: respond-async``), oldest first, until
+    none is due or ``max_seconds``: the web processes' coalesced hand-off, and beat's run
+    every 10 s for hand-offs lost with the broker and retries after an unexpected error."""
     return intake_drain(max_seconds=max_seconds)
 
 

@@ -14,7 +14,7 @@ from config.celery import app
 from fhir_gateway.delivery import outbox_enqueue
 from fhir_gateway.models import IntakeJob, OutboxMessage
 from fhir_gateway.storage import store_version
-from fhir_gateway.tasks import deliver_outbox, intake_process_task, outbox_drain_task
+from fhir_gateway.tasks import deliver_outbox, intake_drain_task, outbox_drain_task
 from fhir_gateway.tests.referral_world import World, body
 from fhir_gateway.tests.referral_world import transaction as referral_bundle
 from referrals.models import Referral
@@ -102,7 +102,7 @@ def test_async_bundle_is_applied_by_a_real_worker(world: World) -> None:
     broker to a worker, which applies the Bundle; polling then answers it."""
     queue = f"fhir-test-{uuid.uuid4().hex}"
     routes = app.conf.task_routes
-    _route({intake_process_task.name: {"queue": queue}})
+    _route({intake_drain_task.name: {"queue": queue}})
     task_postrun.connect(_close_worker_connections, weak=False)
     try:
         with start_worker(app, pool="solo", queues=[queue], perform_ping_check=False):

@@ -146,10 +146,11 @@ def test_resent_bundle_is_applied_once(world: World) -> None:
 def test_drain_applies_every_pending_job_oldest_first(world: World) -> None:
     paths = [_kick_off(world.r4, transaction(world, f"SR-{n}")) for n in range(3)]
     IntakeJob.objects.filter(pk=_job(paths[0]).pk).update(
-        created_at=timezone.now() + timedelta(seconds=5)
-    )  # the first sent is now the newest
+        next_attempt_at=timezone.now()
+    )  # the first sent is now the last due (as after a retry)
 
-    assert intake_drain(limit=2) == 3
+    assert intake_drain(max_jobs=2) == 2
+    assert intake_drain() == 1
     assert intake_drain() == 0
 
     order = list(Referral.objects.order_by("pk").values_list("placer_value", flat=True))
@@ -287,6 +288,9 @@ def test_unexpected_error_keeps_the_job_then_finishes_it_with_500(
     )
     assert _referral_rows() == (0, 0, 0)
     assert world.r4.get(path).status_code == 202
+    assert intake_drain() == 0  # not before its backoff
+    assert job.next_attempt_at > timezone.now() + timedelta(seconds=5)
+    IntakeJob.objects.filter(pk=job.pk).update(next_attempt_at=timezone.now())
     assert intake_drain() == 1  # the second attempt is the last
 
     entry = _answer(world.r4, path)
@@ -358,7 +362,7 @@ def test_a_job_being_applied_is_skipped_by_others_and_cannot_be_cancelled(
 
 
 @pytest.mark.django_db(transaction=True)
-def test_worker_killed_half_way_loses_nothing_and_applies_once(
+def test_worker_session_killed_half_way_loses_nothing_and_applies_once(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = _kick_off(world.r4, transaction(world))
@@ -378,6 +382,10 @@ def test_worker_killed_half_way_loses_nothing_and_applies_once(
     assert _job(path).status == "pending"
 
     monkeypatch.undo()
+    # The worker either died with its session (attempts 0) or lived on to count the
+    # failure (attempts 1, retried after the backoff): due now, as the backoff ran out.
+    assert _job(path).attempts in (0, 1)
+    IntakeJob.objects.update(next_attempt_at=timezone.now())
     assert intake_drain() == 1
     assert Referral.objects.count() == 1
     assert [e["response"]["status"] for e in _answer(world.r4, path)["resource"]["entry"]] == [
@@ -407,11 +415,23 @@ def test_retention_forgets_old_answers_and_keeps_pending_jobs(world: World) -> N
     assert Referral.objects.count() == 2
 
 
+@pytest.mark.django_db
+def test_a_job_not_yet_due_waits_for_its_time(world: World) -> None:
+    path = _kick_off(world.r4, transaction(world))
+    IntakeJob.objects.update(next_attempt_at=timezone.now() + timedelta(minutes=1))
+
+    assert intake_drain() == 0
+    assert _referral_rows() == (0, 0, 0)
+    IntakeJob.objects.update(next_attempt_at=timezone.now())
+    assert intake_drain() == 1
+    assert _job(path).status == "done"
+
+
 def test_beat_drains_the_intake(settings: Any) -> None:
     from config.celery import app
-    from fhir_gateway.tasks import intake_drain_task, intake_process_task
+    from fhir_gateway.tasks import intake_drain_task
 
     entry = settings.CELERY_BEAT_SCHEDULE["fhir-intake-drain"]
     assert entry["task"] == intake_drain_task.name == "fhir_gateway.intake_drain"
     assert entry["options"]["expires"] > entry["schedule"]
-    assert app.tasks["fhir_gateway.intake_process"].name == intake_process_task.name
+    assert app.tasks["fhir_gateway.intake_drain"].name == intake_drain_task.name
