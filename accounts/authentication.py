@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import Any
 
+import psycopg
 from django.db import connection
 from django.utils import timezone
 from rest_framework import authentication, exceptions
@@ -37,14 +39,43 @@ def _user_by_token_sql() -> str:
     return _USER_BY_TOKEN_SQL.format(memberships=_MEMBERSHIPS_SQL if postgres else "")
 
 
+_USER_COLUMNS = [(f.attname, f.column) for f in User._meta.concrete_fields]
+
+
+def _fetch_prepared_user(params: list[Any]) -> User | None:
+    """The statement as a server-side prepared statement of the persistent connection:
+    planned once per connection, not per request (planning it took ~0.3 ms warm, ~1.3 ms
+    cold, running it ~0.1 ms). Django's cursors bind client-side and so never prepare."""
+    connection.ensure_connection()
+    raw_connection = connection.connection
+    assert raw_connection is not None
+    with psycopg.Cursor(raw_connection) as cursor:
+        cursor.execute(_user_by_token_sql(), params, prepare=True)
+        row = cursor.fetchone()
+        if row is None:
+            return None
+        names = [column.name for column in cursor.description or ()]
+    data = dict(zip(names, row, strict=True))
+    user = User.from_db(
+        connection.alias, [a for a, _c in _USER_COLUMNS], [data[c] for _a, c in _USER_COLUMNS]
+    )
+    for extra in ("token_id", "token_last_used_at", "member_roles", "member_departments"):
+        setattr(user, extra, data[extra])
+    return user
+
+
 def user_for_bearer(raw: str) -> tuple[User, ApiToken]:
     """Resolve a raw bearer token; raises AuthenticationFailed when unusable. The token
     returned (DRF's ``request.auth``) has its id, user and last use loaded."""
     now = timezone.now()
-    found = list(User.objects.raw(_user_by_token_sql(), [ApiToken.hash(raw), now]))
-    if not found:
+    params = [ApiToken.hash(raw), now]
+    if connection.vendor == "postgresql":
+        found = _fetch_prepared_user(params)
+    else:
+        found = next(iter(User.objects.raw(_user_by_token_sql(), params)), None)
+    if found is None:
         raise exceptions.AuthenticationFailed("Invalid, expired or revoked token.")
-    user = found[0]
+    user = found
     roles = getattr(user, "member_roles", None)
     if roles is not None:
         user.set_memberships(roles, user.member_departments)  # type: ignore[attr-defined]

@@ -46,12 +46,13 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import QuerySet
 from django.utils import timezone
 from kombu.exceptions import OperationalError as BrokerError
 
 from core.dispatch import Coalesced
+from core.rows import fetch_prepared
 from fhir_gateway import handlers
 from fhir_gateway.models import IntakeJob
 from fhir_gateway.outcomes import FhirError, fhir_error_for, outcome_body
@@ -92,15 +93,31 @@ def intake_accept(
     hand-off to the workers."""
     if user.facility_id is None:
         raise FhirError(403, "forbidden", "Your account belongs to no facility.")
-    job = IntakeJob.objects.create(
+    job = IntakeJob(
         user=user,
         body=body,
         fhir_version=fhir_version,
         answer_version=answer_version,
         base=base,
     )
+    if connection.vendor == "postgresql":
+        # The hot path of a burst: a prepared statement (no ORM compile, no re-planning).
+        fetch_prepared(
+            _INSERT_SQL, [getattr(job, f.attname) for f in _INSERT_FIELDS], returning=False
+        )
+        job._state.adding, job._state.db = False, connection.alias
+    else:
+        job.save(force_insert=True)
     transaction.on_commit(_kick.request)  # at once unless the caller holds a transaction
     return job
+
+
+_INSERT_FIELDS = list(IntakeJob._meta.concrete_fields)
+_INSERT_SQL = (
+    f"INSERT INTO {IntakeJob._meta.db_table} "  # noqa: S608 (names from the model, values bound)
+    f"({', '.join(f.column for f in _INSERT_FIELDS)}) "
+    f"VALUES ({', '.join(['%s'] * len(_INSERT_FIELDS))})"
+)
 
 
 def _send_drain() -> None:
