@@ -94,7 +94,8 @@ else:
     DATABASES["default"]["CONN_MAX_AGE"] = env.int("DB_CONN_MAX_AGE", default=60)
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
     # Server-side prepared statements only for the statements that ask for them
-    # (core.rows: the worklist page, the FHIR referral searches); Django's own queries keep client-side binding and are
+    # (core.rows: the worklist page, the FHIR referral searches, bearer authentication, the
+    # asynchronous-intake INSERT); Django's own queries keep client-side binding and are
     # never prepared (the threshold is out of reach). DB_PREPARED_STATEMENTS=0 turns them
     # off, e.g. behind a transaction-pooling PgBouncer older than 1.21.
     DATABASES["default"].setdefault("OPTIONS", {})["prepare_threshold"] = (

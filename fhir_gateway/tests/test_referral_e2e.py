@@ -8,6 +8,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+import requests
 from django.utils import timezone
 from fhirpy import SyncFHIRClient
 
@@ -15,6 +16,7 @@ from accounts.models import User
 from accounts.roles import Role
 from accounts.services import api_token_issue
 from fhir_gateway import referral_mapping as m
+from fhir_gateway.intake import intake_drain
 from fhir_gateway.models import OutboxMessage
 from fhir_gateway.tests.conftest import FHIR_R5
 from fhir_gateway.tests.referral_world import World, transaction
@@ -235,3 +237,37 @@ def test_live_conference_lifecycle_over_task_updates(live_server: Any, world: Wo
         "start_conference",
         "finish_conference",
     ]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_asynchronous_transaction_over_http(live_server: Any, world: World) -> None:
+    """docs/fhir.md's asynchronous example as a member system runs it (plain HTTP: the
+    pattern needs the Content-Location header, which FHIR client libraries do not expose)."""
+    session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {api_token_issue(user=world.submitter).raw}"
+    kick = session.post(
+        f"{live_server.url}/fhir",
+        json=transaction(world),
+        headers={"Content-Type": "application/fhir+json", "Prefer": "respond-async"},
+        timeout=30,
+    )
+    assert kick.status_code == 202, kick.text
+    poll = kick.headers["Content-Location"]
+    assert poll.startswith(f"{live_server.url}/fhir/_async/")
+    waiting = session.get(poll, timeout=30)
+    assert (waiting.status_code, waiting.headers["Retry-After"]) == (202, "1")
+
+    assert intake_drain() == 1  # what the worker's intake_drain task does
+
+    answer = session.get(poll, timeout=30)
+    assert answer.status_code == 200
+    entry = answer.json()["entry"][0]
+    assert entry["response"]["status"] == "200 OK"
+    task = next(
+        e["resource"] for e in entry["resource"]["entry"] if e["resource"]["resourceType"] == "Task"
+    )
+    read = session.get(f"{live_server.url}/fhir/Task/{task['id']}", timeout=30)
+    assert read.json() == task
+    assert session.delete(poll, timeout=30).status_code == 202
+    assert session.get(poll, timeout=30).status_code == 404
+    assert Referral.objects.get().state == ReferralState.SUBMITTED
