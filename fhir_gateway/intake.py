@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
 from django.utils import timezone
 from kombu.exceptions import OperationalError as BrokerError
 
@@ -161,16 +161,15 @@ def _apply(job: IntakeJob) -> tuple[int, str]:
     return 200, text
 
 
-def _process(claim: Callable[[], IntakeJob | None]) -> tuple[uuid.UUID | None, str]:
+def _process(claim: Callable[[], IntakeJob | None]) -> tuple[IntakeJob | None, str]:
     """Claim a job (locked, ``SKIP LOCKED``), apply it and finish it in one transaction.
-    Returns (job id or None when there was nothing to claim, what happened)."""
-    job_id: uuid.UUID | None = None
+    Returns (the job as claimed or None when there was nothing to claim, what happened)."""
+    claimed: IntakeJob | None = None
     try:
         with transaction.atomic():
-            job = claim()
+            job = claimed = claim()
             if job is None:
                 return None, "skipped"
-            job_id = job.pk
             result_status, result = _apply(job)
             IntakeJob.objects.filter(pk=job.pk).update(
                 status=Status.DONE,
@@ -179,11 +178,11 @@ def _process(claim: Callable[[], IntakeJob | None]) -> tuple[uuid.UUID | None, s
                 finished_at=timezone.now(),
             )
     except Exception as exc:
-        if job_id is None:
+        if claimed is None:
             raise
-        logger.exception("intake job failed", extra={"id": str(job_id)})
-        return job_id, _record_crash(job_id, exc)
-    return job_id, "done" if result_status == 200 else "refused"
+        logger.exception("intake job failed", extra={"id": str(claimed.pk)})
+        return claimed, _record_crash(claimed.pk, exc)
+    return claimed, "done" if result_status == 200 else "refused"
 
 
 def _pending() -> QuerySet[IntakeJob]:
@@ -198,14 +197,17 @@ def intake_process(*, job_id: str | uuid.UUID) -> str:
     return _process(lambda: _pending().filter(pk=job_id, status=Status.PENDING).first())[1]
 
 
-def intake_process_next() -> tuple[uuid.UUID | None, str]:
-    """Apply the oldest due job no one else holds; (None, "skipped") when there is none."""
-    return _process(
-        lambda: _pending()
-        .filter(status=Status.PENDING, next_attempt_at__lte=timezone.now())
-        .order_by("next_attempt_at")
-        .first()
-    )
+def intake_process_next(
+    after: tuple[datetime, uuid.UUID] | None = None,
+) -> tuple[IntakeJob | None, str]:
+    """Apply the oldest due job no one else holds (after ``after``, the (next_attempt_at,
+    id) of the previous claim, when given); (None, "skipped") when there is none."""
+    due = Q(status=Status.PENDING, next_attempt_at__lte=timezone.now())
+    if after is not None:
+        # Keyset: a drain does not walk again over the index entries of the jobs it (and
+        # others) finished, which stay in the partial index until vacuum.
+        due &= Q(next_attempt_at__gt=after[0]) | Q(next_attempt_at=after[0], pk__gt=after[1])
+    return _process(lambda: _pending().filter(due).order_by("next_attempt_at", "pk").first())
 
 
 def _record_crash(job_id: uuid.UUID, exc: Exception) -> str:
@@ -241,10 +243,12 @@ def intake_drain(*, max_jobs: int | None = None, max_seconds: float | None = Non
     work (each claims with ``SKIP LOCKED``). Returns how many jobs it finished."""
     deadline = None if max_seconds is None else time.monotonic() + max_seconds
     finished = tried = 0
+    after: tuple[datetime, uuid.UUID] | None = None
     while max_jobs is None or tried < max_jobs:
-        job_id, outcome = intake_process_next()
-        if job_id is None:
+        job, outcome = intake_process_next(after)
+        if job is None:
             break
+        after = (job.next_attempt_at, job.pk)
         tried += 1
         finished += outcome in ("done", "refused", "failed")
         if deadline is not None and time.monotonic() >= deadline:

@@ -416,6 +416,37 @@ def test_retention_forgets_old_answers_and_keeps_pending_jobs(world: World) -> N
 
 
 @pytest.mark.django_db
+def test_a_drain_moves_forward_and_leaves_jobs_behind_it_to_the_next(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keyset order: one drain never walks back over what it passed (the index entries of
+    finished jobs stay until vacuum); a job that becomes due behind it (a retry whose
+    backoff ran out, a job another worker gave up) is the next drain's."""
+    first, second = (_kick_off(world.r4, transaction(world, f"SR-{n}")) for n in range(2))
+    behind = _kick_off(world.r4, transaction(world, "SR-behind"))
+    IntakeJob.objects.filter(pk=_job(behind).pk).update(
+        next_attempt_at=timezone.now() + timedelta(minutes=5)
+    )
+    real = handlers.SYSTEM_INTERACTIONS["transaction"]
+    calls: list[int] = []
+
+    def becomes_due_behind(*args: Any) -> str:
+        calls.append(1)
+        if len(calls) == 1:  # while the drain applies the first job
+            IntakeJob.objects.filter(pk=_job(behind).pk).update(
+                next_attempt_at=_job(first).next_attempt_at - timedelta(seconds=1)
+            )
+        return real(*args)
+
+    monkeypatch.setitem(handlers.SYSTEM_INTERACTIONS, "transaction", becomes_due_behind)
+
+    assert intake_drain() == 2
+    assert [_job(p).status for p in (first, second, behind)] == ["done", "done", "pending"]
+    assert intake_drain() == 1
+    assert _job(behind).status == "done"
+
+
+@pytest.mark.django_db
 def test_a_job_not_yet_due_waits_for_its_time(world: World) -> None:
     path = _kick_off(world.r4, transaction(world))
     IntakeJob.objects.update(next_attempt_at=timezone.now() + timedelta(minutes=1))
