@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 from datetime import timedelta
 from typing import Any
 
 import pytest
+from django.conf import settings as django_settings
 from django.db import connection, connections
 from django.utils import timezone
 
@@ -391,6 +397,58 @@ def test_worker_session_killed_half_way_loses_nothing_and_applies_once(
     assert [e["response"]["status"] for e in _answer(world.r4, path)["resource"]["entry"]] == [
         "201 Created"
     ] * 3
+
+
+KILLED_WORKER = """
+import sys, time
+from fhir_gateway import handlers
+from fhir_gateway.intake import intake_process
+real = handlers.SYSTEM_INTERACTIONS["transaction"]
+def applied_then_hangs(*args):
+    text = real(*args)
+    print("applied", flush=True)  # the referral is written, not committed
+    time.sleep(120)
+    return text
+handlers.SYSTEM_INTERACTIONS["transaction"] = applied_then_hangs
+intake_process(job_id=sys.argv[2])  # python -c: argv[1] is this script
+"""
+
+
+@pytest.mark.django_db(transaction=True)
+def test_worker_process_killed_mid_apply_loses_nothing_and_applies_once(world: World) -> None:
+    """A real worker process (its own interpreter and connection) SIGKILLed after it wrote
+    the referral and before it committed: PostgreSQL rolls its transaction back."""
+    path = _kick_off(world.r4, transaction(world))
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "config.settings.test",
+        "DATABASE_URL": "postgres://{USER}@{HOST}:{PORT}/{NAME}".format(**connection.settings_dict),
+    }
+    worker = subprocess.Popen(
+        [sys.executable, "-c", "import sys, django; django.setup(); exec(sys.argv[1])",
+         KILLED_WORKER, str(_job(path).pk)],
+        cwd=django_settings.BASE_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert worker.stdout is not None
+        line = worker.stdout.readline()
+        assert line == "applied\n", line + (worker.stderr.read() if worker.stderr else "")
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(30)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert _referral_rows() == (0, 0, 0)
+    job = _job(path)
+    assert (job.status, job.attempts) == ("pending", 0)
+
+    deadline = time.monotonic() + 30  # until PostgreSQL ended the dead worker's session
+    while (finished := intake_drain()) == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert finished == 1
+    assert Referral.objects.count() == 1
+    assert _job(path).status == "done"
 
 
 # --------------------------------------------------------------------------- retention, beat
