@@ -3,13 +3,13 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-import psycopg
 from django.db import connection
 from django.utils import timezone
 from rest_framework import authentication, exceptions
 from rest_framework.request import Request
 
 from accounts.models import ApiToken, User
+from core.rows import prepared_cursor
 
 _LAST_USED_GRANULARITY = timedelta(minutes=5)
 
@@ -18,8 +18,13 @@ _LAST_USED_GRANULARITY = timedelta(minutes=5)
 # runs it, and the ORM's three-table select_related version took ~4 ms a call (compiling
 # and building three models) for a 0.2 ms query. Same rule as ``ApiToken.objects.usable()``:
 # not revoked, not expired, active user.
+_USER_COLUMNS = [(f.attname, f.column) for f in User._meta.concrete_fields]
+# Columns by name, not u.*: a prepared ``u.*`` fails ("cached plan must not change result
+# type") on every connection that prepared it once a migration adds a column.
+_USER_SELECT = ", ".join(f'u."{column}"' for _attname, column in _USER_COLUMNS)
 _USER_BY_TOKEN_SQL = (
-    f"SELECT u.*, t.id AS token_id, t.last_used_at AS token_last_used_at{{memberships}} "  # noqa: S608
+    f"SELECT {_USER_SELECT}, "  # noqa: S608
+    f"t.id AS token_id, t.last_used_at AS token_last_used_at{{memberships}} "
     f"FROM {User._meta.db_table} u JOIN {ApiToken._meta.db_table} t ON t.user_id = u.id "
     "WHERE t.key_hash = %s AND t.revoked_at IS NULL AND t.expires_at > %s AND u.is_active"
 )
@@ -39,17 +44,11 @@ def _user_by_token_sql() -> str:
     return _USER_BY_TOKEN_SQL.format(memberships=_MEMBERSHIPS_SQL if postgres else "")
 
 
-_USER_COLUMNS = [(f.attname, f.column) for f in User._meta.concrete_fields]
-
-
 def _fetch_prepared_user(params: list[Any]) -> User | None:
     """The statement as a server-side prepared statement of the persistent connection:
     planned once per connection, not per request (planning it took ~0.3 ms warm, ~1.3 ms
     cold, running it ~0.1 ms). Django's cursors bind client-side and so never prepare."""
-    connection.ensure_connection()
-    raw_connection = connection.connection
-    assert raw_connection is not None
-    with psycopg.Cursor(raw_connection) as cursor:
+    with prepared_cursor() as cursor:
         cursor.execute(_user_by_token_sql(), params, prepare=True)
         row = cursor.fetchone()
         if row is None:
