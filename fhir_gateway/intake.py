@@ -8,23 +8,27 @@ user), and polling that location answers ``202`` until it is done, then ``200`` 
 ``batch-response`` Bundle whose one entry carries the answer the synchronous request would
 have had: the transaction-response Bundle, or the OperationOutcome of a refusal with its
 status (FHIR R5 async-bundle; the same wrapper in R4). ``DELETE`` on the location cancels a
-job not yet applied, or forgets a finished one.
+job not yet applied (202), or forgets a finished one (200 with its answer, once more).
 
 Nothing is lost or applied twice:
 - the job row commits before the 202 is sent; a member that never saw the 202 and sends
   again gets a second job, which the placer identifier makes idempotent like any resend
   (the second answer is ``200 OK`` with the same referral);
-- a worker applies a job inside one database transaction that also marks it done, holding
-  the row (``SELECT ... FOR UPDATE SKIP LOCKED``): a second worker skips it, and a worker
-  killed half-way rolls everything back, leaving the job pending for the next;
+- a worker first leases a job (``SELECT ... FOR UPDATE SKIP LOCKED``; its attempt counted,
+  ``next_attempt_at`` moved past the backoff, committed), then applies it inside one
+  database transaction that also marks it done, holding the row: a second worker skips
+  it, and a worker killed half-way rolls everything back, leaving the job pending for a
+  retry after the backoff (a Bundle that kills every worker is given up like a bug);
 - the hand-off to the workers is task ``fhir_gateway.intake_drain``, which applies every
-  due job (oldest first; workers share them with ``SKIP LOCKED``); a web process sends it
-  at most every ``KICK_SECONDS`` after the commits it serves (``core.dispatch.Coalesced``),
-  so a burst costs one broker message per 50 ms, not one per Bundle. Hand-offs lost with
+  due job (oldest first; workers share them with ``SKIP LOCKED``); each web process sends
+  it at most every ``KICK_SECONDS`` after the commits it serves (``core.dispatch.Coalesced``),
+  so a burst costs one broker message per 50 ms per web process, not one per Bundle. Hand-offs lost with
   the broker are made up by beat, which runs the same task every 10 s;
-- an unexpected error (a bug) leaves the job pending with ``attempts`` counted, retried
-  after a backoff (10 s, 20 s, ...); after ``FHIR_INTAKE_MAX_ATTEMPTS`` it is finished
-  with a 500 OperationOutcome.
+- an unexpected error (a bug) leaves the job pending (``last_error``), retried after the
+  backoff (10 s, 20 s, ...); after ``FHIR_INTAKE_MAX_ATTEMPTS`` attempts it is finished
+  with a 500 OperationOutcome;
+- one account may have ``FHIR_INTAKE_MAX_PENDING_PER_USER`` jobs waiting (more: 429), and
+  a job whose sender was deactivated meanwhile is refused (403) when applied.
 
 Retention: finished jobs (done or cancelled) go ``FHIR_INTAKE_RETENTION_DAYS`` after they
 finished (``intake_prune``, part of beat's hourly retention); pending ones never do.
@@ -35,11 +39,11 @@ jobs are applied is that of the synchronous path (docs/performance.md).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
@@ -71,6 +75,10 @@ def max_attempts() -> int:
     return int(getattr(settings, "FHIR_INTAKE_MAX_ATTEMPTS", 5))
 
 
+def max_pending_per_user() -> int:
+    return int(getattr(settings, "FHIR_INTAKE_MAX_PENDING_PER_USER", 5000))
+
+
 def retention_days() -> int:
     return int(getattr(settings, "FHIR_INTAKE_RETENTION_DAYS", 7))
 
@@ -100,24 +108,49 @@ def intake_accept(
         answer_version=answer_version,
         base=base,
     )
+    cap = max_pending_per_user()
     if connection.vendor == "postgresql":
-        # The hot path of a burst: a prepared statement (no ORM compile, no re-planning).
-        fetch_prepared(
-            _INSERT_SQL, [getattr(job, f.attname) for f in _INSERT_FIELDS], returning=False
-        )
+        # The hot path of a burst: one prepared statement inserts the job unless the
+        # caller already has ``cap`` pending (a soft cap: racing requests may pass it).
+        values = [getattr(job, f.attname) for f in _INSERT_FIELDS]
+        stored = bool(fetch_prepared(_insert_sql(), [*values, user.pk, cap, cap]))
         job._state.adding, job._state.db = False, connection.alias
     else:
-        job.save(force_insert=True)
+        stored = _pending_of(user).count() < cap
+        if stored:
+            job.save(force_insert=True)
+    if not stored:
+        raise FhirError(
+            429,
+            "throttled",
+            f"You have {cap} asynchronous requests waiting to be applied; send more once "
+            "they are (poll them), or send synchronously.",
+            headers={"Retry-After": "60"},
+        )
     transaction.on_commit(_kick.request)  # at once unless the caller holds a transaction
     return job
 
 
+def _pending_of(user: User) -> QuerySet[IntakeJob]:
+    return IntakeJob.objects.filter(user=user, status=Status.PENDING)
+
+
 _INSERT_FIELDS = list(IntakeJob._meta.concrete_fields)
-_INSERT_SQL = (
-    f"INSERT INTO {IntakeJob._meta.db_table} "  # noqa: S608 (names from the model, values bound)
-    f"({', '.join(f.column for f in _INSERT_FIELDS)}) "
-    f"VALUES ({', '.join(['%s'] * len(_INSERT_FIELDS))})"
-)
+
+
+@functools.cache
+def _insert_sql() -> str:
+    """INSERT … SELECT with each value cast to its column's type (a SELECT list gives
+    parameters no type of their own) WHERE the caller has fewer than the cap pending."""
+    table = IntakeJob._meta.db_table
+    user_column = IntakeJob._meta.get_field("user").column
+    casts = ", ".join(f"CAST(%s AS {f.db_type(connection)})" for f in _INSERT_FIELDS)
+    return (
+        f"INSERT INTO {table} ({', '.join(f.column for f in _INSERT_FIELDS)}) "  # noqa: S608
+        f"SELECT {casts} WHERE (SELECT count(*) FROM (SELECT 1 FROM {table} "
+        f"WHERE {user_column} = %s AND status = 'pending' LIMIT %s) AS waiting) < %s "
+        "RETURNING id"
+    )
 
 
 def _send_drain() -> None:
@@ -125,7 +158,8 @@ def _send_drain() -> None:
     from fhir_gateway.tasks import intake_drain_task
 
     try:
-        intake_drain_task.apply_async(retry=False)
+        # A kick left queued longer than this is moot: beat's run has drained by then.
+        intake_drain_task.apply_async(retry=False, expires=30)
     except (BrokerError, OSError):
         logger.warning("broker unavailable; the beat drain will apply pending Bundles")
 
@@ -140,7 +174,8 @@ _kick = Coalesced(_send_drain, min_interval=KICK_SECONDS)
 
 
 def backoff_seconds(attempts: int) -> float:
-    """After an unexpected error: 10 s, 20 s, 40 s ... (at most an hour)."""
+    """The lease of an attempt, and the wait after it failed: 10 s, 20 s, 40 s ... (at most
+    an hour)."""
     return float(min(3600, 10 * 2 ** max(0, attempts - 1)))
 
 
@@ -148,6 +183,10 @@ def _apply(job: IntakeJob) -> tuple[int, str]:
     """The answer the synchronous request would have had: (status, JSON text)."""
     transaction_func = handlers.SYSTEM_INTERACTIONS["transaction"]
     try:
+        if not job.user.is_active:
+            raise FhirError(
+                403, "forbidden", "The account that sent this Bundle is no longer active."
+            )
         bundle = json.loads(job.body)
         with transaction.atomic():  # a refusal rolls back the Bundle's writes, not the job
             text = transaction_func(
@@ -161,40 +200,81 @@ def _apply(job: IntakeJob) -> tuple[int, str]:
     return 200, text
 
 
-def _process(claim: Callable[[], IntakeJob | None]) -> tuple[IntakeJob | None, str]:
-    """Claim a job (locked, ``SKIP LOCKED``), apply it and finish it in one transaction.
-    Returns (the job as claimed or None when there was nothing to claim, what happened)."""
-    claimed: IntakeJob | None = None
+def _finish(job_id: uuid.UUID, status: int, result: str) -> None:
+    IntakeJob.objects.filter(pk=job_id).update(
+        status=Status.DONE, result_status=status, result=result, finished_at=timezone.now()
+    )
+
+
+def _give_up(job: IntakeJob) -> str:
+    """No more attempts: the job is answered 500 (in a transaction of its own)."""
+    error = FhirError(
+        500,
+        "exception",
+        f"Internal error after {job.attempts} attempts; quote intake job {job.pk}.",
+    )
+    with transaction.atomic():
+        if not IntakeJob.objects.select_for_update(skip_locked=True).filter(
+            pk=job.pk, status=Status.PENDING
+        ):
+            return "skipped"
+        _finish(job.pk, 500, json.dumps(outcome_body(error)))
+    return "failed"
+
+
+def _claim(due: Q) -> IntakeJob | None:
+    """Lease the first job ``due`` selects (``SKIP LOCKED``), in a short transaction of its
+    own: its attempt is counted and ``next_attempt_at`` moves past the backoff before
+    anything is applied, so no other drain takes it meanwhile, and a worker that dies while
+    applying it (killed, out of memory) leaves a job that is retried after the backoff and
+    finally given up, instead of one claimed first again and again. The returned job keeps
+    the ``next_attempt_at`` it was claimed at (the drain's keyset)."""
+    with transaction.atomic():
+        job = (
+            IntakeJob.objects.select_for_update(skip_locked=True, of=("self",))
+            .select_related("user")
+            .filter(due)
+            .order_by("next_attempt_at", "pk")
+            .first()
+        )
+        if job is None:
+            return None
+        if job.attempts < max_attempts():
+            IntakeJob.objects.filter(pk=job.pk).update(
+                attempts=job.attempts + 1,
+                next_attempt_at=timezone.now()
+                + timedelta(seconds=backoff_seconds(job.attempts + 1)),
+            )
+    return job
+
+
+def _process(job: IntakeJob) -> str:
+    """Apply a leased job and finish it in one transaction; what happened."""
+    if job.attempts >= max_attempts():  # the earlier attempts died without a word
+        return _give_up(job)
+    job.attempts += 1
     try:
         with transaction.atomic():
-            job = claimed = claim()
-            if job is None:
-                return None, "skipped"
+            if not IntakeJob.objects.select_for_update(skip_locked=True).filter(
+                pk=job.pk, status=Status.PENDING
+            ):
+                return "skipped"  # cancelled since, or being applied by another worker
             result_status, result = _apply(job)
-            IntakeJob.objects.filter(pk=job.pk).update(
-                status=Status.DONE,
-                result_status=result_status,
-                result=result,
-                finished_at=timezone.now(),
-            )
+            _finish(job.pk, result_status, result)
     except Exception as exc:
-        if claimed is None:
-            raise
-        logger.exception("intake job failed", extra={"id": str(claimed.pk)})
-        return claimed, _record_crash(claimed.pk, exc)
-    return claimed, "done" if result_status == 200 else "refused"
-
-
-def _pending() -> QuerySet[IntakeJob]:
-    return IntakeJob.objects.select_for_update(skip_locked=True, of=("self",)).select_related(
-        "user"
-    )
+        logger.exception("intake job failed", extra={"id": str(job.pk)})
+        IntakeJob.objects.filter(pk=job.pk, status=Status.PENDING).update(
+            last_error=f"{type(exc).__name__}: {exc}"[:2000]
+        )
+        return _give_up(job) if job.attempts >= max_attempts() else "error"
+    return "done" if result_status == 200 else "refused"
 
 
 def intake_process(*, job_id: str | uuid.UUID) -> str:
     """Apply one pending job now (even before its backoff ran out) and finish it; safe to
     run twice and concurrently (a job another worker holds is skipped)."""
-    return _process(lambda: _pending().filter(pk=job_id, status=Status.PENDING).first())[1]
+    job = _claim(Q(pk=job_id, status=Status.PENDING))
+    return "skipped" if job is None else _process(job)
 
 
 def intake_process_next(
@@ -205,36 +285,13 @@ def intake_process_next(
     due = Q(status=Status.PENDING, next_attempt_at__lte=timezone.now())
     if after is not None:
         # Keyset: a drain does not walk again over the index entries of the jobs it (and
-        # others) finished, which stay in the partial index until vacuum.
-        due &= Q(next_attempt_at__gt=after[0]) | Q(next_attempt_at=after[0], pk__gt=after[1])
-    return _process(lambda: _pending().filter(due).order_by("next_attempt_at", "pk").first())
-
-
-def _record_crash(job_id: uuid.UUID, exc: Exception) -> str:
-    with transaction.atomic():
-        job = (
-            IntakeJob.objects.select_for_update(skip_locked=True)
-            .filter(pk=job_id, status=Status.PENDING)
-            .first()
+        # others) finished, which stay in the partial index until vacuum. The ``>=`` is
+        # the index range; the OR only breaks ties.
+        due &= Q(next_attempt_at__gte=after[0]) & (
+            Q(next_attempt_at__gt=after[0]) | Q(pk__gt=after[1])
         )
-        if job is None:
-            return "skipped"
-        job.attempts += 1
-        job.last_error = f"{type(exc).__name__}: {exc}"[:2000]
-        job.next_attempt_at = timezone.now() + timedelta(seconds=backoff_seconds(job.attempts))
-        fields = ["attempts", "last_error", "next_attempt_at"]
-        if job.attempts >= max_attempts():
-            error = FhirError(
-                500,
-                "exception",
-                f"Internal error after {job.attempts} attempts; quote intake job {job.pk}.",
-            )
-            job.status, job.result_status = Status.DONE, 500
-            job.result = json.dumps(outcome_body(error))
-            job.finished_at = timezone.now()
-            fields += ["status", "result_status", "result", "finished_at"]
-        job.save(update_fields=fields)
-    return "failed" if job.status == Status.DONE else "error"
+    job = _claim(due)
+    return (None, "skipped") if job is None else (job, _process(job))
 
 
 def intake_drain(*, max_jobs: int | None = None, max_seconds: float | None = None) -> int:
@@ -314,8 +371,9 @@ def batch_response(job: IntakeJob) -> str:
     )
 
 
-def intake_cancel(*, user: User, job_id: str) -> str:
-    """Cancel a pending job (it will never be applied) or forget a finished one. A job a
+def intake_cancel(*, user: User, job_id: str) -> PollAnswer:
+    """Cancel a pending job (202: it will never be applied) or forget a finished one (200
+    with its answer, once more: a cancel that came too late says what was done). A job a
     worker is applying right now cannot be cancelled (409)."""
     job = _job_of(user, job_id)
     with transaction.atomic():
@@ -328,9 +386,10 @@ def intake_cancel(*, user: User, job_id: str) -> str:
             locked.status = Status.CANCELLED
             locked.finished_at = timezone.now()
             locked.save(update_fields=["status", "finished_at"])
-            return "cancelled"
+            return PollAnswer(202, "", locked.answer_version, {})
+        answer = PollAnswer(200, batch_response(locked), locked.answer_version, {})
         locked.delete()
-        return "forgotten"
+        return answer
 
 
 def intake_prune(*, before: datetime, limit: int) -> int:

@@ -282,6 +282,10 @@ class IntakeJob(models.Model):
             models.Index(
                 fields=["next_attempt_at"], condition=Q(status="pending"), name="intake_due"
             ),
+            # The per-member cap on pending jobs (intake.intake_accept).
+            models.Index(
+                fields=["user"], condition=Q(status="pending"), name="intake_pending_user"
+            ),
             # Retention of finished jobs (intake.intake_prune).
             models.Index(
                 fields=["finished_at"], condition=~Q(status="pending"), name="intake_finished"

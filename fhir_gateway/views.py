@@ -291,10 +291,10 @@ def _accept_async(
             "not-supported",
             f"Bundle.type {bundle.get('type')!r}: only transaction is supported.",
         )
-    try:
-        body = ctx.request.body.decode("utf-8")
-    except UnicodeDecodeError:
-        body = json.dumps(bundle, ensure_ascii=False)
+    try:  # the bytes as received when they are UTF-8 (a BOM dropped, as json.loads does)
+        body = ctx.request.body.decode("utf-8-sig")
+    except UnicodeDecodeError:  # UTF-16/32, or escaped lone surrogates: as ASCII JSON
+        body = json.dumps(bundle)
     job = intake.intake_accept(
         user=user, body=body, fhir_version=version, answer_version=ctx.version, base=ctx.base
     )
@@ -310,12 +310,13 @@ def _accept_async(
 @_fhir_view(methods=("GET", "DELETE"))
 def async_status(ctx: FhirRequest, job_id: str) -> HttpResponse:
     """The polling location of an asynchronous request: 202 while pending, then 200 with
-    the batch-response Bundle; DELETE cancels or forgets (202)."""
+    the batch-response Bundle; DELETE cancels a pending one (202) or forgets a finished one
+    (200 with its answer)."""
     assert ctx.user is not None
     if ctx.request.method == "DELETE":
-        intake.intake_cancel(user=ctx.user, job_id=job_id)
-        return HttpResponse(status=202)
-    answer = intake.intake_poll(user=ctx.user, job_id=job_id)
+        answer = intake.intake_cancel(user=ctx.user, job_id=job_id)
+    else:
+        answer = intake.intake_poll(user=ctx.user, job_id=job_id)
     response = HttpResponse(
         answer.body, status=answer.status, content_type=media_type_for(answer.version)
     )

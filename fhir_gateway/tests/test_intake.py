@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from django.conf import settings as django_settings
 from django.db import connection, connections
 from django.utils import timezone
 
+from accounts.roles import Role
 from fhir_gateway import handlers
 from fhir_gateway.intake import intake_drain, intake_process
 from fhir_gateway.models import FhirResource, IntakeJob, OutboxMessage
@@ -95,7 +97,7 @@ def test_bundle_is_accepted_then_applied_once_and_answered(world: World) -> None
         read = world.r4.get(f"/fhir/{location}", Accept=FHIR_R4)
         assert body(read) == item["resource"]
     job = _job(path)
-    assert (job.status, job.result_status, job.attempts) == ("done", 200, 0)
+    assert (job.status, job.result_status, job.attempts) == ("done", 200, 1)
 
 
 @pytest.mark.django_db
@@ -215,6 +217,93 @@ def test_too_large_bundle_is_413_without_a_job(world: World, settings: Any) -> N
     assert IntakeJob.objects.count() == 0
 
 
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "encode",
+    [
+        pytest.param(lambda text: b"\xef\xbb\xbf" + text.encode(), id="utf-8 with BOM"),
+        pytest.param(lambda text: text.encode("utf-16"), id="utf-16"),
+        pytest.param(
+            lambda text: text.replace("Kawasaki", "\\ud800").encode(), id="escaped lone surrogate"
+        ),
+        pytest.param(
+            lambda text: text.replace("Kawasaki", "Kawa\u00df\u1ebfaki").encode(), id="non-ascii"
+        ),
+    ],
+)
+def test_any_json_encoding_is_answered_as_the_synchronous_request_would_be(
+    world: World, encode: Any
+) -> None:
+    synchronous = world.r4.post("/fhir", encode(json.dumps(transaction(world, "SR-sync"))))
+    data = encode(json.dumps(transaction(world, "SR-async")))
+
+    path = _kick_off(world.r4, data)
+    assert intake_process(job_id=_job(path).pk) in ("done", "refused")
+
+    entry = _answer(world.r4, path)
+    assert entry["response"]["status"].split()[0] == str(synchronous.status_code)
+    if synchronous.status_code == 200:
+        order = next(
+            e["resource"]
+            for e in entry["resource"]["entry"]
+            if e["resource"]["resourceType"] == "ServiceRequest"
+        )
+        sent = json.loads(data.decode("utf-8-sig") if not data.startswith(b"\xff\xfe") else data)
+        question = sent["entry"][1]["resource"]["reasonCode"][0]["text"]
+        assert order["reasonCode"][0]["text"] == question
+
+
+@pytest.mark.django_db
+def test_a_member_may_not_queue_more_than_the_cap(world: World, settings: Any) -> None:
+    settings.FHIR_INTAKE_MAX_PENDING_PER_USER = 2
+    first = _kick_off(world.r4, transaction(world, "SR-1"))
+    _kick_off(world.r4, transaction(world, "SR-2"))
+
+    refused = world.r4.post("/fhir", transaction(world, "SR-3"), **ASYNC)
+
+    assert refused.status_code == 429
+    assert refused["Retry-After"] == "60"
+    assert outcome_issue(refused)["code"] == "throttled"
+    assert IntakeJob.objects.count() == 2
+    colleague = member_client(
+        UserFactory.create(facility=world.network.spoke, roles=[Role.MEMBER_SYSTEM])
+    )
+    _kick_off(colleague, transaction(world, "SR-other"))  # the cap is per account
+    intake_process(job_id=_job(first).pk)
+    _kick_off(world.r4, transaction(world, "SR-3"))  # room again
+    assert IntakeJob.objects.filter(status="pending").count() == 3
+
+
+@pytest.mark.django_db
+def test_a_deactivated_sender_is_refused_when_applied(world: World) -> None:
+    path = _kick_off(world.r4, transaction(world))
+    type(world.submitter).objects.filter(pk=world.submitter.pk).update(is_active=False)
+
+    assert intake_process(job_id=_job(path).pk) == "refused"
+
+    job = _job(path)
+    assert job.result_status == 403
+    assert "no longer active" in job.result
+    assert _referral_rows() == (0, 0, 0)
+
+
+@pytest.mark.django_db
+def test_a_job_whose_attempts_all_died_is_given_up_without_another(
+    world: World, settings: Any
+) -> None:
+    """Attempts are counted when a job is leased: a Bundle that kills every worker taking
+    it (no exception, no record) is answered 500 after FHIR_INTAKE_MAX_ATTEMPTS leases."""
+    settings.FHIR_INTAKE_MAX_ATTEMPTS = 3
+    path = _kick_off(world.r4, transaction(world))
+    IntakeJob.objects.update(attempts=3)  # three workers died on it
+
+    assert intake_drain() == 1
+
+    job = _job(path)
+    assert (job.status, job.result_status, job.attempts) == ("done", 500, 3)
+    assert _referral_rows() == (0, 0, 0)
+
+
 # --------------------------------------------------------------------------- poll and cancel
 
 
@@ -227,6 +316,11 @@ def test_only_the_sender_may_poll_or_cancel(world: World) -> None:
         assert client.get(path).status_code == 404
         assert client.delete(path).status_code == 404
     assert colleague.get(path).status_code == 202  # the same account, another token
+    same_facility = member_client(
+        UserFactory.create(facility=world.network.spoke, roles=[Role.MEMBER_SYSTEM])
+    )
+    assert same_facility.get(path).status_code == 404  # another account of the same facility
+    assert same_facility.delete(path).status_code == 404
     assert world.r4.get("/fhir/_async/not-a-uuid").status_code == 404
     assert world.r4.get("/fhir/_async/00000000-0000-0000-0000-000000000000").status_code == 404
     assert FhirClient(None).get(path).status_code == 401
@@ -252,8 +346,12 @@ def test_deleting_a_finished_job_forgets_its_answer_not_the_referral(world: Worl
     path = _kick_off(world.r4, transaction(world))
     intake_process(job_id=_job(path).pk)
 
-    assert world.r4.delete(path).status_code == 202
+    late = world.r4.delete(path)  # a cancel that came too late says what was done
 
+    assert late.status_code == 200
+    (entry,) = body(late)["entry"]
+    assert entry["response"]["status"] == "200 OK"
+    assert entry["resource"]["type"] == "transaction-response"
     assert world.r4.get(path).status_code == 404
     assert IntakeJob.objects.count() == 0
     assert Referral.objects.count() == 1
@@ -441,7 +539,10 @@ def test_worker_process_killed_mid_apply_loses_nothing_and_applies_once(world: W
             worker.kill()
     assert _referral_rows() == (0, 0, 0)
     job = _job(path)
-    assert (job.status, job.attempts) == ("pending", 0)
+    # The attempt was counted when the job was leased: it is retried after the backoff.
+    assert (job.status, job.attempts) == ("pending", 1)
+    assert job.next_attempt_at > timezone.now()
+    IntakeJob.objects.update(next_attempt_at=timezone.now())  # the backoff ran out
 
     deadline = time.monotonic() + 30  # until PostgreSQL ended the dead worker's session
     while (finished := intake_drain()) == 0 and time.monotonic() < deadline:
@@ -492,7 +593,7 @@ def test_a_drain_moves_forward_and_leaves_jobs_behind_it_to_the_next(
         calls.append(1)
         if len(calls) == 1:  # while the drain applies the first job
             IntakeJob.objects.filter(pk=_job(behind).pk).update(
-                next_attempt_at=_job(first).next_attempt_at - timedelta(seconds=1)
+                next_attempt_at=_job(first).created_at - timedelta(seconds=1)
             )
         return real(*args)
 
