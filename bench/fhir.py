@@ -421,6 +421,13 @@ def main() -> None:
         **{k: v for k, v in dsn.items() if k in ("host", "port", "user", "password", "dbname")}
     )
     stub, stub_url = start_stub(args.stub_port)
+    try:
+        run(args, conninfo, stub_url)
+    finally:  # a failed run must not leave the stub holding its port
+        print(f"stub answered {stop_stub(stub)} requests")
+
+
+def run(args: argparse.Namespace, conninfo: str, stub_url: str) -> None:
     submitter, consultant, department, spoke = network(stub_url)
     sub_token = api_token_issue(user=submitter, name="bench").raw
     con_token = api_token_issue(user=consultant, name="bench").raw
@@ -505,7 +512,6 @@ def main() -> None:
             f"{args.delivery_threads} threads, batches of {args.delivery_batch} "
             f"(raw INSERT/s at {args.delivery_threads} clients: {raw:.0f})"
         )
-    print(f"stub answered {stop_stub(stub)} requests")
 
 
 if __name__ == "__main__":

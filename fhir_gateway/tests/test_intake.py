@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -18,7 +19,7 @@ from django.db import connection, connections
 from django.utils import timezone
 
 from accounts.roles import Role
-from fhir_gateway import handlers
+from fhir_gateway import handlers, intake
 from fhir_gateway.intake import intake_drain, intake_process
 from fhir_gateway.models import FhirResource, IntakeJob, OutboxMessage
 from fhir_gateway.retention import retention_prune
@@ -253,9 +254,19 @@ def test_any_json_encoding_is_answered_as_the_synchronous_request_would_be(
         assert order["reasonCode"][0]["text"] == question
 
 
+@pytest.fixture(autouse=True)
+def _fresh_cap_counts() -> Iterator[None]:
+    intake._pending_seen.clear()
+    yield
+    intake._pending_seen.clear()
+
+
 @pytest.mark.django_db
-def test_a_member_may_not_queue_more_than_the_cap(world: World, settings: Any) -> None:
+def test_a_member_may_not_queue_more_than_the_cap(
+    world: World, settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     settings.FHIR_INTAKE_MAX_PENDING_PER_USER = 2
+    monkeypatch.setattr(intake, "CAP_COUNT_SECONDS", 0)  # count on every request
     first = _kick_off(world.r4, transaction(world, "SR-1"))
     _kick_off(world.r4, transaction(world, "SR-2"))
 
@@ -272,6 +283,22 @@ def test_a_member_may_not_queue_more_than_the_cap(world: World, settings: Any) -
     intake_process(job_id=_job(first).pk)
     _kick_off(world.r4, transaction(world, "SR-3"))  # room again
     assert IntakeJob.objects.filter(status="pending").count() == 3
+
+
+@pytest.mark.django_db
+def test_the_cap_counts_once_a_second_and_adds_what_it_accepted(
+    world: World, settings: Any, django_assert_num_queries: Any
+) -> None:
+    settings.FHIR_INTAKE_MAX_PENDING_PER_USER = 3
+    world.r4.get("/fhir/_async/none")  # the token's first use stamps it (a query of its own)
+    with django_assert_num_queries(1):  # the count (token and INSERT: prepared statements)
+        _kick_off(world.r4, transaction(world, "SR-1"))
+    with django_assert_num_queries(0):
+        _kick_off(world.r4, transaction(world, "SR-2"))
+        _kick_off(world.r4, transaction(world, "SR-3"))
+        refused = world.r4.post("/fhir", transaction(world, "SR-4"), **ASYNC)
+    assert refused.status_code == 429
+    assert IntakeJob.objects.count() == 3
 
 
 @pytest.mark.django_db
