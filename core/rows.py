@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import psycopg
-from django.db import connection
+from django.db import DatabaseError, connection
 from django.db.models import QuerySet
 
 
@@ -45,6 +45,30 @@ def prepared_cursor() -> Iterator[psycopg.Cursor[Any]]:
     assert raw is not None
     with connection.wrap_database_errors, psycopg.Cursor(raw) as cursor:
         yield cursor
+
+
+def fetch_prepared_first(sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+    """``fetch_prepared`` for a read that is the request's first statement (bearer
+    authentication): the statement is the connection's health check. Run on the kept
+    connection; if that fails because the server dropped it, reconnect and run it again (a
+    read, outside any transaction: safe to repeat). Either way the request's later queries
+    skip Django's ``SELECT 1`` (``health_check_done``): one round trip less per request."""
+    check_here = (
+        connection.vendor == "postgresql"
+        and connection.health_check_enabled  # type: ignore[attr-defined]
+        and not connection.health_check_done  # type: ignore[attr-defined]
+        and connection.connection is not None
+        and not connection.in_atomic_block
+    )
+    if check_here:
+        connection.health_check_done = True  # type: ignore[attr-defined]
+        try:
+            return fetch_prepared(sql, params)
+        except DatabaseError:
+            if connection.is_usable():
+                raise  # the statement failed, not the connection
+            connection.close()
+    return fetch_prepared(sql, params)
 
 
 def fetch_prepared(

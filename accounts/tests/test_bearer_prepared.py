@@ -59,3 +59,26 @@ def test_a_new_column_does_not_break_the_prepared_statement() -> None:
             assert _request(raw) == user.pk
         finally:
             other.execute("ALTER TABLE accounts_user DROP COLUMN consilium_probe")
+
+
+def test_the_bearer_statement_is_the_requests_health_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Django would send ``SELECT 1`` before the request's first query; the bearer statement
+    proves the connection instead, so an authenticated request makes no such round trip."""
+    user = UserFactory.create()
+    raw = api_token_issue(user=user, name="t").raw
+    _request(raw)  # the connection is kept (CONN_MAX_AGE) from here on
+    checks: list[bool] = []
+    real_is_usable = connection.is_usable
+
+    def counted() -> bool:
+        checks.append(True)
+        return real_is_usable()
+
+    monkeypatch.setattr(connection, "is_usable", counted)
+    request_started.send(sender=None)
+    try:
+        user_for_bearer(raw)
+        assert type(user).objects.filter(pk=user.pk).exists()  # a later ORM query
+    finally:
+        request_finished.send(sender=None)
+    assert checks == []
