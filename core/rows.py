@@ -8,6 +8,7 @@ more than the query (docs/performance.md)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -15,6 +16,8 @@ from typing import Any
 import psycopg
 from django.db import DatabaseError, connection
 from django.db.models import QuerySet
+
+logger = logging.getLogger(__name__)
 
 
 class QueryRows:
@@ -60,6 +63,7 @@ def fetch_prepared_first(sql: str, params: Sequence[Any]) -> list[tuple[Any, ...
         and connection.connection is not None
         and not connection.in_atomic_block
     )
+    assert sql.lstrip().upper().startswith("SELECT"), "only a read may be repeated"
     if check_here:
         connection.health_check_done = True  # type: ignore[attr-defined]
         try:
@@ -67,6 +71,7 @@ def fetch_prepared_first(sql: str, params: Sequence[Any]) -> list[tuple[Any, ...
         except DatabaseError:
             if connection.is_usable():
                 raise  # the statement failed, not the connection
+            logger.warning("kept database connection was dropped; reconnecting", exc_info=True)
             connection.close()
     return fetch_prepared(sql, params)
 

@@ -26,7 +26,8 @@ Nothing is lost or applied twice:
   the broker are made up by beat, which runs the same task every 10 s;
 - an unexpected error (a bug) leaves the job pending (``last_error``), retried after the
   backoff (10 s, 20 s, ...); after ``FHIR_INTAKE_MAX_ATTEMPTS`` attempts it is finished
-  with a 500 OperationOutcome;
+  with a 500 OperationOutcome; a transient database error gives its attempt back, and an
+  apply past ``APPLY_TIMEOUT`` is ended by PostgreSQL and counts;
 - one account may have ``FHIR_INTAKE_MAX_PENDING_PER_USER`` jobs waiting (more: 429), and
   a job whose sender was deactivated meanwhile is refused (403) when applied.
 
@@ -49,8 +50,9 @@ from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 
+import psycopg
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import OperationalError, connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 from kombu.exceptions import OperationalError as BrokerError
@@ -149,6 +151,9 @@ def _over_cap(user: User) -> bool:
     cap = max_pending_per_user()
     now = time.monotonic()
     with _pending_lock:
+        if len(_pending_seen) > 10_000:  # entries past their second tell nothing
+            for key in [k for k, (t, _n) in _pending_seen.items() if now - t >= CAP_COUNT_SECONDS]:
+                del _pending_seen[key]
         seen = _pending_seen.get(user.pk)
     if seen is None or now - seen[0] >= CAP_COUNT_SECONDS:
         count = IntakeJob.objects.filter(user=user, status=Status.PENDING)[:cap].count()
@@ -226,10 +231,23 @@ def _give_up(job: IntakeJob) -> str:
         f"Internal error after {job.attempts} attempts; quote intake job {job.pk}.",
     )
     with transaction.atomic():
-        if not IntakeJob.objects.select_for_update().filter(pk=job.pk, status=Status.PENDING):
+        if not _lock_pending(job.pk):
             return "skipped"
         _finish(job.pk, 500, json.dumps(outcome_body(error)))
     return "failed"
+
+
+def _lock_pending(job_id: uuid.UUID) -> bool:
+    """Lock the job's row if it is still pending (waits: another worker's claim may hold
+    it for an instant while it re-checks it; a job applied or cancelled meanwhile is then
+    skipped). Reads no columns (the body can be megabytes)."""
+    return IntakeJob.objects.select_for_update().filter(pk=job_id, status=Status.PENDING).exists()
+
+
+# A worker stuck inside a job's transaction (a statement that never ends, a hang in Python
+# with the transaction open) is ended by PostgreSQL after this: the row lock goes, and the
+# job is retried after its lease like any failed attempt.
+APPLY_TIMEOUT = "60s"
 
 
 def _claim(due: Q) -> IntakeJob | None:
@@ -265,16 +283,28 @@ def _process(job: IntakeJob) -> str:
     job.attempts += 1
     try:
         with transaction.atomic():
-            # Waits (no SKIP LOCKED): another worker's claim may hold the row for an instant
-            # while it re-checks it; a job applied or cancelled meanwhile is then skipped.
-            if not IntakeJob.objects.select_for_update().filter(pk=job.pk, status=Status.PENDING):
+            if connection.vendor == "postgresql":
+                with connection.cursor() as cursor:
+                    cursor.execute(
+                        f"SET LOCAL statement_timeout = '{APPLY_TIMEOUT}'; "
+                        f"SET LOCAL idle_in_transaction_session_timeout = '{APPLY_TIMEOUT}'"
+                    )
+            if not _lock_pending(job.pk):
                 return "skipped"
             result_status, result = _apply(job)
             _finish(job.pk, result_status, result)
     except Exception as exc:
         logger.exception("intake job failed", extra={"id": str(job.pk)})
+        # Deadlock, failover, lost connection: not the Bundle's fault. A statement that ran
+        # past APPLY_TIMEOUT is (it would time out again): that attempt counts.
+        transient = isinstance(exc, OperationalError) and not isinstance(
+            exc.__cause__, psycopg.errors.QueryCanceled
+        )
+        if transient:  # not the Bundle's fault: the attempt is given back
+            job.attempts -= 1
         IntakeJob.objects.filter(pk=job.pk, status=Status.PENDING).update(
-            last_error=f"{type(exc).__name__}: {exc}"[:2000]
+            last_error=f"{type(exc).__name__}: {exc}"[:2000],
+            **({"attempts": job.attempts} if transient else {}),
         )
         return _give_up(job) if job.attempts >= max_attempts() else "error"
     return "done" if result_status == 200 else "refused"

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from django.conf import settings as django_settings
+from django.db import OperationalError as DjangoOperationalError
 from django.db import connection, connections
 from django.utils import timezone
 
@@ -428,6 +429,45 @@ def test_unexpected_error_keeps_the_job_then_finishes_it_with_500(
     assert entry["response"]["status"] == "500 Internal Server Error"
     assert entry["response"]["outcome"]["issue"][0]["code"] == "exception"
     assert str(job.pk) in entry["response"]["outcome"]["issue"][0]["diagnostics"]
+    assert _referral_rows() == (0, 0, 0)
+
+
+@pytest.mark.django_db
+def test_a_transient_database_error_gives_the_attempt_back(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def deadlocked(*args: Any) -> str:
+        raise DjangoOperationalError("deadlock detected")
+
+    monkeypatch.setitem(handlers.SYSTEM_INTERACTIONS, "transaction", deadlocked)
+    path = _kick_off(world.r4, transaction(world))
+
+    assert intake_process(job_id=_job(path).pk) == "error"
+
+    job = _job(path)
+    assert (job.status, job.attempts) == ("pending", 0)
+    assert job.last_error == "OperationalError: deadlock detected"
+    assert job.next_attempt_at > timezone.now()  # still after the lease's backoff
+
+
+@pytest.mark.django_db
+def test_an_apply_that_runs_past_the_timeout_is_ended_and_counted(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def hangs(*args: Any) -> str:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_sleep(5)")
+        return "{}"
+
+    monkeypatch.setattr(intake, "APPLY_TIMEOUT", "200ms")
+    monkeypatch.setitem(handlers.SYSTEM_INTERACTIONS, "transaction", hangs)
+    path = _kick_off(world.r4, transaction(world))
+
+    assert intake_process(job_id=_job(path).pk) == "error"
+
+    job = _job(path)
+    assert (job.status, job.attempts) == ("pending", 1)
+    assert "statement timeout" in job.last_error
     assert _referral_rows() == (0, 0, 0)
 
 
