@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.db import connection
@@ -79,6 +79,9 @@ def user_for_bearer(raw: str) -> tuple[User, ApiToken]:
         user.set_memberships(roles, user.member_departments)  # type: ignore[attr-defined]
     token_id: int = user.token_id  # type: ignore[attr-defined]
     last_used_at: datetime | None = user.token_last_used_at  # type: ignore[attr-defined]
+    if last_used_at is not None and timezone.is_naive(last_used_at):
+        # SQLite (make run) gives a raw query's extra columns as stored: naive UTC.
+        last_used_at = timezone.make_aware(last_used_at, UTC)
     if last_used_at is None or now - last_used_at > _LAST_USED_GRANULARITY:
         ApiToken.objects.filter(pk=token_id).update(last_used_at=now)
         last_used_at = now

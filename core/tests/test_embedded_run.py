@@ -23,6 +23,11 @@ bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
                   "performerType": {"coding": [{"system": "http://snomed.info/sct",
                                                 "code": "394537008"}]},
                   "reasonCode": [{"text": "Fever 5 days"}]}}]}
+from accounts.authentication import user_for_bearer
+from accounts.services import api_token_issue
+raw = api_token_issue(user=user, name="embedded").raw
+for _ in range(2):  # the second reads the last use the first stamped
+    assert user_for_bearer(raw)[0].pk == user.pk
 job = intake_accept(user=user, body=json.dumps(bundle), fhir_version="4.0",
                     answer_version="4.0", base="http://127.0.0.1:8000/fhir")
 print("pending", intake_poll(user=user, job_id=str(job.pk)).status)
