@@ -308,14 +308,33 @@ def projection_cost(n: int) -> tuple[float, float]:
     return statistics.median(as_stored), statistics.median(validated)
 
 
-def outbound(stub_url: str, messages: int, threads: int, procs: int, batch: int) -> float:
-    """Deliveries/s of the batch path (``delivery.outbox_drain``) in ``procs`` processes of
-    ``threads`` sender threads each: every due message is delivered (the fresh batch plus
-    what the ingest enqueued), and the fresh batch must all be delivered."""
+def in_processes(procs: int, work: Callable[[], object]) -> float:
+    """Run ``work`` in ``procs`` forked processes at once (each with its own database
+    connection); the seconds until all ended."""
     import multiprocessing
 
     from django.db import connections
 
+    connections.close_all()  # a forked child must not share the parent's connection
+    context = multiprocessing.get_context("fork")
+
+    def run() -> None:
+        work()
+        connections.close_all()
+
+    start = time.perf_counter()
+    workers = [context.Process(target=run) for _ in range(procs)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return time.perf_counter() - start
+
+
+def outbound(stub_url: str, messages: int, threads: int, procs: int, batch: int) -> float:
+    """Deliveries/s of the batch path (``delivery.outbox_drain``) in ``procs`` processes of
+    ``threads`` sender threads each: every due message is delivered (the fresh batch plus
+    what the ingest enqueued), and the fresh batch must all be delivered."""
     endpoint = Endpoint.objects.filter(base_url__startswith=stub_url).first()
     assert endpoint is not None
     row = storage.current_rows("Task").first()
@@ -337,20 +356,7 @@ def outbound(stub_url: str, messages: int, threads: int, procs: int, batch: int)
             )
         ]
     before = OutboxMessage.objects.filter(status="delivered").count()
-    connections.close_all()
-    context = multiprocessing.get_context("fork")
-
-    def drain() -> None:
-        delivery.outbox_drain(limit=batch, concurrency=threads)
-        connections.close_all()
-
-    start = time.perf_counter()
-    workers = [context.Process(target=drain) for _ in range(procs)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    elapsed = time.perf_counter() - start
+    elapsed = in_processes(procs, lambda: delivery.outbox_drain(limit=batch, concurrency=threads))
     done = OutboxMessage.objects.filter(status="delivered").count() - before
     delivered = OutboxMessage.objects.filter(pk__in=ids, status="delivered").count()
     assert delivered == messages, f"{delivered}/{messages} delivered"
@@ -359,31 +365,14 @@ def outbound(stub_url: str, messages: int, threads: int, procs: int, batch: int)
 
 def drain_intake(procs: int) -> tuple[int, float]:
     """Apply every pending asynchronous job with ``intake.intake_drain`` (the work of the
-    ``intake_process`` task) in ``procs`` processes; all must end ``done`` with a 200
-    answer. Returns (jobs applied, jobs/s)."""
-    import multiprocessing
-
-    from django.db import connections
-
+    ``fhir_gateway.intake_drain`` task) in ``procs`` processes; all must end ``done`` with
+    a 200 answer. Returns (jobs applied, jobs/s)."""
     from fhir_gateway.intake import intake_drain
     from fhir_gateway.models import IntakeJob
 
     pending = IntakeJob.objects.filter(status="pending").count()
     before = Referral.objects.count()
-    connections.close_all()
-    context = multiprocessing.get_context("fork")
-
-    def drain() -> None:
-        intake_drain()
-        connections.close_all()
-
-    start = time.perf_counter()
-    workers = [context.Process(target=drain) for _ in range(procs)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    elapsed = time.perf_counter() - start
+    elapsed = in_processes(procs, intake_drain)
     left = IntakeJob.objects.filter(status="pending").count()
     refused = IntakeJob.objects.exclude(result_status=200).exclude(status="pending").count()
     created = Referral.objects.count() - before

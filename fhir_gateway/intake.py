@@ -3,10 +3,10 @@
 A member that sends a transaction Bundle with ``Prefer: respond-async`` gets ``202
 Accepted`` as soon as the Bundle is stored (``intake_accept``: authentication, a JSON and
 size check, one INSERT), with ``Content-Location: [base]/_async/<job id>``. A worker then
-applies it exactly as the synchronous request would have (``intake_process``, as the same
-user), and polling that location answers ``202`` until it is done, then ``200`` with a
-``batch-response`` Bundle whose one entry carries the answer the synchronous request would
-have had: the transaction-response Bundle, or the OperationOutcome of a refusal with its
+applies it exactly as the synchronous request would have (task ``fhir_gateway.intake_drain``,
+as the same user), and polling that location answers ``202`` until it is done, then ``200``
+with a ``batch-response`` Bundle whose one entry carries the answer the synchronous request
+would have had: the transaction-response Bundle, or the OperationOutcome of a refusal with its
 status (FHIR R5 async-bundle; the same wrapper in R4). ``DELETE`` on the location cancels a
 job not yet applied (202), or forgets a finished one (200 with its answer, once more).
 
@@ -103,13 +103,6 @@ def intake_accept(
     hand-off to the workers."""
     if user.facility_id is None:
         raise FhirError(403, "forbidden", "Your account belongs to no facility.")
-    job = IntakeJob(
-        user=user,
-        body=body,
-        fhir_version=fhir_version,
-        answer_version=answer_version,
-        base=base,
-    )
     if _over_cap(user):
         raise FhirError(
             429,
@@ -118,6 +111,13 @@ def intake_accept(
             "send more once they are (poll them), or send synchronously.",
             headers={"Retry-After": "60"},
         )
+    job = IntakeJob(
+        user=user,
+        body=body,
+        fhir_version=fhir_version,
+        answer_version=answer_version,
+        base=base,
+    )
     if connection.vendor == "postgresql":
         # The hot path of a burst: a prepared statement (no ORM compile, no re-planning).
         fetch_prepared(

@@ -731,13 +731,8 @@ def transaction_bundle(
     """One referral per transaction: Patient + ServiceRequest (+ Task, + DocumentReference).
 
     All or nothing: any refusal rolls everything back and answers the OperationOutcome.
+    The caller (``views.root``) checked that ``bundle`` is a Bundle of type transaction.
     """
-    if bundle.get("type") != "transaction":
-        raise FhirError(
-            422,
-            "not-supported",
-            f"Bundle.type {bundle.get('type')!r}: only transaction is supported.",
-        )
     entries = [e for e in bundle.get("entry") or [] if isinstance(e, dict)]
     by_type: dict[str, list[tuple[int, dict[str, Any]]]] = {}
     for index, entry in enumerate(entries):

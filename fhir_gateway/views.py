@@ -269,6 +269,12 @@ def root(ctx: FhirRequest) -> HttpResponse:
     bundle = _json_body(ctx.request)
     if bundle.get("resourceType") != "Bundle":
         raise FhirError(400, "invalid", "POST /fhir takes a Bundle of type transaction.")
+    if bundle.get("type") != "transaction":  # for both answers: before a job is stored
+        raise FhirError(
+            422,
+            "not-supported",
+            f"Bundle.type {bundle.get('type')!r}: only transaction is supported.",
+        )
     if _prefers_async(ctx.request):
         return _accept_async(ctx, user, bundle, version)
     text = transaction_func(user, bundle, version, ctx.version, ctx.base)
@@ -285,20 +291,15 @@ def _accept_async(
     ctx: FhirRequest, user: User, bundle: dict[str, Any], version: str
 ) -> HttpResponse:
     """Store the Bundle and answer 202 with where to poll (fhir_gateway/intake.py)."""
-    if bundle.get("type") != "transaction":
-        raise FhirError(
-            422,
-            "not-supported",
-            f"Bundle.type {bundle.get('type')!r}: only transaction is supported.",
-        )
     try:  # the bytes as received when they are UTF-8 (a BOM dropped, as json.loads does)
         body = ctx.request.body.decode("utf-8-sig")
     except UnicodeDecodeError:  # UTF-16/32, or escaped lone surrogates: as ASCII JSON
         body = json.dumps(bundle)
+    base = ctx.base
     job = intake.intake_accept(
-        user=user, body=body, fhir_version=version, answer_version=ctx.version, base=ctx.base
+        user=user, body=body, fhir_version=version, answer_version=ctx.version, base=base
     )
-    location = intake.poll_url(ctx.base, job)
+    location = intake.poll_url(base, job)
     outcome = FhirError(
         202, "informational", f"Accepted; poll {location} for the answer.", severity="information"
     )

@@ -9,7 +9,9 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -474,12 +476,16 @@ def test_an_apply_that_runs_past_the_timeout_is_ended_and_counted(
 # --------------------------------------------------------------------------- PostgreSQL
 
 
-def _hold_while_applying(
-    monkeypatch: pytest.MonkeyPatch,
-) -> tuple[threading.Event, threading.Event, list[int]]:
-    """Make the next apply stop half-way (its writes done, not committed) until released."""
+@contextmanager
+def _half_applied_elsewhere(
+    monkeypatch: pytest.MonkeyPatch, job_id: uuid.UUID
+) -> Iterator[tuple[int, list[Any]]]:
+    """``intake_process(job_id)`` in another thread, stopped half-way (its writes done, not
+    committed) while the block runs. Yields that thread's database backend pid and its
+    results (its return value or exception, there once the block has ended)."""
     started, release = threading.Event(), threading.Event()
     backend: list[int] = []
+    results: list[Any] = []
     real = handlers.SYSTEM_INTERACTIONS["transaction"]
 
     def slow(*args: Any) -> str:
@@ -489,22 +495,23 @@ def _hold_while_applying(
         release.wait(30)
         return text
 
-    monkeypatch.setitem(handlers.SYSTEM_INTERACTIONS, "transaction", slow)
-    return started, release, backend
-
-
-def _in_thread(fn: Any, results: list[Any]) -> threading.Thread:
     def run() -> None:
         try:
-            results.append(fn())
+            results.append(intake_process(job_id=job_id))
         except Exception as exc:  # noqa: BLE001 (recorded for the assertion)
             results.append(exc)
         finally:
             connections.close_all()
 
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread
+    monkeypatch.setitem(handlers.SYSTEM_INTERACTIONS, "transaction", slow)
+    worker = threading.Thread(target=run)
+    worker.start()
+    try:
+        assert started.wait(30)
+        yield backend[0], results
+    finally:
+        release.set()
+        worker.join(30)
 
 
 @pytest.mark.django_db(transaction=True)
@@ -513,20 +520,13 @@ def test_a_job_being_applied_is_skipped_by_others_and_cannot_be_cancelled(
 ) -> None:
     path = _kick_off(world.r4, transaction(world))
     job_id = _job(path).pk
-    started, release, _backend = _hold_while_applying(monkeypatch)
-    results: list[Any] = []
-    worker = _in_thread(lambda: intake_process(job_id=job_id), results)
-    try:
-        assert started.wait(30)
+    with _half_applied_elsewhere(monkeypatch, job_id) as (_backend, results):
         assert intake_process(job_id=job_id) == "skipped"
         assert intake_drain() == 0
         refused = world.r4.delete(path)
         assert refused.status_code == 409
         assert outcome_issue(refused)["code"] == "conflict"
         assert world.r4.get(path).status_code == 202
-    finally:
-        release.set()
-        worker.join(30)
     assert results == ["done"]
     assert Referral.objects.count() == 1
     assert _job(path).status == "done"
@@ -537,24 +537,18 @@ def test_worker_session_killed_half_way_loses_nothing_and_applies_once(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = _kick_off(world.r4, transaction(world))
-    job_id = _job(path).pk
-    started, release, backend = _hold_while_applying(monkeypatch)
-    results: list[Any] = []
-    worker = _in_thread(lambda: intake_process(job_id=job_id), results)
-    try:
-        assert started.wait(30)
-        with connection.cursor() as cursor:  # the worker's session dies mid-transaction
-            cursor.execute("SELECT pg_terminate_backend(%s)", [backend[0]])
-    finally:
-        release.set()
-        worker.join(30)
+    with (
+        _half_applied_elsewhere(monkeypatch, _job(path).pk) as (backend, results),
+        connection.cursor() as cursor,
+    ):
+        cursor.execute("SELECT pg_terminate_backend(%s)", [backend])  # the worker's session dies
     assert results and results[0] != "done"
     assert _referral_rows() == (0, 0, 0)
     assert _job(path).status == "pending"
 
     monkeypatch.undo()
-    # The worker either died with its session (attempts 0) or lived on to count the
-    # failure (attempts 1, retried after the backoff): due now, as the backoff ran out.
+    # The lease counted the attempt (1); a worker that lived on to see the error as a
+    # transient one gives it back (0). Due now, as if the backoff ran out.
     assert _job(path).attempts in (0, 1)
     IntakeJob.objects.update(next_attempt_at=timezone.now())
     assert intake_drain() == 1
