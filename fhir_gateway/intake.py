@@ -14,11 +14,14 @@ Nothing is lost or applied twice:
 - the job row commits before the 202 is sent; a member that never saw the 202 and sends
   again gets a second job, which the placer identifier makes idempotent like any resend
   (the second answer is ``200 OK`` with the same referral);
-- a worker first leases a job (``SELECT ... FOR UPDATE SKIP LOCKED``; its attempt counted,
-  ``next_attempt_at`` moved past the backoff, committed), then applies it inside one
-  database transaction that also marks it done, holding the row: a second worker skips
-  it, and a worker killed half-way rolls everything back, leaving the job pending for a
-  retry after the backoff (a Bundle that kills every worker is given up like a bug);
+- a worker first leases jobs, up to ``FHIR_INTAKE_BATCH`` (``SELECT ... FOR UPDATE SKIP
+  LOCKED``; their attempt counted, ``next_attempt_at`` moved past the backoff, committed),
+  then applies them inside one database transaction that also marks them done, holding
+  their rows, each job in a savepoint of its own: a second worker skips them, a refusal
+  or a bug rolls back only its own job's writes, and a worker killed half-way rolls
+  everything back, leaving the jobs pending for a retry after the backoff; a job tried
+  before is leased alone (a Bundle that kills every worker is given up like a bug, and
+  takes no other job with it);
 - the hand-off to the workers is task ``fhir_gateway.intake_drain``, which applies every
   due job (oldest first; workers share them with ``SKIP LOCKED``); each web process sends
   it at most every ``KICK_SECONDS`` after the commits it serves (``core.dispatch.Coalesced``),
@@ -34,8 +37,9 @@ Nothing is lost or applied twice:
 Retention: finished jobs (done or cancelled) go ``FHIR_INTAKE_RETENTION_DAYS`` after they
 finished (``intake_prune``, part of beat's hourly retention); pending ones never do.
 
-This moves the work of a Bundle off the request; it does not remove it. The rate at which
-jobs are applied is that of the synchronous path (docs/performance.md).
+This moves the work of a Bundle off the request; it does not remove it: a batch saves each
+job's lease, lock, commit and role lookup, not its validation, routing, storage and
+projection (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
+from itertools import takewhile
 from typing import TYPE_CHECKING
 
 import psycopg
@@ -62,6 +67,7 @@ from core.rows import fetch_prepared
 from fhir_gateway import handlers
 from fhir_gateway.models import IntakeJob
 from fhir_gateway.outcomes import FhirError, fhir_error_for, outcome_body
+from referrals.load import department_load_deferred
 
 if TYPE_CHECKING:
     from accounts.models import User
@@ -250,30 +256,67 @@ def _lock_pending(job_id: uuid.UUID) -> bool:
 APPLY_TIMEOUT = "60s"
 
 
-def _claim(due: Q) -> IntakeJob | None:
-    """Lease the first job ``due`` selects (``SKIP LOCKED``), in a short transaction of its
-    own: its attempt is counted and ``next_attempt_at`` moves past the backoff before
-    anything is applied, so no other drain takes it meanwhile, and a worker that dies while
-    applying it (killed, out of memory) leaves a job that is retried after the backoff and
-    finally given up, instead of one claimed first again and again. The returned job keeps
-    the ``next_attempt_at`` it was claimed at (the drain's keyset)."""
+def batch_size() -> int:
+    return max(1, int(getattr(settings, "FHIR_INTAKE_BATCH", 20)))
+
+
+def _claim(due: Q, limit: int = 1) -> list[IntakeJob]:
+    """Lease up to ``limit`` jobs ``due`` selects, oldest first (``SKIP LOCKED``), in a short
+    transaction of its own: their attempt is counted and ``next_attempt_at`` moves past the
+    backoff before anything is applied, so no other drain takes them meanwhile, and a
+    worker that dies while applying them (killed, out of memory) leaves jobs that are
+    retried after the backoff and finally given up, instead of claimed first again and
+    again. A job tried before (its worker died, or it raised) is leased alone, and a batch
+    ends before one: a Bundle that kills its worker costs the jobs beside it one attempt at
+    most. The returned jobs keep the ``next_attempt_at`` they were claimed at (the drain's
+    keyset); jobs of one account share one user object (its roles are read once)."""
     with transaction.atomic():
-        job = (
+        jobs = list(
             IntakeJob.objects.select_for_update(skip_locked=True, of=("self",))
             .select_related("user")
             .filter(due)
-            .order_by("next_attempt_at", "pk")
-            .first()
+            .order_by("next_attempt_at", "pk")[:limit]
         )
-        if job is None:
-            return None
-        if job.attempts < max_attempts():
-            IntakeJob.objects.filter(pk=job.pk).update(
-                attempts=job.attempts + 1,
-                next_attempt_at=timezone.now()
-                + timedelta(seconds=backoff_seconds(job.attempts + 1)),
+        if not jobs:
+            return []
+        tried = jobs[0].attempts
+        jobs = jobs[:1] if tried else list(takewhile(lambda job: job.attempts == 0, jobs))
+        if tried < max_attempts():
+            IntakeJob.objects.filter(pk__in=[job.pk for job in jobs]).update(
+                attempts=tried + 1,
+                next_attempt_at=timezone.now() + timedelta(seconds=backoff_seconds(tried + 1)),
             )
-    return job
+    users: dict[int, User] = {}
+    for job in jobs:
+        job.user = users.setdefault(job.user_id, job.user)
+    return jobs
+
+
+def _limit_apply_time() -> None:
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"SET LOCAL statement_timeout = '{APPLY_TIMEOUT}'; "
+                f"SET LOCAL idle_in_transaction_session_timeout = '{APPLY_TIMEOUT}'"
+            )
+
+
+def _failed(job: IntakeJob, exc: Exception) -> str:
+    """Record an attempt that raised (its writes rolled back). Deadlock, failover, lost
+    connection: not the Bundle's fault, the attempt is given back; a statement that ran
+    past APPLY_TIMEOUT is (it would time out again), and so is anything else: the job is
+    retried after the backoff, or given up after its last attempt."""
+    logger.error("intake job failed", exc_info=exc, extra={"id": str(job.pk)})
+    transient = isinstance(exc, OperationalError) and not isinstance(
+        exc.__cause__, psycopg.errors.QueryCanceled
+    )
+    if transient:
+        job.attempts -= 1
+    IntakeJob.objects.filter(pk=job.pk, status=Status.PENDING).update(
+        last_error=f"{type(exc).__name__}: {exc}"[:2000],
+        **({"attempts": job.attempts} if transient else {}),
+    )
+    return _give_up(job) if job.attempts >= max_attempts() else "error"
 
 
 def _process(job: IntakeJob) -> str:
@@ -283,45 +326,77 @@ def _process(job: IntakeJob) -> str:
     job.attempts += 1
     try:
         with transaction.atomic():
-            if connection.vendor == "postgresql":
-                with connection.cursor() as cursor:
-                    cursor.execute(
-                        f"SET LOCAL statement_timeout = '{APPLY_TIMEOUT}'; "
-                        f"SET LOCAL idle_in_transaction_session_timeout = '{APPLY_TIMEOUT}'"
-                    )
+            _limit_apply_time()
             if not _lock_pending(job.pk):
                 return "skipped"
             result_status, result = _apply(job)
             _finish(job.pk, result_status, result)
-    except Exception as exc:
-        logger.exception("intake job failed", extra={"id": str(job.pk)})
-        # Deadlock, failover, lost connection: not the Bundle's fault. A statement that ran
-        # past APPLY_TIMEOUT is (it would time out again): that attempt counts.
-        transient = isinstance(exc, OperationalError) and not isinstance(
-            exc.__cause__, psycopg.errors.QueryCanceled
-        )
-        if transient:  # not the Bundle's fault: the attempt is given back
-            job.attempts -= 1
-        IntakeJob.objects.filter(pk=job.pk, status=Status.PENDING).update(
-            last_error=f"{type(exc).__name__}: {exc}"[:2000],
-            **({"attempts": job.attempts} if transient else {}),
-        )
-        return _give_up(job) if job.attempts >= max_attempts() else "error"
+    except Exception as exc:  # noqa: BLE001 (recorded on the job, retried)
+        return _failed(job, exc)
     return "done" if result_status == 200 else "refused"
+
+
+def _process_batch(jobs: list[IntakeJob]) -> list[str]:
+    """Apply leased jobs in one transaction, each in a savepoint of its own (``_apply``: a
+    refusal or a bug rolls back that job's writes only), and finish them with one UPDATE;
+    what happened to each. One commit and one lock query for the batch instead of one
+    each; the routing counters are written at the end, in the order every transition
+    writes them (``department_load_deferred``), so a batch holding them until its commit
+    cannot deadlock with another. Anything that breaks the
+    transaction itself rolls the whole batch back: each job then counts it as its attempt
+    (or gets it back, for a transient error) and is retried alone."""
+    if len(jobs) == 1:
+        return [_process(jobs[0])]
+    leased = {job.pk: job.attempts + 1 for job in jobs}  # all on their first attempt
+    outcomes: dict[uuid.UUID, str] = {}
+    try:
+        with transaction.atomic(), department_load_deferred():
+            _limit_apply_time()
+            locked = set(
+                IntakeJob.objects.select_for_update()
+                .filter(pk__in=list(leased), status=Status.PENDING)
+                .values_list("pk", flat=True)
+            )
+            finished: list[IntakeJob] = []
+            for job in jobs:
+                job.attempts = leased[job.pk]
+                if job.pk not in locked:  # applied or cancelled meanwhile
+                    outcomes[job.pk] = "skipped"
+                    continue
+                try:
+                    job.result_status, job.result = _apply(job)
+                except Exception as exc:
+                    if connection.needs_rollback:  # the savepoint could not be rolled back
+                        raise
+                    outcomes[job.pk] = _failed(job, exc)
+                    continue
+                job.status, job.finished_at = Status.DONE, timezone.now()
+                outcomes[job.pk] = "done" if job.result_status == 200 else "refused"
+                finished.append(job)
+            IntakeJob.objects.bulk_update(
+                finished, ["status", "result_status", "result", "finished_at"]
+            )
+    except Exception as exc:  # noqa: BLE001 (recorded on the jobs, retried)
+        for job in jobs:
+            if outcomes.get(job.pk) != "skipped":
+                job.attempts = leased[job.pk]
+                outcomes[job.pk] = _failed(job, exc)
+    return [outcomes[job.pk] for job in jobs]
 
 
 def intake_process(*, job_id: str | uuid.UUID) -> str:
     """Apply one pending job now (even before its backoff ran out) and finish it; safe to
     run twice and concurrently (a job another worker holds is skipped)."""
-    job = _claim(Q(pk=job_id, status=Status.PENDING))
-    return "skipped" if job is None else _process(job)
+    jobs = _claim(Q(pk=job_id, status=Status.PENDING))
+    return _process(jobs[0]) if jobs else "skipped"
 
 
 def intake_process_next(
-    after: tuple[datetime, uuid.UUID] | None = None,
-) -> tuple[IntakeJob | None, str]:
-    """Apply the oldest due job no one else holds (after ``after``, the (next_attempt_at,
-    id) of the previous claim, when given); (None, "skipped") when there is none."""
+    after: tuple[datetime, uuid.UUID] | None = None, *, limit: int = 1
+) -> list[tuple[IntakeJob, str]]:
+    """Apply the oldest due jobs no one else holds (up to ``limit``, one transaction), after
+    ``after`` (the (next_attempt_at, id) of the previous claim) when given; each job with
+    what happened to it, none when no job is due."""
     due = Q(status=Status.PENDING, next_attempt_at__lte=timezone.now())
     if after is not None:
         # Keyset: a drain does not walk again over the index entries of the jobs it (and
@@ -330,24 +405,27 @@ def intake_process_next(
         due &= Q(next_attempt_at__gte=after[0]) & (
             Q(next_attempt_at__gt=after[0]) | Q(pk__gt=after[1])
         )
-    job = _claim(due)
-    return (None, "skipped") if job is None else (job, _process(job))
+    jobs = _claim(due, limit)
+    return list(zip(jobs, _process_batch(jobs), strict=True)) if jobs else []
 
 
 def intake_drain(*, max_jobs: int | None = None, max_seconds: float | None = None) -> int:
-    """Apply due jobs, oldest first, until none is due, ``max_jobs`` were tried or
-    ``max_seconds`` passed (checked between jobs). Workers running it at once share the
-    work (each claims with ``SKIP LOCKED``). Returns how many jobs it finished."""
+    """Apply due jobs, oldest first, in batches of ``FHIR_INTAKE_BATCH``, until none is due,
+    ``max_jobs`` were tried or ``max_seconds`` passed (checked between batches). Workers
+    running it at once share the work (each claims with ``SKIP LOCKED``). Returns how many
+    jobs it finished."""
     deadline = None if max_seconds is None else time.monotonic() + max_seconds
     finished = tried = 0
     after: tuple[datetime, uuid.UUID] | None = None
     while max_jobs is None or tried < max_jobs:
-        job, outcome = intake_process_next(after)
-        if job is None:
+        limit = batch_size() if max_jobs is None else min(batch_size(), max_jobs - tried)
+        batch = intake_process_next(after, limit=limit)
+        if not batch:
             break
-        after = (job.next_attempt_at, job.pk)
-        tried += 1
-        finished += outcome in ("done", "refused", "failed")
+        last = batch[-1][0]
+        after = (last.next_attempt_at, last.pk)
+        tried += len(batch)
+        finished += sum(outcome in ("done", "refused", "failed") for _job, outcome in batch)
         if deadline is not None and time.monotonic() >= deadline:
             break
     return finished

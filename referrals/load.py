@@ -14,6 +14,14 @@ traffic. The counter gives the same number by primary-key reads:
   the same order and cannot deadlock; every transition runs in its own transaction. Each
   (department, day) is ``SHARDS`` rows (by referral id), so concurrent submissions to one
   busy department rarely wait for each other's commit.
+- A transaction that makes many moves (the asynchronous intake applies a batch of
+  submissions in one) collects them instead (``department_load_deferred``) and writes them
+  at its end, summed, in (department, day) order, in one shard picked at random: its
+  counter rows are locked only from then until its commit, and in the same order as every
+  transition's, so it cannot deadlock with them or with another batch. Readers in the
+  transaction (routing) count the collected moves; moves rolled back with a savepoint are
+  dropped. A unit may so leave a shard other than the one it entered (a row may go
+  negative); readers sum the shards, and the sums stay exact.
 - ``department_load_rebuild`` recomputes the rows from the referrals (bulk-written data,
   repairs); ``department_load_matches`` compares both (tests; operations).
 - Rows older than ``DEPARTMENT_LOAD_KEEP_DAYS`` are pruned by the response-times beat job.
@@ -24,8 +32,11 @@ Invariant (tested): for every department and day, ``assigned`` equals
 
 from __future__ import annotations
 
+import random
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import date, datetime, timedelta
 
 from django.db import connection, transaction
@@ -53,34 +64,104 @@ _UPSERT = (
 Slot = tuple[int | None, datetime | None]
 
 
+class _Deferred:
+    """Moves collected by ``department_load_deferred``. Each registers a marker with
+    ``transaction.on_commit``; Django drops the markers of a savepoint that is rolled back,
+    so a move whose writes were undone (a refused submission inside a batch) is forgotten
+    with them, however deep the savepoint."""
+
+    def __init__(self) -> None:
+        self.moves: list[tuple[Callable[[], None], Counter[tuple[int, date]]]] = []
+
+    def add(self, deltas: Counter[tuple[int, date]]) -> None:
+        def marker() -> None:  # runs after the commit, and does nothing
+            return None
+
+        transaction.on_commit(marker)
+        self.moves.append((marker, deltas))
+
+    def totals(self) -> Counter[tuple[int, date]]:
+        kept = {id(entry[1]) for entry in connection.run_on_commit}  # (savepoints, func, robust)
+        total: Counter[tuple[int, date]] = Counter()
+        for marker, deltas in self.moves:
+            if id(marker) in kept:
+                total.update(deltas)
+        return total
+
+
+_deferred: ContextVar[_Deferred | None] = ContextVar("department_load_deferred", default=None)
+
+
+@contextmanager
+def department_load_deferred() -> Iterator[None]:
+    """Inside (within one ``transaction.atomic``), moves are collected instead of written,
+    and written when the block ends without an error: summed, in (department, day) order,
+    in one shard picked at random. See the module's docstring. Readers inside the block
+    (``department_load_today``, routing) count the collected moves."""
+    if not connection.in_atomic_block:
+        raise RuntimeError("department_load_deferred() must run inside a transaction.")
+    deferred = _Deferred()
+    token = _deferred.set(deferred)
+    try:
+        yield
+    finally:
+        _deferred.reset(token)
+    shard = random.randrange(SHARDS)  # noqa: S311 (spreading load, not secrecy)
+    _write([(dep, day, shard, n) for (dep, day), n in sorted(deferred.totals().items()) if n])
+
+
+def department_load_pending(day: date) -> Counter[int]:
+    """Per department, the moves to ``day`` collected by the enclosing
+    ``department_load_deferred`` block (none outside one)."""
+    deferred = _deferred.get()
+    pending: Counter[int] = Counter()
+    if deferred is not None:
+        for (department_id, on), n in deferred.totals().items():
+            if on == day:
+                pending[department_id] += n
+    return pending
+
+
+def _write(rows: list[tuple[int, date, int, int]]) -> None:
+    if rows:
+        with connection.cursor() as cursor:
+            cursor.executemany(_UPSERT, rows)
+
+
 def load_slot(referral: Referral) -> Slot:
     return referral.assigned_department_id, referral.assigned_at
 
 
 def department_load_move(*, before: Slot, after: Slot, referral_id: int) -> None:
     """Move one referral's unit of load from ``before`` to ``after`` (department, assigned
-    at), in the shard of ``referral_id``; nothing when they are equal or unassigned."""
+    at), in the shard of ``referral_id``; nothing when they are equal or unassigned. Inside
+    ``department_load_deferred``: collected, written at the block's end."""
     if before == after:
         return
-    shard = referral_id % SHARDS
     deltas: Counter[tuple[int, date]] = Counter()
     for (department_id, at), sign in ((before, -1), (after, +1)):
         if department_id is not None and at is not None:
             deltas[(department_id, timezone.localdate(at))] += sign
-    rows = [(dep, day, shard, delta) for (dep, day), delta in sorted(deltas.items()) if delta]
-    if rows:
-        with connection.cursor() as cursor:
-            cursor.executemany(_UPSERT, rows)
+    if (deferred := _deferred.get()) is not None:
+        deferred.add(deltas)
+        return
+    shard = referral_id % SHARDS
+    _write([(dep, day, shard, delta) for (dep, day), delta in sorted(deltas.items()) if delta])
 
 
 def department_load_today(department_ids: Iterable[int], now: datetime) -> dict[int, int]:
     ids = list(department_ids)
-    return dict(
-        DepartmentDayLoad.objects.filter(day=timezone.localdate(now), department_id__in=ids)
+    day = timezone.localdate(now)
+    load = dict(
+        DepartmentDayLoad.objects.filter(day=day, department_id__in=ids)
         .values("department_id")
         .annotate(total=Sum("assigned"))
         .values_list("department_id", "total")
     )
+    for department_id, n in department_load_pending(day).items():
+        if department_id in ids:
+            load[department_id] = load.get(department_id, 0) + n
+    return load
 
 
 def _counted(since: date | None) -> dict[tuple[int, date], int]:

@@ -230,6 +230,8 @@ FHIR_FEED_RETENTION_DAYS = env.int("FHIR_FEED_RETENTION_DAYS", default=30)
 # Finished asynchronous intake jobs (their answers) are kept this many days for polling.
 FHIR_INTAKE_RETENTION_DAYS = env.int("FHIR_INTAKE_RETENTION_DAYS", default=7)
 FHIR_INTAKE_MAX_ATTEMPTS = env.int("FHIR_INTAKE_MAX_ATTEMPTS", default=5)
+# Asynchronous transactions a worker leases and applies in one database transaction.
+FHIR_INTAKE_BATCH = env.int("FHIR_INTAKE_BATCH", default=20)
 # One member's asynchronous transactions waiting to be applied; more are answered 429.
 FHIR_INTAKE_MAX_PENDING_PER_USER = env.int("FHIR_INTAKE_MAX_PENDING_PER_USER", default=5000)
 CELERY_BEAT_SCHEDULE["fhir-retention"] = {

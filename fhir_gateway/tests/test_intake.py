@@ -25,10 +25,12 @@ from accounts.roles import Role
 from fhir_gateway import handlers, intake
 from fhir_gateway.intake import intake_drain, intake_process
 from fhir_gateway.models import FhirResource, IntakeJob, OutboxMessage
+from fhir_gateway.outcomes import FhirError
 from fhir_gateway.retention import retention_prune
 from fhir_gateway.tests.conftest import FHIR_R4, FHIR_R5, FhirClient, outcome_issue
 from fhir_gateway.tests.referral_world import World, body, member_client, transaction
-from referrals.models import Referral
+from referrals.load import department_load_matches
+from referrals.models import DepartmentDayLoad, Referral
 from tests.factories import UserFactory
 
 ASYNC = {"Prefer": "respond-async"}
@@ -168,6 +170,138 @@ def test_drain_applies_every_pending_job_oldest_first(world: World) -> None:
     order = list(Referral.objects.order_by("pk").values_list("placer_value", flat=True))
     assert order == ["SR-1", "SR-2", "SR-0"]
     assert set(IntakeJob.objects.values_list("status", flat=True)) == {"done"}
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def _placer(bundle: dict[str, Any]) -> str:
+    return str(bundle["entry"][1]["resource"]["identifier"][0]["value"])
+
+
+def _writes_then(outcomes: dict[str, Exception]) -> Any:
+    """The transaction interaction, which for the placers in ``outcomes`` writes the
+    referral and then raises their exception (so the writes must be rolled back)."""
+    real = handlers.SYSTEM_INTERACTIONS["transaction"]
+
+    def apply(*args: Any) -> str:
+        text = real(*args)
+        if (exc := outcomes.get(_placer(args[1]))) is not None:
+            raise exc
+        return text
+
+    return apply
+
+
+@pytest.mark.django_db
+def test_a_batch_applies_each_job_on_its_own(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Jobs leased together share one transaction; a refusal and a bug roll back only their
+    own writes, and the jobs beside them are applied and answered."""
+    monkeypatch.setitem(
+        handlers.SYSTEM_INTERACTIONS,
+        "transaction",
+        _writes_then(
+            {
+                "SR-refused": FhirError(409, "conflict", "Refused after writing."),
+                "SR-bug": RuntimeError("disk on fire"),
+            }
+        ),
+    )
+    placers = ["SR-a", "SR-refused", "SR-bug", "SR-b"]
+    paths = [_kick_off(world.r4, transaction(world, p)) for p in placers]
+
+    batch = intake.intake_process_next(limit=10)
+
+    assert [(_placer(json.loads(job.body)), outcome) for job, outcome in batch] == [
+        ("SR-a", "done"),
+        ("SR-refused", "refused"),
+        ("SR-bug", "error"),
+        ("SR-b", "done"),
+    ]
+    assert sorted(Referral.objects.values_list("placer_value", flat=True)) == ["SR-a", "SR-b"]
+    assert FhirResource.objects.filter(resource_type="Task").count() == 2
+    refused = _answer(world.r4, paths[1])["response"]
+    assert (refused["status"], refused["outcome"]["issue"][0]["code"]) == (
+        "409 Conflict",
+        "conflict",
+    )
+    bug = _job(paths[2])
+    assert (bug.status, bug.attempts, bug.last_error) == (
+        "pending",
+        1,
+        "RuntimeError: disk on fire",
+    )
+    assert [_job(p).status for p in (paths[0], paths[3])] == ["done", "done"]
+    assert department_load_matches()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("error", "attempts"),
+    [(RuntimeError("bug at the end"), 1), (DjangoOperationalError("deadlock detected"), 0)],
+)
+def test_a_batch_that_fails_as_a_whole_writes_nothing_and_its_jobs_go_alone_next(
+    world: World, monkeypatch: pytest.MonkeyPatch, error: Exception, attempts: int
+) -> None:
+    """Something that breaks the batch's transaction (here: at its end, after every job was
+    applied) rolls every job back; each counts the attempt (a transient error gives it
+    back) and, once tried, is leased alone."""
+
+    @contextmanager
+    def fails_at_the_end() -> Iterator[None]:
+        yield
+        raise error
+
+    monkeypatch.setattr(intake, "department_load_deferred", fails_at_the_end)
+    paths = [_kick_off(world.r4, transaction(world, f"SR-{n}")) for n in range(3)]
+
+    outcomes = [outcome for _job, outcome in intake.intake_process_next(limit=10)]
+
+    assert outcomes == ["error"] * 3
+    assert _referral_rows() == (0, 0, 0)
+    assert not DepartmentDayLoad.objects.exists()
+    for path in paths:
+        job = _job(path)
+        assert (job.status, job.attempts) == ("pending", attempts)
+        assert job.last_error == f"{type(error).__name__}: {error}"
+    if attempts:  # tried before: one job per lease from now on
+        IntakeJob.objects.update(next_attempt_at=timezone.now())
+        assert [len(intake.intake_process_next(limit=10)) for _ in range(4)] == [1, 1, 1, 0]
+        assert Referral.objects.count() == 3
+
+
+@pytest.mark.django_db
+def test_a_batch_ends_before_a_job_that_was_tried_before(world: World) -> None:
+    """A job whose worker died with it (attempts counted, nothing finished) may be the one
+    that kills workers: it is leased alone, not with the jobs behind it."""
+    paths = [_kick_off(world.r4, transaction(world, f"SR-{n}")) for n in range(4)]
+    IntakeJob.objects.filter(pk=_job(paths[2]).pk).update(attempts=1)
+
+    sizes = [len(intake.intake_process_next(limit=10)) for _ in range(4)]
+
+    assert sizes == [2, 1, 1, 0]
+    assert [_job(p).attempts for p in paths] == [1, 1, 2, 1]
+    assert Referral.objects.count() == 4
+
+
+@pytest.mark.django_db
+def test_the_drain_leases_batches_of_the_configured_size(world: World, settings: Any) -> None:
+    settings.FHIR_INTAKE_BATCH = 2
+    for n in range(5):
+        _kick_off(world.r4, transaction(world, f"SR-{n}"))
+    sizes: list[int] = []
+    real = intake._process_batch
+
+    def spy(jobs: list[IntakeJob]) -> list[str]:
+        sizes.append(len(jobs))
+        return real(jobs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(intake, "_process_batch", spy)
+        assert intake_drain(max_jobs=4) == 4
+        assert intake_drain() == 1
+    assert sizes == [2, 2, 1]
+    assert Referral.objects.count() == 5
 
 
 # --------------------------------------------------------------------------- refusals at kick-off
@@ -611,6 +745,100 @@ def test_worker_process_killed_mid_apply_loses_nothing_and_applies_once(world: W
     assert finished == 1
     assert Referral.objects.count() == 1
     assert _job(path).status == "done"
+
+
+KILLED_BATCH = """
+import sys, time
+from fhir_gateway import handlers
+from fhir_gateway.intake import intake_drain
+real = handlers.SYSTEM_INTERACTIONS["transaction"]
+applied = []
+def second_hangs(*args):
+    text = real(*args)
+    applied.append(1)
+    if len(applied) == 2:
+        print("applied", flush=True)  # two referrals written, not committed
+        time.sleep(120)
+    return text
+handlers.SYSTEM_INTERACTIONS["transaction"] = second_hangs
+intake_drain()
+"""
+
+
+@pytest.mark.django_db(transaction=True)
+def test_worker_killed_mid_batch_loses_nothing_and_each_job_is_applied_once(
+    world: World,
+) -> None:
+    paths = [_kick_off(world.r4, transaction(world, f"SR-{n}")) for n in range(3)]
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "config.settings.test",
+        "DATABASE_URL": "postgres://{USER}@{HOST}:{PORT}/{NAME}".format(**connection.settings_dict),
+    }
+    worker = subprocess.Popen(
+        [sys.executable, "-c", "import sys, django; django.setup(); exec(sys.argv[1])",
+         KILLED_BATCH],
+        cwd=django_settings.BASE_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert worker.stdout is not None
+        line = worker.stdout.readline()
+        assert line == "applied\n", line + (worker.stderr.read() if worker.stderr else "")
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(30)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert _referral_rows() == (0, 0, 0)
+    assert [(_job(p).status, _job(p).attempts) for p in paths] == [("pending", 1)] * 3
+    IntakeJob.objects.update(next_attempt_at=timezone.now())  # the backoff ran out
+
+    deadline = time.monotonic() + 30  # until PostgreSQL ended the dead worker's session
+    finished = 0
+    while finished < 3 and time.monotonic() < deadline:
+        finished += intake_drain()
+        time.sleep(0.05)
+    assert finished == 3
+    assert sorted(Referral.objects.values_list("placer_value", flat=True)) == [
+        "SR-0",
+        "SR-1",
+        "SR-2",
+    ]
+    assert [(_job(p).status, _job(p).attempts) for p in paths] == [("done", 2)] * 3
+    assert department_load_matches()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_drains_share_the_jobs_and_apply_each_once(world: World, settings: Any) -> None:
+    """Four workers' batches at once, all routed to one department (its counter rows are
+    the contended ones): every job applied once, the counters equal a fresh count."""
+    settings.FHIR_INTAKE_BATCH = 3
+    paths = [_kick_off(world.r4, transaction(world, f"SR-{n}")) for n in range(24)]
+    results: list[Any] = []
+    start = threading.Barrier(4)
+
+    def drain() -> None:
+        try:
+            start.wait(10)
+            results.append(intake_drain())
+        except Exception as exc:  # noqa: BLE001 (recorded for the assertion)
+            results.append(exc)
+        finally:
+            connections.close_all()
+
+    workers = [threading.Thread(target=drain) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+
+    assert all(isinstance(r, int) for r in results), results
+    assert sum(results) == 24
+    assert {_job(p).status for p in paths} == {"done"}
+    assert Referral.objects.count() == 24
+    assert len(set(Referral.objects.values_list("placer_value", flat=True))) == 24
+    assert department_load_matches()
 
 
 # --------------------------------------------------------------------------- retention, beat

@@ -14,6 +14,7 @@ from django.utils import timezone
 
 from referrals import routing, services
 from referrals.load import (
+    department_load_deferred,
     department_load_matches,
     department_load_prune,
     department_load_rebuild,
@@ -135,3 +136,48 @@ def test_a_busy_department_spreads_over_shards_and_still_sums(world: World) -> N
     assert len(shards) > 1  # consecutive ids land in different rows
     assert today(world) == {world.hub_paeds.pk: 6}
     assert department_load_matches()
+
+
+def test_a_deferred_block_writes_its_moves_at_its_end_in_one_shard(world: World) -> None:
+    """A batch of submissions (the asynchronous intake's) writes the counters once, at its
+    end; routing inside it already counts the earlier ones; a submission rolled back with
+    its savepoint is not counted; a unit later leaving by its id's shard leaves that row
+    below zero and the sum exact."""
+    with transaction.atomic(), department_load_deferred():
+        referrals = [world.submit() for _ in range(4)]
+        assert not DepartmentDayLoad.objects.exists()  # nothing written, nothing locked yet
+        assert today(world) == {world.hub_paeds.pk: 4}
+        with pytest.raises(RuntimeError), transaction.atomic():
+            world.submit()
+            raise RuntimeError("refused after writing")
+        assert today(world) == {world.hub_paeds.pk: 4}
+        referrals.append(world.submit())
+    rows = dict(
+        DepartmentDayLoad.objects.filter(department=world.hub_paeds).values_list(
+            "shard", "assigned"
+        )
+    )
+    assert list(rows.values()) == [5]
+    (shard,) = rows
+    assert department_load_matches()
+
+    moved = next(r for r in referrals if r.pk % 16 != shard)
+    world.act(moved, "forward")  # outside the block: -1 in the shard of its id
+
+    left = DepartmentDayLoad.objects.get(department=world.hub_paeds, shard=moved.pk % 16)
+    assert left.assigned == -1
+    assert today(world) == {world.hub_paeds.pk: 4, world.hub2_paeds.pk: 1}
+    assert department_load_matches()
+
+
+def test_a_deferred_block_that_fails_writes_nothing(world: World) -> None:
+    with pytest.raises(RuntimeError), transaction.atomic(), department_load_deferred():
+        world.submit()
+        raise RuntimeError("the batch broke")
+    assert not DepartmentDayLoad.objects.exists()
+    assert Referral.objects.count() == 0
+
+
+def test_a_deferred_block_needs_a_transaction() -> None:
+    with pytest.raises(RuntimeError, match="inside a transaction"), department_load_deferred():
+        pass
