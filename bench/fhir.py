@@ -8,7 +8,8 @@
   beside the raw rate of durable single-row JSONB INSERTs at the same concurrency.
 - async: the same Bundles with ``Prefer: respond-async``: accepted/s, p50, p99 of the 202
   (the job stored), beside the raw rate; then the rate at which ``--drain-procs`` processes
-  apply the stored jobs (``intake.intake_drain``), every one checked to have made its referral.
+  apply the stored jobs (``intake.intake_drain``, in batches of ``--intake-batch``), every one
+  checked to have made its referral.
 - search: ``GET /fhir/Task?owner=…&status=requested&_count=50`` p50/p95 over the referrals
   the ingest stored; at scale: seed with ``bench/fhir_seed.py --referrals 1000000`` and pass
   ``--only search --search-department <the id it prints>``.
@@ -56,7 +57,7 @@ from django.db import connection, transaction  # noqa: E402
 from accounts.models import User  # noqa: E402
 from accounts.roles import Role  # noqa: E402
 from accounts.services import api_token_issue  # noqa: E402
-from fhir_gateway import delivery, publish, storage  # noqa: E402
+from fhir_gateway import delivery, intake, publish, storage  # noqa: E402
 from fhir_gateway.models import FhirResource, OutboxMessage  # noqa: E402
 from referrals.models import Referral, ReferralEvent  # noqa: E402
 from registry.models import Country, Department, Endpoint, Facility, Specialty  # noqa: E402
@@ -399,11 +400,17 @@ def main() -> None:
                         help="search this department's worklist (e.g. after bench/fhir_seed.py)")  # fmt: skip
     parser.add_argument("--drain-procs", type=int, default=2,
                         help="processes applying asynchronous Bundles (--only async)")  # fmt: skip
+    parser.add_argument("--intake-batch", type=int, default=0,
+                        help="jobs per transaction when applying (default: FHIR_INTAKE_BATCH)")  # fmt: skip
     parser.add_argument("--only", default="",
                         help="comma list: ingest,async,search,projection,outbound")  # fmt: skip
     args = parser.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
 
+    if args.intake_batch:
+        from django.conf import settings
+
+        settings.FHIR_INTAKE_BATCH = args.intake_batch  # the forked drain processes inherit it
     call_command("migrate", verbosity=0)
     dsn = connection.get_connection_params()
     conninfo = psycopg.conninfo.make_conninfo(
@@ -451,7 +458,8 @@ def run(args: argparse.Namespace, conninfo: str, stub_url: str) -> None:
             if want("async"):
                 print(
                     "asynchronous intake (Prefer: respond-async): the 202 of a stored job, "
-                    f"then the jobs applied by {args.drain_procs} processes (intake_drain)"
+                    f"then the jobs applied by {args.drain_procs} processes (intake_drain, "
+                    f"batches of {intake.batch_size()})"
                 )
                 print(f"{'clients':>7} {'accepted/s':>10} {'p50 ms':>8} {'p99 ms':>8} "
                       f"{'raw INSERT/s':>13} {'ratio':>6} {'applied/s':>10}")  # fmt: skip
