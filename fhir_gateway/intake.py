@@ -20,8 +20,8 @@ Nothing is lost or applied twice:
   their rows, each job in a savepoint of its own: a second worker skips them, a refusal
   or a bug rolls back only its own job's writes, and a worker killed half-way rolls
   everything back, leaving the jobs pending for a retry after the backoff; a job tried
-  before is leased alone (a Bundle that kills every worker is given up like a bug, and
-  takes no other job with it);
+  before is leased alone (a Bundle that kills every worker, or its database session, is
+  given up like a bug after costing the jobs beside it one attempt);
 - the hand-off to the workers is task ``fhir_gateway.intake_drain``, which applies every
   due job (oldest first; workers share them with ``SKIP LOCKED``); each web process sends
   it at most every ``KICK_SECONDS`` after the commits it serves (``core.dispatch.Coalesced``),
@@ -29,8 +29,9 @@ Nothing is lost or applied twice:
   the broker are made up by beat, which runs the same task every 10 s;
 - an unexpected error (a bug) leaves the job pending (``last_error``), retried after the
   backoff (10 s, 20 s, ...); after ``FHIR_INTAKE_MAX_ATTEMPTS`` attempts it is finished
-  with a 500 OperationOutcome; a transient database error gives its attempt back, and an
-  apply past ``APPLY_TIMEOUT`` is ended by PostgreSQL and counts;
+  with a 500 OperationOutcome; a job's first transient database error gives its attempt
+  back (a second one counts), and an apply past ``APPLY_TIMEOUT`` is ended by PostgreSQL
+  and counts;
 - one account may have ``FHIR_INTAKE_MAX_PENDING_PER_USER`` jobs waiting (more: 429), and
   a job whose sender was deactivated meanwhile is refused (403) when applied.
 
@@ -257,7 +258,17 @@ APPLY_TIMEOUT = "60s"
 
 
 def batch_size() -> int:
+    """Jobs per lease; 1 when a job has a single attempt (a batch that dies would give its
+    untouched neighbours their last one)."""
+    if max_attempts() < 2:
+        return 1
     return max(1, int(getattr(settings, "FHIR_INTAKE_BATCH", 20)))
+
+
+def _tried(job: IntakeJob) -> bool:
+    """Tried before: an attempt was counted (its worker died, or it raised) or given back
+    (a transient error)."""
+    return job.attempts > 0 or bool(job.last_error)
 
 
 def _claim(due: Q, limit: int = 1) -> list[IntakeJob]:
@@ -266,9 +277,9 @@ def _claim(due: Q, limit: int = 1) -> list[IntakeJob]:
     backoff before anything is applied, so no other drain takes them meanwhile, and a
     worker that dies while applying them (killed, out of memory) leaves jobs that are
     retried after the backoff and finally given up, instead of claimed first again and
-    again. A job tried before (its worker died, or it raised) is leased alone, and a batch
-    ends before one: a Bundle that kills its worker costs the jobs beside it one attempt at
-    most. The returned jobs keep the ``next_attempt_at`` they were claimed at (the drain's
+    again. A job tried before (``_tried``) is leased alone, and a batch ends before one: a
+    Bundle that kills its worker or its session costs the jobs beside it one attempt at
+    most, and then meets its end alone. The returned jobs keep the ``next_attempt_at`` they were claimed at (the drain's
     keyset); jobs of one account share one user object (its roles are read once)."""
     with transaction.atomic():
         jobs = list(
@@ -279,12 +290,13 @@ def _claim(due: Q, limit: int = 1) -> list[IntakeJob]:
         )
         if not jobs:
             return []
-        tried = jobs[0].attempts
-        jobs = jobs[:1] if tried else list(takewhile(lambda job: job.attempts == 0, jobs))
-        if tried < max_attempts():
+        first = jobs[0]
+        jobs = [first] if _tried(first) else list(takewhile(lambda job: not _tried(job), jobs))
+        attempts = jobs[0].attempts  # the same for all of a batch (0)
+        if attempts < max_attempts():
             IntakeJob.objects.filter(pk__in=[job.pk for job in jobs]).update(
-                attempts=tried + 1,
-                next_attempt_at=timezone.now() + timedelta(seconds=backoff_seconds(tried + 1)),
+                attempts=attempts + 1,
+                next_attempt_at=timezone.now() + timedelta(seconds=backoff_seconds(attempts + 1)),
             )
     users: dict[int, User] = {}
     for job in jobs:
@@ -302,18 +314,23 @@ def _limit_apply_time() -> None:
 
 
 def _failed(job: IntakeJob, exc: Exception) -> str:
-    """Record an attempt that raised (its writes rolled back). Deadlock, failover, lost
-    connection: not the Bundle's fault, the attempt is given back; a statement that ran
-    past APPLY_TIMEOUT is (it would time out again), and so is anything else: the job is
-    retried after the backoff, or given up after its last attempt."""
+    """Record an attempt that raised (its writes rolled back); the job is retried after the
+    backoff (counted from now), or given up after its last attempt. A deadlock, failover or
+    lost connection is not the Bundle's fault: the job's first such error gives the attempt
+    back; a second one counts (a Bundle that breaks its session every time is given up,
+    not retried for ever). A statement that ran past APPLY_TIMEOUT counts (it would time
+    out again), and so does anything else."""
     logger.error("intake job failed", exc_info=exc, extra={"id": str(job.pk)})
-    transient = isinstance(exc, OperationalError) and not isinstance(
-        exc.__cause__, psycopg.errors.QueryCanceled
+    transient = (
+        not job.last_error  # as the job was leased
+        and isinstance(exc, OperationalError)
+        and not isinstance(exc.__cause__, psycopg.errors.QueryCanceled)
     )
     if transient:
         job.attempts -= 1
     IntakeJob.objects.filter(pk=job.pk, status=Status.PENDING).update(
         last_error=f"{type(exc).__name__}: {exc}"[:2000],
+        next_attempt_at=timezone.now() + timedelta(seconds=backoff_seconds(job.attempts)),
         **({"attempts": job.attempts} if transient else {}),
     )
     return _give_up(job) if job.attempts >= max_attempts() else "error"
@@ -340,11 +357,13 @@ def _process_batch(jobs: list[IntakeJob]) -> list[str]:
     """Apply leased jobs in one transaction, each in a savepoint of its own (``_apply``: a
     refusal or a bug rolls back that job's writes only), and finish them with one UPDATE;
     what happened to each. One commit and one lock query for the batch instead of one
-    each; the routing counters are written at the end, in the order every transition
-    writes them (``department_load_deferred``), so a batch holding them until its commit
-    cannot deadlock with another. Anything that breaks the
-    transaction itself rolls the whole batch back: each job then counts it as its attempt
-    (or gets it back, for a transient error) and is retried alone."""
+    each. The routing counters are written at the end, in the order every transition
+    writes them (``department_load_deferred``): a batch holding them until its commit
+    deadlocks with no transition and no other batch over them. (Two batches holding
+    resends of the same placer identifiers in opposite orders can deadlock on that unique
+    index: PostgreSQL ends one job's statement, which is then a transient error of that
+    job alone.) Anything that breaks the transaction itself rolls the whole batch back:
+    each job then fails with that error (``_failed``) and is retried alone."""
     if len(jobs) == 1:
         return [_process(jobs[0])]
     leased = {job.pk: job.attempts + 1 for job in jobs}  # all on their first attempt
@@ -370,6 +389,8 @@ def _process_batch(jobs: list[IntakeJob]) -> list[str]:
                         raise
                     outcomes[job.pk] = _failed(job, exc)
                     continue
+                if connection.needs_rollback:  # a refusal answered over a broken savepoint
+                    raise OperationalError("The batch's transaction can no longer be used.")
                 job.status, job.finished_at = Status.DONE, timezone.now()
                 outcomes[job.pk] = "done" if job.result_status == 200 else "refused"
                 finished.append(job)

@@ -583,7 +583,11 @@ def test_a_transient_database_error_gives_the_attempt_back(
     job = _job(path)
     assert (job.status, job.attempts) == ("pending", 0)
     assert job.last_error == "OperationalError: deadlock detected"
-    assert job.next_attempt_at > timezone.now()  # still after the lease's backoff
+    assert job.next_attempt_at > timezone.now() + timedelta(seconds=5)  # the backoff
+
+    IntakeJob.objects.update(next_attempt_at=timezone.now())
+    assert intake_process(job_id=job.pk) == "error"
+    assert _job(path).attempts == 1  # a second one counts: no retrying for ever
 
 
 @pytest.mark.django_db
@@ -839,6 +843,61 @@ def test_concurrent_drains_share_the_jobs_and_apply_each_once(world: World, sett
     assert Referral.objects.count() == 24
     assert len(set(Referral.objects.values_list("placer_value", flat=True))) == 24
     assert department_load_matches()
+
+
+def _kills_its_session(placers: set[str]) -> Any:
+    """The transaction interaction, which for ``placers`` writes the referral and then has
+    PostgreSQL end its own database session."""
+    real = handlers.SYSTEM_INTERACTIONS["transaction"]
+
+    def apply(*args: Any) -> str:
+        text = real(*args)
+        if _placer(args[1]) in placers:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+        return text
+
+    return apply
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_bundle_that_kills_its_session_in_a_batch_holds_back_no_other_job(
+    world: World, monkeypatch: pytest.MonkeyPatch, settings: Any
+) -> None:
+    """The batch dies with the session (a transient error: attempts given back); then
+    every job is leased alone: the others are applied, and the culprit, killing its
+    session each time, is given up after its attempts."""
+    settings.FHIR_INTAKE_MAX_ATTEMPTS = 3
+    monkeypatch.setitem(
+        handlers.SYSTEM_INTERACTIONS, "transaction", _kills_its_session({"SR-poison"})
+    )
+    paths = [_kick_off(world.r4, transaction(world, p)) for p in ("SR-a", "SR-poison", "SR-b")]
+
+    history = []
+    for _round in range(4):  # as beat's drains, each a task of its own
+        IntakeJob.objects.update(next_attempt_at=timezone.now())  # the backoff ran out
+        intake_drain()
+        connections.close_all()
+        history.append([(_job(p).status, _job(p).attempts) for p in paths])
+
+    assert history == [
+        [("pending", 0), ("pending", 0), ("pending", 0)],  # the whole batch, given back
+        [("done", 1), ("pending", 1), ("done", 1)],  # alone: the second one counts
+        [("done", 1), ("pending", 2), ("done", 1)],
+        [("done", 1), ("done", 3), ("done", 1)],  # given up
+    ]
+    assert sorted(Referral.objects.values_list("placer_value", flat=True)) == ["SR-a", "SR-b"]
+    assert _answer(world.r4, paths[1])["response"]["status"] == "500 Internal Server Error"
+    assert department_load_matches()
+
+
+@pytest.mark.django_db
+def test_jobs_with_a_single_attempt_are_not_batched(settings: Any) -> None:
+    settings.FHIR_INTAKE_BATCH = 20
+    settings.FHIR_INTAKE_MAX_ATTEMPTS = 1
+    assert intake.batch_size() == 1
+    settings.FHIR_INTAKE_MAX_ATTEMPTS = 2
+    assert intake.batch_size() == 20
 
 
 # --------------------------------------------------------------------------- retention, beat
