@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from django.conf import settings as django_settings
+from django.db import DatabaseError as DjangoDatabaseError
 from django.db import OperationalError as DjangoOperationalError
 from django.db import connection, connections
 from django.utils import timezone
@@ -268,6 +269,38 @@ def test_a_batch_that_fails_as_a_whole_writes_nothing_and_its_jobs_go_alone_next
         IntakeJob.objects.update(next_attempt_at=timezone.now())
         assert [len(intake.intake_process_next(limit=10)) for _ in range(4)] == [1, 1, 1, 0]
         assert Referral.objects.count() == 3
+
+
+@pytest.mark.django_db(transaction=True)  # the batch's transaction is the outermost
+def test_a_refusal_answered_over_a_broken_transaction_fails_the_batch(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When a job's savepoint cannot be rolled back (the connection is going), Django
+    marks the transaction for rollback and the refusal still comes back as an answer: it
+    must not be stored; the whole batch fails and nothing of it stays."""
+    real = handlers.SYSTEM_INTERACTIONS["transaction"]
+
+    def cannot_roll_back(sid: str) -> None:
+        raise DjangoDatabaseError("server closed the connection unexpectedly")
+
+    def breaks(*args: Any) -> str:
+        text = real(*args)
+        if _placer(args[1]) == "SR-broken":
+            monkeypatch.setattr(connection, "savepoint_rollback", cannot_roll_back)
+            raise FhirError(409, "conflict", "Refused over a broken transaction.")
+        return text
+
+    monkeypatch.setitem(handlers.SYSTEM_INTERACTIONS, "transaction", breaks)
+    paths = [_kick_off(world.r4, transaction(world, p)) for p in ("SR-a", "SR-broken")]
+
+    outcomes = [outcome for _job, outcome in intake.intake_process_next(limit=10)]
+
+    assert outcomes == ["error", "error"]
+    assert _referral_rows() == (0, 0, 0)
+    assert [(_job(p).status, _job(p).attempts) for p in paths] == [("pending", 0)] * 2
+    assert {_job(p).last_error for p in paths} == {
+        "OperationalError: The batch's transaction can no longer be used."
+    }
 
 
 @pytest.mark.django_db
