@@ -23,7 +23,8 @@ Nothing is lost or applied twice:
   before is leased alone (a Bundle that kills every worker, or its database session, is
   given up like a bug after costing the jobs beside it one attempt);
 - the hand-off to the workers is task ``fhir_gateway.intake_drain``, which applies every
-  due job (oldest first; workers share them with ``SKIP LOCKED``); each web process sends
+  due job (each member's oldest, the members in turn; workers share them with ``SKIP
+  LOCKED``); each web process sends
   it at most every ``KICK_SECONDS`` after the commits it serves (``core.dispatch.Coalesced``),
   so a burst costs one broker message per 50 ms per web process, not one per Bundle. Hand-offs lost with
   the broker are made up by beat, which runs the same task every 10 s;
@@ -271,23 +272,19 @@ def _tried(job: IntakeJob) -> bool:
     return job.attempts > 0 or bool(job.last_error)
 
 
-def _claim(due: Q, limit: int = 1) -> list[IntakeJob]:
-    """Lease up to ``limit`` jobs ``due`` selects, oldest first (``SKIP LOCKED``), in a short
-    transaction of its own: their attempt is counted and ``next_attempt_at`` moves past the
-    backoff before anything is applied, so no other drain takes them meanwhile, and a
+def _claim(due: Q | None, limit: int = 1) -> list[IntakeJob]:
+    """Lease up to ``limit`` jobs (``_due_jobs``: those ``due`` selects, or the members'
+    oldest due ones in turn; ``SKIP LOCKED``), in a short transaction of its own: their
+    attempt is counted and ``next_attempt_at`` moves past the backoff before anything is
+    applied, so no other drain takes them meanwhile, and a
     worker that dies while applying them (killed, out of memory) leaves jobs that are
     retried after the backoff and finally given up, instead of claimed first again and
     again. A job tried before (``_tried``) is leased alone, and a batch ends before one: a
     Bundle that kills its worker or its session costs the jobs beside it one attempt at
-    most, and then meets its end alone. The returned jobs keep the ``next_attempt_at`` they were claimed at (the drain's
-    keyset); jobs of one account share one user object (its roles are read once)."""
+    most, and then meets its end alone. Jobs of one account share one user object (its
+    roles are read once)."""
     with transaction.atomic():
-        jobs = list(
-            IntakeJob.objects.select_for_update(skip_locked=True, of=("self",))
-            .select_related("user")
-            .filter(due)
-            .order_by("next_attempt_at", "pk")[:limit]
-        )
+        jobs = _due_jobs(due, limit)
         if not jobs:
             return []
         first = jobs[0]
@@ -302,6 +299,59 @@ def _claim(due: Q, limit: int = 1) -> list[IntakeJob]:
     for job in jobs:
         job.user = users.setdefault(job.user_id, job.user)
     return jobs
+
+
+def _due_jobs(due: Q | None, limit: int) -> list[IntakeJob]:
+    """Lock (``SKIP LOCKED``) and return up to ``limit`` jobs ``due`` selects, oldest first;
+    ``due`` None: the jobs due now, and on PostgreSQL member by member: each account's
+    oldest, taken in turn (its 1st, the next account's 1st, ..., then its 2nd ...), so a
+    member uploading a backlog of thousands of Bundles does not hold back another
+    member's one."""
+    if due is None and connection.vendor == "postgresql":
+        return _due_jobs_in_turn(limit)
+    if due is None:
+        due = Q(status=Status.PENDING, next_attempt_at__lte=timezone.now())
+    return list(
+        IntakeJob.objects.select_for_update(skip_locked=True, of=("self",))
+        .select_related("user")
+        .filter(due)
+        .order_by("next_attempt_at", "pk")[:limit]
+    )
+
+
+def _due_jobs_in_turn(limit: int) -> list[IntakeJob]:
+    with connection.cursor() as cursor:
+        cursor.execute(_FAIR_DUE_SQL, {"now": timezone.now(), "limit": limit})
+        rows: list[tuple[uuid.UUID, int, datetime]] = cursor.fetchall()
+    turns: dict[int, int] = {}
+    ranked = []
+    for pk, user_id, at in sorted(rows, key=lambda row: (row[1], row[2], row[0])):
+        turns[user_id] = turns.get(user_id, -1) + 1
+        ranked.append((turns[user_id], at, pk))
+    chosen = [pk for _turn, _at, pk in sorted(ranked)[:limit]]
+    jobs = IntakeJob.objects.select_related("user").in_bulk(chosen)  # locked above
+    return [jobs[pk] for pk in chosen]
+
+
+# The accounts with pending jobs (a loose index scan: one probe of the partial index per
+# account), then each one's oldest due jobs, locked (the rows of the accounts' turns not
+# taken are released with the lease's short transaction).
+_JOB_TABLE = IntakeJob._meta.db_table
+_FAIR_DUE_SQL = f"""
+WITH RECURSIVE accounts(user_id) AS (
+    (SELECT user_id FROM {_JOB_TABLE} WHERE status = 'pending' ORDER BY user_id LIMIT 1)
+  UNION ALL
+    SELECT (SELECT j.user_id FROM {_JOB_TABLE} j
+            WHERE j.status = 'pending' AND j.user_id > a.user_id ORDER BY j.user_id LIMIT 1)
+    FROM accounts a WHERE a.user_id IS NOT NULL
+)
+SELECT due.id, due.user_id, due.next_attempt_at FROM accounts a CROSS JOIN LATERAL (
+    SELECT id, user_id, next_attempt_at FROM {_JOB_TABLE}
+    WHERE user_id = a.user_id AND status = 'pending' AND next_attempt_at <= %(now)s
+    ORDER BY next_attempt_at, id LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+) due
+"""  # noqa: S608 (the table name comes from the model; values are bound)
 
 
 def _limit_apply_time() -> None:
@@ -412,39 +462,26 @@ def intake_process(*, job_id: str | uuid.UUID) -> str:
     return _process(jobs[0]) if jobs else "skipped"
 
 
-def intake_process_next(
-    after: tuple[datetime, uuid.UUID] | None = None, *, limit: int = 1
-) -> list[tuple[IntakeJob, str]]:
-    """Apply the oldest due jobs no one else holds (up to ``limit``, one transaction), after
-    ``after`` (the (next_attempt_at, id) of the previous claim) when given; each job with
-    what happened to it, none when no job is due."""
-    due = Q(status=Status.PENDING, next_attempt_at__lte=timezone.now())
-    if after is not None:
-        # Keyset: a drain does not walk again over the index entries of the jobs it (and
-        # others) finished, which stay in the partial index until vacuum. The ``>=`` is
-        # the index range; the OR only breaks ties.
-        due &= Q(next_attempt_at__gte=after[0]) & (
-            Q(next_attempt_at__gt=after[0]) | Q(pk__gt=after[1])
-        )
-    jobs = _claim(due, limit)
+def intake_process_next(*, limit: int = 1) -> list[tuple[IntakeJob, str]]:
+    """Apply the next due jobs no one else holds (up to ``limit``, in one transaction; the
+    members' oldest in turn); each job with what happened to it, none when no job is
+    due."""
+    jobs = _claim(None, limit)
     return list(zip(jobs, _process_batch(jobs), strict=True)) if jobs else []
 
 
 def intake_drain(*, max_jobs: int | None = None, max_seconds: float | None = None) -> int:
-    """Apply due jobs, oldest first, in batches of ``FHIR_INTAKE_BATCH``, until none is due,
-    ``max_jobs`` were tried or ``max_seconds`` passed (checked between batches). Workers
-    running it at once share the work (each claims with ``SKIP LOCKED``). Returns how many
-    jobs it finished."""
+    """Apply due jobs in batches of ``FHIR_INTAKE_BATCH`` until none is due, ``max_jobs``
+    were tried or ``max_seconds`` passed (checked between batches). Workers running it at
+    once share the work (each claims with ``SKIP LOCKED``). Returns how many jobs it
+    finished. A job that fails is due again only after its backoff, so a drain ends."""
     deadline = None if max_seconds is None else time.monotonic() + max_seconds
     finished = tried = 0
-    after: tuple[datetime, uuid.UUID] | None = None
     while max_jobs is None or tried < max_jobs:
         limit = batch_size() if max_jobs is None else min(batch_size(), max_jobs - tried)
-        batch = intake_process_next(after, limit=limit)
+        batch = intake_process_next(limit=limit)
         if not batch:
             break
-        last = batch[-1][0]
-        after = (last.next_attempt_at, last.pk)
         tried += len(batch)
         finished += sum(outcome in ("done", "refused", "failed") for _job, outcome in batch)
         if deadline is not None and time.monotonic() >= deadline:

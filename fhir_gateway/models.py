@@ -278,13 +278,13 @@ class IntakeJob(models.Model):
 
     class Meta:
         indexes = [
-            # Work to do, oldest due first (intake.intake_process_next).
+            # Work to do, each member's oldest due first (intake._due_jobs: the members
+            # with pending jobs, then each one's due jobs), and the per-member cap on
+            # pending jobs (intake.intake_accept).
             models.Index(
-                fields=["next_attempt_at"], condition=Q(status="pending"), name="intake_due"
-            ),
-            # The per-member cap on pending jobs (intake.intake_accept).
-            models.Index(
-                fields=["user"], condition=Q(status="pending"), name="intake_pending_user"
+                fields=["user", "next_attempt_at"],
+                condition=Q(status="pending"),
+                name="intake_pending_user_due",
             ),
             # Retention of finished jobs (intake.intake_prune).
             models.Index(

@@ -33,7 +33,7 @@ def outbox_drain_task(limit: int = 500, max_seconds: float | None = DRAIN_BEAT_S
 
 @shared_task(name="fhir_gateway.intake_drain", ignore_result=True)
 def intake_drain_task(max_seconds: float | None = DRAIN_BEAT_SECONDS) -> int:
-    """Apply due asynchronous Bundles (``Prefer: respond-async``), oldest first, until
+    """Apply due asynchronous Bundles (``Prefer: respond-async``), the members in turn, until
     none is due or ``max_seconds``: the web processes' coalesced hand-off, and beat's run
     every 10 s for hand-offs lost with the broker and retries after an unexpected error."""
     return intake_drain(max_seconds=max_seconds)

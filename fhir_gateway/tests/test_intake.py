@@ -956,34 +956,30 @@ def test_retention_forgets_old_answers_and_keeps_pending_jobs(world: World) -> N
 
 
 @pytest.mark.django_db
-def test_a_drain_moves_forward_and_leaves_jobs_behind_it_to_the_next(
-    world: World, monkeypatch: pytest.MonkeyPatch
+def test_members_take_turns_so_a_backlog_holds_back_no_other_member(
+    world: World, settings: Any
 ) -> None:
-    """Keyset order: one drain never walks back over what it passed (the index entries of
-    finished jobs stay until vacuum); a job that becomes due behind it (a retry whose
-    backoff ran out, a job another worker gave up) is the next drain's."""
-    first, second = (_kick_off(world.r4, transaction(world, f"SR-{n}")) for n in range(2))
-    behind = _kick_off(world.r4, transaction(world, "SR-behind"))
-    IntakeJob.objects.filter(pk=_job(behind).pk).update(
-        next_attempt_at=timezone.now() + timedelta(minutes=5)
+    """A member uploading a backlog and another sending two Bundles after it: each batch
+    takes the members' oldest jobs in turn, not the backlog first."""
+    settings.FHIR_INTAKE_BATCH = 4
+    other = member_client(
+        UserFactory.create(facility=world.network.spoke, roles=[Role.MEMBER_SYSTEM])
     )
-    real = handlers.SYSTEM_INTERACTIONS["transaction"]
-    calls: list[int] = []
+    backlog = [_kick_off(world.r4, transaction(world, f"SR-backlog-{n}")) for n in range(6)]
+    late = [_kick_off(other, transaction(world, f"SR-late-{n}")) for n in range(2)]
 
-    def becomes_due_behind(*args: Any) -> str:
-        calls.append(1)
-        if len(calls) == 1:  # while the drain applies the first job
-            IntakeJob.objects.filter(pk=_job(behind).pk).update(
-                next_attempt_at=_job(first).created_at - timedelta(seconds=1)
-            )
-        return real(*args)
+    first = intake.intake_process_next(limit=4)
 
-    monkeypatch.setitem(handlers.SYSTEM_INTERACTIONS, "transaction", becomes_due_behind)
-
-    assert intake_drain() == 2
-    assert [_job(p).status for p in (first, second, behind)] == ["done", "done", "pending"]
-    assert intake_drain() == 1
-    assert _job(behind).status == "done"
+    assert [(_placer(json.loads(job.body)), outcome) for job, outcome in first] == [
+        ("SR-backlog-0", "done"),
+        ("SR-late-0", "done"),
+        ("SR-backlog-1", "done"),
+        ("SR-late-1", "done"),
+    ]
+    assert intake_drain() == 4  # the rest of the backlog, oldest first
+    order = list(Referral.objects.order_by("pk").values_list("placer_value", flat=True))
+    assert order[4:] == [f"SR-backlog-{n}" for n in range(2, 6)]
+    assert {_job(p).status for p in backlog + late} == {"done"}
 
 
 @pytest.mark.django_db
