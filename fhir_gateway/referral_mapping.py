@@ -37,6 +37,7 @@ from referrals.models import (
     Referral,
     ReferralState,
 )
+from referrals.services import PLACER_MAX_LENGTH
 from referrals.workflow import FINISHED_STATES, TRANSITIONS_BY_ACTION
 from registry.models import ConsultMode
 
@@ -633,6 +634,14 @@ def service_request_to_intake(resource: dict[str, Any], version: str) -> Intake:
             "required",
             "ServiceRequest.identifier needs the placer identifier (system and value, type "
             "PLAC): it makes resubmission idempotent.",
+            expression=["ServiceRequest.identifier"],
+        )
+    if max(len(placer[0]), len(placer[1])) > PLACER_MAX_LENGTH:
+        raise FhirError(
+            422,
+            "invalid",
+            "The placer identifier's system and value must be at most "
+            f"{PLACER_MAX_LENGTH} characters.",
             expression=["ServiceRequest.identifier"],
         )
     specialty = codes_of(_concepts(resource, "performerType", version))

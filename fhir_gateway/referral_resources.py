@@ -356,6 +356,8 @@ def _if_none_exist_referral(user: User, if_none_exist: str) -> Referral | None:
         )
     condition = Q()
     for _name, value in criteria:
+        if "\x00" in value:
+            raise FhirError(400, "invalid", "If-None-Exist contains a NUL character.")
         condition &= _identifier(value)
     matches = list(
         Referral.objects.filter(condition, requester_facility_id=_caller_facility(user))[:2]
@@ -737,7 +739,8 @@ def transaction_bundle(
     by_type: dict[str, list[tuple[int, dict[str, Any]]]] = {}
     for index, entry in enumerate(entries):
         resource = entry.get("resource") or {}
-        method = (entry.get("request") or {}).get("method")
+        request = entry.get("request")
+        method = request.get("method") if isinstance(request, dict) else None
         rtype = resource.get("resourceType") if isinstance(resource, dict) else None
         if method != "POST" or rtype not in _BUNDLE_TYPES:
             raise FhirError(

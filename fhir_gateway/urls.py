@@ -22,5 +22,5 @@ urlpatterns = [
     re_path(rf"^{_TYPE}/{_ID}/?$", views.instance, name="instance"),
     re_path(rf"^{_TYPE}/{_ID}/_history/?$", views.history, name="history"),
     re_path(rf"^{_TYPE}/{_ID}/_history/(?P<version_id>[^/]+)/?$", views.vread, name="vread"),
-    re_path(r"^(?P<rest>.*)$", views.unknown, name="unknown"),
+    re_path(r"^(?P<rest>[\s\S]*)$", views.unknown, name="unknown"),  # newlines too
 ]

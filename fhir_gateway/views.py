@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
@@ -274,6 +274,10 @@ def root(ctx: FhirRequest) -> HttpResponse:
             422,
             "not-supported",
             f"Bundle.type {bundle.get('type')!r}: only transaction is supported.",
+        )
+    if not isinstance(bundle.get("entry", []), list):
+        raise FhirError(
+            400, "structure", "Bundle.entry must be an array.", expression=["Bundle.entry"]
         )
     if _prefers_async(ctx.request):
         return _accept_async(ctx, user, bundle, version)
@@ -765,7 +769,10 @@ def _search(
         ctx, "searchset", total if total_mode != "none" else None, links, entries
     )
     if ignored:
-        response["X-FHIR-Ignored-Parameters"] = ",".join(sorted(ignored))
+        # Names as sent, percent-encoded where a header may not carry them (a newline).
+        response["X-FHIR-Ignored-Parameters"] = ",".join(
+            quote(name, safe="!#$&'()*+-./:;<=>?@[]^_`{|}~ ") for name in sorted(ignored)
+        )
     return response
 
 

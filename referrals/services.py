@@ -396,6 +396,7 @@ EFFECTS: dict[str, Effect] = {
 
 # Inputs stored as the event's free-text reason.
 REASON_INPUTS = ("reason", "note")
+PLACER_MAX_LENGTH = Referral._meta.get_field("placer_value").max_length or 255
 
 
 def _apply(
@@ -655,6 +656,11 @@ def referral_submit(
         raise PermissionDenied("You may only submit referrals for your own facility.")
     if not placer_system or not placer_value:
         raise ApplicationError("A placer identifier (system and value) is required.")
+    if max(len(placer_system), len(placer_value)) > PLACER_MAX_LENGTH:
+        raise ApplicationError(
+            f"The placer identifier's system and value must be at most {PLACER_MAX_LENGTH} "
+            "characters."
+        )
     existing = _find_existing(requester_facility, placer_system, placer_value)
     if existing is not None:
         return existing, False

@@ -9,8 +9,10 @@ import pytest
 
 from core.errors import ApplicationError, Conflict, NotFound, PermissionDenied
 from fhir_gateway.handlers import HANDLERS
-from fhir_gateway.models import FhirResource
+from fhir_gateway.models import FhirResource, IntakeJob
 from fhir_gateway.tests.conftest import FHIR_R4, FhirClient, outcome_issue
+from fhir_gateway.tests.referral_world import service_request, transaction
+from referrals.models import Referral
 from registry.models import Facility
 from tests.factories import UserFactory
 
@@ -107,6 +109,13 @@ def test_bad_search_parameters_are_400(fhir, network, query):
     assert outcome_issue(response)["code"] in {"invalid", "not-supported"}
 
 
+def test_ignored_parameter_names_are_percent_encoded_in_their_header(fhir, network):
+    """Found by test_fuzz.py: a newline in a name made the header raise (a 500)."""
+    response = fhir.get("/fhir/Organization?%0Abad=1&col%2Cour=2&h%C3%A0=3")
+    assert response.status_code == 200
+    assert response["X-FHIR-Ignored-Parameters"] == "%0Abad,col%2Cour,h%C3%A0"
+
+
 def test_unknown_search_parameter_is_ignored_unless_strict(fhir, network):
     lenient = fhir.get("/fhir/Organization?colour=blue")
     assert lenient.status_code == 200
@@ -183,6 +192,7 @@ def test_unexpected_error_is_500_operation_outcome(fhir, network, monkeypatch):
         "/fhir/patient",
         "/fhir/Practitioner",
         "/fhir/a/b/c/d/e",
+        "/fhir/a/b/c/d/%0A",  # a newline: the catch-all route matched it only without one
     ],
 )
 def test_unknown_paths_and_types_are_404(fhir, path):
@@ -296,3 +306,66 @@ def test_code_outside_required_value_set_is_422(fhir, communication_type, body, 
 def test_every_error_answer_is_fhir_json(fhir):
     response = fhir.get("/fhir/Nonsense")
     assert response["Content-Type"] == FHIR_R4
+
+
+# --------------------------------------------------------------------------- found by test_fuzz.py
+
+
+def _post_transaction(world: Any, bundle: Any, **headers: str) -> Any:
+    return world.r4.client.generic(
+        "POST",
+        "/fhir",
+        data=json.dumps(bundle).encode(),
+        content_type=FHIR_R4,
+        headers=world.r4._headers(headers),
+    )
+
+
+@pytest.mark.parametrize("respond_async", [False, True])
+@pytest.mark.parametrize("entry", [True, 3, "x", {"resource": {}}])
+def test_a_bundle_entry_that_is_not_an_array_is_400(world, entry, respond_async):
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entry}
+    headers = {"Prefer": "respond-async"} if respond_async else {}
+    response = _post_transaction(world, bundle, **headers)
+    assert response.status_code == 400
+    issue = outcome_issue(response)
+    assert (issue["code"], issue["expression"]) == ("structure", ["Bundle.entry"])
+    assert not IntakeJob.objects.exists()
+    assert not Referral.objects.exists()
+
+
+@pytest.mark.parametrize("request_value", ["x", [{"method": "POST", "url": "ServiceRequest"}], 1])
+def test_a_transaction_entry_whose_request_is_not_an_object_is_422(world, request_value):
+    bundle = transaction(world)
+    bundle["entry"][1]["request"] = request_value
+    response = _post_transaction(world, bundle)
+    assert response.status_code == 422
+    issue = outcome_issue(response)
+    assert (issue["code"], issue["expression"]) == ("not-supported", ["Bundle.entry[1]"])
+    assert not Referral.objects.exists()
+
+
+@pytest.mark.parametrize("part", ["system", "value"])
+def test_a_placer_identifier_over_255_characters_is_422(world, part):
+    bundle = transaction(world)
+    bundle["entry"][1]["resource"]["identifier"][0][part] = "x" * 256
+    response = _post_transaction(world, bundle)
+    assert response.status_code == 422
+    issue = outcome_issue(response)
+    assert (issue["code"], issue["expression"]) == ("invalid", ["ServiceRequest.identifier"])
+    assert not Referral.objects.exists()
+    bundle["entry"][1]["resource"]["identifier"][0][part] = "x" * 255  # the longest accepted
+    assert _post_transaction(world, bundle).status_code == 200
+
+
+def test_a_nul_in_if_none_exist_is_400(world):
+    response = world.r4.client.generic(
+        "POST",
+        "/fhir/ServiceRequest",
+        data=json.dumps(service_request(world)).encode(),
+        content_type=FHIR_R4,
+        headers=world.r4._headers({"If-None-Exist": "identifier=%00"}),
+    )
+    assert response.status_code == 400
+    assert outcome_issue(response)["code"] == "invalid"
+    assert not Referral.objects.exists()
