@@ -3,7 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBUG="${DEBUG:-1}"
-mkdir -p var
+VAR="${VAR_DIR:-var}"  # the settings' VAR_DIR (database, broker, beat schedule, media)
+mkdir -p "$VAR"
 BIN=.venv/bin
 $BIN/python manage.py migrate --noinput
 $BIN/python manage.py seed_demo
@@ -14,7 +15,7 @@ cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
 trap cleanup EXIT INT TERM
 
 $BIN/celery -A config worker -B --loglevel INFO --concurrency 2 \
-  --schedule "var/celerybeat-schedule" &
+  --schedule "$VAR/celerybeat-schedule" &
 pids+=($!)
 echo "Consilium: http://127.0.0.1:${PORT:-8000}/  (API docs /api/docs/, health /healthz)"
 $BIN/python manage.py runserver "127.0.0.1:${PORT:-8000}" --noreload &
