@@ -279,9 +279,9 @@ def _claim(due: Q | None, limit: int = 1) -> list[IntakeJob]:
     applied, so no other drain takes them meanwhile, and a
     worker that dies while applying them (killed, out of memory) leaves jobs that are
     retried after the backoff and finally given up, instead of claimed first again and
-    again. A job tried before (``_tried``) is leased alone, and a batch ends before one: a
-    Bundle that kills its worker or its session costs the jobs beside it one attempt at
-    most, and then meets its end alone. Jobs of one account share one user object (its
+    again. A job tried before (``_tried``) is leased alone (``_due_jobs_in_turn`` picks it
+    alone; otherwise a batch ends before one): a Bundle that kills its worker or its
+    session costs the jobs beside it one attempt at most, and then meets its end alone. Jobs of one account share one user object (its
     roles are read once)."""
     with transaction.atomic():
         jobs = _due_jobs(due, limit)
@@ -320,23 +320,44 @@ def _due_jobs(due: Q | None, limit: int) -> list[IntakeJob]:
 
 
 def _due_jobs_in_turn(limit: int) -> list[IntakeJob]:
-    with connection.cursor() as cursor:
-        cursor.execute(_FAIR_DUE_SQL, {"now": timezone.now(), "limit": limit})
-        rows: list[tuple[uuid.UUID, int, datetime]] = cursor.fetchall()
-    turns: dict[int, int] = {}
-    ranked = []
-    for pk, user_id, at in sorted(rows, key=lambda row: (row[1], row[2], row[0])):
-        turns[user_id] = turns.get(user_id, -1) + 1
-        ranked.append((turns[user_id], at, pk))
-    chosen = [pk for _turn, _at, pk in sorted(ranked)[:limit]]
-    jobs = IntakeJob.objects.select_related("user").in_bulk(chosen)  # locked above
-    return [jobs[pk] for pk in chosen]
+    """Rank first, without locks: each account's ``CANDIDATES * limit`` oldest due jobs,
+    taken in turn. Then lock in that order only the jobs leased, skipping rows another
+    claim holds (a claim running at the same time takes the next ones). A job tried before
+    among the first ``limit`` is leased alone (``_claim``), ahead of the batch it would
+    have been in; the jobs ranked with it wait one claim, not until it comes first."""
+    now = timezone.now()
+    for _ in range(3):  # all candidates held by another claim until its lease commits
+        with connection.cursor() as cursor:
+            cursor.execute(_FAIR_DUE_SQL, {"now": now, "per_account": CANDIDATES * limit})
+            rows: list[tuple[uuid.UUID, int, datetime, bool]] = cursor.fetchall()
+        if not rows:
+            return []
+        turns: dict[int, int] = {}
+        ranked = []
+        for pk, user_id, at, tried in sorted(rows, key=lambda row: (row[1], row[2], row[0])):
+            turns[user_id] = turns.get(user_id, -1) + 1
+            ranked.append((turns[user_id], at, pk, tried))
+        ranked.sort()
+        first_tried = next((pk for _t, _a, pk, tried in ranked[:limit] if tried), None)
+        if first_tried is not None:
+            order, take = [first_tried], 1
+        else:
+            order, take = [pk for _t, _a, pk, tried in ranked if not tried], limit
+        with connection.cursor() as cursor:
+            cursor.execute(_LOCK_IN_ORDER_SQL, {"ids": order, "now": now, "take": take})
+            locked = [row[0] for row in cursor.fetchall()]
+        if locked:
+            jobs = IntakeJob.objects.select_related("user").in_bulk(locked)  # locked above
+            return [jobs[pk] for pk in locked]
+        time.sleep(0.005)
+        now = timezone.now()
+    return []
 
 
-# The accounts with pending jobs (a loose index scan: one probe of the partial index per
-# account), then each one's oldest due jobs, locked (the rows of the accounts' turns not
-# taken are released with the lease's short transaction).
+CANDIDATES = 2
 _JOB_TABLE = IntakeJob._meta.db_table
+# The accounts with pending jobs (a loose index scan: one probe of the partial index per
+# account), then each one's oldest due jobs; whether each was tried before (``_tried``).
 _FAIR_DUE_SQL = f"""
 WITH RECURSIVE accounts(user_id) AS (
     (SELECT user_id FROM {_JOB_TABLE} WHERE status = 'pending' ORDER BY user_id LIMIT 1)
@@ -345,12 +366,19 @@ WITH RECURSIVE accounts(user_id) AS (
             WHERE j.status = 'pending' AND j.user_id > a.user_id ORDER BY j.user_id LIMIT 1)
     FROM accounts a WHERE a.user_id IS NOT NULL
 )
-SELECT due.id, due.user_id, due.next_attempt_at FROM accounts a CROSS JOIN LATERAL (
-    SELECT id, user_id, next_attempt_at FROM {_JOB_TABLE}
+SELECT due.id, due.user_id, due.next_attempt_at, due.tried FROM accounts a CROSS JOIN LATERAL (
+    SELECT id, user_id, next_attempt_at, (attempts > 0 OR last_error <> '') AS tried
+    FROM {_JOB_TABLE}
     WHERE user_id = a.user_id AND status = 'pending' AND next_attempt_at <= %(now)s
-    ORDER BY next_attempt_at, id LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
+    ORDER BY next_attempt_at, id LIMIT %(per_account)s
 ) due
+"""  # noqa: S608 (the table name comes from the model; values are bound)
+# Lock the first ``take`` of ``ids`` still due, in their order, skipping rows held.
+_LOCK_IN_ORDER_SQL = f"""
+SELECT id FROM {_JOB_TABLE}
+WHERE id = ANY(%(ids)s) AND status = 'pending' AND next_attempt_at <= %(now)s
+ORDER BY array_position(%(ids)s, id) LIMIT %(take)s
+FOR UPDATE SKIP LOCKED
 """  # noqa: S608 (the table name comes from the model; values are bound)
 
 

@@ -8,16 +8,19 @@ through ``outcome_response``, the one place that writes an error answer.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Mapping
 from typing import Any
 
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
-from django.db import IntegrityError
+from django.db import DataError, IntegrityError
 from django.http import Http404, HttpResponse
 
 from core.errors import ApplicationError
 from core.logging import current_request_id
+
+logger = logging.getLogger(__name__)
 
 _FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 
@@ -142,6 +145,13 @@ def fhir_error_for(exc: Exception) -> FhirError | None:
         return FhirError(404, "not-found", str(exc) or "Not found.")
     if isinstance(exc, IntegrityError):
         return FhirError(409, "conflict", "The change conflicts with stored data.")
+    if isinstance(exc, DataError):  # a value the checks let through and the column refused
+        logger.warning("database refused a value", exc_info=exc)
+        return FhirError(
+            422,
+            "invalid",
+            "A value is too long, out of range or holds a character that cannot be stored.",
+        )
     return None
 
 

@@ -735,7 +735,15 @@ def transaction_bundle(
     All or nothing: any refusal rolls everything back and answers the OperationOutcome.
     The caller (``views.root``) checked that ``bundle`` is a Bundle of type transaction.
     """
-    entries = [e for e in bundle.get("entry") or [] if isinstance(e, dict)]
+    entries = bundle.get("entry") or []
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict):  # answered 1:1, so an entry cannot be skipped
+            raise FhirError(
+                400,
+                "structure",
+                f"Bundle.entry[{index}] must be an object.",
+                expression=[f"Bundle.entry[{index}]"],
+            )
     by_type: dict[str, list[tuple[int, dict[str, Any]]]] = {}
     for index, entry in enumerate(entries):
         resource = entry.get("resource") or {}

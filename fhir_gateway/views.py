@@ -212,7 +212,26 @@ def _json_body(request: HttpRequest) -> dict[str, Any]:
         raise FhirError(400, "structure", f"The body is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise FhirError(400, "structure", "The body must be a JSON object (a FHIR resource).")
+    # NUL (\u0000, or any character of a UTF-16/32 body) cannot be stored: looked for only
+    # when the bytes may hold one.
+    if (b"\\u0000" in raw or b"\x00" in raw) and _holds_nul(data):
+        raise FhirError(400, "invalid", "The body holds a NUL character (\\u0000).")
     return data
+
+
+def _holds_nul(data: Any) -> bool:
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def _resource_response(

@@ -113,6 +113,8 @@ def _parse_text(field: InputField, value: Any) -> str:
         raise ValueError("a non-empty text is required")
     if len(value) > MAX_TEXT:
         raise ValueError(f"at most {MAX_TEXT} characters")
+    if "\x00" in value:
+        raise ValueError("a text without NUL characters")
     return value.strip()
 
 
@@ -162,7 +164,12 @@ def _parse_url(field: InputField, value: Any) -> str:
         URLValidator(schemes=["https", "http"])(value)
     except ValidationError as exc:
         raise ValueError("an http(s) URL") from exc
+    if len(str(value)) > MAX_URL:
+        raise ValueError(f"an http(s) URL of at most {MAX_URL} characters")
     return str(value)
+
+
+MAX_URL = Referral._meta.get_field("conference_url").max_length or 500
 
 
 PARSERS: dict[str, Callable[[InputField, Any], Any]] = {

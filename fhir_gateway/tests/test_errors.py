@@ -334,6 +334,53 @@ def test_a_bundle_entry_that_is_not_an_array_is_400(world, entry, respond_async)
     assert not Referral.objects.exists()
 
 
+def test_a_transaction_entry_that_is_not_an_object_is_400_naming_it(world):
+    bundle = transaction(world)
+    bundle["entry"].insert(0, 1)  # the answer is 1:1 with the entries: none may be skipped
+    response = _post_transaction(world, bundle)
+    assert response.status_code == 400
+    issue = outcome_issue(response)
+    assert (issue["code"], issue["expression"]) == ("structure", ["Bundle.entry[0]"])
+    assert not Referral.objects.exists()
+
+
+@pytest.mark.parametrize("respond_async", [False, True])
+@pytest.mark.parametrize(
+    "where",
+    [("entry", 1, "resource", "identifier", 0, "value"), ("entry", 1, "resource", "note")],
+)
+def test_a_nul_character_anywhere_in_a_body_is_400(world, where, respond_async):
+    """PostgreSQL cannot store it (and FHIR strings may not hold it): refused up front,
+    before an asynchronous job is stored, instead of failing when written."""
+    bundle = transaction(world)
+    target = bundle
+    for step in where[:-1]:
+        target = target[step]
+    target[where[-1]] = "before\x00after" if where[-1] == "value" else [{"text": "a\x00b"}]
+    headers = {"Prefer": "respond-async"} if respond_async else {}
+    response = _post_transaction(world, bundle, **headers)
+    assert response.status_code == 400
+    assert outcome_issue(response)["code"] == "invalid"
+    assert not IntakeJob.objects.exists()
+    assert not Referral.objects.exists()
+
+
+def test_a_value_the_database_refuses_is_422_not_500(world, monkeypatch):
+    """The safety net behind the checks: a DataError is the input's fault."""
+    from django.db import DataError
+
+    from fhir_gateway import referral_resources
+
+    def refuses(*args: Any, **kwargs: Any) -> Any:
+        raise DataError("value too long for type character varying(255)")
+
+    monkeypatch.setattr(referral_resources, "_submit", refuses)
+    response = _post_transaction(world, transaction(world))
+    assert response.status_code == 422
+    assert outcome_issue(response)["code"] == "invalid"
+    assert not Referral.objects.exists()
+
+
 @pytest.mark.parametrize("request_value", ["x", [{"method": "POST", "url": "ServiceRequest"}], 1])
 def test_a_transaction_entry_whose_request_is_not_an_object_is_422(world, request_value):
     bundle = transaction(world)

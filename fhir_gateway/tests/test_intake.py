@@ -20,6 +20,7 @@ from django.conf import settings as django_settings
 from django.db import DatabaseError as DjangoDatabaseError
 from django.db import OperationalError as DjangoOperationalError
 from django.db import connection, connections
+from django.db.transaction import atomic as transaction_atomic
 from django.utils import timezone
 
 from accounts.roles import Role
@@ -304,17 +305,92 @@ def test_a_refusal_answered_over_a_broken_transaction_fails_the_batch(
 
 
 @pytest.mark.django_db
-def test_a_batch_ends_before_a_job_that_was_tried_before(world: World) -> None:
+def test_a_job_tried_before_is_leased_alone_ahead_of_its_batch(world: World) -> None:
     """A job whose worker died with it (attempts counted, nothing finished) may be the one
-    that kills workers: it is leased alone, not with the jobs behind it."""
+    that kills workers: it is leased alone, then the jobs beside it go on in a batch."""
     paths = [_kick_off(world.r4, transaction(world, f"SR-{n}")) for n in range(4)]
     IntakeJob.objects.filter(pk=_job(paths[2]).pk).update(attempts=1)
 
-    sizes = [len(intake.intake_process_next(limit=10)) for _ in range(4)]
+    claims = [
+        [_placer(json.loads(job.body)) for job, _outcome in intake.intake_process_next(limit=10)]
+        for _ in range(3)
+    ]
 
-    assert sizes == [2, 1, 1, 0]
+    assert claims == [["SR-2"], ["SR-0", "SR-1", "SR-3"], []]
     assert [_job(p).attempts for p in paths] == [1, 1, 2, 1]
     assert Referral.objects.count() == 4
+
+
+@pytest.mark.django_db
+def test_a_retried_job_holds_back_neither_its_member_nor_the_batches(
+    world: World, settings: Any
+) -> None:
+    """Member A has a backlog; member B's oldest job, sent after it, failed once (a
+    transient error: attempt given back, error kept). B's retry goes alone first, then
+    the batches take both members in turn again: no batch is cut down at the retry."""
+    other = member_client(
+        UserFactory.create(facility=world.network.spoke, roles=[Role.MEMBER_SYSTEM])
+    )
+    for n in range(6):
+        _kick_off(world.r4, transaction(world, f"SR-A-{n}"))
+    retried = _kick_off(other, transaction(world, "SR-B-retried"))
+    IntakeJob.objects.filter(pk=_job(retried).pk).update(last_error="OperationalError: x")
+    for n in range(2):
+        _kick_off(other, transaction(world, f"SR-B-{n}"))
+
+    claims = [
+        [_placer(json.loads(job.body)) for job, _outcome in intake.intake_process_next(limit=4)]
+        for _ in range(4)
+    ]
+
+    assert claims == [
+        ["SR-B-retried"],
+        ["SR-A-0", "SR-B-0", "SR-A-1", "SR-B-1"],
+        ["SR-A-2", "SR-A-3", "SR-A-4", "SR-A-5"],
+        [],
+    ]
+    assert Referral.objects.count() == 9
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_claim_beside_another_takes_the_next_jobs_not_none(world: World) -> None:
+    """Another worker's claim holds its jobs (locked, lease not yet committed): this claim
+    takes the next ones instead of coming back empty and ending its drain, also when the
+    jobs are spread over several members (a claim locks only the jobs it leases)."""
+    clients = [world.r4] + [
+        member_client(UserFactory.create(facility=world.network.spoke, roles=[Role.MEMBER_SYSTEM]))
+        for _ in range(2)
+    ]
+    paths = [
+        _kick_off(client, transaction(world, f"SR-{m}-{n}"))
+        for m, client in enumerate(clients)
+        for n in range(2)
+    ]
+    holding, release = threading.Event(), threading.Event()
+    held: list[str] = []
+
+    def other_claim() -> None:
+        try:
+            with transaction_atomic():
+                held.extend(str(job.pk) for job in intake._due_jobs(None, 3))
+                holding.set()
+                release.wait(30)
+        finally:
+            connections.close_all()
+
+    worker = threading.Thread(target=other_claim)
+    worker.start()
+    try:
+        assert holding.wait(30)
+        mine = [str(job.pk) for job, _outcome in intake.intake_process_next(limit=3)]
+    finally:
+        release.set()
+        worker.join(30)
+
+    assert len(held) == 3
+    assert len(mine) == 3
+    assert not set(held) & set(mine)
+    assert {str(_job(p).pk) for p in paths} == set(held) | set(mine)
 
 
 @pytest.mark.django_db

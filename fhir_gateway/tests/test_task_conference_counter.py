@@ -243,6 +243,12 @@ def test_reschedule_refusals_change_nothing(world: World, people: dict[str, Any]
         consultant, task_id, _set_input("scheduled-at", valueDateTime="2031-02-03"), version
     )
     bad_url = update_task(consultant, task_id, _set_input("video-url", valueUrl="ftp://x"), version)
+    long_url = update_task(  # a valid URL, longer than the 500 characters stored
+        consultant,
+        task_id,
+        _set_input("video-url", valueUrl="https://meet.example.org/" + "r" * 600),
+        version,
+    )
     stray = update_task(
         consultant,
         task_id,
@@ -275,12 +281,13 @@ def test_reschedule_refusals_change_nothing(world: World, people: dict[str, Any]
     )
     outsider = world.other.put(f"/fhir/Task/{task_id}", read_task(world.r4, task_id))
 
-    for response in (past, invalid, bad_url, stray, unchanged, dropped, with_status):
+    for response in (past, invalid, bad_url, long_url, stray, unchanged, dropped, with_status):
         assert response.status_code == 422, response.content
         assert outcome_issue(response)["code"] == "business-rule"
     assert "future" in outcome_issue(past)["diagnostics"]
     assert "scheduled_at" in outcome_issue(invalid)["diagnostics"]
     assert "video_url" in outcome_issue(bad_url)["diagnostics"]
+    assert "at most 500 characters" in outcome_issue(long_url)["diagnostics"]
     assert "minutes" in outcome_issue(stray)["diagnostics"]
     assert "nothing to do" in outcome_issue(unchanged)["diagnostics"]
     assert "nothing to do" in outcome_issue(dropped)["diagnostics"]

@@ -74,6 +74,34 @@ def test_submit_for_another_facility_is_refused(world: World) -> None:
     assert Referral.objects.count() == 0
 
 
+@pytest.mark.parametrize("field", ["placer_system", "placer_value"])
+def test_a_placer_identifier_longer_than_stored_is_refused(world: World, field: str) -> None:
+    with pytest.raises(ApplicationError, match="at most 255"):
+        overrides: dict[str, Any] = {field: "x" * 256}
+        world.submit(**overrides)
+    assert Referral.objects.count() == 0
+
+
+def test_transition_inputs_the_database_cannot_store_are_refused(world: World) -> None:
+    """A NUL in a text, a URL longer than the column: refused as input (400), nothing
+    changed, instead of failing in the database."""
+    referral = world.submit()
+    before = (referral.state, referral.version)
+    with pytest.raises(ApplicationError) as nul:
+        world.act(referral, "decline", note="no\x00thanks")
+    assert nul.value.extra["errors"] == {"note": "a text without NUL characters"}
+    referral.refresh_from_db()
+    assert (referral.state, referral.version) == before
+    accepted = world.referral_in(ReferralState.ACCEPTED)
+    with pytest.raises(ApplicationError) as long_url:
+        world.act(accepted, "schedule", video_url="https://meet.example.org/" + "r" * 600)
+    assert long_url.value.extra["errors"] == {
+        "video_url": "an http(s) URL of at most 500 characters"
+    }
+    accepted.refresh_from_db()
+    assert accepted.state == ReferralState.ACCEPTED
+
+
 def test_submit_to_a_department_of_another_specialty_is_refused(world: World) -> None:
     from registry.models import Specialty
 
