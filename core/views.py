@@ -1,10 +1,12 @@
 from __future__ import annotations
 
-from django.http import HttpRequest, JsonResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.views import defaults
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
 from core.health import check_broker, check_database
+from core.logging import current_request_id
 
 
 @never_cache
@@ -18,3 +20,14 @@ def healthz(request: HttpRequest) -> JsonResponse:
     if failures:
         return JsonResponse({"status": "unhealthy", "failing": failures}, status=503)
     return JsonResponse({"status": "ok", "checks": {"database": "ok", "broker": "ok"}})
+
+
+def not_found(request: HttpRequest, exception: Exception) -> HttpResponse:
+    """``handler404``: under /api/ a JSON problem like every other API error (a path no
+    route matches never reaches DRF); elsewhere Django's page."""
+    if request.path.startswith("/api/"):
+        body = {"status": 404, "code": "not_found", "detail": "Not found."}
+        if request_id := current_request_id():
+            body["request_id"] = request_id
+        return JsonResponse(body, status=404, content_type="application/problem+json")
+    return defaults.page_not_found(request, exception)

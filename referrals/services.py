@@ -766,6 +766,8 @@ def referral_message_post(
         raise ApplicationError("A message needs a text.", code="invalid")
     if len(text) > MAX_TEXT:
         raise ApplicationError(f"A message has at most {MAX_TEXT} characters.", code="invalid")
+    if "\x00" in text:
+        raise ApplicationError("A message cannot hold NUL characters.", code="invalid")
     with transaction.atomic():
         scope = referral_scope_filter(actor)
         if scope is None:

@@ -53,6 +53,9 @@ class ReportApi(APIView):
     name = "report"
 
     def finalize_response(self, request: Any, response: Any, *args: Any, **kwargs: Any) -> Any:
+        if response.status_code >= 400:  # a problem is JSON, whatever format was asked for
+            request.accepted_renderer = JSONRenderer()
+            request.accepted_media_type = JSONRenderer.media_type
         response = super().finalize_response(request, response, *args, **kwargs)
         fmt = getattr(getattr(request, "accepted_renderer", None), "format", "json")
         if fmt in ("csv", "xlsx") and response.status_code == 200:

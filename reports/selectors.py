@@ -135,10 +135,14 @@ def _int(params: Mapping[str, Any], name: str, errors: dict[str, str]) -> int | 
     if raw is None or raw == "":
         return None
     try:
-        return int(raw)
+        value = int(raw)
     except (TypeError, ValueError):
         errors[name] = "an integer id"
         return None
+    if not 0 < value < 2**31:  # ids are positive 32-bit integers
+        errors[name] = "an integer id"
+        return None
+    return value
 
 
 def _date(params: Mapping[str, Any], name: str, errors: dict[str, str]) -> date | None:
@@ -146,15 +150,34 @@ def _date(params: Mapping[str, Any], name: str, errors: dict[str, str]) -> date 
     if raw in (None, ""):
         return None
     try:
-        return date.fromisoformat(str(raw))
+        value = date.fromisoformat(str(raw))
     except ValueError:
         errors[name] = "a date YYYY-MM-DD"
         return None
+    if not FIRST_DAY <= value <= LAST_DAY:  # period arithmetic must not leave date's range
+        errors[name] = f"a date from {FIRST_DAY} to {LAST_DAY}"
+        return None
+    return value
+
+
+FIRST_DAY, LAST_DAY = date(1900, 1, 1), date(2999, 12, 31)
+
+
+FILTER_NAMES = (
+    "period", "country", "specialty", "tier", "cross_border", "by", "from", "to", "province",
+    "facility", "hub", "campaign",
+)  # fmt: skip
 
 
 def filters_parse(params: Mapping[str, Any], *, allow_by: bool = True) -> ReportFilters:
     """Query parameters -> filters; a 400 lists every problem at once."""
-    errors: dict[str, str] = {}
+    errors: dict[str, str] = {
+        str(name): "no NUL characters"
+        for name in FILTER_NAMES
+        if "\x00" in str(params.get(name) or "")
+    }
+    if errors:  # PostgreSQL cannot compare them
+        raise ApplicationError("Invalid report filters.", extra={"errors": errors})
     period = str(params.get("period") or "month")
     if period not in PERIODS:
         errors["period"] = f"one of {', '.join(PERIODS)}"

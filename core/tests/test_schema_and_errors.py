@@ -32,6 +32,29 @@ def test_api_errors_are_json_problems_with_the_request_id(client: Client) -> Non
     }
 
 
+@pytest.mark.django_db
+@pytest.mark.parametrize("path", ["/api/v1/referrals/-1/", "/api/v1/countries//", "/api/nope"])
+def test_api_paths_that_route_nowhere_are_json_problems(client: Client, path: str) -> None:
+    """Found by tests/test_api_fuzz.py: these never reach DRF (Django's HTML 404 page)."""
+    response = client.get(path, HTTP_X_REQUEST_ID="req-43")
+
+    assert response.status_code == 404
+    assert response["Content-Type"].startswith("application/problem+json")
+    assert response.json() == {
+        "status": 404,
+        "code": "not_found",
+        "detail": "Not found.",
+        "request_id": "req-43",
+    }
+
+
+@pytest.mark.django_db
+def test_other_paths_that_route_nowhere_keep_the_html_page(client: Client) -> None:
+    response = client.get("/no/such/page/")
+    assert response.status_code == 404
+    assert response["Content-Type"].startswith("text/html")
+
+
 def test_log_lines_are_json_with_the_request_id() -> None:
     from pythonjsonlogger.json import JsonFormatter
 

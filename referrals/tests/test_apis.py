@@ -178,3 +178,18 @@ def test_worklist_endpoint_query_count_is_constant(world: World) -> None:
     with CaptureQueriesContext(connection) as many:
         assert fresh_client().get("/api/v1/referrals/worklist/").json()["count"] == 16
     assert len(few.captured_queries) == len(many.captured_queries)
+
+
+@pytest.mark.parametrize("path", ["/api/v1/referrals/", "/api/v1/referrals/{pk}/decline/"])
+def test_json_nested_deeper_than_python_follows_is_400(world: World, path: str) -> None:
+    """Found by tests/test_api_fuzz.py: DRF's JSON parser let RecursionError through."""
+    referral = world.submit()
+    response = client_for(world.consultant).post(
+        path.format(pk=referral.pk),
+        "[" * 100_000 + "]" * 100_000,
+        content_type="application/json",
+    )
+    assert response.status_code == 400
+    assert response["Content-Type"].startswith("application/problem+json")
+    assert "nested too deeply" in response.json()["detail"]
+    assert Referral.objects.count() == 1

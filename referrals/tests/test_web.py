@@ -427,6 +427,9 @@ def test_messages(world: World) -> None:
     assert response.status_code == 303
     assert Message.objects.get(referral=referral).text == "X-ray attached."
     assert client.post(f"/referrals/{referral.pk}/messages/", {"text": " "}).status_code == 400
+    nul = client.post(f"/referrals/{referral.pk}/messages/", {"text": "a\x00b"})
+    assert nul.status_code == 400  # found by tests/test_api_fuzz.py (it was a 500)
+    assert b"NUL" in nul.content
     outsider = client_for(world.foreign_referrer)
     assert outsider.post(f"/referrals/{referral.pk}/messages/", {"text": "hi"}).status_code == 404
     assert Message.objects.count() == 1

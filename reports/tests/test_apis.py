@@ -171,3 +171,38 @@ def test_report_query_count_does_not_grow_with_groups(
     client = client_for(scenario.ministry)
     with django_assert_max_num_queries(12):
         client.get("/api/v1/reports/", {"by": "hub"})
+
+
+# --------------------------------------------------------------------------- found by tests/test_api_fuzz.py
+
+
+@pytest.mark.parametrize("who", ["ministry", "referrer_d1"])
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"specialty": "\x00"}, "specialty"),
+        ({"country": "V\x00"}, "country"),
+        ({"campaign": "c\x00"}, "campaign"),
+        ({"to": "9999-12-31"}, "to"),
+        ({"from": "0001-01-01"}, "from"),
+        ({"facility": str(10**30)}, "facility"),
+    ],
+)
+def test_filters_the_database_or_date_arithmetic_cannot_take_are_400(
+    scenario: Network, who: str, params: dict[str, str], field: str
+) -> None:
+    response = get(getattr(scenario, who), "", **params)
+
+    assert response.status_code == 400
+    assert response["Content-Type"].startswith("application/problem+json")
+    assert field in response.json()["errors"]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "xlsx"])
+def test_a_report_error_asked_for_as_a_file_is_a_json_problem(scenario: Network, fmt: str) -> None:
+    response = get(scenario.ministry, "", cross_border="maybe", format=fmt)
+
+    assert response.status_code == 400
+    assert response["Content-Type"].startswith("application/problem+json")
+    assert response.json()["errors"] == {"cross_border": "true or false"}
+    assert "Content-Disposition" not in response
