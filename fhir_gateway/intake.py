@@ -414,24 +414,7 @@ def _failed(job: IntakeJob, exc: Exception) -> str:
     return _give_up(job) if job.attempts >= max_attempts() else "error"
 
 
-def _process(job: IntakeJob) -> str:
-    """Apply a leased job and finish it in one transaction; what happened."""
-    if job.attempts >= max_attempts():  # the earlier attempts died without a word
-        return _give_up(job)
-    job.attempts += 1
-    try:
-        with transaction.atomic():
-            _limit_apply_time()
-            if not _lock_pending(job.pk):
-                return "skipped"
-            result_status, result = _apply(job)
-            _finish(job.pk, result_status, result)
-    except Exception as exc:  # noqa: BLE001 (recorded on the job, retried)
-        return _failed(job, exc)
-    return "done" if result_status == 200 else "refused"
-
-
-def _process_batch(jobs: list[IntakeJob]) -> list[str]:
+def _process(jobs: list[IntakeJob]) -> list[str]:
     """Apply leased jobs in one transaction, each in a savepoint of its own (``_apply``: a
     refusal or a bug rolls back that job's writes only), and finish them with one UPDATE;
     what happened to each. One commit and one lock query for the batch instead of one
@@ -441,10 +424,11 @@ def _process_batch(jobs: list[IntakeJob]) -> list[str]:
     resends of the same placer identifiers in opposite orders can deadlock on that unique
     index: PostgreSQL ends one job's statement, which is then a transient error of that
     job alone.) Anything that breaks the transaction itself rolls the whole batch back:
-    each job then fails with that error (``_failed``) and is retried alone."""
-    if len(jobs) == 1:
-        return [_process(jobs[0])]
-    leased = {job.pk: job.attempts + 1 for job in jobs}  # all on their first attempt
+    each job then fails with that error (``_failed``) and is retried alone. A job whose
+    earlier attempts all died without a word (it comes alone: ``_claim``) is given up."""
+    if len(jobs) == 1 and jobs[0].attempts >= max_attempts():
+        return [_give_up(jobs[0])]
+    leased = {job.pk: job.attempts + 1 for job in jobs}  # the attempt the lease counted
     outcomes: dict[uuid.UUID, str] = {}
     try:
         with transaction.atomic(), department_load_deferred():
@@ -487,7 +471,7 @@ def intake_process(*, job_id: str | uuid.UUID) -> str:
     """Apply one pending job now (even before its backoff ran out) and finish it; safe to
     run twice and concurrently (a job another worker holds is skipped)."""
     jobs = _claim(Q(pk=job_id, status=Status.PENDING))
-    return _process(jobs[0]) if jobs else "skipped"
+    return _process(jobs)[0] if jobs else "skipped"
 
 
 def intake_process_next(*, limit: int = 1) -> list[tuple[IntakeJob, str]]:
@@ -495,7 +479,7 @@ def intake_process_next(*, limit: int = 1) -> list[tuple[IntakeJob, str]]:
     members' oldest in turn); each job with what happened to it, none when no job is
     due."""
     jobs = _claim(None, limit)
-    return list(zip(jobs, _process_batch(jobs), strict=True)) if jobs else []
+    return list(zip(jobs, _process(jobs), strict=True)) if jobs else []
 
 
 def intake_drain(*, max_jobs: int | None = None, max_seconds: float | None = None) -> int:

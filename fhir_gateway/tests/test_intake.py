@@ -249,10 +249,15 @@ def test_a_batch_that_fails_as_a_whole_writes_nothing_and_its_jobs_go_alone_next
     applied) rolls every job back; each counts the attempt (a transient error gives it
     back) and, once tried, is leased alone."""
 
+    real = intake.department_load_deferred
+    failures = [error]  # once: the batch breaks, the retries do not
+
     @contextmanager
     def fails_at_the_end() -> Iterator[None]:
-        yield
-        raise error
+        with real():
+            yield
+            if failures:
+                raise failures.pop()
 
     monkeypatch.setattr(intake, "department_load_deferred", fails_at_the_end)
     paths = [_kick_off(world.r4, transaction(world, f"SR-{n}")) for n in range(3)]
@@ -399,14 +404,14 @@ def test_the_drain_leases_batches_of_the_configured_size(world: World, settings:
     for n in range(5):
         _kick_off(world.r4, transaction(world, f"SR-{n}"))
     sizes: list[int] = []
-    real = intake._process_batch
+    real = intake._process
 
     def spy(jobs: list[IntakeJob]) -> list[str]:
         sizes.append(len(jobs))
         return real(jobs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(intake, "_process_batch", spy)
+        patch.setattr(intake, "_process", spy)
         assert intake_drain(max_jobs=4) == 4
         assert intake_drain() == 1
     assert sizes == [2, 2, 1]
@@ -805,6 +810,31 @@ def test_worker_session_killed_half_way_loses_nothing_and_applies_once(
     ] * 3
 
 
+def _kill_when_applied(script: str, *args: str) -> None:
+    """Run ``script`` in a worker process of its own (its own interpreter and database
+    connection) and SIGKILL it once it printed "applied" (its writes done, not committed)."""
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "config.settings.test",
+        "DATABASE_URL": "postgres://{USER}@{HOST}:{PORT}/{NAME}".format(**connection.settings_dict),
+    }
+    worker = subprocess.Popen(
+        [sys.executable, "-c", "import sys, django; django.setup(); exec(sys.argv[1])",
+         script, *args],
+        cwd=django_settings.BASE_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert worker.stdout is not None
+        line = worker.stdout.readline()
+        assert line == "applied\n", line + (worker.stderr.read() if worker.stderr else "")
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(30)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+
+
 KILLED_WORKER = """
 import sys, time
 from fhir_gateway import handlers
@@ -825,26 +855,7 @@ def test_worker_process_killed_mid_apply_loses_nothing_and_applies_once(world: W
     """A real worker process (its own interpreter and connection) SIGKILLed after it wrote
     the referral and before it committed: PostgreSQL rolls its transaction back."""
     path = _kick_off(world.r4, transaction(world))
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "config.settings.test",
-        "DATABASE_URL": "postgres://{USER}@{HOST}:{PORT}/{NAME}".format(**connection.settings_dict),
-    }
-    worker = subprocess.Popen(
-        [sys.executable, "-c", "import sys, django; django.setup(); exec(sys.argv[1])",
-         KILLED_WORKER, str(_job(path).pk)],
-        cwd=django_settings.BASE_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
-    try:
-        assert worker.stdout is not None
-        line = worker.stdout.readline()
-        assert line == "applied\n", line + (worker.stderr.read() if worker.stderr else "")
-        worker.send_signal(signal.SIGKILL)
-        worker.wait(30)
-    finally:
-        if worker.poll() is None:
-            worker.kill()
+    _kill_when_applied(KILLED_WORKER, str(_job(path).pk))
     assert _referral_rows() == (0, 0, 0)
     job = _job(path)
     # The attempt was counted when the job was leased: it is retried after the backoff.
@@ -883,26 +894,7 @@ def test_worker_killed_mid_batch_loses_nothing_and_each_job_is_applied_once(
     world: World,
 ) -> None:
     paths = [_kick_off(world.r4, transaction(world, f"SR-{n}")) for n in range(3)]
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "config.settings.test",
-        "DATABASE_URL": "postgres://{USER}@{HOST}:{PORT}/{NAME}".format(**connection.settings_dict),
-    }
-    worker = subprocess.Popen(
-        [sys.executable, "-c", "import sys, django; django.setup(); exec(sys.argv[1])",
-         KILLED_BATCH],
-        cwd=django_settings.BASE_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
-    try:
-        assert worker.stdout is not None
-        line = worker.stdout.readline()
-        assert line == "applied\n", line + (worker.stderr.read() if worker.stderr else "")
-        worker.send_signal(signal.SIGKILL)
-        worker.wait(30)
-    finally:
-        if worker.poll() is None:
-            worker.kill()
+    _kill_when_applied(KILLED_BATCH)
     assert _referral_rows() == (0, 0, 0)
     assert [(_job(p).status, _job(p).attempts) for p in paths] == [("pending", 1)] * 3
     IntakeJob.objects.update(next_attempt_at=timezone.now())  # the backoff ran out
