@@ -22,21 +22,16 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
-import os
-import traceback
 import urllib.parse
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from django.db import transaction
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fhir_gateway import referral_mapping as m
+from fhir_gateway.handlers import HANDLERS
 from fhir_gateway.intake import intake_drain
 from fhir_gateway.registry_projection import project_registry
 from fhir_gateway.tests.conftest import FHIR_R4, FHIR_R5, FhirClient
@@ -56,95 +51,44 @@ from fhir_gateway.tests.referral_world import (
 from fhir_gateway.tests.referral_world import (
     transaction as transaction_bundle,
 )
+from tests import fuzzing
 from tests.factories import DepartmentFactory
+from tests.fuzzing import (
+    JSON,
+    ErrorLog,
+    Mutations,
+    Path,
+    Pool,
+    Sent,
+    assert_no_server_error,
+    junk_values,
+    logged_errors,
+    rolled_back,
+    wire,
+)
 
 pytestmark = pytest.mark.django_db
-
-JSON = Any
-Path = tuple[str | int, ...]
 
 
 def fuzz_settings(max_examples: int) -> settings:
     """``FHIR_FUZZ_SCALE=10`` tries ten times as many examples (a longer hunt)."""
-    return settings(
-        max_examples=max_examples * int(os.environ.get("FHIR_FUZZ_SCALE", "1")),
-        deadline=None,
-        derandomize=True,
-        database=None,
-        print_blob=False,
-        suppress_health_check=[
-            HealthCheck.function_scoped_fixture,
-            HealthCheck.too_slow,
-            HealthCheck.data_too_large,
-            HealthCheck.filter_too_much,
-            HealthCheck.large_base_example,
-        ],
-    )
+    return fuzzing.fuzz_settings(max_examples, "FHIR_FUZZ_SCALE")
 
 
 # --------------------------------------------------------------------------- server errors
 
 
-class _Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(level=logging.ERROR)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
 @pytest.fixture
-def server_errors() -> Iterator[_Collect]:
+def server_errors() -> Iterator[ErrorLog]:
     """Exceptions the FHIR gateway logs at ERROR (the 500 handler, the intake worker)."""
-    collect = _Collect()
-    gateway = logging.getLogger("fhir_gateway")
-    gateway.addHandler(collect)
-    yield collect
-    gateway.removeHandler(collect)
+    with logged_errors("fhir_gateway") as log:
+        yield log
 
 
-def _traceback(record: logging.LogRecord) -> str:
-    """The logged message, the project's last frames and the exception."""
-    if not record.exc_info or record.exc_info[0] is None:
-        return record.getMessage()
-    frames = [
-        f
-        for f in traceback.extract_tb(record.exc_info[2])
-        if "/.venv/" not in f.filename and "site-packages" not in f.filename
-    ]
-    where = [f"  {f.filename}:{f.lineno} in {f.name}: {f.line}" for f in frames[-6:]]
-    what = traceback.format_exception_only(record.exc_info[0], record.exc_info[1])
-    return "\n".join([record.getMessage(), *where, *what])
-
-
-@dataclass
-class Sent:
-    """What was sent, for the failure message."""
-
-    method: str
-    path: str
-    headers: dict[str, str] = field(default_factory=dict)
-    body: Any = None
-
-    def __str__(self) -> str:
-        text = self.body if isinstance(self.body, str) else json.dumps(self.body)
-        if text is not None and len(text) > 3000:
-            text = text[:3000] + f"... ({len(text)} chars)"
-        return f"{self.method} {self.path}\nheaders: {self.headers}\nbody: {text}"
-
-
-def check(response: Any, sent: Sent, errors: _Collect) -> None:
+def check(response: Any, sent: Sent, errors: ErrorLog) -> None:
     """The rule: < 500, and every 4xx is an OperationOutcome in FHIR JSON."""
+    assert_no_server_error(response, sent, errors)
     status = response.status_code
-    logged = [r for r in errors.records if r.exc_info]
-    errors.records.clear()
-    if status >= 500 or logged:
-        tracebacks = "\n".join(_traceback(r) for r in logged) or "(nothing logged)"
-        raise AssertionError(
-            f"answer {status} / logged exception for\n{sent}\n"
-            f"answer body: {response.content[:500]!r}\n{tracebacks}"
-        )
     if 400 <= status < 500:
         assert response["Content-Type"].startswith("application/fhir+json"), (
             f"{status} with Content-Type {response['Content-Type']!r} for\n{sent}"
@@ -177,19 +121,6 @@ def send(
         content_type=wire(content_type),
         headers=client._headers({k: wire(v) for k, v in headers.items()}),
     )
-
-
-def wire(value: str) -> str:
-    """A header value as WSGI hands it over: its UTF-8 bytes read as ISO-8859-1."""
-    return value.encode("utf-8", "surrogatepass").decode("latin-1")
-
-
-@contextmanager
-def rolled_back() -> Iterator[None]:
-    """One example's writes, undone at its end (a savepoint in the test's transaction)."""
-    with transaction.atomic():
-        yield
-        transaction.set_rollback(True)
 
 
 # --------------------------------------------------------------------------- junk values
@@ -268,75 +199,10 @@ JUNK_REFERENCES = [
     "Practitioner/1",
 ]
 
-scalars = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(min_value=-(2**70), max_value=2**70),
-    st.floats(allow_nan=False, allow_infinity=False),
-    st.sampled_from(NASTY_STRINGS),
-    st.text(max_size=12),
-)
-junk = st.recursive(
-    scalars,
-    lambda children: st.lists(children, max_size=3)
-    | st.dictionaries(st.sampled_from(KEY_POOL) | st.text(max_size=6), children, max_size=3),
-    max_leaves=6,
-)
+junk = junk_values(NASTY_STRINGS, KEY_POOL)
 
 
 # --------------------------------------------------------------------------- mutations
-
-
-def all_paths(doc: JSON, prefix: Path = ()) -> list[Path]:
-    found = [prefix]
-    if isinstance(doc, dict):
-        for key, value in doc.items():
-            found += all_paths(value, (*prefix, key))
-    elif isinstance(doc, list):
-        for index, value in enumerate(doc):
-            found += all_paths(value, (*prefix, index))
-    return found
-
-
-def get_at(doc: JSON, path: Path) -> JSON:
-    for step in path:
-        doc = doc[step]
-    return doc
-
-
-def set_at(doc: JSON, path: Path, value: JSON) -> JSON:
-    if not path:
-        return value
-    parent = get_at(doc, path[:-1])
-    parent[path[-1]] = value
-    return doc
-
-
-def delete_at(doc: JSON, path: Path) -> JSON:
-    if not path:
-        return {}
-    parent = get_at(doc, path[:-1])
-    del parent[path[-1]]
-    return doc
-
-
-def ensure_path(doc: JSON, path: Path, value: JSON) -> JSON:
-    """Set ``path`` (creating dicts on the way when the parent is missing)."""
-    node = doc
-    for step in path[:-1]:
-        if isinstance(node, dict):
-            node = node.setdefault(step, {})
-        elif isinstance(node, list) and isinstance(step, int) and step < len(node):
-            node = node[step]
-        else:
-            return doc
-    last = path[-1]
-    if isinstance(node, list):
-        if isinstance(last, int) and last < len(node):
-            node[last] = value
-    elif isinstance(node, dict):
-        node[last] = value
-    return doc
 
 
 OPS = [
@@ -351,56 +217,7 @@ OPS = [
 ]
 
 
-@dataclass
-class Pool:
-    """Values that make sense somewhere in the request: ``fields`` maps a path to values
-    to put there; ``references`` are real and junk reference strings."""
-
-    references: list[str]
-    fields: list[tuple[Path, list[JSON]]] = field(default_factory=list)
-
-
-def mutate(data: st.DataObject, doc: JSON, pool: Pool, most: int = 4) -> JSON:
-    doc = copy.deepcopy(doc)
-    count = data.draw(st.integers(min_value=0, max_value=most), label="mutations")
-    for _ in range(count):
-        op = data.draw(st.sampled_from(OPS), label="op")
-        paths = all_paths(doc)
-        if op == "plausible" and pool.fields:
-            path, values = data.draw(st.sampled_from(pool.fields), label="field")
-            value = data.draw(st.sampled_from(values), label="value")
-            doc = ensure_path(doc, path, copy.deepcopy(value))
-            continue
-        if op == "reference":
-            paths = [p for p in paths if p and p[-1] == "reference"] or paths
-        path = data.draw(st.sampled_from(paths), label="path")
-        target = get_at(doc, path)
-        if op == "drop":
-            doc = delete_at(doc, path)
-        elif op in ("junk", "plausible"):
-            doc = set_at(doc, path, data.draw(junk, label="junk"))
-        elif op == "reference":
-            ref = data.draw(st.sampled_from(pool.references), label="reference")
-            doc = set_at(doc, path, ref if path and path[-1] == "reference" else {"reference": ref})
-        elif op == "unknown_key":
-            if isinstance(target, dict):
-                key = data.draw(st.sampled_from(KEY_POOL) | st.text(max_size=8), label="key")
-                target[key] = data.draw(junk, label="junk")
-            else:
-                doc = set_at(doc, path, data.draw(junk, label="junk"))
-        elif op == "duplicate":
-            lists = [p for p in paths if isinstance(get_at(doc, p), list) and get_at(doc, p)]
-            if lists:
-                chosen = get_at(doc, data.draw(st.sampled_from(lists), label="list"))
-                chosen.append(copy.deepcopy(chosen[0]))
-        elif op == "wrap":
-            doc = set_at(doc, path, [target])
-        elif op == "unwrap":
-            if isinstance(target, list):
-                doc = set_at(doc, path, target[0] if target else {})
-            elif isinstance(target, dict) and target:
-                doc = set_at(doc, path, next(iter(target.values())))
-    return doc
+mutate = Mutations(junk, KEY_POOL, OPS)
 
 
 # --------------------------------------------------------------------------- the world
@@ -434,7 +251,7 @@ class Cases:
 
 
 @pytest.fixture
-def cases(world: World, server_errors: _Collect) -> Cases:
+def cases(world: World, server_errors: ErrorLog) -> Cases:
     """Three referrals (submitted, accepted, advised) and a department of the spoke (a
     counter-referral's performer)."""
     spoke_department = DepartmentFactory.create(
@@ -545,8 +362,8 @@ def task_pool(cases: Cases) -> Pool:
         {"coding": [{"code": "scheduled"}]},
     ]
     return Pool(
-        refs,
-        [
+        references=refs,
+        fields=[
             (("status",), TASK_STATUSES),
             (("businessStatus",), business),
             (("statusReason",), reasons),
@@ -607,7 +424,7 @@ def _valid_communication(cases: Cases, kind: str, version: str) -> tuple[str, JS
 # --------------------------------------------------------------------------- 0. baseline
 
 
-def test_the_fuzzed_requests_start_valid(cases: Cases, server_errors: _Collect) -> None:
+def test_the_fuzzed_requests_start_valid(cases: Cases, server_errors: ErrorLog) -> None:
     """Unmutated, each base request is accepted: the fuzzing starts from valid input."""
     world = cases.world
     for version, content_type in (("4.0", FHIR_R4), ("5.0", FHIR_R5)):
@@ -700,8 +517,8 @@ def transaction_pool(cases: Cases) -> Pool:
         "coding": [{"system": "http://loinc.org", "code": "11488-4"}]
     }
     return Pool(
-        cases.pool_references,
-        [
+        references=cases.pool_references,
+        fields=[
             (("type",), ["batch", "transaction", "document", "", None]),
             (("resourceType",), ["Parameters", "bundle"]),
             (("entry",), [[], {}, None]),
@@ -746,7 +563,7 @@ def transaction_pool(cases: Cases) -> Pool:
 @fuzz_settings(max_examples=450)
 @given(data=st.data())
 def test_mutated_transaction_bundles_never_500(
-    cases: Cases, server_errors: _Collect, data: st.DataObject
+    cases: Cases, server_errors: ErrorLog, data: st.DataObject
 ) -> None:
     world = cases.world
     version = data.draw(st.sampled_from(["4.0", "5.0"]), label="version")
@@ -782,7 +599,7 @@ def test_mutated_transaction_bundles_never_500(
 @fuzz_settings(max_examples=450)
 @given(data=st.data())
 def test_mutated_task_updates_never_500(
-    cases: Cases, server_errors: _Collect, data: st.DataObject
+    cases: Cases, server_errors: ErrorLog, data: st.DataObject
 ) -> None:
     task_id = data.draw(
         st.sampled_from([cases.submitted, cases.accepted, cases.advised]), label="task"
@@ -877,7 +694,7 @@ IF_MATCH_VALUES = [
 @fuzz_settings(max_examples=300)
 @given(data=st.data())
 def test_mutated_communications_and_notes_never_500(
-    cases: Cases, server_errors: _Collect, data: st.DataObject
+    cases: Cases, server_errors: ErrorLog, data: st.DataObject
 ) -> None:
     kind = data.draw(st.sampled_from(["question", "message", "note"]), label="kind")
     version = data.draw(st.sampled_from([FHIR_R4, FHIR_R5]), label="version")
@@ -887,8 +704,8 @@ def test_mutated_communications_and_notes_never_500(
         who, resource = _valid_communication(cases, kind, version)
     who = data.draw(st.sampled_from([who, who, "r4", "r5", "other"]), label="who")
     pool = Pool(
-        cases.pool_references,
-        [
+        references=cases.pool_references,
+        fields=[
             *_text_fields(version),
             (("partOf",), [[{"reference": r}] for r in cases.pool_references]),
             (
@@ -923,7 +740,7 @@ def test_mutated_communications_and_notes_never_500(
 @fuzz_settings(max_examples=300)
 @given(data=st.data())
 def test_mutated_service_request_creates_never_500(
-    cases: Cases, server_errors: _Collect, data: st.DataObject
+    cases: Cases, server_errors: ErrorLog, data: st.DataObject
 ) -> None:
     world = cases.world
     counter = data.draw(st.booleans(), label="counter-referral")
@@ -937,8 +754,8 @@ def test_mutated_service_request_creates_never_500(
         who = "r4"
     who = data.draw(st.sampled_from([who, who, "r4", "r5", "other"]), label="who")
     pool = Pool(
-        cases.pool_references,
-        [
+        references=cases.pool_references,
+        fields=[
             (("basedOn",), [[{"reference": r}] for r in cases.pool_references]),
             (("subject",), [{"reference": r} for r in cases.pool_references]),
             (("performer",), [[{"reference": r}] for r in cases.pool_references]),
@@ -966,41 +783,11 @@ def test_mutated_service_request_creates_never_500(
 
 # --------------------------------------------------------------------------- 4. searches
 
+# Every search parameter each searchable type declares (what metadata lists, too).
 SEARCH_PARAMS: dict[str, list[str]] = {
-    "Task": [
-        "owner",
-        "requester",
-        "status",
-        "business-status",
-        "focus",
-        "patient",
-        "authored-on",
-        "identifier",
-    ],
-    "ServiceRequest": ["requester", "performer", "status", "identifier", "patient"],
-    "Communication": ["part-of"],
-    "Organization": ["name", "identifier", "type", "address-country", "partof", "active"],
-    "Location": [
-        "name",
-        "identifier",
-        "address-country",
-        "organization",
-        "partof",
-        "status",
-        "near",
-    ],
-    "HealthcareService": ["name", "organization", "location", "specialty", "address-country"],
-    "Endpoint": ["organization", "status"],
-    "OrganizationAffiliation": [
-        "primary-organization",
-        "participating-organization",
-        "specialty",
-        "active",
-    ],
-    "PractitionerRole": ["organization", "location", "service", "specialty", "role", "active"],
-    "Subscription": ["status"],
-    "Measure": ["url", "name"],
-    "SubscriptionTopic": ["url"],
+    name: [p.name for p in handler.search_params]
+    for name, handler in HANDLERS.items()
+    if handler.supports("search-type")
 }
 COMMON_PARAMS = [
     "_id",
@@ -1106,7 +893,7 @@ def search_values(cases: Cases) -> st.SearchStrategy[str]:
 @fuzz_settings(max_examples=300)
 @given(data=st.data())
 def test_random_searches_never_500(
-    cases: Cases, server_errors: _Collect, data: st.DataObject
+    cases: Cases, server_errors: ErrorLog, data: st.DataObject
 ) -> None:
     resource_type = data.draw(st.sampled_from(sorted(SEARCH_PARAMS)), label="type")
     names = SEARCH_PARAMS[resource_type] + COMMON_PARAMS
@@ -1154,7 +941,7 @@ def test_random_searches_never_500(
 @fuzz_settings(max_examples=300)
 @given(data=st.data())
 def test_random_reads_and_operations_never_500(
-    cases: Cases, server_errors: _Collect, data: st.DataObject
+    cases: Cases, server_errors: ErrorLog, data: st.DataObject
 ) -> None:
     """Reads, vreads, histories and operations with junk ids, versions and parameters."""
     ids = [cases.submitted, cases.accepted, f"{cases.advised}-note-1", f"{cases.accepted}-msg-1"]
@@ -1241,7 +1028,7 @@ header_text = st.text(st.characters(min_codepoint=32, max_codepoint=255), max_si
 
 @fuzz_settings(max_examples=400)
 @given(data=st.data())
-def test_odd_headers_never_500(cases: Cases, server_errors: _Collect, data: st.DataObject) -> None:
+def test_odd_headers_never_500(cases: Cases, server_errors: ErrorLog, data: st.DataObject) -> None:
     """Valid requests with odd Content-Type / Accept / _format / If-* / Prefer headers."""
     world = cases.world
     kind = data.draw(
