@@ -29,6 +29,7 @@ HISTORY = "history-instance"
 SEARCH = "search-type"
 CREATE = "create"
 UPDATE = "update"
+PATCH = "patch"
 DELETE = "delete"
 
 
@@ -213,7 +214,16 @@ def unregister(resource_type: str) -> None:
 def stored_resource_handler(
     resource_type: str,
     *,
-    interactions: tuple[str, ...] = (READ, VREAD, HISTORY, SEARCH, CREATE, UPDATE, DELETE),
+    interactions: tuple[str, ...] = (
+        READ,
+        VREAD,
+        HISTORY,
+        SEARCH,
+        CREATE,
+        UPDATE,
+        PATCH,
+        DELETE,
+    ),
     documentation: str = "",
 ) -> ResourceHandler:
     """A handler that keeps resources only in the FHIR store (no domain mapping).

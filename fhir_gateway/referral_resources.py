@@ -851,13 +851,14 @@ def _sp(name: str, type_: str, doc: str, resource_type: str) -> SearchParam:
 
 
 def referral_handlers() -> list[ResourceHandler]:
-    r, v, h, s, c, u = (
+    r, v, h, s, c, u, p = (
         handlers.READ,
         handlers.VREAD,
         handlers.HISTORY,
         handlers.SEARCH,
         handlers.CREATE,
         handlers.UPDATE,
+        handlers.PATCH,
     )
     return [
         ResourceHandler(
@@ -883,7 +884,7 @@ def referral_handlers() -> list[ResourceHandler]:
         ),
         ResourceHandler(
             "Task",
-            (r, v, h, s, u),
+            (r, v, h, s, u, p),
             documentation="The referral's workflow. Update with If-Match: status accepted | "
             "rejected (+statusReason) | cancelled; owner (+statusReason) = forward; "
             "businessStatus scheduled | in_conference | advised (from in_conference) | "

@@ -165,9 +165,20 @@ def body_version(request: HttpRequest, *, default: str) -> str:
             "not-supported",
             f"Content-Type {content_type or '(none)'!r} is not supported; use {FHIR_JSON}.",
         )
-    if "fhirversion" not in parsed.params:
+    return version_from_params(parsed, default=default, status=415)
+
+
+def parse_media_type(text: str) -> MediaRange | None:
+    """A Content-Type's media type (lower case) and parameters; None when empty."""
+    return _parse_media_range(text)
+
+
+def version_from_params(media_range: MediaRange, *, default: str, status: int) -> str:
+    """The ``fhirVersion`` parameter of a body's media type, ``default`` without one;
+    ``status`` (415) for a version we do not speak."""
+    if "fhirversion" not in media_range.params:
         return default
-    return _version_of(parsed, status=415)
+    return _version_of(media_range, status=status)
 
 
 def media_type_for(version: str) -> str:

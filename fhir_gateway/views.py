@@ -31,7 +31,7 @@ from rest_framework import exceptions as drf_exceptions
 
 from accounts.authentication import user_for_bearer
 from core.rows import fetch_prepared
-from fhir_gateway import capability, handlers, intake
+from fhir_gateway import capability, handlers, intake, patching
 from fhir_gateway.handlers import HANDLERS, ResourceHandler, WriteRequest
 from fhir_gateway.models import FhirResource
 from fhir_gateway.outcomes import FhirError, fhir_error_for, outcome_response
@@ -39,6 +39,7 @@ from fhir_gateway.storage import (
     FHIR_ID,
     dumps,
     fhir_instant,
+    parse_if_match,
     resource_current,
     resource_history,
     resource_version,
@@ -193,17 +194,20 @@ def _check_id(logical_id: str) -> None:
         raise FhirError(400, "invalid", f"{logical_id!r} is not a valid FHIR id.")
 
 
-def _json_body(request: HttpRequest) -> dict[str, Any]:
+def _check_body_size(request: HttpRequest) -> None:
+    """413 for a body above FHIR_MAX_BODY_BYTES (declared or read)."""
     limit = _max_body_bytes()
     try:
         declared = int(request.META.get("CONTENT_LENGTH") or 0)
     except ValueError as exc:
         raise FhirError(400, "structure", "Content-Length is not a number.") from exc
-    if declared > limit:
+    if declared > limit or len(request.body) > limit:
         raise _too_large()
+
+
+def _json_body(request: HttpRequest) -> dict[str, Any]:
+    _check_body_size(request)
     raw = request.body
-    if len(raw) > limit:
-        raise _too_large()
     if not raw.strip():
         raise FhirError(400, "structure", "The request body is empty.")
     try:
@@ -258,6 +262,8 @@ def _allowed_instance_methods(handler: ResourceHandler) -> list[str]:
     methods = ["GET"] if handler.supports(handlers.READ) else []
     if handler.supports(handlers.UPDATE):
         methods.append("PUT")
+    if handler.supports(handlers.PATCH):
+        methods.append("PATCH")
     if handler.supports(handlers.DELETE):
         methods.append("DELETE")
     return methods
@@ -545,6 +551,9 @@ def instance(ctx: FhirRequest, resource_type: str, logical_id: str) -> HttpRespo
             )
         )
         return _write_response(ctx, result.row, status=200)
+    if method == "PATCH":
+        _require(handler, handlers.PATCH, allow)
+        return _patch(ctx, handler, logical_id)
     if method == "DELETE":
         _require(handler, handlers.DELETE, allow)
         assert handler.delete is not None and ctx.user is not None
@@ -563,6 +572,65 @@ def instance(ctx: FhirRequest, resource_type: str, logical_id: str) -> HttpRespo
         f"{method} is not supported on /{resource_type}/{{id}}.",
         headers={"Allow": ", ".join(allow)},
     )
+
+
+# A PATCH without If-Match is applied to the current version; when another change stores
+# a version in between (412 from the update), it is read and applied again, this often.
+_PATCH_ATTEMPTS = 3
+
+
+def _patch(ctx: FhirRequest, handler: ResourceHandler, logical_id: str) -> HttpResponse:
+    """The patch applied to the current version (in the request's FHIR version) and stored
+    by the type's update, as a PUT of the result would be (fhir_gateway/patching.py)."""
+    assert handler.update is not None and ctx.user is not None
+    media_type, version = patching.patch_format(
+        ctx.request.headers.get("Content-Type", ""), default_version=ctx.version
+    )
+    _check_body_size(ctx.request)
+    patch = patching.parse_patch(ctx.request.body, media_type)
+    if _holds_nul(patch):
+        raise FhirError(400, "invalid", "The PATCH body holds a NUL character (\\u0000).")
+    if_match = ctx.request.headers.get("If-Match")
+    expected = parse_if_match(if_match) if if_match else None
+    for attempt in range(1, _PATCH_ATTEMPTS + 1):
+        row = _read(handler, logical_id, ctx.user)  # 404 / 410 as a read
+        if expected is not None and expected != row.version_id:
+            raise FhirError(
+                412,
+                "conflict",
+                f"If-Match names version {expected}; the current version is {row.version_id}.",
+            )
+        text = row.json_for(version)
+        if not text:
+            raise FhirError(
+                422,
+                "not-supported",
+                f"{handler.resource_type}/{logical_id} has no FHIR {version} rendering to patch.",
+            )
+        patched = patching.apply_patch(json.loads(text), patch)
+        if patched.get("resourceType") != handler.resource_type or patched.get("id") != logical_id:
+            raise FhirError(
+                422,
+                "processing",
+                "A patch may not change the resource's resourceType or id.",
+            )
+        try:
+            result = handler.update(
+                WriteRequest(
+                    user=ctx.user,
+                    resource_type=handler.resource_type,
+                    resource=patched,
+                    fhir_version=version,
+                    logical_id=logical_id,
+                    if_match=f'W/"{row.version_id}"',
+                )
+            )
+        except FhirError as exc:
+            if exc.status != 412 or expected is not None or attempt == _PATCH_ATTEMPTS:
+                raise
+            continue  # changed since it was read: read it again and re-apply
+        return _write_response(ctx, result.row, status=200)
+    raise AssertionError("unreachable")
 
 
 def _check_visible(handler: ResourceHandler, logical_id: str, user: User | None) -> None:

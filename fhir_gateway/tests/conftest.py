@@ -64,6 +64,18 @@ class FhirClient:
             path, data=data, content_type=content_type, headers=self._headers(headers)
         )
 
+    def patch(
+        self,
+        path: str,
+        body: Any,
+        content_type: str = "application/json-patch+json",
+        **headers: str,
+    ) -> Any:
+        data = body if isinstance(body, bytes | str) else json.dumps(body)
+        return self.client.patch(
+            path, data=data, content_type=content_type, headers=self._headers(headers)
+        )
+
     def delete(self, path: str, **headers: str) -> Any:
         return self.client.delete(path, headers=self._headers(headers))
 

@@ -623,6 +623,131 @@ def test_mutated_task_updates_never_500(
         )
 
 
+POINTER_JUNK: list[JSON] = [
+    "",
+    "/",
+    "status",
+    "/~2",
+    "/~",
+    "/input/-",
+    "/input/99999999999999999999",
+    "/input/-1",
+    "/input/01",
+    "/status/0",
+    "/meta/versionId",
+    "/\u0000",
+    7,
+    None,
+    ["/status"],
+]
+PATCH_CONTENT_TYPES = [
+    "application/json-patch+json",
+    "application/json-patch+json",
+    "application/merge-patch+json",
+    "application/json",
+    FHIR_R4,
+    FHIR_R5,
+    "application/json-patch+json; fhirVersion=5.0",
+    "application/json-patch+json; fhirVersion=9.9",
+    "application/xml-patch+xml",
+    "",
+]
+
+
+def _pointer(path: tuple[Any, ...]) -> str:
+    return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in path)
+
+
+@fuzz_settings(max_examples=300)
+@given(data=st.data())
+def test_random_task_patches_never_500(
+    cases: Cases, server_errors: ErrorLog, data: st.DataObject
+) -> None:
+    """JSON Patch operations on the Task's own paths (and junk ones) with values of the
+    Task pool, merge patches, junk bodies, under every PATCH content type."""
+    task_id = data.draw(
+        st.sampled_from([cases.submitted, cases.accepted, cases.advised]), label="task"
+    )
+    who = data.draw(st.sampled_from(["r5", "r4", "other"]), label="who")
+    version = data.draw(st.sampled_from([FHIR_R4, FHIR_R5]), label="version")
+    pool = task_pool(cases)
+    values = [v for _path, options in pool.fields for v in options]
+    value = st.sampled_from(TASK_STATUSES) | st.sampled_from(values) | junk
+    with rolled_back():
+        task = read_task(cases.world.r5, task_id, version)
+        pointers = [_pointer(p) for p in fuzzing.all_paths(task)]
+        pointer = (
+            st.sampled_from(["/status", "/businessStatus", "/statusReason", "/owner", "/input"])
+            | st.sampled_from(pointers)
+            | st.sampled_from(POINTER_JUNK)
+        )
+        operation = st.fixed_dictionaries(
+            {
+                "op": st.sampled_from(
+                    ["replace"] * 4
+                    + ["add"] * 2
+                    + ["remove", "move", "copy", "test", "bogus", None, 3]
+                ),
+                "path": pointer,
+            },
+            optional={"value": value, "from": pointer, "extra": junk},
+        )
+        shape = data.draw(
+            st.sampled_from(["workflow", "workflow", "json-patch", "merge", "junk"]),
+            label="shape",
+        )
+        patch: JSON
+        if shape == "workflow":  # a plausible step: a new status (and reason), one change
+            patch = [
+                {
+                    "op": "replace",
+                    "path": "/status",
+                    "value": data.draw(st.sampled_from(TASK_STATUSES), label="status"),
+                }
+            ]
+            if data.draw(st.booleans(), label="with a reason"):
+                reason = data.draw(st.sampled_from(values), label="reason")
+                patch.append({"op": "add", "path": "/statusReason", "value": reason})
+        elif shape == "json-patch":
+            patch = data.draw(
+                st.lists(st.one_of(operation, operation, operation, junk), max_size=4),
+                label="patch",
+            )
+        elif shape == "merge":
+            patch = data.draw(
+                st.dictionaries(
+                    st.sampled_from(sorted(task)) | st.sampled_from(["input", "statusReason"]),
+                    value | st.none(),
+                    max_size=3,
+                ),
+                label="patch",
+            )
+        else:
+            patch = data.draw(junk, label="patch")
+        fitting = {
+            "workflow": ["application/json-patch+json", "application/json"],
+            "json-patch": ["application/json-patch+json", "application/json", version],
+            "merge": ["application/merge-patch+json", "application/json"],
+            "junk": [],
+        }[shape]
+        content_type = data.draw(
+            st.sampled_from(fitting * 3 + PATCH_CONTENT_TYPES), label="content_type"
+        )
+        current = task["meta"]["versionId"]
+        if_match = data.draw(
+            st.sampled_from([f'W/"{current}"'] * 6 + [None] * 6 + IF_MATCH_VALUES),
+            label="if_match",
+        )
+        headers = {"Accept": version, **({"If-Match": if_match} if if_match is not None else {})}
+        path = f"/fhir/Task/{task_id}"
+        response = send(cases.client(who), "PATCH", path, patch, content_type, **headers)
+        check(
+            response,
+            Sent("PATCH", path, {"Content-Type": content_type, **headers}, patch),
+            server_errors,
+        )
+
+
 # --------------------------------------------------------------------------- 3. creates
 
 

@@ -202,11 +202,11 @@ def test_live_conference_lifecycle_over_task_updates(live_server: Any, world: Wo
     _put_task(live_server, consultant, task, **r5)
     assert Referral.objects.get().conference_at == later
 
-    # Start and finish the conference.
-    task = app.reference("Task", task_id).to_resource()
-    task["businessStatus"] = _state_coding("in_conference")
-    started = _put_task(live_server, consultant, task, **r5)
+    # Start the conference with fhirpy's patch (a JSON merge patch of one element, sent
+    # with the client's FHIR R5 Content-Type, no If-Match), then finish it.
+    started = app.reference("Task", task_id).patch(businessStatus=_state_coding("in_conference"))
     assert started["businessStatus"]["coding"][0]["code"] == "in_conference"
+    assert started["meta"]["versionId"] == "5"
     task = app.reference("Task", task_id).to_resource()
     task["businessStatus"] = _state_coding("advised")
     task["input"] = [
