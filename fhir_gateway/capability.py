@@ -52,6 +52,8 @@ def capability_statement(version: str, *, base: str) -> dict[str, Any]:
             params = [*COMMON_SEARCH_PARAMS, *handler.search_params]
             if handler.includes:
                 entry["searchInclude"] = sorted(handler.includes)
+            if handler.revincludes:
+                entry["searchRevInclude"] = sorted(handler.revincludes)
             entry["searchParam"] = [
                 {
                     "name": p.name,

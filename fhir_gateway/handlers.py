@@ -85,7 +85,7 @@ WriteFunc = Callable[[WriteRequest], storage.WriteResult]
 DeleteFunc = Callable[["User", str, str | None], FhirResource | None]
 # Rows (any version) of the type the user may see; None: everyone authenticated sees all.
 VisibleFunc = Callable[["User"], QuerySet[FhirResource]]
-# ``_include`` target rows for the logical ids of a result page.
+# ``_include`` / ``_revinclude`` rows for the logical ids of a result page.
 IncludeFunc = Callable[["User", list[str]], QuerySet[FhirResource]]
 # POST /fhir: (user, Bundle, body version, answer version, base URL) -> Bundle JSON text.
 TransactionFunc = Callable[["User", dict[str, Any], str, str, str], str]
@@ -109,6 +109,9 @@ class ResourceHandler:
     # (comparing the TOASTed text with '' reads every candidate row's JSON).
     renders_all_versions: bool = False
     includes: dict[str, IncludeFunc] = field(default_factory=dict)
+    # ``_revinclude`` ("<source type>:<its search parameter>"): the rows of that type that
+    # point at a result page's logical ids.
+    revincludes: dict[str, IncludeFunc] = field(default_factory=dict)
     # Ordering of search results (stable, for paging).
     order_by: tuple[str, ...] = ("logical_id",)
     # Reads answered by the handler (any Accept: the handler negotiates), not stored JSON.

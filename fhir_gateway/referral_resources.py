@@ -286,8 +286,21 @@ def _search_sql(resource_type: str, filters: dict[str, Filter]) -> handlers.Sear
     return search_sql
 
 
-def _include_focus(user: User, task_ids: list[str]) -> QuerySet[FhirResource]:
-    return _scoped("ServiceRequest", user).filter(logical_id__in=task_ids)
+def _same_referral(resource_type: str) -> handlers.IncludeFunc:
+    """``_include`` / ``_revinclude`` between a referral's ServiceRequest, Task and Patient:
+    the three share the referral's filler id as logical id (in the caller's scope)."""
+
+    def rows(user: User, logical_ids: list[str]) -> QuerySet[FhirResource]:
+        return _scoped(resource_type, user).filter(logical_id__in=logical_ids)
+
+    return rows
+
+
+def _revinclude_communications(user: User, task_ids: list[str]) -> QuerySet[FhirResource]:
+    """``Task?_revinclude=Communication:part-of``: the messages of the page's referrals."""
+    referrals = _visible_referrals(user).filter(filler_id__in=task_ids)
+    rows: QuerySet[FhirResource] = _scoped("Communication", user, referrals)
+    return rows
 
 
 # --------------------------------------------------------------------------- intake
@@ -881,6 +894,8 @@ def referral_handlers() -> list[ResourceHandler]:
             conditional_create=True,
             renders_all_versions=True,
             visible=_visible("ServiceRequest"),
+            includes={"ServiceRequest:patient": _same_referral("Patient")},
+            revincludes={"Task:focus": _same_referral("Task")},
         ),
         ResourceHandler(
             "Task",
@@ -906,7 +921,11 @@ def referral_handlers() -> list[ResourceHandler]:
             update=_task_update,
             renders_all_versions=True,
             visible=_visible("Task"),
-            includes={"Task:focus": _include_focus},
+            includes={
+                "Task:focus": _same_referral("ServiceRequest"),
+                "Task:patient": _same_referral("Patient"),
+            },
+            revincludes={"Communication:part-of": _revinclude_communications},
         ),
         ResourceHandler(
             "Patient",

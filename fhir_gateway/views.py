@@ -59,7 +59,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_COUNT = 50
 MAX_COUNT = 500
 _RESOURCE_TYPE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
-_RESULT_PARAMS = frozenset({"_count", "_offset", "_total", "_format", "_pretty", "_include"})
+_RESULT_PARAMS = frozenset(
+    {"_count", "_offset", "_total", "_format", "_pretty", "_include", "_revinclude"}
+)
 _DATE = re.compile(
     r"^(?P<prefix>eq|ne|gt|lt|ge|le|sa|eb|ap)?"
     r"(?P<year>\d{4})(?:-(?P<month>\d{2})(?:-(?P<day>\d{2})"
@@ -831,25 +833,33 @@ def _search(
         + ',"search":{"mode":"match"}}'
         for rtype, lid, text in page
     ]
-    for include in params.get("_include") or []:
-        include_func = handler.includes.get(include)
-        if include_func is None:
-            if strict:
-                raise FhirError(400, "not-supported", f"_include={include} is not supported.")
-            ignored.append(f"_include={include}")
-            continue
-        used.setdefault("_include", []).append(include)
-        included = include_func(ctx.user, [lid for _t, lid, _x in page]).exclude(**{column: ""})
-        entries += [
-            '{"fullUrl":'
-            + json.dumps(f"{ctx.base}/{rtype}/{lid}")
-            + ',"resource":'
-            + text
-            + ',"search":{"mode":"include"}}'
+    page_ids = [lid for _t, lid, _x in page]
+    seen = {(rtype, lid) for rtype, lid, _x in page}
+    for name, funcs in (("_include", handler.includes), ("_revinclude", handler.revincludes)):
+        for include in dict.fromkeys(params.get(name) or []):  # each once, in the order sent
+            include_func = funcs.get(include)
+            if include_func is None:
+                if strict:
+                    raise FhirError(400, "not-supported", f"{name}={include} is not supported.")
+                ignored.append(f"{name}={include}")
+                continue
+            used.setdefault(name, []).append(include)
+            if not page_ids:
+                continue
+            included = include_func(ctx.user, page_ids).exclude(**{column: ""})
             for rtype, lid, text in included.order_by("resource_type", "logical_id").values_list(
                 "resource_type", "logical_id", column
-            )
-        ]
+            ):
+                if (rtype, lid) in seen:  # a resource appears once in a Bundle
+                    continue
+                seen.add((rtype, lid))
+                entries.append(
+                    '{"fullUrl":'
+                    + json.dumps(f"{ctx.base}/{rtype}/{lid}")
+                    + ',"resource":'
+                    + text
+                    + ',"search":{"mode":"include"}}'
+                )
     self_url = f"{ctx.base}/{handler.resource_type}"
     links = _links(self_url, used, count, offset, total, len(page))
     response = _bundle_response(

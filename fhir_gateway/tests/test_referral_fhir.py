@@ -418,6 +418,101 @@ def test_task_searches(world: World) -> None:
     ]
 
 
+def _entries(bundle: dict[str, Any]) -> list[tuple[str, str, str]]:
+    return [
+        (e["resource"]["resourceType"], e["resource"]["id"], e["search"]["mode"])
+        for e in bundle.get("entry", [])
+    ]
+
+
+def _message(client: Any, task_id: str, text: str) -> str:
+    sent = client.post(
+        "/fhir/Communication",
+        {
+            "resourceType": "Communication",
+            "status": "completed",
+            "partOf": [{"reference": f"Task/{task_id}"}],
+            "payload": [{"contentString": text}],
+        },
+    )
+    assert sent.status_code == 201, sent.content
+    return str(body(sent)["id"])
+
+
+def test_includes_and_revincludes_of_a_worklist(world: World) -> None:
+    """A worklist page with its orders, patients and messages in one round trip."""
+    first = _task(world, submit(world, "A"))
+    second = _task(world, submit(world, "B"))
+    message = _message(world.r4, first, "Echo done yesterday.")
+
+    tasks = _get(
+        world.r5,
+        f"/fhir/Task?_id={first}&_include=Task:focus&_include=Task:patient"
+        "&_revinclude=Communication:part-of",
+        FHIR_R5,
+    )
+    assert _entries(tasks) == [
+        ("Task", first, "match"),
+        ("ServiceRequest", first, "include"),
+        ("Patient", first, "include"),
+        ("Communication", message, "include"),
+    ]
+    assert tasks["total"] == 1  # included resources are not counted
+    orders = _get(
+        world.r4,
+        "/fhir/ServiceRequest?_revinclude=Task:focus&_include=ServiceRequest:patient&_count=1",
+    )
+    next_page = next(link["url"] for link in orders["link"] if link["relation"] == "next")
+    assert "_revinclude=Task%3Afocus" in next_page  # the next page includes the same
+    later = _get(world.r4, next_page.removeprefix("http://testserver"))
+    pages = [_entries(orders), _entries(later)]
+    assert sorted(page[0][1] for page in pages) == sorted([first, second])
+    for page in pages:  # each page: its order, then that referral's Patient and Task
+        referral_id = page[0][1]
+        assert page == [
+            ("ServiceRequest", referral_id, "match"),
+            ("Patient", referral_id, "include"),
+            ("Task", referral_id, "include"),
+        ]
+
+
+def test_an_include_named_twice_answers_each_resource_once(world: World) -> None:
+    first = _task(world, submit(world, "A"))
+    found = _get(world.r4, f"/fhir/Task?_id={first}&_include=Task:focus&_include=Task:focus")
+    assert _entries(found) == [("Task", first, "match"), ("ServiceRequest", first, "include")]
+
+
+def test_revincludes_stay_in_the_callers_scope(world: World) -> None:
+    """An unrelated facility's system finds no Tasks, so nothing is included either; and
+    includes of an empty page cost no query."""
+    first = _task(world, submit(world, "A"))
+    _message(world.r4, first, "Echo done yesterday.")
+    found = _get(world.other, f"/fhir/Task?_id={first}&_revinclude=Communication:part-of")
+    assert found["total"] == 0 and "entry" not in found
+
+
+def test_unknown_revincludes_are_ignored_or_refused_when_strict(world: World) -> None:
+    first = _task(world, submit(world, "A"))
+    lenient = world.r4.get(f"/fhir/Task?_id={first}&_revinclude=Provenance:target")
+    assert lenient.status_code == 200
+    assert lenient["X-FHIR-Ignored-Parameters"] == "_revinclude=Provenance:target"
+    assert _entries(body(lenient)) == [("Task", first, "match")]
+    strict = world.r4.get(
+        f"/fhir/Task?_id={first}&_revinclude=Provenance:target", Prefer="handling=strict"
+    )
+    assert strict.status_code == 400
+    assert outcome_issue(strict)["code"] == "not-supported"
+
+
+def test_metadata_declares_the_includes_and_revincludes(world: World) -> None:
+    statement = _get(world.r4, "/fhir/metadata")
+    by_type = {r["type"]: r for r in statement["rest"][0]["resource"]}
+    assert by_type["Task"]["searchInclude"] == ["Task:focus", "Task:patient"]
+    assert by_type["Task"]["searchRevInclude"] == ["Communication:part-of"]
+    assert by_type["ServiceRequest"]["searchInclude"] == ["ServiceRequest:patient"]
+    assert by_type["ServiceRequest"]["searchRevInclude"] == ["Task:focus"]
+
+
 def test_service_request_searches(world: World) -> None:
     first = _task(world, submit(world, "A"))
 
