@@ -555,14 +555,16 @@ class CounterReferralAsk:
     specialty_codes: list[tuple[str, str]]
     subject_reference: str
     requester_reference: str
+    priority: str = "routine"  # the request-priority code
+    mode: str = ConsultMode.ASYNC.value
 
 
 def service_request_to_counter_referral(
     resource: dict[str, Any], version: str
 ) -> CounterReferralAsk:
     """A ServiceRequest ``basedOn`` one of our referrals, from its assigned department's
-    system: refer the patient back down. 422 naming the element for what the
-    ``counter_refer`` action cannot carry (it is routine and asynchronous)."""
+    system: refer the patient back down, with its own priority (``ServiceRequest.priority``,
+    routine when absent) and consult mode (``ServiceRequest.code``, async when absent)."""
     original_id = based_on_referral(resource)
     assert original_id is not None
     _check_intent(resource)
@@ -573,20 +575,6 @@ def service_request_to_counter_referral(
             f"A counter-referral's ServiceRequest.status must be active, not "
             f"{resource.get('status')!r}.",
             expression=["ServiceRequest.status"],
-        )
-    if str(resource.get("priority") or "routine") != "routine":
-        raise FhirError(
-            422,
-            "business-rule",
-            "A counter-referral is routine (the referral services set its priority).",
-            expression=["ServiceRequest.priority"],
-        )
-    if _consult_mode(resource, version) != ConsultMode.ASYNC.value:
-        raise FhirError(
-            422,
-            "business-rule",
-            "A counter-referral is an asynchronous consult (code async or none).",
-            expression=["ServiceRequest.code"],
         )
     performers = [reference_of(p) for p in resource.get("performer") or []]
     performers = [p for p in performers if split_reference(p)[0] == "HealthcareService"]
@@ -605,6 +593,8 @@ def service_request_to_counter_referral(
         specialty_codes=codes_of(_concepts(resource, "performerType", version)),
         subject_reference=reference_of(resource.get("subject")),
         requester_reference=reference_of(resource.get("requester")),
+        priority=str(resource.get("priority") or "routine"),
+        mode=_consult_mode(resource, version),
     )
 
 

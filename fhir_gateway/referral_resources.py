@@ -548,6 +548,8 @@ def _counter_referral_create(user: User, ask: m.CounterReferralAsk) -> WriteResu
         None,
         department=department,
         clinical_question=ask.clinical_question,
+        priority=ask.priority,
+        mode=ask.mode,
     )
     child = Referral.objects.values_list("filler_id", flat=True).get(
         pk=_latest_payload(referral, "counter_referral_id")

@@ -18,9 +18,11 @@ from referrals.models import (
     CloseOutOutcome,
     DeclineReason,
     Disposition,
+    Priority,
     Referral,
     ReferralState,
 )
+from registry.models import ConsultMode
 
 S = ReferralState
 
@@ -109,6 +111,9 @@ def _guard_counter_department(
         return "A counter-referral goes to a department of the original requesting facility."
     if not department.accepting:
         return "That department is not accepting referrals."
+    mode = data.get("mode") or ConsultMode.ASYNC
+    if mode not in department.modes:
+        return f"That department does not offer {mode} consults."
     return None
 
 
@@ -125,7 +130,8 @@ GUARD_DESCRIPTIONS: dict[str, str] = {
     "conference_in_future": "scheduled_at is in the future",
     "department_offers_transfer": "assigned department receives transfers",
     "deadline_passed": "deadline has passed",
-    "counter_department_at_requester": "department belongs to the original requester, accepting",
+    "counter_department_at_requester": "department belongs to the original requester, "
+    "accepting, offering the mode",
 }
 
 
@@ -360,7 +366,25 @@ TRANSITIONS: tuple[Transition, ...] = (
         None,
         ActorSide.ASSIGNEE,
         ASSIGNEE_OR_SYSTEM_ROLES,
-        inputs=(InputField("department", "department"), InputField("clinical_question", "text")),
+        inputs=(
+            InputField("department", "department"),
+            InputField("clinical_question", "text"),
+            InputField(
+                "priority",
+                "choice",
+                required=False,
+                choices=tuple(p.label for p in Priority),
+                help="The new referral's priority (routine when not given).",
+            ),
+            InputField(
+                "mode",
+                "choice",
+                required=False,
+                choices=_choices(ConsultMode),
+                help="The new referral's consult mode (async when not given); the department "
+                "must offer it.",
+            ),
+        ),
         guard="counter_department_at_requester",
         records="event + a new linked Referral (submitted) back down",
         description="Refer back down; the original keeps its state.",

@@ -15,6 +15,7 @@ from django.utils import timezone
 from accounts.roles import Role
 from fhir_gateway import referral_mapping as m
 from fhir_gateway.models import FhirResource, OutboxMessage
+from fhir_gateway.registry_projection import CONSULT_MODE_SYSTEM
 from fhir_gateway.storage import validate_resource
 from fhir_gateway.tests.conftest import FHIR_R4, FHIR_R5, FhirClient, outcome_issue
 from fhir_gateway.tests.referral_world import (
@@ -27,7 +28,7 @@ from fhir_gateway.tests.referral_world import (
     transaction,
     update_task,
 )
-from referrals.models import ConsultNote, Referral, ReferralEvent, ReferralState
+from referrals.models import ConsultNote, Priority, Referral, ReferralEvent, ReferralState
 from registry.models import Department
 from tests.factories import NEUROLOGY, DepartmentFactory, SpecialtyFactory, UserFactory
 
@@ -512,6 +513,42 @@ def _counter_referral(
     return {k: v for k, v in resource.items() if v is not None}
 
 
+def _mode_code(mode: str) -> dict[str, Any]:
+    return {"coding": [{"system": CONSULT_MODE_SYSTEM, "code": mode}]}
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_counter_referral_carries_its_priority_and_consult_mode(
+    world: World, people: dict[str, Any], spoke_neurology: Department, version: str
+):
+    """An urgent follow-up by live consult: the new referral is urgent and live, and its
+    ServiceRequest says so back (R5 ``code`` is a CodeableReference)."""
+    spoke_neurology.offers_live = True
+    spoke_neurology.save()
+    task_id = advised(world)
+    code = _mode_code("live")
+    resource = _counter_referral(
+        world,
+        task_id,
+        spoke_neurology,
+        version,
+        priority="urgent",
+        code=code if version == FHIR_R4 else {"concept": code},
+    )
+
+    response = people["consultant"].post(
+        "/fhir/ServiceRequest", resource, content_type=version, Accept=version
+    )
+
+    assert response.status_code == 201, response.content
+    child = Referral.objects.get(parent_referral__filler_id=task_id)
+    assert (child.priority, child.mode) == (Priority.URGENT, "live")
+    created = json.loads(response.content)
+    assert created["priority"] == "urgent"
+    concept = created["code"] if version == FHIR_R4 else created["code"]["concept"]
+    assert {"system": CONSULT_MODE_SYSTEM, "code": "live"}.items() <= concept["coding"][0].items()
+
+
 @pytest.mark.parametrize("version", VERSIONS)
 def test_assignee_counter_refers_with_a_service_request_based_on_the_referral(
     world: World, people: dict[str, Any], spoke_neurology: Department, version: str
@@ -676,7 +713,7 @@ def test_counter_referral_refusals_change_nothing(
     )
     no_performer = post(consultant, performer=None)
     no_question = post(consultant, reasonCode=None)
-    urgent = post(consultant, priority="urgent")
+    live = post(consultant, code=_mode_code("live"))  # spoke_neurology is asynchronous only
     other_patient = post(consultant, subject={"reference": "Patient/someone-else"})
     wrong_specialty = post(
         consultant,
@@ -687,12 +724,12 @@ def test_counter_referral_refusals_change_nothing(
     outsider = post(world.other, requester=None)
     unknown = post(consultant, basedOn=[{"reference": "ServiceRequest/CSL-NOPE"}])
 
-    for response in (hub_department, no_performer, no_question, urgent, other_patient):
+    for response in (hub_department, no_performer, no_question, live, other_patient):
         assert response.status_code == 422, response.content
     assert wrong_specialty.status_code == 422
     assert "requesting facility" in outcome_issue(hub_department)["diagnostics"]
     assert outcome_issue(no_performer)["expression"] == ["ServiceRequest.performer"]
-    assert outcome_issue(urgent)["expression"] == ["ServiceRequest.priority"]
+    assert "does not offer live" in outcome_issue(live)["diagnostics"]
     assert outcome_issue(other_patient)["expression"] == ["ServiceRequest.subject"]
     assert outcome_issue(wrong_specialty)["expression"] == ["ServiceRequest.performerType"]
     assert (wrong_side.status_code, outcome_issue(wrong_side)["code"]) == (403, "forbidden")

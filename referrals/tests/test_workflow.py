@@ -7,7 +7,7 @@ import pytest
 
 from core.errors import ApplicationError, Conflict, PermissionDenied
 from referrals import services
-from referrals.models import Referral, ReferralEvent, ReferralState
+from referrals.models import Priority, Referral, ReferralEvent, ReferralState
 from referrals.tests.conftest import ALL_STATES, World, shortest_paths
 from referrals.workflow import ACTIONS, TRANSITIONS, TRANSITIONS_BY_ACTION, check_table
 
@@ -163,6 +163,36 @@ def test_counter_referral_links_a_new_referral_back_down(world: World) -> None:
     services.referral_transition(
         actor=world.district_consultant, referral_id=child.pk, action="accept"
     )
+
+
+def test_a_counter_referral_may_carry_its_own_priority_and_mode(world: World) -> None:
+    world.district_paeds.offers_live = True
+    world.district_paeds.save()
+    original = world.referral_in(ReferralState.ADVISED)
+    world.act(original, "counter_refer", priority="urgent", mode="live")
+    child = Referral.objects.get(parent_referral=original)
+    assert (child.priority, child.mode) == (Priority.URGENT, "live")
+    # Without them: routine and asynchronous, as before.
+    world.act(original, "counter_refer")
+    second = Referral.objects.filter(parent_referral=original).latest("pk")
+    assert (second.priority, second.mode) == (Priority.ROUTINE, "async")
+
+
+def test_a_counter_referral_in_a_mode_the_department_does_not_offer_is_refused(
+    world: World,
+) -> None:
+    original = world.referral_in(ReferralState.ADVISED)
+    before = (original.version, original.events.count(), Referral.objects.count())
+    with pytest.raises(Conflict) as caught:
+        world.act(original, "counter_refer", mode="live")
+    assert caught.value.code == "guard_failed"
+    assert "does not offer live" in caught.value.message
+    original.refresh_from_db()
+    assert (original.version, original.events.count(), Referral.objects.count()) == before
+    with pytest.raises(ApplicationError) as bad:
+        world.act(original, "counter_refer", priority="whenever")
+    assert "priority" in str(bad.value.extra)
+    assert Referral.objects.count() == before[2]
 
 
 def test_available_actions(world: World) -> None:
