@@ -16,7 +16,6 @@ FHIRPath Patch (a ``Parameters`` resource) and XML Patch are refused with 415/42
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import jsonpatch
@@ -44,14 +43,9 @@ def patch_format(content_type: str, *, default_version: str) -> tuple[str, str]:
     return parsed.media_type, version_from_params(parsed, default=default_version, status=415)
 
 
-def parse_patch(raw: bytes, media_type: str) -> list[Any] | dict[str, Any]:
-    """The patch document: a list of operations (JSON Patch) or an object (merge patch)."""
-    if not raw.strip():
-        raise FhirError(400, "structure", "The PATCH body is empty.")
-    try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        raise FhirError(400, "structure", f"The PATCH body is not valid JSON: {exc}") from exc
+def check_patch(body: Any, media_type: str) -> list[Any] | dict[str, Any]:
+    """The parsed body as a patch document: a list of operations (JSON Patch) or an object
+    (merge patch), as its media type requires."""
     if media_type == JSON_PATCH and not isinstance(body, list):
         raise FhirError(400, "structure", "A JSON Patch is an array of operations.")
     if media_type == MERGE_PATCH and not isinstance(body, dict):

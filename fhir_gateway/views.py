@@ -207,7 +207,9 @@ def _check_body_size(request: HttpRequest) -> None:
         raise _too_large()
 
 
-def _json_body(request: HttpRequest) -> dict[str, Any]:
+def _json_value(request: HttpRequest) -> Any:
+    """The body parsed as JSON (any value): 413 when too large, 400 when empty, not JSON,
+    or holding a NUL character."""
     _check_body_size(request)
     raw = request.body
     if not raw.strip():
@@ -216,12 +218,17 @@ def _json_body(request: HttpRequest) -> dict[str, Any]:
         data = json.loads(raw)
     except (ValueError, RecursionError) as exc:
         raise FhirError(400, "structure", f"The body is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise FhirError(400, "structure", "The body must be a JSON object (a FHIR resource).")
     # NUL (\u0000, or any character of a UTF-16/32 body) cannot be stored: looked for only
     # when the bytes may hold one.
     if (b"\\u0000" in raw or b"\x00" in raw) and _holds_nul(data):
         raise FhirError(400, "invalid", "The body holds a NUL character (\\u0000).")
+    return data
+
+
+def _json_body(request: HttpRequest) -> dict[str, Any]:
+    data = _json_value(request)
+    if not isinstance(data, dict):
+        raise FhirError(400, "structure", "The body must be a JSON object (a FHIR resource).")
     return data
 
 
@@ -588,10 +595,7 @@ def _patch(ctx: FhirRequest, handler: ResourceHandler, logical_id: str) -> HttpR
     media_type, version = patching.patch_format(
         ctx.request.headers.get("Content-Type", ""), default_version=ctx.version
     )
-    _check_body_size(ctx.request)
-    patch = patching.parse_patch(ctx.request.body, media_type)
-    if _holds_nul(patch):
-        raise FhirError(400, "invalid", "The PATCH body holds a NUL character (\\u0000).")
+    patch = patching.check_patch(_json_value(ctx.request), media_type)
     if_match = ctx.request.headers.get("If-Match")
     expected = parse_if_match(if_match) if if_match else None
     for attempt in range(1, _PATCH_ATTEMPTS + 1):

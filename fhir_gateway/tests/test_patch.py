@@ -314,10 +314,19 @@ def test_a_body_above_the_limit_is_413(fhir, communication_type, settings):
     assert FhirResource.objects.filter(logical_id=logical_id).count() == 1
 
 
-def test_an_empty_patch_body_is_400():
-    with pytest.raises(FhirError) as caught:
-        patching.parse_patch(b"  ", JSON_PATCH)
-    assert (caught.value.status, caught.value.code) == (400, "structure")
+def test_an_empty_patch_body_is_400(world):
+    task_id = _submitted(world)
+    before = _snapshot(task_id)
+    response = world.r5.client.generic(
+        "PATCH",
+        f"/fhir/Task/{task_id}",
+        data=b" ",
+        content_type=JSON_PATCH,
+        headers={"Authorization": f"Bearer {_consultant_token(world)}"},
+    )
+    assert response.status_code == 400
+    assert outcome_issue(response)["code"] == "structure"
+    assert _snapshot(task_id) == before
 
 
 def test_apply_patch_errors_are_fhir_errors():
