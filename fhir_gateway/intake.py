@@ -23,11 +23,11 @@ Nothing is lost or applied twice:
   before is leased alone (a Bundle that kills every worker, or its database session, is
   given up like a bug after costing the jobs beside it one attempt);
 - the hand-off to the workers is task ``fhir_gateway.intake_drain``, which applies every
-  due job (each member's oldest, the members in turn; workers share them with ``SKIP
-  LOCKED``); each web process sends
-  it at most every ``KICK_SECONDS`` after the commits it serves (``core.dispatch.Coalesced``),
-  so a burst costs one broker message per 50 ms per web process, not one per Bundle. Hand-offs lost with
-  the broker are made up by beat, which runs the same task every 10 s;
+  due job (each member's most urgent, then oldest, the members in turn; workers share
+  them with ``SKIP LOCKED``); each web process sends it at most every ``KICK_SECONDS``
+  after the commits it serves (``core.dispatch.Coalesced``), so a burst costs one broker
+  message per 50 ms per web process, not one per Bundle. Hand-offs lost with the broker
+  are made up by beat, which runs the same task every 10 s;
 - an unexpected error (a bug) leaves the job pending (``last_error``), retried after the
   backoff (10 s, 20 s, ...); after ``FHIR_INTAKE_MAX_ATTEMPTS`` attempts it is finished
   with a 500 OperationOutcome; a job's first transient database error gives its attempt
@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 import uuid
@@ -70,6 +71,7 @@ from fhir_gateway import handlers
 from fhir_gateway.models import IntakeJob
 from fhir_gateway.outcomes import FhirError, fhir_error_for, outcome_body
 from referrals.load import department_load_deferred
+from referrals.models import Priority
 
 if TYPE_CHECKING:
     from accounts.models import User
@@ -125,6 +127,7 @@ def intake_accept(
         fhir_version=fhir_version,
         answer_version=answer_version,
         base=base,
+        priority=priority_hint(body),
     )
     if connection.vendor == "postgresql":
         # The hot path of a burst: a prepared statement (no ORM compile, no re-planning).
@@ -137,6 +140,27 @@ def intake_accept(
     _accepted(user)
     transaction.on_commit(_kick.request)  # at once unless the caller holds a transaction
     return job
+
+
+_PRIORITY_KEY = '"priority"'
+_PRIORITY_VALUE = re.compile(r'\s*:\s*"([a-z]{1,10})"')
+_PRIORITY_RANKS = {str(p.label): int(p.value) for p in Priority}
+
+
+def priority_hint(body: str) -> int:
+    """The most urgent request priority the Bundle's text names (``"priority": "stat"`` in
+    any of its resources: ServiceRequest, Task), as a rank (1 stat ... 4 routine, the
+    default): the order in which a member's own jobs are applied. Read from the text, not
+    parsed (the Bundle is parsed when applied; a key inside a string value is escaped and
+    not found): a wrong hint costs order, never what is applied."""
+    rank = Priority.ROUTINE.value
+    start = 0
+    while (at := body.find(_PRIORITY_KEY, start)) != -1:
+        start = at + len(_PRIORITY_KEY)
+        match = _PRIORITY_VALUE.match(body, start)
+        if match is not None:
+            rank = min(rank, _PRIORITY_RANKS.get(match.group(1), rank))
+    return int(rank)
 
 
 _INSERT_FIELDS = list(IntakeJob._meta.concrete_fields)
@@ -274,7 +298,7 @@ def _tried(job: IntakeJob) -> bool:
 
 def _claim(due: Q | None, limit: int = 1) -> list[IntakeJob]:
     """Lease up to ``limit`` jobs (``_due_jobs``: those ``due`` selects, or the members'
-    oldest due ones in turn; ``SKIP LOCKED``), in a short transaction of its own: their
+    most urgent then oldest due ones in turn; ``SKIP LOCKED``), in a short transaction of its own: their
     attempt is counted and ``next_attempt_at`` moves past the backoff before anything is
     applied, so no other drain takes them meanwhile, and a
     worker that dies while applying them (killed, out of memory) leaves jobs that are
@@ -302,11 +326,14 @@ def _claim(due: Q | None, limit: int = 1) -> list[IntakeJob]:
 
 
 def _due_jobs(due: Q | None, limit: int) -> list[IntakeJob]:
-    """Lock (``SKIP LOCKED``) and return up to ``limit`` jobs ``due`` selects, oldest first;
-    ``due`` None: the jobs due now, and on PostgreSQL member by member: each account's
-    oldest, taken in turn (its 1st, the next account's 1st, ..., then its 2nd ...), so a
-    member uploading a backlog of thousands of Bundles does not hold back another
-    member's one."""
+    """Lock (``SKIP LOCKED``) and return up to ``limit`` jobs ``due`` selects, most urgent
+    (``priority``) then oldest first; ``due`` None: the jobs due now, and on PostgreSQL
+    member by member: each account's most urgent then oldest, taken in turn (its 1st, the
+    next account's 1st, ..., then its 2nd ...), so a member uploading a backlog of
+    thousands of Bundles does not hold back another member's one, and a member's urgent
+    Bundle does not wait behind its own backlog. A member's priorities order its own jobs
+    only: marking every Bundle stat gains nothing over other members. (SQLite, ``make
+    run``: most urgent then oldest of all.)"""
     if due is None and connection.vendor == "postgresql":
         return _due_jobs_in_turn(limit)
     if due is None:
@@ -315,26 +342,28 @@ def _due_jobs(due: Q | None, limit: int) -> list[IntakeJob]:
         IntakeJob.objects.select_for_update(skip_locked=True, of=("self",))
         .select_related("user")
         .filter(due)
-        .order_by("next_attempt_at", "pk")[:limit]
+        .order_by("priority", "next_attempt_at", "pk")[:limit]
     )
 
 
 def _due_jobs_in_turn(limit: int) -> list[IntakeJob]:
-    """Rank first, without locks: each account's ``CANDIDATES * limit`` oldest due jobs,
-    taken in turn. Then lock in that order only the jobs leased, skipping rows another
-    claim holds (a claim running at the same time takes the next ones). A job tried before
+    """Rank first, without locks: each account's ``CANDIDATES * limit`` most urgent then
+    oldest due jobs, taken in turn. Then lock in that order only the jobs leased, skipping
+    rows another claim holds (a claim running at the same time takes the next ones). A job tried before
     among the first ``limit`` is leased alone (``_claim``), ahead of the batch it would
     have been in; the jobs ranked with it wait one claim, not until it comes first."""
     now = timezone.now()
     for _ in range(3):  # all candidates held by another claim until its lease commits
         with connection.cursor() as cursor:
             cursor.execute(_FAIR_DUE_SQL, {"now": now, "per_account": CANDIDATES * limit})
-            rows: list[tuple[uuid.UUID, int, datetime, bool]] = cursor.fetchall()
+            rows: list[tuple[uuid.UUID, int, int, datetime, bool]] = cursor.fetchall()
         if not rows:
             return []
         turns: dict[int, int] = {}
         ranked = []
-        for pk, user_id, at, tried in sorted(rows, key=lambda row: (row[1], row[2], row[0])):
+        for pk, user_id, _priority, at, tried in sorted(
+            rows, key=lambda row: (row[1], row[2], row[3], row[0])
+        ):
             turns[user_id] = turns.get(user_id, -1) + 1
             ranked.append((turns[user_id], at, pk, tried))
         ranked.sort()
@@ -357,7 +386,8 @@ def _due_jobs_in_turn(limit: int) -> list[IntakeJob]:
 CANDIDATES = 2
 _JOB_TABLE = IntakeJob._meta.db_table
 # The accounts with pending jobs (a loose index scan: one probe of the partial index per
-# account), then each one's oldest due jobs; whether each was tried before (``_tried``).
+# account), then each one's most urgent then oldest due jobs; whether each was tried before
+# (``_tried``).
 _FAIR_DUE_SQL = f"""
 WITH RECURSIVE accounts(user_id) AS (
     (SELECT user_id FROM {_JOB_TABLE} WHERE status = 'pending' ORDER BY user_id LIMIT 1)
@@ -366,11 +396,12 @@ WITH RECURSIVE accounts(user_id) AS (
             WHERE j.status = 'pending' AND j.user_id > a.user_id ORDER BY j.user_id LIMIT 1)
     FROM accounts a WHERE a.user_id IS NOT NULL
 )
-SELECT due.id, due.user_id, due.next_attempt_at, due.tried FROM accounts a CROSS JOIN LATERAL (
-    SELECT id, user_id, next_attempt_at, (attempts > 0 OR last_error <> '') AS tried
+SELECT due.id, due.user_id, due.priority, due.next_attempt_at, due.tried
+FROM accounts a CROSS JOIN LATERAL (
+    SELECT id, user_id, priority, next_attempt_at, (attempts > 0 OR last_error <> '') AS tried
     FROM {_JOB_TABLE}
     WHERE user_id = a.user_id AND status = 'pending' AND next_attempt_at <= %(now)s
-    ORDER BY next_attempt_at, id LIMIT %(per_account)s
+    ORDER BY priority, next_attempt_at, id LIMIT %(per_account)s
 ) due
 """  # noqa: S608 (the table name comes from the model; values are bound)
 # Lock the first ``take`` of ``ids`` still due, in their order, skipping rows held.
@@ -476,7 +507,7 @@ def intake_process(*, job_id: str | uuid.UUID) -> str:
 
 def intake_process_next(*, limit: int = 1) -> list[tuple[IntakeJob, str]]:
     """Apply the next due jobs no one else holds (up to ``limit``, in one transaction; the
-    members' oldest in turn); each job with what happened to it, none when no job is
+    members' most urgent then oldest in turn); each job with what happened to it, none when no job is
     due."""
     jobs = _claim(None, limit)
     return list(zip(jobs, _process(jobs), strict=True)) if jobs else []

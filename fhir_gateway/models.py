@@ -267,6 +267,10 @@ class IntakeJob(models.Model):
     answer_version = models.CharField(max_length=3)
     base = models.CharField(max_length=500)
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
+    # The most urgent request priority the Bundle names, as a rank (1 stat ... 4 routine,
+    # referrals.models.Priority), read from its text at accept (intake.priority_hint): a
+    # member's urgent Bundles are applied before its earlier routine ones.
+    priority = models.PositiveSmallIntegerField(default=4)
     attempts = models.PositiveIntegerField(default=0)
     # Not before this (after an unexpected error: backoff); new jobs: when they came.
     next_attempt_at = models.DateTimeField(default=timezone.now)
@@ -278,13 +282,13 @@ class IntakeJob(models.Model):
 
     class Meta:
         indexes = [
-            # Work to do, each member's oldest due first (intake._due_jobs: the members
-            # with pending jobs, then each one's due jobs), and the per-member cap on
-            # pending jobs (intake.intake_accept).
+            # Work to do, each member's most urgent then oldest due first (intake._due_jobs:
+            # the members with pending jobs, then each one's due jobs), and the per-member
+            # cap on pending jobs (intake.intake_accept).
             models.Index(
-                fields=["user", "next_attempt_at"],
+                fields=["user", "priority", "next_attempt_at"],
                 condition=Q(status="pending"),
-                name="intake_pending_user_due",
+                name="intake_pending_user_priority",
             ),
             # Retention of finished jobs (intake.intake_prune).
             models.Index(

@@ -1051,6 +1051,56 @@ def test_members_take_turns_so_a_backlog_holds_back_no_other_member(
 
 
 @pytest.mark.django_db
+def test_a_members_urgent_bundle_goes_before_its_own_backlog_not_before_others(
+    world: World, settings: Any
+) -> None:
+    """Three routine Bundles, then a stat one from the same member, then another member's
+    routine one: the stat one is applied first, the other member still gets its turn."""
+    settings.FHIR_INTAKE_BATCH = 3
+    other = member_client(
+        UserFactory.create(facility=world.network.spoke, roles=[Role.MEMBER_SYSTEM])
+    )
+    backlog = [_kick_off(world.r4, transaction(world, f"SR-routine-{n}")) for n in range(3)]
+    stat = transaction(world, "SR-stat")
+    stat["entry"][1]["resource"]["priority"] = "stat"
+    urgent = _kick_off(world.r4, stat)
+    theirs = _kick_off(other, transaction(world, "SR-theirs"))
+    assert [_job(p).priority for p in (*backlog, urgent, theirs)] == [3, 3, 3, 1, 3]
+
+    first = intake.intake_process_next(limit=3)
+
+    assert [_placer(json.loads(job.body)) for job, _outcome in first] == [
+        "SR-stat",
+        "SR-theirs",
+        "SR-routine-0",
+    ]
+    assert intake_drain() == 2
+    order = list(Referral.objects.order_by("pk").values_list("placer_value", flat=True))
+    assert order == ["SR-stat", "SR-theirs", "SR-routine-0", "SR-routine-1", "SR-routine-2"]
+    assert Referral.objects.get(placer_value="SR-stat").priority == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "rank"),
+    [
+        ('{"resourceType": "Bundle"}', 4),
+        ('{"priority": "routine"}', 4),
+        ('{"priority":"urgent"}', 3),
+        ('{"a": {"priority" :  "asap"}, "b": {"priority": "urgent"}}', 2),
+        ('{"priority": "stat", "x": {"priority": "routine"}}', 1),
+        ('{"priority": "bogus"}', 4),
+        ('{"priority": 1}', 4),
+        ('{"priority": "STAT"}', 4),
+        ('{"text": "\\"priority\\": \\"stat\\""}', 4),  # inside a string value: escaped
+        ('{"priority"', 4),
+        ("", 4),
+    ],
+)
+def test_the_priority_hint_reads_the_most_urgent_named(text: str, rank: int) -> None:
+    assert intake.priority_hint(text) == rank
+
+
+@pytest.mark.django_db
 def test_a_job_not_yet_due_waits_for_its_time(world: World) -> None:
     path = _kick_off(world.r4, transaction(world))
     IntakeJob.objects.update(next_attempt_at=timezone.now() + timedelta(minutes=1))
