@@ -12,6 +12,7 @@ from fhir_gateway.handlers import (
     Operation,
     operations_of,
 )
+from fhir_gateway.patching import JSON_PATCH, MERGE_PATCH
 from fhir_gateway.versions import DEFAULT_VERSION, FHIR_JSON, RELEASE, SUPPORTED_VERSIONS
 
 # The date this statement's shape last changed (CapabilityStatement.date is required).
@@ -77,6 +78,7 @@ def capability_statement(version: str, *, base: str) -> dict[str, Any]:
         "implementation": {"description": "Consilium referral network", "url": base},
         "fhirVersion": RELEASE[version],
         "format": [FHIR_JSON, "json"],
+        "patchFormat": [JSON_PATCH, MERGE_PATCH],
         "rest": [
             {
                 "mode": "server",

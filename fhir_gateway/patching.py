@@ -16,6 +16,8 @@ FHIRPath Patch (a ``Parameters`` resource) and XML Patch are refused with 415/42
 
 from __future__ import annotations
 
+import copy
+import json
 from typing import Any
 
 import jsonpatch
@@ -63,29 +65,100 @@ def check_patch(body: Any, media_type: str) -> list[Any] | dict[str, Any]:
     return body
 
 
-def apply_patch(resource: dict[str, Any], patch: list[Any] | dict[str, Any]) -> dict[str, Any]:
-    """The patched copy of ``resource`` (never changed in place). A malformed operation is
-    400; one that cannot apply to this resource (a missing path, a failed ``test``) 422."""
-    if isinstance(patch, dict):
-        merged = merge_patch(resource, patch)
-        assert isinstance(merged, dict)
-        return merged
+# At most this many operations in a JSON Patch.
+MAX_OPERATIONS = 100
+_OPERATIONS = frozenset({"add", "remove", "replace", "move", "copy", "test"})
+_NEEDS_VALUE = frozenset({"add", "replace", "test"})
+_NEEDS_FROM = frozenset({"move", "copy"})
+
+
+def apply_patch(
+    resource: dict[str, Any], patch: list[Any] | dict[str, Any], *, max_bytes: int
+) -> dict[str, Any]:
+    """The patched copy of ``resource`` (neither argument is changed: a patch retried on a
+    newer version applies as sent). A malformed operation is 400; one that cannot apply to
+    this resource (a missing path, a failed ``test``) 422; a patch whose ``copy``
+    operations would grow the resource by more than ``max_bytes``, or of more than
+    MAX_OPERATIONS operations, 422 too-costly (a small body must not build a huge one)."""
     try:
-        operations = jsonpatch.JsonPatch(patch)
-        patched = operations.apply(resource, in_place=False)
-    except jsonpatch.JsonPatchTestFailed as exc:
-        raise FhirError(422, "processing", f"JSON Patch test failed: {exc}") from exc
+        document = copy.deepcopy(resource)
+        if isinstance(patch, dict):
+            merged = merge_patch(document, copy.deepcopy(patch))
+            assert isinstance(merged, dict)
+            return merged
+        if len(patch) > MAX_OPERATIONS:
+            raise FhirError(
+                422, "too-costly", f"A JSON Patch may hold at most {MAX_OPERATIONS} operations."
+            )
+        copied = 0
+        for index, operation in enumerate(copy.deepcopy(patch)):
+            kind = _check_operation(index, operation)
+            if kind == "test":  # RFC 6902 4.6: true is not 1 (Python's == says it is)
+                if not same_json(jsonpointer.resolve_pointer(document, operation["path"]),
+                                 operation["value"]):  # fmt: skip
+                    raise FhirError(
+                        422,
+                        "processing",
+                        f"JSON Patch test failed: operation {index} expects "
+                        f"{json.dumps(operation['value'])[:200]} at {operation['path']!r}.",
+                    )
+                continue
+            if kind == "copy":
+                value = jsonpointer.resolve_pointer(document, operation["from"])
+                copied += len(json.dumps(value))
+                if copied > max_bytes:
+                    raise FhirError(
+                        422,
+                        "too-costly",
+                        f"The JSON Patch's copies would add more than {max_bytes} bytes.",
+                    )
+            document = jsonpatch.JsonPatch([operation]).apply(document, in_place=True)
+    except RecursionError as exc:
+        raise FhirError(400, "structure", "The patch is nested too deeply.") from exc
     except (jsonpatch.JsonPatchConflict, jsonpointer.JsonPointerException) as exc:
         raise FhirError(
             422, "processing", f"The JSON Patch does not apply to this resource: {exc}"
         ) from exc
-    except (jsonpatch.InvalidJsonPatch, TypeError, AttributeError) as exc:
-        # TypeError/AttributeError: an operation that is not an object, or a path that is
-        # not a string (the library does not check either itself).
+    except jsonpatch.InvalidJsonPatch as exc:
         raise FhirError(400, "structure", f"The JSON Patch is malformed: {exc}") from exc
-    if not isinstance(patched, dict):
+    if not isinstance(document, dict):
         raise FhirError(422, "processing", "The JSON Patch replaces the whole resource.")
-    return patched
+    return document
+
+
+def _check_operation(index: int, operation: Any) -> str:
+    """The operation's kind; 400 when it is not a well-formed JSON Patch operation (the
+    library checks less: a path without its leading "/" would be "not found")."""
+
+    def malformed(why: str) -> FhirError:
+        return FhirError(400, "structure", f"JSON Patch operation {index}: {why}")
+
+    if not isinstance(operation, dict):
+        raise malformed("an operation is an object.")
+    kind = operation.get("op")
+    if kind not in _OPERATIONS:
+        raise malformed(f"op must be one of {', '.join(sorted(_OPERATIONS))}.")
+    pointers = ["path", *(["from"] if kind in _NEEDS_FROM else [])]
+    for member in pointers:
+        pointer = operation.get(member)
+        if not isinstance(pointer, str) or (pointer and not pointer.startswith("/")):
+            raise malformed(f'{member} must be a JSON Pointer ("" or starting with /).')
+    if kind in _NEEDS_VALUE and "value" not in operation:
+        raise malformed(f"a {kind} operation needs a value.")
+    return str(kind)
+
+
+def same_json(a: Any, b: Any) -> bool:
+    """JSON equality (RFC 6902 4.6): numbers by value, but a boolean is not a number."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return a == b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_json(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same_json(x, y) for x, y in zip(a, b, strict=True))
+    return type(a) is type(b) and bool(a == b)
 
 
 def merge_patch(target: Any, patch: Any) -> Any:

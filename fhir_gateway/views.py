@@ -271,7 +271,7 @@ def _allowed_instance_methods(handler: ResourceHandler) -> list[str]:
     methods = ["GET"] if handler.supports(handlers.READ) else []
     if handler.supports(handlers.UPDATE):
         methods.append("PUT")
-    if handler.supports(handlers.PATCH):
+    if handler.supports(handlers.PATCH) and handler.update is not None:
         methods.append("PATCH")
     if handler.supports(handlers.DELETE):
         methods.append("DELETE")
@@ -591,7 +591,14 @@ _PATCH_ATTEMPTS = 3
 def _patch(ctx: FhirRequest, handler: ResourceHandler, logical_id: str) -> HttpResponse:
     """The patch applied to the current version (in the request's FHIR version) and stored
     by the type's update, as a PUT of the result would be (fhir_gateway/patching.py)."""
-    assert handler.update is not None and ctx.user is not None
+    assert ctx.user is not None
+    if handler.update is None:  # PATCH is applied through the type's update
+        raise FhirError(
+            405,
+            "not-supported",
+            f"PATCH is not supported for {handler.resource_type}.",
+            headers={"Allow": ", ".join(_allowed_instance_methods(handler))},
+        )
     media_type, version = patching.patch_format(
         ctx.request.headers.get("Content-Type", ""), default_version=ctx.version
     )
@@ -613,7 +620,10 @@ def _patch(ctx: FhirRequest, handler: ResourceHandler, logical_id: str) -> HttpR
                 "not-supported",
                 f"{handler.resource_type}/{logical_id} has no FHIR {version} rendering to patch.",
             )
-        patched = patching.apply_patch(json.loads(text), patch)
+        current = json.loads(text)
+        patched = patching.apply_patch(current, patch, max_bytes=_max_body_bytes())
+        if patching.same_json(patched, current):  # only tests, or nothing new: no version
+            return _write_response(ctx, row, status=200)
         if patched.get("resourceType") != handler.resource_type or patched.get("id") != logical_id:
             raise FhirError(
                 422,

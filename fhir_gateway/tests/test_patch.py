@@ -88,7 +88,7 @@ def _consultant_token(world: World) -> str:
 
 def test_merge_patch_null_removes_an_element():
     resource = {"resourceType": "Task", "id": "a", "note": [{"text": "x"}], "status": "ready"}
-    patched = patching.apply_patch(resource, {"note": None, "status": "accepted"})
+    patched = patching.apply_patch(resource, {"note": None, "status": "accepted"}, max_bytes=100)
     assert patched == {"resourceType": "Task", "id": "a", "status": "accepted"}
     assert resource["note"] == [{"text": "x"}]  # the input is not changed in place
 
@@ -150,6 +150,10 @@ def test_a_task_outside_the_callers_scope_is_404(world):
         ([{"path": "/status"}], 400, "structure"),
         (["not an operation"], 400, "structure"),
         ([{"op": "replace", "path": 7, "value": "x"}], 400, "structure"),
+        ([{"op": "replace", "path": "status", "value": "accepted"}], 400, "structure"),
+        ([{"op": "copy", "path": "/x"}], 400, "structure"),
+        ([{"op": "add", "path": "/note"}], 400, "structure"),
+        ([{"op": "test", "path": "/status", "value": "requested"}] * 101, 422, "too-costly"),
         ([{"op": "replace", "path": "/status", "value": "\u0000"}], 400, "invalid"),
         ("null", 400, "structure"),
         ("[", 400, "structure"),
@@ -164,6 +168,108 @@ def test_bad_patches_are_refused_and_change_nothing(world, patch, status, code):
     issue = outcome_issue(response)
     assert issue["code"] == code
     assert _snapshot(task_id) == before
+
+
+def test_a_patch_that_changes_nothing_answers_the_current_version(world):
+    """Only ``test`` operations (a guard), or none: 200, no new version, no event."""
+    task_id = _submitted(world)
+    before = _snapshot(task_id)
+    for patch in ([], [{"op": "test", "path": "/status", "value": "requested"}]):
+        response = world.r5.patch(f"/fhir/Task/{task_id}", patch, Accept=FHIR_R5)
+        assert response.status_code == 200, response.content
+        assert response["ETag"] == 'W/"1"'
+        assert json.loads(response.content)["status"] == "requested"
+    assert _snapshot(task_id) == before
+
+
+def test_copies_that_would_grow_the_resource_past_the_limit_are_refused(world, settings):
+    """A small body must not build a huge resource: each copy doubling a list."""
+    settings.FHIR_MAX_BODY_BYTES = 20_000
+    task_id = _submitted(world)
+    before = _snapshot(task_id)
+    patch = [{"op": "add", "path": "/note", "value": [{"text": "x" * 100}]}]
+    patch += [{"op": "copy", "from": "/note", "path": "/note/-"}] * 40
+    response = world.r5.patch(f"/fhir/Task/{task_id}", patch, Accept=FHIR_R5)
+    assert response.status_code == 422
+    assert outcome_issue(response)["code"] == "too-costly"
+    assert _snapshot(task_id) == before
+
+
+def test_a_deeply_nested_copy_is_400_not_500(world):
+    task_id = _submitted(world)
+    before = _snapshot(task_id)
+    deep: Any = "leaf"
+    for _ in range(600):
+        deep = {"a": deep}
+    patch = [
+        {"op": "add", "path": "/extension", "value": deep},
+        {"op": "copy", "from": "/extension", "path": "/note"},
+    ]
+    response = world.r5.patch(f"/fhir/Task/{task_id}", patch, Accept=FHIR_R5)
+    assert response.status_code == 400
+    issue = outcome_issue(response)
+    assert (issue["code"], issue["diagnostics"]) == ("structure", "The patch is nested too deeply.")
+    assert _snapshot(task_id) == before
+
+
+def test_a_patch_in_the_wrong_state_is_409_and_changes_nothing(world):
+    """Decline is an answer to a submitted referral; an accepted one cannot be declined."""
+    task_id = _submitted(world)
+    assert (
+        world.r5.patch(
+            f"/fhir/Task/{task_id}", [{"op": "replace", "path": "/status", "value": "accepted"}]
+        ).status_code
+        == 200
+    )
+    before = _snapshot(task_id)
+    response = world.r5.patch(
+        f"/fhir/Task/{task_id}",
+        [
+            {"op": "replace", "path": "/status", "value": "rejected"},
+            {"op": "add", "path": "/statusReason", "value": {"concept": {"text": "Full."}}},
+        ],
+        Accept=FHIR_R5,
+    )
+    assert response.status_code == 409, response.content
+    assert _snapshot(task_id) == before
+
+
+def test_a_task_patch_is_reapplied_after_a_concurrent_transition(world, monkeypatch):
+    """Between the read and the write routing notifies the department (a system event: a
+    new Task version, same state); the Task's update refuses the version read (412) and
+    the patch is applied again on the new one."""
+    from django.utils import timezone
+
+    from fhir_gateway.handlers import HANDLERS
+    from referrals.services import referral_transition
+
+    task_id = _submitted(world)
+    referral = Referral.objects.get(filler_id=task_id)
+    Referral.objects.filter(pk=referral.pk).update(deadline=timezone.now())
+    handler = HANDLERS["Task"]
+    real_update = handler.update
+    assert real_update is not None
+    calls: list[str | None] = []
+
+    def update(req: WriteRequest) -> Any:
+        calls.append(req.if_match)
+        if len(calls) == 1:
+            referral_transition(actor=None, referral_id=referral.pk, action="escalation_notify")
+        return real_update(req)
+
+    monkeypatch.setattr(handler, "update", update)
+    response = world.r5.patch(
+        f"/fhir/Task/{task_id}", [{"op": "replace", "path": "/status", "value": "accepted"}]
+    )
+    assert response.status_code == 200, response.content
+    assert calls == ['W/"1"', 'W/"2"']
+    assert response["ETag"] == 'W/"3"'
+    actions = list(
+        ReferralEvent.objects.filter(referral=referral)
+        .order_by("seq")
+        .values_list("action", flat=True)
+    )
+    assert actions == ["submit", "escalation_notify", "accept"]
 
 
 def test_fhirpath_patch_is_422_not_supported(world):
@@ -230,6 +336,7 @@ def test_the_fhir_version_parameter_chooses_the_rendering_patched(world):
 
 def test_metadata_declares_patch_for_task_only_among_referral_types(fhir):
     statement = json.loads(fhir.get("/fhir/metadata").content)
+    assert statement["patchFormat"] == [JSON_PATCH, MERGE_PATCH]
     codes = {
         r["type"]: {i["code"] for i in r["interaction"]} for r in statement["rest"][0]["resource"]
     }
@@ -270,13 +377,47 @@ def test_a_patch_without_if_match_is_reapplied_after_a_concurrent_change(
         return real_update(req)
 
     monkeypatch.setattr(communication_type, "update", update)
-    patch = [{"op": "add", "path": "/note", "value": [{"text": "Seen."}]}]
+    # Two operations, the second changing what the first added: applied again as sent.
+    patch = [
+        {"op": "add", "path": "/note", "value": [{"text": "Seen."}]},
+        {"op": "add", "path": "/note/-", "value": {"text": "Replied."}},
+    ]
     response = fhir.patch(f"/fhir/Communication/{logical_id}", patch)
     assert response.status_code == 200, response.content
     assert calls == ['W/"1"', 'W/"2"']
     stored = json.loads(response.content)
     assert stored["meta"]["versionId"] == "3"
-    assert (stored["status"], stored["note"]) == ("completed", [{"text": "Seen."}])
+    assert stored["status"] == "completed"
+    assert stored["note"] == [{"text": "Seen."}, {"text": "Replied."}]
+
+
+def test_a_patch_that_keeps_losing_the_race_is_412_and_changes_nothing(
+    fhir, communication_type, monkeypatch
+):
+    """Another writer stores a version before each of the three attempts."""
+    logical_id = json.loads(fhir.post("/fhir/Communication", COMM).content)["id"]
+    real_update = communication_type.update
+    calls: list[str | None] = []
+
+    def update(req: WriteRequest) -> Any:
+        calls.append(req.if_match)
+        current = FhirResource.objects.get(logical_id=logical_id, is_current=True).version_id
+        concurrent = {**COMM, "id": logical_id, "status": ["completed", "stopped"][current % 2]}
+        real_update(WriteRequest(req.user, req.resource_type, concurrent, req.fhir_version,
+                                 logical_id=logical_id, if_match=f'W/"{current}"'))  # fmt: skip
+        return real_update(req)
+
+    monkeypatch.setattr(communication_type, "update", update)
+    response = fhir.patch(
+        f"/fhir/Communication/{logical_id}",
+        [{"op": "add", "path": "/note", "value": [{"text": "Seen."}]}],
+    )
+    assert response.status_code == 412
+    assert calls == ['W/"1"', 'W/"2"', 'W/"3"']
+    # Only the other writer's three versions: no note anywhere.
+    versions = FhirResource.objects.filter(logical_id=logical_id)
+    assert versions.count() == 4
+    assert not any("Seen." in row.json_r4 for row in versions)
 
 
 def test_with_if_match_a_concurrent_change_is_not_retried(fhir, communication_type):
@@ -331,5 +472,23 @@ def test_an_empty_patch_body_is_400(world):
 
 def test_apply_patch_errors_are_fhir_errors():
     with pytest.raises(FhirError) as caught:
-        patching.apply_patch({"resourceType": "Task"}, [{"op": "move", "from": "/x", "path": "/y"}])
+        patching.apply_patch(
+            {"resourceType": "Task"}, [{"op": "move", "from": "/x", "path": "/y"}], max_bytes=100
+        )
     assert caught.value.status == 422
+
+
+def test_json_patch_test_tells_a_boolean_from_a_number():
+    """RFC 6902 4.6 (Python's == says True == 1)."""
+    resource = {"resourceType": "Task", "id": "a", "flag": True, "n": 1}
+    for path, value in (("/flag", 1), ("/n", True), ("/n", "1")):
+        with pytest.raises(FhirError) as caught:
+            patching.apply_patch(
+                resource, [{"op": "test", "path": path, "value": value}], max_bytes=100
+            )
+        assert caught.value.status == 422, (path, value)
+    same = [
+        {"op": "test", "path": "/n", "value": 1.0},
+        {"op": "test", "path": "/flag", "value": True},
+    ]
+    assert patching.apply_patch(resource, same, max_bytes=100) == resource

@@ -714,6 +714,7 @@ def test_counter_referral_refusals_change_nothing(
     no_performer = post(consultant, performer=None)
     no_question = post(consultant, reasonCode=None)
     live = post(consultant, code=_mode_code("live"))  # spoke_neurology is asynchronous only
+    whenever = post(consultant, priority="whenever")
     other_patient = post(consultant, subject={"reference": "Patient/someone-else"})
     wrong_specialty = post(
         consultant,
@@ -730,6 +731,7 @@ def test_counter_referral_refusals_change_nothing(
     assert "requesting facility" in outcome_issue(hub_department)["diagnostics"]
     assert outcome_issue(no_performer)["expression"] == ["ServiceRequest.performer"]
     assert "does not offer live" in outcome_issue(live)["diagnostics"]
+    assert (whenever.status_code, outcome_issue(whenever)["code"]) == (422, "code-invalid")
     assert outcome_issue(other_patient)["expression"] == ["ServiceRequest.subject"]
     assert outcome_issue(wrong_specialty)["expression"] == ["ServiceRequest.performerType"]
     assert (wrong_side.status_code, outcome_issue(wrong_side)["code"]) == (403, "forbidden")

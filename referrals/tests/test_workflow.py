@@ -192,7 +192,15 @@ def test_a_counter_referral_in_a_mode_the_department_does_not_offer_is_refused(
     with pytest.raises(ApplicationError) as bad:
         world.act(original, "counter_refer", priority="whenever")
     assert "priority" in str(bad.value.extra)
-    assert Referral.objects.count() == before[2]
+    # Without a mode the counter-referral is asynchronous: a department offering only live
+    # consults is refused, as a submission to it would be.
+    world.district_paeds.offers_async, world.district_paeds.offers_live = False, True
+    world.district_paeds.save()
+    with pytest.raises(Conflict) as no_async:
+        world.act(original, "counter_refer")
+    assert "does not offer async" in no_async.value.message
+    original.refresh_from_db()
+    assert (original.version, original.events.count(), Referral.objects.count()) == before
 
 
 def test_available_actions(world: World) -> None:
