@@ -41,6 +41,9 @@ class SearchParam:
     definition: str = ""
 
 
+# ``_sort`` keys of every searchable type: name -> the FhirResource column.
+SORTS: dict[str, str] = {"_id": "logical_id", "_lastUpdated": "last_updated"}
+
 # Parameters the views evaluate for every searchable type.
 COMMON_SEARCH_PARAMS: tuple[SearchParam, ...] = (
     SearchParam("_id", "token", "Logical id.", "http://hl7.org/fhir/SearchParameter/Resource-id"),
@@ -114,6 +117,9 @@ class ResourceHandler:
     revincludes: dict[str, IncludeFunc] = field(default_factory=dict)
     # Ordering of search results (stable, for paging).
     order_by: tuple[str, ...] = ("logical_id",)
+    # ``_sort`` keys beyond the common ones (SORTS): name -> an expression over the rows
+    # (e.g. a column of the referral a resource projects), annotated and ordered by.
+    sorts: dict[str, Any] = field(default_factory=dict)
     # Reads answered by the handler (any Accept: the handler negotiates), not stored JSON.
     raw_read: RawReadFunc | None = None
     # The FHIR versions the type exists in (SubscriptionTopic is R5 only): elsewhere 404.

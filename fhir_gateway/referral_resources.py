@@ -22,7 +22,7 @@ from urllib.parse import parse_qsl
 
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.db import transaction
-from django.db.models import Q, QuerySet
+from django.db.models import OuterRef, Q, QuerySet, Subquery
 
 from core.errors import ApplicationError, Conflict
 from fhir_gateway import handlers
@@ -284,6 +284,19 @@ def _search_sql(resource_type: str, filters: dict[str, Filter]) -> handlers.Sear
         return body, values
 
     return search_sql
+
+
+def _referral_column(name: str) -> Subquery:
+    """A column of the referral a resource projects (``source_pk``), for ``_sort``."""
+    return Subquery(Referral.objects.filter(pk=OuterRef("source_pk")).values(name)[:1])
+
+
+# ``_sort`` keys of the referral types: when it was authored, and its urgency (the
+# request-priority codes in clinical order: stat, asap, urgent, routine).
+REFERRAL_SORTS = {
+    "authored-on": _referral_column("created_at"),
+    "priority": _referral_column("priority"),
+}
 
 
 def _same_referral(resource_type: str) -> handlers.IncludeFunc:
@@ -882,7 +895,8 @@ def referral_handlers() -> list[ResourceHandler]:
             documentation="A referral (the order). Create = submit; conditional create with "
             "If-None-Exist: identifier=<placer system>|<value> is idempotent. Create with "
             "basedOn = ServiceRequest/<id> (performer = a department of its requester) = "
-            "counter-referral of that referral.",
+            "counter-referral of that referral. _sort: priority (most urgent first), "
+            "authored-on, _lastUpdated, _id; - for descending.",
             search_params=(
                 _sp("requester", "reference", "Requesting Organization.", "ServiceRequest"),
                 _sp("performer", "reference", "Assigned HealthcareService.", "ServiceRequest"),
@@ -897,6 +911,7 @@ def referral_handlers() -> list[ResourceHandler]:
             renders_all_versions=True,
             visible=_visible("ServiceRequest"),
             includes={"ServiceRequest:patient": _same_referral("Patient")},
+            sorts=REFERRAL_SORTS,
             revincludes={"Task:focus": _same_referral("Task")},
         ),
         ResourceHandler(
@@ -907,7 +922,9 @@ def referral_handlers() -> list[ResourceHandler]:
             "businessStatus scheduled | in_conference | advised (from in_conference) | "
             "closed_local | transfer_requested | transfer_accepted | in_transit | arrived | "
             "completed (+input, statusReason); a scheduled Task with a new input scheduled-at "
-            "/ experts / video-url = reschedule.",
+            "/ experts / video-url = reschedule. PATCH (JSON Patch, JSON Merge Patch) = the "
+            "PUT of its result. _sort: priority (most urgent first), authored-on, "
+            "_lastUpdated, _id; - for descending.",
             search_params=(
                 _sp("owner", "reference", "Assigned HealthcareService.", "Task"),
                 _sp("requester", "reference", "Requesting Organization.", "Task"),
@@ -928,6 +945,7 @@ def referral_handlers() -> list[ResourceHandler]:
                 "Task:patient": _same_referral("Patient"),
             },
             revincludes={"Communication:part-of": _revinclude_communications},
+            sorts=REFERRAL_SORTS,
         ),
         ResourceHandler(
             "Patient",

@@ -21,7 +21,7 @@ from urllib.parse import quote, urlencode
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.db import IntegrityError, connection
-from django.db.models import Q
+from django.db.models import F, Q
 from django.http import HttpRequest, HttpResponse
 from django.http.response import HttpResponseBase
 from django.utils import timezone
@@ -60,7 +60,7 @@ DEFAULT_COUNT = 50
 MAX_COUNT = 500
 _RESOURCE_TYPE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
 _RESULT_PARAMS = frozenset(
-    {"_count", "_offset", "_total", "_format", "_pretty", "_include", "_revinclude"}
+    {"_count", "_offset", "_total", "_format", "_pretty", "_include", "_revinclude", "_sort"}
 )
 _DATE = re.compile(
     r"^(?P<prefix>eq|ne|gt|lt|ge|le|sa|eb|ap)?"
@@ -811,6 +811,9 @@ def _search(
         used[name] = values
         if base_name not in {"_id", "_lastUpdated"}:
             own.setdefault(base_name, []).extend(values)
+    sort = _sort_keys(handler, params.get("_sort") or [], ignored, strict)
+    if sort:
+        used["_sort"] = [",".join(("-" if descending else "") + key for key, descending in sort)]
     if ignored and strict:
         raise FhirError(
             400, "not-supported", f"Unknown search parameters: {', '.join(sorted(ignored))}."
@@ -830,15 +833,18 @@ def _search(
         if not handler.renders_all_versions:
             rows = rows.exclude(**{column: ""})
         total = rows.count() if want_total else None
-        # The page's primary keys first (sorted and cut from the index where it covers the
-        # sort key), then the JSON of just those rows: the text columns of the other
-        # matches are never read.
-        page_pks = rows.order_by(*handler.order_by).values("pk")[offset : offset + count]
-        page = list(
-            FhirResource.objects.filter(pk__in=page_pks)
-            .order_by(*handler.order_by)
-            .values_list("resource_type", "logical_id", column)
-        )
+        if sort:
+            page = _sorted_page(handler, rows, sort, column, count, offset)
+        else:
+            # The page's primary keys first (sorted and cut from the index where it covers
+            # the sort key), then the JSON of just those rows: the text columns of the
+            # other matches are never read.
+            page_pks = rows.order_by(*handler.order_by).values("pk")[offset : offset + count]
+            page = list(
+                FhirResource.objects.filter(pk__in=page_pks)
+                .order_by(*handler.order_by)
+                .values_list("resource_type", "logical_id", column)
+            )
     entries = [
         '{"fullUrl":'
         + json.dumps(f"{ctx.base}/{rtype}/{lid}")
@@ -887,6 +893,62 @@ def _search(
     return response
 
 
+def _sort_keys(
+    handler: ResourceHandler, values: list[str], ignored: list[str], strict: bool
+) -> list[tuple[str, bool]]:
+    """``_sort`` (comma-separated, ``-`` for descending; repeated parameters in order): the
+    keys this type sorts by, each once. Unknown keys are ignored (named in
+    X-FHIR-Ignored-Parameters), or 400 with ``Prefer: handling=strict``."""
+    keys: list[tuple[str, bool]] = []
+    for value in values:
+        for raw in value.split(","):
+            name = raw.strip()
+            if not name:
+                continue
+            descending = name.startswith("-")
+            key = name.removeprefix("-")
+            if key not in handlers.SORTS and key not in handler.sorts:
+                if strict:
+                    raise FhirError(400, "not-supported", f"_sort={name} is not supported.")
+                ignored.append(f"_sort={name}")
+                continue
+            if all(key != known for known, _d in keys):
+                keys.append((key, descending))
+    return keys
+
+
+def _sorted_page(
+    handler: ResourceHandler,
+    rows: Any,
+    sort: list[tuple[str, bool]],
+    column: str,
+    count: int,
+    offset: int,
+) -> list[tuple[Any, ...]]:
+    """A page ordered by ``_sort`` (then the type's own order, for stable paging): its
+    primary keys first, then the JSON of just those rows."""
+    annotations: dict[str, Any] = {}
+    ordering: list[Any] = []
+    for index, (key, descending) in enumerate(sort):
+        if key in handlers.SORTS:
+            expression: Any = F(handlers.SORTS[key])
+        else:
+            annotations[f"sort_{index}"] = handler.sorts[key]
+            expression = F(f"sort_{index}")
+        ordering.append(
+            expression.desc(nulls_last=True) if descending else expression.asc(nulls_last=True)
+        )
+    ordered = rows.annotate(**annotations).order_by(*ordering, *handler.order_by)
+    pks = list(ordered.values_list("pk", flat=True)[offset : offset + count])
+    found = {
+        pk: (rtype, lid, text)
+        for pk, rtype, lid, text in FhirResource.objects.filter(pk__in=pks).values_list(
+            "pk", "resource_type", "logical_id", column
+        )
+    }
+    return [found[pk] for pk in pks if pk in found]
+
+
 def _search_by_sql(
     user: User,
     handler: ResourceHandler,
@@ -907,6 +969,7 @@ def _search_by_sql(
         or handler.order_by != ("logical_id",)
         or "_id" in used
         or "_lastUpdated" in used
+        or "_sort" in used
     ):
         return None
     found = handler.search_sql(user, own)

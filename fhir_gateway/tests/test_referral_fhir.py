@@ -513,6 +513,62 @@ def test_metadata_declares_the_includes_and_revincludes(world: World) -> None:
     assert by_type["ServiceRequest"]["searchRevInclude"] == ["Task:focus"]
 
 
+def _submitted_with(world: World, placer: str, priority: str) -> str:
+    bundle = transaction(world, placer)
+    bundle["entry"][1]["resource"]["priority"] = priority
+    response = world.r4.post("/fhir", bundle, content_type=FHIR_R4)
+    assert response.status_code == 200, response.content
+    return _task(world, body(response))
+
+
+def test_sort_a_worklist_by_priority_age_or_last_change(world: World) -> None:
+    routine = _submitted_with(world, "A", "routine")
+    stat = _submitted_with(world, "B", "stat")
+    urgent = _submitted_with(world, "C", "urgent")
+    also_urgent = _submitted_with(world, "D", "urgent")
+
+    def ids(query: str, client: Any = world.r5) -> list[str]:
+        found = _get(client, f"/fhir/Task?{query}")
+        return [e["resource"]["id"] for e in found.get("entry", [])]
+
+    assert ids("_sort=priority,authored-on") == [stat, urgent, also_urgent, routine]
+    assert ids("_sort=priority,-authored-on") == [stat, also_urgent, urgent, routine]
+    assert ids("_sort=-authored-on") == [also_urgent, urgent, stat, routine]
+    assert ids("_sort=authored-on&_sort=priority") == [routine, stat, urgent, also_urgent]
+    # The last change first: the routine one is accepted now.
+    task = _get(world.r5, f"/fhir/Task/{routine}", FHIR_R5)
+    task["status"] = "accepted"
+    assert _put_task(world.r5, task, FHIR_R5, 'W/"1"').status_code == 200
+    assert ids("_sort=-_lastUpdated")[0] == routine
+    orders = _get(world.r4, "/fhir/ServiceRequest?_sort=priority")
+    assert [e["resource"]["id"] for e in orders["entry"]][:1] == [stat]
+
+    # Paging keeps the order: the next link carries _sort.
+    first = _get(world.r5, "/fhir/Task?_sort=priority,authored-on&_count=3")
+    next_url = next(link["url"] for link in first["link"] if link["relation"] == "next")
+    assert "_sort=priority%2Cauthored-on" in next_url
+    rest = _get(world.r5, next_url.removeprefix("http://testserver"))
+    assert [e["resource"]["id"] for e in first["entry"] + rest["entry"]] == [
+        stat,
+        urgent,
+        also_urgent,
+        routine,
+    ]
+
+
+def test_unknown_sort_keys_are_ignored_or_refused_when_strict(world: World) -> None:
+    first = _submitted_with(world, "A", "routine")
+    lenient = world.r4.get("/fhir/Task?_sort=-colour,priority", Accept=FHIR_R4)
+    assert lenient.status_code == 200
+    assert lenient["X-FHIR-Ignored-Parameters"] == "_sort=-colour"
+    assert [e["resource"]["id"] for e in body(lenient)["entry"]] == [first]
+    self_url = next(link["url"] for link in body(lenient)["link"] if link["relation"] == "self")
+    assert "_sort=priority" in self_url and "colour" not in self_url
+    strict = world.r4.get("/fhir/Task?_sort=colour", Prefer="handling=strict")
+    assert strict.status_code == 400
+    assert outcome_issue(strict)["code"] == "not-supported"
+
+
 def test_service_request_searches(world: World) -> None:
     first = _task(world, submit(world, "A"))
 

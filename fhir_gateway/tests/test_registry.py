@@ -363,3 +363,17 @@ def test_post_search(fhir, network):
     )
     assert response.status_code == 200
     assert _ids(response) == [str(network.lao.pk)]
+
+
+def test_registry_searches_sort_by_id_and_last_update(fhir, network):
+    def ids(query: str) -> list[str]:
+        found = json.loads(fhir.get(f"/fhir/Organization?{query}&_count=50").content)
+        return [e["resource"]["id"] for e in found["entry"]]
+
+    ascending = ids("_sort=_id")
+    assert ascending == sorted(ascending) and len(ascending) >= 3
+    assert ids("_sort=-_id") == ascending[::-1]
+    rows = FhirResource.objects.filter(resource_type="Organization", is_current=True)
+    # Ties (versions stored in one projection) in the type's own order: source_pk.
+    newest = rows.order_by("-last_updated", "source_pk").values_list("logical_id", flat=True)
+    assert ids("_sort=-_lastUpdated") == list(newest)
