@@ -12,7 +12,8 @@
   checked to have made its referral.
 - search: ``GET /fhir/Task?owner=…&status=requested&_count=50`` p50/p95 over the referrals
   the ingest stored; at scale: seed with ``bench/fhir_seed.py --referrals 1000000`` and pass
-  ``--only search --search-department <the id it prints>``.
+  ``--only search --search-department <the id it prints>``; ``--search-extra '&_sort=priority'``
+  times the same worklist sorted (the ORM path).
 - projection: the cost the write path adds (``publish.referral_changed`` as stored, and
   the same renderings validated + serialised with fhir.resources, for decision 2).
 - outbound: ``--messages`` outbox messages delivered by ``--delivery-threads`` threads to a
@@ -269,10 +270,11 @@ def warm_up(base: str, token: str, workers: int, payload: Callable[[], dict]) ->
         ingest(base, token, workers, 20, payload, respond_async=respond_async)
 
 
-def search(base: str, token: str, department: Department, n: int) -> list[float]:
+def search(base: str, token: str, department: Department, n: int, extra: str = "") -> list[float]:
     session = requests.Session()
     headers = {"Authorization": f"Bearer {token}", "Accept": FHIR_R4}
     url = f"{base}/fhir/Task?owner=HealthcareService/{department.pk}&status=requested&_count=50"
+    url += extra
     out = []
     for _ in range(n):
         t = time.perf_counter()
@@ -401,6 +403,8 @@ def main() -> None:
     parser.add_argument("--stub-port", type=int, default=8766)
     parser.add_argument("--search-department", type=int, default=0,
                         help="search this department's worklist (e.g. after bench/fhir_seed.py)")  # fmt: skip
+    parser.add_argument("--search-extra", default="",
+                        help="appended to the search's query, e.g. '&_sort=priority'")  # fmt: skip
     parser.add_argument("--drain-procs", type=int, default=2,
                         help="processes applying asynchronous Bundles (--only async)")  # fmt: skip
     parser.add_argument("--intake-batch", type=int, default=0,
@@ -487,8 +491,10 @@ def run(args: argparse.Namespace, conninfo: str, stub_url: str) -> None:
                 stored = Referral.objects.filter(
                     assigned_department=search_department, state="submitted"
                 ).count()
-                samples = search(base, search_token, search_department, args.searches)
-                print(f"Task search owner+status=requested (_count=50) over {stored} submitted "
+                samples = search(
+                    base, search_token, search_department, args.searches, args.search_extra
+                )
+                print(f"Task search owner+status=requested{args.search_extra} (_count=50) over {stored} submitted "
                       f"referrals of the department; {Referral.objects.count()} referrals, "
                       f"{storage.current_rows('Task').count()} current Task rows: "
                       f"p50 {pct(samples, 0.5):.1f} ms, p95 {pct(samples, 0.95):.1f} ms")  # fmt: skip
