@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import threading
 import time
 import uuid
@@ -56,7 +55,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
 from itertools import takewhile
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from django.conf import settings
@@ -103,7 +102,13 @@ def poll_url(base: str, job: IntakeJob) -> str:
 
 
 def intake_accept(
-    *, user: User, body: str, fhir_version: str, answer_version: str, base: str
+    *,
+    user: User,
+    body: str,
+    fhir_version: str,
+    answer_version: str,
+    base: str,
+    priority: int = Priority.ROUTINE.value,
 ) -> IntakeJob:
     """Store a transaction Bundle to be applied later; the caller checked that ``body`` is
     a JSON Bundle. Refusals that need nothing but the caller come now (no facility: 403;
@@ -127,7 +132,7 @@ def intake_accept(
         fhir_version=fhir_version,
         answer_version=answer_version,
         base=base,
-        priority=priority_hint(body),
+        priority=priority,
     )
     if connection.vendor == "postgresql":
         # The hot path of a burst: a prepared statement (no ORM compile, no re-planning).
@@ -142,25 +147,22 @@ def intake_accept(
     return job
 
 
-_PRIORITY_KEY = '"priority"'
-_PRIORITY_VALUE = re.compile(r'\s*:\s*"([a-z]{1,10})"')
 _PRIORITY_RANKS = {str(p.label): int(p.value) for p in Priority}
 
 
-def priority_hint(body: str) -> int:
-    """The most urgent request priority the Bundle's text names (``"priority": "stat"`` in
-    any of its resources: ServiceRequest, Task), as a rank (1 stat ... 4 routine, the
-    default): the order in which a member's own jobs are applied. Read from the text, not
-    parsed (the Bundle is parsed when applied; a key inside a string value is escaped and
-    not found): a wrong hint costs order, never what is applied."""
-    rank = Priority.ROUTINE.value
-    start = 0
-    while (at := body.find(_PRIORITY_KEY, start)) != -1:
-        start = at + len(_PRIORITY_KEY)
-        match = _PRIORITY_VALUE.match(body, start)
-        if match is not None:
-            rank = min(rank, _PRIORITY_RANKS.get(match.group(1), rank))
-    return int(rank)
+def priority_of(bundle: dict[str, Any]) -> int:
+    """The referral's priority as a rank (1 stat ... 4 routine): the most urgent valid
+    ``priority`` of the Bundle's ServiceRequest entries, routine when none. Read from the
+    parsed Bundle at accept (its validation comes when it is applied: an invalid Bundle is
+    refused then, whatever its rank); it orders a member's own jobs."""
+    ranks = [
+        _PRIORITY_RANKS.get(str(entry["resource"].get("priority")), Priority.ROUTINE.value)
+        for entry in bundle.get("entry") or []
+        if isinstance(entry, dict)
+        and isinstance(entry.get("resource"), dict)
+        and entry["resource"].get("resourceType") == "ServiceRequest"
+    ]
+    return int(min(ranks, default=Priority.ROUTINE.value))
 
 
 _INSERT_FIELDS = list(IntakeJob._meta.concrete_fields)
@@ -359,19 +361,24 @@ def _due_jobs_in_turn(limit: int) -> list[IntakeJob]:
             rows: list[tuple[uuid.UUID, int, int, datetime, bool]] = cursor.fetchall()
         if not rows:
             return []
+        # Within a turn the members go by their oldest due job (who has waited longest),
+        # whichever of their jobs fills the turn (the most urgent).
+        waited: dict[int, datetime] = {}
+        for _pk, user_id, _priority, at, _tried in rows:
+            waited[user_id] = min(at, waited.get(user_id, at))
         turns: dict[int, int] = {}
         ranked = []
-        for pk, user_id, _priority, at, tried in sorted(
+        for pk, user_id, _priority, _at, tried in sorted(
             rows, key=lambda row: (row[1], row[2], row[3], row[0])
         ):
             turns[user_id] = turns.get(user_id, -1) + 1
-            ranked.append((turns[user_id], at, pk, tried))
+            ranked.append((turns[user_id], waited[user_id], user_id, pk, tried))
         ranked.sort()
-        first_tried = next((pk for _t, _a, pk, tried in ranked[:limit] if tried), None)
+        first_tried = next((pk for _t, _w, _u, pk, tried in ranked[:limit] if tried), None)
         if first_tried is not None:
             order, take = [first_tried], 1
         else:
-            order, take = [pk for _t, _a, pk, tried in ranked if not tried], limit
+            order, take = [pk for _t, _w, _u, pk, tried in ranked if not tried], limit
         with connection.cursor() as cursor:
             cursor.execute(_LOCK_IN_ORDER_SQL, {"ids": order, "now": now, "take": take})
             locked = [row[0] for row in cursor.fetchall()]

@@ -267,10 +267,11 @@ class IntakeJob(models.Model):
     answer_version = models.CharField(max_length=3)
     base = models.CharField(max_length=500)
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
-    # The most urgent request priority the Bundle names, as a rank (1 stat ... 4 routine,
-    # referrals.models.Priority), read from its text at accept (intake.priority_hint): a
-    # member's urgent Bundles are applied before its earlier routine ones.
-    priority = models.PositiveSmallIntegerField(default=4)
+    # The referral's priority as a rank (1 stat ... 4 routine, referrals.models.Priority),
+    # read at accept (intake.priority_of): a member's urgent Bundles are applied before its
+    # earlier routine ones. A database default too: web processes still running the code
+    # of before this column insert without it while the migration is deployed.
+    priority = models.SmallIntegerField(default=4, db_default=4)
     attempts = models.PositiveIntegerField(default=0)
     # Not before this (after an unexpected error: backoff); new jobs: when they came.
     next_attempt_at = models.DateTimeField(default=timezone.now)

@@ -335,7 +335,12 @@ def _accept_async(
         body = json.dumps(bundle)
     base = ctx.base
     job = intake.intake_accept(
-        user=user, body=body, fhir_version=version, answer_version=ctx.version, base=base
+        user=user,
+        body=body,
+        fhir_version=version,
+        answer_version=ctx.version,
+        base=base,
+        priority=intake.priority_of(bundle),
     )
     location = intake.poll_url(base, job)
     outcome = FhirError(

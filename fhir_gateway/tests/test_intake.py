@@ -1054,8 +1054,8 @@ def test_members_take_turns_so_a_backlog_holds_back_no_other_member(
 def test_a_members_urgent_bundle_goes_before_its_own_backlog_not_before_others(
     world: World, settings: Any
 ) -> None:
-    """Three routine Bundles, then a stat one from the same member, then another member's
-    routine one: the stat one is applied first, the other member still gets its turn."""
+    """Three urgent Bundles, then a stat one from the same member, then another member's
+    urgent one: the stat one is applied first, the other member still gets its turn."""
     settings.FHIR_INTAKE_BATCH = 3
     other = member_client(
         UserFactory.create(facility=world.network.spoke, roles=[Role.MEMBER_SYSTEM])
@@ -1080,24 +1080,66 @@ def test_a_members_urgent_bundle_goes_before_its_own_backlog_not_before_others(
     assert Referral.objects.get(placer_value="SR-stat").priority == 1
 
 
+def _bundle_with(*priorities: Any, other: Any = None) -> dict[str, Any]:
+    entries: list[Any] = [
+        {"resource": {"resourceType": "ServiceRequest", "priority": p}} for p in priorities
+    ]
+    if other is not None:
+        entries.append({"resource": {"resourceType": "Task", "priority": other}})
+    return {"resourceType": "Bundle", "entry": [*entries, "junk", {"resource": 3}]}
+
+
 @pytest.mark.parametrize(
-    ("text", "rank"),
+    ("bundle", "rank"),
     [
-        ('{"resourceType": "Bundle"}', 4),
-        ('{"priority": "routine"}', 4),
-        ('{"priority":"urgent"}', 3),
-        ('{"a": {"priority" :  "asap"}, "b": {"priority": "urgent"}}', 2),
-        ('{"priority": "stat", "x": {"priority": "routine"}}', 1),
-        ('{"priority": "bogus"}', 4),
-        ('{"priority": 1}', 4),
-        ('{"priority": "STAT"}', 4),
-        ('{"text": "\\"priority\\": \\"stat\\""}', 4),  # inside a string value: escaped
-        ('{"priority"', 4),
-        ("", 4),
+        ({"resourceType": "Bundle"}, 4),
+        ({"resourceType": "Bundle", "entry": None}, 4),
+        (_bundle_with("routine"), 4),
+        (_bundle_with("urgent"), 3),
+        (_bundle_with("asap", "urgent"), 2),
+        (_bundle_with("stat", "routine"), 1),
+        (_bundle_with("bogus"), 4),
+        (_bundle_with(1), 4),
+        (_bundle_with("STAT"), 4),
+        (_bundle_with(None), 4),
+        (_bundle_with("routine", other="stat"), 4),  # only the referral's own priority
     ],
 )
-def test_the_priority_hint_reads_the_most_urgent_named(text: str, rank: int) -> None:
-    assert intake.priority_hint(text) == rank
+def test_the_priority_of_a_bundle_is_its_most_urgent_service_request(
+    bundle: dict[str, Any], rank: int
+) -> None:
+    assert intake.priority_of(bundle) == rank
+
+
+@pytest.mark.django_db
+def test_a_members_late_stat_bundle_keeps_its_place_among_members(
+    world: World, settings: Any
+) -> None:
+    """A member's stat Bundle sent long after its backlog: within the turns the member
+    still goes by its oldest job (it has waited longest), with the stat one as its first."""
+    settings.FHIR_INTAKE_BATCH = 2
+    others = [
+        member_client(UserFactory.create(facility=world.network.spoke, roles=[Role.MEMBER_SYSTEM]))
+        for _ in range(2)
+    ]
+    backlog = _kick_off(world.r4, transaction(world, "SR-old"))
+    theirs = [_kick_off(c, transaction(world, f"SR-theirs-{n}")) for n, c in enumerate(others)]
+    stat = transaction(world, "SR-stat")
+    stat["entry"][1]["resource"]["priority"] = "stat"
+    late = _kick_off(world.r4, stat)
+    now = timezone.now()
+    for minutes, path in ((100, backlog), (30, theirs[0]), (20, theirs[1]), (0, late)):
+        IntakeJob.objects.filter(pk=_job(path).pk).update(
+            created_at=now - timedelta(minutes=minutes),
+            next_attempt_at=now - timedelta(minutes=minutes),
+        )
+
+    first = intake.intake_process_next(limit=2)
+
+    assert [_placer(json.loads(job.body)) for job, _outcome in first] == [
+        "SR-stat",
+        "SR-theirs-0",
+    ]
 
 
 @pytest.mark.django_db
@@ -1120,3 +1162,18 @@ def test_beat_drains_the_intake(settings: Any) -> None:
     assert entry["task"] == intake_drain_task.name == "fhir_gateway.intake_drain"
     assert entry["options"]["expires"] > entry["schedule"]
     assert app.tasks["fhir_gateway.intake_drain"].name == intake_drain_task.name
+
+
+@pytest.mark.django_db
+def test_an_insert_of_the_code_before_the_priority_column_still_works(world: World) -> None:
+    """While migration 0007 is deployed, web processes of the code before it insert jobs
+    without the column: the database default makes them routine."""
+    job = IntakeJob(user=world.submitter, body="{}", fhir_version="4.0", answer_version="4.0")
+    fields = [f for f in IntakeJob._meta.concrete_fields if f.name != "priority"]
+    values = [f.get_db_prep_save(getattr(job, f.attname), connection) for f in fields]
+    columns = ", ".join(f.column for f in fields)
+    marks = ", ".join(["%s"] * len(fields))
+    sql = f"INSERT INTO {IntakeJob._meta.db_table} ({columns}) VALUES ({marks})"  # noqa: S608
+    with connection.cursor() as cursor:
+        cursor.execute(sql, values)
+    assert IntakeJob.objects.get(pk=job.pk).priority == 4
