@@ -331,7 +331,7 @@ class _BundleReader:
         tier = type_codes.get(TIER_SYSTEM)
         columns["tier"] = "Organization.type"
         if tier is not None:
-            values["tier"] = int(tier) if tier.isdigit() else tier
+            values["tier"] = int(tier) if tier.isascii() and tier.isdigit() else tier
         ownership = type_codes.get(OWNERSHIP_SYSTEM)
         if ownership is not None:
             values["ownership"], columns["ownership"] = ownership, "Organization.type"

@@ -677,7 +677,7 @@ def patient_into_intake(intake: Intake, patient: dict[str, Any]) -> None:
     if gender in PatientSex.values:
         intake.patient_sex = str(gender)
     birth = str(patient.get("birthDate") or "")
-    if len(birth) >= 4 and birth[:4].isdigit():
+    if len(birth) >= 4 and birth[:4].isascii() and birth[:4].isdigit():
         intake.patient_birth_year = int(birth[:4])
 
 

@@ -319,6 +319,11 @@ def _revinclude_communications(user: User, task_ids: list[str]) -> QuerySet[Fhir
 # --------------------------------------------------------------------------- intake
 
 
+def _digits(text: str) -> bool:
+    """ASCII digits only (``str.isdigit`` also takes "²", which ``int`` refuses)."""
+    return text.isascii() and text.isdigit()
+
+
 def _caller_facility(user: User) -> int:
     if user.facility_id is None:
         raise FhirError(403, "forbidden", "Your account belongs to no facility.")
@@ -407,7 +412,7 @@ def _if_none_exist_counter_referral(
     prefix = f"{COUNTER_REFERRAL_SYSTEM}|{ask.original_id}/"
     value = criteria[0][1] if len(criteria) == 1 and criteria[0][0] == "identifier" else ""
     number = value[len(prefix) :] if value.startswith(prefix) else ""
-    if not number.isdigit() or int(number) < 1:
+    if not _digits(number) or int(number) < 1:
         raise FhirError(
             412,
             "business-rule",
@@ -616,7 +621,7 @@ def _communication_create(req: WriteRequest) -> WriteResult:
     for reference in req.resource.get("inResponseTo") or []:
         _kind, logical_id = m.split_reference(m.reference_of(reference))
         prefix = f"{referral.filler_id}-msg-"
-        if logical_id.startswith(prefix) and logical_id[len(prefix) :].isdigit():
+        if logical_id.startswith(prefix) and _digits(logical_id[len(prefix) :]):
             answered = int(logical_id[len(prefix) :])
         else:
             raise FhirError(

@@ -334,7 +334,7 @@ def store_first_versions(
 def parse_if_match(raw: str) -> int:
     match = _ETAG.match(raw)
     if not match:
-        raise FhirError(400, "invalid", f'If-Match {raw!r} is not a version ETag (W/"3").')
+        raise FhirError(400, "invalid", f'If-Match {raw!r} is not a version ETag (such as W/"3").')
     return int(match.group(1))
 
 

@@ -672,7 +672,7 @@ def vread(ctx: FhirRequest, resource_type: str, logical_id: str, version_id: str
     handler = _handler(resource_type, ctx.version)
     _check_id(logical_id)
     _require(handler, handlers.VREAD, _allowed_instance_methods(handler))
-    if not version_id.isdigit() or len(version_id) > 9:
+    if not (version_id.isascii() and version_id.isdigit()) or len(version_id) > 9:
         raise FhirError(400, "invalid", f"{version_id!r} is not a version id.")
     _check_visible(handler, logical_id, ctx.user)
     return _resource_response(ctx, resource_version(resource_type, logical_id, int(version_id)))
@@ -730,7 +730,7 @@ def _int_param(query: Any, name: str, default: int) -> int:
     raw = query.get(name)
     if raw is None or raw == "":
         return default
-    if not str(raw).isdigit() or len(str(raw)) > 9:
+    if not (str(raw).isascii() and str(raw).isdigit()) or len(str(raw)) > 9:
         raise FhirError(400, "invalid", f"{name} must be a non-negative integer, not {raw!r}.")
     return int(raw)
 
@@ -798,7 +798,7 @@ def _search(
     assert handler.search is not None and ctx.user is not None
     strict = "handling=strict" in ctx.request.headers.get("Prefer", "").replace(" ", "")
     count, offset = _paging({k: v[-1] for k, v in params.items() if v})
-    total_mode = (params.get("_total") or ["accurate"])[-1]
+    total_mode = (params.get("_total") or ["accurate"])[-1] or "accurate"
     if total_mode not in {"none", "estimate", "accurate"}:
         raise FhirError(400, "invalid", "_total must be none, estimate or accurate.")
     own: dict[str, list[str]] = {}
@@ -816,6 +816,8 @@ def _search(
         used[name] = values
         if base_name not in {"_id", "_lastUpdated"}:
             own.setdefault(base_name, []).extend(values)
+    if total_mode != "accurate":  # the paging links keep asking for the same
+        used["_total"] = [total_mode]
     sort = _sort_keys(handler, params.get("_sort") or [], ignored, strict)
     if sort:
         used["_sort"] = [",".join(("-" if descending else "") + key for key, descending in sort)]

@@ -305,7 +305,7 @@ class ReferralAttachmentsApi(APIView):
         # Refuse an oversized body before Django spools it to disk; scope first (404).
         _referral_for(user, pk)
         length = request.META.get("CONTENT_LENGTH") or "0"
-        if length.isdigit() and int(length) > max_bytes() + MULTIPART_OVERHEAD:
+        if length.isascii() and length.isdigit() and int(length) > max_bytes() + MULTIPART_OVERHEAD:
             raise too_large()
         upload = request.FILES.get("file")
         if upload is None:

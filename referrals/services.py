@@ -5,7 +5,7 @@ appends one ``ReferralEvent`` per change in the same transaction."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.core.exceptions import ValidationError
@@ -134,6 +134,12 @@ def _parse_datetime(field: InputField, value: Any) -> datetime:
     parsed = parse_datetime(value) if isinstance(value, str) else value
     if not isinstance(parsed, datetime) or timezone.is_naive(parsed):
         raise ValueError("an ISO 8601 date-time with a time zone")
+    try:  # 9999-12-31T23:59:59-14:00 is past the last representable instant in UTC
+        in_utc = parsed.astimezone(UTC)
+    except OverflowError as exc:
+        raise ValueError("a date-time between the years 1900 and 2999") from exc
+    if not 1900 <= in_utc.year <= 2999:
+        raise ValueError("a date-time between the years 1900 and 2999")
     return parsed
 
 

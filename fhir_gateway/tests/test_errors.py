@@ -92,6 +92,8 @@ def test_bad_body_is_400_and_stores_nothing(fhir, communication_type, body, code
     [
         "_count=abc",
         "_count=-1",
+        "_count=%C2%B2",  # "²": str.isdigit says yes, int() says no (a 500 before)
+        "_offset=%C2%B2",
         "_offset=x",
         "_total=maybe",
         "_lastUpdated=yesterday",
@@ -416,3 +418,15 @@ def test_a_nul_in_if_none_exist_is_400(world):
     assert response.status_code == 400
     assert outcome_issue(response)["code"] == "invalid"
     assert not Referral.objects.exists()
+
+
+def test_superscript_digits_in_a_history_or_version_id_are_400(fhir, communication_type):
+    """Found by a fuzz hunt: "²" passed ``str.isdigit`` and failed ``int`` (500)."""
+    logical_id = json.loads(fhir.post("/fhir/Communication", COMM).content)["id"]
+    for path in (
+        f"/fhir/Communication/{logical_id}/_history/%C2%B2",
+        f"/fhir/Communication/{logical_id}/_history?_count=%C2%B2",
+    ):
+        response = fhir.get(path)
+        assert response.status_code == 400, path
+        assert outcome_issue(response)["code"] == "invalid"

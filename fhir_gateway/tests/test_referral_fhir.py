@@ -704,3 +704,35 @@ def test_every_declared_referral_interaction_and_search_param_is_served(world: W
             )
             assert response.status_code == 200, (rtype, param["name"], response.content)
     assert seen == set(samples)
+
+
+def test_a_reply_to_a_message_id_with_superscript_digits_is_422(world: World) -> None:
+    """Found by a fuzz hunt: "…-msg-²" passed ``str.isdigit`` and failed ``int`` (500)."""
+    task_id = _task(world, submit(world))
+    before = Referral.objects.get().messages.count()
+    response = world.r4.post(
+        "/fhir/Communication",
+        {
+            "resourceType": "Communication",
+            "status": "completed",
+            "partOf": [{"reference": f"Task/{task_id}"}],
+            "inResponseTo": [{"reference": f"Communication/{task_id}-msg-\u00b2"}],
+            "payload": [{"contentString": "Reply."}],
+        },
+    )
+    assert response.status_code == 422, response.content
+    assert outcome_issue(response)["code"] == "business-rule"
+    assert Referral.objects.get().messages.count() == before
+
+
+def test_total_none_is_kept_by_the_paging_links_and_empty_means_the_default(
+    world: World,
+) -> None:
+    submit(world, "A")
+    submit(world, "B")
+    page = _get(world.r4, "/fhir/Task?_total=none&_count=1")
+    assert "total" not in page
+    next_url = next(link["url"] for link in page["link"] if link["relation"] == "next")
+    assert "_total=none" in next_url
+    assert "total" not in _get(world.r4, next_url.removeprefix("http://testserver"))
+    assert _get(world.r4, "/fhir/Task?_total=")["total"] == 2

@@ -243,6 +243,13 @@ def test_reschedule_refusals_change_nothing(world: World, people: dict[str, Any]
     invalid = update_task(
         consultant, task_id, _set_input("scheduled-at", valueDateTime="2031-02-03"), version
     )
+    # Found by a fuzz hunt: an instant past year 9999 in UTC broke the Task's rendering (500).
+    far_future = update_task(
+        consultant,
+        task_id,
+        _set_input("scheduled-at", valueDateTime="9999-12-31T23:59:59-14:00"),
+        version,
+    )
     bad_url = update_task(consultant, task_id, _set_input("video-url", valueUrl="ftp://x"), version)
     long_url = update_task(  # a valid URL, longer than the 500 characters stored
         consultant,
@@ -282,11 +289,22 @@ def test_reschedule_refusals_change_nothing(world: World, people: dict[str, Any]
     )
     outsider = world.other.put(f"/fhir/Task/{task_id}", read_task(world.r4, task_id))
 
-    for response in (past, invalid, bad_url, long_url, stray, unchanged, dropped, with_status):
+    for response in (
+        past,
+        invalid,
+        far_future,
+        bad_url,
+        long_url,
+        stray,
+        unchanged,
+        dropped,
+        with_status,
+    ):
         assert response.status_code == 422, response.content
         assert outcome_issue(response)["code"] == "business-rule"
     assert "future" in outcome_issue(past)["diagnostics"]
     assert "scheduled_at" in outcome_issue(invalid)["diagnostics"]
+    assert "between the years 1900 and 2999" in outcome_issue(far_future)["diagnostics"]
     assert "video_url" in outcome_issue(bad_url)["diagnostics"]
     assert "at most 500 characters" in outcome_issue(long_url)["diagnostics"]
     assert "minutes" in outcome_issue(stray)["diagnostics"]
@@ -671,6 +689,7 @@ def test_a_conditional_counter_referral_naming_another_number_or_referral_is_ref
     for value in (
         f"urn:consilium:counter-referral|{task_id}/2",  # none yet: the next is 1
         f"urn:consilium:counter-referral|{task_id}/0",
+        f"urn:consilium:counter-referral|{task_id}/\u00b2",  # "²": isdigit, not int (a 500)
         f"urn:consilium:counter-referral|{other_id}/1",  # not the referral in basedOn
         f"{m.FILLER_SYSTEM}|{task_id}",
     ):

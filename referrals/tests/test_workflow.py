@@ -228,3 +228,15 @@ def test_expire_overdue_job(world: World) -> None:
     assert services.referral_expire_overdue(now=later) == [late.pk]
     assert services.referral_expire_overdue(now=later) == []  # safe to run twice
     assert Referral.objects.get(pk=late.pk).state == "expired"
+
+
+def test_a_conference_time_must_be_representable_in_utc(world: World) -> None:
+    """Found by a fuzz hunt: 9999-12-31T23:59:59-14:00 is past year 9999 in UTC."""
+    referral = world.referral_in(ReferralState.ACCEPTED)
+    before = (referral.version, referral.events.count())
+    for when in ("9999-12-31T23:59:59-14:00", "3000-01-01T00:00:00Z", "1899-12-31T23:00:00Z"):
+        with pytest.raises(ApplicationError) as caught:
+            world.act(referral, "schedule", scheduled_at=when)
+        assert "1900 and 2999" in str(caught.value.extra), when
+    referral.refresh_from_db()
+    assert (referral.version, referral.events.count()) == before
