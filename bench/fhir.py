@@ -13,7 +13,7 @@
 - search: ``GET /fhir/Task?owner=…&status=requested&_count=50`` p50/p95 over the referrals
   the ingest stored; at scale: seed with ``bench/fhir_seed.py --referrals 1000000`` and pass
   ``--only search --search-department <the id it prints>``; ``--search-extra '&_sort=priority'``
-  times the same worklist sorted (the ORM path).
+  times the same worklist sorted.
 - projection: the cost the write path adds (``publish.referral_changed`` as stored, and
   the same renderings validated + serialised with fhir.resources, for decision 2).
 - outbound: ``--messages`` outbox messages delivered by ``--delivery-threads`` threads to a

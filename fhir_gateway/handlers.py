@@ -120,6 +120,8 @@ class ResourceHandler:
     # ``_sort`` keys beyond the common ones (SORTS): name -> an expression over the rows
     # (e.g. a column of the referral a resource projects), annotated and ordered by.
     sorts: dict[str, Any] = field(default_factory=dict)
+    # The same keys as SQL over the hand-written search's ``f`` / ``r`` (``search_sql``).
+    sort_sql: dict[str, str] = field(default_factory=dict)
     # Reads answered by the handler (any Accept: the handler negotiates), not stored JSON.
     raw_read: RawReadFunc | None = None
     # The FHIR versions the type exists in (SubscriptionTopic is R5 only): elsewhere 404.

@@ -297,6 +297,8 @@ REFERRAL_SORTS = {
     "authored-on": _referral_column("created_at"),
     "priority": _referral_column("priority"),
 }
+# The same over the hand-written search's referral ``r`` (``_search_sql``).
+REFERRAL_SORTS_SQL = {"authored-on": "r.created_at", "priority": "r.priority"}
 
 
 def _same_referral(resource_type: str) -> handlers.IncludeFunc:
@@ -917,6 +919,7 @@ def referral_handlers() -> list[ResourceHandler]:
             visible=_visible("ServiceRequest"),
             includes={"ServiceRequest:patient": _same_referral("Patient")},
             sorts=REFERRAL_SORTS,
+            sort_sql=REFERRAL_SORTS_SQL,
             revincludes={"Task:focus": _same_referral("Task")},
         ),
         ResourceHandler(
@@ -951,6 +954,7 @@ def referral_handlers() -> list[ResourceHandler]:
             },
             revincludes={"Communication:part-of": _revinclude_communications},
             sorts=REFERRAL_SORTS,
+            sort_sql=REFERRAL_SORTS_SQL,
         ),
         ResourceHandler(
             "Patient",

@@ -827,7 +827,9 @@ def _search(
         )
     column = "json_r5" if ctx.version == "5.0" else "json_r4"
     want_total = total_mode != "none" or offset > 0
-    hand_written = _search_by_sql(ctx.user, handler, own, used, column, count, offset, want_total)
+    hand_written = _search_by_sql(
+        ctx.user, handler, own, used, column, count, offset, want_total, sort
+    )
     if hand_written is not None:
         total, page = hand_written
     else:
@@ -900,6 +902,10 @@ def _search(
     return response
 
 
+# ``_sort`` keys of every type in the hand-written searches (over current resources ``f``).
+SORTS_SQL = {"_id": "f.logical_id", "_lastUpdated": "f.last_updated"}
+
+
 def _sort_keys(
     handler: ResourceHandler, values: list[str], ignored: list[str], strict: bool
 ) -> list[tuple[str, bool]]:
@@ -965,18 +971,21 @@ def _search_by_sql(
     count: int,
     offset: int,
     want_total: bool,
+    sort: list[tuple[str, bool]] | None = None,
 ) -> tuple[int | None, list[tuple[Any, ...]]] | None:
     """The search as one prepared statement (the count beside the page) when the handler
-    can state it in SQL (``search_sql``): the hot worklist polls skip the ORM's query
-    building, PostgreSQL's planning and a round trip (docs/performance.md). None: use the
-    ORM path."""
+    can state it in SQL (``search_sql``, and ``sort_sql`` for each ``_sort`` key): the hot
+    worklist polls skip the ORM's query building, PostgreSQL's planning and a round trip
+    (docs/performance.md). None: use the ORM path."""
+    sort = sort or []
+    sort_sql = {**SORTS_SQL, **handler.sort_sql}
     if (
         handler.search_sql is None
         or connection.vendor != "postgresql"
         or handler.order_by != ("logical_id",)
         or "_id" in used
         or "_lastUpdated" in used
-        or "_sort" in used
+        or any(key not in sort_sql for key, _descending in sort)
     ):
         return None
     found = handler.search_sql(user, own)
@@ -986,22 +995,31 @@ def _search_by_sql(
     if not handler.renders_all_versions:
         body += f" AND f.{column} <> ''"
     # LIMIT/OFFSET as literals (ints) so the prepared plan is a top-N one; the JSON is
-    # read only for the page's rows.
-    page_ids = f"SELECT f.id {body} ORDER BY f.logical_id LIMIT {int(count)} OFFSET {int(offset)}"
+    # read only for the page's rows, which keep their place (``ord``).
+    order = ", ".join(
+        [
+            f"{sort_sql[key]} {'DESC' if descending else 'ASC'} NULLS LAST"
+            for key, descending in sort
+        ]
+        + ["f.logical_id"]
+    )
+    page_ids = (
+        f"SELECT f.id, row_number() OVER (ORDER BY {order}) AS ord {body} "
+        f"ORDER BY {order} LIMIT {int(count)} OFFSET {int(offset)}"
+    )
     table = FhirResource._meta.db_table
+    page = (
+        f"SELECT x.resource_type, x.logical_id, x.{column}, q.ord "  # noqa: S608
+        f"FROM ({page_ids}) q JOIN {table} x ON x.id = q.id"
+    )
     if not want_total:
-        rows = fetch_prepared(
-            f"SELECT x.resource_type, x.logical_id, x.{column} FROM {table} x "  # noqa: S608
-            f"WHERE x.id IN ({page_ids}) ORDER BY x.logical_id",
-            params,
-        )
-        return None, rows
+        rows = fetch_prepared(f"{page} ORDER BY q.ord", params)
+        return None, [row[:3] for row in rows]
     # The count and the page in one statement: one row even for an empty page.
     rows = fetch_prepared(
         f"SELECT p.resource_type, p.logical_id, p.{column}, c.n "  # noqa: S608
-        f"FROM (SELECT count(*) AS n {body}) c LEFT JOIN LATERAL ("
-        f"SELECT x.resource_type, x.logical_id, x.{column} FROM {table} x "
-        f"WHERE x.id IN ({page_ids})) p ON TRUE ORDER BY p.logical_id",
+        f"FROM (SELECT count(*) AS n {body}) c LEFT JOIN LATERAL ({page}) p ON TRUE "
+        "ORDER BY p.ord",
         params + params,
     )
     return int(rows[0][3]), [row[:3] for row in rows if row[1] is not None]

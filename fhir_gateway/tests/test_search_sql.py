@@ -194,3 +194,39 @@ def test_the_endpoint_pages_the_hand_written_search_like_the_orm(
     assert fast == slow
     assert [b["total"] for b in fast] == [7, 7, 7]
     assert sum(len(b["entry"]) for b in fast) == 7
+
+
+@pytest.mark.parametrize(
+    "sort",
+    [
+        [("priority", False), ("authored-on", False)],
+        [("priority", True), ("authored-on", True)],
+        [("_lastUpdated", True)],
+        [("_id", True)],
+        [("authored-on", False), ("priority", False)],
+    ],
+)
+def test_sorted_hand_written_searches_equal_the_orm(
+    world: World, sort: list[tuple[str, bool]]
+) -> None:
+    """``_sort`` in SQL (``sort_sql``) pages exactly like the ORM (``sorts``), ties and all."""
+    for priority in (4, 1, 3, 4, 2, 1, 3, 4):
+        world.submit(priority=priority)
+    world.act(world.submit(priority=2), "accept")
+    user = User.objects.get(pk=world.consultant.pk)
+    for resource_type, params in (
+        ("Task", {}),
+        ("Task", {"status": ["requested"]}),
+        ("ServiceRequest", {}),
+    ):
+        handler = HANDLERS[resource_type]
+        assert handler.search is not None
+        for count, offset in ((3, 0), (3, 3), (4, 7), (50, 0)):
+            found = views._search_by_sql(
+                user, handler, params, {}, "json_r5", count, offset, True, sort
+            )
+            assert found is not None
+            total, page = found
+            rows = handler.search(user, params)
+            orm = views._sorted_page(handler, rows, sort, "json_r5", count, offset)
+            assert (total, page) == (rows.count(), orm), (resource_type, params, offset)
