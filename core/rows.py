@@ -77,7 +77,7 @@ def fetch_prepared_first(sql: str, params: Sequence[Any]) -> list[tuple[Any, ...
 
 
 def fetch_prepared(
-    sql: str, params: Sequence[Any], *, returning: bool = True
+    sql: str, params: Sequence[Any], *, returning: bool = True, prepare: bool = True
 ) -> list[tuple[Any, ...]]:
     """Run a statement that is the same text on every call. On PostgreSQL it is a server-side
     prepared statement of the (persistent, ``CONN_MAX_AGE``) connection: planned once per
@@ -86,7 +86,8 @@ def fetch_prepared(
     query log. Their texts must hold only constants and name their columns (``SELECT *``
     would fail with "cached plan must not change result type" once a column is added);
     values go in ``params``. ``returning=False``: a statement without rows (an INSERT
-    without RETURNING); [] is returned."""
+    without RETURNING); [] is returned. ``prepare=False``: the same server-side binding,
+    planned for this call only (texts that vary too much to keep)."""
     if connection.vendor != "postgresql":
         with connection.cursor() as cursor:
             cursor.execute(sql, params)
@@ -94,7 +95,7 @@ def fetch_prepared(
     # Django gives its connections a client-side binding cursor factory; prepared
     # statements need psycopg's server-side binding ``Cursor``.
     with prepared_cursor() as cursor:
-        cursor.execute(sql, params, prepare=True)
+        cursor.execute(sql, params, prepare=prepare)
         return list(cursor.fetchall()) if returning else []
 
 

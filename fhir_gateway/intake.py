@@ -361,18 +361,17 @@ def _due_jobs_in_turn(limit: int) -> list[IntakeJob]:
             rows: list[tuple[uuid.UUID, int, int, datetime, bool]] = cursor.fetchall()
         if not rows:
             return []
-        # Within a turn the members go by their oldest due job (who has waited longest),
-        # whichever of their jobs fills the turn (the most urgent).
-        waited: dict[int, datetime] = {}
-        for _pk, user_id, _priority, at, _tried in rows:
-            waited[user_id] = min(at, waited.get(user_id, at))
+        # Within a turn the members go by the age of the job each puts forward (its most
+        # urgent): a stat Bundle goes at its own age, so marking Bundles stat gains a
+        # member nothing over the others, and cannot hold them back either (a member's
+        # oldest job would keep its place for ever while newer stat ones fill its turns).
         turns: dict[int, int] = {}
         ranked = []
-        for pk, user_id, _priority, _at, tried in sorted(
+        for pk, user_id, _priority, at, tried in sorted(
             rows, key=lambda row: (row[1], row[2], row[3], row[0])
         ):
             turns[user_id] = turns.get(user_id, -1) + 1
-            ranked.append((turns[user_id], waited[user_id], user_id, pk, tried))
+            ranked.append((turns[user_id], at, user_id, pk, tried))
         ranked.sort()
         first_tried = next((pk for _t, _w, _u, pk, tried in ranked[:limit] if tried), None)
         if first_tried is not None:

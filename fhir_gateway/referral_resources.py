@@ -291,14 +291,16 @@ def _referral_column(name: str) -> Subquery:
     return Subquery(Referral.objects.filter(pk=OuterRef("source_pk")).values(name)[:1])
 
 
-# ``_sort`` keys of the referral types: when it was authored, and its urgency (the
+# ``_sort`` keys of the referral types, named as their search parameters (Task
+# ``authored-on``, ServiceRequest ``authored``): when it was authored, and its urgency (the
 # request-priority codes in clinical order: stat, asap, urgent, routine).
-REFERRAL_SORTS = {
-    "authored-on": _referral_column("created_at"),
-    "priority": _referral_column("priority"),
-}
+def _referral_sorts(authored: str) -> dict[str, Any]:
+    return {authored: _referral_column("created_at"), "priority": _referral_column("priority")}
+
+
 # The same over the hand-written search's referral ``r`` (``_search_sql``).
-REFERRAL_SORTS_SQL = {"authored-on": "r.created_at", "priority": "r.priority"}
+def _referral_sorts_sql(authored: str) -> dict[str, str]:
+    return {authored: "r.created_at", "priority": "r.priority"}
 
 
 def _same_referral(resource_type: str) -> handlers.IncludeFunc:
@@ -903,7 +905,7 @@ def referral_handlers() -> list[ResourceHandler]:
             "If-None-Exist: identifier=<placer system>|<value> is idempotent. Create with "
             "basedOn = ServiceRequest/<id> (performer = a department of its requester) = "
             "counter-referral of that referral. _sort: priority (most urgent first), "
-            "authored-on, _lastUpdated, _id; - for descending.",
+            "authored, _lastUpdated, _id; - for descending.",
             search_params=(
                 _sp("requester", "reference", "Requesting Organization.", "ServiceRequest"),
                 _sp("performer", "reference", "Assigned HealthcareService.", "ServiceRequest"),
@@ -918,8 +920,8 @@ def referral_handlers() -> list[ResourceHandler]:
             renders_all_versions=True,
             visible=_visible("ServiceRequest"),
             includes={"ServiceRequest:patient": _same_referral("Patient")},
-            sorts=REFERRAL_SORTS,
-            sort_sql=REFERRAL_SORTS_SQL,
+            sorts=_referral_sorts("authored"),
+            sort_sql=_referral_sorts_sql("authored"),
             revincludes={"Task:focus": _same_referral("Task")},
         ),
         ResourceHandler(
@@ -953,8 +955,8 @@ def referral_handlers() -> list[ResourceHandler]:
                 "Task:patient": _same_referral("Patient"),
             },
             revincludes={"Communication:part-of": _revinclude_communications},
-            sorts=REFERRAL_SORTS,
-            sort_sql=REFERRAL_SORTS_SQL,
+            sorts=_referral_sorts("authored-on"),
+            sort_sql=_referral_sorts_sql("authored-on"),
         ),
         ResourceHandler(
             "Patient",

@@ -773,8 +773,10 @@ def _date_range(raw: str) -> tuple[str, datetime, datetime]:
         else:
             start = datetime(int(year), 1, 1, tzinfo=UTC)
             end = start.replace(year=start.year + 1)
-    except ValueError as exc:
+    except (ValueError, OverflowError) as exc:  # 9999-12-31 has no end in Python
         raise FhirError(400, "invalid", f"_lastUpdated {raw!r} is not a valid date.") from exc
+    if not 1900 <= start.astimezone(UTC).year <= 2999:
+        raise FhirError(400, "invalid", f"{raw!r}: dates are searched from 1900 to 2999.")
     return prefix, start, end
 
 
@@ -994,8 +996,8 @@ def _search_by_sql(
     body, params = found
     if not handler.renders_all_versions:
         body += f" AND f.{column} <> ''"
-    # LIMIT/OFFSET as literals (ints) so the prepared plan is a top-N one; the JSON is
-    # read only for the page's rows, which keep their place (``ord``).
+    # LIMIT/OFFSET as literals (ints) so the plan is a top-N sort; the JSON is read only
+    # for the page's rows, which keep their place (``ord``: the array's order).
     order = ", ".join(
         [
             f"{sort_sql[key]} {'DESC' if descending else 'ASC'} NULLS LAST"
@@ -1003,17 +1005,20 @@ def _search_by_sql(
         ]
         + ["f.logical_id"]
     )
-    page_ids = (
-        f"SELECT f.id, row_number() OVER (ORDER BY {order}) AS ord {body} "
-        f"ORDER BY {order} LIMIT {int(count)} OFFSET {int(offset)}"
-    )
+    page_ids = f"SELECT f.id {body} ORDER BY {order} LIMIT {int(count)} OFFSET {int(offset)}"
     table = FhirResource._meta.db_table
     page = (
         f"SELECT x.resource_type, x.logical_id, x.{column}, q.ord "  # noqa: S608
-        f"FROM ({page_ids}) q JOIN {table} x ON x.id = q.id"
+        f"FROM unnest(ARRAY({page_ids})) WITH ORDINALITY q(id, ord) "
+        f"JOIN {table} x ON x.id = q.id"
     )
+    # Prepared (planned once per connection) for the first page in the default order or
+    # one sort key: the polls a worklist repeats. Other pages and sorts are planned each
+    # time, so a client paging or sorting every way does not evict the hot statements
+    # from the connection's cache of prepared statements (psycopg keeps 100).
+    prepare = offset == 0 and len(sort) <= 1
     if not want_total:
-        rows = fetch_prepared(f"{page} ORDER BY q.ord", params)
+        rows = fetch_prepared(f"{page} ORDER BY q.ord", params, prepare=prepare)
         return None, [row[:3] for row in rows]
     # The count and the page in one statement: one row even for an empty page.
     rows = fetch_prepared(
@@ -1021,6 +1026,7 @@ def _search_by_sql(
         f"FROM (SELECT count(*) AS n {body}) c LEFT JOIN LATERAL ({page}) p ON TRUE "
         "ORDER BY p.ord",
         params + params,
+        prepare=prepare,
     )
     return int(rows[0][3]), [row[:3] for row in rows if row[1] is not None]
 

@@ -4,12 +4,46 @@ from django.contrib.postgres.operations import AddIndexConcurrently, RemoveIndex
 from django.db import migrations, models
 
 
+class AddFieldOnce(migrations.AddField):
+    """AddField that a re-run skips when the column is there (this migration is not atomic:
+    a run stopped by a later step leaves it added), waiting at most LOCK_TIMEOUT for the
+    table's lock on PostgreSQL (then it fails, nothing done: run migrate again)."""
+
+    LOCK_TIMEOUT = "10s"
+
+    def database_forwards(self, app_label, schema_editor, from_state, to_state):
+        model = to_state.apps.get_model(app_label, self.model_name)
+        connection = schema_editor.connection
+        with connection.cursor() as cursor:
+            table = connection.introspection.get_table_description(cursor, model._meta.db_table)
+        if self.name in {column.name for column in table}:
+            return
+        if connection.vendor != "postgresql":
+            return super().database_forwards(app_label, schema_editor, from_state, to_state)
+        schema_editor.execute(f"SET lock_timeout = '{self.LOCK_TIMEOUT}'")
+        try:
+            super().database_forwards(app_label, schema_editor, from_state, to_state)
+        finally:
+            schema_editor.execute("SET lock_timeout = DEFAULT")
+
+
 class AddIndexConcurrentlyOnPostgres(AddIndexConcurrently):
     """CONCURRENTLY on PostgreSQL (the table stays writable); a plain index elsewhere
-    (SQLite under `make run`). As in 0002_live_source_index."""
+    (SQLite under `make run`). As in 0002_live_source_index; here an INVALID index a
+    stopped run left behind is dropped first."""
 
     def database_forwards(self, app_label, schema_editor, from_state, to_state):
         if schema_editor.connection.vendor == "postgresql":
+            with schema_editor.connection.cursor() as cursor:
+                cursor.execute(
+                    "SELECT 1 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+                    "WHERE c.relname = %s AND NOT i.indisvalid",
+                    [self.index.name],
+                )
+                if cursor.fetchone():
+                    schema_editor.execute(
+                        f'DROP INDEX CONCURRENTLY IF EXISTS "{self.index.name}"'
+                    )
             return super().database_forwards(app_label, schema_editor, from_state, to_state)
         return migrations.AddIndex.database_forwards(
             self, app_label, schema_editor, from_state, to_state
@@ -54,7 +88,7 @@ class Migration(migrations.Migration):
     ]
 
     operations = [
-        migrations.AddField(
+        AddFieldOnce(
             model_name="intakejob",
             name="priority",
             field=models.SmallIntegerField(db_default=4, default=4),

@@ -1089,6 +1089,38 @@ def _bundle_with(*priorities: Any, other: Any = None) -> dict[str, Any]:
     return {"resourceType": "Bundle", "entry": [*entries, "junk", {"resource": 3}]}
 
 
+@pytest.mark.django_db
+def test_a_members_stat_bundles_go_at_their_own_age_among_members(
+    world: World, settings: Any
+) -> None:
+    """Member A: a routine job due 100 minutes ago, then three stat ones due just now;
+    member B: one due 50 minutes ago. One job per claim: B's goes first (A puts its stat
+    jobs forward, and they are younger), then A's stat ones, then A's routine one. A
+    member's stat Bundles never hold another member back."""
+    settings.FHIR_INTAKE_BATCH = 1
+    other = member_client(
+        UserFactory.create(facility=world.network.spoke, roles=[Role.MEMBER_SYSTEM])
+    )
+    old = _kick_off(world.r4, transaction(world, "SR-A-old"))
+    stats = []
+    for n in range(3):
+        bundle = transaction(world, f"SR-A-stat-{n}")
+        bundle["entry"][1]["resource"]["priority"] = "stat"
+        stats.append(_kick_off(world.r4, bundle))
+    theirs = _kick_off(other, transaction(world, "SR-B"))
+    now = timezone.now()
+    for minutes, path in ((100, old), (50, theirs), *((3 - n, p) for n, p in enumerate(stats))):
+        IntakeJob.objects.filter(pk=_job(path).pk).update(
+            next_attempt_at=now - timedelta(minutes=minutes)
+        )
+
+    order = []
+    while claimed := intake.intake_process_next(limit=1):
+        order += [_placer(json.loads(job.body)) for job, _outcome in claimed]
+
+    assert order == ["SR-B", "SR-A-stat-0", "SR-A-stat-1", "SR-A-stat-2", "SR-A-old"]
+
+
 @pytest.mark.parametrize(
     ("bundle", "rank"),
     [
@@ -1109,37 +1141,6 @@ def test_the_priority_of_a_bundle_is_its_most_urgent_service_request(
     bundle: dict[str, Any], rank: int
 ) -> None:
     assert intake.priority_of(bundle) == rank
-
-
-@pytest.mark.django_db
-def test_a_members_late_stat_bundle_keeps_its_place_among_members(
-    world: World, settings: Any
-) -> None:
-    """A member's stat Bundle sent long after its backlog: within the turns the member
-    still goes by its oldest job (it has waited longest), with the stat one as its first."""
-    settings.FHIR_INTAKE_BATCH = 2
-    others = [
-        member_client(UserFactory.create(facility=world.network.spoke, roles=[Role.MEMBER_SYSTEM]))
-        for _ in range(2)
-    ]
-    backlog = _kick_off(world.r4, transaction(world, "SR-old"))
-    theirs = [_kick_off(c, transaction(world, f"SR-theirs-{n}")) for n, c in enumerate(others)]
-    stat = transaction(world, "SR-stat")
-    stat["entry"][1]["resource"]["priority"] = "stat"
-    late = _kick_off(world.r4, stat)
-    now = timezone.now()
-    for minutes, path in ((100, backlog), (30, theirs[0]), (20, theirs[1]), (0, late)):
-        IntakeJob.objects.filter(pk=_job(path).pk).update(
-            created_at=now - timedelta(minutes=minutes),
-            next_attempt_at=now - timedelta(minutes=minutes),
-        )
-
-    first = intake.intake_process_next(limit=2)
-
-    assert [_placer(json.loads(job.body)) for job, _outcome in first] == [
-        "SR-stat",
-        "SR-theirs-0",
-    ]
 
 
 @pytest.mark.django_db

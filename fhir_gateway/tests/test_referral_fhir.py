@@ -542,6 +542,8 @@ def test_sort_a_worklist_by_priority_age_or_last_change(world: World) -> None:
     assert ids("_sort=-_lastUpdated")[0] == routine
     orders = _get(world.r4, "/fhir/ServiceRequest?_sort=priority")
     assert [e["resource"]["id"] for e in orders["entry"]][:1] == [stat]
+    newest = _get(world.r4, "/fhir/ServiceRequest?_sort=-authored")  # its parameter's name
+    assert [e["resource"]["id"] for e in newest["entry"]] == [also_urgent, urgent, stat, routine]
 
     # Paging keeps the order: the next link carries _sort.
     first = _get(world.r5, "/fhir/Task?_sort=priority,authored-on&_count=3")
@@ -736,3 +738,12 @@ def test_total_none_is_kept_by_the_paging_links_and_empty_means_the_default(
     assert "_total=none" in next_url
     assert "total" not in _get(world.r4, next_url.removeprefix("http://testserver"))
     assert _get(world.r4, "/fhir/Task?_total=")["total"] == 2
+
+
+def test_authored_on_past_year_9999_is_400(world: World) -> None:
+    """Found by a review: the end of 9999-12-31 overflowed (a 500)."""
+    submit(world)
+    for value in ("9999-12-31", "le9999-12-31T23:59:59Z"):
+        response = world.r4.get(f"/fhir/Task?authored-on={value}")
+        assert response.status_code == 400, value
+        assert outcome_issue(response)["code"] == "invalid"
