@@ -773,9 +773,10 @@ def _date_range(raw: str) -> tuple[str, datetime, datetime]:
         else:
             start = datetime(int(year), 1, 1, tzinfo=UTC)
             end = start.replace(year=start.year + 1)
+        in_range = 1900 <= start.astimezone(UTC).year <= 2999
     except (ValueError, OverflowError) as exc:  # 9999-12-31 has no end in Python
         raise FhirError(400, "invalid", f"_lastUpdated {raw!r} is not a valid date.") from exc
-    if not 1900 <= start.astimezone(UTC).year <= 2999:
+    if not in_range:
         raise FhirError(400, "invalid", f"{raw!r}: dates are searched from 1900 to 2999.")
     return prefix, start, end
 

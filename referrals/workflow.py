@@ -233,7 +233,7 @@ TRANSITIONS: tuple[Transition, ...] = (
         ActorSide.ASSIGNEE,
         ASSIGNEE_OR_SYSTEM_ROLES,
         inputs=(
-            InputField("scheduled_at", "datetime"),
+            InputField("scheduled_at", "datetime", help="ISO 8601 with a time zone, in 1900-2999"),
             InputField("experts", "users", help="user ids of the experts invited"),
             InputField("video_url", "url"),
         ),

@@ -29,21 +29,22 @@ class AddFieldOnce(migrations.AddField):
 
 class AddIndexConcurrentlyOnPostgres(AddIndexConcurrently):
     """CONCURRENTLY on PostgreSQL (the table stays writable); a plain index elsewhere
-    (SQLite under `make run`). As in 0002_live_source_index; here an INVALID index a
-    stopped run left behind is dropped first."""
+    (SQLite under `make run`). As in 0002_live_source_index; here a re-run after a stop
+    keeps a valid index already built and drops an INVALID one a stopped build left."""
 
     def database_forwards(self, app_label, schema_editor, from_state, to_state):
         if schema_editor.connection.vendor == "postgresql":
             with schema_editor.connection.cursor() as cursor:
                 cursor.execute(
-                    "SELECT 1 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
-                    "WHERE c.relname = %s AND NOT i.indisvalid",
+                    "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+                    "WHERE c.relname = %s",
                     [self.index.name],
                 )
-                if cursor.fetchone():
-                    schema_editor.execute(
-                        f'DROP INDEX CONCURRENTLY IF EXISTS "{self.index.name}"'
-                    )
+                found = cursor.fetchone()
+            if found is not None and found[0]:
+                return  # built by a run that stopped later
+            if found is not None:
+                schema_editor.execute(f'DROP INDEX CONCURRENTLY IF EXISTS "{self.index.name}"')
             return super().database_forwards(app_label, schema_editor, from_state, to_state)
         return migrations.AddIndex.database_forwards(
             self, app_label, schema_editor, from_state, to_state

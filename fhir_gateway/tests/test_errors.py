@@ -102,6 +102,8 @@ def test_bad_body_is_400_and_stores_nothing(fhir, communication_type, body, code
         "_lastUpdated=9999-12",
         "_lastUpdated=ge9999-12-31T23:59Z",
         "_lastUpdated=1899-12-31",
+        "_lastUpdated=9999-12-31T23:59:58-14:00",  # past 9999 only in UTC
+        "_lastUpdated=ge9999-12-31T23:00-14:00",
         "near=abc",
         "near=91|0|10|km",
         "near=10|10|5|mi",

@@ -483,12 +483,29 @@ def test_an_include_named_twice_answers_each_resource_once(world: World) -> None
 
 
 def test_revincludes_stay_in_the_callers_scope(world: World) -> None:
-    """An unrelated facility's system finds no Tasks, so nothing is included either; and
-    includes of an empty page cost no query."""
+    """The include functions themselves apply the caller's scope (given the ids of a page
+    someone else could see, an unrelated facility gets nothing), and an empty page costs
+    no include query."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from fhir_gateway.handlers import HANDLERS
+
     first = _task(world, submit(world, "A"))
     _message(world.r4, first, "Echo done yesterday.")
-    found = _get(world.other, f"/fhir/Task?_id={first}&_revinclude=Communication:part-of")
-    assert found["total"] == 0 and "entry" not in found
+    task, order = HANDLERS["Task"], HANDLERS["ServiceRequest"]
+    functions = [*task.includes.values(), *task.revincludes.values()]
+    functions += [*order.includes.values(), *order.revincludes.values()]
+    for include in functions:
+        assert include(world.submitter, [first]).exists(), include
+        assert not include(world.outsider, [first]).exists(), include
+    world.other.get("/fhir/Task?_id=x")  # the token's last use is written once
+    with CaptureQueriesContext(connection) as plain:
+        world.other.get(f"/fhir/Task?_id={first}")
+    with CaptureQueriesContext(connection) as included:
+        found = world.other.get(f"/fhir/Task?_id={first}&_revinclude=Communication:part-of")
+    assert body(found)["total"] == 0 and "entry" not in body(found)
+    assert len(included) == len(plain)
 
 
 def test_unknown_revincludes_are_ignored_or_refused_when_strict(world: World) -> None:
