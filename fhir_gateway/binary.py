@@ -25,6 +25,7 @@ from django.http import FileResponse, HttpResponse
 from django.http.response import HttpResponseBase
 from django.utils.http import http_date
 
+from core.values import ascii_digits
 from fhir_gateway import handlers
 from fhir_gateway.handlers import RawRead, ResourceHandler
 from fhir_gateway.outcomes import FhirError
@@ -49,7 +50,7 @@ def _not_found(logical_id: str) -> FhirError:
 
 def _attachment(read: RawRead) -> Attachment:
     filler, separator, number = read.logical_id.rpartition(_SEPARATOR)
-    if not separator or not filler or not (number.isascii() and number.isdigit()):
+    if not separator or not filler or not ascii_digits(number):
         raise _not_found(read.logical_id)
     referral_pk = (
         referral_visible(read.user).filter(filler_id=filler).values_list("pk", flat=True).first()

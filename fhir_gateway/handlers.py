@@ -41,8 +41,10 @@ class SearchParam:
     definition: str = ""
 
 
-# ``_sort`` keys of every searchable type: name -> the FhirResource column.
+# ``_sort`` keys of every searchable type: name -> the FhirResource column, and the same in
+# the hand-written searches (over current resources ``f``).
 SORTS: dict[str, str] = {"_id": "logical_id", "_lastUpdated": "last_updated"}
+SORTS_SQL: dict[str, str] = {key: f"f.{column}" for key, column in SORTS.items()}
 
 # Parameters the views evaluate for every searchable type.
 COMMON_SEARCH_PARAMS: tuple[SearchParam, ...] = (

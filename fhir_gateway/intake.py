@@ -300,15 +300,15 @@ def _tried(job: IntakeJob) -> bool:
 
 def _claim(due: Q | None, limit: int = 1) -> list[IntakeJob]:
     """Lease up to ``limit`` jobs (``_due_jobs``: those ``due`` selects, or the members'
-    most urgent then oldest due ones in turn; ``SKIP LOCKED``), in a short transaction of its own: their
-    attempt is counted and ``next_attempt_at`` moves past the backoff before anything is
-    applied, so no other drain takes them meanwhile, and a
-    worker that dies while applying them (killed, out of memory) leaves jobs that are
-    retried after the backoff and finally given up, instead of claimed first again and
-    again. A job tried before (``_tried``) is leased alone (``_due_jobs_in_turn`` picks it
-    alone; otherwise a batch ends before one): a Bundle that kills its worker or its
-    session costs the jobs beside it one attempt at most, and then meets its end alone. Jobs of one account share one user object (its
-    roles are read once)."""
+    most urgent then oldest due ones in turn; ``SKIP LOCKED``), in a short transaction of
+    its own: their attempt is counted and ``next_attempt_at`` moves past the backoff before
+    anything is applied, so no other drain takes them meanwhile, and a worker that dies
+    while applying them (killed, out of memory) leaves jobs that are retried after the
+    backoff and finally given up, instead of claimed first again and again. A job tried
+    before (``_tried``) is leased alone (``_due_jobs_in_turn`` picks it alone; otherwise a
+    batch ends before one): a Bundle that kills its worker or its session costs the jobs
+    beside it one attempt at most, and then meets its end alone. Jobs of one account share
+    one user object (its roles are read once)."""
     with transaction.atomic():
         jobs = _due_jobs(due, limit)
         if not jobs:
@@ -333,9 +333,9 @@ def _due_jobs(due: Q | None, limit: int) -> list[IntakeJob]:
     member by member: each account's most urgent then oldest, taken in turn (its 1st, the
     next account's 1st, ..., then its 2nd ...), so a member uploading a backlog of
     thousands of Bundles does not hold back another member's one, and a member's urgent
-    Bundle does not wait behind its own backlog. A member's priorities order its own jobs
-    only: marking every Bundle stat gains nothing over other members. (SQLite, ``make
-    run``: most urgent then oldest of all.)"""
+    Bundle does not wait behind its own backlog. A member's priorities choose which of its
+    jobs fills each of its turns, not how many turns it gets (``_due_jobs_in_turn``).
+    (SQLite, ``make run``: most urgent then oldest of all.)"""
     if due is None and connection.vendor == "postgresql":
         return _due_jobs_in_turn(limit)
     if due is None:
@@ -351,9 +351,10 @@ def _due_jobs(due: Q | None, limit: int) -> list[IntakeJob]:
 def _due_jobs_in_turn(limit: int) -> list[IntakeJob]:
     """Rank first, without locks: each account's ``CANDIDATES * limit`` most urgent then
     oldest due jobs, taken in turn. Then lock in that order only the jobs leased, skipping
-    rows another claim holds (a claim running at the same time takes the next ones). A job tried before
-    among the first ``limit`` is leased alone (``_claim``), ahead of the batch it would
-    have been in; the jobs ranked with it wait one claim, not until it comes first."""
+    rows another claim holds (a claim running at the same time takes the next ones). A job
+    tried before among the first ``limit`` is leased alone (``_claim``), ahead of the batch
+    it would have been in; the jobs ranked with it wait one claim, not until it comes
+    first."""
     now = timezone.now()
     for _ in range(3):  # all candidates held by another claim until its lease commits
         with connection.cursor() as cursor:
@@ -362,9 +363,9 @@ def _due_jobs_in_turn(limit: int) -> list[IntakeJob]:
         if not rows:
             return []
         # Within a turn the members go by the age of the job each puts forward (its most
-        # urgent): a stat Bundle goes at its own age, so marking Bundles stat gains a
-        # member nothing over the others, and cannot hold them back either (a member's
-        # oldest job would keep its place for ever while newer stat ones fill its turns).
+        # urgent): a stat Bundle goes at its own age, not ahead of other members' older
+        # jobs. (Ranked by its oldest job instead, a member's newer stat Bundles would fill
+        # its turns while that old job kept its place for ever, holding the others back.)
         turns: dict[int, int] = {}
         ranked = []
         for pk, user_id, _priority, at, tried in sorted(
@@ -513,8 +514,8 @@ def intake_process(*, job_id: str | uuid.UUID) -> str:
 
 def intake_process_next(*, limit: int = 1) -> list[tuple[IntakeJob, str]]:
     """Apply the next due jobs no one else holds (up to ``limit``, in one transaction; the
-    members' most urgent then oldest in turn); each job with what happened to it, none when no job is
-    due."""
+    members' most urgent then oldest in turn); each job with what happened to it, none
+    when no job is due."""
     jobs = _claim(None, limit)
     return list(zip(jobs, _process(jobs), strict=True)) if jobs else []
 

@@ -29,6 +29,7 @@ from django.db.models import QuerySet
 from django.utils import timezone
 
 from core.errors import ApplicationError
+from core.values import ascii_digits
 from fhir_gateway import handlers
 from fhir_gateway.handlers import Operation, OperationAnswer, OperationCall, ResourceHandler
 from fhir_gateway.models import FhirResource
@@ -220,7 +221,7 @@ def _filters(params: dict[str, list[str]]) -> tuple[Any, dict[str, str]]:
     subject = _one(params, "subject")
     if subject is not None:
         kind, _, facility = subject.partition("/")
-        if kind != "Organization" or not (facility.isascii() and facility.isdigit()):
+        if kind != "Organization" or not ascii_digits(facility):
             raise FhirError(
                 400, "invalid", "subject must be Organization/<id> (the requesting facility)."
             )

@@ -24,18 +24,17 @@ import jsonpatch
 import jsonpointer
 
 from fhir_gateway.outcomes import FhirError
-from fhir_gateway.versions import FHIR_JSON, parse_media_type, version_from_params
+from fhir_gateway.versions import JSON_TYPES, parse_media_range, version_from_params
 
 JSON_PATCH = "application/json-patch+json"
 MERGE_PATCH = "application/merge-patch+json"
-# Bodies read as JSON Patch (an array) or merge patch (an object) by their shape.
-_EITHER = frozenset({FHIR_JSON, "application/json", "application/json+fhir"})
 
 
 def patch_format(content_type: str, *, default_version: str) -> tuple[str, str]:
     """(media type, FHIR version) of a PATCH body; 415 for formats we do not apply."""
-    parsed = parse_media_type(content_type)
-    if parsed is None or parsed.media_type not in {JSON_PATCH, MERGE_PATCH, *_EITHER}:
+    parsed = parse_media_range(content_type)
+    # A body under a plain or FHIR JSON type is read by its shape (array / object).
+    if parsed is None or parsed.media_type not in {JSON_PATCH, MERGE_PATCH, *JSON_TYPES}:
         raise FhirError(
             415,
             "not-supported",

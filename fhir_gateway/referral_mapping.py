@@ -24,6 +24,7 @@ from typing import Any
 
 from django.utils.dateparse import parse_datetime
 
+from core.values import ascii_digits
 from fhir_gateway.outcomes import FhirError
 from fhir_gateway.registry_projection import CONSILIUM, CONSULT_MODE_SYSTEM
 from fhir_gateway.storage import fhir_instant
@@ -677,7 +678,7 @@ def patient_into_intake(intake: Intake, patient: dict[str, Any]) -> None:
     if gender in PatientSex.values:
         intake.patient_sex = str(gender)
     birth = str(patient.get("birthDate") or "")
-    if len(birth) >= 4 and birth[:4].isascii() and birth[:4].isdigit():
+    if len(birth) >= 4 and ascii_digits(birth[:4]):
         intake.patient_birth_year = int(birth[:4])
 
 
@@ -915,7 +916,7 @@ def task_to_transition(
         )
     if reference_of(current.get("owner")) != reference_of(incoming.get("owner")):
         kind, department = split_reference(reference_of(incoming.get("owner")))
-        if kind != "HealthcareService" or not (department.isascii() and department.isdigit()):
+        if kind != "HealthcareService" or not ascii_digits(department):
             raise _refuse(
                 "Task.owner must be a HealthcareService (the new department).", "Task.owner"
             )

@@ -25,6 +25,7 @@ from django.db import transaction
 from django.db.models import OuterRef, Q, QuerySet, Subquery
 
 from core.errors import ApplicationError, Conflict
+from core.values import ascii_digits
 from fhir_gateway import handlers
 from fhir_gateway import referral_mapping as m
 from fhir_gateway.handlers import ResourceHandler, SearchParam, WriteRequest
@@ -316,16 +317,10 @@ def _same_referral(resource_type: str) -> handlers.IncludeFunc:
 def _revinclude_communications(user: User, task_ids: list[str]) -> QuerySet[FhirResource]:
     """``Task?_revinclude=Communication:part-of``: the messages of the page's referrals."""
     referrals = _visible_referrals(user).filter(filler_id__in=task_ids)
-    rows: QuerySet[FhirResource] = _scoped("Communication", user, referrals)
-    return rows
+    return _scoped("Communication", user, referrals)
 
 
 # --------------------------------------------------------------------------- intake
-
-
-def _digits(text: str) -> bool:
-    """ASCII digits only (``str.isdigit`` also takes "²", which ``int`` refuses)."""
-    return text.isascii() and text.isdigit()
 
 
 def _caller_facility(user: User) -> int:
@@ -416,7 +411,7 @@ def _if_none_exist_counter_referral(
     prefix = f"{COUNTER_REFERRAL_SYSTEM}|{ask.original_id}/"
     value = criteria[0][1] if len(criteria) == 1 and criteria[0][0] == "identifier" else ""
     number = value[len(prefix) :] if value.startswith(prefix) else ""
-    if not _digits(number) or int(number) < 1:
+    if not ascii_digits(number) or int(number) < 1:
         raise FhirError(
             412,
             "business-rule",
@@ -625,7 +620,7 @@ def _communication_create(req: WriteRequest) -> WriteResult:
     for reference in req.resource.get("inResponseTo") or []:
         _kind, logical_id = m.split_reference(m.reference_of(reference))
         prefix = f"{referral.filler_id}-msg-"
-        if logical_id.startswith(prefix) and _digits(logical_id[len(prefix) :]):
+        if logical_id.startswith(prefix) and ascii_digits(logical_id[len(prefix) :]):
             answered = int(logical_id[len(prefix) :])
         else:
             raise FhirError(

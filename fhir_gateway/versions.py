@@ -36,7 +36,7 @@ RELEASE: dict[str, str] = {R4: "4.0.1", R5: "5.0.0"}
 
 FHIR_JSON = "application/fhir+json"
 # Media types we read and write as FHIR JSON. application/json is common in the wild.
-_JSON_TYPES = frozenset({FHIR_JSON, "application/json", "application/json+fhir"})
+JSON_TYPES = frozenset({FHIR_JSON, "application/json", "application/json+fhir"})
 _FORMAT_ALIASES = {"json": FHIR_JSON, FHIR_JSON: FHIR_JSON, "application/json": FHIR_JSON}
 _MEDIA_RANGE = re.compile(r"^\s*([^;\s]+)\s*(.*)$")
 
@@ -53,7 +53,8 @@ class MediaRange:
     q: float
 
 
-def _parse_media_range(text: str) -> MediaRange | None:
+def parse_media_range(text: str) -> MediaRange | None:
+    """A media range or Content-Type: its type (lower case), parameters, q; None when empty."""
     match = _MEDIA_RANGE.match(text)
     if not match or not match.group(1):
         return None
@@ -71,14 +72,14 @@ def _parse_media_range(text: str) -> MediaRange | None:
 
 
 def _accepts_json(media_type: str) -> bool:
-    return media_type in _JSON_TYPES or media_type in {"*/*", "application/*"}
+    return media_type in JSON_TYPES or media_type in {"*/*", "application/*"}
 
 
 def response_version(request: HttpRequest) -> str:
     """The FHIR version to answer in, from ``_format`` or ``Accept``; 406 when impossible."""
     fmt = request.GET.get("_format")
     if fmt is not None:
-        parsed = _parse_media_range(fmt)
+        parsed = parse_media_range(fmt)
         media = _FORMAT_ALIASES.get(parsed.media_type if parsed else "")
         if parsed is None or media is None:
             raise FhirError(406, "not-supported", f"_format {fmt!r} is not supported; use json.")
@@ -86,7 +87,7 @@ def response_version(request: HttpRequest) -> str:
     accept = request.headers.get("Accept", "").strip()
     if not accept:
         return DEFAULT_VERSION
-    ranges = [r for r in (_parse_media_range(p) for p in accept.split(",")) if r is not None]
+    ranges = [r for r in (parse_media_range(p) for p in accept.split(",")) if r is not None]
     ranges.sort(key=lambda r: r.q, reverse=True)
     unsupported_version: str | None = None
     for media_range in ranges:
@@ -119,13 +120,13 @@ def binary_answer_version(request: HttpRequest, content_type: str) -> str | None
     accept = request.headers.get("Accept", "").strip()
     if not accept:
         return None
-    ranges = [r for r in (_parse_media_range(p) for p in accept.split(",")) if r is not None]
+    ranges = [r for r in (parse_media_range(p) for p in accept.split(",")) if r is not None]
     ranges.sort(key=lambda r: r.q, reverse=True)  # stable: header order among equals
     main = content_type.partition("/")[0]
     for media_range in ranges:
         if media_range.q <= 0:
             continue
-        if media_range.media_type in _JSON_TYPES:
+        if media_range.media_type in JSON_TYPES:
             return _version_of(media_range, status=406)
         if media_range.media_type in {"*/*", f"{main}/*", content_type}:
             return None
@@ -158,19 +159,14 @@ def body_version(request: HttpRequest, *, default: str) -> str:
     so a client that says only ``Accept: ...; fhirVersion=5.0`` talks R5 both ways.
     """
     content_type = request.headers.get("Content-Type", "")
-    parsed = _parse_media_range(content_type)
-    if parsed is None or parsed.media_type not in _JSON_TYPES:
+    parsed = parse_media_range(content_type)
+    if parsed is None or parsed.media_type not in JSON_TYPES:
         raise FhirError(
             415,
             "not-supported",
             f"Content-Type {content_type or '(none)'!r} is not supported; use {FHIR_JSON}.",
         )
     return version_from_params(parsed, default=default, status=415)
-
-
-def parse_media_type(text: str) -> MediaRange | None:
-    """A Content-Type's media type (lower case) and parameters; None when empty."""
-    return _parse_media_range(text)
 
 
 def version_from_params(media_range: MediaRange, *, default: str, status: int) -> str:

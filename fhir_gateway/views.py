@@ -31,6 +31,7 @@ from rest_framework import exceptions as drf_exceptions
 
 from accounts.authentication import user_for_bearer
 from core.rows import fetch_prepared
+from core.values import FIRST_YEAR, LAST_YEAR, ascii_digits, year_supported
 from fhir_gateway import capability, handlers, intake, patching
 from fhir_gateway.handlers import HANDLERS, ResourceHandler, WriteRequest
 from fhir_gateway.models import FhirResource
@@ -672,7 +673,7 @@ def vread(ctx: FhirRequest, resource_type: str, logical_id: str, version_id: str
     handler = _handler(resource_type, ctx.version)
     _check_id(logical_id)
     _require(handler, handlers.VREAD, _allowed_instance_methods(handler))
-    if not (version_id.isascii() and version_id.isdigit()) or len(version_id) > 9:
+    if not ascii_digits(version_id) or len(version_id) > 9:
         raise FhirError(400, "invalid", f"{version_id!r} is not a version id.")
     _check_visible(handler, logical_id, ctx.user)
     return _resource_response(ctx, resource_version(resource_type, logical_id, int(version_id)))
@@ -730,7 +731,7 @@ def _int_param(query: Any, name: str, default: int) -> int:
     raw = query.get(name)
     if raw is None or raw == "":
         return default
-    if not (str(raw).isascii() and str(raw).isdigit()) or len(str(raw)) > 9:
+    if not ascii_digits(str(raw)) or len(str(raw)) > 9:
         raise FhirError(400, "invalid", f"{name} must be a non-negative integer, not {raw!r}.")
     return int(raw)
 
@@ -773,11 +774,12 @@ def _date_range(raw: str) -> tuple[str, datetime, datetime]:
         else:
             start = datetime(int(year), 1, 1, tzinfo=UTC)
             end = start.replace(year=start.year + 1)
-        in_range = 1900 <= start.astimezone(UTC).year <= 2999
     except (ValueError, OverflowError) as exc:  # 9999-12-31 has no end in Python
         raise FhirError(400, "invalid", f"_lastUpdated {raw!r} is not a valid date.") from exc
-    if not in_range:
-        raise FhirError(400, "invalid", f"{raw!r}: dates are searched from 1900 to 2999.")
+    if not year_supported(start):
+        raise FhirError(
+            400, "invalid", f"{raw!r}: dates are searched from {FIRST_YEAR} to {LAST_YEAR}."
+        )
     return prefix, start, end
 
 
@@ -845,26 +847,8 @@ def _search(
         if not handler.renders_all_versions:
             rows = rows.exclude(**{column: ""})
         total = rows.count() if want_total else None
-        if sort:
-            page = _sorted_page(handler, rows, sort, column, count, offset)
-        else:
-            # The page's primary keys first (sorted and cut from the index where it covers
-            # the sort key), then the JSON of just those rows: the text columns of the
-            # other matches are never read.
-            page_pks = rows.order_by(*handler.order_by).values("pk")[offset : offset + count]
-            page = list(
-                FhirResource.objects.filter(pk__in=page_pks)
-                .order_by(*handler.order_by)
-                .values_list("resource_type", "logical_id", column)
-            )
-    entries = [
-        '{"fullUrl":'
-        + json.dumps(f"{ctx.base}/{rtype}/{lid}")
-        + ',"resource":'
-        + text
-        + ',"search":{"mode":"match"}}'
-        for rtype, lid, text in page
-    ]
+        page = _sorted_page(handler, rows, sort, column, count, offset)
+    entries = [_entry(ctx, rtype, lid, text, "match") for rtype, lid, text in page]
     page_ids = [lid for _t, lid, _x in page]
     seen = {(rtype, lid) for rtype, lid, _x in page}
     for name, funcs in (("_include", handler.includes), ("_revinclude", handler.revincludes)):
@@ -885,13 +869,7 @@ def _search(
                 if (rtype, lid) in seen:  # a resource appears once in a Bundle
                     continue
                 seen.add((rtype, lid))
-                entries.append(
-                    '{"fullUrl":'
-                    + json.dumps(f"{ctx.base}/{rtype}/{lid}")
-                    + ',"resource":'
-                    + text
-                    + ',"search":{"mode":"include"}}'
-                )
+                entries.append(_entry(ctx, rtype, lid, text, "include"))
     self_url = f"{ctx.base}/{handler.resource_type}"
     links = _links(self_url, used, count, offset, total, len(page))
     response = _bundle_response(
@@ -905,8 +883,15 @@ def _search(
     return response
 
 
-# ``_sort`` keys of every type in the hand-written searches (over current resources ``f``).
-SORTS_SQL = {"_id": "f.logical_id", "_lastUpdated": "f.last_updated"}
+def _entry(ctx: FhirRequest, resource_type: str, logical_id: str, text: str, mode: str) -> str:
+    """A searchset entry around the stored JSON text (not parsed again)."""
+    return (
+        '{"fullUrl":'
+        + json.dumps(f"{ctx.base}/{resource_type}/{logical_id}")
+        + ',"resource":'
+        + text
+        + f',"search":{{"mode":"{mode}"}}}}'
+    )
 
 
 def _sort_keys(
@@ -941,8 +926,10 @@ def _sorted_page(
     count: int,
     offset: int,
 ) -> list[tuple[Any, ...]]:
-    """A page ordered by ``_sort`` (then the type's own order, for stable paging): its
-    primary keys first, then the JSON of just those rows."""
+    """A page ordered by ``_sort`` (none: the type's own order, also the tie-break for
+    stable paging): the page's primary keys first (sorted and cut from the index where it
+    covers the sort key), then the JSON of just those rows, in the same order; the text
+    columns of the other matches are never read."""
     annotations: dict[str, Any] = {}
     ordering: list[Any] = []
     for index, (key, descending) in enumerate(sort):
@@ -954,15 +941,16 @@ def _sorted_page(
         ordering.append(
             expression.desc(nulls_last=True) if descending else expression.asc(nulls_last=True)
         )
-    ordered = rows.annotate(**annotations).order_by(*ordering, *handler.order_by)
-    pks = list(ordered.values_list("pk", flat=True)[offset : offset + count])
-    found = {
-        pk: (rtype, lid, text)
-        for pk, rtype, lid, text in FhirResource.objects.filter(pk__in=pks).values_list(
-            "pk", "resource_type", "logical_id", column
+
+    def ordered(queryset: Any) -> Any:
+        return queryset.annotate(**annotations).order_by(*ordering, *handler.order_by)
+
+    page_pks = ordered(rows).values("pk")[offset : offset + count]
+    return list(
+        ordered(FhirResource.objects.filter(pk__in=page_pks)).values_list(
+            "resource_type", "logical_id", column
         )
-    }
-    return [found[pk] for pk in pks if pk in found]
+    )
 
 
 def _search_by_sql(
@@ -981,7 +969,7 @@ def _search_by_sql(
     worklist polls skip the ORM's query building, PostgreSQL's planning and a round trip
     (docs/performance.md). None: use the ORM path."""
     sort = sort or []
-    sort_sql = {**SORTS_SQL, **handler.sort_sql}
+    sort_sql = {**handlers.SORTS_SQL, **handler.sort_sql}
     if (
         handler.search_sql is None
         or connection.vendor != "postgresql"

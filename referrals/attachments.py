@@ -45,6 +45,7 @@ from rest_framework.views import APIView
 
 from accounts.models import User
 from core.errors import ApplicationError, Conflict, NotFound, PermissionDenied
+from core.values import ascii_digits
 from referrals.audit import audit_record
 from referrals.models import Attachment, AuditAction, Referral
 from referrals.selectors import referral_visible
@@ -305,7 +306,7 @@ class ReferralAttachmentsApi(APIView):
         # Refuse an oversized body before Django spools it to disk; scope first (404).
         _referral_for(user, pk)
         length = request.META.get("CONTENT_LENGTH") or "0"
-        if length.isascii() and length.isdigit() and int(length) > max_bytes() + MULTIPART_OVERHEAD:
+        if ascii_digits(length) and int(length) > max_bytes() + MULTIPART_OVERHEAD:
             raise too_large()
         upload = request.FILES.get("file")
         if upload is None:

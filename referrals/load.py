@@ -110,16 +110,19 @@ def department_load_deferred() -> Iterator[None]:
     _write([(dep, day, shard, n) for (dep, day), n in sorted(deferred.totals().items()) if n])
 
 
-def department_load_pending(day: date) -> Counter[int]:
-    """Per department, the moves to ``day`` collected by the enclosing
-    ``department_load_deferred`` block (none outside one)."""
+def department_load_add_pending(
+    load: dict[int, int], department_ids: Iterable[int], day: date
+) -> None:
+    """Add to ``load`` (per department, what the counter rows say for ``day``) the moves to
+    ``day`` the enclosing ``department_load_deferred`` block collected for those departments
+    (none outside one)."""
     deferred = _deferred.get()
-    pending: Counter[int] = Counter()
-    if deferred is not None:
-        for (department_id, on), n in deferred.totals().items():
-            if on == day:
-                pending[department_id] += n
-    return pending
+    if deferred is None:
+        return
+    wanted = set(department_ids)
+    for (department_id, on), n in deferred.totals().items():
+        if on == day and department_id in wanted:
+            load[department_id] = load.get(department_id, 0) + n
 
 
 def _write(rows: list[tuple[int, date, int, int]]) -> None:
@@ -158,9 +161,7 @@ def department_load_today(department_ids: Iterable[int], now: datetime) -> dict[
         .annotate(total=Sum("assigned"))
         .values_list("department_id", "total")
     )
-    for department_id, n in department_load_pending(day).items():
-        if department_id in ids:
-            load[department_id] = load.get(department_id, 0) + n
+    department_load_add_pending(load, ids, day)
     return load
 
 

@@ -62,7 +62,7 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
-from referrals.load import department_load_pending
+from referrals.load import department_load_add_pending
 from referrals.models import DepartmentDayLoad, DepartmentResponseTime, Referral, ReferralEvent
 from registry.geo import haversine_km
 from registry.models import Department, Facility, OperationalStatus, SupportLink
@@ -432,9 +432,7 @@ def _live_state(referral: Referral, department_ids: list[int], now: datetime) ->
             else:
                 live.tried.add(a)
     # Moves collected by an enclosing batch, not yet written (referrals/load.py).
-    for department_id, n in department_load_pending(timezone.localdate(now)).items():
-        if department_id in department_ids:
-            live.load[department_id] = live.load.get(department_id, 0) + n
+    department_load_add_pending(live.load, department_ids, timezone.localdate(now))
     return live
 
 

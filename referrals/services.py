@@ -5,7 +5,7 @@ appends one ``ReferralEvent`` per change in the same transaction."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.core.exceptions import ValidationError
@@ -16,6 +16,7 @@ from django.utils.dateparse import parse_datetime
 
 from accounts.models import User
 from core.errors import ApplicationError, Conflict, NotFound, PermissionDenied
+from core.values import FIRST_YEAR, LAST_YEAR, year_supported
 from referrals.load import department_load_move, load_slot
 from referrals.models import (
     ActorSide,
@@ -134,12 +135,8 @@ def _parse_datetime(field: InputField, value: Any) -> datetime:
     parsed = parse_datetime(value) if isinstance(value, str) else value
     if not isinstance(parsed, datetime) or timezone.is_naive(parsed):
         raise ValueError("an ISO 8601 date-time with a time zone")
-    try:  # 9999-12-31T23:59:59-14:00 is past the last representable instant in UTC
-        in_utc = parsed.astimezone(UTC)
-    except OverflowError as exc:
-        raise ValueError("a date-time between the years 1900 and 2999") from exc
-    if not 1900 <= in_utc.year <= 2999:
-        raise ValueError("a date-time between the years 1900 and 2999")
+    if not year_supported(parsed):
+        raise ValueError(f"a date-time between the years {FIRST_YEAR} and {LAST_YEAR}")
     return parsed
 
 

@@ -30,6 +30,7 @@ from django.utils import timezone
 from accounts.models import User
 from accounts.roles import Role
 from core.errors import ApplicationError, PermissionDenied
+from core.values import FIRST_YEAR, LAST_YEAR
 from referrals.models import ReferralEvent
 from referrals.selectors import referral_visible
 from registry.models import AdministrativeArea, Country, Facility, Specialty, Tier
@@ -160,7 +161,7 @@ def _date(params: Mapping[str, Any], name: str, errors: dict[str, str]) -> date 
     return value
 
 
-FIRST_DAY, LAST_DAY = date(1900, 1, 1), date(2999, 12, 31)
+FIRST_DAY, LAST_DAY = date(FIRST_YEAR, 1, 1), date(LAST_YEAR, 12, 31)
 
 
 FILTER_NAMES = (
