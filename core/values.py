@@ -14,6 +14,16 @@ def ascii_digits(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
 
+def row_id(value: object) -> int | None:
+    """A primary key given as an int or a string of ASCII digits, in bigint range; None
+    for anything else (a bool, a float, "²" or a fullwidth digit, which ``int`` takes)."""
+    if isinstance(value, str) and ascii_digits(value.strip()):
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**63:
+        return value
+    return None
+
+
 def year_supported(moment: datetime) -> bool:
     """Whether an aware instant lies in FIRST_YEAR..LAST_YEAR in UTC (one past year 9999
     in UTC, e.g. 9999-12-31T23:59-14:00, is not)."""
@@ -22,3 +32,27 @@ def year_supported(moment: datetime) -> bool:
     except OverflowError:
         return False
     return FIRST_YEAR <= year <= LAST_YEAR
+
+
+# JSON bodies deeper than this are refused: no resource we take comes near it (a Bundle's
+# entry's resource's nested extensions stay well below), and a few hundred levels exhaust
+# the recursive validators' stack.
+MAX_JSON_DEPTH = 64
+
+
+def json_depth(value: object) -> int:
+    """How deeply ``value`` nests (a scalar 0, ``[]`` and ``{}`` 1), without recursion."""
+    deepest = 0
+    stack: list[tuple[object, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: object = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        depth += 1
+        deepest = max(deepest, depth)
+        stack.extend((child, depth) for child in children)  # type: ignore[attr-defined]
+    return deepest

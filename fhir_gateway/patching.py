@@ -23,6 +23,7 @@ from typing import Any
 import jsonpatch
 import jsonpointer
 
+from core.values import MAX_JSON_DEPTH, json_depth
 from fhir_gateway.outcomes import FhirError
 from fhir_gateway.versions import JSON_TYPES, parse_media_range, version_from_params
 
@@ -93,7 +94,7 @@ def apply_patch(
         for index, operation in enumerate(copy.deepcopy(patch)):
             kind = _check_operation(index, operation)
             if kind == "test":  # RFC 6902 4.6: true is not 1 (Python's == says it is)
-                if not same_json(jsonpointer.resolve_pointer(document, operation["path"]),
+                if not same_json(_value_at(document, index, operation, "path"),
                                  operation["value"]):  # fmt: skip
                     raise FhirError(
                         422,
@@ -102,16 +103,21 @@ def apply_patch(
                         f"{json.dumps(operation['value'])[:200]} at {operation['path']!r}.",
                     )
                 continue
-            if kind == "copy":
-                value = jsonpointer.resolve_pointer(document, operation["from"])
-                copied += len(json.dumps(value))
+            if kind in _NEEDS_FROM:
+                value = _value_at(document, index, operation, "from")
+                copied += len(json.dumps(value)) if kind == "copy" else 0
                 if copied > max_bytes:
                     raise FhirError(
                         422,
                         "too-costly",
                         f"The JSON Patch's copies would add more than {max_bytes} bytes.",
                     )
-            document = jsonpatch.JsonPatch([operation]).apply(document, in_place=True)
+            try:
+                document = jsonpatch.JsonPatch([operation]).apply(document, in_place=True)
+            except TypeError as exc:  # the library indexing a list by a name, or the like
+                raise FhirError(
+                    422, "processing", f"JSON Patch operation {index} does not apply: {exc}"
+                ) from exc
     except RecursionError as exc:
         raise FhirError(400, "structure", "The patch is nested too deeply.") from exc
     except (jsonpatch.JsonPatchConflict, jsonpointer.JsonPointerException) as exc:
@@ -122,6 +128,10 @@ def apply_patch(
         raise FhirError(400, "structure", f"The JSON Patch is malformed: {exc}") from exc
     if not isinstance(document, dict):
         raise FhirError(422, "processing", "The JSON Patch replaces the whole resource.")
+    if json_depth(document) > MAX_JSON_DEPTH:  # copies of a branch into itself nest deeper
+        raise FhirError(
+            422, "processing", f"The patched resource nests more than {MAX_JSON_DEPTH} levels."
+        )
     return document
 
 
@@ -135,7 +145,7 @@ def _check_operation(index: int, operation: Any) -> str:
     if not isinstance(operation, dict):
         raise malformed("an operation is an object.")
     kind = operation.get("op")
-    if kind not in _OPERATIONS:
+    if not isinstance(kind, str) or kind not in _OPERATIONS:
         raise malformed(f"op must be one of {', '.join(sorted(_OPERATIONS))}.")
     pointers = ["path", *(["from"] if kind in _NEEDS_FROM else [])]
     for member in pointers:
@@ -145,6 +155,19 @@ def _check_operation(index: int, operation: Any) -> str:
     if kind in _NEEDS_VALUE and "value" not in operation:
         raise malformed(f"a {kind} operation needs a value.")
     return str(kind)
+
+
+def _value_at(document: Any, index: int, operation: dict[str, Any], member: str) -> Any:
+    """The value ``operation[member]`` points at; 422 when there is none (``/-`` names the
+    place after an array's last element, which holds no value)."""
+    value = jsonpointer.resolve_pointer(document, operation[member])
+    if isinstance(value, jsonpointer.EndOfList):
+        raise FhirError(
+            422,
+            "processing",
+            f"JSON Patch operation {index}: {member} {operation[member]!r} names no value.",
+        )
+    return value
 
 
 def same_json(a: Any, b: Any) -> bool:

@@ -81,6 +81,8 @@ def validate_resource(resource: dict[str, Any], version: str) -> Any:
         ) from exc
     except (ValueError, TypeError) as exc:
         raise FhirError(400, "structure", f"{resource_type} is not valid: {exc}") from exc
+    except RecursionError as exc:  # bodies are depth-checked; a patched or stored one may not be
+        raise FhirError(400, "structure", f"{resource_type} is nested too deeply.") from exc
     check_bound_codes(resource, version)
     return model
 

@@ -31,7 +31,14 @@ from rest_framework import exceptions as drf_exceptions
 
 from accounts.authentication import user_for_bearer
 from core.rows import fetch_prepared
-from core.values import FIRST_YEAR, LAST_YEAR, ascii_digits, year_supported
+from core.values import (
+    FIRST_YEAR,
+    LAST_YEAR,
+    MAX_JSON_DEPTH,
+    ascii_digits,
+    json_depth,
+    year_supported,
+)
 from fhir_gateway import capability, handlers, intake, patching
 from fhir_gateway.handlers import HANDLERS, ResourceHandler, WriteRequest
 from fhir_gateway.models import FhirResource
@@ -219,6 +226,12 @@ def _json_value(request: HttpRequest) -> Any:
         data = json.loads(raw)
     except (ValueError, RecursionError) as exc:
         raise FhirError(400, "structure", f"The body is not valid JSON: {exc}") from exc
+    # Deeper than any resource we take, and deep enough to exhaust the validators' stack:
+    # walked only when the body holds enough brackets to be that deep.
+    if raw.count(b"{") + raw.count(b"[") > MAX_JSON_DEPTH and json_depth(data) > MAX_JSON_DEPTH:
+        raise FhirError(
+            400, "structure", f"The body is nested more than {MAX_JSON_DEPTH} levels deep."
+        )
     # NUL (\u0000, or any character of a UTF-16/32 body) cannot be stored: looked for only
     # when the bytes may hold one.
     if (b"\\u0000" in raw or b"\x00" in raw) and _holds_nul(data):
@@ -1039,7 +1052,7 @@ def _links(
     more = (offset + page_len < total) if total is not None else page_len == count
     if more and count > 0:
         links.append({"relation": "next", "url": url(offset + count)})
-    if offset > 0:
+    if offset > 0 and count > 0:  # _count=0 pages nothing: no next, no previous
         links.append({"relation": "previous", "url": url(max(0, offset - count))})
     return links
 

@@ -13,10 +13,11 @@ from django.core.validators import URLValidator
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
+from guardian.conf import settings as guardian_settings
 
 from accounts.models import User
 from core.errors import ApplicationError, Conflict, NotFound, PermissionDenied
-from core.values import FIRST_YEAR, LAST_YEAR, year_supported
+from core.values import FIRST_YEAR, LAST_YEAR, row_id, year_supported
 from referrals.load import department_load_move, load_slot
 from referrals.models import (
     ActorSide,
@@ -143,20 +144,25 @@ def _parse_datetime(field: InputField, value: Any) -> datetime:
 def _parse_department(field: InputField, value: Any) -> Department:
     if isinstance(value, Department):
         return value
-    try:
-        return Department.objects.select_related("facility").get(pk=int(value))
-    except (TypeError, ValueError, Department.DoesNotExist) as exc:
-        raise ValueError("an existing department id") from exc
+    pk = row_id(value)
+    department = Department.objects.select_related("facility").filter(pk=pk).first() if pk else None
+    if department is None:
+        raise ValueError("an existing department id")
+    return department
 
 
 def _parse_users(field: InputField, value: Any) -> list[User]:
     if not isinstance(value, list | tuple) or not value:
         raise ValueError("a non-empty list of user ids")
-    try:
-        ids = {int(v.pk if isinstance(v, User) else v) for v in value}
-    except (TypeError, ValueError) as exc:
-        raise ValueError("a list of user ids") from exc
-    users = list(User.objects.filter(pk__in=ids, is_active=True))
+    ids = {int(v.pk) if isinstance(v, User) else row_id(v) for v in value}
+    if None in ids:
+        raise ValueError("a list of user ids")
+    # django-guardian's anonymous user is a row too: it is nobody to invite.
+    users = list(
+        User.objects.filter(pk__in=ids, is_active=True).exclude(
+            username=guardian_settings.ANONYMOUS_USER_NAME
+        )
+    )
     if len(users) != len(ids):
         raise ValueError("unknown or inactive user ids")
     return users

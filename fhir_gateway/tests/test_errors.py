@@ -373,6 +373,54 @@ def test_a_nul_character_anywhere_in_a_body_is_400(world, where, respond_async):
     assert not Referral.objects.exists()
 
 
+def _nested_extension(levels: int) -> dict[str, Any]:
+    value: dict[str, Any] = {"url": "http://example.org/x", "valueString": "v"}
+    for _ in range(levels - 1):
+        value = {"url": "http://example.org/x", "extension": [value]}
+    return value
+
+
+@pytest.mark.parametrize("respond_async", [False, True])
+def test_a_transaction_nested_too_deeply_is_400_not_500(world, respond_async):
+    """Found by a review: valid FHIR 150 extensions deep (5.6 kB) exhausted the
+    validators' stack (500; an asynchronous job was retried as a server bug)."""
+    bundle = transaction(world)
+    bundle["entry"][1]["resource"]["extension"] = [_nested_extension(150)]
+    headers = {"Prefer": "respond-async"} if respond_async else {}
+    response = _post_transaction(world, bundle, **headers)
+    assert response.status_code == 400
+    issue = outcome_issue(response)
+    assert (issue["code"], issue["diagnostics"]) == (
+        "structure",
+        "The body is nested more than 64 levels deep.",
+    )
+    assert not IntakeJob.objects.exists()
+    assert not Referral.objects.exists()
+
+
+def test_a_create_nested_too_deeply_is_400_and_stores_nothing(world):
+    resource = service_request(world)
+    resource["extension"] = [_nested_extension(150)]
+    stored = _stored()
+    response = world.r4.post("/fhir/ServiceRequest", resource)
+    assert response.status_code == 400
+    assert outcome_issue(response)["code"] == "structure"
+    assert not Referral.objects.exists()
+    assert _stored() == stored
+
+
+def test_validation_past_the_stack_is_400_not_500():
+    """What passed the body check (a stored job, a patched resource) and still recurses."""
+    from fhir_gateway.outcomes import FhirError
+    from fhir_gateway.storage import validate_resource
+
+    resource: dict[str, Any] = {"resourceType": "Task", "status": "requested", "intent": "order"}
+    resource["extension"] = [_nested_extension(600)]
+    with pytest.raises(FhirError) as caught:
+        validate_resource(resource, "4.0")
+    assert (caught.value.status, str(caught.value)) == (400, "Task is nested too deeply.")
+
+
 def test_a_value_the_database_refuses_is_422_not_500(world, monkeypatch):
     """The safety net behind the checks: a DataError is the input's fault."""
     from django.db import DataError

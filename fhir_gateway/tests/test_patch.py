@@ -37,6 +37,9 @@ def _snapshot(task_id: str) -> tuple[str, int, int, int]:
     )
 
 
+_NOTE = {"op": "add", "path": "/note", "value": [{"text": "a"}]}
+
+
 def _submitted(world: World) -> str:
     return str(task_of(submit(world))["id"])
 
@@ -158,6 +161,12 @@ def test_a_task_outside_the_callers_scope_is_404(world):
         ("null", 400, "structure"),
         ("[", 400, "structure"),
         ([{"op": "replace", "path": "/status", "value": "no-such-status"}], 422, "code-invalid"),
+        # "/-" is the place after an array's last element: nothing to copy, move or test.
+        ([_NOTE, {"op": "copy", "from": "/note/-", "path": "/note/0"}], 422, "processing"),
+        ([_NOTE, {"op": "move", "from": "/note/-", "path": "/x"}], 422, "processing"),
+        ([_NOTE, {"op": "test", "path": "/note/-", "value": {"text": "a"}}], 422, "processing"),
+        ([{"op": ["replace"], "path": "/status", "value": "accepted"}], 400, "structure"),
+        ([{"op": {}, "path": "/status", "value": "accepted"}], 400, "structure"),
     ],
 )
 def test_bad_patches_are_refused_and_change_nothing(world, patch, status, code):
@@ -195,21 +204,61 @@ def test_copies_that_would_grow_the_resource_past_the_limit_are_refused(world, s
     assert _snapshot(task_id) == before
 
 
-def test_a_deeply_nested_copy_is_400_not_500(world):
+def _nested(levels: int) -> Any:
+    """``levels`` levels of nested extensions (two JSON levels each), valid FHIR."""
+    value: Any = {"url": "http://example.org/x", "valueString": "v"}
+    for _ in range(levels - 1):
+        value = {"url": "http://example.org/x", "extension": [value]}
+    return value
+
+
+def test_a_body_nested_too_deeply_is_400_not_500(world):
+    """Valid FHIR 150 extensions deep (5.6 kB) exhausted the validators' stack: a 500
+    before bodies were depth-checked."""
     task_id = _submitted(world)
     before = _snapshot(task_id)
+    for patch, content_type in (
+        ([{"op": "add", "path": "/extension", "value": [_nested(150)]}], JSON_PATCH),
+        ({"extension": [_nested(150)]}, MERGE_PATCH),
+    ):
+        response = world.r5.patch(
+            f"/fhir/Task/{task_id}", patch, Accept=FHIR_R5, content_type=content_type
+        )
+        assert response.status_code == 400, response.content
+        issue = outcome_issue(response)
+        assert issue["code"] == "structure"
+        assert issue["diagnostics"] == "The body is nested more than 64 levels deep."
+    assert _snapshot(task_id) == before
+
+
+def test_copies_that_nest_the_resource_too_deeply_are_refused(world):
+    """A shallow body whose copy puts a branch inside itself doubles its depth."""
+    task_id = _submitted(world)
+    before = _snapshot(task_id)
+    inner = "/extension/0" + "/extension/0" * 19  # the 20th level of a 20-level chain
+    patch = [
+        {"op": "add", "path": "/extension", "value": [_nested(20)]},
+        {"op": "copy", "from": "/extension", "path": f"{inner}/extension"},
+    ]
+    response = world.r5.patch(f"/fhir/Task/{task_id}", patch, Accept=FHIR_R5)
+    assert response.status_code == 422, response.content
+    issue = outcome_issue(response)
+    assert issue["code"] == "processing"
+    assert "nests more than 64 levels" in issue["diagnostics"]
+    assert _snapshot(task_id) == before
+
+
+def test_a_copy_nested_past_the_stack_is_400_not_500():
     deep: Any = "leaf"
     for _ in range(600):
         deep = {"a": deep}
-    patch = [
-        {"op": "add", "path": "/extension", "value": deep},
-        {"op": "copy", "from": "/extension", "path": "/note"},
-    ]
-    response = world.r5.patch(f"/fhir/Task/{task_id}", patch, Accept=FHIR_R5)
-    assert response.status_code == 400
-    issue = outcome_issue(response)
-    assert (issue["code"], issue["diagnostics"]) == ("structure", "The patch is nested too deeply.")
-    assert _snapshot(task_id) == before
+    with pytest.raises(FhirError) as caught:
+        patching.apply_patch(
+            {"resourceType": "Task", "extension": deep},
+            [{"op": "copy", "from": "/extension", "path": "/note"}],
+            max_bytes=10**6,
+        )
+    assert (caught.value.status, str(caught.value)) == (400, "The patch is nested too deeply.")
 
 
 def test_a_patch_in_the_wrong_state_is_409_and_changes_nothing(world):

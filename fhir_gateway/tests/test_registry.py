@@ -377,3 +377,14 @@ def test_registry_searches_sort_by_id_and_last_update(fhir, network):
     # Ties (versions stored in one projection) in the type's own order: source_pk.
     newest = rows.order_by("-last_updated", "source_pk").values_list("logical_id", flat=True)
     assert ids("_sort=-_lastUpdated") == list(newest)
+
+
+def test_count_zero_pages_have_no_previous_link(fhir, network):
+    """Found by a review: with _count=0 the previous page of offset 5 was offset 5 itself,
+    and a client following it looped for ever."""
+    bundle = json.loads(fhir.get("/fhir/Organization?_count=0&_offset=2").content)
+    assert [link["relation"] for link in bundle["link"]] == ["self"]
+    assert bundle["total"] == 4
+    paged = json.loads(fhir.get("/fhir/Organization?_count=1&_offset=2").content)
+    previous = next(link["url"] for link in paged["link"] if link["relation"] == "previous")
+    assert previous.endswith("_count=1&_offset=1")

@@ -792,3 +792,31 @@ def test_a_counter_referral_cannot_come_in_a_transaction(world: World, spoke_neu
 def test_a_based_on_care_plan_is_not_a_counter_referral():
     resource = {"basedOn": [{"reference": "CarePlan/gpvisit"}, {"display": "An order"}]}
     assert m.based_on_referral(resource) is None
+
+
+def test_experts_that_are_not_user_ids_are_refused(world: World, people: dict[str, Any]):
+    """Found by a review: True, 1.9 and a fullwidth "1" were all user 1 (``int``), and
+    user 1 was django-guardian's anonymous user, who got a view grant on the referral."""
+    from guardian.utils import get_anonymous_user
+
+    task_id = accepted(world)
+    before = _snapshot(task_id)
+    anonymous = get_anonymous_user()
+    for value in (
+        {"valueBoolean": True},
+        {"valueDecimal": 1.9},
+        {"valueIdentifier": {"system": m.USER_SYSTEM, "value": "\uff11"}},  # fullwidth 1
+        {"valueIdentifier": {"system": m.USER_SYSTEM, "value": "\u0661"}},  # Arabic-Indic 1
+        {"valueIdentifier": {"system": m.USER_SYSTEM, "value": str(anonymous.pk)}},
+    ):
+        inputs = [
+            task_input("scheduled-at", valueDateTime=_later(1).isoformat()),
+            task_input("experts", **value),
+            task_input("video-url", valueUrl="https://meet.example.org/room-42"),
+        ]
+        response = update_task(
+            people["consultant"], task_id, _business(S.SCHEDULED, inputs), FHIR_R5
+        )
+        assert response.status_code == 422, (value, response.content)
+        assert "user ids" in outcome_issue(response)["diagnostics"], value
+        assert _snapshot(task_id) == before
