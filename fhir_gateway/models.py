@@ -10,6 +10,8 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
+from core.fields import DocumentTextField
+
 
 class FhirResource(models.Model):
     """One version of one resource, stored as the exact JSON bytes we serve.
@@ -24,8 +26,8 @@ class FhirResource(models.Model):
     version_id = models.PositiveIntegerField()
     last_updated = models.DateTimeField(default=timezone.now)
     fhir_version = models.CharField(max_length=3, default="4.0")
-    json_r4 = models.TextField(blank=True)
-    json_r5 = models.TextField(blank=True)
+    json_r4 = DocumentTextField(blank=True)
+    json_r5 = DocumentTextField(blank=True)
     # sha256 of the content without meta: a projection stores a new version only on change.
     content_hash = models.CharField(max_length=64, blank=True)
     is_current = models.BooleanField(default=True)
@@ -117,7 +119,7 @@ class OutboxMessage(models.Model):
     logical_id = models.CharField(max_length=64)
     version_id = models.PositiveIntegerField(null=True, blank=True)
     # A fixed payload (JSON text) when the message does not send a stored resource version.
-    payload = models.TextField(blank=True)
+    payload = DocumentTextField(blank=True)
     payload_fhir_version = models.CharField(max_length=3, blank=True)
     http_method = models.CharField(max_length=6, choices=Method.choices, default=Method.PUT)
     idempotency_key = models.CharField(max_length=100, unique=True)
