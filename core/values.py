@@ -14,11 +14,19 @@ def ascii_digits(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
 
+def digits_int(text: str, max_digits: int = 19) -> int | None:
+    """The number written in ASCII digits, at most ``max_digits`` of them; None otherwise
+    (``int`` takes "²" and fullwidth digits, and raises past 4,300 digits)."""
+    if len(text) > max_digits or not ascii_digits(text):
+        return None
+    return int(text)
+
+
 def row_id(value: object) -> int | None:
     """A primary key given as an int or a string of ASCII digits, in bigint range; None
     for anything else (a bool, a float, "²" or a fullwidth digit, which ``int`` takes)."""
-    if isinstance(value, str) and ascii_digits(value.strip()):
-        value = int(value)
+    if isinstance(value, str):
+        value = digits_int(value.strip())
     if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**63:
         return value
     return None

@@ -69,6 +69,7 @@ from core.rows import fetch_prepared
 from fhir_gateway import handlers
 from fhir_gateway.models import IntakeJob
 from fhir_gateway.outcomes import FhirError, fhir_error_for, outcome_body
+from referrals.attachments import files_removed_on_failure
 from referrals.load import department_load_deferred
 from referrals.models import Priority
 
@@ -239,7 +240,8 @@ def _apply(job: IntakeJob) -> tuple[int, str]:
                 403, "forbidden", "The account that sent this Bundle is no longer active."
             )
         bundle = json.loads(job.body)
-        with transaction.atomic():  # a refusal rolls back the Bundle's writes, not the job
+        # A refusal rolls back the Bundle's writes (and deletes its case files), not the job.
+        with files_removed_on_failure(), transaction.atomic():
             text = transaction_func(
                 job.user, bundle, job.fhir_version, job.answer_version, job.base
             )

@@ -27,7 +27,7 @@ from fhir.resources.R4B import get_fhir_model_class
 from fhir.resources.R4B.bundle import Bundle
 from pydantic import ValidationError
 
-from core.values import ascii_digits
+from core.values import digits_int
 from fhir_gateway.registry_projection import (
     CONNECTION_TYPE,
     CONSULT_MODE_SYSTEM,
@@ -332,7 +332,8 @@ class _BundleReader:
         tier = type_codes.get(TIER_SYSTEM)
         columns["tier"] = "Organization.type"
         if tier is not None:
-            values["tier"] = int(tier) if ascii_digits(tier) else tier
+            number = digits_int(tier, 4)
+            values["tier"] = tier if number is None else number
         ownership = type_codes.get(OWNERSHIP_SYSTEM)
         if ownership is not None:
             values["ownership"], columns["ownership"] = ownership, "Organization.type"

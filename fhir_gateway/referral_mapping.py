@@ -610,12 +610,15 @@ def service_request_to_intake(resource: dict[str, Any], version: str) -> Intake:
             expression=["ServiceRequest.basedOn"],
         )
     _check_intent(resource)
-    if resource.get("status") not in ("active", "draft"):
+    if resource.get("status") != "active":
+        # A draft would be submitted, routed and published all the same (and a stored draft
+        # could not be submitted later: ServiceRequest has no update): drafts stay in the
+        # member's own system until they are sent.
         raise FhirError(
             422,
             "business-rule",
-            f"A new referral's ServiceRequest.status must be active (or draft), "
-            f"not {resource.get('status')!r}.",
+            f"A new referral's ServiceRequest.status must be active, not "
+            f"{resource.get('status')!r} (keep drafts in your own system until you send them).",
             expression=["ServiceRequest.status"],
         )
     placer = placer_identifier(resource)

@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 from django.core.files.uploadedfile import SimpleUploadedFile
-from django.db import transaction
+from django.db import DEFAULT_DB_ALIAS, transaction
 from django.db.models import OuterRef, Q, QuerySet, Subquery
 
 from core.errors import ApplicationError, Conflict
-from core.values import ascii_digits
+from core.values import digits_int
 from fhir_gateway import handlers
 from fhir_gateway import referral_mapping as m
 from fhir_gateway.handlers import ResourceHandler, SearchParam, WriteRequest
@@ -389,8 +389,8 @@ def _if_none_exist_referral(user: User, if_none_exist: str) -> Referral | None:
         if "\x00" in value:
             raise FhirError(400, "invalid", "If-None-Exist contains a NUL character.")
         condition &= _identifier(value)
-    matches = list(
-        Referral.objects.filter(condition, requester_facility_id=_caller_facility(user))[:2]
+    matches = list(  # within what the caller may read (a ministry official: nothing)
+        _visible_referrals(user).filter(condition, requester_facility_id=_caller_facility(user))[:2]
     )
     if len(matches) > 1:
         raise FhirError(
@@ -410,8 +410,8 @@ def _if_none_exist_counter_referral(
     criteria = parse_qsl(if_none_exist.lstrip("?"), keep_blank_values=True)
     prefix = f"{COUNTER_REFERRAL_SYSTEM}|{ask.original_id}/"
     value = criteria[0][1] if len(criteria) == 1 and criteria[0][0] == "identifier" else ""
-    number = value[len(prefix) :] if value.startswith(prefix) else ""
-    if not ascii_digits(number) or int(number) < 1:
+    number = digits_int(value[len(prefix) :]) if value.startswith(prefix) else None
+    if number is None or number < 1:
         raise FhirError(
             412,
             "business-rule",
@@ -421,13 +421,19 @@ def _if_none_exist_counter_referral(
     original = _referral_by_filler(user, ask.original_id)
     list(Referral.objects.select_for_update().filter(pk=original.pk).values_list("pk"))
     made = dict(original.counter_referrals.values_list("placer_value", "filler_id"))
-    found = made.get(f"{ask.original_id}/{int(number)}")
-    if found is None and int(number) != len(made) + 1:
+    found = made.get(f"{ask.original_id}/{number}")
+    if found is not None and not _visible_referrals(user).filter(filler_id=found).exists():
+        raise FhirError(  # as a read of it would be; its id is not named
+            404,
+            "not-found",
+            f"Referral {ask.original_id} has no counter-referral {number} that you may read.",
+        )
+    if found is None and number != len(made) + 1:
         raise FhirError(
             412,
             "business-rule",
             f"Referral {ask.original_id} has {len(made)} counter-referral(s): "
-            f"If-None-Exist names number {int(number)}; the next is {len(made) + 1}.",
+            f"If-None-Exist names number {number}; the next is {len(made) + 1}.",
         )
     return found
 
@@ -435,7 +441,9 @@ def _if_none_exist_counter_referral(
 def _submit(user: User, intake: m.Intake, department: Department | None) -> tuple[Referral, bool]:
     from registry.models import Facility
 
-    facility = Facility.objects.get(pk=_caller_facility(user))
+    # Only the id is used (the user's own facility, which exists: a foreign key): a deferred
+    # instance, as ``.only("id")`` would give, saves the round trip; a field read loads it.
+    facility = Facility.from_db(DEFAULT_DB_ALIAS, ["id"], [_caller_facility(user)])
     return referral_submit(
         actor=user,
         requester_facility=facility,
@@ -537,12 +545,12 @@ def _counter_referral_create(user: User, ask: m.CounterReferralAsk) -> WriteResu
     referral's ServiceRequest (its Task and Patient have the same id)."""
     original = _referral_by_filler(user, ask.original_id)
     kind, patient = m.split_reference(ask.subject_reference)
-    if kind == "Patient" and patient != m.patient_id(original):
+    if kind != "Patient" or patient != m.patient_id(original):  # a Group, a urn:uuid: no
         raise FhirError(
             422,
             "business-rule",
             f"A counter-referral is for the referral's patient (Patient/"
-            f"{m.patient_id(original)}), not Patient/{patient}.",
+            f"{m.patient_id(original)}), not {ask.subject_reference or 'nobody'}.",
             expression=["ServiceRequest.subject"],
         )
     department = _department(ask.performer_references, "ServiceRequest.performer")
@@ -620,8 +628,9 @@ def _communication_create(req: WriteRequest) -> WriteResult:
     for reference in req.resource.get("inResponseTo") or []:
         _kind, logical_id = m.split_reference(m.reference_of(reference))
         prefix = f"{referral.filler_id}-msg-"
-        if logical_id.startswith(prefix) and ascii_digits(logical_id[len(prefix) :]):
-            answered = int(logical_id[len(prefix) :])
+        number = digits_int(logical_id[len(prefix) :]) if logical_id.startswith(prefix) else None
+        if number is not None:
+            answered = number
         else:
             raise FhirError(
                 422,
@@ -698,7 +707,7 @@ def _attachment_store(
     here."""
     from fhir_gateway.binary import binary_id
     from fhir_gateway.storage import store_version
-    from referrals.attachments import attachment_upload
+    from referrals.attachments import attachment_upload, clean_name
 
     if len(contents) != 1 or not contents[0].get("data"):
         raise FhirError(
@@ -710,7 +719,7 @@ def _attachment_store(
         )
     attachment = contents[0]
     data = m.attachment_bytes(attachment, "DocumentReference.content.attachment")
-    name = str(attachment.get("title") or "attachment")
+    name = clean_name(str(attachment.get("title") or "attachment"))  # ".", "a/": no name
     upload = SimpleUploadedFile(name, data, content_type=str(attachment.get("contentType") or ""))
     stored = attachment_upload(actor=user, referral_id=referral.pk, upload=upload)
     doc_id = binary_id(referral.filler_id, stored.pk)
@@ -799,6 +808,7 @@ def transaction_bundle(
         )
     if any(len(by_type.get(t, [])) > 1 for t in ("Patient", "Task")):
         raise FhirError(422, "business-rule", "At most one Patient and one Task per transaction.")
+    _check_bundle_references(entries)
     for entry in entries:
         validate_resource(entry["resource"], version)
     sr_index, service_request = by_type["ServiceRequest"][0]
@@ -812,11 +822,25 @@ def transaction_bundle(
     patient = by_type.get("Patient", [(None, {})])[0][1]
     if patient:
         m.patient_into_intake(intake, patient)
+    # The ServiceRequest entry's conditional create (FHIR's request.ifNoneExist), as the
+    # If-None-Exist header of a POST ServiceRequest.
+    condition = entries[sr_index]["request"].get("ifNoneExist")
+    if condition is not None and not isinstance(condition, str):
+        raise FhirError(
+            400,
+            "structure",
+            f"Bundle.entry[{sr_index}].request.ifNoneExist must be a string.",
+            expression=[f"Bundle.entry[{sr_index}].request.ifNoneExist"],
+        )
     with transaction.atomic():
-        department = _department(intake.performer_references, "ServiceRequest.performer")
-        if department is None and task:
-            department = _department([m.reference_of(task.get("owner"))], "Task.owner")
-        referral, created = _submit(user, intake, department)
+        existing = _if_none_exist_referral(user, condition) if condition else None
+        if existing is not None:
+            referral, created = existing, False
+        else:
+            department = _department(intake.performer_references, "ServiceRequest.performer")
+            if department is None and task:
+                department = _department([m.reference_of(task.get("owner"))], "Task.owner")
+            referral, created = _submit(user, intake, department)
         outcomes: dict[int, tuple[FhirResource, str]] = {}
         status = "201 Created" if created else "200 OK"
         wanted = ["ServiceRequest"] + [t for t in ("Patient", "Task") if by_type.get(t)]
@@ -834,13 +858,95 @@ def transaction_bundle(
         for rtype in ("Patient", "Task"):
             for index, _res in by_type.get(rtype, []):
                 outcomes[index] = (current[rtype], status)
-        for index, document in by_type.get("DocumentReference", []):
-            if created:
+        # A resubmission answers the case files its first submission stored, in order, and
+        # stores those it did not carry (a file is never dropped nor stored twice).
+        stored = [] if created else _case_files(referral)
+        for number, (index, document) in enumerate(by_type.get("DocumentReference", [])):
+            if number < len(stored):
+                outcomes[index] = (stored[number], "200 OK")
+            else:
                 result = _document_reference_for(user, referral, document)
                 outcomes[index] = (result.row, "201 Created")
-            else:
-                outcomes[index] = (sr_row, "200 OK")
     return _transaction_response(entries, outcomes, answer_version, base)
+
+
+# Within a transaction, what these elements must point at when they name an entry.
+_REFERENCE_TARGETS = {
+    ("ServiceRequest", "subject"): "Patient",
+    ("Task", "focus"): "ServiceRequest",
+    ("Task", "for"): "Patient",
+}
+
+
+def _check_bundle_references(entries: list[dict[str, Any]]) -> None:
+    """FHIR transaction rules: ``fullUrl`` unique, and every ``urn:uuid:`` / ``urn:oid:``
+    reference resolves to an entry (of the type the element takes, where we read it)."""
+    types: dict[str, str] = {}
+    for index, entry in enumerate(entries):
+        full_url = entry.get("fullUrl")
+        if not isinstance(full_url, str) or not full_url:
+            continue
+        if full_url in types:
+            raise FhirError(
+                400,
+                "invalid",
+                f"Bundle.entry[{index}].fullUrl {full_url[:100]!r} is also an earlier entry's.",
+                expression=[f"Bundle.entry[{index}].fullUrl"],
+            )
+        types[full_url] = str(entry["resource"].get("resourceType"))
+    for index, entry in enumerate(entries):
+        resource = entry["resource"]
+        stack: list[tuple[Any, str]] = [(resource, "")]
+        while stack:
+            item, path = stack.pop()
+            if isinstance(item, list):
+                stack.extend((child, path) for child in item)
+                continue
+            if not isinstance(item, dict):
+                continue
+            reference = item.get("reference")
+            if isinstance(reference, str) and reference.startswith(("urn:uuid:", "urn:oid:")):
+                where = f"Bundle.entry[{index}].resource{path}"
+                if reference not in types:
+                    raise FhirError(
+                        400,
+                        "invalid",
+                        f"{where} references {reference[:100]!r}, which no entry's fullUrl is.",
+                        expression=[where],
+                    )
+                wanted = _REFERENCE_TARGETS.get((resource["resourceType"], path.lstrip(".")))
+                if wanted and types[reference] != wanted:
+                    raise FhirError(
+                        422,
+                        "business-rule",
+                        f"{where} must reference a {wanted}, not the {types[reference]} entry "
+                        f"{reference[:100]!r}.",
+                        expression=[where],
+                    )
+            stack.extend(
+                (value, f"{path}.{key}")
+                for key, value in item.items()
+                if isinstance(value, dict | list)
+            )
+
+
+def _case_files(referral: Referral) -> list[FhirResource]:
+    """The current DocumentReferences of the case files the requester side stored, oldest
+    first (a transaction's files are among them, in entry order)."""
+    from fhir_gateway.binary import binary_id
+    from referrals.models import Attachment
+
+    pks = Attachment.objects.filter(
+        referral=referral, uploaded_by__facility_id=referral.requester_facility_id
+    ).order_by("pk")
+    ids = [binary_id(referral.filler_id, pk) for pk in pks.values_list("pk", flat=True)]
+    rows = {
+        row.logical_id: row
+        for row in FhirResource.objects.filter(
+            resource_type="DocumentReference", logical_id__in=ids, is_current=True, deleted=False
+        )
+    }
+    return [rows[i] for i in ids if i in rows]
 
 
 def _transaction_response(

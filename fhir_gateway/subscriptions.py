@@ -31,7 +31,7 @@ from django.db.models import QuerySet
 from django.utils import timezone
 
 from accounts.roles import Role
-from core.values import ascii_digits
+from core.values import digits_int
 from fhir_gateway import handlers
 from fhir_gateway.feed import (
     MAX_NUMBER,
@@ -358,11 +358,12 @@ def _number(params: dict[str, list[str]], name: str) -> int | None:
     raw = _last(params, name)
     if raw is None:
         return None
-    if not ascii_digits(raw) or int(raw) > MAX_NUMBER:
+    number = digits_int(raw)
+    if number is None or number > MAX_NUMBER:
         raise FhirError(
             400, "invalid", f"{name} must be an event number (0 or more), not {raw[:40]!r}."
         )
-    return int(raw)
+    return number
 
 
 def _count(params: dict[str, list[str]]) -> int:

@@ -58,6 +58,7 @@ from fhir_gateway.versions import (
     media_type_for,
     response_version,
 )
+from referrals.attachments import files_removed_on_failure
 
 if TYPE_CHECKING:
     from accounts.models import User
@@ -151,7 +152,8 @@ def _fhir_view(
                         headers={"Allow": ", ".join(methods)},
                     )
                 user = None if public else _authenticate(request)
-                response = view(FhirRequest(request, version, user, accept_error), **kwargs)
+                with files_removed_on_failure():  # case files of a refused Bundle
+                    response = view(FhirRequest(request, version, user, accept_error), **kwargs)
             except RequestDataTooBig:
                 response = outcome_response(_too_large(), content_type=content_type)
             except Exception as exc:

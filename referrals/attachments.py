@@ -25,6 +25,8 @@ import hashlib
 import os
 import unicodedata
 from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +35,7 @@ from django.core.files import File
 from django.core.files.uploadedfile import UploadedFile
 from django.db import transaction
 from django.db.models import QuerySet
+from django.db.models.fields.files import FieldFile
 from django.http import FileResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiResponse, extend_schema
@@ -137,6 +140,8 @@ def clean_name(name: str) -> str:
     """The client's file name, for display only: last path segment, printable, bounded."""
     base = name.replace("\\", "/").rsplit("/", 1)[-1]
     printable = "".join(c for c in base if unicodedata.category(c)[0] != "C").strip()
+    if printable in (".", ".."):  # no file name (Django refuses them as one)
+        printable = ""
     return (printable or "file")[:255]
 
 
@@ -195,6 +200,27 @@ def attachment_get(*, user: User, referral_id: Any, attachment_id: Any) -> Attac
 
 # --- writes ------------------------------------------------------------------------------
 
+# The files stored under ``files_removed_on_failure`` (None outside one).
+_stored_files: ContextVar[list[FieldFile] | None] = ContextVar("stored_files", default=None)
+
+
+@contextmanager
+def files_removed_on_failure() -> Iterator[None]:
+    """Around a unit of work that uploads files inside a larger transaction (a FHIR
+    transaction Bundle with case files): when it fails, the transaction rolls the rows
+    back, and this deletes the files they named, which no rollback reaches. A failure of
+    the final COMMIT itself is not seen here."""
+    stored: list[FieldFile] = []
+    token = _stored_files.set(stored)
+    try:
+        yield
+    except BaseException:
+        for file in stored:
+            file.delete(save=False)
+        raise
+    finally:
+        _stored_files.reset(token)
+
 
 def attachment_upload(*, actor: User, referral_id: Any, upload: UploadedFile) -> Attachment:
     """Check and store one file. Refusals store nothing."""
@@ -242,6 +268,9 @@ def attachment_upload(*, actor: User, referral_id: Any, upload: UploadedFile) ->
     except BaseException:
         attachment.file.delete(save=False)
         raise
+    stored = _stored_files.get()
+    if stored is not None:
+        stored.append(attachment.file)
     return attachment
 
 

@@ -26,7 +26,7 @@ OPEN_STATES: tuple[str, ...] = tuple(
 )
 
 
-def _sees_patient_data(user: User) -> bool:
+def sees_patient_data(user: User) -> bool:
     # Ministry officials work with aggregates only, whatever else they are attached to.
     return user.is_active and not user.has_role(Role.MINISTRY)
 
@@ -34,7 +34,7 @@ def _sees_patient_data(user: User) -> bool:
 def referral_scope_filter(user: User) -> Q | None:
     """The rows a user may see, as a filter without joins (usable with FOR UPDATE);
     None when the user sees no referral at all."""
-    if not _sees_patient_data(user):
+    if not sees_patient_data(user):
         return None
     scope = Q()
     if user.facility_id is not None:
@@ -54,7 +54,7 @@ def referral_scope_sql(user: User, alias: str = "r") -> tuple[str, list[Any]]:
     """``referral_scope_filter`` as SQL over ``{alias}`` (a referral row), for the few
     hand-written hot reads (FHIR Task search). Same rules; a test compares both for every
     kind of user. ``FALSE`` when the user sees nothing."""
-    if not _sees_patient_data(user):
+    if not sees_patient_data(user):
         return "FALSE", []
     parts: list[str] = []
     params: list[Any] = []
@@ -175,7 +175,7 @@ def _list_queryset(queryset: QuerySet[Referral]) -> QuerySet[Referral]:
 
 def referral_outgoing(user: User, *, state: str | None = None) -> QuerySet[Referral]:
     """Referrals sent by the user's facility, newest first."""
-    if user.facility_id is None or not _sees_patient_data(user):
+    if user.facility_id is None or not sees_patient_data(user):
         return Referral.objects.none()
     queryset = Referral.objects.filter(requester_facility_id=user.facility_id)
     if state:
@@ -188,7 +188,7 @@ def _worklist_departments(
 ) -> tuple[frozenset[int], bool]:
     """The departments a worklist shows and whether it includes the user's expert grants;
     NotFound for a department the user does not work in (or for ministry users)."""
-    if not _sees_patient_data(user):
+    if not sees_patient_data(user):
         raise NotFound("No such department.")
     department_ids = user.department_ids()
     if department is None:

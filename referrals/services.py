@@ -17,6 +17,7 @@ from guardian.conf import settings as guardian_settings
 
 from accounts.models import User
 from core.errors import ApplicationError, Conflict, NotFound, PermissionDenied
+from core.rows import fetch_prepared
 from core.values import FIRST_YEAR, LAST_YEAR, row_id, year_supported
 from referrals.load import department_load_move, load_slot
 from referrals.models import (
@@ -32,7 +33,7 @@ from referrals.models import (
 )
 from referrals.notifications import notify_in_transaction, notify_transition_later
 from referrals.permissions import referral_experts_grant, referral_grants_revoke
-from referrals.selectors import referral_scope_filter
+from referrals.selectors import referral_scope_filter, sees_patient_data
 from referrals.workflow import (
     GUARDS,
     TERMINAL_STATES,
@@ -635,14 +636,20 @@ def _referral_create(
     return referral
 
 
+_PLACER_LOOKUP = (
+    f"SELECT id FROM {Referral._meta.db_table} "  # noqa: S608 (the table from the model)
+    "WHERE requester_facility_id = %s AND placer_system = %s AND placer_value = %s"
+)
+
+
 def _find_existing(
     requester_facility: Facility, placer_system: str, placer_value: str
 ) -> Referral | None:
-    return Referral.objects.filter(
-        requester_facility=requester_facility,
-        placer_system=placer_system,
-        placer_value=placer_value,
-    ).first()
+    """The referral this placer identifier already made, if any. Every submission asks
+    and almost every answer is none: a prepared id lookup over the unique index, the
+    row read only when there is one."""
+    found = fetch_prepared(_PLACER_LOOKUP, [requester_facility.pk, placer_system, placer_value])
+    return Referral.objects.get(pk=found[0][0]) if found else None
 
 
 def referral_submit(
@@ -670,6 +677,8 @@ def referral_submit(
     submit = TRANSITIONS_BY_ACTION["submit"]
     if actor.facility_id != requester_facility.pk or not (actor.role_names() & submit.roles):
         raise PermissionDenied("You may only submit referrals for your own facility.")
+    if not sees_patient_data(actor):  # a ministry official could not read what it made
+        raise PermissionDenied("Ministry officials do not submit referrals.")
     if not placer_system or not placer_value:
         raise ApplicationError("A placer identifier (system and value) is required.")
     if max(len(placer_system), len(placer_value)) > PLACER_MAX_LENGTH:

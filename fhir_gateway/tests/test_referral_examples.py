@@ -49,11 +49,11 @@ EXPECTED: dict[str, tuple[int, str]] = {
     "Patient-example.json": (405, "create is not supported for Patient"),
     "patient-example.json": (405, "create is not supported for Patient"),
     "ServiceRequest-di.json": (422, "needs the placer identifier"),
-    "ServiceRequest-example.json": (422, "must be active (or draft), not 'completed'"),
-    "ServiceRequest-physiotherapy.json": (422, "must be active (or draft), not 'completed'"),
+    "ServiceRequest-example.json": (422, "must be active, not 'completed'"),
+    "ServiceRequest-physiotherapy.json": (422, "must be active, not 'completed'"),
     "ServiceRequest-subrequest.json": (422, "intent must be order"),
-    "servicerequest-example-pt.json": (422, "must be active (or draft), not 'completed'"),
-    "servicerequest-example.json": (422, "must be active (or draft), not 'completed'"),
+    "servicerequest-example-pt.json": (422, "must be active, not 'completed'"),
+    "servicerequest-example.json": (422, "must be active, not 'completed'"),
     "servicerequest-example3.json": (422, "performerType must name the requested specialty"),
 }
 

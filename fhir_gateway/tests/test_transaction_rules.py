@@ -1,0 +1,331 @@
+"""Rules of conditional creates, transactions and case files that a review found broken
+(each test names what it was): no 500 on an over-long number or a file title without a
+name, no referral handed to someone outside its scope, nothing dropped or kept on a
+refusal, FHIR's transaction rules for references and ``request.ifNoneExist``."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import pytest
+from django.core.files.storage import default_storage
+
+from accounts.roles import Role
+from accounts.services import api_token_issue
+from fhir_gateway.models import FhirResource, IntakeJob, OutboxMessage
+from fhir_gateway.tests.conftest import FhirClient, outcome_issue
+from fhir_gateway.tests.referral_world import (
+    PLACER,
+    World,
+    accepted,
+    advised,
+    body,
+    member_client,
+    submit,
+    transaction,
+)
+from referrals.models import Attachment, Referral
+from registry.models import Department
+from tests.factories import NEUROLOGY, DepartmentFactory, SpecialtyFactory, UserFactory
+
+pytestmark = pytest.mark.django_db
+
+BIG = "1" * 4400  # past Python's 4,300-digit limit of int()
+PDF = base64.b64encode(b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF\n").decode()
+COUNTER = "urn:consilium:counter-referral"
+
+
+def _spoke_department(world: World) -> Department:
+    return DepartmentFactory.create(
+        facility=world.network.spoke, specialty=SpecialtyFactory.create(code=NEUROLOGY)
+    )
+
+
+def _counter_referral(task_id: str, department: Department) -> dict[str, Any]:
+    return {
+        "resourceType": "ServiceRequest",
+        "status": "active",
+        "intent": "order",
+        "basedOn": [{"reference": f"ServiceRequest/{task_id}"}],
+        "subject": {"reference": f"Patient/{task_id}"},
+        "performer": [{"reference": f"HealthcareService/{department.pk}"}],
+        "reasonCode": [{"text": "Follow-up EEG, please."}],
+    }
+
+
+def _with_case_file(bundle: dict[str, Any], attachment: dict[str, Any]) -> dict[str, Any]:
+    bundle["entry"].append(
+        {
+            "fullUrl": f"urn:uuid:doc-{len(bundle['entry'])}",
+            "request": {"method": "POST", "url": "DocumentReference"},
+            "resource": {
+                "resourceType": "DocumentReference",
+                "status": "current",
+                "content": [{"attachment": attachment}],
+            },
+        }
+    )
+    return bundle
+
+
+def _stored_files(path: str = "") -> set[str]:
+    """Every file in the default storage (in memory under the test settings)."""
+    directories, files = default_storage.listdir(path)
+    found = {f"{path}/{name}".lstrip("/") for name in files}
+    for directory in directories:
+        found |= _stored_files(f"{path}/{directory}".lstrip("/"))
+    return found
+
+
+def _counts() -> tuple[int, int, int, int]:
+    return (
+        Referral.objects.count(),
+        Attachment.objects.count(),
+        FhirResource.objects.count(),
+        OutboxMessage.objects.count(),
+    )
+
+
+# --------------------------------------------------------------------------- 500s
+
+
+def test_an_over_long_counter_referral_number_is_412(world: World) -> None:
+    task_id = advised(world)
+    department = _spoke_department(world)
+    before = _counts()
+    response = member_client(world.consultant).post(
+        "/fhir/ServiceRequest",
+        _counter_referral(task_id, department),
+        **{"If-None-Exist": f"identifier={COUNTER}|{task_id}/{BIG}"},
+    )
+    assert response.status_code == 412, response.content
+    assert outcome_issue(response)["code"] == "business-rule"
+    assert _counts() == before
+
+
+def test_an_over_long_message_number_in_in_response_to_is_422(world: World) -> None:
+    task_id = accepted(world)
+    before = _counts()
+    message = {
+        "resourceType": "Communication",
+        "status": "completed",
+        "partOf": [{"reference": f"Task/{task_id}"}],
+        "inResponseTo": [{"reference": f"Communication/{task_id}-msg-{BIG}"}],
+        "payload": [{"contentString": "hello"}],
+    }
+    response = world.r4.post("/fhir/Communication", message)
+    assert response.status_code == 422, response.content
+    assert _counts() == before
+
+
+def test_over_long_event_numbers_are_400(world: World) -> None:
+    subscription = world.r4.post(
+        "/fhir/Subscription",
+        {
+            "resourceType": "Subscription",
+            "status": "requested",
+            "reason": "poll",
+            "criteria": "https://consilium.example.org/fhir/SubscriptionTopic/referral",
+            "channel": {"type": "rest-hook"},
+        },
+    )
+    assert subscription.status_code == 201, subscription.content
+    sid = body(subscription)["id"]
+    for path in (
+        f"/fhir/$events?since={BIG}",
+        f"/fhir/Subscription/{sid}/$events?eventsSinceNumber={BIG}",
+        f"/fhir/Subscription/{sid}/$events?eventsUntilNumber={BIG}",
+    ):
+        response = world.r4.get(path)
+        assert response.status_code == 400, path
+        assert outcome_issue(response)["code"] == "invalid", path
+
+
+@pytest.mark.parametrize("title", [".", "..", "scans/"])
+def test_a_case_file_title_that_is_no_file_name_is_stored_as_file(world: World, title: str) -> None:
+    bundle = _with_case_file(
+        transaction(world), {"contentType": "application/pdf", "data": PDF, "title": title}
+    )
+    response = world.r4.post("/fhir", bundle)
+    assert response.status_code == 200, response.content
+    assert list(Attachment.objects.values_list("original_name", flat=True)) == ["file"]
+    task_id = accepted(world, "SR-2")
+    document = {
+        "resourceType": "DocumentReference",
+        "status": "current",
+        "context": {"related": [{"reference": f"ServiceRequest/{task_id}"}]},
+        "content": [
+            {"attachment": {"contentType": "application/pdf", "data": PDF, "title": title}}
+        ],
+    }
+    assert world.r4.post("/fhir/DocumentReference", document).status_code == 201
+
+
+# --------------------------------------------------------------------------- scope
+
+
+def test_if_none_exist_never_hands_a_counter_referral_to_whom_may_not_read_it(
+    world: World,
+) -> None:
+    from referrals.permissions import referral_experts_grant
+
+    task_id = advised(world)
+    department = _spoke_department(world)
+    made = member_client(world.consultant).post(
+        "/fhir/ServiceRequest", _counter_referral(task_id, department)
+    )
+    assert made.status_code == 201, made.content
+    child = body(made)["id"]
+    expert = UserFactory.create(facility=world.network.lao, roles=[Role.CONSULTANT])
+    referral_experts_grant(referral=Referral.objects.get(filler_id=task_id), experts=[expert])
+    condition = {"If-None-Exist": f"identifier={COUNTER}|{task_id}/1"}
+    before = _counts()
+    # The requester's system and an invited expert of a third facility read the original
+    # but not the counter-referral: asking for it by condition is 404, as a read is.
+    for client in (world.r4, member_client(expert)):
+        assert client.get(f"/fhir/ServiceRequest/{task_id}").status_code == 200
+        assert client.get(f"/fhir/ServiceRequest/{child}").status_code == 404
+        response = client.post(
+            "/fhir/ServiceRequest", _counter_referral(task_id, department), **condition
+        )
+        assert response.status_code == 404, response.content
+        assert child not in response.content.decode()
+    # Its maker gets it back (the idempotent retry).
+    again = member_client(world.consultant).post(
+        "/fhir/ServiceRequest", _counter_referral(task_id, department), **condition
+    )
+    assert (again.status_code, body(again)["id"]) == (200, child)
+    assert _counts() == before
+
+
+def test_a_ministry_official_gets_no_referral_by_condition_or_resubmission(world: World) -> None:
+    submit(world)
+    first = Referral.objects.get()
+    official = UserFactory.create(
+        facility=world.network.spoke, roles=[Role.MINISTRY, Role.MEMBER_SYSTEM]
+    )
+    client = FhirClient(api_token_issue(user=official, name="t").raw)
+    assert client.get(f"/fhir/Task/{first.filler_id}").status_code == 404
+    before = _counts()
+    order = transaction(world, "SR-1")["entry"][1]["resource"]
+    order["subject"] = {"reference": "Patient/anything"}
+    conditional = client.post(
+        "/fhir/ServiceRequest", order, **{"If-None-Exist": f"identifier={PLACER}|SR-1"}
+    )
+    resubmitted = client.post("/fhir", transaction(world, "SR-1"))
+    for response in (conditional, resubmitted):
+        assert response.status_code == 403, response.content
+        assert first.filler_id not in response.content.decode()
+        assert first.clinical_question not in response.content.decode()
+    assert _counts() == before
+
+
+# --------------------------------------------------------------------------- transactions
+
+
+def test_a_resubmission_answers_its_stored_case_files_and_stores_the_new_ones(
+    world: World,
+) -> None:
+    with_file = _with_case_file(
+        transaction(world), {"contentType": "application/pdf", "data": PDF, "title": "a.pdf"}
+    )
+    first = body(world.r4.post("/fhir", with_file))
+    stored = first["entry"][3]["response"]["location"]
+    assert stored.startswith("DocumentReference/")
+    again = body(world.r4.post("/fhir", with_file))
+    assert [e["response"]["status"] for e in again["entry"]] == ["200 OK"] * 4
+    assert again["entry"][3]["response"]["location"] == stored
+    assert Attachment.objects.count() == 1
+    # A retry that carries one more file stores that one (a file is never dropped).
+    more = _with_case_file(
+        json.loads(json.dumps(with_file)),
+        {"contentType": "application/pdf", "data": PDF, "title": "b.pdf"},
+    )
+    third = body(world.r4.post("/fhir", more))
+    assert [e["response"]["status"] for e in third["entry"]] == ["200 OK"] * 4 + ["201 Created"]
+    assert third["entry"][4]["resource"]["resourceType"] == "DocumentReference"
+    assert sorted(Attachment.objects.values_list("original_name", flat=True)) == [
+        "a.pdf",
+        "b.pdf",
+    ]
+
+
+def test_a_draft_service_request_is_422_and_nothing_is_published(world: World) -> None:
+    bundle = transaction(world)
+    bundle["entry"][1]["resource"]["status"] = "draft"
+    before = _counts()
+    response = world.r4.post("/fhir", bundle)
+    assert response.status_code == 422, response.content
+    assert outcome_issue(response)["expression"] == ["ServiceRequest.status"]
+    assert _counts() == before
+
+
+def test_an_entry_if_none_exist_is_honoured(world: World) -> None:
+    submit(world, "SR-1")
+    first = Referral.objects.get()
+    bundle = transaction(world, "SR-2")
+    bundle["entry"][1]["request"]["ifNoneExist"] = f"identifier={PLACER}|SR-1"
+    before = _counts()
+    response = world.r4.post("/fhir", bundle)
+    assert response.status_code == 200, response.content
+    assert [e["response"]["status"] for e in body(response)["entry"]] == ["200 OK"] * 3
+    assert {e["resource"]["id"] for e in body(response)["entry"]} == {first.filler_id}
+    assert _counts() == before
+    bundle["entry"][1]["request"]["ifNoneExist"] = 7
+    assert world.r4.post("/fhir", bundle).status_code == 400
+    assert _counts() == before
+
+
+@pytest.mark.parametrize("subject", ["Group/1", "urn:uuid:abc", "Patient/someone-else"])
+def test_a_counter_referral_is_for_the_referrals_patient(world: World, subject: str) -> None:
+    task_id = advised(world)
+    order = _counter_referral(task_id, _spoke_department(world))
+    order["subject"] = {"reference": subject}
+    before = _counts()
+    response = member_client(world.consultant).post("/fhir/ServiceRequest", order)
+    assert response.status_code == 422, response.content
+    assert outcome_issue(response)["expression"] == ["ServiceRequest.subject"]
+    assert _counts() == before
+
+
+@pytest.mark.parametrize(
+    ("change", "status"),
+    [
+        (lambda b: b["entry"][1]["resource"].update(subject={"reference": "urn:uuid:none"}), 400),
+        (lambda b: b["entry"][1]["resource"].update(subject={"reference": "urn:uuid:task-1"}), 422),
+        (lambda b: [e.update(fullUrl="urn:uuid:same") for e in b["entry"]], 400),
+    ],
+    ids=["dangling", "a-task-as-subject", "duplicate-full-urls"],
+)
+def test_transaction_references_must_resolve(world: World, change: Any, status: int) -> None:
+    bundle = transaction(world)
+    change(bundle)
+    before = _counts()
+    response = world.r4.post("/fhir", bundle)
+    assert response.status_code == status, response.content
+    assert _counts() == before
+
+
+@pytest.mark.parametrize("respond_async", [False, True])
+def test_a_refused_transaction_keeps_no_case_file(world: World, respond_async: bool) -> None:
+    """Found by a review: the first file's bytes stayed in storage, with no row naming
+    them, when a later entry was refused (the rollback reaches rows, not files)."""
+    from fhir_gateway import intake
+
+    bundle = _with_case_file(
+        transaction(world), {"contentType": "application/pdf", "data": PDF, "title": "a.pdf"}
+    )
+    _with_case_file(bundle, {"contentType": "text/plain", "data": PDF, "title": "b"})  # refused
+    headers = {"Prefer": "respond-async"} if respond_async else {}
+    files_before = _stored_files()
+    response = world.r4.post("/fhir", bundle, **headers)
+    if respond_async:
+        assert response.status_code == 202
+        intake.intake_drain()
+        assert IntakeJob.objects.get().result_status == 415
+    else:
+        assert response.status_code == 415
+    assert (Referral.objects.count(), Attachment.objects.count()) == (0, 0)
+    assert _stored_files() == files_before
