@@ -65,6 +65,7 @@ from django.utils import timezone
 from kombu.exceptions import OperationalError as BrokerError
 
 from core.dispatch import Coalesced
+from core.memo import memo_scope
 from core.rows import fetch_prepared
 from fhir_gateway import handlers
 from fhir_gateway.models import IntakeJob
@@ -471,7 +472,7 @@ def _process(jobs: list[IntakeJob]) -> list[str]:
     leased = {job.pk: job.attempts + 1 for job in jobs}  # the attempt the lease counted
     outcomes: dict[uuid.UUID, str] = {}
     try:
-        with transaction.atomic(), department_load_deferred():
+        with memo_scope(), transaction.atomic(), department_load_deferred():
             _limit_apply_time()
             locked = set(
                 IntakeJob.objects.select_for_update()

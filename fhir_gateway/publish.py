@@ -14,6 +14,7 @@ from typing import Any
 
 from django.db.models import Q
 
+from core.memo import memoized
 from fhir_gateway import referral_mapping as m
 from fhir_gateway.delivery import outbox_enqueue_versions
 from fhir_gateway.feed import feed_record
@@ -75,12 +76,18 @@ def party_facility_ids(referral: Referral) -> list[int]:
 
 
 def member_endpoints(referral: Referral, facility_ids: list[int] | None = None) -> list[Endpoint]:
-    """The active endpoints of both parties (each receives its own FHIR version)."""
+    """The active endpoints of both parties (each receives its own FHIR version); read
+    once per intake batch (core.memo)."""
+    facilities = tuple(facility_ids or party_facility_ids(referral))
     return list(
-        Endpoint.objects.filter(
-            facility_id__in=facility_ids or party_facility_ids(referral),
-            status=Endpoint.Status.ACTIVE,
-        ).order_by("pk")
+        memoized(
+            ("endpoints", *facilities),
+            lambda: list(
+                Endpoint.objects.filter(
+                    facility_id__in=facilities, status=Endpoint.Status.ACTIVE
+                ).order_by("pk")
+            ),
+        )
     )
 
 

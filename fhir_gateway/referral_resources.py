@@ -25,6 +25,7 @@ from django.db import DEFAULT_DB_ALIAS, transaction
 from django.db.models import OuterRef, Q, QuerySet, Subquery
 
 from core.errors import ApplicationError, Conflict
+from core.memo import memoized
 from core.values import digits_int
 from fhir_gateway import handlers
 from fhir_gateway import referral_mapping as m
@@ -346,7 +347,10 @@ def _check_requester(user: User, reference: str, where: str) -> None:
 
 def _specialty(intake: m.Intake) -> Specialty:
     codes = [code for system, code in intake.specialty_codes if system in ("", Specialty.SNOMED)]
-    specialty = Specialty.objects.filter(system=Specialty.SNOMED, code__in=codes).first()
+    specialty = memoized(  # an intake batch reads it once (core.memo)
+        ("specialty", *codes),
+        lambda: Specialty.objects.filter(system=Specialty.SNOMED, code__in=codes).first(),
+    )
     if specialty is None:
         raise FhirError(
             422,
@@ -364,7 +368,11 @@ def _department(references: list[str], where: str) -> Department | None:
         if kind != "HealthcareService":
             continue
         pk = reference_pk(reference, "HealthcareService")
-        department = Department.objects.filter(pk=pk).first() if pk is not None else None
+        department = (
+            memoized(("department", pk), Department.objects.filter(pk=pk).first)
+            if pk is not None
+            else None
+        )
         if department is None:
             raise FhirError(
                 422,

@@ -237,6 +237,41 @@ def test_a_batch_applies_each_job_on_its_own(world: World, monkeypatch: pytest.M
     assert department_load_matches()
 
 
+# The lookups of a submission (not routing's snapshot, which has its own cache).
+_LOOKUPS = {
+    "department": 'WHERE "registry_department"."id" =',
+    "specialty": 'WHERE ("registry_specialty"."code" IN',
+    "endpoints": 'WHERE ("registry_endpoint"."facility_id" IN',
+}
+
+
+def _reads_of(queries: list[dict[str, Any]], lookup: str) -> int:
+    return sum(1 for q in queries if _LOOKUPS[lookup] in q["sql"])
+
+
+@pytest.mark.django_db
+def test_a_batch_reads_the_registry_rows_its_jobs_share_once(world: World) -> None:
+    """The department, the specialty and the members' endpoints (core.memo), read per job
+    before; every job is applied and published all the same."""
+    from django.test.utils import CaptureQueriesContext
+
+    for placer in ("SR-1", "SR-2", "SR-3", "SR-4"):
+        _kick_off(world.r4, transaction(world, placer))
+    with CaptureQueriesContext(connection) as batch:
+        assert [o for _job, o in intake.intake_process_next(limit=10)] == ["done"] * 4
+    reads = [_reads_of(batch.captured_queries, lookup) for lookup in _LOOKUPS]
+    assert reads == [1, 1, 1]
+    assert Referral.objects.count() == 4
+    # Each referral's versions went to both members' endpoints, as one by one.
+    endpoints = world.network.hub.endpoints.count() + world.network.spoke.endpoints.count()
+    assert OutboxMessage.objects.count() == 4 * 3 * endpoints
+    # Outside a batch (a synchronous request) nothing is kept: each reads anew.
+    with CaptureQueriesContext(connection) as requests:
+        for placer in ("SR-5", "SR-6"):
+            assert world.r4.post("/fhir", transaction(world, placer)).status_code == 200
+    assert [_reads_of(requests.captured_queries, lookup) for lookup in _LOOKUPS] == [2, 2, 2]
+
+
 @pytest.mark.django_db
 @pytest.mark.parametrize(
     ("error", "attempts"),
