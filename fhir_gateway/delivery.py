@@ -29,7 +29,9 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from email.utils import parsedate_to_datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import urllib3
 from django.conf import settings
@@ -106,7 +108,7 @@ def _setting(name: str, default: float) -> float:
 
 
 def max_attempts() -> int:
-    return int(_setting("FHIR_OUTBOX_MAX_ATTEMPTS", 8))
+    return int(_setting("FHIR_OUTBOX_MAX_ATTEMPTS", 24))
 
 
 def lease() -> timedelta:
@@ -297,12 +299,29 @@ def _render(
 
 
 def _auth_headers(endpoint: Endpoint) -> dict[str, str]:
+    """The endpoint's authentication headers; PermanentFailure when it cannot be sent to
+    (also a base URL with a query or fragment: the resource path cannot follow it)."""
+    parts = urlsplit(endpoint.base_url)
+    if parts.query or parts.fragment:
+        raise PermanentFailure(
+            f"base URL {endpoint.base_url[:200]!r} has a query or fragment; a FHIR base has none"
+        )
     if endpoint.auth_type == Endpoint.AuthType.NONE:
         return {}
-    secret = env_secret(endpoint.auth_secret_ref) if endpoint.auth_secret_ref else None
+    try:
+        secret = env_secret(endpoint.auth_secret_ref) if endpoint.auth_secret_ref else None
+    except (OSError, UnicodeError) as exc:  # <NAME>_FILE missing, unreadable, not UTF-8
+        raise PermanentFailure(
+            f"secret {endpoint.auth_secret_ref!r} cannot be read: {type(exc).__name__}"
+        ) from exc
     if not secret:
         raise PermanentFailure(f"secret {endpoint.auth_secret_ref!r} is not configured")
     if endpoint.auth_type == Endpoint.AuthType.BEARER:
+        # A header value is Latin-1 without line breaks (http.client refuses the rest).
+        if not secret.isprintable() or not secret.isascii():
+            raise PermanentFailure(
+                f"secret {endpoint.auth_secret_ref!r} is not a printable ASCII token"
+            )
         return {"Authorization": f"Bearer {secret}"}
     return {"Authorization": "Basic " + base64.b64encode(secret.encode()).decode("ascii")}
 
@@ -366,8 +385,50 @@ def _request_for(
     return Claim(message.pk, token, message.http_method, url, body.encode(), headers)
 
 
-def _send(claim: Claim) -> tuple[int | None, str]:
+# Of a member's answer, this much is read (its status is what counts; the start of the
+# text is kept in last_error), and no longer than the timeout in all.
+MAX_ANSWER_BYTES = 64 * 1024
+# A Retry-After longer than this is taken as this.
+MAX_RETRY_AFTER_SECONDS = 3600
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int | None  # None: no answer (connection error, timeout)
+    detail: str
+    retry_after: float | None = None  # seconds, from a 429 / 503 Retry-After
+
+    @property
+    def ok(self) -> bool:
+        return self.status is not None and 200 <= self.status < 300
+
+
+def retry_after_seconds(value: str | None, now: datetime) -> float | None:
+    """RFC 9110 10.2.3: delay-seconds or an HTTP-date; None when absent or invalid,
+    clamped to 0..MAX_RETRY_AFTER_SECONDS."""
+    if not value:
+        return None
+    text = value.strip()
+    if text.isascii() and text.isdigit():
+        seconds = float(text[:10])
+    else:
+        try:
+            when = parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+        if when.tzinfo is None:
+            return None
+        seconds = (when - now).total_seconds()
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_SECONDS)
+
+
+def _send(claim: Claim) -> Answer:
+    """One request, bounded in time as a whole: connect and each read by the timeout, and
+    the answer's body read for at most the timeout and MAX_ANSWER_BYTES (a member that
+    trickles its answer must not outlast the lease and be sent the message again). Any
+    error is this message's outcome, never the batch's."""
     seconds = _setting("FHIR_OUTBOX_TIMEOUT_SECONDS", 10)
+    deadline = time.monotonic() + seconds
     try:
         response = _POOL.request(
             claim.method,
@@ -376,12 +437,36 @@ def _send(claim: Claim) -> tuple[int | None, str]:
             headers=claim.headers,
             timeout=urllib3.Timeout(connect=min(seconds, 5), read=seconds),
             redirect=False,
-            preload_content=True,
+            preload_content=False,
         )
     except (urllib3.exceptions.HTTPError, OSError) as exc:
-        return None, f"{type(exc).__name__}: {exc}"[:2000]
-    text = response.data[:2000].decode("utf-8", "replace")
-    return response.status, text
+        return Answer(None, f"{type(exc).__name__}: {exc}"[:2000])
+    except Exception as exc:
+        logger.exception("outbox send failed", extra={"id": claim.message_id})
+        return Answer(None, f"{type(exc).__name__}: {exc}"[:2000])
+    head, read, whole = bytearray(), 0, False
+    try:
+        while True:
+            chunk = response.read1(8192)  # what one receive brings (read() waits for all)
+            if not chunk:
+                whole = True
+                break
+            head += chunk[: max(0, 2000 - len(head))]
+            read += len(chunk)
+            if read > MAX_ANSWER_BYTES or time.monotonic() > deadline:
+                break
+    except (urllib3.exceptions.HTTPError, OSError):
+        pass  # the status came; the rest of the body did not
+    finally:
+        if not whole:  # not reusable: close it rather than read on
+            response.close()
+        response.release_conn()  # back to the pool (a closed one reconnects)
+    retry_after = (
+        retry_after_seconds(response.headers.get("Retry-After"), timezone.now())
+        if response.status in (429, 503)
+        else None
+    )
+    return Answer(response.status, bytes(head).decode("utf-8", "replace"), retry_after)
 
 
 def outbox_deliver(*, message_id: int) -> str:
@@ -392,7 +477,7 @@ def outbox_deliver(*, message_id: int) -> str:
     claim = _claim(message_id, timezone.now())
     if claim is None:
         return "skipped"
-    status_code, detail = _send(claim)
+    answer = _send(claim)
     now = timezone.now()
     with transaction.atomic():
         message = (
@@ -404,8 +489,8 @@ def outbox_deliver(*, message_id: int) -> str:
             # The lease expired and another worker took over: its outcome counts.
             logger.warning("outbox lease lost", extra={"id": claim.message_id})
             return "lease-lost"
-        if status_code is not None and 200 <= status_code < 300:
-            message.last_status_code = status_code
+        if answer.ok:
+            message.last_status_code = answer.status
             message.claim_token = ""
             message.status = Status.DELIVERED
             message.delivered_at = now
@@ -424,13 +509,13 @@ def outbox_deliver(*, message_id: int) -> str:
             if following is not None:
                 transaction.on_commit(lambda: schedule_delivery(following))
             return "delivered"
-        return _record_failure(message, status_code, detail, now)
+        return _record_failure(message, answer, now)
 
 
-def _record_failure(
-    message: OutboxMessage, status_code: int | None, detail: str, now: datetime
-) -> str:
-    """A non-2xx answer or no answer: failed with backoff, or dead. Saves the message."""
+def _record_failure(message: OutboxMessage, answer: Answer, now: datetime) -> str:
+    """A non-2xx answer or no answer: failed with backoff (at least the member's
+    Retry-After), or dead. Saves the message."""
+    status_code, detail = answer.status, answer.detail
     message.last_status_code = status_code
     message.claim_token = ""
     message.last_error = f"HTTP {status_code}: {detail}" if status_code is not None else detail
@@ -443,7 +528,8 @@ def _record_failure(
         logger.error("outbox message dead", extra={"id": message.pk, "error": message.last_error})
     else:
         message.status = Status.FAILED
-        message.next_attempt_at = now + timedelta(seconds=backoff_seconds(message.attempts))
+        delay = max(backoff_seconds(message.attempts), answer.retry_after or 0.0)
+        message.next_attempt_at = now + timedelta(seconds=delay)
         outcome = "failed"
     message.save()
     return outcome
@@ -491,7 +577,14 @@ def _claim_batch(
             aggregate_key=OuterRef("aggregate_key"), seq__lt=OuterRef("seq")
         )
         .exclude(status=Status.DELIVERED)
-        .exclude(status__in=(Status.PENDING, Status.FAILED), next_attempt_at__lte=now)
+        # An earlier message this batch may claim itself does not block; one held by its
+        # endpoint (suspended) does, or the messages queued behind it would take the
+        # batch's slots only to be dropped (a drain claiming nothing stops).
+        .exclude(
+            status__in=(Status.PENDING, Status.FAILED),
+            next_attempt_at__lte=now,
+            endpoint__status=Endpoint.Status.ACTIVE,
+        )
     )
     dead = 0
     with transaction.atomic():
@@ -566,13 +659,18 @@ def _claim_batch(
     return runs, dead
 
 
-def _send_run(run: list[tuple[Claim, str]]) -> list[tuple[Claim, str, int | None, str]]:
-    """Send one aggregate's run in order; stop at the first failure (the rest is released)."""
-    out: list[tuple[Claim, str, int | None, str]] = []
+def _send_run(
+    run: list[tuple[Claim, str]], stop_at: float | None = None
+) -> list[tuple[Claim, str, Answer]]:
+    """Send one aggregate's run in order; stop at the first failure, or when a request
+    begun now could outlast the lease (``stop_at``, monotonic): the rest is released."""
+    out: list[tuple[Claim, str, Answer]] = []
     for claim, original in run:
-        status_code, detail = _send(claim)
-        out.append((claim, original, status_code, detail))
-        if status_code is None or not 200 <= status_code < 300:
+        if stop_at is not None and out and time.monotonic() > stop_at:
+            break
+        answer = _send(claim)
+        out.append((claim, original, answer))
+        if not answer.ok:
             break
     return out
 
@@ -596,13 +694,22 @@ def outbox_deliver_batch(
     if not runs:
         return report
     workers = concurrency or int(_setting("FHIR_OUTBOX_CONCURRENCY", 16))
+    # A request takes at most ~2 timeouts (the last read may start just before the answer's
+    # deadline); none starts when it could end after the lease, or another drain would
+    # take the message over and send it again while it is still open.
+    timeout = _setting("FHIR_OUTBOX_TIMEOUT_SECONDS", 10)
+    stop_at = time.monotonic() + lease().total_seconds() - 2 * timeout - 1
+
+    def send(run: list[tuple[Claim, str]]) -> list[tuple[Claim, str, Answer]]:
+        return _send_run(run, stop_at)
+
     if executor is None and workers > 1 and len(runs) > 1:
         with ThreadPoolExecutor(max_workers=min(workers, len(runs))) as pool:
-            results = list(pool.map(_send_run, runs))
+            results = list(pool.map(send, runs))
     elif executor is not None:
-        results = list(executor.map(_send_run, runs))
+        results = list(executor.map(send, runs))
     else:
-        results = [_send_run(run) for run in runs]
+        results = [send(run) for run in runs]
     sent = {claim.message_id for result in results for claim, *_ in result}
     released: dict[str, list[int]] = {}
     for run in runs:
@@ -610,13 +717,14 @@ def outbox_deliver_batch(
             if claim.message_id not in sent:
                 released.setdefault(original, []).append(claim.message_id)
     delivered: dict[int, list[int]] = {}
-    failures: list[tuple[int, int | None, str]] = []
+    failures: list[tuple[int, Answer]] = []
     for result in results:
-        for claim, _original, status_code, detail in result:
-            if status_code is not None and 200 <= status_code < 300:
-                delivered.setdefault(status_code, []).append(claim.message_id)
+        for claim, _original, answer in result:
+            if answer.ok:
+                assert answer.status is not None
+                delivered.setdefault(answer.status, []).append(claim.message_id)
             else:
-                failures.append((claim.message_id, status_code, detail))
+                failures.append((claim.message_id, answer))
     done = timezone.now()
     mine = Q(status=Status.IN_FLIGHT, claim_token=token)
     with transaction.atomic():
@@ -639,15 +747,15 @@ def outbox_deliver_batch(
             locked = {
                 m.pk: m
                 for m in OutboxMessage.objects.select_for_update().filter(
-                    mine, pk__in=[pk for pk, _c, _d in failures]
+                    mine, pk__in=[pk for pk, _answer in failures]
                 )
             }
-            for pk, status_code, detail in failures:
+            for pk, answer in failures:
                 message = locked.get(pk)
                 if message is None:
                     logger.warning("outbox lease lost", extra={"id": pk})
                     continue
-                if _record_failure(message, status_code, detail, done) == "dead":
+                if _record_failure(message, answer, done) == "dead":
                     report.dead += 1
                 else:
                     report.failed += 1

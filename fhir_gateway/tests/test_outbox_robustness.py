@@ -1,0 +1,300 @@
+"""What a review of the outbox found (each test names what it was): one member's state
+must never stall the others' deliveries, a message that cannot be sent is that message's
+outcome (never the batch's), a send never outlasts its lease, a throttling member's
+Retry-After is honoured. Stub members are real HTTP servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from datetime import timedelta
+from email.utils import format_datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from django.db import transaction
+from django.utils import timezone
+
+from fhir_gateway import delivery
+from fhir_gateway.delivery import outbox_enqueue
+from fhir_gateway.models import FhirResource, OutboxMessage
+from fhir_gateway.storage import store_version
+from fhir_gateway.tasks import deliver_outbox, outbox_drain_task
+from registry.models import Endpoint
+from tests.factories import EndpointFactory
+
+Status = OutboxMessage.Status
+
+
+def _resource(logical_id: str) -> FhirResource:
+    with transaction.atomic():
+        return store_version(
+            resource_type="Communication",
+            logical_id=logical_id,
+            resource={"resourceType": "Communication", "status": "completed"},
+            fhir_version="4.0",
+        )
+
+
+def _enqueue(endpoint: Endpoint, aggregate: str, row: FhirResource) -> OutboxMessage:
+    with transaction.atomic():
+        return outbox_enqueue(
+            endpoint=endpoint,
+            aggregate_key=aggregate,
+            resource_type=row.resource_type,
+            logical_id=row.logical_id,
+            version_id=row.version_id,
+            schedule=False,  # as if the on-commit hand-off was lost: beat's drain finds it
+        )
+
+
+def test_messages_held_behind_a_suspended_endpoint_do_not_stall_the_drain(
+    db: Any, stub_member: Any
+) -> None:
+    """250 referrals whose first message waits for a suspended endpoint: the 500 messages
+    queued behind them filled every batch's candidates and were dropped, so the drain
+    claimed nothing and stopped — no retry, no lost hand-off, no lease of any member ran."""
+    stub = stub_member()
+    active = EndpointFactory.create(base_url=stub.base_url)
+    suspended = EndpointFactory.create(base_url=stub.base_url, status=Endpoint.Status.SUSPENDED)
+    row = _resource("c1")
+    old = timezone.now() - timedelta(hours=1)
+    OutboxMessage.objects.bulk_create(
+        OutboxMessage(
+            endpoint=endpoint,
+            aggregate_key=f"referral:held{n}",
+            seq=seq,
+            resource_type="Communication",
+            logical_id="c1",
+            version_id=row.version_id,
+            idempotency_key=f"held-{n}-{seq}",
+            next_attempt_at=old,
+        )
+        for n in range(250)
+        for seq, endpoint in ((1, suspended), (2, active), (3, active))
+    )
+    retry = _enqueue(active, "referral:healthy", row)
+    OutboxMessage.objects.filter(pk=retry.pk).update(status=Status.FAILED, attempts=1)
+    lost = _enqueue(active, "referral:other", row)
+
+    assert outbox_drain_task() == 2  # beat's task, batches of 500
+
+    retry.refresh_from_db()
+    lost.refresh_from_db()
+    assert (retry.status, lost.status) == (Status.DELIVERED, Status.DELIVERED)
+    # The held ones still wait, in order, for their endpoint.
+    assert not OutboxMessage.objects.filter(aggregate_key__startswith="referral:held").exclude(
+        status=Status.PENDING
+    )
+    assert sorted(r["key"] for r in stub.requests) == sorted(
+        [retry.idempotency_key, lost.idempotency_key]
+    )
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "reason"),
+    [
+        ("HIS_TOKEN_FILE", "/nonexistent/his-token", "cannot be read: FileNotFoundError"),
+        ("HIS_TOKEN", "abc\ndef", "is not a printable ASCII token"),
+        ("HIS_TOKEN", "Bearer-\u79d8\u5bc6", "is not a printable ASCII token"),
+    ],
+    ids=["missing-file", "newline", "not-latin-1"],
+)
+def test_a_secret_that_cannot_be_sent_kills_its_message_only(
+    db: Any,
+    stub_member: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    variable: str,
+    value: str,
+    reason: str,
+) -> None:
+    """An unreadable secret file crashed every drain (the poison message stayed first in
+    line); a header http.client refuses threw away the whole batch's outcomes (the others
+    were re-sent for ever, the poison one never went dead)."""
+    monkeypatch.setenv(variable, value)
+    stub = stub_member()
+    broken = EndpointFactory.create(
+        base_url=stub.base_url, auth_type="bearer", auth_secret_ref="HIS_TOKEN"
+    )
+    healthy = EndpointFactory.create(base_url=stub.base_url)
+    row = _resource("c1")
+    poison = _enqueue(broken, "referral:A", row)
+    ok = _enqueue(healthy, "referral:B", row)
+
+    report = delivery.outbox_drain(limit=10, concurrency=1)
+
+    assert (report.delivered, report.dead) == (1, 1)
+    poison.refresh_from_db()
+    ok.refresh_from_db()
+    assert ok.status == Status.DELIVERED
+    assert poison.status == Status.DEAD
+    assert reason in poison.last_error
+    assert [r["key"] for r in stub.requests] == [ok.idempotency_key]
+    # The single path says the same, without raising.
+    again = _enqueue(broken, "referral:C", row)
+    assert deliver_outbox(again.pk) == "skipped"
+    again.refresh_from_db()
+    assert again.status == Status.DEAD
+
+
+def test_a_base_url_with_a_query_is_dead_with_the_reason(db: Any, stub_member: Any) -> None:
+    """It was sent to {base}?tenant=x/Communication/c1."""
+    stub = stub_member()
+    endpoint = EndpointFactory.create(base_url=stub.base_url + "?tenant=codao")
+    message = _enqueue(endpoint, "referral:1", _resource("c1"))
+    assert deliver_outbox(message.pk) == "skipped"
+    message.refresh_from_db()
+    assert message.status == Status.DEAD
+    assert "has a query or fragment" in message.last_error
+    assert stub.requests == []
+
+
+class _Trickle:
+    """A member that answers 200 with a body of 30 bytes, one every 0.1 s."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.base_url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/fhir"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += conn.recv(65536)
+        head, _, rest = data.partition(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":", 1)[1])
+            for line in head.split(b"\r\n")[1:]
+            if line.lower().startswith(b"content-length:")
+        )
+        while len(rest) < length:
+            rest += conn.recv(65536)
+        try:
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 30\r\n\r\n")
+            for _ in range(30):
+                time.sleep(0.1)
+                conn.sendall(b"x")
+        except OSError:
+            pass  # the client stopped reading and closed
+        conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_trickled_answer_is_read_no_longer_than_the_timeout(db: Any, settings: Any) -> None:
+    """The read timeout bounds each receive, not the answer: a member trickling its body
+    kept the send open for 3 s past a 0.5 s timeout, past the lease, and the message was
+    sent again meanwhile. The status came at once; it counts."""
+    settings.FHIR_OUTBOX_TIMEOUT_SECONDS = 0.5
+    member = _Trickle()
+    try:
+        endpoint = EndpointFactory.create(base_url=member.base_url)
+        message = _enqueue(endpoint, "referral:1", _resource("c1"))
+        started = time.monotonic()
+        assert deliver_outbox(message.pk) == "delivered"
+        assert time.monotonic() - started < 1.5
+    finally:
+        member.close()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_run_stops_before_it_could_outlast_its_lease(stub_member: Any, settings: Any) -> None:
+    """A batch sends an aggregate's run in order under one lease: six answers of 0.3 s
+    (each within the 0.5 s timeout) outlasted a 2.5 s lease minus the two timeouts a
+    request may take, so a drain sent some of them a second time."""
+    settings.FHIR_OUTBOX_TIMEOUT_SECONDS = 0.5
+    settings.FHIR_OUTBOX_LEASE_SECONDS = 2.5
+    stub = stub_member([("slow", 0.3)] * 40)
+    endpoint = EndpointFactory.create(base_url=stub.base_url)
+    messages = [_enqueue(endpoint, "referral:1", _resource(f"c{i}")) for i in range(6)]
+
+    report = delivery.outbox_deliver_batch(limit=50, concurrency=1)
+
+    # 2.5 - 2 x 0.5 - 1 = 0.5 s of sending: the run stops after two or three answers and
+    # the rest goes back to the queue, its attempts not counted.
+    assert 1 <= report.delivered < len(messages)
+    assert report.released == len(messages) - report.delivered
+    statuses = [m.status for m in OutboxMessage.objects.order_by("seq")]
+    assert statuses == [Status.DELIVERED] * report.delivered + [Status.PENDING] * (
+        len(messages) - report.delivered
+    )
+    assert not OutboxMessage.objects.filter(status=Status.PENDING, attempts__gt=0).exists()
+    while delivery.outbox_deliver_batch(limit=50, concurrency=1).claimed:
+        pass
+    keys = [r["key"] for r in stub.requests]
+    assert keys == [m.idempotency_key for m in messages]  # each once, in order
+
+
+class _Throttling(BaseHTTPRequestHandler):
+    retry_after = "3600"
+
+    def do_PUT(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(429)
+        self.send_header("Retry-After", type(self).retry_after)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        return
+
+
+def test_a_throttling_members_retry_after_is_honoured(db: Any) -> None:
+    """429 with Retry-After: 3600 was retried within 2 s, and dead after 8 such attempts
+    (~4 minutes) while the member only asked for patience."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Throttling)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        endpoint = EndpointFactory.create(
+            base_url=f"http://127.0.0.1:{server.server_address[1]}/fhir"
+        )
+        message = _enqueue(endpoint, "referral:1", _resource("c1"))
+        before = timezone.now()
+        assert deliver_outbox(message.pk) == "failed"
+        message.refresh_from_db()
+        wait = (message.next_attempt_at - before).total_seconds()
+        assert 3599 <= wait <= 3602
+        assert (message.status, message.last_status_code) == (Status.FAILED, 429)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_retry_after_values() -> None:
+    now = timezone.now().replace(microsecond=0)
+    later = format_datetime(now + timedelta(seconds=120), usegmt=True)
+    assert delivery.retry_after_seconds("120", now) == 120
+    assert delivery.retry_after_seconds(later, now) == 120
+    assert delivery.retry_after_seconds("99999999", now) == delivery.MAX_RETRY_AFTER_SECONDS
+    assert (
+        delivery.retry_after_seconds(format_datetime(now - timedelta(days=1), usegmt=True), now)
+        == 0
+    )
+    for bad in (None, "", "-5", "soon", "1.5", "\u0661\u0662"):
+        assert delivery.retry_after_seconds(bad, now) is None, bad
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/admin/fhir_gateway/outboxmessage/?resource_type__exact=%00",
+        "/admin/fhir_gateway/outboxmessage/?status__exact=%00",
+        "/admin/fhir_gateway/intakejob/?status__exact=%00",
+    ],
+)
+def test_an_admin_filter_with_a_nul_is_400_not_500(admin_client: Any, url: str) -> None:
+    response = admin_client.get(url)
+    assert response.status_code == 400
