@@ -28,7 +28,7 @@ import secrets
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -410,14 +410,15 @@ def retry_after_seconds(value: str | None, now: datetime) -> float | None:
         return None
     text = value.strip()
     if text.isascii() and text.isdigit():
-        seconds = float(text[:10])
+        digits = text.lstrip("0") or "0"
+        seconds = float(digits) if len(digits) <= 10 else float(MAX_RETRY_AFTER_SECONDS)
     else:
         try:
             when = parsedate_to_datetime(text)
         except (TypeError, ValueError, IndexError, OverflowError):
             return None
-        if when.tzinfo is None:
-            return None
+        if when.tzinfo is None:  # asctime carries no zone; HTTP dates are GMT
+            when = when.replace(tzinfo=UTC)
         seconds = (when - now).total_seconds()
     return min(max(seconds, 0.0), MAX_RETRY_AFTER_SECONDS)
 
@@ -666,8 +667,8 @@ def _send_run(
     begun now could outlast the lease (``stop_at``, monotonic): the rest is released."""
     out: list[tuple[Claim, str, Answer]] = []
     for claim, original in run:
-        if stop_at is not None and out and time.monotonic() > stop_at:
-            break
+        if stop_at is not None and time.monotonic() > stop_at:
+            break  # the first of a run too: a run the pool reaches late waits whole
         answer = _send(claim)
         out.append((claim, original, answer))
         if not answer.ok:
@@ -698,7 +699,10 @@ def outbox_deliver_batch(
     # deadline); none starts when it could end after the lease, or another drain would
     # take the message over and send it again while it is still open.
     timeout = _setting("FHIR_OUTBOX_TIMEOUT_SECONDS", 10)
-    stop_at = time.monotonic() + lease().total_seconds() - 2 * timeout - 1
+    budget = lease().total_seconds() - 2 * timeout - 1
+    if budget <= 0:  # a lease too short for any request: unbounded, as before (and warned)
+        logger.warning("FHIR_OUTBOX_LEASE_SECONDS should exceed 2 x the timeout + 1 s")
+    stop_at = time.monotonic() + budget if budget > 0 else None
 
     def send(run: list[tuple[Claim, str]]) -> list[tuple[Claim, str, Answer]]:
         return _send_run(run, stop_at)

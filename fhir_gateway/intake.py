@@ -472,7 +472,13 @@ def _process(jobs: list[IntakeJob]) -> list[str]:
     leased = {job.pk: job.attempts + 1 for job in jobs}  # the attempt the lease counted
     outcomes: dict[uuid.UUID, str] = {}
     try:
-        with memo_scope(), transaction.atomic(), department_load_deferred():
+        # files_removed_on_failure: a job's case files go if the batch rolls back after it.
+        with (
+            files_removed_on_failure(),
+            memo_scope(),
+            transaction.atomic(),
+            department_load_deferred(),
+        ):
             _limit_apply_time()
             locked = set(
                 IntakeJob.objects.select_for_update()

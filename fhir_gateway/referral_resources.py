@@ -866,12 +866,14 @@ def transaction_bundle(
         for rtype in ("Patient", "Task"):
             for index, _res in by_type.get(rtype, []):
                 outcomes[index] = (current[rtype], status)
-        # A resubmission answers the case files its first submission stored, in order, and
-        # stores those it did not carry (a file is never dropped nor stored twice).
-        stored = [] if created else _case_files(referral)
-        for number, (index, document) in enumerate(by_type.get("DocumentReference", [])):
-            if number < len(stored):
-                outcomes[index] = (stored[number], "200 OK")
+        # A resubmission answers each case file with the one of the same bytes the
+        # requester side already stored (each stored file answers one entry) and stores
+        # the others: a file is neither dropped nor stored twice.
+        stored = {} if created else _case_files(referral)
+        for index, document in by_type.get("DocumentReference", []):
+            same = stored.get(_inline_sha256(document), [])
+            if same:
+                outcomes[index] = (same.pop(0), "200 OK")
             else:
                 result = _document_reference_for(user, referral, document)
                 outcomes[index] = (result.row, "201 Created")
@@ -938,23 +940,44 @@ def _check_bundle_references(entries: list[dict[str, Any]]) -> None:
             )
 
 
-def _case_files(referral: Referral) -> list[FhirResource]:
-    """The current DocumentReferences of the case files the requester side stored, oldest
-    first (a transaction's files are among them, in entry order)."""
+def _case_files(referral: Referral) -> dict[str, list[FhirResource]]:
+    """The current DocumentReferences of the case files the requester side stored, by the
+    SHA-256 of their bytes, oldest first."""
     from fhir_gateway.binary import binary_id
     from referrals.models import Attachment
 
-    pks = Attachment.objects.filter(
-        referral=referral, uploaded_by__facility_id=referral.requester_facility_id
-    ).order_by("pk")
-    ids = [binary_id(referral.filler_id, pk) for pk in pks.values_list("pk", flat=True)]
-    rows = {
+    files = list(
+        Attachment.objects.filter(
+            referral=referral, uploaded_by__facility_id=referral.requester_facility_id
+        )
+        .order_by("pk")
+        .values_list("pk", "sha256")
+    )
+    ids = {binary_id(referral.filler_id, pk): sha for pk, sha in files}
+    by_id = {
         row.logical_id: row
         for row in FhirResource.objects.filter(
-            resource_type="DocumentReference", logical_id__in=ids, is_current=True, deleted=False
-        )
+            resource_type="DocumentReference", logical_id__in=list(ids), is_current=True
+        ).exclude(deleted=True)
     }
-    return [rows[i] for i in ids if i in rows]
+    found: dict[str, list[FhirResource]] = {}
+    for logical_id, sha in ids.items():
+        if logical_id in by_id:
+            found.setdefault(sha, []).append(by_id[logical_id])
+    return found
+
+
+def _inline_sha256(document: dict[str, Any]) -> str:
+    """The SHA-256 of a DocumentReference entry's inline file ("" when it has none: such
+    an entry is refused when stored)."""
+    contents = document.get("content") or []
+    attachment = (
+        contents[0].get("attachment") if contents and isinstance(contents[0], dict) else None
+    )
+    if not isinstance(attachment, dict) or not attachment.get("data"):
+        return ""
+    data = m.attachment_bytes(attachment, "DocumentReference.content.attachment")
+    return hashlib.sha256(data).hexdigest()
 
 
 def _transaction_response(

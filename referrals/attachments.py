@@ -33,7 +33,7 @@ from typing import Any
 from django.conf import settings
 from django.core.files import File
 from django.core.files.uploadedfile import UploadedFile
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import QuerySet
 from django.db.models.fields.files import FieldFile
 from django.http import FileResponse
@@ -208,8 +208,13 @@ _stored_files: ContextVar[list[FieldFile] | None] = ContextVar("stored_files", d
 def files_removed_on_failure() -> Iterator[None]:
     """Around a unit of work that uploads files inside a larger transaction (a FHIR
     transaction Bundle with case files): when it fails, the transaction rolls the rows
-    back, and this deletes the files they named, which no rollback reaches. A failure of
-    the final COMMIT itself is not seen here."""
+    back, and this deletes the files they named, which no rollback reaches. Only files
+    whose rows wait for an enclosing transaction are tracked (a row committed by the
+    upload itself keeps its file whatever fails later). Scopes nest: what an inner scope
+    stored and kept goes to the enclosing one, which deletes it if the enclosing work
+    fails (an intake batch rolled back after its job succeeded). A failure of the final
+    COMMIT itself is not seen here."""
+    enclosing = _stored_files.get()
     stored: list[FieldFile] = []
     token = _stored_files.set(stored)
     try:
@@ -220,6 +225,8 @@ def files_removed_on_failure() -> Iterator[None]:
         raise
     finally:
         _stored_files.reset(token)
+    if enclosing is not None:
+        enclosing.extend(stored)
 
 
 def attachment_upload(*, actor: User, referral_id: Any, upload: UploadedFile) -> Attachment:
@@ -263,13 +270,16 @@ def attachment_upload(*, actor: User, referral_id: Any, upload: UploadedFile) ->
             raise too_large()
         attachment.size = hashing.counted
         attachment.sha256 = hashing.sha256.hexdigest()
+        # Within an enclosing transaction the row commits (or not) with it: the file
+        # must go if that rolls back. Without one, the row commits right here.
+        pending_commit = connection.in_atomic_block
         with transaction.atomic():
             attachment.save()
     except BaseException:
         attachment.file.delete(save=False)
         raise
     stored = _stored_files.get()
-    if stored is not None:
+    if stored is not None and pending_commit:
         stored.append(attachment.file)
     return attachment
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from django.core.files.storage import default_storage
+from django.utils import timezone
 
 from accounts.roles import Role
 from accounts.services import api_token_issue
@@ -225,11 +226,15 @@ def test_a_ministry_official_gets_no_referral_by_condition_or_resubmission(world
 # --------------------------------------------------------------------------- transactions
 
 
+def _pdf(text: str) -> str:
+    return base64.b64encode(f"%PDF-1.4\n% {text}\n%%EOF\n".encode()).decode()
+
+
 def test_a_resubmission_answers_its_stored_case_files_and_stores_the_new_ones(
     world: World,
 ) -> None:
     with_file = _with_case_file(
-        transaction(world), {"contentType": "application/pdf", "data": PDF, "title": "a.pdf"}
+        transaction(world), {"contentType": "application/pdf", "data": _pdf("a"), "title": "a.pdf"}
     )
     first = body(world.r4.post("/fhir", with_file))
     stored = first["entry"][3]["response"]["location"]
@@ -238,17 +243,30 @@ def test_a_resubmission_answers_its_stored_case_files_and_stores_the_new_ones(
     assert [e["response"]["status"] for e in again["entry"]] == ["200 OK"] * 4
     assert again["entry"][3]["response"]["location"] == stored
     assert Attachment.objects.count() == 1
+    # Another file of the requester's, sent on its own meanwhile, answers no entry (found
+    # by a review: entries were matched to the stored files by position).
+    task_id = again["entry"][2]["resource"]["id"]
+    lab = {
+        "resourceType": "DocumentReference",
+        "status": "current",
+        "context": {"related": [{"reference": f"ServiceRequest/{task_id}"}]},
+        "content": [{"attachment": {"contentType": "application/pdf", "data": _pdf("lab"),
+                                    "title": "lab.pdf"}}],
+    }  # fmt: skip
+    assert world.r4.post("/fhir/DocumentReference", lab).status_code == 201
     # A retry that carries one more file stores that one (a file is never dropped).
     more = _with_case_file(
         json.loads(json.dumps(with_file)),
-        {"contentType": "application/pdf", "data": PDF, "title": "b.pdf"},
+        {"contentType": "application/pdf", "data": _pdf("b"), "title": "b.pdf"},
     )
     third = body(world.r4.post("/fhir", more))
     assert [e["response"]["status"] for e in third["entry"]] == ["200 OK"] * 4 + ["201 Created"]
-    assert third["entry"][4]["resource"]["resourceType"] == "DocumentReference"
+    assert third["entry"][3]["response"]["location"] == stored
+    assert third["entry"][4]["resource"]["content"][0]["attachment"]["title"] == "b.pdf"
     assert sorted(Attachment.objects.values_list("original_name", flat=True)) == [
         "a.pdf",
         "b.pdf",
+        "lab.pdf",
     ]
 
 
@@ -295,7 +313,12 @@ def test_a_counter_referral_is_for_the_referrals_patient(world: World, subject: 
     [
         (lambda b: b["entry"][1]["resource"].update(subject={"reference": "urn:uuid:none"}), 400),
         (lambda b: b["entry"][1]["resource"].update(subject={"reference": "urn:uuid:task-1"}), 422),
-        (lambda b: [e.update(fullUrl="urn:uuid:same") for e in b["entry"]], 400),
+        (  # a case file under the Patient's fullUrl: every reference still resolves
+            lambda b: _with_case_file(b, {"contentType": "application/pdf", "data": PDF})["entry"][
+                3
+            ].update(fullUrl="urn:uuid:patient-1"),
+            400,
+        ),
     ],
     ids=["dangling", "a-task-as-subject", "duplicate-full-urls"],
 )
@@ -305,6 +328,8 @@ def test_transaction_references_must_resolve(world: World, change: Any, status: 
     before = _counts()
     response = world.r4.post("/fhir", bundle)
     assert response.status_code == status, response.content
+    if status == 400 and bundle["entry"][-1]["fullUrl"] == "urn:uuid:patient-1":
+        assert "is also an earlier entry's" in outcome_issue(response)["diagnostics"]
     assert _counts() == before
 
 
@@ -329,3 +354,63 @@ def test_a_refused_transaction_keeps_no_case_file(world: World, respond_async: b
         assert response.status_code == 415
     assert (Referral.objects.count(), Attachment.objects.count()) == (0, 0)
     assert _stored_files() == files_before
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_case_file_whose_row_committed_keeps_its_bytes(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by a review of the rollback cleanup: a case file sent on its own commits its
+    row by itself; when the DocumentReference after it failed, the file was deleted and
+    the committed row named nothing (its downloads were 500s)."""
+    from django.db import OperationalError
+
+    from fhir_gateway import storage
+
+    task_id = accepted(world)
+    real = storage.store_version
+
+    def failing(**kwargs: Any) -> Any:
+        if kwargs.get("resource_type") == "DocumentReference":
+            raise OperationalError("statement timeout")
+        return real(**kwargs)
+
+    monkeypatch.setattr(storage, "store_version", failing)
+    files_before = _stored_files()
+    document = {
+        "resourceType": "DocumentReference",
+        "status": "current",
+        "context": {"related": [{"reference": f"ServiceRequest/{task_id}"}]},
+        "content": [{"attachment": {"contentType": "application/pdf", "data": PDF}}],
+    }
+    assert world.r4.post("/fhir/DocumentReference", document).status_code >= 400
+    (attachment,) = Attachment.objects.all()
+    assert _stored_files() - files_before == {attachment.file.name}
+
+
+@pytest.mark.django_db
+def test_a_batch_rolled_back_after_its_job_keeps_no_case_file(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job's own cleanup ended with its savepoint; the batch that then failed rolled
+    its rows back and left the file (stored again by the retry)."""
+    from fhir_gateway import intake
+
+    bundle = _with_case_file(
+        transaction(world), {"contentType": "application/pdf", "data": PDF, "title": "a.pdf"}
+    )
+    assert world.r4.post("/fhir", bundle, Prefer="respond-async").status_code == 202
+    files_before = _stored_files()
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("the batch's last statement failed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(IntakeJob.objects, "bulk_update", broken)
+        assert [o for _job, o in intake.intake_process_next(limit=10)] == ["error"]
+    assert (Referral.objects.count(), Attachment.objects.count()) == (0, 0)
+    assert _stored_files() == files_before
+    IntakeJob.objects.update(next_attempt_at=timezone.now())
+    assert [o for _job, o in intake.intake_process_next(limit=10)] == ["done"]
+    (attachment,) = Attachment.objects.all()
+    assert _stored_files() - files_before == {attachment.file.name}
