@@ -689,6 +689,7 @@ def outbox_deliver_batch(
     from concurrent.futures import ThreadPoolExecutor
 
     now = timezone.now()
+    claimed_at = time.monotonic()  # the lease runs from here (the claim's own time counts)
     token = uuid.uuid4().hex
     runs, dead = _claim_batch(limit, now, token)
     report = BatchReport(claimed=sum(len(r) for r in runs), dead=dead)
@@ -700,9 +701,9 @@ def outbox_deliver_batch(
     # take the message over and send it again while it is still open.
     timeout = _setting("FHIR_OUTBOX_TIMEOUT_SECONDS", 10)
     budget = lease().total_seconds() - 2 * timeout - 1
-    if budget <= 0:  # a lease too short for any request: unbounded, as before (and warned)
-        logger.warning("FHIR_OUTBOX_LEASE_SECONDS should exceed 2 x the timeout + 1 s")
-    stop_at = time.monotonic() + budget if budget > 0 else None
+    if budget < timeout:  # too short to be a bound (no run would start): unbounded, warned
+        logger.warning("FHIR_OUTBOX_LEASE_SECONDS should exceed 3 x the timeout + 1 s")
+    stop_at = claimed_at + budget if budget >= timeout else None
 
     def send(run: list[tuple[Claim, str]]) -> list[tuple[Claim, str, Answer]]:
         return _send_run(run, stop_at)
@@ -795,6 +796,8 @@ def outbox_drain(
                 setattr(total, field, getattr(total, field) + getattr(report, field))
             if not report.claimed and not report.dead:
                 break
+            if report.released == report.claimed and not report.dead:
+                break  # nothing sent (every run waited for the lease): the next run retries
             if deadline is not None and time.monotonic() >= deadline:
                 break
     return total

@@ -968,12 +968,13 @@ def _case_files(referral: Referral) -> dict[str, list[FhirResource]]:
 
 
 def _inline_sha256(document: dict[str, Any]) -> str:
-    """The SHA-256 of a DocumentReference entry's inline file ("" when it has none: such
-    an entry is refused when stored)."""
+    """The SHA-256 of a case-file entry's one inline file; "" for anything else (a consult
+    note, several or no contents, no data), which is then stored or refused as a first
+    submission's would be."""
     contents = document.get("content") or []
-    attachment = (
-        contents[0].get("attachment") if contents and isinstance(contents[0], dict) else None
-    )
+    if _is_consult_note(document) or not isinstance(contents, list) or len(contents) != 1:
+        return ""
+    attachment = contents[0].get("attachment") if isinstance(contents[0], dict) else None
     if not isinstance(attachment, dict) or not attachment.get("data"):
         return ""
     data = m.attachment_bytes(attachment, "DocumentReference.content.attachment")

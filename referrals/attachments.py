@@ -200,8 +200,15 @@ def attachment_get(*, user: User, referral_id: Any, attachment_id: Any) -> Attac
 
 # --- writes ------------------------------------------------------------------------------
 
+
+@dataclass
+class _StoredFile:
+    file: FieldFile
+    committed: bool = False  # its row committed: the file stays whatever fails later
+
+
 # The files stored under ``files_removed_on_failure`` (None outside one).
-_stored_files: ContextVar[list[FieldFile] | None] = ContextVar("stored_files", default=None)
+_stored_files: ContextVar[list[_StoredFile] | None] = ContextVar("stored_files", default=None)
 
 
 @contextmanager
@@ -209,19 +216,20 @@ def files_removed_on_failure() -> Iterator[None]:
     """Around a unit of work that uploads files inside a larger transaction (a FHIR
     transaction Bundle with case files): when it fails, the transaction rolls the rows
     back, and this deletes the files they named, which no rollback reaches. Only files
-    whose rows wait for an enclosing transaction are tracked (a row committed by the
-    upload itself keeps its file whatever fails later). Scopes nest: what an inner scope
-    stored and kept goes to the enclosing one, which deletes it if the enclosing work
-    fails (an intake batch rolled back after its job succeeded). A failure of the final
-    COMMIT itself is not seen here."""
+    whose rows wait for an enclosing transaction are tracked, and only until it commits
+    (a row committed keeps its file whatever fails later, e.g. rendering the answer).
+    Scopes nest: what an inner scope stored and kept goes to the enclosing one, which
+    deletes it if the enclosing work fails first (an intake batch rolled back after its
+    job succeeded). A failure of the final COMMIT itself is not seen here."""
     enclosing = _stored_files.get()
-    stored: list[FieldFile] = []
+    stored: list[_StoredFile] = []
     token = _stored_files.set(stored)
     try:
         yield
     except BaseException:
-        for file in stored:
-            file.delete(save=False)
+        for entry in stored:
+            if not entry.committed:
+                entry.file.delete(save=False)
         raise
     finally:
         _stored_files.reset(token)
@@ -280,7 +288,9 @@ def attachment_upload(*, actor: User, referral_id: Any, upload: UploadedFile) ->
         raise
     stored = _stored_files.get()
     if stored is not None and pending_commit:
-        stored.append(attachment.file)
+        entry = _StoredFile(attachment.file)
+        stored.append(entry)
+        transaction.on_commit(lambda: setattr(entry, "committed", True))
     return attachment
 
 

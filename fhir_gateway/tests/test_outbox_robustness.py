@@ -309,3 +309,41 @@ def test_retry_after_values() -> None:
 def test_an_admin_filter_with_a_nul_is_400_not_500(admin_client: Any, url: str) -> None:
     response = admin_client.get(url)
     assert response.status_code == 400
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_lease_too_short_for_the_bound_still_delivers(stub_member: Any, settings: Any) -> None:
+    """Found by a review: a bound just above zero let no run start; every batch claimed
+    and released the same messages until the drain gave up."""
+    settings.FHIR_OUTBOX_TIMEOUT_SECONDS = 0.5
+    settings.FHIR_OUTBOX_LEASE_SECONDS = 2.000001
+    stub = stub_member()
+    endpoint = EndpointFactory.create(base_url=stub.base_url)
+    messages = [_enqueue(endpoint, f"referral:{i}", _resource(f"c{i}")) for i in range(30)]
+    report = delivery.outbox_drain(limit=50, concurrency=4)
+    assert (report.delivered, report.released) == (len(messages), 0)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_lease_bound_counts_from_before_the_claim(
+    stub_member: Any, settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by a review: the bound ran from after the claim's commit while the lease ran
+    from before it, so a slow claim let requests start past the bound."""
+    settings.FHIR_OUTBOX_TIMEOUT_SECONDS = 0.5
+    settings.FHIR_OUTBOX_LEASE_SECONDS = 2.5  # bound: 0.5 s after the claim began
+    stub = stub_member()
+    endpoint = EndpointFactory.create(base_url=stub.base_url)
+    messages = [_enqueue(endpoint, f"referral:{i}", _resource(f"c{i}")) for i in range(3)]
+    claim = delivery._claim_batch
+
+    def slow_claim(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.8)
+        return claim(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(delivery, "_claim_batch", slow_claim)
+        report = delivery.outbox_drain(limit=50, concurrency=1)
+    assert (report.claimed, report.delivered, report.released) == (3, 0, 3)
+    assert stub.requests == []
+    assert delivery.outbox_drain(limit=50, concurrency=1).delivered == len(messages)

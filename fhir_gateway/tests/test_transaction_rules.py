@@ -414,3 +414,40 @@ def test_a_batch_rolled_back_after_its_job_keeps_no_case_file(
     assert [o for _job, o in intake.intake_process_next(limit=10)] == ["done"]
     (attachment,) = Attachment.objects.all()
     assert _stored_files() - files_before == {attachment.file.name}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_committed_bundle_keeps_its_case_files_when_its_answer_fails(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by a review: the cleanup still held the Bundle's files after its transaction
+    committed, and an error while rendering the answer deleted them."""
+    from fhir_gateway import referral_resources
+
+    def failing(*args: Any, **kwargs: Any) -> str:
+        raise RuntimeError("rendering the answer failed")
+
+    monkeypatch.setattr(referral_resources, "_transaction_response", failing)
+    files_before = _stored_files()
+    bundle = _with_case_file(
+        transaction(world), {"contentType": "application/pdf", "data": PDF, "title": "a.pdf"}
+    )
+    assert world.r4.post("/fhir", bundle).status_code == 500
+    (attachment,) = Attachment.objects.all()
+    assert _stored_files() - files_before == {attachment.file.name}
+
+
+def test_a_resubmission_refuses_the_entries_a_first_submission_refuses(world: World) -> None:
+    """Found by a review: an entry of two contents matched a stored file by its first one
+    and was answered 200 where a first submission is 422."""
+    bundle = _with_case_file(
+        transaction(world), {"contentType": "application/pdf", "data": PDF, "title": "a.pdf"}
+    )
+    assert world.r4.post("/fhir", bundle).status_code == 200
+    twice = json.loads(json.dumps(bundle))
+    content = twice["entry"][3]["resource"]["content"]
+    content.append(content[0])
+    before = _counts()
+    response = world.r4.post("/fhir", twice)
+    assert response.status_code == 422, response.content
+    assert _counts() == before
