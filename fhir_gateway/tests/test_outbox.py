@@ -42,7 +42,10 @@ def _resource(logical_id: str, status: str = "completed") -> FhirResource:
         )
 
 
-def _enqueue(endpoint: Endpoint, aggregate: str, row: FhirResource) -> OutboxMessage:
+def _enqueue(
+    endpoint: Endpoint, aggregate: str, row: FhirResource, *, schedule: bool = True
+) -> OutboxMessage:
+    """``schedule=False``: as if the on-commit hand-off was lost (beat's drain finds it)."""
     with transaction.atomic():
         return outbox_enqueue(
             endpoint=endpoint,
@@ -50,6 +53,7 @@ def _enqueue(endpoint: Endpoint, aggregate: str, row: FhirResource) -> OutboxMes
             resource_type=row.resource_type,
             logical_id=row.logical_id,
             version_id=row.version_id,
+            schedule=schedule,
         )
 
 

@@ -14,40 +14,21 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
-from django.db import transaction
 from django.utils import timezone
 
 from fhir_gateway import delivery
-from fhir_gateway.delivery import outbox_enqueue
 from fhir_gateway.models import FhirResource, OutboxMessage
-from fhir_gateway.storage import store_version
 from fhir_gateway.tasks import deliver_outbox, outbox_drain_task
+from fhir_gateway.tests.test_outbox import _enqueue as enqueue
+from fhir_gateway.tests.test_outbox import _resource
 from registry.models import Endpoint
 from tests.factories import EndpointFactory
 
 Status = OutboxMessage.Status
 
 
-def _resource(logical_id: str) -> FhirResource:
-    with transaction.atomic():
-        return store_version(
-            resource_type="Communication",
-            logical_id=logical_id,
-            resource={"resourceType": "Communication", "status": "completed"},
-            fhir_version="4.0",
-        )
-
-
 def _enqueue(endpoint: Endpoint, aggregate: str, row: FhirResource) -> OutboxMessage:
-    with transaction.atomic():
-        return outbox_enqueue(
-            endpoint=endpoint,
-            aggregate_key=aggregate,
-            resource_type=row.resource_type,
-            logical_id=row.logical_id,
-            version_id=row.version_id,
-            schedule=False,  # as if the on-commit hand-off was lost: beat's drain finds it
-        )
+    return enqueue(endpoint, aggregate, row, schedule=False)  # the drain must find it
 
 
 def test_messages_held_behind_a_suspended_endpoint_do_not_stall_the_drain(

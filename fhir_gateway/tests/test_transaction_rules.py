@@ -309,27 +309,37 @@ def test_a_counter_referral_is_for_the_referrals_patient(world: World, subject: 
 
 
 @pytest.mark.parametrize(
-    ("change", "status"),
+    ("change", "status", "diagnostic"),
     [
-        (lambda b: b["entry"][1]["resource"].update(subject={"reference": "urn:uuid:none"}), 400),
-        (lambda b: b["entry"][1]["resource"].update(subject={"reference": "urn:uuid:task-1"}), 422),
+        (
+            lambda b: b["entry"][1]["resource"].update(subject={"reference": "urn:uuid:none"}),
+            400,
+            "which no entry's fullUrl is",
+        ),
+        (
+            lambda b: b["entry"][1]["resource"].update(subject={"reference": "urn:uuid:task-1"}),
+            422,
+            "must reference a Patient, not the Task entry",
+        ),
         (  # a case file under the Patient's fullUrl: every reference still resolves
             lambda b: _with_case_file(b, {"contentType": "application/pdf", "data": PDF})["entry"][
                 3
             ].update(fullUrl="urn:uuid:patient-1"),
             400,
+            "is also an earlier entry's",
         ),
     ],
     ids=["dangling", "a-task-as-subject", "duplicate-full-urls"],
 )
-def test_transaction_references_must_resolve(world: World, change: Any, status: int) -> None:
+def test_transaction_references_must_resolve(
+    world: World, change: Any, status: int, diagnostic: str
+) -> None:
     bundle = transaction(world)
     change(bundle)
     before = _counts()
     response = world.r4.post("/fhir", bundle)
     assert response.status_code == status, response.content
-    if status == 400 and bundle["entry"][-1]["fullUrl"] == "urn:uuid:patient-1":
-        assert "is also an earlier entry's" in outcome_issue(response)["diagnostics"]
+    assert diagnostic in outcome_issue(response)["diagnostics"]
     assert _counts() == before
 
 
