@@ -301,3 +301,32 @@ class IntakeJob(models.Model):
 
     def __str__(self) -> str:
         return f"intake {self.pk} ({self.status})"
+
+
+class CreateKey(models.Model):
+    """The identifier a member's conditional create (``If-None-Exist: identifier=s|v``) of
+    a referral's Communication or DocumentReference named, and the resource it made: a
+    retry after a lost answer finds it (storage.conditional_create) instead of posting the
+    message again. Kept as long as the resources are (they are never deleted)."""
+
+    resource_type = models.CharField(max_length=40)
+    # The referral (as FhirResource.source_pk): the key is unique within it.
+    source_pk = models.BigIntegerField()
+    system = models.CharField(max_length=255)
+    value = models.CharField(max_length=255)
+    logical_id = models.CharField(max_length=64)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["resource_type", "source_pk", "system", "value"],
+                name="fhir_create_key_unique",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.resource_type} {self.system}|{self.value} -> {self.logical_id}"

@@ -35,6 +35,7 @@ from fhir_gateway.outcomes import FhirError
 from fhir_gateway.registry_resources import reference_pk
 from fhir_gateway.storage import (
     WriteResult,
+    conditional_create,
     current_rows,
     dumps,
     fhir_instant,
@@ -646,17 +647,27 @@ def _communication_create(req: WriteRequest) -> WriteResult:
                 "Communication.inResponseTo must be a Communication of this referral.",
                 expression=["Communication.inResponseTo"],
             )
-    sides = actor_sides(req.user, referral)
+    return conditional_create(
+        resource_type="Communication",
+        source_pk=referral.pk,
+        if_none_exist=req.if_none_exist,
+        user=req.user,
+        create=lambda: _message_post(req.user, referral, text, answered),
+    )
+
+
+def _message_post(user: User, referral: Referral, text: str, answered: int | None) -> WriteResult:
+    sides = actor_sides(user, referral)
     with transaction.atomic():
         if "assignee" in sides and referral.state == ReferralState.ACCEPTED and answered is None:
-            referral = _transition(req.user, referral, "request_info", None, question=text)
+            referral = _transition(user, referral, "request_info", None, question=text)
             pk = _latest_payload(referral, "message_id")
         elif "requester" in sides and referral.state == ReferralState.INFO_REQUESTED:
-            referral = _transition(req.user, referral, "provide_info", None, text=text)
+            referral = _transition(user, referral, "provide_info", None, text=text)
             pk = _latest_payload(referral, "message_id")
         else:
             referral, message = referral_message_post(
-                actor=req.user, referral_id=referral.pk, text=text, in_response_to_id=answered
+                actor=user, referral_id=referral.pk, text=text, in_response_to_id=answered
             )
             pk = message.pk
     return WriteResult(_current("Communication", m.message_id(referral, int(pk))), created=True)
@@ -686,7 +697,13 @@ def _document_reference_create(req: WriteRequest) -> WriteResult:
         if req.fhir_version == m.R4
         else "DocumentReference.basedOn",
     )
-    return _document_reference_for(req.user, referral, req.resource)
+    return conditional_create(
+        resource_type="DocumentReference",
+        source_pk=referral.pk,
+        if_none_exist=req.if_none_exist,
+        user=req.user,
+        create=lambda: _document_reference_for(req.user, referral, req.resource),
+    )
 
 
 def _document_reference_for(
@@ -1102,11 +1119,14 @@ def referral_handlers() -> list[ResourceHandler]:
         ResourceHandler(
             "Communication",
             (r, v, s, c),
-            documentation="Messages of a referral: partOf = its Task; inResponseTo.",
+            documentation="Messages of a referral: partOf = its Task; inResponseTo. "
+            "Conditional create with If-None-Exist: identifier=<system>|<value> (a key the "
+            "member makes per message) is idempotent within the referral.",
             search_params=(_sp("part-of", "reference", "The referral's Task.", "Communication"),),
             search=_search("Communication", COMMUNICATION_FILTERS),
             search_sql=_search_sql("Communication", COMMUNICATION_FILTERS),
             create=_communication_create,
+            conditional_create=True,
             renders_all_versions=True,
             visible=_visible("Communication"),
         ),
@@ -1114,8 +1134,11 @@ def referral_handlers() -> list[ResourceHandler]:
             "DocumentReference",
             (r, v, c),
             documentation="Consult note (LOINC 11488-4, disposition extension) = advise; "
-            "other documents = case files (inline data).",
+            "other documents = case files (inline data). Conditional create with "
+            "If-None-Exist: identifier=<system>|<value> (a key the member makes per "
+            "document) is idempotent within the referral.",
             create=_document_reference_create,
+            conditional_create=True,
             renders_all_versions=True,
             visible=_visible("DocumentReference"),
         ),

@@ -1,7 +1,8 @@
 """Stored canonical JSON (decision 2): every version we serve is validated and serialised
 once, when written; reads return the stored text.
 
-Writes: ``resource_create`` (with ``If-None-Exist``), ``resource_update`` (with ``If-Match``),
+Writes: ``resource_create`` (with ``If-None-Exist``), ``conditional_create`` (the
+If-None-Exist key of a referral's messages), ``resource_update`` (with ``If-Match``),
 ``resource_delete`` and ``store_version`` (the primitive the registry projection uses).
 Reads: ``resource_current``, ``resource_version``, ``resource_history``.
 """
@@ -25,7 +26,7 @@ from django.utils import timezone
 
 from fhir_gateway.codes import check_bound_codes
 from fhir_gateway.conversion import render_for_version
-from fhir_gateway.models import FhirResource, FhirSearchToken
+from fhir_gateway.models import CreateKey, FhirResource, FhirSearchToken
 from fhir_gateway.outcomes import FhirError
 from fhir_gateway.versions import SUPPORTED_VERSIONS, model_class
 
@@ -374,6 +375,79 @@ def resource_create(
             fhir_version=fhir_version,
         )
     return WriteResult(row, created=True)
+
+
+_KEY_LENGTH = 255
+
+
+def create_key(if_none_exist: str, resource_type: str) -> tuple[str, str]:
+    """``If-None-Exist: identifier=<system>|<value>`` on a message-like create -> the key.
+
+    One identifier with both a system and a value (at most 255 characters each): a key the
+    member made for this create (say, its own message id), not a search."""
+    criteria = parse_qsl(if_none_exist.lstrip("?"), keep_blank_values=True)
+    if len(criteria) != 1 or criteria[0][0] != "identifier":
+        raise FhirError(
+            400,
+            "not-supported",
+            f"If-None-Exist on {resource_type} takes one identifier=<system>|<value>.",
+        )
+    raw = criteria[0][1]
+    system, value = parse_token(raw)
+    if not system or not value or "," in raw:
+        raise FhirError(
+            400,
+            "invalid",
+            f"If-None-Exist on {resource_type} needs an identifier with a system and a value "
+            "(system|value), one only.",
+        )
+    if "\x00" in raw or len(system) > _KEY_LENGTH or len(value) > _KEY_LENGTH:
+        raise FhirError(
+            400,
+            "invalid",
+            f"The If-None-Exist identifier's system and value must be at most {_KEY_LENGTH} "
+            "characters, without NUL.",
+        )
+    return system, value
+
+
+def conditional_create(
+    *,
+    resource_type: str,
+    source_pk: int,
+    if_none_exist: str | None,
+    user: Any,
+    create: Callable[[], WriteResult],
+) -> WriteResult:
+    """``create()`` once per (referral, type, If-None-Exist identifier): the first call
+    makes the resource and records the key in the same transaction; a later one (a retry
+    after a lost answer) answers what the first made, ``created=False``, and stores
+    nothing. Without ``If-None-Exist``: ``create()``."""
+    if not if_none_exist:
+        return create()
+    system, value = create_key(if_none_exist, resource_type)
+    with transaction.atomic():
+        # Two concurrent retries: the second waits here, then finds the first's key.
+        _lock(f"fhir-create-key:{resource_type}:{source_pk}:{system}|{value}")
+        made = (
+            CreateKey.objects.filter(
+                resource_type=resource_type, source_pk=source_pk, system=system, value=value
+            )
+            .values_list("logical_id", flat=True)
+            .first()
+        )
+        if made is not None:
+            return WriteResult(resource_current(resource_type, made), created=False)
+        result = create()
+        CreateKey.objects.create(
+            resource_type=resource_type,
+            source_pk=source_pk,
+            system=system,
+            value=value,
+            logical_id=result.row.logical_id,
+            created_by=user,
+        )
+    return result
 
 
 def resource_update(

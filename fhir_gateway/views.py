@@ -506,13 +506,16 @@ def _create(ctx: FhirRequest, handler: ResourceHandler) -> HttpResponse:
             "invalid",
             f"The body is a {resource.get('resourceType')!r}, not a {handler.resource_type}.",
         )
+    if_none_exist = ctx.request.headers.get("If-None-Exist")
+    if if_none_exist and not handler.conditional_create:
+        raise FhirError(400, "not-supported", f"{handler.resource_type} has no conditional create.")
     result = handler.create(
         WriteRequest(
             user=ctx.user,
             resource_type=handler.resource_type,
             resource=resource,
             fhir_version=version,
-            if_none_exist=ctx.request.headers.get("If-None-Exist"),
+            if_none_exist=if_none_exist,
         )
     )
     return _write_response(ctx, result.row, status=201 if result.created else 200)
