@@ -22,9 +22,14 @@ it go out as if it had been sent).
 from __future__ import annotations
 
 import base64
+import contextlib
+import heapq
+import itertools
 import json
 import logging
 import secrets
+import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -80,11 +85,104 @@ class _OneWrite:
         super().send(data)  # type: ignore[misc]
 
 
-class _Connection(_OneWrite, urllib3.connection.HTTPConnection):
+class _Watchdog:
+    """Shuts down the socket of a send that passes its deadline.
+
+    Socket timeouts bound each receive, not the answer: a member trickling its status line
+    or headers a byte per receive would hold a send (and its lease) for ever, and the
+    message would be sent again by the next drain. A send arms its deadline when it starts
+    waiting for the answer (``_Deadlined.getresponse``) and disarms it before its connection
+    goes back to the pool; a socket shut down here makes the blocked read end at once. One
+    thread per process, started on first use (also in a forked worker)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, socket.socket]] = []
+        self._armed: set[int] = set()
+        self._fired: set[int] = set()
+        self._numbers = itertools.count(1)
+        self._thread: threading.Thread | None = None
+
+    def arm(self, deadline: float, sock: socket.socket) -> int:
+        with self._cond:
+            number = next(self._numbers)
+            earliest = self._heap[0][0] if self._heap else None
+            heapq.heappush(self._heap, (deadline, number, sock))
+            self._armed.add(number)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="outbox-watchdog", daemon=True
+                )
+                self._thread.start()
+            elif earliest is None or deadline < earliest:
+                self._cond.notify()  # it sleeps until a later deadline (or for ever)
+            return number
+
+    def fired(self, number: int) -> bool:
+        with self._cond:
+            return number in self._fired
+
+    def disarm(self, number: int) -> bool:
+        """Disarm; True when the deadline had passed and the socket was shut down."""
+        with self._cond:
+            self._armed.discard(number)
+            if number in self._fired:
+                self._fired.discard(number)
+                return True
+            return False
+
+    def _run(self) -> None:
+        with self._cond:
+            while True:
+                while self._heap and self._heap[0][1] not in self._armed:
+                    heapq.heappop(self._heap)  # disarmed in time
+                if not self._heap:
+                    self._cond.wait()
+                    continue
+                deadline, number, sock = self._heap[0]
+                wait = deadline - time.monotonic()
+                if wait > 0:
+                    self._cond.wait(wait)
+                    continue
+                heapq.heappop(self._heap)
+                self._armed.discard(number)
+                self._fired.add(number)
+                with contextlib.suppress(OSError):  # already closed
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
+_WATCHDOG = _Watchdog()
+
+
+class _SendDeadline(threading.local):
+    at: float | None = None  # monotonic; set by _send around its request
+    armed: int | None = None
+
+
+_DEADLINE = _SendDeadline()
+
+
+class _Deadlined:
+    """Arms the send's deadline (``_DEADLINE``) on the socket while the answer is read."""
+
+    sock: socket.socket | None
+
+    def getresponse(self) -> Any:
+        if _DEADLINE.at is not None and self.sock is not None:
+            _DEADLINE.armed = _WATCHDOG.arm(_DEADLINE.at, self.sock)
+        response = super().getresponse()  # type: ignore[misc]
+        if _DEADLINE.armed is not None and _WATCHDOG.fired(_DEADLINE.armed):
+            # Cut off in the status line or headers: what was parsed is not an answer.
+            response.close()
+            raise urllib3.exceptions.ProtocolError("the answer's head was cut off")
+        return response
+
+
+class _Connection(_Deadlined, _OneWrite, urllib3.connection.HTTPConnection):
     pass
 
 
-class _TlsConnection(_OneWrite, urllib3.connection.HTTPSConnection):
+class _TlsConnection(_Deadlined, _OneWrite, urllib3.connection.HTTPSConnection):
     pass
 
 
@@ -423,13 +521,23 @@ def retry_after_seconds(value: str | None, now: datetime) -> float | None:
     return min(max(seconds, 0.0), MAX_RETRY_AFTER_SECONDS)
 
 
+def _disarm() -> bool:
+    """End this thread's send deadline; True when the watchdog had to shut the socket."""
+    armed, _DEADLINE.at, _DEADLINE.armed = _DEADLINE.armed, None, None
+    return armed is not None and _WATCHDOG.disarm(armed)
+
+
 def _send(claim: Claim) -> Answer:
-    """One request, bounded in time as a whole: connect and each read by the timeout, and
-    the answer's body read for at most the timeout and MAX_ANSWER_BYTES (a member that
-    trickles its answer must not outlast the lease and be sent the message again). Any
-    error is this message's outcome, never the batch's."""
+    """One request, bounded in time as a whole: the connect by min(timeout, 5 s), the
+    whole answer (status line, headers, body) by the connect bound plus the timeout (the
+    watchdog), the body also by MAX_ANSWER_BYTES: a member that trickles its answer must
+    not outlast the lease and be sent the message again. Any error is this message's
+    outcome, never the batch's."""
     seconds = _setting("FHIR_OUTBOX_TIMEOUT_SECONDS", 10)
-    deadline = time.monotonic() + seconds
+    # The answer (status, headers, body) must be in by this: past it the watchdog shuts the
+    # socket down, however slowly the member trickles.
+    deadline = time.monotonic() + min(seconds, 5) + seconds
+    _DEADLINE.at, _DEADLINE.armed = deadline, None
     try:
         response = _POOL.request(
             claim.method,
@@ -441,8 +549,11 @@ def _send(claim: Claim) -> Answer:
             preload_content=False,
         )
     except (urllib3.exceptions.HTTPError, OSError) as exc:
+        if _disarm():
+            return Answer(None, f"no answer within {seconds} s (status line or headers)")
         return Answer(None, f"{type(exc).__name__}: {exc}"[:2000])
     except Exception as exc:
+        _disarm()
         logger.exception("outbox send failed", extra={"id": claim.message_id})
         return Answer(None, f"{type(exc).__name__}: {exc}"[:2000])
     head, read, whole = bytearray(), 0, False
@@ -459,6 +570,8 @@ def _send(claim: Claim) -> Answer:
     except (urllib3.exceptions.HTTPError, OSError):
         pass  # the status came; the rest of the body did not
     finally:
+        if _disarm():  # the socket was shut down: an end of the body that is not one
+            whole = False
         if not whole:  # not reusable: close it rather than read on
             response.close()
         response.release_conn()  # back to the pool (a closed one reconnects)
@@ -696,8 +809,8 @@ def outbox_deliver_batch(
     if not runs:
         return report
     workers = concurrency or int(_setting("FHIR_OUTBOX_CONCURRENCY", 16))
-    # A request takes at most ~2 timeouts (the last read may start just before the answer's
-    # deadline); none starts when it could end after the lease, or another drain would
+    # A request takes at most ~2 timeouts (the connect, then the answer's deadline, which
+    # the watchdog enforces); none starts when it could end after the lease, or another drain would
     # take the message over and send it again while it is still open.
     timeout = _setting("FHIR_OUTBOX_TIMEOUT_SECONDS", 10)
     budget = lease().total_seconds() - 2 * timeout - 1

@@ -133,9 +133,12 @@ def test_a_base_url_with_a_query_is_dead_with_the_reason(db: Any, stub_member: A
 
 
 class _Trickle:
-    """A member that answers 200 with a body of 30 bytes, one every 0.1 s."""
+    """A member that answers 200 with a body of 30 bytes, one every 0.1 s; with ``head``
+    "status" it trickles its status line instead, with "headers" a header line after the
+    status line: one byte every 0.1 s for 6 s."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, head: str = "") -> None:
+        self.head = head
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(16)
@@ -163,6 +166,14 @@ class _Trickle:
         while len(rest) < length:
             rest += conn.recv(65536)
         try:
+            if self.head:
+                conn.sendall(
+                    b"HTTP/1.1 200 " if self.head == "status" else b"HTTP/1.1 200 OK\r\nX: "
+                )
+                for _ in range(60):
+                    time.sleep(0.1)
+                    conn.sendall(b"x")
+                conn.sendall(b"\r\nContent-Length: 0\r\n\r\n")
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 30\r\n\r\n")
             for _ in range(30):
                 time.sleep(0.1)
@@ -189,6 +200,43 @@ def test_a_trickled_answer_is_read_no_longer_than_the_timeout(db: Any, settings:
         assert time.monotonic() - started < 1.5
     finally:
         member.close()
+
+
+@pytest.mark.parametrize("head", ["status", "headers"])
+def test_a_trickled_status_line_or_header_ends_the_send_at_its_deadline(
+    db: Any, settings: Any, head: str
+) -> None:
+    """Each receive of the status line and headers was bounded by the read timeout, not
+    the answer: a member sending them a byte per 0.1 s held the send for 6 s past a 0.5 s
+    timeout (and past the lease). The watchdog ends it at connect bound + timeout (1 s
+    here). An answer whose head did not come whole is no answer: a failure, retried later
+    (a complete head counts even when the body trickles, above)."""
+    settings.FHIR_OUTBOX_TIMEOUT_SECONDS = 0.5
+    member = _Trickle(head=head)
+    try:
+        endpoint = EndpointFactory.create(base_url=member.base_url)
+        message = _enqueue(endpoint, "referral:1", _resource("c1"))
+        started = time.monotonic()
+        assert deliver_outbox(message.pk) == "failed"
+        assert time.monotonic() - started < 2.5
+        message.refresh_from_db()
+        assert message.status == Status.FAILED
+        assert message.last_error == "no answer within 0.5 s (status line or headers)"
+        assert not delivery._WATCHDOG._armed and not delivery._WATCHDOG._fired
+    finally:
+        member.close()
+
+
+def test_the_watchdog_leaves_sends_that_end_in_time_alone(stub_member: Any, db: Any) -> None:
+    """Sends that end in time disarm their deadline: their kept-alive connections are
+    reused, not shut down later under another send (the pool hands them on)."""
+    stub = stub_member()
+    endpoint = EndpointFactory.create(base_url=stub.base_url)
+    messages = [_enqueue(endpoint, f"referral:{i}", _resource(f"c{i}")) for i in range(5)]
+    for message in messages:
+        assert deliver_outbox(message.pk) == "delivered"
+    assert not delivery._WATCHDOG._armed
+    assert not delivery._WATCHDOG._fired
 
 
 @pytest.mark.django_db(transaction=True)
