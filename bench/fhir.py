@@ -5,7 +5,9 @@
 
 - ingest: transaction Bundles (Patient + ServiceRequest + Task) POSTed to gunicorn on
   127.0.0.1 by 1/8/32 client threads (one keep-alive session each): bundles/s, p50, p99;
-  beside the raw rate of durable single-row JSONB INSERTs at the same concurrency.
+  beside the raw rate of durable single-row JSONB INSERTs at the same concurrency. Each
+  level runs ``--repeat`` rounds, each between two raw runs and held against their mean;
+  the table gives the median round's ratio and the lowest.
 - async: the same Bundles with ``Prefer: respond-async``: accepted/s, p50, p99 of the 202
   (the job stored), beside the raw rate; then the rate at which ``--drain-procs`` processes
   apply the stored jobs (``intake.intake_drain``, in batches of ``--intake-batch``), every one
@@ -27,6 +29,7 @@ department, member-system accounts, endpoints pointing at the stub).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -36,6 +39,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +114,42 @@ def raw_insert_rate(dsn: str, clients: int, per_client: int) -> float:
 
     rate, _ = run_threads(clients, work)
     return rate
+
+
+@dataclass
+class Level:
+    rate: float  # the median round's rate
+    samples: list[float]  # every round's latencies
+    raw: float  # the median raw rate
+    ratio: float  # the median of the rounds' ratios
+    lowest: float  # the lowest round's ratio
+
+
+def interleaved(
+    rounds: int,
+    measure: Callable[[], tuple[float, list[float]]],
+    baseline: Callable[[], float],
+) -> Level:
+    """``rounds`` measurements, each between two baseline runs (raw, measure, raw, measure,
+    ..., raw) and held against the mean of the two around it: the machine's speed drifts
+    (a shared VM), and a baseline taken once, minutes away, moved the ratio by ±30 %."""
+    raws = [baseline()]
+    rates: list[float] = []
+    ratios: list[float] = []
+    samples: list[float] = []
+    for _ in range(rounds):
+        rate, latencies = measure()
+        raws.append(baseline())
+        rates.append(rate)
+        samples += latencies
+        ratios.append(rate / ((raws[-2] + raws[-1]) / 2))
+    return Level(
+        rate=statistics.median(rates),
+        samples=samples,
+        raw=statistics.median(raws),
+        ratio=statistics.median(ratios),
+        lowest=min(ratios),
+    )
 
 
 # --------------------------------------------------------------------------- stub member
@@ -389,7 +429,13 @@ def drain_intake(procs: int) -> tuple[int, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--bundles", type=int, default=200, help="per concurrency level")
+    parser.add_argument("--bundles", type=int, default=200, help="per concurrency level and round")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="rounds per ingest level, each between two raw-rate runs",
+    )
     parser.add_argument("--clients", default="1,8,32")
     parser.add_argument("--workers", type=int, default=4, help="gunicorn workers")
     parser.add_argument("--threads", type=int, default=1,
@@ -452,16 +498,24 @@ def run(args: argparse.Namespace, conninfo: str, stub_url: str) -> None:
                 warm_up(base, sub_token, args.workers, lambda: bundle(spoke, department))
                 drain_intake(args.drain_procs)
             if want("ingest"):
+                print(
+                    f"synchronous ingest, {args.repeat} rounds per level (each beside the "
+                    "raw rate measured just before and just after it)"
+                )
                 print(f"{'clients':>7} {'bundles/s':>10} {'p50 ms':>8} {'p99 ms':>8} "
-                      f"{'raw INSERT/s':>13} {'ratio':>6}")  # fmt: skip
+                      f"{'raw INSERT/s':>13} {'ratio':>6} {'lowest':>6}")  # fmt: skip
                 for clients in (int(c) for c in args.clients.split(",")):
                     per = max(1, args.bundles // clients)
-                    rate, samples = ingest(
-                        base, sub_token, clients, per, lambda: bundle(spoke, department)
+                    level = interleaved(
+                        args.repeat,
+                        functools.partial(
+                            ingest, base, sub_token, clients, per, lambda: bundle(spoke, department)
+                        ),
+                        functools.partial(raw_insert_rate, conninfo, clients, max(50, per * 4)),
                     )
-                    raw = raw_insert_rate(conninfo, clients, max(50, per * 4))
-                    print(f"{clients:>7} {rate:>10.1f} {pct(samples, 0.5):>8.1f} "
-                          f"{pct(samples, 0.99):>8.1f} {raw:>13.0f} {rate / raw:>6.3f}")  # fmt: skip
+                    print(f"{clients:>7} {level.rate:>10.1f} {pct(level.samples, 0.5):>8.1f} "
+                          f"{pct(level.samples, 0.99):>8.1f} {level.raw:>13.0f} "
+                          f"{level.ratio:>6.3f} {level.lowest:>6.3f}")  # fmt: skip
             if want("async"):
                 print(
                     "asynchronous intake (Prefer: respond-async): the 202 of a stored job, "
@@ -469,18 +523,30 @@ def run(args: argparse.Namespace, conninfo: str, stub_url: str) -> None:
                     f"batches of {intake.batch_size()})"
                 )
                 print(f"{'clients':>7} {'accepted/s':>10} {'p50 ms':>8} {'p99 ms':>8} "
-                      f"{'raw INSERT/s':>13} {'ratio':>6} {'applied/s':>10}")  # fmt: skip
+                      f"{'raw INSERT/s':>13} {'ratio':>6} {'lowest':>6} {'applied/s':>10}")  # fmt: skip
                 for clients in (int(c) for c in args.clients.split(",")):
                     per = max(1, args.bundles // clients)
-                    rate, samples = ingest(
-                        base, sub_token, clients, per, lambda: bundle(spoke, department),
-                        respond_async=True,
-                    )  # fmt: skip
-                    raw = raw_insert_rate(conninfo, clients, max(50, per * 4))
-                    _applied, applied_rate = drain_intake(args.drain_procs)
-                    print(f"{clients:>7} {rate:>10.1f} {pct(samples, 0.5):>8.1f} "
-                          f"{pct(samples, 0.99):>8.1f} {raw:>13.0f} {rate / raw:>6.3f} "
-                          f"{applied_rate:>10.1f}")  # fmt: skip
+                    applied: list[float] = []
+
+                    def accept_then_apply(
+                        c: int = clients, n: int = per, out: list[float] = applied
+                    ) -> tuple[float, list[float]]:
+                        measured = ingest(
+                            base, sub_token, c, n, lambda: bundle(spoke, department),
+                            respond_async=True,
+                        )  # fmt: skip
+                        out.append(drain_intake(args.drain_procs)[1])  # not timed with it
+                        return measured
+
+                    level = interleaved(
+                        args.repeat,
+                        accept_then_apply,
+                        functools.partial(raw_insert_rate, conninfo, clients, max(50, per * 4)),
+                    )
+                    print(f"{clients:>7} {level.rate:>10.1f} {pct(level.samples, 0.5):>8.1f} "
+                          f"{pct(level.samples, 0.99):>8.1f} {level.raw:>13.0f} "
+                          f"{level.ratio:>6.3f} {level.lowest:>6.3f} "
+                          f"{statistics.median(applied):>10.1f}")  # fmt: skip
             if want("search"):
                 search_department, search_token = department, con_token
                 if args.search_department:

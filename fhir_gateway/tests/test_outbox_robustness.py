@@ -14,10 +14,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+from django.db import transaction
 from django.utils import timezone
 
 from fhir_gateway import delivery
 from fhir_gateway.models import FhirResource, OutboxMessage
+from fhir_gateway.storage import store_version
 from fhir_gateway.tasks import deliver_outbox, outbox_drain_task
 from fhir_gateway.tests.test_outbox import _enqueue as enqueue
 from fhir_gateway.tests.test_outbox import _resource
@@ -223,6 +225,66 @@ def test_a_trickled_status_line_or_header_ends_the_send_at_its_deadline(
         assert message.status == Status.FAILED
         assert message.last_error == "no answer within 0.5 s (status line or headers)"
         assert not delivery._WATCHDOG._armed and not delivery._WATCHDOG._fired
+    finally:
+        member.close()
+
+
+class _SlowReader:
+    """A member that reads requests 64 KiB per 0.05 s and never answers."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.base_url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/fhir"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._read, args=(conn,), daemon=True).start()
+
+    def _read(self, conn: socket.socket) -> None:
+        try:
+            while conn.recv(65536):
+                time.sleep(0.05)
+        except OSError:
+            pass
+        conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_request_the_member_reads_slowly_ends_within_the_timeout(db: Any, settings: Any) -> None:
+    """Writing the request is bounded in all, not per write (Python's ``sendall`` counts
+    its timeout over the whole call, and the headers and body go in one call): a member
+    reading an 8 MB message 64 KiB per 0.05 s, never idle for a whole timeout, would
+    otherwise hold the send for 6 s."""
+    settings.FHIR_OUTBOX_TIMEOUT_SECONDS = 0.5
+    member = _SlowReader()
+    try:
+        endpoint = EndpointFactory.create(base_url=member.base_url)
+        with transaction.atomic():
+            row = store_version(
+                resource_type="Communication",
+                logical_id="large",
+                resource={
+                    "resourceType": "Communication",
+                    "status": "completed",
+                    "payload": [{"contentString": "x" * 8_000_000}],
+                },
+                fhir_version="4.0",
+            )
+        message = _enqueue(endpoint, "referral:1", row)
+        started = time.monotonic()
+        assert deliver_outbox(message.pk) == "failed"
+        assert time.monotonic() - started < 2.5
+        message.refresh_from_db()
+        assert "timed out" in message.last_error
     finally:
         member.close()
 
