@@ -27,6 +27,7 @@ import heapq
 import itertools
 import json
 import logging
+import os
 import secrets
 import socket
 import threading
@@ -91,9 +92,11 @@ class _Watchdog:
     Socket timeouts bound each receive, not the answer: a member trickling its status line
     or headers a byte per receive would hold a send (and its lease) for ever, and the
     message would be sent again by the next drain. A send arms its deadline when it starts
-    waiting for the answer (``_Deadlined.getresponse``) and disarms it before its connection
-    goes back to the pool; a socket shut down here makes the blocked read end at once. One
-    thread per process, started on first use (also in a forked worker)."""
+    waiting for the answer (``_Deadlined.getresponse``); the pool disarms it when the
+    connection comes back (``_Disarming._put_conn``: urllib3 returns it as soon as the body
+    has been read, before ``_send`` ends), so a deadline never outlives its send onto a
+    connection another send has taken. A socket shut down here makes the blocked read end
+    at once. One thread per process, started on first use; a forked child starts afresh."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
@@ -148,10 +151,22 @@ class _Watchdog:
                 self._armed.discard(number)
                 self._fired.add(number)
                 with contextlib.suppress(OSError):  # already closed
-                    sock.shutdown(socket.SHUT_RDWR)
+                    # The plain socket's shutdown, also for TLS: SSLSocket.shutdown unwraps
+                    # the TLS object under the reading thread's feet.
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
 _WATCHDOG = _Watchdog()
+
+
+def _new_watchdog() -> None:
+    """In a forked child: the parent's heap names the parent's sockets, and its lock may
+    have been held at the fork."""
+    global _WATCHDOG
+    _WATCHDOG = _Watchdog()
+
+
+os.register_at_fork(after_in_child=_new_watchdog)
 
 
 class _SendDeadline(threading.local):
@@ -166,16 +181,33 @@ class _Deadlined:
     """Arms the send's deadline (``_DEADLINE``) on the socket while the answer is read."""
 
     sock: socket.socket | None
+    _armed: int | None = None
 
     def getresponse(self) -> Any:
         if _DEADLINE.at is not None and self.sock is not None:
-            _DEADLINE.armed = _WATCHDOG.arm(_DEADLINE.at, self.sock)
+            self._armed = _DEADLINE.armed = _WATCHDOG.arm(_DEADLINE.at, self.sock)
         response = super().getresponse()  # type: ignore[misc]
-        if _DEADLINE.armed is not None and _WATCHDOG.fired(_DEADLINE.armed):
+        if self._armed is not None and _WATCHDOG.fired(self._armed):
             # Cut off in the status line or headers: what was parsed is not an answer.
             response.close()
             raise urllib3.exceptions.ProtocolError("the answer's head was cut off")
         return response
+
+    def disarm(self) -> bool:
+        """True when the watchdog shut this connection's socket down."""
+        armed, self._armed = self._armed, None
+        return armed is not None and _WATCHDOG.disarm(armed)
+
+
+class _Disarming:
+    """A connection coming back to the pool is disarmed first; one whose socket the
+    watchdog shut down is closed, not kept for the next send."""
+
+    def _put_conn(self, conn: Any) -> None:
+        if isinstance(conn, _Deadlined) and conn.disarm():
+            conn.close()
+            conn = None
+        super()._put_conn(conn)  # type: ignore[misc]
 
 
 class _Connection(_Deadlined, _OneWrite, urllib3.connection.HTTPConnection):
@@ -186,11 +218,11 @@ class _TlsConnection(_Deadlined, _OneWrite, urllib3.connection.HTTPSConnection):
     pass
 
 
-class _Pool(urllib3.HTTPConnectionPool):
+class _Pool(_Disarming, urllib3.HTTPConnectionPool):
     ConnectionCls = _Connection
 
 
-class _TlsPool(urllib3.HTTPSConnectionPool):
+class _TlsPool(_Disarming, urllib3.HTTPSConnectionPool):
     ConnectionCls = _TlsConnection
 
 
@@ -522,7 +554,8 @@ def retry_after_seconds(value: str | None, now: datetime) -> float | None:
 
 
 def _disarm() -> bool:
-    """End this thread's send deadline; True when the watchdog had to shut the socket."""
+    """End this thread's send deadline; True when the watchdog had to shut the socket (and
+    the pool had not already disarmed it: then the answer's head had come whole)."""
     armed, _DEADLINE.at, _DEADLINE.armed = _DEADLINE.armed, None, None
     return armed is not None and _WATCHDOG.disarm(armed)
 
@@ -536,7 +569,8 @@ def _send(claim: Claim) -> Answer:
     seconds = _setting("FHIR_OUTBOX_TIMEOUT_SECONDS", 10)
     # The answer (status, headers, body) must be in by this: past it the watchdog shuts the
     # socket down, however slowly the member trickles.
-    deadline = time.monotonic() + min(seconds, 5) + seconds
+    allowed = min(seconds, 5) + seconds
+    deadline = time.monotonic() + allowed
     _DEADLINE.at, _DEADLINE.armed = deadline, None
     try:
         response = _POOL.request(
@@ -550,7 +584,7 @@ def _send(claim: Claim) -> Answer:
         )
     except (urllib3.exceptions.HTTPError, OSError) as exc:
         if _disarm():
-            return Answer(None, f"no answer within {seconds} s (status line or headers)")
+            return Answer(None, f"no answer within {allowed:g} s (status line or headers)")
         return Answer(None, f"{type(exc).__name__}: {exc}"[:2000])
     except Exception as exc:
         _disarm()
@@ -569,6 +603,8 @@ def _send(claim: Claim) -> Answer:
                 break
     except (urllib3.exceptions.HTTPError, OSError):
         pass  # the status came; the rest of the body did not
+    except Exception:  # any error of the body is this message's, never the batch's
+        logger.exception("outbox answer body unreadable", extra={"id": claim.message_id})
     finally:
         if _disarm():  # the socket was shut down: an end of the body that is not one
             whole = False

@@ -5,6 +5,7 @@ Retry-After is honoured. Stub members are real HTTP servers on 127.0.0.1."""
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -223,7 +224,7 @@ def test_a_trickled_status_line_or_header_ends_the_send_at_its_deadline(
         assert time.monotonic() - started < 2.5
         message.refresh_from_db()
         assert message.status == Status.FAILED
-        assert message.last_error == "no answer within 0.5 s (status line or headers)"
+        assert message.last_error == "no answer within 1 s (status line or headers)"
         assert not delivery._WATCHDOG._armed and not delivery._WATCHDOG._fired
     finally:
         member.close()
@@ -289,16 +290,117 @@ def test_a_request_the_member_reads_slowly_ends_within_the_timeout(db: Any, sett
         member.close()
 
 
-def test_the_watchdog_leaves_sends_that_end_in_time_alone(stub_member: Any, db: Any) -> None:
-    """Sends that end in time disarm their deadline: their kept-alive connections are
-    reused, not shut down later under another send (the pool hands them on)."""
-    stub = stub_member()
-    endpoint = EndpointFactory.create(base_url=stub.base_url)
-    messages = [_enqueue(endpoint, f"referral:{i}", _resource(f"c{i}")) for i in range(5)]
-    for message in messages:
-        assert deliver_outbox(message.pk) == "delivered"
-    assert not delivery._WATCHDOG._armed
-    assert not delivery._WATCHDOG._fired
+class _KeepAlive:
+    """An HTTP/1.1 member that keeps connections alive; answer n waits ``delays[n]`` s."""
+
+    def __init__(self, delays: list[float]) -> None:
+        self.delays = list(delays)
+        self.peers: list[tuple[str, int]] = []
+        lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_PUT(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with lock:
+                    delay = outer.delays.pop(0) if outer.delays else 0.0
+                    outer.peers.append(self.client_address)
+                time.sleep(delay)
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/fhir/Communication/c"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _claim(url: str, number: int) -> delivery.Claim:
+    return delivery.Claim(number, "t", "PUT", url, b'{"resourceType":"Communication"}', {"X": "1"})
+
+
+def test_a_finished_sends_deadline_never_cuts_the_next_send_on_its_connection(
+    settings: Any, monkeypatch: Any
+) -> None:
+    """urllib3 returns a connection to the pool as soon as the body is read, before the
+    send ends: found by a review, a send whose end was delayed past its deadline (here a
+    sleep) had its deadline fire on the kept-alive connection another send had taken, and
+    that send failed although its member answered within its limits. The pool now
+    disarms a connection when it comes back."""
+    settings.FHIR_OUTBOX_TIMEOUT_SECONDS = 1.0  # deadlines: start + 2 s
+    member = _KeepAlive([0.0, 0.9])
+    real_disarm = delivery._disarm
+    results: dict[str, delivery.Answer] = {}
+    first_started = time.monotonic()
+
+    def late_disarm() -> bool:
+        if threading.current_thread().name == "first" and "second" not in results:
+            time.sleep(max(0.0, first_started + 1.5 - time.monotonic()))
+            second = threading.Thread(
+                target=lambda: results.__setitem__("second", delivery._send(_claim(member.url, 2))),
+                name="second",
+            )
+            second.start()
+            second.join(10)
+        return real_disarm()
+
+    monkeypatch.setattr(delivery, "_disarm", late_disarm)
+    try:
+        first = threading.Thread(
+            target=lambda: results.__setitem__("first", delivery._send(_claim(member.url, 1))),
+            name="first",
+        )
+        first.start()
+        first.join(15)
+
+        assert len(set(member.peers)) == 1  # the second send took the first's connection
+        assert results["first"].status == 200
+        assert results["second"].status == 200, results["second"]
+        assert not delivery._WATCHDOG._armed and not delivery._WATCHDOG._fired
+    finally:
+        member.close()
+
+
+def test_kept_alive_connections_are_reused_and_left_alone(settings: Any) -> None:
+    """Sends that end in time disarm their deadline: their kept-alive connection is used
+    by the next send, not shut down under it."""
+    settings.FHIR_OUTBOX_TIMEOUT_SECONDS = 0.5
+    member = _KeepAlive([0.0] * 5)
+    try:
+        answers = [delivery._send(_claim(member.url, n)) for n in range(5)]
+        time.sleep(1.2)  # past every deadline
+        answers.append(delivery._send(_claim(member.url, 5)))
+    finally:
+        member.close()
+    assert [a.status for a in answers] == [200] * 6
+    assert len(set(member.peers)) == 1  # one connection throughout
+    assert not delivery._WATCHDOG._armed and not delivery._WATCHDOG._fired
+
+
+def test_a_forked_child_starts_a_watchdog_of_its_own() -> None:
+    """The parent's heap names the parent's sockets (shutting one down from the child
+    would cut the parent's connection) and its lock may be held at the fork."""
+    parent = delivery._WATCHDOG
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report whether it has a new one, and exit at once
+        os.write(write, b"1" if delivery._WATCHDOG is not parent else b"0")
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert os.read(read, 1) == b"1"
+    os.close(read)
+    os.close(write)
 
 
 @pytest.mark.django_db(transaction=True)
