@@ -310,8 +310,10 @@ class CreateKey(models.Model):
     message again. Kept as long as the resources are (they are never deleted)."""
 
     resource_type = models.CharField(max_length=40)
-    # The referral (as FhirResource.source_pk): the key is unique within it.
+    # The referral (as FhirResource.source_pk) and the caller's facility: a key is the
+    # member's own within the referral (the other party's equal key is another message).
     source_pk = models.BigIntegerField()
+    facility_id = models.BigIntegerField()
     system = models.CharField(max_length=255)
     value = models.CharField(max_length=255)
     logical_id = models.CharField(max_length=64)
@@ -323,7 +325,7 @@ class CreateKey(models.Model):
     class Meta:
         constraints = [
             models.UniqueConstraint(
-                fields=["resource_type", "source_pk", "system", "value"],
+                fields=["resource_type", "source_pk", "facility_id", "system", "value"],
                 name="fhir_create_key_unique",
             )
         ]

@@ -647,12 +647,27 @@ def _communication_create(req: WriteRequest) -> WriteResult:
                 "Communication.inResponseTo must be a Communication of this referral.",
                 expression=["Communication.inResponseTo"],
             )
+    return _keyed_create(
+        req, referral, "Communication", lambda: _message_post(req.user, referral, text, answered)
+    )
+
+
+def _keyed_create(
+    req: WriteRequest, referral: Referral, resource_type: str, create: Callable[[], WriteResult]
+) -> WriteResult:
+    """A create with its If-None-Exist key (``storage.conditional_create``), for a party
+    to the referral: a user who is not (an invited expert, a coordinator who may read it)
+    gets the create's own refusal, not an answer that tells which keys were used."""
+    facility_id = req.user.facility_id
+    if not req.if_none_exist or facility_id is None or not actor_sides(req.user, referral):
+        return create()
     return conditional_create(
-        resource_type="Communication",
+        resource_type=resource_type,
         source_pk=referral.pk,
+        facility_id=facility_id,
         if_none_exist=req.if_none_exist,
         user=req.user,
-        create=lambda: _message_post(req.user, referral, text, answered),
+        create=create,
     )
 
 
@@ -697,12 +712,11 @@ def _document_reference_create(req: WriteRequest) -> WriteResult:
         if req.fhir_version == m.R4
         else "DocumentReference.basedOn",
     )
-    return conditional_create(
-        resource_type="DocumentReference",
-        source_pk=referral.pk,
-        if_none_exist=req.if_none_exist,
-        user=req.user,
-        create=lambda: _document_reference_for(req.user, referral, req.resource),
+    return _keyed_create(
+        req,
+        referral,
+        "DocumentReference",
+        lambda: _document_reference_for(req.user, referral, req.resource),
     )
 
 

@@ -385,7 +385,10 @@ def create_key(if_none_exist: str, resource_type: str) -> tuple[str, str]:
 
     One identifier with both a system and a value (at most 255 characters each): a key the
     member made for this create (say, its own message id), not a search."""
-    criteria = parse_qsl(if_none_exist.lstrip("?"), keep_blank_values=True)
+    try:  # strict: two invalid escapes (%fe, %ff) must not both become U+FFFD, one key
+        criteria = parse_qsl(if_none_exist.lstrip("?"), keep_blank_values=True, errors="strict")
+    except UnicodeDecodeError as exc:
+        raise FhirError(400, "invalid", "If-None-Exist is not UTF-8 once percent-decoded.") from exc
     if len(criteria) != 1 or criteria[0][0] != "identifier":
         raise FhirError(
             400,
@@ -415,23 +418,29 @@ def conditional_create(
     *,
     resource_type: str,
     source_pk: int,
+    facility_id: int,
     if_none_exist: str | None,
     user: Any,
     create: Callable[[], WriteResult],
 ) -> WriteResult:
-    """``create()`` once per (referral, type, If-None-Exist identifier): the first call
-    makes the resource and records the key in the same transaction; a later one (a retry
-    after a lost answer) answers what the first made, ``created=False``, and stores
-    nothing. Without ``If-None-Exist``: ``create()``."""
+    """``create()`` once per (type, referral, caller's facility, If-None-Exist
+    identifier): the first call makes the resource and records the key in the same
+    transaction; a later one (a retry after a lost answer) answers what the first made,
+    ``created=False``, and stores nothing. Without ``If-None-Exist``: ``create()``. The
+    caller checks first that the user may write to the referral at all."""
     if not if_none_exist:
         return create()
     system, value = create_key(if_none_exist, resource_type)
     with transaction.atomic():
         # Two concurrent retries: the second waits here, then finds the first's key.
-        _lock(f"fhir-create-key:{resource_type}:{source_pk}:{system}|{value}")
+        _lock(f"fhir-create-key:{resource_type}:{source_pk}:{facility_id}:{system}|{value}")
         made = (
             CreateKey.objects.filter(
-                resource_type=resource_type, source_pk=source_pk, system=system, value=value
+                resource_type=resource_type,
+                source_pk=source_pk,
+                facility_id=facility_id,
+                system=system,
+                value=value,
             )
             .values_list("logical_id", flat=True)
             .first()
@@ -442,6 +451,7 @@ def conditional_create(
         CreateKey.objects.create(
             resource_type=resource_type,
             source_pk=source_pk,
+            facility_id=facility_id,
             system=system,
             value=value,
             logical_id=result.row.logical_id,

@@ -315,6 +315,13 @@ def root(ctx: FhirRequest) -> HttpResponse:
             headers={"Allow": "POST" if transaction_func else ""},
         )
     user = _authenticate(ctx.request)
+    if ctx.request.headers.get("If-None-Exist"):
+        raise FhirError(
+            400,
+            "not-supported",
+            "If-None-Exist does not apply to a transaction; put it on the ServiceRequest "
+            "entry (request.ifNoneExist).",
+        )
     version = body_version(ctx.request, default=ctx.version)
     bundle = _json_body(ctx.request)
     if bundle.get("resourceType") != "Bundle":

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from django.db import connections
 
+from accounts.roles import Role
 from fhir_gateway import referral_resources
 from fhir_gateway.models import CreateKey, FhirResource, OutboxMessage
 from fhir_gateway.tests.conftest import FHIR_R4, FHIR_R5, FhirClient, outcome_issue
@@ -21,8 +22,12 @@ from fhir_gateway.tests.referral_world import (
     body,
     consult_note,
     member_client,
+    transaction,
+    update_task,
 )
 from referrals.models import Attachment, Message, Referral, ReferralState
+from referrals.permissions import referral_experts_grant
+from tests.factories import UserFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -160,6 +165,7 @@ def test_the_first_message_is_answered_even_after_the_state_moved_on(world: Worl
         ("", None),  # an empty header is no condition: a plain create
         ("identifier=a|" + "x" * 256, "invalid"),
         ("identifier=a|1%00", "invalid"),
+        ("identifier=a|id-%ff", "invalid"),  # not UTF-8: %fe and %ff were one key (U+FFFD)
     ],
 )
 def test_a_key_it_cannot_use_is_400_and_changes_nothing(
@@ -193,22 +199,59 @@ def test_a_refused_message_records_no_key(world: World) -> None:
     assert made.status_code == 201, made.content
 
 
-def test_a_key_of_another_member_on_the_same_referral_answers_its_message(world: World) -> None:
-    """Both members of a referral see its messages; the key is the referral's (a member
-    that reuses the other's key gets the other's message: keys are meant to be unique,
-    e.g. a URN of the sending system)."""
+def test_the_other_members_equal_key_is_another_message(world: World) -> None:
+    """A key is the member's own within the referral: the other party using the same
+    identifier posts its own message (found by a review: it got the first member's message
+    with 200, and its own text, and the transition it meant, were dropped)."""
     task_id = accepted(world)
     first = _post(world.r4, "/fhir/Communication", _message(task_id))
     by_other = world.r5.post(
         "/fhir/Communication",
-        _message(task_id, r5=True),
+        _message(task_id, "Echocardiogram done?", r5=True),
         content_type=FHIR_R5,
         Accept=FHIR_R5,
         **{"If-None-Exist": f"identifier={KEY}"},
     )
-    assert by_other.status_code == 200, by_other.content
-    assert body(by_other)["id"] == body(first)["id"]
-    assert Message.objects.count() == 1
+    assert (first.status_code, by_other.status_code) == (201, 201), by_other.content
+    assert body(by_other)["id"] != body(first)["id"]
+    assert Message.objects.count() == 2
+    assert Referral.objects.get().state == ReferralState.INFO_REQUESTED  # its request_info
+
+
+def test_a_reader_who_may_not_post_learns_nothing_from_a_used_key(world: World) -> None:
+    """An invited expert may read the referral but not post: with a used key it got the
+    message with 200 (found by a review), telling which keys exist. It is refused as
+    without the header, and nothing changes."""
+    task_id = accepted(world)
+    assert _post(world.r4, "/fhir/Communication", _message(task_id)).status_code == 201
+    expert = UserFactory.create(facility=world.network.lao, roles=[Role.MEMBER_SYSTEM])
+    referral_experts_grant(referral=Referral.objects.get(), experts=[expert])
+    client = member_client(expert)
+    before = _counts()
+
+    plain = _post(client, "/fhir/Communication", _message(task_id), key=None)
+    keyed = _post(client, "/fhir/Communication", _message(task_id))
+
+    assert (plain.status_code, keyed.status_code) == (403, 403), keyed.content
+    assert _counts() == before
+
+
+def test_a_create_refused_inside_the_key_records_no_key(world: World) -> None:
+    """The refusal comes after the key was looked up (the referral is cancelled: 409):
+    no key and no message are kept, and a key never stands for nothing."""
+    task_id = accepted(world)
+    cancelled = update_task(
+        world.r4,
+        task_id,
+        lambda t: t.update(status="cancelled", statusReason={"text": "Patient improved"}),
+    )
+    assert cancelled.status_code == 200, cancelled.content
+    before = _counts()
+
+    refused = _post(world.r4, "/fhir/Communication", _message(task_id))
+
+    assert refused.status_code == 409, refused.content
+    assert _counts() == before
 
 
 def test_a_retried_case_file_is_stored_once(world: World) -> None:
@@ -250,6 +293,20 @@ def test_a_retried_consult_note_answers_the_note(world: World) -> None:
     assert body(again)["id"] == body(first)["id"]
     assert _counts() == before
     assert Referral.objects.get().consult_notes.count() == 1
+
+
+def test_if_none_exist_on_a_transaction_is_refused(world: World) -> None:
+    """The header was ignored on POST /fhir; the Bundle's own request.ifNoneExist is the
+    place for it."""
+    response = world.r4.post(
+        "/fhir",
+        transaction(world),
+        content_type=FHIR_R4,
+        **{"If-None-Exist": "identifier=https://codao.example.org/sid/referral|SR-1"},
+    )
+    assert response.status_code == 400, response.content
+    assert outcome_issue(response)["code"] == "not-supported"
+    assert not Referral.objects.exists()
 
 
 def test_the_capability_statement_declares_it(world: World) -> None:
