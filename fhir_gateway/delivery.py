@@ -36,7 +36,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import urllib3
@@ -53,6 +53,9 @@ from fhir_gateway.models import FhirResource, OutboxMessage
 from fhir_gateway.storage import validate_resource
 from fhir_gateway.versions import SUPPORTED_VERSIONS, media_type_for
 from registry.models import Endpoint
+
+if TYPE_CHECKING:
+    from urllib3._base_connection import BaseHTTPConnection
 
 logger = logging.getLogger(__name__)
 
@@ -203,7 +206,7 @@ class _Disarming:
     """A connection coming back to the pool is disarmed first; one whose socket the
     watchdog shut down is closed, not kept for the next send."""
 
-    def _put_conn(self, conn: Any) -> None:
+    def _put_conn(self, conn: BaseHTTPConnection | None) -> None:  # urllib3's signature
         if isinstance(conn, _Deadlined) and conn.disarm():
             conn.close()
             conn = None
