@@ -190,7 +190,10 @@ CELERY_RESULT_BACKEND = None
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
-CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# One task per worker process at a time (long tasks do not hold others back), except on
+# the embedded broker, whose blocking loop acknowledges only between 2-second drains: with
+# one slot per process, queued hand-offs came two per 2 s (config/celery.py).
+CELERY_WORKER_PREFETCH_MULTIPLIER = 16 if CELERY_BROKER_URL.startswith("sqla+") else 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # After-commit sends (notifications) go to the broker from a background thread, so a
 # request does not wait for it (core.dispatch); the test settings send inline.
