@@ -1,3 +1,4 @@
+import importlib
 import os
 
 from celery import Celery
@@ -21,9 +22,8 @@ def _embedded_broker_hands_off_quickly() -> None:
     0.1 s. (Its transport options go to SQLAlchemy's create_engine, which refuses
     ``polling_interval``, so the class default is set.) Redis and RabbitMQ are not touched."""
     if str(app.conf.broker_url or "").startswith("sqla+"):
-        from kombu.transport import sqlalchemy
-
-        sqlalchemy.Transport.polling_interval = 0.1
+        transport = importlib.import_module("kombu.transport.sqlalchemy")  # no type stubs
+        transport.Transport.polling_interval = 0.1
 
 
 _embedded_broker_hands_off_quickly()
