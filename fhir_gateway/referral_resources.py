@@ -36,6 +36,7 @@ from fhir_gateway.registry_resources import reference_pk
 from fhir_gateway.storage import (
     WriteResult,
     conditional_create,
+    create_key,
     current_rows,
     dumps,
     fhir_instant,
@@ -44,7 +45,8 @@ from fhir_gateway.storage import (
     resource_current,
     validate_resource,
 )
-from referrals.models import Referral, ReferralEvent, ReferralState
+from referrals.attachments import UPLOAD_ROLES
+from referrals.models import ActorSide, Referral, ReferralEvent, ReferralState
 from referrals.selectors import referral_scope_sql, referral_visible
 from referrals.services import (
     COUNTER_REFERRAL_SYSTEM,
@@ -53,6 +55,7 @@ from referrals.services import (
     referral_submit,
     referral_transition,
 )
+from referrals.workflow import transition_for
 from registry.models import Department, Specialty
 
 if TYPE_CHECKING:
@@ -653,18 +656,41 @@ def _communication_create(req: WriteRequest) -> WriteResult:
 
 
 def _keyed_create(
-    req: WriteRequest, referral: Referral, resource_type: str, create: Callable[[], WriteResult]
+    req: WriteRequest,
+    referral: Referral,
+    resource_type: str,
+    create: Callable[[], WriteResult],
+    roles: frozenset[str] | None = None,
+    side: str | None = None,
 ) -> WriteResult:
-    """A create with its If-None-Exist key (``storage.conditional_create``), for a party
-    to the referral: a user who is not (an invited expert, a coordinator who may read it)
-    gets the create's own refusal, not an answer that tells which keys were used."""
-    facility_id = req.user.facility_id
-    if not req.if_none_exist or facility_id is None or not actor_sides(req.user, referral):
+    """A create with its If-None-Exist key (``storage.conditional_create``).
+
+    The key is looked up only for a caller the create itself would let through: a party to
+    the referral (``side``: that one), with one of ``roles`` when the create needs them.
+    Anyone else gets the create's own refusal, not an answer telling which keys were used.
+    A key is its party's (the requester facility, or the assigned department's facility):
+    the other party's equal key is another resource; accounts without a facility of their
+    own (a department's member) share their side's."""
+    if not req.if_none_exist:
         return create()
+    create_key(req.if_none_exist, resource_type)  # a header it cannot use is 400, for all
+    sides = actor_sides(req.user, referral)
+    if (
+        not sides
+        or (side is not None and side not in sides)
+        or (roles is not None and not (req.user.role_names() & roles))
+    ):
+        return create()  # refused by the create, as without the header
+    if ActorSide.REQUESTER.value in sides and side != ActorSide.ASSIGNEE.value:
+        party_facility = int(referral.requester_facility_id)
+    else:
+        department = referral.assigned_department
+        assert department is not None  # an assignee side needs one
+        party_facility = int(department.facility_id)
     return conditional_create(
         resource_type=resource_type,
         source_pk=referral.pk,
-        facility_id=facility_id,
+        facility_id=party_facility,
         if_none_exist=req.if_none_exist,
         user=req.user,
         create=create,
@@ -712,11 +738,19 @@ def _document_reference_create(req: WriteRequest) -> WriteResult:
         if req.fhir_version == m.R4
         else "DocumentReference.basedOn",
     )
+    if _is_consult_note(req.resource):  # advice: the assignee's, with the advise roles
+        advise = transition_for("advise")
+        assert advise is not None
+        roles, side = frozenset(advise.roles), advise.side
+    else:  # a case file: either party, with an upload role
+        roles, side = frozenset(UPLOAD_ROLES), None
     return _keyed_create(
         req,
         referral,
         "DocumentReference",
         lambda: _document_reference_for(req.user, referral, req.resource),
+        roles=roles,
+        side=side,
     )
 
 

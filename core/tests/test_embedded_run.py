@@ -81,8 +81,9 @@ def test_the_embedded_broker_hands_off_without_waiting_out_its_drains(tmp_path: 
     """On the embedded broker the worker's blocking loop acknowledges finished tasks only
     between 2-second drains: with one prefetch slot per process, queued hand-offs came two
     per 2 s (10 asynchronous Bundles behind a burst of notifications took ~20 s in `make
-    run`; ~0.3 s with these settings, measured by hand). The suite's own settings (Redis)
-    keep one slot per process."""
+    run`; ~0.3 s with these settings, measured by hand, not here: this checks that the
+    embedded broker gets them, and only it). The suite's own settings (Redis) keep one slot
+    per process."""
     shell = sqlite_manage(tmp_path)("shell", "--no-imports", "-c", BROKER_SCRIPT)
     assert shell.returncode == 0, shell.stderr
     assert shell.stdout.split() == ["sqla+sqlite", "16", "0.1"]

@@ -22,11 +22,14 @@ from fhir_gateway.tests.referral_world import (
     body,
     consult_note,
     member_client,
+    submit,
+    task_of,
     transaction,
     update_task,
 )
 from referrals.models import Attachment, Message, Referral, ReferralState
 from referrals.permissions import referral_experts_grant
+from referrals.services import referral_forward
 from tests.factories import UserFactory
 
 pytestmark = pytest.mark.django_db
@@ -67,6 +70,16 @@ def _case_file(task_id: str) -> dict[str, Any]:
 def _post(client: FhirClient, path: str, resource: dict[str, Any], key: str | None = KEY) -> Any:
     headers = {"If-None-Exist": f"identifier={key}"} if key else {}
     return client.post(path, resource, content_type=FHIR_R4, **headers)
+
+
+def _post_r5(client: FhirClient, task_id: str, header: str) -> Any:
+    return client.post(
+        "/fhir/Communication",
+        _message(task_id, "Echocardiogram done?", r5=True),
+        content_type=FHIR_R5,
+        Accept=FHIR_R5,
+        **{"If-None-Exist": header},
+    )
 
 
 def _counts() -> tuple[int, int, int, int, int]:
@@ -234,6 +247,64 @@ def test_a_reader_who_may_not_post_learns_nothing_from_a_used_key(world: World) 
 
     assert (plain.status_code, keyed.status_code) == (403, 403), keyed.content
     assert _counts() == before
+
+
+def test_a_department_member_without_a_facility_keys_as_its_side(world: World) -> None:
+    """A party through its department only (an account without a facility): its key was
+    ignored, so a retry posted a second message, and a malformed key was not refused
+    (found by a review). The key is its side's (the department's facility)."""
+    task_id = accepted(world)
+    world.consultant.facility = None
+    world.consultant.save(update_fields=["facility"])
+    client = member_client(world.consultant)
+    before = _counts()
+
+    bad = _post_r5(client, task_id, "identifier=a|id-%ff")
+    first = _post_r5(client, task_id, f"identifier={KEY}")
+    again = _post_r5(client, task_id, f"identifier={KEY}")
+
+    assert bad.status_code == 400, bad.content
+    assert (first.status_code, again.status_code) == (201, 200), again.content
+    assert body(again)["id"] == body(first)["id"]
+    assert Message.objects.count() == before[0] + 1
+    assert CreateKey.objects.get().facility_id == world.network.hub.pk
+
+
+def test_a_party_who_may_not_upload_learns_nothing_from_a_used_key(world: World) -> None:
+    """A facility administrator of the requesting facility is on the requester's side but
+    may not add files: 403 without the header, and it got 200 with the file for a used
+    key (found by a review). Refused alike now, nothing changed."""
+    task_id = accepted(world)
+    assert _post(world.r4, "/fhir/DocumentReference", _case_file(task_id)).status_code == 201
+    admin = UserFactory.create(facility=world.network.spoke, roles=[Role.FACILITY_ADMIN])
+    client = member_client(admin)
+    before = _counts()
+
+    plain = _post(client, "/fhir/DocumentReference", _case_file(task_id), key=None)
+    keyed = _post(client, "/fhir/DocumentReference", _case_file(task_id))
+
+    assert (plain.status_code, keyed.status_code) == (403, 403), keyed.content
+    assert _counts() == before
+
+
+def test_a_retry_after_the_case_moved_to_another_department_is_refused(world: World) -> None:
+    """Access moves with the assignment: the first department's system is no longer a
+    party after a forward, and its retry is refused (404) like any request of a
+    non-party, not answered."""
+    task_id = str(task_of(submit(world, "SR-1"))["id"])
+    client = member_client(world.consultant)
+    assert _post_r5(client, task_id, f"identifier={KEY}").status_code == 201
+    referral_forward(
+        actor=world.consultant,
+        referral_id=Referral.objects.get().pk,
+        department=world.network.cardiology,
+        reason="wrong specialty",
+    )
+
+    again = _post_r5(client, task_id, f"identifier={KEY}")
+
+    assert again.status_code == 404, again.content
+    assert Message.objects.count() == 1
 
 
 def test_a_create_refused_inside_the_key_records_no_key(world: World) -> None:
