@@ -318,9 +318,9 @@ def outbox_enqueue_versions(
     aggregate_key: str,
     items: list[tuple[Endpoint, FhirResource]],
     new_aggregate: bool = False,
-) -> list[OutboxMessage]:
+) -> list[int]:
     """Several stored versions at the end of one aggregate, in order: one lock, one seq
-    query, one INSERT, one scheduled task (each delivery schedules the next of its
+    query, one INSERT, one scheduled task; the new messages' ids (each delivery schedules the next of its
     aggregate). Same contract as ``outbox_enqueue``; idempotency key
     ``<type>-<id>-<version>-<endpoint>``. ``new_aggregate=True`` when the aggregate was
     created in this transaction (seq starts at 1: no lock, no seq query; the unique
@@ -343,22 +343,57 @@ def outbox_enqueue_versions(
             .values_list("seq", flat=True)
             .first()
         ) or 0
-    messages = OutboxMessage.objects.bulk_create(
-        OutboxMessage(
-            endpoint=endpoint,
-            aggregate_key=aggregate_key,
-            seq=last + offset,
-            resource_type=row.resource_type,
-            logical_id=row.logical_id,
-            version_id=row.version_id,
-            idempotency_key=f"{row.resource_type}-{row.logical_id}-{row.version_id}-{endpoint.pk}",
-        )
+    now = timezone.now()
+    values = [
+        {
+            "endpoint_id": endpoint.pk,
+            "aggregate_key": aggregate_key,
+            "seq": last + offset,
+            "resource_type": row.resource_type,
+            "logical_id": row.logical_id,
+            "version_id": row.version_id,
+            "idempotency_key": f"{row.resource_type}-{row.logical_id}-{row.version_id}-{endpoint.pk}",
+            "next_attempt_at": now,
+            "created_at": now,
+        }
         for offset, (endpoint, row) in enumerate(items, start=1)
-    )
-    head = messages[0].pk
+    ]
+    ids = _insert_messages(values)
+    head = ids[0]
     # Off the request thread (core.dispatch): the caller does not wait for the broker.
     transaction.on_commit(lambda: send_later(schedule_delivery, head))
-    return messages
+    return ids
+
+
+# Every column of a new message: the given ones, the rest at their model defaults.
+_MESSAGE_FIELDS = [f for f in OutboxMessage._meta.concrete_fields if not f.primary_key]
+_MESSAGE_DEFAULTS = {
+    f.attname: f.get_default()
+    for f in _MESSAGE_FIELDS
+    if not (f.has_default() and callable(f.default))  # timestamps: given per statement
+}
+
+
+def _insert_messages(values: list[dict[str, Any]]) -> list[int]:
+    """One multi-row ``INSERT … RETURNING id`` (the ids in the order given): Django's
+    ``bulk_create`` built a model instance per message and compiled the statement each
+    time (~0.5 ms of a submission's ~9)."""
+    rows = []
+    params: list[Any] = []
+    for given in values:
+        row = {**_MESSAGE_DEFAULTS, **given}
+        for f in _MESSAGE_FIELDS:
+            params.append(f.get_db_prep_save(row[f.attname], connection))
+        rows.append(f"({', '.join(['%s'] * len(_MESSAGE_FIELDS))})")
+    table = connection.ops.quote_name(OutboxMessage._meta.db_table)
+    columns = ", ".join(connection.ops.quote_name(f.column) for f in _MESSAGE_FIELDS)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {table} ({columns}) VALUES {', '.join(rows)} RETURNING id",  # noqa: S608 (names from the model, values bound)
+            params,
+        )
+        ids = [int(r[0]) for r in cursor.fetchall()]
+    return sorted(ids)  # one statement: ids ascend with the rows (a sequence; SQLite rowid)
 
 
 def schedule_delivery(message_id: int) -> None:

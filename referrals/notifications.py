@@ -31,7 +31,6 @@ from typing import Any
 
 from celery import shared_task
 from django.conf import settings
-from django.core.exceptions import EmptyResultSet
 from django.core.mail import send_mail
 from django.db import connection, transaction
 from django.db.models import Q, QuerySet
@@ -116,7 +115,59 @@ def _recipients_query(event: ReferralEvent, referral: Referral | None = None) ->
 
 
 def notification_recipients(event: ReferralEvent) -> list[User]:
+    """The audience of ``event`` through the ORM: what ``_recipients_sql`` writes by hand
+    (a test holds the two equal)."""
     return list(_recipients_query(event).order_by("pk"))
+
+
+_USERS = User._meta.db_table
+_USER_GROUPS = User.groups.through._meta.db_table
+_GROUPS = User.groups.field.related_model._meta.db_table  # type: ignore[union-attr]
+_USER_DEPARTMENTS = User.departments.through._meta.db_table
+_EXPERTS = Referral.conference_experts.through._meta.db_table
+# Names from the models, values bound (S608).
+_IN_GROUP = (
+    f"EXISTS (SELECT 1 FROM {_USER_GROUPS} ug JOIN {_GROUPS} g ON g.id = ug.group_id "  # noqa: S608
+    "WHERE ug.user_id = u.id AND g.name = %s)"
+)
+_IN_DEPARTMENT = (
+    f"EXISTS (SELECT 1 FROM {_USER_DEPARTMENTS} ud "  # noqa: S608
+    "WHERE ud.user_id = u.id AND ud.department_id = %s)"
+)
+_IN_CONFERENCE = (
+    f"EXISTS (SELECT 1 FROM {_EXPERTS} ce "  # noqa: S608
+    "WHERE ce.user_id = u.id AND ce.referral_id = %s)"
+)
+
+
+def _recipients_sql(event: ReferralEvent, referral: Referral) -> tuple[str, list[Any]] | None:
+    """``_recipients_query`` as hand-written SQL (one EXISTS per way of being in the
+    audience, so no DISTINCT): every transition runs it, and compiling the ORM version
+    took ~1 ms of a submission's ~9. None: an audience of nobody."""
+    audience = audience_for(event.action)
+    ways: list[str] = []
+    params: list[Any] = []
+    if ASSIGNEE in audience and event.department_id is not None:
+        ways.append(_IN_DEPARTMENT)
+        params.append(event.department_id)
+    if REQUESTER in audience:
+        ways.append(f"(u.facility_id = %s AND {_IN_GROUP})")
+        params += [referral.requester_facility_id, Role.REFERRER.value]
+        if referral.requester_id is not None:
+            ways.append("u.id = %s")
+            params.append(referral.requester_id)
+    if EXPERTS in audience:
+        ways.append(_IN_CONFERENCE)
+        params.append(referral.pk)
+    if not ways:
+        return None
+    # Ministry officials never receive anything about a single referral.
+    sql = f"SELECT u.id FROM {_USERS} u WHERE ({' OR '.join(ways)}) AND u.is_active AND NOT {_IN_GROUP}"  # noqa: S608 (names from the models, values bound)
+    params.append(Role.MINISTRY.value)
+    if event.actor_id is not None:
+        sql += " AND u.id <> %s"
+        params.append(event.actor_id)
+    return sql, params
 
 
 def notification_text(event: ReferralEvent, referral: Referral | None = None) -> str:
@@ -132,16 +183,14 @@ def notify_in_transaction(event: ReferralEvent, referral: Referral) -> int:
 
     One ``INSERT … SELECT`` over the audience query: no round trip to read the recipients
     and no model instance per row (every transition pays this)."""
-    try:
-        recipients, recipient_params = (
-            _recipients_query(event, referral).order_by().values_list("pk").query.sql_with_params()
-        )
-    except EmptyResultSet:  # an audience of nobody (e.g. no department assigned yet)
+    audience = _recipients_sql(event, referral)
+    if audience is None:  # an audience of nobody (e.g. no department assigned yet)
         return 0
+    recipients, recipient_params = audience
     table = connection.ops.quote_name(Notification._meta.db_table)
     with connection.cursor() as cursor:
         cursor.execute(
-            f"INSERT INTO {table} (recipient_id, referral_id, event_id, kind, text, created, "  # noqa: S608 (table from the model, the audience query compiled by Django, values bound)
+            f"INSERT INTO {table} (recipient_id, referral_id, event_id, kind, text, created, "  # noqa: S608 (table from the model, the audience from _recipients_sql, values bound)
             "read_at, emailed_at) "
             f"SELECT r.*, %s, %s, %s, %s, %s, NULL, NULL FROM ({recipients}) r "  # one column
             # WHERE: SQLite's parser needs it before ON CONFLICT after a SELECT.
