@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import psycopg
-from django.db import DatabaseError, connection
+from django.db import DatabaseError, connection, models
 from django.db.models import QuerySet
 
 logger = logging.getLogger(__name__)
@@ -129,3 +129,44 @@ class SqlRows:
         # generic plan assumes a large share of the rows and picks joins for all of them.
         limit, offset = int(window.stop - start), int(start)
         return fetch_prepared(f"{self.page_sql} LIMIT {limit} OFFSET {offset}", self.page_params)
+
+
+def _insert_fields(model: type[models.Model]) -> list[models.Field[Any, Any]]:
+    return [f for f in model._meta.concrete_fields if not f.primary_key]
+
+
+def insert_rows(
+    model: type[models.Model], rows: Sequence[dict[str, Any]], *, returning_ids: bool = False
+) -> list[int]:
+    """One multi-row ``INSERT`` of ``rows`` (field attname -> value; the model's defaults
+    for the columns not given), the new ids in row order when ``returning_ids``.
+
+    For the write path's small batches (a submission's outbox messages and feed rows):
+    ``bulk_create`` built a model instance per row and compiled its statement each time.
+    On PostgreSQL the statement is prepared once per connection and row count, and the
+    values go as they are (psycopg adapts them); elsewhere through Django's cursor, each
+    value prepared by its field."""
+    if not rows:
+        return []
+    fields = _insert_fields(model)
+    params: list[Any] = []
+    postgres = connection.vendor == "postgresql"
+    for given in rows:
+        for f in fields:
+            value = given[f.attname] if f.attname in given else f.get_default()
+            params.append(value if postgres else f.get_db_prep_save(value, connection))
+    quote = connection.ops.quote_name
+    one = f"({', '.join(['%s'] * len(fields))})"
+    sql = (
+        f"INSERT INTO {quote(model._meta.db_table)} "  # noqa: S608 (names from the model, values bound)
+        f"({', '.join(quote(f.column) for f in fields)}) VALUES {', '.join([one] * len(rows))}"
+        + (f" RETURNING {quote(model._meta.pk.column)}" if returning_ids else "")
+    )
+    if postgres:
+        found = fetch_prepared(sql, params, returning=returning_ids)
+    else:
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            found = list(cursor.fetchall()) if returning_ids else []
+    # One statement: the ids ascend with the rows (one sequence; SQLite's rowid).
+    return sorted(int(r[0]) for r in found)

@@ -39,6 +39,7 @@ from django.db import connection, transaction
 from django.db.models import Max
 from django.utils import timezone
 
+from core.rows import insert_rows
 from fhir_gateway.models import FeedEvent, FeedHorizon, FhirResource
 
 # An event number or cursor must fit PostgreSQL's bigint.
@@ -54,17 +55,20 @@ def feed_record(
     facilities = list(dict.fromkeys(int(f) for f in facility_ids))
     if not facilities or not rows:
         return
-    FeedEvent.objects.bulk_create(
-        FeedEvent(
-            facility_id=facility,
-            resource_type=row.resource_type,
-            logical_id=row.logical_id,
-            version_id=row.version_id,
-            referral_id=referral_id,
-            occurred_at=row.last_updated,
-        )
-        for facility in facilities
-        for row in rows
+    insert_rows(  # one multi-row INSERT, no model instances (core.rows)
+        FeedEvent,
+        [
+            {
+                "facility_id": facility,
+                "resource_type": row.resource_type,
+                "logical_id": row.logical_id,
+                "version_id": row.version_id,
+                "referral_id": referral_id,
+                "occurred_at": row.last_updated,
+            }
+            for facility in facilities
+            for row in rows
+        ],
     )
 
 
