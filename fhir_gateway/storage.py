@@ -24,6 +24,7 @@ from django.db import connection, transaction
 from django.db.models import QuerySet
 from django.utils import timezone
 
+from core.rows import insert_rows
 from fhir_gateway.codes import check_bound_codes
 from fhir_gateway.conversion import render_for_version
 from fhir_gateway.models import CreateKey, FhirResource, FhirSearchToken
@@ -317,21 +318,29 @@ def store_first_versions(
             for target, rendered in renderings.items()
         }
         rows.append(
-            FhirResource(
-                resource_type=resource_type,
-                logical_id=logical_id,
-                version_id=1,
-                last_updated=now,
-                fhir_version=fhir_version,
-                json_r4=texts.get("4.0", ""),
-                json_r5=texts.get("5.0", ""),
-                content_hash=hash_value,
-                is_current=True,
-                deleted=False,
-                source_pk=source_pk,
-            )
+            {
+                "resource_type": resource_type,
+                "logical_id": logical_id,
+                "version_id": 1,
+                "last_updated": now,
+                "fhir_version": fhir_version,
+                "json_r4": texts.get("4.0", ""),
+                "json_r5": texts.get("5.0", ""),
+                "content_hash": hash_value,
+                "is_current": True,
+                "deleted": False,
+                "source_pk": source_pk,
+            }
         )
-    return FhirResource.objects.bulk_create(rows)
+    # One multi-row INSERT of plain values (core.rows.insert_rows): on PostgreSQL the
+    # documents go as bound parameters of a prepared statement, not escaped into the text.
+    ids = insert_rows(FhirResource, rows, returning_ids=True)
+    stored = []
+    for values, pk in zip(rows, ids, strict=True):
+        row = FhirResource(pk=pk, **values)
+        row._state.adding, row._state.db = False, connection.alias
+        stored.append(row)
+    return stored
 
 
 def parse_if_match(raw: str) -> int:
