@@ -12,9 +12,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.db import connection
 from django.db.models import Q
 
 from core.memo import memoized
+from core.rows import fetch_models
 from fhir_gateway import referral_mapping as m
 from fhir_gateway.delivery import outbox_enqueue_versions
 from fhir_gateway.feed import feed_record
@@ -79,14 +81,21 @@ def member_endpoints(referral: Referral, facility_ids: list[int] | None = None) 
     """The active endpoints of both parties (each receives its own FHIR version); read
     once per intake batch (core.memo)."""
     facilities = tuple(facility_ids or party_facility_ids(referral))
+    return list(memoized(("endpoints", *facilities), lambda: _active_endpoints(facilities)))
+
+
+def _active_endpoints(facilities: tuple[int, ...]) -> list[Endpoint]:
+    if not facilities:
+        return []
+    if connection.vendor == "postgresql":  # prepared (core.rows): every change asks
+        return fetch_models(
+            Endpoint,
+            f"facility_id IN ({', '.join(['%s'] * len(facilities))}) AND status = %s ORDER BY id",
+            [*facilities, Endpoint.Status.ACTIVE.value],
+        )
     return list(
-        memoized(
-            ("endpoints", *facilities),
-            lambda: list(
-                Endpoint.objects.filter(
-                    facility_id__in=facilities, status=Endpoint.Status.ACTIVE
-                ).order_by("pk")
-            ),
+        Endpoint.objects.filter(facility_id__in=facilities, status=Endpoint.Status.ACTIVE).order_by(
+            "pk"
         )
     )
 

@@ -12,6 +12,7 @@ party to; anything else is 404.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import uuid
@@ -21,11 +22,12 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 from django.core.files.uploadedfile import SimpleUploadedFile
-from django.db import DEFAULT_DB_ALIAS, transaction
+from django.db import DEFAULT_DB_ALIAS, connection, transaction
 from django.db.models import OuterRef, Q, QuerySet, Subquery
 
 from core.errors import ApplicationError, Conflict
 from core.memo import memoized
+from core.rows import fetch_models
 from core.values import digits_int
 from fhir_gateway import handlers
 from fhir_gateway import referral_mapping as m
@@ -352,8 +354,7 @@ def _check_requester(user: User, reference: str, where: str) -> None:
 def _specialty(intake: m.Intake) -> Specialty:
     codes = [code for system, code in intake.specialty_codes if system in ("", Specialty.SNOMED)]
     specialty = memoized(  # an intake batch reads it once (core.memo)
-        ("specialty", *codes),
-        lambda: Specialty.objects.filter(system=Specialty.SNOMED, code__in=codes).first(),
+        ("specialty", *codes), lambda: _specialty_by_codes(codes)
     )
     if specialty is None:
         raise FhirError(
@@ -366,6 +367,26 @@ def _specialty(intake: m.Intake) -> Specialty:
     return specialty
 
 
+def _department_by_pk(pk: int) -> Department | None:
+    if connection.vendor == "postgresql":  # prepared (core.rows): every submission asks
+        found = fetch_models(Department, "id = %s", [pk])
+        return found[0] if found else None
+    return Department.objects.filter(pk=pk).first()
+
+
+def _specialty_by_codes(codes: list[str]) -> Specialty | None:
+    if not codes:
+        return None
+    if connection.vendor == "postgresql":  # prepared (core.rows): every submission asks
+        found = fetch_models(
+            Specialty,
+            f"system = %s AND code IN ({', '.join(['%s'] * len(codes))}) ORDER BY id LIMIT 1",
+            [Specialty.SNOMED, *codes],
+        )
+        return found[0] if found else None
+    return Specialty.objects.filter(system=Specialty.SNOMED, code__in=codes).first()
+
+
 def _department(references: list[str], where: str) -> Department | None:
     for reference in references:
         kind, _logical_id = m.split_reference(reference)
@@ -373,7 +394,7 @@ def _department(references: list[str], where: str) -> Department | None:
             continue
         pk = reference_pk(reference, "HealthcareService")
         department = (
-            memoized(("department", pk), Department.objects.filter(pk=pk).first)
+            memoized(("department", pk), functools.partial(_department_by_pk, pk))
             if pk is not None
             else None
         )

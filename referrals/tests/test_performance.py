@@ -181,7 +181,9 @@ def test_the_worklist_statements_are_prepared_once_per_connection(world: World) 
     placer = [s for s in prepared if s == services._PLACER_LOOKUP.replace("%s", "$1", 1)
               .replace("%s", "$2", 1).replace("%s", "$3", 1)]  # fmt: skip
     assert len(placer) == 1, prepared
-    # So are its multi-row inserts of feed rows and outbox messages (core.rows.insert_rows);
-    # nothing else.
-    inserts = [s for s in prepared if s.startswith('INSERT INTO "fhir_gateway_')]
-    assert len(prepared) == 3 + len(inserts), prepared
+    # So are its multi-row inserts of versions, feed rows and outbox messages and its reads
+    # of registry rows (core.rows.insert_rows, fetch_models); nothing else.
+    hand_written = [
+        s for s in prepared if s.startswith('INSERT INTO "fhir_gateway_') or 'FROM "registry_' in s
+    ]
+    assert len(prepared) == 3 + len(hand_written), prepared
