@@ -380,7 +380,9 @@ def _specialty_by_codes(codes: list[str]) -> Specialty | None:
     if connection.vendor == "postgresql":  # prepared (core.rows): every submission asks
         found = fetch_models(
             Specialty,
-            f"system = %s AND code IN ({', '.join(['%s'] * len(codes))}) ORDER BY id LIMIT 1",
+            # Specialty's default ordering (display), which the ORM's .first() follows.
+            f"system = %s AND code IN ({', '.join(['%s'] * len(codes))}) "
+            "ORDER BY display, id LIMIT 1",
             [Specialty.SNOMED, *codes],
         )
         return found[0] if found else None

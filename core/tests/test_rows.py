@@ -7,9 +7,10 @@ from typing import Any
 
 import pytest
 from django.db import models
+from django.utils import timezone
 
 from core.rows import fetch_models, insert_rows
-from fhir_gateway.models import FeedEvent
+from fhir_gateway.models import FeedEvent, OutboxMessage
 from registry.models import Department, Endpoint, Specialty
 from tests.factories import DepartmentFactory, EndpointFactory
 
@@ -46,16 +47,59 @@ def test_fetch_models_loads_every_field_as_the_orm_does() -> None:
     assert fetch_models(Department, "id = %s", [department.pk])[0].languages == ["vi", "en"]
 
 
-def test_insert_rows_stores_what_bulk_create_would_and_answers_ids_in_order() -> None:
-    rows = [
-        {"facility_id": 7, "resource_type": "Task", "logical_id": f"t{n}", "version_id": 1}
-        for n in range(5)
+def test_insert_rows_stores_what_bulk_create_would_and_answers_ids_in_row_order() -> None:
+    endpoint = EndpointFactory.create()
+    now = timezone.now()
+    given = [
+        {
+            "endpoint_id": endpoint.pk,
+            "aggregate_key": "referral:1",
+            "seq": n,
+            "resource_type": "Task",
+            "logical_id": f"t{9 - n}",  # row order is not id or text order
+            "version_id": n if n % 2 else None,
+            "idempotency_key": f"k{n}",
+            "next_attempt_at": now,
+            "created_at": now,
+        }
+        for n in range(1, 6)
     ]
-    ids = insert_rows(FeedEvent, rows, returning_ids=True)
+    ids = insert_rows(OutboxMessage, given, returning_ids=True)
+    by_orm = OutboxMessage.objects.bulk_create(
+        OutboxMessage(**{**row, "aggregate_key": "referral:2", "idempotency_key": f"o{n}"})
+        for n, row in enumerate(given)
+    )
 
-    stored = list(FeedEvent.objects.filter(pk__in=ids).order_by("pk"))
-    assert [e.pk for e in stored] == ids
-    assert [e.logical_id for e in stored] == [f"t{n}" for n in range(5)]  # row order
-    assert all(e.number is None and e.referral_id is None for e in stored)  # defaults
-    assert all(e.occurred_at is not None for e in stored)  # a callable default, per row
+    stored = {m.pk: m for m in OutboxMessage.objects.filter(pk__in=ids)}
+    assert [stored[pk].logical_id for pk in ids] == [row["logical_id"] for row in given]
+    for mine, theirs in zip((stored[pk] for pk in ids), by_orm, strict=True):
+        theirs.refresh_from_db()
+        differ = {"id", "aggregate_key", "idempotency_key"}
+        assert {k: v for k, v in _fields(mine).items() if k not in differ} == {
+            k: v for k, v in _fields(theirs).items() if k not in differ
+        }
     assert insert_rows(FeedEvent, []) == []
+
+
+def test_insert_rows_fills_callable_defaults_per_row() -> None:
+    ids = insert_rows(
+        FeedEvent,
+        [{"facility_id": 7, "resource_type": "Task", "logical_id": "t", "version_id": 1}] * 2,
+        returning_ids=True,
+    )
+    stored = list(FeedEvent.objects.filter(pk__in=ids))
+    assert all(e.number is None and e.referral_id is None for e in stored)
+    assert all(e.occurred_at is not None for e in stored)
+
+
+def test_the_specialty_lookup_picks_what_the_orm_first_picked() -> None:
+    """``Specialty`` orders by display: with two known codes, the ORM's ``.first()`` took
+    the one whose name sorts first (found by a review: the statement took the lower id)."""
+    from fhir_gateway.referral_resources import _specialty_by_codes
+
+    zeta = Specialty.objects.create(system=Specialty.SNOMED, code="1001", display="Zeta")
+    alpha = Specialty.objects.create(system=Specialty.SNOMED, code="1002", display="Alpha")
+    orm = Specialty.objects.filter(system=Specialty.SNOMED, code__in=["1001", "1002"]).first()
+
+    assert orm == alpha and zeta.pk < alpha.pk
+    assert _specialty_by_codes(["1001", "1002"]) == orm
