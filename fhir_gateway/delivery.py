@@ -321,8 +321,8 @@ def outbox_enqueue_versions(
     new_aggregate: bool = False,
 ) -> list[int]:
     """Several stored versions at the end of one aggregate, in order: one lock, one seq
-    query, one INSERT, one scheduled task; the new messages' ids (each delivery schedules the next of its
-    aggregate). Same contract as ``outbox_enqueue``; idempotency key
+    query, one INSERT, one scheduled task (each delivery schedules the next of its
+    aggregate); returns the new messages' ids. Same contract as ``outbox_enqueue``; idempotency key
     ``<type>-<id>-<version>-<endpoint>``. ``new_aggregate=True`` when the aggregate was
     created in this transaction (seq starts at 1: no lock, no seq query; the unique
     (aggregate, seq) constraint still guards)."""
@@ -856,8 +856,8 @@ def outbox_deliver_batch(
         return report
     workers = concurrency or int(_setting("FHIR_OUTBOX_CONCURRENCY", 16))
     # A request takes at most ~2 timeouts (the connect, then the answer's deadline, which
-    # the watchdog enforces); none starts when it could end after the lease, or another drain would
-    # take the message over and send it again while it is still open.
+    # the watchdog enforces); none starts when it could end after the lease, or another
+    # drain would take the message over and send it again while it is still open.
     timeout = _setting("FHIR_OUTBOX_TIMEOUT_SECONDS", 10)
     budget = lease().total_seconds() - 2 * timeout - 1
     if budget < timeout:  # too short to be a bound (no run would start): unbounded, warned

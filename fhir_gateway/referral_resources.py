@@ -696,7 +696,7 @@ def _keyed_create(
     own (a department's member) share their side's."""
     if not req.if_none_exist:
         return create()
-    create_key(req.if_none_exist, resource_type)  # a header it cannot use is 400, for all
+    key = create_key(req.if_none_exist, resource_type)  # a header it cannot use: 400, for all
     sides = actor_sides(req.user, referral)
     if (
         not sides
@@ -714,7 +714,7 @@ def _keyed_create(
         resource_type=resource_type,
         source_pk=referral.pk,
         facility_id=party_facility,
-        if_none_exist=req.if_none_exist,
+        key=key,
         user=req.user,
         create=create,
     )

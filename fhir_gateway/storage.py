@@ -428,18 +428,16 @@ def conditional_create(
     resource_type: str,
     source_pk: int,
     facility_id: int,
-    if_none_exist: str | None,
+    key: tuple[str, str],
     user: Any,
     create: Callable[[], WriteResult],
 ) -> WriteResult:
-    """``create()`` once per (type, referral, caller's facility, If-None-Exist
-    identifier): the first call makes the resource and records the key in the same
-    transaction; a later one (a retry after a lost answer) answers what the first made,
-    ``created=False``, and stores nothing. Without ``If-None-Exist``: ``create()``. The
-    caller checks first that the user may write to the referral at all."""
-    if not if_none_exist:
-        return create()
-    system, value = create_key(if_none_exist, resource_type)
+    """``create()`` once per (type, referral, party facility, ``key`` = the If-None-Exist
+    identifier as ``create_key`` reads it): the first call makes the resource and records
+    the key in the same transaction; a later one (a retry after a lost answer) answers
+    what the first made, ``created=False``, and stores nothing. The caller checks first
+    that the user may make it at all."""
+    system, value = key
     with transaction.atomic():
         # Two concurrent retries: the second waits here, then finds the first's key.
         _lock(f"fhir-create-key:{resource_type}:{source_pk}:{facility_id}:{system}|{value}")

@@ -135,13 +135,11 @@ def test_a_base_url_with_a_query_is_dead_with_the_reason(db: Any, stub_member: A
     assert stub.requests == []
 
 
-class _Trickle:
-    """A member that answers 200 with a body of 30 bytes, one every 0.1 s; with ``head``
-    "status" it trickles its status line instead, with "headers" a header line after the
-    status line: one byte every 0.1 s for 6 s."""
+class _RawMember:
+    """A member on a bare socket of 127.0.0.1, each connection handled by ``_handle`` on a
+    thread of its own (to misbehave below HTTP)."""
 
-    def __init__(self, *, head: str = "") -> None:
-        self.head = head
+    def __init__(self) -> None:
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(16)
@@ -154,9 +152,25 @@ class _Trickle:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
-            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
 
-    def _answer(self, conn: socket.socket) -> None:
+    def _handle(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class _Trickle(_RawMember):
+    """A member that answers 200 with a body of 30 bytes, one every 0.1 s; with ``head``
+    "status" it trickles its status line instead, with "headers" a header line after the
+    status line: one byte every 0.1 s for 6 s."""
+
+    def __init__(self, *, head: str = "") -> None:
+        self.head = head
+        super().__init__()
+
+    def _handle(self, conn: socket.socket) -> None:
         data = b""
         while b"\r\n\r\n" not in data:
             data += conn.recv(65536)
@@ -184,9 +198,6 @@ class _Trickle:
         except OSError:
             pass  # the client stopped reading and closed
         conn.close()
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def test_a_trickled_answer_is_read_no_longer_than_the_timeout(db: Any, settings: Any) -> None:
@@ -230,34 +241,16 @@ def test_a_trickled_status_line_or_header_ends_the_send_at_its_deadline(
         member.close()
 
 
-class _SlowReader:
+class _SlowReader(_RawMember):
     """A member that reads requests 64 KiB per 0.05 s and never answers."""
 
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.base_url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/fhir"
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._read, args=(conn,), daemon=True).start()
-
-    def _read(self, conn: socket.socket) -> None:
+    def _handle(self, conn: socket.socket) -> None:
         try:
             while conn.recv(65536):
                 time.sleep(0.05)
         except OSError:
             pass
         conn.close()
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def test_a_request_the_member_reads_slowly_ends_within_the_timeout(db: Any, settings: Any) -> None:
