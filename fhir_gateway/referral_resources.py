@@ -32,7 +32,7 @@ from core.values import digits_int
 from fhir_gateway import handlers
 from fhir_gateway import referral_mapping as m
 from fhir_gateway.handlers import ResourceHandler, SearchParam, WriteRequest
-from fhir_gateway.models import FhirResource
+from fhir_gateway.models import CreateKey, FhirResource
 from fhir_gateway.outcomes import FhirError
 from fhir_gateway.registry_resources import reference_pk
 from fhir_gateway.storage import (
@@ -42,9 +42,11 @@ from fhir_gateway.storage import (
     current_rows,
     dumps,
     fhir_instant,
+    identify_new_resource,
     parse_if_match,
     parse_token,
     resource_current,
+    token_matches,
     validate_resource,
 )
 from referrals.attachments import UPLOAD_ROLES
@@ -220,7 +222,22 @@ def _authored_on(raw: str) -> Q:
     }[prefix]
 
 
-Filter = Callable[[str], "Q | In"]
+@dataclass(frozen=True)
+class Own:
+    """A search condition on the resource itself rather than on its referral (the
+    identifiers a member gave its Communication or DocumentReference): the ORM path only."""
+
+    q: Q
+
+
+def _own_identifier(resource_type: str) -> Callable[[str], Own]:
+    def build(raw: str) -> Own:
+        return Own(Q(pk__in=token_matches(resource_type, "identifier", raw).values("resource_id")))
+
+    return build
+
+
+Filter = Callable[[str], "Q | In | Own"]
 
 TASK_FILTERS: dict[str, Filter] = {
     "owner": _by_pk("assigned_department_id", "HealthcareService"),
@@ -239,11 +256,17 @@ SERVICE_REQUEST_FILTERS: dict[str, Filter] = {
     "identifier": _identifier,
     "patient": _by_filler("Patient"),
 }
-COMMUNICATION_FILTERS: dict[str, Filter] = {"part-of": _by_filler("Task")}
+COMMUNICATION_FILTERS: dict[str, Filter] = {
+    "part-of": _by_filler("Task"),
+    "identifier": _own_identifier("Communication"),
+}
+DOCUMENT_REFERENCE_FILTERS: dict[str, Filter] = {
+    "identifier": _own_identifier("DocumentReference"),
+}
 
 
-def _conditions(filters: dict[str, Filter], params: dict[str, list[str]]) -> list[Q | In]:
-    out: list[Q | In] = []
+def _conditions(filters: dict[str, Filter], params: dict[str, list[str]]) -> list[Q | In | Own]:
+    out: list[Q | In | Own] = []
     for name, values in params.items():
         for raw in values:
             if "\x00" in raw:
@@ -255,9 +278,18 @@ def _conditions(filters: dict[str, Filter], params: dict[str, list[str]]) -> lis
 def _search(resource_type: str, filters: dict[str, Filter]) -> handlers.SearchFunc:
     def search(user: User, params: dict[str, list[str]]) -> QuerySet[FhirResource]:
         referrals = _visible_referrals(user)
+        own: list[Q] = []
         for condition in _conditions(filters, params):
-            referrals = referrals.filter(condition.q() if isinstance(condition, In) else condition)
-        return _scoped(resource_type, user, referrals)
+            if isinstance(condition, Own):
+                own.append(condition.q)
+            else:
+                referrals = referrals.filter(
+                    condition.q() if isinstance(condition, In) else condition
+                )
+        rows = _scoped(resource_type, user, referrals)
+        for q in own:
+            rows = rows.filter(q)
+        return rows
 
     return search
 
@@ -674,19 +706,34 @@ def _communication_create(req: WriteRequest) -> WriteResult:
                 expression=["Communication.inResponseTo"],
             )
     return _keyed_create(
-        req, referral, "Communication", lambda: _message_post(req.user, referral, text, answered)
+        req.user,
+        req.if_none_exist,
+        referral,
+        req.resource,
+        lambda: _message_post(req.user, referral, text, answered),
     )
 
 
+def _member_identifiers(resource: dict[str, Any], key: tuple[str, str] | None) -> list[Any]:
+    """The identifiers a member gave the resource it posts, and its If-None-Exist key when
+    the resource does not already carry it (the resource then matches its own condition)."""
+    items = [i for i in resource.get("identifier") or [] if isinstance(i, dict)]
+    if key is not None and not any((i.get("system"), i.get("value")) == key for i in items):
+        items.append({"system": key[0], "value": key[1]})
+    return items
+
+
 def _keyed_create(
-    req: WriteRequest,
+    user: User,
+    if_none_exist: str | None,
     referral: Referral,
-    resource_type: str,
+    resource: dict[str, Any],
     create: Callable[[], WriteResult],
     roles: frozenset[str] | None = None,
     side: str | None = None,
 ) -> WriteResult:
-    """A create with its If-None-Exist key (``storage.conditional_create``).
+    """A create with its If-None-Exist key (``storage.conditional_create``); the resource
+    made carries the member's identifiers (``_member_identifiers``).
 
     The key is looked up only for a caller the create itself would let through: a party to
     the referral (``side``: that one), with one of ``roles`` when the create needs them.
@@ -694,16 +741,26 @@ def _keyed_create(
     A key is its party's (the requester facility, or the assigned department's facility):
     the other party's equal key is another resource; accounts without a facility of their
     own (a department's member) share their side's."""
-    if not req.if_none_exist:
-        return create()
-    key = create_key(req.if_none_exist, resource_type)  # a header it cannot use: 400, for all
-    sides = actor_sides(req.user, referral)
+    key = create_key(if_none_exist, resource["resourceType"]) if if_none_exist else None
+    identifiers = _member_identifiers(resource, key)
+
+    def identified() -> WriteResult:
+        if not identifiers:
+            return create()
+        with transaction.atomic():
+            result = create()
+            identify_new_resource(result.row, identifiers)
+        return result
+
+    if key is None:
+        return identified()
+    sides = actor_sides(user, referral)
     if (
         not sides
         or (side is not None and side not in sides)
-        or (roles is not None and not (req.user.role_names() & roles))
+        or (roles is not None and not (user.role_names() & roles))
     ):
-        return create()  # refused by the create, as without the header
+        return identified()  # refused by the create, as without the header
     if ActorSide.REQUESTER.value in sides and side != ActorSide.ASSIGNEE.value:
         party_facility = int(referral.requester_facility_id)
     else:
@@ -711,12 +768,12 @@ def _keyed_create(
         assert department is not None  # an assignee side needs one
         party_facility = int(department.facility_id)
     return conditional_create(
-        resource_type=resource_type,
+        resource_type=resource["resourceType"],
         source_pk=referral.pk,
         facility_id=party_facility,
         key=key,
-        user=req.user,
-        create=create,
+        user=user,
+        create=identified,
     )
 
 
@@ -761,20 +818,25 @@ def _document_reference_create(req: WriteRequest) -> WriteResult:
         if req.fhir_version == m.R4
         else "DocumentReference.basedOn",
     )
-    if _is_consult_note(req.resource):  # advice: the assignee's, with the advise roles
-        advise = transition_for("advise")
-        assert advise is not None
-        roles, side = frozenset(advise.roles), advise.side
-    else:  # a case file: either party, with an upload role
-        roles, side = frozenset(UPLOAD_ROLES), None
+    roles, side = _document_rights(req.resource)
     return _keyed_create(
-        req,
+        req.user,
+        req.if_none_exist,
         referral,
-        "DocumentReference",
+        req.resource,
         lambda: _document_reference_for(req.user, referral, req.resource),
         roles=roles,
         side=side,
     )
+
+
+def _document_rights(resource: dict[str, Any]) -> tuple[frozenset[str], str | None]:
+    """Who may make this document: (roles, side) for ``_keyed_create``."""
+    if _is_consult_note(resource):  # advice: the assignee's, with the advise roles
+        advise = transition_for("advise")
+        assert advise is not None
+        return frozenset(advise.roles), advise.side
+    return frozenset(UPLOAD_ROLES), None  # a case file: either party, with an upload role
 
 
 def _document_reference_for(
@@ -920,14 +982,15 @@ def transaction_bundle(
         m.patient_into_intake(intake, patient)
     # The ServiceRequest entry's conditional create (FHIR's request.ifNoneExist), as the
     # If-None-Exist header of a POST ServiceRequest.
-    condition = entries[sr_index]["request"].get("ifNoneExist")
-    if condition is not None and not isinstance(condition, str):
-        raise FhirError(
-            400,
-            "structure",
-            f"Bundle.entry[{sr_index}].request.ifNoneExist must be a string.",
-            expression=[f"Bundle.entry[{sr_index}].request.ifNoneExist"],
-        )
+    condition = _entry_condition(entries, sr_index)
+    # The DocumentReference entries' own keys (as the header of a POST DocumentReference):
+    # read before anything is written, so a malformed one refuses the Bundle at once.
+    document_keys = {
+        index: _entry_condition(entries, index) for index, _ in by_type.get("DocumentReference", [])
+    }
+    for key_condition in document_keys.values():
+        if key_condition:
+            create_key(key_condition, "DocumentReference")
     with transaction.atomic():
         existing = _if_none_exist_referral(user, condition) if condition else None
         if existing is not None:
@@ -956,16 +1019,40 @@ def transaction_bundle(
                 outcomes[index] = (current[rtype], status)
         # A resubmission answers each case file with the one of the same bytes the
         # requester side already stored (each stored file answers one entry) and stores
-        # the others: a file is neither dropped nor stored twice.
+        # the others: a file is neither dropped nor stored twice. An entry with its own
+        # key (request.ifNoneExist) is answered by that key alone, and a file stored under
+        # a key answers no other entry.
         stored = {} if created else _case_files(referral)
         for index, document in by_type.get("DocumentReference", []):
-            same = stored.get(_inline_sha256(document), [])
+            same = [] if document_keys[index] else stored.get(_inline_sha256(document), [])
             if same:
                 outcomes[index] = (same.pop(0), "200 OK")
-            else:
-                result = _document_reference_for(user, referral, document)
-                outcomes[index] = (result.row, "201 Created")
+                continue
+            roles, side = _document_rights(document)
+            result = _keyed_create(
+                user,
+                document_keys[index],
+                referral,
+                document,
+                functools.partial(_document_reference_for, user, referral, document),
+                roles=roles,
+                side=side,
+            )
+            outcomes[index] = (result.row, "201 Created" if result.created else "200 OK")
     return _transaction_response(entries, outcomes, answer_version, base)
+
+
+def _entry_condition(entries: list[dict[str, Any]], index: int) -> str | None:
+    """An entry's conditional create (FHIR's ``request.ifNoneExist``), if any."""
+    condition = entries[index]["request"].get("ifNoneExist")
+    if condition is not None and not isinstance(condition, str):
+        raise FhirError(
+            400,
+            "structure",
+            f"Bundle.entry[{index}].request.ifNoneExist must be a string.",
+            expression=[f"Bundle.entry[{index}].request.ifNoneExist"],
+        )
+    return condition or None
 
 
 # Within a transaction, what these elements must point at when they name an entry.
@@ -1041,7 +1128,16 @@ def _case_files(referral: Referral) -> dict[str, list[FhirResource]]:
         .order_by("pk")
         .values_list("pk", "sha256")
     )
-    ids = {binary_id(referral.filler_id, pk): sha for pk, sha in files}
+    keyed = set(  # a file stored under a key answers that key only
+        CreateKey.objects.filter(
+            resource_type="DocumentReference", source_pk=referral.pk
+        ).values_list("logical_id", flat=True)
+    )
+    ids = {
+        binary_id(referral.filler_id, pk): sha
+        for pk, sha in files
+        if binary_id(referral.filler_id, pk) not in keyed
+    }
     by_id = {
         row.logical_id: row
         for row in FhirResource.objects.filter(
@@ -1193,7 +1289,16 @@ def referral_handlers() -> list[ResourceHandler]:
             documentation="Messages of a referral: partOf = its Task; inResponseTo. "
             "Conditional create with If-None-Exist: identifier=<system>|<value> (a key the "
             "member makes per message) is idempotent within the referral.",
-            search_params=(_sp("part-of", "reference", "The referral's Task.", "Communication"),),
+            search_params=(
+                _sp("part-of", "reference", "The referral's Task.", "Communication"),
+                _sp(
+                    "identifier",
+                    "token",
+                    "An identifier the member gave the message (Communication.identifier, "
+                    "or its If-None-Exist key).",
+                    "Communication",
+                ),
+            ),
             search=_search("Communication", COMMUNICATION_FILTERS),
             search_sql=_search_sql("Communication", COMMUNICATION_FILTERS),
             create=_communication_create,
@@ -1203,11 +1308,22 @@ def referral_handlers() -> list[ResourceHandler]:
         ),
         ResourceHandler(
             "DocumentReference",
-            (r, v, c),
+            (r, v, s, c),
             documentation="Consult note (LOINC 11488-4, disposition extension) = advise; "
             "other documents = case files (inline data). Conditional create with "
             "If-None-Exist: identifier=<system>|<value> (a key the member makes per "
             "document) is idempotent within the referral.",
+            search_params=(
+                _sp(
+                    "identifier",
+                    "token",
+                    "An identifier the member gave the document (DocumentReference.identifier, "
+                    "or its If-None-Exist key).",
+                    "DocumentReference",
+                ),
+            ),
+            search=_search("DocumentReference", DOCUMENT_REFERENCE_FILTERS),
+            search_sql=_search_sql("DocumentReference", DOCUMENT_REFERENCE_FILTERS),
             create=_document_reference_create,
             conditional_create=True,
             renders_all_versions=True,

@@ -175,6 +175,20 @@ def current_rows(resource_type: str) -> QuerySet[FhirResource]:
     return FhirResource.objects.filter(resource_type=resource_type, is_current=True, deleted=False)
 
 
+def token_matches(resource_type: str, param: str, raw: str) -> QuerySet[FhirSearchToken]:
+    """The indexed tokens matching one search value (alternatives OR-ed by commas):
+    ``system|value``, ``|value`` (no system) or ``value`` (any system)."""
+    tokens = FhirSearchToken.objects.filter(resource_type=resource_type, param=param)
+    matched = FhirSearchToken.objects.none()
+    for alternative in raw.split(","):
+        system, value = parse_token(alternative)
+        one = tokens.filter(value=value)
+        if system is not None:
+            one = one.filter(system=system)
+        matched = matched | one
+    return matched
+
+
 def rows_matching_tokens(
     resource_type: str, criteria: Iterable[tuple[str, str]]
 ) -> QuerySet[FhirResource]:
@@ -185,15 +199,7 @@ def rows_matching_tokens(
             raise FhirError(
                 400, "not-supported", f"Cannot search {resource_type} by {param!r} here."
             )
-        tokens = FhirSearchToken.objects.filter(resource_type=resource_type, param=param)
-        matched = FhirSearchToken.objects.none()
-        for alternative in raw.split(","):
-            system, value = parse_token(alternative)
-            one = tokens.filter(value=value)
-            if system is not None:
-                one = one.filter(system=system)
-            matched = matched | one
-        rows = rows.filter(pk__in=matched.values("resource_id"))
+        rows = rows.filter(pk__in=token_matches(resource_type, param, raw).values("resource_id"))
     return rows
 
 
@@ -465,6 +471,54 @@ def conditional_create(
             created_by=user,
         )
     return result
+
+
+# Elements that come before ``identifier`` in a resource's JSON (FHIR's element order).
+_BEFORE_IDENTIFIER = (
+    "resourceType", "id", "meta", "implicitRules", "language", "text", "contained",
+    "extension", "modifierExtension",
+)  # fmt: skip
+
+
+def identify_new_resource(row: FhirResource, identifiers: list[dict[str, Any]]) -> FhirResource:
+    """Carry the identifiers a member gave a resource it created (a Communication, a
+    DocumentReference) on the version that create stored: every rendering, and the token
+    index (``identifier`` search). Only for a version 1 stored in the caller's transaction,
+    which nobody has read yet (the outbox and the feed read the row when they send), so it
+    is changed in place rather than given a second version. Each rendering is validated."""
+    if not identifiers:
+        return row
+    if row.version_id != 1 or row.deleted:
+        raise ValueError(f"{row} is not a resource this transaction created.")
+    fields = {"4.0": "json_r4", "5.0": "json_r5"}
+    r4: dict[str, Any] | None = None
+    for version, field in fields.items():
+        text = getattr(row, field)
+        if not text:
+            continue
+        stored = json.loads(text)
+        kept = [i for i in stored.get("identifier") or [] if i not in identifiers]
+        doc = {k: stored[k] for k in _BEFORE_IDENTIFIER if k in stored}
+        doc["identifier"] = kept + identifiers
+        doc.update({k: v for k, v in stored.items() if k not in doc})
+        validate_resource(doc, version)
+        setattr(row, field, dumps(doc))
+        if version == "4.0":
+            r4 = doc
+    if row.content_hash and r4 is not None:
+        row.content_hash = content_hash(r4)
+    row.save(update_fields=["json_r4", "json_r5", "content_hash"])
+    FhirSearchToken.objects.bulk_create(
+        FhirSearchToken(
+            resource=row,
+            resource_type=row.resource_type,
+            param=param,
+            system=system[:255],
+            value=value[:255],
+        )
+        for param, system, value in dict.fromkeys(_identifier_tokens({"identifier": identifiers}))
+    )
+    return row
 
 
 def resource_update(
