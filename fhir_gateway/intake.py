@@ -64,6 +64,7 @@ from django.db.models import Q
 from django.utils import timezone
 from kombu.exceptions import OperationalError as BrokerError
 
+from core.atomic import unit_atomic
 from core.dispatch import Coalesced
 from core.memo import memo_scope
 from core.rows import fetch_prepared
@@ -242,7 +243,8 @@ def _apply(job: IntakeJob) -> tuple[int, str]:
             )
         bundle = json.loads(job.body)
         # A refusal rolls back the Bundle's writes (and deletes its case files), not the job.
-        with files_removed_on_failure(), transaction.atomic():
+        # The job's savepoint is the Bundle's own too (core.atomic).
+        with files_removed_on_failure(), unit_atomic():
             text = transaction_func(
                 job.user, bundle, job.fhir_version, job.answer_version, job.base
             )
@@ -503,15 +505,44 @@ def _process(jobs: list[IntakeJob]) -> list[str]:
                 job.status, job.finished_at = Status.DONE, timezone.now()
                 outcomes[job.pk] = "done" if job.result_status == 200 else "refused"
                 finished.append(job)
-            IntakeJob.objects.bulk_update(
-                finished, ["status", "result_status", "result", "finished_at"]
-            )
+            _finish_all(finished)
     except Exception as exc:  # noqa: BLE001 (recorded on the jobs, retried)
         for job in jobs:
             if outcomes.get(job.pk) != "skipped":
                 job.attempts = leased[job.pk]
                 outcomes[job.pk] = _failed(job, exc)
     return [outcomes[job.pk] for job in jobs]
+
+
+# The batch's answers in one statement whose text never changes (prepared once per
+# connection): ``bulk_update``'s CASE per row cost ~1 ms of Python per job and a new
+# statement per batch size.
+_FINISH_SQL = (
+    f"UPDATE {IntakeJob._meta.db_table} AS j SET status = %s, "  # noqa: S608 (names from the model)
+    "result_status = v.result_status, result = v.result, finished_at = v.finished_at "
+    "FROM unnest(%s::uuid[], %s::int[], %s::text[], %s::timestamptz[]) "
+    "AS v(id, result_status, result, finished_at) WHERE j.id = v.id"
+)
+
+
+def _finish_all(jobs: list[IntakeJob]) -> None:
+    """Record the applied jobs' answers (status, result) in the batch's transaction."""
+    if not jobs:
+        return
+    if connection.vendor != "postgresql":
+        IntakeJob.objects.bulk_update(jobs, ["status", "result_status", "result", "finished_at"])
+        return
+    fetch_prepared(
+        _FINISH_SQL,
+        [
+            Status.DONE.value,
+            [job.pk for job in jobs],
+            [job.result_status for job in jobs],
+            [job.result for job in jobs],
+            [job.finished_at for job in jobs],
+        ],
+        returning=False,
+    )
 
 
 def intake_process(*, job_id: str | uuid.UUID) -> str:

@@ -10,6 +10,9 @@ a handful of INSERTs and no serialisation.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 from django.db import connection
@@ -25,6 +28,28 @@ from fhir_gateway.storage import content_hash, store_first_versions, store_versi
 from referrals.models import ConsultNote, Message, Referral, ReferralEvent, ReferralState
 from referrals.workflow import FINISHED_STATES
 from registry.models import Endpoint
+
+# The versions stored inside a ``stored_versions`` block, in order (None: no block).
+_collected: ContextVar[list[FhirResource] | None] = ContextVar("collected", default=None)
+
+
+@contextmanager
+def stored_versions() -> Iterator[list[FhirResource]]:
+    """The versions the projection stores inside the block: a caller answering with them
+    (a transaction Bundle's response) need not read them back."""
+    rows: list[FhirResource] = []
+    token = _collected.set(rows)
+    try:
+        yield rows
+    finally:
+        _collected.reset(token)
+
+
+def _collect(rows: list[FhirResource]) -> list[FhirResource]:
+    collected = _collected.get()
+    if collected is not None:
+        collected.extend(rows)
+    return rows
 
 
 def aggregate_key(referral: Referral) -> str:
@@ -193,7 +218,7 @@ def referral_changed(*, referral: Referral, event: ReferralEvent) -> list[FhirRe
             source_pk=referral.pk,
         )
         _enqueue(referral, rows, first=True)
-        return rows
+        return _collect(rows)
     ids = [(r[m.R4]["resourceType"], r[m.R4]["id"]) for r in (patient, order)]
     hashes = _current_hashes(referral, ids)
     rows = [
@@ -207,7 +232,7 @@ def referral_changed(*, referral: Referral, event: ReferralEvent) -> list[FhirRe
         if row is not None
     ]
     _enqueue(referral, rows)
-    return rows
+    return _collect(rows)
 
 
 def message_posted(*, referral: Referral, message: Message) -> FhirResource:
@@ -217,4 +242,5 @@ def message_posted(*, referral: Referral, message: Message) -> FhirResource:
     row = _store_if_changed(referral, rendering, current_hashes={}, force=True)
     assert row is not None
     _enqueue(referral, [row])
+    _collect([row])
     return row

@@ -25,6 +25,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.db import DEFAULT_DB_ALIAS, connection, transaction
 from django.db.models import OuterRef, Q, QuerySet, Subquery
 
+from core.atomic import atomic_in_unit
 from core.errors import ApplicationError, Conflict
 from core.memo import memoized
 from core.rows import fetch_models
@@ -34,6 +35,7 @@ from fhir_gateway import referral_mapping as m
 from fhir_gateway.handlers import ResourceHandler, SearchParam, WriteRequest
 from fhir_gateway.models import CreateKey, FhirResource
 from fhir_gateway.outcomes import FhirError
+from fhir_gateway.publish import stored_versions
 from fhir_gateway.registry_resources import reference_pk
 from fhir_gateway.storage import (
     WriteResult,
@@ -991,7 +993,8 @@ def transaction_bundle(
     for key_condition in document_keys.values():
         if key_condition:
             create_key(key_condition, "DocumentReference")
-    with transaction.atomic():
+    fresh: list[FhirResource] = []
+    with atomic_in_unit():  # an intake job's savepoint is this block's (core.atomic)
         existing = _if_none_exist_referral(user, condition) if condition else None
         if existing is not None:
             referral, created = existing, False
@@ -999,16 +1002,25 @@ def transaction_bundle(
             department = _department(intake.performer_references, "ServiceRequest.performer")
             if department is None and task:
                 department = _department([m.reference_of(task.get("owner"))], "Task.owner")
-            referral, created = _submit(user, intake, department)
+            with stored_versions() as fresh:
+                referral, created = _submit(user, intake, department)
         outcomes: dict[int, tuple[FhirResource, str]] = {}
         status = "201 Created" if created else "200 OK"
         wanted = ["ServiceRequest"] + [t for t in ("Patient", "Task") if by_type.get(t)]
+        # A new referral's versions, as the projection just stored them (the last of each);
+        # else as stored.
         current = {
             row.resource_type: row
-            for row in FhirResource.objects.filter(
-                resource_type__in=wanted, logical_id=referral.filler_id, is_current=True
-            )
+            for row in fresh
+            if row.logical_id == referral.filler_id and row.resource_type in wanted
         }
+        if created is False or set(current) != set(wanted):
+            current = {
+                row.resource_type: row
+                for row in FhirResource.objects.filter(
+                    resource_type__in=wanted, logical_id=referral.filler_id, is_current=True
+                )
+            }
         for rtype in wanted:  # missing (404) or deleted (410): answered as _current does
             if rtype not in current or current[rtype].deleted:
                 _current(rtype, referral.filler_id)

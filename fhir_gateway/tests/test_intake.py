@@ -1217,3 +1217,25 @@ def test_an_insert_of_the_code_before_the_priority_column_still_works(world: Wor
     with connection.cursor() as cursor:
         cursor.execute(sql, values)
     assert IntakeJob.objects.get(pk=job.pk).priority == 4
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("answer", [FHIR_R4, FHIR_R5])
+def test_an_applied_batch_answers_each_bundle_with_its_stored_versions(
+    world: World, answer: str
+) -> None:
+    """The transaction-response is built from the versions the projection stored (not
+    read back): each entry equals what reading its location returns, also when several
+    jobs share the batch's transaction and the second is a resubmission."""
+    paths = [
+        _kick_off(world.r4, transaction(world, placer), Accept=answer)
+        for placer in ("SR-1", "SR-2", "SR-1")
+    ]
+    assert intake_drain() == 3
+    for path in paths:
+        for entry in _answer(world.r4, path, Accept=answer)["resource"]["entry"]:
+            location = entry["response"]["location"]
+            read = world.r4.get(f"/fhir/{location}", Accept=answer)
+            assert read.status_code == 200, read.content
+            assert entry["resource"] == body(read)
+            assert entry["response"]["etag"] == read["ETag"]

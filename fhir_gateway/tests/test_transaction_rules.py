@@ -416,7 +416,7 @@ def test_a_batch_rolled_back_after_its_job_keeps_no_case_file(
         raise RuntimeError("the batch's last statement failed")
 
     with monkeypatch.context() as patch:
-        patch.setattr(IntakeJob.objects, "bulk_update", broken)
+        patch.setattr(intake, "_finish_all", broken)
         assert [o for _job, o in intake.intake_process_next(limit=10)] == ["error"]
     assert (Referral.objects.count(), Attachment.objects.count()) == (0, 0)
     assert _stored_files() == files_before
