@@ -47,6 +47,7 @@ from accounts.roles import Role
 from core.dispatch import send_later
 from core.errors import NotFound
 from core.pagination import Pagination
+from core.rows import prepared_cursor
 from referrals.models import Notification, Referral, ReferralEvent, ReferralState
 
 logger = logging.getLogger(__name__)
@@ -188,22 +189,29 @@ def notify_in_transaction(event: ReferralEvent, referral: Referral) -> int:
         return 0
     recipients, recipient_params = audience
     table = connection.ops.quote_name(Notification._meta.db_table)
+    sql = (
+        f"INSERT INTO {table} (recipient_id, referral_id, event_id, kind, text, created, "  # noqa: S608 (table from the model, the audience from _recipients_sql, values bound)
+        "read_at, emailed_at) "
+        f"SELECT r.id, %s, %s, %s, %s, %s, NULL, NULL FROM ({recipients}) r "
+        # WHERE: SQLite's parser needs it before ON CONFLICT after a SELECT.
+        "WHERE true ON CONFLICT (recipient_id, event_id) DO NOTHING"
+    )
+    params = [
+        referral.pk,
+        event.pk,
+        event.action,
+        notification_text(event, referral),
+        connection.ops.adapt_datetimefield_value(event.at),
+        *recipient_params,
+    ]
+    if connection.vendor == "postgresql":
+        # Prepared (a few texts, one per shape of audience): planning this statement took
+        # ~0.5 ms and running it ~0.1 ms, on every transition.
+        with prepared_cursor() as cursor:
+            cursor.execute(sql, params, prepare=True)
+            return max(cursor.rowcount, 0)
     with connection.cursor() as cursor:
-        cursor.execute(
-            f"INSERT INTO {table} (recipient_id, referral_id, event_id, kind, text, created, "  # noqa: S608 (table from the model, the audience from _recipients_sql, values bound)
-            "read_at, emailed_at) "
-            f"SELECT r.*, %s, %s, %s, %s, %s, NULL, NULL FROM ({recipients}) r "  # one column
-            # WHERE: SQLite's parser needs it before ON CONFLICT after a SELECT.
-            "WHERE true ON CONFLICT (recipient_id, event_id) DO NOTHING",
-            [
-                referral.pk,
-                event.pk,
-                event.action,
-                notification_text(event, referral),
-                connection.ops.adapt_datetimefield_value(event.at),
-                *recipient_params,
-            ],
-        )
+        cursor.execute(sql, params)
         return max(cursor.rowcount, 0)
 
 

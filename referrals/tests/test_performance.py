@@ -182,8 +182,11 @@ def test_the_worklist_statements_are_prepared_once_per_connection(world: World) 
               .replace("%s", "$2", 1).replace("%s", "$3", 1)]  # fmt: skip
     assert len(placer) == 1, prepared
     # So are its multi-row inserts of versions, feed rows and outbox messages and its reads
-    # of registry rows (core.rows.insert_rows, fetch_models); nothing else.
+    # of registry rows (core.rows.insert_rows, fetch_models), and its notifications
+    # (referrals.notifications.notify_in_transaction); nothing else.
     hand_written = [
         s for s in prepared if s.startswith('INSERT INTO "fhir_gateway_') or 'FROM "registry_' in s
     ]
-    assert len(prepared) == 3 + len(hand_written), prepared
+    notifications = [s for s in prepared if s.startswith('INSERT INTO "referrals_notification"')]
+    assert len(notifications) == 1, prepared
+    assert len(prepared) == 3 + len(hand_written) + len(notifications), prepared
