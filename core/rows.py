@@ -152,9 +152,25 @@ def insert_rows(
     ``pre_save``d: no ``auto_now`` on the models it writes."""
     if not rows:
         return []
+    postgres = connection.vendor == "postgresql"
+    sql, params = _insert_statement(model, rows, postgres=postgres)
+    if returning_ids:
+        sql += f" RETURNING {connection.ops.quote_name(model._meta.pk.column)}"
+    if postgres:
+        found = fetch_prepared(sql, params, returning=returning_ids)
+    else:
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            found = list(cursor.fetchall()) if returning_ids else []
+    # One statement: the ids ascend with the rows (one sequence; SQLite's rowid).
+    return sorted(int(r[0]) for r in found)
+
+
+def _insert_statement(
+    model: type[models.Model], rows: Sequence[dict[str, Any]], *, postgres: bool
+) -> tuple[str, list[Any]]:
     fields = _insert_fields(model)
     params: list[Any] = []
-    postgres = connection.vendor == "postgresql"
     for given in rows:
         for f in fields:
             value = given[f.attname] if f.attname in given else f.get_default()
@@ -164,16 +180,41 @@ def insert_rows(
     sql = (
         f"INSERT INTO {quote(model._meta.db_table)} "  # noqa: S608 (names from the model, values bound)
         f"({', '.join(quote(f.column) for f in fields)}) VALUES {', '.join([one] * len(rows))}"
-        + (f" RETURNING {quote(model._meta.pk.column)}" if returning_ids else "")
     )
-    if postgres:
-        found = fetch_prepared(sql, params, returning=returning_ids)
-    else:
-        with connection.cursor() as cursor:
-            cursor.execute(sql, params)
-            found = list(cursor.fetchall()) if returning_ids else []
-    # One statement: the ids ascend with the rows (one sequence; SQLite's rowid).
-    return sorted(int(r[0]) for r in found)
+    return sql, params
+
+
+Insert = tuple[type[models.Model], Sequence[dict[str, Any]], bool]  # model, rows, returning ids
+
+
+def insert_many(inserts: Sequence[Insert]) -> list[list[int]]:
+    """Several ``insert_rows`` in one round trip: on PostgreSQL one prepared statement whose
+    INSERTs are data-modifying CTEs (each runs in full; none sees the others' rows, so
+    their tables must not depend on each other within the call); elsewhere one
+    ``insert_rows`` each. Each insert's new ids (when asked) in row order, [] otherwise."""
+    wanted = [(i, model, rows, returning) for i, (model, rows, returning) in enumerate(inserts)]
+    found: list[list[int]] = [[] for _ in inserts]
+    if connection.vendor != "postgresql" or sum(1 for *_, rows, _r in wanted if rows) < 2:
+        for i, model, rows, returning in wanted:
+            found[i] = insert_rows(model, rows, returning_ids=returning)
+        return found
+    quote = connection.ops.quote_name
+    parts: list[str] = []
+    selects: list[str] = []
+    params: list[Any] = []
+    for i, model, rows, returning in wanted:
+        if not rows:
+            continue
+        sql, values = _insert_statement(model, rows, postgres=True)
+        if returning:
+            sql += f" RETURNING {quote(model._meta.pk.column)} AS id"
+            selects.append(f"SELECT {i}, id FROM i{i}")  # noqa: S608 (an index)
+        parts.append(f"i{i} AS ({sql})")
+        params += values
+    tail = " UNION ALL ".join(selects) or "SELECT 0, 0 WHERE false"
+    for i, pk in fetch_prepared(f"WITH {', '.join(parts)} {tail}", params):
+        found[int(i)].append(int(pk))
+    return [sorted(ids) for ids in found]
 
 
 def fetch_models(model: type[M], where: str, params: Sequence[Any]) -> list[M]:

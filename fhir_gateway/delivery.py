@@ -344,8 +344,23 @@ def outbox_enqueue_versions(
             .values_list("seq", flat=True)
             .first()
         ) or 0
+    # One multi-row INSERT (core.rows.insert_rows): bulk_create built a model instance per
+    # message and compiled its statement each time (~0.5 ms of a submission's ~9).
+    ids = insert_rows(OutboxMessage, outbox_rows(aggregate_key, items, last), returning_ids=True)
+    outbox_scheduled(ids)
+    return ids
+
+
+def outbox_rows(
+    aggregate_key: str, items: list[tuple[Endpoint, FhirResource]], last: int = 0
+) -> list[dict[str, Any]]:
+    """The messages ``outbox_enqueue_versions`` inserts after ``last`` (0: a new aggregate),
+    for a caller inserting them with other rows (``core.rows.insert_many``), which then
+    calls ``outbox_scheduled`` with their ids. Inside the transaction of the change."""
+    if not connection.in_atomic_block:
+        raise RuntimeError("outbox_enqueue must run inside the transaction of the change.")
     now = timezone.now()
-    values = [
+    return [
         {
             "endpoint_id": endpoint.pk,
             "aggregate_key": aggregate_key,
@@ -359,13 +374,15 @@ def outbox_enqueue_versions(
         }
         for offset, (endpoint, row) in enumerate(items, start=1)
     ]
-    # One multi-row INSERT (core.rows.insert_rows): bulk_create built a model instance per
-    # message and compiled its statement each time (~0.5 ms of a submission's ~9).
-    ids = insert_rows(OutboxMessage, values, returning_ids=True)
-    head = ids[0]
-    # Off the request thread (core.dispatch): the caller does not wait for the broker.
-    transaction.on_commit(lambda: send_later(schedule_delivery, head))
-    return ids
+
+
+def outbox_scheduled(ids: list[int]) -> None:
+    """Hand the first of an aggregate's new messages to a worker once committed (each
+    delivery schedules the next of its aggregate)."""
+    if ids:
+        head = ids[0]
+        # Off the request thread (core.dispatch): the caller does not wait for the broker.
+        transaction.on_commit(lambda: send_later(schedule_delivery, head))
 
 
 def schedule_delivery(message_id: int) -> None:

@@ -50,26 +50,30 @@ def feed_record(
     *, facility_ids: Iterable[int], rows: list[FhirResource], referral_id: int | None
 ) -> None:
     """Append the stored versions for each party facility. Inside the change's transaction."""
+    # One multi-row INSERT, no model instances (core.rows).
+    insert_rows(FeedEvent, feed_rows(facility_ids=facility_ids, rows=rows, referral_id=referral_id))
+
+
+def feed_rows(
+    *, facility_ids: Iterable[int], rows: list[FhirResource], referral_id: int | None
+) -> list[dict[str, Any]]:
+    """The rows ``feed_record`` inserts (for a caller inserting them with others:
+    ``core.rows.insert_many``). Inside the change's transaction."""
     if not connection.in_atomic_block:
         raise RuntimeError("feed_record must run inside the transaction of the change.")
     facilities = list(dict.fromkeys(int(f) for f in facility_ids))
-    if not facilities or not rows:
-        return
-    insert_rows(  # one multi-row INSERT, no model instances (core.rows)
-        FeedEvent,
-        [
-            {
-                "facility_id": facility,
-                "resource_type": row.resource_type,
-                "logical_id": row.logical_id,
-                "version_id": row.version_id,
-                "referral_id": referral_id,
-                "occurred_at": row.last_updated,
-            }
-            for facility in facilities
-            for row in rows
-        ],
-    )
+    return [
+        {
+            "facility_id": facility,
+            "resource_type": row.resource_type,
+            "logical_id": row.logical_id,
+            "version_id": row.version_id,
+            "referral_id": referral_id,
+            "occurred_at": row.last_updated,
+        }
+        for facility in facilities
+        for row in rows
+    ]
 
 
 def feed_number(facility_id: int) -> int:

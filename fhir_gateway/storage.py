@@ -311,6 +311,19 @@ def store_first_versions(
     current-row lookup. Each item is (renderings per FHIR version, content hash); stored
     without validation like ``store_version(validate=False, index_tokens=False)``. The
     unique constraints still refuse a duplicate (IntegrityError → 409)."""
+    rows = first_version_rows(items, fhir_version=fhir_version, source_pk=source_pk, now=now)
+    return stored_rows(rows, insert_rows(FhirResource, rows, returning_ids=True))
+
+
+def first_version_rows(
+    items: list[tuple[dict[str, dict[str, Any]], str]],
+    *,
+    fhir_version: str,
+    source_pk: int | None = None,
+    now: datetime | None = None,
+) -> list[dict[str, Any]]:
+    """The rows ``store_first_versions`` inserts (for a caller inserting them with others:
+    ``core.rows.insert_many``, then ``stored_rows``)."""
     now = now or timezone.now()
     now = now.replace(microsecond=now.microsecond // 1000 * 1000)
     rows = []
@@ -338,9 +351,11 @@ def store_first_versions(
                 "source_pk": source_pk,
             }
         )
-    # One multi-row INSERT of plain values (core.rows.insert_rows): on PostgreSQL the
-    # documents go as bound parameters of a prepared statement, not escaped into the text.
-    ids = insert_rows(FhirResource, rows, returning_ids=True)
+    return rows
+
+
+def stored_rows(rows: list[dict[str, Any]], ids: list[int]) -> list[FhirResource]:
+    """Model instances of inserted ``first_version_rows`` and their new ids."""
     stored = []
     for values, pk in zip(rows, ids, strict=True):
         row = FhirResource(pk=pk, **values)

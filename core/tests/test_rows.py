@@ -6,10 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from django.db import models
+from django.db import connection, models
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from core.rows import fetch_models, insert_rows
+from core.rows import fetch_models, insert_many, insert_rows
 from fhir_gateway.models import FeedEvent, OutboxMessage
 from registry.models import Department, Endpoint, Specialty
 from tests.factories import DepartmentFactory, EndpointFactory
@@ -90,6 +91,91 @@ def test_insert_rows_fills_callable_defaults_per_row() -> None:
     stored = list(FeedEvent.objects.filter(pk__in=ids))
     assert all(e.number is None and e.referral_id is None for e in stored)
     assert all(e.occurred_at is not None for e in stored)
+
+
+def _outbox(endpoint: Endpoint, key: str, count: int) -> list[dict[str, Any]]:
+    now = timezone.now()
+    return [
+        {
+            "endpoint_id": endpoint.pk,
+            "aggregate_key": key,
+            "seq": n,
+            "resource_type": "Task",
+            "logical_id": f"t{9 - n}",
+            "version_id": n,
+            "idempotency_key": f"{key}-{n}",
+            "next_attempt_at": now,
+            "created_at": now,
+        }
+        for n in range(1, count + 1)
+    ]
+
+
+def _feed(logical_id: str, count: int) -> list[dict[str, Any]]:
+    return [
+        {"facility_id": n, "resource_type": "Task", "logical_id": logical_id, "version_id": 1}
+        for n in range(count)
+    ]
+
+
+def test_insert_many_stores_what_insert_rows_would_in_one_statement() -> None:
+    endpoint = EndpointFactory.create()
+    with CaptureQueriesContext(connection) as queries:
+        outbox_ids, none, feed_ids, nothing = insert_many(
+            [
+                (OutboxMessage, _outbox(endpoint, "many", 3), True),
+                (FeedEvent, _feed("many", 2), False),
+                (FeedEvent, _feed("many-ids", 2), True),
+                (OutboxMessage, [], True),
+            ]
+        )
+    assert len(queries.captured_queries) == 0  # prepared statements, past Django's log
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT statement FROM pg_prepared_statements")
+        prepared = [row[0] for row in cursor.fetchall()]
+    (one,) = [p for p in prepared if p.startswith("WITH i0 AS (INSERT")]
+    assert (one.count("INSERT INTO"), "i1" in one, "i3" in one) == (3, True, False)
+    assert (none, nothing) == ([], [])
+    one_by_one = insert_rows(OutboxMessage, _outbox(endpoint, "one", 3), returning_ids=True)
+    insert_rows(FeedEvent, _feed("one", 2))
+
+    mine = [OutboxMessage.objects.get(pk=pk) for pk in outbox_ids]
+    theirs = [OutboxMessage.objects.get(pk=pk) for pk in one_by_one]
+    assert [m.logical_id for m in mine] == ["t8", "t7", "t6"]  # ids in row order
+    differ = {"id", "aggregate_key", "idempotency_key", "created_at", "next_attempt_at"}
+    for a, b in zip(mine, theirs, strict=True):
+        assert {k: v for k, v in _fields(a).items() if k not in differ} == {
+            k: v for k, v in _fields(b).items() if k not in differ
+        }
+    assert FeedEvent.objects.filter(logical_id="many").count() == 2
+    assert sorted(FeedEvent.objects.filter(logical_id="many-ids").values_list("pk", flat=True)) == (
+        feed_ids
+    )
+    # Nothing to return: the statement still runs every insert.
+    assert insert_many(
+        [(FeedEvent, _feed("quiet", 1), False), (FeedEvent, _feed("q2", 1), False)]
+    ) == [
+        [],
+        [],
+    ]
+    assert FeedEvent.objects.filter(logical_id__in=["quiet", "q2"]).count() == 2
+
+
+def test_insert_many_is_all_or_nothing() -> None:
+    """A unique violation in one insert is Django's IntegrityError (as with insert_rows)
+    and leaves none of the others' rows."""
+    from django.db import IntegrityError, transaction
+
+    endpoint = EndpointFactory.create()
+    insert_rows(OutboxMessage, _outbox(endpoint, "taken", 1))
+    with pytest.raises(IntegrityError), transaction.atomic():
+        insert_many(
+            [
+                (FeedEvent, _feed("lost", 2), False),
+                (OutboxMessage, _outbox(endpoint, "taken", 1), True),
+            ]
+        )
+    assert not FeedEvent.objects.filter(logical_id="lost").exists()
 
 
 def test_the_specialty_lookup_picks_what_the_orm_first_picked() -> None:

@@ -181,11 +181,16 @@ def test_the_worklist_statements_are_prepared_once_per_connection(world: World) 
     placer = [s for s in prepared if s == services._PLACER_LOOKUP.replace("%s", "$1", 1)
               .replace("%s", "$2", 1).replace("%s", "$3", 1)]  # fmt: skip
     assert len(placer) == 1, prepared
-    # So are its multi-row inserts of versions, feed rows and outbox messages and its reads
+    # So are its multi-row inserts of versions, feed rows and outbox messages (one
+    # statement for a new referral) and its reads
     # of registry rows (core.rows.insert_rows, fetch_models), and its notifications
     # (referrals.notifications.notify_in_transaction); nothing else.
     hand_written = [
-        s for s in prepared if s.startswith('INSERT INTO "fhir_gateway_') or 'FROM "registry_' in s
+        s
+        for s in prepared
+        if s.startswith('INSERT INTO "fhir_gateway_')
+        or s.startswith('WITH i0 AS (INSERT INTO "fhir_gateway_')  # core.rows.insert_many
+        or 'FROM "registry_' in s
     ]
     notifications = [s for s in prepared if s.startswith('INSERT INTO "referrals_notification"')]
     assert len(notifications) == 1, prepared
