@@ -33,12 +33,13 @@ from core.values import digits_int
 from fhir_gateway import handlers
 from fhir_gateway import referral_mapping as m
 from fhir_gateway.handlers import ResourceHandler, SearchParam, WriteRequest
-from fhir_gateway.models import CreateKey, FhirResource
+from fhir_gateway.models import FhirResource
 from fhir_gateway.outcomes import FhirError
 from fhir_gateway.publish import stored_versions
 from fhir_gateway.registry_resources import reference_pk
 from fhir_gateway.storage import (
     WriteResult,
+    clean_identifiers,
     conditional_create,
     create_key,
     current_rows,
@@ -47,7 +48,9 @@ from fhir_gateway.storage import (
     identify_new_resource,
     parse_if_match,
     parse_token,
+    record_create_keys,
     resource_current,
+    split_escaped,
     token_matches,
     validate_resource,
 )
@@ -109,7 +112,7 @@ def _referral_by_filler(user: User, logical_id: str) -> Referral:
 
 
 def _alternatives(raw: str) -> list[str]:
-    return [v for v in raw.split(",") if v]
+    return [v for v in split_escaped(raw, ",") if v]
 
 
 def _any(raw: str, one: Callable[[str], Q]) -> Q:
@@ -713,13 +716,16 @@ def _communication_create(req: WriteRequest) -> WriteResult:
         referral,
         req.resource,
         lambda: _message_post(req.user, referral, text, answered),
+        req.fhir_version,
     )
 
 
 def _member_identifiers(resource: dict[str, Any], key: tuple[str, str] | None) -> list[Any]:
-    """The identifiers a member gave the resource it posts, and its If-None-Exist key when
-    the resource does not already carry it (the resource then matches its own condition)."""
-    items = [i for i in resource.get("identifier") or [] if isinstance(i, dict)]
+    """The identifiers a member gave the resource it posts (``storage.clean_identifiers``),
+    and its If-None-Exist key when the resource does not already carry it (the resource
+    then matches its own condition)."""
+    where = f"{resource['resourceType']}.identifier"
+    items = clean_identifiers(resource.get("identifier"), where)
     if key is not None and not any((i.get("system"), i.get("value")) == key for i in items):
         items.append({"system": key[0], "value": key[1]})
     return items
@@ -731,11 +737,14 @@ def _keyed_create(
     referral: Referral,
     resource: dict[str, Any],
     create: Callable[[], WriteResult],
+    fhir_version: str,
     roles: frozenset[str] | None = None,
     side: str | None = None,
 ) -> WriteResult:
     """A create with its If-None-Exist key (``storage.conditional_create``); the resource
-    made carries the member's identifiers (``_member_identifiers``).
+    made carries the member's identifiers (``_member_identifiers``), and each of them
+    (system and value) is a key of the party too, once: the first resource carrying it
+    answers a later If-None-Exist naming it, as a search would.
 
     The key is looked up only for a caller the create itself would let through: a party to
     the referral (``side``: that one), with one of ``roles`` when the create needs them.
@@ -743,34 +752,51 @@ def _keyed_create(
     A key is its party's (the requester facility, or the assigned department's facility):
     the other party's equal key is another resource; accounts without a facility of their
     own (a department's member) share their side's."""
-    key = create_key(if_none_exist, resource["resourceType"]) if if_none_exist else None
+    resource_type = str(resource["resourceType"])
+    key = create_key(if_none_exist, resource_type) if if_none_exist else None
     identifiers = _member_identifiers(resource, key)
+    sides = actor_sides(user, referral)
+    allowed = (
+        bool(sides)
+        and (side is None or side in sides)
+        and (roles is None or bool(user.role_names() & roles))
+    )
+    party_facility: int | None = None
+    if allowed:
+        if ActorSide.REQUESTER.value in sides and side != ActorSide.ASSIGNEE.value:
+            party_facility = int(referral.requester_facility_id)
+        else:
+            department = referral.assigned_department
+            assert department is not None  # an assignee side needs one
+            party_facility = int(department.facility_id)
 
     def identified() -> WriteResult:
         if not identifiers:
             return create()
         with transaction.atomic():
             result = create()
-            identify_new_resource(result.row, identifiers)
+            identify_new_resource(result.row, identifiers, fhir_version)
+            if party_facility is not None:
+                record_create_keys(
+                    resource_type=resource_type,
+                    source_pk=referral.pk,
+                    facility_id=party_facility,
+                    keys=[
+                        (i["system"], i["value"])
+                        for i in identifiers
+                        if isinstance(i.get("system"), str)
+                        and isinstance(i.get("value"), str)
+                        and (i["system"], i["value"]) != key
+                    ],
+                    logical_id=result.row.logical_id,
+                    user=user,
+                )
         return result
 
-    if key is None:
-        return identified()
-    sides = actor_sides(user, referral)
-    if (
-        not sides
-        or (side is not None and side not in sides)
-        or (roles is not None and not (user.role_names() & roles))
-    ):
-        return identified()  # refused by the create, as without the header
-    if ActorSide.REQUESTER.value in sides and side != ActorSide.ASSIGNEE.value:
-        party_facility = int(referral.requester_facility_id)
-    else:
-        department = referral.assigned_department
-        assert department is not None  # an assignee side needs one
-        party_facility = int(department.facility_id)
+    if key is None or party_facility is None:
+        return identified()  # a plain create; or refused by the create, as without the header
     return conditional_create(
-        resource_type=resource["resourceType"],
+        resource_type=resource_type,
         source_pk=referral.pk,
         facility_id=party_facility,
         key=key,
@@ -827,6 +853,7 @@ def _document_reference_create(req: WriteRequest) -> WriteResult:
         referral,
         req.resource,
         lambda: _document_reference_for(req.user, referral, req.resource),
+        req.fhir_version,
         roles=roles,
         side=side,
     )
@@ -990,9 +1017,20 @@ def transaction_bundle(
     document_keys = {
         index: _entry_condition(entries, index) for index, _ in by_type.get("DocumentReference", [])
     }
-    for key_condition in document_keys.values():
-        if key_condition:
-            create_key(key_condition, "DocumentReference")
+    used: dict[tuple[str, str], int] = {}
+    for index, key_condition in document_keys.items():
+        if not key_condition:
+            continue
+        key = create_key(key_condition, "DocumentReference")
+        if key in used:  # the second would be answered with the first's file: one dropped
+            raise FhirError(
+                400,
+                "duplicate",
+                f"Bundle.entry[{index}] has the ifNoneExist key of Bundle.entry[{used[key]}]; "
+                "each file needs its own.",
+                expression=[f"Bundle.entry[{index}].request.ifNoneExist"],
+            )
+        used[key] = index
     fresh: list[FhirResource] = []
     with atomic_in_unit():  # an intake job's savepoint is this block's (core.atomic)
         existing = _if_none_exist_referral(user, condition) if condition else None
@@ -1030,16 +1068,24 @@ def transaction_bundle(
             for index, _res in by_type.get(rtype, []):
                 outcomes[index] = (current[rtype], status)
         # A resubmission answers each case file with the one of the same bytes the
-        # requester side already stored (each stored file answers one entry) and stores
-        # the others: a file is neither dropped nor stored twice. An entry with its own
-        # key (request.ifNoneExist) is answered by that key alone, and a file stored under
-        # a key answers no other entry.
+        # requester side already stored (the one with the entry's identifiers first) and
+        # stores the others: a file is neither dropped nor stored twice. An entry with its
+        # own key (request.ifNoneExist) is answered by that key alone; those go first, and
+        # a stored file answers one entry at most.
         stored = {} if created else _case_files(referral)
-        for index, document in by_type.get("DocumentReference", []):
-            same = [] if document_keys[index] else stored.get(_inline_sha256(document), [])
-            if same:
-                outcomes[index] = (same.pop(0), "200 OK")
-                continue
+        documents = by_type.get("DocumentReference", [])
+        taken: set[str] = set()  # the stored files answering an entry
+        for index, document in sorted(documents, key=lambda d: not document_keys[d[0]]):
+            if not document_keys[index]:
+                same = [
+                    r for r in stored.get(_inline_sha256(document), []) if r.logical_id not in taken
+                ]
+                if same:
+                    wanted_ids = _member_identifiers(document, None)
+                    pick = next((r for r in same if _stored_identifiers(r) == wanted_ids), same[0])
+                    taken.add(pick.logical_id)
+                    outcomes[index] = (pick, "200 OK")
+                    continue
             roles, side = _document_rights(document)
             result = _keyed_create(
                 user,
@@ -1047,11 +1093,17 @@ def transaction_bundle(
                 referral,
                 document,
                 functools.partial(_document_reference_for, user, referral, document),
+                version,
                 roles=roles,
                 side=side,
             )
+            taken.add(result.row.logical_id)
             outcomes[index] = (result.row, "201 Created" if result.created else "200 OK")
     return _transaction_response(entries, outcomes, answer_version, base)
+
+
+def _stored_identifiers(row: FhirResource) -> list[Any]:
+    return list(json.loads(row.json_r4 or row.json_r5).get("identifier") or [])
 
 
 def _entry_condition(entries: list[dict[str, Any]], index: int) -> str | None:
@@ -1140,16 +1192,7 @@ def _case_files(referral: Referral) -> dict[str, list[FhirResource]]:
         .order_by("pk")
         .values_list("pk", "sha256")
     )
-    keyed = set(  # a file stored under a key answers that key only
-        CreateKey.objects.filter(
-            resource_type="DocumentReference", source_pk=referral.pk
-        ).values_list("logical_id", flat=True)
-    )
-    ids = {
-        binary_id(referral.filler_id, pk): sha
-        for pk, sha in files
-        if binary_id(referral.filler_id, pk) not in keyed
-    }
+    ids = {binary_id(referral.filler_id, pk): sha for pk, sha in files}
     by_id = {
         row.logical_id: row
         for row in FhirResource.objects.filter(

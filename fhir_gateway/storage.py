@@ -163,12 +163,99 @@ def _index_tokens(
     )
 
 
+def split_escaped(raw: str, separator: str, limit: int = -1) -> list[str]:
+    r"""``raw`` split on the ``separator`` characters FHIR search does not escape (``\,``
+    ``\|`` ``\$`` ``\\`` keep theirs); the parts keep their escapes (``unescape``)."""
+    parts: list[str] = []
+    current: list[str] = []
+    escaped = False
+    for char in raw:
+        if escaped:
+            current.append(char)
+            escaped = False
+        elif char == "\\":
+            current.append(char)
+            escaped = True
+        elif char == separator and limit != len(parts):
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    return parts
+
+
+def unescape(part: str) -> str:
+    r"""FHIR search's escapes undone: ``\,`` ``\|`` ``\$`` ``\\`` are the characters."""
+    return re.sub(r"\\([,|$\\])", r"\1", part)
+
+
 def parse_token(raw: str) -> tuple[str | None, str]:
-    """'system|value' -> (system, value); '|value' -> ('', value); 'value' -> (None, value)."""
-    if "|" in raw:
-        system, _, value = raw.partition("|")
-        return system, value
-    return None, raw
+    r"""'system|value' -> (system, value); '|value' -> ('', value); 'value' -> (None, value);
+    FHIR's escapes (``\|``, ``\,``) stand for the characters."""
+    parts = split_escaped(raw, "|", limit=1)
+    if len(parts) == 2:
+        return unescape(parts[0]), unescape(parts[1])
+    return None, unescape(raw)
+
+
+# Identifier.use (a required binding, the same in R4 and R5).
+IDENTIFIER_USES = frozenset({"usual", "official", "temp", "secondary", "old"})
+
+
+def _pruned(value: Any) -> Any:
+    """A JSON value without nulls and empty objects / arrays (FHIR JSON has neither)."""
+    if isinstance(value, dict):
+        kept = {k: _pruned(v) for k, v in value.items()}
+        return {k: v for k, v in kept.items() if v not in (None, {}, [])}
+    if isinstance(value, list):
+        return [v for v in (_pruned(v) for v in value) if v not in (None, {}, [])]
+    return value
+
+
+def clean_identifiers(items: Any, where: str) -> list[dict[str, Any]]:
+    """A member's ``identifier`` elements as they are stored: nulls and empty objects
+    dropped (FHIR JSON allows neither), empty identifiers left out; 400 for a ``use``
+    outside its value set, a system or value over 255 characters (what the search index
+    and the If-None-Exist key hold), or an ``assigner`` naming a Bundle entry or a
+    contained resource (``urn:`` / ``#``: nothing we store resolves it)."""
+    if not isinstance(items, list):
+        return []
+    cleaned: list[dict[str, Any]] = []
+    for index, item in enumerate(items):
+        identifier = _pruned(item) if isinstance(item, dict) else None
+        if not identifier:
+            continue
+        at = f"{where}[{index}]"
+        if "use" in identifier and identifier["use"] not in IDENTIFIER_USES:
+            raise FhirError(
+                400,
+                "code-invalid",
+                f"{at}.use {identifier['use']!r} is not in the required value set "
+                f"({', '.join(sorted(IDENTIFIER_USES))}).",
+                expression=[f"{at}.use"],
+            )
+        for element in ("system", "value"):
+            text = identifier.get(element)
+            if isinstance(text, str) and (len(text) > _KEY_LENGTH or "\x00" in text):
+                raise FhirError(
+                    400,
+                    "invalid",
+                    f"{at}.{element} must be at most {_KEY_LENGTH} characters, without NUL.",
+                    expression=[f"{at}.{element}"],
+                )
+        assigner = identifier.get("assigner")
+        reference = assigner.get("reference") if isinstance(assigner, dict) else None
+        if isinstance(reference, str) and reference.startswith(("urn:", "#")):
+            raise FhirError(
+                422,
+                "business-rule",
+                f"{at}.assigner.reference {reference!r} cannot be kept: name the assigner "
+                "by a resource URL or a display.",
+                expression=[f"{at}.assigner.reference"],
+            )
+        cleaned.append(identifier)
+    return cleaned
 
 
 def current_rows(resource_type: str) -> QuerySet[FhirResource]:
@@ -180,7 +267,7 @@ def token_matches(resource_type: str, param: str, raw: str) -> QuerySet[FhirSear
     ``system|value``, ``|value`` (no system) or ``value`` (any system)."""
     tokens = FhirSearchToken.objects.filter(resource_type=resource_type, param=param)
     matched = FhirSearchToken.objects.none()
-    for alternative in raw.split(","):
+    for alternative in split_escaped(raw, ","):
         system, value = parse_token(alternative)
         one = tokens.filter(value=value)
         if system is not None:
@@ -427,7 +514,7 @@ def create_key(if_none_exist: str, resource_type: str) -> tuple[str, str]:
         )
     raw = criteria[0][1]
     system, value = parse_token(raw)
-    if not system or not value or "," in raw:
+    if not system or not value or len(split_escaped(raw, ",")) > 1:
         raise FhirError(
             400,
             "invalid",
@@ -476,16 +563,45 @@ def conditional_create(
         if made is not None:
             return WriteResult(resource_current(resource_type, made), created=False)
         result = create()
-        CreateKey.objects.create(
+        record_create_keys(
             resource_type=resource_type,
             source_pk=source_pk,
             facility_id=facility_id,
-            system=system,
-            value=value,
+            keys=[key],
             logical_id=result.row.logical_id,
-            created_by=user,
+            user=user,
         )
     return result
+
+
+def record_create_keys(
+    *,
+    resource_type: str,
+    source_pk: int,
+    facility_id: int,
+    keys: list[tuple[str, str]],
+    logical_id: str,
+    user: Any,
+) -> None:
+    """``keys`` (system, value) now name ``logical_id`` within the referral and party,
+    except those that already name a resource: the first resource keeps a key (a plain
+    create carrying an identifier used before, or one racing a conditional create)."""
+    usable = [(s, v) for s, v in dict.fromkeys(keys) if s and v]
+    CreateKey.objects.bulk_create(
+        [
+            CreateKey(
+                resource_type=resource_type,
+                source_pk=source_pk,
+                facility_id=facility_id,
+                system=system,
+                value=value,
+                logical_id=logical_id,
+                created_by=user,
+            )
+            for system, value in usable
+        ],
+        ignore_conflicts=True,
+    )
 
 
 # Elements that come before ``identifier`` in a resource's JSON (FHIR's element order).
@@ -495,12 +611,16 @@ _BEFORE_IDENTIFIER = (
 )  # fmt: skip
 
 
-def identify_new_resource(row: FhirResource, identifiers: list[dict[str, Any]]) -> FhirResource:
+def identify_new_resource(
+    row: FhirResource, identifiers: list[dict[str, Any]], fhir_version: str
+) -> FhirResource:
     """Carry the identifiers a member gave a resource it created (a Communication, a
-    DocumentReference) on the version that create stored: every rendering, and the token
-    index (``identifier`` search). Only for a version 1 stored in the caller's transaction,
-    which nobody has read yet (the outbox and the feed read the row when they send), so it
-    is changed in place rather than given a second version. Each rendering is validated."""
+    DocumentReference; ``clean_identifiers``) on the version that create stored: every
+    rendering, and the token index (``identifier`` search). Only for a version 1 stored in
+    the caller's transaction, which nobody has read yet (the outbox and the feed read the
+    row when they send), so it is changed in place rather than given a second version.
+    Each rendering is validated: identifiers valid in the request's ``fhir_version`` that
+    another version cannot hold (an R5-only element) are 422."""
     if not identifiers:
         return row
     if row.version_id != 1 or row.deleted:
@@ -516,7 +636,18 @@ def identify_new_resource(row: FhirResource, identifiers: list[dict[str, Any]]) 
         doc = {k: stored[k] for k in _BEFORE_IDENTIFIER if k in stored}
         doc["identifier"] = kept + identifiers
         doc.update({k: v for k, v in stored.items() if k not in doc})
-        validate_resource(doc, version)
+        try:
+            validate_resource(doc, version)
+        except FhirError as exc:
+            if version == fhir_version:
+                raise
+            raise FhirError(
+                422,
+                "not-supported",
+                f"The identifiers cannot be rendered in FHIR {version}, which the other "
+                f"member may speak: {exc.diagnostics}",
+                expression=[f"{row.resource_type}.identifier"],
+            ) from exc
         setattr(row, field, dumps(doc))
         if version == "4.0":
             r4 = doc

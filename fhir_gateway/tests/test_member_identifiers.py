@@ -32,7 +32,7 @@ MINE = {"system": SYSTEM, "value": "M-0001"}
 KEY = f"{SYSTEM}|M-0002"
 
 
-def _message(task_id: str, *identifiers: dict[str, str]) -> dict[str, Any]:
+def _message(task_id: str, *identifiers: dict[str, Any]) -> dict[str, Any]:
     resource: dict[str, Any] = {
         "resourceType": "Communication",
         "status": "completed",
@@ -166,7 +166,7 @@ def test_an_identifier_invalid_in_fhir_is_refused_and_nothing_is_posted(world: W
     before = (Message.objects.count(), FhirResource.objects.count())
     response = world.r4.post(
         "/fhir/Communication",
-        _message(task_id, {"system": SYSTEM, "value": 7}),  # type: ignore[dict-item]
+        _message(task_id, {"system": SYSTEM, "value": 7}),
     )
     assert response.status_code in (400, 422), response.content
     assert (Message.objects.count(), FhirResource.objects.count()) == before
@@ -202,7 +202,7 @@ def test_only_a_version_its_create_stored_takes_identifiers(world: World) -> Non
     assert row.version_id > 1
     before = (row.json_r4, row.json_r5)
     with pytest.raises(ValueError, match="not a resource this transaction created"):
-        identify_new_resource(row, [MINE])
+        identify_new_resource(row, [MINE], "4.0")
     row.refresh_from_db()
     assert (row.json_r4, row.json_r5) == before
 
@@ -270,9 +270,9 @@ def test_a_bundles_file_entry_honours_its_own_key(world: World) -> None:
     assert Attachment.objects.count() == 2
 
 
-def test_a_keyed_file_answers_no_entry_without_its_key(world: World) -> None:
-    """A resubmission matches unkeyed entries to stored files by their bytes; a file stored
-    under a key is not among them (it would answer two entries)."""
+def test_a_keyed_file_answers_its_key_before_any_entry_of_its_bytes(world: World) -> None:
+    """A resubmission matches unkeyed entries to stored files by their bytes, after the
+    keyed entries took theirs: the file the key answers answers no other entry."""
     bundle = _with_file(transaction(world), "a", f"identifier={KEY}")
     assert world.r4.post("/fhir", bundle).status_code == 200
     unkeyed = json.loads(json.dumps(bundle))
@@ -282,6 +282,12 @@ def test_a_keyed_file_answers_no_entry_without_its_key(world: World) -> None:
     statuses = [e["response"]["status"] for e in answer["entry"]]
     assert statuses == ["200 OK"] * 3 + ["201 Created", "200 OK"]
     assert answer["entry"][3]["response"]["location"] != answer["entry"][4]["response"]["location"]
+    assert Attachment.objects.count() == 2
+    # Without the keyed entry, the unkeyed one is answered by a stored file of its bytes.
+    alone = json.loads(json.dumps(unkeyed))
+    del alone["entry"][4]
+    again = body(world.r4.post("/fhir", alone))
+    assert [e["response"]["status"] for e in again["entry"]] == ["200 OK"] * 4
     assert Attachment.objects.count() == 2
 
 
@@ -312,3 +318,184 @@ def test_a_bundle_file_keeps_the_identifiers_of_its_entry(world: World) -> None:
     file_id = answer["entry"][3]["resource"]["id"]
     assert answer["entry"][3]["resource"]["identifier"] == [MINE]
     assert _found(world.r4, "/fhir/DocumentReference", f"{SYSTEM}|M-0001") == [file_id]
+
+
+# --------------------------------------------------------------------------- a review's
+
+
+def test_two_file_entries_with_one_key_refuse_the_bundle(world: World) -> None:
+    """Found by a review: the second entry was answered with the first's file (200) and
+    its own file was dropped."""
+    bundle = _with_file(_with_file(transaction(world), "a", f"identifier={KEY}"), "b")
+    bundle["entry"][4]["request"]["ifNoneExist"] = f"identifier={KEY}"
+    before = (Referral.objects.count(), Attachment.objects.count(), FhirResource.objects.count())
+    response = world.r4.post("/fhir", bundle)
+    assert response.status_code == 400, response.content
+    assert outcome_issue(response)["code"] == "duplicate"
+    assert outcome_issue(response)["expression"] == ["Bundle.entry[4].request.ifNoneExist"]
+    after = (Referral.objects.count(), Attachment.objects.count(), FhirResource.objects.count())
+    assert after == before
+
+
+def _holds_null_or_empty(value: Any) -> bool:
+    if value is None or value == {} or value == []:
+        return True
+    if isinstance(value, dict):
+        return any(_holds_null_or_empty(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_holds_null_or_empty(v) for v in value)
+    return False
+
+
+@pytest.mark.parametrize(
+    ("identifiers", "kept"),
+    [
+        ([{"system": SYSTEM, "value": None}], [{"system": SYSTEM}]),
+        ([{}, MINE], [MINE]),
+        ([{**MINE, "period": {}}], [MINE]),
+        (
+            [{**MINE, "type": {"coding": [{}], "text": "Message"}}],
+            [{**MINE, "type": {"text": "Message"}}],
+        ),
+    ],
+)
+def test_stored_identifiers_hold_no_null_or_empty_element(
+    world: World, identifiers: list[Any], kept: list[Any]
+) -> None:
+    """Found by a review: nulls and empty objects (which FHIR JSON forbids) were stored and
+    sent as the member gave them."""
+    task_id = accepted(world)
+    made = world.r4.post("/fhir/Communication", _message(task_id, *identifiers))
+    assert made.status_code == 201, made.content
+    row = _stored(body(made)["id"])
+    for text in (row.json_r4, row.json_r5):
+        stored = json.loads(text)
+        assert stored["identifier"] == kept
+        assert not _holds_null_or_empty(stored)
+
+
+@pytest.mark.parametrize(
+    ("identifier", "status", "code", "expression"),
+    [
+        ({**MINE, "use": "bogus"}, 400, "code-invalid", "Communication.identifier[0].use"),
+        (
+            {"system": SYSTEM, "value": "L" * 256},
+            400,
+            "invalid",
+            "Communication.identifier[0].value",
+        ),
+        (
+            {**MINE, "assigner": {"reference": "#org"}},
+            422,
+            "business-rule",
+            "Communication.identifier[0].assigner.reference",
+        ),
+    ],
+)
+def test_an_identifier_we_could_not_keep_as_sent_is_refused(
+    world: World, identifier: dict[str, Any], status: int, code: str, expression: str
+) -> None:
+    """A use outside its value set; a value longer than the search index holds (a review
+    found it unfindable by its value, and found by another); an assigner nothing resolves."""
+    task_id = accepted(world)
+    before = (Message.objects.count(), FhirResource.objects.count())
+    response = world.r4.post("/fhir/Communication", _message(task_id, identifier))
+    assert response.status_code == status, response.content
+    assert outcome_issue(response)["code"] == code
+    assert outcome_issue(response)["expression"] == [expression]
+    assert (Message.objects.count(), FhirResource.objects.count()) == before
+
+
+def test_a_bundle_file_naming_an_entry_as_assigner_is_refused(world: World) -> None:
+    """Found by a review: ``urn:uuid:`` in identifier.assigner was stored and sent as it
+    was, naming nothing once the transaction was done."""
+    bundle = _with_file(transaction(world), "a")
+    patient = bundle["entry"][0]["fullUrl"]
+    assert patient.startswith("urn:uuid:")
+    bundle["entry"][3]["resource"]["identifier"] = [{**MINE, "assigner": {"reference": patient}}]
+    before = (Referral.objects.count(), Attachment.objects.count(), FhirResource.objects.count())
+    response = world.r4.post("/fhir", bundle)
+    assert response.status_code == 422, response.content
+    assert outcome_issue(response)["expression"] == [
+        "DocumentReference.identifier[0].assigner.reference"
+    ]
+    after = (Referral.objects.count(), Attachment.objects.count(), FhirResource.objects.count())
+    assert after == before
+
+
+def test_search_values_take_fhirs_escapes(world: World) -> None:
+    """Found by a review: a value with a comma could not be searched (every comma split)."""
+    task_id = accepted(world)
+    comma = body(
+        world.r4.post("/fhir/Communication", _message(task_id, {"system": SYSTEM, "value": "A,B"}))
+    )["id"]
+    pipe = body(
+        world.r4.post("/fhir/Communication", _message(task_id, {"system": "s|x", "value": "C"}))
+    )["id"]
+    assert _found(world.r4, "/fhir/Communication", f"{SYSTEM}|A\\,B") == [comma]
+    assert _found(world.r4, "/fhir/Communication", "A\\,B") == [comma]
+    assert _found(world.r4, "/fhir/Communication", f"{SYSTEM}|A,B") == []  # A or B
+    assert _found(world.r4, "/fhir/Communication", "s\\|x|C") == [pipe]
+    assert sorted(_found(world.r4, "/fhir/Communication", "A\\,B,s\\|x|C")) == sorted([comma, pipe])
+
+
+def test_a_resubmitted_file_is_answered_by_the_file_with_its_identifiers(world: World) -> None:
+    """Found by a review: two files of the same bytes were matched by bytes alone, so each
+    entry of a resubmission in another order got the other's file."""
+    one, two = {**MINE, "value": "DOC-1"}, {**MINE, "value": "DOC-2"}
+    first = _with_file(_with_file(transaction(world), "same"), "same")
+    first["entry"][3]["resource"]["identifier"] = [one]
+    first["entry"][4]["resource"]["identifier"] = [two]
+    assert world.r4.post("/fhir", first).status_code == 200
+    again = json.loads(json.dumps(first))
+    again["entry"][3]["resource"]["identifier"] = [two]
+    again["entry"][4]["resource"]["identifier"] = [one]
+    answer = body(world.r4.post("/fhir", again))
+    assert Attachment.objects.count() == 2
+    assert [e["response"]["status"] for e in answer["entry"][3:]] == ["200 OK"] * 2
+    assert answer["entry"][3]["resource"]["identifier"] == [two]
+    assert answer["entry"][4]["resource"]["identifier"] == [one]
+
+
+def test_identifiers_r4_cannot_hold_are_422_and_nothing_is_posted(world: World) -> None:
+    """Found by a review: an R5-only element in an R5 request's identifier was a 400 saying
+    the request was not valid FHIR 4.0."""
+    task_id = accepted(world)
+    message = _message(
+        task_id,
+        {**MINE, "extension": [{"url": "https://x.example/n", "valueInteger64": "5"}]},
+    )
+    message["payload"] = [{"contentCodeableConcept": {"text": "Weight today?"}}]
+    before = (Message.objects.count(), FhirResource.objects.count())
+    response = world.r5.post("/fhir/Communication", message, content_type=FHIR_R5, Accept=FHIR_R5)
+    assert response.status_code == 422, response.content
+    assert outcome_issue(response)["code"] == "not-supported"
+    assert "FHIR 4.0" in outcome_issue(response)["diagnostics"]
+    assert (Message.objects.count(), FhirResource.objects.count()) == before
+
+
+def test_if_none_exist_finds_a_message_that_carries_the_identifier(world: World) -> None:
+    """Found by a review: the search found the message, the conditional create did not
+    and posted a second. The first resource carrying an identifier answers it."""
+    task_id = accepted(world)
+    first = world.r4.post("/fhir/Communication", _message(task_id, MINE))
+    twin = world.r4.post("/fhir/Communication", _message(task_id, MINE))  # a plain create
+    assert (first.status_code, twin.status_code) == (201, 201)
+    before = (Message.objects.count(), FhirResource.objects.count())
+    again = world.r4.post(
+        "/fhir/Communication",
+        _message(task_id, MINE),
+        **{"If-None-Exist": f"identifier={SYSTEM}|M-0001"},
+    )
+    assert again.status_code == 200, again.content
+    assert body(again)["id"] == body(first)["id"]
+    assert (Message.objects.count(), FhirResource.objects.count()) == before
+    # The other party's identifier is its own: its conditional create makes a message.
+    other = world.r5.post(
+        "/fhir/Communication",
+        {**_message(task_id, MINE), "payload": [{"contentCodeableConcept": {"text": "Hi"}}]},
+        content_type=FHIR_R5,
+        Accept=FHIR_R5,
+        **{"If-None-Exist": f"identifier={SYSTEM}|M-0001"},
+    )
+    assert other.status_code == 201, other.content
