@@ -755,6 +755,10 @@ def _keyed_create(
     resource_type = str(resource["resourceType"])
     key = create_key(if_none_exist, resource_type) if if_none_exist else None
     identifiers = _member_identifiers(resource, key)
+    masters = clean_identifiers(
+        [resource.get("masterIdentifier")], f"{resource_type}.masterIdentifier"
+    )
+    master = masters[0] if masters else None  # R4 DocumentReference
     sides = actor_sides(user, referral)
     allowed = (
         bool(sides)
@@ -771,11 +775,11 @@ def _keyed_create(
             party_facility = int(department.facility_id)
 
     def identified() -> WriteResult:
-        if not identifiers:
+        if not identifiers and master is None:
             return create()
         with transaction.atomic():
             result = create()
-            identify_new_resource(result.row, identifiers, fhir_version)
+            identify_new_resource(result.row, identifiers, fhir_version, master)
             if party_facility is not None:
                 record_create_keys(
                     resource_type=resource_type,
@@ -783,7 +787,7 @@ def _keyed_create(
                     facility_id=party_facility,
                     keys=[
                         (i["system"], i["value"])
-                        for i in identifiers
+                        for i in ([master] if master else []) + identifiers
                         if isinstance(i.get("system"), str)
                         and isinstance(i.get("value"), str)
                         and (i["system"], i["value"]) != key

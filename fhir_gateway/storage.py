@@ -612,16 +612,22 @@ _BEFORE_IDENTIFIER = (
 
 
 def identify_new_resource(
-    row: FhirResource, identifiers: list[dict[str, Any]], fhir_version: str
+    row: FhirResource,
+    identifiers: list[dict[str, Any]],
+    fhir_version: str,
+    master: dict[str, Any] | None = None,
 ) -> FhirResource:
     """Carry the identifiers a member gave a resource it created (a Communication, a
     DocumentReference; ``clean_identifiers``) on the version that create stored: every
-    rendering, and the token index (``identifier`` search). Only for a version 1 stored in
-    the caller's transaction, which nobody has read yet (the outbox and the feed read the
-    row when they send), so it is changed in place rather than given a second version.
-    Each rendering is validated: identifiers valid in the request's ``fhir_version`` that
-    another version cannot hold (an R5-only element) are 422."""
-    if not identifiers:
+    rendering, and the token index (``identifier`` search). ``master``: an R4
+    DocumentReference's ``masterIdentifier``, kept as that in R4 and as the first
+    identifier in R5 (which has no such element; FHIR's R4/R5 conversion does the same).
+    Only for a version 1 stored in the caller's transaction, which nobody has read yet (the
+    outbox and the feed read the row when they send), so it is changed in place rather
+    than given a second version. Each rendering is validated: identifiers valid in the
+    request's ``fhir_version`` that another version cannot hold (an R5-only element) are
+    422."""
+    if not identifiers and master is None:
         return row
     if row.version_id != 1 or row.deleted:
         raise ValueError(f"{row} is not a resource this transaction created.")
@@ -632,9 +638,13 @@ def identify_new_resource(
         if not text:
             continue
         stored = json.loads(text)
-        kept = [i for i in stored.get("identifier") or [] if i not in identifiers]
+        given = identifiers if master is None or version == "4.0" else [master, *identifiers]
+        kept = [i for i in stored.get("identifier") or [] if i not in given]
         doc = {k: stored[k] for k in _BEFORE_IDENTIFIER if k in stored}
-        doc["identifier"] = kept + identifiers
+        if master is not None and version == "4.0":
+            doc["masterIdentifier"] = master
+        if kept or given:
+            doc["identifier"] = kept + given
         doc.update({k: v for k, v in stored.items() if k not in doc})
         try:
             validate_resource(doc, version)
@@ -654,6 +664,7 @@ def identify_new_resource(
     if row.content_hash and r4 is not None:
         row.content_hash = content_hash(r4)
     row.save(update_fields=["json_r4", "json_r5", "content_hash"])
+    every = identifiers if master is None else [master, *identifiers]
     FhirSearchToken.objects.bulk_create(
         FhirSearchToken(
             resource=row,
@@ -662,7 +673,7 @@ def identify_new_resource(
             system=system[:255],
             value=value[:255],
         )
-        for param, system, value in dict.fromkeys(_identifier_tokens({"identifier": identifiers}))
+        for param, system, value in dict.fromkeys(_identifier_tokens({"identifier": every}))
     )
     return row
 

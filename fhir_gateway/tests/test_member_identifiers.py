@@ -24,6 +24,7 @@ from fhir_gateway.tests.referral_world import (
     transaction,
 )
 from referrals.models import Attachment, Message, Referral
+from tests.shared_data import FHIR_EXAMPLES
 
 pytestmark = pytest.mark.django_db
 
@@ -499,3 +500,68 @@ def test_if_none_exist_finds_a_message_that_carries_the_identifier(world: World)
         **{"If-None-Exist": f"identifier={SYSTEM}|M-0001"},
     )
     assert other.status_code == 201, other.content
+
+
+def test_an_r4_master_identifier_is_kept_and_searchable(world: World) -> None:
+    """R4's DocumentReference.masterIdentifier (a review: dropped): kept as that in R4, the
+    first identifier in R5 (which has no such element), found by ``identifier`` (whose R4
+    definition covers both)."""
+    task_id = accepted(world)
+    master = {"system": "urn:ietf:rfc:3986", "value": "urn:oid:1.3.6.1.4.1.21367.2005.3.7"}
+    document = _case_file(task_id, "a", MINE)
+    document["masterIdentifier"] = master
+    made = world.r4.post("/fhir/DocumentReference", document)
+    assert made.status_code == 201, made.content
+    doc_id = body(made)["id"]
+    r4 = body(world.r4.get(f"/fhir/DocumentReference/{doc_id}"))
+    r5 = body(world.r5.get(f"/fhir/DocumentReference/{doc_id}", Accept=FHIR_R5))
+    assert (r4["masterIdentifier"], r4["identifier"]) == (master, [MINE])
+    assert list(r4).index("masterIdentifier") < list(r4).index("identifier")
+    assert "masterIdentifier" not in r5 and r5["identifier"] == [master, MINE]
+    assert _found(world.r4, "/fhir/DocumentReference", master["value"]) == [doc_id]
+    assert _found(world.r5, "/fhir/DocumentReference", "M-0001", FHIR_R5) == [doc_id]
+    # A conditional create naming it answers this document.
+    again = world.r4.post(
+        "/fhir/DocumentReference",
+        document,
+        **{"If-None-Exist": f"identifier={master['system']}|{master['value']}"},
+    )
+    assert again.status_code == 200, again.content
+    assert body(again)["id"] == doc_id
+    assert Attachment.objects.count() == 1
+
+
+@pytest.mark.parametrize(
+    ("version", "name"),
+    [
+        ("4.0", "R4/Communication-example.json"),
+        ("5.0", "R5/communication-example.json"),
+        ("4.0", "R4/DocumentReference-example.json"),
+        ("5.0", "R5/documentreference-example.json"),
+    ],
+)
+def test_an_adapted_official_example_reads_back_its_identifiers(
+    world: World, version: str, name: str
+) -> None:
+    """The official examples, fitted to a referral (its Task, our text / an inline file):
+    what they identify themselves by reads back equal, in the version sent."""
+    task_id = accepted(world)
+    example = json.loads((FHIR_EXAMPLES / name).read_text())
+    media = FHIR_R5 if version == "5.0" else FHIR_R4
+    client = world.r4 if example["resourceType"] == "DocumentReference" else world.r5
+    if example["resourceType"] == "Communication":
+        sent = _message(task_id, *example["identifier"])
+        if version == "5.0":
+            sent["payload"] = [{"contentCodeableConcept": {"text": "Weight today?"}}]
+    else:
+        sent = _case_file(task_id, "example", *example["identifier"])
+        if version == "4.0":
+            sent["masterIdentifier"] = example["masterIdentifier"]
+        else:
+            sent.pop("context")
+            sent["basedOn"] = [{"reference": f"ServiceRequest/{task_id}"}]
+    made = client.post(f"/fhir/{example['resourceType']}", sent, content_type=media, Accept=media)
+    assert made.status_code == 201, made.content
+    read = body(client.get(f"/fhir/{example['resourceType']}/{body(made)['id']}", Accept=media))
+    for element in ("identifier", "masterIdentifier"):
+        assert read.get(element) == sent.get(element), element
