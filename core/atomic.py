@@ -8,8 +8,9 @@ then rolls back the job's writes.
 
 Contract of ``unit_atomic``: the code directly inside it lets every exception out of the
 unit (it may catch one only within an ``atomic`` block of its own). If it caught one and
-went on, Django refuses the next query (``TransactionManagementError``): loud, never a
-half-applied job.
+went on, the next query is refused (Django's ``TransactionManagementError``; also for the
+prepared statements of ``core.rows``), and so is the unit's end if no query came: loud,
+never a job answered as applied whose writes were rolled back.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 
 from django.db import connection, transaction
+from django.db.transaction import TransactionManagementError
 
 # How many atomic blocks were open just inside the innermost unit (None: no unit).
 _unit_depth: ContextVar[int | None] = ContextVar("unit_depth", default=None)
@@ -33,6 +35,11 @@ def unit_atomic() -> Iterator[None]:
             yield
         finally:
             _unit_depth.reset(token)
+        if connection.needs_rollback:  # an error was caught inside and the unit went on
+            raise TransactionManagementError(
+                "An error inside this unit of work was caught and the unit went on; its "
+                "writes are rolled back (core.atomic)."
+            )
 
 
 def atomic_in_unit() -> transaction.Atomic:

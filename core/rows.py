@@ -46,6 +46,7 @@ def prepared_cursor() -> Iterator[psycopg.Cursor[Any]]:
     closed at the end of the request)."""
     connection.close_if_health_check_failed()
     connection.ensure_connection()
+    connection.validate_no_broken_transaction()  # as Django's own cursors: core.atomic
     raw = connection.connection
     assert raw is not None
     with connection.wrap_database_errors, psycopg.Cursor(raw) as cursor:

@@ -70,7 +70,7 @@ from core.memo import memo_scope
 from core.rows import fetch_prepared
 from fhir_gateway import handlers
 from fhir_gateway.models import IntakeJob
-from fhir_gateway.outcomes import FhirError, fhir_error_for, outcome_body
+from fhir_gateway.outcomes import FhirError, fhir_error_for, outcome_body, outcome_text
 from referrals.attachments import files_removed_on_failure
 from referrals.load import department_load_deferred
 from referrals.models import Priority
@@ -252,7 +252,7 @@ def _apply(job: IntakeJob) -> tuple[int, str]:
         error = fhir_error_for(exc)
         if error is None:
             raise
-        return error.status, json.dumps(outcome_body(error), ensure_ascii=False)
+        return error.status, outcome_text(error)
     return 200, text
 
 

@@ -165,9 +165,21 @@ def outcome_body(error: FhirError) -> dict[str, Any]:
     )
 
 
+def outcome_text(error: FhirError) -> str:
+    """The OperationOutcome as JSON text that UTF-8 can carry: diagnostics may repeat a
+    member's input, and JSON's ``\ud800`` escapes decode to lone surrogates, which UTF-8
+    (the response, the database) cannot encode; then the text escapes them again."""
+    text = json.dumps(outcome_body(error), ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(outcome_body(error))
+    return text
+
+
 def outcome_response(error: FhirError, *, content_type: str) -> HttpResponse:
     response = HttpResponse(
-        json.dumps(outcome_body(error), ensure_ascii=False),
+        outcome_text(error),
         status=error.status,
         content_type=content_type,
     )

@@ -205,8 +205,9 @@ def notify_in_transaction(event: ReferralEvent, referral: Referral) -> int:
         *recipient_params,
     ]
     if connection.vendor == "postgresql":
-        # Prepared (a few texts, one per shape of audience): planning this statement took
-        # ~0.5 ms and running it ~0.1 ms, on every transition.
+        # Prepared (one per shape of audience and the integer widths psycopg picks for the
+        # ids): planning this statement took ~0.5 ms and running it ~0.1 ms, on every
+        # transition.
         with prepared_cursor() as cursor:
             cursor.execute(sql, params, prepare=True)
             return max(cursor.rowcount, 0)

@@ -87,3 +87,40 @@ def test_catching_an_error_directly_in_a_unit_is_refused_loudly() -> None:
             pass
         Group.objects.create(name="refused")
     assert _names() == set()
+
+
+def test_a_prepared_write_after_a_caught_error_is_refused_loudly() -> None:
+    """Found by a review: core.rows' prepared statements skipped Django's check, so a
+    write after a caught error went through (and vanished with the unit)."""
+    from core.rows import insert_rows
+    from fhir_gateway.models import FeedEvent
+
+    with pytest.raises(TransactionManagementError), unit_atomic():
+        try:
+            with atomic_in_unit():
+                Group.objects.create(name="undone")
+                raise Refused
+        except Refused:
+            pass
+        insert_rows(
+            FeedEvent,
+            [{"facility_id": 1, "resource_type": "Task", "logical_id": "t", "version_id": 1}],
+        )
+    assert not FeedEvent.objects.exists()
+
+
+def test_a_unit_that_catches_an_error_and_returns_is_refused_loudly() -> None:
+    """Found by a review: with no query after the caught error, the unit ended without a
+    word and its writes were rolled back silently (an intake job would have been recorded
+    as applied)."""
+    with pytest.raises(TransactionManagementError), unit_atomic():
+        Group.objects.create(name="made before the block")
+        try:
+            with atomic_in_unit():
+                raise Refused
+        except Refused:
+            pass
+    assert not connection.needs_rollback  # and the transaction goes on
+    assert _names() == set()
+    Group.objects.create(name="after")
+    assert _names() == {"after"}

@@ -25,7 +25,7 @@ from django.utils import timezone
 
 from accounts.roles import Role
 from fhir_gateway import handlers, intake, publish, referral_resources
-from fhir_gateway.intake import intake_drain, intake_process
+from fhir_gateway.intake import intake_drain, intake_process, intake_process_next
 from fhir_gateway.models import FhirResource, IntakeJob, OutboxMessage
 from fhir_gateway.outcomes import FhirError
 from fhir_gateway.retention import retention_prune
@@ -1239,3 +1239,24 @@ def test_an_applied_batch_answers_each_bundle_with_its_stored_versions(
             assert read.status_code == 200, read.content
             assert entry["resource"] == body(read)
             assert entry["response"]["etag"] == read["ETag"]
+
+
+@pytest.mark.django_db
+def test_a_refusal_repeating_a_lone_surrogate_breaks_neither_its_batch_nor_its_answer(
+    world: World,
+) -> None:
+    """Found by a review: a refusal whose diagnostics repeat a lone surrogate (a JSON
+    ``\\ud800`` escape) could not be encoded when the batch's answers were written, which
+    rolled back every job of the batch; the synchronous answer was a 500."""
+    good, bad = transaction(world, "SR-1"), transaction(world, "SR-2")
+    bad["entry"][0]["request"]["method"] = "\ud800"  # json.dumps sends the escape
+    paths = [_kick_off(world.r4, bundle) for bundle in (good, bad)]
+    outcomes = [outcome for _job, outcome in intake_process_next(limit=10)]
+    assert outcomes == ["done", "refused"]
+    assert Referral.objects.count() == 1
+    refused = _answer(world.r4, paths[1])
+    assert refused["response"]["status"].startswith("4")
+    assert "\ud800" in refused["response"]["outcome"]["issue"][0]["diagnostics"]
+    synchronous = world.r4.post("/fhir", bad)
+    assert synchronous.status_code == int(refused["response"]["status"].split()[0])
+    assert "\ud800" in outcome_issue(synchronous)["diagnostics"]
