@@ -151,6 +151,10 @@ def _index_tokens(
     tokens = _identifier_tokens(resource)
     if row.resource_type in TOKEN_EXTRACTORS:
         tokens += TOKEN_EXTRACTORS[row.resource_type][1](resource)
+    _add_tokens(row, tokens)
+
+
+def _add_tokens(row: FhirResource, tokens: TokenList) -> None:
     FhirSearchToken.objects.bulk_create(
         FhirSearchToken(
             resource=row,
@@ -665,16 +669,7 @@ def identify_new_resource(
         row.content_hash = content_hash(r4)
     row.save(update_fields=["json_r4", "json_r5", "content_hash"])
     every = identifiers if master is None else [master, *identifiers]
-    FhirSearchToken.objects.bulk_create(
-        FhirSearchToken(
-            resource=row,
-            resource_type=row.resource_type,
-            param=param,
-            system=system[:255],
-            value=value[:255],
-        )
-        for param, system, value in dict.fromkeys(_identifier_tokens({"identifier": every}))
-    )
+    _add_tokens(row, _identifier_tokens({"identifier": every}))
     return row
 
 

@@ -68,9 +68,14 @@ logger = logging.getLogger(__name__)
 DEFAULT_COUNT = 50
 MAX_COUNT = 500
 _RESOURCE_TYPE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
+_ITERATE = ("_include:iterate", "_revinclude:iterate")
 _RESULT_PARAMS = frozenset(
     {"_count", "_offset", "_total", "_format", "_pretty", "_include", "_revinclude", "_sort"}
+    | set(_ITERATE)
 )
+# Rounds of _include:iterate / _revinclude:iterate (the referral resources are two links
+# deep: Task → ServiceRequest → Patient; Communication → Task).
+MAX_ITERATE = 4
 _DATE = re.compile(
     r"^(?P<prefix>eq|ne|gt|lt|ge|le|sa|eb|ap)?"
     r"(?P<year>\d{4})(?:-(?P<month>\d{2})(?:-(?P<day>\d{2})"
@@ -895,6 +900,23 @@ def _search(
                     continue
                 seen.add((rtype, lid))
                 entries.append(_entry(ctx, rtype, lid, text, "include"))
+    steps = _iterate_steps(params, used, ignored, strict)
+    for _round in range(MAX_ITERATE if page_ids else 0):
+        added = False
+        for source_type, include_func in steps:
+            ids = sorted(lid for rtype, lid in seen if rtype == source_type)
+            if not ids:
+                continue
+            included = include_func(ctx.user, ids).exclude(**{column: ""})
+            for rtype, lid, text in included.order_by("resource_type", "logical_id").values_list(
+                "resource_type", "logical_id", column
+            ):
+                if (rtype, lid) not in seen:
+                    seen.add((rtype, lid))
+                    entries.append(_entry(ctx, rtype, lid, text, "include"))
+                    added = True
+        if not added:
+            break
     self_url = f"{ctx.base}/{handler.resource_type}"
     links = _links(self_url, used, count, offset, total, len(page))
     response = _bundle_response(
@@ -906,6 +928,38 @@ def _search(
             quote(name, safe="!#$&'()*+-./:;<=>?@[]^_`{|}~ ") for name in sorted(ignored)
         )
     return response
+
+
+def _iterate_steps(
+    params: dict[str, list[str]],
+    used: dict[str, list[str]],
+    ignored: list[str],
+    strict: bool,
+) -> list[tuple[str, handlers.IncludeFunc]]:
+    """``_include:iterate`` / ``_revinclude:iterate``: for each value, the type it starts
+    from (the source of an include, the target of a revinclude) and the type's function;
+    applied to every resource of that type in the Bundle, matches and included alike,
+    until a round adds nothing. A value no type offers is ignored (or 400, strict)."""
+    steps: list[tuple[str, handlers.IncludeFunc]] = []
+    for name in _ITERATE:
+        for value in dict.fromkeys(v for v in params.get(name) or [] if v):
+            found = [
+                (
+                    h.resource_type,
+                    (h.includes if name == "_include:iterate" else h.revincludes)[value],
+                )
+                for h in handlers.HANDLERS.values()
+                if value in (h.includes if name == "_include:iterate" else h.revincludes)
+                and (name != "_include:iterate" or value.split(":")[0] == h.resource_type)
+            ]
+            if not found:
+                if strict:
+                    raise FhirError(400, "not-supported", f"{name}={value} is not supported.")
+                ignored.append(f"{name}={value}")
+                continue
+            used.setdefault(name, []).append(value)
+            steps += found
+    return steps
 
 
 def _entry(ctx: FhirRequest, resource_type: str, logical_id: str, text: str, mode: str) -> str:

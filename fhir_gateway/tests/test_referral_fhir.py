@@ -476,6 +476,65 @@ def test_includes_and_revincludes_of_a_worklist(world: World) -> None:
         ]
 
 
+def test_include_and_revinclude_iterate_follow_the_included_resources(world: World) -> None:
+    """``:iterate`` applies an include to the included resources too (FHIR search): a
+    Task page with its orders and, through them, their patients; an order page with its
+    Tasks and, through them, their messages."""
+    first = _task(world, submit(world, "A"))
+    second = _task(world, submit(world, "B"))
+    message = _message(world.r4, first, "Echo done yesterday.")
+
+    tasks = _get(
+        world.r4,
+        f"/fhir/Task?_id={first}&_include=Task:focus&_include:iterate=ServiceRequest:patient",
+    )
+    assert _entries(tasks) == [
+        ("Task", first, "match"),
+        ("ServiceRequest", first, "include"),
+        ("Patient", first, "include"),
+    ]
+    # Without :iterate, ServiceRequest:patient is no include of a Task search.
+    plain = world.r4.get(f"/fhir/Task?_id={first}&_include=ServiceRequest:patient")
+    assert _entries(body(plain)) == [("Task", first, "match")]
+    assert plain["X-FHIR-Ignored-Parameters"] == "_include=ServiceRequest:patient"
+
+    orders = _get(
+        world.r5,
+        "/fhir/ServiceRequest?_revinclude=Task:focus"
+        "&_revinclude:iterate=Communication:part-of&_count=1",
+        FHIR_R5,
+    )
+    assert orders["total"] == 2
+    next_page = next(link["url"] for link in orders["link"] if link["relation"] == "next")
+    assert "_revinclude%3Aiterate=Communication%3Apart-of" in next_page
+    later = _get(world.r5, next_page.removeprefix("http://testserver"), FHIR_R5)
+    by_order = {page[0][1]: page for page in (_entries(orders), _entries(later))}
+    assert by_order[first] == [
+        ("ServiceRequest", first, "match"),
+        ("Task", first, "include"),
+        ("Communication", message, "include"),
+    ]
+    assert by_order[second] == [("ServiceRequest", second, "match"), ("Task", second, "include")]
+    # An outsider's search matches nothing, so nothing is included either.
+    outsider = _get(
+        world.other,
+        f"/fhir/Task?_id={first}&_include=Task:focus&_include:iterate=ServiceRequest:patient",
+    )
+    assert _entries(outsider) == []
+
+
+def test_an_iterate_value_no_type_offers_is_ignored_or_refused(world: World) -> None:
+    first = _task(world, submit(world, "A"))
+    path = f"/fhir/Task?_id={first}&_include:iterate=Patient:link"
+    lenient = world.r4.get(path)
+    assert lenient.status_code == 200
+    assert _entries(body(lenient)) == [("Task", first, "match")]
+    assert lenient["X-FHIR-Ignored-Parameters"] == "_include:iterate=Patient:link"
+    strict = world.r4.get(path, Prefer="handling=strict")
+    assert strict.status_code == 400
+    assert "_include:iterate=Patient:link is not supported" in outcome_issue(strict)["diagnostics"]
+
+
 def test_an_include_named_twice_answers_each_resource_once(world: World) -> None:
     first = _task(world, submit(world, "A"))
     found = _get(world.r4, f"/fhir/Task?_id={first}&_include=Task:focus&_include=Task:focus")
