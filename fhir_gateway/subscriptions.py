@@ -9,7 +9,7 @@ What is offered, and no more:
 - one topic, ``SubscriptionTopic/referral`` (R5 only; in R4 the topic is its canonical URL):
   every stored version of a referral's resources a party facility is told about;
 - Subscriptions of one's own facility (member systems only): create, read, vread, search,
-  delete. Channel ``rest-hook`` with **no endpoint** and content ``id-only``: they are pulled
+  update (its reason and name), delete. Channel ``rest-hook`` with **no endpoint** and content ``id-only``: they are pulled
   with ``$events``. Push to a member is the registry Endpoint's outbox delivery
   (``delivery``), not a Subscription's; an endpoint, filters, an ``end`` or another content
   are refused (422) rather than accepted and ignored;
@@ -59,6 +59,7 @@ from fhir_gateway.storage import (
     current_rows,
     dumps,
     fhir_instant,
+    parse_if_match,
     resource_current,
     resource_delete,
     store_version,
@@ -338,6 +339,53 @@ def _subscription_create(req: WriteRequest) -> WriteResult:
             logical_id=logical_id, facility_id=facility, start_number=start
         )
     return WriteResult(row, created=True)
+
+
+def _subscription_update(req: WriteRequest) -> WriteResult:
+    """PUT of one of the facility's Subscriptions: its ``reason`` and ``name`` change; the
+    rest is held to what a create accepts (the topic, a rest-hook channel without an
+    endpoint, id-only) and its events go on from where they began. ``status`` may be
+    requested or active (it stays active; ``off`` is a DELETE); no create by update."""
+    facility = _feed_facility(req.user)
+    assert req.logical_id is not None
+    if (
+        not current_rows("Subscription")
+        .filter(source_pk=facility, logical_id=req.logical_id)
+        .exists()
+    ):
+        raise FhirError(
+            404,
+            "not-found",
+            f"Subscription/{req.logical_id} is not known; create Subscriptions with POST.",
+        )
+    validate_resource(req.resource, req.fhir_version)
+    if req.resource.get("end"):
+        raise _refuse("Subscription.end", "not supported; delete the Subscription instead.")
+    if req.resource.get("status") not in (None, "requested", "active"):
+        raise _refuse(
+            "Subscription.status",
+            f"{req.resource.get('status')!r}: a Subscription here is active until deleted "
+            "(DELETE it to stop it).",
+        )
+    (_check_r4 if req.fhir_version == R4 else _check_r5)(req.resource)
+    renderings = _renderings(
+        req.logical_id,
+        facility,
+        str(req.resource.get("reason") or ""),
+        str(req.resource.get("name") or ""),
+    )
+    with transaction.atomic():
+        row = store_version(
+            resource_type="Subscription",
+            logical_id=req.logical_id,
+            resource=renderings[req.fhir_version],
+            fhir_version=req.fhir_version,
+            renderings=renderings,
+            source_pk=facility,
+            expected_version=parse_if_match(req.if_match) if req.if_match else None,
+            index_tokens=False,
+        )
+    return WriteResult(row, created=False)
 
 
 def _subscription_delete(user: User, logical_id: str, if_match: str | None) -> FhirResource | None:
@@ -626,11 +674,12 @@ def facility_events(call: OperationCall) -> OperationAnswer:
 
 
 def register_all() -> None:
-    r, v, s, c, d = (
+    r, v, s, c, u, d = (
         handlers.READ,
         handlers.VREAD,
         handlers.SEARCH,
         handlers.CREATE,
+        handlers.UPDATE,
         handlers.DELETE,
     )
     handlers.register(
@@ -656,9 +705,10 @@ def register_all() -> None:
     handlers.register(
         ResourceHandler(
             "Subscription",
-            (r, v, s, c, d),
+            (r, v, s, c, u, d),
             documentation="Your facility's Subscriptions to the referral topic (member "
-            "systems): rest-hook without endpoint, id-only, pulled with $events.",
+            "systems): rest-hook without endpoint, id-only, pulled with $events. Update "
+            "changes reason and name.",
             profile="",
             search_params=(
                 handlers.SearchParam(
@@ -670,6 +720,7 @@ def register_all() -> None:
             ),
             search=_subscription_search,
             create=_subscription_create,
+            update=_subscription_update,
             delete=_subscription_delete,
             visible=_subscription_visible,
             renders_all_versions=True,

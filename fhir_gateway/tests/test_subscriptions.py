@@ -176,6 +176,80 @@ def test_others_subscriptions_are_404_and_refused_actions_change_nothing(world: 
     assert _get(world.r4, f"/fhir/Subscription/{sub}")["status"] == "active"
 
 
+@pytest.mark.parametrize("version", [FHIR_R4, FHIR_R5])
+def test_a_subscription_update_changes_its_reason_and_name_and_keeps_its_events(
+    world: World, version: str
+) -> None:
+    sub = _subscribe(world.r4)
+    task_id = str(task_of(submit(world))["id"])
+    start = FeedSubscription.objects.get(logical_id=sub).start_number
+    before = _numbers(_get(world.r4, f"/fhir/Subscription/{sub}/$events"), FHIR_R4)
+    assert before
+    changed = (
+        _r4_subscription(id=sub, reason="Polled by the new engine.")
+        if version == FHIR_R4
+        else _r5_subscription(id=sub, name="new-engine", reason="Polled by the new engine.")
+    )
+    response = world.r4.put(
+        f"/fhir/Subscription/{sub}",
+        changed,
+        content_type=version,
+        Accept=version,
+        **{"If-Match": 'W/"1"'},
+    )
+    assert response.status_code == 200, response.content
+    assert response["ETag"] == 'W/"2"'
+    r4 = _get(world.r4, f"/fhir/Subscription/{sub}")
+    r5 = _get(world.r4, f"/fhir/Subscription/{sub}", FHIR_R5)
+    assert r4["reason"] == r5["reason"] == "Polled by the new engine."
+    assert r4["status"] == r5["status"] == "active"
+    if version == FHIR_R5:
+        assert r5["name"] == "new-engine"
+    assert _get(world.r4, f"/fhir/Subscription/{sub}/_history/1")["reason"] != r4["reason"]
+    # Its events go on from where they began.
+    assert FeedSubscription.objects.get(logical_id=sub).start_number == start
+    _accept(world, task_id)
+    after = _numbers(_get(world.r4, f"/fhir/Subscription/{sub}/$events"), FHIR_R4)
+    assert after[: len(before)] == before and len(after) > len(before)
+
+
+def test_a_subscription_update_that_does_not_fit_changes_nothing(world: World) -> None:
+    sub = _subscribe(world.r4)
+    path = f"/fhir/Subscription/{sub}"
+
+    def versions() -> list[int]:
+        return sorted(
+            FhirResource.objects.filter(resource_type="Subscription", logical_id=sub).values_list(
+                "version_id", flat=True
+            )
+        )
+
+    cases = [
+        (world.r4, _r4_subscription(id=sub, status="off"), {}, 422, "Subscription.status"),
+        (
+            world.r4,
+            _r4_subscription(id=sub, channel={"type": "rest-hook", "endpoint": "https://x"}),
+            {},
+            422,
+            "Subscription.channel.endpoint",
+        ),
+        (world.r4, _r4_subscription(id=sub), {"If-Match": 'W/"7"'}, 412, None),
+        (world.other, _r4_subscription(id=sub), {}, 404, None),  # another facility's
+        (world.r5, _r4_subscription(id=sub), {}, 404, None),  # the referral's other party
+    ]
+    for client, resource, headers, status, expression in cases:
+        response = client.put(path, resource, **headers)
+        assert response.status_code == status, (resource, response.content)
+        if expression:
+            assert outcome_issue(response)["expression"] == [expression]
+        assert versions() == [1]
+    unknown = world.r4.put("/fhir/Subscription/nope", _r4_subscription(id="nope"))
+    assert unknown.status_code == 404
+    assert not FhirResource.objects.filter(resource_type="Subscription", logical_id="nope").exists()
+    world.r4.delete(path)
+    assert world.r4.put(path, _r4_subscription(id=sub)).status_code == 404
+
+
 def test_deleted_subscription_is_gone(world: World):
     sub = _subscribe(world.r4)
 
