@@ -707,6 +707,9 @@ def resource_delete(
     """Append a deletion version; None when the resource does not exist or is deleted."""
     expected = parse_if_match(if_match) if if_match else None
     with transaction.atomic():
+        # The name lock first, as store_version takes it (then the row): a delete and an
+        # update of one resource queue up instead of deadlocking.
+        _lock(f"fhir:{resource_type}/{logical_id}")
         current = _locked_current(resource_type, logical_id)
         if current is None or current.deleted:
             return None

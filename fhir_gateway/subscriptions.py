@@ -22,6 +22,7 @@ increasing; a Subscription's events are those numbered after its creation.
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
@@ -348,16 +349,6 @@ def _subscription_update(req: WriteRequest) -> WriteResult:
     requested or active (it stays active; ``off`` is a DELETE); no create by update."""
     facility = _feed_facility(req.user)
     assert req.logical_id is not None
-    if (
-        not current_rows("Subscription")
-        .filter(source_pk=facility, logical_id=req.logical_id)
-        .exists()
-    ):
-        raise FhirError(
-            404,
-            "not-found",
-            f"Subscription/{req.logical_id} is not known; create Subscriptions with POST.",
-        )
     validate_resource(req.resource, req.fhir_version)
     if req.resource.get("end"):
         raise _refuse("Subscription.end", "not supported; delete the Subscription instead.")
@@ -368,13 +359,28 @@ def _subscription_update(req: WriteRequest) -> WriteResult:
             "(DELETE it to stop it).",
         )
     (_check_r4 if req.fhir_version == R4 else _check_r5)(req.resource)
-    renderings = _renderings(
-        req.logical_id,
-        facility,
-        str(req.resource.get("reason") or ""),
-        str(req.resource.get("name") or ""),
-    )
     with transaction.atomic():
+        # Under the resource's lock (store_version's, taken by a DELETE too): a DELETE
+        # committed first leaves nothing to update (404, no create by update, nothing
+        # revived); one coming later waits and deletes this version.
+        _lock(f"fhir:Subscription/{req.logical_id}")
+        current = (
+            current_rows("Subscription")
+            .filter(source_pk=facility, logical_id=req.logical_id)
+            .first()
+        )
+        if current is None:
+            raise FhirError(
+                404,
+                "not-found",
+                f"Subscription/{req.logical_id} is not known; create Subscriptions with POST.",
+            )
+        name = str(req.resource.get("name") or "")
+        if req.fhir_version == R4:  # R4 has no name: the one an R5 client gave stays
+            name = str(json.loads(current.json_r5 or "{}").get("name") or "")
+        renderings = _renderings(
+            req.logical_id, facility, str(req.resource.get("reason") or ""), name
+        )
         row = store_version(
             resource_type="Subscription",
             logical_id=req.logical_id,
@@ -382,7 +388,7 @@ def _subscription_update(req: WriteRequest) -> WriteResult:
             fhir_version=req.fhir_version,
             renderings=renderings,
             source_pk=facility,
-            expected_version=parse_if_match(req.if_match) if req.if_match else None,
+            expected_version=(parse_if_match(req.if_match) if req.if_match else current.version_id),
             index_tokens=False,
         )
     return WriteResult(row, created=False)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
 
 from django.conf import settings
-from django.core.exceptions import RequestDataTooBig
+from django.core.exceptions import RequestDataTooBig, TooManyFieldsSent
 from django.db import IntegrityError, connection
 from django.db.models import F, Q
 from django.http import HttpRequest, HttpResponse
@@ -161,6 +161,15 @@ def _fhir_view(
                     response = view(FhirRequest(request, version, user, accept_error), **kwargs)
             except RequestDataTooBig:
                 response = outcome_response(_too_large(), content_type=content_type)
+            except TooManyFieldsSent:  # a query string (or form) of over 1,000 parameters
+                response = outcome_response(
+                    FhirError(
+                        400,
+                        "too-costly",
+                        f"More than {settings.DATA_UPLOAD_MAX_NUMBER_FIELDS} parameters.",
+                    ),
+                    content_type=content_type,
+                )
             except Exception as exc:
                 error = fhir_error_for(exc)
                 if error is None:  # the last line of defence: still an OperationOutcome

@@ -484,3 +484,12 @@ def test_superscript_digits_in_a_history_or_version_id_are_400(fhir, communicati
         response = fhir.get(path)
         assert response.status_code == 400, path
         assert outcome_issue(response)["code"] == "invalid"
+
+
+def test_over_a_thousand_parameters_is_400_not_500(world: Any) -> None:
+    """Found by a review: Django's TooManyFieldsSent (DATA_UPLOAD_MAX_NUMBER_FIELDS) was
+    answered 500."""
+    query = "&".join(f"_include:iterate=Task:focus{n}" for n in range(1001))
+    response = world.r4.get(f"/fhir/Task?{query}")
+    assert response.status_code == 400, response.content
+    assert outcome_issue(response)["code"] == "too-costly"

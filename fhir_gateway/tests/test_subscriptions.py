@@ -250,6 +250,44 @@ def test_a_subscription_update_that_does_not_fit_changes_nothing(world: World) -
     assert world.r4.put(path, _r4_subscription(id=sub)).status_code == 404
 
 
+def test_an_update_racing_a_delete_does_not_revive_it(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by a review: the existence check ran apart from the write, so a DELETE landing
+    between them was followed by an active version 3 (a create by update). The check is
+    now made under the resource's lock, which a DELETE takes too."""
+    from fhir_gateway import subscriptions
+
+    sub = _subscribe(world.r4)
+    real = subscriptions._check_r4
+    deleted: list[int] = []
+
+    def deleted_meanwhile(resource: dict[str, Any]) -> None:
+        real(resource)
+        deleted.append(world.r4.delete(f"/fhir/Subscription/{sub}").status_code)
+
+    monkeypatch.setattr(subscriptions, "_check_r4", deleted_meanwhile)
+    put = world.r4.put(f"/fhir/Subscription/{sub}", _r4_subscription(id=sub))
+    monkeypatch.undo()
+    assert deleted == [204]
+    assert put.status_code == 404, put.content
+    assert world.r4.get(f"/fhir/Subscription/{sub}").status_code == 410
+
+
+def test_an_r4_update_keeps_the_name_an_r5_client_gave(world: World) -> None:
+    """Found by a review: R4 has no Subscription.name, and an R4 update dropped it."""
+    sub = _subscribe(world.r5, FHIR_R5)
+    put = world.r5.put(
+        f"/fhir/Subscription/{sub}",
+        _r4_subscription(id=sub, reason="New."),
+        content_type=FHIR_R4,
+        Accept=FHIR_R4,
+    )
+    assert put.status_code == 200, put.content
+    r5 = _get(world.r5, f"/fhir/Subscription/{sub}", FHIR_R5)
+    assert (r5["name"], r5["reason"]) == ("worklist-poller", "New.")
+
+
 def test_deleted_subscription_is_gone(world: World):
     sub = _subscribe(world.r4)
 
