@@ -892,7 +892,9 @@ def _search(
     seen = {(rtype, lid) for rtype, lid, _x in page}
     for name, funcs in (("_include", handler.includes), ("_revinclude", handler.revincludes)):
         for include in dict.fromkeys(params.get(name) or []):  # each once, in the order sent
-            include_func = funcs.get(include)
+            include_func = _include_func(
+                funcs, include, handler.resource_type, reverse=name == "_revinclude"
+            )
             if include_func is None:
                 if strict:
                     raise FhirError(400, "not-supported", f"{name}={include} is not supported.")
@@ -939,6 +941,27 @@ def _search(
     return response
 
 
+def _include_func(
+    funcs: dict[str, handlers.IncludeFunc], value: str, start_type: str, *, reverse: bool
+) -> handlers.IncludeFunc | None:
+    """The function of an ``_include`` / ``_revinclude`` value ``Type:param``, or of FHIR's
+    form naming the target type, ``Type:param:Target`` (what fhirpy's ``include()``
+    sends): an include then keeps the targets of that type; a revinclude's target is the
+    type it starts from (``start_type``), else it names nothing here."""
+    parts = value.split(":")
+    if len(parts) == 2:
+        return funcs.get(value)
+    if len(parts) != 3:
+        return None
+    func = funcs.get(f"{parts[0]}:{parts[1]}")
+    if func is None or (reverse and parts[2] != start_type):
+        return None
+    if reverse:
+        return func
+    target = parts[2]
+    return lambda user, ids: func(user, ids).filter(resource_type=target)
+
+
 def _iterate_steps(
     params: dict[str, list[str]],
     used: dict[str, list[str]],
@@ -952,15 +975,15 @@ def _iterate_steps(
     steps: list[tuple[str, handlers.IncludeFunc]] = []
     for name in _ITERATE:
         for value in dict.fromkeys(v for v in params.get(name) or [] if v):
-            found = [
-                (
-                    h.resource_type,
-                    (h.includes if name == "_include:iterate" else h.revincludes)[value],
-                )
-                for h in handlers.HANDLERS.values()
-                if value in (h.includes if name == "_include:iterate" else h.revincludes)
-                and (name != "_include:iterate" or value.split(":")[0] == h.resource_type)
-            ]
+            reverse = name == "_revinclude:iterate"
+            found: list[tuple[str, handlers.IncludeFunc]] = []
+            for h in handlers.HANDLERS.values():
+                if not reverse and value.split(":")[0] != h.resource_type:
+                    continue
+                funcs = h.revincludes if reverse else h.includes
+                include_func = _include_func(funcs, value, h.resource_type, reverse=reverse)
+                if include_func is not None:
+                    found.append((h.resource_type, include_func))
             if not found:
                 if strict:
                     raise FhirError(400, "not-supported", f"{name}={value} is not supported.")

@@ -523,6 +523,36 @@ def test_include_and_revinclude_iterate_follow_the_included_resources(world: Wor
     assert _entries(outsider) == []
 
 
+def test_includes_may_name_their_target_type(world: World) -> None:
+    """FHIR's three-part form (``Task:focus:ServiceRequest``: what fhirpy's ``include()``
+    sends): an include keeps the targets of that type; a revinclude names the type it
+    starts from."""
+    first = _task(world, submit(world, "A"))
+    message = _message(world.r4, first, "Echo done yesterday.")
+    found = _get(
+        world.r4,
+        f"/fhir/Task?_id={first}&_include=Task:focus:ServiceRequest"
+        "&_include:iterate=ServiceRequest:patient:Patient"
+        "&_revinclude=Communication:part-of:Task",
+    )
+    assert _entries(found) == [
+        ("Task", first, "match"),
+        ("ServiceRequest", first, "include"),
+        ("Communication", message, "include"),
+        ("Patient", first, "include"),
+    ]
+    other_type = world.r4.get(f"/fhir/Task?_id={first}&_include=Task:focus:Patient")
+    assert _entries(body(other_type)) == [("Task", first, "match")]  # no focus is a Patient
+    assert "X-FHIR-Ignored-Parameters" not in other_type
+    elsewhere = world.r4.get(
+        f"/fhir/Task?_id={first}&_revinclude=Communication:part-of:ServiceRequest"
+    )
+    assert _entries(body(elsewhere)) == [("Task", first, "match")]
+    assert elsewhere["X-FHIR-Ignored-Parameters"] == (
+        "_revinclude=Communication:part-of:ServiceRequest"
+    )
+
+
 def test_an_iterate_value_no_type_offers_is_ignored_or_refused(world: World) -> None:
     first = _task(world, submit(world, "A"))
     path = f"/fhir/Task?_id={first}&_include:iterate=Patient:link"
