@@ -74,6 +74,19 @@ def test_full_lifecycle_r4_submitter_r5_consultant(live_server: Any, world: Worl
     assert [e["resource"]["id"] for e in found["entry"]] == [task_id]
     tasks = consultant.resources("Task").search(owner=owner).include("Task", "focus").fetch_raw()
     assert {e["resource"]["resourceType"] for e in tasks["entry"]} == {"Task", "ServiceRequest"}
+    # fhirpy's three-part include and :iterate: the orders and, through them, the patients.
+    worklist = (
+        consultant.resources("Task")
+        .search(owner=owner)
+        .include("Task", "focus", "ServiceRequest")
+        .include("ServiceRequest", "patient", iterate=True)
+        .fetch_raw()
+    )
+    assert [(e["resource"]["resourceType"], e["search"]["mode"]) for e in worklist["entry"]] == [
+        ("Task", "match"),
+        ("ServiceRequest", "include"),
+        ("Patient", "include"),
+    ]
 
     # Accept (If-Match on the version it read).
     task = consultant.reference("Task", task_id).to_resource()
@@ -99,8 +112,17 @@ def test_full_lifecycle_r4_submitter_r5_consultant(live_server: Any, world: Worl
         partOf=[{"reference": f"Task/{task_id}"}],
         inResponseTo=[{"reference": f"Communication/{question.id}"}],
         payload=[{"contentString": "Normal echo yesterday."}],
+        identifier=[{"system": "https://codao.example.org/sid/message", "value": "R-1"}],
     )
     reply.save()
+    # Found again by the identifier the submitter's system gave it.
+    mine = (
+        submitter.resources("Communication")
+        .search(identifier="https://codao.example.org/sid/message|R-1")
+        .fetch()
+    )
+    assert [c.id for c in mine] == [reply.id]
+    assert mine[0]["identifier"] == reply["identifier"]
 
     # The consult note.
     note = consultant.resource(
