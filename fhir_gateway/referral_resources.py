@@ -267,6 +267,9 @@ COMMUNICATION_FILTERS: dict[str, Filter] = {
 }
 DOCUMENT_REFERENCE_FILTERS: dict[str, Filter] = {
     "identifier": _own_identifier("DocumentReference"),
+    # The referral's order: R4 context.related (search "related"), R5 basedOn ("based-on").
+    "related": _by_filler("ServiceRequest"),
+    "based-on": _by_filler("ServiceRequest"),
 }
 
 
@@ -1378,6 +1381,18 @@ def referral_handlers() -> list[ResourceHandler]:
                     "token",
                     "An identifier the member gave the document (DocumentReference.identifier, "
                     "or its If-None-Exist key).",
+                    "DocumentReference",
+                ),
+                _sp(
+                    "related",
+                    "reference",
+                    "The referral's ServiceRequest (R4 context.related).",
+                    "DocumentReference",
+                ),
+                _sp(
+                    "based-on",
+                    "reference",
+                    "The referral's ServiceRequest (R5 basedOn).",
                     "DocumentReference",
                 ),
             ),

@@ -197,6 +197,35 @@ def test_case_files_and_consult_notes_keep_their_identifiers(world: World) -> No
     assert {e["resource"]["id"] for e in everything["entry"]} == {file_id, note_id}
 
 
+def test_a_referrals_documents_are_found_by_its_order(world: World) -> None:
+    """``related`` (R4: context.related) and ``based-on`` (R5: basedOn) name the
+    referral's ServiceRequest: its case files and consult notes, in the caller's scope."""
+    task_id = accepted(world, "SR-1")
+    other_id = accepted(world, "SR-2")
+    mine = body(world.r4.post("/fhir/DocumentReference", _case_file(task_id, "a")))["id"]
+    other = body(world.r4.post("/fhir/DocumentReference", _case_file(other_id, "b")))["id"]
+    note = body(
+        world.r5.post(
+            "/fhir/DocumentReference", consult_note(task_id), content_type=FHIR_R5, Accept=FHIR_R5
+        )
+    )["id"]
+    for client, param, accept in (
+        (world.r4, "related", FHIR_R4),
+        (world.r5, "based-on", FHIR_R5),
+    ):
+        found = client.get(
+            f"/fhir/DocumentReference?{param}=ServiceRequest/{task_id}", Accept=accept
+        )
+        assert found.status_code == 200, found.content
+        assert sorted(e["resource"]["id"] for e in body(found)["entry"]) == sorted([mine, note])
+    both = world.r4.get(f"/fhir/DocumentReference?related={task_id},{other_id}&_count=10")
+    assert {e["resource"]["id"] for e in body(both)["entry"]} == {mine, other, note}
+    outsider = world.other.get(f"/fhir/DocumentReference?related=ServiceRequest/{task_id}")
+    assert body(outsider).get("entry", []) == []
+    wrong_type = world.r4.get(f"/fhir/DocumentReference?related=Task/{task_id}")
+    assert body(wrong_type).get("entry", []) == []  # the order is a ServiceRequest
+
+
 def test_only_a_version_its_create_stored_takes_identifiers(world: World) -> None:
     task_id = accepted(world)
     row = FhirResource.objects.get(resource_type="Task", logical_id=task_id, is_current=True)

@@ -107,12 +107,18 @@ def test_hand_written_searches_equal_the_orm_for_every_user_and_parameter(
         {},
         {"part-of": [f"Task/{ids[submitted.pk]}"]},
     ]
+    document_cases: list[dict[str, list[str]]] = [
+        {},
+        {"related": [f"ServiceRequest/{ids[submitted.pk]}"]},
+        {"based-on": [f"{ids[submitted.pk]}"]},
+    ]
     nonempty = 0
     for name, user in users.items():
         for resource_type, cases in (
             ("Task", task_cases),
             ("ServiceRequest", sr_cases),
             ("Communication", communication_cases),
+            ("DocumentReference", document_cases),
         ):
             for params in cases:
                 for column in ("json_r4", "json_r5"):
