@@ -157,12 +157,7 @@ def insert_rows(
     sql, params = _insert_statement(model, rows, postgres=postgres)
     if returning_ids:
         sql += f" RETURNING {connection.ops.quote_name(model._meta.pk.column)}"
-    if postgres:
-        found = fetch_prepared(sql, params, returning=returning_ids)
-    else:
-        with connection.cursor() as cursor:
-            cursor.execute(sql, params)
-            found = list(cursor.fetchall()) if returning_ids else []
+    found = fetch_prepared(sql, params, returning=returning_ids)
     # One statement: the ids ascend with the rows (one sequence; SQLite's rowid).
     return sorted(int(r[0]) for r in found)
 
@@ -221,16 +216,18 @@ def insert_many(inserts: Sequence[Insert]) -> list[list[int]]:
 def fetch_models(model: type[M], where: str, params: Sequence[Any]) -> list[M]:
     """Instances of ``model`` whose rows match ``where`` (SQL over the table's own columns,
     values as ``%s``; an ORDER BY / LIMIT may follow), all concrete fields loaded, as the
-    ORM would load them (each field's ``from_db_value``, e.g. JSON decoded). PostgreSQL
-    only: a prepared statement, for the one-table reads every submission makes (the
-    ORM's compile cost more than the query)."""
-    assert connection.vendor == "postgresql", "fetch_models runs on PostgreSQL only"
+    ORM would load them (each field's ``from_db_value``, e.g. JSON decoded). On PostgreSQL
+    a prepared statement, for the one-table reads every submission makes (the ORM's
+    compile cost more than the query); elsewhere the same SQL through ``raw()`` (the
+    backend's own conversions: SQLite keeps dates as text)."""
     fields = model._meta.concrete_fields
     quote = connection.ops.quote_name
     sql = (
         f"SELECT {', '.join(quote(f.column) for f in fields)} "  # noqa: S608 (names from the model, values bound)
         f"FROM {quote(model._meta.db_table)} WHERE {where}"
     )
+    if connection.vendor != "postgresql":
+        return list(model._default_manager.raw(sql, params))
     converters = [(i, f) for i, f in enumerate(fields) if hasattr(f, "from_db_value")]
     names = [f.attname for f in fields]
     found = []

@@ -15,7 +15,6 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
-from django.db import connection
 from django.db.models import Q
 
 from core.memo import memoized
@@ -112,16 +111,10 @@ def member_endpoints(referral: Referral, facility_ids: list[int] | None = None) 
 def _active_endpoints(facilities: tuple[int, ...]) -> list[Endpoint]:
     if not facilities:
         return []
-    if connection.vendor == "postgresql":  # prepared (core.rows): every change asks
-        return fetch_models(
-            Endpoint,
-            f"facility_id IN ({', '.join(['%s'] * len(facilities))}) AND status = %s ORDER BY id",
-            [*facilities, Endpoint.Status.ACTIVE.value],
-        )
-    return list(
-        Endpoint.objects.filter(facility_id__in=facilities, status=Endpoint.Status.ACTIVE).order_by(
-            "pk"
-        )
+    return fetch_models(  # prepared (core.rows): every change asks
+        Endpoint,
+        f"facility_id IN ({', '.join(['%s'] * len(facilities))}) AND status = %s ORDER BY id",
+        [*facilities, Endpoint.Status.ACTIVE.value],
     )
 
 
@@ -229,7 +222,7 @@ def referral_changed(*, referral: Referral, event: ReferralEvent) -> list[FhirRe
             [(FhirResource, values, True), (OutboxMessage, outbox, True), (FeedEvent, feed, False)]
         )
         outbox_scheduled(outbox_ids)
-        return _collect(stored_rows(values, version_ids))
+        return _collect(stored_rows(pending, version_ids))
     ids = [(r[m.R4]["resourceType"], r[m.R4]["id"]) for r in (patient, order)]
     hashes = _current_hashes(referral, ids)
     rows = [

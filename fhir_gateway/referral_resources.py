@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 from django.core.files.uploadedfile import SimpleUploadedFile
-from django.db import DEFAULT_DB_ALIAS, connection, transaction
+from django.db import DEFAULT_DB_ALIAS, transaction
 from django.db.models import OuterRef, Q, QuerySet, Subquery
 
 from core.atomic import atomic_in_unit
@@ -408,25 +408,20 @@ def _specialty(intake: m.Intake) -> Specialty:
 
 
 def _department_by_pk(pk: int) -> Department | None:
-    if connection.vendor == "postgresql":  # prepared (core.rows): every submission asks
-        found = fetch_models(Department, "id = %s", [pk])
-        return found[0] if found else None
-    return Department.objects.filter(pk=pk).first()
+    found = fetch_models(Department, "id = %s", [pk])  # prepared: every submission asks
+    return found[0] if found else None
 
 
 def _specialty_by_codes(codes: list[str]) -> Specialty | None:
     if not codes:
         return None
-    if connection.vendor == "postgresql":  # prepared (core.rows): every submission asks
-        found = fetch_models(
-            Specialty,
-            # Specialty's default ordering (display), which the ORM's .first() follows.
-            f"system = %s AND code IN ({', '.join(['%s'] * len(codes))}) "
-            "ORDER BY display, id LIMIT 1",
-            [Specialty.SNOMED, *codes],
-        )
-        return found[0] if found else None
-    return Specialty.objects.filter(system=Specialty.SNOMED, code__in=codes).first()
+    found = fetch_models(  # prepared: every submission asks
+        Specialty,
+        # Specialty's default ordering (display), which the ORM's .first() follows.
+        f"system = %s AND code IN ({', '.join(['%s'] * len(codes))}) ORDER BY display, id LIMIT 1",
+        [Specialty.SNOMED, *codes],
+    )
+    return found[0] if found else None
 
 
 def _department(references: list[str], where: str) -> Department | None:
@@ -789,11 +784,8 @@ def _keyed_create(
                     source_pk=referral.pk,
                     facility_id=party_facility,
                     keys=[
-                        (i["system"], i["value"])
+                        (i.get("system"), i.get("value"))
                         for i in ([master] if master else []) + identifiers
-                        if isinstance(i.get("system"), str)
-                        and isinstance(i.get("value"), str)
-                        and (i["system"], i["value"]) != key
                     ],
                     logical_id=result.row.logical_id,
                     user=user,

@@ -403,7 +403,8 @@ def store_first_versions(
     without validation like ``store_version(validate=False, index_tokens=False)``. The
     unique constraints still refuse a duplicate (IntegrityError → 409)."""
     rows = first_version_rows(items, fhir_version=fhir_version, source_pk=source_pk, now=now)
-    return stored_rows(rows, insert_rows(FhirResource, rows, returning_ids=True))
+    ids = insert_rows(FhirResource, rows, returning_ids=True)
+    return stored_rows([FhirResource(**values) for values in rows], ids)
 
 
 def first_version_rows(
@@ -445,14 +446,12 @@ def first_version_rows(
     return rows
 
 
-def stored_rows(rows: list[dict[str, Any]], ids: list[int]) -> list[FhirResource]:
-    """Model instances of inserted ``first_version_rows`` and their new ids."""
-    stored = []
-    for values, pk in zip(rows, ids, strict=True):
-        row = FhirResource(pk=pk, **values)
+def stored_rows(rows: list[FhirResource], ids: list[int]) -> list[FhirResource]:
+    """Instances of inserted ``first_version_rows``, given their new ids (as saved)."""
+    for row, pk in zip(rows, ids, strict=True):
+        row.pk = pk
         row._state.adding, row._state.db = False, connection.alias
-        stored.append(row)
-    return stored
+    return rows
 
 
 def parse_if_match(raw: str) -> int:
@@ -583,13 +582,14 @@ def record_create_keys(
     resource_type: str,
     source_pk: int,
     facility_id: int,
-    keys: list[tuple[str, str]],
+    keys: list[tuple[Any, Any]],
     logical_id: str,
     user: Any,
 ) -> None:
-    """``keys`` (system, value) now name ``logical_id`` within the referral and party,
-    except those that already name a resource: the first resource keeps a key (a plain
-    create carrying an identifier used before, or one racing a conditional create)."""
+    """``keys`` (system, value; those without both are no key) now name ``logical_id``
+    within the referral and party, except those that already name a resource: the first
+    resource keeps a key (a plain create carrying an identifier used before, or one racing
+    a conditional create; the conditional create's own key, recorded again, stays)."""
     usable = [(s, v) for s, v in dict.fromkeys(keys) if s and v]
     CreateKey.objects.bulk_create(
         [

@@ -21,7 +21,7 @@ from urllib.parse import quote, urlencode
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig, TooManyFieldsSent
 from django.db import IntegrityError, connection
-from django.db.models import F, Q
+from django.db.models import F, Q, QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.http.response import HttpResponseBase
 from django.utils import timezone
@@ -901,31 +901,15 @@ def _search(
                 ignored.append(f"{name}={include}")
                 continue
             used.setdefault(name, []).append(include)
-            if not page_ids:
-                continue
-            included = include_func(ctx.user, page_ids).exclude(**{column: ""})
-            for rtype, lid, text in included.order_by("resource_type", "logical_id").values_list(
-                "resource_type", "logical_id", column
-            ):
-                if (rtype, lid) in seen:  # a resource appears once in a Bundle
-                    continue
-                seen.add((rtype, lid))
-                entries.append(_entry(ctx, rtype, lid, text, "include"))
+            if page_ids:
+                _include_into(ctx, include_func(ctx.user, page_ids), column, seen, entries)
     steps = _iterate_steps(params, used, ignored, strict)
     for _round in range(MAX_ITERATE if page_ids else 0):
         added = False
         for source_type, include_func in steps:
             ids = sorted(lid for rtype, lid in seen if rtype == source_type)
-            if not ids:
-                continue
-            included = include_func(ctx.user, ids).exclude(**{column: ""})
-            for rtype, lid, text in included.order_by("resource_type", "logical_id").values_list(
-                "resource_type", "logical_id", column
-            ):
-                if (rtype, lid) not in seen:
-                    seen.add((rtype, lid))
-                    entries.append(_entry(ctx, rtype, lid, text, "include"))
-                    added = True
+            if ids:
+                added |= _include_into(ctx, include_func(ctx.user, ids), column, seen, entries)
         if not added:
             break
     self_url = f"{ctx.base}/{handler.resource_type}"
@@ -939,6 +923,28 @@ def _search(
             quote(name, safe="!#$&'()*+-./:;<=>?@[]^_`{|}~ ") for name in sorted(ignored)
         )
     return response
+
+
+def _include_into(
+    ctx: FhirRequest,
+    included: QuerySet[FhirResource],
+    column: str,
+    seen: set[tuple[str, str]],
+    entries: list[str],
+) -> bool:
+    """Append the included resources not yet in the Bundle (each appears once); whether
+    any was."""
+    added = False
+    for rtype, lid, text in (
+        included.exclude(**{column: ""})
+        .order_by("resource_type", "logical_id")
+        .values_list("resource_type", "logical_id", column)
+    ):
+        if (rtype, lid) not in seen:
+            seen.add((rtype, lid))
+            entries.append(_entry(ctx, rtype, lid, text, "include"))
+            added = True
+    return added
 
 
 def _include_func(

@@ -3,6 +3,7 @@ an R5 system of the central children's hospital (pediatrics) answers."""
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 from collections.abc import Callable
@@ -207,6 +208,31 @@ def consult_note(task_id: str) -> dict[str, Any]:
         "basedOn": [{"reference": f"ServiceRequest/{task_id}"}],
         "content": [{"attachment": {"contentType": "text/plain", "data": "SVZJRyAyZy9rZw=="}}],
     }
+
+
+def case_file(
+    task_id: str | None, label: str = "a", *identifiers: dict[str, Any]
+) -> dict[str, Any]:
+    """A case file (one inline PDF whose bytes and title follow ``label``) for ``task_id``
+    (None: a Bundle entry's, without a reference), carrying ``identifiers``."""
+    resource: dict[str, Any] = {
+        "resourceType": "DocumentReference",
+        "status": "current",
+        "content": [
+            {
+                "attachment": {
+                    "contentType": "application/pdf",
+                    "title": f"{label}.pdf",
+                    "data": base64.b64encode(f"%PDF-1.4 {label}\n%%EOF\n".encode()).decode(),
+                }
+            }
+        ],
+    }
+    if task_id is not None:
+        resource["context"] = {"related": [{"reference": f"Task/{task_id}"}]}
+    if identifiers:
+        resource["identifier"] = list(identifiers)
+    return resource
 
 
 def accepted(world: World, placer: str = "SR-1") -> str:

@@ -4,7 +4,6 @@ first request made, and nothing is posted twice."""
 
 from __future__ import annotations
 
-import base64
 import threading
 import time
 from typing import Any
@@ -20,6 +19,7 @@ from fhir_gateway.tests.referral_world import (
     World,
     accepted,
     body,
+    case_file,
     consult_note,
     member_client,
     submit,
@@ -35,7 +35,6 @@ from tests.factories import UserFactory
 pytestmark = pytest.mark.django_db
 
 KEY = "https://codao.example.org/sid/message|M-0001"
-PDF = b"%PDF-1.4\n1 0 obj\n<<>>\nendobj\ntrailer\n<<>>\n%%EOF\n"
 
 
 def _message(task_id: str, text: str = "Weight today?", *, r5: bool = False) -> dict[str, Any]:
@@ -47,23 +46,6 @@ def _message(task_id: str, text: str = "Weight today?", *, r5: bool = False) -> 
         "status": "completed",
         "partOf": [{"reference": f"Task/{task_id}"}],
         "payload": [payload],
-    }
-
-
-def _case_file(task_id: str) -> dict[str, Any]:
-    return {
-        "resourceType": "DocumentReference",
-        "status": "current",
-        "context": {"related": [{"reference": f"Task/{task_id}"}]},
-        "content": [
-            {
-                "attachment": {
-                    "contentType": "application/pdf",
-                    "title": "echo.pdf",
-                    "data": base64.b64encode(PDF).decode(),
-                }
-            }
-        ],
     }
 
 
@@ -275,13 +257,13 @@ def test_a_party_who_may_not_upload_learns_nothing_from_a_used_key(world: World)
     may not add files: 403 without the header, and it got 200 with the file for a used
     key (found by a review). Refused alike now, nothing changed."""
     task_id = accepted(world)
-    assert _post(world.r4, "/fhir/DocumentReference", _case_file(task_id)).status_code == 201
+    assert _post(world.r4, "/fhir/DocumentReference", case_file(task_id, "echo")).status_code == 201
     admin = UserFactory.create(facility=world.network.spoke, roles=[Role.FACILITY_ADMIN])
     client = member_client(admin)
     before = _counts()
 
-    plain = _post(client, "/fhir/DocumentReference", _case_file(task_id), key=None)
-    keyed = _post(client, "/fhir/DocumentReference", _case_file(task_id))
+    plain = _post(client, "/fhir/DocumentReference", case_file(task_id, "echo"), key=None)
+    keyed = _post(client, "/fhir/DocumentReference", case_file(task_id, "echo"))
 
     assert (plain.status_code, keyed.status_code) == (403, 403), keyed.content
     assert _counts() == before
@@ -327,12 +309,12 @@ def test_a_create_refused_inside_the_key_records_no_key(world: World) -> None:
 
 def test_a_retried_case_file_is_stored_once(world: World) -> None:
     task_id = accepted(world)
-    first = _post(world.r4, "/fhir/DocumentReference", _case_file(task_id))
+    first = _post(world.r4, "/fhir/DocumentReference", case_file(task_id, "echo"))
     assert first.status_code == 201, first.content
     before = _counts()
     stored = Attachment.objects.get()
 
-    again = _post(world.r4, "/fhir/DocumentReference", _case_file(task_id))
+    again = _post(world.r4, "/fhir/DocumentReference", case_file(task_id, "echo"))
 
     assert again.status_code == 200, again.content
     assert body(again)["id"] == body(first)["id"]

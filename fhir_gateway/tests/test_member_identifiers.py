@@ -5,7 +5,6 @@ on the stored resource (every rendering, and what the outbox sends), searchable 
 
 from __future__ import annotations
 
-import base64
 import json
 from typing import Any
 from urllib.parse import quote
@@ -20,6 +19,7 @@ from fhir_gateway.tests.referral_world import (
     World,
     accepted,
     body,
+    case_file,
     consult_note,
     transaction,
 )
@@ -39,30 +39,6 @@ def _message(task_id: str, *identifiers: dict[str, Any]) -> dict[str, Any]:
         "status": "completed",
         "partOf": [{"reference": f"Task/{task_id}"}],
         "payload": [{"contentString": "Weight today?"}],
-    }
-    if identifiers:
-        resource["identifier"] = list(identifiers)
-    return resource
-
-
-def _pdf(label: str) -> str:
-    return base64.b64encode(f"%PDF-1.4 {label}\n%%EOF\n".encode()).decode()
-
-
-def _case_file(task_id: str, label: str = "a", *identifiers: dict[str, str]) -> dict[str, Any]:
-    resource: dict[str, Any] = {
-        "resourceType": "DocumentReference",
-        "status": "current",
-        "context": {"related": [{"reference": f"Task/{task_id}"}]},
-        "content": [
-            {
-                "attachment": {
-                    "contentType": "application/pdf",
-                    "title": f"{label}.pdf",
-                    "data": _pdf(label),
-                }
-            }
-        ],
     }
     if identifiers:
         resource["identifier"] = list(identifiers)
@@ -175,7 +151,7 @@ def test_an_identifier_invalid_in_fhir_is_refused_and_nothing_is_posted(world: W
 
 def test_case_files_and_consult_notes_keep_their_identifiers(world: World) -> None:
     task_id = accepted(world)
-    made = world.r4.post("/fhir/DocumentReference", _case_file(task_id, "a", MINE))
+    made = world.r4.post("/fhir/DocumentReference", case_file(task_id, "a", MINE))
     assert made.status_code == 201, made.content
     file_id = body(made)["id"]
     assert body(world.r5.get(f"/fhir/DocumentReference/{file_id}", Accept=FHIR_R5))[
@@ -202,8 +178,8 @@ def test_a_referrals_documents_are_found_by_its_order(world: World) -> None:
     referral's ServiceRequest: its case files and consult notes, in the caller's scope."""
     task_id = accepted(world, "SR-1")
     other_id = accepted(world, "SR-2")
-    mine = body(world.r4.post("/fhir/DocumentReference", _case_file(task_id, "a")))["id"]
-    other = body(world.r4.post("/fhir/DocumentReference", _case_file(other_id, "b")))["id"]
+    mine = body(world.r4.post("/fhir/DocumentReference", case_file(task_id, "a")))["id"]
+    other = body(world.r4.post("/fhir/DocumentReference", case_file(other_id, "b")))["id"]
     note = body(
         world.r5.post(
             "/fhir/DocumentReference", consult_note(task_id), content_type=FHIR_R5, Accept=FHIR_R5
@@ -258,19 +234,7 @@ def _with_file(bundle: dict[str, Any], label: str, if_none_exist: Any = None) ->
         {
             "fullUrl": f"urn:uuid:doc-{len(bundle['entry'])}",
             "request": request,
-            "resource": {
-                "resourceType": "DocumentReference",
-                "status": "current",
-                "content": [
-                    {
-                        "attachment": {
-                            "contentType": "application/pdf",
-                            "title": f"{label}.pdf",
-                            "data": _pdf(label),
-                        }
-                    }
-                ],
-            },
+            "resource": case_file(None, label),
         }
     )
     return bundle
@@ -537,7 +501,7 @@ def test_an_r4_master_identifier_is_kept_and_searchable(world: World) -> None:
     definition covers both)."""
     task_id = accepted(world)
     master = {"system": "urn:ietf:rfc:3986", "value": "urn:oid:1.3.6.1.4.1.21367.2005.3.7"}
-    document = _case_file(task_id, "a", MINE)
+    document = case_file(task_id, "a", MINE)
     document["masterIdentifier"] = master
     made = world.r4.post("/fhir/DocumentReference", document)
     assert made.status_code == 201, made.content
@@ -583,7 +547,7 @@ def test_an_adapted_official_example_reads_back_its_identifiers(
         if version == "5.0":
             sent["payload"] = [{"contentCodeableConcept": {"text": "Weight today?"}}]
     else:
-        sent = _case_file(task_id, "example", *example["identifier"])
+        sent = case_file(task_id, "example", *example["identifier"])
         if version == "4.0":
             sent["masterIdentifier"] = example["masterIdentifier"]
         else:
