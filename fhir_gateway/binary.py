@@ -1,4 +1,4 @@
-"""``Binary``: the bytes of a referral's case files over FHIR (read only).
+"""``Binary``: the bytes of a referral's case files over FHIR (read and create).
 
 ``Binary/<id>`` has the id of the case file's DocumentReference (``<filler>-att-<n>``,
 whose ``content.attachment.url`` points here). The bytes stay where
@@ -14,6 +14,18 @@ finds the file through that module's scoped getter (``attachment_get``: the refe
 It is the one type not served from stored JSON: the bytes are not FHIR resources, and
 wrapping a 20 MiB file in base64 at every version would double the storage. Each read is
 recorded in the audit log as a download, like the REST download.
+
+Create (``POST /fhir/Binary``) stores a new case file of the referral its security context
+names (``ServiceRequest/<id>`` or ``Task/<id>``), as a DocumentReference with an inline file
+does, and answers with the new ``Binary`` (its id is the new DocumentReference's). The body
+is either
+
+- the file itself, with its own ``Content-Type`` and the context in the
+  ``X-Security-Context`` header (FHIR's raw Binary create): up to ``ATTACHMENT_MAX_BYTES``,
+  beyond the FHIR JSON body limit, so the way to send a large file; or
+- a FHIR JSON ``Binary`` (``contentType``, base64 ``data``, ``securityContext``).
+
+Each create is recorded in the audit log as the REST upload is.
 """
 
 from __future__ import annotations
@@ -21,17 +33,19 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from django.http import FileResponse, HttpResponse
+from django.db import transaction
+from django.http import FileResponse, HttpRequest, HttpResponse
 from django.http.response import HttpResponseBase
 from django.utils.http import http_date
 
 from core.values import ascii_digits
 from fhir_gateway import handlers
-from fhir_gateway.handlers import RawRead, ResourceHandler
+from fhir_gateway import referral_mapping as m
+from fhir_gateway.handlers import RawCreate, RawRead, ResourceHandler
 from fhir_gateway.outcomes import FhirError
-from fhir_gateway.storage import dumps, fhir_instant
+from fhir_gateway.storage import dumps, fhir_instant, validate_resource
 from fhir_gateway.versions import binary_answer_version, media_type_for
-from referrals.attachments import attachment_get
+from referrals.attachments import attachment_get, max_bytes
 from referrals.audit import audit_record
 from referrals.models import Attachment, AuditAction
 from referrals.selectors import referral_visible
@@ -61,13 +75,13 @@ def _attachment(read: RawRead) -> Attachment:
     return attachment_get(user=read.user, referral_id=referral_pk, attachment_id=number)
 
 
-def _resource(read: RawRead, attachment: Attachment, data: bytes) -> dict[str, Any]:
+def _resource(logical_id: str, attachment: Attachment, data: bytes) -> dict[str, Any]:
     return {
         "resourceType": "Binary",
-        "id": read.logical_id,
+        "id": logical_id,
         "meta": {"versionId": "1", "lastUpdated": fhir_instant(attachment.created)},
         "contentType": attachment.content_type,
-        "securityContext": {"reference": f"DocumentReference/{read.logical_id}"},
+        "securityContext": {"reference": f"DocumentReference/{logical_id}"},
         "data": base64.b64encode(data).decode("ascii"),
     }
 
@@ -98,7 +112,8 @@ def binary_read(read: RawRead) -> HttpResponseBase:
         with attachment.file.open("rb") as handle:
             data = handle.read()
         response = HttpResponse(
-            dumps(_resource(read, attachment, data)), content_type=media_type_for(version)
+            dumps(_resource(read.logical_id, attachment, data)),
+            content_type=media_type_for(version),
         )
     response["ETag"] = 'W/"1"'  # a case file never changes
     response["Last-Modified"] = http_date(attachment.created.timestamp())
@@ -108,14 +123,98 @@ def binary_read(read: RawRead) -> HttpResponseBase:
     return response
 
 
+SECURITY_CONTEXT_HEADER = "X-Security-Context"
+
+
+def _raw_body(request: HttpRequest) -> bytes:
+    """The request body, at most ``ATTACHMENT_MAX_BYTES`` (413 beyond: declared or read),
+    read from the stream (``request.body`` stops at the FHIR JSON limit)."""
+    limit = max_bytes()
+    length = request.META.get("CONTENT_LENGTH") or ""
+    too_large = FhirError(413, "too-costly", f"The file is larger than {limit} bytes.")
+    if ascii_digits(length) and int(length) > limit:
+        raise too_large
+    data = request.read(limit + 1)
+    if len(data) > limit:
+        raise too_large
+    return data
+
+
+def _checked_binary(call: RawCreate) -> tuple[bytes, str, str, str]:
+    """(bytes, content type, security context reference, where it was read)."""
+    if call.resource is None:  # the file itself
+        data = _raw_body(call.request)
+        content_type = call.request.content_type or ""
+        if data and not content_type:
+            raise FhirError(
+                415, "not-supported", "Send the file with its Content-Type (or a FHIR Binary)."
+            )
+        context = call.request.headers.get(SECURITY_CONTEXT_HEADER, "").strip()
+        where = SECURITY_CONTEXT_HEADER
+    else:
+        assert call.body_version is not None
+        validate_resource(call.resource, call.body_version)
+        data = m.attachment_bytes(call.resource, "Binary")
+        content_type = str(call.resource.get("contentType") or "")
+        context = m.reference_of(call.resource.get("securityContext"))
+        where = "Binary.securityContext"
+    if not data:
+        raise FhirError(
+            400 if call.resource is None else 422,
+            "structure" if call.resource is None else "required",
+            "The file is empty." if call.resource is None else "Binary.data is required.",
+            expression=[] if call.resource is None else ["Binary.data"],
+        )
+    return data, content_type, context, where
+
+
+def binary_create(call: RawCreate) -> HttpResponseBase:
+    # The referral resources build on this module (binary_id): imported here.
+    from fhir_gateway.referral_resources import case_file_store, referral_from_references
+
+    data, content_type, context, where = _checked_binary(call)
+    referral = referral_from_references(call.user, [context] if context else [], where)
+    with transaction.atomic():  # the file, its row and DocumentReference: all or nothing
+        stored = case_file_store(call.user, referral, data, content_type=content_type, title="")
+        # audit_record reads the acting user from the request (bearer auth does not set it).
+        call.request.user = call.user
+        audit_record(
+            call.request,
+            AuditAction.CREATE,
+            [referral.pk],
+            object_type="attachment",
+            object_id=stored.attachment.pk,
+            detail="fhir-binary",
+        )
+    logical_id = stored.result.row.logical_id
+    attachment = stored.attachment
+    prefer = call.request.headers.get("Prefer", "")
+    if "return=minimal" in prefer:
+        response = HttpResponse(status=201)
+    else:
+        response = HttpResponse(
+            dumps(_resource(logical_id, attachment, data)),
+            status=201,
+            content_type=media_type_for(call.version),
+        )
+    response["Location"] = f"{call.base}/Binary/{logical_id}/_history/1"
+    response["ETag"] = 'W/"1"'
+    response["Last-Modified"] = http_date(attachment.created.timestamp())
+    return response
+
+
 def register_all() -> None:
     handlers.register(
         ResourceHandler(
             "Binary",
-            (handlers.READ,),
+            (handlers.READ, handlers.CREATE),
             documentation="The bytes of a referral's case file (id = its DocumentReference's, "
             "the attachment url): raw with the stored content type, or a Binary resource "
-            "(base64 data) when Accept is FHIR JSON. Scoped like the referral (404 outside).",
+            "(base64 data) when Accept is FHIR JSON. Scoped like the referral (404 outside). "
+            "Create: a new case file of the referral named by securityContext (or, with the "
+            "file as the body, by the X-Security-Context header); its DocumentReference is "
+            "made with it.",
             raw_read=binary_read,
+            raw_create=binary_create,
         )
     )

@@ -81,6 +81,23 @@ class RawRead:
 
 RawReadFunc = Callable[[RawRead], "HttpResponseBase"]
 
+
+@dataclass(frozen=True)
+class RawCreate:
+    """A create answered by the handler itself (Binary: the body may be the bytes)."""
+
+    request: HttpRequest
+    user: User
+    version: str  # the answer's FHIR version (Accept)
+    base: str  # the server's base URL, for Location
+    # A FHIR JSON body, parsed and checked (size, depth, NUL) by the views, in the body's
+    # version; None when the body is not JSON (the bytes themselves, in ``request``).
+    resource: dict[str, Any] | None = None
+    body_version: str | None = None
+
+
+RawCreateFunc = Callable[[RawCreate], "HttpResponseBase"]
+
 # Returns the current rows matching the handler's own parameters (values already split).
 SearchFunc = Callable[["User", dict[str, list[str]]], QuerySet[FhirResource]]
 # The same search as hand-written SQL ("FROM … WHERE …" over current rows ``f``, and its
@@ -126,6 +143,8 @@ class ResourceHandler:
     sort_sql: dict[str, str] = field(default_factory=dict)
     # Reads answered by the handler (any Accept: the handler negotiates), not stored JSON.
     raw_read: RawReadFunc | None = None
+    # Creates answered by the handler (any Content-Type), instead of ``create``.
+    raw_create: RawCreateFunc | None = None
     # The FHIR versions the type exists in (SubscriptionTopic is R5 only): elsewhere 404.
     fhir_versions: tuple[str, ...] = SUPPORTED_VERSIONS
     extra: dict[str, Any] = field(default_factory=dict)

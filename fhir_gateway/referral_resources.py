@@ -55,7 +55,7 @@ from fhir_gateway.storage import (
     validate_resource,
 )
 from referrals.attachments import UPLOAD_ROLES
-from referrals.models import ActorSide, Referral, ReferralEvent, ReferralState
+from referrals.models import ActorSide, Attachment, Referral, ReferralEvent, ReferralState
 from referrals.selectors import referral_scope_sql, referral_visible
 from referrals.services import (
     COUNTER_REFERRAL_SYSTEM,
@@ -652,7 +652,7 @@ def _counter_referral_create(user: User, ask: m.CounterReferralAsk) -> WriteResu
     return WriteResult(_current("ServiceRequest", child), created=True)
 
 
-def _referral_from_references(user: User, references: list[str], where: str) -> Referral:
+def referral_from_references(user: User, references: list[str], where: str) -> Referral:
     for reference in references:
         kind, logical_id = m.split_reference(reference)
         if kind in ("Task", "ServiceRequest"):
@@ -684,7 +684,7 @@ def _communication_create(req: WriteRequest) -> WriteResult:
             expression=["Communication.status"],
         )
     part_of = [m.reference_of(r) for r in req.resource.get("partOf") or []]
-    referral = _referral_from_references(req.user, part_of, "Communication.partOf")
+    referral = referral_from_references(req.user, part_of, "Communication.partOf")
     text = m.communication_text(req.resource)
     if not text:
         raise FhirError(
@@ -838,7 +838,7 @@ def _document_references(resource: dict[str, Any]) -> list[str]:
 
 def _document_reference_create(req: WriteRequest) -> WriteResult:
     validate_resource(req.resource, req.fhir_version)
-    referral = _referral_from_references(
+    referral = referral_from_references(
         req.user,
         _document_references(req.resource),
         "DocumentReference.context.related"
@@ -891,10 +891,6 @@ def _attachment_store(
     """A case file: stored by the referral attachments service; its DocumentReference
     (metadata, and the url of its bytes: ``Binary/<same id>``, see ``binary``) is stored
     here."""
-    from fhir_gateway.binary import binary_id
-    from fhir_gateway.storage import store_version
-    from referrals.attachments import attachment_upload, clean_name
-
     if len(contents) != 1 or not contents[0].get("data"):
         raise FhirError(
             422,
@@ -904,9 +900,33 @@ def _attachment_store(
             expression=["DocumentReference.content"],
         )
     attachment = contents[0]
-    data = m.attachment_bytes(attachment, "DocumentReference.content.attachment")
-    name = clean_name(str(attachment.get("title") or "attachment"))  # ".", "a/": no name
-    upload = SimpleUploadedFile(name, data, content_type=str(attachment.get("contentType") or ""))
+    return case_file_store(
+        user,
+        referral,
+        m.attachment_bytes(attachment, "DocumentReference.content.attachment"),
+        content_type=str(attachment.get("contentType") or ""),
+        title=str(attachment.get("title") or ""),
+    ).result
+
+
+@dataclass(frozen=True)
+class StoredCaseFile:
+    result: WriteResult  # the DocumentReference
+    attachment: Attachment
+
+
+def case_file_store(
+    user: User, referral: Referral, data: bytes, *, content_type: str, title: str
+) -> StoredCaseFile:
+    """Store ``data`` as a case file of ``referral`` (``referrals.attachments``: its checks,
+    type sniffing and size limit) and its DocumentReference (``Binary/<same id>`` is the
+    bytes). For a DocumentReference with an inline file, and for a Binary create."""
+    from fhir_gateway.binary import binary_id
+    from fhir_gateway.storage import store_version
+    from referrals.attachments import attachment_upload, clean_name
+
+    name = clean_name(title or "attachment")  # ".", "a/": no name
+    upload = SimpleUploadedFile(name, data, content_type=content_type)
     stored = attachment_upload(actor=user, referral_id=referral.pk, upload=upload)
     doc_id = binary_id(referral.filler_id, stored.pk)
     doc: dict[str, Any] = {
@@ -945,7 +965,7 @@ def _attachment_store(
             source_pk=referral.pk,
             index_tokens=False,
         )
-    return WriteResult(row, created=True)
+    return StoredCaseFile(WriteResult(row, created=True), stored)
 
 
 # --------------------------------------------------------------------------- transaction

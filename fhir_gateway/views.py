@@ -54,8 +54,10 @@ from fhir_gateway.storage import (
 )
 from fhir_gateway.versions import (
     DEFAULT_VERSION,
+    JSON_TYPES,
     body_version,
     media_type_for,
+    parse_media_range,
     response_version,
 )
 from referrals.attachments import files_removed_on_failure
@@ -488,7 +490,7 @@ def instance_operation(
 
 
 @_fhir_view(methods=("GET", "POST", "PUT", "DELETE", "PATCH"))
-def type_level(ctx: FhirRequest, resource_type: str) -> HttpResponse:
+def type_level(ctx: FhirRequest, resource_type: str) -> HttpResponseBase:
     handler = _handler(resource_type, ctx.version)
     allow = _allowed_type_methods(handler)
     if ctx.request.method == "GET":
@@ -496,6 +498,8 @@ def type_level(ctx: FhirRequest, resource_type: str) -> HttpResponse:
         return _search(ctx, handler, _query_params(ctx.request.GET.lists()))
     if ctx.request.method == "POST":
         _require(handler, handlers.CREATE, allow)
+        if handler.raw_create is not None:
+            return _raw_create(ctx, handler)
         return _create(ctx, handler)
     raise FhirError(
         405,
@@ -540,6 +544,28 @@ def _create(ctx: FhirRequest, handler: ResourceHandler) -> HttpResponse:
         )
     )
     return _write_response(ctx, result.row, status=201 if result.created else 200)
+
+
+def _raw_create(ctx: FhirRequest, handler: ResourceHandler) -> HttpResponseBase:
+    """A create whose body may be other than FHIR JSON (Binary: the file itself). A JSON
+    body is parsed and checked here as any other; other bodies are left to the handler."""
+    assert handler.raw_create is not None and ctx.user is not None
+    if ctx.request.headers.get("If-None-Exist"):
+        raise FhirError(400, "not-supported", f"{handler.resource_type} has no conditional create.")
+    media = parse_media_range(ctx.request.headers.get("Content-Type", ""))
+    resource, version = None, None
+    if media is not None and media.media_type in JSON_TYPES:
+        version = body_version(ctx.request, default=ctx.version)
+        resource = _json_body(ctx.request)
+        if resource.get("resourceType") != handler.resource_type:
+            raise FhirError(
+                400,
+                "invalid",
+                f"The body is a {resource.get('resourceType')!r}, not a {handler.resource_type}.",
+            )
+    return handler.raw_create(
+        handlers.RawCreate(ctx.request, ctx.user, ctx.version, ctx.base, resource, version)
+    )
 
 
 def _write_response(ctx: FhirRequest, row: FhirResource, *, status: int) -> HttpResponse:

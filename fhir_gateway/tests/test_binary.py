@@ -5,12 +5,15 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from collections.abc import Callable
 from typing import Any
 
 import pytest
+from django.core.files.storage import default_storage
 
 from accounts.roles import Role
 from accounts.services import api_token_issue
+from fhir_gateway.models import FhirResource
 from fhir_gateway.tests.conftest import FHIR_R4, FHIR_R5, FhirClient, outcome_issue
 from fhir_gateway.tests.referral_world import World, body, submit, task_of
 from fhir_gateway.versions import model_class
@@ -19,6 +22,7 @@ from tests.factories import UserFactory
 
 pytestmark = pytest.mark.django_db
 
+FHIR_R4_TYPE = "application/fhir+json"
 PDF = b"%PDF-1.4\n% synthetic lab report, no patient data\n1 0 obj <<>> endobj\n%%EOF\n"
 
 
@@ -172,15 +176,240 @@ def test_an_accept_we_cannot_honour_is_406(world: World, case_file: Any):
     ).status_code == (406)
 
 
-def test_binary_is_read_only(world: World, case_file: Any):
+def test_binary_has_no_update_delete_or_search(world: World, case_file: Any):
     _task_id, document = case_file
     path = _binary_path(document)
 
     assert world.r4.put(path, {"resourceType": "Binary"}).status_code == 405
     assert world.r4.delete(path).status_code == 405
-    assert world.r4.get("/fhir/Binary").status_code == 405
-    assert world.r4.post("/fhir/Binary", {"resourceType": "Binary"}).status_code == 405
+    response = world.r4.get("/fhir/Binary")
+    assert (response.status_code, response["Allow"]) == (405, "POST")
     assert world.r4.get(path).status_code == 200
     statement = body(world.r4.get("/fhir/metadata"))
     [binary] = [r for r in statement["rest"][0]["resource"] if r["type"] == "Binary"]
-    assert binary["interaction"] == [{"code": "read"}]
+    assert binary["interaction"] == [{"code": "read"}, {"code": "create"}]
+
+
+# --------------------------------------------------------------------------- create
+
+
+def _raw_post(client: FhirClient, data: bytes, context: str | None, **headers: str) -> Any:
+    if context is not None:
+        headers["X-Security-Context"] = context
+    return client.post("/fhir/Binary", data, content_type="application/pdf", **headers)
+
+
+def _stored_files(path: str = "") -> set[str]:
+    directories, files = default_storage.listdir(path)
+    found = {f"{path}/{name}".lstrip("/") for name in files}
+    for directory in directories:
+        found |= _stored_files(f"{path}/{directory}".lstrip("/"))
+    return found
+
+
+def _state() -> tuple[Any, ...]:
+    return (
+        Attachment.objects.count(),
+        FhirResource.objects.filter(resource_type="DocumentReference").count(),
+        AuditEntry.objects.filter(action="create", object_type="attachment").count(),
+        _stored_files(),
+    )
+
+
+@pytest.fixture
+def task_id(world: World) -> str:
+    return str(task_of(submit(world))["id"])
+
+
+def test_raw_create_stores_a_case_file_both_parties_read(world: World, task_id: str):
+    response = _raw_post(world.r4, PDF, f"ServiceRequest/{task_id}")
+
+    assert response.status_code == 201, response.content
+    created = body(response)
+    logical_id = created["id"]
+    assert response["Location"] == f"http://testserver/fhir/Binary/{logical_id}/_history/1"
+    assert response["ETag"] == 'W/"1"'
+    assert response["Content-Type"] == f"{FHIR_R4_TYPE}; fhirVersion=4.0"
+    model_class("Binary", "4.0").model_validate(created)
+    assert (created["contentType"], base64.b64decode(created["data"])) == ("application/pdf", PDF)
+    attachment = Attachment.objects.get()
+    assert (attachment.uploaded_by, attachment.size) == (world.submitter, len(PDF))
+    # Its DocumentReference, with the same id, points at it; the consultant reads both.
+    document = body(world.r5.get(f"/fhir/DocumentReference/{logical_id}", Accept=FHIR_R5))
+    assert document["content"][0]["attachment"]["url"] == f"Binary/{logical_id}"
+    assert document["basedOn"] == [{"reference": f"ServiceRequest/{task_id}"}]
+    read = world.r5.get(f"/fhir/Binary/{logical_id}", Accept="application/pdf")
+    assert b"".join(read.streaming_content) == PDF
+    entry = AuditEntry.objects.get(action="create")
+    assert (entry.user, entry.object_type, entry.object_id, entry.detail) == (
+        world.submitter,
+        "attachment",
+        str(attachment.pk),
+        "fhir-binary",
+    )
+
+
+def test_fhir_json_create_reads_back_equal_in_either_version(world: World, task_id: str):
+    binary = {
+        "resourceType": "Binary",
+        "contentType": "application/pdf",
+        "securityContext": {"reference": f"Task/{task_id}"},
+        "data": base64.b64encode(PDF).decode("ascii"),
+    }
+
+    # The consultant's R5 system, once the referral is its department's.
+    response = world.r5.post("/fhir/Binary", binary, content_type=FHIR_R5, Accept=FHIR_R5)
+
+    assert response.status_code == 201, response.content
+    created = body(response)
+    model_class("Binary", "5.0").model_validate(created)
+    read = body(world.r4.get(f"/fhir/Binary/{created['id']}", Accept=FHIR_R4))
+    assert read == created
+    assert {k: read[k] for k in ("contentType", "data")} == {
+        k: binary[k] for k in ("contentType", "data")
+    }
+    assert Attachment.objects.get().uploaded_by == world.consultant
+
+
+def test_return_minimal_answers_without_a_body(world: World, task_id: str):
+    response = _raw_post(world.r4, PDF, f"Task/{task_id}", Prefer="return=minimal")
+
+    assert (response.status_code, response.content) == (201, b"")
+    logical_id = response["Location"].split("/fhir/Binary/")[1].split("/")[0]
+    assert world.r4.get(f"/fhir/Binary/{logical_id}").status_code == 200
+
+
+def test_a_raw_file_may_exceed_the_fhir_json_body_limit(world: World, task_id: str, settings: Any):
+    settings.FHIR_MAX_BODY_BYTES = 200
+    large = PDF + b"%" + b"x" * 500 + b"\n"
+
+    as_json = {
+        "resourceType": "Binary",
+        "contentType": "application/pdf",
+        "securityContext": {"reference": f"Task/{task_id}"},
+        "data": base64.b64encode(large).decode("ascii"),
+    }
+    assert world.r4.post("/fhir/Binary", as_json).status_code == 413
+    response = _raw_post(world.r4, large, f"Task/{task_id}")
+
+    assert response.status_code == 201, response.content
+    assert Attachment.objects.get().size == len(large)
+
+
+def _json(task_id: str, **changes: Any) -> dict[str, Any]:
+    binary = {
+        "resourceType": "Binary",
+        "contentType": "application/pdf",
+        "securityContext": {"reference": f"ServiceRequest/{task_id}"},
+        "data": base64.b64encode(PDF).decode("ascii"),
+    }
+    binary.update(changes)
+    return {k: v for k, v in binary.items() if v is not None}
+
+
+@pytest.mark.parametrize(
+    ("case", "status", "code"),
+    [
+        ("raw, no security context", 422, "required"),
+        ("raw, context not a referral", 422, "required"),
+        ("raw, unknown referral", 404, "not-found"),
+        ("raw, another facility's referral", 404, "not-found"),
+        ("raw, empty body", 400, "structure"),
+        ("raw, not an allowed file type", 415, "not-supported"),
+        ("raw, declared type disagrees with the bytes", 415, "not-supported"),
+        ("raw, no Content-Type", 415, "not-supported"),
+        ("raw, larger than ATTACHMENT_MAX_BYTES", 413, "too-costly"),
+        ("raw, conditional create", 400, "not-supported"),
+        ("json, no data", 422, "required"),
+        ("json, data not base64", 400, "structure"),
+        ("json, no contentType", 400, "structure"),
+        ("json, no security context", 422, "required"),
+        ("json, another resource type", 400, "invalid"),
+        ("json, a FHIR version we do not speak", 415, "not-supported"),
+    ],
+)
+def test_refused_creates_store_nothing(
+    world: World, task_id: str, settings: Any, case: str, status: int, code: str
+):
+    other_task = str(task_of(submit(world, "SR-OTHER"))["id"])
+    settings.ATTACHMENT_MAX_BYTES = len(PDF) - 1 if "ATTACHMENT_MAX" in case else 10**6
+    before = _state()
+    pdf = "application/pdf"
+    requests: dict[str, Callable[[], Any]] = {
+        "raw, no security context": lambda: _raw_post(world.r4, PDF, None),
+        "raw, context not a referral": lambda: _raw_post(world.r4, PDF, f"Patient/{task_id}"),
+        "raw, unknown referral": lambda: _raw_post(world.r4, PDF, "ServiceRequest/nope"),
+        "raw, another facility's referral": lambda: _raw_post(
+            world.other, PDF, f"ServiceRequest/{other_task}"
+        ),
+        "raw, empty body": lambda: _raw_post(world.r4, b"", f"Task/{task_id}"),
+        "raw, not an allowed file type": lambda: world.r4.post(
+            "/fhir/Binary", b"plain words", content_type="text/plain",
+            **{"X-Security-Context": f"Task/{task_id}"},
+        ),
+        "raw, declared type disagrees with the bytes": lambda: world.r4.post(
+            "/fhir/Binary", PDF, content_type="image/png",
+            **{"X-Security-Context": f"Task/{task_id}"},
+        ),
+        "raw, no Content-Type": lambda: world.r4.post(
+            "/fhir/Binary", PDF, content_type="", **{"X-Security-Context": f"Task/{task_id}"}
+        ),
+        "raw, larger than ATTACHMENT_MAX_BYTES": lambda: _raw_post(world.r4, PDF, f"Task/{task_id}"),
+        "raw, conditional create": lambda: _raw_post(
+            world.r4, PDF, f"Task/{task_id}", **{"If-None-Exist": "identifier=a|b"}
+        ),
+        "json, no data": lambda: world.r4.post("/fhir/Binary", _json(task_id, data=None)),
+        "json, data not base64": lambda: world.r4.post(
+            "/fhir/Binary", _json(task_id, data="%%% not base64")
+        ),
+        "json, no contentType": lambda: world.r4.post(
+            "/fhir/Binary", _json(task_id, contentType=None)
+        ),
+        "json, no security context": lambda: world.r4.post(
+            "/fhir/Binary", _json(task_id, securityContext=None)
+        ),
+        "json, another resource type": lambda: world.r4.post(
+            "/fhir/Binary", _json(task_id, resourceType="Basic")
+        ),
+        "json, a FHIR version we do not speak": lambda: world.r4.post(
+            "/fhir/Binary", _json(task_id), content_type=f"{pdf[:0]}application/fhir+json; fhirVersion=3.0"
+        ),
+    }  # fmt: skip
+    response = requests[case]()
+
+    assert response.status_code == status, response.content
+    assert outcome_issue(response)["code"] == code
+    assert _state() == before
+
+
+def test_only_a_party_with_an_upload_role_may_create(world: World, task_id: str):
+    ministry = UserFactory.create(facility=world.network.spoke, roles=[Role.MINISTRY])
+    admin = UserFactory.create(facility=world.network.spoke, roles=[Role.FACILITY_ADMIN])
+    before = _state()
+
+    # The requesting facility's administrator sees the referral but may not add files.
+    response = _raw_post(
+        FhirClient(api_token_issue(user=admin, name="t").raw), PDF, f"Task/{task_id}"
+    )
+    assert response.status_code == 403, response.content
+    assert outcome_issue(response)["code"] == "forbidden"
+    assert _state() == before
+
+    response = _raw_post(
+        FhirClient(api_token_issue(user=ministry, name="t").raw), PDF, f"Task/{task_id}"
+    )
+
+    assert response.status_code == 404  # outside its scope: as if unknown
+    assert _state() == before
+
+
+def test_no_file_for_a_closed_referral(world: World, task_id: str):
+    from referrals.models import Referral, ReferralState
+
+    Referral.objects.filter(filler_id=task_id).update(state=ReferralState.CANCELLED)
+    before = _state()
+
+    response = _raw_post(world.r4, PDF, f"Task/{task_id}")
+
+    assert response.status_code == 409
+    assert _state() == before

@@ -20,6 +20,7 @@ not see each other's writes. Deterministic (``derandomize``); ~1,000 examples in
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import urllib.parse
@@ -1168,7 +1169,9 @@ def test_odd_headers_never_500(cases: Cases, server_errors: ErrorLog, data: st.D
     """Valid requests with odd Content-Type / Accept / _format / If-* / Prefer headers."""
     world = cases.world
     kind = data.draw(
-        st.sampled_from(["read", "search", "transaction", "communication", "task", "sr"]),
+        st.sampled_from(
+            ["read", "search", "transaction", "communication", "task", "sr", "binary", "file"]
+        ),
         label="request",
     )
     headers: dict[str, str] = {}
@@ -1208,6 +1211,18 @@ def test_odd_headers_never_500(cases: Cases, server_errors: ErrorLog, data: st.D
                 payload = service_request(
                     world, "FZ-SR", version="5.0" if r5 else "4.0", subject="Patient/unknown"
                 )
+            elif kind == "binary":  # a FHIR JSON Binary: a case file
+                client, path = world.r4, "/fhir/Binary"
+                payload = {
+                    "resourceType": "Binary",
+                    "contentType": "application/pdf",
+                    "securityContext": {"reference": f"ServiceRequest/{cases.accepted}"},
+                    "data": base64.b64encode(b"%PDF-1.4 fuzz\n%%EOF\n").decode(),
+                }
+            elif kind == "file":  # the file itself (raw Binary create)
+                client, path = world.r4, "/fhir/Binary"
+                payload = b"%PDF-1.4 fuzz\n%%EOF\n"
+                headers.setdefault("X-Security-Context", f"Task/{cases.accepted}")
             else:
                 client, path = world.r5, f"/fhir/Task/{cases.submitted}"
                 payload = read_task(world.r5, cases.submitted, FHIR_R5 if r5 else FHIR_R4)
