@@ -110,7 +110,14 @@ VisibleFunc = Callable[["User"], QuerySet[FhirResource]]
 # ``_include`` / ``_revinclude`` rows for the logical ids of a result page.
 IncludeFunc = Callable[["User", list[str]], QuerySet[FhirResource]]
 # POST /fhir: (user, Bundle, body version, answer version, base URL) -> Bundle JSON text.
-TransactionFunc = Callable[["User", dict[str, Any], str, str, str], str]
+TransactionFunc = Callable[["User", dict[str, Any], str, str, str], "TransactionAnswer"]
+
+
+@dataclass(frozen=True)
+class TransactionAnswer:
+    text: str  # the transaction-response Bundle, JSON
+    referral_pk: int  # the referral the Bundle made, or found (a resubmission)
+    created: bool
 
 
 @dataclass

@@ -61,6 +61,7 @@ import psycopg
 from django.conf import settings
 from django.db import OperationalError, connection, transaction
 from django.db.models import Q
+from django.http import HttpRequest
 from django.utils import timezone
 from kombu.exceptions import OperationalError as BrokerError
 
@@ -69,11 +70,12 @@ from core.dispatch import Coalesced
 from core.memo import memo_scope
 from core.rows import fetch_prepared
 from fhir_gateway import handlers
+from fhir_gateway.audit import audit_referral
 from fhir_gateway.models import IntakeJob
 from fhir_gateway.outcomes import FhirError, fhir_error_for, outcome_body, outcome_text
 from referrals.attachments import files_removed_on_failure
 from referrals.load import department_load_deferred
-from referrals.models import Priority
+from referrals.models import AuditAction, Priority
 
 if TYPE_CHECKING:
     from accounts.models import User
@@ -245,9 +247,16 @@ def _apply(job: IntakeJob) -> tuple[int, str]:
         # A refusal rolls back the Bundle's writes (and deletes its case files), not the job.
         # The job's savepoint is the Bundle's own too (core.atomic).
         with files_removed_on_failure(), unit_atomic():
-            text = transaction_func(
+            answer = transaction_func(
                 job.user, bundle, job.fhir_version, job.answer_version, job.base
             )
+            # Recorded as the synchronous request is, with the job's own transaction;
+            # applied outside any request, so without an address or user agent.
+            action = AuditAction.CREATE if answer.created else AuditAction.READ
+            audit_referral(
+                HttpRequest(), job.user, action, answer.referral_pk, "fhir transaction (async)"
+            )
+            text = answer.text
     except Exception as exc:
         error = fhir_error_for(exc)
         if error is None:

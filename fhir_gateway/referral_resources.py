@@ -976,7 +976,7 @@ _BUNDLE_TYPES = ("Patient", "ServiceRequest", "Task", "DocumentReference")
 
 def transaction_bundle(
     user: User, bundle: dict[str, Any], version: str, answer_version: str, base: str
-) -> str:
+) -> handlers.TransactionAnswer:
     """One referral per transaction: Patient + ServiceRequest (+ Task, + DocumentReference).
 
     All or nothing: any refusal rolls everything back and answers the OperationOutcome.
@@ -1118,7 +1118,9 @@ def transaction_bundle(
             )
             taken.add(result.row.logical_id)
             outcomes[index] = (result.row, "201 Created" if result.created else "200 OK")
-    return _transaction_response(entries, outcomes, answer_version, base)
+    return handlers.TransactionAnswer(
+        _transaction_response(entries, outcomes, answer_version, base), referral.pk, created
+    )
 
 
 def _stored_identifiers(row: FhirResource) -> list[Any]:

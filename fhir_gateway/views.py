@@ -40,6 +40,7 @@ from core.values import (
     year_supported,
 )
 from fhir_gateway import capability, handlers, intake, patching
+from fhir_gateway.audit import audit_referral, audit_resources, audit_rows
 from fhir_gateway.handlers import HANDLERS, ResourceHandler, WriteRequest
 from fhir_gateway.models import FhirResource
 from fhir_gateway.outcomes import FhirError, fhir_error_for, outcome_response
@@ -61,6 +62,7 @@ from fhir_gateway.versions import (
     response_version,
 )
 from referrals.attachments import files_removed_on_failure
+from referrals.models import AuditAction
 
 if TYPE_CHECKING:
     from accounts.models import User
@@ -354,8 +356,10 @@ def root(ctx: FhirRequest) -> HttpResponse:
         )
     if _prefers_async(ctx.request):
         return _accept_async(ctx, user, bundle, version)
-    text = transaction_func(user, bundle, version, ctx.version, ctx.base)
-    return HttpResponse(text, content_type=media_type_for(ctx.version))
+    answer = transaction_func(user, bundle, version, ctx.version, ctx.base)
+    action = AuditAction.CREATE if answer.created else AuditAction.READ
+    audit_referral(ctx.request, user, action, answer.referral_pk, "fhir transaction")
+    return HttpResponse(answer.text, content_type=media_type_for(ctx.version))
 
 
 def _prefers_async(request: HttpRequest) -> bool:
@@ -543,7 +547,13 @@ def _create(ctx: FhirRequest, handler: ResourceHandler) -> HttpResponse:
             if_none_exist=if_none_exist,
         )
     )
+    action = AuditAction.CREATE if result.created else AuditAction.READ  # an existing one
+    _audit_write(ctx, result.row, action, "create")
     return _write_response(ctx, result.row, status=201 if result.created else 200)
+
+
+def _audit_write(ctx: FhirRequest, row: FhirResource, action: AuditAction, what: str) -> None:
+    audit_rows(ctx.request, ctx.user, action, [row], f"fhir {what} {row.resource_type}")
 
 
 def _raw_create(ctx: FhirRequest, handler: ResourceHandler) -> HttpResponseBase:
@@ -603,7 +613,8 @@ def instance(ctx: FhirRequest, resource_type: str, logical_id: str) -> HttpRespo
         if ctx.request.headers.get("If-None-Match", "").strip() == f'W/"{row.version_id}"':
             not_modified = HttpResponse(status=304)
             not_modified["ETag"] = f'W/"{row.version_id}"'
-            return not_modified
+            return not_modified  # no data sent: nothing to record
+        _audit_write(ctx, row, AuditAction.READ, "read")
         return _resource_response(ctx, row)
     if method == "PUT":
         _require(handler, handlers.UPDATE, allow)
@@ -630,6 +641,7 @@ def instance(ctx: FhirRequest, resource_type: str, logical_id: str) -> HttpRespo
                 if_match=ctx.request.headers.get("If-Match"),
             )
         )
+        _audit_write(ctx, result.row, AuditAction.UPDATE, "update")
         return _write_response(ctx, result.row, status=200)
     if method == "PATCH":
         _require(handler, handlers.PATCH, allow)
@@ -694,6 +706,7 @@ def _patch(ctx: FhirRequest, handler: ResourceHandler, logical_id: str) -> HttpR
         current = json.loads(text)
         patched = patching.apply_patch(current, patch, max_bytes=_max_body_bytes())
         if patching.same_json(patched, current):  # only tests, or nothing new: no version
+            _audit_write(ctx, row, AuditAction.READ, "patch")
             return _write_response(ctx, row, status=200)
         if patched.get("resourceType") != handler.resource_type or patched.get("id") != logical_id:
             raise FhirError(
@@ -716,6 +729,7 @@ def _patch(ctx: FhirRequest, handler: ResourceHandler, logical_id: str) -> HttpR
             if exc.status != 412 or expected is not None or attempt == _PATCH_ATTEMPTS:
                 raise
             continue  # changed since it was read: read it again and re-apply
+        _audit_write(ctx, result.row, AuditAction.UPDATE, "patch")
         return _write_response(ctx, result.row, status=200)
     raise AssertionError("unreachable")
 
@@ -741,7 +755,9 @@ def vread(ctx: FhirRequest, resource_type: str, logical_id: str, version_id: str
     if not ascii_digits(version_id) or len(version_id) > 9:
         raise FhirError(400, "invalid", f"{version_id!r} is not a version id.")
     _check_visible(handler, logical_id, ctx.user)
-    return _resource_response(ctx, resource_version(resource_type, logical_id, int(version_id)))
+    row = resource_version(resource_type, logical_id, int(version_id))
+    _audit_write(ctx, row, AuditAction.READ, "vread")
+    return _resource_response(ctx, row)
 
 
 @_fhir_view()
@@ -779,7 +795,9 @@ def history(ctx: FhirRequest, resource_type: str, logical_id: str) -> HttpRespon
         entries.append(entry)
     self_url = f"{ctx.base}/{resource_type}/{logical_id}/_history"
     links = _links(self_url, {}, count, offset, total, len(page))
-    return _bundle_response(ctx, "history", total, links, entries)
+    response = _bundle_response(ctx, "history", total, links, entries)
+    audit_rows(ctx.request, ctx.user, AuditAction.READ, page, f"fhir history {resource_type}")
+    return response
 
 
 # --------------------------------------------------------------------------- search
@@ -942,6 +960,9 @@ def _search(
     links = _links(self_url, used, count, offset, total, len(page))
     response = _bundle_response(
         ctx, "searchset", total if total_mode != "none" else None, links, entries
+    )
+    audit_resources(
+        ctx.request, ctx.user, AuditAction.READ, seen, f"fhir search {handler.resource_type}"
     )
     if ignored:
         # Names as sent, percent-encoded where a header may not carry them (a newline).

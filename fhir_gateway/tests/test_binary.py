@@ -240,7 +240,7 @@ def test_raw_create_stores_a_case_file_both_parties_read(world: World, task_id: 
     assert document["basedOn"] == [{"reference": f"ServiceRequest/{task_id}"}]
     read = world.r5.get(f"/fhir/Binary/{logical_id}", Accept="application/pdf")
     assert b"".join(read.streaming_content) == PDF
-    entry = AuditEntry.objects.get(action="create")
+    entry = AuditEntry.objects.get(action="create", object_type="attachment")
     assert (entry.user, entry.object_type, entry.object_id, entry.detail) == (
         world.submitter,
         "attachment",

@@ -186,7 +186,7 @@ def _writes_then(outcomes: dict[str, Exception]) -> Any:
     referral and then raises their exception (so the writes must be rolled back)."""
     real = handlers.SYSTEM_INTERACTIONS["transaction"]
 
-    def apply(*args: Any) -> str:
+    def apply(*args: Any) -> handlers.TransactionAnswer:
         text = real(*args)
         if (exc := outcomes.get(_placer(args[1]))) is not None:
             raise exc
@@ -328,7 +328,7 @@ def test_a_refusal_answered_over_a_broken_transaction_fails_the_batch(
     def cannot_roll_back(sid: str) -> None:
         raise DjangoDatabaseError("server closed the connection unexpectedly")
 
-    def breaks(*args: Any) -> str:
+    def breaks(*args: Any) -> handlers.TransactionAnswer:
         text = real(*args)
         if _placer(args[1]) == "SR-broken":
             monkeypatch.setattr(connection, "savepoint_rollback", cannot_roll_back)
@@ -779,7 +779,7 @@ def _half_applied_elsewhere(
     results: list[Any] = []
     real = handlers.SYSTEM_INTERACTIONS["transaction"]
 
-    def slow(*args: Any) -> str:
+    def slow(*args: Any) -> handlers.TransactionAnswer:
         text = real(*args)
         backend.append(connection.connection.info.backend_pid)
         started.set()
@@ -990,7 +990,7 @@ def _kills_its_session(placers: set[str]) -> Any:
     PostgreSQL end its own database session."""
     real = handlers.SYSTEM_INTERACTIONS["transaction"]
 
-    def apply(*args: Any) -> str:
+    def apply(*args: Any) -> handlers.TransactionAnswer:
         text = real(*args)
         if _placer(args[1]) in placers:
             with connection.cursor() as cursor:

@@ -1,0 +1,96 @@
+"""The audit of patient data read or written over FHIR, in the log the REST API writes
+(``referrals.audit``, docs/permissions.md): who, when, from where, which referral.
+
+Called by the views once the answer is built (refusals carry no patient data and are not
+recorded), for the resources that belong to a referral (``REFERRAL_TYPES``): one row per
+referral per request, whatever number of its resources the answer holds. Registry
+resources, Subscriptions and the id-only feed hold no patient data and are not recorded.
+The case files' bytes (``Binary``) are recorded by ``binary`` as downloads and uploads, as
+the REST API records them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from django.http import HttpRequest
+
+from accounts.roles import Role
+from fhir_gateway.models import FhirResource
+from referrals.audit import audit_record
+from referrals.models import AuditAction, Referral
+
+if TYPE_CHECKING:
+    from accounts.models import User
+
+REFERRAL_TYPES = frozenset(
+    {"Task", "ServiceRequest", "Patient", "Communication", "DocumentReference"}
+)
+# A referral's messages and documents: "<filler id><separator><number>" (referral_mapping,
+# binary); its Task, ServiceRequest and Patient have the filler id itself.
+_SEPARATORS = ("-msg-", "-note-", "-att-")
+
+
+def filler_of(resource_type: str, logical_id: str) -> str | None:
+    """The filler id of the referral a resource belongs to; None for other types."""
+    if resource_type not in REFERRAL_TYPES:
+        return None
+    if resource_type in ("Communication", "DocumentReference"):
+        for separator in _SEPARATORS:
+            filler, found, _number = logical_id.rpartition(separator)
+            if found:
+                return filler
+    return logical_id
+
+
+def audit_rows(
+    request: HttpRequest,
+    user: User | None,
+    action: AuditAction,
+    rows: Iterable[FhirResource],
+    detail: str,
+) -> None:
+    """Record stored versions (their ``source_pk`` is the referral's)."""
+    _record(
+        request,
+        user,
+        action,
+        [r.source_pk for r in rows if r.resource_type in REFERRAL_TYPES and r.source_pk],
+        detail,
+    )
+
+
+def audit_resources(
+    request: HttpRequest,
+    user: User | None,
+    action: AuditAction,
+    resources: Iterable[tuple[str, str]],
+    detail: str,
+) -> None:
+    """Record (type, logical id) pairs: a search result page with what it included."""
+    fillers = {f for rtype, lid in resources if (f := filler_of(rtype, lid))}
+    if not fillers or user is None or user.has_role(Role.MINISTRY):  # never recorded
+        return
+    pks = list(Referral.objects.filter(filler_id__in=fillers).values_list("pk", flat=True))
+    _record(request, user, action, pks, detail)
+
+
+def audit_referral(
+    request: HttpRequest, user: User | None, action: AuditAction, referral_pk: int, detail: str
+) -> None:
+    _record(request, user, action, [referral_pk], detail)
+
+
+def _record(
+    request: HttpRequest,
+    user: User | None,
+    action: AuditAction,
+    referral_pks: Iterable[int | None],
+    detail: str,
+) -> None:
+    ids = sorted({int(pk) for pk in referral_pks if pk})
+    if not ids or user is None:
+        return
+    request.user = user  # audit_record reads the actor from the request (bearer auth)
+    audit_record(request, action, ids, detail=detail)

@@ -1,0 +1,141 @@
+"""Patient data read or written over FHIR is recorded in the audit log, as over REST."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from accounts.roles import Role
+from accounts.services import api_token_issue
+from fhir_gateway.audit import filler_of
+from fhir_gateway.intake import intake_drain
+from fhir_gateway.tests.conftest import FHIR_R5, FhirClient, outcome_issue
+from fhir_gateway.tests.referral_world import (
+    World,
+    accepted,
+    body,
+    consult_note,
+    submit,
+    task_of,
+    transaction,
+)
+from referrals.models import AuditEntry, Referral
+from tests.factories import UserFactory
+
+pytestmark = pytest.mark.django_db
+
+
+def _entries() -> list[tuple[Any, ...]]:
+    return list(
+        AuditEntry.objects.order_by("id").values_list(
+            "user__username", "action", "object_type", "referral_id", "detail", "ip_address"
+        )
+    )
+
+
+def _referral(task_id: str) -> int:
+    return int(Referral.objects.get(filler_id=task_id).pk)
+
+
+def test_a_transaction_is_a_create_and_its_resubmission_a_read(world: World):
+    task_id = str(task_of(submit(world))["id"])
+    pk, who = _referral(task_id), world.submitter.username
+
+    assert _entries() == [(who, "create", "referral", pk, "fhir transaction", "127.0.0.1")]
+    submit(world)  # the same placer identifier: the existing referral answers
+    assert _entries()[1:] == [(who, "read", "referral", pk, "fhir transaction", "127.0.0.1")]
+
+
+def test_reads_vreads_and_histories_record_their_referral(world: World):
+    task_id = str(task_of(submit(world))["id"])
+    pk, who = _referral(task_id), world.submitter.username
+    AuditEntry.objects.all().delete()
+
+    read = world.r4.get(f"/fhir/Task/{task_id}")
+    world.r4.get(f"/fhir/Patient/{task_id}/_history/1")
+    world.r4.get(f"/fhir/ServiceRequest/{task_id}/_history")
+    # Not modified: nothing sent, nothing recorded.
+    etag = read["ETag"]
+    assert world.r4.get(f"/fhir/Task/{task_id}", **{"If-None-Match": etag}).status_code == 304
+
+    assert [(e[0], e[1], e[3], e[4]) for e in _entries()] == [
+        (who, "read", pk, "fhir read Task"),
+        (who, "read", pk, "fhir vread Patient"),
+        (who, "read", pk, "fhir history ServiceRequest"),
+    ]
+
+
+def test_a_search_records_each_referral_once_with_what_it_included(world: World):
+    first = str(task_of(submit(world, "SR-1"))["id"])
+    second = str(task_of(submit(world, "SR-2"))["id"])
+    AuditEntry.objects.all().delete()
+
+    response = world.r4.get("/fhir/Task?status=requested&_include=Task:focus&_include=Task:patient")
+
+    assert len(body(response)["entry"]) == 6
+    assert sorted(e[3] for e in _entries()) == sorted([_referral(first), _referral(second)])
+    assert {e[4] for e in _entries()} == {"fhir search Task"}
+    # A search finding nothing, and registry data, record nothing.
+    world.r4.get("/fhir/Task?status=completed")
+    world.r4.get("/fhir/Organization")
+    world.r4.get(f"/fhir/Organization/{world.network.hub.pk}")
+    assert len(_entries()) == 2
+
+
+def test_refusals_and_ministry_reads_record_nothing(world: World):
+    task_id = str(task_of(submit(world))["id"])
+    AuditEntry.objects.all().delete()
+    ministry = UserFactory.create(facility=world.network.hub, roles=[Role.MINISTRY])
+
+    response = world.other.get(f"/fhir/Task/{task_id}")
+    assert (response.status_code, outcome_issue(response)["code"]) == (404, "not-found")
+    world.other.get("/fhir/Task?status=requested")
+    FhirClient(api_token_issue(user=ministry, name="t").raw).get("/fhir/Task")
+
+    assert _entries() == []
+
+
+def test_workflow_writes_record_an_update_or_a_create(world: World):
+    task_id = accepted(world)  # the consultant's system accepts: an update of the Task
+    pk, consultant = _referral(task_id), world.consultant.username
+    assert (consultant, "update", "referral", pk, "fhir update Task", "127.0.0.1") in _entries()
+    AuditEntry.objects.all().delete()
+
+    response = world.r5.post(
+        "/fhir/DocumentReference", consult_note(task_id), content_type=FHIR_R5, Accept=FHIR_R5
+    )
+
+    assert response.status_code == 201, response.content
+    assert [(e[0], e[1], e[4]) for e in _entries()] == [
+        (consultant, "create", "fhir create DocumentReference")
+    ]
+
+
+def test_an_asynchronous_transaction_is_recorded_when_applied(world: World):
+    response = world.r4.post("/fhir", transaction(world, "SR-A"), Prefer="respond-async")
+    assert response.status_code == 202
+    assert _entries() == []  # accepted: nothing of a referral yet
+
+    intake_drain()
+
+    pk = int(Referral.objects.get().pk)
+    assert _entries() == [
+        (world.submitter.username, "create", "referral", pk, "fhir transaction (async)", None)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("resource_type", "logical_id", "filler"),
+    [
+        ("Task", "CSL-1", "CSL-1"),
+        ("Patient", "CSL-1", "CSL-1"),
+        ("Communication", "CSL-1-msg-3", "CSL-1"),
+        ("DocumentReference", "CSL-1-note-2", "CSL-1"),
+        ("DocumentReference", "CSL-1-att-12", "CSL-1"),
+        ("Organization", "12", None),
+        ("Subscription", "abc", None),
+    ],
+)
+def test_filler_of(resource_type: str, logical_id: str, filler: str | None):
+    assert filler_of(resource_type, logical_id) == filler
