@@ -14,6 +14,13 @@ def ascii_digits(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
 
+def declared_length(text: str) -> int | None:
+    """A Content-Length header: its number, 0 when absent, None when it is not ASCII digits
+    or has more than 19 of them (``int`` takes " 12", "1_2" and "١٢", and raises past
+    4,300 digits; Django then reads no body at all)."""
+    return digits_int(text) if text else 0
+
+
 def digits_int(text: str, max_digits: int = 19) -> int | None:
     """The number written in ASCII digits, at most ``max_digits`` of them; None otherwise
     (``int`` takes "²" and fullwidth digits, and raises past 4,300 digits)."""

@@ -38,7 +38,7 @@ from django.http import FileResponse, HttpRequest, HttpResponse
 from django.http.response import HttpResponseBase
 from django.utils.http import http_date
 
-from core.values import ascii_digits
+from core.values import ascii_digits, declared_length
 from fhir_gateway import handlers
 from fhir_gateway import referral_mapping as m
 from fhir_gateway.handlers import RawCreate, RawRead, ResourceHandler
@@ -47,7 +47,7 @@ from fhir_gateway.storage import dumps, fhir_instant, validate_resource
 from fhir_gateway.versions import binary_answer_version, media_type_for
 from referrals.attachments import attachment_get, max_bytes
 from referrals.audit import audit_record
-from referrals.models import Attachment, AuditAction
+from referrals.models import Attachment, AuditAction, Referral
 from referrals.selectors import referral_visible
 
 _SEPARATOR = "-att-"
@@ -128,52 +128,72 @@ SECURITY_CONTEXT_HEADER = "X-Security-Context"
 
 def _raw_body(request: HttpRequest) -> bytes:
     """The request body, at most ``ATTACHMENT_MAX_BYTES`` (413 beyond: declared or read),
-    read from the stream (``request.body`` stops at the FHIR JSON limit)."""
+    read from the stream (``request.body`` stops at the FHIR JSON limit). Without a
+    Content-Length (chunked), from the server's stream when the server ends it
+    (``wsgi.input_terminated``: gunicorn does), else 411."""
     limit = max_bytes()
-    length = request.META.get("CONTENT_LENGTH") or ""
     too_large = FhirError(413, "too-costly", f"The file is larger than {limit} bytes.")
-    if ascii_digits(length) and int(length) > limit:
+    declared = (request.META.get("CONTENT_LENGTH") or "").strip()
+    length = declared_length(declared)
+    if length is None:
+        raise FhirError(400, "structure", "Content-Length is not a number.")
+    if length > limit:
         raise too_large
-    data = request.read(limit + 1)
+    stream: Any = request
+    if not declared:
+        if not request.META.get("wsgi.input_terminated"):
+            raise FhirError(411, "structure", "Send the file with a Content-Length.")
+        stream = request.META["wsgi.input"]  # Django reads nothing without a length
+    try:
+        data = bytes(stream.read(limit + 1))
+    except OSError as exc:  # UnreadablePostError too: the client went away mid-upload
+        raise FhirError(400, "structure", "The request body could not be read to its end.") from exc
     if len(data) > limit:
         raise too_large
     return data
 
 
-def _checked_binary(call: RawCreate) -> tuple[bytes, str, str, str]:
-    """(bytes, content type, security context reference, where it was read)."""
-    if call.resource is None:  # the file itself
-        data = _raw_body(call.request)
-        content_type = call.request.content_type or ""
-        if data and not content_type:
-            raise FhirError(
-                415, "not-supported", "Send the file with its Content-Type (or a FHIR Binary)."
-            )
-        context = call.request.headers.get(SECURITY_CONTEXT_HEADER, "").strip()
-        where = SECURITY_CONTEXT_HEADER
-    else:
-        assert call.body_version is not None
-        validate_resource(call.resource, call.body_version)
-        data = m.attachment_bytes(call.resource, "Binary")
-        content_type = str(call.resource.get("contentType") or "")
-        context = m.reference_of(call.resource.get("securityContext"))
-        where = "Binary.securityContext"
+def _raw_file(call: RawCreate) -> tuple[Referral, bytes, str]:
+    """The file as the body: its referral (from ``X-Security-Context``, before the bytes
+    are read: outside the caller's scope nothing is), bytes and content type."""
+    from fhir_gateway.referral_resources import referral_from_references
+
+    context = call.request.headers.get(SECURITY_CONTEXT_HEADER, "").strip()
+    referral = referral_from_references(
+        call.user, [context] if context else [], SECURITY_CONTEXT_HEADER
+    )
+    data = _raw_body(call.request)
     if not data:
+        raise FhirError(400, "structure", "The file is empty.")
+    content_type = call.request.content_type or ""
+    if not content_type:
         raise FhirError(
-            400 if call.resource is None else 422,
-            "structure" if call.resource is None else "required",
-            "The file is empty." if call.resource is None else "Binary.data is required.",
-            expression=[] if call.resource is None else ["Binary.data"],
+            415, "not-supported", "Send the file with its Content-Type (or a FHIR Binary)."
         )
-    return data, content_type, context, where
+    return referral, data, content_type
+
+
+def _fhir_binary(call: RawCreate) -> tuple[Referral, bytes, str]:
+    """A FHIR JSON Binary: its referral (``securityContext``), bytes and content type."""
+    from fhir_gateway.referral_resources import referral_from_references
+
+    assert call.resource is not None and call.body_version is not None
+    validate_resource(call.resource, call.body_version)
+    data = m.attachment_bytes(call.resource, "Binary")
+    if not data:
+        raise FhirError(422, "required", "Binary.data is required.", expression=["Binary.data"])
+    context = m.reference_of(call.resource.get("securityContext"))
+    referral = referral_from_references(
+        call.user, [context] if context else [], "Binary.securityContext"
+    )
+    return referral, data, str(call.resource.get("contentType") or "")
 
 
 def binary_create(call: RawCreate) -> HttpResponseBase:
     # The referral resources build on this module (binary_id): imported here.
-    from fhir_gateway.referral_resources import case_file_store, referral_from_references
+    from fhir_gateway.referral_resources import case_file_store
 
-    data, content_type, context, where = _checked_binary(call)
-    referral = referral_from_references(call.user, [context] if context else [], where)
+    referral, data, content_type = (_raw_file if call.resource is None else _fhir_binary)(call)
     with transaction.atomic():  # the file, its row and DocumentReference: all or nothing
         stored = case_file_store(call.user, referral, data, content_type=content_type, title="")
         # audit_record reads the acting user from the request (bearer auth does not set it).
@@ -200,6 +220,8 @@ def binary_create(call: RawCreate) -> HttpResponseBase:
     response["Location"] = f"{call.base}/Binary/{logical_id}/_history/1"
     response["ETag"] = 'W/"1"'
     response["Last-Modified"] = http_date(attachment.created.timestamp())
+    response["X-Content-Type-Options"] = "nosniff"  # the file, as a read answers it
+    response["Cache-Control"] = "private, no-store"
     return response
 
 

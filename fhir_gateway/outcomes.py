@@ -15,7 +15,7 @@ from typing import Any
 
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.db import DataError, IntegrityError
-from django.http import Http404, HttpResponse
+from django.http import Http404, HttpResponse, UnreadablePostError
 
 from core.errors import ApplicationError
 from core.logging import current_request_id
@@ -141,6 +141,8 @@ def fhir_error_for(exc: Exception) -> FhirError | None:
         return outcome_for_application_error(exc)
     if isinstance(exc, DjangoPermissionDenied):
         return FhirError(403, "forbidden", str(exc) or "Not allowed.")
+    if isinstance(exc, UnreadablePostError):  # the client went away mid-body
+        return FhirError(400, "structure", "The request body could not be read to its end.")
     if isinstance(exc, Http404):
         return FhirError(404, "not-found", str(exc) or "Not found.")
     if isinstance(exc, IntegrityError):

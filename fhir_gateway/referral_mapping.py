@@ -1009,8 +1009,10 @@ def communication_text(resource: dict[str, Any]) -> str:
 
 
 def attachment_bytes(attachment: dict[str, Any], where: str) -> bytes:
+    # FHIR's base64Binary may hold whitespace (MIME's 76-column lines).
+    text = "".join(str(attachment.get("data") or "").split())
     try:
-        return base64.b64decode(str(attachment.get("data") or ""), validate=True)
+        return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise FhirError(400, "structure", f"{where}.data is not base64.") from exc
 

@@ -36,6 +36,7 @@ from core.values import (
     LAST_YEAR,
     MAX_JSON_DEPTH,
     ascii_digits,
+    declared_length,
     json_depth,
     year_supported,
 )
@@ -227,10 +228,9 @@ def _check_id(logical_id: str) -> None:
 def _check_body_size(request: HttpRequest) -> None:
     """413 for a body above FHIR_MAX_BODY_BYTES (declared or read)."""
     limit = _max_body_bytes()
-    try:
-        declared = int(request.META.get("CONTENT_LENGTH") or 0)
-    except ValueError as exc:
-        raise FhirError(400, "structure", "Content-Length is not a number.") from exc
+    declared = declared_length(request.META.get("CONTENT_LENGTH") or "")
+    if declared is None:
+        raise FhirError(400, "structure", "Content-Length is not a number.")
     if declared > limit or len(request.body) > limit:
         raise _too_large()
 

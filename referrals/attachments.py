@@ -48,7 +48,7 @@ from rest_framework.views import APIView
 
 from accounts.models import User
 from core.errors import ApplicationError, Conflict, NotFound, PermissionDenied
-from core.values import ascii_digits
+from core.values import declared_length
 from referrals.audit import audit_record
 from referrals.models import Attachment, AuditAction, Referral
 from referrals.selectors import referral_visible
@@ -354,8 +354,8 @@ class ReferralAttachmentsApi(APIView):
         user = _user(request)
         # Refuse an oversized body before Django spools it to disk; scope first (404).
         _referral_for(user, pk)
-        length = request.META.get("CONTENT_LENGTH") or "0"
-        if ascii_digits(length) and int(length) > max_bytes() + MULTIPART_OVERHEAD:
+        length = declared_length(request.META.get("CONTENT_LENGTH") or "")
+        if length is not None and length > max_bytes() + MULTIPART_OVERHEAD:
             raise too_large()
         upload = request.FILES.get("file")
         if upload is None:

@@ -15,6 +15,7 @@ has been written. Decisions (docs/permissions.md):
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable
 
 from django.conf import settings
@@ -31,13 +32,23 @@ from referrals.models import AuditAction, AuditEntry
 USER_AGENT_MAX = 255
 
 
+def _ip(text: str) -> str | None:
+    """``text`` when it is an IP address (the column is ``inet``), else None."""
+    try:
+        return str(ipaddress.ip_address(text.strip()))
+    except ValueError:
+        return None
+
+
 def _client_ip(request: HttpRequest | Request) -> str | None:
+    """The client's address: the first of ``X-Forwarded-For`` when the proxy is trusted
+    and it is an address (the header is the client's to write), else ``REMOTE_ADDR``."""
     meta = request.META
     if getattr(settings, "AUDIT_TRUST_X_FORWARDED_FOR", False):
-        forwarded = meta.get("HTTP_X_FORWARDED_FOR", "")
+        forwarded = _ip(str(meta.get("HTTP_X_FORWARDED_FOR", "")).split(",")[0])
         if forwarded:
-            return str(forwarded.split(",")[0].strip()) or None
-    return meta.get("REMOTE_ADDR") or None
+            return forwarded
+    return _ip(str(meta.get("REMOTE_ADDR") or ""))
 
 
 _AUDIT_TABLE = AuditEntry._meta.db_table

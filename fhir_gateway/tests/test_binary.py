@@ -342,7 +342,7 @@ def test_refused_creates_store_nothing(
         "raw, another facility's referral": lambda: _raw_post(
             world.other, PDF, f"ServiceRequest/{other_task}"
         ),
-        "raw, empty body": lambda: _raw_post(world.r4, b"", f"Task/{task_id}"),
+        "raw, empty body": lambda: _post_environ(world, task_id, b"", CONTENT_LENGTH="0"),
         "raw, not an allowed file type": lambda: world.r4.post(
             "/fhir/Binary", b"plain words", content_type="text/plain",
             **{"X-Security-Context": f"Task/{task_id}"},
@@ -413,3 +413,118 @@ def test_no_file_for_a_closed_referral(world: World, task_id: str):
 
     assert response.status_code == 409
     assert _state() == before
+
+
+# --------------------------------------------------------------------------- the wire
+
+
+def _post_environ(world: World, task_id: str, data: bytes, **environ: Any) -> Any:
+    headers = world.r4._headers({"X-Security-Context": f"Task/{task_id}"})
+    return world.r4.client.generic(
+        "POST", "/fhir/Binary", data, content_type="application/pdf", headers=headers, **environ
+    )
+
+
+@pytest.mark.parametrize(
+    ("length", "status"),
+    [
+        ("00" + str(len(PDF)), 201),  # leading zeros are legal
+        ("0" * 5000 + str(len(PDF)), 400),  # but not past 19 digits (nor int()'s 4,300)
+        ("9" * 5000, 400),
+        ("1_0", 400),
+        ("\u0661\u0662", 400),
+    ],
+)
+def test_odd_content_lengths(world: World, task_id: str, length: str, status: int):
+    before = _state()
+
+    response = _post_environ(world, task_id, PDF, CONTENT_LENGTH=length)
+
+    assert response.status_code == status, response.content
+    if status != 201:
+        assert _state() == before
+
+
+def test_line_wrapped_base64_is_accepted(world: World, task_id: str):
+    """FHIR's base64Binary may hold whitespace (MIME's 76-column lines)."""
+    data = PDF * 4
+    wrapped = base64.encodebytes(data).decode("ascii")
+    assert "\n" in wrapped.strip()
+    binary = {
+        "resourceType": "Binary",
+        "contentType": "application/pdf",
+        "securityContext": {"reference": f"Task/{task_id}"},
+        "data": wrapped,
+    }
+
+    response = world.r4.post("/fhir/Binary", binary)
+
+    assert response.status_code == 201, response.content
+    assert base64.b64decode(body(response)["data"]) == data
+
+
+class _Chunked:
+    """A server's stream of a chunked upload: ends where the body ends."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self.data if size < 0 else self.data[:size]
+        self.data = self.data[len(chunk) :]
+        return chunk
+
+    def readline(self, size: int = -1) -> bytes:
+        return self.read(size)
+
+
+def test_a_chunked_upload_is_read_when_the_server_ends_the_stream(world: World, task_id: str):
+    chunked = {"wsgi.input": _Chunked(PDF), "CONTENT_TYPE": "application/pdf"}
+
+    response = _post_environ(world, task_id, b"", **chunked, **{"wsgi.input_terminated": True})
+    assert response.status_code == 201, response.content
+    assert Attachment.objects.get().size == len(PDF)
+
+    before = _state()
+    response = _post_environ(world, task_id, b"", **{**chunked, "wsgi.input": _Chunked(PDF)})
+    assert response.status_code == 411, response.content
+    assert _state() == before
+
+
+class _Disconnecting(_Chunked):
+    """A client that goes away half-way through its upload."""
+
+    def read(self, size: int = -1) -> bytes:
+        raise OSError("connection reset by peer")
+
+
+def test_a_client_going_away_mid_upload_is_400_and_stores_nothing(world: World, task_id: str):
+    before = _state()
+    environ = {"wsgi.input": _Disconnecting(PDF), "CONTENT_LENGTH": "5000"}
+
+    response = _post_environ(world, task_id, b"", **environ, CONTENT_TYPE="application/pdf")
+
+    assert (response.status_code, outcome_issue(response)["code"]) == (400, "structure")
+    assert _state() == before
+
+
+def test_an_outsider_is_refused_before_the_file_is_read(world: World, task_id: str):
+    class Unread(_Chunked):
+        def read(self, size: int = -1) -> bytes:
+            raise AssertionError("the body was read")
+
+    environ: dict[str, Any] = {"wsgi.input": Unread(PDF), "CONTENT_LENGTH": str(len(PDF))}
+    headers = world.other._headers({"X-Security-Context": f"Task/{task_id}"})
+
+    response = world.other.client.generic(
+        "POST", "/fhir/Binary", b"", content_type="application/pdf", headers=headers, **environ
+    )
+
+    assert response.status_code == 404
+
+
+def test_the_created_answer_is_not_cached_nor_sniffed(world: World, task_id: str):
+    response = _raw_post(world.r4, PDF, f"Task/{task_id}")
+
+    assert response["Cache-Control"] == "private, no-store"
+    assert response["X-Content-Type-Options"] == "nosniff"

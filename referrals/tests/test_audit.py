@@ -158,6 +158,21 @@ def test_user_agent_is_truncated_and_forwarded_for_only_when_trusted(
     assert [(r[6], len(r[7])) for r in rows()] == [("127.0.0.1", 255), ("203.0.113.9", 255)]
 
 
+def test_a_forwarded_for_that_is_no_address_falls_back_to_the_peer(
+    world: World, settings: Any
+) -> None:
+    """The header is the client's to write: junk in it must not fail the request (the
+    column is inet on PostgreSQL) nor be recorded."""
+    referral = world.submit()
+    client = client_for(world.referrer)
+    settings.AUDIT_TRUST_X_FORWARDED_FOR = True
+
+    for forwarded in ("unknown", "203.0.113.9'; --", "::ffff:not", ""):
+        response = client.get(f"/api/v1/referrals/{referral.pk}/", HTTP_X_FORWARDED_FOR=forwarded)
+        assert response.status_code == 200, forwarded
+    assert [r[6] for r in rows()] == ["127.0.0.1"] * 4
+
+
 def test_helper_never_records_for_ministry(world: World, rf: Any) -> None:
     from referrals.audit import audit_record
 
