@@ -218,8 +218,8 @@ def fetch_models(model: type[M], where: str, params: Sequence[Any]) -> list[M]:
     values as ``%s``; an ORDER BY / LIMIT may follow), all concrete fields loaded, as the
     ORM would load them (each field's ``from_db_value``, e.g. JSON decoded). On PostgreSQL
     a prepared statement, for the one-table reads every submission makes (the ORM's
-    compile cost more than the query); elsewhere the same SQL through ``raw()`` (the
-    backend's own conversions: SQLite keeps dates as text)."""
+    compile cost more than the query); elsewhere the same SQL through ``raw()``, which
+    applies the same field converters."""
     fields = model._meta.concrete_fields
     quote = connection.ops.quote_name
     sql = (

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 from django.core.files.uploadedfile import SimpleUploadedFile
-from django.db import DEFAULT_DB_ALIAS, transaction
+from django.db import DEFAULT_DB_ALIAS, connection, transaction
 from django.db.models import OuterRef, Q, QuerySet, Subquery
 
 from core.atomic import atomic_in_unit
@@ -412,15 +412,29 @@ def _department_by_pk(pk: int) -> Department | None:
     return found[0] if found else None
 
 
+# More specialty codes than any ServiceRequest needs: refused (each is a value to look up).
+MAX_SPECIALTY_CODES = 100
+
+
 def _specialty_by_codes(codes: list[str]) -> Specialty | None:
+    codes = list(dict.fromkeys(codes))
     if not codes:
         return None
-    found = fetch_models(  # prepared: every submission asks
-        Specialty,
-        # Specialty's default ordering (display), which the ORM's .first() follows.
-        f"system = %s AND code IN ({', '.join(['%s'] * len(codes))}) ORDER BY display, id LIMIT 1",
-        [Specialty.SNOMED, *codes],
-    )
+    if len(codes) > MAX_SPECIALTY_CODES:
+        raise FhirError(
+            422,
+            "too-costly",
+            f"ServiceRequest.performerType has more than {MAX_SPECIALTY_CODES} codes.",
+            expression=["ServiceRequest.performerType"],
+        )
+    # Specialty's default ordering (display), which the ORM's .first() follows. On
+    # PostgreSQL one array: one prepared statement whatever the number of codes.
+    if connection.vendor == "postgresql":
+        where, params = "system = %s AND code = ANY(%s)", [Specialty.SNOMED, codes]
+    else:
+        where = f"system = %s AND code IN ({', '.join(['%s'] * len(codes))})"
+        params = [Specialty.SNOMED, *codes]
+    found = fetch_models(Specialty, where + " ORDER BY display, id LIMIT 1", params)
     return found[0] if found else None
 
 

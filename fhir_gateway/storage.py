@@ -21,7 +21,7 @@ from urllib.parse import parse_qsl
 
 import pydantic
 from django.db import connection, transaction
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from core.rows import insert_rows
@@ -270,14 +270,21 @@ def token_matches(resource_type: str, param: str, raw: str) -> QuerySet[FhirSear
     """The indexed tokens matching one search value (alternatives OR-ed by commas):
     ``system|value``, ``|value`` (no system) or ``value`` (any system)."""
     tokens = FhirSearchToken.objects.filter(resource_type=resource_type, param=param)
-    matched = FhirSearchToken.objects.none()
+    any_system: set[str] = set()
+    with_system: set[tuple[str, str]] = set()
     for alternative in split_escaped(raw, ","):
         system, value = parse_token(alternative)
-        one = tokens.filter(value=value)
-        if system is not None:
-            one = one.filter(system=system)
-        matched = matched | one
-    return matched
+        if system is None:
+            any_system.add(value)
+        else:
+            with_system.add((system, value))
+    # One OR of all the alternatives, built at once (OR-ing querysets one by one took
+    # quadratic time: 1,000 alternatives, 6 s).
+    alternatives = [Q(value__in=sorted(any_system))] if any_system else []
+    alternatives += [Q(system=system, value=value) for system, value in sorted(with_system)]
+    if not alternatives:
+        return FhirSearchToken.objects.none()
+    return tokens.filter(Q(*alternatives, _connector=Q.OR))
 
 
 def rows_matching_tokens(

@@ -53,6 +53,7 @@ from fhir_gateway.storage import (
     resource_current,
     resource_history,
     resource_version,
+    split_escaped,
 )
 from fhir_gateway.versions import (
     DEFAULT_VERSION,
@@ -880,6 +881,10 @@ def _last_updated_filter(values: list[str]) -> Q:
     return condition
 
 
+# Search values in one request, comma-separated alternatives counted one by one.
+MAX_SEARCH_VALUES = 1000
+
+
 def _search(
     ctx: FhirRequest, handler: ResourceHandler, params: dict[str, list[str]]
 ) -> HttpResponse:
@@ -912,6 +917,13 @@ def _search(
     if ignored and strict:
         raise FhirError(
             400, "not-supported", f"Unknown search parameters: {', '.join(sorted(ignored))}."
+        )
+    alternatives = sum(len(split_escaped(v, ",")) for values in used.values() for v in values)
+    if alternatives > MAX_SEARCH_VALUES:  # each is a bound value (65,535 at most) to match
+        raise FhirError(
+            400,
+            "too-costly",
+            f"More than {MAX_SEARCH_VALUES} search values (alternatives counted one by one).",
         )
     column = "json_r5" if ctx.version == "5.0" else "json_r4"
     want_total = total_mode != "none" or offset > 0

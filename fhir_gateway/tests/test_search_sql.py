@@ -14,6 +14,7 @@ from accounts.models import User
 from accounts.roles import Role
 from fhir_gateway import views
 from fhir_gateway.handlers import HANDLERS
+from fhir_gateway.referral_resources import case_file_store
 from referrals import services
 from referrals.models import Referral, ReferralState
 from referrals.permissions import referral_experts_grant
@@ -81,6 +82,10 @@ def test_hand_written_searches_equal_the_orm_for_every_user_and_parameter(
     referral_experts_grant(referral=conference, experts=[users["invited_expert"]])
     world.submit(actor=world.foreign_referrer, requester_facility=world.foreign_district)
     services.referral_message_post(actor=world.consultant, referral_id=submitted.pk, text="Weight?")
+    advised = world.referral_in(ReferralState.ADVISED)  # its consult note
+    case_file_store(  # a case file of the submitted referral, as the gateway stores one
+        world.referrer, submitted, b"%PDF-1.4 x\n%%EOF\n", content_type="", title="a.pdf"
+    )
     ids = {r.pk: r.filler_id for r in Referral.objects.all()}
     hub, district = world.hub_paeds.pk, world.district.pk
     task_cases: list[dict[str, list[str]]] = [
@@ -111,8 +116,11 @@ def test_hand_written_searches_equal_the_orm_for_every_user_and_parameter(
         {},
         {"related": [f"ServiceRequest/{ids[submitted.pk]}"]},
         {"based-on": [f"{ids[submitted.pk]}"]},
+        {"related": [f"ServiceRequest/{ids[advised.pk]},ServiceRequest/{ids[submitted.pk]}"]},
+        {"based-on": [f"ServiceRequest/{ids[advised.pk]}"]},
     ]
     nonempty = 0
+    found: dict[str, int] = {}
     for name, user in users.items():
         for resource_type, cases in (
             ("Task", task_cases),
@@ -145,7 +153,9 @@ def test_hand_written_searches_equal_the_orm_for_every_user_and_parameter(
                             want_total,
                         )
                 nonempty += bool(expected)
+                found[resource_type] = found.get(resource_type, 0) + len(expected)
     assert nonempty > 30
+    assert all(found[t] for t in ("Task", "ServiceRequest", "Communication", "DocumentReference"))
 
 
 def test_parameters_sql_cannot_state_fall_back_to_the_orm(world: World) -> None:
