@@ -82,6 +82,22 @@ def audit_referral(
     _record(request, user, action, [referral_pk], detail)
 
 
+def audit_file(
+    request: HttpRequest, user: User, action: AuditAction, referral_pk: int, attachment_pk: int
+) -> None:
+    """A case file's bytes read (``download``) or stored (``create``) through ``Binary``, as
+    the REST API records its download and upload."""
+    request.user = user  # audit_record reads the actor from the request (bearer auth)
+    audit_record(
+        request,
+        action,
+        [referral_pk],
+        object_type="attachment",
+        object_id=attachment_pk,
+        detail="fhir-binary",
+    )
+
+
 def _record(
     request: HttpRequest,
     user: User | None,

@@ -41,12 +41,12 @@ from django.utils.http import http_date
 from core.values import ascii_digits, declared_length
 from fhir_gateway import handlers
 from fhir_gateway import referral_mapping as m
+from fhir_gateway.audit import audit_file
 from fhir_gateway.handlers import RawCreate, RawRead, ResourceHandler
 from fhir_gateway.outcomes import FhirError
 from fhir_gateway.storage import dumps, fhir_instant, validate_resource
 from fhir_gateway.versions import binary_answer_version, media_type_for
 from referrals.attachments import attachment_get, max_bytes
-from referrals.audit import audit_record
 from referrals.models import Attachment, AuditAction, Referral
 from referrals.selectors import referral_visible
 
@@ -89,16 +89,7 @@ def _resource(logical_id: str, attachment: Attachment, data: bytes) -> dict[str,
 def binary_read(read: RawRead) -> HttpResponseBase:
     attachment = _attachment(read)
     version = binary_answer_version(read.request, attachment.content_type)
-    # audit_record reads the acting user from the request (bearer auth does not set it).
-    read.request.user = read.user
-    audit_record(
-        read.request,
-        AuditAction.DOWNLOAD,
-        [attachment.referral_id],
-        object_type="attachment",
-        object_id=attachment.pk,
-        detail="fhir-binary",
-    )
+    audit_file(read.request, read.user, AuditAction.DOWNLOAD, attachment.referral_id, attachment.pk)
     response: HttpResponseBase
     if version is None:
         response = FileResponse(
@@ -196,16 +187,7 @@ def binary_create(call: RawCreate) -> HttpResponseBase:
     referral, data, content_type = (_raw_file if call.resource is None else _fhir_binary)(call)
     with transaction.atomic():  # the file, its row and DocumentReference: all or nothing
         stored = case_file_store(call.user, referral, data, content_type=content_type, title="")
-        # audit_record reads the acting user from the request (bearer auth does not set it).
-        call.request.user = call.user
-        audit_record(
-            call.request,
-            AuditAction.CREATE,
-            [referral.pk],
-            object_type="attachment",
-            object_id=stored.attachment.pk,
-            detail="fhir-binary",
-        )
+        audit_file(call.request, call.user, AuditAction.CREATE, referral.pk, stored.attachment.pk)
     logical_id = stored.result.row.logical_id
     attachment = stored.attachment
     prefer = call.request.headers.get("Prefer", "")

@@ -526,16 +526,22 @@ def search_post(ctx: FhirRequest, resource_type: str) -> HttpResponse:
     return _search(ctx, handler, _query_params(pairs))
 
 
-def _create(ctx: FhirRequest, handler: ResourceHandler) -> HttpResponse:
-    assert handler.create is not None and ctx.user is not None
+def _typed_body(ctx: FhirRequest, resource_type: str) -> tuple[dict[str, Any], str]:
+    """The body as a resource of ``resource_type`` (400 otherwise), and its FHIR version."""
     version = body_version(ctx.request, default=ctx.version)
     resource = _json_body(ctx.request)
-    if resource.get("resourceType") != handler.resource_type:
+    if resource.get("resourceType") != resource_type:
         raise FhirError(
             400,
             "invalid",
-            f"The body is a {resource.get('resourceType')!r}, not a {handler.resource_type}.",
+            f"The body is a {resource.get('resourceType')!r}, not a {resource_type}.",
         )
+    return resource, version
+
+
+def _create(ctx: FhirRequest, handler: ResourceHandler) -> HttpResponse:
+    assert handler.create is not None and ctx.user is not None
+    resource, version = _typed_body(ctx, handler.resource_type)
     if_none_exist = ctx.request.headers.get("If-None-Exist")
     if if_none_exist and not handler.conditional_create:
         raise FhirError(400, "not-supported", f"{handler.resource_type} has no conditional create.")
@@ -564,16 +570,10 @@ def _raw_create(ctx: FhirRequest, handler: ResourceHandler) -> HttpResponseBase:
     if ctx.request.headers.get("If-None-Exist"):
         raise FhirError(400, "not-supported", f"{handler.resource_type} has no conditional create.")
     media = parse_media_range(ctx.request.headers.get("Content-Type", ""))
-    resource, version = None, None
+    resource: dict[str, Any] | None = None
+    version: str | None = None
     if media is not None and media.media_type in JSON_TYPES:
-        version = body_version(ctx.request, default=ctx.version)
-        resource = _json_body(ctx.request)
-        if resource.get("resourceType") != handler.resource_type:
-            raise FhirError(
-                400,
-                "invalid",
-                f"The body is a {resource.get('resourceType')!r}, not a {handler.resource_type}.",
-            )
+        resource, version = _typed_body(ctx, handler.resource_type)
     return handler.raw_create(
         handlers.RawCreate(ctx.request, ctx.user, ctx.version, ctx.base, resource, version)
     )
@@ -620,14 +620,7 @@ def instance(ctx: FhirRequest, resource_type: str, logical_id: str) -> HttpRespo
     if method == "PUT":
         _require(handler, handlers.UPDATE, allow)
         assert handler.update is not None and ctx.user is not None
-        version = body_version(ctx.request, default=ctx.version)
-        resource = _json_body(ctx.request)
-        if resource.get("resourceType") != resource_type:
-            raise FhirError(
-                400,
-                "invalid",
-                f"The body is a {resource.get('resourceType')!r}, not a {resource_type}.",
-            )
+        resource, version = _typed_body(ctx, resource_type)
         if resource.get("id") != logical_id:
             raise FhirError(
                 400, "invalid", f"The body's id must be {logical_id!r} (the id in the URL)."

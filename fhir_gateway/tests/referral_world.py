@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from django.core.files.storage import default_storage
 
 from accounts.models import User
 from accounts.roles import Role
@@ -251,6 +252,15 @@ def advised(world: World, placer: str = "SR-1") -> str:
     )
     assert response.status_code == 201, response.content
     return task_id
+
+
+def stored_files(path: str = "") -> set[str]:
+    """Every file in the default storage (in memory under the test settings)."""
+    directories, files = default_storage.listdir(path)
+    found = {f"{path}/{name}".lstrip("/") for name in files}
+    for directory in directories:
+        found |= stored_files(f"{path}/{directory}".lstrip("/"))
+    return found
 
 
 __all__ = ["FHIR_R4", "FHIR_R5"]

@@ -9,13 +9,12 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from django.core.files.storage import default_storage
 
 from accounts.roles import Role
 from accounts.services import api_token_issue
 from fhir_gateway.models import FhirResource
 from fhir_gateway.tests.conftest import FHIR_R4, FHIR_R5, FhirClient, outcome_issue
-from fhir_gateway.tests.referral_world import World, body, submit, task_of
+from fhir_gateway.tests.referral_world import World, body, stored_files, submit, task_of
 from fhir_gateway.versions import model_class
 from referrals.models import Attachment, AuditEntry
 from tests.factories import UserFactory
@@ -199,20 +198,12 @@ def _raw_post(client: FhirClient, data: bytes, context: str | None, **headers: s
     return client.post("/fhir/Binary", data, content_type="application/pdf", **headers)
 
 
-def _stored_files(path: str = "") -> set[str]:
-    directories, files = default_storage.listdir(path)
-    found = {f"{path}/{name}".lstrip("/") for name in files}
-    for directory in directories:
-        found |= _stored_files(f"{path}/{directory}".lstrip("/"))
-    return found
-
-
 def _state() -> tuple[Any, ...]:
     return (
         Attachment.objects.count(),
         FhirResource.objects.filter(resource_type="DocumentReference").count(),
         AuditEntry.objects.filter(action="create", object_type="attachment").count(),
-        _stored_files(),
+        stored_files(),
     )
 
 

@@ -10,7 +10,6 @@ import json
 from typing import Any
 
 import pytest
-from django.core.files.storage import default_storage
 from django.utils import timezone
 
 from accounts.roles import Role
@@ -24,6 +23,7 @@ from fhir_gateway.tests.referral_world import (
     advised,
     body,
     member_client,
+    stored_files,
     submit,
     transaction,
 )
@@ -69,15 +69,6 @@ def _with_case_file(bundle: dict[str, Any], attachment: dict[str, Any]) -> dict[
         }
     )
     return bundle
-
-
-def _stored_files(path: str = "") -> set[str]:
-    """Every file in the default storage (in memory under the test settings)."""
-    directories, files = default_storage.listdir(path)
-    found = {f"{path}/{name}".lstrip("/") for name in files}
-    for directory in directories:
-        found |= _stored_files(f"{path}/{directory}".lstrip("/"))
-    return found
 
 
 def _counts() -> tuple[int, int, int, int]:
@@ -354,7 +345,7 @@ def test_a_refused_transaction_keeps_no_case_file(world: World, respond_async: b
     )
     _with_case_file(bundle, {"contentType": "text/plain", "data": PDF, "title": "b"})  # refused
     headers = {"Prefer": "respond-async"} if respond_async else {}
-    files_before = _stored_files()
+    files_before = stored_files()
     response = world.r4.post("/fhir", bundle, **headers)
     if respond_async:
         assert response.status_code == 202
@@ -363,7 +354,7 @@ def test_a_refused_transaction_keeps_no_case_file(world: World, respond_async: b
     else:
         assert response.status_code == 415
     assert (Referral.objects.count(), Attachment.objects.count()) == (0, 0)
-    assert _stored_files() == files_before
+    assert stored_files() == files_before
 
 
 @pytest.mark.django_db(transaction=True)
@@ -386,7 +377,7 @@ def test_a_case_file_whose_row_committed_keeps_its_bytes(
         return real(**kwargs)
 
     monkeypatch.setattr(storage, "store_version", failing)
-    files_before = _stored_files()
+    files_before = stored_files()
     document = {
         "resourceType": "DocumentReference",
         "status": "current",
@@ -395,7 +386,7 @@ def test_a_case_file_whose_row_committed_keeps_its_bytes(
     }
     assert world.r4.post("/fhir/DocumentReference", document).status_code >= 400
     (attachment,) = Attachment.objects.all()
-    assert _stored_files() - files_before == {attachment.file.name}
+    assert stored_files() - files_before == {attachment.file.name}
 
 
 @pytest.mark.django_db
@@ -410,7 +401,7 @@ def test_a_batch_rolled_back_after_its_job_keeps_no_case_file(
         transaction(world), {"contentType": "application/pdf", "data": PDF, "title": "a.pdf"}
     )
     assert world.r4.post("/fhir", bundle, Prefer="respond-async").status_code == 202
-    files_before = _stored_files()
+    files_before = stored_files()
 
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("the batch's last statement failed")
@@ -419,11 +410,11 @@ def test_a_batch_rolled_back_after_its_job_keeps_no_case_file(
         patch.setattr(intake, "_finish_all", broken)
         assert [o for _job, o in intake.intake_process_next(limit=10)] == ["error"]
     assert (Referral.objects.count(), Attachment.objects.count()) == (0, 0)
-    assert _stored_files() == files_before
+    assert stored_files() == files_before
     IntakeJob.objects.update(next_attempt_at=timezone.now())
     assert [o for _job, o in intake.intake_process_next(limit=10)] == ["done"]
     (attachment,) = Attachment.objects.all()
-    assert _stored_files() - files_before == {attachment.file.name}
+    assert stored_files() - files_before == {attachment.file.name}
 
 
 @pytest.mark.django_db(transaction=True)
@@ -438,13 +429,13 @@ def test_a_committed_bundle_keeps_its_case_files_when_its_answer_fails(
         raise RuntimeError("rendering the answer failed")
 
     monkeypatch.setattr(referral_resources, "_transaction_response", failing)
-    files_before = _stored_files()
+    files_before = stored_files()
     bundle = _with_case_file(
         transaction(world), {"contentType": "application/pdf", "data": PDF, "title": "a.pdf"}
     )
     assert world.r4.post("/fhir", bundle).status_code == 500
     (attachment,) = Attachment.objects.all()
-    assert _stored_files() - files_before == {attachment.file.name}
+    assert stored_files() - files_before == {attachment.file.name}
 
 
 def test_a_resubmission_refuses_the_entries_a_first_submission_refuses(world: World) -> None:
