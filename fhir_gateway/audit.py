@@ -16,10 +16,9 @@ from typing import TYPE_CHECKING
 
 from django.http import HttpRequest
 
-from accounts.roles import Role
 from fhir_gateway.models import FhirResource
-from referrals.audit import audit_record
-from referrals.models import AuditAction, Referral
+from referrals.audit import audit_record, audit_record_fillers
+from referrals.models import AuditAction
 
 if TYPE_CHECKING:
     from accounts.models import User
@@ -70,10 +69,10 @@ def audit_resources(
 ) -> None:
     """Record (type, logical id) pairs: a search result page with what it included."""
     fillers = {f for rtype, lid in resources if (f := filler_of(rtype, lid))}
-    if not fillers or user is None or user.has_role(Role.MINISTRY):  # never recorded
+    if not fillers or user is None:
         return
-    pks = list(Referral.objects.filter(filler_id__in=fillers).values_list("pk", flat=True))
-    _record(request, user, action, pks, detail)
+    request.user = user  # audit_record reads the actor from the request (bearer auth)
+    audit_record_fillers(request, action, fillers, detail=detail)
 
 
 def audit_referral(

@@ -1178,15 +1178,26 @@ def _search_by_sql(
     if not want_total:
         rows = fetch_prepared(f"{page} ORDER BY q.ord", params, prepare=prepare)
         return None, [row[:3] for row in rows]
-    # The count and the page in one statement: one row even for an empty page.
+    # The count and the page in one statement and one pass over the matches: each match
+    # numbered in the order and counted (window functions, before the LIMIT); the JSON
+    # read for the page's rows only. (The count as a second pass over the matches cost
+    # ~1.5 ms of a 4 ms statement at 300 matches.)
+    numbered = (
+        f"SELECT f.id, count(*) OVER () AS n, row_number() OVER (ORDER BY {order}) AS ord "
+        f"{body} ORDER BY ord LIMIT {int(count)} OFFSET {int(offset)}"
+    )
     rows = fetch_prepared(
-        f"SELECT p.resource_type, p.logical_id, p.{column}, c.n "  # noqa: S608
-        f"FROM (SELECT count(*) AS n {body}) c LEFT JOIN LATERAL ({page}) p ON TRUE "
-        "ORDER BY p.ord",
-        params + params,
+        f"SELECT x.resource_type, x.logical_id, x.{column}, q.n "  # noqa: S608
+        f"FROM ({numbered}) q JOIN {table} x ON x.id = q.id ORDER BY q.ord",
+        params,
         prepare=prepare,
     )
-    return int(rows[0][3]), [row[:3] for row in rows if row[1] is not None]
+    if rows:
+        return int(rows[0][3]), [row[:3] for row in rows]
+    if offset == 0 and count > 0:
+        return 0, []
+    # An empty page past the end (or _count=0): no row carries the count.
+    return int(fetch_prepared(f"SELECT count(*) {body}", params)[0][0]), []
 
 
 def _links(

@@ -27,7 +27,8 @@ from rest_framework.request import Request
 from accounts.models import User
 from accounts.roles import Role
 from core.logging import current_request_id
-from referrals.models import AuditAction, AuditEntry
+from core.rows import fetch_prepared
+from referrals.models import AuditAction, AuditEntry, Referral
 
 USER_AGENT_MAX = 255
 
@@ -62,6 +63,50 @@ _AUDIT_INSERT = (
 )
 
 
+# The same entries for the referrals of the given filler ids (FHIR logical ids), found
+# and recorded in one statement.
+_AUDIT_INSERT_BY_FILLER = (
+    f"INSERT INTO {_AUDIT_TABLE} (at, user_id, action, object_type, object_id, referral_id, "  # noqa: S608
+    "detail, ip_address, user_agent, request_id) "
+    "SELECT %s, %s, %s, 'referral', r.id::text, r.id, %s, %s::inet, %s, %s "
+    f"FROM {Referral._meta.db_table} r WHERE r.filler_id = ANY(%s)"
+)
+
+
+def audit_record_fillers(
+    request: HttpRequest | Request,
+    action: AuditAction | str,
+    filler_ids: Iterable[str],
+    *,
+    detail: str = "",
+) -> None:
+    """``audit_record`` for the referrals with these filler ids (the FHIR gateway's
+    logical ids): on PostgreSQL the lookup and the entries are one prepared statement (a
+    search page of 50 paid ~1 ms for a separate lookup)."""
+    user = request.user
+    fillers = sorted(set(filler_ids))
+    if not isinstance(user, User) or user.has_role(Role.MINISTRY) or not fillers:
+        return
+    if connection.vendor != "postgresql":
+        ids = Referral.objects.filter(filler_id__in=fillers).values_list("pk", flat=True)
+        audit_record(request, action, list(ids), detail=detail)
+        return
+    fetch_prepared(
+        _AUDIT_INSERT_BY_FILLER,
+        [
+            timezone.now(),
+            user.pk,
+            str(action),
+            detail[:64],
+            _client_ip(request),
+            str(request.META.get("HTTP_USER_AGENT", ""))[:USER_AGENT_MAX],
+            (current_request_id() or "")[:64],
+            fillers,
+        ],
+        returning=False,
+    )
+
+
 def audit_record(
     request: HttpRequest | Request,
     action: AuditAction | str,
@@ -84,22 +129,23 @@ def audit_record(
     request_id = (current_request_id() or "")[:64]
     fixed_id = str(object_id) if object_id is not None else None
     if connection.vendor == "postgresql":
-        with connection.cursor() as cursor:
-            cursor.execute(
-                _AUDIT_INSERT,
-                [
-                    timezone.now(),
-                    user.pk,
-                    str(action),
-                    object_type,
-                    fixed_id,
-                    detail[:64],
-                    ip,
-                    agent,
-                    request_id,
-                    ids,
-                ],
-            )
+        # Prepared (one text whatever the number of ids): planned once per connection.
+        fetch_prepared(
+            _AUDIT_INSERT,
+            [
+                timezone.now(),
+                user.pk,
+                str(action),
+                object_type,
+                fixed_id,
+                detail[:64],
+                ip,
+                agent,
+                request_id,
+                ids,
+            ],
+            returning=False,
+        )
         return len(ids)
     AuditEntry.objects.bulk_create(
         [

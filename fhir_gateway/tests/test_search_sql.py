@@ -139,6 +139,7 @@ def test_hand_written_searches_equal_the_orm_for_every_user_and_parameter(
                         (500, 0, False): (None, expected),
                         (2, 1, True): (n, expected[1:3]),
                         (5, n + 3, True): (n, []),
+                        (0, 0, True): (n, []),  # _count=0: the total alone
                     }
                     for (count, offset, want_total), answer in pages.items():
                         fresh = User.objects.get(pk=user.pk)
