@@ -128,15 +128,27 @@ def test_download_and_upload_and_file_list_rows(world: World) -> None:
     ]
 
 
-def test_list_page_is_one_row_per_referral_in_one_insert(world: World) -> None:
+def test_list_page_is_one_row_per_referral_in_one_insert(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from referrals import audit
+
     referrals = [world.submit() for _ in range(3)]
     client = client_for(world.consultant)
+    prepared: list[str] = []  # PostgreSQL: a prepared statement, outside Django's query log
+    real = audit.fetch_prepared
+
+    def recorded(sql: str, *args: Any, **kwargs: Any) -> Any:
+        prepared.append(sql)
+        return real(sql, *args, **kwargs)
+
+    monkeypatch.setattr(audit, "fetch_prepared", recorded)
     with CaptureQueriesContext(connection) as queries:
         assert client.get("/api/v1/referrals/worklist/").status_code == 200
     inserts = [
-        q
-        for q in queries.captured_queries
-        if q["sql"].replace('"', "").startswith("INSERT INTO referrals_auditentry")
+        sql
+        for sql in [q["sql"] for q in queries.captured_queries] + prepared
+        if sql.replace('"', "").startswith("INSERT INTO referrals_auditentry")
     ]
     assert len(inserts) == 1
     assert sorted(r[4] for r in rows()) == sorted(r.pk for r in referrals)
