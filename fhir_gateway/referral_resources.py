@@ -1132,8 +1132,10 @@ def transaction_bundle(
             )
             taken.add(result.row.logical_id)
             outcomes[index] = (result.row, "201 Created" if result.created else "200 OK")
+    # Written: a new referral, or a case file added by a resubmission.
+    wrote = any(status.startswith("201") for _row, status in outcomes.values())
     return handlers.TransactionAnswer(
-        _transaction_response(entries, outcomes, answer_version, base), referral.pk, created
+        _transaction_response(entries, outcomes, answer_version, base), referral.pk, wrote
     )
 
 

@@ -53,7 +53,6 @@ from fhir_gateway.storage import (
     resource_current,
     resource_history,
     resource_version,
-    split_escaped,
 )
 from fhir_gateway.versions import (
     DEFAULT_VERSION,
@@ -874,8 +873,11 @@ def _last_updated_filter(values: list[str]) -> Q:
     return condition
 
 
-# Search values in one request, comma-separated alternatives counted one by one.
-MAX_SEARCH_VALUES = 1000
+# Search values in one request, comma-separated alternatives counted one by one: each
+# is a bound value (PostgreSQL takes 65,535) and a condition (SQLite's expression trees
+# stop at a depth of 1,000: 200 identifier alternatives were past it).
+MAX_SEARCH_VALUES = 100
+_INCLUDE_PARAMS = ("_include", "_revinclude", "_include:iterate", "_revinclude:iterate")
 
 
 def _search(
@@ -911,8 +913,11 @@ def _search(
         raise FhirError(
             400, "not-supported", f"Unknown search parameters: {', '.join(sorted(ignored))}."
         )
-    alternatives = sum(len(split_escaped(v, ",")) for values in used.values() for v in values)
-    if alternatives > MAX_SEARCH_VALUES:  # each is a bound value (65,535 at most) to match
+    # Every comma counts (some parameters split on escaped ones too), and the includes,
+    # each a query of its own.
+    includes = [v for name in _INCLUDE_PARAMS for v in params.get(name) or []]
+    values = [v for vs in used.values() for v in vs] + includes
+    if sum(v.count(",") + 1 for v in values) > MAX_SEARCH_VALUES:
         raise FhirError(
             400,
             "too-costly",
@@ -1197,7 +1202,7 @@ def _search_by_sql(
     if offset == 0 and count > 0:
         return 0, []
     # An empty page past the end (or _count=0): no row carries the count.
-    return int(fetch_prepared(f"SELECT count(*) {body}", params)[0][0]), []
+    return int(fetch_prepared(f"SELECT count(*) {body}", params, prepare=False)[0][0]), []
 
 
 def _links(

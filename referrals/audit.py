@@ -36,9 +36,11 @@ USER_AGENT_MAX = 255
 def _ip(text: str) -> str | None:
     """``text`` when it is an IP address (the column is ``inet``), else None."""
     try:
-        return str(ipaddress.ip_address(text.strip()))
+        address = ipaddress.ip_address(text.strip())
     except ValueError:
         return None
+    # PostgreSQL's inet has no IPv6 zone ("fe80::1%eth0"): the address without it.
+    return str(address).partition("%")[0]
 
 
 def _client_ip(request: HttpRequest | Request) -> str | None:

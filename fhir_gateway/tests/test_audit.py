@@ -15,12 +15,13 @@ from fhir_gateway.tests.referral_world import (
     World,
     accepted,
     body,
+    case_file,
     consult_note,
     submit,
     task_of,
     transaction,
 )
-from referrals.models import AuditEntry, Referral
+from referrals.models import Attachment, AuditEntry, Referral
 from tests.factories import UserFactory
 
 pytestmark = pytest.mark.django_db
@@ -45,6 +46,24 @@ def test_a_transaction_is_a_create_and_its_resubmission_a_read(world: World):
     assert _entries() == [(who, "create", "referral", pk, "fhir transaction", "127.0.0.1")]
     submit(world)  # the same placer identifier: the existing referral answers
     assert _entries()[1:] == [(who, "read", "referral", pk, "fhir transaction", "127.0.0.1")]
+
+
+def test_a_resubmission_adding_a_case_file_is_a_create(world: World):
+    bundle = transaction(world, "SR-9")
+    assert world.r4.post("/fhir", bundle).status_code == 200
+    AuditEntry.objects.all().delete()
+    bundle["entry"].append(  # the same Bundle again, now with a case file
+        {
+            "resource": case_file(None, "new"),
+            "request": {"method": "POST", "url": "DocumentReference"},
+        }
+    )
+
+    response = world.r4.post("/fhir", bundle)
+
+    assert response.status_code == 200, response.content
+    assert Attachment.objects.count() == 1
+    assert [(e[1], e[4]) for e in _entries()] == [("create", "fhir transaction")]
 
 
 def test_reads_vreads_and_histories_record_their_referral(world: World):

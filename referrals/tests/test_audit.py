@@ -183,6 +183,10 @@ def test_a_forwarded_for_that_is_no_address_falls_back_to_the_peer(
         response = client.get(f"/api/v1/referrals/{referral.pk}/", HTTP_X_FORWARDED_FOR=forwarded)
         assert response.status_code == 200, forwarded
     assert [r[6] for r in rows()] == ["127.0.0.1"] * 4
+    # An IPv6 address with a zone (which inet cannot hold): kept without it.
+    response = client.get(f"/api/v1/referrals/{referral.pk}/", HTTP_X_FORWARDED_FOR="fe80::1%eth0")
+    assert response.status_code == 200
+    assert rows()[-1][6] == "fe80::1"
 
 
 def test_helper_never_records_for_ministry(world: World, rf: Any) -> None:
