@@ -11,6 +11,7 @@ the REST API records them.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -73,6 +74,23 @@ def audit_resources(
         return
     request.user = user  # audit_record reads the actor from the request (bearer auth)
     audit_record_fillers(request, action, fillers, detail=detail)
+
+
+def resources_answered(batch_response: str) -> list[tuple[str, str]]:
+    """The (type, id) of the resources an asynchronous job's answer holds (the
+    batch-response's one entry: the transaction-response, whose entries hold them)."""
+    try:
+        outer = json.loads(batch_response)
+    except ValueError:
+        return []
+    found = []
+    for entry in outer.get("entry") or []:
+        inner = entry.get("resource") if isinstance(entry, dict) else None
+        for item in (inner or {}).get("entry") or []:
+            resource = item.get("resource") if isinstance(item, dict) else None
+            if isinstance(resource, dict) and resource.get("id"):
+                found.append((str(resource.get("resourceType")), str(resource["id"])))
+    return found
 
 
 def audit_referral(

@@ -41,7 +41,7 @@ from core.values import (
     year_supported,
 )
 from fhir_gateway import capability, handlers, intake, patching
-from fhir_gateway.audit import audit_referral, audit_resources, audit_rows
+from fhir_gateway.audit import audit_referral, audit_resources, audit_rows, resources_answered
 from fhir_gateway.handlers import HANDLERS, ResourceHandler, WriteRequest
 from fhir_gateway.models import FhirResource
 from fhir_gateway.outcomes import FhirError, fhir_error_for, outcome_response
@@ -404,6 +404,14 @@ def async_status(ctx: FhirRequest, job_id: str) -> HttpResponse:
         answer = intake.intake_cancel(user=ctx.user, job_id=job_id)
     else:
         answer = intake.intake_poll(user=ctx.user, job_id=job_id)
+    if answer.status == 200:  # the answer holds the referral's resources (or a refusal)
+        audit_resources(
+            ctx.request,
+            ctx.user,
+            AuditAction.READ,
+            resources_answered(answer.body),
+            "fhir async answer",
+        )
     response = HttpResponse(
         answer.body, status=answer.status, content_type=media_type_for(answer.version)
     )

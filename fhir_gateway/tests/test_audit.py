@@ -144,6 +144,37 @@ def test_an_asynchronous_transaction_is_recorded_when_applied(world: World):
     ]
 
 
+def test_the_answer_of_an_asynchronous_job_is_a_read(world: World):
+    response = world.r4.post("/fhir", transaction(world, "SR-A"), Prefer="respond-async")
+    poll = str(response["Content-Location"]).removeprefix("http://testserver")
+    assert world.r4.get(poll).status_code == 202  # pending: nothing of a referral yet
+    assert _entries() == []
+    intake_drain()
+    AuditEntry.objects.all().delete()
+
+    assert world.r4.get(poll).status_code == 200
+    assert world.other.get(poll).status_code == 404  # another's job: refused, not recorded
+
+    pk = int(Referral.objects.get().pk)
+    assert _entries() == [
+        (world.submitter.username, "read", "referral", pk, "fhir async answer", "127.0.0.1")
+    ]
+
+
+def test_a_refused_asynchronous_job_records_nothing_when_polled(world: World):
+    bundle = transaction(world, "SR-R")
+    bundle["entry"][1]["resource"]["status"] = "bogus"  # refused when applied
+    response = world.r4.post("/fhir", bundle, Prefer="respond-async")
+    poll = str(response["Content-Location"]).removeprefix("http://testserver")
+    intake_drain()
+
+    answer = world.r4.get(poll)
+
+    assert answer.status_code == 200
+    assert body(answer)["entry"][0]["response"]["status"].startswith("4")
+    assert _entries() == []
+
+
 @pytest.mark.parametrize(
     ("resource_type", "logical_id", "filler"),
     [
