@@ -2,11 +2,14 @@
 (``referrals.audit``, docs/permissions.md): who, when, from where, which referral.
 
 Called by the views once the answer is built (refusals carry no patient data and are not
-recorded), for the resources that belong to a referral (``REFERRAL_TYPES``): one row per
-referral per request, whatever number of its resources the answer holds. Registry
-resources, Subscriptions and the id-only feed hold no patient data and are not recorded.
-The case files' bytes (``Binary``) are recorded by ``binary`` as downloads and uploads, as
-the REST API records them.
+recorded), for the resources that belong to a referral (``referral_mapping.REFERRAL_TYPES``):
+one row per referral per request, whatever number of its resources the answer holds.
+Registry resources, Subscriptions and the id-only feed hold no patient data and are not
+recorded. The case files' bytes (``Binary``) are recorded by ``binary`` as downloads and
+uploads, as the REST API records them.
+
+``referrals.audit`` reads the actor from the request; bearer authentication does not set
+``request.user``, so each function here sets it to the authenticated user first.
 """
 
 from __future__ import annotations
@@ -18,30 +21,12 @@ from typing import TYPE_CHECKING
 from django.http import HttpRequest
 
 from fhir_gateway.models import FhirResource
+from fhir_gateway.referral_mapping import REFERRAL_TYPES, filler_of
 from referrals.audit import audit_record, audit_record_fillers
 from referrals.models import AuditAction
 
 if TYPE_CHECKING:
     from accounts.models import User
-
-REFERRAL_TYPES = frozenset(
-    {"Task", "ServiceRequest", "Patient", "Communication", "DocumentReference"}
-)
-# A referral's messages and documents: "<filler id><separator><number>" (referral_mapping,
-# binary); its Task, ServiceRequest and Patient have the filler id itself.
-_SEPARATORS = ("-msg-", "-note-", "-att-")
-
-
-def filler_of(resource_type: str, logical_id: str) -> str | None:
-    """The filler id of the referral a resource belongs to; None for other types."""
-    if resource_type not in REFERRAL_TYPES:
-        return None
-    if resource_type in ("Communication", "DocumentReference"):
-        for separator in _SEPARATORS:
-            filler, found, _number = logical_id.rpartition(separator)
-            if found:
-                return filler
-    return logical_id
 
 
 def audit_rows(
@@ -52,13 +37,17 @@ def audit_rows(
     detail: str,
 ) -> None:
     """Record stored versions (their ``source_pk`` is the referral's)."""
-    _record(
-        request,
-        user,
-        action,
-        [r.source_pk for r in rows if r.resource_type in REFERRAL_TYPES and r.source_pk],
-        detail,
-    )
+    ids = {r.source_pk for r in rows if r.resource_type in REFERRAL_TYPES and r.source_pk}
+    if ids and user is not None:
+        request.user = user
+        audit_record(request, action, sorted(ids), detail=detail)
+
+
+def audit_referral(
+    request: HttpRequest, user: User, action: AuditAction, referral_pk: int, detail: str
+) -> None:
+    request.user = user
+    audit_record(request, action, [referral_pk], detail=detail)
 
 
 def audit_resources(
@@ -70,10 +59,9 @@ def audit_resources(
 ) -> None:
     """Record (type, logical id) pairs: a search result page with what it included."""
     fillers = {f for rtype, lid in resources if (f := filler_of(rtype, lid))}
-    if not fillers or user is None:
-        return
-    request.user = user  # audit_record reads the actor from the request (bearer auth)
-    audit_record_fillers(request, action, fillers, detail=detail)
+    if fillers and user is not None:
+        request.user = user
+        audit_record_fillers(request, action, fillers, detail=detail)
 
 
 def resources_answered(batch_response: str) -> list[tuple[str, str]]:
@@ -93,18 +81,12 @@ def resources_answered(batch_response: str) -> list[tuple[str, str]]:
     return found
 
 
-def audit_referral(
-    request: HttpRequest, user: User | None, action: AuditAction, referral_pk: int, detail: str
-) -> None:
-    _record(request, user, action, [referral_pk], detail)
-
-
 def audit_file(
     request: HttpRequest, user: User, action: AuditAction, referral_pk: int, attachment_pk: int
 ) -> None:
     """A case file's bytes read (``download``) or stored (``create``) through ``Binary``, as
     the REST API records its download and upload."""
-    request.user = user  # audit_record reads the actor from the request (bearer auth)
+    request.user = user
     audit_record(
         request,
         action,
@@ -113,17 +95,3 @@ def audit_file(
         object_id=attachment_pk,
         detail="fhir-binary",
     )
-
-
-def _record(
-    request: HttpRequest,
-    user: User | None,
-    action: AuditAction,
-    referral_pks: Iterable[int | None],
-    detail: str,
-) -> None:
-    ids = sorted({int(pk) for pk in referral_pks if pk})
-    if not ids or user is None:
-        return
-    request.user = user  # audit_record reads the actor from the request (bearer auth)
-    audit_record(request, action, ids, detail=detail)

@@ -44,18 +44,12 @@ from fhir_gateway import referral_mapping as m
 from fhir_gateway.audit import audit_file
 from fhir_gateway.handlers import RawCreate, RawRead, ResourceHandler
 from fhir_gateway.outcomes import FhirError
+from fhir_gateway.referral_resources import case_file_store, referral_from_references
 from fhir_gateway.storage import dumps, fhir_instant, validate_resource
 from fhir_gateway.versions import binary_answer_version, media_type_for
 from referrals.attachments import attachment_get, max_bytes
 from referrals.models import Attachment, AuditAction, Referral
 from referrals.selectors import referral_visible
-
-_SEPARATOR = "-att-"
-
-
-def binary_id(filler_id: str, attachment_pk: int) -> str:
-    """The id of a case file's Binary and DocumentReference."""
-    return f"{filler_id}{_SEPARATOR}{attachment_pk}"
 
 
 def _not_found(logical_id: str) -> FhirError:
@@ -63,7 +57,7 @@ def _not_found(logical_id: str) -> FhirError:
 
 
 def _attachment(read: RawRead) -> Attachment:
-    filler, separator, number = read.logical_id.rpartition(_SEPARATOR)
+    filler, separator, number = read.logical_id.rpartition(m.CASE_FILE_SEPARATOR)
     if not separator or not filler or not ascii_digits(number):
         raise _not_found(read.logical_id)
     referral_pk = (
@@ -106,12 +100,17 @@ def binary_read(read: RawRead) -> HttpResponseBase:
             dumps(_resource(read.logical_id, attachment, data)),
             content_type=media_type_for(version),
         )
+    _file_headers(response, attachment)
+    response["Vary"] = "Accept"
+    return response
+
+
+def _file_headers(response: HttpResponseBase, attachment: Attachment) -> None:
+    """What a read and a create of a case file both answer with."""
     response["ETag"] = 'W/"1"'  # a case file never changes
     response["Last-Modified"] = http_date(attachment.created.timestamp())
     response["X-Content-Type-Options"] = "nosniff"
     response["Cache-Control"] = "private, no-store"
-    response["Vary"] = "Accept"
-    return response
 
 
 SECURITY_CONTEXT_HEADER = "X-Security-Context"
@@ -147,12 +146,8 @@ def _raw_body(request: HttpRequest) -> bytes:
 def _raw_file(call: RawCreate) -> tuple[Referral, bytes, str]:
     """The file as the body: its referral (from ``X-Security-Context``, before the bytes
     are read: outside the caller's scope nothing is), bytes and content type."""
-    from fhir_gateway.referral_resources import referral_from_references
-
     context = call.request.headers.get(SECURITY_CONTEXT_HEADER, "").strip()
-    referral = referral_from_references(
-        call.user, [context] if context else [], SECURITY_CONTEXT_HEADER
-    )
+    referral = referral_from_references(call.user, [context], SECURITY_CONTEXT_HEADER)
     data = _raw_body(call.request)
     if not data:
         raise FhirError(400, "structure", "The file is empty.")
@@ -166,24 +161,17 @@ def _raw_file(call: RawCreate) -> tuple[Referral, bytes, str]:
 
 def _fhir_binary(call: RawCreate) -> tuple[Referral, bytes, str]:
     """A FHIR JSON Binary: its referral (``securityContext``), bytes and content type."""
-    from fhir_gateway.referral_resources import referral_from_references
-
     assert call.resource is not None and call.body_version is not None
     validate_resource(call.resource, call.body_version)
     data = m.attachment_bytes(call.resource, "Binary")
     if not data:
         raise FhirError(422, "required", "Binary.data is required.", expression=["Binary.data"])
     context = m.reference_of(call.resource.get("securityContext"))
-    referral = referral_from_references(
-        call.user, [context] if context else [], "Binary.securityContext"
-    )
+    referral = referral_from_references(call.user, [context], "Binary.securityContext")
     return referral, data, str(call.resource.get("contentType") or "")
 
 
 def binary_create(call: RawCreate) -> HttpResponseBase:
-    # The referral resources build on this module (binary_id): imported here.
-    from fhir_gateway.referral_resources import case_file_store
-
     referral, data, content_type = (_raw_file if call.resource is None else _fhir_binary)(call)
     with transaction.atomic():  # the file, its row and DocumentReference: all or nothing
         stored = case_file_store(call.user, referral, data, content_type=content_type, title="")
@@ -200,10 +188,7 @@ def binary_create(call: RawCreate) -> HttpResponseBase:
             content_type=media_type_for(call.version),
         )
     response["Location"] = f"{call.base}/Binary/{logical_id}/_history/1"
-    response["ETag"] = 'W/"1"'
-    response["Last-Modified"] = http_date(attachment.created.timestamp())
-    response["X-Content-Type-Options"] = "nosniff"  # the file, as a read answers it
-    response["Cache-Control"] = "private, no-store"
+    _file_headers(response, attachment)
     return response
 
 

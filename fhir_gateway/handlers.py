@@ -117,7 +117,7 @@ TransactionFunc = Callable[["User", dict[str, Any], str, str, str], "Transaction
 class TransactionAnswer:
     text: str  # the transaction-response Bundle, JSON
     referral_pk: int  # the referral the Bundle made, or found (a resubmission)
-    created: bool  # anything written: the referral, or a case file a resubmission added
+    wrote: bool  # the referral, or a case file a resubmission added
 
 
 @dataclass

@@ -252,7 +252,7 @@ def _apply(job: IntakeJob) -> tuple[int, str]:
             )
             # Recorded as the synchronous request is, with the job's own transaction;
             # applied outside any request, so without an address or user agent.
-            action = AuditAction.CREATE if answer.created else AuditAction.READ
+            action = AuditAction.CREATE if answer.wrote else AuditAction.READ
             audit_referral(
                 HttpRequest(), job.user, action, answer.referral_pk, "fhir transaction (async)"
             )

@@ -123,12 +123,38 @@ service_request_id = task_id
 patient_id = task_id
 
 
+# A referral's messages, consult notes and case files: "<filler id><separator><pk>".
+MESSAGE_SEPARATOR, NOTE_SEPARATOR, CASE_FILE_SEPARATOR = "-msg-", "-note-", "-att-"
+# The types whose resources belong to a referral (Task, ServiceRequest and Patient have
+# the filler id itself).
+REFERRAL_TYPES = frozenset(
+    {"Task", "ServiceRequest", "Patient", "Communication", "DocumentReference"}
+)
+
+
 def message_id(referral: Referral, message_pk: int) -> str:
-    return f"{referral.filler_id}-msg-{message_pk}"
+    return f"{referral.filler_id}{MESSAGE_SEPARATOR}{message_pk}"
 
 
 def note_id(referral: Referral, note_pk: int) -> str:
-    return f"{referral.filler_id}-note-{note_pk}"
+    return f"{referral.filler_id}{NOTE_SEPARATOR}{note_pk}"
+
+
+def case_file_id(filler_id: str, attachment_pk: int) -> str:
+    """The id of a case file's DocumentReference and of its Binary."""
+    return f"{filler_id}{CASE_FILE_SEPARATOR}{attachment_pk}"
+
+
+def filler_of(resource_type: str, logical_id: str) -> str | None:
+    """The filler id of the referral a resource belongs to; None for other types."""
+    if resource_type not in REFERRAL_TYPES:
+        return None
+    if resource_type in ("Communication", "DocumentReference"):
+        for separator in (MESSAGE_SEPARATOR, NOTE_SEPARATOR, CASE_FILE_SEPARATOR):
+            filler, found, _number = logical_id.rpartition(separator)
+            if found:
+                return filler
+    return logical_id
 
 
 def _ref(resource_type: str, logical_id: Any, display: str = "") -> dict[str, str]:

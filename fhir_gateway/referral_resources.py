@@ -935,14 +935,13 @@ def case_file_store(
     """Store ``data`` as a case file of ``referral`` (``referrals.attachments``: its checks,
     type sniffing and size limit) and its DocumentReference (``Binary/<same id>`` is the
     bytes). For a DocumentReference with an inline file, and for a Binary create."""
-    from fhir_gateway.binary import binary_id
     from fhir_gateway.storage import store_version
     from referrals.attachments import attachment_upload, clean_name
 
     name = clean_name(title or "attachment")  # ".", "a/": no name
     upload = SimpleUploadedFile(name, data, content_type=content_type)
     stored = attachment_upload(actor=user, referral_id=referral.pk, upload=upload)
-    doc_id = binary_id(referral.filler_id, stored.pk)
+    doc_id = m.case_file_id(referral.filler_id, stored.pk)
     doc: dict[str, Any] = {
         "resourceType": "DocumentReference",
         "id": doc_id,
@@ -1132,7 +1131,6 @@ def transaction_bundle(
             )
             taken.add(result.row.logical_id)
             outcomes[index] = (result.row, "201 Created" if result.created else "200 OK")
-    # Written: a new referral, or a case file added by a resubmission.
     wrote = any(status.startswith("201") for _row, status in outcomes.values())
     return handlers.TransactionAnswer(
         _transaction_response(entries, outcomes, answer_version, base), referral.pk, wrote
@@ -1219,9 +1217,6 @@ def _check_bundle_references(entries: list[dict[str, Any]]) -> None:
 def _case_files(referral: Referral) -> dict[str, list[FhirResource]]:
     """The current DocumentReferences of the case files the requester side stored, by the
     SHA-256 of their bytes, oldest first."""
-    from fhir_gateway.binary import binary_id
-    from referrals.models import Attachment
-
     files = list(
         Attachment.objects.filter(
             referral=referral, uploaded_by__facility_id=referral.requester_facility_id
@@ -1229,7 +1224,7 @@ def _case_files(referral: Referral) -> dict[str, list[FhirResource]]:
         .order_by("pk")
         .values_list("pk", "sha256")
     )
-    ids = {binary_id(referral.filler_id, pk): sha for pk, sha in files}
+    ids = {m.case_file_id(referral.filler_id, pk): sha for pk, sha in files}
     by_id = {
         row.logical_id: row
         for row in FhirResource.objects.filter(

@@ -357,7 +357,7 @@ def root(ctx: FhirRequest) -> HttpResponse:
     if _prefers_async(ctx.request):
         return _accept_async(ctx, user, bundle, version)
     answer = transaction_func(user, bundle, version, ctx.version, ctx.base)
-    action = AuditAction.CREATE if answer.created else AuditAction.READ
+    action = AuditAction.CREATE if answer.wrote else AuditAction.READ
     audit_referral(ctx.request, user, action, answer.referral_pk, "fhir transaction")
     return HttpResponse(answer.text, content_type=media_type_for(ctx.version))
 

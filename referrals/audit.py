@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
+from typing import Any
 
 from django.conf import settings
 from django.db import connection
@@ -55,24 +56,59 @@ def _client_ip(request: HttpRequest | Request) -> str | None:
 
 
 _AUDIT_TABLE = AuditEntry._meta.db_table
-# PostgreSQL: the page's entries in one statement and one round trip (no BEGIN/COMMIT
-# around it in autocommit), one row per element of the id array.
+# PostgreSQL: the entries in one prepared statement and one round trip (no BEGIN/COMMIT
+# around it in autocommit), one row per referral id the source yields: the ids given
+# (an array), or the referrals of the filler ids given (the FHIR gateway's logical ids:
+# a search page of 50 paid ~1 ms for a separate lookup).
 _AUDIT_INSERT = (
     f"INSERT INTO {_AUDIT_TABLE} (at, user_id, action, object_type, object_id, referral_id, "  # noqa: S608
     "detail, ip_address, user_agent, request_id) "
-    "SELECT %s, %s, %s, %s, COALESCE(%s, r::text), r, %s, %s::inet, %s, %s "
-    "FROM unnest(%s::bigint[]) AS r"
+    "SELECT %s, %s, %s, %s, COALESCE(%s, r::text), r, %s, %s::inet, %s, %s FROM "
+)
+_BY_ID = _AUDIT_INSERT + "unnest(%s::bigint[]) AS r"
+_BY_FILLER = (
+    _AUDIT_INSERT + f"(SELECT id FROM {Referral._meta.db_table} WHERE filler_id = ANY(%s)) AS s(r)"  # noqa: S608
 )
 
 
-# The same entries for the referrals of the given filler ids (FHIR logical ids), found
-# and recorded in one statement.
-_AUDIT_INSERT_BY_FILLER = (
-    f"INSERT INTO {_AUDIT_TABLE} (at, user_id, action, object_type, object_id, referral_id, "  # noqa: S608
-    "detail, ip_address, user_agent, request_id) "
-    "SELECT %s, %s, %s, 'referral', r.id::text, r.id, %s, %s::inet, %s, %s "
-    f"FROM {Referral._meta.db_table} r WHERE r.filler_id = ANY(%s)"
-)
+def _actor(request: HttpRequest | Request) -> User | None:
+    """The user to record, None when nothing is (no user, or a ministry official)."""
+    user = request.user
+    if not isinstance(user, User) or user.has_role(Role.MINISTRY):
+        return None
+    return user
+
+
+def _origin(request: HttpRequest | Request) -> tuple[str | None, str, str]:
+    """Where the request came from: client address, user agent, request id."""
+    agent = str(request.META.get("HTTP_USER_AGENT", ""))[:USER_AGENT_MAX]
+    return _client_ip(request), agent, (current_request_id() or "")[:64]
+
+
+def _insert(
+    source_sql: str,
+    source: list[Any],
+    request: HttpRequest | Request,
+    user: User,
+    action: AuditAction | str,
+    object_type: str,
+    object_id: str | None,
+    detail: str,
+) -> None:
+    fetch_prepared(
+        source_sql,
+        [
+            timezone.now(),
+            user.pk,
+            str(action),
+            object_type,
+            object_id,
+            detail[:64],
+            *_origin(request),
+            source,
+        ],
+        returning=False,
+    )
 
 
 def audit_record_fillers(
@@ -83,30 +119,16 @@ def audit_record_fillers(
     detail: str = "",
 ) -> None:
     """``audit_record`` for the referrals with these filler ids (the FHIR gateway's
-    logical ids): on PostgreSQL the lookup and the entries are one prepared statement (a
-    search page of 50 paid ~1 ms for a separate lookup)."""
-    user = request.user
+    logical ids): on PostgreSQL the lookup and the entries are one statement."""
+    user = _actor(request)
     fillers = sorted(set(filler_ids))
-    if not isinstance(user, User) or user.has_role(Role.MINISTRY) or not fillers:
+    if user is None or not fillers:
         return
-    if connection.vendor != "postgresql":
-        ids = Referral.objects.filter(filler_id__in=fillers).values_list("pk", flat=True)
-        audit_record(request, action, list(ids), detail=detail)
+    if connection.vendor == "postgresql":
+        _insert(_BY_FILLER, fillers, request, user, action, "referral", None, detail)
         return
-    fetch_prepared(
-        _AUDIT_INSERT_BY_FILLER,
-        [
-            timezone.now(),
-            user.pk,
-            str(action),
-            detail[:64],
-            _client_ip(request),
-            str(request.META.get("HTTP_USER_AGENT", ""))[:USER_AGENT_MAX],
-            (current_request_id() or "")[:64],
-            fillers,
-        ],
-        returning=False,
-    )
+    ids = Referral.objects.filter(filler_id__in=fillers).values_list("pk", flat=True)
+    audit_record(request, action, list(ids), detail=detail)
 
 
 def audit_record(
@@ -120,35 +142,15 @@ def audit_record(
 ) -> int:
     """Append one entry per referral id (one INSERT); returns how many. ``object_id``
     defaults to the referral id; pass it for sub-objects (an attachment)."""
-    user = request.user
-    if not isinstance(user, User) or user.has_role(Role.MINISTRY):
-        return 0
+    user = _actor(request)
     ids = list(dict.fromkeys(int(i) for i in referral_ids))
-    if not ids:
+    if user is None or not ids:
         return 0
-    ip = _client_ip(request)
-    agent = str(request.META.get("HTTP_USER_AGENT", ""))[:USER_AGENT_MAX]
-    request_id = (current_request_id() or "")[:64]
     fixed_id = str(object_id) if object_id is not None else None
     if connection.vendor == "postgresql":
-        # Prepared (one text whatever the number of ids): planned once per connection.
-        fetch_prepared(
-            _AUDIT_INSERT,
-            [
-                timezone.now(),
-                user.pk,
-                str(action),
-                object_type,
-                fixed_id,
-                detail[:64],
-                ip,
-                agent,
-                request_id,
-                ids,
-            ],
-            returning=False,
-        )
+        _insert(_BY_ID, ids, request, user, action, object_type, fixed_id, detail)
         return len(ids)
+    ip, agent, request_id = _origin(request)
     AuditEntry.objects.bulk_create(
         [
             AuditEntry(

@@ -8,8 +8,8 @@ import pytest
 
 from accounts.roles import Role
 from accounts.services import api_token_issue
-from fhir_gateway.audit import filler_of
 from fhir_gateway.intake import intake_drain
+from fhir_gateway.referral_mapping import filler_of
 from fhir_gateway.tests.conftest import FHIR_R5, FhirClient, outcome_issue
 from fhir_gateway.tests.referral_world import (
     World,
