@@ -984,7 +984,7 @@ def case_file_store(
 # --------------------------------------------------------------------------- transaction
 
 
-_BUNDLE_TYPES = ("Patient", "ServiceRequest", "Task", "DocumentReference")
+_BUNDLE_TYPES = ("Patient", "ServiceRequest", "Task", "DocumentReference", "Binary")
 
 
 def transaction_bundle(
@@ -1015,7 +1015,8 @@ def transaction_bundle(
                 422,
                 "not-supported",
                 f"Bundle.entry[{index}]: {method} {rtype or 'without resource'} — a transaction "
-                "here is one referral: POST Patient, ServiceRequest, Task, DocumentReference.",
+                "here is one referral: POST Patient, ServiceRequest, Task, DocumentReference "
+                "(and Binary, the bytes of a DocumentReference entry).",
                 expression=[f"Bundle.entry[{index}]"],
             )
         by_type.setdefault(str(rtype), []).append((index, resource))
@@ -1030,6 +1031,7 @@ def transaction_bundle(
     _check_bundle_references(entries)
     for entry in entries:
         validate_resource(entry["resource"], version)
+    binaries = _inline_binaries(entries, by_type)
     sr_index, service_request = by_type["ServiceRequest"][0]
     _check_requester(
         user, m.reference_of(service_request.get("requester")), "ServiceRequest.requester"
@@ -1131,10 +1133,115 @@ def transaction_bundle(
             )
             taken.add(result.row.logical_id)
             outcomes[index] = (result.row, "201 Created" if result.created else "200 OK")
+        for index, document_index in binaries.items():  # the bytes of that entry's file
+            outcomes[index] = outcomes[document_index]
     wrote = any(status.startswith("201") for _row, status in outcomes.values())
     return handlers.TransactionAnswer(
-        _transaction_response(entries, outcomes, answer_version, base), referral.pk, wrote
+        _transaction_response(entries, outcomes, answer_version, base, set(binaries)),
+        referral.pk,
+        wrote,
     )
+
+
+def _inline_binaries(
+    entries: list[dict[str, Any]], by_type: dict[str, list[tuple[int, dict[str, Any]]]]
+) -> dict[int, int]:
+    """Binary entries (as IHE MHD sends them): each is the file of the one DocumentReference
+    entry whose ``content.attachment.url`` is the Binary's ``fullUrl``. Puts each Binary's
+    bytes inline in (a copy of) its DocumentReference, which is then stored as one sent
+    inline would be, and answers {Binary entry index: DocumentReference entry index}."""
+    binaries = by_type.pop("Binary", [])
+    if not binaries:
+        return {}
+    sr_urls = {
+        entries[i].get("fullUrl") for t in ("ServiceRequest", "Task") for i, _ in by_type.get(t, [])
+    } - {None, ""}
+    by_url: dict[str, tuple[int, dict[str, Any]]] = {}
+    for index, binary in binaries:
+        where = f"Bundle.entry[{index}]"
+        full_url = entries[index].get("fullUrl")
+        if not isinstance(full_url, str) or not full_url:
+            raise FhirError(
+                422,
+                "business-rule",
+                f"{where}: a Binary entry needs a fullUrl, named by the content.attachment.url "
+                "of the DocumentReference entry it is the file of.",
+                expression=[f"{where}.fullUrl"],
+            )
+        context = m.reference_of(binary.get("securityContext"))
+        if context and context not in sr_urls:
+            raise FhirError(
+                422,
+                "business-rule",
+                f"{where}.resource.securityContext must be this transaction's ServiceRequest "
+                "or Task entry (the referral the file belongs to).",
+                expression=[f"{where}.resource.securityContext"],
+            )
+        if not binary.get("data"):
+            raise FhirError(
+                422,
+                "required",
+                f"{where}: a Binary entry must carry its bytes (Binary.data).",
+                expression=[f"{where}.resource.data"],
+            )
+        m.attachment_bytes(binary, f"{where}.resource")  # base64, else 400 naming it
+        by_url[full_url] = (index, binary)
+    used: dict[int, int] = {}
+    documents = by_type.get("DocumentReference", [])
+    for position, (doc_index, document) in enumerate(documents):
+        contents = document.get("content")
+        if not isinstance(contents, list):
+            continue
+        inlined: list[Any] = []
+        for n, content in enumerate(contents):
+            attachment = content.get("attachment") if isinstance(content, dict) else None
+            url = attachment.get("url") if isinstance(attachment, dict) else None
+            if not isinstance(url, str) or url not in by_url:
+                inlined.append(content)
+                continue
+            assert isinstance(attachment, dict)
+            where = f"Bundle.entry[{doc_index}].resource.content[{n}].attachment"
+            index, binary = by_url[url]
+            if index in used:
+                raise FhirError(
+                    422,
+                    "business-rule",
+                    f"{where}.url names the Binary of Bundle.entry[{used[index]}]'s file "
+                    "too; each file needs its own Binary.",
+                    expression=[f"{where}.url"],
+                )
+            if attachment.get("data"):
+                raise FhirError(
+                    422,
+                    "business-rule",
+                    f"{where} has both data and the url of a Binary entry; send one.",
+                    expression=[where],
+                )
+            declared, sent = attachment.get("contentType"), binary.get("contentType")
+            if declared and declared != sent:
+                raise FhirError(
+                    422,
+                    "business-rule",
+                    f"{where}.contentType {str(declared)[:100]!r} is not the Binary's "
+                    f"{str(sent)[:100]!r}.",
+                    expression=[f"{where}.contentType"],
+                )
+            used[index] = doc_index
+            file = {k: v for k, v in attachment.items() if k != "url"}
+            inlined.append(
+                {**content, "attachment": {**file, "contentType": sent, "data": binary["data"]}}
+            )
+        documents[position] = (doc_index, {**document, "content": inlined})
+    for index, _binary in binaries:
+        if index not in used:
+            raise FhirError(
+                422,
+                "business-rule",
+                f"Bundle.entry[{index}]: no DocumentReference entry's content.attachment.url "
+                "names this Binary; a Binary here is the file of a DocumentReference entry.",
+                expression=[f"Bundle.entry[{index}]"],
+            )
+    return used
 
 
 def _stored_identifiers(row: FhirResource) -> list[Any]:
@@ -1257,19 +1364,25 @@ def _transaction_response(
     outcomes: dict[int, tuple[FhirResource, str]],
     version: str,
     base: str,
+    binaries: set[int] | frozenset[int] = frozenset(),
 ) -> str:
+    """The transaction-response; a Binary entry (in ``binaries``) is answered with where
+    its bytes are (``Binary/<its DocumentReference's id>``, see ``binary``), without them."""
     parts = []
     for index in range(len(entries)):
         row, status = outcomes[index]
-        text = row.json_for(version)
-        location = f"{row.resource_type}/{row.logical_id}/_history/{row.version_id}"
+        rtype, version_id = (
+            ("Binary", 1) if index in binaries else (row.resource_type, row.version_id)
+        )
+        text = "" if index in binaries else row.json_for(version)
+        location = f"{rtype}/{row.logical_id}/_history/{version_id}"
         response = {
             "status": status,
             "location": location,
-            "etag": f'W/"{row.version_id}"',
+            "etag": f'W/"{version_id}"',
             "lastModified": fhir_instant(row.last_updated),
         }
-        entry = '{"fullUrl":' + json.dumps(f"{base}/{row.resource_type}/{row.logical_id}")
+        entry = '{"fullUrl":' + json.dumps(f"{base}/{rtype}/{row.logical_id}")
         if text:
             entry += ',"resource":' + text
         entry += ',"response":' + dumps(response) + "}"

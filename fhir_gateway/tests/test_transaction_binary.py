@@ -1,0 +1,249 @@
+"""Binary entries in a transaction Bundle (as IHE MHD's Provide Document Bundle sends a
+file): a DocumentReference entry's ``content.attachment.url`` names a Binary entry's
+``fullUrl``; the Binary's bytes become that case file. Every refusal stores nothing."""
+
+from __future__ import annotations
+
+import base64
+import copy
+from typing import Any
+
+import pytest
+
+from fhir_gateway import intake
+from fhir_gateway.models import FhirResource, IntakeJob, OutboxMessage
+from fhir_gateway.tests.conftest import FHIR_R5, outcome_issue
+from fhir_gateway.tests.referral_world import World, body, stored_files, transaction
+from referrals.models import Attachment, Referral
+
+pytestmark = pytest.mark.django_db
+
+PDF_BYTES = b"%PDF-1.4\n% discharge letter\n%%EOF\n"
+PDF = base64.b64encode(PDF_BYTES).decode()
+
+
+def _with_binary(
+    bundle: dict[str, Any],
+    *,
+    url: str = "urn:uuid:bin-1",
+    attachment: dict[str, Any] | None = None,
+    binary: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A DocumentReference entry whose file is a Binary entry (the Binary first: the
+    order of entries does not matter)."""
+    bundle["entry"].append(
+        {
+            "fullUrl": url,
+            "request": {"method": "POST", "url": "Binary"},
+            "resource": {
+                "resourceType": "Binary",
+                "contentType": "application/pdf",
+                "securityContext": {"reference": "urn:uuid:sr-1"},
+                "data": PDF,
+                **(binary or {}),
+            },
+        }
+    )
+    bundle["entry"].append(
+        {
+            "fullUrl": "urn:uuid:doc-1",
+            "request": {"method": "POST", "url": "DocumentReference"},
+            "resource": {
+                "resourceType": "DocumentReference",
+                "status": "current",
+                "content": [
+                    {
+                        "attachment": attachment
+                        if attachment is not None
+                        else {"contentType": "application/pdf", "url": url, "title": "letter.pdf"}
+                    }
+                ],
+            },
+        }
+    )
+    return bundle
+
+
+def _counts() -> tuple[int, int, int, int, int]:
+    return (
+        Referral.objects.count(),
+        Attachment.objects.count(),
+        FhirResource.objects.count(),
+        OutboxMessage.objects.count(),
+        len(stored_files()),
+    )
+
+
+@pytest.mark.parametrize("respond_async", [False, True])
+def test_a_binary_entry_is_the_file_of_its_document_reference(
+    world: World, respond_async: bool
+) -> None:
+    bundle = _with_binary(transaction(world))
+    headers = {"Prefer": "respond-async"} if respond_async else {}
+    response = world.r4.post("/fhir", bundle, **headers)
+    if respond_async:
+        assert response.status_code == 202, response.content
+        assert intake.intake_drain() == 1
+        job = IntakeJob.objects.get()
+        assert job.result_status == 200
+        response = world.r4.get(str(response["Content-Location"]))
+        assert response.status_code == 200
+        answer = body(response)["entry"][0]["resource"]
+    else:
+        assert response.status_code == 200, response.content
+        answer = body(response)
+    binary, document = answer["entry"][3], answer["entry"][4]
+    assert binary["response"]["status"] == document["response"]["status"] == "201 Created"
+    doc_id = document["resource"]["id"]
+    assert binary["response"]["location"] == f"Binary/{doc_id}/_history/1"
+    assert binary["fullUrl"].endswith(f"/fhir/Binary/{doc_id}")
+    assert "resource" not in binary  # the bytes are not echoed
+    stored = document["resource"]["content"][0]["attachment"]
+    assert stored["url"] == f"Binary/{doc_id}"
+    assert (stored["contentType"], stored["title"], stored["size"]) == (
+        "application/pdf",
+        "letter.pdf",
+        len(PDF_BYTES),
+    )
+    assert Attachment.objects.get().original_name == "letter.pdf"
+    read = world.r4.get(f"/fhir/Binary/{doc_id}", Accept="application/pdf")
+    assert read.status_code == 200
+    assert b"".join(read.streaming_content) == PDF_BYTES
+
+
+def test_a_resubmission_with_a_binary_entry_stores_the_file_once(world: World) -> None:
+    bundle = _with_binary(transaction(world))
+    first = body(world.r4.post("/fhir", copy.deepcopy(bundle)))
+    again = world.r4.post("/fhir", bundle)
+    assert again.status_code == 200, again.content
+    entries = body(again)["entry"]
+    assert [e["response"]["status"] for e in entries] == ["200 OK"] * 5
+    assert [e["response"]["location"] for e in entries] == [
+        e["response"]["location"] for e in first["entry"]
+    ]
+    assert Attachment.objects.count() == 1
+
+
+def test_an_r5_member_sends_a_binary_entry(world: World) -> None:
+    bundle = _with_binary(transaction(world, version="5.0"))
+    response = world.r4.post("/fhir", bundle, content_type=FHIR_R5, Accept=FHIR_R5)
+    assert response.status_code == 200, response.content
+    doc_id = body(response)["entry"][4]["resource"]["id"]
+    assert body(response)["entry"][3]["response"]["location"] == f"Binary/{doc_id}/_history/1"
+    assert Attachment.objects.get().size == len(PDF_BYTES)
+
+
+def _no_full_url(bundle: dict[str, Any]) -> None:
+    del bundle["entry"][3]["fullUrl"]
+
+
+def _named_twice(bundle: dict[str, Any]) -> None:
+    second = copy.deepcopy(bundle["entry"][4])
+    second["fullUrl"] = "urn:uuid:doc-2"
+    bundle["entry"].append(second)
+
+
+def _unreferenced(bundle: dict[str, Any]) -> None:
+    bundle["entry"][4]["resource"]["content"][0]["attachment"]["url"] = "http://files/x.pdf"
+
+
+@pytest.mark.parametrize(
+    ("change", "status", "where", "diagnostic"),
+    [
+        (_no_full_url, 422, "Bundle.entry[3].fullUrl", "needs a fullUrl"),
+        (_unreferenced, 422, "Bundle.entry[3]", "names this Binary"),
+        (
+            _named_twice,
+            422,
+            "Bundle.entry[5].resource.content[0].attachment.url",
+            "each file needs its own Binary",
+        ),
+        (
+            lambda b: b["entry"][4]["resource"]["content"][0]["attachment"].update(data=PDF),
+            422,
+            "Bundle.entry[4].resource.content[0].attachment",
+            "both data and the url",
+        ),
+        (
+            lambda b: b["entry"][4]["resource"]["content"][0]["attachment"].update(
+                contentType="image/png"
+            ),
+            422,
+            "Bundle.entry[4].resource.content[0].attachment.contentType",
+            "is not the Binary's",
+        ),
+        (
+            lambda b: b["entry"][3]["resource"].pop("data"),
+            422,
+            "Bundle.entry[3].resource.data",
+            "must carry its bytes",
+        ),
+        (
+            lambda b: b["entry"][3]["resource"].update(
+                securityContext={"reference": "urn:uuid:patient-1"}
+            ),
+            422,
+            "Bundle.entry[3].resource.securityContext",
+            "ServiceRequest or Task entry",
+        ),
+        (
+            lambda b: b["entry"][3]["resource"].update(
+                securityContext={"reference": "ServiceRequest/CSL-someone-elses"}
+            ),
+            422,
+            "Bundle.entry[3].resource.securityContext",
+            "ServiceRequest or Task entry",
+        ),
+        (
+            lambda b: b["entry"][3]["request"].update(method="PUT"),
+            422,
+            "Bundle.entry[3]",
+            "PUT Binary",
+        ),
+    ],
+    ids=[
+        "no-full-url",
+        "not-named",
+        "named-twice",
+        "data-and-url",
+        "content-type-differs",
+        "no-data",
+        "context-the-patient",
+        "context-another-referral",
+        "not-a-post",
+    ],
+)
+def test_a_binary_entry_that_is_no_documents_file_is_refused(
+    world: World, change: Any, status: int, where: str, diagnostic: str
+) -> None:
+    bundle = _with_binary(transaction(world))
+    change(bundle)
+    before = _counts()
+    response = world.r4.post("/fhir", bundle)
+    assert response.status_code == status, response.content
+    issue = outcome_issue(response)
+    assert issue["expression"] == [where]
+    assert diagnostic in issue["diagnostics"]
+    assert _counts() == before
+
+
+def test_a_binary_entry_with_bytes_that_are_not_base64_is_400(world: World) -> None:
+    bundle = _with_binary(transaction(world), binary={"data": "not base64!"})
+    before = _counts()
+    response = world.r4.post("/fhir", bundle)
+    assert response.status_code == 400, response.content
+    assert "Binary is not valid FHIR 4.0: data" in outcome_issue(response)["diagnostics"]
+    assert _counts() == before
+
+
+def test_a_binary_entry_of_a_type_the_store_refuses_stores_nothing(world: World) -> None:
+    """The file goes through the attachments service's checks (type sniffing)."""
+    bundle = _with_binary(
+        transaction(world),
+        attachment={"url": "urn:uuid:bin-1", "title": "x.pdf"},
+        binary={"contentType": "application/pdf", "data": base64.b64encode(b"MZ\x90\x00").decode()},
+    )
+    before = _counts()
+    response = world.r4.post("/fhir", bundle)
+    assert response.status_code == 415, response.content
+    assert _counts() == before
