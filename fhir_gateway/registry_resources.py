@@ -10,7 +10,7 @@ import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from django.db.models import Q, QuerySet
+from django.db.models import OuterRef, Q, QuerySet, Subquery
 
 from fhir_gateway.handlers import (
     HISTORY,
@@ -245,7 +245,15 @@ def _handler(
     documentation: str,
     base: Callable[[], QuerySet[Any]],
     params: list[tuple[SearchParam, Filter]],
+    *,
+    sort_by_name: bool = False,
 ) -> ResourceHandler:
+    """A registry type's handler; with ``sort_by_name``, ``_sort=name`` orders by the
+    source row's ``name`` (the database's collation), as its ``name`` search reads it."""
+    sorts: dict[str, Any] = {}
+    if sort_by_name:
+        names = base().filter(pk=OuterRef("source_pk")).values("name")[:1]
+        sorts["name"] = Subquery(names)
     return ResourceHandler(
         resource_type=resource_type,
         interactions=REGISTRY_INTERACTIONS,
@@ -253,6 +261,7 @@ def _handler(
         search_params=tuple(p for p, _ in params),
         search=_registry_search(resource_type, base, {p.name: f for p, f in params}),
         order_by=("source_pk",),
+        sorts=sorts,
     )
 
 
@@ -316,6 +325,7 @@ HANDLERS: tuple[ResourceHandler, ...] = (
             ),
             (_sp("active", "token", "true: operational.", "Organization"), _ACTIVE_FACILITY),
         ],
+        sort_by_name=True,
     ),
     _handler(
         "Location",
@@ -368,6 +378,7 @@ HANDLERS: tuple[ResourceHandler, ...] = (
                 _near,
             ),
         ],
+        sort_by_name=True,
     ),
     _handler(
         "HealthcareService",
@@ -416,6 +427,7 @@ HANDLERS: tuple[ResourceHandler, ...] = (
                 ),
             ),
         ],
+        sort_by_name=True,
     ),
     _handler(
         "Endpoint",

@@ -17,7 +17,7 @@ from fhir_gateway.registry_projection import project_registry, project_registry_
 from fhir_gateway.tests.conftest import FHIR_R5, outcome_issue
 from fhir_gateway.versions import model_class
 from registry.models import Department, Facility
-from tests.factories import CARDIOLOGY, PEDIATRICS, FacilityFactory
+from tests.factories import CARDIOLOGY, PEDIATRICS, DepartmentFactory, FacilityFactory
 from tests.shared_data import FHIR_EXAMPLES
 
 EXAMPLES = FHIR_EXAMPLES
@@ -377,6 +377,42 @@ def test_registry_searches_sort_by_id_and_last_update(fhir, network):
     # Ties (versions stored in one projection) in the type's own order: source_pk.
     newest = rows.order_by("-last_updated", "source_pk").values_list("logical_id", flat=True)
     assert ids("_sort=-_lastUpdated") == list(newest)
+
+
+@pytest.mark.parametrize(
+    ("resource_type", "model"),
+    [("Organization", Facility), ("Location", Facility), ("HealthcareService", Department)],
+)
+def test_registry_searches_sort_by_name(fhir, network, resource_type, model):
+    """``_sort=name`` orders by the source row's name (ties by the row), both ways."""
+    if model is Facility:
+        FacilityFactory.create(name="Zeta Provincial Hospital")  # made first, named last
+        FacilityFactory.create(name="Alpha District Hospital")
+    else:
+        DepartmentFactory.create(name="Zeta Surgery")
+        DepartmentFactory.create(name="Alpha Surgery")
+    project_registry()
+
+    def ids(query: str) -> list[str]:
+        found = json.loads(fhir.get(f"/fhir/{resource_type}?{query}&_count=50").content)
+        return [e["resource"]["id"] for e in found["entry"]]
+
+    by_name = [str(pk) for pk in model.objects.order_by("name", "pk").values_list("pk", flat=True)]
+    assert len(by_name) >= 3
+    assert ids("_sort=name") == by_name
+    assert ids("_sort=name") != ids("_sort=_id")  # the names are not in the rows' order
+    backwards = model.objects.order_by("-name", "pk").values_list("pk", flat=True)
+    assert ids("_sort=-name") == [str(pk) for pk in backwards]
+    paged = json.loads(fhir.get(f"/fhir/{resource_type}?_sort=name&_count=2&_offset=1").content)
+    assert [e["resource"]["id"] for e in paged["entry"]] == by_name[1:3]
+
+
+def test_sort_by_name_is_not_offered_where_there_is_no_name(fhir, network):
+    response = fhir.get("/fhir/Endpoint?_sort=name")
+    assert response.status_code == 200
+    assert response["X-FHIR-Ignored-Parameters"] == "_sort=name"
+    strict = fhir.get("/fhir/Endpoint?_sort=name", Prefer="handling=strict")
+    assert strict.status_code == 400
 
 
 def test_count_zero_pages_have_no_previous_link(fhir, network):
