@@ -54,6 +54,7 @@ from fhir_gateway.storage import (
     resource_history,
     resource_version,
 )
+from fhir_gateway.subsetting import Subset, subset_from
 from fhir_gateway.versions import (
     DEFAULT_VERSION,
     JSON_TYPES,
@@ -75,7 +76,18 @@ MAX_COUNT = 500
 _RESOURCE_TYPE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
 _ITERATE = ("_include:iterate", "_revinclude:iterate")
 _RESULT_PARAMS = frozenset(
-    {"_count", "_offset", "_total", "_format", "_pretty", "_include", "_revinclude", "_sort"}
+    {
+        "_count",
+        "_offset",
+        "_total",
+        "_format",
+        "_pretty",
+        "_include",
+        "_revinclude",
+        "_sort",
+        "_summary",
+        "_elements",
+    }
     | set(_ITERATE)
 )
 # Rounds of _include:iterate / _revinclude:iterate (the referral resources are two links
@@ -282,7 +294,12 @@ def _holds_nul(data: Any) -> bool:
 
 
 def _resource_response(
-    ctx: FhirRequest, row: FhirResource, *, status: int = 200, location: bool = False
+    ctx: FhirRequest,
+    row: FhirResource,
+    *,
+    status: int = 200,
+    location: bool = False,
+    subset: Subset | None = None,
 ) -> HttpResponse:
     text = row.json_for(ctx.version)
     if not text:
@@ -291,6 +308,8 @@ def _resource_response(
             "not-supported",
             f"{row.resource_type}/{row.logical_id} has no FHIR {ctx.version} rendering.",
         )
+    if subset is not None:
+        text = subset.apply(text, row.resource_type, ctx.version, row.resource_type)
     response = HttpResponse(text, status=status, content_type=media_type_for(ctx.version))
     response["ETag"] = f'W/"{row.version_id}"'
     response["Last-Modified"] = http_date(row.last_updated.timestamp())
@@ -617,13 +636,14 @@ def instance(ctx: FhirRequest, resource_type: str, logical_id: str) -> HttpRespo
         return handler.raw_read(handlers.RawRead(ctx.request, ctx.user, logical_id, ctx.version))
     if method == "GET":
         _require(handler, handlers.READ, allow)
+        subset = subset_from(dict(ctx.request.GET.lists()), search=False)
         row = _read(handler, logical_id, ctx.user)
         if ctx.request.headers.get("If-None-Match", "").strip() == f'W/"{row.version_id}"':
             not_modified = HttpResponse(status=304)
             not_modified["ETag"] = f'W/"{row.version_id}"'
             return not_modified  # no data sent: nothing to record
         _audit_write(ctx, row, AuditAction.READ, "read")
-        return _resource_response(ctx, row)
+        return _resource_response(ctx, row, subset=subset)
     if method == "PUT":
         _require(handler, handlers.UPDATE, allow)
         assert handler.update is not None and ctx.user is not None
@@ -755,10 +775,11 @@ def vread(ctx: FhirRequest, resource_type: str, logical_id: str, version_id: str
     _require(handler, handlers.VREAD, _allowed_instance_methods(handler))
     if not ascii_digits(version_id) or len(version_id) > 9:
         raise FhirError(400, "invalid", f"{version_id!r} is not a version id.")
+    subset = subset_from(dict(ctx.request.GET.lists()), search=False)
     _check_visible(handler, logical_id, ctx.user)
     row = resource_version(resource_type, logical_id, int(version_id))
     _audit_write(ctx, row, AuditAction.READ, "vread")
-    return _resource_response(ctx, row)
+    return _resource_response(ctx, row, subset=subset)
 
 
 @_fhir_view()
@@ -897,6 +918,9 @@ def _search(
     total_mode = (params.get("_total") or ["accurate"])[-1] or "accurate"
     if total_mode not in {"none", "estimate", "accurate"}:
         raise FhirError(400, "invalid", "_total must be none, estimate or accurate.")
+    subset = subset_from(params, search=True)
+    if subset is not None and subset.count_only:  # the total, no resources
+        count, offset, total_mode = 0, 0, "accurate"
     own: dict[str, list[str]] = {}
     used: dict[str, list[str]] = {}
     ignored: list[str] = []
@@ -914,6 +938,8 @@ def _search(
             own.setdefault(base_name, []).extend(values)
     if total_mode != "accurate":  # the paging links keep asking for the same
         used["_total"] = [total_mode]
+    if subset is not None:
+        used.update(subset.query())
     sort = _sort_keys(handler, params.get("_sort") or [], ignored, strict)
     if sort:
         used["_sort"] = [",".join(("-" if descending else "") + key for key, descending in sort)]
@@ -949,7 +975,10 @@ def _search(
             rows = rows.exclude(**{column: ""})
         total = rows.count() if want_total else None
         page = _sorted_page(handler, rows, sort, column, count, offset)
-    entries = [_entry(ctx, rtype, lid, text, "match") for rtype, lid, text in page]
+    searched = handler.resource_type
+    entries = [
+        _entry(ctx, rtype, lid, text, "match", subset, searched) for rtype, lid, text in page
+    ]
     page_ids = [lid for _t, lid, _x in page]
     seen = {(rtype, lid) for rtype, lid, _x in page}
     for name, funcs in (("_include", handler.includes), ("_revinclude", handler.revincludes)):
@@ -964,14 +993,18 @@ def _search(
                 continue
             used.setdefault(name, []).append(include)
             if page_ids:
-                _include_into(ctx, include_func(ctx.user, page_ids), column, seen, entries)
+                _include_into(
+                    ctx, include_func(ctx.user, page_ids), column, seen, entries, subset, searched
+                )
     steps = _iterate_steps(params, used, ignored, strict)
     for _round in range(MAX_ITERATE if page_ids else 0):
         added = False
         for source_type, include_func in steps:
             ids = sorted(lid for rtype, lid in seen if rtype == source_type)
             if ids:
-                added |= _include_into(ctx, include_func(ctx.user, ids), column, seen, entries)
+                added |= _include_into(
+                    ctx, include_func(ctx.user, ids), column, seen, entries, subset, searched
+                )
         if not added:
             break
     self_url = f"{ctx.base}/{handler.resource_type}"
@@ -996,6 +1029,8 @@ def _include_into(
     column: str,
     seen: set[tuple[str, str]],
     entries: list[str],
+    subset: Subset | None = None,
+    searched: str = "",
 ) -> bool:
     """Append the included resources not yet in the Bundle (each appears once); whether
     any was."""
@@ -1007,7 +1042,7 @@ def _include_into(
     ):
         if (rtype, lid) not in seen:
             seen.add((rtype, lid))
-            entries.append(_entry(ctx, rtype, lid, text, "include"))
+            entries.append(_entry(ctx, rtype, lid, text, "include", subset, searched))
             added = True
     return added
 
@@ -1065,8 +1100,19 @@ def _iterate_steps(
     return steps
 
 
-def _entry(ctx: FhirRequest, resource_type: str, logical_id: str, text: str, mode: str) -> str:
-    """A searchset entry around the stored JSON text (not parsed again)."""
+def _entry(
+    ctx: FhirRequest,
+    resource_type: str,
+    logical_id: str,
+    text: str,
+    mode: str,
+    subset: Subset | None = None,
+    searched: str = "",
+) -> str:
+    """A searchset entry around the stored JSON text (not parsed again unless ``_summary``
+    or ``_elements`` cut it down)."""
+    if subset is not None:
+        text = subset.apply(text, resource_type, ctx.version, searched)
     return (
         '{"fullUrl":'
         + json.dumps(f"{ctx.base}/{resource_type}/{logical_id}")
