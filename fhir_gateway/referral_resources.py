@@ -12,6 +12,7 @@ party to; anything else is 404.
 from __future__ import annotations
 
 import base64
+import binascii
 import functools
 import hashlib
 import json
@@ -29,7 +30,7 @@ from core.atomic import atomic_in_unit
 from core.errors import ApplicationError, Conflict
 from core.memo import memoized
 from core.rows import fetch_models
-from core.values import digits_int
+from core.values import ascii_digits, digits_int
 from fhir_gateway import handlers
 from fhir_gateway import referral_mapping as m
 from fhir_gateway.handlers import ResourceHandler, SearchParam, WriteRequest
@@ -914,13 +915,47 @@ def _attachment_store(
             expression=["DocumentReference.content"],
         )
     attachment = contents[0]
+    where = "DocumentReference.content.attachment"
+    data = m.attachment_bytes(attachment, where)
+    _check_declared(attachment, data, where)
     return case_file_store(
         user,
         referral,
-        m.attachment_bytes(attachment, "DocumentReference.content.attachment"),
+        data,
         content_type=str(attachment.get("contentType") or ""),
         title=str(attachment.get("title") or ""),
     ).result
+
+
+def _check_declared(attachment: dict[str, Any], data: bytes, where: str) -> None:
+    """A file's declared ``size`` and ``hash`` (base64 SHA-1), when sent, must be the
+    bytes' (as IHE MHD recipients check): else 422, nothing stored."""
+    size = attachment.get("size")
+    if size is not None:
+        try:  # R5's integer64 is a JSON string
+            declared = int(str(size)) if ascii_digits(str(size)) else -1
+        except ValueError:  # past Python's digit limit
+            declared = -1
+        if declared != len(data):
+            raise FhirError(
+                422,
+                "business-rule",
+                f"{where}.size {str(size)[:30]!r} is not the file's {len(data)} bytes.",
+                expression=[f"{where}.size"],
+            )
+    digest = attachment.get("hash")
+    if digest is not None:
+        try:
+            sent = base64.b64decode("".join(str(digest).split()), validate=True)
+        except (binascii.Error, ValueError):
+            sent = b""
+        if sent != hashlib.sha1(data).digest():  # noqa: S324 (FHIR's hash is SHA-1)
+            raise FhirError(
+                422,
+                "business-rule",
+                f"{where}.hash is not the SHA-1 (base64) of the file.",
+                expression=[f"{where}.hash"],
+            )
 
 
 @dataclass(frozen=True)
@@ -1153,9 +1188,12 @@ def _inline_binaries(
     binaries = by_type.pop("Binary", [])
     if not binaries:
         return {}
-    sr_urls = {
-        entries[i].get("fullUrl") for t in ("ServiceRequest", "Task") for i, _ in by_type.get(t, [])
-    } - {None, ""}
+    referral_urls = {
+        url
+        for t in ("ServiceRequest", "Task")
+        for i, _ in by_type.get(t, [])
+        if isinstance(url := entries[i].get("fullUrl"), str) and url
+    }
     by_url: dict[str, tuple[int, dict[str, Any]]] = {}
     for index, binary in binaries:
         where = f"Bundle.entry[{index}]"
@@ -1167,15 +1205,6 @@ def _inline_binaries(
                 f"{where}: a Binary entry needs a fullUrl, named by the content.attachment.url "
                 "of the DocumentReference entry it is the file of.",
                 expression=[f"{where}.fullUrl"],
-            )
-        context = m.reference_of(binary.get("securityContext"))
-        if context and context not in sr_urls:
-            raise FhirError(
-                422,
-                "business-rule",
-                f"{where}.resource.securityContext must be this transaction's ServiceRequest "
-                "or Task entry (the referral the file belongs to).",
-                expression=[f"{where}.resource.securityContext"],
             )
         if not binary.get("data"):
             raise FhirError(
@@ -1232,7 +1261,7 @@ def _inline_binaries(
                 {**content, "attachment": {**file, "contentType": sent, "data": binary["data"]}}
             )
         documents[position] = (doc_index, {**document, "content": inlined})
-    for index, _binary in binaries:
+    for index, binary in binaries:
         if index not in used:
             raise FhirError(
                 422,
@@ -1240,6 +1269,17 @@ def _inline_binaries(
                 f"Bundle.entry[{index}]: no DocumentReference entry's content.attachment.url "
                 "names this Binary; a Binary here is the file of a DocumentReference entry.",
                 expression=[f"Bundle.entry[{index}]"],
+            )
+        # What the file belongs to: the referral, or the DocumentReference it is the file of
+        # (as this server's own Binary reads name it).
+        context = m.reference_of(binary.get("securityContext"))
+        if context and context not in referral_urls | {entries[used[index]].get("fullUrl")}:
+            raise FhirError(
+                422,
+                "business-rule",
+                f"Bundle.entry[{index}].resource.securityContext must be this transaction's "
+                "ServiceRequest or Task entry, or the DocumentReference entry the file is of.",
+                expression=[f"Bundle.entry[{index}].resource.securityContext"],
             )
     return used
 
@@ -1355,7 +1395,9 @@ def _inline_sha256(document: dict[str, Any]) -> str:
     attachment = contents[0].get("attachment") if isinstance(contents[0], dict) else None
     if not isinstance(attachment, dict) or not attachment.get("data"):
         return ""
-    data = m.attachment_bytes(attachment, "DocumentReference.content.attachment")
+    where = "DocumentReference.content.attachment"
+    data = m.attachment_bytes(attachment, where)
+    _check_declared(attachment, data, where)  # refused as a first submission's would be
     return hashlib.sha256(data).hexdigest()
 
 
@@ -1371,16 +1413,19 @@ def _transaction_response(
     parts = []
     for index in range(len(entries)):
         row, status = outcomes[index]
-        rtype, version_id = (
-            ("Binary", 1) if index in binaries else (row.resource_type, row.version_id)
-        )
-        text = "" if index in binaries else row.json_for(version)
+        text = row.json_for(version)
+        modified = fhir_instant(row.last_updated)
+        rtype, version_id = row.resource_type, row.version_id
+        if index in binaries:  # the file's: a case file's DocumentReference is dated by it
+            rtype, version_id = "Binary", 1
+            modified = str(json.loads(text).get("date") or modified)
+            text = ""
         location = f"{rtype}/{row.logical_id}/_history/{version_id}"
         response = {
             "status": status,
             "location": location,
             "etag": f'W/"{version_id}"',
-            "lastModified": fhir_instant(row.last_updated),
+            "lastModified": modified,
         }
         entry = '{"fullUrl":' + json.dumps(f"{base}/{rtype}/{row.logical_id}")
         if text:

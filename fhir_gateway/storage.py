@@ -81,7 +81,7 @@ def validate_resource(resource: dict[str, Any], version: str) -> Any:
             + (f" ({len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""),
             expression=[f"{resource_type}.{where}"] if where else None,
         ) from exc
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, AttributeError) as exc:  # a validator met an odd type
         raise FhirError(400, "structure", f"{resource_type} is not valid: {exc}") from exc
     except RecursionError as exc:  # bodies are depth-checked; a patched or stored one may not be
         raise FhirError(400, "structure", f"{resource_type} is nested too deeply.") from exc

@@ -12,7 +12,7 @@ import pytest
 
 from fhir_gateway import intake
 from fhir_gateway.models import FhirResource, IntakeJob, OutboxMessage
-from fhir_gateway.tests.conftest import FHIR_R5, outcome_issue
+from fhir_gateway.tests.conftest import FHIR_R4, FHIR_R5, outcome_issue
 from fhir_gateway.tests.referral_world import World, body, stored_files, transaction
 from referrals.models import Attachment, Referral
 
@@ -247,3 +247,136 @@ def test_a_binary_entry_of_a_type_the_store_refuses_stores_nothing(world: World)
     response = world.r4.post("/fhir", bundle)
     assert response.status_code == 415, response.content
     assert _counts() == before
+
+
+# --- found by a review of the first version ------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [["urn:uuid:sr-1"], {"a": 1}])
+@pytest.mark.parametrize("entry", [1, 2], ids=["ServiceRequest", "Task"])
+def test_a_non_string_full_url_beside_a_binary_entry_is_no_500(
+    world: World, bad: Any, entry: int
+) -> None:
+    """It was: an unhashable fullUrl broke the set of the referral's entries (a 500, and
+    an asynchronous job retried as a bug)."""
+    bundle = _with_binary(transaction(world))
+    del bundle["entry"][3]["resource"]["securityContext"]
+    bundle["entry"][2]["resource"]["focus"] = {"reference": "ServiceRequest/x"}
+    bundle["entry"][entry]["fullUrl"] = bad
+    before = _counts()
+    response = world.r4.post("/fhir", bundle)
+    assert response.status_code < 500, response.content
+    if response.status_code >= 400:
+        assert _counts() == before
+    job = world.r4.post("/fhir", bundle, Prefer="respond-async")
+    assert job.status_code == 202
+    intake.intake_drain()
+    answered = IntakeJob.objects.get()
+    assert (answered.status, answered.last_error) == (IntakeJob.Status.DONE, "")
+
+
+def test_a_binary_entrys_last_modified_is_its_files(world: World) -> None:
+    answer = body(world.r4.post("/fhir", _with_binary(transaction(world))))
+    doc_id = answer["entry"][4]["resource"]["id"]
+    read = body(world.r4.get(f"/fhir/Binary/{doc_id}", Accept=FHIR_R4))
+    assert answer["entry"][3]["response"]["lastModified"] == read["meta"]["lastUpdated"]
+
+
+def test_a_binary_may_name_its_document_reference_as_security_context(world: World) -> None:
+    """As this server's own Binary reads do (securityContext = DocumentReference/<id>)."""
+    bundle = _with_binary(
+        transaction(world), binary={"securityContext": {"reference": "urn:uuid:doc-1"}}
+    )
+    response = world.r4.post("/fhir", bundle)
+    assert response.status_code == 200, response.content
+    assert Attachment.objects.count() == 1
+
+
+@pytest.mark.parametrize("binary_backed", [False, True])
+def test_a_non_string_attachment_url_is_400(world: World, binary_backed: bool) -> None:
+    """It was a 500 inside the FHIR models' URL validator."""
+    attachment = {"contentType": "application/pdf", "url": 5, "title": "x.pdf"}
+    if binary_backed:
+        bundle = _with_binary(transaction(world), attachment=attachment)
+    else:
+        bundle = transaction(world)
+        bundle["entry"].append(
+            {
+                "fullUrl": "urn:uuid:doc-1",
+                "request": {"method": "POST", "url": "DocumentReference"},
+                "resource": {
+                    "resourceType": "DocumentReference",
+                    "status": "current",
+                    "content": [{"attachment": {**attachment, "data": PDF}}],
+                },
+            }
+        )
+    before = _counts()
+    response = world.r4.post("/fhir", bundle)
+    assert response.status_code == 400, response.content
+    assert _counts() == before
+
+
+SHA1 = base64.b64encode(__import__("hashlib").sha1(PDF_BYTES).digest()).decode()
+
+
+@pytest.mark.parametrize(
+    ("declared", "status"),
+    [
+        ({"size": len(PDF_BYTES), "hash": SHA1}, 200),
+        ({"size": str(len(PDF_BYTES))}, 200),  # R5's integer64 is a string
+        ({"size": len(PDF_BYTES) + 1}, 422),
+        ({"hash": base64.b64encode(b"\0" * 20).decode()}, 422),
+        ({"size": "1" * 5000}, 400),  # not an unsignedInt: the model refuses it
+        ({"hash": "not base64!"}, 400),
+    ],
+    ids=["both-right", "size-as-string", "size-wrong", "hash-wrong", "size-huge", "hash-junk"],
+)
+@pytest.mark.parametrize("binary_backed", [False, True])
+def test_a_declared_size_and_hash_must_be_the_files(
+    world: World, declared: dict[str, Any], status: int, binary_backed: bool
+) -> None:
+    """As IHE MHD recipients check them: a file that is not what its sender says it is
+    is refused, nothing stored (inline and Binary-backed alike, and on a resubmission)."""
+    attachment = {"contentType": "application/pdf", "title": "letter.pdf", **declared}
+    if binary_backed:
+        bundle = _with_binary(
+            transaction(world), attachment={**attachment, "url": "urn:uuid:bin-1"}
+        )
+    else:
+        bundle = transaction(world)
+        bundle["entry"].append(
+            {
+                "fullUrl": "urn:uuid:doc-1",
+                "request": {"method": "POST", "url": "DocumentReference"},
+                "resource": {
+                    "resourceType": "DocumentReference",
+                    "status": "current",
+                    "content": [{"attachment": {**attachment, "data": PDF}}],
+                },
+            }
+        )
+    before = _counts()
+    response = world.r4.post("/fhir", bundle)
+    assert response.status_code == status, response.content
+    if status == 200:
+        assert Attachment.objects.count() == 1
+        return
+    assert _counts() == before
+    if status == 400:
+        return
+    field = "size" if "size" in declared else "hash"
+    assert outcome_issue(response)["expression"] == [
+        f"DocumentReference.content.attachment.{field}"
+    ]
+    # A resubmission of the same bytes (stored meanwhile, declared rightly) with the wrong
+    # declaration is refused as the first one was.
+    right = copy.deepcopy(bundle)
+    for entry in right["entry"]:
+        if entry["resource"]["resourceType"] == "DocumentReference":
+            for key in ("size", "hash"):
+                entry["resource"]["content"][0]["attachment"].pop(key, None)
+    assert world.r4.post("/fhir", right).status_code == 200
+    stored = _counts()
+    assert world.r4.post("/fhir", bundle).status_code == 422
+    assert _counts() == stored
