@@ -107,8 +107,19 @@ def service_request_status(state: str) -> str:
     return "active"
 
 
+def task_status(referral: Referral) -> str:
+    """Task.status: TASK_STATUS, except that a submitted referral its department has
+    acknowledged is ``received``."""
+    if referral.state == S.SUBMITTED and referral.acknowledged_at is not None:
+        return "received"
+    return TASK_STATUS[referral.state]
+
+
 def task_statuses_for(status: str) -> list[str]:
-    """The referral states a Task.status search value stands for."""
+    """The referral states a Task.status search value stands for (``received`` and
+    ``requested`` are both ``submitted``: the search tells them apart by acknowledged_at)."""
+    if status == "received":
+        return [S.SUBMITTED]
     return [state for state, code in TASK_STATUS.items() if code == status]
 
 
@@ -287,7 +298,7 @@ def referral_to_task(referral: Referral, context: TaskContext) -> dict[str, dict
         "resourceType": "Task",
         "id": tid,
         "identifier": _identifiers(referral),
-        "status": TASK_STATUS[referral.state],
+        "status": task_status(referral),
     }
     reason: dict[str, Any] | None = None
     if referral.state in (S.DECLINED, S.CANCELLED) and (
@@ -900,7 +911,8 @@ def task_to_transition(
 ) -> TaskChange:
     """The workflow action a Task update asks for; 422 for any other change.
 
-    - Task.status accepted / rejected / cancelled: accept / decline / cancel;
+    - Task.status received / accepted / rejected / cancelled: acknowledge / accept /
+      decline / cancel;
     - a new Task.owner (a HealthcareService) with statusReason text: forward;
     - a new businessStatus (our referral-state code): the action leading to that state
       (BUSINESS_STATUS_ACTIONS), its inputs in Task.input, its reason / note in
@@ -1001,6 +1013,8 @@ def task_to_transition(
         )
     if new_status == old_status:
         raise _refuse(f"Task.status is already {new_status!r}: nothing to do.", "Task.status")
+    if new_status == "received":  # from requested; elsewhere the workflow says 409
+        return TaskChange("acknowledge", {})
     if new_status == "accepted":
         return TaskChange("accept", {})
     if new_status == "rejected":
@@ -1011,8 +1025,9 @@ def task_to_transition(
     if new_status == "cancelled":
         return TaskChange("cancel", {"reason": text or "Cancelled by the requester's system."})
     raise _refuse(
-        f"Task.status {new_status!r} cannot be set by a member: use accepted, rejected "
-        "(with statusReason) or cancelled, or change Task.businessStatus / Task.owner.",
+        f"Task.status {new_status!r} cannot be set by a member: use received, accepted, "
+        "rejected (with statusReason) or cancelled, or change Task.businessStatus / "
+        "Task.owner.",
         "Task.status",
     )
 

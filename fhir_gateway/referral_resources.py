@@ -178,8 +178,38 @@ def _by_filler(resource_type: str) -> Callable[[str], In]:
     return build
 
 
+@dataclass(frozen=True)
+class TaskStatusIn(In):
+    """Task.status IN codes: the referral states, where ``submitted`` is ``requested``
+    until its department acknowledges it and ``received`` after (``acknowledged``: which
+    one is asked for; None, both or neither)."""
+
+    acknowledged: bool | None = None
+
+    def q(self) -> Q:
+        if self.acknowledged is None:
+            return super().q()
+        others = [v for v in self.values if v != ReferralState.SUBMITTED]
+        submitted = Q(state=ReferralState.SUBMITTED, acknowledged_at__isnull=not self.acknowledged)
+        return (Q(state__in=others) | submitted) if others else submitted
+
+    def sql(self, alias: str) -> tuple[str, list[Any]]:
+        if self.acknowledged is None:
+            return super().sql(alias)
+        others = [v for v in self.values if v != ReferralState.SUBMITTED]
+        null = "IS NOT NULL" if self.acknowledged else "IS NULL"
+        text = f"({alias}.state = %s AND {alias}.acknowledged_at {null})"
+        if others:
+            text = f"({alias}.state IN ({', '.join(['%s'] * len(others))}) OR {text})"
+        return text, [*others, ReferralState.SUBMITTED.value]
+
+
 def _task_status(raw: str) -> In:
-    return _any_in("state", raw, lambda v: list(m.task_statuses_for(parse_token(v)[1])))
+    codes = {parse_token(v)[1] for v in _alternatives(raw)}
+    states = _any_in("state", raw, lambda v: list(m.task_statuses_for(parse_token(v)[1])))
+    if ("received" in codes) == ("requested" in codes):  # both, or neither: the state says
+        return states
+    return TaskStatusIn("state", states.values, acknowledged="received" in codes)
 
 
 def _service_request_status(raw: str) -> In:
@@ -1489,8 +1519,8 @@ def referral_handlers() -> list[ResourceHandler]:
         ResourceHandler(
             "Task",
             (r, v, h, s, u, p),
-            documentation="The referral's workflow. Update with If-Match: status accepted | "
-            "rejected (+statusReason) | cancelled; owner (+statusReason) = forward; "
+            documentation="The referral's workflow. Update with If-Match: status received | "
+            "accepted | rejected (+statusReason) | cancelled; owner (+statusReason) = forward; "
             "businessStatus scheduled | in_conference | advised (from in_conference) | "
             "closed_local | transfer_requested | transfer_accepted | in_transit | arrived | "
             "completed (+input, statusReason); a scheduled Task with a new input scheduled-at "

@@ -31,7 +31,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from referrals.models import Referral, ReferralEvent, ReferralState
-from referrals.routing import best_department
+from referrals.routing import ASSIGNING_ACTIONS, best_department
 from referrals.services import referral_system_transition
 from registry.models import Department
 
@@ -84,8 +84,12 @@ def referral_escalate_one(*, referral_id: int, now: datetime) -> str | None:
         referral = _locked(referral_id, state=S.SUBMITTED, deadline__lte=now)
         if referral is None:
             return None
+        # The last notice or assignment (an acknowledgement in between changes neither).
         last = (
-            ReferralEvent.objects.filter(referral_id=referral.pk, seq=referral.version)
+            ReferralEvent.objects.filter(
+                referral_id=referral.pk, action__in=("escalation_notify", *ASSIGNING_ACTIONS)
+            )
+            .order_by("-seq")
             .values_list("action", "at")
             .first()
         )

@@ -151,6 +151,9 @@ class Referral(models.Model):
     # When the current department got the case (submit/forward/reroute): routing counts a
     # department's load today from it (index below) without reading the event log.
     assigned_at = models.DateTimeField(null=True, blank=True)
+    # When the assigned department acknowledged it (the acknowledge action); cleared when
+    # the referral is reassigned (forward, reroute).
+    acknowledged_at = models.DateTimeField(null=True, blank=True)
     campaign = models.CharField(max_length=100, blank=True)
     state = models.CharField(
         max_length=20, choices=ReferralState.choices, default=ReferralState.DRAFT

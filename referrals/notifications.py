@@ -67,6 +67,7 @@ AUDIENCES: dict[str, tuple[str, ...]] = {
     "escalation_notify": (ASSIGNEE,),
     "reroute": (ASSIGNEE, REQUESTER),
     "expire": (REQUESTER,),
+    "acknowledge": (REQUESTER,),
     "accept": (REQUESTER,),
     "decline": (REQUESTER,),
     "request_info": (REQUESTER,),

@@ -286,6 +286,7 @@ class ReferralDetailSerializer(ReferralListSerializer):
     class Meta(ReferralListSerializer.Meta):
         fields = [
             *ReferralListSerializer.Meta.fields,
+            "acknowledged_at",
             "clinical_question",
             "patient",
             "conference",

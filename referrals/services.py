@@ -264,6 +264,7 @@ def _effect_forward(
     previous = referral.assigned_department_id
     referral.assigned_department = department
     referral.assigned_at = now
+    referral.acknowledged_at = None  # the new department has not seen it yet
     # The new department gets its own SLA from now; access moves with the assignment.
     referral.deadline = referral_deadline(
         department=department, priority=referral.priority, start=now
@@ -278,6 +279,13 @@ def _effect_reroute(
     if data.get("routing"):
         payload["routing"] = data["routing"]
     return payload
+
+
+def _effect_acknowledge(
+    referral: Referral, actor: User | None, data: dict[str, Any], now: datetime
+) -> dict[str, Any]:
+    referral.acknowledged_at = now
+    return {"department_id": referral.assigned_department_id}
 
 
 def _effect_escalation_notify(
@@ -409,6 +417,7 @@ EFFECTS: dict[str, Effect] = {
     "counter_refer": _effect_counter_refer,
     "reroute": _effect_reroute,
     "escalation_notify": _effect_escalation_notify,
+    "acknowledge": _effect_acknowledge,
 }
 
 # Inputs stored as the event's free-text reason.

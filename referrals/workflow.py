@@ -101,6 +101,14 @@ def _guard_deadline_passed(
     return None
 
 
+def _guard_not_acknowledged(
+    referral: Referral, data: Mapping[str, Any] | None, now: datetime
+) -> str | None:
+    if referral.acknowledged_at is not None:
+        return "The department has already acknowledged this referral."
+    return None
+
+
 def _guard_counter_department(
     referral: Referral, data: Mapping[str, Any] | None, now: datetime
 ) -> str | None:
@@ -123,6 +131,7 @@ GUARDS: dict[str, Guard] = {
     "department_offers_transfer": _guard_department_offers_transfer,
     "deadline_passed": _guard_deadline_passed,
     "counter_department_at_requester": _guard_counter_department,
+    "not_acknowledged": _guard_not_acknowledged,
 }
 
 GUARD_DESCRIPTIONS: dict[str, str] = {
@@ -132,6 +141,7 @@ GUARD_DESCRIPTIONS: dict[str, str] = {
     "deadline_passed": "deadline has passed",
     "counter_department_at_requester": "department belongs to the original requester, "
     "accepting, offering the mode",
+    "not_acknowledged": "not yet acknowledged by the department it is assigned to",
 }
 
 
@@ -171,6 +181,17 @@ TRANSITIONS: tuple[Transition, ...] = (
         ActorSide.REQUESTER,
         REQUESTER_OR_SYSTEM_ROLES,
         description="Send the referral to its department (or to routing when none is chosen).",
+    ),
+    Transition(
+        "acknowledge",
+        frozenset({S.SUBMITTED}),
+        None,
+        ActorSide.ASSIGNEE,
+        ASSIGNEE_OR_SYSTEM_ROLES,
+        guard="not_acknowledged",
+        records="event + acknowledged_at on the referral (cleared when it is reassigned)",
+        description="The department has the referral and is looking at it (FHIR Task.status "
+        "received); the state does not change.",
     ),
     Transition(
         "accept",

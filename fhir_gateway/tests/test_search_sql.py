@@ -78,6 +78,7 @@ def test_hand_written_searches_equal_the_orm_for_every_user_and_parameter(
     world.referral_in(ReferralState.DECLINED)
     forwarded = world.submit()
     world.act(forwarded, "forward")
+    world.act(world.submit(), "acknowledge")  # submitted: Task.status received
     conference = world.referral_in(ReferralState.SCHEDULED)
     referral_experts_grant(referral=conference, experts=[users["invited_expert"]])
     world.submit(actor=world.foreign_referrer, requester_facility=world.foreign_district)
@@ -101,6 +102,10 @@ def test_hand_written_searches_equal_the_orm_for_every_user_and_parameter(
         {"requester": [f"Organization/{district}"], "status": ["requested"]},
         {"focus": [f"ServiceRequest/{ids[submitted.pk]}"]},
         {"status": ["requested"], "owner": [f"HealthcareService/{hub}", f"{hub}"]},
+        {"owner": [f"HealthcareService/{hub}"], "status": ["received"]},
+        {"status": ["received,accepted"]},
+        {"status": ["requested,received"]},
+        {"status": ["requested,rejected"]},
     ]
     sr_cases: list[dict[str, list[str]]] = [
         {},

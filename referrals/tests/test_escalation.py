@@ -192,3 +192,25 @@ def test_two_concurrent_runs_forward_once(world: World) -> None:
     assert rerouted == sorted(r.pk for r in referrals)  # each exactly once
     for referral in referrals:
         assert actions(referral) == ["submit", "escalation_notify", "reroute"]
+
+
+def test_an_acknowledgement_in_the_grace_neither_renotifies_nor_restarts_it(
+    world: World,
+) -> None:
+    """Acknowledging is not accepting: the case still moves on after the grace, and the
+    notice is not sent twice (the escalation read the last event only: an acknowledgement
+    after the notice made it notify again, and restart the grace)."""
+    t0 = timezone.now() - timedelta(days=3)
+    referral = submitted(world, t0)
+    late = t0 + timedelta(hours=48, minutes=1)
+    assert escalation.referral_escalate_overdue(now=late).notified == [referral.pk]
+    services.referral_transition(
+        actor=world.consultant, referral_id=referral.pk, action="acknowledge", now=late
+    )
+    assert escalation.referral_escalate_overdue(now=late + timedelta(minutes=5)) == (
+        escalation.EscalationResult()
+    )
+    assert escalation.referral_escalate_overdue(now=late + GRACE).rerouted == [referral.pk]
+    assert actions(referral) == ["submit", "escalation_notify", "acknowledge", "reroute"]
+    referral.refresh_from_db()
+    assert referral.acknowledged_at is None  # the next department has not acknowledged it

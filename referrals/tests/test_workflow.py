@@ -127,11 +127,14 @@ def test_expire_guard_needs_a_passed_deadline(world: World) -> None:
 
 def test_forward_moves_the_referral_and_its_access(world: World) -> None:
     referral = world.referral_in(ReferralState.SUBMITTED)
+    world.act(referral, "acknowledge")
     world.act(referral, "forward")
     referral.refresh_from_db()
     assert referral.assigned_department == world.hub2_paeds
     assert referral.state == "submitted"
+    assert referral.acknowledged_at is None  # the new department has not acknowledged it
     assert services.referral_available_actions(world.consultant2, referral) == [
+        "acknowledge",
         "accept",
         "decline",
         "forward",
@@ -140,6 +143,33 @@ def test_forward_moves_the_referral_and_its_access(world: World) -> None:
     with pytest.raises(ApplicationError) as caught:
         world.act(referral, "accept")
     assert caught.value.status_code == 404
+
+
+def test_acknowledge_once_per_assignment_and_the_state_stays(world: World) -> None:
+    referral = world.referral_in(ReferralState.SUBMITTED)
+    assert referral.acknowledged_at is None
+    world.act(referral, "acknowledge")
+    referral.refresh_from_db()
+    assert (referral.state, referral.acknowledged_at is not None) == ("submitted", True)
+    event = referral.events.order_by("-seq").first()
+    assert event is not None
+    assert (event.action, event.from_state, event.to_state) == (
+        "acknowledge",
+        "submitted",
+        "submitted",
+    )
+    assert "acknowledge" not in services.referral_available_actions(world.consultant, referral)
+    before = (referral.version, referral.acknowledged_at, referral.events.count())
+    with pytest.raises(ApplicationError) as caught:  # twice: the guard says no, nothing moves
+        world.act(referral, "acknowledge")
+    assert (caught.value.status_code, caught.value.code) == (409, "guard_failed")
+    referral.refresh_from_db()
+    assert (referral.version, referral.acknowledged_at, referral.events.count()) == before
+    with pytest.raises(ApplicationError) as caught:  # the requester side may not
+        services.referral_transition(
+            actor=world.referrer, referral_id=referral.pk, action="acknowledge"
+        )
+    assert caught.value.status_code == 403
 
 
 def test_forward_to_the_same_department_is_refused(world: World) -> None:
