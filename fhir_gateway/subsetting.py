@@ -10,12 +10,14 @@ from the version's fhir.resources model (R4B models for R4, default models for R
   only (a search); ``false``: everything.
 - ``_elements=a,b``: those top-level elements, plus the mandatory ones. A name without a
   type is the searched (or read) type's; ``Type.name`` is for that type's resources (an
-  included one too). A type with no names listed is sent in full.
+  included one too). A type with no names listed is sent in full. A choice element goes by
+  its name (``occurrence`` or ``occurrence[x]``: ``occurrenceDateTime``, ...).
 
 Every subset keeps ``id``, ``meta``, ``implicitRules`` and ``modifierExtension`` (a
 modifier changes the meaning of what is sent).
 
 Not both at once (400), as FHIR says; an unknown element name is ignored, as FHIR allows.
+Binary (raw reads) is read whole: a subset of it is 400. History answers in full.
 """
 
 from __future__ import annotations
@@ -38,27 +40,45 @@ SUBSETTED = {
 }
 # Kept in every subset: who it is, and what changes the meaning of the rest (modifiers).
 _ALWAYS = frozenset({"resourceType", "id", "meta", "implicitRules", "modifierExtension"})
-_NAME = re.compile(r"^(?:(?P<type>[A-Z][A-Za-z]{1,63})\.)?(?P<element>[a-z][A-Za-z0-9]{0,63})$")
+_NAME = re.compile(
+    r"^(?:(?P<type>[A-Z][A-Za-z]{1,63})\.)?(?P<element>[a-z][A-Za-z0-9]{0,63})(?:\[x\])?$"
+)
 MAX_ELEMENTS = 100
 
 
+@dataclass(frozen=True)
+class _Elements:
+    summary: frozenset[str]  # summary elements, as JSON names
+    required: frozenset[str]  # mandatory ones (min 1), primitive or complex
+    choices: dict[str, frozenset[str]]  # value[x] -> valueString, valueQuantity, ...
+
+
 @functools.cache
-def _element_sets(resource_type: str, version: str) -> tuple[frozenset[str], frozenset[str]]:
-    """(summary elements, mandatory elements) of a type, as JSON names."""
+def _elements_of(resource_type: str, version: str) -> _Elements:
     try:
         model = model_class(resource_type, version)
     except (KeyError, LookupError, ValueError):
-        return frozenset(), frozenset()
+        return _Elements(frozenset(), frozenset(), {})
     summary: set[str] = set()
     required: set[str] = set()
+    choices: dict[str, set[str]] = {}
     for name, info in model.model_fields.items():
         extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
         json_name = info.alias or name
         if extra.get("summary_element_property"):
             summary.add(json_name)
-        if extra.get("element_required"):
+        # fhir.resources flags required primitives; required complex elements (a
+        # ServiceRequest's subject) are required model fields.
+        if extra.get("element_required") or info.is_required():
             required.add(json_name)
-    return frozenset(summary), frozenset(required)
+        if isinstance(extra.get("one_of_many"), str):
+            choices.setdefault(str(extra["one_of_many"]), set()).add(json_name)
+    required.discard("resourceType")
+    return _Elements(
+        frozenset(summary),
+        frozenset(required),
+        {base: frozenset(names) for base, names in choices.items()},
+    )
 
 
 @dataclass(frozen=True)
@@ -94,15 +114,17 @@ class Subset:
         if self.summary in ("false", "count") and wanted is None:
             return text
         resource: dict[str, Any] = json.loads(text)
-        summary, required = _element_sets(resource_type, version)
+        known = _elements_of(resource_type, version)
         if self.summary == "true":
-            names = summary | required | _ALWAYS
+            names = known.summary | known.required | _ALWAYS
         elif self.summary == "text":
-            names = required | _ALWAYS | {"text"}
+            names = known.required | _ALWAYS | {"text"}
         elif self.summary == "data":
             names = frozenset(_base(k) for k in resource) - {"text"}
-        else:
-            names = (wanted or frozenset()) | required | _ALWAYS
+        else:  # a choice element by its name (occurrence: occurrenceDateTime, ...)
+            asked = wanted or frozenset()
+            chosen = {v for name in asked for v in known.choices.get(name, ())}
+            names = asked | chosen | known.required | _ALWAYS
         kept = {k: v for k, v in resource.items() if _base(k) in names}
         if kept == resource:
             return text
@@ -137,7 +159,7 @@ def subset_from(params: dict[str, list[str]], *, search: bool) -> Subset | None:
         raise FhirError(400, "invalid", "_summary and _elements cannot be used together.")
     if not elements:
         return Subset(mode) if mode != "false" else None
-    names = [n.strip() for n in elements[-1].split(",") if n.strip()]
+    names = list(dict.fromkeys(n.strip() for n in elements[-1].split(",") if n.strip()))
     if len(names) > MAX_ELEMENTS:
         raise FhirError(400, "too-costly", f"More than {MAX_ELEMENTS} _elements.")
     by_type: dict[str, set[str]] = {}

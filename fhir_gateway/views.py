@@ -633,6 +633,12 @@ def instance(ctx: FhirRequest, resource_type: str, logical_id: str) -> HttpRespo
     if method == "GET" and handler.raw_read is not None:
         _require(handler, handlers.READ, allow)
         assert ctx.user is not None
+        if subset_from(dict(ctx.request.GET.lists()), search=False) is not None:
+            raise FhirError(
+                400,
+                "not-supported",
+                f"{resource_type} is read whole: _summary and _elements do not apply.",
+            )
         return handler.raw_read(handlers.RawRead(ctx.request, ctx.user, logical_id, ctx.version))
     if method == "GET":
         _require(handler, handlers.READ, allow)
@@ -938,8 +944,6 @@ def _search(
             own.setdefault(base_name, []).extend(values)
     if total_mode != "accurate":  # the paging links keep asking for the same
         used["_total"] = [total_mode]
-    if subset is not None:
-        used.update(subset.query())
     sort = _sort_keys(handler, params.get("_sort") or [], ignored, strict)
     if sort:
         used["_sort"] = [",".join(("-" if descending else "") + key for key, descending in sort)]
@@ -957,6 +961,8 @@ def _search(
             "too-costly",
             f"More than {MAX_SEARCH_VALUES} search values (alternatives counted one by one).",
         )
+    if subset is not None:  # kept by the paging links; its names have their own limit
+        used.update(subset.query())
     column = "json_r5" if ctx.version == "5.0" else "json_r4"
     want_total = total_mode != "none" or offset > 0
     hand_written = _search_by_sql(

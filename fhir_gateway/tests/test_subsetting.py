@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
 import pytest
 
 from fhir_gateway.subsetting import SUBSETTED
-from fhir_gateway.tests.conftest import FHIR_R5, outcome_issue
-from fhir_gateway.tests.referral_world import World, body, submit, task_of
+from fhir_gateway.tests.conftest import FHIR_R4, FHIR_R5, outcome_issue
+from fhir_gateway.tests.referral_world import World, body, submit, task_of, transaction
 from referrals.models import AuditEntry
 
 pytestmark = pytest.mark.django_db
+
+PDF = base64.b64encode(b"%PDF-1.4\n% a letter\n%%EOF\n").decode()
 
 
 def _subsetted(resource: dict[str, Any]) -> bool:
@@ -159,3 +162,84 @@ def test_a_subset_keeps_modifier_extensions(world: World) -> None:
         kept = json.loads(subset.apply(text, "Task", "4.0", "Task"))
         assert kept["modifierExtension"][0]["valueBoolean"] is True
         assert _subsetted(kept)
+
+
+# --- found by a review of the first version ------------------------------------------------
+
+
+@pytest.mark.parametrize("query", ["_summary=text", "_elements=status"])
+def test_a_subset_keeps_mandatory_complex_elements(world: World, query: str) -> None:
+    """A ServiceRequest's subject (1..1) is a complex element fhir.resources does not flag
+    as required: it was cut away, and the subset was no valid resource."""
+    from fhir_gateway.versions import model_class
+
+    task_id = _two_referrals(world)[0]
+    cut = body(world.r4.get(f"/fhir/ServiceRequest/{task_id}?{query}"))
+    assert _subsetted(cut)
+    assert "subject" in cut
+    model_class("ServiceRequest", "4.0").model_validate(cut)
+
+
+def test_endpoint_subsets_keep_their_mandatory_elements(world: World) -> None:
+    found = body(world.r4.get("/fhir/Endpoint?_summary=text"))
+    assert found["entry"]
+    for entry in found["entry"]:
+        assert {"connectionType", "payloadType", "address", "status"} <= set(entry["resource"])
+
+
+@pytest.mark.parametrize(
+    "query", ["_summary=bogus", "_summary=count", "_summary=true", "_elements=data"]
+)
+def test_binary_is_read_whole(world: World, query: str) -> None:
+    """The raw read skipped the parameters: a bad value was a 200, and _summary=true sent
+    the bytes untagged."""
+    bundle = transaction(world)
+    bundle["entry"].append(
+        {
+            "fullUrl": "urn:uuid:doc-1",
+            "request": {"method": "POST", "url": "DocumentReference"},
+            "resource": {
+                "resourceType": "DocumentReference",
+                "status": "current",
+                "content": [{"attachment": {"contentType": "application/pdf", "data": PDF}}],
+            },
+        }
+    )
+    answer = body(world.r4.post("/fhir", bundle))
+    url = answer["entry"][3]["resource"]["content"][0]["attachment"]["url"]
+    AuditEntry.objects.all().delete()
+    response = world.r4.get(f"/fhir/{url}?{query}", Accept=FHIR_R4)
+    assert response.status_code == 400, response.status_code
+    assert AuditEntry.objects.count() == 0
+    assert world.r4.get(f"/fhir/{url}", Accept=FHIR_R4).status_code == 200
+
+
+def test_element_names_do_not_count_as_search_values(world: World) -> None:
+    _two_referrals(world)
+    names = ",".join(f"e{i}" for i in range(99)) + ",status"
+    response = world.r4.get(f"/fhir/Task?status=requested&_elements={names}")
+    assert response.status_code == 200, response.content
+    repeated = ",".join(["status"] * 150)  # one name, however often
+    assert world.r4.get(f"/fhir/Task?_elements={repeated}").status_code == 200
+
+
+@pytest.mark.parametrize("name", ["occurrence", "occurrence[x]", "ServiceRequest.occurrence"])
+def test_a_choice_element_goes_by_its_name(name: str) -> None:
+    from fhir_gateway.subsetting import subset_from
+
+    text = json.dumps(
+        {
+            "resourceType": "ServiceRequest",
+            "id": "x",
+            "status": "active",
+            "intent": "order",
+            "subject": {"reference": "Patient/p"},
+            "occurrenceDateTime": "2026-11-27",
+            "priority": "urgent",
+        }
+    )
+    subset = subset_from({"_elements": [name]}, search=True)
+    assert subset is not None
+    kept = json.loads(subset.apply(text, "ServiceRequest", "4.0", "ServiceRequest"))
+    assert kept["occurrenceDateTime"] == "2026-11-27"
+    assert "priority" not in kept
