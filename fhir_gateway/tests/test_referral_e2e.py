@@ -88,10 +88,25 @@ def test_full_lifecycle_r4_submitter_r5_consultant(live_server: Any, world: Worl
         ("Patient", "include"),
     ]
 
-    # Accept (If-Match on the version it read).
+    # fhirpy's count() (_count=0) and elements() (_elements: the Task cut down, tagged).
+    assert consultant.resources("Task").search(owner=owner, status="requested").count() == 1
+    slim = consultant.resources("Task").search(owner=owner).elements("owner").fetch_raw()
+    slim_task = slim["entry"][0]["resource"]
+    assert set(slim_task) == {"resourceType", "id", "meta", "owner", "status", "intent"}
+    assert slim_task["meta"]["tag"][0]["code"] == "SUBSETTED"
+
+    # Acknowledge (Task.status received), then accept, each with If-Match on the version
+    # it read.
     task = consultant.reference("Task", task_id).to_resource()
     assert "requestedPerformer" in task  # the R5 rendering
-    accepting = _client(live_server, world.consultant, **r5, **{"If-Match": 'W/"1"'})
+    acknowledging = _client(live_server, world.consultant, **r5, **{"If-Match": 'W/"1"'})
+    task["status"] = "received"
+    received = acknowledging.resource("Task", **task.serialize())
+    received.save()
+    assert received["status"] == "received"
+    assert consultant.resources("Task").search(owner=owner, status="received").count() == 1
+    task = consultant.reference("Task", task_id).to_resource()
+    accepting = _client(live_server, world.consultant, **r5, **{"If-Match": 'W/"2"'})
     task["status"] = "accepted"
     accepted = accepting.resource("Task", **task.serialize())
     accepted.save()
@@ -155,7 +170,7 @@ def test_full_lifecycle_r4_submitter_r5_consultant(live_server: Any, world: Worl
     }
     assert set(by_endpoint) == {"4.0", "5.0"}
     assert by_endpoint["4.0"] == by_endpoint["5.0"]
-    assert [v for t, v in by_endpoint["4.0"] if t == "Task"] == [1, 2, 3, 4, 5]
+    assert [v for t, v in by_endpoint["4.0"] if t == "Task"] == [1, 2, 3, 4, 5, 6]
     assert ("DocumentReference", 1) in by_endpoint["5.0"]
     assert sum(1 for t, _v in by_endpoint["5.0"] if t == "Communication") == 2
 
