@@ -82,6 +82,8 @@ FILTER_CRITERIA = f"{BACKPORT}/StructureDefinition/backport-filter-criteria"
 STATUS_R4_PROFILE = f"{BACKPORT}/StructureDefinition/backport-subscription-status-r4"
 NOTIFICATION_R4_PROFILE = f"{BACKPORT}/StructureDefinition/backport-subscription-notification-r4"
 EVENT_NUMBER_EXTENSION = f"{CONSILIUM}/StructureDefinition/feed-event-number"
+# The identifier of a facility's own feed (R5 /fhir/$events: its status names no Subscription).
+FACILITY_FEED_SYSTEM = f"{CONSILIUM}/sid/facility-feed"
 # On the 410 issue when asked events retention pruned: the oldest event number still kept.
 OLDEST_EVENT_EXTENSION = f"{CONSILIUM}/StructureDefinition/feed-oldest-event-number"
 FHIR_JSON = "application/fhir+json"
@@ -258,6 +260,9 @@ def _check_r4(resource: dict[str, Any]) -> None:
     if channel.get("payload") not in (None, FHIR_JSON):
         raise _refuse("Subscription.channel.payload", f"only {FHIR_JSON}.")
     for extension in _extensions(channel.get("_payload"), PAYLOAD_CONTENT):
+        values = [v for k, v in extension.items() if k.startswith("value")]
+        if values != [extension.get("valueCode")]:  # a valueString "full-resource" too
+            raise _refuse("Subscription.channel.payload", "the content is a valueCode: id-only.")
         _check_content(extension.get("valueCode"), "Subscription.channel.payload")
 
 
@@ -314,7 +319,7 @@ def _renderings(
 def _subscription_create(req: WriteRequest) -> WriteResult:
     facility = _feed_facility(req.user)
     validate_resource(req.resource, req.fhir_version)
-    if req.resource.get("end"):
+    if req.resource.get("end") is not None:  # 0 is an end too (a date, to the models)
         raise _refuse("Subscription.end", "not supported; delete the Subscription instead.")
     (_check_r4 if req.fhir_version == R4 else _check_r5)(req.resource)
     logical_id = uuid.uuid4().hex
@@ -350,7 +355,7 @@ def _subscription_update(req: WriteRequest) -> WriteResult:
     facility = _feed_facility(req.user)
     assert req.logical_id is not None
     validate_resource(req.resource, req.fhir_version)
-    if req.resource.get("end"):
+    if req.resource.get("end") is not None:  # 0 is an end too (a date, to the models)
         raise _refuse("Subscription.end", "not supported; delete the Subscription instead.")
     if req.resource.get("status") not in (None, "requested", "active"):
         raise _refuse(
@@ -486,6 +491,17 @@ def _entry(base: str, item: FeedItem) -> dict[str, Any]:
     }
 
 
+def _r5_entries(base: str, items: list[FeedItem]) -> list[dict[str, Any]]:
+    """A subscription-notification's entries: one per resource (its last version here). R5's
+    bdl-7 allows a fullUrl twice only with distinct meta.versionId, which id-only entries do
+    not have; each version is still named by its event's focus."""
+    last: dict[tuple[str, str], FeedItem] = {}
+    for item in items:
+        last.pop((item.resource_type, item.logical_id), None)  # re-insert: latest order
+        last[(item.resource_type, item.logical_id)] = item
+    return [_entry(base, item) for item in last.values()]
+
+
 def _focus(base: str, item: FeedItem) -> str:
     return f"{base}/{item.resource_type}/{item.logical_id}/_history/{item.version_id}"
 
@@ -499,6 +515,7 @@ def _status_resource(
     since_start: int,
     events: list[FeedItem] | None = None,
     with_focus: bool = True,
+    subscription_ref: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     status_id = uuid.uuid4().hex
     subscription = f"{base}/Subscription/{subscription_id}"
@@ -524,7 +541,7 @@ def _status_resource(
                 if events
                 else {}
             ),
-            "subscription": {"reference": subscription},
+            "subscription": subscription_ref or {"reference": subscription},
             "topic": TOPIC_URL,
         }
     parameters: list[dict[str, Any]] = [
@@ -603,6 +620,8 @@ def subscription_events(call: OperationCall) -> OperationAnswer:
     )
     url = f"{call.base}/Subscription/{call.logical_id}/$events"
     bound = [("eventsUntilNumber", str(until))] if until is not None else []
+    if "content" in call.params:  # the links ask for what was asked for
+        bound.append(("content", str(_last(call.params, "content"))))
     links = [
         _link("self", url, [("eventsSinceNumber", str(first)), *bound, ("_count", str(count))])
     ]
@@ -624,10 +643,12 @@ def subscription_events(call: OperationCall) -> OperationAnswer:
         }
         status_entry["response"] = {"status": "200"}
     entries = [status_entry]
-    if content != "empty":
-        entries += [_entry(call.base, item) for item in items]
     if call.version == R4:
+        if content != "empty":
+            entries += [_entry(call.base, item) for item in items]
         return OperationAnswer(_bundle("history", links, entries, profile=NOTIFICATION_R4_PROFILE))
+    if content != "empty":
+        entries += _r5_entries(call.base, items)
     return OperationAnswer(_bundle("subscription-notification", links, entries))
 
 
@@ -666,6 +687,26 @@ def facility_events(call: OperationCall) -> OperationAnswer:
     links = [_link("self", url, [("since", str(since)), ("_count", str(count))])]
     if more and items:
         links.append(_link("next", url, [("since", str(items[-1].number)), ("_count", str(count))]))
+    if call.version == R5:
+        # R5's history Bundle must carry the resource of each POST / PUT entry (bdl-3b):
+        # R5 gets the notification an R5 $events answers, for the facility's own feed.
+        status = _status_resource(
+            R5,
+            base=call.base,
+            subscription_id="",
+            kind="query-event",
+            since_start=feed_last_number(facility),
+            events=items,
+            subscription_ref={
+                "identifier": {"system": FACILITY_FEED_SYSTEM, "value": str(facility)},
+                "display": "The facility's feed (GET [base]/$events)",
+            },
+        )
+        notification: list[dict[str, Any]] = [
+            {"fullUrl": f"urn:uuid:{status['id']}", "resource": status}
+        ]
+        notification += _r5_entries(call.base, items)
+        return OperationAnswer(_bundle("subscription-notification", links, notification))
     entries = [
         {
             "extension": [{"url": EVENT_NUMBER_EXTENSION, "valueString": str(item.number)}],
@@ -762,9 +803,11 @@ def register_all() -> None:
             level=handlers.SYSTEM_LEVEL,
             func=facility_events,
             definition=f"{CONSILIUM}/OperationDefinition/facility-events",
-            documentation="Your facility's feed after event number `since` (0 = from the "
-            "start), id-only history Bundle, _count (50, max 500); each entry's "
-            "extension feed-event-number is the cursor for the next call. A cursor older "
-            "than the feed's retention: 410 (extension feed-oldest-event-number).",
+            documentation="Your facility's feed after event number `since` (none: from the "
+            "oldest event kept), id-only, _count (50, max 500). R4: a history Bundle, each "
+            "entry's extension feed-event-number the cursor for the next call; R5: a "
+            "subscription-notification Bundle (SubscriptionStatus query-event, the event "
+            "numbers in notificationEvent). A cursor older than the feed's retention "
+            "(0 too, once anything was pruned): 410 (extension feed-oldest-event-number).",
         )
     )

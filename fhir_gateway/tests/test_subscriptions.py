@@ -400,14 +400,19 @@ def test_r5_events_are_an_id_only_subscription_notification(world: World):
     assert status["eventsSinceSubscriptionStart"] == "4"
     assert status["subscription"]["reference"].endswith(f"/fhir/Subscription/{sub}")
     assert _numbers(notification, FHIR_R5) == [1, 2, 3, 4]
+    # One entry per resource (its last version here): R5's bdl-7 allows a fullUrl twice
+    # only with distinct meta.versionId, which id-only entries lack. The events' focus
+    # names every version.
     assert sorted(_ids(notification)) == sorted(
         [
             (f"Patient/{task_id}", 'W/"1"'),
             (f"ServiceRequest/{task_id}", 'W/"1"'),
-            (f"Task/{task_id}", 'W/"1"'),
             (f"Task/{task_id}", 'W/"2"'),
         ]
     )
+    assert [e["focus"]["reference"].split("/fhir/")[1] for e in status["notificationEvent"]][
+        2:
+    ] == [f"Task/{task_id}/_history/1", f"Task/{task_id}/_history/2"]
     last = notification["entry"][-1]
     assert last["request"] == {"method": "PUT", "url": f"Task/{task_id}"}
     assert "resource" not in last  # id-only
@@ -480,7 +485,7 @@ def test_events_page_and_bound_by_number(world: World):
         FHIR_R5,
     )
     assert _numbers(bounded, FHIR_R5) == [3, 4, 5]
-    assert len(bounded["entry"]) == 4
+    assert len(bounded["entry"]) == 3  # the status; Task v1 and v2 as one entry; a Patient
     empty = _get(world.r5, f"/fhir/Subscription/{sub}/$events?content=empty", FHIR_R5)
     assert len(empty["entry"]) == 1  # the status only
     assert all("focus" not in e for e in empty["entry"][0]["resource"]["notificationEvent"])
@@ -573,9 +578,14 @@ def test_facility_feed_replays_from_any_cursor(world: World, version: str):
 
     everything = _get(world.r4, "/fhir/$events", version)
     model_class("Bundle", version[-3:]).model_validate(everything)
-    assert everything["type"] == "history"
+    # R4: a history Bundle, each entry numbered. R5's history Bundle must carry each POST /
+    # PUT entry's resource (bdl-3b): R5 gets a subscription-notification, as $events.
+    assert everything["type"] == ("history" if version == FHIR_R4 else "subscription-notification")
 
     def numbers(page: dict[str, Any]) -> list[int]:
+        if version == FHIR_R5:
+            status = page["entry"][0]["resource"]
+            return [int(e["eventNumber"]) for e in status.get("notificationEvent", [])]
         return [
             int(x["valueString"])
             for e in page.get("entry", [])
@@ -585,9 +595,10 @@ def test_facility_feed_replays_from_any_cursor(world: World, version: str):
 
     assert numbers(everything) == [1, 2, 3, 4]
     assert numbers(_get(world.r4, "/fhir/$events?since=2", version)) == [3, 4]
+    skip = 0 if version == FHIR_R4 else 1  # R5: the status (a new id each time) first
     assert (
-        _get(world.r4, "/fhir/$events?since=2", version)["entry"]
-        == (_get(world.r4, "/fhir/$events?since=2", version)["entry"])
+        _get(world.r4, "/fhir/$events?since=2", version)["entry"][skip:]
+        == (_get(world.r4, "/fhir/$events?since=2", version)["entry"][skip:])
     )
     first = _get(world.r4, "/fhir/$events?since=0&_count=3", version)
     assert numbers(first) == [1, 2, 3]
@@ -638,7 +649,7 @@ def test_a_transaction_that_commits_later_never_lands_behind_a_served_number(wor
     assert not failures
     assert _numbers(while_a_runs, FHIR_R5) == [7]
     assert _ids(while_a_runs) == [(f"Task/{second}", 'W/"2"')]
-    assert [urlsplit(e["fullUrl"]).path for e in system["entry"]] == [f"/fhir/Task/{second}"]
+    assert [urlsplit(e["fullUrl"]).path for e in system["entry"][1:]] == [f"/fhir/Task/{second}"]
 
     after = _get(world.r5, f"{events}?eventsSinceNumber=8", FHIR_R5)
 
@@ -651,7 +662,8 @@ def test_a_transaction_that_commits_later_never_lands_behind_a_served_number(wor
     # Replaying from the start: every event once, numbers dense.
     replay = _get(world.r5, f"{events}?eventsSinceNumber=1", FHIR_R5)
     assert _numbers(replay, FHIR_R5) == list(range(1, 9))
-    assert len(set(_ids(replay))) == 8
+    focus = [e["focus"]["reference"] for e in replay["entry"][0]["resource"]["notificationEvent"]]
+    assert len(set(focus)) == 8  # every version once (the entries: each resource once)
 
 
 # --------------------------------------------------------------------------- topic, metadata
@@ -708,3 +720,76 @@ def test_every_declared_feed_interaction_and_operation_is_served(world: World, v
         json.loads(world.r5.get(f"/fhir/Subscription/{sub}/$nothing").content)["resourceType"]
         == "OperationOutcome"
     )
+
+
+# --------------------------------------------------------------------------- found by a review
+
+
+def _distinct_full_urls(bundle: dict[str, Any]) -> bool:
+    urls = [e["fullUrl"] for e in bundle.get("entry", [])]
+    return len(urls) == len(set(urls))
+
+
+def test_r5_notifications_name_each_resource_once(world: World):
+    """R5's bdl-7: a fullUrl twice only with distinct meta.versionId (id-only entries have
+    none). An accept put Task v1 and v2 in one page: nearly every poll broke it."""
+    sub = _subscribe(world.r5, FHIR_R5)
+    _accept(world, str(task_of(submit(world))["id"]))
+    for path in (f"/fhir/Subscription/{sub}/$events", "/fhir/$events"):
+        client = world.r5 if "Subscription" in path else world.r4
+        bundle = _get(client, path, FHIR_R5)
+        assert bundle["type"] == "subscription-notification"
+        assert _distinct_full_urls(bundle), [e["fullUrl"] for e in bundle["entry"]]
+        assert len(bundle["entry"][0]["resource"]["notificationEvent"]) == 4
+
+
+def test_r5_facility_events_follow_the_notification_rules(world: World):
+    """R5's history Bundle must carry the resource of each POST / PUT entry (bdl-3b): the
+    id-only facility feed broke it; R5 now gets a subscription-notification."""
+    _accept(world, str(task_of(submit(world))["id"]))
+    bundle = _get(world.r4, "/fhir/$events", FHIR_R5)
+    model_class("Bundle", "5.0").model_validate(bundle)
+    status = bundle["entry"][0]["resource"]
+    assert (status["resourceType"], status["type"], status["topic"]) == (
+        "SubscriptionStatus",
+        "query-event",
+        TOPIC_URL,
+    )
+    assert status["subscription"]["identifier"]["value"] == str(world.network.spoke.pk)
+    assert status["eventsSinceSubscriptionStart"] == "4"
+    assert all("resource" not in e for e in bundle["entry"][1:])  # id-only
+    r4 = _get(world.r4, "/fhir/$events", FHIR_R4)
+    assert r4["type"] == "history" and len(r4["entry"]) == 4  # R4 unchanged
+
+
+@pytest.mark.parametrize("version", [FHIR_R4, FHIR_R5])
+def test_paging_links_keep_the_content_asked_for(world: World, version: str):
+    sub = _subscribe(world.r5, FHIR_R5)
+    _accept(world, str(task_of(submit(world))["id"]))  # 4 events
+    first = _get(world.r5, f"/fhir/Subscription/{sub}/$events?content=empty&_count=2", version)
+    assert len(first["entry"]) == 1  # the status only
+    self_link = next(link["url"] for link in first["link"] if link["relation"] == "self")
+    assert "content=empty" in self_link
+    [following] = [link["url"] for link in first["link"] if link["relation"] == "next"]
+    url = urlsplit(following)
+    second = _get(world.r5, f"{url.path}?{url.query}", version)
+    assert len(second["entry"]) == 1
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda r: r.update(end=0),  # the models read 0 as 1970: it was accepted
+        lambda r: r["channel"].update(
+            _payload={"extension": [{"url": PAYLOAD_CONTENT, "valueString": "full-resource"}]}
+        ),
+    ],
+    ids=["end-zero", "payload-content-as-string"],
+)
+def test_unsupported_subscription_values_are_refused_whatever_their_type(world: World, change):
+    subscription = _r4_subscription()
+    change(subscription)
+    before = FhirResource.objects.filter(resource_type="Subscription").count()
+    response = world.r4.post("/fhir/Subscription", subscription)
+    assert response.status_code == 422, response.content
+    assert FhirResource.objects.filter(resource_type="Subscription").count() == before
