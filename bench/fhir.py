@@ -12,7 +12,7 @@
   (the job stored), beside the raw rate; then the rate at which ``--drain-procs`` processes
   apply the stored jobs (``intake.intake_drain``, in batches of ``--intake-batch``), every one
   checked to have made its referral.
-- search: ``GET /fhir/Task?owner=…&status=requested&_count=50`` p50/p95 over the referrals
+- search: ``GET /fhir/Task?owner=…&status=requested,received&_count=50`` (the worklist) p50/p95 over the referrals
   the ingest stored; at scale: seed with ``bench/fhir_seed.py --referrals 1000000`` and pass
   ``--only search --search-department <the id it prints>``; ``--search-extra '&_sort=priority'``
   times the same worklist sorted.
@@ -328,7 +328,10 @@ def warm_up(base: str, token: str, workers: int, payload: Callable[[], dict]) ->
 def search(base: str, token: str, department: Department, n: int, extra: str = "") -> list[float]:
     session = requests.Session()
     headers = {"Authorization": f"Bearer {token}", "Accept": FHIR_R4}
-    url = f"{base}/fhir/Task?owner=HealthcareService/{department.pk}&status=requested&_count=50"
+    url = (  # the worklist: awaiting an answer, acknowledged or not
+        f"{base}/fhir/Task?owner=HealthcareService/{department.pk}"
+        "&status=requested,received&_count=50"
+    )
     url += extra
     out = []
     for _ in range(n):
@@ -575,7 +578,7 @@ def run(args: argparse.Namespace, conninfo: str, stub_url: str) -> None:
                 samples = search(
                     base, search_token, search_department, args.searches, args.search_extra
                 )
-                print(f"Task search owner+status=requested{args.search_extra} (_count=50) over {stored} submitted "
+                print(f"Task search owner+status=requested,received{args.search_extra} (_count=50) over {stored} submitted "
                       f"referrals of the department; {Referral.objects.count()} referrals, "
                       f"{storage.current_rows('Task').count()} current Task rows: "
                       f"p50 {pct(samples, 0.5):.1f} ms, p95 {pct(samples, 0.95):.1f} ms")  # fmt: skip

@@ -85,6 +85,9 @@ AUDIENCES: dict[str, tuple[str, ...]] = {
     "complete": (REQUESTER,),
     "counter_refer": (REQUESTER,),
 }
+# Shown in the in-app list only, never e-mailed: an acknowledgement would otherwise mean
+# an e-mail per referral to every referrer of the requesting facility.
+IN_APP_ONLY: frozenset[str] = frozenset({"acknowledge"})
 # An action added to the workflow later and not listed above: tell both sides.
 DEFAULT_AUDIENCE: tuple[str, ...] = (ASSIGNEE, REQUESTER)
 
@@ -233,6 +236,8 @@ def notify_event(*, event_id: int) -> int:
 
 
 def _email_pending(event: ReferralEvent) -> int:
+    if event.action in IN_APP_ONLY:
+        return 0
     sent = 0
     with transaction.atomic():
         pending = (
@@ -293,6 +298,7 @@ def notification_email_sweep(*, now: datetime | None = None, limit: int = 500) -
             emailed_at__isnull=True, created__lte=now - grace, created__gte=now - max_age
         )
         .exclude(recipient__email="")
+        .exclude(event__action__in=IN_APP_ONLY)
         .order_by("event_id")
         .values_list("event_id", flat=True)
         .distinct()[:limit]

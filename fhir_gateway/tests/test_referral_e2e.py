@@ -70,7 +70,9 @@ def test_full_lifecycle_r4_submitter_r5_consultant(live_server: Any, world: Worl
     assert answer["entry"][2]["resource"]["owner"]["reference"] == owner
 
     # R5 consultant: its worklist, with the orders included.
-    found = consultant.resources("Task").search(owner=owner, status="requested").fetch_raw()
+    found = (
+        consultant.resources("Task").search(owner=owner, status="requested,received").fetch_raw()
+    )
     assert [e["resource"]["id"] for e in found["entry"]] == [task_id]
     tasks = consultant.resources("Task").search(owner=owner).include("Task", "focus").fetch_raw()
     assert {e["resource"]["resourceType"] for e in tasks["entry"]} == {"Task", "ServiceRequest"}

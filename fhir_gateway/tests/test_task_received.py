@@ -108,3 +108,27 @@ def test_a_forward_makes_a_received_task_requested_for_the_new_department(
     assert json.loads(response.content)["status"] == "requested"
     assert Referral.objects.get(filler_id=task_id).acknowledged_at is None
     assert read_task(world.r4, task_id, FHIR_R4)["status"] == "requested"
+
+
+def test_the_documented_worklist_and_patch_guard_keep_an_acknowledged_referral(
+    world: World,
+) -> None:
+    """Found by a review: the docs polled status=requested and guarded accepts on it; an
+    acknowledged referral, still awaiting an answer, fell out of both. docs/fhir.md now
+    shows status=requested,received and a guard on businessStatus."""
+    task_id = str(task_of(submit(world))["id"])
+    assert update_task(world.r5, task_id, _received, FHIR_R5).status_code == 200
+    owner = f"HealthcareService/{world.network.pediatrics.pk}"
+    found = body(
+        world.r5.get(f"/fhir/Task?owner={owner}&status=requested,received", Accept=FHIR_R5)
+    )
+    assert [e["resource"]["id"] for e in found["entry"]] == [task_id]
+    patch = [
+        {"op": "test", "path": "/businessStatus/coding/0/code", "value": "submitted"},
+        {"op": "replace", "path": "/status", "value": "accepted"},
+    ]
+    response = world.r5.patch(f"/fhir/Task/{task_id}", patch, Accept=FHIR_R5)
+    assert response.status_code == 200, response.content
+    assert body(response)["status"] == "accepted"
+    again = world.r5.patch(f"/fhir/Task/{task_id}", patch, Accept=FHIR_R5)
+    assert again.status_code == 422  # the guard: no longer submitted

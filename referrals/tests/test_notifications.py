@@ -300,3 +300,26 @@ def test_the_hand_written_audience_equals_the_orm_query(world: World) -> None:
                     assert found == expected, (action, department_id, requester_id, actor_id)
                     compared += bool(expected)
     assert compared > 50  # the cases are not all empty audiences
+
+
+def test_an_acknowledgement_is_listed_in_app_and_never_mailed(
+    emails: World, eager: None, django_capture_on_commit_callbacks: Callable[..., Any]
+) -> None:
+    world = emails
+    with django_capture_on_commit_callbacks(execute=True):
+        referral = world.submit()  # mailed to the department
+    mail.outbox.clear()
+    with django_capture_on_commit_callbacks(execute=True):
+        world.act(referral, "acknowledge")
+    event = last_event(referral)
+    assert event.action == "acknowledge"
+    assert recipients(event) == {"referrer"}
+    assert mail.outbox == []
+    # Nor by the sweep, however late.
+    later = timezone.now() + timedelta(minutes=30)
+    assert notifications.notification_email_sweep(now=later) == 0
+    assert mail.outbox == []
+    # Other actions still mail (the accept that follows).
+    with django_capture_on_commit_callbacks(execute=True):
+        world.act(referral, "accept")
+    assert [m.to for m in mail.outbox] == [["referrer@example.org"]]
