@@ -88,7 +88,7 @@ def capability_statement(version: str, *, base: str) -> dict[str, Any]:
                     "Bundle sent with Prefer: respond-async is answered 202 with "
                     "Content-Location [base]/_async/<id>: poll it (202 until applied, then 200 "
                     "with a batch-response Bundle holding the transaction's answer); DELETE "
-                    "cancels. Searches, reads and vreads take _summary (true, text, data, "
+                    "cancels. Searches, reads, vreads and histories take _summary (true, text, data, "
                     "false; count on searches) and _elements (a name, or Type.name for an "
                     "included type); subsets are tagged SUBSETTED."
                 ),

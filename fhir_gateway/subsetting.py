@@ -1,4 +1,5 @@
-"""``_summary`` and ``_elements`` (FHIR search result parameters, also on read and vread).
+"""``_summary`` and ``_elements`` (FHIR search result parameters, also on read, vread and
+history).
 
 The stored canonical JSON is served as it is unless one of them asks for less: then each
 resource is parsed, cut down to the elements asked for, and tagged ``SUBSETTED`` (so that
@@ -17,7 +18,7 @@ Every subset keeps ``id``, ``meta``, ``implicitRules`` and ``modifierExtension``
 modifier changes the meaning of what is sent).
 
 Not both at once (400), as FHIR says; an unknown element name is ignored, as FHIR allows.
-Binary (raw reads) is read whole: a subset of it is 400. History answers in full.
+Binary (raw reads) is read whole: a subset of it is 400.
 """
 
 from __future__ import annotations

@@ -794,6 +794,9 @@ def history(ctx: FhirRequest, resource_type: str, logical_id: str) -> HttpRespon
     _check_id(logical_id)
     _require(handler, handlers.HISTORY, _allowed_instance_methods(handler))
     count, offset = _paging(ctx.request.GET)
+    subset = subset_from(dict(ctx.request.GET.lists()), search=True)
+    if subset is not None and subset.count_only:  # how many versions, none of them
+        count, offset = 0, 0
     _check_visible(handler, logical_id, ctx.user)
     rows = resource_history(resource_type, logical_id)
     total = rows.count()
@@ -816,13 +819,15 @@ def history(ctx: FhirRequest, resource_type: str, logical_id: str) -> HttpRespon
                 "lastModified": fhir_instant(row.last_updated),
             }
         text = "" if row.deleted else row.json_for(ctx.version)
+        if text and subset is not None:
+            text = subset.apply(text, resource_type, ctx.version, resource_type)
         entry = '{"fullUrl":' + json.dumps(url)
         if text:
             entry += ',"resource":' + text
         entry += ',"request":' + dumps(request_part) + ',"response":' + dumps(response_part) + "}"
         entries.append(entry)
     self_url = f"{ctx.base}/{resource_type}/{logical_id}/_history"
-    links = _links(self_url, {}, count, offset, total, len(page))
+    links = _links(self_url, subset.query() if subset else {}, count, offset, total, len(page))
     response = _bundle_response(ctx, "history", total, links, entries)
     audit_rows(ctx.request, ctx.user, AuditAction.READ, page, f"fhir history {resource_type}")
     return response

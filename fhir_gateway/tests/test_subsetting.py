@@ -243,3 +243,27 @@ def test_a_choice_element_goes_by_its_name(name: str) -> None:
     kept = json.loads(subset.apply(text, "ServiceRequest", "4.0", "ServiceRequest"))
     assert kept["occurrenceDateTime"] == "2026-11-27"
     assert "priority" not in kept
+
+
+def test_history_takes_summary_and_elements(world: World) -> None:
+    task_id = _two_referrals(world)[0]
+    from fhir_gateway.tests.referral_world import update_task
+
+    assert (
+        update_task(world.r5, task_id, lambda t: t.update(status="accepted"), FHIR_R5).status_code
+        == 200
+    )
+    AuditEntry.objects.all().delete()
+    counted = body(world.r4.get(f"/fhir/Task/{task_id}/_history?_summary=count"))
+    assert (counted["total"], counted.get("entry", [])) == (2, [])
+    assert "_summary=count" in counted["link"][0]["url"]
+    assert AuditEntry.objects.count() == 0
+    cut = body(world.r4.get(f"/fhir/Task/{task_id}/_history?_elements=status&_count=1"))
+    assert cut["total"] == 2
+    [entry] = cut["entry"]
+    assert set(entry["resource"]) == {"resourceType", "id", "meta", "status", "intent"}
+    assert _subsetted(entry["resource"])
+    assert entry["request"]["method"] in ("POST", "PUT")
+    following = next(link["url"] for link in cut["link"] if link["relation"] == "next")
+    assert "_elements=status" in following
+    assert world.r4.get(f"/fhir/Task/{task_id}/_history?_summary=maybe").status_code == 400
