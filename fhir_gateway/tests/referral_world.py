@@ -146,6 +146,22 @@ def transaction(world: World, placer: str = "SR-1", **kwargs: Any) -> dict[str, 
     return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
 
 
+def with_case_file(bundle: dict[str, Any], attachment: dict[str, Any]) -> dict[str, Any]:
+    """``bundle`` with one more entry: a case file (a DocumentReference, ``attachment``)."""
+    bundle["entry"].append(
+        {
+            "fullUrl": f"urn:uuid:doc-{len(bundle['entry'])}",
+            "request": {"method": "POST", "url": "DocumentReference"},
+            "resource": {
+                "resourceType": "DocumentReference",
+                "status": "current",
+                "content": [{"attachment": attachment}],
+            },
+        }
+    )
+    return bundle
+
+
 def body(response: Any) -> dict[str, Any]:
     parsed: dict[str, Any] = json.loads(response.content)
     return parsed

@@ -21,6 +21,16 @@ pytestmark = pytest.mark.django_db
 _WRITES = ("POST", "PATCH", "PUT")
 
 
+def _bdl7(kind: str, entries: list[dict[str, Any]]) -> bool:
+    """A fullUrl twice only with distinct meta.versionId, except in a history Bundle."""
+    keys = [
+        (e["fullUrl"], str(e.get("resource", {}).get("meta", {}).get("versionId", "")))
+        for e in entries
+        if "fullUrl" in e
+    ]
+    return kind == "history" or len(keys) == len(set(keys))
+
+
 def _problems(bundle: dict[str, Any], version: str) -> list[str]:
     kind = bundle["type"]
     entries: list[dict[str, Any]] = bundle.get("entry", [])
@@ -58,15 +68,7 @@ def _problems(bundle: dict[str, Any], version: str) -> list[str]:
                 for e in entries
             ),
         )
-        keys = [
-            (e["fullUrl"], str(e.get("resource", {}).get("meta", {}).get("versionId", "")))
-            for e in entries
-            if "fullUrl" in e
-        ]
-        check(
-            "bdl-7 fullUrl unique (or distinct versions)",
-            kind == "history" or len(keys) == len(set(keys)),
-        )
+        check("bdl-7 fullUrl unique (or distinct versions)", _bdl7(kind, entries))
         return found
     if kind in ("document", "message", "searchset", "collection"):
         check(
@@ -94,15 +96,7 @@ def _problems(bundle: dict[str, Any], version: str) -> list[str]:
         )
     if kind in ("transaction-response", "batch-response"):
         check("bdl-3d every entry answered", all("response" in e for e in entries))
-    keys = [
-        (e["fullUrl"], str(e.get("resource", {}).get("meta", {}).get("versionId", "")))
-        for e in entries
-        if "fullUrl" in e
-    ]
-    check(
-        "bdl-7 fullUrl unique (or distinct versions)",
-        kind == "history" or len(keys) == len(set(keys)),
-    )
+    check("bdl-7 fullUrl unique (or distinct versions)", _bdl7(kind, entries))
     if kind not in ("transaction", "transaction-response", "batch", "batch-response"):
         check(
             "bdl-15 fullUrl (or a POST)",

@@ -10,7 +10,14 @@ import pytest
 
 from fhir_gateway.subsetting import SUBSETTED
 from fhir_gateway.tests.conftest import FHIR_R4, FHIR_R5, outcome_issue
-from fhir_gateway.tests.referral_world import World, body, submit, task_of, transaction
+from fhir_gateway.tests.referral_world import (
+    World,
+    body,
+    submit,
+    task_of,
+    transaction,
+    with_case_file,
+)
 from referrals.models import AuditEntry
 
 pytestmark = pytest.mark.django_db
@@ -193,18 +200,7 @@ def test_endpoint_subsets_keep_their_mandatory_elements(world: World) -> None:
 def test_binary_is_read_whole(world: World, query: str) -> None:
     """The raw read skipped the parameters: a bad value was a 200, and _summary=true sent
     the bytes untagged."""
-    bundle = transaction(world)
-    bundle["entry"].append(
-        {
-            "fullUrl": "urn:uuid:doc-1",
-            "request": {"method": "POST", "url": "DocumentReference"},
-            "resource": {
-                "resourceType": "DocumentReference",
-                "status": "current",
-                "content": [{"attachment": {"contentType": "application/pdf", "data": PDF}}],
-            },
-        }
-    )
+    bundle = with_case_file(transaction(world), {"contentType": "application/pdf", "data": PDF})
     answer = body(world.r4.post("/fhir", bundle))
     url = answer["entry"][3]["resource"]["content"][0]["attachment"]["url"]
     AuditEntry.objects.all().delete()

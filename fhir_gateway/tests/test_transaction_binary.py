@@ -13,7 +13,13 @@ import pytest
 from fhir_gateway import intake
 from fhir_gateway.models import FhirResource, IntakeJob, OutboxMessage
 from fhir_gateway.tests.conftest import FHIR_R4, FHIR_R5, outcome_issue
-from fhir_gateway.tests.referral_world import World, body, stored_files, transaction
+from fhir_gateway.tests.referral_world import (
+    World,
+    body,
+    stored_files,
+    transaction,
+    with_case_file,
+)
 from referrals.models import Attachment, Referral
 
 pytestmark = pytest.mark.django_db
@@ -299,18 +305,7 @@ def test_a_non_string_attachment_url_is_400(world: World, binary_backed: bool) -
     if binary_backed:
         bundle = _with_binary(transaction(world), attachment=attachment)
     else:
-        bundle = transaction(world)
-        bundle["entry"].append(
-            {
-                "fullUrl": "urn:uuid:doc-1",
-                "request": {"method": "POST", "url": "DocumentReference"},
-                "resource": {
-                    "resourceType": "DocumentReference",
-                    "status": "current",
-                    "content": [{"attachment": {**attachment, "data": PDF}}],
-                },
-            }
-        )
+        bundle = with_case_file(transaction(world), {**attachment, "data": PDF})
     before = _counts()
     response = world.r4.post("/fhir", bundle)
     assert response.status_code == 400, response.content
@@ -344,18 +339,7 @@ def test_a_declared_size_and_hash_must_be_the_files(
             transaction(world), attachment={**attachment, "url": "urn:uuid:bin-1"}
         )
     else:
-        bundle = transaction(world)
-        bundle["entry"].append(
-            {
-                "fullUrl": "urn:uuid:doc-1",
-                "request": {"method": "POST", "url": "DocumentReference"},
-                "resource": {
-                    "resourceType": "DocumentReference",
-                    "status": "current",
-                    "content": [{"attachment": {**attachment, "data": PDF}}],
-                },
-            }
-        )
+        bundle = with_case_file(transaction(world), {**attachment, "data": PDF})
     before = _counts()
     response = world.r4.post("/fhir", bundle)
     assert response.status_code == status, response.content

@@ -26,6 +26,7 @@ from fhir_gateway.tests.referral_world import (
     stored_files,
     submit,
     transaction,
+    with_case_file,
 )
 from referrals.models import Attachment, Referral
 from registry.models import Department
@@ -54,21 +55,6 @@ def _counter_referral(task_id: str, department: Department) -> dict[str, Any]:
         "performer": [{"reference": f"HealthcareService/{department.pk}"}],
         "reasonCode": [{"text": "Follow-up EEG, please."}],
     }
-
-
-def _with_case_file(bundle: dict[str, Any], attachment: dict[str, Any]) -> dict[str, Any]:
-    bundle["entry"].append(
-        {
-            "fullUrl": f"urn:uuid:doc-{len(bundle['entry'])}",
-            "request": {"method": "POST", "url": "DocumentReference"},
-            "resource": {
-                "resourceType": "DocumentReference",
-                "status": "current",
-                "content": [{"attachment": attachment}],
-            },
-        }
-    )
-    return bundle
 
 
 def _counts() -> tuple[int, int, int, int]:
@@ -137,7 +123,7 @@ def test_over_long_event_numbers_are_400(world: World) -> None:
 
 @pytest.mark.parametrize("title", [".", "..", "scans/"])
 def test_a_case_file_title_that_is_no_file_name_is_stored_as_file(world: World, title: str) -> None:
-    bundle = _with_case_file(
+    bundle = with_case_file(
         transaction(world), {"contentType": "application/pdf", "data": PDF, "title": title}
     )
     response = world.r4.post("/fhir", bundle)
@@ -224,7 +210,7 @@ def _pdf(text: str) -> str:
 def test_a_resubmission_answers_its_stored_case_files_and_stores_the_new_ones(
     world: World,
 ) -> None:
-    with_file = _with_case_file(
+    with_file = with_case_file(
         transaction(world), {"contentType": "application/pdf", "data": _pdf("a"), "title": "a.pdf"}
     )
     first = body(world.r4.post("/fhir", with_file))
@@ -246,7 +232,7 @@ def test_a_resubmission_answers_its_stored_case_files_and_stores_the_new_ones(
     }  # fmt: skip
     assert world.r4.post("/fhir/DocumentReference", lab).status_code == 201
     # A retry that carries one more file stores that one (a file is never dropped).
-    more = _with_case_file(
+    more = with_case_file(
         json.loads(json.dumps(with_file)),
         {"contentType": "application/pdf", "data": _pdf("b"), "title": "b.pdf"},
     )
@@ -313,7 +299,7 @@ def test_a_counter_referral_is_for_the_referrals_patient(world: World, subject: 
             "must reference a Patient, not the Task entry",
         ),
         (  # a case file under the Patient's fullUrl: every reference still resolves
-            lambda b: _with_case_file(b, {"contentType": "application/pdf", "data": PDF})["entry"][
+            lambda b: with_case_file(b, {"contentType": "application/pdf", "data": PDF})["entry"][
                 3
             ].update(fullUrl="urn:uuid:patient-1"),
             400,
@@ -340,10 +326,10 @@ def test_a_refused_transaction_keeps_no_case_file(world: World, respond_async: b
     them, when a later entry was refused (the rollback reaches rows, not files)."""
     from fhir_gateway import intake
 
-    bundle = _with_case_file(
+    bundle = with_case_file(
         transaction(world), {"contentType": "application/pdf", "data": PDF, "title": "a.pdf"}
     )
-    _with_case_file(bundle, {"contentType": "text/plain", "data": PDF, "title": "b"})  # refused
+    with_case_file(bundle, {"contentType": "text/plain", "data": PDF, "title": "b"})  # refused
     headers = {"Prefer": "respond-async"} if respond_async else {}
     files_before = stored_files()
     response = world.r4.post("/fhir", bundle, **headers)
@@ -397,7 +383,7 @@ def test_a_batch_rolled_back_after_its_job_keeps_no_case_file(
     its rows back and left the file (stored again by the retry)."""
     from fhir_gateway import intake
 
-    bundle = _with_case_file(
+    bundle = with_case_file(
         transaction(world), {"contentType": "application/pdf", "data": PDF, "title": "a.pdf"}
     )
     assert world.r4.post("/fhir", bundle, Prefer="respond-async").status_code == 202
@@ -430,7 +416,7 @@ def test_a_committed_bundle_keeps_its_case_files_when_its_answer_fails(
 
     monkeypatch.setattr(referral_resources, "_transaction_response", failing)
     files_before = stored_files()
-    bundle = _with_case_file(
+    bundle = with_case_file(
         transaction(world), {"contentType": "application/pdf", "data": PDF, "title": "a.pdf"}
     )
     assert world.r4.post("/fhir", bundle).status_code == 500
@@ -441,7 +427,7 @@ def test_a_committed_bundle_keeps_its_case_files_when_its_answer_fails(
 def test_a_resubmission_refuses_the_entries_a_first_submission_refuses(world: World) -> None:
     """Found by a review: an entry of two contents matched a stored file by its first one
     and was answered 200 where a first submission is 422."""
-    bundle = _with_case_file(
+    bundle = with_case_file(
         transaction(world), {"contentType": "application/pdf", "data": PDF, "title": "a.pdf"}
     )
     assert world.r4.post("/fhir", bundle).status_code == 200
