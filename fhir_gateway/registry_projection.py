@@ -24,6 +24,7 @@ from django.utils import timezone
 from fhir_gateway import storage
 from fhir_gateway.models import FhirResource, ProjectionCheckpoint
 from fhir_gateway.versions import R4, R5
+from registry.importing import area_names
 from registry.models import (
     Department,
     Endpoint,
@@ -85,11 +86,14 @@ def _facility_identifiers(facility: Facility) -> list[dict[str, str]]:
 
 
 def _address(facility: Facility) -> dict[str, Any]:
+    """The area levels as the mCSD export writes them (``mcsd``): state, district, city."""
     address: dict[str, Any] = {"use": "work", "country": facility.country.code}
-    if facility.province is not None:
-        address["state"] = facility.province.name
-    if facility.area is not None and facility.area_id != facility.province_id:
-        address["district"] = facility.area.name
+    names = area_names(facility.area)
+    if 1 not in names and facility.province is not None:
+        names[1] = facility.province.name
+    for level, key in ((1, "state"), (2, "district"), (3, "city")):
+        if names.get(level):
+            address[key] = names[level]
     return address
 
 
@@ -240,17 +244,17 @@ class Projection:
 PROJECTIONS: tuple[Projection, ...] = (
     Projection(
         "Organization",
-        lambda: Facility.objects.select_related("country", "area", "province").prefetch_related(
-            "identifiers"
-        ),
+        lambda: Facility.objects.select_related(
+            "country", "area__parent__parent", "province"
+        ).prefetch_related("identifiers"),
         facility_to_organization,
         "updated_at",
     ),
     Projection(
         "Location",
-        lambda: Facility.objects.select_related("country", "area", "province").prefetch_related(
-            "identifiers"
-        ),
+        lambda: Facility.objects.select_related(
+            "country", "area__parent__parent", "province"
+        ).prefetch_related("identifiers"),
         facility_to_location,
         "updated_at",
     ),

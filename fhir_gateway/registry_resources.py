@@ -31,7 +31,7 @@ from fhir_gateway.registry_projection import (
     PRACTITIONER_ROLE_SYSTEM,
     TIER_SYSTEM,
 )
-from fhir_gateway.storage import current_rows, parse_token
+from fhir_gateway.storage import current_rows, parse_token, split_escaped
 from registry.geo import bounding_box, haversine_km
 from registry.models import (
     Department,
@@ -56,7 +56,13 @@ Filter = Callable[[str], Q]
 
 
 def _alternatives(raw: str) -> list[str]:
-    return [part for part in raw.split(",") if part != ""]
+    """Comma-separated alternatives; ``\\,`` is a comma inside one (FHIR's escape; the
+    other escapes stay for the token parser)."""
+    return [re.sub(r"\\(.)", _keep_escape, part) for part in split_escaped(raw, ",") if part]
+
+
+def _keep_escape(match: re.Match[str]) -> str:
+    return "," if match[1] == "," else match[0]
 
 
 def _any(raw: str, one: Callable[[str], Q]) -> Q:
@@ -118,7 +124,10 @@ def _specialty(prefix: str) -> Filter:
 
 
 def _facility_name(raw: str) -> Q:
-    return _any(raw, lambda value: Q(search_name__contains=search_key(value)))
+    # A value with nothing left to compare (only symbols: "🏥") matches nothing, not all.
+    return _any(
+        raw, lambda value: Q(search_name__contains=key) if (key := search_key(value)) else _NOTHING
+    )
 
 
 def _facility_identifier(raw: str) -> Q:
@@ -204,6 +213,8 @@ def _department_name(raw: str) -> Q:
     # Department has no stored search key: compare normalised names (one column scan).
     def one(value: str) -> Q:
         wanted = search_key(value)
+        if not wanted:  # only symbols: matches nothing, not all
+            return _NOTHING
         ids = [
             pk
             for pk, name in Department.objects.values_list("pk", "name")
@@ -520,8 +531,17 @@ HANDLERS: tuple[ResourceHandler, ...] = (
                 _role_code,
             ),
             (
-                _sp("active", "token", "true | false.", "PractitionerRole"),
-                _boolean(lambda on: Q(active=on)),
+                _sp(
+                    "active",
+                    "token",
+                    "true | false (the role and its practitioner both active).",
+                    "PractitionerRole",
+                ),
+                _boolean(  # as rendered: role.active and practitioner.active
+                    lambda on: Q(active=True, practitioner__active=True)
+                    if on
+                    else Q(active=False) | Q(practitioner__active=False)
+                ),
             ),
         ],
     ),

@@ -1605,14 +1605,16 @@ class FacilityImport:
             diff = _diff(p.before, facility_snapshot(p.facility))
             if diff or p.identifiers_after is not None:
                 changed.append(p)
-            if not diff:
+            if not diff and p.identifiers_after is None:
                 continue
             fields.update(name.removesuffix("_id") for name in diff)
             if {"name", "name_local"} & diff.keys():
                 fields.add("search_name")
             if "area_id" in diff:
                 fields.add("province")
-            p.facility.updated_at = now  # bulk_update skips auto_now
+            # bulk_update skips auto_now; new identifiers alone change the facility too (the
+            # FHIR projection re-renders what changed since its last run, by updated_at).
+            p.facility.updated_at = now
             to_save.append(p.facility)
         if to_save:
             Facility.objects.bulk_update(
