@@ -941,9 +941,19 @@ def _search(
             continue
         base_name, _, modifier = name.partition(":")
         param = handler.param(base_name)
-        if param is None or (modifier and not (param.type == "string" and modifier == "contains")):
+        if param is None:
             ignored.append(name)
             continue
+        if modifier and not (param.type == "string" and modifier == "contains"):
+            # Never ignored: without it the search would answer more than was asked for
+            # (name:exact, identifier:not): FHIR's own example refuses it.
+            raise FhirError(
+                400,
+                "not-supported",
+                f"The {base_name!r} parameter has the modifier {modifier[:40]!r}, which is "
+                "not supported here (only :contains on string parameters).",
+                expression=[name[:80]],
+            )
         used[name] = values
         if base_name not in {"_id", "_lastUpdated"}:
             own.setdefault(base_name, []).extend(values)
