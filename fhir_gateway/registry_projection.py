@@ -197,9 +197,12 @@ def support_link_to_affiliation(link: SupportLink) -> Rendering:
     period: dict[str, str] = {"start": link.valid_from.isoformat()}
     if link.valid_to is not None:
         period["end"] = link.valid_to.isoformat()
+    today = timezone.localdate()
+    in_force = link.valid_from <= today and (link.valid_to is None or link.valid_to >= today)
     affiliation: dict[str, Any] = {
         "resourceType": "OrganizationAffiliation",
-        "active": link.active,
+        # In force today, as routing reads it (compared every run: a day passing shows).
+        "active": link.active and in_force,
         "period": period,
         # The hub offers the support; the spoke participates in the hub's network.
         "organization": {"reference": f"Organization/{link.hub_id}"},

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from django.db.models import OuterRef, Q, QuerySet, Subquery
+from django.utils import timezone
 
 from fhir_gateway.handlers import (
     HISTORY,
@@ -291,6 +292,14 @@ _ACTIVE_FACILITY = _boolean(
     else ~Q(operational_status=OperationalStatus.ACTIVE)
 )
 
+
+def _affiliation_in_force() -> Q:
+    today = timezone.localdate()
+    return Q(active=True, valid_from__lte=today) & (
+        Q(valid_to__isnull=True) | Q(valid_to__gte=today)
+    )
+
+
 HANDLERS: tuple[ResourceHandler, ...] = (
     _handler(
         "Organization",
@@ -483,8 +492,13 @@ HANDLERS: tuple[ResourceHandler, ...] = (
                 _specialty("specialties__"),
             ),
             (
-                _sp("active", "token", "true | false.", "OrganizationAffiliation"),
-                _boolean(lambda on: Q(active=on)),
+                _sp(
+                    "active",
+                    "token",
+                    "true | false (active and in force today, as rendered).",
+                    "OrganizationAffiliation",
+                ),
+                _boolean(lambda on: _affiliation_in_force() if on else ~_affiliation_in_force()),
             ),
         ],
     ),

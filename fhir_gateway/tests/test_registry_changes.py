@@ -142,3 +142,26 @@ def test_a_name_of_symbols_only_matches_nothing(fhir, network):
     response = fhir.get("/fhir/Organization?name=" + quote("🏥"))
     assert response.status_code == 200
     assert _ids(response) == []
+
+
+def test_an_expired_affiliation_is_not_active(fhir, network):
+    """As routing reads a support link: in force between valid_from and valid_to. It was
+    served active: true (and matched active=true) after it ended."""
+    from tests.factories import SupportLinkFactory
+
+    today = timezone.localdate()
+    ended = SupportLinkFactory.create(
+        valid_from=today - timedelta(days=30), valid_to=today - timedelta(days=1)
+    )
+    future = SupportLinkFactory.create(valid_from=today + timedelta(days=3))
+    current = SupportLinkFactory.create(valid_from=today - timedelta(days=3), valid_to=today)
+    project_registry()
+    rendered = {
+        link.pk: _current_json("OrganizationAffiliation", link.pk)["active"]
+        for link in (ended, future, current)
+    }
+    assert rendered == {ended.pk: False, future.pk: False, current.pk: True}
+    active = set(_ids(fhir.get("/fhir/OrganizationAffiliation?active=true&_count=100")))
+    inactive = set(_ids(fhir.get("/fhir/OrganizationAffiliation?active=false&_count=100")))
+    assert str(current.pk) in active and {str(ended.pk), str(future.pk)} <= inactive
+    assert not active & inactive
