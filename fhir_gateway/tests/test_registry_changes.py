@@ -8,7 +8,7 @@ import json
 from datetime import timedelta
 from io import StringIO
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote
 
 import pytest
@@ -105,7 +105,8 @@ def test_incremental_projection_after_import_adds_an_identifier(network, tmp_pat
     org, loc = facility_resources(
         facility_queryset().prefetch_related("departments", "endpoints").get(pk=fac.pk)
     )[:2]
-    org["identifier"].append({"system": "https://example.org/new", "value": "N-1"})
+    identifiers = cast(list[Any], org["identifier"])
+    identifiers.append({"system": "https://example.org/new", "value": "N-1"})
     entries = [{"resource": org}, {"resource": loc}]
     bundle = {"resourceType": "Bundle", "type": "collection", "entry": entries}
     path = tmp_path / "b.json"
@@ -131,9 +132,12 @@ def test_address_district_is_the_district_not_the_commune(network):
     fac = FacilityFactory.create(code="COMMUNE", area=commune)
     project_registry()
     projected = _current_json("Location", fac.pk)["address"]
-    exported = facility_resources(
-        facility_queryset().prefetch_related("departments", "endpoints").get(pk=fac.pk)
-    )[1]["address"]
+    exported = cast(
+        dict[str, Any],
+        facility_resources(
+            facility_queryset().prefetch_related("departments", "endpoints").get(pk=fac.pk)
+        )[1]["address"],
+    )
     assert exported["district"] == "Đống Đa"
     assert projected.get("district") == exported["district"], (projected, exported)
 
