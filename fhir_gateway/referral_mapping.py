@@ -885,9 +885,18 @@ def _task_inputs(action: str, given: list[_Input], text: str) -> dict[str, Any]:
             if text:
                 inputs[input_field.name] = text
         elif input_field.kind == "users":
-            inputs[input_field.name] = by_code.get(code, [])
+            inputs[input_field.name] = list(dict.fromkeys(by_code.get(code, [])))
         elif code in by_code:
-            inputs[input_field.name] = by_code[code][0]
+            values = list(dict.fromkeys(by_code[code]))
+            if len(values) > 1:  # a new value beside the one shown: which one is meant?
+                raise FhirError(
+                    422,
+                    "business-rule",
+                    f"Task.input {code} takes one value; {len(values)} were sent (replace "
+                    "the one the Task shows, do not add another).",
+                    expression=["Task.input"],
+                )
+            inputs[input_field.name] = values[0]
     return inputs
 
 
@@ -897,7 +906,7 @@ def _reschedule(shown: list[_Input], sent: list[_Input]) -> list[_Input] | None:
     when that is the conference already planned."""
     sent_codes = {item.code for item in sent}
     wanted = [item for item in shown if item.code not in sent_codes] + sent
-    if len(wanted) == len(shown) and not _not_in(wanted, shown) and not _not_in(shown, wanted):
+    if not _not_in(wanted, shown) and not _not_in(shown, wanted):  # the same, repeats aside
         return None
     return wanted
 
@@ -955,7 +964,10 @@ def task_to_transition(
             f"Task.businessStatus must carry a code of {REFERRAL_STATE_SYSTEM} (our states).",
             "Task.businessStatus",
         )
-    if reference_of(current.get("owner")) != reference_of(incoming.get("owner")):
+    # The same department however written (absolute URL, /_history/n) is no new owner.
+    if split_reference(reference_of(current.get("owner"))) != split_reference(
+        reference_of(incoming.get("owner"))
+    ):
         kind, department = split_reference(reference_of(incoming.get("owner")))
         if kind != "HealthcareService" or not ascii_digits(department):
             raise _refuse(

@@ -51,6 +51,7 @@ from fhir_gateway.storage import (
     parse_token,
     record_create_keys,
     resource_current,
+    resource_version,
     split_escaped,
     token_matches,
     validate_resource,
@@ -648,11 +649,17 @@ def _task_update(req: WriteRequest) -> WriteResult:
         )
     current = json.loads(row.json_for(req.fhir_version) or row.json_r4)
     change = m.task_to_transition(current, req.resource, req.fhir_version)
-    # Task versions follow the referral's events one to one: the Task version read is the
-    # referral version the member saw.
-    expected = referral.version if expected_task is not None else None
-    _transition(req.user, referral, change.action, expected, **change.inputs)
-    return WriteResult(_current("Task", req.logical_id), created=False)
+    # Task versions follow the referral's events one to one: the If-Match version is the
+    # referral version the member saw (not the referral read above: a change committed
+    # between the two reads would make a right If-Match fail).
+    done = _transition(req.user, referral, change.action, expected_task, **change.inputs)
+    # The version this update stored (a change committed since would be the current one);
+    # Task versions follow the referral's one to one, else the current one.
+    try:
+        row = resource_version("Task", req.logical_id, done.version)
+    except FhirError:
+        row = _current("Task", req.logical_id)
+    return WriteResult(row, created=False)
 
 
 def _counter_referral_create(user: User, ask: m.CounterReferralAsk) -> WriteResult:

@@ -24,7 +24,9 @@ from fhir_gateway.tests.referral_world import (
     advised,
     member_client,
     read_task,
+    submit,
     task_input,
+    task_of,
     transaction,
     update_task,
 )
@@ -820,3 +822,102 @@ def test_experts_that_are_not_user_ids_are_refused(world: World, people: dict[st
         assert response.status_code == 422, (value, response.content)
         assert "user ids" in outcome_issue(response)["diagnostics"], value
         assert _snapshot(task_id) == before
+
+
+# --- found by a review of the Task update path -----------------------------------------
+
+
+def test_a_second_scheduled_at_beside_the_shown_one_is_refused(world: World, people):
+    """It was answered 200 with a new version while the conference time stayed (the
+    first item, the old time, won)."""
+    task_id = _scheduled(world, people)
+    before = _snapshot(task_id)
+    version = before[3]
+    patch = [
+        {
+            "op": "add",
+            "path": "/input/-",
+            "value": task_input("scheduled-at", valueDateTime=m.fhir_instant(_later(5))),
+        }
+    ]
+    response = people["consultant"].patch(
+        f"/fhir/Task/{task_id}", patch, Accept=FHIR_R4, **{"If-Match": f'W/"{version}"'}
+    )
+    assert response.status_code == 422, response.content
+    assert "takes one value" in outcome_issue(response)["diagnostics"]
+    assert _snapshot(task_id) == before
+    # Replacing it (the documented way) reschedules.
+    task = read_task(people["consultant"], task_id)
+    new_at = _later(6)
+    for item in task["input"]:
+        if item["type"]["coding"][0]["code"] == "scheduled-at":
+            item["valueDateTime"] = m.fhir_instant(new_at)
+    response = people["consultant"].put(
+        f"/fhir/Task/{task_id}", task, **{"If-Match": f'W/"{version}"'}
+    )
+    assert response.status_code == 200, response.content
+    assert Referral.objects.get(filler_id=task_id).conference_at == new_at
+
+
+def test_an_input_repeated_as_shown_is_nothing_to_do(world: World, people):
+    """A repeated expert made the inputs longer, read as a reschedule: a new event,
+    version and notifications for no change."""
+    task_id = _scheduled(world, people)
+    before = _snapshot(task_id)
+    patch = [{"op": "copy", "from": "/input/1", "path": "/input/-"}]
+    response = people["consultant"].patch(
+        f"/fhir/Task/{task_id}", patch, Accept=FHIR_R4, **{"If-Match": f'W/"{before[3]}"'}
+    )
+    assert response.status_code == 422, response.content
+    assert _snapshot(task_id) == before
+
+
+def test_the_answer_to_an_update_is_the_version_it_stored(world: World, monkeypatch):
+    """The Task was read after the transition had committed: a change committed in
+    between was answered (its ETag, with return=minimal) as if it were the caller's."""
+    from fhir_gateway import referral_resources as rr
+    from referrals.services import referral_transition
+
+    task_id = str(task_of(submit(world))["id"])
+    task = read_task(world.r5, task_id, FHIR_R5)
+
+    def then_someone_else(**kwargs: Any) -> Referral:
+        referral = referral_transition(**kwargs)
+        if kwargs["action"] == "accept":  # another change, committed right after ours
+            referral_transition(
+                actor=world.submitter,
+                referral_id=referral.pk,
+                action="cancel",
+                reason="patient went elsewhere",
+            )
+        return referral
+
+    monkeypatch.setattr(rr, "referral_transition", then_someone_else)
+    task["status"] = "accepted"
+    response = world.r5.put(
+        f"/fhir/Task/{task_id}",
+        task,
+        content_type=FHIR_R5,
+        Accept=FHIR_R5,
+        Prefer="return=minimal",
+        **{"If-Match": 'W/"1"'},
+    )
+    assert response.status_code == 200, response.content
+    assert response["ETag"] == 'W/"2"'
+
+
+def test_the_same_owner_written_otherwise_is_no_forward(world: World):
+    """An echo whose owner is the same department as an absolute URL was read as a new
+    owner (a forward): a decline on it was 422 instead of the workflow's answer."""
+    task_id = str(task_of(submit(world))["id"])
+    pk = world.network.pediatrics.pk
+
+    def decline(task: dict[str, Any]) -> None:
+        task["owner"] = {"reference": f"http://testserver/fhir/HealthcareService/{pk}/_history/1"}
+        task["status"] = "rejected"
+        task["statusReason"] = {"concept": {"text": "Full today."}}
+
+    response = update_task(world.r5, task_id, decline, FHIR_R5)
+    assert response.status_code == 200, response.content
+    event = ReferralEvent.objects.filter(referral__filler_id=task_id).order_by("-seq").first()
+    assert event is not None and event.action == "decline"
