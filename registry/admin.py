@@ -1,4 +1,7 @@
+from typing import Any
+
 from django.contrib import admin
+from django.db.models import QuerySet
 
 from registry.models import (
     AdministrativeArea,
@@ -14,6 +17,7 @@ from registry.models import (
     Specialty,
     SupportLink,
 )
+from registry.services import area_save, facility_delete
 
 
 @admin.register(Country)
@@ -29,6 +33,9 @@ class AdministrativeAreaAdmin(admin.ModelAdmin[AdministrativeArea]):
     list_select_related = ("country", "parent")
     search_fields = ("name", "code")
     autocomplete_fields = ("parent",)
+
+    def save_model(self, request: Any, obj: AdministrativeArea, form: Any, change: bool) -> None:
+        area_save(area=obj)  # its facilities' addresses change with it
 
 
 class FacilityIdentifierInline(admin.TabularInline[FacilityIdentifier, Facility]):
@@ -60,6 +67,13 @@ class FacilityAdmin(admin.ModelAdmin[Facility]):
     search_fields = ("name", "name_local", "search_name", "code")
     autocomplete_fields = ("area", "province", "parent")
     inlines = [FacilityIdentifierInline, DepartmentInline]
+
+    def delete_model(self, request: Any, obj: Facility) -> None:
+        facility_delete(facility=obj)  # its children lose their parent
+
+    def delete_queryset(self, request: Any, queryset: QuerySet[Facility]) -> None:
+        for facility in queryset:
+            facility_delete(facility=facility)
 
 
 @admin.register(Specialty)

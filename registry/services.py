@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from accounts.models import User
@@ -303,3 +304,33 @@ def support_link_save(
     if specialties is not None:
         link.specialties.set(specialties)
     return link
+
+
+# --- changes that reach a facility through another row ------------------------------------
+# ``Facility.updated_at`` must move whenever what a facility shows changes: readers of
+# "changed since" (the FHIR registry projection) go by it. These two changes reach it
+# through another row, so they move it here, explicitly (the admin calls them).
+
+
+def facility_delete(*, facility: Facility) -> None:
+    """Delete a facility. Its children lose their parent (``SET_NULL``, a bulk UPDATE that
+    skips ``auto_now``): their ``updated_at`` moves with it."""
+    with transaction.atomic():
+        Facility.objects.filter(parent_id=facility.pk).update(updated_at=timezone.now())
+        facility.delete()
+
+
+def area_save(*, area: AdministrativeArea) -> None:
+    """Save an administrative area (a rename, say): the facilities in it or below it show
+    its name in their address, so their ``updated_at`` moves too."""
+    with transaction.atomic():
+        existing = area.pk is not None and AdministrativeArea.objects.filter(pk=area.pk).exists()
+        area.save()
+        if not existing:  # a new area holds no facility yet
+            return
+        below = Q(area_id=area.pk) | Q(province_id=area.pk)
+        path = "area__parent"
+        for _ in range(len(AreaLevel.choices) - 1):  # areas are this many levels deep
+            below |= Q(**{f"{path}_id": area.pk})
+            path += "__parent"
+        Facility.objects.filter(below).update(updated_at=timezone.now())

@@ -24,6 +24,7 @@ from fhir_gateway.registry_projection import (
 )
 from registry.models import Facility, Practitioner
 from registry.selectors import facility_queryset
+from registry.services import area_save, facility_delete
 from tests.factories import AreaFactory, FacilityFactory
 
 pytestmark = pytest.mark.django_db
@@ -75,7 +76,7 @@ def test_incremental_projection_after_parent_facility_deleted(fhir, network):
     project_registry()
     _age_everything_and_checkpoint()
     parent_pk = parent.pk
-    parent.delete()
+    facility_delete(facility=parent)  # as the admin deletes it
     project_registry_incremental()
     assert _current_json("Organization", parent_pk) == {"deleted": True}
     assert fhir.get(f"/fhir/Organization/{parent_pk}").status_code == 410
@@ -91,8 +92,8 @@ def test_incremental_projection_after_area_renamed(network):
     project_registry()
     assert _current_json("Organization", fac.pk)["address"][0]["state"] == "Old Province"
     _age_everything_and_checkpoint()
-    province.name = "New Province"  # as the admin saves it
-    province.save()
+    province.name = "New Province"
+    area_save(area=province)  # as the admin saves it
     project_registry_incremental()
     assert _current_json("Organization", fac.pk)["address"][0]["state"] == "New Province"
 
@@ -169,3 +170,26 @@ def test_an_expired_affiliation_is_not_active(fhir, network):
     inactive = set(_ids(fhir.get("/fhir/OrganizationAffiliation?active=false&_count=100")))
     assert str(current.pk) in active and {str(ended.pk), str(future.pk)} <= inactive
     assert not active & inactive
+
+
+def test_the_admin_deletes_and_renames_through_the_services(admin_client, network):
+    """Django's admin is where facilities are deleted and areas renamed: it goes through
+    registry.services, so the projection sees both."""
+    parent = FacilityFactory.create(code="ADM-P")
+    child = FacilityFactory.create(code="ADM-C", parent=parent)
+    province = AreaFactory.create(code="ADM-A", name="Old Name")
+    inside = FacilityFactory.create(code="ADM-I", area=province)
+    project_registry()
+    _age_everything_and_checkpoint()
+    response = admin_client.post(f"/admin/registry/facility/{parent.pk}/delete/", {"post": "yes"})
+    assert response.status_code == 302, response.content[:300]
+    change = f"/admin/registry/administrativearea/{province.pk}/change/"
+    response = admin_client.post(
+        change,
+        {"country": province.country_id, "level": province.level, "name": "New Name",
+         "code": province.code, "name_local": ""},
+    )  # fmt: skip
+    assert response.status_code == 302, response.content[:600]
+    project_registry_incremental()
+    assert "partOf" not in _current_json("Organization", child.pk)
+    assert _current_json("Organization", inside.pk)["address"][0]["state"] == "New Name"
