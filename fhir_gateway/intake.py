@@ -295,7 +295,12 @@ def _lock_pending(job_id: uuid.UUID) -> bool:
 # A worker stuck inside a job's transaction (a statement that never ends, a hang in Python
 # with the transaction open) is ended by PostgreSQL after this: the row lock goes, and the
 # job is retried after its lease like any failed attempt.
-APPLY_TIMEOUT = "60s"
+APPLY_TIMEOUT_SECONDS = 60
+APPLY_TIMEOUT = f"{APPLY_TIMEOUT_SECONDS}s"
+# A lease outlives the longest apply: a batch still running when its jobs fall due again
+# would hold their row locks while other claims picked them first and found them locked
+# (every drain then ended empty behind it).
+LEASE_MIN_SECONDS = APPLY_TIMEOUT_SECONDS + 30
 
 
 def batch_size() -> int:
@@ -333,7 +338,8 @@ def _claim(due: Q | None, limit: int = 1) -> list[IntakeJob]:
         if attempts < max_attempts():
             IntakeJob.objects.filter(pk__in=[job.pk for job in jobs]).update(
                 attempts=attempts + 1,
-                next_attempt_at=timezone.now() + timedelta(seconds=backoff_seconds(attempts + 1)),
+                next_attempt_at=timezone.now()
+                + timedelta(seconds=max(backoff_seconds(attempts + 1), LEASE_MIN_SECONDS)),
             )
     users: dict[int, User] = {}
     for job in jobs:
@@ -657,6 +663,8 @@ def intake_cancel(*, user: User, job_id: str) -> PollAnswer:
             raise FhirError(
                 409, "conflict", "The request is being applied now; poll for its answer."
             )
+        if locked.status == Status.CANCELLED:  # another DELETE cancelled it meanwhile
+            raise FhirError(404, "not-found", f"No asynchronous request {job_id!r} of yours.")
         if locked.status == Status.PENDING:
             locked.status = Status.CANCELLED
             locked.finished_at = timezone.now()

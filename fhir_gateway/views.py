@@ -391,9 +391,14 @@ def _accept_async(
     ctx: FhirRequest, user: User, bundle: dict[str, Any], version: str
 ) -> HttpResponse:
     """Store the Bundle and answer 202 with where to poll (fhir_gateway/intake.py)."""
-    try:  # the bytes as received when they are UTF-8 (a BOM dropped, as json.loads does)
-        body = ctx.request.body.decode("utf-8-sig")
-    except UnicodeDecodeError:  # UTF-16/32, or escaped lone surrogates: as ASCII JSON
+    raw = ctx.request.body
+    try:  # the bytes as received when they are UTF-8 (a BOM dropped, as json.loads does);
+        # JSON in UTF-8 holds no NUL byte: BOM-less UTF-16/32 (which decodes as UTF-8,
+        # NULs and all) is not kept as text
+        body = raw.decode("utf-8-sig") if b"\x00" not in raw else ""
+    except UnicodeDecodeError:  # UTF-16/32 with a BOM, escaped lone surrogates
+        body = ""
+    if not body:  # as ASCII JSON, re-serialised from what was parsed
         body = json.dumps(bundle)
     base = ctx.base
     job = intake.intake_accept(

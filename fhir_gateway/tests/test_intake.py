@@ -1260,3 +1260,59 @@ def test_a_refusal_repeating_a_lone_surrogate_breaks_neither_its_batch_nor_its_a
     synchronous = world.r4.post("/fhir", bad)
     assert synchronous.status_code == int(refused["response"]["status"].split()[0])
     assert "\ud800" in outcome_issue(synchronous)["diagnostics"]
+
+
+# --------------------------------------------------------------------------- found by a review
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("codec", ["utf-16-le", "utf-16-be", "utf-32-le"])
+def test_a_bom_less_utf16_or_32_body_is_applied_as_the_synchronous_one(
+    world: World, codec: str
+) -> None:
+    """It decoded as UTF-8 (NUL bytes and all): PostgreSQL refused the text (422), SQLite
+    kept it and every attempt failed to parse it (a 500 after five)."""
+    synchronous = world.r4.post("/fhir", json.dumps(transaction(world, "SR-sync")).encode(codec))
+    assert synchronous.status_code == 200, synchronous.content
+    path = _kick_off(world.r4, json.dumps(transaction(world, "SR-async")).encode(codec))
+    assert intake_process(job_id=_job(path).pk) == "done"
+    assert _job(path).result_status == 200
+    assert "\x00" not in _job(path).body
+
+
+@pytest.mark.django_db
+def test_two_deletes_racing_on_a_pending_job(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second found the row cancelled under its lock and answered it as finished: a
+    200 whose body was not JSON (a 500 for a job never applied), and the row deleted."""
+    path = _kick_off(world.r4, transaction(world))
+    real_job_of = intake._job_of
+
+    def job_of_then_other_cancel(user: Any, job_id: str) -> IntakeJob:
+        job = real_job_of(user, job_id)  # read pending
+        monkeypatch.setattr(intake, "_job_of", real_job_of)
+        assert world.r4.delete(path).status_code == 202  # the other DELETE commits
+        return job
+
+    monkeypatch.setattr(intake, "_job_of", job_of_then_other_cancel)
+    second = world.r4.delete(path)
+    assert second.status_code == 404, second.content[:300]
+    job = IntakeJob.objects.get()
+    assert job.status == IntakeJob.Status.CANCELLED  # kept: the first cancel's record
+
+
+@pytest.mark.django_db
+def test_a_lease_outlives_the_longest_apply(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first lease was 10 s while an apply may run 60 s: a slow batch's jobs fell due
+    again while it held them, and every other drain found them locked and ended empty."""
+    path = _kick_off(world.r4, transaction(world))
+    seen: list[Any] = []
+    real_apply = intake._apply
+
+    def watching(job: IntakeJob) -> tuple[int, str]:
+        seen.append(IntakeJob.objects.get(pk=job.pk).next_attempt_at)
+        return real_apply(job)
+
+    monkeypatch.setattr(intake, "_apply", watching)
+    started = timezone.now()
+    assert intake_process(job_id=_job(path).pk) == "done"
+    assert seen and seen[0] >= started + timedelta(seconds=intake.APPLY_TIMEOUT_SECONDS)
