@@ -34,15 +34,26 @@ class OutboxMessageAdmin(admin.ModelAdmin[OutboxMessage]):
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
-    @admin.action(description="Retry now (dead or failed messages)")
+    # Actions change messages: the change permission, not the view one (Django offers an
+    # action without ``permissions`` to everyone who may open the list).
+    @admin.action(description="Retry now (dead or failed messages)", permissions=["change"])
     def retry_messages(self, request: HttpRequest, queryset: QuerySet[OutboxMessage]) -> None:
         done = sum(outbox_retry(message_id=m.pk) for m in queryset)
         self.message_user(request, f"{done} message(s) queued again.", messages.SUCCESS)
 
-    @admin.action(description="Replay (send delivered messages again)")
+    @admin.action(description="Replay (send delivered messages again)", permissions=["change"])
     def replay_messages(self, request: HttpRequest, queryset: QuerySet[OutboxMessage]) -> None:
-        done = sum(outbox_replay(message_id=m.pk) is not None for m in queryset.order_by("seq"))
+        chosen = list(queryset.order_by("seq").values_list("pk", flat=True))
+        done = sum(outbox_replay(message_id=pk) is not None for pk in chosen)
         self.message_user(request, f"{done} message(s) queued for replay.", messages.SUCCESS)
+        if done < len(chosen):
+            self.message_user(
+                request,
+                f"{len(chosen) - done} not replayed: not delivered, its endpoint is not "
+                "active, or a newer version of the resource went to that endpoint since "
+                "(replaying it would set the member back).",
+                messages.WARNING,
+            )
 
 
 @admin.register(FhirResource)

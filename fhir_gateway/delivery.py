@@ -463,6 +463,14 @@ def _auth_headers(endpoint: Endpoint) -> dict[str, str]:
         raise PermanentFailure(
             f"base URL {endpoint.base_url[:200]!r} has a query or fragment; a FHIR base has none"
         )
+    try:
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:  # not a number, or past 65535
+        port_ok = False
+    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+        raise PermanentFailure(  # retrying would not make it one
+            f"base URL {endpoint.base_url[:200]!r} is not an http(s) URL with a host and port"
+        )
     if endpoint.auth_type == Endpoint.AuthType.NONE:
         return {}
     try:
@@ -996,11 +1004,27 @@ def outbox_retry(*, message_id: int) -> bool:
 def outbox_replay(*, message_id: int) -> OutboxMessage | None:
     """Send a delivered message again, as a new message at the end of its aggregate.
 
-    It gets a new idempotency key (the member saw the old one and would ignore it).
+    It gets a new idempotency key (the member saw the old one and would ignore it). None
+    (nothing queued) when the message was not delivered, when its endpoint is not active
+    (the replay could not be sent, and would hold back the referral's later messages to
+    both parties), or when a newer version of the resource was queued for that endpoint
+    since (sent after it, the old version would set the member back).
     """
     with transaction.atomic():
-        original = OutboxMessage.objects.filter(pk=message_id, status=Status.DELIVERED).first()
-        if original is None:
+        original = (
+            OutboxMessage.objects.select_related("endpoint")
+            .filter(pk=message_id, status=Status.DELIVERED)
+            .first()
+        )
+        if original is None or original.endpoint.status != Endpoint.Status.ACTIVE:
+            return None
+        newer = OutboxMessage.objects.filter(
+            endpoint_id=original.endpoint_id,
+            resource_type=original.resource_type,
+            logical_id=original.logical_id,
+            version_id__gt=original.version_id,
+        )
+        if newer.exists():
             return None
         replay = outbox_enqueue(
             endpoint=original.endpoint,

@@ -498,3 +498,84 @@ def test_batch_unsupported_version_is_dead_and_r5_gets_its_rendering(db, stub_me
     assert bad.status == Status.DEAD and "4.3" in bad.last_error
     assert stub.requests[0]["body"] == row.json_r5.encode()
     assert stub.applied == [good.idempotency_key]
+
+
+# --------------------------------------------------------------------------- found by a review
+
+
+@pytest.mark.django_db
+def test_view_only_staff_may_neither_retry_nor_replay(client, django_user_model, stub_member):
+    """The admin actions had no permissions: anyone who could open the list could re-send
+    dead messages and push old versions to a member."""
+    from django.contrib.auth.models import Permission
+
+    endpoint = EndpointFactory.create(base_url=stub_member().base_url)
+    dead = _enqueue(endpoint, "referral:1", _resource("c1"), schedule=False)
+    OutboxMessage.objects.filter(pk=dead.pk).update(status=Status.DEAD, attempts=24)
+    delivered = _enqueue(endpoint, "referral:2", _resource("c2"), schedule=False)
+    OutboxMessage.objects.filter(pk=delivered.pk).update(
+        status=Status.DELIVERED, delivered_at=timezone.now()
+    )
+    viewer = django_user_model.objects.create_user("viewer", password="x", is_staff=True)
+    viewer.user_permissions.add(Permission.objects.get(codename="view_outboxmessage"))
+    client.force_login(viewer)
+    url = "/admin/fhir_gateway/outboxmessage/"
+    client.post(url, {"action": "retry_messages", "_selected_action": [dead.pk]})
+    client.post(url, {"action": "replay_messages", "_selected_action": [delivered.pk]})
+    dead.refresh_from_db()
+    assert dead.status == Status.DEAD
+    assert not OutboxMessage.objects.filter(replay_of=delivered).exists()
+    # With the change permission the same actions work.
+    viewer.user_permissions.add(Permission.objects.get(codename="change_outboxmessage"))
+    client.post(url, {"action": "retry_messages", "_selected_action": [dead.pk]})
+    client.post(url, {"action": "replay_messages", "_selected_action": [delivered.pk]})
+    dead.refresh_from_db()
+    assert dead.status != Status.DEAD
+    assert OutboxMessage.objects.filter(replay_of=delivered).exists()
+
+
+@pytest.mark.django_db
+def test_no_replay_to_an_endpoint_that_is_not_active(stub_member):
+    """It was queued, could never be sent, and held back the referral's later messages to
+    the other party for good."""
+    stub = stub_member()
+    party_a = EndpointFactory.create(base_url=stub.base_url)
+    party_b = EndpointFactory.create(base_url=stub.base_url)
+    first = _enqueue(party_a, "referral:1", _resource("c1"), schedule=False)
+    _drain()
+    Endpoint.objects.filter(pk=party_a.pk).update(status=Endpoint.Status.OFF)
+    assert outbox_replay(message_id=first.pk) is None
+    later = _enqueue(party_b, "referral:1", _resource("c2"), schedule=False)
+    _drain()
+    later.refresh_from_db()
+    assert later.status == Status.DELIVERED
+
+
+@pytest.mark.django_db
+def test_no_replay_of_a_version_a_newer_one_followed(stub_member):
+    """Queued at the end of the referral's messages, the old version set the member back."""
+    stub = stub_member()
+    endpoint = EndpointFactory.create(base_url=stub.base_url)
+    v1 = _enqueue(endpoint, "referral:1", _resource("c1", "in-progress"), schedule=False)
+    v2 = _enqueue(endpoint, "referral:1", _resource("c1", "completed"), schedule=False)
+    _drain()
+    assert outbox_replay(message_id=v1.pk) is None
+    replay = outbox_replay(message_id=v2.pk)  # the latest may be sent again
+    assert replay is not None
+    _drain()
+    assert b"completed" in stub.bodies[stub.applied[-1]]
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "base_url", ["ftp://127.0.0.1:9/fhir", "http://127.0.0.1:99999/fhir", "http:///fhir"]
+)
+def test_a_base_url_that_is_no_http_url_is_dead_at_once(base_url):
+    """It was a connection error, retried for hours while the referral's later messages
+    waited behind it."""
+    endpoint = EndpointFactory.create(base_url=base_url)
+    message = _enqueue(endpoint, "referral:1", _resource("c1"), schedule=False)
+    _drain()
+    message.refresh_from_db()
+    assert message.status == Status.DEAD
+    assert "is not an http(s) URL" in message.last_error
