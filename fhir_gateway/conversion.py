@@ -1,10 +1,12 @@
 """R4 <-> R5 renderings of one resource version.
 
 Every stored version keeps a rendering per FHIR version we speak, made once when it is
-written, so reads and outbound deliveries in either version splice stored text. A resource
-type gets an R4<->R5 rendering by registering a converter here (ServiceRequest and Task come
-with the referral mapping); without one, the version is served only in the version it was
-written in.
+written, so reads and outbound deliveries in either version splice stored text. The
+referral and registry resources are written with both renderings by their mappings
+(``store_version(renderings=...)``); no converter is registered today. A resource stored
+without renderings gets the other version only from a converter registered here; without
+one it is served only in the version it was written in, and a payload outbox message of it
+to an endpoint of the other version is dead (no rendering).
 """
 
 from __future__ import annotations

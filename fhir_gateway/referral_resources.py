@@ -1035,9 +1035,11 @@ def case_file_store(
         ],
     }
     order = {"reference": f"ServiceRequest/{referral.filler_id}"}
+    # R5's Attachment.size is an integer64: a JSON string (R4's unsignedInt, a number).
+    r5_attachment = {**doc["content"][0]["attachment"], "size": str(stored.size)}
     renderings = {
         m.R4: {**doc, "context": {"related": [order]}},
-        m.R5: {**doc, "basedOn": [order]},
+        m.R5: {**doc, "content": [{"attachment": r5_attachment}], "basedOn": [order]},
     }
     with transaction.atomic():
         row = store_version(

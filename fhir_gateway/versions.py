@@ -37,7 +37,8 @@ RELEASE: dict[str, str] = {R4: "4.0.1", R5: "5.0.0"}
 FHIR_JSON = "application/fhir+json"
 # Media types we read and write as FHIR JSON. application/json is common in the wild.
 JSON_TYPES = frozenset({FHIR_JSON, "application/json", "application/json+fhir"})
-_FORMAT_ALIASES = {"json": FHIR_JSON, FHIR_JSON: FHIR_JSON, "application/json": FHIR_JSON}
+# ``_format`` takes what Accept takes (JSON_TYPES), and ``json``.
+_FORMAT_ALIASES = {"json": FHIR_JSON, **dict.fromkeys(JSON_TYPES, FHIR_JSON)}
 _MEDIA_RANGE = re.compile(r"^\s*([^;\s]+)\s*(.*)$")
 
 
@@ -123,13 +124,20 @@ def binary_answer_version(request: HttpRequest, content_type: str) -> str | None
     ranges = [r for r in (parse_media_range(p) for p in accept.split(",")) if r is not None]
     ranges.sort(key=lambda r: r.q, reverse=True)  # stable: header order among equals
     main = content_type.partition("/")[0]
+    unsupported: FhirError | None = None
     for media_range in ranges:
         if media_range.q <= 0:
             continue
         if media_range.media_type in JSON_TYPES:
-            return _version_of(media_range, status=406)
+            try:
+                return _version_of(media_range, status=406)
+            except FhirError as exc:  # a version we do not speak: the next range, as reads do
+                unsupported = unsupported or exc
+                continue
         if media_range.media_type in {"*/*", f"{main}/*", content_type}:
             return None
+    if unsupported is not None:
+        raise unsupported
     raise FhirError(
         406,
         "not-supported",

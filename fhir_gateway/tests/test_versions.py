@@ -9,6 +9,7 @@ import pytest
 
 from fhir_gateway.models import FhirResource
 from fhir_gateway.tests.conftest import FHIR_R4, FHIR_R5, outcome_issue
+from fhir_gateway.tests.referral_world import body, case_file, submit, task_of
 from fhir_gateway.versions import normalise_version
 
 
@@ -148,3 +149,45 @@ def test_versions_operation(anonymous, accept):
             {"name": "default", "valueCode": "4.0"},
         ],
     }
+
+
+# --------------------------------------------------------------------------- found by a review
+
+
+@pytest.mark.django_db
+def test_a_binary_read_skips_an_unsupported_fhir_version_as_other_reads_do(world):
+    """It answered 406 on the first JSON range naming a version we do not speak, where
+    the */* after it could be answered with the bytes."""
+    task_id = str(task_of(submit(world))["id"])
+    made = world.r4.post("/fhir/DocumentReference", case_file(task_id))
+    assert made.status_code == 201, made.content
+    doc_id = body(made)["id"]
+    mixed = "application/fhir+json; fhirVersion=4.3, */*"
+    assert world.r4.get(f"/fhir/ServiceRequest/{task_id}", Accept=mixed).status_code == 200
+    read = world.r4.get(f"/fhir/Binary/{doc_id}", Accept=mixed)
+    assert read.status_code == 200
+    assert read["Content-Type"].startswith("application/pdf")
+    only = world.r4.get(f"/fhir/Binary/{doc_id}", Accept="application/fhir+json; fhirVersion=4.3")
+    assert only.status_code == 406
+
+
+@pytest.mark.django_db
+def test_format_takes_every_media_type_accept_takes(world):
+    task_id = str(task_of(submit(world))["id"])
+    for media in ("application/json+fhir", "application/json", "application/fhir+json", "json"):
+        response = world.r4.get(f"/fhir/Task/{task_id}?_format={quote(media)}")
+        assert response.status_code == 200, (media, response.content)
+
+
+@pytest.mark.django_db
+def test_an_r5_case_file_writes_its_size_as_integer64(world):
+    """R5's Attachment.size is an integer64, a JSON string; R4's an unsignedInt."""
+    from fhir_gateway.tests.conftest import FHIR_R5
+
+    task_id = str(task_of(submit(world))["id"])
+    doc_id = body(world.r4.post("/fhir/DocumentReference", case_file(task_id)))["id"]
+    r4 = body(world.r4.get(f"/fhir/DocumentReference/{doc_id}"))
+    r5 = body(world.r5.get(f"/fhir/DocumentReference/{doc_id}", Accept=FHIR_R5))
+    size = r4["content"][0]["attachment"]["size"]
+    assert isinstance(size, int)
+    assert r5["content"][0]["attachment"]["size"] == str(size)
