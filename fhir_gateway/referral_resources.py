@@ -30,7 +30,7 @@ from core.atomic import atomic_in_unit
 from core.errors import ApplicationError, Conflict
 from core.memo import memoized
 from core.rows import fetch_models
-from core.values import ascii_digits, digits_int
+from core.values import digits_int
 from fhir_gateway import handlers
 from fhir_gateway import referral_mapping as m
 from fhir_gateway.handlers import ResourceHandler, SearchParam, WriteRequest
@@ -187,17 +187,21 @@ class TaskStatusIn(In):
 
     acknowledged: bool | None = None
 
+    @property
+    def _others(self) -> list[Any]:
+        return [v for v in self.values if v != ReferralState.SUBMITTED]
+
     def q(self) -> Q:
         if self.acknowledged is None:
             return super().q()
-        others = [v for v in self.values if v != ReferralState.SUBMITTED]
+        others = self._others
         submitted = Q(state=ReferralState.SUBMITTED, acknowledged_at__isnull=not self.acknowledged)
         return (Q(state__in=others) | submitted) if others else submitted
 
     def sql(self, alias: str) -> tuple[str, list[Any]]:
         if self.acknowledged is None:
             return super().sql(alias)
-        others = [v for v in self.values if v != ReferralState.SUBMITTED]
+        others = self._others
         null = "IS NOT NULL" if self.acknowledged else "IS NULL"
         text = f"({alias}.state = %s AND {alias}.acknowledged_at {null})"
         if others:
@@ -651,15 +655,10 @@ def _task_update(req: WriteRequest) -> WriteResult:
     change = m.task_to_transition(current, req.resource, req.fhir_version)
     # Task versions follow the referral's events one to one: the If-Match version is the
     # referral version the member saw (not the referral read above: a change committed
-    # between the two reads would make a right If-Match fail).
+    # between the two reads would make a right If-Match fail), and the answer is the
+    # version this update stored (a change committed since would be the current one).
     done = _transition(req.user, referral, change.action, expected_task, **change.inputs)
-    # The version this update stored (a change committed since would be the current one);
-    # Task versions follow the referral's one to one, else the current one.
-    try:
-        row = resource_version("Task", req.logical_id, done.version)
-    except FhirError:
-        row = _current("Task", req.logical_id)
-    return WriteResult(row, created=False)
+    return WriteResult(resource_version("Task", req.logical_id, done.version), created=False)
 
 
 def _counter_referral_create(user: User, ask: m.CounterReferralAsk) -> WriteResult:
@@ -967,19 +966,14 @@ def _attachment_store(
 def _check_declared(attachment: dict[str, Any], data: bytes, where: str) -> None:
     """A file's declared ``size`` and ``hash`` (base64 SHA-1), when sent, must be the
     bytes' (as IHE MHD recipients check): else 422, nothing stored."""
-    size = attachment.get("size")
-    if size is not None:
-        try:  # R5's integer64 is a JSON string
-            declared = int(str(size)) if ascii_digits(str(size)) else -1
-        except ValueError:  # past Python's digit limit
-            declared = -1
-        if declared != len(data):
-            raise FhirError(
-                422,
-                "business-rule",
-                f"{where}.size {str(size)[:30]!r} is not the file's {len(data)} bytes.",
-                expression=[f"{where}.size"],
-            )
+    size = attachment.get("size")  # R5's integer64 is a JSON string
+    if size is not None and digits_int(str(size)) != len(data):
+        raise FhirError(
+            422,
+            "business-rule",
+            f"{where}.size {str(size)[:30]!r} is not the file's {len(data)} bytes.",
+            expression=[f"{where}.size"],
+        )
     digest = attachment.get("hash")
     if digest is not None:
         try:

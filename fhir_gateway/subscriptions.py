@@ -502,6 +502,10 @@ def _r5_entries(base: str, items: list[FeedItem]) -> list[dict[str, Any]]:
     return [_entry(base, item) for item in last.values()]
 
 
+def _subscription_ref(call: OperationCall) -> dict[str, Any]:
+    return {"reference": f"{call.base}/Subscription/{call.logical_id}"}
+
+
 def _focus(base: str, item: FeedItem) -> str:
     return f"{base}/{item.resource_type}/{item.logical_id}/_history/{item.version_id}"
 
@@ -510,15 +514,13 @@ def _status_resource(
     version: str,
     *,
     base: str,
-    subscription_id: str,
+    subscription: dict[str, Any],
     kind: str,
     since_start: int,
     events: list[FeedItem] | None = None,
     with_focus: bool = True,
-    subscription_ref: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     status_id = uuid.uuid4().hex
-    subscription = f"{base}/Subscription/{subscription_id}"
     events = events or []
     if version == R5:
         return {
@@ -541,11 +543,11 @@ def _status_resource(
                 if events
                 else {}
             ),
-            "subscription": subscription_ref or {"reference": subscription},
+            "subscription": subscription,
             "topic": TOPIC_URL,
         }
     parameters: list[dict[str, Any]] = [
-        {"name": "subscription", "valueReference": {"reference": subscription}},
+        {"name": "subscription", "valueReference": subscription},
         {"name": "topic", "valueCanonical": TOPIC_URL},
         {"name": "status", "valueCode": "active"},
         {"name": "type", "valueCode": kind},
@@ -612,7 +614,7 @@ def subscription_events(call: OperationCall) -> OperationAnswer:
     status = _status_resource(
         call.version,
         base=call.base,
-        subscription_id=str(call.logical_id),
+        subscription=_subscription_ref(call),
         kind="query-event",
         since_start=since_start,
         events=items,
@@ -660,7 +662,7 @@ def subscription_status(call: OperationCall) -> OperationAnswer:
     status = _status_resource(
         call.version,
         base=call.base,
-        subscription_id=str(call.logical_id),
+        subscription=_subscription_ref(call),
         kind="query-status",
         since_start=since_start,
     )
@@ -693,14 +695,13 @@ def facility_events(call: OperationCall) -> OperationAnswer:
         status = _status_resource(
             R5,
             base=call.base,
-            subscription_id="",
-            kind="query-event",
-            since_start=feed_last_number(facility),
-            events=items,
-            subscription_ref={
+            subscription={
                 "identifier": {"system": FACILITY_FEED_SYSTEM, "value": str(facility)},
                 "display": "The facility's feed (GET [base]/$events)",
             },
+            kind="query-event",
+            since_start=feed_last_number(facility),
+            events=items,
         )
         notification: list[dict[str, Any]] = [
             {"fullUrl": f"urn:uuid:{status['id']}", "resource": status}

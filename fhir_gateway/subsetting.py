@@ -85,8 +85,9 @@ def _elements_of(resource_type: str, version: str) -> _Elements:
 @dataclass(frozen=True)
 class Subset:
     summary: str = "false"
-    # resource type -> the element names asked for ("" key: the searched type's)
+    # resource type -> the element names asked for (bare names: the searched type's)
     elements: dict[str, frozenset[str]] = field(default_factory=dict)
+    searched: str = ""  # the type searched (or read): its names go bare in the links
 
     @property
     def count_only(self) -> bool:
@@ -95,23 +96,18 @@ class Subset:
     def query(self) -> dict[str, list[str]]:
         """The parameters to keep in paging links."""
         if self.elements:
-            names = [f"{t}.{e}" if t else e for t, es in self.elements.items() for e in sorted(es)]
+            names = [
+                e if t == self.searched else f"{t}.{e}"
+                for t, es in self.elements.items()
+                for e in sorted(es)
+            ]
             return {"_elements": [",".join(names)]}
         return {"_summary": [self.summary]} if self.summary != "false" else {}
 
-    def keep(self, resource_type: str, searched: str) -> frozenset[str] | None:
-        """The top-level elements to keep of a resource of this type; None: all of it."""
-        if self.elements:
-            names = self.elements.get(resource_type, frozenset())
-            if resource_type == searched:
-                names |= self.elements.get("", frozenset())
-            return names or None
-        return None
-
-    def apply(self, text: str, resource_type: str, version: str, searched: str) -> str:
+    def apply(self, text: str, resource_type: str, version: str) -> str:
         """The resource (stored JSON text) as asked for: the same text when nothing is
         cut."""
-        wanted = self.keep(resource_type, searched)
+        wanted = self.elements.get(resource_type)  # None: no names for this type
         if self.summary in ("false", "count") and wanted is None:
             return text
         resource: dict[str, Any] = json.loads(text)
@@ -141,10 +137,11 @@ def _base(key: str) -> str:
     return key[1:] if key.startswith("_") else key
 
 
-def subset_from(params: dict[str, list[str]], *, search: bool) -> Subset | None:
-    """The ``_summary`` / ``_elements`` of a request (the last of each), None when the
-    resources go in full. 400 for an unknown ``_summary`` value, ``count`` outside a
-    search, both at once, or element names that are not names."""
+def subset_from(params: dict[str, list[str]], *, resource_type: str, search: bool) -> Subset | None:
+    """The ``_summary`` / ``_elements`` of a request for ``resource_type`` (searched or
+    read; the last of each parameter), None when the resources go in full. 400 for an
+    unknown ``_summary`` value, ``count`` outside a search, both at once, or element names
+    that are not names."""
     summary = [v for v in params.get("_summary") or [] if v]
     elements = [v for v in params.get("_elements") or [] if v]
     mode = summary[-1] if summary else "false"
@@ -172,5 +169,7 @@ def subset_from(params: dict[str, list[str]], *, search: bool) -> Subset | None:
                 "invalid",
                 f"_elements: {name[:80]!r} is not an element name (name or Type.name).",
             )
-        by_type.setdefault(match["type"] or "", set()).add(match["element"])
-    return Subset(elements={t: frozenset(es) for t, es in by_type.items()}) if by_type else None
+        by_type.setdefault(match["type"] or resource_type, set()).add(match["element"])
+    if not by_type:
+        return None
+    return Subset(elements={t: frozenset(es) for t, es in by_type.items()}, searched=resource_type)

@@ -309,7 +309,7 @@ def _resource_response(
             f"{row.resource_type}/{row.logical_id} has no FHIR {ctx.version} rendering.",
         )
     if subset is not None:
-        text = subset.apply(text, row.resource_type, ctx.version, row.resource_type)
+        text = subset.apply(text, row.resource_type, ctx.version)
     response = HttpResponse(text, status=status, content_type=media_type_for(ctx.version))
     response["ETag"] = f'W/"{row.version_id}"'
     response["Last-Modified"] = http_date(row.last_updated.timestamp())
@@ -318,6 +318,11 @@ def _resource_response(
             f"{ctx.base}/{row.resource_type}/{row.logical_id}/_history/{row.version_id}"
         )
     return response
+
+
+def _request_subset(ctx: FhirRequest, resource_type: str, *, search: bool) -> Subset | None:
+    """``_summary`` / ``_elements`` of a read, vread or history (``subsetting``)."""
+    return subset_from(dict(ctx.request.GET.lists()), resource_type=resource_type, search=search)
 
 
 def _allowed_instance_methods(handler: ResourceHandler) -> list[str]:
@@ -638,7 +643,7 @@ def instance(ctx: FhirRequest, resource_type: str, logical_id: str) -> HttpRespo
     if method == "GET" and handler.raw_read is not None:
         _require(handler, handlers.READ, allow)
         assert ctx.user is not None
-        if subset_from(dict(ctx.request.GET.lists()), search=False) is not None:
+        if _request_subset(ctx, resource_type, search=False) is not None:
             raise FhirError(
                 400,
                 "not-supported",
@@ -647,7 +652,7 @@ def instance(ctx: FhirRequest, resource_type: str, logical_id: str) -> HttpRespo
         return handler.raw_read(handlers.RawRead(ctx.request, ctx.user, logical_id, ctx.version))
     if method == "GET":
         _require(handler, handlers.READ, allow)
-        subset = subset_from(dict(ctx.request.GET.lists()), search=False)
+        subset = _request_subset(ctx, resource_type, search=False)
         row = _read(handler, logical_id, ctx.user)
         if ctx.request.headers.get("If-None-Match", "").strip() == f'W/"{row.version_id}"':
             not_modified = HttpResponse(status=304)
@@ -786,7 +791,7 @@ def vread(ctx: FhirRequest, resource_type: str, logical_id: str, version_id: str
     _require(handler, handlers.VREAD, _allowed_instance_methods(handler))
     if not ascii_digits(version_id) or len(version_id) > 9:
         raise FhirError(400, "invalid", f"{version_id!r} is not a version id.")
-    subset = subset_from(dict(ctx.request.GET.lists()), search=False)
+    subset = _request_subset(ctx, resource_type, search=False)
     _check_visible(handler, logical_id, ctx.user)
     row = resource_version(resource_type, logical_id, int(version_id))
     _audit_write(ctx, row, AuditAction.READ, "vread")
@@ -799,7 +804,7 @@ def history(ctx: FhirRequest, resource_type: str, logical_id: str) -> HttpRespon
     _check_id(logical_id)
     _require(handler, handlers.HISTORY, _allowed_instance_methods(handler))
     count, offset = _paging(ctx.request.GET)
-    subset = subset_from(dict(ctx.request.GET.lists()), search=True)
+    subset = _request_subset(ctx, resource_type, search=True)
     if subset is not None and subset.count_only:  # how many versions, none of them
         count, offset = 0, 0
     _check_visible(handler, logical_id, ctx.user)
@@ -825,7 +830,7 @@ def history(ctx: FhirRequest, resource_type: str, logical_id: str) -> HttpRespon
             }
         text = "" if row.deleted else row.json_for(ctx.version)
         if text and subset is not None:
-            text = subset.apply(text, resource_type, ctx.version, resource_type)
+            text = subset.apply(text, resource_type, ctx.version)
         entry = '{"fullUrl":' + json.dumps(url)
         if text:
             entry += ',"resource":' + text
@@ -934,7 +939,7 @@ def _search(
     total_mode = (params.get("_total") or ["accurate"])[-1] or "accurate"
     if total_mode not in {"none", "estimate", "accurate"}:
         raise FhirError(400, "invalid", "_total must be none, estimate or accurate.")
-    subset = subset_from(params, search=True)
+    subset = subset_from(params, resource_type=handler.resource_type, search=True)
     if subset is not None and subset.count_only:  # the total, no resources
         count, offset, total_mode = 0, 0, "accurate"
     own: dict[str, list[str]] = {}
@@ -1001,10 +1006,7 @@ def _search(
             rows = rows.exclude(**{column: ""})
         total = rows.count() if want_total else None
         page = _sorted_page(handler, rows, sort, column, count, offset)
-    searched = handler.resource_type
-    entries = [
-        _entry(ctx, rtype, lid, text, "match", subset, searched) for rtype, lid, text in page
-    ]
+    entries = [_entry(ctx, rtype, lid, text, "match", subset) for rtype, lid, text in page]
     page_ids = [lid for _t, lid, _x in page]
     seen = {(rtype, lid) for rtype, lid, _x in page}
     for name, funcs in (("_include", handler.includes), ("_revinclude", handler.revincludes)):
@@ -1019,9 +1021,7 @@ def _search(
                 continue
             used.setdefault(name, []).append(include)
             if page_ids:
-                _include_into(
-                    ctx, include_func(ctx.user, page_ids), column, seen, entries, subset, searched
-                )
+                _include_into(ctx, include_func(ctx.user, page_ids), column, seen, entries, subset)
     steps = _iterate_steps(params, used, ignored, strict)
     for _round in range(MAX_ITERATE if page_ids else 0):
         added = False
@@ -1029,7 +1029,7 @@ def _search(
             ids = sorted(lid for rtype, lid in seen if rtype == source_type)
             if ids:
                 added |= _include_into(
-                    ctx, include_func(ctx.user, ids), column, seen, entries, subset, searched
+                    ctx, include_func(ctx.user, ids), column, seen, entries, subset
                 )
         if not added:
             break
@@ -1056,7 +1056,6 @@ def _include_into(
     seen: set[tuple[str, str]],
     entries: list[str],
     subset: Subset | None = None,
-    searched: str = "",
 ) -> bool:
     """Append the included resources not yet in the Bundle (each appears once); whether
     any was."""
@@ -1068,7 +1067,7 @@ def _include_into(
     ):
         if (rtype, lid) not in seen:
             seen.add((rtype, lid))
-            entries.append(_entry(ctx, rtype, lid, text, "include", subset, searched))
+            entries.append(_entry(ctx, rtype, lid, text, "include", subset))
             added = True
     return added
 
@@ -1133,12 +1132,11 @@ def _entry(
     text: str,
     mode: str,
     subset: Subset | None = None,
-    searched: str = "",
 ) -> str:
     """A searchset entry around the stored JSON text (not parsed again unless ``_summary``
     or ``_elements`` cut it down)."""
     if subset is not None:
-        text = subset.apply(text, resource_type, ctx.version, searched)
+        text = subset.apply(text, resource_type, ctx.version)
     return (
         '{"fullUrl":'
         + json.dumps(f"{ctx.base}/{resource_type}/{logical_id}")

@@ -324,10 +324,7 @@ def area_save(*, area: AdministrativeArea) -> None:
     """Save an administrative area (a rename, say): the facilities in it or below it show
     its name in their address, so their ``updated_at`` moves too."""
     with transaction.atomic():
-        existing = area.pk is not None and AdministrativeArea.objects.filter(pk=area.pk).exists()
         area.save()
-        if not existing:  # a new area holds no facility yet
-            return
         below = Q(area_id=area.pk) | Q(province_id=area.pk)
         path = "area__parent"
         for _ in range(len(AreaLevel.choices) - 1):  # areas are this many levels deep

@@ -146,6 +146,52 @@ def transaction(world: World, placer: str = "SR-1", **kwargs: Any) -> dict[str, 
     return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
 
 
+LETTER_PDF = b"%PDF-1.4\n% discharge letter\n%%EOF\n"
+
+
+def with_binary_file(
+    bundle: dict[str, Any],
+    *,
+    url: str = "urn:uuid:bin-1",
+    attachment: dict[str, Any] | None = None,
+    binary: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """``bundle`` with a case file sent as IHE MHD does: a Binary entry (``LETTER_PDF``)
+    and the DocumentReference entry whose ``content.attachment.url`` names it (the Binary
+    first: the order of entries does not matter)."""
+    bundle["entry"].append(
+        {
+            "fullUrl": url,
+            "request": {"method": "POST", "url": "Binary"},
+            "resource": {
+                "resourceType": "Binary",
+                "contentType": "application/pdf",
+                "securityContext": {"reference": "urn:uuid:sr-1"},
+                "data": base64.b64encode(LETTER_PDF).decode(),
+                **(binary or {}),
+            },
+        }
+    )
+    bundle["entry"].append(
+        {
+            "fullUrl": "urn:uuid:doc-1",
+            "request": {"method": "POST", "url": "DocumentReference"},
+            "resource": {
+                "resourceType": "DocumentReference",
+                "status": "current",
+                "content": [
+                    {
+                        "attachment": attachment
+                        if attachment is not None
+                        else {"contentType": "application/pdf", "url": url, "title": "letter.pdf"}
+                    }
+                ],
+            },
+        }
+    )
+    return bundle
+
+
 def with_case_file(bundle: dict[str, Any], attachment: dict[str, Any]) -> dict[str, Any]:
     """``bundle`` with one more entry: a case file (a DocumentReference, ``attachment``)."""
     bundle["entry"].append(

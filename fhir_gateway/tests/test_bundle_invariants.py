@@ -6,7 +6,6 @@ PyPI pins an older python-dateutil than ours)."""
 
 from __future__ import annotations
 
-import base64
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -14,7 +13,15 @@ import pytest
 
 from fhir_gateway import intake
 from fhir_gateway.tests.conftest import FHIR_R4, FHIR_R5
-from fhir_gateway.tests.referral_world import World, body, submit, task_of, transaction, update_task
+from fhir_gateway.tests.referral_world import (
+    World,
+    body,
+    submit,
+    task_of,
+    transaction,
+    update_task,
+    with_binary_file,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -135,29 +142,6 @@ def _get(client: Any, path: str, version: str) -> dict[str, Any]:
     return body(response)
 
 
-def _with_files(bundle: dict[str, Any]) -> dict[str, Any]:
-    pdf = base64.b64encode(b"%PDF-1.4\n% letter\n%%EOF\n").decode()
-    bundle["entry"] += [
-        {
-            "fullUrl": "urn:uuid:bin-1",
-            "request": {"method": "POST", "url": "Binary"},
-            "resource": {"resourceType": "Binary", "contentType": "application/pdf", "data": pdf},
-        },
-        {
-            "fullUrl": "urn:uuid:doc-1",
-            "request": {"method": "POST", "url": "DocumentReference"},
-            "resource": {
-                "resourceType": "DocumentReference",
-                "status": "current",
-                "content": [
-                    {"attachment": {"contentType": "application/pdf", "url": "urn:uuid:bin-1"}}
-                ],
-            },
-        },
-    ]
-    return bundle
-
-
 @pytest.mark.parametrize("version", [FHIR_R4, FHIR_R5])
 def test_every_bundle_kind_keeps_the_bundle_invariants(world: World, version: str) -> None:
     bundles: dict[str, dict[str, Any]] = {}
@@ -177,7 +161,7 @@ def test_every_bundle_kind_keeps_the_bundle_invariants(world: World, version: st
     assert subscription.status_code == 201, subscription.content
     sub_id = body(subscription)["id"]
 
-    answer = world.r4.post("/fhir", _with_files(transaction(world, "SR-INV")), Accept=version)
+    answer = world.r4.post("/fhir", with_binary_file(transaction(world, "SR-INV")), Accept=version)
     assert answer.status_code == 200, answer.content
     bundles["transaction-response"] = body(answer)
     task_id = str(task_of(submit(world, "SR-2"))["id"])

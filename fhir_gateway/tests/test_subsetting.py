@@ -165,8 +165,8 @@ def test_a_subset_keeps_modifier_extensions(world: World) -> None:
             "note": [{"text": "n"}],
         }
     )
-    for subset in (Subset("true"), Subset(elements={"": frozenset({"note"})})):
-        kept = json.loads(subset.apply(text, "Task", "4.0", "Task"))
+    for subset in (Subset("true"), Subset(elements={"Task": frozenset({"note"})})):
+        kept = json.loads(subset.apply(text, "Task", "4.0"))
         assert kept["modifierExtension"][0]["valueBoolean"] is True
         assert _subsetted(kept)
 
@@ -234,9 +234,9 @@ def test_a_choice_element_goes_by_its_name(name: str) -> None:
             "priority": "urgent",
         }
     )
-    subset = subset_from({"_elements": [name]}, search=True)
+    subset = subset_from({"_elements": [name]}, resource_type="ServiceRequest", search=True)
     assert subset is not None
-    kept = json.loads(subset.apply(text, "ServiceRequest", "4.0", "ServiceRequest"))
+    kept = json.loads(subset.apply(text, "ServiceRequest", "4.0"))
     assert kept["occurrenceDateTime"] == "2026-11-27"
     assert "priority" not in kept
 

@@ -14,60 +14,20 @@ from fhir_gateway import intake
 from fhir_gateway.models import FhirResource, IntakeJob, OutboxMessage
 from fhir_gateway.tests.conftest import FHIR_R4, FHIR_R5, outcome_issue
 from fhir_gateway.tests.referral_world import (
+    LETTER_PDF,
     World,
     body,
     stored_files,
     transaction,
+    with_binary_file,
     with_case_file,
 )
 from referrals.models import Attachment, Referral
 
 pytestmark = pytest.mark.django_db
 
-PDF_BYTES = b"%PDF-1.4\n% discharge letter\n%%EOF\n"
+PDF_BYTES = LETTER_PDF
 PDF = base64.b64encode(PDF_BYTES).decode()
-
-
-def _with_binary(
-    bundle: dict[str, Any],
-    *,
-    url: str = "urn:uuid:bin-1",
-    attachment: dict[str, Any] | None = None,
-    binary: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """A DocumentReference entry whose file is a Binary entry (the Binary first: the
-    order of entries does not matter)."""
-    bundle["entry"].append(
-        {
-            "fullUrl": url,
-            "request": {"method": "POST", "url": "Binary"},
-            "resource": {
-                "resourceType": "Binary",
-                "contentType": "application/pdf",
-                "securityContext": {"reference": "urn:uuid:sr-1"},
-                "data": PDF,
-                **(binary or {}),
-            },
-        }
-    )
-    bundle["entry"].append(
-        {
-            "fullUrl": "urn:uuid:doc-1",
-            "request": {"method": "POST", "url": "DocumentReference"},
-            "resource": {
-                "resourceType": "DocumentReference",
-                "status": "current",
-                "content": [
-                    {
-                        "attachment": attachment
-                        if attachment is not None
-                        else {"contentType": "application/pdf", "url": url, "title": "letter.pdf"}
-                    }
-                ],
-            },
-        }
-    )
-    return bundle
 
 
 def _counts() -> tuple[int, int, int, int, int]:
@@ -84,7 +44,7 @@ def _counts() -> tuple[int, int, int, int, int]:
 def test_a_binary_entry_is_the_file_of_its_document_reference(
     world: World, respond_async: bool
 ) -> None:
-    bundle = _with_binary(transaction(world))
+    bundle = with_binary_file(transaction(world))
     headers = {"Prefer": "respond-async"} if respond_async else {}
     response = world.r4.post("/fhir", bundle, **headers)
     if respond_async:
@@ -118,7 +78,7 @@ def test_a_binary_entry_is_the_file_of_its_document_reference(
 
 
 def test_a_resubmission_with_a_binary_entry_stores_the_file_once(world: World) -> None:
-    bundle = _with_binary(transaction(world))
+    bundle = with_binary_file(transaction(world))
     first = body(world.r4.post("/fhir", copy.deepcopy(bundle)))
     again = world.r4.post("/fhir", bundle)
     assert again.status_code == 200, again.content
@@ -131,7 +91,7 @@ def test_a_resubmission_with_a_binary_entry_stores_the_file_once(world: World) -
 
 
 def test_an_r5_member_sends_a_binary_entry(world: World) -> None:
-    bundle = _with_binary(transaction(world, version="5.0"))
+    bundle = with_binary_file(transaction(world, version="5.0"))
     response = world.r4.post("/fhir", bundle, content_type=FHIR_R5, Accept=FHIR_R5)
     assert response.status_code == 200, response.content
     doc_id = body(response)["entry"][4]["resource"]["id"]
@@ -222,7 +182,7 @@ def _unreferenced(bundle: dict[str, Any]) -> None:
 def test_a_binary_entry_that_is_no_documents_file_is_refused(
     world: World, change: Any, status: int, where: str, diagnostic: str
 ) -> None:
-    bundle = _with_binary(transaction(world))
+    bundle = with_binary_file(transaction(world))
     change(bundle)
     before = _counts()
     response = world.r4.post("/fhir", bundle)
@@ -234,7 +194,7 @@ def test_a_binary_entry_that_is_no_documents_file_is_refused(
 
 
 def test_a_binary_entry_with_bytes_that_are_not_base64_is_400(world: World) -> None:
-    bundle = _with_binary(transaction(world), binary={"data": "not base64!"})
+    bundle = with_binary_file(transaction(world), binary={"data": "not base64!"})
     before = _counts()
     response = world.r4.post("/fhir", bundle)
     assert response.status_code == 400, response.content
@@ -244,7 +204,7 @@ def test_a_binary_entry_with_bytes_that_are_not_base64_is_400(world: World) -> N
 
 def test_a_binary_entry_of_a_type_the_store_refuses_stores_nothing(world: World) -> None:
     """The file goes through the attachments service's checks (type sniffing)."""
-    bundle = _with_binary(
+    bundle = with_binary_file(
         transaction(world),
         attachment={"url": "urn:uuid:bin-1", "title": "x.pdf"},
         binary={"contentType": "application/pdf", "data": base64.b64encode(b"MZ\x90\x00").decode()},
@@ -265,7 +225,7 @@ def test_a_non_string_full_url_beside_a_binary_entry_is_no_500(
 ) -> None:
     """It was: an unhashable fullUrl broke the set of the referral's entries (a 500, and
     an asynchronous job retried as a bug)."""
-    bundle = _with_binary(transaction(world))
+    bundle = with_binary_file(transaction(world))
     del bundle["entry"][3]["resource"]["securityContext"]
     bundle["entry"][2]["resource"]["focus"] = {"reference": "ServiceRequest/x"}
     bundle["entry"][entry]["fullUrl"] = bad
@@ -282,7 +242,7 @@ def test_a_non_string_full_url_beside_a_binary_entry_is_no_500(
 
 
 def test_a_binary_entrys_last_modified_is_its_files(world: World) -> None:
-    answer = body(world.r4.post("/fhir", _with_binary(transaction(world))))
+    answer = body(world.r4.post("/fhir", with_binary_file(transaction(world))))
     doc_id = answer["entry"][4]["resource"]["id"]
     read = body(world.r4.get(f"/fhir/Binary/{doc_id}", Accept=FHIR_R4))
     assert answer["entry"][3]["response"]["lastModified"] == read["meta"]["lastUpdated"]
@@ -290,7 +250,7 @@ def test_a_binary_entrys_last_modified_is_its_files(world: World) -> None:
 
 def test_a_binary_may_name_its_document_reference_as_security_context(world: World) -> None:
     """As this server's own Binary reads do (securityContext = DocumentReference/<id>)."""
-    bundle = _with_binary(
+    bundle = with_binary_file(
         transaction(world), binary={"securityContext": {"reference": "urn:uuid:doc-1"}}
     )
     response = world.r4.post("/fhir", bundle)
@@ -303,7 +263,7 @@ def test_a_non_string_attachment_url_is_400(world: World, binary_backed: bool) -
     """It was a 500 inside the FHIR models' URL validator."""
     attachment = {"contentType": "application/pdf", "url": 5, "title": "x.pdf"}
     if binary_backed:
-        bundle = _with_binary(transaction(world), attachment=attachment)
+        bundle = with_binary_file(transaction(world), attachment=attachment)
     else:
         bundle = with_case_file(transaction(world), {**attachment, "data": PDF})
     before = _counts()
@@ -335,7 +295,7 @@ def test_a_declared_size_and_hash_must_be_the_files(
     is refused, nothing stored (inline and Binary-backed alike, and on a resubmission)."""
     attachment = {"contentType": "application/pdf", "title": "letter.pdf", **declared}
     if binary_backed:
-        bundle = _with_binary(
+        bundle = with_binary_file(
             transaction(world), attachment={**attachment, "url": "urn:uuid:bin-1"}
         )
     else:
