@@ -101,7 +101,9 @@ def facility_to_organization(facility: Facility) -> Rendering:
     org: dict[str, Any] = {
         "resourceType": "Organization",
         "identifier": _facility_identifiers(facility),
-        "active": facility.is_active,
+        # The record is in use until the facility closes (FHIR: "still in active use"); a
+        # suspended or inactive facility shows on Location.status, as the mCSD export has it.
+        "active": facility.operational_status != OperationalStatus.CLOSED,
         "type": [
             _concept(MCSD_TYPES, "facility", "Facility"),
             _concept(ORGANIZATION_TYPE, "prov", "Healthcare Provider"),
@@ -373,7 +375,10 @@ def project_registry(
     return report
 
 
-CHECKPOINT = "registry"
+# Bump the revision when a rendering changes: the next incremental run finds no checkpoint
+# under the new name and compares every row (new versions only where the rendering moved).
+RENDERING_REVISION = 2
+CHECKPOINT = f"registry@{RENDERING_REVISION}"
 # Overlap between runs: a registry transaction that committed late is still seen.
 _OVERLAP = timedelta(minutes=2)
 

@@ -286,6 +286,13 @@ def _sp(name: str, type_: str, doc: str, resource_type: str, definition: str = "
     )
 
 
+# Organization.active: the record is in use until the facility closes (as rendered).
+_OPEN_FACILITY = _boolean(
+    lambda on: ~Q(operational_status=OperationalStatus.CLOSED)
+    if on
+    else Q(operational_status=OperationalStatus.CLOSED)
+)
+
 _ACTIVE_FACILITY = _boolean(
     lambda on: Q(operational_status=OperationalStatus.ACTIVE)
     if on
@@ -343,7 +350,10 @@ HANDLERS: tuple[ResourceHandler, ...] = (
                 _sp("partof", "reference", "Parent facility.", "Organization"),
                 _reference("parent_id", "Organization"),
             ),
-            (_sp("active", "token", "true: operational.", "Organization"), _ACTIVE_FACILITY),
+            (
+                _sp("active", "token", "true: not closed (as rendered).", "Organization"),
+                _OPEN_FACILITY,
+            ),
         ],
         sort_by_name=True,
     ),

@@ -12,11 +12,17 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
+from fhir_gateway.mcsd import facility_resources
 from fhir_gateway.models import FhirResource, ProjectionCheckpoint
-from fhir_gateway.registry_projection import project_registry, project_registry_incremental
+from fhir_gateway.registry_projection import (
+    CHECKPOINT,
+    project_registry,
+    project_registry_incremental,
+)
 from fhir_gateway.tests.conftest import FHIR_R5, outcome_issue
 from fhir_gateway.versions import model_class
-from registry.models import Department, Facility
+from registry.importing import facilities_for_export
+from registry.models import Department, Facility, OperationalStatus
 from tests.factories import CARDIOLOGY, PEDIATRICS, DepartmentFactory, FacilityFactory
 from tests.shared_data import FHIR_EXAMPLES
 
@@ -263,6 +269,70 @@ def test_location_searches(fhir, network, query, expected):
     response = fhir.get("/fhir/Location?" + query.format(**names))
     assert response.status_code == 200
     assert _ids(response) == [str(names[n]) for n in sorted(expected, key=lambda n: names[n])]
+
+
+@pytest.mark.parametrize(
+    ("status", "org_active", "location_status", "service_active"),
+    [
+        (OperationalStatus.ACTIVE, True, "active", True),
+        (OperationalStatus.SUSPENDED, True, "suspended", False),
+        (OperationalStatus.INACTIVE, True, "inactive", False),
+        (OperationalStatus.CLOSED, False, "inactive", False),
+    ],
+)
+def test_a_facility_status_reads_as_the_mcsd_export_writes_it(
+    fhir, network, status, org_active, location_status, service_active
+):
+    # Given the hub in one operational status, projected
+    Facility.objects.filter(pk=network.hub.pk).update(operational_status=status)
+    project_registry()
+    hub = str(network.hub.pk)
+    org = json.loads(fhir.get(f"/fhir/Organization/{hub}").content)
+    location = json.loads(fhir.get(f"/fhir/Location/{hub}").content)
+    service = json.loads(fhir.get(f"/fhir/HealthcareService/{network.pediatrics.pk}").content)
+    # Then the served resources say what the lossless mCSD export says
+    assert (org["active"], location["status"], service["active"]) == (
+        org_active,
+        location_status,
+        service_active,
+    )
+    exported = {
+        r["resourceType"]: r
+        for r in facility_resources(facilities_for_export(None).get(pk=network.hub.pk))
+    }
+    assert exported["Organization"]["active"] == org["active"]
+    assert exported["Location"]["status"] == location["status"]
+    # And each search finds the hub exactly when the rendered value matches
+    for query, rendered in (
+        (f"/fhir/Organization?_id={hub}&active=true", org_active),
+        (f"/fhir/Organization?_id={hub}&active=false", not org_active),
+        (f"/fhir/Location?_id={hub}&status={location_status}", True),
+        (f"/fhir/HealthcareService?organization={hub}&active=true", service_active),
+        (f"/fhir/HealthcareService?organization={hub}&active=false", not service_active),
+    ):
+        assert bool(_ids(fhir.get(query))) is rendered, query
+
+
+def test_a_rendering_revision_reprojects_rows_the_incremental_run_would_skip(network):
+    # Given a stored Organization whose hash is of an earlier rendering (as before a
+    # deploy), and the beat's checkpoint under the earlier revision's name
+    project_registry_incremental()
+    stale = _current("Organization", network.hub.pk)
+    FhirResource.objects.filter(pk=stale.pk).update(content_hash="rendered-by-older-code")
+    Facility.objects.filter(pk=network.hub.pk).update(
+        updated_at=timezone.now() - timedelta(hours=1)
+    )
+    ProjectionCheckpoint.objects.filter(name=CHECKPOINT).delete()
+    ProjectionCheckpoint.objects.create(name="registry", watermark=timezone.now())
+    # When the beat's incremental run comes (the hub's row did not change since)
+    project_registry_incremental()
+    # Then the row was compared again and stored under the current rendering
+    current = _current("Organization", network.hub.pk)
+    assert current.version_id == stale.version_id + 1
+    assert current.content_hash != "rendered-by-older-code"
+    # And the next run, under the new checkpoint, leaves it alone
+    project_registry_incremental()
+    assert _current("Organization", network.hub.pk).version_id == current.version_id
 
 
 def test_healthcare_service_and_other_searches(fhir, network):
