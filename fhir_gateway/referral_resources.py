@@ -209,9 +209,34 @@ class TaskStatusIn(In):
         return text, [*others, ReferralState.SUBMITTED.value]
 
 
+# The code systems of Task.status and ServiceRequest.status (FHIR ``code`` elements: a
+# token search may name the system their value set binds).
+TASK_STATUS_SYSTEM = "http://hl7.org/fhir/task-status"
+REQUEST_STATUS_SYSTEM = "http://hl7.org/fhir/request-status"
+_TASK_STATUS_CODES = tuple(dict.fromkeys([*m.TASK_STATUS.values(), "received"]))
+_REQUEST_STATUS_CODES = tuple(
+    dict.fromkeys(m.service_request_status(s) for s in ReferralState.values)
+)
+_BSER_CODES = tuple(dict.fromkeys(c for c, _d in m.BSER_CODES.values()))
+
+
+def _token_codes(value: str, system: str, every: tuple[str, ...]) -> list[str]:
+    """The codes one token search value names in ``system``: ``code`` (any system),
+    ``system|code``, ``system|`` (every code); another system, or ``|code`` (no system:
+    ours always have one), names none."""
+    token_system, code = parse_token(value)
+    if token_system is not None and token_system != system:
+        return []
+    return list(every) if code == "" else [code]
+
+
 def _task_status(raw: str) -> In:
-    codes = {parse_token(v)[1] for v in _alternatives(raw)}
-    states = _any_in("state", raw, lambda v: list(m.task_statuses_for(parse_token(v)[1])))
+    codes = [
+        code
+        for value in _alternatives(raw)
+        for code in _token_codes(value, TASK_STATUS_SYSTEM, _TASK_STATUS_CODES)
+    ]
+    states = In("state", tuple(dict.fromkeys(s for c in codes for s in m.task_statuses_for(c))))
     if ("received" in codes) == ("requested" in codes):  # both, or neither: the state says
         return states
     return TaskStatusIn("state", states.values, acknowledged="received" in codes)
@@ -219,19 +244,23 @@ def _task_status(raw: str) -> In:
 
 def _service_request_status(raw: str) -> In:
     def one(value: str) -> list[Any]:
-        code = parse_token(value)[1]
-        return [s for s in ReferralState.values if m.service_request_status(s) == code]
+        codes = _token_codes(value, REQUEST_STATUS_SYSTEM, _REQUEST_STATUS_CODES)
+        return [s for s in ReferralState.values if m.service_request_status(s) in codes]
 
     return _any_in("state", raw, one)
 
 
 def _business_status(raw: str) -> In:
+    """Task.businessStatus carries our state (REFERRAL_STATE_SYSTEM) and, where one
+    fits, BSeR's code: either names the states."""
+
     def one(value: str) -> list[Any]:
-        system, code = parse_token(value)
-        states: list[str] = []
-        if system in (None, "", m.REFERRAL_STATE_SYSTEM) and code in ReferralState.values:
-            states.append(code)
-        if system in (None, "", m.BSER_BUSINESS_STATUS):
+        states = [
+            code
+            for code in _token_codes(value, m.REFERRAL_STATE_SYSTEM, tuple(ReferralState.values))
+            if code in ReferralState.values
+        ]
+        for code in _token_codes(value, m.BSER_BUSINESS_STATUS, _BSER_CODES):
             states += [s for s, (c, _d) in m.BSER_CODES.items() if c == code]
         return states
 
@@ -241,6 +270,8 @@ def _business_status(raw: str) -> In:
 def _identifier(raw: str) -> Q:
     def one(value: str) -> Q:
         system, code = parse_token(value)
+        if code == "":  # "system|": every identifier of that system
+            return ~_NOTHING if system == m.FILLER_SYSTEM else Q(placer_system=system)
         filler = Q(filler_id=code) if system in (None, m.FILLER_SYSTEM) else _NOTHING
         placer = Q(placer_value=code)
         if system is not None:
@@ -251,16 +282,9 @@ def _identifier(raw: str) -> Q:
 
 
 def _authored_on(raw: str) -> Q:
-    from fhir_gateway.views import _date_range
+    from fhir_gateway.views import date_condition
 
-    prefix, start, end = _date_range(raw)
-    return {
-        "eq": Q(created_at__gte=start, created_at__lt=end),
-        "ge": Q(created_at__gte=start),
-        "gt": Q(created_at__gte=end),
-        "le": Q(created_at__lt=end),
-        "lt": Q(created_at__lt=start),
-    }[prefix]
+    return date_condition("created_at", raw, "authored-on")
 
 
 @dataclass(frozen=True)

@@ -114,7 +114,9 @@ def _specialty(prefix: str) -> Filter:
     def build(raw: str) -> Q:
         def one(value: str) -> Q:
             system, code = parse_token(value)
-            condition = Q(**{f"{prefix}code": code})
+            if system == "":  # "|code": no system, and a specialty always has one
+                return _NOTHING
+            condition = Q(**{f"{prefix}code": code}) if code else Q()  # "system|": any code
             if system:
                 condition &= Q(**{f"{prefix}system": system})
             return condition
@@ -134,6 +136,10 @@ def _facility_name(raw: str) -> Q:
 def _facility_identifier(raw: str) -> Q:
     def one(value: str) -> Q:
         system, code = parse_token(value)
+        if code == "":  # "system|": every facility with an identifier of that system
+            if system == FACILITY_CODE_SYSTEM:
+                return ~_NOTHING
+            return Q(identifiers__system=system)
         condition = _NOTHING
         if system is None or system == FACILITY_CODE_SYSTEM:
             condition |= Q(code=code)

@@ -53,6 +53,7 @@ from fhir_gateway.storage import (
     resource_current,
     resource_history,
     resource_version,
+    split_escaped,
 )
 from fhir_gateway.subsetting import Subset, subset_from
 from fhir_gateway.versions import (
@@ -867,11 +868,12 @@ def _paging(query: Any) -> tuple[int, int]:
     return count, _int_param(query, "_offset", 0)
 
 
-def _date_range(raw: str) -> tuple[str, datetime, datetime]:
-    """'ge2024-05' -> ('ge', start, end) with end exclusive, in UTC."""
+def _date_range(raw: str, name: str) -> tuple[str, datetime, datetime]:
+    """'ge2024-05' -> ('ge', start, end) with end exclusive, in UTC (``name``: the
+    parameter, for the error)."""
     match = _DATE.match(raw)
     if not match:
-        raise FhirError(400, "invalid", f"_lastUpdated {raw!r} is not a FHIR date search value.")
+        raise FhirError(400, "invalid", f"{name} {raw!r} is not a FHIR date search value.")
     prefix = match.group("prefix") or "eq"
     if prefix not in {"eq", "gt", "lt", "ge", "le"}:
         raise FhirError(400, "not-supported", f"Date prefix {prefix!r} is not supported.")
@@ -901,7 +903,7 @@ def _date_range(raw: str) -> tuple[str, datetime, datetime]:
             start = datetime(int(year), 1, 1, tzinfo=UTC)
             end = start.replace(year=start.year + 1)
     except (ValueError, OverflowError) as exc:  # 9999-12-31 has no end in Python
-        raise FhirError(400, "invalid", f"_lastUpdated {raw!r} is not a valid date.") from exc
+        raise FhirError(400, "invalid", f"{name} {raw!r} is not a valid date.") from exc
     if not year_supported(start):
         raise FhirError(
             400, "invalid", f"{raw!r}: dates are searched from {FIRST_YEAR} to {LAST_YEAR}."
@@ -909,17 +911,26 @@ def _date_range(raw: str) -> tuple[str, datetime, datetime]:
     return prefix, start, end
 
 
+def date_condition(field: str, raw: str, name: str) -> Q:
+    """One date search value of parameter ``name`` over ``field``; commas are
+    alternatives (OR), as for every search parameter."""
+    condition = Q()
+    for value in raw.split(","):
+        prefix, start, end = _date_range(value, name)
+        condition |= {
+            "eq": Q(**{f"{field}__gte": start, f"{field}__lt": end}),
+            "ge": Q(**{f"{field}__gte": start}),
+            "gt": Q(**{f"{field}__gte": end}),
+            "le": Q(**{f"{field}__lt": end}),
+            "lt": Q(**{f"{field}__lt": start}),
+        }[prefix]
+    return condition
+
+
 def _last_updated_filter(values: list[str]) -> Q:
     condition = Q()
-    for raw in values:
-        prefix, start, end = _date_range(raw)
-        condition &= {
-            "eq": Q(last_updated__gte=start, last_updated__lt=end),
-            "ge": Q(last_updated__gte=start),
-            "gt": Q(last_updated__gte=end),
-            "le": Q(last_updated__lt=end),
-            "lt": Q(last_updated__lt=start),
-        }[prefix]
+    for raw in values:  # repeated: AND
+        condition &= date_condition("last_updated", raw, "_lastUpdated")
     return condition
 
 
@@ -965,6 +976,8 @@ def _search(
                 expression=[name[:80]],
             )
         used[name] = values
+        if param.type == "reference":
+            values = [_local_reference(v, ctx.base) for v in values]
         if base_name not in {"_id", "_lastUpdated"}:
             own.setdefault(base_name, []).extend(values)
     if total_mode != "accurate":  # the paging links keep asking for the same
@@ -997,9 +1010,8 @@ def _search(
         total, page = hand_written
     else:
         rows = handler.search(ctx.user, own)
-        if "_id" in used:
-            ids = [i for v in used["_id"] for i in v.split(",")]
-            rows = rows.filter(logical_id__in=ids)
+        for value in used.get("_id", []):  # repeated: AND; commas: OR
+            rows = rows.filter(logical_id__in=value.split(","))
         if "_lastUpdated" in used:
             rows = rows.filter(_last_updated_filter(used["_lastUpdated"]))
         if not handler.renders_all_versions:
@@ -1034,6 +1046,8 @@ def _search(
         if not added:
             break
     self_url = f"{ctx.base}/{handler.resource_type}"
+    if params.get("_format"):  # the next page in the version (and format) of this one
+        used["_format"] = params["_format"][-1:]
     links = _links(self_url, used, count, offset, total, len(page))
     response = _bundle_response(
         ctx, "searchset", total if total_mode != "none" else None, links, entries
@@ -1144,6 +1158,25 @@ def _entry(
         + text
         + f',"search":{{"mode":"{mode}"}}}}'
     )
+
+
+# What an absolute reference to another server's resource becomes: a type we never
+# serve, so every reference parameter matches nothing for it.
+FOREIGN_REFERENCE = "Foreign/-"
+
+
+def _local_reference(raw: str, base: str) -> str:
+    """A reference search value whose alternatives are absolute URLs: ours (``base``)
+    made relative, another server's made FOREIGN_REFERENCE (it names a resource there,
+    not ours with the same id)."""
+    prefix = base.rstrip("/").lower() + "/"
+    out = []
+    for value in split_escaped(raw, ","):
+        if "://" in value:
+            local = value[: len(prefix)].lower() == prefix
+            value = value[len(prefix) :] if local else FOREIGN_REFERENCE
+        out.append(value)
+    return ",".join(out)
 
 
 def _sort_keys(

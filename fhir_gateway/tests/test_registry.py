@@ -236,7 +236,10 @@ def test_search_runs_in_constant_queries(fhir, network):
         ("address-country=lao", ["lao"]),
         ("partof=Organization/{hub}", ["spoke"]),
         ("partof={hub}", ["spoke"]),
-        ("partof=http://elsewhere/fhir/Organization/{hub}", ["spoke"]),
+        ("partof=http://testserver/fhir/Organization/{hub}", ["spoke"]),  # our base
+        ("partof=http://elsewhere/fhir/Organization/{hub}", []),  # another server's
+        ("identifier=https://moh.gov.vn/fac|", ["hub"]),  # every code of the system
+        ("identifier=|01-001", []),  # no system: ours always have one
         ("partof=Location/{hub}", []),
         ("partof=abc", []),
         ("name=nhi&address-country=LA", []),
@@ -342,6 +345,12 @@ def test_healthcare_service_and_other_searches(fhir, network):
         fhir.get(f"/fhir/HealthcareService?specialty=http://snomed.info/sct|{PEDIATRICS}")
     ) == [ped]
     assert _ids(fhir.get(f"/fhir/HealthcareService?specialty={CARDIOLOGY}")) == [card]
+    assert _ids(fhir.get("/fhir/HealthcareService?specialty=http://snomed.info/sct|")) == [
+        ped,
+        card,
+    ]
+    assert _ids(fhir.get(f"/fhir/HealthcareService?specialty=|{PEDIATRICS}")) == []
+    assert _ids(fhir.get("/fhir/HealthcareService?specialty=http://other|")) == []
     assert _ids(fhir.get(f"/fhir/HealthcareService?organization={hub}")) == [ped, card]
     assert _ids(fhir.get(f"/fhir/HealthcareService?location=Location/{hub}")) == [ped, card]
     assert _ids(fhir.get("/fhir/HealthcareService?name=khoa nhi")) == [ped]

@@ -14,6 +14,7 @@ from accounts.models import User
 from accounts.roles import Role
 from fhir_gateway import views
 from fhir_gateway.handlers import HANDLERS
+from fhir_gateway.referral_mapping import BSER_BUSINESS_STATUS, REFERRAL_STATE_SYSTEM
 from fhir_gateway.referral_resources import case_file_store
 from referrals import services
 from referrals.models import Referral, ReferralState
@@ -106,11 +107,20 @@ def test_hand_written_searches_equal_the_orm_for_every_user_and_parameter(
         {"status": ["received,accepted"]},
         {"status": ["requested,received"]},
         {"status": ["requested,rejected"]},
+        {"status": ["http://hl7.org/fhir/task-status|"]},  # every code of the system
+        {"status": ["http://hl7.org/fhir/task-status|received"]},
+        {"status": ["http://example.org/other|requested"]},  # another system: nothing
+        {"status": ["|requested"]},  # no system: ours always has one
+        {"business-status": [f"{REFERRAL_STATE_SYSTEM}|,{BSER_BUSINESS_STATUS}|"]},
+        {"business-status": ["|submitted"]},
+        {"business-status": [f"{BSER_BUSINESS_STATUS}|3.0"]},
     ]
     sr_cases: list[dict[str, list[str]]] = [
         {},
         {"performer": [f"HealthcareService/{hub}"]},
         {"status": ["active"]},
+        {"status": ["http://hl7.org/fhir/request-status|"]},
+        {"status": ["http://hl7.org/fhir/request-status|active,|revoked"]},
         {"requester": [f"Organization/{district}"]},
     ]
     communication_cases: list[dict[str, list[str]]] = [

@@ -1,0 +1,137 @@
+"""FHIR search semantics on the referral resources: repeated parameters AND, commas OR
+(dates too), the four token forms, absolute references, paging links that keep the
+format (review findings: each of these answered otherwise before)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+
+from fhir_gateway.referral_mapping import BSER_BUSINESS_STATUS, REFERRAL_STATE_SYSTEM
+from fhir_gateway.tests.conftest import FHIR_R4, outcome_issue
+from fhir_gateway.tests.referral_world import PLACER, World, body, submit, task_of
+from referrals.models import Referral
+
+pytestmark = pytest.mark.django_db
+
+
+def _ids(world: World, query: str) -> list[str]:
+    response = world.r4.get(query, Accept=FHIR_R4)
+    assert response.status_code == 200, response.content
+    return sorted(
+        e["resource"]["id"]
+        for e in body(response).get("entry", [])
+        if e["search"]["mode"] == "match"
+    )
+
+
+@pytest.fixture
+def two(world: World) -> tuple[str, str]:
+    """Two submitted referrals of the world's requester (Task ids, in id order)."""
+    a = task_of(submit(world, "A"))["id"]
+    b = task_of(submit(world, "B"))["id"]
+    return a, b
+
+
+def test_repeated_id_parameters_and(world: World, two: tuple[str, str]) -> None:
+    a, b = two
+    assert _ids(world, f"/fhir/Task?_id={a}&_id={b}") == []
+    assert _ids(world, f"/fhir/Task?_id={a},{b}&_id={b}") == [b]
+    assert _ids(world, f"/fhir/Task?_id={a},{b}") == sorted(two)
+
+
+@pytest.mark.parametrize(("param", "field"), [("authored-on", "created_at"), ("_lastUpdated", "")])
+def test_a_comma_in_a_date_parameter_is_or(
+    world: World, two: tuple[str, str], param: str, field: str
+) -> None:
+    a, b = two
+    if field:  # authored-on: the referral's creation; move one of them into 2020
+        Referral.objects.filter(filler_id=a).update(created_at=datetime(2020, 6, 1, tzinfo=UTC))
+        assert _ids(world, f"/fhir/Task?{param}=lt2021,ge2026-11-01") == sorted(two)
+        assert _ids(world, f"/fhir/Task?{param}=lt2021") == [a]
+        assert _ids(world, f"/fhir/Task?{param}=lt1990,ge2100") == []
+        # Repeated: AND
+        assert _ids(world, f"/fhir/Task?{param}=lt2021,ge2026-11-01&{param}=ge2021") == [b]
+    else:
+        assert _ids(world, f"/fhir/Task?{param}=lt1990-01-01,ge2000-01-01") == sorted(two)
+        assert _ids(world, f"/fhir/Task?{param}=lt1990-01-01,gt2100-01-01") == []
+
+
+def test_a_bad_date_names_its_parameter(world: World, two: tuple[str, str]) -> None:
+    response = world.r4.get("/fhir/Task?authored-on=ge2026,yesterday", Accept=FHIR_R4)
+    assert response.status_code == 400
+    assert "authored-on 'yesterday'" in outcome_issue(response)["diagnostics"]
+
+
+@pytest.mark.parametrize(
+    ("query", "matches"),
+    [
+        ("status=requested", True),
+        ("status=http://hl7.org/fhir/task-status|requested", True),
+        ("status=http://hl7.org/fhir/task-status|", True),  # every code of the system
+        ("status=http://example.org/not-task-status|requested", False),
+        ("status=|requested", False),  # no system: Task.status always has one
+        ("status=http://hl7.org/fhir/task-status|accepted", False),
+        ("business-status=submitted", True),
+        ("business-status=|submitted", False),
+        (f"business-status={quote(REFERRAL_STATE_SYSTEM)}|", True),
+        (f"business-status={quote(BSER_BUSINESS_STATUS)}|", True),
+        (f"business-status={quote(BSER_BUSINESS_STATUS)}|2.0", True),
+        (f"business-status={quote(BSER_BUSINESS_STATUS)}|submitted", False),
+        (f"identifier={quote(PLACER)}|", True),  # every identifier of that system
+        ("identifier=https://consilium.example.org/fhir/sid/referral|", True),
+        ("identifier=https://other.example.org/sid|", False),
+    ],
+)
+def test_the_four_token_forms(
+    world: World, two: tuple[str, str], query: str, matches: bool
+) -> None:
+    assert _ids(world, f"/fhir/Task?{query}") == (sorted(two) if matches else [])
+
+
+@pytest.mark.parametrize(
+    ("query", "matches"),
+    [
+        ("status=active", True),
+        ("status=http://hl7.org/fhir/request-status|", True),
+        ("status=http://hl7.org/fhir/request-status|active", True),
+        ("status=|active", False),
+        ("status=http://example.org/x|active", False),
+        (f"identifier={quote(PLACER)}|", True),
+        (f"identifier={quote(PLACER)}|A", "A"),
+    ],
+)
+def test_the_four_token_forms_on_service_request(
+    world: World, two: tuple[str, str], query: str, matches: bool | str
+) -> None:
+    expected = sorted(two) if matches is True else [] if matches is False else [two[0]]
+    assert _ids(world, f"/fhir/ServiceRequest?{query}") == expected
+
+
+def test_an_absolute_reference_matches_only_on_this_server(
+    world: World, two: tuple[str, str]
+) -> None:
+    a, _b = two
+    foreign = f"https://other.example.org/fhir/ServiceRequest/{a}"
+    assert _ids(world, f"/fhir/Task?focus={foreign}") == []
+    assert _ids(world, f"/fhir/Task?focus=http://testserver/fhir/ServiceRequest/{a}") == [a]
+    assert _ids(world, f"/fhir/Task?focus={foreign},ServiceRequest/{a}") == [a]
+    owner = task_of(submit(world, "C"))["owner"]["reference"]  # HealthcareService/<pk>
+    mine = _ids(world, f"/fhir/Task?owner=http://testserver/fhir/{owner}")
+    assert len(mine) == 3
+    assert _ids(world, f"/fhir/Task?owner=https://other.example.org/fhir/{owner}") == []
+
+
+def test_paging_links_keep_the_format(world: World, two: tuple[str, str]) -> None:
+    fmt = quote("application/fhir+json; fhirVersion=5.0")
+    first = world.r4.get(f"/fhir/Task?_count=1&_format={fmt}")  # no Accept header
+    assert first.status_code == 200
+    assert "fhirVersion=5.0" in first["Content-Type"]
+    links: dict[str, Any] = {link["relation"]: link["url"] for link in body(first)["link"]}
+    second = world.r4.get(links["next"].removeprefix("http://testserver"))
+    assert second.status_code == 200
+    assert "fhirVersion=5.0" in second["Content-Type"], links["next"]
+    assert [e["resource"]["id"] for e in body(second)["entry"]] == [max(two)]
