@@ -23,6 +23,7 @@ from datetime import datetime
 from typing import Any
 
 from django.utils.dateparse import parse_datetime
+from django.utils.http import parse_header_parameters
 
 from core.values import ascii_digits
 from fhir_gateway.outcomes import FhirError
@@ -361,12 +362,20 @@ def referral_to_task(referral: Referral, context: TaskContext) -> dict[str, dict
     return {R4: r4, R5: r5}
 
 
+def split_patient_ref(ref: str) -> tuple[str, str]:
+    """patient_ref -> (system, value): ``system|value`` split at the first ``|`` (a URI
+    has none; the value may); ``|value`` is a value without a system that holds a ``|``
+    (``patient_into_intake``); no ``|``: a value alone."""
+    system, sep, value = ref.partition("|")
+    return (system, value) if sep else ("", ref)
+
+
 def referral_to_patient(referral: Referral) -> dict[str, dict[str, Any]]:
     """Minimum necessary: the sender's pseudonymous identifier, gender, birth year."""
     patient: dict[str, Any] = {"resourceType": "Patient", "id": patient_id(referral)}
     if referral.patient_ref:
-        system, sep, value = referral.patient_ref.rpartition("|")
-        patient["identifier"] = [{"system": system, "value": value} if sep else {"value": value}]
+        system, value = split_patient_ref(referral.patient_ref)
+        patient["identifier"] = [{"system": system, "value": value} if system else {"value": value}]
     patient["gender"] = referral.patient_sex or PatientSex.UNKNOWN
     if referral.patient_birth_year:
         patient["birthDate"] = f"{referral.patient_birth_year:04d}"
@@ -703,8 +712,16 @@ def patient_into_intake(intake: Intake, patient: dict[str, Any]) -> None:
     """Minimum necessary: identifier (pseudonymous), gender, birth year; the rest dropped."""
     for ident in patient.get("identifier") or []:
         if isinstance(ident, dict) and ident.get("value"):
-            system = str(ident.get("system") or "")
-            ref = f"{system}|{ident['value']}" if system else str(ident["value"])
+            system, value = str(ident.get("system") or ""), str(ident["value"])
+            if "|" in system:  # no URI holds one; the stored form splits at the first
+                raise FhirError(
+                    422,
+                    "value",
+                    "Patient.identifier.system must not contain '|'.",
+                    expression=["Patient.identifier.system"],
+                )
+            # A value alone is stored bare, unless it holds a "|": then as "|value".
+            ref = f"{system}|{value}" if system or "|" in value else value
             if len(ref) > 128:
                 raise FhirError(
                     422,
@@ -1071,13 +1088,32 @@ def attachment_bytes(attachment: dict[str, Any], where: str) -> bytes:
 
 
 def attachment_text(attachment: dict[str, Any], where: str) -> str:
+    """The text of a text/* attachment, decoded in its declared charset (UTF-8 when none
+    is declared). A file of another type is refused, not reduced to its title: a
+    message or a consult note is text here, files go as case files."""
     content_type = str(attachment.get("contentType") or "text/plain")
-    if not content_type.startswith("text/"):
-        return str(attachment.get("title") or "")
+    media_type, parameters = parse_header_parameters(content_type)
+    if not media_type.startswith("text/"):
+        raise FhirError(
+            422,
+            "not-supported",
+            f"{where}: a {media_type[:80]!r} attachment is not text; send a file as a case "
+            "file (a DocumentReference with its Binary) and its text here.",
+            expression=[f"{where}.contentType"],
+        )
+    charset = parameters.get("charset") or "utf-8"
+    data = attachment_bytes(attachment, where)
     try:
-        return attachment_bytes(attachment, where).decode("utf-8")
+        return data.decode(charset)
     except UnicodeDecodeError as exc:
-        raise FhirError(400, "structure", f"{where}.data is not UTF-8 text.") from exc
+        raise FhirError(400, "structure", f"{where}.data is not {charset[:40]} text.") from exc
+    except (LookupError, ValueError) as exc:  # no codec, or none of text (base64), or a NUL
+        raise FhirError(
+            422,
+            "not-supported",
+            f"{where}: the charset {charset[:40]!r} is not known.",
+            expression=[f"{where}.contentType"],
+        ) from exc
 
 
 def disposition_of(resource: dict[str, Any]) -> str:

@@ -58,7 +58,11 @@ from fhir_gateway.storage import (
 )
 from referrals.attachments import UPLOAD_ROLES
 from referrals.models import ActorSide, Attachment, Referral, ReferralEvent, ReferralState
-from referrals.selectors import referral_scope_sql, referral_visible
+from referrals.selectors import (
+    referral_open_question_id,
+    referral_scope_sql,
+    referral_visible,
+)
 from referrals.services import (
     COUNTER_REFERRAL_SYSTEM,
     actor_sides,
@@ -885,7 +889,11 @@ def _message_post(user: User, referral: Referral, text: str, answered: int | Non
         if "assignee" in sides and referral.state == ReferralState.ACCEPTED and answered is None:
             referral = _transition(user, referral, "request_info", None, question=text)
             pk = _latest_payload(referral, "message_id")
-        elif "requester" in sides and referral.state == ReferralState.INFO_REQUESTED:
+        elif (
+            "requester" in sides
+            and referral.state == ReferralState.INFO_REQUESTED
+            and answered in (None, referral_open_question_id(referral))
+        ):  # the answer; a reply to another message is one more message (checked there)
             referral = _transition(user, referral, "provide_info", None, text=text)
             pk = _latest_payload(referral, "message_id")
         else:

@@ -84,6 +84,18 @@ def referral_scope_sql(user: User, alias: str = "r") -> tuple[str, list[Any]]:
     return "(" + " OR ".join(parts) + ")", params
 
 
+def referral_open_question_id(referral: Referral) -> int | None:
+    """The message of the last ``request_info``: the question an answer (``provide_info``)
+    replies to."""
+    found = (
+        ReferralEvent.objects.filter(referral=referral, action="request_info")
+        .order_by("-seq")
+        .values_list("payload__message_id", flat=True)
+        .first()
+    )
+    return int(found) if found is not None else None
+
+
 def referral_visible(user: User) -> QuerySet[Referral]:
     scope = referral_scope_filter(user)
     if scope is None:

@@ -33,7 +33,11 @@ from referrals.models import (
 )
 from referrals.notifications import notify_in_transaction, notify_transition_later
 from referrals.permissions import referral_experts_grant, referral_grants_revoke
-from referrals.selectors import referral_scope_filter, sees_patient_data
+from referrals.selectors import (
+    referral_open_question_id,
+    referral_scope_filter,
+    sees_patient_data,
+)
 from referrals.workflow import (
     GUARDS,
     TERMINAL_STATES,
@@ -310,12 +314,7 @@ def _effect_request_info(
 def _effect_provide_info(
     referral: Referral, actor: User | None, data: dict[str, Any], now: datetime
 ) -> dict[str, Any]:
-    question = (
-        ReferralEvent.objects.filter(referral=referral, action="request_info")
-        .order_by("-seq")
-        .values_list("payload__message_id", flat=True)
-        .first()
-    )
+    question = referral_open_question_id(referral)
     message = Message.objects.create(
         referral=referral,
         author=actor,
