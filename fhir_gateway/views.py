@@ -40,7 +40,7 @@ from core.values import (
     json_depth,
     year_supported,
 )
-from fhir_gateway import capability, handlers, intake, patching
+from fhir_gateway import capability, handlers, intake, paging, patching
 from fhir_gateway.audit import audit_referral, audit_resources, audit_rows, resources_answered
 from fhir_gateway.handlers import HANDLERS, ResourceHandler, WriteRequest
 from fhir_gateway.models import FhirResource
@@ -80,6 +80,7 @@ _RESULT_PARAMS = frozenset(
     {
         "_count",
         "_offset",
+        "_cursor",
         "_total",
         "_format",
         "_pretty",
@@ -1002,9 +1003,18 @@ def _search(
     if subset is not None:  # kept by the paging links; its names have their own limit
         used.update(subset.query())
     column = "json_r5" if ctx.version == "5.0" else "json_r4"
-    want_total = total_mode != "none" or offset > 0
+    cursor = (params.get("_cursor") or [""])[-1] or None
+    # What a cursor is made for: its values are this type's sort keys then tie-break.
+    search_key = f"{handler.resource_type}?_sort={(used.get('_sort') or [''])[0]}"
+    after = None
+    if cursor is not None and count > 0:  # the page after a next link's last row
+        after = paging.decode_cursor(cursor, search_key)
+    # After a cursor one row more tells whether another page follows (the total cannot:
+    # rows may have left the matches before the cursor).
+    fetch = count + 1 if after is not None else count
+    want_total = total_mode != "none" or (offset > 0 and after is None)
     hand_written = _search_by_sql(
-        ctx.user, handler, own, used, column, count, offset, want_total, sort
+        ctx.user, handler, own, used, column, fetch, offset, want_total, sort, after
     )
     if hand_written is not None:
         total, page = hand_written
@@ -1017,10 +1027,14 @@ def _search(
         if not handler.renders_all_versions:
             rows = rows.exclude(**{column: ""})
         total = rows.count() if want_total else None
-        page = _sorted_page(handler, rows, sort, column, count, offset)
-    entries = [_entry(ctx, rtype, lid, text, "match", subset) for rtype, lid, text in page]
-    page_ids = [lid for _t, lid, _x in page]
-    seen = {(rtype, lid) for rtype, lid, _x in page}
+        page = _sorted_page(handler, rows, sort, column, fetch, offset, after)
+    more = None
+    if after is not None:
+        more, page = len(page) > count, page[:count]
+    next_cursor = paging.encode_cursor(search_key, page[-1][3]) if page else None
+    entries = [_entry(ctx, rtype, lid, text, "match", subset) for rtype, lid, text, _k in page]
+    page_ids = [lid for _t, lid, _x, _k in page]
+    seen = {(rtype, lid) for rtype, lid, _x, _k in page}
     for name, funcs in (("_include", handler.includes), ("_revinclude", handler.revincludes)):
         for include in dict.fromkeys(params.get(name) or []):  # each once, in the order sent
             include_func = _include_func(
@@ -1048,7 +1062,17 @@ def _search(
     self_url = f"{ctx.base}/{handler.resource_type}"
     if params.get("_format"):  # the next page in the version (and format) of this one
         used["_format"] = params["_format"][-1:]
-    links = _links(self_url, used, count, offset, total, len(page))
+    links = _links(
+        self_url,
+        used,
+        count,
+        offset,
+        total,
+        len(page),
+        more=more,
+        cursor=cursor if after is not None else None,
+        next_cursor=next_cursor,
+    )
     response = _bundle_response(
         ctx, "searchset", total if total_mode != "none" else None, links, entries
     )
@@ -1210,32 +1234,36 @@ def _sorted_page(
     column: str,
     count: int,
     offset: int,
+    after: list[Any] | None = None,
 ) -> list[tuple[Any, ...]]:
     """A page ordered by ``_sort`` (none: the type's own order, also the tie-break for
-    stable paging): the page's primary keys first (sorted and cut from the index where it
-    covers the sort key), then the JSON of just those rows, in the same order; the text
-    columns of the other matches are never read."""
+    stable paging), from ``offset`` or, with ``after`` (a cursor's values), after that
+    row: the page's primary keys first (sorted and cut from the index where it covers the
+    sort key), then the JSON of just those rows, in the same order; the text columns of
+    the other matches are never read. Each row: (type, id, JSON, its sort values)."""
     annotations: dict[str, Any] = {}
     ordering: list[Any] = []
+    keys: list[tuple[str, bool]] = []
     for index, (key, descending) in enumerate(sort):
-        if key in handlers.SORTS:
-            expression: Any = F(handlers.SORTS[key])
-        else:
-            annotations[f"sort_{index}"] = handler.sorts[key]
-            expression = F(f"sort_{index}")
+        alias = f"sort_{index}"
+        annotations[alias] = F(handlers.SORTS[key]) if key in handlers.SORTS else handler.sorts[key]
         ordering.append(
-            expression.desc(nulls_last=True) if descending else expression.asc(nulls_last=True)
+            F(alias).desc(nulls_last=True) if descending else F(alias).asc(nulls_last=True)
         )
+        keys.append((alias, descending))
+    keys += [(name, False) for name in handler.order_by]
 
     def ordered(queryset: Any) -> Any:
         return queryset.annotate(**annotations).order_by(*ordering, *handler.order_by)
 
-    page_pks = ordered(rows).values("pk")[offset : offset + count]
-    return list(
-        ordered(FhirResource.objects.filter(pk__in=page_pks)).values_list(
-            "resource_type", "logical_id", column
-        )
+    if after is not None:
+        page_pks = ordered(rows).filter(paging.after_q(keys, after)).values("pk")[:count]
+    else:
+        page_pks = ordered(rows).values("pk")[offset : offset + count]
+    found = ordered(FhirResource.objects.filter(pk__in=page_pks)).values_list(
+        "resource_type", "logical_id", column, *[name for name, _d in keys]
     )
+    return [(*row[:3], tuple(row[3:])) for row in found]
 
 
 def _search_by_sql(
@@ -1248,11 +1276,12 @@ def _search_by_sql(
     offset: int,
     want_total: bool,
     sort: list[tuple[str, bool]] | None = None,
+    after: list[Any] | None = None,
 ) -> tuple[int | None, list[tuple[Any, ...]]] | None:
     """The search as one prepared statement (the count beside the page) when the handler
     can state it in SQL (``search_sql``, and ``sort_sql`` for each ``_sort`` key): the hot
     worklist polls skip the ORM's query building, PostgreSQL's planning and a round trip
-    (docs/performance.md). None: use the ORM path."""
+    (docs/performance.md). Rows as ``_sorted_page``'s. None: use the ORM path."""
     sort = sort or []
     sort_sql = {**handlers.SORTS_SQL, **handler.sort_sql}
     if (
@@ -1270,46 +1299,62 @@ def _search_by_sql(
     body, params = found
     if not handler.renders_all_versions:
         body += f" AND f.{column} <> ''"
-    # LIMIT/OFFSET as literals (ints) so the plan is a top-N sort; the JSON is read only
-    # for the page's rows, which keep their place (``ord``: the array's order).
-    order = ", ".join(
-        [
-            f"{sort_sql[key]} {'DESC' if descending else 'ASC'} NULLS LAST"
-            for key, descending in sort
-        ]
-        + ["f.logical_id"]
-    )
-    page_ids = f"SELECT f.id {body} ORDER BY {order} LIMIT {int(count)} OFFSET {int(offset)}"
+    keys = [(sort_sql[key], descending) for key, descending in sort] + [("f.logical_id", False)]
+
+    def direction(descending: bool) -> str:
+        return "DESC NULLS LAST" if descending else "ASC NULLS LAST"
+
+    order = ", ".join(f"{expression} {direction(d)}" for expression, d in keys)
+    key_columns = ", ".join(f"{expression} AS k{i}" for i, (expression, _d) in enumerate(keys))
+    selected = ", ".join(f"q.k{i}" for i in range(len(keys)))
+    again = ", ".join(f"q.k{i} {direction(d)}" for i, (_e, d) in enumerate(keys))
     table = FhirResource._meta.db_table
-    page = (
-        f"SELECT x.resource_type, x.logical_id, x.{column}, q.ord "  # noqa: S608
-        f"FROM unnest(ARRAY({page_ids})) WITH ORDINALITY q(id, ord) "
-        f"JOIN {table} x ON x.id = q.id"
-    )
-    # Prepared (planned once per connection) for the first page in the default order or
-    # one sort key: the polls a worklist repeats. Other pages and sorts are planned each
-    # time, so a client paging or sorting every way does not evict the hot statements
-    # from the connection's cache of prepared statements (psycopg keeps 100).
-    prepare = offset == 0 and len(sort) <= 1
-    if not want_total:
-        rows = fetch_prepared(f"{page} ORDER BY q.ord", params, prepare=prepare)
-        return None, [row[:3] for row in rows]
+
+    def rows_of(found_rows: list[Any], skip: int) -> list[tuple[Any, ...]]:
+        return [(*row[:3], tuple(row[skip:])) for row in found_rows]
+
+    # LIMIT/OFFSET as literals (ints) so the plan is a top-N sort; the JSON is read only
+    # for the page's rows. Prepared (planned once per connection) for the first page in
+    # the default order or one sort key: the polls a worklist repeats. Other pages and
+    # sorts are planned each time, so a client paging or sorting every way does not evict
+    # the hot statements from the connection's cache of prepared statements (psycopg
+    # keeps 100).
+    prepare = offset == 0 and len(sort) <= 1 and after is None
+    if not want_total or after is not None:
+        where, where_params = body, list(params)
+        if after is not None:  # the rows after the cursor: no offset
+            condition, more = paging.after_sql(keys, after)
+            where, where_params, offset = f"{body} AND {condition}", where_params + more, 0
+        inner = (
+            f"SELECT f.id, {key_columns} {where} ORDER BY {order} "
+            f"LIMIT {int(count)} OFFSET {int(offset)}"
+        )
+        rows = fetch_prepared(
+            f"SELECT x.resource_type, x.logical_id, x.{column}, {selected} "  # noqa: S608
+            f"FROM ({inner}) q JOIN {table} x ON x.id = q.id ORDER BY {again}",
+            where_params,
+            prepare=prepare,
+        )
+        total = None
+        if want_total:  # after a cursor: the count of every match, apart
+            total = int(fetch_prepared(f"SELECT count(*) {body}", params, prepare=False)[0][0])
+        return total, rows_of(rows, 3)
     # The count and the page in one statement and one pass over the matches: each match
     # numbered in the order and counted (window functions, before the LIMIT); the JSON
     # read for the page's rows only. (The count as a second pass over the matches cost
     # ~1.5 ms of a 4 ms statement at 300 matches.)
     numbered = (
-        f"SELECT f.id, count(*) OVER () AS n, row_number() OVER (ORDER BY {order}) AS ord "
-        f"{body} ORDER BY ord LIMIT {int(count)} OFFSET {int(offset)}"
+        f"SELECT f.id, count(*) OVER () AS n, row_number() OVER (ORDER BY {order}) AS ord, "
+        f"{key_columns} {body} ORDER BY ord LIMIT {int(count)} OFFSET {int(offset)}"
     )
     rows = fetch_prepared(
-        f"SELECT x.resource_type, x.logical_id, x.{column}, q.n "  # noqa: S608
+        f"SELECT x.resource_type, x.logical_id, x.{column}, q.n, {selected} "  # noqa: S608
         f"FROM ({numbered}) q JOIN {table} x ON x.id = q.id ORDER BY q.ord",
         params,
         prepare=prepare,
     )
     if rows:
-        return int(rows[0][3]), [row[:3] for row in rows]
+        return int(rows[0][3]), rows_of(rows, 4)
     if offset == 0 and count > 0:
         return 0, []
     # An empty page past the end (or _count=0): no row carries the count.
@@ -1323,18 +1368,29 @@ def _links(
     offset: int,
     total: int | None,
     page_len: int,
+    *,
+    more: bool | None = None,
+    cursor: str | None = None,
+    next_cursor: str | None = None,
 ) -> list[dict[str, str]]:
-    def url(at: int) -> str:
+    """self, next and previous. With ``next_cursor`` (a search) the next page is the rows
+    after this one's last (``paging``); its ``_offset`` only counts, for ``previous``.
+    ``more``: known by the caller (a page after a cursor), else from the total."""
+
+    def url(at: int, after: str | None = None) -> str:
         query = [(k, v) for k, vs in sorted(used.items()) for v in vs]
         query += [("_count", str(count))]
         if at:
             query.append(("_offset", str(at)))
+        if after:
+            query.append(("_cursor", after))
         return f"{self_url}?{urlencode(query)}"
 
-    links = [{"relation": "self", "url": url(offset)}]
-    more = (offset + page_len < total) if total is not None else page_len == count
+    links = [{"relation": "self", "url": url(offset, cursor)}]
+    if more is None:
+        more = (offset + page_len < total) if total is not None else page_len == count
     if more and count > 0:
-        links.append({"relation": "next", "url": url(offset + count)})
+        links.append({"relation": "next", "url": url(offset + count, next_cursor)})
     if offset > 0 and count > 0:  # _count=0 pages nothing: no next, no previous
         links.append({"relation": "previous", "url": url(max(0, offset - count))})
     return links

@@ -6,14 +6,17 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import parse_qsl, quote, urlsplit
 
 import pytest
+from django.core import signing
 
 from fhir_gateway.referral_mapping import BSER_BUSINESS_STATUS, REFERRAL_STATE_SYSTEM
-from fhir_gateway.tests.conftest import FHIR_R4, outcome_issue
-from fhir_gateway.tests.referral_world import PLACER, World, body, submit, task_of
+from fhir_gateway.registry_projection import project_registry
+from fhir_gateway.tests.conftest import FHIR_R4, FHIR_R5, outcome_issue
+from fhir_gateway.tests.referral_world import PLACER, World, body, submit, task_of, update_task
 from referrals.models import Referral
+from tests.factories import FacilityFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -135,3 +138,109 @@ def test_paging_links_keep_the_format(world: World, two: tuple[str, str]) -> Non
     assert second.status_code == 200
     assert "fhirVersion=5.0" in second["Content-Type"], links["next"]
     assert [e["resource"]["id"] for e in body(second)["entry"]] == [max(two)]
+
+
+def _walk(world: World, url: str, between: Any = None) -> list[str]:
+    """Every match of a search, page by page along its next links (``between`` runs on
+    each page before the next is read)."""
+    seen: list[str] = []
+    while url:
+        response = world.r5.get(url.removeprefix("http://testserver"), Accept=FHIR_R5)
+        assert response.status_code == 200, response.content
+        bundle = body(response)
+        page = [e["resource"]["id"] for e in bundle.get("entry", [])]
+        seen += page
+        if between is not None:
+            between(page)
+        url = next((k["url"] for k in bundle["link"] if k["relation"] == "next"), "")
+    return seen
+
+
+def test_a_worklist_that_accepts_what_it_sees_skips_nothing(world: World) -> None:
+    # Given five requested Tasks for the R5 system's department
+    tasks = sorted(task_of(submit(world, f"W{n}"))["id"] for n in range(5))
+
+    def accept(page: list[str]) -> None:  # what a worklist client does with a page
+        for task_id in page:
+            response = update_task(
+                world.r5, task_id, lambda t: t.update(status="accepted"), FHIR_R5
+            )
+            assert response.status_code == 200, response.content
+
+    # When it pages through status=requested, accepting each page before the next
+    seen = _walk(world, "/fhir/Task?status=requested&_count=2", accept)
+    # Then it saw every Task once (by offsets it saw 1, 2, then page 2 began at the 5th)
+    assert seen == tasks
+
+
+@pytest.mark.parametrize(
+    ("sort", "again"),
+    [("-_lastUpdated", False), ("priority,-authored-on", False), ("_lastUpdated", True)],
+)
+def test_keyset_pages_hold_when_a_sort_value_moves(world: World, sort: str, again: bool) -> None:
+    tasks = [task_of(submit(world, f"S{n}"))["id"] for n in range(4)]
+    expected = _walk(world, f"/fhir/Task?_sort={sort}&_count=50")
+    assert sorted(expected) == sorted(tasks)
+    touched: list[str] = []
+
+    def touch_first(page: list[str]) -> None:  # a new version: _lastUpdated moves on
+        if not touched:
+            touched.append(page[0])
+            response = update_task(
+                world.r5, page[0], lambda t: t.update(status="accepted"), FHIR_R5
+            )
+            assert response.status_code == 200, response.content
+
+    # The page after the first starts after the values the first row had when it was
+    # read; a row that changed after it was seen shows again at its new place when that
+    # lies ahead (ascending _lastUpdated: at the end), else not
+    seen = _walk(world, f"/fhir/Task?_sort={sort}&_count=1", touch_first)
+    assert seen == expected + (touched if again else [])
+
+
+def test_registry_keyset_pages_walk_every_row_once(fhir: Any, network: Any) -> None:
+    for n in range(5):
+        FacilityFactory.create(code=f"K{n}", name=f"Keyset {n % 2}")
+    project_registry()
+    for sort in ("name", "-name", "_id"):
+        url = f"/fhir/Organization?name=keyset&_sort={sort}&_count=2"
+        everything = body(fhir.get(f"/fhir/Organization?name=keyset&_sort={sort}"))
+        expected = [e["resource"]["id"] for e in everything["entry"]]
+        seen: list[str] = []
+        while url:
+            bundle = body(fhir.get(url.removeprefix("http://testserver")))
+            seen += [e["resource"]["id"] for e in bundle.get("entry", [])]
+            assert bundle["total"] == 5
+            url = next((k["url"] for k in bundle["link"] if k["relation"] == "next"), "")
+        assert seen == expected and len(seen) == 5
+
+
+def _next_cursor(world: World, query: str) -> str:
+    bundle = body(world.r4.get(query, Accept=FHIR_R4))
+    url = next(k["url"] for k in bundle["link"] if k["relation"] == "next")
+    return dict(parse_qsl(urlsplit(url).query))["_cursor"]
+
+
+def test_a_cursor_we_did_not_give_for_this_search_is_400(world: World) -> None:
+    for n in range(3):
+        submit(world, f"C{n}")
+    ours = _next_cursor(world, "/fhir/Task?_count=1")
+    by_priority = _next_cursor(world, "/fhir/Task?_count=1&_sort=priority")
+    forged = signing.dumps([["s", "x"]], salt="another")
+    for query in (
+        "_count=1&_cursor=%25%25%25",  # not even base64
+        f"_count=1&_cursor={forged}",  # signed, not by us for cursors
+        f"_count=1&_cursor={ours[:-2]}",  # a changed signature
+        f"_count=1&_sort=priority&_cursor={ours}",  # another sort's
+        f"_count=1&_cursor={by_priority}",
+        "_count=1&_cursor=" + "x" * 3000,
+    ):
+        response = world.r4.get(f"/fhir/Task?{query}", Accept=FHIR_R4)
+        assert response.status_code == 400, (query, response.content)
+        assert outcome_issue(response)["expression"] == ["_cursor"]
+    # Ours for another type is refused too, and ours for this search pages on
+    response = world.r4.get(f"/fhir/ServiceRequest?_count=1&_cursor={ours}", Accept=FHIR_R4)
+    assert response.status_code == 400
+    response = world.r4.get(f"/fhir/Task?_count=1&_cursor={ours}", Accept=FHIR_R4)
+    assert response.status_code == 200
+    assert len(body(response)["entry"]) == 1
