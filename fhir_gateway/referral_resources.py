@@ -536,6 +536,14 @@ def _if_none_exist_referral(user: User, if_none_exist: str) -> Referral | None:
     for _name, value in criteria:
         if "\x00" in value:
             raise FhirError(400, "invalid", "If-None-Exist contains a NUL character.")
+        if any(parse_token(v)[1] == "" for v in _alternatives(value)) or not value:
+            # "system|" searches every identifier of that system: no key of one submission
+            raise FhirError(
+                400,
+                "invalid",
+                "If-None-Exist on ServiceRequest needs an identifier with a value "
+                "(<system>|<value>).",
+            )
         condition &= _identifier(value)
     matches = list(  # within what the caller may read (a ministry official: nothing)
         _visible_referrals(user).filter(condition, requester_facility_id=_caller_facility(user))[:2]

@@ -25,7 +25,7 @@ from django.db.models import F, Q, QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.http.response import HttpResponseBase
 from django.utils import timezone
-from django.utils.http import http_date
+from django.utils.http import http_date, parse_etags
 from django.views.decorators.csrf import csrf_exempt
 from rest_framework import exceptions as drf_exceptions
 
@@ -383,9 +383,17 @@ def root(ctx: FhirRequest) -> HttpResponse:
     if _prefers_async(ctx.request):
         return _accept_async(ctx, user, bundle, version)
     answer = transaction_func(user, bundle, version, ctx.version, ctx.base)
-    action = AuditAction.CREATE if answer.wrote else AuditAction.READ
-    audit_referral(ctx.request, user, action, answer.referral_pk, "fhir transaction")
-    return HttpResponse(answer.text, content_type=media_type_for(ctx.version))
+    text = answer.text
+    minimal = _prefer_return(ctx.request) == "minimal"
+    if minimal:  # each entry's response, no resources
+        reply = json.loads(text)
+        for entry in reply.get("entry") or []:
+            entry.pop("resource", None)
+        text = dumps(reply)
+    if answer.wrote or not minimal:  # a resubmission answered minimal shows nothing
+        action = AuditAction.CREATE if answer.wrote else AuditAction.READ
+        audit_referral(ctx.request, user, action, answer.referral_pk, "fhir transaction")
+    return HttpResponse(text, content_type=media_type_for(ctx.version))
 
 
 def _prefers_async(request: HttpRequest) -> bool:
@@ -617,15 +625,30 @@ def _raw_create(ctx: FhirRequest, handler: ResourceHandler) -> HttpResponseBase:
     )
 
 
+def _prefer_return(request: HttpRequest) -> str:
+    """``Prefer: return=`` (RFC 7240, among other preferences): minimal,
+    representation (the default) or OperationOutcome."""
+    for part in request.headers.get("Prefer", "").split(","):
+        name, _, value = part.split(";")[0].strip().partition("=")
+        if name.strip().lower() == "return":
+            return value.strip().strip('"')
+    return "representation"
+
+
 def _write_response(ctx: FhirRequest, row: FhirResource, *, status: int) -> HttpResponse:
-    prefer = ctx.request.headers.get("Prefer", "")
-    if "return=minimal" in prefer or not row.json_for(ctx.version):
-        response = HttpResponse(status=status)
+    wanted = _prefer_return(ctx.request)
+    if wanted in ("minimal", "OperationOutcome") or not row.json_for(ctx.version):
+        reference = f"{row.resource_type}/{row.logical_id}/_history/{row.version_id}"
+        if wanted == "OperationOutcome":
+            response = outcome_response(
+                FhirError(status, "informational", f"Stored {reference}.", severity="information"),
+                content_type=media_type_for(ctx.version),
+            )
+        else:  # no body, but the headers say what was stored
+            response = HttpResponse(status=status, content_type=media_type_for(ctx.version))
         response["ETag"] = f'W/"{row.version_id}"'
         response["Last-Modified"] = http_date(row.last_updated.timestamp())
-        response["Location"] = (
-            f"{ctx.base}/{row.resource_type}/{row.logical_id}/_history/{row.version_id}"
-        )
+        response["Location"] = f"{ctx.base}/{reference}"
         return response
     return _resource_response(ctx, row, status=status, location=True)
 
@@ -640,6 +663,14 @@ def instance(ctx: FhirRequest, resource_type: str, logical_id: str) -> HttpRespo
     if ctx.accept_error is not None and not (method == "GET" and raw and raw.raw_read):
         raise ctx.accept_error
     handler = _handler(resource_type, ctx.version)
+    if logical_id == "_history":  # [type]/_history: an interaction, not an id
+        raise FhirError(
+            405,
+            "not-supported",
+            f"History of every {resource_type} is not offered; read one resource's "
+            f"({resource_type}/<id>/_history) where /fhir/metadata lists it.",
+            headers={"Allow": ""},
+        )
     _check_id(logical_id)
     allow = _allowed_instance_methods(handler)
     if method == "GET" and handler.raw_read is not None:
@@ -656,7 +687,7 @@ def instance(ctx: FhirRequest, resource_type: str, logical_id: str) -> HttpRespo
         _require(handler, handlers.READ, allow)
         subset = _request_subset(ctx, resource_type, search=False)
         row = _read(handler, logical_id, ctx.user)
-        if ctx.request.headers.get("If-None-Match", "").strip() == f'W/"{row.version_id}"':
+        if _none_match(ctx.request.headers.get("If-None-Match", ""), row.version_id):
             not_modified = HttpResponse(status=304)
             not_modified["ETag"] = f'W/"{row.version_id}"'
             return not_modified  # no data sent: nothing to record
@@ -1182,6 +1213,13 @@ def _entry(
         + text
         + f',"search":{{"mode":"{mode}"}}}}'
     )
+
+
+def _none_match(header: str, version_id: int) -> bool:
+    """``If-None-Match`` names the current version (RFC 9110's weak comparison: ``"2"``
+    and ``W/"2"`` alike; a list; ``*``, any version)."""
+    tags = parse_etags(header.strip()) if header.strip() else []
+    return "*" in tags or f'"{version_id}"' in {t.removeprefix("W/") for t in tags}
 
 
 # What an absolute reference to another server's resource becomes: a type we never
