@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -1087,6 +1088,15 @@ def attachment_bytes(attachment: dict[str, Any], where: str) -> bytes:
         raise FhirError(400, "structure", f"{where}.data is not base64.") from exc
 
 
+# Python codecs that decode bytes to text but are no charset a member would declare
+# (escapes, IDNA, UTF-7: deprecated, and it can hide markup), refused like unknown ones.
+_NOT_CHARSETS = frozenset(
+    {"unicode-escape", "raw-unicode-escape", "idna", "punycode", "utf-7", "undefined"}
+)
+_BIG_ENDIAN_WITHOUT_BOM = {"utf-16": "utf-16-be", "utf-32": "utf-32-be"}
+_BOMS = (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE, codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+
+
 def attachment_text(attachment: dict[str, Any], where: str) -> str:
     """The text of a text/* attachment, decoded in its declared charset (UTF-8 when none
     is declared). A file of another type is refused, not reduced to its title: a
@@ -1104,8 +1114,14 @@ def attachment_text(attachment: dict[str, Any], where: str) -> str:
     charset = parameters.get("charset") or "utf-8"
     data = attachment_bytes(attachment, where)
     try:
-        return data.decode(charset)
-    except UnicodeDecodeError as exc:
+        codec = codecs.lookup(charset).name
+        if codec in _NOT_CHARSETS:
+            raise LookupError(codec)
+        if codec in _BIG_ENDIAN_WITHOUT_BOM and not data.startswith(_BOMS):
+            codec = _BIG_ENDIAN_WITHOUT_BOM[codec]  # RFC 2781 §4.3: no BOM, big-endian
+        text = data.decode(codec)
+        text.encode("utf-8")  # a lone surrogate (UTF-7 can make one) is no text
+    except UnicodeError as exc:
         raise FhirError(400, "structure", f"{where}.data is not {charset[:40]} text.") from exc
     except (LookupError, ValueError) as exc:  # no codec, or none of text (base64), or a NUL
         raise FhirError(
@@ -1114,6 +1130,7 @@ def attachment_text(attachment: dict[str, Any], where: str) -> str:
             f"{where}: the charset {charset[:40]!r} is not known.",
             expression=[f"{where}.contentType"],
         ) from exc
+    return text
 
 
 def disposition_of(resource: dict[str, Any]) -> str:

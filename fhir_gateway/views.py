@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, urlencode
+from urllib.parse import SplitResult, quote, urlencode, urlsplit
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig, TooManyFieldsSent
@@ -1037,9 +1037,10 @@ def _search(
     cursor = (params.get("_cursor") or [""])[-1] or None
     # What a cursor is made for: its values are this type's sort keys then tie-break.
     search_key = f"{handler.resource_type}?_sort={(used.get('_sort') or [''])[0]}"
-    after = None
-    if cursor is not None and count > 0:  # the page after a next link's last row
-        after = paging.decode_cursor(cursor, search_key)
+    # The page after a next link's last row (checked also when no page is asked for).
+    after = paging.decode_cursor(cursor, search_key) if cursor is not None else None
+    if count == 0:
+        after = None
     # After a cursor one row more tells whether another page follows (the total cannot:
     # rows may have left the matches before the cursor).
     fetch = count + 1 if after is not None else count
@@ -1228,17 +1229,40 @@ FOREIGN_REFERENCE = "Foreign/-"
 
 
 def _local_reference(raw: str, base: str) -> str:
-    """A reference search value whose alternatives are absolute URLs: ours (``base``)
-    made relative, another server's made FOREIGN_REFERENCE (it names a resource there,
-    not ours with the same id)."""
-    prefix = base.rstrip("/").lower() + "/"
+    """A reference search value whose alternatives are absolute URLs: ours (``base``,
+    compared as URLs: scheme and host in any case, the default port written or not) made
+    relative, another server's made FOREIGN_REFERENCE (it names a resource there, not ours
+    with the same id)."""
     out = []
     for value in split_escaped(raw, ","):
         if "://" in value:
-            local = value[: len(prefix)].lower() == prefix
-            value = value[len(prefix) :] if local else FOREIGN_REFERENCE
+            local = _under_base(value, base)
+            value = local if local is not None else FOREIGN_REFERENCE
         out.append(value)
     return ",".join(out)
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _under_base(url: str, base: str) -> str | None:
+    """What follows ``base`` in ``url`` ('Task/1'), or None when ``url`` is not under it."""
+
+    def origin(parts: SplitResult) -> tuple[str, str, int | None]:
+        try:
+            port = parts.port or _DEFAULT_PORTS.get(parts.scheme.lower())
+        except ValueError:  # a port that is no number
+            port = -1
+        return parts.scheme.lower(), (parts.hostname or "").lower(), port
+
+    try:
+        ours, theirs = urlsplit(base), urlsplit(url)
+    except ValueError:  # an unbalanced [ in the host
+        return None
+    prefix = ours.path.rstrip("/") + "/"
+    if origin(ours) != origin(theirs) or not theirs.path.startswith(prefix):
+        return None
+    return theirs.path[len(prefix) :]
 
 
 def _sort_keys(

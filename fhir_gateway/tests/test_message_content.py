@@ -5,6 +5,7 @@ text in its declared charset, files that are not text (review findings)."""
 from __future__ import annotations
 
 import base64
+import codecs
 from typing import Any
 
 import pytest
@@ -144,8 +145,22 @@ def _text_message(task_id: str, content_type: str, data: bytes) -> dict[str, Any
         ("text/plain;charset=UTF-16", "Fièvre, éruption".encode("utf-16")),
         ('text/plain; charset="utf-8"', "Fièvre, éruption".encode()),
         ("text/plain", "Fièvre, éruption".encode()),
+        ("text/plain; charset=utf-16", "Fièvre, éruption".encode("utf-16-be")),  # no BOM
+        (
+            "text/plain; charset=utf-16",
+            codecs.BOM_UTF16_LE + "Fièvre, éruption".encode("utf-16-le"),
+        ),
+        ("text/plain; charset=windows-1258", "Fièvre, éruption".encode("cp1258")),
     ],
-    ids=["latin-1", "utf-16", "quoted-utf-8", "default-utf-8"],
+    ids=[
+        "latin-1",
+        "utf-16",
+        "quoted-utf-8",
+        "default-utf-8",
+        "utf-16-no-bom",
+        "utf-16le-bom",
+        "windows-1258",
+    ],
 )
 def test_text_is_read_in_its_declared_charset(world: World, content_type: str, data: bytes) -> None:
     task_id = accepted(world)
@@ -161,8 +176,19 @@ def test_text_is_read_in_its_declared_charset(world: World, content_type: str, d
         ("text/plain; charset=base64", b"abc", 422),  # a codec, not of text
         ("text/plain; charset=utf-8", b"\xff\xfe\xfa", 400),
         ("application/pdf", LETTER_PDF, 422),  # a file, not text
+        ("text/plain; charset=utf-7", b"Echo +2AA-", 422),  # no charset we read
+        ("text/plain; charset=unicode_escape", b"Echo \\ud800", 422),
+        ("text/plain; charset=utf-16-be", b"\xd8\x00\x00A", 400),  # a lone surrogate
     ],
-    ids=["unknown-charset", "codec-not-of-text", "not-utf-8", "pdf"],
+    ids=[
+        "unknown-charset",
+        "codec-not-of-text",
+        "not-utf-8",
+        "pdf",
+        "utf-7",
+        "escapes",
+        "surrogate",
+    ],
 )
 def test_text_that_cannot_be_read_is_refused(
     world: World, content_type: str, data: bytes, status: int

@@ -122,6 +122,19 @@ def test_an_absolute_reference_matches_only_on_this_server(
     assert _ids(world, f"/fhir/Task?focus={foreign}") == []
     assert _ids(world, f"/fhir/Task?focus=http://testserver/fhir/ServiceRequest/{a}") == [a]
     assert _ids(world, f"/fhir/Task?focus={foreign},ServiceRequest/{a}") == [a]
+    for ours in (  # the same base written otherwise
+        f"http://testserver:80/fhir/ServiceRequest/{a}",
+        f"HTTP://TestServer/fhir/ServiceRequest/{a}",
+    ):
+        assert _ids(world, f"/fhir/Task?focus={ours}") == [a], ours
+    for theirs in (
+        f"http://testserver:8080/fhir/ServiceRequest/{a}",
+        f"https://testserver/fhir/ServiceRequest/{a}",
+        f"http://testserver/other/ServiceRequest/{a}",
+        f"http://testserver:x/fhir/ServiceRequest/{a}",
+        f"http://[::1/fhir/ServiceRequest/{a}",
+    ):
+        assert _ids(world, f"/fhir/Task?focus={quote(theirs)}") == [], theirs
     owner = task_of(submit(world, "C"))["owner"]["reference"]  # HealthcareService/<pk>
     mine = _ids(world, f"/fhir/Task?owner=http://testserver/fhir/{owner}")
     assert len(mine) == 3
@@ -234,6 +247,8 @@ def test_a_cursor_we_did_not_give_for_this_search_is_400(world: World) -> None:
         f"_count=1&_sort=priority&_cursor={ours}",  # another sort's
         f"_count=1&_cursor={by_priority}",
         "_count=1&_cursor=" + "x" * 3000,
+        "_count=0&_cursor=garbage",  # checked when no page is asked for too
+        "_summary=count&_cursor=garbage",
     ):
         response = world.r4.get(f"/fhir/Task?{query}", Accept=FHIR_R4)
         assert response.status_code == 400, (query, response.content)
