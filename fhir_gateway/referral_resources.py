@@ -736,7 +736,11 @@ def _counter_referral_create(user: User, ask: m.CounterReferralAsk) -> WriteResu
     child = Referral.objects.values_list("filler_id", flat=True).get(
         pk=_latest_payload(referral, "counter_referral_id")
     )
-    return WriteResult(_current("ServiceRequest", child), created=True)
+    return WriteResult(
+        _current("ServiceRequest", child),
+        created=True,
+        transitioned=((original.pk, "counter_refer"),),
+    )
 
 
 def referral_from_references(user: User, references: list[str], where: str) -> Referral:

@@ -308,6 +308,8 @@ def rows_matching_tokens(
 class WriteResult:
     row: FhirResource
     created: bool  # a new resource (201) rather than a new version or an existing match
+    # Other referrals the write moved on (a counter-referral: the original), for the audit.
+    transitioned: tuple[tuple[int, str], ...] = ()  # (referral pk, workflow action)
 
 
 def _lock(key: str) -> None:

@@ -600,8 +600,11 @@ def _create(ctx: FhirRequest, handler: ResourceHandler) -> HttpResponse:
             if_none_exist=if_none_exist,
         )
     )
-    action = AuditAction.CREATE if result.created else AuditAction.READ  # an existing one
-    _audit_write(ctx, result.row, action, "create")
+    if result.created or _sends_resource(ctx, result.row):  # an existing one: read if sent
+        action = AuditAction.CREATE if result.created else AuditAction.READ
+        _audit_write(ctx, result.row, action, "create")
+    for referral_pk, workflow_action in result.transitioned:  # as the REST action records it
+        audit_referral(ctx.request, ctx.user, AuditAction.TRANSITION, referral_pk, workflow_action)
     return _write_response(ctx, result.row, status=201 if result.created else 200)
 
 
@@ -630,16 +633,22 @@ def _prefer_return(request: HttpRequest) -> str:
     representation (the default) or OperationOutcome."""
     for part in request.headers.get("Prefer", "").split(","):
         name, _, value = part.split(";")[0].strip().partition("=")
-        if name.strip().lower() == "return":
-            return value.strip().strip('"')
-    return "representation"
+        value = value.strip().strip('"')
+        if name.strip().lower() == "return" and value in ("minimal", "OperationOutcome"):
+            return value
+    return "representation"  # also for a value FHIR does not define
+
+
+def _sends_resource(ctx: FhirRequest, row: FhirResource) -> bool:
+    """Whether ``_write_response`` answers with the resource (so a write that found or
+    kept it is a read to record) rather than headers or an OperationOutcome alone."""
+    return _prefer_return(ctx.request) == "representation" and bool(row.json_for(ctx.version))
 
 
 def _write_response(ctx: FhirRequest, row: FhirResource, *, status: int) -> HttpResponse:
-    wanted = _prefer_return(ctx.request)
-    if wanted in ("minimal", "OperationOutcome") or not row.json_for(ctx.version):
+    if not _sends_resource(ctx, row):
         reference = f"{row.resource_type}/{row.logical_id}/_history/{row.version_id}"
-        if wanted == "OperationOutcome":
+        if _prefer_return(ctx.request) == "OperationOutcome":
             response = outcome_response(
                 FhirError(status, "informational", f"Stored {reference}.", severity="information"),
                 content_type=media_type_for(ctx.version),
@@ -776,7 +785,8 @@ def _patch(ctx: FhirRequest, handler: ResourceHandler, logical_id: str) -> HttpR
         current = json.loads(text)
         patched = patching.apply_patch(current, patch, max_bytes=_max_body_bytes())
         if patching.same_json(patched, current):  # only tests, or nothing new: no version
-            _audit_write(ctx, row, AuditAction.READ, "patch")
+            if _sends_resource(ctx, row):
+                _audit_write(ctx, row, AuditAction.READ, "patch")
             return _write_response(ctx, row, status=200)
         if patched.get("resourceType") != handler.resource_type or patched.get("id") != logical_id:
             raise FhirError(

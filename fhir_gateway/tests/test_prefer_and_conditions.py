@@ -19,7 +19,7 @@ from fhir_gateway.tests.referral_world import (
     task_of,
     transaction,
 )
-from referrals.models import Referral
+from referrals.models import AuditEntry, Referral
 
 pytestmark = pytest.mark.django_db
 
@@ -118,3 +118,43 @@ def test_a_transaction_answered_minimal_has_no_resources(world: World) -> None:
     assert all(e["response"]["status"].startswith("201") for e in entries)
     assert all(e["response"]["location"] for e in entries)
     assert Referral.objects.count() == 1
+
+
+def _audit() -> list[tuple[str, int, str]]:
+    return list(AuditEntry.objects.order_by("id").values_list("action", "referral_id", "detail"))
+
+
+@pytest.mark.parametrize("prefer", ["return=minimal", "return=OperationOutcome"])
+def test_a_conditional_create_that_sends_nothing_records_no_read(world: World, prefer: str) -> None:
+    submit(world, "A")
+    AuditEntry.objects.all().delete()
+    response = world.r4.post(
+        "/fhir/ServiceRequest",
+        service_request(world, "A", subject="Patient/x"),
+        **{"If-None-Exist": f"identifier={PLACER}|A", "Prefer": prefer},
+    )
+    assert response.status_code == 200, response.content
+    assert b"reasonCode" not in response.content
+    assert _audit() == []
+    # The same answered with the resource is a read
+    response = world.r4.post(
+        "/fhir/ServiceRequest",
+        service_request(world, "A", subject="Patient/x"),
+        **{"If-None-Exist": f"identifier={PLACER}|A", "Prefer": "return=representation"},
+    )
+    assert response.status_code == 200
+    referral = Referral.objects.get(placer_value="A")
+    assert _audit() == [("read", referral.pk, "fhir create ServiceRequest")]
+
+
+def test_a_patch_that_changes_nothing_answered_minimal_records_no_read(world: World) -> None:
+    task_id = task_of(submit(world, "A"))["id"]
+    AuditEntry.objects.all().delete()
+    test_only = [{"op": "test", "path": "/status", "value": "requested"}]
+    response = world.r5.patch(f"/fhir/Task/{task_id}", test_only, Prefer="return=minimal")
+    assert response.status_code == 200, response.content
+    assert response.content == b""
+    assert _audit() == []
+    response = world.r5.patch(f"/fhir/Task/{task_id}", test_only, Prefer="return=whatever")
+    assert response.status_code == 200 and body(response)["resourceType"] == "Task"
+    assert [a for a, _r, _d in _audit()] == ["read"]

@@ -30,7 +30,14 @@ from fhir_gateway.tests.referral_world import (
     transaction,
     update_task,
 )
-from referrals.models import ConsultNote, Priority, Referral, ReferralEvent, ReferralState
+from referrals.models import (
+    AuditEntry,
+    ConsultNote,
+    Priority,
+    Referral,
+    ReferralEvent,
+    ReferralState,
+)
 from registry.models import Department
 from tests.factories import NEUROLOGY, DepartmentFactory, SpecialtyFactory, UserFactory
 
@@ -647,6 +654,28 @@ def test_the_counter_referral_is_published_to_both_members(
         aggregate_key=f"referral:{original.pk}", resource_type="Task", version_id=original.version
     )
     assert latest.count() == 2  # the original's new Task version, to both members
+
+
+def test_a_counter_referral_is_audited_on_both_referrals(
+    world: World, people: dict[str, Any], spoke_neurology: Department
+):
+    task_id = advised(world)
+    original = Referral.objects.get(filler_id=task_id)
+    AuditEntry.objects.all().delete()
+
+    response = people["consultant"].post(
+        "/fhir/ServiceRequest", _counter_referral(world, task_id, spoke_neurology)
+    )
+
+    assert response.status_code == 201, response.content
+    child = Referral.objects.get(filler_id=json.loads(response.content)["id"])
+    # The child's create, and the original's transition as the REST action records it
+    assert sorted(AuditEntry.objects.values_list("action", "referral_id", "detail")) == sorted(
+        [
+            ("create", child.pk, "fhir create ServiceRequest"),
+            ("transition", original.pk, "counter_refer"),
+        ]
+    )
 
 
 def test_a_conditional_counter_referral_is_made_once(
