@@ -120,7 +120,7 @@ def test_a_transaction_answered_minimal_has_no_resources(world: World) -> None:
     assert Referral.objects.count() == 1
 
 
-def _audit() -> list[tuple[str, int, str]]:
+def _audit() -> list[tuple[str, int | None, str]]:
     return list(AuditEntry.objects.order_by("id").values_list("action", "referral_id", "detail"))
 
 
