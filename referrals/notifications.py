@@ -96,11 +96,19 @@ def audience_for(action: str) -> tuple[str, ...]:
     return AUDIENCES.get(action, DEFAULT_AUDIENCE)
 
 
+def _tells_assignee(event: ReferralEvent, audience: tuple[str, ...]) -> bool:
+    """The department hears of an action when it is in the audience and the referral was
+    sent to it: a draft (even one naming its department) is its requester's alone until
+    the ``submit`` that sends it."""
+    unsent = event.from_state == ReferralState.DRAFT and event.action != "submit"
+    return ASSIGNEE in audience and event.department_id is not None and not unsent
+
+
 def _recipients_query(event: ReferralEvent, referral: Referral | None = None) -> QuerySet[User]:
     referral = referral if referral is not None else event.referral
     audience = audience_for(event.action)
     who = Q(pk__in=[])
-    if ASSIGNEE in audience and event.department_id is not None:
+    if _tells_assignee(event, audience):
         who |= Q(departments=event.department_id)
     if REQUESTER in audience:
         who |= Q(facility_id=referral.requester_facility_id, groups__name=Role.REFERRER.value)
@@ -152,7 +160,7 @@ def _recipients_sql(event: ReferralEvent, referral: Referral) -> tuple[str, list
     audience = audience_for(event.action)
     ways: list[str] = []
     params: list[Any] = []
-    if ASSIGNEE in audience and event.department_id is not None:
+    if _tells_assignee(event, audience):
         ways.append(_IN_DEPARTMENT)
         params.append(event.department_id)
     if REQUESTER in audience:

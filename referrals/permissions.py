@@ -21,7 +21,7 @@ from guardian.shortcuts import assign_perm
 
 from accounts.models import User
 from accounts.roles import Role
-from referrals.models import Referral, ReferralUserObjectPermission
+from referrals.models import Referral, ReferralState, ReferralUserObjectPermission
 from registry.models import Department, Facility
 
 VIEW_REFERRAL = "view_referral"
@@ -45,7 +45,10 @@ def referral_region_filter(user: User) -> Q | None:
     )
     facilities = Facility.objects.filter(province_id__in=province).values("id")
     departments = Department.objects.filter(facility_id__in=facilities).values("id")
-    return Q(requester_facility_id__in=facilities) | Q(assigned_department_id__in=departments)
+    # A draft is its requester's alone until it is sent.
+    return Q(requester_facility_id__in=facilities) | (
+        Q(assigned_department_id__in=departments) & ~Q(state=ReferralState.DRAFT)
+    )
 
 
 def referral_experts_grant(*, referral: Referral, experts: Iterable[User]) -> None:

@@ -40,8 +40,8 @@ def referral_scope_filter(user: User) -> Q | None:
     if user.facility_id is not None:
         scope |= Q(requester_facility_id=user.facility_id)
     department_ids = user.department_ids()
-    if department_ids:
-        scope |= Q(assigned_department_id__in=department_ids)
+    if department_ids:  # a draft is its requester's alone until it is sent
+        scope |= Q(assigned_department_id__in=department_ids) & ~Q(state=ReferralState.DRAFT)
     # Beyond the relationships: coordinators' region and explicit guardian grants
     # (invited conference experts); subqueries, still no joins. docs/permissions.md.
     region = referral_region_filter(user)
@@ -64,9 +64,10 @@ def referral_scope_sql(user: User, alias: str = "r") -> tuple[str, list[Any]]:
     department_ids = sorted(user.department_ids())
     if department_ids:
         parts.append(
-            f"{alias}.assigned_department_id IN ({', '.join(['%s'] * len(department_ids))})"
+            f"({alias}.assigned_department_id IN ({', '.join(['%s'] * len(department_ids))})"
+            f" AND {alias}.state <> %s)"
         )
-        params += department_ids
+        params += [*department_ids, ReferralState.DRAFT.value]
     if user.facility_id is not None and user.has_role(Role.COORDINATOR):
         # referral_region_filter: facilities (and their departments) in the province of
         # the coordinator's own facility; nothing when that facility has no province.
@@ -75,10 +76,10 @@ def referral_scope_sql(user: User, alias: str = "r") -> tuple[str, list[Any]]:
             f"{alias}.requester_facility_id IN (SELECT id FROM {_F} WHERE province_id IN {province})"  # noqa: S608
         )
         parts.append(
-            f"{alias}.assigned_department_id IN (SELECT d.id FROM {_D} d JOIN {_F} f "  # noqa: S608
-            f"ON f.id = d.facility_id WHERE f.province_id IN {province})"
+            f"({alias}.assigned_department_id IN (SELECT d.id FROM {_D} d JOIN {_F} f "  # noqa: S608
+            f"ON f.id = d.facility_id WHERE f.province_id IN {province}) AND {alias}.state <> %s)"
         )
-        params += [user.facility_id, user.facility_id]
+        params += [user.facility_id, user.facility_id, ReferralState.DRAFT.value]
     parts.append(_GRANTS.replace("r.id", f"{alias}.id", 1))
     params += [user.pk, VIEW_REFERRAL]
     return "(" + " OR ".join(parts) + ")", params

@@ -8,6 +8,7 @@ from datetime import datetime, tzinfo
 from typing import Any
 
 from django.utils import timezone
+from django.utils.dateparse import parse_datetime
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
@@ -69,11 +70,31 @@ class ReferralSubmitSerializer(serializers.Serializer[Any]):
         return attrs
 
 
+class AwareDateTimeField(serializers.DateTimeField):
+    """A date-time with its time zone: DRF would read ``2031-01-01T10:00`` as UTC, whose
+    10 o'clock the sender may not have meant."""
+
+    default_error_messages = {
+        **serializers.DateTimeField.default_error_messages,
+        "naive": "Give the time zone (ISO 8601, e.g. 2031-01-01T10:00:00+07:00).",
+    }
+
+    def to_internal_value(self, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                parsed = parse_datetime(value.strip())
+            except ValueError:  # a date-time that does not exist: DRF says so
+                parsed = None
+            if parsed is not None and timezone.is_naive(parsed):
+                self.fail("naive")
+        return super().to_internal_value(value)
+
+
 _FIELD_KINDS: dict[str, Any] = {
     "text": lambda f: serializers.CharField(max_length=20_000, help_text=f.help),
     "choice": lambda f: serializers.ChoiceField(choices=list(f.choices), help_text=f.help),
     "bool": lambda f: serializers.BooleanField(help_text=f.help),
-    "datetime": lambda f: serializers.DateTimeField(help_text=f.help),
+    "datetime": lambda f: AwareDateTimeField(help_text=f.help),
     "department": lambda f: serializers.IntegerField(help_text=f.help or "department id"),
     "users": lambda f: serializers.ListField(
         child=serializers.IntegerField(), min_length=1, help_text=f.help

@@ -73,14 +73,65 @@ def _guard_forward_target(
         return "That department is not accepting referrals."
     if department.facility_id == referral.requester_facility_id:
         return "A referral cannot be forwarded to the requesting facility."
-    return None
+    # Routing's own rules, as at intake (for the department's specialty): the mode, a
+    # higher tier or a support link, never across a border without a data-sharing
+    # agreement, identifiable data only where the link allows it.
+    return _routing_problem(referral, department, now)
+
+
+def _routing_problem(referral: Referral, department: Any, now: datetime) -> str | None:
+    """Would the intake take ``department`` for this case? Judged on an unsaved copy of
+    what routing reads (routing leaves the assigned department and the case's history
+    out of its candidates; here the department is the one asked for)."""
+    from referrals.routing import candidate_check
+
+    probe = Referral(
+        requester_facility_id=referral.requester_facility_id,
+        # The department's own specialty: a case sent to the wrong specialty may be
+        # forwarded to the right one; the tier, support-link, border and patient-data
+        # rules are those of a referral to it.
+        specialty_id=department.specialty_id,
+        mode=referral.mode,
+        patient_ref=referral.patient_ref,
+    )
+    _suggestion, problem = candidate_check(probe, department.pk, now=now)
+    return problem
+
+
+def _guard_submit_department(
+    referral: Referral, data: Mapping[str, Any] | None, now: datetime
+) -> str | None:
+    """A draft that names its department is sent there only if the intake would still
+    take it (the department may have stopped accepting, or left routing, meanwhile)."""
+    department = referral.assigned_department
+    if data is None or department is None:  # none: routing chooses when it is sent
+        return None
+    if not department.accepting:
+        return "That department is not accepting referrals."
+    return _routing_problem(referral, department, now)
 
 
 def _guard_conference_in_future(
     referral: Referral, data: Mapping[str, Any] | None, now: datetime
 ) -> str | None:
-    if data is not None and data["scheduled_at"] <= now:
+    if data is None:
+        return None
+    if data["scheduled_at"] <= now:
         return "The conference must be scheduled in the future."
+    # The experts invited are given the case: active consultants of its specialty only
+    # (the web form's choices; a referrer of another hospital is no expert to invite).
+    outsiders = sorted(
+        u.pk
+        for u in data["experts"]
+        if not u.is_active
+        or not u.has_role(Role.CONSULTANT)
+        or not u.departments.filter(specialty_id=referral.specialty_id).exists()
+    )
+    if outsiders:
+        return (
+            "Experts are consultants of a department of the referral's specialty; these "
+            f"users are not: {', '.join(map(str, outsiders))}."
+        )
     return None
 
 
@@ -126,6 +177,7 @@ def _guard_counter_department(
 
 
 GUARDS: dict[str, Guard] = {
+    "department_still_candidate": _guard_submit_department,
     "forward_target_valid": _guard_forward_target,
     "conference_in_future": _guard_conference_in_future,
     "department_offers_transfer": _guard_department_offers_transfer,
@@ -135,8 +187,11 @@ GUARDS: dict[str, Guard] = {
 }
 
 GUARD_DESCRIPTIONS: dict[str, str] = {
-    "forward_target_valid": "target department differs, accepts, and is not the requester",
-    "conference_in_future": "scheduled_at is in the future",
+    "department_still_candidate": "a chosen department still accepts and is a routing candidate",
+    "forward_target_valid": "target department differs, accepts, is not the requester, "
+    "and is a routing candidate for its specialty",
+    "conference_in_future": "scheduled_at is in the future; the experts are consultants "
+    "of the referral's specialty",
     "department_offers_transfer": "assigned department receives transfers",
     "deadline_passed": "deadline has passed",
     "counter_department_at_requester": "department belongs to the original requester, "
@@ -180,6 +235,7 @@ TRANSITIONS: tuple[Transition, ...] = (
         S.SUBMITTED,
         ActorSide.REQUESTER,
         REQUESTER_OR_SYSTEM_ROLES,
+        guard="department_still_candidate",
         description="Send the referral to its department (or to routing when none is chosen).",
     ),
     Transition(

@@ -13,7 +13,7 @@ from accounts.models import User
 from accounts.roles import Role
 from accounts.services import api_token_issue
 from referrals.tests.conftest import World
-from registry.models import AdministrativeArea, AreaLevel, Facility, Tier
+from registry.models import AdministrativeArea, AreaLevel, Department, Facility, Tier
 
 ROLES = (
     "referrer_own",
@@ -52,6 +52,18 @@ def _user(username: str, role: Role, facility: Facility | None, **extra: Any) ->
     return user
 
 
+def _expert(world: World) -> User:
+    clinic = Facility.objects.create(
+        code="EXP1", name="Paediatric Research Institute", country=world.country, tier=Tier.CENTRAL
+    )
+    department = Department.objects.create(
+        facility=clinic, specialty=world.paeds, name="Paediatric research", accepting=False
+    )
+    user = _user("expert", Role.CONSULTANT, clinic)
+    user.departments.add(department)
+    return user
+
+
 def people_around(world: World) -> People:
     """The requesting district and the coordinator's facility are in one province; the
     assigned hub and the other coordinator elsewhere."""
@@ -83,7 +95,8 @@ def people_around(world: World) -> People:
         "coordinator_other_province": _user("coord-02", Role.COORDINATOR, remote),
         # The hardest ministry case: attached to the assigned department itself.
         "ministry": world.ministry_at_hub,
-        # A consultant of another facility with no department in the case.
-        "invited_expert": _user("expert", Role.CONSULTANT, world.hub2),
+        # A consultant of another facility with no department in the case (a paediatrician
+        # of a department that takes no referrals: an expert one may invite, nothing more).
+        "invited_expert": _expert(world),
     }
     return People(world=world, users=users, province=province, other_province=other)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from core.errors import ApplicationError, Conflict, PermissionDenied
+from core.errors import ApplicationError, Conflict, NotFound, PermissionDenied
 from referrals import services
-from referrals.models import Priority, Referral, ReferralEvent, ReferralState
+from referrals.models import ActorSide, Priority, Referral, ReferralEvent, ReferralState
 from referrals.tests.conftest import ALL_STATES, World, shortest_paths
 from referrals.workflow import ACTIONS, TRANSITIONS, TRANSITIONS_BY_ACTION, check_table
 
@@ -52,6 +52,11 @@ def test_state_action_pair(world: World, state: str, action: str) -> None:
         event = ReferralEvent.objects.get(referral=referral, seq=result.version)
         assert (event.action, event.from_state, event.to_state) == (action, state, expected)
         assert ReferralEvent.objects.filter(referral=referral).count() == before[2] + 1
+    elif state == ReferralState.DRAFT and transition.side == ActorSide.ASSIGNEE:
+        # a draft is not its department's until it is sent: not found, nothing changed
+        with pytest.raises(NotFound):
+            world.act(referral, action)
+        assert _snapshot(referral.pk) == before
     else:
         # when it is forbidden: 409 with the current state, nothing changed
         with pytest.raises(Conflict) as caught:
@@ -67,7 +72,9 @@ def test_wrong_side_is_refused(world: World, action: str) -> None:
     referral = world.referral_in(sorted(transition.sources)[0])
     before = _snapshot(referral.pk)
     wrong = world.consultant if transition.side == "requester" else world.referrer
-    with pytest.raises(PermissionDenied):
+    # The department does not see a draft at all (not found rather than forbidden).
+    refusal = NotFound if referral.state == ReferralState.DRAFT else PermissionDenied
+    with pytest.raises(refusal):
         services.referral_transition(
             actor=wrong, referral_id=referral.pk, action=action, **world.inputs_for(action)
         )

@@ -100,7 +100,9 @@ def simulate(net: Network, count: int, seed: int = 7) -> None:
         if roll < 0.16:
             d.act(number, "expire", step(department.sla_hours + 1))
             continue
-        if roll < 0.24 and department.pk == net.h1p.pk:
+        # Forwarded to the provincial hub, which routing allows for Vietnamese requesters
+        # (not across the border: h2 has no data-sharing agreement with Laos).
+        if roll < 0.24 and department.pk == net.h1p.pk and facility.pk != net.l1.pk:
             d.act(
                 number,
                 "forward",

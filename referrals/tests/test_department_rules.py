@@ -1,0 +1,199 @@
+"""Rules the REST API and web UI must keep as routing and the intake do (review findings):
+a draft is its requester's alone; sending a draft or forwarding a case re-checks the
+department as the intake would; a conference time has its time zone; invited experts are
+consultants of the specialty."""
+
+from __future__ import annotations
+
+import pytest
+from django.test import Client
+from rest_framework.test import APIClient
+
+from accounts.models import User
+from core.errors import ApplicationError, Conflict
+from referrals import services
+from referrals.models import Message, Notification, Referral, ReferralEvent, ReferralState
+from referrals.selectors import referral_scope_filter, referral_scope_sql
+from referrals.tests.conftest import World
+from registry.models import Country, Department, Facility, Specialty, Tier
+
+pytestmark = pytest.mark.django_db
+
+
+def api(user: User) -> APIClient:
+    client = APIClient()
+    client.force_authenticate(user)
+    return client
+
+
+def web(user: User) -> Client:
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+# --- a draft is its requester's alone --------------------------------------------------
+
+
+def test_a_draft_is_not_shown_to_the_department_it_names(world: World) -> None:
+    draft = world.submit(draft=True)
+    assert draft.state == ReferralState.DRAFT and draft.assigned_department == world.hub_paeds
+    assert api(world.consultant).get(f"/api/v1/referrals/{draft.pk}/").status_code == 404
+    assert web(world.consultant).get(f"/referrals/{draft.pk}/").status_code == 404
+    # ... nor to anyone through the hand-written scope (the FHIR searches)
+    scope = referral_scope_filter(world.consultant)
+    assert scope is not None and not Referral.objects.filter(scope, pk=draft.pk).exists()
+    sql, params = referral_scope_sql(world.consultant, "r")
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT count(*) FROM {Referral._meta.db_table} r WHERE r.id = %s AND {sql}",  # noqa: S608
+            [draft.pk, *params],
+        )
+        assert cursor.fetchone()[0] == 0
+    # The requester sees it; once sent, the department does
+    assert api(world.referrer).get(f"/api/v1/referrals/{draft.pk}/").status_code == 200
+    world.act(draft, "submit")
+    assert api(world.consultant).get(f"/api/v1/referrals/{draft.pk}/").status_code == 200
+
+
+def test_the_department_cannot_post_on_an_unsent_draft(world: World) -> None:
+    draft = world.submit(draft=True)
+    response = web(world.consultant).post(f"/referrals/{draft.pk}/messages/", {"text": "seen"})
+    assert response.status_code == 404
+    assert not Message.objects.filter(referral=draft).exists()
+
+
+def test_cancelling_a_draft_tells_the_department_nothing(world: World) -> None:
+    draft = world.submit(draft=True)
+    services.referral_transition(
+        actor=world.referrer, referral_id=draft.pk, action="cancel", reason="changed my mind"
+    )
+    assert not Notification.objects.filter(recipient=world.consultant).exists()
+
+
+def test_sending_a_draft_tells_the_department(world: World) -> None:
+    draft = world.submit(draft=True)
+    world.act(draft, "submit")
+    assert Notification.objects.filter(recipient=world.consultant).exists()
+
+
+# --- sending a draft and forwarding re-check the department -----------------------------
+
+
+def test_a_draft_is_not_sent_to_a_department_that_stopped_accepting(world: World) -> None:
+    draft = world.submit(draft=True)
+    Department.objects.filter(pk=world.hub_paeds.pk).update(accepting=False)
+    events = ReferralEvent.objects.count()
+    response = api(world.referrer).post(f"/api/v1/referrals/{draft.pk}/submit/", {}, format="json")
+    assert response.status_code == 409, response.json()
+    draft.refresh_from_db()
+    assert draft.state == ReferralState.DRAFT
+    assert ReferralEvent.objects.count() == events
+
+
+def _abroad(world: World) -> Department:
+    facility = Facility.objects.create(
+        code="KH1",
+        name="Foreign Central Hospital",
+        country=Country.objects.create(code="KH", name="Cambodia"),
+        tier=Tier.CENTRAL,
+    )
+    return Department.objects.create(facility=facility, specialty=world.paeds, name="Paeds KH")
+
+
+def test_a_forward_across_a_border_without_an_agreement_is_refused(world: World) -> None:
+    referral = world.submit(patient_ref="P-4711")  # identifiable
+    foreign = _abroad(world)
+    with pytest.raises(ApplicationError):  # the intake refuses this department
+        world.submit(department=foreign, patient_ref="P-4712")
+    events = ReferralEvent.objects.count()
+    response = api(world.consultant).post(
+        f"/api/v1/referrals/{referral.pk}/forward/",
+        {"department": foreign.pk, "reason": "they have a bed"},
+        format="json",
+    )
+    assert response.status_code == 409, response.json()
+    referral.refresh_from_db()
+    assert referral.assigned_department_id == world.hub_paeds.pk
+    assert ReferralEvent.objects.count() == events
+
+
+def test_a_forward_to_another_specialty_follows_that_specialtys_rules(world: World) -> None:
+    referral = world.submit()
+    derm = Specialty.objects.create(code="394582007", display="Dermatology")
+    # Not to a department the district could not refer to (its own tier, no support link)
+    peer = Facility.objects.create(
+        code="DX9", name="Peer district", country=world.district.country, tier=world.district.tier
+    )
+    peer_derm = Department.objects.create(facility=peer, specialty=derm, name="Derm DX9")
+    events = ReferralEvent.objects.count()
+    with pytest.raises(Conflict):
+        services.referral_transition(
+            actor=world.consultant,
+            referral_id=referral.pk,
+            action="forward",
+            department=peer_derm.pk,
+            reason="closer",
+        )
+    referral.refresh_from_db()
+    assert referral.assigned_department_id == world.hub_paeds.pk
+    assert ReferralEvent.objects.count() == events
+    # A case sent to the wrong specialty may go to the right one: hub2 (a higher tier than
+    # the district) has dermatology, a candidate for a dermatology referral
+    hub_derm = Department.objects.create(facility=world.hub2, specialty=derm, name="Derm P1")
+    services.referral_transition(
+        actor=User.objects.get(pk=world.consultant.pk),
+        referral_id=referral.pk,
+        action="forward",
+        department=hub_derm.pk,
+        reason="wrong desk",
+    )
+    referral.refresh_from_db()
+    assert referral.assigned_department_id == hub_derm.pk
+
+
+def test_a_forward_to_a_candidate_still_works(world: World) -> None:
+    referral = world.submit()
+    world.act(referral, "forward")  # the world's forward: to hub2's paediatrics
+    referral.refresh_from_db()
+    assert referral.assigned_department_id == world.hub2_paeds.pk
+
+
+# --- a conference time has its zone; experts are consultants of the specialty -----------
+
+
+def _schedule(world: World, referral: Referral, **changes: object) -> object:
+    data = {
+        "scheduled_at": "2031-01-01T10:00:00Z",
+        "experts": [world.consultant2.pk],
+        "video_url": "https://meet.example.org/x",
+        **changes,
+    }
+    return api(world.consultant).post(
+        f"/api/v1/referrals/{referral.pk}/schedule/", data, format="json"
+    )
+
+
+@pytest.mark.parametrize("when", ["2031-01-01T10:00:00", "2031-01-01 10:00"])
+def test_a_conference_time_without_a_zone_is_refused(world: World, when: str) -> None:
+    referral = world.referral_in(ReferralState.ACCEPTED)
+    response = _schedule(world, referral, scheduled_at=when)
+    assert response.status_code == 400, response.json()  # type: ignore[attr-defined]
+    referral.refresh_from_db()
+    assert referral.state == ReferralState.ACCEPTED
+    ok = _schedule(world, referral, scheduled_at="2031-01-01T10:00:00+07:00")
+    assert ok.status_code == 200, ok.json()  # type: ignore[attr-defined]
+
+
+def test_experts_are_consultants_of_the_specialty(world: World) -> None:
+    referral = world.referral_in(ReferralState.ACCEPTED)
+    referral.patient_ref = "P-99"
+    referral.save(update_fields=["patient_ref"])
+    response = _schedule(world, referral, experts=[world.foreign_referrer.pk])
+    assert response.status_code == 409, response.json()  # type: ignore[attr-defined]
+    referral.refresh_from_db()
+    assert referral.state == ReferralState.ACCEPTED
+    assert not referral.conference_experts.exists()
+    assert api(world.foreign_referrer).get(f"/api/v1/referrals/{referral.pk}/").status_code == 404
