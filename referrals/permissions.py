@@ -36,6 +36,11 @@ def referral_grant_filter(user: User) -> Q:
     return Q(pk__in=granted)
 
 
+# A draft is its requester's alone until it is sent: the department (and the region
+# through it) sees referrals in any other state.
+SENT = ~Q(state=ReferralState.DRAFT)
+
+
 def referral_region_filter(user: User) -> Q | None:
     """For coordinators: referrals touching their province; None for everyone else."""
     if user.facility_id is None or not user.has_role(Role.COORDINATOR):
@@ -45,9 +50,8 @@ def referral_region_filter(user: User) -> Q | None:
     )
     facilities = Facility.objects.filter(province_id__in=province).values("id")
     departments = Department.objects.filter(facility_id__in=facilities).values("id")
-    # A draft is its requester's alone until it is sent.
     return Q(requester_facility_id__in=facilities) | (
-        Q(assigned_department_id__in=departments) & ~Q(state=ReferralState.DRAFT)
+        Q(assigned_department_id__in=departments) & SENT
     )
 
 

@@ -599,6 +599,27 @@ def best_department(referral: Referral, *, now: datetime | None = None) -> Sugge
     return None
 
 
+def department_problem(
+    *,
+    requester_facility_id: int,
+    specialty_id: int,
+    mode: str,
+    patient_ref: str,
+    department_id: int,
+    now: datetime | None = None,
+) -> str | None:
+    """Why the intake would not take ``department_id`` for such a case (None: it would),
+    judged on an unsaved case: routing leaves a saved referral's assigned department and
+    history out of its candidates, where here the department is the one asked for."""
+    probe = Referral(
+        requester_facility_id=requester_facility_id,
+        specialty_id=specialty_id,
+        mode=mode,
+        patient_ref=patient_ref,
+    )
+    return candidate_check(probe, department_id, now=now)[1]
+
+
 def candidate_check(
     referral: Referral, department_id: int, *, now: datetime | None = None
 ) -> tuple[Suggestion | None, str | None]:

@@ -16,7 +16,12 @@ from accounts.roles import Role
 from core.errors import NotFound
 from core.rows import QueryRows, SqlRows
 from referrals.models import Referral, ReferralEvent, ReferralState, ReferralUserObjectPermission
-from referrals.permissions import VIEW_REFERRAL, referral_grant_filter, referral_region_filter
+from referrals.permissions import (
+    SENT,
+    VIEW_REFERRAL,
+    referral_grant_filter,
+    referral_region_filter,
+)
 from referrals.workflow import TERMINAL_STATES
 from registry.models import Department, Facility, Specialty
 
@@ -40,8 +45,8 @@ def referral_scope_filter(user: User) -> Q | None:
     if user.facility_id is not None:
         scope |= Q(requester_facility_id=user.facility_id)
     department_ids = user.department_ids()
-    if department_ids:  # a draft is its requester's alone until it is sent
-        scope |= Q(assigned_department_id__in=department_ids) & ~Q(state=ReferralState.DRAFT)
+    if department_ids:
+        scope |= Q(assigned_department_id__in=department_ids) & SENT
     # Beyond the relationships: coordinators' region and explicit guardian grants
     # (invited conference experts); subqueries, still no joins. docs/permissions.md.
     region = referral_region_filter(user)
@@ -83,6 +88,16 @@ def referral_scope_sql(user: User, alias: str = "r") -> tuple[str, list[Any]]:
     parts.append(_GRANTS.replace("r.id", f"{alias}.id", 1))
     params += [user.pk, VIEW_REFERRAL]
     return "(" + " OR ".join(parts) + ")", params
+
+
+def referral_expert_candidates(referral: Referral) -> QuerySet[User]:
+    """Who may be invited to a referral's case conference: active consultants working in
+    a department of its specialty (the web form's choices; the ``schedule`` guard)."""
+    return User.objects.filter(
+        is_active=True,
+        groups__name=Role.CONSULTANT.value,
+        departments__specialty_id=referral.specialty_id,
+    ).distinct()
 
 
 def referral_open_question_id(referral: Referral) -> int | None:

@@ -706,15 +706,16 @@ def referral_submit(
             raise ApplicationError(f"The department does not offer {mode} consults.")
         if not department.accepting:
             raise Conflict("That department is not accepting referrals.", code="not_accepting")
-        from referrals.routing import candidate_check
+        from referrals.routing import department_problem
 
-        probe = Referral(
-            requester_facility=requester_facility,
-            specialty=specialty,
+        problem = department_problem(
+            requester_facility_id=requester_facility.pk,
+            specialty_id=specialty.pk,
             mode=mode,
             patient_ref=patient_ref,
+            department_id=department.pk,
+            now=now,
         )
-        _, problem = candidate_check(probe, department.pk, now=now)
         if problem is not None:
             raise ApplicationError(problem, code="department_not_candidate")
     try:

@@ -324,13 +324,8 @@ def department_choices(referral: Referral, transition: Transition) -> list[tuple
 def expert_choices(referral: Referral) -> list[tuple[str, str]]:
     """Consultants working in a department of the referral's specialty (local read)."""
     users = (
-        User.objects.filter(
-            is_active=True,
-            groups__name=Role.CONSULTANT.value,
-            departments__specialty_id=referral.specialty_id,
-        )
+        selectors.referral_expert_candidates(referral)
         .select_related("facility")
-        .distinct()
         .order_by("username")[:MAX_CHOICES]
     )
     return [

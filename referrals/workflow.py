@@ -80,22 +80,18 @@ def _guard_forward_target(
 
 
 def _routing_problem(referral: Referral, department: Any, now: datetime) -> str | None:
-    """Would the intake take ``department`` for this case? Judged on an unsaved copy of
-    what routing reads (routing leaves the assigned department and the case's history
-    out of its candidates; here the department is the one asked for)."""
-    from referrals.routing import candidate_check
+    """Would the intake take ``department`` for this case, for the department's own
+    specialty (a case sent to the wrong specialty may move to the right one)?"""
+    from referrals.routing import department_problem
 
-    probe = Referral(
+    return department_problem(
         requester_facility_id=referral.requester_facility_id,
-        # The department's own specialty: a case sent to the wrong specialty may be
-        # forwarded to the right one; the tier, support-link, border and patient-data
-        # rules are those of a referral to it.
         specialty_id=department.specialty_id,
         mode=referral.mode,
         patient_ref=referral.patient_ref,
+        department_id=department.pk,
+        now=now,
     )
-    _suggestion, problem = candidate_check(probe, department.pk, now=now)
-    return problem
 
 
 def _guard_submit_department(
@@ -118,16 +114,15 @@ def _guard_conference_in_future(
         return None
     if data["scheduled_at"] <= now:
         return "The conference must be scheduled in the future."
-    # The experts invited are given the case: active consultants of its specialty only
-    # (the web form's choices; a referrer of another hospital is no expert to invite).
-    outsiders = sorted(
-        u.pk
-        for u in data["experts"]
-        if not u.is_active
-        or not u.has_role(Role.CONSULTANT)
-        or not u.departments.filter(specialty_id=referral.specialty_id).exists()
+    # The experts invited are given the case: those the web form offers only (a referrer
+    # of another hospital is no expert to invite).
+    from referrals.selectors import referral_expert_candidates
+
+    invited = {u.pk for u in data["experts"]}
+    allowed = set(
+        referral_expert_candidates(referral).filter(pk__in=invited).values_list("pk", flat=True)
     )
-    if outsiders:
+    if outsiders := sorted(invited - allowed):
         return (
             "Experts are consultants of a department of the referral's specialty; these "
             f"users are not: {', '.join(map(str, outsiders))}."

@@ -6,6 +6,7 @@ OperationOutcome keeps the FHIR media type, transactions included."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -79,14 +80,19 @@ def test_type_level_history_is_not_offered(world: World) -> None:
     assert outcome_issue(response)["code"] == "not-supported"
 
 
-def test_return_minimal_keeps_the_fhir_media_type(world: World) -> None:
-    task_id = task_of(submit(world))["id"]
-    response = world.r5.patch(
+def _acknowledge(world: World, task_id: str, prefer: str) -> Any:
+    """PATCH Task.status received (a new version, 2) with ``Prefer: <prefer>``."""
+    return world.r5.patch(
         f"/fhir/Task/{task_id}",
         [{"op": "replace", "path": "/status", "value": "received"}],
         Accept=FHIR_R5,
-        Prefer="return=minimal",
+        Prefer=prefer,
     )
+
+
+def test_return_minimal_keeps_the_fhir_media_type(world: World) -> None:
+    task_id = task_of(submit(world))["id"]
+    response = _acknowledge(world, task_id, "return=minimal")
     assert response.status_code == 200, response.content
     assert response.content == b""
     assert response["Content-Type"] == FHIR_R5
@@ -96,12 +102,7 @@ def test_return_minimal_keeps_the_fhir_media_type(world: World) -> None:
 
 def test_return_operation_outcome_answers_one(world: World) -> None:
     task_id = task_of(submit(world))["id"]
-    response = world.r5.patch(
-        f"/fhir/Task/{task_id}",
-        [{"op": "replace", "path": "/status", "value": "received"}],
-        Accept=FHIR_R5,
-        Prefer="return=OperationOutcome",
-    )
+    response = _acknowledge(world, task_id, "return=OperationOutcome")
     assert response.status_code == 200, response.content
     outcome = body(response)
     assert outcome["resourceType"] == "OperationOutcome"
