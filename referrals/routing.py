@@ -611,13 +611,30 @@ def department_problem(
     """Why the intake would not take ``department_id`` for such a case (None: it would),
     judged on an unsaved case: routing leaves a saved referral's assigned department and
     history out of its candidates, where here the department is the one asked for."""
-    probe = Referral(
+    probe = _probe(requester_facility_id, specialty_id, mode, patient_ref)
+    return candidate_check(probe, department_id, now=now)[1]
+
+
+def forward_candidates(referral: Referral, *, limit: int) -> list[Suggestion]:
+    """The departments ``referral`` may be forwarded to in its specialty, best first: the
+    ones ``department_problem`` would pass (the forward guard's rules), other than the one
+    it is assigned to."""
+    probe = _probe(
+        referral.requester_facility_id, referral.specialty_id, referral.mode, referral.patient_ref
+    )
+    exclude = {referral.assigned_department_id} if referral.assigned_department_id else set()
+    suggestions = suggest_departments(probe, limit=None, exclude=exclude)
+    return [s for s in suggestions if s.allowed][:limit]
+
+
+def _probe(requester_facility_id: int, specialty_id: int, mode: str, patient_ref: str) -> Referral:
+    """An unsaved case: routing leaves a saved referral's own history out of its candidates."""
+    return Referral(
         requester_facility_id=requester_facility_id,
         specialty_id=specialty_id,
         mode=mode,
         patient_ref=patient_ref,
     )
-    return candidate_check(probe, department_id, now=now)[1]
 
 
 def candidate_check(

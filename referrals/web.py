@@ -7,10 +7,9 @@ or ``services.referral_transition``. The action forms are generated from
 ``workflow.TRANSITIONS``, so a new input in the table appears here without a template
 change.
 
-Two reads live here rather than in ``selectors.py`` (another change owns that file): the
-department choices of an action form and the conference expert choices. The forward form
-lists the specialty's departments rather than routing's ranked suggestions: it costs one
-plain query per page and does not depend on the routing engine.
+The department choices of an action form are read here: the forward form lists routing's
+candidates (``routing.forward_candidates``, the forward guard's rules, best first); the
+counter-referral form the requesting facility's accepting departments.
 """
 
 from __future__ import annotations
@@ -45,6 +44,7 @@ from referrals.models import (
     Referral,
     ReferralState,
 )
+from referrals.routing import forward_candidates
 from referrals.workflow import TERMINAL_STATES, TRANSITIONS_BY_ACTION, InputField, Transition
 from registry.models import ConsultMode, Department, Specialty
 
@@ -302,23 +302,24 @@ def _department_label(department: Department) -> str:
 
 
 def department_choices(referral: Referral, transition: Transition) -> list[tuple[str, str]]:
-    """The departments offered for a department input (local read: see the module doc).
+    """The departments offered for a department input.
 
     counter_refer: accepting departments of the original requesting facility. Otherwise
-    (forward): accepting departments of the referral's specialty at other facilities,
-    upper tiers first; the action's guard still has the last word."""
-    departments = Department.objects.filter(accepting=True).select_related("facility")
+    (forward): routing's candidates for the referral's specialty, best first, those the
+    forward guard would take (the guard still has the last word: the choices may be stale
+    when the form is posted)."""
     if transition.action == "counter_refer":
-        departments = departments.filter(facility_id=referral.requester_facility_id)
-        ordered = departments.order_by("name", "id")
-    else:
-        departments = departments.filter(specialty_id=referral.specialty_id).exclude(
-            facility_id=referral.requester_facility_id
-        )
-        if referral.assigned_department_id is not None:
-            departments = departments.exclude(pk=referral.assigned_department_id)
-        ordered = departments.order_by("facility__tier", "facility__name", "id")
-    return [(str(d.pk), _department_label(d)) for d in ordered[:MAX_CHOICES]]
+        departments = Department.objects.filter(
+            accepting=True, facility_id=referral.requester_facility_id
+        ).select_related("facility")
+        return [
+            (str(d.pk), _department_label(d))
+            for d in departments.order_by("name", "id")[:MAX_CHOICES]
+        ]
+    return [
+        (str(s.department_id), f"{s.department_name} — {s.facility_name}")
+        for s in forward_candidates(referral, limit=MAX_CHOICES)
+    ]
 
 
 def expert_choices(referral: Referral) -> list[tuple[str, str]]:

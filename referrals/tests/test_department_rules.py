@@ -161,6 +161,39 @@ def test_a_forward_to_a_candidate_still_works(world: World) -> None:
     assert referral.assigned_department_id == world.hub2_paeds.pk
 
 
+def test_the_web_forward_form_offers_only_what_the_forward_would_take(world: World) -> None:
+    referral = world.submit(patient_ref="P-4711")  # identifiable, at hub's paediatrics
+    foreign = _abroad(world)  # across a border, no agreement
+    peer = Facility.objects.create(
+        code="DX9", name="Peer district", country=world.district.country, tier=world.district.tier
+    )
+    peer_paeds = Department.objects.create(facility=peer, specialty=world.paeds, name="Paeds DX9")
+    closed = Department.objects.create(
+        facility=Facility.objects.create(
+            code="C9", name="Closed hub", country=world.country, tier=Tier.CENTRAL
+        ),
+        specialty=world.paeds,
+        name="Paeds C9",
+        accepting=False,
+    )
+    body = web(world.consultant).get(f"/referrals/{referral.pk}/").content.decode()
+    select = body[body.index('<select name="forward-department"') :]
+    select = select[: select.index("</select>")]
+    assert f'<option value="{world.hub2_paeds.pk}">' in select  # a candidate
+    for refused in (foreign, peer_paeds, closed, world.hub_paeds, world.district_paeds):
+        assert f'<option value="{refused.pk}">' not in select, refused.name
+    # and each of those the form leaves out, the forward itself refuses
+    for refused in (foreign, peer_paeds, closed):
+        with pytest.raises(Conflict):
+            services.referral_transition(
+                actor=User.objects.get(pk=world.consultant.pk),
+                referral_id=referral.pk,
+                action="forward",
+                department=refused.pk,
+                reason="x",
+            )
+
+
 # --- a conference time has its zone; experts are consultants of the specialty -----------
 
 
