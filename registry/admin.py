@@ -1,7 +1,13 @@
+"""The registry in Django's admin. Saves go through the rules the API keeps (the services'
+checks, as form errors rather than database errors) and leave the same history: a
+facility's revision, its province derived from its area, its links' border flag."""
+
 from typing import Any
 
+from django import forms
 from django.contrib import admin
 from django.db.models import QuerySet
+from django.http import HttpRequest
 
 from registry.models import (
     AdministrativeArea,
@@ -17,7 +23,39 @@ from registry.models import (
     Specialty,
     SupportLink,
 )
-from registry.services import area_save, facility_delete
+from registry.services import (
+    area_problem,
+    area_province,
+    area_save,
+    department_problem,
+    facility_admin_saved,
+    facility_border_problem,
+    facility_delete,
+    facility_identifier_keys,
+    facility_parent_problem,
+    facility_snapshot,
+    support_link_problem,
+)
+
+
+class RegistryForm(forms.ModelForm[Any]):
+    """A model form that also asks the service what is wrong with the row as it would be
+    saved (after Django's own checks have put the form's values on the instance)."""
+
+    def _post_clean(self) -> None:
+        super()._post_clean()  # type: ignore[misc]
+        if not self.errors and (problem := self.registry_problem(self.instance)):
+            field, message = problem
+            self.add_error(field, message)
+
+    def registry_problem(self, instance: Any) -> tuple[str | None, str] | None:
+        raise NotImplementedError
+
+
+class AreaForm(RegistryForm):
+    def registry_problem(self, instance: AdministrativeArea) -> tuple[str | None, str] | None:
+        problem = area_problem(instance)
+        return ("parent", problem) if problem else None
 
 
 @admin.register(Country)
@@ -28,6 +66,7 @@ class CountryAdmin(admin.ModelAdmin[Country]):
 
 @admin.register(AdministrativeArea)
 class AdministrativeAreaAdmin(admin.ModelAdmin[AdministrativeArea]):
+    form = AreaForm
     list_display = ("name", "level", "country", "parent", "code")
     list_filter = ("country", "level")
     list_select_related = ("country", "parent")
@@ -35,7 +74,7 @@ class AdministrativeAreaAdmin(admin.ModelAdmin[AdministrativeArea]):
     autocomplete_fields = ("parent",)
 
     def save_model(self, request: Any, obj: AdministrativeArea, form: Any, change: bool) -> None:
-        area_save(area=obj)  # its facilities' addresses change with it
+        area_save(area=obj)  # its facilities' addresses and provinces change with it
 
 
 class FacilityIdentifierInline(admin.TabularInline[FacilityIdentifier, Facility]):
@@ -43,8 +82,17 @@ class FacilityIdentifierInline(admin.TabularInline[FacilityIdentifier, Facility]
     extra = 0
 
 
+class DepartmentForm(RegistryForm):
+    def registry_problem(self, instance: Department) -> tuple[str | None, str] | None:
+        if instance.facility_id is None or self.cleaned_data.get("DELETE"):
+            return None  # an inline row of a facility being added; a row being deleted
+        problem = department_problem(instance)
+        return (None, problem.message) if problem else None
+
+
 class DepartmentInline(admin.TabularInline[Department, Facility]):
     model = Department
+    form = DepartmentForm
     extra = 0
     fields = (
         "specialty",
@@ -59,14 +107,44 @@ class DepartmentInline(admin.TabularInline[Department, Facility]):
     autocomplete_fields = ("specialty",)
 
 
+class FacilityForm(RegistryForm):
+    def registry_problem(self, instance: Facility) -> tuple[str | None, str] | None:
+        if problem := facility_parent_problem(instance):
+            return ("parent", problem)
+        if problem := facility_border_problem(instance):
+            return ("country", problem)
+        return None
+
+
 @admin.register(Facility)
 class FacilityAdmin(admin.ModelAdmin[Facility]):
+    form = FacilityForm
+    readonly_fields = ("province",)  # derived from the area
     list_display = ("name", "code", "tier", "country", "province", "operational_status")
     list_filter = ("tier", "country", "operational_status", "ownership", "is_remote")
     list_select_related = ("country", "province")
     search_fields = ("name", "name_local", "search_name", "code")
     autocomplete_fields = ("area", "province", "parent")
     inlines = [FacilityIdentifierInline, DepartmentInline]
+
+    def save_model(self, request: Any, obj: Facility, form: Any, change: bool) -> None:
+        # The revision is written once the inline identifiers are saved (save_related).
+        form.registry_before = None
+        if change:
+            stored = Facility.objects.get(pk=obj.pk)
+            form.registry_before = (facility_snapshot(stored), facility_identifier_keys(obj.pk))
+        obj.province = area_province(obj.area)
+        super().save_model(request, obj, form, change)
+
+    def save_related(self, request: Any, form: Any, formsets: Any, change: bool) -> None:
+        super().save_related(request, form, formsets, change)
+        before, identifiers = form.registry_before or ({}, None)
+        facility_admin_saved(
+            actor=request.user,
+            facility=form.instance,
+            before=before,
+            identifiers_before=identifiers,
+        )
 
     def delete_model(self, request: Any, obj: Facility) -> None:
         facility_delete(facility=obj)  # its children lose their parent
@@ -84,6 +162,7 @@ class SpecialtyAdmin(admin.ModelAdmin[Specialty]):
 
 @admin.register(Department)
 class DepartmentAdmin(admin.ModelAdmin[Department]):
+    form = DepartmentForm
     list_display = ("name", "facility", "specialty", "accepting", "daily_capacity", "sla_hours")
     list_filter = ("accepting", "offers_async", "offers_live", "offers_transfer")
     list_select_related = ("facility", "specialty")
@@ -112,8 +191,15 @@ class EndpointAdmin(admin.ModelAdmin[Endpoint]):
     autocomplete_fields = ("facility",)
 
 
+class SupportLinkForm(RegistryForm):
+    def registry_problem(self, instance: SupportLink) -> tuple[str | None, str] | None:
+        problem = support_link_problem(instance)
+        return (None, problem.message) if problem else None
+
+
 @admin.register(SupportLink)
 class SupportLinkAdmin(admin.ModelAdmin[SupportLink]):
+    form = SupportLinkForm
     list_display = ("hub", "spoke", "is_cross_border", "valid_from", "valid_to", "active")
     list_filter = ("is_cross_border", "active")
     list_select_related = ("hub", "spoke")
@@ -131,6 +217,17 @@ class ChangeRequestAdmin(admin.ModelAdmin[ChangeRequest]):
 
 @admin.register(FacilityRevision)
 class FacilityRevisionAdmin(admin.ModelAdmin[FacilityRevision]):
+    """Append-only history: viewed here, never added, changed or deleted."""
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
     list_display = ("facility", "changed_at", "changed_by", "source")
     list_select_related = ("facility", "changed_by")
     readonly_fields = (

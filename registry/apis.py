@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.core.exceptions import MultipleObjectsReturned
 from django.db.models import QuerySet
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import mixins, status, viewsets
@@ -13,7 +14,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from accounts.models import User
-from core.errors import ApplicationError, NotFound
+from core.errors import ApplicationError, Conflict, NotFound
 from registry import services
 from registry.filters import DepartmentFilter, FacilityFilter
 from registry.models import (
@@ -56,10 +57,25 @@ def _user(request: Request) -> User:
     return request.user
 
 
-class CountryViewSet(viewsets.ReadOnlyModelViewSet[Country]):
+class ByCodeMixin:
+    """Detail views addressed by a code: a NUL in the path names nothing (PostgreSQL refuses
+    it in text: a 500 before); a code two rows share is a 409, not a guess."""
+
+    lookup_field = "code"
+
+    def get_object(self) -> Any:
+        code = self.kwargs[self.lookup_field]  # type: ignore[attr-defined]
+        if "\x00" in code:
+            raise NotFound("Nothing has that code.")
+        try:
+            return super().get_object()  # type: ignore[misc]
+        except MultipleObjectsReturned:
+            raise Conflict(f"Several rows have the code {code!r}.") from None
+
+
+class CountryViewSet(ByCodeMixin, viewsets.ReadOnlyModelViewSet[Country]):
     queryset = Country.objects.all()
     serializer_class = CountrySerializer
-    lookup_field = "code"
 
 
 class AreaViewSet(viewsets.ReadOnlyModelViewSet[AdministrativeArea]):
@@ -68,10 +84,9 @@ class AreaViewSet(viewsets.ReadOnlyModelViewSet[AdministrativeArea]):
     filterset_fields = {"country__code": ["exact"], "level": ["exact"], "parent": ["exact"]}
 
 
-class SpecialtyViewSet(viewsets.ReadOnlyModelViewSet[Specialty]):
+class SpecialtyViewSet(ByCodeMixin, viewsets.ReadOnlyModelViewSet[Specialty]):
     queryset = Specialty.objects.all()
     serializer_class = SpecialtySerializer
-    lookup_field = "code"
 
 
 class FacilityViewSet(viewsets.ModelViewSet[Facility]):

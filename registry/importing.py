@@ -10,6 +10,7 @@ dry run) are documented in docs/import-mapping.md.
 from __future__ import annotations
 
 import codecs
+import copy
 import csv
 import functools
 import hashlib
@@ -48,7 +49,11 @@ from registry.models import (
     Specialty,
     Tier,
 )
-from registry.services import facility_snapshot
+from registry.services import (
+    facility_border_problem,
+    facility_relink_country,
+    facility_snapshot,
+)
 from registry.text import search_key
 
 # Facility.code seen as an identifier: exports carry it under this system, and a record
@@ -1388,6 +1393,9 @@ class FacilityImport:
             self._seen.add(p.facility.pk)
         self._save_identifiers(planned, existing_ids)
         changed = self._save_changed(planned)
+        for p in changed:
+            if p.before is not None and p.before["country_id"] != p.facility.country_id:
+                facility_relink_country(p.facility)  # its links' border flags
         self._save_departments(planned)
         self._save_endpoints(planned)
         self._save_revisions(new + changed)
@@ -1469,6 +1477,11 @@ class FacilityImport:
                     f"facility with {_key_text(key)} (facility codes never change)",
                 )
                 return None
+            if "country" in record and (
+                problem := self._country_move_problem(facility, record["country"])
+            ):
+                self._reject(record, "country", problem)
+                return None
             before: dict[str, object] | None = facility_snapshot(facility)
         else:
             code = record["code"] if "code" in record else _derived_code(record)
@@ -1500,6 +1513,16 @@ class FacilityImport:
         if before is None or {"name", "name_local"} & record["fields"].keys():
             facility.search_name = search_key(f"{facility.name} {facility.name_local}")
         return _Planned(record=record, facility=facility, before=before, keys=keys)
+
+    def _country_move_problem(self, facility: Facility, country: CountryRecord) -> str | None:
+        """A facility the file moves to another country (rare: a query only then) keeps
+        its support links' rule: none may cross a border without an agreement."""
+        country_id = self._country(country).pk
+        if country_id == facility.country_id:
+            return None
+        moved = copy.copy(facility)
+        moved.country_id = country_id
+        return facility_border_problem(moved)
 
     def _set_places(self, planned: list[_Planned]) -> None:
         """Country, area and province from the caches; missing areas are created first."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from django.core.exceptions import MultipleObjectsReturned
 from django.utils import timezone
 from rest_framework import serializers
 
@@ -21,6 +22,24 @@ from registry.models import (
     Specialty,
     SupportLink,
 )
+
+
+class CodeRelatedField(serializers.SlugRelatedField):
+    """A row named by its code. A NUL never names one (PostgreSQL refuses it in text: a
+    500 before), and a code two rows share (a specialty code in two code systems) is an
+    error to fix, not a guess."""
+
+    default_error_messages = {
+        "ambiguous": "Several rows have {slug_name}={value}: it names none of them alone."
+    }
+
+    def to_internal_value(self, data: Any) -> Any:
+        if isinstance(data, str) and "\x00" in data:
+            self.fail("does_not_exist", slug_name=self.slug_field, value="(with a NUL)")
+        try:
+            return super().to_internal_value(data)
+        except MultipleObjectsReturned:
+            self.fail("ambiguous", slug_name=self.slug_field, value=str(data))
 
 
 class FiniteFloatField(serializers.FloatField):
@@ -106,7 +125,7 @@ class FacilityInputSerializer(serializers.Serializer[dict[str, Any]]):
     code = serializers.RegexField(r"^[A-Za-z0-9._:\-]{1,64}$")
     name = serializers.CharField(max_length=255)
     name_local = serializers.CharField(max_length=255, required=False, allow_blank=True)
-    country = serializers.SlugRelatedField(slug_field="code", queryset=Country.objects.all())
+    country = CodeRelatedField(slug_field="code", queryset=Country.objects.all())
     area = serializers.PrimaryKeyRelatedField(
         queryset=AdministrativeArea.objects.all(), required=False, allow_null=True
     )
@@ -120,7 +139,7 @@ class FacilityInputSerializer(serializers.Serializer[dict[str, Any]]):
     )
     latitude = FiniteFloatField(min_value=-90, max_value=90, required=False, allow_null=True)
     longitude = FiniteFloatField(min_value=-180, max_value=180, required=False, allow_null=True)
-    parent = serializers.SlugRelatedField(  # type: ignore[assignment]
+    parent = CodeRelatedField(  # type: ignore[assignment]
         slug_field="code", queryset=Facility.objects.all(), required=False, allow_null=True
     )
     languages = serializers.ListField(
@@ -187,7 +206,7 @@ class DepartmentSerializer(serializers.ModelSerializer[Department]):
 
 class DepartmentInputSerializer(serializers.Serializer[dict[str, Any]]):
     facility = serializers.PrimaryKeyRelatedField(queryset=Facility.objects.all())
-    specialty = serializers.SlugRelatedField(slug_field="code", queryset=Specialty.objects.all())
+    specialty = CodeRelatedField(slug_field="code", queryset=Specialty.objects.all())
     name = serializers.CharField(max_length=255)
     modes = serializers.ListField(
         child=serializers.ChoiceField(choices=ConsultMode.choices), min_length=1, max_length=3
@@ -263,7 +282,7 @@ class EndpointSerializer(serializers.ModelSerializer[Endpoint]):
 
 
 class SupportLinkSerializer(serializers.ModelSerializer[SupportLink]):
-    specialties = serializers.SlugRelatedField(
+    specialties = CodeRelatedField(
         slug_field="code", many=True, queryset=Specialty.objects.all(), required=False
     )
 

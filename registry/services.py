@@ -59,6 +59,101 @@ def facility_snapshot(facility: Facility) -> dict[str, Any]:
     return {field: getattr(facility, field) for field in TRACKED_FIELDS}
 
 
+def facility_identifier_keys(facility_id: int) -> list[str]:
+    """A facility's identifiers as a revision records them (``system|value``, sorted), as
+    the importer does."""
+    rows = FacilityIdentifier.objects.filter(facility_id=facility_id).values_list("system", "value")
+    return sorted(f"{system}|{value}" for system, value in rows)
+
+
+def facility_parent_problem(facility: Facility) -> str | None:
+    """Why ``facility.parent`` cannot be its parent: itself, or one of its own descendants
+    (a loop the FHIR projection would publish as a ``partOf`` cycle)."""
+    if facility.parent_id is None:
+        return None
+    if facility.pk is not None and facility.parent_id == facility.pk:
+        return "A facility cannot be its own parent."
+    seen: set[int] = set()
+    ancestor: int | None = facility.parent_id
+    while ancestor is not None and ancestor not in seen:
+        if ancestor == facility.pk:
+            return "That parent is one of this facility's own descendants (a loop)."
+        seen.add(ancestor)
+        ancestor = Facility.objects.filter(pk=ancestor).values_list("parent_id", flat=True).first()
+    return None
+
+
+def _check_facility(facility: Facility) -> None:
+    if problem := facility_parent_problem(facility):
+        raise ApplicationError(problem, code="parent_loop", extra={"field": "parent"})
+
+
+def _border_changes(facility: Facility) -> list[tuple[SupportLink, bool]]:
+    """Each support link of ``facility`` with whether it crosses a border with the facility
+    in its (possibly new) country."""
+    links = SupportLink.objects.select_related("hub", "spoke").filter(
+        Q(hub_id=facility.pk) | Q(spoke_id=facility.pk)
+    )
+    changes = []
+    for link in links:
+        hub_country = facility.country_id if link.hub_id == facility.pk else link.hub.country_id
+        spoke_country = (
+            facility.country_id if link.spoke_id == facility.pk else link.spoke.country_id
+        )
+        changes.append((link, hub_country != spoke_country))
+    return changes
+
+
+def facility_border_problem(facility: Facility) -> str | None:
+    """A facility moved to another country: why it may not (one of its support links would
+    cross a border without a data-sharing agreement)."""
+    if facility.pk is None:
+        return None
+    for link, cross_border in _border_changes(facility):
+        if cross_border and not link.agreement_reference.strip():
+            return (
+                f"Support link #{link.pk} ({link}) would cross a border without a data-sharing "
+                "agreement: give it an agreement reference, or end it, first."
+            )
+    return None
+
+
+def facility_relink_country(facility: Facility) -> None:
+    """A facility that moved to another country: its support links cross a border now (or
+    no longer); one that would cross it without a data-sharing agreement refuses the move."""
+    if problem := facility_border_problem(facility):
+        raise Conflict(problem, code="agreement_required")
+    for link, cross_border in _border_changes(facility):
+        if cross_border != link.is_cross_border:
+            SupportLink.objects.filter(pk=link.pk).update(is_cross_border=cross_border)
+
+
+def facility_record_revision(
+    *,
+    facility: Facility,
+    before: Mapping[str, Any],
+    identifiers_before: list[str] | None,
+    actor: User | None,
+    source: str,
+    change_request: ChangeRequest | None = None,
+) -> FacilityRevision | None:
+    """Write the revision of a change to ``facility`` (None when nothing changed).
+    ``identifiers_before`` None: a new facility."""
+    changes = _diff(before, facility_snapshot(facility))
+    identifiers = facility_identifier_keys(facility.pk)
+    if identifiers != (identifiers_before or []):
+        changes["identifiers"] = [identifiers_before, identifiers]
+    if not changes:
+        return None
+    return FacilityRevision.objects.create(
+        facility=facility,
+        changed_by=actor,
+        source=source,
+        change_request=change_request,
+        changes=changes,
+    )
+
+
 def _diff(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, list[Any]]:
     return {k: [before.get(k), after[k]] for k in after if before.get(k) != after[k]}
 
@@ -106,12 +201,13 @@ def facility_create(
     facility.full_clean(exclude=["search_name"])
     facility.save()
     _set_identifiers(facility, identifiers)
-    FacilityRevision.objects.create(
+    facility_record_revision(
         facility=facility,
-        changed_by=actor,
+        before={},
+        identifiers_before=None,
+        actor=actor,
         source=source,
         change_request=change_request,
-        changes=_diff({}, facility_snapshot(facility)),
     )
     return facility
 
@@ -129,6 +225,7 @@ def facility_update(
         _require_steward(actor)
     facility = Facility.objects.select_for_update().get(pk=facility.pk)
     before = facility_snapshot(facility)
+    identifiers_before = facility_identifier_keys(facility.pk)
     fields = dict(data)
     identifiers = fields.pop("identifiers", None)
     code = fields.get("code", facility.code)
@@ -138,19 +235,43 @@ def facility_update(
         setattr(facility, name, value)
     facility.province = area_province(facility.area)
     facility.full_clean(exclude=["search_name"])
+    _check_facility(facility)
+    if facility.country_id != before["country_id"]:
+        facility_relink_country(facility)
     facility.save()
     if identifiers is not None:
         _set_identifiers(facility, identifiers)
-    changes = _diff(before, facility_snapshot(facility))
-    if changes:
-        FacilityRevision.objects.create(
-            facility=facility,
-            changed_by=actor,
-            source=source,
-            change_request=change_request,
-            changes=changes,
-        )
+    facility_record_revision(
+        facility=facility,
+        before=before,
+        identifiers_before=identifiers_before,
+        actor=actor,
+        source=source,
+        change_request=change_request,
+    )
     return facility
+
+
+@transaction.atomic
+def facility_admin_saved(
+    *,
+    actor: User,
+    facility: Facility,
+    before: Mapping[str, Any] | None,
+    identifiers_before: list[str] | None,
+) -> None:
+    """The Django admin saved ``facility`` and its inline rows (identifiers, departments):
+    its links follow a move to another country, and the revision is recorded as the API
+    does (``before`` None: it was added)."""
+    if before is not None and before["country_id"] != facility.country_id:
+        facility_relink_country(facility)
+    facility_record_revision(
+        facility=facility,
+        before=before or {},
+        identifiers_before=identifiers_before,
+        actor=actor,
+        source="admin",
+    )
 
 
 # --- change requests: proposed by a facility admin, applied when a steward approves ---------
@@ -198,6 +319,10 @@ def change_request_approve(
 ) -> ChangeRequest:
     """Apply ``data`` (the request's payload, already parsed by the caller) and close it."""
     _require_steward(actor)
+    if change_request.proposed_by_id == actor.pk:
+        raise PermissionDenied(
+            "A change request is approved by another steward than the one who proposed it."
+        )
     locked = _lock_pending(change_request)
     if locked.facility is None:
         facility = facility_create(
@@ -239,6 +364,21 @@ def change_request_reject(
 # --- departments, endpoints, support links ------------------------------------------------
 
 
+def department_problem(department: Department) -> ApplicationError | None:
+    """What is wrong with ``department`` as it would be saved (the API and the admin)."""
+    if not (department.offers_async or department.offers_live or department.offers_transfer):
+        return ApplicationError("A department must offer at least one mode.", code="no_mode")
+    if (
+        Department.objects.filter(
+            facility_id=department.facility_id, specialty_id=department.specialty_id
+        )
+        .exclude(pk=department.pk)
+        .exists()
+    ):
+        return Conflict("This facility already has a department for that specialty.")
+    return None
+
+
 @transaction.atomic
 def department_save(
     *, actor: User, data: Mapping[str, Any], department: Department | None = None
@@ -247,14 +387,8 @@ def department_save(
     department = department or Department()
     for name, value in data.items():
         setattr(department, name, value)
-    if not (department.offers_async or department.offers_live or department.offers_transfer):
-        raise ApplicationError("A department must offer at least one mode.", code="no_mode")
-    if (
-        Department.objects.filter(facility=department.facility, specialty=department.specialty)
-        .exclude(pk=department.pk)
-        .exists()
-    ):
-        raise Conflict("This facility already has a department for that specialty.")
+    if problem := department_problem(department):
+        raise problem
     department.full_clean()
     department.save()
     return department
@@ -273,6 +407,26 @@ def endpoint_save(
     return endpoint
 
 
+def support_link_problem(link: SupportLink) -> ApplicationError | None:
+    """What is wrong with ``link`` as it would be saved (the API and the admin)."""
+    if link.hub_id == link.spoke_id:
+        return ApplicationError("A facility cannot support itself.", code="self_link")
+    cross_border = link.hub.country_id != link.spoke.country_id
+    if cross_border and not link.agreement_reference.strip():
+        return ApplicationError(
+            "A cross-border support link needs a data-sharing agreement reference.",
+            code="agreement_required",
+        )
+    duplicate = (
+        SupportLink.objects.filter(hub=link.hub, spoke=link.spoke, valid_from=link.valid_from)
+        .exclude(pk=link.pk)
+        .exists()
+    )
+    if duplicate:
+        return Conflict("This hub already supports this spoke from that date.")
+    return None
+
+
 @transaction.atomic
 def support_link_save(
     *,
@@ -285,21 +439,8 @@ def support_link_save(
     link = link or SupportLink()
     for name, value in data.items():
         setattr(link, name, value)
-    if link.hub_id == link.spoke_id:
-        raise ApplicationError("A facility cannot support itself.", code="self_link")
-    cross_border = link.hub.country_id != link.spoke.country_id
-    if cross_border and not link.agreement_reference.strip():
-        raise ApplicationError(
-            "A cross-border support link needs a data-sharing agreement reference.",
-            code="agreement_required",
-        )
-    duplicate = (
-        SupportLink.objects.filter(hub=link.hub, spoke=link.spoke, valid_from=link.valid_from)
-        .exclude(pk=link.pk)
-        .exists()
-    )
-    if duplicate:
-        raise Conflict("This hub already supports this spoke from that date.")
+    if problem := support_link_problem(link):
+        raise problem
     link.save()
     if specialties is not None:
         link.specialties.set(specialties)
@@ -320,14 +461,57 @@ def facility_delete(*, facility: Facility) -> None:
         facility.delete()
 
 
+def area_problem(area: AdministrativeArea) -> str | None:
+    """Why ``area`` cannot be saved with its parent: a parent is of a higher level (a
+    smaller number) in the same country (so never itself, nor a loop)."""
+    if area.parent_id is None:
+        return None
+    parent = AdministrativeArea.objects.filter(pk=area.parent_id).first()
+    if parent is None:
+        return "The parent area does not exist."
+    if parent.pk == area.pk:
+        return "An area cannot be its own parent."
+    if parent.country_id != area.country_id:
+        return "The parent area is in another country."
+    if parent.level >= area.level:
+        return "The parent area must be of a higher level (a province above a district...)."
+    return None
+
+
 def area_save(*, area: AdministrativeArea) -> None:
-    """Save an administrative area (a rename, say): the facilities in it or below it show
-    its name in their address, so their ``updated_at`` moves too."""
+    """Save an administrative area: the facilities in it or below it show its name in their
+    address, and their province is derived from it (a district moved to another province
+    moves its facilities), so they are rewritten too (``updated_at`` moves with them)."""
+    if problem := area_problem(area):
+        raise ApplicationError(problem, code="invalid_area", extra={"field": "parent"})
     with transaction.atomic():
+        was_province = (
+            AdministrativeArea.objects.filter(pk=area.pk, level=AreaLevel.PROVINCE).exists()
+            if area.pk
+            else False
+        )
         area.save()
-        below = Q(area_id=area.pk) | Q(province_id=area.pk)
-        path = "area__parent"
-        for _ in range(len(AreaLevel.choices) - 1):  # areas are this many levels deep
-            below |= Q(**{f"{path}_id": area.pk})
-            path += "__parent"
-        Facility.objects.filter(below).update(updated_at=timezone.now())
+        subtree = {area.pk}
+        frontier = {area.pk}
+        while frontier:
+            frontier = set(
+                AdministrativeArea.objects.filter(parent_id__in=frontier)
+                .exclude(pk__in=subtree)
+                .values_list("pk", flat=True)
+            )
+            subtree |= frontier
+        now = timezone.now()
+        below = Q(area_id__in=subtree)
+        if was_province:
+            below |= Q(province_id=area.pk)
+        for area_id in Facility.objects.filter(below).values_list("area_id", flat=True).distinct():
+            province = (
+                None
+                if area_id is None
+                else area_province(
+                    AdministrativeArea.objects.select_related("parent__parent").get(pk=area_id)
+                )
+            )
+            Facility.objects.filter(below, area_id=area_id).update(
+                province=province, updated_at=now
+            )

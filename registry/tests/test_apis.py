@@ -406,6 +406,7 @@ def test_steward_creates_a_facility_with_a_revision_of_every_field(world, stewar
         "languages": [None, ["vi", "en"]],
         "beds": [None, 3200],
         "is_remote": [None, False],
+        "identifiers": [None, [f"{MOH}|01-920"]],  # as the importer records them
     }
 
 

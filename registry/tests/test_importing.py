@@ -25,6 +25,7 @@ from registry.models import (
     FacilityIdentifier,
     FacilityRevision,
     Specialty,
+    SupportLink,
 )
 from tests.factories import (
     AreaFactory,
@@ -876,3 +877,31 @@ def test_code_system_matches_the_fhir_projection() -> None:
     from fhir_gateway.registry_projection import FACILITY_CODE_SYSTEM as PROJECTED
 
     assert FACILITY_CODE_SYSTEM == PROJECTED
+
+
+# --- a facility the file moves to another country ------------------------------------------------
+
+
+def test_a_move_across_a_border_keeps_the_support_link_rule(
+    specialties: list[Specialty], tmp_path: Path
+) -> None:
+    # Given the VN file imported, and a Vietnamese hub supporting VN001 with no agreement
+    run_import(str(VN_CSV), "--mapping", str(VN_MAPPING))
+    spoke = Facility.objects.get(identifiers__value="VN001")
+    hub = FacilityFactory.create(country=spoke.country, tier=1)
+    link = SupportLink.objects.create(hub=hub, spoke=spoke)
+    laos = tmp_path / "laos.json"
+    mapping = json.loads(VN_MAPPING.read_text(encoding="utf-8"))
+    mapping["country"] = {"code": "LA", "name": "Laos"}
+    laos.write_text(json.dumps(mapping), encoding="utf-8")
+
+    # When the same file says the facilities are in Laos: refused, nothing written
+    output = assert_refused(VN_CSV, "--mapping", str(laos), match="Nothing written")
+    assert any("without a data-sharing agreement" in line for line in error_lines(output))
+    assert Facility.objects.get(pk=spoke.pk).country.code == "VN"
+
+    # And once the link has its agreement, the move is taken and the link crosses a border
+    SupportLink.objects.filter(pk=link.pk).update(agreement_reference="MoU 2026/7")
+    run_import(str(VN_CSV), "--mapping", str(laos))
+    assert Facility.objects.get(pk=spoke.pk).country.code == "LA"
+    assert SupportLink.objects.get(pk=link.pk).is_cross_border is True
