@@ -2,7 +2,10 @@
 
 A table is ``{"rows": [...], "total": {...}}``; the total becomes the last line, labelled
 TOTAL. A suppressed value is written as the text ``suppressed`` so a spreadsheet never
-mistakes it for zero.
+mistakes it for zero. Text is never a formula: names and campaigns are typed by users, so
+a CSV cell that a spreadsheet would read as one (starting with ``= + - @``, a tab or a
+carriage return) is written with a leading apostrophe (OWASP's advice for CSV injection),
+and XLSX cells holding text are typed as text.
 """
 
 from __future__ import annotations
@@ -23,9 +26,16 @@ def table_lines(data: Any) -> list[list[Any]]:
     if not isinstance(data, dict):
         return [["value"], [data]]
     rows: list[dict[str, Any]] | None = data.get("rows")
-    if rows is None:
-        flat = {**data.get("counts", {}), **data.get("response_times", {})} or data
-        return [["name", "value"], *([k, _cell(v)] for k, v in flat.items() if k != "suppressed")]
+    if rows is None:  # a summary: name/value lines, section by section
+        sections = [
+            section
+            for section in (data.get("counts"), data.get("response_times"))
+            if isinstance(section, dict)
+        ] or [data]
+        lines: list[list[Any]] = [["name", "value"]]
+        for section in sections:
+            lines.extend([k, _value(section, k)] for k in section if k != "suppressed")
+        return lines
     total = data.get("total")
     everything = [*rows, *([total] if total else [])]
     columns: list[str] = []
@@ -33,7 +43,7 @@ def table_lines(data: Any) -> list[list[Any]]:
         for key in row:
             if key not in columns and key != "suppressed":
                 columns.append(key)
-    lines: list[list[Any]] = [columns]
+    lines = [columns]
     for row in rows:
         lines.append([_value(row, c) for c in columns])
     if total:
@@ -57,6 +67,15 @@ def _cell(value: Any) -> Any:
     return value
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_text(value: Any) -> Any:
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
 class CSVRenderer(BaseRenderer):
     media_type = "text/csv"
     format = "csv"
@@ -70,7 +89,7 @@ class CSVRenderer(BaseRenderer):
     ) -> bytes:
         buffer = io.StringIO()
         writer = csv.writer(buffer)
-        writer.writerows(table_lines(data))
+        writer.writerows([[_csv_text(cell) for cell in line] for line in table_lines(data)])
         return buffer.getvalue().encode("utf-8")
 
 
@@ -90,8 +109,11 @@ class XLSXRenderer(BaseRenderer):
         sheet = workbook.active
         assert sheet is not None
         sheet.title = "report"
-        for line in table_lines(data):
-            sheet.append(line)
+        for row, line in enumerate(table_lines(data), start=1):
+            for column, value in enumerate(line, start=1):
+                cell = sheet.cell(row=row, column=column, value=value)
+                if isinstance(value, str):
+                    cell.data_type = "s"  # openpyxl would store "=…" as a formula
         buffer = io.BytesIO()
         workbook.save(buffer)
         return buffer.getvalue()

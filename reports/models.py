@@ -115,6 +115,8 @@ class DailyRollup(RollupCounters):
             models.Index(fields=["hub_facility_id", "day"], name="report_rollup_hub"),
             models.Index(fields=["specialty_id", "day"], name="report_rollup_specialty"),
             models.Index(fields=["requester_facility_id", "day"], name="report_rollup_facility"),
+            # a consultant's scope (their departments)
+            models.Index(fields=["department_id", "day"], name="report_rollup_department"),
         ]
 
     def __str__(self) -> str:

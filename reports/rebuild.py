@@ -284,6 +284,9 @@ def rebuild_in_sql(*, high: int, zone: ZoneInfo, km_of: Any) -> int:
                 (array_agg(x.at ORDER BY x.seq DESC)
                     FILTER (WHERE x.action IN ('submit', 'forward', 'reroute')))[1]
                     AS assigned_at,
+                max(x.seq) FILTER (WHERE x.action IN ('submit', 'forward', 'reroute'))
+                    AS assigned_seq,
+                max(x.seq) FILTER (WHERE x.action = 'accept') AS accepted_seq,
                 (array_agg(x.at ORDER BY x.seq DESC) FILTER (WHERE x.action = 'accept'))[1]
                     AS accepted_at,
                 (array_agg(extract(epoch FROM x.at - COALESCE(x.assigned_before, x.at))::float8
@@ -316,9 +319,16 @@ def rebuild_in_sql(*, high: int, zone: ZoneInfo, km_of: Any) -> int:
                 COALESCE(p.department_id, 0) AS department_id,
                 COALESCE(d.facility_id, 0) AS hub_facility_id,
                 COALESCE(hf.country_id <> f.country_id, false) AS cross_border,
-                p.submitted_at, p.assigned_at, p.accepted_at,
-                (p.accepted_at AT TIME ZONE %(zone)s)::date AS accepted_day,
-                p.accept_seconds, p.advised_at,
+                p.submitted_at, p.assigned_at,
+                -- an acceptance before the last forward/reroute is not the current
+                -- department's: no time to accept until it accepts
+                CASE WHEN p.accepted_seq > p.assigned_seq THEN p.accepted_at END
+                    AS accepted_at,
+                CASE WHEN p.accepted_seq > p.assigned_seq
+                    THEN (p.accepted_at AT TIME ZONE %(zone)s)::date END AS accepted_day,
+                CASE WHEN p.accepted_seq > p.assigned_seq THEN p.accept_seconds END
+                    AS accept_seconds,
+                p.advised_at,
                 (p.advised_at AT TIME ZONE %(zone)s)::date AS advised_day,
                 p.advice_seconds, p.closed_at,
                 (p.closed_at AT TIME ZONE %(zone)s)::date AS closed_day,

@@ -216,8 +216,8 @@ def filters_parse(params: Mapping[str, Any], *, allow_by: bool = True) -> Report
     if raw_by and allow_by:
         by = tuple(b for b in str(raw_by).split(",") if b)
         unknown = [b for b in by if b not in GROUPINGS]
-        if unknown:
-            errors["by"] = f"comma-separated, of {', '.join(GROUPINGS)}"
+        if unknown or len(set(by)) != len(by):
+            errors["by"] = f"comma-separated, each at most once, of {', '.join(GROUPINGS)}"
     filters = ReportFilters(
         period=period,
         date_from=_date(params, "from", errors),
@@ -297,6 +297,24 @@ def report_scope_for(user: User) -> ReportScope:
         hub_facility_id=hub,
         department_ids=departments,
     )
+
+
+def report_filter_choices(scope: ReportScope) -> tuple[list[str], QuerySet[Specialty]]:
+    """The campaigns and specialties the dashboard's filters offer: those of the rows the
+    user may see (another facility's campaign names are not theirs to read). Unscoped
+    users read the national month table (small: no day grain, no province or hub)."""
+    rows: QuerySet[Any]
+    if scope.q is None:
+        rows = NationalMonthlyRollup.objects.all()
+    else:
+        rows = DailyRollup.objects.filter(scope.q)
+    campaigns = sorted(
+        rows.exclude(campaign="").order_by().values_list("campaign", flat=True).distinct()
+    )
+    specialties = Specialty.objects.filter(id__in=rows.order_by().values("specialty_id")).order_by(
+        "display"
+    )
+    return campaigns, specialties
 
 
 def _check_groupings(scope: ReportScope, by: tuple[str, ...]) -> None:
@@ -632,7 +650,15 @@ def _suppress_counts(result: dict[str, Any]) -> None:
         "travel_cost": ("avoided",),
     }
     suppress_table(
-        result["rows"], result["total"], counts=counts, derived=derived, min_cell=min_cell()
+        result["rows"],
+        result["total"],
+        counts=counts,
+        derived=derived,
+        min_cell=min_cell(),
+        # every SLA-due event is an acceptance, a decline or an expiry, in the same row
+        relations=[("sla_due", ("accepted", "declined", "expired"))],
+        # km = avoided transfers x public distances: one more equation in hidden cells
+        weighted={"travel_km": "avoided", "travel_cost": "avoided"},
     )
     result["suppression"] = {"min_cell": min_cell()}
 
@@ -814,14 +840,22 @@ def report_capacity(user: User, filters: ReportFilters) -> dict[str, Any]:
     rows.sort(key=_sort_key(by))
     result: dict[str, Any] = {"by": list(by), "period": filters.period, "rows": rows}
     if scope.aggregate_only:
-        # No totals are published with this table; per-facility totals are (report_counts
-        # by facility), so each cell is protected on its own and the share goes with it.
+        # No totals are published with this table, but its margins are, by other queries
+        # (a facility's period total by report_counts, a specialty's across facilities):
+        # along each line (a facility and period across specialties, a specialty and
+        # period across facilities, a facility and specialty across periods) no cell is
+        # left alone hidden.
         suppress_table(
             rows,
             None,
             counts=["closed_local", "transfer_requested"],
             derived={"resolved_locally_share": ("closed_local", "transfer_requested")},
             min_cell=min_cell(),
+            lines=[
+                lambda r: (r["facility"], r["period"]),
+                lambda r: (r["specialty"], r["period"]),
+                lambda r: (r["facility"], r["specialty"]),
+            ],
         )
         result["suppression"] = {"min_cell": min_cell()}
     return result

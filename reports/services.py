@@ -248,6 +248,9 @@ def _apply_event(batch: Batch, ev: dict[str, Any]) -> None:
         fact.assigned_at = at
     elif action in REASSIGNING:
         fact.assigned_at = at
+        # The new department has not accepted it: the time to accept is its own, when it
+        # does (the earlier acceptance still counts in ``accepted``, against its department).
+        fact.accepted_at = fact.accepted_day = fact.accept_seconds = None
     elif action == "accept":
         fact.accepted_at = at
         fact.accepted_day = _day(batch, at)
@@ -379,12 +382,32 @@ def _summed(
     return list(out.values())
 
 
+def _keep_stored_attributes(rows: list[dict[str, Any]]) -> None:
+    """A day row keeps the attributes (province, tier, hub...) it was first written with;
+    counters added to it later go to the month, national and segment rows under those
+    same attributes, even when the registry changed meanwhile, so the coarser rows always
+    equal the day rows summed. One query per batch."""
+    stored = DailyRollup.objects.filter(
+        day__in={r["day"] for r in rows},
+        requester_facility_id__in={r["requester_facility_id"] for r in rows},
+    ).values_list(*ROLLUP_KEY, *ROLLUP_ATTRIBUTES)
+    width = len(ROLLUP_KEY)
+    attributes = {tuple(values[:width]): values[width:] for values in stored}
+    if not attributes:
+        return
+    for row in rows:
+        found = attributes.get(tuple(row[c] for c in ROLLUP_KEY))
+        if found is not None:
+            row.update(zip(ROLLUP_ATTRIBUTES, found, strict=True))
+
+
 def _write_rollups(rollups: Iterable[dict[str, Any]]) -> None:
     """The day rows, and the same counters summed into the month, national month and
     segment rows (same transaction)."""
     rows = list(rollups)
     if not rows:
         return
+    _keep_stored_attributes(rows)
     sums = [*COUNTERS, "travel_km"]
     columns = [*ROLLUP_KEY, *ROLLUP_ATTRIBUTES, *sums]
     _upsert(

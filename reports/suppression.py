@@ -6,16 +6,23 @@ Rules (docs/metrics.md, "Suppression"):
    singles out nobody).
 2. Complementary: in a table with a total, a column with exactly one hidden cell would let
    anyone compute it as total - visible cells. Then the smallest visible non-zero cell of
-   that column is hidden too; when there is none, the total is hidden.
-3. Derived figures (rates, km, cost, percentiles) are hidden in every row where one of
-   the counts they depend on is hidden.
+   that column is hidden too; when there is none, the total is hidden. The same holds
+   along each ``lines`` grouping of the rows (a table whose margins other queries
+   publish: the rows of one line sum to a published figure).
+3. Within a row: where one count is the sum of others (``relations``: sla_due = accepted
+   + declined + expired), exactly one hidden member is hidden with another (the smallest
+   visible non-zero part, else the whole). Rules 2 and 3 repeat until neither hides more.
+4. Derived figures (rates, km, cost, percentiles) are hidden in every row where one of
+   the counts they depend on is hidden; a ``weighted`` figure of the total (km: the
+   avoided transfers times public distances) is hidden when any row hides its count, as
+   it is one more equation in the hidden cells.
 
 A hidden value becomes None and its name is listed in the row's ``suppressed``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 Row = dict[str, Any]
@@ -39,9 +46,14 @@ def suppress_table(
     counts: Sequence[str],
     derived: Mapping[str, Sequence[str]],
     min_cell: int,
+    relations: Sequence[tuple[str, Sequence[str]]] = (),
+    weighted: Mapping[str, str] | None = None,
+    lines: Sequence[Callable[[Row], Hashable]] = (),
 ) -> None:
     """Suppress in place. ``counts``: count columns; ``derived``: column -> the counts it
-    is hidden with."""
+    is hidden with; ``relations``: (whole, parts) with whole = sum(parts) in every row;
+    ``weighted``: a total's column -> the count it weighs; ``lines``: keys grouping the
+    rows into lines whose sums are published elsewhere."""
     if min_cell <= 1:
         return
     everything = [*rows, *([total] if total is not None else [])]
@@ -50,15 +62,55 @@ def suppress_table(
             value = row.get(column)
             if value is not None and 0 < value < min_cell:
                 _hide(row, column)
-        if total is None or _is_hidden(total, column):
-            continue
-        while sum(_is_hidden(r, column) for r in rows) == 1 and not _is_hidden(total, column):
-            candidates = [r for r in rows if not _is_hidden(r, column) and (r.get(column) or 0) > 0]
-            if candidates:
-                _hide(min(candidates, key=lambda r: r[column]), column)
-            else:
-                _hide(total, column)
+    changed = True
+    while changed:
+        changed = False
+        for column in counts:
+            changed |= _complement(rows, total, column)
+            for line_of in lines:
+                by_line: dict[Hashable, list[Row]] = {}
+                for row in rows:
+                    by_line.setdefault(line_of(row), []).append(row)
+                for line in by_line.values():
+                    changed |= _complement(line, None, column)
+        for row in everything:
+            for whole, parts in relations:
+                changed |= _complement_within(row, whole, parts)
     for column, depends_on in derived.items():
         for row in everything:
             if any(_is_hidden(row, dep) for dep in depends_on):
                 _hide(row, column)
+    if total is not None:
+        for column, count in (weighted or {}).items():
+            if any(_is_hidden(row, count) for row in rows):
+                _hide(total, column)
+
+
+def _complement(rows: Sequence[Row], total: Row | None, column: str) -> bool:
+    """Rule 2 for one column of ``rows`` (summing to ``total``, shown or published
+    elsewhere when None). True when it hid something."""
+    if total is not None and _is_hidden(total, column):
+        return False
+    if sum(_is_hidden(r, column) for r in rows) != 1:
+        return False
+    candidates = [r for r in rows if not _is_hidden(r, column) and (r.get(column) or 0) > 0]
+    if candidates:
+        _hide(min(candidates, key=lambda r: r[column]), column)
+        return True
+    if total is not None:
+        _hide(total, column)
+        return True
+    return False  # the line's sum is the hidden cell itself: primary suppression hides it
+
+
+def _complement_within(row: Row, whole: str, parts: Sequence[str]) -> bool:
+    """Rule 3 for one relation of one row. True when it hid something."""
+    members = [whole, *parts]
+    if sum(_is_hidden(row, m) for m in members) != 1:
+        return False
+    candidates = [p for p in parts if not _is_hidden(row, p) and (row.get(p) or 0) > 0]
+    if candidates:
+        _hide(row, min(candidates, key=lambda p: row[p]))
+    else:
+        _hide(row, whole)
+    return True

@@ -13,9 +13,8 @@ from django.urls import reverse
 
 from accounts.models import User
 from core.errors import ApplicationError
-from registry.models import Country, Specialty, Tier
+from registry.models import Country, Tier
 from reports import charts, selectors
-from reports.models import DailyRollup
 
 FORM_FIELDS = ("period", "from", "to", "country", "tier", "specialty", "campaign")
 
@@ -89,12 +88,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
         ],
         unit=" h",
     )
-    campaigns = sorted(
-        c
-        for c in DailyRollup.objects.exclude(campaign="")
-        .values_list("campaign", flat=True)
-        .distinct()
-    )
+    campaigns, specialties = selectors.report_filter_choices(scope)
     context = {
         "filters": params,
         "aggregate_only": scope.aggregate_only,
@@ -120,9 +114,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
         "periods": selectors.PERIODS,
         "countries": Country.objects.order_by("code"),
         "tiers": Tier.choices,
-        "specialties": Specialty.objects.filter(
-            id__in=DailyRollup.objects.values("specialty_id")
-        ).order_by("display"),
+        "specialties": specialties,
         "campaigns": campaigns,
         "currency": selectors.currency(),
     }
