@@ -1275,6 +1275,9 @@ class FacilityImport:
         self._areas: dict[int, _AreaCache] = {}
         self._specialties: dict[str, Specialty] = {}
         self._pending_parents: list[_PendingParent] = []  # parents further down the file
+        # facility id -> (row, label, column) of each parent this import set: checked for
+        # loops at the end
+        self._parented: dict[int, tuple[int, str, str]] = {}
         self._insert = _Inserter(self.batch_size)
 
     # The whole run ---------------------------------------------------------------------
@@ -1319,6 +1322,7 @@ class FacilityImport:
             self._flush(batch)
         self._advance(done)
         self._resolve_pending_parents()
+        self._break_parent_loops()
 
     def _accept(self, record: FacilityRecord) -> bool:
         """Checks that need no query: the source's own findings and the specialty codes."""
@@ -1585,6 +1589,7 @@ class FacilityImport:
                 if parent_id == p.facility.pk:
                     self._issue(p.record, ref["column"], "a facility cannot be its own parent")
                     continue
+                self._parented[p.facility.pk] = (p.record["row"], p.record["label"], ref["column"])
             p.facility.parent_id = parent_id
 
     def _save_identifiers(self, planned: list[_Planned], existing_ids: set[int]) -> None:
@@ -1760,10 +1765,58 @@ class FacilityImport:
                     )
                     child.parent_id = parent_id
                     changed.append(child)
+                self._parented[child.pk] = (item.row, item.label, item.column)
             if changed:
                 Facility.objects.bulk_update(changed, ["parent"])
             FacilityRevision.objects.bulk_create(revisions)
             self.result.revisions_created += len(revisions)
+
+    def _break_parent_loops(self) -> None:
+        """A parent this import set that leads back to its child (A → B → A, the file
+        against itself or against the registry) is an error on that row; the link is
+        dropped (for ``--skip-invalid``: the registry never holds a loop). A query per
+        level of the hierarchy, not per row."""
+        if not self._parented:
+            return
+        parents: dict[int, int | None] = {}
+        wanted: set[int] = set(self._parented)
+        while wanted:
+            rows = Facility.objects.filter(_one_of("id", wanted)).values_list("id", "parent_id")
+            parents.update(rows)
+            wanted = {p for p in parents.values() if p is not None and p not in parents}
+        looping: list[int] = []
+        for start in self._parented:
+            seen: set[int] = set()
+            node = parents.get(start)
+            while node is not None and node != start and node not in seen:
+                seen.add(node)
+                node = parents.get(node)
+            if node == start:
+                looping.append(start)
+        if not looping:
+            return
+        codes = dict(Facility.objects.filter(_one_of("id", looping)).values_list("id", "code"))
+        for facility_id in looping:
+            row, label, column = self._parented[facility_id]
+            self.report.add(
+                ImportIssue(
+                    row,
+                    column,
+                    f"parent loop: facility {codes[facility_id]}'s parent chain leads back "
+                    "to it; the parent is not set",
+                    label,
+                )
+            )
+        Facility.objects.filter(_one_of("id", looping)).update(parent=None)
+        FacilityRevision.objects.bulk_create(
+            FacilityRevision(
+                facility_id=facility_id,
+                source=REVISION_SOURCE,
+                changes={"parent_id": [parents[facility_id], None]},
+            )
+            for facility_id in looping
+        )
+        self.result.revisions_created += len(looping)
 
 
 class _AnyOf(Lookup[object]):

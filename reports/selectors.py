@@ -918,8 +918,11 @@ def report_drilldown(
             .filter(filters.query(), filters.dates("closed_day"))
             .filter(timing, ~followed, ~Q(patient_ref=""), referral_id__in=visible)
         )
-        ids = sorted(facts.values_list("referral_id", flat=True)[:DRILL_LIMIT])
-        return {"metric": metric, "count": len(ids), "referral_ids": ids}
+        count = facts.count()
+        ids = sorted(
+            facts.order_by("referral_id").values_list("referral_id", flat=True)[:DRILL_LIMIT]
+        )
+        return _drill_answer(metric, count, ids)
     events: list[dict[str, Any]] = list(
         ReferralEvent.objects.filter(  # type: ignore[arg-type]
             _local_range(filters),
@@ -961,8 +964,12 @@ def report_drilldown(
         if not scope.allows(ev["referral__requester_facility_id"], department_id, hub_id):
             continue
         found.add(ev["referral_id"])
-    ordered = sorted(found)[:DRILL_LIMIT]
-    return {"metric": metric, "count": len(ordered), "referral_ids": ordered}
+    return _drill_answer(metric, len(found), sorted(found)[:DRILL_LIMIT])
+
+
+def _drill_answer(metric: str, count: int, ids: list[int]) -> dict[str, Any]:
+    """``count`` referrals, of which ``ids`` (the first DRILL_LIMIT by id) are listed."""
+    return {"metric": metric, "count": count, "truncated": count > len(ids), "referral_ids": ids}
 
 
 def _referral_filters(filters: ReportFilters) -> Q:

@@ -905,3 +905,35 @@ def test_a_move_across_a_border_keeps_the_support_link_rule(
     run_import(str(VN_CSV), "--mapping", str(laos))
     assert Facility.objects.get(pk=spoke.pk).country.code == "LA"
     assert SupportLink.objects.get(pk=link.pk).is_cross_border is True
+
+
+def test_a_parent_loop_is_refused(specialties: list[Specialty], tmp_path: Path) -> None:
+    # Given the VN file imported (VN001's parent is VN100)
+    run_import(str(VN_CSV), "--mapping", str(VN_MAPPING))
+    child = Facility.objects.get(identifiers__value="VN001")
+    assert child.parent is not None and child.parent.identifiers.get().value == "VN100"
+
+    # When a file makes VN100's parent VN001: a loop, refused, nothing written
+    looped = tmp_path / "loop.csv"
+    lines = VN_CSV.read_text(encoding="utf-8").splitlines()
+    lines = [
+        line.replace(",TW,Cong,21.0245,105.8085,,no,", ",TW,Cong,21.0245,105.8085,VN001,no,")
+        if line.startswith("VN100,")
+        else line
+        for line in lines
+    ]
+    looped.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    output = assert_refused(looped, "--mapping", str(VN_MAPPING), match="Nothing written")
+    assert [line for line in error_lines(output) if "parent loop" in line] != []
+    assert Facility.objects.get(identifiers__value="VN100").parent_id is None
+
+    # With --skip-invalid the rest is imported and the loop is not: no facility's chain
+    # comes back to it
+    run_import(str(looped), "--mapping", str(VN_MAPPING), "--skip-invalid")
+    for facility in Facility.objects.all():
+        seen: set[int] = set()
+        node = facility.parent_id
+        while node is not None:
+            assert node != facility.pk and node not in seen
+            seen.add(node)
+            node = Facility.objects.get(pk=node).parent_id

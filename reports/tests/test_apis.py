@@ -103,6 +103,23 @@ def test_referrer_drills_down_to_their_referral_ids(scenario: Network) -> None:
     r = scenario.referrals
     assert response.status_code == 200
     assert response.json()["referral_ids"] == sorted([r[8].pk, r[13].pk])
+    assert response.json()["count"] == 2 and response.json()["truncated"] is False
+
+
+def test_a_long_drill_down_says_it_is_truncated(
+    scenario: Network, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from reports import selectors
+
+    monkeypatch.setattr(selectors, "DRILL_LIMIT", 1)
+    body = get(scenario.referrer_l1, "drilldown/", metric="avoided").json()
+    r = scenario.referrals
+    assert body == {
+        "metric": "avoided",
+        "count": 2,
+        "truncated": True,
+        "referral_ids": [min(r[8].pk, r[13].pk)],
+    }
 
 
 def test_consultant_sees_their_departments(scenario: Network) -> None:
