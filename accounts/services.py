@@ -8,6 +8,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from accounts.models import ApiToken, User
+from core.errors import ApplicationError
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,10 @@ class IssuedToken:
 @transaction.atomic
 def api_token_issue(*, user: User, name: str = "", ttl_days: int | None = None) -> IssuedToken:
     days = ttl_days if ttl_days is not None else settings.API_TOKEN_DEFAULT_TTL_DAYS
+    if not 1 <= days <= settings.API_TOKEN_MAX_TTL_DAYS:
+        raise ApplicationError(
+            f"A token lives 1 ... {settings.API_TOKEN_MAX_TTL_DAYS} days.", code="ttl_out_of_range"
+        )
     raw = ApiToken.generate()
     token = ApiToken.objects.create(
         user=user,

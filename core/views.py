@@ -1,16 +1,20 @@
 from __future__ import annotations
 
+import logging
+
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views import defaults
 from django.views.decorators.cache import never_cache
-from django.views.decorators.http import require_GET
+from django.views.decorators.http import require_safe
 
 from core.health import check_broker, check_database
 from core.logging import current_request_id
 
+logger = logging.getLogger(__name__)
+
 
 @never_cache
-@require_GET
+@require_safe  # GET and HEAD (load balancers probe with either)
 def healthz(request: HttpRequest) -> JsonResponse:
     failures = {
         name: error
@@ -18,7 +22,11 @@ def healthz(request: HttpRequest) -> JsonResponse:
         if error is not None
     }
     if failures:
-        return JsonResponse({"status": "unhealthy", "failing": failures}, status=503)
+        # The details (host names, paths) go to the log; anyone may call this endpoint.
+        for name, error in failures.items():
+            logger.error("health check failed: %s: %s", name, error)
+        failing = {name: error.split(":", 1)[0] for name, error in failures.items()}
+        return JsonResponse({"status": "unhealthy", "failing": failing}, status=503)
     return JsonResponse({"status": "ok", "checks": {"database": "ok", "broker": "ok"}})
 
 

@@ -154,6 +154,11 @@ SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=0 if DEBUG else 360
 
 # API tokens
 API_TOKEN_DEFAULT_TTL_DAYS = env.int("API_TOKEN_DEFAULT_TTL_DAYS", default=90)
+API_TOKEN_MAX_TTL_DAYS = 3650  # ten years: a lifetime any longer is a mistake
+if not 1 <= API_TOKEN_DEFAULT_TTL_DAYS <= API_TOKEN_MAX_TTL_DAYS:
+    raise ImproperlyConfigured(
+        f"API_TOKEN_DEFAULT_TTL_DAYS must be 1 ... {API_TOKEN_MAX_TTL_DAYS} (days)."
+    )
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
@@ -284,6 +289,16 @@ LOGGING = {
 
 EMAIL_BACKEND = env.str("EMAIL_BACKEND", default="django.core.mail.backends.console.EmailBackend")
 DEFAULT_FROM_EMAIL = env.str("DEFAULT_FROM_EMAIL", default="consilium@localhost")
+# The SMTP relay (with EMAIL_BACKEND=django.core.mail.backends.smtp.EmailBackend).
+EMAIL_HOST = env.str("EMAIL_HOST", default="localhost")
+EMAIL_PORT = env.int("EMAIL_PORT", default=25)
+EMAIL_HOST_USER = env.str("EMAIL_HOST_USER", default="")
+EMAIL_HOST_PASSWORD = env_secret("EMAIL_HOST_PASSWORD") or ""
+EMAIL_USE_TLS = env.bool("EMAIL_USE_TLS", default=False)
+EMAIL_USE_SSL = env.bool("EMAIL_USE_SSL", default=False)
+EMAIL_TIMEOUT = env.int("EMAIL_TIMEOUT", default=30)
+if EMAIL_USE_TLS and EMAIL_USE_SSL:
+    raise ImproperlyConfigured("Set at most one of EMAIL_USE_TLS and EMAIL_USE_SSL.")
 
 # Registry
 REGISTRY_IMPORT_BATCH_SIZE = env.int("REGISTRY_IMPORT_BATCH_SIZE", default=1000)

@@ -1,9 +1,12 @@
 """Secure defaults: checked in a fresh interpreter so the environment is exactly what we set."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -17,6 +20,7 @@ def _settings_in_env(env: dict[str, str], expression: str) -> subprocess.Complet
         k: v
         for k, v in os.environ.items()
         if k not in {"DEBUG", "SECRET_KEY", "ALLOWED_HOSTS", "DJANGO_SETTINGS_MODULE"}
+        and not k.startswith(("EMAIL_", "API_TOKEN_"))
     }
     return subprocess.run(
         [sys.executable, "-c", code],
@@ -54,3 +58,41 @@ def test_secret_key_can_come_from_a_file(tmp_path: Path) -> None:
 
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "from-a-file-" + "y" * 40
+
+
+def test_the_smtp_relay_comes_from_the_environment(tmp_path: Path) -> None:
+    password_file = tmp_path / "smtp"
+    password_file.write_text("relay-secret\n", encoding="utf-8")
+    result = _settings_in_env(
+        {
+            "SECRET_KEY": "x" * 50,
+            "EMAIL_BACKEND": "django.core.mail.backends.smtp.EmailBackend",
+            "EMAIL_HOST": "smtp.example.org",
+            "EMAIL_PORT": "587",
+            "EMAIL_HOST_USER": "consilium",
+            "EMAIL_HOST_PASSWORD_FILE": str(password_file),
+            "EMAIL_USE_TLS": "1",
+        },
+        "settings.EMAIL_HOST, settings.EMAIL_PORT, settings.EMAIL_HOST_USER, "
+        "settings.EMAIL_HOST_PASSWORD, settings.EMAIL_USE_TLS",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["smtp.example.org", "587", "consilium", "relay-secret", "True"]
+
+
+@pytest.mark.parametrize(
+    "env", [{"API_TOKEN_DEFAULT_TTL_DAYS": "0"}, {"EMAIL_USE_TLS": "1", "EMAIL_USE_SSL": "1"}]
+)
+def test_settings_that_cannot_work_are_refused_at_start(env: dict[str, str]) -> None:
+    result = _settings_in_env({"SECRET_KEY": "x" * 50, **env}, "1")
+    assert result.returncode != 0
+    assert "ImproperlyConfigured" in result.stderr
+
+
+def test_env_example_lists_every_variable_the_settings_read() -> None:
+    root = Path(__file__).resolve().parents[2]
+    source = (root / "config" / "settings" / "base.py").read_text(encoding="utf-8")
+    read = set(re.findall(r'env(?:\.\w+|_secret)\(\s*"([A-Z0-9_]+)"', source))
+    example = (root / ".env.example").read_text(encoding="utf-8")
+    listed = set(re.findall(r"^#?\s*([A-Z0-9_]+)=", example, flags=re.MULTILINE))
+    assert read and sorted(read - listed) == []

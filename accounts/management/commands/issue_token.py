@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from accounts.models import User
@@ -31,7 +32,8 @@ class Command(BaseCommand):
             count = api_tokens_revoke(user=user, prefix=options["prefix"])
             self.stdout.write(f"revoked {count} token(s)")
             return
-        if options["days"] is not None and options["days"] < 1:
-            raise CommandError("--days must be at least 1.")
+        longest = settings.API_TOKEN_MAX_TTL_DAYS
+        if options["days"] is not None and not 1 <= options["days"] <= longest:
+            raise CommandError(f"--days must be 1 ... {longest}.")
         issued = api_token_issue(user=user, name=options["name"], ttl_days=options["days"])
         self.stdout.write(issued.raw)

@@ -1,0 +1,56 @@
+"""A user changes their own password on the web; token lifetimes are bounded."""
+
+from __future__ import annotations
+
+import pytest
+from django.core.management import CommandError, call_command
+from django.test import Client
+
+from accounts.models import ApiToken, User
+
+pytestmark = pytest.mark.django_db
+
+
+def test_a_user_changes_their_own_password() -> None:
+    user = User.objects.create_user(username="clin", password="initial-Pass-123")
+    client = Client()
+    client.force_login(user)
+    page = client.get("/accounts/password_change/")
+    assert page.status_code == 200
+    assert 'name="new_password1"' in page.content.decode()
+
+    wrong = client.post(
+        "/accounts/password_change/",
+        {
+            "old_password": "not-it",
+            "new_password1": "a-Better-pass-456",
+            "new_password2": "a-Better-pass-456",
+        },
+    )
+    assert wrong.status_code == 200  # the form again, with the error
+    assert User.objects.get(pk=user.pk).check_password("initial-Pass-123")
+
+    done = client.post(
+        "/accounts/password_change/",
+        {
+            "old_password": "initial-Pass-123",
+            "new_password1": "a-Better-pass-456",
+            "new_password2": "a-Better-pass-456",
+        },
+    )
+    assert done.status_code == 302 and done["Location"] == "/accounts/password_change/done/"
+    assert User.objects.get(pk=user.pk).check_password("a-Better-pass-456")
+    assert client.get("/accounts/password_change/done/").status_code == 200  # still signed in
+
+
+def test_the_password_page_needs_a_login() -> None:
+    response = Client().get("/accounts/password_change/")
+    assert response.status_code == 302 and response["Location"].startswith("/accounts/login/")
+
+
+@pytest.mark.parametrize("days", [0, 3651, 10_000_000])
+def test_issue_token_refuses_a_lifetime_out_of_range(days: int) -> None:
+    User.objects.create_user(username="his-system", password=None)
+    with pytest.raises(CommandError, match="--days must be 1"):
+        call_command("issue_token", "his-system", days=days)
+    assert not ApiToken.objects.exists()
