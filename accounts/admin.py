@@ -1,3 +1,5 @@
+from typing import Any
+
 from django.contrib import admin
 from django.contrib.auth.admin import UserAdmin as BaseUserAdmin
 from django.db.models import QuerySet
@@ -5,6 +7,7 @@ from django.http import HttpRequest
 from django.utils import timezone
 
 from accounts.models import ApiToken, User
+from accounts.services import api_tokens_revoke
 
 
 @admin.register(User)
@@ -17,6 +20,13 @@ class UserAdmin(BaseUserAdmin):
     list_select_related = ("facility",)
     autocomplete_fields = ("facility",)
     filter_horizontal = ("groups", "user_permissions", "departments")
+
+    def save_model(self, request: HttpRequest, obj: User, form: Any, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        if change and "is_active" in form.changed_data and not obj.is_active:
+            # A deactivated account's tokens end with it: reactivating it later does not
+            # bring back credentials issued before (issue new ones).
+            api_tokens_revoke(user=obj)
 
 
 @admin.register(ApiToken)
@@ -31,7 +41,17 @@ class ApiTokenAdmin(admin.ModelAdmin[ApiToken]):
         "last_used_at",
     )
     list_select_related = ("user",)
-    readonly_fields = ("prefix", "key_hash", "created_at", "last_used_at")
+    # A token is never moved to another user, extended or un-revoked: revoke it (the
+    # action below) and issue a new one.
+    readonly_fields = (
+        "prefix",
+        "user",
+        "key_hash",
+        "created_at",
+        "expires_at",
+        "revoked_at",
+        "last_used_at",
+    )
     actions = ["revoke"]
 
     @admin.action(description="Revoke selected tokens")

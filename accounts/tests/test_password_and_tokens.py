@@ -54,3 +54,50 @@ def test_issue_token_refuses_a_lifetime_out_of_range(days: int) -> None:
     with pytest.raises(CommandError, match="--days must be 1"):
         call_command("issue_token", "his-system", days=days)
     assert not ApiToken.objects.exists()
+
+
+def _superuser_client() -> Client:
+    client = Client()
+    client.force_login(User.objects.create_superuser(username="root", password="pw-root-1"))
+    return client
+
+
+def test_deactivating_an_account_in_the_admin_revokes_its_tokens() -> None:
+    from accounts.services import api_token_issue
+
+    user = User.objects.create_user(username="his-system", password=None)
+    api_token_issue(user=user, name="integration")
+    client = _superuser_client()
+    form = {
+        "username": "his-system",
+        "date_joined_0": "2026-01-01",
+        "date_joined_1": "00:00:00",
+        "_save": "Save",
+    }  # is_active unticked
+    response = client.post(f"/admin/accounts/user/{user.pk}/change/", form)
+    assert response.status_code == 302, response.content.decode()[:2000]
+    assert User.objects.get(pk=user.pk).is_active is False
+    assert ApiToken.objects.get(user=user).revoked_at is not None
+
+    # reactivated: the old token stays revoked
+    response = client.post(f"/admin/accounts/user/{user.pk}/change/", {**form, "is_active": "on"})
+    assert response.status_code == 302
+    assert ApiToken.objects.get(user=user).revoked_at is not None
+
+
+def test_a_token_is_neither_moved_nor_extended_nor_unrevoked_in_the_admin() -> None:
+    from accounts.services import api_token_issue
+
+    owner = User.objects.create_user(username="owner", password=None)
+    other = User.objects.create_user(username="other", password=None)
+    token = api_token_issue(user=owner).token
+    client = _superuser_client()
+    page = client.get(f"/admin/accounts/apitoken/{token.pk}/change/").content.decode()
+    for field in ("user", "expires_at", "revoked_at"):
+        assert f'name="{field}' not in page
+    client.post(
+        f"/admin/accounts/apitoken/{token.pk}/change/",
+        {"user": other.pk, "name": "renamed", "expires_at_0": "2099-01-01", "_save": "Save"},
+    )
+    stored = ApiToken.objects.get(pk=token.pk)
+    assert (stored.user_id, stored.expires_at) == (owner.pk, token.expires_at)

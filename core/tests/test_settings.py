@@ -96,3 +96,12 @@ def test_env_example_lists_every_variable_the_settings_read() -> None:
     example = (root / ".env.example").read_text(encoding="utf-8")
     listed = set(re.findall(r"^#?\s*([A-Z0-9_]+)=", example, flags=re.MULTILINE))
     assert read and sorted(read - listed) == []
+
+
+def test_web_sessions_last_a_shift_and_end_with_the_browser() -> None:
+    result = _settings_in_env(
+        {"SECRET_KEY": "x" * 50},
+        "settings.SESSION_COOKIE_AGE, settings.SESSION_EXPIRE_AT_BROWSER_CLOSE",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["43200", "True"]
