@@ -52,6 +52,11 @@ class ReportApi(APIView):
     renderer_classes = [JSONRenderer, CSVRenderer, XLSXRenderer]
     name = "report"
 
+    def initial(self, request: Any, *args: Any, **kwargs: Any) -> None:
+        super().initial(request, *args, **kwargs)
+        # Who may see reports at all is answered (403) before any filter is read (400).
+        selectors.report_scope_for(_user(request))
+
     def finalize_response(self, request: Any, response: Any, *args: Any, **kwargs: Any) -> Any:
         if response.status_code >= 400:  # a problem is JSON, whatever format was asked for
             request.accepted_renderer = JSONRenderer()

@@ -34,8 +34,8 @@ def dashboard(request: HttpRequest) -> HttpResponse:
     assert isinstance(user, User)
     params = {k: str(request.GET[k]) for k in FORM_FIELDS if request.GET.get(k)}
     try:
+        scope = selectors.report_scope_for(user)  # who may see reports first (403)
         filters = selectors.filters_parse(params, allow_by=False)
-        scope = selectors.report_scope_for(user)
     except ApplicationError as exc:
         status = exc.status_code
         return render(

@@ -7,6 +7,7 @@ import io
 from typing import Any
 
 import pytest
+from django.test import Client
 from openpyxl import load_workbook
 from rest_framework.test import APIClient
 
@@ -139,6 +140,12 @@ def test_coordinator_sees_both_directions_of_their_facility(scenario: Network) -
 
 def test_accounts_without_a_reporting_role_are_refused(scenario: Network) -> None:
     assert get(scenario.steward, "summary/").status_code == 403
+    # before their filters are read: a refused account learns nothing from a 400
+    assert get(scenario.steward, "summary/", tier="9", **{"from": "x"}).status_code == 403
+    assert get(scenario.steward, "", by="nonsense").status_code == 403
+    web = Client()
+    web.force_login(scenario.steward)
+    assert web.get("/reports/", {"tier": "9"}).status_code == 403
     assert APIClient().get("/api/v1/reports/summary/").status_code == 401
 
 
