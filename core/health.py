@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from django.conf import settings
 from django.db import connection
 from kombu import Connection
@@ -21,7 +23,7 @@ def check_broker(url: str | None = None, timeout: int = 2) -> str | None:
     url = url or settings.CELERY_BROKER_URL
     try:
         if url.startswith("sqla+"):
-            _check_sqlalchemy_broker(url.removeprefix("sqla+"))
+            _check_sqlalchemy_broker(url.removeprefix("sqla+"), timeout)
         else:
             with Connection(url, connect_timeout=timeout) as conn:
                 conn.ensure_connection(max_retries=1, timeout=timeout)
@@ -30,12 +32,27 @@ def check_broker(url: str | None = None, timeout: int = 2) -> str | None:
     return None
 
 
-def _check_sqlalchemy_broker(url: str) -> None:
+def _check_sqlalchemy_broker(url: str, timeout: int) -> None:
     """kombu's SQLAlchemy transport (the embedded broker of ``make run``) connects lazily:
-    ``ensure_connection`` succeeds even when its database cannot be opened. Open it."""
+    ``ensure_connection`` succeeds even when its database cannot be opened. Open it, within
+    ``timeout``; a SQLite file is opened read-only (a probe creates nothing: a missing file
+    is reported, though the first task sent would create it)."""
     from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
 
-    engine = create_engine(url)
+    parsed = make_url(url)
+    connect_args: dict[str, object]
+    if parsed.get_backend_name() == "sqlite":
+        path = parsed.database or ""
+        if not path or path == ":memory:":
+            raise ValueError("the embedded broker needs a database file")
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"no broker database at {path}")
+        url = f"sqlite:///file:{Path(path).resolve()}?mode=ro&uri=true"
+        connect_args = {"timeout": timeout}
+    else:
+        connect_args = {"connect_timeout": timeout}
+    engine = create_engine(url, connect_args=connect_args)
     try:
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))

@@ -84,8 +84,10 @@ class FacilityIdentifierInline(admin.TabularInline[FacilityIdentifier, Facility]
 
 class DepartmentForm(RegistryForm):
     def registry_problem(self, instance: Department) -> tuple[str | None, str] | None:
-        if instance.facility_id is None or self.cleaned_data.get("DELETE"):
-            return None  # an inline row of a facility being added; a row being deleted
+        if self.cleaned_data.get("DELETE"):
+            return None  # a row being deleted
+        # an inline row of a facility being added has no facility yet: its modes are
+        # checked here, two rows of one specialty by the formset
         problem = department_problem(instance)
         return (None, problem.message) if problem else None
 
@@ -138,7 +140,7 @@ class FacilityAdmin(admin.ModelAdmin[Facility]):
 
     def save_related(self, request: Any, form: Any, formsets: Any, change: bool) -> None:
         super().save_related(request, form, formsets, change)
-        before, identifiers = form.registry_before or ({}, None)
+        before, identifiers = form.registry_before or (None, None)
         facility_admin_saved(
             actor=request.user,
             facility=form.instance,

@@ -10,7 +10,6 @@ dry run) are documented in docs/import-mapping.md.
 from __future__ import annotations
 
 import codecs
-import copy
 import csv
 import functools
 import hashlib
@@ -36,6 +35,7 @@ from django.utils.text import slugify
 from psycopg.types.json import Jsonb
 from unidecode import unidecode
 
+from core.errors import Conflict
 from registry.models import (
     AdministrativeArea,
     Country,
@@ -49,11 +49,7 @@ from registry.models import (
     Specialty,
     Tier,
 )
-from registry.services import (
-    facility_border_problem,
-    facility_relink_country,
-    facility_snapshot,
-)
+from registry.services import facility_relink_country, facility_snapshot
 from registry.text import search_key
 
 # Facility.code seen as an identifier: exports carry it under this system, and a record
@@ -1278,6 +1274,9 @@ class FacilityImport:
         # facility id -> (row, label, column) of each parent this import set: checked for
         # loops at the end
         self._parented: dict[int, tuple[int, str, str]] = {}
+        # facility id -> (row, label) of each facility this import moves to another country
+        self._moved: dict[int, tuple[int, str]] = {}
+        self._fatal = False  # an error rows cannot be skipped for: nothing is written
         self._insert = _Inserter(self.batch_size)
 
     # The whole run ---------------------------------------------------------------------
@@ -1287,7 +1286,7 @@ class FacilityImport:
         try:
             with transaction.atomic():
                 self._run(items)
-                if self.dry_run or (self.report.errors and not self.skip_invalid):
+                if self.dry_run or self._fatal or (self.report.errors and not self.skip_invalid):
                     raise _Rollback
                 self.result.committed = True
         except _Rollback:
@@ -1323,6 +1322,7 @@ class FacilityImport:
         self._advance(done)
         self._resolve_pending_parents()
         self._break_parent_loops()
+        self._relink_moved()
 
     def _accept(self, record: FacilityRecord) -> bool:
         """Checks that need no query: the source's own findings and the specialty codes."""
@@ -1397,9 +1397,6 @@ class FacilityImport:
             self._seen.add(p.facility.pk)
         self._save_identifiers(planned, existing_ids)
         changed = self._save_changed(planned)
-        for p in changed:
-            if p.before is not None and p.before["country_id"] != p.facility.country_id:
-                facility_relink_country(p.facility)  # its links' border flags
         self._save_departments(planned)
         self._save_endpoints(planned)
         self._save_revisions(new + changed)
@@ -1481,11 +1478,8 @@ class FacilityImport:
                     f"facility with {_key_text(key)} (facility codes never change)",
                 )
                 return None
-            if "country" in record and (
-                problem := self._country_move_problem(facility, record["country"])
-            ):
-                self._reject(record, "country", problem)
-                return None
+            if "country" in record and self._country(record["country"]).pk != facility.country_id:
+                self._moved[facility.pk] = (record["row"], record["label"])
             before: dict[str, object] | None = facility_snapshot(facility)
         else:
             code = record["code"] if "code" in record else _derived_code(record)
@@ -1517,16 +1511,6 @@ class FacilityImport:
         if before is None or {"name", "name_local"} & record["fields"].keys():
             facility.search_name = search_key(f"{facility.name} {facility.name_local}")
         return _Planned(record=record, facility=facility, before=before, keys=keys)
-
-    def _country_move_problem(self, facility: Facility, country: CountryRecord) -> str | None:
-        """A facility the file moves to another country (rare: a query only then) keeps
-        its support links' rule: none may cross a border without an agreement."""
-        country_id = self._country(country).pk
-        if country_id == facility.country_id:
-            return None
-        moved = copy.copy(facility)
-        moved.country_id = country_id
-        return facility_border_problem(moved)
 
     def _set_places(self, planned: list[_Planned]) -> None:
         """Country, area and province from the caches; missing areas are created first."""
@@ -1817,6 +1801,22 @@ class FacilityImport:
             for facility_id in looping
         )
         self.result.revisions_created += len(looping)
+
+    def _relink_moved(self) -> None:
+        """Facilities the file moves to another country, judged once every row is in (a
+        hub and its spoke may move together): each support link's border flag follows, and
+        a link that would then cross a border without a data-sharing agreement is an error
+        on the moved facility's row that refuses the whole import, ``--skip-invalid`` or
+        not (the row is already applied)."""
+        if not self._moved:
+            return
+        facilities = Facility.objects.in_bulk(list(self._moved))
+        for facility_id, (row, label) in self._moved.items():
+            try:
+                facility_relink_country(facilities[facility_id])
+            except Conflict as exc:
+                self.report.add(ImportIssue(row, "country", exc.message, label))
+                self._fatal = True
 
 
 class _AnyOf(Lookup[object]):

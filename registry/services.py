@@ -109,11 +109,14 @@ def facility_border_problem(facility: Facility) -> str | None:
     cross a border without a data-sharing agreement)."""
     if facility.pk is None:
         return None
+    stored = Facility.objects.filter(pk=facility.pk).values_list("country_id", flat=True).first()
+    if stored == facility.country_id:
+        return None  # not a move: links already checked are not judged again
     for link, cross_border in _border_changes(facility):
         if cross_border and not link.agreement_reference.strip():
             return (
                 f"Support link #{link.pk} ({link}) would cross a border without a data-sharing "
-                "agreement: give it an agreement reference, or end it, first."
+                "agreement: give it an agreement reference (or delete it) first."
             )
     return None
 
@@ -121,9 +124,13 @@ def facility_border_problem(facility: Facility) -> str | None:
 def facility_relink_country(facility: Facility) -> None:
     """A facility that moved to another country: its support links cross a border now (or
     no longer); one that would cross it without a data-sharing agreement refuses the move."""
-    if problem := facility_border_problem(facility):
-        raise Conflict(problem, code="agreement_required")
     for link, cross_border in _border_changes(facility):
+        if cross_border and not link.agreement_reference.strip():
+            raise Conflict(
+                f"Support link #{link.pk} ({link}) would cross a border without a data-sharing "
+                "agreement: give it an agreement reference (or delete it) first.",
+                code="agreement_required",
+            )
         if cross_border != link.is_cross_border:
             SupportLink.objects.filter(pk=link.pk).update(is_cross_border=cross_border)
 
@@ -263,7 +270,7 @@ def facility_admin_saved(
     """The Django admin saved ``facility`` and its inline rows (identifiers, departments):
     its links follow a move to another country, and the revision is recorded as the API
     does (``before`` None: it was added)."""
-    if before is not None and before["country_id"] != facility.country_id:
+    if before and before["country_id"] != facility.country_id:
         facility_relink_country(facility)
     facility_record_revision(
         facility=facility,
@@ -368,7 +375,7 @@ def department_problem(department: Department) -> ApplicationError | None:
     """What is wrong with ``department`` as it would be saved (the API and the admin)."""
     if not (department.offers_async or department.offers_live or department.offers_transfer):
         return ApplicationError("A department must offer at least one mode.", code="no_mode")
-    if (
+    if department.facility_id is not None and (
         Department.objects.filter(
             facility_id=department.facility_id, specialty_id=department.specialty_id
         )
@@ -462,8 +469,15 @@ def facility_delete(*, facility: Facility) -> None:
 
 
 def area_problem(area: AdministrativeArea) -> str | None:
-    """Why ``area`` cannot be saved with its parent: a parent is of a higher level (a
-    smaller number) in the same country (so never itself, nor a loop)."""
+    """Why ``area`` cannot be saved as it is: its parent is of a higher level (a smaller
+    number) in the same country, and its children of a lower one in the same country, so
+    the levels strictly increase down every chain (never itself, nor a loop)."""
+    if area.pk is not None:
+        children = AdministrativeArea.objects.filter(parent_id=area.pk)
+        if children.exclude(country_id=area.country_id).exists():
+            return "Areas below this one are in its country: it cannot move to another."
+        if children.filter(level__lte=area.level).exists():
+            return "Areas below this one are of a lower level: it cannot take theirs."
     if area.parent_id is None:
         return None
     parent = AdministrativeArea.objects.filter(pk=area.parent_id).first()

@@ -386,12 +386,30 @@ def _keep_stored_attributes(rows: list[dict[str, Any]]) -> None:
     """A day row keeps the attributes (province, tier, hub...) it was first written with;
     counters added to it later go to the month, national and segment rows under those
     same attributes, even when the registry changed meanwhile, so the coarser rows always
-    equal the day rows summed. One query per batch."""
-    stored = DailyRollup.objects.filter(
-        day__in={r["day"] for r in rows},
-        requester_facility_id__in={r["requester_facility_id"] for r in rows},
-    ).values_list(*ROLLUP_KEY, *ROLLUP_ATTRIBUTES)
+    equal the day rows summed. One query per batch, for the batch's own keys."""
     width = len(ROLLUP_KEY)
+    keys = [tuple(r[c] for c in ROLLUP_KEY) for r in rows]
+    stored: Iterable[tuple[Any, ...]]
+    if connection.vendor == "postgresql":
+        # exactly the batch's keys: a join with them as arrays (one parameter per column)
+        qn = connection.ops.quote_name
+        types = _column_types(DailyRollup._meta.db_table)
+        arrays = ", ".join(f"%s::{types[c]}[]" for c in ROLLUP_KEY)
+        wanted = ", ".join(qn(c) for c in ROLLUP_KEY)
+        match = " AND ".join(f"d.{qn(c)} = k.{qn(c)}" for c in ROLLUP_KEY)
+        selected = ", ".join(f"d.{qn(c)}" for c in (*ROLLUP_KEY, *ROLLUP_ATTRIBUTES))
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"SELECT {selected} FROM {qn(DailyRollup._meta.db_table)} d "  # noqa: S608
+                f"JOIN unnest({arrays}) AS k({wanted}) ON {match}",
+                [list(column) for column in zip(*keys, strict=True)],
+            )
+            stored = cursor.fetchall()
+    else:  # SQLite (make run): the days and facilities of the batch, then matched here
+        stored = DailyRollup.objects.filter(
+            day__in={r["day"] for r in rows},
+            requester_facility_id__in={r["requester_facility_id"] for r in rows},
+        ).values_list(*ROLLUP_KEY, *ROLLUP_ATTRIBUTES)
     attributes = {tuple(values[:width]): values[width:] for values in stored}
     if not attributes:
         return

@@ -8,7 +8,9 @@ Rules (docs/metrics.md, "Suppression"):
    anyone compute it as total - visible cells. Then the smallest visible non-zero cell of
    that column is hidden too; when there is none, the total is hidden. The same holds
    along each ``lines`` grouping of the rows (a table whose margins other queries
-   publish: the rows of one line sum to a published figure).
+   publish: the rows of one line sum to a published figure), where, with no non-zero
+   cell left to hide, a zero is hidden (the published sum then splits between two
+   unknowns).
 3. Within a row: where one count is the sum of others (``relations``: sla_due = accepted
    + declined + expired), exactly one hidden member is hidden with another (the smallest
    visible non-zero part, else the whole). Rules 2 and 3 repeat until neither hides more.
@@ -62,16 +64,19 @@ def suppress_table(
             value = row.get(column)
             if value is not None and 0 < value < min_cell:
                 _hide(row, column)
+    by_lines: list[list[list[Row]]] = []
+    for line_of in lines:
+        by_line: dict[Hashable, list[Row]] = {}
+        for row in rows:
+            by_line.setdefault(line_of(row), []).append(row)
+        by_lines.append(list(by_line.values()))
     changed = True
     while changed:
         changed = False
         for column in counts:
             changed |= _complement(rows, total, column)
-            for line_of in lines:
-                by_line: dict[Hashable, list[Row]] = {}
-                for row in rows:
-                    by_line.setdefault(line_of(row), []).append(row)
-                for line in by_line.values():
+            for lines_ in by_lines:
+                for line in lines_:
                     changed |= _complement(line, None, column)
         for row in everything:
             for whole, parts in relations:
@@ -87,18 +92,24 @@ def suppress_table(
 
 
 def _complement(rows: Sequence[Row], total: Row | None, column: str) -> bool:
-    """Rule 2 for one column of ``rows`` (summing to ``total``, shown or published
-    elsewhere when None). True when it hid something."""
+    """Rule 2 for one column of ``rows`` (summing to ``total``; a line's sum published by
+    another query when None). True when it hid something."""
     if total is not None and _is_hidden(total, column):
         return False
     if sum(_is_hidden(r, column) for r in rows) != 1:
         return False
-    candidates = [r for r in rows if not _is_hidden(r, column) and (r.get(column) or 0) > 0]
+    visible = [r for r in rows if not _is_hidden(r, column)]
+    candidates = [r for r in visible if (r.get(column) or 0) > 0]
     if candidates:
         _hide(min(candidates, key=lambda r: r[column]), column)
         return True
     if total is not None:
         _hide(total, column)
+        return True
+    if visible:
+        # Only zeros left beside it: a line's sum is published, so hide a zero too (the
+        # sum then splits between two unknowns).
+        _hide(visible[0], column)
         return True
     return False  # the line's sum is the hidden cell itself: primary suppression hides it
 
@@ -111,6 +122,12 @@ def _complement_within(row: Row, whole: str, parts: Sequence[str]) -> bool:
     candidates = [p for p in parts if not _is_hidden(row, p) and (row.get(p) or 0) > 0]
     if candidates:
         _hide(row, min(candidates, key=lambda p: row[p]))
-    else:
+        return True
+    if not _is_hidden(row, whole):
         _hide(row, whole)
-    return True
+        return True
+    visible = [p for p in parts if not _is_hidden(row, p)]
+    if visible:  # the whole is hidden and the parts left are zeros: hide one of them
+        _hide(row, visible[0])
+        return True
+    return False

@@ -1,5 +1,11 @@
+import socket
+import sqlite3
+import threading
+
 import pytest
 from django.test import Client
+
+from core.health import check_broker
 
 
 @pytest.mark.django_db
@@ -34,8 +40,32 @@ def test_healthz_opens_the_embedded_broker(client: Client, settings, tmp_path) -
     assert response.status_code == 503
     assert set(response.json()["failing"]) == {"broker"}
 
-    settings.CELERY_BROKER_URL = f"sqla+sqlite:///{tmp_path}/broker.sqlite3"
+    missing = tmp_path / "broker.sqlite3"
+    settings.CELERY_BROKER_URL = f"sqla+sqlite:///{missing}"
+    assert client.get("/healthz").status_code == 503  # no broker database yet
+    assert not missing.exists()  # and the probe did not create one
+
+    sqlite3.connect(missing).close()  # as kombu creates it
     assert client.get("/healthz").status_code == 200
+
+
+def test_the_sqlalchemy_broker_check_keeps_its_timeout() -> None:
+    """A broker host that accepts the connection and never answers does not hang it."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+    answer: list[object] = []
+    worker = threading.Thread(
+        target=lambda: answer.append(
+            check_broker(f"sqla+postgresql+psycopg://u:p@127.0.0.1:{port}/x", timeout=1)
+        ),
+        daemon=True,
+    )
+    worker.start()
+    worker.join(10)
+    server.close()
+    assert answer and answer[0] is not None  # an error, in time
 
 
 @pytest.mark.django_db

@@ -900,6 +900,10 @@ def test_a_move_across_a_border_keeps_the_support_link_rule(
     assert any("without a data-sharing agreement" in line for line in error_lines(output))
     assert Facility.objects.get(pk=spoke.pk).country.code == "VN"
 
+    # --skip-invalid cannot skip it (the row is applied before the links are judged)
+    assert_refused(VN_CSV, "--mapping", str(laos), "--skip-invalid", match="Nothing written")
+    assert Facility.objects.get(pk=spoke.pk).country.code == "VN"
+
     # And once the link has its agreement, the move is taken and the link crosses a border
     SupportLink.objects.filter(pk=link.pk).update(agreement_reference="MoU 2026/7")
     run_import(str(VN_CSV), "--mapping", str(laos))
@@ -937,3 +941,23 @@ def test_a_parent_loop_is_refused(specialties: list[Specialty], tmp_path: Path) 
             assert node != facility.pk and node not in seen
             seen.add(node)
             node = Facility.objects.get(pk=node).parent_id
+
+
+def test_a_hub_and_its_spoke_move_country_together(
+    specialties: list[Specialty], tmp_path: Path
+) -> None:
+    # Given VN001 supported by VN100 (the same country, no agreement)
+    run_import(str(VN_CSV), "--mapping", str(VN_MAPPING))
+    spoke = Facility.objects.get(identifiers__value="VN001")
+    hub = Facility.objects.get(identifiers__value="VN100")
+    link = SupportLink.objects.create(hub=hub, spoke=spoke)
+    laos = tmp_path / "laos.json"
+    mapping = json.loads(VN_MAPPING.read_text(encoding="utf-8"))
+    mapping["country"] = {"code": "LA", "name": "Laos"}
+    laos.write_text(json.dumps(mapping), encoding="utf-8")
+
+    # When the file moves both (a whole file's country corrected): the link stays domestic
+    run_import(str(VN_CSV), "--mapping", str(laos))
+    assert Facility.objects.get(pk=spoke.pk).country.code == "LA"
+    assert Facility.objects.get(pk=hub.pk).country.code == "LA"
+    assert SupportLink.objects.get(pk=link.pk).is_cross_border is False

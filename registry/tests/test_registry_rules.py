@@ -435,3 +435,113 @@ def test_steward_cannot_approve_own_change_request(api_client_for) -> None:
     )
     assert response.status_code == 200
     assert Facility.objects.filter(code="NEW-1").exists()
+
+
+# --- the admin's add page; areas below a changed area -------------------------------------
+
+
+def _add_form(country_id: int, code: str, **extra: object) -> dict[str, object]:
+    return {
+        "code": code,
+        "name": f"Hospital {code}",
+        "name_local": "",
+        "country": country_id,
+        "area": "",
+        "tier": 2,
+        "facility_type": "",
+        "ownership": "public",
+        "operational_status": "active",
+        "latitude": "",
+        "longitude": "",
+        "parent": "",
+        "languages": "[]",
+        "beds": "",
+        "created_at_0": "2026-01-01",
+        "created_at_1": "00:00:00",
+        "identifiers-TOTAL_FORMS": "1",
+        "identifiers-INITIAL_FORMS": "0",
+        "identifiers-0-system": "urn:moh",
+        "identifiers-0-value": code,
+        "departments-TOTAL_FORMS": "0",
+        "departments-INITIAL_FORMS": "0",
+        "_save": "Save",
+        **extra,
+    }
+
+
+def test_the_admin_adds_a_facility_with_its_revision(superuser_client: Client) -> None:
+    country = CountryFactory.create()
+    response = superuser_client.post("/admin/registry/facility/add/", _add_form(country.pk, "NEW2"))
+    assert response.status_code == 302
+    facility = Facility.objects.get(code="NEW2")
+    revision = FacilityRevision.objects.get(facility=facility)
+    assert revision.source == "admin"
+    assert revision.changes["code"] == [None, "NEW2"]
+    assert revision.changes["identifiers"] == [None, ["urn:moh|NEW2"]]
+
+
+def test_the_admin_add_page_keeps_the_department_mode_rule(
+    superuser_client: Client, pediatrics
+) -> None:
+    country = CountryFactory.create()
+    rows = {
+        "departments-TOTAL_FORMS": "1",
+        "departments-0-specialty": pediatrics.pk,
+        "departments-0-name": "No-mode department",
+        "departments-0-accepting": "on",
+        "departments-0-daily_capacity": "20",
+        "departments-0-sla_hours": "48",
+    }
+    response = superuser_client.post(
+        "/admin/registry/facility/add/", _add_form(country.pk, "NEW1", **rows)
+    )
+    assert response.status_code == 200  # the form again
+    assert "at least one mode" in response.content.decode()
+    assert not Facility.objects.filter(code="NEW1").exists()
+    assert not Department.objects.exists()
+    rows["departments-0-offers_async"] = "on"
+    response = superuser_client.post(
+        "/admin/registry/facility/add/", _add_form(country.pk, "NEW1", **rows)
+    )
+    assert response.status_code == 302
+    assert Department.objects.get().facility.code == "NEW1"
+
+
+def test_area_rules_also_hold_for_the_areas_below_a_changed_area() -> None:
+    from core.errors import ApplicationError
+    from registry.models import AreaLevel
+    from registry.services import area_save
+
+    country = CountryFactory.create()
+    province = AreaFactory.create(country=country, level=AreaLevel.PROVINCE, parent=None)
+    district = AreaFactory.create(country=country, level=AreaLevel.DISTRICT, parent=province)
+    province.level = AreaLevel.COMMUNE
+    with pytest.raises(ApplicationError):
+        area_save(area=province)
+    province.level = AreaLevel.PROVINCE
+    province.parent = district  # a loop
+    with pytest.raises(ApplicationError):
+        area_save(area=province)
+    province.parent = None
+    province.country = CountryFactory.create(code="LA", name="Laos")
+    with pytest.raises(ApplicationError):
+        area_save(area=province)
+    stored = AdministrativeArea.objects.get(pk=province.pk)
+    assert (stored.level, stored.parent_id, stored.country_id) == (1, None, country.pk)
+
+
+def test_an_admin_edit_that_keeps_the_country_is_not_judged_by_old_links(
+    superuser_client: Client,
+) -> None:
+    """A legacy cross-border link with a blank agreement (written before the rule) does
+    not block an edit that does not move the facility."""
+    link = SupportLinkFactory.create()
+    abroad = CountryFactory.create(code="KH", name="Cambodia")
+    Facility.objects.filter(pk=link.hub_id).update(country=abroad)
+    SupportLink.objects.filter(pk=link.pk).update(is_cross_border=True, agreement_reference=" ")
+    spoke = Facility.objects.get(pk=link.spoke_id)
+    response = superuser_client.post(
+        f"/admin/registry/facility/{spoke.pk}/change/", _facility_admin_form(spoke, name="Renamed")
+    )
+    assert response.status_code == 302
+    assert Facility.objects.get(pk=spoke.pk).name == "Renamed"

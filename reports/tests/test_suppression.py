@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Any
+
 from reports.suppression import suppress_table
 
 
@@ -30,3 +32,45 @@ def test_one_visible_large_cell_becomes_the_complement() -> None:
     suppress_table(rows, total, counts=["n"], derived={}, min_cell=5)
 
     assert rows[0]["n"] is None and rows[1]["n"] is None and total["n"] == 41
+
+
+LINES = [
+    lambda r: (r["facility"], r["period"]),
+    lambda r: (r["specialty"], r["period"]),
+    lambda r: (r["facility"], r["specialty"]),
+]
+
+
+def test_a_complement_is_never_alone_in_a_line_whose_sum_is_published() -> None:
+    """F1/S1 = 2 is hidden (rule 1), so F1/S2 = 10 is hidden with it along F1's line; along
+    S2's line F1/S2 would then be the only hidden cell beside a zero, and the S2 sum (10,
+    published by another query) would give it away, and F1/S1 with it (F1's sum 12 - 10):
+    the zero is hidden too, and so on until no line has a lone hidden cell."""
+    rows: list[dict[str, Any]] = [
+        {"facility": "F1", "specialty": "S1", "period": "P", "n": 2},
+        {"facility": "F1", "specialty": "S2", "period": "P", "n": 10},
+        {"facility": "F2", "specialty": "S1", "period": "P", "n": 20},
+        {"facility": "F2", "specialty": "S2", "period": "P", "n": 0},
+    ]
+    suppress_table(rows, None, counts=["n"], derived={}, min_cell=5, lines=LINES)
+    for line_of in LINES[:2]:
+        lines: dict[object, list[dict[str, Any]]] = {}
+        for row in rows:
+            lines.setdefault(line_of(row), []).append(row)
+        for line in lines.values():
+            assert sum("n" in r.get("suppressed", ()) for r in line) != 1, line
+
+
+def test_a_relation_whose_parts_are_zeros_ends() -> None:
+    """sla_due hidden by rule 1 beside parts that are all zeros (data that breaks the
+    relation): the loop still ends."""
+    row = {"sla_due": 3, "accepted": 0, "declined": 0, "expired": 0}
+    suppress_table(
+        [row],
+        None,
+        counts=["sla_due"],
+        derived={},
+        min_cell=5,
+        relations=[("sla_due", ("accepted", "declined", "expired"))],
+    )
+    assert row["sla_due"] is None
