@@ -44,9 +44,10 @@ def _ip(text: str) -> str | None:
     return str(address).partition("%")[0]
 
 
-def _client_ip(request: HttpRequest | Request) -> str | None:
+def client_ip(request: HttpRequest | Request) -> str | None:
     """The client's address: the first of ``X-Forwarded-For`` when the proxy is trusted
-    and it is an address (the header is the client's to write), else ``REMOTE_ADDR``."""
+    and it is an address (the header is the client's to write), else ``REMOTE_ADDR``.
+    Also what login lockouts count by (``AXES_CLIENT_IP_CALLABLE``)."""
     meta = request.META
     if getattr(settings, "AUDIT_TRUST_X_FORWARDED_FOR", False):
         forwarded = _ip(str(meta.get("HTTP_X_FORWARDED_FOR", "")).split(",")[0])
@@ -82,7 +83,7 @@ def _actor(request: HttpRequest | Request) -> User | None:
 def _origin(request: HttpRequest | Request) -> tuple[str | None, str, str]:
     """Where the request came from: client address, user agent, request id."""
     agent = str(request.META.get("HTTP_USER_AGENT", ""))[:USER_AGENT_MAX]
-    return _client_ip(request), agent, (current_request_id() or "")[:64]
+    return client_ip(request), agent, (current_request_id() or "")[:64]
 
 
 def _insert(
