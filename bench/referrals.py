@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.base")
 # As in production: DEBUG off (Django's debug cursor formats and keeps every statement).
 os.environ.setdefault("DEBUG", "0")
-os.environ.setdefault("SECRET_KEY", "bench-only-not-a-secret")
+os.environ.setdefault("SECRET_KEY", "bench-only-not-a-secret-" + "x" * 32)
 os.environ.setdefault("ALLOWED_HOSTS", "testserver")
 # A real broker, as in production (the embedded SQLite default lives under var/): the
 # after-commit hand-offs of the submits go to it; the queue is purged at the end.

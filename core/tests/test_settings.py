@@ -105,3 +105,11 @@ def test_web_sessions_last_a_shift_and_end_with_the_browser() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["43200", "True"]
+
+
+@pytest.mark.parametrize("key", ["change-me", "short-key-of-31-characters-xxxx"])
+def test_without_debug_a_guessable_secret_key_is_refused(key: str) -> None:
+    assert len(key) < 32 or key == "change-me"
+    result = _settings_in_env({"SECRET_KEY": key}, "settings.SECRET_KEY")
+    assert result.returncode != 0
+    assert "at least 32 random characters" in result.stderr
