@@ -3,7 +3,9 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from axes.backends import AxesStandaloneBackend
 from django.db import connection
+from django.http import HttpRequest
 from django.utils import timezone
 from rest_framework import authentication, exceptions
 from rest_framework.request import Request
@@ -105,3 +107,20 @@ class BearerTokenAuthentication(authentication.BaseAuthentication):
 
     def authenticate_header(self, request: Request) -> str:
         return self.keyword
+
+
+class LockoutBackend(AxesStandaloneBackend):
+    """django-axes' lockout check for logins that come with a request (the login page, the
+    admin). A call without one (a script, the test client's ``login``) has no address to
+    count by: axes would raise; it is left to the other backends."""
+
+    def authenticate(
+        self,
+        request: HttpRequest | None,
+        username: str | None = None,
+        password: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if request is None:
+            return None
+        return super().authenticate(request, username, password, **kwargs)

@@ -53,8 +53,9 @@ def _check_sqlalchemy_broker(url: str, timeout: int) -> None:
     else:
         connect_args = {"connect_timeout": timeout}
     engine = create_engine(url, connect_args=connect_args)
+    probe = "SELECT count(*) FROM sqlite_master" if "sqlite" in url else "SELECT 1"
     try:
         with engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
+            conn.execute(text(probe))  # SQLite: reads the file (a corrupt one fails)
     finally:
         engine.dispose()

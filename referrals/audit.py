@@ -45,12 +45,13 @@ def _ip(text: str) -> str | None:
 
 
 def client_ip(request: HttpRequest | Request) -> str | None:
-    """The client's address: the first of ``X-Forwarded-For`` when the proxy is trusted
-    and it is an address (the header is the client's to write), else ``REMOTE_ADDR``.
-    Also what login lockouts count by (``AXES_CLIENT_IP_CALLABLE``)."""
+    """The client's address: with a trusted proxy in front, the last address of
+    ``X-Forwarded-For`` (the one that proxy appended: the peer it saw; what comes before
+    it is the client's to write), else ``REMOTE_ADDR``. Also what login lockouts count by
+    (``AXES_CLIENT_IP_CALLABLE``): a forged header must not give a guesser new addresses."""
     meta = request.META
     if getattr(settings, "AUDIT_TRUST_X_FORWARDED_FOR", False):
-        forwarded = _ip(str(meta.get("HTTP_X_FORWARDED_FOR", "")).split(",")[0])
+        forwarded = _ip(str(meta.get("HTTP_X_FORWARDED_FOR", "")).split(",")[-1])
         if forwarded:
             return forwarded
     return _ip(str(meta.get("REMOTE_ADDR") or ""))

@@ -3,6 +3,8 @@ pair out for a while (django-axes); other users and other addresses are not affe
 
 from __future__ import annotations
 
+from io import StringIO
+
 import pytest
 from django.test import Client
 
@@ -33,12 +35,9 @@ def test_five_failures_lock_the_user_out_from_that_address(settings) -> None:
     assert status == 429
     client, status = _login("clin", PASSWORD)  # even with the right password
     assert status == 429 and not _logged_in(client)
-    assert (
-        "Too many failed logins"
-        in client.post(
-            "/accounts/login/", {"username": "clin", "password": PASSWORD}
-        ).content.decode()
-    )
+    page = client.post("/accounts/login/", {"username": "clin", "password": PASSWORD})
+    assert "Too many failed logins" in page.content.decode()
+    assert "Try again in 15 minutes" in " ".join(page.content.decode().split())
 
     client, status = _login("other", PASSWORD)  # another user from the same address
     assert status == 302 and _logged_in(client)
@@ -53,3 +52,39 @@ def test_a_successful_login_resets_the_count(settings) -> None:
             assert _login("clin", "guess")[1] == 200
         client, status = _login("clin", PASSWORD)
         assert status == 302 and _logged_in(client)
+
+
+def test_a_forged_forwarded_for_does_not_escape_the_lockout(settings) -> None:
+    """Behind the trusted proxy, the address counted is the one the proxy appended (the
+    last); what the client writes before it changes nothing."""
+    settings.AUDIT_TRUST_X_FORWARDED_FOR = True
+    User.objects.create_user(username="clin", password=PASSWORD)
+    client = Client(REMOTE_ADDR="10.0.0.254")  # the proxy
+    statuses = [
+        client.post(
+            "/accounts/login/",
+            {"username": "clin", "password": "guess"},
+            HTTP_X_FORWARDED_FOR=f"198.51.100.{n}, 203.0.113.7",
+        ).status_code
+        for n in range(settings.AXES_FAILURE_LIMIT + 1)
+    ]
+    assert statuses[-2:] == [429, 429]
+
+
+def test_the_unlock_command_lets_the_user_in_at_once(settings) -> None:
+    from django.core.management import call_command
+
+    User.objects.create_user(username="clin", password=PASSWORD)
+    for _ in range(settings.AXES_FAILURE_LIMIT):
+        _login("clin", "guess")
+    assert _login("clin", PASSWORD)[1] == 429
+    call_command("axes_reset_username", "clin", stdout=StringIO())
+    client, status = _login("clin", PASSWORD)
+    assert status == 302 and _logged_in(client)
+
+
+def test_the_test_clients_login_still_works() -> None:
+    """A login without a request (the test client, a script) has no address to count by."""
+    User.objects.create_user(username="clin", password=PASSWORD)
+    assert Client().login(username="clin", password=PASSWORD) is True
+    assert Client().login(username="clin", password="guess") is False

@@ -128,7 +128,7 @@ SILENCED_SYSTEM_CHECKS = (
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 AUTH_USER_MODEL = "accounts.User"
 AUTHENTICATION_BACKENDS = [
-    "axes.backends.AxesStandaloneBackend",  # first: refuses a locked-out login
+    "accounts.authentication.LockoutBackend",  # first: refuses a locked-out login
     "django.contrib.auth.backends.ModelBackend",
     "guardian.backends.ObjectPermissionBackend",
 ]
@@ -332,8 +332,8 @@ REGISTRY_IMPORT_BATCH_SIZE = env.int("REGISTRY_IMPORT_BATCH_SIZE", default=1000)
 
 # Referral attachments: largest case file accepted (bytes; over it: 413). 20 MiB default.
 ATTACHMENT_MAX_BYTES = env.int("ATTACHMENT_MAX_BYTES", default=20 * 1024 * 1024)
-# Audit log: take the client address from X-Forwarded-For (only behind a trusted proxy
-# that sets it); otherwise REMOTE_ADDR.
+# Audit log and login lockout: the client address is the last of X-Forwarded-For (the one
+# the trusted proxy in front appended), only behind such a proxy; otherwise REMOTE_ADDR.
 AUDIT_TRUST_X_FORWARDED_FOR = env.bool("AUDIT_TRUST_X_FORWARDED_FOR", default=False)
 
 # Reports (issue 5, docs/metrics.md): small-cell suppression for aggregate-only (ministry)

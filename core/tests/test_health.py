@@ -45,6 +45,9 @@ def test_healthz_opens_the_embedded_broker(client: Client, settings, tmp_path) -
     assert client.get("/healthz").status_code == 503  # no broker database yet
     assert not missing.exists()  # and the probe did not create one
 
+    missing.write_bytes(b"not a SQLite database " * 100)  # a damaged file
+    assert client.get("/healthz").status_code == 503
+    missing.unlink()
     sqlite3.connect(missing).close()  # as kombu creates it
     assert client.get("/healthz").status_code == 200
 

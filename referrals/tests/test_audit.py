@@ -167,7 +167,8 @@ def test_user_agent_is_truncated_and_forwarded_for_only_when_trusted(
     client.get(f"/api/v1/referrals/{referral.pk}/", **headers)
     settings.AUDIT_TRUST_X_FORWARDED_FOR = True
     client.get(f"/api/v1/referrals/{referral.pk}/", **headers)
-    assert [(r[6], len(r[7])) for r in rows()] == [("127.0.0.1", 255), ("203.0.113.9", 255)]
+    # the address the trusted proxy appended (the last), not what the client wrote first
+    assert [(r[6], len(r[7])) for r in rows()] == [("127.0.0.1", 255), ("10.0.0.1", 255)]
 
 
 def test_a_forwarded_for_that_is_no_address_falls_back_to_the_peer(
