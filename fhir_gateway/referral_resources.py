@@ -1190,6 +1190,9 @@ def transaction_bundle(
                 referral, created = _submit(user, intake, department)
         outcomes: dict[int, tuple[FhirResource, str]] = {}
         status = "201 Created" if created else "200 OK"
+        notes: dict[int, dict[str, Any]] = {}
+        if not created and (differs := _resubmission_differences(intake, referral)):
+            notes[sr_index] = _resubmission_warning(referral, differs)
         wanted = ["ServiceRequest"] + [t for t in ("Patient", "Task") if by_type.get(t)]
         # A new referral's versions, as the projection just stored them (the last of each);
         # else as stored.
@@ -1249,7 +1252,7 @@ def transaction_bundle(
             outcomes[index] = outcomes[document_index]
     wrote = any(status.startswith("201") for _row, status in outcomes.values())
     return handlers.TransactionAnswer(
-        _transaction_response(entries, outcomes, answer_version, base, set(binaries)),
+        _transaction_response(entries, outcomes, answer_version, base, set(binaries), notes),
         referral.pk,
         wrote,
     )
@@ -1478,15 +1481,59 @@ def _inline_sha256(document: dict[str, Any]) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _resubmission_differences(intake: m.Intake, referral: Referral) -> list[str]:
+    """What a resubmission (the placer identifier of an existing referral) says otherwise
+    than the referral it is answered with: the elements, by their FHIR names."""
+    differs = []
+    if intake.clinical_question.strip() != referral.clinical_question.strip():
+        differs.append("the clinical question (reasonCode / reason)")
+    if intake.priority != referral.priority:
+        differs.append("priority")
+    if intake.mode != referral.mode:
+        differs.append("the consult mode")
+    if intake.patient_ref and intake.patient_ref != referral.patient_ref:
+        differs.append("the patient (subject)")
+    try:
+        if _specialty(intake).pk != referral.specialty_id:
+            differs.append("the specialty (performerType)")
+    except FhirError:
+        differs.append("the specialty (performerType)")
+    return differs
+
+
+def _resubmission_warning(referral: Referral, differs: list[str]) -> dict[str, Any]:
+    """The OperationOutcome of a resubmission whose content changed: the first submission
+    stands (idempotent intake), and the sender learns its change was not applied."""
+    return {
+        "resourceType": "OperationOutcome",
+        "issue": [
+            {
+                "severity": "warning",
+                "code": "business-rule",
+                "diagnostics": (
+                    f"This placer identifier names referral {referral.filler_id}, submitted "
+                    f"before; this submission differs in {', '.join(differs)}. The first "
+                    "submission stands and nothing of this one was applied: send what changed "
+                    "as a Communication on the Task, or cancel the Task and submit anew with "
+                    "another placer identifier."
+                ),
+                "expression": ["ServiceRequest"],
+            }
+        ],
+    }
+
+
 def _transaction_response(
     entries: list[dict[str, Any]],
     outcomes: dict[int, tuple[FhirResource, str]],
     version: str,
     base: str,
     binaries: set[int] | frozenset[int] = frozenset(),
+    notes: dict[int, dict[str, Any]] | None = None,
 ) -> str:
     """The transaction-response; a Binary entry (in ``binaries``) is answered with where
-    its bytes are (``Binary/<its DocumentReference's id>``, see ``binary``), without them."""
+    its bytes are (``Binary/<its DocumentReference's id>``, see ``binary``), without them;
+    an entry in ``notes`` carries that OperationOutcome as its ``response.outcome``."""
     parts = []
     for index in range(len(entries)):
         row, status = outcomes[index]
@@ -1498,12 +1545,14 @@ def _transaction_response(
             modified = str(json.loads(text).get("date") or modified)
             text = ""
         location = f"{rtype}/{row.logical_id}/_history/{version_id}"
-        response = {
+        response: dict[str, Any] = {
             "status": status,
             "location": location,
             "etag": f'W/"{version_id}"',
             "lastModified": modified,
         }
+        if notes and index in notes:
+            response["outcome"] = notes[index]
         entry = '{"fullUrl":' + json.dumps(f"{base}/{rtype}/{row.logical_id}")
         if text:
             entry += ',"resource":' + text

@@ -108,6 +108,31 @@ def test_resubmitted_transaction_answers_the_existing_referral(world: World) -> 
     assert FhirResource.objects.filter(resource_type="Task").count() == 1
 
 
+def test_a_resubmission_with_other_content_says_the_first_stands(world: World) -> None:
+    """Idempotent intake answers the first referral; a changed resubmission (an offline
+    site that edited its referral) learns that its change was not applied."""
+    first = submit(world)
+    assert "outcome" not in first["entry"][1]["response"]
+    again = submit(world)  # the same content: no warning
+    assert "outcome" not in again["entry"][1]["response"]
+
+    bundle = transaction(world)
+    order = bundle["entry"][1]["resource"]
+    order["reasonCode"] = [{"text": "Fever 7 days now, desquamation."}]
+    order["priority"] = "stat"
+    response = world.r4.post("/fhir", bundle, content_type=FHIR_R4)
+    assert response.status_code == 200, response.content
+    answer = json.loads(response.content)
+    assert [e["response"]["status"] for e in answer["entry"]] == ["200 OK"] * 3
+    issue = answer["entry"][1]["response"]["outcome"]["issue"][0]
+    assert (issue["severity"], issue["code"]) == ("warning", "business-rule")
+    assert "clinical question" in issue["diagnostics"] and "priority" in issue["diagnostics"]
+    assert "nothing of this one was applied" in issue["diagnostics"]
+    referral = Referral.objects.get()
+    assert referral.clinical_question == "3-year-old, fever 5 days, rash: Kawasaki disease?"
+    validate_resource(answer, "4.0")  # a valid R4 transaction-response (raises if not)
+
+
 def test_transaction_is_all_or_nothing(world: World) -> None:
     bundle = transaction(world)
     bundle["entry"].append(
