@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any
@@ -324,13 +324,15 @@ def _upsert(
     rows: list[list[Any]],
     *,
     replace: bool = False,
-) -> None:
+    returning: Sequence[str] = (),
+) -> list[tuple[Any, ...]] | None:
     """INSERT ... ON CONFLICT (key) DO UPDATE SET c = c + EXCLUDED.c for each of ``sums``
     (``replace``: c = EXCLUDED.c). ``rows`` must have distinct keys. On PostgreSQL one
     statement over unnest() arrays (a statement per row, or Django's multi-row VALUES,
-    cost several times more at a 5,000-event batch)."""
+    cost several times more at a 5,000-event batch), which gives back the ``returning``
+    columns of the rows as stored; elsewhere None (executemany returns no rows)."""
     if not rows:
-        return
+        return [] if connection.vendor == "postgresql" else None
     qn = connection.ops.quote_name
     assignments = [
         f"{qn(c)} = EXCLUDED.{qn(c)}"
@@ -346,13 +348,15 @@ def _upsert(
         if connection.vendor == "postgresql":
             types = _column_types(table)
             arrays = ", ".join(f"%s::{types[c]}[]" for c in columns)
+            back = f" RETURNING {', '.join(qn(c) for c in returning)}" if returning else ""
             cursor.execute(
-                f"{into} SELECT * FROM unnest({arrays}) {conflict}",  # noqa: S608
+                f"{into} SELECT * FROM unnest({arrays}) {conflict}{back}",  # noqa: S608
                 [list(values) for values in zip(*rows, strict=True)],
             )
-            return
+            return cursor.fetchall() if returning else []
         placeholders = ", ".join(["%s"] * len(columns))
         cursor.executemany(f"{into} VALUES ({placeholders}) {conflict}", rows)
+        return None
 
 
 _TYPES: dict[str, dict[str, str]] = {}
@@ -382,37 +386,14 @@ def _summed(
     return list(out.values())
 
 
-def _keep_stored_attributes(rows: list[dict[str, Any]]) -> None:
-    """A day row keeps the attributes (province, tier, hub...) it was first written with;
-    counters added to it later go to the month, national and segment rows under those
-    same attributes, even when the registry changed meanwhile, so the coarser rows always
-    equal the day rows summed. One query per batch, for the batch's own keys."""
+def _keep_stored_attributes(rows: list[dict[str, Any]], stored: Iterable[Sequence[Any]]) -> None:
+    """A day row keeps the attributes (province, tier, hub...) it was first written with
+    (the upsert adds counters only); ``stored`` (key and attribute columns of the day rows
+    as stored) puts them on ``rows``, so counters added later go to the month, national
+    and segment rows under those same attributes, even when the registry changed
+    meanwhile: the coarser rows always equal the day rows summed."""
     width = len(ROLLUP_KEY)
-    keys = [tuple(r[c] for c in ROLLUP_KEY) for r in rows]
-    stored: Iterable[tuple[Any, ...]]
-    if connection.vendor == "postgresql":
-        # exactly the batch's keys: a join with them as arrays (one parameter per column)
-        qn = connection.ops.quote_name
-        types = _column_types(DailyRollup._meta.db_table)
-        arrays = ", ".join(f"%s::{types[c]}[]" for c in ROLLUP_KEY)
-        wanted = ", ".join(qn(c) for c in ROLLUP_KEY)
-        match = " AND ".join(f"d.{qn(c)} = k.{qn(c)}" for c in ROLLUP_KEY)
-        selected = ", ".join(f"d.{qn(c)}" for c in (*ROLLUP_KEY, *ROLLUP_ATTRIBUTES))
-        with connection.cursor() as cursor:
-            cursor.execute(
-                f"SELECT {selected} FROM {qn(DailyRollup._meta.db_table)} d "  # noqa: S608
-                f"JOIN unnest({arrays}) AS k({wanted}) ON {match}",
-                [list(column) for column in zip(*keys, strict=True)],
-            )
-            stored = cursor.fetchall()
-    else:  # SQLite (make run): the days and facilities of the batch, then matched here
-        stored = DailyRollup.objects.filter(
-            day__in={r["day"] for r in rows},
-            requester_facility_id__in={r["requester_facility_id"] for r in rows},
-        ).values_list(*ROLLUP_KEY, *ROLLUP_ATTRIBUTES)
     attributes = {tuple(values[:width]): values[width:] for values in stored}
-    if not attributes:
-        return
     for row in rows:
         found = attributes.get(tuple(row[c] for c in ROLLUP_KEY))
         if found is not None:
@@ -425,16 +406,25 @@ def _write_rollups(rollups: Iterable[dict[str, Any]]) -> None:
     rows = list(rollups)
     if not rows:
         return
-    _keep_stored_attributes(rows)
     sums = [*COUNTERS, "travel_km"]
     columns = [*ROLLUP_KEY, *ROLLUP_ATTRIBUTES, *sums]
-    _upsert(
+    kept = [*ROLLUP_KEY, *ROLLUP_ATTRIBUTES]
+    stored = _upsert(
         DailyRollup._meta.db_table,
         ROLLUP_KEY,
         columns,
         sums,
         [[r[c] for c in columns] for r in rows],
+        returning=kept,
     )
+    if stored is None:  # SQLite (make run): the batch's days and facilities, read back
+        stored = list(
+            DailyRollup.objects.filter(
+                day__in={r["day"] for r in rows},
+                requester_facility_id__in={r["requester_facility_id"] for r in rows},
+            ).values_list(*kept)
+        )
+    _keep_stored_attributes(rows, stored)
     months: dict[tuple[Any, ...], dict[str, Any]] = {}
     for row in rows:
         key = (row["day"].replace(day=1), *(row[c] for c in MONTHLY_KEY[1:]))
