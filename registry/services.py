@@ -104,15 +104,8 @@ def _border_changes(facility: Facility) -> list[tuple[SupportLink, bool]]:
     return changes
 
 
-def facility_border_problem(facility: Facility) -> str | None:
-    """A facility moved to another country: why it may not (one of its support links would
-    cross a border without a data-sharing agreement)."""
-    if facility.pk is None:
-        return None
-    stored = Facility.objects.filter(pk=facility.pk).values_list("country_id", flat=True).first()
-    if stored == facility.country_id:
-        return None  # not a move: links already checked are not judged again
-    for link, cross_border in _border_changes(facility):
+def _crossing_without_agreement(changes: list[tuple[SupportLink, bool]]) -> str | None:
+    for link, cross_border in changes:
         if cross_border and not link.agreement_reference.strip():
             return (
                 f"Support link #{link.pk} ({link}) would cross a border without a data-sharing "
@@ -121,16 +114,24 @@ def facility_border_problem(facility: Facility) -> str | None:
     return None
 
 
+def facility_border_problem(facility: Facility) -> str | None:
+    """A facility moved to another country: why it may not (one of its support links would
+    cross a border without a data-sharing agreement)."""
+    if facility.pk is None:
+        return None
+    stored = Facility.objects.filter(pk=facility.pk).values_list("country_id", flat=True).first()
+    if stored == facility.country_id:
+        return None  # not a move: links already checked are not judged again
+    return _crossing_without_agreement(_border_changes(facility))
+
+
 def facility_relink_country(facility: Facility) -> None:
     """A facility that moved to another country: its support links cross a border now (or
     no longer); one that would cross it without a data-sharing agreement refuses the move."""
-    for link, cross_border in _border_changes(facility):
-        if cross_border and not link.agreement_reference.strip():
-            raise Conflict(
-                f"Support link #{link.pk} ({link}) would cross a border without a data-sharing "
-                "agreement: give it an agreement reference (or delete it) first.",
-                code="agreement_required",
-            )
+    changes = _border_changes(facility)
+    if problem := _crossing_without_agreement(changes):
+        raise Conflict(problem, code="agreement_required")
+    for link, cross_border in changes:
         if cross_border != link.is_cross_border:
             SupportLink.objects.filter(pk=link.pk).update(is_cross_border=cross_border)
 
@@ -495,37 +496,18 @@ def area_problem(area: AdministrativeArea) -> str | None:
 def area_save(*, area: AdministrativeArea) -> None:
     """Save an administrative area: the facilities in it or below it show its name in their
     address, and their province is derived from it (a district moved to another province
-    moves its facilities), so they are rewritten too (``updated_at`` moves with them)."""
+    moves its facilities), so they are rewritten too (``updated_at`` moves with them).
+    Levels strictly increase down a chain (``area_problem``), so every area below this one
+    has this one's province."""
     if problem := area_problem(area):
         raise ApplicationError(problem, code="invalid_area", extra={"field": "parent"})
     with transaction.atomic():
-        was_province = (
-            AdministrativeArea.objects.filter(pk=area.pk, level=AreaLevel.PROVINCE).exists()
-            if area.pk
-            else False
-        )
         area.save()
-        subtree = {area.pk}
-        frontier = {area.pk}
-        while frontier:
-            frontier = set(
-                AdministrativeArea.objects.filter(parent_id__in=frontier)
-                .exclude(pk__in=subtree)
-                .values_list("pk", flat=True)
-            )
-            subtree |= frontier
-        now = timezone.now()
-        below = Q(area_id__in=subtree)
-        if was_province:
-            below |= Q(province_id=area.pk)
-        for area_id in Facility.objects.filter(below).values_list("area_id", flat=True).distinct():
-            province = (
-                None
-                if area_id is None
-                else area_province(
-                    AdministrativeArea.objects.select_related("parent__parent").get(pk=area_id)
-                )
-            )
-            Facility.objects.filter(below, area_id=area_id).update(
-                province=province, updated_at=now
-            )
+        below = Q(area_id=area.pk)
+        path = "area__parent"
+        for _ in range(len(AreaLevel.choices) - 1):  # areas are this many levels deep
+            below |= Q(**{f"{path}_id": area.pk})
+            path += "__parent"
+        Facility.objects.filter(below).update(
+            province=area_province(area), updated_at=timezone.now()
+        )
