@@ -41,7 +41,8 @@ def _check_sqlalchemy_broker(url: str, timeout: int) -> None:
     from sqlalchemy.engine import make_url
 
     parsed = make_url(url)
-    connect_args: dict[str, object]
+    connect_args: dict[str, object] = {"connect_timeout": timeout}
+    probe = "SELECT 1"
     if parsed.get_backend_name() == "sqlite":
         path = parsed.database or ""
         if not path or path == ":memory:":
@@ -50,12 +51,10 @@ def _check_sqlalchemy_broker(url: str, timeout: int) -> None:
             raise FileNotFoundError(f"no broker database at {path}")
         url = f"sqlite:///file:{Path(path).resolve()}?mode=ro&uri=true"
         connect_args = {"timeout": timeout}
-    else:
-        connect_args = {"connect_timeout": timeout}
+        probe = "SELECT count(*) FROM sqlite_master"  # reads the file: a damaged one fails
     engine = create_engine(url, connect_args=connect_args)
-    probe = "SELECT count(*) FROM sqlite_master" if "sqlite" in url else "SELECT 1"
     try:
         with engine.connect() as conn:
-            conn.execute(text(probe))  # SQLite: reads the file (a corrupt one fails)
+            conn.execute(text(probe))
     finally:
         engine.dispose()

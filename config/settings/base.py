@@ -25,9 +25,9 @@ if not _secret:
     if not DEBUG:
         raise ImproperlyConfigured("SECRET_KEY (or SECRET_KEY_FILE) must be set when DEBUG is off.")
     _secret = "insecure-development-key-only-used-with-DEBUG-on"  # noqa: S105
-elif not DEBUG and (len(_secret) < 32 or _secret == "change-me"):  # noqa: S105
-    # .env.example's placeholder, or a key short enough to guess: sessions, CSRF tokens
-    # and the FHIR paging cursors are signed with it.
+elif not DEBUG and len(_secret) < 32:
+    # A key short enough to guess (.env.example's placeholder among them): sessions, CSRF
+    # tokens and the FHIR paging cursors are signed with it.
     raise ImproperlyConfigured(
         "SECRET_KEY must be at least 32 random characters when DEBUG is off (e.g. "
         "python -c 'import secrets; print(secrets.token_urlsafe(50))')."
