@@ -42,9 +42,11 @@ from datetime import date, datetime, timedelta
 from typing import Any
 
 from django.contrib.auth.models import Group
+from rest_framework.test import APIClient
 
 from accounts.models import User
 from accounts.roles import Role
+from accounts.services import api_token_issue
 from referrals import services
 from referrals.models import Referral
 from referrals.workflow import TRANSITIONS_BY_ACTION
@@ -407,3 +409,15 @@ def run_scenario(net: Network) -> Network:
     d.submit(20, n.d1, P, None, "p20", t)
     d.act(20, "cancel", t + timedelta(hours=1), reason="Sent by mistake.")
     return n
+
+
+def client_for(user: User) -> APIClient:
+    """An API client with a bearer token of ``user`` (as a member system calls)."""
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {api_token_issue(user=user, name='t').raw}")
+    return client
+
+
+def get(user: User, path: str, **params: Any) -> Any:
+    """``GET /api/v1/reports/<path>`` as ``user``."""
+    return client_for(user).get(f"/api/v1/reports/{path}", params)

@@ -11,21 +11,9 @@ from django.test import Client
 from openpyxl import load_workbook
 from rest_framework.test import APIClient
 
-from accounts.models import User
-from accounts.services import api_token_issue
-from reports.tests.scenario import Network
+from reports.tests.scenario import Network, client_for, get
 
 pytestmark = pytest.mark.django_db
-
-
-def client_for(user: User) -> APIClient:
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {api_token_issue(user=user, name='t').raw}")
-    return client
-
-
-def get(user: User, path: str, **params: Any) -> Any:
-    return client_for(user).get(f"/api/v1/reports/{path}", params)
 
 
 def by_label(body: dict[str, Any], grouping: str) -> dict[str, dict[str, Any]]:

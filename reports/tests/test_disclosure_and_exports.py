@@ -14,25 +14,13 @@ from typing import Any
 
 import pytest
 from openpyxl import load_workbook
-from rest_framework.test import APIClient
 
 from accounts.models import User
-from accounts.services import api_token_issue
 from reports.models import ReferralFact
 from reports.services import reports_catch_up, reports_rebuild
-from reports.tests.scenario import Driver, Network, at, build_network
+from reports.tests.scenario import Driver, Network, at, build_network, client_for, get
 
 pytestmark = pytest.mark.django_db
-
-
-def client_for(user: User) -> APIClient:
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {api_token_issue(user=user, name='t').raw}")
-    return client
-
-
-def get(user: User, path: str, **params: Any) -> Any:
-    return client_for(user).get(f"/api/v1/reports/{path}", params)
 
 
 def superuser() -> User:
