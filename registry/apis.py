@@ -160,7 +160,9 @@ class DepartmentViewSet(viewsets.ModelViewSet[Department]):
     @extend_schema(request=DepartmentInputSerializer, responses=DepartmentSerializer)
     def update(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         instance = self.get_object()
-        parser = DepartmentInputSerializer(data=request.data, partial=kwargs.get("partial", False))
+        parser = DepartmentInputSerializer(
+            data=request.data, partial=kwargs.get("partial", False), context={"instance": instance}
+        )
         parser.is_valid(raise_exception=True)
         services.department_save(
             actor=_user(request), data=parser.validated_data, department=instance

@@ -55,6 +55,37 @@ class FiniteFloatField(serializers.FloatField):
         return value
 
 
+class ReplaceOnPut:
+    """A full update (PUT) replaces: an optional field the body leaves out takes its
+    default (the model field's, or an empty list for a list), as on a create, instead of
+    keeping the stored value; a PATCH (``partial``) keeps what it does not name. A model
+    serializer updates ``self.instance``; an input serializer is given the facility or
+    department it updates as ``context["instance"]`` and names its model in
+    ``replace_model``."""
+
+    replace_model: type[Any] | None = None
+
+    def to_internal_value(self, data: Any) -> Any:
+        attrs = super().to_internal_value(data)  # type: ignore[misc]
+        updating = getattr(self, "instance", None) or self.context.get("instance")  # type: ignore[attr-defined]
+        if updating is None or self.partial:  # type: ignore[attr-defined]
+            return attrs
+        meta = getattr(self, "Meta", None)
+        model = self.replace_model or getattr(meta, "model", None)
+        assert model is not None
+        for field in self.fields.values():  # type: ignore[attr-defined]
+            if field.read_only or field.required or field.source in attrs:
+                continue
+            if isinstance(
+                field,
+                serializers.ListSerializer | serializers.ListField | serializers.ManyRelatedField,
+            ):
+                attrs[field.source] = []
+            else:
+                attrs[field.source] = model._meta.get_field(field.source).get_default()
+        return attrs
+
+
 class CountrySerializer(serializers.ModelSerializer[Country]):
     class Meta:
         model = Country
@@ -119,8 +150,10 @@ class FacilitySerializer(serializers.ModelSerializer[Facility]):
         ]
 
 
-class FacilityInputSerializer(serializers.Serializer[dict[str, Any]]):
+class FacilityInputSerializer(ReplaceOnPut, serializers.Serializer[dict[str, Any]]):
     """Parses a facility create/update (also the payload of a change request)."""
+
+    replace_model = Facility
 
     code = serializers.RegexField(r"^[A-Za-z0-9._:\-]{1,64}$")
     name = serializers.CharField(max_length=255)
@@ -204,7 +237,9 @@ class DepartmentSerializer(serializers.ModelSerializer[Department]):
         }
 
 
-class DepartmentInputSerializer(serializers.Serializer[dict[str, Any]]):
+class DepartmentInputSerializer(ReplaceOnPut, serializers.Serializer[dict[str, Any]]):
+    replace_model = Department
+
     facility = serializers.PrimaryKeyRelatedField(queryset=Facility.objects.all())
     specialty = CodeRelatedField(slug_field="code", queryset=Specialty.objects.all())
     name = serializers.CharField(max_length=255)
@@ -274,14 +309,14 @@ class PractitionerSerializer(serializers.ModelSerializer[Practitioner]):
         ]
 
 
-class EndpointSerializer(serializers.ModelSerializer[Endpoint]):
+class EndpointSerializer(ReplaceOnPut, serializers.ModelSerializer[Endpoint]):
     class Meta:
         model = Endpoint
         # auth_secret_ref is deliberately absent: it names where a credential lives.
         fields = ["id", "facility", "name", "base_url", "fhir_version", "status", "auth_type"]
 
 
-class SupportLinkSerializer(serializers.ModelSerializer[SupportLink]):
+class SupportLinkSerializer(ReplaceOnPut, serializers.ModelSerializer[SupportLink]):
     specialties = CodeRelatedField(
         slug_field="code", many=True, queryset=Specialty.objects.all(), required=False
     )

@@ -1215,3 +1215,110 @@ def test_swagger_ui_renders(db, anonymous_client):
 
     assert response.status_code == 200
     assert b"swagger" in response.content.lower()
+
+
+# --- PUT replaces, PATCH amends -------------------------------------------------------------
+
+HUB_FULL = {
+    "code": "VN-HUB",
+    "name": "Bệnh viện Nhi Trung ương",
+    "name_local": "BV Nhi TW",
+    "country": "VN",
+    "tier": 1,
+    "facility_type": "hospital",
+    "ownership": "private",
+    "operational_status": "closed",
+    "latitude": 21.0245,
+    "longitude": 105.8012,
+    "languages": ["vi"],
+    "beds": 1200,
+    "is_remote": True,
+    "identifiers": [{"system": MOH, "value": "01-001"}],
+}
+HUB_REQUIRED = {"code": "VN-HUB", "name": "Bệnh viện Nhi Trung ương", "country": "VN", "tier": 1}
+
+
+def test_facility_put_resets_what_it_leaves_out_and_patch_keeps_it(world, steward_client):
+    url = f"{API}/facilities/{world.hub.pk}/"
+    assert steward_client.put(url, HUB_FULL, format="json").status_code == 200
+
+    patched = steward_client.patch(url, HUB_REQUIRED, format="json")
+    assert patched.status_code == 200, patched.json()
+    hub = Facility.objects.get(pk=world.hub.pk)
+    assert (hub.ownership, hub.operational_status, hub.beds, hub.is_remote) == (
+        "private", "closed", 1200, True
+    )  # fmt: skip
+    assert hub.identifiers.count() == 1
+
+    replaced = steward_client.put(url, HUB_REQUIRED, format="json")
+
+    assert replaced.status_code == 200, replaced.json()
+    body = replaced.json()
+    assert {k: body[k] for k in ("name_local", "facility_type", "ownership")} == {
+        "name_local": "", "facility_type": "", "ownership": "public"
+    }  # fmt: skip
+    assert (body["operational_status"], body["latitude"], body["longitude"]) == (
+        "active", None, None
+    )  # fmt: skip
+    assert (body["area"], body["parent"], body["languages"], body["beds"]) == (None, None, [], None)
+    assert (body["is_remote"], body["identifiers"]) == (False, [])
+    hub = Facility.objects.get(pk=world.hub.pk)
+    assert (hub.area_id, hub.beds, hub.is_remote, hub.identifiers.count()) == (None, None, False, 0)
+    last = FacilityRevision.objects.filter(facility=hub).order_by("-id").first()
+    assert last is not None and last.changes["beds"] == [1200, None]
+
+
+def test_department_put_resets_what_it_leaves_out(world, steward_client):
+    url = f"{API}/departments/{world.department.pk}/"
+    full = {
+        "facility": world.hub.pk, "specialty": PEDIATRICS, "name": "Khoa Nhi", "modes": ["live"],
+        "accepting": False, "daily_capacity": 3, "sla_hours": 4, "languages": ["vi"],
+    }  # fmt: skip
+    assert steward_client.put(url, full, format="json").status_code == 200
+    required = {k: full[k] for k in ("facility", "specialty", "name", "modes")}
+
+    assert steward_client.patch(url, required, format="json").status_code == 200
+    world.department.refresh_from_db()
+    assert (world.department.accepting, world.department.daily_capacity) == (False, 3)
+
+    response = steward_client.put(url, required, format="json")
+
+    assert response.status_code == 200, response.json()
+    world.department.refresh_from_db()
+    defaults = Department()
+    assert (
+        world.department.accepting,
+        world.department.daily_capacity,
+        world.department.sla_hours,
+        world.department.languages,
+    ) == (defaults.accepting, defaults.daily_capacity, defaults.sla_hours, [])
+
+
+def test_endpoint_and_support_link_put_reset_what_they_leave_out(world, steward_client):
+    endpoint_url = f"{API}/endpoints/{world.endpoint.pk}/"
+    endpoint = {
+        "facility": world.hub.pk,
+        "base_url": world.endpoint.base_url,
+        "fhir_version": "5.0",
+    }
+    assert (
+        steward_client.patch(endpoint_url, {"name": "Main", "status": "off"}, format="json")
+    ).status_code == 200
+
+    assert steward_client.put(endpoint_url, endpoint, format="json").status_code == 200
+    world.endpoint.refresh_from_db()
+    assert (world.endpoint.name, world.endpoint.status) == ("", Endpoint.Status.ACTIVE)
+
+    link_url = f"{API}/support-links/{world.link.pk}/"
+    link = {"hub": world.hub.pk, "spoke": world.spoke.pk}
+    patched = steward_client.patch(
+        link_url, {"active": False, "agreement_reference": "MoU-7"}, format="json"
+    )
+    assert patched.status_code == 200, patched.json()
+
+    response = steward_client.put(link_url, link, format="json")
+
+    assert response.status_code == 200, response.json()
+    world.link.refresh_from_db()
+    assert (world.link.active, world.link.agreement_reference) == (True, "")
+    assert list(world.link.specialties.all()) == []
