@@ -34,6 +34,7 @@ from registry.services import (
     facility_identifier_keys,
     facility_parent_problem,
     facility_snapshot,
+    facility_tier_problem,
     support_link_problem,
 )
 
@@ -115,6 +116,8 @@ class FacilityForm(RegistryForm):
             return ("parent", problem)
         if problem := facility_border_problem(instance):
             return ("country", problem)
+        if problem := facility_tier_problem(instance):
+            return ("tier", problem)
         return None
 
 

@@ -49,7 +49,11 @@ from registry.models import (
     Specialty,
     Tier,
 )
-from registry.services import facility_relink_country, facility_snapshot
+from registry.services import (
+    facility_relink_country,
+    facility_snapshot,
+    support_links_tier_problem,
+)
 from registry.text import search_key
 
 # Facility.code seen as an identifier: exports carry it under this system, and a record
@@ -1276,6 +1280,8 @@ class FacilityImport:
         self._parented: dict[int, tuple[int, str, str]] = {}
         # facility id -> (row, label) of each facility this import moves to another country
         self._moved: dict[int, tuple[int, str]] = {}
+        # facility id -> (row, label) of each facility whose tier this import changes
+        self._retiered: dict[int, tuple[int, str]] = {}
         self._fatal = False  # an error rows cannot be skipped for: nothing is written
         self._insert = _Inserter(self.batch_size)
 
@@ -1323,6 +1329,7 @@ class FacilityImport:
         self._resolve_pending_parents()
         self._break_parent_loops()
         self._relink_moved()
+        self._check_retiered()
 
     def _accept(self, record: FacilityRecord) -> bool:
         """Checks that need no query: the source's own findings and the specialty codes."""
@@ -1480,6 +1487,8 @@ class FacilityImport:
                 return None
             if "country" in record and self._country(record["country"]).pk != facility.country_id:
                 self._moved[facility.pk] = (record["row"], record["label"])
+            if "tier" in record["fields"] and record["fields"]["tier"] != facility.tier:
+                self._retiered[facility.pk] = (record["row"], record["label"])
             before: dict[str, object] | None = facility_snapshot(facility)
         else:
             code = record["code"] if "code" in record else _derived_code(record)
@@ -1816,6 +1825,19 @@ class FacilityImport:
                 facility_relink_country(facilities[facility_id])
             except Conflict as exc:
                 self.report.add(ImportIssue(row, "country", exc.message, label))
+                self._fatal = True
+
+    def _check_retiered(self) -> None:
+        """Facilities whose tier the file changes, judged once every row is in (a hub and
+        its spoke may change together): a support link whose hub would then be of a lower
+        tier than its spoke is an error on the facility's row that refuses the whole
+        import, as a move across a border without an agreement does."""
+        if not self._retiered:
+            return
+        facilities = Facility.objects.in_bulk(list(self._retiered))
+        for facility_id, (row, label) in self._retiered.items():
+            if problem := support_links_tier_problem(facilities[facility_id]):
+                self.report.add(ImportIssue(row, "tier", problem, label))
                 self._fatal = True
 
 

@@ -125,6 +125,34 @@ def facility_border_problem(facility: Facility) -> str | None:
     return _crossing_without_agreement(_border_changes(facility))
 
 
+def support_links_tier_problem(facility: Facility) -> str | None:
+    """One of ``facility``'s support links whose hub would be of a lower tier (a larger
+    number) than its spoke with the facility at its (possibly new) tier, described."""
+    links = SupportLink.objects.select_related("hub", "spoke").filter(
+        Q(hub_id=facility.pk) | Q(spoke_id=facility.pk)
+    )
+    for link in links.order_by("id"):
+        hub_tier = facility.tier if link.hub_id == facility.pk else link.hub.tier
+        spoke_tier = facility.tier if link.spoke_id == facility.pk else link.spoke.tier
+        if hub_tier > spoke_tier:
+            return (
+                f"Support link #{link.pk} ({link}) would have its hub (tier {hub_tier}) below its "
+                f"spoke (tier {spoke_tier}): change or delete the link first."
+            )
+    return None
+
+
+def facility_tier_problem(facility: Facility) -> str | None:
+    """A facility whose tier changes: why it may not (a hub would then be of a lower tier
+    than a spoke it supports)."""
+    if facility.pk is None:
+        return None
+    stored = Facility.objects.filter(pk=facility.pk).values_list("tier", flat=True).first()
+    if stored is None or stored == facility.tier:
+        return None
+    return support_links_tier_problem(facility)
+
+
 def facility_relink_country(facility: Facility) -> None:
     """A facility that moved to another country: its support links cross a border now (or
     no longer); one that would cross it without a data-sharing agreement refuses the move."""
@@ -244,6 +272,8 @@ def facility_update(
     facility.province = area_province(facility.area)
     facility.full_clean(exclude=["search_name"])
     _check_facility(facility)
+    if problem := facility_tier_problem(facility):
+        raise Conflict(problem, code="hub_below_spoke")
     if facility.country_id != before["country_id"]:
         facility_relink_country(facility)
     facility.save()
@@ -419,6 +449,12 @@ def support_link_problem(link: SupportLink) -> ApplicationError | None:
     """What is wrong with ``link`` as it would be saved (the API and the admin)."""
     if link.hub_id == link.spoke_id:
         return ApplicationError("A facility cannot support itself.", code="self_link")
+    if link.hub.tier > link.spoke.tier:
+        return ApplicationError(
+            f"A hub (tier {link.hub.tier}) cannot support a spoke of a higher tier (tier "
+            f"{link.spoke.tier}): are hub and spoke the wrong way round?",
+            code="hub_below_spoke",
+        )
     cross_border = link.hub.country_id != link.spoke.country_id
     if cross_border and not link.agreement_reference.strip():
         return ApplicationError(

@@ -169,7 +169,11 @@ RESOURCES = [
         "support-links",
         SupportLink,
         lambda w: w.link.pk,
-        lambda w: {"hub": w.spoke.pk, "spoke": w.hub.pk, "specialties": [CARDIOLOGY]},
+        lambda w: {
+            "hub": w.hub.pk,
+            "spoke": FacilityFactory.create(tier=Tier.COMMUNE).pk,
+            "specialties": [CARDIOLOGY],
+        },
         lambda w: {"active": False},
     ),
 ]
@@ -653,6 +657,45 @@ def test_support_link_to_itself_is_400(world, steward_client):
     assert SupportLink.objects.count() == 1
 
 
+def test_support_link_from_a_lower_tier_hub_is_400_and_nothing_changes(world, steward_client):
+    response = steward_client.post(
+        f"{API}/support-links/", {"hub": world.spoke.pk, "spoke": world.hub.pk}, format="json"
+    )
+    peer = FacilityFactory.create(code="VN-PEER", tier=Tier.DISTRICT)
+    same_tier = steward_client.post(
+        f"{API}/support-links/", {"hub": peer.pk, "spoke": world.spoke.pk}, format="json"
+    )
+
+    assert response.status_code == 400
+    assert response.json()["code"] == "hub_below_spoke"
+    assert "tier 3" in response.json()["detail"]
+    assert same_tier.status_code == 201, same_tier.json()  # a peer of the same tier may support
+    assert SupportLink.objects.filter(hub=world.spoke).count() == 0
+
+
+def test_tier_change_that_puts_a_hub_below_its_spoke_is_409_and_nothing_changes(
+    world, steward_client
+):
+    before = _snapshot(Facility.objects.get(pk=world.spoke.pk))
+    url = f"{API}/facilities/"
+
+    demoted = steward_client.patch(f"{url}{world.hub.pk}/", {"tier": Tier.COMMUNE}, format="json")
+    level = steward_client.patch(f"{url}{world.hub.pk}/", {"tier": Tier.DISTRICT}, format="json")
+    promoted = steward_client.patch(
+        f"{url}{world.spoke.pk}/", {"tier": Tier.PROVINCIAL}, format="json"
+    )
+
+    assert demoted.status_code == 409
+    assert demoted.json()["code"] == "hub_below_spoke"
+    assert f"#{world.link.pk}" in demoted.json()["detail"]
+    assert level.status_code == 200  # the hub may come down to its spoke's tier
+    assert Facility.objects.get(pk=world.hub.pk).tier == Tier.DISTRICT
+    assert promoted.status_code == 409
+    assert _snapshot(Facility.objects.get(pk=world.spoke.pk)) == before
+    assert FacilityRevision.objects.filter(facility=world.spoke).count() == 0
+    assert FacilityRevision.objects.filter(facility=world.hub).count() == 1
+
+
 def test_cross_border_support_link_needs_an_agreement(world, steward_client):
     mahosot = FacilityFactory.create(code="LA-MAHOSOT", area=world.vientiane, tier=Tier.CENTRAL)
 
@@ -696,7 +739,7 @@ def test_duplicate_support_link_is_409(world, steward_client):
 def test_support_link_ending_before_it_starts_is_400(world, steward_client, period):
     response = steward_client.post(
         f"{API}/support-links/",
-        {"hub": world.spoke.pk, "spoke": world.hub.pk, **period},
+        {"hub": world.hub.pk, "spoke": world.spoke.pk, **period},
         format="json",
     )
 

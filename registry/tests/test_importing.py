@@ -911,6 +911,46 @@ def test_a_move_across_a_border_keeps_the_support_link_rule(
     assert SupportLink.objects.get(pk=link.pk).is_cross_border is True
 
 
+def test_a_tier_change_that_puts_a_hub_below_its_spoke_refuses_the_import(
+    specialties: list[Specialty], tmp_path: Path
+) -> None:
+    # Given VN100 (tier 1) supporting VN001 (tier 3)
+    run_import(str(VN_CSV), "--mapping", str(VN_MAPPING))
+    spoke = Facility.objects.get(identifiers__value="VN001")
+    hub = Facility.objects.get(identifiers__value="VN100")
+    SupportLink.objects.create(hub=hub, spoke=spoke)
+
+    # When a file makes VN100 a commune station (tier 4): refused, nothing written, --skip-invalid
+    # or not (the row is applied before the links are judged)
+    lowered = tmp_path / "lowered.csv"
+    lines = VN_CSV.read_text(encoding="utf-8").splitlines()
+    lowered.write_text(
+        "\n".join(
+            line.replace(",Láng Thượng,TW,", ",Láng Thượng,Xa,")
+            if line.startswith("VN100,")
+            else line
+            for line in lines
+        )
+        + "\n",
+        encoding="utf-8",
+    )
+    for extra in ((), ("--skip-invalid",)):
+        output = assert_refused(
+            lowered, "--mapping", str(VN_MAPPING), *extra, match="Nothing written"
+        )
+        assert any("below its spoke" in line for line in error_lines(output))
+        assert Facility.objects.get(pk=hub.pk).tier == 1
+
+    # A file that lowers the hub to its spoke's tier is taken
+    level = tmp_path / "level.csv"
+    level.write_text(
+        lowered.read_text(encoding="utf-8").replace(",Láng Thượng,Xa,", ",Láng Thượng,Huyen,"),
+        encoding="utf-8",
+    )
+    run_import(str(level), "--mapping", str(VN_MAPPING))
+    assert Facility.objects.get(pk=hub.pk).tier == 3
+
+
 def test_a_parent_loop_is_refused(specialties: list[Specialty], tmp_path: Path) -> None:
     # Given the VN file imported (VN001's parent is VN100)
     run_import(str(VN_CSV), "--mapping", str(VN_MAPPING))

@@ -302,6 +302,32 @@ def test_the_admin_moves_a_facility_country_as_the_api_does(superuser_client: Cl
     assert revision.changes["country_id"] == [spoke.country_id, abroad.pk]
 
 
+def test_the_admin_refuses_a_hub_below_its_spoke_as_the_api_does(
+    superuser_client: Client,
+) -> None:
+    link = SupportLinkFactory.create()  # a central hub, a district spoke
+    hub = Facility.objects.get(pk=link.hub_id)
+    lowered = superuser_client.post(
+        f"/admin/registry/facility/{hub.pk}/change/",
+        _facility_admin_form(hub, tier=Tier.COMMUNE),
+    )
+    reversed_link = superuser_client.post(
+        "/admin/registry/supportlink/add/",
+        {
+            "hub": link.spoke_id, "spoke": link.hub_id, "valid_from": "2026-01-01",
+            "valid_to": "", "agreement_reference": "", "active": "on", "_save": "Save",
+        },
+    )  # fmt: skip
+
+    assert lowered.status_code == 200  # the form again, with the error
+    assert "below its spoke" in lowered.content.decode()
+    assert Facility.objects.get(pk=hub.pk).tier == Tier.CENTRAL
+    assert not FacilityRevision.objects.filter(facility=hub).exists()
+    assert reversed_link.status_code == 200
+    assert "wrong way round" in reversed_link.content.decode()
+    assert SupportLink.objects.count() == 1
+
+
 # --- parent cycles ------------------------------------------------------------------------
 
 

@@ -5,7 +5,7 @@ from typing import Any
 import pytest
 from django.contrib.auth.models import Group
 from django.core.management import CommandError, call_command
-from django.db.models import Count, Q
+from django.db.models import Count, F, Q
 
 from accounts.models import User
 from accounts.roles import Role
@@ -183,6 +183,10 @@ def test_cross_border_links_carry_agreements(debug: None) -> None:
         if link.is_cross_border != (link.hub.country_id != link.spoke.country_id)
     ]
     assert mislabelled == []
+    # No hub is of a lower tier than a spoke it supports (the services refuse such a link).
+    upside_down = SupportLink.objects.filter(hub__tier__gt=F("spoke__tier"))
+    assert upside_down.count() == 0
+    assert SupportLink.objects.filter(hub__tier__lt=F("spoke__tier")).exists()
     lao = Facility.objects.get(code=HOUAPHANH)
     assert lao.name == "Houaphanh Provincial Hospital"
     assert lao.name_local == "ໂຮງໝໍແຂວງຫົວພັນ"
