@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test lint venv migrate seed bench docs clean services-check
+.PHONY: run test lint venv bench docs clean
 
 venv: $(STAMP)
 

@@ -4,6 +4,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from axes.backends import AxesStandaloneBackend
+from django.conf import settings
+from django.contrib.auth.backends import ModelBackend
 from django.db import connection
 from django.http import HttpRequest
 from django.utils import timezone
@@ -14,6 +16,10 @@ from accounts.models import ApiToken, User
 from core.rows import fetch_prepared_first
 
 _LAST_USED_GRANULARITY = timedelta(minutes=5)
+
+# The documented password of the accounts ``seed_demo`` creates (README): it opens no
+# account when DEBUG is off (``PasswordBackend``).
+DEMO_PASSWORD = "demo"  # noqa: S105
 
 
 # The user by the token's hash, in one hand-written statement: every API and FHIR request
@@ -122,5 +128,24 @@ class LockoutBackend(AxesStandaloneBackend):
         **kwargs: Any,
     ) -> None:
         if request is None:
+            return None
+        return super().authenticate(request, username, password, **kwargs)
+
+
+class PasswordBackend(ModelBackend):
+    """Django's user name + password check, except that with DEBUG off the demo password
+    opens no account: ``seed_demo`` is refused then, but a database seeded while DEBUG was
+    on (``make run``) and then put into production would keep its demo accounts, whose
+    password the README publishes. Nobody else can have it: the password validators refuse
+    a password that short."""
+
+    def authenticate(
+        self,
+        request: HttpRequest | None,
+        username: str | None = None,
+        password: str | None = None,
+        **kwargs: Any,
+    ) -> User | None:
+        if password == DEMO_PASSWORD and not settings.DEBUG:
             return None
         return super().authenticate(request, username, password, **kwargs)

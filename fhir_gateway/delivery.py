@@ -237,22 +237,23 @@ _POOL.pool_classes_by_scheme = {"http": _Pool, "https": _TlsPool}
 _JITTER = secrets.SystemRandom()
 
 
-def _setting(name: str, default: float) -> float:
-    return float(getattr(settings, name, default))
+def _setting(name: str) -> float:
+    value: float = getattr(settings, name)  # config/settings/base.py, from the environment
+    return float(value)
 
 
 def max_attempts() -> int:
-    return int(_setting("FHIR_OUTBOX_MAX_ATTEMPTS", 24))
+    return int(_setting("FHIR_OUTBOX_MAX_ATTEMPTS"))
 
 
 def lease() -> timedelta:
-    return timedelta(seconds=_setting("FHIR_OUTBOX_LEASE_SECONDS", 300))
+    return timedelta(seconds=_setting("FHIR_OUTBOX_LEASE_SECONDS"))
 
 
 def backoff_seconds(attempt: int) -> float:
     """Exponential backoff with full jitter: uniform(0, min(cap, base * 2**(attempt-1)))."""
-    base = _setting("FHIR_OUTBOX_BACKOFF_BASE_SECONDS", 2)
-    cap = _setting("FHIR_OUTBOX_BACKOFF_CAP_SECONDS", 3600)
+    base = _setting("FHIR_OUTBOX_BACKOFF_BASE_SECONDS")
+    cap = _setting("FHIR_OUTBOX_BACKOFF_CAP_SECONDS")
     return _JITTER.uniform(0, min(cap, base * 2 ** max(0, attempt - 1)))
 
 
@@ -601,7 +602,7 @@ def _send(claim: Claim) -> Answer:
     watchdog), the body also by MAX_ANSWER_BYTES: a member that trickles its answer must
     not outlast the lease and be sent the message again. Any error is this message's
     outcome, never the batch's."""
-    seconds = _setting("FHIR_OUTBOX_TIMEOUT_SECONDS", 10)
+    seconds = _setting("FHIR_OUTBOX_TIMEOUT_SECONDS")
     # The answer (status, headers, body) must be in by this: past it the watchdog shuts the
     # socket down, however slowly the member trickles.
     allowed = min(seconds, 5) + seconds
@@ -879,11 +880,11 @@ def outbox_deliver_batch(
     report = BatchReport(claimed=sum(len(r) for r in runs), dead=dead)
     if not runs:
         return report
-    workers = concurrency or int(_setting("FHIR_OUTBOX_CONCURRENCY", 16))
+    workers = concurrency or int(_setting("FHIR_OUTBOX_CONCURRENCY"))
     # A request takes at most ~2 timeouts (the connect, then the answer's deadline, which
     # the watchdog enforces); none starts when it could end after the lease, or another
     # drain would take the message over and send it again while it is still open.
-    timeout = _setting("FHIR_OUTBOX_TIMEOUT_SECONDS", 10)
+    timeout = _setting("FHIR_OUTBOX_TIMEOUT_SECONDS")
     budget = lease().total_seconds() - 2 * timeout - 1
     if budget < timeout:  # too short to be a bound (no run would start): unbounded, warned
         logger.warning("FHIR_OUTBOX_LEASE_SECONDS should exceed 3 x the timeout + 1 s")
@@ -971,7 +972,7 @@ def outbox_drain(
     from concurrent.futures import ThreadPoolExecutor
 
     total = BatchReport()
-    workers = concurrency or int(_setting("FHIR_OUTBOX_CONCURRENCY", 16))
+    workers = concurrency or int(_setting("FHIR_OUTBOX_CONCURRENCY"))
     deadline = None if max_seconds is None else time.monotonic() + max_seconds
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for _ in range(max_batches):

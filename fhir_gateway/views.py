@@ -117,7 +117,7 @@ class FhirRequest:
 
 
 def _max_body_bytes() -> int:
-    return int(getattr(settings, "FHIR_MAX_BODY_BYTES", settings.DATA_UPLOAD_MAX_MEMORY_SIZE))
+    return int(settings.FHIR_MAX_BODY_BYTES)
 
 
 def _authenticate(request: HttpRequest) -> User:

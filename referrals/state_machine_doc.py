@@ -7,6 +7,7 @@ from referrals.models import ReferralState
 from referrals.workflow import (
     GUARD_DESCRIPTIONS,
     INITIAL_STATE,
+    REOPENABLE_BY_SYSTEM,
     TERMINAL_STATES,
     TRANSITIONS,
     Transition,
@@ -40,11 +41,14 @@ Bad input: 400. Guard says no: 409 `guard_failed`.
 - **No `forwarded` state.** `forward` is an action whose target is `submitted` at the new
   department (the event records both departments). Access moves with the assignment: the
   previous department no longer sees the referral.
-- **`decline` is terminal** for now (state `declined`). Offering a declined referral to the next
-  candidate department is a later slice (routing).
-- **`expire`** (system, deadline passed while `submitted`) is terminal for now; automatic
-  re-routing/escalation is a later slice. `services.referral_expire_overdue()` exists; the Celery
-  beat wiring does not yet.
+- **`decline`** ends the case for people (state `declined`); the system then offers it to the
+  next routing candidate (`reroute`, queued when the decline commits, with the every-minute
+  job `referrals.tasks.referrals_escalate` as the safety net; `REFERRAL_DECLINE_AUTO_REROUTE`
+  off keeps declines final). With no candidate left it stays `declined`.
+- **`expire`**: a `submitted` referral past its deadline first gets an `escalation_notify`
+  event (the department is told; the state does not change); `REFERRAL_ESCALATION_GRACE_MINUTES`
+  later the same job `reroute`s it to the next candidate, or `expire`s it when none is left or
+  `REFERRAL_ESCALATION_AUTO_FORWARD` is off (`referrals/escalation.py`).
 - **Deadline** = acceptance deadline: the department's SLA hours from submission (or forward),
   capped at 1 h (stat), 4 h (asap), 24 h (urgent).
 - **Counter-referral** does not change the original's state: it records an event on the original
@@ -95,7 +99,8 @@ def render() -> str:
         "|---|---|---|---|---|---|---|",
         *(_row(t) for t in TRANSITIONS),
         "",
-        f"Terminal states: {_states(TERMINAL_STATES)}.",
+        f"Terminal states: {_states(TERMINAL_STATES)} (for people; the system may reopen "
+        f"{_states(REOPENABLE_BY_SYSTEM)} by `reroute`).",
         "",
         "## Diagram",
         "",

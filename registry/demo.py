@@ -30,6 +30,7 @@ from django.contrib.auth.models import Group
 from django.db import models, transaction
 from tqdm import tqdm
 
+from accounts import authentication
 from accounts.models import User
 from accounts.roles import Role
 from registry.models import (
@@ -50,7 +51,8 @@ from registry.specialties import PRACTICE_SETTING_SPECIALTIES
 from registry.text import search_key
 
 SEED = 20200918
-DEMO_PASSWORD = "demo"  # noqa: S105 - the documented demo password, refused when DEBUG is off
+# the documented demo password; with DEBUG off seeding is refused and it opens no account
+DEMO_PASSWORD = authentication.DEMO_PASSWORD
 MOH_FACILITY_CODE_SYSTEM = "https://moh.gov.vn/facility-code"
 ENDPOINT_BASE = "http://127.0.0.1:8100/fhir"
 DOMESTIC_LINKS_FROM = date(2020, 9, 1)

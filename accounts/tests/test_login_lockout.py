@@ -88,3 +88,19 @@ def test_the_test_clients_login_still_works() -> None:
     User.objects.create_user(username="clin", password=PASSWORD)
     assert Client().login(username="clin", password=PASSWORD) is True
     assert Client().login(username="clin", password="guess") is False
+
+
+@pytest.mark.parametrize("debug", [True, False])
+def test_the_demo_password_opens_no_account_when_debug_is_off(settings, debug) -> None:
+    """A database seeded while DEBUG was on and put into production keeps its demo
+    accounts, whose password the README publishes: with DEBUG off it is refused."""
+    from registry.demo import DEMO_PASSWORD
+
+    settings.DEBUG = debug
+    User.objects.create_user(username="demo-consultant", password=DEMO_PASSWORD)
+
+    client, status = _login("demo-consultant", DEMO_PASSWORD)
+
+    assert (status == 302) is debug
+    assert _logged_in(client) is debug
+    assert (User.objects.get(username="demo-consultant").last_login is not None) is debug

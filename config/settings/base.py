@@ -129,7 +129,7 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 AUTH_USER_MODEL = "accounts.User"
 AUTHENTICATION_BACKENDS = [
     "accounts.authentication.LockoutBackend",  # first: refuses a locked-out login
-    "django.contrib.auth.backends.ModelBackend",
+    "accounts.authentication.PasswordBackend",  # ModelBackend; the demo password off DEBUG
     "guardian.backends.ObjectPermissionBackend",
 ]
 # Password guessing (django-axes): after LOGIN_FAILURE_LIMIT failed logins of one user
@@ -271,6 +271,21 @@ CELERY_BEAT_SCHEDULE["referrals-notification-email-sweep"] = {
     "schedule": 60.0,
     "options": {"expires": 120.0},
 }
+DATA_UPLOAD_MAX_MEMORY_SIZE = (
+    2_621_440  # Django's default (2.5 MiB), spelled out for the FHIR limit
+)
+# FHIR outbox delivery (fhir_gateway/delivery.py, docs/fhir.md "Outbound delivery"): attempts
+# before a message is dead-lettered; exponential backoff with full jitter between them (base,
+# cap); the bound on one request (connect at most 5 s of it); how long a claimed message is
+# leased (keep it above 3 x the timeout + 1 s); sender threads per worker process.
+FHIR_OUTBOX_MAX_ATTEMPTS = env.int("FHIR_OUTBOX_MAX_ATTEMPTS", default=24)
+FHIR_OUTBOX_BACKOFF_BASE_SECONDS = env.float("FHIR_OUTBOX_BACKOFF_BASE_SECONDS", default=2.0)
+FHIR_OUTBOX_BACKOFF_CAP_SECONDS = env.float("FHIR_OUTBOX_BACKOFF_CAP_SECONDS", default=3600.0)
+FHIR_OUTBOX_TIMEOUT_SECONDS = env.float("FHIR_OUTBOX_TIMEOUT_SECONDS", default=10.0)
+FHIR_OUTBOX_LEASE_SECONDS = env.float("FHIR_OUTBOX_LEASE_SECONDS", default=300.0)
+FHIR_OUTBOX_CONCURRENCY = env.int("FHIR_OUTBOX_CONCURRENCY", default=16)
+# The largest FHIR request body (413 above it); a raw Binary create: ATTACHMENT_MAX_BYTES.
+FHIR_MAX_BODY_BYTES = env.int("FHIR_MAX_BODY_BYTES", default=DATA_UPLOAD_MAX_MEMORY_SIZE)
 # FHIR gateway retention (fhir_gateway/retention.py): delivered outbox messages and pull-feed
 # events older than these many days are pruned hourly (0 or less: kept forever).
 FHIR_OUTBOX_RETENTION_DAYS = env.int("FHIR_OUTBOX_RETENTION_DAYS", default=30)
