@@ -50,6 +50,7 @@ from registry.models import (
     Tier,
 )
 from registry.services import (
+    facility_parent_changes_lock,
     facility_relink_country,
     facility_snapshot,
     support_links_tier_problem,
@@ -1291,6 +1292,8 @@ class FacilityImport:
         self._specialties = {s.code: s for s in Specialty.objects.filter(system=Specialty.SNOMED)}
         try:
             with transaction.atomic():
+                # First, before the rows' locks (see the function): parents may change.
+                facility_parent_changes_lock()
                 self._run(items)
                 if self.dry_run or self._fatal or (self.report.errors and not self.skip_invalid):
                     raise _Rollback
@@ -1768,7 +1771,9 @@ class FacilityImport:
         """A parent this import set that leads back to its child (A → B → A, the file
         against itself or against the registry) is an error on that row; the link is
         dropped (for ``--skip-invalid``: the registry never holds a loop). A query per
-        level of the hierarchy, not per row."""
+        level of the hierarchy, not per row. Judged under the parent changes lock, taken
+        when the run began (``facility_parent_changes_lock``), as the API and the admin
+        judge theirs."""
         if not self._parented:
             return
         parents: dict[int, int | None] = {}

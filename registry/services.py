@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -66,13 +66,34 @@ def facility_identifier_keys(facility_id: int) -> list[str]:
     return sorted(f"{system}|{value}" for system, value in rows)
 
 
+# pg_advisory_xact_lock key: parent changes of facilities, one transaction at a time.
+_PARENT_CHANGES_LOCK = 0x434F_5041  # "COPA"
+
+
+def facility_parent_changes_lock() -> None:
+    """Parent changes one transaction at a time, until it ends (PostgreSQL: a
+    transaction-scoped advisory lock). Two transactions that each add half of a loop (A
+    under B, B under A) would each find no loop in what the other has not committed; this
+    way the second waits, then reads the first's parent (READ COMMITTED: each statement
+    sees what was committed before it) and finds the loop. Registry edits are rare; only
+    those that set a parent take it (an import: for its whole run). Take it before any row
+    lock. SQLite runs one writer at a time anyway."""
+    if connection.vendor == "postgresql" and connection.in_atomic_block:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_PARENT_CHANGES_LOCK])
+
+
 def facility_parent_problem(facility: Facility) -> str | None:
     """Why ``facility.parent`` cannot be its parent: itself, or one of its own descendants
-    (a loop the FHIR projection would publish as a ``partOf`` cycle)."""
+    (a loop the FHIR projection would publish as a ``partOf`` cycle). Takes the parent
+    changes lock first, so the answer holds until the caller's transaction ends."""
     if facility.parent_id is None:
         return None
     if facility.pk is not None and facility.parent_id == facility.pk:
         return "A facility cannot be its own parent."
+    if facility.pk is None:
+        return None  # a new facility: no one is below it yet
+    facility_parent_changes_lock()
     seen: set[int] = set()
     ancestor: int | None = facility.parent_id
     while ancestor is not None and ancestor not in seen:
@@ -259,6 +280,10 @@ def facility_update(
 ) -> Facility:
     if actor is not None and change_request is None:
         _require_steward(actor)
+    if "parent" in data:
+        # Before any row lock: saving a parent also locks the parent's row (its foreign
+        # key), so taking this after our row lock could deadlock with the reverse change.
+        facility_parent_changes_lock()
     facility = Facility.objects.select_for_update().get(pk=facility.pk)
     before = facility_snapshot(facility)
     identifiers_before = facility_identifier_keys(facility.pk)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from django.db import connection
 from django.test import Client
 
 from accounts.roles import Role
@@ -571,3 +572,56 @@ def test_an_admin_edit_that_keeps_the_country_is_not_judged_by_old_links(
     )
     assert response.status_code == 302
     assert Facility.objects.get(pk=spoke.pk).name == "Renamed"
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.skipif(
+    connection.vendor != "postgresql",
+    reason="two writers at once: SQLite (make run) locks the whole database for one",
+)
+def test_two_parent_changes_that_close_a_loop_together_do_not_both_land(monkeypatch) -> None:
+    """A under B and B under A at the same moment: each would find no loop in what the other
+    has not committed yet (before: each held its own row, waited for the other's, and
+    one died of a deadlock, a 500). The parent changes lock makes the second wait for the
+    first's commit, see its parent, and refuse (400); the registry never holds the loop."""
+    import threading
+    import time
+
+    from core.errors import ApplicationError
+    from registry import services
+
+    steward = UserFactory.create(roles=[Role.REGISTRY_STEWARD])
+    a, b = FacilityFactory.create(), FacilityFactory.create()
+    slow_record = services.facility_record_revision
+
+    def record_slowly(**kwargs):  # after the check and the save, before the commit
+        revision = slow_record(**kwargs)
+        time.sleep(0.5)
+        return revision
+
+    monkeypatch.setattr(services, "facility_record_revision", record_slowly)
+    start = threading.Barrier(2)
+    outcomes: list[str] = []
+
+    def set_parent(child, parent) -> None:
+        try:
+            start.wait()
+            services.facility_update(actor=steward, facility=child, data={"parent": parent})
+            outcomes.append("saved")
+        except ApplicationError as refused:
+            outcomes.append(refused.code)
+        finally:
+            connection.close()
+
+    threads = [
+        threading.Thread(target=set_parent, args=(a, b)),
+        threading.Thread(target=set_parent, args=(b, a)),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=20)
+
+    assert sorted(outcomes) == ["parent_loop", "saved"]
+    parents = dict(Facility.objects.filter(pk__in=[a.pk, b.pk]).values_list("pk", "parent_id"))
+    assert parents in ({a.pk: b.pk, b.pk: None}, {a.pk: None, b.pk: a.pk})
