@@ -631,14 +631,21 @@ def _service_request_create(req: WriteRequest) -> WriteResult:
                 if made is not None:
                     return WriteResult(_current("ServiceRequest", made), created=False)
             return _counter_referral_create(req.user, ask)
-        if req.if_none_exist:
-            existing = _if_none_exist_referral(req.user, req.if_none_exist)
-            if existing is not None:
-                return WriteResult(_current("ServiceRequest", existing.filler_id), created=False)
         assert intake is not None
-        department = _department(intake.performer_references, "ServiceRequest.performer")
-        referral, created = _submit(req.user, intake, department)
-    return WriteResult(_current("ServiceRequest", referral.filler_id), created=created)
+        existing = (
+            _if_none_exist_referral(req.user, req.if_none_exist) if req.if_none_exist else None
+        )
+        if existing is not None:
+            referral, created = existing, False
+        else:
+            department = _department(intake.performer_references, "ServiceRequest.performer")
+            referral, created = _submit(req.user, intake, department)
+        differs = [] if created else _resubmission_differences(intake, referral)
+    return WriteResult(
+        _current("ServiceRequest", referral.filler_id),
+        created=created,
+        warning=_resubmission_text(referral, differs) if differs else None,
+    )
 
 
 def _current(resource_type: str, logical_id: str) -> FhirResource:
@@ -1501,6 +1508,15 @@ def _resubmission_differences(intake: m.Intake, referral: Referral) -> list[str]
     return differs
 
 
+def _resubmission_text(referral: Referral, differs: list[str]) -> str:
+    return (
+        f"This placer identifier names referral {referral.filler_id}, submitted before; this "
+        f"submission differs in {', '.join(differs)}. The first submission stands and nothing "
+        "of this one was applied: send what changed as a Communication on the Task, or cancel "
+        "the Task and submit anew with another placer identifier."
+    )
+
+
 def _resubmission_warning(referral: Referral, differs: list[str]) -> dict[str, Any]:
     """The OperationOutcome of a resubmission whose content changed: the first submission
     stands (idempotent intake), and the sender learns its change was not applied."""
@@ -1510,13 +1526,7 @@ def _resubmission_warning(referral: Referral, differs: list[str]) -> dict[str, A
             {
                 "severity": "warning",
                 "code": "business-rule",
-                "diagnostics": (
-                    f"This placer identifier names referral {referral.filler_id}, submitted "
-                    f"before; this submission differs in {', '.join(differs)}. The first "
-                    "submission stands and nothing of this one was applied: send what changed "
-                    "as a Communication on the Task, or cancel the Task and submit anew with "
-                    "another placer identifier."
-                ),
+                "diagnostics": _resubmission_text(referral, differs),
                 "expression": ["ServiceRequest"],
             }
         ],

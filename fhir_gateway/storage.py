@@ -310,6 +310,9 @@ class WriteResult:
     created: bool  # a new resource (201) rather than a new version or an existing match
     # Other referrals the write moved on (a counter-referral: the original), for the audit.
     transitioned: tuple[tuple[int, str], ...] = ()  # (referral pk, workflow action)
+    # What the caller should know although the write succeeded (an idempotent resubmission
+    # that said otherwise than the first): a warning issue's diagnostics.
+    warning: str | None = None
 
 
 def _lock(key: str) -> None:

@@ -605,7 +605,9 @@ def _create(ctx: FhirRequest, handler: ResourceHandler) -> HttpResponse:
         _audit_write(ctx, result.row, action, "create")
     for referral_pk, workflow_action in result.transitioned:  # as the REST action records it
         audit_referral(ctx.request, ctx.user, AuditAction.TRANSITION, referral_pk, workflow_action)
-    return _write_response(ctx, result.row, status=201 if result.created else 200)
+    return _write_response(
+        ctx, result.row, status=201 if result.created else 200, warning=result.warning
+    )
 
 
 def _audit_write(ctx: FhirRequest, row: FhirResource, action: AuditAction, what: str) -> None:
@@ -645,21 +647,34 @@ def _sends_resource(ctx: FhirRequest, row: FhirResource) -> bool:
     return _prefer_return(ctx.request) == "representation" and bool(row.json_for(ctx.version))
 
 
-def _write_response(ctx: FhirRequest, row: FhirResource, *, status: int) -> HttpResponse:
+def _write_response(
+    ctx: FhirRequest, row: FhirResource, *, status: int, warning: str | None = None
+) -> HttpResponse:
+    """The answer to a write. A ``warning`` (a write that succeeded but did not do all that
+    was asked) is the OperationOutcome's issue with ``Prefer: return=OperationOutcome``,
+    as FHIR's http page has servers return hints and warnings, and with any ``Prefer`` an
+    ``X-FHIR-Warning`` header (ASCII)."""
     if not _sends_resource(ctx, row):
         reference = f"{row.resource_type}/{row.logical_id}/_history/{row.version_id}"
         if _prefer_return(ctx.request) == "OperationOutcome":
-            response = outcome_response(
-                FhirError(status, "informational", f"Stored {reference}.", severity="information"),
-                content_type=media_type_for(ctx.version),
+            error = (
+                FhirError(status, "business-rule", warning, severity="warning")
+                if warning
+                else FhirError(
+                    status, "informational", f"Stored {reference}.", severity="information"
+                )
             )
+            response = outcome_response(error, content_type=media_type_for(ctx.version))
         else:  # no body, but the headers say what was stored
             response = HttpResponse(status=status, content_type=media_type_for(ctx.version))
         response["ETag"] = f'W/"{row.version_id}"'
         response["Last-Modified"] = http_date(row.last_updated.timestamp())
         response["Location"] = f"{ctx.base}/{reference}"
-        return response
-    return _resource_response(ctx, row, status=status, location=True)
+    else:
+        response = _resource_response(ctx, row, status=status, location=True)
+    if warning:
+        response["X-FHIR-Warning"] = warning
+    return response
 
 
 # --------------------------------------------------------------------------- instance level

@@ -21,7 +21,7 @@ from fhir_gateway.tests.referral_world import (
     task_of,
     transaction,
 )
-from referrals.models import Referral, ReferralState
+from referrals.models import Priority, Referral, ReferralState
 
 pytestmark = pytest.mark.django_db
 
@@ -202,6 +202,41 @@ def test_conditional_create_is_idempotent(world: World) -> None:
     assert (first.status_code, second.status_code) == (201, 200)
     assert body(first)["id"] == body(second)["id"]
     assert first["Location"].endswith("/_history/1")
+    assert Referral.objects.count() == 1
+
+
+def test_a_resubmitted_service_request_with_other_content_says_the_first_stands(
+    world: World,
+) -> None:
+    """The single-resource create answers as the transaction does: the first referral, and
+    a warning when this one says otherwise (a header; the OperationOutcome when asked)."""
+    resource = service_request(world, "SR-10", subject="Patient/unknown")
+    condition = f"identifier={PLACER}|SR-10"
+    first = world.r4.post("/fhir/ServiceRequest", resource, **{"If-None-Exist": condition})
+    same = world.r4.post("/fhir/ServiceRequest", resource, **{"If-None-Exist": condition})
+    assert (first.status_code, same.status_code) == (201, 200)
+    assert "X-FHIR-Warning" not in first and "X-FHIR-Warning" not in same
+
+    changed = {**resource, "priority": "stat"}
+    header = world.r4.post("/fhir/ServiceRequest", changed, **{"If-None-Exist": condition})
+    by_identifier = world.r4.post("/fhir/ServiceRequest", changed)  # the placer id alone
+    outcome = world.r4.post(
+        "/fhir/ServiceRequest",
+        changed,
+        **{"If-None-Exist": condition, "Prefer": "return=OperationOutcome"},
+    )
+
+    for answer in (header, by_identifier):
+        assert answer.status_code == 200
+        assert body(answer)["id"] == body(first)["id"]
+        assert body(answer)["priority"] == "urgent"  # the first stands
+        assert "priority" in answer["X-FHIR-Warning"]
+        assert "nothing of this one was applied" in answer["X-FHIR-Warning"]
+    assert outcome.status_code == 200
+    issue = body(outcome)["issue"][0]
+    assert (issue["severity"], issue["code"]) == ("warning", "business-rule")
+    assert "priority" in issue["diagnostics"]
+    assert Referral.objects.get().priority == Priority.URGENT
     assert Referral.objects.count() == 1
 
 
