@@ -23,6 +23,8 @@ class User(AbstractUser):
         related_name="staff",
     )
     departments = models.ManyToManyField("registry.Department", blank=True, related_name="staff")
+    # When the last password-reset e-mail went out: at most one per PASSWORD_RESET_INTERVAL.
+    password_reset_sent_at = models.DateTimeField(null=True, blank=True, editable=False)
 
     # Roles and departments are read together, once per user object (per request), by the
     # first call that needs either: one query instead of two for the many requests that

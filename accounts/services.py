@@ -3,8 +3,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
+from axes.models import AccessFailureLog, AccessLog
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from accounts.models import ApiToken, User
@@ -41,3 +43,28 @@ def api_tokens_revoke(*, user: User, prefix: str | None = None) -> int:
     if prefix:
         tokens = tokens.filter(prefix=prefix)
     return tokens.update(revoked_at=timezone.now())
+
+
+def password_reset_claim(*, user: User) -> bool:
+    """Whether a password-reset e-mail may go to ``user`` now (and record that it goes):
+    at most one per ``PASSWORD_RESET_INTERVAL_MINUTES``, so the public reset form cannot
+    be used to flood someone's mailbox. One conditional UPDATE: two requests at once send
+    one e-mail."""
+    now = timezone.now()
+    cutoff = now - timedelta(minutes=settings.PASSWORD_RESET_INTERVAL_MINUTES)
+    due = Q(password_reset_sent_at__isnull=True) | Q(password_reset_sent_at__lte=cutoff)
+    return bool(User.objects.filter(due, pk=user.pk).update(password_reset_sent_at=now))
+
+
+def login_logs_prune() -> int:
+    """Delete login records (django-axes' access and failure logs: who logged in and out,
+    when, from where) older than ``LOGIN_LOG_RETENTION_DAYS`` (0 or less: keep them all).
+    The lockout counters are not touched: axes expires those itself."""
+    days = settings.LOGIN_LOG_RETENTION_DAYS
+    if days <= 0:
+        return 0
+    cutoff = timezone.now() - timedelta(days=days)
+    deleted = 0
+    for model in (AccessLog, AccessFailureLog):
+        deleted += model.objects.filter(attempt_time__lt=cutoff).delete()[0]
+    return deleted

@@ -150,6 +150,13 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
+# Password reset by e-mail (/accounts/password_reset/): the link works this long, once; at most
+# one e-mail per account per interval.
+PASSWORD_RESET_TIMEOUT = env.int("PASSWORD_RESET_TIMEOUT_MINUTES", default=60) * 60
+PASSWORD_RESET_INTERVAL_MINUTES = env.int("PASSWORD_RESET_INTERVAL_MINUTES", default=15)
+# Login records (who logged in and out, when, from where; django-axes) are kept this many days
+# (0 or less: forever), pruned daily.
+LOGIN_LOG_RETENTION_DAYS = env.int("LOGIN_LOG_RETENTION_DAYS", default=365)
 LOGIN_URL = "/accounts/login/"
 LOGIN_REDIRECT_URL = "/"
 LOGOUT_REDIRECT_URL = "/accounts/login/"
@@ -301,6 +308,11 @@ CELERY_BEAT_SCHEDULE["fhir-retention"] = {
     "task": "fhir_gateway.retention_prune",
     "schedule": 3600.0,
     "options": {"expires": 1800.0},
+}
+CELERY_BEAT_SCHEDULE["accounts-login-logs"] = {
+    "task": "accounts.prune_login_logs",
+    "schedule": 86400.0,
+    "options": {"expires": 3600.0},
 }
 CELERY_TIMEZONE = "UTC"
 
