@@ -709,28 +709,30 @@ def service_request_to_intake(resource: dict[str, Any], version: str) -> Intake:
     )
 
 
+def patient_ref_of(ident: dict[str, Any], where: str) -> str:
+    """The stored patient reference (``system|value``) of a Patient identifier."""
+    system, value = str(ident.get("system") or ""), str(ident["value"])
+    if "|" in system:  # no URI holds one; the stored form splits at the first
+        raise FhirError(
+            422, "value", f"{where}.system must not contain '|'.", expression=[f"{where}.system"]
+        )
+    # A value alone is stored bare, unless it holds a "|": then as "|value".
+    ref = f"{system}|{value}" if system or "|" in value else value
+    if len(ref) > 128:
+        raise FhirError(
+            422,
+            "too-long",
+            f"{where} (system|value) must be at most 128 characters.",
+            expression=[where],
+        )
+    return ref
+
+
 def patient_into_intake(intake: Intake, patient: dict[str, Any]) -> None:
     """Minimum necessary: identifier (pseudonymous), gender, birth year; the rest dropped."""
     for ident in patient.get("identifier") or []:
         if isinstance(ident, dict) and ident.get("value"):
-            system, value = str(ident.get("system") or ""), str(ident["value"])
-            if "|" in system:  # no URI holds one; the stored form splits at the first
-                raise FhirError(
-                    422,
-                    "value",
-                    "Patient.identifier.system must not contain '|'.",
-                    expression=["Patient.identifier.system"],
-                )
-            # A value alone is stored bare, unless it holds a "|": then as "|value".
-            ref = f"{system}|{value}" if system or "|" in value else value
-            if len(ref) > 128:
-                raise FhirError(
-                    422,
-                    "too-long",
-                    "Patient.identifier (system|value) must be at most 128 characters.",
-                    expression=["Patient.identifier"],
-                )
-            intake.patient_ref = ref
+            intake.patient_ref = patient_ref_of(ident, "Patient.identifier")
             break
     gender = patient.get("gender")
     if gender in PatientSex.values:

@@ -37,6 +37,7 @@ from fhir_gateway.handlers import ResourceHandler, SearchParam, WriteRequest
 from fhir_gateway.models import FhirResource
 from fhir_gateway.outcomes import FhirError
 from fhir_gateway.publish import stored_versions
+from fhir_gateway.registry_projection import FACILITY_CODE_SYSTEM
 from fhir_gateway.registry_resources import reference_pk
 from fhir_gateway.storage import (
     WriteResult,
@@ -72,6 +73,7 @@ from referrals.services import (
 )
 from referrals.workflow import transition_for
 from registry.models import Department, Specialty
+from registry.selectors import facility_ids_by_identifier
 
 if TYPE_CHECKING:
     from accounts.models import User
@@ -440,19 +442,162 @@ def _caller_facility(user: User) -> int:
     return int(user.facility_id)
 
 
-def _check_requester(user: User, reference: str, where: str) -> None:
-    """The requesting facility is the caller's own; naming another one is refused."""
-    if not reference:
+# Reference.type values that name a person of the sender, not a facility: such a requester
+# is accepted and not kept (the requesting facility is the caller's).
+_PERSON_TYPES = frozenset({"Practitioner", "PractitionerRole", "Patient", "RelatedPerson"})
+
+
+def _check_requester(user: User, resource: dict[str, Any], where: str) -> None:
+    """The requesting facility is the caller's own: a requester that names another one is
+    refused (403), however it names it: ``Organization/<id>`` (relative, absolute,
+    versioned), a logical ``identifier`` (our facility code or one of the facility's
+    identifiers), a conditional reference ``Organization?identifier=<system>|<value>``, or
+    a contained Organization with such an identifier. An Organization it names by none of
+    these, or by an identifier we cannot tie to one facility, is 422: we cannot check it.
+    A person of the sender (Practitioner, PractitionerRole) is accepted and not kept."""
+    value = resource.get("requester")
+    if not isinstance(value, dict):
         return
-    kind, logical_id = m.split_reference(reference)
-    if kind == "Organization" and logical_id != str(_caller_facility(user)):
+    own = _caller_facility(user)
+    reference = m.reference_of(value)
+    declared = str(value.get("type") or "")
+    if reference.startswith("#"):  # a contained resource
+        contained = next(
+            (
+                c
+                for c in resource.get("contained") or []
+                if isinstance(c, dict) and f"#{c.get('id')}" == reference
+            ),
+            None,
+        )
+        kind = str((contained or {}).get("resourceType") or declared)
+        if kind in _PERSON_TYPES:
+            return
+        identifiers = (contained or {}).get("identifier") or []
+        _check_requester_identifiers(own, identifiers, where, "a contained Organization")
+        return
+    if "?" in reference:  # a conditional reference: Organization?identifier=...
+        path, _, query = reference.partition("?")
+        kind = path.rstrip("/").rpartition("/")[2]
+        if kind in _PERSON_TYPES:
+            return
+        names = [v for k, v in parse_qsl(query, keep_blank_values=True) if k == "identifier"]
+        if kind != "Organization" or len(names) != 1:
+            raise FhirError(
+                422,
+                "business-rule",
+                f"{where}: a conditional reference must be Organization?identifier=<system>|"
+                "<value>, naming your facility.",
+                expression=[where],
+            )
+        system, _, code = names[0].rpartition("|")
+        _check_requester_identifiers(
+            own, [{"system": system, "value": code}], where, "the conditional reference"
+        )
+        return
+    if reference:
+        kind, logical_id = m.split_reference(reference)
+        if kind == "Organization" and logical_id != str(own):
+            raise FhirError(
+                403,
+                "forbidden",
+                f"{where} names Organization/{logical_id}; you may only request for your own "
+                f"facility (Organization/{own}).",
+                expression=[where],
+            )
+        return
+    if declared in _PERSON_TYPES:
+        return
+    identifier = value.get("identifier")
+    if isinstance(identifier, dict):
+        _check_requester_identifiers(own, [identifier], where, "its identifier")
+
+
+def _check_requester_identifiers(own: int, identifiers: Any, where: str, how: str) -> None:
+    """Each identifier must name the caller's facility (and at least one must name it)."""
+    found: set[int] = set()
+    for identifier in identifiers if isinstance(identifiers, list) else []:
+        if not isinstance(identifier, dict) or not identifier.get("value"):
+            continue
+        system, code = str(identifier.get("system") or ""), str(identifier["value"])
+        ids = facility_ids_by_identifier(system, code, code_system=FACILITY_CODE_SYSTEM)
+        if len(ids) != 1:
+            raise FhirError(
+                422,
+                "business-rule",
+                f"{where}: {how} ({system}|{code}) names "
+                f"{'no facility we know' if not ids else 'several facilities'}; name your "
+                f"facility as Organization/{own}.",
+                expression=[where],
+            )
+        found.add(ids[0])
+    if not found:
+        raise FhirError(
+            422,
+            "business-rule",
+            f"{where}: {how} has no identifier to check; name your facility as Organization/{own}.",
+            expression=[where],
+        )
+    if found != {own}:
+        other = sorted(found - {own})[0]
         raise FhirError(
             403,
             "forbidden",
-            f"{where} names Organization/{logical_id}; you may only request for your own "
-            f"facility (Organization/{user.facility_id}).",
+            f"{where}: {how} names Organization/{other}; you may only request for your own "
+            f"facility (Organization/{own}).",
             expression=[where],
         )
+
+
+def _subject_into_intake(user: User, subject: Any, intake: m.Intake) -> None:
+    """Who a referral is for, when ``ServiceRequest.subject`` names no Patient entry of a
+    transaction (those are read from the entry):
+
+    - a logical reference (``identifier``, type Patient or none): kept as the patient
+      reference, as a Patient entry's identifier is;
+    - an absolute URL of a Patient (on the sender's server): kept as the patient reference,
+      which the sender resolves;
+    - ``Patient/<id>`` of a referral the caller may read: that referral's patient (its
+      reference, sex and birth year): another referral for the same patient;
+    - a ``display`` alone: a de-identified referral (no patient reference).
+
+    Anything else is 422: a Patient we do not have, a Group, another type."""
+    where = "ServiceRequest.subject"
+    value = subject if isinstance(subject, dict) else {}
+    reference = m.reference_of(value)
+    declared = str(value.get("type") or "Patient")
+    identifier = value.get("identifier")
+    named = isinstance(identifier, dict) and identifier.get("value")
+    if not reference and declared == "Patient" and named:
+        assert isinstance(identifier, dict)
+        intake.patient_ref = m.patient_ref_of(identifier, f"{where}.identifier")
+        return
+    kind, logical_id = m.split_reference(reference) if reference else ("", "")
+    if kind == "Patient" and reference.startswith(("http://", "https://")):
+        if len(reference) > 128:
+            raise FhirError(
+                422, "too-long", f"{where} must be at most 128 characters.", expression=[where]
+            )
+        intake.patient_ref = reference
+        return
+    if kind == "Patient" and reference.count("/") in (1, 3) and "?" not in reference:
+        same = _visible_referrals(user).filter(filler_id=logical_id).first()
+        if same is not None:
+            intake.patient_ref = same.patient_ref
+            intake.patient_sex = same.patient_sex
+            intake.patient_birth_year = same.patient_birth_year
+            return
+    if not reference and not identifier and value.get("display"):
+        return  # de-identified: the sender shares no way to the patient
+    raise FhirError(
+        422,
+        "business-rule",
+        f"{where} ({reference or 'no reference'}) names no Patient we can keep: send the "
+        "Patient in a transaction, name it by identifier or by its URL on your server, or "
+        "name the Patient of one of your referrals here (Patient/<id>); a display alone "
+        "makes a de-identified referral.",
+        expression=[where],
+    )
 
 
 def _specialty(intake: m.Intake) -> Specialty:
@@ -618,9 +763,7 @@ def _submit(user: User, intake: m.Intake, department: Department | None) -> tupl
 
 def _service_request_create(req: WriteRequest) -> WriteResult:
     validate_resource(req.resource, req.fhir_version)
-    _check_requester(
-        req.user, m.reference_of(req.resource.get("requester")), "ServiceRequest.requester"
-    )
+    _check_requester(req.user, req.resource, "ServiceRequest.requester")
     counter = m.based_on_referral(req.resource) is not None
     ask = m.service_request_to_counter_referral(req.resource, req.fhir_version) if counter else None
     intake = None if counter else m.service_request_to_intake(req.resource, req.fhir_version)
@@ -635,6 +778,7 @@ def _service_request_create(req: WriteRequest) -> WriteResult:
         existing = (
             _if_none_exist_referral(req.user, req.if_none_exist) if req.if_none_exist else None
         )
+        _subject_into_intake(req.user, req.resource.get("subject"), intake)
         if existing is not None:
             referral, created = existing, False
         else:
@@ -1152,16 +1296,24 @@ def transaction_bundle(
         validate_resource(entry["resource"], version)
     binaries = _inline_binaries(entries, by_type)
     sr_index, service_request = by_type["ServiceRequest"][0]
-    _check_requester(
-        user, m.reference_of(service_request.get("requester")), "ServiceRequest.requester"
-    )
+    _check_requester(user, service_request, "ServiceRequest.requester")
     intake = m.service_request_to_intake(service_request, version)
     task = by_type.get("Task", [(None, {})])[0][1]
     if task:
-        _check_requester(user, m.reference_of(task.get("requester")), "Task.requester")
+        _check_requester(user, task, "Task.requester")
     patient = by_type.get("Patient", [(None, {})])[0][1]
     if patient:
         m.patient_into_intake(intake, patient)
+    subject = service_request.get("subject")
+    if not m.reference_of(subject).startswith(("urn:uuid:", "urn:oid:")):
+        if patient:
+            raise FhirError(
+                422,
+                "business-rule",
+                "ServiceRequest.subject must reference the Bundle's Patient entry.",
+                expression=["ServiceRequest.subject"],
+            )
+        _subject_into_intake(user, subject, intake)
     # The ServiceRequest entry's conditional create (FHIR's request.ifNoneExist), as the
     # If-None-Exist header of a POST ServiceRequest.
     condition = _entry_condition(entries, sr_index)

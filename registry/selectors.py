@@ -14,6 +14,7 @@ from registry.models import (
     Country,
     Department,
     Facility,
+    FacilityIdentifier,
     OperationalStatus,
     Specialty,
     SupportLink,
@@ -44,6 +45,21 @@ def registry_summary() -> RegistrySummary:
         "departments": Department.objects.count(),
         "support_links": SupportLink.objects.count(),
     }
+
+
+def facility_ids_by_identifier(system: str, value: str, *, code_system: str) -> list[int]:
+    """The facilities an identifier names: ``code_system`` is our own facility code (the
+    system the registry projection publishes ``Facility.code`` under); any other system is
+    one of ``FacilityIdentifier``; no system: the value in either. More than one id: the
+    identifier names none of them alone."""
+    by_code = Facility.objects.filter(code=value).values_list("id", flat=True)
+    by_identifier = FacilityIdentifier.objects.filter(value=value)
+    if system == code_system:
+        return list(by_code[:2])
+    if system:
+        return list(by_identifier.filter(system=system).values_list("facility_id", flat=True)[:2])
+    found = set(by_code[:2]) | set(by_identifier.values_list("facility_id", flat=True)[:2])
+    return sorted(found)[:2]
 
 
 def facility_queryset() -> QuerySet[Facility]:

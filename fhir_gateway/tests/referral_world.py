@@ -22,6 +22,8 @@ from registry.models import Endpoint
 from tests.factories import PEDIATRICS, EndpointFactory, UserFactory
 
 PLACER = "https://codao.example.org/sid/referral"
+# A Patient on the member's own server: a standalone ServiceRequest may name it by URL.
+HIS_PATIENT = "https://his.codao.example.org/fhir/Patient/77"
 PATIENT_SYSTEM = "https://codao.example.org/sid/pseudonym"
 
 

@@ -37,6 +37,7 @@ from fhir_gateway.intake import intake_drain
 from fhir_gateway.registry_projection import project_registry
 from fhir_gateway.tests.conftest import FHIR_R4, FHIR_R5, FhirClient
 from fhir_gateway.tests.referral_world import (
+    HIS_PATIENT,
     PLACER,
     World,
     accepted,
@@ -467,7 +468,7 @@ def test_the_fuzzed_requests_start_valid(cases: Cases, server_errors: ErrorLog) 
     with rolled_back():
         response = world.r4.post(
             "/fhir/ServiceRequest",
-            service_request(world, "FZ-SR", subject="Patient/unknown"),
+            service_request(world, "FZ-SR", subject=HIS_PATIENT),
             **{"If-None-Exist": f"identifier={PLACER}|FZ-SR"},
         )
         assert response.status_code == 201, response.content
@@ -875,7 +876,7 @@ def test_mutated_service_request_creates_never_500(
         who, resource = "r5", counter_referral(cases)
     else:
         resource = service_request(
-            world, "FZ-SR", version=version.rsplit("=", 1)[1], subject="Patient/unknown"
+            world, "FZ-SR", version=version.rsplit("=", 1)[1], subject=HIS_PATIENT
         )
         who = "r4"
     who = data.draw(st.sampled_from([who, who, "r4", "r5", "other"]), label="who")
@@ -1209,7 +1210,7 @@ def test_odd_headers_never_500(cases: Cases, server_errors: ErrorLog, data: st.D
             elif kind == "sr":
                 client, path = world.r4, "/fhir/ServiceRequest"
                 payload = service_request(
-                    world, "FZ-SR", version="5.0" if r5 else "4.0", subject="Patient/unknown"
+                    world, "FZ-SR", version="5.0" if r5 else "4.0", subject=HIS_PATIENT
                 )
             elif kind == "binary":  # a FHIR JSON Binary: a case file
                 client, path = world.r4, "/fhir/Binary"

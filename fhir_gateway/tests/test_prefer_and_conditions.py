@@ -12,6 +12,7 @@ import pytest
 
 from fhir_gateway.tests.conftest import FHIR_R5, outcome_issue
 from fhir_gateway.tests.referral_world import (
+    HIS_PATIENT,
     PLACER,
     World,
     body,
@@ -131,7 +132,7 @@ def test_a_conditional_create_that_sends_nothing_records_no_read(world: World, p
     AuditEntry.objects.all().delete()
     response = world.r4.post(
         "/fhir/ServiceRequest",
-        service_request(world, "A", subject="Patient/x"),
+        service_request(world, "A", subject=HIS_PATIENT),
         **{"If-None-Exist": f"identifier={PLACER}|A", "Prefer": prefer},
     )
     assert response.status_code == 200, response.content
@@ -140,7 +141,7 @@ def test_a_conditional_create_that_sends_nothing_records_no_read(world: World, p
     # The same answered with the resource is a read
     response = world.r4.post(
         "/fhir/ServiceRequest",
-        service_request(world, "A", subject="Patient/x"),
+        service_request(world, "A", subject=HIS_PATIENT),
         **{"If-None-Exist": f"identifier={PLACER}|A", "Prefer": "return=representation"},
     )
     assert response.status_code == 200

@@ -95,6 +95,10 @@ def _fit(resource: dict[str, Any], world: World, placer: str, version: str) -> d
     }
     fitted.pop("requester", None)
     fitted.pop("performer", None)
+    # A standalone create names a Patient we can keep: the example's, on the sender's server.
+    fitted["subject"] = {
+        "reference": "https://his.example.org/fhir/" + resource["subject"]["reference"]
+    }
     question = {"text": "Is this indicated?"}
     if version == "4.0":
         fitted["reasonCode"] = [question]

@@ -12,6 +12,7 @@ from fhir_gateway.models import FhirResource, OutboxMessage
 from fhir_gateway.storage import validate_resource
 from fhir_gateway.tests.conftest import FHIR_R4, FHIR_R5, outcome_issue
 from fhir_gateway.tests.referral_world import (
+    HIS_PATIENT,
     PLACER,
     World,
     body,
@@ -22,6 +23,7 @@ from fhir_gateway.tests.referral_world import (
     transaction,
 )
 from referrals.models import Priority, Referral, ReferralState
+from tests.factories import FacilityIdentifierFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -171,6 +173,114 @@ def test_requester_of_another_facility_is_refused(world: World) -> None:
     assert Referral.objects.count() == 0
 
 
+CODES = "https://consilium.example.org/fhir/sid/facility-code"
+
+
+def _requester_cases(world: World) -> list[tuple[dict[str, Any], list[dict[str, Any]], int]]:
+    """(requester, contained, status): every way of naming a facility is checked."""
+    spoke, hub = world.network.spoke, world.network.hub
+    FacilityIdentifierFactory.create(facility=hub, system="urn:moh", value="H-1")
+    FacilityIdentifierFactory.create(facility=spoke, system="urn:moh", value="S-1")
+    other = {"type": "Organization", "identifier": {"system": CODES, "value": hub.code}}
+    return [
+        (other, [], 403),
+        ({"identifier": {"system": "urn:moh", "value": "H-1"}}, [], 403),
+        ({"identifier": {"value": "H-1"}}, [], 403),  # no system: any of its identifiers
+        ({"reference": f"Organization?identifier={CODES}|{hub.code}"}, [], 403),
+        (
+            {"reference": "#o1"},
+            [{"resourceType": "Organization", "id": "o1", "identifier": [other["identifier"]]}],
+            403,
+        ),
+        ({"identifier": {"system": "urn:moh", "value": "nobody"}}, [], 422),
+        ({"reference": "Organization?name=Bench"}, [], 422),
+        ({"reference": "#o1"}, [{"resourceType": "Organization", "id": "o1", "name": "x"}], 422),
+        ({"identifier": {"system": CODES, "value": spoke.code}}, [], 201),
+        ({"reference": "Organization?identifier=urn:moh|S-1"}, [], 201),
+        ({"type": "Practitioner", "identifier": {"system": "urn:npi", "value": "1"}}, [], 201),
+        (
+            {"reference": "#p1"},
+            [{"resourceType": "Practitioner", "id": "p1", "name": [{"family": "Lê"}]}],
+            201,
+        ),
+    ]
+
+
+def test_a_requester_named_by_identifier_or_condition_is_checked_too(world: World) -> None:
+    for i, (requester, contained, status) in enumerate(_requester_cases(world)):
+        resource = service_request(world, f"SR-R{i}", subject=HIS_PATIENT)
+        resource["requester"] = requester
+        if contained:
+            resource["contained"] = contained
+        before = Referral.objects.count()
+
+        response = world.r4.post("/fhir/ServiceRequest", resource)
+
+        assert response.status_code == status, (requester, response.content)
+        if status != 201:
+            issue = outcome_issue(response)
+            assert issue["code"] == ("forbidden" if status == 403 else "business-rule")
+            assert issue["expression"] == ["ServiceRequest.requester"]
+            assert Referral.objects.count() == before
+        else:
+            assert Referral.objects.count() == before + 1
+            referral = Referral.objects.get(placer_value=f"SR-R{i}")
+            assert referral.requester_facility_id == world.network.spoke.pk
+
+
+def test_a_standalone_service_request_names_a_patient_we_can_keep(world: World) -> None:
+    first = submit(world, "SR-P0")  # a transaction with its Patient (identifier, sex, year)
+    referral = Referral.objects.get(placer_value="SR-P0")
+    assert referral.patient_ref
+    task_id = task_of(first)["id"]
+    cases: list[tuple[dict[str, Any], int, str]] = [
+        ({"identifier": {"system": "urn:his", "value": "P-99"}}, 201, "urn:his|P-99"),
+        ({"reference": HIS_PATIENT}, 201, HIS_PATIENT),
+        ({"reference": f"Patient/{task_id}"}, 201, referral.patient_ref),  # same patient
+        ({"display": "a 3-year-old"}, 201, ""),  # de-identified
+        ({"reference": "Patient/does-not-exist"}, 422, ""),
+        ({"reference": "Group/1"}, 422, ""),
+        ({"reference": "urn:uuid:p"}, 422, ""),
+        ({"type": "Group", "identifier": {"value": "G-1"}}, 422, ""),
+    ]
+    for i, (subject, status, kept) in enumerate(cases):
+        resource = service_request(world, f"SR-P{i + 1}")
+        resource["subject"] = subject
+        before = Referral.objects.count()
+
+        response = world.r4.post("/fhir/ServiceRequest", resource)
+
+        assert response.status_code == status, (subject, response.content)
+        if status == 201:
+            made = Referral.objects.get(placer_value=f"SR-P{i + 1}")
+            assert made.patient_ref == kept
+            if kept == referral.patient_ref:
+                assert (made.patient_sex, made.patient_birth_year) == (
+                    referral.patient_sex, referral.patient_birth_year
+                )  # fmt: skip
+        else:
+            assert outcome_issue(response)["expression"] == ["ServiceRequest.subject"]
+            assert Referral.objects.count() == before
+
+    borrowed = service_request(world, "SR-P99")
+    borrowed.pop("requester")
+    borrowed["subject"] = {"reference": f"Patient/{task_id}"}
+    outsider = world.other.post("/fhir/ServiceRequest", borrowed)  # not its referral's patient
+    assert outsider.status_code == 422, outsider.content
+    assert not Referral.objects.filter(placer_value="SR-P99").exists()
+
+
+def test_a_transaction_subject_other_than_its_patient_entry_is_422(world: World) -> None:
+    bundle = transaction(world, "SR-T1")
+    bundle["entry"][1]["resource"]["subject"] = {"reference": HIS_PATIENT}
+
+    response = world.r4.post("/fhir", bundle)
+
+    assert response.status_code == 422
+    assert outcome_issue(response)["expression"] == ["ServiceRequest.subject"]
+    assert Referral.objects.count() == 0
+
+
 def test_no_performer_type_is_422(world: World) -> None:
     resource = service_request(world)
     del resource["performerType"]
@@ -193,7 +303,7 @@ def test_not_a_bundle_transaction_is_refused(world: World) -> None:
 
 
 def test_conditional_create_is_idempotent(world: World) -> None:
-    resource = service_request(world, "SR-9", subject="Patient/unknown")
+    resource = service_request(world, "SR-9", subject=HIS_PATIENT)
     condition = f"identifier={PLACER}|SR-9"
 
     first = world.r4.post("/fhir/ServiceRequest", resource, **{"If-None-Exist": condition})
@@ -210,7 +320,7 @@ def test_a_resubmitted_service_request_with_other_content_says_the_first_stands(
 ) -> None:
     """The single-resource create answers as the transaction does: the first referral, and
     a warning when this one says otherwise (a header; the OperationOutcome when asked)."""
-    resource = service_request(world, "SR-10", subject="Patient/unknown")
+    resource = service_request(world, "SR-10", subject=HIS_PATIENT)
     condition = f"identifier={PLACER}|SR-10"
     first = world.r4.post("/fhir/ServiceRequest", resource, **{"If-None-Exist": condition})
     same = world.r4.post("/fhir/ServiceRequest", resource, **{"If-None-Exist": condition})

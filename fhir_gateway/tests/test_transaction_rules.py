@@ -17,6 +17,7 @@ from accounts.services import api_token_issue
 from fhir_gateway.models import FhirResource, IntakeJob, OutboxMessage
 from fhir_gateway.tests.conftest import FhirClient, outcome_issue
 from fhir_gateway.tests.referral_world import (
+    HIS_PATIENT,
     PLACER,
     World,
     accepted,
@@ -188,7 +189,7 @@ def test_a_ministry_official_gets_no_referral_by_condition_or_resubmission(world
     assert client.get(f"/fhir/Task/{first.filler_id}").status_code == 404
     before = _counts()
     order = transaction(world, "SR-1")["entry"][1]["resource"]
-    order["subject"] = {"reference": "Patient/anything"}
+    order["subject"] = {"reference": HIS_PATIENT}
     conditional = client.post(
         "/fhir/ServiceRequest", order, **{"If-None-Exist": f"identifier={PLACER}|SR-1"}
     )
