@@ -831,7 +831,18 @@ def _task_update(req: WriteRequest) -> WriteResult:
     validate_resource(req.resource, req.fhir_version)
     referral = _referral_by_filler(req.user, req.logical_id)
     row = _current("Task", req.logical_id)
-    expected_task = parse_if_match(req.if_match) if req.if_match else None
+    if not req.if_match:
+        # A PUT is the whole Task as the sender last read it: without the version it read,
+        # a stale copy would silently undo a newer change (a reschedule, an owner's
+        # answer). FHIR lets a server require If-Match by answering 412 without it.
+        raise FhirError(
+            412,
+            "conflict",
+            f'A Task update needs If-Match: W/"<versionId>" of the version you read (Task/'
+            f'{req.logical_id} is at W/"{row.version_id}"), or If-Match: * to apply it to '
+            "whatever version is current. (A PATCH may leave it out.)",
+        )
+    expected_task = None if req.if_match.strip() == "*" else parse_if_match(req.if_match)
     if expected_task is not None and expected_task != row.version_id:
         raise FhirError(
             412,

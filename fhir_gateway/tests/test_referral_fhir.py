@@ -396,6 +396,29 @@ def test_stale_if_match_is_412_and_changes_nothing(world: World) -> None:
     assert Referral.objects.get().state == ReferralState.SUBMITTED
 
 
+def test_a_task_update_without_if_match_is_412_and_star_takes_the_current(world: World) -> None:
+    """A PUT is the whole Task as its sender read it: without the version, a stale copy
+    would undo a newer change unseen. ``*`` says "whatever is current", knowingly."""
+    task_id = _task(world, submit(world))
+    task = _get(world.r5, f"/fhir/Task/{task_id}", FHIR_R5)
+    task["status"] = "accepted"
+    version = Referral.objects.get().version
+
+    missing = _put_task(world.r5, task, FHIR_R5, None)
+
+    assert missing.status_code == 412
+    issue = outcome_issue(missing)
+    assert issue["code"] == "conflict" and "needs If-Match" in issue["diagnostics"]
+    assert Referral.objects.get().state == ReferralState.SUBMITTED
+    assert Referral.objects.get().version == version
+    assert FhirResource.objects.get(resource_type="Task", is_current=True).version_id == 1
+
+    star = _put_task(world.r5, task, FHIR_R5, "*")
+
+    assert star.status_code == 200, star.content
+    assert Referral.objects.get().state == ReferralState.ACCEPTED
+
+
 def test_other_task_changes_are_422(world: World) -> None:
     task_id = _task(world, submit(world))
     task = _get(world.r5, f"/fhir/Task/{task_id}", FHIR_R5)
@@ -879,7 +902,7 @@ def test_every_stored_rendering_validates_in_its_version(world: World) -> None:
     task_id = _task(world, submit(world, "A"))
     task = _get(world.r5, f"/fhir/Task/{task_id}", FHIR_R5)
     task["status"] = "accepted"
-    _put_task(world.r5, task, FHIR_R5, 'W/"1"')
+    assert _put_task(world.r5, task, FHIR_R5, 'W/"1"').status_code == 200
     world.r5.post(
         "/fhir/Communication",
         {
@@ -911,7 +934,7 @@ def test_every_stored_rendering_validates_in_its_version(world: World) -> None:
     )
     other = _get(world.r4, f"/fhir/Task/{_task(world, submit(world, 'B'))}")
     other["status"] = "cancelled"
-    _put_task(world.r4, other, FHIR_R4, None)
+    assert _put_task(world.r4, other, FHIR_R4, 'W/"1"').status_code == 200
 
     rows = list(
         FhirResource.objects.filter(source_pk__isnull=False).exclude(

@@ -5,6 +5,7 @@ back to the ORM."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -206,8 +207,10 @@ def test_the_endpoint_pages_the_hand_written_search_like_the_orm(
             assert response.status_code == 200, response.content
             bundle = response.json()
             bundle.pop("id"), bundle.pop("meta")
-            out.append(bundle)
             path = next((k["url"] for k in bundle["link"] if k["relation"] == "next"), "")
+            for link in bundle["link"]:  # the cursor's signature carries the second it was made
+                link["url"] = re.sub(r"(_cursor=[^&%:]*)(?:%3A|:)[^&]*", r"\1", link["url"])
+            out.append(bundle)
         return out
 
     calls: list[int] = []
