@@ -215,6 +215,9 @@ class Operation:
     resource_type: str | None = None  # for type and instance level
     fhir_versions: tuple[str, ...] = SUPPORTED_VERSIONS
     definition_r4: str = ""  # another definition in R4 (e.g. the Subscriptions Backport's)
+    # The query parameters it reads; others are named in X-FHIR-Ignored-Parameters (400 with
+    # Prefer: handling=strict), as a search's are. None: the operation checks its own.
+    parameters: frozenset[str] | None = None
 
     def definition_for(self, version: str) -> str:
         return self.definition_r4 if version == "4.0" and self.definition_r4 else self.definition

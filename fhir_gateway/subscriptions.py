@@ -780,6 +780,7 @@ def register_all() -> None:
             level=handlers.INSTANCE_LEVEL,
             resource_type="Subscription",
             func=subscription_events,
+            parameters=frozenset({"eventsSinceNumber", "eventsUntilNumber", "_count", "content"}),
             definition="http://hl7.org/fhir/OperationDefinition/Subscription-events",
             definition_r4=f"{BACKPORT}/OperationDefinition/backport-subscription-events",
             documentation="Events numbered after the Subscription's creation: "
@@ -794,6 +795,7 @@ def register_all() -> None:
             level=handlers.INSTANCE_LEVEL,
             resource_type="Subscription",
             func=subscription_status,
+            parameters=frozenset(),
             definition="http://hl7.org/fhir/OperationDefinition/Subscription-status",
             definition_r4=f"{BACKPORT}/OperationDefinition/backport-subscription-status",
         )
@@ -803,6 +805,7 @@ def register_all() -> None:
             name="events",
             level=handlers.SYSTEM_LEVEL,
             func=facility_events,
+            parameters=frozenset({"since", "_count"}),
             definition=f"{CONSILIUM}/OperationDefinition/facility-events",
             documentation="Your facility's feed after event number `since` (none: from the "
             "oldest event kept), id-only, _count (50, max 500). R4: a history Bundle, each "

@@ -499,12 +499,23 @@ def _operation(
             404, "not-found", f"${name} is not an operation we serve on {where or '/'}."
         )
     assert ctx.user is not None
+    params = _query_params(ctx.request.GET.lists())
+    ignored: list[str] = []
+    if operation.parameters is not None:
+        ignored = sorted(set(params) - operation.parameters - _FORMAT_PARAMS)
+        if ignored and "handling=strict" in ctx.request.headers.get("Prefer", "").replace(" ", ""):
+            raise FhirError(
+                400,
+                "not-supported",
+                f"${name} takes no parameter {', '.join(ignored)} (it reads "
+                f"{', '.join(sorted(operation.parameters)) or 'none'}).",
+            )
     answer = operation.func(
         handlers.OperationCall(
             user=ctx.user,
             version=ctx.version,
             base=ctx.base,
-            params=_query_params(ctx.request.GET.lists()),
+            params=params,
             resource_type=resource_type,
             logical_id=logical_id,
             accept=ctx.request.headers.get("Accept", ""),
@@ -517,7 +528,15 @@ def _operation(
     )
     for header, value in answer.headers.items():
         response[header] = value
+    if ignored:
+        response["X-FHIR-Ignored-Parameters"] = ",".join(
+            quote(n, safe="!#$&'()*+-./:;<=>?@[]^_`{|}~ ") for n in ignored
+        )
     return response
+
+
+# Parameters every interaction reads (content negotiation), not an operation's own.
+_FORMAT_PARAMS = frozenset({"_format", "_pretty"})
 
 
 @_fhir_view()

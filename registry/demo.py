@@ -490,11 +490,15 @@ DEMO_ACCOUNTS: tuple[DemoAccount, ...] = (
     DemoAccount("demo-steward", Role.REGISTRY_STEWARD, None, None, "Ngọc Lan", "Đỗ", None),
     DemoAccount("demo-facility-admin", Role.FACILITY_ADMIN, "con-dao", None, "Hải Yến", "Vũ", None),
     DemoAccount("demo-member-system", Role.MEMBER_SYSTEM, "con-dao", None, "", "", None),
+    # The children's hospital's system: the consultant side of the FHIR examples (docs/fhir.md).
+    DemoAccount("demo-member-system-hub", Role.MEMBER_SYSTEM, "nhi-tw", PEDIATRICS, "", "", None),
 )
+# The demo referrer's facility (an island district health centre).
+REFERRER_KEY = "con-dao"
 
 # The network counts as present when this facility exists (the whole network is written in one
 # transaction, so one facility stands for all of it).
-MARKER_KEY = "con-dao"
+MARKER_KEY = REFERRER_KEY
 
 # --- The plan -------------------------------------------------------------------------------------
 
@@ -807,6 +811,24 @@ class _Planner:
                     key=island.key if island else "",
                 )
             )
+            if island and island.key == REFERRER_KEY:
+                # The demo referrer's own paediatric ward: where a counter-referral (the
+                # children's hospital referring the patient back down) is addressed.
+                self.departments.append(
+                    DepartmentPlan(
+                        facility=code,
+                        specialty=PEDIATRICS,
+                        name="Khoa Nhi",
+                        offers_async=True,
+                        offers_live=False,
+                        offers_transfer=False,
+                        accepting=True,
+                        daily_capacity=5,
+                        sla_hours=72,
+                        languages=("vi",),
+                        consultants=(),
+                    )
+                )
 
     def add_commune_stations(self, count: int) -> None:
         """The island stations, then the rest spread evenly over the mainland districts."""

@@ -793,3 +793,27 @@ def test_unsupported_subscription_values_are_refused_whatever_their_type(world: 
     response = world.r4.post("/fhir/Subscription", subscription)
     assert response.status_code == 422, response.content
     assert FhirResource.objects.filter(resource_type="Subscription").count() == before
+
+
+def test_parameters_an_events_operation_does_not_read_are_named_or_refused(world: World):
+    """The two $events name their cursor differently (eventsSinceNumber / since): the other
+    one's name is not silently read as "from the start"."""
+    submit(world)
+    sub = _subscribe(world.r4)
+    cases = [
+        (f"/fhir/Subscription/{sub}/$events?since=9999&_count=3", "since"),
+        ("/fhir/$events?eventsSinceNumber=20&_count=3", "eventsSinceNumber"),
+        (f"/fhir/Subscription/{sub}/$status?snice=5", "snice"),
+    ]
+    for path, name in cases:
+        lenient = world.r4.get(path)
+        strict = world.r4.get(path, Prefer="handling=strict")
+
+        assert lenient.status_code == 200, lenient.content
+        assert lenient["X-FHIR-Ignored-Parameters"] == name
+        assert strict.status_code == 400
+        issue = outcome_issue(strict)
+        assert issue["code"] == "not-supported" and name in issue["diagnostics"]
+
+    known = world.r4.get("/fhir/$events?since=0&_count=3&_format=json")
+    assert known.status_code == 200 and "X-FHIR-Ignored-Parameters" not in known

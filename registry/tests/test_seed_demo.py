@@ -265,6 +265,14 @@ def test_demo_accounts_have_their_roles_facilities_and_password(debug: None) -> 
     for username in ("demo-facility-admin", "demo-member-system"):
         user = User.objects.get(username=username)
         assert user.facility == referrer.facility
+    # The FHIR examples' two sides: the island's system, and the children's hospital's,
+    # working in its paediatrics department; a counter-referral comes back to the island's
+    # own paediatric ward.
+    hub_system = User.objects.get(username="demo-member-system-hub")
+    assert hub_system.has_role(Role.MEMBER_SYSTEM)
+    assert list(hub_system.departments.all()) == [department]
+    back = referrer.facility.departments.get()
+    assert (back.specialty.code, back.accepting, back.offers_async) == (PEDIATRICS, True, True)
 
 
 @pytest.mark.django_db
