@@ -12,7 +12,7 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -160,6 +160,7 @@ def _fhir_view(
         def wrapped(request: HttpRequest, **kwargs: str) -> HttpResponseBase:
             content_type = media_type_for(DEFAULT_VERSION)
             accept_error: FhirError | None = None
+            head = request.method == "HEAD" and "GET" in methods
             try:
                 try:
                     version = response_version(request)
@@ -168,12 +169,14 @@ def _fhir_view(
                         raise
                     version, accept_error = DEFAULT_VERSION, exc
                 content_type = media_type_for(version)
+                if head:  # HEAD is a GET without the body (RFC 9110), wherever GET is
+                    request.method = "GET"
                 if request.method not in methods:
                     raise FhirError(
                         405,
                         "not-supported",
                         f"{request.method} is not supported here.",
-                        headers={"Allow": ", ".join(methods)},
+                        headers={"Allow": ", ".join(_with_head(methods))},
                     )
                 user = None if public else _authenticate(request)
                 with files_removed_on_failure():  # case files of a refused Bundle
@@ -198,11 +201,33 @@ def _fhir_view(
                     logger.info("integrity error under /fhir turned into 409", exc_info=True)
                 response = outcome_response(error, content_type=content_type)
             response.headers.setdefault("Vary", "Accept")
+            if head:
+                request.method = "HEAD"
+                response = _without_body(response)
             return response
 
         return wrapped
 
     return decorate
+
+
+def _with_head(methods: Sequence[str]) -> list[str]:
+    return [*methods, "HEAD"] if "GET" in methods and "HEAD" not in methods else list(methods)
+
+
+def _without_body(response: HttpResponseBase) -> HttpResponseBase:
+    """A GET's answer as a HEAD's: its status and headers (Content-Length the body's),
+    no body."""
+    if isinstance(response, HttpResponse):
+        length = len(response.content)
+        response.content = b""
+        response["Content-Length"] = str(length)
+        return response
+    bare = HttpResponse(status=response.status_code)
+    for name, value in response.items():
+        bare[name] = value
+    response.close()  # a streamed file: never read
+    return bare
 
 
 def _too_large() -> FhirError:
@@ -230,7 +255,7 @@ def _require(handler: ResourceHandler, interaction: str, allow: list[str]) -> No
             405,
             "not-supported",
             f"{interaction} is not supported for {handler.resource_type}.",
-            headers={"Allow": ", ".join(allow) or "OPTIONS"},
+            headers={"Allow": ", ".join(_with_head(allow)) or "OPTIONS"},
         )
 
 
@@ -575,7 +600,7 @@ def type_level(ctx: FhirRequest, resource_type: str) -> HttpResponseBase:
         405,
         "not-supported",
         f"{ctx.request.method} is not supported on /{resource_type}.",
-        headers={"Allow": ", ".join(allow)},
+        headers={"Allow": ", ".join(_with_head(allow))},
     )
 
 
@@ -775,7 +800,7 @@ def instance(ctx: FhirRequest, resource_type: str, logical_id: str) -> HttpRespo
         405,
         "not-supported",
         f"{method} is not supported on /{resource_type}/{{id}}.",
-        headers={"Allow": ", ".join(allow)},
+        headers={"Allow": ", ".join(_with_head(allow))},
     )
 
 
@@ -793,7 +818,7 @@ def _patch(ctx: FhirRequest, handler: ResourceHandler, logical_id: str) -> HttpR
             405,
             "not-supported",
             f"PATCH is not supported for {handler.resource_type}.",
-            headers={"Allow": ", ".join(_allowed_instance_methods(handler))},
+            headers={"Allow": ", ".join(_with_head(_allowed_instance_methods(handler)))},
         )
     media_type, version = patching.patch_format(
         ctx.request.headers.get("Content-Type", ""), default_version=ctx.version

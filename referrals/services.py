@@ -683,7 +683,12 @@ def referral_submit(
     existing referral and ``created`` False (offline sites retry), whatever else differs."""
     now = now or timezone.now()
     submit = TRANSITIONS_BY_ACTION["submit"]
-    if actor.facility_id != requester_facility.pk or not (actor.role_names() & submit.roles):
+    if not actor.role_names() & submit.roles:
+        raise PermissionDenied(
+            f"Your role may not submit referrals (that takes one of: "
+            f"{', '.join(sorted(submit.roles))})."
+        )
+    if actor.facility_id != requester_facility.pk:
         raise PermissionDenied("You may only submit referrals for your own facility.")
     if not sees_patient_data(actor):  # a ministry official could not read what it made
         raise PermissionDenied("Ministry officials do not submit referrals.")

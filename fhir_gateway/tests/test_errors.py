@@ -218,14 +218,14 @@ def test_unknown_id_is_404(fhir, network):
 @pytest.mark.parametrize(
     ("method", "path", "allow"),
     [
-        ("POST", "/fhir/Organization", "GET"),
-        ("PUT", "/fhir/Organization/{pk}", "GET"),
-        ("DELETE", "/fhir/Organization/{pk}", "GET"),
-        ("PATCH", "/fhir/Organization/{pk}", "GET"),
-        ("POST", "/fhir/metadata", "GET"),
+        ("POST", "/fhir/Organization", "GET, HEAD"),
+        ("PUT", "/fhir/Organization/{pk}", "GET, HEAD"),
+        ("DELETE", "/fhir/Organization/{pk}", "GET, HEAD"),
+        ("PATCH", "/fhir/Organization/{pk}", "GET, HEAD"),
+        ("POST", "/fhir/metadata", "GET, HEAD"),
         ("GET", "/fhir", "POST"),
         ("GET", "/fhir/Patient", "OPTIONS"),
-        ("PUT", "/fhir/Patient/x", "GET"),
+        ("PUT", "/fhir/Patient/x", "GET, HEAD"),
     ],
 )
 def test_unsupported_interactions_are_405(fhir, network, method, path, allow):
@@ -509,3 +509,18 @@ def test_an_unsupported_modifier_on_a_known_parameter_is_400_even_leniently(
     assert "modifier" in outcome_issue(response)["diagnostics"]
     contains = fhir.get("/fhir/Organization?name:contains=maho")
     assert contains.status_code == 200
+
+
+def test_head_answers_as_get_without_a_body(world):
+    """HEAD wherever GET is (RFC 9110): monitoring and link checkers use it."""
+    get = world.r4.get("/fhir/metadata")
+    head = world.r4.client.generic("HEAD", "/fhir/metadata", headers=world.r4._headers({}))
+    task_head = world.r4.client.generic("HEAD", "/fhir/Task", headers=world.r4._headers({}))
+
+    assert (get.status_code, head.status_code, task_head.status_code) == (200, 200, 200)
+    assert head.content == b""
+    assert head["Content-Length"] == str(len(get.content))
+    assert head["Content-Type"] == get["Content-Type"]
+    refused = world.r4.client.generic("PUT", "/fhir/metadata", headers=world.r4._headers({}))
+    assert refused.status_code == 405
+    assert refused["Allow"] == "GET, HEAD"

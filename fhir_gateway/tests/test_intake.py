@@ -679,7 +679,7 @@ def test_post_and_put_on_the_poll_location_are_405(world: World) -> None:
     path = _kick_off(world.r4, transaction(world))
     response = world.r4.post(path, {})
     assert response.status_code == 405
-    assert response["Allow"] == "GET, DELETE"
+    assert response["Allow"] == "GET, DELETE, HEAD"
     assert _job(path).status == "pending"
 
 

@@ -74,7 +74,7 @@ def test_official_examples_parse_and_posting_them_is_405(fhir, version, name):
         content_type=f"application/fhir+json; fhirVersion={version}",
     )
     assert response.status_code == 405
-    assert response["Allow"] == "GET"
+    assert response["Allow"] == "GET, HEAD"
     assert outcome_issue(response)["code"] == "not-supported"
     assert not FhirResource.objects.filter(resource_type=body["resourceType"]).exists()
 
