@@ -18,6 +18,7 @@ from django.urls import reverse_lazy
 
 from accounts.models import User
 from accounts.services import password_reset_claim
+from referrals.audit import client_ip
 
 # Session key: wrong old passwords given on the password-change page in this session.
 _WRONG_OLD_PASSWORDS = "password_change_wrong_old"
@@ -72,13 +73,15 @@ class PasswordResetDoneView(auth_views.PasswordResetDoneView):
 
 
 class PasswordResetConfirmView(auth_views.PasswordResetConfirmView):
-    """Setting the new password also lifts a login lockout of that user name: the user who
-    locked themselves out by forgetting their password can log in at once."""
+    """Setting the new password also lifts the login lockout of that user name from the
+    address that set it (lockouts are per user name and address): the user who locked
+    themselves out by forgetting their password can log in at once, while a guesser
+    elsewhere stays locked out (a reset must not hand them fresh guesses)."""
 
     success_url = reverse_lazy("password_reset_complete")
 
     def form_valid(self, form: Any) -> HttpResponse:
         response = super().form_valid(form)
         user: User = form.user
-        axes_reset(username=user.get_username())
+        axes_reset(ip=client_ip(self.request), username=user.get_username())
         return response

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import functools
 import hashlib
 import json
@@ -778,7 +779,14 @@ def _service_request_create(req: WriteRequest) -> WriteResult:
         existing = (
             _if_none_exist_referral(req.user, req.if_none_exist) if req.if_none_exist else None
         )
-        _subject_into_intake(req.user, req.resource.get("subject"), intake)
+        if existing is not None or _resubmitted(req.user, intake):
+            # A retry (by If-None-Exist, or by the placer identifier alone, which
+            # referral_submit answers with the first) is answered as before whatever its
+            # subject (idempotent intake); a subject it can name is compared with the first.
+            with contextlib.suppress(FhirError):
+                _subject_into_intake(req.user, req.resource.get("subject"), intake)
+        else:
+            _subject_into_intake(req.user, req.resource.get("subject"), intake)
         if existing is not None:
             referral, created = existing, False
         else:
@@ -789,6 +797,19 @@ def _service_request_create(req: WriteRequest) -> WriteResult:
         _current("ServiceRequest", referral.filler_id),
         created=created,
         warning=_resubmission_text(referral, differs) if differs else None,
+    )
+
+
+def _resubmitted(user: User, intake: m.Intake) -> bool:
+    """Whether the caller's facility already submitted a referral under this placer id."""
+    return (
+        _visible_referrals(user)
+        .filter(
+            requester_facility_id=_caller_facility(user),
+            placer_system=intake.placer_system,
+            placer_value=intake.placer_value,
+        )
+        .exists()
     )
 
 
@@ -842,7 +863,7 @@ def _task_update(req: WriteRequest) -> WriteResult:
             f'{req.logical_id} is at W/"{row.version_id}"), or If-Match: * to apply it to '
             "whatever version is current. (A PATCH may leave it out.)",
         )
-    expected_task = None if req.if_match.strip() == "*" else parse_if_match(req.if_match)
+    expected_task = parse_if_match(req.if_match)  # None for "*": the current version
     if expected_task is not None and expected_task != row.version_id:
         raise FhirError(
             412,

@@ -466,7 +466,10 @@ def stored_rows(rows: list[FhirResource], ids: list[int]) -> list[FhirResource]:
     return rows
 
 
-def parse_if_match(raw: str) -> int:
+def parse_if_match(raw: str) -> int | None:
+    """The version an ``If-Match`` names; None for ``*`` (any current version, RFC 9110)."""
+    if raw.strip() == "*":
+        return None
     match = _ETAG.match(raw)
     if not match:
         raise FhirError(400, "invalid", f'If-Match {raw!r} is not a version ETag (such as W/"3").')

@@ -393,7 +393,9 @@ def _subscription_update(req: WriteRequest) -> WriteResult:
             fhir_version=req.fhir_version,
             renderings=renderings,
             source_pk=facility,
-            expected_version=(parse_if_match(req.if_match) if req.if_match else current.version_id),
+            # None (no If-Match, or "*"): the version just read, so a racing change is seen
+            expected_version=(parse_if_match(req.if_match) if req.if_match else None)
+            or current.version_id,
             index_tokens=False,
         )
     return WriteResult(row, created=False)

@@ -226,7 +226,11 @@ def _without_body(response: HttpResponseBase) -> HttpResponseBase:
     bare = HttpResponse(status=response.status_code)
     for name, value in response.items():
         bare[name] = value
-    response.close()  # a streamed file: never read
+    # A streamed file, never read: close the file alone. (The response's own close() would
+    # also send request_finished, the end of the request, in the middle of it.)
+    streamed = getattr(response, "file_to_stream", None)
+    if streamed is not None:
+        streamed.close()
     return bare
 
 

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from django.db import connection, transaction
-from django.db.models import Q
+from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from accounts.models import User
@@ -146,11 +146,22 @@ def facility_border_problem(facility: Facility) -> str | None:
     return _crossing_without_agreement(_border_changes(facility))
 
 
+def _effective_links() -> QuerySet[SupportLink]:
+    """Links that support now or later: active and not ended (an inactive or ended link
+    supports nothing, so its tiers are not judged until it is made effective again)."""
+    today = timezone.localdate()
+    return SupportLink.objects.filter(active=True).filter(
+        Q(valid_to__isnull=True) | Q(valid_to__gte=today)
+    )
+
+
 def support_links_tier_problem(facility: Facility) -> str | None:
     """One of ``facility``'s support links whose hub would be of a lower tier (a larger
     number) than its spoke with the facility at its (possibly new) tier, described."""
-    links = SupportLink.objects.select_related("hub", "spoke").filter(
-        Q(hub_id=facility.pk) | Q(spoke_id=facility.pk)
+    links = (
+        _effective_links()
+        .select_related("hub", "spoke")
+        .filter(Q(hub_id=facility.pk) | Q(spoke_id=facility.pk))
     )
     for link in links.order_by("id"):
         hub_tier = facility.tier if link.hub_id == facility.pk else link.hub.tier
@@ -158,7 +169,7 @@ def support_links_tier_problem(facility: Facility) -> str | None:
         if hub_tier > spoke_tier:
             return (
                 f"Support link #{link.pk} ({link}) would have its hub (tier {hub_tier}) below its "
-                f"spoke (tier {spoke_tier}): change or delete the link first."
+                f"spoke (tier {spoke_tier}): change or deactivate the link first."
             )
     return None
 
@@ -280,10 +291,10 @@ def facility_update(
 ) -> Facility:
     if actor is not None and change_request is None:
         _require_steward(actor)
-    if "parent" in data:
-        # Before any row lock: saving a parent also locks the parent's row (its foreign
-        # key), so taking this after our row lock could deadlock with the reverse change.
-        facility_parent_changes_lock()
+    # Before any row lock, for every update (the parent check below takes it too, and it
+    # must not come after our row lock: a concurrent parent change holding it may be
+    # waiting for this very row, the foreign key of its new parent).
+    facility_parent_changes_lock()
     facility = Facility.objects.select_for_update().get(pk=facility.pk)
     before = facility_snapshot(facility)
     identifiers_before = facility_identifier_keys(facility.pk)
@@ -470,16 +481,40 @@ def endpoint_save(
     return endpoint
 
 
+def _link_tier_problem(link: SupportLink) -> ApplicationError | None:
+    """A hub of a lower tier than its spoke, judged when the link is effective after the
+    save and is new, moves (another hub or spoke) or becomes effective: an edit of a link
+    stored before the rule, or one that switches it off, is not refused by it. The two
+    facilities' rows are locked (in a transaction) and their tiers read afresh, so a tier
+    change committing meanwhile is waited for and judged."""
+    today = timezone.localdate()
+    effective = link.active and (link.valid_to is None or link.valid_to >= today)
+    if not effective:
+        return None
+    if link.pk is not None:
+        stored = _effective_links().filter(pk=link.pk).values_list("hub_id", "spoke_id").first()
+        if stored == (link.hub_id, link.spoke_id):
+            return None  # was effective between the same two: judged when it became so
+    facilities = Facility.objects.filter(pk__in=[link.hub_id, link.spoke_id]).order_by("pk")
+    if connection.in_atomic_block:
+        facilities = facilities.select_for_update()
+    tiers = dict(facilities.values_list("pk", "tier"))
+    hub_tier, spoke_tier = tiers.get(link.hub_id), tiers.get(link.spoke_id)
+    if hub_tier is not None and spoke_tier is not None and hub_tier > spoke_tier:
+        return ApplicationError(
+            f"A hub (tier {hub_tier}) cannot support a spoke of a higher tier (tier "
+            f"{spoke_tier}): are hub and spoke the wrong way round?",
+            code="hub_below_spoke",
+        )
+    return None
+
+
 def support_link_problem(link: SupportLink) -> ApplicationError | None:
     """What is wrong with ``link`` as it would be saved (the API and the admin)."""
     if link.hub_id == link.spoke_id:
         return ApplicationError("A facility cannot support itself.", code="self_link")
-    if link.hub.tier > link.spoke.tier:
-        return ApplicationError(
-            f"A hub (tier {link.hub.tier}) cannot support a spoke of a higher tier (tier "
-            f"{link.spoke.tier}): are hub and spoke the wrong way round?",
-            code="hub_below_spoke",
-        )
+    if problem := _link_tier_problem(link):
+        return problem
     cross_border = link.hub.country_id != link.spoke.country_id
     if cross_border and not link.agreement_reference.strip():
         return ApplicationError(

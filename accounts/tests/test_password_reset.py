@@ -92,6 +92,28 @@ def test_a_new_password_by_e_mail_lifts_the_login_lockout(settings) -> None:
     assert login.status_code == 302 and "_auth_user_id" in client.session
 
 
+def test_a_reset_by_the_owner_leaves_a_guessers_lockout_alone(settings) -> None:
+    """Lockouts are per user name and address: the owner's reset lifts theirs only, or
+    every reset would hand a guesser elsewhere fresh guesses."""
+    User.objects.create_user(username="clin", email="clin@example.org", password=PASSWORD)
+    guesser = Client(REMOTE_ADDR="10.6.6.6")
+    for _ in range(settings.AXES_FAILURE_LIMIT):
+        guesser.post("/accounts/login/", {"username": "clin", "password": "guess"})
+    assert (
+        guesser.post("/accounts/login/", {"username": "clin", "password": "x"}).status_code == 429
+    )
+
+    owner = Client(REMOTE_ADDR="10.0.0.1")
+    owner.post("/accounts/password_reset/", {"email": "clin@example.org"})
+    set_url = owner.get(_reset_link(), follow=True).redirect_chain[-1][0]
+    owner.post(set_url, {"new_password1": NEW, "new_password2": NEW})
+
+    assert (
+        guesser.post("/accounts/login/", {"username": "clin", "password": NEW}).status_code == 429
+    )
+    assert owner.post("/accounts/login/", {"username": "clin", "password": NEW}).status_code == 302
+
+
 def test_guessing_the_old_password_on_the_change_page_ends_the_session(settings) -> None:
     user = User.objects.create_user(username="clin", password=PASSWORD)
     client = Client()

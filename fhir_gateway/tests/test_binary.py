@@ -519,3 +519,25 @@ def test_the_created_answer_is_not_cached_nor_sniffed(world: World, task_id: str
 
     assert response["Cache-Control"] == "private, no-store"
     assert response["X-Content-Type-Options"] == "nosniff"
+
+
+def test_head_on_a_binary_answers_its_headers_and_leaves_the_request_whole(world: World) -> None:
+    """HEAD of a file: the GET's headers, no bytes; the file is closed without ending the
+    request early (the response's own close() sends request_finished, which closed the
+    database connection in the middle of the request)."""
+    task_id = str(task_of(submit(world))["id"])
+    logical_id = _upload(world, task_id)["id"]
+    audits = AuditEntry.objects.count()
+
+    head = world.r5.client.generic(
+        "HEAD",
+        f"/fhir/Binary/{logical_id}",
+        headers=world.r5._headers({"Accept": "application/pdf"}),
+    )
+
+    assert head.status_code == 200
+    assert head.content == b""
+    assert head["Content-Type"] == "application/pdf"
+    assert head["Content-Length"] == str(len(PDF))
+    assert Attachment.objects.count() == 1  # the connection still works
+    assert AuditEntry.objects.count() == audits + 1  # a HEAD is a read, recorded

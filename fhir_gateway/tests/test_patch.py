@@ -541,3 +541,14 @@ def test_json_patch_test_tells_a_boolean_from_a_number():
         {"op": "test", "path": "/flag", "value": True},
     ]
     assert patching.apply_patch(resource, same, max_bytes=100) == resource
+
+
+def test_if_match_star_applies_a_patch_to_the_current_version(world) -> None:
+    """``If-Match: *`` (any current version, RFC 9110) as the Task PUT takes it."""
+    task_id = _submitted(world)
+    patch = [{"op": "replace", "path": "/status", "value": "accepted"}]
+
+    response = world.r5.patch(f"/fhir/Task/{task_id}", patch, Accept=FHIR_R5, **{"If-Match": "*"})
+
+    assert response.status_code == 200, response.content
+    assert Referral.objects.get(filler_id=task_id).state == ReferralState.ACCEPTED

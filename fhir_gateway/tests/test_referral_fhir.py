@@ -270,6 +270,19 @@ def test_a_standalone_service_request_names_a_patient_we_can_keep(world: World) 
     assert not Referral.objects.filter(placer_value="SR-P99").exists()
 
 
+def test_a_retry_is_answered_with_the_first_whatever_its_subject(world: World) -> None:
+    """Idempotent intake: a resubmission (by If-None-Exist or by the placer identifier) of a
+    referral already stored is answered with it, not judged as a new one's subject."""
+    submit(world, "SR-Q1")
+    retry = service_request(world, "SR-Q1", subject="Patient/made-before-the-rule")
+    condition = {"If-None-Exist": f"identifier={PLACER}|SR-Q1"}
+
+    for headers in ({}, condition):
+        response = world.r4.post("/fhir/ServiceRequest", retry, **headers)
+        assert response.status_code == 200, response.content
+    assert Referral.objects.count() == 1
+
+
 def test_a_transaction_subject_other_than_its_patient_entry_is_422(world: World) -> None:
     bundle = transaction(world, "SR-T1")
     bundle["entry"][1]["resource"]["subject"] = {"reference": HIS_PATIENT}

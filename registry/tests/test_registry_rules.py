@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from django.db import connection
+from django.db.models import F
 from django.test import Client
 
 from accounts.roles import Role
@@ -625,3 +626,145 @@ def test_two_parent_changes_that_close_a_loop_together_do_not_both_land(monkeypa
     assert sorted(outcomes) == ["parent_loop", "saved"]
     parents = dict(Facility.objects.filter(pk__in=[a.pk, b.pk]).values_list("pk", "parent_id"))
     assert parents in ({a.pk: b.pk, b.pk: None}, {a.pk: None, b.pk: a.pk})
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.skipif(
+    connection.vendor != "postgresql",
+    reason="two writers at once: SQLite (make run) locks the whole database for one",
+)
+def test_an_edit_that_keeps_the_parent_does_not_deadlock_with_a_parent_change(
+    monkeypatch,
+) -> None:
+    """X (which has a parent) renamed while Y is put under X: the rename used to lock X's
+    row before the parent changes lock, the move the lock before X's row (its new
+    parent's foreign key): a deadlock, a 500."""
+    import threading
+    import time
+
+    from registry import services
+
+    steward = UserFactory.create(roles=[Role.REGISTRY_STEWARD])
+    top = FacilityFactory.create()
+    x, y = FacilityFactory.create(parent=top), FacilityFactory.create()
+    real_snapshot = services.facility_snapshot
+    x_locked = threading.Event()
+
+    def snapshot(facility):  # right after facility_update's row lock
+        if facility.pk == x.pk:
+            x_locked.set()
+            time.sleep(0.7)
+        return real_snapshot(facility)
+
+    monkeypatch.setattr(services, "facility_snapshot", snapshot)
+    outcomes: list[str] = []
+
+    def run(work) -> None:
+        try:
+            work()
+            outcomes.append("saved")
+        except Exception as exc:  # noqa: BLE001 - the outcome is what the test reads
+            outcomes.append(f"{type(exc).__name__}: {exc}")
+        finally:
+            connection.close()
+
+    def rename_x() -> None:
+        services.facility_update(actor=steward, facility=x, data={"name": "Renamed"})
+
+    def move_y() -> None:
+        x_locked.wait(5)
+        services.facility_update(actor=steward, facility=y, data={"parent": x})
+
+    threads = [threading.Thread(target=run, args=(w,)) for w in (rename_x, move_y)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=20)
+
+    assert outcomes == ["saved", "saved"], outcomes
+    assert Facility.objects.get(pk=y.pk).parent_id == x.pk
+    assert Facility.objects.get(pk=x.pk).name == "Renamed"
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.skipif(
+    connection.vendor != "postgresql",
+    reason="two writers at once: SQLite (make run) locks the whole database for one",
+)
+def test_a_tier_change_and_a_new_link_cannot_together_put_a_hub_below_its_spoke(
+    monkeypatch,
+) -> None:
+    import threading
+    import time
+
+    from core.errors import ApplicationError, Conflict
+    from registry import services
+
+    steward = UserFactory.create(roles=[Role.REGISTRY_STEWARD])
+    hub = FacilityFactory.create(tier=Tier.CENTRAL)
+    spoke = FacilityFactory.create(tier=Tier.DISTRICT)
+    real_record = services.facility_record_revision
+    checked = threading.Event()
+
+    def record_slowly(**kwargs):  # the tier change: checked, saved, not yet committed
+        revision = real_record(**kwargs)
+        checked.set()
+        time.sleep(0.7)
+        return revision
+
+    monkeypatch.setattr(services, "facility_record_revision", record_slowly)
+    outcomes: list[str] = []
+
+    def lower_hub() -> None:
+        try:
+            services.facility_update(actor=steward, facility=hub, data={"tier": Tier.COMMUNE})
+            outcomes.append("tier saved")
+        except Conflict as refused:
+            outcomes.append(refused.code)
+        finally:
+            connection.close()
+
+    def link() -> None:
+        try:
+            checked.wait(5)
+            services.support_link_save(actor=steward, data={"hub": hub, "spoke": spoke})
+            outcomes.append("link saved")
+        except ApplicationError as refused:
+            outcomes.append(refused.code)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=lower_hub), threading.Thread(target=link)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=20)
+
+    assert sorted(outcomes) == ["hub_below_spoke", "tier saved"], outcomes
+    assert not SupportLink.objects.filter(hub__tier__gt=F("spoke__tier")).exists()
+
+
+def test_a_link_stored_upside_down_can_still_be_switched_off(steward_client) -> None:
+    link = SupportLinkFactory.create()
+    SupportLink.objects.filter(pk=link.pk).update(hub=link.spoke, spoke=link.hub)  # legacy row
+    url = f"/api/v1/support-links/{link.pk}/"
+
+    off = steward_client.patch(url, {"active": False}, format="json")
+    back_on = steward_client.patch(url, {"active": True}, format="json")
+
+    assert off.status_code == 200, off.content
+    assert back_on.status_code == 400 and back_on.json()["code"] == "hub_below_spoke"
+    assert SupportLink.objects.get(pk=link.pk).active is False
+
+
+def test_inactive_or_ended_links_do_not_block_a_tier_change(steward_client) -> None:
+    from datetime import date
+
+    inactive = SupportLinkFactory.create(active=False)
+    ended = SupportLinkFactory.create(valid_from=date(2020, 1, 1), valid_to=date(2020, 12, 31))
+    for link in (inactive, ended):
+        response = steward_client.patch(
+            f"/api/v1/facilities/{link.hub_id}/", {"tier": Tier.COMMUNE}, format="json"
+        )
+        assert response.status_code == 200, response.content
+        assert Facility.objects.get(pk=link.hub_id).tier == Tier.COMMUNE
