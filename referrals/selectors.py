@@ -5,11 +5,13 @@ Anything outside one's scope is "not found" (404), never "forbidden", so ids lea
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.contrib.auth.models import Permission
 from django.db import connection
 from django.db.models import Prefetch, Q, QuerySet
+from django.utils import timezone
 
 from accounts.models import User
 from accounts.roles import Role
@@ -302,3 +304,33 @@ def referral_worklist_rows(
 def referral_outgoing_rows(user: User, *, state: str | None = None) -> QueryRows:
     """``referral_outgoing`` as list rows (``LIST_COLUMNS``), for the API."""
     return QueryRows(referral_outgoing(user, state=state), LIST_COLUMNS)
+
+
+# A web intake that repeats one of the user's own within this many minutes is held back for
+# a confirmation (the back button re-renders the form with a new submission id).
+DUPLICATE_WINDOW_MINUTES = 30
+
+
+def referral_recent_duplicate(
+    user: User,
+    *,
+    specialty_id: int,
+    clinical_question: str,
+    patient_ref: str,
+    now: datetime | None = None,
+) -> Referral | None:
+    """The user's own referral of the last ``DUPLICATE_WINDOW_MINUTES`` with the same
+    specialty, clinical question and patient reference, if any (newest first)."""
+    since = (now or timezone.now()) - timedelta(minutes=DUPLICATE_WINDOW_MINUTES)
+    return (
+        Referral.objects.filter(
+            requester=user,
+            requester_facility_id=user.facility_id,
+            specialty_id=specialty_id,
+            clinical_question=clinical_question,
+            patient_ref=patient_ref,
+            created_at__gte=since,
+        )
+        .order_by("-created_at", "-id")
+        .first()
+    )

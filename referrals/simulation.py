@@ -281,7 +281,8 @@ def plan_lifecycle(
         if considered:
             outcome = "avoided" if rng.random() < 0.82 else "still_needed"
         else:
-            outcome = "not_applicable" if rng.random() < 0.7 else "avoided"
+            rng.random()  # (kept: the draws after it stay as they were)
+            outcome = "not_applicable"  # "avoided" needs a transfer considered (a guard)
         t += _hours(rng, 1, 72)
         if not b.emit("close_local", t, transfer_originally_considered=considered, outcome=outcome):
             return life

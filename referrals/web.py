@@ -149,6 +149,10 @@ class ReferralNewForm(forms.Form):
     patient_birth_year = forms.IntegerField(
         label="Patient birth year", min_value=1900, max_value=2100, required=False
     )
+    # Shown when the same question was just sent: the user confirms a second referral.
+    send_again = forms.BooleanField(
+        label="Yes, send it as a new referral", required=False, widget=forms.CheckboxInput
+    )
 
     def clean_clinical_question(self) -> str:
         value = str(self.cleaned_data["clinical_question"]).strip()
@@ -191,6 +195,25 @@ def referral_new(request: HttpRequest) -> HttpResponse:
         return render(request, "referrals/new.html", {"form": form}, status=400)
     data: dict[str, Any] = form.cleaned_data
     assert user.facility is not None
+    earlier = (
+        None
+        if data["send_again"]
+        else selectors.referral_recent_duplicate(
+            user,
+            specialty_id=data["specialty"].pk,
+            clinical_question=data["clinical_question"],
+            patient_ref=data["patient_ref"],
+        )
+    )
+    if earlier is not None and earlier.placer_value != str(data["placer_value"]):
+        # The same case again under a new form (the back button re-renders the page with a
+        # new submission id): held back until the user says it is a new referral.
+        return render(
+            request,
+            "referrals/new.html",
+            {"form": form, "duplicate_of": earlier},
+            status=409,
+        )
     try:
         referral, created = services.referral_submit(
             actor=user,

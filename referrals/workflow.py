@@ -171,6 +171,21 @@ def _guard_counter_department(
     return None
 
 
+def _guard_avoided_was_considered(
+    referral: Referral, data: Mapping[str, Any] | None, now: datetime
+) -> str | None:
+    """A transfer counts as avoided (the reports' headline figure) only if one was
+    considered: the two answers must not contradict each other."""
+    if data is None:
+        return None
+    if data["outcome"] == CloseOutOutcome.AVOIDED and not data["transfer_originally_considered"]:
+        return (
+            "A transfer can only have been avoided if one was originally considered: tick "
+            "'transfer originally considered', or choose another outcome."
+        )
+    return None
+
+
 GUARDS: dict[str, Guard] = {
     "department_still_candidate": _guard_submit_department,
     "forward_target_valid": _guard_forward_target,
@@ -179,6 +194,7 @@ GUARDS: dict[str, Guard] = {
     "deadline_passed": _guard_deadline_passed,
     "counter_department_at_requester": _guard_counter_department,
     "not_acknowledged": _guard_not_acknowledged,
+    "avoided_was_considered": _guard_avoided_was_considered,
 }
 
 GUARD_DESCRIPTIONS: dict[str, str] = {
@@ -192,6 +208,7 @@ GUARD_DESCRIPTIONS: dict[str, str] = {
     "counter_department_at_requester": "department belongs to the original requester, "
     "accepting, offering the mode",
     "not_acknowledged": "not yet acknowledged by the department it is assigned to",
+    "avoided_was_considered": "outcome `avoided` only with transfer_originally_considered",
 }
 
 
@@ -356,6 +373,7 @@ TRANSITIONS: tuple[Transition, ...] = (
             InputField("transfer_originally_considered", "bool"),
             InputField("outcome", "choice", choices=_choices(CloseOutOutcome)),
         ),
+        guard="avoided_was_considered",
         records="event + CloseOut",
         description="The requester manages the patient locally and answers the close-out.",
     ),

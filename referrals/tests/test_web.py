@@ -112,6 +112,32 @@ def test_submit_creates_exactly_one_referral_and_is_idempotent(world: World) -> 
     assert "was submitted" in page.content.decode() or "already submitted" in page.content.decode()
 
 
+def test_the_same_case_under_a_new_form_is_held_back_until_confirmed(world: World) -> None:
+    """The back button re-renders the form with a new submission id (Chromium keeps what
+    was typed): the same question for the same patient is not sent twice unasked."""
+    client = client_for(world.referrer)
+    first = client.post("/referrals/new/", new_referral_form(world))
+    assert first.status_code == 303
+    again = new_referral_form(world)  # a new submission id, the same case
+    assert again["placer_value"] != Referral.objects.get().placer_value
+
+    held = client.post("/referrals/new/", again)
+
+    assert held.status_code == 409
+    body = held.content.decode()
+    assert "not</strong> sent again" in body and Referral.objects.get().filler_id in body
+    assert 'name="send_again"' in body
+    assert Referral.objects.count() == 1
+
+    other = client.post(
+        "/referrals/new/", {**new_referral_form(world), "clinical_question": "Another case?"}
+    )
+    confirmed = client.post("/referrals/new/", {**again, "send_again": "on"})
+
+    assert other.status_code == 303 and confirmed.status_code == 303
+    assert Referral.objects.count() == 3
+
+
 @pytest.mark.parametrize(
     ("overrides", "field", "message"),
     [
@@ -297,14 +323,39 @@ def test_consultant_accepts_and_advises(world: World) -> None:
 
 def test_close_local_checkbox(world: World) -> None:
     referral = world.referral_in("advised")
-    response = client_for(world.referrer).post(
-        f"/referrals/{referral.pk}/actions/close_local/",
-        action_post(referral, "close_local", outcome="avoided"),  # box not ticked
-    )
-    assert response.status_code == 303
+    client = client_for(world.referrer)
+    url = f"/referrals/{referral.pk}/actions/close_local/"
+
+    unticked = client.post(url, action_post(referral, "close_local", outcome="not_applicable"))
+
+    assert unticked.status_code == 303  # the box not ticked: False
     close_out = CloseOut.objects.get(referral=referral)
     assert close_out.transfer_originally_considered is False
-    assert close_out.outcome == "avoided"
+    assert close_out.outcome == "not_applicable"
+
+
+def test_avoided_without_a_transfer_considered_is_refused_and_changes_nothing(
+    world: World,
+) -> None:
+    """The contradiction would drop the case from the reports' headline (avoided transfers
+    count only those considered) without telling anyone."""
+    referral = world.referral_in("advised")
+    version = referral.version
+    client = client_for(world.referrer)
+    url = f"/referrals/{referral.pk}/actions/close_local/"
+
+    refused = client.post(url, action_post(referral, "close_local", outcome="avoided"))
+
+    assert refused.status_code == 409
+    assert "only have been avoided if one was originally considered" in refused.content.decode()
+    referral.refresh_from_db()
+    assert (referral.state, referral.version) == ("advised", version)
+    assert not CloseOut.objects.filter(referral=referral).exists()
+    ticked = action_post(
+        referral, "close_local", outcome="avoided", transfer_originally_considered="on"
+    )
+    assert client.post(url, ticked).status_code == 303
+    assert CloseOut.objects.get(referral=referral).outcome == "avoided"
 
 
 def test_stale_version_shows_a_clear_message_and_changes_nothing(world: World) -> None:
