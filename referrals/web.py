@@ -27,7 +27,7 @@ from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import render
 from django.urls import reverse
 from django.utils import timezone
-from django.views.decorators.http import require_http_methods, require_POST
+from django.views.decorators.http import require_http_methods
 
 from accounts.models import User
 from accounts.roles import Role
@@ -361,8 +361,14 @@ def expert_choices(referral: Referral) -> list[tuple[str, str]]:
     ]
 
 
-def _choice_label(value: str) -> str:
-    return str(CHOICE_LABELS.get(value, value.replace("_", " ")))
+# Choice labels per input where one value means different things in different inputs
+# ("transfer": a consult mode, or the disposition "transfer the patient").
+FIELD_CHOICE_LABELS: dict[str, dict[str, str]] = {"mode": dict(ConsultMode.choices)}
+
+
+def _choice_label(value: str, field: str = "") -> str:
+    labels = FIELD_CHOICE_LABELS.get(field, CHOICE_LABELS)
+    return str(labels.get(value, value.replace("_", " ")))
 
 
 def _form_field(spec: InputField, referral: Referral, transition: Transition) -> forms.Field:
@@ -373,7 +379,7 @@ def _form_field(spec: InputField, referral: Referral, transition: Transition) ->
             max_length=MAX_TEXT, widget=forms.Textarea(attrs={"rows": 4, "cols": 60}), **common
         )
     if spec.kind == "choice":
-        choices = [(c, _choice_label(c)) for c in spec.choices]
+        choices = [(c, _choice_label(c, spec.name)) for c in spec.choices]
         if not spec.required:
             choices = [("", "—"), *choices]
         return forms.ChoiceField(choices=choices, **common)
@@ -429,6 +435,16 @@ class ActionForm(forms.Form):
         return data
 
 
+def _no_department_to_choose(form: ActionForm) -> bool:
+    """An action that needs a department when none can be offered (a counter-referral to a
+    hospital without departments, a forward with no candidate): not offered at all, rather
+    than a form that can only fail."""
+    field = form.fields.get("department")
+    if field is None or not field.required:
+        return False
+    return not any(value for value, _label in getattr(field, "choices", []))
+
+
 def _authors(referral: Referral) -> dict[int, User]:
     ids = {n.author_id for n in referral.consult_notes.all()} | {
         m.author_id for m in referral.messages.all()
@@ -451,15 +467,16 @@ def _render_detail(
     bound: ActionForm | None = None,
     error: str | None = None,
     status: int = 200,
+    message_text: str = "",
 ) -> HttpResponse:
     forms_by_action = []
     for action in services.referral_available_actions(user, referral):
         if bound is not None and bound.action == action:
             forms_by_action.append(bound)
-        else:
-            forms_by_action.append(
-                ActionForm(referral=referral, transition=TRANSITIONS_BY_ACTION[action])
-            )
+            continue
+        form = ActionForm(referral=referral, transition=TRANSITIONS_BY_ACTION[action])
+        if not _no_department_to_choose(form):
+            forms_by_action.append(form)
     authors = _authors(referral)
     context = {
         "referral": referral,
@@ -472,6 +489,7 @@ def _render_detail(
         and referral.state not in TERMINAL_STATES,
         "action_forms": forms_by_action,
         "error": error,
+        "message_text": message_text,
         "now": timezone.now(),
     }
     audit_record(request, AuditAction.READ, [referral.pk])
@@ -492,10 +510,12 @@ def referral_detail_page(request: HttpRequest, pk: int) -> HttpResponse:
 
 
 @login_required
-@require_POST
+@require_http_methods(["GET", "POST"])
 def referral_action(request: HttpRequest, pk: int, action: str) -> HttpResponse:
     user = _user(request)
     referral = _get(user, pk)
+    if request.method == "GET":  # the address bar after a refused action: the case's page
+        return HttpResponseRedirect(reverse("web-referral-detail", args=[pk]), status=303)
     transition = TRANSITIONS_BY_ACTION.get(action)
     if transition is None or transition.side == "system":
         raise Http404("No such action.")
@@ -538,18 +558,29 @@ def referral_action(request: HttpRequest, pk: int, action: str) -> HttpResponse:
 
 
 @login_required
-@require_POST
+@require_http_methods(["GET", "POST"])
 def referral_message(request: HttpRequest, pk: int) -> HttpResponse:
     """A message to the other side that changes no state (``referral_message_post``)."""
     user = _user(request)
     referral = _get(user, pk)
+    if request.method == "GET":
+        return HttpResponseRedirect(
+            reverse("web-referral-detail", args=[pk]) + "#messages", status=303
+        )
     text = str(request.POST.get("text", ""))
     try:
         services.referral_message_post(actor=user, referral_id=referral.pk, text=text)
     except NotFound as exc:
         raise Http404(exc.message) from exc
     except ApplicationError as exc:
-        return _render_detail(request, user, referral, error=exc.message, status=exc.status_code)
+        return _render_detail(
+            request,
+            user,
+            referral,
+            error=exc.message,
+            status=exc.status_code,
+            message_text=text,  # what was typed is not lost
+        )
     audit_record(request, AuditAction.CREATE, [referral.pk], object_type="message")
     messages.success(request, "Message sent.")
     return HttpResponseRedirect(reverse("web-referral-detail", args=[pk]) + "#messages", status=303)

@@ -16,6 +16,7 @@ from accounts.models import User
 from referrals import services
 from referrals.models import AuditEntry, CloseOut, ConsultNote, Message, Referral
 from referrals.tests.conftest import World
+from registry.models import Department
 
 pytestmark = pytest.mark.django_db
 
@@ -434,7 +435,13 @@ def test_application_errors_are_shown_and_change_nothing(world: World) -> None:
     assert response.status_code == 409 and "Cannot accept" in response.content.decode()
     assert client.post(f"/referrals/{referral.pk}/actions/nope/", {}).status_code == 404
     assert client.post(f"/referrals/{referral.pk}/actions/expire/", {}).status_code == 404
-    assert client.get(f"/referrals/{referral.pk}/actions/accept/").status_code == 405
+    # The address bar after a refused action (a GET of the action's URL): the case's page.
+    address_bar = client.get(f"/referrals/{referral.pk}/actions/accept/")
+    assert address_bar.status_code == 303
+    assert address_bar["Location"] == f"/referrals/{referral.pk}/"
+    assert client.get(f"/referrals/{referral.pk}/messages/")["Location"].startswith(
+        f"/referrals/{referral.pk}/"
+    )
 
 
 def test_schedule_in_the_future_with_experts(world: World) -> None:
@@ -484,3 +491,42 @@ def test_messages(world: World) -> None:
     outsider = client_for(world.foreign_referrer)
     assert outsider.post(f"/referrals/{referral.pk}/messages/", {"text": "hi"}).status_code == 404
     assert Message.objects.count() == 1
+
+
+def test_a_refused_message_keeps_what_was_typed(world: World) -> None:
+    referral = world.submit()
+    text = "x" * (services.MAX_TEXT + 1)
+
+    response = client_for(world.referrer).post(
+        f"/referrals/{referral.pk}/messages/", {"text": text}
+    )
+
+    assert response.status_code == 400
+    assert f">{text}</textarea>" in response.content.decode()
+    assert not referral.messages.exists()
+
+
+def test_an_action_with_no_department_to_choose_is_not_offered(world: World) -> None:
+    """A counter-referral goes to a department of the requesting hospital: one without
+    departments gets no form that can only fail."""
+    referral = world.referral_in("advised")
+    client = client_for(world.consultant)
+    Department.objects.filter(facility_id=referral.requester_facility_id).delete()
+
+    page = client.get(f"/referrals/{referral.pk}/").content.decode()
+
+    assert 'id="action-advise"' not in page  # (already advised)
+    assert 'id="action-counter_refer"' not in page
+
+
+def test_consult_modes_are_labelled_as_modes_and_admin_only_for_staff(world: World) -> None:
+    referral = world.referral_in("advised")  # from the district, which has a paediatrics ward
+    page = client_for(world.consultant).get(f"/referrals/{referral.pk}/").content.decode()
+
+    assert 'id="action-counter_refer"' in page
+    mode = page.split('name="counter_refer-mode"')[1].split("</select>")[0]
+    assert "Transfer the patient" not in mode and ">Transfer</option>" in mode
+    assert 'href="/admin/"' not in page
+    world.consultant.is_staff = True
+    world.consultant.save()
+    assert 'href="/admin/"' in client_for(world.consultant).get("/").content.decode()
