@@ -28,6 +28,19 @@ def _label(row: dict[str, Any], grouping: str) -> str:
     return str(row.get(f"{grouping}_label", ""))
 
 
+def _form_context(scope: Any, params: dict[str, str]) -> dict[str, Any]:
+    """What the filter form shows: the choices in the user's scope, and what was chosen."""
+    campaigns, specialties = selectors.report_filter_choices(scope)
+    return {
+        "filters": params,
+        "periods": selectors.PERIODS,
+        "countries": Country.objects.order_by("code"),
+        "tiers": Tier.choices,
+        "specialties": specialties,
+        "campaigns": campaigns,
+    }
+
+
 @login_required
 def dashboard(request: HttpRequest) -> HttpResponse:
     user = request.user
@@ -35,14 +48,23 @@ def dashboard(request: HttpRequest) -> HttpResponse:
     params = {k: str(request.GET[k]) for k in FORM_FIELDS if request.GET.get(k)}
     try:
         scope = selectors.report_scope_for(user)  # who may see reports first (403)
+    except ApplicationError as exc:
+        return render(
+            request, "reports/dashboard.html", {"error": exc.message}, status=exc.status_code
+        )
+    try:
         filters = selectors.filters_parse(params, allow_by=False)
     except ApplicationError as exc:
-        status = exc.status_code
+        # The form again with what was chosen and what is wrong, so it can be corrected.
         return render(
             request,
             "reports/dashboard.html",
-            {"error": exc.message, "errors": exc.extra.get("errors", {})},
-            status=status,
+            {
+                **_form_context(scope, params),
+                "error": exc.message,
+                "errors": exc.extra.get("errors", {}),
+            },
+            status=exc.status_code,
         )
     summary = selectors.report_summary(user, filters)
     trend = selectors.report_counts(user, replace(filters, by=("period",)))
@@ -88,9 +110,8 @@ def dashboard(request: HttpRequest) -> HttpResponse:
         ],
         unit=" h",
     )
-    campaigns, specialties = selectors.report_filter_choices(scope)
     context = {
-        "filters": params,
+        **_form_context(scope, params),
         "aggregate_only": scope.aggregate_only,
         "min_cell": selectors.min_cell(),
         "verify_days": selectors.verify_days(),
@@ -111,11 +132,6 @@ def dashboard(request: HttpRequest) -> HttpResponse:
             "times": _csv_link("report-response-times", params, by="specialty"),
             "summary": _csv_link("report-summary", params),
         },
-        "periods": selectors.PERIODS,
-        "countries": Country.objects.order_by("code"),
-        "tiers": Tier.choices,
-        "specialties": specialties,
-        "campaigns": campaigns,
         "currency": selectors.currency(),
     }
     return render(request, "reports/dashboard.html", context)

@@ -21,6 +21,12 @@ def figure(value: Any, digits: int = 0) -> str:
 
 
 @register.filter
+def hours(value: Any) -> str:
+    """Hours with one decimal and their unit; "hidden" alone (no unit after nothing)."""
+    return "hidden" if value is None else f"{figure(value, 1)} h"
+
+
+@register.filter
 def percent(value: Any) -> str:
     if value is None:
         return "hidden"

@@ -228,3 +228,32 @@ def test_dashboard_does_not_scan_the_day_grain_for_its_dropdowns(scenario: Netwo
     day_grain = [q["sql"] for q in queries if "reports_dailyrollup" in q["sql"]]
     assert day_grain == []
     assert 'value="heart-2025"' in response.content.decode()  # the ministry's choices
+
+
+def test_a_bad_dashboard_filter_shows_the_form_again_with_the_problem(scenario: Network) -> None:
+    """Dates the wrong way round: the form, with what was chosen and what is wrong, so it
+    can be corrected there (not a one-line page), and no figures."""
+    from django.test import Client
+
+    client = Client()
+    client.force_login(scenario.ministry)
+
+    response = client.get("/reports/", {"from": "2026-12-01", "to": "2026-01-01", "tier": "1"})
+
+    assert response.status_code == 400
+    body = response.content.decode()
+    assert 'id="report-error"' in body and "on or after" in body
+    assert 'id="report-filters"' in body
+    assert 'value="2026-12-01"' in body and '<option value="1" selected>' in body
+    assert 'data-metric="submitted"' not in body
+    refused = Client()
+    refused.force_login(scenario.steward)
+    page = refused.get("/reports/", {"tier": "9"})
+    assert page.status_code == 403 and 'id="report-filters"' not in page.content.decode()
+
+
+def test_a_hidden_time_carries_no_unit() -> None:
+    """The headline read "hidden h" when a median was suppressed."""
+    from reports.templatetags.report_figures import hours
+
+    assert (hours(None), hours(3.5), hours(12)) == ("hidden", "3.5 h", "12 h")
