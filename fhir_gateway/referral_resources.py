@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import functools
 import hashlib
 import json
@@ -779,14 +778,7 @@ def _service_request_create(req: WriteRequest) -> WriteResult:
         existing = (
             _if_none_exist_referral(req.user, req.if_none_exist) if req.if_none_exist else None
         )
-        if existing is not None or _resubmitted(req.user, intake):
-            # A retry (by If-None-Exist, or by the placer identifier alone, which
-            # referral_submit answers with the first) is answered as before whatever its
-            # subject (idempotent intake); a subject it can name is compared with the first.
-            with contextlib.suppress(FhirError):
-                _subject_into_intake(req.user, req.resource.get("subject"), intake)
-        else:
-            _subject_into_intake(req.user, req.resource.get("subject"), intake)
+        _subject_unless_retry(req.user, req.resource.get("subject"), intake, existing)
         if existing is not None:
             referral, created = existing, False
         else:
@@ -798,6 +790,20 @@ def _service_request_create(req: WriteRequest) -> WriteResult:
         created=created,
         warning=_resubmission_text(referral, differs) if differs else None,
     )
+
+
+def _subject_unless_retry(
+    user: User, subject: Any, intake: m.Intake, existing: Referral | None
+) -> None:
+    """``_subject_into_intake``, except that a retry — matched by a condition
+    (``existing``), or by the placer identifier alone, which ``referral_submit`` answers with
+    the first — is answered as before whatever its subject (idempotent intake). The placer
+    is looked up only when the subject is refused: a new referral's path pays nothing."""
+    try:
+        _subject_into_intake(user, subject, intake)
+    except FhirError:
+        if existing is None and not _resubmitted(user, intake):
+            raise
 
 
 def _resubmitted(user: User, intake: m.Intake) -> bool:
@@ -1345,7 +1351,7 @@ def transaction_bundle(
                 "ServiceRequest.subject must reference the Bundle's Patient entry.",
                 expression=["ServiceRequest.subject"],
             )
-        _subject_into_intake(user, subject, intake)
+        _subject_unless_retry(user, subject, intake, None)
     # The ServiceRequest entry's conditional create (FHIR's request.ifNoneExist), as the
     # If-None-Exist header of a POST ServiceRequest.
     condition = _entry_condition(entries, sr_index)

@@ -12,7 +12,7 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -176,7 +176,10 @@ def _fhir_view(
                         405,
                         "not-supported",
                         f"{request.method} is not supported here.",
-                        headers={"Allow": ", ".join(_with_head(methods))},
+                        # HEAD wherever GET (see above)
+                        headers={
+                            "Allow": ", ".join([*methods, "HEAD"] if "GET" in methods else methods)
+                        },
                     )
                 user = None if public else _authenticate(request)
                 with files_removed_on_failure():  # case files of a refused Bundle
@@ -209,10 +212,6 @@ def _fhir_view(
         return wrapped
 
     return decorate
-
-
-def _with_head(methods: Sequence[str]) -> list[str]:
-    return [*methods, "HEAD"] if "GET" in methods and "HEAD" not in methods else list(methods)
 
 
 def _without_body(response: HttpResponseBase) -> HttpResponseBase:
@@ -259,7 +258,7 @@ def _require(handler: ResourceHandler, interaction: str, allow: list[str]) -> No
             405,
             "not-supported",
             f"{interaction} is not supported for {handler.resource_type}.",
-            headers={"Allow": ", ".join(_with_head(allow)) or "OPTIONS"},
+            headers={"Allow": ", ".join(allow) or "OPTIONS"},
         )
 
 
@@ -357,7 +356,7 @@ def _request_subset(ctx: FhirRequest, resource_type: str, *, search: bool) -> Su
 
 
 def _allowed_instance_methods(handler: ResourceHandler) -> list[str]:
-    methods = ["GET"] if handler.supports(handlers.READ) else []
+    methods = ["GET", "HEAD"] if handler.supports(handlers.READ) else []
     if handler.supports(handlers.UPDATE):
         methods.append("PUT")
     if handler.supports(handlers.PATCH) and handler.update is not None:
@@ -368,7 +367,7 @@ def _allowed_instance_methods(handler: ResourceHandler) -> list[str]:
 
 
 def _allowed_type_methods(handler: ResourceHandler) -> list[str]:
-    methods = ["GET"] if handler.supports(handlers.SEARCH) else []
+    methods = ["GET", "HEAD"] if handler.supports(handlers.SEARCH) else []
     if handler.supports(handlers.CREATE):
         methods.append("POST")
     return methods
@@ -532,7 +531,7 @@ def _operation(
     ignored: list[str] = []
     if operation.parameters is not None:
         ignored = sorted(set(params) - operation.parameters - _FORMAT_PARAMS)
-        if ignored and "handling=strict" in ctx.request.headers.get("Prefer", "").replace(" ", ""):
+        if ignored and _strict(ctx.request):
             raise FhirError(
                 400,
                 "not-supported",
@@ -557,10 +556,7 @@ def _operation(
     )
     for header, value in answer.headers.items():
         response[header] = value
-    if ignored:
-        response["X-FHIR-Ignored-Parameters"] = ",".join(
-            quote(n, safe="!#$&'()*+-./:;<=>?@[]^_`{|}~ ") for n in ignored
-        )
+    _name_ignored(response, ignored)
     return response
 
 
@@ -604,7 +600,7 @@ def type_level(ctx: FhirRequest, resource_type: str) -> HttpResponseBase:
         405,
         "not-supported",
         f"{ctx.request.method} is not supported on /{resource_type}.",
-        headers={"Allow": ", ".join(_with_head(allow))},
+        headers={"Allow": ", ".join(allow)},
     )
 
 
@@ -804,7 +800,7 @@ def instance(ctx: FhirRequest, resource_type: str, logical_id: str) -> HttpRespo
         405,
         "not-supported",
         f"{method} is not supported on /{resource_type}/{{id}}.",
-        headers={"Allow": ", ".join(_with_head(allow))},
+        headers={"Allow": ", ".join(allow)},
     )
 
 
@@ -822,7 +818,7 @@ def _patch(ctx: FhirRequest, handler: ResourceHandler, logical_id: str) -> HttpR
             405,
             "not-supported",
             f"PATCH is not supported for {handler.resource_type}.",
-            headers={"Allow": ", ".join(_with_head(_allowed_instance_methods(handler)))},
+            headers={"Allow": ", ".join(_allowed_instance_methods(handler))},
         )
     media_type, version = patching.patch_format(
         ctx.request.headers.get("Content-Type", ""), default_version=ctx.version
@@ -1050,7 +1046,7 @@ def _search(
     ctx: FhirRequest, handler: ResourceHandler, params: dict[str, list[str]]
 ) -> HttpResponse:
     assert handler.search is not None and ctx.user is not None
-    strict = "handling=strict" in ctx.request.headers.get("Prefer", "").replace(" ", "")
+    strict = _strict(ctx.request)
     count, offset = _paging({k: v[-1] for k, v in params.items() if v})
     total_mode = (params.get("_total") or ["accurate"])[-1] or "accurate"
     if total_mode not in {"none", "estimate", "accurate"}:
@@ -1184,12 +1180,22 @@ def _search(
     audit_resources(
         ctx.request, ctx.user, AuditAction.READ, seen, f"fhir search {handler.resource_type}"
     )
+    _name_ignored(response, ignored)
+    return response
+
+
+def _strict(request: HttpRequest) -> bool:
+    """``Prefer: handling=strict``: unknown parameters are refused, not ignored."""
+    return "handling=strict" in request.headers.get("Prefer", "").replace(" ", "")
+
+
+def _name_ignored(response: HttpResponseBase, ignored: list[str]) -> None:
+    """``X-FHIR-Ignored-Parameters``: the names as sent, percent-encoded where a header
+    may not carry them (a newline)."""
     if ignored:
-        # Names as sent, percent-encoded where a header may not carry them (a newline).
         response["X-FHIR-Ignored-Parameters"] = ",".join(
             quote(name, safe="!#$&'()*+-./:;<=>?@[]^_`{|}~ ") for name in sorted(ignored)
         )
-    return response
 
 
 def _include_into(

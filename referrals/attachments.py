@@ -50,7 +50,7 @@ from accounts.models import User
 from core.errors import ApplicationError, Conflict, NotFound, PermissionDenied
 from core.values import declared_length
 from referrals.audit import audit_record
-from referrals.models import Attachment, AuditAction, Referral, state_text
+from referrals.models import Attachment, AuditAction, Referral
 from referrals.selectors import referral_visible
 from referrals.services import actor_sides
 from referrals.workflow import (
@@ -246,7 +246,7 @@ def attachment_upload(*, actor: User, referral_id: Any, upload: UploadedFile) ->
         )
     if referral.state in TERMINAL_STATES:
         raise Conflict(
-            f"Files cannot be added to a referral that is {state_text(referral.state)}.",
+            f"Files cannot be added to a referral that is {referral.get_state_display().lower()}.",
             code="attachments_closed",
             extra={"state": referral.state},
         )

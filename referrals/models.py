@@ -37,11 +37,6 @@ class ReferralState(models.TextChoices):
     COMPLETED = "completed", "Completed"
 
 
-def state_text(state: str) -> str:
-    """A state as a sentence names it ("information requested", not "info_requested")."""
-    return ReferralState(state).label.lower() if state in ReferralState.values else state
-
-
 class Priority(models.IntegerChoices):
     """Stored as a rank so that ``ORDER BY priority`` is stat > asap > urgent > routine and
     the worklist index serves the sort. The label is the FHIR request-priority code."""

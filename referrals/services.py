@@ -30,7 +30,6 @@ from referrals.models import (
     Referral,
     ReferralEvent,
     ReferralState,
-    state_text,
 )
 from referrals.notifications import notify_in_transaction, notify_transition_later
 from referrals.permissions import referral_experts_grant, referral_grants_revoke
@@ -525,7 +524,7 @@ def referral_transition(
         if referral.state not in transition.sources:
             raise _state_conflict(
                 referral,
-                f"Cannot {action.replace('_', ' ')} a referral that is {state_text(referral.state)}.",
+                f"Cannot {action.replace('_', ' ')} a referral that is {referral.get_state_display().lower()}.",
                 "transition_not_allowed",
             )
         data = parse_inputs(transition, inputs)
@@ -551,7 +550,7 @@ def referral_system_transition(
     if referral.state not in transition.sources:
         raise _state_conflict(
             referral,
-            f"Cannot {action.replace('_', ' ')} a referral that is {state_text(referral.state)}.",
+            f"Cannot {action.replace('_', ' ')} a referral that is {referral.get_state_display().lower()}.",
             "transition_not_allowed",
         )
     if transition.guard is not None:
@@ -813,7 +812,7 @@ def referral_message_post(
             raise PermissionDenied("Only the two parties of a referral may post messages.")
         if referral.state in TERMINAL_STATES:
             raise Conflict(
-                f"Messages cannot be posted on a referral that is {state_text(referral.state)}.",
+                f"Messages cannot be posted on a referral that is {referral.get_state_display().lower()}.",
                 code="transition_not_allowed",
             )
         if (

@@ -53,7 +53,7 @@ from registry.services import (
     facility_parent_changes_lock,
     facility_relink_country,
     facility_snapshot,
-    support_links_tier_problem,
+    support_links_upside_down,
 )
 from registry.text import search_key
 
@@ -1839,11 +1839,10 @@ class FacilityImport:
         import, as a move across a border without an agreement does."""
         if not self._retiered:
             return
-        facilities = Facility.objects.in_bulk(list(self._retiered))
-        for facility_id, (row, label) in self._retiered.items():
-            if problem := support_links_tier_problem(facilities[facility_id]):
-                self.report.add(ImportIssue(row, "tier", problem, label))
-                self._fatal = True
+        for facility_id, problem in support_links_upside_down(set(self._retiered)).items():
+            row, label = self._retiered[facility_id]
+            self.report.add(ImportIssue(row, "tier", problem, label))
+            self._fatal = True
 
 
 class _AnyOf(Lookup[object]):

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from django.db import connection, transaction
-from django.db.models import Q, QuerySet
+from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 
 from accounts.models import User
@@ -75,9 +75,9 @@ def facility_parent_changes_lock() -> None:
     transaction-scoped advisory lock). Two transactions that each add half of a loop (A
     under B, B under A) would each find no loop in what the other has not committed; this
     way the second waits, then reads the first's parent (READ COMMITTED: each statement
-    sees what was committed before it) and finds the loop. Registry edits are rare; only
-    those that set a parent take it (an import: for its whole run). Take it before any row
-    lock. SQLite runs one writer at a time anyway."""
+    sees what was committed before it) and finds the loop. Registry edits are rare: every
+    facility update takes it (an import: for its whole run; the admin: when it checks the
+    parent), always before any row lock. SQLite runs one writer at a time anyway."""
     if connection.vendor == "postgresql" and connection.in_atomic_block:
         with connection.cursor() as cursor:
             cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_PARENT_CHANGES_LOCK])
@@ -155,7 +155,7 @@ def _effective_links() -> QuerySet[SupportLink]:
     )
 
 
-def support_links_tier_problem(facility: Facility) -> str | None:
+def _support_links_tier_problem(facility: Facility) -> str | None:
     """One of ``facility``'s support links whose hub would be of a lower tier (a larger
     number) than its spoke with the facility at its (possibly new) tier, described."""
     links = (
@@ -167,11 +167,36 @@ def support_links_tier_problem(facility: Facility) -> str | None:
         hub_tier = facility.tier if link.hub_id == facility.pk else link.hub.tier
         spoke_tier = facility.tier if link.spoke_id == facility.pk else link.spoke.tier
         if hub_tier > spoke_tier:
-            return (
-                f"Support link #{link.pk} ({link}) would have its hub (tier {hub_tier}) below its "
-                f"spoke (tier {spoke_tier}): change or deactivate the link first."
-            )
+            return _upside_down_text(link, hub_tier, spoke_tier)
     return None
+
+
+def support_links_upside_down(facility_ids: Collection[int]) -> dict[int, str]:
+    """For facilities whose stored tiers just changed (an import, judged once all rows are
+    in): each one with a link in effect whose hub is now below its spoke, described (one
+    query, whatever the number of facilities)."""
+    links = (
+        _effective_links()
+        .select_related("hub", "spoke")
+        .filter(Q(hub_id__in=facility_ids) | Q(spoke_id__in=facility_ids))
+        .filter(hub__tier__gt=F("spoke__tier"))
+        .order_by("id")
+    )
+    found: dict[int, str] = {}
+    for link in links:
+        for facility_id in (link.hub_id, link.spoke_id):
+            if facility_id in facility_ids:
+                found.setdefault(
+                    facility_id, _upside_down_text(link, link.hub.tier, link.spoke.tier)
+                )
+    return found
+
+
+def _upside_down_text(link: SupportLink, hub_tier: int, spoke_tier: int) -> str:
+    return (
+        f"Support link #{link.pk} ({link}) would have its hub (tier {hub_tier}) below its "
+        f"spoke (tier {spoke_tier}): change or deactivate the link first."
+    )
 
 
 def facility_tier_problem(facility: Facility) -> str | None:
@@ -182,7 +207,7 @@ def facility_tier_problem(facility: Facility) -> str | None:
     stored = Facility.objects.filter(pk=facility.pk).values_list("tier", flat=True).first()
     if stored is None or stored == facility.tier:
         return None
-    return support_links_tier_problem(facility)
+    return _support_links_tier_problem(facility)
 
 
 def facility_relink_country(facility: Facility) -> None:
@@ -308,7 +333,7 @@ def facility_update(
     facility.province = area_province(facility.area)
     facility.full_clean(exclude=["search_name"])
     _check_facility(facility)
-    if problem := facility_tier_problem(facility):
+    if facility.tier != before["tier"] and (problem := _support_links_tier_problem(facility)):
         raise Conflict(problem, code="hub_below_spoke")
     if facility.country_id != before["country_id"]:
         facility_relink_country(facility)

@@ -280,6 +280,20 @@ def test_a_retry_is_answered_with_the_first_whatever_its_subject(world: World) -
     for headers in ({}, condition):
         response = world.r4.post("/fhir/ServiceRequest", retry, **headers)
         assert response.status_code == 200, response.content
+    bundle = transaction(world, "SR-Q1")  # the same retry as a transaction without its Patient
+    bundle["entry"] = [e for e in bundle["entry"] if e["resource"]["resourceType"] != "Patient"]
+    bundle["entry"][0]["resource"]["subject"] = {"reference": "Patient/made-before-the-rule"}
+    bundle["entry"][1]["resource"].pop("for")
+    again = world.r4.post("/fhir", bundle)
+    assert again.status_code == 200, again.content
+    assert Referral.objects.count() == 1
+    fresh = transaction(world, "SR-Q2")  # not a retry: refused
+    fresh["entry"] = [e for e in fresh["entry"] if e["resource"]["resourceType"] != "Patient"]
+    fresh["entry"][0]["resource"]["subject"] = {"reference": "Patient/made-before-the-rule"}
+    fresh["entry"][1]["resource"].pop("for")
+    refused = world.r4.post("/fhir", fresh)
+    assert refused.status_code == 422
+    assert outcome_issue(refused)["expression"] == ["ServiceRequest.subject"]
     assert Referral.objects.count() == 1
 
 
