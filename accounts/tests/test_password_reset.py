@@ -114,15 +114,24 @@ def test_a_reset_by_the_owner_leaves_a_guessers_lockout_alone(settings) -> None:
     assert owner.post("/accounts/login/", {"username": "clin", "password": NEW}).status_code == 302
 
 
-def test_guessing_the_old_password_on_the_change_page_ends_the_session(settings) -> None:
+WRONG_OLD = {"old_password": "guess", "new_password1": NEW, "new_password2": NEW}
+
+
+def _one_guess_short_of_the_limit(settings) -> tuple[User, Client]:
+    """A signed-in session that gave a wrong old password LOGIN_FAILURE_LIMIT - 1 times,
+    each answered with the form again."""
     user = User.objects.create_user(username="clin", password=PASSWORD)
     client = Client()
     client.force_login(user)
-    wrong = {"old_password": "guess", "new_password1": NEW, "new_password2": NEW}
     for _ in range(settings.AXES_FAILURE_LIMIT - 1):
-        assert client.post("/accounts/password_change/", wrong).status_code == 200
+        assert client.post("/accounts/password_change/", WRONG_OLD).status_code == 200
+    return user, client
 
-    ended = client.post("/accounts/password_change/", wrong)
+
+def test_guessing_the_old_password_on_the_change_page_ends_the_session(settings) -> None:
+    user, client = _one_guess_short_of_the_limit(settings)
+
+    ended = client.post("/accounts/password_change/", WRONG_OLD)
 
     assert ended.status_code == 302 and ended["Location"] == "/accounts/login/"
     assert "_auth_user_id" not in client.session
@@ -131,12 +140,7 @@ def test_guessing_the_old_password_on_the_change_page_ends_the_session(settings)
 
 
 def test_a_right_old_password_clears_the_count(settings) -> None:
-    user = User.objects.create_user(username="clin", password=PASSWORD)
-    client = Client()
-    client.force_login(user)
-    wrong = {"old_password": "guess", "new_password1": NEW, "new_password2": NEW}
-    for _ in range(settings.AXES_FAILURE_LIMIT - 1):
-        client.post("/accounts/password_change/", wrong)
+    _user, client = _one_guess_short_of_the_limit(settings)
     right = {"old_password": PASSWORD, "new_password1": NEW, "new_password2": NEW}
     assert client.post("/accounts/password_change/", right).status_code == 302
 
