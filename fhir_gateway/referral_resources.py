@@ -1098,7 +1098,7 @@ def _message_post(user: User, referral: Referral, text: str, answered: int | Non
             referral = _transition(user, referral, "provide_info", None, text=text)
             pk = _latest_payload(referral, "message_id")
         else:
-            referral, message = referral_message_post(
+            referral, message, _created = referral_message_post(
                 actor=user, referral_id=referral.pk, text=text, in_response_to_id=answered
             )
             pk = message.pk

@@ -288,9 +288,19 @@ class Message(models.Model):
         "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="responses"
     )
     created_at = models.DateTimeField(default=timezone.now)
+    # Set by the web form when it is shown: the same form posted twice (a double click, a
+    # reload that re-posts, a retry on a bad connection) finds the first message.
+    client_key = models.CharField(max_length=64, blank=True, default="")
 
     class Meta:
         ordering = ["referral", "created_at", "id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["referral", "author", "client_key"],
+                condition=~models.Q(client_key=""),
+                name="message_client_key_once",
+            )
+        ]
 
     def __str__(self) -> str:
         return f"{self.referral_id}: message {self.pk}"

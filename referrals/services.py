@@ -789,10 +789,20 @@ referral_counter_refer = _wrapper("counter_refer")
 
 
 def referral_message_post(
-    *, actor: User, referral_id: int, text: str, in_response_to_id: int | None = None
-) -> tuple[Referral, Message]:
+    *,
+    actor: User,
+    referral_id: int,
+    text: str,
+    in_response_to_id: int | None = None,
+    client_key: str = "",
+) -> tuple[Referral, Message, bool]:
     """A message between the two parties that changes no state (no event). Either side of
-    a referral that is not finished may post; 404 outside the caller's scope."""
+    a referral that is not finished may post; 404 outside the caller's scope.
+
+    ``client_key`` (the web form's token): the same key from the same author on the same
+    referral answers the first message (``created`` False) instead of posting it again."""
+    if len(client_key) > 64:
+        raise ApplicationError("A message key has at most 64 characters.", code="invalid")
     text = text.strip() if isinstance(text, str) else ""
     if not text:
         raise ApplicationError("A message needs a text.", code="invalid")
@@ -810,6 +820,13 @@ def referral_message_post(
             raise NotFound("No such referral.") from exc
         if not actor_sides(actor, referral):
             raise PermissionDenied("Only the two parties of a referral may post messages.")
+        if client_key:
+            # Under the referral's row lock: a second post with the key waits for the first.
+            earlier = Message.objects.filter(
+                referral=referral, author=actor, client_key=client_key
+            ).first()
+            if earlier is not None:
+                return referral, earlier, False
         if referral.state in TERMINAL_STATES:
             raise Conflict(
                 f"Messages cannot be posted on a referral that is {referral.get_state_display().lower()}.",
@@ -821,9 +838,13 @@ def referral_message_post(
         ):
             raise ApplicationError("inResponseTo is not a message of this referral.")
         message = Message.objects.create(
-            referral=referral, author=actor, text=text, in_response_to_id=in_response_to_id
+            referral=referral,
+            author=actor,
+            text=text,
+            in_response_to_id=in_response_to_id,
+            client_key=client_key,
         )
         from fhir_gateway.publish import message_posted
 
         message_posted(referral=referral, message=message)
-    return referral, message
+    return referral, message, True

@@ -80,6 +80,13 @@ FIELD_LABELS: dict[str, str] = {
     "outcome": "Close-out: is a transfer / face-to-face referral now avoided?",
     "clinical_question": "Clinical question",
 }
+
+# Help for people, where the workflow's help is written for API clients (ISO 8601, ids).
+FIELD_HELP: dict[str, str] = {
+    "scheduled_at": "In UTC, and in the future.",
+    "experts": "Consultants of this specialty to invite; hold Ctrl (⌘ on a Mac) to choose several.",
+    "video_url": "The link the participants open to join, e.g. https://meet.example.org/…",
+}
 ACTION_LABELS: dict[str, str] = {
     "accept": "Accept",
     "decline": "Decline",
@@ -373,7 +380,8 @@ def _choice_label(value: str, field: str = "") -> str:
 
 def _form_field(spec: InputField, referral: Referral, transition: Transition) -> forms.Field:
     label = FIELD_LABELS.get(spec.name, spec.name.replace("_", " ").capitalize())
-    common: dict[str, Any] = {"label": label, "required": spec.required, "help_text": spec.help}
+    help_text = FIELD_HELP.get(spec.name, spec.help)
+    common: dict[str, Any] = {"label": label, "required": spec.required, "help_text": help_text}
     if spec.kind == "text":
         return forms.CharField(
             max_length=MAX_TEXT, widget=forms.Textarea(attrs={"rows": 4, "cols": 60}), **common
@@ -385,7 +393,7 @@ def _form_field(spec: InputField, referral: Referral, transition: Transition) ->
         return forms.ChoiceField(choices=choices, **common)
     if spec.kind == "bool":
         # A checkbox: unticked is an answer (False), so it is never "required".
-        return forms.BooleanField(label=label, required=False, help_text=spec.help)
+        return forms.BooleanField(label=label, required=False, help_text=help_text)
     if spec.kind == "datetime":
         return forms.DateTimeField(
             widget=forms.DateTimeInput(attrs={"type": "datetime-local"}, format="%Y-%m-%dT%H:%M"),
@@ -468,6 +476,7 @@ def _render_detail(
     error: str | None = None,
     status: int = 200,
     message_text: str = "",
+    message_key: str = "",
 ) -> HttpResponse:
     forms_by_action = []
     for action in services.referral_available_actions(user, referral):
@@ -490,6 +499,8 @@ def _render_detail(
         "action_forms": forms_by_action,
         "error": error,
         "message_text": message_text,
+        # A new token per page shown; a refused message keeps its own (nothing was stored).
+        "message_key": message_key or uuid.uuid4().hex,
         "now": timezone.now(),
     }
     audit_record(request, AuditAction.READ, [referral.pk])
@@ -568,8 +579,11 @@ def referral_message(request: HttpRequest, pk: int) -> HttpResponse:
             reverse("web-referral-detail", args=[pk]) + "#messages", status=303
         )
     text = str(request.POST.get("text", ""))
+    key = str(request.POST.get("client_key", "")).strip()
     try:
-        services.referral_message_post(actor=user, referral_id=referral.pk, text=text)
+        _referral, _message, created = services.referral_message_post(
+            actor=user, referral_id=referral.pk, text=text, client_key=key
+        )
     except NotFound as exc:
         raise Http404(exc.message) from exc
     except ApplicationError as exc:
@@ -580,7 +594,11 @@ def referral_message(request: HttpRequest, pk: int) -> HttpResponse:
             error=exc.message,
             status=exc.status_code,
             message_text=text,  # what was typed is not lost
+            message_key=key,
         )
-    audit_record(request, AuditAction.CREATE, [referral.pk], object_type="message")
-    messages.success(request, "Message sent.")
+    if not created:  # the same form posted again (double click, reload, retry)
+        messages.info(request, "This message was already sent; it was not sent again.")
+    else:
+        audit_record(request, AuditAction.CREATE, [referral.pk], object_type="message")
+        messages.success(request, "Message sent.")
     return HttpResponseRedirect(reverse("web-referral-detail", args=[pk]) + "#messages", status=303)

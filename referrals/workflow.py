@@ -312,7 +312,7 @@ TRANSITIONS: tuple[Transition, ...] = (
         S.ACCEPTED,
         ActorSide.REQUESTER,
         REQUESTER_OR_SYSTEM_ROLES,
-        inputs=(InputField("text", "text"),),
+        inputs=(InputField("text", "text", help="The answer to the question."),),
         records="event + Message (in response to the question)",
     ),
     Transition(
@@ -346,7 +346,7 @@ TRANSITIONS: tuple[Transition, ...] = (
         inputs=(
             InputField("minutes", "text"),
             InputField("disposition", "choice", choices=_choices(Disposition)),
-            InputField("text", "text", help="the advice"),
+            InputField("text", "text", help="The advice for the referring clinician."),
         ),
         records="event + ConsultNote with minutes",
     ),
@@ -358,7 +358,7 @@ TRANSITIONS: tuple[Transition, ...] = (
         ASSIGNEE_OR_SYSTEM_ROLES,
         inputs=(
             InputField("disposition", "choice", choices=_choices(Disposition)),
-            InputField("text", "text", help="the advice"),
+            InputField("text", "text", help="The advice for the referring clinician."),
         ),
         records="event + ConsultNote",
         description="Asynchronous advice (e-consult).",

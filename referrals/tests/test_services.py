@@ -249,6 +249,33 @@ def test_twenty_parallel_accepts_exactly_one_wins(world: World) -> None:
 
 
 @pytest.mark.django_db(transaction=True)
+def test_parallel_posts_of_one_message_form_post_it_once(world: World) -> None:
+    referral = world.submit()
+    barrier = threading.Barrier(8)
+    created: list[bool] = []
+    lock = threading.Lock()
+
+    def post() -> None:
+        try:
+            barrier.wait()
+            _, _message, was_created = services.referral_message_post(
+                actor=world.referrer, referral_id=referral.pk, text="Weight?", client_key="k"
+            )
+            with lock:
+                created.append(was_created)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=post) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sorted(created) == [False] * 7 + [True]
+    assert list(referral.messages.values_list("text", "client_key")) == [("Weight?", "k")]
+
+
+@pytest.mark.django_db(transaction=True)
 def test_parallel_identical_submissions_create_one_referral(world: World) -> None:
     barrier = threading.Barrier(10)
     created: list[bool] = []

@@ -67,6 +67,15 @@ def test_home_links_by_role(world: World) -> None:
     assert "/referrals/" not in body
 
 
+def test_outgoing_page_of_a_user_without_facility_says_why_it_is_empty(world: World) -> None:
+    world.referrer.facility = None
+    world.referrer.save()
+    body = client_for(world.referrer).get("/referrals/outgoing/").content.decode()
+    assert 'id="no-facility"' in body and "<table" not in body
+    body = client_for(world.consultant).get("/referrals/outgoing/").content.decode()
+    assert 'id="no-facility"' not in body and "Referrals sent by Central Children" in body
+
+
 def test_pages_need_a_login(world: World) -> None:
     referral = world.submit()
     for url in ("/", "/referrals/new/", "/referrals/outgoing/", f"/referrals/{referral.pk}/"):
@@ -504,6 +513,66 @@ def test_a_refused_message_keeps_what_was_typed(world: World) -> None:
     assert response.status_code == 400
     assert f">{text}</textarea>" in response.content.decode()
     assert not referral.messages.exists()
+
+
+def _message_key(page: str) -> str:
+    return page.split('name="client_key" value="')[1].split('"')[0]
+
+
+def test_a_message_form_posted_twice_sends_one_message(world: World) -> None:
+    """A double click or a reload that re-posts the form: the second post finds the first
+    message; the next form shown carries a new key, so a new message is sent."""
+    referral = world.submit()
+    client = client_for(world.referrer)
+    key = _message_key(client.get(f"/referrals/{referral.pk}/").content.decode())
+    form = {"text": "X-ray attached.", "client_key": key}
+
+    first = client.post(f"/referrals/{referral.pk}/messages/", form, follow=True)
+    second = client.post(f"/referrals/{referral.pk}/messages/", form, follow=True)
+
+    assert first.status_code == second.status_code == 200
+    assert "Message sent." in first.content.decode()
+    assert "already sent; it was not sent again" in second.content.decode()
+    assert list(referral.messages.values_list("text", flat=True)) == ["X-ray attached."]
+    assert AuditEntry.objects.filter(object_type="message").count() == 1
+    next_key = _message_key(second.content.decode())
+    assert next_key != key
+    client.post(
+        f"/referrals/{referral.pk}/messages/", {"text": "X-ray attached.", "client_key": next_key}
+    )
+    assert referral.messages.count() == 2
+    # The key is the author's own: the other side's message with the same key is its own.
+    other = client_for(world.consultant)
+    assert (
+        other.post(
+            f"/referrals/{referral.pk}/messages/", {"text": "Seen.", "client_key": key}
+        ).status_code
+        == 303
+    )
+    assert referral.messages.count() == 3
+
+
+def test_schedule_form_explains_its_fields_to_people(world: World) -> None:
+    referral = world.referral_in("accepted")
+    page = client_for(world.consultant).get(f"/referrals/{referral.pk}/").content.decode()
+    form = page.split('id="action-schedule"')[1].split("</form>")[0]
+    assert "In UTC, and in the future." in form and "hold Ctrl" in form
+    assert "ISO 8601" not in form and "user ids" not in form
+
+
+def test_a_refused_message_keeps_its_key(world: World) -> None:
+    referral = world.submit()
+    client = client_for(world.referrer)
+    response = client.post(
+        f"/referrals/{referral.pk}/messages/", {"text": " ", "client_key": "k-1"}
+    )
+    assert response.status_code == 400
+    assert _message_key(response.content.decode()) == "k-1"
+    assert not referral.messages.exists()
+    too_long = client.post(
+        f"/referrals/{referral.pk}/messages/", {"text": "hi", "client_key": "k" * 65}
+    )
+    assert too_long.status_code == 400 and not referral.messages.exists()
 
 
 def test_an_action_with_no_department_to_choose_is_not_offered(world: World) -> None:
