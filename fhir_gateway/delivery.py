@@ -6,6 +6,9 @@ one message (``SELECT ... FOR UPDATE SKIP LOCKED``), sends it outside any transa
 records the outcome; a message whose worker died stays ``in_flight`` until its lease expires
 and is then claimed again. Messages of one aggregate go out in ``seq`` order; each carries
 its idempotency key, so a member that saw a request whose answer we lost applies it once.
+An aggregate is what one endpoint hears about one subject (``endpoint_aggregate``): each
+member gets a referral's updates in order, and one member's outage or dead message never
+holds the other member's.
 
 Two paths claim messages: ``outbox_deliver`` (task ``deliver_outbox``), the on-commit
 hand-off of one message; and ``outbox_drain`` (task ``outbox_drain``, run by beat every
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import heapq
 import itertools
 import json
@@ -33,6 +37,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -42,7 +47,7 @@ from urllib.parse import urlsplit
 import urllib3
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Exists, F, OuterRef, Q
+from django.db.models import Exists, F, Max, OuterRef, Q
 from django.utils import timezone
 from kombu.exceptions import OperationalError as BrokerError
 
@@ -286,12 +291,7 @@ def outbox_enqueue(
         raise ValueError("give exactly one of version_id and payload")
     if payload is not None and payload_fhir_version not in SUPPORTED_VERSIONS:
         raise ValueError("a payload needs payload_fhir_version 4.0 or 5.0")
-    if connection.vendor == "postgresql":
-        # Serialises seq assignment per aggregate (callers usually hold the row lock too).
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", [f"outbox:{aggregate_key}"]
-            )
+    _lock_aggregates([aggregate_key])  # callers usually hold the row lock too
     last = (
         OutboxMessage.objects.filter(aggregate_key=aggregate_key)
         .order_by("-seq")
@@ -315,75 +315,103 @@ def outbox_enqueue(
     return message
 
 
+def endpoint_aggregate(subject: str, endpoint_id: int) -> str:
+    """The ordering key of what one endpoint hears about one subject (``referral:12``):
+    order is kept per receiver, so one member's outage never holds another's updates."""
+    return f"{subject}:endpoint:{endpoint_id}"
+
+
+def _lock_aggregates(keys: list[str]) -> None:
+    """Serialise seq assignment per aggregate (one round trip, keys in one order: no
+    deadlock between two writers of the same keys)."""
+    if connection.vendor == "postgresql" and keys:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended('outbox:' || k, 0)) "
+                "FROM unnest(%s::text[]) AS k ORDER BY k",
+                [sorted(set(keys))],
+            )
+
+
 def outbox_enqueue_versions(
     *,
     aggregate_key: str,
     items: list[tuple[Endpoint, FhirResource]],
     new_aggregate: bool = False,
 ) -> list[int]:
-    """Several stored versions at the end of one aggregate, in order: one lock, one seq
-    query, one INSERT, one scheduled task (each delivery schedules the next of its
-    aggregate); returns the new messages' ids. Same contract as ``outbox_enqueue``; idempotency key
-    ``<type>-<id>-<version>-<endpoint>``. ``new_aggregate=True`` when the aggregate was
+    """Several stored versions at the end of their aggregates, in order: one lock, one seq
+    query, one INSERT, one scheduled task per aggregate (each delivery schedules the next
+    of its aggregate); returns the new messages' ids. ``aggregate_key`` names the subject
+    (``referral:12``); each endpoint's messages are an aggregate of their own
+    (``endpoint_aggregate``). Same contract as ``outbox_enqueue``; idempotency key
+    ``<type>-<id>-<version>-<endpoint>``. ``new_aggregate=True`` when the subject was
     created in this transaction (seq starts at 1: no lock, no seq query; the unique
     (aggregate, seq) constraint still guards)."""
     if not connection.in_atomic_block:
         raise RuntimeError("outbox_enqueue must run inside the transaction of the change.")
     if not items:
         return []
-    last = 0
+    last: dict[str, int] = {}
     if not new_aggregate:
-        if connection.vendor == "postgresql":
-            with connection.cursor() as cursor:
-                cursor.execute(
-                    "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
-                    [f"outbox:{aggregate_key}"],
-                )
-        last = (
-            OutboxMessage.objects.filter(aggregate_key=aggregate_key)
-            .order_by("-seq")
-            .values_list("seq", flat=True)
-            .first()
-        ) or 0
+        keys = sorted({endpoint_aggregate(aggregate_key, e.pk) for e, _row in items})
+        _lock_aggregates(keys)
+        last = dict(
+            OutboxMessage.objects.filter(aggregate_key__in=keys)
+            .values("aggregate_key")
+            .annotate(last=Max("seq"))
+            .values_list("aggregate_key", "last")
+        )
+    rows = outbox_rows(aggregate_key, items, last)
     # One multi-row INSERT (core.rows.insert_rows): bulk_create built a model instance per
     # message and compiled its statement each time (~0.5 ms of a submission's ~9).
-    ids = insert_rows(OutboxMessage, outbox_rows(aggregate_key, items, last), returning_ids=True)
-    outbox_scheduled(ids)
+    ids = insert_rows(OutboxMessage, rows, returning_ids=True)
+    outbox_scheduled(ids, rows)
     return ids
 
 
 def outbox_rows(
-    aggregate_key: str, items: list[tuple[Endpoint, FhirResource]], last: int = 0
+    aggregate_key: str,
+    items: list[tuple[Endpoint, FhirResource]],
+    last: Mapping[str, int] | None = None,
 ) -> list[dict[str, Any]]:
-    """The messages ``outbox_enqueue_versions`` inserts after ``last`` (0: a new aggregate),
-    for a caller inserting them with other rows (``core.rows.insert_many``), which then
-    calls ``outbox_scheduled`` with their ids. Inside the transaction of the change."""
+    """The messages ``outbox_enqueue_versions`` inserts, each endpoint's after its
+    aggregate's ``last`` seq (none: a new subject), for a caller inserting them with other
+    rows (``core.rows.insert_many``), which then calls ``outbox_scheduled`` with their ids.
+    Inside the transaction of the change."""
     if not connection.in_atomic_block:
         raise RuntimeError("outbox_enqueue must run inside the transaction of the change.")
     now = timezone.now()
-    return [
-        {
-            "endpoint_id": endpoint.pk,
-            "aggregate_key": aggregate_key,
-            "seq": last + offset,
-            "resource_type": row.resource_type,
-            "logical_id": row.logical_id,
-            "version_id": row.version_id,
-            "idempotency_key": f"{row.resource_type}-{row.logical_id}-{row.version_id}-{endpoint.pk}",
-            "next_attempt_at": now,
-            "created_at": now,
-        }
-        for offset, (endpoint, row) in enumerate(items, start=1)
-    ]
+    seqs = dict(last or {})
+    rows = []
+    for endpoint, row in items:
+        key = endpoint_aggregate(aggregate_key, endpoint.pk)
+        seqs[key] = seqs.get(key, 0) + 1
+        rows.append(
+            {
+                "endpoint_id": endpoint.pk,
+                "aggregate_key": key,
+                "seq": seqs[key],
+                "resource_type": row.resource_type,
+                "logical_id": row.logical_id,
+                "version_id": row.version_id,
+                "idempotency_key": f"{row.resource_type}-{row.logical_id}-{row.version_id}-{endpoint.pk}",
+                "next_attempt_at": now,
+                "created_at": now,
+            }
+        )
+    return rows
 
 
-def outbox_scheduled(ids: list[int]) -> None:
-    """Hand the first of an aggregate's new messages to a worker once committed (each
-    delivery schedules the next of its aggregate)."""
-    if ids:
-        head = ids[0]
+def outbox_scheduled(ids: list[int], rows: list[dict[str, Any]]) -> None:
+    """Hand the first new message of each aggregate (``rows``, in the order of their
+    ``ids``) to a worker once committed (each delivery schedules the next of its
+    aggregate)."""
+    heads: dict[str, int] = {}
+    for pk, row in zip(ids, rows, strict=True):
+        heads.setdefault(row["aggregate_key"], pk)
+    for head in heads.values():
         # Off the request thread (core.dispatch): the caller does not wait for the broker.
-        transaction.on_commit(lambda: send_later(schedule_delivery, head))
+        transaction.on_commit(functools.partial(send_later, schedule_delivery, head))
 
 
 def schedule_delivery(message_id: int) -> None:
@@ -1008,7 +1036,7 @@ def outbox_replay(*, message_id: int) -> OutboxMessage | None:
     It gets a new idempotency key (the member saw the old one and would ignore it). None
     (nothing queued) when the message was not delivered, when its endpoint is not active
     (the replay could not be sent, and would hold back the referral's later messages to
-    both parties), or when a newer version of the resource was queued for that endpoint
+    that endpoint), or when a newer version of the resource was queued for that endpoint
     since (sent after it, the old version would set the member back).
     """
     with transaction.atomic():

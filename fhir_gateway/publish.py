@@ -52,6 +52,8 @@ def _collect(rows: list[FhirResource]) -> list[FhirResource]:
 
 
 def aggregate_key(referral: Referral) -> str:
+    """The referral's outbox subject; each endpoint's messages about it are ordered apart
+    (``delivery.endpoint_aggregate``)."""
     return f"referral:{referral.pk}"
 
 
@@ -221,7 +223,7 @@ def referral_changed(*, referral: Referral, event: ReferralEvent) -> list[FhirRe
         version_ids, outbox_ids, _ = insert_many(
             [(FhirResource, values, True), (OutboxMessage, outbox, True), (FeedEvent, feed, False)]
         )
-        outbox_scheduled(outbox_ids)
+        outbox_scheduled(outbox_ids, outbox)
         return _collect(stored_rows(pending, version_ids))
     ids = [(r[m.R4]["resourceType"], r[m.R4]["id"]) for r in (patient, order)]
     hashes = _current_hashes(referral, ids)

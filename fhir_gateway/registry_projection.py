@@ -11,13 +11,16 @@ the registry become deletions. The beat task ``project_registry_task`` runs it e
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.db import transaction
+from django.conf import settings
+from django.db import connection, transaction
 from django.db.models import Model, QuerySet
 from django.utils import timezone
 
@@ -383,11 +386,60 @@ CHECKPOINT = f"registry@{RENDERING_REVISION}"
 _OVERLAP = timedelta(minutes=2)
 
 
-def project_registry_incremental() -> ProjectionReport:
-    """What the beat task runs: changes since the last run (minus an overlap)."""
-    started = timezone.now()
-    checkpoint = ProjectionCheckpoint.objects.filter(name=CHECKPOINT).first()
-    since = checkpoint.watermark - _OVERLAP if checkpoint else None
-    report = project_registry(since)
-    ProjectionCheckpoint.objects.update_or_create(name=CHECKPOINT, defaults={"watermark": started})
-    return report
+# pg_advisory_lock key: one projection run at a time (a session lock: a run commits
+# once per changed row). Arbitrary constant, distinct from registry.services'.
+_PROJECTION_LOCK = 0x7265_6770_726A  # "regprj"
+
+
+@contextlib.contextmanager
+def projection_lock(*, wait: bool) -> Iterator[bool]:
+    """Hold the one-run-at-a-time lock of the registry projection; yields False (and holds
+    nothing) when ``wait`` is False and another run holds it. Two overlapping runs (beat's
+    next while the first, slow one was still going, found by an operator) stored the same
+    content twice as new versions and held two worker slots. PostgreSQL: a session
+    advisory lock, across machines; SQLite (the embedded demo): a file lock under VAR_DIR,
+    across the processes of this machine."""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            if wait:
+                cursor.execute("SELECT pg_advisory_lock(%s)", [_PROJECTION_LOCK])
+                got = True
+            else:
+                cursor.execute("SELECT pg_try_advisory_lock(%s)", [_PROJECTION_LOCK])
+                got = bool(cursor.fetchone()[0])
+        try:
+            yield got
+        finally:
+            if got:
+                with connection.cursor() as cursor:
+                    cursor.execute("SELECT pg_advisory_unlock(%s)", [_PROJECTION_LOCK])
+        return
+    path = settings.VAR_DIR / "registry-projection.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def project_registry_incremental() -> ProjectionReport | None:
+    """What the beat task runs: changes since the last run (minus an overlap). None (and
+    nothing done) while another run is still going: the next beat run takes over."""
+    with projection_lock(wait=False) as got:
+        if not got:
+            logger.info("registry projection still running elsewhere; this run skipped")
+            return None
+        started = timezone.now()
+        checkpoint = ProjectionCheckpoint.objects.filter(name=CHECKPOINT).first()
+        since = checkpoint.watermark - _OVERLAP if checkpoint else None
+        report = project_registry(since)
+        ProjectionCheckpoint.objects.update_or_create(
+            name=CHECKPOINT, defaults={"watermark": started}
+        )
+        return report

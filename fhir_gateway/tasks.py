@@ -40,8 +40,12 @@ def intake_drain_task(max_seconds: float | None = DRAIN_BEAT_SECONDS) -> int:
 
 
 @shared_task(name="fhir_gateway.project_registry", ignore_result=True)
-def project_registry_task() -> dict[str, dict[str, int]]:
+def project_registry_task() -> dict[str, dict[str, int]] | None:
+    """Beat's registry projection; skipped (None) while an earlier run still holds the
+    lock (``registry_projection.projection_lock``)."""
     report = project_registry_incremental()
+    if report is None:
+        return None
     return {"created": report.created, "updated": report.updated, "deleted": report.deleted}
 
 

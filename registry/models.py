@@ -322,8 +322,9 @@ class Endpoint(models.Model):
     """A member hospital system's FHIR base URL."""
 
     class FhirVersion(models.TextChoices):
+        # The versions the gateway sends (R4B, 4.3, was listed once: an endpoint saved with
+        # it got nothing but dead messages; rows stored with it still are dead-lettered).
         R4 = "4.0", "R4 (4.0.1)"
-        R4B = "4.3", "R4B (4.3.0)"
         R5 = "5.0", "R5 (5.0.0)"
 
     class Status(models.TextChoices):

@@ -252,8 +252,14 @@ CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
         "schedule": 10.0,
         "options": {"expires": 30.0},
     },
-    # FHIR gateway: registry -> stored mCSD resources (new versions only on change).
-    "fhir-project-registry": {"task": "fhir_gateway.project_registry", "schedule": 60.0},
+    # FHIR gateway: registry -> stored mCSD resources (new versions only on change). One
+    # run at a time (a run that finds the lock taken does nothing); a run left queued
+    # while the workers were down expires unrun.
+    "fhir-project-registry": {
+        "task": "fhir_gateway.project_registry",
+        "schedule": 60.0,
+        "options": {"expires": 50.0},
+    },
     # Referrals: deadline notices, then re-route/expire; re-route recent declines.
     "referrals-escalate": {"task": "referrals.tasks.referrals_escalate", "schedule": 60.0},
 }

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import types
 from datetime import timedelta
 
 import pytest
@@ -579,3 +581,111 @@ def test_a_base_url_that_is_no_http_url_is_dead_at_once(base_url):
     message.refresh_from_db()
     assert message.status == Status.DEAD
     assert "is not an http(s) URL" in message.last_error
+
+
+def test_one_members_dead_endpoint_holds_none_of_the_other_members_updates(db, stub_member):
+    """Both parties of a referral hear each change; order is kept per receiver. The
+    requester's endpoint answers 503 until its messages are dead: the consultant side's
+    messages about the same referral all go out, in order; the requester's follow in
+    order once a person retries the dead one (found by an operator: one hospital's outage
+    held the other's updates)."""
+    down = stub_member([503] * 4)
+    up = stub_member()
+    requester = EndpointFactory.create(base_url=down.base_url)
+    consultant = EndpointFactory.create(base_url=up.base_url)
+    rows = [_resource(f"c{i}") for i in range(3)]
+    with transaction.atomic():
+        delivery.outbox_enqueue_versions(
+            aggregate_key="referral:9",
+            items=[(e, row) for row in rows for e in (requester, consultant)],
+        )
+
+    _drain()  # four attempts at the requester's first message: dead
+    _drain()
+
+    by_endpoint = {
+        e.pk: list(OutboxMessage.objects.filter(endpoint=e).order_by("seq"))
+        for e in (requester, consultant)
+    }
+    assert [m.status for m in by_endpoint[consultant.pk]] == [Status.DELIVERED] * 3
+    assert [m.status for m in by_endpoint[requester.pk]] == [Status.DEAD] + [Status.PENDING] * 2
+    keys = {m.idempotency_key: m.logical_id for ms in by_endpoint.values() for m in ms}
+    assert [keys[k] for k in up.applied] == ["c0", "c1", "c2"]
+    assert down.applied == []
+
+    assert outbox_retry(message_id=by_endpoint[requester.pk][0].pk)
+    _drain()
+    assert [keys[k] for k in down.applied] == ["c0", "c1", "c2"]
+    assert set(OutboxMessage.objects.values_list("status", flat=True)) == {Status.DELIVERED}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_enqueue_numbers_each_endpoints_messages_after_its_own(stub_member):
+    """A second change about the same referral continues each endpoint's sequence."""
+    first, second = EndpointFactory.create(), EndpointFactory.create()
+    for batch in (["a0"], ["a1", "a2"]):
+        rows = [_resource(n) for n in batch]
+        with transaction.atomic():
+            delivery.outbox_enqueue_versions(
+                aggregate_key="referral:5",
+                items=[(e, row) for row in rows for e in (first, second)],
+                new_aggregate=batch == ["a0"],
+            )
+    for endpoint in (first, second):
+        assert list(
+            OutboxMessage.objects.filter(endpoint=endpoint)
+            .order_by("seq")
+            .values_list("aggregate_key", "seq", "logical_id")
+        ) == [(f"referral:5:endpoint:{endpoint.pk}", n + 1, f"a{n}") for n in range(3)]
+
+
+def test_migration_moves_stored_messages_to_their_endpoints_aggregates(db):
+    """0010: messages stored under the old one-per-referral key are renumbered per endpoint
+    in their old order; messages already under an endpoint's key are left alone."""
+    from django.apps import apps
+    from django.db import connection
+
+    migration = importlib.import_module("fhir_gateway.migrations.0010_outbox_order_per_endpoint")
+    first, second = EndpointFactory.create(), EndpointFactory.create()
+    rows = [_resource(f"m{i}") for i in range(4)]
+    with transaction.atomic():
+        for endpoint, row in [
+            (first, rows[0]),
+            (second, rows[0]),
+            (first, rows[1]),
+            (second, rows[2]),
+        ]:
+            outbox_enqueue(
+                endpoint=endpoint,
+                aggregate_key="referral:3",
+                resource_type=row.resource_type,
+                logical_id=row.logical_id,
+                version_id=row.version_id,
+                schedule=False,
+            )
+        kept = outbox_enqueue(
+            endpoint=first,
+            aggregate_key=f"referral:4:endpoint:{first.pk}",
+            resource_type="Communication",
+            logical_id=rows[3].logical_id,
+            version_id=rows[3].version_id,
+            schedule=False,
+        )
+    if connection.vendor == "postgresql":  # its SQL, through the migration's editor
+        with connection.schema_editor() as editor:
+            migration.split(apps, editor)
+    else:  # SQLite's editor cannot open inside the test's transaction; its path uses none
+        migration.split(apps, types.SimpleNamespace(connection=connection))
+
+    assert sorted(
+        OutboxMessage.objects.exclude(pk=kept.pk).values_list("aggregate_key", "seq", "logical_id")
+    ) == sorted(
+        [
+            (f"referral:3:endpoint:{first.pk}", 1, "m0"),
+            (f"referral:3:endpoint:{first.pk}", 2, "m1"),
+            (f"referral:3:endpoint:{second.pk}", 1, "m0"),
+            (f"referral:3:endpoint:{second.pk}", 2, "m2"),
+        ]
+    )
+    kept_after = OutboxMessage.objects.get(pk=kept.pk)
+    assert (kept_after.aggregate_key, kept_after.seq) == (kept.aggregate_key, 1)

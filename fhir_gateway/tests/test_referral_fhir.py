@@ -88,8 +88,13 @@ def test_transaction_enqueues_each_endpoint_in_its_version(world: World) -> None
     submit(world)
 
     referral = Referral.objects.get()
-    messages = list(OutboxMessage.objects.order_by("seq"))
-    assert {m.aggregate_key for m in messages} == {f"referral:{referral.pk}"}
+    messages = list(OutboxMessage.objects.order_by("endpoint_id", "seq"))
+    # Ordered per receiver: one endpoint's outage holds none of the other's messages.
+    assert {(m.aggregate_key, m.endpoint_id, m.seq) for m in messages} == {
+        (f"referral:{referral.pk}:endpoint:{e.pk}", e.pk, seq)
+        for e in (world.spoke_endpoint, world.hub_endpoint)
+        for seq in (1, 2, 3)
+    }
     assert [(x.endpoint_id, x.resource_type) for x in messages] == [
         (e.pk, t)
         for e in sorted([world.spoke_endpoint, world.hub_endpoint], key=lambda e: e.pk)

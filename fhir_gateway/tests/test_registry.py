@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+from collections.abc import Iterator
 from datetime import timedelta
 from urllib.parse import quote, urlsplit
 
+import psycopg
 import pytest
+from django.conf import settings
 from django.core.management import call_command
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
+from fhir_gateway import registry_projection
 from fhir_gateway.mcsd import facility_resources
 from fhir_gateway.models import FhirResource, ProjectionCheckpoint
 from fhir_gateway.registry_projection import (
@@ -163,6 +169,38 @@ def test_incremental_projection_uses_the_checkpoint(network):
     project_registry_incremental()
     assert _current("Organization", network.lao.pk).version_id == 2
     assert ProjectionCheckpoint.objects.get().watermark > checkpoint.watermark
+
+
+@contextlib.contextmanager
+def _projection_held_elsewhere() -> Iterator[None]:
+    """The projection lock held by someone else: another database session (PostgreSQL),
+    another open file (SQLite's file lock)."""
+    if connection.vendor == "postgresql":
+        params = connection.get_connection_params()
+        with psycopg.connect(**params, autocommit=True) as other:
+            other.execute("SELECT pg_advisory_lock(%s)", [registry_projection._PROJECTION_LOCK])
+            yield
+        return
+    path = settings.VAR_DIR / "registry-projection.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def test_a_projection_run_while_another_runs_does_nothing(network):
+    """Beat's next run while a slow first one still went stored the same content again as
+    new versions (found by an operator): a run that finds the lock taken skips."""
+    project_registry_incremental()
+    Facility.objects.filter(pk=network.lao.pk).update(name="Renamed", updated_at=timezone.now())
+    versions = FhirResource.objects.count()
+
+    with _projection_held_elsewhere():
+        assert project_registry_incremental() is None
+        assert FhirResource.objects.count() == versions
+
+    assert project_registry_incremental() is not None
+    assert _current("Organization", network.lao.pk).version_id == 2
 
 
 def test_deleted_department_becomes_a_deletion_version(fhir, network):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -1365,3 +1366,24 @@ def test_endpoint_and_support_link_put_reset_what_they_leave_out(world, steward_
     world.link.refresh_from_db()
     assert (world.link.active, world.link.agreement_reference) == (True, "")
     assert list(world.link.specialties.all()) == []
+
+
+def test_endpoint_refuses_a_fhir_version_the_gateway_does_not_send(world, steward_client):
+    """An endpoint saved with R4B (4.3) got nothing but dead messages (found by an
+    operator): 400 naming the field, nothing changed; the import says the same."""
+    url = f"{API}/endpoints/{world.endpoint.pk}/"
+    before = world.endpoint.fhir_version
+
+    response = steward_client.patch(url, {"fhir_version": "4.3"}, format="json")
+
+    assert response.status_code == 400
+    assert "fhir_version" in json.dumps(response.json())
+    world.endpoint.refresh_from_db()
+    assert world.endpoint.fhir_version == before
+    created = steward_client.post(
+        f"{API}/endpoints/",
+        {"facility": world.hub.pk, "base_url": "https://x.example.org/fhir", "fhir_version": "4.3"},
+        format="json",
+    )
+    assert created.status_code == 400
+    assert not Endpoint.objects.filter(base_url="https://x.example.org/fhir").exists()

@@ -4,7 +4,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandParser
 
-from fhir_gateway.registry_projection import project_registry
+from fhir_gateway.registry_projection import project_registry, projection_lock
 
 
 class Command(BaseCommand):
@@ -16,7 +16,11 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        report = project_registry(resource_types=options["types"])
+        with projection_lock(wait=False) as free:
+            if not free:
+                self.stderr.write("A projection run is going on; waiting for it to finish…")
+        with projection_lock(wait=True):
+            report = project_registry(resource_types=options["types"])
         for label, counts in (
             ("created", report.created),
             ("updated", report.updated),
