@@ -447,15 +447,18 @@ def _caller_facility(user: User) -> int:
 _PERSON_TYPES = frozenset({"Practitioner", "PractitionerRole", "Patient", "RelatedPerson"})
 
 
-def _check_requester(user: User, resource: dict[str, Any], where: str) -> None:
-    """The requesting facility is the caller's own: a requester that names another one is
+def _check_requester(
+    user: User, resource: dict[str, Any], where: str, element: str = "requester"
+) -> None:
+    """The requesting facility is the caller's own: a requester (or ``element``: a
+    Communication's sender) that names another one is
     refused (403), however it names it: ``Organization/<id>`` (relative, absolute,
     versioned), a logical ``identifier`` (our facility code or one of the facility's
     identifiers), a conditional reference ``Organization?identifier=<system>|<value>``, or
     a contained Organization with such an identifier. An Organization it names by none of
     these, or by an identifier we cannot tie to one facility, is 422: we cannot check it.
     A person of the sender (Practitioner, PractitionerRole) is accepted and not kept."""
-    value = resource.get("requester")
+    value = resource.get(element)
     if not isinstance(value, dict):
         return
     own = _caller_facility(user)
@@ -511,6 +514,28 @@ def _check_requester(user: User, resource: dict[str, Any], where: str) -> None:
     identifier = value.get("identifier")
     if isinstance(identifier, dict):
         _check_requester_identifiers(own, [identifier], where, "its identifier")
+
+
+def _check_subject(referral: Referral, resource: dict[str, Any], where: str) -> None:
+    """A message or document about a referral is about its patient: a ``subject`` that
+    references another Patient (or anything but a Patient) is 422, nothing stored — it
+    was filed on the referral and its subject silently rewritten, so a note written for
+    one child could end up on another's case. A subject without a reference (identifier
+    or display only) is not checked: it is replaced by the referral's patient."""
+    value = resource.get("subject")
+    reference = m.reference_of(value)
+    if not reference:
+        return
+    kind, logical_id = m.split_reference(reference)
+    expected = m.patient_id(referral)
+    if kind != "Patient" or logical_id != expected:
+        raise FhirError(
+            422,
+            "business-rule",
+            f"{where} {reference[:100]} is not the patient of the referral it is filed on "
+            f"(Patient/{expected}); send it on that patient's referral, or leave {where} out.",
+            expression=[where],
+        )
 
 
 def _check_requester_identifiers(own: int, identifiers: Any, where: str, how: str) -> None:
@@ -648,6 +673,24 @@ def _specialty_by_codes(codes: list[str]) -> Specialty | None:
 
 
 def _department(references: list[str], where: str) -> Department | None:
+    """The department a performer / owner names, None when none is named (routing
+    chooses). Anything else named there (an Organization, a Practitioner, …) is refused:
+    ignoring it would send the referral where the sender did not ask."""
+    for reference in references:
+        kind, logical_id = m.split_reference(reference)
+        if reference and kind != "HealthcareService":
+            hint = (
+                f" (its departments: GET HealthcareService?organization={kind}/{logical_id})"
+                if kind == "Organization"
+                else ""
+            )
+            raise FhirError(
+                422,
+                "business-rule",
+                f"{where} {reference[:100]} is not a department: name the department as a "
+                f"HealthcareService{hint}, or leave {where} out to let routing choose.",
+                expression=[where],
+            )
     for reference in references:
         kind, _logical_id = m.split_reference(reference)
         if kind != "HealthcareService":
@@ -739,26 +782,42 @@ def _if_none_exist_counter_referral(
     return found
 
 
-def _submit(user: User, intake: m.Intake, department: Department | None) -> tuple[Referral, bool]:
+def _submit(
+    user: User, intake: m.Intake, department: Department | None, where: str
+) -> tuple[Referral, bool]:
+    """``referral_submit``; a named department (``where``: the element that named it) the
+    referral cannot go to is 422 business-rule, in FHIR's words."""
     from registry.models import Facility
 
     # Only the id is used (the user's own facility, which exists: a foreign key): a deferred
     # instance, as ``.only("id")`` would give, saves the round trip; a field read loads it.
     facility = Facility.from_db(DEFAULT_DB_ALIAS, ["id"], [_caller_facility(user)])
-    return referral_submit(
-        actor=user,
-        requester_facility=facility,
-        placer_system=intake.placer_system,
-        placer_value=intake.placer_value,
-        specialty=_specialty(intake),
-        clinical_question=intake.clinical_question,
-        mode=intake.mode,
-        priority=intake.priority,
-        patient_ref=intake.patient_ref,
-        patient_sex=intake.patient_sex,
-        patient_birth_year=intake.patient_birth_year,
-        department=department,
-    )
+    try:
+        return referral_submit(
+            actor=user,
+            requester_facility=facility,
+            placer_system=intake.placer_system,
+            placer_value=intake.placer_value,
+            specialty=_specialty(intake),
+            clinical_question=intake.clinical_question,
+            mode=intake.mode,
+            priority=intake.priority,
+            patient_ref=intake.patient_ref,
+            patient_sex=intake.patient_sex,
+            patient_birth_year=intake.patient_birth_year,
+            department=department,
+        )
+    except ApplicationError as exc:
+        if department is None or exc.code != "department_not_candidate":
+            raise
+        problem = exc.message.replace(" GET the suggestions to see the candidates.", "")
+        raise FhirError(
+            422,
+            "business-rule",
+            f"{where} HealthcareService/{department.pk}: {problem} "
+            f"Leave {where} out to let routing choose.",
+            expression=[where],
+        ) from exc
 
 
 def _service_request_create(req: WriteRequest) -> WriteResult:
@@ -783,7 +842,7 @@ def _service_request_create(req: WriteRequest) -> WriteResult:
             referral, created = existing, False
         else:
             department = _department(intake.performer_references, "ServiceRequest.performer")
-            referral, created = _submit(req.user, intake, department)
+            referral, created = _submit(req.user, intake, department, "ServiceRequest.performer")
         differs = [] if created else _resubmission_differences(intake, referral)
     return WriteResult(
         _current("ServiceRequest", referral.filler_id),
@@ -965,6 +1024,9 @@ def _communication_create(req: WriteRequest) -> WriteResult:
         )
     part_of = [m.reference_of(r) for r in req.resource.get("partOf") or []]
     referral = referral_from_references(req.user, part_of, "Communication.partOf")
+    _check_subject(referral, req.resource, "Communication.subject")
+    if req.user.facility_id is not None:  # a department-only account: its department's
+        _check_requester(req.user, req.resource, "Communication.sender", element="sender")
     text = m.communication_text(req.resource)
     if not text:
         raise FhirError(
@@ -1129,6 +1191,7 @@ def _document_reference_create(req: WriteRequest) -> WriteResult:
         if req.fhir_version == m.R4
         else "DocumentReference.basedOn",
     )
+    _check_subject(referral, req.resource, "DocumentReference.subject")
     roles, side = _document_rights(req.resource)
     return _keyed_create(
         req.user,
@@ -1380,11 +1443,13 @@ def transaction_bundle(
         if existing is not None:
             referral, created = existing, False
         else:
-            department = _department(intake.performer_references, "ServiceRequest.performer")
+            where = "ServiceRequest.performer"
+            department = _department(intake.performer_references, where)
             if department is None and task:
-                department = _department([m.reference_of(task.get("owner"))], "Task.owner")
+                where = "Task.owner"
+                department = _department([m.reference_of(task.get("owner"))], where)
             with stored_versions() as fresh:
-                referral, created = _submit(user, intake, department)
+                referral, created = _submit(user, intake, department, where)
         outcomes: dict[int, tuple[FhirResource, str]] = {}
         status = "201 Created" if created else "200 OK"
         notes: dict[int, dict[str, Any]] = {}

@@ -706,9 +706,14 @@ def referral_submit(
         raise ApplicationError("A clinical question is required.")
     if department is not None:
         if department.specialty_id != specialty.pk:
-            raise ApplicationError("The department does not offer the requested specialty.")
+            raise ApplicationError(
+                "The department does not offer the requested specialty.",
+                code="department_not_candidate",
+            )
         if mode not in department.modes:
-            raise ApplicationError(f"The department does not offer {mode} consults.")
+            raise ApplicationError(
+                f"The department does not offer {mode} consults.", code="department_not_candidate"
+            )
         if not department.accepting:
             raise Conflict("That department is not accepting referrals.", code="not_accepting")
         from referrals.routing import department_problem

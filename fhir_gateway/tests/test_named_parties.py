@@ -1,0 +1,151 @@
+"""What a member names in a resource is honoured or refused, never silently replaced:
+the department asked for (performer / Task.owner), the patient a message or note is about
+(subject), the sender of a message (found by an integrator following docs/fhir.md)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from fhir_gateway.models import FhirResource
+from fhir_gateway.tests.conftest import FHIR_R4, FHIR_R5, outcome_issue
+from fhir_gateway.tests.referral_world import (
+    World,
+    accepted,
+    body,
+    consult_note,
+    submit,
+    task_of,
+    transaction,
+)
+from referrals.models import ConsultNote, Message, Referral
+from tests.factories import DepartmentFactory
+
+pytestmark = pytest.mark.django_db
+
+
+def _post_bundle(world: World, bundle: dict[str, Any]) -> Any:
+    return world.r4.post("/fhir", bundle, content_type=FHIR_R4, Accept=FHIR_R4)
+
+
+def _nothing_submitted() -> None:
+    assert not Referral.objects.exists()
+    assert not FhirResource.objects.filter(resource_type="Task").exists()
+
+
+@pytest.mark.parametrize("where", ["performer", "owner"])
+def test_a_department_named_as_an_organization_is_refused_not_ignored(
+    world: World, where: str
+) -> None:
+    """Task.owner / ServiceRequest.performer = Organization/<the hub>: routing used to
+    choose another hospital with no word."""
+    bundle = transaction(world, performer=False)
+    organization = {"reference": f"Organization/{world.network.hub.pk}"}
+    if where == "owner":
+        bundle["entry"][2]["resource"]["owner"] = organization
+    else:
+        bundle["entry"][1]["resource"]["performer"] = [organization]
+
+    response = _post_bundle(world, bundle)
+
+    assert response.status_code == 422, response.content
+    issue = outcome_issue(response)
+    element = "Task.owner" if where == "owner" else "ServiceRequest.performer"
+    assert issue["code"] == "business-rule" and issue["expression"] == [element]
+    assert (
+        f"HealthcareService?organization=Organization/{world.network.hub.pk}"
+        in (issue["diagnostics"])
+    )
+    _nothing_submitted()
+
+
+def test_a_named_department_that_cannot_take_the_referral_is_422_business_rule(
+    world: World,
+) -> None:
+    """A department of the requester's own facility is no routing candidate: 422 (it was
+    400 'invalid', worded for the REST API)."""
+    own = DepartmentFactory.create(
+        facility=world.network.spoke, specialty=world.network.pediatrics.specialty
+    )
+    bundle = transaction(world, performer=False)
+    bundle["entry"][2]["resource"]["owner"] = {"reference": f"HealthcareService/{own.pk}"}
+
+    response = _post_bundle(world, bundle)
+
+    assert response.status_code == 422, response.content
+    issue = outcome_issue(response)
+    assert (issue["code"], issue["expression"]) == ("business-rule", ["Task.owner"])
+    assert "not a routing candidate" in issue["diagnostics"]
+    assert "GET the suggestions" not in issue["diagnostics"]
+    _nothing_submitted()
+
+
+def test_a_consult_note_about_another_patient_is_refused(world: World) -> None:
+    first = accepted(world, "SR-1")
+    other = str(task_of(submit(world, "SR-2"))["id"])
+    note = consult_note(first)
+    note["subject"] = {"reference": f"Patient/{other}"}
+
+    response = world.r5.post("/fhir/DocumentReference", note, content_type=FHIR_R5, Accept=FHIR_R5)
+
+    assert response.status_code == 422, response.content
+    issue = outcome_issue(response)
+    assert issue["expression"] == ["DocumentReference.subject"]
+    assert f"Patient/{first}" in issue["diagnostics"]
+    assert not ConsultNote.objects.exists()
+    assert Referral.objects.get(filler_id=first).state == "accepted"
+
+    note["subject"] = {"reference": f"Patient/{first}"}  # its own patient: filed
+    response = world.r5.post("/fhir/DocumentReference", note, content_type=FHIR_R5, Accept=FHIR_R5)
+    assert response.status_code == 201, response.content
+    assert body(response)["subject"] == {"reference": f"Patient/{first}"}
+
+
+def _message(task_id: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "resourceType": "Communication",
+        "status": "completed",
+        "partOf": [{"reference": f"Task/{task_id}"}],
+        "payload": [{"contentString": "Weight 14 kg."}],
+        **extra,
+    }
+
+
+def test_a_message_about_another_patient_or_from_another_facility_is_refused(
+    world: World,
+) -> None:
+    task_id = str(task_of(submit(world, "SR-1"))["id"])
+    other = str(task_of(submit(world, "SR-2"))["id"])
+
+    about_other = world.r4.post(
+        "/fhir/Communication",
+        _message(task_id, subject={"reference": f"Patient/{other}"}),
+        content_type=FHIR_R4,
+        Accept=FHIR_R4,
+    )
+    spoofed = world.r4.post(
+        "/fhir/Communication",
+        _message(task_id, sender={"reference": f"Organization/{world.network.hub.pk}"}),
+        content_type=FHIR_R4,
+        Accept=FHIR_R4,
+    )
+
+    assert about_other.status_code == 422, about_other.content
+    assert outcome_issue(about_other)["expression"] == ["Communication.subject"]
+    assert spoofed.status_code == 403, spoofed.content
+    assert outcome_issue(spoofed)["expression"] == ["Communication.sender"]
+    assert not Message.objects.exists()
+
+    own = world.r4.post(
+        "/fhir/Communication",
+        _message(
+            task_id,
+            subject={"reference": f"Patient/{task_id}"},
+            sender={"reference": f"Organization/{world.network.spoke.pk}"},
+        ),
+        content_type=FHIR_R4,
+        Accept=FHIR_R4,
+    )
+    assert own.status_code == 201, own.content
+    assert Message.objects.count() == 1
