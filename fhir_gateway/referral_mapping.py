@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 from django.utils.http import parse_header_parameters
 
@@ -548,13 +549,27 @@ def _clinical_question(resource: dict[str, Any], version: str) -> str:
     return question
 
 
+def _own_code(system: str, value: str, allowed: list[str], element: str) -> str:
+    """A code of one of our code systems must be one of its codes: 422 ``code-invalid``
+    (an unknown one was read as the default — a consult mode ``teleport`` as async)."""
+    if value not in allowed:
+        raise FhirError(
+            422,
+            "code-invalid",
+            f"{element}: {value[:50]!r} is not a code of {system} (one of {', '.join(allowed)}).",
+            expression=[element],
+        )
+    return value
+
+
 def _consult_mode(resource: dict[str, Any], version: str) -> str:
     """The consult mode named in ServiceRequest.code, if any (async when absent)."""
     code = resource.get("code")
     concept = code.get("concept") if isinstance(code, dict) and version == R5 else code
     for system, value in codes_of([concept] if isinstance(concept, dict) else []):
-        if system == CONSULT_MODE_SYSTEM and value in ConsultMode.values:
-            return str(value)
+        if system == CONSULT_MODE_SYSTEM:
+            element = "ServiceRequest.code" + (".concept" if version == R5 else "")
+            return _own_code(system, value, list(ConsultMode.values), element)
     return ConsultMode.ASYNC.value
 
 
@@ -739,7 +754,15 @@ def patient_into_intake(intake: Intake, patient: dict[str, Any]) -> None:
         intake.patient_sex = str(gender)
     birth = str(patient.get("birthDate") or "")
     if len(birth) >= 4 and ascii_digits(birth[:4]):
-        intake.patient_birth_year = int(birth[:4])
+        year = int(birth[:4])
+        if not 1900 <= year <= timezone.now().year:
+            raise FhirError(
+                422,
+                "business-rule",
+                f"Patient.birthDate {birth[:10]!r} is in the future or before 1900.",
+                expression=["Patient.birthDate"],
+            )
+        intake.patient_birth_year = year
 
 
 # Task elements a member may change with PUT (everything else must stay as we sent it).
@@ -796,8 +819,8 @@ def _status_reason(resource: dict[str, Any], version: str) -> tuple[str, str]:
     concepts = _concepts(resource, "statusReason", version)
     code = ""
     for system, value in codes_of(concepts):
-        if system == DECLINE_REASON_SYSTEM and value in DeclineReason.values:
-            code = value
+        if system == DECLINE_REASON_SYSTEM:
+            code = _own_code(system, value, list(DeclineReason.values), "Task.statusReason")
     text = "; ".join(t for t in (_concept_text(c) for c in concepts) if t)
     return code, text
 

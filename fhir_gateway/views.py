@@ -724,6 +724,18 @@ def _write_response(
 # --------------------------------------------------------------------------- instance level
 
 
+def _raw_read(ctx: FhirRequest, handler: ResourceHandler, logical_id: str) -> HttpResponseBase:
+    """A read its handler answers itself (Binary: the bytes, or a Binary resource)."""
+    assert ctx.user is not None and handler.raw_read is not None
+    if _request_subset(ctx, handler.resource_type, search=False) is not None:
+        raise FhirError(
+            400,
+            "not-supported",
+            f"{handler.resource_type} is read whole: _summary and _elements do not apply.",
+        )
+    return handler.raw_read(handlers.RawRead(ctx.request, ctx.user, logical_id, ctx.version))
+
+
 @_fhir_view(methods=("GET", "PUT", "DELETE", "POST", "PATCH"), lenient_accept=True)
 def instance(ctx: FhirRequest, resource_type: str, logical_id: str) -> HttpResponseBase:
     method = ctx.request.method
@@ -743,14 +755,7 @@ def instance(ctx: FhirRequest, resource_type: str, logical_id: str) -> HttpRespo
     allow = _allowed_instance_methods(handler)
     if method == "GET" and handler.raw_read is not None:
         _require(handler, handlers.READ, allow)
-        assert ctx.user is not None
-        if _request_subset(ctx, resource_type, search=False) is not None:
-            raise FhirError(
-                400,
-                "not-supported",
-                f"{resource_type} is read whole: _summary and _elements do not apply.",
-            )
-        return handler.raw_read(handlers.RawRead(ctx.request, ctx.user, logical_id, ctx.version))
+        return _raw_read(ctx, handler, logical_id)
     if method == "GET":
         _require(handler, handlers.READ, allow)
         subset = _request_subset(ctx, resource_type, search=False)
@@ -886,13 +891,25 @@ def _read(handler: ResourceHandler, logical_id: str, user: User | None) -> FhirR
     return resource_current(handler.resource_type, logical_id)
 
 
-@_fhir_view()
-def vread(ctx: FhirRequest, resource_type: str, logical_id: str, version_id: str) -> HttpResponse:
+@_fhir_view(lenient_accept=True)
+def vread(
+    ctx: FhirRequest, resource_type: str, logical_id: str, version_id: str
+) -> HttpResponseBase:
+    raw = HANDLERS.get(resource_type)
+    if ctx.accept_error is not None and not (raw and raw.raw_read):
+        raise ctx.accept_error
     handler = _handler(resource_type, ctx.version)
     _check_id(logical_id)
-    _require(handler, handlers.VREAD, _allowed_instance_methods(handler))
     if not ascii_digits(version_id) or len(version_id) > 9:
         raise FhirError(400, "invalid", f"{version_id!r} is not a version id.")
+    if handler.raw_read is not None:
+        # Bytes are never changed (one version): version 1 is the read — the Location a
+        # Binary create answers with; any other is not known.
+        if int(version_id) != 1:
+            raise FhirError(404, "not-found", f"{resource_type}/{logical_id} has only version 1.")
+        _require(handler, handlers.READ, _allowed_instance_methods(handler))
+        return _raw_read(ctx, handler, logical_id)
+    _require(handler, handlers.VREAD, _allowed_instance_methods(handler))
     subset = _request_subset(ctx, resource_type, search=False)
     _check_visible(handler, logical_id, ctx.user)
     row = resource_version(resource_type, logical_id, int(version_id))
@@ -911,6 +928,9 @@ def history(ctx: FhirRequest, resource_type: str, logical_id: str) -> HttpRespon
         count, offset = 0, 0
     _check_visible(handler, logical_id, ctx.user)
     rows = resource_history(resource_type, logical_id)
+    kept, ignored = _history_window(ctx.request, rows)
+    if kept is not None:
+        rows = rows.filter(version_id__in=kept)
     total = rows.count()
     page = list(rows[offset : offset + count])
     entries = []
@@ -939,10 +959,58 @@ def history(ctx: FhirRequest, resource_type: str, logical_id: str) -> HttpRespon
         entry += ',"request":' + dumps(request_part) + ',"response":' + dumps(response_part) + "}"
         entries.append(entry)
     self_url = f"{ctx.base}/{resource_type}/{logical_id}/_history"
-    links = _links(self_url, subset.query() if subset else {}, count, offset, total, len(page))
+    used = subset.query() if subset else {}
+    for name in ("_since", "_at"):  # the next page keeps the window
+        if ctx.request.GET.get(name):
+            used[name] = [ctx.request.GET.getlist(name)[-1]]
+    links = _links(self_url, used, count, offset, total, len(page))
     response = _bundle_response(ctx, "history", total, links, entries)
     audit_rows(ctx.request, ctx.user, AuditAction.READ, page, f"fhir history {resource_type}")
+    _name_ignored(response, ignored)
     return response
+
+
+_HISTORY_PARAMS = frozenset({"_count", "_offset", "_since", "_at", "_summary", "_elements"})
+
+
+def _history_window(request: HttpRequest, rows: Any) -> tuple[set[int] | None, list[str]]:
+    """The versions an instance history's ``_since`` / ``_at`` keep (None: all), and the
+    parameters it does not read (named in X-FHIR-Ignored-Parameters; 400 under
+    ``Prefer: handling=strict``). ``_since``: versions made at or after the instant;
+    ``_at``: versions current at some point in the date's range (FHIR's history rules).
+    Both were ignored without a word: a client polling with ``_since`` got everything."""
+    ignored = [n for n in request.GET if n not in _HISTORY_PARAMS and n not in _FORMAT_PARAMS]
+    if ignored and _strict(request):
+        raise FhirError(
+            400, "not-supported", f"History does not take {', '.join(sorted(ignored))[:200]}."
+        )
+    since = request.GET.getlist("_since")[-1:] or [""]
+    at = request.GET.getlist("_at")[-1:] or [""]
+    if not since[0] and not at[0]:
+        return None, ignored
+    made = list(rows.order_by("version_id").values_list("version_id", "last_updated"))
+    kept = {v for v, _t in made}
+    if since[0]:
+        start = _window_start(since[0], "_since")[0]
+        kept &= {v for v, t in made if t >= start}
+    if at[0]:
+        start, end = _window_start(at[0], "_at")
+        ends = [t for _v, t in made[1:]] + [None]  # a version is current until the next
+        kept &= {
+            v
+            for (v, t), until in zip(made, ends, strict=True)
+            if t < end and (until is None or until > start)
+        }
+    return kept, ignored
+
+
+def _window_start(raw: str, name: str) -> tuple[datetime, datetime]:
+    """A history window's date (no prefix): its start and exclusive end, in UTC."""
+    prefix, start, end = _date_range(raw, name)
+    if raw[:2].isalpha():
+        raise FhirError(400, "invalid", f"{name} takes a date or instant, without a prefix.")
+    assert prefix == "eq"
+    return start, end
 
 
 # --------------------------------------------------------------------------- search

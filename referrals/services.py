@@ -57,6 +57,8 @@ PRIORITY_MAX_HOURS: dict[int, int | None] = {
 }
 COUNTER_REFERRAL_SYSTEM = "urn:consilium:counter-referral"
 MAX_TEXT = 20_000
+# The earliest birth year a referral takes (the web form's and the API's lower bound).
+MIN_BIRTH_YEAR = 1900
 
 
 def referral_deadline(*, department: Department, priority: int, start: datetime) -> datetime:
@@ -704,6 +706,11 @@ def referral_submit(
         return existing, False
     if not clinical_question.strip():
         raise ApplicationError("A clinical question is required.")
+    if patient_birth_year is not None and not (MIN_BIRTH_YEAR <= patient_birth_year <= now.year):
+        raise ApplicationError(
+            f"The patient's birth year must be between {MIN_BIRTH_YEAR} and this year.",
+            code="invalid",
+        )
     if department is not None:
         if department.specialty_id != specialty.pk:
             raise ApplicationError(

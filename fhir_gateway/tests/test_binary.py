@@ -541,3 +541,20 @@ def test_head_on_a_binary_answers_its_headers_and_leaves_the_request_whole(world
     assert head["Content-Length"] == str(len(PDF))
     assert Attachment.objects.count() == 1  # the connection still works
     assert AuditEntry.objects.count() == audits + 1  # a HEAD is a read, recorded
+
+
+def test_the_location_of_a_created_binary_can_be_read(world: World, task_id: str):
+    """The create's Location (…/_history/1) answered 405 'vread is not supported'."""
+    created = _raw_post(world.r4, PDF, f"ServiceRequest/{task_id}")
+    location = created["Location"].removeprefix("http://testserver")
+
+    as_bytes = world.r4.get(location, Accept="application/pdf")
+    assert as_bytes.status_code == 200 and b"".join(as_bytes.streaming_content) == PDF
+    as_fhir = world.r5.get(location, Accept=FHIR_R5)
+    other = world.r4.get(location.replace("_history/1", "_history/2"), Accept=FHIR_R4)
+    outsider = world.other.get(location, Accept="application/pdf")
+
+    assert as_fhir.status_code == 200
+    assert base64.b64decode(body(as_fhir)["data"]) == PDF
+    assert other.status_code == 404
+    assert outsider.status_code == 404

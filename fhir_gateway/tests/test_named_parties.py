@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from fhir_gateway import referral_mapping as m
 from fhir_gateway.models import FhirResource
 from fhir_gateway.tests.conftest import FHIR_R4, FHIR_R5, outcome_issue
 from fhir_gateway.tests.referral_world import (
@@ -149,3 +150,39 @@ def test_a_message_about_another_patient_or_from_another_facility_is_refused(
     )
     assert own.status_code == 201, own.content
     assert Message.objects.count() == 1
+
+
+def test_an_unknown_code_of_our_code_systems_is_refused_not_defaulted(world: World) -> None:
+    """A consult mode 'teleport' was read as async, a decline reason 'zzz' as other."""
+    bundle = transaction(world)
+    bundle["entry"][1]["resource"]["code"] = {
+        "coding": [{"system": m.CONSULT_MODE_SYSTEM, "code": "teleport"}]
+    }
+    response = _post_bundle(world, bundle)
+    assert response.status_code == 422, response.content
+    issue = outcome_issue(response)
+    assert (issue["code"], issue["expression"]) == ("code-invalid", ["ServiceRequest.code"])
+    assert "async" in issue["diagnostics"]
+    _nothing_submitted()
+
+    task_id = str(task_of(submit(world))["id"])
+    task = body(world.r5.get(f"/fhir/Task/{task_id}", Accept=FHIR_R5))
+    task["status"] = "rejected"
+    task["statusReason"] = {
+        "concept": {"coding": [{"system": m.DECLINE_REASON_SYSTEM, "code": "zzz"}], "text": "?"}
+    }
+    response = world.r5.put(
+        f"/fhir/Task/{task_id}", task, content_type=FHIR_R5, Accept=FHIR_R5, **{"If-Match": 'W/"1"'}
+    )
+    assert response.status_code == 422, response.content
+    assert outcome_issue(response)["expression"] == ["Task.statusReason"]
+    assert Referral.objects.get().state == "submitted"
+
+
+def test_a_birth_date_in_the_future_is_refused(world: World) -> None:
+    bundle = transaction(world)
+    bundle["entry"][0]["resource"]["birthDate"] = "2099-01-01"
+    response = _post_bundle(world, bundle)
+    assert response.status_code == 422, response.content
+    assert outcome_issue(response)["expression"] == ["Patient.birthDate"]
+    _nothing_submitted()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -927,6 +928,47 @@ def test_task_history_lists_every_state(world: World) -> None:
 
     assert [e["resource"]["status"] for e in history["entry"]] == ["accepted", "requested"]
     assert _get(world.r4, f"/fhir/Task/{task_id}/_history/1")["status"] == "requested"
+
+
+def test_task_history_windows_by_since_and_at(world: World) -> None:
+    """``_since`` / ``_at`` were ignored without a word: a client polling with ``_since``
+    got every version again."""
+    task_id = _task(world, submit(world))
+    for version, status in ((1, "received"), (2, "accepted")):
+        task = _get(world.r5, f"/fhir/Task/{task_id}", FHIR_R5)
+        task["status"] = status
+        assert _put_task(world.r5, task, FHIR_R5, f'W/"{version}"').status_code == 200
+    made = {1: "2030-01-01T10:00:00Z", 2: "2030-01-02T10:00:00Z", 3: "2030-01-03T10:00:00Z"}
+    for version, at in made.items():
+        FhirResource.objects.filter(
+            resource_type="Task", logical_id=task_id, version_id=version
+        ).update(last_updated=datetime.fromisoformat(at))
+
+    def versions(query: str) -> list[str]:
+        history = _get(world.r4, f"/fhir/Task/{task_id}/_history?{query}")
+        entries = history.get("entry", [])
+        assert history["total"] == len(entries)
+        return [e["resource"]["meta"]["versionId"] for e in entries]
+
+    assert versions("_since=2030-01-02T10:00:00Z") == ["3", "2"]
+    assert versions("_since=2030-01-02T10:00:01Z") == ["3"]
+    assert versions("_since=2031-01-01") == []
+    assert versions("_at=2030-01-02") == ["2", "1"]  # 1 was current until 10:00 that day
+    assert versions("_at=2030-01-01T09:00:00Z") == []
+    assert versions("_at=2030-06") == ["3"]
+    assert versions("_since=2030-01-02T00:00:00Z&_at=2030-01-02") == ["2"]
+    paged = _get(world.r4, f"/fhir/Task/{task_id}/_history?_since=2030-01-01&_count=1")
+    next_url = next(link["url"] for link in paged["link"] if link["relation"] == "next")
+    assert "_since=2030-01-01" in next_url
+
+    bad = world.r4.get(f"/fhir/Task/{task_id}/_history?_since=ge2030-01-01", Accept=FHIR_R4)
+    assert bad.status_code == 400
+    unknown = world.r4.get(f"/fhir/Task/{task_id}/_history?_list=x", Accept=FHIR_R4)
+    assert unknown.status_code == 200 and unknown["X-FHIR-Ignored-Parameters"] == "_list"
+    strict = world.r4.get(
+        f"/fhir/Task/{task_id}/_history?_list=x", Accept=FHIR_R4, Prefer="handling=strict"
+    )
+    assert strict.status_code == 400
 
 
 def test_every_stored_rendering_validates_in_its_version(world: World) -> None:

@@ -305,3 +305,18 @@ def test_parallel_identical_submissions_create_one_referral(world: World) -> Non
         thread.join(timeout=60)
     assert sorted(created) == [False] * 9 + [True]
     assert Referral.objects.filter(placer_value="RETRY-1").count() == 1
+
+
+@pytest.mark.parametrize("year", [1899, 2099])
+def test_a_birth_year_outside_1900_to_now_is_refused(world: World, year: int) -> None:
+    with pytest.raises(ApplicationError, match="birth year"):
+        services.referral_submit(
+            actor=world.referrer,
+            requester_facility=world.district,
+            placer_system="urn:his",
+            placer_value="Y-1",
+            specialty=world.paeds,
+            clinical_question="q",
+            patient_birth_year=year,
+        )
+    assert not Referral.objects.exists()
