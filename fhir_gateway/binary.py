@@ -181,6 +181,7 @@ def binary_create(call: RawCreate) -> HttpResponseBase:
     prefer = call.request.headers.get("Prefer", "")
     if "return=minimal" in prefer:
         response = HttpResponse(status=201)
+        del response["Content-Type"]  # no body
     else:
         response = HttpResponse(
             dumps(_resource(logical_id, attachment, data)),

@@ -551,7 +551,7 @@ def _claim(message_id: int, now: datetime) -> Claim | None:
             message.last_error = str(exc)
             message.claim_token = ""
             message.save(update_fields=["status", "last_error", "attempts", "claim_token"])
-            logger.error("outbox message dead", extra={"id": message.pk, "error": str(exc)})
+            logger.error("outbox message dead", extra=_log_fields(message))
             return None
         token = uuid.uuid4().hex
         message.status = Status.IN_FLIGHT
@@ -739,14 +739,32 @@ def _record_failure(message: OutboxMessage, answer: Answer, now: datetime) -> st
     if permanent or message.attempts >= max_attempts():
         message.status = Status.DEAD
         outcome = "dead"
-        logger.error("outbox message dead", extra={"id": message.pk, "error": message.last_error})
+        logger.error("outbox message dead", extra=_log_fields(message))
     else:
         message.status = Status.FAILED
         delay = max(backoff_seconds(message.attempts), answer.retry_after or 0.0)
         message.next_attempt_at = now + timedelta(seconds=delay)
         outcome = "failed"
+        logger.warning(
+            "outbox delivery failed; will retry",
+            extra={**_log_fields(message), "retry_in_seconds": round(delay, 1)},
+        )
     message.save()
     return outcome
+
+
+def _log_fields(message: OutboxMessage, error: str | None = None) -> dict[str, Any]:
+    """What an operator needs from a delivery log line: which message, to which member,
+    about what, after how many attempts, why."""
+    return {
+        "id": message.pk,
+        "endpoint_id": message.endpoint_id,
+        "aggregate": message.aggregate_key,
+        "seq": message.seq,
+        "resource": f"{message.resource_type}/{message.logical_id}/_history/{message.version_id}",
+        "attempts": message.attempts,
+        "error": message.last_error if error is None else error,
+    }
 
 
 # --------------------------------------------------------------------------- batch delivery
@@ -856,7 +874,7 @@ def _claim_batch(
                         attempts=message.attempts + 1,
                         claim_token="",
                     )
-                    logger.error("outbox message dead", extra={"id": message.pk, "error": str(exc)})
+                    logger.error("outbox message dead", extra=_log_fields(message))
                     dead += 1
                     break
                 run.append((_request_for(message, endpoint, token, body, auth), message.status))

@@ -29,7 +29,11 @@ from django.utils.http import parse_header_parameters
 
 from core.values import ascii_digits
 from fhir_gateway.outcomes import FhirError
-from fhir_gateway.registry_projection import CONSILIUM, CONSULT_MODE_SYSTEM
+from fhir_gateway.registry_projection import (
+    CONSILIUM,
+    CONSULT_MODE_SYSTEM,
+    USER_SYSTEM,  # Task.input experts
+)
 from fhir_gateway.storage import fhir_instant
 from referrals.models import (
     ConsultNote,
@@ -63,7 +67,6 @@ CONSULT_NOTE_CODE = "11488-4"
 # Task.input / Task.output codes of ours. Inputs: the transition's input names with "-".
 TASK_INPUT_SYSTEM = f"{CONSILIUM}/CodeSystem/task-input"
 TASK_OUTPUT_SYSTEM = f"{CONSILIUM}/CodeSystem/task-output"
-USER_SYSTEM = f"{CONSILIUM}/sid/user"
 # States in which the Task shows the planned conference (time, experts, link) in Task.input.
 CONFERENCE_STATES = frozenset({S.SCHEDULED, S.IN_CONFERENCE})
 REFERRAL_CATEGORY = {"system": SNOMED, "code": "3457005", "display": "Patient referral"}

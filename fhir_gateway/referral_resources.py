@@ -907,7 +907,8 @@ def _transition(
     except ApplicationError as exc:
         if exc.status_code == 400:
             errors = exc.extra.get("errors") or {}
-            detail = "; ".join(f"{k}: {v}" for k, v in errors.items())
+            # Named as Task.input codes are (the action's input names, "-" for "_").
+            detail = "; ".join(f"{k.replace('_', '-')}: {v}" for k, v in errors.items())
             raise FhirError(422, "business-rule", f"{exc.message} {detail}".strip()) from exc
         raise
 

@@ -220,12 +220,24 @@ def support_link_to_affiliation(link: SupportLink) -> Rendering:
     return _both(affiliation)
 
 
+USER_SYSTEM = f"{CONSILIUM}/sid/user"
+
+
+def _practitioner(role: PractitionerRole) -> dict[str, Any]:
+    reference: dict[str, Any] = {"display": str(role.practitioner)}
+    if role.practitioner.user_id is not None:
+        reference["identifier"] = {"system": USER_SYSTEM, "value": str(role.practitioner.user_id)}
+    return reference
+
+
 def practitioner_role_to_resource(role: PractitionerRole) -> Rendering:
     resource: dict[str, Any] = {
         "resourceType": "PractitionerRole",
         "active": role.active and role.practitioner.active,
-        # Practitioner resources are not served: a display-only reference.
-        "practitioner": {"display": str(role.practitioner)},
+        # Practitioner resources are not served: a logical reference, with the person's
+        # account (USER_SYSTEM) when they have one: what a conference's ``experts`` input
+        # names (docs/fhir.md, Task updates).
+        "practitioner": _practitioner(role),
         "organization": {"reference": f"Organization/{role.facility_id}"},
         "code": [_concept(PRACTITIONER_ROLE_SYSTEM, role.code, role.get_code_display())],
         "location": [{"reference": f"Location/{role.facility_id}"}],
@@ -380,7 +392,7 @@ def project_registry(
 
 # Bump the revision when a rendering changes: the next incremental run finds no checkpoint
 # under the new name and compares every row (new versions only where the rendering moved).
-RENDERING_REVISION = 2
+RENDERING_REVISION = 3  # 3: PractitionerRole.practitioner names the user account
 CHECKPOINT = f"registry@{RENDERING_REVISION}"
 # Overlap between runs: a registry transaction that committed late is still seen.
 _OVERLAP = timedelta(minutes=2)

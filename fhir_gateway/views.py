@@ -54,6 +54,7 @@ from fhir_gateway.storage import (
     resource_history,
     resource_version,
     split_escaped,
+    validate_resource,
 )
 from fhir_gateway.subsetting import Subset, subset_from
 from fhir_gateway.versions import (
@@ -528,6 +529,9 @@ def _operation(
         )
     assert ctx.user is not None
     params = _query_params(ctx.request.GET.lists())
+    if ctx.request.method == "POST":  # FHIR: every operation may be POSTed a Parameters
+        for param_name, value in _posted_parameters(ctx):
+            params.setdefault(param_name, []).append(value)
     ignored: list[str] = []
     if operation.parameters is not None:
         ignored = sorted(set(params) - operation.parameters - _FORMAT_PARAMS)
@@ -564,17 +568,49 @@ def _operation(
 _FORMAT_PARAMS = frozenset({"_format", "_pretty"})
 
 
-@_fhir_view()
+def _posted_parameters(ctx: FhirRequest) -> list[tuple[str, str]]:
+    """An operation's POST body: a ``Parameters`` resource whose parameters are the ones
+    the GET form takes in its query (each a name and one primitive value, or a Reference:
+    its ``reference``), added to those of the URL. An empty body is no parameters. Our
+    operations change nothing and take no resource: a ``resource`` or ``part`` is 400."""
+    if not ctx.request.body.strip():
+        return []
+    resource, version = _typed_body(ctx, "Parameters")
+    validate_resource(resource, version)
+    pairs: list[tuple[str, str]] = []
+    for index, parameter in enumerate(resource.get("parameter") or []):
+        where = f"Parameters.parameter[{index}]"
+        values = [k for k in parameter if k.startswith("value")]
+        if "resource" in parameter or "part" in parameter or len(values) != 1:
+            raise FhirError(
+                400,
+                "not-supported",
+                f"{where}: each parameter takes one value (a primitive or a Reference) here.",
+                expression=[where],
+            )
+        value = parameter[values[0]]
+        if isinstance(value, dict):
+            if values[0] != "valueReference" or not value.get("reference"):
+                raise FhirError(
+                    400, "not-supported", f"{where}: {values[0]} is not read.", expression=[where]
+                )
+            value = value["reference"]
+        text = json.dumps(value) if isinstance(value, bool) else str(value)
+        pairs.append((str(parameter["name"]), text))
+    return pairs
+
+
+@_fhir_view(methods=("GET", "POST"))
 def system_operation(ctx: FhirRequest, operation: str) -> HttpResponse:
     return _operation(ctx, handlers.SYSTEM_LEVEL, operation)
 
 
-@_fhir_view()
+@_fhir_view(methods=("GET", "POST"))
 def type_operation(ctx: FhirRequest, resource_type: str, operation: str) -> HttpResponse:
     return _operation(ctx, handlers.TYPE_LEVEL, operation, resource_type)
 
 
-@_fhir_view()
+@_fhir_view(methods=("GET", "POST"))
 def instance_operation(
     ctx: FhirRequest, resource_type: str, logical_id: str, operation: str
 ) -> HttpResponse:
@@ -724,6 +760,13 @@ def _write_response(
 # --------------------------------------------------------------------------- instance level
 
 
+def _bodiless(status: int) -> HttpResponse:
+    """A 204 / 304: no body, so no Content-Type (Django's default said text/html)."""
+    response = HttpResponse(status=status)
+    del response["Content-Type"]
+    return response
+
+
 def _raw_read(ctx: FhirRequest, handler: ResourceHandler, logical_id: str) -> HttpResponseBase:
     """A read its handler answers itself (Binary: the bytes, or a Binary resource)."""
     assert ctx.user is not None and handler.raw_read is not None
@@ -761,7 +804,7 @@ def instance(ctx: FhirRequest, resource_type: str, logical_id: str) -> HttpRespo
         subset = _request_subset(ctx, resource_type, search=False)
         row = _read(handler, logical_id, ctx.user)
         if _none_match(ctx.request.headers.get("If-None-Match", ""), row.version_id):
-            not_modified = HttpResponse(status=304)
+            not_modified = _bodiless(304)
             not_modified["ETag"] = f'W/"{row.version_id}"'
             return not_modified  # no data sent: nothing to record
         _audit_write(ctx, row, AuditAction.READ, "read")
@@ -800,7 +843,7 @@ def instance(ctx: FhirRequest, resource_type: str, logical_id: str) -> HttpRespo
             ).exists()
         ):
             raise FhirError(404, "not-found", f"{resource_type}/{logical_id} is not known.")
-        return HttpResponse(status=204)
+        return _bodiless(204)
     raise FhirError(
         405,
         "not-supported",
@@ -1053,6 +1096,9 @@ def _date_range(raw: str, name: str) -> tuple[str, datetime, datetime]:
             start = datetime.fromisoformat(text.replace("Z", "+00:00"))
             if start.tzinfo is None:
                 raise FhirError(400, "invalid", f"{raw!r} needs a time zone.")
+            offset = start.utcoffset()
+            if offset is not None and abs(offset) > timedelta(hours=14):  # FHIR's dateTime
+                raise FhirError(400, "invalid", f"{raw!r}: a time zone is within ±14:00.")
             clock = match.group("time")
             if "." in clock:  # the range a value of that precision covers
                 digits = min(len(clock.split(".")[1]), 6)

@@ -489,7 +489,9 @@ DEMO_ACCOUNTS: tuple[DemoAccount, ...] = (
     DemoAccount("demo-ministry", Role.MINISTRY, None, None, "Quốc Huy", "Phạm", None),
     DemoAccount("demo-steward", Role.REGISTRY_STEWARD, None, None, "Ngọc Lan", "Đỗ", None),
     DemoAccount("demo-facility-admin", Role.FACILITY_ADMIN, "con-dao", None, "Hải Yến", "Vũ", None),
-    DemoAccount("demo-member-system", Role.MEMBER_SYSTEM, "con-dao", None, "", "", None),
+    # The island hospital's system, working in its paediatric ward too: it sees the
+    # counter-referrals the children's hospital addresses there.
+    DemoAccount("demo-member-system", Role.MEMBER_SYSTEM, "con-dao", PEDIATRICS, "", "", None),
     # The children's hospital's system: the consultant side of the FHIR examples (docs/fhir.md).
     DemoAccount("demo-member-system-hub", Role.MEMBER_SYSTEM, "nhi-tw", PEDIATRICS, "", "", None),
 )

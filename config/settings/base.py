@@ -232,6 +232,9 @@ CELERY_TASK_REJECT_ON_WORKER_LOST = True
 # One task per worker process at a time (long tasks do not hold others back), except on
 # the embedded broker, whose blocking loop acknowledges only between 2-second drains: with
 # one slot per process, queued hand-offs came two per 2 s (config/celery.py).
+# Workers log through LOGGING (JSON lines with the fields each message carries), not
+# Celery's own plain-text handler, which dropped them (an outbox message's id, endpoint).
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_WORKER_PREFETCH_MULTIPLIER = 16 if CELERY_BROKER_URL.startswith("sqla+") else 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # After-commit sends (notifications) go to the broker from a background thread, so a

@@ -290,3 +290,42 @@ def test_every_declared_measure_interaction_and_operation_is_served(
         assert response.status_code == 200, (param["name"], response.content)
     assert [o["name"] for o in entry["operation"]] == ["evaluate-measure"]
     _evaluate(client, "avoided", version)
+
+
+def test_evaluate_measure_may_be_posted_a_parameters_resource(scenario: Network) -> None:
+    """FHIR lets every operation be POSTed its parameters (they answered 405)."""
+    client = _client(scenario.ministry)
+    got = _evaluate(client, "avoided", subject=f"Organization/{scenario.d1.pk}")
+    posted = client.post(
+        "/fhir/Measure/avoided/$evaluate-measure",
+        {
+            "resourceType": "Parameters",
+            "parameter": [
+                {"name": "periodStart", "valueDate": "2025"},
+                {"name": "periodEnd", "valueDate": "2025"},
+                {
+                    "name": "subject",
+                    "valueReference": {"reference": f"Organization/{scenario.d1.pk}"},
+                },
+            ],
+        },
+        content_type=FHIR_R4,
+        Accept=FHIR_R4,
+    )
+    assert posted.status_code == 200, posted.content
+    answer = json.loads(posted.content)
+    assert answer["group"] == got["group"] and answer["subject"] == got["subject"]
+
+    wrong = client.post(
+        "/fhir/Measure/avoided/$evaluate-measure",
+        {"resourceType": "Patient"},
+        content_type=FHIR_R4,
+        Accept=FHIR_R4,
+    )
+    nested = client.post(
+        "/fhir/Measure/avoided/$evaluate-measure",
+        {"resourceType": "Parameters", "parameter": [{"name": "x", "part": [{"name": "y"}]}]},
+        content_type=FHIR_R4,
+        Accept=FHIR_R4,
+    )
+    assert (wrong.status_code, nested.status_code) == (400, 400)

@@ -689,3 +689,33 @@ def test_migration_moves_stored_messages_to_their_endpoints_aggregates(db):
     )
     kept_after = OutboxMessage.objects.get(pk=kept.pk)
     assert (kept_after.aggregate_key, kept_after.seq) == (kept.aggregate_key, 1)
+
+
+def test_failed_and_dead_deliveries_are_logged_with_what_an_operator_needs(db, stub_member, caplog):
+    """The dead-letter line carried only an id (and workers printed plain text without
+    it); failed attempts were not logged at all (found by an operator)."""
+    stub = stub_member([503] * 4)
+    endpoint = EndpointFactory.create(base_url=stub.base_url)
+    message = _enqueue(endpoint, "referral:7:endpoint:x", _resource("c1"))
+    with caplog.at_level("WARNING", logger="fhir_gateway.delivery"):
+        _drain()
+        _drain()
+    records = [r for r in caplog.records if r.name == "fhir_gateway.delivery"]
+    assert [r.getMessage() for r in records] == ["outbox delivery failed; will retry"] * 3 + [
+        "outbox message dead"
+    ]
+    for attempt, record in enumerate(records, start=1):
+        assert (record.id, record.endpoint_id, record.aggregate, record.attempts) == (
+            message.pk,
+            endpoint.pk,
+            "referral:7:endpoint:x",
+            attempt,
+        )
+        assert record.resource == "Communication/c1/_history/1"
+        assert record.error.startswith("HTTP 503")
+
+
+def test_celery_workers_log_through_the_json_logging_config():
+    from config.celery import app
+
+    assert app.conf.worker_hijack_root_logger is False

@@ -1120,3 +1120,11 @@ def test_authored_on_past_year_9999_is_400(world: World) -> None:
         response = world.r4.get(f"/fhir/Task?authored-on={value}")
         assert response.status_code == 400, value
         assert outcome_issue(response)["code"] == "invalid"
+
+
+def test_a_time_zone_beyond_fourteen_hours_is_400(world: World) -> None:
+    submit(world)
+    beyond = world.r4.get("/fhir/Task?authored-on=ge2026-01-01T00:00:00%2B15:00")
+    assert beyond.status_code == 400 and "14:00" in outcome_issue(beyond)["diagnostics"]
+    within = world.r4.get("/fhir/Task?authored-on=ge2026-01-01T00:00:00%2B14:00")
+    assert within.status_code == 200

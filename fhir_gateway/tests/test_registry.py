@@ -29,7 +29,14 @@ from fhir_gateway.tests.conftest import FHIR_R5, outcome_issue
 from fhir_gateway.versions import model_class
 from registry.importing import facilities_for_export
 from registry.models import Department, Facility, OperationalStatus
-from tests.factories import CARDIOLOGY, PEDIATRICS, DepartmentFactory, FacilityFactory
+from tests.factories import (
+    CARDIOLOGY,
+    PEDIATRICS,
+    DepartmentFactory,
+    FacilityFactory,
+    PractitionerRoleFactory,
+    UserFactory,
+)
 from tests.shared_data import FHIR_EXAMPLES
 
 EXAMPLES = FHIR_EXAMPLES
@@ -408,6 +415,28 @@ def test_healthcare_service_and_other_searches(fhir, network):
         role
     ]
     assert _ids(fhir.get("/fhir/PractitionerRole?role=nurse")) == []
+
+
+def test_a_practitioner_role_names_the_account_a_conference_invites(fhir, network):
+    """A schedule's ``experts`` input names user accounts; nothing over FHIR told an
+    integrator which id a consultant has (found by an integrator)."""
+    user = UserFactory.create()
+    without = PractitionerRoleFactory.create(department=network.pediatrics)
+    network.role.practitioner.user = user
+    network.role.practitioner.save()
+    project_registry()
+
+    entries = json.loads(
+        fhir.get(f"/fhir/PractitionerRole?service={network.pediatrics.pk}").content
+    )["entry"]
+    practitioners = {e["resource"]["id"]: e["resource"]["practitioner"] for e in entries}
+
+    assert practitioners[str(network.role.pk)]["identifier"] == {
+        "system": "https://consilium.example.org/fhir/sid/user",
+        "value": str(user.pk),
+    }
+    assert "identifier" not in practitioners[str(without.pk)]
+    assert practitioners[str(without.pk)]["display"] == str(without.practitioner)
 
 
 def test_paging_walks_every_result_once(fhir, network):

@@ -296,6 +296,13 @@ def test_facility_feed_cursor_behind_the_retention_is_410(world: World):
         assert "since=2" in issue["diagnostics"]
     assert numbers(world.r4.get("/fhir/$events?since=2")) == [3, 4]
     assert numbers(world.r4.get("/fhir/$events")) == [3, 4]  # no cursor: the oldest kept
+    posted = world.r4.post(  # as every operation may be: its parameters in a Parameters
+        "/fhir/$events",
+        {"resourceType": "Parameters", "parameter": [{"name": "since", "valueInteger": 3}]},
+    )
+    assert posted.status_code == 200 and numbers(posted) == [4]
+    empty = world.r4.post("/fhir/$events", b"", content_type="application/fhir+json")
+    assert numbers(empty) == [3, 4]  # an empty body: no parameters, as a GET without any
     # Another facility's feed was not touched.
     assert world.r5.get("/fhir/$events?since=0").status_code == 200
 

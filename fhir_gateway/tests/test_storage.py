@@ -143,7 +143,8 @@ def test_storage_conditional_create_function(db):
 
 def test_delete_then_read_is_410_and_history_keeps_the_deletion(fhir, communication_type):
     logical_id = json.loads(fhir.post("/fhir/Communication", COMM).content)["id"]
-    assert fhir.delete(f"/fhir/Communication/{logical_id}").status_code == 204
+    deleted = fhir.delete(f"/fhir/Communication/{logical_id}")
+    assert deleted.status_code == 204 and "Content-Type" not in deleted  # no body: no type
     assert fhir.get(f"/fhir/Communication/{logical_id}").status_code == 410
     history = json.loads(fhir.get(f"/fhir/Communication/{logical_id}/_history").content)
     assert [e["request"]["method"] for e in history["entry"]] == ["DELETE", "POST"]
@@ -158,6 +159,7 @@ def test_if_none_match_gives_304(fhir, communication_type):
     response = fhir.get(f"/fhir/Communication/{logical_id}", **{"If-None-Match": 'W/"1"'})
     assert response.status_code == 304
     assert response.content == b""
+    assert "Content-Type" not in response  # was text/html
 
 
 def test_r5_write_is_stored_in_r5(fhir, communication_type):

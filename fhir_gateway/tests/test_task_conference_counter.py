@@ -312,9 +312,9 @@ def test_reschedule_refusals_change_nothing(world: World, people: dict[str, Any]
         assert response.status_code == 422, response.content
         assert outcome_issue(response)["code"] == "business-rule"
     assert "future" in outcome_issue(past)["diagnostics"]
-    assert "scheduled_at" in outcome_issue(invalid)["diagnostics"]
+    assert "scheduled-at:" in outcome_issue(invalid)["diagnostics"]  # the Task.input code
     assert "between the years 1900 and 2999" in outcome_issue(far_future)["diagnostics"]
-    assert "video_url" in outcome_issue(bad_url)["diagnostics"]
+    assert "video-url:" in outcome_issue(bad_url)["diagnostics"]
     assert "at most 500 characters" in outcome_issue(long_url)["diagnostics"]
     assert "minutes" in outcome_issue(stray)["diagnostics"]
     assert "nothing to do" in outcome_issue(unchanged)["diagnostics"]

@@ -273,6 +273,9 @@ def test_demo_accounts_have_their_roles_facilities_and_password(debug: None) -> 
     assert list(hub_system.departments.all()) == [department]
     back = referrer.facility.departments.get()
     assert (back.specialty.code, back.accepting, back.offers_async) == (PEDIATRICS, True, True)
+    # ... where the island's system works too, so it sees the counter-referrals.
+    island_system = User.objects.get(username="demo-member-system")
+    assert list(island_system.departments.all()) == [back]
 
 
 @pytest.mark.django_db
