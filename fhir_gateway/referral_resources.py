@@ -1488,6 +1488,9 @@ def transaction_bundle(
         documents = by_type.get("DocumentReference", [])
         taken: set[str] = set()  # the stored files answering an entry
         for index, document in sorted(documents, key=lambda d: not document_keys[d[0]]):
+            if not m.reference_of(document.get("subject")).startswith(("urn:uuid:", "urn:oid:")):
+                # Not the Patient entry (checked above): the referral's patient, or 422.
+                _check_subject(referral, document, f"Bundle.entry[{index}].resource.subject")
             if not document_keys[index]:
                 same = [
                     r for r in stored.get(_inline_sha256(document), []) if r.logical_id not in taken
@@ -1649,6 +1652,7 @@ _REFERENCE_TARGETS = {
     ("ServiceRequest", "subject"): "Patient",
     ("Task", "focus"): "ServiceRequest",
     ("Task", "for"): "Patient",
+    ("DocumentReference", "subject"): "Patient",
 }
 
 

@@ -19,6 +19,7 @@ from fhir_gateway.tests.referral_world import (
     submit,
     task_of,
     transaction,
+    with_case_file,
 )
 from referrals.models import ConsultNote, Message, Referral
 from tests.factories import DepartmentFactory
@@ -186,3 +187,26 @@ def test_a_birth_date_in_the_future_is_refused(world: World) -> None:
     assert response.status_code == 422, response.content
     assert outcome_issue(response)["expression"] == ["Patient.birthDate"]
     _nothing_submitted()
+
+
+@pytest.mark.parametrize(
+    ("subject", "status"),
+    [("Patient/someone-else", 422), ("urn:uuid:sr-1", 422), ("urn:uuid:patient-1", 201)],
+)
+def test_a_case_file_entry_is_about_the_bundles_patient(
+    world: World, subject: str, status: int
+) -> None:
+    bundle = with_case_file(
+        transaction(world),
+        {"contentType": "application/pdf", "data": "JVBERi0xLjQKJSVFT0YK"},
+    )
+    bundle["entry"][-1]["resource"]["subject"] = {"reference": subject}
+
+    response = _post_bundle(world, bundle)
+
+    if status == 201:
+        assert response.status_code == 200, response.content
+        assert [e["response"]["status"] for e in body(response)["entry"]] == ["201 Created"] * 4
+    else:
+        assert response.status_code == 422, response.content
+        _nothing_submitted()
