@@ -45,7 +45,7 @@ from fhir_gateway.audit import audit_file
 from fhir_gateway.handlers import RawCreate, RawRead, ResourceHandler
 from fhir_gateway.outcomes import FhirError
 from fhir_gateway.referral_resources import case_file_store, referral_from_references
-from fhir_gateway.storage import dumps, fhir_instant, validate_resource
+from fhir_gateway.storage import dumps, fhir_instant, none_match, validate_resource
 from fhir_gateway.versions import binary_answer_version, media_type_for
 from referrals.attachments import attachment_get, max_bytes
 from referrals.models import Attachment, AuditAction, Referral
@@ -82,6 +82,13 @@ def _resource(logical_id: str, attachment: Attachment, data: bytes) -> dict[str,
 
 def binary_read(read: RawRead) -> HttpResponseBase:
     attachment = _attachment(read)
+    if none_match(read.request.headers.get("If-None-Match", ""), 1):
+        # The client holds the file (it never changes): 304, nothing sent, nothing read.
+        not_modified = HttpResponse(status=304)
+        del not_modified["Content-Type"]
+        not_modified["ETag"] = 'W/"1"'
+        not_modified["Vary"] = "Accept"
+        return not_modified
     version = binary_answer_version(read.request, attachment.content_type)
     audit_file(read.request, read.user, AuditAction.DOWNLOAD, attachment.referral_id, attachment.pk)
     response: HttpResponseBase

@@ -23,6 +23,7 @@ import pydantic
 from django.db import connection, transaction
 from django.db.models import Q, QuerySet
 from django.utils import timezone
+from django.utils.http import parse_etags
 
 from core.rows import insert_rows
 from fhir_gateway.codes import check_bound_codes
@@ -464,6 +465,13 @@ def stored_rows(rows: list[FhirResource], ids: list[int]) -> list[FhirResource]:
         row.pk = pk
         row._state.adding, row._state.db = False, connection.alias
     return rows
+
+
+def none_match(header: str, version_id: int) -> bool:
+    """``If-None-Match`` names the current version (RFC 9110's weak comparison: ``"2"``
+    and ``W/"2"`` alike; a list; ``*``, any version)."""
+    tags = parse_etags(header.strip()) if header.strip() else []
+    return "*" in tags or f'"{version_id}"' in {t.removeprefix("W/") for t in tags}
 
 
 def parse_if_match(raw: str) -> int | None:

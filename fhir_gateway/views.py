@@ -25,7 +25,7 @@ from django.db.models import F, Q, QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.http.response import HttpResponseBase
 from django.utils import timezone
-from django.utils.http import http_date, parse_etags
+from django.utils.http import http_date
 from django.views.decorators.csrf import csrf_exempt
 from rest_framework import exceptions as drf_exceptions
 
@@ -49,6 +49,7 @@ from fhir_gateway.storage import (
     FHIR_ID,
     dumps,
     fhir_instant,
+    none_match,
     parse_if_match,
     resource_current,
     resource_history,
@@ -803,7 +804,7 @@ def instance(ctx: FhirRequest, resource_type: str, logical_id: str) -> HttpRespo
         _require(handler, handlers.READ, allow)
         subset = _request_subset(ctx, resource_type, search=False)
         row = _read(handler, logical_id, ctx.user)
-        if _none_match(ctx.request.headers.get("If-None-Match", ""), row.version_id):
+        if none_match(ctx.request.headers.get("If-None-Match", ""), row.version_id):
             not_modified = _bodiless(304)
             not_modified["ETag"] = f'W/"{row.version_id}"'
             return not_modified  # no data sent: nothing to record
@@ -1407,13 +1408,6 @@ def _entry(
         + text
         + f',"search":{{"mode":"{mode}"}}}}'
     )
-
-
-def _none_match(header: str, version_id: int) -> bool:
-    """``If-None-Match`` names the current version (RFC 9110's weak comparison: ``"2"``
-    and ``W/"2"`` alike; a list; ``*``, any version)."""
-    tags = parse_etags(header.strip()) if header.strip() else []
-    return "*" in tags or f'"{version_id}"' in {t.removeprefix("W/") for t in tags}
 
 
 # What an absolute reference to another server's resource becomes: a type we never

@@ -558,3 +558,19 @@ def test_the_location_of_a_created_binary_can_be_read(world: World, task_id: str
     assert base64.b64decode(body(as_fhir)["data"]) == PDF
     assert other.status_code == 404
     assert outsider.status_code == 404
+
+
+def test_a_binary_the_client_holds_is_not_sent_again(world: World, task_id: str):
+    """If-None-Match W/"1" was ignored (the file sent again, a download recorded)."""
+    logical_id = body(_raw_post(world.r4, PDF, f"ServiceRequest/{task_id}"))["id"]
+    downloads = AuditEntry.objects.filter(action="download").count()
+
+    held = world.r4.get(
+        f"/fhir/Binary/{logical_id}", Accept="application/pdf", **{"If-None-Match": 'W/"1"'}
+    )
+    other = world.other.get(f"/fhir/Binary/{logical_id}", **{"If-None-Match": 'W/"1"'})
+
+    assert held.status_code == 304 and held.content == b"" and held["ETag"] == 'W/"1"'
+    assert "Content-Type" not in held
+    assert other.status_code == 404  # outside the referral's scope: nothing told
+    assert AuditEntry.objects.filter(action="download").count() == downloads
