@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import TypedDict
 
 from django.db import connection
-from django.db.models import QuerySet
+from django.db.models import F, Q, QuerySet
+from django.utils import timezone
 
 from registry.geo import bounding_box, haversine_km
 from registry.models import (
@@ -189,3 +190,24 @@ def departments_near(
         )
     found.sort(key=lambda d: (d["distance_km"], d["department_id"]))
     return found[:limit]
+
+
+def effective_support_links() -> QuerySet[SupportLink]:
+    """Links that support now or later: active and not ended (an inactive or ended link
+    supports nothing, so its tiers are not judged until it is made effective again)."""
+    today = timezone.localdate()
+    return SupportLink.objects.filter(active=True).filter(
+        Q(valid_to__isnull=True) | Q(valid_to__gte=today)
+    )
+
+
+def support_links_upside_down_all() -> QuerySet[SupportLink]:
+    """Links in effect whose hub is of a lower tier (a larger number) than its spoke: the
+    rule refuses them since 2026-11-27 (``registry.services``), but rows stored before it
+    may hold them (``manage.py registry_check`` lists them)."""
+    return (
+        effective_support_links()
+        .select_related("hub", "spoke")
+        .filter(hub__tier__gt=F("spoke__tier"))
+        .order_by("id")
+    )

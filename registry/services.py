@@ -6,7 +6,7 @@ from collections.abc import Collection, Mapping
 from typing import Any
 
 from django.db import connection, transaction
-from django.db.models import F, Q, QuerySet
+from django.db.models import F, Q
 from django.utils import timezone
 
 from accounts.models import User
@@ -25,6 +25,7 @@ from registry.models import (
     SupportLink,
 )
 from registry.permissions import is_steward
+from registry.selectors import effective_support_links
 
 # Facility fields recorded in revisions (FK fields by their *_id column).
 TRACKED_FIELDS: tuple[str, ...] = (
@@ -146,20 +147,11 @@ def facility_border_problem(facility: Facility) -> str | None:
     return _crossing_without_agreement(_border_changes(facility))
 
 
-def _effective_links() -> QuerySet[SupportLink]:
-    """Links that support now or later: active and not ended (an inactive or ended link
-    supports nothing, so its tiers are not judged until it is made effective again)."""
-    today = timezone.localdate()
-    return SupportLink.objects.filter(active=True).filter(
-        Q(valid_to__isnull=True) | Q(valid_to__gte=today)
-    )
-
-
 def _support_links_tier_problem(facility: Facility) -> str | None:
     """One of ``facility``'s support links whose hub would be of a lower tier (a larger
     number) than its spoke with the facility at its (possibly new) tier, described."""
     links = (
-        _effective_links()
+        effective_support_links()
         .select_related("hub", "spoke")
         .filter(Q(hub_id=facility.pk) | Q(spoke_id=facility.pk))
     )
@@ -176,7 +168,7 @@ def support_links_upside_down(facility_ids: Collection[int]) -> dict[int, str]:
     in): each one with a link in effect whose hub is now below its spoke, described (one
     query, whatever the number of facilities)."""
     links = (
-        _effective_links()
+        effective_support_links()
         .select_related("hub", "spoke")
         .filter(Q(hub_id__in=facility_ids) | Q(spoke_id__in=facility_ids))
         .filter(hub__tier__gt=F("spoke__tier"))
@@ -517,7 +509,9 @@ def _link_tier_problem(link: SupportLink) -> ApplicationError | None:
     if not effective:
         return None
     if link.pk is not None:
-        stored = _effective_links().filter(pk=link.pk).values_list("hub_id", "spoke_id").first()
+        stored = (
+            effective_support_links().filter(pk=link.pk).values_list("hub_id", "spoke_id").first()
+        )
         if stored == (link.hub_id, link.spoke_id):
             return None  # was effective between the same two: judged when it became so
     facilities = Facility.objects.filter(pk__in=[link.hub_id, link.spoke_id]).order_by("pk")

@@ -6,9 +6,12 @@ approved by someone else. Review findings; the NUL cases matter on PostgreSQL.""
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
 from django.db import connection
 from django.db.models import F
 from django.test import Client
@@ -768,3 +771,31 @@ def test_inactive_or_ended_links_do_not_block_a_tier_change(steward_client) -> N
         )
         assert response.status_code == 200, response.content
         assert Facility.objects.get(pk=link.hub_id).tier == Tier.COMMUNE
+
+
+def test_registry_check_lists_links_stored_upside_down_before_the_rule(db: Any) -> None:
+    """Rows written before the tier rule (or around the services) are found, not assumed
+    away: the command names each link in effect whose hub is below its spoke."""
+    hub = FacilityFactory.create(code="HUB", tier=Tier.PROVINCIAL)
+    spoke = FacilityFactory.create(code="SPOKE", tier=Tier.DISTRICT)
+    upside = SupportLinkFactory.create(hub=hub, spoke=spoke)
+    SupportLink.objects.filter(pk=upside.pk).update(hub=spoke, spoke=hub)  # around the rule
+    off = SupportLinkFactory.create(hub=hub, spoke=FacilityFactory.create(tier=Tier.COMMUNE))
+    SupportLink.objects.filter(pk=off.pk).update(
+        hub=FacilityFactory.create(code="LOW", tier=Tier.COMMUNE),
+        spoke=FacilityFactory.create(code="HIGH", tier=Tier.CENTRAL),
+        active=False,  # switched off: supports nothing, blocks nothing
+    )
+    out = io.StringIO()
+
+    with pytest.raises(CommandError, match="1 support link"):
+        call_command("registry_check", stdout=out)
+
+    assert f"support link #{upside.pk}: hub SPOKE (tier 3) is below spoke HUB (tier 2)" in (
+        out.getvalue()
+    )
+    assert f"#{off.pk}" not in out.getvalue()
+    SupportLink.objects.filter(pk=upside.pk).update(active=False)
+    out = io.StringIO()
+    call_command("registry_check", stdout=out)
+    assert "no problem found" in out.getvalue()
