@@ -353,7 +353,9 @@ def projection_cost(n: int) -> tuple[float, float]:
         with transaction.atomic():
             # As at submission: nothing of the referral stored or queued yet (rolled back).
             FhirResource.objects.filter(source_pk=referral.pk).delete()
-            OutboxMessage.objects.filter(aggregate_key=publish.aggregate_key(referral)).delete()
+            OutboxMessage.objects.filter(
+                aggregate_key__startswith=f"{publish.aggregate_key(referral)}:endpoint:"
+            ).delete()
             t = time.perf_counter()
             publish.referral_changed(referral=referral, event=event)
             as_stored.append((time.perf_counter() - t) * 1000)

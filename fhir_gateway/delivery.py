@@ -753,7 +753,7 @@ def _record_failure(message: OutboxMessage, answer: Answer, now: datetime) -> st
     return outcome
 
 
-def _log_fields(message: OutboxMessage, error: str | None = None) -> dict[str, Any]:
+def _log_fields(message: OutboxMessage) -> dict[str, Any]:
     """What an operator needs from a delivery log line: which message, to which member,
     about what, after how many attempts, why."""
     return {
@@ -763,7 +763,7 @@ def _log_fields(message: OutboxMessage, error: str | None = None) -> dict[str, A
         "seq": message.seq,
         "resource": f"{message.resource_type}/{message.logical_id}/_history/{message.version_id}",
         "attempts": message.attempts,
-        "error": message.last_error if error is None else error,
+        "error": message.last_error,
     }
 
 
@@ -868,10 +868,12 @@ def _claim_batch(
                     body = _render(message, endpoint.fhir_version, rows)
                     auth = _auth_headers(endpoint)
                 except PermanentFailure as exc:
+                    message.attempts += 1
+                    message.last_error = str(exc)
                     OutboxMessage.objects.filter(pk=message.pk).update(
                         status=Status.DEAD,
-                        last_error=str(exc),
-                        attempts=message.attempts + 1,
+                        last_error=message.last_error,
+                        attempts=message.attempts,
                         claim_token="",
                     )
                     logger.error("outbox message dead", extra=_log_fields(message))

@@ -20,7 +20,7 @@ import base64
 import binascii
 import codecs
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.utils import timezone
@@ -758,7 +758,8 @@ def patient_into_intake(intake: Intake, patient: dict[str, Any]) -> None:
     birth = str(patient.get("birthDate") or "")
     if len(birth) >= 4 and ascii_digits(birth[:4]):
         year = int(birth[:4])
-        if not 1900 <= year <= timezone.now().year:
+        # This year where it is already latest (UTC+14): a birth today anywhere.
+        if not 1900 <= year <= (timezone.now() + timedelta(hours=14)).year:
             raise FhirError(
                 422,
                 "business-rule",

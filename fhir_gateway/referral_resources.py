@@ -516,6 +516,28 @@ def _check_requester(
         _check_requester_identifiers(own, [identifier], where, "its identifier")
 
 
+def _names_organization(resource: dict[str, Any], element: str) -> bool:
+    """Whether ``element`` names an Organization for sure (its ``type``, a literal or
+    conditional ``Organization`` reference, a contained Organization). A sender named by
+    an identifier alone is most often a person (a staff number): not judged as a facility."""
+    value = resource.get(element)
+    if not isinstance(value, dict):
+        return False
+    if value.get("type") == "Organization":
+        return True
+    reference = m.reference_of(value)
+    if reference.startswith("#"):
+        return any(
+            isinstance(c, dict)
+            and f"#{c.get('id')}" == reference
+            and c.get("resourceType") == "Organization"
+            for c in resource.get("contained") or []
+        )
+    if "?" in reference:
+        return reference.partition("?")[0].rstrip("/").rpartition("/")[2] == "Organization"
+    return bool(reference) and m.split_reference(reference)[0] == "Organization"
+
+
 def _check_subject(referral: Referral, resource: dict[str, Any], where: str) -> None:
     """A message or document about a referral is about its patient: a ``subject`` that
     references another Patient (or anything but a Patient) is 422, nothing stored — it
@@ -1026,7 +1048,8 @@ def _communication_create(req: WriteRequest) -> WriteResult:
     part_of = [m.reference_of(r) for r in req.resource.get("partOf") or []]
     referral = referral_from_references(req.user, part_of, "Communication.partOf")
     _check_subject(referral, req.resource, "Communication.subject")
-    if req.user.facility_id is not None:  # a department-only account: its department's
+    if req.user.facility_id is not None and _names_organization(req.resource, "sender"):
+        # (a department-only account's sender is its department's facility)
         _check_requester(req.user, req.resource, "Communication.sender", element="sender")
     text = m.communication_text(req.resource)
     if not text:

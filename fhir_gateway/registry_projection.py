@@ -12,15 +12,14 @@ the registry become deletions. The beat task ``project_registry_task`` runs it e
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from django.conf import settings
-from django.db import connection, transaction
+from django.db import transaction
 from django.db.models import Model, QuerySet
 from django.utils import timezone
 
@@ -398,46 +397,44 @@ CHECKPOINT = f"registry@{RENDERING_REVISION}"
 _OVERLAP = timedelta(minutes=2)
 
 
-# pg_advisory_lock key: one projection run at a time (a session lock: a run commits
-# once per changed row). Arbitrary constant, distinct from registry.services'.
-_PROJECTION_LOCK = 0x7265_6770_726A  # "regprj"
+# One projection run at a time: a lease in a ProjectionCheckpoint row (its watermark is
+# when the lease ends). A row, not a session advisory lock: that works behind a
+# transaction-pooling PgBouncer (a session lock taken on one server connection and
+# released on another would be held for ever), on SQLite, and across machines; a run whose
+# worker died frees it when the lease ends.
+LEASE_NAME = "registry-projection-lease"
+LEASE = timedelta(minutes=15)
+_FREE = datetime(2000, 1, 1, tzinfo=UTC)
+
+
+def _take_lease() -> datetime | None:
+    """The end of the lease taken now, None while another run holds one."""
+    ProjectionCheckpoint.objects.get_or_create(name=LEASE_NAME, defaults={"watermark": _FREE})
+    now = timezone.now()
+    until = now + LEASE
+    taken = ProjectionCheckpoint.objects.filter(name=LEASE_NAME, watermark__lte=now).update(
+        watermark=until
+    )
+    return until if taken else None
 
 
 @contextlib.contextmanager
-def projection_lock(*, wait: bool) -> Iterator[bool]:
-    """Hold the one-run-at-a-time lock of the registry projection; yields False (and holds
-    nothing) when ``wait`` is False and another run holds it. Two overlapping runs (beat's
-    next while the first, slow one was still going, found by an operator) stored the same
-    content twice as new versions and held two worker slots. PostgreSQL: a session
-    advisory lock, across machines; SQLite (the embedded demo): a file lock under VAR_DIR,
-    across the processes of this machine."""
-    if connection.vendor == "postgresql":
-        with connection.cursor() as cursor:
-            if wait:
-                cursor.execute("SELECT pg_advisory_lock(%s)", [_PROJECTION_LOCK])
-                got = True
-            else:
-                cursor.execute("SELECT pg_try_advisory_lock(%s)", [_PROJECTION_LOCK])
-                got = bool(cursor.fetchone()[0])
-        try:
-            yield got
-        finally:
-            if got:
-                with connection.cursor() as cursor:
-                    cursor.execute("SELECT pg_advisory_unlock(%s)", [_PROJECTION_LOCK])
-        return
-    path = settings.VAR_DIR / "registry-projection.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def projection_lock(*, wait: bool, poll_seconds: float = 1.0) -> Iterator[bool]:
+    """Hold the one-run-at-a-time lease of the registry projection; yields False (and
+    holds nothing) when ``wait`` is False and another run holds it. Two overlapping runs
+    (beat's next while a slow first one still went, found by an operator) stored the same
+    content twice as new versions and held two worker slots."""
+    until = _take_lease()
+    while until is None and wait:
+        time.sleep(poll_seconds)
+        until = _take_lease()
+    try:
+        yield until is not None
+    finally:
+        if until is not None:  # ours still (the exact end we set): free it
+            ProjectionCheckpoint.objects.filter(name=LEASE_NAME, watermark=until).update(
+                watermark=_FREE
+            )
 
 
 def project_registry_incremental() -> ProjectionReport | None:

@@ -706,7 +706,8 @@ def referral_submit(
         return existing, False
     if not clinical_question.strip():
         raise ApplicationError("A clinical question is required.")
-    if patient_birth_year is not None and not (MIN_BIRTH_YEAR <= patient_birth_year <= now.year):
+    latest = (now + timedelta(hours=14)).year  # this year where it is latest (UTC+14)
+    if patient_birth_year is not None and not (MIN_BIRTH_YEAR <= patient_birth_year <= latest):
         raise ApplicationError(
             f"The patient's birth year must be between {MIN_BIRTH_YEAR} and this year.",
             code="invalid",
@@ -812,7 +813,10 @@ def referral_message_post(
     a referral that is not finished may post; 404 outside the caller's scope.
 
     ``client_key`` (the web form's token): the same key from the same author on the same
-    referral answers the first message (``created`` False) instead of posting it again."""
+    referral with the same text answers the first message (``created`` False) instead of
+    posting it again; with another text it is refused (409 ``message_key_used``): the
+    form was used again (the back button), and its new text must not be taken for the
+    first."""
     if len(client_key) > 64:
         raise ApplicationError("A message key has at most 64 characters.", code="invalid")
     text = text.strip() if isinstance(text, str) else ""
@@ -837,8 +841,13 @@ def referral_message_post(
             earlier = Message.objects.filter(
                 referral=referral, author=actor, client_key=client_key
             ).first()
-            if earlier is not None:
+            if earlier is not None and earlier.text == text:
                 return referral, earlier, False
+            if earlier is not None:  # a form used again for another text (the back button)
+                raise Conflict(
+                    "This form already sent another message; yours was not sent. Send it again.",
+                    code="message_key_used",
+                )
         if referral.state in TERMINAL_STATES:
             raise Conflict(
                 f"Messages cannot be posted on a referral that is {referral.get_state_display().lower()}.",

@@ -594,7 +594,8 @@ def referral_message(request: HttpRequest, pk: int) -> HttpResponse:
             error=exc.message,
             status=exc.status_code,
             message_text=text,  # what was typed is not lost
-            message_key=key,
+            # A used or damaged key gets a fresh one; any other refusal keeps it.
+            message_key="" if exc.code == "message_key_used" or len(key) > 64 else key,
         )
     if not created:  # the same form posted again (double click, reload, retry)
         messages.info(request, "This message was already sent; it was not sent again.")

@@ -151,6 +151,42 @@ def test_a_message_about_another_patient_or_from_another_facility_is_refused(
     )
     assert own.status_code == 201, own.content
     assert Message.objects.count() == 1
+    # A person named by a staff identifier (no type) is not judged as a facility.
+    person = world.r4.post(
+        "/fhir/Communication",
+        _message(
+            task_id,
+            sender={
+                "identifier": {"system": "urn:oid:1.2.3.4.staff", "value": "dr-nguyen"},
+                "display": "Dr Nguyen",
+            },
+        ),
+        content_type=FHIR_R4,
+        Accept=FHIR_R4,
+    )
+    assert person.status_code == 201, person.content
+    contained = world.r4.post(
+        "/fhir/Communication",
+        _message(
+            task_id,
+            contained=[
+                {
+                    "resourceType": "Organization",
+                    "id": "o",
+                    "identifier": [
+                        {
+                            "system": "https://consilium.example.org/fhir/sid/facility-code",
+                            "value": world.network.hub.code,
+                        }
+                    ],
+                }
+            ],
+            sender={"reference": "#o"},
+        ),
+        content_type=FHIR_R4,
+        Accept=FHIR_R4,
+    )
+    assert contained.status_code == 403, contained.content
 
 
 def test_an_unknown_code_of_our_code_systems_is_refused_not_defaulted(world: World) -> None:

@@ -719,3 +719,17 @@ def test_celery_workers_log_through_the_json_logging_config():
     from config.celery import app
 
     assert app.conf.worker_hijack_root_logger is False
+
+
+def test_a_message_beat_dead_letters_is_logged_with_its_error(db, caplog):
+    """Beat's drain dead-letters what can never be sent (here an ftp:// base) by a bulk
+    UPDATE: its log line carried no error and a stale attempt count (found by a review)."""
+    endpoint = EndpointFactory.create(base_url="ftp://127.0.0.1:9/fhir")
+    message = _enqueue(endpoint, "referral:1:endpoint:x", _resource("c1"), schedule=False)
+    with caplog.at_level("ERROR", logger="fhir_gateway.delivery"):
+        _drain()
+    message.refresh_from_db()
+    assert message.status == Status.DEAD
+    [record] = [r for r in caplog.records if r.getMessage() == "outbox message dead"]
+    assert record.attempts == message.attempts == 1
+    assert record.error == message.last_error and "http(s)" in record.error

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 from collections.abc import Iterator
 from datetime import timedelta
 from urllib.parse import quote, urlsplit
 
-import psycopg
 import pytest
-from django.conf import settings
 from django.core.management import call_command
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
@@ -164,7 +161,7 @@ def test_projection_stores_a_new_version_only_on_change(network):
 
 def test_incremental_projection_uses_the_checkpoint(network):
     project_registry_incremental()
-    checkpoint = ProjectionCheckpoint.objects.get()
+    checkpoint = ProjectionCheckpoint.objects.get(name=CHECKPOINT)
     # A facility changed long ago (before the overlap) is not looked at again...
     Facility.objects.filter(pk=network.lao.pk).update(
         name="Renamed", updated_at=timezone.now() - timedelta(days=1)
@@ -175,23 +172,14 @@ def test_incremental_projection_uses_the_checkpoint(network):
     Facility.objects.filter(pk=network.lao.pk).update(updated_at=timezone.now())
     project_registry_incremental()
     assert _current("Organization", network.lao.pk).version_id == 2
-    assert ProjectionCheckpoint.objects.get().watermark > checkpoint.watermark
+    assert ProjectionCheckpoint.objects.get(name=CHECKPOINT).watermark > checkpoint.watermark
 
 
 @contextlib.contextmanager
 def _projection_held_elsewhere() -> Iterator[None]:
-    """The projection lock held by someone else: another database session (PostgreSQL),
-    another open file (SQLite's file lock)."""
-    if connection.vendor == "postgresql":
-        params = connection.get_connection_params()
-        with psycopg.connect(**params, autocommit=True) as other:
-            other.execute("SELECT pg_advisory_lock(%s)", [registry_projection._PROJECTION_LOCK])
-            yield
-        return
-    path = settings.VAR_DIR / "registry-projection.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    """Another run (another process, another machine) holds the projection's lease."""
+    with registry_projection.projection_lock(wait=False) as got:
+        assert got
         yield
 
 
@@ -208,6 +196,15 @@ def test_a_projection_run_while_another_runs_does_nothing(network):
 
     assert project_registry_incremental() is not None
     assert _current("Organization", network.lao.pk).version_id == 2
+    # A lease whose run died (its worker killed) ends: the next run takes over.
+    ProjectionCheckpoint.objects.filter(name=registry_projection.LEASE_NAME).update(
+        watermark=timezone.now() - timedelta(seconds=1)
+    )
+    assert project_registry_incremental() is not None
+    ProjectionCheckpoint.objects.filter(name=registry_projection.LEASE_NAME).update(
+        watermark=timezone.now() + timedelta(minutes=1)
+    )
+    assert project_registry_incremental() is None
 
 
 def test_deleted_department_becomes_a_deletion_version(fhir, network):

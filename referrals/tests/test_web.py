@@ -560,6 +560,33 @@ def test_schedule_form_explains_its_fields_to_people(world: World) -> None:
     assert "ISO 8601" not in form and "user ids" not in form
 
 
+def test_a_message_form_used_again_for_another_text_loses_nothing(world: World) -> None:
+    """The back button restores a page whose key already sent a message; a new text sent
+    from it was answered "already sent" and dropped (found by a review)."""
+    referral = world.submit()
+    client = client_for(world.referrer)
+    key = _message_key(client.get(f"/referrals/{referral.pk}/").content.decode())
+    client.post(f"/referrals/{referral.pk}/messages/", {"text": "Weight 14 kg.", "client_key": key})
+
+    again = client.post(
+        f"/referrals/{referral.pk}/messages/", {"text": "Now febrile.", "client_key": key}
+    )
+
+    assert again.status_code == 409
+    page = again.content.decode()
+    assert ">Now febrile.</textarea>" in page and "was not sent" in page
+    fresh = _message_key(page)
+    assert fresh != key
+    assert list(referral.messages.values_list("text", flat=True)) == ["Weight 14 kg."]
+    client.post(
+        f"/referrals/{referral.pk}/messages/", {"text": "Now febrile.", "client_key": fresh}
+    )
+    assert list(referral.messages.values_list("text", flat=True)) == [
+        "Weight 14 kg.",
+        "Now febrile.",
+    ]
+
+
 def test_a_refused_message_keeps_its_key(world: World) -> None:
     referral = world.submit()
     client = client_for(world.referrer)
@@ -573,6 +600,7 @@ def test_a_refused_message_keeps_its_key(world: World) -> None:
         f"/referrals/{referral.pk}/messages/", {"text": "hi", "client_key": "k" * 65}
     )
     assert too_long.status_code == 400 and not referral.messages.exists()
+    assert len(_message_key(too_long.content.decode())) == 32  # a fresh one: the page works
 
 
 def test_an_action_with_no_department_to_choose_is_not_offered(world: World) -> None:
