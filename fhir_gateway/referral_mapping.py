@@ -576,6 +576,26 @@ def _consult_mode(resource: dict[str, Any], version: str) -> str:
     return ConsultMode.ASYNC.value
 
 
+def _performer_references(resource: dict[str, Any]) -> list[str]:
+    """``ServiceRequest.performer``'s references; a performer named without one (an
+    identifier or a display alone) is 422: it cannot be honoured, and ignoring it would
+    send the referral where the sender did not ask."""
+    references = []
+    for index, performer in enumerate(resource.get("performer") or []):
+        reference = reference_of(performer)
+        if not reference:
+            raise FhirError(
+                422,
+                "business-rule",
+                f"ServiceRequest.performer[{index}] names no reference: name the department "
+                "as HealthcareService/<id> (GET HealthcareService?organization=…&specialty=…), "
+                "or leave performer out to let routing choose.",
+                expression=[f"ServiceRequest.performer[{index}]"],
+            )
+        references.append(reference)
+    return references
+
+
 def _check_intent(resource: dict[str, Any]) -> None:
     if resource.get("intent") not in ("order", "original-order", "proposal", "plan"):
         raise FhirError(
@@ -642,8 +662,17 @@ def service_request_to_counter_referral(
             f"{resource.get('status')!r}.",
             expression=["ServiceRequest.status"],
         )
-    performers = [reference_of(p) for p in resource.get("performer") or []]
-    performers = [p for p in performers if split_reference(p)[0] == "HealthcareService"]
+    performers = _performer_references(resource)
+    others = [p for p in performers if split_reference(p)[0] != "HealthcareService"]
+    if others:
+        raise FhirError(
+            422,
+            "business-rule",
+            f"ServiceRequest.performer {others[0][:100]} is not a department: a "
+            "counter-referral names the department that takes the patient back (a "
+            "HealthcareService) and nothing else.",
+            expression=["ServiceRequest.performer"],
+        )
     if not performers:
         raise FhirError(
             422,
@@ -714,7 +743,7 @@ def service_request_to_intake(resource: dict[str, Any], version: str) -> Intake:
         )
     question = _clinical_question(resource, version)
     mode = _consult_mode(resource, version)
-    performers = [reference_of(p) for p in resource.get("performer") or []]
+    performers = _performer_references(resource)
     return Intake(
         placer_system=placer[0],
         placer_value=placer[1],

@@ -1471,7 +1471,16 @@ def transaction_bundle(
             department = _department(intake.performer_references, where)
             if department is None and task:
                 where = "Task.owner"
-                department = _department([m.reference_of(task.get("owner"))], where)
+                owner = task.get("owner")
+                if isinstance(owner, dict) and owner and not m.reference_of(owner):
+                    raise FhirError(
+                        422,
+                        "business-rule",
+                        "Task.owner names no reference: name the department as "
+                        "HealthcareService/<id>, or leave owner out to let routing choose.",
+                        expression=[where],
+                    )
+                department = _department([m.reference_of(owner)], where)
             with stored_versions() as fresh:
                 referral, created = _submit(user, intake, department, where)
         outcomes: dict[int, tuple[FhirResource, str]] = {}

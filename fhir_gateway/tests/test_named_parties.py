@@ -246,3 +246,21 @@ def test_a_case_file_entry_is_about_the_bundles_patient(
     else:
         assert response.status_code == 422, response.content
         _nothing_submitted()
+
+
+@pytest.mark.parametrize("where", ["performer", "owner"])
+def test_a_department_named_without_a_reference_is_refused(world: World, where: str) -> None:
+    """A performer / owner given by display or identifier alone was left to routing."""
+    bundle = transaction(world, performer=False)
+    named = {"display": "Paediatrics, Children's Hospital"}
+    if where == "owner":
+        bundle["entry"][2]["resource"]["owner"] = named
+    else:
+        bundle["entry"][1]["resource"]["performer"] = [named]
+
+    response = _post_bundle(world, bundle)
+
+    assert response.status_code == 422, response.content
+    expected = "Task.owner" if where == "owner" else "ServiceRequest.performer[0]"
+    assert outcome_issue(response)["expression"] == [expected]
+    _nothing_submitted()

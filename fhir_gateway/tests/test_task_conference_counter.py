@@ -952,3 +952,18 @@ def test_the_same_owner_written_otherwise_is_no_forward(world: World):
     assert response.status_code == 200, response.content
     event = ReferralEvent.objects.filter(referral__filler_id=task_id).order_by("-seq").first()
     assert event is not None and event.action == "decline"
+
+
+def test_a_counter_referral_naming_more_than_its_department_is_refused(
+    world: World, people: dict[str, Any], spoke_neurology: Department
+):
+    """A performer beside the department (an Organization) was dropped without a word."""
+    task_id = advised(world)
+    body = _counter_referral(world, task_id, spoke_neurology)
+    body["performer"].append({"reference": f"Organization/{world.network.spoke.pk}"})
+
+    response = people["consultant"].post("/fhir/ServiceRequest", body)
+
+    assert response.status_code == 422, response.content
+    assert outcome_issue(response)["expression"] == ["ServiceRequest.performer"]
+    assert not Referral.objects.filter(parent_referral__filler_id=task_id).exists()
