@@ -43,7 +43,7 @@ from fhir_gateway import handlers
 from fhir_gateway import referral_mapping as m
 from fhir_gateway.audit import audit_file
 from fhir_gateway.handlers import RawCreate, RawRead, ResourceHandler
-from fhir_gateway.outcomes import FhirError
+from fhir_gateway.outcomes import FhirError, bodiless_response
 from fhir_gateway.referral_resources import case_file_store, referral_from_references
 from fhir_gateway.storage import dumps, fhir_instant, none_match, validate_resource
 from fhir_gateway.versions import binary_answer_version, media_type_for
@@ -84,8 +84,7 @@ def binary_read(read: RawRead) -> HttpResponseBase:
     attachment = _attachment(read)
     if none_match(read.request.headers.get("If-None-Match", ""), 1):
         # The client holds the file (it never changes): 304, nothing sent, nothing read.
-        not_modified = HttpResponse(status=304)
-        del not_modified["Content-Type"]
+        not_modified = bodiless_response(304)
         not_modified["ETag"] = 'W/"1"'
         not_modified["Vary"] = "Accept"
         return not_modified
@@ -187,8 +186,7 @@ def binary_create(call: RawCreate) -> HttpResponseBase:
     attachment = stored.attachment
     prefer = call.request.headers.get("Prefer", "")
     if "return=minimal" in prefer:
-        response = HttpResponse(status=201)
-        del response["Content-Type"]  # no body
+        response = bodiless_response(201)
     else:
         response = HttpResponse(
             dumps(_resource(logical_id, attachment, data)),

@@ -188,3 +188,11 @@ def outcome_response(error: FhirError, *, content_type: str) -> HttpResponse:
     for name, value in error.headers.items():
         response[name] = value
     return response
+
+
+def bodiless_response(status: int) -> HttpResponse:
+    """An answer without a body (201 with ``return=minimal``, 204, 304): no Content-Type
+    either (Django's default said text/html)."""
+    response = HttpResponse(status=status)
+    del response["Content-Type"]
+    return response

@@ -20,10 +20,9 @@ import base64
 import binascii
 import codecs
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
-from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 from django.utils.http import parse_header_parameters
 
@@ -36,6 +35,7 @@ from fhir_gateway.registry_projection import (
 )
 from fhir_gateway.storage import fhir_instant
 from referrals.models import (
+    MIN_BIRTH_YEAR,
     ConsultNote,
     DeclineReason,
     Disposition,
@@ -44,6 +44,7 @@ from referrals.models import (
     Priority,
     Referral,
     ReferralState,
+    latest_birth_year,
 )
 from referrals.services import PLACER_MAX_LENGTH
 from referrals.workflow import FINISHED_STATES, TRANSITIONS_BY_ACTION
@@ -576,24 +577,28 @@ def _consult_mode(resource: dict[str, Any], version: str) -> str:
     return ConsultMode.ASYNC.value
 
 
+def department_reference(value: Any, where: str) -> str:
+    """The reference of a performer / owner; one named without it (an identifier or a
+    display alone) is 422: it cannot be honoured, and ignoring it would send the referral
+    where the sender did not ask."""
+    reference = reference_of(value)
+    if not reference:
+        raise FhirError(
+            422,
+            "business-rule",
+            f"{where} names no reference: name the department as HealthcareService/<id> "
+            "(GET HealthcareService?organization=…&specialty=…), or leave it out to let "
+            "routing choose.",
+            expression=[where],
+        )
+    return reference
+
+
 def _performer_references(resource: dict[str, Any]) -> list[str]:
-    """``ServiceRequest.performer``'s references; a performer named without one (an
-    identifier or a display alone) is 422: it cannot be honoured, and ignoring it would
-    send the referral where the sender did not ask."""
-    references = []
-    for index, performer in enumerate(resource.get("performer") or []):
-        reference = reference_of(performer)
-        if not reference:
-            raise FhirError(
-                422,
-                "business-rule",
-                f"ServiceRequest.performer[{index}] names no reference: name the department "
-                "as HealthcareService/<id> (GET HealthcareService?organization=…&specialty=…), "
-                "or leave performer out to let routing choose.",
-                expression=[f"ServiceRequest.performer[{index}]"],
-            )
-        references.append(reference)
-    return references
+    return [
+        department_reference(performer, f"ServiceRequest.performer[{index}]")
+        for index, performer in enumerate(resource.get("performer") or [])
+    ]
 
 
 def _check_intent(resource: dict[str, Any]) -> None:
@@ -662,18 +667,9 @@ def service_request_to_counter_referral(
             f"{resource.get('status')!r}.",
             expression=["ServiceRequest.status"],
         )
+    # Anything beside the department is refused where the department is read.
     performers = _performer_references(resource)
-    others = [p for p in performers if split_reference(p)[0] != "HealthcareService"]
-    if others:
-        raise FhirError(
-            422,
-            "business-rule",
-            f"ServiceRequest.performer {others[0][:100]} is not a department: a "
-            "counter-referral names the department that takes the patient back (a "
-            "HealthcareService) and nothing else.",
-            expression=["ServiceRequest.performer"],
-        )
-    if not performers:
+    if not any(split_reference(p)[0] == "HealthcareService" for p in performers):
         raise FhirError(
             422,
             "required",
@@ -752,7 +748,7 @@ def service_request_to_intake(resource: dict[str, Any], version: str) -> Intake:
         priority=Priority.from_code(str(resource.get("priority") or "routine")).value,
         mode=mode,
         requester_reference=reference_of(resource.get("requester")),
-        performer_references=[p for p in performers if p],
+        performer_references=performers,
     )
 
 
@@ -787,8 +783,7 @@ def patient_into_intake(intake: Intake, patient: dict[str, Any]) -> None:
     birth = str(patient.get("birthDate") or "")
     if len(birth) >= 4 and ascii_digits(birth[:4]):
         year = int(birth[:4])
-        # This year where it is already latest (UTC+14): a birth today anywhere.
-        if not 1900 <= year <= (timezone.now() + timedelta(hours=14)).year:
+        if not MIN_BIRTH_YEAR <= year <= latest_birth_year():
             raise FhirError(
                 422,
                 "business-rule",

@@ -465,14 +465,7 @@ def _check_requester(
     reference = m.reference_of(value)
     declared = str(value.get("type") or "")
     if reference.startswith("#"):  # a contained resource
-        contained = next(
-            (
-                c
-                for c in resource.get("contained") or []
-                if isinstance(c, dict) and f"#{c.get('id')}" == reference
-            ),
-            None,
-        )
+        contained = _contained(resource, reference)
         kind = str((contained or {}).get("resourceType") or declared)
         if kind in _PERSON_TYPES:
             return
@@ -480,8 +473,7 @@ def _check_requester(
         _check_requester_identifiers(own, identifiers, where, "a contained Organization")
         return
     if "?" in reference:  # a conditional reference: Organization?identifier=...
-        path, _, query = reference.partition("?")
-        kind = path.rstrip("/").rpartition("/")[2]
+        kind, query = _conditional(reference)
         if kind in _PERSON_TYPES:
             return
         names = [v for k, v in parse_qsl(query, keep_blank_values=True) if k == "identifier"]
@@ -516,6 +508,24 @@ def _check_requester(
         _check_requester_identifiers(own, [identifier], where, "its identifier")
 
 
+def _contained(resource: dict[str, Any], reference: str) -> dict[str, Any] | None:
+    """The contained resource a ``#id`` reference names, if any."""
+    return next(
+        (
+            c
+            for c in resource.get("contained") or []
+            if isinstance(c, dict) and f"#{c.get('id')}" == reference
+        ),
+        None,
+    )
+
+
+def _conditional(reference: str) -> tuple[str, str]:
+    """A conditional reference ``[base/]Type?query``: (its type, its query)."""
+    path, _, query = reference.partition("?")
+    return path.rstrip("/").rpartition("/")[2], query
+
+
 def _names_organization(resource: dict[str, Any], element: str) -> bool:
     """Whether ``element`` names an Organization for sure (its ``type``, a literal or
     conditional ``Organization`` reference, a contained Organization). A sender named by
@@ -527,15 +537,12 @@ def _names_organization(resource: dict[str, Any], element: str) -> bool:
         return True
     reference = m.reference_of(value)
     if reference.startswith("#"):
-        return any(
-            isinstance(c, dict)
-            and f"#{c.get('id')}" == reference
-            and c.get("resourceType") == "Organization"
-            for c in resource.get("contained") or []
-        )
-    if "?" in reference:
-        return reference.partition("?")[0].rstrip("/").rpartition("/")[2] == "Organization"
-    return bool(reference) and m.split_reference(reference)[0] == "Organization"
+        kind = str((_contained(resource, reference) or {}).get("resourceType") or "")
+    elif "?" in reference:
+        kind = _conditional(reference)[0]
+    else:
+        kind = m.split_reference(reference)[0] if reference else ""
+    return kind == "Organization"
 
 
 def _check_subject(referral: Referral, resource: dict[str, Any], where: str) -> None:
@@ -698,9 +705,10 @@ def _department(references: list[str], where: str) -> Department | None:
     """The department a performer / owner names, None when none is named (routing
     chooses). Anything else named there (an Organization, a Practitioner, …) is refused:
     ignoring it would send the referral where the sender did not ask."""
-    for reference in references:
+    named = [r for r in references if r]
+    for reference in named:
         kind, logical_id = m.split_reference(reference)
-        if reference and kind != "HealthcareService":
+        if kind != "HealthcareService":
             hint = (
                 f" (its departments: GET HealthcareService?organization={kind}/{logical_id})"
                 if kind == "Organization"
@@ -713,25 +721,22 @@ def _department(references: list[str], where: str) -> Department | None:
                 f"HealthcareService{hint}, or leave {where} out to let routing choose.",
                 expression=[where],
             )
-    for reference in references:
-        kind, _logical_id = m.split_reference(reference)
-        if kind != "HealthcareService":
-            continue
-        pk = reference_pk(reference, "HealthcareService")
-        department = (
-            memoized(("department", pk), functools.partial(_department_by_pk, pk))
-            if pk is not None
-            else None
+    if not named:
+        return None
+    pk = reference_pk(named[0], "HealthcareService")
+    department = (
+        memoized(("department", pk), functools.partial(_department_by_pk, pk))
+        if pk is not None
+        else None
+    )
+    if department is None:
+        raise FhirError(
+            422,
+            "business-rule",
+            f"{where} {named[0]} is not a department of the network.",
+            expression=[where],
         )
-        if department is None:
-            raise FhirError(
-                422,
-                "business-rule",
-                f"{where} {reference} is not a department of the network.",
-                expression=[where],
-            )
-        return department
-    return None
+    return department
 
 
 def _if_none_exist_referral(user: User, if_none_exist: str) -> Referral | None:
@@ -832,11 +837,10 @@ def _submit(
     except ApplicationError as exc:
         if department is None or exc.code != "department_not_candidate":
             raise
-        problem = exc.message.replace(" GET the suggestions to see the candidates.", "")
         raise FhirError(
             422,
             "business-rule",
-            f"{where} HealthcareService/{department.pk}: {problem} "
+            f"{where} HealthcareService/{department.pk}: {exc.message} "
             f"Leave {where} out to let routing choose.",
             expression=[where],
         ) from exc
@@ -1430,7 +1434,7 @@ def transaction_bundle(
     if patient:
         m.patient_into_intake(intake, patient)
     subject = service_request.get("subject")
-    if not m.reference_of(subject).startswith(("urn:uuid:", "urn:oid:")):
+    if not m.reference_of(subject).startswith(_ENTRY_REFERENCE):
         if patient:
             raise FhirError(
                 422,
@@ -1472,15 +1476,8 @@ def transaction_bundle(
             if department is None and task:
                 where = "Task.owner"
                 owner = task.get("owner")
-                if isinstance(owner, dict) and owner and not m.reference_of(owner):
-                    raise FhirError(
-                        422,
-                        "business-rule",
-                        "Task.owner names no reference: name the department as "
-                        "HealthcareService/<id>, or leave owner out to let routing choose.",
-                        expression=[where],
-                    )
-                department = _department([m.reference_of(owner)], where)
+                named = [m.department_reference(owner, where)] if owner else []
+                department = _department(named, where)
             with stored_versions() as fresh:
                 referral, created = _submit(user, intake, department, where)
         outcomes: dict[int, tuple[FhirResource, str]] = {}
@@ -1520,7 +1517,7 @@ def transaction_bundle(
         documents = by_type.get("DocumentReference", [])
         taken: set[str] = set()  # the stored files answering an entry
         for index, document in sorted(documents, key=lambda d: not document_keys[d[0]]):
-            if not m.reference_of(document.get("subject")).startswith(("urn:uuid:", "urn:oid:")):
+            if not m.reference_of(document.get("subject")).startswith(_ENTRY_REFERENCE):
                 # Not the Patient entry (checked above): the referral's patient, or 422.
                 _check_subject(referral, document, f"Bundle.entry[{index}].resource.subject")
             if not document_keys[index]:
@@ -1679,6 +1676,8 @@ def _entry_condition(entries: list[dict[str, Any]], index: int) -> str | None:
     return condition or None
 
 
+# How a reference names another entry of the same transaction Bundle.
+_ENTRY_REFERENCE = ("urn:uuid:", "urn:oid:")
 # Within a transaction, what these elements must point at when they name an entry.
 _REFERENCE_TARGETS = {
     ("ServiceRequest", "subject"): "Patient",
@@ -1715,7 +1714,7 @@ def _check_bundle_references(entries: list[dict[str, Any]]) -> None:
             if not isinstance(item, dict):
                 continue
             reference = item.get("reference")
-            if isinstance(reference, str) and reference.startswith(("urn:uuid:", "urn:oid:")):
+            if isinstance(reference, str) and reference.startswith(_ENTRY_REFERENCE):
                 where = f"Bundle.entry[{index}].resource{path}"
                 if reference not in types:
                     raise FhirError(

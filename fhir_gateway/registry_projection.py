@@ -419,12 +419,17 @@ def _take_lease() -> datetime | None:
 
 
 @contextlib.contextmanager
-def projection_lock(*, wait: bool, poll_seconds: float = 1.0) -> Iterator[bool]:
+def projection_lock(
+    *, wait: bool, waiting: Callable[[], None] | None = None, poll_seconds: float = 1.0
+) -> Iterator[bool]:
     """Hold the one-run-at-a-time lease of the registry projection; yields False (and
-    holds nothing) when ``wait`` is False and another run holds it. Two overlapping runs
-    (beat's next while a slow first one still went, found by an operator) stored the same
-    content twice as new versions and held two worker slots."""
+    holds nothing) when ``wait`` is False and another run holds it; ``waiting`` is called
+    once when it waits. Two overlapping runs (beat's next while a slow first one still
+    went, found by an operator) stored the same content twice as new versions and held two
+    worker slots."""
     until = _take_lease()
+    if until is None and wait and waiting is not None:
+        waiting()
     while until is None and wait:
         time.sleep(poll_seconds)
         until = _take_lease()

@@ -44,7 +44,12 @@ from fhir_gateway import capability, handlers, intake, paging, patching
 from fhir_gateway.audit import audit_referral, audit_resources, audit_rows, resources_answered
 from fhir_gateway.handlers import HANDLERS, ResourceHandler, WriteRequest
 from fhir_gateway.models import FhirResource
-from fhir_gateway.outcomes import FhirError, fhir_error_for, outcome_response
+from fhir_gateway.outcomes import (
+    FhirError,
+    bodiless_response,
+    fhir_error_for,
+    outcome_response,
+)
 from fhir_gateway.storage import (
     FHIR_ID,
     dumps,
@@ -533,16 +538,11 @@ def _operation(
     if ctx.request.method == "POST":  # FHIR: every operation may be POSTed a Parameters
         for param_name, value in _posted_parameters(ctx):
             params.setdefault(param_name, []).append(value)
-    ignored: list[str] = []
-    if operation.parameters is not None:
-        ignored = sorted(set(params) - operation.parameters - _FORMAT_PARAMS)
-        if ignored and _strict(ctx.request):
-            raise FhirError(
-                400,
-                "not-supported",
-                f"${name} takes no parameter {', '.join(ignored)} (it reads "
-                f"{', '.join(sorted(operation.parameters)) or 'none'}).",
-            )
+    ignored = (
+        _unread(ctx.request, params, operation.parameters, f"${name}")
+        if operation.parameters is not None
+        else []
+    )
     answer = operation.func(
         handlers.OperationCall(
             user=ctx.user,
@@ -761,13 +761,6 @@ def _write_response(
 # --------------------------------------------------------------------------- instance level
 
 
-def _bodiless(status: int) -> HttpResponse:
-    """A 204 / 304: no body, so no Content-Type (Django's default said text/html)."""
-    response = HttpResponse(status=status)
-    del response["Content-Type"]
-    return response
-
-
 def _raw_read(ctx: FhirRequest, handler: ResourceHandler, logical_id: str) -> HttpResponseBase:
     """A read its handler answers itself (Binary: the bytes, or a Binary resource)."""
     assert ctx.user is not None and handler.raw_read is not None
@@ -805,7 +798,7 @@ def instance(ctx: FhirRequest, resource_type: str, logical_id: str) -> HttpRespo
         subset = _request_subset(ctx, resource_type, search=False)
         row = _read(handler, logical_id, ctx.user)
         if none_match(ctx.request.headers.get("If-None-Match", ""), row.version_id):
-            not_modified = _bodiless(304)
+            not_modified = bodiless_response(304)
             not_modified["ETag"] = f'W/"{row.version_id}"'
             return not_modified  # no data sent: nothing to record
         _audit_write(ctx, row, AuditAction.READ, "read")
@@ -844,7 +837,7 @@ def instance(ctx: FhirRequest, resource_type: str, logical_id: str) -> HttpRespo
             ).exists()
         ):
             raise FhirError(404, "not-found", f"{resource_type}/{logical_id} is not known.")
-        return _bodiless(204)
+        return bodiless_response(204)
     raise FhirError(
         405,
         "not-supported",
@@ -972,9 +965,11 @@ def history(ctx: FhirRequest, resource_type: str, logical_id: str) -> HttpRespon
         count, offset = 0, 0
     _check_visible(handler, logical_id, ctx.user)
     rows = resource_history(resource_type, logical_id)
-    kept, ignored = _history_window(ctx.request, rows)
-    if kept is not None:
-        rows = rows.filter(version_id__in=kept)
+    ignored = _unread(ctx.request, ctx.request.GET, _HISTORY_PARAMS, "History")
+    # _since / _at (a QueryDict item is the last value given)
+    window = {n: ctx.request.GET[n] for n in ("_since", "_at") if ctx.request.GET.get(n)}
+    if window:
+        rows = rows.filter(version_id__in=_versions_in_window(rows, window))
     total = rows.count()
     page = list(rows[offset : offset + count])
     entries = []
@@ -1003,10 +998,7 @@ def history(ctx: FhirRequest, resource_type: str, logical_id: str) -> HttpRespon
         entry += ',"request":' + dumps(request_part) + ',"response":' + dumps(response_part) + "}"
         entries.append(entry)
     self_url = f"{ctx.base}/{resource_type}/{logical_id}/_history"
-    used = subset.query() if subset else {}
-    for name in ("_since", "_at"):  # the next page keeps the window
-        if ctx.request.GET.get(name):
-            used[name] = [ctx.request.GET.getlist(name)[-1]]
+    used = {**(subset.query() if subset else {}), **{k: [v] for k, v in window.items()}}
     links = _links(self_url, used, count, offset, total, len(page))
     response = _bundle_response(ctx, "history", total, links, entries)
     audit_rows(ctx.request, ctx.user, AuditAction.READ, page, f"fhir history {resource_type}")
@@ -1017,43 +1009,32 @@ def history(ctx: FhirRequest, resource_type: str, logical_id: str) -> HttpRespon
 _HISTORY_PARAMS = frozenset({"_count", "_offset", "_since", "_at", "_summary", "_elements"})
 
 
-def _history_window(request: HttpRequest, rows: Any) -> tuple[set[int] | None, list[str]]:
-    """The versions an instance history's ``_since`` / ``_at`` keep (None: all), and the
-    parameters it does not read (named in X-FHIR-Ignored-Parameters; 400 under
-    ``Prefer: handling=strict``). ``_since``: versions made at or after the instant;
-    ``_at``: versions current at some point in the date's range (FHIR's history rules).
-    Both were ignored without a word: a client polling with ``_since`` got everything."""
-    ignored = [n for n in request.GET if n not in _HISTORY_PARAMS and n not in _FORMAT_PARAMS]
-    if ignored and _strict(request):
-        raise FhirError(
-            400, "not-supported", f"History does not take {', '.join(sorted(ignored))[:200]}."
-        )
-    since = request.GET.getlist("_since")[-1:] or [""]
-    at = request.GET.getlist("_at")[-1:] or [""]
-    if not since[0] and not at[0]:
-        return None, ignored
+def _versions_in_window(rows: QuerySet[FhirResource], window: dict[str, str]) -> set[int]:
+    """The versions an instance history's ``_since`` / ``_at`` keep (FHIR's history
+    rules): ``_since``, those made at or after the instant; ``_at``, those current at some
+    point in the date's range (a version is current until the next is made). Both were
+    ignored without a word: a client polling with ``_since`` got everything."""
     made = list(rows.order_by("version_id").values_list("version_id", "last_updated"))
     kept = {v for v, _t in made}
-    if since[0]:
-        start = _window_start(since[0], "_since")[0]
+    if "_since" in window:
+        start, _end = _window_range(window["_since"], "_since")
         kept &= {v for v, t in made if t >= start}
-    if at[0]:
-        start, end = _window_start(at[0], "_at")
-        ends = [t for _v, t in made[1:]] + [None]  # a version is current until the next
+    if "_at" in window:
+        start, end = _window_range(window["_at"], "_at")
+        ends = [t for _v, t in made[1:]] + [None]
         kept &= {
             v
             for (v, t), until in zip(made, ends, strict=True)
             if t < end and (until is None or until > start)
         }
-    return kept, ignored
+    return kept
 
 
-def _window_start(raw: str, name: str) -> tuple[datetime, datetime]:
+def _window_range(raw: str, name: str) -> tuple[datetime, datetime]:
     """A history window's date (no prefix): its start and exclusive end, in UTC."""
-    prefix, start, end = _date_range(raw, name)
     if raw[:2].isalpha():
         raise FhirError(400, "invalid", f"{name} takes a date or instant, without a prefix.")
-    assert prefix == "eq"
+    _prefix, start, end = _date_range(raw, name)
     return start, end
 
 
@@ -1297,6 +1278,21 @@ def _search(
     )
     _name_ignored(response, ignored)
     return response
+
+
+def _unread(request: HttpRequest, names: Any, reads: frozenset[str], what: str) -> list[str]:
+    """The parameters an interaction or operation (``what``) does not read, besides the
+    format ones: named in X-FHIR-Ignored-Parameters, or 400 with ``Prefer:
+    handling=strict``."""
+    ignored = sorted(set(names) - reads - _FORMAT_PARAMS)
+    if ignored and _strict(request):
+        raise FhirError(
+            400,
+            "not-supported",
+            f"{what} takes no parameter {', '.join(ignored)[:200]} (it reads "
+            f"{', '.join(sorted(reads)) or 'none'}).",
+        )
+    return ignored
 
 
 def _strict(request: HttpRequest) -> bool:

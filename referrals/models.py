@@ -8,6 +8,7 @@ it). The allowed changes are defined once, in ``referrals.workflow.TRANSITIONS``
 from __future__ import annotations
 
 import uuid
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import models
@@ -16,6 +17,14 @@ from django.utils import timezone
 from guardian.models import UserObjectPermissionBase
 
 from registry.models import ConsultMode
+
+# A patient's birth year: from 1900 to this year where it is already latest (UTC+14), so a
+# birth today anywhere on Earth is taken (every entry point: web, API, FHIR).
+MIN_BIRTH_YEAR = 1900
+
+
+def latest_birth_year(now: datetime | None = None) -> int:
+    return ((now or timezone.now()) + timedelta(hours=14)).year
 
 
 class ReferralState(models.TextChoices):

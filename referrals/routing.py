@@ -653,5 +653,5 @@ def candidate_check(
         "That department is not a routing candidate for this referral (it must offer the "
         "specialty and mode, accept referrals, and be of a higher tier than your facility or "
         "support it through an active support link; across a border only with a data-sharing "
-        "agreement). GET the suggestions to see the candidates."
+        "agreement)."
     )

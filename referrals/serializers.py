@@ -14,6 +14,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from referrals.models import (
+    MIN_BIRTH_YEAR,
     CloseOut,
     CloseOutOutcome,
     ConsultNote,
@@ -34,7 +35,7 @@ class PatientSerializer(serializers.Serializer[Any]):
     ref = serializers.CharField(max_length=128, required=False, allow_blank=True, default="")
     sex = serializers.ChoiceField(choices=PatientSex.choices, default=PatientSex.UNKNOWN)
     birth_year = serializers.IntegerField(
-        min_value=1900, max_value=2100, required=False, allow_null=True, default=None
+        min_value=MIN_BIRTH_YEAR, max_value=2100, required=False, allow_null=True, default=None
     )
 
 

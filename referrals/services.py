@@ -21,6 +21,7 @@ from core.rows import fetch_prepared
 from core.values import FIRST_YEAR, LAST_YEAR, row_id, year_supported
 from referrals.load import department_load_move, load_slot
 from referrals.models import (
+    MIN_BIRTH_YEAR,
     ActorSide,
     CloseOut,
     ConsultNote,
@@ -30,6 +31,7 @@ from referrals.models import (
     Referral,
     ReferralEvent,
     ReferralState,
+    latest_birth_year,
 )
 from referrals.notifications import notify_in_transaction, notify_transition_later
 from referrals.permissions import referral_experts_grant, referral_grants_revoke
@@ -57,8 +59,6 @@ PRIORITY_MAX_HOURS: dict[int, int | None] = {
 }
 COUNTER_REFERRAL_SYSTEM = "urn:consilium:counter-referral"
 MAX_TEXT = 20_000
-# The earliest birth year a referral takes (the web form's and the API's lower bound).
-MIN_BIRTH_YEAR = 1900
 
 
 def referral_deadline(*, department: Department, priority: int, start: datetime) -> datetime:
@@ -706,8 +706,9 @@ def referral_submit(
         return existing, False
     if not clinical_question.strip():
         raise ApplicationError("A clinical question is required.")
-    latest = (now + timedelta(hours=14)).year  # this year where it is latest (UTC+14)
-    if patient_birth_year is not None and not (MIN_BIRTH_YEAR <= patient_birth_year <= latest):
+    if patient_birth_year is not None and not (
+        MIN_BIRTH_YEAR <= patient_birth_year <= latest_birth_year(now)
+    ):
         raise ApplicationError(
             f"The patient's birth year must be between {MIN_BIRTH_YEAR} and this year.",
             code="invalid",
@@ -817,8 +818,11 @@ def referral_message_post(
     posting it again; with another text it is refused (409 ``message_key_used``): the
     form was used again (the back button), and its new text must not be taken for the
     first."""
-    if len(client_key) > 64:
-        raise ApplicationError("A message key has at most 64 characters.", code="invalid")
+    key_length = Message._meta.get_field("client_key").max_length or 0
+    if len(client_key) > key_length:
+        raise ApplicationError(
+            f"A message key has at most {key_length} characters.", code="message_key_invalid"
+        )
     text = text.strip() if isinstance(text, str) else ""
     if not text:
         raise ApplicationError("A message needs a text.", code="invalid")

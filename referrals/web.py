@@ -35,6 +35,7 @@ from core.errors import ApplicationError, Conflict, NotFound
 from referrals import selectors, services
 from referrals.audit import audit_record
 from referrals.models import (
+    MIN_BIRTH_YEAR,
     AuditAction,
     CloseOutOutcome,
     DeclineReason,
@@ -43,6 +44,7 @@ from referrals.models import (
     Priority,
     Referral,
     ReferralState,
+    latest_birth_year,
 )
 from referrals.routing import forward_candidates
 from referrals.workflow import TERMINAL_STATES, TRANSITIONS_BY_ACTION, InputField, Transition
@@ -154,7 +156,7 @@ class ReferralNewForm(forms.Form):
         label="Patient sex", choices=PatientSex.choices, initial=PatientSex.UNKNOWN
     )
     patient_birth_year = forms.IntegerField(
-        label="Patient birth year", min_value=1900, max_value=2100, required=False
+        label="Patient birth year", min_value=MIN_BIRTH_YEAR, max_value=2100, required=False
     )
     # Shown when the same question was just sent: the user confirms a second referral.
     send_again = forms.BooleanField(
@@ -169,7 +171,7 @@ class ReferralNewForm(forms.Form):
 
     def clean_patient_birth_year(self) -> int | None:
         value: int | None = self.cleaned_data.get("patient_birth_year")
-        if value is not None and value > timezone.now().year:
+        if value is not None and value > latest_birth_year():
             raise forms.ValidationError("The birth year cannot be in the future.")
         return value
 
@@ -595,7 +597,7 @@ def referral_message(request: HttpRequest, pk: int) -> HttpResponse:
             status=exc.status_code,
             message_text=text,  # what was typed is not lost
             # A used or damaged key gets a fresh one; any other refusal keeps it.
-            message_key="" if exc.code == "message_key_used" or len(key) > 64 else key,
+            message_key="" if exc.code in ("message_key_used", "message_key_invalid") else key,
         )
     if not created:  # the same form posted again (double click, reload, retry)
         messages.info(request, "This message was already sent; it was not sent again.")

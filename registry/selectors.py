@@ -201,10 +201,11 @@ def effective_support_links() -> QuerySet[SupportLink]:
     )
 
 
-def support_links_upside_down_all() -> QuerySet[SupportLink]:
+def upside_down_support_links() -> QuerySet[SupportLink]:
     """Links in effect whose hub is of a lower tier (a larger number) than its spoke: the
     rule refuses them since 2026-11-27 (``registry.services``), but rows stored before it
-    may hold them (``manage.py registry_check`` lists them)."""
+    may hold them (``manage.py registry_check`` lists them; an import judges its tier
+    changes with them)."""
     return (
         effective_support_links()
         .select_related("hub", "spoke")

@@ -6,7 +6,7 @@ from collections.abc import Collection, Mapping
 from typing import Any
 
 from django.db import connection, transaction
-from django.db.models import F, Q
+from django.db.models import Q
 from django.utils import timezone
 
 from accounts.models import User
@@ -25,7 +25,7 @@ from registry.models import (
     SupportLink,
 )
 from registry.permissions import is_steward
-from registry.selectors import effective_support_links
+from registry.selectors import effective_support_links, upside_down_support_links
 
 # Facility fields recorded in revisions (FK fields by their *_id column).
 TRACKED_FIELDS: tuple[str, ...] = (
@@ -167,12 +167,8 @@ def support_links_upside_down(facility_ids: Collection[int]) -> dict[int, str]:
     """For facilities whose stored tiers just changed (an import, judged once all rows are
     in): each one with a link in effect whose hub is now below its spoke, described (one
     query, whatever the number of facilities)."""
-    links = (
-        effective_support_links()
-        .select_related("hub", "spoke")
-        .filter(Q(hub_id__in=facility_ids) | Q(spoke_id__in=facility_ids))
-        .filter(hub__tier__gt=F("spoke__tier"))
-        .order_by("id")
+    links = upside_down_support_links().filter(
+        Q(hub_id__in=facility_ids) | Q(spoke_id__in=facility_ids)
     )
     found: dict[int, str] = {}
     for link in links:

@@ -207,6 +207,20 @@ def test_a_projection_run_while_another_runs_does_nothing(network):
     assert project_registry_incremental() is None
 
 
+def test_a_waiting_projection_says_so_once_and_runs_when_the_lease_ends(db):
+    ProjectionCheckpoint.objects.create(  # another run's lease, ending in 0.2 s
+        name=registry_projection.LEASE_NAME, watermark=timezone.now() + timedelta(milliseconds=200)
+    )
+    said: list[str] = []
+
+    with registry_projection.projection_lock(
+        wait=True, waiting=lambda: said.append("waiting"), poll_seconds=0.02
+    ) as got:
+        assert got
+
+    assert said == ["waiting"]
+
+
 def test_deleted_department_becomes_a_deletion_version(fhir, network):
     pk = network.cardiology.pk
     Department.objects.filter(pk=pk).delete()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -214,34 +215,48 @@ def test_worklist_query_count_does_not_grow_with_rows(world: World) -> None:
 # --- races -------------------------------------------------------------------------------
 
 
-@pytest.mark.django_db(transaction=True)
-def test_twenty_parallel_accepts_exactly_one_wins(world: World) -> None:
-    referral = world.referral_in(ReferralState.SUBMITTED)
-    barrier = threading.Barrier(20)
-    outcomes: list[str] = []
+def _in_parallel(count: int, call: Callable[[], Any]) -> list[Any]:
+    """``call`` from ``count`` threads released together: what each returned or raised."""
+    barrier = threading.Barrier(count)
+    results: list[Any] = []
     lock = threading.Lock()
 
-    def accept() -> None:
+    def run() -> None:
         try:
             barrier.wait()
-            services.referral_transition(
-                actor=world.consultant, referral_id=referral.pk, action="accept"
-            )
-            result = "ok"
-        except Conflict as exc:
-            result = f"conflict:{exc.extra['state']}"
-        except Exception as exc:  # noqa: BLE001  # report, don't hang the test
-            result = f"error:{exc!r}"
+            result = call()
+        except Exception as exc:  # noqa: BLE001  # reported in the results, not hung
+            result = exc
         finally:
             connection.close()
         with lock:
-            outcomes.append(result)
+            results.append(result)
 
-    threads = [threading.Thread(target=accept) for _ in range(20)]
+    threads = [threading.Thread(target=run) for _ in range(count)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=60)
+    return results
+
+
+@pytest.mark.django_db(transaction=True)
+def test_twenty_parallel_accepts_exactly_one_wins(world: World) -> None:
+    referral = world.referral_in(ReferralState.SUBMITTED)
+
+    results = _in_parallel(
+        20,
+        lambda: services.referral_transition(
+            actor=world.consultant, referral_id=referral.pk, action="accept"
+        ),
+    )
+
+    outcomes = [
+        f"conflict:{r.extra['state']}"
+        if isinstance(r, Conflict)
+        else (f"error:{r!r}" if isinstance(r, Exception) else "ok")
+        for r in results
+    ]
     assert sorted(outcomes) == ["conflict:accepted"] * 19 + ["ok"]
     referral.refresh_from_db()
     assert (referral.state, referral.version) == ("accepted", 2)
@@ -251,59 +266,34 @@ def test_twenty_parallel_accepts_exactly_one_wins(world: World) -> None:
 @pytest.mark.django_db(transaction=True)
 def test_parallel_posts_of_one_message_form_post_it_once(world: World) -> None:
     referral = world.submit()
-    barrier = threading.Barrier(8)
-    created: list[bool] = []
-    lock = threading.Lock()
 
-    def post() -> None:
-        try:
-            barrier.wait()
-            _, _message, was_created = services.referral_message_post(
-                actor=world.referrer, referral_id=referral.pk, text="Weight?", client_key="k"
-            )
-            with lock:
-                created.append(was_created)
-        finally:
-            connection.close()
+    results = _in_parallel(
+        8,
+        lambda: services.referral_message_post(
+            actor=world.referrer, referral_id=referral.pk, text="Weight?", client_key="k"
+        ),
+    )
 
-    threads = [threading.Thread(target=post) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert sorted(created) == [False] * 7 + [True]
+    assert sorted(created for _r, _m, created in results) == [False] * 7 + [True]
     assert list(referral.messages.values_list("text", "client_key")) == [("Weight?", "k")]
 
 
 @pytest.mark.django_db(transaction=True)
 def test_parallel_identical_submissions_create_one_referral(world: World) -> None:
-    barrier = threading.Barrier(10)
-    created: list[bool] = []
-    lock = threading.Lock()
+    results = _in_parallel(
+        10,
+        lambda: services.referral_submit(
+            actor=world.referrer,
+            requester_facility=world.district,
+            placer_system="urn:his",
+            placer_value="RETRY-1",
+            specialty=world.paeds,
+            clinical_question="q",
+            department=world.hub_paeds,
+        ),
+    )
 
-    def submit() -> None:
-        try:
-            barrier.wait()
-            _, was_created = services.referral_submit(
-                actor=world.referrer,
-                requester_facility=world.district,
-                placer_system="urn:his",
-                placer_value="RETRY-1",
-                specialty=world.paeds,
-                clinical_question="q",
-                department=world.hub_paeds,
-            )
-            with lock:
-                created.append(was_created)
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=submit) for _ in range(10)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert sorted(created) == [False] * 9 + [True]
+    assert sorted(created for _referral, created in results) == [False] * 9 + [True]
     assert Referral.objects.filter(placer_value="RETRY-1").count() == 1
 
 

@@ -16,10 +16,10 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        with projection_lock(wait=False) as free:
-            if not free:
-                self.stderr.write("A projection run is going on; waiting for it to finish…")
-        with projection_lock(wait=True):
+        def waiting() -> None:
+            self.stderr.write("A projection run is going on; waiting for it to finish…")
+
+        with projection_lock(wait=True, waiting=waiting):
             report = project_registry(resource_types=options["types"])
         for label, counts in (
             ("created", report.created),

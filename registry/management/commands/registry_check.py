@@ -6,7 +6,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from registry.selectors import support_links_upside_down_all
+from registry.selectors import upside_down_support_links
 
 
 class Command(BaseCommand):
@@ -17,7 +17,7 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         found = 0
-        for link in support_links_upside_down_all().iterator(chunk_size=500):
+        for link in upside_down_support_links().iterator(chunk_size=500):
             found += 1
             self.stdout.write(
                 f"support link #{link.pk}: hub {link.hub.code} (tier {link.hub.tier}) is below "
