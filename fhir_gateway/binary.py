@@ -66,7 +66,7 @@ def _attachment(read: RawRead) -> Attachment:
     if referral_pk is None:
         raise _not_found(read.logical_id)
     # The referral module's scoped getter (NotFound → 404 OperationOutcome).
-    return attachment_get(user=read.user, referral_id=referral_pk, attachment_id=number)
+    return attachment_get(user=read.user, referral_id=referral_pk, number=number)
 
 
 def _resource(logical_id: str, attachment: Attachment, data: bytes) -> dict[str, Any]:

@@ -148,8 +148,8 @@ def _task_context(referral: Referral, event: ReferralEvent) -> m.TaskContext:
         if referral.version <= 1  # created in this transaction: no consult note yet
         else list(
             ConsultNote.objects.filter(referral=referral)
-            .order_by("pk")
-            .values_list("pk", flat=True)
+            .order_by("number")
+            .values_list("number", flat=True)
         )
     )
     # The planned conference (Task.input) and the counter-referrals (Task.output): read
@@ -172,7 +172,7 @@ def _task_context(referral: Referral, event: ReferralEvent) -> m.TaskContext:
         last_modified=event.at,
         status_reason_code=code,
         status_reason_text=text,
-        consult_note_ids=notes,
+        consult_note_numbers=notes,
         conference_expert_ids=experts,
         counter_referral_ids=counter_referrals,
     )
@@ -194,7 +194,7 @@ def referral_changed(*, referral: Referral, event: ReferralEvent) -> list[FhirRe
     author_facility = event.actor.facility_id if event.actor is not None else None
     message_pk = event.payload.get("message_id")
     if message_pk:
-        message = Message.objects.get(pk=message_pk)
+        message = Message.objects.select_related("in_response_to").get(pk=message_pk)
         extra.append(
             m.message_to_communication(referral, message, author_facility_id=author_facility)
         )

@@ -26,7 +26,7 @@ from typing import Any
 from django.utils.dateparse import parse_datetime
 from django.utils.http import parse_header_parameters
 
-from core.values import ascii_digits
+from core.values import ascii_digits, digits_int, row_id
 from fhir_gateway.outcomes import FhirError
 from fhir_gateway.registry_projection import (
     CONSILIUM,
@@ -141,7 +141,8 @@ service_request_id = task_id
 patient_id = task_id
 
 
-# A referral's messages, consult notes and case files: "<filler id><separator><pk>".
+# A referral's messages, consult notes and case files: "<filler id><separator><number>",
+# the row's number within its referral (referrals.numbering), never its database key.
 MESSAGE_SEPARATOR, NOTE_SEPARATOR, CASE_FILE_SEPARATOR = "-msg-", "-note-", "-att-"
 # The types whose resources belong to a referral (Task, ServiceRequest and Patient have
 # the filler id itself).
@@ -150,17 +151,24 @@ REFERRAL_TYPES = frozenset(
 )
 
 
-def message_id(referral: Referral, message_pk: int) -> str:
-    return f"{referral.filler_id}{MESSAGE_SEPARATOR}{message_pk}"
+def message_id(referral: Referral, number: int) -> str:
+    return f"{referral.filler_id}{MESSAGE_SEPARATOR}{number}"
 
 
-def note_id(referral: Referral, note_pk: int) -> str:
-    return f"{referral.filler_id}{NOTE_SEPARATOR}{note_pk}"
+def message_number(referral: Referral, logical_id: str) -> int | None:
+    """The number of the referral's message a Communication id names; None when it names
+    no message of this referral."""
+    prefix = f"{referral.filler_id}{MESSAGE_SEPARATOR}"
+    return digits_int(logical_id[len(prefix) :]) if logical_id.startswith(prefix) else None
 
 
-def case_file_id(filler_id: str, attachment_pk: int) -> str:
+def note_id(referral: Referral, number: int) -> str:
+    return f"{referral.filler_id}{NOTE_SEPARATOR}{number}"
+
+
+def case_file_id(filler_id: str, number: int) -> str:
     """The id of a case file's DocumentReference and of its Binary."""
-    return f"{filler_id}{CASE_FILE_SEPARATOR}{attachment_pk}"
+    return f"{filler_id}{CASE_FILE_SEPARATOR}{number}"
 
 
 def filler_of(resource_type: str, logical_id: str) -> str | None:
@@ -273,7 +281,7 @@ class TaskContext:
     last_modified: datetime
     status_reason_code: str = ""
     status_reason_text: str = ""
-    consult_note_ids: list[int] = field(default_factory=list)
+    consult_note_numbers: list[int] = field(default_factory=list)
     # Read only in CONFERENCE_STATES / FINISHED_STATES (publish skips the queries otherwise).
     conference_expert_ids: list[int] = field(default_factory=list)
     counter_referral_ids: list[str] = field(default_factory=list)  # their filler ids
@@ -339,9 +347,9 @@ def referral_to_task(referral: Referral, context: TaskContext) -> dict[str, dict
     outputs = [
         {
             "type": {"coding": [_coding(LOINC, CONSULT_NOTE_CODE, "Consult note")]},
-            "valueReference": _ref("DocumentReference", note_id(referral, pk)),
+            "valueReference": _ref("DocumentReference", note_id(referral, number)),
         }
-        for pk in context.consult_note_ids
+        for number in context.consult_note_numbers
     ]
     if referral.state in FINISHED_STATES:
         outputs += [
@@ -397,12 +405,12 @@ def message_to_communication(
 ) -> dict[str, dict[str, Any]]:
     base: dict[str, Any] = {
         "resourceType": "Communication",
-        "id": message_id(referral, message.pk),
+        "id": message_id(referral, message.number),
         "partOf": [_ref("Task", task_id(referral))],
     }
-    if message.in_response_to_id:
+    if message.in_response_to is not None:
         base["inResponseTo"] = [
-            _ref("Communication", message_id(referral, message.in_response_to_id))
+            _ref("Communication", message_id(referral, message.in_response_to.number))
         ]
     base.update(
         {
@@ -430,7 +438,7 @@ def consult_note_to_document_reference(
 ) -> dict[str, dict[str, Any]]:
     base: dict[str, Any] = {
         "resourceType": "DocumentReference",
-        "id": note_id(referral, note.pk),
+        "id": note_id(referral, note.number),
         "extension": [{"url": DISPOSITION_EXTENSION, "valueCode": note.disposition}],
         "status": "current",
         "docStatus": "final",
@@ -451,6 +459,16 @@ def consult_note_to_document_reference(
             }
         }
     ]
+    if note.conference_minutes:  # a live conference's record, beside its advice
+        content.append(
+            {
+                "attachment": {
+                    "contentType": "text/plain; charset=utf-8",
+                    "data": base64.b64encode(note.conference_minutes.encode()).decode(),
+                    "title": "Conference minutes",
+                }
+            }
+        )
     order = _ref("ServiceRequest", service_request_id(referral))
     r4 = {**base, "content": content, "context": {"related": [order]}}
     r5 = {**base, "basedOn": [order], "content": content}
@@ -892,9 +910,14 @@ class _Input:
     value: Any
 
     def same(self, other: _Input) -> bool:
-        """Equal values; a date-time equal as an instant (a client may re-format it)."""
+        """Equal values; a date-time equal as an instant and an expert equal as a user id
+        (a client may re-format them: "04" and " 4" name the user "4" shows)."""
         if self.code != other.code:
             return False
+        if self.code == "experts":
+            mine_id, their_id = row_id(self.value), row_id(other.value)
+            if mine_id is not None and their_id is not None:
+                return mine_id == their_id
         if self.code == "scheduled-at" and isinstance(self.value, str):
             try:
                 mine, theirs = parse_datetime(self.value), parse_datetime(str(other.value))
@@ -1172,6 +1195,8 @@ def attachment_text(attachment: dict[str, Any], where: str) -> str:
             raise LookupError(codec)
         if codec in _BIG_ENDIAN_WITHOUT_BOM and not data.startswith(_BOMS):
             codec = _BIG_ENDIAN_WITHOUT_BOM[codec]  # RFC 2781 §4.3: no BOM, big-endian
+        if codec == "utf-8":  # a BOM is a signature, not text (the UTF-16/32 codecs drop theirs)
+            codec = "utf-8-sig"
         text = data.decode(codec)
         text.encode("utf-8")  # a lone surrogate (UTF-7 can make one) is no text
     except UnicodeError as exc:

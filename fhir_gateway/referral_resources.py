@@ -58,8 +58,17 @@ from fhir_gateway.storage import (
     validate_resource,
 )
 from referrals.attachments import UPLOAD_ROLES
-from referrals.models import ActorSide, Attachment, Referral, ReferralEvent, ReferralState
+from referrals.models import (
+    ActorSide,
+    Attachment,
+    ConsultNote,
+    Message,
+    Referral,
+    ReferralEvent,
+    ReferralState,
+)
 from referrals.selectors import (
+    referral_message_by_number,
     referral_open_question_id,
     referral_scope_sql,
     referral_visible,
@@ -1019,10 +1028,22 @@ def _counter_referral_create(user: User, ask: m.CounterReferralAsk) -> WriteResu
 
 
 def referral_from_references(user: User, references: list[str], where: str) -> Referral:
+    """The one referral ``references`` name (its Task and ServiceRequest share an id); 422
+    when they name none, or two (it was filed on the first, the second dropped unsaid)."""
+    named = []
     for reference in references:
         kind, logical_id = m.split_reference(reference)
-        if kind in ("Task", "ServiceRequest"):
-            return _referral_by_filler(user, logical_id)
+        if kind in ("Task", "ServiceRequest") and logical_id not in named:
+            named.append(logical_id)
+    if len(named) > 1:
+        raise FhirError(
+            422,
+            "business-rule",
+            f"{where} names {len(named)} referrals; a resource belongs to one.",
+            expression=[where],
+        )
+    if named:
+        return _referral_by_filler(user, named[0])
     raise FhirError(
         422,
         "required",
@@ -1067,11 +1088,9 @@ def _communication_create(req: WriteRequest) -> WriteResult:
     answered: int | None = None
     for reference in req.resource.get("inResponseTo") or []:
         _kind, logical_id = m.split_reference(m.reference_of(reference))
-        prefix = f"{referral.filler_id}-msg-"
-        number = digits_int(logical_id[len(prefix) :]) if logical_id.startswith(prefix) else None
-        if number is not None:
-            answered = number
-        else:
+        number = m.message_number(referral, logical_id)
+        answered = referral_message_by_number(referral, number) if number is not None else None
+        if answered is None:
             raise FhirError(
                 422,
                 "business-rule",
@@ -1192,7 +1211,8 @@ def _message_post(user: User, referral: Referral, text: str, answered: int | Non
                 actor=user, referral_id=referral.pk, text=text, in_response_to_id=answered
             )
             pk = message.pk
-    return WriteResult(_current("Communication", m.message_id(referral, int(pk))), created=True)
+        number = Message.objects.values_list("number", flat=True).get(pk=pk)
+    return WriteResult(_current("Communication", m.message_id(referral, number)), created=True)
 
 
 def _is_consult_note(resource: dict[str, Any]) -> bool:
@@ -1257,7 +1277,8 @@ def _document_reference_for(
             user, referral, "advise", None, disposition=disposition or None, text=text
         )
         pk = _latest_payload(referral, "consult_note_id")
-    return WriteResult(_current("DocumentReference", m.note_id(referral, int(pk))), created=True)
+        number = ConsultNote.objects.values_list("number", flat=True).get(pk=pk)
+    return WriteResult(_current("DocumentReference", m.note_id(referral, number)), created=True)
 
 
 def _attachment_store(
@@ -1331,7 +1352,7 @@ def case_file_store(
     name = clean_name(title or "attachment")  # ".", "a/": no name
     upload = SimpleUploadedFile(name, data, content_type=content_type)
     stored = attachment_upload(actor=user, referral_id=referral.pk, upload=upload)
-    doc_id = m.case_file_id(referral.filler_id, stored.pk)
+    doc_id = m.case_file_id(referral.filler_id, stored.number)
     doc: dict[str, Any] = {
         "resourceType": "DocumentReference",
         "id": doc_id,
@@ -1746,10 +1767,10 @@ def _case_files(referral: Referral) -> dict[str, list[FhirResource]]:
         Attachment.objects.filter(
             referral=referral, uploaded_by__facility_id=referral.requester_facility_id
         )
-        .order_by("pk")
-        .values_list("pk", "sha256")
+        .order_by("number")
+        .values_list("number", "sha256")
     )
-    ids = {m.case_file_id(referral.filler_id, pk): sha for pk, sha in files}
+    ids = {m.case_file_id(referral.filler_id, number): sha for number, sha in files}
     by_id = {
         row.logical_id: row
         for row in FhirResource.objects.filter(

@@ -377,12 +377,13 @@ def store_version(
             texts = render_all(source, fhir_version, validate=validate)
         else:
             for target, rendered in renderings.items():
+                # Our own renderings are canonical as built: validated, then stored as
+                # they are (the models' dump wrote instants with microseconds, unlike
+                # every other resource's meta.lastUpdated).
                 source = _with_meta({**rendered, "id": logical_id}, version_id, now)
                 if validate:
-                    model = validate_resource(source, target)
-                    texts[target] = model.model_dump_json(exclude_none=True)
-                else:
-                    texts[target] = dumps(source)
+                    validate_resource(source, target)
+                texts[target] = dumps(source)
     if current is not None:
         FhirResource.objects.filter(pk=current.pk).update(is_current=False)
     row = FhirResource.objects.create(

@@ -51,6 +51,7 @@ from core.errors import ApplicationError, Conflict, NotFound, PermissionDenied
 from core.values import declared_length
 from referrals.audit import audit_record
 from referrals.models import Attachment, AuditAction, Referral
+from referrals.numbering import lock_referral, next_number
 from referrals.selectors import referral_visible
 from referrals.services import actor_sides
 from referrals.workflow import (
@@ -190,11 +191,16 @@ def attachment_list(*, user: User, referral_id: Any) -> tuple[Referral, QuerySet
     return referral, Attachment.objects.filter(referral=referral).order_by("created", "id")
 
 
-def attachment_get(*, user: User, referral_id: Any, attachment_id: Any) -> Attachment:
+def attachment_get(
+    *, user: User, referral_id: Any, attachment_id: Any = None, number: Any = None
+) -> Attachment:
+    """A referral's file by its database id (the REST API) or by its number within the
+    referral (FHIR ids, ``referrals.numbering``)."""
     referral = _referral_for(user, referral_id)
+    key = {"pk": attachment_id} if number is None else {"number": number}
     try:
-        return Attachment.objects.get(pk=int(attachment_id), referral=referral)
-    except (TypeError, ValueError, Attachment.DoesNotExist) as exc:
+        return Attachment.objects.get(referral=referral, **{k: int(v) for k, v in key.items()})
+    except (TypeError, ValueError, OverflowError, Attachment.DoesNotExist) as exc:
         raise NotFound("No such attachment.") from exc
 
 
@@ -282,6 +288,8 @@ def attachment_upload(*, actor: User, referral_id: Any, upload: UploadedFile) ->
         # must go if that rolls back. Without one, the row commits right here.
         pending_commit = connection.in_atomic_block
         with transaction.atomic():
+            lock_referral(referral)
+            attachment.number = next_number(Attachment, referral)
             attachment.save()
     except BaseException:
         attachment.file.delete(save=False)

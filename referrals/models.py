@@ -279,9 +279,14 @@ class ConsultNote(models.Model):
     text = models.TextField()
     conference_minutes = models.TextField(blank=True)
     created_at = models.DateTimeField(default=timezone.now)
+    # The referral's own numbering (1, 2, ...; referrals.numbering): the FHIR id carries it.
+    number = models.PositiveIntegerField()
 
     class Meta:
         ordering = ["referral", "created_at", "id"]
+        constraints = [
+            models.UniqueConstraint(fields=["referral", "number"], name="consult_note_number_once")
+        ]
 
     def __str__(self) -> str:
         return f"{self.referral_id}: {self.disposition}"
@@ -300,15 +305,18 @@ class Message(models.Model):
     # Set by the web form when it is shown: the same form posted twice (a double click, a
     # reload that re-posts, a retry on a bad connection) finds the first message.
     client_key = models.CharField(max_length=64, blank=True, default="")
+    # The referral's own numbering (1, 2, ...; referrals.numbering): the FHIR id carries it.
+    number = models.PositiveIntegerField()
 
     class Meta:
         ordering = ["referral", "created_at", "id"]
         constraints = [
+            models.UniqueConstraint(fields=["referral", "number"], name="message_number_once"),
             models.UniqueConstraint(
                 fields=["referral", "author", "client_key"],
                 condition=~models.Q(client_key=""),
                 name="message_client_key_once",
-            )
+            ),
         ]
 
     def __str__(self) -> str:
@@ -352,9 +360,14 @@ class Attachment(models.Model):
     size = models.PositiveBigIntegerField()
     sha256 = models.CharField(max_length=64)
     created = models.DateTimeField(default=timezone.now)
+    # The referral's own numbering (1, 2, ...; referrals.numbering): the FHIR id carries it.
+    number = models.PositiveIntegerField()
 
     class Meta:
         ordering = ["referral", "created", "id"]
+        constraints = [
+            models.UniqueConstraint(fields=["referral", "number"], name="attachment_number_once")
+        ]
 
     def __str__(self) -> str:
         return f"{self.referral_id}: {self.original_name}"

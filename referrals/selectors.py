@@ -17,7 +17,13 @@ from accounts.models import User
 from accounts.roles import Role
 from core.errors import NotFound
 from core.rows import QueryRows, SqlRows
-from referrals.models import Referral, ReferralEvent, ReferralState, ReferralUserObjectPermission
+from referrals.models import (
+    Message,
+    Referral,
+    ReferralEvent,
+    ReferralState,
+    ReferralUserObjectPermission,
+)
 from referrals.permissions import (
     SENT,
     VIEW_REFERRAL,
@@ -94,11 +100,15 @@ def referral_scope_sql(user: User, alias: str = "r") -> tuple[str, list[Any]]:
 
 def referral_expert_candidates(referral: Referral) -> QuerySet[User]:
     """Who may be invited to a referral's case conference: active consultants working in
-    a department of its specialty (the web form's choices; the ``schedule`` guard)."""
+    a department of its specialty or of its department's (a case forwarded to another
+    specialty, the right desk, invites that specialty's consultants). The web form's
+    choices; the ``schedule`` guard."""
+    specialties = Q(departments__specialty_id=referral.specialty_id)
+    if referral.assigned_department_id is not None:
+        assigned = Department.objects.filter(pk=referral.assigned_department_id)
+        specialties |= Q(departments__specialty_id__in=assigned.values("specialty_id"))
     return User.objects.filter(
-        is_active=True,
-        groups__name=Role.CONSULTANT.value,
-        departments__specialty_id=referral.specialty_id,
+        specialties, is_active=True, groups__name=Role.CONSULTANT.value
     ).distinct()
 
 
@@ -112,6 +122,16 @@ def referral_open_question_id(referral: Referral) -> int | None:
         .first()
     )
     return int(found) if found is not None else None
+
+
+def referral_message_by_number(referral: Referral, number: int) -> int | None:
+    """The database id of the referral's message with this number (``referrals.numbering``);
+    None when it has none."""
+    return (
+        Message.objects.filter(referral=referral, number=number)
+        .values_list("pk", flat=True)
+        .first()
+    )
 
 
 def referral_visible(user: User) -> QuerySet[Referral]:

@@ -34,6 +34,7 @@ from referrals.models import (
     latest_birth_year,
 )
 from referrals.notifications import notify_in_transaction, notify_transition_later
+from referrals.numbering import next_number
 from referrals.permissions import referral_experts_grant, referral_grants_revoke
 from referrals.selectors import (
     referral_open_question_id,
@@ -308,7 +309,11 @@ def _effect_request_info(
     referral: Referral, actor: User | None, data: dict[str, Any], now: datetime
 ) -> dict[str, Any]:
     message = Message.objects.create(
-        referral=referral, author=actor, text=data["question"], created_at=now
+        referral=referral,
+        author=actor,
+        text=data["question"],
+        created_at=now,
+        number=next_number(Message, referral),
     )
     return {"message_id": message.pk}
 
@@ -323,6 +328,7 @@ def _effect_provide_info(
         text=data["text"],
         in_response_to_id=question,
         created_at=now,
+        number=next_number(Message, referral),
     )
     return {"message_id": message.pk, "in_response_to": question}
 
@@ -352,6 +358,7 @@ def _consult_note(
         text=data["text"],
         conference_minutes=data.get("minutes", ""),
         created_at=now,
+        number=next_number(ConsultNote, referral),
     )
     return {"consult_note_id": note.pk, "disposition": note.disposition}
 
@@ -868,6 +875,7 @@ def referral_message_post(
             text=text,
             in_response_to_id=in_response_to_id,
             client_key=client_key,
+            number=next_number(Message, referral),
         )
         from fhir_gateway.publish import message_posted
 

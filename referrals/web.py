@@ -355,7 +355,8 @@ def department_choices(referral: Referral, transition: Transition) -> list[tuple
 
 
 def expert_choices(referral: Referral) -> list[tuple[str, str]]:
-    """Consultants working in a department of the referral's specialty (local read)."""
+    """Consultants working in a department of the referral's specialty or of its
+    department's (local read)."""
     users = (
         selectors.referral_expert_candidates(referral)
         .select_related("facility")

@@ -124,8 +124,8 @@ def _guard_conference_in_future(
     )
     if outsiders := sorted(invited - allowed):
         return (
-            "Experts are consultants of a department of the referral's specialty; these "
-            f"users are not: {', '.join(map(str, outsiders))}."
+            "Experts are consultants of a department of the referral's specialty or of its "
+            f"department's; these users are not: {', '.join(map(str, outsiders))}."
         )
     return None
 
@@ -202,7 +202,7 @@ GUARD_DESCRIPTIONS: dict[str, str] = {
     "forward_target_valid": "target department differs, accepts, is not the requester, "
     "and is a routing candidate for its specialty",
     "conference_in_future": "scheduled_at is in the future; the experts are consultants "
-    "of the referral's specialty",
+    "of the referral's specialty or of its department's",
     "department_offers_transfer": "assigned department receives transfers",
     "deadline_passed": "deadline has passed",
     "counter_department_at_requester": "department belongs to the original requester, "

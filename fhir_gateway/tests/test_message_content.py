@@ -94,7 +94,8 @@ def test_an_answer_to_no_message_is_refused_while_info_is_requested(world: World
     response = world.r4.post(
         "/fhir/Communication", _message(task_id, "Echo normal.", f"Communication/{task_id}-msg-9")
     )
-    assert response.status_code == 400, response.content
+    assert response.status_code == 422, response.content
+    assert outcome_issue(response)["expression"] == ["Communication.inResponseTo"]
     assert Message.objects.count() == before
     assert Referral.objects.get().state == ReferralState.INFO_REQUESTED
 
@@ -151,6 +152,8 @@ def _text_message(task_id: str, content_type: str, data: bytes) -> dict[str, Any
             codecs.BOM_UTF16_LE + "Fièvre, éruption".encode("utf-16-le"),
         ),
         ("text/plain; charset=windows-1258", "Fièvre, éruption".encode("cp1258")),
+        ("text/plain; charset=utf-8", codecs.BOM_UTF8 + "Fièvre, éruption".encode()),
+        ("text/plain", codecs.BOM_UTF8 + "Fièvre, éruption".encode()),
     ],
     ids=[
         "latin-1",
@@ -160,6 +163,8 @@ def _text_message(task_id: str, content_type: str, data: bytes) -> dict[str, Any
         "utf-16-no-bom",
         "utf-16le-bom",
         "windows-1258",
+        "utf-8-bom",
+        "default-utf-8-bom",
     ],
 )
 def test_text_is_read_in_its_declared_charset(world: World, content_type: str, data: bytes) -> None:
@@ -217,3 +222,19 @@ def test_a_pdf_consult_note_is_refused_not_stored_as_its_title(world: World) -> 
     referral = Referral.objects.get()
     assert referral.state == ReferralState.ACCEPTED
     assert not referral.consult_notes.exists()
+
+
+def test_a_message_part_of_two_referrals_is_refused(world: World) -> None:
+    """It was filed on the first Task named and the second dropped without a word (found
+    by an integrator)."""
+    first, second = accepted(world, "SR-1"), accepted(world, "SR-2")
+    message = _message(first, "Which one?")
+    message["partOf"] = [{"reference": f"Task/{second}"}, {"reference": f"Task/{first}"}]
+    response = world.r4.post("/fhir/Communication", message)
+    assert response.status_code == 422, response.content
+    assert outcome_issue(response)["expression"] == ["Communication.partOf"]
+    assert not Message.objects.exists()
+    # Its Task and ServiceRequest together name one referral
+    message["partOf"] = [{"reference": f"Task/{first}"}, {"reference": f"ServiceRequest/{first}"}]
+    assert world.r4.post("/fhir/Communication", message).status_code == 201
+    assert Message.objects.get().referral.filler_id == first

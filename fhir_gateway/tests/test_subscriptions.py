@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 from typing import Any
 from urllib.parse import urlsplit
@@ -137,6 +138,8 @@ def test_member_subscribes_in_r4_and_reads_it_in_both_versions(world: World):
     assert response.status_code == 201, response.content
     created = body(response)
     assert response["Location"].endswith(f"/fhir/Subscription/{created['id']}/_history/1")
+    # Milliseconds, as every resource's (the models' dump wrote microseconds: integrator)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", created["meta"]["lastUpdated"])
     assert (created["status"], created["criteria"]) == ("active", TOPIC_URL)
     model_class("Subscription", "4.0").model_validate(created)
     r5 = _get(world.r4, f"/fhir/Subscription/{created['id']}", FHIR_R5)

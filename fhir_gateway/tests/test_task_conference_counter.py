@@ -4,6 +4,7 @@ and counter-referral (a new ServiceRequest basedOn the referral)."""
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -326,6 +327,26 @@ def test_reschedule_refusals_change_nothing(world: World, people: dict[str, Any]
     assert _snapshot(task_id) == before
 
 
+@pytest.mark.parametrize("spelling", ["0{}", " {}", "{} "])
+def test_the_same_expert_spelled_otherwise_is_no_reschedule(
+    world: World, people: dict[str, Any], spelling: str
+):
+    """ " 4", "4 " and "04" name the user "4" shows: echoing them back is "nothing to do",
+    not a new schedule event sent to both members (found by an integrator)."""
+    task_id = _scheduled(world, people)
+    before = _snapshot(task_id)
+    expert = str(people["consultant_user"].pk)
+    identifier = {"system": m.USER_SYSTEM, "value": spelling.format(expert)}
+
+    response = update_task(
+        people["consultant"], task_id, _set_input("experts", valueIdentifier=identifier), FHIR_R5
+    )
+
+    assert response.status_code == 422, response.content
+    assert "nothing to do" in outcome_issue(response)["diagnostics"]
+    assert _snapshot(task_id) == before
+
+
 def test_conference_inputs_on_a_task_that_is_not_scheduled_are_refused(
     world: World, people: dict[str, Any]
 ):
@@ -392,8 +413,24 @@ def test_assignee_starts_and_finishes_the_conference(
         "IVIG 2 g/kg + aspirin; echo in 2 weeks.",
     )
     assert task["output"][0]["valueReference"]["reference"] == (
-        f"DocumentReference/{m.note_id(referral, note.pk)}"
+        f"DocumentReference/{m.note_id(referral, note.number)}"
     )
+    # The requester's system reads the minutes too (they were stored and shown only on
+    # the web and REST: found by an integrator), in either version.
+    for reader, media in ((world.r4, FHIR_R4), (world.r5, FHIR_R5)):
+        read = reader.get(
+            f"/fhir/DocumentReference/{m.note_id(referral, note.number)}", Accept=media
+        )
+        assert read.status_code == 200, read.content
+        _validates(json.loads(read.content), media)
+        attached = [
+            (c["attachment"]["title"], base64.b64decode(c["attachment"]["data"]).decode())
+            for c in json.loads(read.content)["content"]
+        ]
+        assert attached == [
+            ("Consult note", "IVIG 2 g/kg + aspirin; echo in 2 weeks."),
+            ("Conference minutes", "Echo reviewed; IVIG agreed."),
+        ]
     actions = ReferralEvent.objects.filter(referral=referral).order_by("seq")
     assert list(actions.values_list("action", flat=True))[-2:] == [
         "start_conference",

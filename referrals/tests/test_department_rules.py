@@ -10,11 +10,16 @@ from django.test import Client
 from rest_framework.test import APIClient
 
 from accounts.models import User
+from accounts.roles import Role
 from core.errors import ApplicationError, Conflict
 from referrals import services
 from referrals.models import Message, Notification, Referral, ReferralEvent, ReferralState
-from referrals.selectors import referral_scope_filter, referral_scope_sql
-from referrals.tests.conftest import World
+from referrals.selectors import (
+    referral_expert_candidates,
+    referral_scope_filter,
+    referral_scope_sql,
+)
+from referrals.tests.conftest import World, _user
 from registry.models import Country, Department, Facility, Specialty, Tier
 
 pytestmark = pytest.mark.django_db
@@ -230,3 +235,44 @@ def test_experts_are_consultants_of_the_specialty(world: World) -> None:
     assert referral.state == ReferralState.ACCEPTED
     assert not referral.conference_experts.exists()
     assert api(world.foreign_referrer).get(f"/api/v1/referrals/{referral.pk}/").status_code == 404
+
+
+def test_after_a_forward_to_another_specialty_its_consultants_may_be_experts(
+    world: World,
+) -> None:
+    """The department a case was forwarded to (another specialty: the right desk) could
+    not invite its own consultants: experts were checked against the specialty the
+    requester first asked for (found by an integrator)."""
+    referral = world.submit()
+    derm = Specialty.objects.create(code="394582007", display="Dermatology")
+    hub_derm = Department.objects.create(
+        facility=world.hub2, specialty=derm, name="Derm P1", offers_live=True
+    )
+    derm_consultant = _user("derm", Role.CONSULTANT, world.hub2, hub_derm)
+    derm_colleague = _user("derm2", Role.CONSULTANT, world.hub2, hub_derm)
+    services.referral_transition(
+        actor=world.consultant,
+        referral_id=referral.pk,
+        action="forward",
+        department=hub_derm.pk,
+        reason="wrong desk",
+    )
+    services.referral_transition(actor=derm_consultant, referral_id=referral.pk, action="accept")
+
+    response = api(derm_consultant).post(
+        f"/api/v1/referrals/{referral.pk}/schedule/",
+        {
+            "scheduled_at": "2031-01-01T10:00:00Z",
+            "experts": [derm_colleague.pk],
+            "video_url": "https://meet.example.org/x",
+        },
+        format="json",
+    )
+
+    assert response.status_code == 200, response.json()
+    referral.refresh_from_db()
+    assert referral.state == ReferralState.SCHEDULED
+    assert list(referral.conference_experts.all()) == [derm_colleague]
+    # Someone of neither specialty still may not be invited
+    assert set(referral_expert_candidates(referral)) >= {derm_colleague, world.consultant2}
+    assert world.referrer not in set(referral_expert_candidates(referral))

@@ -8,10 +8,12 @@ from typing import Any
 
 import pytest
 from django.db import connection
+from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test.utils import CaptureQueriesContext
 
 from core.errors import ApplicationError, Conflict, NotFound, PermissionDenied
 from referrals import selectors, services
+from referrals.attachments import attachment_upload
 from referrals.models import Priority, Referral, ReferralEvent, ReferralState
 from referrals.tests.conftest import World
 
@@ -276,6 +278,36 @@ def test_parallel_posts_of_one_message_form_post_it_once(world: World) -> None:
 
     assert sorted(created for _r, _m, created in results) == [False] * 7 + [True]
     assert list(referral.messages.values_list("text", "client_key")) == [("Weight?", "k")]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_parallel_messages_and_files_get_distinct_numbers(world: World) -> None:
+    """The referral's row lock makes "the next number" one step with the insert: eight
+    writers at once take 1..8 (``referrals.numbering``), messages and files alike."""
+    referral = world.submit()
+    texts = iter(range(8))
+
+    results = _in_parallel(
+        8,
+        lambda: services.referral_message_post(
+            actor=world.referrer, referral_id=referral.pk, text=f"Note {next(texts)}"
+        ),
+    )
+    files = iter(range(6))
+    uploads = _in_parallel(
+        6,
+        lambda: attachment_upload(
+            actor=world.referrer,
+            referral_id=referral.pk,
+            upload=SimpleUploadedFile(
+                "x.pdf", f"%PDF-1.4 {next(files)}\n%%EOF\n".encode(), "application/pdf"
+            ),
+        ),
+    )
+
+    assert not [r for r in [*results, *uploads] if isinstance(r, Exception)]
+    assert sorted(referral.messages.values_list("number", flat=True)) == list(range(1, 9))
+    assert sorted(referral.attachments.values_list("number", flat=True)) == list(range(1, 7))
 
 
 @pytest.mark.django_db(transaction=True)
