@@ -40,7 +40,10 @@ Bad input: 400. Guard says no: 409 `guard_failed`.
 
 - **No `forwarded` state.** `forward` is an action whose target is `submitted` at the new
   department (the event records both departments). Access moves with the assignment: the
-  previous department no longer sees the referral.
+  previous department no longer sees the referral. A forward may go to a department of
+  another specialty (a case sent to the wrong desk); the referral keeps the specialty the
+  requester asked for (reports count it there, and a `reroute` after a decline looks for
+  that specialty again), while conference experts may come from either specialty.
 - **`decline`** ends the case for people (state `declined`); the system then offers it to the
   next routing candidate (`reroute`, queued when the decline commits, with the every-minute
   job `referrals.tasks.referrals_escalate` as the safety net; `REFERRAL_DECLINE_AUTO_REROUTE`
