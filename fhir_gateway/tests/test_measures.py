@@ -329,3 +329,15 @@ def test_evaluate_measure_may_be_posted_a_parameters_resource(scenario: Network)
         Accept=FHIR_R4,
     )
     assert (wrong.status_code, nested.status_code) == (400, 400)
+
+
+def test_a_filter_does_not_reveal_what_it_cuts_away(scenario: Network):
+    """Avoided: 9 in all, LA 2 (masked by country). Filtered to VN the 7 would give LA's
+    2 by difference: masked too (suppression rule 6, docs/metrics.md)."""
+    client = _client(scenario.ministry)
+
+    assert _count(_evaluate(client, "avoided")["group"][0]) == 9
+    assert _count(_evaluate(client, "avoided", country="VN")["group"][0]) == "masked"
+    assert _count(_evaluate(client, "avoided", **{"cross-border": "false"})["group"][0]) == (
+        "masked"
+    )
