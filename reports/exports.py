@@ -47,9 +47,9 @@ def table_lines(data: Any) -> list[list[Any]]:
     for row in rows:
         lines.append([_value(row, c) for c in columns])
     if total:
-        line = [_value(total, c) for c in columns]
-        line[0] = "TOTAL" if columns and columns[0] not in total else line[0]
-        lines.append(line)
+        # The grouping and label columns (which come after the figures) are the ones the
+        # total has no value for: they read TOTAL.
+        lines.append([_value(total, c) if c in total else "TOTAL" for c in columns])
     return lines
 
 

@@ -480,6 +480,8 @@ def _sort_key(by: tuple[str, ...]) -> Callable[[dict[str, Any]], tuple[Any, ...]
         for grouping in by:
             if grouping == "period":
                 parts.append(row["period_start"])
+            elif grouping == "tier":  # tier order (central first), not the labels' A-Z
+                parts.append(row["tier"])
             else:
                 parts.append(str(row.get(f"{grouping}_label", "")))
         return tuple(parts)
