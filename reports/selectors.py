@@ -6,6 +6,7 @@ Counts come from ``DailyRollup`` (sums); percentiles and verified avoided transf
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, time, timedelta
@@ -30,7 +31,7 @@ from django.utils import timezone
 from accounts.models import User
 from accounts.roles import Role
 from core.errors import ApplicationError, PermissionDenied
-from core.values import FIRST_YEAR, LAST_YEAR
+from core.values import FIRST_YEAR, LAST_YEAR, digits_int
 from referrals.models import ReferralEvent
 from referrals.selectors import referral_visible
 from registry.models import AdministrativeArea, Country, Facility, Specialty, Tier
@@ -131,19 +132,25 @@ class ReportFilters:
         return q
 
 
+# Filters whose 0 is a value of the tables: "(no province)" and "(not routed)" rows.
+NONE_IS_ZERO = frozenset({"province", "hub"})
+
+
 def _int(params: Mapping[str, Any], name: str, errors: dict[str, str]) -> int | None:
     raw = params.get(name)
     if raw is None or raw == "":
         return None
-    try:
-        value = int(raw)
-    except (TypeError, ValueError):
-        errors[name] = "an integer id"
-        return None
-    if not 0 < value < 2**31:  # ids are positive 32-bit integers
-        errors[name] = "an integer id"
+    # ASCII digits only: int() also takes "١٢", " 12" and "1_2".
+    value = digits_int(str(raw), max_digits=10)
+    lowest = 0 if name in NONE_IS_ZERO else 1
+    if value is None or not lowest <= value < 2**31:  # ids are positive 32-bit integers
+        errors[name] = "an integer id" + (" (0: none)" if lowest == 0 else "")
         return None
     return value
+
+
+# date.fromisoformat also takes 2026-W40, 20260101 and 2026-W40-1; the API says YYYY-MM-DD.
+_ISO_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 
 def _date(params: Mapping[str, Any], name: str, errors: dict[str, str]) -> date | None:
@@ -151,6 +158,8 @@ def _date(params: Mapping[str, Any], name: str, errors: dict[str, str]) -> date 
     if raw in (None, ""):
         return None
     try:
+        if not _ISO_DAY.fullmatch(str(raw)):
+            raise ValueError(raw)
         value = date.fromisoformat(str(raw))
     except ValueError:
         errors[name] = "a date YYYY-MM-DD"
@@ -1056,7 +1065,9 @@ def _referral_filters(filters: ReportFilters) -> Q:
     prefix = "referral__requester_facility__"
     if filters.country_id is not None:
         q &= Q(**{f"{prefix}country_id": filters.country_id})
-    if filters.province_id is not None:
+    if filters.province_id == 0:  # "(no province)"
+        q &= Q(**{f"{prefix}province__isnull": True})
+    elif filters.province_id is not None:
         q &= Q(**{f"{prefix}province_id": filters.province_id})
     if filters.tier is not None:
         q &= Q(**{f"{prefix}tier": filters.tier})

@@ -11,7 +11,9 @@ import pytest
 from openpyxl import load_workbook
 
 from accounts.models import User
-from reports.tests.scenario import Network, get
+from registry.models import Facility
+from reports.services import reports_catch_up
+from reports.tests.scenario import Driver, Network, at, build_network, get
 
 pytestmark = pytest.mark.django_db
 
@@ -63,3 +65,78 @@ def test_tier_rows_come_in_tier_order(scenario: Network) -> None:
         (3, "District", 14),
         (4, "Commune / primary", 6),
     ]
+
+
+@pytest.mark.parametrize("day", ["2025-W05", "20250101", "2025-W05-1"])
+def test_only_yyyy_mm_dd_dates_are_accepted(scenario: Network, day: str) -> None:
+    """date.fromisoformat takes ISO week and basic forms; the API says YYYY-MM-DD."""
+    response = get(scenario.ministry, "summary/", **{"from": day})
+
+    assert response.status_code == 400
+    assert response.json()["errors"] == {"from": "a date YYYY-MM-DD"}
+
+
+@pytest.mark.parametrize(
+    ("name", "raw"),
+    [
+        ("province", "١٢"),
+        ("hub", "١٢"),
+        ("facility", "\uff11"),  # fullwidth 1
+        ("tier", "\uff13"),  # fullwidth 3
+        ("province", " 1"),
+        ("hub", "1_0"),
+        ("tier", " 3"),
+    ],
+)
+def test_ids_are_ascii_digits(scenario: Network, name: str, raw: str) -> None:
+    """int() takes Arabic-Indic and fullwidth digits, spaces and underscores."""
+    response = get(scenario.ministry, "summary/", **{name: raw})
+
+    assert response.status_code == 400
+    assert set(response.json()["errors"]) == {name}
+
+
+@pytest.mark.parametrize("path", ["", "summary/", "response-times/", "capacity/"])
+def test_an_unknown_format_is_a_400_naming_the_formats(scenario: Network, path: str) -> None:
+    response = get(scenario.ministry, path, format="pdf")
+
+    assert response.status_code == 400
+    assert response["Content-Type"] == "application/problem+json"
+    assert response.json()["errors"] == {"format": "json, csv or xlsx"}
+
+
+def test_an_unknown_format_still_answers_who_may_not_see_reports_first(
+    scenario: Network,
+) -> None:
+    response = get(scenario.steward, "summary/", format="pdf")
+
+    assert response.status_code == 403
+
+
+def test_the_no_province_and_not_routed_rows_can_be_filtered_on(report_settings: Any) -> None:
+    """ "(no province)" and "(not routed)" are rows (id 0) of the by= tables: 0 filters on
+    them (it was a 400). C1 without a province submits two referrals."""
+    net = build_network()
+    Facility.objects.filter(pk=net.c1.pk).update(province=None)
+    net.c1.refresh_from_db()
+    driver = Driver(net)
+    driver.submit(1, net.c1, net.paeds, net.h1p, "p1", at("2025-01-06"))
+    driver.submit(2, net.c1, net.paeds, net.h1p, "p2", at("2025-01-07"))
+    driver.submit(3, net.d1, net.paeds, net.h1p, "p3", at("2025-01-08"))
+    reports_catch_up()
+    root = superuser()
+    rows = {
+        r["province_label"]: r["submitted"] for r in get(root, "", by="province").json()["rows"]
+    }
+    assert rows == {"(no province)": 2, "Quang Ninh": 1}
+
+    no_province = get(root, "summary/", province="0")
+    not_routed = get(root, "summary/", hub="0")
+
+    assert no_province.status_code == 200, no_province.content
+    assert no_province.json()["counts"]["submitted"] == 2
+    assert not_routed.status_code == 200, not_routed.content
+    assert not_routed.json()["counts"]["submitted"] == 0  # every referral here was routed
+    # the drill-down's own filter (over the referrals, not the tables) too
+    drill = get(net.referrer_c1, "drilldown/", metric="submitted", province="0").json()
+    assert drill["referral_ids"] == sorted(net.referrals[n].pk for n in (1, 2))
