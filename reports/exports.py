@@ -35,6 +35,8 @@ def table_lines(data: Any) -> list[list[Any]]:
         lines: list[list[Any]] = [["name", "value"]]
         for section in sections:
             lines.extend([k, _value(section, k)] for k in section if k != "suppressed")
+        if "percentiles" in data:  # how the medians and p90s were computed
+            lines.append(["percentiles", data["percentiles"]])
         return lines
     total = data.get("total")
     everything = [*rows, *([total] if total else [])]

@@ -1088,6 +1088,7 @@ def report_summary(user: User, filters: ReportFilters) -> dict[str, Any]:
     return {
         "counts": counts["total"],
         "response_times": times["total"],
+        "percentiles": times["percentiles"],  # "histogram": approximate medians and p90s
         "suppression": counts.get("suppression"),
     }
 

@@ -341,3 +341,22 @@ def test_a_filter_does_not_reveal_what_it_cuts_away(scenario: Network):
     assert _count(_evaluate(client, "avoided", **{"cross-border": "false"})["group"][0]) == (
         "masked"
     )
+
+
+def test_masked_is_per_figure_not_per_report(scenario: Network):
+    """Avoidance rate by hub: D1 (hub of the counter-referral) has nothing considered, so
+    it has no rate (not-applicable); H2's 2 avoided are hidden, so its rate is masked."""
+    client = _client(scenario.ministry)
+
+    report = _evaluate(client, "avoidance-rate", stratifier="hub")
+
+    reasons = {
+        label: s["measureScore"]["extension"][0]["valueCode"]
+        for label, s in _strata(report).items()
+        if "extension" in s["measureScore"]
+    }
+    assert reasons == {
+        "Van Don District Hospital": "not-applicable",
+        "Quang Ninh Provincial Hospital": "masked",
+        "Central Hospital": "masked",
+    }

@@ -256,6 +256,6 @@ def test_a_bad_dashboard_filter_shows_the_form_again_with_the_problem(scenario: 
 
 def test_a_hidden_time_carries_no_unit() -> None:
     """The headline read "hidden h" when a median was suppressed."""
-    from reports.templatetags.report_figures import hours
+    from reports.templatetags.report_figures import HIDDEN, hours
 
-    assert (hours(None), hours(3.5), hours(12)) == ("hidden", "3.5 h", "12 h")
+    assert (hours(HIDDEN), hours(None), hours(3.5), hours(12)) == ("hidden", "—", "3.5 h", "12 h")

@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from typing import Any
 
 import pytest
+from django.test import Client
 from openpyxl import load_workbook
 
 from accounts.models import User
-from registry.models import Facility
+from registry.models import Country, Facility
+from reports import charts
+from reports.fhir import measure_report_data
+from reports.selectors import filters_parse
 from reports.services import reports_catch_up
 from reports.tests.scenario import Driver, Network, at, build_network, get
 
@@ -140,3 +145,82 @@ def test_the_no_province_and_not_routed_rows_can_be_filtered_on(report_settings:
     # the drill-down's own filter (over the referrals, not the tables) too
     drill = get(net.referrer_c1, "drilldown/", metric="submitted", province="0").json()
     assert drill["referral_ids"] == sorted(net.referrals[n].pk for n in (1, 2))
+
+
+def _cards(user: User, **params: str) -> dict[str, str]:
+    """The dashboard's headline cards: metric -> the text of its value."""
+    client = Client()
+    client.force_login(user)
+    response = client.get("/reports/", params)
+    assert response.status_code == 200
+    return dict(CARD.findall(response.content.decode()))
+
+
+CARD = re.compile(r'data-metric="(\w+)"><div class="value">([^<]*)</div>')
+
+
+def test_the_dashboard_says_no_data_where_nothing_is_hidden(scenario: Network) -> None:
+    """A referrer (never suppressed) in a month without referrals: the rates and medians
+    do not exist — "—", not "hidden"."""
+    cards = _cards(scenario.referrer_l1, **{"from": "2024-01-01", "to": "2024-01-31"})
+
+    assert cards["submitted"] == "0"
+    assert cards["avoidance_rate"] == "—"
+    assert cards["sla_share"] == "—"
+    assert cards["accept_median_hours"] == "—"
+    assert "hidden" not in cards.values()
+
+
+def test_the_ministry_dashboard_tells_hidden_from_no_data(scenario: Network) -> None:
+    """A country without referrals: 0 avoided and no rate ("—"); LA: small, hidden; the
+    hidden km and cost carry no unit."""
+    Country.objects.create(code="KH", name="Cambodia")
+
+    cambodia = _cards(scenario.ministry, country="KH")
+    laos = _cards(scenario.ministry, country="LA")
+
+    assert (cambodia["avoided"], cambodia["avoidance_rate"]) == ("0", "—")
+    assert (cambodia["travel_km"], cambodia["travel_cost"]) == ("0 km", "0 USD")
+    assert (laos["submitted"], laos["avoidance_rate"]) == ("hidden", "hidden")
+    assert (laos["travel_km"], laos["travel_cost"]) == ("hidden", "hidden")
+
+
+def test_a_chart_labels_no_data_apart_from_hidden() -> None:
+    svg = charts.bar_chart(
+        "c", "t", ["a", "b"], [charts.Series("Median", [None, None], frozenset({1}))]
+    )
+
+    assert "Median: —" in svg and "Median: hidden" in svg
+    assert svg.count("hidden") == 1
+
+
+def test_the_fhir_hook_says_which_figures_are_hidden(scenario: Network) -> None:
+    """Avoidance rate by hub: D1 (hub of the counter-referral) has nothing considered, so
+    no rate (not-applicable); H2's 2 avoided are hidden (masked)."""
+    filters = filters_parse({"by": "hub", "from": "2025-01-01", "to": "2025-12-31"})
+    data = measure_report_data(scenario.ministry, filters)
+    [rate] = [g for g in data["groups"] if g["measure"].endswith(":avoidance_rate")]
+    strata = {s["stratum"]["hub"]: s for s in rate["strata"]}
+
+    assert strata["Van Don District Hospital"] == {
+        "stratum": {"hub": "Van Don District Hospital"},
+        "value": None,
+        "suppressed": False,
+    }
+    assert strata["Quang Ninh Provincial Hospital"]["suppressed"] is True
+
+
+def test_the_summary_says_how_its_percentiles_were_computed(scenario: Network) -> None:
+    """Ministry, whole months: histogram estimates, said in the JSON, the file and on the
+    dashboard; a referrer gets exact figures and no note."""
+    window = {"from": "2025-01-01", "to": "2025-03-31"}
+    assert get(scenario.ministry, "summary/", **window).json()["percentiles"] == "histogram"
+    assert get(scenario.referrer_d1, "summary/", **window).json()["percentiles"] == "exact"
+    lines = _csv(get(scenario.ministry, "summary/", format="csv", **window))
+    assert lines[-1] == ["percentiles", "histogram"]
+
+    client = Client()
+    client.force_login(scenario.ministry)
+    assert 'id="histogram-note"' in client.get("/reports/", window).content.decode()
+    client.force_login(scenario.referrer_d1)
+    assert 'id="histogram-note"' not in client.get("/reports/", window).content.decode()
