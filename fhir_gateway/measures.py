@@ -283,13 +283,15 @@ def _measure_report(
     used: dict[str, str],
 ) -> dict[str, Any]:
     version, scoring = call.version, definition["scoring"]
-    suppressed = bool(data.get("suppression"))
+    # Masked is per figure (the hook's own ``suppressed``): a ministry rate whose
+    # denominator is 0 is not-applicable, not masked.
+    suppression_applies = bool(data.get("suppression"))
     group: dict[str, Any] = {
         "code": {
             "coding": [{"system": METRIC_SYSTEM, "code": definition["name"]}],
             "text": definition["title"],
         },
-        **_score(version, group_data.get("value"), scoring, suppressed),
+        **_score(version, group_data.get("value"), scoring, bool(group_data.get("suppressed"))),
     }
     if stratifier:
         label = ", ".join(stratifier)
@@ -299,7 +301,7 @@ def _measure_report(
                 "stratum": [
                     {
                         **_stratum_value(version, s["stratum"]),
-                        **_score(version, s.get("value"), scoring, suppressed),
+                        **_score(version, s.get("value"), scoring, bool(s.get("suppressed"))),
                     }
                     for s in group_data.get("strata", [])
                 ],
@@ -310,7 +312,7 @@ def _measure_report(
         for name, value in used.items()
         if name != "subject"
     ]
-    if suppressed:
+    if suppression_applies:
         extensions.append(
             {"url": SUPPRESSION_EXTENSION, "valueInteger": int(data["suppression"]["min_cell"])}
         )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.http import Http404
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.renderers import JSONRenderer
@@ -15,6 +16,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from accounts.models import User
+from core.errors import ApplicationError
 from reports import selectors
 from reports.exports import CSVRenderer, XLSXRenderer
 from reports.metrics import METRICS, RESPONSE_METRICS
@@ -52,10 +54,24 @@ class ReportApi(APIView):
     renderer_classes = [JSONRenderer, CSVRenderer, XLSXRenderer]
     name = "report"
 
+    def perform_content_negotiation(self, request: Any, force: bool = False) -> Any:
+        try:
+            return super().perform_content_negotiation(request, force)
+        except Http404:
+            # DRF answers an unknown ?format= with 404 "Not found.": it is a bad filter
+            # (400), said after authentication and the 403 (``initial``), in JSON.
+            self.unknown_format = True
+            return (JSONRenderer(), JSONRenderer.media_type)
+
     def initial(self, request: Any, *args: Any, **kwargs: Any) -> None:
+        self.unknown_format = False
         super().initial(request, *args, **kwargs)
         # Who may see reports at all is answered (403) before any filter is read (400).
         selectors.report_scope_for(_user(request))
+        if self.unknown_format:
+            raise ApplicationError(
+                "Invalid report filters.", extra={"errors": {"format": "json, csv or xlsx"}}
+            )
 
     def finalize_response(self, request: Any, response: Any, *args: Any, **kwargs: Any) -> Any:
         if response.status_code >= 400:  # a problem is JSON, whatever format was asked for

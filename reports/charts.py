@@ -2,7 +2,8 @@
 
 Series differ by fill pattern (solid, diagonal hatching, dots) as well as shade, every bar
 carries its value as text, and each chart has a legend and a <title>/<desc>. A hidden
-(suppressed) value is drawn as no bar with the label "hidden".
+(suppressed) value is drawn as no bar with the label "hidden", a value that does not
+exist (no data) as no bar with "—".
 """
 
 from __future__ import annotations
@@ -32,13 +33,22 @@ def _fill(uid: str, pattern: str) -> str:
 
 @dataclass(frozen=True)
 class Series:
+    """``values``: None where there is no bar; ``hidden``: the indexes of those Nones
+    that suppression hid (the others are no data)."""
+
     name: str
     values: Sequence[float | int | None]
+    hidden: frozenset[int] = frozenset()
+
+    def label(self, index: int, unit: str = "") -> str:
+        if index in self.hidden:
+            return "hidden"
+        return _fmt(self.values[index], unit)
 
 
 def _fmt(value: float | int | None, unit: str = "") -> str:
     if value is None:
-        return "hidden"
+        return "—"
     if isinstance(value, float) and not value.is_integer():
         return f"{value:,.1f}{unit}"
     return f"{int(value):,}{unit}"
@@ -74,8 +84,7 @@ def column_chart(
         f'<desc id="{uid}-d">{escape(title)}: '
         + escape(
             "; ".join(
-                f"{s.name} "
-                + ", ".join(f"{c} {_fmt(v)}" for c, v in zip(categories, s.values, strict=True))
+                f"{s.name} " + ", ".join(f"{c} {s.label(i)}" for i, c in enumerate(categories))
                 for s in series
             )
         )
@@ -95,12 +104,12 @@ def column_chart(
                 out.append(
                     f'<rect x="{x}" y="{bottom - h:.1f}" width="{bar}" height="{h:.1f}" '
                     f'fill="{fill}" stroke="#123c69"><title>{escape(s.name)}, '
-                    f"{escape(category)}: {_fmt(value)}</title></rect>"
+                    f"{escape(category)}: {s.label(g)}</title></rect>"
                 )
             y = bottom - ((bottom - top) * (value / peak) if value else 0) - 4
             out.append(
                 f'<text x="{x + bar / 2}" y="{y:.1f}" font-size="10" '
-                f'text-anchor="middle">{_fmt(value)}</text>'
+                f'text-anchor="middle">{s.label(g)}</text>'
             )
         out.append(
             f'<text x="{x0 + (len(series) * (bar + 4)) / 2}" y="{bottom + 16}" '
@@ -148,11 +157,11 @@ def bar_chart(
                 out.append(
                     f'<rect x="{label_width}" y="{y}" width="{w:.1f}" height="13" '
                     f'fill="{fill}" stroke="#123c69"><title>{escape(s.name)}, '
-                    f"{escape(category)}: {_fmt(value, unit)}</title></rect>"
+                    f"{escape(category)}: {s.label(r, unit)}</title></rect>"
                 )
             out.append(
                 f'<text x="{label_width + w + 4:.1f}" y="{y + 11}" font-size="11">'
-                f"{escape(s.name)}: {_fmt(value, unit)}</text>"
+                f"{escape(s.name)}: {s.label(r, unit)}</text>"
             )
     out.append(_legend(uid, series, height - 22))
     out.append("</svg>")

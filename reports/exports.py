@@ -35,6 +35,8 @@ def table_lines(data: Any) -> list[list[Any]]:
         lines: list[list[Any]] = [["name", "value"]]
         for section in sections:
             lines.extend([k, _value(section, k)] for k in section if k != "suppressed")
+        if "percentiles" in data:  # how the medians and p90s were computed
+            lines.append(["percentiles", data["percentiles"]])
         return lines
     total = data.get("total")
     everything = [*rows, *([total] if total else [])]
@@ -47,9 +49,9 @@ def table_lines(data: Any) -> list[list[Any]]:
     for row in rows:
         lines.append([_value(row, c) for c in columns])
     if total:
-        line = [_value(total, c) for c in columns]
-        line[0] = "TOTAL" if columns and columns[0] not in total else line[0]
-        lines.append(line)
+        # The grouping and label columns (which come after the figures) are the ones the
+        # total has no value for: they read TOTAL.
+        lines.append([_value(total, c) if c in total else "TOTAL" for c in columns])
     return lines
 
 

@@ -4,8 +4,10 @@ The gateway (fhir_gateway/, the only package that imports fhir.resources) is exp
 call these two functions and map the dictionaries to ``Measure`` and ``MeasureReport``
 (type "summary"): one Measure per metric in ``reports.metrics``, and one MeasureReport
 group per metric with the population count (or the measureScore for rates and sums),
-stratified by the requested grouping. Suppressed figures are omitted from the strata
-(``suppressed`` lists them) so the FHIR surface never shows more than the JSON API.
+stratified by the requested grouping. A suppressed figure is None with ``suppressed``
+true (the total's and each stratum's own), so the FHIR surface never shows more than the
+JSON API and can tell a hidden figure from one that does not exist (a rate without a
+denominator: None, ``suppressed`` false).
 Nothing here imports FHIR models.
 """
 
@@ -48,10 +50,12 @@ def measure_report_data(user: User, filters: ReportFilters) -> dict[str, Any]:
             {
                 "measure": f"{MEASURE_BASE}{m.code}",
                 "value": table["total"].get(m.code),
+                "suppressed": m.code in table["total"].get("suppressed", ()),
                 "strata": [
                     {
                         "stratum": {g: row.get(f"{g}_label", row.get(g)) for g in table["by"]},
                         "value": row.get(m.code),
+                        "suppressed": m.code in row.get("suppressed", ()),
                     }
                     for row in table["rows"]
                 ],

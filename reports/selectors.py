@@ -6,7 +6,8 @@ Counts come from ``DailyRollup`` (sums); percentiles and verified avoided transf
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, time, timedelta
 from typing import Any
@@ -30,7 +31,7 @@ from django.utils import timezone
 from accounts.models import User
 from accounts.roles import Role
 from core.errors import ApplicationError, PermissionDenied
-from core.values import FIRST_YEAR, LAST_YEAR
+from core.values import FIRST_YEAR, LAST_YEAR, digits_int
 from referrals.models import ReferralEvent
 from referrals.selectors import referral_visible
 from registry.models import AdministrativeArea, Country, Facility, Specialty, Tier
@@ -55,7 +56,7 @@ from reports.services import (
     _load_departments,
     report_time_zone,
 )
-from reports.suppression import suppress_table
+from reports.suppression import hide_small_complements, suppress_table
 
 PERIODS = ("day", "week", "month", "quarter", "year")
 # Grouping name -> column on both DailyRollup and ReferralFact.
@@ -131,19 +132,25 @@ class ReportFilters:
         return q
 
 
+# Filters whose 0 is a value of the tables: "(no province)" and "(not routed)" rows.
+NONE_IS_ZERO = frozenset({"province", "hub"})
+
+
 def _int(params: Mapping[str, Any], name: str, errors: dict[str, str]) -> int | None:
     raw = params.get(name)
     if raw is None or raw == "":
         return None
-    try:
-        value = int(raw)
-    except (TypeError, ValueError):
-        errors[name] = "an integer id"
-        return None
-    if not 0 < value < 2**31:  # ids are positive 32-bit integers
-        errors[name] = "an integer id"
+    # ASCII digits only: int() also takes "١٢", " 12" and "1_2".
+    value = digits_int(str(raw), max_digits=10)
+    lowest = 0 if name in NONE_IS_ZERO else 1
+    if value is None or not lowest <= value < 2**31:  # ids are positive 32-bit integers
+        errors[name] = "an integer id" + (" (0: none)" if lowest == 0 else "")
         return None
     return value
+
+
+# date.fromisoformat also takes 2026-W40, 20260101 and 2026-W40-1; the API says YYYY-MM-DD.
+_ISO_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 
 def _date(params: Mapping[str, Any], name: str, errors: dict[str, str]) -> date | None:
@@ -151,6 +158,8 @@ def _date(params: Mapping[str, Any], name: str, errors: dict[str, str]) -> date 
     if raw in (None, ""):
         return None
     try:
+        if not _ISO_DAY.fullmatch(str(raw)):
+            raise ValueError(raw)
         value = date.fromisoformat(str(raw))
     except ValueError:
         errors[name] = "a date YYYY-MM-DD"
@@ -480,6 +489,8 @@ def _sort_key(by: tuple[str, ...]) -> Callable[[dict[str, Any]], tuple[Any, ...]
         for grouping in by:
             if grouping == "period":
                 parts.append(row["period_start"])
+            elif grouping == "tier":  # tier order (central first), not the labels' A-Z
+                parts.append(row["tier"])
             else:
                 parts.append(str(row.get(f"{grouping}_label", "")))
         return tuple(parts)
@@ -582,9 +593,18 @@ def report_counts(
 ) -> dict[str, Any]:
     """Counts and rates per group (``filters.by``), with a total row."""
     scope = report_scope_for(user)
-    by = filters.by
-    _check_groupings(scope, by)
+    _check_groupings(scope, filters.by)
     now = now or timezone.now()
+    result = _count_table(scope, filters, now)
+    if scope.aggregate_only:
+        broader = _without_each_filter(lambda f: _count_table(scope, f, now), filters)
+        _suppress_counts(result, broader)
+    return result
+
+
+def _count_table(scope: ReportScope, filters: ReportFilters, now: datetime) -> dict[str, Any]:
+    """``report_counts`` before suppression."""
+    by = filters.by
     source, day_column = _rollup_source(scope, filters)
     annotations, names = _group_fields(by, filters.period, day_column)
     queryset = source.filter(filters.query(), filters.dates(day_column))
@@ -635,14 +655,51 @@ def report_counts(
     _finish_counts(total, costs, codes)
     _label_rows(rows, by, filters.period)
     rows.sort(key=_sort_key(by))
-    result = {"by": list(by), "period": filters.period, "rows": rows, "total": total}
-    if scope.aggregate_only:
-        _suppress_counts(result)
-    return result
+    return {"by": list(by), "period": filters.period, "rows": rows, "total": total}
 
 
-def _suppress_counts(result: dict[str, Any]) -> None:
+# The dimension filters whose complements are protected (docs/metrics.md, suppression
+# rule 6). The dates are not: any two ranges difference, so dropping them would not help.
+COMPLEMENT_FILTERS = (
+    "country_id", "province_id", "tier", "facility_id", "hub_id", "specialty_id", "campaign",
+    "cross_border",
+)  # fmt: skip
+
+
+def _without_each_filter(
+    compute: Callable[[ReportFilters], dict[str, Any]], filters: ReportFilters
+) -> list[tuple[list[dict[str, Any]], dict[str, Any] | None]]:
+    """The rows and total of the same unsuppressed table once per dimension filter set,
+    with that filter dropped: what another query publishes beside this one (one more
+    aggregate per filter)."""
+    if min_cell() <= 1:  # nothing is suppressed
+        return []
+    tables = []
+    for name in COMPLEMENT_FILTERS:
+        if getattr(filters, name) is not None:
+            without: dict[str, Any] = {name: None}
+            tables.append(compute(replace(filters, **without)))
+    return [(t["rows"], t.get("total")) for t in tables]
+
+
+def _group_key(by: Sequence[str]) -> Callable[[dict[str, Any]], Hashable]:
+    """A labelled row's group (the same in a table with a filter dropped)."""
+    return lambda row: tuple(row[g] for g in by)
+
+
+def _suppress_counts(
+    result: dict[str, Any],
+    broader: Sequence[tuple[list[dict[str, Any]], dict[str, Any] | None]],
+) -> None:
     counts = [*COUNTERS, "avoided_verified", "avoided_pending"]
+    hide_small_complements(
+        result["rows"],
+        result["total"],
+        broader,
+        key=_group_key(result["by"]),
+        counts=counts,
+        min_cell=min_cell(),
+    )
     derived: dict[str, tuple[str, ...]] = {
         "avoidance_rate": ("avoided", "transfer_considered"),
         "sla_share": ("sla_due", "sla_met"),
@@ -750,8 +807,37 @@ def _hours(seconds: float | None) -> float | None:
 def report_response_times(user: User, filters: ReportFilters) -> dict[str, Any]:
     """Median and p90 time to accept and to advice per group, in hours."""
     scope = report_scope_for(user)
+    _check_groupings(scope, filters.by)
+    result = _response_table(scope, filters)
+    if scope.aggregate_only:
+        counts = ["accept_n", "advice_n"]
+        hide_small_complements(
+            result["rows"],
+            result["total"],
+            _without_each_filter(lambda f: _response_table(scope, f), filters),
+            key=_group_key(filters.by),
+            counts=counts,
+            min_cell=min_cell(),
+        )
+        suppress_table(
+            result["rows"],
+            result["total"],
+            counts=counts,
+            derived={
+                "accept_median_hours": ("accept_n",),
+                "accept_p90_hours": ("accept_n",),
+                "advice_median_hours": ("advice_n",),
+                "advice_p90_hours": ("advice_n",),
+            },
+            min_cell=min_cell(),
+        )
+        result["suppression"] = {"min_cell": min_cell()}
+    return result
+
+
+def _response_table(scope: ReportScope, filters: ReportFilters) -> dict[str, Any]:
+    """``report_response_times`` before suppression."""
     by = filters.by
-    _check_groupings(scope, by)
     base = _scoped(ReferralFact.objects.all(), scope).filter(filters.query())
     # Aggregate-only (published, suppressed) figures over whole months come from the
     # histograms; every other caller gets exact percentile_cont over the fact rows.
@@ -795,20 +881,6 @@ def report_response_times(user: User, filters: ReportFilters) -> dict[str, Any]:
     rows.sort(key=_sort_key(by))
     result = {"by": list(by), "period": filters.period, "rows": rows, "total": total}
     result["percentiles"] = "histogram" if approximate else "exact"
-    if scope.aggregate_only:
-        suppress_table(
-            rows,
-            total,
-            counts=["accept_n", "advice_n"],
-            derived={
-                "accept_median_hours": ("accept_n",),
-                "accept_p90_hours": ("accept_n",),
-                "advice_median_hours": ("advice_n",),
-                "advice_p90_hours": ("advice_n",),
-            },
-            min_cell=min_cell(),
-        )
-        result["suppression"] = {"min_cell": min_cell()}
     return result
 
 
@@ -819,6 +891,42 @@ def report_capacity(user: User, filters: ReportFilters) -> dict[str, Any]:
     """Per lower-tier requester facility and specialty and period: the share of its cases
     resolved locally = closed_local / (closed_local + transfer_requested)."""
     scope = report_scope_for(user)
+    result = _capacity_table(scope, filters)
+    if scope.aggregate_only:
+        counts = ["closed_local", "transfer_requested"]
+        # A campaign, hub or border filter cuts a facility's cell in two; the other part
+        # is the cell without the filter minus this one.
+        hide_small_complements(
+            result["rows"],
+            None,
+            _without_each_filter(lambda f: _capacity_table(scope, f), filters),
+            key=_group_key(result["by"]),
+            counts=counts,
+            min_cell=min_cell(),
+        )
+        # No totals are published with this table, but its margins are, by other queries
+        # (a facility's period total by report_counts, a specialty's across facilities):
+        # along each line (a facility and period across specialties, a specialty and
+        # period across facilities, a facility and specialty across periods) no cell is
+        # left alone hidden.
+        suppress_table(
+            result["rows"],
+            None,
+            counts=counts,
+            derived={"resolved_locally_share": ("closed_local", "transfer_requested")},
+            min_cell=min_cell(),
+            lines=[
+                lambda r: (r["facility"], r["period"]),
+                lambda r: (r["specialty"], r["period"]),
+                lambda r: (r["facility"], r["specialty"]),
+            ],
+        )
+        result["suppression"] = {"min_cell": min_cell()}
+    return result
+
+
+def _capacity_table(scope: ReportScope, filters: ReportFilters) -> dict[str, Any]:
+    """``report_capacity`` before suppression."""
     by = ("facility", "specialty", "period")
     source, day_column = _rollup_source(scope, filters, by)
     annotations, names = _group_fields(by, filters.period, day_column)
@@ -838,27 +946,7 @@ def report_capacity(user: User, filters: ReportFilters) -> dict[str, Any]:
         )
     _label_rows(rows, by, filters.period)
     rows.sort(key=_sort_key(by))
-    result: dict[str, Any] = {"by": list(by), "period": filters.period, "rows": rows}
-    if scope.aggregate_only:
-        # No totals are published with this table, but its margins are, by other queries
-        # (a facility's period total by report_counts, a specialty's across facilities):
-        # along each line (a facility and period across specialties, a specialty and
-        # period across facilities, a facility and specialty across periods) no cell is
-        # left alone hidden.
-        suppress_table(
-            rows,
-            None,
-            counts=["closed_local", "transfer_requested"],
-            derived={"resolved_locally_share": ("closed_local", "transfer_requested")},
-            min_cell=min_cell(),
-            lines=[
-                lambda r: (r["facility"], r["period"]),
-                lambda r: (r["specialty"], r["period"]),
-                lambda r: (r["facility"], r["specialty"]),
-            ],
-        )
-        result["suppression"] = {"min_cell": min_cell()}
-    return result
+    return {"by": list(by), "period": filters.period, "rows": rows}
 
 
 # --- drill-down ---------------------------------------------------------------------------
@@ -977,7 +1065,9 @@ def _referral_filters(filters: ReportFilters) -> Q:
     prefix = "referral__requester_facility__"
     if filters.country_id is not None:
         q &= Q(**{f"{prefix}country_id": filters.country_id})
-    if filters.province_id is not None:
+    if filters.province_id == 0:  # "(no province)"
+        q &= Q(**{f"{prefix}province__isnull": True})
+    elif filters.province_id is not None:
         q &= Q(**{f"{prefix}province_id": filters.province_id})
     if filters.tier is not None:
         q &= Q(**{f"{prefix}tier": filters.tier})
@@ -998,6 +1088,7 @@ def report_summary(user: User, filters: ReportFilters) -> dict[str, Any]:
     return {
         "counts": counts["total"],
         "response_times": times["total"],
+        "percentiles": times["percentiles"],  # "histogram": approximate medians and p90s
         "suppression": counts.get("suppression"),
     }
 

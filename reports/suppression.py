@@ -18,6 +18,9 @@ Rules (docs/metrics.md, "Suppression"):
    the counts they depend on is hidden; a ``weighted`` figure of the total (km: the
    avoided transfers times public distances) is hidden when any row hides its count, as
    it is one more equation in the hidden cells.
+Complements of filters (docs rule 6; ``hide_small_complements``, applied before 1-4):
+a filtered figure is hidden when the same figure with one filter dropped, minus it,
+is a small count (that difference is a cell of the table the filter cuts out).
 
 A hidden value becomes None and its name is listed in the row's ``suppressed``.
 """
@@ -89,6 +92,38 @@ def suppress_table(
         for column, count in (weighted or {}).items():
             if any(_is_hidden(row, count) for row in rows):
                 _hide(total, column)
+
+
+def hide_small_complements(
+    rows: Sequence[Row],
+    total: Row | None,
+    broader: Sequence[tuple[Sequence[Row], Row | None]],
+    *,
+    key: Callable[[Row], Hashable],
+    counts: Sequence[str],
+    min_cell: int,
+) -> None:
+    """Docs rule 6, before ``suppress_table``: ``broader`` holds the same table computed with
+    one filter dropped (one entry per filter, its rows matched to ``rows`` by ``key``).
+    A filtered count c whose broader count b gives a complement 0 < b - c < min_cell is
+    hidden: b is published by the query without that filter, so showing c would publish
+    b - c. A zero stays shown (then b - c = b, which that other query suppresses itself)."""
+    if min_cell <= 1:
+        return
+    for broader_rows, broader_total in broader:
+        by_key = {key(r): r for r in broader_rows}
+        pairs: list[tuple[Row, Row | None]] = [(row, by_key.get(key(row))) for row in rows]
+        if total is not None:
+            pairs.append((total, broader_total))
+        for row, wider in pairs:
+            if wider is None:
+                continue
+            for column in counts:
+                value, whole = row.get(column), wider.get(column)
+                if not value or whole is None or _is_hidden(row, column):
+                    continue
+                if 0 < whole - value < min_cell:
+                    _hide(row, column)
 
 
 def _complement(rows: Sequence[Row], total: Row | None, column: str) -> bool:

@@ -24,6 +24,12 @@ def _csv_link(name: str, params: dict[str, str], **extra: str) -> str:
     return f"{reverse(name)}?{urlencode(query)}"
 
 
+def _series(name: str, rows: list[dict[str, Any]], key: str) -> charts.Series:
+    """A chart series of one figure of ``rows``, saying which Nones suppression hid."""
+    hidden = frozenset(i for i, r in enumerate(rows) if key in r.get("suppressed", ()))
+    return charts.Series(name, [r[key] for r in rows], hidden)
+
+
 def _label(row: dict[str, Any], grouping: str) -> str:
     return str(row.get(f"{grouping}_label", ""))
 
@@ -78,8 +84,8 @@ def dashboard(request: HttpRequest) -> HttpResponse:
         "Referrals submitted and transfers avoided per period",
         periods,
         [
-            charts.Series("Submitted", [r["submitted"] for r in trend["rows"]]),
-            charts.Series("Transfers avoided", [r["avoided"] for r in trend["rows"]]),
+            _series("Submitted", trend["rows"], "submitted"),
+            _series("Transfers avoided", trend["rows"], "avoided"),
         ],
     )
     province_chart = charts.bar_chart(
@@ -87,8 +93,8 @@ def dashboard(request: HttpRequest) -> HttpResponse:
         "Transfers avoided and travel avoided by province",
         [_label(r, "province") for r in provinces["rows"]],
         [
-            charts.Series("Avoided", [r["avoided"] for r in provinces["rows"]]),
-            charts.Series("Verified", [r["avoided_verified"] for r in provinces["rows"]]),
+            _series("Avoided", provinces["rows"], "avoided"),
+            _series("Verified", provinces["rows"], "avoided_verified"),
         ],
     )
     hub_chart = charts.bar_chart(
@@ -96,8 +102,8 @@ def dashboard(request: HttpRequest) -> HttpResponse:
         "Transfers avoided by hub hospital",
         [_label(r, "hub") for r in hubs["rows"]],
         [
-            charts.Series("Avoided", [r["avoided"] for r in hubs["rows"]]),
-            charts.Series("Verified", [r["avoided_verified"] for r in hubs["rows"]]),
+            _series("Avoided", hubs["rows"], "avoided"),
+            _series("Verified", hubs["rows"], "avoided_verified"),
         ],
     )
     times_chart = charts.bar_chart(
@@ -105,8 +111,8 @@ def dashboard(request: HttpRequest) -> HttpResponse:
         "Time to accept by specialty (hours)",
         [_label(r, "specialty") for r in times["rows"]],
         [
-            charts.Series("Median", [r["accept_median_hours"] for r in times["rows"]]),
-            charts.Series("90th percentile", [r["accept_p90_hours"] for r in times["rows"]]),
+            _series("Median", times["rows"], "accept_median_hours"),
+            _series("90th percentile", times["rows"], "accept_p90_hours"),
         ],
         unit=" h",
     )
@@ -117,6 +123,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
         "verify_days": selectors.verify_days(),
         "counts": summary["counts"],
         "times": summary["response_times"],
+        "percentiles": summary["percentiles"],
         "trend": trend,
         "provinces": provinces,
         "hubs": hubs,

@@ -329,3 +329,34 @@ def test_evaluate_measure_may_be_posted_a_parameters_resource(scenario: Network)
         Accept=FHIR_R4,
     )
     assert (wrong.status_code, nested.status_code) == (400, 400)
+
+
+def test_a_filter_does_not_reveal_what_it_cuts_away(scenario: Network):
+    """Avoided: 9 in all, LA 2 (masked by country). Filtered to VN the 7 would give LA's
+    2 by difference: masked too (suppression rule 6, docs/metrics.md)."""
+    client = _client(scenario.ministry)
+
+    assert _count(_evaluate(client, "avoided")["group"][0]) == 9
+    assert _count(_evaluate(client, "avoided", country="VN")["group"][0]) == "masked"
+    assert _count(_evaluate(client, "avoided", **{"cross-border": "false"})["group"][0]) == (
+        "masked"
+    )
+
+
+def test_masked_is_per_figure_not_per_report(scenario: Network):
+    """Avoidance rate by hub: D1 (hub of the counter-referral) has nothing considered, so
+    it has no rate (not-applicable); H2's 2 avoided are hidden, so its rate is masked."""
+    client = _client(scenario.ministry)
+
+    report = _evaluate(client, "avoidance-rate", stratifier="hub")
+
+    reasons = {
+        label: s["measureScore"]["extension"][0]["valueCode"]
+        for label, s in _strata(report).items()
+        if "extension" in s["measureScore"]
+    }
+    assert reasons == {
+        "Van Don District Hospital": "not-applicable",
+        "Quang Ninh Provincial Hospital": "masked",
+        "Central Hospital": "masked",
+    }

@@ -209,7 +209,9 @@ def test_hidden_avoided_cells_cannot_be_solved_from_the_total_travel(scenario: N
         d_h1, d_h2 = 2 * UNIT_KM, 1 * UNIT_KM  # haversine of public coordinates
         h1 = (total_km - total_avoided * d_h2) / (d_h1 - d_h2)
         pytest.fail(f"hidden cells recovered: H1 = {h1:.2f}, H2 = {total_avoided - h1:.2f}")
-    assert total_avoided == 5  # the total itself is no secret
+    # D1's total (5) is hidden as well now: the network's 9 - 5 would be the other
+    # facilities' 4 (suppression rule 6, the complement of the facility filter).
+    assert total_avoided is None
     assert {"travel_km", "travel_cost"} <= set(body["total"]["suppressed"])
 
 
@@ -254,6 +256,6 @@ def test_a_bad_dashboard_filter_shows_the_form_again_with_the_problem(scenario: 
 
 def test_a_hidden_time_carries_no_unit() -> None:
     """The headline read "hidden h" when a median was suppressed."""
-    from reports.templatetags.report_figures import hours
+    from reports.templatetags.report_figures import HIDDEN, hours
 
-    assert (hours(None), hours(3.5), hours(12)) == ("hidden", "3.5 h", "12 h")
+    assert (hours(HIDDEN), hours(None), hours(3.5), hours(12)) == ("hidden", "—", "3.5 h", "12 h")

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from reports.suppression import suppress_table
+from reports.suppression import hide_small_complements, suppress_table
 
 
 def test_primary_and_complementary() -> None:
@@ -74,3 +74,20 @@ def test_a_relation_whose_parts_are_zeros_ends() -> None:
         relations=[("sla_due", ("accepted", "declined", "expired"))],
     )
     assert row["sla_due"] is None
+
+
+def test_a_small_complement_of_a_filter_hides_the_filtered_cell() -> None:
+    """Rule 6: the broader table (one filter dropped) minus the filtered one is the part
+    the filter cut away; 12 - 10 = 2 would be published, 30 - 20 = 10 may be, and a zero
+    reveals nothing the broader query does not suppress itself."""
+    rows = [{"g": "a", "n": 10}, {"g": "b", "n": 20}, {"g": "c", "n": 0}]
+    total = {"n": 30}
+    broader = [{"g": "a", "n": 12}, {"g": "b", "n": 30}, {"g": "c", "n": 3}]
+
+    hide_small_complements(
+        rows, total, [(broader, {"n": 45})], key=lambda r: r["g"], counts=["n"], min_cell=5
+    )
+
+    assert [r["n"] for r in rows] == [None, 20, 0]
+    assert rows[0]["suppressed"] == ["n"]
+    assert total == {"n": 30}  # 45 - 30 = 15
