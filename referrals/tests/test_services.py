@@ -7,8 +7,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from django.db import connection
 from django.core.files.uploadedfile import SimpleUploadedFile
+from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from core.errors import ApplicationError, Conflict, NotFound, PermissionDenied
