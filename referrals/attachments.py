@@ -243,9 +243,7 @@ def files_removed_on_failure() -> Iterator[None]:
         enclosing.extend(stored)
 
 
-def attachment_upload(*, actor: User, referral_id: Any, upload: UploadedFile) -> Attachment:
-    """Check and store one file. Refusals store nothing."""
-    referral = _referral_for(actor, referral_id)
+def _check_may_upload(actor: User, referral: Referral) -> None:
     if not actor_sides(actor, referral) or not (actor.role_names() & UPLOAD_ROLES):
         raise PermissionDenied(
             "Only the requesting facility or the assigned department may add files."
@@ -256,6 +254,12 @@ def attachment_upload(*, actor: User, referral_id: Any, upload: UploadedFile) ->
             code="attachments_closed",
             extra={"state": referral.state},
         )
+
+
+def attachment_upload(*, actor: User, referral_id: Any, upload: UploadedFile) -> Attachment:
+    """Check and store one file. Refusals store nothing."""
+    referral = _referral_for(actor, referral_id)
+    _check_may_upload(actor, referral)  # before any byte is read or stored
     if upload.size is None or upload.size > max_bytes():
         raise too_large()
     upload.seek(0)
@@ -288,7 +292,9 @@ def attachment_upload(*, actor: User, referral_id: Any, upload: UploadedFile) ->
         # must go if that rolls back. Without one, the row commits right here.
         pending_commit = connection.in_atomic_block
         with transaction.atomic():
-            lock_referral(referral)
+            # Checked again on the locked row: a close, cancel or forward that committed
+            # while the file was being stored wins (found by review).
+            _check_may_upload(actor, lock_referral(referral))
             attachment.number = next_number(Attachment, referral)
             attachment.save()
     except BaseException:

@@ -27,7 +27,8 @@ def next_number(model: Numbered, referral: Referral) -> int:
     return int(found["last"] or 0) + 1
 
 
-def lock_referral(referral: Referral) -> None:
-    """Hold ``referral``'s row lock until the transaction ends (a no-op on SQLite, whose
-    writers already take turns)."""
-    list(Referral.objects.select_for_update().filter(pk=referral.pk).values_list("pk"))
+def lock_referral(referral: Referral) -> Referral:
+    """Hold ``referral``'s row lock until the transaction ends (on SQLite, whose writers
+    already take turns, a plain read): the row as it is once locked, for the caller to
+    check again what it checked before waiting."""
+    return Referral.objects.select_for_update().get(pk=referral.pk)

@@ -342,3 +342,29 @@ def test_a_birth_year_outside_1900_to_now_is_refused(world: World, year: int) ->
             patient_birth_year=year,
         )
     assert not Referral.objects.exists()
+
+
+def test_a_file_is_refused_when_the_referral_closed_while_it_was_stored(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The state and the sides were checked on a row read without the lock: a cancel
+    committed while the file was stored still let it in (found by review)."""
+    from referrals import attachments, numbering
+
+    referral = world.referral_in(ReferralState.ACCEPTED)
+    real_lock = numbering.lock_referral
+
+    def lock_after_a_concurrent_cancel(locked: Referral) -> Referral:
+        # what another transaction committed while this one waited for the row lock
+        Referral.objects.filter(pk=locked.pk).update(state=ReferralState.CANCELLED)
+        return real_lock(locked)
+
+    monkeypatch.setattr(attachments, "lock_referral", lock_after_a_concurrent_cancel)
+    with pytest.raises(Conflict) as refused:
+        attachment_upload(
+            actor=world.referrer,
+            referral_id=referral.pk,
+            upload=SimpleUploadedFile("x.pdf", b"%PDF-1.4\n%%EOF\n", "application/pdf"),
+        )
+    assert refused.value.code == "attachments_closed"
+    assert not referral.attachments.exists()
