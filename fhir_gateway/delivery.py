@@ -42,7 +42,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import urllib3
 from django.conf import settings
@@ -59,6 +58,7 @@ from fhir_gateway.models import FhirResource, OutboxMessage
 from fhir_gateway.storage import validate_resource
 from fhir_gateway.versions import SUPPORTED_VERSIONS, media_type_for
 from registry.models import Endpoint
+from registry.validators import fhir_base_url_problem
 
 if TYPE_CHECKING:
     from urllib3._base_connection import BaseHTTPConnection
@@ -486,20 +486,12 @@ def _render(
 
 def _auth_headers(endpoint: Endpoint) -> dict[str, str]:
     """The endpoint's authentication headers; PermanentFailure when it cannot be sent to
-    (also a base URL with a query or fragment: the resource path cannot follow it)."""
-    parts = urlsplit(endpoint.base_url)
-    if parts.query or parts.fragment:
-        raise PermanentFailure(
-            f"base URL {endpoint.base_url[:200]!r} has a query or fragment; a FHIR base has none"
-        )
-    try:
-        port_ok = parts.port is None or parts.port > 0
-    except ValueError:  # not a number, or past 65535
-        port_ok = False
-    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
-        raise PermanentFailure(  # retrying would not make it one
-            f"base URL {endpoint.base_url[:200]!r} is not an http(s) URL with a host and port"
-        )
+    (also a base URL with a query or fragment: the resource path cannot follow it). The
+    URL rule is the registry's, which refuses such a URL before it is stored; rows stored
+    before it, or written around it, still end here."""
+    problem = fhir_base_url_problem(endpoint.base_url)
+    if problem:  # retrying would not make it one
+        raise PermanentFailure(f"base URL {endpoint.base_url[:200]!r} {problem}")
     if endpoint.auth_type == Endpoint.AuthType.NONE:
         return {}
     try:

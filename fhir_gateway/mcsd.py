@@ -37,6 +37,7 @@ from fhir_gateway.registry_projection import (
     OWNERSHIP_SYSTEM,
     TIER_SYSTEM,
 )
+from registry.countries import is_country_code
 from registry.importing import (
     FACILITY_CODE_SYSTEM,
     FACILITY_FIELDS,
@@ -57,6 +58,7 @@ from registry.importing import (
     new_record,
 )
 from registry.models import Facility, OperationalStatus, Specialty, Tier
+from registry.validators import LANGUAGE_TAG
 
 PHYSICAL_TYPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/location-physical-type"
 PAYLOAD_TYPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/endpoint-payload-type"
@@ -64,7 +66,6 @@ SNOMED = Specialty.SNOMED
 CONSULT_MODES = frozenset({"async", "live", "transfer"})
 
 FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
-ISO_ALPHA2 = re.compile(r"^[A-Z]{2}$")
 FHIR_VERSION_PARAM = re.compile(r"fhirVersion=([0-9.]+)")
 MCSD_OPTION_KEYS = frozenset({"description", "format", "country", "code", "defaults"})
 ENDPOINT_STATUS = {
@@ -102,7 +103,7 @@ def parse_options(data: Mapping[str, object], *, name: str = "mapping") -> McsdO
         raw = data["country"]
         if not (isinstance(raw, dict) and isinstance(raw.get("code"), str)):
             raise fail('country must be {"code": "KE", "name": "Kenya"}')
-        if not ISO_ALPHA2.match(raw["code"]):
+        if not is_country_code(raw["code"]):
             raise fail(f"country.code must be ISO 3166-1 alpha-2, got {raw['code']!r}")
         country = {"code": raw["code"], "name": str(raw.get("name") or raw["code"])}
     code = data.get("code", {})
@@ -427,7 +428,7 @@ class _BundleReader:
             record["country"] = self.options.country
         else:
             raw = _str(address.get("country") if address else None)
-            if raw and ISO_ALPHA2.match(raw.upper()):
+            if raw and is_country_code(raw.upper()):
                 record["country"] = {"code": raw.upper(), "name": raw.upper()}
             else:
                 record["errors"].append(
@@ -514,6 +515,17 @@ class _BundleReader:
                 for system, code in _codings(concept)
                 if system == LANGUAGE_SYSTEM
             ]
+            # The API's rule for a department's languages (a BCP-47 tag's shape).
+            bad = [code for code in languages if not LANGUAGE_TAG.match(code)]
+            if bad:
+                self._issue(
+                    entry.row,
+                    entry.label,
+                    "HealthcareService.communication",
+                    f"not BCP-47 language tags, left out: {', '.join(map(repr, bad))}",
+                    "warning",
+                )
+                languages = [code for code in languages if code not in bad]
             department: DepartmentRecord = {
                 "specialty_codes": codes,
                 "strict": False,

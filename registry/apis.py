@@ -16,7 +16,7 @@ from rest_framework.response import Response
 from accounts.models import User
 from core.errors import ApplicationError, Conflict, NotFound
 from registry import services
-from registry.filters import DepartmentFilter, FacilityFilter
+from registry.filters import DepartmentFilter, FacilityFilter, SupportLinkFilter
 from registry.models import (
     AdministrativeArea,
     ChangeRequest,
@@ -226,7 +226,7 @@ class SupportLinkViewSet(viewsets.ModelViewSet[SupportLink]):
     permission_classes = [StewardWritesOthersRead]
     queryset = SupportLink.objects.prefetch_related("specialties").order_by("id")
     serializer_class = SupportLinkSerializer
-    filterset_fields = ["hub", "spoke", "is_cross_border", "active"]
+    filterset_class = SupportLinkFilter
     http_method_names = READ_AND_WRITE
 
     def _save(self, serializer: Any, link: SupportLink | None) -> None:

@@ -41,12 +41,14 @@ from registry.models import (
     Endpoint,
     Facility,
     FacilityIdentifier,
+    FacilityRevision,
     Practitioner,
     PractitionerRole,
     Specialty,
     SupportLink,
     Tier,
 )
+from registry.services import facility_snapshot
 from registry.specialties import PRACTICE_SETTING_SPECIALTIES
 from registry.text import search_key
 
@@ -578,7 +580,7 @@ class NetworkPlan:
         consultants = sum(len(d.consultants) for d in self.departments)
         return (
             len(self.areas)
-            + len(self.facilities)
+            + 2 * len(self.facilities)  # the facility and its revision
             + sum(1 for f in self.facilities if f.moh_code)
             + sum(1 for f in self.facilities if f.fhir_version)
             + len(self.departments)
@@ -1091,6 +1093,7 @@ def network_write(plan: NetworkPlan, *, progress: bool = False) -> None:
                 area_ids[(area.country.code, area.code)] = area.pk
 
         facility_ids: dict[str, int] = {}
+        created: list[Facility] = []
         # Parents first: commune stations point at their district health centre.
         for with_parent in (False, True):
             rows_f = [
@@ -1117,6 +1120,33 @@ def network_write(plan: NetworkPlan, *, progress: bool = False) -> None:
             ]
             for facility in _insert(Facility, rows_f, bar):
                 facility_ids[facility.code] = facility.pk
+            created.extend(rows_f)
+
+        # Every facility change leaves a revision (docs/registry.md), the seed's too: in the
+        # importer's shape for a created facility (fields from null, identifiers from none).
+        identifiers = {
+            f.code: [f"{MOH_FACILITY_CODE_SYSTEM}|{f.moh_code}"] if f.moh_code else []
+            for f in plan.facilities
+        }
+        _insert(
+            FacilityRevision,
+            [
+                FacilityRevision(
+                    facility_id=facility.pk,
+                    source="seed",
+                    changes={
+                        **{
+                            k: [None, v]
+                            for k, v in facility_snapshot(facility).items()
+                            if v is not None
+                        },
+                        "identifiers": [None, identifiers[facility.code]],
+                    },
+                )
+                for facility in created
+            ],
+            bar,
+        )
 
         _insert(
             FacilityIdentifier,

@@ -1,21 +1,63 @@
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import django_filters
+from django import forms
 from django.db.models import Model, Q, QuerySet
 
+from core.values import row_id
 from registry.models import (
     ConsultMode,
     Department,
     Facility,
     OperationalStatus,
+    SupportLink,
     Tier,
 )
 from registry.selectors import MODE_FLAGS, area_descendant_ids
 from registry.text import search_key
 
 M = TypeVar("M", bound=Model)
+
+
+class RowIdField(forms.Field):
+    """A row id: ASCII digits in bigint range. A NumberFilter took "1.9" as 1, and a
+    number past 2**63 reached the database (an OverflowError on SQLite: a 500)."""
+
+    default_error_messages = {"invalid": "Give a row id: a whole number from 1 to 2**63-1."}
+
+    def to_python(self, value: Any) -> int | None:
+        if value in self.empty_values:
+            return None
+        found = row_id(value)
+        if found is None:
+            raise forms.ValidationError(self.error_messages["invalid"], code="invalid")
+        return found
+
+
+class RowIdFilter(django_filters.Filter):
+    field_class = RowIdField
+
+
+class StrictBooleanField(forms.Field):
+    """true/false (or 1/0, any case). django-filter's boolean widget turned anything else
+    into "no filter", so `accepting=maybe` listed everything without a word."""
+
+    default_error_messages = {"invalid": "Give true or false."}
+    WORDS = {"true": True, "1": True, "false": False, "0": False}
+
+    def to_python(self, value: Any) -> bool | None:
+        if value in self.empty_values:
+            return None
+        found = self.WORDS.get(str(value).lower())
+        if found is None:
+            raise forms.ValidationError(self.error_messages["invalid"], code="invalid")
+        return found
+
+
+class StrictBooleanFilter(django_filters.Filter):
+    field_class = StrictBooleanField
 
 
 def _name_search(queryset: QuerySet[M], field: str, value: str) -> QuerySet[M]:
@@ -27,21 +69,21 @@ def _name_search(queryset: QuerySet[M], field: str, value: str) -> QuerySet[M]:
 
 class FacilityFilter(django_filters.FilterSet):
     country = django_filters.CharFilter(field_name="country__code", lookup_expr="iexact")
-    area = django_filters.NumberFilter(method="filter_area")
+    area = RowIdFilter(method="filter_area")
     tier = django_filters.MultipleChoiceFilter(choices=Tier.choices)
     specialty = django_filters.CharFilter(method="filter_specialty")
     mode = django_filters.ChoiceFilter(choices=ConsultMode.choices, method="filter_mode")
-    accepting = django_filters.BooleanFilter(method="filter_accepting")
-    active = django_filters.BooleanFilter(method="filter_active")
+    accepting = StrictBooleanFilter(method="filter_accepting")
+    active = StrictBooleanFilter(method="filter_active")
     q = django_filters.CharFilter(method="filter_q", max_length=200)
-    remote = django_filters.BooleanFilter(field_name="is_remote")
+    remote = StrictBooleanFilter(field_name="is_remote")
 
     class Meta:
         model = Facility
         fields: list[str] = []
 
     def filter_area(self, qs: QuerySet[Facility], name: str, value: int) -> QuerySet[Facility]:
-        return qs.filter(area_id__in=area_descendant_ids(int(value)))
+        return qs.filter(area_id__in=area_descendant_ids(value))
 
     def filter_specialty(self, qs: QuerySet[Facility], name: str, value: str) -> QuerySet[Facility]:
         return qs.filter(
@@ -70,13 +112,13 @@ class FacilityFilter(django_filters.FilterSet):
 
 
 class DepartmentFilter(django_filters.FilterSet):
-    facility = django_filters.NumberFilter(field_name="facility_id")
+    facility = RowIdFilter(field_name="facility_id")
     country = django_filters.CharFilter(field_name="facility__country__code", lookup_expr="iexact")
     tier = django_filters.MultipleChoiceFilter(field_name="facility__tier", choices=Tier.choices)
     specialty = django_filters.CharFilter(field_name="specialty__code")
     mode = django_filters.ChoiceFilter(choices=ConsultMode.choices, method="filter_mode")
-    accepting = django_filters.BooleanFilter(field_name="accepting")
-    active = django_filters.BooleanFilter(method="filter_active")
+    accepting = StrictBooleanFilter(field_name="accepting")
+    active = StrictBooleanFilter(method="filter_active")
     q = django_filters.CharFilter(method="filter_q", max_length=200)
 
     class Meta:
@@ -94,3 +136,12 @@ class DepartmentFilter(django_filters.FilterSet):
 
     def filter_q(self, qs: QuerySet[Department], name: str, value: str) -> QuerySet[Department]:
         return _name_search(qs, "facility__search_name", value)
+
+
+class SupportLinkFilter(django_filters.FilterSet):
+    is_cross_border = StrictBooleanFilter(field_name="is_cross_border")
+    active = StrictBooleanFilter(field_name="active")
+
+    class Meta:
+        model = SupportLink
+        fields = ["hub", "spoke"]  # by id; an unknown one is 400

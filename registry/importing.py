@@ -15,7 +15,6 @@ import functools
 import hashlib
 import json
 import math
-import re
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from psycopg.types.json import Jsonb
 from unidecode import unidecode
 
 from core.errors import Conflict
+from registry.countries import is_country_code
 from registry.models import (
     AdministrativeArea,
     Country,
@@ -56,6 +56,12 @@ from registry.services import (
     support_links_upside_down,
 )
 from registry.text import search_key
+from registry.validators import (
+    INTEGER_MAX,
+    LANGUAGE_TAG,
+    endpoint_base_url_key,
+    endpoint_base_url_problem,
+)
 
 # Facility.code seen as an identifier: exports carry it under this system, and a record
 # (or a parent reference) naming it matches Facility.code instead of a FacilityIdentifier.
@@ -199,7 +205,6 @@ STATUSES = frozenset(OperationalStatus.values)
 TEXT_MAX_LENGTH = {"name": 255, "name_local": 255, "facility_type": 100}
 TRUE_WORDS = frozenset({"1", "true", "t", "yes", "y"})
 FALSE_WORDS = frozenset({"0", "false", "f", "no", "n"})
-LANGUAGE_TAG = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})*$")
 _url_validator = URLValidator()
 
 
@@ -288,6 +293,8 @@ def _field_error(name: str, value: FieldValue) -> str:
     if kind == "int":
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             return f"{name} must be a whole number >= 0, got {value!r}"
+        if value > INTEGER_MAX:  # the database column's range (SQLite would store it)
+            return f"{name} must be at most {INTEGER_MAX}, got {value!r}"
         return ""
     if kind == "bool":
         return "" if isinstance(value, bool) else f"{name} must be true or false"
@@ -307,7 +314,10 @@ def endpoint_error(endpoint: EndpointRecord) -> str:
     try:
         _url_validator(endpoint["base_url"])
     except ValidationError:
-        return f"endpoint address {endpoint['base_url']!r} is not an http(s) URL"
+        return f"endpoint address {endpoint['base_url']!r} is not a URL"
+    problem = endpoint_base_url_problem(endpoint["base_url"])
+    if problem:  # the registry's rule, as for the API: the gateway could never send to it
+        return f"endpoint address {endpoint['base_url'][:200]!r} {problem}"
     if len(endpoint["base_url"]) > 500:
         return "endpoint address is longer than 500 characters"
     if endpoint["status"] not in Endpoint.Status.values:
@@ -455,7 +465,7 @@ def parse_mapping(data: Mapping[str, object], *, name: str = "mapping") -> CsvMa
     country_column = _opt_str(country.get("column"), "country.column", fail)
     if (country_code is None) == (country_column is None):
         raise fail("country needs exactly one of 'code' (a constant) or 'column'")
-    if country_code is not None and not re.fullmatch(r"[A-Z]{2}", country_code):
+    if country_code is not None and not is_country_code(country_code):
         raise fail(f"country.code must be an ISO 3166-1 alpha-2 code, got {country_code!r}")
 
     code = _obj(data.get("code", {}), "code", fail, {"prefix", "column"})
@@ -791,7 +801,7 @@ class CsvSource:
                 assert m.country_column is not None
                 code = cells[index[m.country_column]].strip().upper()
                 name = cells[index[m.country_name_column]].strip() if m.country_name_column else ""
-                if re.fullmatch(r"[A-Z]{2}", code):
+                if is_country_code(code):
                     record["country"] = {"code": code, "name": name or code}
                 else:
                     errors.append(
@@ -1321,8 +1331,11 @@ class FacilityImport:
             done += 1
             if self._accept(item):
                 batch.append(item)
-            if len(batch) >= self.batch_size:
-                self._flush(batch)
+            # A batch is batch_size rows read (invalid ones included), so the progress
+            # counter moves by whole batches: it jumped 4,000 → 5,001 past an invalid row.
+            if done >= self.batch_size:
+                if batch:
+                    self._flush(batch)
                 batch = []
                 self._advance(done)
                 done = 0
@@ -1685,18 +1698,22 @@ class FacilityImport:
         self.result.departments_created += len(create)
 
     def _save_endpoints(self, planned: list[_Planned]) -> None:
-        """Endpoints (mCSD only) are created when absent, like departments."""
+        """Endpoints (mCSD only) are created when absent, like departments; "absent" and
+        the stored URL in the registry's compared form (scheme and host case, a trailing
+        slash), as the API does."""
         wanted: dict[tuple[int, str], EndpointRecord] = {}
         for p in planned:
             for endpoint in p.record.get("endpoints", []):
-                wanted.setdefault((p.facility.pk, endpoint["base_url"]), endpoint)
+                key = (p.facility.pk, endpoint_base_url_key(endpoint["base_url"]))
+                wanted.setdefault(key, endpoint)
         if not wanted:
             return
-        existing = set(
-            Endpoint.objects.filter(_one_of("facility_id", {fid for fid, _ in wanted})).values_list(
-                "facility_id", "base_url"
-            )
-        )
+        existing = {
+            (fid, endpoint_base_url_key(url))
+            for fid, url in Endpoint.objects.filter(
+                _one_of("facility_id", {fid for fid, _ in wanted})
+            ).values_list("facility_id", "base_url")
+        }
         create: list[tuple[object, ...]] = [
             (fid, url, endpoint["name"][:200], endpoint["status"], endpoint["fhir_version"])
             for (fid, url), endpoint in wanted.items()

@@ -14,11 +14,23 @@ from django.db import models
 from django.db.models import F, Q
 from django.utils import timezone
 
+from registry.countries import validate_country_code
 from registry.text import search_key
+from registry.validators import (
+    INTEGER_MAX,
+    SECRET_REF,
+    endpoint_base_url_key,
+    validate_endpoint_base_url,
+)
 
 
 class Country(models.Model):
-    code = models.CharField(max_length=2, unique=True, help_text="ISO 3166-1 alpha-2")
+    code = models.CharField(
+        max_length=2,
+        unique=True,
+        validators=[validate_country_code],
+        help_text="ISO 3166-1 alpha-2",
+    )
     name = models.CharField(max_length=100)
     name_local = models.CharField(max_length=100, blank=True)
 
@@ -127,7 +139,9 @@ class Facility(models.Model):
         "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="children"
     )
     languages = models.JSONField(default=list, blank=True, help_text="BCP-47 codes, e.g. ['vi']")
-    beds = models.PositiveIntegerField(null=True, blank=True)
+    beds = models.PositiveIntegerField(
+        null=True, blank=True, validators=[MaxValueValidator(INTEGER_MAX)]
+    )
     is_remote = models.BooleanField(
         default=False, help_text="island, mountain or otherwise hard-to-reach site"
     )
@@ -235,7 +249,9 @@ class Department(models.Model):
     offers_live = models.BooleanField(default=False)
     offers_transfer = models.BooleanField(default=False)
     accepting = models.BooleanField(default=True)
-    daily_capacity = models.PositiveIntegerField(default=20)
+    daily_capacity = models.PositiveIntegerField(
+        default=20, validators=[MaxValueValidator(INTEGER_MAX)]
+    )
     sla_hours = models.PositiveIntegerField(default=48)
     languages = models.JSONField(default=list, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
@@ -340,7 +356,7 @@ class Endpoint(models.Model):
 
     facility = models.ForeignKey(Facility, on_delete=models.CASCADE, related_name="endpoints")
     name = models.CharField(max_length=200, blank=True)
-    base_url = models.URLField(max_length=500)
+    base_url = models.URLField(max_length=500, validators=[validate_endpoint_base_url])
     fhir_version = models.CharField(
         max_length=3, choices=FhirVersion.choices, default=FhirVersion.R4
     )
@@ -357,6 +373,39 @@ class Endpoint(models.Model):
 
     def __str__(self) -> str:
         return f"{self.base_url} (FHIR {self.fhir_version})"
+
+    def clean(self) -> None:
+        errors: dict[str, str] = {}
+        # Stored in its compared form, so the unique constraint sees what delivery sees.
+        self.base_url = endpoint_base_url_key(self.base_url)
+        if self.facility_id is not None and self.base_url:
+            others = Endpoint.objects.filter(facility_id=self.facility_id).exclude(pk=self.pk)
+            # Compared in Python: rows stored before the normal form may differ in case.
+            if any(
+                endpoint_base_url_key(url) == self.base_url
+                for url in others.values_list("base_url", flat=True)
+            ):
+                errors["base_url"] = "This facility already has an endpoint with this base URL."
+        # Delivery reads the secret that auth_secret_ref names: bearer or basic without
+        # one can never send, and a reference auth type "none" never reads is a mistake.
+        ref, problem = self.auth_secret_ref, ""
+        if self.auth_type == self.AuthType.NONE:
+            if ref:
+                problem = 'auth_type "none" reads no secret: leave auth_secret_ref empty.'
+        elif not ref:
+            problem = (
+                f'auth_type "{self.auth_type}" needs auth_secret_ref: the name of the '
+                "environment variable (or NAME_FILE) that holds the credential."
+            )
+        elif not SECRET_REF.match(ref):
+            problem = (
+                "auth_secret_ref is the name of an environment variable (letters, digits, "
+                "underscores), not the secret itself."
+            )
+        if problem:
+            errors["auth_secret_ref"] = problem
+        if errors:
+            raise ValidationError(errors)
 
 
 class SupportLink(models.Model):

@@ -22,6 +22,7 @@ from registry.models import (
     Specialty,
     SupportLink,
 )
+from registry.validators import INTEGER_MAX, LANGUAGE_TAG
 
 
 class CodeRelatedField(serializers.SlugRelatedField):
@@ -176,11 +177,11 @@ class FacilityInputSerializer(ReplaceOnPut, serializers.Serializer[dict[str, Any
         slug_field="code", queryset=Facility.objects.all(), required=False, allow_null=True
     )
     languages = serializers.ListField(
-        child=serializers.RegexField(r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})*$"),
-        required=False,
-        max_length=20,
+        child=serializers.RegexField(LANGUAGE_TAG), required=False, max_length=20
     )
-    beds = serializers.IntegerField(min_value=0, required=False, allow_null=True)
+    beds = serializers.IntegerField(
+        min_value=0, max_value=INTEGER_MAX, required=False, allow_null=True
+    )
     is_remote = serializers.BooleanField(required=False)
     identifiers = IdentifierSerializer(many=True, required=False)
 
@@ -247,9 +248,12 @@ class DepartmentInputSerializer(ReplaceOnPut, serializers.Serializer[dict[str, A
         child=serializers.ChoiceField(choices=ConsultMode.choices), min_length=1, max_length=3
     )
     accepting = serializers.BooleanField(required=False)
-    daily_capacity = serializers.IntegerField(min_value=0, required=False)
+    daily_capacity = serializers.IntegerField(min_value=0, max_value=INTEGER_MAX, required=False)
     sla_hours = serializers.IntegerField(min_value=1, max_value=24 * 30, required=False)
-    languages = serializers.ListField(child=serializers.CharField(max_length=16), required=False)
+    # The facility's rule: a BCP-47 tag ("not a tag" was stored before).
+    languages = serializers.ListField(
+        child=serializers.RegexField(LANGUAGE_TAG, max_length=16), required=False, max_length=20
+    )
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         modes = attrs.pop("modes", None)
@@ -312,8 +316,19 @@ class PractitionerSerializer(serializers.ModelSerializer[Practitioner]):
 class EndpointSerializer(ReplaceOnPut, serializers.ModelSerializer[Endpoint]):
     class Meta:
         model = Endpoint
-        # auth_secret_ref is deliberately absent: it names where a credential lives.
-        fields = ["id", "facility", "name", "base_url", "fhir_version", "status", "auth_type"]
+        fields = [
+            "id",
+            "facility",
+            "name",
+            "base_url",
+            "fhir_version",
+            "status",
+            "auth_type",
+            "auth_secret_ref",
+        ]
+        # Written, never shown: every authenticated user reads endpoints, and the name
+        # says where a credential lives. Checked with auth_type by Endpoint.clean().
+        extra_kwargs = {"auth_secret_ref": {"write_only": True}}
 
 
 class SupportLinkSerializer(ReplaceOnPut, serializers.ModelSerializer[SupportLink]):

@@ -51,9 +51,50 @@ def specialties_load() -> list[Specialty]:
 
 
 def _country_code(n: int) -> str:
-    # "XA".."XZ", then "QM".."QZ": ISO 3166 user-assigned codes, clear of real countries
-    # (VN, LA, KH, TH...) that tests name explicitly.
-    codes = [f"X{c}" for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"] + [f"Q{c}" for c in "MNOPQRSTUVWXYZ"]
+    # Assigned ISO 3166-1 codes (the registry refuses any other) of small or uninhabited
+    # territories, clear of the countries tests name explicitly (VN, LA, KH, TH, KE...).
+    codes = [
+        "AQ",
+        "BV",
+        "HM",
+        "GS",
+        "TF",
+        "UM",
+        "IO",
+        "CC",
+        "CX",
+        "NF",
+        "PN",
+        "TK",
+        "NU",
+        "WF",
+        "YT",
+        "BL",
+        "MF",
+        "PM",
+        "SJ",
+        "AX",
+        "FK",
+        "GI",
+        "GG",
+        "JE",
+        "IM",
+        "BQ",
+        "CW",
+        "SX",
+        "AI",
+        "MS",
+        "VG",
+        "TC",
+        "KY",
+        "BM",
+        "AW",
+        "MO",
+        "EH",
+        "VA",
+        "SM",
+        "LI",
+    ]
     return codes[n % len(codes)]
 
 

@@ -464,3 +464,99 @@ def test_country_must_be_known(specialties: list[Specialty], tmp_path: Path) -> 
         "error: row 1 (Organization/f001) [Location.address.country]: country 'NLD' is not an "
         'ISO 3166-1 alpha-2 code; give "country" in the mapping',
     ]
+
+
+# --- what the registry takes from a Bundle, as from the API --------------------------------------
+
+
+def hl7_with_endpoint(tmp_path: Path, address: str) -> tuple[Path, Path]:
+    organization = json.loads((EXAMPLES / "Organization-hl7.json").read_text())
+    organization["identifier"] = [{"system": "urn:ietf:rfc:3986", "value": "https://hl7.org"}]
+    endpoint = json.loads((EXAMPLES / "Endpoint-example.json").read_text())
+    endpoint["address"] = address
+    bundle = write_bundle(tmp_path / "hl7.json", [organization, endpoint])
+    mapping = tmp_path / "us.json"
+    mapping.write_text(
+        json.dumps({"format": "mcsd", "country": {"code": "US"}, "defaults": {"tier": 1}})
+    )
+    return bundle, mapping
+
+
+@pytest.mark.parametrize(
+    ("address", "reason"),
+    [
+        ("ftp://x.example/fhir", "is not an http(s) URL with a host and port"),
+        ("https://x.example/fhir?tenant=1", "has a query or fragment; a FHIR base has none"),
+        (
+            "https://user:pass@x.example/fhir",
+            "holds a user name or password; give credentials by auth_type and "
+            "auth_secret_ref, never in the URL",
+        ),
+    ],
+)
+def test_an_endpoint_the_gateway_cannot_send_to_is_skipped_with_the_reason(
+    specialties: list[Specialty], tmp_path: Path, address: str, reason: str
+) -> None:
+    """It was imported, and every message to it dead-lettered (or its credentials were
+    published)."""
+    bundle, mapping = hl7_with_endpoint(tmp_path, address)
+
+    output = run_import(str(bundle), "--mapping", str(mapping))
+
+    assert "created 1, updated 0, unchanged 0, invalid 0" in output
+    assert issue_lines(output) == [
+        f"warning: row 2 (Endpoint/example) [Endpoint]: skipped: endpoint address "
+        f"{address!r} {reason}"
+    ]
+    assert Endpoint.objects.count() == 0
+
+
+def test_an_endpoint_differing_only_in_case_or_a_trailing_slash_is_not_created_twice(
+    specialties: list[Specialty], tmp_path: Path
+) -> None:
+    bundle, mapping = hl7_with_endpoint(tmp_path, "HTTP://FHIR3.healthintersections.com.au/open/")
+    run_import(str(bundle), "--mapping", str(mapping))
+    assert list(Endpoint.objects.values_list("base_url", flat=True)) == [
+        "http://fhir3.healthintersections.com.au/open"
+    ]
+
+    again, _ = hl7_with_endpoint(tmp_path, "http://fhir3.healthintersections.com.au/open")
+    output = run_import(str(again), "--mapping", str(mapping))
+
+    assert "endpoints created 0" in output
+    assert Endpoint.objects.count() == 1
+
+
+def test_an_address_country_that_iso_has_not_assigned_is_an_error(
+    specialties: list[Specialty], tmp_path: Path
+) -> None:
+    """ "ZZ" has the shape of a code and was created as a country."""
+    organization = json.loads((EXAMPLES / "Organization-f001.json").read_text())
+    location: dict[str, object] = {
+        "resourceType": "Location",
+        "id": "loc",
+        "name": "Burgers",
+        "address": {"country": "ZZ"},
+        "managingOrganization": {"reference": "Organization/f001"},
+    }
+    bundle = write_bundle(tmp_path / "b.json", [organization, location])
+    mapping = tmp_path / "m.json"
+    mapping.write_text(json.dumps({"format": "mcsd", "defaults": {"tier": 2}}))
+    out = StringIO()
+
+    with pytest.raises(CommandError, match="Nothing written"):
+        call_command(
+            "import_facilities",
+            str(bundle),
+            "--mapping",
+            str(mapping),
+            "--no-progress",
+            stdout=out,
+            stderr=StringIO(),
+        )
+
+    assert issue_lines(out.getvalue()) == [
+        "error: row 1 (Organization/f001) [Location.address.country]: country 'ZZ' is not an "
+        'ISO 3166-1 alpha-2 code; give "country" in the mapping',
+    ]
+    assert registry_counts() == dict.fromkeys(registry_counts(), 0)

@@ -1387,3 +1387,254 @@ def test_endpoint_refuses_a_fhir_version_the_gateway_does_not_send(world, stewar
     )
     assert created.status_code == 400
     assert not Endpoint.objects.filter(base_url="https://x.example.org/fhir").exists()
+
+
+# --- endpoints the gateway can deliver to ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("base_url", "reason"),
+    [
+        ("ftp://x.example/fhir", "is not an http(s) URL with a host and port"),
+        ("ftps://x.example/fhir", "is not an http(s) URL with a host and port"),
+        ("https://x.example/fhir?tenant=1#frag", "has a query or fragment"),
+        ("https://x.example/fhir#frag", "has a query or fragment"),
+        ("https://user:pass@x.example/fhir", "holds a user name or password"),
+        ("https://user@x.example/fhir", "holds a user name or password"),
+    ],
+)
+def test_endpoint_base_url_delivery_refuses_is_400_and_nothing_changes(
+    world, steward_client, base_url, reason
+):
+    """They were stored (201) and every message to them dead-lettered, or (credentials)
+    published at /fhir/Endpoint to every reader."""
+    url = f"{API}/endpoints/{world.endpoint.pk}/"
+    before = _snapshot(world.endpoint)
+
+    created = steward_client.post(
+        f"{API}/endpoints/", {"facility": world.spoke.pk, "base_url": base_url}, format="json"
+    )
+    patched = steward_client.patch(url, {"base_url": base_url}, format="json")
+
+    for response in (created, patched):
+        assert response.status_code == 400
+        assert response.json()["detail"] == {"base_url": [f"The base URL {reason}" + _tail(reason)]}
+    assert Endpoint.objects.count() == 1
+    assert _snapshot(world.endpoint) == before
+
+
+def _tail(reason: str) -> str:
+    if reason.startswith("holds"):
+        return "; give credentials by auth_type and auth_secret_ref, never in the URL."
+    if reason.startswith("has"):
+        return "; a FHIR base has none."
+    return "."
+
+
+def test_endpoint_url_is_stored_in_its_compared_form_and_a_variant_is_a_duplicate(
+    world, steward_client
+):
+    """A trailing slash or another case of scheme and host made a second endpoint of the
+    same server (each message then went out twice)."""
+    created = steward_client.post(
+        f"{API}/endpoints/",
+        {"facility": world.spoke.pk, "base_url": "HTTPS://Fhir.Spoke.Example.org/R4/"},
+        format="json",
+    )
+    assert created.status_code == 201, created.json()
+    assert created.json()["base_url"] == "https://fhir.spoke.example.org/R4"
+
+    for variant in ("https://FHIR.nhp.example.org/fhir/", "HTTPS://fhir.nhp.example.org/fhir"):
+        duplicate = steward_client.post(
+            f"{API}/endpoints/", {"facility": world.hub.pk, "base_url": variant}, format="json"
+        )
+        assert duplicate.status_code == 400
+        assert duplicate.json()["detail"] == {
+            "base_url": ["This facility already has an endpoint with this base URL."]
+        }
+    assert Endpoint.objects.filter(facility=world.hub).count() == 1
+    # The same URL at another facility is another endpoint (each member has its own).
+    other = steward_client.post(
+        f"{API}/endpoints/",
+        {"facility": world.spoke.pk, "base_url": "https://fhir.nhp.example.org/fhir/"},
+        format="json",
+    )
+    assert other.status_code == 201
+
+
+def test_endpoint_duplicate_of_a_row_stored_before_the_normal_form_is_400(world, steward_client):
+    Endpoint.objects.filter(pk=world.endpoint.pk).update(
+        base_url="https://FHIR.nhp.example.org/fhir/"
+    )
+
+    response = steward_client.post(
+        f"{API}/endpoints/",
+        {"facility": world.hub.pk, "base_url": "https://fhir.nhp.example.org/fhir"},
+        format="json",
+    )
+
+    assert response.status_code == 400
+    assert list(response.json()["detail"]) == ["base_url"]
+    assert Endpoint.objects.count() == 1
+
+
+def test_bearer_endpoint_takes_a_secret_reference_written_never_shown(world, steward_client):
+    """auth_secret_ref was no API field: a PATCH naming it was ignored without a word and
+    a bearer endpoint died on "secret '' is not configured"."""
+    url = f"{API}/endpoints/{world.endpoint.pk}/"
+
+    response = steward_client.patch(
+        url, {"auth_type": "bearer", "auth_secret_ref": "NHP_FHIR_TOKEN"}, format="json"
+    )
+
+    assert response.status_code == 200, response.json()
+    world.endpoint.refresh_from_db()
+    assert (world.endpoint.auth_type, world.endpoint.auth_secret_ref) == (
+        "bearer",
+        "NHP_FHIR_TOKEN",
+    )
+    assert "auth_secret_ref" not in response.json()
+    assert "NHP_FHIR_TOKEN" not in steward_client.get(url).content.decode()
+    created = steward_client.post(
+        f"{API}/endpoints/",
+        {
+            "facility": world.spoke.pk,
+            "base_url": "https://fhir.spoke.example.org/fhir",
+            "auth_type": "basic",
+            "auth_secret_ref": "SPOKE_FHIR_BASIC",
+        },
+        format="json",
+    )
+    assert created.status_code == 201, created.json()
+    assert Endpoint.objects.get(pk=created.json()["id"]).auth_secret_ref == "SPOKE_FHIR_BASIC"
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (
+            {"auth_type": "bearer"},
+            'auth_type "bearer" needs auth_secret_ref: the name of the environment variable '
+            "(or NAME_FILE) that holds the credential.",
+        ),
+        (
+            {"auth_type": "basic", "auth_secret_ref": ""},
+            'auth_type "basic" needs auth_secret_ref: the name of the environment variable '
+            "(or NAME_FILE) that holds the credential.",
+        ),
+        (
+            {"auth_type": "bearer", "auth_secret_ref": "s3cr3t token!"},
+            "auth_secret_ref is the name of an environment variable (letters, digits, "
+            "underscores), not the secret itself.",
+        ),
+        (
+            {"auth_type": "none", "auth_secret_ref": "NHP_FHIR_TOKEN"},
+            'auth_type "none" reads no secret: leave auth_secret_ref empty.',
+        ),
+    ],
+)
+def test_endpoint_auth_without_a_usable_secret_reference_is_400_and_nothing_changes(
+    world, steward_client, body, message
+):
+    url = f"{API}/endpoints/{world.endpoint.pk}/"
+    before = _snapshot(world.endpoint)
+
+    patched = steward_client.patch(url, body, format="json")
+    created = steward_client.post(
+        f"{API}/endpoints/",
+        {"facility": world.spoke.pk, "base_url": "https://fhir.spoke.example.org/fhir", **body},
+        format="json",
+    )
+
+    for response in (patched, created):
+        assert response.status_code == 400
+        assert response.json()["detail"] == {"auth_secret_ref": [message]}
+    assert _snapshot(world.endpoint) == before
+    assert Endpoint.objects.count() == 1
+
+
+# --- bounds of numbers PostgreSQL's columns hold -------------------------------------------
+
+
+def test_beds_and_daily_capacity_past_the_integer_column_are_400_and_nothing_changes(
+    world, steward_client
+):
+    """SQLite took 2**31 beds and 2**40 a day; PostgreSQL's integer column does not."""
+    facility_before = _snapshot(world.hub)
+    department_before = _snapshot(world.department)
+
+    beds = steward_client.patch(f"{API}/facilities/{world.hub.pk}/", {"beds": 2**31}, format="json")
+    capacity = steward_client.patch(
+        f"{API}/departments/{world.department.pk}/", {"daily_capacity": 2**40}, format="json"
+    )
+    at_most = steward_client.patch(
+        f"{API}/facilities/{world.hub.pk}/", {"beds": 2**31 - 1}, format="json"
+    )
+
+    assert (beds.status_code, capacity.status_code) == (400, 400)
+    assert beds.json()["detail"] == {
+        "beds": ["Ensure this value is less than or equal to 2147483647."]
+    }
+    assert capacity.json()["detail"] == {
+        "daily_capacity": ["Ensure this value is less than or equal to 2147483647."]
+    }
+    assert _snapshot(world.department) == department_before
+    assert at_most.status_code == 200
+    facility_before["beds"] = 2**31 - 1
+    assert _snapshot(world.hub) == facility_before
+
+
+def test_department_languages_must_be_language_tags_like_a_facilitys(world, steward_client):
+    url = f"{API}/departments/{world.department.pk}/"
+    before = _snapshot(world.department)
+
+    refused = steward_client.patch(url, {"languages": ["vi", "not a tag"]}, format="json")
+
+    assert refused.status_code == 400
+    assert list(refused.json()["detail"]) == ["languages"]
+    assert _snapshot(world.department) == before
+    taken = steward_client.patch(url, {"languages": ["vi", "en-GB"]}, format="json")
+    assert taken.status_code == 200
+    world.department.refresh_from_db()
+    assert world.department.languages == ["vi", "en-GB"]
+
+
+# --- filters refuse what they cannot read ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "field"),
+    [
+        ("facilities/?area=99999999999999999999999", "area"),
+        ("facilities/?area=9223372036854775808", "area"),
+        ("facilities/?area=1.9", "area"),
+        ("facilities/?area=1e400", "area"),
+        ("facilities/?area=-1", "area"),
+        ("facilities/?accepting=maybe", "accepting"),
+        ("facilities/?active=yes please", "active"),
+        ("facilities/?remote=x", "remote"),
+        ("departments/?facility=1.5", "facility"),
+        ("departments/?facility=99999999999999999999999", "facility"),
+        ("departments/?accepting=maybe", "accepting"),
+        ("departments/?active=x", "active"),
+        ("support-links/?active=x", "active"),
+        ("support-links/?is_cross_border=perhaps", "is_cross_border"),
+    ],
+)
+def test_unreadable_filter_values_are_400_naming_the_filter(network, referrer_client, path, field):
+    response = referrer_client.get(f"{API}/{path}")
+
+    assert response.status_code == 400
+    assert list(response.json()["detail"]) == [field]
+
+
+def test_area_filter_takes_the_largest_row_id_and_boolean_filters_take_1_and_0(
+    network, referrer_client
+):
+    largest = referrer_client.get(f"{API}/facilities/?area=9223372036854775807")
+    accepting = referrer_client.get(f"{API}/facilities/?accepting=0")
+    active = referrer_client.get(f"{API}/departments/?active=FALSE")
+
+    assert _codes(largest) == set()
+    assert _codes(accepting) == {"CONDAO"}
+    assert {d["id"] for d in active.json()["results"]} == {network.departments["ha_giang"].pk}

@@ -15,7 +15,15 @@ from django.core.management.base import CommandError
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from registry.importing import FACILITY_CODE_SYSTEM, MAPPINGS_DIR
+from registry.importing import (
+    FACILITY_CODE_SYSTEM,
+    MAPPINGS_DIR,
+    CsvSource,
+    FacilityImport,
+    IssueReport,
+    parse_mapping,
+    read_mapping_document,
+)
 from registry.models import (
     AdministrativeArea,
     Country,
@@ -359,7 +367,14 @@ def test_bad_tier_value_is_reported_and_nothing_is_written(
         "error: row 4 (a1b2c3d4-0000-4000-8000-000000000003) [keph_level_name]: 'Level 7' is not "
         "a mapped value for tier (mapped: 'Level 6', 'Level 5', 'Level 4', 'Level 3', 'Level 2')"
     ]
-    assert "created 4, updated 0, unchanged 0, invalid 1" in output
+    # and the counts as what would have been written (a tester read "created 4" as done)
+    assert (
+        "  NOT WRITTEN (rolled back); had the file been applied:\n"
+        "  would have created 4, updated 0, unchanged 0, invalid 1\n"
+        "  countries would have created 1, areas would have created 7, identifiers would have "
+        "created 7 (updated 0), departments would have created 7, endpoints would have "
+        "created 0, revisions 4\n"
+    ) in output
 
 
 def test_bad_coordinates_are_reported_per_row(specialties: list[Specialty], tmp_path: Path) -> None:
@@ -596,7 +611,7 @@ def test_dry_run_validates_and_writes_nothing(specialties: list[Specialty]) -> N
     output = run_import(str(KENYA_SMALL), "--mapping", "kenya_kmhfl", "--dry-run")
 
     # Then it reports what it would do, and nothing is written
-    assert "created 5, updated 0, unchanged 0, invalid 0" in output
+    assert "\n  would have created 5, updated 0, unchanged 0, invalid 0\n" in output
     assert "Dry run: the file is valid; nothing written." in output
     assert registry_counts() == dict.fromkeys(registry_counts(), 0)
 
@@ -719,7 +734,7 @@ def test_full_kenya_file_imports_with_skip_invalid_and_is_refused_without(
     output = run_import(str(KENYA_FULL), "--mapping", "kenya_kmhfl", "--skip-invalid")
 
     # Then every valid row is a facility, tiered as the KEPH levels say
-    assert "created 12,378, updated 0, unchanged 0, invalid 1" in output
+    assert "\n  created 12,378, updated 0, unchanged 0, invalid 1\n" in output
     assert error_lines(output) == [
         "error: row 4211 (33c77d19-a83c-48d5-b48f-5f5f17b545d0) [keph_level_name]: tier is empty "
         "and the mapping has no default"
@@ -1001,3 +1016,79 @@ def test_a_hub_and_its_spoke_move_country_together(
     assert Facility.objects.get(pk=spoke.pk).country.code == "LA"
     assert Facility.objects.get(pk=hub.pk).country.code == "LA"
     assert SupportLink.objects.get(pk=link.pk).is_cross_border is False
+
+
+# --- what the registry takes from any source ----------------------------------------------------
+
+CANONICAL_HEADER = (
+    "code,name,name_local,country,country_name,province,district,commune,tier,facility_type,"
+    "ownership,operational_status,latitude,longitude,parent_code,languages,beds,is_remote,"
+    "identifiers,specialties"
+)
+
+
+def test_a_country_must_be_an_assigned_iso_code_and_beds_must_fit_the_column(
+    tmp_path: Path,
+) -> None:
+    """ "ZZ" passed as two capital letters and became a country; 2**31 beds passed on
+    SQLite (PostgreSQL's integer column refuses it)."""
+    # Given rows with a user-assigned code, a known one not yet in the registry, and too
+    # many beds
+    path = tmp_path / "facilities.csv"
+    path.write_text(
+        CANONICAL_HEADER
+        + "\nZZ-1,Nowhere Hospital,,ZZ,Nowhere,,,,2,,public,active,,,,,,no,[],"
+        + "\nKE-1,Kenyatta,,KE,Kenya,,,,1,,public,active,,,,,,no,[],"
+        + "\nKE-2,Big Hospital,,KE,Kenya,,,,1,,public,active,,,,,2147483648,no,[],\n"
+    )
+
+    # When it is imported all-or-nothing: refused, nothing written
+    output = assert_refused(path, match=r"Nothing written: 2 error\(s\)")
+
+    # Then the two rows are named
+    assert error_lines(output) == [
+        "error: row 2 (ZZ-1) [country]: 'ZZ' is not an ISO 3166-1 alpha-2 code",
+        "error: row 4 (KE-2) [beds]: beds must be at most 2147483647, got 2147483648",
+    ]
+    assert not Country.objects.filter(code="ZZ").exists()
+
+    # And with --skip-invalid the known code not yet in the registry is created, named
+    # as the file names it
+    applied = run_import(str(path), "--skip-invalid")
+    assert "  countries created 1, " in applied
+    assert list(Country.objects.values_list("code", "name")) == [("KE", "Kenya")]
+    assert list(Facility.objects.values_list("code", flat=True)) == ["KE-1"]
+
+
+def test_a_mapping_naming_an_unassigned_country_code_is_refused(tmp_path: Path) -> None:
+    mapping = json.loads(VN_MAPPING.read_text())
+    mapping["country"] = {"code": "ZZ", "name": "Nowhere"}
+    path = tmp_path / "zz.json"
+    path.write_text(json.dumps(mapping))
+
+    with pytest.raises(
+        CommandError, match=r"country\.code must be an ISO 3166-1 alpha-2 code, got 'ZZ'"
+    ):
+        run_import(str(VN_CSV), "--mapping", str(path))
+    assert registry_counts() == dict.fromkeys(registry_counts(), 0)
+
+
+def test_the_progress_counter_moves_by_rows_read_in_whole_batches(
+    specialties: list[Specialty], tmp_path: Path
+) -> None:
+    """An invalid row made a batch of batch_size valid rows plus one: 4,000 → 5,001."""
+    # Given five rows, the second invalid, read in batches of two
+    bad = rewrite_csv(KENYA_SMALL, tmp_path / "bad.csv", {1: {"keph_level_name": "Level 7"}})
+    name, document = read_mapping_document("kenya_kmhfl")
+    steps: list[int] = []
+    importer = FacilityImport(
+        report=IssueReport(), batch_size=2, skip_invalid=True, progress=steps.append
+    )
+
+    # When they are imported
+    with CsvSource(bad, parse_mapping(document, name=name)) as source:
+        result = importer.run(source)
+
+    # Then the counter moves by two rows read, then the last one
+    assert steps == [2, 2, 1]
+    assert (result.created, result.invalid) == (4, 1)

@@ -25,6 +25,7 @@ from registry.models import (
     Endpoint,
     Facility,
     FacilityIdentifier,
+    FacilityRevision,
     Practitioner,
     PractitionerRole,
     Specialty,
@@ -63,6 +64,7 @@ def _snapshot() -> dict[str, int]:
         "areas": AdministrativeArea.objects.count(),
         "facilities": Facility.objects.count(),
         "identifiers": FacilityIdentifier.objects.count(),
+        "revisions": FacilityRevision.objects.count(),
         "endpoints": Endpoint.objects.count(),
         "departments": Department.objects.count(),
         "practitioners": Practitioner.objects.count(),
@@ -226,6 +228,40 @@ def test_bulk_inserted_facilities_have_derived_fields(debug: None) -> None:
     assert commune.parent.tier == Tier.DISTRICT
     assert commune.area is not None and commune.area.level == AreaLevel.COMMUNE
     assert FacilityIdentifier.objects.get(facility__code=CON_DAO).value == "77-003"
+
+
+@pytest.mark.django_db
+def test_every_seeded_facility_has_one_seed_revision_of_what_it_was_created_with(
+    debug: None,
+) -> None:
+    """registry.md: every facility change leaves a revision (source seed included); the
+    seed wrote none."""
+    _seed()
+
+    assert FacilityRevision.objects.count() == Facility.objects.count() == 1026
+    assert set(FacilityRevision.objects.values_list("source", flat=True)) == {"seed"}
+    con_dao = Facility.objects.get(code=CON_DAO)
+    revision = FacilityRevision.objects.get(facility=con_dao)
+    assert revision.changed_by is None
+    # A created facility's changes start from null; fields without a value (no parent)
+    # are left out, as the importer does.
+    assert revision.changes == {
+        "code": [None, CON_DAO],
+        "name": [None, con_dao.name],
+        "name_local": [None, ""],
+        "country_id": [None, con_dao.country_id],
+        "area_id": [None, con_dao.area_id],
+        "tier": [None, 3],
+        "facility_type": [None, "district health centre"],
+        "ownership": [None, "public"],
+        "operational_status": [None, "active"],
+        "latitude": [None, 8.6826],
+        "longitude": [None, 106.6083],
+        "languages": [None, ["vi"]],
+        "beds": [None, 150],
+        "is_remote": [None, True],
+        "identifiers": [None, ["https://moh.gov.vn/facility-code|77-003"]],
+    }
 
 
 @pytest.mark.django_db

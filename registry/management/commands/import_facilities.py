@@ -145,16 +145,21 @@ class Command(BaseCommand):
         self, path: Path, result: ImportResult, report: IssueReport, options: dict[str, Any]
     ) -> None:
         out = self.stdout
+        # Counted inside the transaction: a refused file or a dry run rolled them back, and
+        # a plain "created 12,378" before "Nothing written" read as if they had been written.
+        verb = "created" if result.committed else "would have created"
         out.write(f"{path}: {result.records:,} facility records")
+        if not result.committed:
+            out.write("  NOT WRITTEN (rolled back); had the file been applied:")
         out.write(
-            f"  created {result.created:,}, updated {result.updated:,}, "
+            f"  {verb} {result.created:,}, updated {result.updated:,}, "
             f"unchanged {result.unchanged:,}, invalid {result.invalid:,}"
         )
         out.write(
-            f"  countries created {result.countries_created:,}, areas created "
-            f"{result.areas_created:,}, identifiers created {result.identifiers_created:,} "
-            f"(updated {result.identifiers_updated:,}), departments created "
-            f"{result.departments_created:,}, endpoints created {result.endpoints_created:,}, "
+            f"  countries {verb} {result.countries_created:,}, areas {verb} "
+            f"{result.areas_created:,}, identifiers {verb} {result.identifiers_created:,} "
+            f"(updated {result.identifiers_updated:,}), departments {verb} "
+            f"{result.departments_created:,}, endpoints {verb} {result.endpoints_created:,}, "
             f"revisions {result.revisions_created:,}"
         )
         if report.errors or report.warnings:
