@@ -651,7 +651,7 @@ def candidate_check(
             return suggestion, None
     return None, (
         "That department is not a routing candidate for this referral (it must offer the "
-        "specialty and mode, accept referrals, and be of a higher tier than your facility or "
-        "support it through an active support link; across a border only with a data-sharing "
-        "agreement)."
+        "specialty and mode, accept referrals, and be of a higher tier than the requesting "
+        "facility or support it through an active support link; across a border only with a "
+        "data-sharing agreement)."
     )

@@ -163,7 +163,7 @@ def referral_get_for_user(user: User, referral_id: Any) -> Referral:
         .prefetch_related(
             Prefetch("events", queryset=ReferralEvent.objects.select_related("actor")),
             "consult_notes",
-            "messages",
+            Prefetch("messages", queryset=Message.objects.select_related("in_response_to")),
             "conference_experts",
         )
     )

@@ -864,6 +864,13 @@ def referral_message_post(
                 f"Messages cannot be posted on a referral that is {referral.get_state_display().lower()}.",
                 code="transition_not_allowed",
             )
+        if referral.state == ReferralState.DRAFT:
+            # A draft is its requester's alone: a message would be sent to the department
+            # it names before the case is (and then its submit could not be published).
+            raise Conflict(
+                "A draft has no other side yet: submit it first, then send the message.",
+                code="transition_not_allowed",
+            )
         if (
             in_response_to_id is not None
             and not Message.objects.filter(pk=in_response_to_id, referral=referral).exists()

@@ -14,6 +14,7 @@ counter-referral form the requesting facility's accepting departments.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Iterable
 from typing import Any
@@ -23,6 +24,7 @@ from django import forms
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Page, Paginator
+from django.db import IntegrityError
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import render
 from django.urls import reverse
@@ -55,6 +57,8 @@ PAGE_SIZE = 50
 # A select longer than this is unusable; the API takes any id.
 MAX_CHOICES = 300
 MAX_TEXT = services.MAX_TEXT
+logger = logging.getLogger(__name__)
+
 STALE_MESSAGE = (
     "This referral was changed by someone else after you opened it (it is now at version "
     "{version}, you had {expected}). Nothing was changed: reload the page, check the "
@@ -498,7 +502,8 @@ def _render_detail(
         "experts": list(referral.conference_experts.all()),
         "close_out": getattr(referral, "close_out", None),
         "can_message": bool(services.actor_sides(user, referral))
-        and referral.state not in TERMINAL_STATES,
+        and referral.state not in TERMINAL_STATES
+        and referral.state != ReferralState.DRAFT,
         "action_forms": forms_by_action,
         "error": error,
         "message_text": message_text,
@@ -517,6 +522,32 @@ def _get(user: User, referral_id: int) -> Referral:
         raise Http404(exc.message) from exc
 
 
+# Posted fields that are no one's typing (hidden keys, the version the page showed).
+_NOT_TYPED = frozenset({"csrfmiddlewaretoken", "expected_version", "client_key"})
+
+
+def _gone(request: HttpRequest) -> HttpResponse:
+    """A post about a referral the user cannot see (any more: a colleague forwarded it
+    while the page was open). 404 as for any unknown id (nothing about the referral is
+    told), but what the user typed is shown back instead of lost."""
+    typed = []
+    for name in request.POST:
+        field = name.rpartition("-")[2]  # action forms prefix their fields
+        value = str(request.POST.get(name, ""))
+        if field not in _NOT_TYPED and value.strip():
+            typed.append((field.replace("_", " ").capitalize(), value))
+    return render(request, "referrals/gone.html", {"typed": typed}, status=404)
+
+
+def _already_done(user: User, referral: Referral, action: str, expected: int) -> bool:
+    """Whether every change since the version the form showed is this user's own
+    ``action`` (a double click, or the form posted again): not "someone else"."""
+    since = list(
+        referral.events.filter(seq__gt=expected).values_list("actor_id", "action").distinct()
+    )
+    return since == [(user.pk, action)]
+
+
 @login_required
 def referral_detail_page(request: HttpRequest, pk: int) -> HttpResponse:
     user = _user(request)
@@ -527,7 +558,12 @@ def referral_detail_page(request: HttpRequest, pk: int) -> HttpResponse:
 @require_http_methods(["GET", "POST"])
 def referral_action(request: HttpRequest, pk: int, action: str) -> HttpResponse:
     user = _user(request)
-    referral = _get(user, pk)
+    try:
+        referral = selectors.referral_get_for_user(user, pk)
+    except NotFound:
+        if request.method == "POST":
+            return _gone(request)
+        raise Http404("No such referral.") from None
     if request.method == "GET":  # the address bar after a refused action: the case's page
         return HttpResponseRedirect(reverse("web-referral-detail", args=[pk]), status=303)
     transition = TRANSITIONS_BY_ACTION.get(action)
@@ -547,14 +583,26 @@ def referral_action(request: HttpRequest, pk: int, action: str) -> HttpResponse:
             **form.inputs(),
         )
     except Conflict as exc:
-        fresh = _get(user, pk)
+        try:
+            fresh = selectors.referral_get_for_user(user, pk)
+        except NotFound:  # forwarded away meanwhile
+            return _gone(request)
         if exc.code == "version_mismatch":
+            if _already_done(user, fresh, action, expected):
+                messages.info(request, f"{action_label(action)}: already done (your first click).")
+                return HttpResponseRedirect(reverse("web-referral-detail", args=[pk]), status=303)
             message = STALE_MESSAGE.format(version=fresh.version, expected=expected)
             # The fresh page, not the stale form: the user must see what changed.
             return _render_detail(request, user, fresh, error=message, status=409)
-        return _render_detail(request, user, fresh, error=exc.message, status=409)
-    except NotFound as exc:
-        raise Http404(exc.message) from exc
+        # Refused as it stands (a guard: a time in the past, an expert not allowed): the
+        # case did not change, so the form is shown again with what was typed.
+        return _render_detail(request, user, fresh, bound=form, error=exc.message, status=409)
+    except NotFound:
+        return _gone(request)
+    except IntegrityError as exc:  # a constraint refused the write (as the API's 409)
+        logger.warning("web action refused by a constraint", extra={"error": str(exc)})
+        error = "This change conflicts with data stored meanwhile; nothing was changed."
+        return _render_detail(request, user, _get(user, pk), bound=form, error=error, status=409)
     except ApplicationError as exc:
         for name, problem in exc.extra.get("errors", {}).items():
             form.add_error(name if name in form.fields else None, str(problem))
@@ -576,7 +624,12 @@ def referral_action(request: HttpRequest, pk: int, action: str) -> HttpResponse:
 def referral_message(request: HttpRequest, pk: int) -> HttpResponse:
     """A message to the other side that changes no state (``referral_message_post``)."""
     user = _user(request)
-    referral = _get(user, pk)
+    try:
+        referral = selectors.referral_get_for_user(user, pk)
+    except NotFound:
+        if request.method == "POST":
+            return _gone(request)
+        raise Http404("No such referral.") from None
     if request.method == "GET":
         return HttpResponseRedirect(
             reverse("web-referral-detail", args=[pk]) + "#messages", status=303
@@ -587,8 +640,8 @@ def referral_message(request: HttpRequest, pk: int) -> HttpResponse:
         _referral, _message, created = services.referral_message_post(
             actor=user, referral_id=referral.pk, text=text, client_key=key
         )
-    except NotFound as exc:
-        raise Http404(exc.message) from exc
+    except NotFound:
+        return _gone(request)
     except ApplicationError as exc:
         return _render_detail(
             request,

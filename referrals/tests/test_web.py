@@ -13,9 +13,11 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from accounts.models import User
+from accounts.roles import Role
+from fhir_gateway.models import OutboxMessage
 from referrals import services
 from referrals.models import AuditEntry, CloseOut, ConsultNote, Message, Referral
-from referrals.tests.conftest import World
+from referrals.tests.conftest import World, _user
 from registry.models import Department
 
 pytestmark = pytest.mark.django_db
@@ -627,3 +629,144 @@ def test_consult_modes_are_labelled_as_modes_and_admin_only_for_staff(world: Wor
     world.consultant.is_staff = True
     world.consultant.save()
     assert 'href="/admin/"' in client_for(world.consultant).get("/").content.decode()
+
+
+# --- cross-border clinicians' findings: nothing typed is lost, nothing misleads ------------
+
+
+def test_a_draft_takes_no_message_and_is_submitted_afterwards(world: World) -> None:
+    """A message on a draft was queued to the department it names before the case was
+    sent, and then its submit could never be published (a 500 in the web UI)."""
+    draft = world.submit(draft=True)
+    client = client_for(world.referrer)
+    page = client.get(f"/referrals/{draft.pk}/").content.decode()
+    assert 'id="message-form"' not in page
+    assert "Draft created (UTC)" in page
+    refused = client.post(
+        f"/referrals/{draft.pk}/messages/", {"text": "Weight 12 kg.", "client_key": "k1"}
+    )
+    assert refused.status_code == 409
+    body = refused.content.decode()
+    assert "submit it first" in body and "Weight 12 kg." in body  # the text kept to copy
+    assert not Message.objects.exists()
+    assert not OutboxMessage.objects.filter(resource_type="Communication").exists()
+    sent = client.post(f"/referrals/{draft.pk}/actions/submit/", action_post(draft, "submit"))
+    assert sent.status_code == 303
+    assert Referral.objects.get(pk=draft.pk).state == "submitted"
+
+
+def test_a_message_refused_by_the_state_keeps_its_text(world: World) -> None:
+    referral = world.submit()
+    world.act(referral, "cancel")
+    response = client_for(world.referrer).post(
+        f"/referrals/{referral.pk}/messages/", {"text": "A long note typed meanwhile."}
+    )
+    assert response.status_code == 409
+    body = response.content.decode()
+    assert 'id="message-unsent"' in body and "A long note typed meanwhile." in body
+    assert not Message.objects.exists()
+
+
+def test_an_action_on_a_case_a_colleague_forwarded_away_keeps_what_was_typed(
+    world: World,
+) -> None:
+    referral = world.submit()
+    version = referral.version
+    world.act(referral, "forward")  # to hub2: the hub's consultant no longer sees it
+    response = client_for(world.consultant).post(
+        f"/referrals/{referral.pk}/actions/decline/",
+        action_post(
+            Referral(version=version),
+            "decline",
+            reason_code="no_capacity",
+            reason="Our ward is full until Monday.",
+        ),
+    )
+    assert response.status_code == 404
+    body = response.content.decode()
+    assert "Nothing was changed" in body and "Our ward is full until Monday." in body
+    assert ">Reason</label>" in body and "Expected version" not in body
+    assert "Hub" not in body and str(referral.filler_id) not in body  # nothing about the case
+    referral.refresh_from_db()
+    assert (referral.state, referral.assigned_department_id) == ("submitted", world.hub2_paeds.pk)
+    # An id that never existed answers the same
+    unknown = client_for(world.consultant).post(
+        "/referrals/987654/actions/accept/", {"accept-expected_version": "1"}
+    )
+    assert unknown.status_code == 404
+
+
+def test_an_action_refused_by_its_guard_keeps_the_typed_form(world: World) -> None:
+    referral = world.act(world.submit(), "accept")
+    past = (timezone.now() - timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M")
+    response = client_for(world.consultant).post(
+        f"/referrals/{referral.pk}/actions/schedule/",
+        action_post(
+            referral,
+            "schedule",
+            scheduled_at=past,
+            experts=[world.consultant2.pk],
+            video_url="https://meet.example.org/room-7",
+        ),
+    )
+    assert response.status_code == 409
+    body = response.content.decode()
+    assert 'value="https://meet.example.org/room-7"' in body
+    assert f'value="{past}"' in body
+    assert Referral.objects.get(pk=referral.pk).conference_at is None
+
+
+def test_a_second_click_on_the_same_action_is_already_done_not_someone_else(
+    world: World,
+) -> None:
+    referral = world.submit()
+    client = client_for(world.consultant)
+    url = f"/referrals/{referral.pk}/actions/accept/"
+    assert client.post(url, action_post(referral, "accept")).status_code == 303
+    again = client.post(url, action_post(referral, "accept"), follow=True)
+    body = again.content.decode()
+    assert "already done (your first click)" in body and "someone else" not in body
+    assert Referral.objects.get(pk=referral.pk).version == referral.version + 1
+    # A colleague's accept since the page was shown is still "someone else"
+    colleague = _user("consultant-b", Role.CONSULTANT, world.hub, world.hub_paeds)
+    other = world.submit()
+    services.referral_transition(actor=colleague, referral_id=other.pk, action="accept")
+    response = client.post(f"/referrals/{other.pk}/actions/accept/", action_post(other, "accept"))
+    assert response.status_code == 409 and "someone else" in response.content.decode()
+
+
+def test_messages_are_shown_with_their_numbers(world: World) -> None:
+    referral = world.act(world.submit(), "accept")
+    first, _c = services.referral_message_post(
+        actor=world.referrer, referral_id=referral.pk, text="First."
+    )[1:]
+    services.referral_message_post(
+        actor=world.consultant,
+        referral_id=referral.pk,
+        text="Answer.",
+        in_response_to_id=first.pk,
+    )
+    body = client_for(world.referrer).get(f"/referrals/{referral.pk}/").content.decode()
+    assert "Message 1 ·" in body and "Message 2 ·" in body
+    assert f'in reply to <a href="#message-{first.pk}">message 1</a>' in body
+
+
+def test_a_write_refused_by_a_constraint_is_a_409_page_not_a_500(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As the API answers it (a draft whose message had been queued before this release
+    could not be published at submit: a 500 here)."""
+    from django.db import IntegrityError
+
+    draft = world.submit(draft=True)
+
+    def refused(**_kwargs: Any) -> Referral:
+        raise IntegrityError("duplicate key value violates unique constraint")
+
+    monkeypatch.setattr(services, "referral_transition", refused)
+    response = client_for(world.referrer).post(
+        f"/referrals/{draft.pk}/actions/submit/", action_post(draft, "submit")
+    )
+    assert response.status_code == 409
+    assert "nothing was changed" in response.content.decode()
+    assert Referral.objects.get(pk=draft.pk).state == "draft"
