@@ -12,7 +12,9 @@ Every minute (Celery beat, ``referrals.tasks.referrals_escalate``):
    last ``REFERRAL_DECLINE_REROUTE_WINDOW_MINUTES``; with no candidate it stays declined.
    ``REFERRAL_DECLINE_AUTO_REROUTE`` off keeps declines final;
 4. a ``submitted`` referral routing could not place at intake (no candidate then) is tried
-   again.
+   again, the nearest deadline first, until that deadline
+   (``REFERRAL_UNROUTED_DEADLINE_HOURS``, capped by its priority); then it expires, and the
+   requester is told.
 
 Each referral is handled in its own transaction under ``SELECT ... FOR UPDATE SKIP LOCKED``
 and re-checked after locking, so two runs at once never act twice on one referral, and a
@@ -84,6 +86,13 @@ def referral_escalate_one(*, referral_id: int, now: datetime) -> str | None:
         referral = _locked(referral_id, state=S.SUBMITTED, deadline__lte=now)
         if referral is None:
             return None
+        if referral.assigned_department_id is None:
+            # Routing found no department since intake: no one to notify; a last try, or
+            # it expires and the requester is told (it must not wait unseen for ever).
+            if _reroute(referral, now=now, why="Routed when a candidate became available."):
+                return "rerouted"
+            referral_system_transition(referral=referral, action="expire", now=now)
+            return "expired"
         # The last notice or assignment (an acknowledgement in between changes neither).
         last = (
             ReferralEvent.objects.filter(
@@ -162,7 +171,7 @@ def referral_escalate_overdue(*, now: datetime | None = None, limit: int = 500) 
 
     unassigned = Referral.objects.filter(
         state=S.SUBMITTED, assigned_department__isnull=True
-    ).order_by("created_at")
+    ).order_by("deadline", "pk")
     for referral_id in unassigned.values_list("pk", flat=True)[:limit]:
         if referral_route_unassigned(referral_id=referral_id, now=now):
             result.routed.append(referral_id)

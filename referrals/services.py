@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import URLValidator
 from django.db import IntegrityError, transaction
@@ -62,12 +63,19 @@ COUNTER_REFERRAL_SYSTEM = "urn:consilium:counter-referral"
 MAX_TEXT = 20_000
 
 
-def referral_deadline(*, department: Department, priority: int, start: datetime) -> datetime:
-    hours = department.sla_hours
+def referral_deadline(*, department: Department | None, priority: int, start: datetime) -> datetime:
+    """The acceptance deadline: the department's SLA hours, or for a referral no
+    department can take yet ``REFERRAL_UNROUTED_DEADLINE_HOURS`` (routed again until then,
+    then expired: it must not wait unseen); both capped by the priority."""
+    hours = department.sla_hours if department is not None else unrouted_hours()
     cap = PRIORITY_MAX_HOURS.get(priority)
     if cap is not None:
         hours = min(hours, cap)
     return start + timedelta(hours=hours)
+
+
+def unrouted_hours() -> int:
+    return int(settings.REFERRAL_UNROUTED_DEADLINE_HOURS)
 
 
 # --- who is acting -----------------------------------------------------------------------
@@ -245,9 +253,9 @@ def _effect_submit(
             routed = best.as_payload()
     if referral.assigned_department is not None:
         referral.assigned_at = now
-        referral.deadline = referral_deadline(
-            department=referral.assigned_department, priority=referral.priority, start=now
-        )
+    referral.deadline = referral_deadline(
+        department=referral.assigned_department, priority=referral.priority, start=now
+    )
     payload: dict[str, Any] = {"department_id": referral.assigned_department_id}
     if routed is not None:
         payload["routing"] = routed

@@ -53,7 +53,10 @@ Bad input: 400. Guard says no: 409 `guard_failed`.
   later the same job `reroute`s it to the next candidate, or `expire`s it when none is left or
   `REFERRAL_ESCALATION_AUTO_FORWARD` is off (`referrals/escalation.py`).
 - **Deadline** = acceptance deadline: the department's SLA hours from submission (or forward),
-  capped at 1 h (stat), 4 h (asap), 24 h (urgent).
+  capped at 1 h (stat), 4 h (asap), 24 h (urgent). A referral no department can take at
+  intake stays `submitted` without a department, is routed again every minute, and has
+  `REFERRAL_UNROUTED_DEADLINE_HOURS` (72, with the same caps) as its deadline: then a last
+  try, else `expire` (no notice: there is no department; the requester is told).
 - **Counter-referral** does not change the original's state: it records an event on the original
   and creates a new linked referral (`parent_referral`), submitted by the upper department's
   facility to a department of the original requesting facility.

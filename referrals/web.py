@@ -247,16 +247,25 @@ def referral_new(request: HttpRequest) -> HttpResponse:
     audit_record(request, AuditAction.CREATE if created else AuditAction.READ, [referral.pk])
     if created:
         if referral.assigned_department_id is None:
-            messages.warning(
-                request,
-                f"Referral {referral.filler_id} was submitted, but no department can take "
-                "it yet; it will be routed again.",
-            )
+            messages.warning(request, _unrouted_message(referral))
         else:
             messages.success(request, f"Referral {referral.filler_id} was submitted.")
     else:
         messages.info(request, f"This form was already submitted as {referral.filler_id}.")
     return HttpResponseRedirect(reverse("web-referral-detail", args=[referral.pk]), status=303)
+
+
+def _unrouted_message(referral: Referral) -> str:
+    """Why a submitted referral has no department, and what happens next."""
+    assert referral.deadline is not None  # set at submit, department or not
+    return (
+        f"Referral {referral.filler_id} was submitted, but no department can take it yet: "
+        "none of its specialty and mode accepts referrals from a higher tier or through a "
+        "support link of your facility (across a border: with a data-sharing agreement). "
+        "It is routed again every minute until its deadline "
+        f"({referral.deadline:%Y-%m-%d %H:%M} UTC); if none can take it by then, it expires "
+        "and you are told."
+    )
 
 
 # --- lists -------------------------------------------------------------------------------------
@@ -610,7 +619,15 @@ def referral_action(request: HttpRequest, pk: int, action: str) -> HttpResponse:
             request, user, referral, bound=form, error=exc.message, status=exc.status_code
         )
     audit_record(request, AuditAction.TRANSITION, [referral.pk], detail=action)
-    messages.success(request, f"{action_label(action)}: done.")
+    unrouted = (  # a submit routing could not place: say why, and until when
+        Referral.objects.filter(pk=referral.pk, assigned_department__isnull=True).first()
+        if action == "submit"
+        else None
+    )
+    if unrouted is not None and unrouted.deadline is not None:
+        messages.warning(request, _unrouted_message(unrouted))
+    else:
+        messages.success(request, f"{action_label(action)}: done.")
     try:
         selectors.referral_get_for_user(user, pk)
     except NotFound:

@@ -269,6 +269,9 @@ CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
 # Referral deadlines and routing (referrals/escalation.py, referrals/routing.py).
 REFERRAL_ESCALATION_AUTO_FORWARD = env.bool("REFERRAL_ESCALATION_AUTO_FORWARD", default=True)
 REFERRAL_ESCALATION_GRACE_MINUTES = env.int("REFERRAL_ESCALATION_GRACE_MINUTES", default=60)
+# A referral no department can take at intake is routed again every minute until this
+# deadline (shortened by its priority, as any deadline), then expires: the requester is told.
+REFERRAL_UNROUTED_DEADLINE_HOURS = env.int("REFERRAL_UNROUTED_DEADLINE_HOURS", default=72)
 REFERRAL_DECLINE_AUTO_REROUTE = env.bool("REFERRAL_DECLINE_AUTO_REROUTE", default=True)
 REFERRAL_DECLINE_REROUTE_WINDOW_MINUTES = env.int(
     "REFERRAL_DECLINE_REROUTE_WINDOW_MINUTES", default=60

@@ -13,7 +13,7 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from referrals import escalation, routing, services
-from referrals.models import Referral
+from referrals.models import Notification, Priority, Referral
 from referrals.tests.conftest import World
 
 GRACE = timedelta(minutes=60)
@@ -165,6 +165,53 @@ def test_the_job_sweeps_recent_declines_and_unassigned(world: World) -> None:
     assert escalation.referral_escalate_overdue().routed == [waiting.pk]
     waiting.refresh_from_db()
     assert waiting.assigned_department_id == world.hub_paeds.pk
+
+
+def _no_candidate(world: World) -> None:
+    for department in (world.hub_paeds, world.hub2_paeds):
+        department.accepting = False
+        department.save()
+    routing.routing_cache_clear()
+
+
+@pytest.mark.parametrize(("priority", "hours"), [(Priority.ROUTINE, 72), (Priority.ASAP, 4)])
+def test_a_referral_no_department_can_take_expires_at_its_deadline(
+    world: World, settings: Any, priority: int, hours: int
+) -> None:
+    """It had no deadline: routed again every minute for ever, unseen, its requester never
+    told (found by a clinician's test)."""
+    settings.REFERRAL_UNROUTED_DEADLINE_HOURS = 72
+    _no_candidate(world)
+    t0 = timezone.now() - timedelta(days=4)
+    waiting = world.submit(department=None, priority=priority, now=t0)
+    assert (waiting.assigned_department_id, waiting.deadline) == (None, t0 + timedelta(hours=hours))
+
+    before = escalation.referral_escalate_overdue(now=t0 + timedelta(hours=hours, minutes=-1))
+    assert before == escalation.EscalationResult()
+    result = escalation.referral_escalate_overdue(now=t0 + timedelta(hours=hours, minutes=1))
+
+    assert (result.notified, result.expired) == ([], [waiting.pk])
+    waiting.refresh_from_db()
+    assert waiting.state == "expired" and actions(waiting) == ["submit", "expire"]
+    assert Notification.objects.filter(recipient=world.referrer, referral=waiting).exists()
+
+
+def test_an_unrouted_referral_still_goes_to_a_department_that_appears_by_its_deadline(
+    world: World,
+) -> None:
+    _no_candidate(world)
+    t0 = timezone.now() - timedelta(days=4)
+    waiting = world.submit(department=None, now=t0)
+    world.hub2_paeds.accepting = True
+    world.hub2_paeds.save()
+    routing.routing_cache_clear()
+    late = t0 + timedelta(hours=72, minutes=1)
+
+    assert escalation.referral_escalate_overdue(now=late).rerouted == [waiting.pk]
+
+    waiting.refresh_from_db()
+    assert (waiting.state, waiting.assigned_department_id) == ("submitted", world.hub2_paeds.pk)
+    assert waiting.deadline == late + timedelta(hours=world.hub2_paeds.sla_hours)
 
 
 @pytest.mark.django_db(transaction=True)

@@ -770,3 +770,20 @@ def test_a_write_refused_by_a_constraint_is_a_409_page_not_a_500(
     assert response.status_code == 409
     assert "nothing was changed" in response.content.decode()
     assert Referral.objects.get(pk=draft.pk).state == "draft"
+
+
+def test_a_submit_no_department_can_take_says_why_and_until_when(world: World) -> None:
+    """The intake form warned; the draft's submit said "Submit: done." (clinician)."""
+    for department in (world.hub_paeds, world.hub2_paeds):
+        department.accepting = False
+        department.save()
+    draft = world.submit(draft=True, department=None)
+    client = client_for(world.referrer)
+    response = client.post(
+        f"/referrals/{draft.pk}/actions/submit/", action_post(draft, "submit"), follow=True
+    )
+    body = response.content.decode()
+    sent = Referral.objects.get(pk=draft.pk)
+    assert (sent.state, sent.assigned_department_id) == ("submitted", None)
+    assert "no department can take it yet" in body and "Submit: done." not in body
+    assert f"{sent.deadline:%Y-%m-%d %H:%M} UTC" in body
