@@ -65,7 +65,7 @@ from django.utils import timezone
 from referrals.load import department_load_add_pending
 from referrals.models import DepartmentDayLoad, DepartmentResponseTime, Referral, ReferralEvent
 from registry.geo import haversine_km
-from registry.models import Department, Facility, OperationalStatus, SupportLink
+from registry.models import ConsultMode, Department, Facility, OperationalStatus, SupportLink
 
 WEIGHTS: dict[str, float] = {
     "support_link": 30.0,
@@ -625,6 +625,25 @@ def forward_candidates(referral: Referral, *, limit: int) -> list[Suggestion]:
     exclude = {referral.assigned_department_id} if referral.assigned_department_id else set()
     suggestions = suggest_departments(probe, limit=None, exclude=exclude)
     return [s for s in suggestions if s.allowed][:limit]
+
+
+def intake_choices(
+    requester_facility_id: int, *, per_specialty: int
+) -> dict[int, list[Suggestion]]:
+    """Per specialty id, the best departments the intake would take from this facility for
+    a de-identified e-consult, and every one linked to it by an active support link however
+    far down (its own hubs: a doctor looks for them). The web form's optional choice; the
+    submit judges the real case. From the cached registry snapshot, without the per-call
+    load queries."""
+    network = _current_network()  # fresh within the cache's TTL, as for any routing
+    found: dict[int, list[Suggestion]] = {}
+    for specialty_id in network.by_specialty:
+        probe = _probe(requester_facility_id, specialty_id, ConsultMode.ASYNC, "")
+        best = [s for s in suggest_departments(probe, limit=None, live=False) if s.allowed]
+        linked = [s for s in best[per_specialty:] if "support_link" in s.reasons]
+        if best:
+            found[specialty_id] = best[:per_specialty] + linked
+    return found
 
 
 def _probe(requester_facility_id: int, specialty_id: int, mode: str, patient_ref: str) -> Referral:

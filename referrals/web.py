@@ -48,7 +48,7 @@ from referrals.models import (
     ReferralState,
     latest_birth_year,
 )
-from referrals.routing import forward_candidates
+from referrals.routing import forward_candidates, intake_choices
 from referrals.workflow import TERMINAL_STATES, TRANSITIONS_BY_ACTION, InputField, Transition
 from registry.models import ConsultMode, Department, Specialty
 
@@ -56,6 +56,8 @@ WEB_PLACER_SYSTEM = "urn:consilium:web"
 PAGE_SIZE = 50
 # A select longer than this is unusable; the API takes any id.
 MAX_CHOICES = 300
+# The new-referral form offers routing's best few departments per specialty.
+INTAKE_CHOICES_PER_SPECIALTY = 5
 MAX_TEXT = services.MAX_TEXT
 logger = logging.getLogger(__name__)
 
@@ -162,10 +164,35 @@ class ReferralNewForm(forms.Form):
     patient_birth_year = forms.IntegerField(
         label="Patient birth year", min_value=MIN_BIRTH_YEAR, max_value=2100, required=False
     )
+    department = forms.TypedChoiceField(
+        label="Department (optional)",
+        coerce=int,
+        empty_value=None,
+        required=False,
+        help_text="Leave it to routing, or choose a department of the specialty above "
+        "(routing's best candidates for your facility).",
+    )
     # Shown when the same question was just sent: the user confirms a second referral.
     send_again = forms.BooleanField(
         label="Yes, send it as a new referral", required=False, widget=forms.CheckboxInput
     )
+
+    def __init__(self, *args: Any, facility_id: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        field = self.fields["department"]
+        assert isinstance(field, forms.TypedChoiceField)
+        field.choices = [("", "Let routing choose"), *intake_department_choices(facility_id)]
+
+    def clean(self) -> dict[str, Any]:
+        data: dict[str, Any] = super().clean() or {}
+        chosen, specialty = data.get("department"), data.get("specialty")
+        if (
+            chosen is not None
+            and specialty is not None
+            and not Department.objects.filter(pk=chosen, specialty=specialty).exists()
+        ):
+            self.add_error("department", "That department is not of the chosen specialty.")
+        return data
 
     def clean_clinical_question(self) -> str:
         value = str(self.cleaned_data["clinical_question"]).strip()
@@ -178,6 +205,20 @@ class ReferralNewForm(forms.Form):
         if value is not None and value > latest_birth_year():
             raise forms.ValidationError("The birth year cannot be in the future.")
         return value
+
+
+def intake_department_choices(facility_id: int) -> list[tuple[str, list[tuple[int, str]]]]:
+    """The new-referral form's departments, grouped by specialty: routing's best
+    candidates for the facility (``routing.intake_choices``)."""
+    found = intake_choices(facility_id, per_specialty=INTAKE_CHOICES_PER_SPECIALTY)
+    names = dict(Specialty.objects.filter(pk__in=found).values_list("pk", "display"))
+    return [
+        (
+            names[specialty_id],
+            [(s.department_id, f"{s.department_name} — {s.facility_name}") for s in best],
+        )
+        for specialty_id, best in sorted(found.items(), key=lambda item: names[item[0]])
+    ]
 
 
 @login_required
@@ -193,16 +234,18 @@ def referral_new(request: HttpRequest) -> HttpResponse:
             {"reason": "Only referring clinicians of a facility can submit referrals."},
             status=403,
         )
+    assert user.facility_id is not None  # _may_submit
+    facility_id = user.facility_id
     if request.method == "GET":
-        form = ReferralNewForm(initial={"placer_value": uuid.uuid4()})
+        form = ReferralNewForm(initial={"placer_value": uuid.uuid4()}, facility_id=facility_id)
         return render(request, "referrals/new.html", {"form": form})
-    form = ReferralNewForm(request.POST)
+    form = ReferralNewForm(request.POST, facility_id=facility_id)
     if not form.is_valid():
         if "placer_value" in form.errors:
             # A damaged hidden token: a fresh one, so the corrected form can be sent.
             repaired = request.POST.copy()
             repaired["placer_value"] = str(uuid.uuid4())
-            form = ReferralNewForm(repaired)
+            form = ReferralNewForm(repaired, facility_id=facility_id)
             form.is_valid()
             form.add_error(None, "The form was damaged (no valid submission identifier).")
         return render(request, "referrals/new.html", {"form": form}, status=400)
@@ -240,9 +283,14 @@ def referral_new(request: HttpRequest) -> HttpResponse:
             patient_ref=data["patient_ref"],
             patient_sex=data["patient_sex"],
             patient_birth_year=data["patient_birth_year"],
+            department=(
+                Department.objects.get(pk=data["department"]) if data["department"] else None
+            ),
         )
     except ApplicationError as exc:
-        form.add_error(None, exc.message)
+        # A chosen department the case cannot go to (its mode, identifiable data): there.
+        where = "department" if exc.code == "department_not_candidate" else None
+        form.add_error(where, exc.message)
         return render(request, "referrals/new.html", {"form": form}, status=exc.status_code)
     audit_record(request, AuditAction.CREATE if created else AuditAction.READ, [referral.pk])
     if created:
@@ -510,6 +558,13 @@ def _render_detail(
         "messages_": _named(referral.messages.all(), authors),
         "experts": list(referral.conference_experts.all()),
         "close_out": getattr(referral, "close_out", None),
+        # Referred back down: the ones the user may open (the timeline only names them).
+        "counter_referrals": list(
+            selectors.referral_visible(user)
+            .filter(parent_referral=referral)
+            .order_by("pk")
+            .values_list("pk", "filler_id")
+        ),
         "can_message": bool(services.actor_sides(user, referral))
         and referral.state not in TERMINAL_STATES
         and referral.state != ReferralState.DRAFT,

@@ -15,10 +15,10 @@ from django.utils import timezone
 from accounts.models import User
 from accounts.roles import Role
 from fhir_gateway.models import OutboxMessage
-from referrals import services
+from referrals import routing, services
 from referrals.models import AuditEntry, CloseOut, ConsultNote, Message, Referral
 from referrals.tests.conftest import World, _user
-from registry.models import Department
+from registry.models import Department, Specialty
 
 pytestmark = pytest.mark.django_db
 
@@ -787,3 +787,77 @@ def test_a_submit_no_department_can_take_says_why_and_until_when(world: World) -
     assert (sent.state, sent.assigned_department_id) == ("submitted", None)
     assert "no department can take it yet" in body and "Submit: done." not in body
     assert f"{sent.deadline:%Y-%m-%d %H:%M} UTC" in body
+
+
+def test_the_new_referral_form_may_name_a_department(world: World) -> None:
+    """Only the API could choose one: in the web the island doctor's case always went
+    where routing sent it (the demo's loop to the children's hospital needed the API)."""
+    routing.routing_cache_clear()
+    client = client_for(world.referrer)
+    body = client.get("/referrals/new/").content.decode()
+    assert '<optgroup label="Pediatric specialty">' in body
+    for department in (world.hub_paeds, world.hub2_paeds):
+        assert f'<option value="{department.pk}">{department.name} — ' in body
+    assert f"{world.district_paeds.name} — " not in body  # its own: never
+
+    routed = client.post("/referrals/new/", new_referral_form(world))
+    default = Referral.objects.get().assigned_department
+    chosen = world.hub2_paeds if default == world.hub_paeds else world.hub_paeds
+    response = client.post(
+        "/referrals/new/",
+        new_referral_form(world, department=chosen.pk, clinical_question="Rash since Monday."),
+    )
+
+    assert routed.status_code == response.status_code == 303
+    assert Referral.objects.order_by("-pk").first().assigned_department == chosen  # type: ignore[union-attr]
+
+
+def test_the_form_offers_the_facilitys_own_hubs_beyond_the_best_few(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The demo's island doctor did not find the children's hospital (its support-link hub)
+    among routing's best five paediatrics departments: nearer ones came first. With none
+    of the best few offered, the linked hub still is."""
+    from registry.models import SupportLink
+
+    SupportLink.objects.create(hub=world.hub2, spoke=world.district)
+    routing.routing_cache_clear()
+    monkeypatch.setattr("referrals.web.INTAKE_CHOICES_PER_SPECIALTY", 0)
+
+    offered = routing.intake_choices(world.district.pk, per_specialty=0)[world.paeds.pk]
+    body = client_for(world.referrer).get("/referrals/new/").content.decode()
+
+    assert [s.department_id for s in offered] == [world.hub2_paeds.pk]
+    assert f'<option value="{world.hub2_paeds.pk}">{world.hub2_paeds.name} — ' in body
+    assert f"{world.hub_paeds.name} — " not in body
+
+
+def test_a_chosen_department_of_another_specialty_is_a_field_error(world: World) -> None:
+    derm = Specialty.objects.create(code="394582007", display="Dermatology")
+    hub_derm = Department.objects.create(facility=world.hub, specialty=derm, name="Derm C1")
+    routing.routing_cache_clear()
+    response = client_for(world.referrer).post(
+        "/referrals/new/", new_referral_form(world, department=hub_derm.pk)
+    )
+    assert response.status_code == 400
+    assert "That department is not of the chosen specialty." in response.content.decode()
+    assert not Referral.objects.exists()
+
+
+def test_the_original_links_its_counter_referrals_for_those_who_may_open_them(
+    world: World,
+) -> None:
+    """The timeline named the counter-referral's event but nothing led to it (clinician)."""
+    referral = world.referral_in("advised")
+    world.act(referral, "counter_refer")
+    back = Referral.objects.get(parent_referral=referral)
+
+    page = client_for(world.consultant).get(f"/referrals/{referral.pk}/").content.decode()
+    assert f'<a href="/referrals/{back.pk}/">{back.filler_id}</a>' in page
+    # The original's referrer may not open it (it is the district ward's): no link to a 404
+    referrer = client_for(world.referrer)
+    assert referrer.get(f"/referrals/{back.pk}/").status_code == 404
+    assert (
+        f'href="/referrals/{back.pk}/"'
+        not in referrer.get(f"/referrals/{referral.pk}/").content.decode()
+    )
