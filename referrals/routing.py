@@ -631,15 +631,28 @@ def intake_choices(
     requester_facility_id: int, *, per_specialty: int
 ) -> dict[int, list[Suggestion]]:
     """Per specialty id, the best departments the intake would take from this facility for
-    a de-identified e-consult, and every one linked to it by an active support link however
+    a de-identified case in any mode, and every one linked to it by an active support link however
     far down (its own hubs: a doctor looks for them). The web form's optional choice; the
     submit judges the real case. From the cached registry snapshot, without the per-call
     load queries."""
     network = _current_network()  # fresh within the cache's TTL, as for any routing
     found: dict[int, list[Suggestion]] = {}
     for specialty_id in network.by_specialty:
-        probe = _probe(requester_facility_id, specialty_id, ConsultMode.ASYNC, "")
-        best = [s for s in suggest_departments(probe, limit=None, live=False) if s.allowed]
+        scored: dict[int, Suggestion] = {}
+        for mode in ConsultMode.values:  # a transfer-only or live-only department too
+            probe = _probe(requester_facility_id, specialty_id, mode, "")
+            for s in suggest_departments(probe, limit=None, live=False):
+                kept = scored.get(s.department_id)
+                if s.allowed and (kept is None or s.score > kept.score):
+                    scored[s.department_id] = s
+        best = sorted(  # routing's own order
+            scored.values(),
+            key=lambda s: (
+                -s.score,
+                s.distance_km if s.distance_km is not None else DISTANCE_UNKNOWN_KM,
+                s.department_id,
+            ),
+        )
         linked = [s for s in best[per_specialty:] if "support_link" in s.reasons]
         if best:
             found[specialty_id] = best[:per_specialty] + linked

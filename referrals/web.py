@@ -164,11 +164,15 @@ class ReferralNewForm(forms.Form):
     patient_birth_year = forms.IntegerField(
         label="Patient birth year", min_value=MIN_BIRTH_YEAR, max_value=2100, required=False
     )
-    department = forms.TypedChoiceField(
+    # A select of routing's candidates, validated as "a department of this specialty" only:
+    # the submit judges the real case, so a list that moved since the page was shown (or a
+    # mode the list was not built for) refuses nothing the intake would take.
+    department = forms.IntegerField(
         label="Department (optional)",
-        coerce=int,
-        empty_value=None,
+        min_value=1,
+        max_value=2**63 - 1,
         required=False,
+        widget=forms.Select,
         help_text="Leave it to routing, or choose a department of the specialty above "
         "(routing's best candidates for your facility).",
     )
@@ -179,9 +183,9 @@ class ReferralNewForm(forms.Form):
 
     def __init__(self, *args: Any, facility_id: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        field = self.fields["department"]
-        assert isinstance(field, forms.TypedChoiceField)
-        field.choices = [("", "Let routing choose"), *intake_department_choices(facility_id)]
+        widget = self.fields["department"].widget
+        assert isinstance(widget, forms.Select)
+        widget.choices = [("", "Let routing choose"), *intake_department_choices(facility_id)]
 
     def clean(self) -> dict[str, Any]:
         data: dict[str, Any] = super().clean() or {}
@@ -543,7 +547,8 @@ def _render_detail(
     message_key: str = "",
 ) -> HttpResponse:
     forms_by_action = []
-    for action in services.referral_available_actions(user, referral):
+    offered = services.referral_available_actions(user, referral)
+    for action in offered:
         if bound is not None and bound.action == action:
             forms_by_action.append(bound)
             continue
@@ -571,6 +576,8 @@ def _render_detail(
         "action_forms": forms_by_action,
         "error": error,
         "message_text": message_text,
+        # A refused form the case no longer offers (its state moved on): what was typed.
+        "unsent": _typed(bound.data) if bound is not None and bound.action not in offered else [],
         # A new token per page shown; a refused message keeps its own (nothing was stored).
         "message_key": message_key or uuid.uuid4().hex,
         "now": timezone.now(),
@@ -590,22 +597,31 @@ def _get(user: User, referral_id: int) -> Referral:
 _NOT_TYPED = frozenset({"csrfmiddlewaretoken", "expected_version", "client_key"})
 
 
+def _typed(posted: Any) -> list[tuple[str, str]]:
+    """What a user typed into a posted form, labelled, to show back instead of losing it."""
+    typed = []
+    for name in posted:
+        field = name.rpartition("-")[2]  # action forms prefix their fields
+        value = str(posted.get(name, ""))
+        if field not in _NOT_TYPED and value.strip():
+            typed.append((field.replace("_", " ").capitalize(), value))
+    return typed
+
+
 def _gone(request: HttpRequest) -> HttpResponse:
     """A post about a referral the user cannot see (any more: a colleague forwarded it
     while the page was open). 404 as for any unknown id (nothing about the referral is
     told), but what the user typed is shown back instead of lost."""
-    typed = []
-    for name in request.POST:
-        field = name.rpartition("-")[2]  # action forms prefix their fields
-        value = str(request.POST.get(name, ""))
-        if field not in _NOT_TYPED and value.strip():
-            typed.append((field.replace("_", " ").capitalize(), value))
-    return render(request, "referrals/gone.html", {"typed": typed}, status=404)
+    return render(request, "referrals/gone.html", {"typed": _typed(request.POST)}, status=404)
 
 
 def _already_done(user: User, referral: Referral, action: str, expected: int) -> bool:
     """Whether every change since the version the form showed is this user's own
-    ``action`` (a double click, or the form posted again): not "someone else"."""
+    ``action`` (a double click, or the form posted again): not "someone else". Only for
+    actions that take no input: a second question, advice or time typed in another tab is
+    not the first one again (review)."""
+    if TRANSITIONS_BY_ACTION[action].inputs:
+        return False
     since = list(
         referral.events.filter(seq__gt=expected).values_list("actor_id", "action").distinct()
     )
@@ -656,8 +672,12 @@ def referral_action(request: HttpRequest, pk: int, action: str) -> HttpResponse:
                 messages.info(request, f"{action_label(action)}: already done (your first click).")
                 return HttpResponseRedirect(reverse("web-referral-detail", args=[pk]), status=303)
             message = STALE_MESSAGE.format(version=fresh.version, expected=expected)
-            # The fresh page, not the stale form: the user must see what changed.
-            return _render_detail(request, user, fresh, error=message, status=409)
+            # The fresh page, with what was typed kept in its form at the fresh version:
+            # the user sees what changed, then may send it again (or not).
+            typed = request.POST.copy()
+            typed[f"{action}-expected_version"] = str(fresh.version)
+            kept = ActionForm(typed, referral=fresh, transition=transition)
+            return _render_detail(request, user, fresh, bound=kept, error=message, status=409)
         # Refused as it stands (a guard: a time in the past, an expert not allowed): the
         # case did not change, so the form is shown again with what was typed.
         return _render_detail(request, user, fresh, bound=form, error=exc.message, status=409)
