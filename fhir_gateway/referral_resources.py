@@ -67,6 +67,7 @@ from referrals.models import (
     ReferralEvent,
     ReferralState,
 )
+from referrals.numbering import last_number
 from referrals.selectors import (
     referral_message_by_number,
     referral_open_question_id,
@@ -1198,20 +1199,19 @@ def _message_post(user: User, referral: Referral, text: str, answered: int | Non
     with transaction.atomic():
         if "assignee" in sides and referral.state == ReferralState.ACCEPTED and answered is None:
             referral = _transition(user, referral, "request_info", None, question=text)
-            pk = _latest_payload(referral, "message_id")
+            number = last_number(Message, referral)  # the question it just stored
         elif (
             "requester" in sides
             and referral.state == ReferralState.INFO_REQUESTED
             and answered in (None, referral_open_question_id(referral))
         ):  # the answer; a reply to another message is one more message (checked there)
             referral = _transition(user, referral, "provide_info", None, text=text)
-            pk = _latest_payload(referral, "message_id")
+            number = last_number(Message, referral)  # the answer it just stored
         else:
             referral, message, _created = referral_message_post(
                 actor=user, referral_id=referral.pk, text=text, in_response_to_id=answered
             )
-            pk = message.pk
-        number = Message.objects.values_list("number", flat=True).get(pk=pk)
+            number = message.number
     return WriteResult(_current("Communication", m.message_id(referral, number)), created=True)
 
 
@@ -1276,8 +1276,7 @@ def _document_reference_for(
         referral = _transition(
             user, referral, "advise", None, disposition=disposition or None, text=text
         )
-        pk = _latest_payload(referral, "consult_note_id")
-        number = ConsultNote.objects.values_list("number", flat=True).get(pk=pk)
+        number = last_number(ConsultNote, referral)  # the note it just stored
     return WriteResult(_current("DocumentReference", m.note_id(referral, number)), created=True)
 
 

@@ -197,9 +197,9 @@ def attachment_get(
     """A referral's file by its database id (the REST API) or by its number within the
     referral (FHIR ids, ``referrals.numbering``)."""
     referral = _referral_for(user, referral_id)
-    key = {"pk": attachment_id} if number is None else {"number": number}
+    field, value = ("pk", attachment_id) if number is None else ("number", number)
     try:
-        return Attachment.objects.get(referral=referral, **{k: int(v) for k, v in key.items()})
+        return Attachment.objects.get(referral=referral, **{field: int(value)})
     except (TypeError, ValueError, OverflowError, Attachment.DoesNotExist) as exc:
         raise NotFound("No such attachment.") from exc
 

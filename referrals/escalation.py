@@ -39,6 +39,8 @@ from registry.models import Department
 
 logger = logging.getLogger(__name__)
 S = ReferralState
+# The reason of a reroute that places a referral routing could not place at intake.
+ROUTED_LATE = "Routed when a candidate became available."
 
 
 @dataclass
@@ -89,7 +91,7 @@ def referral_escalate_one(*, referral_id: int, now: datetime) -> str | None:
         if referral.assigned_department_id is None:
             # Routing found no department since intake: no one to notify; a last try, or
             # it expires and the requester is told (it must not wait unseen for ever).
-            if _reroute(referral, now=now, why="Routed when a candidate became available."):
+            if _reroute(referral, now=now, why=ROUTED_LATE):
                 return "rerouted"
             referral_system_transition(referral=referral, action="expire", now=now)
             return "expired"
@@ -135,7 +137,7 @@ def referral_route_unassigned(*, referral_id: int, now: datetime | None = None) 
         referral = _locked(referral_id, state=S.SUBMITTED, assigned_department__isnull=True)
         if referral is None:
             return False
-        return _reroute(referral, now=now, why="Routed when a candidate became available.")
+        return _reroute(referral, now=now, why=ROUTED_LATE)
 
 
 def reroute_declined_later(referral_id: int) -> None:

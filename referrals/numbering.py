@@ -23,8 +23,14 @@ def next_number(model: Numbered, referral: Referral) -> int:
     (``select_for_update``; ``lock_referral`` when the caller has not): the lock makes the
     read and the insert one step for concurrent writers, and the unique constraint
     (referral, number) refuses anything that slips past it."""
+    return last_number(model, referral) + 1
+
+
+def last_number(model: Numbered, referral: Referral) -> int:
+    """The highest number of ``referral``'s rows of ``model`` (0: none): in the transaction
+    that inserted one under the referral's lock, that row's."""
     found = model._default_manager.filter(referral=referral).aggregate(last=Max("number"))
-    return int(found["last"] or 0) + 1
+    return int(found["last"] or 0)
 
 
 def lock_referral(referral: Referral) -> Referral:

@@ -580,15 +580,14 @@ def suggest_departments(
                 median_response_hours=round(median, 2) if median is not None else None,
             )
         )
-    suggestions.sort(
-        key=lambda s: (
-            not s.allowed,
-            -s.score,
-            s.distance_km if s.distance_km is not None else DISTANCE_UNKNOWN_KM,
-            s.department_id,
-        )
-    )
+    suggestions.sort(key=lambda s: (not s.allowed, *_rank(s)))
     return suggestions if limit is None else suggestions[:limit]
+
+
+def _rank(s: Suggestion) -> tuple[float, float, int]:
+    """Routing's order among allowed suggestions: score, then nearer, then the id."""
+    distance = s.distance_km if s.distance_km is not None else DISTANCE_UNKNOWN_KM
+    return (-s.score, distance, s.department_id)
 
 
 def best_department(referral: Referral, *, now: datetime | None = None) -> Suggestion | None:
@@ -631,10 +630,10 @@ def intake_choices(
     requester_facility_id: int, *, per_specialty: int
 ) -> dict[int, list[Suggestion]]:
     """Per specialty id, the best departments the intake would take from this facility for
-    a de-identified case in any mode, and every one linked to it by an active support link however
-    far down (its own hubs: a doctor looks for them). The web form's optional choice; the
-    submit judges the real case. From the cached registry snapshot, without the per-call
-    load queries."""
+    a de-identified case in any mode, and every one linked to it by an active support link
+    however far down (its own hubs: a doctor looks for them). The web form's optional
+    choice; the submit judges the real case. From the cached registry snapshot, without the
+    per-call load queries."""
     network = _current_network()  # fresh within the cache's TTL, as for any routing
     found: dict[int, list[Suggestion]] = {}
     for specialty_id in network.by_specialty:
@@ -645,14 +644,7 @@ def intake_choices(
                 kept = scored.get(s.department_id)
                 if s.allowed and (kept is None or s.score > kept.score):
                     scored[s.department_id] = s
-        best = sorted(  # routing's own order
-            scored.values(),
-            key=lambda s: (
-                -s.score,
-                s.distance_km if s.distance_km is not None else DISTANCE_UNKNOWN_KM,
-                s.department_id,
-            ),
-        )
+        best = sorted(scored.values(), key=_rank)
         linked = [s for s in best[per_specialty:] if "support_link" in s.reasons]
         if best:
             found[specialty_id] = best[:per_specialty] + linked

@@ -67,15 +67,15 @@ def referral_deadline(*, department: Department | None, priority: int, start: da
     """The acceptance deadline: the department's SLA hours, or for a referral no
     department can take yet ``REFERRAL_UNROUTED_DEADLINE_HOURS`` (routed again until then,
     then expired: it must not wait unseen); both capped by the priority."""
-    hours = department.sla_hours if department is not None else unrouted_hours()
+    hours = (
+        department.sla_hours
+        if department is not None
+        else int(settings.REFERRAL_UNROUTED_DEADLINE_HOURS)
+    )
     cap = PRIORITY_MAX_HOURS.get(priority)
     if cap is not None:
         hours = min(hours, cap)
     return start + timedelta(hours=hours)
-
-
-def unrouted_hours() -> int:
-    return int(settings.REFERRAL_UNROUTED_DEADLINE_HOURS)
 
 
 # --- who is acting -----------------------------------------------------------------------

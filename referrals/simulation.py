@@ -195,9 +195,9 @@ def plan_lifecycle(
 
     first = pick(frozenset(), start)
     if first is None:  # as the service: the unrouted deadline, then expired (no candidate)
-        hours = services.unrouted_hours()
-        cap = services.PRIORITY_MAX_HOURS.get(life.priority)
-        life.deadline = start + timedelta(hours=min(hours, cap) if cap is not None else hours)
+        life.deadline = services.referral_deadline(
+            department=None, priority=life.priority, start=start
+        )
         if b.emit("submit", start, department_id=None):
             b.emit("expire", life.deadline + timedelta(minutes=rng.randint(0, 1)))
         return life

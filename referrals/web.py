@@ -615,6 +615,17 @@ def _gone(request: HttpRequest) -> HttpResponse:
     return render(request, "referrals/gone.html", {"typed": _typed(request.POST)}, status=404)
 
 
+def _get_or_gone(request: HttpRequest, user: User, pk: int) -> Referral | HttpResponse:
+    """The referral a page posts about, or ``_gone`` when the user cannot see it (a GET
+    of an unknown id is a plain 404)."""
+    try:
+        return selectors.referral_get_for_user(user, pk)
+    except NotFound:
+        if request.method == "POST":
+            return _gone(request)
+        raise Http404("No such referral.") from None
+
+
 def _already_done(user: User, referral: Referral, action: str, expected: int) -> bool:
     """Whether every change since the version the form showed is this user's own
     ``action`` (a double click, or the form posted again): not "someone else". Only for
@@ -638,12 +649,9 @@ def referral_detail_page(request: HttpRequest, pk: int) -> HttpResponse:
 @require_http_methods(["GET", "POST"])
 def referral_action(request: HttpRequest, pk: int, action: str) -> HttpResponse:
     user = _user(request)
-    try:
-        referral = selectors.referral_get_for_user(user, pk)
-    except NotFound:
-        if request.method == "POST":
-            return _gone(request)
-        raise Http404("No such referral.") from None
+    referral = _get_or_gone(request, user, pk)
+    if isinstance(referral, HttpResponse):
+        return referral
     if request.method == "GET":  # the address bar after a refused action: the case's page
         return HttpResponseRedirect(reverse("web-referral-detail", args=[pk]), status=303)
     transition = TRANSITIONS_BY_ACTION.get(action)
@@ -655,7 +663,7 @@ def referral_action(request: HttpRequest, pk: int, action: str) -> HttpResponse:
         return _render_detail(request, user, referral, bound=form, error=error, status=400)
     expected: int = form.cleaned_data["expected_version"]
     try:
-        services.referral_transition(
+        done = services.referral_transition(
             actor=user,
             referral_id=referral.pk,
             action=action,
@@ -663,10 +671,9 @@ def referral_action(request: HttpRequest, pk: int, action: str) -> HttpResponse:
             **form.inputs(),
         )
     except Conflict as exc:
-        try:
-            fresh = selectors.referral_get_for_user(user, pk)
-        except NotFound:  # forwarded away meanwhile
-            return _gone(request)
+        fresh = _get_or_gone(request, user, pk)  # (forwarded away meanwhile: gone)
+        if isinstance(fresh, HttpResponse):
+            return fresh
         if exc.code == "version_mismatch":
             if _already_done(user, fresh, action, expected):
                 messages.info(request, f"{action_label(action)}: already done (your first click).")
@@ -685,8 +692,11 @@ def referral_action(request: HttpRequest, pk: int, action: str) -> HttpResponse:
         return _gone(request)
     except IntegrityError as exc:  # a constraint refused the write (as the API's 409)
         logger.warning("web action refused by a constraint", extra={"error": str(exc)})
+        fresh = _get_or_gone(request, user, pk)
+        if isinstance(fresh, HttpResponse):
+            return fresh
         error = "This change conflicts with data stored meanwhile; nothing was changed."
-        return _render_detail(request, user, _get(user, pk), bound=form, error=error, status=409)
+        return _render_detail(request, user, fresh, bound=form, error=error, status=409)
     except ApplicationError as exc:
         for name, problem in exc.extra.get("errors", {}).items():
             form.add_error(name if name in form.fields else None, str(problem))
@@ -694,13 +704,9 @@ def referral_action(request: HttpRequest, pk: int, action: str) -> HttpResponse:
             request, user, referral, bound=form, error=exc.message, status=exc.status_code
         )
     audit_record(request, AuditAction.TRANSITION, [referral.pk], detail=action)
-    unrouted = (  # a submit routing could not place: say why, and until when
-        Referral.objects.filter(pk=referral.pk, assigned_department__isnull=True).first()
-        if action == "submit"
-        else None
-    )
-    if unrouted is not None and unrouted.deadline is not None:
-        messages.warning(request, _unrouted_message(unrouted))
+    if action == "submit" and done.assigned_department_id is None:
+        # A submit routing could not place: say why, and until when.
+        messages.warning(request, _unrouted_message(done))
     else:
         messages.success(request, f"{action_label(action)}: done.")
     try:
@@ -716,12 +722,9 @@ def referral_action(request: HttpRequest, pk: int, action: str) -> HttpResponse:
 def referral_message(request: HttpRequest, pk: int) -> HttpResponse:
     """A message to the other side that changes no state (``referral_message_post``)."""
     user = _user(request)
-    try:
-        referral = selectors.referral_get_for_user(user, pk)
-    except NotFound:
-        if request.method == "POST":
-            return _gone(request)
-        raise Http404("No such referral.") from None
+    referral = _get_or_gone(request, user, pk)
+    if isinstance(referral, HttpResponse):
+        return referral
     if request.method == "GET":
         return HttpResponseRedirect(
             reverse("web-referral-detail", args=[pk]) + "#messages", status=303

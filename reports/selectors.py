@@ -7,7 +7,7 @@ Counts come from ``DailyRollup`` (sums); percentiles and verified avoided transf
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, time, timedelta
 from typing import Any
@@ -597,8 +597,8 @@ def report_counts(
     now = now or timezone.now()
     result = _count_table(scope, filters, now)
     if scope.aggregate_only:
-        broader = _without_each_filter(lambda f: _count_table(scope, f, now), filters)
-        _suppress_counts(result, broader)
+        _hide_complements(result, lambda f: _count_table(scope, f, now), filters, COUNT_COLUMNS)
+        _suppress_counts(result)
     return result
 
 
@@ -666,40 +666,41 @@ COMPLEMENT_FILTERS = (
 )  # fmt: skip
 
 
-def _without_each_filter(
-    compute: Callable[[ReportFilters], dict[str, Any]], filters: ReportFilters
-) -> list[tuple[list[dict[str, Any]], dict[str, Any] | None]]:
-    """The rows and total of the same unsuppressed table once per dimension filter set,
-    with that filter dropped: what another query publishes beside this one (one more
-    aggregate per filter)."""
+def _hide_complements(
+    result: dict[str, Any],
+    compute: Callable[[ReportFilters], dict[str, Any]],
+    filters: ReportFilters,
+    counts: Sequence[str],
+) -> None:
+    """Rule 6 for a table ``compute`` made under ``filters``, before rules 1-4: the same
+    unsuppressed table once per dimension filter set, with that filter dropped (what
+    another query publishes beside this one: one more aggregate per filter), then
+    ``hide_small_complements``. Rows match by their group."""
     if min_cell() <= 1:  # nothing is suppressed
-        return []
-    tables = []
+        return
+    broader = []
     for name in COMPLEMENT_FILTERS:
         if getattr(filters, name) is not None:
             without: dict[str, Any] = {name: None}
-            tables.append(compute(replace(filters, **without)))
-    return [(t["rows"], t.get("total")) for t in tables]
-
-
-def _group_key(by: Sequence[str]) -> Callable[[dict[str, Any]], Hashable]:
-    """A labelled row's group (the same in a table with a filter dropped)."""
-    return lambda row: tuple(row[g] for g in by)
-
-
-def _suppress_counts(
-    result: dict[str, Any],
-    broader: Sequence[tuple[list[dict[str, Any]], dict[str, Any] | None]],
-) -> None:
-    counts = [*COUNTERS, "avoided_verified", "avoided_pending"]
+            table = compute(replace(filters, **without))
+            broader.append((table["rows"], table.get("total")))
+    by = result["by"]
     hide_small_complements(
         result["rows"],
-        result["total"],
+        result.get("total"),
         broader,
-        key=_group_key(result["by"]),
+        key=lambda row: tuple(row[g] for g in by),
         counts=counts,
         min_cell=min_cell(),
     )
+
+
+# The counts of ``report_counts`` that suppression hides.
+COUNT_COLUMNS = (*COUNTERS, "avoided_verified", "avoided_pending")
+
+
+def _suppress_counts(result: dict[str, Any]) -> None:
+    counts = list(COUNT_COLUMNS)
     derived: dict[str, tuple[str, ...]] = {
         "avoidance_rate": ("avoided", "transfer_considered"),
         "sla_share": ("sla_due", "sla_met"),
@@ -811,14 +812,7 @@ def report_response_times(user: User, filters: ReportFilters) -> dict[str, Any]:
     result = _response_table(scope, filters)
     if scope.aggregate_only:
         counts = ["accept_n", "advice_n"]
-        hide_small_complements(
-            result["rows"],
-            result["total"],
-            _without_each_filter(lambda f: _response_table(scope, f), filters),
-            key=_group_key(filters.by),
-            counts=counts,
-            min_cell=min_cell(),
-        )
+        _hide_complements(result, lambda f: _response_table(scope, f), filters, counts)
         suppress_table(
             result["rows"],
             result["total"],
@@ -896,14 +890,7 @@ def report_capacity(user: User, filters: ReportFilters) -> dict[str, Any]:
         counts = ["closed_local", "transfer_requested"]
         # A campaign, hub or border filter cuts a facility's cell in two; the other part
         # is the cell without the filter minus this one.
-        hide_small_complements(
-            result["rows"],
-            None,
-            _without_each_filter(lambda f: _capacity_table(scope, f), filters),
-            key=_group_key(result["by"]),
-            counts=counts,
-            min_cell=min_cell(),
-        )
+        _hide_complements(result, lambda f: _capacity_table(scope, f), filters, counts)
         # No totals are published with this table, but its margins are, by other queries
         # (a facility's period total by report_counts, a specialty's across facilities):
         # along each line (a facility and period across specialties, a specialty and

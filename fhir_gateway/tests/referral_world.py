@@ -275,6 +275,20 @@ def consult_note(task_id: str) -> dict[str, Any]:
     }
 
 
+def message(task_id: str, text: str, in_response_to: str | None = None) -> dict[str, Any]:
+    """An R4 Communication with ``text`` on ``task_id``'s referral, answering
+    ``in_response_to`` (a reference) when given."""
+    resource: dict[str, Any] = {
+        "resourceType": "Communication",
+        "status": "completed",
+        "partOf": [{"reference": f"Task/{task_id}"}],
+        "payload": [{"contentString": text}],
+    }
+    if in_response_to:
+        resource["inResponseTo"] = [{"reference": in_response_to}]
+    return resource
+
+
 def case_file(
     task_id: str | None, label: str = "a", *identifiers: dict[str, Any]
 ) -> dict[str, Any]:

@@ -53,9 +53,17 @@ NL_MAPPING = {
 pytestmark = pytest.mark.django_db
 
 
-def run_import(*args: str) -> str:
-    out = StringIO()
+def run_import(*args: str, out: StringIO | None = None) -> str:
+    out = out or StringIO()
     call_command("import_facilities", *args, "--no-progress", stdout=out, stderr=StringIO())
+    return out.getvalue()
+
+
+def refused_import(*args: str, match: str = "Nothing written") -> str:
+    """The report of an import refused all-or-nothing (its CommandError checked)."""
+    out = StringIO()
+    with pytest.raises(CommandError, match=match):
+        run_import(*args, out=out)
     return out.getvalue()
 
 
@@ -278,23 +286,15 @@ def test_official_examples_are_refused_all_or_nothing_with_precise_reasons(
     bundle = official_bundle(tmp_path)
     mapping = tmp_path / "nl.json"
     mapping.write_text(json.dumps(NL_MAPPING))
-    out = StringIO()
 
     # When it is imported all-or-nothing
-    with pytest.raises(CommandError, match=r"Nothing written: 1 error\(s\)"):
-        call_command(
-            "import_facilities",
-            str(bundle),
-            "--mapping",
-            str(mapping),
-            "--no-progress",
-            stdout=out,
-            stderr=StringIO(),
-        )
+    report = refused_import(
+        str(bundle), "--mapping", str(mapping), match=r"Nothing written: 1 error\(s\)"
+    )
 
     # Then nothing is written; the HL7 organisation has no identifier to match it by
     assert registry_counts() == dict.fromkeys(registry_counts(), 0)
-    assert issue_lines(out.getvalue()) == [
+    assert issue_lines(report) == [
         "error: row 2 (Organization/hl7) [Organization.identifier]: no identifier with a system "
         "and a value (facilities are matched by identifier)",
         "warning: row 6 (OrganizationAffiliation/example) [OrganizationAffiliation]: not imported: "
@@ -418,14 +418,12 @@ def test_invalid_resource_is_an_error_row_and_content_detects_the_format(
     write_bundle(
         path, [{"resourceType": "Organization", "id": "x", "identifier": "ABC", "name": "X"}]
     )
-    out = StringIO()
 
     # When it is imported
-    with pytest.raises(CommandError, match="Nothing written"):
-        call_command("import_facilities", str(path), "--no-progress", stdout=out, stderr=StringIO())
+    report = refused_import(str(path))
 
     # Then the entry is reported with the validation message
-    assert issue_lines(out.getvalue()) == [
+    assert issue_lines(report) == [
         "error: row 1 (Organization/x) [Organization]: invalid Organization: identifier: Input "
         "should be a valid list"
     ]
@@ -450,15 +448,10 @@ def test_country_must_be_known(specialties: list[Specialty], tmp_path: Path) -> 
     bundle = write_bundle(
         tmp_path / "b.json", [json.loads((EXAMPLES / "Organization-f001.json").read_text())]
     )
-    out = StringIO()
     CountryFactory(code="NL", name="Netherlands")
 
     # When / Then
-    with pytest.raises(CommandError, match="Nothing written"):
-        call_command(
-            "import_facilities", str(bundle), "--no-progress", stdout=out, stderr=StringIO()
-        )
-    assert issue_lines(out.getvalue()) == [
+    assert issue_lines(refused_import(str(bundle))) == [
         "error: row 1 (Organization/f001) [Organization.type]: no tier coding "
         f"({TIER_SYSTEM}) and no default tier in the mapping",
         "error: row 1 (Organization/f001) [Location.address.country]: country 'NLD' is not an "
@@ -542,20 +535,8 @@ def test_an_address_country_that_iso_has_not_assigned_is_an_error(
     bundle = write_bundle(tmp_path / "b.json", [organization, location])
     mapping = tmp_path / "m.json"
     mapping.write_text(json.dumps({"format": "mcsd", "defaults": {"tier": 2}}))
-    out = StringIO()
 
-    with pytest.raises(CommandError, match="Nothing written"):
-        call_command(
-            "import_facilities",
-            str(bundle),
-            "--mapping",
-            str(mapping),
-            "--no-progress",
-            stdout=out,
-            stderr=StringIO(),
-        )
-
-    assert issue_lines(out.getvalue()) == [
+    assert issue_lines(refused_import(str(bundle), "--mapping", str(mapping))) == [
         "error: row 1 (Organization/f001) [Location.address.country]: country 'ZZ' is not an "
         'ISO 3166-1 alpha-2 code; give "country" in the mapping',
     ]

@@ -17,6 +17,7 @@ from fhir_gateway.tests.referral_world import (
     accepted,
     body,
     consult_note,
+    message,
     task_of,
     transaction,
 )
@@ -61,18 +62,6 @@ def _post(world: World, resource: dict[str, Any]) -> Any:
     )
 
 
-def _message(task_id: str, text: str, in_response_to: str | None = None) -> dict[str, Any]:
-    resource: dict[str, Any] = {
-        "resourceType": "Communication",
-        "status": "completed",
-        "partOf": [{"reference": f"Task/{task_id}"}],
-        "payload": [{"contentString": text}],
-    }
-    if in_response_to:
-        resource["inResponseTo"] = [{"reference": in_response_to}]
-    return resource
-
-
 def _ask(world: World, task_id: str) -> str:
     """The consultant (the R5 system) asks for information: the question's id."""
     question = {
@@ -92,7 +81,7 @@ def test_an_answer_to_no_message_is_refused_while_info_is_requested(world: World
     _ask(world, task_id)
     before = Message.objects.count()
     response = world.r4.post(
-        "/fhir/Communication", _message(task_id, "Echo normal.", f"Communication/{task_id}-msg-9")
+        "/fhir/Communication", message(task_id, "Echo normal.", f"Communication/{task_id}-msg-9")
     )
     assert response.status_code == 422, response.content
     assert outcome_issue(response)["expression"] == ["Communication.inResponseTo"]
@@ -104,7 +93,7 @@ def test_an_answer_to_the_question_answers_it(world: World) -> None:
     task_id = accepted(world)
     question = _ask(world, task_id)
     sent = f"Communication/{question}"
-    response = world.r4.post("/fhir/Communication", _message(task_id, "Echo normal.", sent))
+    response = world.r4.post("/fhir/Communication", message(task_id, "Echo normal.", sent))
     assert response.status_code == 201, response.content
     assert body(response)["inResponseTo"] == [{"reference": sent}]
     assert Referral.objects.get().state == ReferralState.ACCEPTED  # provide_info
@@ -112,11 +101,11 @@ def test_an_answer_to_the_question_answers_it(world: World) -> None:
 
 def test_a_reply_to_another_message_keeps_what_it_answers(world: World) -> None:
     task_id = accepted(world)
-    first = world.r4.post("/fhir/Communication", _message(task_id, "Labs tomorrow."))
+    first = world.r4.post("/fhir/Communication", message(task_id, "Labs tomorrow."))
     assert first.status_code == 201, first.content
     _ask(world, task_id)
     sent = f"Communication/{body(first)['id']}"
-    response = world.r4.post("/fhir/Communication", _message(task_id, "Correction.", sent))
+    response = world.r4.post("/fhir/Communication", message(task_id, "Correction.", sent))
     assert response.status_code == 201, response.content
     assert body(response)["inResponseTo"] == [{"reference": sent}]
     # One more message: the question stays open
@@ -228,13 +217,13 @@ def test_a_message_part_of_two_referrals_is_refused(world: World) -> None:
     """It was filed on the first Task named and the second dropped without a word (found
     by an integrator)."""
     first, second = accepted(world, "SR-1"), accepted(world, "SR-2")
-    message = _message(first, "Which one?")
-    message["partOf"] = [{"reference": f"Task/{second}"}, {"reference": f"Task/{first}"}]
-    response = world.r4.post("/fhir/Communication", message)
+    resource = message(first, "Which one?")
+    resource["partOf"] = [{"reference": f"Task/{second}"}, {"reference": f"Task/{first}"}]
+    response = world.r4.post("/fhir/Communication", resource)
     assert response.status_code == 422, response.content
     assert outcome_issue(response)["expression"] == ["Communication.partOf"]
     assert not Message.objects.exists()
     # Its Task and ServiceRequest together name one referral
-    message["partOf"] = [{"reference": f"Task/{first}"}, {"reference": f"ServiceRequest/{first}"}]
-    assert world.r4.post("/fhir/Communication", message).status_code == 201
+    resource["partOf"] = [{"reference": f"Task/{first}"}, {"reference": f"ServiceRequest/{first}"}]
+    assert world.r4.post("/fhir/Communication", resource).status_code == 201
     assert Message.objects.get().referral.filler_id == first

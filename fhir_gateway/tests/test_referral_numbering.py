@@ -5,7 +5,6 @@ and ids sent before the numbering keep naming the same resources."""
 from __future__ import annotations
 
 import importlib
-from typing import Any
 
 import pytest
 from django.db import connection, migrations
@@ -17,6 +16,7 @@ from fhir_gateway.tests.referral_world import (
     body,
     case_file,
     consult_note,
+    message,
     read_task,
 )
 from referrals.models import Attachment, ConsultNote, Message
@@ -24,20 +24,8 @@ from referrals.models import Attachment, ConsultNote, Message
 pytestmark = pytest.mark.django_db
 
 
-def _message(task_id: str, text: str, in_response_to: str | None = None) -> dict[str, Any]:
-    resource: dict[str, Any] = {
-        "resourceType": "Communication",
-        "status": "completed",
-        "partOf": [{"reference": f"Task/{task_id}"}],
-        "payload": [{"contentString": text}],
-    }
-    if in_response_to:
-        resource["inResponseTo"] = [{"reference": in_response_to}]
-    return resource
-
-
 def _post_message(world: World, task_id: str, text: str, answers: str | None = None) -> str:
-    response = world.r4.post("/fhir/Communication", _message(task_id, text, answers))
+    response = world.r4.post("/fhir/Communication", message(task_id, text, answers))
     assert response.status_code == 201, response.content
     return str(body(response)["id"])
 
@@ -74,7 +62,7 @@ def test_an_answer_to_a_number_the_referral_does_not_have_is_refused(world: Worl
     before = list(Message.objects.values_list("pk", flat=True))
     # ``-msg-2`` exists on the first referral only.
     response = world.r4.post(
-        "/fhir/Communication", _message(second, "answer", f"Communication/{second}-msg-2")
+        "/fhir/Communication", message(second, "answer", f"Communication/{second}-msg-2")
     )
     assert response.status_code == 422, response.content
     assert list(Message.objects.values_list("pk", flat=True)) == before
