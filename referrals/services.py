@@ -584,25 +584,6 @@ def referral_system_transition(
     )
 
 
-def referral_expire_overdue(*, now: datetime | None = None, limit: int = 500) -> list[int]:
-    """Expire submitted referrals whose deadline passed (run by the deadline job; safe to
-    run twice: an already-moved referral is skipped)."""
-    now = now or timezone.now()
-    ids = list(
-        Referral.objects.filter(state=ReferralState.SUBMITTED, deadline__lte=now)
-        .order_by("deadline")
-        .values_list("pk", flat=True)[:limit]
-    )
-    expired = []
-    for referral_id in ids:
-        try:
-            referral_transition(actor=None, referral_id=referral_id, action="expire", now=now)
-        except ApplicationError:
-            continue  # accepted (or otherwise moved) meanwhile
-        expired.append(referral_id)
-    return expired
-
-
 # --- intake ------------------------------------------------------------------------------
 
 

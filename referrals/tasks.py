@@ -1,6 +1,7 @@
 """Celery tasks for referrals. The deadline job ``referrals_escalate`` runs every minute
-(CELERY_BEAT_SCHEDULE); ``referrals_expire_overdue`` is the older expire-only job, kept for
-callers that want it."""
+(CELERY_BEAT_SCHEDULE); ``referrals_expire_overdue`` is the older name of its overdue pass,
+kept so that a message queued under that name still runs, through the escalation (notify
+first, then re-route or expire) like the job."""
 
 from __future__ import annotations
 
@@ -9,13 +10,13 @@ from celery import shared_task
 from referrals.escalation import referral_escalate_overdue, referral_reroute_declined
 from referrals.load import department_load_prune
 from referrals.routing import response_times_refresh
-from referrals.services import referral_expire_overdue
 
 
 @shared_task(bind=True, max_retries=5, retry_backoff=True, acks_late=True)
 def referrals_expire_overdue(self: object) -> int:
-    # Safe to run twice: an expired or accepted referral is skipped by the transition check.
-    return len(referral_expire_overdue())
+    """The deadline job's overdue pass under its old name: it used to expire at once,
+    skipping the department's notice and the re-routing. Returns how many expired."""
+    return len(referral_escalate_overdue().expired)
 
 
 @shared_task(bind=True, max_retries=5, retry_backoff=True, acks_late=True)

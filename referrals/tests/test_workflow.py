@@ -3,7 +3,10 @@ exactly one event; forbidden ones raise and change nothing."""
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
+from django.utils import timezone
 
 from core.errors import ApplicationError, Conflict, NotFound, PermissionDenied
 from referrals import services
@@ -253,18 +256,25 @@ def test_available_actions(world: World) -> None:
     assert services.referral_available_actions(world.ministry_at_hub, referral) == []
 
 
-def test_expire_overdue_job(world: World) -> None:
-    from datetime import timedelta
-
-    from django.utils import timezone
+def test_the_old_expire_job_escalates_like_the_deadline_job(world: World) -> None:
+    """``referrals_expire_overdue`` (a name a queued message may still carry) used to expire
+    an overdue referral at once: no notice to the department, no re-routing."""
+    from referrals.tasks import referrals_expire_overdue
 
     late = world.referral_in(ReferralState.SUBMITTED)
     on_time = world.referral_in(ReferralState.SUBMITTED)
-    later = timezone.now() + timedelta(hours=49)  # SLA is 48 h
-    Referral.objects.filter(pk=on_time.pk).update(deadline=later + timedelta(hours=1))
-    assert services.referral_expire_overdue(now=later) == [late.pk]
-    assert services.referral_expire_overdue(now=later) == []  # safe to run twice
-    assert Referral.objects.get(pk=late.pk).state == "expired"
+    Referral.objects.filter(pk=late.pk).update(deadline=timezone.now() - timedelta(minutes=1))
+    Referral.objects.filter(pk=on_time.pk).update(deadline=timezone.now() + timedelta(hours=1))
+
+    assert referrals_expire_overdue.apply().get() == 0
+
+    late.refresh_from_db()
+    assert late.state == ReferralState.SUBMITTED  # noticed first, not expired
+    assert (
+        list(late.events.order_by("seq").values_list("action", flat=True))[-1]
+        == "escalation_notify"
+    )
+    assert not on_time.events.filter(action="escalation_notify").exists()
 
 
 def test_a_conference_time_must_be_representable_in_utc(world: World) -> None:
