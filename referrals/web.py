@@ -535,6 +535,20 @@ def _named(items: Iterable[Any], authors: dict[int, User]) -> list[dict[str, Any
     return [{"item": item, "author": authors.get(item.author_id)} for item in items]
 
 
+def _conference_status(referral: Referral, events: list[Any]) -> str:
+    """What the referral's conference time is now: planned, in progress, held, or a plan
+    the case left without holding it (cancelled, say); "" when none was planned."""
+    if referral.conference_at is None:
+        return ""
+    if referral.state == ReferralState.SCHEDULED:
+        return "planned"
+    if referral.state == ReferralState.IN_CONFERENCE:
+        return "in progress"
+    if any(e.action == "finish_conference" for e in events):
+        return "held"
+    return "planned, not held"
+
+
 def _render_detail(
     request: HttpRequest,
     user: User,
@@ -556,9 +570,11 @@ def _render_detail(
         if not _no_department_to_choose(form):
             forms_by_action.append(form)
     authors = _authors(referral)
+    events = list(referral.events.all())
     context = {
         "referral": referral,
-        "events": list(referral.events.all()),
+        "events": events,
+        "conference": _conference_status(referral, events),
         "notes": _named(referral.consult_notes.all(), authors),
         "messages_": _named(referral.messages.all(), authors),
         "experts": list(referral.conference_experts.all()),

@@ -477,6 +477,29 @@ def test_schedule_in_the_future_with_experts(world: World) -> None:
     }
 
 
+def test_the_conference_row_says_whether_it_was_held(world: World) -> None:
+    """The planned time and its video link read the same after the conference as before
+    it: the row now says planned / in progress / held / planned, not held."""
+    client = client_for(world.consultant)
+
+    def row(referral: Referral) -> str:
+        page = client.get(f"/referrals/{referral.pk}/").content.decode()
+        start = page.index('<th scope="row">Conference</th>')
+        return page[start : page.index("</tr>", start)]
+
+    held = world.act(world.act(world.submit(), "accept"), "schedule")
+    Referral.objects.filter(pk=held.pk).update(conference_url="https://meet.example.org/x")
+    assert "(planned)" in row(held) and "video link" in row(held)
+    held = world.act(held, "start_conference")
+    assert "(in progress)" in row(held) and "video link" in row(held)
+    held = world.act(held, "finish_conference")
+    assert "(held)" in row(held) and "video link" not in row(held)
+
+    dropped = world.act(world.act(world.act(world.submit(), "accept"), "schedule"), "cancel")
+    assert "(planned, not held)" in row(dropped)
+    assert "Conference" not in client.get(f"/referrals/{world.submit().pk}/").content.decode()
+
+
 def test_forward_moves_the_case_out_of_scope(world: World) -> None:
     referral = world.submit()
     response = client_for(world.consultant).post(
