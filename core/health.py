@@ -58,3 +58,24 @@ def _check_sqlalchemy_broker(url: str, timeout: int) -> None:
             conn.execute(text(probe))
     finally:
         engine.dispose()
+
+
+def embedded_broker_prepare(url: str | None = None) -> Path | None:
+    """Create the embedded broker's SQLite file (as kombu would on the worker's first
+    connection) so that /healthz does not report it missing while the worker starts
+    (``make run`` calls this before starting anything). Returns the path, or None for
+    any other broker."""
+    import sqlite3
+
+    from sqlalchemy.engine import make_url
+
+    url = url or settings.CELERY_BROKER_URL
+    if not url.startswith("sqla+"):
+        return None
+    parsed = make_url(url.removeprefix("sqla+"))
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    path = Path(parsed.database)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sqlite3.connect(path).close()
+    return path

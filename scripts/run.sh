@@ -9,6 +9,8 @@ BIN=.venv/bin
 $BIN/python manage.py migrate --noinput
 $BIN/python manage.py seed_demo
 $BIN/python manage.py collectstatic --noinput --verbosity 0
+# The embedded broker's file now, not at the worker's first connection: /healthz looks for it.
+$BIN/python manage.py shell -c "from core.health import embedded_broker_prepare; embedded_broker_prepare()"
 
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
@@ -17,7 +19,9 @@ trap cleanup EXIT INT TERM
 $BIN/celery -A config worker -B --loglevel INFO --concurrency 2 \
   --schedule "$VAR/celerybeat-schedule" &
 pids+=($!)
-echo "Consilium: http://127.0.0.1:${PORT:-8000}/  (API docs /api/docs/, health /healthz)"
 $BIN/python manage.py runserver "127.0.0.1:${PORT:-8000}" --noreload &
 pids+=($!)
+# The address once /healthz answers 200 (the web server is up and sees the broker).
+$BIN/python scripts/wait_healthy.py "http://127.0.0.1:${PORT:-8000}/healthz" \
+  && echo "Consilium is ready: http://127.0.0.1:${PORT:-8000}/  (API docs /api/docs/, health /healthz)"
 wait -n "${pids[@]}"

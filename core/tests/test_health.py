@@ -82,3 +82,20 @@ def test_request_id_from_caller_is_echoed(client: Client) -> None:
     response = client.get("/healthz", HTTP_X_REQUEST_ID="abc-123")
 
     assert response["X-Request-ID"] == "abc-123"
+
+
+@pytest.mark.django_db
+def test_make_run_creates_the_embedded_broker_before_the_health_check(
+    client: Client, settings, tmp_path
+) -> None:
+    """`make run` used to answer /healthz 503 until its worker first connected."""
+    from core.health import embedded_broker_prepare
+
+    path = tmp_path / "var" / "broker.sqlite3"
+    settings.CELERY_BROKER_URL = f"sqla+sqlite:///{path}"
+    assert client.get("/healthz").json()["failing"] == {"broker": "FileNotFoundError"}
+    assert embedded_broker_prepare() == path
+    assert client.get("/healthz").status_code == 200
+    assert embedded_broker_prepare() == path  # again: the same file, still healthy
+    assert client.get("/healthz").status_code == 200
+    assert embedded_broker_prepare("redis://127.0.0.1:6379/0") is None

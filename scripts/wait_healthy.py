@@ -1,0 +1,35 @@
+"""Wait until a health URL answers 200 (``make run`` prints its address only then).
+
+    python scripts/wait_healthy.py http://127.0.0.1:8000/healthz [timeout seconds]
+
+Exit 0 when healthy; 1 (with the last answer) when the timeout (default 120 s) passes.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import urllib.error
+import urllib.request
+
+
+def main(url: str, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 (our own URL)
+                if response.status == 200:
+                    return 0
+                last = f"HTTP {response.status}"
+        except urllib.error.HTTPError as exc:
+            last = f"HTTP {exc.code}: {exc.read(300).decode(errors='replace')}"
+        except OSError as exc:
+            last = str(exc)
+        time.sleep(0.5)
+    print(f"not healthy after {timeout:.0f} s: {last}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], float(sys.argv[2]) if len(sys.argv) > 2 else 120.0))
