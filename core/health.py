@@ -73,9 +73,10 @@ def embedded_broker_prepare(url: str | None = None) -> Path | None:
     if not url.startswith("sqla+"):
         return None
     parsed = make_url(url.removeprefix("sqla+"))
-    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
         return None
-    path = Path(parsed.database)
+    path = Path(database)
     path.parent.mkdir(parents=True, exist_ok=True)
     sqlite3.connect(path).close()
     return path
