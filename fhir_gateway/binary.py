@@ -202,7 +202,8 @@ def register_all() -> None:
     handlers.register(
         ResourceHandler(
             "Binary",
-            (handlers.READ, handlers.CREATE),
+            # vread: version 1 only (bytes never change), the Location a create answers.
+            (handlers.READ, handlers.VREAD, handlers.CREATE),
             documentation="The bytes of a referral's case file (id = its DocumentReference's, "
             "the attachment url): raw with the stored content type, or a Binary resource "
             "(base64 data) when Accept is FHIR JSON. Scoped like the referral (404 outside). "

@@ -942,9 +942,9 @@ def vread(
     if handler.raw_read is not None:
         # Bytes are never changed (one version): version 1 is the read — the Location a
         # Binary create answers with; any other is not known.
+        _require(handler, handlers.VREAD, _allowed_instance_methods(handler))
         if int(version_id) != 1:
             raise FhirError(404, "not-found", f"{resource_type}/{logical_id} has only version 1.")
-        _require(handler, handlers.READ, _allowed_instance_methods(handler))
         return _raw_read(ctx, handler, logical_id)
     _require(handler, handlers.VREAD, _allowed_instance_methods(handler))
     subset = _request_subset(ctx, resource_type, search=False)

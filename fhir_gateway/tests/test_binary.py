@@ -186,7 +186,19 @@ def test_binary_has_no_update_delete_or_search(world: World, case_file: Any):
     assert world.r4.get(path).status_code == 200
     statement = body(world.r4.get("/fhir/metadata"))
     [binary] = [r for r in statement["rest"][0]["resource"] if r["type"] == "Binary"]
-    assert binary["interaction"] == [{"code": "read"}, {"code": "create"}]
+    assert binary["interaction"] == [{"code": "read"}, {"code": "vread"}, {"code": "create"}]
+
+
+@pytest.mark.parametrize("accept", [FHIR_R4, FHIR_R5])
+def test_the_statement_declares_the_vread_a_created_location_names(world: World, accept: str):
+    """A create's Location is …/Binary/<id>/_history/1 and that vread is served, but the
+    statement declared only read and create (an integrator reading it would not follow the
+    Location)."""
+    statement = body(world.r4.get("/fhir/metadata", Accept=accept))
+    [binary] = [r for r in statement["rest"][0]["resource"] if r["type"] == "Binary"]
+
+    assert {"code": "vread"} in binary["interaction"]
+    assert binary["readHistory"] is True
 
 
 # --------------------------------------------------------------------------- create
