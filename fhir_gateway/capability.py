@@ -46,7 +46,10 @@ def capability_statement(version: str, *, base: str) -> dict[str, Any]:
         entry["readHistory"] = handler.supports(handlers.VREAD)
         entry["updateCreate"] = False
         entry["conditionalCreate"] = handler.conditional_create
-        entry["conditionalRead"] = "not-supported"
+        # If-None-Match naming the current version -> 304 (views.instance, binary.py).
+        entry["conditionalRead"] = (
+            "not-match" if handler.supports(handlers.READ) else "not-supported"
+        )
         entry["conditionalUpdate"] = False
         entry["conditionalDelete"] = "not-supported"
         if handler.supports(handlers.SEARCH):

@@ -129,6 +129,22 @@ def test_every_declared_interaction_and_search_param_is_served(fhir, network):
             assert response.status_code == 200, (rtype, param["name"], response.content)
 
 
+@pytest.mark.parametrize("accept", [FHIR_R4, FHIR_R5])
+def test_conditional_read_is_declared_as_served(fhir, network, accept):
+    """Every read answers If-None-Match naming the current version with 304, but the
+    statement said conditionalRead "not-supported", so a caching client would not send it."""
+    body = json.loads(fhir.get("/fhir/metadata", Accept=accept).content)
+    declared = {r["type"]: r for r in body["rest"][0]["resource"]}
+    path = f"/fhir/Organization/{network.hub.pk}"
+    etag = fhir.get(path, Accept=accept)["ETag"]
+
+    held = fhir.get(path, Accept=accept, **{"If-None-Match": etag})
+
+    assert held.status_code == 304
+    for rtype, entry in declared.items():
+        assert entry["conditionalRead"] == "not-match", rtype
+
+
 def test_types_not_declared_are_not_routed(fhir):
     body = json.loads(fhir.get("/fhir/metadata").content)
     declared = {r["type"] for r in body["rest"][0]["resource"]}
