@@ -83,9 +83,15 @@ def _measure_name(code: str) -> str:
 
 
 def _names(definition: dict[str, Any]) -> set[str]:
-    """What ``name`` matches (case-insensitive): the code, the Measure name, the title."""
+    """What ``name`` searches (lower case): the code, the Measure name, the title."""
     code = definition["name"]
     return {code, measure_id(code), _measure_name(code).lower(), definition["title"].lower()}
+
+
+def _name_matches(definition: dict[str, Any], values: set[str]) -> bool:
+    """A string search, as the registry's ``name``: any value contained (case-insensitive)
+    in one of the names, so FHIR's default "starts with" and ``:contains`` both find it."""
+    return any(value in name for name in _names(definition) for value in values)
 
 
 def _definitions() -> dict[str, dict[str, Any]]:
@@ -164,8 +170,10 @@ def _search(user: User, params: dict[str, list[str]]) -> QuerySet[FhirResource]:
         urls = set(value.split(","))
         rows = rows.filter(logical_id__in=[i for i, d in definitions.items() if d["url"] in urls])
     for value in params.get("name", []):
-        names = {n.lower() for n in value.split(",")}
-        rows = rows.filter(logical_id__in=[i for i, d in definitions.items() if names & _names(d)])
+        names = {n.lower() for n in value.split(",") if n}
+        rows = rows.filter(
+            logical_id__in=[i for i, d in definitions.items() if _name_matches(d, names)]
+        )
     return rows
 
 
@@ -376,7 +384,7 @@ def register_all() -> None:
                 handlers.SearchParam(
                     "name",
                     "string",
-                    "The metric code, the Measure name or its title (exact).",
+                    "Contained (case-insensitive) in the metric code, the Measure name or its title.",
                     "http://hl7.org/fhir/SearchParameter/Measure-name",
                 ),
             ),

@@ -106,6 +106,14 @@ def test_one_measure_per_metric_in_both_versions(scenario: Network, version: str
     assert [e["resource"]["id"] for e in by_url["entry"]] == ["avoided"]
     by_name = _get(client, "/fhir/Measure?name=TransferConsidered", version)
     assert [e["resource"]["id"] for e in by_name["entry"]] == ["transfer-considered"]
+    # A string parameter: not only the exact name (a start, or any part, case-insensitive;
+    # "Accept" and name:contains=hours found nothing).
+    starts = _get(client, "/fhir/Measure?name=Accept", version)
+    assert [e["resource"]["id"] for e in starts["entry"]] == ["accept-hours", "accepted"]
+    part = _get(client, "/fhir/Measure?name:contains=hours", version)
+    assert [e["resource"]["id"] for e in part["entry"]] == ["accept-hours", "advice-hours"]
+    either = _get(client, "/fhir/Measure?name=transfers%20avoided,sla", version)
+    assert [e["resource"]["id"] for e in either["entry"]] == ["avoided", "sla-share"]
     # Stored once, like every served resource.
     assert FhirResource.objects.filter(resource_type="Measure").count() == len(definitions)
 
