@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ from fhir_gateway.tests.referral_world import (
     submit,
     task_of,
 )
+from fhir_gateway.tests.test_registry import R4_EXAMPLES, R5_EXAMPLES
 from referrals.models import Referral
 from tests.shared_data import FHIR_EXAMPLES
 
@@ -27,10 +29,18 @@ EXAMPLES = FHIR_EXAMPLES
 TYPES = ("ServiceRequest", "Task", "Patient", "Communication", "DocumentReference", "Bundle")
 
 
+def _example_files(folder: str) -> list[Path]:
+    """The shared examples of one version; none is an error, not an empty (skipped) test."""
+    files = sorted((EXAMPLES / folder).glob("*.json"))
+    if not files:
+        raise FileNotFoundError(f"no FHIR examples in {EXAMPLES / folder} (SHARED_DIR?)")
+    return files
+
+
 def _examples() -> list[tuple[str, str]]:
     found = []
     for version, folder in (("4.0", "R4"), ("5.0", "R5")):
-        for path in sorted((EXAMPLES / folder).glob("*.json")):
+        for path in _example_files(folder):
             rtype = json.loads(path.read_text()).get("resourceType")
             if rtype in TYPES:
                 found.append((version, f"{folder}/{path.name}"))
@@ -64,6 +74,17 @@ def _expected(name: str, resource: dict[str, Any]) -> tuple[int, str]:
     if resource["resourceType"] == "Task":
         return (405, "create is not supported for Task")
     raise AssertionError(f"no expectation for {name}")
+
+
+@pytest.mark.parametrize(("folder", "registry"), [("R4", R4_EXAMPLES), ("R5", R5_EXAMPLES)])
+def test_every_shared_example_is_checked(folder: str, registry: list[str]) -> None:
+    """Each example is posted here (the referral types) or in test_registry (the registry
+    types, read-only: 405): a file of any other type, or one left out, fails."""
+    referral = {name.split("/")[1] for _v, name in _examples() if name.startswith(folder)}
+    files = {path.name for path in _example_files(folder)}
+
+    assert not referral & set(registry)
+    assert referral | set(registry) == files
 
 
 @pytest.mark.parametrize(("version", "name"), _examples())
@@ -134,6 +155,7 @@ def test_adapted_service_request_reads_back_equal(world: World, version: str, na
     reason = back["reasonCode"] if version == "4.0" else [r["concept"] for r in back["reason"]]
     assert reason == [{"text": "Is this indicated?"}]
     assert back["intent"] == "order" and back["status"] == "active"
+    assert back == body(created)
 
 
 @pytest.mark.parametrize(
@@ -159,6 +181,8 @@ def test_official_patient_in_a_transaction_keeps_the_minimum(
     assert patient["gender"] == official["gender"]
     assert patient["birthDate"] == official["birthDate"][:4]
     assert set(patient) == {"resourceType", "id", "meta", "identifier", "gender", "birthDate"}
+    read = world.r4.get(f"/fhir/Patient/{patient['id']}", Accept=media)
+    assert body(read) == patient
 
 
 @pytest.mark.parametrize(
@@ -182,3 +206,5 @@ def test_official_communication_on_our_task_is_accepted(
     assert back["partOf"] == official["partOf"]
     assert back["status"] == "completed"
     assert Referral.objects.get().messages.count() == 1
+    read = world.r5.get(f"/fhir/Communication/{back['id']}", Accept=media)
+    assert body(read) == back
