@@ -41,6 +41,7 @@ from fhir_gateway.registry_projection import FACILITY_CODE_SYSTEM
 from fhir_gateway.registry_resources import reference_pk
 from fhir_gateway.storage import (
     WriteResult,
+    _lock,
     clean_identifiers,
     conditional_create,
     create_key,
@@ -1533,8 +1534,14 @@ def transaction_bundle(
         # stores the others: a file is neither dropped nor stored twice. An entry with its
         # own key (request.ifNoneExist) is answered by that key alone; those go first, and
         # a stored file answers one entry at most.
-        stored = {} if created else _case_files(referral)
         documents = by_type.get("DocumentReference", [])
+        stored: dict[str, list[FhirResource]] = {}
+        if not created and any(not document_keys[index] for index, _d in documents):
+            # Resends of one referral match their unkeyed files one at a time, each seeing
+            # what the one before committed: two at once both missed a file neither had
+            # stored yet and both stored it (review). Only here: no other path takes it.
+            _lock(f"fhir-case-files:{referral.pk}")
+            stored = _case_files(referral)
         taken: set[str] = set()  # the stored files answering an entry
         for index, document in sorted(documents, key=lambda d: not document_keys[d[0]]):
             if not m.reference_of(document.get("subject")).startswith(_ENTRY_REFERENCE):

@@ -1,0 +1,226 @@
+"""Races over the FHIR surface on PostgreSQL: two requests (or workers) acting on one
+referral at once, released together by a barrier, each on its own database connection."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import functools
+import threading
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from django.db import connections
+from django.db.transaction import atomic as transaction_atomic
+
+from fhir_gateway import referral_resources
+from fhir_gateway.delivery import endpoint_aggregate, outbox_deliver, outbox_drain, outbox_enqueue
+from fhir_gateway.models import OutboxMessage
+from fhir_gateway.storage import store_version
+from fhir_gateway.tests.conftest import FHIR_R4, FhirClient
+from fhir_gateway.tests.referral_world import (
+    HIS_PATIENT,
+    PLACER,
+    World,
+    body,
+    member_client,
+    service_request,
+    submit,
+    transaction,
+    with_case_file,
+)
+from referrals.models import Attachment, Referral, ReferralEvent
+from tests.factories import EndpointFactory
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def _together(calls: list[Callable[[], Any]]) -> list[Any]:
+    """Each call on a thread of its own, released at once: what each returned or raised,
+    in the order of ``calls``."""
+    start = threading.Barrier(len(calls))
+    results: list[Any] = [None] * len(calls)
+
+    def run(index: int) -> None:
+        try:
+            start.wait(10)
+            results[index] = calls[index]()
+        except Exception as exc:  # noqa: BLE001 (reported in the results, not hung)
+            results[index] = exc
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return results
+
+
+def _meet_after(monkeypatch: pytest.MonkeyPatch, name: str, parties: int = 2) -> None:
+    """``referral_resources.<name>`` waits (at most 3 s) until ``parties`` requests reach
+    it: the window in which both decided what to write widened to the whole request."""
+    real = getattr(referral_resources, name)
+    meeting = threading.Barrier(parties)
+
+    def meet(*args: Any, **kwargs: Any) -> Any:
+        answer = real(*args, **kwargs)
+        # The other request may wait for a lock this one holds: then go on alone.
+        with contextlib.suppress(threading.BrokenBarrierError):
+            meeting.wait(3)
+        return answer
+
+    monkeypatch.setattr(referral_resources, name, meet)
+
+
+def _pdf(text: str) -> str:
+    return base64.b64encode(f"%PDF-1.4\n% {text}\n%%EOF\n".encode()).decode()
+
+
+def _post(client: FhirClient, path: str, resource: dict[str, Any], **headers: str) -> Any:
+    return client.post(path, resource, content_type=FHIR_R4, Accept=FHIR_R4, **headers)
+
+
+def test_two_retries_of_a_bundle_adding_a_file_store_it_once(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The referral exists; a Bundle resent with one more case file (a client that timed
+    out and sent again while the first was still being applied) arrives twice at once.
+    Both matched their files against the stored ones before either stored its file: the
+    file was stored twice (found by this review). One stores it, the other answers it."""
+    submit(world)  # the referral, without files
+    more = with_case_file(
+        transaction(world), {"contentType": "application/pdf", "data": _pdf("b"), "title": "b.pdf"}
+    )
+    _meet_after(monkeypatch, "_resubmission_differences")
+    clients = [member_client(world.submitter) for _ in range(2)]
+
+    answers = _together([functools.partial(_post, c, "/fhir", more) for c in clients])
+
+    assert [a.status_code for a in answers] == [200, 200], [a.content for a in answers]
+    statuses = sorted(body(a)["entry"][3]["response"]["status"] for a in answers)
+    assert statuses == ["200 OK", "201 Created"]
+    locations = {body(a)["entry"][3]["response"]["location"] for a in answers}
+    assert len(locations) == 1
+    assert list(Attachment.objects.values_list("original_name", flat=True)) == ["b.pdf"]
+
+
+def test_two_conditional_creates_of_one_service_request_make_one_referral(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """POST ServiceRequest with If-None-Exist, twice at once; the first insert is held
+    open (its transaction commits only after both requests looked the identifier up)."""
+    _meet_after(monkeypatch, "_if_none_exist_referral")
+    resource = service_request(world, "SR-RACE", subject=HIS_PATIENT)
+    clients = [member_client(world.submitter) for _ in range(2)]
+    condition = {"If-None-Exist": f"identifier={PLACER}|SR-RACE"}
+
+    answers = _together(
+        [
+            functools.partial(_post, c, "/fhir/ServiceRequest", resource, **condition)
+            for c in clients
+        ]
+    )
+
+    assert sorted(a.status_code for a in answers) == [200, 201], [a.content for a in answers]
+    assert len({body(a)["id"] for a in answers}) == 1
+    assert Referral.objects.filter(placer_value="SR-RACE").count() == 1
+    assert ReferralEvent.objects.count() == 1
+
+
+def test_a_bundle_and_its_resend_at_once_make_one_referral_and_one_file(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first submission and a resend of it (its answer lost) applied at once, each
+    with a case file: one referral, one file, one 201 and one 200 for each entry."""
+    bundle = with_case_file(
+        transaction(world, "SR-TWICE"),
+        {"contentType": "application/pdf", "data": _pdf("a"), "title": "a.pdf"},
+    )
+    _meet_after(monkeypatch, "_if_none_exist_referral")
+    bundle["entry"][1]["request"]["ifNoneExist"] = f"identifier={PLACER}|SR-TWICE"
+    clients = [member_client(world.submitter) for _ in range(2)]
+
+    answers = _together([functools.partial(_post, c, "/fhir", bundle) for c in clients])
+
+    assert [a.status_code for a in answers] == [200, 200], [a.content for a in answers]
+    per_answer = sorted(tuple(e["response"]["status"] for e in body(a)["entry"]) for a in answers)
+    assert per_answer == [("200 OK",) * 4, ("201 Created",) * 4]
+    assert Referral.objects.filter(placer_value="SR-TWICE").count() == 1
+    assert Attachment.objects.count() == 1
+
+
+@pytest.mark.parametrize("failing", [False, True], ids=["answered", "some-fail"])
+def test_two_drains_and_the_hand_offs_at_once_send_in_order_and_apply_once(
+    stub_member: Any, settings: Any, failing: bool
+) -> None:
+    """Beat's drain in two workers at once, while two more workers run the on-commit
+    hand-offs of every message (as duplicated tasks would): each aggregate's messages
+    reach the member in their order (a failed one is sent again before the next), each
+    is applied once, and none is sent again once it was answered."""
+    settings.FHIR_OUTBOX_BACKOFF_BASE_SECONDS = 0
+    settings.FHIR_OUTBOX_MAX_ATTEMPTS = 50
+    answers: list[Any] = [("slow", 0.02)] * 200
+    if failing:
+        answers[1::4] = [500] * len(answers[1::4])  # every fourth request fails
+    stub = stub_member(answers)
+    endpoint = EndpointFactory.create(base_url=stub.base_url)
+    other = EndpointFactory.create(base_url=stub.base_url)
+    messages: list[OutboxMessage] = []
+    for subject in ("referral:1", "referral:2", "referral:3"):
+        for n in range(5):
+            with transaction_atomic():
+                row = store_version(
+                    resource_type="Communication",
+                    logical_id=f"{subject.replace(':', '-')}-{n}",
+                    resource={"resourceType": "Communication", "status": "completed"},
+                    fhir_version="4.0",
+                )
+                for target in (endpoint, other):
+                    messages.append(
+                        outbox_enqueue(
+                            endpoint=target,
+                            aggregate_key=endpoint_aggregate(subject, target.pk),
+                            resource_type=row.resource_type,
+                            logical_id=row.logical_id,
+                            version_id=row.version_id,
+                            schedule=False,
+                        )
+                    )
+
+    def hand_offs() -> None:
+        for message in messages:
+            outbox_deliver(message_id=message.pk)
+
+    results = _together(
+        [
+            lambda: outbox_drain(limit=4, concurrency=2, max_batches=100),
+            lambda: outbox_drain(limit=4, concurrency=2, max_batches=100),
+            hand_offs,
+            hand_offs,
+        ]
+    )
+    assert not [r for r in results if isinstance(r, Exception)], results
+    for _ in range(10):  # what the others' runs left due (a failure's retry)
+        if not outbox_drain(limit=50, concurrency=1).claimed:
+            break
+
+    assert set(OutboxMessage.objects.values_list("status", flat=True)) == {"delivered"}
+    by_key = {m.idempotency_key: m for m in messages}
+    sent: dict[str, list[int]] = {}
+    for request in stub.requests:
+        message = by_key[request["key"]]
+        sent.setdefault(message.aggregate_key, []).append(message.seq)
+    assert len(sent) == 6
+    # In order: a message is sent (again) only until it is answered, never after the next.
+    assert all(seqs == sorted(seqs) for seqs in sent.values()), sent
+    assert sorted(stub.applied) == sorted(by_key)
+    applied: dict[str, list[int]] = {}
+    for key in stub.applied:
+        applied.setdefault(by_key[key].aggregate_key, []).append(by_key[key].seq)
+    assert all(seqs == [1, 2, 3, 4, 5] for seqs in applied.values()), applied
+    if not failing:
+        assert Counter(r["key"] for r in stub.requests) == Counter(dict.fromkeys(by_key, 1))
