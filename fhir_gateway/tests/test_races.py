@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import functools
+import json
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -17,7 +18,8 @@ from django.db.transaction import atomic as transaction_atomic
 
 from fhir_gateway import referral_resources
 from fhir_gateway.delivery import endpoint_aggregate, outbox_deliver, outbox_drain, outbox_enqueue
-from fhir_gateway.models import OutboxMessage
+from fhir_gateway.intake import intake_drain
+from fhir_gateway.models import IntakeJob, OutboxMessage
 from fhir_gateway.storage import store_version
 from fhir_gateway.tests.conftest import FHIR_R4, FhirClient
 from fhir_gateway.tests.referral_world import (
@@ -224,3 +226,29 @@ def test_two_drains_and_the_hand_offs_at_once_send_in_order_and_apply_once(
     assert all(seqs == [1, 2, 3, 4, 5] for seqs in applied.values()), applied
     if not failing:
         assert Counter(r["key"] for r in stub.requests) == Counter(dict.fromkeys(by_key, 1))
+
+
+def test_two_async_resends_adding_a_file_applied_at_once_store_it_once(
+    world: World, monkeypatch: pytest.MonkeyPatch, settings: Any
+) -> None:
+    """The same as two synchronous retries, for ``Prefer: respond-async``: a member that
+    never saw the 202 sends again, and two workers apply the two jobs at once (each in a
+    batch of its own)."""
+    settings.FHIR_INTAKE_BATCH = 1
+    submit(world)
+    more = with_case_file(
+        transaction(world), {"contentType": "application/pdf", "data": _pdf("b"), "title": "b.pdf"}
+    )
+    for _ in range(2):
+        response = world.r4.post("/fhir", more, Prefer="respond-async")
+        assert response.status_code == 202, response.content
+    _meet_after(monkeypatch, "_resubmission_differences")
+
+    results = _together([intake_drain, intake_drain])
+
+    assert results == [1, 1], results
+    statuses = sorted(
+        json.loads(job.result)["entry"][3]["response"]["status"] for job in IntakeJob.objects.all()
+    )
+    assert statuses == ["200 OK", "201 Created"]
+    assert list(Attachment.objects.values_list("original_name", flat=True)) == ["b.pdf"]
