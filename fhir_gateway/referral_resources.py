@@ -68,7 +68,7 @@ from referrals.models import (
     ReferralEvent,
     ReferralState,
 )
-from referrals.numbering import last_number
+from referrals.numbering import last_number, lock_referral
 from referrals.selectors import (
     referral_message_by_number,
     referral_open_question_id,
@@ -1196,8 +1196,13 @@ def _keyed_create(
 
 
 def _message_post(user: User, referral: Referral, text: str, answered: int | None) -> WriteResult:
-    sides = actor_sides(user, referral)
     with transaction.atomic():
+        # Question, answer or plain message by the state the referral is in once locked:
+        # judged on the row read before, a change committed in between (a colleague's
+        # question, the answer given in the web) made it a transition from a state the
+        # referral had left, refused 409 (review).
+        referral = lock_referral(referral)
+        sides = actor_sides(user, referral)
         if "assignee" in sides and referral.state == ReferralState.ACCEPTED and answered is None:
             referral = _transition(user, referral, "request_info", None, question=text)
             number = last_number(Message, referral)  # the question it just stored

@@ -26,14 +26,17 @@ from fhir_gateway.tests.referral_world import (
     HIS_PATIENT,
     PLACER,
     World,
+    accepted,
     body,
     member_client,
+    message,
     service_request,
     submit,
     transaction,
     with_case_file,
 )
-from referrals.models import Attachment, Referral, ReferralEvent
+from referrals import services
+from referrals.models import Attachment, Message, Referral, ReferralEvent
 from tests.factories import EndpointFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -252,3 +255,59 @@ def test_two_async_resends_adding_a_file_applied_at_once_store_it_once(
     )
     assert statuses == ["200 OK", "201 Created"]
     assert list(Attachment.objects.values_list("original_name", flat=True)) == ["b.pdf"]
+
+
+@pytest.mark.parametrize("side", ["assignee", "requester"])
+def test_a_communication_is_judged_by_the_state_it_meets_not_the_one_it_read(
+    world: World, monkeypatch: pytest.MonkeyPatch, side: str
+) -> None:
+    """A Communication is a question, an answer or a plain message by the referral's state
+    (docs/fhir.md). The state was read before the referral's lock: a colleague's question
+    (or the requester's own answer in the web) committed in between made it a transition
+    from a state the referral had left, refused 409, where either order of the two gives a
+    message (found by this review). Judged on the locked row, it is a plain message."""
+    task_id = accepted(world)
+    referral = Referral.objects.get(filler_id=task_id)
+    if side == "requester":
+        services.referral_request_info(
+            actor=world.consultant, referral_id=referral.pk, question="Weight?"
+        )
+    client = world.r5 if side == "assignee" else member_client(world.submitter)
+    other_change_committed = threading.Event()
+    real = referral_resources._message_post
+
+    def after_the_other_change(*args: Any) -> Any:
+        other_change_committed.wait(10)
+        return real(*args)
+
+    monkeypatch.setattr(referral_resources, "_message_post", after_the_other_change)
+
+    def other_change() -> Referral:
+        try:
+            if side == "assignee":  # a colleague asks in the web
+                return services.referral_request_info(
+                    actor=world.consultant, referral_id=referral.pk, question="Height?"
+                )
+            return services.referral_provide_info(  # the requester answers in the web
+                actor=world.submitter, referral_id=referral.pk, text="12 kg"
+            )
+        finally:
+            other_change_committed.set()
+
+    posted, changed = _together(
+        [
+            functools.partial(
+                _post, client, "/fhir/Communication", message(task_id, "Also: no allergies.")
+            ),
+            other_change,
+        ]
+    )
+
+    assert isinstance(changed, Referral), changed
+    assert posted.status_code == 201, posted.content
+    referral.refresh_from_db()
+    expected = "info_requested" if side == "assignee" else "accepted"
+    assert referral.state == expected
+    last = Message.objects.filter(referral=referral).order_by("number").last()
+    assert last is not None and last.text == "Also: no allergies."
+    assert body(posted)["id"] == f"{task_id}-msg-{last.number}"
