@@ -875,14 +875,25 @@ def _service_request_create(req: WriteRequest) -> WriteResult:
             _if_none_exist_referral(req.user, req.if_none_exist) if req.if_none_exist else None
         )
         _subject_unless_retry(req.user, req.resource.get("subject"), intake, existing)
+        fresh: list[FhirResource] = []
         if existing is not None:
             referral, created = existing, False
         else:
             department = _department(intake.performer_references, "ServiceRequest.performer")
-            referral, created = _submit(req.user, intake, department, "ServiceRequest.performer")
+            with stored_versions() as fresh:
+                referral, created = _submit(
+                    req.user, intake, department, "ServiceRequest.performer"
+                )
         differs = [] if created else _resubmission_differences(intake, referral)
+    # A new referral is answered with the version it stored: read after the commit, a
+    # change committed in between (a cancel) was answered as this create's (review).
+    own = [
+        r
+        for r in fresh
+        if (r.resource_type, r.logical_id) == ("ServiceRequest", referral.filler_id)
+    ]
     return WriteResult(
-        _current("ServiceRequest", referral.filler_id),
+        own[-1] if created and own else _current("ServiceRequest", referral.filler_id),
         created=created,
         warning=_resubmission_text(referral, differs) if differs else None,
     )

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from django.db import connections
 from django.db.transaction import atomic as transaction_atomic
+from django.db.transaction import on_commit as transaction_on_commit
 
 from fhir_gateway import referral_resources
 from fhir_gateway.delivery import endpoint_aggregate, outbox_deliver, outbox_drain, outbox_enqueue
@@ -311,3 +312,53 @@ def test_a_communication_is_judged_by_the_state_it_meets_not_the_one_it_read(
     last = Message.objects.filter(referral=referral).order_by("number").last()
     assert last is not None and last.text == "Also: no allergies."
     assert body(posted)["id"] == f"{task_id}-msg-{last.number}"
+
+
+def test_a_created_service_request_is_answered_with_the_version_it_created(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The answer of a create was read after its commit: a cancel committed in between
+    (the requester's web form, the same instant) made the 201 carry the revoked version 2
+    as the one this request created (found by this review)."""
+    created, cancelled = threading.Event(), threading.Event()
+    real = referral_resources._submit
+
+    def then_a_cancel(*args: Any) -> Any:
+        made = real(*args)
+
+        def committed() -> None:  # before the request reads anything for its answer
+            created.set()
+            cancelled.wait(10)
+
+        transaction_on_commit(committed)
+        return made
+
+    monkeypatch.setattr(referral_resources, "_submit", then_a_cancel)
+
+    def cancel() -> Referral:
+        try:
+            assert created.wait(10)
+            referral = Referral.objects.get(placer_value="SR-NEW")
+            return services.referral_cancel(
+                actor=world.submitter, referral_id=referral.pk, reason="entered in error"
+            )
+        finally:
+            cancelled.set()
+
+    answer, cancelled_referral = _together(
+        [
+            functools.partial(
+                _post,
+                world.r4,
+                "/fhir/ServiceRequest",
+                service_request(world, "SR-NEW", subject=HIS_PATIENT),
+            ),
+            cancel,
+        ]
+    )
+
+    assert isinstance(cancelled_referral, Referral), cancelled_referral
+    assert answer.status_code == 201, answer.content
+    assert answer["Location"].endswith("/_history/1")
+    made = body(answer)
+    assert (made["meta"]["versionId"], made["status"]) == ("1", "active")
