@@ -17,7 +17,7 @@ from django.db import connections
 from django.db.transaction import atomic as transaction_atomic
 from django.db.transaction import on_commit as transaction_on_commit
 
-from fhir_gateway import referral_resources
+from fhir_gateway import intake, referral_resources
 from fhir_gateway.delivery import endpoint_aggregate, outbox_deliver, outbox_drain, outbox_enqueue
 from fhir_gateway.intake import intake_drain
 from fhir_gateway.models import IntakeJob, OutboxMessage
@@ -362,3 +362,36 @@ def test_a_created_service_request_is_answered_with_the_version_it_created(
     assert answer["Location"].endswith("/_history/1")
     made = body(answer)
     assert (made["meta"]["versionId"], made["status"]) == ("1", "active")
+
+
+def test_one_job_leased_by_two_workers_at_once_is_applied_once(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``intake_process`` takes a pending job whatever its lease (an operator's "apply
+    now", a duplicated task): two workers lease the same job, and only then apply it
+    (each waits for the other to have leased it). The status re-checked under the job's
+    lock lets one apply it; the other finds it done."""
+    response = world.r4.post("/fhir", transaction(world, "SR-ONCE"), Prefer="respond-async")
+    assert response.status_code == 202, response.content
+    job = IntakeJob.objects.get()
+    real_claim, real_process = intake._claim, intake._process
+    one_claim_at_a_time, leased = threading.Lock(), threading.Barrier(2)
+
+    def claim_in_turn(*args: Any) -> list[IntakeJob]:  # (at once, one would skip the other)
+        with one_claim_at_a_time:
+            return real_claim(*args)
+
+    def after_both_leased(jobs: list[IntakeJob]) -> list[str]:
+        leased.wait(10)
+        return real_process(jobs)
+
+    monkeypatch.setattr(intake, "_claim", claim_in_turn)
+    monkeypatch.setattr(intake, "_process", after_both_leased)
+
+    outcomes = _together([functools.partial(intake.intake_process, job_id=job.pk)] * 2)
+
+    assert sorted(outcomes) == ["done", "skipped"], outcomes
+    assert Referral.objects.filter(placer_value="SR-ONCE").count() == 1
+    assert ReferralEvent.objects.count() == 1
+    job.refresh_from_db()
+    assert (job.status, job.result_status, job.attempts) == ("done", 200, 2)  # leased twice
