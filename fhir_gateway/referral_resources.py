@@ -1196,14 +1196,19 @@ def _keyed_create(
 
     if key is None or party_facility is None:
         return identified()  # a plain create; or refused by the create, as without the header
-    return conditional_create(
-        resource_type=resource_type,
-        source_pk=referral.pk,
-        facility_id=party_facility,
-        key=key,
-        user=user,
-        create=identified,
-    )
+    with transaction.atomic():
+        # The referral's row lock before the key's, the order of a Bundle resent with
+        # several keyed files (it holds the row once it stored one): a key's lock taken
+        # first, storing the resource (which locks the row) deadlocked with it (review).
+        lock_referral(referral)
+        return conditional_create(
+            resource_type=resource_type,
+            source_pk=referral.pk,
+            facility_id=party_facility,
+            key=key,
+            user=user,
+            create=identified,
+        )
 
 
 def _message_post(user: User, referral: Referral, text: str, answered: int | None) -> WriteResult:

@@ -395,3 +395,72 @@ def test_one_job_leased_by_two_workers_at_once_is_applied_once(
     assert ReferralEvent.objects.count() == 1
     job.refresh_from_db()
     assert (job.status, job.result_status, job.attempts) == ("done", 200, 2)  # leased twice
+
+
+def test_a_keyed_file_posted_while_a_resend_stores_its_keyed_files_does_not_deadlock(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resend of a Bundle with two keyed case files (K1, K2) while the member posts the
+    second file alone under K2. The Bundle took K1's lock, then the referral's (storing
+    the file), then asked for K2's; the lone post took K2's, then asked for the
+    referral's: PostgreSQL broke the deadlock by failing one request with a 500 (found by
+    this review). Taken in one order (the referral first), one waits for the other."""
+    submit(world, "SR-KEYS")
+    referral = Referral.objects.get(placer_value="SR-KEYS")
+    resend = transaction(world, "SR-KEYS")
+    for label in ("k1", "k2"):
+        with_case_file(
+            resend, {"contentType": "application/pdf", "data": _pdf(label), "title": f"{label}.pdf"}
+        )
+        resend["entry"][-1]["request"]["ifNoneExist"] = f"identifier=urn:his:doc|{label}"
+    alone = {
+        "resourceType": "DocumentReference",
+        "status": "current",
+        "context": {"related": [{"reference": f"Task/{referral.filler_id}"}]},
+        "content": [
+            {
+                "attachment": {
+                    "contentType": "application/pdf",
+                    "data": _pdf("k2"),
+                    "title": "k2.pdf",
+                }
+            }
+        ],
+    }
+    from referrals import attachments
+
+    real = attachments.attachment_upload
+    bundle_stored_first, alone_holds_its_key = threading.Event(), threading.Event()
+
+    def in_turns(**kwargs: Any) -> Any:
+        if threading.current_thread().name == "alone":
+            alone_holds_its_key.set()  # (its key's lock is held by now)
+            return real(**kwargs)
+        made = real(**kwargs)
+        if not bundle_stored_first.is_set():  # the Bundle holds the referral's row now
+            bundle_stored_first.set()
+            alone_holds_its_key.wait(3)
+        return made
+
+    monkeypatch.setattr(attachments, "attachment_upload", in_turns)
+
+    def post_alone() -> Any:
+        threading.current_thread().name = "alone"
+        assert bundle_stored_first.wait(10)
+        return _post(
+            member_client(world.submitter),
+            "/fhir/DocumentReference",
+            alone,
+            **{"If-None-Exist": "identifier=urn:his:doc|k2"},
+        )
+
+    bundle_answer, alone_answer = _together(
+        [functools.partial(_post, member_client(world.submitter), "/fhir", resend), post_alone]
+    )
+
+    assert bundle_answer.status_code == 200, bundle_answer.content
+    assert alone_answer.status_code in (200, 201), alone_answer.content
+    assert sorted(Attachment.objects.values_list("original_name", flat=True)) == [
+        "k1.pdf",
+        "k2.pdf",
+    ]
