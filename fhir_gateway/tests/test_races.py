@@ -10,15 +10,24 @@ import json
 import threading
 from collections import Counter
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from django.db import connections
 from django.db.transaction import atomic as transaction_atomic
 from django.db.transaction import on_commit as transaction_on_commit
+from django.utils import timezone
 
-from fhir_gateway import intake, referral_resources
-from fhir_gateway.delivery import endpoint_aggregate, outbox_deliver, outbox_drain, outbox_enqueue
+from fhir_gateway import delivery, intake, referral_resources
+from fhir_gateway.delivery import (
+    endpoint_aggregate,
+    outbox_deliver,
+    outbox_drain,
+    outbox_enqueue,
+    outbox_prune,
+    outbox_replay,
+)
 from fhir_gateway.intake import intake_drain
 from fhir_gateway.models import IntakeJob, OutboxMessage
 from fhir_gateway.storage import store_version
@@ -464,3 +473,53 @@ def test_a_keyed_file_posted_while_a_resend_stores_its_keyed_files_does_not_dead
         "k1.pdf",
         "k2.pdf",
     ]
+
+
+def test_a_replay_while_retention_prunes_its_message(
+    stub_member: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An operator replays a delivered message the hourly retention is deleting at that
+    moment: the replay read the message without a lock, the prune deleted it, and the
+    replay's link to it failed the commit (IntegrityError, a 500 in the admin; found by
+    this review). The replay holds the message: the prune skips it this time."""
+    stub = stub_member()
+    endpoint = EndpointFactory.create(base_url=stub.base_url)
+    with transaction_atomic():
+        row = store_version(
+            resource_type="Communication",
+            logical_id="old-1",
+            resource={"resourceType": "Communication", "status": "completed"},
+            fhir_version="4.0",
+        )
+        original = outbox_enqueue(
+            endpoint=endpoint,
+            aggregate_key=endpoint_aggregate("referral:9", endpoint.pk),
+            resource_type=row.resource_type,
+            logical_id=row.logical_id,
+            version_id=row.version_id,
+            schedule=False,
+        )
+    assert outbox_deliver(message_id=original.pk) == "delivered"
+    long_ago = timezone.now() - timedelta(days=60)
+    OutboxMessage.objects.filter(pk=original.pk).update(created_at=long_ago, delivered_at=long_ago)
+    real = delivery.outbox_enqueue
+    pruned: list[Any] = []
+
+    def while_retention_runs(**kwargs: Any) -> Any:
+        prune = threading.Thread(
+            target=lambda: pruned.append(
+                _together([lambda: outbox_prune(before=timezone.now(), limit=10)])[0]
+            )
+        )
+        prune.start()
+        prune.join(10)
+        return real(**kwargs)
+
+    monkeypatch.setattr(delivery, "outbox_enqueue", while_retention_runs)
+
+    (replay,) = _together([lambda: outbox_replay(message_id=original.pk)])
+
+    assert isinstance(replay, OutboxMessage), replay
+    assert pruned == [0]
+    assert replay.replay_of_id == original.pk
+    assert OutboxMessage.objects.filter(pk=original.pk).exists()
