@@ -18,6 +18,7 @@ from django.db import connections
 from django.db.transaction import atomic as transaction_atomic
 from django.db.transaction import on_commit as transaction_on_commit
 from django.utils import timezone
+from rest_framework.test import APIClient
 
 from fhir_gateway import delivery, intake, referral_resources
 from fhir_gateway.delivery import (
@@ -47,7 +48,7 @@ from fhir_gateway.tests.referral_world import (
 )
 from referrals import services
 from referrals.models import Attachment, Message, Referral, ReferralEvent
-from tests.factories import EndpointFactory
+from tests.factories import PEDIATRICS, EndpointFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -523,3 +524,64 @@ def test_a_replay_while_retention_prunes_its_message(
     assert pruned == [0]
     assert replay.replay_of_id == original.pk
     assert OutboxMessage.objects.filter(pk=original.pk).exists()
+
+
+def test_the_same_placer_through_rest_and_fhir_at_once_makes_one_referral(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One order sent by the hospital system over FHIR (a transaction) and over REST at
+    the same moment (a migration between interfaces, a retry on the other channel): one
+    referral, created by one, answered to the other. The Bundle's insert is held open
+    until the REST request looked the identifier up."""
+    looked_up = threading.Event()
+    real_submit = referral_resources._submit
+
+    def submit_then_wait(*args: Any) -> Any:
+        made = real_submit(*args)
+        looked_up.wait(3)  # the REST request then waits on the unique index, not before
+        return made
+
+    monkeypatch.setattr(referral_resources, "_submit", submit_then_wait)
+    from referrals import services as referral_services
+
+    real_find = referral_services._find_existing
+
+    def find_and_tell(*args: Any) -> Any:
+        found = real_find(*args)
+        if threading.current_thread().name == "rest":
+            looked_up.set()
+        return found
+
+    monkeypatch.setattr(referral_services, "_find_existing", find_and_tell)
+    rest = APIClient()
+    rest.credentials(HTTP_AUTHORIZATION=f"Bearer {world.r4.token}")
+
+    def over_rest() -> Any:
+        threading.current_thread().name = "rest"
+        return rest.post(
+            "/api/v1/referrals/",
+            {
+                "placer_system": PLACER,
+                "placer_value": "SR-BOTH",
+                "specialty": PEDIATRICS,
+                "clinical_question": "3-year-old, fever 5 days, rash: Kawasaki disease?",
+                "department": world.network.pediatrics.pk,
+            },
+            format="json",
+        )
+
+    fhir, api = _together(
+        [
+            functools.partial(
+                _post, member_client(world.submitter), "/fhir", transaction(world, "SR-BOTH")
+            ),
+            over_rest,
+        ]
+    )
+
+    assert fhir.status_code == 200, fhir.content
+    fhir_status = body(fhir)["entry"][1]["response"]["status"].split()[0]
+    assert sorted([fhir_status, str(api.status_code)]) == ["200", "201"], api.content
+    (referral,) = Referral.objects.filter(placer_value="SR-BOTH")
+    assert api.json()["id"] == referral.pk
+    assert ReferralEvent.objects.count() == 1
