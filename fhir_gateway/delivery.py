@@ -1052,8 +1052,11 @@ def outbox_replay(*, message_id: int) -> OutboxMessage | None:
     since (sent after it, the old version would set the member back).
     """
     with transaction.atomic():
+        # Locked: retention (``outbox_prune``, SKIP LOCKED) deleting it meanwhile made the
+        # replay's link to it fail the commit (review).
         original = (
-            OutboxMessage.objects.select_related("endpoint")
+            OutboxMessage.objects.select_for_update(of=("self",))
+            .select_related("endpoint")
             .filter(pk=message_id, status=Status.DELIVERED)
             .first()
         )

@@ -41,6 +41,7 @@ from fhir_gateway.registry_projection import FACILITY_CODE_SYSTEM
 from fhir_gateway.registry_resources import reference_pk
 from fhir_gateway.storage import (
     WriteResult,
+    _lock,
     clean_identifiers,
     conditional_create,
     create_key,
@@ -67,7 +68,7 @@ from referrals.models import (
     ReferralEvent,
     ReferralState,
 )
-from referrals.numbering import last_number
+from referrals.numbering import last_number, lock_referral
 from referrals.selectors import (
     referral_message_by_number,
     referral_open_question_id,
@@ -874,14 +875,25 @@ def _service_request_create(req: WriteRequest) -> WriteResult:
             _if_none_exist_referral(req.user, req.if_none_exist) if req.if_none_exist else None
         )
         _subject_unless_retry(req.user, req.resource.get("subject"), intake, existing)
+        fresh: list[FhirResource] = []
         if existing is not None:
             referral, created = existing, False
         else:
             department = _department(intake.performer_references, "ServiceRequest.performer")
-            referral, created = _submit(req.user, intake, department, "ServiceRequest.performer")
+            with stored_versions() as fresh:
+                referral, created = _submit(
+                    req.user, intake, department, "ServiceRequest.performer"
+                )
         differs = [] if created else _resubmission_differences(intake, referral)
+    # A new referral is answered with the version it stored: read after the commit, a
+    # change committed in between (a cancel) was answered as this create's (review).
+    own = [
+        r
+        for r in fresh
+        if (r.resource_type, r.logical_id) == ("ServiceRequest", referral.filler_id)
+    ]
     return WriteResult(
-        _current("ServiceRequest", referral.filler_id),
+        own[-1] if created and own else _current("ServiceRequest", referral.filler_id),
         created=created,
         warning=_resubmission_text(referral, differs) if differs else None,
     )
@@ -1184,19 +1196,29 @@ def _keyed_create(
 
     if key is None or party_facility is None:
         return identified()  # a plain create; or refused by the create, as without the header
-    return conditional_create(
-        resource_type=resource_type,
-        source_pk=referral.pk,
-        facility_id=party_facility,
-        key=key,
-        user=user,
-        create=identified,
-    )
+    with transaction.atomic():
+        # The referral's row lock before the key's, the order of a Bundle resent with
+        # several keyed files (it holds the row once it stored one): a key's lock taken
+        # first, storing the resource (which locks the row) deadlocked with it (review).
+        lock_referral(referral)
+        return conditional_create(
+            resource_type=resource_type,
+            source_pk=referral.pk,
+            facility_id=party_facility,
+            key=key,
+            user=user,
+            create=identified,
+        )
 
 
 def _message_post(user: User, referral: Referral, text: str, answered: int | None) -> WriteResult:
-    sides = actor_sides(user, referral)
     with transaction.atomic():
+        # Question, answer or plain message by the state the referral is in once locked:
+        # judged on the row read before, a change committed in between (a colleague's
+        # question, the answer given in the web) made it a transition from a state the
+        # referral had left, refused 409 (review).
+        referral = lock_referral(referral)
+        sides = actor_sides(user, referral)
         if "assignee" in sides and referral.state == ReferralState.ACCEPTED and answered is None:
             referral = _transition(user, referral, "request_info", None, question=text)
             number = last_number(Message, referral)  # the question it just stored
@@ -1533,8 +1555,14 @@ def transaction_bundle(
         # stores the others: a file is neither dropped nor stored twice. An entry with its
         # own key (request.ifNoneExist) is answered by that key alone; those go first, and
         # a stored file answers one entry at most.
-        stored = {} if created else _case_files(referral)
         documents = by_type.get("DocumentReference", [])
+        stored: dict[str, list[FhirResource]] = {}
+        if not created and any(not document_keys[index] for index, _d in documents):
+            # Resends of one referral match their unkeyed files one at a time, each seeing
+            # what the one before committed: two at once both missed a file neither had
+            # stored yet and both stored it (review). Only here: no other path takes it.
+            _lock(f"fhir-case-files:{referral.pk}")
+            stored = _case_files(referral)
         taken: set[str] = set()  # the stored files answering an entry
         for index, document in sorted(documents, key=lambda d: not document_keys[d[0]]):
             if not m.reference_of(document.get("subject")).startswith(_ENTRY_REFERENCE):
