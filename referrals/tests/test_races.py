@@ -147,25 +147,34 @@ def test_the_deadline_job_and_an_accept_at_once_one_acts(world: World, settings:
         assert stored.assigned_department_id == world.hub2_paeds.pk
 
 
-def test_the_expiry_job_and_an_accept_at_once_one_acts(world: World) -> None:
-    referral = world.submit()
-    Referral.objects.filter(pk=referral.pk).update(deadline=timezone.now() - timedelta(minutes=1))
+def test_the_deadline_jobs_expiry_and_an_accept_at_once_one_acts(
+    world: World, settings: Any
+) -> None:
+    """Past the deadline and the grace after the notice, without re-routing, the job
+    expires the case while the department accepts it: one of the two acts."""
+    settings.REFERRAL_ESCALATION_GRACE_MINUTES = 60
+    settings.REFERRAL_ESCALATION_AUTO_FORWARD = False
+    t0 = timezone.now() - timedelta(days=3)
+    referral = world.submit(now=t0)
+    late = t0 + timedelta(hours=48, minutes=1)
+    assert escalation.referral_escalate_overdue(now=late).notified == [referral.pk]
 
-    expired, accept = _together(
+    job, accept = _together(
         [
-            lambda: services.referral_expire_overdue(),
+            lambda: escalation.referral_escalate_overdue(now=late + timedelta(minutes=61)),
             lambda: services.referral_accept(actor=world.consultant, referral_id=referral.pk),
         ]
     )
 
     stored = _one_story(referral)
+    assert isinstance(job, escalation.EscalationResult), job
     if isinstance(accept, Referral):
-        assert expired == []
-        assert _actions(stored) == ["submit", "accept"]
+        assert job.expired == []
+        assert _actions(stored) == ["submit", "escalation_notify", "accept"]
     else:
         assert isinstance(accept, Conflict), accept
-        assert expired == [referral.pk]
-        assert _actions(stored) == ["submit", "expire"]
+        assert job.expired == [referral.pk]
+        assert _actions(stored) == ["submit", "escalation_notify", "expire"]
 
 
 def test_crossing_forwards_neither_deadlock_nor_miscount(world: World) -> None:
