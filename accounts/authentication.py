@@ -132,6 +132,27 @@ class LockoutBackend(AxesStandaloneBackend):
         return super().authenticate(request, username, password, **kwargs)
 
 
+# django-axes records the user name of a failed login in a column of this many characters
+# (AccessAttempt.username); it cuts the agent and path to fit, not the name.
+_AXES_USERNAME_LENGTH = 255
+
+
+def login_attempt_username(
+    request: HttpRequest, credentials: dict[str, Any] | None = None
+) -> str | None:
+    """The user name django-axes counts a login attempt by (``AXES_USERNAME_CALLABLE``):
+    axes' own choice, cut to what its tables hold. Django's login form does not hold the
+    name to the model's 150 characters, so a longer one reached axes, whose INSERT failed
+    (a 500 for a mistyped or pasted login). No account has such a name; the attempt is
+    still counted, under its first characters."""
+    field = getattr(settings, "AXES_USERNAME_FORM_FIELD", "username")  # axes.conf default
+    if credentials:
+        name = credentials.get(field)
+    else:
+        name = getattr(request, "data", request.POST).get(field)
+    return name[:_AXES_USERNAME_LENGTH] if isinstance(name, str) else name
+
+
 class PasswordBackend(ModelBackend):
     """Django's user name + password check, except that with DEBUG off the demo password
     opens no account: ``seed_demo`` is refused then, but a database seeded while DEBUG was

@@ -649,6 +649,13 @@ def search_post(ctx: FhirRequest, resource_type: str) -> HttpResponse:
         raise FhirError(
             415, "not-supported", "POST _search takes application/x-www-form-urlencoded."
         )
+    charset = ctx.request.encoding
+    if charset is not None and charset.lower() != "utf-8":  # Django reads forms as UTF-8 only
+        raise FhirError(
+            415,
+            "not-supported",
+            f"POST _search takes UTF-8 form data, not charset={charset[:40]!r}.",
+        )
     pairs = [*ctx.request.GET.lists(), *ctx.request.POST.lists()]
     return _search(ctx, handler, _query_params(pairs))
 

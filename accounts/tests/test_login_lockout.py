@@ -104,3 +104,26 @@ def test_the_demo_password_opens_no_account_when_debug_is_off(settings, debug) -
     assert (status == 302) is debug
     assert _logged_in(client) is debug
     assert (User.objects.get(username="demo-consultant").last_login is not None) is debug
+
+
+@pytest.mark.parametrize("path", ["/accounts/login/", "/admin/login/"])
+def test_a_user_name_longer_than_the_lockout_table_holds_is_a_failed_login(
+    settings, path: str
+) -> None:
+    """Found by fuzzing a running server: Django's login form does not hold the name to
+    150 characters, and django-axes' INSERT of a name over 255 failed (a 500). It is a
+    failed login like any other, counted towards the lockout."""
+    from axes.models import AccessAttempt
+
+    User.objects.create_user(username="clin", password=PASSWORD)
+    long_name = "clin" + "x" * 4_996
+    client = Client(REMOTE_ADDR="10.0.0.1")
+    statuses = [
+        client.post(path, {"username": long_name, "password": "guess"}).status_code
+        for _ in range(settings.AXES_FAILURE_LIMIT)
+    ]
+    assert statuses[:-1] == [200] * (settings.AXES_FAILURE_LIMIT - 1)
+    assert statuses[-1] == 429  # the limit reached: locked, as for any user name
+    assert [a.username for a in AccessAttempt.objects.all()] == [long_name[:255]]
+    client, status = _login("clin", PASSWORD)  # the real user is not affected
+    assert status == 302 and _logged_in(client)

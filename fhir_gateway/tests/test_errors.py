@@ -11,7 +11,7 @@ from core.errors import ApplicationError, Conflict, NotFound, PermissionDenied
 from fhir_gateway.handlers import HANDLERS
 from fhir_gateway.models import FhirResource, IntakeJob
 from fhir_gateway.tests.conftest import FHIR_R4, FhirClient, outcome_issue
-from fhir_gateway.tests.referral_world import service_request, transaction
+from fhir_gateway.tests.referral_world import service_request, submit, transaction
 from referrals.models import Referral
 from registry.models import Facility
 from tests.factories import UserFactory
@@ -524,3 +524,27 @@ def test_head_answers_as_get_without_a_body(world):
     refused = world.r4.client.generic("PUT", "/fhir/metadata", headers=world.r4._headers({}))
     assert refused.status_code == 405
     assert refused["Allow"] == "GET, HEAD"
+
+
+@pytest.mark.parametrize("charset", ["ISO-8859-1", "utf-16", "utf8"])
+def test_a_post_search_form_in_another_charset_is_415(world, charset):
+    """Found by fuzzing a running server: Django reads form bodies as UTF-8 only and raised
+    BadRequest for any other charset, which the gateway answered as a 500 (Apache
+    HttpClient's form entity declares ISO-8859-1 by default)."""
+    submit(world, "CHARSET")
+    response = world.r4.post(
+        "/fhir/Task/_search",
+        b"status=requested",
+        content_type=f"application/x-www-form-urlencoded; charset={charset}",
+    )
+    assert response.status_code == 415, response.content
+    issue = outcome_issue(response)
+    assert issue["code"] == "not-supported"
+    assert "UTF-8" in issue["diagnostics"]
+    utf8 = world.r4.post(
+        "/fhir/Task/_search",
+        b"status=requested",
+        content_type="application/x-www-form-urlencoded; charset=UTF-8",
+    )
+    assert utf8.status_code == 200, utf8.content
+    assert utf8.json()["total"] == 1

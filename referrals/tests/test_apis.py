@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -193,3 +194,25 @@ def test_json_nested_deeper_than_python_follows_is_400(world: World, path: str) 
     assert response["Content-Type"].startswith("application/problem+json")
     assert "nested too deeply" in response.json()["detail"]
     assert Referral.objects.count() == 1
+
+
+@pytest.mark.parametrize("number", ["1e400", "-1e400"])
+def test_a_json_number_beyond_a_float_is_400(world: World, number: str) -> None:
+    """Found by fuzzing a running server: Python reads 1e400 as infinity, and a primary
+    key field (the submit's department) turned it into an uncaught OverflowError: a 500."""
+    body = json.dumps(submit_body(world, department=world.hub_paeds.pk))
+    body = body.replace(f'"department": {world.hub_paeds.pk}', f'"department": {number}')
+    assert number in body
+    response = client_for(world.referrer).post(
+        "/api/v1/referrals/", body, content_type="application/json"
+    )
+    assert response.status_code == 400, response.content
+    assert response["Content-Type"].startswith("application/problem+json")
+    assert "out of range" in response.json()["detail"]
+    assert not Referral.objects.exists()
+    fine = client_for(world.referrer).post(
+        "/api/v1/referrals/",
+        body.replace(number, f"{world.hub_paeds.pk}.0"),
+        content_type="application/json",
+    )
+    assert fine.status_code == 201, fine.content  # a float that is a number still parses

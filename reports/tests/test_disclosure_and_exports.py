@@ -71,6 +71,22 @@ def test_xlsx_export_does_not_write_formulas(report_settings: Any) -> None:
     assert FORMULA in [c.value for row in sheet.iter_rows() for c in row]  # as text
 
 
+def test_xlsx_export_takes_a_campaign_with_control_characters(report_settings: Any) -> None:
+    """Found by fuzzing a running server: openpyxl raised for a C0 control character (a
+    campaign pasted with one), and every export grouped by campaign was a 500."""
+    net = build_network()
+    d = Driver(net)
+    d.submit(1, net.d1, net.paeds, net.h1p, "p1", at("2025-01-06"), campaign="dengue\x01\x1b2025")
+    reports_catch_up()
+    response = get(net.referrer_d1, "", by="campaign", format="xlsx")
+    assert response.status_code == 200, response.content[:300]
+    sheet = load_workbook(io.BytesIO(response.content)).active
+    assert sheet is not None
+    assert "dengue\ufffd\ufffd2025" in [c.value for row in sheet.iter_rows() for c in row]
+    csv_text = get(net.referrer_d1, "", by="campaign", format="csv").content.decode()
+    assert "dengue\x01\x1b2025" in csv_text  # CSV carries the label as it was typed
+
+
 def test_summary_csv_writes_suppressed_not_blank(scenario: Network) -> None:
     """The summary's hidden values are written `suppressed`, not left blank."""
     response = get(scenario.ministry, "summary/", country="LA", format="csv")
