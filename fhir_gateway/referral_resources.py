@@ -36,6 +36,7 @@ from fhir_gateway import referral_mapping as m
 from fhir_gateway.handlers import ResourceHandler, SearchParam, WriteRequest
 from fhir_gateway.models import FhirResource
 from fhir_gateway.outcomes import FhirError
+from fhir_gateway.patching import same_json
 from fhir_gateway.publish import stored_versions
 from fhir_gateway.registry_projection import FACILITY_CODE_SYSTEM
 from fhir_gateway.registry_resources import reference_pk
@@ -961,6 +962,15 @@ def _transition(
         raise
 
 
+def _same_content(current: dict[str, Any], sent: dict[str, Any]) -> bool:
+    """The same resource apart from what the server sets (``meta``: versionId,
+    lastUpdated)."""
+    return same_json(
+        {k: v for k, v in current.items() if k != "meta"},
+        {k: v for k, v in sent.items() if k != "meta"},
+    )
+
+
 def _task_update(req: WriteRequest) -> WriteResult:
     assert req.logical_id is not None
     validate_resource(req.resource, req.fhir_version)
@@ -985,6 +995,11 @@ def _task_update(req: WriteRequest) -> WriteResult:
             f"Task/{req.logical_id} is at version {row.version_id}, not {expected_task}.",
         )
     current = json.loads(row.json_for(req.fhir_version) or row.json_r4)
+    if _same_content(current, req.resource):
+        # The Task as it is (a retry with If-Match: * of an update that went through, or
+        # a client saving what it read): answered with the current version, as a PATCH
+        # that changes nothing is; no new version.
+        return WriteResult(row, created=False, unchanged=True)
     change = m.task_to_transition(current, req.resource, req.fhir_version)
     # Task versions follow the referral's events one to one: the If-Match version is the
     # referral version the member saw (not the referral read above: a change committed

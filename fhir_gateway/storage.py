@@ -314,6 +314,8 @@ class WriteResult:
     # What the caller should know although the write succeeded (an idempotent resubmission
     # that said otherwise than the first): a warning issue's diagnostics.
     warning: str | None = None
+    # An update that found the resource as sent: the current version answered, none stored.
+    unchanged: bool = False
 
 
 def _lock(key: str) -> None:

@@ -828,7 +828,10 @@ def instance(ctx: FhirRequest, resource_type: str, logical_id: str) -> HttpRespo
                 if_match=ctx.request.headers.get("If-Match"),
             )
         )
-        _audit_write(ctx, result.row, AuditAction.UPDATE, "update")
+        if not result.unchanged:
+            _audit_write(ctx, result.row, AuditAction.UPDATE, "update")
+        elif _sends_resource(ctx, result.row):  # nothing written, the Task read back
+            _audit_write(ctx, result.row, AuditAction.READ, "update")
         return _write_response(ctx, result.row, status=200)
     if method == "PATCH":
         _require(handler, handlers.PATCH, allow)

@@ -24,7 +24,7 @@ from fhir_gateway.tests.referral_world import (
     task_of,
     update_task,
 )
-from referrals.models import CloseOut, Referral, ReferralEvent, ReferralState
+from referrals.models import AuditEntry, CloseOut, Referral, ReferralEvent, ReferralState
 from referrals.workflow import TRANSITIONS_BY_ACTION
 from registry.models import Department
 from tests.factories import UserFactory
@@ -188,13 +188,13 @@ def test_wrong_side_wrong_state_and_wrong_role_are_refused_and_change_nothing(
     wrong_state = update_task(people["consultant"], task_id, _state(S.ARRIVED))
     # The consultant's member system is on the wrong side for a transfer request.
     system = update_task(world.r5, task_id, _state(S.TRANSFER_REQUESTED, "Needs surgery."))
-    no_change = update_task(world.r4, task_id, lambda t: None)
+    no_change = update_task(world.r4, task_id, lambda t: t.update(note=[{"text": "Seen."}]))
 
     assert wrong_side.status_code == 403
     assert wrong_state.status_code == 409
     assert system.status_code == 403
     assert outcome_issue(system)["code"] == "forbidden"
-    assert no_change.status_code == 422  # nothing asked: nothing to do
+    assert no_change.status_code == 422  # no change the workflow knows: nothing to do
     assert world.other.put(f"/fhir/Task/{task_id}", read_task(world.r4, task_id)).status_code == 404
     assert _snapshot(task_id) == before
     # The requester's member system holds the role (referrals/workflow.py): it may.
@@ -356,3 +356,23 @@ def test_status_driven_actions_still_work_with_a_consistent_business_status(worl
 
     assert response.status_code == 200, response.content
     assert Referral.objects.get(filler_id=task_id).state == S.ACCEPTED
+
+
+def test_a_put_of_the_task_as_it_is_answers_the_current_version(world: World) -> None:
+    """A client retrying an update that went through (If-Match: *), or saving what it
+    read, got 422 "nothing to do" where a PATCH that changes nothing answers 200."""
+    task_id = advised(world)
+    before = _snapshot(task_id)
+    version = read_task(world.r4, task_id)["meta"]["versionId"]
+
+    for if_match in (None, "*"):
+        AuditEntry.objects.all().delete()
+        again = update_task(world.r4, task_id, lambda t: None, if_match=if_match)
+        # Recorded as what it was: the Task read back (with read_task's own read), no update.
+        assert list(AuditEntry.objects.values_list("action", flat=True)) == ["read", "read"]
+        assert again.status_code == 200, again.content
+        assert again.json()["meta"]["versionId"] == version
+        assert again["ETag"] == f'W/"{version}"'
+    stale = update_task(world.r4, task_id, lambda t: None, if_match='W/"1"')
+    assert stale.status_code == 412
+    assert _snapshot(task_id) == before
