@@ -1468,6 +1468,21 @@ def transaction_bundle(
                 "(and Binary, the bytes of a DocumentReference entry).",
                 expression=[f"Bundle.entry[{index}]"],
             )
+        url = request.get("url") if isinstance(request, dict) else None
+        # A POST's url is the type it creates (FHIR: relative to the base; an absolute one
+        # names the type last). Another type, an id or a search there was never read.
+        if (
+            not isinstance(url, str)
+            or url.split("?")[0].rstrip("/").rsplit("/", 1)[-1] != rtype
+            or "?" in url
+        ):
+            raise FhirError(
+                400,
+                "invalid",
+                f"Bundle.entry[{index}].request.url must be {rtype!r} (a POST creates a "
+                f"{rtype}), not {url!r}.",
+                expression=[f"Bundle.entry[{index}].request.url"],
+            )
         by_type.setdefault(str(rtype), []).append((index, resource))
     if len(by_type.get("ServiceRequest", [])) != 1:
         raise FhirError(

@@ -439,3 +439,26 @@ def test_a_resubmission_refuses_the_entries_a_first_submission_refuses(world: Wo
     response = world.r4.post("/fhir", twice)
     assert response.status_code == 422, response.content
     assert _counts() == before
+
+
+@pytest.mark.parametrize("url", ["Task", "ServiceRequest/1", "ServiceRequest?identifier=x", None])
+def test_an_entry_whose_request_url_is_not_its_type_is_400(world: World, url: Any) -> None:
+    """A ServiceRequest entry POSTed to another type (or an id, a search, nothing) was
+    accepted: request.url was never read."""
+    bundle = transaction(world)
+    bundle["entry"][1]["request"]["url"] = url
+    before = _counts()
+    response = world.r4.post("/fhir", bundle)
+    assert response.status_code == 400, response.content
+    issue = outcome_issue(response)
+    assert issue["code"] == "invalid"
+    assert issue["expression"] == ["Bundle.entry[1].request.url"]
+    assert _counts() == before
+
+
+def test_an_absolute_request_url_naming_the_type_is_taken(world: World) -> None:
+    bundle = transaction(world)
+    for entry in bundle["entry"]:
+        entry["request"]["url"] = f"http://testserver/fhir/{entry['resource']['resourceType']}"
+    response = world.r4.post("/fhir", bundle)
+    assert response.status_code == 200, response.content
