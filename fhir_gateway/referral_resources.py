@@ -73,6 +73,7 @@ from referrals.numbering import last_number, lock_referral
 from referrals.selectors import (
     referral_message_by_number,
     referral_open_question_id,
+    referral_resubmission_differences,
     referral_scope_sql,
     referral_visible,
 )
@@ -1857,24 +1858,32 @@ def _inline_sha256(document: dict[str, Any]) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+# The FHIR elements of selectors.referral_resubmission_differences' fields.
+_RESUBMISSION_ELEMENTS = {
+    "clinical_question": "the clinical question (reasonCode / reason)",
+    "priority": "priority",
+    "mode": "the consult mode",
+    "patient": "the patient (subject)",
+    "specialty": "the specialty (performerType)",
+}
+
+
 def _resubmission_differences(intake: m.Intake, referral: Referral) -> list[str]:
     """What a resubmission (the placer identifier of an existing referral) says otherwise
     than the referral it is answered with: the elements, by their FHIR names."""
-    differs = []
-    if intake.clinical_question.strip() != referral.clinical_question.strip():
-        differs.append("the clinical question (reasonCode / reason)")
-    if intake.priority != referral.priority:
-        differs.append("priority")
-    if intake.mode != referral.mode:
-        differs.append("the consult mode")
-    if intake.patient_ref and intake.patient_ref != referral.patient_ref:
-        differs.append("the patient (subject)")
     try:
-        if _specialty(intake).pk != referral.specialty_id:
-            differs.append("the specialty (performerType)")
+        specialty_id: int | None = _specialty(intake).pk
     except FhirError:
-        differs.append("the specialty (performerType)")
-    return differs
+        specialty_id = None  # no specialty we know: differs
+    differs = referral_resubmission_differences(
+        referral,
+        clinical_question=intake.clinical_question,
+        priority=intake.priority,
+        mode=intake.mode,
+        specialty_id=specialty_id,
+        patient_ref=intake.patient_ref,
+    )
+    return [_RESUBMISSION_ELEMENTS[field] for field in differs]
 
 
 def _resubmission_text(referral: Referral, differs: list[str]) -> str:

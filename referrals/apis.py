@@ -80,7 +80,13 @@ class ReferralSubmitApi(APIView):
         request=ReferralSubmitSerializer,
         responses={
             201: ReferralDetailSerializer,
-            200: OpenApiResponse(ReferralDetailSerializer, description="idempotent resubmission"),
+            200: OpenApiResponse(
+                ReferralDetailSerializer,
+                description="idempotent resubmission: the referral the placer identifier "
+                "names, as it is, plus `resubmission_differs`: the fields this submission "
+                "said otherwise (clinical_question, priority, mode, patient, specialty), "
+                "none of which was applied",
+            ),
             400: PROBLEM,
             403: PROBLEM,
             409: PROBLEM,
@@ -103,9 +109,21 @@ class ReferralSubmitApi(APIView):
             **data,
         )
         audit_record(request, AuditAction.CREATE if created else AuditAction.READ, [referral.pk])
-        return _detail_response(
-            user, referral.pk, status.HTTP_201_CREATED if created else status.HTTP_200_OK
+        if created:
+            return _detail_response(user, referral.pk, status.HTTP_201_CREATED)
+        response = _detail_response(user, referral.pk, status.HTTP_200_OK)
+        # Idempotent intake answers the first submission; a retry that says otherwise
+        # learns that none of it was applied (as FHIR's warning issue says).
+        differs = selectors.referral_resubmission_differences(
+            referral,
+            clinical_question=data["clinical_question"],
+            priority=data["priority"],
+            mode=data["mode"],
+            specialty_id=data["specialty"].pk,
+            patient_ref=patient.get("ref", ""),
         )
+        response.data["resubmission_differs"] = differs
+        return response
 
 
 class _ListApi(APIView):

@@ -354,3 +354,29 @@ def referral_recent_duplicate(
         .order_by("-created_at", "-id")
         .first()
     )
+
+
+def referral_resubmission_differences(
+    referral: Referral,
+    *,
+    clinical_question: str,
+    priority: int,
+    mode: str,
+    specialty_id: int | None,
+    patient_ref: str = "",
+) -> list[str]:
+    """What a resubmission (the placer identifier of an existing referral: idempotent
+    intake answers that referral, decision 5) says otherwise than the referral: the
+    field names, in this order. None of it was applied; the caller tells its sender."""
+    differs = []
+    if clinical_question.strip() != referral.clinical_question.strip():
+        differs.append("clinical_question")
+    if priority != referral.priority:
+        differs.append("priority")
+    if mode != referral.mode:
+        differs.append("mode")
+    if patient_ref and patient_ref != referral.patient_ref:
+        differs.append("patient")
+    if specialty_id != referral.specialty_id:
+        differs.append("specialty")
+    return differs

@@ -48,7 +48,25 @@ def test_submit_201_then_200_for_the_same_placer_id(world: World) -> None:
     again = client.post("/api/v1/referrals/", submit_body(world), format="json")
     assert again.status_code == 200
     assert again.json()["id"] == body["id"]
+    assert again.json()["resubmission_differs"] == []
+    assert "resubmission_differs" not in body
     assert Referral.objects.count() == 1
+
+
+def test_a_resubmission_that_says_otherwise_is_told_what_was_not_applied(world: World) -> None:
+    """The same placer identifier with another question and priority answered 200 with
+    the first submission and said nothing of the change (FHIR warns)."""
+    client = client_for(world.referrer)
+    first = client.post("/api/v1/referrals/", submit_body(world), format="json").json()
+    changed = submit_body(
+        world, clinical_question="Fever for 6 days.", priority="stat", patient={"ref": "P-78"}
+    )
+    again = client.post("/api/v1/referrals/", changed, format="json")
+    assert again.status_code == 200
+    assert again.json()["resubmission_differs"] == ["clinical_question", "priority", "patient"]
+    stored = Referral.objects.get()
+    assert (stored.pk, stored.version) == (first["id"], 1)
+    assert (stored.clinical_question, stored.patient_ref) == ("Fever for 5 days.", "P-77")
 
 
 def test_submit_with_bad_input_is_400(world: World) -> None:
