@@ -104,3 +104,21 @@ def test_the_demo_password_opens_no_account_when_debug_is_off(settings, debug) -
     assert (status == 302) is debug
     assert _logged_in(client) is debug
     assert (User.objects.get(username="demo-consultant").last_login is not None) is debug
+
+
+@pytest.mark.parametrize("path", ["/accounts/login/", "/admin/login/"])
+def test_a_user_name_longer_than_any_is_a_form_error_and_records_nothing(path: str) -> None:
+    """Found by fuzzing the login page: a user name longer than the model allows went on
+    to ``authenticate``, and axes' record of the failure (255 characters) was a 500."""
+    from axes.models import AccessAttempt, AccessFailureLog
+
+    User.objects.create_user(username="clin", password=PASSWORD)
+    client = Client(REMOTE_ADDR="10.0.0.1")
+
+    response = client.post(path, {"username": "c" * 256, "password": "guess"})
+
+    assert response.status_code == 200
+    assert "at most 150 characters" in response.content.decode()
+    assert not _logged_in(client)
+    assert not AccessAttempt.objects.exists() and not AccessFailureLog.objects.exists()
+    assert _login("clin", PASSWORD)[1] == 302  # the form still logs in
