@@ -6,8 +6,11 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.utils import timezone
 
+from accounts.forms import AdminLoginForm
 from accounts.models import ApiToken, User
 from accounts.services import api_tokens_revoke
+
+admin.site.login_form = AdminLoginForm
 
 
 @admin.register(User)

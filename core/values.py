@@ -71,3 +71,20 @@ def json_depth(value: object) -> int:
         deepest = max(deepest, depth)
         stack.extend((child, depth) for child in children)  # type: ignore[attr-defined]
     return deepest
+
+
+def json_holds_nul(value: object) -> bool:
+    """Whether a parsed JSON value holds NUL in a string (a key or a value): PostgreSQL's
+    text and jsonb cannot store it (``\\u0000`` in jsonb is an error), without recursion."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False

@@ -819,6 +819,10 @@ def referral_message_post(
         raise ApplicationError(
             f"A message key has at most {key_length} characters.", code="message_key_invalid"
         )
+    if "\x00" in client_key:  # PostgreSQL text holds no NUL: the key's lookup was a 500
+        raise ApplicationError(
+            "A message key cannot hold NUL characters.", code="message_key_invalid"
+        )
     text = text.strip() if isinstance(text, str) else ""
     if not text:
         raise ApplicationError("A message needs a text.", code="invalid")

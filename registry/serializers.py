@@ -9,6 +9,7 @@ from django.core.exceptions import MultipleObjectsReturned
 from django.utils import timezone
 from rest_framework import serializers
 
+from core.values import json_holds_nul
 from registry.models import (
     AdministrativeArea,
     ChangeRequest,
@@ -392,6 +393,13 @@ class ChangeRequestInputSerializer(serializers.Serializer[dict[str, Any]]):
         queryset=Facility.objects.all(), required=False, allow_null=True
     )
     payload = serializers.DictField()
+
+    def validate_payload(self, value: dict[str, Any]) -> dict[str, Any]:
+        # Stored as proposed (jsonb), also what the facility fields do not read: NUL there
+        # failed the INSERT, a 500 (found by fuzzing).
+        if json_holds_nul(value):
+            raise serializers.ValidationError("Null characters are not allowed.")
+        return value
 
 
 class ReviewInputSerializer(serializers.Serializer[dict[str, Any]]):

@@ -106,24 +106,34 @@ def test_the_demo_password_opens_no_account_when_debug_is_off(settings, debug) -
     assert (User.objects.get(username="demo-consultant").last_login is not None) is debug
 
 
-@pytest.mark.parametrize("path", ["/accounts/login/", "/admin/login/"])
-def test_a_user_name_longer_than_the_lockout_table_holds_is_a_failed_login(
-    settings, path: str
-) -> None:
-    """Found by fuzzing a running server: Django's login form does not hold the name to
-    150 characters, and django-axes' INSERT of a name over 255 failed (a 500). It is a
-    failed login like any other, counted towards the lockout."""
+def test_a_user_name_longer_than_the_lockout_table_holds_is_a_failed_login() -> None:
+    """Found by fuzzing a running server: a name over 255 characters reaching
+    ``authenticate`` made django-axes' INSERT fail (a 500). The login forms now refuse it
+    first (below); any other caller of ``authenticate`` gets a failed login, counted
+    under the name's first 255 characters (``AXES_USERNAME_CALLABLE``)."""
     from axes.models import AccessAttempt
+    from django.contrib.auth import authenticate
+    from django.test import RequestFactory
+
+    long_name = "clin" + "x" * 4_996
+    request = RequestFactory().post("/accounts/login/", REMOTE_ADDR="10.0.0.1")
+    assert authenticate(request, username=long_name, password="guess") is None
+    assert [a.username for a in AccessAttempt.objects.all()] == [long_name[:255]]
+
+
+@pytest.mark.parametrize("path", ["/accounts/login/", "/admin/login/"])
+def test_a_user_name_longer_than_any_is_a_form_error_and_records_nothing(path: str) -> None:
+    """Found by fuzzing the login page: a user name longer than the model allows went on
+    to ``authenticate``, and axes' record of the failure (255 characters) was a 500."""
+    from axes.models import AccessAttempt, AccessFailureLog
 
     User.objects.create_user(username="clin", password=PASSWORD)
-    long_name = "clin" + "x" * 4_996
     client = Client(REMOTE_ADDR="10.0.0.1")
-    statuses = [
-        client.post(path, {"username": long_name, "password": "guess"}).status_code
-        for _ in range(settings.AXES_FAILURE_LIMIT)
-    ]
-    assert statuses[:-1] == [200] * (settings.AXES_FAILURE_LIMIT - 1)
-    assert statuses[-1] == 429  # the limit reached: locked, as for any user name
-    assert [a.username for a in AccessAttempt.objects.all()] == [long_name[:255]]
-    client, status = _login("clin", PASSWORD)  # the real user is not affected
-    assert status == 302 and _logged_in(client)
+
+    response = client.post(path, {"username": "c" * 256, "password": "guess"})
+
+    assert response.status_code == 200
+    assert "at most 150 characters" in response.content.decode()
+    assert not _logged_in(client)
+    assert not AccessAttempt.objects.exists() and not AccessFailureLog.objects.exists()
+    assert _login("clin", PASSWORD)[1] == 302  # the form still logs in

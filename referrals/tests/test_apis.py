@@ -234,3 +234,29 @@ def test_a_json_number_beyond_a_float_is_400(world: World, number: str) -> None:
         content_type="application/json",
     )
     assert fine.status_code == 201, fine.content  # a float that is a number still parses
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/api/v1/referrals/{pk}/decline/", '{"reason_code": "\\ud800"}'),
+        ("/api/v1/referrals/{pk}/decline/", '{"reason_code": "other", "\\udfff": 1}'),
+        ("/api/v1/referrals/", '{"placer_system": "s", "placer_value": "v", "mode": "\\ud800"}'),
+    ],
+)
+def test_a_lone_surrogate_in_json_is_400_and_changes_nothing(
+    world: World, path: str, body: str
+) -> None:
+    """Found by fuzzing: a choice whose error repeats a lone surrogate (JSON's "\\ud800"
+    escape) could not be encoded as UTF-8, a 500."""
+    referral = world.submit()
+    response = client_for(world.consultant).post(
+        path.format(pk=referral.pk), body, content_type="application/json"
+    )
+    assert response.status_code == 400
+    assert response["Content-Type"].startswith("application/problem+json")
+    assert "lone surrogate" in response.json()["detail"]
+    referral.refresh_from_db()
+    assert (referral.state, referral.version) == (ReferralState.SUBMITTED, 1)
+    assert Referral.objects.count() == 1
+    assert ReferralEvent.objects.filter(referral=referral).count() == 1

@@ -628,6 +628,25 @@ def test_a_refused_message_keeps_its_key(world: World) -> None:
     assert len(_message_key(too_long.content.decode())) == 32  # a fresh one: the page works
 
 
+def test_a_message_key_with_a_nul_is_refused_with_a_fresh_key(world: World) -> None:
+    """Found by fuzzing the web forms: a key holding NUL reached PostgreSQL's lookup of
+    the key (a 500). Refused like a key too long: nothing sent, what was typed kept, and
+    a fresh key so the page works."""
+    referral = world.submit()
+    client = client_for(world.referrer)
+
+    response = client.post(
+        f"/referrals/{referral.pk}/messages/", {"text": "Weight 14 kg.", "client_key": "k\x00"}
+    )
+
+    assert response.status_code == 400
+    page = response.content.decode()
+    assert ">Weight 14 kg.</textarea>" in page
+    assert len(_message_key(page)) == 32
+    assert not referral.messages.exists()
+    assert not OutboxMessage.objects.filter(resource_type="Communication").exists()
+
+
 def test_an_action_with_no_department_to_choose_is_not_offered(world: World) -> None:
     """A counter-referral goes to a department of the requesting hospital: one without
     departments gets no form that can only fail."""

@@ -163,6 +163,29 @@ def test_malformed_proposal_is_400(facility_admin_client, body, field):
     assert ChangeRequest.objects.count() == 0
 
 
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"beds": 450, "note": "\x00"},
+        {"beds": 450, "x\x00": 1},
+        {"identifiers": [{"system": "urn:moh", "value": "01-1", "extra": ["\x00"]}]},
+    ],
+)
+def test_a_proposal_holding_nul_where_no_field_reads_it_is_400(
+    admin_facility, facility_admin_client, payload
+):
+    """Found by fuzzing: the payload is stored as proposed (jsonb), also what the facility
+    fields do not read, and NUL there failed the INSERT (a 500)."""
+    before = _state(admin_facility)
+
+    response = _propose(facility_admin_client, admin_facility, payload)
+
+    assert response.status_code == 400
+    assert response.json()["detail"] == {"payload": ["Null characters are not allowed."]}
+    assert ChangeRequest.objects.count() == 0
+    assert _state(admin_facility) == before
+
+
 # --- approving ----------------------------------------------------------------------------
 
 
