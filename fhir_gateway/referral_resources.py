@@ -1437,6 +1437,22 @@ def case_file_store(
 _BUNDLE_TYPES = ("Patient", "ServiceRequest", "Task", "DocumentReference", "Binary")
 
 
+def _is_create_url(url: Any, rtype: str) -> bool:
+    """Whether a transaction entry's ``request.url`` names the type its POST creates:
+    ``rtype`` relative to the base (a leading or trailing ``/`` allowed), or an absolute
+    http(s) URL whose path ends in ``/<rtype>``. A relative path ending in the type
+    (``Task/ServiceRequest``, ``Patient/1/ServiceRequest``) names something else."""
+    if not isinstance(url, str) or "?" in url or "#" in url:
+        return False
+    scheme, _, rest = url.partition("://")
+    if not rest:
+        return url.strip("/") == rtype
+    if scheme.lower() not in ("http", "https"):
+        return False
+    _host, slash, path = rest.partition("/")
+    return bool(slash) and path.rstrip("/").rsplit("/", 1)[-1] == rtype
+
+
 def transaction_bundle(
     user: User, bundle: dict[str, Any], version: str, answer_version: str, base: str
 ) -> handlers.TransactionAnswer:
@@ -1472,11 +1488,7 @@ def transaction_bundle(
         url = request.get("url") if isinstance(request, dict) else None
         # A POST's url is the type it creates (FHIR: relative to the base; an absolute one
         # names the type last). Another type, an id or a search there was never read.
-        if (
-            not isinstance(url, str)
-            or url.split("?")[0].rstrip("/").rsplit("/", 1)[-1] != rtype
-            or "?" in url
-        ):
+        if not _is_create_url(url, str(rtype)):
             raise FhirError(
                 400,
                 "invalid",

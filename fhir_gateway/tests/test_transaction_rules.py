@@ -441,7 +441,19 @@ def test_a_resubmission_refuses_the_entries_a_first_submission_refuses(world: Wo
     assert _counts() == before
 
 
-@pytest.mark.parametrize("url", ["Task", "ServiceRequest/1", "ServiceRequest?identifier=x", None])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "Task",
+        "ServiceRequest/1",
+        "ServiceRequest?identifier=x",
+        None,
+        # A relative url is the type itself: a path ending in it names something else.
+        "Task/ServiceRequest",
+        "Patient/1/ServiceRequest",
+        "ServiceRequest/1/ServiceRequest",
+    ],
+)
 def test_an_entry_whose_request_url_is_not_its_type_is_400(world: World, url: Any) -> None:
     """A ServiceRequest entry POSTed to another type (or an id, a search, nothing) was
     accepted: request.url was never read."""
@@ -456,9 +468,10 @@ def test_an_entry_whose_request_url_is_not_its_type_is_400(world: World, url: An
     assert _counts() == before
 
 
-def test_an_absolute_request_url_naming_the_type_is_taken(world: World) -> None:
+@pytest.mark.parametrize("form", ["http://testserver/fhir/{}", "/{}", "{}/"])
+def test_an_absolute_request_url_naming_the_type_is_taken(world: World, form: str) -> None:
     bundle = transaction(world)
     for entry in bundle["entry"]:
-        entry["request"]["url"] = f"http://testserver/fhir/{entry['resource']['resourceType']}"
+        entry["request"]["url"] = form.format(entry["resource"]["resourceType"])
     response = world.r4.post("/fhir", bundle)
     assert response.status_code == 200, response.content
