@@ -963,12 +963,17 @@ def _transition(
         raise
 
 
+# What the server sets on every Task version: a body sent again (its answer lost) carries
+# the values of the version it was made from, not the current one's.
+_SERVER_SET = frozenset({"meta", "lastModified"})
+
+
 def _same_content(current: dict[str, Any], sent: dict[str, Any]) -> bool:
     """The same resource apart from what the server sets (``meta``: versionId,
-    lastUpdated)."""
+    lastUpdated; ``lastModified``)."""
     return same_json(
-        {k: v for k, v in current.items() if k != "meta"},
-        {k: v for k, v in sent.items() if k != "meta"},
+        {k: v for k, v in current.items() if k not in _SERVER_SET},
+        {k: v for k, v in sent.items() if k not in _SERVER_SET},
     )
 
 

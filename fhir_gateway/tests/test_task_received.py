@@ -133,3 +133,31 @@ def test_the_documented_worklist_and_patch_guard_keep_an_acknowledged_referral(
     assert body(response)["status"] == "accepted"
     again = world.r5.patch(f"/fhir/Task/{task_id}", patch, Accept=FHIR_R5)
     assert again.status_code == 422  # the guard: no longer submitted
+
+
+def test_a_retry_of_an_acknowledge_that_went_through_answers_the_current_version(
+    world: World,
+) -> None:
+    """The very body sent again (its answer lost; If-Match: *): it carries the Task as
+    it was read, so its lastModified (and narrative) are the earlier version's. It was
+    422 "already received", though it asks for nothing the Task is not."""
+    task_id = str(task_of(submit(world))["id"])
+    task = read_task(world.r5, task_id, FHIR_R5)
+    _received(task)
+
+    def put() -> Any:
+        return world.r5.put(
+            f"/fhir/Task/{task_id}",
+            task,
+            content_type=FHIR_R5,
+            Accept=FHIR_R5,
+            **{"If-Match": "*"},
+        )
+
+    first = put()
+    assert first.status_code == 200, first.content
+    once = _snapshot(task_id)
+    again = put()
+    assert again.status_code == 200, again.content
+    assert body(again)["meta"]["versionId"] == body(first)["meta"]["versionId"]
+    assert _snapshot(task_id) == once
