@@ -50,3 +50,18 @@ def test_gives_up_with_the_last_answer(health: tuple[str, list[int]]) -> None:
     done = subprocess.run([sys.executable, SCRIPT, url, "1"], capture_output=True, text=True)
     assert done.returncode == 1
     assert "not healthy after 1 s: HTTP 503" in done.stderr and "broker" in done.stderr
+
+
+def test_a_proxy_in_the_environment_is_not_asked(health: tuple[str, list[int]]) -> None:
+    """urllib sends even 127.0.0.1 through http_proxy unless no_proxy names it: behind a
+    proxy `make run` waited its 120 s and never printed the address."""
+    import os
+
+    url, statuses = health
+    statuses.append(200)
+    env = {k: v for k, v in os.environ.items() if k.lower() not in ("no_proxy",)}
+    env.update(http_proxy="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9")
+    done = subprocess.run(
+        [sys.executable, SCRIPT, url, "3"], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0, done.stderr
