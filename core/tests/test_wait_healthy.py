@@ -65,3 +65,16 @@ def test_a_proxy_in_the_environment_is_not_asked(health: tuple[str, list[int]]) 
         [sys.executable, SCRIPT, url, "3"], capture_output=True, text=True, env=env
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_stops_when_the_server_it_waits_for_has_exited(health: tuple[str, list[int]]) -> None:
+    """A web server that failed to start (its port taken, say) is not waited for 120 s."""
+    url, statuses = health
+    statuses.append(503)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    done = subprocess.run(
+        [sys.executable, SCRIPT, url, "60", str(dead.pid)], capture_output=True, text=True
+    )
+    assert done.returncode == 1
+    assert "the server exited before it was healthy: HTTP 503" in done.stderr
