@@ -24,6 +24,7 @@ from referrals.models import AuditAction, Referral, ReferralState
 from referrals.serializers import (
     ReferralDetailSerializer,
     ReferralListSerializer,
+    ReferralResubmissionSerializer,
     ReferralSubmitSerializer,
     SuggestionSerializer,
     action_input_serializer,
@@ -53,12 +54,21 @@ def _if_match(request: Request) -> int | None:
         return -1
 
 
-def _detail_response(user: User, referral_id: int, status_code: int = 200) -> Response:
+def _detail_response(
+    user: User,
+    referral_id: int,
+    status_code: int = 200,
+    resubmission_differs: list[str] | None = None,
+) -> Response:
     referral = selectors.referral_get_for_user(user, referral_id)
-    context = {"available_actions": services.referral_available_actions(user, referral)}
-    response = Response(
-        ReferralDetailSerializer(referral, context=context).data, status=status_code
-    )
+    context: dict[str, Any] = {
+        "available_actions": services.referral_available_actions(user, referral)
+    }
+    serializer: type[ReferralDetailSerializer] = ReferralDetailSerializer
+    if resubmission_differs is not None:
+        context["resubmission_differs"] = resubmission_differs
+        serializer = ReferralResubmissionSerializer
+    response = Response(serializer(referral, context=context).data, status=status_code)
     response["ETag"] = _etag(referral)
     return response
 
@@ -81,11 +91,9 @@ class ReferralSubmitApi(APIView):
         responses={
             201: ReferralDetailSerializer,
             200: OpenApiResponse(
-                ReferralDetailSerializer,
+                ReferralResubmissionSerializer,
                 description="idempotent resubmission: the referral the placer identifier "
-                "names, as it is, plus `resubmission_differs`: the fields this submission "
-                "said otherwise (clinical_question, priority, mode, patient, specialty), "
-                "none of which was applied",
+                "names, as it is, and what this submission said otherwise (not applied)",
             ),
             400: PROBLEM,
             403: PROBLEM,
@@ -111,7 +119,6 @@ class ReferralSubmitApi(APIView):
         audit_record(request, AuditAction.CREATE if created else AuditAction.READ, [referral.pk])
         if created:
             return _detail_response(user, referral.pk, status.HTTP_201_CREATED)
-        response = _detail_response(user, referral.pk, status.HTTP_200_OK)
         # Idempotent intake answers the first submission; a retry that says otherwise
         # learns that none of it was applied (as FHIR's warning issue says).
         differs = selectors.referral_resubmission_differences(
@@ -122,8 +129,7 @@ class ReferralSubmitApi(APIView):
             specialty_id=data["specialty"].pk,
             patient_ref=patient.get("ref", ""),
         )
-        response.data["resubmission_differs"] = differs
-        return response
+        return _detail_response(user, referral.pk, status.HTTP_200_OK, differs)
 
 
 class _ListApi(APIView):

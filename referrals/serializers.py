@@ -348,6 +348,28 @@ class ReferralDetailSerializer(ReferralListSerializer):
         return list(self.context.get("available_actions", []))
 
 
+class ReferralResubmissionSerializer(ReferralDetailSerializer):
+    """The answer to a resubmission (idempotent intake): the referral as it is, and what
+    this submission said otherwise than it (none of which was applied)."""
+
+    resubmission_differs = serializers.SerializerMethodField()
+
+    class Meta(ReferralDetailSerializer.Meta):
+        fields = [*ReferralDetailSerializer.Meta.fields, "resubmission_differs"]
+
+    @extend_schema_field(
+        serializers.ListField(
+            child=serializers.ChoiceField(
+                choices=["clinical_question", "priority", "mode", "patient", "specialty"]
+            ),
+            help_text="the fields this submission said otherwise than the referral its "
+            "placer identifier names; none of it was applied (empty: the same)",
+        )
+    )
+    def get_resubmission_differs(self, obj: Referral) -> list[str]:
+        return list(self.context["resubmission_differs"])
+
+
 class SuggestionSerializer(serializers.Serializer[Any]):
     """One routing candidate (``referrals.routing.Suggestion``)."""
 
