@@ -301,8 +301,14 @@ class ChangeRequestViewSet(
         parser.is_valid(raise_exception=True)
         facility = parser.validated_data.get("facility")
         services.change_request_check_may_propose(actor=_user(request), facility=facility)
-        # Validate now so a steward never approves something that cannot be applied.
-        self._parse_payload(facility, parser.validated_data["payload"])
+        # Validate now so a steward never approves something that cannot be applied, or
+        # that applies nothing (only keys no facility field reads, or none).
+        if not self._parse_payload(facility, parser.validated_data["payload"]):
+            raise ApplicationError(
+                "The proposal changes nothing: name at least one facility field.",
+                code="invalid_payload",
+                extra={"errors": {"payload": ["No facility field."]}},
+            )
         change_request = services.change_request_propose(
             actor=_user(request), facility=facility, payload=parser.validated_data["payload"]
         )

@@ -186,6 +186,19 @@ def test_a_proposal_holding_nul_where_no_field_reads_it_is_400(
     assert _state(admin_facility) == before
 
 
+@pytest.mark.parametrize("payload", [{}, {"note": "please"}, {"x": 1, "y": [2]}])
+def test_a_proposal_naming_no_facility_field_is_400(admin_facility, facility_admin_client, payload):
+    """It was stored (201), and a steward could approve a change that changed nothing."""
+    before = _state(admin_facility)
+
+    response = _propose(facility_admin_client, admin_facility, payload)
+
+    assert response.status_code == 400, response.json()
+    assert response.json()["code"] == "invalid_payload"
+    assert ChangeRequest.objects.count() == 0
+    assert _state(admin_facility) == before
+
+
 # --- approving ----------------------------------------------------------------------------
 
 
