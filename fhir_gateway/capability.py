@@ -63,7 +63,7 @@ def capability_statement(version: str, *, base: str) -> dict[str, Any]:
                     "name": p.name,
                     **({"definition": p.definition} if p.definition else {}),
                     "type": p.type,
-                    "documentation": p.documentation,
+                    "documentation": p.documentation + _modifiers_note(p),
                 }
                 for p in params
             ]
@@ -126,3 +126,12 @@ def versions_parameters() -> dict[str, Any]:
             {"name": "default", "valueCode": DEFAULT_VERSION},
         ],
     }
+
+
+def _modifiers_note(param: handlers.SearchParam) -> str:
+    """The modifiers a parameter takes, said in its documentation (a CapabilityStatement
+    has no element for them); the view refuses every other one (400)."""
+    modifiers = set(param.modifiers) | ({"contains"} if param.type == "string" else set())
+    if not modifiers:
+        return ""
+    return " Modifiers: " + ", ".join(f":{m}" for m in sorted(modifiers)) + "."

@@ -39,6 +39,9 @@ class SearchParam:
     type: str  # FHIR search parameter type: string, token, reference, date, special
     documentation: str
     definition: str = ""
+    # Modifiers evaluated besides ``:contains`` of string parameters: ``not`` (token:
+    # none of the values, or no value), ``missing`` (true: no value; false: a value).
+    modifiers: frozenset[str] = frozenset()
 
 
 # ``_sort`` keys of every searchable type: name -> the FhirResource column, and the same in
@@ -48,7 +51,13 @@ SORTS_SQL: dict[str, str] = {key: f"f.{column}" for key, column in SORTS.items()
 
 # Parameters the views evaluate for every searchable type.
 COMMON_SEARCH_PARAMS: tuple[SearchParam, ...] = (
-    SearchParam("_id", "token", "Logical id.", "http://hl7.org/fhir/SearchParameter/Resource-id"),
+    SearchParam(
+        "_id",
+        "token",
+        "Logical id.",
+        "http://hl7.org/fhir/SearchParameter/Resource-id",
+        frozenset({"not"}),
+    ),
     SearchParam(
         "_lastUpdated",
         "date",

@@ -162,6 +162,55 @@ class In:
         )
 
 
+@dataclass(frozen=True)
+class NotIn(In):
+    """``:not``: none of ``inner``'s values (a referral with no value too: SQL's unknown,
+    a NULL column, counts as no match)."""
+
+    inner: In | None = None
+
+    def q(self) -> Q:
+        assert self.inner is not None
+        return ~self.inner.q()
+
+    def sql(self, alias: str) -> tuple[str, list[Any]]:
+        assert self.inner is not None
+        text, values = self.inner.sql(alias)
+        return f"NOT COALESCE(({text}), FALSE)", values
+
+
+@dataclass(frozen=True)
+class IsNull(In):
+    """``:missing``: the column is NULL (true) or is not (false); ``values`` holds the
+    answers asked for (``missing=true,false``: either)."""
+
+    def q(self) -> Q:
+        condition = _NOTHING
+        for missing in self.values:
+            condition |= Q(**{f"{self.column}__isnull": missing})
+        return condition
+
+    def sql(self, alias: str) -> tuple[str, list[Any]]:
+        if not self.values:
+            return "FALSE", []
+        tests = [f"{alias}.{self.column} IS {'' if v else 'NOT '}NULL" for v in self.values]
+        return "(" + " OR ".join(tests) + ")", []
+
+
+def _negated(build: Callable[[str], In]) -> Callable[[str], In]:
+    def negated(raw: str) -> In:
+        return NotIn("", (), build(raw))
+
+    return negated
+
+
+def _missing(column: str) -> Callable[[str], In]:
+    def build(raw: str) -> In:  # "true" / "false" (checked by the view), commas: OR
+        return IsNull(column, tuple(dict.fromkeys(v == "true" for v in _alternatives(raw))))
+
+    return build
+
+
 def _any_in(column: str, raw: str, one: Callable[[str], list[Any]]) -> In:
     values: list[Any] = []
     for value in _alternatives(raw):
@@ -323,29 +372,49 @@ def _own_identifier(resource_type: str) -> Callable[[str], Own]:
 
 Filter = Callable[[str], "Q | In | Own"]
 
+
+def _own_negated(build: Callable[[str], Own]) -> Callable[[str], Own]:
+    return lambda raw: Own(~build(raw).q)
+
+
+def _negated_q(build: Callable[[str], Q]) -> Callable[[str], Q]:
+    return lambda raw: ~build(raw)
+
+
+# Filters by search parameter name, and by "name:modifier" for the modifiers a parameter
+# declares (``SearchParam.modifiers``; the view refuses the others).
 TASK_FILTERS: dict[str, Filter] = {
     "owner": _by_pk("assigned_department_id", "HealthcareService"),
+    "owner:missing": _missing("assigned_department_id"),  # true: not routed yet
     "requester": _by_pk("requester_facility_id", "Organization"),
     "status": _task_status,
+    "status:not": _negated(_task_status),
     "business-status": _business_status,
+    "business-status:not": _negated(_business_status),
     "focus": _by_filler("ServiceRequest"),
     "patient": _by_filler("Patient"),
     "authored-on": _authored_on,
     "identifier": _identifier,
+    "identifier:not": _negated_q(_identifier),
 }
 SERVICE_REQUEST_FILTERS: dict[str, Filter] = {
     "requester": _by_pk("requester_facility_id", "Organization"),
     "performer": _by_pk("assigned_department_id", "HealthcareService"),
+    "performer:missing": _missing("assigned_department_id"),
     "status": _service_request_status,
+    "status:not": _negated(_service_request_status),
     "identifier": _identifier,
+    "identifier:not": _negated_q(_identifier),
     "patient": _by_filler("Patient"),
 }
 COMMUNICATION_FILTERS: dict[str, Filter] = {
     "part-of": _by_filler("Task"),
     "identifier": _own_identifier("Communication"),
+    "identifier:not": _own_negated(_own_identifier("Communication")),
 }
 DOCUMENT_REFERENCE_FILTERS: dict[str, Filter] = {
     "identifier": _own_identifier("DocumentReference"),
+    "identifier:not": _own_negated(_own_identifier("DocumentReference")),
     # The referral's order: R4 context.related (search "related"), R5 basedOn ("based-on").
     "related": _by_filler("ServiceRequest"),
     "based-on": _by_filler("ServiceRequest"),
@@ -1975,9 +2044,25 @@ def _transaction_response(
 
 
 def _sp(name: str, type_: str, doc: str, resource_type: str) -> SearchParam:
+    """A search parameter, with the modifiers its type's filters define (``name:not``
+    for tokens, ``name:missing`` where a referral may have no value)."""
+    filters = _FILTERS_OF[resource_type]
+    modifiers = frozenset(key.partition(":")[2] for key in filters if key.startswith(f"{name}:"))
     return SearchParam(
-        name, type_, doc, f"http://hl7.org/fhir/SearchParameter/{resource_type}-{name}"
+        name,
+        type_,
+        doc,
+        f"http://hl7.org/fhir/SearchParameter/{resource_type}-{name}",
+        modifiers,
     )
+
+
+_FILTERS_OF: dict[str, dict[str, Filter]] = {
+    "Task": TASK_FILTERS,
+    "ServiceRequest": SERVICE_REQUEST_FILTERS,
+    "Communication": COMMUNICATION_FILTERS,
+    "DocumentReference": DOCUMENT_REFERENCE_FILTERS,
+}
 
 
 def referral_handlers() -> list[ResourceHandler]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from django.db.models import OuterRef, Q, QuerySet, Subquery
@@ -216,6 +217,15 @@ def _near(raw: str) -> Q:
     return Q(pk__in=found)
 
 
+def _facility_name_exact(raw: str) -> Q:
+    """``name:exact``: the whole name or local name, case and accents as written."""
+    return _any(raw, lambda value: Q(name=value) | Q(name_local=value))
+
+
+def _department_name_exact(raw: str) -> Q:
+    return _any(raw, lambda value: Q(name=value))
+
+
 def _department_name(raw: str) -> Q:
     # Department has no stored search key: compare normalised names (one column scan).
     def one(value: str) -> Q:
@@ -265,9 +275,14 @@ def _handler(
     params: list[tuple[SearchParam, Filter]],
     *,
     sort_by_name: bool = False,
+    missing: dict[str, str] | None = None,
+    exact: Filter | None = None,
 ) -> ResourceHandler:
     """A registry type's handler; with ``sort_by_name``, ``_sort=name`` orders by the
-    source row's ``name`` (the database's collation), as its ``name`` search reads it."""
+    source row's ``name`` (the database's collation), as its ``name`` search reads it.
+    Token parameters take ``:not``; those in ``missing`` (name -> the nullable column
+    whose NULL renders no value) take ``:missing``; ``exact`` is ``name:exact``."""
+    missing = missing or {}
     sorts: dict[str, Any] = {}
     if sort_by_name:
         names = base().filter(pk=OuterRef("source_pk")).values("name")[:1]
@@ -276,11 +291,46 @@ def _handler(
         resource_type=resource_type,
         interactions=REGISTRY_INTERACTIONS,
         documentation=documentation,
-        search_params=tuple(p for p, _ in params),
-        search=_registry_search(resource_type, base, {p.name: f for p, f in params}),
+        search_params=tuple(_with_modifiers(p, missing, exact) for p, _ in params),
+        search=_registry_search(resource_type, base, _filters(params, missing, exact)),
         order_by=("source_pk",),
         sorts=sorts,
     )
+
+
+def _with_modifiers(
+    param: SearchParam, missing: dict[str, str], exact: Filter | None
+) -> SearchParam:
+    modifiers = {"not"} if param.type == "token" else set()
+    if param.name in missing:
+        modifiers.add("missing")
+    if param.name == "name" and exact is not None:
+        modifiers.add("exact")
+    return replace(param, modifiers=frozenset(modifiers))
+
+
+def _filters(
+    params: list[tuple[SearchParam, Filter]], missing: dict[str, str], exact: Filter | None
+) -> dict[str, Filter]:
+    """Filters by parameter name, and by "name:modifier" (``_with_modifiers``)."""
+    filters: dict[str, Filter] = {"name:exact": exact} if exact is not None else {}
+    for param, build in params:
+        filters[param.name] = build
+        if param.type == "token":
+            filters[f"{param.name}:not"] = _negated(build)
+        if param.name in missing:
+            filters[f"{param.name}:missing"] = _is_null(missing[param.name])
+    return filters
+
+
+def _negated(build: Filter) -> Filter:
+    """``:not``: none of the values (a row with no value too)."""
+    return lambda raw: ~build(raw)
+
+
+def _is_null(column: str) -> Filter:
+    """``:missing``: true (no value), false (a value); the view checked the values."""
+    return lambda raw: _any(raw, lambda value: Q(**{f"{column}__isnull": value == "true"}))
 
 
 def _sp(name: str, type_: str, doc: str, resource_type: str, definition: str = "") -> SearchParam:
@@ -362,6 +412,8 @@ HANDLERS: tuple[ResourceHandler, ...] = (
             ),
         ],
         sort_by_name=True,
+        exact=_facility_name_exact,
+        missing={"partof": "parent_id"},
     ),
     _handler(
         "Location",
@@ -415,6 +467,8 @@ HANDLERS: tuple[ResourceHandler, ...] = (
             ),
         ],
         sort_by_name=True,
+        exact=_facility_name_exact,
+        missing={"partof": "parent_id"},
     ),
     _handler(
         "HealthcareService",
@@ -464,6 +518,7 @@ HANDLERS: tuple[ResourceHandler, ...] = (
             ),
         ],
         sort_by_name=True,
+        exact=_department_name_exact,
     ),
     _handler(
         "Endpoint",

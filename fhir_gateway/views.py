@@ -42,7 +42,7 @@ from core.values import (
 )
 from fhir_gateway import capability, handlers, intake, paging, patching
 from fhir_gateway.audit import audit_referral, audit_resources, audit_rows, resources_answered
-from fhir_gateway.handlers import HANDLERS, ResourceHandler, WriteRequest
+from fhir_gateway.handlers import HANDLERS, ResourceHandler, SearchParam, WriteRequest
 from fhir_gateway.models import FhirResource
 from fhir_gateway.outcomes import (
     FhirError,
@@ -1172,21 +1172,33 @@ def _search(
         if param is None:
             ignored.append(name)
             continue
-        if modifier and not (param.type == "string" and modifier == "contains"):
+        contains = param.type == "string" and modifier == "contains"
+        if modifier and not contains and modifier not in param.modifiers:
             # Never ignored: without it the search would answer more than was asked for
-            # (name:exact, identifier:not): FHIR's own example refuses it.
+            # (name:exact, identifier:above): FHIR's own example refuses it.
             raise FhirError(
                 400,
                 "not-supported",
                 f"The {base_name!r} parameter has the modifier {modifier[:40]!r}, which is "
-                "not supported here (only :contains on string parameters).",
+                f"not supported here ({_modifiers_named(param)}).",
                 expression=[name[:80]],
             )
+        if modifier == "missing":
+            for value in values:
+                if any(v not in {"true", "false"} for v in value.split(",")):
+                    raise FhirError(
+                        400,
+                        "invalid",
+                        f"{name[:80]} takes true or false, not {value[:40]!r}.",
+                        expression=[name[:80]],
+                    )
         used[name] = values
-        if param.type == "reference":
+        if param.type == "reference" and modifier != "missing":
             values = [_local_reference(v, ctx.base) for v in values]
         if base_name not in {"_id", "_lastUpdated"}:
-            own.setdefault(base_name, []).extend(values)
+            # :contains is the parameter's own search (docs/fhir.md); other modifiers are
+            # passed on by name ("status:not") for the handler's filters.
+            own.setdefault(base_name if contains or not modifier else name, []).extend(values)
     if total_mode != "accurate":  # the paging links keep asking for the same
         used["_total"] = [total_mode]
     sort = _sort_keys(handler, params.get("_sort") or [], ignored, strict)
@@ -1229,6 +1241,8 @@ def _search(
         rows = handler.search(ctx.user, own)
         for value in used.get("_id", []):  # repeated: AND; commas: OR
             rows = rows.filter(logical_id__in=value.split(","))
+        for value in used.get("_id:not", []):  # none of them
+            rows = rows.exclude(logical_id__in=value.split(","))
         if "_lastUpdated" in used:
             rows = rows.filter(_last_updated_filter(used["_lastUpdated"]))
         if not handler.renders_all_versions:
@@ -1288,6 +1302,13 @@ def _search(
     )
     _name_ignored(response, ignored)
     return response
+
+
+def _modifiers_named(param: SearchParam) -> str:
+    supported = sorted(param.modifiers | ({"contains"} if param.type == "string" else set()))
+    if not supported:
+        return "it takes none"
+    return "it takes " + ", ".join(f":{m}" for m in supported)
 
 
 def _unread(request: HttpRequest, names: Any, reads: frozenset[str], what: str) -> list[str]:
@@ -1544,6 +1565,7 @@ def _search_by_sql(
         or connection.vendor != "postgresql"
         or handler.order_by != ("logical_id",)
         or "_id" in used
+        or "_id:not" in used
         or "_lastUpdated" in used
         or any(key not in sort_sql for key, _descending in sort)
     ):

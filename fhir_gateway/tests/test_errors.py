@@ -497,7 +497,13 @@ def test_over_a_thousand_parameters_is_400_not_500(world: Any) -> None:
 
 @pytest.mark.parametrize(
     "query",
-    ["Organization?name:exact=Mahosot", "Task?identifier:not=x|y", "Task?_id:missing=true"],
+    [
+        "Organization?name:text=Mahosot",
+        "Organization?address-country:exact=LA",
+        "Task?identifier:above=x|y",
+        "Task?_id:missing=true",
+        "Task?requester:not=Organization/1",
+    ],
 )
 def test_an_unsupported_modifier_on_a_known_parameter_is_400_even_leniently(
     fhir: Any, network: Any, query: str

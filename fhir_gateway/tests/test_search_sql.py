@@ -89,6 +89,8 @@ def test_hand_written_searches_equal_the_orm_for_every_user_and_parameter(
     case_file_store(  # a case file of the submitted referral, as the gateway stores one
         world.referrer, submitted, b"%PDF-1.4 x\n%%EOF\n", content_type="", title="a.pdf"
     )
+    unrouted = world.submit()  # as routing leaves one no department takes
+    Referral.objects.filter(pk=unrouted.pk).update(assigned_department=None)
     ids = {r.pk: r.filler_id for r in Referral.objects.all()}
     hub, district = world.hub_paeds.pk, world.district.pk
     task_cases: list[dict[str, list[str]]] = [
@@ -115,6 +117,15 @@ def test_hand_written_searches_equal_the_orm_for_every_user_and_parameter(
         {"business-status": [f"{REFERRAL_STATE_SYSTEM}|,{BSER_BUSINESS_STATUS}|"]},
         {"business-status": ["|submitted"]},
         {"business-status": [f"{BSER_BUSINESS_STATUS}|3.0"]},
+        {"status:not": ["requested"]},
+        {"status:not": ["received"]},  # submitted and acknowledged: the finer split
+        {"status:not": ["requested,accepted"], "owner": [f"HealthcareService/{hub}"]},
+        {"status:not": ["http://example.org/other|requested"]},  # excludes nothing
+        {"status": ["requested,received"], "status:not": ["received"]},
+        {"business-status:not": ["scheduled,submitted"]},
+        {"owner:missing": ["true"]},
+        {"owner:missing": ["false"], "status": ["requested"]},
+        {"owner:missing": ["true,false"]},
     ]
     sr_cases: list[dict[str, list[str]]] = [
         {},
@@ -123,6 +134,9 @@ def test_hand_written_searches_equal_the_orm_for_every_user_and_parameter(
         {"status": ["http://hl7.org/fhir/request-status|"]},
         {"status": ["http://hl7.org/fhir/request-status|active,|revoked"]},
         {"requester": [f"Organization/{district}"]},
+        {"status:not": ["active"]},
+        {"performer:missing": ["true"]},
+        {"performer:missing": ["false"], "status:not": ["revoked"]},
     ]
     communication_cases: list[dict[str, list[str]]] = [
         {},
