@@ -24,7 +24,7 @@ from urllib.parse import parse_qsl
 
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.db import DEFAULT_DB_ALIAS, connection, transaction
-from django.db.models import OuterRef, Q, QuerySet, Subquery
+from django.db.models import Case, CharField, OuterRef, Q, QuerySet, Subquery, Value, When
 
 from core.atomic import atomic_in_unit
 from core.errors import ApplicationError, Conflict
@@ -487,16 +487,68 @@ def _referral_column(name: str) -> Subquery:
     return Subquery(Referral.objects.filter(pk=OuterRef("source_pk")).values(name)[:1])
 
 
+def _status_codes(resource_type: str) -> tuple[dict[str, str], str | None]:
+    """The status code each referral state renders as (Task: ``TASK_STATUS``, a submitted
+    referral its department acknowledged being ``received``; ServiceRequest:
+    ``service_request_status``), and the code of an acknowledged submitted Task."""
+    if resource_type == "Task":
+        return dict(m.TASK_STATUS), "received"
+    return {s: m.service_request_status(s) for s in ReferralState.values}, None
+
+
+def _status_sort(resource_type: str) -> Subquery:
+    """``_sort=status``: by the status code as rendered, as text (FHIR sorts a token by its
+    code): Task accepted, cancelled, completed, draft, failed, in-progress, on-hold,
+    received, rejected, requested."""
+    codes, acknowledged = _status_codes(resource_type)
+    whens = [When(state=state, then=Value(code)) for state, code in codes.items()]
+    if acknowledged is not None:
+        whens.insert(
+            0,
+            When(
+                state=ReferralState.SUBMITTED,
+                acknowledged_at__isnull=False,
+                then=Value(acknowledged),
+            ),
+        )
+    code = Case(*whens, output_field=CharField())
+    rows = Referral.objects.filter(pk=OuterRef("source_pk")).annotate(status_code=code)
+    return Subquery(rows.values("status_code")[:1])
+
+
+def _status_sort_sql(resource_type: str) -> str:
+    """``_status_sort`` over the hand-written search's referral ``r``; the codes are ours
+    (no quotes in them), written as literals so the statement stays one prepared text."""
+    codes, acknowledged = _status_codes(resource_type)
+    whens = [f"WHEN r.state = '{state}' THEN '{code}'" for state, code in codes.items()]
+    if acknowledged is not None:
+        whens.insert(
+            0,
+            f"WHEN r.state = '{ReferralState.SUBMITTED.value}' "
+            f"AND r.acknowledged_at IS NOT NULL THEN '{acknowledged}'",
+        )
+    assert all("'" not in v for v in [*codes, *codes.values()])
+    return "(CASE " + " ".join(whens) + " END)"
+
+
 # ``_sort`` keys of the referral types, named as their search parameters (Task
-# ``authored-on``, ServiceRequest ``authored``): when it was authored, and its urgency (the
-# request-priority codes in clinical order: stat, asap, urgent, routine).
-def _referral_sorts(authored: str) -> dict[str, Any]:
-    return {authored: _referral_column("created_at"), "priority": _referral_column("priority")}
+# ``authored-on``, ServiceRequest ``authored``): when it was authored, its urgency (the
+# request-priority codes in clinical order: stat, asap, urgent, routine), and its status.
+def _referral_sorts(resource_type: str, authored: str) -> dict[str, Any]:
+    return {
+        authored: _referral_column("created_at"),
+        "priority": _referral_column("priority"),
+        "status": _status_sort(resource_type),
+    }
 
 
 # The same over the hand-written search's referral ``r`` (``_search_sql``).
-def _referral_sorts_sql(authored: str) -> dict[str, str]:
-    return {authored: "r.created_at", "priority": "r.priority"}
+def _referral_sorts_sql(resource_type: str, authored: str) -> dict[str, str]:
+    return {
+        authored: "r.created_at",
+        "priority": "r.priority",
+        "status": _status_sort_sql(resource_type),
+    }
 
 
 def _same_referral(resource_type: str) -> handlers.IncludeFunc:
@@ -2083,7 +2135,7 @@ def referral_handlers() -> list[ResourceHandler]:
             "If-None-Exist: identifier=<placer system>|<value> is idempotent. Create with "
             "basedOn = ServiceRequest/<id> (performer = a department of its requester) = "
             "counter-referral of that referral. _sort: priority (most urgent first), "
-            "authored, _lastUpdated, _id; - for descending.",
+            "authored, status (by code), _lastUpdated, _id; - for descending.",
             search_params=(
                 _sp("requester", "reference", "Requesting Organization.", "ServiceRequest"),
                 _sp("performer", "reference", "Assigned HealthcareService.", "ServiceRequest"),
@@ -2098,8 +2150,8 @@ def referral_handlers() -> list[ResourceHandler]:
             renders_all_versions=True,
             visible=_visible("ServiceRequest"),
             includes={"ServiceRequest:patient": _same_referral("Patient")},
-            sorts=_referral_sorts("authored"),
-            sort_sql=_referral_sorts_sql("authored"),
+            sorts=_referral_sorts("ServiceRequest", "authored"),
+            sort_sql=_referral_sorts_sql("ServiceRequest", "authored"),
             revincludes={"Task:focus": _same_referral("Task")},
         ),
         ResourceHandler(
@@ -2112,7 +2164,7 @@ def referral_handlers() -> list[ResourceHandler]:
             "completed (+input, statusReason); a scheduled Task with a new input scheduled-at "
             "/ experts / video-url = reschedule. PATCH (JSON Patch, JSON Merge Patch) = the "
             "PUT of its result. _sort: priority (most urgent first), authored-on, "
-            "_lastUpdated, _id; - for descending.",
+            "status (by code), _lastUpdated, _id; - for descending.",
             search_params=(
                 _sp("owner", "reference", "Assigned HealthcareService.", "Task"),
                 _sp("requester", "reference", "Requesting Organization.", "Task"),
@@ -2133,8 +2185,8 @@ def referral_handlers() -> list[ResourceHandler]:
                 "Task:patient": _same_referral("Patient"),
             },
             revincludes={"Communication:part-of": _revinclude_communications},
-            sorts=_referral_sorts("authored-on"),
-            sort_sql=_referral_sorts_sql("authored-on"),
+            sorts=_referral_sorts("Task", "authored-on"),
+            sort_sql=_referral_sorts_sql("Task", "authored-on"),
         ),
         ResourceHandler(
             "Patient",

@@ -277,16 +277,20 @@ def _handler(
     sort_by_name: bool = False,
     missing: dict[str, str] | None = None,
     exact: Filter | None = None,
+    sort_by_tier: bool = False,
 ) -> ResourceHandler:
     """A registry type's handler; with ``sort_by_name``, ``_sort=name`` orders by the
     source row's ``name`` (the database's collation), as its ``name`` search reads it.
     Token parameters take ``:not``; those in ``missing`` (name -> the nullable column
-    whose NULL renders no value) take ``:missing``; ``exact`` is ``name:exact``."""
+    whose NULL renders no value) take ``:missing``; ``exact`` is ``name:exact``. With
+    ``sort_by_tier``, ``_sort=type`` orders by the facility's tier (central first)."""
     missing = missing or {}
     sorts: dict[str, Any] = {}
     if sort_by_name:
         names = base().filter(pk=OuterRef("source_pk")).values("name")[:1]
         sorts["name"] = Subquery(names)
+    if sort_by_tier:
+        sorts["type"] = Subquery(base().filter(pk=OuterRef("source_pk")).values("tier")[:1])
     return ResourceHandler(
         resource_type=resource_type,
         interactions=REGISTRY_INTERACTIONS,
@@ -366,7 +370,8 @@ def _affiliation_in_force() -> Q:
 HANDLERS: tuple[ResourceHandler, ...] = (
     _handler(
         "Organization",
-        "A facility (mCSD Facility Organization). Read-only: the registry is the source.",
+        "A facility (mCSD Facility Organization). Read-only: the registry is the source. "
+        "_sort: name, type (tier: central first), _lastUpdated, _id.",
         Facility.objects.all,
         [
             (
@@ -412,6 +417,7 @@ HANDLERS: tuple[ResourceHandler, ...] = (
             ),
         ],
         sort_by_name=True,
+        sort_by_tier=True,
         exact=_facility_name_exact,
         missing={"partof": "parent_id"},
     ),

@@ -890,6 +890,63 @@ def test_sort_a_worklist_by_priority_age_or_last_change(world: World) -> None:
     ]
 
 
+def test_sort_by_status_orders_by_the_rendered_code(world: World) -> None:
+    """``_sort=status``: by the status code as rendered, as text; a submitted referral its
+    department acknowledged sorts as ``received`` (before ``requested``)."""
+    waiting = _submitted_with(world, "A", "routine")
+    acknowledged = _submitted_with(world, "B", "routine")
+    accepted_ = _submitted_with(world, "C", "routine")
+    for task_id, status in ((acknowledged, "received"), (accepted_, "accepted")):
+        task = _get(world.r5, f"/fhir/Task/{task_id}", FHIR_R5)
+        task["status"] = status
+        assert _put_task(world.r5, task, FHIR_R5, 'W/"1"').status_code == 200
+
+    def statuses(query: str, resource_type: str = "Task") -> list[tuple[str, str]]:
+        found = _get(world.r5, f"/fhir/{resource_type}?{query}")
+        return [(e["resource"]["status"], e["resource"]["id"]) for e in found.get("entry", [])]
+
+    assert statuses("_sort=status") == [
+        ("accepted", accepted_),
+        ("received", acknowledged),
+        ("requested", waiting),
+    ]
+    assert statuses("_sort=-status") == [
+        ("requested", waiting),
+        ("received", acknowledged),
+        ("accepted", accepted_),
+    ]
+    # ServiceRequest: all three are active; the tie goes by id
+    assert statuses("_sort=status", "ServiceRequest") == [
+        ("active", i) for i in sorted([waiting, acknowledged, accepted_])
+    ]
+
+
+def test_organizations_sort_by_tier(fhir: Any, network: Any) -> None:
+    """``Organization?_sort=type``: central facilities first (the tier), ties by id."""
+
+    def tiers(query: str) -> list[tuple[int, int]]:
+        found = _get(fhir, f"/fhir/Organization?{query}&_count=50")
+        return [
+            (
+                next(
+                    int(c["code"])
+                    for t in e["resource"]["type"]
+                    for c in t["coding"]
+                    if c["system"].endswith("facility-tier")
+                ),
+                int(e["resource"]["id"]),
+            )
+            for e in found["entry"]
+        ]
+
+    ascending = tiers("_sort=type")
+    assert len({tier for tier, _id in ascending}) >= 2
+    assert ascending == sorted(ascending)
+    assert ascending != tiers("_sort=_id")  # the tiers are not in the rows' order
+    descending = tiers("_sort=-type")
+    assert descending == sorted(descending, key=lambda row: (-row[0], row[1]))
+
+
 def test_unknown_sort_keys_are_ignored_or_refused_when_strict(world: World) -> None:
     first = _submitted_with(world, "A", "routine")
     lenient = world.r4.get("/fhir/Task?_sort=-colour,priority", Accept=FHIR_R4)

@@ -253,6 +253,8 @@ def test_the_endpoint_pages_the_hand_written_search_like_the_orm(
         [("_lastUpdated", True)],
         [("_id", True)],
         [("authored-on", False), ("priority", False)],
+        [("status", False), ("priority", False)],
+        [("status", True)],
     ],
 )
 def test_sorted_hand_written_searches_equal_the_orm(
@@ -262,6 +264,7 @@ def test_sorted_hand_written_searches_equal_the_orm(
     for priority in (4, 1, 3, 4, 2, 1, 3, 4):
         world.submit(priority=priority)
     world.act(world.submit(priority=2), "accept")
+    world.act(world.submit(priority=3), "acknowledge")  # Task.status received
     user = User.objects.get(pk=world.consultant.pk)
     for resource_type, params in (
         ("Task", {}),
