@@ -209,6 +209,9 @@ class OperationAnswer:
     status: int = 200
     content_type: str | None = None  # None: FHIR JSON of the call's version
     headers: dict[str, str] = field(default_factory=dict)
+    # The (type, id) of the resources the body carries in full, audited as read by the view
+    # (``$events?content=full-resource``: referral versions, patient data).
+    read: tuple[tuple[str, str], ...] = ()
 
 
 OperationFunc = Callable[[OperationCall], OperationAnswer]

@@ -9,10 +9,12 @@ What is offered, and no more:
 - one topic, ``SubscriptionTopic/referral`` (R5 only; in R4 the topic is its canonical URL):
   every stored version of a referral's resources a party facility is told about;
 - Subscriptions of one's own facility (member systems only): create, read, vread, search,
-  update (its reason and name), delete. Channel ``rest-hook`` with **no endpoint** and content ``id-only``: they are pulled
-  with ``$events``. Push to a member is the registry Endpoint's outbox delivery
-  (``delivery``), not a Subscription's; an endpoint, filters, an ``end`` or another content
-  are refused (422) rather than accepted and ignored;
+  update (its reason, name and content), delete. Channel ``rest-hook`` with **no endpoint**,
+  content ``id-only`` (the default), ``full-resource`` (each event's version as stored,
+  in the caller's FHIR version) or ``empty``: they are pulled with ``$events``. Push to a
+  member is the registry Endpoint's outbox delivery (``delivery``), not a
+  Subscription's; an endpoint, filters or an ``end`` are refused (422) rather than
+  accepted and ignored;
 - ``Subscription/{id}/$events`` (eventsSinceNumber / eventsUntilNumber / _count / content),
   ``Subscription/{id}/$status``, and ``/fhir/$events?since=<number>`` for the whole facility.
 
@@ -118,8 +120,8 @@ def topic_resource() -> dict[str, Any]:
         "description": (
             "Every stored version of a referral's resources that a party facility (the "
             "requester and the assigned department's facility) is told about: what the outbox "
-            "pushes to the facility's registered Endpoints. Notifications are id-only; poll "
-            "Subscription/{id}/$events."
+            "pushes to the facility's registered Endpoints. Notifications are id-only, "
+            "full-resource or empty (the Subscription's content); poll Subscription/{id}/$events."
         ),
         "resourceTrigger": [
             {
@@ -234,12 +236,18 @@ def _extensions(element: Any, url: str) -> list[dict[str, Any]]:
     ]
 
 
-def _check_content(value: Any, element: str) -> None:
-    if value not in (None, "id-only"):
-        raise _refuse(element, f"content {value!r} is not offered; notifications are id-only.")
+CONTENTS = ("empty", "id-only", "full-resource")
 
 
-def _check_r4(resource: dict[str, Any]) -> None:
+def _check_content(value: Any, element: str) -> str:
+    """The Subscription's content (none: id-only)."""
+    if value not in (None, *CONTENTS):
+        raise _refuse(element, f"content {value!r}: empty, id-only or full-resource.")
+    return str(value or "id-only")
+
+
+def _check_r4(resource: dict[str, Any]) -> str:
+    """What an R4 (Backport IG) Subscription may ask for; its content."""
     if resource.get("criteria") != TOPIC_URL:
         raise _refuse(
             "Subscription.criteria",
@@ -262,11 +270,18 @@ def _check_r4(resource: dict[str, Any]) -> None:
     for extension in _extensions(channel.get("_payload"), PAYLOAD_CONTENT):
         values = [v for k, v in extension.items() if k.startswith("value")]
         if values != [extension.get("valueCode")]:  # a valueString "full-resource" too
-            raise _refuse("Subscription.channel.payload", "the content is a valueCode: id-only.")
-        _check_content(extension.get("valueCode"), "Subscription.channel.payload")
+            raise _refuse(
+                "Subscription.channel.payload",
+                "the content is a valueCode: id-only or full-resource.",
+            )
+    contents = [e.get("valueCode") for e in _extensions(channel.get("_payload"), PAYLOAD_CONTENT)]
+    if len(contents) > 1:
+        raise _refuse("Subscription.channel.payload", "one content extension at most.")
+    return _check_content(contents[0] if contents else None, "Subscription.channel.payload")
 
 
-def _check_r5(resource: dict[str, Any]) -> None:
+def _check_r5(resource: dict[str, Any]) -> str:
+    """What an R5 Subscription may ask for; its content."""
     if resource.get("topic") != TOPIC_URL:
         raise _refuse("Subscription.topic", f"the only topic is {TOPIC_URL}.")
     if resource.get("filterBy"):
@@ -282,11 +297,11 @@ def _check_r5(resource: dict[str, Any]) -> None:
         )
     if resource.get("contentType") not in (None, FHIR_JSON):
         raise _refuse("Subscription.contentType", f"only {FHIR_JSON}.")
-    _check_content(resource.get("content"), "Subscription.content")
+    return _check_content(resource.get("content"), "Subscription.content")
 
 
 def _renderings(
-    logical_id: str, facility_id: int, reason: str, name: str
+    logical_id: str, facility_id: int, reason: str, name: str, content: str
 ) -> dict[str, dict[str, Any]]:
     r4: dict[str, Any] = {
         "resourceType": "Subscription",
@@ -298,7 +313,7 @@ def _renderings(
         "channel": {
             "type": "rest-hook",
             "payload": FHIR_JSON,
-            "_payload": {"extension": [{"url": PAYLOAD_CONTENT, "valueCode": "id-only"}]},
+            "_payload": {"extension": [{"url": PAYLOAD_CONTENT, "valueCode": content}]},
         },
     }
     r5: dict[str, Any] = {
@@ -311,7 +326,7 @@ def _renderings(
         **({"reason": reason} if reason else {}),
         "channelType": {"system": CHANNEL_TYPES, "code": "rest-hook"},
         "contentType": FHIR_JSON,
-        "content": "id-only",
+        "content": content,
     }
     return {R4: r4, R5: r5}
 
@@ -321,13 +336,14 @@ def _subscription_create(req: WriteRequest) -> WriteResult:
     validate_resource(req.resource, req.fhir_version)
     if req.resource.get("end") is not None:  # 0 is an end too (a date, to the models)
         raise _refuse("Subscription.end", "not supported; delete the Subscription instead.")
-    (_check_r4 if req.fhir_version == R4 else _check_r5)(req.resource)
+    content = (_check_r4 if req.fhir_version == R4 else _check_r5)(req.resource)
     logical_id = uuid.uuid4().hex
     renderings = _renderings(
         logical_id,
         facility,
         str(req.resource.get("reason") or ""),
         str(req.resource.get("name") or ""),
+        content,
     )
     with transaction.atomic():
         feed_number(facility)
@@ -348,9 +364,9 @@ def _subscription_create(req: WriteRequest) -> WriteResult:
 
 
 def _subscription_update(req: WriteRequest) -> WriteResult:
-    """PUT of one of the facility's Subscriptions: its ``reason`` and ``name`` change; the
-    rest is held to what a create accepts (the topic, a rest-hook channel without an
-    endpoint, id-only) and its events go on from where they began. ``status`` may be
+    """PUT of one of the facility's Subscriptions: its ``reason``, ``name`` and content
+    change; the rest is held to what a create accepts (the topic, a rest-hook channel
+    without an endpoint) and its events go on from where they began. ``status`` may be
     requested or active (it stays active; ``off`` is a DELETE); no create by update."""
     facility = _feed_facility(req.user)
     assert req.logical_id is not None
@@ -363,7 +379,7 @@ def _subscription_update(req: WriteRequest) -> WriteResult:
             f"{req.resource.get('status')!r}: a Subscription here is active until deleted "
             "(DELETE it to stop it).",
         )
-    (_check_r4 if req.fhir_version == R4 else _check_r5)(req.resource)
+    content = (_check_r4 if req.fhir_version == R4 else _check_r5)(req.resource)
     with transaction.atomic():
         # Under the resource's lock (store_version's, taken by a DELETE too): a DELETE
         # committed first leaves nothing to update (404, no create by update, nothing
@@ -384,7 +400,7 @@ def _subscription_update(req: WriteRequest) -> WriteResult:
         if req.fhir_version == R4:  # R4 has no name: the one an R5 client gave stays
             name = str(json.loads(current.json_r5 or "{}").get("name") or "")
         renderings = _renderings(
-            req.logical_id, facility, str(req.resource.get("reason") or ""), name
+            req.logical_id, facility, str(req.resource.get("reason") or ""), name, content
         )
         row = store_version(
             resource_type="Subscription",
@@ -432,12 +448,39 @@ def _count(params: dict[str, list[str]]) -> int:
     return DEFAULT_COUNT if count is None else min(count, MAX_COUNT)
 
 
-def _content(params: dict[str, list[str]]) -> str:
-    content = _last(params, "content") or "id-only"
-    if content not in ("id-only", "empty", "full-resource"):
+def _content(params: dict[str, list[str]], default: str = "id-only") -> str:
+    """``$events``' content: asked for, else the Subscription's own."""
+    content = _last(params, "content") or default
+    if content not in CONTENTS:
         raise FhirError(400, "invalid", "content must be empty, id-only or full-resource.")
-    # full-resource is a hint a server may ignore (R5): the member reads each version itself.
-    return "empty" if content == "empty" else "id-only"
+    return content
+
+
+def _subscription_content(logical_id: str) -> str:
+    """The content the Subscription asked for (its stored R5 rendering says it)."""
+    text = (
+        current_rows("Subscription")
+        .filter(logical_id=logical_id)
+        .values_list("json_r5", flat=True)
+        .first()
+    )
+    content = json.loads(text).get("content") if text else None
+    return content if content in CONTENTS else "id-only"
+
+
+def _stored_versions(items: list[FeedItem], column: str) -> dict[tuple[str, str, int], str]:
+    """The stored JSON (``column``: the caller's version) of each event's version, for
+    ``full-resource``: one query over the page's ids and version numbers, matched here
+    (an OR of hundreds of triples is past SQLite's expression depth)."""
+    wanted = {(i.resource_type, i.logical_id, i.version_id) for i in items}
+    rows = FhirResource.objects.filter(
+        resource_type__in={t for t, _i, _v in wanted},
+        logical_id__in={i for _t, i, _v in wanted},
+        version_id__in={v for _t, _i, v in wanted},
+    ).values_list("resource_type", "logical_id", "version_id", column)
+    return {
+        (rtype, lid, vid): text for rtype, lid, vid, text in rows if (rtype, lid, vid) in wanted
+    }
 
 
 def _refuse_pruned(facility_id: int, first: int, *, cursor: str) -> None:
@@ -476,11 +519,17 @@ def _subscription(call: OperationCall) -> FeedSubscription:
     return state
 
 
-def _entry(base: str, item: FeedItem) -> dict[str, Any]:
+def _entry(
+    base: str, item: FeedItem, stored: dict[tuple[str, str, int], str] | None = None
+) -> dict[str, Any]:
+    """An event's entry; with ``stored`` (full-resource) the version itself, where it has a
+    rendering in the caller's version."""
     first = item.version_id == 1
     path = f"{item.resource_type}/{item.logical_id}"
+    text = (stored or {}).get((item.resource_type, item.logical_id, item.version_id))
     return {
         "fullUrl": f"{base}/{path}",
+        **({"resource": json.loads(text)} if text else {}),
         "request": {
             "method": "POST" if first else "PUT",
             "url": item.resource_type if first else path,
@@ -493,15 +542,18 @@ def _entry(base: str, item: FeedItem) -> dict[str, Any]:
     }
 
 
-def _r5_entries(base: str, items: list[FeedItem]) -> list[dict[str, Any]]:
+def _r5_entries(
+    base: str, items: list[FeedItem], stored: dict[tuple[str, str, int], str] | None = None
+) -> list[dict[str, Any]]:
     """A subscription-notification's entries: one per resource (its last version here). R5's
     bdl-7 allows a fullUrl twice only with distinct meta.versionId, which id-only entries do
-    not have; each version is still named by its event's focus."""
+    not have; each version is still named by its event's focus (full-resource: the last
+    version in full, as the page's latest word on that resource)."""
     last: dict[tuple[str, str], FeedItem] = {}
     for item in items:
         last.pop((item.resource_type, item.logical_id), None)  # re-insert: latest order
         last[(item.resource_type, item.logical_id)] = item
-    return [_entry(base, item) for item in last.values()]
+    return [_entry(base, item, stored) for item in last.values()]
 
 
 def _subscription_ref(call: OperationCall) -> dict[str, Any]:
@@ -605,7 +657,7 @@ def subscription_events(call: OperationCall) -> OperationAnswer:
     since = _number(call.params, "eventsSinceNumber")
     until = _number(call.params, "eventsUntilNumber")
     count = _count(call.params)
-    content = _content(call.params)
+    content = _content(call.params, _subscription_content(state.logical_id))
     feed_number(state.facility_id)
     first = max(since if since is not None else 0, state.start_number + 1)
     if since is None:  # no number asked for: from the oldest event still kept
@@ -647,13 +699,22 @@ def subscription_events(call: OperationCall) -> OperationAnswer:
         }
         status_entry["response"] = {"status": "200"}
     entries = [status_entry]
+    stored = None
+    if content == "full-resource":
+        stored = _stored_versions(items, "json_r5" if call.version == R5 else "json_r4")
     if call.version == R4:
         if content != "empty":
-            entries += [_entry(call.base, item) for item in items]
-        return OperationAnswer(_bundle("history", links, entries, profile=NOTIFICATION_R4_PROFILE))
-    if content != "empty":
-        entries += _r5_entries(call.base, items)
-    return OperationAnswer(_bundle("subscription-notification", links, entries))
+            entries += [_entry(call.base, item, stored) for item in items]
+        bundle = _bundle("history", links, entries, profile=NOTIFICATION_R4_PROFILE)
+    else:
+        if content != "empty":
+            entries += _r5_entries(call.base, items, stored)
+        bundle = _bundle("subscription-notification", links, entries)
+    # Resources sent in full are read as a search's are (docs/permissions.md)
+    read = [
+        (e["resource"]["resourceType"], e["resource"]["id"]) for e in entries[1:] if "resource" in e
+    ]
+    return OperationAnswer(bundle, read=tuple(dict.fromkeys(read)))
 
 
 def subscription_status(call: OperationCall) -> OperationAnswer:
@@ -757,8 +818,8 @@ def register_all() -> None:
             "Subscription",
             (r, v, s, c, u, d),
             documentation="Your facility's Subscriptions to the referral topic (member "
-            "systems): rest-hook without endpoint, id-only, pulled with $events. Update "
-            "changes reason and name.",
+            "systems): rest-hook without endpoint, content id-only (default), full-resource or "
+            "empty, pulled with $events. Update changes reason, name and content.",
             profile="",
             search_params=(
                 handlers.SearchParam(
@@ -787,7 +848,7 @@ def register_all() -> None:
             definition_r4=f"{BACKPORT}/OperationDefinition/backport-subscription-events",
             documentation="Events numbered after the Subscription's creation: "
             "eventsSinceNumber, eventsUntilNumber (inclusive), _count (50, max 500), "
-            "content id-only | empty. Numbers older than the feed's retention: 410, with "
+            "content id-only | full-resource | empty (default: the Subscription's). Numbers older than the feed's retention: 410, with "
             "the oldest kept number (extension feed-oldest-event-number).",
         )
     )

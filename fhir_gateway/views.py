@@ -561,6 +561,8 @@ def _operation(
     )
     for header, value in answer.headers.items():
         response[header] = value
+    if answer.read:
+        audit_resources(ctx.request, ctx.user, AuditAction.READ, answer.read, f"fhir ${name}")
     _name_ignored(response, ignored)
     return response
 

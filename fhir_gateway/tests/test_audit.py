@@ -102,6 +102,39 @@ def test_a_search_records_each_referral_once_with_what_it_included(world: World)
     assert len(_entries()) == 2
 
 
+def test_full_resource_events_record_each_referral_read_and_id_only_nothing(world: World):
+    """``$events?content=full-resource`` carries the versions themselves (patient data):
+    read, as a search's matches are; the id-only feed names them only."""
+    created = world.r4.post(
+        "/fhir/Subscription",
+        {
+            "resourceType": "Subscription",
+            "status": "requested",
+            "topic": "https://consilium.example.org/fhir/SubscriptionTopic/referral",
+            "channelType": {
+                "system": "http://terminology.hl7.org/CodeSystem/subscription-channel-type",
+                "code": "rest-hook",
+            },
+            "content": "id-only",
+        },
+        content_type=FHIR_R5,
+        Accept=FHIR_R5,
+    )
+    assert created.status_code == 201, created.content
+    sub = body(created)["id"]
+    first = str(task_of(submit(world, "SR-1"))["id"])
+    second = str(task_of(submit(world, "SR-2"))["id"])
+    AuditEntry.objects.all().delete()
+
+    world.r4.get(f"/fhir/Subscription/{sub}/$events")
+    assert _entries() == []
+    response = world.r4.get(f"/fhir/Subscription/{sub}/$events?content=full-resource")
+
+    assert response.status_code == 200
+    assert sorted(e[3] for e in _entries()) == sorted([_referral(first), _referral(second)])
+    assert {(e[1], e[4]) for e in _entries()} == {("read", "fhir $events")}
+
+
 def test_refusals_and_ministry_reads_record_nothing(world: World):
     task_id = str(task_of(submit(world))["id"])
     AuditEntry.objects.all().delete()

@@ -319,7 +319,22 @@ def test_deleted_subscription_is_gone(world: World):
                 channel={
                     "type": "rest-hook",
                     "_payload": {
-                        "extension": [{"url": PAYLOAD_CONTENT, "valueCode": "full-resource"}]
+                        "extension": [{"url": PAYLOAD_CONTENT, "valueCode": "everything"}]
+                    },
+                }
+            ),
+            "Subscription.channel.payload",
+        ),
+        (
+            FHIR_R4,
+            _r4_subscription(
+                channel={
+                    "type": "rest-hook",
+                    "_payload": {
+                        "extension": [
+                            {"url": PAYLOAD_CONTENT, "valueCode": "id-only"},
+                            {"url": PAYLOAD_CONTENT, "valueCode": "full-resource"},
+                        ]
                     },
                 }
             ),
@@ -337,7 +352,7 @@ def test_deleted_subscription_is_gone(world: World):
             _r5_subscription(filterBy=[{"filterParameter": "status", "value": "requested"}]),
             "Subscription.filterBy",
         ),
-        (FHIR_R5, _r5_subscription(content="full-resource"), "Subscription.content"),
+        (FHIR_R5, _r5_subscription(content="everything"), "Subscription.content"),
         (
             FHIR_R5,
             _r5_subscription(channelType={"system": CHANNEL_TYPES, "code": "email"}),
@@ -464,6 +479,98 @@ def test_status_operation(world: World, version: str):
         parameters = {p["name"]: p for p in status["parameter"]}
         assert parameters["type"]["valueCode"] == "query-status"
         assert parameters["events-since-subscription-start"]["valueString"] == "3"
+
+
+# --------------------------------------------------------------------------- full-resource
+
+
+def _stored(resource_type: str, logical_id: str, version_id: int, version: str) -> Any:
+    row = FhirResource.objects.get(
+        resource_type=resource_type, logical_id=logical_id, version_id=version_id
+    )
+    return json.loads(row.json_r5 if version == FHIR_R5 else row.json_r4)
+
+
+@pytest.mark.parametrize("version", [FHIR_R4, FHIR_R5])
+def test_events_with_full_resource_carry_each_version_as_stored(world: World, version: str):
+    """content=full-resource: each event's version itself, in the caller's FHIR version,
+    equal to its vread; the member need not read each one back."""
+    sub = _subscribe(world.r4, version)
+    task_id = str(task_of(submit(world))["id"])
+    _accept(world, task_id)  # Task v2
+
+    page = _get(world.r4, f"/fhir/Subscription/{sub}/$events?content=full-resource", version)
+    resources = [e for e in page["entry"][1:] if "resource" in e]
+    assert len(resources) == len(page["entry"]) - 1 >= 3  # every entry carries its resource
+    for entry in resources:
+        resource = entry["resource"]
+        assert entry["fullUrl"].endswith(f"/{resource['resourceType']}/{resource['id']}")
+        version_id = int(resource["meta"]["versionId"])
+        assert resource == _stored(resource["resourceType"], resource["id"], version_id, version)
+        vread = world.r4.get(
+            f"/fhir/{resource['resourceType']}/{resource['id']}/_history/{version_id}",
+            Accept=version,
+        )
+        assert vread.status_code == 200 and body(vread) == resource
+        assert entry["response"]["etag"] == f'W/"{version_id}"'
+    tasks = [e["resource"] for e in resources if e["resource"]["resourceType"] == "Task"]
+    if version == FHIR_R4:  # a history Bundle: every version, in order
+        assert [t["status"] for t in tasks] == ["requested", "accepted"]
+    else:  # one entry per resource: its last version
+        assert [t["status"] for t in tasks] == ["accepted"]
+    # id-only (the default) still carries none
+    plain = _get(world.r4, f"/fhir/Subscription/{sub}/$events", version)
+    assert not any("resource" in e for e in plain["entry"][1:])
+    assert len(plain["entry"]) == len(page["entry"])
+
+
+@pytest.mark.parametrize("version", [FHIR_R4, FHIR_R5])
+def test_a_full_resource_subscription_is_kept_and_answers_in_full(world: World, version: str):
+    if version == FHIR_R4:
+        resource = _r4_subscription()
+        resource["channel"]["_payload"]["extension"][0]["valueCode"] = "full-resource"
+    else:
+        resource = _r5_subscription(content="full-resource")
+    created = world.r4.post("/fhir/Subscription", resource, content_type=version, Accept=version)
+    assert created.status_code == 201, created.content
+    sub = body(created)["id"]
+    r5 = _get(world.r4, f"/fhir/Subscription/{sub}", FHIR_R5)
+    r4 = _get(world.r4, f"/fhir/Subscription/{sub}", FHIR_R4)
+    assert r5["content"] == "full-resource"
+    assert r4["channel"]["_payload"]["extension"][0]["valueCode"] == "full-resource"
+    submit(world)
+
+    page = _get(world.r4, f"/fhir/Subscription/{sub}/$events", version)
+    assert len(page["entry"]) > 1 and all("resource" in e for e in page["entry"][1:])
+    asked = _get(world.r4, f"/fhir/Subscription/{sub}/$events?content=id-only", version)
+    assert not any("resource" in e for e in asked["entry"][1:])
+    # An update may change it back
+    r5["content"] = "id-only"
+    put = world.r4.put(
+        f"/fhir/Subscription/{sub}",
+        r5,
+        content_type=FHIR_R5,
+        Accept=FHIR_R5,
+        **{"If-Match": f'W/"{r5["meta"]["versionId"]}"'},
+    )
+    assert put.status_code == 200, put.content
+    again = _get(world.r4, f"/fhir/Subscription/{sub}/$events", version)
+    assert not any("resource" in e for e in again["entry"][1:])
+
+
+def test_full_resource_events_of_another_facility_are_not_served(world: World):
+    """A facility's feed holds only what it was told: full-resource changes nothing there."""
+    mine = _subscribe(world.r4)
+    theirs = _subscribe(world.other)
+    submit(world)
+    own = _get(world.r4, f"/fhir/Subscription/{mine}/$events?content=full-resource")
+    assert len(own["entry"]) > 1
+    other = _get(world.other, f"/fhir/Subscription/{theirs}/$events?content=full-resource")
+    assert len(other["entry"]) == 1  # the status only
+    assert (
+        world.other.get(f"/fhir/Subscription/{mine}/$events?content=full-resource").status_code
+        == 404
+    )
 
 
 # --------------------------------------------------------------------------- paging, bounds
