@@ -20,14 +20,18 @@ _STATEMENT_DATE = "2025-01-01"
 
 
 def _operation_entries(operations: list[Operation], version: str) -> list[dict[str, Any]]:
-    return [
-        {
-            "name": op.name,
-            "definition": op.definition_for(version),
-            **({"documentation": op.documentation} if op.documentation else {}),
-        }
-        for op in operations
-    ]
+    """One entry per operation name: an operation served at type and instance level
+    (``Subscription/$status``) is one OperationDefinition; its documentation says both."""
+    entries: dict[str, dict[str, Any]] = {}
+    for op in operations:
+        entry = entries.setdefault(
+            op.name, {"name": op.name, "definition": op.definition_for(version)}
+        )
+        if op.documentation and op.documentation not in entry.get("documentation", ""):
+            entry["documentation"] = " ".join(
+                part for part in (entry.get("documentation"), op.documentation) if part
+            )
+    return list(entries.values())
 
 
 def capability_statement(version: str, *, base: str) -> dict[str, Any]:

@@ -65,6 +65,7 @@ from fhir_gateway.storage import (
     parse_if_match,
     resource_current,
     resource_delete,
+    split_escaped,
     store_version,
     validate_resource,
 )
@@ -734,6 +735,49 @@ def subscription_status(call: OperationCall) -> OperationAnswer:
     return OperationAnswer(_bundle("searchset", [_link("self", url, [])], [entry], total=1))
 
 
+def subscriptions_status(call: OperationCall) -> OperationAnswer:
+    """``GET Subscription/$status?id=&status=``: the status of each of the facility's
+    Subscriptions (``id``: those only, comma-separated or repeated; ``status``: every one
+    is ``active``, another status matches none), as a searchset Bundle in id order. An id
+    that is not one of the facility's live Subscriptions is left out (FHIR's
+    ``Subscription-status`` answers the statuses it has)."""
+    facility = _feed_facility(call.user)
+    rows = current_rows("Subscription").filter(source_pk=facility)
+    ids = [i for value in call.params.get("id", []) for i in split_escaped(value, ",") if i]
+    if ids:
+        rows = rows.filter(logical_id__in=ids)
+    for value in call.params.get("status", []):
+        if "active" not in [v.rpartition("|")[2] for v in value.split(",")]:
+            rows = rows.none()
+    logical_ids = sorted(rows.values_list("logical_id", flat=True))
+    starts = dict(
+        FeedSubscription.objects.filter(
+            facility_id=facility, logical_id__in=logical_ids
+        ).values_list("logical_id", "start_number")
+    )
+    feed_number(facility)
+    last = feed_last_number(facility)
+    entries = []
+    for logical_id in logical_ids:
+        if logical_id not in starts:  # stored without feed state: not one of ours
+            continue
+        status = _status_resource(
+            call.version,
+            base=call.base,
+            subscription={"reference": f"{call.base}/Subscription/{logical_id}"},
+            kind="query-status",
+            since_start=max(0, last - starts[logical_id]),
+        )
+        entries.append(
+            {"fullUrl": f"urn:uuid:{status['id']}", "resource": status, "search": {"mode": "match"}}
+        )
+    query = [(name, value) for name in ("id", "status") for value in call.params.get(name, [])]
+    url = f"{call.base}/Subscription/$status"
+    return OperationAnswer(
+        _bundle("searchset", [_link("self", url, query)], entries, total=len(entries))
+    )
+
+
 def facility_events(call: OperationCall) -> OperationAnswer:
     """``GET /fhir/$events?since=<number>&_count=n``: the caller's facility feed after
     event ``since`` (none: from the oldest event still kept), as an id-only history
@@ -861,6 +905,20 @@ def register_all() -> None:
             parameters=frozenset(),
             definition="http://hl7.org/fhir/OperationDefinition/Subscription-status",
             definition_r4=f"{BACKPORT}/OperationDefinition/backport-subscription-status",
+        )
+    )
+    handlers.register_operation(
+        Operation(
+            name="status",
+            level=handlers.TYPE_LEVEL,
+            resource_type="Subscription",
+            func=subscriptions_status,
+            parameters=frozenset({"id", "status"}),
+            definition="http://hl7.org/fhir/OperationDefinition/Subscription-status",
+            definition_r4=f"{BACKPORT}/OperationDefinition/backport-subscription-status",
+            documentation="Subscription/{id}/$status: that Subscription's status; "
+            "Subscription/$status: each of your facility's (id: those only, comma-separated "
+            "or repeated; status: active), in id order.",
         )
     )
     handlers.register_operation(

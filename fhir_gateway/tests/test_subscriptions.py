@@ -481,6 +481,63 @@ def test_status_operation(world: World, version: str):
         assert parameters["events-since-subscription-start"]["valueString"] == "3"
 
 
+@pytest.mark.parametrize("version", [FHIR_R4, FHIR_R5])
+def test_type_level_status_answers_each_of_the_facility_s_subscriptions(world: World, version: str):
+    """``Subscription/$status``: every Subscription of the caller's facility (or those
+    named by ``id``), none of another facility's, none deleted."""
+    first = _subscribe(world.r4)
+    submit(world)  # 3 events
+    second = _subscribe(world.r4, FHIR_R5)
+    gone = _subscribe(world.r4)
+    assert world.r4.delete(f"/fhir/Subscription/{gone}").status_code == 204
+    theirs = _subscribe(world.other)
+
+    def statuses(query: str = "") -> dict[str, str]:
+        found = _get(world.r4, f"/fhir/Subscription/$status{query}", version)
+        model_class("Bundle", version[-3:]).model_validate(found)
+        assert found["type"] == "searchset"
+        assert found["total"] == len(found.get("entry", []))
+        out = {}
+        for entry in found.get("entry", []):
+            status = entry["resource"]
+            if version == FHIR_R5:
+                ref, since = (
+                    status["subscription"]["reference"],
+                    status["eventsSinceSubscriptionStart"],
+                )
+            else:
+                parameters = {p["name"]: p for p in status["parameter"]}
+                ref = parameters["subscription"]["valueReference"]["reference"]
+                since = parameters["events-since-subscription-start"]["valueString"]
+            out[ref.rsplit("/", 1)[1]] = since
+        return out
+
+    assert statuses() == {first: "3", second: "0"}
+    assert statuses(f"?id={second}") == {second: "0"}
+    assert statuses(f"?id={first},{theirs},{gone},nope") == {first: "3"}
+    assert statuses(f"?id={first}&id={second}") == {first: "3", second: "0"}
+    assert statuses("?status=active") == {first: "3", second: "0"}
+    assert statuses("?status=off") == {}
+    other = _get(world.other, "/fhir/Subscription/$status", version)
+    assert [e["resource"]["id"] for e in other["entry"]] and other["total"] == 1
+    # Not a member system: 403, as every feed call
+    referrer = FhirClient(
+        api_token_issue(
+            user=UserFactory.create(facility=world.network.spoke, roles=[Role.REFERRER]), name="t"
+        ).raw
+    )
+    assert referrer.get("/fhir/Subscription/$status").status_code == 403
+
+
+def test_the_capability_statement_lists_status_once_for_both_levels(world: World):
+    statement = _get(world.r4, "/fhir/metadata", FHIR_R5)
+    subscription = next(r for r in statement["rest"][0]["resource"] if r["type"] == "Subscription")
+    names = [o["name"] for o in subscription["operation"]]
+    assert sorted(names) == ["events", "status"]
+    status = next(o for o in subscription["operation"] if o["name"] == "status")
+    assert "Subscription/$status" in status["documentation"]
+
+
 # --------------------------------------------------------------------------- full-resource
 
 
