@@ -33,14 +33,16 @@ from fhir_gateway.registry_projection import (
     PRACTITIONER_ROLE_SYSTEM,
     TIER_SYSTEM,
 )
-from fhir_gateway.storage import current_rows, parse_token, split_escaped
+from fhir_gateway.storage import current_rows, parse_token, split_escaped, unescape
 from registry.geo import bounding_box, haversine_km
 from registry.models import (
     Department,
     Endpoint,
     Facility,
+    FacilityIdentifier,
     OperationalStatus,
     PractitionerRole,
+    Specialty,
     SupportLink,
 )
 from registry.selectors import facility_queryset
@@ -112,15 +114,21 @@ def _boolean(field_true: Callable[[bool], Q]) -> Filter:
 
 
 def _specialty(prefix: str) -> Filter:
+    """``prefix`` leads to the specialty (``specialty__``) or specialties
+    (``specialties__``): one ``__in`` over the specialties a value names, so that ``:not``
+    (Django's exclude) means "no specialty that is this system and this code", not "no
+    specialty of this system and none of this code" (a multi-valued relation's conditions
+    are excluded apart)."""
+
     def build(raw: str) -> Q:
         def one(value: str) -> Q:
             system, code = parse_token(value)
             if system == "":  # "|code": no system, and a specialty always has one
                 return _NOTHING
-            condition = Q(**{f"{prefix}code": code}) if code else Q()  # "system|": any code
+            condition = Q(code=code) if code else Q()  # "system|": any code
             if system:
-                condition &= Q(**{f"{prefix}system": system})
-            return condition
+                condition &= Q(system=system)
+            return Q(**{f"{prefix}in": Specialty.objects.filter(condition)})
 
         return _any(raw, one)
 
@@ -134,20 +142,27 @@ def _facility_name(raw: str) -> Q:
     )
 
 
+def _with_identifier(**match: str) -> Q:
+    """The facilities with one identifier matching all of ``match``: a subquery, so that
+    ``:not`` excludes those (Django's exclude over ``identifiers__system=…,
+    identifiers__value=…`` tests each condition on any identifier, apart)."""
+    return Q(pk__in=FacilityIdentifier.objects.filter(**match).values("facility_id"))
+
+
 def _facility_identifier(raw: str) -> Q:
     def one(value: str) -> Q:
         system, code = parse_token(value)
         if code == "":  # "system|": every facility with an identifier of that system
             if system == FACILITY_CODE_SYSTEM:
                 return ~_NOTHING
-            return Q(identifiers__system=system)
+            return _with_identifier(system=system) if system else _NOTHING
         condition = _NOTHING
         if system is None or system == FACILITY_CODE_SYSTEM:
             condition |= Q(code=code)
         if system is None:
-            condition |= Q(identifiers__value=code)
+            condition |= _with_identifier(value=code)
         elif system:
-            condition |= Q(identifiers__system=system, identifiers__value=code)
+            condition |= _with_identifier(system=system, value=code)
         return condition
 
     return _any(raw, one)
@@ -173,6 +188,20 @@ def _country(prefix: str = "") -> Filter:
             raw,
             lambda v: Q(**{f"{prefix}country__code__iexact": v})
             | Q(**{f"{prefix}country__name__istartswith": v}),
+        )
+
+    return build
+
+
+def _country_contains(prefix: str = "") -> Filter:
+    """``address-country:contains``: the ISO code or the country's name holds the value
+    (the plain search: the code, or the name's start)."""
+
+    def build(raw: str) -> Q:
+        return _any(
+            raw,
+            lambda v: Q(**{f"{prefix}country__code__icontains": v})
+            | Q(**{f"{prefix}country__name__icontains": v}),
         )
 
     return build
@@ -217,13 +246,21 @@ def _near(raw: str) -> Q:
     return Q(pk__in=found)
 
 
+def _exact_values(raw: str) -> list[str]:
+    """``name:exact``'s values: FHIR's escapes (``\\,`` ``\\|`` ``\\$`` ``\\\\``) undone."""
+    return [unescape(part) for part in split_escaped(raw, ",") if part]
+
+
 def _facility_name_exact(raw: str) -> Q:
     """``name:exact``: the whole name or local name, case and accents as written."""
-    return _any(raw, lambda value: Q(name=value) | Q(name_local=value))
+    condition = _NOTHING
+    for value in _exact_values(raw):
+        condition |= Q(name=value) | Q(name_local=value)
+    return condition
 
 
 def _department_name_exact(raw: str) -> Q:
-    return _any(raw, lambda value: Q(name=value))
+    return Q(name__in=_exact_values(raw))
 
 
 def _department_name(raw: str) -> Q:
@@ -277,14 +314,18 @@ def _handler(
     sort_by_name: bool = False,
     missing: dict[str, str] | None = None,
     exact: Filter | None = None,
+    contains: dict[str, Filter] | None = None,
     sort_by_tier: bool = False,
 ) -> ResourceHandler:
     """A registry type's handler; with ``sort_by_name``, ``_sort=name`` orders by the
     source row's ``name`` (the database's collation), as its ``name`` search reads it.
     Token parameters take ``:not``; those in ``missing`` (name -> the nullable column
-    whose NULL renders no value) take ``:missing``; ``exact`` is ``name:exact``. With
+    whose NULL renders no value) take ``:missing``; ``exact`` is ``name:exact``;
+    ``contains`` names the string parameters whose own search is not "contains" (name ->
+    their ``:contains``; the others' ``:contains`` is their own search). With
     ``sort_by_tier``, ``_sort=type`` orders by the facility's tier (central first)."""
     missing = missing or {}
+    contains = contains or {}
     sorts: dict[str, Any] = {}
     if sort_by_name:
         names = base().filter(pk=OuterRef("source_pk")).values("name")[:1]
@@ -295,17 +336,22 @@ def _handler(
         resource_type=resource_type,
         interactions=REGISTRY_INTERACTIONS,
         documentation=documentation,
-        search_params=tuple(_with_modifiers(p, missing, exact) for p, _ in params),
-        search=_registry_search(resource_type, base, _filters(params, missing, exact)),
+        search_params=tuple(_with_modifiers(p, missing, exact, contains) for p, _ in params),
+        search=_registry_search(resource_type, base, _filters(params, missing, exact, contains)),
         order_by=("source_pk",),
         sorts=sorts,
     )
 
 
 def _with_modifiers(
-    param: SearchParam, missing: dict[str, str], exact: Filter | None
+    param: SearchParam,
+    missing: dict[str, str],
+    exact: Filter | None,
+    contains: dict[str, Filter],
 ) -> SearchParam:
     modifiers = {"not"} if param.type == "token" else set()
+    if param.name in contains:  # its own filter (the view passes "name:contains" on)
+        modifiers.add("contains")
     if param.name in missing:
         modifiers.add("missing")
     if param.name == "name" and exact is not None:
@@ -314,10 +360,14 @@ def _with_modifiers(
 
 
 def _filters(
-    params: list[tuple[SearchParam, Filter]], missing: dict[str, str], exact: Filter | None
+    params: list[tuple[SearchParam, Filter]],
+    missing: dict[str, str],
+    exact: Filter | None,
+    contains: dict[str, Filter],
 ) -> dict[str, Filter]:
     """Filters by parameter name, and by "name:modifier" (``_with_modifiers``)."""
     filters: dict[str, Filter] = {"name:exact": exact} if exact is not None else {}
+    filters.update({f"{name}:contains": build for name, build in contains.items()})
     for param, build in params:
         filters[param.name] = build
         if param.type == "token":
@@ -420,6 +470,7 @@ HANDLERS: tuple[ResourceHandler, ...] = (
         sort_by_tier=True,
         exact=_facility_name_exact,
         missing={"partof": "parent_id"},
+        contains={"address-country": _country_contains()},
     ),
     _handler(
         "Location",
@@ -475,6 +526,7 @@ HANDLERS: tuple[ResourceHandler, ...] = (
         sort_by_name=True,
         exact=_facility_name_exact,
         missing={"partof": "parent_id"},
+        contains={"address-country": _country_contains()},
     ),
     _handler(
         "HealthcareService",
@@ -525,6 +577,7 @@ HANDLERS: tuple[ResourceHandler, ...] = (
         ],
         sort_by_name=True,
         exact=_department_name_exact,
+        contains={"address-country": _country_contains("facility__")},
     ),
     _handler(
         "Endpoint",

@@ -269,19 +269,25 @@ def current_rows(resource_type: str) -> QuerySet[FhirResource]:
 
 def token_matches(resource_type: str, param: str, raw: str) -> QuerySet[FhirSearchToken]:
     """The indexed tokens matching one search value (alternatives OR-ed by commas):
-    ``system|value``, ``|value`` (no system) or ``value`` (any system)."""
+    ``system|value``, ``|value`` (no system), ``value`` (any system) or ``system|`` (any
+    value of that system, FHIR's rule; ``|`` alone names nothing)."""
     tokens = FhirSearchToken.objects.filter(resource_type=resource_type, param=param)
     any_system: set[str] = set()
+    any_value: set[str] = set()
     with_system: set[tuple[str, str]] = set()
     for alternative in split_escaped(raw, ","):
         system, value = parse_token(alternative)
         if system is None:
             any_system.add(value)
+        elif value == "":
+            if system:
+                any_value.add(system)
         else:
             with_system.add((system, value))
     # One OR of all the alternatives, built at once (OR-ing querysets one by one took
     # quadratic time: 1,000 alternatives, 6 s).
     alternatives = [Q(value__in=sorted(any_system))] if any_system else []
+    alternatives += [Q(system__in=sorted(any_value))] if any_value else []
     alternatives += [Q(system=system, value=value) for system, value in sorted(with_system)]
     if not alternatives:
         return FhirSearchToken.objects.none()

@@ -219,6 +219,9 @@ def _subscription_search(user: User, params: dict[str, list[str]]) -> QuerySet[F
     for value in params.get("status", []):
         if "active" not in [v.rpartition("|")[2] for v in value.split(",")]:
             rows = rows.none()  # every stored Subscription is active until deleted
+    for value in params.get("status:not", []):  # none of the values
+        if "active" in [v.rpartition("|")[2] for v in value.split(",")]:
+            rows = rows.none()
     return rows
 
 
@@ -871,6 +874,7 @@ def register_all() -> None:
                     "token",
                     "active (every stored Subscription is active until deleted).",
                     "http://hl7.org/fhir/SearchParameter/Subscription-status",
+                    frozenset({"not"}),
                 ),
             ),
             search=_subscription_search,

@@ -1185,6 +1185,10 @@ def _search(
                 f"not supported here ({_modifiers_named(param)}).",
                 expression=[name[:80]],
             )
+        if any("\x00" in value for value in values):  # PostgreSQL's text cannot hold one
+            raise FhirError(
+                400, "invalid", f"{name[:80]} contains a NUL character.", expression=[name[:80]]
+            )
         if modifier == "missing":
             for value in values:
                 if any(v not in {"true", "false"} for v in value.split(",")):
@@ -1198,9 +1202,11 @@ def _search(
         if param.type == "reference" and modifier != "missing":
             values = [_local_reference(v, ctx.base) for v in values]
         if base_name not in {"_id", "_lastUpdated"}:
-            # :contains is the parameter's own search (docs/fhir.md); other modifiers are
-            # passed on by name ("status:not") for the handler's filters.
-            own.setdefault(base_name if contains or not modifier else name, []).extend(values)
+            # :contains is the parameter's own search (docs/fhir.md) unless the parameter
+            # names it (its own search is not "contains"); other modifiers are passed on
+            # by name ("status:not") for the handler's filters.
+            own_search = not modifier or (contains and "contains" not in param.modifiers)
+            own.setdefault(base_name if own_search else name, []).extend(values)
     if total_mode != "accurate":  # the paging links keep asking for the same
         used["_total"] = [total_mode]
     sort = _sort_keys(handler, params.get("_sort") or [], ignored, strict)

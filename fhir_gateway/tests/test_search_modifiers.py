@@ -11,18 +11,24 @@ from urllib.parse import quote
 import pytest
 
 from fhir_gateway.registry_projection import project_registry
+from fhir_gateway.subscriptions import TOPIC_URL
 from fhir_gateway.tests.conftest import FHIR_R4, outcome_issue
 from fhir_gateway.tests.referral_world import (
     PLACER,
     World,
     accepted,
     body,
+    message,
     submit,
     task_of,
     transaction,
 )
 from referrals.models import Referral
-from tests.factories import SpecialtyFactory
+from tests.factories import (
+    FacilityIdentifierFactory,
+    PractitionerRoleFactory,
+    SpecialtyFactory,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -189,3 +195,189 @@ def test_the_capability_statement_names_each_parameters_modifiers(fhir: Any) -> 
     assert params[("Organization", "name")].endswith("Modifiers: :contains, :exact.")
     assert params[("Organization", "partof")].endswith("Modifiers: :missing.")
     assert "Modifiers" not in params[("Task", "authored-on")]
+
+
+# --------------------------------------------------------------------------- review
+
+
+def test_registry_identifier_not_names_one_identifier_not_a_system_and_a_value_apart(
+    fhir: Any, network: Any
+) -> None:
+    """Found by a review: ``~Q(identifiers__system=…, identifiers__value=…)`` is Django's
+    exclude over a multi-valued relation, whose conditions need not hold on the same
+    identifier: a facility with ``moh|01-001`` and ``other|X-1`` was left out of
+    ``identifier:not=moh|X-1`` although it has no such identifier."""
+    FacilityIdentifierFactory.create(
+        facility=network.hub, system="https://other.example/x", value="X-1"
+    )
+    project_registry()
+    hub = str(network.hub.pk)
+
+    def ids(query: str) -> list[str]:
+        response = fhir.get(f"/fhir/{query}")
+        assert response.status_code == 200, response.content
+        return [e["resource"]["id"] for e in body(response).get("entry", [])]
+
+    for resource_type in ("Organization", "Location"):
+        assert hub in ids(f"{resource_type}?identifier:not=https://moh.gov.vn/fac|X-1")
+        assert hub in ids(f"{resource_type}?identifier:not=https://other.example/x|01-001")
+        # The identifier it has, by system and value, or its system: left out
+        assert hub not in ids(f"{resource_type}?identifier:not=https://moh.gov.vn/fac|01-001")
+        assert hub not in ids(f"{resource_type}?identifier:not=https://other.example/x|")
+        assert hub not in ids(f"{resource_type}?identifier:not=X-1")
+        # The plain search is unchanged
+        assert ids(f"{resource_type}?identifier=https://other.example/x|X-1") == [hub]
+        assert ids(f"{resource_type}?identifier=https://moh.gov.vn/fac|X-1") == []
+
+
+def test_affiliation_specialty_not_names_one_specialty(fhir: Any, network: Any) -> None:
+    """Found by a review: as the identifiers, a support link's specialties are many; a link
+    for SNOMED pediatrics and ``other|X`` was left out of ``specialty:not=other|<pediatrics>``."""
+    network.link.specialties.add(
+        SpecialtyFactory.create(system="https://other.example/spec", code="X")
+    )
+    project_registry()
+    link = str(network.link.pk)
+    pediatrics = network.pediatrics.specialty.code
+
+    def ids(query: str) -> list[str]:
+        response = fhir.get(f"/fhir/OrganizationAffiliation?{query}")
+        assert response.status_code == 200, response.content
+        return [e["resource"]["id"] for e in body(response).get("entry", [])]
+
+    assert ids(f"specialty:not=https://other.example/spec|{pediatrics}") == [link]
+    assert ids("specialty:not=http://snomed.info/sct|X") == [link]
+    assert ids(f"specialty:not=http://snomed.info/sct|{pediatrics}") == []
+    assert ids("specialty:not=X") == []
+    assert ids("specialty:not=https://other.example/spec|") == []
+    assert ids("specialty=https://other.example/spec|X") == [link]
+    assert ids(f"specialty=https://other.example/spec|{pediatrics}") == []
+    # A role without a department has no specialty: :not keeps it (FHIR's rule)
+    loose = PractitionerRoleFactory.create(facility=network.spoke, department=None)
+    project_registry()
+    response = fhir.get(f"/fhir/PractitionerRole?specialty:not={pediatrics}")
+    assert [e["resource"]["id"] for e in body(response)["entry"]] == [str(loose.pk)]
+
+
+def test_a_member_identifier_system_alone_names_every_value_of_it(world: World) -> None:
+    """Found by a review: ``identifier=<system>|`` (FHIR: any identifier of that system)
+    matched no Communication, so ``identifier:not=<system>|`` left none out, the message
+    carrying one included."""
+    task_id = accepted(world)
+    system = "https://codao.example.org/sid/message"
+    sent = message(task_id, "Weight today?")
+    sent["identifier"] = [{"system": system, "value": "M-1"}]
+    keyed = body(world.r4.post("/fhir/Communication", sent))["id"]
+    plain = body(world.r4.post("/fhir/Communication", message(task_id, "And now?")))["id"]
+    assert _ids(world, f"/fhir/Communication?identifier={quote(system)}|") == [keyed]
+    assert _ids(world, f"/fhir/Communication?identifier:not={quote(system)}|") == [plain]
+    assert _ids(world, "/fhir/Communication?identifier:not=https://elsewhere|") == sorted(
+        [keyed, plain]
+    )
+    assert _ids(world, "/fhir/Communication?identifier=|") == []  # neither system nor value
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "Organization?_id:not=%00",
+        "Organization?identifier:not=a%00",
+        "Organization?name:exact=%00",
+        "HealthcareService?specialty:not=%00",
+        "Endpoint?status:not=%00",
+        "Task?_id:not=a%00",
+        "Organization?_id=%00",
+    ],
+)
+def test_a_nul_in_a_modified_search_value_is_400_invalid(
+    fhir: Any, network: Any, query: str
+) -> None:
+    """Found by a review: PostgreSQL refused the value (422) where docs/fhir.md promises
+    400 ``invalid`` for a NUL in a search value (the referral filters check it, the
+    registry's and ``_id`` did not)."""
+    response = fhir.get(f"/fhir/{query}")
+    assert response.status_code == 400, response.content
+    assert outcome_issue(response)["code"] == "invalid"
+
+
+def test_subscription_status_takes_not_as_every_token_parameter(world: World) -> None:
+    """Found by a review: docs/fhir.md promises ``:not`` on every token parameter; the
+    Subscription's ``status`` refused it (400)."""
+    subscription = {
+        "resourceType": "Subscription",
+        "status": "requested",
+        "reason": "Our HIS polls.",
+        "criteria": TOPIC_URL,
+        "channel": {"type": "rest-hook", "payload": "application/fhir+json"},
+    }
+    created = world.r4.post("/fhir/Subscription", subscription)
+    assert created.status_code == 201, created.content
+    sub = body(created)["id"]
+    assert _ids(world, "/fhir/Subscription?status:not=off") == [sub]
+    assert _ids(world, "/fhir/Subscription?status:not=active") == []
+    assert _ids(world, "/fhir/Subscription?status:not=off,active") == []
+    statement = body(world.r4.get("/fhir/metadata"))
+    (subscription,) = (r for r in statement["rest"][0]["resource"] if r["type"] == "Subscription")
+    (status,) = (p for p in subscription["searchParam"] if p["name"] == "status")
+    assert status["documentation"].endswith("Modifiers: :not.")
+
+
+def test_name_exact_undoes_fhirs_escapes(fhir: Any, network: Any) -> None:
+    """Found by a review: ``name:exact`` undid ``\\,`` only; ``\\|``, ``\\$`` and ``\\\\``
+    (FHIR's other escapes in a search value) stayed two characters and matched nothing."""
+    network.lao.name = "Mahosot | East $ wing \\ B, C"
+    network.lao.save(update_fields=["name"])
+    project_registry()
+    escaped = quote("Mahosot \\| East \\$ wing \\\\ B\\, C")
+    response = fhir.get(f"/fhir/Organization?name:exact={escaped}")
+    assert [e["resource"]["id"] for e in body(response)["entry"]] == [str(network.lao.pk)]
+
+
+def test_address_country_contains_is_contains(fhir: Any, network: Any) -> None:
+    """Found by a review: ``:contains`` on every string parameter was the parameter's own
+    search, and the CapabilityStatement names it; ``address-country``'s own is the ISO
+    code or a name's start, so ``address-country:contains=PDR`` missed "Lao PDR"."""
+    lao = str(network.lao.pk)
+
+    def ids(query: str) -> list[str]:
+        response = fhir.get(f"/fhir/{query}")
+        assert response.status_code == 200, response.content
+        return sorted(e["resource"]["id"] for e in body(response).get("entry", []))
+
+    assert ids("Organization?address-country=PDR") == []  # the plain one: a name's start
+    assert ids("Organization?address-country:contains=PDR") == [lao]
+    assert ids("Location?address-country:contains=pdr") == [lao]
+    assert ids("Organization?address-country:contains=a") == ids("Organization")  # LA, Viet Nam
+    assert ids("HealthcareService?address-country:contains=Nam") == sorted(
+        [str(network.pediatrics.pk), str(network.cardiology.pk)]
+    )
+    assert ids("HealthcareService?address-country:contains=PDR") == []
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "Task?status:not=completed",
+        "Task?business-status:not=completed",
+        "Task?owner:missing=true,false",
+        "Task?identifier:not=x",
+        "Task?_id:not=x",
+        "ServiceRequest?status:not=revoked",
+        "ServiceRequest?performer:missing=true,false",
+        "ServiceRequest?identifier:not=x",
+        "Communication?identifier:not=x",
+        "DocumentReference?identifier:not=x",
+    ],
+)
+def test_negations_stay_within_the_callers_referrals(
+    world: World, cases: dict[str, str], query: str
+) -> None:
+    """Checked by a review (no leak found): a negation is a condition inside the referral
+    scope, on the ORM path and the hand-written SQL alike; an unrelated facility finds
+    nothing, the department only the referrals routed to it."""
+    response = world.other.get(f"/fhir/{query}", Accept=FHIR_R4)
+    assert response.status_code == 200, response.content
+    assert body(response)["total"] == 0
+    response = world.r5.get(f"/fhir/{query}", Accept=FHIR_R4)
+    found = {e["resource"]["id"] for e in body(response).get("entry", [])}
+    assert cases["unrouted"] not in found
