@@ -137,13 +137,23 @@ def check_type(*, header: bytes, declared_type: str | None, name: str) -> FileKi
     return kind
 
 
+NAME_MAX = 255  # Attachment.original_name
+
+
 def clean_name(name: str) -> str:
     """The client's file name, for display only: last path segment, printable, bounded."""
     base = name.replace("\\", "/").rsplit("/", 1)[-1]
     printable = "".join(c for c in base if unicodedata.category(c)[0] != "C").strip()
     if printable in (".", ".."):  # no file name (Django refuses them as one)
         printable = ""
-    return (printable or "file")[:255]
+    name = printable or "file"
+    if len(name) <= NAME_MAX:
+        return name
+    # Too long: shorten the stem, not the extension (it names the kind, and is checked).
+    stem, extension = os.path.splitext(name)
+    if not stem or len(extension) > 16:
+        return name[:NAME_MAX]
+    return stem[: NAME_MAX - len(extension)].rstrip() + extension
 
 
 def max_bytes() -> int:

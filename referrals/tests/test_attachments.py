@@ -198,3 +198,35 @@ def test_sniff_recognises_only_the_four_kinds() -> None:
         "image/png",
         "application/dicom",
     ]
+
+
+def test_a_long_name_keeps_its_extension(world: World, referral: Referral) -> None:
+    response = upload(world, referral, "r" * 300 + ".pdf", PDF, "application/pdf")
+    assert response.status_code == 201, response.content
+    stored = Attachment.objects.get().original_name
+    assert stored == "r" * 251 + ".pdf"
+    assert response.json()["original_name"] == stored
+
+
+def test_a_long_name_whose_extension_lies_is_refused(world: World, referral: Referral) -> None:
+    # Cut at 255 characters, the name lost its ".png" and the claim went unchecked.
+    response = upload(world, referral, "r" * 300 + ".png", PDF, "application/octet-stream")
+    assert response.status_code == 415, response.content
+    assert response.json()["code"] == "type_mismatch"
+    assert not Attachment.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("a" * 255, "a" * 255),
+        ("a" * 256, "a" * 255),
+        ("a" * 300 + ".jpeg", "a" * 250 + ".jpeg"),
+        ("a" * 10 + "." + "b" * 300, "a" * 10 + "." + "b" * 244),  # no extension to keep
+        ("." + "b" * 300, ("." + "b" * 300)[:255]),  # a dot file: all stem
+    ],
+    ids=["255", "256", "extension", "long-extension", "dot-file"],
+)
+def test_clean_name_bounds_the_stem(name: str, expected: str) -> None:
+    assert attachments.clean_name(name) == expected
+    assert len(attachments.clean_name(name)) <= 255
