@@ -63,6 +63,7 @@ from fhir_gateway.storage import (
     dumps,
     fhir_instant,
     parse_if_match,
+    parse_token,
     resource_current,
     resource_delete,
     split_escaped,
@@ -217,12 +218,27 @@ def _subscription_search(user: User, params: dict[str, list[str]]) -> QuerySet[F
         return FhirResource.objects.none()
     rows = current_rows("Subscription").filter(source_pk=user.facility_id)
     for value in params.get("status", []):
-        if "active" not in [v.rpartition("|")[2] for v in value.split(",")]:
+        if not _names_active(value):
             rows = rows.none()  # every stored Subscription is active until deleted
     for value in params.get("status:not", []):  # none of the values
-        if "active" in [v.rpartition("|")[2] for v in value.split(",")]:
+        if _names_active(value):
             rows = rows.none()
     return rows
+
+
+# Subscription.status's code system (R4 and R5).
+SUBSCRIPTION_STATUS_SYSTEM = "http://hl7.org/fhir/subscription-status"
+
+
+def _names_active(raw: str) -> bool:
+    """Whether a ``status`` search value names ``active``: ``active``, its system's
+    ``system|active`` or ``system|`` (every code), among comma-separated alternatives;
+    another system, or ``|active`` (no system: the status has one), names nothing."""
+    for value in split_escaped(raw, ","):
+        system, code = parse_token(value)
+        if value and system in (None, SUBSCRIPTION_STATUS_SYSTEM) and code in ("", "active"):
+            return True
+    return False
 
 
 # --------------------------------------------------------------------------- create
@@ -750,7 +766,7 @@ def subscriptions_status(call: OperationCall) -> OperationAnswer:
     if ids:
         rows = rows.filter(logical_id__in=ids)
     for value in call.params.get("status", []):
-        if "active" not in [v.rpartition("|")[2] for v in value.split(",")]:
+        if not _names_active(value):
             rows = rows.none()
     logical_ids = sorted(rows.values_list("logical_id", flat=True))
     starts = dict(

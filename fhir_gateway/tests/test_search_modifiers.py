@@ -316,6 +316,14 @@ def test_subscription_status_takes_not_as_every_token_parameter(world: World) ->
     assert _ids(world, "/fhir/Subscription?status:not=off") == [sub]
     assert _ids(world, "/fhir/Subscription?status:not=active") == []
     assert _ids(world, "/fhir/Subscription?status:not=off,active") == []
+    # The token's system counts (it was ignored: any system's "active" was ours)
+    status_system = "http://hl7.org/fhir/subscription-status"
+    assert _ids(world, f"/fhir/Subscription?status={status_system}|active") == [sub]
+    assert _ids(world, f"/fhir/Subscription?status={status_system}|") == [sub]
+    assert _ids(world, "/fhir/Subscription?status=http://example.org/x|active") == []
+    assert _ids(world, "/fhir/Subscription?status=|active") == []
+    assert _ids(world, "/fhir/Subscription?status:not=http://example.org/x|active") == [sub]
+    assert _ids(world, f"/fhir/Subscription?status:not={status_system}|active") == []
     statement = body(world.r4.get("/fhir/metadata"))
     (subscription,) = (r for r in statement["rest"][0]["resource"] if r["type"] == "Subscription")
     (status,) = (p for p in subscription["searchParam"] if p["name"] == "status")

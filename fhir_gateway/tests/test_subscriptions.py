@@ -518,6 +518,11 @@ def test_type_level_status_answers_each_of_the_facility_s_subscriptions(world: W
     assert statuses(f"?id={first}&id={second}") == {first: "3", second: "0"}
     assert statuses("?status=active") == {first: "3", second: "0"}
     assert statuses("?status=off") == {}
+    assert statuses("?status=http://example.org/x|active") == {}  # another system's code
+    assert statuses("?status=http://hl7.org/fhir/subscription-status|active") == {
+        first: "3",
+        second: "0",
+    }
     other = _get(world.other, "/fhir/Subscription/$status", version)
     assert [e["resource"]["id"] for e in other["entry"]] and other["total"] == 1
     # Not a member system: 403, as every feed call
