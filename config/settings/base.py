@@ -242,6 +242,9 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # request does not wait for it (core.dispatch); the test settings send inline.
 CELERY_SEND_IN_BACKGROUND = env.bool("CELERY_SEND_IN_BACKGROUND", default=True)
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
+# Every entry carries an ``expires`` (a few intervals at most): a run left queued while
+# the workers were down expires unrun instead of piling up and running all at once on
+# their return (core/tests/test_beat_schedule.py).
 CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
     # FHIR gateway: the outbox's batch drain (retries, lost hand-offs, expired leases,
     # dead-lettering). A run left queued while the workers were down expires unrun.
@@ -265,7 +268,11 @@ CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
         "options": {"expires": 50.0},
     },
     # Referrals: deadline notices, then re-route/expire; re-route recent declines.
-    "referrals-escalate": {"task": "referrals.tasks.referrals_escalate", "schedule": 60.0},
+    "referrals-escalate": {
+        "task": "referrals.tasks.referrals_escalate",
+        "schedule": 60.0,
+        "options": {"expires": 120.0},
+    },
 }
 # Referral deadlines and routing (referrals/escalation.py, referrals/routing.py).
 REFERRAL_ESCALATION_AUTO_FORWARD = env.bool("REFERRAL_ESCALATION_AUTO_FORWARD", default=True)
@@ -285,6 +292,9 @@ NOTIFICATION_EMAIL_MAX_AGE_HOURS = env.int("NOTIFICATION_EMAIL_MAX_AGE_HOURS", d
 CELERY_BEAT_SCHEDULE["referrals-response-times"] = {
     "task": "referrals.response_times_refresh",
     "schedule": float(REFERRAL_ROUTING_STATS_SECONDS),
+    # Seconds of work at a million referrals: runs queued while the workers were down
+    # must not all run on their return (the next one is due an interval later anyway).
+    "options": {"expires": float(REFERRAL_ROUTING_STATS_SECONDS)},
 }
 CELERY_BEAT_SCHEDULE["referrals-notification-email-sweep"] = {
     "task": "referrals.notification_email_sweep",
@@ -394,4 +404,5 @@ REPORTS_GAP_TIMEOUT = env.int("REPORTS_GAP_TIMEOUT", default=300)
 CELERY_BEAT_SCHEDULE["reports-catch-up"] = {
     "task": "reports.catch_up",
     "schedule": REPORTS_UPKEEP_INTERVAL,
+    "options": {"expires": max(30.0, 3 * REPORTS_UPKEEP_INTERVAL)},
 }
