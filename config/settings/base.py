@@ -337,6 +337,13 @@ CELERY_BEAT_SCHEDULE["accounts-login-logs"] = {
     "schedule": 86400.0,
     "options": {"expires": 3600.0},
 }
+# Sessions are stored in the database, which never deletes an expired one by itself
+# (Django leaves it to `manage.py clearsessions`): the table grew by a row per login.
+CELERY_BEAT_SCHEDULE["accounts-clear-sessions"] = {
+    "task": "accounts.clear_expired_sessions",
+    "schedule": 86400.0,
+    "options": {"expires": 3600.0},
+}
 CELERY_TIMEZONE = "UTC"
 
 LOG_LEVEL = env.str("LOG_LEVEL", default="INFO")
