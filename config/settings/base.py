@@ -7,7 +7,6 @@ secure and ALLOWED_HOSTS must be set.
 from __future__ import annotations
 
 from datetime import timedelta
-from pathlib import Path
 
 import django_stubs_ext
 from django.core.exceptions import ImproperlyConfigured
@@ -18,7 +17,10 @@ django_stubs_ext.monkeypatch()
 
 DEBUG = env.bool("DEBUG", default=False)
 
-VAR_DIR = Path(env.str("VAR_DIR", default=str(BASE_DIR / "var")))
+# Relative paths (VAR_DIR, MEDIA_ROOT) are the project directory's, whichever directory
+# a process is started from: a worker started elsewhere wrote its files (the embedded
+# broker, beat's schedule, uploads) somewhere the web process never looked.
+VAR_DIR = BASE_DIR / env.str("VAR_DIR", default="var")
 
 _secret = env_secret("SECRET_KEY")
 if not _secret:
@@ -169,7 +171,7 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "static"
-MEDIA_ROOT = Path(env.str("MEDIA_ROOT", default=str(VAR_DIR / "media")))
+MEDIA_ROOT = BASE_DIR / env.str("MEDIA_ROOT", default=str(VAR_DIR / "media"))
 MEDIA_URL = "media/"
 
 # Security: strict when DEBUG is off.

@@ -200,3 +200,43 @@ def test_celery_worker_and_beat_refuse_to_start_with_unworkable_settings(setting
     settings.FHIR_INTAKE_BATCH = 0
     with pytest.raises(SystemExit, match="FHIR_INTAKE_BATCH must be at least 1"):
         _refuse_unworkable_settings()
+
+
+def test_relative_runtime_paths_are_the_project_directory_s(tmp_path: Path) -> None:
+    """A worker started from another directory writes where the web process reads."""
+    code = (
+        "import os, django; os.environ['DJANGO_SETTINGS_MODULE']='config.settings.base';"
+        "django.setup(); from django.conf import settings as s;"
+        "print(s.VAR_DIR, s.MEDIA_ROOT, s.STATIC_ROOT, s.CELERY_BEAT_SCHEDULE_FILENAME,"
+        " s.DATABASES['default']['NAME'], s.CELERY_BROKER_URL, sep='\\n')"
+    )
+    names = {"DEBUG", "SECRET_KEY", "DJANGO_SETTINGS_MODULE", "DATABASE_URL", "CELERY_BROKER_URL"}
+    clean = {k: v for k, v in os.environ.items() if k not in names | {"VAR_DIR", "MEDIA_ROOT"}}
+    env = {**clean, "PYTHONPATH": str(ROOT), "DEBUG": "1"}
+
+    def paths(**extra: str) -> list[str]:
+        result = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=tmp_path,  # not the project directory
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout.split()
+
+    var, media, static, beat, database, broker = paths(VAR_DIR="./run-var", MEDIA_ROOT="uploads")
+    assert var == str(ROOT / "run-var") and media == str(ROOT / "uploads")
+    assert static == str(ROOT / "run-var" / "static")
+    assert beat == str(ROOT / "run-var" / "celerybeat-schedule")
+    assert database == str(ROOT / "run-var" / "consilium.sqlite3")
+    assert broker == f"sqla+sqlite:///{ROOT / 'run-var' / 'celery-broker.sqlite3'}"
+    assert paths(VAR_DIR=".env-var")[1] == str(ROOT / ".env-var" / "media")
+    assert paths()[:2] == [str(ROOT / "var"), str(ROOT / "var" / "media")]
+    absolute = tmp_path / "elsewhere"
+    assert paths(VAR_DIR=str(absolute), MEDIA_ROOT=str(absolute / "m"))[:2] == [
+        str(absolute),
+        str(absolute / "m"),
+    ]
