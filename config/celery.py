@@ -1,10 +1,23 @@
 import importlib
 import os
+from pathlib import Path
 from typing import Any
 
-from celery import Celery, signals
+from celery import Celery, beat, signals
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.base")
+
+
+class PersistentScheduler(beat.PersistentScheduler):
+    """Celery's file-backed beat schedule, whose directory (``VAR_DIR``) is created first:
+    beat alone on a host or container (no ``collectstatic`` or ``migrate`` made ``var/``
+    there) stopped at start with FileNotFoundError on ``celerybeat-schedule``."""
+
+    def setup_schedule(self) -> None:
+        filename: str = self.schedule_filename  # type: ignore[attr-defined]
+        Path(filename).parent.mkdir(parents=True, exist_ok=True)
+        super().setup_schedule()
+
 
 app = Celery("consilium")
 app.config_from_object("django.conf:settings", namespace="CELERY")

@@ -244,6 +244,7 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # request does not wait for it (core.dispatch); the test settings send inline.
 CELERY_SEND_IN_BACKGROUND = env.bool("CELERY_SEND_IN_BACKGROUND", default=True)
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
+CELERY_BEAT_SCHEDULER = "config.celery:PersistentScheduler"  # creates VAR_DIR
 # Every entry carries an ``expires`` (a few intervals at most): a run left queued while
 # the workers were down expires unrun instead of piling up and running all at once on
 # their return (core/tests/test_beat_schedule.py).

@@ -4,6 +4,7 @@ run all at once when they come back."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,3 +30,22 @@ def test_every_beat_entry_expires_within_a_few_of_its_intervals(name: str) -> No
     # Positive (0 would expire every run before a worker takes it), and at most three
     # intervals: at most three queued runs of it wait for workers that come back.
     assert 0 < expires <= 3 * interval, (name, expires, interval)
+
+
+def test_beat_creates_the_directory_of_its_schedule_file(tmp_path: Path) -> None:
+    """Beat alone on a host (no migrate or collectstatic made VAR_DIR there) starts."""
+    from celery import beat
+
+    service_class: Any = beat.Service  # (the type stubs lack its arguments)
+
+    assert settings.CELERY_BEAT_SCHEDULER == "config.celery:PersistentScheduler"
+    filename = tmp_path / "var" / "not-yet" / "celerybeat-schedule"
+    service = service_class(
+        app, schedule_filename=str(filename), scheduler_cls=app.conf.beat_scheduler
+    )
+    scheduler = service.get_scheduler()  # as `celery beat` and `worker -B` build it
+    try:
+        assert filename.parent.is_dir()
+        assert "fhir-outbox-drain" in scheduler.schedule
+    finally:
+        scheduler.close()
