@@ -56,3 +56,30 @@ def test_operations_names_only_settings_the_code_reads() -> None:
     known = _text(".env.example") + _text("config/settings/base.py")
     named = set(re.findall(r"`([A-Z][A-Z0-9]*_[A-Z0-9_]+)", text))
     assert named and sorted(n for n in named if n not in known) == []
+
+
+def test_operations_lists_every_beat_job() -> None:
+    from django.conf import settings
+
+    text = _text("docs/operations.md")
+    for name, entry in settings.CELERY_BEAT_SCHEDULE.items():
+        assert f"| `{name}` | `{entry['task']}`" in text, name
+
+
+def test_operations_invocations_name_modules_that_exist() -> None:
+    text = _text("docs/operations.md")
+    assert "gunicorn config.wsgi:application" in text
+    assert "celery -A config worker" in text and "celery -A config beat" in text
+    from django.conf import settings
+
+    from config import celery_app, wsgi
+
+    assert callable(wsgi.application)
+    assert celery_app.conf.beat_schedule == settings.CELERY_BEAT_SCHEDULE
+
+
+def test_operations_health_endpoint_is_the_one_routed() -> None:
+    from django.urls import reverse
+
+    assert reverse("healthz") == "/healthz"
+    assert "`GET /healthz` (or `HEAD`)" in _text("docs/operations.md")
