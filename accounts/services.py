@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
+from importlib import import_module
 
 from axes.models import AccessFailureLog, AccessLog
 from django.conf import settings
@@ -67,4 +68,19 @@ def login_logs_prune() -> int:
     deleted = 0
     for model in (AccessLog, AccessFailureLog):
         deleted += model.objects.filter(attempt_time__lt=cutoff).delete()[0]
+    return deleted
+
+
+def sessions_clear_expired() -> int:
+    """Delete expired web sessions (``manage.py clearsessions``): the database session
+    backend never deletes a session row by itself, so without this the table grows by
+    every login's row for ever. Returns how many rows went (0 for backends that expire on
+    their own: cache, signed cookies)."""
+    store = import_module(settings.SESSION_ENGINE).SessionStore
+    if not hasattr(store, "get_model_class"):  # cache, signed cookies: nothing stored
+        store.clear_expired()
+        return 0
+    # What the database backends' clear_expired does, counted.
+    expired = store.get_model_class().objects.filter(expire_date__lt=timezone.now())
+    deleted: int = expired.delete()[0]
     return deleted

@@ -1,13 +1,44 @@
 import importlib
 import os
+from pathlib import Path
+from typing import Any
 
-from celery import Celery
+from celery import Celery, beat, signals
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.base")
+
+
+class PersistentScheduler(beat.PersistentScheduler):
+    """Celery's file-backed beat schedule, whose directory (``VAR_DIR``) is created first:
+    beat alone on a host or container (no ``collectstatic`` or ``migrate`` made ``var/``
+    there) stopped at start with FileNotFoundError on ``celerybeat-schedule``."""
+
+    def setup_schedule(self) -> None:
+        filename: str = self.schedule_filename  # type: ignore[attr-defined]
+        Path(filename).parent.mkdir(parents=True, exist_ok=True)
+        super().setup_schedule()
+
 
 app = Celery("consilium")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
+
+
+@signals.worker_init.connect
+@signals.beat_init.connect
+def _refuse_unworkable_settings(**kwargs: Any) -> None:
+    """A worker or beat with settings that cannot work (core/checks.py: an outbox lease
+    shorter than its deliveries, a zero interval) stops at start with the reason, instead
+    of running and warning at run time. Celery logs and swallows a signal handler's
+    exceptions, so this one exits."""
+    from django.core.exceptions import ImproperlyConfigured
+
+    from core.checks import refuse_unworkable_settings
+
+    try:
+        refuse_unworkable_settings()
+    except ImproperlyConfigured as error:
+        raise SystemExit(f"Consilium: {error}") from error
 
 
 def _embedded_broker_hands_off_quickly() -> None:

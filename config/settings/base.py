@@ -7,7 +7,6 @@ secure and ALLOWED_HOSTS must be set.
 from __future__ import annotations
 
 from datetime import timedelta
-from pathlib import Path
 
 import django_stubs_ext
 from django.core.exceptions import ImproperlyConfigured
@@ -18,7 +17,10 @@ django_stubs_ext.monkeypatch()
 
 DEBUG = env.bool("DEBUG", default=False)
 
-VAR_DIR = Path(env.str("VAR_DIR", default=str(BASE_DIR / "var")))
+# Relative paths (VAR_DIR, MEDIA_ROOT) are the project directory's, whichever directory
+# a process is started from: a worker started elsewhere wrote its files (the embedded
+# broker, beat's schedule, uploads) somewhere the web process never looked.
+VAR_DIR = BASE_DIR / env.str("VAR_DIR", default="var")
 
 _secret = env_secret("SECRET_KEY")
 if not _secret:
@@ -169,7 +171,7 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "static"
-MEDIA_ROOT = Path(env.str("MEDIA_ROOT", default=str(VAR_DIR / "media")))
+MEDIA_ROOT = BASE_DIR / env.str("MEDIA_ROOT", default=str(VAR_DIR / "media"))
 MEDIA_URL = "media/"
 
 # Security: strict when DEBUG is off.
@@ -242,6 +244,10 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # request does not wait for it (core.dispatch); the test settings send inline.
 CELERY_SEND_IN_BACKGROUND = env.bool("CELERY_SEND_IN_BACKGROUND", default=True)
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
+CELERY_BEAT_SCHEDULER = "config.celery:PersistentScheduler"  # creates VAR_DIR
+# Every entry carries an ``expires`` (a few intervals at most): a run left queued while
+# the workers were down expires unrun instead of piling up and running all at once on
+# their return (core/tests/test_beat_schedule.py).
 CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
     # FHIR gateway: the outbox's batch drain (retries, lost hand-offs, expired leases,
     # dead-lettering). A run left queued while the workers were down expires unrun.
@@ -265,7 +271,11 @@ CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
         "options": {"expires": 50.0},
     },
     # Referrals: deadline notices, then re-route/expire; re-route recent declines.
-    "referrals-escalate": {"task": "referrals.tasks.referrals_escalate", "schedule": 60.0},
+    "referrals-escalate": {
+        "task": "referrals.tasks.referrals_escalate",
+        "schedule": 60.0,
+        "options": {"expires": 120.0},
+    },
 }
 # Referral deadlines and routing (referrals/escalation.py, referrals/routing.py).
 REFERRAL_ESCALATION_AUTO_FORWARD = env.bool("REFERRAL_ESCALATION_AUTO_FORWARD", default=True)
@@ -285,6 +295,9 @@ NOTIFICATION_EMAIL_MAX_AGE_HOURS = env.int("NOTIFICATION_EMAIL_MAX_AGE_HOURS", d
 CELERY_BEAT_SCHEDULE["referrals-response-times"] = {
     "task": "referrals.response_times_refresh",
     "schedule": float(REFERRAL_ROUTING_STATS_SECONDS),
+    # Seconds of work at a million referrals: runs queued while the workers were down
+    # must not all run on their return (the next one is due an interval later anyway).
+    "options": {"expires": float(REFERRAL_ROUTING_STATS_SECONDS)},
 }
 CELERY_BEAT_SCHEDULE["referrals-notification-email-sweep"] = {
     "task": "referrals.notification_email_sweep",
@@ -324,6 +337,13 @@ CELERY_BEAT_SCHEDULE["fhir-retention"] = {
 }
 CELERY_BEAT_SCHEDULE["accounts-login-logs"] = {
     "task": "accounts.prune_login_logs",
+    "schedule": 86400.0,
+    "options": {"expires": 3600.0},
+}
+# Sessions are stored in the database, which never deletes an expired one by itself
+# (Django leaves it to `manage.py clearsessions`): the table grew by a row per login.
+CELERY_BEAT_SCHEDULE["accounts-clear-sessions"] = {
+    "task": "accounts.clear_expired_sessions",
     "schedule": 86400.0,
     "options": {"expires": 3600.0},
 }
@@ -394,4 +414,5 @@ REPORTS_GAP_TIMEOUT = env.int("REPORTS_GAP_TIMEOUT", default=300)
 CELERY_BEAT_SCHEDULE["reports-catch-up"] = {
     "task": "reports.catch_up",
     "schedule": REPORTS_UPKEEP_INTERVAL,
+    "options": {"expires": max(30.0, 3 * REPORTS_UPKEEP_INTERVAL)},
 }
