@@ -24,7 +24,18 @@ from urllib.parse import parse_qsl
 
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.db import DEFAULT_DB_ALIAS, connection, transaction
-from django.db.models import Case, CharField, OuterRef, Q, QuerySet, Subquery, Value, When
+from django.db.models import (
+    Case,
+    CharField,
+    Exists,
+    OuterRef,
+    Q,
+    QuerySet,
+    Subquery,
+    Value,
+    When,
+)
+from django.db.models.functions import Cast, Concat
 
 from core.atomic import atomic_in_unit
 from core.errors import ApplicationError, Conflict
@@ -412,9 +423,55 @@ COMMUNICATION_FILTERS: dict[str, Filter] = {
     "identifier": _own_identifier("Communication"),
     "identifier:not": _own_negated(_own_identifier("Communication")),
 }
+
+
+def _document_type(raw: str) -> Own:
+    """DocumentReference.type: a consult note's is LOINC 11488-4 (its id carries
+    ``NOTE_SEPARATOR``); a case file has none, so no other code names one."""
+    codes = [
+        code
+        for value in _alternatives(raw)
+        for code in _token_codes(value, m.LOINC, (m.CONSULT_NOTE_CODE,))
+    ]
+    note = m.CONSULT_NOTE_CODE in codes
+    return Own(Q(logical_id__contains=m.NOTE_SEPARATOR) if note else _NOTHING)
+
+
+def _document_id(separator: str) -> Concat:
+    """The DocumentReference id of a consult note / case file row (``m.note_id``,
+    ``m.case_file_id``), in SQL."""
+    return Concat(
+        "referral__filler_id",
+        Value(separator),
+        Cast("number", CharField()),
+        output_field=CharField(),
+    )
+
+
+def _document_date(raw: str) -> Own:
+    """DocumentReference.date: when the consult note was written (``ConsultNote.created_at``)
+    or the case file stored (``Attachment.created``), as the resource renders it."""
+    from fhir_gateway.views import date_condition
+
+    def of(rows: QuerySet[Any], field: str, separator: str) -> Exists:
+        return Exists(
+            rows.filter(date_condition(field, raw, "date"), referral_id=OuterRef("source_pk"))
+            .annotate(document_id=_document_id(separator))
+            .filter(document_id=OuterRef("logical_id"))
+        )
+
+    return Own(
+        Q(of(ConsultNote.objects.all(), "created_at", m.NOTE_SEPARATOR))
+        | Q(of(Attachment.objects.all(), "created", m.CASE_FILE_SEPARATOR))
+    )
+
+
 DOCUMENT_REFERENCE_FILTERS: dict[str, Filter] = {
     "identifier": _own_identifier("DocumentReference"),
     "identifier:not": _own_negated(_own_identifier("DocumentReference")),
+    "type": _document_type,
+    "type:not": _own_negated(_document_type),
+    "date": _document_date,
     # The referral's order: R4 context.related (search "related"), R5 basedOn ("based-on").
     "related": _by_filler("ServiceRequest"),
     "based-on": _by_filler("ServiceRequest"),
@@ -2244,6 +2301,18 @@ def referral_handlers() -> list[ResourceHandler]:
                     "based-on",
                     "reference",
                     "The referral's ServiceRequest (R5 basedOn).",
+                    "DocumentReference",
+                ),
+                _sp(
+                    "type",
+                    "token",
+                    "A consult note's LOINC 11488-4 (a case file has no type).",
+                    "DocumentReference",
+                ),
+                _sp(
+                    "date",
+                    "date",
+                    "When the note was written or the file stored (DocumentReference.date).",
                     "DocumentReference",
                 ),
             ),

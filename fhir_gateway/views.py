@@ -1095,7 +1095,10 @@ def _date_range(raw: str, name: str) -> tuple[str, datetime, datetime]:
                 raise FhirError(400, "invalid", f"{raw!r}: a time zone is within ±14:00.")
             clock = match.group("time")
             if "." in clock:  # the range a value of that precision covers
-                digits = min(len(clock.split(".")[1]), 6)
+                # Instants render in milliseconds (fhir_instant): a finer value is the
+                # millisecond it falls in, so it finds the resource that shows it.
+                digits = min(len(clock.split(".")[1]), 3)
+                start = start.replace(microsecond=start.microsecond // 1000 * 1000)
                 precision = timedelta(microseconds=10 ** (6 - digits))
             elif clock.count(":") >= 2:
                 precision = timedelta(seconds=1)
