@@ -8,6 +8,9 @@ mkdir -p "$VAR"
 BIN=.venv/bin
 $BIN/python manage.py migrate --noinput
 $BIN/python manage.py seed_demo
+# The registry's FHIR view (Organization, HealthcareService, …) now, not at beat's first
+# projection a minute after start: until then the mCSD searches would find nothing.
+$BIN/python manage.py fhir_project_registry
 $BIN/python manage.py collectstatic --noinput --verbosity 0
 # The embedded broker's file now, not at the worker's first connection: /healthz looks for it.
 $BIN/python manage.py shell -c "from core.health import embedded_broker_prepare; embedded_broker_prepare()"

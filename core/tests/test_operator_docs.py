@@ -34,6 +34,14 @@ def test_readme_names_every_make_target_and_only_those() -> None:
     assert named == _make_targets()
 
 
+def test_readme_quick_start_is_make_run_and_make_test() -> None:
+    """The interface contract: on a fresh machine, exactly these two commands."""
+    section = _text("README.md").split("## Quick start", 1)[1]
+    block = section.split("```", 2)[1]
+    commands = [line.split("#", 1)[0].strip() for line in block.strip().splitlines()]
+    assert commands == ["make run", "make test"]
+
+
 def test_readme_names_every_management_command_of_the_project() -> None:
     section = _text("README.md").split("Commands (`python manage.py …`):", 1)[1]
     section = section.split("\n\n", 1)[0]
