@@ -370,3 +370,21 @@ def test_the_rendered_date_at_the_millisecond_edge(world: World, accept: str) ->
     assert _ids(client, f"date={quote(_shown_ms(file_at))}", accept) == [file_id]
     assert _ids(client, f"date=gt{quote(_shown_ms(file_at))}", accept) == [note_id]
     assert _ids(client, f"date=lt{quote(_shown_ms(note_at))}", accept) == [file_id]
+
+
+@pytest.mark.parametrize("accept", [FHIR_R4, FHIR_R5], ids=["R4", "R5"])
+def test_a_case_files_sent_type_is_not_kept_so_not_searched(world: World, accept: str) -> None:
+    """The type search's premise, from the write side: a case file sent with a type of its
+    own (a discharge summary, LOINC 18842-5) is stored without one, so that type finds
+    nothing and ``type:not`` keeps it. Were it kept, ``type`` would have to search it."""
+    task_id = accepted(world, "SR-1")
+    sent = {**case_file(task_id, "a"), "type": {"coding": [{"system": LOINC, "code": "18842-5"}]}}
+    made = world.r4.post("/fhir/DocumentReference", sent)
+    assert made.status_code == 201, made.content
+    file_id = body(made)["id"]
+    client = world.r4 if accept == FHIR_R4 else world.r5
+    assert "type" not in body(client.get(f"/fhir/DocumentReference/{file_id}", Accept=accept))
+    assert _ids(client, "type=18842-5", accept) == []
+    assert _ids(client, f"type={quote(LOINC)}|18842-5", accept) == []
+    assert _ids(client, "type:not=18842-5", accept) == [file_id]
+    assert _ids(client, "type:not=11488-4", accept) == [file_id]
