@@ -388,3 +388,16 @@ def test_a_case_files_sent_type_is_not_kept_so_not_searched(world: World, accept
     assert _ids(client, f"type={quote(LOINC)}|18842-5", accept) == []
     assert _ids(client, "type:not=18842-5", accept) == [file_id]
     assert _ids(client, "type:not=11488-4", accept) == [file_id]
+
+
+def test_paging_keeps_type_not_and_date(world: World) -> None:
+    """The ``next`` link carries ``type:not`` and ``date``: the second page is the rest of
+    the same search, not of every document."""
+    file_id, _note_id, other_id, _ = _documents(world)
+    first = body(world.r4.get("/fhir/DocumentReference?type:not=11488-4&date=ge2000-01&_count=1"))
+    assert first["total"] == 2
+    (next_url,) = (link["url"] for link in first["link"] if link["relation"] == "next")
+    second = body(world.r4.get(next_url))
+    ids = [e["resource"]["id"] for page in (first, second) for e in page["entry"]]
+    assert sorted(ids) == sorted([file_id, other_id])
+    assert not [link for link in second["link"] if link["relation"] == "next"]
