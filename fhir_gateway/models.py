@@ -332,3 +332,36 @@ class CreateKey(models.Model):
 
     def __str__(self) -> str:
         return f"{self.resource_type} {self.system}|{self.value} -> {self.logical_id}"
+
+
+class AppliedUpdate(models.Model):
+    """A Task update a member's system sent (``PUT``, or a ``PATCH`` as the PUT of its
+    result) and the version it made: the version it was applied to, the account, and a
+    digest of what was sent. A retry after a lost answer — the same body, the same
+    ``If-Match``, the same account — is answered with the version the first made, instead
+    of being taken as a new change from the state the first moved to (409/422) or refused
+    as stale (412): nothing applied twice (``referral_resources._task_update``). Written in
+    the update's transaction; one per version made (versions follow one another)."""
+
+    resource_type = models.CharField(max_length=40)
+    logical_id = models.CharField(max_length=64)
+    base_version = models.PositiveIntegerField()
+    result_version = models.PositiveIntegerField()
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    digest = models.CharField(max_length=64)
+    at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["resource_type", "logical_id", "base_version"],
+                name="fhir_applied_update_unique_base",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return (
+            f"{self.resource_type}/{self.logical_id} {self.base_version} -> {self.result_version}"
+        )

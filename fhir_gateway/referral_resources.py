@@ -45,7 +45,7 @@ from core.values import digits_int
 from fhir_gateway import handlers
 from fhir_gateway import referral_mapping as m
 from fhir_gateway.handlers import ResourceHandler, SearchParam, WriteRequest
-from fhir_gateway.models import FhirResource
+from fhir_gateway.models import AppliedUpdate, FhirResource
 from fhir_gateway.outcomes import FhirError
 from fhir_gateway.patching import same_json
 from fhir_gateway.publish import stored_versions
@@ -1172,7 +1172,10 @@ def _task_update(req: WriteRequest) -> WriteResult:
             "whatever version is current. (A PATCH may leave it out.)",
         )
     expected_task = parse_if_match(req.if_match)  # None for "*": the current version
+    digest = _update_digest(req)
     if expected_task is not None and expected_task != row.version_id:
+        if (replay := _replayed(req, digest, base_version=expected_task)) is not None:
+            return replay
         raise FhirError(
             412,
             "conflict",
@@ -1184,13 +1187,65 @@ def _task_update(req: WriteRequest) -> WriteResult:
         # a client saving what it read): answered with the current version, as a PATCH
         # that changes nothing is; no new version.
         return WriteResult(row, created=False, unchanged=True)
+    if expected_task is None and (replay := _replayed(req, digest, result_version=row.version_id)):
+        return replay  # If-Match: * sent again after the update that made this version
     change = m.task_to_transition(current, req.resource, req.fhir_version)
     # Task versions follow the referral's events one to one: the If-Match version is the
     # referral version the member saw (not the referral read above: a change committed
     # between the two reads would make a right If-Match fail), and the answer is the
     # version this update stored (a change committed since would be the current one).
-    done = _transition(req.user, referral, change.action, expected_task, **change.inputs)
+    try:
+        with transaction.atomic():
+            done = _transition(req.user, referral, change.action, expected_task, **change.inputs)
+            AppliedUpdate.objects.create(
+                resource_type="Task",
+                logical_id=req.logical_id,
+                base_version=done.version - 1,
+                result_version=done.version,
+                user=req.user,
+                digest=digest,
+            )
+    except (FhirError, ApplicationError):
+        # The same request sent twice at once: the twin that waited on the referral's lock
+        # finds the version moved (412) or the state (409/422); it was applied once.
+        base = expected_task if expected_task is not None else row.version_id
+        if (replay := _replayed(req, digest, base_version=base)) is not None:
+            return replay
+        raise
     return WriteResult(resource_version("Task", req.logical_id, done.version), created=False)
+
+
+def _update_digest(req: WriteRequest) -> str:
+    """What a retry of the same update sends again: the body (without what the server sets
+    on each version) in its FHIR version."""
+    sent = {k: v for k, v in req.resource.items() if k not in _SERVER_SET}
+    text = json.dumps([req.fhir_version, sent], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _replayed(
+    req: WriteRequest,
+    digest: str,
+    *,
+    base_version: int | None = None,
+    result_version: int | None = None,
+) -> WriteResult | None:
+    """The answer the first of these updates had (the version it made; no new one), when
+    this account already sent this body to this version of the Task (``AppliedUpdate``)."""
+    found = AppliedUpdate.objects.filter(
+        resource_type="Task", logical_id=req.logical_id, user=req.user, digest=digest
+    )
+    if base_version is not None:
+        found = found.filter(base_version=base_version)
+    if result_version is not None:
+        found = found.filter(result_version=result_version)
+    made = found.values_list("result_version", flat=True).first()
+    if made is None:
+        return None
+    assert req.logical_id is not None
+    return WriteResult(
+        resource_version("Task", req.logical_id, made), created=False, unchanged=True
+    )
 
 
 def _counter_referral_create(user: User, ask: m.CounterReferralAsk) -> WriteResult:

@@ -882,12 +882,21 @@ def _patch(ctx: FhirRequest, handler: ResourceHandler, logical_id: str) -> HttpR
     expected = parse_if_match(if_match) if if_match else None
     for attempt in range(1, _PATCH_ATTEMPTS + 1):
         row = _read(handler, logical_id, ctx.user)  # 404 / 410 as a read
-        if expected is not None and expected != row.version_id:
-            raise FhirError(
-                412,
-                "conflict",
-                f"If-Match names version {expected}; the current version is {row.version_id}.",
-            )
+        stale = expected is not None and expected != row.version_id
+        if expected is not None and stale:
+            # Applied to the version the If-Match names and sent to the update with it:
+            # a retry of a patch whose answer was lost is answered as the first was (the
+            # update's record of it, AppliedUpdate); anything else is stale (412).
+            named = FhirResource.objects.filter(
+                resource_type=handler.resource_type, logical_id=logical_id, version_id=expected
+            ).first()
+            if named is None or named.deleted or not named.json_for(version):
+                raise FhirError(
+                    412,
+                    "conflict",
+                    f"If-Match names version {expected}; the current version is {row.version_id}.",
+                )
+            row = named
         text = row.json_for(version)
         if not text:
             raise FhirError(
@@ -897,6 +906,10 @@ def _patch(ctx: FhirRequest, handler: ResourceHandler, logical_id: str) -> HttpR
             )
         current = json.loads(text)
         patched = patching.apply_patch(current, patch, max_bytes=_max_body_bytes())
+        if stale and patching.same_json(patched, current):
+            raise FhirError(
+                412, "conflict", f"If-Match names version {expected}, which is not the current one."
+            )
         if patching.same_json(patched, current):  # only tests, or nothing new: no version
             if _sends_resource(ctx, row):
                 _audit_write(ctx, row, AuditAction.READ, "patch")
@@ -922,6 +935,10 @@ def _patch(ctx: FhirRequest, handler: ResourceHandler, logical_id: str) -> HttpR
             if exc.status != 412 or expected is not None or attempt == _PATCH_ATTEMPTS:
                 raise
             continue  # changed since it was read: read it again and re-apply
+        if result.unchanged:  # a retry answered as the first was: nothing written
+            if _sends_resource(ctx, result.row):
+                _audit_write(ctx, result.row, AuditAction.READ, "patch")
+            return _write_response(ctx, result.row, status=200)
         _audit_write(ctx, result.row, AuditAction.UPDATE, "patch")
         return _write_response(ctx, result.row, status=200)
     raise AssertionError("unreachable")

@@ -32,7 +32,7 @@ from fhir_gateway.delivery import (
 from fhir_gateway.intake import intake_drain
 from fhir_gateway.models import IntakeJob, OutboxMessage
 from fhir_gateway.storage import store_version
-from fhir_gateway.tests.conftest import FHIR_R4, FhirClient
+from fhir_gateway.tests.conftest import FHIR_R4, FHIR_R5, FhirClient
 from fhir_gateway.tests.referral_world import (
     HIS_PATIENT,
     PLACER,
@@ -585,3 +585,33 @@ def test_the_same_placer_through_rest_and_fhir_at_once_makes_one_referral(
     (referral,) = Referral.objects.filter(placer_value="SR-BOTH")
     assert api.json()["id"] == referral.pk
     assert ReferralEvent.objects.count() == 1
+
+
+def test_an_accept_sent_twice_at_once_is_applied_once_and_both_get_its_answer(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A consultant system that timed out sends its accept again while the first is still
+    being applied: both read the same version; the second waits on the referral's lock and
+    then finds the version moved. It is answered as the first was (200, the version the
+    first made), not 412; one event, one new Task version."""
+    task_id = str(submit(world)["entry"][2]["resource"]["id"])
+    task = json.loads(world.r5.get(f"/fhir/Task/{task_id}", Accept=FHIR_R5).content)
+    task["status"] = "accepted"
+    read_version = f'W/"{task["meta"]["versionId"]}"'
+    events_before = ReferralEvent.objects.count()
+    _meet_after(monkeypatch, "_update_digest")
+    clients = [member_client(world.consultant) for _ in range(2)]
+
+    def put(client: FhirClient) -> Any:
+        return client.put(
+            f"/fhir/Task/{task_id}", task, content_type=FHIR_R5, Accept=FHIR_R5,
+            **{"If-Match": read_version},
+        )  # fmt: skip
+
+    answers = _together([functools.partial(put, c) for c in clients])
+
+    assert [a.status_code for a in answers] == [200, 200], [a.content for a in answers]
+    assert answers[0].content == answers[1].content
+    assert ReferralEvent.objects.count() == events_before + 1
+    referral = Referral.objects.get(filler_id=task_id)
+    assert json.loads(answers[0].content)["meta"]["versionId"] == str(referral.version)
