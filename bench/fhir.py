@@ -18,6 +18,10 @@
   times the same worklist sorted.
 - projection: the cost the write path adds (``publish.referral_changed`` as stored, and
   the same renderings validated + serialised with fhir.resources, for decision 2).
+- floor: the same Bundles and client against bench/floor_app.py under the same gunicorn,
+  rung by rung (Django with nothing; + json.loads and 4 INSERTs in one transaction;
+  + fhir.resources validation), then ``POST /fhir``, each beside the raw rate: where
+  0.10 x lies, and what the gateway's own write set costs above it.
 - outbound: ``--messages`` outbox messages delivered by ``--delivery-threads`` threads to a
   local stub member (bench/stub_member.py: asyncio, HTTP/1.1 keep-alive, in its own process)
   through ``delivery.outbox_drain`` in ``--delivery-procs`` processes: deliveries/s.
@@ -265,6 +269,30 @@ def start_gunicorn(workers: int, port: int, threads: int = 1) -> subprocess.Pope
     raise SystemExit("gunicorn did not start")
 
 
+def start_floor(workers: int, port: int, conninfo: str) -> subprocess.Popen[bytes]:
+    """bench/floor_app.py under gunicorn, as ``start_gunicorn`` runs Consilium."""
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS bench_floor_resource "
+            "(id bigserial PRIMARY KEY, doc jsonb NOT NULL)"
+        )
+        conn.execute("CREATE TABLE IF NOT EXISTS bench_floor_event (id bigserial PRIMARY KEY, "
+                     "kind text NOT NULL, at timestamptz NOT NULL DEFAULT now())")  # fmt: skip
+    process = subprocess.Popen(
+        [str(ROOT / ".venv/bin/gunicorn"), "bench.floor_app:application", "-w", str(workers),
+         "-b", f"127.0.0.1:{port}", "--log-level", "warning"],
+        cwd=ROOT, env={**os.environ, "FLOOR_DSN": conninfo},
+    )  # fmt: skip
+    for _ in range(100):
+        try:
+            requests.post(f"http://127.0.0.1:{port}/hello", timeout=30)
+            return process
+        except requests.RequestException:
+            time.sleep(0.2)
+    process.terminate()
+    raise SystemExit("the floor server did not start")
+
+
 def ingest(
     base: str,
     token: str,
@@ -273,6 +301,7 @@ def ingest(
     payload: Callable[[], dict],
     *,
     respond_async: bool = False,
+    path: str = "/fhir",
 ) -> tuple[float, list[float]]:
     """POST transaction Bundles from ``clients`` threads, as a load generator does: each
     request is built before the clock starts (as the raw baseline's document is) and sent
@@ -288,7 +317,7 @@ def ingest(
     where = urlsplit(base)
     address = (where.hostname or "127.0.0.1", where.port or 80)
     head = (
-        f"POST /fhir HTTP/1.1\r\nHost: {where.netloc}\r\nAuthorization: Bearer {token}\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: {where.netloc}\r\nAuthorization: Bearer {token}\r\n"
         f"Content-Type: {FHIR_R4}\r\nAccept: {FHIR_R4}\r\nConnection: close\r\n"
         + ("Prefer: respond-async\r\n" if respond_async else "")
     )
@@ -447,6 +476,48 @@ def drain_intake(procs: int) -> tuple[int, float]:
     return pending, pending / elapsed
 
 
+def floor(
+    args: argparse.Namespace,
+    conninfo: str,
+    base: str,
+    token: str,
+    payload: Callable[[], dict],
+) -> None:
+    """The same Bundles, the same client, the same gunicorn, at each concurrency level:
+    bench/floor_app.py's rungs, then Consilium's ``POST /fhir``, each as a ratio to the raw
+    INSERT rate measured around it (``interleaved``)."""
+    floor_port = args.port + 2
+    rungs = [
+        ("Django, no middleware: read the body, fixed answer", f"http://127.0.0.1:{floor_port}", "/hello"),
+        ("+ json.loads, 4 INSERTs in one transaction", f"http://127.0.0.1:{floor_port}", "/store"),
+        ("+ fhir.resources R4B validation, once", f"http://127.0.0.1:{floor_port}", "/validate"),
+        ("Consilium POST /fhir (synchronous)", base, "/fhir"),
+    ]  # fmt: skip
+    floor_server = start_floor(args.workers, floor_port, conninfo)
+    server = start_gunicorn(args.workers, args.port, args.threads)
+    try:
+        for _label, url, path in rungs:  # every worker's first requests, untimed
+            ingest(url, token, args.workers, 20, payload, path=path)
+        print(f"ingest floor: {args.repeat} rounds per rung and level, gunicorn {args.workers} "
+              "sync workers each, the same prebuilt Bundles and client")  # fmt: skip
+        print(f"{'clients':>7}  {'rung':<52} {'req/s':>8} {'p50 ms':>7} "
+              f"{'raw INSERT/s':>13} {'ratio':>6}")  # fmt: skip
+        for clients in (int(c) for c in args.clients.split(",")):
+            per = max(1, args.bundles // clients)
+            for label, url, path in rungs:
+                level = interleaved(
+                    args.repeat,
+                    functools.partial(ingest, url, token, clients, per, payload, path=path),
+                    functools.partial(raw_insert_rate, conninfo, clients, max(50, per * 4)),
+                )
+                print(f"{clients:>7}  {label:<52} {level.rate:>8.1f} "
+                      f"{pct(level.samples, 0.5):>7.2f} {level.raw:>13.0f} {level.ratio:>6.3f}")  # fmt: skip
+    finally:
+        for process in (server, floor_server):
+            process.terminate()
+            process.wait(10)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--bundles", type=int, default=200, help="per concurrency level and round")
@@ -476,7 +547,7 @@ def main() -> None:
     parser.add_argument("--intake-batch", type=int, default=0,
                         help="jobs per transaction when applying (default: FHIR_INTAKE_BATCH)")  # fmt: skip
     parser.add_argument("--only", default="",
-                        help="comma list: ingest,async,search,projection,outbound")  # fmt: skip
+                        help="comma list: ingest,async,search,projection,outbound,floor")  # fmt: skip
     args = parser.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
 
@@ -587,6 +658,8 @@ def run(args: argparse.Namespace, conninfo: str, stub_url: str) -> None:
         finally:
             server.terminate()
             server.wait(10)
+    if want("floor"):
+        floor(args, conninfo, base, sub_token, lambda: bundle(spoke, department))
     if want("projection"):
         stored_ms, validated_ms = projection_cost(50)
         print(
