@@ -1189,6 +1189,7 @@ def _search(
         values = [v for v in values if v != ""]
         if name in _RESULT_PARAMS or not values:
             continue
+        _refuse_chain(handler, name)
         base_name, _, modifier = name.partition(":")
         param = handler.param(base_name)
         if param is None:
@@ -1330,6 +1331,31 @@ def _search(
     )
     _name_ignored(response, ignored)
     return response
+
+
+def _refuse_chain(handler: ResourceHandler, name: str) -> None:
+    """A chained parameter on one of the type's parameters (``focus.identifier``,
+    ``patient:Patient.identifier``) or a reverse chain (``_has:…``) is 400, never ignored:
+    we serve neither, and ignoring it would answer every resource the rest of the search
+    finds (fhirclient sends a nested search dict as a chain: ``{"focus": {"identifier":
+    …}}`` got all the caller's Tasks, as if one had been found)."""
+    head, dot, _rest = name.partition(".")
+    base_name = head.partition(":")[0]
+    if base_name == "_has":
+        message = "Reverse chaining (_has) is not supported here: search the other type."
+    elif dot and handler.param(base_name) is not None:
+        message = (
+            f"Chained search ({base_name}.…) is not supported here: search the other "
+            f"resource first and name it by id ({base_name}=<type>/<id>)."
+        )
+        if handler.resource_type in {"Task", "ServiceRequest"}:
+            message += (
+                f" A {handler.resource_type} takes the referral's placer identifier itself: "
+                "identifier=<system>|<value>."
+            )
+    else:
+        return
+    raise FhirError(400, "not-supported", message, expression=[name[:80]])
 
 
 def _modifiers_named(param: SearchParam) -> str:
