@@ -108,6 +108,10 @@ _DATE = re.compile(
     r"(?:T(?P<time>\d{2}:\d{2}(?::\d{2}(?:\.\d{1,9})?)?)(?P<tz>Z|[+-]\d{2}:\d{2})?)?)?)?$"
 )
 
+# Comparison operators some clients send before a date (fhirclient's search operators, from
+# DSTU1) and the FHIR prefix each means, named in the refusal; the longest first.
+_COMPARISONS = {">=": "ge", "<=": "le", ">": "gt", "<": "lt", "=": "eq"}
+
 
 @dataclass(frozen=True)
 class FhirRequest:
@@ -1061,7 +1065,7 @@ def _versions_in_window(rows: QuerySet[FhirResource], window: dict[str, str]) ->
 
 def _window_range(raw: str, name: str) -> tuple[datetime, datetime]:
     """A history window's date (no prefix): its start and exclusive end, in UTC."""
-    if raw[:2].isalpha():
+    if raw[:2].isalpha() or raw[:1] in {"<", ">", "="}:
         raise FhirError(400, "invalid", f"{name} takes a date or instant, without a prefix.")
     _prefix, start, end = _date_range(raw, name)
     return start, end
@@ -1096,7 +1100,12 @@ def _date_range(raw: str, name: str) -> tuple[str, datetime, datetime]:
     parameter, for the error)."""
     match = _DATE.match(raw)
     if not match:
-        raise FhirError(400, "invalid", f"{name} {raw!r} is not a FHIR date search value.")
+        message = f"{name} {raw!r} is not a FHIR date search value."
+        operator = next((op for op in _COMPARISONS if raw.startswith(op)), None)
+        if operator is not None:  # fhirclient's $gt / $gte / $lt / $lte send these
+            fhir = f"{_COMPARISONS[operator]}{raw[len(operator) :]}"
+            message += f" FHIR writes a comparison as a prefix (eq ge gt le lt): {fhir!r}."
+        raise FhirError(400, "invalid", message)
     prefix = match.group("prefix") or "eq"
     if prefix not in {"eq", "gt", "lt", "ge", "le"}:
         raise FhirError(400, "not-supported", f"Date prefix {prefix!r} is not supported.")
