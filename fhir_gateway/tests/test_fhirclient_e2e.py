@@ -10,10 +10,14 @@ and what to send instead (docs/fhir.md, *Connecting a member system with fhircli
 from __future__ import annotations
 
 import base64
+import contextlib
 import gc
+import io
+import re
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -55,6 +59,10 @@ def connect(live_server: Any) -> Iterator[Callable[[User], FHIRServer]]:
         return smart.server
 
     yield connect
+    _close(servers)
+
+
+def _close(servers: list[FHIRServer]) -> None:
     gc.collect()  # a refusal kept by pytest.raises holds its response, and so the socket
     for server in servers:
         server.session.close()
@@ -363,3 +371,37 @@ def test_where_fhirclient_and_fhir_r4_disagree_the_refusal_says_what_to_send(
     # fhirclient quotes every value as a string: _count=2 (an int) fails in the client.
     with pytest.raises(TypeError):
         Task.where(struct={"_count": 2}).construct()
+
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "fhir.md"
+EXAMPLE = "### Connecting a member system with fhirclient (SMART on FHIR client-py)"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_docs_fhirclient_example_runs_as_written(live_server: Any, world: World) -> None:
+    """docs/fhir.md's fhirclient block, only the base URL and the tokens replaced, on the
+    test network (its hub and paediatrics are the demo network's)."""
+    text = DOC.read_text(encoding="utf-8")
+    start = text.index(EXAMPLE + "\n")
+    match = re.compile(r"```python\n(.*?)\n```", re.S).search(text, start)
+    assert match is not None
+    code = "\n" * text.count("\n", 0, match.start(1)) + match.group(1)  # the doc's lines
+    for old, new in (
+        ('"https://consilium.example.org/fhir"', f'"{live_server.url}/fhir"'),
+        ('"<token>"', f'"{api_token_issue(user=world.submitter, name="doc").raw}"'),
+        ('"<hub token>"', f'"{api_token_issue(user=world.consultant, name="doc").raw}"'),
+    ):
+        assert old in code, old
+        code = code.replace(old, new)
+    out = io.StringIO()
+    namespace: dict[str, Any] = {}
+    try:
+        with contextlib.redirect_stdout(out):
+            exec(compile(code, str(DOC), "exec"), namespace)  # noqa: S102 - the doc's example
+    finally:  # its sessions, also when it failed half-way (see connect)
+        _close([namespace[name] for name in ("r4", "hub_side") if name in namespace])
+    department = world.network.pediatrics
+    assert out.getvalue().splitlines() == ["4.0.1", f"HealthcareService/{department.pk}"]
+    referral = Referral.objects.get()
+    assert (referral.assigned_department, referral.state) == (department, ReferralState.ACCEPTED)
+    assert referral.requester_facility == world.network.spoke
