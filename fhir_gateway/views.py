@@ -108,6 +108,10 @@ _DATE = re.compile(
     r"(?:T(?P<time>\d{2}:\d{2}(?::\d{2}(?:\.\d{1,9})?)?)(?P<tz>Z|[+-]\d{2}:\d{2})?)?)?)?$"
 )
 
+# Comparison operators some clients send before a date (fhirclient's search operators, from
+# DSTU1) and the FHIR prefix each means, named in the refusal; the longest first.
+_COMPARISONS = {">=": "ge", "<=": "le", ">": "gt", "<": "lt", "=": "eq"}
+
 
 @dataclass(frozen=True)
 class FhirRequest:
@@ -1061,7 +1065,7 @@ def _versions_in_window(rows: QuerySet[FhirResource], window: dict[str, str]) ->
 
 def _window_range(raw: str, name: str) -> tuple[datetime, datetime]:
     """A history window's date (no prefix): its start and exclusive end, in UTC."""
-    if raw[:2].isalpha():
+    if raw[:2].isalpha() or raw[:1] in {"<", ">", "="}:
         raise FhirError(400, "invalid", f"{name} takes a date or instant, without a prefix.")
     _prefix, start, end = _date_range(raw, name)
     return start, end
@@ -1096,7 +1100,12 @@ def _date_range(raw: str, name: str) -> tuple[str, datetime, datetime]:
     parameter, for the error)."""
     match = _DATE.match(raw)
     if not match:
-        raise FhirError(400, "invalid", f"{name} {raw!r} is not a FHIR date search value.")
+        message = f"{name} {raw!r} is not a FHIR date search value."
+        operator = next((op for op in _COMPARISONS if raw.startswith(op)), None)
+        if operator is not None:  # fhirclient's $gt / $gte / $lt / $lte send these
+            fhir = f"{_COMPARISONS[operator]}{raw[len(operator) :]}"
+            message += f" FHIR writes a comparison as a prefix (eq ge gt le lt): {fhir!r}."
+        raise FhirError(400, "invalid", message)
     prefix = match.group("prefix") or "eq"
     if prefix not in {"eq", "gt", "lt", "ge", "le"}:
         raise FhirError(400, "not-supported", f"Date prefix {prefix!r} is not supported.")
@@ -1189,6 +1198,7 @@ def _search(
         values = [v for v in values if v != ""]
         if name in _RESULT_PARAMS or not values:
             continue
+        _refuse_chain(handler, name)
         base_name, _, modifier = name.partition(":")
         param = handler.param(base_name)
         if param is None:
@@ -1330,6 +1340,31 @@ def _search(
     )
     _name_ignored(response, ignored)
     return response
+
+
+def _refuse_chain(handler: ResourceHandler, name: str) -> None:
+    """A chained parameter on one of the type's parameters (``focus.identifier``,
+    ``patient:Patient.identifier``) or a reverse chain (``_has:…``) is 400, never ignored:
+    we serve neither, and ignoring it would answer every resource the rest of the search
+    finds (fhirclient sends a nested search dict as a chain: ``{"focus": {"identifier":
+    …}}`` got all the caller's Tasks, as if one had been found)."""
+    head, dot, _rest = name.partition(".")
+    base_name = head.partition(":")[0]
+    if base_name == "_has":
+        message = "Reverse chaining (_has) is not supported here: search the other type."
+    elif dot and handler.param(base_name) is not None:
+        message = (
+            f"Chained search ({base_name}.…) is not supported here: search the other "
+            f"resource first and name it by id ({base_name}=<type>/<id>)."
+        )
+        if handler.resource_type in {"Task", "ServiceRequest"}:
+            message += (
+                f" A {handler.resource_type} takes the referral's placer identifier itself: "
+                "identifier=<system>|<value>."
+            )
+    else:
+        return
+    raise FhirError(400, "not-supported", message, expression=[name[:80]])
 
 
 def _modifiers_named(param: SearchParam) -> str:

@@ -148,6 +148,46 @@ def test_modifiers_a_parameter_does_not_take_stay_400(
     assert "modifier" in issue["diagnostics"]
 
 
+@pytest.mark.parametrize(
+    ("query", "what"),
+    [
+        # fhirclient's nested search dict {"focus": {"identifier": …}}: the Task of one
+        # referral by its placer identifier, through its ServiceRequest. It was ignored
+        # (X-FHIR-Ignored-Parameters) and every Task of the caller answered.
+        (f"Task?focus.identifier={quote(PLACER)}|A", "Chained search (focus.…)"),
+        (f"Task?patient:Patient.identifier={quote(PLACER)}|A", "Chained search (patient.…)"),
+        (f"ServiceRequest?requester.identifier={quote(PLACER)}|A", "Chained search"),
+        ("Task?_has:Communication:part-of:identifier=x|1", "Reverse chaining (_has)"),
+    ],
+)
+def test_a_chained_search_is_400_never_ignored(
+    world: World, cases: dict[str, str], query: str, what: str
+) -> None:
+    response = world.r4.get(f"/fhir/{query}", Accept=FHIR_R4)
+    assert response.status_code == 400, response.content
+    issue = outcome_issue(response)
+    assert issue["code"] == "not-supported"
+    assert issue["diagnostics"].startswith(what), issue["diagnostics"]
+    assert issue["expression"] == [query.split("?")[1].split("=")[0]]
+    # What to send instead, where the type has it: the placer identifier finds the one.
+    if query.startswith("Task?focus"):
+        assert "identifier=<system>|<value>" in issue["diagnostics"]
+        assert _ids(world, f"/fhir/Task?identifier={quote(PLACER)}|A") == [cases["accepted"]]
+
+
+def test_a_chain_on_the_registry_is_400_and_an_unknown_dotted_name_still_ignored(
+    fhir: Any, network: Any
+) -> None:
+    chained = fhir.get("/fhir/HealthcareService?organization.name=Mahosot", Accept=FHIR_R4)
+    assert chained.status_code == 400, chained.content
+    assert outcome_issue(chained)["diagnostics"].startswith("Chained search (organization.…)")
+    # A name that is no parameter of the type, dotted or not, is ignored as before.
+    unknown = fhir.get("/fhir/HealthcareService?colour.name=red", Accept=FHIR_R4)
+    assert unknown.status_code == 200, unknown.content
+    assert unknown["X-FHIR-Ignored-Parameters"] == "colour.name"
+    assert body(unknown)["total"] == 2
+
+
 def test_registry_name_exact_type_not_and_partof_missing(
     fhir: Any, network: Any, member_user: Any
 ) -> None:

@@ -70,6 +70,41 @@ def test_a_bad_date_names_its_parameter(world: World, two: tuple[str, str]) -> N
 
 
 @pytest.mark.parametrize(
+    ("value", "prefixed"),
+    [
+        (">=2020-01-01", "ge2020-01-01"),
+        (">2020", "gt2020"),
+        ("<=2030-05", "le2030-05"),
+        ("<2030-01-01T10:00:00Z", "lt2030-01-01T10:00:00Z"),
+        ("=2020", "eq2020"),
+    ],
+)
+def test_a_comparison_operator_before_a_date_is_named_with_its_fhir_prefix(
+    world: World, two: tuple[str, str], value: str, prefixed: str
+) -> None:
+    """fhirclient's search operators ({"$gte": "2020-01-01"}, from DSTU1) send ``>=2020-01-01``:
+    still 400 (FHIR writes the prefix), but the refusal says what to send."""
+    for param in ("authored-on", "_lastUpdated"):
+        response = world.r4.get(f"/fhir/Task?{param}={quote(value)}", Accept=FHIR_R4)
+        assert response.status_code == 400, response.content
+        issue = outcome_issue(response)
+        assert issue["code"] == "invalid"
+        assert issue["diagnostics"] == (
+            f"{param} {value!r} is not a FHIR date search value. FHIR writes a comparison "
+            f"as a prefix (eq ge gt le lt): {prefixed!r}."
+        )
+        # What it names: both Tasks were made now (after 2020, before 2030)
+        expected = [] if prefixed.startswith("eq") else sorted(two)
+        assert _ids(world, f"/fhir/Task?{param}={quote(prefixed)}") == expected
+    # A history window takes no prefix at all: the refusal says so, suggesting none.
+    history = world.r4.get(f"/fhir/Task/{two[0]}/_history?_since={quote(value)}", Accept=FHIR_R4)
+    assert history.status_code == 400
+    assert outcome_issue(history)["diagnostics"] == (
+        "_since takes a date or instant, without a prefix."
+    )
+
+
+@pytest.mark.parametrize(
     ("query", "matches"),
     [
         ("status=requested", True),
