@@ -95,7 +95,8 @@ def settings_errors() -> list[CheckMessage]:
                 id="core.E005",
             )
         )
-    zone = getattr(settings, "REPORTS_TIME_ZONE", "UTC")
+    # Empty is TIME_ZONE, as reports read it (reports.services.report_time_zone).
+    zone = getattr(settings, "REPORTS_TIME_ZONE", "") or settings.TIME_ZONE
     try:
         ZoneInfo(zone)
     except (ZoneInfoNotFoundError, ValueError, TypeError, OSError):

@@ -240,3 +240,18 @@ def test_relative_runtime_paths_are_the_project_directory_s(tmp_path: Path) -> N
         str(absolute),
         str(absolute / "m"),
     ]
+
+
+def test_an_empty_reports_time_zone_is_time_zone_and_accepted() -> None:
+    """``REPORTS_TIME_ZONE=`` (set, empty) is ``TIME_ZONE`` where reports read it
+    (``reports.services.report_time_zone``): a configuration that works, so neither the
+    checks nor the web, worker or beat start-up may refuse it (E006 did: the processes
+    would not start)."""
+    result = _manage_check({"REPORTS_TIME_ZONE": ""})
+    assert result.returncode == 0, result.stderr
+    shown = _settings_in_env(
+        {"SECRET_KEY": "x" * 50, "REPORTS_TIME_ZONE": ""},
+        "__import__('config.wsgi') and __import__('reports.services').services.report_time_zone()",
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.strip() == "UTC"
