@@ -1205,6 +1205,10 @@ def _search(
             ignored.append(name)
             continue
         contains = param.type == "string" and modifier == "contains"
+        if param.type == "reference" and _TYPE_MODIFIER.fullmatch(modifier):
+            # focus:ServiceRequest=<id> is focus=ServiceRequest/<id> (FHIR's [type] modifier)
+            values = [_typed_reference(name, modifier, value) for value in values]
+            name, modifier = base_name, ""
         if modifier and not contains and modifier not in param.modifiers:
             # Never ignored: without it the search would answer more than was asked for
             # (name:exact, identifier:above): FHIR's own example refuses it.
@@ -1228,7 +1232,7 @@ def _search(
                         f"{name[:80]} takes true or false, not {value[:40]!r}.",
                         expression=[name[:80]],
                     )
-        used[name] = values
+        used.setdefault(name, []).extend(values)
         if param.type == "reference" and modifier != "missing":
             values = [_local_reference(v, ctx.base) for v in values]
         if base_name not in {"_id", "_lastUpdated"}:
@@ -1365,6 +1369,28 @@ def _refuse_chain(handler: ResourceHandler, name: str) -> None:
     else:
         return
     raise FhirError(400, "not-supported", message, expression=[name[:80]])
+
+
+_TYPE_MODIFIER = re.compile(r"[A-Z][A-Za-z]{1,63}")
+
+
+def _typed_reference(name: str, resource_type: str, raw: str) -> str:
+    """The values of ``param:Type``: a bare id becomes ``Type/id``; a reference must name
+    that type (relative, or an absolute URL), else 400."""
+    out = []
+    for value in split_escaped(raw, ","):
+        if "/" not in value:
+            out.append(f"{resource_type}/{value}")
+            continue
+        if not re.search(rf"(?:^|/){resource_type}/[^/]+(?:/_history/[^/]+)?$", value):
+            raise FhirError(
+                400,
+                "invalid",
+                f"{name[:80]} names {value[:80]!r}, not a {resource_type}.",
+                expression=[name[:80]],
+            )
+        out.append(value)
+    return ",".join(out)
 
 
 def _modifiers_named(param: SearchParam) -> str:

@@ -429,3 +429,45 @@ def test_negations_stay_within_the_callers_referrals(
     response = world.r5.get(f"/fhir/{query}", Accept=FHIR_R4)
     found = {e["resource"]["id"] for e in body(response).get("entry", [])}
     assert cases["unrouted"] not in found
+
+
+def test_the_type_modifier_of_a_reference_parameter_names_the_type(
+    world: World, cases: dict[str, str]
+) -> None:
+    """``focus:ServiceRequest=<id>`` is ``focus=ServiceRequest/<id>`` (FHIR's ``[type]``
+    modifier, which fhirclient-style clients send); it was 400 "modifier not supported"."""
+    accepted_id, submitted_id = cases["accepted"], cases["submitted"]
+    assert _ids(world, f"/fhir/Task?focus:ServiceRequest={accepted_id}") == [accepted_id]
+    assert _ids(world, f"/fhir/Task?focus:ServiceRequest={accepted_id},{submitted_id}") == sorted(
+        [accepted_id, submitted_id]
+    )
+    # A reference of that type, relative or absolute, is taken as it is.
+    assert _ids(world, f"/fhir/Task?focus:ServiceRequest=ServiceRequest/{accepted_id}") == [
+        accepted_id
+    ]
+    absolute = f"http://testserver/fhir/ServiceRequest/{accepted_id}"
+    assert _ids(world, f"/fhir/Task?focus:ServiceRequest={quote(absolute)}") == [accepted_id]
+    # Another type: nothing of it is the focus of these Tasks.
+    assert _ids(world, f"/fhir/Task?focus:Patient={accepted_id}") == []
+    # Beside the plain parameter: both hold (AND).
+    both = f"/fhir/Task?focus=ServiceRequest/{accepted_id}&focus:ServiceRequest={submitted_id}"
+    assert _ids(world, both) == []
+    # The paging links name it the plain way.
+    response = world.r4.get(f"/fhir/Task?focus:ServiceRequest={accepted_id}", Accept=FHIR_R4)
+    self_link = next(link["url"] for link in body(response)["link"] if link["relation"] == "self")
+    assert f"focus=ServiceRequest%2F{accepted_id}" in self_link
+
+
+def test_a_type_modifier_whose_reference_names_another_type_is_400(
+    world: World, cases: dict[str, str]
+) -> None:
+    response = world.r4.get(
+        f"/fhir/Task?focus:ServiceRequest=Patient/{cases['accepted']}", Accept=FHIR_R4
+    )
+    assert response.status_code == 400, response.content
+    issue = outcome_issue(response)
+    assert (issue["code"], issue["expression"]) == ("invalid", ["focus:ServiceRequest"])
+    # A lower-case modifier is no type: still an unsupported modifier.
+    lower = world.r4.get(f"/fhir/Task?focus:servicerequest={cases['accepted']}", Accept=FHIR_R4)
+    assert lower.status_code == 400
+    assert outcome_issue(lower)["code"] == "not-supported"
