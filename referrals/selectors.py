@@ -31,7 +31,7 @@ from referrals.permissions import (
     referral_region_filter,
 )
 from referrals.workflow import TERMINAL_STATES
-from registry.models import Department, Facility, Specialty
+from registry.models import Department, Facility, Specialty, SupportLink
 
 # The worklist shows cases the department still has to act on or follow.
 OPEN_STATES: tuple[str, ...] = tuple(
@@ -102,14 +102,35 @@ def referral_expert_candidates(referral: Referral) -> QuerySet[User]:
     """Who may be invited to a referral's case conference: active consultants working in
     a department of its specialty or of its department's (a case forwarded to another
     specialty, the right desk, invites that specialty's consultants). The web form's
-    choices; the ``schedule`` guard."""
-    specialties = Q(departments__specialty_id=referral.specialty_id)
+    choices; the ``schedule`` guard. Only where the case's data may go
+    (``_data_may_reach``)."""
+    specialties = Q(specialty_id=referral.specialty_id)
     if referral.assigned_department_id is not None:
         assigned = Department.objects.filter(pk=referral.assigned_department_id)
-        specialties |= Q(departments__specialty_id__in=assigned.values("specialty_id"))
+        specialties |= Q(specialty_id__in=assigned.values("specialty_id"))
+    departments = Department.objects.filter(specialties, _data_may_reach(referral))
     return User.objects.filter(
-        specialties, is_active=True, groups__name=Role.CONSULTANT.value
+        departments__in=departments, is_active=True, groups__name=Role.CONSULTANT.value
     ).distinct()
+
+
+def _data_may_reach(referral: Referral) -> Q:
+    """The departments an invited expert may work in, by routing's border rule
+    (``referrals.routing``): at home, or abroad at a facility with an active support link
+    to the requester that carries a data-sharing agreement, one allowing identifiable data
+    when the case carries a patient reference. An expert is granted the whole case, as a
+    forward would hand it over: the same rule as the forward guard's."""
+    today = timezone.localdate()
+    links = SupportLink.objects.filter(
+        Q(valid_to__isnull=True) | Q(valid_to__gte=today),
+        spoke_id=referral.requester_facility_id,
+        active=True,
+        valid_from__lte=today,
+    ).exclude(agreement_reference="")
+    if referral.patient_ref:
+        links = links.filter(identifiable_data_allowed=True)
+    home = Facility.objects.filter(pk=referral.requester_facility_id).values("country_id")
+    return Q(facility__country_id__in=home) | Q(facility_id__in=links.values("hub_id"))
 
 
 def referral_open_question_id(referral: Referral) -> int | None:

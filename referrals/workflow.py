@@ -125,7 +125,8 @@ def _guard_conference_in_future(
     if outsiders := sorted(invited - allowed):
         return (
             "Experts are consultants of a department of the referral's specialty or of its "
-            f"department's; these users are not: {', '.join(map(str, outsiders))}."
+            "department's, at home or abroad where a support link's data-sharing agreement "
+            f"lets the case go; these users are not: {', '.join(map(str, outsiders))}."
         )
     return None
 

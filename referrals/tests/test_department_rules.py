@@ -276,3 +276,53 @@ def test_after_a_forward_to_another_specialty_its_consultants_may_be_experts(
     # Someone of neither specialty still may not be invited
     assert set(referral_expert_candidates(referral)) >= {derm_colleague, world.consultant2}
     assert world.referrer not in set(referral_expert_candidates(referral))
+
+
+@pytest.mark.parametrize(
+    ("link", "identifiable", "invited"),
+    [
+        (None, True, False),  # abroad, no link: never
+        (None, False, False),
+        ({"agreement_reference": "DSA-1"}, True, True),  # a data-sharing agreement
+        ({"agreement_reference": "DSA-1", "identifiable_data_allowed": False}, True, False),
+        ({"agreement_reference": "DSA-1", "identifiable_data_allowed": False}, False, True),
+        ({"agreement_reference": "DSA-1", "active": False}, True, False),
+    ],
+)
+def test_an_expert_abroad_is_invited_only_where_routing_may_send_the_data(
+    world: World, link: dict[str, object] | None, identifiable: bool, invited: bool
+) -> None:
+    """A forward to a department abroad needs a support link with a data-sharing agreement
+    (and one allowing identifiable data for an identifiable case); inviting that
+    department's consultant as an expert granted the same case without either."""
+    from registry.models import SupportLink
+
+    abroad = Facility.objects.create(
+        code="LA1",
+        name="Mahosot Hospital",
+        country=Country.objects.create(code="LA", name="Lao PDR"),
+        tier=Tier.CENTRAL,
+    )
+    lao_paeds = Department.objects.create(facility=abroad, specialty=world.paeds, name="Paeds LA1")
+    expert = _user("lao-expert", Role.CONSULTANT, abroad, lao_paeds)
+    if link is not None:
+        SupportLink.objects.create(hub=abroad, spoke=world.district, **link)
+    referral = world.referral_in(ReferralState.ACCEPTED)
+    Referral.objects.filter(pk=referral.pk).update(patient_ref="P-99" if identifiable else "")
+    before = (referral.version, ReferralEvent.objects.filter(referral=referral).count())
+
+    response = _schedule(world, referral, experts=[expert.pk])
+
+    referral.refresh_from_db()
+    if invited:
+        assert response.status_code == 200, response.json()  # type: ignore[attr-defined]
+        assert list(referral.conference_experts.all()) == [expert]
+        assert api(expert).get(f"/api/v1/referrals/{referral.pk}/").status_code == 200
+        return
+    assert response.status_code == 409, response.json()  # type: ignore[attr-defined]
+    assert response.json()["code"] == "guard_failed"  # type: ignore[attr-defined]
+    assert referral.state == ReferralState.ACCEPTED
+    assert (referral.version, ReferralEvent.objects.filter(referral=referral).count()) == before
+    assert not referral.conference_experts.exists()
+    assert expert not in set(referral_expert_candidates(referral))
+    assert api(expert).get(f"/api/v1/referrals/{referral.pk}/").status_code == 404
