@@ -1196,6 +1196,16 @@ def _task_update(req: WriteRequest) -> WriteResult:
     # version this update stored (a change committed since would be the current one).
     try:
         with transaction.atomic():
+            if expected_task is None:
+                # If-Match: * names no version for the twin to find moved: a change the
+                # table allows again from the state it makes (a reschedule) would be
+                # applied twice. Under the referral's lock (the one the transition takes),
+                # a version made meanwhile by this very update is the twin's answer.
+                locked = lock_referral(referral).version
+                if locked != row.version_id and (
+                    replay := _replayed(req, digest, result_version=locked)
+                ):
+                    return replay
             done = _transition(req.user, referral, change.action, expected_task, **change.inputs)
             AppliedUpdate.objects.create(
                 resource_type="Task",

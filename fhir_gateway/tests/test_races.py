@@ -615,3 +615,53 @@ def test_an_accept_sent_twice_at_once_is_applied_once_and_both_get_its_answer(
     assert ReferralEvent.objects.count() == events_before + 1
     referral = Referral.objects.get(filler_id=task_id)
     assert json.loads(answers[0].content)["meta"]["versionId"] == str(referral.version)
+
+
+def test_a_reschedule_sent_twice_at_once_with_if_match_star_is_applied_once(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If-Match: * and a change the table allows again from the state it makes (schedule:
+    scheduled -> scheduled). Both read the same version; the second waits on the referral's
+    lock. It was applied a second time (another schedule event, a second new version);
+    now it is answered as the first was (docs/fhir.md: "Two such requests at once")."""
+    from accounts.roles import Role
+    from fhir_gateway import referral_mapping as m
+    from fhir_gateway.tests.referral_world import read_task, task_input, update_task
+    from tests.factories import UserFactory
+
+    expert = UserFactory.create(facility=world.network.hub, roles=[Role.CONSULTANT])
+    expert.departments.add(world.network.pediatrics)
+    task_id = accepted(world)
+    first_at = (timezone.now() + timedelta(days=1)).replace(microsecond=0)
+
+    def schedule(task: dict[str, Any]) -> None:
+        task["businessStatus"] = {
+            "coding": [{"system": m.REFERRAL_STATE_SYSTEM, "code": "scheduled"}]
+        }
+        task["input"] = [
+            task_input("scheduled-at", valueDateTime=first_at.isoformat()),
+            task_input("experts", valueIdentifier={"system": m.USER_SYSTEM, "value": str(expert.pk)}),
+            task_input("video-url", valueUrl="https://meet.example.org/room-42"),
+        ]  # fmt: skip
+
+    assert update_task(world.r5, task_id, schedule, FHIR_R5).status_code == 200
+    task = read_task(world.r5, task_id, FHIR_R5)
+    later = (timezone.now() + timedelta(days=3)).replace(microsecond=0)
+    task["input"][0]["valueDateTime"] = later.isoformat()
+    events_before = ReferralEvent.objects.count()
+    _meet_after(monkeypatch, "_update_digest")
+    clients = [member_client(world.consultant) for _ in range(2)]
+
+    def put(client: FhirClient) -> Any:
+        return client.put(
+            f"/fhir/Task/{task_id}", task, content_type=FHIR_R5, Accept=FHIR_R5,
+            **{"If-Match": "*"},
+        )  # fmt: skip
+
+    answers = _together([functools.partial(put, c) for c in clients])
+
+    assert [a.status_code for a in answers] == [200, 200], [a.content for a in answers]
+    assert ReferralEvent.objects.count() == events_before + 1
+    assert answers[0].content == answers[1].content
+    referral = Referral.objects.get(filler_id=task_id)
+    assert json.loads(answers[0].content)["meta"]["versionId"] == str(referral.version)
