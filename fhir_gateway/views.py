@@ -886,21 +886,8 @@ def _patch(ctx: FhirRequest, handler: ResourceHandler, logical_id: str) -> HttpR
     expected = parse_if_match(if_match) if if_match else None
     for attempt in range(1, _PATCH_ATTEMPTS + 1):
         row = _read(handler, logical_id, ctx.user)  # 404 / 410 as a read
-        stale = expected is not None and expected != row.version_id
-        if expected is not None and stale:
-            # Applied to the version the If-Match names and sent to the update with it:
-            # a retry of a patch whose answer was lost is answered as the first was (the
-            # update's record of it, AppliedUpdate); anything else is stale (412).
-            named = FhirResource.objects.filter(
-                resource_type=handler.resource_type, logical_id=logical_id, version_id=expected
-            ).first()
-            if named is None or named.deleted or not named.json_for(version):
-                raise FhirError(
-                    412,
-                    "conflict",
-                    f"If-Match names version {expected}; the current version is {row.version_id}.",
-                )
-            row = named
+        if expected is not None and expected != row.version_id:
+            return _stale_patch(ctx, handler, logical_id, patch, version, expected, row)
         text = row.json_for(version)
         if not text:
             raise FhirError(
@@ -910,10 +897,6 @@ def _patch(ctx: FhirRequest, handler: ResourceHandler, logical_id: str) -> HttpR
             )
         current = json.loads(text)
         patched = patching.apply_patch(current, patch, max_bytes=_max_body_bytes())
-        if stale and patching.same_json(patched, current):
-            raise FhirError(
-                412, "conflict", f"If-Match names version {expected}, which is not the current one."
-            )
         if patching.same_json(patched, current):  # only tests, or nothing new: no version
             if _sends_resource(ctx, row):
                 _audit_write(ctx, row, AuditAction.READ, "patch")
@@ -946,6 +929,58 @@ def _patch(ctx: FhirRequest, handler: ResourceHandler, logical_id: str) -> HttpR
         _audit_write(ctx, result.row, AuditAction.UPDATE, "patch")
         return _write_response(ctx, result.row, status=200)
     raise AssertionError("unreachable")
+
+
+def _stale_patch(
+    ctx: FhirRequest,
+    handler: ResourceHandler,
+    logical_id: str,
+    patch: list[Any] | dict[str, Any],
+    version: str,
+    expected: int,
+    row: FhirResource,
+) -> HttpResponse:
+    """A PATCH whose If-Match names a version that is no longer current: applied to that
+    version and handed to the update with it, so that the retry of a patch whose answer was
+    lost is answered as the first was (the update's record of it, AppliedUpdate). Anything
+    else is stale (412), whatever the patch does to the version named: one that does not
+    apply there, changes nothing, or whose result the update would refuse is no retry."""
+    assert ctx.user is not None and handler.update is not None
+    stale = FhirError(
+        412,
+        "conflict",
+        f"If-Match names version {expected}; the current version is {row.version_id}.",
+    )
+    named = FhirResource.objects.filter(
+        resource_type=handler.resource_type, logical_id=logical_id, version_id=expected
+    ).first()
+    text = named.json_for(version) if named is not None and not named.deleted else ""
+    if not text:
+        raise stale
+    try:
+        current = json.loads(text)
+        patched = patching.apply_patch(current, patch, max_bytes=_max_body_bytes())
+        if patching.same_json(patched, current):
+            raise stale
+        result = handler.update(
+            WriteRequest(
+                user=ctx.user,
+                resource_type=handler.resource_type,
+                resource=patched,
+                fhir_version=version,
+                logical_id=logical_id,
+                if_match=f'W/"{expected}"',
+            )
+        )
+    except FhirError as exc:
+        if exc is stale:
+            raise
+        raise stale from exc
+    if not result.unchanged:  # (a version that is not current is never applied to)
+        _audit_write(ctx, result.row, AuditAction.UPDATE, "patch")
+    elif _sends_resource(ctx, result.row):  # a retry answered as the first was
+        _audit_write(ctx, result.row, AuditAction.READ, "patch")
+    return _write_response(ctx, result.row, status=200)
 
 
 def _check_visible(handler: ResourceHandler, logical_id: str, user: User | None) -> None:

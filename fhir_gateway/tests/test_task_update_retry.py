@@ -205,3 +205,27 @@ def test_a_patch_sent_again_with_its_if_match_gets_the_first_answer(world: World
     # Without If-Match the patch goes to the current version: already accepted, 200.
     assert _patch(world.r5, task_id, accept, None).status_code == 200
     assert _snapshot(task_id) == before
+
+
+def test_a_stale_patch_that_is_no_retry_is_412_whatever_it_does_to_the_named_version(
+    world: World,
+) -> None:
+    """A stale If-Match is 412 unless the patch is the retry of an applied one (docs/fhir.md
+    PATCH). Applied to the version the If-Match names only to recognise a retry, a patch
+    that does not apply there (a failed test, a missing path), or whose result the update
+    would refuse (not valid FHIR, another id) was answered 422 / 400 instead."""
+    task_id, _accept_body, read_version = _accept(world)
+    accept = [{"op": "replace", "path": "/status", "value": "accepted"}]
+    assert _patch(world.r5, task_id, accept, read_version).status_code == 200
+    before = _snapshot(task_id)
+
+    patches = [
+        [{"op": "test", "path": "/status", "value": "accepted"}, *accept],
+        [{"op": "remove", "path": "/statusReason"}],
+        [{"op": "replace", "path": "/status", "value": "no-such-status"}],
+        [{"op": "replace", "path": "/id", "value": "another"}],
+    ]
+    answers = [_patch(world.r5, task_id, patch, read_version) for patch in patches]
+
+    assert [a.status_code for a in answers] == [412] * len(patches), [a.content for a in answers]
+    assert _snapshot(task_id) == before
