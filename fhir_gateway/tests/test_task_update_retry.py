@@ -229,3 +229,23 @@ def test_a_stale_patch_that_is_no_retry_is_412_whatever_it_does_to_the_named_ver
 
     assert [a.status_code for a in answers] == [412] * len(patches), [a.content for a in answers]
     assert _snapshot(task_id) == before
+
+
+def test_the_retry_of_a_forward_from_a_department_no_longer_a_party_is_404(
+    world: World,
+) -> None:
+    """The Task is looked up in the caller's scope before any record of the update: a
+    department that forwarded the case away gets 404 for its retry (as any request of a
+    non-party), not the version it made, with its If-Match or with *."""
+    task_id, accept, read_version = _accept(world)
+    forward = copy.deepcopy(accept)
+    forward["status"] = "requested"
+    forward["owner"] = {"reference": f"HealthcareService/{world.network.cardiology.pk}"}
+    forward["statusReason"] = {"concept": {"text": "Not ours: cardiology."}}
+    assert _put(world.r5, forward, read_version).status_code == 200
+    before = _snapshot(task_id)
+
+    answers = [_put(world.r5, forward, if_match) for if_match in (read_version, "*")]
+
+    assert [a.status_code for a in answers] == [404, 404], [a.content for a in answers]
+    assert _snapshot(task_id) == before
