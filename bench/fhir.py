@@ -253,20 +253,27 @@ def start_gunicorn(workers: int, port: int, threads: int = 1) -> subprocess.Pope
            "ALLOWED_HOSTS": "127.0.0.1", "SECURE_HSTS_SECONDS": "0",
            # A real broker, as in production (tasks pile up unconsumed in db 15).
            "CELERY_BROKER_URL": os.environ.get("BENCH_BROKER_URL", "redis://127.0.0.1:6379/15")}  # fmt: skip
+    threaded = ["--worker-class", "gthread", "--threads", str(threads)] if threads > 1 else []
+    return _gunicorn("config.wsgi", workers, port, env, "/fhir/metadata", threaded)
+
+
+def _gunicorn(
+    app: str, workers: int, port: int, env: dict[str, str], probe: str, extra: list[str]
+) -> subprocess.Popen[bytes]:
+    """gunicorn serving ``app`` on 127.0.0.1:``port``, once ``probe`` answers."""
     process = subprocess.Popen(
-        [str(ROOT / ".venv/bin/gunicorn"), "config.wsgi", "-w", str(workers), "-b",
-         f"127.0.0.1:{port}", "--log-level", "warning",
-         *(["--worker-class", "gthread", "--threads", str(threads)] if threads > 1 else [])],
+        [str(ROOT / ".venv/bin/gunicorn"), app, "-w", str(workers), "-b", f"127.0.0.1:{port}",
+         "--log-level", "warning", *extra],
         cwd=ROOT, env=env,
     )  # fmt: skip
     for _ in range(100):
         try:
-            requests.get(f"http://127.0.0.1:{port}/fhir/metadata", timeout=30)
+            requests.get(f"http://127.0.0.1:{port}{probe}", timeout=30)
             return process
         except requests.RequestException:
             time.sleep(0.2)
     process.terminate()
-    raise SystemExit("gunicorn did not start")
+    raise SystemExit(f"gunicorn ({app}) did not start")
 
 
 def start_floor(workers: int, port: int, conninfo: str) -> subprocess.Popen[bytes]:
@@ -278,19 +285,8 @@ def start_floor(workers: int, port: int, conninfo: str) -> subprocess.Popen[byte
         )
         conn.execute("CREATE TABLE IF NOT EXISTS bench_floor_event (id bigserial PRIMARY KEY, "
                      "kind text NOT NULL, at timestamptz NOT NULL DEFAULT now())")  # fmt: skip
-    process = subprocess.Popen(
-        [str(ROOT / ".venv/bin/gunicorn"), "bench.floor_app:application", "-w", str(workers),
-         "-b", f"127.0.0.1:{port}", "--log-level", "warning"],
-        cwd=ROOT, env={**os.environ, "FLOOR_DSN": conninfo},
-    )  # fmt: skip
-    for _ in range(100):
-        try:
-            requests.post(f"http://127.0.0.1:{port}/hello", timeout=30)
-            return process
-        except requests.RequestException:
-            time.sleep(0.2)
-    process.terminate()
-    raise SystemExit("the floor server did not start")
+    env = {**os.environ, "FLOOR_DSN": conninfo}
+    return _gunicorn("bench.floor_app:application", workers, port, env, "/hello", [])
 
 
 def ingest(

@@ -52,6 +52,7 @@ from fhir_gateway.outcomes import (
 )
 from fhir_gateway.storage import (
     FHIR_ID,
+    WriteResult,
     dumps,
     fhir_instant,
     none_match,
@@ -834,10 +835,7 @@ def instance(ctx: FhirRequest, resource_type: str, logical_id: str) -> HttpRespo
                 if_match=ctx.request.headers.get("If-Match"),
             )
         )
-        if not result.unchanged:
-            _audit_write(ctx, result.row, AuditAction.UPDATE, "update")
-        elif _sends_resource(ctx, result.row):  # nothing written, the Task read back
-            _audit_write(ctx, result.row, AuditAction.READ, "update")
+        _audit_update(ctx, result, "update")
         return _write_response(ctx, result.row, status=200)
     if method == "PATCH":
         _require(handler, handlers.PATCH, allow)
@@ -908,27 +906,45 @@ def _patch(ctx: FhirRequest, handler: ResourceHandler, logical_id: str) -> HttpR
                 "A patch may not change the resource's resourceType or id.",
             )
         try:
-            result = handler.update(
-                WriteRequest(
-                    user=ctx.user,
-                    resource_type=handler.resource_type,
-                    resource=patched,
-                    fhir_version=version,
-                    logical_id=logical_id,
-                    if_match=f'W/"{row.version_id}"',
-                )
-            )
+            result = _patched_update(ctx, handler, logical_id, patched, version, row.version_id)
         except FhirError as exc:
             if exc.status != 412 or expected is not None or attempt == _PATCH_ATTEMPTS:
                 raise
             continue  # changed since it was read: read it again and re-apply
-        if result.unchanged:  # a retry answered as the first was: nothing written
-            if _sends_resource(ctx, result.row):
-                _audit_write(ctx, result.row, AuditAction.READ, "patch")
-            return _write_response(ctx, result.row, status=200)
-        _audit_write(ctx, result.row, AuditAction.UPDATE, "patch")
+        _audit_update(ctx, result, "patch")
         return _write_response(ctx, result.row, status=200)
     raise AssertionError("unreachable")
+
+
+def _patched_update(
+    ctx: FhirRequest,
+    handler: ResourceHandler,
+    logical_id: str,
+    patched: dict[str, Any],
+    version: str,
+    if_match: int,
+) -> WriteResult:
+    """The patch's result stored by the type's update, as a PUT of it with that If-Match."""
+    assert ctx.user is not None and handler.update is not None
+    return handler.update(
+        WriteRequest(
+            user=ctx.user,
+            resource_type=handler.resource_type,
+            resource=patched,
+            fhir_version=version,
+            logical_id=logical_id,
+            if_match=f'W/"{if_match}"',
+        )
+    )
+
+
+def _audit_update(ctx: FhirRequest, result: WriteResult, verb: str) -> None:
+    """An update (PUT, PATCH) as what it was: a new version, or — answered from what is
+    stored (the resource as sent, a retry answered as the first was) — a read of it."""
+    if not result.unchanged:
+        _audit_write(ctx, result.row, AuditAction.UPDATE, verb)
+    elif _sends_resource(ctx, result.row):
+        _audit_write(ctx, result.row, AuditAction.READ, verb)
 
 
 def _stale_patch(
@@ -951,35 +967,20 @@ def _stale_patch(
         "conflict",
         f"If-Match names version {expected}; the current version is {row.version_id}.",
     )
-    named = FhirResource.objects.filter(
-        resource_type=handler.resource_type, logical_id=logical_id, version_id=expected
-    ).first()
-    text = named.json_for(version) if named is not None and not named.deleted else ""
-    if not text:
-        raise stale
     try:
+        text = resource_version(handler.resource_type, logical_id, expected).json_for(version)
+        if not text:
+            raise stale
         current = json.loads(text)
         patched = patching.apply_patch(current, patch, max_bytes=_max_body_bytes())
         if patching.same_json(patched, current):
             raise stale
-        result = handler.update(
-            WriteRequest(
-                user=ctx.user,
-                resource_type=handler.resource_type,
-                resource=patched,
-                fhir_version=version,
-                logical_id=logical_id,
-                if_match=f'W/"{expected}"',
-            )
-        )
-    except FhirError as exc:
+        result = _patched_update(ctx, handler, logical_id, patched, version, expected)
+    except FhirError as exc:  # no such version (404, 410), or anything but a retry
         if exc is stale:
             raise
         raise stale from exc
-    if not result.unchanged:  # (a version that is not current is never applied to)
-        _audit_write(ctx, result.row, AuditAction.UPDATE, "patch")
-    elif _sends_resource(ctx, result.row):  # a retry answered as the first was
-        _audit_write(ctx, result.row, AuditAction.READ, "patch")
+    _audit_update(ctx, result, "patch")  # a retry answered as the first was: a read
     return _write_response(ctx, result.row, status=200)
 
 

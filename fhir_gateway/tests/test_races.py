@@ -20,7 +20,9 @@ from django.db.transaction import on_commit as transaction_on_commit
 from django.utils import timezone
 from rest_framework.test import APIClient
 
+from accounts.roles import Role
 from fhir_gateway import delivery, intake, referral_resources
+from fhir_gateway import referral_mapping as m
 from fhir_gateway.delivery import (
     endpoint_aggregate,
     outbox_deliver,
@@ -41,14 +43,17 @@ from fhir_gateway.tests.referral_world import (
     body,
     member_client,
     message,
+    read_task,
     service_request,
     submit,
+    task_input,
     transaction,
+    update_task,
     with_case_file,
 )
 from referrals import services
 from referrals.models import Attachment, Message, Referral, ReferralEvent
-from tests.factories import PEDIATRICS, EndpointFactory
+from tests.factories import PEDIATRICS, EndpointFactory, UserFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -587,6 +592,32 @@ def test_the_same_placer_through_rest_and_fhir_at_once_makes_one_referral(
     assert ReferralEvent.objects.count() == 1
 
 
+def _the_same_put_twice_at_once(
+    world: World, monkeypatch: pytest.MonkeyPatch, task: dict[str, Any], if_match: str
+) -> list[Any]:
+    """The consultant system's PUT of ``task`` sent twice at once, both past the digest of
+    the body (the point a retry is recognised from) before either writes."""
+    _meet_after(monkeypatch, "_update_digest")
+    clients = [member_client(world.consultant) for _ in range(2)]
+
+    def put(client: FhirClient) -> Any:
+        return client.put(
+            f"/fhir/Task/{task['id']}", task, content_type=FHIR_R5, Accept=FHIR_R5,
+            **{"If-Match": if_match},
+        )  # fmt: skip
+
+    return _together([functools.partial(put, c) for c in clients])
+
+
+def _assert_applied_once(answers: list[Any], task_id: str, events_before: int) -> None:
+    """One new event and Task version; both answers that version, byte for byte."""
+    assert [a.status_code for a in answers] == [200, 200], [a.content for a in answers]
+    assert answers[0].content == answers[1].content
+    assert ReferralEvent.objects.count() == events_before + 1
+    referral = Referral.objects.get(filler_id=task_id)
+    assert json.loads(answers[0].content)["meta"]["versionId"] == str(referral.version)
+
+
 def test_an_accept_sent_twice_at_once_is_applied_once_and_both_get_its_answer(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -595,26 +626,15 @@ def test_an_accept_sent_twice_at_once_is_applied_once_and_both_get_its_answer(
     then finds the version moved. It is answered as the first was (200, the version the
     first made), not 412; one event, one new Task version."""
     task_id = str(submit(world)["entry"][2]["resource"]["id"])
-    task = json.loads(world.r5.get(f"/fhir/Task/{task_id}", Accept=FHIR_R5).content)
+    task = read_task(world.r5, task_id, FHIR_R5)
     task["status"] = "accepted"
-    read_version = f'W/"{task["meta"]["versionId"]}"'
     events_before = ReferralEvent.objects.count()
-    _meet_after(monkeypatch, "_update_digest")
-    clients = [member_client(world.consultant) for _ in range(2)]
 
-    def put(client: FhirClient) -> Any:
-        return client.put(
-            f"/fhir/Task/{task_id}", task, content_type=FHIR_R5, Accept=FHIR_R5,
-            **{"If-Match": read_version},
-        )  # fmt: skip
+    answers = _the_same_put_twice_at_once(
+        world, monkeypatch, task, f'W/"{task["meta"]["versionId"]}"'
+    )
 
-    answers = _together([functools.partial(put, c) for c in clients])
-
-    assert [a.status_code for a in answers] == [200, 200], [a.content for a in answers]
-    assert answers[0].content == answers[1].content
-    assert ReferralEvent.objects.count() == events_before + 1
-    referral = Referral.objects.get(filler_id=task_id)
-    assert json.loads(answers[0].content)["meta"]["versionId"] == str(referral.version)
+    _assert_applied_once(answers, task_id, events_before)
 
 
 def test_a_reschedule_sent_twice_at_once_with_if_match_star_is_applied_once(
@@ -624,11 +644,6 @@ def test_a_reschedule_sent_twice_at_once_with_if_match_star_is_applied_once(
     scheduled -> scheduled). Both read the same version; the second waits on the referral's
     lock. It was applied a second time (another schedule event, a second new version);
     now it is answered as the first was (docs/fhir.md: "Two such requests at once")."""
-    from accounts.roles import Role
-    from fhir_gateway import referral_mapping as m
-    from fhir_gateway.tests.referral_world import read_task, task_input, update_task
-    from tests.factories import UserFactory
-
     expert = UserFactory.create(facility=world.network.hub, roles=[Role.CONSULTANT])
     expert.departments.add(world.network.pediatrics)
     task_id = accepted(world)
@@ -649,19 +664,7 @@ def test_a_reschedule_sent_twice_at_once_with_if_match_star_is_applied_once(
     later = (timezone.now() + timedelta(days=3)).replace(microsecond=0)
     task["input"][0]["valueDateTime"] = later.isoformat()
     events_before = ReferralEvent.objects.count()
-    _meet_after(monkeypatch, "_update_digest")
-    clients = [member_client(world.consultant) for _ in range(2)]
 
-    def put(client: FhirClient) -> Any:
-        return client.put(
-            f"/fhir/Task/{task_id}", task, content_type=FHIR_R5, Accept=FHIR_R5,
-            **{"If-Match": "*"},
-        )  # fmt: skip
+    answers = _the_same_put_twice_at_once(world, monkeypatch, task, "*")
 
-    answers = _together([functools.partial(put, c) for c in clients])
-
-    assert [a.status_code for a in answers] == [200, 200], [a.content for a in answers]
-    assert ReferralEvent.objects.count() == events_before + 1
-    assert answers[0].content == answers[1].content
-    referral = Referral.objects.get(filler_id=task_id)
-    assert json.loads(answers[0].content)["meta"]["versionId"] == str(referral.version)
+    _assert_applied_once(answers, task_id, events_before)
