@@ -55,14 +55,17 @@ from fhir_gateway.storage import (
     WriteResult,
     _lock,
     clean_identifiers,
+    coding_tokens,
     conditional_create,
     create_key,
     current_rows,
     dumps,
     fhir_instant,
     identify_new_resource,
+    index_tokens,
     parse_if_match,
     parse_token,
+    pruned,
     record_create_keys,
     resource_current,
     resource_version,
@@ -427,14 +430,16 @@ COMMUNICATION_FILTERS: dict[str, Filter] = {
 
 def _document_type(raw: str) -> Own:
     """DocumentReference.type: a consult note's is LOINC 11488-4 (its id carries
-    ``NOTE_SEPARATOR``); a case file has none, so no other code names one."""
+    ``NOTE_SEPARATOR``); a case file's is the one its member sent, if any (indexed when it
+    was stored: ``_case_file_kinds``)."""
     codes = [
         code
         for value in _alternatives(raw)
         for code in _token_codes(value, m.LOINC, (m.CONSULT_NOTE_CODE,))
     ]
     note = m.CONSULT_NOTE_CODE in codes
-    return Own(Q(logical_id__contains=m.NOTE_SEPARATOR) if note else _NOTHING)
+    typed = Q(pk__in=token_matches("DocumentReference", "type", raw).values("resource_id"))
+    return Own(Q(logical_id__contains=m.NOTE_SEPARATOR) | typed if note else typed)
 
 
 def _document_id(separator: str) -> Concat:
@@ -1553,7 +1558,7 @@ def _document_reference_for(
 ) -> WriteResult:
     contents = [c.get("attachment") or {} for c in resource.get("content") or []]
     if not _is_consult_note(resource):
-        return _attachment_store(user, referral, contents)
+        return _attachment_store(user, referral, contents, _case_file_kinds(resource))
     disposition = m.disposition_of(resource)
     text = "\n".join(
         m.attachment_text(a, "DocumentReference.content.attachment") for a in contents
@@ -1566,12 +1571,31 @@ def _document_reference_for(
     return WriteResult(_current("DocumentReference", m.note_id(referral, number)), created=True)
 
 
+# A case file's own description, kept as its member sent it (FHIR's order: after status).
+_CASE_FILE_KINDS = ("type", "category")
+
+
+def _case_file_kinds(resource: dict[str, Any]) -> dict[str, Any]:
+    """The ``type`` and ``category`` a member gave its case file (a discharge summary, an
+    ECG…), without nulls and empty elements (FHIR JSON has neither). Both are
+    CodeableConcepts in R4 and R5 (``category`` a list), so each version can hold them."""
+    kinds: dict[str, Any] = {}
+    for element in _CASE_FILE_KINDS:
+        value = pruned(resource.get(element))
+        if value:
+            kinds[element] = value
+    return kinds
+
+
 def _attachment_store(
-    user: User, referral: Referral, contents: list[dict[str, Any]]
+    user: User,
+    referral: Referral,
+    contents: list[dict[str, Any]],
+    kinds: dict[str, Any] | None = None,
 ) -> WriteResult:
     """A case file: stored by the referral attachments service; its DocumentReference
-    (metadata, and the url of its bytes: ``Binary/<same id>``, see ``binary``) is stored
-    here."""
+    (metadata, the member's ``type`` and ``category``, and the url of its bytes:
+    ``Binary/<same id>``, see ``binary``) is stored here."""
     if len(contents) != 1 or not contents[0].get("data"):
         raise FhirError(
             422,
@@ -1590,6 +1614,7 @@ def _attachment_store(
         data,
         content_type=str(attachment.get("contentType") or ""),
         title=str(attachment.get("title") or ""),
+        kinds=kinds,
     ).result
 
 
@@ -1626,11 +1651,20 @@ class StoredCaseFile:
 
 
 def case_file_store(
-    user: User, referral: Referral, data: bytes, *, content_type: str, title: str
+    user: User,
+    referral: Referral,
+    data: bytes,
+    *,
+    content_type: str,
+    title: str,
+    kinds: dict[str, Any] | None = None,
 ) -> StoredCaseFile:
     """Store ``data`` as a case file of ``referral`` (``referrals.attachments``: its checks,
     type sniffing and size limit) and its DocumentReference (``Binary/<same id>`` is the
-    bytes). For a DocumentReference with an inline file, and for a Binary create."""
+    bytes; ``kinds``: the member's ``type`` and ``category``, ``_case_file_kinds``, as the
+    request validated them: CodeableConcept is the same in R4 and R5, so both renderings
+    hold them; ``type`` indexed for search). For a DocumentReference with an inline file,
+    and for a Binary create."""
     from fhir_gateway.storage import store_version
     from referrals.attachments import attachment_upload, clean_name
 
@@ -1642,6 +1676,7 @@ def case_file_store(
         "resourceType": "DocumentReference",
         "id": doc_id,
         "status": "current",
+        **(kinds or {}),
         "subject": {"reference": f"Patient/{referral.filler_id}"},
         "date": fhir_instant(stored.created),
         "content": [
@@ -1676,6 +1711,8 @@ def case_file_store(
             source_pk=referral.pk,
             index_tokens=False,
         )
+        if kinds and "type" in kinds:
+            index_tokens(row, coding_tokens("type", [kinds["type"]]))
     return StoredCaseFile(WriteResult(row, created=True), stored)
 
 
@@ -2371,7 +2408,7 @@ def referral_handlers() -> list[ResourceHandler]:
                 _sp(
                     "type",
                     "token",
-                    "A consult note's LOINC 11488-4 (a case file has no type).",
+                    "A consult note's LOINC 11488-4; a case file's type as its member sent it.",
                     "DocumentReference",
                 ),
                 _sp(

@@ -155,6 +155,24 @@ def _index_tokens(
     _add_tokens(row, tokens)
 
 
+def coding_tokens(param: str, concepts: list[Any]) -> TokenList:
+    """``param`` tokens of the codings of CodeableConcepts (system, code; a coding without
+    a code names nothing)."""
+    return [
+        (param, str(coding.get("system") or ""), str(coding["code"]))
+        for concept in concepts
+        if isinstance(concept, dict)
+        for coding in concept.get("coding") or []
+        if isinstance(coding, dict) and coding.get("code")
+    ]
+
+
+def index_tokens(row: FhirResource, tokens: TokenList) -> None:
+    """Index ``tokens`` for a version stored with ``index_tokens=False`` whose own elements
+    a search reads (a case file's ``type``)."""
+    _add_tokens(row, tokens)
+
+
 def _add_tokens(row: FhirResource, tokens: TokenList) -> None:
     FhirSearchToken.objects.bulk_create(
         FhirSearchToken(
@@ -208,13 +226,13 @@ def parse_token(raw: str) -> tuple[str | None, str]:
 IDENTIFIER_USES = frozenset({"usual", "official", "temp", "secondary", "old"})
 
 
-def _pruned(value: Any) -> Any:
+def pruned(value: Any) -> Any:
     """A JSON value without nulls and empty objects / arrays (FHIR JSON has neither)."""
     if isinstance(value, dict):
-        kept = {k: _pruned(v) for k, v in value.items()}
+        kept = {k: pruned(v) for k, v in value.items()}
         return {k: v for k, v in kept.items() if v not in (None, {}, [])}
     if isinstance(value, list):
-        return [v for v in (_pruned(v) for v in value) if v not in (None, {}, [])]
+        return [v for v in (pruned(v) for v in value) if v not in (None, {}, [])]
     return value
 
 
@@ -228,7 +246,7 @@ def clean_identifiers(items: Any, where: str) -> list[dict[str, Any]]:
         return []
     cleaned: list[dict[str, Any]] = []
     for index, item in enumerate(items):
-        identifier = _pruned(item) if isinstance(item, dict) else None
+        identifier = pruned(item) if isinstance(item, dict) else None
         if not identifier:
             continue
         at = f"{where}[{index}]"

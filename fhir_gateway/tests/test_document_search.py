@@ -1,6 +1,6 @@
-"""DocumentReference search by ``type`` (a consult note's LOINC 11488-4; a case file has
-none) and ``date`` (when the note was written or the file stored, as rendered), R4 and
-R5, in the caller's scope."""
+"""DocumentReference search by ``type`` (a consult note's LOINC 11488-4; a case file's
+own, when its member sent one) and ``date`` (when the note was written or the file
+stored, as rendered), R4 and R5, in the caller's scope."""
 
 from __future__ import annotations
 
@@ -373,20 +373,21 @@ def test_the_rendered_date_at_the_millisecond_edge(world: World, accept: str) ->
 
 
 @pytest.mark.parametrize("accept", [FHIR_R4, FHIR_R5], ids=["R4", "R5"])
-def test_a_case_files_sent_type_is_not_kept_so_not_searched(world: World, accept: str) -> None:
+def test_a_case_files_sent_type_is_kept_so_searched(world: World, accept: str) -> None:
     """The type search's premise, from the write side: a case file sent with a type of its
-    own (a discharge summary, LOINC 18842-5) is stored without one, so that type finds
-    nothing and ``type:not`` keeps it. Were it kept, ``type`` would have to search it."""
+    own (a discharge summary, LOINC 18842-5) shows it, so ``type`` finds it and
+    ``type:not`` of that type leaves it out (test_case_file_type.py has the rest)."""
     task_id = accepted(world, "SR-1")
     sent = {**case_file(task_id, "a"), "type": {"coding": [{"system": LOINC, "code": "18842-5"}]}}
     made = world.r4.post("/fhir/DocumentReference", sent)
     assert made.status_code == 201, made.content
     file_id = body(made)["id"]
     client = world.r4 if accept == FHIR_R4 else world.r5
-    assert "type" not in body(client.get(f"/fhir/DocumentReference/{file_id}", Accept=accept))
-    assert _ids(client, "type=18842-5", accept) == []
-    assert _ids(client, f"type={quote(LOINC)}|18842-5", accept) == []
-    assert _ids(client, "type:not=18842-5", accept) == [file_id]
+    shown = body(client.get(f"/fhir/DocumentReference/{file_id}", Accept=accept))
+    assert shown["type"] == sent["type"]
+    assert _ids(client, "type=18842-5", accept) == [file_id]
+    assert _ids(client, f"type={quote(LOINC)}|18842-5", accept) == [file_id]
+    assert _ids(client, "type:not=18842-5", accept) == []
     assert _ids(client, "type:not=11488-4", accept) == [file_id]
 
 
