@@ -2,7 +2,8 @@
 versions and the outbox messages in the transaction of the ``ReferralEvent``.
 
 ``referrals.services`` calls ``referral_changed`` right after it appends an event; a FHIR
-write that creates no event (a plain message) calls ``message_posted``. Resources are built
+write that creates no event calls ``message_posted`` (a plain message) or
+``case_file_stored`` (a case file, from ``referrals.attachments``). Resources are built
 as JSON dicts by ``referral_mapping`` and stored without a fhir.resources round trip (the
 tests validate every rendering with the R4B and R5 models); the write path therefore adds
 a handful of INSERTs and no serialisation.
@@ -23,25 +24,55 @@ from fhir_gateway import referral_mapping as m
 from fhir_gateway.delivery import outbox_enqueue_versions, outbox_rows, outbox_scheduled
 from fhir_gateway.feed import feed_record, feed_rows
 from fhir_gateway.models import FeedEvent, FhirResource, OutboxMessage
-from fhir_gateway.storage import content_hash, first_version_rows, store_version, stored_rows
-from referrals.models import ConsultNote, Message, Referral, ReferralEvent, ReferralState
+from fhir_gateway.storage import (
+    coding_tokens,
+    content_hash,
+    first_version_rows,
+    index_tokens,
+    store_version,
+    stored_rows,
+)
+from referrals.models import (
+    Attachment,
+    ConsultNote,
+    Message,
+    Referral,
+    ReferralEvent,
+    ReferralState,
+)
 from referrals.workflow import FINISHED_STATES
 from registry.models import Endpoint
 
 # The versions stored inside a ``stored_versions`` block, in order (None: no block).
 _collected: ContextVar[list[FhirResource] | None] = ContextVar("collected", default=None)
+# The ``type`` and ``category`` a member sent with the case file stored in a
+# ``case_file_described`` block (FHIR only; the REST API and the web UI send none).
+_case_file_kinds: ContextVar[dict[str, Any] | None] = ContextVar("case_file_kinds", default=None)
 
 
 @contextmanager
 def stored_versions() -> Iterator[list[FhirResource]]:
     """The versions the projection stores inside the block: a caller answering with them
     (a transaction Bundle's response) need not read them back."""
+    outer = _collected.get()
     rows: list[FhirResource] = []
     token = _collected.set(rows)
     try:
         yield rows
     finally:
         _collected.reset(token)
+        if outer is not None:  # an enclosing block sees them too
+            outer.extend(rows)
+
+
+@contextmanager
+def case_file_described(kinds: dict[str, Any]) -> Iterator[None]:
+    """The case file stored inside the block (``case_file_stored``) carries ``kinds``."""
+    token = _case_file_kinds.set(kinds)
+    try:
+        yield
+    finally:
+        _case_file_kinds.reset(token)
 
 
 def _collect(rows: list[FhirResource]) -> list[FhirResource]:
@@ -204,7 +235,11 @@ def referral_changed(*, referral: Referral, event: ReferralEvent) -> list[FhirRe
         extra.append(
             m.consult_note_to_document_reference(referral, note, author_facility_id=author_facility)
         )
-    if referral.version == 1 and not extra:
+    files: list[Attachment] = []
+    if event.from_state == ReferralState.DRAFT and referral.state != ReferralState.DRAFT:
+        # Submitted: the files added to the draft are shared now, with the referral.
+        files = list(Attachment.objects.filter(referral=referral).order_by("number"))
+    if referral.version == 1 and not extra and not files:
         # Created (not as a draft) in this transaction: nothing of it is stored or queued
         # yet. Version 1 of the three resources, their outbox messages and feed rows in
         # one statement (core.rows.insert_many: one round trip instead of three).
@@ -233,12 +268,35 @@ def referral_changed(*, referral: Referral, event: ReferralEvent) -> list[FhirRe
             _store_if_changed(referral, patient, current_hashes=hashes),
             _store_if_changed(referral, order, current_hashes=hashes),
             *(_store_if_changed(referral, r, current_hashes={}, force=True) for r in extra),
+            *(_case_file_row(referral, attachment) for attachment in files),
             _store_if_changed(referral, task, current_hashes={}, force=True),
         )
         if row is not None
     ]
     _enqueue(referral, rows)
     return _collect(rows)
+
+
+def _case_file_row(referral: Referral, attachment: Attachment) -> FhirResource:
+    kinds = _case_file_kinds.get()
+    rendering = m.case_file_to_document_reference(referral, attachment, kinds)
+    row = _store_if_changed(referral, rendering, current_hashes={}, force=True)
+    assert row is not None
+    if kinds and "type" in kinds:  # DocumentReference?type reads the token table
+        index_tokens(row, coding_tokens("type", [kinds["type"]]))
+    return row
+
+
+def case_file_stored(*, referral: Referral, attachment: Attachment) -> FhirResource | None:
+    """A case file (whichever way it came: FHIR, the REST API, the web UI): its
+    DocumentReference, for both members (push and feed), in the upload's transaction. A
+    draft's files wait for its submission (``referral_changed``): drafts are not shared."""
+    if referral.state == ReferralState.DRAFT:
+        return None
+    row = _case_file_row(referral, attachment)
+    _enqueue(referral, [row])
+    _collect([row])
+    return row
 
 
 def message_posted(*, referral: Referral, message: Message) -> FhirResource:

@@ -36,6 +36,7 @@ from fhir_gateway.registry_projection import (
 from fhir_gateway.storage import fhir_instant
 from referrals.models import (
     MIN_BIRTH_YEAR,
+    Attachment,
     ConsultNote,
     DeclineReason,
     Disposition,
@@ -473,6 +474,39 @@ def consult_note_to_document_reference(
     r4 = {**base, "content": content, "context": {"related": [order]}}
     r5 = {**base, "basedOn": [order], "content": content}
     return {R4: r4, R5: r5}
+
+
+def case_file_to_document_reference(
+    referral: Referral, attachment: Attachment, kinds: dict[str, Any] | None = None
+) -> dict[str, dict[str, Any]]:
+    """A case file's DocumentReference: its metadata and the url of its bytes
+    (``Binary/<same id>``); ``kinds``: the ``type`` and ``category`` its member sent over
+    FHIR (CodeableConcepts, the same in R4 and R5)."""
+    doc_id = case_file_id(referral.filler_id, attachment.number)
+    file: dict[str, Any] = {
+        "contentType": attachment.content_type,
+        # Relative: resolved against the server's base, like a reference.
+        "url": f"Binary/{doc_id}",
+        "size": attachment.size,
+    }
+    if attachment.sha1:  # FHIR's hash is SHA-1, base64 (files stored before it: none)
+        file["hash"] = base64.b64encode(bytes.fromhex(attachment.sha1)).decode("ascii")
+    file["title"] = attachment.original_name
+    base: dict[str, Any] = {
+        "resourceType": "DocumentReference",
+        "id": doc_id,
+        "status": "current",
+        **(kinds or {}),
+        "subject": _ref("Patient", patient_id(referral)),
+        "date": fhir_instant(attachment.created),
+    }
+    order = _ref("ServiceRequest", service_request_id(referral))
+    # R5's Attachment.size is an integer64: a JSON string (R4's unsignedInt, a number).
+    r5_file = {**file, "size": str(attachment.size)}
+    return {
+        R4: {**base, "content": [{"attachment": file}], "context": {"related": [order]}},
+        R5: {**base, "basedOn": [order], "content": [{"attachment": r5_file}]},
+    }
 
 
 # --------------------------------------------------------------------------- inbound

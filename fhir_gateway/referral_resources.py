@@ -48,21 +48,19 @@ from fhir_gateway.handlers import ResourceHandler, SearchParam, WriteRequest
 from fhir_gateway.models import AppliedUpdate, FhirResource
 from fhir_gateway.outcomes import FhirError
 from fhir_gateway.patching import same_json
-from fhir_gateway.publish import stored_versions
+from fhir_gateway.publish import case_file_described, stored_versions
 from fhir_gateway.registry_projection import FACILITY_CODE_SYSTEM
 from fhir_gateway.registry_resources import reference_pk
 from fhir_gateway.storage import (
     WriteResult,
     _lock,
     clean_identifiers,
-    coding_tokens,
     conditional_create,
     create_key,
     current_rows,
     dumps,
     fhir_instant,
     identify_new_resource,
-    index_tokens,
     parse_if_match,
     parse_token,
     pruned,
@@ -1660,59 +1658,19 @@ def case_file_store(
     kinds: dict[str, Any] | None = None,
 ) -> StoredCaseFile:
     """Store ``data`` as a case file of ``referral`` (``referrals.attachments``: its checks,
-    type sniffing and size limit) and its DocumentReference (``Binary/<same id>`` is the
-    bytes; ``kinds``: the member's ``type`` and ``category``, ``_case_file_kinds``, as the
-    request validated them: CodeableConcept is the same in R4 and R5, so both renderings
-    hold them; ``type`` indexed for search). For a DocumentReference with an inline file,
-    and for a Binary create."""
-    from fhir_gateway.storage import store_version
+    type sniffing and size limit; the upload stores its DocumentReference through
+    ``publish.case_file_stored``, and ``Binary/<same id>`` is the bytes). ``kinds``: the
+    member's ``type`` and ``category`` (``_case_file_kinds``), as the request validated
+    them: CodeableConcept is the same in R4 and R5, so both renderings hold them. For a
+    DocumentReference with an inline file, and for a Binary create."""
     from referrals.attachments import attachment_upload, clean_name
 
     name = clean_name(title or "attachment")  # ".", "a/": no name
     upload = SimpleUploadedFile(name, data, content_type=content_type)
-    stored = attachment_upload(actor=user, referral_id=referral.pk, upload=upload)
+    with case_file_described(kinds or {}), stored_versions() as fresh:
+        stored = attachment_upload(actor=user, referral_id=referral.pk, upload=upload)
     doc_id = m.case_file_id(referral.filler_id, stored.number)
-    doc: dict[str, Any] = {
-        "resourceType": "DocumentReference",
-        "id": doc_id,
-        "status": "current",
-        **(kinds or {}),
-        "subject": {"reference": f"Patient/{referral.filler_id}"},
-        "date": fhir_instant(stored.created),
-        "content": [
-            {
-                "attachment": {
-                    "contentType": stored.content_type,
-                    # Relative: resolved against the server's base, like a reference.
-                    "url": f"Binary/{doc_id}",
-                    "size": stored.size,
-                    # FHIR's hash is SHA-1 (base64); the store keeps SHA-256 for itself.
-                    "hash": base64.b64encode(hashlib.sha1(data).digest()).decode("ascii"),  # noqa: S324
-                    "title": stored.original_name,
-                }
-            }
-        ],
-    }
-    order = {"reference": f"ServiceRequest/{referral.filler_id}"}
-    # R5's Attachment.size is an integer64: a JSON string (R4's unsignedInt, a number).
-    r5_attachment = {**doc["content"][0]["attachment"], "size": str(stored.size)}
-    renderings = {
-        m.R4: {**doc, "context": {"related": [order]}},
-        m.R5: {**doc, "content": [{"attachment": r5_attachment}], "basedOn": [order]},
-    }
-    with transaction.atomic():
-        row = store_version(
-            resource_type="DocumentReference",
-            logical_id=doc["id"],
-            resource=renderings[m.R4],
-            fhir_version=m.R4,
-            renderings=renderings,
-            validate=False,
-            source_pk=referral.pk,
-            index_tokens=False,
-        )
-        if kinds and "type" in kinds:
-            index_tokens(row, coding_tokens("type", [kinds["type"]]))
+    (row,) = (r for r in fresh if r.resource_type == "DocumentReference" and r.logical_id == doc_id)
     return StoredCaseFile(WriteResult(row, created=True), stored)
 
 

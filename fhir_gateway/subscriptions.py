@@ -105,7 +105,11 @@ _TRIGGERS: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("ServiceRequest", ("create", "update"), "The referral (order) changed."),
     ("Patient", ("create", "update"), "The referral's patient (minimum necessary) changed."),
     ("Communication", ("create",), "A message on the referral."),
-    ("DocumentReference", ("create",), "A consult note (advice)."),
+    (
+        "DocumentReference",
+        ("create",),
+        "A consult note (advice), or a case file (a file added to the referral).",
+    ),
 )
 
 

@@ -175,11 +175,13 @@ class _HashingFile(File[Any]):
     def __init__(self, file: Any, name: str) -> None:
         super().__init__(file, name)
         self.sha256 = hashlib.sha256()
+        self.sha1 = hashlib.sha1()  # noqa: S324 - FHIR's Attachment.hash, not a safeguard
         self.counted = 0
 
     def chunks(self, chunk_size: int | None = None) -> Iterator[bytes]:
         for chunk in super().chunks(chunk_size):
             self.sha256.update(chunk)
+            self.sha1.update(chunk)
             self.counted += len(chunk)
             yield chunk
 
@@ -298,15 +300,22 @@ def attachment_upload(*, actor: User, referral_id: Any, upload: UploadedFile) ->
             raise too_large()
         attachment.size = hashing.counted
         attachment.sha256 = hashing.sha256.hexdigest()
+        attachment.sha1 = hashing.sha1.hexdigest()
         # Within an enclosing transaction the row commits (or not) with it: the file
         # must go if that rolls back. Without one, the row commits right here.
         pending_commit = connection.in_atomic_block
         with transaction.atomic():
             # Checked again on the locked row: a close, cancel or forward that committed
             # while the file was being stored wins (found by review).
-            _check_may_upload(actor, lock_referral(referral))
+            locked = lock_referral(referral)
+            _check_may_upload(actor, locked)
             attachment.number = next_number(Attachment, referral)
             attachment.save()
+            # Its DocumentReference, pushed to both parties' members and in their feeds,
+            # in this transaction (decision 1), whichever way the file came in.
+            from fhir_gateway.publish import case_file_stored
+
+            case_file_stored(referral=locked, attachment=attachment)
     except BaseException:
         attachment.file.delete(save=False)
         raise

@@ -359,6 +359,9 @@ class Attachment(models.Model):
     content_type = models.CharField(max_length=100)
     size = models.PositiveBigIntegerField()
     sha256 = models.CharField(max_length=64)
+    # FHIR's Attachment.hash is SHA-1: kept beside it for the DocumentReference (blank on
+    # files stored before it was).
+    sha1 = models.CharField(max_length=40, blank=True, default="")
     created = models.DateTimeField(default=timezone.now)
     # The referral's own numbering (1, 2, ...; referrals.numbering): the FHIR id carries it.
     number = models.PositiveIntegerField()

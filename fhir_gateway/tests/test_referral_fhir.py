@@ -1063,6 +1063,15 @@ def test_every_stored_rendering_validates_in_its_version(world: World) -> None:
             "content": [{"attachment": {"contentType": "text/plain", "data": "VHJhbnNmZXI="}}],
         },
     )
+    case_file = {  # with its member's type and category (kept as sent)
+        "resourceType": "DocumentReference",
+        "status": "current",
+        "type": {"coding": [{"system": "http://loinc.org", "code": "18842-5"}], "text": "D"},
+        "category": [{"coding": [{"system": "http://example.org/c", "code": "clinical"}]}],
+        "context": {"related": [{"reference": f"Task/{task_id}"}]},
+        "content": [{"attachment": {"contentType": "application/pdf", "data": "JVBERi0xLjQK"}}],
+    }
+    assert world.r4.post("/fhir/DocumentReference", case_file).status_code == 201
     other = _get(world.r4, f"/fhir/Task/{_task(world, submit(world, 'B'))}")
     other["status"] = "cancelled"
     assert _put_task(world.r4, other, FHIR_R4, 'W/"1"').status_code == 200
@@ -1086,6 +1095,7 @@ def test_every_stored_rendering_validates_in_its_version(world: World) -> None:
         "Communication",
         "DocumentReference",
     }
+    assert any(m.CASE_FILE_SEPARATOR in r.logical_id for r in rows)  # the case file too
     for row in rows:
         for version, text in (("4.0", row.json_r4), ("5.0", row.json_r5)):
             validate_resource(json.loads(text), version)

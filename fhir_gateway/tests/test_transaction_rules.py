@@ -345,25 +345,27 @@ def test_a_refused_transaction_keeps_no_case_file(world: World, respond_async: b
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_case_file_whose_row_committed_keeps_its_bytes(
+def test_a_case_file_whose_document_reference_fails_is_not_kept(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Found by a review of the rollback cleanup: a case file sent on its own commits its
-    row by itself; when the DocumentReference after it failed, the file was deleted and
-    the committed row named nothing (its downloads were 500s)."""
+    """A case file's row and its DocumentReference are one transaction (the upload
+    publishes it, ``publish.case_file_stored``): when the DocumentReference cannot be
+    stored, neither the row nor the bytes are kept. (Found by a review of the rollback
+    cleanup, when the row committed first: the file was deleted and the committed row
+    named nothing, its downloads 500s.)"""
     from django.db import OperationalError
 
-    from fhir_gateway import storage
+    from fhir_gateway import publish
 
     task_id = accepted(world)
-    real = storage.store_version
+    real = publish.store_version
 
     def failing(**kwargs: Any) -> Any:
         if kwargs.get("resource_type") == "DocumentReference":
             raise OperationalError("statement timeout")
         return real(**kwargs)
 
-    monkeypatch.setattr(storage, "store_version", failing)
+    monkeypatch.setattr(publish, "store_version", failing)
     files_before = stored_files()
     document = {
         "resourceType": "DocumentReference",
@@ -372,8 +374,9 @@ def test_a_case_file_whose_row_committed_keeps_its_bytes(
         "content": [{"attachment": {"contentType": "application/pdf", "data": PDF}}],
     }
     assert world.r4.post("/fhir/DocumentReference", document).status_code >= 400
-    (attachment,) = Attachment.objects.all()
-    assert stored_files() - files_before == {attachment.file.name}
+    assert not Attachment.objects.exists()
+    assert stored_files() == files_before
+    assert not OutboxMessage.objects.filter(resource_type="DocumentReference").exists()
 
 
 @pytest.mark.django_db

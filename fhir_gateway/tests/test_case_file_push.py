@@ -1,0 +1,142 @@
+"""Every case file is a DocumentReference both members hear about, whichever way it came
+in (FHIR, the REST API, the web UI): stored in the upload's transaction, pushed to both
+parties' Endpoints in their versions and in both facilities' feeds. A draft's files are
+shared when it is submitted; a refused upload leaves nothing."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from typing import Any
+
+import pytest
+from django.core.files.uploadedfile import SimpleUploadedFile
+from rest_framework.test import APIClient
+
+from accounts.models import User
+from fhir_gateway.delivery import _render
+from fhir_gateway.models import FeedEvent, FhirResource, OutboxMessage
+from fhir_gateway.tests.conftest import FHIR_R5
+from fhir_gateway.tests.referral_world import World, accepted, body, case_file
+from referrals import services
+from referrals.models import Attachment, Referral, ReferralState
+
+pytestmark = pytest.mark.django_db
+
+PDF = b"%PDF-1.4\n% an ECG strip\n%%EOF\n"
+
+
+def _rest_upload(user: User, referral: Referral, content: bytes = PDF) -> Any:
+    client = APIClient()
+    client.force_authenticate(user)
+    return client.post(
+        f"/api/v1/referrals/{referral.pk}/attachments/",
+        {"file": SimpleUploadedFile("ecg.pdf", content, content_type="application/pdf")},
+        format="multipart",
+    )
+
+
+def _told(logical_id: str) -> tuple[set[str], set[int]]:
+    """The Endpoints the outbox pushes ``logical_id`` to, and the facilities whose feeds
+    carry it."""
+    pushed = OutboxMessage.objects.filter(resource_type="DocumentReference", logical_id=logical_id)
+    fed = FeedEvent.objects.filter(resource_type="DocumentReference", logical_id=logical_id)
+    return (
+        {m.endpoint.base_url for m in pushed},
+        set(fed.values_list("facility_id", flat=True)),
+    )
+
+
+def test_a_file_uploaded_through_the_rest_api_is_a_document_reference_both_members_hear_of(
+    world: World,
+) -> None:
+    task_id = accepted(world)
+    referral = Referral.objects.get(filler_id=task_id)
+    response = _rest_upload(world.submitter, referral)
+    assert response.status_code == 201, response.content
+    attachment = Attachment.objects.get(pk=response.json()["id"])
+    doc_id = f"{task_id}-att-{attachment.number}"
+
+    # The consultant's system (R5) reads it and its bytes.
+    shown = body(world.r5.get(f"/fhir/DocumentReference/{doc_id}", Accept=FHIR_R5))
+    (content,) = shown["content"]
+    assert content["attachment"] == {
+        "contentType": "application/pdf",
+        "url": f"Binary/{doc_id}",
+        "size": str(len(PDF)),  # R5 integer64
+        "hash": base64.b64encode(hashlib.sha1(PDF).digest()).decode(),  # noqa: S324
+        "title": "ecg.pdf",
+    }
+    assert shown["basedOn"] == [{"reference": f"ServiceRequest/{task_id}"}]
+    raw = world.r5.get(f"/fhir/Binary/{doc_id}", Accept="application/pdf")
+    assert raw.status_code == 200
+    assert (b"".join(raw.streaming_content) if raw.streaming else raw.content) == PDF
+    found = body(world.r5.get(f"/fhir/DocumentReference?related=ServiceRequest/{task_id}"))
+    assert [e["resource"]["id"] for e in found["entry"]] == [doc_id]
+
+    endpoints, feeds = _told(doc_id)
+    assert endpoints == {world.spoke_endpoint.base_url, world.hub_endpoint.base_url}
+    assert feeds == {world.network.spoke.pk, world.network.hub.pk}
+    for message in OutboxMessage.objects.filter(logical_id=doc_id):
+        sent = json.loads(_render(message, message.endpoint.fhir_version))
+        assert sent["id"] == doc_id
+    # An outsider sees none of it.
+    assert world.other.get(f"/fhir/DocumentReference/{doc_id}").status_code == 404
+
+
+def test_a_file_posted_over_fhir_is_pushed_to_both_members(world: World) -> None:
+    task_id = accepted(world)
+    made = world.r4.post("/fhir/DocumentReference", case_file(task_id, "a"))
+    assert made.status_code == 201, made.content
+    doc_id = body(made)["id"]
+    endpoints, feeds = _told(doc_id)
+    assert endpoints == {world.spoke_endpoint.base_url, world.hub_endpoint.base_url}
+    assert feeds == {world.network.spoke.pk, world.network.hub.pk}
+    # One version, as answered.
+    (row,) = FhirResource.objects.filter(resource_type="DocumentReference", logical_id=doc_id)
+    assert json.loads(row.json_r4) == body(made)
+
+
+def test_a_drafts_files_are_shared_when_it_is_submitted(world: World) -> None:
+    referral, _ = services.referral_submit(
+        actor=world.submitter,
+        requester_facility=world.network.spoke,
+        placer_system="urn:codao-his",
+        placer_value="SR-DRAFT",
+        specialty=world.network.pediatrics.specialty,
+        clinical_question="Fever for 5 days.",
+        department=world.network.pediatrics,
+        draft=True,
+    )
+    assert referral.state == ReferralState.DRAFT
+    assert _rest_upload(world.submitter, referral).status_code == 201
+    not_shared = FhirResource.objects.filter(resource_type__in=("DocumentReference", "Task"))
+    assert not not_shared.exists()
+    assert not OutboxMessage.objects.exists()
+
+    services.referral_transition(actor=world.submitter, referral_id=referral.pk, action="submit")
+    referral.refresh_from_db()
+    doc_id = f"{referral.filler_id}-att-1"
+    endpoints, feeds = _told(doc_id)
+    assert endpoints == {world.spoke_endpoint.base_url, world.hub_endpoint.base_url}
+    assert feeds == {world.network.spoke.pk, world.network.hub.pk}
+    shown = body(world.r5.get(f"/fhir/DocumentReference/{doc_id}", Accept=FHIR_R5))
+    assert shown["content"][0]["attachment"]["title"] == "ecg.pdf"
+
+
+def test_a_refused_upload_leaves_no_document_reference(world: World) -> None:
+    task_id = accepted(world)
+    referral = Referral.objects.get(filler_id=task_id)
+    before = (
+        FhirResource.objects.count(),
+        OutboxMessage.objects.count(),
+        FeedEvent.objects.count(),
+    )
+    outsider = _rest_upload(world.outsider, referral)
+    assert outsider.status_code == 404, outsider.content
+    lying = _rest_upload(world.submitter, referral, b"MZ\x90\x00 not a pdf")
+    assert lying.status_code == 415, lying.content
+    after = (FhirResource.objects.count(), OutboxMessage.objects.count(), FeedEvent.objects.count())
+    assert after == before
+    assert not Attachment.objects.exists()
