@@ -131,6 +131,13 @@ def _data_may_reach(referral: Referral) -> Q:
     return Q(facility__country_id__in=home) | Q(facility_id__in=links.values("hub_id"))
 
 
+def referral_reach_departments(referral: Referral) -> QuerySet[Department]:
+    """The departments the case's data may reach now (``_data_may_reach``): an invited
+    expert hears of the conference only while working in one (``notifications``), as
+    they read it only then (``permissions.referral_expert_reach_filter``)."""
+    return Department.objects.filter(_data_may_reach(referral))
+
+
 def referral_open_question_id(referral: Referral) -> int | None:
     """The message of the last ``request_info``: the question an answer (``provide_info``)
     replies to."""

@@ -439,3 +439,44 @@ def test_an_expert_at_home_keeps_the_case_whatever_becomes_of_a_link(world: Worl
     assert invited.status_code == 200  # type: ignore[attr-defined]
     SupportLink.objects.update(active=False)
     assert api(world.consultant2).get(f"/api/v1/referrals/{referral.pk}/").status_code == 200
+
+
+def test_an_expert_whose_link_ended_hears_no_more_of_the_conference(world: World) -> None:
+    """Notifications follow the same rule as reads: once the support link that let the
+    case reach an expert abroad is deactivated, starting the conference tells the
+    requester but no longer the expert (their reads are 404 by then)."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from registry.models import SupportLink
+
+    abroad = Facility.objects.create(
+        code="LA1",
+        name="Mahosot Hospital",
+        country=Country.objects.create(code="LA", name="Lao PDR"),
+        tier=Tier.CENTRAL,
+    )
+    lao_paeds = Department.objects.create(facility=abroad, specialty=world.paeds, name="Paeds LA1")
+    expert = _user("lao-expert", Role.CONSULTANT, abroad, lao_paeds)
+    link = SupportLink.objects.create(
+        hub=abroad,
+        spoke=world.district,
+        agreement_reference="DSA-1",
+        valid_from=timezone.localdate() - timedelta(days=30),
+    )
+    referral = world.referral_in(ReferralState.ACCEPTED)
+    invited = _schedule(world, referral, experts=[expert.pk, world.consultant2.pk])
+    assert invited.status_code == 200  # type: ignore[attr-defined]
+    assert Notification.objects.filter(recipient=expert, kind="schedule").exists()
+
+    SupportLink.objects.filter(pk=link.pk).update(active=False)
+    world.act(referral, "start_conference")
+
+    told = set(
+        Notification.objects.filter(referral=referral, kind="start_conference").values_list(
+            "recipient__username", flat=True
+        )
+    )
+    assert "lao-expert" not in told
+    assert {"consultant2", "referrer"} <= told  # the expert at home and the requester
