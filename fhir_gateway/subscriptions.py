@@ -11,7 +11,8 @@ What is offered, and no more:
 - Subscriptions of one's own facility (member systems only): create, read, vread, search,
   update (its reason, name and content), delete. Channel ``rest-hook`` with **no endpoint**,
   content ``id-only`` (the default), ``full-resource`` (each event's version as stored,
-  in the caller's FHIR version) or ``empty``: they are pulled with ``$events``. Push to a
+  in the caller's FHIR version, where the calling account may read it: ``_readable``) or
+  ``empty``: they are pulled with ``$events``. Push to a
   member is the registry Endpoint's outbox delivery (``delivery``), not a
   Subscription's; an endpoint, filters or an ``end`` are refused (422) rather than
   accepted and ignored;
@@ -492,6 +493,35 @@ def _subscription_content(logical_id: str) -> str:
     return content if content in CONTENTS else "id-only"
 
 
+def _readable(user: User, items: list[FeedItem]) -> list[FeedItem]:
+    """The page's events whose resource the caller may read directly now, by the read's
+    own check (each type's ``visible``: the referral scope, ``referral_visible``).
+    ``full-resource`` sends only these in full; the others stay id-only. The feed is the
+    facility's (every party facility hears of every event), but what a resource says is
+    for the accounts that may read it: a system of the department's hospital not linked
+    to the department, or of a department the case was forwarded away from, gets the
+    event and the id (a read of it is 404), never the resource. Evaluated at each call, so
+    a scope that ended (a forward, a finished case's grants) holds back what it already
+    covered. One query per resource type in the page."""
+    wanted: dict[str, set[str]] = {}
+    for item in items:
+        wanted.setdefault(item.resource_type, set()).add(item.logical_id)
+    readable: set[tuple[str, str]] = set()
+    for resource_type, logical_ids in wanted.items():
+        handler = handlers.HANDLERS.get(resource_type)
+        if handler is None or handler.visible is None:  # no scope to follow: never in full
+            continue
+        found = (
+            handler.visible(user)
+            .filter(logical_id__in=logical_ids)
+            .order_by()
+            .values_list("logical_id", flat=True)
+            .distinct()
+        )
+        readable.update((resource_type, logical_id) for logical_id in found)
+    return [i for i in items if (i.resource_type, i.logical_id) in readable]
+
+
 def _stored_versions(items: list[FeedItem], column: str) -> dict[tuple[str, str, int], str]:
     """The stored JSON (``column``: the caller's version) of each event's version, for
     ``full-resource``: one query over the page's ids and version numbers, matched here
@@ -725,7 +755,8 @@ def subscription_events(call: OperationCall) -> OperationAnswer:
     entries = [status_entry]
     stored = None
     if content == "full-resource":
-        stored = _stored_versions(items, "json_r5" if call.version == R5 else "json_r4")
+        readable = _readable(call.user, items)
+        stored = _stored_versions(readable, "json_r5" if call.version == R5 else "json_r4")
     if call.version == R4:
         if content != "empty":
             entries += [_entry(call.base, item, stored) for item in items]

@@ -49,13 +49,16 @@ from core.errors import NotFound
 from core.pagination import Pagination
 from core.rows import prepared_cursor
 from referrals.models import Notification, Referral, ReferralEvent, ReferralState
+from referrals.selectors import referral_reach_departments
+from registry.models import Department, Facility, SupportLink
 
 logger = logging.getLogger(__name__)
 
 # Audiences: who hears about each action (the actor never notifies themselves).
 #   assignee  = staff of the department assigned after the event (the new one on forward)
 #   requester = the user who submitted + the referrers of the requesting facility
-#   experts   = the experts invited to the live case conference
+#   experts   = the experts invited to the live case conference, while its data may reach
+#               them (selectors.referral_reach_departments: their reads end then too)
 ASSIGNEE = "assignee"
 REQUESTER = "requester"
 EXPERTS = "experts"
@@ -115,7 +118,9 @@ def _recipients_query(event: ReferralEvent, referral: Referral | None = None) ->
         if referral.requester_id is not None:
             who |= Q(pk=referral.requester_id)
     if EXPERTS in audience:
-        who |= Q(conference_referrals=referral.pk)
+        # Only while the case's data may reach them, as their reads (docs/permissions.md)
+        reach = referral_reach_departments(referral).values("pk")
+        who |= Q(conference_referrals=referral.pk, departments__in=reach)
     recipients = (
         User.objects.filter(who, is_active=True)
         # Ministry officials never receive anything about a single referral.
@@ -151,6 +156,29 @@ _IN_CONFERENCE = (
     f"EXISTS (SELECT 1 FROM {_EXPERTS} ce "  # noqa: S608
     "WHERE ce.user_id = u.id AND ce.referral_id = %s)"
 )
+_DEPARTMENTS = Department._meta.db_table
+_FACILITIES = Facility._meta.db_table
+_LINKS = SupportLink._meta.db_table
+
+
+def _in_reach_sql(referral: Referral) -> tuple[str, list[Any]]:
+    """``selectors.referral_reach_departments`` by hand, for the user ``u``: one of their
+    departments is at home (the requester's country) or at the hub of a data-sharing
+    support link to the requester in effect today (allowing identifiable data when the
+    case has a patient reference)."""
+    today = connection.ops.adapt_datefield_value(timezone.localdate())
+    identifiable = " AND l.identifiable_data_allowed" if referral.patient_ref else ""
+    sql = (
+        f"EXISTS (SELECT 1 FROM {_USER_DEPARTMENTS} ud JOIN {_DEPARTMENTS} d "  # noqa: S608
+        "ON d.id = ud.department_id WHERE ud.user_id = u.id AND ("
+        f"d.facility_id IN (SELECT f.id FROM {_FACILITIES} f WHERE f.country_id = "
+        f"(SELECT h.country_id FROM {_FACILITIES} h WHERE h.id = %s)) "
+        f"OR d.facility_id IN (SELECT l.hub_id FROM {_LINKS} l WHERE l.spoke_id = %s "
+        "AND l.active AND l.valid_from <= %s AND (l.valid_to IS NULL OR l.valid_to >= %s) "
+        f"AND l.agreement_reference <> ''{identifiable})))"
+    )
+    facility = referral.requester_facility_id
+    return sql, [facility, facility, today, today]
 
 
 def _recipients_sql(event: ReferralEvent, referral: Referral) -> tuple[str, list[Any]] | None:
@@ -170,8 +198,9 @@ def _recipients_sql(event: ReferralEvent, referral: Referral) -> tuple[str, list
             ways.append("u.id = %s")
             params.append(referral.requester_id)
     if EXPERTS in audience:
-        ways.append(_IN_CONFERENCE)
-        params.append(referral.pk)
+        reach, reach_params = _in_reach_sql(referral)
+        ways.append(f"({_IN_CONFERENCE} AND {reach})")
+        params += [referral.pk, *reach_params]
     if not ways:
         return None
     # Ministry officials never receive anything about a single referral.

@@ -27,6 +27,7 @@ from referrals.models import (
 from referrals.permissions import (
     SENT,
     VIEW_REFERRAL,
+    data_sharing_links,
     referral_grant_filter,
     referral_region_filter,
 )
@@ -93,8 +94,9 @@ def referral_scope_sql(user: User, alias: str = "r") -> tuple[str, list[Any]]:
             f"ON f.id = d.facility_id WHERE f.province_id IN {province}) AND {alias}.state <> %s)"
         )
         params += [user.facility_id, user.facility_id, ReferralState.DRAFT.value]
-    parts.append(_GRANTS.replace("r.id", f"{alias}.id", 1))
-    params += [user.pk, VIEW_REFERRAL]
+    grants, grant_params = _grants_sql(user, alias)
+    parts.append(grants)
+    params += grant_params
     return "(" + " OR ".join(parts) + ")", params
 
 
@@ -119,18 +121,21 @@ def _data_may_reach(referral: Referral) -> Q:
     (``referrals.routing``): at home, or abroad at a facility with an active support link
     to the requester that carries a data-sharing agreement, one allowing identifiable data
     when the case carries a patient reference. An expert is granted the whole case, as a
-    forward would hand it over: the same rule as the forward guard's."""
-    today = timezone.localdate()
-    links = SupportLink.objects.filter(
-        Q(valid_to__isnull=True) | Q(valid_to__gte=today),
-        spoke_id=referral.requester_facility_id,
-        active=True,
-        valid_from__lte=today,
-    ).exclude(agreement_reference="")
+    forward would hand it over: the same rule as the forward guard's. Checked again at
+    every read of the case (``permissions.referral_expert_reach_filter``): the grant holds
+    only while this rule still lets the data reach the expert."""
+    links = data_sharing_links(timezone.localdate()).filter(spoke_id=referral.requester_facility_id)
     if referral.patient_ref:
         links = links.filter(identifiable_data_allowed=True)
     home = Facility.objects.filter(pk=referral.requester_facility_id).values("country_id")
     return Q(facility__country_id__in=home) | Q(facility_id__in=links.values("hub_id"))
+
+
+def referral_reach_departments(referral: Referral) -> QuerySet[Department]:
+    """The departments the case's data may reach now (``_data_may_reach``): an invited
+    expert hears of the conference only while working in one (``notifications``), as
+    they read it only then (``permissions.referral_expert_reach_filter``)."""
+    return Department.objects.filter(_data_may_reach(referral))
 
 
 def referral_open_question_id(referral: Referral) -> int | None:
@@ -303,11 +308,40 @@ LEFT JOIN {Facility._meta.db_table} df ON df.id = d.facility_id
 """  # noqa: S608 - table names only
 _F = Facility._meta.db_table
 _D = Department._meta.db_table
+_L = SupportLink._meta.db_table
 _GRANTS = (
     f"r.id IN (SELECT g.content_object_id FROM {ReferralUserObjectPermission._meta.db_table} g "  # noqa: S608
     f"JOIN {Permission._meta.db_table} p ON p.id = g.permission_id "
     "WHERE g.user_id = %s AND p.codename = %s)"
 )
+
+
+def _grants_sql(user: User, alias: str = "r") -> tuple[str, list[Any]]:
+    """``permissions.referral_grant_filter`` as SQL over ``{alias}``: the user's grants,
+    while the case's data may still reach them (``referral_expert_reach_filter``). Same
+    rule; the scope test compares both."""
+    department_ids = sorted(user.department_ids())
+    if not department_ids:
+        return "FALSE", []
+    marks = ", ".join(["%s"] * len(department_ids))
+    facilities = f"SELECT facility_id FROM {_D} WHERE id IN ({marks})"  # noqa: S608
+    today = connection.ops.adapt_datefield_value(timezone.localdate())
+    links = (
+        f"SELECT l.spoke_id FROM {_L} l WHERE l.active AND l.valid_from <= %s "  # noqa: S608
+        f"AND (l.valid_to IS NULL OR l.valid_to >= %s) AND l.agreement_reference <> '' "
+        f"AND l.hub_id IN ({facilities})"
+    )
+    links_params = [today, today, *department_ids]
+    requester = f"{alias}.requester_facility_id"
+    sql = (
+        f"({_GRANTS.replace('r.id', f'{alias}.id', 1)} AND ("  # noqa: S608 (names, bound values)
+        f"{requester} IN (SELECT id FROM {_F} WHERE country_id IN "
+        f"(SELECT country_id FROM {_F} WHERE id IN ({facilities})))"
+        f" OR ({requester} IN ({links}) AND ({alias}.patient_ref = '' OR "
+        f"{requester} IN ({links} AND l.identifiable_data_allowed)))))"
+    )
+    params = [user.pk, VIEW_REFERRAL, *department_ids, *links_params, *links_params]
+    return sql, params
 
 
 def referral_worklist_rows(
@@ -324,8 +358,9 @@ def referral_worklist_rows(
         parts.append(f"r.assigned_department_id IN ({', '.join(['%s'] * len(department_ids))})")
         params += sorted(department_ids)
     if grants:
-        parts.append(_GRANTS)
-        params += [user.pk, VIEW_REFERRAL]
+        grant_sql, grant_params = _grants_sql(user)
+        parts.append(grant_sql)
+        params += grant_params
     if not parts:
         parts.append("FALSE")
     # The states as literals (enum values, checked), not parameters: also in a prepared

@@ -19,7 +19,13 @@ from accounts.services import api_token_issue
 from fhir_gateway import referral_mapping as m
 from fhir_gateway.tests.conftest import FHIR_R4, FHIR_R5, FhirClient, Network
 from registry.models import Endpoint
-from tests.factories import PEDIATRICS, EndpointFactory, UserFactory
+from tests.factories import (
+    PEDIATRICS,
+    DepartmentFactory,
+    EndpointFactory,
+    FacilityFactory,
+    UserFactory,
+)
 
 PLACER = "https://codao.example.org/sid/referral"
 # A Patient on the member's own server: a standalone ServiceRequest may name it by URL.
@@ -226,6 +232,19 @@ def task_of(bundle: dict[str, Any]) -> dict[str, Any]:
 
 
 # --- the Task workflow over FHIR (test_task_workflow, test_task_conference_counter) ----
+
+
+def third_facility_expert(world: World, role: Role = Role.CONSULTANT) -> User:
+    """A paediatrician of a third facility at home (no party to the cases): someone a
+    conference may invite, whose grant lets the case's data reach them (the border rule,
+    ``referrals.permissions.referral_expert_reach_filter``)."""
+    clinic = FacilityFactory.create(country=world.network.spoke.country, tier=1)
+    department = DepartmentFactory.create(
+        facility=clinic, specialty=world.network.pediatrics.specialty, accepting=False
+    )
+    expert = UserFactory.create(facility=clinic, roles=[role])
+    expert.departments.add(department)
+    return expert
 
 
 def member_client(user: User) -> FhirClient:

@@ -24,6 +24,7 @@ from fhir_gateway.tests.referral_world import (
     member_client,
     submit,
     task_of,
+    third_facility_expert,
     transaction,
     update_task,
 )
@@ -219,7 +220,7 @@ def test_a_reader_who_may_not_post_learns_nothing_from_a_used_key(world: World) 
     without the header, and nothing changes."""
     task_id = accepted(world)
     assert _post(world.r4, "/fhir/Communication", _message(task_id)).status_code == 201
-    expert = UserFactory.create(facility=world.network.lao, roles=[Role.MEMBER_SYSTEM])
+    expert = third_facility_expert(world, Role.MEMBER_SYSTEM)
     referral_experts_grant(referral=Referral.objects.get(), experts=[expert])
     client = member_client(expert)
     before = _counts()

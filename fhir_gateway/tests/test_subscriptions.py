@@ -26,7 +26,7 @@ from fhir_gateway.tests.conftest import FHIR_R4, FHIR_R5, FhirClient, outcome_is
 from fhir_gateway.tests.referral_world import World, body, submit, task_of
 from fhir_gateway.tests.referral_world import transaction as bundle
 from fhir_gateway.versions import model_class
-from referrals.models import Referral
+from referrals.models import AuditEntry, Referral
 from referrals.services import referral_transition
 from tests.factories import SupportLinkFactory, UserFactory
 
@@ -633,6 +633,75 @@ def test_full_resource_events_of_another_facility_are_not_served(world: World):
         world.other.get(f"/fhir/Subscription/{mine}/$events?content=full-resource").status_code
         == 404
     )
+
+
+def _full_resources(page: dict[str, Any]) -> list[tuple[str, str]]:
+    return [
+        (e["resource"]["resourceType"], e["resource"]["id"])
+        for e in page["entry"][1:]
+        if "resource" in e
+    ]
+
+
+@pytest.mark.parametrize("version", [FHIR_R4, FHIR_R5])
+def test_full_resource_follows_the_direct_read_scope_not_the_facility(world: World, version: str):
+    """The feed is the facility's, but a resource is sent in full only to an account that
+    may read it: a system of the department's hospital not linked to the department gets
+    the events id-only, and its read of the same Task is 404; the linked one gets both."""
+    unlinked_user = UserFactory.create(facility=world.network.hub, roles=[Role.MEMBER_SYSTEM])
+    unlinked = FhirClient(api_token_issue(user=unlinked_user, name="t").raw)
+    linked_sub = _subscribe(world.r5, version)
+    unlinked_sub = _subscribe(unlinked, version)
+    task_id = str(task_of(submit(world))["id"])
+    _accept(world, task_id)
+    audited = AuditEntry.objects.count()
+
+    url = "/fhir/Subscription/{}/$events?content=full-resource"
+    linked_page = _get(world.r5, url.format(linked_sub), version)
+    unlinked_page = _get(unlinked, url.format(unlinked_sub), version)
+
+    # the linked system: every entry in full, and its direct read answers
+    assert ("Task", task_id) in _full_resources(linked_page)
+    assert len(_full_resources(linked_page)) == len(linked_page["entry"]) - 1
+    assert world.r5.get(f"/fhir/Task/{task_id}", Accept=version).status_code == 200
+    assert AuditEntry.objects.filter(user=world.consultant, detail="fhir $events").exists()
+    # the unlinked one: the same events, id-only; a read of the Task is 404
+    assert _numbers(unlinked_page, version) == _numbers(linked_page, version)
+    assert _ids(unlinked_page) == _ids(linked_page)
+    assert _full_resources(unlinked_page) == []
+    for path in (f"Task/{task_id}", f"Task/{task_id}/_history/2", f"ServiceRequest/{task_id}"):
+        assert unlinked.get(f"/fhir/{path}", Accept=version).status_code == 404
+    assert not AuditEntry.objects.filter(user=unlinked_user).exists()  # nothing was read
+    assert AuditEntry.objects.count() == audited + 2  # the linked read and its $events
+
+    # once linked to the department, the same account gets the resources in full
+    unlinked_user.departments.add(world.network.pediatrics)
+    again = _get(unlinked, url.format(unlinked_sub), version)
+    assert _full_resources(again) == _full_resources(linked_page)
+
+
+def test_full_resource_ends_with_the_scope_a_forward_ends(world: World):
+    """Evaluated at each call: after a forward to another department, the old
+    department's system reads the Task no more (404) and its feed sends the versions it
+    was told of id-only, no longer in full."""
+    sub = _subscribe(world.r5)
+    task_id = str(task_of(submit(world))["id"])
+    url = f"/fhir/Subscription/{sub}/$events?content=full-resource"
+    before = _get(world.r5, url)
+    assert ("Task", task_id) in _full_resources(before)
+
+    referral = Referral.objects.get(filler_id=task_id)
+    referral_transition(
+        actor=world.consultant,
+        referral_id=referral.pk,
+        action="forward",
+        department=world.network.cardiology.pk,
+        reason="Heart murmur.",
+    )
+    assert world.r5.get(f"/fhir/Task/{task_id}").status_code == 404
+    after = _get(world.r5, f"{url}&eventsUntilNumber={_numbers(before, FHIR_R4)[-1]}")
+    assert _ids(after) == _ids(before)
+    assert _full_resources(after) == []
 
 
 # --------------------------------------------------------------------------- paging, bounds

@@ -26,6 +26,7 @@ from fhir_gateway.tests.referral_world import (
     member_client,
     stored_files,
     submit,
+    third_facility_expert,
     transaction,
     with_case_file,
 )
@@ -157,7 +158,7 @@ def test_if_none_exist_never_hands_a_counter_referral_to_whom_may_not_read_it(
     )
     assert made.status_code == 201, made.content
     child = body(made)["id"]
-    expert = UserFactory.create(facility=world.network.lao, roles=[Role.CONSULTANT])
+    expert = third_facility_expert(world, Role.CONSULTANT)
     referral_experts_grant(referral=Referral.objects.get(filler_id=task_id), experts=[expert])
     condition = {"If-None-Exist": f"identifier={COUNTER}|{task_id}/1"}
     before = _counts()

@@ -326,3 +326,157 @@ def test_an_expert_abroad_is_invited_only_where_routing_may_send_the_data(
     assert not referral.conference_experts.exists()
     assert expert not in set(referral_expert_candidates(referral))
     assert api(expert).get(f"/api/v1/referrals/{referral.pk}/").status_code == 404
+
+
+# --- an expert's access rests on the link that let the data reach them ------------------
+
+
+def _read_everywhere(expert: User, referral: Referral) -> dict[str, int]:
+    """The expert's reads of the case: REST detail, files, worklist; FHIR read, vread,
+    history and search (a match counted as 200)."""
+    from accounts.services import api_token_issue
+
+    rest = api(expert)
+    fhir = Client(HTTP_AUTHORIZATION=f"Bearer {api_token_issue(user=expert, name='t').raw}")
+    task = f"/fhir/Task/{referral.filler_id}"
+    worklist = rest.get("/api/v1/referrals/worklist/").json()["results"]
+    search = fhir.get(f"/fhir/Task?_id={referral.filler_id}").json()
+    return {
+        "api detail": rest.get(f"/api/v1/referrals/{referral.pk}/").status_code,
+        "api attachments": rest.get(f"/api/v1/referrals/{referral.pk}/attachments/").status_code,
+        "api worklist": 200 if referral.pk in [r["id"] for r in worklist] else 404,
+        "fhir read": fhir.get(task).status_code,
+        "fhir ServiceRequest": fhir.get(f"/fhir/ServiceRequest/{referral.filler_id}").status_code,
+        "fhir vread": fhir.get(f"{task}/_history/1").status_code,
+        "fhir history": fhir.get(f"{task}/_history").status_code,
+        "fhir search": 200 if search.get("total") else 404,
+    }
+
+
+@pytest.mark.parametrize("ending", ["deactivated", "expired", "identifiable_withdrawn", "deleted"])
+def test_an_expert_invited_through_a_support_link_loses_the_case_when_the_link_ends(
+    world: World, ending: str
+) -> None:
+    """An expert abroad may be invited only along a data-sharing support link (the border
+    rule above); the invitation kept its access until the case ended, whatever became of
+    the link. The grant now counts only while the link still lets the data go there,
+    checked at each read: when the link ends, every read of the case by the expert, REST
+    and FHIR, is 404, and the refused reads change and record nothing."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from referrals.models import AuditEntry
+    from registry.models import SupportLink
+
+    abroad = Facility.objects.create(
+        code="LA1",
+        name="Mahosot Hospital",
+        country=Country.objects.create(code="LA", name="Lao PDR"),
+        tier=Tier.CENTRAL,
+    )
+    lao_paeds = Department.objects.create(facility=abroad, specialty=world.paeds, name="Paeds LA1")
+    expert = _user("lao-expert", Role.CONSULTANT, abroad, lao_paeds)
+    steward = _user("steward", Role.REGISTRY_STEWARD, None)
+    today = timezone.localdate()
+    link = SupportLink.objects.create(
+        hub=abroad,
+        spoke=world.district,
+        agreement_reference="DSA-1",
+        valid_from=today - timedelta(days=30),
+    )
+    referral = world.referral_in(ReferralState.ACCEPTED)
+    Referral.objects.filter(pk=referral.pk).update(patient_ref="P-99")
+    assert _schedule(world, referral, experts=[expert.pk]).status_code == 200  # type: ignore[attr-defined]
+    referral.refresh_from_db()
+    assert set(_read_everywhere(expert, referral).values()) == {200}
+
+    links = f"/api/v1/support-links/{link.pk}/"
+    if ending == "deactivated":
+        assert api(steward).patch(links, {"active": False}, format="json").status_code == 200
+    elif ending == "identifiable_withdrawn":  # the case carries a patient reference
+        change = {"identifiable_data_allowed": False}
+        assert api(steward).patch(links, change, format="json").status_code == 200
+    elif ending == "expired":  # its last day passed: nothing saves the link or the grant
+        SupportLink.objects.filter(pk=link.pk).update(valid_to=today - timedelta(days=1))
+    else:
+        link.delete()  # as the admin deletes it
+    before = (
+        referral.state,
+        referral.version,
+        ReferralEvent.objects.filter(referral=referral).count(),
+        AuditEntry.objects.count(),
+        list(referral.conference_experts.all()),
+    )
+
+    reads = _read_everywhere(expert, referral)
+
+    assert set(reads.values()) == {404}, reads
+    referral.refresh_from_db()
+    assert (
+        referral.state,
+        referral.version,
+        ReferralEvent.objects.filter(referral=referral).count(),
+        AuditEntry.objects.count(),
+        list(referral.conference_experts.all()),
+    ) == before
+    # the department and the requester read on (their access is no grant)
+    assert api(world.consultant).get(f"/api/v1/referrals/{referral.pk}/").status_code == 200
+    assert api(world.referrer).get(f"/api/v1/referrals/{referral.pk}/").status_code == 200
+    if ending == "deactivated":  # the agreement in force again: the invitation counts again
+        assert api(steward).patch(links, {"active": True}, format="json").status_code == 200
+        assert set(_read_everywhere(expert, referral).values()) == {200}
+
+
+def test_an_expert_at_home_keeps_the_case_whatever_becomes_of_a_link(world: World) -> None:
+    """At home no link carries the data: deactivating the district's links changes
+    nothing for an invited expert of the same country."""
+    from registry.models import SupportLink
+
+    referral = world.referral_in(ReferralState.ACCEPTED)
+    assert api(world.consultant2).get(f"/api/v1/referrals/{referral.pk}/").status_code == 404
+    invited = _schedule(world, referral)  # consultant2 (hub2)
+    assert invited.status_code == 200  # type: ignore[attr-defined]
+    SupportLink.objects.update(active=False)
+    assert api(world.consultant2).get(f"/api/v1/referrals/{referral.pk}/").status_code == 200
+
+
+def test_an_expert_whose_link_ended_hears_no_more_of_the_conference(world: World) -> None:
+    """Notifications follow the same rule as reads: once the support link that let the
+    case reach an expert abroad is deactivated, starting the conference tells the
+    requester but no longer the expert (their reads are 404 by then)."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from registry.models import SupportLink
+
+    abroad = Facility.objects.create(
+        code="LA1",
+        name="Mahosot Hospital",
+        country=Country.objects.create(code="LA", name="Lao PDR"),
+        tier=Tier.CENTRAL,
+    )
+    lao_paeds = Department.objects.create(facility=abroad, specialty=world.paeds, name="Paeds LA1")
+    expert = _user("lao-expert", Role.CONSULTANT, abroad, lao_paeds)
+    link = SupportLink.objects.create(
+        hub=abroad,
+        spoke=world.district,
+        agreement_reference="DSA-1",
+        valid_from=timezone.localdate() - timedelta(days=30),
+    )
+    referral = world.referral_in(ReferralState.ACCEPTED)
+    invited = _schedule(world, referral, experts=[expert.pk, world.consultant2.pk])
+    assert invited.status_code == 200  # type: ignore[attr-defined]
+    assert Notification.objects.filter(recipient=expert, kind="schedule").exists()
+
+    SupportLink.objects.filter(pk=link.pk).update(active=False)
+    world.act(referral, "start_conference")
+
+    told = set(
+        Notification.objects.filter(referral=referral, kind="start_conference").values_list(
+            "recipient__username", flat=True
+        )
+    )
+    assert "lao-expert" not in told
+    assert {"consultant2", "referrer"} <= told  # the expert at home and the requester

@@ -302,6 +302,51 @@ def test_the_hand_written_audience_equals_the_orm_query(world: World) -> None:
     assert compared > 50  # the cases are not all empty audiences
 
 
+def test_the_hand_written_expert_audience_follows_the_links_as_the_orm(world: World) -> None:
+    """Experts hear of the conference while its data may reach them: at home, or along a
+    data-sharing link in effect (allowing identifiable data for an identifiable case).
+    The hand-written audience picks whom the ORM picks, link state by link state."""
+    from django.db import connection
+
+    from registry.models import Country, Department, Facility, SupportLink, Tier
+
+    lao = Country.objects.create(code="LA", name="Lao PDR")
+    referral = world.submit()
+    experts = {}
+    for n, link in enumerate(
+        [
+            {"agreement_reference": "DSA-1"},
+            {"agreement_reference": "DSA-2", "identifiable_data_allowed": False},
+            {"agreement_reference": "DSA-3", "active": False},
+            None,
+        ]
+    ):
+        facility = Facility.objects.create(
+            code=f"LA{n}", name=f"L{n}", country=lao, tier=Tier.CENTRAL
+        )
+        department = Department.objects.create(facility=facility, specialty=world.paeds, name="P")
+        expert = User.objects.create_user(username=f"lao{n}", password="x", facility=facility)
+        expert.departments.add(department)
+        experts[n] = expert.pk
+        if link is not None:
+            SupportLink.objects.create(hub=facility, spoke=world.district, **link)
+    referral.conference_experts.add(world.consultant2, *experts.values())
+    seen = {}
+    for patient_ref in ("", "P-1"):
+        referral.patient_ref = patient_ref
+        event = ReferralEvent(referral=referral, action="start_conference", actor_id=None)
+        expected = {u.pk for u in notifications._recipients_query(event, referral)}
+        written = notifications._recipients_sql(event, referral)
+        assert written is not None
+        with connection.cursor() as cursor:
+            cursor.execute(*written)
+            found = {r[0] for r in cursor.fetchall()}
+        assert found == expected, patient_ref
+        seen[patient_ref] = found & {world.consultant2.pk, *experts.values()}
+    assert seen[""] == {world.consultant2.pk, experts[0], experts[1]}
+    assert seen["P-1"] == {world.consultant2.pk, experts[0]}
+
+
 def test_an_acknowledgement_is_listed_in_app_and_never_mailed(
     emails: World, eager: None, django_capture_on_commit_callbacks: Callable[..., Any]
 ) -> None:
