@@ -19,9 +19,11 @@ import json
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
+from django.conf import settings
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.db import DEFAULT_DB_ALIAS, connection, transaction
 from django.db.models import (
@@ -1261,6 +1263,31 @@ def _replayed(
     return WriteResult(
         resource_version("Task", req.logical_id, made), created=False, unchanged=True
     )
+
+
+def update_replay_days() -> int:
+    """How long an applied Task update answers its retry (``AppliedUpdate``); 0 or less:
+    forever."""
+    return int(getattr(settings, "FHIR_UPDATE_REPLAY_DAYS", 7))
+
+
+def applied_update_prune(*, before: datetime, limit: int) -> int:
+    """Delete up to ``limit`` records of Task updates applied before ``before``, oldest
+    first (beat's retention, ``retention.retention_prune``). A retry of such an update is
+    then answered as any request: with ``If-Match`` on the version it was applied to,
+    stale (412); with ``If-Match: *`` the Task as it is when nothing changed since (200),
+    else a new change from the current state. Rows a concurrent run holds are skipped."""
+    with transaction.atomic():
+        ids = list(
+            AppliedUpdate.objects.select_for_update(skip_locked=True)
+            .filter(at__lt=before)
+            .order_by("at")
+            .values_list("pk", flat=True)[:limit]
+        )
+        if not ids:
+            return 0
+        deleted, _ = AppliedUpdate.objects.filter(pk__in=ids).delete()
+    return deleted
 
 
 def _counter_referral_create(user: User, ask: m.CounterReferralAsk) -> WriteResult:
