@@ -30,6 +30,7 @@ from django.db.models import (
     Case,
     CharField,
     Exists,
+    IntegerField,
     OuterRef,
     Q,
     QuerySet,
@@ -595,24 +596,55 @@ def _status_sort_sql(resource_type: str) -> str:
     return "(CASE " + " ".join(whens) + " END)"
 
 
+# ``_sort=business-status`` (Task): by our state's code, the first coding of
+# Task.businessStatus (FHIR sorts a token by its code), in code-point order whatever the
+# database's collation (``in_conference`` before ``info_requested``): each state's rank
+# among the codes sorted. The codes are ours, written as literals in the SQL.
+_STATE_RANKS: dict[str, int] = {
+    state: rank for rank, state in enumerate(sorted(ReferralState.values))
+}
+
+
+def _business_status_sort() -> Subquery:
+    rank = Case(
+        *[When(state=state, then=Value(n)) for state, n in _STATE_RANKS.items()],
+        output_field=IntegerField(),
+    )
+    rows = Referral.objects.filter(pk=OuterRef("source_pk")).annotate(state_rank=rank)
+    return Subquery(rows.values("state_rank")[:1])
+
+
+def _business_status_sort_sql() -> str:
+    assert all(state.isidentifier() for state in _STATE_RANKS)  # no quotes to escape
+    whens = " ".join(f"WHEN '{state}' THEN {n}" for state, n in _STATE_RANKS.items())
+    return f"(CASE r.state {whens} END)"
+
+
 # ``_sort`` keys of the referral types, named as their search parameters (Task
 # ``authored-on``, ServiceRequest ``authored``): when it was authored, its urgency (the
-# request-priority codes in clinical order: stat, asap, urgent, routine), and its status.
+# request-priority codes in clinical order: stat, asap, urgent, routine), its status, and
+# (Task) its business status.
 def _referral_sorts(resource_type: str, authored: str) -> dict[str, Any]:
-    return {
+    sorts = {
         authored: _referral_column("created_at"),
         "priority": _referral_column("priority"),
         "status": _status_sort(resource_type),
     }
+    if resource_type == "Task":
+        sorts["business-status"] = _business_status_sort()
+    return sorts
 
 
 # The same over the hand-written search's referral ``r`` (``_search_sql``).
 def _referral_sorts_sql(resource_type: str, authored: str) -> dict[str, str]:
-    return {
+    sorts = {
         authored: "r.created_at",
         "priority": "r.priority",
         "status": _status_sort_sql(resource_type),
     }
+    if resource_type == "Task":
+        sorts["business-status"] = _business_status_sort_sql()
+    return sorts
 
 
 def _same_referral(resource_type: str) -> handlers.IncludeFunc:
@@ -2350,7 +2382,8 @@ def referral_handlers() -> list[ResourceHandler]:
             "completed (+input, statusReason); a scheduled Task with a new input scheduled-at "
             "/ experts / video-url = reschedule. PATCH (JSON Patch, JSON Merge Patch) = the "
             "PUT of its result. _sort: priority (most urgent first), authored-on, "
-            "status (by code), _lastUpdated, _id; - for descending.",
+            "status (by code), business-status (by our state's code), _lastUpdated, _id; "
+            "- for descending.",
             search_params=(
                 _sp("owner", "reference", "Assigned HealthcareService.", "Task"),
                 _sp("requester", "reference", "Requesting Organization.", "Task"),

@@ -921,6 +921,62 @@ def test_sort_by_status_orders_by_the_rendered_code(world: World) -> None:
     ]
 
 
+@pytest.mark.parametrize("version", [FHIR_R4, FHIR_R5])
+def test_sort_by_business_status_orders_by_our_state_code_and_pages(
+    world: World, version: str
+) -> None:
+    """``Task?_sort=business-status``: by our state's code (the first coding of
+    businessStatus), both ways, ties by id (an acknowledged Task is ``received`` but still
+    ``submitted``), and following ``next`` keeps the order across pages."""
+    waiting = _submitted_with(world, "A", "routine")
+    acknowledged = _submitted_with(world, "B", "routine")
+    accepted_ = _submitted_with(world, "C", "routine")
+    cancelled = _submitted_with(world, "D", "routine")
+    for task_id, status in ((acknowledged, "received"), (accepted_, "accepted")):
+        task = _get(world.r5, f"/fhir/Task/{task_id}", FHIR_R5)
+        task["status"] = status
+        assert _put_task(world.r5, task, FHIR_R5, 'W/"1"').status_code == 200
+    task = _get(world.r4, f"/fhir/Task/{cancelled}")
+    task.update(status="cancelled", statusReason={"text": "Seen locally."})
+    assert _put_task(world.r4, task, FHIR_R4, 'W/"1"').status_code == 200
+    client = world.r4 if version == FHIR_R4 else world.r5
+    ties = sorted([waiting, acknowledged])
+
+    def walk(query: str, count: int) -> list[tuple[str, str]]:
+        """Every page of the search, following ``next``: (state code, id) of each Task."""
+        found: list[tuple[str, str]] = []
+        url: str | None = f"/fhir/Task?{query}&_count={count}"
+        while url is not None:
+            page = _get(client, url, version)
+            found += [
+                (e["resource"]["businessStatus"]["coding"][0]["code"], e["resource"]["id"])
+                for e in page.get("entry", [])
+            ]
+            url = next(
+                (
+                    link["url"].removeprefix("http://testserver")
+                    for link in page["link"]
+                    if link["relation"] == "next"
+                ),
+                None,
+            )
+            assert url is None or "_sort=business-status" in url or "-business-status" in url
+        return found
+
+    ascending = [("accepted", accepted_), ("cancelled", cancelled)]
+    ascending += [("submitted", i) for i in ties]
+    descending = [("submitted", i) for i in ties] + [
+        ("cancelled", cancelled),
+        ("accepted", accepted_),
+    ]
+    for count in (1, 2, 3, 50):
+        assert walk("_sort=business-status", count) == ascending, count
+        assert walk("_sort=-business-status", count) == descending, count
+    # A second key orders the ties: the last authored first among the submitted.
+    newest_first = walk("_sort=business-status,-authored-on", 2)
+    assert [i for _c, i in newest_first] == [accepted_, cancelled, acknowledged, waiting]
+
+
 def test_organizations_sort_by_tier(fhir: Any, network: Any) -> None:
     """``Organization?_sort=type``: central facilities first (the tier), ties by id."""
 
