@@ -29,14 +29,16 @@ from fhir_gateway.tests.referral_world import (
     World,
     accepted,
     body,
+    case_file,
     read_task,
     submit,
     task_of,
     update_task,
 )
+from fhir_gateway.tests.referral_world import transaction as submission_bundle
 from fhir_gateway.tests.test_subscriptions import _accept, _numbers, _subscribe
 from fhir_gateway.versions import model_class
-from referrals.models import Referral, ReferralEvent, ReferralState
+from referrals.models import Attachment, Referral, ReferralEvent, ReferralState
 from registry.models import Endpoint
 from tests.factories import EndpointFactory
 
@@ -403,6 +405,50 @@ def test_conditional_create_keys_are_never_pruned(world: World):
     assert messages.count() == before
     # Without the key it is a new message, which a closed referral refuses.
     assert world.r4.post("/fhir/Communication", message).status_code == 409
+
+
+def test_a_bundle_resent_after_its_referral_closed_is_answered_by_its_file_key(world: World):
+    """Why keys of closed referrals are kept too: an offline site's resent transaction
+    Bundle is answered with the referral and the file its key names (decision 5); without
+    the key the file would be a new one on a closed referral, and the whole Bundle 409."""
+    bundle = submission_bundle(world)
+    bundle["entry"].append(
+        {
+            "fullUrl": "urn:uuid:doc-3",
+            "request": {
+                "method": "POST",
+                "url": "DocumentReference",
+                "ifNoneExist": "identifier=https://codao.example.org/sid/file|F-1",
+            },
+            "resource": case_file(None, "letter"),
+        }
+    )
+    first = world.r4.post("/fhir", bundle)
+    assert first.status_code == 200, first.content
+    task_id = str(task_of(body(first))["id"])
+    cancelled = update_task(
+        world.r4,
+        task_id,
+        lambda t: t.update(status="cancelled", statusReason={"text": "Seen locally."}),
+    )
+    assert cancelled.status_code == 200, cancelled.content
+    CreateKey.objects.update(created_at=timezone.now() - timedelta(days=4000))
+    retention_prune(now=timezone.now() + timedelta(days=3650))
+
+    again = world.r4.post("/fhir", bundle)
+
+    assert again.status_code == 200, again.content
+    assert [e["response"]["status"] for e in body(again)["entry"]] == ["200 OK"] * 4
+    assert (
+        body(again)["entry"][3]["response"]["location"]
+        == (body(first)["entry"][3]["response"]["location"])
+    )
+    assert Attachment.objects.count() == 1
+    # Had retention dropped the key: refused, nothing stored.
+    CreateKey.objects.all().delete()
+    refused = world.r4.post("/fhir", bundle)
+    assert refused.status_code == 409, refused.content
+    assert Attachment.objects.count() == 1
 
 
 # --------------------------------------------------------------------------- replay beyond
