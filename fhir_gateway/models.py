@@ -341,7 +341,9 @@ class AppliedUpdate(models.Model):
     ``If-Match``, the same account — is answered with the version the first made, instead
     of being taken as a new change from the state the first moved to (409/422) or refused
     as stale (412): nothing applied twice (``referral_resources._task_update``). Written in
-    the update's transaction; one per version made (versions follow one another)."""
+    the update's transaction; one per version made (versions follow one another). Kept
+    ``FHIR_UPDATE_REPLAY_DAYS`` (``referral_resources.applied_update_prune``, beat's hourly
+    retention): a retry after that is answered as any other request would be."""
 
     resource_type = models.CharField(max_length=40)
     logical_id = models.CharField(max_length=64)
@@ -360,6 +362,8 @@ class AppliedUpdate(models.Model):
                 name="fhir_applied_update_unique_base",
             )
         ]
+        # Retention deletes the oldest first, in batches: walked in ``at`` order.
+        indexes = [models.Index(fields=["at"], name="fhir_applied_update_at")]
 
     def __str__(self) -> str:
         return (

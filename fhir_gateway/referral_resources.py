@@ -19,15 +19,18 @@ import json
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
+from django.conf import settings
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.db import DEFAULT_DB_ALIAS, connection, transaction
 from django.db.models import (
     Case,
     CharField,
     Exists,
+    IntegerField,
     OuterRef,
     Q,
     QuerySet,
@@ -591,24 +594,55 @@ def _status_sort_sql(resource_type: str) -> str:
     return "(CASE " + " ".join(whens) + " END)"
 
 
+# ``_sort=business-status`` (Task): by our state's code, the first coding of
+# Task.businessStatus (FHIR sorts a token by its code), in code-point order whatever the
+# database's collation (``in_conference`` before ``info_requested``): each state's rank
+# among the codes sorted. The codes are ours, written as literals in the SQL.
+_STATE_RANKS: dict[str, int] = {
+    state: rank for rank, state in enumerate(sorted(ReferralState.values))
+}
+
+
+def _business_status_sort() -> Subquery:
+    rank = Case(
+        *[When(state=state, then=Value(n)) for state, n in _STATE_RANKS.items()],
+        output_field=IntegerField(),
+    )
+    rows = Referral.objects.filter(pk=OuterRef("source_pk")).annotate(state_rank=rank)
+    return Subquery(rows.values("state_rank")[:1])
+
+
+def _business_status_sort_sql() -> str:
+    assert all(state.isidentifier() for state in _STATE_RANKS)  # no quotes to escape
+    whens = " ".join(f"WHEN '{state}' THEN {n}" for state, n in _STATE_RANKS.items())
+    return f"(CASE r.state {whens} END)"
+
+
 # ``_sort`` keys of the referral types, named as their search parameters (Task
 # ``authored-on``, ServiceRequest ``authored``): when it was authored, its urgency (the
-# request-priority codes in clinical order: stat, asap, urgent, routine), and its status.
+# request-priority codes in clinical order: stat, asap, urgent, routine), its status, and
+# (Task) its business status.
 def _referral_sorts(resource_type: str, authored: str) -> dict[str, Any]:
-    return {
+    sorts = {
         authored: _referral_column("created_at"),
         "priority": _referral_column("priority"),
         "status": _status_sort(resource_type),
     }
+    if resource_type == "Task":
+        sorts["business-status"] = _business_status_sort()
+    return sorts
 
 
 # The same over the hand-written search's referral ``r`` (``_search_sql``).
 def _referral_sorts_sql(resource_type: str, authored: str) -> dict[str, str]:
-    return {
+    sorts = {
         authored: "r.created_at",
         "priority": "r.priority",
         "status": _status_sort_sql(resource_type),
     }
+    if resource_type == "Task":
+        sorts["business-status"] = _business_status_sort_sql()
+    return sorts
 
 
 def _same_referral(resource_type: str) -> handlers.IncludeFunc:
@@ -1259,6 +1293,31 @@ def _replayed(
     return WriteResult(
         resource_version("Task", req.logical_id, made), created=False, unchanged=True
     )
+
+
+def update_replay_days() -> int:
+    """How long an applied Task update answers its retry (``AppliedUpdate``); 0 or less:
+    forever."""
+    return int(getattr(settings, "FHIR_UPDATE_REPLAY_DAYS", 7))
+
+
+def applied_update_prune(*, before: datetime, limit: int) -> int:
+    """Delete up to ``limit`` records of Task updates applied before ``before``, oldest
+    first (beat's retention, ``retention.retention_prune``). A retry of such an update is
+    then answered as any request: with ``If-Match`` on the version it was applied to,
+    stale (412); with ``If-Match: *`` the Task as it is when nothing changed since (200),
+    else a new change from the current state. Rows a concurrent run holds are skipped."""
+    with transaction.atomic():
+        ids = list(
+            AppliedUpdate.objects.select_for_update(skip_locked=True)
+            .filter(at__lt=before)
+            .order_by("at")
+            .values_list("pk", flat=True)[:limit]
+        )
+        if not ids:
+            return 0
+        deleted, _ = AppliedUpdate.objects.filter(pk__in=ids).delete()
+    return deleted
 
 
 def _counter_referral_create(user: User, ask: m.CounterReferralAsk) -> WriteResult:
@@ -2281,7 +2340,8 @@ def referral_handlers() -> list[ResourceHandler]:
             "completed (+input, statusReason); a scheduled Task with a new input scheduled-at "
             "/ experts / video-url = reschedule. PATCH (JSON Patch, JSON Merge Patch) = the "
             "PUT of its result. _sort: priority (most urgent first), authored-on, "
-            "status (by code), _lastUpdated, _id; - for descending.",
+            "status (by code), business-status (by our state's code), _lastUpdated, _id; "
+            "- for descending.",
             search_params=(
                 _sp("owner", "reference", "Assigned HealthcareService.", "Task"),
                 _sp("requester", "reference", "Requesting Organization.", "Task"),

@@ -474,7 +474,8 @@ HANDLERS: tuple[ResourceHandler, ...] = (
     ),
     _handler(
         "Location",
-        "A facility's site (mCSD Facility Location). Read-only.",
+        "A facility's site (mCSD Facility Location). Read-only. _sort: name, _lastUpdated, "
+        "_id (not near: no distance order).",
         Facility.objects.all,
         [
             (
@@ -530,7 +531,8 @@ HANDLERS: tuple[ResourceHandler, ...] = (
     ),
     _handler(
         "HealthcareService",
-        "A department: a facility's service for one specialty. Read-only.",
+        "A department: a facility's service for one specialty. Read-only. _sort: name, "
+        "_lastUpdated, _id.",
         Department.objects.all,
         [
             (

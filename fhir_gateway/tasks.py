@@ -51,13 +51,14 @@ def project_registry_task() -> dict[str, dict[str, int]] | None:
 
 @shared_task(name="fhir_gateway.retention_prune", ignore_result=True)
 def retention_prune_task(max_seconds: float | None = RETENTION_BEAT_SECONDS) -> dict[str, int]:
-    """Beat's hourly retention: delivered outbox messages and feed events older than their
-    retention, in batches, until done or ``max_seconds``. Safe to run twice (each batch
-    skips rows another run holds)."""
+    """Beat's hourly retention: delivered outbox messages, feed events, finished intake jobs
+    and applied Task update records older than their retention, in batches, until done or
+    ``max_seconds``. Safe to run twice (each batch skips rows another run holds)."""
     report = retention_prune(max_seconds=max_seconds)
     return {
         "outbox_deleted": report.outbox_deleted,
         "intake_deleted": report.intake_deleted,
+        "applied_updates_deleted": report.applied_updates_deleted,
         "feed_numbered": report.feed_numbered,
         "feed_deleted": report.feed_deleted,
         "finished": int(report.finished),

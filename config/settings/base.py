@@ -323,6 +323,9 @@ FHIR_MAX_BODY_BYTES = env.int("FHIR_MAX_BODY_BYTES", default=DATA_UPLOAD_MAX_MEM
 # events older than these many days are pruned hourly (0 or less: kept forever).
 FHIR_OUTBOX_RETENTION_DAYS = env.int("FHIR_OUTBOX_RETENTION_DAYS", default=30)
 FHIR_FEED_RETENTION_DAYS = env.int("FHIR_FEED_RETENTION_DAYS", default=30)
+# Days an applied Task update answers its retry as the first (AppliedUpdate); after that a
+# retry is answered as any request (0 or less: kept forever).
+FHIR_UPDATE_REPLAY_DAYS = env.int("FHIR_UPDATE_REPLAY_DAYS", default=7)
 # Finished asynchronous intake jobs (their answers) are kept this many days for polling.
 FHIR_INTAKE_RETENTION_DAYS = env.int("FHIR_INTAKE_RETENTION_DAYS", default=7)
 FHIR_INTAKE_MAX_ATTEMPTS = env.int("FHIR_INTAKE_MAX_ATTEMPTS", default=5)

@@ -156,3 +156,20 @@ def test_types_not_declared_are_not_routed(fhir):
     assert fhir.get("/fhir/$everything").status_code == 404
     assert fhir.get("/fhir/Organization/$events").status_code == 404
     assert fhir.get("/fhir/Organization/1/$status").status_code == 404
+
+
+@pytest.mark.parametrize("accept", [FHIR_R4, FHIR_R5])
+def test_each_types_documentation_names_every_sort_key_it_serves(anonymous, accept):
+    """The CapabilityStatement says which ``_sort`` keys a type takes (in its
+    documentation: ``_sort: key, key (how)…``): each served key, the common ones too."""
+    statement = json.loads(anonymous.get("/fhir/metadata", Accept=accept).content)
+    by_type = {r["type"]: r for r in statement["rest"][0]["resource"]}
+    for resource_type, handler in HANDLERS.items():
+        if not handler.sorts:
+            continue
+        documentation = by_type[resource_type]["documentation"]
+        assert "_sort:" in documentation, resource_type
+        named = documentation.split("_sort:", 1)[1]
+        words = {w.strip(" .;()") for part in named.split(",") for w in part.split()}
+        for key in [*handler.sorts, "_lastUpdated", "_id"]:
+            assert key in words, (resource_type, key)

@@ -429,24 +429,31 @@ def test_stale_if_match_is_412_and_changes_nothing(world: World) -> None:
     assert Referral.objects.get().state == ReferralState.SUBMITTED
 
 
-def test_a_task_update_without_if_match_is_412_and_star_takes_the_current(world: World) -> None:
+@pytest.mark.parametrize("version", [FHIR_R4, FHIR_R5])
+def test_a_task_update_without_if_match_is_412_and_star_takes_the_current(
+    world: World, version: str
+) -> None:
     """A PUT is the whole Task as its sender read it: without the version, a stale copy
-    would undo a newer change unseen. ``*`` says "whatever is current", knowingly."""
+    would undo a newer change unseen. ``*`` says "whatever is current", knowingly. The
+    same answer in R4 and R5: FHIR asks no 428 for a missing If-Match (docs/fhir.md,
+    *A missing If-Match*)."""
     task_id = _task(world, submit(world))
-    task = _get(world.r5, f"/fhir/Task/{task_id}", FHIR_R5)
+    task = _get(world.r5, f"/fhir/Task/{task_id}", version)
     task["status"] = "accepted"
-    version = Referral.objects.get().version
+    referral_version = Referral.objects.get().version
+    outbox = OutboxMessage.objects.count()
 
-    missing = _put_task(world.r5, task, FHIR_R5, None)
+    missing = _put_task(world.r5, task, version, None)
 
     assert missing.status_code == 412
     issue = outcome_issue(missing)
     assert issue["code"] == "conflict" and "needs If-Match" in issue["diagnostics"]
     assert Referral.objects.get().state == ReferralState.SUBMITTED
-    assert Referral.objects.get().version == version
+    assert Referral.objects.get().version == referral_version
     assert FhirResource.objects.get(resource_type="Task", is_current=True).version_id == 1
+    assert OutboxMessage.objects.count() == outbox
 
-    star = _put_task(world.r5, task, FHIR_R5, "*")
+    star = _put_task(world.r5, task, version, "*")
 
     assert star.status_code == 200, star.content
     assert Referral.objects.get().state == ReferralState.ACCEPTED
@@ -919,6 +926,62 @@ def test_sort_by_status_orders_by_the_rendered_code(world: World) -> None:
     assert statuses("_sort=status", "ServiceRequest") == [
         ("active", i) for i in sorted([waiting, acknowledged, accepted_])
     ]
+
+
+@pytest.mark.parametrize("version", [FHIR_R4, FHIR_R5])
+def test_sort_by_business_status_orders_by_our_state_code_and_pages(
+    world: World, version: str
+) -> None:
+    """``Task?_sort=business-status``: by our state's code (the first coding of
+    businessStatus), both ways, ties by id (an acknowledged Task is ``received`` but still
+    ``submitted``), and following ``next`` keeps the order across pages."""
+    waiting = _submitted_with(world, "A", "routine")
+    acknowledged = _submitted_with(world, "B", "routine")
+    accepted_ = _submitted_with(world, "C", "routine")
+    cancelled = _submitted_with(world, "D", "routine")
+    for task_id, status in ((acknowledged, "received"), (accepted_, "accepted")):
+        task = _get(world.r5, f"/fhir/Task/{task_id}", FHIR_R5)
+        task["status"] = status
+        assert _put_task(world.r5, task, FHIR_R5, 'W/"1"').status_code == 200
+    task = _get(world.r4, f"/fhir/Task/{cancelled}")
+    task.update(status="cancelled", statusReason={"text": "Seen locally."})
+    assert _put_task(world.r4, task, FHIR_R4, 'W/"1"').status_code == 200
+    client = world.r4 if version == FHIR_R4 else world.r5
+    ties = sorted([waiting, acknowledged])
+
+    def walk(query: str, count: int) -> list[tuple[str, str]]:
+        """Every page of the search, following ``next``: (state code, id) of each Task."""
+        found: list[tuple[str, str]] = []
+        url: str | None = f"/fhir/Task?{query}&_count={count}"
+        while url is not None:
+            page = _get(client, url, version)
+            found += [
+                (e["resource"]["businessStatus"]["coding"][0]["code"], e["resource"]["id"])
+                for e in page.get("entry", [])
+            ]
+            url = next(
+                (
+                    link["url"].removeprefix("http://testserver")
+                    for link in page["link"]
+                    if link["relation"] == "next"
+                ),
+                None,
+            )
+            assert url is None or "_sort=business-status" in url or "-business-status" in url
+        return found
+
+    ascending = [("accepted", accepted_), ("cancelled", cancelled)]
+    ascending += [("submitted", i) for i in ties]
+    descending = [("submitted", i) for i in ties] + [
+        ("cancelled", cancelled),
+        ("accepted", accepted_),
+    ]
+    for count in (1, 2, 3, 50):
+        assert walk("_sort=business-status", count) == ascending, count
+        assert walk("_sort=-business-status", count) == descending, count
+    # A second key orders the ties: the last authored first among the submitted.
+    newest_first = walk("_sort=business-status,-authored-on", 2)
+    assert [i for _c, i in newest_first] == [accepted_, cancelled, acknowledged, waiting]
 
 
 def test_organizations_sort_by_tier(fhir: Any, network: Any) -> None:

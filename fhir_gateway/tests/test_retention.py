@@ -1,5 +1,6 @@
-"""Retention of the outbox and the pull feed (real PostgreSQL): what goes, what stays, and
-what a member replaying pruned events is told."""
+"""Retention of the outbox, the pull feed and the records of applied Task updates (real
+PostgreSQL): what goes, what stays, what a member replaying pruned events is told, and what
+a Task update sent again after its record went is answered."""
 
 from __future__ import annotations
 
@@ -12,14 +13,32 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from fhir_gateway.feed import feed_last_number, feed_number, feed_pruned_through, feed_record
-from fhir_gateway.models import FeedEvent, FeedHorizon, FhirResource, OutboxMessage
+from fhir_gateway.models import (
+    AppliedUpdate,
+    CreateKey,
+    FeedEvent,
+    FeedHorizon,
+    FhirResource,
+    OutboxMessage,
+)
 from fhir_gateway.retention import retention_prune
 from fhir_gateway.subscriptions import EVENT_NUMBER_EXTENSION, OLDEST_EVENT_EXTENSION
 from fhir_gateway.tasks import RETENTION_BEAT_SECONDS, retention_prune_task
 from fhir_gateway.tests.conftest import FHIR_R4, FHIR_R5, outcome_issue
-from fhir_gateway.tests.referral_world import World, body, submit, task_of
+from fhir_gateway.tests.referral_world import (
+    World,
+    accepted,
+    body,
+    case_file,
+    read_task,
+    submit,
+    task_of,
+    update_task,
+)
+from fhir_gateway.tests.referral_world import transaction as submission_bundle
 from fhir_gateway.tests.test_subscriptions import _accept, _numbers, _subscribe
 from fhir_gateway.versions import model_class
+from referrals.models import Attachment, Referral, ReferralEvent, ReferralState
 from registry.models import Endpoint
 from tests.factories import EndpointFactory
 
@@ -128,15 +147,148 @@ def test_a_retention_of_zero_days_keeps_everything(db, settings):
     settings.FHIR_OUTBOX_RETENTION_DAYS = 0
     settings.FHIR_FEED_RETENTION_DAYS = 0
     settings.FHIR_INTAKE_RETENTION_DAYS = 0
+    settings.FHIR_UPDATE_REPLAY_DAYS = 0
     endpoint = EndpointFactory.create()
     _message(endpoint, Status.DELIVERED, timedelta(days=4000))
     _feed_rows(facility=5, count=3, age=timedelta(days=4000))
+    _applied_updates(count=2, age=timedelta(days=4000))
 
     report = retention_prune()
 
     assert (report.outbox_deleted, report.feed_deleted, report.batches) == (0, 0, 0)
+    assert report.applied_updates_deleted == 0
     assert OutboxMessage.objects.count() == 1
     assert FeedEvent.objects.count() == 3
+    assert AppliedUpdate.objects.count() == 2
+
+
+@pytest.mark.parametrize("days", [0, -1])
+def test_an_update_replay_retention_of_zero_or_less_keeps_every_record(db, settings, days):
+    settings.FHIR_UPDATE_REPLAY_DAYS = days
+    _applied_updates(count=3, age=timedelta(days=4000))
+
+    report = retention_prune(now=timezone.now() + timedelta(days=3650))
+
+    assert (report.applied_updates_deleted, report.finished) == (0, True)
+    assert AppliedUpdate.objects.count() == 3
+
+
+# --------------------------------------------------------------------------- applied updates
+
+UPDATE_OLD = timedelta(days=8)  # older than the default 7 days (FHIR_UPDATE_REPLAY_DAYS)
+UPDATE_RECENT = timedelta(days=6)
+
+
+def _applied_updates(*, count: int, age: timedelta, task: str = "T-old") -> list[int]:
+    at = timezone.now() - age
+    start = AppliedUpdate.objects.filter(logical_id=task).count() + 1
+    rows = AppliedUpdate.objects.bulk_create(
+        AppliedUpdate(
+            resource_type="Task",
+            logical_id=task,
+            base_version=n,
+            result_version=n + 1,
+            digest=f"{n:064x}",
+            at=at,
+        )
+        for n in range(start, start + count)
+    )
+    return [row.pk for row in rows]
+
+
+def test_only_update_records_older_than_the_replay_retention_are_deleted(db):
+    old = _applied_updates(count=3, age=UPDATE_OLD)
+    ancient = _applied_updates(count=2, age=timedelta(days=400), task="T-ancient")
+    recent = _applied_updates(count=2, age=UPDATE_RECENT, task="T-recent")
+
+    report = retention_prune()
+
+    assert (report.applied_updates_deleted, report.finished) == (5, True)
+    assert set(AppliedUpdate.objects.values_list("pk", flat=True)) == set(recent)
+    assert not AppliedUpdate.objects.filter(pk__in=old + ancient).exists()
+
+
+def test_update_records_go_in_batches_and_stop_at_the_time_budget(db):
+    _applied_updates(count=12, age=UPDATE_OLD)
+    kept = _applied_updates(count=1, age=UPDATE_RECENT, task="T-recent")
+
+    cut_short = retention_prune(batch_size=5, max_seconds=0)
+    assert (cut_short.applied_updates_deleted, cut_short.finished) == (5, False)
+    assert AppliedUpdate.objects.count() == 8
+
+    rest = retention_prune(batch_size=5)
+    assert (rest.applied_updates_deleted, rest.finished) == (7, True)
+    assert list(AppliedUpdate.objects.values_list("pk", flat=True)) == kept
+
+
+def _accept_task(world: World) -> tuple[str, dict[str, Any], str, Any]:
+    """A submitted referral accepted by the consultant system's PUT: the Task id, the PUT's
+    body and If-Match, and its answer."""
+    task_id = str(task_of(submit(world))["id"])
+    read = read_task(world.r5, task_id, FHIR_R5)
+    accept = {**read, "status": "accepted"}
+    if_match = f'W/"{read["meta"]["versionId"]}"'
+    first = _put_task(world, accept, if_match)
+    assert first.status_code == 200, first.content
+    return task_id, accept, if_match, first
+
+
+def _put_task(world: World, task: dict[str, Any], if_match: str) -> Any:
+    return world.r5.put(
+        f"/fhir/Task/{task['id']}",
+        task,
+        content_type=FHIR_R5,
+        Accept=FHIR_R5,
+        **{"If-Match": if_match},
+    )
+
+
+def _task_state(task_id: str) -> tuple[Any, ...]:
+    referral = Referral.objects.get(filler_id=task_id)
+    return (
+        referral.state,
+        referral.version,
+        ReferralEvent.objects.filter(referral=referral).count(),
+        FhirResource.objects.count(),
+        OutboxMessage.objects.count(),
+        AppliedUpdate.objects.count(),
+    )
+
+
+def test_a_retry_inside_the_replay_window_is_still_answered_as_the_first(world: World):
+    task_id, accept, if_match, first = _accept_task(world)
+    AppliedUpdate.objects.update(at=timezone.now() - UPDATE_RECENT)
+
+    assert retention_prune().applied_updates_deleted == 0
+    before = _task_state(task_id)
+    again = _put_task(world, accept, if_match)
+
+    assert again.status_code == 200, again.content
+    assert again.json() == first.json()
+    assert (again["ETag"], again["Location"]) == (first["ETag"], first["Location"])
+    assert _task_state(task_id) == before
+
+
+def test_a_retry_after_the_replay_window_is_answered_as_any_stale_update(world: World):
+    task_id, accept, if_match, _first = _accept_task(world)
+    AppliedUpdate.objects.update(at=timezone.now() - UPDATE_OLD)
+
+    assert retention_prune().applied_updates_deleted == 1
+    before = _task_state(task_id)
+    again = _put_task(world, accept, if_match)
+
+    # What the same PUT from anyone else gets: its If-Match is no longer current.
+    assert again.status_code == 412, again.content
+    assert outcome_issue(again)["code"] == "conflict"
+    assert _task_state(task_id) == before
+    assert Referral.objects.get(filler_id=task_id).state == ReferralState.ACCEPTED
+    # With If-Match: * it is a new change from the current state, as from anyone: this
+    # body (the businessStatus of the version it was read from) is refused, and nothing
+    # is applied twice either.
+    star = _put_task(world, accept, "*")
+    assert star.status_code == 422, star.content
+    assert outcome_issue(star)["expression"] == ["Task.businessStatus"]
+    assert _task_state(task_id) == before
 
 
 # --------------------------------------------------------------------------- feed
@@ -199,6 +351,11 @@ def test_the_horizon_never_goes_down(db):
             "AND occurred_at < now() ORDER BY occurred_at LIMIT 5000",
             "feed_numbered_occurred",
         ),
+        (
+            AppliedUpdate,
+            "SELECT id FROM {t} WHERE at < now() ORDER BY at LIMIT 5000",
+            "fhir_applied_update_at",
+        ),
     ],
 )
 def test_prune_scans_walk_an_index(db, model: Any, sql: str, index: str):
@@ -213,6 +370,85 @@ def test_prune_scans_walk_an_index(db, model: Any, sql: str, index: str):
         plan = "\n".join(row[0] for row in cursor.fetchall())
     assert index in plan, plan
     assert "Sort" not in plan, plan
+
+
+def test_conditional_create_keys_are_never_pruned(world: World):
+    """A key is what keeps a late resubmission from posting a message twice: retention
+    leaves every key, however old, and a resubmission long after the referral closed is
+    answered with the first message (not refused as a new message on a closed referral)."""
+    task_id = accepted(world)
+    message = {
+        "resourceType": "Communication",
+        "status": "completed",
+        "partOf": [{"reference": f"Task/{task_id}"}],
+        "payload": [{"contentString": "Weight today?"}],
+    }
+    key = {"If-None-Exist": "identifier=https://codao.example.org/sid/message|M-7"}
+    first = world.r4.post("/fhir/Communication", message, **key)
+    assert first.status_code == 201, first.content
+    cancelled = update_task(
+        world.r4,
+        task_id,
+        lambda t: t.update(status="cancelled", statusReason={"text": "Seen locally."}),
+    )
+    assert cancelled.status_code == 200, cancelled.content
+    CreateKey.objects.update(created_at=timezone.now() - timedelta(days=4000))
+
+    retention_prune(now=timezone.now() + timedelta(days=3650))
+
+    assert CreateKey.objects.count() == 1
+    messages = FhirResource.objects.filter(resource_type="Communication", is_current=True)
+    before = messages.count()
+    again = world.r4.post("/fhir/Communication", message, **key)
+    assert again.status_code == 200, again.content
+    assert body(again)["id"] == body(first)["id"]
+    assert messages.count() == before
+    # Without the key it is a new message, which a closed referral refuses.
+    assert world.r4.post("/fhir/Communication", message).status_code == 409
+
+
+def test_a_bundle_resent_after_its_referral_closed_is_answered_by_its_file_key(world: World):
+    """Why keys of closed referrals are kept too: an offline site's resent transaction
+    Bundle is answered with the referral and the file its key names (decision 5); without
+    the key the file would be a new one on a closed referral, and the whole Bundle 409."""
+    bundle = submission_bundle(world)
+    bundle["entry"].append(
+        {
+            "fullUrl": "urn:uuid:doc-3",
+            "request": {
+                "method": "POST",
+                "url": "DocumentReference",
+                "ifNoneExist": "identifier=https://codao.example.org/sid/file|F-1",
+            },
+            "resource": case_file(None, "letter"),
+        }
+    )
+    first = world.r4.post("/fhir", bundle)
+    assert first.status_code == 200, first.content
+    task_id = str(task_of(body(first))["id"])
+    cancelled = update_task(
+        world.r4,
+        task_id,
+        lambda t: t.update(status="cancelled", statusReason={"text": "Seen locally."}),
+    )
+    assert cancelled.status_code == 200, cancelled.content
+    CreateKey.objects.update(created_at=timezone.now() - timedelta(days=4000))
+    retention_prune(now=timezone.now() + timedelta(days=3650))
+
+    again = world.r4.post("/fhir", bundle)
+
+    assert again.status_code == 200, again.content
+    assert [e["response"]["status"] for e in body(again)["entry"]] == ["200 OK"] * 4
+    assert (
+        body(again)["entry"][3]["response"]["location"]
+        == (body(first)["entry"][3]["response"]["location"])
+    )
+    assert Attachment.objects.count() == 1
+    # Had retention dropped the key: refused, nothing stored.
+    CreateKey.objects.all().delete()
+    refused = world.r4.post("/fhir", bundle)
+    assert refused.status_code == 409, refused.content
+    assert Attachment.objects.count() == 1
 
 
 # --------------------------------------------------------------------------- replay beyond
@@ -321,14 +557,16 @@ def test_beat_runs_the_registered_retention_task_hourly_with_expires(settings):
     assert 0 < RETENTION_BEAT_SECONDS < entry["options"]["expires"]
 
 
-def test_the_task_prunes_both_tables(db):
+def test_the_task_prunes_every_table(db):
     endpoint = EndpointFactory.create()
     _message(endpoint, Status.DELIVERED, OLD)
     _feed_rows(facility=4, count=2, age=OLD)
+    _applied_updates(count=1, age=UPDATE_OLD)
 
     assert retention_prune_task() == {
         "outbox_deleted": 1,
         "intake_deleted": 0,
+        "applied_updates_deleted": 1,
         "feed_numbered": 2,
         "feed_deleted": 2,
         "finished": 1,
