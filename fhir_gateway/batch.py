@@ -78,6 +78,11 @@ _NOT_INHERITED = frozenset(
         "REQUEST_METHOD",
         "HTTP_ACCEPT",
         "wsgi.input",
+        # the batch's own URL as some servers pass it (mod_wsgi, gunicorn)
+        "SCRIPT_URL",
+        "REDIRECT_URL",
+        "REQUEST_URI",
+        "RAW_URI",
         *CONDITIONS.values(),
     }
 )
@@ -111,12 +116,25 @@ def batch_answer(
             expression=["Bundle.entry"],
         )
     check_independent(entries)
+    # (fullUrl, versionId) given to an entry so far: FHIR's bdl-7 allows a fullUrl once per
+    # version (two reads of one resource: the second entry goes without).
+    named: set[tuple[str, str]] = set()
     answers = [
-        _answer(request, entry, index, version=version, body_version=body_version, base=base)
+        _answer(
+            request,
+            entry,
+            index,
+            version=version,
+            body_version=body_version,
+            base=base,
+            named=named,
+        )
         for index, entry in enumerate(entries)
     ]
     head = {"resourceType": "Bundle", "id": uuid.uuid4().hex, "type": "batch-response"}
-    return dumps({**head, "entry": answers})
+    # The entries' answers are spliced as the single requests' texts (a page of a search
+    # is not parsed and written again).
+    return dumps(head)[:-1] + ',"entry":[' + ",".join(answers) + "]}"
 
 
 def check_independent(entries: list[Any]) -> None:
@@ -183,8 +201,9 @@ def _answer(
     version: str,
     body_version: str,
     base: str,
-) -> dict[str, Any]:
-    """The batch-response entry of one entry."""
+    named: set[tuple[str, str]],
+) -> str:
+    """The batch-response entry (JSON text) of one entry."""
     try:
         inner, match = _entry_request(
             request, entry, index, version=version, body_version=body_version, base=base
@@ -207,7 +226,7 @@ def _answer(
             logger.exception("unexpected error in a batch entry")
             error = FhirError(500, "exception", "Internal error; quote the request id.")
         return _error_entry(error)
-    return _entry_of(response, inner.method or "GET", base)
+    return _entry_of(response, inner.method or "GET", base, named)
 
 
 class _EntryFailed(Exception):
@@ -359,8 +378,10 @@ def _entry_body(
     return json.dumps(resource).encode(), media_type_for(body_version)
 
 
-def _error_entry(error: FhirError) -> dict[str, Any]:
-    return {"response": {"status": _status_line(error.status), "outcome": outcome_body(error)}}
+def _error_entry(error: FhirError) -> str:
+    return dumps(
+        {"response": {"status": _status_line(error.status), "outcome": outcome_body(error)}}
+    )
 
 
 def _status_line(status: int) -> str:
@@ -370,7 +391,9 @@ def _status_line(status: int) -> str:
         return str(status)
 
 
-def _entry_of(response: HttpResponseBase, method: str, base: str) -> dict[str, Any]:
+def _entry_of(
+    response: HttpResponseBase, method: str, base: str, named: set[tuple[str, str]]
+) -> str:
     """An entry's answer as a batch-response entry: the status, Location, ETag and
     Last-Modified; the body as ``resource``, or as ``outcome`` when it is an error's or a
     write's OperationOutcome; warnings the single answer gives in headers as ``outcome``."""
@@ -383,8 +406,8 @@ def _entry_of(response: HttpResponseBase, method: str, base: str) -> dict[str, A
     if response.has_header("Last-Modified"):
         with contextlib.suppress(TypeError, ValueError):
             answer["lastModified"] = fhir_instant(parsedate_to_datetime(response["Last-Modified"]))
-    body = _body_of(response)
-    entry: dict[str, Any] = {}
+    text, body = _body_of(response)
+    entry: dict[str, str] = {}
     if (
         isinstance(body, dict)
         and body.get("resourceType") == "OperationOutcome"
@@ -394,15 +417,21 @@ def _entry_of(response: HttpResponseBase, method: str, base: str) -> dict[str, A
     elif status >= 400:  # not expected: every error under /fhir is an OperationOutcome
         answer["outcome"] = operation_outcome("exception", f"Answered {status}.")
     elif isinstance(body, dict):
-        entry["resource"] = body
         rtype, rid = body.get("resourceType"), body.get("id")
-        if isinstance(rtype, str) and isinstance(rid, str) and rtype not in _NOT_STORED:
-            entry["fullUrl"] = f"{base}/{rtype}/{rid}"
+        meta = body.get("meta")
+        version_id = meta.get("versionId", "") if isinstance(meta, dict) else ""
+        key = (f"{base}/{rtype}/{rid}", str(version_id))
+        stored = isinstance(rtype, str) and isinstance(rid, str) and rtype not in _NOT_STORED
+        if stored and key not in named:
+            named.add(key)
+            entry["fullUrl"] = json.dumps(key[0])
+        entry["resource"] = text
     if "outcome" not in answer and status < 400:
         issues = _header_warnings(response)
         if issues:
             answer["outcome"] = {"resourceType": "OperationOutcome", "issue": issues}
-    return {**entry, "response": answer}
+    entry["response"] = dumps(answer)
+    return "{" + ",".join(f'"{name}":{value}' for name, value in entry.items()) + "}"
 
 
 def _header_warnings(response: HttpResponseBase) -> list[dict[str, Any]]:
@@ -428,8 +457,9 @@ def _header_warnings(response: HttpResponseBase) -> list[dict[str, Any]]:
     return issues
 
 
-def _body_of(response: HttpResponseBase) -> Any:
-    """The answer's body: parsed FHIR JSON, a Binary holding other bytes, None if none."""
+def _body_of(response: HttpResponseBase) -> tuple[str, Any]:
+    """The answer's body as JSON text and parsed: its FHIR JSON, or a Binary holding other
+    bytes; ("", None) when it has none."""
     if response.streaming:
         raw = b"".join(response.streaming_content)  # type: ignore[attr-defined]
         streamed = getattr(response, "file_to_stream", None)
@@ -438,16 +468,18 @@ def _body_of(response: HttpResponseBase) -> Any:
     else:
         raw = response.content  # type: ignore[attr-defined]
     if not raw:
-        return None
+        return "", None
     content_type = response.get("Content-Type") or ""
     media = parse_media_range(content_type)
     if media is not None and media.media_type in JSON_TYPES:
         try:
-            return json.loads(raw)
-        except ValueError:
+            text = raw.decode("utf-8")
+            return text, json.loads(text)
+        except ValueError:  # UnicodeDecodeError too
             pass
-    return {
+    binary = {
         "resourceType": "Binary",
         "contentType": media.media_type if media else "application/octet-stream",
         "data": base64.b64encode(raw).decode("ascii"),
     }
+    return dumps(binary), binary

@@ -460,9 +460,13 @@ def test_an_absolute_url_on_this_server_and_an_encoded_query(world: World) -> No
             get(f"http://testserver/fhir/Task/{task_id}"),
             get("ServiceRequest?identifier=" + PLACER.replace(":", "%3A") + "%7CSR-1"),
             get("Task?_count=1&bogus=1"),
+            {"request": {"method": "HEAD", "url": f"Task/{task_id}"}},
+            {"request": {"method": "POST", "url": "Task/_search"}},  # a form body: no entry
         ),
     )
-    assert statuses(entries) == ["200 OK"] * 3
+    assert statuses(entries) == ["200 OK"] * 4 + ["415 Unsupported Media Type"]
+    assert "resource" not in entries[3]
+    assert entries[3]["response"]["etag"] == entries[0]["response"]["etag"]
     assert entries[0]["resource"]["id"] == task_id
     assert entries[1]["resource"]["total"] == 1
     # what the single search says in X-FHIR-Ignored-Parameters, the entry says as a warning
