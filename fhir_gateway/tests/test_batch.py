@@ -534,3 +534,55 @@ def test_fhirpy_sends_a_batch_to_the_running_server(live_server: Any, world: Wor
     assert parsed.entry[0].resource.id == task_id
     assert parsed.entry[2].response.outcome.issue[0].severity == "error"
     assert list(Message.objects.values_list("text", flat=True))[before:] == ["over fhirpy"]
+
+
+def test_junk_entries_are_answered_never_with_a_500(world: World) -> None:
+    """(A NUL anywhere in the batch's body refuses it whole, as any body: 400.)"""
+    task_id = accepted(world)
+    before = state()
+    urls: list[Any] = [
+        None,
+        "",
+        " \n",
+        "%",
+        "%ZZ",
+        "Task/%00",
+        "Task?_id=%00",
+        "Task?_id=\u00e4",
+        "http://",
+        "//elsewhere/fhir/Task",
+        "Task#fragment",
+        "../../admin/",
+        "Task/" + "a" * 5000,
+        "\u00c4/\u00f6",
+        "$versions",
+        "metadata",
+        "_async/nope",
+        "Task/_history",
+        f"Task/{task_id}/_history/x",
+        f"Task/{task_id}/$nope",
+        "urn:uuid:1",
+    ]
+    junk: list[dict[str, Any]] = [
+        {"request": {"method": method, "url": url}} for method in ("GET", "DELETE") for url in urls
+    ]
+    bodies: list[Any] = [None, [], "x", {}, {"resourceType": 1}, message(task_id, "y" * 70000)]
+    junk += [
+        {"request": {"method": method, "url": url}, "resource": resource}
+        for method in ("POST", "PUT", "PATCH")
+        for url in ("Communication", f"Task/{task_id}", "Binary")
+        for resource in bodies
+    ]
+    junk += [
+        {"request": {"method": m, "url": "Task"}} for m in (None, 1, "", "GET ", "get", "TRACE")
+    ]
+    junk += [
+        {"request": {"method": "GET", "url": f"Task/{task_id}", "ifNoneMatch": value}}
+        for value in ("", "*", "W/", "\n", 'W/"99999999999999999999"')
+    ]
+
+    for start in range(0, len(junk), 100):
+        entries = send(world.r4, batch(*junk[start : start + 100]))
+        for sent, entry in zip(junk[start : start + 100], entries, strict=True):
+            assert not entry["response"]["status"].startswith("5"), (sent, entry)
+    assert state() == before
