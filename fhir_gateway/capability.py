@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fhir_gateway import handlers
+from fhir_gateway import batch, handlers
 from fhir_gateway.handlers import (
     COMMON_SEARCH_PARAMS,
     HANDLERS,
@@ -95,7 +95,9 @@ def capability_statement(version: str, *, base: str) -> dict[str, Any]:
                     "Bundle sent with Prefer: respond-async is answered 202 with "
                     "Content-Location [base]/_async/<id>: poll it (202 until applied, then 200 "
                     "with a batch-response Bundle holding the transaction's answer); DELETE "
-                    "cancels. Searches, reads, vreads and histories take _summary (true, text, data, "
+                    "cancels. A batch Bundle's entries are each answered as if sent alone "
+                    f"(at most {batch.max_entries()} entries; no respond-async). "
+                    "Searches, reads, vreads and histories take _summary (true, text, data, "
                     "false; count on searches) and _elements (a name, or Type.name for an "
                     "included type); subsets are tagged SUBSETTED."
                 ),
@@ -104,11 +106,8 @@ def capability_statement(version: str, *, base: str) -> dict[str, Any]:
                     "description": "Authorization: Bearer <token> (issue_token).",
                 },
                 "resource": resources,
-                **(
-                    {"interaction": [{"code": code} for code in sorted(SYSTEM_INTERACTIONS)]}
-                    if SYSTEM_INTERACTIONS
-                    else {}
-                ),
+                # batch: served by the views (fhir_gateway/batch.py), whatever is registered
+                "interaction": [{"code": code} for code in sorted({"batch", *SYSTEM_INTERACTIONS})],
                 "operation": [
                     {
                         "name": "versions",

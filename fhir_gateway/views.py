@@ -40,7 +40,7 @@ from core.values import (
     json_depth,
     year_supported,
 )
-from fhir_gateway import capability, handlers, intake, paging, patching
+from fhir_gateway import batch, capability, handlers, intake, paging, patching
 from fhir_gateway.audit import audit_referral, audit_resources, audit_rows, resources_answered
 from fhir_gateway.handlers import HANDLERS, ResourceHandler, SearchParam, WriteRequest
 from fhir_gateway.models import FhirResource
@@ -391,12 +391,12 @@ def _allowed_type_methods(handler: ResourceHandler) -> list[str]:
 @_fhir_view(public=True, methods=("GET", "POST"))
 def root(ctx: FhirRequest) -> HttpResponse:
     transaction_func = handlers.SYSTEM_INTERACTIONS.get("transaction")
-    if ctx.request.method != "POST" or transaction_func is None:
+    if ctx.request.method != "POST":
         raise FhirError(
             405,
             "not-supported",
-            "Only POST of a transaction Bundle is supported here; see /fhir/metadata.",
-            headers={"Allow": "POST" if transaction_func else ""},
+            "Only POST of a transaction or batch Bundle is supported here; see /fhir/metadata.",
+            headers={"Allow": "POST"},
         )
     user = _authenticate(ctx.request)
     if ctx.request.headers.get("If-None-Exist"):
@@ -404,22 +404,26 @@ def root(ctx: FhirRequest) -> HttpResponse:
             400,
             "not-supported",
             "If-None-Exist does not apply to a transaction; put it on the ServiceRequest "
-            "entry (request.ifNoneExist).",
+            "entry (request.ifNoneExist), or on a batch's entry.",
         )
     version = body_version(ctx.request, default=ctx.version)
     bundle = _json_body(ctx.request)
     if bundle.get("resourceType") != "Bundle":
-        raise FhirError(400, "invalid", "POST /fhir takes a Bundle of type transaction.")
-    if bundle.get("type") != "transaction":  # for both answers: before a job is stored
-        raise FhirError(
+        raise FhirError(400, "invalid", "POST /fhir takes a Bundle of type transaction or batch.")
+    kind = bundle.get("type")
+    if kind not in ("transaction", "batch") or (kind == "transaction" and not transaction_func):
+        raise FhirError(  # for both answers: before a job is stored
             422,
             "not-supported",
-            f"Bundle.type {bundle.get('type')!r}: only transaction is supported.",
+            f"Bundle.type {kind!r}: only transaction and batch are supported.",
         )
     if not isinstance(bundle.get("entry", []), list):
         raise FhirError(
             400, "structure", "Bundle.entry must be an array.", expression=["Bundle.entry"]
         )
+    if kind == "batch":
+        return _batch(ctx, bundle, version)
+    assert transaction_func is not None
     if _prefers_async(ctx.request):
         return _accept_async(ctx, user, bundle, version)
     answer = transaction_func(user, bundle, version, ctx.version, ctx.base)
@@ -433,6 +437,21 @@ def root(ctx: FhirRequest) -> HttpResponse:
     if answer.wrote or not minimal:  # a resubmission answered minimal shows nothing
         action = AuditAction.CREATE if answer.wrote else AuditAction.READ
         audit_referral(ctx.request, user, action, answer.referral_pk, "fhir transaction")
+    return HttpResponse(text, content_type=media_type_for(ctx.version))
+
+
+def _batch(ctx: FhirRequest, bundle: dict[str, Any], version: str) -> HttpResponse:
+    """A batch Bundle: each entry answered (and audited) as if sent alone (``batch``)."""
+    if _prefers_async(ctx.request):
+        raise FhirError(
+            422,
+            "not-supported",
+            "Prefer: respond-async is offered for transaction Bundles only; send the batch "
+            "without it (it is answered at once).",
+        )
+    text = batch.batch_answer(
+        ctx.request, bundle=bundle, version=ctx.version, body_version=version, base=ctx.base
+    )
     return HttpResponse(text, content_type=media_type_for(ctx.version))
 
 

@@ -319,6 +319,8 @@ FHIR_OUTBOX_LEASE_SECONDS = env.float("FHIR_OUTBOX_LEASE_SECONDS", default=60.0)
 FHIR_OUTBOX_CONCURRENCY = env.int("FHIR_OUTBOX_CONCURRENCY", default=16)
 # The largest FHIR request body (413 above it); a raw Binary create: ATTACHMENT_MAX_BYTES.
 FHIR_MAX_BODY_BYTES = env.int("FHIR_MAX_BODY_BYTES", default=DATA_UPLOAD_MAX_MEMORY_SIZE)
+# Entries of a FHIR batch Bundle (POST /fhir); more are refused whole (413).
+FHIR_BATCH_MAX_ENTRIES = env.int("FHIR_BATCH_MAX_ENTRIES", default=100)
 # FHIR gateway retention (fhir_gateway/retention.py): delivered outbox messages and pull-feed
 # events older than these many days are pruned hourly (0 or less: kept forever).
 FHIR_OUTBOX_RETENTION_DAYS = env.int("FHIR_OUTBOX_RETENTION_DAYS", default=30)

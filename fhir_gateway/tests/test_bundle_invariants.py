@@ -207,6 +207,24 @@ def test_every_bundle_kind_keeps_the_bundle_invariants(world: World, version: st
         world.r5, f"/fhir/Subscription/{sub_id}/$status", version
     )
     bundles["facility $events"] = _get(world.r5, "/fhir/$events", version)
+    read = {"request": {"method": "GET", "url": f"Task/{task_id}"}}
+    batch = world.r5.post(  # a read twice (one fullUrl), a search, an error
+        "/fhir",
+        {
+            "resourceType": "Bundle",
+            "type": "batch",
+            "entry": [
+                read,
+                read,
+                {"request": {"method": "GET", "url": "Task?_count=1"}},
+                {"request": {"method": "GET", "url": "Task/unknown"}},
+            ],
+        },
+        content_type=version,
+        Accept=version,
+    )
+    assert batch.status_code == 200, batch.content
+    bundles["batch-response"] = body(batch)
 
     assert len(bundles["subscription $events"].get("entry", [])) > 3  # events to check
     problems = {

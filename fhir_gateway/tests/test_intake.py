@@ -466,7 +466,7 @@ def test_the_drain_leases_batches_of_the_configured_size(world: World, settings:
     [
         ("not-json", 400, "structure"),
         ("not-a-bundle", 400, "invalid"),
-        ("batch", 422, "not-supported"),
+        ("batch", 422, "not-supported"),  # a batch is answered at once, never async
         ("no-token", 401, "login"),
         ("bad-token", 401, "login"),
         ("no-facility", 403, "forbidden"),

@@ -41,7 +41,7 @@ def test_capability_statement_is_valid_in_the_requested_version(
     assert [r["type"] for r in body["rest"][0]["resource"]] == sorted(
         REGISTRY_TYPES + REFERRAL_TYPES + WALKED_ELSEWHERE + FEED_TYPES[version]
     )
-    assert body["rest"][0]["interaction"] == [{"code": "transaction"}]
+    assert body["rest"][0]["interaction"] == [{"code": "batch"}, {"code": "transaction"}]
     assert [o["name"] for o in body["rest"][0]["operation"]] == ["versions", "events"]
 
 

@@ -327,12 +327,13 @@ def test_no_performer_type_is_422(world: World) -> None:
     assert Referral.objects.count() == 0
 
 
-def test_not_a_bundle_transaction_is_refused(world: World) -> None:
+def test_a_bundle_neither_transaction_nor_batch_is_refused(world: World) -> None:
     bundle = transaction(world)
-    bundle["type"] = "batch"
+    bundle["type"] = "collection"  # a batch is answered entry by entry (test_batch)
     response = world.r4.post("/fhir", bundle)
     assert response.status_code == 422
-    assert "only transaction" in outcome_issue(response)["diagnostics"]
+    assert "only transaction and batch" in outcome_issue(response)["diagnostics"]
+    assert Referral.objects.count() == 0
 
 
 def test_conditional_create_is_idempotent(world: World) -> None:
