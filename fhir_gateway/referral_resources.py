@@ -1724,6 +1724,17 @@ def case_file_store(
     DocumentReference with an inline file, and for a Binary create."""
     from referrals.attachments import attachment_upload, clean_name
 
+    if referral.state == ReferralState.DRAFT:
+        # Not shared yet: its files get their DocumentReferences when it is submitted
+        # (``publish.referral_changed``), so there is none to answer with. Refused before a
+        # byte is stored, as a message on a draft is. (No transition leads back to draft: a
+        # referral read here as not one is not one under the upload's lock either, which
+        # then publishes its file.)
+        raise FhirError(
+            409,
+            "conflict",
+            "A draft has no other side yet: submit it first, then send the file.",
+        )
     name = clean_name(title or "attachment")  # ".", "a/": no name
     upload = SimpleUploadedFile(name, data, content_type=content_type)
     with case_file_described(kinds or {}), stored_versions() as fresh:

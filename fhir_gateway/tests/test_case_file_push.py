@@ -18,7 +18,7 @@ from accounts.models import User
 from fhir_gateway.delivery import _render
 from fhir_gateway.models import FeedEvent, FhirResource, OutboxMessage
 from fhir_gateway.tests.conftest import FHIR_R5
-from fhir_gateway.tests.referral_world import World, accepted, body, case_file
+from fhir_gateway.tests.referral_world import World, accepted, body, case_file, stored_files
 from referrals import services
 from referrals.models import Attachment, Referral, ReferralState
 
@@ -140,3 +140,47 @@ def test_a_refused_upload_leaves_no_document_reference(world: World) -> None:
     after = (FhirResource.objects.count(), OutboxMessage.objects.count(), FeedEvent.objects.count())
     assert after == before
     assert not Attachment.objects.exists()
+
+
+def _draft(world: World) -> Referral:
+    referral, _ = services.referral_submit(
+        actor=world.submitter,
+        requester_facility=world.network.spoke,
+        placer_system="urn:codao-his",
+        placer_value="SR-DRAFT",
+        specialty=world.network.pediatrics.specialty,
+        clinical_question="Fever for 5 days.",
+        department=world.network.pediatrics,
+        draft=True,
+    )
+    return referral
+
+
+def test_a_case_file_sent_over_fhir_for_a_draft_is_refused_and_nothing_stored(
+    world: World,
+) -> None:
+    # Over FHIR a draft has no DocumentReference to answer with (its files are projected
+    # when it is submitted): a 409, as a message on a draft, not a 500 with the file kept.
+    referral = _draft(world)
+    files = stored_files()  # the storage is in memory, shared by the tests
+    document = world.r4.post("/fhir/DocumentReference", case_file(referral.filler_id, "a"))
+    binary = world.r4.post(
+        "/fhir/Binary",
+        {
+            "resourceType": "Binary",
+            "contentType": "application/pdf",
+            "securityContext": {"reference": f"ServiceRequest/{referral.filler_id}"},
+            "data": base64.b64encode(PDF).decode(),
+        },
+    )
+    for response in (document, binary):
+        assert response.status_code == 409, response.content
+        assert body(response)["issue"][0]["code"] == "conflict"
+    assert not Attachment.objects.exists()
+    assert stored_files() == files
+    assert not FhirResource.objects.filter(logical_id__startswith=referral.filler_id).exists()
+    assert not OutboxMessage.objects.exists()
+    # Submitted, the draft takes files over FHIR as any referral.
+    services.referral_transition(actor=world.submitter, referral_id=referral.pk, action="submit")
+    made = world.r4.post("/fhir/DocumentReference", case_file(referral.filler_id, "a"))
+    assert made.status_code == 201, made.content
