@@ -218,6 +218,10 @@ def referral_changed(*, referral: Referral, event: ReferralEvent) -> list[FhirRe
     """
     if referral.state == ReferralState.DRAFT:
         return []  # drafts are not shared
+    if event.from_state == ReferralState.DRAFT and event.action != "submit":
+        # A draft cancelled unsent: no one was ever told of it, and the department it names
+        # must not hear of it, nor of its files (referrals.permissions).
+        return []
     patient = m.referral_to_patient(referral)
     order = m.referral_to_service_request(referral)
     task = m.referral_to_task(referral, _task_context(referral, event))

@@ -156,6 +156,25 @@ def _draft(world: World) -> Referral:
     return referral
 
 
+def test_a_draft_cancelled_unsent_tells_no_one_of_it_or_its_files(world: World) -> None:
+    # A draft is its requester's alone until sent: cancelled unsent, neither the department
+    # it names nor the requester's own system hears of it (its files were being pushed to
+    # the department's Endpoint and feed, with its Task).
+    referral = _draft(world)
+    assert _rest_upload(world.submitter, referral).status_code == 201
+    services.referral_transition(
+        actor=world.submitter, referral_id=referral.pk, action="cancel", reason="changed my mind"
+    )
+    referral.refresh_from_db()
+    assert referral.state == ReferralState.CANCELLED
+    assert not FhirResource.objects.filter(logical_id__startswith=referral.filler_id).exists()
+    assert not OutboxMessage.objects.exists()
+    assert not FeedEvent.objects.exists()
+    doc_id = f"{referral.filler_id}-att-1"
+    assert world.r5.get(f"/fhir/DocumentReference/{doc_id}").status_code == 404
+    assert world.r5.get(f"/fhir/Task/{referral.filler_id}").status_code == 404
+
+
 def test_a_case_file_sent_over_fhir_for_a_draft_is_refused_and_nothing_stored(
     world: World,
 ) -> None:
