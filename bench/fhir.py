@@ -382,7 +382,7 @@ def projection_cost(n: int) -> tuple[float, float]:
                 aggregate_key__startswith=f"{publish.aggregate_key(referral)}:endpoint:"
             ).delete()
             t = time.perf_counter()
-            publish.referral_changed(referral=referral, event=event)
+            publish.referral_changed(referral=referral, event=event, new=True)
             as_stored.append((time.perf_counter() - t) * 1000)
             transaction.set_rollback(True)
         from fhir_gateway import referral_mapping as m

@@ -209,8 +209,11 @@ def _task_context(referral: Referral, event: ReferralEvent) -> m.TaskContext:
     )
 
 
-def referral_changed(*, referral: Referral, event: ReferralEvent) -> list[FhirResource]:
-    """Store the referral's new FHIR versions and enqueue them for both members.
+def referral_changed(
+    *, referral: Referral, event: ReferralEvent, new: bool = False
+) -> list[FhirResource]:
+    """Store the referral's new FHIR versions and enqueue them for both members. ``new``:
+    the referral row was inserted in this transaction (it can have no files yet).
 
     Runs inside the transaction that wrote ``event``. The Task gets a version on every
     event (its version id then equals ``referral.version``, which is what If-Match checks);
@@ -240,8 +243,9 @@ def referral_changed(*, referral: Referral, event: ReferralEvent) -> list[FhirRe
             m.consult_note_to_document_reference(referral, note, author_facility_id=author_facility)
         )
     files: list[Attachment] = []
-    if event.from_state == ReferralState.DRAFT and referral.state != ReferralState.DRAFT:
-        # Submitted: the files added to the draft are shared now, with the referral.
+    if event.from_state == ReferralState.DRAFT and not new:
+        # A draft submitted: the files added to it are shared now, with the referral. (A
+        # referral inserted in this transaction has none: no query for them.)
         files = list(Attachment.objects.filter(referral=referral).order_by("number"))
     if referral.version == 1 and not extra and not files:
         # Created (not as a draft) in this transaction: nothing of it is stored or queued

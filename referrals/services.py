@@ -453,6 +453,7 @@ def _apply(
     """Change the state, run the effect, bump the version, append the event. The caller
     holds the row lock and has checked everything."""
     from_state = referral.state
+    inserted = referral.pk is None  # a submission built unsaved (``_create``)
     load_before = load_slot(referral)
     payload = EFFECTS.get(transition.action, _no_effect)(referral, actor, data, now)
     referral.state = transition.target_from(from_state)
@@ -482,7 +483,7 @@ def _apply(
     # referral domain does not load the FHIR gateway at import time.
     from fhir_gateway.publish import referral_changed
 
-    referral_changed(referral=referral, event=event)
+    referral_changed(referral=referral, event=event, new=inserted)
     # Routing's live load, last: its counter row stays locked only until the commit.
     department_load_move(before=load_before, after=load_slot(referral), referral_id=referral.pk)
     return event

@@ -12,13 +12,22 @@ from typing import Any
 
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from rest_framework.test import APIClient
 
 from accounts.models import User
 from fhir_gateway.delivery import _render
 from fhir_gateway.models import FeedEvent, FhirResource, OutboxMessage
 from fhir_gateway.tests.conftest import FHIR_R5
-from fhir_gateway.tests.referral_world import World, accepted, body, case_file, stored_files
+from fhir_gateway.tests.referral_world import (
+    World,
+    accepted,
+    body,
+    case_file,
+    stored_files,
+    transaction,
+)
 from referrals import services
 from referrals.models import Attachment, Referral, ReferralState
 
@@ -203,3 +212,13 @@ def test_a_case_file_sent_over_fhir_for_a_draft_is_refused_and_nothing_stored(
     services.referral_transition(actor=world.submitter, referral_id=referral.pk, action="submit")
     made = world.r4.post("/fhir/DocumentReference", case_file(referral.filler_id, "a"))
     assert made.status_code == 201, made.content
+
+
+def test_a_new_referral_asks_for_no_files(world: World) -> None:
+    """Only a draft's submission looks for files to share: a referral created in the
+    transaction has none, so the hot intake path does not ask (found by review)."""
+    with CaptureQueriesContext(connection) as queries:
+        response = world.r4.post("/fhir", transaction(world))
+    assert response.status_code == 200, response.content
+    table = Attachment._meta.db_table
+    assert not [q["sql"] for q in queries.captured_queries if table in q["sql"]]
