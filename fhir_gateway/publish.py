@@ -25,10 +25,10 @@ from fhir_gateway.delivery import outbox_enqueue_versions, outbox_rows, outbox_s
 from fhir_gateway.feed import feed_record, feed_rows
 from fhir_gateway.models import FeedEvent, FhirResource, OutboxMessage
 from fhir_gateway.storage import (
+    add_tokens,
     coding_tokens,
     content_hash,
     first_version_rows,
-    index_tokens,
     store_version,
     stored_rows,
 )
@@ -291,7 +291,7 @@ def _case_file_row(referral: Referral, attachment: Attachment) -> FhirResource:
     row = _store_if_changed(referral, rendering, current_hashes={}, force=True)
     assert row is not None
     if kinds and "type" in kinds:  # DocumentReference?type reads the token table
-        index_tokens(row, coding_tokens("type", [kinds["type"]]))
+        add_tokens(row, coding_tokens("type", [kinds["type"]]))
     return row
 
 

@@ -152,7 +152,7 @@ def _index_tokens(
     tokens = _identifier_tokens(resource)
     if row.resource_type in TOKEN_EXTRACTORS:
         tokens += TOKEN_EXTRACTORS[row.resource_type][1](resource)
-    _add_tokens(row, tokens)
+    add_tokens(row, tokens)
 
 
 def coding_tokens(param: str, concepts: list[Any]) -> TokenList:
@@ -167,13 +167,9 @@ def coding_tokens(param: str, concepts: list[Any]) -> TokenList:
     ]
 
 
-def index_tokens(row: FhirResource, tokens: TokenList) -> None:
-    """Index ``tokens`` for a version stored with ``index_tokens=False`` whose own elements
-    a search reads (a case file's ``type``)."""
-    _add_tokens(row, tokens)
-
-
-def _add_tokens(row: FhirResource, tokens: TokenList) -> None:
+def add_tokens(row: FhirResource, tokens: TokenList) -> None:
+    """Index ``tokens`` for ``row`` (also for a version stored with ``index_tokens=False``
+    whose own elements a search reads: a case file's ``type``)."""
     FhirSearchToken.objects.bulk_create(
         FhirSearchToken(
             resource=row,
@@ -719,7 +715,7 @@ def identify_new_resource(
         row.content_hash = content_hash(r4)
     row.save(update_fields=["json_r4", "json_r5", "content_hash"])
     every = identifiers if master is None else [master, *identifiers]
-    _add_tokens(row, _identifier_tokens({"identifier": every}))
+    add_tokens(row, _identifier_tokens({"identifier": every}))
     return row
 
 

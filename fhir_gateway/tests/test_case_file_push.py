@@ -107,7 +107,7 @@ def test_a_file_posted_over_fhir_is_pushed_to_both_members(world: World) -> None
     assert json.loads(row.json_r4) == body(made)
 
 
-def test_a_drafts_files_are_shared_when_it_is_submitted(world: World) -> None:
+def _draft(world: World) -> Referral:
     referral, _ = services.referral_submit(
         actor=world.submitter,
         requester_facility=world.network.spoke,
@@ -118,6 +118,11 @@ def test_a_drafts_files_are_shared_when_it_is_submitted(world: World) -> None:
         department=world.network.pediatrics,
         draft=True,
     )
+    return referral
+
+
+def test_a_drafts_files_are_shared_when_it_is_submitted(world: World) -> None:
+    referral = _draft(world)
     assert referral.state == ReferralState.DRAFT
     assert _rest_upload(world.submitter, referral).status_code == 201
     not_shared = FhirResource.objects.filter(resource_type__in=("DocumentReference", "Task"))
@@ -149,20 +154,6 @@ def test_a_refused_upload_leaves_no_document_reference(world: World) -> None:
     after = (FhirResource.objects.count(), OutboxMessage.objects.count(), FeedEvent.objects.count())
     assert after == before
     assert not Attachment.objects.exists()
-
-
-def _draft(world: World) -> Referral:
-    referral, _ = services.referral_submit(
-        actor=world.submitter,
-        requester_facility=world.network.spoke,
-        placer_system="urn:codao-his",
-        placer_value="SR-DRAFT",
-        specialty=world.network.pediatrics.specialty,
-        clinical_question="Fever for 5 days.",
-        department=world.network.pediatrics,
-        draft=True,
-    )
-    return referral
 
 
 def test_a_draft_cancelled_unsent_tells_no_one_of_it_or_its_files(world: World) -> None:
