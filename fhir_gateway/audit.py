@@ -56,12 +56,16 @@ def audit_resources(
     action: AuditAction,
     resources: Iterable[tuple[str, str]],
     detail: str,
+    referral_pks: Iterable[int] = (),
 ) -> None:
-    """Record (type, logical id) pairs: a search result page with what it included."""
+    """Record (type, logical id) pairs: a search result page with what it included; and
+    the referrals of ``referral_pks`` (a page's ``source_pk``s, when the search read them:
+    no lookup by filler id)."""
     fillers = {f for rtype, lid in resources if (f := filler_of(rtype, lid))}
-    if fillers and user is not None:
+    known = list(referral_pks)
+    if (fillers or known) and user is not None:
         request.user = user
-        audit_record_fillers(request, action, fillers, detail=detail)
+        audit_record_fillers(request, action, fillers, referral_ids=known, detail=detail)
 
 
 def resources_answered(batch_response: str) -> list[tuple[str, str]]:

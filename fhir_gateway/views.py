@@ -50,6 +50,7 @@ from fhir_gateway.outcomes import (
     fhir_error_for,
     outcome_response,
 )
+from fhir_gateway.referral_mapping import REFERRAL_TYPES
 from fhir_gateway.storage import (
     FHIR_ID,
     WriteResult,
@@ -123,7 +124,7 @@ class FhirRequest:
     # the handler negotiates itself (Binary).
     accept_error: FhirError | None = None
 
-    @property
+    @functools.cached_property  # every entry's fullUrl: worked out once per request
     def base(self) -> str:
         return self.request.build_absolute_uri("/fhir")
 
@@ -1332,8 +1333,10 @@ def _search(
     hand_written = _search_by_sql(
         ctx.user, handler, own, used, column, fetch, offset, want_total, sort, after
     )
+    # The page rows' source_pk when the search read them (the audit needs no lookup).
+    page_referrals: list[int | None] | None = None
     if hand_written is not None:
-        total, page = hand_written
+        total, page, page_referrals = hand_written
     else:
         rows = handler.search(ctx.user, own)
         for value in used.get("_id", []):  # repeated: AND; commas: OR
@@ -1394,11 +1397,27 @@ def _search(
     response = _bundle_response(
         ctx, "searchset", total if total_mode != "none" else None, links, entries
     )
-    audit_resources(
-        ctx.request, ctx.user, AuditAction.READ, seen, f"fhir search {handler.resource_type}"
-    )
+    _audit_search(ctx, handler, seen, page, page_referrals)
     _name_ignored(response, ignored)
     return response
+
+
+def _audit_search(
+    ctx: FhirRequest,
+    handler: ResourceHandler,
+    seen: set[tuple[str, str]],
+    page: list[tuple[Any, ...]],
+    page_referrals: list[int | None] | None,
+) -> None:
+    """The referrals of what the answer holds: the page's by the ``source_pk`` the search
+    read (``page_referrals``, when it did), what it included by filler id."""
+    known: list[int] = []
+    if page_referrals is not None and handler.resource_type in REFERRAL_TYPES:
+        rows = list(zip(page, page_referrals, strict=False))
+        known = [pk for _row, pk in rows if pk is not None]
+        seen = seen - {(row[0], row[1]) for row, pk in rows if pk is not None}
+    detail = f"fhir search {handler.resource_type}"
+    audit_resources(ctx.request, ctx.user, AuditAction.READ, seen, detail, referral_pks=known)
 
 
 def _refuse_chain(handler: ResourceHandler, name: str) -> None:
@@ -1697,11 +1716,12 @@ def _search_by_sql(
     want_total: bool,
     sort: list[tuple[str, bool]] | None = None,
     after: list[Any] | None = None,
-) -> tuple[int | None, list[tuple[Any, ...]]] | None:
+) -> tuple[int | None, list[tuple[Any, ...]], list[int | None]] | None:
     """The search as one prepared statement (the count beside the page) when the handler
     can state it in SQL (``search_sql``, and ``sort_sql`` for each ``_sort`` key): the hot
     worklist polls skip the ORM's query building, PostgreSQL's planning and a round trip
-    (docs/performance.md). Rows as ``_sorted_page``'s. None: use the ORM path."""
+    (docs/performance.md). Rows as ``_sorted_page``'s, and the rows' ``source_pk`` (the
+    referrals, for the audit: no lookup by filler id). None: use the ORM path."""
     sort = sort or []
     sort_sql = {**handlers.SORTS_SQL, **handler.sort_sql}
     if (
@@ -1734,6 +1754,9 @@ def _search_by_sql(
     def rows_of(found_rows: list[Any], skip: int) -> list[tuple[Any, ...]]:
         return [(*row[:3], tuple(row[skip:])) for row in found_rows]
 
+    def sources(found_rows: list[Any]) -> list[int | None]:
+        return [row[3] for row in found_rows]
+
     # LIMIT/OFFSET as literals (ints) so the plan is a top-N sort; the JSON is read only
     # for the page's rows. Prepared (planned once per connection) for the first page in
     # the default order or one sort key: the polls a worklist repeats. Other pages and
@@ -1751,7 +1774,7 @@ def _search_by_sql(
             f"LIMIT {int(count)} OFFSET {int(offset)}"
         )
         rows = fetch_prepared(
-            f"SELECT x.resource_type, x.logical_id, x.{column}, {selected} "  # noqa: S608
+            f"SELECT x.resource_type, x.logical_id, x.{column}, x.source_pk, {selected} "  # noqa: S608
             f"FROM ({inner}) q JOIN {table} x ON x.id = q.id ORDER BY {again}",
             where_params,
             prepare=prepare,
@@ -1759,7 +1782,7 @@ def _search_by_sql(
         total = None
         if want_total:  # after a cursor: the count of every match, apart
             total = int(fetch_prepared(f"SELECT count(*) {body}", params, prepare=False)[0][0])
-        return total, rows_of(rows, 3)
+        return total, rows_of(rows, 4), sources(rows)
     # The count and the page in one statement and one pass over the matches: each match
     # numbered in the order and counted (window functions, before the LIMIT); the JSON
     # read for the page's rows only. (The count as a second pass over the matches cost
@@ -1769,17 +1792,17 @@ def _search_by_sql(
         f"{key_columns} {body} ORDER BY ord LIMIT {int(count)} OFFSET {int(offset)}"
     )
     rows = fetch_prepared(
-        f"SELECT x.resource_type, x.logical_id, x.{column}, q.n, {selected} "  # noqa: S608
+        f"SELECT x.resource_type, x.logical_id, x.{column}, x.source_pk, q.n, {selected} "  # noqa: S608
         f"FROM ({numbered}) q JOIN {table} x ON x.id = q.id ORDER BY q.ord",
         params,
         prepare=prepare,
     )
     if rows:
-        return int(rows[0][3]), rows_of(rows, 4)
+        return int(rows[0][4]), rows_of(rows, 5), sources(rows)
     if offset == 0 and count > 0:
-        return 0, []
+        return 0, [], []
     # An empty page past the end (or _count=0): no row carries the count.
-    return int(fetch_prepared(f"SELECT count(*) {body}", params, prepare=False)[0][0]), []
+    return int(fetch_prepared(f"SELECT count(*) {body}", params, prepare=False)[0][0]), [], []
 
 
 def _links(

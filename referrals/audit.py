@@ -68,8 +68,10 @@ _AUDIT_INSERT = (
     "SELECT %s, %s, %s, %s, COALESCE(%s, r::text), r, %s, %s::inet, %s, %s FROM "
 )
 _BY_ID = _AUDIT_INSERT + "unnest(%s::bigint[]) AS r"
-_BY_FILLER = (
-    _AUDIT_INSERT + f"(SELECT id FROM {Referral._meta.db_table} WHERE filler_id = ANY(%s)) AS s(r)"  # noqa: S608
+# Referral ids known (a search page's) and filler ids (what it included), one row each.
+_BY_ID_AND_FILLER = (
+    _AUDIT_INSERT + "(SELECT unnest(%s::bigint[]) UNION "  # noqa: S608
+    f"SELECT id FROM {Referral._meta.db_table} WHERE filler_id = ANY(%s)) AS s(r)"
 )
 
 
@@ -107,7 +109,7 @@ def _insert(
             object_id,
             detail[:64],
             *_origin(request),
-            source,
+            *source,
         ],
         returning=False,
     )
@@ -118,19 +120,26 @@ def audit_record_fillers(
     action: AuditAction | str,
     filler_ids: Iterable[str],
     *,
+    referral_ids: Iterable[int] = (),
     detail: str = "",
 ) -> None:
     """``audit_record`` for the referrals with these filler ids (the FHIR gateway's
-    logical ids): on PostgreSQL the lookup and the entries are one statement."""
+    logical ids) and these referral ids (when the caller has them: no lookup), one entry
+    per referral: on PostgreSQL the lookup and the entries are one statement."""
     user = _actor(request)
     fillers = sorted(set(filler_ids))
-    if user is None or not fillers:
+    known = sorted({int(i) for i in referral_ids})
+    if user is None or not (fillers or known):
+        return
+    if not fillers:
+        audit_record(request, action, known, detail=detail)
         return
     if connection.vendor == "postgresql":
-        _insert(_BY_FILLER, fillers, request, user, action, "referral", None, detail)
+        source = [known, fillers]
+        _insert(_BY_ID_AND_FILLER, source, request, user, action, "referral", None, detail)
         return
     ids = Referral.objects.filter(filler_id__in=fillers).values_list("pk", flat=True)
-    audit_record(request, action, list(ids), detail=detail)
+    audit_record(request, action, sorted({*known, *ids}), detail=detail)
 
 
 def audit_record(
@@ -150,7 +159,7 @@ def audit_record(
         return 0
     fixed_id = str(object_id) if object_id is not None else None
     if connection.vendor == "postgresql":
-        _insert(_BY_ID, ids, request, user, action, object_type, fixed_id, detail)
+        _insert(_BY_ID, [ids], request, user, action, object_type, fixed_id, detail)
         return len(ids)
     ip, agent, request_id = _origin(request)
     AuditEntry.objects.bulk_create(

@@ -232,3 +232,56 @@ def test_both_write_paths_record_the_same_rows(
         (world.consultant.pk, "download", "attachment", "55", 9, "", "192.0.2.7", "ua/1"),
     ]
     assert all(entry.at is not None for entry in AuditEntry.objects.all())
+
+
+@pytest.mark.parametrize("vendor", ["postgresql", "sqlite"], ids=["one-statement", "orm"])
+def test_referral_ids_and_filler_ids_record_each_referral_once(
+    world: World, rf: Any, vendor: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A FHIR search page gives its referrals' ids, what it included their filler ids:
+    one row per referral whichever way it was named, both ways at once included."""
+    from referrals.audit import audit_record_fillers
+
+    first, second, third = world.submit(), world.submit(), world.submit()
+    if vendor == "sqlite":  # the path make run takes
+        monkeypatch.setattr(connection, "vendor", "sqlite")
+    request = rf.get("/")
+    request.user = world.consultant
+    audit_record_fillers(
+        request,
+        "read",
+        [first.filler_id, third.filler_id, "CSL-NOT-A-REFERRAL"],
+        referral_ids=[first.pk, second.pk, second.pk],
+        detail="page",
+    )
+    audit_record_fillers(request, "read", [], referral_ids=[third.pk], detail="ids only")
+    audit_record_fillers(request, "read", [], referral_ids=[], detail="nothing")
+
+    got = sorted(AuditEntry.objects.values_list("referral_id", "object_id", "detail"))
+    assert got == sorted(
+        [
+            (first.pk, str(first.pk), "page"),
+            (second.pk, str(second.pk), "page"),
+            (third.pk, str(third.pk), "page"),
+            (third.pk, str(third.pk), "ids only"),
+        ]
+    )
+
+
+def test_a_deleted_user_leaves_its_entries_without_a_user(world: World, rf: Any) -> None:
+    """``user`` has no constraint in the database: Django's SET_NULL keeps the entries and
+    clears the link (the rows stay, nothing points at a missing user)."""
+    from referrals.audit import audit_record
+
+    referral = world.submit()
+    request = rf.get("/")
+    request.user = world.consultant
+    assert audit_record(request, "read", [referral.pk]) == 1
+    other = User.objects.create(username="someone-else")
+    request.user = other
+    assert audit_record(request, "read", [referral.pk]) == 1
+
+    other.delete()
+
+    got = list(AuditEntry.objects.order_by("id").values_list("user_id", "referral_id"))
+    assert got == [(world.consultant.pk, referral.pk), (None, referral.pk)]
