@@ -53,7 +53,9 @@ _case_file_kinds: ContextVar[dict[str, Any] | None] = ContextVar("case_file_kind
 @contextmanager
 def stored_versions() -> Iterator[list[FhirResource]]:
     """The versions the projection stores inside the block: a caller answering with them
-    (a transaction Bundle's response) need not read them back."""
+    (a transaction Bundle's response) need not read them back. An enclosing block sees
+    them too once this one ends without an exception (one that raises rolls its writes
+    back: they were never stored)."""
     outer = _collected.get()
     rows: list[FhirResource] = []
     token = _collected.set(rows)
@@ -61,8 +63,8 @@ def stored_versions() -> Iterator[list[FhirResource]]:
         yield rows
     finally:
         _collected.reset(token)
-        if outer is not None:  # an enclosing block sees them too
-            outer.extend(rows)
+    if outer is not None:
+        outer.extend(rows)
 
 
 @contextmanager
