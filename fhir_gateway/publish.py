@@ -309,6 +309,35 @@ def case_file_stored(*, referral: Referral, attachment: Attachment) -> FhirResou
     return row
 
 
+def case_files_unpublished(*, referral: Referral) -> list[Attachment]:
+    """The referral's case files with no DocumentReference stored: uploaded through the
+    REST API or the web UI before they were published (2026-11-29), or while the
+    referral was a draft that was never submitted."""
+    attachments = list(Attachment.objects.filter(referral=referral).order_by("number"))
+    stored = set(
+        FhirResource.objects.filter(
+            resource_type="DocumentReference",
+            is_current=True,
+            source_pk=referral.pk,
+            logical_id__in=[m.case_file_id(referral.filler_id, a.number) for a in attachments],
+        ).values_list("logical_id", flat=True)
+    )
+    return [a for a in attachments if m.case_file_id(referral.filler_id, a.number) not in stored]
+
+
+def case_files_backfill(*, referral: Referral) -> int:
+    """Publish the case files ``case_files_unpublished`` finds, as ``case_file_stored``
+    does at upload (stored, pushed to both parties' endpoints, in their feeds); how many.
+    The caller holds the referral's row lock (as an upload does) in its transaction; a
+    draft's files wait for its submission."""
+    if referral.state == ReferralState.DRAFT:
+        return 0
+    missing = case_files_unpublished(referral=referral)
+    for attachment in missing:
+        case_file_stored(referral=referral, attachment=attachment)
+    return len(missing)
+
+
 def message_posted(*, referral: Referral, message: Message) -> FhirResource:
     """A message outside any transition (no event): its Communication, for both members."""
     author_facility = message.author.facility_id if message.author is not None else None
