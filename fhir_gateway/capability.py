@@ -50,10 +50,12 @@ def capability_statement(version: str, *, base: str) -> dict[str, Any]:
         entry["readHistory"] = handler.supports(handlers.VREAD)
         entry["updateCreate"] = False
         entry["conditionalCreate"] = handler.conditional_create
-        # If-None-Match naming the current version -> 304 (views.instance, binary.py).
-        entry["conditionalRead"] = (
-            "not-match" if handler.supports(handlers.READ) else "not-supported"
-        )
+        # If-None-Match naming the current version -> 304 (views.instance, binary.py);
+        # If-Modified-Since too on the stored types (views._not_modified), not on Binary.
+        if not handler.supports(handlers.READ):
+            entry["conditionalRead"] = "not-supported"
+        else:
+            entry["conditionalRead"] = "not-match" if handler.raw_read else "full-support"
         entry["conditionalUpdate"] = False
         entry["conditionalDelete"] = "not-supported"
         if handler.supports(handlers.SEARCH):

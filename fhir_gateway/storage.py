@@ -23,7 +23,7 @@ import pydantic
 from django.db import connection, transaction
 from django.db.models import Q, QuerySet
 from django.utils import timezone
-from django.utils.http import parse_etags
+from django.utils.http import parse_etags, parse_http_date_safe
 
 from core.rows import insert_rows
 from fhir_gateway.codes import check_bound_codes
@@ -495,6 +495,15 @@ def none_match(header: str, version_id: int) -> bool:
     and ``W/"2"`` alike; a list; ``*``, any version)."""
     tags = parse_etags(header.strip()) if header.strip() else []
     return "*" in tags or f'"{version_id}"' in {t.removeprefix("W/") for t in tags}
+
+
+def unmodified_since(header: str, last_updated: datetime) -> bool:
+    """``If-Modified-Since`` is a valid HTTP date no earlier than ``last_updated`` to the
+    second (``Last-Modified`` has seconds: the value it sent is not earlier). An invalid
+    date is ignored (RFC 9110 13.1.3), as is the header when ``If-None-Match`` is sent
+    (the caller checks that first)."""
+    since = parse_http_date_safe(header.strip()) if header.strip() else None
+    return since is not None and int(last_updated.timestamp()) <= since
 
 
 def parse_if_match(raw: str) -> int | None:

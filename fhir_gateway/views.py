@@ -62,6 +62,7 @@ from fhir_gateway.storage import (
     resource_history,
     resource_version,
     split_escaped,
+    unmodified_since,
     validate_resource,
 )
 from fhir_gateway.subsetting import Subset, subset_from
@@ -725,6 +726,16 @@ def _create(ctx: FhirRequest, handler: ResourceHandler) -> HttpResponse:
     )
 
 
+def _not_modified(request: HttpRequest, row: FhirResource) -> bool:
+    """A conditional read the current version satisfies (RFC 9110 13.2.2): ``If-None-Match``
+    naming it; else, without that header, ``If-Modified-Since`` no earlier than its
+    ``Last-Modified``."""
+    tags = request.headers.get("If-None-Match", "")
+    if tags.strip():
+        return none_match(tags, row.version_id)
+    return unmodified_since(request.headers.get("If-Modified-Since", ""), row.last_updated)
+
+
 def _audit_write(ctx: FhirRequest, row: FhirResource, action: AuditAction, what: str) -> None:
     audit_rows(ctx.request, ctx.user, action, [row], f"fhir {what} {row.resource_type}")
 
@@ -831,9 +842,10 @@ def instance(ctx: FhirRequest, resource_type: str, logical_id: str) -> HttpRespo
         _require(handler, handlers.READ, allow)
         subset = _request_subset(ctx, resource_type, search=False)
         row = _read(handler, logical_id, ctx.user)
-        if none_match(ctx.request.headers.get("If-None-Match", ""), row.version_id):
+        if _not_modified(ctx.request, row):
             not_modified = bodiless_response(304)
             not_modified["ETag"] = f'W/"{row.version_id}"'
+            not_modified["Last-Modified"] = http_date(row.last_updated.timestamp())
             return not_modified  # no data sent: nothing to record
         _audit_write(ctx, row, AuditAction.READ, "read")
         return _resource_response(ctx, row, subset=subset)

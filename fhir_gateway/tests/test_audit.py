@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pytest
+from django.db.models import F
 
 from accounts.roles import Role
 from accounts.services import api_token_issue
 from fhir_gateway.intake import intake_drain
+from fhir_gateway.models import FhirResource
 from fhir_gateway.referral_mapping import filler_of
 from fhir_gateway.tests.conftest import FHIR_R5, FhirClient, outcome_issue
 from fhir_gateway.tests.referral_world import (
@@ -222,3 +225,34 @@ def test_a_refused_asynchronous_job_records_nothing_when_polled(world: World):
 )
 def test_filler_of(resource_type: str, logical_id: str, filler: str | None):
     assert filler_of(resource_type, logical_id) == filler
+
+
+def test_a_read_not_modified_since_sends_and_records_nothing(world: World):
+    """``If-Modified-Since`` (RFC 9110 13.1.3): 304 when the current version is no newer
+    than the date, to the second; the version when it is newer, the date is invalid, or
+    an ``If-None-Match`` that does not match is sent too (it decides alone)."""
+    task_id = str(task_of(submit(world))["id"])
+    first = world.r4.get(f"/fhir/Task/{task_id}")
+    stamp, etag = first["Last-Modified"], first["ETag"]
+    AuditEntry.objects.all().delete()
+
+    def status(**headers: str) -> int:
+        return int(world.r4.get(f"/fhir/Task/{task_id}", **headers).status_code)
+
+    held = world.r4.get(f"/fhir/Task/{task_id}", **{"If-Modified-Since": stamp})
+    assert (held.status_code, held["ETag"], held["Last-Modified"]) == (304, etag, stamp)
+    assert held.content == b""
+    assert status(**{"If-Modified-Since": "Sun, 06 Nov 1994 08:49:37 GMT"}) == 200  # older
+    assert status(**{"If-Modified-Since": "not a date"}) == 200
+    assert status(**{"If-Modified-Since": stamp, "If-None-Match": 'W/"99"'}) == 200
+    assert (
+        status(**{"If-Modified-Since": "Sun, 06 Nov 1994 08:49:37 GMT", "If-None-Match": etag})
+        == 304
+    )
+    assert [e[4] for e in _entries()] == ["fhir read Task"] * 3  # the three 200s only
+
+    # A version stored after the date (a second later): sent.
+    FhirResource.objects.filter(resource_type="Task", logical_id=task_id, is_current=True).update(
+        last_updated=F("last_updated") + timedelta(seconds=1)
+    )
+    assert status(**{"If-Modified-Since": stamp}) == 200

@@ -131,18 +131,21 @@ def test_every_declared_interaction_and_search_param_is_served(fhir, network):
 
 @pytest.mark.parametrize("accept", [FHIR_R4, FHIR_R5])
 def test_conditional_read_is_declared_as_served(fhir, network, accept):
-    """Every read answers If-None-Match naming the current version with 304, but the
-    statement said conditionalRead "not-supported", so a caching client would not send it."""
+    """Every read answers If-None-Match naming the current version with 304, and every
+    stored type If-Modified-Since too (Binary: If-None-Match only); the statement said
+    conditionalRead "not-supported", so a caching client would not send them."""
     body = json.loads(fhir.get("/fhir/metadata", Accept=accept).content)
     declared = {r["type"]: r for r in body["rest"][0]["resource"]}
     path = f"/fhir/Organization/{network.hub.pk}"
-    etag = fhir.get(path, Accept=accept)["ETag"]
+    first = fhir.get(path, Accept=accept)
 
-    held = fhir.get(path, Accept=accept, **{"If-None-Match": etag})
+    held = fhir.get(path, Accept=accept, **{"If-None-Match": first["ETag"]})
+    unmodified = fhir.get(path, Accept=accept, **{"If-Modified-Since": first["Last-Modified"]})
 
-    assert held.status_code == 304
+    assert (held.status_code, unmodified.status_code) == (304, 304)
     for rtype, entry in declared.items():
-        assert entry["conditionalRead"] == "not-match", rtype
+        expected = "not-match" if rtype == "Binary" else "full-support"
+        assert entry["conditionalRead"] == expected, rtype
 
 
 def test_types_not_declared_are_not_routed(fhir):
