@@ -235,9 +235,10 @@ def pruned(value: Any) -> Any:
 def clean_identifiers(items: Any, where: str) -> list[dict[str, Any]]:
     """A member's ``identifier`` elements as they are stored: nulls and empty objects
     dropped (FHIR JSON allows neither), empty identifiers left out; 400 for a ``use``
-    outside its value set, a system or value over 255 characters (what the search index
-    and the If-None-Exist key hold), or an ``assigner`` naming a Bundle entry or a
-    contained resource (``urn:`` / ``#``: nothing we store resolves it)."""
+    outside its value set or a system or value over 255 characters (what the search
+    index and the If-None-Exist key hold); 422 ``business-rule`` for an ``assigner``
+    naming a Bundle entry or a contained resource (``urn:`` / ``#``: nothing we store
+    resolves it)."""
     if not isinstance(items, list):
         return []
     cleaned: list[dict[str, Any]] = []

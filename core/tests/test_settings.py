@@ -160,6 +160,7 @@ def test_env_example_values_satisfy_the_settings_rules() -> None:
         ({"FHIR_OUTBOX_MAX_ATTEMPTS": "0"}, "core.E003"),
         ({"FHIR_OUTBOX_CONCURRENCY": "0"}, "core.E003"),
         ({"FHIR_INTAKE_BATCH": "0"}, "core.E003"),
+        ({"FHIR_BATCH_MAX_ENTRIES": "0"}, "core.E003"),
         ({"REPORTS_UPKEEP_BATCH": "0"}, "core.E003"),
         ({"LOGIN_FAILURE_LIMIT": "0"}, "core.E003"),
         ({"NOTIFICATION_EMAIL_GRACE_SECONDS": "-1"}, "core.E004"),
