@@ -366,7 +366,10 @@ def _entry_body(
         )
     if method == "PATCH" and resource.get("resourceType") == "Binary":
         try:
-            data = base64.b64decode(str(resource.get("data") or ""), validate=True)
+            # base64Binary may be wrapped (MIME's 76-column lines): whitespace is dropped,
+            # as for every other base64 read here (referral_mapping.attachment_bytes).
+            text = "".join(str(resource.get("data") or "").split())
+            data = base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError) as exc:
             raise FhirError(
                 400,

@@ -46,7 +46,7 @@ from registry.models import Endpoint
 # The versions stored inside a ``stored_versions`` block, in order (None: no block).
 _collected: ContextVar[list[FhirResource] | None] = ContextVar("collected", default=None)
 # The ``type`` and ``category`` a member sent with the case file stored in a
-# ``case_file_described`` block (FHIR only; the REST API and the web UI send none).
+# ``case_file_described`` block (FHIR only; the REST API sends none).
 _case_file_kinds: ContextVar[dict[str, Any] | None] = ContextVar("case_file_kinds", default=None)
 
 
@@ -298,7 +298,7 @@ def _case_file_row(referral: Referral, attachment: Attachment) -> FhirResource:
 
 
 def case_file_stored(*, referral: Referral, attachment: Attachment) -> FhirResource | None:
-    """A case file (whichever way it came: FHIR, the REST API, the web UI): its
+    """A case file (whichever way it came: FHIR or the REST API): its
     DocumentReference, for both members (push and feed), in the upload's transaction. A
     draft's files wait for its submission (``referral_changed``): drafts are not shared."""
     if referral.state == ReferralState.DRAFT:
@@ -310,9 +310,13 @@ def case_file_stored(*, referral: Referral, attachment: Attachment) -> FhirResou
 
 
 def case_files_unpublished(*, referral: Referral) -> list[Attachment]:
-    """The referral's case files with no DocumentReference stored: uploaded through the
-    REST API or the web UI before they were published (2026-11-29), or while the
-    referral was a draft that was never submitted."""
+    """The case files of a referral its members were told of (its Task is stored: not a
+    draft, nor a draft cancelled unsent, which stay the requester's alone) that have no
+    DocumentReference stored: uploaded through the REST API before uploads were
+    published (2026-11-29)."""
+    shared = FhirResource.objects.filter(resource_type="Task", source_pk=referral.pk)
+    if referral.state == ReferralState.DRAFT or not shared.exists():
+        return []
     attachments = list(Attachment.objects.filter(referral=referral).order_by("number"))
     stored = set(
         FhirResource.objects.filter(
@@ -330,8 +334,6 @@ def case_files_backfill(*, referral: Referral) -> int:
     does at upload (stored, pushed to both parties' endpoints, in their feeds); how many.
     The caller holds the referral's row lock (as an upload does) in its transaction; a
     draft's files wait for its submission."""
-    if referral.state == ReferralState.DRAFT:
-        return 0
     missing = case_files_unpublished(referral=referral)
     for attachment in missing:
         case_file_stored(referral=referral, attachment=attachment)

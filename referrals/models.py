@@ -467,13 +467,15 @@ class AuditEntry(models.Model):
     the rows it talks about, and writing it never locks them. ``user`` is a foreign key
     for the ORM only (no constraint in the database, whose per-row check locked the
     user's row 50 times for a search page: ~0.7 ms of a ~2 ms audit INSERT at 1M
-    referrals, docs/performance.md); ``audit_user_at`` is its index."""
+    referrals, docs/performance.md); ``audit_user_at`` is its index. A user who has
+    entries cannot be deleted (PROTECT, checked by Django: the log keeps who read what;
+    deactivate the account instead)."""
 
     at = models.DateTimeField(default=timezone.now)
     user = models.ForeignKey(
         settings.AUTH_USER_MODEL,
         null=True,
-        on_delete=models.SET_NULL,
+        on_delete=models.PROTECT,
         related_name="+",
         db_constraint=False,
         db_index=False,

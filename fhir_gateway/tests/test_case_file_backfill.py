@@ -16,7 +16,7 @@ from fhir_gateway.tests.conftest import FHIR_R5
 from fhir_gateway.tests.referral_world import World, accepted, body
 from referrals import services
 from referrals.attachments import attachment_upload
-from referrals.models import Attachment, Referral
+from referrals.models import Attachment, Referral, ReferralState
 
 pytestmark = pytest.mark.django_db
 
@@ -83,7 +83,7 @@ def test_old_case_files_are_published_once(world: World) -> None:
     assert _snapshot() == after  # run again: nothing more
 
 
-def test_a_drafts_files_wait_for_its_submission(world: World) -> None:
+def _draft(world: World) -> Referral:
     referral, _ = services.referral_submit(
         actor=world.submitter,
         requester_facility=world.network.spoke,
@@ -94,8 +94,34 @@ def test_a_drafts_files_wait_for_its_submission(world: World) -> None:
         department=world.network.pediatrics,
         draft=True,
     )
+    return referral
+
+
+def test_a_drafts_files_wait_for_its_submission(world: World) -> None:
+    referral = _draft(world)
     _upload(world, referral, "draft.pdf")
     before = _snapshot()
 
     assert "0 referrals with case files to check" in _run()
     assert _snapshot() == before
+
+
+def test_backfill_does_not_publish_files_of_a_draft_cancelled_unsent(world: World) -> None:
+    """A draft cancelled unsent is its requester's alone (publish.referral_changed tells no
+    one of it or its files): the command does not push its files to the department it
+    named (it did: its state is no longer draft; found by review)."""
+    referral = _draft(world)
+    _upload(world, referral, "draft.pdf")
+    services.referral_transition(
+        actor=world.submitter, referral_id=referral.pk, action="cancel", reason="changed my mind"
+    )
+    referral.refresh_from_db()
+    assert referral.state == ReferralState.CANCELLED
+    assert not FhirResource.objects.filter(logical_id__startswith=referral.filler_id).exists()
+
+    assert "0 case files of 0 referrals would be published" in _run("--dry-run")
+    _run()
+
+    assert not FhirResource.objects.filter(logical_id__startswith=referral.filler_id).exists()
+    assert not OutboxMessage.objects.exists()
+    assert not FeedEvent.objects.filter(facility_id=world.network.hub.pk).exists()

@@ -268,20 +268,24 @@ def test_referral_ids_and_filler_ids_record_each_referral_once(
     )
 
 
-def test_a_deleted_user_leaves_its_entries_without_a_user(world: World, rf: Any) -> None:
-    """``user`` has no constraint in the database: Django's SET_NULL keeps the entries and
-    clears the link (the rows stay, nothing points at a missing user)."""
+def test_a_user_with_entries_cannot_be_deleted_and_one_without_can(world: World, rf: Any) -> None:
+    """``user`` has no constraint in the database; Django's PROTECT keeps the log's answer
+    to "who read X": deleting an account that has entries is refused, nothing changes."""
+    from django.db.models import ProtectedError
+
     from referrals.audit import audit_record
 
     referral = world.submit()
     request = rf.get("/")
     request.user = world.consultant
     assert audit_record(request, "read", [referral.pk]) == 1
-    other = User.objects.create(username="someone-else")
-    request.user = other
-    assert audit_record(request, "read", [referral.pk]) == 1
+    before = list(AuditEntry.objects.values_list("id", "user_id", "referral_id"))
 
-    other.delete()
+    with pytest.raises(ProtectedError):
+        world.consultant.delete()
 
-    got = list(AuditEntry.objects.order_by("id").values_list("user_id", "referral_id"))
-    assert got == [(world.consultant.pk, referral.pk), (None, referral.pk)]
+    assert User.objects.filter(pk=world.consultant.pk).exists()
+    assert list(AuditEntry.objects.values_list("id", "user_id", "referral_id")) == before
+    unused = User.objects.create(username="created-by-mistake")
+    unused.delete()
+    assert not User.objects.filter(username="created-by-mistake").exists()

@@ -1,7 +1,7 @@
 """Publish case files that have no DocumentReference yet (``publish.case_files_backfill``).
 
-Case files uploaded through the REST API or the web UI before 2026-11-29 were stored but
-not published over FHIR; since then every upload is, in its own transaction. This command
+Case files uploaded through the REST API before 2026-11-29 were stored but not published
+over FHIR; since then every upload is, in its own transaction. This command
 catches the older ones up: each referral in its own transaction under its row lock (as an
 upload takes it), so it can run beside live traffic and be run again (what is published is
 skipped)."""
@@ -21,8 +21,8 @@ PROGRESS_EVERY = 500
 
 class Command(BaseCommand):
     help = (
-        "Publish case files with no DocumentReference (uploaded through the REST API or "
-        "the web UI before they were published over FHIR): stored, pushed, in the feeds."
+        "Publish case files with no DocumentReference (uploaded through the REST API "
+        "before they were published over FHIR): stored, pushed, in the feeds."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -45,11 +45,7 @@ class Command(BaseCommand):
             with transaction.atomic():
                 referral = Referral.objects.select_for_update().get(pk=referral_id)
                 if dry_run:
-                    found = (
-                        len(publish.case_files_unpublished(referral=referral))
-                        if referral.state != ReferralState.DRAFT
-                        else 0
-                    )
+                    found = len(publish.case_files_unpublished(referral=referral))
                 else:
                     found = publish.case_files_backfill(referral=referral)
             published += found
