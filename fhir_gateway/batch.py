@@ -36,6 +36,7 @@ import contextlib
 import io
 import json
 import logging
+import re
 import uuid
 from email.utils import parsedate_to_datetime
 from http import HTTPStatus
@@ -161,8 +162,13 @@ def check_independent(entries: list[Any]) -> None:
                 if not isinstance(value, str):
                     continue
                 for full_url, other in created.items():
-                    if other != index and full_url in value:
+                    if other != index and _names(value, full_url):
                         _refuse_dependency(index, full_url, other)
+
+
+def _names(text: str, full_url: str) -> bool:
+    """``text`` holds ``full_url`` whole: not ``urn:uuid:1`` inside ``urn:uuid:10``."""
+    return re.search(re.escape(full_url) + r"(?![A-Za-z0-9.\-])", text) is not None
 
 
 def _refuse_dependency(index: int, full_url: str, other: int) -> None:

@@ -385,6 +385,14 @@ def test_entries_naming_each_other_refuse_the_bundle(world: World) -> None:
     assert response.status_code == 400
     assert outcome_issue(response)["expression"] == ["Bundle.entry[1]"]
     assert state() == before
+    # A fullUrl that only begins another's (urn:uuid:m-1 in urn:uuid:m-10) names nothing:
+    # both run (it was refused as a dependency).
+    apart = batch(
+        {"fullUrl": "urn:uuid:m-1", **post("Communication", message(task_id, "a"))},
+        post("Communication", message(task_id, "b"), ifNoneExist="identifier=urn:x|urn:uuid:m-10"),
+    )
+    answered = send(world.r4, apart)
+    assert statuses(answered) == ["201 Created"] * 2, answered[1]
 
 
 def test_malformed_entries_are_their_own_400(world: World) -> None:
