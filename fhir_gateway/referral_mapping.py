@@ -919,11 +919,28 @@ def business_state(resource: dict[str, Any]) -> str | None:
     return None
 
 
-def _input_value(item: dict[str, Any], where: str) -> Any:
+# The Task.input codes a member may send as a valueCoding, and the code system it must be
+# of (a valueCode is read as ours; a coding of another system is not ours).
+_INPUT_CODING_SYSTEMS = {"disposition": DISPOSITION_SYSTEM}
+
+
+def _input_value(item: dict[str, Any], where: str, code: str) -> Any:
+    """The value of a Task.input: a primitive ``value[x]``, a ``valueCoding`` of the
+    input's own code system, an expert's ``valueIdentifier``; 422 for anything else (a
+    CodeableConcept, a Reference, a Period: no input of ours takes one)."""
     for key, value in item.items():
         if not key.startswith("value"):
             continue
         if key == "valueCoding" and isinstance(value, dict):
+            system = _INPUT_CODING_SYSTEMS.get(code)
+            if system is None or value.get("system") != system:
+                wanted = f"a coding of {system}" if system else "a primitive value[x]"
+                raise FhirError(
+                    422,
+                    "code-invalid",
+                    f"{where}.valueCoding: the {code[:40]} input takes {wanted}.",
+                    expression=[f"{where}.valueCoding"],
+                )
             return value.get("code")
         if key == "valueIdentifier" and isinstance(value, dict):
             if value.get("system") not in (None, USER_SYSTEM):
@@ -934,6 +951,14 @@ def _input_value(item: dict[str, Any], where: str) -> Any:
                     expression=[where],
                 )
             return value.get("value")
+        if isinstance(value, dict | list):
+            raise FhirError(
+                422,
+                "business-rule",
+                f"{where}.{key[:40]}: the {code[:40]} input takes a primitive value[x] "
+                "(valueString, valueCode, valueDateTime, valueBoolean, valueUrl…).",
+                expression=[f"{where}.{key[:40]}"],
+            )
         return value
     raise FhirError(422, "required", f"{where} has no value.", expression=[where])
 
@@ -981,7 +1006,7 @@ def _read_inputs(resource: dict[str, Any]) -> list[_Input]:
                 f"{where}.type must be a code of {TASK_INPUT_SYSTEM}.",
                 expression=[f"{where}.type"],
             )
-        out.append(_Input(str(codes[0]), _input_value(item, where)))
+        out.append(_Input(str(codes[0]), _input_value(item, where, str(codes[0]))))
     return out
 
 

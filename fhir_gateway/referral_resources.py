@@ -1920,10 +1920,16 @@ def transaction_bundle(
             _lock(f"fhir-case-files:{referral.pk}")
             stored = _case_files(referral)
         taken: set[str] = set()  # the stored files answering an entry
+        own_urls = [
+            entries[i].get("fullUrl")
+            for i, _r in [*by_type["ServiceRequest"], *by_type.get("Task", [])]
+        ]
+        own = {url for url in own_urls if isinstance(url, str)}
         for index, document in sorted(documents, key=lambda d: not document_keys[d[0]]):
             if not m.reference_of(document.get("subject")).startswith(_ENTRY_REFERENCE):
                 # Not the Patient entry (checked above): the referral's patient, or 422.
                 _check_subject(referral, document, f"Bundle.entry[{index}].resource.subject")
+            _check_own_referral(referral, document, own, index)
             if not document_keys[index]:
                 same = [
                     r for r in stored.get(_inline_sha256(document), []) if r.logical_id not in taken
@@ -1955,6 +1961,29 @@ def transaction_bundle(
         referral.pk,
         wrote,
     )
+
+
+def _check_own_referral(
+    referral: Referral, document: dict[str, Any], own_entries: set[str], index: int
+) -> None:
+    """422 when a transaction's case file names another referral than the Bundle's (its
+    ``context.related`` / ``basedOn``: the ServiceRequest or Task entry, or the referral's
+    own ``ServiceRequest/<id>`` / ``Task/<id>`` on a resubmission). It was filed on the
+    Bundle's referral whatever it named, and read back naming that one (review)."""
+    for reference in _document_references(document):
+        if reference in own_entries:
+            continue
+        rtype, rid = m.split_reference(reference)
+        if rtype in ("ServiceRequest", "Task") and rid == referral.filler_id:
+            continue
+        raise FhirError(
+            422,
+            "business-rule",
+            f"Bundle.entry[{index}]: the case file names {reference[:120]!r}; a "
+            "transaction's case files belong to its own referral (its ServiceRequest or "
+            "Task entry). Send a file for another referral as a DocumentReference of its own.",
+            expression=[f"Bundle.entry[{index}].resource"],
+        )
 
 
 def _inline_binaries(

@@ -19,14 +19,17 @@ from rest_framework.test import APIClient
 from accounts.models import User
 from fhir_gateway.delivery import _render
 from fhir_gateway.models import FeedEvent, FhirResource, OutboxMessage
-from fhir_gateway.tests.conftest import FHIR_R5
+from fhir_gateway.tests.conftest import FHIR_R4, FHIR_R5
 from fhir_gateway.tests.referral_world import (
     World,
     accepted,
     body,
     case_file,
     stored_files,
+    submit,
+    task_of,
     transaction,
+    with_case_file,
 )
 from referrals import services
 from referrals.models import Attachment, Referral, ReferralState
@@ -213,3 +216,32 @@ def test_a_new_referral_asks_for_no_files(world: World) -> None:
     assert response.status_code == 200, response.content
     table = Attachment._meta.db_table
     assert not [q["sql"] for q in queries.captured_queries if table in q["sql"]]
+
+
+# --- A transaction's case file naming another referral was filed on this one (review) ---
+# transaction_bundle stores every DocumentReference entry on the Bundle's new referral and
+# never reads the entry's own context.related (R4) / basedOn (R5); only subject is checked
+# (_check_subject). A file the member tied to referral A is silently attached to referral
+# B, and reads back with context.related = B: not what was sent.
+
+
+def test_a_bundle_case_file_naming_another_referral_is_refused(world: World) -> None:
+    other = task_of(submit(world, "SR-OTHER"))["id"]
+    bundle = with_case_file(
+        transaction(world, "SR-2"),
+        {
+            "contentType": "application/pdf",
+            "title": "letter.pdf",
+            "data": base64.b64encode(b"%PDF-1.4 letter\n%%EOF\n").decode(),
+        },
+    )
+    bundle["entry"][-1]["resource"]["context"] = {"related": [{"reference": f"Task/{other}"}]}
+    referrals, files = Referral.objects.count(), Attachment.objects.count()
+
+    response = world.r4.post("/fhir", bundle, content_type=FHIR_R4)
+
+    assert response.status_code == 422, response.content
+    assert (Referral.objects.count(), Attachment.objects.count()) == (referrals, files)
+    assert not FhirResource.objects.filter(
+        resource_type="DocumentReference", logical_id__startswith=f"{other}-att-"
+    ).exists()

@@ -1003,3 +1003,104 @@ def test_a_counter_referral_naming_more_than_its_department_is_refused(
     assert response.status_code == 422, response.content
     assert outcome_issue(response)["expression"] == ["ServiceRequest.performer"]
     assert not Referral.objects.filter(parent_referral__filler_id=task_id).exists()
+
+
+# --- A Task.input whose value is a complex datatype (valueCodeableConcept, valueReference,
+# valuePeriod: valid FHIR, taken by no input of ours) was a 500 (unhashable in
+# referral_mapping._task_inputs): 422 now.
+
+
+def test_close_out_outcome_as_a_codeable_concept_is_422_not_500(world: World) -> None:
+    task_id = advised(world)
+    before = _snapshot(task_id)
+    response = update_task(
+        world.r4,
+        task_id,
+        _business(
+            "closed_local",
+            [
+                task_input("transfer-originally-considered", valueBoolean=True),
+                task_input("outcome", valueCodeableConcept={"text": "avoided"}),
+            ],
+        ),
+    )
+    assert response.status_code == 422, response.content
+    assert outcome_issue(response)["code"] == "business-rule"
+    assert _snapshot(task_id) == before
+
+
+def test_finish_conference_disposition_as_a_codeable_concept_is_422_not_500(
+    world: World, people: dict[str, Any]
+) -> None:
+    task_id = _in_conference(world, people)
+    before = _snapshot(task_id)
+    disposition = {"coding": [{"system": m.DISPOSITION_SYSTEM, "code": "manage_locally"}]}
+    response = update_task(
+        people["consultant"],
+        task_id,
+        _business(
+            "advised",
+            [
+                task_input("minutes", valueString="Discussed."),
+                task_input("disposition", valueCodeableConcept=disposition),
+                task_input("text", valueString="IVIG 2 g/kg."),
+            ],
+        ),
+        FHIR_R5,
+    )
+    assert response.status_code == 422, response.content
+    assert _snapshot(task_id) == before
+
+
+def test_schedule_experts_as_a_reference_is_422_not_500(
+    world: World, people: dict[str, Any]
+) -> None:
+    task_id = accepted(world)
+    before = _snapshot(task_id)
+    expert = people["consultant_user"]
+    response = update_task(
+        people["consultant"],
+        task_id,
+        _business(
+            "scheduled",
+            [
+                task_input("scheduled-at", valueDateTime=_later(1).isoformat()),
+                task_input("experts", valueReference={"reference": f"Practitioner/{expert.pk}"}),
+                task_input("video-url", valueUrl="https://meet.example.org/room-42"),
+            ],
+        ),
+    )
+    assert response.status_code == 422, response.content
+    assert _snapshot(task_id) == before
+
+
+# --- A Task.input valueCoding of another code system was read as ours (review) ----------
+# docs/fhir.md: disposition is "valueCode, or valueCoding of …/CodeSystem/consult-disposition".
+# referral_mapping._input_value returns valueCoding.code whatever its system, so a SNOMED CT
+# coding whose code happens to be "transfer" becomes our disposition "transfer" (a consult
+# note's category coding of another system, by contrast, is not read: disposition_of).
+
+
+def test_a_disposition_coding_of_another_system_is_not_taken_for_ours(
+    world: World, people: dict[str, Any]
+) -> None:
+    task_id = _in_conference(world, people)
+    before = _snapshot(task_id)
+    response = update_task(
+        people["consultant"],
+        task_id,
+        _business(
+            "advised",
+            [
+                task_input("minutes", valueString="Discussed."),
+                task_input(
+                    "disposition",
+                    valueCoding={"system": "http://snomed.info/sct", "code": "transfer"},
+                ),
+                task_input("text", valueString="Transfer."),
+            ],
+        ),
+    )
+    assert response.status_code == 422, response.content
+    assert _snapshot(task_id) == before
+    assert not ConsultNote.objects.filter(referral__filler_id=task_id).exists()
