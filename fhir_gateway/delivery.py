@@ -796,20 +796,15 @@ def _claim_batch(
     skipped (``SKIP LOCKED``); a run stops at the first seq not claimed here. Returns
     the runs (each a list of (claim, original status)) and the number marked dead.
     """
-    earlier_blocking = (
-        OutboxMessage.objects.filter(
-            aggregate_key=OuterRef("aggregate_key"), seq__lt=OuterRef("seq")
-        )
-        .exclude(status=Status.DELIVERED)
-        # An earlier message this batch may claim itself does not block; one held by its
-        # endpoint (suspended) does, or the messages queued behind it would take the
-        # batch's slots only to be dropped (a drain claiming nothing stops).
-        .exclude(
-            status__in=(Status.PENDING, Status.FAILED),
-            next_attempt_at__lte=now,
-            endpoint__status=Endpoint.Status.ACTIVE,
-        )
-    )
+    # A head: no earlier message of its aggregate undelivered. Only heads are scanned
+    # for, then the messages queued behind them: scanning every due message in
+    # ``next_attempt_at`` order put the followers of heads that had failed (their
+    # ``next_attempt_at`` their creation, older than the head's retry time) first, and
+    # with ``limit`` of them the batch held no head, claimed nothing, and the drain
+    # stopped for good (review).
+    earlier_undelivered = OutboxMessage.objects.filter(
+        aggregate_key=OuterRef("aggregate_key"), seq__lt=OuterRef("seq")
+    ).exclude(status=Status.DELIVERED)
     dead = 0
     with transaction.atomic():
         # Two scans instead of one OR, each walking its partial index in order and stopping
@@ -828,8 +823,23 @@ def _claim_batch(
                 OutboxMessage.objects.select_for_update(skip_locked=True, of=("self",))
                 .select_related("endpoint")
                 .filter(due, endpoint__status=Endpoint.Status.ACTIVE)
-                .filter(~Exists(earlier_blocking))
+                .filter(~Exists(earlier_undelivered))
                 .order_by(*order)[: limit - len(candidates)]
+            )
+        if candidates and len(candidates) < limit:
+            # What is queued behind those heads, due, in order, up to the limit: a run
+            # sends a head and its followers in one go.
+            candidates += list(
+                OutboxMessage.objects.select_for_update(skip_locked=True, of=("self",))
+                .select_related("endpoint")
+                .filter(
+                    aggregate_key__in=[c.aggregate_key for c in candidates],
+                    status__in=(Status.PENDING, Status.FAILED),
+                    next_attempt_at__lte=now,
+                    endpoint__status=Endpoint.Status.ACTIVE,
+                )
+                .exclude(pk__in=[c.pk for c in candidates])
+                .order_by("aggregate_key", "seq")[: limit - len(candidates)]
             )
         if not candidates:
             return [], 0
@@ -1062,13 +1072,17 @@ def outbox_replay(*, message_id: int) -> OutboxMessage | None:
         )
         if original is None or original.endpoint.status != Endpoint.Status.ACTIVE:
             return None
-        newer = OutboxMessage.objects.filter(
-            endpoint_id=original.endpoint_id,
-            resource_type=original.resource_type,
-            logical_id=original.logical_id,
-            version_id__gt=original.version_id,
-        )
-        if newer.exists():
+        # A stored version is not replayed over a newer one; a payload message has no
+        # version (Django refuses ``__gt=None``: the admin's Replay was a 500, review).
+        if (
+            original.version_id is not None
+            and OutboxMessage.objects.filter(
+                endpoint_id=original.endpoint_id,
+                resource_type=original.resource_type,
+                logical_id=original.logical_id,
+                version_id__gt=original.version_id,
+            ).exists()
+        ):
             return None
         replay = outbox_enqueue(
             endpoint=original.endpoint,

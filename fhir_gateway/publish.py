@@ -137,19 +137,21 @@ def party_facility_ids(referral: Referral) -> list[int]:
 
 
 def member_endpoints(referral: Referral, facility_ids: list[int] | None = None) -> list[Endpoint]:
-    """The active endpoints of both parties (each receives its own FHIR version); read
-    once per intake batch (core.memo)."""
+    """The endpoints of both parties that are not off (each receives its own FHIR
+    version); read once per intake batch (core.memo). A suspended or failing endpoint is
+    sent its messages too: they wait until it is active again (``delivery``), in order —
+    queueing only for active ones lost what changed meanwhile (review)."""
     facilities = tuple(facility_ids or party_facility_ids(referral))
-    return list(memoized(("endpoints", *facilities), lambda: _active_endpoints(facilities)))
+    return list(memoized(("endpoints", *facilities), lambda: _live_endpoints(facilities)))
 
 
-def _active_endpoints(facilities: tuple[int, ...]) -> list[Endpoint]:
+def _live_endpoints(facilities: tuple[int, ...]) -> list[Endpoint]:
     if not facilities:
         return []
     return fetch_models(  # prepared (core.rows): every change asks
         Endpoint,
-        f"facility_id IN ({', '.join(['%s'] * len(facilities))}) AND status = %s ORDER BY id",
-        [*facilities, Endpoint.Status.ACTIVE.value],
+        f"facility_id IN ({', '.join(['%s'] * len(facilities))}) AND status <> %s ORDER BY id",
+        [*facilities, Endpoint.Status.OFF.value],
     )
 
 
@@ -283,8 +285,53 @@ def referral_changed(
         )
         if row is not None
     ]
+    _introduce(referral, event, rows)
     _enqueue(referral, rows)
     return _collect(rows)
+
+
+def _introduce(referral: Referral, event: ReferralEvent, rows: list[FhirResource]) -> None:
+    """A facility that becomes a party with this change (a forward, a reroute to another
+    facility's department) is first sent what it was never told: the current version of
+    each of the referral's resources this change does not store anew (the Patient the
+    new Task names, the case files, consult notes and messages so far), to its endpoints
+    and feed, ahead of the change's own versions. Without it a forward's new side got a
+    Task naming a Patient it was never sent, and never heard of the files (review)."""
+    if referral.assigned_department_id is None:
+        return
+    facility = referral.assigned_department.facility_id  # type: ignore[union-attr]
+    if facility == referral.requester_facility_id:
+        return
+    # Whether it was a party before: the event log (the department each event left).
+    earlier = (
+        ReferralEvent.objects.filter(referral=referral, department__facility_id=facility)
+        .exclude(pk=event.pk)
+        .exists()
+    )
+    if earlier:
+        return
+    fresh = {(r.resource_type, r.logical_id) for r in rows}
+    order = {"Patient": 0, "ServiceRequest": 1, "Communication": 2, "DocumentReference": 2}
+    known = sorted(
+        (
+            r
+            for r in FhirResource.objects.filter(
+                source_pk=referral.pk,
+                resource_type__in=m.REFERRAL_TYPES,
+                is_current=True,
+                deleted=False,
+            )
+            if (r.resource_type, r.logical_id) not in fresh
+        ),
+        key=lambda r: (order.get(r.resource_type, 3), r.last_updated, r.pk),
+    )
+    if not known:
+        return
+    outbox_enqueue_versions(
+        aggregate_key=aggregate_key(referral),
+        items=[(e, row) for e in member_endpoints(referral, [facility]) for row in known],
+    )
+    feed_record(facility_ids=[facility], rows=known, referral_id=referral.pk)
 
 
 def _case_file_row(referral: Referral, attachment: Attachment) -> FhirResource:

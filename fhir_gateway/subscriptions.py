@@ -434,12 +434,18 @@ def _subscription_update(req: WriteRequest) -> WriteResult:
             fhir_version=req.fhir_version,
             renderings=renderings,
             source_pk=facility,
-            # None (no If-Match, or "*"): the version just read, so a racing change is seen
-            expected_version=(parse_if_match(req.if_match) if req.if_match else None)
-            or current.version_id,
+            # None (no If-Match, or "*"): the version just read, so a racing change is seen;
+            # W/"0" is a version no Subscription has: 412 (it was read as none, review)
+            expected_version=_expected_version(req.if_match, current.version_id),
             index_tokens=False,
         )
     return WriteResult(row, created=False)
+
+
+def _expected_version(if_match: str | None, current: int) -> int:
+    """The version an update must find: the one ``If-Match`` names, else ``current``."""
+    named = parse_if_match(if_match) if if_match else None
+    return current if named is None else named
 
 
 def _subscription_delete(user: User, logical_id: str, if_match: str | None) -> FhirResource | None:

@@ -242,7 +242,7 @@ def test_a_batch_applies_each_job_on_its_own(world: World, monkeypatch: pytest.M
 _LOOKUPS = (
     (referral_resources, "_department_by_pk"),
     (referral_resources, "_specialty_by_codes"),
-    (publish, "_active_endpoints"),
+    (publish, "_live_endpoints"),
 )
 
 

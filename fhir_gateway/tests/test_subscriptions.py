@@ -1058,3 +1058,19 @@ def test_parameters_an_events_operation_does_not_read_are_named_or_refused(world
 
     known = world.r4.get("/fhir/$events?since=0&_count=3&_format=json")
     assert known.status_code == 200 and "X-FHIR-Ignored-Parameters" not in known
+
+
+def test_a_subscription_update_with_if_match_version_0_is_412(world: World) -> None:
+    """No Subscription is ever at version 0: a stale If-Match (W/"0" was read as none, the
+    update applied; found by review)."""
+    sub = _subscribe(world.r4)
+
+    response = world.r4.put(
+        f"/fhir/Subscription/{sub}",
+        {**_r4_subscription(), "id": sub, "reason": "Changed by a stale client."},
+        **{"If-Match": 'W/"0"'},
+    )
+
+    assert response.status_code == 412, response.content
+    current = world.r4.get(f"/fhir/Subscription/{sub}", Accept=FHIR_R4)
+    assert body(current)["meta"]["versionId"] == "1"
