@@ -808,14 +808,16 @@ def _claim_batch(
     dead = 0
     with transaction.atomic():
         # Two scans instead of one OR, each walking its partial index in order and stopping
-        # at ``limit`` (an OR of both turns into bitmap scans over every due row).
+        # at ``limit`` (an OR of both turns into bitmap scans over every due row). Expired
+        # leases first: few (a worker died), and behind a backlog of ``limit`` due heads
+        # they would otherwise wait until the backlog shrank.
         candidates: list[OutboxMessage] = []
         for due, order in (
+            (Q(status=Status.IN_FLIGHT, claimed_at__lt=now - lease()), ("claimed_at", "pk")),
             (
                 Q(status__in=(Status.PENDING, Status.FAILED), next_attempt_at__lte=now),
                 ("next_attempt_at", "pk"),
             ),
-            (Q(status=Status.IN_FLIGHT, claimed_at__lt=now - lease()), ("claimed_at", "pk")),
         ):
             if len(candidates) >= limit:
                 break

@@ -248,3 +248,44 @@ def test_followers_ordered_before_their_retried_heads_do_not_stall_the_drain(
 
     assert stub.requests  # the member is back: something must be sent
     assert not OutboxMessage.objects.exclude(status=Status.DELIVERED).exists()
+
+
+def test_an_expired_lease_is_reclaimed_behind_a_backlog_of_due_heads(stub_member: Any) -> None:
+    """A worker died holding a message (``in_flight``, lease expired) while ``limit`` other
+    due heads wait: the next batch reclaims it first, instead of after the backlog."""
+    from fhir_gateway.delivery import _claim_batch, lease
+
+    stub = stub_member()
+    endpoint = EndpointFactory.create(base_url=stub.base_url)
+    now = timezone.now()
+    payload = json.dumps({"resourceType": "Communication", "status": "completed"})
+
+    def message(n: int, **fields: Any) -> OutboxMessage:
+        return OutboxMessage(
+            endpoint=endpoint,
+            aggregate_key=f"referral:{n}:endpoint:{endpoint.pk}",
+            seq=1,
+            resource_type="Communication",
+            logical_id=f"c{n}",
+            payload=payload,
+            payload_fhir_version="4.0",
+            http_method="POST",
+            idempotency_key=f"k-{n}",
+            **fields,
+        )
+
+    backlog = [message(n, next_attempt_at=now - timedelta(minutes=1)) for n in range(5)]
+    stranded = message(
+        99,
+        status=Status.IN_FLIGHT,
+        claimed_at=now - lease() - timedelta(seconds=1),
+        claim_token="a-worker-that-died",
+        next_attempt_at=now - timedelta(hours=1),
+    )
+    OutboxMessage.objects.bulk_create([*backlog, stranded])
+
+    runs, _dead = _claim_batch(5, now, "next-worker")
+
+    claimed = {claim.message_id for run in runs for claim, _status in run}
+    assert stranded.pk in claimed
+    assert len(claimed) == 5
