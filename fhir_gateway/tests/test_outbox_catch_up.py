@@ -289,3 +289,49 @@ def test_an_expired_lease_is_reclaimed_behind_a_backlog_of_due_heads(stub_member
     claimed = {claim.message_id for run in runs for claim, _status in run}
     assert stranded.pk in claimed
     assert len(claimed) == 5
+
+
+def test_the_admin_deletes_only_dead_and_delivered_messages(admin_client: Any) -> None:
+    """Deleting a message still to be sent loses it: the admin refuses (no delete page, a
+    bulk delete selecting one deletes nothing); dead ones (which hold their aggregate) and
+    delivered ones go."""
+    endpoint = EndpointFactory.create()
+    payload = json.dumps({"resourceType": "Communication", "status": "completed"})
+    made = {
+        status: OutboxMessage.objects.create(
+            endpoint=endpoint,
+            aggregate_key=f"referral:1:endpoint:{status}",
+            seq=1,
+            resource_type="Communication",
+            logical_id=f"c-{status}",
+            payload=payload,
+            payload_fhir_version="4.0",
+            http_method="POST",
+            idempotency_key=f"k-{status}",
+            status=status,
+            next_attempt_at=timezone.now() + timedelta(hours=1),
+        )
+        for status in Status.values
+    }
+    pending = made[Status.PENDING]
+    assert (
+        admin_client.get(f"/admin/fhir_gateway/outboxmessage/{pending.pk}/delete/").status_code
+        == 403
+    )
+
+    def bulk_delete(chosen: list[OutboxMessage]) -> int:
+        response = admin_client.post(
+            "/admin/fhir_gateway/outboxmessage/",
+            {
+                "action": "delete_selected",
+                "_selected_action": [m.pk for m in chosen],
+                "post": "yes",
+            },
+        )
+        return int(response.status_code)
+
+    assert bulk_delete(list(made.values())) == 403  # any message still to be sent: none
+    assert OutboxMessage.objects.count() == len(made)
+    assert bulk_delete([made[Status.DEAD], made[Status.DELIVERED]]) == 302
+    left = set(OutboxMessage.objects.values_list("status", flat=True))
+    assert left == {Status.PENDING, Status.IN_FLIGHT, Status.FAILED}
