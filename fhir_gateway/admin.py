@@ -85,28 +85,6 @@ class FhirResourceAdmin(admin.ModelAdmin[FhirResource]):
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
-    # Deleting a message that is still to be sent loses it (decision 1: nothing lost):
-    # only dead ones (which release their aggregate) and delivered ones may be deleted
-    # (Django's bulk delete asks this per message and refuses a selection holding any
-    # other, deleting nothing).
-    _DELETABLE = (OutboxMessage.Status.DEAD, OutboxMessage.Status.DELIVERED)
-
-    def has_delete_permission(self, request: HttpRequest, obj: OutboxMessage | None = None) -> bool:
-        if obj is not None and obj.status not in self._DELETABLE:
-            return False
-        return super().has_delete_permission(request, obj)
-
-    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[OutboxMessage]) -> None:
-        kept = queryset.exclude(status__in=self._DELETABLE).count()
-        super().delete_queryset(request, queryset.filter(status__in=self._DELETABLE))
-        if kept:
-            self.message_user(
-                request,
-                f"{kept} message(s) not deleted: still to be sent (pending, in flight or "
-                "failed). Only dead and delivered messages can be deleted.",
-                messages.WARNING,
-            )
-
 
 @admin.register(IntakeJob)
 class IntakeJobAdmin(admin.ModelAdmin[IntakeJob]):
@@ -130,25 +108,3 @@ class IntakeJobAdmin(admin.ModelAdmin[IntakeJob]):
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
-
-    # Deleting a message that is still to be sent loses it (decision 1: nothing lost):
-    # only dead ones (which release their aggregate) and delivered ones may be deleted
-    # (Django's bulk delete asks this per message and refuses a selection holding any
-    # other, deleting nothing).
-    _DELETABLE = (OutboxMessage.Status.DEAD, OutboxMessage.Status.DELIVERED)
-
-    def has_delete_permission(self, request: HttpRequest, obj: OutboxMessage | None = None) -> bool:
-        if obj is not None and obj.status not in self._DELETABLE:
-            return False
-        return super().has_delete_permission(request, obj)
-
-    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[OutboxMessage]) -> None:
-        kept = queryset.exclude(status__in=self._DELETABLE).count()
-        super().delete_queryset(request, queryset.filter(status__in=self._DELETABLE))
-        if kept:
-            self.message_user(
-                request,
-                f"{kept} message(s) not deleted: still to be sent (pending, in flight or "
-                "failed). Only dead and delivered messages can be deleted.",
-                messages.WARNING,
-            )
