@@ -297,7 +297,9 @@ def _introduce(referral: Referral, event: ReferralEvent, rows: list[FhirResource
     new Task names, the case files, consult notes and messages so far), to its endpoints
     and feed, ahead of the change's own versions. Without it a forward's new side got a
     Task naming a Patient it was never sent, and never heard of the files (review)."""
-    if referral.assigned_department_id is None:
+    # Only a forward or reroute moves a referral (their effects record the department it
+    # left): no query on the other changes.
+    if "from_department_id" not in event.payload or referral.assigned_department_id is None:
         return
     facility = referral.assigned_department.facility_id  # type: ignore[union-attr]
     if facility == referral.requester_facility_id:
@@ -364,16 +366,19 @@ def case_files_unpublished(*, referral: Referral) -> list[Attachment]:
     shared = FhirResource.objects.filter(resource_type="Task", source_pk=referral.pk)
     if referral.state == ReferralState.DRAFT or not shared.exists():
         return []
-    attachments = list(Attachment.objects.filter(referral=referral).order_by("number"))
+    by_id = {
+        m.case_file_id(referral.filler_id, a.number): a
+        for a in Attachment.objects.filter(referral=referral).order_by("number")
+    }
     stored = set(
         FhirResource.objects.filter(
             resource_type="DocumentReference",
             is_current=True,
             source_pk=referral.pk,
-            logical_id__in=[m.case_file_id(referral.filler_id, a.number) for a in attachments],
+            logical_id__in=list(by_id),
         ).values_list("logical_id", flat=True)
     )
-    return [a for a in attachments if m.case_file_id(referral.filler_id, a.number) not in stored]
+    return [a for doc_id, a in by_id.items() if doc_id not in stored]
 
 
 def case_files_backfill(*, referral: Referral) -> int:

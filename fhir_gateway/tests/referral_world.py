@@ -18,6 +18,8 @@ from accounts.roles import Role
 from accounts.services import api_token_issue
 from fhir_gateway import referral_mapping as m
 from fhir_gateway.tests.conftest import FHIR_R4, FHIR_R5, FhirClient, Network
+from referrals import services
+from referrals.models import Referral
 from registry.models import Endpoint
 from tests.factories import (
     PEDIATRICS,
@@ -229,6 +231,21 @@ def submit(world: World, placer: str = "SR-1") -> dict[str, Any]:
 
 def task_of(bundle: dict[str, Any]) -> dict[str, Any]:
     return next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Task")
+
+
+def draft(world: World) -> Referral:
+    """A draft of the submitter's (through the service: FHIR makes none), naming pediatrics."""
+    referral, _ = services.referral_submit(
+        actor=world.submitter,
+        requester_facility=world.network.spoke,
+        placer_system="urn:codao-his",
+        placer_value="SR-DRAFT",
+        specialty=world.network.pediatrics.specialty,
+        clinical_question="Fever for 5 days.",
+        department=world.network.pediatrics,
+        draft=True,
+    )
+    return referral
 
 
 # --- the Task workflow over FHIR (test_task_workflow, test_task_conference_counter) ----

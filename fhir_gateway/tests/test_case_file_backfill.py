@@ -13,7 +13,7 @@ from django.core.management import call_command
 
 from fhir_gateway.models import FeedEvent, FhirResource, OutboxMessage
 from fhir_gateway.tests.conftest import FHIR_R5
-from fhir_gateway.tests.referral_world import World, accepted, body
+from fhir_gateway.tests.referral_world import World, accepted, body, draft
 from referrals import services
 from referrals.attachments import attachment_upload
 from referrals.models import Attachment, Referral, ReferralState
@@ -83,22 +83,8 @@ def test_old_case_files_are_published_once(world: World) -> None:
     assert _snapshot() == after  # run again: nothing more
 
 
-def _draft(world: World) -> Referral:
-    referral, _ = services.referral_submit(
-        actor=world.submitter,
-        requester_facility=world.network.spoke,
-        placer_system="urn:codao-his",
-        placer_value="SR-DRAFT",
-        specialty=world.network.pediatrics.specialty,
-        clinical_question="Fever for 5 days.",
-        department=world.network.pediatrics,
-        draft=True,
-    )
-    return referral
-
-
 def test_a_drafts_files_wait_for_its_submission(world: World) -> None:
-    referral = _draft(world)
+    referral = draft(world)
     _upload(world, referral, "draft.pdf")
     before = _snapshot()
 
@@ -110,7 +96,7 @@ def test_backfill_does_not_publish_files_of_a_draft_cancelled_unsent(world: Worl
     """A draft cancelled unsent is its requester's alone (publish.referral_changed tells no
     one of it or its files): the command does not push its files to the department it
     named (it did: its state is no longer draft; found by review)."""
-    referral = _draft(world)
+    referral = draft(world)
     _upload(world, referral, "draft.pdf")
     services.referral_transition(
         actor=world.submitter, referral_id=referral.pk, action="cancel", reason="changed my mind"

@@ -25,6 +25,7 @@ from fhir_gateway.tests.referral_world import (
     accepted,
     body,
     case_file,
+    draft,
     stored_files,
     submit,
     task_of,
@@ -110,22 +111,8 @@ def test_a_file_posted_over_fhir_is_pushed_to_both_members(world: World) -> None
     assert json.loads(row.json_r4) == body(made)
 
 
-def _draft(world: World) -> Referral:
-    referral, _ = services.referral_submit(
-        actor=world.submitter,
-        requester_facility=world.network.spoke,
-        placer_system="urn:codao-his",
-        placer_value="SR-DRAFT",
-        specialty=world.network.pediatrics.specialty,
-        clinical_question="Fever for 5 days.",
-        department=world.network.pediatrics,
-        draft=True,
-    )
-    return referral
-
-
 def test_a_drafts_files_are_shared_when_it_is_submitted(world: World) -> None:
-    referral = _draft(world)
+    referral = draft(world)
     assert referral.state == ReferralState.DRAFT
     assert _rest_upload(world.submitter, referral).status_code == 201
     not_shared = FhirResource.objects.filter(resource_type__in=("DocumentReference", "Task"))
@@ -163,7 +150,7 @@ def test_a_draft_cancelled_unsent_tells_no_one_of_it_or_its_files(world: World) 
     # A draft is its requester's alone until sent: cancelled unsent, neither the department
     # it names nor the requester's own system hears of it (its files were being pushed to
     # the department's Endpoint and feed, with its Task).
-    referral = _draft(world)
+    referral = draft(world)
     assert _rest_upload(world.submitter, referral).status_code == 201
     services.referral_transition(
         actor=world.submitter, referral_id=referral.pk, action="cancel", reason="changed my mind"
@@ -183,7 +170,7 @@ def test_a_case_file_sent_over_fhir_for_a_draft_is_refused_and_nothing_stored(
 ) -> None:
     # Over FHIR a draft has no DocumentReference to answer with (its files are projected
     # when it is submitted): a 409, as a message on a draft, not a 500 with the file kept.
-    referral = _draft(world)
+    referral = draft(world)
     files = stored_files()  # the storage is in memory, shared by the tests
     document = world.r4.post("/fhir/DocumentReference", case_file(referral.filler_id, "a"))
     binary = world.r4.post(

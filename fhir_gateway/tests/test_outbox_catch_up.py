@@ -71,6 +71,22 @@ def _received(stub: Any) -> list[str]:
     return [f"{r['method']} {r['path'].removeprefix('/fhir/')}" for r in stub.requests]
 
 
+def _message(endpoint: Endpoint, key: Any, seq: int = 1, **fields: Any) -> OutboxMessage:
+    """An unsaved payload message (a Communication) of aggregate ``referral:<key>``."""
+    return OutboxMessage(
+        endpoint=endpoint,
+        aggregate_key=f"referral:{key}:endpoint:{endpoint.pk}",
+        seq=seq,
+        resource_type="Communication",
+        logical_id=f"c{key}-{seq}",
+        payload=json.dumps({"resourceType": "Communication", "status": "completed"}),
+        payload_fhir_version="4.0",
+        http_method="POST",
+        idempotency_key=f"k-{key}-{seq}",
+        **fields,
+    )
+
+
 # --------------------------------------------------------------------------- 1. admin replay
 
 
@@ -200,16 +216,12 @@ def test_the_department_a_case_is_forwarded_to_receives_its_patient_and_files(
 def test_followers_ordered_before_their_retried_heads_do_not_stall_the_drain(
     stub_member: Any, settings: Any
 ) -> None:
-    """``_claim_batch`` scans due messages ordered by ``next_attempt_at`` and takes at most
-    ``limit``. A message queued behind a failed head is due (``earlier_blocking`` lets it
-    through once the head's backoff ran out) and its ``next_attempt_at`` is its creation
-    time, *older* than its head's (last failure + backoff). After a member outage, when
-    the followers number ``limit`` or more (500 by default: e.g. 250 referrals with two
-    messages queued behind a failed one), the scan returns only followers, every run
-    stops at its head (not held), the batch claims nothing and the drain stops. Beat's
-    drain is the only thing that retries a failed message, so the same scan repeats
-    every 10 s and nothing behind those heads is ever delivered (nor any other due
-    message ordered after those followers: retries of every member wait too)."""
+    """A message queued behind a failed head is due since its creation, *before* its
+    head's retry time. ``_claim_batch`` once scanned every due message in
+    ``next_attempt_at`` order, up to ``limit``: after a member outage, with ``limit`` such
+    followers (500: e.g. 250 referrals with two messages queued behind a failed one),
+    it held no head, claimed nothing, and the drain (beat's, the only retry of a failed
+    message) stopped for good, for every member. Now it scans heads first."""
     # The stub's listen backlog is small: fewer senders and a longer connect timeout than
     # the file's defaults, so the stub itself refuses nothing.
     settings.FHIR_OUTBOX_CONCURRENCY = 4
@@ -218,29 +230,20 @@ def test_followers_ordered_before_their_retried_heads_do_not_stall_the_drain(
     endpoint = EndpointFactory.create(base_url=stub.base_url)
     now = timezone.now()
     created = now - timedelta(hours=1)
-    payload = json.dumps({"resourceType": "Communication", "status": "completed"})
-    rows = []
-    for referral in range(250):  # 250 heads, 500 followers: the default limit is 500
-        for seq in (1, 2, 3):
-            head = seq == 1
-            rows.append(
-                OutboxMessage(
-                    endpoint=endpoint,
-                    aggregate_key=f"referral:{referral}:endpoint:{endpoint.pk}",
-                    seq=seq,
-                    resource_type="Communication",
-                    logical_id=f"c{referral}-{seq}",
-                    payload=payload,
-                    payload_fhir_version="4.0",
-                    http_method="POST",
-                    idempotency_key=f"k-{referral}-{seq}",
-                    created_at=created,
-                    # The heads failed during the outage; their last backoff just ran out.
-                    status=Status.FAILED if head else Status.PENDING,
-                    attempts=5 if head else 0,
-                    next_attempt_at=now - timedelta(seconds=1) if head else created,
-                )
-            )
+    rows = [
+        _message(
+            endpoint,
+            referral,
+            seq,
+            created_at=created,
+            # The heads failed during the outage; their last backoff just ran out.
+            status=Status.FAILED if seq == 1 else Status.PENDING,
+            attempts=5 if seq == 1 else 0,
+            next_attempt_at=now - timedelta(seconds=1) if seq == 1 else created,
+        )
+        for referral in range(250)  # 250 heads, 500 followers: the default limit is 500
+        for seq in (1, 2, 3)
+    ]
     OutboxMessage.objects.bulk_create(rows)
 
     for _beat in range(3):  # three beat runs, 10 s apart in production
@@ -258,24 +261,9 @@ def test_an_expired_lease_is_reclaimed_behind_a_backlog_of_due_heads(stub_member
     stub = stub_member()
     endpoint = EndpointFactory.create(base_url=stub.base_url)
     now = timezone.now()
-    payload = json.dumps({"resourceType": "Communication", "status": "completed"})
-
-    def message(n: int, **fields: Any) -> OutboxMessage:
-        return OutboxMessage(
-            endpoint=endpoint,
-            aggregate_key=f"referral:{n}:endpoint:{endpoint.pk}",
-            seq=1,
-            resource_type="Communication",
-            logical_id=f"c{n}",
-            payload=payload,
-            payload_fhir_version="4.0",
-            http_method="POST",
-            idempotency_key=f"k-{n}",
-            **fields,
-        )
-
-    backlog = [message(n, next_attempt_at=now - timedelta(minutes=1)) for n in range(5)]
-    stranded = message(
+    backlog = [_message(endpoint, n, next_attempt_at=now - timedelta(minutes=1)) for n in range(5)]
+    stranded = _message(
+        endpoint,
         99,
         status=Status.IN_FLIGHT,
         claimed_at=now - lease() - timedelta(seconds=1),
@@ -296,23 +284,13 @@ def test_the_admin_deletes_only_dead_and_delivered_messages(admin_client: Any) -
     bulk delete selecting one deletes nothing); dead ones (which hold their aggregate) and
     delivered ones go."""
     endpoint = EndpointFactory.create()
-    payload = json.dumps({"resourceType": "Communication", "status": "completed"})
     made = {
-        status: OutboxMessage.objects.create(
-            endpoint=endpoint,
-            aggregate_key=f"referral:1:endpoint:{status}",
-            seq=1,
-            resource_type="Communication",
-            logical_id=f"c-{status}",
-            payload=payload,
-            payload_fhir_version="4.0",
-            http_method="POST",
-            idempotency_key=f"k-{status}",
-            status=status,
-            next_attempt_at=timezone.now() + timedelta(hours=1),
+        status: _message(
+            endpoint, status, status=status, next_attempt_at=timezone.now() + timedelta(hours=1)
         )
         for status in Status.values
     }
+    OutboxMessage.objects.bulk_create(made.values())
     pending = made[Status.PENDING]
     assert (
         admin_client.get(f"/admin/fhir_gateway/outboxmessage/{pending.pk}/delete/").status_code

@@ -1029,29 +1029,6 @@ def test_close_out_outcome_as_a_codeable_concept_is_422_not_500(world: World) ->
     assert _snapshot(task_id) == before
 
 
-def test_finish_conference_disposition_as_a_codeable_concept_is_422_not_500(
-    world: World, people: dict[str, Any]
-) -> None:
-    task_id = _in_conference(world, people)
-    before = _snapshot(task_id)
-    disposition = {"coding": [{"system": m.DISPOSITION_SYSTEM, "code": "manage_locally"}]}
-    response = update_task(
-        people["consultant"],
-        task_id,
-        _business(
-            "advised",
-            [
-                task_input("minutes", valueString="Discussed."),
-                task_input("disposition", valueCodeableConcept=disposition),
-                task_input("text", valueString="IVIG 2 g/kg."),
-            ],
-        ),
-        FHIR_R5,
-    )
-    assert response.status_code == 422, response.content
-    assert _snapshot(task_id) == before
-
-
 def test_schedule_experts_as_a_reference_is_422_not_500(
     world: World, people: dict[str, Any]
 ) -> None:
@@ -1074,15 +1051,32 @@ def test_schedule_experts_as_a_reference_is_422_not_500(
     assert _snapshot(task_id) == before
 
 
-# --- A Task.input valueCoding of another code system was read as ours (review) ----------
-# docs/fhir.md: disposition is "valueCode, or valueCoding of …/CodeSystem/consult-disposition".
-# referral_mapping._input_value returns valueCoding.code whatever its system, so a SNOMED CT
-# coding whose code happens to be "transfer" becomes our disposition "transfer" (a consult
-# note's category coding of another system, by contrast, is not read: disposition_of).
-
-
-def test_a_disposition_coding_of_another_system_is_not_taken_for_ours(
-    world: World, people: dict[str, Any]
+@pytest.mark.parametrize(
+    ("disposition", "version", "code"),
+    [
+        # a CodeableConcept, taken by no input of ours: was a 500 (unhashable)
+        (
+            {
+                "valueCodeableConcept": {
+                    "coding": [{"system": m.DISPOSITION_SYSTEM, "code": "manage_locally"}]
+                }
+            },
+            FHIR_R5,
+            "business-rule",
+        ),
+        # a coding of another system whose code happens to be ours ("transfer") was read
+        # as our disposition (docs/fhir.md: valueCode, or valueCoding of
+        # …/CodeSystem/consult-disposition; a consult note's category is read so: disposition_of)
+        (
+            {"valueCoding": {"system": "http://snomed.info/sct", "code": "transfer"}},
+            FHIR_R4,
+            "code-invalid",
+        ),
+    ],
+    ids=["codeable-concept", "foreign-coding"],
+)
+def test_a_finish_conference_disposition_we_cannot_read_is_422_and_changes_nothing(
+    world: World, people: dict[str, Any], disposition: dict[str, Any], version: str, code: str
 ) -> None:
     task_id = _in_conference(world, people)
     before = _snapshot(task_id)
@@ -1093,14 +1087,13 @@ def test_a_disposition_coding_of_another_system_is_not_taken_for_ours(
             "advised",
             [
                 task_input("minutes", valueString="Discussed."),
-                task_input(
-                    "disposition",
-                    valueCoding={"system": "http://snomed.info/sct", "code": "transfer"},
-                ),
-                task_input("text", valueString="Transfer."),
+                task_input("disposition", **disposition),
+                task_input("text", valueString="IVIG 2 g/kg."),
             ],
         ),
+        version,
     )
     assert response.status_code == 422, response.content
+    assert outcome_issue(response)["code"] == code
     assert _snapshot(task_id) == before
     assert not ConsultNote.objects.filter(referral__filler_id=task_id).exists()
