@@ -68,6 +68,21 @@ COMMON_SEARCH_PARAMS: tuple[SearchParam, ...] = (
 
 
 @dataclass(frozen=True)
+class ParamSort:
+    """A ``_sort`` key made from the value of one of the type's search parameters
+    (Location ``near``: the distance from its point). Given once, that parameter orders a
+    search without ``_sort`` by the key, and is the last key before the type's own order
+    of one with another ``_sort``, so each match's value is at hand for ``extension``.
+    ``_sort`` by the key without the parameter given once is 400."""
+
+    param: str
+    # The parameter's value -> an expression over the search's rows (NULLS LAST).
+    expression: Callable[[str], Any]
+    # A match's value -> the extensions of its entry's ``search`` element.
+    extension: Callable[[Any], list[dict[str, Any]]] | None = None
+
+
+@dataclass(frozen=True)
 class WriteRequest:
     user: User
     resource_type: str
@@ -157,6 +172,8 @@ class ResourceHandler:
     sorts: dict[str, Any] = field(default_factory=dict)
     # The same keys as SQL over the hand-written search's ``f`` / ``r`` (``search_sql``).
     sort_sql: dict[str, str] = field(default_factory=dict)
+    # ``_sort`` keys made from a search parameter's value (``ParamSort``).
+    param_sorts: dict[str, ParamSort] = field(default_factory=dict)
     # Reads answered by the handler (any Accept: the handler negotiates), not stored JSON.
     raw_read: RawReadFunc | None = None
     # Creates answered by the handler (any Content-Type), instead of ``create``.

@@ -42,6 +42,8 @@ def encode_cursor(search: str, values: Sequence[Any]) -> str:
             raise TypeError("no boolean sort keys")
         elif isinstance(value, int):
             tagged.append(["i", value])
+        elif isinstance(value, float):  # a distance: JSON keeps every bit (repr)
+            tagged.append(["f", value])
         else:
             tagged.append(["s", str(value)])
     return signing.dumps([search, tagged], salt=_SALT, compress=True)
@@ -76,6 +78,8 @@ def decode_cursor(token: str, search: str) -> list[Any]:
             case ["d", str(text)]:
                 values.append(datetime.fromisoformat(text))
             case ["i", int(number)]:
+                values.append(number)
+            case ["f", float(number)]:
                 values.append(number)
             case ["s", str(text)]:
                 values.append(text)

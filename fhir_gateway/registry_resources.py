@@ -19,6 +19,7 @@ from fhir_gateway.handlers import (
     READ,
     SEARCH,
     VREAD,
+    ParamSort,
     ResourceHandler,
     SearchParam,
     register,
@@ -34,7 +35,6 @@ from fhir_gateway.registry_projection import (
     TIER_SYSTEM,
 )
 from fhir_gateway.storage import current_rows, parse_token, split_escaped, unescape
-from registry.geo import bounding_box, haversine_km
 from registry.models import (
     Department,
     Endpoint,
@@ -45,7 +45,7 @@ from registry.models import (
     Specialty,
     SupportLink,
 )
-from registry.selectors import facility_queryset
+from registry.selectors import facilities_within, facility_distances
 from registry.text import search_key
 
 if TYPE_CHECKING:
@@ -221,8 +221,9 @@ def _location_status(raw: str) -> Q:
     return _any(raw, one)
 
 
-def _near(raw: str) -> Q:
-    """near=lat|lon|distance|units (units km; distance defaults to 50 km)."""
+def _near_point(raw: str) -> tuple[float, float, float]:
+    """near=lat|lon|distance|units (units km; distance defaults to 50 km) -> (lat, lon,
+    distance in km)."""
     parts = raw.split("|")
     try:
         lat, lon = float(parts[0]), float(parts[1])
@@ -234,16 +235,40 @@ def _near(raw: str) -> Q:
         raise FhirError(400, "not-supported", f"near distance unit {units!r}: use km.")
     if not (-90 <= lat <= 90 and -180 <= lon <= 180 and 0 <= distance <= 20_000):
         raise FhirError(400, "invalid", f"near {raw!r} is out of range.")
-    min_lat, max_lat, min_lon, max_lon = bounding_box(lat, lon, distance)
-    rows = facility_queryset().filter(latitude__gte=min_lat, latitude__lte=max_lat)
-    if min_lon is not None and max_lon is not None:
-        rows = rows.filter(longitude__gte=min_lon, longitude__lte=max_lon)
-    found = [
-        pk
-        for pk, flat, flon in rows.values_list("pk", "latitude", "longitude")
-        if flat is not None and flon is not None and haversine_km(lat, lon, flat, flon) <= distance
+    return lat, lon, distance
+
+
+def _near(raw: str) -> Q:
+    """The facilities within the distance (in SQL: a bounding box on the indexed
+    coordinates, then the great-circle distance); none without coordinates."""
+    return Q(pk__in=facilities_within(*_near_point(raw)).values("pk"))
+
+
+def _near_distance(raw: str) -> Subquery:
+    """``_sort=near``: each row's facility's distance from the point, by the formula the
+    ``near`` filter compares with its distance (in SQL, so it orders, pages and cursors)."""
+    lat, lon, _distance = _near_point(raw)
+    facility = facility_distances(lat, lon).filter(pk=OuterRef("source_pk"))
+    return Subquery(facility.values("distance_km")[:1])
+
+
+LOCATION_DISTANCE = "http://hl7.org/fhir/StructureDefinition/location-distance"
+
+
+def _distance_extension(distance_km: float) -> list[dict[str, Any]]:
+    """A match's distance from the ``near`` point (Bundle.entry.search, as FHIR's Location
+    search describes it), in km to the metre."""
+    return [
+        {
+            "url": LOCATION_DISTANCE,
+            "valueDistance": {
+                "value": round(distance_km, 3),
+                "unit": "km",
+                "system": "http://unitsofmeasure.org",
+                "code": "km",
+            },
+        }
     ]
-    return Q(pk__in=found)
 
 
 def _exact_values(raw: str) -> list[str]:
@@ -316,6 +341,7 @@ def _handler(
     exact: Filter | None = None,
     contains: dict[str, Filter] | None = None,
     sort_by_tier: bool = False,
+    param_sorts: dict[str, ParamSort] | None = None,
 ) -> ResourceHandler:
     """A registry type's handler; with ``sort_by_name``, ``_sort=name`` orders by the
     source row's ``name`` (the database's collation), as its ``name`` search reads it.
@@ -323,7 +349,8 @@ def _handler(
     whose NULL renders no value) take ``:missing``; ``exact`` is ``name:exact``;
     ``contains`` names the string parameters whose own search is not "contains" (name ->
     their ``:contains``; the others' ``:contains`` is their own search). With
-    ``sort_by_tier``, ``_sort=type`` orders by the facility's tier (central first)."""
+    ``sort_by_tier``, ``_sort=type`` orders by the facility's tier (central first);
+    ``param_sorts``: keys made from a search parameter (``ParamSort``)."""
     missing = missing or {}
     contains = contains or {}
     sorts: dict[str, Any] = {}
@@ -340,6 +367,7 @@ def _handler(
         search=_registry_search(resource_type, base, _filters(params, missing, exact, contains)),
         order_by=("source_pk",),
         sorts=sorts,
+        param_sorts=param_sorts or {},
     )
 
 
@@ -474,8 +502,10 @@ HANDLERS: tuple[ResourceHandler, ...] = (
     ),
     _handler(
         "Location",
-        "A facility's site (mCSD Facility Location). Read-only. _sort: name, _lastUpdated, "
-        "_id (not near: no distance order).",
+        "A facility's site (mCSD Facility Location). Read-only. _sort: name, near "
+        "(distance from the near point; with near given and no _sort, nearest first), "
+        "_lastUpdated, _id. With near, each match's search element has its distance "
+        "(extension location-distance, km).",
         Facility.objects.all,
         [
             (
@@ -518,7 +548,9 @@ HANDLERS: tuple[ResourceHandler, ...] = (
                 _sp(
                     "near",
                     "special",
-                    "lat|lon|distance|km (distance defaults to 50 km).",
+                    "lat|lon|distance|km (distance defaults to 50 km); nearest first unless "
+                    "_sort says otherwise (then the last sort key before the id); each "
+                    "match's distance in Bundle.entry.search (location-distance).",
                     "Location",
                 ),
                 _near,
@@ -528,6 +560,7 @@ HANDLERS: tuple[ResourceHandler, ...] = (
         exact=_facility_name_exact,
         missing={"partof": "parent_id"},
         contains={"address-country": _country_contains()},
+        param_sorts={"near": ParamSort("near", _near_distance, _distance_extension)},
     ),
     _handler(
         "HealthcareService",

@@ -8,6 +8,7 @@ splice stored JSON text into the answer; nothing here serialises through fhir.re
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import re
@@ -1312,6 +1313,7 @@ def _search(
     if total_mode != "accurate":  # the paging links keep asking for the same
         used["_total"] = [total_mode]
     sort = _sort_keys(handler, params.get("_sort") or [], ignored, strict)
+    sort, made_sorts = _with_param_sorts(handler, sort, own)
     if sort:
         used["_sort"] = [",".join(("-" if descending else "") + key for key, descending in sort)]
     if ignored and strict:
@@ -1334,6 +1336,10 @@ def _search(
     cursor = (params.get("_cursor") or [""])[-1] or None
     # What a cursor is made for: its values are this type's sort keys then tie-break.
     search_key = f"{handler.resource_type}?_sort={(used.get('_sort') or [''])[0]}"
+    for key in made_sorts:  # and the value its key is made from (near: the point), short
+        param_name = handler.param_sorts[key].param
+        digest = hashlib.sha256(own[param_name][0].encode()).hexdigest()[:32]
+        search_key += f"&{param_name}={digest}"
     # The page after a next link's last row (checked also when no page is asked for).
     after = paging.decode_cursor(cursor, search_key) if cursor is not None else None
     if count == 0:
@@ -1360,12 +1366,15 @@ def _search(
         if not handler.renders_all_versions:
             rows = rows.exclude(**{column: ""})
         total = rows.count() if want_total else None
-        page = _sorted_page(handler, rows, sort, column, fetch, offset, after)
+        page = _sorted_page(handler, rows, sort, column, fetch, offset, after, made_sorts)
     more = None
     if after is not None:
         more, page = len(page) > count, page[:count]
     next_cursor = paging.encode_cursor(search_key, page[-1][3]) if page else None
-    entries = [_entry(ctx, rtype, lid, text, "match", subset) for rtype, lid, text, _k in page]
+    entries = [
+        _entry(ctx, rtype, lid, text, "match", subset, _match_extensions(handler, sort, keys))
+        for rtype, lid, text, keys in page
+    ]
     page_ids = [lid for _t, lid, _x, _k in page]
     seen = {(rtype, lid) for rtype, lid, _x, _k in page}
     for name, funcs in (("_include", handler.includes), ("_revinclude", handler.revincludes)):
@@ -1598,17 +1607,19 @@ def _entry(
     text: str,
     mode: str,
     subset: Subset | None = None,
+    extensions: list[dict[str, Any]] | None = None,
 ) -> str:
     """A searchset entry around the stored JSON text (not parsed again unless ``_summary``
-    or ``_elements`` cut it down)."""
+    or ``_elements`` cut it down); ``extensions`` go in its ``search`` element."""
     if subset is not None:
         text = subset.apply(text, resource_type, ctx.version)
+    search = f'"extension":{dumps(extensions)},' if extensions else ""
     return (
         '{"fullUrl":'
         + json.dumps(f"{ctx.base}/{resource_type}/{logical_id}")
         + ',"resource":'
         + text
-        + f',"search":{{"mode":"{mode}"}}}}'
+        + f',"search":{{{search}"mode":"{mode}"}}}}'
     )
 
 
@@ -1668,7 +1679,7 @@ def _sort_keys(
                 continue
             descending = name.startswith("-")
             key = name.removeprefix("-")
-            if key not in handlers.SORTS and key not in handler.sorts:
+            if key not in handlers.SORTS and key not in handler.sorts | handler.param_sorts:
                 if strict:
                     raise FhirError(400, "not-supported", f"_sort={name} is not supported.")
                 ignored.append(f"_sort={name}")
@@ -1676,6 +1687,44 @@ def _sort_keys(
             if all(key != known for known, _d in keys):
                 keys.append((key, descending))
     return keys
+
+
+def _with_param_sorts(
+    handler: ResourceHandler, sort: list[tuple[str, bool]], own: dict[str, list[str]]
+) -> tuple[list[tuple[str, bool]], dict[str, Any]]:
+    """The ``_sort`` keys with the type's ``param_sorts`` whose parameter the search gives
+    once (first when there is no ``_sort``, else last), and their expressions made from
+    its value; ``_sort`` by one whose parameter is not given once is 400."""
+    made: dict[str, Any] = {}
+    for key, param_sort in handler.param_sorts.items():
+        values = own.get(param_sort.param) or []
+        if len(values) != 1:
+            if any(key == known for known, _d in sort):
+                raise FhirError(
+                    400,
+                    "invalid",
+                    f"_sort={key} needs one {param_sort.param} parameter (the value it is "
+                    f"measured from), and this search has {len(values)}.",
+                    expression=["_sort"],
+                )
+            continue
+        made[key] = param_sort.expression(values[0])
+        if all(key != known for known, _d in sort):
+            sort = [*sort, (key, False)]
+    return sort, made
+
+
+def _match_extensions(
+    handler: ResourceHandler, sort: list[tuple[str, bool]], values: tuple[Any, ...]
+) -> list[dict[str, Any]]:
+    """The ``search`` extensions of a match from its sort ``values`` (Location near: its
+    distance)."""
+    found: list[dict[str, Any]] = []
+    for (key, _descending), value in zip(sort, values, strict=False):
+        param_sort = handler.param_sorts.get(key)
+        if param_sort is not None and param_sort.extension is not None and value is not None:
+            found += param_sort.extension(value)
+    return found
 
 
 def _sorted_page(
@@ -1686,18 +1735,24 @@ def _sorted_page(
     count: int,
     offset: int,
     after: list[Any] | None = None,
+    made_sorts: dict[str, Any] | None = None,
 ) -> list[tuple[Any, ...]]:
     """A page ordered by ``_sort`` (none: the type's own order, also the tie-break for
     stable paging), from ``offset`` or, with ``after`` (a cursor's values), after that
     row: the page's primary keys first (sorted and cut from the index where it covers the
     sort key), then the JSON of just those rows, in the same order; the text columns of
-    the other matches are never read. Each row: (type, id, JSON, its sort values)."""
+    the other matches are never read. Each row: (type, id, JSON, its sort values).
+    ``made_sorts``: the expressions of the ``param_sorts`` keys (``_with_param_sorts``)."""
+    made_sorts = made_sorts or {}
     annotations: dict[str, Any] = {}
     ordering: list[Any] = []
     keys: list[tuple[str, bool]] = []
     for index, (key, descending) in enumerate(sort):
         alias = f"sort_{index}"
-        annotations[alias] = F(handlers.SORTS[key]) if key in handlers.SORTS else handler.sorts[key]
+        if key in handlers.SORTS:
+            annotations[alias] = F(handlers.SORTS[key])
+        else:
+            annotations[alias] = made_sorts[key] if key in made_sorts else handler.sorts[key]
         ordering.append(
             F(alias).desc(nulls_last=True) if descending else F(alias).asc(nulls_last=True)
         )

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 
+from django.db.models import Expression, F, Value
+from django.db.models.functions import ASin, Cos, Least, Power, Radians, Sin, Sqrt
+
 EARTH_RADIUS_KM = 6371.0088
 
 
@@ -13,6 +16,20 @@ def haversine_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
     dl = math.radians(lon2 - lon1)
     a = math.sin(dp / 2) ** 2 + math.cos(p1) * math.cos(p2) * math.sin(dl / 2) ** 2
     return 2 * EARTH_RADIUS_KM * math.asin(min(1.0, math.sqrt(a)))
+
+
+def haversine_km_expression(
+    lat: float, lon: float, lat_field: str = "latitude", lon_field: str = "longitude"
+) -> Expression:
+    """``haversine_km(lat, lon, <lat_field>, <lon_field>)`` as an ORM expression: the same
+    formula, step by step, computed by the database (NULL where a coordinate is)."""
+    p1, p2 = Radians(Value(float(lat))), Radians(F(lat_field))
+    dp = p2 - p1
+    dl = Radians(F(lon_field) - Value(float(lon)))
+    a = Power(Sin(dp / Value(2.0)), Value(2.0)) + Cos(p1) * Cos(p2) * Power(
+        Sin(dl / Value(2.0)), Value(2.0)
+    )
+    return Value(2 * EARTH_RADIUS_KM) * ASin(Least(Value(1.0), Sqrt(a)))
 
 
 def bounding_box(

@@ -22,7 +22,7 @@ from fhir_gateway.registry_projection import (
     project_registry,
     project_registry_incremental,
 )
-from fhir_gateway.tests.conftest import FHIR_R5, outcome_issue
+from fhir_gateway.tests.conftest import FHIR_R4, FHIR_R5, outcome_issue
 from fhir_gateway.versions import model_class
 from registry.importing import facilities_for_export
 from registry.models import Department, Facility, OperationalStatus
@@ -313,7 +313,7 @@ def test_organization_searches(fhir, network, query, expected):
     ("query", "expected"),
     [
         ("near=21.03|105.80|5|km", ["hub"]),
-        ("near=21.03|105.80|1500", ["hub", "spoke", "lao"]),
+        ("near=21.03|105.80|1500", ["hub", "lao", "spoke"]),  # nearest first
         ("near=8.68|106.6|10", ["spoke"]),
         ("near=0|0|10|km", []),
         ("organization=Organization/{lao}", ["lao"]),
@@ -327,7 +327,196 @@ def test_location_searches(fhir, network, query, expected):
     names["member"] = Facility.objects.get(code="MEMBER").pk  # the caller's own, no coordinates
     response = fhir.get("/fhir/Location?" + query.format(**names))
     assert response.status_code == 200
-    assert _ids(response) == [str(names[n]) for n in sorted(expected, key=lambda n: names[n])]
+    if "near=" not in query:  # the type's own order (near: nearest first, as listed)
+        expected = sorted(expected, key=lambda n: names[n])
+    assert _ids(response) == [str(names[n]) for n in expected]
+
+
+# Facilities along the 100°E meridian, north of a point at 10°N (1° of latitude is
+# 111.195 km): name -> (latitude or None, name). Made in this order (ids ascending), which
+# is not their order by distance; two_a and two_b tie (same place), their names reversed.
+MERIDIAN = {
+    "one": (11.0, "Bravo"),
+    "half": (10.5, "Delta"),
+    "three": (13.0, "Charlie"),
+    "two_a": (12.0, "Zulu"),
+    "two_b": (12.0, "Alpha"),
+    "far": (14.0, "Echo"),  # 444.78 km: outside 400
+    "blank": (None, "Foxtrot"),  # no coordinates: never near
+    "here": (10.0, "Golf"),
+}
+NEAR = "near=10|100|400|km"
+DISTANCES = {
+    "here": 0.0,
+    "half": 55.598,
+    "one": 111.195,
+    "two_a": 222.39,
+    "two_b": 222.39,
+    "three": 333.585,
+}
+NEAREST_FIRST = ["here", "half", "one", "two_a", "two_b", "three"]
+FARTHEST_FIRST = ["three", "two_a", "two_b", "one", "half", "here"]  # ties still by id
+
+
+@pytest.fixture
+def meridian(db: None) -> dict[str, str]:
+    """The MERIDIAN facilities, projected: name -> Location id."""
+    made = {
+        key: FacilityFactory.create(
+            name=name, latitude=lat, longitude=None if lat is None else 100.0
+        )
+        for key, (lat, name) in MERIDIAN.items()
+    }
+    project_registry()
+    return {key: str(facility.pk) for key, facility in made.items()}
+
+
+def _distances(bundle: dict) -> list[float | None]:
+    """Each entry's location-distance in km (None: the entry has no search extension)."""
+    found: list[float | None] = []
+    for entry in bundle.get("entry", []):
+        extensions = entry["search"].get("extension")
+        if extensions is None:
+            found.append(None)
+            continue
+        [extension] = extensions
+        assert extension["url"] == "http://hl7.org/fhir/StructureDefinition/location-distance"
+        distance = extension["valueDistance"]
+        assert {k: v for k, v in distance.items() if k != "value"} == {
+            "unit": "km",
+            "system": "http://unitsofmeasure.org",
+            "code": "km",
+        }
+        found.append(distance["value"])
+    return found
+
+
+def _walk(fhir, url: str, accept: str = FHIR_R4) -> tuple[list[str], list[float | None], set]:
+    """Follows the next links from ``url``: every entry's id and distance, and the totals."""
+    ids: list[str] = []
+    distances: list[float | None] = []
+    totals = set()
+    while url:
+        bundle = json.loads(fhir.get(url, Accept=accept).content)
+        totals.add(bundle.get("total"))
+        ids += [e["resource"]["id"] for e in bundle.get("entry", [])]
+        distances += _distances(bundle)
+        nxt = [link["url"] for link in bundle["link"] if link["relation"] == "next"]
+        url = "" if not nxt else urlsplit(nxt[0])._replace(scheme="", netloc="").geturl()
+    return ids, distances, totals
+
+
+@pytest.mark.parametrize("accept", [FHIR_R4, FHIR_R5])
+def test_near_answers_nearest_first_each_with_its_distance(fhir, meridian, accept):
+    # Given facilities at known distances north of a point
+    # When a Location search gives near and no _sort
+    response = fhir.get(f"/fhir/Location?{NEAR}", Accept=accept)
+
+    # Then the matches come nearest first (ties by id), each with its distance in km
+    assert response.status_code == 200
+    bundle = json.loads(response.content)
+    assert _ids(response) == [meridian[n] for n in NEAREST_FIRST]
+    assert _distances(bundle) == [DISTANCES[n] for n in NEAREST_FIRST]
+    assert bundle["total"] == len(NEAREST_FIRST)
+    # The self link says the order it answers in
+    self_url = next(link["url"] for link in bundle["link"] if link["relation"] == "self")
+    assert "_sort=near" in self_url
+    # And the Bundle (entry.search with its extension) is valid in the answer's version
+    model_class("Bundle", "5.0" if accept == FHIR_R5 else "4.0").model_validate(bundle)
+
+
+def test_sort_near_descending_is_farthest_first(fhir, meridian):
+    response = fhir.get(f"/fhir/Location?{NEAR}&_sort=-near")
+
+    assert response.status_code == 200
+    assert _ids(response) == [meridian[n] for n in FARTHEST_FIRST]
+    assert _distances(json.loads(response.content)) == [DISTANCES[n] for n in FARTHEST_FIRST]
+    explicit = fhir.get(f"/fhir/Location?{NEAR}&_sort=near")
+    assert _ids(explicit) == [meridian[n] for n in NEAREST_FIRST]
+
+
+@pytest.mark.parametrize(
+    ("sort", "order"),
+    [
+        # name first; near the last key (the distances are still in the entries)
+        ("name", ["two_b", "one", "three", "half", "here", "two_a"]),
+        # distance first, the tie (two_a, two_b) by name
+        ("near,name", ["here", "half", "one", "two_b", "two_a", "three"]),
+        ("-near,-name", ["three", "two_a", "two_b", "one", "half", "here"]),
+    ],
+)
+def test_near_combines_with_other_sort_keys(fhir, meridian, sort, order):
+    response = fhir.get(f"/fhir/Location?{NEAR}&_sort={sort}")
+
+    assert response.status_code == 200
+    assert _ids(response) == [meridian[n] for n in order]
+    assert _distances(json.loads(response.content)) == [DISTANCES[n] for n in order]
+
+
+@pytest.mark.parametrize("sort", ["near", "-near"])
+@pytest.mark.parametrize("accept", [FHIR_R4, FHIR_R5])
+def test_near_pages_by_cursor_and_offset_give_every_match_once_in_order(
+    fhir, meridian, sort, accept
+):
+    expected = NEAREST_FIRST if sort == "near" else FARTHEST_FIRST
+    # When the pages of two are walked by their next links (cursors after a distance;
+    # the tie two_a/two_b is cut by a page's end one way or the other)
+    ids, distances, totals = _walk(fhir, f"/fhir/Location?{NEAR}&_sort={sort}&_count=2", accept)
+    # Then every match comes once, in the order, with its distance, and the total holds
+    assert ids == [meridian[n] for n in expected]
+    assert distances == [DISTANCES[n] for n in expected]
+    assert totals == {len(expected)}
+    # And pages by _offset cut the same order
+    by_offset: list[str] = []
+    for offset in (0, 2, 4, 6):
+        page = fhir.get(f"/fhir/Location?{NEAR}&_sort={sort}&_count=2&_offset={offset}")
+        by_offset += _ids(page)
+    assert by_offset == ids
+
+
+def test_default_near_order_pages_by_cursor(fhir, meridian):
+    ids, distances, _totals = _walk(fhir, f"/fhir/Location?{NEAR}&_count=4")
+
+    assert ids == [meridian[n] for n in NEAREST_FIRST]
+    assert distances == [DISTANCES[n] for n in NEAREST_FIRST]
+
+
+def test_a_near_cursor_is_for_its_point_only(fhir, meridian):
+    # Given the next link of a near search
+    bundle = json.loads(fhir.get(f"/fhir/Location?{NEAR}&_count=2").content)
+    url = next(link["url"] for link in bundle["link"] if link["relation"] == "next")
+    # When its cursor is sent with another point
+    moved = url.replace("near=10%7C100%7C400%7Ckm", "near=10%7C100.5%7C400%7Ckm")
+    assert moved != url
+    response = fhir.get(urlsplit(moved)._replace(scheme="", netloc="").geturl())
+    # Then it is refused (its distances were from the first point)
+    assert response.status_code == 400
+    assert outcome_issue(response)["expression"] == ["_cursor"]
+
+
+@pytest.mark.parametrize("query", ["_sort=near", "_sort=-near", "_sort=name,near"])
+def test_sort_by_near_without_near_is_400(fhir, meridian, query):
+    response = fhir.get(f"/fhir/Location?{query}")
+
+    assert response.status_code == 400
+    issue = outcome_issue(response)
+    assert issue["code"] == "invalid"
+    assert "_sort=near needs one near parameter" in issue["diagnostics"]
+
+
+def test_two_near_parameters_give_no_distance_order(fhir, meridian):
+    # Given two near parameters (two circles, AND): no one point to measure from
+    both = f"{NEAR}&near=12|100|150"
+    # When sorted by near: 400
+    refused = fhir.get(f"/fhir/Location?{both}&_sort=near")
+    assert refused.status_code == 400
+    assert "and this search has 2" in outcome_issue(refused)["diagnostics"]
+    # Without _sort: the type's own order (id), no distances
+    response = fhir.get(f"/fhir/Location?{both}")
+    assert response.status_code == 200
+    inside = ["one", "two_a", "two_b", "three"]
+    assert _ids(response) == sorted((meridian[n] for n in inside), key=int)
+    assert _distances(json.loads(response.content)) == [None] * len(inside)
 
 
 @pytest.mark.parametrize(

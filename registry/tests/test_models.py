@@ -16,6 +16,7 @@ from registry.models import (
     FacilityIdentifier,
     SupportLink,
 )
+from registry.selectors import facilities_within
 from registry.text import search_key
 from tests.factories import (
     CARDIOLOGY,
@@ -368,6 +369,36 @@ def test_bounding_box_drops_longitudes_when_the_circle_reaches_over_the_pole():
     assert (min_lon, max_lon) == (None, None)
     assert max_lat == 90.0
     assert min_lat == pytest.approx(80.0 - math.degrees(2000.0 / EARTH_RADIUS_KM), abs=1e-9)
+
+
+@pytest.mark.django_db
+def test_facilities_within_computes_haversine_km_in_sql() -> None:
+    # Given facilities around Hà Nội, across the antimeridian, and one without coordinates
+    points = {
+        "hanoi": HANOI,
+        "hcmc": HO_CHI_MINH_CITY,
+        "north": _destination(*HANOI, 0, 150.0),
+        "east": _destination(*HANOI, 90, 299.9),
+        "west_far": _destination(*HANOI, 270, 300.1),
+    }
+    made = {
+        name: FacilityFactory.create(latitude=lat, longitude=lon)
+        for name, (lat, lon) in points.items()
+    }
+    FacilityFactory.create(latitude=None, longitude=None)
+    across = FacilityFactory.create(latitude=0.0, longitude=-179.5)
+
+    # When the database is asked for those within 300 km of Hà Nội, and 112 km of 0, 179.5
+    near_hanoi = dict(facilities_within(*HANOI, 300.0).values_list("pk", "distance_km"))
+    near_line = dict(facilities_within(0.0, 179.5, 112.0).values_list("pk", "distance_km"))
+
+    # Then the matches and their distances are Python's haversine_km, to the last bits
+    assert set(near_hanoi) == {made[n].pk for n in ("hanoi", "north", "east")}
+    for name in ("hanoi", "north", "east"):
+        expected = haversine_km(*HANOI, *points[name])
+        assert near_hanoi[made[name].pk] == pytest.approx(expected, rel=1e-12, abs=1e-9)
+    assert near_hanoi[made["north"].pk] == pytest.approx(150.0, abs=1e-6)
+    assert near_line == {across.pk: pytest.approx(111.195, abs=0.001)}
 
 
 # --- search key ---------------------------------------------------------------------------
