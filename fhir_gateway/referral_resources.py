@@ -1878,6 +1878,8 @@ def transaction_bundle(
                 department = _department(named, where)
             with stored_versions() as fresh:
                 referral, created = _submit(user, intake, department, where)
+        if task:
+            _check_task_focus(referral, task, entries, sr_index, by_type["Task"][0][0])
         outcomes: dict[int, tuple[FhirResource, str]] = {}
         status = "201 Created" if created else "200 OK"
         notes: dict[int, dict[str, Any]] = {}
@@ -1984,6 +1986,34 @@ def _check_own_referral(
             "Task entry). Send a file for another referral as a DocumentReference of its own.",
             expression=[f"Bundle.entry[{index}].resource"],
         )
+
+
+def _check_task_focus(
+    referral: Referral,
+    task: dict[str, Any],
+    entries: list[dict[str, Any]],
+    sr_index: int,
+    index: int,
+) -> None:
+    """422 when a transaction's ``Task.focus`` names another order than the Bundle's own:
+    the ServiceRequest entry, or the referral's own ``ServiceRequest/<id>`` (however
+    written: absolute, versioned), as a resubmission may. It was checked only when it named
+    an entry (``urn:uuid:``); one naming another referral's ServiceRequest was stored as
+    the Task of the Bundle's referral, read back focused on that one (review)."""
+    reference = m.reference_of(task.get("focus"))
+    if not reference or reference == entries[sr_index].get("fullUrl"):
+        return
+    if m.split_reference(reference) == ("ServiceRequest", referral.filler_id):
+        return
+    where = f"Bundle.entry[{index}].resource.focus"
+    raise FhirError(
+        422,
+        "business-rule",
+        f"{where} names {reference[:120]!r}; a transaction's Task is the workflow of its own "
+        "referral: its focus is the Bundle's ServiceRequest entry (or leave it out). Change "
+        "another referral by updating its own Task.",
+        expression=[where],
+    )
 
 
 def _inline_binaries(
