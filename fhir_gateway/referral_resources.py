@@ -1871,11 +1871,22 @@ def transaction_bundle(
         else:
             where = "ServiceRequest.performer"
             department = _department(intake.performer_references, where)
-            if department is None and task:
-                where = "Task.owner"
-                owner = task.get("owner")
-                named = [m.department_reference(owner, where)] if owner else []
-                department = _department(named, where)
+            owner = task.get("owner") if task else None
+            if owner:
+                # Either names the department; both: the same one, else 422 (the owner was
+                # ignored beside a performer, so the sender's own data disagreed unseen).
+                named = _department([m.department_reference(owner, "Task.owner")], "Task.owner")
+                if department is None:
+                    where, department = "Task.owner", named
+                elif named is not None and named.pk != department.pk:
+                    raise FhirError(
+                        422,
+                        "business-rule",
+                        f"Task.owner {m.reference_of(owner)[:100]} is not the department "
+                        f"ServiceRequest.performer names (HealthcareService/{department.pk}): "
+                        "name one department, or leave Task.owner out.",
+                        expression=["Task.owner"],
+                    )
             with stored_versions() as fresh:
                 referral, created = _submit(user, intake, department, where)
         if task:

@@ -264,3 +264,47 @@ def test_a_department_named_without_a_reference_is_refused(world: World, where: 
     expected = "Task.owner" if where == "owner" else "ServiceRequest.performer[0]"
     assert outcome_issue(response)["expression"] == [expected]
     _nothing_submitted()
+
+
+# --- Task.owner beside ServiceRequest.performer (review suspicion) ---------------------
+# Task.owner was read only when the ServiceRequest named no performer: an owner naming
+# another department, or no department at all, was silently ignored.
+
+
+def test_a_task_owner_contradicting_the_performer_is_refused(world: World) -> None:
+    bundle = transaction(world)
+    cardiology = world.network.cardiology
+    bundle["entry"][2]["resource"]["owner"] = {"reference": f"HealthcareService/{cardiology.pk}"}
+
+    response = _post_bundle(world, bundle)
+
+    assert response.status_code == 422, response.content
+    issue = outcome_issue(response)
+    assert (issue["code"], issue["expression"]) == ("business-rule", ["Task.owner"])
+    assert f"HealthcareService/{world.network.pediatrics.pk}" in issue["diagnostics"]
+    _nothing_submitted()
+
+
+def test_a_task_owner_that_is_no_department_is_refused_beside_a_performer(world: World) -> None:
+    bundle = transaction(world)
+    bundle["entry"][2]["resource"]["owner"] = {"reference": f"Organization/{world.network.hub.pk}"}
+
+    response = _post_bundle(world, bundle)
+
+    assert response.status_code == 422, response.content
+    assert outcome_issue(response)["expression"] == ["Task.owner"]
+    _nothing_submitted()
+
+
+def test_a_task_owner_naming_the_performer_is_taken(world: World) -> None:
+    """The same department, however written (absolute, versioned), agrees."""
+    bundle = transaction(world)
+    pediatrics = world.network.pediatrics
+    bundle["entry"][2]["resource"]["owner"] = {
+        "reference": f"http://testserver/fhir/HealthcareService/{pediatrics.pk}/_history/1"
+    }
+
+    response = _post_bundle(world, bundle)
+
+    assert response.status_code == 200, response.content
+    assert Referral.objects.get().assigned_department_id == pediatrics.pk
