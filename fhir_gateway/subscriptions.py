@@ -476,6 +476,15 @@ def _number(params: dict[str, list[str]], name: str) -> int | None:
 
 def _count(params: dict[str, list[str]]) -> int:
     count = _number(params, "_count")
+    if count == 0:
+        # A page of no events without a next link read as "caught up" while events waited
+        # (a poller asking so never moved on); how many there are is $status's to say.
+        raise FhirError(
+            400,
+            "invalid",
+            f"_count must be 1 to {MAX_COUNT}: a page of events carries events. How many "
+            "happened since the Subscription started: $status (eventsSinceSubscriptionStart).",
+        )
     return DEFAULT_COUNT if count is None else min(count, MAX_COUNT)
 
 
@@ -952,7 +961,7 @@ def register_all() -> None:
             definition="http://hl7.org/fhir/OperationDefinition/Subscription-events",
             definition_r4=f"{BACKPORT}/OperationDefinition/backport-subscription-events",
             documentation="Events numbered after the Subscription's creation: "
-            "eventsSinceNumber, eventsUntilNumber (inclusive), _count (50, max 500), "
+            "eventsSinceNumber, eventsUntilNumber (inclusive), _count (1 to 500, default 50), "
             "content id-only | full-resource | empty (default: the Subscription's). Numbers older than the feed's retention: 410, with "
             "the oldest kept number (extension feed-oldest-event-number).",
         )
@@ -990,7 +999,7 @@ def register_all() -> None:
             parameters=frozenset({"since", "_count"}),
             definition=f"{CONSILIUM}/OperationDefinition/facility-events",
             documentation="Your facility's feed after event number `since` (none: from the "
-            "oldest event kept), id-only, _count (50, max 500). R4: a history Bundle, each "
+            "oldest event kept), id-only, _count (1 to 500, default 50). R4: a history Bundle, each "
             "entry's extension feed-event-number the cursor for the next call; R5: a "
             "subscription-notification Bundle (SubscriptionStatus query-event, the event "
             "numbers in notificationEvent). A cursor older than the feed's retention "
