@@ -1126,6 +1126,14 @@ def task_to_transition(
             raise _refuse(
                 "Task.owner must be a HealthcareService (the new department).", "Task.owner"
             )
+        if len(department) > 1 and department.startswith("0"):
+            # Logical ids are strings: HealthcareService/01 is not HealthcareService/1 (it
+            # was read as a number: a forward there, or to where the case already is).
+            raise _refuse(
+                f"Task.owner HealthcareService/{department[:40]} is not a department of the "
+                "network.",
+                "Task.owner",
+            )
         if new_state not in (old_state, S.SUBMITTED) or new_status not in (old_status, "requested"):
             raise _refuse(
                 "A new Task.owner forwards the referral: it starts again as submitted there; "

@@ -673,6 +673,9 @@ def _caller_facility(user: User) -> int:
 # Reference.type values that name a person of the sender, not a facility: such a requester
 # is accepted and not kept (the requesting facility is the caller's).
 _PERSON_TYPES = frozenset({"Practitioner", "PractitionerRole", "Patient", "RelatedPerson"})
+# What else a literal requester reference may name: a device of the sender (FHIR allows
+# one as requester / sender), accepted and not kept as a person is.
+_SENDER_TYPES = _PERSON_TYPES | {"Device"}
 
 
 def _check_requester(
@@ -683,9 +686,13 @@ def _check_requester(
     refused (403), however it names it: ``Organization/<id>`` (relative, absolute,
     versioned), a logical ``identifier`` (our facility code or one of the facility's
     identifiers), a conditional reference ``Organization?identifier=<system>|<value>``, or
-    a contained Organization with such an identifier. An Organization it names by none of
-    these, or by an identifier we cannot tie to one facility, is 422: we cannot check it.
-    A person of the sender (Practitioner, PractitionerRole) is accepted and not kept."""
+    a contained Organization with such an identifier; ``Organization/<id>`` with an
+    identifier beside it, by either. An Organization it names by none of these, or by an
+    identifier we cannot tie to one facility, is 422: we cannot check it; so is a literal
+    reference to anything but an Organization or a person or device of the sender (a
+    Location, a HealthcareService, a malformed path). Ids are strings: ``Organization/07``
+    is not ``Organization/7``. A person of the sender (Practitioner, PractitionerRole) is
+    accepted and not kept."""
     value = resource.get(element)
     if not isinstance(value, dict):
         return
@@ -720,7 +727,19 @@ def _check_requester(
         return
     if reference:
         kind, logical_id = m.split_reference(reference)
-        if kind == "Organization" and logical_id != str(own):
+        if kind in _SENDER_TYPES:
+            return
+        if kind != "Organization":
+            # Anything else (a Location, a HealthcareService, a malformed path) passed
+            # unchecked, though it could name another facility (review).
+            raise FhirError(
+                422,
+                "business-rule",
+                f"{where} {reference[:100]!r} names no Organization we can check: name your "
+                f"facility as Organization/{own} (or a person of yours).",
+                expression=[where],
+            )
+        if logical_id != str(own):  # ids are strings: Organization/07 is not Organization/7
             raise FhirError(
                 403,
                 "forbidden",
@@ -728,6 +747,20 @@ def _check_requester(
                 f"facility (Organization/{own}).",
                 expression=[where],
             )
+        identifier = value.get("identifier")
+        if isinstance(identifier, dict) and identifier.get("value"):
+            # Beside the reference, an identifier tied to another facility contradicts it
+            # (it passed); one we cannot tie to a facility is the sender's own affair.
+            system, code = str(identifier.get("system") or ""), str(identifier["value"])
+            ids = facility_ids_by_identifier(system, code, code_system=FACILITY_CODE_SYSTEM)
+            if len(ids) == 1 and ids[0] != own:
+                raise FhirError(
+                    403,
+                    "forbidden",
+                    f"{where}: its identifier names Organization/{ids[0]}; you may only "
+                    f"request for your own facility (Organization/{own}).",
+                    expression=[where],
+                )
         return
     if declared in _PERSON_TYPES:
         return
@@ -1871,13 +1904,26 @@ def transaction_bundle(
         else:
             where = "ServiceRequest.performer"
             department = _department(intake.performer_references, where)
-            if department is None and task:
-                where = "Task.owner"
-                owner = task.get("owner")
-                named = [m.department_reference(owner, where)] if owner else []
-                department = _department(named, where)
+            owner = task.get("owner") if task else None
+            if owner:
+                # Either names the department; both: the same one, else 422 (the owner was
+                # ignored beside a performer, so the sender's own data disagreed unseen).
+                named = _department([m.department_reference(owner, "Task.owner")], "Task.owner")
+                if department is None:
+                    where, department = "Task.owner", named
+                elif named is not None and named.pk != department.pk:
+                    raise FhirError(
+                        422,
+                        "business-rule",
+                        f"Task.owner {m.reference_of(owner)[:100]} is not the department "
+                        f"ServiceRequest.performer names (HealthcareService/{department.pk}): "
+                        "name one department, or leave Task.owner out.",
+                        expression=["Task.owner"],
+                    )
             with stored_versions() as fresh:
                 referral, created = _submit(user, intake, department, where)
+        if task:
+            _check_task_focus(referral, task, entries, sr_index, by_type["Task"][0][0])
         outcomes: dict[int, tuple[FhirResource, str]] = {}
         status = "201 Created" if created else "200 OK"
         notes: dict[int, dict[str, Any]] = {}
@@ -1984,6 +2030,34 @@ def _check_own_referral(
             "Task entry). Send a file for another referral as a DocumentReference of its own.",
             expression=[f"Bundle.entry[{index}].resource"],
         )
+
+
+def _check_task_focus(
+    referral: Referral,
+    task: dict[str, Any],
+    entries: list[dict[str, Any]],
+    sr_index: int,
+    index: int,
+) -> None:
+    """422 when a transaction's ``Task.focus`` names another order than the Bundle's own:
+    the ServiceRequest entry, or the referral's own ``ServiceRequest/<id>`` (however
+    written: absolute, versioned), as a resubmission may. It was checked only when it named
+    an entry (``urn:uuid:``); one naming another referral's ServiceRequest was stored as
+    the Task of the Bundle's referral, read back focused on that one (review)."""
+    reference = m.reference_of(task.get("focus"))
+    if not reference or reference == entries[sr_index].get("fullUrl"):
+        return
+    if m.split_reference(reference) == ("ServiceRequest", referral.filler_id):
+        return
+    where = f"Bundle.entry[{index}].resource.focus"
+    raise FhirError(
+        422,
+        "business-rule",
+        f"{where} names {reference[:120]!r}; a transaction's Task is the workflow of its own "
+        "referral: its focus is the Bundle's ServiceRequest entry (or leave it out). Change "
+        "another referral by updating its own Task.",
+        expression=[where],
+    )
 
 
 def _inline_binaries(

@@ -52,7 +52,8 @@ if TYPE_CHECKING:
     from accounts.models import User
 
 REGISTRY_INTERACTIONS = (READ, VREAD, HISTORY, SEARCH)
-_NUMERIC = re.compile(r"^[0-9]{1,18}$")
+# A row id as its logical id is written: "01" is another id than "1" (ids are strings).
+_NUMERIC = re.compile(r"^(0|[1-9][0-9]{0,17})$")
 _NOTHING = Q(pk__in=[])
 
 # A filter: (registry queryset, one value which may hold comma-separated alternatives) -> Q.

@@ -476,6 +476,15 @@ def _number(params: dict[str, list[str]], name: str) -> int | None:
 
 def _count(params: dict[str, list[str]]) -> int:
     count = _number(params, "_count")
+    if count == 0:
+        # A page of no events without a next link read as "caught up" while events waited
+        # (a poller asking so never moved on); how many there are is $status's to say.
+        raise FhirError(
+            400,
+            "invalid",
+            f"_count must be 1 to {MAX_COUNT}: a page of events carries events. How many "
+            "happened since the Subscription started: $status (eventsSinceSubscriptionStart).",
+        )
     return DEFAULT_COUNT if count is None else min(count, MAX_COUNT)
 
 
@@ -724,6 +733,9 @@ def subscription_events(call: OperationCall) -> OperationAnswer:
         first = max(first, feed_pruned_through(state.facility_id) + 1)
     items, more = feed_page(state.facility_id, first=first, last=until, count=count)
     _refuse_pruned(state.facility_id, first, cursor="eventsSinceNumber")
+    if since is None and until is not None and until > state.start_number:
+        # From the start up to a pruned number: an empty page would hide the gap (review).
+        _refuse_pruned(state.facility_id, until, cursor="eventsSinceNumber")
     since_start = max(0, feed_last_number(state.facility_id) - state.start_number)
     status = _status_resource(
         call.version,
@@ -952,7 +964,7 @@ def register_all() -> None:
             definition="http://hl7.org/fhir/OperationDefinition/Subscription-events",
             definition_r4=f"{BACKPORT}/OperationDefinition/backport-subscription-events",
             documentation="Events numbered after the Subscription's creation: "
-            "eventsSinceNumber, eventsUntilNumber (inclusive), _count (50, max 500), "
+            "eventsSinceNumber, eventsUntilNumber (inclusive), _count (1 to 500, default 50), "
             "content id-only | full-resource | empty (default: the Subscription's). Numbers older than the feed's retention: 410, with "
             "the oldest kept number (extension feed-oldest-event-number).",
         )
@@ -990,7 +1002,7 @@ def register_all() -> None:
             parameters=frozenset({"since", "_count"}),
             definition=f"{CONSILIUM}/OperationDefinition/facility-events",
             documentation="Your facility's feed after event number `since` (none: from the "
-            "oldest event kept), id-only, _count (50, max 500). R4: a history Bundle, each "
+            "oldest event kept), id-only, _count (1 to 500, default 50). R4: a history Bundle, each "
             "entry's extension feed-event-number the cursor for the next call; R5: a "
             "subscription-notification Bundle (SubscriptionStatus query-event, the event "
             "numbers in notificationEvent). A cursor older than the feed's retention "

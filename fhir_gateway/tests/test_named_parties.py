@@ -19,6 +19,7 @@ from fhir_gateway.tests.referral_world import (
     submit,
     task_of,
     transaction,
+    update_task,
     with_case_file,
 )
 from referrals.models import ConsultNote, Message, Referral
@@ -264,3 +265,107 @@ def test_a_department_named_without_a_reference_is_refused(world: World, where: 
     expected = "Task.owner" if where == "owner" else "ServiceRequest.performer[0]"
     assert outcome_issue(response)["expression"] == [expected]
     _nothing_submitted()
+
+
+# --- Task.owner beside ServiceRequest.performer (review suspicion) ---------------------
+# Task.owner was read only when the ServiceRequest named no performer: an owner naming
+# another department, or no department at all, was silently ignored.
+
+
+def test_a_task_owner_contradicting_the_performer_is_refused(world: World) -> None:
+    bundle = transaction(world)
+    cardiology = world.network.cardiology
+    bundle["entry"][2]["resource"]["owner"] = {"reference": f"HealthcareService/{cardiology.pk}"}
+
+    response = _post_bundle(world, bundle)
+
+    assert response.status_code == 422, response.content
+    issue = outcome_issue(response)
+    assert (issue["code"], issue["expression"]) == ("business-rule", ["Task.owner"])
+    assert f"HealthcareService/{world.network.pediatrics.pk}" in issue["diagnostics"]
+    _nothing_submitted()
+
+
+def test_a_task_owner_that_is_no_department_is_refused_beside_a_performer(world: World) -> None:
+    bundle = transaction(world)
+    bundle["entry"][2]["resource"]["owner"] = {"reference": f"Organization/{world.network.hub.pk}"}
+
+    response = _post_bundle(world, bundle)
+
+    assert response.status_code == 422, response.content
+    assert outcome_issue(response)["expression"] == ["Task.owner"]
+    _nothing_submitted()
+
+
+def test_a_task_owner_naming_the_performer_is_taken(world: World) -> None:
+    """The same department, however written (absolute, versioned), agrees."""
+    bundle = transaction(world)
+    pediatrics = world.network.pediatrics
+    bundle["entry"][2]["resource"]["owner"] = {
+        "reference": f"http://testserver/fhir/HealthcareService/{pediatrics.pk}/_history/1"
+    }
+
+    response = _post_bundle(world, bundle)
+
+    assert response.status_code == 200, response.content
+    assert Referral.objects.get().assigned_department_id == pediatrics.pk
+
+
+# --- A department's id written with a leading zero (review suspicion) -------------------
+# Logical ids are strings: HealthcareService/01 is not HealthcareService/1. It was read as
+# a number, so it named that department.
+
+
+@pytest.mark.parametrize("where", ["performer", "owner"])
+def test_a_department_id_with_a_leading_zero_is_no_department(world: World, where: str) -> None:
+    bundle = transaction(world, performer=False)
+    named = {"reference": f"HealthcareService/0{world.network.pediatrics.pk}"}
+    if where == "owner":
+        bundle["entry"][2]["resource"]["owner"] = named
+    else:
+        bundle["entry"][1]["resource"]["performer"] = [named]
+
+    response = _post_bundle(world, bundle)
+
+    assert response.status_code == 422, response.content
+    issue = outcome_issue(response)
+    element = "Task.owner" if where == "owner" else "ServiceRequest.performer"
+    assert (issue["code"], issue["expression"]) == ("business-rule", [element])
+    assert "is not a department of the network" in issue["diagnostics"]
+    _nothing_submitted()
+
+
+@pytest.mark.parametrize("department", ["cardiology", "pediatrics"])
+def test_a_forward_to_a_department_id_with_a_leading_zero_is_refused(
+    world: World, department: str
+) -> None:
+    """To another department (it was forwarded there) or the Task's own (it was a forward
+    to where the case already is)."""
+    task_id = str(task_of(submit(world))["id"])
+    pk = getattr(world.network, department).pk
+    referral = Referral.objects.get(filler_id=task_id)
+    version = FhirResource.objects.get(
+        resource_type="Task", logical_id=task_id, is_current=True
+    ).version_id
+
+    def forward(task: dict[str, Any]) -> None:
+        task["owner"] = {"reference": f"HealthcareService/0{pk}"}
+        task["statusReason"] = {"concept": {"text": "Elsewhere, please."}}  # R5
+
+    response = update_task(world.r5, task_id, forward, FHIR_R5)
+
+    assert response.status_code == 422, response.content
+    issue = outcome_issue(response)
+    assert (issue["code"], issue["expression"]) == ("business-rule", ["Task.owner"])
+    assert "is not a department of the network" in issue["diagnostics"]
+    after = Referral.objects.get(filler_id=task_id)
+    assert (after.assigned_department_id, after.version) == (
+        referral.assigned_department_id,
+        referral.version,
+    )
+    assert (
+        FhirResource.objects.get(
+            resource_type="Task", logical_id=task_id, is_current=True
+        ).version_id
+        == version
+    )

@@ -202,6 +202,34 @@ def _requester_cases(world: World) -> list[tuple[dict[str, Any], list[dict[str, 
         ({"reference": "Organization?name=Bench"}, [], 422),
         ({"reference": "#o1"}, [{"resourceType": "Organization", "id": "o1", "name": "x"}], 422),
         ({"identifier": {"system": CODES, "value": spoke.code}}, [], 201),
+        # Review suspicion (ids as text or numbers, a check passing for another facility).
+        # An id is a string: Organization/0<own> is not the caller's facility.
+        ({"reference": f"Organization/0{spoke.pk}"}, [], 403),
+        # The caller's Organization by reference, another facility by identifier: it passed.
+        (
+            {"reference": f"Organization/{spoke.pk}", "identifier": other["identifier"]},
+            [],
+            403,
+        ),
+        # What is no Organization nor a person of the sender cannot be checked: these
+        # passed, the first two naming the other hospital (its Location, a department).
+        ({"reference": f"Location/{hub.pk}"}, [], 422),
+        ({"reference": f"HealthcareService/{world.network.pediatrics.pk}"}, [], 422),
+        ({"reference": f"organization/{hub.pk}"}, [], 422),
+        ({"reference": f"Organization/{hub.pk}/x"}, [], 422),
+        ({"type": "Organization", "reference": str(hub.pk)}, [], 422),
+        # An identifier we cannot tie to a facility beside the caller's own reference: the
+        # reference is checked (a member's own name for itself).
+        (
+            {
+                "reference": f"Organization/{spoke.pk}",
+                "identifier": {"system": "urn:x", "value": "me"},
+            },
+            [],
+            201,
+        ),
+        ({"reference": f"http://testserver/fhir/Organization/{spoke.pk}/_history/2"}, [], 201),
+        ({"reference": "Device/scanner-3"}, [], 201),  # a device of the sender
         ({"reference": "Organization?identifier=urn:moh|S-1"}, [], 201),
         ({"type": "Practitioner", "identifier": {"system": "urn:npi", "value": "1"}}, [], 201),
         (

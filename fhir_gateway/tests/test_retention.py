@@ -509,6 +509,30 @@ def test_replaying_a_subscription_from_a_pruned_number_is_410_with_the_oldest_ke
     assert since_start == "8"
 
 
+@pytest.mark.parametrize("until", [2, 4])
+def test_events_until_a_pruned_number_without_a_since_is_410(world: World, until: int):
+    """Review: eventsUntilNumber alone (from the Subscription's start) answered an empty
+    page once every event up to it was pruned: a silent gap, not the 410 an
+    eventsSinceNumber there gets."""
+    sub = _subscribe(world.r4)
+    facility = world.network.spoke.pk
+    for n in range(2):
+        _accept(world, str(task_of(submit(world, f"SR-{n}"))["id"]))  # 4 events each
+    feed_number(facility)
+    _age_feed(facility, range(1, 5))
+    retention_prune()
+    assert feed_pruned_through(facility) == 4
+
+    gone = world.r4.get(f"/fhir/Subscription/{sub}/$events?eventsUntilNumber={until}")
+
+    assert gone.status_code == 410, gone.content
+    issue = outcome_issue(gone)
+    assert issue["code"] == "deleted"
+    assert issue["extension"] == [{"url": OLDEST_EVENT_EXTENSION, "valueString": "5"}]
+    kept = world.r4.get(f"/fhir/Subscription/{sub}/$events?eventsUntilNumber=6")
+    assert _numbers(body(kept), FHIR_R4) == [5, 6]  # the default start: the oldest kept
+
+
 def test_facility_feed_cursor_behind_the_retention_is_410(world: World):
     _accept(world, str(task_of(submit(world))["id"]))  # events 1-4 for the spoke
     spoke = world.network.spoke.pk

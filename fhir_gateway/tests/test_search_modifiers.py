@@ -471,3 +471,21 @@ def test_a_type_modifier_whose_reference_names_another_type_is_400(
     lower = world.r4.get(f"/fhir/Task?focus:servicerequest={cases['accepted']}", Accept=FHIR_R4)
     assert lower.status_code == 400
     assert outcome_issue(lower)["code"] == "not-supported"
+
+
+def test_a_reference_id_with_a_leading_zero_names_no_row(
+    world: World, cases: dict[str, str]
+) -> None:
+    """Logical ids are strings: ``HealthcareService/01`` is not ``HealthcareService/1``
+    (review suspicion). They were read as numbers, so the search found that row's cases."""
+    department, facility = world.network.pediatrics.pk, world.network.spoke.pk
+    routed = sorted([cases["submitted"], cases["accepted"]])
+    assert _ids(world, f"/fhir/Task?owner=HealthcareService/{department}") == routed
+    assert _ids(world, f"/fhir/Task?owner=HealthcareService/0{department}") == []
+    assert _ids(world, f"/fhir/ServiceRequest?performer=HealthcareService/0{department}") == []
+    assert _ids(world, f"/fhir/Task?requester=Organization/0{facility}") == []
+    assert _ids(world, f"/fhir/Task?requester=Organization/{facility}") == sorted(cases.values())
+    assert (
+        _ids(world, f"/fhir/HealthcareService?organization=Organization/0{world.network.hub.pk}")
+        == []
+    )

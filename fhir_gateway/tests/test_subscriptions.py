@@ -755,6 +755,25 @@ def test_bad_event_numbers_are_400_and_number_nothing(world: World, query: str):
     assert not FeedEvent.objects.filter(number__isnull=False).exists()
 
 
+@pytest.mark.parametrize("path", ["/fhir/Subscription/{}/$events", "/fhir/$events?since=0"])
+@pytest.mark.parametrize("version", [FHIR_R4, FHIR_R5])
+def test_a_count_of_zero_events_is_400(world: World, path: str, version: str):
+    """Review suspicion: ``_count=0`` answered a page of no events and no ``next`` link (the
+    R4 facility feed: an empty Bundle), which reads as "caught up" while events wait; a
+    poller configured so never moves on. An events page carries events: 1 to 500."""
+    sub = _subscribe(world.r4)
+    submit(world)
+    url = path.format(sub)
+
+    response = world.r4.get(f"{url}{'&' if '?' in url else '?'}_count=0", Accept=version)
+
+    assert response.status_code == 400, response.content
+    issue = outcome_issue(response)
+    assert issue["code"] == "invalid"
+    assert "_count" in issue["diagnostics"] and "$status" in issue["diagnostics"]
+    assert not FeedEvent.objects.filter(number__isnull=False).exists()
+
+
 @pytest.mark.parametrize("since", ["abc", "-3", "1e3", "18446744073709551616"])
 def test_bad_feed_cursor_is_400(world: World, since: str):
     submit(world)

@@ -224,6 +224,8 @@ def test_wrong_side_wrong_state_and_wrong_role_are_refused_and_change_nothing(
             _state(S.CLOSED_LOCAL, inputs=[{"type": {"text": "outcome"}, "valueCode": "avoided"}]),
             "Task.input[0].type",
         ),
+        # Another referral's order: a Task's focus is its own referral's, never changed.
+        (lambda t: t.update(focus={"reference": "ServiceRequest/CSL-OTHER"}), "Task.focus"),
     ],
 )
 def test_updates_we_cannot_map_are_422_and_change_nothing(

@@ -26,6 +26,7 @@ from fhir_gateway.tests.referral_world import (
     member_client,
     stored_files,
     submit,
+    task_of,
     third_facility_expert,
     transaction,
     with_case_file,
@@ -479,3 +480,61 @@ def test_an_absolute_request_url_naming_the_type_is_taken(world: World, form: st
         entry["request"]["url"] = form.format(entry["resource"]["resourceType"])
     response = world.r4.post("/fhir", bundle)
     assert response.status_code == 200, response.content
+
+
+# --- Task.focus naming another referral (review suspicion) -------------------------------
+
+
+def _versions(filler_id: str) -> dict[str, int]:
+    """The current version of each of a referral's resources."""
+    return dict(
+        FhirResource.objects.filter(logical_id=filler_id, is_current=True).values_list(
+            "resource_type", "version_id"
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        "ServiceRequest/{}",
+        "http://testserver/fhir/ServiceRequest/{}",
+        "ServiceRequest/{}/_history/1",
+        "Task/{}",
+    ],
+)
+@pytest.mark.parametrize("resubmission", [False, True])
+def test_a_task_entry_focused_on_another_referral_is_422(
+    world: World, form: str, resubmission: bool
+) -> None:
+    """It was: Task.focus was checked only when it named an entry (urn:uuid:); one naming
+    another referral's ServiceRequest was stored as a Task of the Bundle's referral."""
+    other = str(task_of(submit(world, "SR-OTHER"))["id"])
+    if resubmission:
+        submit(world, "SR-2")
+    bundle = transaction(world, "SR-2")
+    bundle["entry"][2]["resource"]["focus"] = {"reference": form.format(other)}
+    before, versions = _counts(), _versions(other)
+
+    response = world.r4.post("/fhir", bundle)
+
+    assert response.status_code == 422, response.content
+    issue = outcome_issue(response)
+    assert issue["code"] == "business-rule"
+    assert issue["expression"] == ["Bundle.entry[2].resource.focus"]
+    assert form.format(other) in issue["diagnostics"]
+    assert _counts() == before
+    assert _versions(other) == versions
+
+
+def test_a_task_entry_may_name_its_own_service_request(world: World) -> None:
+    """The ServiceRequest entry, or (a resubmission) the referral's ServiceRequest/<id>."""
+    first = submit(world)
+    own = str(task_of(first)["id"])
+    bundle = transaction(world)
+    bundle["entry"][2]["resource"]["focus"] = {"reference": f"ServiceRequest/{own}"}
+
+    response = world.r4.post("/fhir", bundle)
+
+    assert response.status_code == 200, response.content
+    assert [e["response"]["status"] for e in body(response)["entry"]] == ["200 OK"] * 3
