@@ -679,7 +679,11 @@ _SENDER_TYPES = _PERSON_TYPES | {"Device"}
 
 
 def _check_requester(
-    user: User, resource: dict[str, Any], where: str, element: str = "requester"
+    user: User,
+    resource: dict[str, Any],
+    where: str,
+    element: str = "requester",
+    entry_types: dict[str, str] | None = None,
 ) -> None:
     """The requesting facility is the caller's own: a requester (or ``element``: a
     Communication's sender) that names another one is
@@ -692,7 +696,8 @@ def _check_requester(
     reference to anything but an Organization or a person or device of the sender (a
     Location, a HealthcareService, a malformed path). Ids are strings: ``Organization/07``
     is not ``Organization/7``. A person of the sender (Practitioner, PractitionerRole) is
-    accepted and not kept."""
+    accepted and not kept. ``entry_types``: a transaction's entries by ``fullUrl`` (a
+    ``urn:uuid:`` reference names an entry of that type: the Bundle's Patient is a person)."""
     value = resource.get(element)
     if not isinstance(value, dict):
         return
@@ -727,6 +732,8 @@ def _check_requester(
         return
     if reference:
         kind, logical_id = m.split_reference(reference)
+        if entry_types and reference in entry_types:  # a Bundle entry: its type (review)
+            kind = entry_types[reference]
         if kind in _SENDER_TYPES:
             return
         if kind != "Organization":
@@ -1856,11 +1863,17 @@ def transaction_bundle(
         validate_resource(entry["resource"], version)
     binaries = _inline_binaries(entries, by_type)
     sr_index, service_request = by_type["ServiceRequest"][0]
-    _check_requester(user, service_request, "ServiceRequest.requester")
+    # A requester may name an entry (the Bundle's Patient) by its fullUrl.
+    entry_types = {
+        str(entry["fullUrl"]): str(entry["resource"].get("resourceType"))
+        for entry in entries
+        if isinstance(entry.get("fullUrl"), str)
+    }
+    _check_requester(user, service_request, "ServiceRequest.requester", entry_types=entry_types)
     intake = m.service_request_to_intake(service_request, version)
     task = by_type.get("Task", [(None, {})])[0][1]
     if task:
-        _check_requester(user, task, "Task.requester")
+        _check_requester(user, task, "Task.requester", entry_types=entry_types)
     patient = by_type.get("Patient", [(None, {})])[0][1]
     if patient:
         m.patient_into_intake(intake, patient)

@@ -369,3 +369,27 @@ def test_a_forward_to_a_department_id_with_a_leading_zero_is_refused(
         ).version_id
         == version
     )
+
+
+# --- A requester naming a Bundle entry (review of the tightened requester check) --------
+# A literal reference that is no Organization nor a person / device of the sender is 422;
+# a urn:uuid: reference was read as no type at all, so the Bundle's own Patient entry (a
+# patient asking for the referral: FHIR allows a Patient requester, as Patient/<id>) was
+# refused.
+
+
+@pytest.mark.parametrize("element", ["ServiceRequest.requester", "Task.requester"])
+def test_a_requester_naming_the_bundles_patient_entry_is_accepted(
+    world: World, element: str
+) -> None:
+    # Given a transaction whose requester is its own Patient entry
+    bundle = transaction(world)
+    index = 1 if element.startswith("ServiceRequest") else 2
+    bundle["entry"][index]["resource"]["requester"] = {"reference": "urn:uuid:patient-1"}
+
+    # When it is posted
+    response = _post_bundle(world, bundle)
+
+    # Then the referral is submitted for the caller's facility
+    assert response.status_code == 200, response.content
+    assert Referral.objects.get().requester_facility_id == world.network.spoke.pk
