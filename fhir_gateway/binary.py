@@ -58,7 +58,8 @@ def _not_found(logical_id: str) -> FhirError:
 
 def _attachment(read: RawRead) -> Attachment:
     filler, separator, number = read.logical_id.rpartition(m.CASE_FILE_SEPARATOR)
-    if not separator or not filler or not ascii_digits(number):
+    # The number as m.case_file_id writes it: ids are strings, …-att-01 is not …-att-1.
+    if not separator or not filler or not ascii_digits(number) or number != str(int(number)):
         raise _not_found(read.logical_id)
     referral_pk = (
         referral_visible(read.user).filter(filler_id=filler).values_list("pk", flat=True).first()

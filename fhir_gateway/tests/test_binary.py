@@ -159,6 +159,27 @@ def test_unknown_and_mismatched_ids_are_404(world: World, case_file: Any):
     assert world.r4.get(_binary_path(document)).status_code == 200
 
 
+@pytest.mark.parametrize("zeros", ["0", "00"])
+def test_a_case_file_number_with_a_leading_zero_names_no_binary(
+    world: World, case_file: Any, zeros: str
+):
+    """Ids are strings (docs/fhir.md): …-att-01 is not …-att-1 (it was read as the number,
+    serving that file under another id)."""
+    # Given a case file's Binary id, its number written with a leading zero
+    _task_id, document = case_file
+    head, separator, number = _binary_path(document).rpartition("-att-")
+    downloads = AuditEntry.objects.filter(action="download").count()
+
+    # When it is read, as the bytes or as a Binary resource
+    for accept in ("*/*", FHIR_R4):
+        response = world.r4.get(f"{head}{separator}{zeros}{number}", Accept=accept)
+
+        # Then it names nothing: 404, and no download is audited
+        assert response.status_code == 404, accept
+        assert outcome_issue(response)["code"] == "not-found"
+    assert AuditEntry.objects.filter(action="download").count() == downloads
+
+
 def test_an_accept_we_cannot_honour_is_406(world: World, case_file: Any):
     _task_id, document = case_file
 
