@@ -160,7 +160,10 @@ def message_number(referral: Referral, logical_id: str) -> int | None:
     """The number of the referral's message a Communication id names; None when it names
     no message of this referral."""
     prefix = f"{referral.filler_id}{MESSAGE_SEPARATOR}"
-    return digits_int(logical_id[len(prefix) :]) if logical_id.startswith(prefix) else None
+    written = logical_id[len(prefix) :] if logical_id.startswith(prefix) else ""
+    number = digits_int(written)
+    # As message_id writes it: ids are strings, "…-msg-01" names no message.
+    return number if number is not None and str(number) == written else None
 
 
 def note_id(referral: Referral, number: int) -> str:

@@ -18,6 +18,7 @@ from fhir_gateway.tests.referral_world import (
     World,
     body,
     consult_note,
+    message,
     service_request,
     submit,
     task_of,
@@ -1256,6 +1257,30 @@ def test_a_reply_to_a_message_id_with_superscript_digits_is_422(world: World) ->
     )
     assert response.status_code == 422, response.content
     assert outcome_issue(response)["code"] == "business-rule"
+    assert Referral.objects.get().messages.count() == before
+
+
+def test_a_reply_to_a_message_number_with_a_leading_zero_is_422(world: World) -> None:
+    """Ids are strings: "…-msg-01" is not "…-msg-1" (it was read as the number, filing the
+    reply as an answer to message 1)."""
+    # Given a referral with one message
+    task_id = _task(world, submit(world))
+    asked = world.r4.post("/fhir/Communication", message(task_id, "Echo done?"))
+    assert asked.status_code == 201, asked.content
+    head, separator, number = body(asked)["id"].rpartition("-msg-")
+    before = Referral.objects.get().messages.count()
+
+    # When a reply names that message with its number written 01
+    reply = message(task_id, "Yes.", in_response_to=f"Communication/{head}{separator}0{number}")
+    response = world.r4.post("/fhir/Communication", reply)
+
+    # Then it is refused as naming no message of the referral; nothing is stored
+    assert response.status_code == 422, response.content
+    issue = outcome_issue(response)
+    assert (issue["code"], issue["expression"]) == (
+        "business-rule",
+        ["Communication.inResponseTo"],
+    )
     assert Referral.objects.get().messages.count() == before
 
 
