@@ -229,7 +229,8 @@ def _filters(params: dict[str, list[str]]) -> tuple[Any, dict[str, str]]:
     subject = _one(params, "subject")
     if subject is not None:
         kind, _, facility = subject.partition("/")
-        if kind != "Organization" or not ascii_digits(facility):
+        # An id as the registry writes it: Organization/07 is not Organization/7.
+        if kind != "Organization" or not ascii_digits(facility) or facility != str(int(facility)):
             raise FhirError(
                 400, "invalid", "subject must be Organization/<id> (the requesting facility)."
             )

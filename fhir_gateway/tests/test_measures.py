@@ -242,6 +242,8 @@ def test_ministry_may_not_cross_two_stratifiers(ministry: FhirClient):
         ("periodStart=2025&periodEnd=2025&country=ZZ&tier=9", 400, "invalid", "country"),
         ("periodStart=2025&periodEnd=2025&stratifier=ward", 400, "invalid", "stratifier"),
         ("periodStart=2025&periodEnd=2025&subject=Patient/1", 400, "invalid", "subject"),
+        # Ids are strings: Organization/07 is not Organization/7 (it was read as facility 7)
+        ("periodStart=2025&periodEnd=2025&subject=Organization/07", 400, "invalid", "subject"),
         ("periodStart=2025&periodEnd=2025&colour=red", 400, "not-supported", "colour"),
         (
             "periodStart=2025&periodEnd=2025&reportType=subject-list",
