@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from django.db.models import Expression, F, Value
+from django.db.models import Case, Expression, F, FloatField, Q, Value, When
 from django.db.models.functions import ASin, Cos, Least, Power, Radians, Sin, Sqrt
 
 EARTH_RADIUS_KM = 6371.0088
@@ -29,7 +29,10 @@ def haversine_km_expression(
     a = Power(Sin(dp / Value(2.0)), Value(2.0)) + Cos(p1) * Cos(p2) * Power(
         Sin(dl / Value(2.0)), Value(2.0)
     )
-    return Value(2 * EARTH_RADIUS_KM) * ASin(Least(Value(1.0), Sqrt(a)))
+    distance = Value(2 * EARTH_RADIUS_KM) * ASin(Least(Value(1.0), Sqrt(a)))
+    # PostgreSQL's LEAST skips a NULL (SQLite's MIN does not): without coordinates, NULL.
+    placed = Q(**{f"{lat_field}__isnull": False, f"{lon_field}__isnull": False})
+    return Case(When(placed, then=distance), default=None, output_field=FloatField())
 
 
 def bounding_box(

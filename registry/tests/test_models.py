@@ -16,7 +16,7 @@ from registry.models import (
     FacilityIdentifier,
     SupportLink,
 )
-from registry.selectors import facilities_within
+from registry.selectors import facilities_within, facility_distances
 from registry.text import search_key
 from tests.factories import (
     CARDIOLOGY,
@@ -399,6 +399,21 @@ def test_facilities_within_computes_haversine_km_in_sql() -> None:
         assert near_hanoi[made[name].pk] == pytest.approx(expected, rel=1e-12, abs=1e-9)
     assert near_hanoi[made["north"].pk] == pytest.approx(150.0, abs=1e-6)
     assert near_line == {across.pk: pytest.approx(111.195, abs=0.001)}
+
+
+@pytest.mark.django_db
+def test_facility_distances_are_null_without_coordinates() -> None:
+    """As documented (and as on SQLite): PostgreSQL's LEAST skips a NULL, so a facility
+    without coordinates was half the globe away (pi x the Earth's radius)."""
+    # Given a facility without coordinates and one at the point
+    blank = FacilityFactory.create(latitude=None, longitude=None)
+    here = FacilityFactory.create(latitude=HANOI[0], longitude=HANOI[1])
+
+    # When the database computes their distances from the point
+    distances = dict(facility_distances(*HANOI).values_list("pk", "distance_km"))
+
+    # Then the one without coordinates has none
+    assert distances == {blank.pk: None, here.pk: 0.0}
 
 
 # --- search key ---------------------------------------------------------------------------
