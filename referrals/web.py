@@ -456,9 +456,10 @@ def _form_field(spec: InputField, referral: Referral, transition: Transition) ->
         )
     if spec.kind == "choice":
         choices = [(c, _choice_label(c, spec.name)) for c in spec.choices]
-        if not spec.required:
-            choices = [("", "—"), *choices]
-        return forms.ChoiceField(choices=choices, **common)
+        # Nothing preselected: an untouched select would send its first option, an answer
+        # (a close-out "avoided", a decline reason) nobody gave.
+        empty = "Choose one" if spec.required else "—"
+        return forms.ChoiceField(choices=[("", empty), *choices], **common)
     if spec.kind == "bool":
         # A checkbox: unticked is an answer (False), so it is never "required".
         return forms.BooleanField(label=label, required=False, help_text=help_text)

@@ -346,6 +346,39 @@ def test_close_local_checkbox(world: World) -> None:
     assert close_out.outcome == "not_applicable"
 
 
+def test_required_choices_start_unanswered_so_an_untouched_select_is_no_answer(
+    world: World,
+) -> None:
+    """A required select shown with its first option picked sends that option when the
+    user never touched it: a close-out "avoided" (the reports' headline), a decline
+    "outside the specialty", a disposition "manage locally" nobody chose."""
+    advised = world.referral_in("advised")
+    submitted = world.submit()
+    accepted = world.act(world.submit(), "accept")
+    pages = [
+        (world.referrer, advised, "close_local-outcome"),
+        (world.consultant, submitted, "decline-reason_code"),
+        (world.consultant, accepted, "advise-disposition"),
+    ]
+    for user, referral, name in pages:
+        body = client_for(user).get(f"/referrals/{referral.pk}/").content.decode()
+        select = body.split(f'<select name="{name}"', 1)[1].split("</select>", 1)[0]
+        first_option = select.split("<option", 2)[1]
+        assert first_option.startswith(' value="" selected>Choose'), (name, first_option)
+
+    # Posted untouched: a field error, and nothing changed.
+    version = advised.version
+    response = client_for(world.referrer).post(
+        f"/referrals/{advised.pk}/actions/close_local/",
+        action_post(advised, "close_local", outcome="", transfer_originally_considered="on"),
+    )
+    assert response.status_code == 400
+    assert "This field is required." in response.content.decode()
+    advised.refresh_from_db()
+    assert (advised.state, advised.version) == ("advised", version)
+    assert not CloseOut.objects.filter(referral=advised).exists()
+
+
 def test_avoided_without_a_transfer_considered_is_refused_and_changes_nothing(
     world: World,
 ) -> None:
