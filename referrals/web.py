@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import wraps
 from typing import Any
 from urllib.parse import urlencode
 
 from django import forms
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Page, Paginator
@@ -134,6 +136,31 @@ def action_label(action: str) -> str:
     return ACTION_LABELS.get(action, action.replace("_", " ").capitalize())
 
 
+def login_required_keeping_typed(
+    back_to: Callable[..., str],
+) -> Callable[[Callable[..., HttpResponse]], Callable[..., HttpResponse]]:
+    """``login_required`` for a page that takes a form: a post from a browser whose session
+    ended meanwhile (timed out, logged out in another tab) is not sent through the login
+    page (which would drop the post and then show the page as if nothing had happened) but
+    answered "nothing was changed", with what was typed to copy and a link to log in again
+    and come back to ``back_to(**kwargs)``. Nothing about any referral is looked up."""
+
+    def decorator(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+        guarded = login_required(view)
+
+        @wraps(view)
+        def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+            if request.method == "POST" and not request.user.is_authenticated:
+                login = f"{settings.LOGIN_URL}?{urlencode({'next': back_to(**kwargs)}, safe='/')}"
+                context = {"typed": _typed(request.POST), "login_url": login}
+                return render(request, "referrals/session_ended.html", context, status=403)
+            return guarded(request, *args, **kwargs)
+
+        return wrapper
+
+    return decorator
+
+
 # --- the new-referral form -------------------------------------------------------------------
 
 
@@ -225,7 +252,7 @@ def intake_department_choices(facility_id: int) -> list[tuple[str, list[tuple[in
     ]
 
 
-@login_required
+@login_required_keeping_typed(lambda: reverse("web-referral-new"))
 @require_http_methods(["GET", "POST"])
 def referral_new(request: HttpRequest) -> HttpResponse:
     user = _user(request)
@@ -611,7 +638,9 @@ def _get(user: User, referral_id: int) -> Referral:
 
 
 # Posted fields that are no one's typing (hidden keys, the version the page showed).
-_NOT_TYPED = frozenset({"csrfmiddlewaretoken", "expected_version", "client_key"})
+_NOT_TYPED = frozenset(
+    {"csrfmiddlewaretoken", "expected_version", "client_key", "placer_value", "send_again"}
+)
 
 
 def _typed(posted: Any) -> list[tuple[str, str]]:
@@ -662,7 +691,7 @@ def referral_detail_page(request: HttpRequest, pk: int) -> HttpResponse:
     return _render_detail(request, user, _get(user, pk))
 
 
-@login_required
+@login_required_keeping_typed(lambda pk, **_: reverse("web-referral-detail", args=[pk]))
 @require_http_methods(["GET", "POST"])
 def referral_action(request: HttpRequest, pk: int, action: str) -> HttpResponse:
     user = _user(request)
@@ -734,7 +763,7 @@ def referral_action(request: HttpRequest, pk: int, action: str) -> HttpResponse:
     return HttpResponseRedirect(reverse("web-referral-detail", args=[pk]), status=303)
 
 
-@login_required
+@login_required_keeping_typed(lambda pk: reverse("web-referral-detail", args=[pk]))
 @require_http_methods(["GET", "POST"])
 def referral_message(request: HttpRequest, pk: int) -> HttpResponse:
     """A message to the other side that changes no state (``referral_message_post``)."""

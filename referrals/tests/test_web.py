@@ -86,6 +86,46 @@ def test_pages_need_a_login(world: World) -> None:
         assert response["Location"].startswith("/accounts/login/")
 
 
+def test_a_post_after_the_session_ended_says_nothing_was_done_and_keeps_the_text(
+    world: World,
+) -> None:
+    """Logged out (timed out, or in another tab) with a form open: the post was sent to the
+    login page, which then led to the case's page as if nothing had happened, and what was
+    typed was gone."""
+    referral = world.referral_in("advised")
+    version = referral.version
+    anonymous = Client()
+
+    response = anonymous.post(
+        f"/referrals/{referral.pk}/actions/request_transfer/",
+        action_post(referral, "request_transfer", reason="Cần chuyển PICU <b>now</b>"),
+    )
+
+    assert response.status_code == 403
+    body = response.content.decode()
+    assert "Your session has ended" in body and "Nothing was changed" in body
+    assert "Cần chuyển PICU &lt;b&gt;now&lt;/b&gt;</textarea>" in body
+    assert f'href="/accounts/login/?next=/referrals/{referral.pk}/"' in body
+    referral.refresh_from_db()
+    assert (referral.state, referral.version) == ("advised", version)
+
+    response = anonymous.post(
+        f"/referrals/{referral.pk}/messages/", {"text": "Kết quả xét nghiệm", "client_key": "k"}
+    )
+    assert response.status_code == 403 and "Kết quả xét nghiệm</textarea>" in (
+        response.content.decode()
+    )
+    assert not Message.objects.filter(referral=referral).exists()
+
+    response = anonymous.post("/referrals/new/", new_referral_form(world))
+    assert response.status_code == 403
+    body = response.content.decode()
+    assert "Fever for 5 days in a 2-year-old.</textarea>" in body
+    assert 'href="/accounts/login/?next=/referrals/new/"' in body
+    assert "placer" not in body.lower()  # hidden keys are no one's typing
+    assert Referral.objects.count() == 1
+
+
 # --- new referral ---------------------------------------------------------------------------
 
 
