@@ -3,7 +3,9 @@ from __future__ import annotations
 import logging
 
 from django.http import HttpRequest, HttpResponse, JsonResponse
-from django.views import defaults
+from django.middleware import csrf as csrf_middleware
+from django.shortcuts import render
+from django.views import csrf, defaults
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_safe
 
@@ -39,3 +41,27 @@ def not_found(request: HttpRequest, exception: Exception) -> HttpResponse:
             body["request_id"] = request_id
         return JsonResponse(body, status=404, content_type="application/problem+json")
     return defaults.page_not_found(request, exception)
+
+
+# The check failed on the token (not on where the post came from): our own page, opened
+# before the token was renewed (a login in another tab) or before the cookie was cleared.
+_TOKEN_REASONS = (csrf_middleware.REASON_NO_CSRF_COOKIE, "CSRF token")
+
+
+def csrf_failure(request: HttpRequest, reason: str = "") -> HttpResponse:
+    """``CSRF_FAILURE_VIEW``: for the pages, "nothing was changed", a link to the form
+    again and (a referral form posted from our own origin) what was typed, instead of
+    Django's bare "CSRF verification failed. Request aborted."; the API keeps Django's."""
+    if request.path.startswith(("/api/", "/fhir")):
+        return csrf.csrf_failure(request, reason)
+    # Imported here: referrals' web module is not needed to start the API.
+    from referrals.web import _typed
+
+    own_origin = "HTTP_ORIGIN" in request.META and reason.startswith(_TOKEN_REASONS)
+    typed = (
+        _typed(request.POST)
+        if own_origin and request.path.startswith("/referrals/") and request.method == "POST"
+        else []
+    )
+    context = {"typed": typed, "again": request.path}
+    return render(request, "core/csrf_failure.html", context, status=403)

@@ -126,6 +126,58 @@ def test_a_post_after_the_session_ended_says_nothing_was_done_and_keeps_the_text
     assert Referral.objects.count() == 1
 
 
+def test_a_form_with_an_outdated_csrf_token_says_nothing_was_done_and_keeps_the_text(
+    world: World,
+) -> None:
+    """Logging in again in another tab renews the CSRF token: a form opened before fails
+    the check. That was Django's bare "CSRF verification failed. Request aborted." page,
+    with no way back and what was typed lost."""
+    referral = world.referral_in("advised")
+    version = referral.version
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(world.referrer)
+    client.get(f"/referrals/{referral.pk}/")  # the CSRF cookie
+    data = action_post(referral, "request_transfer", reason="Cần chuyển <b>PICU</b>")
+    data["csrfmiddlewaretoken"] = "x" * 64  # the token of a page from before
+
+    response = client.post(
+        f"/referrals/{referral.pk}/actions/request_transfer/",
+        data,
+        HTTP_ORIGIN="http://testserver",  # our own page (a browser sends it)
+    )
+
+    assert response.status_code == 403
+    body = response.content.decode()
+    assert 'id="csrf-failure"' in body and "Nothing was changed" in body
+    assert "Cần chuyển &lt;b&gt;PICU&lt;/b&gt;</textarea>" in body
+    # The form's address, which leads back to the case's page.
+    assert f'href="/referrals/{referral.pk}/actions/request_transfer/"' in body
+    referral.refresh_from_db()
+    assert (referral.state, referral.version) == ("advised", version)
+
+    # Posted from another site: the page, but nothing of the post is shown back.
+    response = client.post(
+        f"/referrals/{referral.pk}/actions/request_transfer/",
+        data,
+        HTTP_ORIGIN="https://evil.example",
+    )
+    assert response.status_code == 403
+    body = response.content.decode()
+    assert 'id="csrf-failure"' in body and "PICU" not in body
+    referral.refresh_from_db()
+    assert (referral.state, referral.version) == ("advised", version)
+
+    # A login form left open: the page, never the password typed.
+    response = Client(enforce_csrf_checks=True).post(
+        "/accounts/login/",
+        {"username": "dr-x", "password": "s3cret-typed", "csrfmiddlewaretoken": "x" * 64},
+        HTTP_ORIGIN="http://testserver",
+    )
+    assert response.status_code == 403
+    body = response.content.decode()
+    assert 'id="csrf-failure"' in body and "s3cret-typed" not in body
+
+
 # --- new referral ---------------------------------------------------------------------------
 
 
