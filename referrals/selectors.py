@@ -412,6 +412,26 @@ def referral_recent_duplicate(
     )
 
 
+def message_recent_duplicate(
+    user: User, *, referral_id: int, text: str, client_key: str, now: datetime | None = None
+) -> Message | None:
+    """The referral's latest message, when it is the user's own of the last
+    ``DUPLICATE_WINDOW_MINUTES`` with the same text under another form key: the same
+    message sent again from a page the back button showed again (a new key, the browser's
+    restored text). A double click (the same key) is the service's "already sent"."""
+    latest = Message.objects.filter(referral_id=referral_id).order_by("-number", "-id").first()
+    since = (now or timezone.now()) - timedelta(minutes=DUPLICATE_WINDOW_MINUTES)
+    if (
+        latest is None
+        or latest.author_id != user.pk
+        or latest.text != text.strip()
+        or latest.created_at < since
+        or (client_key and latest.client_key == client_key)
+    ):
+        return None
+    return latest
+
+
 def referral_resubmission_differences(
     referral: Referral,
     *,

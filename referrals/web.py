@@ -587,6 +587,7 @@ def _render_detail(
     status: int = 200,
     message_text: str = "",
     message_key: str = "",
+    message_duplicate: bool = False,
 ) -> HttpResponse:
     forms_by_action = []
     offered = services.referral_available_actions(user, referral)
@@ -620,6 +621,7 @@ def _render_detail(
         "action_forms": forms_by_action,
         "error": error,
         "message_text": message_text,
+        "message_duplicate": message_duplicate,
         # A refused form the case no longer offers (its state moved on): what was typed.
         "unsent": _typed(bound.data) if bound is not None and bound.action not in offered else [],
         # A new token per page shown; a refused message keeps its own (nothing was stored).
@@ -777,6 +779,31 @@ def referral_message(request: HttpRequest, pk: int) -> HttpResponse:
         )
     text = str(request.POST.get("text", ""))
     key = str(request.POST.get("client_key", "")).strip()
+    earlier = (
+        None
+        if request.POST.get("send_again")
+        else selectors.message_recent_duplicate(
+            user, referral_id=referral.pk, text=text, client_key=key
+        )
+    )
+    if earlier is not None:
+        # The same text again under a new key (a page the back button showed again): held
+        # back until the user says it is a new message.
+        error = (
+            f"You sent this same message at {earlier.created_at:%Y-%m-%d %H:%M} UTC "
+            f"(message {earlier.number}); it was not sent again. Tick the box below only "
+            "to send it a second time."
+        )
+        return _render_detail(
+            request,
+            user,
+            referral,
+            error=error,
+            status=409,
+            message_text=text,
+            message_key=key,
+            message_duplicate=True,
+        )
     try:
         _referral, _message, created = services.referral_message_post(
             actor=user, referral_id=referral.pk, text=text, client_key=key

@@ -688,7 +688,8 @@ def test_a_message_form_posted_twice_sends_one_message(world: World) -> None:
     next_key = _message_key(second.content.decode())
     assert next_key != key
     client.post(
-        f"/referrals/{referral.pk}/messages/", {"text": "X-ray attached.", "client_key": next_key}
+        f"/referrals/{referral.pk}/messages/",
+        {"text": "X-ray attached.", "client_key": next_key, "send_again": "1"},
     )
     assert referral.messages.count() == 2
     # The key is the author's own: the other side's message with the same key is its own.
@@ -700,6 +701,34 @@ def test_a_message_form_posted_twice_sends_one_message(world: World) -> None:
         == 303
     )
     assert referral.messages.count() == 3
+
+
+def test_the_same_message_sent_again_from_a_page_shown_again_is_held_back(
+    world: World,
+) -> None:
+    """The back button after sending shows the page again (a new key) and the browser
+    restores the text typed: sending it posted the same message a second time (found in a
+    browser walk)."""
+    referral = world.submit()
+    client = client_for(world.referrer)
+    url = f"/referrals/{referral.pk}/"
+    sent = {"text": "Cân nặng 12 kg.", "client_key": _message_key(client.get(url).content.decode())}
+    client.post(f"{url}messages/", sent)
+    shown_again = {**sent, "client_key": _message_key(client.get(url).content.decode())}
+
+    held = client.post(f"{url}messages/", {**shown_again, "text": " Cân nặng 12 kg. "})
+
+    assert held.status_code == 409
+    page = held.content.decode()
+    assert "You sent this same message" in page and "it was not sent again" in page
+    assert "> Cân nặng 12 kg. </textarea>" in page and 'name="send_again"' in page
+    assert list(referral.messages.values_list("text", flat=True)) == ["Cân nặng 12 kg."]
+    # Once the other side answered, the same text is a new message; so is a ticked box.
+    services.referral_message_post(actor=world.consultant, referral_id=referral.pk, text="?")
+    assert client.post(f"{url}messages/", shown_again).status_code == 303
+    again = {**shown_again, "client_key": _message_key(client.get(url).content.decode())}
+    assert client.post(f"{url}messages/", {**again, "send_again": "1"}).status_code == 303
+    assert referral.messages.count() == 4
 
 
 def test_schedule_form_explains_its_fields_to_people(world: World) -> None:
