@@ -488,7 +488,17 @@ def _form_field(spec: InputField, referral: Referral, transition: Transition) ->
         empty = "Choose one" if spec.required else "—"
         return forms.ChoiceField(choices=[("", empty), *choices], **common)
     if spec.kind == "bool":
-        # A checkbox: unticked is an answer (False), so it is never "required".
+        if spec.required:
+            # Yes or no, chosen: an unticked checkbox sent "no" for a user who never looked
+            # at it (the close-out's "was a transfer originally considered?" is the
+            # denominator of the reports' avoidance rate).
+            return forms.TypedChoiceField(
+                choices=[("", "Choose one"), ("yes", "Yes"), ("no", "No")],
+                coerce=lambda value: value == "yes",
+                empty_value=None,
+                **common,
+            )
+        # An optional one: a checkbox, unticked = False.
         return forms.BooleanField(label=label, required=False, help_text=help_text)
     if spec.kind == "datetime":
         return forms.DateTimeField(

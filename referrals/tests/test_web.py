@@ -425,14 +425,31 @@ def test_consultant_accepts_and_advises(world: World) -> None:
     assert "Oral antibiotics." in client.get(url).content.decode()
 
 
-def test_close_local_checkbox(world: World) -> None:
+def test_close_local_transfer_considered_is_a_chosen_yes_or_no(world: World) -> None:
+    """Half of the close-out question (the avoidance rate's denominator): an unticked
+    checkbox recorded "no" for a user who never looked at it; now it is a required yes/no
+    that starts unanswered."""
     referral = world.referral_in("advised")
+    version = referral.version
     client = client_for(world.referrer)
     url = f"/referrals/{referral.pk}/actions/close_local/"
+    body = client.get(f"/referrals/{referral.pk}/").content.decode()
+    name = "close_local-transfer_originally_considered"
+    select = body.split(f'<select name="{name}"', 1)[1].split("</select>", 1)[0]
+    assert select.split("<option", 2)[1].startswith(' value="" selected>Choose')
 
-    unticked = client.post(url, action_post(referral, "close_local", outcome="not_applicable"))
+    unanswered = client.post(url, action_post(referral, "close_local", outcome="not_applicable"))
 
-    assert unticked.status_code == 303  # the box not ticked: False
+    assert unanswered.status_code == 400
+    assert "This field is required." in unanswered.content.decode()
+    referral.refresh_from_db()
+    assert (referral.state, referral.version) == ("advised", version)
+    assert not CloseOut.objects.filter(referral=referral).exists()
+
+    answered = action_post(
+        referral, "close_local", outcome="not_applicable", transfer_originally_considered="no"
+    )
+    assert client.post(url, answered).status_code == 303
     close_out = CloseOut.objects.get(referral=referral)
     assert close_out.transfer_originally_considered is False
     assert close_out.outcome == "not_applicable"
@@ -462,7 +479,7 @@ def test_required_choices_start_unanswered_so_an_untouched_select_is_no_answer(
     version = advised.version
     response = client_for(world.referrer).post(
         f"/referrals/{advised.pk}/actions/close_local/",
-        action_post(advised, "close_local", outcome="", transfer_originally_considered="on"),
+        action_post(advised, "close_local", outcome="", transfer_originally_considered="yes"),
     )
     assert response.status_code == 400
     assert "This field is required." in response.content.decode()
@@ -481,7 +498,12 @@ def test_avoided_without_a_transfer_considered_is_refused_and_changes_nothing(
     client = client_for(world.referrer)
     url = f"/referrals/{referral.pk}/actions/close_local/"
 
-    refused = client.post(url, action_post(referral, "close_local", outcome="avoided"))
+    refused = client.post(
+        url,
+        action_post(
+            referral, "close_local", outcome="avoided", transfer_originally_considered="no"
+        ),
+    )
 
     assert refused.status_code == 409
     assert "only have been avoided if one was originally considered" in refused.content.decode()
@@ -489,7 +511,7 @@ def test_avoided_without_a_transfer_considered_is_refused_and_changes_nothing(
     assert (referral.state, referral.version) == ("advised", version)
     assert not CloseOut.objects.filter(referral=referral).exists()
     ticked = action_post(
-        referral, "close_local", outcome="avoided", transfer_originally_considered="on"
+        referral, "close_local", outcome="avoided", transfer_originally_considered="yes"
     )
     assert client.post(url, ticked).status_code == 303
     assert CloseOut.objects.get(referral=referral).outcome == "avoided"

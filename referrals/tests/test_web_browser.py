@@ -148,7 +148,7 @@ def test_referral_demo_flow_in_chromium(demo: dict[str, Any], live_server: Any) 
         with referrer.expect_navigation():
             row.locator("a").click()
         assert "Likely viral exanthem" in referrer.inner_text("main")
-        referrer.check("#id_close_local-transfer_originally_considered")
+        referrer.select_option("#id_close_local-transfer_originally_considered", "yes")
         referrer.select_option("#id_close_local-outcome", "avoided")
         _submit(referrer, "#action-close_local")
         assert referrer.get_attribute("#referral-state", "data-state") == "closed_local"
