@@ -231,6 +231,8 @@ def test_the_same_case_under_a_new_form_is_held_back_until_confirmed(world: Worl
     body = held.content.decode()
     assert "not</strong> sent again" in body and Referral.objects.get().filler_id in body
     assert 'name="send_again"' in body
+    # A checkbox's label follows it and reads as a sentence (no trailing colon).
+    assert ">Yes, send it as a new referral</label>" in body
     assert Referral.objects.count() == 1
 
     other = client.post(
