@@ -625,6 +625,9 @@ def _render_detail(
             .order_by("pk")
             .values_list("pk", "filler_id")
         ),
+        # The case this one answers, linked only for a user who may open it (else a 404).
+        "parent_visible": referral.parent_referral_id is not None
+        and selectors.referral_visible(user).filter(pk=referral.parent_referral_id).exists(),
         "can_message": bool(services.actor_sides(user, referral))
         and referral.state not in TERMINAL_STATES
         and referral.state != ReferralState.DRAFT,

@@ -1081,3 +1081,24 @@ def test_the_original_links_its_counter_referrals_for_those_who_may_open_them(
         f'href="/referrals/{back.pk}/"'
         not in referrer.get(f"/referrals/{referral.pk}/").content.decode()
     )
+
+
+def test_a_counter_referral_links_the_case_it_answers_only_for_who_may_open_it(
+    world: World,
+) -> None:
+    """ "Answers referral #id" linked to a 404 for a user who sees the counter-referral (its
+    department's) but not the original (another facility's case)."""
+    referral = world.referral_in("advised")
+    world.act(referral, "counter_refer")
+    back = Referral.objects.get(parent_referral=referral)
+    # Staff of the receiving department whose account belongs to another facility.
+    outsider = _user("district-locum", Role.CONSULTANT, world.hub2, world.district_paeds)
+    assert client_for(outsider).get(f"/referrals/{referral.pk}/").status_code == 404
+
+    page = client_for(outsider).get(f"/referrals/{back.pk}/").content.decode()
+
+    assert f'href="/referrals/{referral.pk}/"' not in page
+    assert f"#{referral.pk} (not shared with you)" in page
+    # Who may open it still gets the link.
+    consultant_page = client_for(world.consultant).get(f"/referrals/{back.pk}/").content.decode()
+    assert f'<a href="/referrals/{referral.pk}/">#{referral.pk}</a>' in consultant_page
