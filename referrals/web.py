@@ -610,6 +610,10 @@ def _render_detail(
             forms_by_action.append(form)
     authors = _authors(referral)
     events = list(referral.events.all())
+    for event in events:  # a decline's reason code beside its note (the note may be empty)
+        code = (event.payload or {}).get("reason_code") if event.action == "decline" else None
+        label = DeclineReason(code).label if code in DeclineReason.values else code
+        event.shown_reason = " — ".join(str(p) for p in (label, event.reason) if p)  # type: ignore[attr-defined]
     context = {
         "referral": referral,
         "events": events,

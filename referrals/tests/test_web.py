@@ -1102,3 +1102,15 @@ def test_a_counter_referral_links_the_case_it_answers_only_for_who_may_open_it(
     # Who may open it still gets the link.
     consultant_page = client_for(world.consultant).get(f"/referrals/{back.pk}/").content.decode()
     assert f'<a href="/referrals/{referral.pk}/">#{referral.pk}</a>' in consultant_page
+
+
+def test_the_timeline_shows_a_declines_reason_code_beside_its_note(world: World) -> None:
+    """The code the consultant chose (what the requester most needs to know) was kept in
+    the event but the timeline showed only the free-text note."""
+    referral = world.submit()
+    world.act(referral, "decline")  # reason_code no_capacity, note "full today"
+
+    page = client_for(world.referrer).get(f"/referrals/{referral.pk}/").content.decode()
+
+    row = page.split('<tr data-action="decline">', 1)[1].split("</tr>", 1)[0]
+    assert "No capacity — full today" in row
