@@ -2083,9 +2083,30 @@ def _check_task_focus(
     written: versioned, absolute on this server's ``base``; on another server it is that
     server's order, ``m.own_reference``), as a resubmission may. It was checked only when
     it named an entry (``urn:uuid:``); one naming another referral's ServiceRequest was
-    stored as the Task of the Bundle's referral, read back focused on that one (review)."""
+    stored as the Task of the Bundle's referral, read back focused on that one (review).
+    A focus ``identifier`` (alone or beside the reference) must be one of the order's:
+    the Bundle's ServiceRequest placer identifier, or the referral's placer or filler
+    identifier (system and value); it was never read, so another referral's passed."""
     where = f"Bundle.entry[{index}].resource.focus"
     focus = task.get("focus")
+    identifier = focus.get("identifier") if isinstance(focus, dict) else None
+    if isinstance(identifier, dict) and identifier.get("value"):
+        named = (str(identifier.get("system") or ""), str(identifier["value"]))
+        own = {
+            m.placer_identifier(entries[sr_index].get("resource") or {}),
+            (referral.placer_system, referral.placer_value),
+            (m.FILLER_SYSTEM, referral.filler_id),
+        }
+        if named not in own:
+            raise FhirError(
+                422,
+                "business-rule",
+                f"{where}.identifier {named[0][:100]}|{named[1][:60]} is not an identifier "
+                "of the Bundle's ServiceRequest (its placer identifier, system and value): a "
+                "transaction's Task is the workflow of its own referral. Name its "
+                "ServiceRequest entry in focus.reference (or leave focus out).",
+                expression=[where],
+            )
     reference = m.reference_of(focus)
     if not reference or reference == entries[sr_index].get("fullUrl"):
         return

@@ -15,6 +15,7 @@ from django.utils import timezone
 from accounts.roles import Role
 from accounts.services import api_token_issue
 from fhir_gateway.models import FhirResource, IntakeJob, OutboxMessage
+from fhir_gateway.referral_mapping import FILLER_SYSTEM
 from fhir_gateway.tests.conftest import FhirClient, outcome_issue
 from fhir_gateway.tests.referral_world import (
     HIS_PATIENT,
@@ -598,3 +599,43 @@ def test_a_counter_referral_naming_another_servers_resources_is_422(
     assert "on another server" in issue["diagnostics"]
     assert _counts() == before
     assert Referral.objects.get(filler_id=task_id).state == "advised"
+
+
+# --- Task.focus given by identifier alone (review suspicion) ----------------------------
+# An identifier-only focus was never read: one naming another referral's order was taken,
+# and the Task stored for the Bundle's referral.
+
+
+@pytest.mark.parametrize("system", [PLACER, FILLER_SYSTEM])
+@pytest.mark.parametrize("beside_the_entry", [False, True])
+def test_a_task_entry_focused_by_another_referrals_identifier_is_422(
+    world: World, system: str, beside_the_entry: bool
+) -> None:
+    # Given another referral, and a transaction whose Task.focus names that referral's
+    # order by its placer or filler identifier (alone, or beside the ServiceRequest entry)
+    other = str(task_of(submit(world, "SR-OTHER"))["id"])
+    value = "SR-OTHER" if system == PLACER else other
+    bundle = transaction(world, "SR-2")
+    focus: dict[str, Any] = {"identifier": {"system": system, "value": value}}
+    if beside_the_entry:
+        focus["reference"] = "urn:uuid:sr-1"
+    bundle["entry"][2]["resource"]["focus"] = focus
+    before, versions = _counts(), _versions(other)
+
+    # When it is posted
+    response = world.r4.post("/fhir", bundle)
+
+    # Then it is 422 on the focus, and nothing changed
+    assert response.status_code == 422, response.content
+    issue = outcome_issue(response)
+    assert issue["code"] == "business-rule"
+    assert issue["expression"] == ["Bundle.entry[2].resource.focus"]
+    assert f"{system}|{value}" in issue["diagnostics"]
+    assert _counts() == before
+    assert _versions(other) == versions
+
+    # And the Bundle's own placer identifier is its order
+    focus["identifier"] = {"system": PLACER, "value": "SR-2"}
+    response = world.r4.post("/fhir", bundle)
+    assert response.status_code == 200, response.content
+    assert [e["response"]["status"] for e in body(response)["entry"]] == ["201 Created"] * 3
