@@ -154,7 +154,7 @@ def _raw_file(call: RawCreate) -> tuple[Referral, bytes, str]:
     """The file as the body: its referral (from ``X-Security-Context``, before the bytes
     are read: outside the caller's scope nothing is), bytes and content type."""
     context = call.request.headers.get(SECURITY_CONTEXT_HEADER, "").strip()
-    referral = referral_from_references(call.user, [context], SECURITY_CONTEXT_HEADER)
+    referral = referral_from_references(call.user, [context], SECURITY_CONTEXT_HEADER, call.base)
     data = _raw_body(call.request)
     if not data:
         raise FhirError(400, "structure", "The file is empty.")
@@ -174,7 +174,7 @@ def _fhir_binary(call: RawCreate) -> tuple[Referral, bytes, str]:
     if not data:
         raise FhirError(422, "required", "Binary.data is required.", expression=["Binary.data"])
     context = m.reference_of(call.resource.get("securityContext"))
-    referral = referral_from_references(call.user, [context], "Binary.securityContext")
+    referral = referral_from_references(call.user, [context], "Binary.securityContext", call.base)
     return referral, data, str(call.resource.get("contentType") or "")
 
 

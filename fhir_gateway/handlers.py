@@ -91,6 +91,9 @@ class WriteRequest:
     logical_id: str | None = None
     if_match: str | None = None
     if_none_exist: str | None = None
+    # The server's base URL (``FhirRequest.base``): an absolute reference under it names
+    # one of our resources, any other names another server's (``m.own_reference``).
+    base: str = ""
 
 
 @dataclass(frozen=True)

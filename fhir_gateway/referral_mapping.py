@@ -19,9 +19,11 @@ from __future__ import annotations
 import base64
 import binascii
 import codecs
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+from urllib.parse import SplitResult, urlsplit
 
 from django.utils.dateparse import parse_datetime
 from django.utils.http import parse_header_parameters
@@ -517,6 +519,53 @@ def case_file_to_document_reference(
 
 def reference_of(value: Any) -> str:
     return str(value.get("reference") or "") if isinstance(value, dict) else ""
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+# An absolute URL: a scheme, then "://" (a conditional reference's query may hold one).
+_ABSOLUTE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def under_base(url: str, base: str) -> str | None:
+    """What follows ``base`` in ``url`` ('Task/1'), or None when ``url`` is not under it:
+    compared as URLs (scheme and host in any case, the default port written or not)."""
+
+    def origin(parts: SplitResult) -> tuple[str, str, int | None]:
+        try:
+            port = parts.port or _DEFAULT_PORTS.get(parts.scheme.lower())
+        except ValueError:  # a port that is no number
+            port = -1
+        return parts.scheme.lower(), (parts.hostname or "").lower(), port
+
+    try:
+        ours, theirs = urlsplit(base), urlsplit(url)
+    except ValueError:  # an unbalanced [ in the host
+        return None
+    prefix = ours.path.rstrip("/") + "/"
+    if origin(ours) != origin(theirs) or not theirs.path.startswith(prefix):
+        return None
+    return theirs.path[len(prefix) :]
+
+
+def own_reference(reference: str, base: str, where: str) -> str:
+    """A reference a write resolves to one of our resources (a department, a referral's
+    Task / ServiceRequest / Patient / message, the requesting Organization), made relative:
+    an absolute URL on this server's ``base`` (as searches read one: ``under_base``) is
+    that resource; one on another server names a resource there, not ours with the same
+    id: 422 ``business-rule`` naming ``where`` (it was read as ours). Relative, ``urn:``
+    and ``#`` references are returned as they are."""
+    if not _ABSOLUTE.match(reference):
+        return reference
+    local = under_base(reference, base)
+    if local is None:
+        raise FhirError(
+            422,
+            "business-rule",
+            f"{where} {reference[:120]!r} names a resource on another server, not one of "
+            f"ours: name it relative (Type/<id>) or under this server's base ({base}).",
+            expression=[where],
+        )
+    return local
 
 
 def split_reference(reference: str) -> tuple[str, str]:
@@ -1072,7 +1121,7 @@ def _refuse(message: str, element: str) -> FhirError:
 
 
 def task_to_transition(
-    current: dict[str, Any], incoming: dict[str, Any], version: str
+    current: dict[str, Any], incoming: dict[str, Any], version: str, base: str
 ) -> TaskChange:
     """The workflow action a Task update asks for; 422 for any other change.
 
@@ -1086,7 +1135,8 @@ def task_to_transition(
       everything else unchanged: schedule again (reschedule).
 
     Task.input items the server shows (the planned conference) and the member echoes back
-    are not inputs; only new or changed ones are.
+    are not inputs; only new or changed ones are. A Task.owner on another server than
+    ``base`` is no department of ours: 422 (``own_reference``).
     """
     changed = sorted(
         key
@@ -1120,11 +1170,11 @@ def task_to_transition(
             f"Task.businessStatus must carry a code of {REFERRAL_STATE_SYSTEM} (our states).",
             "Task.businessStatus",
         )
-    # The same department however written (absolute URL, /_history/n) is no new owner.
-    if split_reference(reference_of(current.get("owner"))) != split_reference(
-        reference_of(incoming.get("owner"))
-    ):
-        kind, department = split_reference(reference_of(incoming.get("owner")))
+    # The same department however written (absolute URL on this server's base,
+    # /_history/n) is no new owner; one on another server is none of ours.
+    owner = split_reference(own_reference(reference_of(incoming.get("owner")), base, "Task.owner"))
+    if split_reference(reference_of(current.get("owner"))) != owner:
+        kind, department = owner
         if kind != "HealthcareService" or not ascii_digits(department):
             raise _refuse(
                 "Task.owner must be a HealthcareService (the new department).", "Task.owner"

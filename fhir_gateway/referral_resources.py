@@ -684,6 +684,8 @@ def _check_requester(
     where: str,
     element: str = "requester",
     entry_types: dict[str, str] | None = None,
+    *,
+    base: str,
 ) -> None:
     """The requesting facility is the caller's own: a requester (or ``element``: a
     Communication's sender) that names another one is
@@ -697,7 +699,10 @@ def _check_requester(
     Location, a HealthcareService, a malformed path). Ids are strings: ``Organization/07``
     is not ``Organization/7``. A person of the sender (Practitioner, PractitionerRole) is
     accepted and not kept. ``entry_types``: a transaction's entries by ``fullUrl`` (a
-    ``urn:uuid:`` reference names an entry of that type: the Bundle's Patient is a person)."""
+    ``urn:uuid:`` reference names an entry of that type: the Bundle's Patient is a person).
+    An ``Organization/<id>`` on another server than ``base`` is no facility of ours: 422
+    (``m.own_reference``; it was read as ours); a person of the sender may be on its own
+    server."""
     value = resource.get(element)
     if not isinstance(value, dict):
         return
@@ -734,6 +739,8 @@ def _check_requester(
         kind, logical_id = m.split_reference(reference)
         if entry_types and reference in entry_types:  # a Bundle entry: its type (review)
             kind = entry_types[reference]
+        elif kind not in _SENDER_TYPES:  # an absolute URL: ours only under our base, else 422
+            kind, logical_id = m.split_reference(m.own_reference(reference, base, where))
         if kind in _SENDER_TYPES:
             return
         if kind != "Organization":
@@ -813,7 +820,7 @@ def _names_organization(resource: dict[str, Any], element: str) -> bool:
     return kind == "Organization"
 
 
-def _check_subject(referral: Referral, resource: dict[str, Any], where: str) -> None:
+def _check_subject(referral: Referral, resource: dict[str, Any], where: str, *, base: str) -> None:
     """A message or document about a referral is about its patient: a ``subject`` that
     references another Patient (or anything but a Patient) is 422, nothing stored — it
     was filed on the referral and its subject silently rewritten, so a note written for
@@ -823,7 +830,7 @@ def _check_subject(referral: Referral, resource: dict[str, Any], where: str) -> 
     reference = m.reference_of(value)
     if not reference:
         return
-    kind, logical_id = m.split_reference(reference)
+    kind, logical_id = m.split_reference(m.own_reference(reference, base, where))
     expected = m.patient_id(referral)
     if kind != "Patient" or logical_id != expected:
         raise FhirError(
@@ -969,11 +976,12 @@ def _specialty_by_codes(codes: list[str]) -> Specialty | None:
     return found[0] if found else None
 
 
-def _department(references: list[str], where: str) -> Department | None:
+def _department(references: list[str], where: str, base: str) -> Department | None:
     """The department a performer / owner names, None when none is named (routing
     chooses). Anything else named there (an Organization, a Practitioner, …) is refused:
-    ignoring it would send the referral where the sender did not ask."""
-    named = [r for r in references if r]
+    ignoring it would send the referral where the sender did not ask; so is a department
+    on another server than ``base`` (``m.own_reference``: it was read as ours)."""
+    named = [m.own_reference(r, base, where) for r in references if r]
     for reference in named:
         kind, logical_id = m.split_reference(reference)
         if kind != "HealthcareService":
@@ -1116,7 +1124,7 @@ def _submit(
 
 def _service_request_create(req: WriteRequest) -> WriteResult:
     validate_resource(req.resource, req.fhir_version)
-    _check_requester(req.user, req.resource, "ServiceRequest.requester")
+    _check_requester(req.user, req.resource, "ServiceRequest.requester", base=req.base)
     counter = m.based_on_referral(req.resource) is not None
     ask = m.service_request_to_counter_referral(req.resource, req.fhir_version) if counter else None
     intake = None if counter else m.service_request_to_intake(req.resource, req.fhir_version)
@@ -1126,7 +1134,7 @@ def _service_request_create(req: WriteRequest) -> WriteResult:
                 made = _if_none_exist_counter_referral(req.user, ask, req.if_none_exist)
                 if made is not None:
                     return WriteResult(_current("ServiceRequest", made), created=False)
-            return _counter_referral_create(req.user, ask)
+            return _counter_referral_create(req.user, ask, req.base)
         assert intake is not None
         existing = (
             _if_none_exist_referral(req.user, req.if_none_exist) if req.if_none_exist else None
@@ -1136,7 +1144,9 @@ def _service_request_create(req: WriteRequest) -> WriteResult:
         if existing is not None:
             referral, created = existing, False
         else:
-            department = _department(intake.performer_references, "ServiceRequest.performer")
+            department = _department(
+                intake.performer_references, "ServiceRequest.performer", req.base
+            )
             with stored_versions() as fresh:
                 referral, created = _submit(
                     req.user, intake, department, "ServiceRequest.performer"
@@ -1266,7 +1276,7 @@ def _task_update(req: WriteRequest) -> WriteResult:
         return WriteResult(row, created=False, unchanged=True)
     if expected_task is None and (replay := _replayed(req, digest, result_version=row.version_id)):
         return replay  # If-Match: * sent again after the update that made this version
-    change = m.task_to_transition(current, req.resource, req.fhir_version)
+    change = m.task_to_transition(current, req.resource, req.fhir_version, req.base)
     # Task versions follow the referral's events one to one: the If-Match version is the
     # referral version the member saw (not the referral read above: a change committed
     # between the two reads would make a right If-Match fail), and the answer is the
@@ -1360,11 +1370,12 @@ def applied_update_prune(*, before: datetime, limit: int) -> int:
     return deleted
 
 
-def _counter_referral_create(user: User, ask: m.CounterReferralAsk) -> WriteResult:
+def _counter_referral_create(user: User, ask: m.CounterReferralAsk, base: str) -> WriteResult:
     """counter_refer on the referral the ServiceRequest is based on; the answer is the new
     referral's ServiceRequest (its Task and Patient have the same id)."""
     original = _referral_by_filler(user, ask.original_id)
-    kind, patient = m.split_reference(ask.subject_reference)
+    subject = m.own_reference(ask.subject_reference, base, "ServiceRequest.subject")
+    kind, patient = m.split_reference(subject)
     if kind != "Patient" or patient != m.patient_id(original):  # a Group, a urn:uuid: no
         raise FhirError(
             422,
@@ -1373,7 +1384,7 @@ def _counter_referral_create(user: User, ask: m.CounterReferralAsk) -> WriteResu
             f"{m.patient_id(original)}), not {ask.subject_reference or 'nobody'}.",
             expression=["ServiceRequest.subject"],
         )
-    department = _department(ask.performer_references, "ServiceRequest.performer")
+    department = _department(ask.performer_references, "ServiceRequest.performer", base)
     assert department is not None  # the mapping requires a HealthcareService
     specialty = department.specialty
     if ask.specialty_codes and (specialty.system, specialty.code) not in [
@@ -1406,12 +1417,15 @@ def _counter_referral_create(user: User, ask: m.CounterReferralAsk) -> WriteResu
     )
 
 
-def referral_from_references(user: User, references: list[str], where: str) -> Referral:
+def referral_from_references(user: User, references: list[str], where: str, base: str) -> Referral:
     """The one referral ``references`` name (its Task and ServiceRequest share an id); 422
-    when they name none, or two (it was filed on the first, the second dropped unsaid)."""
+    when they name none, or two (it was filed on the first, the second dropped unsaid),
+    or one on another server than ``base`` (``m.own_reference``: it was read as ours)."""
     named = []
     for reference in references:
         kind, logical_id = m.split_reference(reference)
+        if kind in ("Task", "ServiceRequest"):
+            kind, logical_id = m.split_reference(m.own_reference(reference, base, where))
         if kind in ("Task", "ServiceRequest") and logical_id not in named:
             named.append(logical_id)
     if len(named) > 1:
@@ -1450,11 +1464,13 @@ def _communication_create(req: WriteRequest) -> WriteResult:
             expression=["Communication.status"],
         )
     part_of = [m.reference_of(r) for r in req.resource.get("partOf") or []]
-    referral = referral_from_references(req.user, part_of, "Communication.partOf")
-    _check_subject(referral, req.resource, "Communication.subject")
+    referral = referral_from_references(req.user, part_of, "Communication.partOf", req.base)
+    _check_subject(referral, req.resource, "Communication.subject", base=req.base)
     if req.user.facility_id is not None and _names_organization(req.resource, "sender"):
         # (a department-only account's sender is its department's facility)
-        _check_requester(req.user, req.resource, "Communication.sender", element="sender")
+        _check_requester(
+            req.user, req.resource, "Communication.sender", element="sender", base=req.base
+        )
     text = m.communication_text(req.resource)
     if not text:
         raise FhirError(
@@ -1466,7 +1482,9 @@ def _communication_create(req: WriteRequest) -> WriteResult:
         )
     answered: int | None = None
     for reference in req.resource.get("inResponseTo") or []:
-        _kind, logical_id = m.split_reference(m.reference_of(reference))
+        written = m.reference_of(reference)
+        where = "Communication.inResponseTo"
+        _kind, logical_id = m.split_reference(m.own_reference(written, req.base, where))
         number = m.message_number(referral, logical_id)
         answered = referral_message_by_number(referral, number) if number is not None else None
         if answered is None:
@@ -1626,8 +1644,9 @@ def _document_reference_create(req: WriteRequest) -> WriteResult:
         "DocumentReference.context.related"
         if req.fhir_version == m.R4
         else "DocumentReference.basedOn",
+        req.base,
     )
-    _check_subject(referral, req.resource, "DocumentReference.subject")
+    _check_subject(referral, req.resource, "DocumentReference.subject", base=req.base)
     roles, side = _document_rights(req.resource)
     return _keyed_create(
         req.user,
@@ -1869,11 +1888,13 @@ def transaction_bundle(
         for entry in entries
         if isinstance(entry.get("fullUrl"), str)
     }
-    _check_requester(user, service_request, "ServiceRequest.requester", entry_types=entry_types)
+    _check_requester(
+        user, service_request, "ServiceRequest.requester", entry_types=entry_types, base=base
+    )
     intake = m.service_request_to_intake(service_request, version)
     task = by_type.get("Task", [(None, {})])[0][1]
     if task:
-        _check_requester(user, task, "Task.requester", entry_types=entry_types)
+        _check_requester(user, task, "Task.requester", entry_types=entry_types, base=base)
     patient = by_type.get("Patient", [(None, {})])[0][1]
     if patient:
         m.patient_into_intake(intake, patient)
@@ -1916,12 +1937,14 @@ def transaction_bundle(
             referral, created = existing, False
         else:
             where = "ServiceRequest.performer"
-            department = _department(intake.performer_references, where)
+            department = _department(intake.performer_references, where, base)
             owner = task.get("owner") if task else None
             if owner:
                 # Either names the department; both: the same one, else 422 (the owner was
                 # ignored beside a performer, so the sender's own data disagreed unseen).
-                named = _department([m.department_reference(owner, "Task.owner")], "Task.owner")
+                named = _department(
+                    [m.department_reference(owner, "Task.owner")], "Task.owner", base
+                )
                 if department is None:
                     where, department = "Task.owner", named
                 elif named is not None and named.pk != department.pk:
@@ -1936,7 +1959,7 @@ def transaction_bundle(
             with stored_versions() as fresh:
                 referral, created = _submit(user, intake, department, where)
         if task:
-            _check_task_focus(referral, task, entries, sr_index, by_type["Task"][0][0])
+            _check_task_focus(referral, task, entries, sr_index, by_type["Task"][0][0], base)
         outcomes: dict[int, tuple[FhirResource, str]] = {}
         status = "201 Created" if created else "200 OK"
         notes: dict[int, dict[str, Any]] = {}
@@ -1987,8 +2010,9 @@ def transaction_bundle(
         for index, document in sorted(documents, key=lambda d: not document_keys[d[0]]):
             if not m.reference_of(document.get("subject")).startswith(_ENTRY_REFERENCE):
                 # Not the Patient entry (checked above): the referral's patient, or 422.
-                _check_subject(referral, document, f"Bundle.entry[{index}].resource.subject")
-            _check_own_referral(referral, document, own, index)
+                at = f"Bundle.entry[{index}].resource.subject"
+                _check_subject(referral, document, at, base=base)
+            _check_own_referral(referral, document, own, index, base)
             if not document_keys[index]:
                 same = [
                     r for r in stored.get(_inline_sha256(document), []) if r.logical_id not in taken
@@ -2023,7 +2047,7 @@ def transaction_bundle(
 
 
 def _check_own_referral(
-    referral: Referral, document: dict[str, Any], own_entries: set[str], index: int
+    referral: Referral, document: dict[str, Any], own_entries: set[str], index: int, base: str
 ) -> None:
     """422 when a transaction's case file names another referral than the Bundle's (its
     ``context.related`` / ``basedOn``: the ServiceRequest or Task entry, or the referral's
@@ -2032,7 +2056,8 @@ def _check_own_referral(
     for reference in _document_references(document):
         if reference in own_entries:
             continue
-        rtype, rid = m.split_reference(reference)
+        where = f"Bundle.entry[{index}].resource"
+        rtype, rid = m.split_reference(m.own_reference(reference, base, where))
         if rtype in ("ServiceRequest", "Task") and rid == referral.filler_id:
             continue
         raise FhirError(
@@ -2051,18 +2076,45 @@ def _check_task_focus(
     entries: list[dict[str, Any]],
     sr_index: int,
     index: int,
+    base: str,
 ) -> None:
     """422 when a transaction's ``Task.focus`` names another order than the Bundle's own:
     the ServiceRequest entry, or the referral's own ``ServiceRequest/<id>`` (however
-    written: absolute, versioned), as a resubmission may. It was checked only when it named
-    an entry (``urn:uuid:``); one naming another referral's ServiceRequest was stored as
-    the Task of the Bundle's referral, read back focused on that one (review)."""
-    reference = m.reference_of(task.get("focus"))
+    written: versioned, absolute on this server's ``base``; on another server it is that
+    server's order, ``m.own_reference``), as a resubmission may. It was checked only when
+    it named an entry (``urn:uuid:``); one naming another referral's ServiceRequest was
+    stored as the Task of the Bundle's referral, read back focused on that one (review).
+    A focus ``identifier`` (alone or beside the reference) must be one of the order's:
+    the Bundle's ServiceRequest placer identifier, or the referral's placer or filler
+    identifier (system and value); it was never read, so another referral's passed."""
+    where = f"Bundle.entry[{index}].resource.focus"
+    focus = task.get("focus")
+    identifier = focus.get("identifier") if isinstance(focus, dict) else None
+    if isinstance(identifier, dict) and identifier.get("value"):
+        named = (str(identifier.get("system") or ""), str(identifier["value"]))
+        own = {
+            m.placer_identifier(entries[sr_index].get("resource") or {}),
+            (referral.placer_system, referral.placer_value),
+            (m.FILLER_SYSTEM, referral.filler_id),
+        }
+        if named not in own:
+            raise FhirError(
+                422,
+                "business-rule",
+                f"{where}.identifier {named[0][:100]}|{named[1][:60]} is not an identifier "
+                "of the Bundle's ServiceRequest (its placer identifier, system and value): a "
+                "transaction's Task is the workflow of its own referral. Name its "
+                "ServiceRequest entry in focus.reference (or leave focus out).",
+                expression=[where],
+            )
+    reference = m.reference_of(focus)
     if not reference or reference == entries[sr_index].get("fullUrl"):
         return
-    if m.split_reference(reference) == ("ServiceRequest", referral.filler_id):
+    if m.split_reference(m.own_reference(reference, base, where)) == (
+        "ServiceRequest",
+        referral.filler_id,
+    ):
         return
-    where = f"Bundle.entry[{index}].resource.focus"
     raise FhirError(
         422,
         "business-rule",

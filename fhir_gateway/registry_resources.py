@@ -222,20 +222,33 @@ def _location_status(raw: str) -> Q:
     return _any(raw, one)
 
 
+# FHIR's decimal (datatypes.html#decimal): Python's float() also reads "1_0" (as 10),
+# surrounding whitespace, "nan", "inf", "+1", "1." and other scripts' digits (Arabic-Indic).
+_DECIMAL = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
+
+
 def _near_point(raw: str) -> tuple[float, float, float]:
     """near=lat|lon|distance|units (units km; distance defaults to 50 km) -> (lat, lon,
-    distance in km)."""
+    distance in km). Each number is a FHIR decimal and there are at most four parts, else
+    400 ``invalid`` naming ``near`` (a fifth part was ignored, ``1_0`` read as 10)."""
     parts = raw.split("|")
-    try:
-        lat, lon = float(parts[0]), float(parts[1])
-        distance = float(parts[2]) if len(parts) > 2 and parts[2] else 50.0
-    except (ValueError, IndexError) as exc:
-        raise FhirError(400, "invalid", f"near {raw!r} is not lat|lon|distance|km.") from exc
+    numbers = parts[:2] + [p for p in parts[2:3] if p]  # the distance may be left empty
+    if not 2 <= len(parts) <= 4 or not all(_DECIMAL.fullmatch(n) for n in numbers):
+        raise FhirError(
+            400,
+            "invalid",
+            f"near {raw[:100]!r} is not lat|lon|distance|km (FHIR decimals).",
+            expression=["near"],
+        )
+    lat, lon = float(parts[0]), float(parts[1])
+    distance = float(parts[2]) if len(parts) > 2 and parts[2] else 50.0
     units = parts[3] if len(parts) > 3 else "km"
     if units not in {"km", ""}:
-        raise FhirError(400, "not-supported", f"near distance unit {units!r}: use km.")
+        raise FhirError(
+            400, "not-supported", f"near distance unit {units[:40]!r}: use km.", expression=["near"]
+        )
     if not (-90 <= lat <= 90 and -180 <= lon <= 180 and 0 <= distance <= 20_000):
-        raise FhirError(400, "invalid", f"near {raw!r} is out of range.")
+        raise FhirError(400, "invalid", f"near {raw[:100]!r} is out of range.", expression=["near"])
     return lat, lon, distance
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
-from urllib.parse import SplitResult, quote, urlencode, urlsplit
+from urllib.parse import quote, urlencode
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig, TooManyFieldsSent
@@ -51,7 +51,7 @@ from fhir_gateway.outcomes import (
     fhir_error_for,
     outcome_response,
 )
-from fhir_gateway.referral_mapping import REFERRAL_TYPES
+from fhir_gateway.referral_mapping import REFERRAL_TYPES, under_base
 from fhir_gateway.storage import (
     FHIR_ID,
     WriteResult,
@@ -715,6 +715,7 @@ def _create(ctx: FhirRequest, handler: ResourceHandler) -> HttpResponse:
             resource=resource,
             fhir_version=version,
             if_none_exist=if_none_exist,
+            base=ctx.base,
         )
     )
     if result.created or _sends_resource(ctx, result.row):  # an existing one: read if sent
@@ -866,6 +867,7 @@ def instance(ctx: FhirRequest, resource_type: str, logical_id: str) -> HttpRespo
                 fhir_version=version,
                 logical_id=logical_id,
                 if_match=ctx.request.headers.get("If-Match"),
+                base=ctx.base,
             )
         )
         _audit_update(ctx, result, "update")
@@ -967,6 +969,7 @@ def _patched_update(
             fhir_version=version,
             logical_id=logical_id,
             if_match=f'W/"{if_match}"',
+            base=ctx.base,
         )
     )
 
@@ -1636,33 +1639,10 @@ def _local_reference(raw: str, base: str) -> str:
     out = []
     for value in split_escaped(raw, ","):
         if "://" in value:
-            local = _under_base(value, base)
+            local = under_base(value, base)
             value = local if local is not None else FOREIGN_REFERENCE
         out.append(value)
     return ",".join(out)
-
-
-_DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
-def _under_base(url: str, base: str) -> str | None:
-    """What follows ``base`` in ``url`` ('Task/1'), or None when ``url`` is not under it."""
-
-    def origin(parts: SplitResult) -> tuple[str, str, int | None]:
-        try:
-            port = parts.port or _DEFAULT_PORTS.get(parts.scheme.lower())
-        except ValueError:  # a port that is no number
-            port = -1
-        return parts.scheme.lower(), (parts.hostname or "").lower(), port
-
-    try:
-        ours, theirs = urlsplit(base), urlsplit(url)
-    except ValueError:  # an unbalanced [ in the host
-        return None
-    prefix = ours.path.rstrip("/") + "/"
-    if origin(ours) != origin(theirs) or not theirs.path.startswith(prefix):
-        return None
-    return theirs.path[len(prefix) :]
 
 
 def _sort_keys(

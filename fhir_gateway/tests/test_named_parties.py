@@ -393,3 +393,132 @@ def test_a_requester_naming_the_bundles_patient_entry_is_accepted(
     # Then the referral is submitted for the caller's facility
     assert response.status_code == 200, response.content
     assert Referral.objects.get().requester_facility_id == world.network.spoke.pk
+
+
+# --- A reference on another server's base (review suspicion) ----------------------------
+# Only the type and id of an absolute URL were read: https://evil.example/fhir/
+# HealthcareService/<pk> was taken as our department, Organization/<own> on another server
+# as the caller's facility. A write needing one of ours refuses another server's (422);
+# one on this server's base (scheme and host in any case, the default port written or not)
+# is ours, as searches read it.
+
+FOREIGN = "https://evil.example/fhir"
+OURS_WRITTEN_OTHERWISE = "HTTP://TestServer:80/fhir"
+
+
+@pytest.mark.parametrize("where", ["performer", "owner"])
+def test_a_department_on_another_server_is_refused(world: World, where: str) -> None:
+    # Given a transaction naming the department by a URL on another server
+    pediatrics = world.network.pediatrics.pk
+    bundle = transaction(world, performer=False)
+    named = {"reference": f"{FOREIGN}/HealthcareService/{pediatrics}"}
+    if where == "owner":
+        bundle["entry"][2]["resource"]["owner"] = named
+    else:
+        bundle["entry"][1]["resource"]["performer"] = [named]
+
+    # When it is posted
+    response = _post_bundle(world, bundle)
+
+    # Then it is 422 naming the element, and nothing is submitted
+    assert response.status_code == 422, response.content
+    issue = outcome_issue(response)
+    element = "Task.owner" if where == "owner" else "ServiceRequest.performer"
+    assert (issue["code"], issue["expression"]) == ("business-rule", [element])
+    assert "on another server" in issue["diagnostics"]
+    _nothing_submitted()
+
+    # And the same department on this server's base, written otherwise, is taken
+    named["reference"] = f"{OURS_WRITTEN_OTHERWISE}/HealthcareService/{pediatrics}"
+    response = _post_bundle(world, bundle)
+    assert response.status_code == 200, response.content
+    assert Referral.objects.get().assigned_department_id == pediatrics
+
+
+def test_a_forward_to_a_department_on_another_server_is_refused(world: World) -> None:
+    # Given a submitted referral's Task
+    task_id = str(task_of(submit(world))["id"])
+    cardiology = world.network.cardiology.pk
+    referral = Referral.objects.get(filler_id=task_id)
+    version = FhirResource.objects.get(
+        resource_type="Task", logical_id=task_id, is_current=True
+    ).version_id
+
+    def forward_to(base: str) -> Any:
+        def forward(task: dict[str, Any]) -> None:
+            task["owner"] = {"reference": f"{base}/HealthcareService/{cardiology}"}
+            task["statusReason"] = {"concept": {"text": "Elsewhere, please."}}  # R5
+
+        return update_task(world.r5, task_id, forward, FHIR_R5)
+
+    # When it is forwarded to another server's HealthcareService/<cardiology>
+    response = forward_to(FOREIGN)
+
+    # Then it is 422 on Task.owner, and the referral and its Task are unchanged
+    assert response.status_code == 422, response.content
+    issue = outcome_issue(response)
+    assert (issue["code"], issue["expression"]) == ("business-rule", ["Task.owner"])
+    assert "on another server" in issue["diagnostics"]
+    after = Referral.objects.get(filler_id=task_id)
+    assert (after.assigned_department_id, after.version, after.state) == (
+        referral.assigned_department_id,
+        referral.version,
+        referral.state,
+    )
+    assert (
+        FhirResource.objects.get(
+            resource_type="Task", logical_id=task_id, is_current=True
+        ).version_id
+        == version
+    )
+
+    # And to cardiology on this server's base, written otherwise, it is forwarded
+    response = forward_to(OURS_WRITTEN_OTHERWISE)
+    assert response.status_code == 200, response.content
+    assert Referral.objects.get(filler_id=task_id).assigned_department_id == cardiology
+
+
+@pytest.mark.parametrize("element", ["ServiceRequest.requester", "Task.requester"])
+def test_a_requester_on_another_server_is_refused(world: World, element: str) -> None:
+    # Given a transaction whose requester is the caller's facility id on another server
+    bundle = transaction(world)
+    index = 1 if element.startswith("ServiceRequest") else 2
+    spoke = world.network.spoke.pk
+    requester = {"reference": f"{FOREIGN}/Organization/{spoke}"}
+    bundle["entry"][index]["resource"]["requester"] = requester
+
+    # When it is posted
+    response = _post_bundle(world, bundle)
+
+    # Then it is 422 naming the element, and nothing is submitted
+    assert response.status_code == 422, response.content
+    issue = outcome_issue(response)
+    assert (issue["code"], issue["expression"]) == ("business-rule", [element])
+    assert "on another server" in issue["diagnostics"]
+    _nothing_submitted()
+
+    # And the caller's facility on this server's base, written otherwise, is taken
+    requester["reference"] = f"{OURS_WRITTEN_OTHERWISE}/Organization/{spoke}"
+    response = _post_bundle(world, bundle)
+    assert response.status_code == 200, response.content
+    assert Referral.objects.get().requester_facility_id == spoke
+
+
+def test_a_message_on_a_referral_of_another_server_is_refused(world: World) -> None:
+    # Given a referral, and a message whose partOf is its Task id on another server
+    task_id = str(task_of(submit(world))["id"])
+    on_another_server = {
+        **_message(task_id),
+        "partOf": [{"reference": f"{FOREIGN}/Task/{task_id}"}],
+    }
+
+    # When it is posted
+    response = world.r4.post(
+        "/fhir/Communication", on_another_server, content_type=FHIR_R4, Accept=FHIR_R4
+    )
+
+    # Then it is 422 on Communication.partOf, and no message is filed
+    assert response.status_code == 422, response.content
+    issue = outcome_issue(response)
+    assert (issue["code"], issue["expression"]) == ("business-rule", ["Communication.partOf"])
+    assert not Message.objects.exists()

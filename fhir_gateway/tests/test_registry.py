@@ -770,3 +770,38 @@ def test_count_zero_pages_have_no_previous_link(fhir, network):
     paged = json.loads(fhir.get("/fhir/Organization?_count=1&_offset=2").content)
     previous = next(link["url"] for link in paged["link"] if link["relation"] == "previous")
     assert previous.endswith("_count=1&_offset=1")
+
+
+# --- near read as FHIR decimals (review suspicion) --------------------------------------
+# Python's float() read "1_0" as 10 and took "+10", "10.", " 10"; a fifth part was ignored.
+
+
+@pytest.mark.parametrize(
+    ("loose", "strict"),
+    [
+        ("1_0|100|400|km", "1e1|100|400|km"),
+        ("10|1_00|400", "10|100|400"),
+        ("+10|100|400|km", "10|100|400|km"),
+        ("10.|100|400|km", "10.0|100|400|km"),
+        (" 10|100|400|km", "10|100|400|km"),
+        ("10|100|400 |km", "10|100|400|km"),
+        ("010|100|400|km", "10|100|400|km"),
+        ("\u0661\u0660|100|400|km", "10|100|400|km"),  # Arabic-Indic digits: 10
+        ("10|100|4_00|km", "10|100|4.0E2|km"),
+        ("10|100|400|km|x", "10|100|400|km"),
+    ],
+)
+def test_near_takes_fhir_decimals_and_four_parts_only(fhir, meridian, loose, strict):
+    # Given a near point written loosely, and the same point as FHIR decimals
+    # When a Location search gives each
+    refused = fhir.get(f"/fhir/Location?near={quote(loose)}")
+    answered = fhir.get(f"/fhir/Location?near={quote(strict)}")
+
+    # Then the loose one is 400 invalid naming near; the strict one is answered
+    assert refused.status_code == 400, refused.content
+    issue = outcome_issue(refused)
+    assert (issue["code"], issue["expression"]) == ("invalid", ["near"])
+    assert "lat|lon|distance|km" in issue["diagnostics"]
+    assert answered.status_code == 200, answered.content
+    expected = fhir.get(f"/fhir/Location?{NEAR}")
+    assert _ids(answered) == _ids(expected) != []

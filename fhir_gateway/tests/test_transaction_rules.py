@@ -15,6 +15,7 @@ from django.utils import timezone
 from accounts.roles import Role
 from accounts.services import api_token_issue
 from fhir_gateway.models import FhirResource, IntakeJob, OutboxMessage
+from fhir_gateway.referral_mapping import FILLER_SYSTEM
 from fhir_gateway.tests.conftest import FhirClient, outcome_issue
 from fhir_gateway.tests.referral_world import (
     HIS_PATIENT,
@@ -538,3 +539,103 @@ def test_a_task_entry_may_name_its_own_service_request(world: World) -> None:
 
     assert response.status_code == 200, response.content
     assert [e["response"]["status"] for e in body(response)["entry"]] == ["200 OK"] * 3
+
+
+# --- References on another server's base (review suspicion) -----------------------------
+# Only the type and id of an absolute URL were read: another server's
+# …/ServiceRequest/<our filler id> was taken as our referral's order.
+
+FOREIGN = "https://evil.example/fhir"
+
+
+def test_a_task_entry_focused_on_an_order_of_another_server_is_422(world: World) -> None:
+    # Given a referral, and its resubmission whose Task.focus is the referral's
+    # ServiceRequest id on another server
+    own = str(task_of(submit(world))["id"])
+    bundle = transaction(world)
+    bundle["entry"][2]["resource"]["focus"] = {"reference": f"{FOREIGN}/ServiceRequest/{own}"}
+    before, versions = _counts(), _versions(own)
+
+    # When it is posted
+    response = world.r4.post("/fhir", bundle)
+
+    # Then it is 422 on the focus, and nothing changed
+    assert response.status_code == 422, response.content
+    issue = outcome_issue(response)
+    assert issue["code"] == "business-rule"
+    assert issue["expression"] == ["Bundle.entry[2].resource.focus"]
+    assert "on another server" in issue["diagnostics"]
+    assert _counts() == before
+    assert _versions(own) == versions
+
+    # And the same order on this server's base (host in capitals, default port) is its own
+    written = f"HTTP://TESTSERVER:80/fhir/ServiceRequest/{own}"
+    bundle["entry"][2]["resource"]["focus"] = {"reference": written}
+    response = world.r4.post("/fhir", bundle)
+    assert response.status_code == 200, response.content
+
+
+@pytest.mark.parametrize("element", ["performer", "subject"])
+def test_a_counter_referral_naming_another_servers_resources_is_422(
+    world: World, element: str
+) -> None:
+    # Given a counter-referral whose department or patient is ours by id, on another server
+    task_id = advised(world)
+    department = _spoke_department(world)
+    order = _counter_referral(task_id, department)
+    if element == "performer":
+        order["performer"] = [{"reference": f"{FOREIGN}/HealthcareService/{department.pk}"}]
+    else:
+        order["subject"] = {"reference": f"{FOREIGN}/Patient/{task_id}"}
+    before = _counts()
+
+    # When it is posted
+    response = member_client(world.consultant).post("/fhir/ServiceRequest", order)
+
+    # Then it is 422 naming the element, and nothing is stored
+    assert response.status_code == 422, response.content
+    issue = outcome_issue(response)
+    assert (issue["code"], issue["expression"]) == ("business-rule", [f"ServiceRequest.{element}"])
+    assert "on another server" in issue["diagnostics"]
+    assert _counts() == before
+    assert Referral.objects.get(filler_id=task_id).state == "advised"
+
+
+# --- Task.focus given by identifier alone (review suspicion) ----------------------------
+# An identifier-only focus was never read: one naming another referral's order was taken,
+# and the Task stored for the Bundle's referral.
+
+
+@pytest.mark.parametrize("system", [PLACER, FILLER_SYSTEM])
+@pytest.mark.parametrize("beside_the_entry", [False, True])
+def test_a_task_entry_focused_by_another_referrals_identifier_is_422(
+    world: World, system: str, beside_the_entry: bool
+) -> None:
+    # Given another referral, and a transaction whose Task.focus names that referral's
+    # order by its placer or filler identifier (alone, or beside the ServiceRequest entry)
+    other = str(task_of(submit(world, "SR-OTHER"))["id"])
+    value = "SR-OTHER" if system == PLACER else other
+    bundle = transaction(world, "SR-2")
+    focus: dict[str, Any] = {"identifier": {"system": system, "value": value}}
+    if beside_the_entry:
+        focus["reference"] = "urn:uuid:sr-1"
+    bundle["entry"][2]["resource"]["focus"] = focus
+    before, versions = _counts(), _versions(other)
+
+    # When it is posted
+    response = world.r4.post("/fhir", bundle)
+
+    # Then it is 422 on the focus, and nothing changed
+    assert response.status_code == 422, response.content
+    issue = outcome_issue(response)
+    assert issue["code"] == "business-rule"
+    assert issue["expression"] == ["Bundle.entry[2].resource.focus"]
+    assert f"{system}|{value}" in issue["diagnostics"]
+    assert _counts() == before
+    assert _versions(other) == versions
+
+    # And the Bundle's own placer identifier is its order
+    focus["identifier"] = {"system": PLACER, "value": "SR-2"}
+    response = world.r4.post("/fhir", bundle)
+    assert response.status_code == 200, response.content
+    assert [e["response"]["status"] for e in body(response)["entry"]] == ["201 Created"] * 3
