@@ -549,6 +549,14 @@ class ActionForm(forms.Form):
         return data
 
 
+def _open_question(referral: Referral) -> str | None:
+    """The text of the question the requester is asked to answer (``provide_info``): it
+    was shown only among the messages, away from the form."""
+    question = selectors.referral_open_question_id(referral)
+    found = [m.text for m in referral.messages.all() if m.pk == question]
+    return found[0] if found else None
+
+
 def _no_department_to_choose(form: ActionForm) -> bool:
     """An action that needs a department when none can be offered (a counter-referral to a
     hospital without departments, a forward with no candidate): not offered at all, rather
@@ -632,6 +640,8 @@ def _render_detail(
         # The case this one answers, linked only for a user who may open it (else a 404).
         "parent_visible": referral.parent_referral_id is not None
         and selectors.referral_visible(user).filter(pk=referral.parent_referral_id).exists(),
+        # What the answer replies to, shown above the form that answers it.
+        "open_question": _open_question(referral) if "provide_info" in offered else None,
         "can_message": bool(services.actor_sides(user, referral))
         and referral.state not in TERMINAL_STATES
         and referral.state != ReferralState.DRAFT,

@@ -1114,3 +1114,17 @@ def test_the_timeline_shows_a_declines_reason_code_beside_its_note(world: World)
 
     row = page.split('<tr data-action="decline">', 1)[1].split("</tr>", 1)[0]
     assert "No capacity — full today" in row
+
+
+def test_the_answer_form_shows_the_question_it_answers(world: World) -> None:
+    """The consultant's question was shown only among the messages, not where the
+    requester answers it."""
+    referral = world.act(world.act(world.submit(), "accept"), "request_info")
+
+    page = client_for(world.referrer).get(f"/referrals/{referral.pk}/").content.decode()
+
+    form = page.split('id="action-provide_info"', 1)[1].split("</form>", 1)[0]
+    assert '<blockquote id="open-question">Latest blood count?</blockquote>' in form
+    # The consultant, who asked it, has no answer form.
+    other = client_for(world.consultant).get(f"/referrals/{referral.pk}/").content.decode()
+    assert 'id="open-question"' not in other
