@@ -820,13 +820,21 @@ def _names_organization(resource: dict[str, Any], element: str) -> bool:
     return kind == "Organization"
 
 
-def _check_subject(referral: Referral, resource: dict[str, Any], where: str, *, base: str) -> None:
+def _check_subject(
+    referral: Referral,
+    resource: dict[str, Any],
+    where: str,
+    *,
+    base: str,
+    element: str = "subject",
+) -> None:
     """A message or document about a referral is about its patient: a ``subject`` that
     references another Patient (or anything but a Patient) is 422, nothing stored — it
     was filed on the referral and its subject silently rewritten, so a note written for
     one child could end up on another's case. A subject without a reference (identifier
-    or display only) is not checked: it is replaced by the referral's patient."""
-    value = resource.get("subject")
+    or display only) is not checked: it is replaced by the referral's patient.
+    ``element``: a transaction's Task names its patient in ``for``."""
+    value = resource.get(element)
     reference = m.reference_of(value)
     if not reference:
         return
@@ -1960,6 +1968,13 @@ def transaction_bundle(
                 referral, created = _submit(user, intake, department, where)
         if task:
             _check_task_focus(referral, task, entries, sr_index, by_type["Task"][0][0], base)
+            for_ = m.reference_of(task.get("for"))
+            if not for_.startswith(_ENTRY_REFERENCE) and for_ != m.reference_of(subject):
+                # Not the Patient entry (checked above) nor the ServiceRequest's subject:
+                # the referral's patient, or 422 (it was stored as the Task of the
+                # Bundle's referral, read back for its patient; review).
+                at = f"Bundle.entry[{by_type['Task'][0][0]}].resource.for"
+                _check_subject(referral, task, at, base=base, element="for")
         outcomes: dict[int, tuple[FhirResource, str]] = {}
         status = "201 Created" if created else "200 OK"
         notes: dict[int, dict[str, Any]] = {}
