@@ -1133,9 +1133,15 @@ def _submit(
 def _service_request_create(req: WriteRequest) -> WriteResult:
     validate_resource(req.resource, req.fhir_version)
     _check_requester(req.user, req.resource, "ServiceRequest.requester", base=req.base)
-    counter = m.based_on_referral(req.resource) is not None
-    ask = m.service_request_to_counter_referral(req.resource, req.fhir_version) if counter else None
-    intake = None if counter else m.service_request_to_intake(req.resource, req.fhir_version)
+    counter = m.based_on_referral(req.resource, req.base) is not None
+    ask = (
+        m.service_request_to_counter_referral(req.resource, req.fhir_version, req.base)
+        if counter
+        else None
+    )
+    intake = (
+        None if counter else m.service_request_to_intake(req.resource, req.fhir_version, req.base)
+    )
     with transaction.atomic():
         if ask is not None:
             if req.if_none_exist:
@@ -1899,7 +1905,7 @@ def transaction_bundle(
     _check_requester(
         user, service_request, "ServiceRequest.requester", entry_types=entry_types, base=base
     )
-    intake = m.service_request_to_intake(service_request, version)
+    intake = m.service_request_to_intake(service_request, version, base)
     task = by_type.get("Task", [(None, {})])[0][1]
     if task:
         _check_requester(user, task, "Task.requester", entry_types=entry_types, base=base)
