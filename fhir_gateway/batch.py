@@ -41,7 +41,7 @@ import uuid
 from email.utils import parsedate_to_datetime
 from http import HTTPStatus
 from typing import Any
-from urllib.parse import unquote_to_bytes, urlsplit
+from urllib.parse import unquote_to_bytes, urlsplit, urlunsplit
 
 from django.conf import settings
 from django.core.handlers.wsgi import WSGIRequest
@@ -52,6 +52,7 @@ from django.urls import Resolver404, ResolverMatch, resolve
 from django.utils.encoding import iri_to_uri
 
 from fhir_gateway.outcomes import FhirError, fhir_error_for, operation_outcome, outcome_body
+from fhir_gateway.referral_mapping import under_base
 from fhir_gateway.storage import dumps, fhir_instant
 from fhir_gateway.versions import JSON_TYPES, media_type_for, parse_media_range
 from referrals.attachments import files_removed_on_failure
@@ -331,19 +332,17 @@ def _split_url(raw: str, base: str, where: str) -> tuple[str, str]:
     parts = urlsplit(iri_to_uri(raw.strip()))
     path = parts.path
     if parts.scheme or parts.netloc:
-        ours = urlsplit(base)
-        same_server = (parts.scheme.lower(), parts.netloc.lower()) == (
-            ours.scheme.lower(),
-            ours.netloc.lower(),
-        )
-        if not same_server or not (path == ours.path or path.startswith(ours.path + "/")):
+        # Compared as every reference to ours is (scheme and host in any case, the default
+        # port written or not: m.under_base); the slash added lets the base itself match.
+        local = under_base(urlunsplit((parts.scheme, parts.netloc, path + "/", "", "")), base)
+        if local is None:
             raise FhirError(
                 400,
                 "not-supported",
                 f"{where} {raw[:200]!r} is not on this server: use a URL relative to {base}.",
                 expression=[where],
             )
-        path = path[len(ours.path) :]
+        path = local[:-1]
     return unquote_to_bytes(path.lstrip("/")).decode("latin-1"), parts.query
 
 

@@ -715,18 +715,21 @@ def _check_intent(resource: dict[str, Any]) -> None:
         )
 
 
-def based_on_referral(resource: dict[str, Any]) -> str | None:
+def based_on_referral(resource: dict[str, Any], base: str) -> str | None:
     """The id of the ServiceRequest (one of our referrals) this one is ``basedOn``: then it
-    is a counter-referral. Only a relative reference (``ServiceRequest/<id>``) points at this
-    server; an absolute URL (the member's own order) and anything else (a CarePlan) are not
-    ours to read and are ignored, as for any ServiceRequest."""
+    is a counter-referral. Only a relative reference (``ServiceRequest/<id>``) or an
+    absolute URL on this server's ``base`` (``under_base``, as every write reads one)
+    points at this server; an absolute URL elsewhere (the member's own order) and anything
+    else (a CarePlan) are not ours to read and are ignored, as for any ServiceRequest."""
+    local = []
+    for reference in (reference_of(r) for r in resource.get("basedOn") or []):
+        if _ABSOLUTE.match(reference):
+            reference = under_base(reference, base) or ""
+        if reference and "://" not in reference and not reference.startswith("urn:"):
+            local.append(reference)
     ids = [
         logical_id
-        for kind, logical_id in (
-            split_reference(reference)
-            for reference in (reference_of(r) for r in resource.get("basedOn") or [])
-            if "://" not in reference and not reference.startswith("urn:")
-        )
+        for kind, logical_id in (split_reference(reference) for reference in local)
         if kind == "ServiceRequest"
     ]
     if len(ids) > 1:
@@ -755,12 +758,12 @@ class CounterReferralAsk:
 
 
 def service_request_to_counter_referral(
-    resource: dict[str, Any], version: str
+    resource: dict[str, Any], version: str, base: str
 ) -> CounterReferralAsk:
     """A ServiceRequest ``basedOn`` one of our referrals, from its assigned department's
     system: refer the patient back down, with its own priority (``ServiceRequest.priority``,
     routine when absent) and consult mode (``ServiceRequest.code``, async when absent)."""
-    original_id = based_on_referral(resource)
+    original_id = based_on_referral(resource, base)
     assert original_id is not None
     _check_intent(resource)
     if resource.get("status") != "active":
@@ -793,9 +796,9 @@ def service_request_to_counter_referral(
     )
 
 
-def service_request_to_intake(resource: dict[str, Any], version: str) -> Intake:
+def service_request_to_intake(resource: dict[str, Any], version: str, base: str) -> Intake:
     """Raise 422 with the element at fault when the order does not fit our rules."""
-    if based_on_referral(resource) is not None:
+    if based_on_referral(resource, base) is not None:
         raise FhirError(
             422,
             "business-rule",

@@ -820,13 +820,21 @@ def _names_organization(resource: dict[str, Any], element: str) -> bool:
     return kind == "Organization"
 
 
-def _check_subject(referral: Referral, resource: dict[str, Any], where: str, *, base: str) -> None:
+def _check_subject(
+    referral: Referral,
+    resource: dict[str, Any],
+    where: str,
+    *,
+    base: str,
+    element: str = "subject",
+) -> None:
     """A message or document about a referral is about its patient: a ``subject`` that
     references another Patient (or anything but a Patient) is 422, nothing stored — it
     was filed on the referral and its subject silently rewritten, so a note written for
     one child could end up on another's case. A subject without a reference (identifier
-    or display only) is not checked: it is replaced by the referral's patient."""
-    value = resource.get("subject")
+    or display only) is not checked: it is replaced by the referral's patient.
+    ``element``: a transaction's Task names its patient in ``for``."""
+    value = resource.get(element)
     reference = m.reference_of(value)
     if not reference:
         return
@@ -1125,9 +1133,15 @@ def _submit(
 def _service_request_create(req: WriteRequest) -> WriteResult:
     validate_resource(req.resource, req.fhir_version)
     _check_requester(req.user, req.resource, "ServiceRequest.requester", base=req.base)
-    counter = m.based_on_referral(req.resource) is not None
-    ask = m.service_request_to_counter_referral(req.resource, req.fhir_version) if counter else None
-    intake = None if counter else m.service_request_to_intake(req.resource, req.fhir_version)
+    counter = m.based_on_referral(req.resource, req.base) is not None
+    ask = (
+        m.service_request_to_counter_referral(req.resource, req.fhir_version, req.base)
+        if counter
+        else None
+    )
+    intake = (
+        None if counter else m.service_request_to_intake(req.resource, req.fhir_version, req.base)
+    )
     with transaction.atomic():
         if ask is not None:
             if req.if_none_exist:
@@ -1891,7 +1905,7 @@ def transaction_bundle(
     _check_requester(
         user, service_request, "ServiceRequest.requester", entry_types=entry_types, base=base
     )
-    intake = m.service_request_to_intake(service_request, version)
+    intake = m.service_request_to_intake(service_request, version, base)
     task = by_type.get("Task", [(None, {})])[0][1]
     if task:
         _check_requester(user, task, "Task.requester", entry_types=entry_types, base=base)
@@ -1960,6 +1974,13 @@ def transaction_bundle(
                 referral, created = _submit(user, intake, department, where)
         if task:
             _check_task_focus(referral, task, entries, sr_index, by_type["Task"][0][0], base)
+            for_ = m.reference_of(task.get("for"))
+            if not for_.startswith(_ENTRY_REFERENCE) and for_ != m.reference_of(subject):
+                # Not the Patient entry (checked above) nor the ServiceRequest's subject:
+                # the referral's patient, or 422 (it was stored as the Task of the
+                # Bundle's referral, read back for its patient; review).
+                at = f"Bundle.entry[{by_type['Task'][0][0]}].resource.for"
+                _check_subject(referral, task, at, base=base, element="for")
         outcomes: dict[int, tuple[FhirResource, str]] = {}
         status = "201 Created" if created else "200 OK"
         notes: dict[int, dict[str, Any]] = {}

@@ -485,6 +485,29 @@ def test_an_absolute_url_on_this_server_and_an_encoded_query(world: World) -> No
     )
 
 
+def test_an_entry_url_on_this_server_written_otherwise_is_this_servers(world: World) -> None:
+    """It was: an entry's absolute url was compared as text (scheme and host:port), so
+    this server's base with the default port written (or the host in another case, for the
+    scheme) was 400 'not on this server', though a reference written so names ours
+    (docs/fhir.md, *References in writes*)."""
+    # Given a referral
+    task_id = str(task_of(submit(world))["id"])
+
+    # When a batch reads its Task at URLs on this server's base, written otherwise
+    entries = send(
+        world.r4,
+        batch(
+            get(f"http://testserver:80/fhir/Task/{task_id}"),
+            get(f"HTTP://TestServer/fhir/Task/{task_id}"),
+            get(f"https://testserver/fhir/Task/{task_id}"),
+        ),
+    )
+
+    # Then each is that Task; another scheme (another origin) is still not this server
+    assert statuses(entries) == ["200 OK", "200 OK", "400 Bad Request"]
+    assert entries[0]["resource"]["id"] == entries[1]["resource"]["id"] == task_id
+
+
 def test_prefer_minimal_answers_entries_without_resources(world: World) -> None:
     task_id = accepted(world)
     entries = send(

@@ -858,9 +858,41 @@ def test_a_counter_referral_cannot_come_in_a_transaction(world: World, spoke_neu
     assert Referral.objects.count() == before
 
 
+@pytest.mark.parametrize("base", ["http://testserver/fhir", "HTTP://TestServer:80/fhir"])
+def test_a_counter_referral_may_name_the_referral_by_its_url_on_this_server(
+    world: World, people: dict[str, Any], spoke_neurology: Department, base: str
+):
+    """It was: only a relative basedOn was read, so ``<our base>/ServiceRequest/<id>`` (as
+    a client that writes absolute references sends it) made an ordinary new referral from
+    the consultant's facility, not a counter-referral (writes read a reference on this
+    server's base as ours: docs/fhir.md, *References in writes*)."""
+    # Given an advised referral, and a counter-referral naming it and its patient by their
+    # absolute URLs on this server (with a placer identifier, as a new referral carries)
+    task_id = advised(world)
+    original = Referral.objects.get(filler_id=task_id)
+    resource = _counter_referral(
+        world,
+        task_id,
+        spoke_neurology,
+        basedOn=[{"reference": f"{base}/ServiceRequest/{task_id}"}],
+        subject={"reference": f"{base}/Patient/{task_id}"},
+        identifier=[{"system": "https://nhi.example.org/sid/order", "value": "CR-1"}],
+    )
+    before = Referral.objects.count()
+
+    # When it is posted
+    response = people["consultant"].post("/fhir/ServiceRequest", resource)
+
+    # Then it is the counter-referral of that referral, and nothing else was made
+    assert response.status_code == 201, response.content
+    child = Referral.objects.get(parent_referral=original)
+    assert json.loads(response.content)["id"] == child.filler_id
+    assert Referral.objects.count() == before + 1
+
+
 def test_a_based_on_care_plan_is_not_a_counter_referral():
     resource = {"basedOn": [{"reference": "CarePlan/gpvisit"}, {"display": "An order"}]}
-    assert m.based_on_referral(resource) is None
+    assert m.based_on_referral(resource, "http://testserver/fhir") is None
 
 
 def test_experts_that_are_not_user_ids_are_refused(world: World, people: dict[str, Any]):

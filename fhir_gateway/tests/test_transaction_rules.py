@@ -639,3 +639,53 @@ def test_a_task_entry_focused_by_another_referrals_identifier_is_422(
     response = world.r4.post("/fhir", bundle)
     assert response.status_code == 200, response.content
     assert [e["response"]["status"] for e in body(response)["entry"]] == ["201 Created"] * 3
+
+
+# --- Task.for naming another referral's patient (review of 31460c8) ----------------------
+# Task.for was checked only when it named an entry (urn:uuid:): one naming another
+# referral's Patient was stored as the Task of the Bundle's referral, read back for its
+# patient (as Task.focus and a case file's subject were).
+
+
+@pytest.mark.parametrize(
+    "form",
+    ["Patient/{}", "http://testserver/fhir/Patient/{}", f"{FOREIGN}/Patient/{{own}}"],
+)
+@pytest.mark.parametrize("resubmission", [False, True])
+def test_a_task_entry_for_another_referrals_patient_is_422(
+    world: World, form: str, resubmission: bool
+) -> None:
+    # Given another referral, and a transaction whose Task.for names that referral's
+    # Patient (or, on a resubmission, the referral's own Patient id on another server)
+    other = str(task_of(submit(world, "SR-OTHER"))["id"])
+    own = str(task_of(submit(world, "SR-2"))["id"]) if resubmission else other
+    bundle = transaction(world, "SR-2")
+    written = form.format(other, own=own)
+    bundle["entry"][2]["resource"]["for"] = {"reference": written}
+    before, versions = _counts(), _versions(other)
+
+    # When it is posted
+    response = world.r4.post("/fhir", bundle)
+
+    # Then it is 422 on Task.for, and nothing changed
+    assert response.status_code == 422, response.content
+    issue = outcome_issue(response)
+    assert issue["code"] == "business-rule"
+    assert issue["expression"] == ["Bundle.entry[2].resource.for"]
+    assert written in issue["diagnostics"]
+    assert _counts() == before
+    assert _versions(other) == versions
+
+    # And the referral's own Patient, however written on this server's base, or the
+    # ServiceRequest's subject as written, is taken
+    if resubmission:
+        written = f"HTTP://TESTSERVER:80/fhir/Patient/{own}/_history/1"
+        bundle["entry"][2]["resource"]["for"] = {"reference": written}
+    else:
+        del bundle["entry"][0]  # no Patient entry: the patient on the member's server
+        bundle["entry"][0]["resource"]["subject"] = {"reference": HIS_PATIENT}
+        bundle["entry"][1]["resource"]["for"] = {"reference": HIS_PATIENT}
+    response = world.r4.post("/fhir", bundle)
+    assert response.status_code == 200, response.content
+    statuses = [e["response"]["status"] for e in body(response)["entry"]]
+    assert statuses == (["200 OK"] * 3 if resubmission else ["201 Created"] * 2)
