@@ -29,6 +29,14 @@ def digits_int(text: str, max_digits: int = 19) -> int | None:
     return int(text)
 
 
+def written_int(text: str, max_digits: int = 19) -> int | None:
+    """The number ``text`` is when written as we write numbers (``str(n)``): ASCII digits
+    without a leading zero, at most ``max_digits``; None otherwise. For a number inside an
+    id (``Organization/7``, ``…-att-7``): ids are strings, so ``07`` is not ``7``."""
+    number = digits_int(text, max_digits)
+    return number if number is not None and str(number) == text else None
+
+
 def row_id(value: object) -> int | None:
     """A primary key given as an int or a string of ASCII digits, in bigint range; None
     for anything else (a bool, a float, "²" or a fullwidth digit, which ``int`` takes)."""

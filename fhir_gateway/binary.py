@@ -38,7 +38,7 @@ from django.http import FileResponse, HttpRequest, HttpResponse
 from django.http.response import HttpResponseBase
 from django.utils.http import http_date
 
-from core.values import ascii_digits, declared_length
+from core.values import declared_length, written_int
 from fhir_gateway import handlers
 from fhir_gateway import referral_mapping as m
 from fhir_gateway.audit import audit_file
@@ -59,7 +59,7 @@ def _not_found(logical_id: str) -> FhirError:
 def _attachment(read: RawRead) -> Attachment:
     filler, separator, number = read.logical_id.rpartition(m.CASE_FILE_SEPARATOR)
     # The number as m.case_file_id writes it: ids are strings, …-att-01 is not …-att-1.
-    if not separator or not filler or not ascii_digits(number) or number != str(int(number)):
+    if not separator or not filler or written_int(number) is None:
         raise _not_found(read.logical_id)
     referral_pk = (
         referral_visible(read.user).filter(filler_id=filler).values_list("pk", flat=True).first()

@@ -29,7 +29,7 @@ from django.db.models import QuerySet
 from django.utils import timezone
 
 from core.errors import ApplicationError
-from core.values import ascii_digits
+from core.values import written_int
 from fhir_gateway import handlers
 from fhir_gateway.handlers import Operation, OperationAnswer, OperationCall, ResourceHandler
 from fhir_gateway.models import FhirResource
@@ -230,7 +230,7 @@ def _filters(params: dict[str, list[str]]) -> tuple[Any, dict[str, str]]:
     if subject is not None:
         kind, _, facility = subject.partition("/")
         # An id as the registry writes it: Organization/07 is not Organization/7.
-        if kind != "Organization" or not ascii_digits(facility) or facility != str(int(facility)):
+        if kind != "Organization" or written_int(facility) is None:
             raise FhirError(
                 400, "invalid", "subject must be Organization/<id> (the requesting facility)."
             )

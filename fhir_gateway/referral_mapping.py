@@ -28,7 +28,7 @@ from urllib.parse import SplitResult, urlsplit
 from django.utils.dateparse import parse_datetime
 from django.utils.http import parse_header_parameters
 
-from core.values import ascii_digits, digits_int, row_id
+from core.values import ascii_digits, row_id, written_int
 from fhir_gateway.outcomes import FhirError
 from fhir_gateway.registry_projection import (
     CONSILIUM,
@@ -163,9 +163,8 @@ def message_number(referral: Referral, logical_id: str) -> int | None:
     no message of this referral."""
     prefix = f"{referral.filler_id}{MESSAGE_SEPARATOR}"
     written = logical_id[len(prefix) :] if logical_id.startswith(prefix) else ""
-    number = digits_int(written)
     # As message_id writes it: ids are strings, "…-msg-01" names no message.
-    return number if number is not None and str(number) == written else None
+    return written_int(written)
 
 
 def note_id(referral: Referral, number: int) -> str:
@@ -1182,7 +1181,7 @@ def task_to_transition(
             raise _refuse(
                 "Task.owner must be a HealthcareService (the new department).", "Task.owner"
             )
-        if len(department) > 1 and department.startswith("0"):
+        if written_int(department) is None:
             # Logical ids are strings: HealthcareService/01 is not HealthcareService/1 (it
             # was read as a number: a forward there, or to where the case already is).
             raise _refuse(

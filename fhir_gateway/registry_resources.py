@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from django.db.models import OuterRef, Q, QuerySet, Subquery
 from django.utils import timezone
 
+from core.values import written_int
 from fhir_gateway.handlers import (
     HISTORY,
     READ,
@@ -52,8 +53,6 @@ if TYPE_CHECKING:
     from accounts.models import User
 
 REGISTRY_INTERACTIONS = (READ, VREAD, HISTORY, SEARCH)
-# A row id as its logical id is written: "01" is another id than "1" (ids are strings).
-_NUMERIC = re.compile(r"^(0|[1-9][0-9]{0,17})$")
 _NOTHING = Q(pk__in=[])
 
 # A filter: (registry queryset, one value which may hold comma-separated alternatives) -> Q.
@@ -87,7 +86,7 @@ def reference_pk(raw: str, resource_type: str) -> int | None:
         if len(parts) < 2 or parts[-2] != resource_type:
             return None
         value = parts[-1]
-    return int(value) if _NUMERIC.match(value) else None
+    return written_int(value, max_digits=18)
 
 
 def _reference(field: str, resource_type: str) -> Filter:

@@ -244,6 +244,13 @@ def test_ministry_may_not_cross_two_stratifiers(ministry: FhirClient):
         ("periodStart=2025&periodEnd=2025&subject=Patient/1", 400, "invalid", "subject"),
         # Ids are strings: Organization/07 is not Organization/7 (it was read as facility 7)
         ("periodStart=2025&periodEnd=2025&subject=Organization/07", 400, "invalid", "subject"),
+        pytest.param(  # more digits than a row id has (int() raises past 4,300 of them)
+            f"periodStart=2025&periodEnd=2025&subject=Organization/{'9' * 5000}",
+            400,
+            "invalid",
+            "subject",
+            id="subject-of-5000-digits",
+        ),
         ("periodStart=2025&periodEnd=2025&colour=red", 400, "not-supported", "colour"),
         (
             "periodStart=2025&periodEnd=2025&reportType=subject-list",
