@@ -37,6 +37,43 @@ def _nothing_submitted() -> None:
     assert not FhirResource.objects.filter(resource_type="Task").exists()
 
 
+def _naming_department(world: World, where: str, named: dict[str, Any]) -> dict[str, Any]:
+    """A transaction naming the department by ``named`` alone, as the ServiceRequest's
+    ``performer`` or the Task's ``owner`` (``where``)."""
+    bundle = transaction(world, performer=False)
+    if where == "owner":
+        bundle["entry"][2]["resource"]["owner"] = named
+    else:
+        bundle["entry"][1]["resource"]["performer"] = [named]
+    return bundle
+
+
+def _refused(response: Any, element: str, diagnostics: str) -> None:
+    """422 business-rule on ``element``, saying ``diagnostics``."""
+    assert response.status_code == 422, response.content
+    issue = outcome_issue(response)
+    assert (issue["code"], issue["expression"]) == ("business-rule", [element])
+    assert diagnostics in issue["diagnostics"]
+
+
+def _referral_and_task(task_id: str) -> tuple[Any, ...]:
+    """What a refused forward must leave as it was: the referral's department, version and
+    state, and its Task's current version."""
+    referral = Referral.objects.get(filler_id=task_id)
+    task = FhirResource.objects.get(resource_type="Task", logical_id=task_id, is_current=True)
+    return referral.assigned_department_id, referral.version, referral.state, task.version_id
+
+
+def _forward(world: World, task_id: str, reference: str) -> Any:
+    """The owner's system forwards the Task to ``reference`` (R5)."""
+
+    def forward(task: dict[str, Any]) -> None:
+        task["owner"] = {"reference": reference}
+        task["statusReason"] = {"concept": {"text": "Elsewhere, please."}}
+
+    return update_task(world.r5, task_id, forward, FHIR_R5)
+
+
 @pytest.mark.parametrize("where", ["performer", "owner"])
 def test_a_department_named_as_an_organization_is_refused_not_ignored(
     world: World, where: str
@@ -279,10 +316,7 @@ def test_a_task_owner_contradicting_the_performer_is_refused(world: World) -> No
 
     response = _post_bundle(world, bundle)
 
-    assert response.status_code == 422, response.content
-    issue = outcome_issue(response)
-    assert (issue["code"], issue["expression"]) == ("business-rule", ["Task.owner"])
-    assert f"HealthcareService/{world.network.pediatrics.pk}" in issue["diagnostics"]
+    _refused(response, "Task.owner", f"HealthcareService/{world.network.pediatrics.pk}")
     _nothing_submitted()
 
 
@@ -318,20 +352,13 @@ def test_a_task_owner_naming_the_performer_is_taken(world: World) -> None:
 
 @pytest.mark.parametrize("where", ["performer", "owner"])
 def test_a_department_id_with_a_leading_zero_is_no_department(world: World, where: str) -> None:
-    bundle = transaction(world, performer=False)
     named = {"reference": f"HealthcareService/0{world.network.pediatrics.pk}"}
-    if where == "owner":
-        bundle["entry"][2]["resource"]["owner"] = named
-    else:
-        bundle["entry"][1]["resource"]["performer"] = [named]
+    bundle = _naming_department(world, where, named)
 
     response = _post_bundle(world, bundle)
 
-    assert response.status_code == 422, response.content
-    issue = outcome_issue(response)
     element = "Task.owner" if where == "owner" else "ServiceRequest.performer"
-    assert (issue["code"], issue["expression"]) == ("business-rule", [element])
-    assert "is not a department of the network" in issue["diagnostics"]
+    _refused(response, element, "is not a department of the network")
     _nothing_submitted()
 
 
@@ -343,32 +370,12 @@ def test_a_forward_to_a_department_id_with_a_leading_zero_is_refused(
     to where the case already is)."""
     task_id = str(task_of(submit(world))["id"])
     pk = getattr(world.network, department).pk
-    referral = Referral.objects.get(filler_id=task_id)
-    version = FhirResource.objects.get(
-        resource_type="Task", logical_id=task_id, is_current=True
-    ).version_id
+    before = _referral_and_task(task_id)
 
-    def forward(task: dict[str, Any]) -> None:
-        task["owner"] = {"reference": f"HealthcareService/0{pk}"}
-        task["statusReason"] = {"concept": {"text": "Elsewhere, please."}}  # R5
+    response = _forward(world, task_id, f"HealthcareService/0{pk}")
 
-    response = update_task(world.r5, task_id, forward, FHIR_R5)
-
-    assert response.status_code == 422, response.content
-    issue = outcome_issue(response)
-    assert (issue["code"], issue["expression"]) == ("business-rule", ["Task.owner"])
-    assert "is not a department of the network" in issue["diagnostics"]
-    after = Referral.objects.get(filler_id=task_id)
-    assert (after.assigned_department_id, after.version) == (
-        referral.assigned_department_id,
-        referral.version,
-    )
-    assert (
-        FhirResource.objects.get(
-            resource_type="Task", logical_id=task_id, is_current=True
-        ).version_id
-        == version
-    )
+    _refused(response, "Task.owner", "is not a department of the network")
+    assert _referral_and_task(task_id) == before
 
 
 # --- A requester naming a Bundle entry (review of the tightened requester check) --------
@@ -410,22 +417,15 @@ OURS_WRITTEN_OTHERWISE = "HTTP://TestServer:80/fhir"
 def test_a_department_on_another_server_is_refused(world: World, where: str) -> None:
     # Given a transaction naming the department by a URL on another server
     pediatrics = world.network.pediatrics.pk
-    bundle = transaction(world, performer=False)
     named = {"reference": f"{FOREIGN}/HealthcareService/{pediatrics}"}
-    if where == "owner":
-        bundle["entry"][2]["resource"]["owner"] = named
-    else:
-        bundle["entry"][1]["resource"]["performer"] = [named]
+    bundle = _naming_department(world, where, named)
 
     # When it is posted
     response = _post_bundle(world, bundle)
 
     # Then it is 422 naming the element, and nothing is submitted
-    assert response.status_code == 422, response.content
-    issue = outcome_issue(response)
     element = "Task.owner" if where == "owner" else "ServiceRequest.performer"
-    assert (issue["code"], issue["expression"]) == ("business-rule", [element])
-    assert "on another server" in issue["diagnostics"]
+    _refused(response, element, "on another server")
     _nothing_submitted()
 
     # And the same department on this server's base, written otherwise, is taken
@@ -439,41 +439,17 @@ def test_a_forward_to_a_department_on_another_server_is_refused(world: World) ->
     # Given a submitted referral's Task
     task_id = str(task_of(submit(world))["id"])
     cardiology = world.network.cardiology.pk
-    referral = Referral.objects.get(filler_id=task_id)
-    version = FhirResource.objects.get(
-        resource_type="Task", logical_id=task_id, is_current=True
-    ).version_id
-
-    def forward_to(base: str) -> Any:
-        def forward(task: dict[str, Any]) -> None:
-            task["owner"] = {"reference": f"{base}/HealthcareService/{cardiology}"}
-            task["statusReason"] = {"concept": {"text": "Elsewhere, please."}}  # R5
-
-        return update_task(world.r5, task_id, forward, FHIR_R5)
+    before = _referral_and_task(task_id)
 
     # When it is forwarded to another server's HealthcareService/<cardiology>
-    response = forward_to(FOREIGN)
+    response = _forward(world, task_id, f"{FOREIGN}/HealthcareService/{cardiology}")
 
     # Then it is 422 on Task.owner, and the referral and its Task are unchanged
-    assert response.status_code == 422, response.content
-    issue = outcome_issue(response)
-    assert (issue["code"], issue["expression"]) == ("business-rule", ["Task.owner"])
-    assert "on another server" in issue["diagnostics"]
-    after = Referral.objects.get(filler_id=task_id)
-    assert (after.assigned_department_id, after.version, after.state) == (
-        referral.assigned_department_id,
-        referral.version,
-        referral.state,
-    )
-    assert (
-        FhirResource.objects.get(
-            resource_type="Task", logical_id=task_id, is_current=True
-        ).version_id
-        == version
-    )
+    _refused(response, "Task.owner", "on another server")
+    assert _referral_and_task(task_id) == before
 
     # And to cardiology on this server's base, written otherwise, it is forwarded
-    response = forward_to(OURS_WRITTEN_OTHERWISE)
+    response = _forward(world, task_id, f"{OURS_WRITTEN_OTHERWISE}/HealthcareService/{cardiology}")
     assert response.status_code == 200, response.content
     assert Referral.objects.get(filler_id=task_id).assigned_department_id == cardiology
 
@@ -491,10 +467,7 @@ def test_a_requester_on_another_server_is_refused(world: World, element: str) ->
     response = _post_bundle(world, bundle)
 
     # Then it is 422 naming the element, and nothing is submitted
-    assert response.status_code == 422, response.content
-    issue = outcome_issue(response)
-    assert (issue["code"], issue["expression"]) == ("business-rule", [element])
-    assert "on another server" in issue["diagnostics"]
+    _refused(response, element, "on another server")
     _nothing_submitted()
 
     # And the caller's facility on this server's base, written otherwise, is taken

@@ -495,6 +495,14 @@ def _versions(filler_id: str) -> dict[str, int]:
     )
 
 
+def _refused(response: Any, element: str, diagnostics: str) -> None:
+    """422 business-rule on ``element``, saying ``diagnostics``."""
+    assert response.status_code == 422, response.content
+    issue = outcome_issue(response)
+    assert (issue["code"], issue["expression"]) == ("business-rule", [element])
+    assert diagnostics in issue["diagnostics"]
+
+
 @pytest.mark.parametrize(
     "form",
     [
@@ -519,11 +527,7 @@ def test_a_task_entry_focused_on_another_referral_is_422(
 
     response = world.r4.post("/fhir", bundle)
 
-    assert response.status_code == 422, response.content
-    issue = outcome_issue(response)
-    assert issue["code"] == "business-rule"
-    assert issue["expression"] == ["Bundle.entry[2].resource.focus"]
-    assert form.format(other) in issue["diagnostics"]
+    _refused(response, "Bundle.entry[2].resource.focus", form.format(other))
     assert _counts() == before
     assert _versions(other) == versions
 
@@ -560,11 +564,7 @@ def test_a_task_entry_focused_on_an_order_of_another_server_is_422(world: World)
     response = world.r4.post("/fhir", bundle)
 
     # Then it is 422 on the focus, and nothing changed
-    assert response.status_code == 422, response.content
-    issue = outcome_issue(response)
-    assert issue["code"] == "business-rule"
-    assert issue["expression"] == ["Bundle.entry[2].resource.focus"]
-    assert "on another server" in issue["diagnostics"]
+    _refused(response, "Bundle.entry[2].resource.focus", "on another server")
     assert _counts() == before
     assert _versions(own) == versions
 
@@ -593,10 +593,7 @@ def test_a_counter_referral_naming_another_servers_resources_is_422(
     response = member_client(world.consultant).post("/fhir/ServiceRequest", order)
 
     # Then it is 422 naming the element, and nothing is stored
-    assert response.status_code == 422, response.content
-    issue = outcome_issue(response)
-    assert (issue["code"], issue["expression"]) == ("business-rule", [f"ServiceRequest.{element}"])
-    assert "on another server" in issue["diagnostics"]
+    _refused(response, f"ServiceRequest.{element}", "on another server")
     assert _counts() == before
     assert Referral.objects.get(filler_id=task_id).state == "advised"
 
@@ -626,11 +623,7 @@ def test_a_task_entry_focused_by_another_referrals_identifier_is_422(
     response = world.r4.post("/fhir", bundle)
 
     # Then it is 422 on the focus, and nothing changed
-    assert response.status_code == 422, response.content
-    issue = outcome_issue(response)
-    assert issue["code"] == "business-rule"
-    assert issue["expression"] == ["Bundle.entry[2].resource.focus"]
-    assert f"{system}|{value}" in issue["diagnostics"]
+    _refused(response, "Bundle.entry[2].resource.focus", f"{system}|{value}")
     assert _counts() == before
     assert _versions(other) == versions
 
@@ -668,11 +661,7 @@ def test_a_task_entry_for_another_referrals_patient_is_422(
     response = world.r4.post("/fhir", bundle)
 
     # Then it is 422 on Task.for, and nothing changed
-    assert response.status_code == 422, response.content
-    issue = outcome_issue(response)
-    assert issue["code"] == "business-rule"
-    assert issue["expression"] == ["Bundle.entry[2].resource.for"]
-    assert written in issue["diagnostics"]
+    _refused(response, "Bundle.entry[2].resource.for", written)
     assert _counts() == before
     assert _versions(other) == versions
 

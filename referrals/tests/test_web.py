@@ -427,6 +427,13 @@ def test_consultant_accepts_and_advises(world: World) -> None:
     assert "Oral antibiotics." in client.get(url).content.decode()
 
 
+def _still_open(referral: Referral, version: int) -> None:
+    """A refused close-out changed nothing: still advised, same version, no answer kept."""
+    referral.refresh_from_db()
+    assert (referral.state, referral.version) == ("advised", version)
+    assert not CloseOut.objects.filter(referral=referral).exists()
+
+
 def test_close_local_transfer_considered_is_a_chosen_yes_or_no(world: World) -> None:
     """Half of the close-out question (the avoidance rate's denominator): an unticked
     checkbox recorded "no" for a user who never looked at it; now it is a required yes/no
@@ -435,18 +442,12 @@ def test_close_local_transfer_considered_is_a_chosen_yes_or_no(world: World) -> 
     version = referral.version
     client = client_for(world.referrer)
     url = f"/referrals/{referral.pk}/actions/close_local/"
-    body = client.get(f"/referrals/{referral.pk}/").content.decode()
-    name = "close_local-transfer_originally_considered"
-    select = body.split(f'<select name="{name}"', 1)[1].split("</select>", 1)[0]
-    assert select.split("<option", 2)[1].startswith(' value="" selected>Choose')
-
+    # (it starts at "Choose one": test_required_choices_start_unanswered_…)
     unanswered = client.post(url, action_post(referral, "close_local", outcome="not_applicable"))
 
     assert unanswered.status_code == 400
     assert "This field is required." in unanswered.content.decode()
-    referral.refresh_from_db()
-    assert (referral.state, referral.version) == ("advised", version)
-    assert not CloseOut.objects.filter(referral=referral).exists()
+    _still_open(referral, version)
 
     answered = action_post(
         referral, "close_local", outcome="not_applicable", transfer_originally_considered="no"
@@ -461,13 +462,15 @@ def test_required_choices_start_unanswered_so_an_untouched_select_is_no_answer(
     world: World,
 ) -> None:
     """A required select shown with its first option picked sends that option when the
-    user never touched it: a close-out "avoided" (the reports' headline), a decline
-    "outside the specialty", a disposition "manage locally" nobody chose."""
+    user never touched it: a close-out "avoided" (the reports' headline) or "a transfer
+    was considered", a decline "outside the specialty", a disposition "manage locally"
+    nobody chose."""
     advised = world.referral_in("advised")
     submitted = world.submit()
     accepted = world.act(world.submit(), "accept")
     pages = [
         (world.referrer, advised, "close_local-outcome"),
+        (world.referrer, advised, "close_local-transfer_originally_considered"),
         (world.consultant, submitted, "decline-reason_code"),
         (world.consultant, accepted, "advise-disposition"),
     ]
@@ -485,9 +488,7 @@ def test_required_choices_start_unanswered_so_an_untouched_select_is_no_answer(
     )
     assert response.status_code == 400
     assert "This field is required." in response.content.decode()
-    advised.refresh_from_db()
-    assert (advised.state, advised.version) == ("advised", version)
-    assert not CloseOut.objects.filter(referral=advised).exists()
+    _still_open(advised, version)
 
 
 def test_avoided_without_a_transfer_considered_is_refused_and_changes_nothing(
@@ -509,9 +510,7 @@ def test_avoided_without_a_transfer_considered_is_refused_and_changes_nothing(
 
     assert refused.status_code == 409
     assert "only have been avoided if one was originally considered" in refused.content.decode()
-    referral.refresh_from_db()
-    assert (referral.state, referral.version) == ("advised", version)
-    assert not CloseOut.objects.filter(referral=referral).exists()
+    _still_open(referral, version)
     ticked = action_post(
         referral, "close_local", outcome="avoided", transfer_originally_considered="yes"
     )
